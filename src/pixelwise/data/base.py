@@ -1,0 +1,113 @@
+"""The dataset contract every reader follows.
+
+A reader subclasses :class:`SegmentationDataset` and implements ``__len__``, ``load(i)``
+(raw arrays, no augmentation) and sets ``class_names`` / ``palette``. ``__getitem__``
+applies the dataset's ``transform`` (a callable ``Sample -> Sample`` on numpy arrays,
+e.g. an albumentations preset from :mod:`pixelwise.data.transforms`) and then the one
+shared :func:`pixelwise.data.transforms.preprocess` to produce tensors.
+
+Labels are class indices ``0..C-1`` with ``IGNORE_INDEX = 255`` for ignored pixels,
+everywhere inside pixelwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = 255
+
+
+@dataclass
+class Sample:
+    """One raw example.
+
+    image: uint8[H, W, 3] RGB.  mask: uint8[H, W] class ids, 255 = ignore.
+    Instance data (optional, for Mask R-CNN and instance-aware crops):
+    instance_masks: bool[K, H, W]; instance_labels: int64[K] (class ids, 1..C-1 for
+    foreground); boxes: float32[K, 4] as x1, y1, x2, y2 in pixels (x2/y2 exclusive).
+    weight: float32[H, W] optional per-pixel loss weight (U-Net boundary map).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    name: str = ""
+    instance_masks: np.ndarray | None = None
+    instance_labels: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    weight: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def replace(self, **kw) -> Sample:
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset file, as found by ``check()``."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class SegmentationDataset(Dataset):
+    """Base class. Subclasses set ``class_names``, ``palette`` and implement ``load``."""
+
+    class_names: list[str] = []
+    palette: list[tuple[int, int, int]] = []
+    task: str = "semantic"  # or "instance" where instance targets are available
+
+    def __init__(self, transform: Callable[[Sample], Sample] | None = None,
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None):
+        from pixelwise.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        self.transform = transform
+        self.mean = tuple(mean) if mean is not None else IMAGENET_MEAN
+        self.std = tuple(std) if std is not None else IMAGENET_STD
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> Sample:
+        """The raw sample, without augmentation."""
+        raise NotImplementedError
+
+    def check(self) -> list[Problem]:
+        """Cheap validation (headers and sizes, not full decodes). Default: nothing to check."""
+        return []
+
+    def __getitem__(self, index: int) -> dict:
+        from pixelwise.data.transforms import sample_to_tensors
+
+        sample = self.load(index)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample_to_tensors(sample, self.mean, self.std)
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack equally-sized samples; keep instance targets (variable K) as lists."""
+    out: dict = {}
+    for key in batch[0]:
+        values = [b[key] for b in batch]
+        if key in ("image", "mask", "weight") and all(isinstance(v, torch.Tensor) for v in values):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
+
+
+def as_uint8_mask(mask: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(mask, dtype=np.uint8)

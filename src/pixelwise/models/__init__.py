@@ -1,0 +1,6 @@
+"""Model files register themselves on import; add one line per model file."""
+
+from pixelwise.models import unet  # noqa: F401
+from pixelwise.models.registry import create_model, list_models, model_info, register_model
+
+__all__ = ["create_model", "list_models", "model_info", "register_model"]
