@@ -1,0 +1,160 @@
+"""read_image / read_mask / probe / write_mask on odd modes, EXIF rotation and broken files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pixelwise.data.io import probe, read_image, read_mask, write_mask
+from pixelwise.errors import UserError
+
+RNG = np.random.default_rng(0)
+
+
+def _rgb(h=5, w=7):
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_rgb_png_and_jpeg_roundtrip(tmp_path):
+    a = _rgb()
+    Image.fromarray(a).save(tmp_path / "a.png")
+    out = read_image(tmp_path / "a.png")
+    assert out.dtype == np.uint8 and out.shape == (5, 7, 3)
+    np.testing.assert_array_equal(out, a)
+    Image.fromarray(a).save(tmp_path / "a.jpg", quality=95)
+    assert read_image(tmp_path / "a.jpg").shape == (5, 7, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1", "CMYK"])
+def test_modes_become_rgb(tmp_path, mode):
+    a = _rgb()
+    img = Image.fromarray(a).convert(mode)
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    img.save(path)
+    out = read_image(path)
+    assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+    if mode in ("L", "LA", "1"):  # gray: the three channels equal the gray values
+        gray = np.asarray(img.convert("L"))
+        for c in range(3):
+            np.testing.assert_array_equal(out[:, :, c], gray)
+    if mode == "RGBA":  # alpha dropped, colours kept
+        np.testing.assert_array_equal(out, a)
+    if mode == "P":  # palette expanded to the palette's colours
+        np.testing.assert_array_equal(out, np.asarray(img.convert("RGB")))
+
+
+def test_16bit_gray_scales_full_range(tmp_path):
+    a = np.array([[0, 257, 65535], [32896, 1000, 128]], dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")  # saved as I;16
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    out = read_image(tmp_path / "g16.png")
+    expected = np.rint(a.astype(np.float64) / 257).astype(np.uint8)
+    np.testing.assert_array_equal(out[:, :, 0], expected)
+    np.testing.assert_array_equal(out[:, :, 2], expected)
+
+
+def test_exif_orientation_applied_to_image_and_probe(tmp_path):
+    a = _rgb(4, 6)
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    img.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    out = read_image(tmp_path / "r.jpg")
+    assert out.shape == (6, 4, 3)
+    ref = np.rot90(np.asarray(Image.open(tmp_path / "r.jpg").convert("RGB")), k=-1)
+    np.testing.assert_array_equal(out, ref)
+    assert probe(tmp_path / "r.jpg")[0] == (4, 6)  # (width, height) as displayed
+
+
+def test_palette_mask_read_as_indices(tmp_path):
+    m = RNG.integers(0, 21, (9, 11), dtype=np.uint8)
+    m[0, 0] = 255
+    write_mask(tmp_path / "m.png", m, [(i * 10, 0, 0) for i in range(21)])
+    assert Image.open(tmp_path / "m.png").mode == "P"
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), m)
+
+
+def test_rgb_mask_needs_palette(tmp_path):
+    pal = [(0, 0, 0), (255, 0, 0), (0, 255, 0)]
+    idx = RNG.integers(0, 3, (6, 6), dtype=np.uint8)
+    rgb = np.array(pal, dtype=np.uint8)[idx]
+    rgb[0, 0] = (1, 2, 3)  # unknown colour
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    with pytest.raises(UserError, match="c.png"):
+        read_mask(tmp_path / "c.png")
+    out = read_mask(tmp_path / "c.png", palette=pal)
+    expected = idx.copy()
+    expected[0, 0] = 255
+    np.testing.assert_array_equal(out, expected)
+    # gray stored as RGB is fine without a palette
+    Image.fromarray(np.repeat(idx[:, :, None], 3, 2)).save(tmp_path / "g.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "g.png"), idx)
+
+
+def test_16bit_mask_values_checked(tmp_path):
+    ok = np.array([[0, 3], [255, 7]], dtype=np.uint16)
+    Image.fromarray(ok).save(tmp_path / "ok.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "ok.png"), ok.astype(np.uint8))
+    Image.fromarray(np.array([[0, 300]], dtype=np.uint16)).save(tmp_path / "bad.png")
+    with pytest.raises(UserError, match="bad.png"):
+        read_mask(tmp_path / "bad.png")
+
+
+def test_truncated_and_missing_files_named(tmp_path):
+    Image.fromarray(_rgb(64, 64)).save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    (tmp_path / "t.png").write_bytes(data[: len(data) // 2])
+    for fn in (read_image, read_mask, probe):
+        with pytest.raises(UserError, match="t.png"):
+            fn(tmp_path / "t.png")
+    Image.fromarray(_rgb(64, 64)).save(tmp_path / "t.jpg")
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) - 100])
+    with pytest.raises(UserError, match="t.jpg"):
+        probe(tmp_path / "t.jpg")
+    with pytest.raises(UserError, match="nothere.png"):
+        read_image(tmp_path / "nothere.png")
+
+
+def test_probe_reads_size_and_mode(tmp_path):
+    Image.fromarray(_rgb(3, 8)).save(tmp_path / "p.png")
+    assert probe(tmp_path / "p.png") == ((8, 3), "RGB")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=0, max_size=300),
+       prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]))
+def test_random_bytes_raise_user_error_only(tmp_path, data, prefix):
+    path = tmp_path / "rand.png"
+    path.write_bytes(prefix + data)
+    for fn in (read_image, read_mask, probe):
+        try:
+            out = fn(path)
+        except UserError as e:
+            assert "rand.png" in str(e)
+        else:  # astronomically unlikely, but then it must be a valid result
+            assert isinstance(out, (np.ndarray, tuple))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(h=st.integers(1, 9), w=st.integers(1, 9),
+       mode=st.sampled_from(["RGB", "L", "LA", "RGBA", "P", "I;16", "I"]), seed=st.integers(0, 1000))
+def test_any_mode_any_size_gives_hw3_uint8(tmp_path, h, w, mode, seed):
+    rng = np.random.default_rng(seed)
+    if mode in ("I;16", "I"):
+        dtype = np.uint16 if mode == "I;16" else np.int32
+        img = Image.fromarray(rng.integers(0, 65536, (h, w)).astype(dtype))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if mode != "I" else "TIFF")
+    path = tmp_path / ("m.png" if mode != "I" else "m.tif")
+    path.write_bytes(buf.getvalue())
+    out = read_image(path)
+    assert out.shape == (h, w, 3) and out.dtype == np.uint8
+    assert probe(path)[0] == (w, h)
