@@ -1,0 +1,148 @@
+"""Small building blocks shared by the models: bilinear upsampling, conv blocks, unpooling.
+
+Pure functions carry their tensor shapes in the docstring; modules exist only where there is
+state (a learnable or frozen upsampling kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "BilinearUpsample",
+    "bilinear_kernel",
+    "conv_bn_relu",
+    "conv_relu",
+    "max_unpool",
+    "upsample_nearest",
+    "upsample_zeros",
+]
+
+
+# --------------------------------------------------------------------------- upsampling
+
+
+def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> Tensor:
+    """The FCN upsampling initialisation: a bilinear filter on the channel diagonal.
+
+    Returns ``Tensor[in_channels, out_channels, k, k]`` (the ``ConvTranspose2d`` weight layout)
+    that is zero except ``w[i, i] = f`` for ``i < min(in_channels, out_channels)``, where
+    ``f[a, b] = (1 - |a - c| / s) * (1 - |b - c| / s)``, ``s = (k + 1) // 2`` and
+    ``c = s - 1`` for odd ``k``, ``s - 0.5`` for even ``k`` (Long et al.'s ``upsample_filt``).
+    """
+    if kernel_size < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    r = torch.arange(kernel_size, dtype=torch.float64)
+    f1 = 1 - (r - center).abs() / factor
+    filt = (f1[:, None] * f1[None, :]).to(torch.float32)
+    weight = torch.zeros(in_channels, out_channels, kernel_size, kernel_size)
+    n = min(in_channels, out_channels)
+    weight[torch.arange(n), torch.arange(n)] = filt
+    return weight
+
+
+class BilinearUpsample(nn.ConvTranspose2d):
+    """Channel-wise transposed convolution initialised to bilinear interpolation.
+
+    ``Tensor[N, C, H, W] -> Tensor[N, C, factor*H, factor*W]``. The kernel is ``2*factor -
+    factor % 2`` wide with stride ``factor`` and padding ``factor // 2``, so output pixel ``o``
+    sits at input coordinate ``(o + 0.5) / factor - 0.5``: away from the border (where the
+    transposed conv sees zeros instead of replicated edge values) it equals
+    ``F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)`` at
+    initialisation. With ``learnable=False`` the weight is frozen (``requires_grad=False``) but
+    stays in the state dict, as in Caffe's fixed deconvolution layers. No bias.
+    """
+
+    def __init__(self, channels: int, factor: int, learnable: bool = True) -> None:
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1, got {factor}")
+        kernel = 2 * factor - factor % 2
+        super().__init__(channels, channels, kernel, stride=factor, padding=factor // 2, bias=False)
+        self.factor = factor
+        with torch.no_grad():
+            self.weight.copy_(bilinear_kernel(channels, channels, kernel))
+        self.weight.requires_grad_(learnable)
+
+    def reset_parameters(self) -> None:  # called by nn.ConvTranspose2d.__init__
+        if hasattr(self, "factor"):
+            with torch.no_grad():
+                self.weight.copy_(bilinear_kernel(self.in_channels, self.out_channels, self.kernel_size[0]))
+
+
+# --------------------------------------------------------------------------- conv blocks
+
+
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1, stride: int = 1
+) -> nn.Sequential:
+    """``Conv2d(k, "same" padding, no bias) -> BatchNorm2d -> ReLU`` as ``nn.Sequential`` (keys
+    ``0.weight``, ``1.*``). ``Tensor[N, in, H, W] -> Tensor[N, out, H/stride, W/stride]``."""
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def conv_relu(in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1) -> nn.Sequential:
+    """``Conv2d(k, "same" padding, with bias) -> ReLU``; ``Tensor[N, in, H, W] -> Tensor[N, out, H, W]``."""
+    padding = dilation * (kernel_size - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation),
+        nn.ReLU(inplace=True),
+    )
+
+
+# --------------------------------------------------------------------------- unpooling
+
+
+def max_unpool(x: Tensor, indices: Tensor, output_size: tuple[int, int] | torch.Size) -> Tensor:
+    """Undo a 2x2 / stride-2 max pool: each value goes back to the position its max came from.
+
+    ``x``, ``indices``: ``Tensor[N, C, h, w]`` (indices from ``F.max_pool2d(...,
+    return_indices=True)``, flat positions within each ``H*W`` plane); ``output_size``: the
+    pre-pool ``(H, W)`` (needed when it was odd, e.g. ``H = 2*h + 1``). Returns
+    ``Tensor[N, C, H, W]``, zero everywhere except at the recorded argmax positions.
+    """
+    size = tuple(output_size)[-2:]
+    if x.shape != indices.shape:
+        raise ValueError(f"x {tuple(x.shape)} and indices {tuple(indices.shape)} must have the same shape")
+    return F.max_unpool2d(x, indices, kernel_size=2, stride=2, output_size=size)
+
+
+def upsample_nearest(x: Tensor, factor: int = 2, output_size: tuple[int, int] | None = None) -> Tensor:
+    """Unlearned nearest-neighbour upsampling: each value is copied into a ``factor x factor`` cell.
+
+    ``Tensor[N, C, h, w] -> Tensor[N, C, factor*h, factor*w]``; with ``output_size=(H, W)``
+    (``H <= factor*h``) the result is cropped to ``Tensor[N, C, H, W]``.
+    """
+    y = x.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    return _crop_to(y, output_size)
+
+
+def upsample_zeros(x: Tensor, factor: int = 2, output_size: tuple[int, int] | None = None) -> Tensor:
+    """Unlearned zero-insertion upsampling: each value goes to the top-left corner of its
+    ``factor x factor`` cell and the rest of the cell is zero (a "fixed-index" unpooling).
+
+    ``Tensor[N, C, h, w] -> Tensor[N, C, factor*h, factor*w]``; with ``output_size=(H, W)``
+    the result is cropped to ``Tensor[N, C, H, W]``.
+    """
+    n, c, h, w = x.shape
+    y = x.new_zeros(n, c, h * factor, w * factor)
+    y[..., ::factor, ::factor] = x
+    return _crop_to(y, output_size)
+
+
+def _crop_to(y: Tensor, output_size: tuple[int, int] | None) -> Tensor:
+    if output_size is None:
+        return y
+    hh, ww = (int(s) for s in tuple(output_size)[-2:])
+    if hh > y.shape[-2] or ww > y.shape[-1]:
+        raise ValueError(f"output_size {(hh, ww)} is larger than the upsampled {tuple(y.shape[-2:])}")
+    return y[..., :hh, :ww]

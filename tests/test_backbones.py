@@ -1,0 +1,174 @@
+"""Backbones: torchvision equivalence (fixtures), encoder contract, weight loading."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import assert_matches, load_fixture
+from pixelwise.backbones import (
+    FrozenBatchNorm2d,
+    IntermediateLayerGetter,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    vgg16,
+    vgg16_bn,
+)
+from pixelwise.errors import UserError
+from pixelwise.layers import max_unpool
+
+BUILDERS = {"vgg16": vgg16, "vgg16_bn": vgg16_bn, "resnet18": resnet18, "resnet50": resnet50}
+
+
+def _layout(model):
+    return [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_matches_torchvision_fixture(name):
+    meta, arrays, state = load_fixture(name)
+    model = BUILDERS[name]().eval()
+    assert _layout(model) == [tuple(e) for e in meta["schema"]]
+    model.load_state_dict(state, strict=True)
+    x = torch.from_numpy(arrays["input"])
+    with torch.no_grad():
+        if name.startswith("vgg"):
+            assert_matches(model.features(x), arrays["features"])
+            assert_matches(model.forward_features(x).stages[-1], arrays["features"])
+        else:
+            body = IntermediateLayerGetter(model, {"layer4": "layer4"})
+            assert_matches(body(x)["layer4"], arrays["layer4"])
+        assert_matches(model(x), arrays["logits"])
+
+
+def test_parameter_counts_match_torchvision():
+    # torchvision's documented num_params for the ImageNet weights
+    with torch.device("meta"):
+        counts = {f.__name__: sum(p.numel() for p in f().parameters())
+                  for f in (vgg16, vgg16_bn, resnet18, resnet34, resnet50, resnet101)}
+    assert counts == {"vgg16": 138357544, "vgg16_bn": 138365992, "resnet18": 11689512,
+                      "resnet34": 21797672, "resnet50": 25557032, "resnet101": 44549160}
+
+
+def test_vgg_forward_features_contract_and_indices():
+    model = vgg16_bn().eval()
+    x = torch.randn(1, 3, 45, 70)
+    with torch.no_grad():
+        plain = model.forward_features(x)
+        feats = model.forward_features(x, return_indices=True)
+    assert plain.indices == [] and len(feats.indices) == 5
+    h, w = 45, 70
+    for info, out, idx, size, ref in zip(model.feature_info, feats.stages, feats.indices, feats.sizes,
+                                         plain.stages):
+        assert tuple(size) == (h, w)
+        h, w = h // 2, w // 2
+        assert out.shape == (1, info.channels, h, w) and idx.shape == out.shape
+        torch.testing.assert_close(out, ref)
+    assert [f.stride for f in model.feature_info] == [2, 4, 8, 16, 32]
+    # the indices point at the maxima of the pre-pool map of the last stage
+    with torch.no_grad():
+        pre = model.features[:-1](x)
+    up = max_unpool(feats.stages[-1], feats.indices[-1], feats.sizes[-1])
+    assert up.shape == pre.shape
+    nz = up != 0
+    torch.testing.assert_close(up[nz], pre[nz])
+
+
+def test_resnet_dilation_feature_info_matches_outputs():
+    for dil, strides in [(None, [2, 4, 8, 16, 32]), ([False, True, True], [2, 4, 8, 8, 8]),
+                         ([False, False, True], [2, 4, 8, 16, 16])]:
+        model = resnet50(replace_stride_with_dilation=dil).eval()
+        assert [f.stride for f in model.feature_info] == strides
+        names = {f.name: f.name for f in model.feature_info}
+        body = IntermediateLayerGetter(model, names)
+        assert "fc" not in body and "avgpool" not in body
+        with torch.no_grad():
+            out = body(torch.randn(1, 3, 64, 96))
+        for f in model.feature_info:
+            assert out[f.name].shape == (1, f.channels, -(-64 // f.stride), -(-96 // f.stride)), f
+        assert body.feature_info["layer4"].channels == 2048
+    with pytest.raises(ValueError):
+        resnet18(replace_stride_with_dilation=[False, False, True])
+
+
+def test_intermediate_layer_getter_keys_and_order():
+    model = resnet18()
+    body = IntermediateLayerGetter(model, {"layer3": "aux", "layer1": "low"})
+    assert list(body) == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]
+    assert set(body.state_dict()) == {k for k in model.state_dict() if k.startswith(tuple(body))}
+    out = body(torch.randn(1, 3, 32, 32))
+    assert list(out) == ["low", "aux"]
+    with pytest.raises(ValueError):
+        IntermediateLayerGetter(model, {"layer9": "x"})
+
+
+def test_frozen_batchnorm_equals_eval_batchnorm_and_ignores_num_batches_tracked():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    frozen = FrozenBatchNorm2d(6)
+    assert frozen.load_state_dict(bn.state_dict(), strict=True)  # has num_batches_tracked
+    assert set(frozen.state_dict()) == {"weight", "bias", "running_mean", "running_var"}
+    assert list(frozen.parameters()) == []
+    x = torch.randn(2, 6, 5, 5)
+    torch.testing.assert_close(frozen(x), bn.eval()(x))
+
+    ref = resnet50().state_dict()
+    model = resnet50(norm_layer=FrozenBatchNorm2d)
+    model.load_state_dict(ref, strict=True)  # with num_batches_tracked
+    no_nbt = {k: v for k, v in ref.items() if not k.endswith("num_batches_tracked")}
+    model.load_state_dict(no_nbt, strict=True)  # without
+    resnet50().load_state_dict(no_nbt, strict=True)  # plain BatchNorm tolerates it too
+
+
+def test_imagenet_download_path_uses_torch_hub(monkeypatch, tmp_path):
+    ref = resnet18()
+    calls = []
+
+    def fake_download(url, progress=True, map_location=None, weights_only=False, **kw):
+        calls.append((url, weights_only))
+        return ref.state_dict()
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    model = resnet18(pretrained="imagenet")
+    assert calls == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", True)]
+    torch.testing.assert_close(model.state_dict(), ref.state_dict())
+    # another number of classes keeps everything but the classifier
+    model10 = resnet18(num_classes=10, pretrained="imagenet")
+    torch.testing.assert_close(model10.layer4.state_dict(), ref.layer4.state_dict())
+    assert model10.fc.weight.shape == (10, 512)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_weights_files(tmp_path, suffix):
+    ref = resnet18()
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": ref.state_dict()}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    model = resnet18(pretrained=str(path))
+    torch.testing.assert_close(model.state_dict(), ref.state_dict())
+
+
+def test_bad_weights_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        resnet18(pretrained=str(tmp_path / "missing.pth"))
+    (tmp_path / "w.txt").write_text("x")
+    with pytest.raises(UserError, match="format"):
+        resnet18(pretrained=str(tmp_path / "w.txt"))
+    torch.save(resnet34().state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(UserError, match="do not fit"):
+        resnet18(pretrained=str(tmp_path / "r34.pth"))
+    bad = resnet18().state_dict()
+    bad["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="conv1.weight has shape"):
+        resnet18(pretrained=str(tmp_path / "bad.pth"))

@@ -1,0 +1,99 @@
+"""layers.py against naive references."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixelwise.layers import (
+    BilinearUpsample,
+    bilinear_kernel,
+    conv_bn_relu,
+    max_unpool,
+    upsample_nearest,
+    upsample_zeros,
+)
+
+
+def test_bilinear_kernel_matches_caffe_upsample_filt():
+    # surgery.upsample_filt(4): factor 2, center 1.5 -> 1D weights [0.25, 0.75, 0.75, 0.25]
+    w = bilinear_kernel(3, 2, 4)
+    assert w.shape == (3, 2, 4, 4)
+    one_d = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    torch.testing.assert_close(w[0, 0], one_d[:, None] * one_d[None, :])
+    torch.testing.assert_close(w[1, 1], w[0, 0])
+    assert w[0, 1].abs().sum() == 0 and w[1, 0].abs().sum() == 0 and w[2].abs().sum() == 0
+    # odd size 3: factor 2, center 1 -> [0.5, 1, 0.5]
+    odd = bilinear_kernel(1, 1, 3)[0, 0]
+    torch.testing.assert_close(odd[1], torch.tensor([0.5, 1.0, 0.5]))
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 8, 32])
+def test_bilinear_upsample_equals_interpolate_in_interior(factor):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7)
+    up = BilinearUpsample(3, factor)
+    y = up(x)
+    ref = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    assert y.shape == (2, 3, 5 * factor, 7 * factor)
+    m = factor  # one input pixel of margin: there interpolate clamps, the transposed conv sees zeros
+    torch.testing.assert_close(y[..., m:-m, m:-m], ref[..., m:-m, m:-m], atol=1e-5, rtol=0)
+    # and the border does differ (zero padding), so the interior check is not vacuous
+    assert (y[..., 0, :] - ref[..., 0, :]).abs().max() > 1e-3
+
+
+def test_bilinear_upsample_learnable_flag_and_state_dict():
+    fixed, learned = BilinearUpsample(4, 2, learnable=False), BilinearUpsample(4, 2)
+    assert not fixed.weight.requires_grad and learned.weight.requires_grad
+    assert list(fixed.state_dict()) == ["weight"]
+    x = torch.randn(1, 4, 3, 3, requires_grad=True)
+    fixed(x).sum().backward()
+    assert fixed.weight.grad is None and x.grad is not None
+
+
+def test_conv_bn_relu_shapes_and_keys():
+    block = conv_bn_relu(3, 8, kernel_size=3, dilation=2)
+    assert set(block.state_dict()) >= {"0.weight", "1.weight", "1.running_mean"}
+    assert block(torch.randn(2, 3, 9, 11)).shape == (2, 8, 9, 11)
+    assert conv_bn_relu(3, 8, stride=2)(torch.randn(1, 3, 10, 10)).shape == (1, 8, 5, 5)
+
+
+def _naive_unpool(x, idx, size):
+    n, c, h, w = x.shape
+    out = torch.zeros(n, c, size[0] * size[1])
+    for a in range(n):
+        for b in range(c):
+            for i in range(h):
+                for j in range(w):
+                    out[a, b, idx[a, b, i, j]] = x[a, b, i, j]
+    return out.view(n, c, *size)
+
+
+@pytest.mark.parametrize("size", [(6, 8), (7, 9)])
+def test_max_unpool_puts_values_back_at_argmax(size):
+    torch.manual_seed(1)
+    pre = torch.randn(2, 3, *size)
+    pooled, idx = F.max_pool2d(pre, 2, 2, return_indices=True)
+    y = max_unpool(pooled, idx, size)
+    assert y.shape == (2, 3, *size)
+    torch.testing.assert_close(y, _naive_unpool(pooled, idx, size))
+    # every nonzero of the unpooled map equals the pre-pool value there
+    nz = y != 0
+    torch.testing.assert_close(y[nz], pre[nz])
+    with pytest.raises(ValueError):
+        max_unpool(pooled, idx[..., :-1], size)
+
+
+def test_upsample_nearest_and_zeros_against_loops():
+    x = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 2, 3, 4) + 1
+    near, zero = upsample_nearest(x, 2), upsample_zeros(x, 2)
+    assert near.shape == zero.shape == (1, 2, 6, 8)
+    for c in range(2):
+        for i in range(6):
+            for j in range(8):
+                assert near[0, c, i, j] == x[0, c, i // 2, j // 2]
+                expect = x[0, c, i // 2, j // 2] if i % 2 == 0 and j % 2 == 0 else 0
+                assert zero[0, c, i, j] == expect
+    assert upsample_zeros(x, 2, output_size=(5, 7)).shape == (1, 2, 5, 7)
+    torch.testing.assert_close(upsample_nearest(x, 3), F.interpolate(x, scale_factor=3, mode="nearest"))
+    with pytest.raises(ValueError):
+        upsample_zeros(x, 2, output_size=(7, 8))
