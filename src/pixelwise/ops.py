@@ -1,0 +1,705 @@
+"""Detection ops in pure PyTorch: RoIAlign, NMS, box utilities and the Mask R-CNN helpers.
+
+Every function here has torchvision's signature and semantics (``torchvision.ops`` and
+``torchvision.models.detection._utils``), so code written against torchvision ports by
+changing one import, and the results match torchvision's fixtures (see ``tests/test_ops.py``).
+Boxes are always ``(x1, y1, x2, y2)`` in absolute coordinates.
+
+How RoIAlign is computed
+------------------------
+torchvision's kernel averages, for each output bin, ``g_h x g_w`` bilinear samples; each sample
+reads 4 feature pixels. Each output value is therefore a weighted sum of at most
+``4 * g_h * g_w`` rows of the feature map viewed channels-last as a table ``[N*H*W, C]``.
+We build the (index, weight) pairs for all boxes and bins at once (a ragged list, so boxes with
+an adaptive grid of 1x1 do not pay for a box with 10x10) and let one
+:func:`torch.nn.functional.embedding_bag` call (mode ``"sum"``, per-sample weights) do the
+gather-multiply-sum. No Python loop runs over boxes, bins, samples or pyramid levels; memory is
+``O(total samples)`` indices plus the output, never ``K x C x H x W``. Gradients w.r.t. the
+input flow through ``embedding_bag``; like torchvision, no gradient flows to the boxes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BalancedPositiveNegativeSampler",
+    "BoxCoder",
+    "Matcher",
+    "MultiScaleRoIAlign",
+    "RoIAlign",
+    "batched_nms",
+    "box_area",
+    "box_iou",
+    "clip_boxes_to_image",
+    "convert_boxes_to_roi_format",
+    "infer_scales",
+    "map_roi_levels",
+    "multiscale_roi_align",
+    "nms",
+    "remove_small_boxes",
+    "roi_align",
+]
+
+
+# ----------------------------------------------------------------------------- box utilities
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """Avoid integer overflow in products: int -> int32/int64, floats unchanged (as torchvision)."""
+    if t.is_floating_point():
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return t if t.dtype in (torch.int32, torch.int64) else t.int()
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area ``(x2 - x1) * (y2 - y1)`` of ``boxes: Tensor[N, 4]`` -> ``Tensor[N]`` (no +1)."""
+    boxes = _upcast(boxes)
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise IoU of ``boxes1: Tensor[N, 4]`` and ``boxes2: Tensor[M, 4]`` -> ``Tensor[N, M]``.
+
+    IoU = inter / (area1 + area2 - inter); two empty boxes give NaN (0 / 0), as in torchvision.
+    """
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = _upcast(rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[:, None] + area2 - inter
+    return inter / union
+
+
+def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clamp ``boxes: Tensor[..., 4]`` to an image of ``size = (height, width)``.
+
+    x coordinates go to ``[0, width]`` and y to ``[0, height]``; same shape as the input.
+    """
+    height, width = size
+    boxes_x = boxes[..., 0::2].clamp(min=0, max=width)
+    boxes_y = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((boxes_x, boxes_y), dim=boxes.dim()).reshape(boxes.shape)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices ``Tensor[K]`` (int64, ascending) of ``boxes: Tensor[N, 4]`` whose width and height
+    are both ``>= min_size``."""
+    ws = boxes[:, 2] - boxes[:, 0]
+    hs = boxes[:, 3] - boxes[:, 1]
+    return torch.where((ws >= min_size) & (hs >= min_size))[0]
+
+
+# ----------------------------------------------------------------------------- NMS
+
+
+def _suppression_matrix(boxes: Tensor, iou_threshold: float, block: int = 512) -> np.ndarray:
+    """Boolean ``[N, N]`` numpy matrix of ``IoU(i, j) > iou_threshold`` for ``boxes: Tensor[N, 4]``.
+
+    IoU is computed in the box dtype exactly as torchvision's kernel does (``inter / (area_i +
+    area_j - inter)``), and compared with the threshold in float64 (torchvision compares the
+    float IoU with a C++ double). Rows are done in blocks so that only ``block x N`` floats exist.
+    """
+    n = boxes.shape[0]
+    x1, y1, x2, y2 = boxes.unbind(1)
+    areas = (x2 - x1) * (y2 - y1)
+    out = np.empty((n, n), dtype=bool)
+    for start in range(0, n, block):
+        sl = slice(start, min(n, start + block))
+        w = (torch.min(x2[sl, None], x2) - torch.max(x1[sl, None], x1)).clamp(min=0)
+        h = (torch.min(y2[sl, None], y2) - torch.max(y1[sl, None], y1)).clamp(min=0)
+        inter = w * h
+        iou = inter / (areas[sl, None] + areas - inter)
+        out[sl] = (iou.double() > iou_threshold).cpu().numpy()
+    return out
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression (torchvision semantics).
+
+    Args:
+        boxes: ``Tensor[N, 4]`` boxes ``(x1, y1, x2, y2)``.
+        scores: ``Tensor[N]``.
+        iou_threshold: discard a box when its IoU with a kept, higher-scoring box is ``> iou_threshold``.
+
+    Returns:
+        ``Tensor[K]`` int64 indices of the kept boxes, in decreasing score order; equal scores
+        are visited in ascending index order (stable sort), like torchvision.
+
+    Complexity: ``O(N^2)`` time for the IoU matrix (vectorised, in row blocks of 512 so peak float
+    memory is ``512 x N``), ``N^2`` bytes for the boolean suppression matrix, and a greedy pass of
+    ``N`` cheap steps over it on the CPU, each kept box OR-ing one row: ``O(N * K)`` bit work.
+    """
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"nms: boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
+    if scores.shape != boxes.shape[:1]:
+        raise ValueError(f"nms: scores must be Tensor[{boxes.shape[0]}], got shape {tuple(scores.shape)}")
+    if boxes.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    over = _suppression_matrix(boxes[order].detach(), float(iou_threshold))
+    n = over.shape[0]
+    suppressed = np.zeros(n, dtype=bool)
+    keep: list[int] = []
+    for i in range(n):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed[i + 1 :] |= over[i, i + 1 :]
+    return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS done independently per category ``idxs`` (torchvision semantics).
+
+    Args:
+        boxes: ``Tensor[N, 4]``; scores: ``Tensor[N]``; idxs: ``Tensor[N]`` int category of each box.
+
+    Returns:
+        ``Tensor[K]`` int64 kept indices in decreasing score order.
+
+    For ``boxes.numel() <= 4000`` on CPU (20000 elsewhere) this is torchvision's coordinate trick,
+    ``nms(boxes + idxs[:, None] * (boxes.max() + 1), ...)``, and reproduces its output exactly.
+    Larger inputs run :func:`nms` once per category (a loop over categories, not boxes) and merge
+    with a stable sort by score, where torchvision uses an unstable sort: the kept set is the
+    same, the order among tied scores may differ.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    limit = 4000 if boxes.device.type == "cpu" else 20000
+    if boxes.numel() <= limit:
+        max_coordinate = boxes.max()
+        offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+        return nms(boxes + offsets[:, None], scores, iou_threshold)
+    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+    for class_id in torch.unique(idxs):
+        members = torch.where(idxs == class_id)[0]
+        keep_mask[members[nms(boxes[members], scores[members], iou_threshold)]] = True
+    keep = torch.where(keep_mask)[0]
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+# ----------------------------------------------------------------------------- RoIAlign
+
+
+def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        return output_size, output_size
+    size = tuple(int(s) for s in output_size)
+    if len(size) != 2:
+        raise ValueError(f"output_size must be an int or (h, w), got {output_size!r}")
+    return size[0], size[1]
+
+
+def convert_boxes_to_roi_format(boxes: Sequence[Tensor]) -> Tensor:
+    """List of per-image ``Tensor[K_i, 4]`` -> ``Tensor[sum K_i, 5]`` rows ``(image index, x1, y1, x2, y2)``."""
+    concat = torch.cat(list(boxes), dim=0)
+    ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
+    return torch.cat([ids, concat], dim=1)
+
+
+def _as_rois(boxes: Tensor | Sequence[Tensor]) -> Tensor:
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"roi_align: boxes Tensor must be [K, 5], got shape {tuple(boxes.shape)}")
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise ValueError(f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[K_i, 4], got {type(boxes)}")
+    for b in boxes:
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError("roi_align: each element of a boxes list must be a Tensor[K_i, 4]")
+    if len(boxes) == 0:
+        raise ValueError("roi_align: boxes list is empty; pass one Tensor[K_i, 4] per image")
+    return convert_boxes_to_roi_format(boxes)
+
+
+def _axis_taps(coord: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torchvision's bilinear rule along one axis, for sample coordinates ``coord`` in feature pixels.
+
+    Returns ``(low index, high index, low weight, high weight)``, each shaped like ``coord``.
+    A sample outside ``[-1, size]`` gets zero weights; otherwise the coordinate is clamped below
+    at 0 and, when ``floor >= size - 1``, set to ``size - 1``.
+    """
+    valid = (coord >= -1) & (coord <= size)
+    c = torch.where(valid, coord, torch.zeros_like(coord)).clamp(min=0)
+    low = c.floor().long()
+    at_end = low >= size - 1
+    low = torch.where(at_end, size - 1, low)
+    high = torch.where(at_end, low, low + 1)
+    c = torch.where(at_end, low.to(c.dtype), c)
+    frac = c - low.to(c.dtype)
+    zero = torch.zeros_like(frac)
+    return low, high, torch.where(valid, 1 - frac, zero), torch.where(valid, frac, zero)
+
+
+def _roi_align_rows(
+    table: Tensor,
+    rois: Tensor,
+    base: Tensor,
+    height: Tensor,
+    width: Tensor,
+    scale: Tensor,
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """RoIAlign over a channels-last row table; the engine of :func:`roi_align` and the multi-scale op.
+
+    Args:
+        table: ``Tensor[M, C]`` feature pixels as rows (one or more ``[B, H, W]`` maps flattened).
+        rois: ``Tensor[K, 4]`` boxes ``(x1, y1, x2, y2)`` in image coordinates.
+        base: ``Tensor[K]`` int64 row of pixel (0, 0) of each box's map in ``table``.
+        height, width: ``Tensor[K]`` int64 size of each box's map.
+        scale: ``Tensor[K]`` float64 spatial scale of each box's map.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]`` in ``table.dtype``.
+    """
+    dtype, device = table.dtype, table.device
+    ph_n, pw_n = output_size
+    k_n, c_n = rois.shape[0], table.shape[1]
+    if k_n == 0:
+        return table.new_zeros((0, c_n, ph_n, pw_n))
+    rois = rois.detach().to(device=device, dtype=dtype)
+    # (T) (coord * spatial_scale - offset), the product taken in double as in the C++ kernel.
+    start = (rois.double() * scale[:, None] - (0.5 if aligned else 0.0)).to(dtype)
+    x1, y1, x2, y2 = start.unbind(1)
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
+    bin_h, bin_w = roi_h / ph_n, roi_w / pw_n
+    if sampling_ratio > 0:
+        grid_h = torch.full((k_n,), sampling_ratio, dtype=torch.int64, device=device)
+        grid_w = grid_h
+    else:
+        grid_h, grid_w = torch.ceil(bin_h).long(), torch.ceil(bin_w).long()
+    # A grid <= 0 on either axis (aligned boxes with x2 <= x1) samples nothing: output 0.
+    grid_h, grid_w = grid_h.clamp(min=0), grid_w.clamp(min=0)
+    empty_grid = (grid_h == 0) | (grid_w == 0)
+    grid_h = torch.where(empty_grid, 0, grid_h)
+    grid_w = torch.where(empty_grid, 0, grid_w)
+    count = (grid_h * grid_w).clamp(min=1).to(dtype)
+
+    def taps(lo: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: Tensor) -> tuple[Tensor, ...]:
+        # Sample coordinates [K, pooled, G]: lo + p * bin + (i + 0.5) * bin / grid, in dtype.
+        g_max = max(int(grid.max()), 1)
+        p = torch.arange(pooled, device=device, dtype=dtype)[None, :, None]
+        i = torch.arange(g_max, device=device, dtype=dtype)[None, None, :] + 0.5
+        gdiv = grid.clamp(min=1).to(dtype)[:, None, None]
+        coord = (lo[:, None, None] + p * bin_size[:, None, None]) + i * bin_size[:, None, None] / gdiv
+        low, high, w_low, w_high = _axis_taps(coord, size[:, None, None])
+        # Stack the two taps last: [K, pooled, G, 2], flattened for gathers.
+        return torch.stack((low, high), -1).reshape(-1), torch.stack((w_low, w_high), -1).reshape(-1), g_max
+
+    y_idx, y_w, gy_max = taps(y1, bin_h, grid_h, ph_n, height)
+    x_idx, x_w, gx_max = taps(x1, bin_w, grid_w, pw_n, width)
+
+    # Ragged list of (bag, tap): bag = (k, ph, pw); taps t = ((iy * g_w + ix) * 2 + cy) * 2 + cx.
+    per_bag = 4 * grid_h * grid_w  # [K]
+    bins = ph_n * pw_n
+    counts = per_bag.repeat_interleave(bins)  # [K * PH * PW]
+    offsets = torch.cumsum(counts, 0) - counts
+    n_taps = int(counts.sum())
+    bag = torch.repeat_interleave(torch.arange(k_n * bins, device=device), counts, output_size=n_taps)
+    t = torch.arange(n_taps, device=device) - offsets[bag]
+    k = bag // bins
+    ph = (bag // pw_n) % ph_n
+    pw = bag % pw_n
+    gw_t = grid_w[k]
+    cx, cy = t % 2, (t // 2) % 2
+    ix, iy = (t // 4) % gw_t, t // (4 * gw_t).clamp(min=1)
+    ypos = ((k * ph_n + ph) * gy_max + iy) * 2 + cy
+    xpos = ((k * pw_n + pw) * gx_max + ix) * 2 + cx
+    rows = base[k] + y_idx[ypos] * width[k] + x_idx[xpos]
+    weights = y_w[ypos] * x_w[xpos] / count[k]
+    out = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
+    return out.reshape(k_n, ph_n, pw_n, c_n).permute(0, 3, 1, 2).contiguous()
+
+
+def roi_align(
+    input: Tensor,
+    boxes: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign (Mask R-CNN, He et al. 2017) with torchvision's exact sampling rules.
+
+    Args:
+        input: ``Tensor[N, C, H, W]`` feature map (float32 or float64).
+        boxes: ``Tensor[K, 5]`` rows ``(image index, x1, y1, x2, y2)`` (index truncated to int),
+            or a list of ``N`` per-image ``Tensor[K_i, 4]``.
+        output_size: ``int`` or ``(PH, PW)``.
+        spatial_scale: factor mapping box coordinates to ``input`` pixels (e.g. 1/16).
+        sampling_ratio: bilinear samples per bin and axis; ``<= 0`` means adaptive,
+            ``ceil(roi_size / output_size)`` per box and axis.
+        aligned: subtract 0.5 from the scaled box (pixel-centre model); if ``False`` the box is
+            at least 1x1 feature pixel.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``. Samples outside ``[-1, H] x [-1, W]`` count as 0; a bin's value is
+        the mean over its ``g_h * g_w`` samples. Differentiable w.r.t. ``input``.
+    """
+    if input.dim() != 4:
+        raise ValueError(f"roi_align: input must be Tensor[N, C, H, W], got shape {tuple(input.shape)}")
+    rois = _as_rois(boxes)
+    n, c, h, w = input.shape
+    output_size = _pair(output_size)
+    device = input.device
+    batch = rois[:, 0].detach().to(device).long()
+    if batch.numel() and (int(batch.min()) < 0 or int(batch.max()) >= n):
+        raise ValueError(f"roi_align: box image index out of range [0, {n}) for input of batch size {n}")
+    table = input.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    k = rois.shape[0]
+    full = torch.full((k,), 0, dtype=torch.int64, device=device)
+    return _roi_align_rows(
+        table,
+        rois[:, 1:],
+        batch * (h * w),
+        full + h,
+        full + w,
+        torch.full((k,), float(spatial_scale), dtype=torch.float64, device=device),
+        output_size,
+        int(sampling_ratio),
+        bool(aligned),
+    )
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align`: ``forward(input: Tensor[N, C, H, W], rois) -> Tensor[K, C, PH, PW]``."""
+
+    def __init__(
+        self,
+        output_size: int | tuple[int, int],
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool = False,
+    ) -> None:
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )
+
+
+# ----------------------------------------------------------------------------- multi-scale RoIAlign
+
+
+def infer_scales(feature_sizes: Sequence[Sequence[int]], image_shapes: Sequence[Sequence[int]]) -> list[float]:
+    """Spatial scale of each pyramid level, as torchvision's ``MultiScaleRoIAlign`` infers it.
+
+    Args:
+        feature_sizes: ``(H_l, W_l)`` of each level.
+        image_shapes: ``(h, w)`` of each image in the batch (before padding).
+
+    Returns:
+        ``2 ** round(log2(H_l / max_h))`` per level (float32 log2, round half to even), e.g.
+        ``[1/4, 1/8, 1/16, 1/32]`` for an FPN on a 160-pixel batch. Only the height is used,
+        like torchvision.
+    """
+    if not image_shapes:
+        raise ValueError("infer_scales: image_shapes is empty")
+    max_h = max(int(s[0]) for s in image_shapes)
+    scales = []
+    for size in feature_sizes:
+        approx = float(size[0]) / float(max_h)
+        scales.append(2 ** float(torch.tensor(approx).log2().round()))
+    return scales
+
+
+def map_roi_levels(
+    boxes: Sequence[Tensor],
+    k_min: int,
+    k_max: int,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+) -> Tensor:
+    """FPN level of each box (FPN paper, eq. 1), as an index into the pyramid.
+
+    Args:
+        boxes: per-image ``Tensor[K_i, 4]``.
+        k_min, k_max: the pyramid's finest and coarsest level (``-log2`` of their scales).
+
+    Returns:
+        ``Tensor[sum K_i]`` int64 in ``[0, k_max - k_min]``:
+        ``clamp(floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps), k_min, k_max) - k_min``,
+        computed in the box dtype.
+    """
+    s = torch.sqrt(torch.cat([box_area(b) for b in boxes]))
+    levels = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
+    levels = torch.clamp(levels, min=k_min, max=k_max)
+    return levels.to(torch.int64) - k_min
+
+
+def multiscale_roi_align(
+    features: Sequence[Tensor],
+    boxes: list[Tensor],
+    image_shapes: Sequence[Sequence[int]],
+    output_size: int | tuple[int, int],
+    sampling_ratio: int,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+) -> Tensor:
+    """RoIAlign on an FPN: each box is pooled from the level its size maps to.
+
+    Args:
+        features: ``L`` maps ``Tensor[N, C, H_l, W_l]``, finest first (scales inferred by
+            :func:`infer_scales`).
+        boxes: ``N`` per-image ``Tensor[K_i, 4]`` in image coordinates.
+        image_shapes: ``N`` image sizes ``(h, w)``.
+        output_size: ``int`` or ``(PH, PW)``; sampling_ratio as in :func:`roi_align` (``aligned=False``).
+
+    Returns:
+        ``Tensor[sum K_i, C, PH, PW]``, rows in the order of ``boxes`` (image 0 first).
+
+    All levels are pooled in one vectorised call (the levels are stacked into one row table),
+    which gives the same numbers as torchvision's per-level loop.
+    """
+    if not features:
+        raise ValueError("multiscale_roi_align: no feature maps given")
+    if len(boxes) != features[0].shape[0]:
+        raise ValueError(
+            f"multiscale_roi_align: got {len(boxes)} box tensors for a batch of {features[0].shape[0]} images"
+        )
+    output_size = _pair(output_size)
+    scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
+    k_min = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
+    k_max = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
+    rois = _as_rois(boxes)
+    device = features[0].device
+    if len(features) == 1:
+        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=device)
+    else:
+        levels = map_roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level).to(device)
+    n, c = features[0].shape[:2]
+    heights = torch.tensor([f.shape[-2] for f in features], dtype=torch.int64, device=device)
+    widths = torch.tensor([f.shape[-1] for f in features], dtype=torch.int64, device=device)
+    level_rows = n * heights * widths
+    level_base = torch.cumsum(level_rows, 0) - level_rows
+    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, c) for f in features], dim=0)
+    batch = rois[:, 0].detach().to(device).long()
+    return _roi_align_rows(
+        table,
+        rois[:, 1:],
+        level_base[levels] + batch * heights[levels] * widths[levels],
+        heights[levels],
+        widths[levels],
+        torch.tensor(scales, dtype=torch.float64, device=device)[levels],
+        output_size,
+        int(sampling_ratio),
+        False,
+    )
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """Module form of :func:`multiscale_roi_align` over the named maps of an FPN output dict.
+
+    ``forward(x: dict[str, Tensor[N, C, H_l, W_l]], boxes: list[Tensor[K_i, 4]],
+    image_shapes: list[(h, w)]) -> Tensor[sum K_i, C, PH, PW]``. Maps are taken in
+    ``featmap_names`` order (finest first). Unlike torchvision, which caches the scales from the
+    first call, scales are re-inferred on every call (it is cheap), so batches of different sizes
+    are always pooled correctly.
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | tuple[int, int],
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__()
+        self.featmap_names = list(featmap_names)
+        self.output_size = _pair(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def forward(
+        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        missing = [name for name in self.featmap_names if name not in x]
+        if missing:
+            raise ValueError(f"MultiScaleRoIAlign: feature maps {missing} not in input keys {list(x)}")
+        return multiscale_roi_align(
+            [x[name] for name in self.featmap_names],
+            boxes,
+            image_shapes,
+            self.output_size,
+            self.sampling_ratio,
+            self.canonical_scale,
+            self.canonical_level,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+            f"sampling_ratio={self.sampling_ratio}"
+        )
+
+
+# ----------------------------------------------------------------------------- detection helpers
+
+
+class BoxCoder:
+    """Encodes boxes as regression targets relative to reference boxes, and decodes them back.
+
+    Targets are ``(wx * dx / w, wy * dy / h, ww * log(w' / w), wh * log(h' / h))`` with centre
+    offsets ``dx, dy`` (R-CNN parametrisation); torchvision's ``detection._utils.BoxCoder``.
+    ``bbox_xform_clip`` caps ``dw, dh`` before ``exp`` when decoding.
+    """
+
+    def __init__(
+        self, weights: tuple[float, float, float, float], bbox_xform_clip: float = math.log(1000.0 / 16)
+    ) -> None:
+        self.weights = tuple(weights)
+        self.bbox_xform_clip = bbox_xform_clip
+
+    def encode(self, reference_boxes: list[Tensor], proposals: list[Tensor]) -> tuple[Tensor, ...]:
+        """Per image: ``reference_boxes[i]: Tensor[K_i, 4]`` (targets, e.g. matched GT) relative to
+        ``proposals[i]: Tensor[K_i, 4]`` -> tuple of ``Tensor[K_i, 4]`` codes."""
+        boxes_per_image = [len(b) for b in reference_boxes]
+        targets = self.encode_single(torch.cat(reference_boxes, dim=0), torch.cat(proposals, dim=0))
+        return targets.split(boxes_per_image, 0)
+
+    def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
+        """``reference_boxes, proposals: Tensor[K, 4]`` -> codes ``Tensor[K, 4]`` (dtype of reference_boxes)."""
+        wx, wy, ww, wh = torch.as_tensor(self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device)
+        ex_w = proposals[:, 2:3] - proposals[:, 0:1]
+        ex_h = proposals[:, 3:4] - proposals[:, 1:2]
+        ex_cx = proposals[:, 0:1] + 0.5 * ex_w
+        ex_cy = proposals[:, 1:2] + 0.5 * ex_h
+        gt_w = reference_boxes[:, 2:3] - reference_boxes[:, 0:1]
+        gt_h = reference_boxes[:, 3:4] - reference_boxes[:, 1:2]
+        gt_cx = reference_boxes[:, 0:1] + 0.5 * gt_w
+        gt_cy = reference_boxes[:, 1:2] + 0.5 * gt_h
+        dx = wx * (gt_cx - ex_cx) / ex_w
+        dy = wy * (gt_cy - ex_cy) / ex_h
+        dw = ww * torch.log(gt_w / ex_w)
+        dh = wh * torch.log(gt_h / ex_h)
+        return torch.cat((dx, dy, dw, dh), dim=1)
+
+    def decode(self, rel_codes: Tensor, boxes: list[Tensor]) -> Tensor:
+        """``rel_codes: Tensor[sum K_i, 4 * A]`` applied to the concatenated ``boxes[i]: Tensor[K_i, 4]``
+        -> ``Tensor[sum K_i, A, 4]`` (A = number of classes, or 1)."""
+        if not isinstance(boxes, (list, tuple)):
+            raise ValueError("BoxCoder.decode: boxes must be a list of Tensor[K_i, 4]")
+        box_sum = sum(int(b.shape[0]) for b in boxes)
+        if box_sum > 0:
+            rel_codes = rel_codes.reshape(box_sum, -1)
+        pred = self.decode_single(rel_codes, torch.cat(list(boxes), dim=0))
+        if box_sum > 0:
+            pred = pred.reshape(box_sum, -1, 4)
+        return pred
+
+    def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
+        """``rel_codes: Tensor[K, 4 * A]`` and ``boxes: Tensor[K, 4]`` -> ``Tensor[K, 4 * A]`` boxes."""
+        boxes = boxes.to(rel_codes.dtype)
+        widths = boxes[:, 2] - boxes[:, 0]
+        heights = boxes[:, 3] - boxes[:, 1]
+        ctr_x = boxes[:, 0] + 0.5 * widths
+        ctr_y = boxes[:, 1] + 0.5 * heights
+        wx, wy, ww, wh = self.weights
+        dx = rel_codes[:, 0::4] / wx
+        dy = rel_codes[:, 1::4] / wy
+        dw = torch.clamp(rel_codes[:, 2::4] / ww, max=self.bbox_xform_clip)
+        dh = torch.clamp(rel_codes[:, 3::4] / wh, max=self.bbox_xform_clip)
+        pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+        pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+        half_w = 0.5 * (torch.exp(dw) * widths[:, None])
+        half_h = 0.5 * (torch.exp(dh) * heights[:, None])
+        pred = torch.stack(
+            (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2
+        )
+        return pred.flatten(1)
+
+
+class Matcher:
+    """Assigns each prediction to the ground-truth box it overlaps most (torchvision's ``Matcher``).
+
+    ``matcher(match_quality_matrix: Tensor[M gt, N predictions]) -> Tensor[N]`` int64: the gt index,
+    or ``BELOW_LOW_THRESHOLD`` (-1) when the best quality is ``< low_threshold``, or
+    ``BETWEEN_THRESHOLDS`` (-2) when it is in ``[low, high)``. With ``allow_low_quality_matches``,
+    every prediction that ties for the best quality of some gt keeps its match even below the
+    thresholds (Faster R-CNN, sec. 3.1.2).
+    """
+
+    BELOW_LOW_THRESHOLD = -1
+    BETWEEN_THRESHOLDS = -2
+
+    def __init__(self, high_threshold: float, low_threshold: float, allow_low_quality_matches: bool = False):
+        if low_threshold > high_threshold:
+            raise ValueError(f"Matcher: low_threshold {low_threshold} > high_threshold {high_threshold}")
+        self.high_threshold = high_threshold
+        self.low_threshold = low_threshold
+        self.allow_low_quality_matches = allow_low_quality_matches
+
+    def __call__(self, match_quality_matrix: Tensor) -> Tensor:
+        if match_quality_matrix.numel() == 0:
+            if match_quality_matrix.shape[0] == 0:
+                raise ValueError("No ground-truth boxes available for one of the images during training")
+            raise ValueError("No proposal boxes available for one of the images during training")
+        matched_vals, matches = match_quality_matrix.max(dim=0)
+        all_matches = matches.clone() if self.allow_low_quality_matches else None
+        below = matched_vals < self.low_threshold
+        between = (matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)
+        matches[below] = self.BELOW_LOW_THRESHOLD
+        matches[between] = self.BETWEEN_THRESHOLDS
+        if all_matches is not None:
+            best_per_gt = match_quality_matrix.max(dim=1).values
+            pred_inds = torch.where(match_quality_matrix == best_per_gt[:, None])[1]
+            matches[pred_inds] = all_matches[pred_inds]
+        return matches
+
+
+class BalancedPositiveNegativeSampler:
+    """Samples a fixed-size, class-balanced minibatch of predictions per image (torchvision's sampler).
+
+    ``sampler(matched_idxs: list[Tensor[N_i]]) -> (pos_masks, neg_masks)``, lists of ``Tensor[N_i]``
+    bool masks. In ``matched_idxs``, ``>= 1`` is positive, ``0`` negative, ``< 0`` ignored. Up to
+    ``int(batch_size_per_image * positive_fraction)`` positives are drawn, and negatives fill
+    the rest, both with ``torch.randperm`` (so ``torch.manual_seed`` makes it reproducible).
+    torchvision returns uint8 masks; bool masks index the same way.
+    """
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+
+    def __call__(self, matched_idxs: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        pos_masks, neg_masks = [], []
+        for labels in matched_idxs:
+            positive = torch.where(labels >= 1)[0]
+            negative = torch.where(labels == 0)[0]
+            num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+            pos = positive[torch.randperm(positive.numel(), device=positive.device)[:num_pos]]
+            neg = negative[torch.randperm(negative.numel(), device=negative.device)[:num_neg]]
+            pos_mask = torch.zeros_like(labels, dtype=torch.bool)
+            neg_mask = torch.zeros_like(labels, dtype=torch.bool)
+            pos_mask[pos] = True
+            neg_mask[neg] = True
+            pos_masks.append(pos_mask)
+            neg_masks.append(neg_mask)
+        return pos_masks, neg_masks
