@@ -200,7 +200,10 @@ def _pair(output_size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def convert_boxes_to_roi_format(boxes: Sequence[Tensor]) -> Tensor:
-    """List of per-image ``Tensor[K_i, 4]`` -> ``Tensor[sum K_i, 5]`` rows ``(image index, x1, y1, x2, y2)``."""
+    """List of per-image ``Tensor[K_i, 4]`` -> ``Tensor[sum K_i, 5]``.
+
+    Rows are ``(image index, x1, y1, x2, y2)``, images in list order.
+    """
     concat = torch.cat(list(boxes), dim=0)
     ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
     return torch.cat([ids, concat], dim=1)
@@ -212,7 +215,9 @@ def _as_rois(boxes: Tensor | Sequence[Tensor]) -> Tensor:
             raise ValueError(f"roi_align: boxes Tensor must be [K, 5], got shape {tuple(boxes.shape)}")
         return boxes
     if not isinstance(boxes, (list, tuple)):
-        raise ValueError(f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[K_i, 4], got {type(boxes)}")
+        raise ValueError(
+            f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[K_i, 4], got {type(boxes)}"
+        )
     for b in boxes:
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             raise ValueError("roi_align: each element of a boxes list must be a Tensor[K_i, 4]")
@@ -375,7 +380,10 @@ def roi_align(
 
 
 class RoIAlign(nn.Module):
-    """Module form of :func:`roi_align`: ``forward(input: Tensor[N, C, H, W], rois) -> Tensor[K, C, PH, PW]``."""
+    """Module form of :func:`roi_align`.
+
+    ``forward(input: Tensor[N, C, H, W], rois) -> Tensor[K, C, PH, PW]``.
+    """
 
     def __init__(
         self,
@@ -403,7 +411,9 @@ class RoIAlign(nn.Module):
 # ----------------------------------------------------------------------------- multi-scale RoIAlign
 
 
-def infer_scales(feature_sizes: Sequence[Sequence[int]], image_shapes: Sequence[Sequence[int]]) -> list[float]:
+def infer_scales(
+    feature_sizes: Sequence[Sequence[int]], image_shapes: Sequence[Sequence[int]]
+) -> list[float]:
     """Spatial scale of each pyramid level, as torchvision's ``MultiScaleRoIAlign`` infers it.
 
     Args:
@@ -584,8 +594,13 @@ class BoxCoder:
         return targets.split(boxes_per_image, 0)
 
     def encode_single(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
-        """``reference_boxes, proposals: Tensor[K, 4]`` -> codes ``Tensor[K, 4]`` (dtype of reference_boxes)."""
-        wx, wy, ww, wh = torch.as_tensor(self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device)
+        """``reference_boxes, proposals: Tensor[K, 4]`` -> codes ``Tensor[K, 4]``.
+
+        Computed in the dtype of ``reference_boxes``.
+        """
+        wx, wy, ww, wh = torch.as_tensor(
+            self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device
+        )
         ex_w = proposals[:, 2:3] - proposals[:, 0:1]
         ex_h = proposals[:, 3:4] - proposals[:, 1:2]
         ex_cx = proposals[:, 0:1] + 0.5 * ex_w
