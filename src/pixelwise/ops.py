@@ -271,8 +271,8 @@ def _roi_align_rows(
     dtype, device = table.dtype, table.device
     ph_n, pw_n = output_size
     k_n, c_n = rois.shape[0], table.shape[1]
-    if k_n == 0:
-        return table.new_zeros((0, c_n, ph_n, pw_n))
+    if k_n == 0:  # empty, but still attached to the graph so that backward() works
+        return table[:0, :, None, None].expand(0, c_n, ph_n, pw_n).contiguous()
     rois = rois.detach().to(device=device, dtype=dtype)
     # (T) (coord * spatial_scale - offset), the product taken in double as in the C++ kernel.
     start = (rois.double() * scale[:, None] - (0.5 if aligned else 0.0)).to(dtype)

@@ -1,0 +1,433 @@
+"""pixelwise.ops against torchvision's fixtures and against naive loop implementations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_matches, load_fixture
+from pixelwise.ops import (
+    BalancedPositiveNegativeSampler,
+    BoxCoder,
+    Matcher,
+    MultiScaleRoIAlign,
+    RoIAlign,
+    batched_nms,
+    box_area,
+    box_iou,
+    clip_boxes_to_image,
+    infer_scales,
+    map_roi_levels,
+    multiscale_roi_align,
+    nms,
+    remove_small_boxes,
+    roi_align,
+)
+
+# ----------------------------------------------------------------------------- naive references
+
+
+def _bilinear(feat: np.ndarray, y: float, x: float) -> np.ndarray:
+    """One bilinear sample of ``feat[C, H, W]`` with torchvision's border rules (float64)."""
+    _, h, w = feat.shape
+    if y < -1.0 or y > h or x < -1.0 or x > w:
+        return np.zeros(feat.shape[0])
+    y, x = max(y, 0.0), max(x, 0.0)
+    y_lo, x_lo = int(y), int(x)
+    if y_lo >= h - 1:
+        y_lo = y_hi = h - 1
+        y = float(y_lo)
+    else:
+        y_hi = y_lo + 1
+    if x_lo >= w - 1:
+        x_lo = x_hi = w - 1
+        x = float(x_lo)
+    else:
+        x_hi = x_lo + 1
+    ly, lx = y - y_lo, x - x_lo
+    hy, hx = 1.0 - ly, 1.0 - lx
+    return (
+        hy * hx * feat[:, y_lo, x_lo]
+        + hy * lx * feat[:, y_lo, x_hi]
+        + ly * hx * feat[:, y_hi, x_lo]
+        + ly * lx * feat[:, y_hi, x_hi]
+    )
+
+
+def naive_roi_align(feat, rois, out_hw, scale, sampling_ratio, aligned) -> np.ndarray:
+    """RoIAlign written from the definition with Python loops over boxes, bins and samples."""
+    feat = np.asarray(feat, dtype=np.float64)
+    rois = np.asarray(rois, dtype=np.float64)
+    out_h, out_w = out_hw
+    out = np.zeros((len(rois), feat.shape[1], out_h, out_w))
+    offset = 0.5 if aligned else 0.0
+    for k, (b, x1, y1, x2, y2) in enumerate(rois):
+        x1, y1, x2, y2 = (v * scale - offset for v in (x1, y1, x2, y2))
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_h, bin_w = roi_h / out_h, roi_w / out_w
+        g_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
+        g_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
+        count = max(g_h * g_w, 1)
+        for ph in range(out_h):
+            for pw in range(out_w):
+                acc = np.zeros(feat.shape[1])
+                for iy in range(g_h):
+                    y = y1 + ph * bin_h + (iy + 0.5) * bin_h / g_h
+                    for ix in range(g_w):
+                        x = x1 + pw * bin_w + (ix + 0.5) * bin_w / g_w
+                        acc += _bilinear(feat[int(b)], y, x)
+                out[k, :, ph, pw] = acc / count
+    return out
+
+
+def naive_nms(boxes: np.ndarray, scores: np.ndarray, t: float) -> list[int]:
+    """Greedy NMS: visit by (score desc, index asc); keep a box unless IoU > t with a kept box."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    keep: list[int] = []
+    for i in order:
+        ok = True
+        for j in keep:
+            iw = max(0.0, min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0]))
+            ih = max(0.0, min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1]))
+            inter = iw * ih
+            a_i = (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])
+            a_j = (boxes[j, 2] - boxes[j, 0]) * (boxes[j, 3] - boxes[j, 1])
+            if inter / (a_i + a_j - inter) > t:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def random_rois(gen: torch.Generator, k: int, n_img: int, h: int, w: int, scale: float) -> torch.Tensor:
+    """Rois [K, 5] in image coordinates: many partly outside, some tiny, some degenerate."""
+    cx = torch.rand(k, generator=gen) * (w + 6) - 3
+    cy = torch.rand(k, generator=gen) * (h + 6) - 3
+    bw = torch.rand(k, generator=gen) * w * 0.9
+    bh = torch.rand(k, generator=gen) * h * 0.9
+    bw[::7] = 0.3  # tiny
+    bh[1::9] = 0.0  # zero height
+    xyxy = torch.stack((cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2), 1) / scale
+    idx = torch.randint(0, n_img, (k, 1), generator=gen).double()
+    return torch.cat((idx, xyxy.double()), 1)
+
+
+# ----------------------------------------------------------------------------- roi_align
+
+
+def test_roi_align_matches_torchvision_fixture():
+    meta, arrays, _ = load_fixture("roi_align")
+    features = torch.from_numpy(arrays["features"])
+    assert len(meta["cases"]) == 8
+    for case in meta["cases"]:
+        rois = torch.from_numpy(arrays["rois"][case["rois_index"]])
+        out = roi_align(
+            features, rois, (7, 7), case["spatial_scale"], case["sampling_ratio"], case["aligned"]
+        )
+        assert out.dtype == torch.float32
+        assert_matches(out, arrays["output"][case["index"]])
+
+
+def test_roi_align_fixture_box_kinds_are_not_trivial():
+    """The fixture's zero-size aligned roi must give exactly 0 and fully-outside rois 0 too."""
+    meta, arrays, _ = load_fixture("roi_align")
+    assert "fully outside" in meta["box_kinds"]
+    features = torch.from_numpy(arrays["features"])
+    rois = torch.from_numpy(arrays["rois"][0])
+    out = roi_align(features, rois, 7, 1.0, -1, True)
+    assert torch.all(out[19] == 0)  # zero size, aligned: empty sampling grid
+    assert torch.all(out[26:29] == 0)  # fully outside the map
+    assert out[:10].abs().sum() > 0
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_roi_align_matches_naive_loops(aligned, sampling_ratio, scale):
+    gen = torch.Generator().manual_seed(7 + int(aligned) + 2 * sampling_ratio)
+    feat = torch.randn(2, 3, 11, 13, generator=gen, dtype=torch.float64)
+    rois = random_rois(gen, 24, 2, 11, 13, scale)
+    expected = naive_roi_align(feat, rois, (3, 4), scale, sampling_ratio, aligned)
+    out64 = roi_align(feat, rois, (3, 4), scale, sampling_ratio, aligned)
+    assert out64.dtype == torch.float64 and out64.shape == (24, 3, 3, 4)
+    np.testing.assert_allclose(out64.numpy(), expected, rtol=1e-10, atol=1e-12)
+    out32 = roi_align(feat.float(), rois.float(), (3, 4), scale, sampling_ratio, aligned)
+    assert out32.dtype == torch.float32
+    assert_matches(out32, expected)
+
+
+def test_roi_align_adaptive_grid_for_large_boxes():
+    """Boxes needing different adaptive grids (1x1 up to 8x5) in one call."""
+    gen = torch.Generator().manual_seed(3)
+    feat = torch.randn(1, 2, 30, 40, generator=gen, dtype=torch.float64)
+    rois = torch.tensor(
+        [
+            [0, 0.0, 0.0, 40.0, 30.0],
+            [0, 2.0, 3.0, 4.0, 5.0],
+            [0, 5.0, 1.0, 35.5, 28.0],
+            [0, 10, 10, 10.5, 29],
+        ],
+        dtype=torch.float64,
+    )
+    for aligned in (False, True):
+        expected = naive_roi_align(feat, rois, (4, 5), 1.0, -1, aligned)
+        np.testing.assert_allclose(
+            roi_align(feat, rois, (4, 5), 1.0, -1, aligned).numpy(), expected, atol=1e-12
+        )
+
+
+def test_roi_align_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 1, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor(
+        [[0, 0.3, 0.6, 4.2, 3.9], [1, -1.5, 1.2, 2.7, 6.5], [1, 2.2, 0.1, 7.5, 3.3], [0, 1.0, 1.0, 1.0, 1.0]],
+        dtype=torch.float64,
+    )
+    for sampling_ratio, aligned in [(2, False), (-1, True)]:
+        assert torch.autograd.gradcheck(
+            lambda f, sr=sampling_ratio, al=aligned: roi_align(f, rois, (2, 3), 0.9, sr, al), (feat,)
+        )
+
+
+def test_roi_align_box_formats_agree_and_module():
+    gen = torch.Generator().manual_seed(1)
+    feat = torch.randn(3, 4, 9, 9, generator=gen)
+    per_image = [
+        torch.tensor([[1.0, 1.0, 6.0, 5.0], [0.0, 2.0, 8.0, 8.5]]),
+        torch.zeros(0, 4),
+        torch.tensor([[3.0, 3.0, 7.0, 9.0]]),
+    ]
+    rois = torch.tensor([[0, 1.0, 1.0, 6.0, 5.0], [0, 0.0, 2.0, 8.0, 8.5], [2, 3.0, 3.0, 7.0, 9.0]])
+    a = roi_align(feat, per_image, 3, 1.0, 2)
+    b = roi_align(feat, rois, (3, 3), 1.0, 2)
+    assert a.shape == (3, 4, 3, 3)
+    assert torch.equal(a, b)
+    assert torch.equal(RoIAlign(3, 1.0, 2)(feat, rois), b)
+    # image index matters: the same box on image 1 reads different values
+    moved = rois.clone()
+    moved[:, 0] = 1
+    assert not torch.allclose(roi_align(feat, moved, 3, 1.0, 2), b)
+
+
+def test_roi_align_empty_boxes():
+    feat = torch.randn(2, 5, 8, 8, requires_grad=True)
+    out = roi_align(feat, torch.zeros(0, 5), (3, 4))
+    assert out.shape == (0, 5, 3, 4)
+    out_list = roi_align(feat, [torch.zeros(0, 4), torch.zeros(0, 4)], 2)
+    assert out_list.shape == (0, 5, 2, 2)
+    out_list.sum().backward()
+    assert feat.grad is None or torch.all(feat.grad == 0)
+
+
+def test_roi_align_rejects_bad_input():
+    feat = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"\[K, 5\]"):
+        roi_align(feat, torch.zeros(3, 4), 2)
+    with pytest.raises(ValueError, match="out of range"):
+        roi_align(feat, torch.tensor([[1.0, 0, 0, 2, 2]]), 2)
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        roi_align(feat[0], torch.tensor([[0.0, 0, 0, 2, 2]]), 2)
+
+
+# ----------------------------------------------------------------------------- multi-scale
+
+
+def _msra_fixture():
+    meta, arrays, _ = load_fixture("multiscale_roi_align")
+    x = {str(i): torch.from_numpy(arrays[f"features.{i}"]) for i in range(4)}
+    boxes = [torch.from_numpy(arrays["boxes.0"]), torch.from_numpy(arrays["boxes.1"])]
+    sizes = [tuple(s) for s in arrays["image_sizes"].tolist()]
+    return meta, arrays, x, boxes, sizes
+
+
+def test_multiscale_roi_align_matches_torchvision_fixture():
+    meta, arrays, x, boxes, sizes = _msra_fixture()
+    pooler = MultiScaleRoIAlign(meta["kwargs"]["featmap_names"], meta["kwargs"]["output_size"], 2)
+    out = pooler(x, boxes, sizes)
+    assert_matches(out, arrays["output"])
+    # same through the functional form
+    assert torch.equal(multiscale_roi_align([x[k] for k in "0123"], boxes, sizes, 7, 2), out)
+
+
+def test_multiscale_levels_and_scales_match_fixture():
+    meta, arrays, x, boxes, sizes = _msra_fixture()
+    scales = infer_scales([f.shape[-2:] for f in x.values()], sizes)
+    assert scales == meta["inferred_scales"]
+    levels = map_roi_levels(boxes, k_min=2, k_max=5)
+    assert levels.dtype == torch.int64
+    np.testing.assert_array_equal(levels.numpy(), arrays["levels"])
+    assert set(levels.tolist()) == {0, 1, 2, 3}  # the fixture exercises every level
+
+
+def test_multiscale_equals_per_level_roi_align():
+    """One vectorised call == torchvision's algorithm: a roi_align per level on that level's boxes."""
+    gen = torch.Generator().manual_seed(5)
+    feats = [torch.randn(2, 3, 64 // 2**i, 48 // 2**i, generator=gen) for i in range(3)]
+    sizes = [(256, 192), (240, 180)]
+    boxes = []
+    for _ in range(2):
+        xy = torch.rand(12, 2, generator=gen) * 150
+        wh = torch.rand(12, 2, generator=gen) ** 2 * 300 + 1
+        boxes.append(torch.cat((xy, xy + wh), 1))
+    out = multiscale_roi_align(feats, boxes, sizes, (5, 4), -1)
+    scales = infer_scales([f.shape[-2:] for f in feats], sizes)
+    assert scales == [0.25, 0.125, 0.0625]
+    levels = map_roi_levels(boxes, 2, 4)
+    assert len(set(levels.tolist())) == 3
+    rois = torch.cat([torch.cat((torch.full((len(b), 1), float(i)), b), 1) for i, b in enumerate(boxes)])
+    expected = torch.zeros_like(out)
+    for lvl, (f, s) in enumerate(zip(feats, scales)):
+        sel = torch.where(levels == lvl)[0]
+        expected[sel] = roi_align(f, rois[sel], (5, 4), s, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_multiscale_rejects_missing_level():
+    pooler = MultiScaleRoIAlign(["0", "1"], 7, 2)
+    with pytest.raises(ValueError, match="not in input keys"):
+        pooler({"0": torch.zeros(1, 1, 8, 8)}, [torch.zeros(0, 4)], [(32, 32)])
+
+
+# ----------------------------------------------------------------------------- NMS and boxes
+
+
+def test_nms_and_batched_nms_match_torchvision_fixture():
+    meta, arrays, _ = load_fixture("nms")
+    boxes, scores, idxs = (torch.from_numpy(arrays[k]) for k in ("boxes", "scores", "idxs"))
+    for t in meta["thresholds"]:
+        keep = nms(boxes, scores, t)
+        assert keep.dtype == torch.int64
+        np.testing.assert_array_equal(keep.numpy(), arrays[f"keep.{t}"])
+        np.testing.assert_array_equal(
+            batched_nms(boxes, scores, idxs, t).numpy(), arrays[f"batched_keep.{t}"]
+        )
+
+
+def _clustered_boxes(gen: torch.Generator, n: int) -> torch.Tensor:
+    centres = torch.rand(n // 6 + 1, 2, generator=gen, dtype=torch.float64) * 100
+    c = centres[torch.randint(0, len(centres), (n,), generator=gen)] + torch.randn(n, 2, generator=gen) * 4
+    wh = torch.rand(n, 2, generator=gen, dtype=torch.float64) * 20 + 5
+    return torch.cat((c - wh / 2, c + wh / 2), 1)
+
+
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
+def test_nms_matches_naive_greedy(t):
+    gen = torch.Generator().manual_seed(11)
+    boxes = _clustered_boxes(gen, 150)
+    boxes[120:] = boxes[:30] + 0.3 * torch.randn(30, 4, generator=gen, dtype=torch.float64)  # near-copies
+    scores = torch.rand(150, generator=gen, dtype=torch.float64)
+    scores[10:20] = scores[0]  # ties: visited in index order
+    expected = naive_nms(boxes.numpy(), scores.numpy(), t)
+    keep = nms(boxes, scores, t)
+    assert keep.tolist() == expected
+    assert 0 < len(expected) < 150
+
+
+def test_batched_nms_small_and_large_paths_match_per_class_reference():
+    gen = torch.Generator().manual_seed(12)
+    for n in (300, 1200):  # 1200 * 4 > 4000 takes the per-category path
+        boxes = _clustered_boxes(gen, n)
+        scores = torch.rand(n, generator=gen, dtype=torch.float64)
+        idxs = torch.randint(0, 3, (n,), generator=gen)
+        expected = []
+        for c in range(3):
+            members = torch.where(idxs == c)[0].numpy()
+            expected += [
+                int(members[i]) for i in naive_nms(boxes.numpy()[members], scores.numpy()[members], 0.5)
+            ]
+        expected.sort(key=lambda i: -float(scores[i]))
+        assert batched_nms(boxes, scores, idxs, 0.5).tolist() == expected
+    assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).shape == (0,)
+    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (
+        0,
+    )
+
+
+def test_box_utilities():
+    b1 = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 25.0]])
+    b2 = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    np.testing.assert_allclose(box_area(b1).numpy(), [100.0, 200.0])
+    iou = box_iou(b1, b2)
+    assert iou.shape == (2, 3)
+    expected = [[1.0, 50 / 150, 0.0], [25 / 275, 50 / 250, 0.0]]
+    np.testing.assert_allclose(iou.numpy(), expected, rtol=1e-6)
+    assert box_area(torch.tensor([[0, 0, 3, 4]], dtype=torch.uint8)).dtype == torch.int32
+    clipped = clip_boxes_to_image(torch.tensor([[[-3.0, -1.0, 50.0, 12.0]]]), (10, 40))
+    assert clipped.tolist() == [[[0.0, 0.0, 40.0, 10.0]]]
+    small = torch.tensor([[0, 0, 1, 5], [0, 0, 5, 5], [0, 0, 5, 0.5], [1, 1, 3, 3.0]])
+    assert remove_small_boxes(small, 2.0).tolist() == [1, 3]
+
+
+# ----------------------------------------------------------------------------- detection helpers
+
+
+def test_box_coder_round_trip_and_values():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    proposals = [
+        torch.tensor([[0.0, 0.0, 10.0, 20.0], [5.0, 5.0, 9.0, 7.0]]),
+        torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+    ]
+    targets = [
+        torch.tensor([[2.0, 4.0, 12.0, 24.0], [4.0, 4.0, 12.0, 10.0]]),
+        torch.tensor([[0.0, 0.0, 4.0, 6.0]]),
+    ]
+    codes = coder.encode(targets, proposals)
+    assert [c.shape for c in codes] == [(2, 4), (1, 4)]
+    # first box: same size, centre moved by (2, 4) on a 10 x 20 proposal
+    np.testing.assert_allclose(codes[0][0].numpy(), [10 * 2 / 10, 10 * 4 / 20, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(codes[0][1, 2:].numpy(), [5 * math.log(2.0), 5 * math.log(3.0)], rtol=1e-6)
+    decoded = coder.decode(torch.cat(codes), proposals)
+    assert decoded.shape == (3, 1, 4)
+    torch.testing.assert_close(decoded[:, 0], torch.cat(targets), rtol=1e-5, atol=1e-5)
+    # several classes per box, and the exp clip
+    rel = torch.zeros(3, 8)
+    rel[:, 6] = 5 * 100.0  # dw = 100 for class 1, clipped to log(1000/16)
+    out = coder.decode(rel, proposals)
+    assert out.shape == (3, 2, 4)
+    torch.testing.assert_close(out[:, 0], torch.cat(proposals))
+    w = torch.cat(proposals)[:, 2] - torch.cat(proposals)[:, 0]
+    torch.testing.assert_close(out[:, 1, 2] - out[:, 1, 0], w * 1000 / 16, rtol=1e-5, atol=1e-4)
+    assert coder.decode_single(torch.zeros(2, 4), proposals[0]).shape == (2, 4)
+
+
+def test_matcher_thresholds_and_low_quality_matches():
+    # 2 gt x 5 predictions
+    quality = torch.tensor([[0.9, 0.5, 0.1, 0.2, 0.0], [0.1, 0.6, 0.35, 0.35, 0.2]])
+    m = Matcher(0.7, 0.3)
+    assert m(quality).tolist() == [0, -2, -2, -2, -1]
+    # gt 1's best is 0.6 at prediction 1, gt 0's is 0.9 at prediction 0
+    assert Matcher(0.7, 0.3, allow_low_quality_matches=True)(quality).tolist() == [0, 1, -2, -2, -1]
+    # ties for a gt's best quality both get matched
+    tied = torch.tensor([[0.2, 0.25, 0.25, 0.1]])
+    assert Matcher(0.5, 0.3, True)(tied).tolist() == [-1, 0, 0, -1]
+    assert Matcher(0.5, 0.3, False)(tied).tolist() == [-1, -1, -1, -1]
+    assert Matcher.BELOW_LOW_THRESHOLD == -1 and Matcher.BETWEEN_THRESHOLDS == -2
+    with pytest.raises(ValueError, match="ground-truth"):
+        Matcher(0.7, 0.3)(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="low_threshold"):
+        Matcher(0.3, 0.7)
+
+
+def test_balanced_sampler_counts_and_determinism():
+    labels = torch.cat([torch.ones(10), torch.zeros(100), -torch.ones(20), torch.full((3,), 5.0)]).long()
+    few_pos = torch.cat([torch.ones(3), torch.zeros(100)]).long()
+    sampler = BalancedPositiveNegativeSampler(64, 0.25)
+    torch.manual_seed(0)
+    pos, neg = sampler([labels, few_pos])
+    assert int(pos[0].sum()) == 13  # only 13 positives (10 + 3 of class 5) exist, below 16
+    assert int(neg[0].sum()) == 64 - 13
+    assert int(pos[1].sum()) == 3 and int(neg[1].sum()) == 61
+    assert torch.all(labels[pos[0]] >= 1) and torch.all(labels[neg[0]] == 0)
+    assert not torch.any(pos[0] & neg[0])
+    many = torch.cat([torch.ones(50), torch.zeros(30)]).long()
+    p, n = sampler([many])
+    assert int(p[0].sum()) == 16 and int(n[0].sum()) == 30  # fewer negatives than the 48 wanted
+    torch.manual_seed(0)
+    pos2, neg2 = sampler([labels, few_pos])
+    assert all(torch.equal(a, b) for a, b in zip(pos + neg, pos2 + neg2))
