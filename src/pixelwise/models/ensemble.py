@@ -1,0 +1,61 @@
+"""Ensembles of semantic segmentation models, e.g. EDeconvNet = DeconvNet + FCN-8s (Noh et al., ICCV 2015).
+
+:class:`Ensemble` averages the members' class probabilities and returns the *log* of that average:
+``softmax`` of the output gives back the averaged probabilities exactly, ``argmax`` is the
+ensemble's prediction, and ``cross_entropy`` on the output is the negative log-likelihood of the
+averaged distribution (``log_softmax`` of log-probabilities that already sum to one is the identity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ["Ensemble", "edeconvnet"]
+
+
+class Ensemble(nn.Module):
+    """``Tensor[N, 3, H, W]`` -> ``Tensor[N, C, H, W]`` = ``log(sum_m w_m softmax(f_m(x)))``.
+
+    ``models``: semantic models with the same classes (a member returning a dict contributes its
+    ``"out"``); ``weights``: positive, one per model, normalised to sum to 1 (default: equal).
+    """
+
+    def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if len(models) == 0:
+            raise ValueError("an ensemble needs at least one model")
+        w = [1.0] * len(models) if weights is None else [float(v) for v in weights]
+        if len(w) != len(models) or any(not v > 0 for v in w):
+            raise ValueError(f"need one positive weight per model ({len(models)}), got {weights}")
+        self.members = nn.ModuleList(models)
+        total = sum(w)
+        self.register_buffer("log_weights", torch.tensor([v / total for v in w]).log(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logs = []
+        for model, log_w in zip(self.members, self.log_weights):
+            out = model(x)
+            logits = out["out"] if isinstance(out, dict) else out
+            logs.append(torch.log_softmax(logits.float(), dim=1) + log_w)
+        return torch.logsumexp(torch.stack(logs), dim=0)
+
+
+def edeconvnet(num_classes: int, pretrained: str | None = None, weights: Sequence[float] | None = None
+               ) -> Ensemble:
+    """EDeconvNet: ``Ensemble([deconvnet, fcn8s])`` (DeconvNet paper, Sec. 4.3), about 386M
+    parameters, so it is not registered; build it directly. ``pretrained`` goes to both members.
+
+    The paper combines DeconvNet run *instance-wise* (on proposals) with FCN-8s on the whole image;
+    :class:`Ensemble` runs both on the whole image. For the paper's combination, average
+    :func:`pixelwise.models.deconvnet.instance_wise_predict` with FCN-8s's softmax (see
+    ``docs/models_segnet_deconvnet.md``).
+    """
+    from pixelwise.models.deconvnet import deconvnet
+    from pixelwise.models.fcn import fcn8s
+
+    members = [deconvnet(num_classes, pretrained=pretrained), fcn8s(num_classes, pretrained=pretrained)]
+    return Ensemble(members, weights)
