@@ -1,0 +1,197 @@
+"""Mask R-CNN builders: ``maskrcnn_resnet50_fpn`` (torchvision-equivalent) and the lighter
+``maskrcnn_resnet18_fpn`` for CPU training.
+
+Keyword arguments are torchvision's (``min_size``, ``box_score_thresh``, ``rpn_post_nms_top_n_test``,
+``trainable_backbone_layers``...) with their meaning; they are grouped into
+:class:`TransformConfig`, :class:`RPNConfig` and :class:`RoIHeadsConfig`. See ``docs/maskrcnn.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pixelwise import ops
+from pixelwise.backbones import FrozenBatchNorm2d, IntermediateLayerGetter, resnet18, resnet50
+from pixelwise.backbones._common import load_matching, load_weights
+from pixelwise.errors import UserError
+from pixelwise.models.maskrcnn.anchors import AnchorGenerator
+from pixelwise.models.maskrcnn.fpn import BackboneWithFPN, FeaturePyramidNetwork
+from pixelwise.models.maskrcnn.model import MaskRCNN
+from pixelwise.models.maskrcnn.roi_heads import (
+    FastRCNNPredictor,
+    MaskRCNNHeads,
+    MaskRCNNPredictor,
+    RoIHeads,
+    RoIHeadsConfig,
+    TwoMLPHead,
+)
+from pixelwise.models.maskrcnn.rpn import RegionProposalNetwork, RPNConfig, RPNHead
+from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig, paste_masks_in_image
+from pixelwise.models.registry import register_model
+
+__all__ = [
+    "AnchorGenerator",
+    "BackboneWithFPN",
+    "FeaturePyramidNetwork",
+    "MaskRCNN",
+    "RPNConfig",
+    "RoIHeadsConfig",
+    "TransformConfig",
+    "build_maskrcnn",
+    "maskrcnn_resnet18_fpn",
+    "maskrcnn_resnet50_fpn",
+    "paste_masks_in_image",
+    "split_kwargs",
+]
+
+COCO_URL = "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+COCO_NUM_CLASSES = 91
+# Layers whose shape depends on num_classes: left at their initialisation when fine-tuning COCO
+# weights to another number of classes.
+CLASS_SPECIFIC = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+# ----------------------------------------------------------------------------- keyword arguments
+
+
+def split_kwargs(kwargs: dict[str, Any]) -> tuple[TransformConfig, RPNConfig, RoIHeadsConfig]:
+    """torchvision's keyword arguments -> the three config dataclasses.
+
+    ``min_size max_size image_mean image_std size_divisible normalize`` go to the transform,
+    ``rpn_<field>`` to :class:`RPNConfig`, ``box_<field>`` (and ``bbox_reg_weights``) to
+    :class:`RoIHeadsConfig`. Unknown names raise :class:`UserError`."""
+    transform, rpn, roi = {}, {}, {}
+    transform_fields = {f.name for f in dataclasses.fields(TransformConfig)}
+    rpn_fields = {f.name for f in dataclasses.fields(RPNConfig)}
+    roi_fields = {f.name for f in dataclasses.fields(RoIHeadsConfig)}
+    for key, value in kwargs.items():
+        if key in transform_fields:
+            transform[key] = value
+        elif key.startswith("rpn_") and key[4:] in rpn_fields:
+            rpn[key[4:]] = value
+        elif key.startswith("box_") and key[4:] in roi_fields:
+            roi[key[4:]] = value
+        elif key == "bbox_reg_weights":
+            roi[key] = tuple(value)
+        else:
+            known = sorted(
+                transform_fields | {f"rpn_{f}" for f in rpn_fields} | {f"box_{f}" for f in roi_fields}
+            )
+            raise UserError(
+                f"maskrcnn: unknown argument {key!r}; known: {', '.join(known)}, trainable_backbone_layers"
+            )
+    if "min_size" in transform:
+        size = transform["min_size"]
+        transform["min_size"] = (int(size),) if isinstance(size, int | float) else tuple(int(s) for s in size)
+    for key in ("image_mean", "image_std"):
+        if key in transform:
+            transform[key] = tuple(float(v) for v in transform[key])
+    return TransformConfig(**transform), RPNConfig(**rpn), RoIHeadsConfig(**roi)
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def freeze_backbone_layers(body: nn.Module, trainable_layers: int) -> None:
+    """Keep gradients only for the last ``trainable_layers`` of conv1, layer1..layer4 (torchvision's rule;
+    5 also trains ``bn1`` where it has parameters)."""
+    if not 0 <= trainable_layers <= 5:
+        raise UserError(f"trainable_backbone_layers must be in 0..5, got {trainable_layers}")
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for name, param in body.named_parameters():
+        if not any(name.startswith(layer) for layer in train):
+            param.requires_grad_(False)
+
+
+def build_maskrcnn(
+    backbone: nn.Module, num_classes: int, transform: TransformConfig, rpn: RPNConfig, roi: RoIHeadsConfig
+) -> MaskRCNN:
+    """Assemble a Mask R-CNN on a ResNet-like ``backbone`` (children ``conv1 ... layer4`` and
+    ``feature_info``); every head is sized from ``backbone_with_fpn.out_channels``."""
+    body = IntermediateLayerGetter(backbone, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"})
+    features = BackboneWithFPN(body, out_channels=256)
+    c = features.out_channels
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    region_proposals = RegionProposalNetwork(anchors, RPNHead(c, anchors.num_anchors_per_location()[0]), rpn)
+    names = ["0", "1", "2", "3"]
+    heads = RoIHeads(
+        box_roi_pool=ops.MultiScaleRoIAlign(names, 7, 2),
+        box_head=TwoMLPHead(c * 7 * 7, 1024),
+        box_predictor=FastRCNNPredictor(1024, num_classes),
+        mask_roi_pool=ops.MultiScaleRoIAlign(names, 14, 2),
+        mask_head=MaskRCNNHeads(c, (256, 256, 256, 256)),
+        mask_predictor=MaskRCNNPredictor(256, 256, num_classes),
+        config=roi,
+    )
+    return MaskRCNN(RCNNTransform(transform), features, region_proposals, heads)
+
+
+def overwrite_eps(model: nn.Module, eps: float) -> None:
+    """Set ``eps`` of every FrozenBatchNorm2d (torchvision uses 0.0 with its COCO weights)."""
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = eps
+
+
+def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -> None:
+    """``"coco"`` or a path to a full Mask R-CNN state dict (torchvision layout, with or without
+    ``num_batches_tracked``) -> loaded into ``model``; with ``num_classes != 91`` the
+    class-specific layers keep their initialisation (fine-tuning)."""
+    if pretrained == "coco":
+        state = torch.hub.load_state_dict_from_url(
+            COCO_URL, progress=True, map_location="cpu", weights_only=True
+        )
+    else:
+        state = load_weights(pretrained, COCO_URL)
+    optional = CLASS_SPECIFIC if num_classes != COCO_NUM_CLASSES else ()
+    load_matching(model, state, f"maskrcnn(pretrained={pretrained!r})", optional=optional)
+    if pretrained == "coco":
+        overwrite_eps(model, 0.0)
+
+
+def _maskrcnn(arch: str, num_classes: int, pretrained: str | None, kwargs: dict[str, Any]) -> MaskRCNN:
+    trainable = kwargs.pop("trainable_backbone_layers", None)
+    transform, rpn, roi = split_kwargs(kwargs)
+    make_resnet = {"resnet50": resnet50, "resnet18": resnet18}[arch]
+    backbone = make_resnet(
+        pretrained="imagenet" if pretrained == "imagenet" else None, norm_layer=FrozenBatchNorm2d
+    )
+    model = build_maskrcnn(backbone, num_classes, transform, rpn, roi)
+    if pretrained not in (None, "imagenet"):
+        load_detection_weights(model, pretrained, num_classes)
+    # torchvision: without pretrained weights every layer trains; with them 3 by default.
+    trainable = 5 if pretrained is None else (3 if trainable is None else int(trainable))
+    freeze_backbone_layers(model.backbone.body, trainable)
+    return model
+
+
+@register_model("maskrcnn_resnet50_fpn", task="instance", paper="He et al., ICCV 2017")
+def maskrcnn_resnet50_fpn(num_classes: int = 91, pretrained: str | None = None, **kwargs: Any) -> MaskRCNN:
+    """Mask R-CNN with a ResNet-50-FPN backbone, equivalent to torchvision's (same layers, keys,
+    defaults and outputs; 44,401,393 parameters at 91 classes).
+
+    ``pretrained``: ``None``; ``"imagenet"`` (ResNet-50 backbone weights); ``"coco"``
+    (torchvision's ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``, box AP 37.9 / mask AP 34.6 on
+    COCO val2017; for another ``num_classes`` the class-specific layers stay random); or a path
+    to a full state dict. kwargs: see :func:`split_kwargs` and ``trainable_backbone_layers``
+    (0..5, default 3 with pretrained weights, all 5 without).
+    """
+    return _maskrcnn("resnet50", num_classes, pretrained, dict(kwargs))
+
+
+@register_model("maskrcnn_resnet18_fpn", task="instance", paper="He et al., ICCV 2017 (ResNet-18 backbone)")
+def maskrcnn_resnet18_fpn(num_classes: int = 91, pretrained: str | None = None, **kwargs: Any) -> MaskRCNN:
+    """The same Mask R-CNN on ResNet-18 (FPN inputs 64/128/256/512 from the backbone's
+    ``feature_info``): about 2.3x fewer backbone FLOPs, meant for CPU training and tests.
+    No COCO weights exist for it; ``pretrained`` is ``None``, ``"imagenet"`` or a path."""
+    if pretrained == "coco":
+        raise UserError(
+            "maskrcnn_resnet18_fpn has no COCO weights; use pretrained='imagenet' or maskrcnn_resnet50_fpn"
+        )
+    return _maskrcnn("resnet18", num_classes, pretrained, dict(kwargs))

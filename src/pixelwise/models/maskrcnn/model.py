@@ -1,0 +1,98 @@
+"""Mask R-CNN (He et al., ICCV 2017): transform -> backbone + FPN -> RPN -> RoI heads.
+
+Contract (pixelwise, deliberately unlike torchvision): ``model(images)`` returns detections
+and ``model(images, targets)`` returns the dict of losses, whatever ``model.training`` says.
+The mode only switches randomness that belongs to training (a random ``min_size`` when
+several are configured); the backbone's BatchNorm is frozen, so train and eval mode give
+the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from pixelwise.models.maskrcnn.fpn import BackboneWithFPN
+from pixelwise.models.maskrcnn.roi_heads import RoIHeads
+from pixelwise.models.maskrcnn.rpn import RegionProposalNetwork
+from pixelwise.models.maskrcnn.transform import RCNNTransform
+
+
+def check_targets(targets: list[dict[str, Tensor]], num_images: int) -> None:
+    """Raise ``ValueError`` naming the first malformed target (wrong keys, shapes, dtypes,
+    or a box with no area)."""
+    if len(targets) != num_images:
+        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+    for i, t in enumerate(targets):
+        missing = {"boxes", "labels", "masks"} - set(t)
+        if missing:
+            raise ValueError(f"targets[{i}] lacks {sorted(missing)}; each target needs boxes, labels, masks")
+        boxes, labels, masks = t["boxes"], t["labels"], t["masks"]
+        if not boxes.is_floating_point() or boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(
+                f"targets[{i}]['boxes'] must be float Tensor[K, 4], got {boxes.dtype}{list(boxes.shape)}"
+            )
+        k = boxes.shape[0]
+        if labels.shape != (k,) or labels.dtype != torch.int64:
+            raise ValueError(
+                f"targets[{i}]['labels'] must be int64 Tensor[{k}], got {labels.dtype}{list(labels.shape)}"
+            )
+        if masks.dim() != 3 or masks.shape[0] != k:
+            raise ValueError(f"targets[{i}]['masks'] must be Tensor[{k}, H, W], got {list(masks.shape)}")
+        bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if bad.any():
+            j = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no area; boxes are "
+                "x1, y1, x2, y2 with x2 > x1 and y2 > y1"
+            )
+
+
+class MaskRCNN(nn.Module):
+    """``forward(images, targets=None)``.
+
+    ``images``: list of ``Tensor[3, H_i, W_i]`` in [0, 1] (or already normalised when the
+    transform was built with ``normalize=False``); sizes may differ.
+    Without ``targets``: per image ``{"boxes" Tensor[D, 4] (x1, y1, x2, y2 in input pixels),
+    "labels" int64 Tensor[D], "scores" Tensor[D], "masks" Tensor[D, 1, H_i, W_i]`` (probabilities)}``.
+    With ``targets`` (per image ``boxes`` float Tensor[K, 4], ``labels`` int64 Tensor[K],
+    ``masks`` uint8/bool Tensor[K, H_i, W_i]; K may be 0): ``{"loss_objectness",
+    "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}``.
+    """
+
+    def __init__(
+        self,
+        transform: RCNNTransform,
+        backbone: BackboneWithFPN,
+        rpn: RegionProposalNetwork,
+        roi_heads: RoIHeads,
+    ) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        if targets is not None:
+            return self.compute_losses(images, targets)
+        return self.predict(images)
+
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, _ = self.transform(images)
+        features = self.backbone(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        detections = self.roi_heads(features, proposals, batch.image_sizes)
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+    def compute_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        check_targets(targets, len(images))
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors)
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        return {**rpn_losses, **roi_losses}

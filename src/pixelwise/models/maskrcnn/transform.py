@@ -1,0 +1,194 @@
+"""Input and output handling of Mask R-CNN: normalise, resize, batch; and back.
+
+Equivalent to torchvision's ``GeneralizedRCNNTransform`` (resize rule, padding, box and mask
+rescaling) and ``paste_masks_in_image``. Images are ``Tensor[3, H, W]`` in ``[0, 1]``; the
+transform subtracts ``image_mean`` and divides by ``image_std`` unless built with
+``normalize=False`` (inputs already normalised, e.g. by :func:`pixelwise.data.transforms.preprocess`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from pixelwise.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclass
+class TransformConfig:
+    """How images are prepared before the backbone (torchvision's keyword names)."""
+
+    min_size: tuple[int, ...] = (800,)  # shorter side after resize; with targets in train mode one is drawn
+    max_size: int = 1333  # longer side never exceeds this
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    size_divisible: int = 32  # the batch is zero-padded (bottom/right) to multiples of this
+    normalize: bool = True  # False: images are already (x - mean) / std, skip that step
+
+
+class ImageBatch(NamedTuple):
+    """Padded batch ``tensors: Tensor[N, 3, Hp, Wp]`` and each image's size after resizing."""
+
+    tensors: Tensor
+    image_sizes: list[tuple[int, int]]
+
+
+def normalize_image(image: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """``Tensor[3, H, W] -> (image - mean) / std`` per channel."""
+    m = torch.as_tensor(mean, dtype=image.dtype, device=image.device)
+    s = torch.as_tensor(std, dtype=image.dtype, device=image.device)
+    return (image - m[:, None, None]) / s[:, None, None]
+
+
+def resize_scale(height: int, width: int, min_size: float, max_size: float) -> float:
+    """The factor that brings the shorter side to ``min_size`` unless the longer side would
+    exceed ``max_size`` (then the longer side becomes ``max_size``)."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def resize_image(image: Tensor, scale: float) -> Tensor:
+    """``Tensor[C, H, W] -> Tensor[C, floor(H*scale), floor(W*scale)]``, bilinear."""
+    return F.interpolate(
+        image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+    )[0]
+
+
+def resize_masks(masks: Tensor, scale: float) -> Tensor:
+    """Instance masks ``[K, H, W] -> uint8[K, floor(H*scale), floor(W*scale)]``, nearest."""
+    if masks.shape[0] == 0:
+        h, w = masks.shape[-2:]
+        return masks.new_zeros((0, math.floor(h * scale), math.floor(w * scale)), dtype=torch.uint8)
+    out = F.interpolate(masks[:, None].float(), scale_factor=scale, recompute_scale_factor=True)
+    return out[:, 0].byte()
+
+
+def resize_boxes(boxes: Tensor, old_size: tuple[int, int], new_size: tuple[int, int]) -> Tensor:
+    """Boxes ``Tensor[K, 4]`` (x1, y1, x2, y2) of an ``old_size`` (H, W) image -> ``new_size``."""
+    ratio_h = torch.tensor(new_size[0], dtype=torch.float32) / torch.tensor(old_size[0], dtype=torch.float32)
+    ratio_w = torch.tensor(new_size[1], dtype=torch.float32) / torch.tensor(old_size[1], dtype=torch.float32)
+    ratios = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(boxes)
+    return boxes * ratios
+
+
+def batch_images(images: list[Tensor], size_divisible: int) -> Tensor:
+    """``[Tensor[C, H_i, W_i]] -> Tensor[N, C, Hp, Wp]``, zero-padded at the bottom/right to the
+    largest size rounded up to a multiple of ``size_divisible``."""
+    h = max(img.shape[-2] for img in images)
+    w = max(img.shape[-1] for img in images)
+    h = int(math.ceil(h / size_divisible) * size_divisible)
+    w = int(math.ceil(w / size_divisible) * size_divisible)
+    batch = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for img, slot in zip(images, batch):
+        slot[:, : img.shape[-2], : img.shape[-1]].copy_(img)
+    return batch
+
+
+class RCNNTransform(nn.Module):
+    """``forward(images, targets=None) -> (ImageBatch, targets)``; ``postprocess`` maps
+    detections back to the original image sizes and pastes the masks. No parameters."""
+
+    def __init__(self, config: TransformConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def pick_min_size(self, random_scale: bool) -> float:
+        sizes = self.config.min_size
+        if random_scale and len(sizes) > 1:
+            return float(sizes[int(torch.randint(0, len(sizes), (1,)).item())])
+        return float(sizes[-1])
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[ImageBatch, list[dict[str, Tensor]] | None]:
+        """Images ``[Tensor[3, H_i, W_i]]``; targets (copied, never modified in place) have their
+        ``boxes`` and ``masks`` resized with the image. A random ``min_size`` is drawn only when
+        targets are given in train mode (multi-scale training)."""
+        cfg = self.config
+        out_images, out_targets = [], [] if targets is not None else None
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"images[{i}] must be Tensor[3, H, W], got shape {list(image.shape)}")
+            if cfg.normalize:
+                image = normalize_image(image, cfg.image_mean, cfg.image_std)
+            h, w = image.shape[-2:]
+            min_size = self.pick_min_size(random_scale=targets is not None and self.training)
+            scale = resize_scale(h, w, min_size, float(cfg.max_size))
+            image = resize_image(image, scale)
+            out_images.append(image)
+            if targets is not None:
+                out_targets.append(self._resize_target(targets[i], (h, w), image.shape[-2:], scale))
+        sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in out_images]
+        return ImageBatch(batch_images(out_images, cfg.size_divisible), sizes), out_targets
+
+    @staticmethod
+    def _resize_target(
+        target: dict[str, Tensor], old_size: tuple[int, int], new_size: tuple[int, int], scale: float
+    ) -> dict[str, Tensor]:
+        target = dict(target)
+        target["boxes"] = resize_boxes(target["boxes"], old_size, tuple(new_size))
+        if "masks" in target:
+            target["masks"] = resize_masks(target["masks"], scale)
+        return target
+
+    def postprocess(
+        self,
+        detections: list[dict[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Rescale ``boxes`` to each original image and paste the 28x28 ``masks`` into it
+        (``Tensor[D, 1, H, W]`` probabilities)."""
+        out = []
+        for det, size, original in zip(detections, image_sizes, original_sizes):
+            det = dict(det)
+            det["boxes"] = resize_boxes(det["boxes"], size, original)
+            if "masks" in det:
+                det["masks"] = paste_masks_in_image(det["masks"], det["boxes"], original)
+            out.append(det)
+        return out
+
+
+def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
+    """Scale ``Tensor[K, 4]`` boxes about their centres by ``scale``."""
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    cx = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    cy = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
+
+
+def paste_mask(mask: Tensor, box: list[int], height: int, width: int) -> Tensor:
+    """One ``Tensor[M, M]`` mask resized (bilinear) to the integer ``box`` (x1, y1, x2, y2,
+    inclusive corners) and written into a zero ``Tensor[height, width]``."""
+    x1, y1, x2, y2 = box
+    w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+    resized = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    canvas = mask.new_zeros((height, width))
+    xa, xb = max(x1, 0), min(x2 + 1, width)
+    ya, yb = max(y1, 0), min(y2 + 1, height)
+    if xb > xa and yb > ya:
+        canvas[ya:yb, xa:xb] = resized[ya - y1 : yb - y1, xa - x1 : xb - x1]
+    return canvas
+
+
+def paste_masks_in_image(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1
+) -> Tensor:
+    """Masks ``Tensor[D, 1, M, M]`` inside ``boxes`` ``Tensor[D, 4]`` -> ``Tensor[D, 1, H, W]``.
+
+    As torchvision: the mask is padded by ``padding`` pixels and the box enlarged by the same
+    factor ``(M + 2 * padding) / M``, then truncated to integers before pasting."""
+    height, width = int(image_size[0]), int(image_size[1])
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, 1, height, width))
+    m = masks.shape[-1]
+    padded = F.pad(masks, (padding,) * 4)
+    int_boxes = expand_boxes(boxes, (m + 2 * padding) / m).to(torch.int64).tolist()
+    pasted = [paste_mask(mk[0], b, height, width) for mk, b in zip(padded, int_boxes)]
+    return torch.stack(pasted)[:, None]
