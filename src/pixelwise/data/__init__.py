@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from pixelwise.data.ade20k import ADE20K
 from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset, collate
+from pixelwise.data.camvid import CamVid
+from pixelwise.data.cityscapes import Cityscapes
+from pixelwise.data.coco import COCOInstances
+from pixelwise.data.folder import FolderDataset
+from pixelwise.data.isbi import ISBI2012
 from pixelwise.data.shapes import ShapesDataset
+from pixelwise.data.voc import VOCSegmentation
 from pixelwise.errors import UserError
 
 DATASETS: dict[str, type[SegmentationDataset]] = {
     "shapes": ShapesDataset,
+    "camvid": CamVid,
+    "voc": VOCSegmentation,
+    "cityscapes": Cityscapes,
+    "ade20k": ADE20K,
+    "isbi2012": ISBI2012,
+    "coco": COCOInstances,
+    "folder": FolderDataset,
 }
 
 

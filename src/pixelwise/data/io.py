@@ -103,7 +103,7 @@ def read_image(path: PathLike) -> np.ndarray:
         raise UserError(f"{path}: cannot convert image mode {img.mode} to RGB ({e})") from None
 
 
-def read_mask(path: PathLike, palette: Sequence[Sequence[int]] | None = None,
+def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = None,
               unknown: int = 255) -> np.ndarray:
     """Read a label mask file as class indices. -> uint8[H, W].
 
@@ -139,12 +139,16 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int]] | None = None,
     raise UserError(f"{path}: unsupported mask mode {mode}; save masks as 8-bit index PNGs")
 
 
-def colors_to_index(rgb: np.ndarray, palette: Sequence[Sequence[int]], unknown: int = 255) -> np.ndarray:
-    """uint8[H, W, 3] colours -> uint8[H, W] palette indices; colours not in ``palette`` -> ``unknown``."""
+def colors_to_index(rgb: np.ndarray, palette: Sequence[Sequence[int] | None],
+                    unknown: int = 255) -> np.ndarray:
+    """uint8[H, W, 3] colours -> uint8[H, W] palette indices; colours not in ``palette`` -> ``unknown``.
+    ``None`` entries in ``palette`` match nothing (to reserve an index)."""
     code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     out = np.full(code.shape, unknown, dtype=np.uint8)
-    for i, (r, g, b) in enumerate(palette):
-        out[code == ((int(r) << 16) | (int(g) << 8) | int(b))] = i
+    for i, colour in enumerate(palette):
+        if colour is not None:  # None entries keep an index free
+            r, g, b = colour
+            out[code == ((int(r) << 16) | (int(g) << 8) | int(b))] = i
     return out
 
 

@@ -1,0 +1,163 @@
+"""Paired augmentation presets (albumentations 2.x) working on :class:`Sample` -> :class:`Sample`.
+
+- :func:`train_preset`: optional resize, random scale, pad-if-needed (image 0, mask ignore),
+  random crop, horizontal flip, photometric jitter.
+- :func:`eval_preset`: optional resize, otherwise the identity.
+- :func:`build_transform`: a small YAML/dict of keys -> one of the presets.
+
+Every geometric step moves the image, the class mask, the optional per-pixel weight map and the
+optional instance masks together. Masks and weights always use nearest-neighbour sampling, so no
+new label values can appear. Padding: image 0, class mask ``ignore_index``, weight 0, instance
+masks empty. After the transform, instance boxes are recomputed from the instance masks (tight,
+x2/y2 exclusive) and instances whose mask left the crop are dropped.
+
+Randomness: each call reseeds the albumentations pipeline from numpy's global RNG, so seeding
+numpy (per epoch and per DataLoader worker, as the trainer does) makes augmentation
+reproducible and different in every worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from pixelwise.data.base import IGNORE_INDEX, Sample
+from pixelwise.errors import UserError
+
+
+def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
+    """bool[K, H, W] -> float32[K, 4] tight boxes (x1, y1, x2, y2), x2/y2 exclusive; empty -> zeros."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for k, m in enumerate(masks):
+        cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+        if cols.size:
+            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
+
+
+class Augment:
+    """Apply albumentations transforms to a Sample (image, mask, weight, instances together)."""
+
+    def __init__(self, transforms: Sequence[A.BasicTransform], ignore_index: int = IGNORE_INDEX):
+        self.transforms = list(transforms)
+        self.ignore_index = ignore_index
+        self.compose = (A.Compose(self.transforms, additional_targets={"weight": "mask"})
+                        if transforms else None)
+
+    def __repr__(self) -> str:
+        return f"Augment({[type(t).__name__ for t in self.transforms]}, ignore_index={self.ignore_index})"
+
+    def __call__(self, s: Sample) -> Sample:
+        if self.compose is None:
+            return s
+        self.compose.set_random_seed(int(np.random.randint(0, 2**31 - 1)))
+        # Shift labels by one so that padding (0) is told apart from class 0: every pad lands on ignore.
+        kw: dict = {"image": np.ascontiguousarray(s.image), "mask": s.mask.astype(np.uint16) + 1}
+        if s.weight is not None:
+            kw["weight"] = np.ascontiguousarray(s.weight, dtype=np.float32)
+        has_instances = s.instance_masks is not None and len(s.instance_masks) > 0
+        if has_instances:
+            kw["masks"] = np.ascontiguousarray(s.instance_masks, dtype=np.uint8)
+        out = self.compose(**kw)
+        shifted = out["mask"]
+        mask = np.where(shifted == 0, self.ignore_index, shifted.astype(np.int32) - 1).astype(np.uint8)
+        new: dict = {"image": out["image"], "mask": mask}
+        if s.weight is not None:
+            new["weight"] = out["weight"].astype(np.float32)
+        if s.instance_masks is not None:
+            if has_instances:
+                inst = np.asarray(out["masks"]).astype(bool)
+                keep = inst.reshape(len(inst), -1).any(1)
+                inst = inst[keep]
+                new["instance_labels"] = np.asarray(s.instance_labels)[keep]
+            else:
+                inst = np.zeros((0, *mask.shape), dtype=bool)
+                new["instance_labels"] = np.zeros((0,), dtype=np.int64)
+            new["instance_masks"] = inst
+            new["boxes"] = boxes_from_masks(inst)
+        return s.replace(**new)
+
+
+def _resize(size: tuple[int, int]) -> A.Resize:
+    return A.Resize(int(size[0]), int(size[1]), interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST)
+
+
+def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float] | None = (0.5, 2.0),
+                 flip: bool = True, jitter: bool = True, ignore_index: int = IGNORE_INDEX,
+                 resize: tuple[int, int] | None = None) -> Augment:
+    """Training augmentation: [resize] -> random scale in ``scale`` -> pad to ``crop`` -> random
+    ``crop`` (h, w) -> horizontal flip (p=0.5) -> colour jitter (p=0.8).
+
+    Without ``crop`` the image size is kept: no random scaling, no padding, no crop (use it when
+    every image already has the training size). ``scale=None`` disables scaling.
+    """
+    t: list[A.BasicTransform] = []
+    if resize is not None:
+        t.append(_resize(resize))
+    if crop is not None:
+        h, w = int(crop[0]), int(crop[1])
+        if scale is not None and tuple(scale) != (1.0, 1.0):
+            lo, hi = float(scale[0]), float(scale[1])
+            if not 0 < lo <= hi:
+                raise UserError(f"augment scale {scale}: need 0 < low <= high")
+            t.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
+                                   mask_interpolation=cv2.INTER_NEAREST, p=1.0))
+        t.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT,
+                               fill=0, fill_mask=0))
+        t.append(A.RandomCrop(h, w))
+    if flip:
+        t.append(A.HorizontalFlip(p=0.5))
+    if jitter:
+        t.append(A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.02, p=0.8))
+    return Augment(t, ignore_index)
+
+
+def eval_preset(resize: tuple[int, int] | None = None) -> Augment:
+    """Evaluation: resize to (h, w) (mask nearest) or nothing."""
+    return Augment([_resize(resize)] if resize is not None else [])
+
+
+TRAIN_KEYS = ("crop", "scale", "flip", "jitter", "ignore_index", "resize")
+
+
+def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
+    v = cfg.get(key)
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and kind is int:
+        v = [v, v]
+    if (not isinstance(v, (list, tuple)) or len(v) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+        raise UserError(f"augment key {key!r}: expected two numbers like [h, w], got {v!r}")
+    if kind is int and not all(float(x).is_integer() and x > 0 for x in v):
+        raise UserError(f"augment key {key!r}: expected two positive integers, got {v!r}")
+    return tuple(kind(x) for x in v)
+
+
+def build_transform(cfg: dict | None, train: bool) -> Augment:
+    """A config dict -> :func:`train_preset` (``train=True``) or :func:`eval_preset`.
+
+    Keys (all optional): ``crop: [h, w]`` (or one int for a square), ``scale: [low, high]`` or
+    null, ``flip: bool``, ``jitter: bool``, ``ignore_index: int``, ``resize: [h, w]``. Evaluation
+    only uses ``resize``. Unknown keys raise UserError naming the key.
+    """
+    cfg = dict(cfg or {})
+    for key in cfg:
+        if key not in TRAIN_KEYS:
+            raise UserError(f"unknown augment key {key!r}; known keys: {', '.join(TRAIN_KEYS)}")
+    for key in ("flip", "jitter"):
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise UserError(f"augment key {key!r}: expected true or false, got {cfg[key]!r}")
+    ignore = cfg.get("ignore_index", IGNORE_INDEX)
+    if not isinstance(ignore, int) or isinstance(ignore, bool) or not 0 <= ignore <= 255:
+        raise UserError(f"augment key 'ignore_index': expected an integer 0..255, got {ignore!r}")
+    resize = _pair(cfg, "resize", int)
+    if not train:
+        return eval_preset(resize)
+    scale = _pair(cfg, "scale", float) if "scale" in cfg else (0.5, 2.0)
+    return train_preset(crop=_pair(cfg, "crop", int), scale=scale, flip=cfg.get("flip", True),
+                        jitter=cfg.get("jitter", True), ignore_index=ignore, resize=resize)

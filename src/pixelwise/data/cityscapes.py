@@ -1,0 +1,61 @@
+"""``cityscapes``: Cityscapes fine annotations mapped to the 19 evaluation ("train id") classes.
+
+Layout: ``root/leftImg8bit/{split}/{city}/{name}_leftImg8bit.png`` and
+``root/gtFine/{split}/{city}/{name}_gtFine_labelIds.png``. The label ids 0..33 are mapped to the
+19 train ids of the official ``labels.py``; every other id (and 255) becomes 255 (ignore).
+Splits: ``train`` (2,975), ``val`` (500), ``test`` (1,525; its labels are all "unlabeled").
+No download: the data needs a login at https://www.cityscapes-dataset.com/downloads/.
+"""
+
+from __future__ import annotations
+
+from pixelwise.data.base import IGNORE_INDEX
+from pixelwise.data.files import FilePairDataset, make_lut
+from pixelwise.errors import UserError
+
+# (name, label id, colour) of the 19 train-id classes, in train-id order (cityscapesScripts labels.py).
+CLASSES = [
+    ("road", 7, (128, 64, 128)), ("sidewalk", 8, (244, 35, 232)), ("building", 11, (70, 70, 70)),
+    ("wall", 12, (102, 102, 156)), ("fence", 13, (190, 153, 153)), ("pole", 17, (153, 153, 153)),
+    ("traffic light", 19, (250, 170, 30)), ("traffic sign", 20, (220, 220, 0)),
+    ("vegetation", 21, (107, 142, 35)), ("terrain", 22, (152, 251, 152)), ("sky", 23, (70, 130, 180)),
+    ("person", 24, (220, 20, 60)), ("rider", 25, (255, 0, 0)), ("car", 26, (0, 0, 142)),
+    ("truck", 27, (0, 0, 70)), ("bus", 28, (0, 60, 100)), ("train", 31, (0, 80, 100)),
+    ("motorcycle", 32, (0, 0, 230)), ("bicycle", 33, (119, 11, 32)),
+]
+CLASS_NAMES = [c[0] for c in CLASSES]
+PALETTE = [c[2] for c in CLASSES]
+LABEL_TO_TRAIN = {label_id: train_id for train_id, (_, label_id, _) in enumerate(CLASSES)}
+SPLITS = ("train", "val", "test")
+URL = "https://www.cityscapes-dataset.com/downloads/"
+
+
+class Cityscapes(FilePairDataset):
+    """Cityscapes gtFine, 19 classes."""
+
+    class_names = CLASS_NAMES
+    palette = PALETTE
+
+    def __init__(self, root, split: str = "train", transform=None, mean=None, std=None,
+                 skip_invalid: bool = False, download: bool = False):
+        super().__init__(root, split, transform, mean, std)
+        if split not in SPLITS:
+            raise UserError(f"cityscapes has no split {split!r}; choose one of: {', '.join(SPLITS)}")
+        if download:
+            raise UserError(f"cityscapes cannot be downloaded automatically (login required); get "
+                            f"leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from {URL}")
+        images = self.root / "leftImg8bit" / split
+        if not images.is_dir():
+            raise UserError(f"{images}: not found; expected leftImg8bit/ and gtFine/ from {URL} "
+                            f"in {self.root}")
+        # ids 0..33 are valid (unused ones -> ignore); 255 appears for the license plate (id -1).
+        self.lut = make_lut({**{i: IGNORE_INDEX for i in range(34)}, IGNORE_INDEX: IGNORE_INDEX,
+                             **LABEL_TO_TRAIN})
+        for img in sorted(images.glob("*/*_leftImg8bit.png")):
+            name = img.name[: -len("_leftImg8bit.png")]
+            mask = self.root / "gtFine" / split / img.parent.name / f"{name}_gtFine_labelIds.png"
+            self.items.append((str(img), str(mask)))
+        self._finish(skip_invalid)
+
+    def name_of(self, ref: str) -> str:
+        return ref.rsplit("/", 1)[-1][: -len("_leftImg8bit.png")]

@@ -1,0 +1,135 @@
+"""``coco``: COCO-style instance annotations (``instances_*.json``) for Mask R-CNN.
+
+Layout: ``root/annotations/instances_{split}{year}.json`` and images in ``root/{split}{year}/``
+(or give ``ann_file=`` and ``image_dir=`` for any COCO-format data set).
+
+Targets per image: ``instance_masks`` bool[K, H, W], ``instance_labels`` int64[K] in 1..C
+(contiguous, in ascending COCO category id order; ``class_names[0] = "background"``), ``boxes``
+float32[K, 4] (x1, y1, x2, y2 from the JSON ``bbox``). ``category_ids[label]`` is the COCO
+category id of a label, for exporting results. Crowd annotations (``iscrowd=1``) are not
+instances; their regions are 255 (ignore) in the derived semantic ``mask``, except where a
+non-crowd instance covers them. In the semantic mask larger instances are painted first, so
+smaller ones stay visible on top. Degenerate annotations (empty mask or box) are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+from pixelwise.data.base import IGNORE_INDEX, Problem, Sample
+from pixelwise.data.files import FilePairDataset, problem_from_error
+from pixelwise.data.io import probe
+from pixelwise.data.palette import default_palette
+from pixelwise.errors import UserError
+
+URL = "https://cocodataset.org/#download"
+
+
+class COCOInstances(FilePairDataset):
+    """COCO instance segmentation (task ``"instance"``); item refs are (image path, ``ann_file#image_id``)."""
+
+    task = "instance"
+
+    def __init__(self, root, split: str = "train", transform=None, mean=None, std=None,
+                 skip_invalid: bool = False, download: bool = False, year: str = "2017",
+                 ann_file: str | None = None, image_dir: str | None = None, skip_empty: bool = False):
+        super().__init__(root, split, transform, mean, std)
+        if download:
+            raise UserError(f"coco is not downloaded automatically (~20 GB); get the {split}{year} "
+                            f"images and annotations from {URL} into {self.root}")
+        default_ann = self.root / "annotations" / f"instances_{split}{year}.json"
+        self.ann_file = Path(ann_file) if ann_file else default_ann
+        self.image_dir = Path(image_dir) if image_dir else self.root / f"{split}{year}"
+        if not self.ann_file.is_file():
+            raise UserError(f"{self.ann_file}: annotation file not found (COCO layout: annotations/ and "
+                            f"{split}{year}/ under {self.root}, or pass ann_file=)")
+        from pycocotools.coco import COCO
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco = COCO(str(self.ann_file))
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.ann_file}: not a valid COCO annotation file "
+                            f"({type(e).__name__}: {e})") from None
+        cats = sorted(self.coco.cats.values(), key=lambda c: c["id"])
+        if len(cats) > 254:
+            raise UserError(f"{self.ann_file}: {len(cats)} categories; at most 254 are supported")
+        self.category_ids: list[int] = [0] + [int(c["id"]) for c in cats]
+        self.cat_to_label = {cid: i for i, cid in enumerate(self.category_ids) if i > 0}
+        self.class_names = ["background"] + [str(c["name"]) for c in cats]
+        self.palette = default_palette(len(self.class_names))
+        for image_id in sorted(self.coco.imgs):
+            if skip_empty and not any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(image_id, [])):
+                continue
+            info = self.coco.imgs[image_id]
+            self.items.append((str(self.image_dir / info["file_name"]), f"{self.ann_file}#{image_id}"))
+        self._finish(skip_invalid)
+
+    @staticmethod
+    def image_id_of(mask_ref: str) -> int:
+        return int(mask_ref.rsplit("#", 1)[1])
+
+    def load(self, index: int) -> Sample:
+        image_ref, ann_ref = self.items[index]
+        image_id = self.image_id_of(ann_ref)
+        info = self.coco.imgs[image_id]
+        image = self.read_image(image_ref)
+        h, w = int(info["height"]), int(info["width"])
+        if image.shape[:2] != (h, w):
+            raise UserError(f"{image_ref}: image is {image.shape[1]}x{image.shape[0]} but "
+                            f"{self.ann_file.name} says {w}x{h}; fix the file or use --skip-invalid")
+        anns = sorted(self.coco.imgToAnns.get(image_id, []), key=lambda a: -float(a.get("area", 0)))
+        semantic = np.zeros((h, w), dtype=np.uint8)
+        for a in anns:
+            if a.get("iscrowd", 0) and a.get("segmentation"):
+                semantic[self.coco.annToMask(a) > 0] = IGNORE_INDEX
+        masks, labels, boxes = [], [], []
+        for a in anns:
+            if a.get("iscrowd", 0) or not a.get("segmentation") or a["category_id"] not in self.cat_to_label:
+                continue
+            x, y, bw, bh = (float(v) for v in a["bbox"])
+            m = self.coco.annToMask(a).astype(bool)
+            if bw < 1 or bh < 1 or not m.any():
+                continue
+            label = self.cat_to_label[a["category_id"]]
+            semantic[m] = label
+            masks.append(m)
+            labels.append(label)
+            boxes.append((x, y, x + bw, y + bh))
+        return Sample(
+            image=image, mask=semantic, name=Path(image_ref).stem,
+            instance_masks=np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool),
+            instance_labels=np.asarray(labels, dtype=np.int64),
+            boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            meta={"image_id": image_id, "image_path": image_ref},
+        )
+
+    def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:
+        """Image readable with the size the JSON states; annotations have known categories,
+        a segmentation and a box inside the image."""
+        problems: list[Problem] = []
+        image_id = self.image_id_of(mask_ref)
+        info = self.coco.imgs[image_id]
+        try:
+            size = probe(image_ref)[0]
+            if size != (int(info["width"]), int(info["height"])):
+                problems.append(Problem(image_ref, f"image is {size[0]}x{size[1]} but the annotations say "
+                                                   f"{info['width']}x{info['height']}"))
+        except UserError as e:
+            problems.append(problem_from_error(image_ref, e))
+        for a in self.coco.imgToAnns.get(image_id, []):
+            what = f"annotation {a.get('id')}"
+            if a.get("category_id") not in self.cat_to_label:
+                problems.append(Problem(mask_ref, f"{what} has unknown category_id {a.get('category_id')}"))
+            elif not a.get("segmentation"):
+                problems.append(Problem(mask_ref, f"{what} has no segmentation"))
+            else:
+                x, y, bw, bh = (float(v) for v in a.get("bbox", (0, 0, 0, 0)))
+                if x < 0 or y < 0 or x + bw > info["width"] + 1 or y + bh > info["height"] + 1:
+                    problems.append(Problem(mask_ref, f"{what} has bbox {a.get('bbox')} outside the "
+                                                      f"{info['width']}x{info['height']} image"))
+        return problems

@@ -1,0 +1,189 @@
+"""The shared base of the file-based readers: a list of (image, mask) files, a label table,
+``check()`` and dropping invalid items.
+
+A reader fills ``self.items`` with ``(image_ref, mask_ref)`` string pairs (usually file paths;
+``mask_ref`` may be ``None`` when the mask is missing) and sets ``self.lut``, a 256-entry table
+from the value stored in a mask file to the class id (``0..C-1``) or 255 (ignore); ``-1``
+marks a value that should never appear (reported by ``check()``, read as 255 by ``load``).
+
+Invalid items: ``check()`` returns :class:`Problem` s whose ``path`` is an item's image or mask
+ref; ``drop(problems)`` removes those items. Every reader also takes ``skip_invalid=True``,
+which runs ``check()`` at construction and drops what it finds (listed in ``self.dropped``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset
+from pixelwise.data.io import probe, read_image, read_mask
+from pixelwise.errors import UserError
+
+
+def problem_from_error(ref: str, err: UserError) -> Problem:
+    """A UserError ``"path: message"`` -> Problem(ref, message)."""
+    msg = str(err)
+    prefix = f"{ref}: "
+    return Problem(ref, msg[len(prefix):] if msg.startswith(prefix) else msg)
+
+
+def make_lut(mapping: dict[int, int], invalid: int = -1) -> np.ndarray:
+    """{raw value: class id or 255} -> int16[256] with ``invalid`` elsewhere."""
+    lut = np.full(256, invalid, dtype=np.int16)
+    for raw, cls in mapping.items():
+        lut[raw] = cls
+    return lut
+
+
+def identity_lut(num_classes: int, ignore: Iterable[int] = (IGNORE_INDEX,)) -> np.ndarray:
+    """Raw values 0..C-1 are the classes, the ``ignore`` values mean ignore, the rest is invalid."""
+    mapping = {i: i for i in range(num_classes)}
+    mapping.update({v: IGNORE_INDEX for v in ignore})
+    return make_lut(mapping)
+
+
+def _values_text(lut: np.ndarray) -> str:
+    """'0..10, 11' style summary of the valid raw values."""
+    vals = np.flatnonzero(lut >= 0).tolist()
+    runs, start = [], None
+    for i, v in enumerate(vals):
+        if start is None:
+            start = v
+        if i + 1 == len(vals) or vals[i + 1] != v + 1:
+            runs.append(str(start) if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(runs)
+
+
+class FilePairDataset(SegmentationDataset):
+    """Base of the readers that pair an image file with a mask file.
+
+    Subclasses call ``super().__init__(root, split, transform, mean, std)``, fill ``self.items``
+    and ``self.lut``, set ``class_names``/``palette``, then call ``self._finish(skip_invalid)``.
+    They override :meth:`read_raw_mask` / :meth:`mask_size` (and the image counterparts) for
+    files PIL cannot open (e.g. SBD ``.mat`` files, TIFF stack frames).
+    """
+
+    def __init__(self, root: str | Path | None, split: str,
+                 transform: Callable[[Sample], Sample] | None = None,
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None):
+        super().__init__(transform=transform, mean=mean, std=std)
+        if root is None:
+            raise UserError(f"{type(self).__name__} needs --data PATH (the dataset root folder)")
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.items: list[tuple[str, str | None]] = []
+        self.lut: np.ndarray = identity_lut(0)
+        self.dropped: list[Problem] = []
+
+    # -- construction helpers -------------------------------------------------------------
+    def _finish(self, skip_invalid: bool) -> None:
+        if not self.items:
+            raise UserError(f"{self.root}: no images found for split {self.split!r} "
+                            f"({type(self).__name__}); see docs/data.md for the expected layout")
+        if skip_invalid:
+            problems = self.check()
+            self.drop(problems)
+            if not self.items:
+                raise UserError(f"{self.root}: every item of split {self.split!r} is invalid; "
+                                f"first problem: {problems[0]}")
+
+    # -- reading ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read_image(self, ref: str) -> np.ndarray:
+        """uint8[H, W, 3] RGB."""
+        return read_image(ref)
+
+    def read_raw_mask(self, ref: str) -> np.ndarray:
+        """uint8[H, W] values as stored in the file (before ``lut``)."""
+        return read_mask(ref)
+
+    def image_size(self, ref: str) -> tuple[int, int]:
+        """(width, height) from the header only."""
+        return probe(ref)[0]
+
+    def mask_size(self, ref: str) -> tuple[int, int]:
+        return probe(ref)[0]
+
+    def map_mask(self, raw: np.ndarray) -> np.ndarray:
+        """uint8[H, W] stored values -> uint8[H, W] class ids, 255 = ignore (and invalid values)."""
+        lut = np.where(self.lut < 0, IGNORE_INDEX, self.lut).astype(np.uint8)
+        return lut[raw]
+
+    def name_of(self, ref: str) -> str:
+        return Path(ref).stem
+
+    def load(self, index: int) -> Sample:
+        image_ref, mask_ref = self.items[index]
+        image = self.read_image(image_ref)
+        if mask_ref is None:
+            raise UserError(f"{image_ref}: no mask for this image; add it or use --skip-invalid")
+        mask = self.map_mask(self.read_raw_mask(mask_ref))
+        if mask.shape != image.shape[:2]:
+            raise UserError(f"{mask_ref}: mask is {mask.shape[1]}x{mask.shape[0]} but image {image_ref} is "
+                            f"{image.shape[1]}x{image.shape[0]}; fix the pair or use --skip-invalid")
+        return Sample(image=image, mask=mask, name=self.name_of(image_ref),
+                      meta={"image_path": image_ref, "mask_path": mask_ref})
+
+    # -- validation ---------------------------------------------------------------------------
+    def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:
+        """Problems of one pair: unreadable files, missing mask, size mismatch, bad label values."""
+        problems: list[Problem] = []
+        try:
+            isize = self.image_size(image_ref)
+        except UserError as e:
+            problems.append(problem_from_error(image_ref, e))
+            isize = None
+        if mask_ref is None or not Path(mask_ref.split("#")[0]).exists():
+            ref = mask_ref if mask_ref is not None else image_ref
+            problems.append(Problem(ref, f"missing mask for image {image_ref}"))
+            return problems
+        try:
+            msize = self.mask_size(mask_ref)
+        except UserError as e:
+            problems.append(problem_from_error(mask_ref, e))
+            return problems
+        if isize is not None and msize != isize:
+            problems.append(Problem(mask_ref, f"mask is {msize[0]}x{msize[1]} but image {image_ref} is "
+                                              f"{isize[0]}x{isize[1]}"))
+        if labels:
+            try:
+                values = np.unique(self.read_raw_mask(mask_ref))
+            except UserError as e:
+                problems.append(problem_from_error(mask_ref, e))
+                return problems
+            bad = values[self.lut[values] < 0]
+            if bad.size:
+                shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if bad.size > 8 else "")
+                problems.append(Problem(mask_ref, f"label values {shown} outside the {self.num_classes} "
+                                                  f"classes (valid stored values: {_values_text(self.lut)})"))
+        return problems
+
+    def check(self, labels: bool = True, progress: bool = False) -> list[Problem]:
+        """Validate every item: headers and sizes (no image decode); with ``labels`` each mask is
+        decoded once to find values outside the classes. -> list of Problems (empty = clean)."""
+        items = self.items
+        if progress:
+            from tqdm import tqdm
+
+            items = tqdm(items, desc=f"check {self.split}", unit="img", leave=False)
+        problems: list[Problem] = []
+        for image_ref, mask_ref in items:
+            problems.extend(self.check_item(image_ref, mask_ref, labels))
+        return problems
+
+    def drop(self, problems: Iterable[Problem]) -> int:
+        """Remove every item whose image or mask ref is the path of one of ``problems``.
+        -> number of items removed. The problems are kept in ``self.dropped``."""
+        problems = list(problems)
+        bad = {p.path for p in problems}
+        before = len(self.items)
+        self.items = [(i, m) for i, m in self.items if i not in bad and m not in bad]
+        self.dropped.extend(problems)
+        return before - len(self.items)

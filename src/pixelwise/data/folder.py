@@ -1,0 +1,148 @@
+"""``folder``: your own data as ``images/`` + ``masks/`` with matching file stems.
+
+Layout::
+
+    root/
+      images/   a.jpg  b.png ...          any format read_image understands
+      masks/    a.png  b.png ...          index masks (P or L: the value is the class id, 255 = ignore)
+      classes.json                        optional: {"names": [...], "palette": [[r, g, b], ...]}
+      splits/   train.txt val.txt ...     optional: one image stem per line
+
+Masks may also be RGB colour masks when ``classes.json`` gives the palette: each colour is its
+class, ``"ignore_color"`` (default white) is ignored, any other colour is a problem for ``check()``.
+Without ``classes.json`` the class count is ``num_classes=N`` or, if not given, one more than the
+largest label found in the masks (names ``class_0``...).
+
+Splits: with ``splits/`` the lists decide. Without it every pair is in ``all``; ``val`` is a
+deterministic 10% of ``all`` (at least one image when there are two or more), chosen by a hash of
+the stem so it stays stable as files are added, and ``train`` is the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pixelwise.data.base import IGNORE_INDEX
+from pixelwise.data.files import FilePairDataset, identity_lut
+from pixelwise.data.io import read_mask
+from pixelwise.data.palette import default_palette
+from pixelwise.errors import UserError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")
+UNKNOWN_COLOUR = 254  # raw value given to colours not in the palette; invalid in the label table
+VAL_FRACTION = 0.1
+
+
+def val_stems(stems: list[str], fraction: float = VAL_FRACTION) -> set[str]:
+    """The deterministic held-out set: the ``ceil(fraction * n)`` stems with the smallest SHA-1."""
+    if len(stems) < 2:
+        return set()
+    n = max(1, math.ceil(fraction * len(stems)))
+    ranked = sorted(stems, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+    return set(ranked[:n])
+
+
+class FolderDataset(FilePairDataset):
+    """images/ + masks/ folders with matching stems."""
+
+    def __init__(self, root, split: str = "train", transform=None, mean=None, std=None,
+                 skip_invalid: bool = False, download: bool = False, num_classes: int | None = None):
+        super().__init__(root, split, transform, mean, std)
+        if download:
+            raise UserError("folder datasets are your own files; there is nothing to download")
+        images_dir, masks_dir = self.root / "images", self.root / "masks"
+        if not images_dir.is_dir() or not masks_dir.is_dir():
+            raise UserError(f"{self.root}: expected images/ and masks/ folders with matching file names")
+        masks = {}
+        for p in sorted(masks_dir.iterdir()):
+            if p.suffix.lower() in MASK_EXTS and (p.stem not in masks or p.suffix.lower() == ".png"):
+                masks[p.stem] = p
+        images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+        self.orphan_masks = [str(masks[s]) for s in sorted(set(masks) - set(images))]
+        stems = self._split_stems(sorted(images), split)
+        self.items = [(str(images[s]), str(masks.get(s, masks_dir / f"{s}.png"))) for s in stems]
+        self.colour_palette: list[tuple[int, int, int]] | None = None
+        self.ignore_colour = (255, 255, 255)
+        self._read_classes(num_classes, [m for m in masks.values()])
+        self._finish(skip_invalid)
+
+    def _split_stems(self, stems: list[str], split: str) -> list[str]:
+        lists = self.root / "splits"
+        if lists.is_dir():
+            path = lists / f"{split}.txt"
+            if not path.is_file():
+                have = ", ".join(sorted(p.stem for p in lists.glob("*.txt"))) or "none"
+                raise UserError(f"{path}: split list not found (available: {have})")
+            wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            known = set(stems)
+            missing = [Path(w).stem for w in wanted if Path(w).stem not in known]
+            if missing:
+                raise UserError(f"{path}: {len(missing)} listed images are not in images/ "
+                                f"(first: {missing[0]!r})")
+            return [Path(w).stem for w in wanted]
+        held = val_stems(stems)
+        if split == "all":
+            return stems
+        if split == "val":
+            return [s for s in stems if s in held]
+        if split == "train":
+            return [s for s in stems if s not in held]
+        raise UserError(f"folder dataset without splits/ has splits all, train, val; not {split!r}")
+
+    def _read_classes(self, num_classes: int | None, masks: list[Path]) -> None:
+        spec = self.root / "classes.json"
+        if spec.is_file():
+            try:
+                info = json.loads(spec.read_text())
+                names = [str(n) for n in info["names"]]
+                palette = [tuple(int(v) for v in c) for c in info.get("palette", [])] or None
+                if "ignore_color" in info:
+                    self.ignore_colour = tuple(int(v) for v in info["ignore_color"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{spec}: expected {{\"names\": [...], \"palette\": [[r, g, b], ...]}} "
+                                f"({type(e).__name__}: {e})") from None
+            if palette is not None and len(palette) != len(names):
+                raise UserError(f"{spec}: {len(names)} names but {len(palette)} palette colours")
+            if num_classes is not None and num_classes != len(names):
+                raise UserError(f"{spec}: lists {len(names)} classes but num_classes={num_classes}")
+            self.class_names = names
+            self.palette = palette or default_palette(len(names))
+            self.colour_palette = palette
+        else:
+            if num_classes is None:  # one decode per mask (masks are small); reports unreadable ones later
+                top = -1
+                for m in masks:
+                    try:
+                        v = read_mask(m)
+                    except UserError:
+                        continue
+                    v = v[v != IGNORE_INDEX]
+                    top = max(top, int(v.max()) if v.size else -1)
+                num_classes = max(top + 1, 2)
+            self.class_names = [f"class_{i}" for i in range(num_classes)]
+            self.palette = default_palette(num_classes)
+        if not 1 <= len(self.class_names) <= 254:
+            raise UserError(f"{self.root}: {len(self.class_names)} classes; between 1 and 254 are supported")
+        self.lut = identity_lut(len(self.class_names))
+
+    def read_raw_mask(self, ref: str) -> np.ndarray:
+        if self.colour_palette is None:
+            return read_mask(ref)
+        # RGB masks: palette colour -> class, ignore colour -> 255, others -> UNKNOWN_COLOUR.
+        # Index (P/L) masks are read as they are.
+        full = list(self.colour_palette) + [None] * (IGNORE_INDEX - len(self.colour_palette))
+        return read_mask(ref, palette=full + [self.ignore_colour], unknown=UNKNOWN_COLOUR)
+
+    def check(self, labels: bool = True, progress: bool = False):
+        from pixelwise.data.base import Problem
+
+        problems = super().check(labels=labels, progress=progress)
+        if self.split == "all":
+            problems += [Problem(m, "mask without an image in images/") for m in self.orphan_masks]
+        return problems

@@ -1,0 +1,98 @@
+"""``pixelwise data inspect``: counts, sizes, class frequencies, median-frequency weights, problems.
+
+Report keys (JSON-ready): ``num_images``, ``class_names``, ``class_pixels`` (pixels per class),
+``ignored_pixels`` (pixels labelled 255), ``image_sizes`` ({"WxH": count}, most common first),
+``median_freq_weights`` (per class; ``null`` for a class that never occurs), ``problems``
+(``"path: message"`` strings from ``check()`` and from decoding every sample).
+
+Median-frequency balancing (SegNet, Eigen & Fergus): ``freq(c) = pixels of c / total pixels of
+the images that contain c`` (all pixels of those images, ignored ones included, as in SegNet);
+``weight(c) = median(freq over the classes that occur) / freq(c)``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from pixelwise.data.base import IGNORE_INDEX, SegmentationDataset
+from pixelwise.errors import UserError
+
+
+def median_frequency_weights(class_pixels: np.ndarray,
+                             present_image_pixels: np.ndarray) -> list[float | None]:
+    """int[C] pixels per class and int[C] summed sizes of the images containing each class ->
+    per-class weights (``None`` where the class never occurs)."""
+    class_pixels = np.asarray(class_pixels, dtype=np.float64)
+    totals = np.asarray(present_image_pixels, dtype=np.float64)
+    present = class_pixels > 0
+    if not present.any():
+        return [None] * len(class_pixels)
+    freq = np.where(present, class_pixels / np.maximum(totals, 1), np.nan)
+    med = float(np.median(freq[present]))
+    return [float(med / f) if p else None for f, p in zip(freq, present)]
+
+
+def inspect_dataset(dataset: SegmentationDataset, progress: bool = True) -> dict:
+    """Decode every raw sample of ``dataset`` (no augmentation) and summarise it (keys above)."""
+    c = dataset.num_classes
+    problems: list[str] = [str(p) for p in dataset.check()]
+    class_pixels = np.zeros(c, dtype=np.int64)
+    present_pixels = np.zeros(c, dtype=np.int64)
+    ignored = 0
+    sizes: Counter = Counter()
+    indices = range(len(dataset))
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="inspect", unit="img", leave=False)
+    num_images = 0
+    for i in indices:
+        try:
+            sample = dataset.load(i)
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        num_images += 1
+        h, w = sample.mask.shape
+        sizes[f"{sample.image.shape[1]}x{sample.image.shape[0]}"] += 1
+        counts = np.bincount(sample.mask.ravel(), minlength=256)
+        ignored += int(counts[IGNORE_INDEX])
+        if counts[c:IGNORE_INDEX].any():
+            bad = np.flatnonzero(counts[c:IGNORE_INDEX]) + c
+            problems.append(f"{sample.name}: class ids {bad.tolist()} outside the {c} classes")
+        class_pixels += counts[:c]
+        present_pixels += np.where(counts[:c] > 0, h * w, 0)
+    return {
+        "num_images": num_images,
+        "class_names": list(dataset.class_names),
+        "class_pixels": class_pixels.tolist(),
+        "ignored_pixels": ignored,
+        "image_sizes": dict(sizes.most_common()),
+        "median_freq_weights": median_frequency_weights(class_pixels, present_pixels),
+        "problems": list(dict.fromkeys(problems)),
+    }
+
+
+def format_report(report: dict, max_problems: int = 20) -> str:
+    """A terminal table of :func:`inspect_dataset`'s report."""
+    pixels = np.asarray(report["class_pixels"], dtype=np.int64)
+    total = int(pixels.sum()) + int(report["ignored_pixels"])
+    lines = [f"images: {report['num_images']}   classes: {len(report['class_names'])}   "
+             f"pixels: {total:,} ({report['ignored_pixels']:,} ignored)"]
+    sizes = ", ".join(f"{k} x{v}" for k, v in list(report["image_sizes"].items())[:5])
+    more = len(report["image_sizes"]) - 5
+    lines.append(f"sizes: {sizes}" + (f" (+{more} more)" if more > 0 else ""))
+    width = max([len("class")] + [len(n) for n in report["class_names"]])
+    lines.append(f"{'class':<{width}}  {'pixels':>14}  {'share':>7}  {'mf weight':>9}")
+    for name, n, wgt in zip(report["class_names"], pixels, report["median_freq_weights"]):
+        share = 100.0 * n / total if total else 0.0
+        lines.append(f"{name:<{width}}  {int(n):>14,}  {share:>6.2f}%  "
+                     f"{('-' if wgt is None else f'{wgt:.4f}'):>9}")
+    probs = report["problems"]
+    lines.append(f"problems: {len(probs)}" if probs else "problems: none")
+    lines += [f"  {p}" for p in probs[:max_problems]]
+    if len(probs) > max_problems:
+        lines.append(f"  ... and {len(probs) - max_problems} more")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""``voc``: PASCAL VOC 2012 segmentation, optionally with the SBD augmented training set.
+
+``root`` may be ``VOC2012`` itself, ``VOCdevkit`` or the folder holding ``VOCdevkit``. Splits
+``train`` (1,464), ``val`` (1,449), ``trainval`` come from ``ImageSets/Segmentation/{split}.txt``.
+``train_aug`` (10,582 with the usual data) uses either
+
+- ``SegmentationClassAug/*.png`` inside VOC2012 (the DeepLab release): the stems listed in
+  ``ImageSets/Segmentation/train_aug.txt`` when present, else every mask there that is not in
+  ``val``; or
+- ``sbd_root=PATH`` (SBD's ``benchmark_RELEASE/dataset`` with ``cls/*.mat``, ``train.txt``,
+  ``val.txt``): SBD train + SBD val + VOC train, minus VOC val; VOC's own PNG is used where
+  one exists.
+
+Masks are palette-indexed PNGs read as indices: 0 background, 1..20 classes, 255 void.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pixelwise.data.download import download_and_extract
+from pixelwise.data.files import FilePairDataset, identity_lut
+from pixelwise.data.palette import default_palette
+from pixelwise.errors import UserError
+
+CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+               "train", "tvmonitor"]
+PALETTE = default_palette(len(CLASS_NAMES))
+SPLITS = ("train", "val", "trainval", "train_aug")
+URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+
+
+def find_voc_root(root: Path) -> Path:
+    """The VOC2012 folder under any of the accepted roots."""
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    raise UserError(f"{root}: no VOC2012/JPEGImages found; pass the VOCdevkit or VOC2012 folder "
+                    "(or use download=True)")
+
+
+def read_list(path: Path) -> list[str]:
+    """Stems from a split list; accepts 'stem' lines and DeepLab's '/JPEGImages/x.jpg /Seg.../x.png'."""
+    if not path.is_file():
+        raise UserError(f"{path}: split list not found")
+    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_sbd_mat(path: str | Path) -> np.ndarray:
+    """SBD ``cls/*.mat`` -> uint8[H, W] class ids (0..20, 255 on boundaries where present)."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
+        return np.ascontiguousarray(mat["GTcls"].Segmentation, dtype=np.uint8)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise UserError(f"{path}: unreadable SBD .mat file ({e}); re-download SBD") from None
+
+
+class VOCSegmentation(FilePairDataset):
+    """PASCAL VOC 2012 (21 classes incl. background); ``download=True`` fetches the trainval tar (2 GB)."""
+
+    class_names = CLASS_NAMES
+    palette = PALETTE
+
+    def __init__(self, root, split: str = "train", transform=None, mean=None, std=None,
+                 skip_invalid: bool = False, download: bool = False, sbd_root: str | None = None):
+        super().__init__(root, split, transform, mean, std)
+        if split not in SPLITS:
+            raise UserError(f"voc has no split {split!r}; choose one of: {', '.join(SPLITS)}")
+        if download and not any((c / "JPEGImages").is_dir() for c in
+                                (self.root, self.root / "VOC2012", self.root / "VOCdevkit" / "VOC2012")):
+            download_and_extract(URL, self.root)
+        self.voc = find_voc_root(self.root)
+        self.lut = identity_lut(len(CLASS_NAMES))
+        sets = self.voc / "ImageSets" / "Segmentation"
+        if split != "train_aug":
+            stems = read_list(sets / f"{split}.txt")
+            self.items = [(self._jpg(s), str(self.voc / "SegmentationClass" / f"{s}.png")) for s in stems]
+        elif (self.voc / "SegmentationClassAug").is_dir() and sbd_root is None:
+            aug = self.voc / "SegmentationClassAug"
+            if (sets / "train_aug.txt").is_file():
+                stems = read_list(sets / "train_aug.txt")
+            else:
+                val = set(read_list(sets / "val.txt"))
+                stems = sorted(p.stem for p in aug.glob("*.png") if p.stem not in val)
+            self.items = [(self._jpg(s), str(aug / f"{s}.png")) for s in stems]
+        elif sbd_root is not None:
+            sbd = Path(sbd_root).expanduser()
+            if not (sbd / "cls").is_dir():
+                raise UserError(f"{sbd}: no cls/ folder; pass SBD's benchmark_RELEASE/dataset as sbd_root")
+            val = set(read_list(sets / "val.txt"))
+            voc_train = read_list(sets / "train.txt")
+            stems = sorted((set(read_list(sbd / "train.txt")) | set(read_list(sbd / "val.txt"))
+                            | set(voc_train)) - val)
+            voc_masks = self.voc / "SegmentationClass"
+            for s in stems:
+                png = voc_masks / f"{s}.png"
+                mask = png if png.is_file() else sbd / "cls" / f"{s}.mat"
+                image = self._jpg(s)
+                if not Path(image).is_file() and (sbd / "img" / f"{s}.jpg").is_file():
+                    image = str(sbd / "img" / f"{s}.jpg")
+                self.items.append((image, str(mask)))
+        else:
+            raise UserError(f"{self.voc}: split 'train_aug' needs SegmentationClassAug/ in VOC2012 or "
+                            "sbd_root=PATH to SBD's benchmark_RELEASE/dataset")
+        self._finish(skip_invalid)
+
+    def _jpg(self, stem: str) -> str:
+        return str(self.voc / "JPEGImages" / f"{stem}.jpg")
+
+    def read_raw_mask(self, ref: str) -> np.ndarray:
+        return read_sbd_mat(ref) if ref.endswith(".mat") else super().read_raw_mask(ref)
+
+    def mask_size(self, ref: str) -> tuple[int, int]:
+        if ref.endswith(".mat"):
+            h, w = read_sbd_mat(ref).shape
+            return w, h
+        return super().mask_size(ref)
