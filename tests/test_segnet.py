@@ -1,0 +1,302 @@
+"""SegNet, SegNet-Basic and Bayesian SegNet: paper parameter counts, index unpooling, MC dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise.backbones.vgg import URLS, VGG16_CFG, make_features
+from pixelwise.errors import UserError
+from pixelwise.models.segnet import (
+    UPSAMPLE_MODES,
+    DecoderStage,
+    SegNet,
+    bayesian_segnet,
+    decoder_stages,
+    mc_predict,
+    mirror_channels,
+    segnet,
+    segnet_basic,
+    unpool,
+)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def test_parameter_counts_match_the_caffe_prototxts():
+    # papers.md §7b: 29,449,355 (segnet_train.prototxt, 11 classes) and 1,416,587 (SegNet-Basic)
+    assert n_params(segnet(11)) == 29_449_355
+    assert n_params(bayesian_segnet(11)) == 29_449_355  # dropout adds no parameters
+    assert n_params(segnet_basic(11)) == 1_416_587
+    # one more class = one more 3x3x64 filter + bias in conv1_1_D
+    assert n_params(segnet(12)) == 29_449_355 + 64 * 9 + 1
+
+
+def test_segnet_layout_mirrors_vgg16_bn():
+    model = segnet(11)
+    enc = [(m.in_channels, m.out_channels) for m in model.features if isinstance(m, nn.Conv2d)]
+    dec = [(m.in_channels, m.out_channels) for m in model.decoder.modules() if isinstance(m, nn.Conv2d)]
+    assert len(enc) == 13 and len(dec) == 12
+    assert dec == [(o, i) for i, o in enc[::-1]][:-1]
+    assert (model.classifier.in_channels, model.classifier.out_channels) == (64, 11)
+    assert model.classifier.kernel_size == (3, 3)
+    # state-dict keys of the encoder are torchvision's vgg16_bn "features.*" keys
+    tv_keys = {f"features.{k}" for k in make_features(VGG16_CFG, batch_norm=True).state_dict()}
+    assert tv_keys <= set(model.state_dict())
+
+
+def test_segnet_basic_layout():
+    model = segnet_basic(11)
+    assert isinstance(model.features[0], nn.LocalResponseNorm)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.kernel_size for m in convs] == [(7, 7)] * 8 + [(1, 1)]
+    assert not any(isinstance(m, nn.ReLU) for m in model.decoder.modules())  # as in the prototxt
+    assert sum(isinstance(m, nn.ReLU) for m in model.features) == 4
+    assert not isinstance(segnet_basic(11, lrn=False).features[0], nn.LocalResponseNorm)
+
+
+@pytest.mark.parametrize("size", [(97, 131), (32, 32), (17, 5)])
+def test_segnet_basic_any_size(size):
+    model = segnet_basic(7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 7, *size)
+    assert torch.isfinite(out).all()
+
+
+def test_segnet_odd_size():
+    model = segnet(12).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 97, 131))
+    assert out.shape == (1, 12, 97, 131)
+    assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- unpooling
+
+
+def test_unpool_puts_values_at_argmax_positions():
+    x = torch.tensor([[1.0, 5.0, 2.0, 0.0],
+                      [3.0, 4.0, 9.0, 1.0],
+                      [8.0, 0.0, 0.0, 6.0],
+                      [2.0, 7.0, 3.0, 1.0]])[None, None]
+    pooled, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+    assert pooled.flatten().tolist() == [5.0, 9.0, 8.0, 6.0]
+    expected = torch.tensor([[0.0, 5.0, 0.0, 0.0],
+                             [0.0, 0.0, 9.0, 0.0],
+                             [8.0, 0.0, 0.0, 6.0],
+                             [0.0, 0.0, 0.0, 0.0]])[None, None]
+    assert torch.equal(unpool(pooled, idx, (4, 4), "indices"), expected)
+    zeros = torch.zeros(4, 4)
+    zeros[0::2, 0::2] = pooled[0, 0]
+    assert torch.equal(unpool(pooled, idx, (4, 4), "zeros")[0, 0], zeros)
+    nearest = pooled[0, 0].repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(unpool(pooled, idx, (4, 4), "nearest")[0, 0], nearest)
+    assert torch.allclose(unpool(pooled, idx, (4, 4), "bilinear"),
+                          F.interpolate(pooled, size=(4, 4), mode="bilinear", align_corners=False))
+    with pytest.raises(ValueError, match="unknown upsampling"):
+        unpool(pooled, idx, (4, 4), "cubic")
+
+
+def test_segnet_routes_each_stage_through_its_own_indices():
+    """Two pools and two identity decoder stages: the output must be the input kept only at the
+    argmax of each 4x4 block (pool1's indices undo pool1, pool2's undo pool2)."""
+    torch.manual_seed(0)
+    empty = nn.Sequential()
+    model = SegNet(nn.Sequential(nn.MaxPool2d(2, 2), nn.MaxPool2d(2, 2)),
+                   [DecoderStage(empty), DecoderStage(empty)], nn.Identity())
+    x = torch.rand(2, 3, 8, 12) + 0.1  # positive: the zero padding never wins a max
+    out = model(x)
+    expected = torch.zeros_like(x)
+    for n in range(2):
+        for c in range(3):
+            for by in range(0, 8, 4):
+                for bx in range(0, 12, 4):
+                    block = x[n, c, by:by + 4, bx:bx + 4]
+                    k = int(block.argmax())
+                    expected[n, c, by + k // 4, bx + k % 4] = block.max()
+    assert torch.equal(out, expected)
+    # odd sizes: padded to a multiple of 4 and cropped back, argmax positions still exact
+    out = model(x[..., :7, :11])
+    assert out.shape == (2, 3, 7, 11)
+    assert torch.equal(out.count_nonzero(dim=(-2, -1)), torch.full((2, 3), 6))
+
+
+@pytest.mark.parametrize("mode", UPSAMPLE_MODES)
+def test_decoder_upsample_variants(mode):
+    torch.manual_seed(0)
+    model = segnet_basic(5, decoder_upsample=mode).eval()
+    assert all(stage.mode == mode for stage in model.decoder)
+    x = torch.randn(1, 3, 37, 45)
+    with torch.no_grad():
+        out = model(x)
+        model.decoder[0].mode = "indices" if mode != "indices" else "nearest"
+        other = model(x)
+    assert out.shape == (1, 5, 37, 45)
+    assert not torch.allclose(out, other)  # the upsampling really is in the forward path
+
+
+def test_bad_decoder_upsample_raises():
+    with pytest.raises(ValueError, match="unknown upsampling"):
+        segnet_basic(5, decoder_upsample="transposed")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("builder", [segnet, segnet_basic])  # bayesian_segnet: same parameters
+def test_gradients_reach_every_parameter(builder):
+    torch.manual_seed(0)
+    model = builder(4).train()
+    x = torch.randn(2, 3, 32, 32)
+    target = torch.randint(0, 4, (2, 32, 32))
+    F.cross_entropy(model(x), target).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+# --------------------------------------------------------------------------- pretrained weights
+
+
+def _fake_vgg16_bn_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    feats = make_features(VGG16_CFG, batch_norm=True)
+    for p in feats.parameters():
+        nn.init.normal_(p)
+    return {f"features.{k}": v for k, v in feats.state_dict().items()}
+
+
+def test_imagenet_weights_load_into_the_encoder(monkeypatch):
+    state = _fake_vgg16_bn_state()
+    calls = []
+
+    def fake_download(url, **kwargs):
+        calls.append(url)
+        return state
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    model = segnet(11, pretrained="imagenet")
+    assert calls == [URLS["vgg16_bn"]]
+    for k, v in model.features.state_dict().items():
+        assert torch.equal(v, state[f"features.{k}"]), k
+
+
+def test_pretrained_file_of_the_wrong_architecture_is_a_user_error(tmp_path):
+    plain = make_features(VGG16_CFG, batch_norm=False)  # vgg16 without BN: other keys
+    path = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in plain.state_dict().items()}, path)
+    with pytest.raises(UserError):
+        segnet(11, pretrained=str(path))
+    with pytest.raises(UserError, match="no pretrained weights"):
+        segnet_basic(11, pretrained="imagenet")
+
+
+# --------------------------------------------------------------------------- MC dropout
+
+
+@pytest.fixture(scope="module")
+def bayes():
+    """A small SegNet with BN and dropout (the real one is too slow to sample in a unit test)."""
+    torch.manual_seed(0)
+    features = make_features((8, "M", 16, "M", 16, "M"), batch_norm=True)
+    decoder = decoder_stages(mirror_channels(features), "indices")
+    model = SegNet(features, decoder, nn.Conv2d(8, 3, 3, padding=1), dropout=0.5, dropout_stages=2)
+    with torch.no_grad():  # give BN some non-trivial running statistics
+        model.train()
+        model(torch.randn(4, 3, 32, 32))
+    return model.eval()
+
+
+def test_dropout_sits_where_the_bayesian_prototxt_puts_it():
+    model = bayesian_segnet(3)
+    enc = [isinstance(m, nn.Dropout) for m in model.encoder_dropout]
+    dec = [isinstance(m, nn.Dropout) for m in model.decoder_dropout]
+    assert enc == [False, False, True, True, True]  # encdrop3, encdrop4, encdrop5
+    assert dec == [True, True, True, False, False]  # decdrop5, decdrop4, decdrop3
+    assert all(m.p == 0.5 for m in model.modules() if isinstance(m, nn.Dropout))
+    assert not any(isinstance(m, nn.Dropout) for m in segnet(3).modules())
+
+
+def test_mc_predict_samples_while_eval_is_deterministic(bayes):
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        assert torch.equal(bayes(x), bayes(x))
+    torch.manual_seed(1)
+    mean1, unc1 = mc_predict(bayes, x, samples=3)
+    torch.manual_seed(2)
+    mean2, unc2 = mc_predict(bayes, x, samples=3)
+    torch.manual_seed(1)
+    mean1b, _ = mc_predict(bayes, x, samples=3)
+    assert mean1.shape == (2, 3, 32, 40) and unc1.shape == (2, 32, 40)
+    assert not torch.allclose(mean1, mean2)
+    assert torch.equal(mean1, mean1b)
+    assert torch.allclose(mean1.sum(1), torch.ones(2, 32, 40), atol=1e-5)
+    assert (unc1 >= 0).all() and unc1.max() > 0
+
+
+def test_mc_predict_matches_a_manual_sampling_loop_and_restores_modes(bayes):
+    x = torch.randn(1, 3, 32, 32)
+    bayes.train()
+    bayes.decoder[1].eval()  # a mixed state that must come back exactly
+    before = [m.training for m in bayes.modules()]
+    bn = bayes.features[1]
+    stats = bn.running_mean.clone()
+    torch.manual_seed(5)
+    mean, var_unc = mc_predict(bayes, x, samples=4)
+    assert [m.training for m in bayes.modules()] == before
+    assert torch.equal(bn.running_mean, stats)  # BN ran in eval mode: statistics untouched
+
+    bayes.eval()
+    for m in bayes.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        probs = torch.stack([bayes(x).softmax(1) for _ in range(4)])
+    bayes.eval()
+    assert torch.allclose(mean, probs.mean(0), atol=1e-6)
+    assert torch.allclose(var_unc, probs.var(0, unbiased=False).mean(1), atol=1e-6)
+
+    torch.manual_seed(5)
+    mean_e, entropy = mc_predict(bayes, x, samples=4, measure="entropy")
+    assert torch.allclose(entropy, -(mean_e * mean_e.log()).sum(1), atol=1e-5)
+    assert (entropy <= torch.log(torch.tensor(3.0)) + 1e-5).all()
+
+
+def test_mc_predict_restores_modes_on_error_and_rejects_models_without_dropout(bayes):
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    broken = Broken().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        mc_predict(broken, torch.randn(1, 3, 4, 4))
+    assert broken.training and broken.bn.training and broken.drop.training
+    with pytest.raises(UserError, match="no dropout"):
+        mc_predict(segnet_basic(3), torch.randn(1, 3, 16, 16))
+
+
+def test_mc_predict_accepts_dict_outputs():
+    class DictModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return {"out": self.drop(self.conv(x)), "aux": x}
+
+    mean, unc = mc_predict(DictModel(), torch.randn(2, 3, 5, 6), samples=2)
+    assert mean.shape == (2, 4, 5, 6) and unc.shape == (2, 5, 6)
