@@ -293,38 +293,42 @@ def _roi_align_rows(
     grid_w = torch.where(empty_grid, 0, grid_w)
     count = (grid_h * grid_w).clamp(min=1).to(dtype)
 
-    def taps(lo: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: Tensor) -> tuple[Tensor, ...]:
-        # Sample coordinates [K, pooled, G]: lo + p * bin + (i + 0.5) * bin / grid, in dtype.
+    def taps(lo: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: Tensor) -> tuple[Tensor, Tensor]:
+        # Sample coordinates [K, pooled, G]: lo + p * bin + (i + 0.5) * bin / grid, in dtype;
+        # G is the largest grid of any box, slots i >= grid of a box get weight 0 (and are dropped).
         g_max = max(int(grid.max()), 1)
         p = torch.arange(pooled, device=device, dtype=dtype)[None, :, None]
         i = torch.arange(g_max, device=device, dtype=dtype)[None, None, :] + 0.5
         gdiv = grid.clamp(min=1).to(dtype)[:, None, None]
         coord = (lo[:, None, None] + p * bin_size[:, None, None]) + i * bin_size[:, None, None] / gdiv
         low, high, w_low, w_high = _axis_taps(coord, size[:, None, None])
-        # Stack the two taps last: [K, pooled, G, 2], flattened for gathers.
-        return torch.stack((low, high), -1).reshape(-1), torch.stack((w_low, w_high), -1).reshape(-1), g_max
+        # The two taps of each sample last: [K, pooled, G, 2].
+        return torch.stack((low, high), -1), torch.stack((w_low, w_high), -1)
 
-    y_idx, y_w, gy_max = taps(y1, bin_h, grid_h, ph_n, height)
-    x_idx, x_w, gx_max = taps(x1, bin_w, grid_w, pw_n, width)
+    y_idx, y_w = taps(y1, bin_h, grid_h, ph_n, height)  # [K, PH, Gh, 2]
+    x_idx, x_w = taps(x1, bin_w, grid_w, pw_n, width)  # [K, PW, Gw, 2]
+    gh_max, gw_max = y_idx.shape[2], x_idx.shape[2]
 
-    # Ragged list of (bag, tap): bag = (k, ph, pw); taps t = ((iy * g_w + ix) * 2 + cy) * 2 + cx.
-    per_bag = 4 * grid_h * grid_w  # [K]
-    bins = ph_n * pw_n
-    counts = per_bag.repeat_interleave(bins)  # [K * PH * PW]
+    # Taps of bag (k, ph, pw) laid out [K, PH, PW, Gh, Gw, 2 (y tap), 2 (x tap)] by broadcasting.
+    y_rows = base[:, None, None, None] + y_idx * width[:, None, None, None]
+    rows = y_rows[:, :, None, :, None, :, None] + x_idx[:, None, :, None, :, None, :]
+    y_w = y_w / count[:, None, None, None]
+    weights = y_w[:, :, None, :, None, :, None] * x_w[:, None, :, None, :, None, :]
+    bins = k_n * ph_n * pw_n
+    if bool((grid_h * grid_w < gh_max * gw_max).any()):
+        # Boxes with a smaller adaptive grid than the largest: drop their padding slots so that
+        # embedding_bag does exactly the taps torchvision does.
+        slot_h = torch.arange(gh_max, device=device)[None, :] < grid_h[:, None]  # [K, Gh]
+        slot_w = torch.arange(gw_max, device=device)[None, :] < grid_w[:, None]  # [K, Gw]
+        slot = (
+            slot_h[:, None, None, :, None, None, None] & slot_w[:, None, None, None, :, None, None]
+        ).expand(rows.shape)
+        rows, weights = rows[slot], weights[slot]
+        counts = (4 * grid_h * grid_w).repeat_interleave(ph_n * pw_n)
+    else:
+        rows, weights = rows.reshape(-1), weights.reshape(-1)
+        counts = torch.full((bins,), 4 * gh_max * gw_max, dtype=torch.int64, device=device)
     offsets = torch.cumsum(counts, 0) - counts
-    n_taps = int(counts.sum())
-    bag = torch.repeat_interleave(torch.arange(k_n * bins, device=device), counts, output_size=n_taps)
-    t = torch.arange(n_taps, device=device) - offsets[bag]
-    k = bag // bins
-    ph = (bag // pw_n) % ph_n
-    pw = bag % pw_n
-    gw_t = grid_w[k]
-    cx, cy = t % 2, (t // 2) % 2
-    ix, iy = (t // 4) % gw_t, t // (4 * gw_t).clamp(min=1)
-    ypos = ((k * ph_n + ph) * gy_max + iy) * 2 + cy
-    xpos = ((k * pw_n + pw) * gx_max + ix) * 2 + cx
-    rows = base[k] + y_idx[ypos] * width[k] + x_idx[xpos]
-    weights = y_w[ypos] * x_w[xpos] / count[k]
     out = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
     return out.reshape(k_n, ph_n, pw_n, c_n).permute(0, 3, 1, 2).contiguous()
 
@@ -363,7 +367,7 @@ def roi_align(
     batch = rois[:, 0].detach().to(device).long()
     if batch.numel() and (int(batch.min()) < 0 or int(batch.max()) >= n):
         raise ValueError(f"roi_align: box image index out of range [0, {n}) for input of batch size {n}")
-    table = input.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    table = input.permute(0, 2, 3, 1).contiguous().reshape(n * h * w, c)
     k = rois.shape[0]
     full = torch.full((k,), 0, dtype=torch.int64, device=device)
     return _roi_align_rows(
@@ -505,7 +509,7 @@ def multiscale_roi_align(
     widths = torch.tensor([f.shape[-1] for f in features], dtype=torch.int64, device=device)
     level_rows = n * heights * widths
     level_base = torch.cumsum(level_rows, 0) - level_rows
-    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, c) for f in features], dim=0)
+    table = torch.cat([f.permute(0, 2, 3, 1).contiguous().reshape(-1, c) for f in features], dim=0)
     batch = rois[:, 0].detach().to(device).long()
     return _roi_align_rows(
         table,
