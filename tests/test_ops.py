@@ -223,6 +223,11 @@ def test_roi_align_empty_boxes():
     assert out_list.shape == (0, 5, 2, 2)
     out_list.sum().backward()
     assert feat.grad is None or torch.all(feat.grad == 0)
+    # boxes whose sampling grid is empty (aligned, x2 <= x1) give zeros, and backward still works
+    degenerate = torch.tensor([[0, 2.0, 2.0, 2.0, 2.0], [1, 3.0, 3.0, 1.0, 6.0]])
+    out = roi_align(feat, degenerate, 2, 1.0, -1, aligned=True)
+    assert out.shape == (2, 5, 2, 2) and torch.all(out == 0)
+    out.sum().backward()
 
 
 def test_roi_align_rejects_bad_input():

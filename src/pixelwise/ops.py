@@ -10,12 +10,15 @@ How RoIAlign is computed
 torchvision's kernel averages, for each output bin, ``g_h x g_w`` bilinear samples; each sample
 reads 4 feature pixels. Each output value is therefore a weighted sum of at most
 ``4 * g_h * g_w`` rows of the feature map viewed channels-last as a table ``[N*H*W, C]``.
-We build the (index, weight) pairs for all boxes and bins at once (a ragged list, so boxes with
-an adaptive grid of 1x1 do not pay for a box with 10x10) and let one
-:func:`torch.nn.functional.embedding_bag` call (mode ``"sum"``, per-sample weights) do the
-gather-multiply-sum. No Python loop runs over boxes, bins, samples or pyramid levels; memory is
-``O(total samples)`` indices plus the output, never ``K x C x H x W``. Gradients w.r.t. the
-input flow through ``embedding_bag``; like torchvision, no gradient flows to the boxes.
+We build the (index, weight) pairs for all boxes and bins at once by broadcasting over a
+``[K, PH, PW, G_h, G_w, 2, 2]`` layout (``G`` = the largest grid of any box; with an adaptive
+``sampling_ratio`` the padding slots of boxes with smaller grids are dropped before summing, so
+the sum does exactly torchvision's taps) and let one :func:`torch.nn.functional.embedding_bag`
+call (mode ``"sum"``, per-sample weights) do the gather-multiply-sum. No Python loop runs over
+boxes, bins, samples or pyramid levels; memory is the int64 tap indices
+(``K * PH * PW * 4 * G_h * G_w``, e.g. 13 MB for 512 boxes at 14x14 with a 2x2 grid) plus the
+output, never ``K x C x H x W``. Gradients w.r.t. the input flow through ``embedding_bag``;
+like torchvision, no gradient flows to the boxes.
 """
 
 from __future__ import annotations
