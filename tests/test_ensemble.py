@@ -1,0 +1,81 @@
+"""Ensemble: log of the weighted mean of member probabilities."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise.models.ensemble import Ensemble, edeconvnet
+
+
+class DictOut(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return {"out": self.inner(x), "aux": torch.zeros(1)}
+
+
+@pytest.fixture
+def members():
+    torch.manual_seed(0)
+    return [nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)]
+
+
+def test_equals_a_manual_weighted_average(members):
+    x = torch.randn(2, 3, 5, 7)
+    weights = [1.0, 2.0, 5.0]
+    ens = Ensemble([members[0], DictOut(members[1]), members[2]], weights)
+    out = ens(x)
+    with torch.no_grad():
+        manual = sum(w * m(x).softmax(1) for w, m in zip(weights, members)) / sum(weights)
+    assert out.shape == (2, 4, 5, 7)
+    assert torch.allclose(out.exp(), manual, atol=1e-6)
+    assert torch.allclose(out.softmax(1), manual, atol=1e-6)  # already normalised log-probabilities
+    assert torch.equal(out.argmax(1), manual.argmax(1))
+    target = torch.randint(0, 4, (2, 5, 7))
+    nll = -manual.gather(1, target[:, None]).log().mean()
+    assert torch.allclose(F.cross_entropy(out, target), nll, atol=1e-5)
+
+
+def test_default_weights_are_equal_and_gradients_reach_members(members):
+    x = torch.randn(1, 3, 4, 4)
+    ens = Ensemble(members[:2])
+    manual = (members[0](x).softmax(1) + members[1](x).softmax(1)) / 2
+    assert torch.allclose(ens(x).exp(), manual, atol=1e-6)
+    F.cross_entropy(ens(x), torch.zeros(1, 4, 4, dtype=torch.long)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ens.parameters())
+    assert "log_weights" not in ens.state_dict()  # weights are configuration, not checkpoint data
+
+
+def test_single_member_is_log_softmax(members):
+    x = torch.randn(1, 3, 4, 4)
+    assert torch.allclose(Ensemble([members[0]])(x), members[0](x).log_softmax(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 0.0], [1.0, -1.0]])
+def test_bad_weights_raise(members, weights):
+    with pytest.raises(ValueError, match="positive weight"):
+        Ensemble(members[:2], weights)
+
+
+def test_empty_ensemble_raises():
+    with pytest.raises(ValueError, match="at least one"):
+        Ensemble([])
+
+
+@pytest.mark.slow
+def test_edeconvnet_builds_deconvnet_plus_fcn8s():
+    if importlib.util.find_spec("pixelwise.models.fcn") is None:
+        pytest.skip("pixelwise.models.fcn (FCN-8s) not available")
+    model = edeconvnet(21).eval()
+    assert [type(m).__name__ for m in model.members][0] == "DeconvNet"
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 80))
+    assert out.shape == (1, 21, 64, 80)
+    assert torch.allclose(out.exp().sum(1), torch.ones(1, 64, 80), atol=1e-4)
