@@ -1,0 +1,147 @@
+"""Augmentation presets: valid mask values only, image/mask/weight/instances stay aligned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pixelwise.data.augment import Augment, boxes_from_masks, build_transform, eval_preset, train_preset
+from pixelwise.data.base import Sample
+from pixelwise.errors import UserError
+
+
+def _blocky(h=48, w=64, classes=5, block=8, seed=0):
+    """Image whose red channel encodes the class (class*40) in constant blocks; mask = class."""
+    rng = np.random.default_rng(seed)
+    cells = rng.integers(0, classes, (h // block, w // block)).astype(np.uint8)
+    mask = np.kron(cells, np.ones((block, block), np.uint8))
+    image = np.zeros((h, w, 3), np.uint8)
+    image[..., 0] = mask * 40
+    image[..., 1] = 7
+    return Sample(image=image, mask=mask, weight=mask.astype(np.float32) + 1.0)
+
+
+def test_crop_pad_flip_exact_alignment_and_ignore_padding():
+    s = _blocky()
+    t = train_preset(crop=(64, 80), scale=None, jitter=False)  # no resampling: alignment must be exact
+    for seed in range(5):
+        np.random.seed(seed)
+        o = t(s)
+        assert o.image.shape == (64, 80, 3) and o.mask.shape == (64, 80) and o.mask.dtype == np.uint8
+        pad = o.mask == 255
+        assert pad.sum() == 64 * 80 - 48 * 64  # exactly the padded area is ignored
+        assert (o.image[pad] == 0).all() and (o.weight[pad] == 0).all()
+        np.testing.assert_array_equal(o.image[~pad, 0], o.mask[~pad] * 40)
+        np.testing.assert_array_equal(o.weight[~pad], o.mask[~pad] + 1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scaled_crop_keeps_valid_values_and_aligns(seed):
+    s = _blocky(seed=seed)
+    np.random.seed(seed)
+    o = train_preset(crop=(40, 40), scale=(0.5, 2.0), jitter=True)(s)
+    assert set(np.unique(o.mask)) <= set(range(5)) | {255}  # nearest: no interpolated labels
+    assert set(np.unique(o.weight)) <= {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
+    valid = o.mask != 255
+    np.testing.assert_array_equal(o.weight[valid], o.mask[valid] + 1.0)
+    # the image is bilinear: away from block edges the encoded class must agree with the mask
+    if valid.sum() > 100:
+        without_jitter = train_preset(crop=(40, 40), scale=(0.5, 2.0), jitter=False)
+        np.random.seed(seed)
+        o2 = without_jitter(s)
+        m = o2.mask.astype(int)
+        # interior pixels: the mask is constant over the 5x5 neighbourhood and not at the crop border
+        # (nearest and bilinear sampling may put a block edge one output pixel apart)
+        pad = np.pad(m, 2, mode="edge")
+        interior = np.zeros_like(m, bool)
+        interior[2:-2, 2:-2] = True
+        for dy in range(5):
+            for dx in range(5):
+                interior &= pad[dy:dy + m.shape[0], dx:dx + m.shape[1]] == m
+        interior &= m != 255
+        agree = np.abs(o2.image[..., 0].astype(int) - m * 40) <= 2
+        assert interior.sum() > 20 and agree[interior].mean() > 0.98
+
+
+def test_instances_and_boxes_follow_the_mask():
+    h, w = 60, 80
+    inst = np.zeros((3, h, w), bool)
+    inst[0, 5:25, 5:35] = True
+    inst[1, 30:55, 50:75] = True
+    inst[2, 40:44, 2:6] = True
+    mask = np.zeros((h, w), np.uint8)
+    labels = np.array([1, 2, 3])
+    for m, lab in zip(inst, labels):
+        mask[m] = lab
+    image = np.zeros((h, w, 3), np.uint8)
+    s = Sample(image=image, mask=mask, instance_masks=inst, instance_labels=labels,
+               boxes=boxes_from_masks(inst))
+    t = train_preset(crop=(48, 48), scale=(0.75, 1.5), jitter=False)
+    for seed in range(8):
+        np.random.seed(seed)
+        o = t(s)
+        assert o.instance_masks.dtype == bool and o.instance_masks.shape[1:] == (48, 48)
+        assert len(o.instance_masks) == len(o.instance_labels) == len(o.boxes)
+        for m, lab, box in zip(o.instance_masks, o.instance_labels, o.boxes):
+            assert m.any() and (o.mask[m] == lab).all()
+            np.testing.assert_array_equal(box, boxes_from_masks(m[None])[0])
+        kept = set(o.instance_labels.tolist())
+        present = set(np.unique(o.mask).tolist()) - {0, 255}
+        assert kept == present  # an instance is dropped exactly when it left the crop
+
+
+def test_flip_moves_boxes():
+    inst = np.zeros((1, 10, 20), bool)
+    inst[0, 2:5, 1:4] = True
+    s = Sample(image=np.zeros((10, 20, 3), np.uint8), mask=inst[0].astype(np.uint8),
+               instance_masks=inst, instance_labels=np.array([1]), boxes=boxes_from_masks(inst))
+    t = train_preset(crop=None, flip=True, jitter=False)
+    seen = set()
+    for seed in range(10):
+        np.random.seed(seed)
+        seen.add(tuple(t(s).boxes[0].tolist()))
+    assert seen == {(1.0, 2.0, 4.0, 5.0), (16.0, 2.0, 19.0, 5.0)}
+
+
+def test_numpy_seed_makes_it_reproducible():
+    s = _blocky()
+    t = train_preset(crop=(32, 32))
+    np.random.seed(3)
+    a = t(s)
+    np.random.seed(3)
+    b = t(s)
+    np.random.seed(4)
+    c = t(s)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_eval_preset_resize_nearest_and_identity():
+    s = _blocky()
+    assert eval_preset()(s) is s
+    o = eval_preset((24, 32))(s)
+    assert o.image.shape == (24, 32, 3) and o.mask.shape == (24, 32)
+    np.testing.assert_array_equal(o.mask, s.mask[::2, ::2])  # nearest on exact halving
+
+
+def test_build_transform_keys():
+    t = build_transform({"crop": [32, 40], "scale": [0.5, 1.5], "flip": False, "jitter": False}, train=True)
+    assert isinstance(t, Augment)
+    assert [type(x).__name__ for x in t.transforms] == ["RandomScale", "PadIfNeeded", "RandomCrop"]
+    assert t(_blocky()).mask.shape == (32, 40)
+    assert build_transform({"crop": 16, "scale": None}, train=True)(_blocky()).mask.shape == (16, 16)
+    assert build_transform({"crop": [32, 40]}, train=False).transforms == []
+    assert build_transform({"resize": [24, 32]}, train=False)(_blocky()).mask.shape == (24, 32)
+    assert build_transform(None, train=False)(_blocky()).mask.shape == (48, 64)
+    with pytest.raises(UserError, match="'rotate'"):
+        build_transform({"rotate": 10}, train=True)
+    with pytest.raises(UserError, match="'crop'"):
+        build_transform({"crop": [32]}, train=True)
+    with pytest.raises(UserError, match="'flip'"):
+        build_transform({"flip": "yes"}, train=True)
+    with pytest.raises(UserError, match="'ignore_index'"):
+        build_transform({"ignore_index": 300}, train=True)
+    t = build_transform({"crop": [80, 80], "scale": None, "ignore_index": 7, "flip": False}, train=True)
+    o = t(Sample(image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8)))
+    assert (o.mask == 7).sum() == 80 * 80 - 16

@@ -1,0 +1,317 @@
+"""Readers on small synthetic trees built in tmp_path: layouts, label mapping, splits, check/drop."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pixelwise.data import DATASETS, build_dataset
+from pixelwise.data.ade20k import ADE20K
+from pixelwise.data.cityscapes import Cityscapes
+from pixelwise.data.coco import COCOInstances
+from pixelwise.data.folder import FolderDataset
+from pixelwise.data.io import write_mask
+from pixelwise.data.voc import VOCSegmentation
+from pixelwise.errors import UserError
+
+RNG = np.random.default_rng(1)
+
+
+def _img(path, h, w, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def _mask(path, m, palette=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_mask(path, m, palette)
+
+
+# ---------------------------------------------------------------------------------------------- VOC
+def _voc_tree(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    masks = {}
+    for stem in ("2007_000001", "2007_000002", "2007_000003"):
+        _img(voc / "JPEGImages" / f"{stem}.jpg", 12, 16)
+        m = RNG.integers(0, 21, (12, 16)).astype(np.uint8)
+        m[0, :] = 255
+        _mask(voc / "SegmentationClass" / f"{stem}.png", m)
+        masks[stem] = m
+    sets = voc / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("2007_000001\n2007_000002\n")
+    (sets / "val.txt").write_text("2007_000003\n")
+    return voc, masks
+
+
+@pytest.mark.parametrize("which", ["devkit", "voc2012", "parent"])
+def test_voc_roots_and_masks(tmp_path, which):
+    voc, masks = _voc_tree(tmp_path)
+    root = {"devkit": voc.parent, "voc2012": voc, "parent": tmp_path}[which]
+    ds = VOCSegmentation(root, "train")
+    assert len(ds) == 2 and ds.num_classes == 21 and ds.class_names[15] == "person"
+    s = ds.load(1)
+    assert s.image.shape == (12, 16, 3) and s.name == "2007_000002"
+    np.testing.assert_array_equal(s.mask, masks["2007_000002"])  # palette indices, never colours
+    assert len(VOCSegmentation(root, "val")) == 1
+    assert ds.check() == []
+    assert ds.palette[1] == (128, 0, 0) and ds.palette[15] == (192, 128, 128)  # standard VOC colours
+
+
+def test_voc_train_aug_from_sbd_mat(tmp_path):
+    from scipy.io import savemat
+
+    voc, masks = _voc_tree(tmp_path)
+    sbd = tmp_path / "sbd"
+    (sbd / "cls").mkdir(parents=True)
+    extra = RNG.integers(0, 21, (12, 16)).astype(np.uint8)
+    savemat(sbd / "cls" / "2008_000009.mat", {"GTcls": {"Segmentation": extra}})
+    savemat(sbd / "cls" / "2007_000003.mat", {"GTcls": {"Segmentation": extra}})
+    _img(voc / "JPEGImages" / "2008_000009.jpg", 12, 16)
+    (sbd / "train.txt").write_text("2008_000009\n2007_000003\n")
+    (sbd / "val.txt").write_text("")
+    ds = VOCSegmentation(voc, "train_aug", sbd_root=str(sbd))
+    names = [ds.name_of(i) for i, _ in ds.items]
+    assert names == ["2007_000001", "2007_000002", "2008_000009"]  # VOC val (..03) excluded
+    np.testing.assert_array_equal(ds.load(2).mask, extra)
+    assert ds.check() == []
+    with pytest.raises(UserError, match="train_aug"):
+        VOCSegmentation(voc, "train_aug")
+
+
+def test_voc_train_aug_from_segmentationclassaug(tmp_path):
+    voc, masks = _voc_tree(tmp_path)
+    for stem in ("2007_000001", "2007_000003", "2009_000001"):
+        _mask(voc / "SegmentationClassAug" / f"{stem}.png", masks.get(stem, masks["2007_000001"]))
+    _img(voc / "JPEGImages" / "2009_000001.jpg", 12, 16)
+    ds = VOCSegmentation(voc, "train_aug")
+    assert [ds.name_of(i) for i, _ in ds.items] == ["2007_000001", "2009_000001"]
+
+
+# ---------------------------------------------------------------------------------------- Cityscapes
+def test_cityscapes_label_ids_to_train_ids(tmp_path):
+    raw = np.array([[7, 8, 26, 33], [0, 5, 255, 24], [23, 31, 16, 11]], dtype=np.uint8)
+    expected = np.array([[0, 1, 13, 18], [255, 255, 255, 11], [10, 16, 255, 2]], dtype=np.uint8)
+    for split, city in (("train", "aachen"), ("val", "lindau")):
+        name = f"{city}_000000_000019"
+        _img(tmp_path / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", 3, 4)
+        _mask(tmp_path / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", raw)
+    ds = Cityscapes(tmp_path, "train")
+    assert len(ds) == 1 and ds.num_classes == 19 and ds.class_names[13] == "car"
+    assert ds.palette[0] == (128, 64, 128)
+    s = ds.load(0)
+    assert s.name == "aachen_000000_000019"
+    np.testing.assert_array_equal(s.mask, expected)
+    assert ds.check() == []
+    with pytest.raises(UserError, match="cityscapes-dataset.com"):
+        Cityscapes(tmp_path, "train", download=True)
+
+
+# ------------------------------------------------------------------------------------------- ADE20K
+def test_ade20k_shift_and_out_of_range(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    raw = np.array([[0, 1, 150], [2, 75, 0]], dtype=np.uint8)
+    _img(root / "images" / "training" / "ADE_train_00000001.jpg", 2, 3)
+    _mask(root / "annotations" / "training" / "ADE_train_00000001.png", raw)
+    _img(root / "images" / "training" / "ADE_train_00000002.jpg", 2, 3)
+    _mask(root / "annotations" / "training" / "ADE_train_00000002.png", np.full((2, 3), 151, np.uint8))
+    ds = ADE20K(tmp_path, "train")  # parent of ADEChallengeData2016 is accepted
+    assert len(ds) == 2 and ds.num_classes == 150 and ds.class_names[0] == "wall"
+    np.testing.assert_array_equal(ds.load(0).mask, [[255, 0, 149], [1, 74, 255]])
+    problems = ds.check()
+    assert len(problems) == 1 and problems[0].path.endswith("ADE_train_00000002.png")
+    assert "151" in problems[0].message
+    assert len(ADE20K(root, "train", skip_invalid=True)) == 1
+
+
+# --------------------------------------------------------------------------------------------- COCO
+def _coco_tree(tmp_path):
+    images = tmp_path / "val2017"
+    _img(images / "000000000001.jpg", 40, 50)
+    _img(images / "000000000002.jpg", 30, 20)
+    anns = [
+        # big rectangle of category 7 (-> label 3)
+        {"id": 1, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 600.0, "bbox": [5, 5, 30, 20],
+         "segmentation": [[5, 5, 35, 5, 35, 25, 5, 25]]},
+        # small rectangle inside it, category 1 (-> label 1): painted on top
+        {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 25.0, "bbox": [10, 10, 5, 5],
+         "segmentation": [[10, 10, 15, 10, 15, 15, 10, 15]]},
+        # crowd region of category 3: ignored, not an instance
+        {"id": 3, "image_id": 1, "category_id": 3, "iscrowd": 1, "area": 50.0, "bbox": [40, 30, 10, 5],
+         "segmentation": [[40, 30, 50, 30, 50, 35, 40, 35]]},
+        # degenerate (zero-width) annotation: skipped
+        {"id": 4, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 0.0, "bbox": [1, 1, 0, 3],
+         "segmentation": [[1, 1, 1, 1, 1, 4, 1, 4]]},
+    ]
+    cats = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 7, "name": "train"}]
+    data = {"images": [{"id": 1, "file_name": "000000000001.jpg", "width": 50, "height": 40},
+                       {"id": 2, "file_name": "000000000002.jpg", "width": 20, "height": 30}],
+            "annotations": anns, "categories": cats}
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    return data
+
+
+def test_coco_instances_semantic_crowd_and_ids(tmp_path):
+    _coco_tree(tmp_path)
+    ds = COCOInstances(tmp_path, "val")
+    assert ds.task == "instance" and len(ds) == 2
+    assert ds.class_names == ["background", "person", "car", "train"]
+    assert ds.category_ids == [0, 1, 3, 7]
+    s = ds.load(0)
+    assert s.instance_masks.shape == (2, 40, 50) and s.instance_masks.dtype == bool
+    assert s.instance_labels.tolist() == [3, 1]  # larger first
+    np.testing.assert_allclose(s.boxes, [[5, 5, 35, 25], [10, 10, 15, 15]])
+    # each instance mask lies inside its box
+    for m, (x1, y1, x2, y2) in zip(s.instance_masks, s.boxes):
+        ys, xs = np.nonzero(m)
+        assert xs.min() >= x1 - 1 and xs.max() < x2 + 1 and ys.min() >= y1 - 1 and ys.max() < y2 + 1
+    assert (s.mask[s.instance_masks[1]] == 1).all()  # small object on top
+    assert (s.mask[s.instance_masks[0] & ~s.instance_masks[1]] == 3).all()
+    assert s.mask[32, 45] == 255 and s.mask[0, 0] == 0  # crowd ignored, rest background
+    empty = ds.load(1)
+    assert empty.instance_masks.shape == (0, 30, 20) and empty.boxes.shape == (0, 4)
+    assert ds.check() == []
+    assert len(COCOInstances(tmp_path, "val", skip_empty=True)) == 1
+
+
+def test_coco_check_names_bad_items(tmp_path):
+    data = _coco_tree(tmp_path)
+    data["images"][1]["width"] = 21  # size mismatch with the file
+    data["annotations"].append({"id": 9, "image_id": 1, "category_id": 99, "iscrowd": 0, "area": 1.0,
+                                "bbox": [0, 0, 1, 1], "segmentation": [[0, 0, 1, 0, 1, 1]]})
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    ds = COCOInstances(tmp_path, "val")
+    problems = ds.check()
+    text = "\n".join(map(str, problems))
+    assert "000000000002.jpg: image is 20x30 but the annotations say 21x30" in text
+    assert "annotation 9 has unknown category_id 99" in text
+    with pytest.raises(UserError, match="000000000002.jpg"):
+        ds.load(1)
+    assert ds.drop(problems) == 2 and len(ds) == 0
+
+
+# ------------------------------------------------------------------------------------------- folder
+def _folder(tmp_path, n=20, h=6, w=8, classes=3):
+    masks = {}
+    for i in range(n):
+        stem = f"img{i:03d}"
+        _img(tmp_path / "images" / f"{stem}.jpg", h, w)
+        m = RNG.integers(0, classes, (h, w)).astype(np.uint8)
+        _mask(tmp_path / "masks" / f"{stem}.png", m)
+        masks[stem] = m
+    return masks
+
+
+def test_folder_default_splits_disjoint_and_stable(tmp_path):
+    masks = _folder(tmp_path)
+    full = FolderDataset(tmp_path, "all")
+    train, val = FolderDataset(tmp_path, "train"), FolderDataset(tmp_path, "val")
+    assert len(full) == 20 and len(val) == 2 and len(train) == 18
+    t = {full.name_of(i) for i, _ in train.items}
+    v = {full.name_of(i) for i, _ in val.items}
+    assert not t & v and t | v == set(masks)
+    assert full.num_classes == 3  # inferred from the largest label
+    _img(tmp_path / "images" / "zzz_new.jpg", 6, 8)
+    _mask(tmp_path / "masks" / "zzz_new.png", np.zeros((6, 8), np.uint8))
+    v2 = {full.name_of(i) for i, _ in FolderDataset(tmp_path, "val").items}
+    assert len(v2 & v) >= 1  # adding a file keeps most of the held-out set
+    s = full.load(3)
+    np.testing.assert_array_equal(s.mask, masks["img003"])
+
+
+def test_folder_split_lists_and_classes_json_colour_masks(tmp_path):
+    pal = [(0, 0, 0), (255, 0, 0), (0, 0, 255)]
+    idx = RNG.integers(0, 3, (5, 7)).astype(np.uint8)
+    rgb = np.array(pal, dtype=np.uint8)[idx]
+    rgb[0, 0] = (255, 255, 255)  # ignore colour
+    for stem in ("a", "b"):
+        _img(tmp_path / "images" / f"{stem}.png", 5, 7)
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        Image.fromarray(rgb).save(tmp_path / "masks" / f"{stem}.png")
+    bad = rgb.copy()
+    bad[1, 1] = (9, 9, 9)  # a colour outside the palette
+    _img(tmp_path / "images" / "c.png", 5, 7)
+    Image.fromarray(bad).save(tmp_path / "masks" / "c.png")
+    (tmp_path / "classes.json").write_text(json.dumps({"names": ["bg", "red", "blue"], "palette": pal}))
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("a\nc\n")
+    (tmp_path / "splits" / "val.txt").write_text("b\n")
+    ds = FolderDataset(tmp_path, "train")
+    assert ds.class_names == ["bg", "red", "blue"] and ds.palette == pal and len(ds) == 2
+    expected = idx.copy()
+    expected[0, 0] = 255
+    np.testing.assert_array_equal(ds.load(0).mask, expected)
+    problems = ds.check()
+    assert len(problems) == 1 and problems[0].path.endswith("c.png") and "254" in problems[0].message
+    with pytest.raises(UserError, match="test.txt"):
+        FolderDataset(tmp_path, "test")
+
+
+def test_folder_bad_files_named_dropped_and_skipped(tmp_path):
+    _folder(tmp_path, n=6)
+    # truncated image, missing mask, size mismatch, label out of range
+    data = (tmp_path / "images" / "img000.jpg").read_bytes()
+    (tmp_path / "images" / "img000.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "masks" / "img001.png").unlink()
+    _mask(tmp_path / "masks" / "img002.png", np.zeros((7, 8), np.uint8))
+    _mask(tmp_path / "masks" / "img003.png", np.full((6, 8), 200, np.uint8))
+    ds = FolderDataset(tmp_path, "all", num_classes=3)
+    problems = ds.check()
+    by_path = {p.path.rsplit("/", 1)[-1]: p.message for p in problems}
+    assert "truncated" in by_path["img000.jpg"]
+    assert "missing mask" in by_path["img001.png"]
+    assert "8x7" in by_path["img002.png"] and "8x6" in by_path["img002.png"]
+    assert "200" in by_path["img003.png"]
+    assert len(problems) == 4
+    with pytest.raises(UserError, match="img000.jpg"):
+        ds.load(0)
+    with pytest.raises(UserError, match="img002.png"):
+        ds.load(2)
+    assert ds.drop(problems) == 4 and len(ds) == 2 and ds.check() == []
+    skipped = FolderDataset(tmp_path, "all", num_classes=3, skip_invalid=True)
+    assert len(skipped) == 2 and len(skipped.dropped) == 4
+
+
+def test_registry_and_errors(tmp_path):
+    assert {"camvid", "voc", "cityscapes", "ade20k", "isbi2012", "coco", "folder"} <= set(DATASETS)
+    with pytest.raises(UserError, match="images/ and masks/"):
+        build_dataset("folder", str(tmp_path), "train")
+    with pytest.raises(UserError, match="no split"):
+        build_dataset("camvid", str(tmp_path), "bogus")
+    with pytest.raises(UserError, match="registration"):
+        build_dataset("isbi2012", str(tmp_path), "train", download=True)
+    with pytest.raises(UserError, match="bad dataset option"):
+        build_dataset("folder", str(tmp_path), "train", nonsense=1)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ih=st.integers(1, 12), iw=st.integers(1, 12), mh=st.integers(1, 12), mw=st.integers(1, 12),
+       mode=st.sampled_from(["RGB", "L", "RGBA", "P", "I;16"]), seed=st.integers(0, 99))
+def test_folder_odd_modes_and_sizes(tmp_path_factory, ih, iw, mh, mw, mode, seed):
+    root = tmp_path_factory.mktemp("f")
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir()
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (ih, iw)).astype(np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (ih, iw, 3), dtype=np.uint8)).convert(mode)
+    img.save(root / "images" / "x.png")
+    m = rng.integers(0, 2, (mh, mw)).astype(np.uint8)
+    _mask(root / "masks" / "x.png", m)
+    ds = FolderDataset(root, "all", num_classes=2)
+    problems = ds.check()
+    if (ih, iw) == (mh, mw):
+        assert problems == []
+        s = ds.load(0)
+        assert s.image.shape == (ih, iw, 3) and s.image.dtype == np.uint8
+        np.testing.assert_array_equal(s.mask, m)
+    else:
+        assert len(problems) == 1 and "x.png" in str(problems[0]) and f"{mw}x{mh}" in problems[0].message
+        with pytest.raises(UserError, match="x.png"):
+            ds.load(0)
