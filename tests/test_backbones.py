@@ -28,9 +28,10 @@ def _layout(model):
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_matches_torchvision_fixture(name):
     meta, arrays, state = load_fixture(name)
-    model = BUILDERS[name]().eval()
+    with torch.device("meta"):  # skip the random init: every tensor comes from the fixture
+        model = BUILDERS[name]().eval()
     assert _layout(model) == [tuple(e) for e in meta["schema"]]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     x = torch.from_numpy(arrays["input"])
     with torch.no_grad():
         if name.startswith("vgg"):
@@ -84,9 +85,9 @@ def test_resnet_dilation_feature_info_matches_outputs():
         body = IntermediateLayerGetter(model, names)
         assert "fc" not in body and "avgpool" not in body
         with torch.no_grad():
-            out = body(torch.randn(1, 3, 64, 96))
+            out = body(torch.randn(1, 3, 64, 32))
         for f in model.feature_info:
-            assert out[f.name].shape == (1, f.channels, -(-64 // f.stride), -(-96 // f.stride)), f
+            assert out[f.name].shape == (1, f.channels, 64 // f.stride, -(-32 // f.stride)), f
         assert body.feature_info["layer4"].channels == 2048
     with pytest.raises(ValueError):
         resnet18(replace_stride_with_dilation=[False, False, True])

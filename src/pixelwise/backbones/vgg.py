@@ -26,7 +26,7 @@ from torch import Tensor
 
 from pixelwise.backbones._common import FeatureInfo, load_matching, load_weights
 
-__all__ = ["VGG", "VGGFeatures", "vgg16", "vgg16_bn"]
+__all__ = ["VGG", "VGGFeatures", "features_info", "forward_stages", "make_features", "vgg16", "vgg16_bn"]
 
 URLS = {
     "vgg16": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -67,6 +67,37 @@ def make_features(cfg: tuple[int | str, ...], batch_norm: bool) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
+def features_info(features: nn.Sequential) -> tuple[FeatureInfo, ...]:
+    """The encoder contract of a conv/pool stack: one :class:`FeatureInfo` per max pool."""
+    infos, channels, stride = [], 3, 1
+    for m in features:
+        if isinstance(m, nn.Conv2d):
+            channels = m.out_channels
+        elif isinstance(m, nn.MaxPool2d):
+            stride *= 2
+            infos.append(FeatureInfo(f"pool{len(infos) + 1}", channels, stride))
+    return tuple(infos)
+
+
+def forward_stages(features: nn.Sequential, x: Tensor, return_indices: bool = False) -> VGGFeatures:
+    """Run a VGG ``features`` stack, keeping each pool's output (and, on request, its argmax
+    indices); ``Tensor[N, 3, H, W] ->`` :class:`VGGFeatures`. Models that hold only the
+    ``features`` stack (FCN, SegNet) use this directly."""
+    stages, indices, sizes = [], [], []
+    for m in features:
+        if isinstance(m, nn.MaxPool2d):
+            sizes.append(x.shape[-2:])
+            if return_indices:
+                x, idx = F.max_pool2d(x, kernel_size=2, stride=2, return_indices=True)
+                indices.append(idx)
+            else:
+                x = m(x)
+            stages.append(x)
+        else:
+            x = m(x)
+    return VGGFeatures(stages, indices, sizes)
+
+
 class VGG(nn.Module):
     """``Tensor[N, 3, H, W] -> Tensor[N, num_classes]`` logits (any H, W >= 32)."""
 
@@ -83,14 +114,7 @@ class VGG(nn.Module):
             nn.Dropout(p=dropout),
             nn.Linear(4096, num_classes),
         )
-        infos, channels, stride = [], 3, 1
-        for m in features:
-            if isinstance(m, nn.Conv2d):
-                channels = m.out_channels
-            elif isinstance(m, nn.MaxPool2d):
-                stride *= 2
-                infos.append(FeatureInfo(f"pool{len(infos) + 1}", channels, stride))
-        self.feature_info: tuple[FeatureInfo, ...] = tuple(infos)
+        self.feature_info: tuple[FeatureInfo, ...] = features_info(features)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -107,19 +131,7 @@ class VGG(nn.Module):
 
     def forward_features(self, x: Tensor, return_indices: bool = False) -> VGGFeatures:
         """Run ``features`` stage by stage; see :class:`VGGFeatures` for the shapes."""
-        stages, indices, sizes = [], [], []
-        for m in self.features:
-            if isinstance(m, nn.MaxPool2d):
-                sizes.append(x.shape[-2:])
-                if return_indices:
-                    x, idx = F.max_pool2d(x, kernel_size=2, stride=2, return_indices=True)
-                    indices.append(idx)
-                else:
-                    x = m(x)
-                stages.append(x)
-            else:
-                x = m(x)
-        return VGGFeatures(stages, indices, sizes)
+        return forward_stages(self.features, x, return_indices)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.avgpool(self.features(x))

@@ -1,0 +1,207 @@
+"""Fully Convolutional Networks (Long, Shelhamer & Darrell, CVPR 2015).
+
+Two families live here:
+
+* ``fcn32s``, ``fcn16s``, ``fcn8s``: the paper's VGG-16 networks. fc6/fc7 become a 7x7 and a
+  1x1 convolution (4096 channels, ReLU, dropout 0.5), ``score_fr`` a 1x1 class scorer, and
+  coarse scores are upsampled by transposed convolutions initialised to bilinear kernels and
+  fused with 1x1 scores of pool4 (16s) and pool3 (8s). Module names follow the reference
+  Caffe nets (``fc6 fc7 score_fr score_pool4 score_pool3 upscore2 upscore_pool4 upscore8``);
+  ``features`` holds torchvision's VGG-16 ``features`` keys.
+* ``fcn_resnet50``, ``fcn_resnet101``: torchvision's FCN (dilated ResNet at stride 8 plus an
+  ``FCNHead``), with its state-dict keys, so torchvision's checkpoints load unchanged.
+
+Alignment of the VGG networks (how logits come out at the input size for any H, W)
+----------------------------------------------------------------------------------
+The Caffe nets pad conv1_1 by 100 pixels, run fc6 as a *valid* 7x7 conv, upsample without
+padding and crop each fused map by hand-computed offsets (5 and 9 for the pool4/pool3 scores,
+31 for FCN-8s' output, 19 for FCN-32s'). Here instead:
+
+1. the input is zero-padded at the bottom/right to a multiple of 32, so pool_k has exactly
+   ``H/2^k`` rows and stride-s cells tile the padded image;
+2. every conv is "same" padded, fc6 included (padding 3), so pool3, pool4 and score_fr are
+   stride 8/16/32 grids whose cell ``i`` is centred on input pixel ``s*i + (s-1)/2``;
+3. each upsampling is a transposed conv with kernel ``2f``, stride ``f`` and padding ``f/2``
+   (:class:`~pixelwise.layers.BilinearUpsample`), which maps that grid exactly onto the
+   grid ``f`` times finer (output ``o`` reads input coordinate ``(o + 0.5)/f - 0.5``), so
+   skip maps add without any crop offset;
+4. the stride-1 logits are cropped back to ``H x W``.
+
+The kernels and therefore the parameter count are the paper's (FCN-8s, 21 classes:
+134,489,759 including the three upsampling kernels). Differences to Caffe: fc6 sees zeros
+beyond the (padded) image border instead of 100 px of padding, which also roughly halves the
+compute at 500x500. As in the paper, the intermediate upsamplers (``upscore2``,
+``upscore_pool4``) are learned and the final one is fixed bilinear; all score layers start at
+zero (so FCN-8s initially predicts what its coarser parts predict).
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch import Tensor
+
+from pixelwise.backbones._common import load_matching, load_weights
+from pixelwise.backbones.resnet import IntermediateLayerGetter, resnet50, resnet101
+from pixelwise.backbones.vgg import URLS as VGG_URLS
+from pixelwise.backbones.vgg import VGG16_CFG, features_info, forward_stages, make_features
+from pixelwise.layers import BilinearUpsample
+from pixelwise.models._utils import SimpleSegmentationModel, crop_to, load_model_weights, pad_to_multiple
+from pixelwise.models.registry import register_model
+
+__all__ = ["FCN", "FCNHead", "FCNVGG", "fcn8s", "fcn16s", "fcn32s", "fcn_resnet50", "fcn_resnet101",
+           "vgg16_to_fcn"]
+
+PAPER = "Long et al., CVPR 2015"
+
+
+# --------------------------------------------------------------------------- FCN on VGG-16
+
+
+class FCNVGG(nn.Module):
+    """FCN-32s / 16s / 8s (``output_stride`` = coarsest skip kept: 32, 16 or 8).
+
+    ``Tensor[N, 3, H, W] -> Tensor[N, num_classes, H, W]`` for any ``H, W`` (see the module
+    docstring for the pad / align / crop scheme).
+    """
+
+    def __init__(self, num_classes: int, output_stride: int = 8, dropout: float = 0.5) -> None:
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        self.output_stride = output_stride
+        self.features = make_features(VGG16_CFG, batch_norm=False)
+        info = {f.name: f for f in features_info(self.features)}
+        self.fc6 = nn.Conv2d(info["pool5"].channels, 4096, 7, padding=3)
+        self.fc7 = nn.Conv2d(4096, 4096, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(dropout)
+        self.score_fr = nn.Conv2d(4096, num_classes, 1)
+        if output_stride == 32:
+            self.upscore = BilinearUpsample(num_classes, 32, learnable=False)
+        else:
+            self.score_pool4 = nn.Conv2d(info["pool4"].channels, num_classes, 1)
+            self.upscore2 = BilinearUpsample(num_classes, 2)
+        if output_stride == 16:
+            self.upscore16 = BilinearUpsample(num_classes, 16, learnable=False)
+        if output_stride == 8:
+            self.score_pool3 = nn.Conv2d(info["pool3"].channels, num_classes, 1)
+            self.upscore_pool4 = BilinearUpsample(num_classes, 2)
+            self.upscore8 = BilinearUpsample(num_classes, 8, learnable=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d) and name.startswith("score"):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = (x.shape[-2], x.shape[-1])
+        pool3, pool4, pool5 = forward_stages(self.features, pad_to_multiple(x, 32)).stages[2:]
+        h = self.drop(self.relu(self.fc6(pool5)))
+        h = self.drop(self.relu(self.fc7(h)))
+        score = self.score_fr(h)  # stride 32
+        if self.output_stride == 32:
+            return crop_to(self.upscore(score), size)
+        score = self.upscore2(score) + self.score_pool4(pool4)  # stride 16
+        if self.output_stride == 16:
+            return crop_to(self.upscore16(score), size)
+        score = self.upscore_pool4(score) + self.score_pool3(pool3)  # stride 8
+        return crop_to(self.upscore8(score), size)
+
+
+def vgg16_to_fcn(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision VGG-16 ImageNet weights -> the ``features``/``fc6``/``fc7`` part of an FCN
+    state dict: ``classifier.0`` (4096 x 25088) becomes ``fc6`` (4096 x 512 x 7 x 7; torch's
+    flatten order is C, H, W), ``classifier.3`` becomes ``fc7`` (4096 x 4096 x 1 x 1);
+    ``classifier.6`` (the 1000-class scorer) is dropped."""
+    out = {k: v for k, v in state.items() if k.startswith("features.")}
+    out["fc6.weight"] = state["classifier.0.weight"].reshape(4096, 512, 7, 7)
+    out["fc6.bias"] = state["classifier.0.bias"]
+    out["fc7.weight"] = state["classifier.3.weight"].reshape(4096, 4096, 1, 1)
+    out["fc7.bias"] = state["classifier.3.bias"]
+    return out
+
+
+def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, **kwargs) -> FCNVGG:
+    model = FCNVGG(num_classes, output_stride, **kwargs)
+    if pretrained is None:
+        return model
+    state = load_weights(pretrained, VGG_URLS["vgg16"])
+    if "classifier.0.weight" in state:  # ImageNet VGG-16 weights (downloaded or a local copy)
+        load_matching(model, vgg16_to_fcn(state), f"fcn{output_stride}s(pretrained={pretrained!r})",
+                      optional=("score", "upscore"))
+    else:
+        load_model_weights(model, pretrained, f"fcn{output_stride}s")
+    return model
+
+
+@register_model("fcn32s", paper=PAPER)
+def fcn32s(num_classes: int, pretrained: str | None = None, **kwargs) -> FCNVGG:
+    """FCN-32s. ``pretrained``: ``"imagenet"`` (torchvision's VGG-16 into features/fc6/fc7), a
+    local VGG-16 ``.pth`` (same conversion), or a local FCN state dict."""
+    return _fcn_vgg(32, num_classes, pretrained, **kwargs)
+
+
+@register_model("fcn16s", paper=PAPER)
+def fcn16s(num_classes: int, pretrained: str | None = None, **kwargs) -> FCNVGG:
+    """FCN-16s (pool4 skip); ``pretrained`` as :func:`fcn32s`."""
+    return _fcn_vgg(16, num_classes, pretrained, **kwargs)
+
+
+@register_model("fcn8s", paper=PAPER)
+def fcn8s(num_classes: int, pretrained: str | None = None, **kwargs) -> FCNVGG:
+    """FCN-8s (pool4 and pool3 skips); ``pretrained`` as :func:`fcn32s`."""
+    return _fcn_vgg(8, num_classes, pretrained, **kwargs)
+
+
+# --------------------------------------------------------------------------- FCN on ResNet
+
+
+class FCNHead(nn.Sequential):
+    """3x3 conv to ``in/4`` channels, BN, ReLU, dropout 0.1, 1x1 conv to ``channels``:
+    ``Tensor[N, in, h, w] -> Tensor[N, channels, h, w]``."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        inter = in_channels // 4
+        super().__init__(
+            nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
+            nn.BatchNorm2d(inter),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.1),
+            nn.Conv2d(inter, channels, 1),
+        )
+
+
+class FCN(SimpleSegmentationModel):
+    """torchvision's FCN: a dilated ResNet (output stride 8), an :class:`FCNHead` on layer4 and
+    optionally one on layer3, logits upsampled bilinearly to the input size."""
+
+
+def _fcn_resnet(resnet, name: str, num_classes: int, pretrained: str | None, aux_loss: bool = False) -> FCN:
+    backbone = resnet(pretrained="imagenet" if pretrained == "imagenet" else None,
+                      replace_stride_with_dilation=[False, True, True])
+    return_layers = {"layer4": "out", "layer3": "aux"} if aux_loss else {"layer4": "out"}
+    body = IntermediateLayerGetter(backbone, return_layers)
+    info = body.feature_info
+    model = FCN(body, FCNHead(info["out"].channels, num_classes),
+                FCNHead(info["aux"].channels, num_classes) if aux_loss else None)
+    if pretrained not in (None, "imagenet"):
+        load_model_weights(model, pretrained, name)
+    return model
+
+
+@register_model("fcn_resnet50", paper=PAPER)
+def fcn_resnet50(num_classes: int, pretrained: str | None = None, aux_loss: bool = False) -> FCN:
+    """torchvision's ``fcn_resnet50``. ``pretrained``: ``"imagenet"`` (ResNet-50 backbone) or a
+    local whole-model file (e.g. torchvision's ``fcn_resnet50_coco-1167a1af.pth``)."""
+    return _fcn_resnet(resnet50, "fcn_resnet50", num_classes, pretrained, aux_loss)
+
+
+@register_model("fcn_resnet101", paper=PAPER)
+def fcn_resnet101(num_classes: int, pretrained: str | None = None, aux_loss: bool = False) -> FCN:
+    """torchvision's ``fcn_resnet101``; ``pretrained`` as :func:`fcn_resnet50`."""
+    return _fcn_resnet(resnet101, "fcn_resnet101", num_classes, pretrained, aux_loss)
