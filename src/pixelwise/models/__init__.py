@@ -1,6 +1,7 @@
 """Model files register themselves on import; add one line per model file."""
 
 import pixelwise.models.deconvnet  # noqa: F401
+import pixelwise.models.deeplab  # noqa: F401
 import pixelwise.models.fcn  # noqa: F401
 import pixelwise.models.segnet  # noqa: F401
 from pixelwise.models import unet  # noqa: F401

@@ -1,0 +1,117 @@
+"""DeepLabV3 (torchvision fixture equivalence, output stride option) and DeepLabV3+."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_matches, load_fixture
+from pixelwise.models import create_model, list_models
+from pixelwise.models.deeplab import (
+    DeepLabV3PlusHead,
+    deeplabv3_resnet50,
+    deeplabv3_resnet101,
+    deeplabv3plus_resnet50,
+)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registered():
+    assert {"deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3plus_resnet50"} <= set(list_models())
+
+
+def test_deeplabv3_resnet50_matches_torchvision_fixture():
+    meta, arrays, state = load_fixture("deeplabv3_resnet50")
+    with torch.device("meta"):  # skip the random init: every tensor comes from the fixture
+        model = deeplabv3_resnet50(num_classes=21, aux_loss=True).eval()
+    model.load_state_dict(state, strict=True, assign=True)
+    seen = {}
+    for part in ("backbone", "classifier", "aux_classifier"):
+        getattr(model, part).register_forward_hook(lambda m, i, o, part=part: seen.__setitem__(part, o))
+    with torch.no_grad():
+        result = model(torch.from_numpy(arrays["input"]))
+    for key in ("out", "aux"):
+        full = seen["backbone"][key].double()
+        assert_matches(full[:, arrays[f"backbone.{key}.sel_idx"]], arrays[f"backbone.{key}.sel"])
+        assert_matches(full.mean(dim=(2, 3)), arrays[f"backbone.{key}.chmean"])
+    assert_matches(seen["classifier"], arrays["head.out"])
+    assert_matches(seen["aux_classifier"], arrays["head.aux"])
+    assert set(result) == {"out", "aux"}
+    for key in ("out", "aux"):
+        rows, cols = arrays[f"{key}.grid_rows"], arrays[f"{key}.grid_cols"]
+        assert_matches(result[key][..., rows, :][..., cols], arrays[f"{key}.grid"])
+        assert_matches(result[key].double().mean(dim=(2, 3)), arrays[f"{key}.chmean"])
+
+
+def test_parameter_counts():
+    with torch.device("meta"):
+        # torchvision weight metadata (aux classifier included), papers.md section 6
+        assert n_params(deeplabv3_resnet50(21, aux_loss=True)) == 42_004_074
+        assert n_params(deeplabv3_resnet101(21, aux_loss=True)) == 60_996_202
+        v3 = deeplabv3_resnet50(21)
+        plus = deeplabv3plus_resnet50(21)
+    # V3+ = V3's backbone and ASPP, plus the decoder: 1x1 256->48 (+BN) and a first 3x3 conv
+    # over 256+48 channels (+BN) in place of V3's 3x3 conv over 256 (the rest is identical)
+    decoder_extra = (256 * 48 + 2 * 48) + (304 * 256 * 9 + 2 * 256)
+    assert n_params(plus) == n_params(v3) + decoder_extra == 40_352_181
+
+
+@pytest.mark.parametrize("output_stride,rates,layer4_stride", [(8, (12, 24, 36), 8), (16, (6, 12, 18), 16)])
+def test_output_stride_option(output_stride, rates, layer4_stride):
+    with torch.device("meta"):
+        model = deeplabv3_resnet50(3, output_stride=output_stride)
+    assert model.backbone.feature_info["out"].stride == layer4_stride
+    aspp = model.classifier[0]
+    assert tuple(branch[0].dilation[0] for branch in aspp.convs[1:4]) == rates
+    assert tuple(branch[0].padding[0] for branch in aspp.convs[1:4]) == rates
+    with pytest.raises(ValueError, match="output_stride"):
+        deeplabv3_resnet50(3, output_stride=32)
+
+
+def test_deeplabv3_odd_size_os16_and_round_trip():
+    model = create_model("deeplabv3_resnet50", num_classes=4, output_stride=16).eval()
+    x = torch.randn(1, 3, 97, 131)
+    with torch.no_grad():
+        y = model(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (1, 4, 97, 131)
+    with torch.device("meta"):
+        twin = deeplabv3_resnet50(num_classes=4, output_stride=16).eval()
+    twin.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, strict=True, assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), y)
+
+
+def test_deeplabv3plus_shapes_and_decoder_wiring():
+    model = deeplabv3plus_resnet50(num_classes=3).eval()
+    info = model.backbone.feature_info
+    assert (info["out"].stride, info["low"].stride, info["low"].channels) == (16, 4, 256)
+    seen = {}
+    model.classifier.register_forward_hook(lambda m, i, o: seen.update(inputs=i, out=o))
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, 97, 131))
+    assert y.shape == (1, 3, 97, 131)
+    deep, low = seen["inputs"]
+    assert deep.shape == (1, 2048, 7, 9) and low.shape == (1, 256, 25, 33)
+    assert seen["out"].shape == (1, 3, 25, 33)  # logits at stride 4, then upsampled
+    torch.testing.assert_close(y, F.interpolate(seen["out"], size=(97, 131), mode="bilinear",
+                                                align_corners=False))
+
+
+def test_deeplabv3plus_head_reads_channels_from_arguments():
+    head = DeepLabV3PlusHead(in_channels=64, low_channels=16, num_classes=2).eval()
+    with torch.no_grad():
+        assert head(torch.randn(1, 64, 4, 5), torch.randn(1, 16, 16, 20)).shape == (1, 2, 16, 20)
+
+
+def test_gradients_reach_every_parameter_with_aux():
+    torch.manual_seed(0)
+    model = deeplabv3plus_resnet50(num_classes=3, aux_loss=True).train()
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.randint(0, 3, (2, 64, 64))
+    out = model(x)
+    assert set(out) == {"out", "aux"} and out["aux"].shape == (2, 3, 64, 64)
+    (F.cross_entropy(out["out"], target) + 0.5 * F.cross_entropy(out["aux"], target)).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
