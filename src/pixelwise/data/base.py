@@ -88,6 +88,14 @@ class SegmentationDataset(Dataset):
         """Cheap validation (headers and sizes, not full decodes). Default: nothing to check."""
         return []
 
+    def drop(self, problems: list[Problem]) -> None:
+        """Leave out the files named in ``problems`` (``--skip-invalid``). Readers that keep a list
+        of files override this."""
+        if problems:
+            from pixelwise.errors import UserError
+
+            raise UserError(f"{type(self).__name__} cannot skip invalid files; fix {problems[0]}")
+
     def __getitem__(self, index: int) -> dict:
         from pixelwise.data.transforms import sample_to_tensors
 

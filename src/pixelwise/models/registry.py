@@ -12,6 +12,15 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from pixelwise.errors import UserError
+
+
+class UnknownModelError(UserError, KeyError):
+    """An unknown model name (a KeyError for the API, a one-line error for the CLI)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -47,7 +56,7 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
+        raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
 
 
 def create_model(name: str, num_classes: int, pretrained: str | None = None, **kwargs) -> nn.Module:

@@ -1,0 +1,180 @@
+"""The ``pixelwise`` command: one function per verb.
+
+Every verb exits 0 on success, 2 with a one-line ``pixelwise: error: ...`` on bad input, and
+130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pixelwise.errors import UserError
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe; keys = long flag names with _ for -")
+    p.add_argument("--model", help="model name (see `pixelwise models`)")
+    p.add_argument("--dataset", help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, isbi2012, coco, folder")
+    p.add_argument("--data", help="dataset root folder (optional for shapes)")
+    p.add_argument("--out", help="output folder for checkpoints and metrics")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-minutes", type=float, help="time budget; ends cleanly with evaluation and checkpoints")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["adam", "sgd"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=["poly", "constant"], help="learning-rate schedule (default poly)")
+    p.add_argument("--crop", help="random training crop HxW")
+    p.add_argument("--pretrained", help="imagenet, or a weights file (.safetensors, or .pth read with weights_only)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.safetensors")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--skip-invalid", action="store_true", default=None,
+                   help="drop files that fail the dataset check instead of refusing to train")
+    p.add_argument("--model-kwargs", help='JSON object of model options, e.g. \'{"base_channels": 32}\'')
+    p.add_argument("--dataset-kwargs", help='JSON object of dataset options, e.g. \'{"num_train": 200}\'')
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pixelwise.engine.config import build_config, load_yaml_config, parse_json_dict
+    from pixelwise.engine.trainer import fit
+
+    file_values = load_yaml_config(args.config) if args.config else {}
+    cli = {k: getattr(args, k) for k in ("model", "dataset", "data", "out", "epochs", "max_minutes",
+                                          "batch_size", "lr", "optimizer", "weight_decay", "schedule", "crop",
+                                          "pretrained", "resume", "seed", "device", "num_workers",
+                                          "skip_invalid")}
+    cli["model_kwargs"] = parse_json_dict(args.model_kwargs, "--model-kwargs") if args.model_kwargs else None
+    cli["dataset_kwargs"] = parse_json_dict(args.dataset_kwargs, "--dataset-kwargs") if args.dataset_kwargs else None
+    if args.no_progress:
+        cli["progress"] = False
+    cfg = build_config(file_values, cli)
+    summary = fit(cfg)
+    best = summary["best"] or {}
+    print(f"done in {summary['train_minutes']} min; best epoch {summary['best_epoch']}: "
+          + " ".join(f"{k}={best[k]:.4f}" for k in ("mIoU", "pixel_acc", "mask_AP") if best.get(k) is not None))
+    print(f"wrote {cfg.out}/best.safetensors, last.safetensors, metrics.csv, metrics.json")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from pixelwise.models import create_model, list_models, model_info
+
+    rows = []
+    for name in list_models():
+        info = model_info(name)
+        model = create_model(name, num_classes=21 if info.task == "semantic" else 91)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        rows.append((name, info.task, f"{params:.2f}M", info.paper))
+    widths = [max(len(r[i]) for r in rows + [("model", "task", "params", "paper")]) for i in range(4)]
+    for r in [("model", "task", "params", "paper")] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("(parameters with 21 classes for semantic models, 91 for instance models)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pixelwise.engine.config import parse_json_dict
+    from pixelwise.engine.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data, args.split,
+                                  tile=args.tile, tta=args.tta, device=args.device,
+                                  dataset_kwargs=parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
+                                  progress=not args.no_progress)
+    shown = {k: v for k, v in metrics.items() if k != "per_class"}
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    for row in metrics.get("per_class", []):
+        iou = "null" if row["iou"] is None else f"{row['iou']:.4f}"
+        print(f"  {row['name']:<16} IoU {iou}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pixelwise.inference.predict_files import predict_files
+
+    written = predict_files(args.checkpoint, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
+                            tta=args.tta, uncertainty=args.uncertainty, device=args.device,
+                            progress=not args.no_progress)
+    print(f"wrote {len(written)} prediction(s) to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pixelwise.demo import run_demo
+
+    report = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pixelwise import __version__
+
+    parser = argparse.ArgumentParser(prog="pixelwise", description="Semantic and instance segmentation in PyTorch.")
+    parser.add_argument("--version", action="version", version=f"pixelwise {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("models", help="list models with task, parameters and paper")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("demo", help="end-to-end run on synthetic scenes: train, evaluate, predict, report")
+    p.add_argument("--out", default="pixelwise-demo", help="output folder (default: pixelwise-demo)")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a model")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data")
+    p.add_argument("--split", default="val")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--tile", type=int, help="predict in overlapping tiles of this side")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="segment image files")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tile", type=int)
+    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--tta", action="store_true")
+    p.add_argument("--uncertainty", action="store_true", help="also write DIR/<stem>_uncertainty.png")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"pixelwise: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pixelwise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""U-Net: Ronneberger, Fischer, Brox, "U-Net: Convolutional Networks for Biomedical Image
+Segmentation", MICCAI 2015 (arXiv:1505.04597).
+
+Contracting path: four levels of two 3x3 convolutions + ReLU followed by 2x2 max-pooling, the
+channels doubling from ``base_channels`` (64) to 16x that (1024) at the bottom. Expanding path:
+2x2 up-convolution halving the channels, concatenation with the (centre-cropped) skip feature
+map, two 3x3 convolutions + ReLU. A final 1x1 convolution maps to the classes. With
+``base_channels=64``, one input channel and two classes it has 31,030,658 parameters, as the
+paper's network.
+
+Options and where we differ from the paper:
+- ``padding="valid"`` is the paper's unpadded network. To still return logits at the input size
+  for any H, W, the input is mirror-padded (the paper's overlap-tile strategy: missing context
+  is extrapolated by mirroring) to the smallest size whose pooling steps all see even sizes, and
+  the output is cropped. ``padding="same"`` uses zero-padded convolutions (the common variant);
+  the input is padded to a multiple of 16 and the output cropped.
+- ``batch_norm`` (off by default, as in the paper) adds BatchNorm after each convolution; it
+  makes small-batch CPU training much faster to converge.
+- ``dropout`` (0.5 as in the paper) is applied at the end of the contracting path.
+- ``in_channels`` defaults to 3 (RGB); the paper's EM images have 1 channel.
+
+The paper's boundary weight map, ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))``,
+is :func:`unet_weight_map`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise.models.registry import register_model
+
+DEPTH = 4  # number of 2x2 poolings
+
+
+def double_conv(cin: int, cout: int, padding: int, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c in (cin, cout):
+        layers.append(nn.Conv2d(c, cout, 3, padding=padding, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tensor[N, C, H, W] -> Tensor[N, C, h, w], the centre part."""
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
+def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Reflect-pad Tensor[N, C, H, W] by any amount (repeated reflection for pads >= size)."""
+    while top or bottom or left or right:
+        h, w = x.shape[-2:]
+        t, b = min(top, h - 1), min(bottom, h - 1)
+        le, r = min(left, w - 1), min(right, w - 1)
+        if h == 1 and (top or bottom):  # nothing to reflect: replicate
+            t, b = top, bottom
+        if w == 1 and (left or right):
+            le, r = left, right
+        mode = "reflect" if (h > 1 or not (t or b)) and (w > 1 or not (le or r)) else "replicate"
+        x = F.pad(x, (le, r, t, b), mode=mode)
+        top, bottom, left, right = top - t, bottom - b, left - le, right - r
+    return x
+
+
+def valid_output_size(size: int) -> int | None:
+    """Output side of the valid-padding U-Net for an input side, or None if some pooling would
+    see an odd size (or the map vanishes)."""
+    s = size
+    for _ in range(DEPTH):
+        s -= 4
+        if s <= 0 or s % 2:
+            return None
+        s //= 2
+    s -= 4
+    if s <= 0:
+        return None
+    for _ in range(DEPTH):
+        s = 2 * s - 4
+    return s
+
+
+def valid_input_size(size: int) -> int:
+    """Smallest valid input side whose output covers ``size`` pixels."""
+    i = size
+    while (o := valid_output_size(i)) is None or o < size:
+        i += 1
+    return i
+
+
+class UNet(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 3, base_channels: int = 64,
+                 padding: str = "same", batch_norm: bool = False, dropout: float = 0.5):
+        super().__init__()
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        self.padding = padding
+        p = 1 if padding == "same" else 0
+        chans = [base_channels * 2**i for i in range(DEPTH + 1)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for c in chans:
+            self.down.append(double_conv(cin, c, p, batch_norm))
+            cin = c
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.upconv = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for c in reversed(chans[:-1]):
+            self.upconv.append(nn.ConvTranspose2d(2 * c, c, 2, stride=2))
+            self.up.append(double_conv(2 * c, c, p, batch_norm))
+        self.head = nn.Conv2d(chans[0], num_classes, 1)
+        for m in self.modules():  # the paper's init: Gaussian, std sqrt(2 / fan_in)
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw network: Tensor[N, Cin, H, W] -> logits, smaller than H, W for valid padding."""
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < DEPTH:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        x = self.dropout(x)
+        for upconv, block, skip in zip(self.upconv, self.up, reversed(skips)):
+            x = upconv(x)
+            x = block(torch.cat([center_crop(skip, *x.shape[-2:]), x], dim=1))
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tensor[N, Cin, H, W] -> logits Tensor[N, num_classes, H, W], for any H, W."""
+        h, w = x.shape[-2:]
+        if self.padding == "same":
+            ph, pw = -h % 2**DEPTH, -w % 2**DEPTH
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+            return self.forward_features(x)[..., :h, :w]
+        ih, iw = valid_input_size(h), valid_input_size(w)
+        oh, ow = valid_output_size(ih), valid_output_size(iw)
+        top, left = (ih - oh) // 2, (iw - ow) // 2  # context the valid convolutions consume
+        x = mirror_pad(x, top, ih - h - top, left, iw - w - left)
+        return self.forward_features(x)[..., :h, :w]
+
+
+@register_model("unet", paper="Ronneberger et al., MICCAI 2015")
+def unet(num_classes: int, pretrained: str | None = None, **kwargs) -> UNet:
+    """U-Net as in the paper; kwargs: in_channels, base_channels, padding, batch_norm, dropout."""
+    model = UNet(num_classes, **kwargs)
+    if pretrained:
+        from pixelwise.engine.checkpoint import load_weights_into
+
+        load_weights_into(model, pretrained)
+    return model
+
+
+def unet_weight_map(instance_masks: np.ndarray, class_mask: np.ndarray | None = None,
+                    w0: float = 10.0, sigma: float = 5.0,
+                    class_weights: np.ndarray | None = None) -> np.ndarray:
+    """The U-Net paper's per-pixel loss weights (Eq. 2).
+
+    instance_masks: bool[K, H, W] (one mask per cell/object). class_mask: uint8[H, W] class ids
+    used for the class-balancing term ``w_c`` (default: foreground = any instance).
+    class_weights: float[C] (default: inverse class frequency in this mask, normalised so the
+    most frequent class has weight 1). Returns float32[H, W]:
+    ``w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))`` where d1, d2 are the Euclidean
+    distances to the nearest and second-nearest object; the border term is applied to
+    background pixels (those in no object), which is where touching objects are separated.
+    With fewer than two objects the border term is zero.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    masks = np.asarray(instance_masks, dtype=bool)
+    k, h, w = masks.shape if masks.ndim == 3 else (0, *np.asarray(class_mask).shape)
+    if class_mask is None:
+        class_mask = masks.any(0).astype(np.int64) if k else np.zeros((h, w), np.int64)
+    class_mask = np.asarray(class_mask).astype(np.int64)
+    if class_weights is None:
+        freq = np.bincount(class_mask[class_mask != 255].ravel())
+        with np.errstate(divide="ignore"):
+            class_weights = np.where(freq > 0, freq.max() / np.maximum(freq, 1), 0.0)
+    lut = np.zeros(256, dtype=np.float64)
+    lut[: len(class_weights)] = class_weights
+    weight = lut[class_mask]
+    if k >= 2:
+        dist = np.stack([distance_transform_edt(~m) for m in masks])  # 0 inside object k
+        dist.sort(axis=0)
+        border = w0 * np.exp(-((dist[0] + dist[1]) ** 2) / (2 * sigma**2))
+        weight = weight + np.where(masks.any(0), 0.0, border)
+    return weight.astype(np.float32)

@@ -1,0 +1,81 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from pixelwise import create_model, load_checkpoint, save_checkpoint
+from pixelwise.engine.checkpoint import read_foreign_weights
+from pixelwise.errors import UserError
+
+KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("unet", num_classes=3, **KW).eval()
+
+
+def test_round_trip_identical_outputs(tmp_path):
+    model = _model()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, {"model": "unet", "num_classes": 3, "model_kwargs": KW,
+                                  "class_names": ["a", "b", "c"]})
+    loaded, meta = load_checkpoint(path)
+    assert meta["class_names"] == ["a", "b", "c"] and meta["format"].startswith("pixelwise")
+    x = torch.randn(2, 3, 37, 45)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PIXELWISE_PWNED']}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PIXELWISE_PWNED", str(marker))
+    for name in ("evil.pth", "evil.safetensors", "evil.bin"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps({"w": _Payload()}))
+        with pytest.raises(UserError, match="pickle|safetensors"):
+            load_checkpoint(path)
+    # a torch.save zip file too
+    torch.save({"w": _Payload()}, tmp_path / "evil2.pt")
+    with pytest.raises(UserError, match="pickle"):
+        load_checkpoint(tmp_path / "evil2.pt")
+    # and the only path that reads .pth at all uses weights_only=True, which refuses the payload
+    with pytest.raises(UserError, match="weights_only"):
+        read_foreign_weights(tmp_path / "evil2.pt")
+    assert not marker.exists(), "the pickle payload ran"
+
+
+def test_truncated_and_missing(tmp_path):
+    model = _model()
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model, {"model": "unet", "num_classes": 3, "model_kwargs": KW})
+    data = path.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="t.safetensors"):
+        load_checkpoint(tmp_path / "t.safetensors")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_plain_safetensors_without_metadata_is_explained(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(UserError, match="not a pixelwise checkpoint"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+
+
+def test_foreign_weights_pth_round_trip(tmp_path):
+    model = _model()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pth")
+    other = create_model("unet", num_classes=3, pretrained=str(tmp_path / "w.pth"), **KW).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), other(x))

@@ -1,0 +1,111 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from pixelwise import Predictor, create_model, save_checkpoint
+from pixelwise.cli import main
+from pixelwise.data.shapes import CLASS_NAMES, PALETTE
+
+KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "m.safetensors"
+    model = create_model("unet", num_classes=4, **KW).eval()
+    save_checkpoint(path, model, {"model": "unet", "num_classes": 4, "model_kwargs": KW, "task": "semantic",
+                                  "class_names": CLASS_NAMES, "palette": PALETTE,
+                                  "mean": [0.5] * 3, "std": [0.25] * 3})
+    return path
+
+
+def _write_odd_images(folder):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    paths = {}
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(folder / "rgba.png")
+    Image.fromarray((rng.integers(0, 65535, (29, 41))).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(rgb).save(folder / "photo.jpg", quality=90)
+    # EXIF orientation 6 (rotate 90 CW on display): the displayed image is 53 x 37 (H x W)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif.tobytes())
+    for name, expected in [("rgb.png", (37, 53)), ("gray.png", (37, 53)), ("rgba.png", (37, 53)),
+                           ("deep16.png", (29, 41)), ("palette.png", (37, 53)), ("photo.jpg", (37, 53)),
+                           ("rotated.jpg", (53, 37))]:
+        paths[name] = expected
+    return paths
+
+
+def test_predict_cli_on_odd_image_modes(checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    expected = _write_odd_images(inputs)
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(inputs), "--out", str(out), "--no-progress"]) == 0
+    for name, (h, w) in expected.items():
+        stem = name.rsplit(".", 1)[0]
+        mask = Image.open(out / f"{stem}.png")
+        assert mask.mode == "P", name
+        assert mask.size == (w, h), name
+        assert set(np.unique(np.array(mask))) <= set(range(4))
+        assert Image.open(out / f"{stem}_overlay.png").size == (w, h)
+
+
+def test_predict_cli_uncertainty_and_tiles(checkpoint, tmp_path):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "o"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(img), "--out", str(out), "--tile", "32",
+                 "--tta", "--uncertainty", "--no-progress"]) == 0
+    u = Image.open(out / "a_uncertainty.png")
+    assert u.size == (90, 70) and u.mode == "L"
+
+
+def test_bad_inputs_give_one_line_errors(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(buf, format="PNG")
+    bad.write_bytes(buf.getvalue()[:40])
+    assert main(["predict", "--checkpoint", str(checkpoint), str(bad), "--out", str(tmp_path / "o")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("pixelwise: error:") and "broken.png" in errors[0]
+    assert main(["predict", "--checkpoint", str(tmp_path / "missing.safetensors"), str(bad),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+
+
+class _PixelModel(nn.Module):
+    """A 1x1-conv model: each pixel's logits depend on that pixel only, so tiling must not change them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 5, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_tiled_prediction_equals_whole_image_for_pointwise_model():
+    image = np.random.default_rng(2).integers(0, 255, (75, 101, 3), dtype=np.uint8)
+    whole = Predictor(_PixelModel(), {"num_classes": 5}).predict_probs(image)
+    tiled = Predictor(_PixelModel(), {"num_classes": 5}, tile=32, overlap=0.3).predict_probs(image)
+    assert whole.shape == (5, 75, 101)
+    assert torch.allclose(whole, tiled, atol=1e-6)
+    flipped = Predictor(_PixelModel(), {"num_classes": 5}, tta=True).predict_probs(image)
+    assert torch.allclose(whole, flipped, atol=1e-6)
+
+
+def test_predictor_uses_checkpoint_normalisation(checkpoint):
+    p = Predictor.from_checkpoint(checkpoint)
+    assert p.mean == (0.5, 0.5, 0.5) and p.std == (0.25, 0.25, 0.25)
+    assert p.predict(np.zeros((10, 12, 3), np.uint8)).mask.shape == (10, 12)

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from pixelwise.models.unet import UNet, mirror_pad, unet_weight_map, valid_input_size, valid_output_size
+
+
+def test_paper_parameter_count():
+    # papers.md: 31,030,658 for the original network (1 input channel, 2 classes)
+    model = UNet(2, in_channels=1)
+    assert sum(p.numel() for p in model.parameters()) == 31_030_658
+
+
+def test_paper_tile_sizes():
+    assert valid_output_size(572) == 388  # Fig. 1 of the paper
+    assert valid_input_size(388) == 572
+    assert valid_output_size(573) is None  # odd size before a pooling
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("size", [(97, 131), (16, 16), (5, 9)])
+def test_any_size(padding, size):
+    model = UNet(3, base_channels=4, padding=padding).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, *size)).shape == (2, 3, *size)
+
+
+def test_valid_padding_is_translation_consistent():
+    # overlap-tile: predicting a crop equals cropping the prediction where context suffices
+    torch.manual_seed(0)
+    model = UNet(2, base_channels=4, padding="valid", dropout=0).eval()
+    x = torch.randn(1, 3, 572, 572)
+    with torch.no_grad():
+        full = model.forward_features(x)  # 388 x 388, no padding involved
+        # a 252 x 252 tile gives 68 x 68; its offsets lie on the 16-px pooling grid
+        tile = model.forward_features(x[..., 96:96 + 252, 64:64 + 252])
+    assert torch.allclose(full[..., 96:164, 64:132], tile, atol=1e-5)
+
+
+def test_mirror_pad_matches_numpy_symmetric_reflection():
+    x = torch.arange(12.0).reshape(1, 1, 3, 4)
+    got = mirror_pad(x, 5, 6, 7, 2)
+    ref = np.pad(x.numpy(), ((0, 0), (0, 0), (5, 6), (7, 2)), mode="reflect")
+    assert np.array_equal(got.numpy(), ref)
+
+
+def test_gradients_reach_every_parameter():
+    model = UNet(3, base_channels=4, batch_norm=True)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_weight_map_matches_naive_distances():
+    h, w = 20, 24
+    masks = np.zeros((3, h, w), bool)
+    masks[0, 2:8, 2:8] = True
+    masks[1, 2:8, 10:16] = True
+    masks[2, 12:18, 4:20] = True
+    got = unet_weight_map(masks, w0=10, sigma=5, class_weights=np.array([1.0, 2.0]))
+    pts = [np.argwhere(m) for m in masks]
+    for y in range(h):
+        for x in range(w):
+            if masks[:, y, x].any():
+                assert got[y, x] == pytest.approx(2.0)
+                continue
+            d = sorted(np.sqrt(((p - [y, x]) ** 2).sum(1)).min() for p in pts)
+            assert got[y, x] == pytest.approx(1.0 + 10 * np.exp(-((d[0] + d[1]) ** 2) / 50), rel=1e-5)
+    # the gap between two cells is weighted far above the open background
+    assert got[4, 9] > 5 and got[19, 0] < 2
