@@ -105,23 +105,36 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 
 
 def _suppression_matrix(boxes: Tensor, iou_threshold: float, block: int = 512) -> np.ndarray:
-    """Boolean ``[N, N]`` numpy matrix of ``IoU(i, j) > iou_threshold`` for ``boxes: Tensor[N, 4]``.
+    """Boolean ``[N, N]`` numpy matrix of ``IoU(i, j) > iou_threshold`` of ``boxes: Tensor[N, 4]``.
 
+    Only the upper triangle ``j >= i`` is computed (the greedy pass reads nothing else; the rest is False).
     IoU is computed in the box dtype exactly as torchvision's kernel does (``inter / (area_i +
-    area_j - inter)``), and compared with the threshold in float64 (torchvision compares the
-    float IoU with a C++ double). Rows are done in blocks so that only ``block x N`` floats exist.
+    area_j - inter)``) and compared as torchvision's C++ does, float IoU against a double
+    threshold: for float32 that is ``iou > t32`` with ``t32`` the largest float32 ``<= t``.
+    Other dtypes are compared in float64. Rows are done in blocks of ``block`` rows.
     """
     n = boxes.shape[0]
-    x1, y1, x2, y2 = boxes.unbind(1)
+    boxes = boxes.t().contiguous()
+    x1, y1, x2, y2 = boxes
     areas = (x2 - x1) * (y2 - y1)
-    out = np.empty((n, n), dtype=bool)
+    if boxes.dtype == torch.float32:
+        t32 = np.float32(iou_threshold)
+        if float(t32) > iou_threshold:
+            t32 = np.nextafter(t32, np.float32(-np.inf))
+        threshold = float(t32)
+    else:
+        boxes, areas = boxes.double(), areas.double()
+        x1, y1, x2, y2 = boxes
+        threshold = float(iou_threshold)
+    out = np.zeros((n, n), dtype=bool)
     for start in range(0, n, block):
-        sl = slice(start, min(n, start + block))
-        w = (torch.min(x2[sl, None], x2) - torch.max(x1[sl, None], x1)).clamp(min=0)
-        h = (torch.min(y2[sl, None], y2) - torch.max(y1[sl, None], y1)).clamp(min=0)
+        stop = min(n, start + block)
+        r, c = slice(start, stop), slice(start, n)
+        w = (torch.min(x2[r, None], x2[c]) - torch.max(x1[r, None], x1[c])).clamp(min=0)
+        h = (torch.min(y2[r, None], y2[c]) - torch.max(y1[r, None], y1[c])).clamp(min=0)
         inter = w * h
-        iou = inter / (areas[sl, None] + areas - inter)
-        out[sl] = (iou.double() > iou_threshold).cpu().numpy()
+        iou = inter / (areas[r, None] + areas[c] - inter)
+        out[r, c] = (iou > threshold).cpu().numpy()
     return out
 
 
