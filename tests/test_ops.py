@@ -127,9 +127,7 @@ def test_roi_align_matches_torchvision_fixture():
     assert len(meta["cases"]) == 8
     for case in meta["cases"]:
         rois = torch.from_numpy(arrays["rois"][case["rois_index"]])
-        out = roi_align(
-            features, rois, (7, 7), case["spatial_scale"], case["sampling_ratio"], case["aligned"]
-        )
+        out = roi_align(features, rois, (7, 7), case["spatial_scale"], case["sampling_ratio"], case["aligned"])
         assert out.dtype == torch.float32
         assert_matches(out, arrays["output"][case["index"]])
 
@@ -177,9 +175,7 @@ def test_roi_align_adaptive_grid_for_large_boxes():
     )
     for aligned in (False, True):
         expected = naive_roi_align(feat, rois, (4, 5), 1.0, -1, aligned)
-        np.testing.assert_allclose(
-            roi_align(feat, rois, (4, 5), 1.0, -1, aligned).numpy(), expected, atol=1e-12
-        )
+        np.testing.assert_allclose(roi_align(feat, rois, (4, 5), 1.0, -1, aligned).numpy(), expected, atol=1e-12)
 
 
 def test_roi_align_gradcheck():
@@ -309,9 +305,7 @@ def test_nms_and_batched_nms_match_torchvision_fixture():
         keep = nms(boxes, scores, t)
         assert keep.dtype == torch.int64
         np.testing.assert_array_equal(keep.numpy(), arrays[f"keep.{t}"])
-        np.testing.assert_array_equal(
-            batched_nms(boxes, scores, idxs, t).numpy(), arrays[f"batched_keep.{t}"]
-        )
+        np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, t).numpy(), arrays[f"batched_keep.{t}"])
 
 
 def _clustered_boxes(gen: torch.Generator, n: int) -> torch.Tensor:
@@ -334,6 +328,16 @@ def test_nms_matches_naive_greedy(t):
     assert 0 < len(expected) < 150
 
 
+def test_nms_threshold_compare_follows_box_dtype():
+    """IoU 3/10 rounds up in float32 (0.3000000119 > 0.3) but is exactly 0.3 in float64;
+    torchvision compares the IoU in the box dtype against a double threshold."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 1.0], [0.0, 0.0, 3.0, 1.0]])
+    scores = torch.tensor([0.9, 0.8])
+    assert nms(boxes, scores, 0.3).tolist() == [0]
+    assert nms(boxes.double(), scores, 0.3).tolist() == [0, 1]
+    assert nms(boxes, scores, 0.30000002).tolist() == [0, 1]
+
+
 def test_batched_nms_small_and_large_paths_match_per_class_reference():
     gen = torch.Generator().manual_seed(12)
     for n in (300, 1200):  # 1200 * 4 > 4000 takes the per-category path
@@ -343,15 +347,11 @@ def test_batched_nms_small_and_large_paths_match_per_class_reference():
         expected = []
         for c in range(3):
             members = torch.where(idxs == c)[0].numpy()
-            expected += [
-                int(members[i]) for i in naive_nms(boxes.numpy()[members], scores.numpy()[members], 0.5)
-            ]
+            expected += [int(members[i]) for i in naive_nms(boxes.numpy()[members], scores.numpy()[members], 0.5)]
         expected.sort(key=lambda i: -float(scores[i]))
         assert batched_nms(boxes, scores, idxs, 0.5).tolist() == expected
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).shape == (0,)
-    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (
-        0,
-    )
+    assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (0,)
 
 
 def test_box_utilities():

@@ -231,9 +231,7 @@ def _as_rois(boxes: Tensor | Sequence[Tensor]) -> Tensor:
             raise ValueError(f"roi_align: boxes Tensor must be [K, 5], got shape {tuple(boxes.shape)}")
         return boxes
     if not isinstance(boxes, (list, tuple)):
-        raise ValueError(
-            f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[K_i, 4], got {type(boxes)}"
-        )
+        raise ValueError(f"roi_align: boxes must be a Tensor[K, 5] or a list of Tensor[K_i, 4], got {type(boxes)}")
     for b in boxes:
         if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
             raise ValueError("roi_align: each element of a boxes list must be a Tensor[K_i, 4]")
@@ -336,9 +334,9 @@ def _roi_align_rows(
         # embedding_bag does exactly the taps torchvision does.
         slot_h = torch.arange(gh_max, device=device)[None, :] < grid_h[:, None]  # [K, Gh]
         slot_w = torch.arange(gw_max, device=device)[None, :] < grid_w[:, None]  # [K, Gw]
-        slot = (
-            slot_h[:, None, None, :, None, None, None] & slot_w[:, None, None, None, :, None, None]
-        ).expand(rows.shape)
+        slot = (slot_h[:, None, None, :, None, None, None] & slot_w[:, None, None, None, :, None, None]).expand(
+            rows.shape
+        )
         rows, weights = rows[slot], weights[slot]
         counts = (4 * grid_h * grid_w).repeat_interleave(ph_n * pw_n)
     else:
@@ -431,9 +429,7 @@ class RoIAlign(nn.Module):
 # ----------------------------------------------------------------------------- multi-scale RoIAlign
 
 
-def infer_scales(
-    feature_sizes: Sequence[Sequence[int]], image_shapes: Sequence[Sequence[int]]
-) -> list[float]:
+def infer_scales(feature_sizes: Sequence[Sequence[int]], image_shapes: Sequence[Sequence[int]]) -> list[float]:
     """Spatial scale of each pyramid level, as torchvision's ``MultiScaleRoIAlign`` infers it.
 
     Args:
@@ -566,9 +562,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
-    def forward(
-        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
-    ) -> Tensor:
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         missing = [name for name in self.featmap_names if name not in x]
         if missing:
             raise ValueError(f"MultiScaleRoIAlign: feature maps {missing} not in input keys {list(x)}")
@@ -584,8 +578,7 @@ class MultiScaleRoIAlign(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
-            f"sampling_ratio={self.sampling_ratio}"
+            f"featmap_names={self.featmap_names}, output_size={self.output_size}, sampling_ratio={self.sampling_ratio}"
         )
 
 
@@ -618,9 +611,7 @@ class BoxCoder:
 
         Computed in the dtype of ``reference_boxes``.
         """
-        wx, wy, ww, wh = torch.as_tensor(
-            self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device
-        )
+        wx, wy, ww, wh = torch.as_tensor(self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device)
         ex_w = proposals[:, 2:3] - proposals[:, 0:1]
         ex_h = proposals[:, 3:4] - proposals[:, 1:2]
         ex_cx = proposals[:, 0:1] + 0.5 * ex_w
@@ -664,9 +655,7 @@ class BoxCoder:
         pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
         half_w = 0.5 * (torch.exp(dw) * widths[:, None])
         half_h = 0.5 * (torch.exp(dh) * heights[:, None])
-        pred = torch.stack(
-            (pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2
-        )
+        pred = torch.stack((pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h), dim=2)
         return pred.flatten(1)
 
 
