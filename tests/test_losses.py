@@ -1,0 +1,148 @@
+"""Losses vs independent computations: numpy formulas, brute-force set functions, identities."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixelwise.losses import cross_entropy, dice_loss, focal_loss, lovasz_grad, lovasz_softmax, segmentation_loss
+
+
+def _case(n=2, c=4, h=5, w=6, seed=0, ignore_frac=0.2):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, h, w, generator=g, dtype=torch.float64) * 2
+    target = torch.randint(0, c, (n, h, w), generator=g)
+    target[torch.rand(n, h, w, generator=g) < ignore_frac] = 255
+    return logits, target
+
+
+def test_weighted_ce_equals_manual_sum():
+    logits, target = _case()
+    cw = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+    pw = torch.rand(target.shape, dtype=torch.float64) + 0.5
+    logp = logits.log_softmax(1).numpy()
+    num = den = 0.0
+    for n, y, x in itertools.product(*map(range, target.shape)):
+        t = int(target[n, y, x])
+        if t == 255:
+            continue
+        num += -logp[n, t, y, x] * cw[t].item() * pw[n, y, x].item()
+        den += cw[t].item()
+    assert cross_entropy(logits, target, cw, pw).item() == pytest.approx(num / den, rel=1e-6)
+    # without pixel weights it is F.cross_entropy
+    ref = F.cross_entropy(logits, target, weight=cw, ignore_index=255)
+    assert cross_entropy(logits, target, cw).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_focal_gamma0_is_ce_and_matches_formula():
+    logits, target = _case(seed=1)
+    cw = torch.tensor([1.0, 0.3, 2.0, 1.5], dtype=torch.float64)
+    pw = torch.rand(target.shape, dtype=torch.float64)
+    for kw in ({}, {"class_weights": cw}, {"class_weights": cw, "pixel_weights": pw}):
+        assert focal_loss(logits, target, 0.0, **kw).item() == pytest.approx(
+            cross_entropy(logits, target, kw.get("class_weights"), kw.get("pixel_weights")).item(), rel=1e-6)
+    p = logits.float().softmax(1).numpy()
+    vals = [-(1 - p[n, t, y, x]) ** 2 * np.log(p[n, t, y, x])
+            for (n, y, x) in itertools.product(*map(range, target.shape))
+            if (t := int(target[n, y, x])) != 255]
+    assert focal_loss(logits, target, 2.0).item() == pytest.approx(float(np.mean(vals)), rel=1e-5)
+    assert focal_loss(logits, target, 2.0).item() < focal_loss(logits, target, 0.0).item()
+
+
+def test_dice_vs_numpy():
+    logits, target = _case(seed=2)
+    p = logits.float().softmax(1).numpy()
+    t = target.numpy()
+    valid = t != 255
+    scores = []
+    for k in range(4):
+        g = (t == k) & valid
+        if not g.any():
+            continue
+        pk = p[:, k] * valid
+        scores.append((2 * (pk * g).sum() + 1) / (pk.sum() + g.sum() + 1))
+    assert dice_loss(logits, target).item() == pytest.approx(1 - np.mean(scores), rel=1e-5)
+
+
+def test_dice_is_zero_for_perfect_prediction():
+    _, target = _case(seed=3, ignore_frac=0.0)
+    logits = F.one_hot(target, 4).permute(0, 3, 1, 2).double() * 100
+    assert dice_loss(logits, target, smooth=0.0).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def _jaccard_loss_of_set(wrong: set, fg: set) -> float:
+    """Jaccard loss when exactly the pixels in ``wrong`` are mispredicted (Berman et al. eq. 4)."""
+    union = fg | wrong
+    return len(wrong) / len(union) if union else 0.0
+
+
+def _lovasz_naive(errors: np.ndarray, fg: np.ndarray) -> float:
+    """Lovasz extension from its definition: sum_i m_pi(i) (D({pi_1..pi_i}) - D({pi_1..pi_i-1}))."""
+    order = sorted(range(len(errors)), key=lambda i: -errors[i])
+    fgs = {i for i in range(len(fg)) if fg[i]}
+    total, prefix, prev = 0.0, set(), 0.0
+    for i in order:
+        prefix.add(i)
+        cur = _jaccard_loss_of_set(prefix, fgs)
+        total += errors[i] * (cur - prev)
+        prev = cur
+    return total
+
+
+def test_lovasz_grad_is_the_set_function_difference():
+    fg = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    g = lovasz_grad(fg)
+    fgs = {0, 2, 3}
+    sets = [set(range(i)) for i in range(6)]
+    expected = [_jaccard_loss_of_set(sets[i + 1], fgs) - _jaccard_loss_of_set(sets[i], fgs) for i in range(5)]
+    assert g.tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lovasz_softmax_vs_naive_definition(seed):
+    logits, target = _case(n=1, c=3, h=3, w=4, seed=seed)
+    p = logits.float().softmax(1).permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    t = target.reshape(-1).numpy()
+    keep = t != 255
+    p, t = p[keep], t[keep]
+    per_class = [_lovasz_naive(np.abs((t == k) - p[:, k]), t == k) for k in range(3) if (t == k).any()]
+    assert lovasz_softmax(logits, target).item() == pytest.approx(float(np.mean(per_class)), rel=1e-5)
+
+
+def test_lovasz_of_hard_prediction_is_one_minus_iou():
+    g = torch.Generator().manual_seed(5)
+    target = torch.randint(0, 3, (2, 6, 6), generator=g)
+    pred = torch.randint(0, 3, (2, 6, 6), generator=g)
+    logits = F.one_hot(pred, 3).permute(0, 3, 1, 2).double() * 1e4
+    ious = []
+    for k in range(3):
+        if (target == k).any():
+            inter = ((pred == k) & (target == k)).sum().item()
+            union = ((pred == k) | (target == k)).sum().item()
+            ious.append(inter / union)
+    assert lovasz_softmax(logits, target).item() == pytest.approx(1 - np.mean(ious), abs=1e-6)
+
+
+def test_losses_ignore_255_and_have_gradients():
+    logits, target = _case(seed=4)
+    changed = logits.clone()
+    changed[target.unsqueeze(1).expand_as(logits) == 255] = 37.0  # only ignored pixels change
+    for kind in ("ce", "dice", "focal", "lovasz", "ce+dice"):
+        a = segmentation_loss(logits, target, kind)
+        b = segmentation_loss(changed, target, kind)
+        assert a.item() == pytest.approx(b.item(), rel=1e-6), kind
+        x = logits.clone().requires_grad_()
+        segmentation_loss(x, target, kind).backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, kind
+    with pytest.raises(ValueError, match="unknown loss"):
+        segmentation_loss(logits, target, "hinge")
+
+
+def test_all_ignored_gives_zero_not_nan():
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    target = torch.full((1, 2, 2), 255)
+    for kind in ("dice", "focal", "lovasz"):
+        v = segmentation_loss(logits, target, kind)
+        assert torch.isfinite(v) and v.item() == 0.0, kind
