@@ -10,10 +10,17 @@ The rule for absent classes (the source of endless NaN-vs-0-vs-1 issues elsewher
 - Accuracy (recall) of class c is ``null`` when c is absent from the ground truth, and is left
   out of the mean class accuracy.
 - fwIoU weights each class by its ground-truth frequency, so absent classes weigh 0.
+
+Beyond the confusion matrix (definitions in docs/metrics.md):
+- :class:`BFMeter`: SegNet's boundary F1 score (Csurka et al. 2013), tolerance 0.75% of the
+  image diagonal, mean over images of the mean over the classes present in each ground truth.
+- :class:`RandMeter` / :func:`pixel_error`: the ISBI 2012 EM challenge's foreground-restricted
+  Rand error (on 4-connected components of the cell class) and pixel error.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -85,3 +92,199 @@ class ConfusionMeter:
 
     def compute(self, class_names: list[str] | None = None) -> dict:
         return segmentation_metrics(self.cm, class_names)
+
+
+# --------------------------------------------------------------------------------------------
+# Boundary F1 (BF) score: Csurka, Larlus, Perronnin, "What is a good evaluation measure for
+# semantic segmentation?", BMVC 2013, as reported by SegNet (PAMI 2017, Tables 1-4).
+# --------------------------------------------------------------------------------------------
+
+BF_TOLERANCE = 0.0075  # fraction of the image diagonal (SegNet: 0.75%)
+
+
+def class_boundary(mask: np.ndarray) -> np.ndarray:
+    """bool[H, W] region -> bool[H, W] its inner boundary: region pixels with at least one
+    4-neighbour outside the region. The image border is not a boundary (pixels beyond the image
+    count as inside), so a class filling the whole image has no boundary."""
+    m = np.asarray(mask, dtype=bool)
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+
+def boundary_f1(pred_boundary: np.ndarray, gt_boundary: np.ndarray, tolerance: float) -> float:
+    """BF of one class in one image. pred_boundary, gt_boundary: bool[H, W]; tolerance in pixels.
+
+    precision = share of predicted boundary pixels within Euclidean distance <= tolerance of a
+    ground-truth boundary pixel; recall = share of ground-truth boundary pixels within the
+    tolerance of a predicted one; BF = 2PR / (P + R). Both boundaries empty -> 1.0 (nothing to
+    find, nothing found); exactly one empty -> 0.0."""
+    from scipy.ndimage import distance_transform_edt
+
+    n_pred, n_gt = int(pred_boundary.sum()), int(gt_boundary.sum())
+    if n_pred == 0 and n_gt == 0:
+        return 1.0
+    if n_pred == 0 or n_gt == 0:
+        return 0.0
+    dist_to_gt = distance_transform_edt(~gt_boundary)
+    dist_to_pred = distance_transform_edt(~pred_boundary)
+    precision = float((dist_to_gt[pred_boundary] <= tolerance).sum()) / n_pred
+    recall = float((dist_to_pred[gt_boundary] <= tolerance).sum()) / n_gt
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+def image_bf_scores(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255,
+                    tolerance: float = BF_TOLERANCE) -> dict[int, float]:
+    """Per-class BF of one image. pred, target: int[H, W] -> {class: BF} for every class present
+    in the (non-ignored) ground truth.
+
+    Ignored ground-truth pixels are given the ignore label in the prediction too, so the outlines
+    of void regions appear identically in both maps and neither reward nor penalise. The distance
+    tolerance is ``tolerance * sqrt(H^2 + W^2)`` pixels."""
+    pred = np.asarray(pred)
+    target = np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} != target shape {target.shape}")
+    h, w = target.shape
+    tol_px = tolerance * float(np.hypot(h, w))
+    valid = target != ignore_index
+    pred = np.where(valid, pred, ignore_index)
+    scores = {}
+    for c in np.unique(target[valid]).tolist():
+        if not 0 <= c < num_classes:
+            raise ValueError(f"target has label {c} outside 0..{num_classes - 1} (and {ignore_index} = ignore)")
+        scores[int(c)] = boundary_f1(class_boundary(pred == c), class_boundary(target == c), tol_px)
+    return scores
+
+
+class BFMeter:
+    """Dataset BF score: the mean over images of the mean over the classes present in each
+    image's ground truth (images without valid pixels are skipped). Also keeps, per class, the
+    mean over the images where the class is present."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, tolerance: float = BF_TOLERANCE):
+        self.num_classes, self.ignore_index, self.tolerance = num_classes, ignore_index, tolerance
+        self.image_scores: list[float] = []
+        self.class_sums = np.zeros(num_classes)
+        self.class_counts = np.zeros(num_classes, dtype=np.int64)
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        """pred, target: int[H, W] for one image."""
+        scores = image_bf_scores(np.asarray(pred), np.asarray(target), self.num_classes, self.ignore_index,
+                                 self.tolerance)
+        if not scores:
+            return
+        self.image_scores.append(sum(scores.values()) / len(scores))
+        for c, s in scores.items():
+            self.class_sums[c] += s
+            self.class_counts[c] += 1
+
+    def compute(self) -> dict:
+        """-> ``{"bf_score": float | None, "per_class_bf": [float | None] * C}``."""
+        per_class = [float(self.class_sums[c] / self.class_counts[c]) if self.class_counts[c] else None
+                     for c in range(self.num_classes)]
+        score = float(np.mean(self.image_scores)) if self.image_scores else None
+        return {"bf_score": score, "per_class_bf": per_class}
+
+
+# --------------------------------------------------------------------------------------------
+# ISBI 2012 EM challenge: pixel error and foreground-restricted Rand error.
+# --------------------------------------------------------------------------------------------
+
+_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
+
+
+def label_components(mask: np.ndarray) -> np.ndarray:
+    """bool[H, W] -> int64[H, W]: 4-connected components numbered 1..K, 0 outside the mask."""
+    from scipy.ndimage import label
+
+    labels, _ = label(np.asarray(mask, dtype=bool), structure=_FOUR_CONNECTED)
+    return labels.astype(np.int64)
+
+
+def rand_counts(pred: np.ndarray, target: np.ndarray, foreground: int = 1,
+                ignore_index: int = 255) -> tuple[float, float, float]:
+    """Foreground-restricted Rand pair counts of one image (ISBI 2012, N^2 normalisation).
+
+    pred, target: int[H, W] class maps. Ground-truth segments are the 4-connected components of
+    ``target == foreground``, predicted segments those of ``pred == foreground``. Only pixels in
+    a ground-truth segment are counted (the membrane, i.e. the zero component of the ground
+    truth, and ignored pixels are pruned). A pixel predicted as background is a segment of its
+    own. With n_ij = #pixels in ground-truth segment i and predicted segment j (j >= 1),
+    n_i0 = #pixels of segment i predicted as background:
+
+    - ``sum_ab = sum_ij n_ij^2 + sum_i n_i0``  (pairs joined in both)
+    - ``sum_a  = sum_i (sum_j n_ij + n_i0)^2`` (pairs joined in the ground truth)
+    - ``sum_b  = sum_j (sum_i n_ij)^2 + sum_i n_i0`` (pairs joined in the prediction)
+
+    Returns ``(sum_ab, sum_a, sum_b)`` as floats; counts of several images add up."""
+    pred = np.asarray(pred)
+    target = np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} != target shape {target.shape}")
+    gt_seg = label_components(target == foreground)
+    pr_seg = label_components((pred == foreground) & (target != ignore_index))
+    keep = gt_seg > 0
+    g, p = gt_seg[keep], pr_seg[keep]
+    if g.size == 0:
+        return 0.0, 0.0, 0.0
+    n_zero = float((p == 0).sum())
+    joint = np.unique(g[p > 0] * (int(p.max()) + 1) + p[p > 0], return_counts=True)[1].astype(np.float64)
+    a = np.bincount(g).astype(np.float64)
+    b = np.bincount(p[p > 0]).astype(np.float64)
+    return float((joint**2).sum() + n_zero), float((a**2).sum()), float((b**2).sum() + n_zero)
+
+
+def rand_scores(sum_ab: float, sum_a: float, sum_b: float) -> dict:
+    """Pair counts -> ``{"rand_precision", "rand_recall", "rand_f", "rand_error"}``.
+
+    precision = sum_ab / sum_b (merges lower it), recall = sum_ab / sum_a (splits lower it),
+    F = 2PR / (P + R), Rand error = 1 - F. No foreground at all -> all None."""
+    if sum_a <= 0 or sum_b <= 0:
+        return {"rand_precision": None, "rand_recall": None, "rand_f": None, "rand_error": None}
+    precision, recall = sum_ab / sum_b, sum_ab / sum_a
+    f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"rand_precision": precision, "rand_recall": recall, "rand_f": f, "rand_error": 1.0 - f}
+
+
+def rand_error_over_thresholds(prob_foreground: list[np.ndarray], targets: list[np.ndarray],
+                               thresholds: tuple[float, ...] = tuple(i / 10 for i in range(10)),
+                               foreground: int = 1, ignore_index: int = 255) -> dict:
+    """The challenge's "maximal F-score" form: for each threshold t the prediction is
+    ``prob_foreground > t`` (float[H, W] per image), the pair counts are summed over all images,
+    and the best F over the thresholds is kept. -> ``rand_scores(...)`` plus ``threshold``."""
+    best: dict = {"rand_f": None}
+    for t in thresholds:
+        counts = np.zeros(3)
+        for prob, target in zip(prob_foreground, targets):
+            pred = np.where(np.asarray(prob) > t, foreground, -1)  # -1: anything but the foreground
+            counts += rand_counts(pred, target, foreground, ignore_index)
+        scores = rand_scores(*counts)
+        if scores["rand_f"] is not None and (best["rand_f"] is None or scores["rand_f"] > best["rand_f"]):
+            best = {**scores, "threshold": t}
+    return best
+
+
+class RandMeter:
+    """Accumulates :func:`rand_counts` over images; :meth:`compute` -> :func:`rand_scores`."""
+
+    def __init__(self, foreground: int = 1, ignore_index: int = 255):
+        self.foreground, self.ignore_index = foreground, ignore_index
+        self.counts = np.zeros(3)
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        self.counts += rand_counts(np.asarray(pred), np.asarray(target), self.foreground, self.ignore_index)
+
+    def compute(self) -> dict:
+        return rand_scores(*self.counts)
+
+
+def pixel_error(cm: torch.Tensor) -> float | None:
+    """ISBI 2012 pixel error from a confusion matrix: the share of (non-ignored) pixels whose
+    predicted class differs from the ground truth, i.e. the squared Euclidean distance between
+    the binary label images divided by the pixel count (= 1 - pixel accuracy)."""
+    total = cm.sum().item()
+    return 1.0 - cm.diag().sum().item() / total if total else None

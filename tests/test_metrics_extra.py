@@ -1,0 +1,297 @@
+"""BF score and ISBI 2012 metrics vs hand-computed cases and naive (loop) reference implementations."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from pixelwise.metrics import (
+    BFMeter,
+    RandMeter,
+    boundary_f1,
+    class_boundary,
+    confusion_matrix,
+    image_bf_scores,
+    label_components,
+    pixel_error,
+    rand_counts,
+    rand_error_over_thresholds,
+    rand_scores,
+)
+
+# ---------------------------------------------------------------------------------------------
+# naive references: plain loops, no scipy
+
+
+def naive_boundary(mask: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    out = np.zeros_like(mask, dtype=bool)
+    for y in range(h):
+        for x in range(w):
+            if not mask[y, x]:
+                continue
+            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy < h and 0 <= xx < w and not mask[yy, xx]:
+                    out[y, x] = True
+    return out
+
+
+def naive_bf(pred: np.ndarray, target: np.ndarray, num_classes: int, tol_frac: float = 0.0075,
+             ignore: int = 255) -> dict[int, float]:
+    h, w = target.shape
+    tol = tol_frac * math.sqrt(h * h + w * w)
+    pred = pred.copy()
+    pred[target == ignore] = ignore
+    out = {}
+    for c in range(num_classes):
+        if not (target == c).any():
+            continue
+        bp = list(zip(*np.nonzero(naive_boundary(pred == c))))
+        bg = list(zip(*np.nonzero(naive_boundary(target == c))))
+        if not bp and not bg:
+            out[c] = 1.0
+            continue
+        if not bp or not bg:
+            out[c] = 0.0
+            continue
+
+        def matched(src, dst):
+            return sum(1 for (y, x) in src if min(math.hypot(y - v, x - u) for (v, u) in dst) <= tol)
+
+        p = matched(bp, bg) / len(bp)
+        r = matched(bg, bp) / len(bg)
+        out[c] = 2 * p * r / (p + r) if p + r else 0.0
+    return out
+
+
+def naive_components(mask: np.ndarray) -> np.ndarray:
+    """4-connected flood fill, labels 1..K."""
+    h, w = mask.shape
+    lab = np.zeros((h, w), dtype=np.int64)
+    k = 0
+    for y in range(h):
+        for x in range(w):
+            if mask[y, x] and lab[y, x] == 0:
+                k += 1
+                lab[y, x] = k
+                queue = deque([(y, x)])
+                while queue:
+                    cy, cx = queue.popleft()
+                    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                        yy, xx = cy + dy, cx + dx
+                        if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and lab[yy, xx] == 0:
+                            lab[yy, xx] = k
+                            queue.append((yy, xx))
+    return lab
+
+
+def naive_rand_counts(pred: np.ndarray, target: np.ndarray, fg: int = 1) -> tuple[int, int, int]:
+    """Count ordered pixel pairs (self-pairs included) over ground-truth foreground pixels."""
+    g = naive_components(target == fg)
+    p = naive_components(pred == fg)
+    pts = list(zip(*np.nonzero(g)))
+    ab = a = b = 0
+    for i, (y1, x1) in enumerate(pts):
+        for j, (y2, x2) in enumerate(pts):
+            same_g = g[y1, x1] == g[y2, x2]
+            same_p = i == j or (p[y1, x1] != 0 and p[y1, x1] == p[y2, x2])
+            ab += same_g and same_p
+            a += same_g
+            b += same_p
+    return ab, a, b
+
+
+def blocky(rng, shape, classes, cell):
+    """Random piecewise-constant label map (blocks of ``cell`` pixels) with some noise."""
+    small = rng.integers(0, classes, (shape[0] // cell + 1, shape[1] // cell + 1))
+    out = np.kron(small, np.ones((cell, cell), dtype=np.int64))[: shape[0], : shape[1]]
+    flip = rng.random(shape) < 0.05
+    out[flip] = rng.integers(0, classes, int(flip.sum()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# BF score
+
+
+def test_class_boundary_matches_naive_and_ignores_image_border():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        m = rng.random((13, 17)) < 0.5
+        assert np.array_equal(class_boundary(m), naive_boundary(m))
+    assert not class_boundary(np.ones((5, 6), bool)).any()
+    square = np.zeros((6, 6), bool)
+    square[1:5, 1:5] = True
+    expected = square.copy()
+    expected[2:4, 2:4] = False
+    assert np.array_equal(class_boundary(square), expected)
+
+
+def test_bf_hand_computed_step():
+    # Ground truth: class 1 on rows 0-9, class 0 on rows 10-19 of a 20x20 image.
+    # Prediction: the boundary is moved 3 rows down on columns 10-19.
+    # Per class: 22 predicted boundary pixels of which 11 lie within 1 px of the true boundary,
+    # 11 of the 20 true boundary pixels are found -> BF = 2*11 / (22 + 20) = 11/21.
+    target = np.zeros((20, 20), np.int64)
+    target[:10] = 1
+    pred = target.copy()
+    pred[10:13, 10:] = 1
+    tol = 1.0 / math.hypot(20, 20)  # exactly one pixel
+    scores = image_bf_scores(pred, target, 2, tolerance=tol)
+    assert scores == pytest.approx({0: 11 / 21, 1: 11 / 21})
+    # with the SegNet tolerance (0.21 px here) only exact boundary pixels count: 10/22 and 10/20
+    strict = image_bf_scores(pred, target, 2)
+    assert strict == pytest.approx({0: 2 * 10 / 42, 1: 2 * 10 / 42})
+
+
+def test_bf_perfect_shift_and_tolerance():
+    target = np.zeros((40, 60), np.int64)
+    target[:, 30:] = 1
+    assert image_bf_scores(target, target, 2) == {0: 1.0, 1: 1.0}
+    shifted = np.zeros_like(target)
+    shifted[:, 28:] = 1  # 2 px off; default tolerance 0.0075 * 72.1 = 0.54 px
+    assert image_bf_scores(shifted, target, 2) == {0: 0.0, 1: 0.0}
+    assert image_bf_scores(shifted, target, 2, tolerance=2.0 / math.hypot(40, 60)) == {0: 1.0, 1: 1.0}
+
+
+def test_bf_edge_cases():
+    t = np.zeros((8, 8), np.int64)
+    assert boundary_f1(np.zeros((8, 8), bool), np.zeros((8, 8), bool), 1.0) == 1.0
+    one = np.zeros((8, 8), bool)
+    one[3, 3] = True
+    assert boundary_f1(one, np.zeros((8, 8), bool), 1.0) == 0.0
+    assert boundary_f1(np.zeros((8, 8), bool), one, 1.0) == 0.0
+    # a class only in the prediction is not scored; the true class loses its (empty) boundary match
+    pred = t.copy()
+    pred[2:5, 2:5] = 2
+    assert image_bf_scores(pred, t, 3) == {0: 0.0}
+    # ignored pixels: the prediction there is replaced by the ignore label, so no penalty
+    t2 = t.copy()
+    t2[:, 4:] = 255
+    p2 = np.where(np.arange(8)[None, :] >= 4, 1, 0).repeat(8, 0)
+    assert image_bf_scores(p2, t2, 2) == {0: 1.0}
+    assert image_bf_scores(t2, np.full((8, 8), 255), 2) == {}
+    with pytest.raises(ValueError):
+        image_bf_scores(t, t[:4], 2)
+    with pytest.raises(ValueError):
+        image_bf_scores(t, t + 5, 2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bf_matches_naive(seed):
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(20, 40)), int(rng.integers(20, 40)))
+    target = blocky(rng, shape, 4, 6)
+    target[rng.random(shape) < 0.03] = 255
+    pred = blocky(rng, shape, 4, 6)
+    pred = np.where(rng.random(shape) < 0.6, np.where(target == 255, 0, target), pred)
+    tol = float(rng.choice([0.0075, 0.03, 0.06]))
+    got = image_bf_scores(pred, target, 4, tolerance=tol)
+    want = naive_bf(pred, target, 4, tol)
+    assert got.keys() == want.keys()
+    for c in want:
+        assert got[c] == pytest.approx(want[c], abs=1e-12)
+
+
+def test_bf_meter_means_over_images_then_classes():
+    rng = np.random.default_rng(5)
+    meter = BFMeter(3, tolerance=0.05)
+    per_image, per_class = [], {0: [], 1: [], 2: []}
+    for _ in range(3):
+        t = blocky(rng, (24, 30), 3, 8)
+        p = np.where(rng.random(t.shape) < 0.7, t, blocky(rng, (24, 30), 3, 8))
+        ref = naive_bf(p, t, 3, 0.05)
+        per_image.append(np.mean(list(ref.values())))
+        for c, v in ref.items():
+            per_class[c].append(v)
+        meter.update(p, t)
+    meter.update(np.zeros((5, 5), np.int64), np.full((5, 5), 255))  # no valid pixels: skipped
+    out = meter.compute()
+    assert out["bf_score"] == pytest.approx(np.mean(per_image))
+    assert out["per_class_bf"] == pytest.approx([np.mean(per_class[c]) for c in range(3)])
+    assert BFMeter(2).compute() == {"bf_score": None, "per_class_bf": [None, None]}
+
+
+# ---------------------------------------------------------------------------------------------
+# ISBI 2012: Rand error and pixel error
+
+
+def _two_cells() -> np.ndarray:
+    t = np.ones((5, 5), np.int64)  # 1 = cell
+    t[:, 2] = 0  # a membrane column splits two 10-pixel cells
+    return t
+
+
+def test_rand_hand_computed():
+    t = _two_cells()
+    # perfect: F = 1
+    assert rand_counts(t, t) == (200.0, 200.0, 200.0)
+    assert rand_scores(*rand_counts(t, t))["rand_error"] == 0.0
+    # everything predicted as one cell (a merge): sum_b = 20^2 -> P = 1/2, R = 1, error 1/3
+    merged = np.ones_like(t)
+    assert rand_counts(merged, t) == (200.0, 200.0, 400.0)
+    s = rand_scores(*rand_counts(merged, t))
+    assert (s["rand_precision"], s["rand_recall"]) == (0.5, 1.0)
+    assert s["rand_error"] == pytest.approx(1 / 3)
+    # the left cell split by a predicted membrane row: 4 + 4 pixels + 2 singletons
+    split = t.copy()
+    split[2, :2] = 0
+    assert rand_counts(split, t) == (134.0, 200.0, 134.0)
+    s = rand_scores(*rand_counts(split, t))
+    assert s["rand_precision"] == 1.0 and s["rand_recall"] == pytest.approx(0.67)
+    assert s["rand_error"] == pytest.approx(1 - 268 / 334)
+
+
+def test_rand_ignores_membrane_of_ground_truth_and_is_label_free():
+    t = _two_cells()
+    p = t.copy()
+    p[:, 2] = 1  # filling the true membrane merges the cells in the prediction ...
+    assert rand_counts(p, t) == (200.0, 200.0, 400.0)  # ... which is a merge error
+    q = t.copy()
+    q[0, 2] = 1  # predicting cell on one membrane pixel that touches both cells: same merge
+    assert rand_counts(q, t) == (200.0, 200.0, 400.0)
+    # relabelling classes is not the point, components are: a no-foreground ground truth is undefined
+    assert rand_scores(*rand_counts(t, np.zeros_like(t)))["rand_error"] is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rand_matches_naive_pair_counting(seed):
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(8, 14)), int(rng.integers(8, 14)))
+    t = (rng.random(shape) < 0.7).astype(np.int64)
+    p = np.where(rng.random(shape) < 0.8, t, 1 - t)
+    assert np.array_equal(label_components(t == 1) > 0, naive_components(t == 1) > 0)
+    assert rand_counts(p, t) == tuple(float(v) for v in naive_rand_counts(p, t))
+
+
+def test_rand_meter_pools_counts_and_thresholds():
+    rng = np.random.default_rng(7)
+    targets = [(rng.random((10, 12)) < 0.7).astype(np.int64) for _ in range(3)]
+    probs = [np.clip(t * 0.6 + rng.random(t.shape) * 0.5, 0, 1) for t in targets]
+    meter = RandMeter()
+    total = np.zeros(3)
+    for t, pr in zip(targets, probs):
+        pred = (pr > 0.5).astype(np.int64)
+        meter.update(pred, t)
+        total += naive_rand_counts(pred, t)
+    assert meter.compute() == pytest.approx(rand_scores(*total))
+    best = rand_error_over_thresholds(probs, targets, thresholds=(0.3, 0.5, 0.7))
+    each = [rand_scores(*sum(np.array(naive_rand_counts((pr > th).astype(np.int64), t))
+                             for pr, t in zip(probs, targets)))["rand_f"] for th in (0.3, 0.5, 0.7)]
+    assert best["rand_f"] == pytest.approx(max(each))
+    assert best["threshold"] == (0.3, 0.5, 0.7)[int(np.argmax(each))]
+
+
+def test_pixel_error_is_share_of_wrong_pixels():
+    t = _two_cells()
+    p = t.copy()
+    p[0, 0] = 0
+    p[4, 4] = 0
+    cm = confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), 2)
+    assert pixel_error(cm) == pytest.approx(2 / 25)
+    assert pixel_error(torch.zeros(2, 2, dtype=torch.int64)) is None
