@@ -79,18 +79,20 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pixelwise.engine.config import parse_json_dict
+    from pixelwise.engine.config import parse_json_dict, parse_size
     from pixelwise.engine.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data, args.split,
                                   tile=args.tile, tta=args.tta, device=args.device,
                                   dataset_kwargs=parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, bf=not args.no_bf,
+                                  resize=parse_size(args.resize))
     shown = {k: v for k, v in metrics.items() if k != "per_class"}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for row in metrics.get("per_class", []):
-        iou = "null" if row["iou"] is None else f"{row['iou']:.4f}"
-        print(f"  {row['name']:<16} IoU {iou}")
+        cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"
+                 for key in ("iou", "acc", "bf") if key in row]
+        print(f"  {row['name']:<16} " + "  ".join(cells))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2))
@@ -146,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
+    p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
+    p.add_argument("--resize", help="predict at HxW and upsample the probabilities to each image's size "
+                                    "(for models trained with augment resize)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
