@@ -1,0 +1,216 @@
+"""Required: the metrics of ``pixelwise eval`` equal an independent numpy computation over the
+PNG masks that ``pixelwise predict`` writes for the same images (no training; random weights)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelwise import create_model, save_checkpoint
+from pixelwise.cli import main
+
+KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
+NAMES = ["sky", "road", "car", "tree"]
+PALETTE = [[128, 128, 128], [128, 64, 128], [64, 0, 128], [128, 128, 0]]
+
+
+def _checkpoint(path, num_classes, names, palette, seed):
+    torch.manual_seed(seed)
+    model = create_model("unet", num_classes=num_classes, **KW).eval()
+    with torch.no_grad():  # a spread of classes rather than one class everywhere: sharpen the classifier
+        model.head.weight.mul_(8.0)
+    save_checkpoint(path, model, {"model": "unet", "num_classes": num_classes, "model_kwargs": KW,
+                                  "task": "semantic", "class_names": names, "palette": palette,
+                                  "mean": [0.5] * 3, "std": [0.25] * 3})
+    return path
+
+
+def _blocky(rng, h, w, k, cell):
+    small = rng.integers(0, k, (h // cell + 1, w // cell + 1))
+    return np.kron(small, np.ones((cell, cell), dtype=np.int64))[:h, :w]
+
+
+def _folder_tree(root, rng, sizes):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.json").write_text(json.dumps({"names": NAMES, "palette": PALETTE}))
+    for i, (h, w) in enumerate(sizes):
+        mask = _blocky(rng, h, w, 4, 9).astype(np.uint8)
+        mask[rng.random((h, w)) < 0.04] = 255  # some ignored pixels
+        colours = np.array(PALETTE + [[0, 0, 0]] * 252, dtype=np.int64)[np.where(mask == 255, 4, mask)]
+        image = np.clip(colours + rng.normal(0, 40, colours.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"img{i}.png")
+        Image.fromarray(mask, mode="L").save(root / "masks" / f"img{i}.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# independent reference: numpy over the written PNGs (no pixelwise.metrics)
+
+
+def _np_boundary(m):
+    p = np.pad(m, 1, mode="edge")
+    inside = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m & ~inside
+
+
+def _np_min_dist(src, dst):
+    """For each pixel of src, the distance to the nearest pixel of dst (brute force)."""
+    a, b = np.argwhere(src).astype(float), np.argwhere(dst).astype(float)
+    d = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    return d.min(1)
+
+
+def _np_bf(pred, gt, k):
+    tol = 0.0075 * math.hypot(*gt.shape)
+    pred = np.where(gt == 255, 255, pred)
+    scores = {}
+    for c in range(k):
+        if not (gt == c).any():
+            continue
+        bp, bg = _np_boundary(pred == c), _np_boundary(gt == c)
+        if not bp.any() and not bg.any():
+            scores[c] = 1.0
+        elif not bp.any() or not bg.any():
+            scores[c] = 0.0
+        else:
+            prec = float((_np_min_dist(bp, bg) <= tol).mean())
+            rec = float((_np_min_dist(bg, bp) <= tol).mean())
+            scores[c] = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return scores
+
+
+def _reference(preds, gts, k):
+    cm = np.zeros((k, k), np.int64)
+    for p, g in zip(preds, gts):
+        v = g != 255
+        np.add.at(cm, (g[v].astype(np.int64), p[v].astype(np.int64)), 1)
+    tp, gt_n, pr_n = np.diag(cm).astype(float), cm.sum(1).astype(float), cm.sum(0).astype(float)
+    union = gt_n + pr_n - tp
+    iou = [tp[c] / union[c] if union[c] else None for c in range(k)]
+    acc = [tp[c] / gt_n[c] if gt_n[c] else None for c in range(k)]
+    dice = [2 * tp[c] / (gt_n[c] + pr_n[c]) if union[c] else None for c in range(k)]
+    bf_images, bf_class = [], {c: [] for c in range(k)}
+    for p, g in zip(preds, gts):
+        s = _np_bf(p, g, k)
+        if s:
+            bf_images.append(np.mean(list(s.values())))
+        for c, v in s.items():
+            bf_class[c].append(v)
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "pixel_acc": tp.sum() / cm.sum(), "mean_acc": mean(acc), "mIoU": mean(iou),
+        "fwIoU": sum(gt_n[c] / cm.sum() * (iou[c] or 0.0) for c in range(k)), "dice": mean(dice),
+        "bf_score": float(np.mean(bf_images)),
+        "per_class": [{"iou": iou[c], "acc": acc[c], "dice": dice[c], "pixels": int(gt_n[c]),
+                       "bf": float(np.mean(bf_class[c])) if bf_class[c] else None} for c in range(k)],
+        "cm": cm,
+    }
+
+
+def _np_components(m):
+    """4-connected labelling by repeated min-propagation (numpy only)."""
+    lab = np.where(m, np.arange(1, m.size + 1).reshape(m.shape), 0)
+    big = m.size + 1
+    while True:
+        p = np.pad(np.where(m, lab, big), 1, constant_values=big)
+        nb = np.minimum.reduce([p[1:-1, 1:-1], p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]])
+        new = np.where(m, nb, 0)
+        if np.array_equal(new, lab):
+            return lab
+        lab = new
+
+
+def _np_rand(preds, gts):
+    ab = a = b = 0.0
+    for p, g in zip(preds, gts):
+        gs, ps = _np_components(g == 1), _np_components(p == 1)
+        keep = gs > 0
+        gk, pk = gs[keep], ps[keep]
+        zero = float((pk == 0).sum())
+        pairs = {}
+        for x, y in zip(gk[pk > 0].tolist(), pk[pk > 0].tolist()):
+            pairs[(x, y)] = pairs.get((x, y), 0) + 1
+        ab += sum(v * v for v in pairs.values()) + zero
+        a += sum(float(v) ** 2 for v in np.unique(gk, return_counts=True)[1])
+        b += sum(float(v) ** 2 for v in np.unique(pk[pk > 0], return_counts=True)[1]) + zero
+    prec, rec = ab / b, ab / a
+    return 1 - 2 * prec * rec / (prec + rec)
+
+
+def _assert_close(got, want):
+    if want is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    _folder_tree(root, rng, [(40, 56), (37, 61), (48, 48)])
+    ckpt = _checkpoint(tmp_path / "m.safetensors", 4, NAMES, PALETTE, seed=0)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), str(root / "images"), "--out", str(out),
+                 "--no-progress"]) == 0
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "folder", "--data", str(root),
+                 "--split", "all", "--json", str(report), "--no-progress"]) == 0
+    got = json.loads(report.read_text())
+
+    stems = sorted(p.stem for p in (root / "images").glob("*.png"))
+    preds = [np.array(Image.open(out / f"{s}.png")) for s in stems]
+    gts = [np.array(Image.open(root / "masks" / f"{s}.png")) for s in stems]
+    want = _reference(preds, gts, 4)
+    assert len(set(np.concatenate([p.ravel() for p in preds]).tolist())) >= 2, "degenerate prediction"
+    assert got["num_images"] == 3
+    for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", "bf_score"):
+        _assert_close(got[key], want[key])
+    assert [r["name"] for r in got["per_class"]] == NAMES
+    for g_row, w_row in zip(got["per_class"], want["per_class"]):
+        for key in ("iou", "acc", "dice", "bf"):
+            _assert_close(g_row[key], w_row[key])
+        assert g_row["pixels"] == w_row["pixels"]
+
+
+def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "isbi"
+    (root / "train" / "image").mkdir(parents=True)
+    (root / "train" / "label").mkdir(parents=True)
+    for i in range(6):
+        cells = np.ones((48, 48), np.uint8) * 255
+        cells[rng.integers(0, 48, 4), :] = 0  # membranes: random full rows and columns
+        cells[:, rng.integers(0, 48, 4)] = 0
+        image = np.clip(cells.astype(float) * 0.7 + rng.normal(40, 30, cells.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image, mode="L").save(root / "train" / "image" / f"{i}.png")
+        Image.fromarray(cells, mode="L").save(root / "train" / "label" / f"{i}.png")
+    ckpt = _checkpoint(tmp_path / "isbi.safetensors", 2, ["membrane", "cell"], [[0, 0, 0], [255, 255, 255]], seed=3)
+    out = tmp_path / "pred"
+    images = [str(root / "train" / "image" / f"{i}.png") for i in (2, 3, 4, 5)]  # val split: the last 4 of 6
+    assert main(["predict", "--checkpoint", str(ckpt), *images, "--out", str(out), "--no-progress"]) == 0
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "isbi2012", "--data", str(root),
+                 "--split", "val", "--json", str(report), "--no-progress"]) == 0
+    got = json.loads(report.read_text())
+
+    preds = [np.array(Image.open(out / f"{i}.png")) for i in (2, 3, 4, 5)]
+    gts = [(np.array(Image.open(root / "train" / "label" / f"{i}.png")) >= 128).astype(np.uint8) for i in (2, 3, 4, 5)]
+    assert len(set(np.concatenate([p.ravel() for p in preds]).tolist())) == 2, "degenerate prediction"
+    want = _reference(preds, gts, 2)
+    assert got["num_images"] == 4
+    _assert_close(got["pixel_error"], 1 - want["pixel_acc"])
+    _assert_close(got["rand_error"], _np_rand(preds, gts))
+    for key in ("pixel_acc", "mIoU", "bf_score"):
+        _assert_close(got[key], want[key])
