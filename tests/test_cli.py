@@ -84,3 +84,28 @@ def test_resume_continues_to_the_same_weights(tmp_path):
 def test_models_verb_and_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "pixelwise", "models"], capture_output=True, text=True, check=True)
     assert "unet" in proc.stdout and "Ronneberger" in proc.stdout
+
+
+def test_data_inspect_json(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["data", "inspect", "--dataset", "shapes", "--split", "val", "--json", str(out), "--no-progress",
+                 "--dataset-kwargs", '{"num_val": 5, "size": 32}']) == 0
+    r = json.loads(out.read_text())
+    assert {"num_images", "class_names", "class_pixels", "ignored_pixels", "image_sizes", "median_freq_weights",
+            "problems"} <= set(r)
+    assert r["num_images"] == 5 and sum(r["class_pixels"]) == 5 * 32 * 32
+
+
+def test_bench_reports_contract_keys(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", "segnet_basic", "--size", "32x48", "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for key in ("img_per_s", "ms_per_img", "gflops_per_img", "achieved_gflops", "gemm_peak_gflops",
+                "utilization", "peak_mem_mb"):
+        assert r[key] > 0, key
+    # FLOPs of SegNet-Basic scale with the pixels: 512x512 (see `pixelwise models`) vs 32x48
+    from pixelwise.bench import count_flops
+    from pixelwise.models import create_model
+
+    big = count_flops(lambda: create_model("segnet_basic", num_classes=21), (512, 512))
+    assert r["gflops_per_img"] * 1e9 == pytest.approx(big * (32 * 48) / (512 * 512), rel=0.02)

@@ -63,19 +63,68 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    import functools
+
+    import torch
+
+    from pixelwise.bench import count_flops
     from pixelwise.models import create_model, list_models, model_info
 
+    header = ("model", "task", "params", "GFLOPs@512", "paper")
     rows = []
     for name in list_models():
         info = model_info(name)
-        model = create_model(name, num_classes=21 if info.task == "semantic" else 91)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        rows.append((name, info.task, f"{params:.2f}M", info.paper))
-    widths = [max(len(r[i]) for r in rows + [("model", "task", "params", "paper")]) for i in range(4)]
-    for r in [("model", "task", "params", "paper")] + rows:
+        build = functools.partial(create_model, name, num_classes=21 if info.task == "semantic" else 91)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in build().parameters()) / 1e6
+        flops = count_flops(build, (512, 512), info.task)
+        rows.append((name, info.task, f"{params:.2f}M", "-" if flops is None else f"{flops / 1e9:.1f}", info.paper))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("(parameters with 21 classes for semantic models, 91 for instance models)")
+    print("(21 classes for semantic models, 91 for instance models; GFLOPs = 2 x multiply-adds of one "
+          "forward pass on a 1x3x512x512 input, counted with torch.utils.flop_counter)")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pixelwise.bench import benchmark
+    from pixelwise.engine.config import parse_size
+    from pixelwise.models import create_model, model_info
+
+    if bool(args.model) == bool(args.checkpoint):
+        raise UserError("give exactly one of --model NAME or --checkpoint FILE")
+    if args.checkpoint:
+        from pixelwise.engine.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(args.checkpoint)
+        task = meta.get("task", "semantic")
+    else:
+        task = model_info(args.model).task
+        model = create_model(args.model, num_classes=args.num_classes)
+    result = benchmark(model, parse_size(args.size), batch=args.batch, mode=args.mode, device=args.device,
+                       repeats=args.repeats, task=task)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from pixelwise.data import build_dataset
+    from pixelwise.data.inspect import format_report, inspect_dataset
+    from pixelwise.engine.config import parse_json_dict
+
+    ds = build_dataset(args.dataset, args.data, args.split,
+                       **parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
+    report = inspect_dataset(ds, progress=not args.no_progress)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 1 if report["problems"] and args.strict else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -165,6 +214,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="inference speed, FLOP utilisation and peak memory")
+    p.add_argument("--model")
+    p.add_argument("--checkpoint")
+    p.add_argument("--num-classes", type=int, default=21, help="with --model (default 21)")
+    p.add_argument("--size", required=True, help="input HxW")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--mode", choices=["eager", "fast", "onnx"], default="eager")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    q = data_sub.add_parser("inspect", help="counts, sizes, class frequencies, median-frequency weights, problems")
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--data")
+    q.add_argument("--split", default="train")
+    q.add_argument("--json", help="also write the report to this JSON file")
+    q.add_argument("--dataset-kwargs", help="JSON object of dataset options")
+    q.add_argument("--strict", action="store_true", help="exit 1 when problems are found")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_data_inspect)
     return parser
 
 
