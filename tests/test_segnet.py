@@ -300,3 +300,23 @@ def test_mc_predict_accepts_dict_outputs():
 
     mean, unc = mc_predict(DictModel(), torch.randn(2, 3, 5, 6), samples=2)
     assert mean.shape == (2, 4, 5, 6) and unc.shape == (2, 5, 6)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_export_keeps_height_and_width_dynamic_and_trace_works_at_its_size():
+    torch.manual_seed(0)
+    features = make_features((4, "M", 8, "M", 8, "M"), batch_norm=True)
+    model = SegNet(features, decoder_stages(mirror_channels(features), "indices"), nn.Conv2d(4, 3, 3, padding=1))
+    model.eval()
+    x = torch.randn(1, 3, 37, 45)
+    dim = torch.export.Dim.AUTO
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {2: dim, 3: dim}}).module()
+    with torch.no_grad():
+        for size in [(37, 45), (64, 96), (25, 70)]:  # padded and unpadded sizes, one program
+            y = torch.randn(1, 3, *size)
+            assert torch.allclose(program(y), model(y), atol=1e-5)
+        traced = torch.jit.trace(model, x)
+        assert torch.allclose(traced(x), model(x), atol=1e-5)

@@ -27,19 +27,28 @@ from torch import Tensor
 
 from pixelwise.backbones.vgg import VGG16_CFG, make_features
 from pixelwise.errors import UserError
+from pixelwise.models._utils import pad_to_multiple
 from pixelwise.models.registry import register_model
 from pixelwise.models.segnet import (
     DecoderStage,
     conv_bn,
+    crop_top_left,
     decoder_stages,
     encode,
     init_weights,
     load_vgg_features,
     mirror_channels,
-    pad_to_multiple,
 )
 
-__all__ = ["DeconvNet", "crop_boxes", "deconvnet", "instance_wise_predict", "load_pretrained"]
+__all__ = ["DeconvNet", "crop_boxes", "deconvnet", "instance_wise_predict", "load_pretrained", "pad_to_min"]
+
+
+def pad_to_min(x: Tensor, min_size: int) -> Tensor:
+    """Zero-pad ``Tensor[N, C, H, W]`` at the bottom/right to at least ``min_size`` in each dimension
+    (``torch.sym_max`` keeps the sizes symbolic under ``torch.export``)."""
+    h, w = x.shape[-2:]
+    biggest = max if torch.jit.is_tracing() else torch.sym_max  # jit.trace hands out tensor sizes
+    return F.pad(x, (0, biggest(w, min_size) - w, 0, biggest(h, min_size) - h))
 
 
 class DeconvNet(nn.Module):
@@ -69,12 +78,12 @@ class DeconvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
-        x = pad_to_multiple(x, self.size_divisor, self.min_size)
+        x = pad_to_multiple(pad_to_min(x, self.min_size), self.size_divisor)
         x, indices, sizes = encode(self.features, x)
         x = self.deconv_fc6(self.fc7(self.fc6(x)))
         for stage, idx, size in zip(self.decoder, indices[::-1], sizes[::-1]):
             x = stage(x, idx, size)
-        return self.classifier(x)[..., :h, :w]
+        return crop_top_left(self.classifier(x), h, w)
 
 
 @register_model("deconvnet", paper="Noh et al., ICCV 2015")

@@ -37,6 +37,7 @@ from pixelwise.backbones._common import load_matching, load_weights
 from pixelwise.backbones.vgg import URLS, VGG16_CFG, make_features
 from pixelwise.errors import UserError
 from pixelwise.layers import max_unpool, upsample_nearest, upsample_zeros
+from pixelwise.models._utils import pad_to_multiple
 from pixelwise.models.registry import register_model
 
 __all__ = [
@@ -45,10 +46,10 @@ __all__ = [
     "SegNet",
     "bayesian_segnet",
     "conv_bn",
+    "crop_top_left",
     "encode",
     "mc_predict",
     "mirror_channels",
-    "pad_to_multiple",
     "segnet",
     "segnet_basic",
     "unpool",
@@ -62,13 +63,11 @@ DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaD
 # --------------------------------------------------------------------------- functions
 
 
-def pad_to_multiple(x: Tensor, multiple: int, min_size: int = 0) -> Tensor:
-    """Zero-pad ``Tensor[N, C, H, W]`` at the bottom and right to ``Tensor[N, C, H', W']`` where
-    ``H' = max(ceil(H / multiple) * multiple, min_size)`` (``min_size`` a multiple of ``multiple``)."""
-    h, w = x.shape[-2:]
-    ph = max(-(-h // multiple) * multiple, min_size) - h
-    pw = max(-(-w // multiple) * multiple, min_size) - w
-    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+def crop_top_left(x: Tensor, height: int, width: int) -> Tensor:
+    """``Tensor[N, C, H', W'] -> Tensor[N, C, height, width]``, the top-left part (``height <= H'``).
+    A negative ``F.pad`` rather than a slice, so that ``torch.export`` does not specialise the
+    program on whether the input needed padding (with a slice it does)."""
+    return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
 
 
 def unpool(x: Tensor, indices: Tensor, size: Sequence[int], mode: str = "indices") -> Tensor:
@@ -78,6 +77,8 @@ def unpool(x: Tensor, indices: Tensor, size: Sequence[int], mode: str = "indices
     elsewhere; ``"bilinear"``: bilinear interpolation (``align_corners=False``). Only ``"indices"``
     reads ``indices``."""
     if mode == "indices":
+        if torch.jit.is_tracing():  # F.max_unpool2d's Python-side size check fails under jit.trace
+            return torch.ops.aten.max_unpool2d(x, indices, list(size[-2:]))
         return max_unpool(x, indices, size)
     if mode == "nearest":
         return upsample_nearest(x, 2, tuple(size))
@@ -196,7 +197,7 @@ class SegNet(nn.Module):
         x, indices, sizes = encode(self.features, x, self.encoder_dropout)
         for stage, drop, idx, size in zip(self.decoder, self.decoder_dropout, indices[::-1], sizes[::-1]):
             x = drop(stage(x, idx, size))
-        return self.classifier(x)[..., :h, :w]
+        return crop_top_left(self.classifier(x), h, w)
 
 
 # --------------------------------------------------------------------------- MC dropout
