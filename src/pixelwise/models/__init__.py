@@ -3,6 +3,7 @@
 import pixelwise.models.deconvnet  # noqa: F401
 import pixelwise.models.deeplab  # noqa: F401
 import pixelwise.models.fcn  # noqa: F401
+import pixelwise.models.maskrcnn  # noqa: F401
 import pixelwise.models.segnet  # noqa: F401
 from pixelwise.models import unet  # noqa: F401
 from pixelwise.models.registry import create_model, list_models, model_info, register_model

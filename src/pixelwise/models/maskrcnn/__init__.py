@@ -78,12 +78,8 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[TransformConfig, RPNConfig, Ro
         elif key == "bbox_reg_weights":
             roi[key] = tuple(value)
         else:
-            known = sorted(
-                transform_fields | {f"rpn_{f}" for f in rpn_fields} | {f"box_{f}" for f in roi_fields}
-            )
-            raise UserError(
-                f"maskrcnn: unknown argument {key!r}; known: {', '.join(known)}, trainable_backbone_layers"
-            )
+            known = sorted(transform_fields | {f"rpn_{f}" for f in rpn_fields} | {f"box_{f}" for f in roi_fields})
+            raise UserError(f"maskrcnn: unknown argument {key!r}; known: {', '.join(known)}, trainable_backbone_layers")
     if "min_size" in transform:
         size = transform["min_size"]
         transform["min_size"] = (int(size),) if isinstance(size, int | float) else tuple(int(s) for s in size)
@@ -144,9 +140,7 @@ def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -
     ``num_batches_tracked``) -> loaded into ``model``; with ``num_classes != 91`` the
     class-specific layers keep their initialisation (fine-tuning)."""
     if pretrained == "coco":
-        state = torch.hub.load_state_dict_from_url(
-            COCO_URL, progress=True, map_location="cpu", weights_only=True
-        )
+        state = torch.hub.load_state_dict_from_url(COCO_URL, progress=True, map_location="cpu", weights_only=True)
     else:
         state = load_weights(pretrained, COCO_URL)
     optional = CLASS_SPECIFIC if num_classes != COCO_NUM_CLASSES else ()
@@ -159,9 +153,9 @@ def _maskrcnn(arch: str, num_classes: int, pretrained: str | None, kwargs: dict[
     trainable = kwargs.pop("trainable_backbone_layers", None)
     transform, rpn, roi = split_kwargs(kwargs)
     make_resnet = {"resnet50": resnet50, "resnet18": resnet18}[arch]
-    backbone = make_resnet(
-        pretrained="imagenet" if pretrained == "imagenet" else None, norm_layer=FrozenBatchNorm2d
-    )
+    # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
+    norm_layer = nn.BatchNorm2d if pretrained is None else FrozenBatchNorm2d
+    backbone = make_resnet(pretrained="imagenet" if pretrained == "imagenet" else None, norm_layer=norm_layer)
     model = build_maskrcnn(backbone, num_classes, transform, rpn, roi)
     if pretrained not in (None, "imagenet"):
         load_detection_weights(model, pretrained, num_classes)
@@ -191,7 +185,5 @@ def maskrcnn_resnet18_fpn(num_classes: int = 91, pretrained: str | None = None, 
     ``feature_info``): about 2.3x fewer backbone FLOPs, meant for CPU training and tests.
     No COCO weights exist for it; ``pretrained`` is ``None``, ``"imagenet"`` or a path."""
     if pretrained == "coco":
-        raise UserError(
-            "maskrcnn_resnet18_fpn has no COCO weights; use pretrained='imagenet' or maskrcnn_resnet50_fpn"
-        )
+        raise UserError("maskrcnn_resnet18_fpn has no COCO weights; use pretrained='imagenet' or maskrcnn_resnet50_fpn")
     return _maskrcnn("resnet18", num_classes, pretrained, dict(kwargs))

@@ -2,9 +2,9 @@
 
 Contract (pixelwise, deliberately unlike torchvision): ``model(images)`` returns detections
 and ``model(images, targets)`` returns the dict of losses, whatever ``model.training`` says.
-The mode only switches randomness that belongs to training (a random ``min_size`` when
-several are configured); the backbone's BatchNorm is frozen, so train and eval mode give
-the same numbers.
+The mode only switches what it always switches in PyTorch: BatchNorm
+statistics where the backbone trains them (from scratch; under pretrained weights they are
+frozen), and the random ``min_size`` draw of multi-scale training.
 """
 
 from __future__ import annotations
@@ -30,9 +30,7 @@ def check_targets(targets: list[dict[str, Tensor]], num_images: int) -> None:
             raise ValueError(f"targets[{i}] lacks {sorted(missing)}; each target needs boxes, labels, masks")
         boxes, labels, masks = t["boxes"], t["labels"], t["masks"]
         if not boxes.is_floating_point() or boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise ValueError(
-                f"targets[{i}]['boxes'] must be float Tensor[K, 4], got {boxes.dtype}{list(boxes.shape)}"
-            )
+            raise ValueError(f"targets[{i}]['boxes'] must be float Tensor[K, 4], got {boxes.dtype}{list(boxes.shape)}")
         k = boxes.shape[0]
         if labels.shape != (k,) or labels.dtype != torch.int64:
             raise ValueError(
@@ -73,6 +71,16 @@ class MaskRCNN(nn.Module):
         self.backbone = backbone
         self.rpn = rpn
         self.roi_heads = roi_heads
+        self._register_load_state_dict_pre_hook(self._fill_num_batches_tracked)
+
+    def _fill_num_batches_tracked(self, state_dict: dict, prefix: str, *args) -> None:
+        """Accept torchvision's published layout (FrozenBatchNorm2d, no ``num_batches_tracked``)
+        in a model whose backbone has trainable BatchNorm: the missing counters start at 0."""
+        for name, module in self.named_modules():
+            key = f"{prefix}{name}.num_batches_tracked"
+            has_stats = f"{prefix}{name}.running_mean" in state_dict
+            if isinstance(module, nn.BatchNorm2d) and has_stats and key not in state_dict:
+                state_dict[key] = torch.zeros((), dtype=torch.long)
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None

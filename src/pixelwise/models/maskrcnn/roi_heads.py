@@ -74,9 +74,7 @@ class MaskRCNNHeads(nn.Sequential):
     def __init__(self, in_channels: int, layers: tuple[int, ...] = (256, 256, 256, 256)) -> None:
         blocks = []
         for out_channels in layers:
-            blocks.append(
-                nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True))
-            )
+            blocks.append(nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)))
             in_channels = out_channels
         super().__init__(*blocks)
         for m in self.modules():
@@ -214,12 +212,8 @@ class RoIHeads(nn.Module):
         self.mask_predictor = mask_predictor
         self.config = config
         self.box_coder = ops.BoxCoder(config.bbox_reg_weights, bbox_xform_clip=BBOX_XFORM_CLIP)
-        self.matcher = ops.Matcher(
-            config.fg_iou_thresh, config.bg_iou_thresh, allow_low_quality_matches=False
-        )
-        self.sampler = ops.BalancedPositiveNegativeSampler(
-            config.batch_size_per_image, config.positive_fraction
-        )
+        self.matcher = ops.Matcher(config.fg_iou_thresh, config.bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = ops.BalancedPositiveNegativeSampler(config.batch_size_per_image, config.positive_fraction)
 
     # torchvision sets these two after construction (e.g. the fixture does); keep them as attributes.
     @property
@@ -284,9 +278,7 @@ class RoIHeads(nn.Module):
             if i.numel()
         ]
         mask_targets = torch.cat(mask_targets) if mask_targets else mask_logits.new_zeros((0, size, size))
-        mask_loss = maskrcnn_loss(
-            mask_logits, torch.cat([s.labels[i] for s, i in zip(samples, fg)]), mask_targets
-        )
+        mask_loss = maskrcnn_loss(mask_logits, torch.cat([s.labels[i] for s, i in zip(samples, fg)]), mask_targets)
         return {"loss_classifier": cls_loss, "loss_box_reg": box_loss, "loss_mask": mask_loss}
 
     def detect(
@@ -296,9 +288,7 @@ class RoIHeads(nn.Module):
         counts = [p.shape[0] for p in proposals]
         detections = [
             postprocess_image(c, r, p, size, self.box_coder, self.config)
-            for c, r, p, size in zip(
-                class_logits.split(counts), box_regression.split(counts), proposals, image_sizes
-            )
+            for c, r, p, size in zip(class_logits.split(counts), box_regression.split(counts), proposals, image_sizes)
         ]
         mask_logits = self.mask_forward(features, [d["boxes"] for d in detections], image_sizes)
         probs = mask_probabilities(mask_logits, torch.cat([d["labels"] for d in detections]))

@@ -140,9 +140,7 @@ def rpn_loss(
     flat_deltas, flat_targets = deltas.reshape(-1, 4), targets.reshape(-1, 4)
     box_loss = F.smooth_l1_loss(flat_deltas[pos], flat_targets[pos], beta=1 / 9, reduction="sum")
     box_loss = box_loss / max(sampled.numel(), 1)
-    obj_loss = F.binary_cross_entropy_with_logits(
-        objectness.reshape(-1)[sampled], labels.reshape(-1)[sampled]
-    )
+    obj_loss = F.binary_cross_entropy_with_logits(objectness.reshape(-1)[sampled], labels.reshape(-1)[sampled])
     return obj_loss, box_loss
 
 
@@ -160,16 +158,12 @@ class RegionProposalNetwork(nn.Module):
         self.config = config
         self.box_coder = ops.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0), bbox_xform_clip=BBOX_XFORM_CLIP)
         self.matcher = ops.Matcher(config.fg_iou_thresh, config.bg_iou_thresh, allow_low_quality_matches=True)
-        self.sampler = ops.BalancedPositiveNegativeSampler(
-            config.batch_size_per_image, config.positive_fraction
-        )
+        self.sampler = ops.BalancedPositiveNegativeSampler(config.batch_size_per_image, config.positive_fraction)
 
     def anchors(self, images: ImageBatch, features: list[Tensor]) -> Tensor:
         """The anchors ``Tensor[R, 4]`` shared by every image of the batch."""
         sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.anchor_generator(
-            tuple(images.tensors.shape[-2:]), sizes, features[0].dtype, features[0].device
-        )
+        return self.anchor_generator(tuple(images.tensors.shape[-2:]), sizes, features[0].dtype, features[0].device)
 
     def propose(
         self,
@@ -186,15 +180,10 @@ class RegionProposalNetwork(nn.Module):
         pre_n = cfg.pre_nms_top_n_train if training else cfg.pre_nms_top_n_test
         post_n = cfg.post_nms_top_n_train if training else cfg.post_nms_top_n_test
         n = objectness.shape[0]
-        boxes = self.box_coder.decode_single(deltas.detach().reshape(-1, 4), anchors.repeat(n, 1)).view(
-            n, -1, 4
-        )
+        boxes = self.box_coder.decode_single(deltas.detach().reshape(-1, 4), anchors.repeat(n, 1)).view(n, -1, 4)
         objectness = objectness.detach()
         levels = torch.cat(
-            [
-                torch.full((k,), i, dtype=torch.int64, device=objectness.device)
-                for i, k in enumerate(anchors_per_level)
-            ]
+            [torch.full((k,), i, dtype=torch.int64, device=objectness.device) for i, k in enumerate(anchors_per_level)]
         )
         idx = top_n_per_level(objectness, anchors_per_level, pre_n)
         rows = torch.arange(n, device=idx.device)[:, None]
@@ -213,9 +202,7 @@ class RegionProposalNetwork(nn.Module):
             lab, matched = anchor_labels(anchors, t["boxes"].to(anchors.dtype), self.matcher)
             labels.append(lab)
             regression.append(self.box_coder.encode_single(matched, anchors))
-        obj_loss, box_loss = rpn_loss(
-            objectness, deltas, torch.stack(labels), torch.stack(regression), self.sampler
-        )
+        obj_loss, box_loss = rpn_loss(objectness, deltas, torch.stack(labels), torch.stack(regression), self.sampler)
         return {"loss_objectness": obj_loss, "loss_rpn_box_reg": box_loss}
 
     def forward(

@@ -177,9 +177,7 @@ def paste_mask(mask: Tensor, box: list[int], height: int, width: int) -> Tensor:
     return canvas
 
 
-def paste_masks_in_image(
-    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1
-) -> Tensor:
+def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
     """Masks ``Tensor[D, 1, M, M]`` inside ``boxes`` ``Tensor[D, 4]`` -> ``Tensor[D, 1, H, W]``.
 
     As torchvision: the mask is padded by ``padding`` pixels and the box enlarged by the same

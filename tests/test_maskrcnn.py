@@ -1,0 +1,298 @@
+"""Mask R-CNN specifics: anchors, resize rule, builder kwargs, weights, train/eval contract,
+empty targets and overfitting one image. (Equivalence with torchvision: test_maskrcnn_fixture.py.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import FIXTURES, require
+from pixelwise.errors import UserError
+from pixelwise.models.maskrcnn import (
+    COCO_URL,
+    maskrcnn_resnet18_fpn,
+    maskrcnn_resnet50_fpn,
+    paste_masks_in_image,
+    split_kwargs,
+)
+from pixelwise.models.maskrcnn.anchors import AnchorGenerator
+from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig
+from pixelwise.models.registry import model_info
+
+SMALL = {"min_size": 64, "max_size": 96, "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 8}
+
+
+def scene(h: int = 64, w: int = 80, seed: int = 0):
+    """A dark image with two bright rectangles and their instance targets."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, h, w, generator=g) * 0.2
+    masks = torch.zeros(2, h, w, dtype=torch.uint8)
+    masks[0, 10:30, 8:40] = 1
+    masks[1, 35:60, 45:75] = 1
+    image[0][masks[0].bool()] = 0.9
+    image[1][masks[1].bool()] = 0.9
+    target = {
+        "boxes": torch.tensor([[8.0, 10, 40, 30], [45, 35, 75, 60]]),
+        "labels": torch.tensor([1, 2]),
+        "masks": masks,
+    }
+    return image, target
+
+
+def empty_target(h: int = 64, w: int = 80):
+    return {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": torch.zeros(0, h, w, dtype=torch.uint8),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return maskrcnn_resnet18_fpn(num_classes=3, **SMALL)
+
+
+# ----------------------------------------------------------------------------- anchors and transform
+
+
+def test_anchor_count_and_positions():
+    gen = AnchorGenerator()
+    sizes = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    anchors = gen((64, 96), sizes)
+    assert anchors.shape == (sum(h * w for h, w in sizes) * 3, 4)
+    # level 0, location (y=2, x=5), stride 4: three anchors of size 32 centred on (20, 8)
+    first = anchors[(2 * 24 + 5) * 3 : (2 * 24 + 5) * 3 + 3]
+    for (x1, y1, x2, y2), ratio in zip(first.tolist(), (0.5, 1.0, 2.0)):
+        w, h = 32 / math.sqrt(ratio), 32 * math.sqrt(ratio)
+        assert (x1, y1, x2, y2) == (round(-w / 2) + 20, round(-h / 2) + 8, round(w / 2) + 20, round(h / 2) + 8)
+    # last level: stride 64 // 1 = 64 vertically, 96 // 2 = 48 horizontally, size 512
+    last = anchors[-3:]
+    assert last[:, [0, 2]].mean().item() == 48 and last[:, [1, 3]].mean().item() == 0
+    assert (last[1] == torch.tensor([-256.0, -256, 256, 256]) + torch.tensor([48.0, 0, 48, 0])).all()
+
+
+def test_resize_rule_table_from_fixture():
+    meta = json.loads((require(FIXTURES, "torchvision fixtures") / "maskrcnn_resnet50_fpn.json").read_text())
+    for setting, rows in meta["config"]["transform"]["size_rule_examples"].items():
+        lo, hi = (int(v.split("=")[1]) for v in setting.split(","))
+        transform = RCNNTransform(TransformConfig(min_size=(lo,), max_size=hi)).eval()
+        for row in rows:
+            image = torch.zeros(3, *row["input_hw"])
+            batch, _ = transform([image])
+            assert batch.image_sizes == [tuple(row["resized_hw"])], row
+            assert tuple(batch.tensors.shape[-2:]) == tuple(row["batch_hw"]), row
+
+
+def test_transform_resizes_targets_and_does_not_modify_them():
+    image, target = scene()
+    transform = RCNNTransform(TransformConfig(min_size=(128,), max_size=256)).eval()
+    before = {k: v.clone() for k, v in target.items()}
+    batch, (out,) = transform([image], [target])
+    assert batch.image_sizes == [(128, 160)]
+    assert torch.equal(out["boxes"], before["boxes"] * 2)
+    assert out["masks"].shape == (2, 128, 160) and out["masks"].dtype == torch.uint8
+    assert out["masks"].sum().item() == 4 * before["masks"].sum().item()  # nearest, exact factor 2
+    assert all(torch.equal(target[k], before[k]) for k in before)
+
+
+def test_normalize_false_equals_prenormalised_input():
+    image, _ = scene()
+    cfg = TransformConfig(min_size=(96,), max_size=200)
+    mean, std = torch.tensor(cfg.image_mean)[:, None, None], torch.tensor(cfg.image_std)[:, None, None]
+    a = RCNNTransform(cfg)([image])[0].tensors
+    b = RCNNTransform(TransformConfig(min_size=(96,), max_size=200, normalize=False))([(image - mean) / std])
+    torch.testing.assert_close(a, b[0].tensors, atol=1e-5, rtol=1e-5)
+
+
+def test_paste_masks_fills_the_box():
+    masks = torch.ones(2, 1, 28, 28)
+    boxes = torch.tensor([[10.0, 20, 30, 40], [-5, -5, 8, 6]])
+    pasted = paste_masks_in_image(masks, boxes, (50, 60))
+    assert pasted.shape == (2, 1, 50, 60)
+    inside = pasted[0, 0, 21:40, 11:30]
+    assert (inside > 0.99).all()  # interior of the box
+    assert pasted[0, 0, :18].sum() == 0 and pasted[0, 0, :, 33:].sum() == 0  # outside (+1px padding)
+    assert pasted[1, 0, :5, :6].min() > 0.99  # clipped box at the corner
+    assert paste_masks_in_image(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (5, 7)).shape == (0, 1, 5, 7)
+
+
+# ----------------------------------------------------------------------------- builders and weights
+
+
+def test_registered_as_instance_model():
+    for name in ("maskrcnn_resnet50_fpn", "maskrcnn_resnet18_fpn"):
+        info = model_info(name)
+        assert info.task == "instance" and "He et al., ICCV 2017" in info.paper
+
+
+def test_kwargs_reach_their_config():
+    t, r, h = split_kwargs(
+        {
+            "min_size": 320,
+            "max_size": 512,
+            "image_mean": [0.5, 0.5, 0.5],
+            "box_score_thresh": 0.3,
+            "box_nms_thresh": 0.4,
+            "box_detections_per_img": 7,
+            "rpn_pre_nms_top_n_test": 50,
+            "rpn_post_nms_top_n_test": 40,
+            "rpn_pre_nms_top_n_train": 60,
+            "rpn_post_nms_top_n_train": 30,
+        }
+    )
+    assert t.min_size == (320,) and t.max_size == 512 and t.image_mean == (0.5, 0.5, 0.5)
+    assert (h.score_thresh, h.nms_thresh, h.detections_per_img) == (0.3, 0.4, 7)
+    assert (r.pre_nms_top_n_test, r.post_nms_top_n_test, r.pre_nms_top_n_train, r.post_nms_top_n_train) == (
+        50,
+        40,
+        60,
+        30,
+    )
+    with pytest.raises(UserError, match="box_scor_thresh"):
+        split_kwargs({"box_scor_thresh": 0.1})
+
+
+def test_rpn_top_n_limits_proposals(tiny):
+    tiny.eval()
+    image, target = scene()
+    old = tiny.rpn.config.post_nms_top_n_test
+    tiny.rpn.config.post_nms_top_n_test = 5
+    try:
+        batch, _ = tiny.transform([image])
+        proposals, losses = tiny.rpn(batch, tiny.backbone(batch.tensors))
+    finally:
+        tiny.rpn.config.post_nms_top_n_test = old
+    assert proposals[0].shape[0] <= 5 and losses == {}
+
+
+def test_trainable_backbone_layers_and_frozen_bn(monkeypatch):
+    sd = maskrcnn_resnet18_fpn(num_classes=3).backbone.body.state_dict()
+    resnet_sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: dict(resnet_sd) | fc_weights())
+    model = maskrcnn_resnet18_fpn(num_classes=3, pretrained="imagenet", trainable_backbone_layers=2)
+    trainable = {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())  # frozen
+    for key, value in resnet_sd.items():
+        assert torch.equal(model.backbone.body.state_dict()[key], value)
+    assert all(p.requires_grad for p in maskrcnn_resnet18_fpn(num_classes=3).parameters())
+
+
+def fc_weights():
+    return {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+
+
+@pytest.fixture(scope="module")
+def published_state():
+    """A state dict in the layout of torchvision's COCO checkpoint (FrozenBatchNorm2d: no
+    num_batches_tracked), with random values."""
+    torch.manual_seed(1)
+    model = maskrcnn_resnet50_fpn(num_classes=91)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def test_pretrained_coco_loads_published_layout(monkeypatch, published_state):
+    calls = []
+
+    def fake_download(url, **kwargs):
+        calls.append((url, kwargs))
+        return dict(published_state)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    model = maskrcnn_resnet50_fpn(pretrained="coco")
+    assert calls[0][0] == COCO_URL == "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+    assert calls[0][1]["weights_only"] is True
+    state = model.state_dict()
+    assert set(state) == set(published_state)
+    assert all(torch.equal(state[k], v) for k, v in published_state.items())
+    eps = {m.eps for m in model.backbone.body.modules() if hasattr(m, "running_var")}
+    assert eps == {0.0}  # torchvision's overwrite_eps after loading COCO_V1
+    # fine-tuning to another number of classes keeps everything but the class-specific layers
+    model = maskrcnn_resnet50_fpn(num_classes=4, pretrained="coco")
+    assert model.roi_heads.box_predictor.cls_score.weight.shape == (4, 1024)
+    assert torch.equal(model.roi_heads.box_head.fc6.weight, published_state["roi_heads.box_head.fc6.weight"])
+    # the same layout also loads into a model built without weights (trainable BatchNorm2d)
+    fresh = maskrcnn_resnet50_fpn(num_classes=91)
+    fresh.load_state_dict(published_state, strict=True)
+    assert torch.equal(fresh.backbone.body.bn1.running_var, published_state["backbone.body.bn1.running_var"])
+
+
+# ----------------------------------------------------------------------------- train/eval contract
+
+
+def test_outputs_depend_on_arguments_not_mode(tiny):
+    image, target = scene()
+    for train in (True, False):
+        tiny.train(train)
+        losses = tiny([image], [target])
+        assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+        assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+        with torch.no_grad():
+            (det,) = tiny([image])
+        assert set(det) == {"boxes", "labels", "scores", "masks"}
+        d = det["boxes"].shape[0]
+        assert det["masks"].shape == (d, 1, 64, 80) and det["labels"].dtype == torch.int64
+
+
+def test_eval_predictions_are_deterministic(tiny):
+    tiny.eval()
+    tiny.roi_heads.score_thresh, tiny.roi_heads.detections_per_img = 0.0, 10
+    images = [scene(seed=1)[0], scene(48, 72, seed=2)[0]]
+    with torch.no_grad():
+        a, b = tiny(images), tiny(images)
+    tiny.roi_heads.score_thresh, tiny.roi_heads.detections_per_img = 0.05, 100
+    assert a[0]["boxes"].shape[0] > 0
+    for x, y in zip(a, b):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert a[1]["masks"].shape[-2:] == (48, 72)
+
+
+def test_image_without_instances_trains(tiny):
+    tiny.train()
+    image, target = scene()
+    losses = tiny([image, image.flip(-1)], [empty_target(), target])
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert tiny.rpn.head.cls_logits.weight.grad.abs().sum() > 0
+    tiny.zero_grad()
+    losses = tiny([image], [empty_target()])
+    assert losses["loss_mask"].item() == 0.0 and losses["loss_box_reg"].item() == 0.0
+    assert losses["loss_classifier"].item() > 0 and losses["loss_objectness"].item() > 0
+    sum(losses.values()).backward()
+    tiny.zero_grad()
+
+
+def test_bad_targets_raise(tiny):
+    image, target = scene()
+    with pytest.raises(ValueError, match="no area"):
+        tiny([image], [target | {"boxes": torch.tensor([[5.0, 5, 5, 9], [1, 1, 4, 4]])}])
+    with pytest.raises(ValueError, match="lacks"):
+        tiny([image], [{"boxes": target["boxes"], "labels": target["labels"]}])
+
+
+def test_overfits_one_image():
+    torch.manual_seed(0)
+    model = maskrcnn_resnet18_fpn(num_classes=3, **SMALL).train()
+    image, target = scene()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4)
+    history = []
+    for _ in range(25):
+        losses = model([image], [target])
+        loss = sum(losses.values())
+        assert all(torch.isfinite(v) for v in losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert sum(history[-3:]) / 3 < 0.3 * sum(history[:3]) / 3, history
+    model.eval()
+    with torch.no_grad():
+        (det,) = model([image])
+    assert set(det["labels"][:2].tolist()) == {1, 2}, det
