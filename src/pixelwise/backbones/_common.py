@@ -41,7 +41,7 @@ def load_weights(pretrained: str, url: str) -> dict[str, Tensor]:
     elif path.suffix in (".pth", ".pt", ".bin"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - reported as one line to the user
+        except Exception as err:  # any unreadable file becomes one line for the user
             raise UserError(f"{path}: cannot read weights ({type(err).__name__}); it must be a plain "
                             "state dict saved with torch.save") from err
     else:

@@ -29,8 +29,8 @@ padding and crop each fused map by hand-computed offsets (5 and 9 for the pool4/
 
 The kernels and therefore the parameter count are the paper's (FCN-8s, 21 classes:
 134,489,759 including the three upsampling kernels). Differences to Caffe: fc6 sees zeros
-beyond the (padded) image border instead of 100 px of padding, which also roughly halves the
-compute at 500x500. As in the paper, the intermediate upsamplers (``upscore2``,
+beyond the (padded) image border instead of 100 px of padding, which also cuts a 500x500
+forward from 181.5 to 111.3 GMACs. As in the paper, the intermediate upsamplers (``upscore2``,
 ``upscore_pool4``) are learned and the final one is fixed bilinear; all score layers start at
 zero (so FCN-8s initially predicts what its coarser parts predict).
 """
