@@ -1,0 +1,138 @@
+"""COCO box and mask AP (pycocotools) from in-memory predictions and ground-truth instances.
+
+No annotation files are involved: the ground truth is built as a COCO dataset in memory
+(one image per target, annotation ids from 1, ``iscrowd = 0``, ``area`` = mask area) and the
+predictions are loaded as COCO results (masks thresholded at 0.5, as torchvision's reference
+evaluation does). Numbers follow COCO's definitions: AP averaged over IoU 0.50:0.95, AP50,
+AP75, and AP for small / medium / large objects, at 100 detections per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """bool/uint8 ``[H, W]`` -> COCO RLE (``{"size": [H, W], "counts": bytes}``)."""
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def xyxy_to_xywh(boxes: Tensor) -> list[list[float]]:
+    """``Tensor[K, 4]`` (x1, y1, x2, y2) -> COCO ``[x, y, w, h]`` lists."""
+    b = boxes.detach().cpu().double().reshape(-1, 4)
+    return torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], dim=1).tolist()
+
+
+def binary_masks(masks: Tensor, threshold: float = 0.5) -> np.ndarray:
+    """Masks ``[K, H, W]`` or ``[K, 1, H, W]`` (bool, uint8 or probabilities) -> bool ``[K, H, W]``;
+    float masks are thresholded at ``>= threshold``."""
+    m = masks.detach().cpu()
+    if m.dim() == 4:
+        m = m[:, 0]
+    m = m >= threshold if m.is_floating_point() else m.bool()
+    return m.numpy()
+
+
+def ground_truth_coco(targets: Sequence[dict[str, Tensor]], class_ids: Sequence[int]) -> COCO:
+    """Targets (``boxes`` Tensor[K, 4], ``labels`` Tensor[K], ``masks`` [K, H, W]) -> a COCO index."""
+    images, annotations = [], []
+    for image_id, t in enumerate(targets):
+        masks = binary_masks(t["masks"])
+        h, w = masks.shape[-2:]
+        images.append({"id": image_id, "height": int(h), "width": int(w)})
+        for box, label, mask in zip(xyxy_to_xywh(t["boxes"]), t["labels"].tolist(), masks):
+            rle = encode_mask(mask)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,  # COCOeval treats id 0 as "unmatched"
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": box,
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "iscrowd": 0,
+                }
+            )
+    coco = COCO()
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": int(c), "name": str(c)} for c in class_ids],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def detection_results(predictions: Sequence[dict[str, Tensor]], class_ids: Sequence[int], iou_type: str) -> list[dict]:
+    """Predictions (``boxes``, ``labels``, ``scores``, ``masks``) -> COCO result dicts, one per
+    detection of a class in ``class_ids``, holding ``segmentation`` (RLE) for ``iou_type="segm"``
+    and ``bbox`` for ``"bbox"`` (separate, so that pycocotools takes each detection's area from
+    its mask or its box respectively)."""
+    wanted = {int(c) for c in class_ids}
+    results = []
+    for image_id, p in enumerate(predictions):
+        masks = binary_masks(p["masks"]) if iou_type == "segm" else [None] * len(p["scores"])
+        for box, label, score, mask in zip(xyxy_to_xywh(p["boxes"]), p["labels"].tolist(), p["scores"].tolist(), masks):
+            if int(label) not in wanted:
+                continue
+            result = {"image_id": image_id, "category_id": int(label), "score": float(score)}
+            if iou_type == "segm":
+                result["segmentation"] = encode_mask(mask)
+            else:
+                result["bbox"] = box
+            results.append(result)
+    return results
+
+
+def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, class_ids: Sequence[int]) -> list[float]:
+    """COCOeval ``iou_type`` ("bbox" or "segm") -> its first six stats (NaN where undefined)."""
+    if not results:
+        return [0.0 if gt.dataset["annotations"] else float("nan")] * len(STAT_NAMES)
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, iou_type)
+        ev.params.catIds = [int(c) for c in class_ids]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(s) if s >= 0 else float("nan") for s in ev.stats[: len(STAT_NAMES)]]
+
+
+def coco_evaluate(
+    predictions: Sequence[dict[str, Tensor]],
+    targets: Sequence[dict[str, Tensor]],
+    class_ids: Sequence[int],
+) -> dict[str, float]:
+    """COCO AP of instance predictions against ground truth, per image in the same order.
+
+    ``predictions[i]``: ``boxes`` Tensor[D, 4] (x1, y1, x2, y2), ``labels`` int Tensor[D],
+    ``scores`` Tensor[D], ``masks`` Tensor[D, 1, H, W] probabilities (Mask R-CNN's output) or
+    bool/uint8 Tensor[D, H, W]. ``targets[i]``: ``boxes`` Tensor[K, 4], ``labels`` Tensor[K],
+    ``masks`` Tensor[K, H, W]. ``class_ids``: the category ids to average over (e.g. ``1..C-1``).
+
+    Returns ``mask_AP mask_AP50 mask_AP75 mask_APs mask_APm mask_APl`` and the same with
+    ``box_``, as fractions in [0, 1] (NaN where COCO leaves a value undefined, e.g. no object of
+    that size), plus ``num_images``. With no predictions at all, AP is 0.
+    """
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
+    gt = ground_truth_coco(targets, class_ids)
+    out: dict[str, float] = {}
+    for prefix, iou_type in (("mask", "segm"), ("box", "bbox")):
+        results = detection_results(predictions, class_ids, iou_type)
+        for name, value in zip(STAT_NAMES, run_cocoeval(gt, results, iou_type, class_ids)):
+            out[f"{prefix}_{name}"] = value
+    out["num_images"] = len(targets)
+    return out

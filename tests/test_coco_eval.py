@@ -1,0 +1,100 @@
+"""coco_evaluate: perfect predictions score 1, worse ones less, none 0; inputs in Mask R-CNN's format."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pixelwise.engine.coco_eval import coco_evaluate
+
+
+def rect_target(rects: list[tuple[int, int, int, int, int]], h: int = 64, w: int = 64) -> dict:
+    """Instances from (x1, y1, x2, y2, label) rectangles (x2/y2 exclusive)."""
+    masks = torch.zeros(len(rects), h, w, dtype=torch.uint8)
+    for i, (x1, y1, x2, y2, _) in enumerate(rects):
+        masks[i, y1:y2, x1:x2] = 1
+    return {
+        "boxes": torch.tensor([r[:4] for r in rects], dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor([r[4] for r in rects], dtype=torch.int64),
+        "masks": masks,
+    }
+
+
+def as_prediction(target: dict, scores: list[float] | None = None) -> dict:
+    """A prediction equal to the target, masks as Mask R-CNN returns them ([D, 1, H, W] floats)."""
+    k = target["labels"].numel()
+    return {
+        "boxes": target["boxes"].clone(),
+        "labels": target["labels"].clone(),
+        "scores": torch.tensor(scores if scores is not None else [0.9] * k),
+        "masks": target["masks"][:, None].float() * 0.8,
+    }
+
+
+TARGETS = [
+    rect_target([(4, 4, 30, 30, 1), (35, 10, 60, 40, 2)]),
+    rect_target([(10, 30, 50, 60, 1)]),
+    rect_target([(0, 0, 20, 12, 2), (40, 40, 64, 64, 2), (22, 5, 38, 25, 1)]),
+]
+
+
+def test_perfect_predictions_score_one():
+    out = coco_evaluate([as_prediction(t) for t in TARGETS], TARGETS, class_ids=[1, 2])
+    for key in ("mask_AP", "mask_AP50", "mask_AP75", "box_AP", "box_AP50", "box_AP75"):
+        assert out[key] == pytest.approx(1.0), key
+    assert out["num_images"] == 3
+
+
+def test_wrong_labels_and_shifted_boxes_score_less():
+    perfect = coco_evaluate([as_prediction(t) for t in TARGETS], TARGETS, class_ids=[1, 2])
+    swapped = []
+    for t in TARGETS:
+        p = as_prediction(t)
+        p["labels"] = 3 - p["labels"]  # 1 <-> 2
+        swapped.append(p)
+    out = coco_evaluate(swapped, TARGETS, class_ids=[1, 2])
+    assert out["mask_AP"] == 0.0 and out["box_AP"] == 0.0
+    shifted = []
+    for t in TARGETS:
+        p = as_prediction(t)
+        p["boxes"] = p["boxes"] + 4
+        p["masks"] = torch.roll(p["masks"], shifts=(4, 4), dims=(-2, -1))
+        shifted.append(p)
+    out = coco_evaluate(shifted, TARGETS, class_ids=[1, 2])
+    assert 0.0 < out["mask_AP"] < perfect["mask_AP"] and 0.0 < out["box_AP"] < perfect["box_AP"]
+    assert out["mask_AP50"] > out["mask_AP75"]
+
+
+def test_predictions_shuffled_across_images_and_empty():
+    shuffled = [as_prediction(t) for t in TARGETS[1:] + TARGETS[:1]]
+    out = coco_evaluate(shuffled, TARGETS, class_ids=[1, 2])
+    assert out["mask_AP"] < 0.2
+    empty = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "scores": torch.zeros(0),
+        "masks": torch.zeros(0, 1, 64, 64),
+    }
+    out = coco_evaluate([empty] * 3, TARGETS, class_ids=[1, 2])
+    assert out["mask_AP"] == 0.0 and out["box_AP"] == 0.0
+
+
+def test_false_positive_with_higher_score_lowers_ap():
+    preds = [as_prediction(t) for t in TARGETS]
+    fp = rect_target([(45, 0, 63, 10, 1)])
+    preds[1] = {
+        k: torch.cat([as_prediction(fp, [0.99])[k], preds[1][k]]) for k in ("boxes", "labels", "scores", "masks")
+    }
+    out = coco_evaluate(preds, TARGETS, class_ids=[1, 2])
+    assert 0.5 < out["mask_AP"] < 1.0
+    # class 2 alone is unaffected by the class-1 false positive
+    assert coco_evaluate(preds, TARGETS, class_ids=[2])["mask_AP"] == pytest.approx(1.0)
+
+
+def test_undefined_sizes_are_nan_and_mismatch_raises():
+    out = coco_evaluate([as_prediction(t) for t in TARGETS], TARGETS, class_ids=[1, 2])
+    assert math.isnan(out["mask_APl"])  # no object above 96**2 pixels in 64x64 images
+    with pytest.raises(ValueError, match="predictions"):
+        coco_evaluate([], TARGETS, class_ids=[1])
