@@ -115,3 +115,16 @@ def test_gradients_reach_every_parameter_with_aux():
     (F.cross_entropy(out["out"], target) + 0.5 * F.cross_entropy(out["aux"], target)).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_imagenet_pretrained_loads_the_resnet_backbone(monkeypatch):
+    from pixelwise.backbones import resnet50
+
+    ref = resnet50().state_dict()
+    urls = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: urls.append(url) or ref)
+    model = deeplabv3plus_resnet50(num_classes=2, pretrained="imagenet")
+    assert urls == ["https://download.pytorch.org/models/resnet50-0676ba61.pth"]
+    body = model.backbone.state_dict()
+    assert all(torch.equal(body[k], ref[k]) for k in body)
+    assert "fc.weight" not in body
