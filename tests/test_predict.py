@@ -109,3 +109,19 @@ def test_predictor_uses_checkpoint_normalisation(checkpoint):
     p = Predictor.from_checkpoint(checkpoint)
     assert p.mean == (0.5, 0.5, 0.5) and p.std == (0.25, 0.25, 0.25)
     assert p.predict(np.zeros((10, 12, 3), np.uint8)).mask.shape == (10, 12)
+
+
+def test_uncertainty_uses_mc_dropout_for_bayesian_segnet():
+    torch.manual_seed(0)
+    model = create_model("bayesian_segnet", num_classes=3)
+    p = Predictor(model, {"num_classes": 3})
+    image = np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    torch.manual_seed(1)
+    a = p.predict(image, uncertainty=True, mc_samples=3)
+    torch.manual_seed(2)
+    b = p.predict(image, uncertainty=True, mc_samples=3)
+    plain = p.predict(image)
+    assert a.uncertainty.shape == (40, 56) and (a.uncertainty >= 0).all()
+    assert not torch.allclose(a.probs, b.probs)  # sampled with dropout on
+    assert torch.allclose(plain.probs, p.predict(image).probs)  # deterministic otherwise
+    assert not model.training and all(not m.training for m in model.modules())

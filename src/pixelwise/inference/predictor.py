@@ -64,6 +64,7 @@ class Predictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tile, self.overlap, self.tta = tile, overlap, tta
+        self._mc_samples = 0
         self.mean = tuple(self.meta.get("mean", IMAGENET_MEAN))
         self.std = tuple(self.meta.get("std", IMAGENET_STD))
         self.class_names = self.meta.get("class_names") or [str(i) for i in range(self.meta.get("num_classes", 0))]
@@ -86,11 +87,18 @@ class Predictor:
         out = self.model(x)
         return out["out"] if isinstance(out, dict) else out
 
+    def _single_probs(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mc_samples:
+            from pixelwise.models.segnet import mc_predict
+
+            return mc_predict(self.model, x, self._mc_samples, measure="entropy")[0]
+        return F.softmax(self._logits(x), 1)
+
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[1, 3, H, W] -> probabilities Tensor[1, C, H, W] (averaged with the flip for TTA)."""
-        p = F.softmax(self._logits(x), 1)
+        p = self._single_probs(x)
         if self.tta:
-            p = (p + F.softmax(self._logits(x.flip(-1)), 1).flip(-1)) / 2
+            p = (p + self._single_probs(x.flip(-1)).flip(-1)) / 2
         return p
 
     def _tiled_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,28 +128,22 @@ class Predictor:
         return self._tiled_probs(x)[0].float().cpu()
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray, uncertainty: bool = False) -> Prediction:
-        """uint8[H, W, 3] -> :class:`Prediction` at the input's size."""
-        if uncertainty and _has_dropout(self.model):
-            probs = self._mc_dropout_probs(image)
-        else:
+    def predict(self, image: np.ndarray, uncertainty: bool = False, mc_samples: int = 8) -> Prediction:
+        """uint8[H, W, 3] -> :class:`Prediction` at the input's size.
+
+        With ``uncertainty``, models with dropout (Bayesian SegNet) are sampled ``mc_samples``
+        times with dropout on (Monte-Carlo dropout) and the mean probabilities are used; the
+        uncertainty is the predictive entropy of the (mean) probabilities."""
+        self._mc_samples = mc_samples if uncertainty and _has_dropout(self.model) else 0
+        try:
             probs = self.predict_probs(image)
+        finally:
+            self._mc_samples = 0
         mask = probs.argmax(0).numpy().astype(np.uint8)
         unc = None
         if uncertainty:
             unc = (-(probs * probs.clamp_min(1e-12).log()).sum(0)).numpy().astype(np.float32)
         return Prediction(mask=mask, probs=probs, uncertainty=unc)
-
-    def _mc_dropout_probs(self, image: np.ndarray, samples: int = 8) -> torch.Tensor:
-        """Mean probabilities over ``samples`` passes with dropout on (Monte-Carlo dropout)."""
-        dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-        try:
-            for m in dropouts:
-                m.train()
-            return torch.stack([self.predict_probs(image) for _ in range(samples)]).mean(0)
-        finally:
-            for m in dropouts:
-                m.eval()
 
 
 def _has_dropout(model: nn.Module) -> bool:
