@@ -22,7 +22,13 @@ from pixelwise.models.maskrcnn.anchors import AnchorGenerator
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig
 from pixelwise.models.registry import model_info
 
-SMALL = {"min_size": 64, "max_size": 96, "rpn_batch_size_per_image": 32, "box_batch_size_per_image": 8}
+SMALL = {
+    "min_size": 64,
+    "max_size": 96,
+    "rpn_batch_size_per_image": 32,
+    "box_batch_size_per_image": 8,
+    "box_detections_per_img": 10,
+}
 
 
 def scene(h: int = 64, w: int = 80, seed: int = 0):
@@ -245,7 +251,7 @@ def test_eval_predictions_are_deterministic(tiny):
     images = [scene(seed=1)[0], scene(48, 72, seed=2)[0]]
     with torch.no_grad():
         a, b = tiny(images), tiny(images)
-    tiny.roi_heads.score_thresh, tiny.roi_heads.detections_per_img = 0.05, 100
+    tiny.roi_heads.score_thresh, tiny.roi_heads.detections_per_img = 0.05, 10
     assert a[0]["boxes"].shape[0] > 0
     for x, y in zip(a, b):
         assert all(torch.equal(x[k], y[k]) for k in x)
@@ -283,7 +289,7 @@ def test_overfits_one_image():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4)
     history = []
-    for _ in range(25):
+    for _ in range(20):
         losses = model([image], [target])
         loss = sum(losses.values())
         assert all(torch.isfinite(v) for v in losses.values())
@@ -307,9 +313,7 @@ def test_trains_and_evaluates_on_collated_dataset_batches():
 
     torch.manual_seed(0)
     ds = ShapesDataset(num_train=2, size=64, max_objects=3)
-    model = maskrcnn_resnet18_fpn(
-        num_classes=ds.num_classes, normalize=False, box_detections_per_img=10, **SMALL
-    ).train()
+    model = maskrcnn_resnet18_fpn(num_classes=ds.num_classes, normalize=False, **SMALL).train()
     batch = collate([ds[0], ds[1]])
     losses = model(list(batch["image"]), batch["target"])
     sum(losses.values()).backward()
@@ -320,3 +324,10 @@ def test_trains_and_evaluates_on_collated_dataset_batches():
     assert [p["masks"].shape[-2:] for p in predictions] == [(64, 64), (64, 64)]
     metrics = coco_evaluate(predictions, batch["target"], class_ids=range(1, ds.num_classes))
     assert 0.0 <= metrics["mask_AP"] <= 1.0 and metrics["num_images"] == 2
+
+
+def test_resnet18_has_no_coco_weights_and_warns_on_ignored_layers():
+    with pytest.raises(UserError, match="no COCO weights"):
+        maskrcnn_resnet18_fpn(num_classes=3, pretrained="coco")
+    with pytest.warns(UserWarning, match="trainable_backbone_layers"):
+        maskrcnn_resnet18_fpn(num_classes=3, trainable_backbone_layers=2)

@@ -59,6 +59,7 @@ def fx():
     plain = run_stages(model, ref)
     model.load_state_dict(tempered(state), strict=True)
     warm = run_stages(model, ref)
+    plain["model"] = model
     return meta, ref, plain, warm
 
 
@@ -70,8 +71,8 @@ def check_reduced(full: torch.Tensor, ref, key: str) -> None:
 
 
 def test_state_dict_schema_matches_torchvision(fx):
-    meta, *_ = fx
-    model = maskrcnn_resnet50_fpn(num_classes=91)  # no weights: BatchNorm2d, as torchvision's
+    meta, _, plain, _ = fx
+    model = plain["model"]  # built without weights: BatchNorm2d, as torchvision's
     ours = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
     assert ours == meta["schema"]  # same keys, shapes, dtypes and order
     # torchvision's documented count (FrozenBatchNorm2d has buffers, not parameters)

@@ -9,6 +9,7 @@ Keyword arguments are torchvision's (``min_size``, ``box_score_thresh``, ``rpn_p
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -160,6 +161,12 @@ def _maskrcnn(arch: str, num_classes: int, pretrained: str | None, kwargs: dict[
     if pretrained not in (None, "imagenet"):
         load_detection_weights(model, pretrained, num_classes)
     # torchvision: without pretrained weights every layer trains; with them 3 by default.
+    if pretrained is None and trainable is not None:
+        warnings.warn(
+            f"trainable_backbone_layers={trainable} has no effect without pretrained weights; "
+            "all backbone layers are trained",
+            stacklevel=3,
+        )
     trainable = 5 if pretrained is None else (3 if trainable is None else int(trainable))
     freeze_backbone_layers(model.backbone.body, trainable)
     return model
