@@ -331,3 +331,64 @@ def test_resnet18_has_no_coco_weights_and_warns_on_ignored_layers():
         maskrcnn_resnet18_fpn(num_classes=3, pretrained="coco")
     with pytest.warns(UserWarning, match="trainable_backbone_layers"):
         maskrcnn_resnet18_fpn(num_classes=3, trainable_backbone_layers=2)
+
+
+# ----------------------------------------------------------------------------- loss pieces vs hand computation
+
+
+def test_anchor_labels_thresholds_and_low_quality_matches():
+    from pixelwise import ops
+    from pixelwise.models.maskrcnn.rpn import anchor_labels
+
+    gt = torch.tensor([[0.0, 0, 10, 10], [100, 100, 110, 110]])
+    anchors = torch.tensor(
+        [
+            [0.0, 0, 10, 10],  # IoU 1 with gt 0 -> fg
+            [0.0, 0, 10, 20],  # IoU 0.5 -> between 0.3 and 0.7 -> ignored
+            [50.0, 50, 60, 60],  # IoU 0 -> bg
+            [100.0, 100, 110, 130],  # IoU 1/3 with gt 1, but its best anchor -> fg (low-quality match)
+        ]
+    )
+    labels, matched = anchor_labels(anchors, gt, ops.Matcher(0.7, 0.3, allow_low_quality_matches=True))
+    assert labels.tolist() == [1.0, -1.0, 0.0, 1.0]
+    assert torch.equal(matched[[0, 3]], gt)
+    labels, matched = anchor_labels(anchors, torch.zeros(0, 4), ops.Matcher(0.7, 0.3, True))
+    assert labels.tolist() == [0.0] * 4 and matched.abs().sum() == 0
+
+
+def test_fastrcnn_loss_by_hand():
+    from pixelwise.models.maskrcnn.roi_heads import fastrcnn_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, regression = torch.randn(5, 3, generator=g), torch.randn(5, 12, generator=g)
+    labels = torch.tensor([0, 2, 1, 0, 2])
+    targets = torch.randn(5, 4, generator=g)
+    cls, box = fastrcnn_loss(logits, regression, labels, targets)
+    expected_cls = sum(-torch.log_softmax(logits[i], 0)[labels[i]] for i in range(5)) / 5
+
+    def smooth_l1(x, beta=1 / 9):
+        return torch.where(x.abs() < beta, 0.5 * x**2 / beta, x.abs() - 0.5 * beta).sum()
+
+    expected_box = sum(smooth_l1(regression[i, 4 * labels[i] : 4 * labels[i] + 4] - targets[i]) for i in (1, 2, 4)) / 5
+    torch.testing.assert_close(cls, expected_cls)
+    torch.testing.assert_close(box, expected_box)
+
+
+def test_mask_targets_are_gt_masks_cropped_to_the_proposal():
+    from pixelwise.models.maskrcnn.roi_heads import maskrcnn_loss, project_masks_on_boxes
+
+    gt = torch.zeros(2, 40, 40, dtype=torch.uint8)
+    gt[0, 8:24, 4:36] = 1  # 32 wide, 16 high
+    gt[1, 20:40, 20:40] = 1
+    boxes = torch.tensor([[4.0, 8, 36, 24], [4.0, 8, 20, 24]])  # gt 0 exactly; left half of gt 0
+    targets = project_masks_on_boxes(gt, boxes, torch.tensor([0, 0]), 28)
+    assert targets.shape == (2, 28, 28)
+    # the box is the mask: foreground everywhere except the last rows/columns, where torchvision's
+    # unaligned RoIAlign (pixel centres at integers) interpolates with the pixel past the edge
+    assert targets[:, :-2, :-2].min() > 0.99 and targets.mean() > 0.9
+    # the matched index picks the mask: over gt 1's square, mask 1 fills it, mask 0 only 4 x 16 of 20 x 20
+    targets = project_masks_on_boxes(gt, torch.tensor([[20.0, 20, 40, 40]] * 2), torch.tensor([1, 0]), 28)
+    assert targets[0, :-2, :-2].min() > 0.99
+    assert targets[1].mean().item() == pytest.approx(4 * 16 / 400, abs=0.03)
+    logits = torch.zeros(2, 3, 28, 28)
+    assert maskrcnn_loss(logits, torch.tensor([1, 2]), torch.ones(2, 28, 28)).item() == pytest.approx(math.log(2))

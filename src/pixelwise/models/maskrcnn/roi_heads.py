@@ -135,7 +135,11 @@ def fastrcnn_loss(
     class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor
 ) -> tuple[Tensor, Tensor]:
     """``class_logits Tensor[S, K]``, ``box_regression Tensor[S, 4K]``, ``labels Tensor[S]``,
-    ``regression_targets Tensor[S, 4]`` -> (cross-entropy, smooth-L1 of foreground / S)."""
+    ``regression_targets Tensor[S, 4]`` -> (cross-entropy, smooth-L1 of foreground / S);
+    both 0 (and still in the graph) when S = 0, i.e. no proposal and no ground truth at all."""
+    if labels.numel() == 0:
+        zero = class_logits.sum() * 0 + box_regression.sum() * 0
+        return zero, zero.clone()
     cls_loss = F.cross_entropy(class_logits, labels)
     pos = torch.where(labels > 0)[0]
     deltas = box_regression.reshape(box_regression.shape[0], -1, 4)[pos, labels[pos]]
