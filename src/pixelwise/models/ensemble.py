@@ -52,7 +52,7 @@ def edeconvnet(num_classes: int, pretrained: str | None = None, weights: Sequenc
     The paper combines DeconvNet run *instance-wise* (on proposals) with FCN-8s on the whole image;
     :class:`Ensemble` runs both on the whole image. For the paper's combination, average
     :func:`pixelwise.models.deconvnet.instance_wise_predict` with FCN-8s's softmax (see
-    ``docs/models_segnet_deconvnet.md``).
+    ``docs/models.md``).
     """
     from pixelwise.models.deconvnet import deconvnet
     from pixelwise.models.fcn import fcn8s
