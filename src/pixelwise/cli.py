@@ -15,46 +15,78 @@ from pixelwise.errors import UserError
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe; keys = long flag names with _ for -")
-    p.add_argument("--model", help="model name (see `pixelwise models`)")
-    p.add_argument("--dataset", help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, isbi2012, coco, folder")
-    p.add_argument("--data", help="dataset root folder (optional for shapes)")
-    p.add_argument("--out", help="output folder for checkpoints and metrics")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-minutes", type=float, help="time budget; ends cleanly with evaluation and checkpoints")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=["adam", "sgd"])
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=["poly", "constant"], help="learning-rate schedule (default poly)")
-    p.add_argument("--crop", help="random training crop HxW")
-    p.add_argument("--pretrained", help="imagenet, or a weights file (.safetensors, or .pth read with weights_only)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.safetensors")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--skip-invalid", action="store_true", default=None,
-                   help="drop files that fail the dataset check instead of refusing to train")
-    p.add_argument("--model-kwargs", help='JSON object of model options, e.g. \'{"base_channels": 32}\'')
-    p.add_argument("--dataset-kwargs", help='JSON object of dataset options, e.g. \'{"num_train": 200}\'')
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """Flags = TrainConfig fields (``--max-minutes`` <-> ``max_minutes``); see docs/training.md."""
+    flag = p.add_argument
+    on = {"action": "store_true", "default": None}
+    flag("--config", help="YAML recipe; keys = long flag names with _ for - (plus stages:)")
+    flag("--model", help="model name (see `pixelwise models`)")
+    flag("--dataset", help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, isbi2012, coco, folder")
+    flag("--data", help="dataset root folder (optional for shapes)")
+    flag("--out", help="output folder for checkpoints and metrics")
+    flag("--epochs", type=int)
+    flag("--max-minutes", type=float, help="time budget; the schedule anneals by max(step, time) fraction")
+    flag("--batch-size", type=int, help="images per step per process")
+    flag("--accumulate", type=int, help="gradient accumulation: micro-batches per optimizer step")
+    flag("--optimizer", choices=["sgd", "adam", "adamw"])
+    flag("--lr", type=float, help="peak learning rate")
+    flag("--momentum", type=float, help="SGD momentum / Adam beta1 (default 0.9)")
+    flag("--nesterov", **on, help="SGD with Nesterov momentum")
+    flag("--weight-decay", type=float, help="not applied to biases and norm weights unless --decay-norm-and-bias")
+    flag("--decay-norm-and-bias", **on, help="apply weight decay to every parameter")
+    flag("--schedule", choices=["poly", "cosine", "step", "constant"], help="LR schedule (default poly)")
+    flag("--poly-power", type=float)
+    flag("--milestones", help="step schedule: comma-separated epochs, e.g. 30,60")
+    flag("--gamma", type=float, help="step schedule: LR multiplier at each milestone")
+    flag("--warmup-epochs", type=float, help="linear warm-up length in epochs")
+    flag("--warmup-iters", type=int, help="linear warm-up length in optimizer steps")
+    flag("--warmup-factor", type=float, help="warm-up starts at lr x this (default 0.001)")
+    flag("--clip-grad-norm", type=float, help="clip the global gradient norm")
+    flag("--loss", choices=["ce", "dice", "focal", "lovasz", "ce+dice"])
+    flag("--class-weights", help="none | median-freq | FILE (.json list or .txt of numbers)")
+    flag("--focal-gamma", type=float)
+    flag("--aux-weight", type=float, help="weight of the auxiliary head's loss (default 0.4)")
+    flag("--crop", help="random training crop HxW (sets augment crop)")
+    flag("--augment", help='JSON object of augmentation keys, e.g. \'{"scale": [0.5, 2.0], "jitter": false}\'')
+    flag("--instance-crops", **on, help="train on crops centred on object instances")
+    flag("--instance-context", type=float, help="instance crop = object box x this (default 1.2)")
+    flag("--pretrained", help="imagenet, or a weights file (.safetensors, or .pth read with weights_only)")
+    flag("--resume", **on, help="continue from OUT/last.state.safetensors")
+    flag("--seed", type=int)
+    flag("--device", choices=["cpu", "cuda"])
+    flag("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (default auto)")
+    flag("--channels-last", **on, help="NHWC memory format")
+    flag("--sync-bn", **on, help="SyncBatchNorm under torchrun (CUDA)")
+    flag("--num-workers", type=int)
+    flag("--train-split")
+    flag("--val-split")
+    flag("--skip-invalid", **on, help="drop files that fail the dataset check instead of refusing to train")
+    flag("--model-kwargs", help='JSON object of model options, e.g. \'{"base_channels": 32}\'')
+    flag("--dataset-kwargs", help='JSON object of dataset options, e.g. \'{"num_train": 200}\'')
+    flag("--tensorboard", **on, help="also log to OUT/tensorboard (needs the tensorboard package)")
+    flag("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pixelwise.engine.config import build_config, load_yaml_config, parse_json_dict
+    from pixelwise.engine.config import build_config, config_fields, load_yaml_config, parse_json_dict
+    from pixelwise.engine.distributed import env_info
     from pixelwise.engine.trainer import fit
 
     file_values = load_yaml_config(args.config) if args.config else {}
-    cli = {k: getattr(args, k) for k in ("model", "dataset", "data", "out", "epochs", "max_minutes",
-                                          "batch_size", "lr", "optimizer", "weight_decay", "schedule", "crop",
-                                          "pretrained", "resume", "seed", "device", "num_workers",
-                                          "skip_invalid")}
-    cli["model_kwargs"] = parse_json_dict(args.model_kwargs, "--model-kwargs") if args.model_kwargs else None
-    cli["dataset_kwargs"] = parse_json_dict(args.dataset_kwargs, "--dataset-kwargs") if args.dataset_kwargs else None
+    cli = {k: getattr(args, k) for k in config_fields() if hasattr(args, k)}
+    for key in ("model_kwargs", "dataset_kwargs", "augment"):
+        text = cli.get(key)
+        cli[key] = parse_json_dict(text, f"--{key.replace('_', '-')}") if text else None
+    if args.milestones:
+        try:
+            cli["milestones"] = [float(m) if "." in m else int(m) for m in args.milestones.split(",") if m.strip()]
+        except ValueError:
+            raise UserError(f"--milestones must be comma-separated epochs like 30,60: {args.milestones!r}") from None
     if args.no_progress:
         cli["progress"] = False
     cfg = build_config(file_values, cli)
     summary = fit(cfg)
+    if not env_info().is_main:
+        return 0
     best = summary["best"] or {}
     print(f"done in {summary['train_minutes']} min; best epoch {summary['best_epoch']}: "
           + " ".join(f"{k}={best[k]:.4f}" for k in ("mIoU", "pixel_acc", "mask_AP") if best.get(k) is not None))

@@ -1,40 +1,60 @@
-"""The training loop: ``fit`` = for each epoch ``train_one_epoch`` then ``evaluate``, writing
-``last.safetensors``, ``best.safetensors`` (by validation mIoU, or mask AP for instance models),
-``metrics.csv`` (one row per epoch), ``metrics.json`` and the resolved ``config.yaml``.
+"""The training loop: ``fit`` = for each stage, for each epoch ``train_one_epoch`` then
+``evaluate``, writing ``last.safetensors``, ``best.safetensors`` (by validation mIoU, or mask AP
+for instance models), ``last.state.safetensors`` (everything needed to resume), ``metrics.csv``
+(one row per epoch), ``metrics.json`` and the resolved ``config.yaml``.
 
-Determinism and resume: every epoch re-seeds all RNGs from ``(seed, epoch)``, and the training
-state (optimizer, epoch, step, best score, elapsed time) is saved beside ``last.safetensors`` as
-``last.state.safetensors`` at the end of each epoch, so ``--resume`` continues from the last
-completed epoch exactly as an uninterrupted run would.
+Never losing work:
+- every file is written atomically (temporary file + rename), so ``kill -9`` at any moment leaves
+  the previous complete files;
+- ``last.state.safetensors`` holds the weights *and* the optimizer, grad-scaler, schedule
+  position (epoch, step, batch within the epoch), every RNG state and the elapsed time, in one
+  file, so weights and state can never disagree;
+- Ctrl-C (SIGINT) writes ``last`` + state at the last finished optimizer step, mid-epoch
+  included, and raises ``KeyboardInterrupt`` (the CLI exits 130). ``--resume`` then continues the
+  epoch with the batches not yet seen, in the same order;
+- a NaN/inf loss stops the run with one line naming the epoch and step; nothing is written, so
+  the last good checkpoint stays.
+
+Determinism: every epoch re-seeds all RNGs from ``(seed, epoch, rank)`` and the data order comes
+from a generator seeded the same way, so a resumed run reproduces an uninterrupted one (exactly
+with ``num_workers=0``; with workers no sample is repeated or lost, but a mid-epoch resume draws
+different augmentations).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from pixelwise.data import SegmentationDataset, build_dataset, collate
-from pixelwise.data.transforms import RandomCrop, RandomFlip
+from pixelwise.data.augment import build_transform
+from pixelwise.engine import distributed as dist
 from pixelwise.engine.checkpoint import atomic_save_tensors, save_checkpoint
 from pixelwise.engine.config import TrainConfig, parse_size
+from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
 from pixelwise.errors import UserError
-from pixelwise.losses import cross_entropy
+from pixelwise.losses import cross_entropy, segmentation_loss
 from pixelwise.metrics import ConfusionMeter
 from pixelwise.models import create_model, model_info
 
+Callback = Callable[[str, dict], None]  # (event "step" | "epoch", state) -> None
 
+
+# --- randomness -------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -47,22 +67,93 @@ def _worker_init(worker_id: int) -> None:
     random.seed(seed)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 100003 + epoch) * 1009 + rank if rank else seed * 100003 + epoch
+
+
+def rng_snapshot() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG state as (tensors, JSON-able dict): torch CPU, CUDA, numpy, python."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    py = random.getstate()
+    return tensors, {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [py[0], list(py[1]), py[2]]}
+
+
+def rng_restore(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    v, internal, gauss = meta["python"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+# --- precision ----------------------------------------------------------------------------------
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
+    """``--amp`` -> (off | bf16 | fp16, why). ``auto``: CUDA -> bf16 where the GPU supports it,
+    else fp16 (with a gradient scaler); CPU -> bf16 only with AMX tiles (``amx_bf16``), where
+    oneDNN's bf16 convolutions are clearly faster, else off (on AVX-512-BF16 or older CPUs
+    autocast's casts cost more than they save for convolution nets; measured in docs/training.md)."""
+    if mode == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or --amp off")
+    if mode != "auto":
+        return mode, "as asked"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: CUDA with bf16 support"
+        return "fp16", "auto: CUDA without bf16, fp16 with gradient scaling"
+    if "amx_bf16" in _cpu_flags():
+        return "bf16", "auto: CPU with AMX bf16"
+    return "off", "auto: CPU without AMX, float32 is faster"
+
+
+def autocast(mode: str, device: torch.device):
+    if mode == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+# --- losses -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossSpec:
+    kind: str = "ce"  # ce | dice | focal | lovasz | ce+dice
+    class_weights: torch.Tensor | None = None  # Tensor[C]
+    focal_gamma: float = 2.0
+    aux_weight: float = 0.4
+
+
 def forward_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The main logits of a semantic model, whether it returns a tensor or ``{"out": ...}``."""
     out = model(images)
     return out["out"] if isinstance(out, dict) else out
 
 
-def semantic_loss(model: nn.Module, batch: dict, class_weights: torch.Tensor | None,
-                  aux_weight: float = 0.4) -> torch.Tensor:
+def semantic_loss(model: nn.Module, batch: dict, spec: LossSpec) -> torch.Tensor:
+    """``spec.kind`` on the main logits (+ ``aux_weight`` x the same on ``out["aux"]``)."""
     out = model(batch["image"])
-    pixel_weights = batch.get("weight")
-    if isinstance(out, dict):
-        loss = cross_entropy(out["out"], batch["mask"], class_weights, pixel_weights)
-        if "aux" in out:
-            loss = loss + aux_weight * cross_entropy(out["aux"], batch["mask"], class_weights, pixel_weights)
-        return loss
-    return cross_entropy(out, batch["mask"], class_weights, pixel_weights)
+    outputs = out if isinstance(out, dict) else {"out": out}
+    loss = 0.0
+    for key, w in (("out", 1.0), ("aux", spec.aux_weight)):
+        if key in outputs:
+            loss = loss + w * segmentation_loss(outputs[key], batch["mask"], spec.kind, spec.class_weights,
+                                                batch.get("weight"), spec.focal_gamma)
+    return loss
 
 
 def instance_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -70,84 +161,84 @@ def instance_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     return sum(losses.values())
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
-        elif k == "target":
-            out[k] = [{kk: vv.to(device) for kk, vv in t.items()} for t in v]
+def read_class_weights(path: str | Path, num_classes: int) -> list[float]:
+    """A ``.json`` list or a ``.txt`` of numbers (whitespace/comma separated) -> C floats."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"class weights file {path} not found (use none, median-freq or a .json/.txt file)")
+    try:
+        if path.suffix == ".json":
+            values = json.loads(path.read_text())
+            if isinstance(values, dict):
+                values = values.get("weights")
         else:
-            out[k] = v
-    return out
+            values = [float(v) for v in path.read_text().replace(",", " ").split()]
+    except (ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read class weights ({e})") from None
+    if (not isinstance(values, list) or len(values) != num_classes
+            or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values)):
+        raise UserError(f"{path}: expected {num_classes} non-negative numbers (one per class)")
+    return [float(v) for v in values]
 
 
-def lr_factor(schedule: str, progress: float) -> float:
-    """Multiplier of the peak LR at ``progress`` in [0, 1]."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "poly":
-        return max(0.0, 1.0 - progress) ** 0.9
-    raise UserError(f"unknown schedule {schedule!r}; choose poly or constant")
+def class_weights_for(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path, log=print) -> list[float] | None:
+    """``cfg.class_weights`` -> per-class weights. ``median-freq`` is computed once from the raw
+    training split (``data.inspect``) and cached in ``out/class_weights.json``."""
+    if cfg.class_weights in ("none", "", None):
+        return None
+    if cfg.class_weights != "median-freq":
+        return read_class_weights(cfg.class_weights, train_ds.num_classes)
+    cache = out / "class_weights.json"
+    key = {"dataset": cfg.dataset, "data": cfg.data, "split": cfg.train_split, "dataset_kwargs": cfg.dataset_kwargs}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("source") == key and len(cached.get("weights", [])) == train_ds.num_classes:
+            return [float(w) for w in cached["weights"]]
+    from pixelwise.data.inspect import inspect_dataset
+
+    log(f"computing median-frequency class weights over {len(train_ds)} training images")
+    report = inspect_dataset(train_ds, progress=cfg.progress)
+    weights = [1.0 if w is None else float(w) for w in report["median_freq_weights"]]
+    if dist.env_info().is_main:
+        tmp = cache.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"source": key, "class_names": list(train_ds.class_names),
+                                   "weights": weights}, indent=2))
+        tmp.replace(cache)
+    return weights
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
-                    loss_fn, device: torch.device, progress_fn, *, desc: str = "",
-                    show: bool = True, deadline: float | None = None) -> tuple[float, bool]:
-    """One pass over ``loader``. ``progress_fn()`` -> progress in [0, 1] for the LR schedule.
-    Returns (mean loss, stopped early because the deadline passed)."""
-    model.train()
-    total, count, stopped = 0.0, 0, False
-    bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
-    for batch in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * progress_fn()
-        batch = to_device(batch, device)
-        loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise UserError(f"training diverged: loss is {loss.item()} at {desc} batch {count + 1}; "
-                            "lower --lr (the last good checkpoint is kept)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-        count += 1
-        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if deadline is not None and time.monotonic() > deadline:
-            stopped = True
-            break
-    return total / max(count, 1), stopped
+# --- data -------------------------------------------------------------------------------------
+class Compose:
+    """Apply ``Sample -> Sample`` transforms in order."""
+
+    def __init__(self, steps: Sequence[Callable]):
+        self.steps = list(steps)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.steps})"
+
+    def __call__(self, sample):
+        for step in self.steps:
+            sample = step(sample)
+        return sample
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device,
-             class_names: list[str] | None = None, show: bool = True) -> dict:
-    """Validation loss and the confusion-matrix metrics of a semantic model."""
-    model.eval()
-    meter = ConfusionMeter(num_classes)
-    loss_sum, n = 0.0, 0
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
-        batch = to_device(batch, device)
-        logits = forward_logits(model, batch["image"])
-        loss_sum += cross_entropy(logits, batch["mask"]).item() * len(logits)
-        n += len(logits)
-        meter.update(logits.argmax(1), batch["mask"])
-    metrics = meter.compute(class_names)
-    metrics["loss"] = loss_sum / max(n, 1)
-    metrics["num_images"] = n
-    return metrics
-
-
-def build_train_transform(cfg: TrainConfig):
+def train_transform(cfg: TrainConfig) -> Callable:
+    """``cfg.augment`` (with ``crop`` overriding ``augment.crop``) -> the train preset, preceded
+    by an instance-centred crop to the crop size when ``instance_crops``."""
+    aug = dict(cfg.augment)
     crop = parse_size(cfg.crop)
-    steps = [RandomFlip()] + ([RandomCrop(crop)] if crop else [])
-    return lambda s: _chain(steps, s)
+    if crop:
+        aug["crop"] = list(crop)
+    preset = build_transform(aug, train=True)
+    if not cfg.instance_crops:
+        return preset
+    if aug.get("crop") is None:
+        raise UserError("instance_crops needs a crop size: set crop: HxW (or augment: {crop: [h, w]})")
+    from pixelwise.data.instance_crop import InstanceCrop
 
-
-def _chain(steps, sample):
-    for step in steps:
-        sample = step(sample)
-    return sample
+    size = aug["crop"] if isinstance(aug["crop"], list | tuple) else (aug["crop"], aug["crop"])
+    return Compose([InstanceCrop(size, cfg.instance_context), preset])
 
 
 def open_datasets(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -161,10 +252,145 @@ def open_datasets(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDa
                             "fix them or pass --skip-invalid to train without those files")
         if problems:
             ds.drop(problems)
-    train.transform = build_train_transform(cfg)
+    val.transform = build_transform({k: v for k, v in cfg.augment.items() if k == "resize"}, train=False)
     return train, val
 
 
+def epoch_indices(n: int, cfg: TrainConfig, epoch: int, info: dist.DistInfo) -> list[int]:
+    """This rank's shuffled sample order for ``epoch`` (a DistributedSampler under torchrun)."""
+    if info.enabled:
+        sampler = DistributedSampler(range(n), info.world_size, info.rank, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+    return torch.randperm(n, generator=g).tolist()
+
+
+def eval_collate(batch: list[dict]) -> list[dict]:
+    """Stack when all images have one size, else one batch per image (VOC-style varied sizes)."""
+    if len({tuple(b["image"].shape) for b in batch}) == 1:
+        return [collate(batch)]
+    return [collate([b]) for b in batch]
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and k == "image" and v.ndim == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+            out[k] = v
+        elif k == "target":
+            out[k] = [{kk: vv.to(device) for kk, vv in t.items()} for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+# --- one epoch ----------------------------------------------------------------------------------
+class Diverged(UserError):
+    """A NaN or infinite loss."""
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                    device: torch.device, lr_factor: Callable[[], float], state: dict, *, amp: str = "off",
+                    scaler: torch.amp.GradScaler | None = None, accumulate: int = 1,
+                    clip_grad_norm: float | None = None, channels_last: bool = False,
+                    desc: str = "", show: bool = True, deadline: float | None = None,
+                    callbacks: Sequence[Callback] = ()) -> bool:
+    """Train over ``loader`` (whose first ``state["batch"]`` batches were already done).
+
+    Every ``accumulate`` micro-batches (or fewer at the end) make one optimizer step at LR
+    ``initial_lr * lr_factor()``; the loss of each micro-batch is divided by the group's size,
+    so the step uses the mean gradient. After each step ``state`` gets ``step``, ``stage_step``,
+    ``batch``, running ``loss_sum``/``images`` and ``rng`` (the RNG states), and the callbacks
+    run with ``("step", state)``. Returns True when ``deadline`` (``time.monotonic()``) passed.
+    """
+    model.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    total = len(loader) + state["batch"]  # micro-batches in the whole epoch
+    bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+    t0, seen, lr = time.monotonic(), 0, optimizer.param_groups[0]["lr"]
+    for i, batch in enumerate(bar, start=state["batch"]):
+        group_start = i - i % accumulate
+        group_size = min(accumulate, total - group_start)
+        last_in_group = i + 1 == group_start + group_size
+        if i == group_start:
+            lr = apply_lr(optimizer, lr_factor())
+        batch = to_device(batch, device, channels_last)
+        sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()
+        with sync:
+            with autocast(amp, device):
+                loss = loss_fn(model, batch)
+            value = loss.detach().float().reshape(1)
+            if dist.active():  # every rank stops together on a NaN anywhere
+                value = dist.all_reduce_sum(value) / dist.env_info().world_size
+            value = value.item()
+            if not math.isfinite(value):
+                raise Diverged(f"training diverged: loss is {value} at epoch {state['epoch'] + 1} step "
+                               f"{state['step'] + 1} (batch {i + 1}); the last good checkpoint is kept; "
+                               "lower --lr or set --clip-grad-norm")
+            scaler.scale(loss / group_size).backward()
+        n = len(batch["image"])
+        state["pending_loss"] = state.get("pending_loss", 0.0) + value * n
+        state["pending_images"] = state.get("pending_images", 0) + n
+        seen += n
+        if last_in_group:
+            if clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["stage_step"] += 1
+            state["batch"] = i + 1
+            state["loss_sum"] += state.pop("pending_loss")
+            state["images"] += state.pop("pending_images")
+            state["rng"] = rng_snapshot()
+            for cb in callbacks:
+                cb("step", state)
+        speed = seen * dist.env_info().world_size / max(time.monotonic() - t0, 1e-9)
+        bar.set_postfix(loss=f"{state['loss_sum'] / max(state['images'], 1):.4f}", lr=f"{lr:.2e}",
+                        img_s=f"{speed:.1f}")
+        if deadline is not None and last_in_group and time.monotonic() > deadline:
+            return True
+    return False
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device,
+             class_names: list[str] | None = None, show: bool = True, amp: str = "off",
+             channels_last: bool = False) -> dict:
+    """Validation loss (unweighted cross-entropy) and the confusion-matrix metrics of a semantic
+    model. Batches may be dicts or lists of dicts (:func:`eval_collate`). Under torchrun each
+    rank passes its own shard and the confusion matrix and loss are summed over ranks."""
+    model.eval()
+    meter = ConfusionMeter(num_classes)
+    loss_sum, n = 0.0, 0
+    for group in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
+        for batch in group if isinstance(group, list) else [group]:
+            batch = to_device(batch, device, channels_last)
+            with autocast(amp, device):
+                logits = forward_logits(model, batch["image"])
+            loss_sum += cross_entropy(logits.float(), batch["mask"]).item() * len(logits)
+            n += len(logits)
+            meter.update(logits.argmax(1), batch["mask"])
+    if dist.active():
+        cm = dist.all_reduce_sum(meter.cm.to(device)).cpu()
+        meter.cm.copy_(cm)
+        sums = dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=device))
+        loss_sum, n = sums[0].item(), int(sums[1].item())
+    metrics = meter.compute(class_names)
+    metrics["loss"] = loss_sum / max(n, 1)
+    metrics["num_images"] = n
+    return metrics
+
+
+# --- checkpoints and state ------------------------------------------------------------------
 def checkpoint_meta(cfg: TrainConfig, ds: SegmentationDataset, summary: dict | None = None) -> dict:
     return {
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": ds.num_classes,
@@ -174,50 +400,71 @@ def checkpoint_meta(cfg: TrainConfig, ds: SegmentationDataset, summary: dict | N
     }
 
 
-def save_train_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Optimizer tensors + JSON (param groups, epoch, step, best score, elapsed) in safetensors."""
+STATE_KEYS = ("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_start_s", "stage_stopped", "batch",
+              "loss_sum",
+              "images", "best_score", "best_epoch", "elapsed_s", "rows", "amp")
+
+
+def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, state: dict) -> None:
+    """Weights, optimizer tensors, RNG states and JSON (param groups, scaler, counters) in one
+    safetensors file."""
     opt = optimizer.state_dict()
-    tensors, scalars = {}, {}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    scalars = {}
     for idx, st in opt["state"].items():
         for name, value in st.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"optim.{idx}.{name}"] = value
             else:
                 scalars[f"{idx}.{name}"] = value
-    meta = {**state, "param_groups": opt["param_groups"], "optim_scalars": scalars}
+    rng_tensors, rng_meta = state["rng"] if state.get("rng") else rng_snapshot()
+    tensors.update(rng_tensors)
+    meta = {**{k: state[k] for k in STATE_KEYS if k in state}, "param_groups": opt["param_groups"],
+            "optim_scalars": scalars, "rng": rng_meta,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+    if meta.get("best_score") == -math.inf:
+        meta["best_score"] = None
     atomic_save_tensors(tensors, path, {"pixelwise_train_state": json.dumps(meta)})
 
 
-def load_train_state(path: Path, optimizer: torch.optim.Optimizer) -> dict:
-    from safetensors import safe_open
+def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None) -> dict:
+    """Restore what :func:`save_train_state` wrote; -> the counters (``rng`` = (tensors, meta))."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise UserError(f"cannot resume: {path} not found (was this run started with this --out?)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["pixelwise_train_state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    state: dict = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["pixelwise_train_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UserError(f"cannot resume: {path} is not a pixelwise training state ({e})") from None
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    if weights:
+        model.load_state_dict(weights)
+    else:  # older runs kept the weights only in last.safetensors
+        from pixelwise.engine.checkpoint import read_checkpoint
+
+        model.load_state_dict(read_checkpoint(path.parent / "last.safetensors")[0])
+    opt_state: dict = {}
     for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
     for key, value in meta.pop("optim_scalars").items():
         idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+        opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+    scaler_state = meta.pop("scaler", None)
+    if scaler is not None and scaler.is_enabled() and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    if meta.get("best_score") is None:
+        meta["best_score"] = -math.inf
+    rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    meta["rng"] = (rng_tensors, meta["rng"]) if rng_tensors and meta.get("rng") else None
     return meta
-
-
-def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose adam or sgd")
-    for group in opt.param_groups:
-        group["initial_lr"] = cfg.lr
-    return opt
 
 
 def _score(metrics: dict) -> float:
@@ -239,97 +486,232 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def fit(cfg: TrainConfig, log=print) -> dict:
-    """Train per ``cfg``; returns the summary that is also written to ``out/metrics.json``."""
+class TensorBoardLogger:
+    """Callback writing per-step loss/LR and per-epoch metrics to ``out/tensorboard``."""
+
+    def __init__(self, logdir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        self.writer = SummaryWriter(str(logdir))
+
+    def __call__(self, event: str, state: dict) -> None:
+        if event == "step":
+            self.writer.add_scalar("train/loss_running", state["loss_sum"] / max(state["images"], 1), state["step"])
+            self.writer.add_scalar("train/lr", state["lr"], state["step"])
+        elif event == "epoch":
+            row = state["rows"][-1]
+            for k, v in row.items():
+                if isinstance(v, float | int) and k != "epoch":
+                    self.writer.add_scalar(f"epoch/{k}", v, row["epoch"])
+            self.writer.flush()
+
+
+# --- fit ----------------------------------------------------------------------------------------
+def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> dict:
+    """Train per ``cfg``; returns the summary also written to ``out/metrics.json``.
+
+    ``callbacks`` are called as ``cb("step", state)`` after every optimizer step and
+    ``cb("epoch", state)`` after every epoch's checkpoint (``state["rows"][-1]`` is its row).
+    """
+    info, device = dist.setup(cfg.device)
+    try:
+        return _fit(cfg, info, device, log if info.is_main else (lambda *_: None), list(callbacks))
+    finally:
+        dist.cleanup()
+
+
+def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable, callbacks: list) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    show = cfg.progress and info.is_main
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg)
     task = model_info(cfg.model).task
     model = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
                          **cfg.model_kwargs).to(device)
-    optimizer = make_optimizer(cfg, model)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    amp, why = resolve_amp(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if info.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
-    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": None, "elapsed_s": 0.0,
-             "rows": []}
+    state: dict = {"epoch": 0, "step": 0, "stage": 0, "stage_epoch": 0, "stage_step": 0, "stage_start_s": 0.0,
+                   "batch": 0, "loss_sum": 0.0, "images": 0, "best_score": -math.inf, "best_epoch": None,
+                   "elapsed_s": 0.0, "rows": [], "amp": amp, "rng": None}
     if cfg.resume:
-        from pixelwise.engine.checkpoint import read_checkpoint
+        state.update(load_train_state(out / "last.state.safetensors", model, optimizer, scaler))
+        where = f"epoch {state['epoch']}" + (f" + {state['batch']} batches" if state["batch"] else "")
+        log(f"resumed from {out / 'last.state.safetensors'} after {where}")
+        if state["amp"] != amp:
+            amp, why = state["amp"], "kept from the resumed run"
+            scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    log(f"precision: {amp} ({why})")
 
-        weights, _ = read_checkpoint(out / "last.safetensors")
-        model.load_state_dict(weights)
-        state.update(load_train_state(out / "last.state.safetensors", optimizer))
-        log(f"resumed from {out / 'last.safetensors'} after epoch {state['epoch']}")
-
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-    total_steps = max(1, steps_per_epoch * cfg.epochs)
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    start = time.monotonic() - state["elapsed_s"]
-
-    def progress() -> float:
-        p = state["step"] / total_steps
-        if budget_s:
-            p = max(p, (time.monotonic() - start) / budget_s)
-        state["step"] += 1
-        return lr_factor(cfg.schedule, min(p, 1.0))
-
+    cw = None
     if task == "instance":
-        from pixelwise.engine.instance import evaluate_instances as eval_fn
+        if cfg.class_weights not in ("none", "", None):
+            raise UserError("class_weights applies to semantic models only; remove it for instance models")
+        from pixelwise.engine.instance import evaluate_instances as eval_instances
 
         def loss_fn(m, b):
             return instance_loss(m, b)
     else:
-        eval_fn = None
+        eval_instances = None
+        weights = class_weights_for(cfg, train_ds, out, log)
+        cw = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
 
-        def loss_fn(m, b):
-            return semantic_loss(m, b, None)
+    module = model
+    model = dist.wrap_model(model, info, device, cfg.sync_bn)
+    if cfg.tensorboard and info.is_main:
+        callbacks.append(TensorBoardLogger(out / "tensorboard"))
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in module.parameters())
     log(f"training {cfg.model} ({n_params / 1e6:.2f}M parameters) on {cfg.dataset}: "
-        f"{len(train_ds)} train / {len(val_ds)} val images, {cfg.epochs} epochs, device {device}")
+        f"{len(train_ds)} train / {len(val_ds)} val images, {cfg.epochs} epochs, device {device}"
+        + (f", {info.world_size} processes" if info.enabled else ""))
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    start = time.monotonic() - state["elapsed_s"]
+    stages = cfg.stage_configs()
     stopped = False
-    while state["epoch"] < cfg.epochs and not stopped:
-        epoch = state["epoch"] + 1
-        seed_everything(cfg.seed * 100003 + epoch)
-        generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-                            num_workers=cfg.num_workers, collate_fn=collate, generator=generator,
-                            worker_init_fn=_worker_init, persistent_workers=False)
-        deadline = start + budget_s if budget_s else None
-        train_loss, stopped = train_one_epoch(model, loader, optimizer, loss_fn, device, progress,
-                                              desc=f"epoch {epoch}/{cfg.epochs}", show=cfg.progress,
-                                              deadline=deadline)
-        val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                collate_fn=collate)
-        if eval_fn is None:
-            metrics = evaluate(model, val_loader, val_ds.num_classes, device, val_ds.class_names, cfg.progress)
-        else:
-            metrics = eval_fn(model, val_loader, val_ds, device, show=cfg.progress)
-        state["epoch"] = epoch
-        state["elapsed_s"] = time.monotonic() - start
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": metrics.get("loss"),
-               **{k: v for k, v in metrics.items() if isinstance(v, float | int) and k != "loss"},
-               "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(state["elapsed_s"], 1)}
-        state["rows"].append(row)
-        score = _score(metrics)
-        summary = {"epoch": epoch, "val": metrics}
-        if score > state["best_score"]:
-            state["best_score"], state["best_epoch"] = score, epoch
-            save_checkpoint(out / "best.safetensors", model, checkpoint_meta(cfg, train_ds, summary))
-        save_checkpoint(out / "last.safetensors", model, checkpoint_meta(cfg, train_ds, summary))
-        save_train_state(out / "last.state.safetensors", optimizer, state)
-        _write_csv(out / "metrics.csv", state["rows"])
-        shown = " ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float) and k != "lr")
-        log(f"epoch {epoch}: {shown}" + (" (time budget reached)" if stopped else ""))
+    val_ds_eval = Subset(val_ds, dist.shard(len(val_ds), info)) if info.enabled else val_ds
+    try:
+        for si, (stage_name, scfg) in enumerate(stages):
+            if si < state["stage"] or (si == state["stage"] and state.get("stage_stopped")):
+                continue
+            if si > state["stage"]:
+                state.update(stage=si, stage_epoch=0, stage_step=0, stage_start_s=time.monotonic() - start,
+                             stage_stopped=False)
+            set_peak_lr(optimizer, scfg.lr)
+            if len(stages) > 1:
+                log(f"stage {si + 1}/{len(stages)} ({stage_name}): {scfg.epochs} epochs, lr {scfg.lr}"
+                    + (", instance-centred crops" if scfg.instance_crops else ""))
+            train_ds.transform = train_transform(scfg)
+            spec = None if task == "instance" else LossSpec(scfg.loss, cw, scfg.focal_gamma, scfg.aux_weight)
+            per_rank = len(epoch_indices(len(train_ds), scfg, 1, info))
+            drop_last = per_rank > scfg.batch_size
+            batches = per_rank // scfg.batch_size if drop_last else math.ceil(per_rank / scfg.batch_size)
+            schedule = Schedule.from_config(scfg, math.ceil(batches / scfg.accumulate))
+            # the time budget is shared among stages in proportion to their epochs
+            stage_budget = budget_s * scfg.epochs / cfg.epochs if budget_s else None
+
+            def lr_factor(schedule=schedule, stage_budget=stage_budget, peak=scfg.lr) -> float:
+                frac = 0.0
+                if stage_budget:
+                    frac = (time.monotonic() - start - state["stage_start_s"]) / stage_budget
+                f = schedule.factor(state["stage_step"], frac)
+                state["lr"] = peak * f
+                return f
+
+            def loss_fn(m, b, spec=spec):
+                return instance_loss(m, b) if spec is None else semantic_loss(m, b, spec)
+
+            while state["stage_epoch"] < scfg.epochs:
+                epoch = state["epoch"] + 1
+                seed_everything(epoch_seed(cfg.seed, epoch, info.rank))
+                indices = epoch_indices(len(train_ds), scfg, epoch, info)
+                if state["batch"]:  # resuming inside this epoch: same order, skip what was done
+                    indices = indices[state["batch"] * scfg.batch_size:]
+                    if state.get("rng"):
+                        rng_restore(*state["rng"])
+                else:
+                    state.update(loss_sum=0.0, images=0)
+                loader = DataLoader(train_ds, batch_sampler=BatchSampler(indices, scfg.batch_size, drop_last),
+                                    num_workers=cfg.num_workers, collate_fn=collate, worker_init_fn=_worker_init,
+                                    generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, info.rank)))
+                deadline = None
+                if budget_s:
+                    deadline = start + (budget_s if si == len(stages) - 1
+                                        else state["stage_start_s"] + stage_budget)
+                t_epoch = time.monotonic()
+                images_before = state["images"]
+                stopped = train_one_epoch(
+                    model, loader, optimizer, loss_fn, device, lr_factor, state, amp=amp, scaler=scaler,
+                    accumulate=scfg.accumulate, clip_grad_norm=scfg.clip_grad_norm,
+                    channels_last=cfg.channels_last, desc=f"epoch {epoch}/{cfg.epochs}", show=show,
+                    deadline=deadline, callbacks=callbacks)
+                speed = ((state["images"] - images_before) * info.world_size
+                         / max(time.monotonic() - t_epoch, 1e-9))
+                sums = dist.all_reduce_sum(torch.tensor([state["loss_sum"], float(state["images"])],
+                                                        dtype=torch.float64, device=device))
+                train_loss = (sums[0] / sums[1].clamp_min(1)).item()
+                metrics = run_validation(model, module, val_ds, val_ds_eval, eval_instances, cfg, device, info,
+                                         amp, show)
+                state["epoch"], state["stage_epoch"], state["batch"] = epoch, state["stage_epoch"] + 1, 0
+                state["elapsed_s"] = time.monotonic() - start
+                row = {"epoch": epoch, **({"stage": stage_name} if len(stages) > 1 else {}),
+                       "train_loss": train_loss, "val_loss": metrics.get("loss"),
+                       **{k: v for k, v in metrics.items() if isinstance(v, float | int) and k != "loss"},
+                       "lr": optimizer.param_groups[0]["lr"], "img_per_s": round(speed, 2),
+                       "elapsed_s": round(state["elapsed_s"], 1)}
+                state["rows"].append(row)
+                score = _score(metrics)
+                summary = {"epoch": epoch, "val": metrics}
+                state["stage_stopped"] = stopped  # by the time budget: a resume moves on to the next stage
+                state["rng"] = rng_snapshot()
+                if info.is_main:
+                    if score > state["best_score"]:
+                        save_checkpoint(out / "best.safetensors", module, checkpoint_meta(cfg, train_ds, summary))
+                    save_checkpoint(out / "last.safetensors", module, checkpoint_meta(cfg, train_ds, summary))
+                    if score > state["best_score"]:
+                        state["best_score"], state["best_epoch"] = score, epoch
+                    save_train_state(out / "last.state.safetensors", module, optimizer, scaler, state)
+                    _write_csv(out / "metrics.csv", state["rows"])
+                elif score > state["best_score"]:
+                    state["best_score"], state["best_epoch"] = score, epoch
+                shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
+                                 if isinstance(v, float) and k not in ("lr", "img_per_s", "elapsed_s"))
+                log(f"epoch {epoch}: {shown} lr={row['lr']:.2e} {row['img_per_s']:.1f} img/s"
+                    + (" (time budget reached)" if stopped else ""))
+                dist.barrier()
+                for cb in callbacks:
+                    cb("epoch", state)
+                if stopped:
+                    break
+            if stopped and si == len(stages) - 1:
+                break
+    except KeyboardInterrupt:
+        if info.is_main:
+            state["elapsed_s"] = time.monotonic() - start
+            summary = {"epoch": state["epoch"], "interrupted_after_batches": state["batch"]}
+            save_checkpoint(out / "last.safetensors", module, checkpoint_meta(cfg, train_ds, summary))
+            save_train_state(out / "last.state.safetensors", module, optimizer, scaler, state)
+            where = f"epoch {state['epoch'] + 1} batch {state['batch']}" if state["batch"] else \
+                f"the end of epoch {state['epoch']}"
+            log(f"interrupted: saved {out / 'last.safetensors'} and its training state at {where}; "
+                "--resume continues from there")
+        raise
 
     best_row = next((r for r in state["rows"] if r["epoch"] == state["best_epoch"]), None)
     result = {"model": cfg.model, "dataset": cfg.dataset, "epochs_completed": state["epoch"],
               "best_epoch": state["best_epoch"], "best": best_row,
-              "final": state["rows"][-1] if state["rows"] else None,
+              "final": state["rows"][-1] if state["rows"] else None, "steps": state["step"],
               "train_minutes": round(state["elapsed_s"] / 60, 2), "stopped_by_time_budget": stopped,
+              "amp": amp, "world_size": info.world_size,
               "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if info.is_main:
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out / "metrics.json")
     return result
+
+
+def run_validation(model: nn.Module, module: nn.Module, val_ds: SegmentationDataset, val_shard,
+                   eval_instances, cfg: TrainConfig, device: torch.device, info: dist.DistInfo,
+                   amp: str, show: bool) -> dict:
+    """Semantic: every rank evaluates its shard, metrics reduced over ranks. Instance: rank 0
+    evaluates the whole split with ``engine.instance.evaluate_instances`` and shares the result."""
+    dist.broadcast_module_state(module)  # BatchNorm statistics of rank 0, i.e. of the saved weights
+    if eval_instances is None:
+        loader = DataLoader(val_shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            collate_fn=eval_collate)
+        return evaluate(module, loader, val_ds.num_classes, device, list(val_ds.class_names), show, amp,
+                        cfg.channels_last)
+    metrics = None
+    if info.is_main:
+        loader = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+        metrics = eval_instances(module, loader, val_ds, device, show=show)
+    return dist.broadcast_object(metrics)

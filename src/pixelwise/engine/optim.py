@@ -1,0 +1,111 @@
+"""Optimisers and learning-rate schedules.
+
+``build_optimizer`` makes SGD (momentum, Nesterov), Adam or AdamW with two parameter groups:
+weights that get weight decay, and biases plus normalisation-layer weights (every parameter
+with fewer than 2 dimensions) that do not.
+
+A :class:`Schedule` is a pure function of the optimizer step (and, with a time budget, of the
+elapsed fraction of it) -> LR multiplier. It has no state of its own beyond the step counter the
+trainer saves, so a resumed run recomputes exactly the LR an uninterrupted run would use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from pixelwise.engine.config import TrainConfig
+from pixelwise.errors import UserError
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Trainable parameters split into ``[{"params": decayed, "weight_decay": wd},
+    {"params": biases and norm weights, "weight_decay": 0}]`` (empty groups left out)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if decay_norm_and_bias or p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` (sgd | adam | adamw) over :func:`param_groups`; every group remembers its
+    peak LR as ``initial_lr``."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    if not groups:
+        raise UserError(f"model {cfg.model!r} has no trainable parameters")
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                                     nesterov=cfg.nesterov and cfg.momentum > 0)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+    elif cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+    else:
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}; choose sgd, adam or adamw")
+    set_peak_lr(opt, cfg.lr)
+    return opt
+
+
+def set_peak_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = lr
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """LR multiplier over ``total_steps`` optimizer steps (= configured epochs x steps per epoch).
+
+    kind: poly ``(1 - p) ** power`` | cosine ``(1 + cos(pi p)) / 2`` | step ``gamma ** #{milestones
+    <= p * epochs}`` | constant; ``p`` = progress in [0, 1]. A linear warm-up from
+    ``warmup_factor`` to 1 over the first ``warmup_steps`` steps multiplies it.
+    """
+
+    kind: str
+    total_steps: int
+    epochs: float = 1.0
+    power: float = 0.9
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+    warmup_steps: int = 0
+    warmup_factor: float = 0.001
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+        warmup = max(int(round(cfg.warmup_epochs * steps_per_epoch)), int(cfg.warmup_iters))
+        return cls(cfg.schedule, max(1, steps_per_epoch * cfg.epochs), float(cfg.epochs), cfg.poly_power,
+                   tuple(float(m) for m in cfg.milestones), cfg.gamma, warmup, cfg.warmup_factor)
+
+    def progress(self, step: int, time_fraction: float = 0.0) -> float:
+        """max(step fraction, time fraction), clipped to [0, 1]."""
+        return min(1.0, max(step / self.total_steps, time_fraction, 0.0))
+
+    def factor(self, step: int, time_fraction: float = 0.0) -> float:
+        """Multiplier of the peak LR for optimizer step ``step`` (0-based)."""
+        p = self.progress(step, time_fraction)
+        if self.kind == "constant":
+            f = 1.0
+        elif self.kind == "poly":
+            f = (1.0 - p) ** self.power
+        elif self.kind == "cosine":
+            f = 0.5 * (1.0 + math.cos(math.pi * p))
+        elif self.kind == "step":
+            f = self.gamma ** sum(1 for m in self.milestones if p * self.epochs >= m - 1e-9)
+        else:
+            raise UserError(f"unknown schedule {self.kind!r}; choose poly, cosine, step or constant")
+        if step < self.warmup_steps:
+            f *= self.warmup_factor + (1.0 - self.warmup_factor) * step / self.warmup_steps
+        return f
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Set every group's LR to ``initial_lr * factor``; -> the first group's LR."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+    return optimizer.param_groups[0]["lr"]

@@ -1,0 +1,260 @@
+"""Training engine: optimiser groups, schedules, resume exactness, interruption, divergence,
+class weights, accumulation, stages, precision."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from pixelwise.cli import main
+from pixelwise.data.base import Sample
+from pixelwise.engine import trainer
+from pixelwise.engine.config import TrainConfig
+from pixelwise.engine.optim import Schedule, build_optimizer, param_groups
+from pixelwise.engine.trainer import class_weights_for, fit, read_class_weights, resolve_amp
+from pixelwise.errors import UserError
+
+TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
+TINY_DATA = {"num_train": 8, "num_val": 4, "num_test": 4, "size": 32}
+
+
+def tiny(out, **kw) -> TrainConfig:
+    base = {"model": "unet", "dataset": "shapes", "out": str(out), "epochs": 2, "batch_size": 4,
+            "lr": 0.01, "progress": False, "model_kwargs": dict(TINY_MODEL), "dataset_kwargs": dict(TINY_DATA)}
+    return TrainConfig(**{**base, **kw})
+
+
+def quiet(*_):
+    pass
+
+
+def weights_equal(a, b, tol=1e-5):
+    wa, wb = load_file(a / "last.safetensors"), load_file(b / "last.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k].double() - wb[k].double()).abs().max().item() <= tol, k
+
+
+def interrupt_at(event, when):
+    def cb(ev, state):
+        if ev == event and when(state):
+            raise KeyboardInterrupt
+
+    return cb
+
+
+# --- optimiser and schedule ---------------------------------------------------------------------
+def test_weight_decay_skips_biases_and_norm_weights():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    groups = param_groups(model, 1e-4)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 1e-4 and groups[1]["weight_decay"] == 0.0
+    assert decayed == {id(model[0].weight), id(model[2].weight)}
+    assert len(groups[1]["params"]) == 4  # two conv biases, BN weight and bias
+    assert len(param_groups(model, 1e-4, decay_norm_and_bias=True)) == 1
+    for name, cls in (("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        opt = build_optimizer(TrainConfig(optimizer=name, weight_decay=0.1, nesterov=True), model)
+        assert isinstance(opt, cls) and [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert build_optimizer(TrainConfig(optimizer="sgd", nesterov=True), model).param_groups[0]["nesterov"]
+
+
+def test_schedule_formulas():
+    poly = Schedule("poly", total_steps=100, power=0.9)
+    assert poly.factor(0) == 1.0 and poly.factor(50) == pytest.approx(0.5**0.9) and poly.factor(100) == 0.0
+    assert Schedule("cosine", 100).factor(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    step = Schedule("step", total_steps=100, epochs=10, milestones=(3, 6), gamma=0.1)
+    assert [step.factor(s) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert Schedule("constant", 10).factor(9) == 1.0
+    warm = Schedule("cosine", 100, warmup_steps=10, warmup_factor=0.0)
+    assert warm.factor(0) == 0.0 and warm.factor(5) == pytest.approx(0.5 * Schedule("cosine", 100).factor(5))
+    assert warm.factor(10) == Schedule("cosine", 100).factor(10)
+    # time budget: progress = max(step fraction, time fraction)
+    assert poly.factor(10, time_fraction=0.5) == pytest.approx(0.5**0.9)
+    assert poly.factor(60, time_fraction=0.5) == pytest.approx(0.4**0.9)
+    assert Schedule.from_config(TrainConfig(epochs=3, warmup_epochs=0.5), 8).warmup_steps == 4
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="schedule 'linear'"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(UserError, match="stage 1: key 'model'"):
+        TrainConfig(stages=[{"epochs": 1, "model": "fcn8s"}])
+    with pytest.raises(UserError, match="stage 2 needs"):
+        TrainConfig(stages=[{"epochs": 1}, {"lr": 0.1}])
+    assert TrainConfig(stages=[{"epochs": 2}, {"epochs": 3, "lr": 0.1}]).epochs == 5
+
+
+# --- resume ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["poly", "cosine", "step"])
+def test_killed_after_epoch_1_and_resumed_is_exact(tmp_path, schedule):
+    kw = {"schedule": schedule, "milestones": [1], "warmup_iters": 1, "optimizer": "sgd", "nesterov": True,
+          "weight_decay": 1e-3}
+    fit(tiny(tmp_path / "a", **kw), log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path / "b", **kw), log=quiet, callbacks=[interrupt_at("epoch", lambda s: s["epoch"] == 1)])
+    assert len((tmp_path / "b" / "metrics.csv").read_text().splitlines()) == 2  # header + epoch 1
+    summary = fit(tiny(tmp_path / "b", resume=True, **kw), log=quiet)
+    assert summary["epochs_completed"] == 2 and summary["steps"] == 4
+    weights_equal(tmp_path / "a", tmp_path / "b")
+    rows_a = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    assert len(rows_a) == len(rows_b) == 3
+
+
+def test_mid_epoch_interrupt_resumes_exactly_with_accumulation_and_dropout(tmp_path):
+    # augmentation (flip + jitter) and dropout use every RNG; 4 micro-batches of 2 per epoch,
+    # 2 optimizer steps per epoch; interrupted after step 3 = half-way through epoch 2
+    kw = {"batch_size": 2, "accumulate": 2, "schedule": "cosine", "optimizer": "adamw", "weight_decay": 0.01,
+          "model_kwargs": {**TINY_MODEL, "dropout": 0.3}, "clip_grad_norm": 1.0}
+    fit(tiny(tmp_path / "a", **kw), log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path / "b", **kw), log=quiet, callbacks=[interrupt_at("step", lambda s: s["step"] == 3)])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "b" / "last.state.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["pixelwise_train_state"])
+    assert (meta["epoch"], meta["step"], meta["batch"]) == (1, 3, 2)
+    fit(tiny(tmp_path / "b", resume=True, **kw), log=quiet)
+    weights_equal(tmp_path / "a", tmp_path / "b")
+
+
+def test_accumulation_equals_the_large_batch(tmp_path):
+    common = {"epochs": 1, "optimizer": "sgd", "schedule": "constant", "augment": {"flip": False, "jitter": False},
+              "model_kwargs": {**TINY_MODEL, "batch_norm": False}}
+    fit(tiny(tmp_path / "a", batch_size=8, **common), log=quiet)
+    fit(tiny(tmp_path / "b", batch_size=4, accumulate=2, **common), log=quiet)
+    weights_equal(tmp_path / "a", tmp_path / "b")
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    calls = {"n": 0}
+    real = trainer.semantic_loss
+
+    def poisoned(model, batch, spec):
+        calls["n"] += 1
+        loss = real(model, batch, spec)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(trainer, "semantic_loss", poisoned)
+    args = ["train", "--model", "unet", "--dataset", "shapes", "--epochs", "2", "--batch-size", "4",
+            "--no-progress", "--out", str(out), "--model-kwargs", json.dumps(TINY_MODEL),
+            "--dataset-kwargs", json.dumps(TINY_DATA), "--lr", "0.01"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss is nan at epoch 2 step 3" in err[0]
+    # epoch 1's checkpoint is kept, consistent with its training state; no summary is written
+    from safetensors import safe_open
+
+    with safe_open(str(out / "last.state.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["pixelwise_train_state"])["epoch"] == 1
+        saved = {k[6:]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}  # noqa: SIM118
+    last = load_file(out / "last.safetensors")
+    assert saved.keys() == last.keys() and all(torch.equal(saved[k], last[k]) for k in last)
+    assert not (out / "metrics.json").exists()
+
+
+def test_absurd_lr_diverges_cleanly(tmp_path, capsys):
+    args = ["train", "--model", "unet", "--dataset", "shapes", "--epochs", "3", "--batch-size", "4",
+            "--no-progress", "--out", str(tmp_path / "r"), "--model-kwargs", json.dumps(TINY_MODEL),
+            "--dataset-kwargs", json.dumps(TINY_DATA), "--optimizer", "sgd", "--lr", "1e12",
+            "--schedule", "constant"]
+    assert main(args) == 2
+    assert "training diverged: loss is" in capsys.readouterr().err
+
+
+# --- losses, class weights, precision ---------------------------------------------------------------
+def test_median_freq_weights_cached_and_files(tmp_path):
+    from pixelwise.data import build_dataset
+    from pixelwise.data.inspect import inspect_dataset
+
+    cfg = tiny(tmp_path, class_weights="median-freq")
+    ds = build_dataset("shapes", None, "train", **TINY_DATA)
+    w = class_weights_for(cfg, ds, tmp_path, log=quiet)
+    expected = [1.0 if v is None else v for v in inspect_dataset(ds, progress=False)["median_freq_weights"]]
+    assert w == pytest.approx(expected)
+    assert json.loads((tmp_path / "class_weights.json").read_text())["weights"] == pytest.approx(expected)
+    (tmp_path / "w.txt").write_text("1 2.5, 3\n0.5\n")
+    assert read_class_weights(tmp_path / "w.txt", 4) == [1.0, 2.5, 3.0, 0.5]
+    (tmp_path / "w.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="expected 4 non-negative numbers"):
+        read_class_weights(tmp_path / "w.json", 4)
+
+
+def test_every_loss_and_options_train(tmp_path):
+    for i, loss in enumerate(["focal", "lovasz", "ce+dice", "dice"]):
+        s = fit(tiny(tmp_path / loss, epochs=1, loss=loss, class_weights="median-freq" if i % 2 else "none",
+                     optimizer="adamw", weight_decay=0.01, warmup_epochs=0.5, clip_grad_norm=1.0,
+                     channels_last=i == 0, amp="bf16" if i == 1 else "off"), log=quiet)
+        assert math.isfinite(s["final"]["train_loss"]) and s["amp"] == ("bf16" if i == 1 else "off")
+
+
+def test_amp_choices(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        resolve_amp("fp16", cpu)
+    monkeypatch.setattr(trainer, "_cpu_flags", lambda: {"avx512_bf16"})
+    assert resolve_amp("auto", cpu)[0] == "off"
+    monkeypatch.setattr(trainer, "_cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert resolve_amp("auto", cpu)[0] == "bf16"
+    assert resolve_amp("off", cpu)[0] == "off"
+
+
+def test_tensorboard_without_package_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    args = ["train", "--model", "unet", "--dataset", "shapes", "--epochs", "1", "--no-progress",
+            "--out", str(tmp_path), "--model-kwargs", json.dumps(TINY_MODEL),
+            "--dataset-kwargs", json.dumps(TINY_DATA), "--tensorboard"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the tensorboard package" in err[0]
+
+
+# --- augment, instance crops, stages -------------------------------------------------------------
+def test_instance_crop_centres_on_an_object():
+    from pixelwise.data.instance_crop import InstanceCrop, object_boxes
+
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:20, 30:40] = 2  # one 10x10 object
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[..., 0] = np.arange(60)[None, :]  # column index in red
+    s = Sample(image=img, mask=mask)
+    assert object_boxes(s).tolist() == [[30, 10, 40, 20]]
+    out = InstanceCrop((20, 20), context=2.0)(s)  # window 20x20 around centre (15, 35)
+    assert out.image.shape == (20, 20, 3) and out.mask.shape == (20, 20)
+    assert (out.mask == 2).sum() == 100 and out.mask[5:15, 5:15].min() == 2
+    assert out.image[0, :, 0].tolist() == list(range(25, 45))
+    # instance masks win over components; off-image parts are padded with ignore
+    inst = np.zeros((1, 40, 60), bool)
+    inst[0, 0:4, 0:4] = True
+    s2 = Sample(image=img, mask=mask, instance_masks=inst, instance_labels=np.array([1]),
+                boxes=np.zeros((1, 4), np.float32))
+    out2 = InstanceCrop((8, 8), context=2.0)(s2)
+    assert (out2.mask[:2] == 255).all() and out2.instance_masks.shape == (1, 8, 8)
+    assert out2.boxes.tolist() == [[2, 2, 6, 6]]
+
+
+def test_stages_from_yaml_with_instance_crops(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(
+        "model: unet\ndataset: shapes\nbatch_size: 4\noptimizer: sgd\nlr: 0.01\n"
+        f"model_kwargs: {json.dumps(TINY_MODEL)}\ndataset_kwargs: {json.dumps(TINY_DATA)}\n"
+        "augment: {scale: null}\n"
+        "stages:\n  - {name: objects, epochs: 1, crop: 16x16, instance_crops: true}\n"
+        "  - {name: whole, epochs: 1, lr: 0.001}\n")
+    out = tmp_path / "o"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["epoch", "stage"]
+    assert [r.split(",")[1] for r in rows[1:]] == ["objects", "whole"]
+    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
+    # the instance-crop transform of stage 1 yields 16x16 crops
+    t = trainer.train_transform(TrainConfig(crop="16x16", instance_crops=True, augment={"scale": None}))
+    from pixelwise.data.shapes import ShapesDataset
+
+    assert t(ShapesDataset(size=32, num_train=1).load(0)).image.shape == (16, 16, 3)
