@@ -1,0 +1,48 @@
+"""DistributedDataParallel on the CPU (gloo): torchrun with 2 processes on a tiny shapes run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pixelwise.data import build_dataset
+from pixelwise.engine.checkpoint import load_checkpoint
+from pixelwise.engine.trainer import eval_collate, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
+TINY_DATA = {"num_train": 16, "num_val": 7, "size": 32}  # 7 val images: uneven shards (4 + 3)
+
+
+def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
+                                                                             "torch.distributed.run"]
+    cmd = [*launcher, "--standalone", "--nproc_per_node", "2", "-m", "pixelwise", "train", "--model", "unet",
+           "--dataset", "shapes", "--epochs", "2", "--batch-size", "4", "--no-progress", "--out", str(out),
+           "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done in") == 1  # rank 0 only prints
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_completed"] == 2
+    assert summary["steps"] == 4  # 16 images / 2 ranks / batch 4 = 2 steps per epoch
+    for name in ("best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.csv"):
+        assert (out / name).is_file(), name
+
+    model, _ = load_checkpoint(out / "last.safetensors")
+    val = build_dataset("shapes", None, "val", **TINY_DATA)
+    m = evaluate(model, DataLoader(val, batch_size=4, collate_fn=eval_collate), val.num_classes,
+                 torch.device("cpu"), list(val.class_names), show=False)
+    final = summary["final"]
+    assert m["num_images"] == final["num_images"] == 7
+    for key in ("pixel_acc", "mIoU", "mean_acc", "fwIoU"):
+        assert final[key] == pytest.approx(m[key], abs=1e-9), key
+    assert final["val_loss"] == pytest.approx(m["loss"], rel=1e-5)
