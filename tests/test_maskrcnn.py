@@ -287,21 +287,27 @@ def test_overfits_one_image():
     model = maskrcnn_resnet18_fpn(num_classes=3, **SMALL).train()
     image, target = scene()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-4)
-    history = []
-    for _ in range(20):
+    opt = torch.optim.Adam(params, lr=3e-4)
+    total, mask = [], []
+    for _ in range(30):
         losses = model([image], [target])
         loss = sum(losses.values())
         assert all(torch.isfinite(v) for v in losses.values())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history.append(loss.item())
-    assert sum(history[-3:]) / 3 < 0.3 * sum(history[:3]) / 3, history
+        total.append(loss.item())
+        mask.append(losses["loss_mask"].item())
+    assert sum(total[-5:]) / 5 < 0.35 * sum(total[:3]) / 3, total
+    assert sum(mask[-5:]) / 5 < 0.25 * mask[0], mask
     model.eval()
     with torch.no_grad():
         (det,) = model([image])
-    assert set(det["labels"][:2].tolist()) == {1, 2}, det
+    from pixelwise.ops import box_iou
+
+    iou = box_iou(target["boxes"], det["boxes"])  # [2 gt, D]
+    same_class = target["labels"][:, None] == det["labels"][None, :]
+    assert ((iou > 0.5) & same_class).any(dim=1).all(), det  # each object found with its class
 
 
 def test_trains_and_evaluates_on_collated_dataset_batches():

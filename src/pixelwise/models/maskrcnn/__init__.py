@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "AnchorGenerator",
     "BackboneWithFPN",
     "FeaturePyramidNetwork",
+    "HeadWidths",
     "MaskRCNN",
     "RPNConfig",
     "RoIHeadsConfig",
@@ -106,24 +108,41 @@ def freeze_backbone_layers(body: nn.Module, trainable_layers: int) -> None:
             param.requires_grad_(False)
 
 
+@dataclass(frozen=True)
+class HeadWidths:
+    """Channel widths of the parts after the backbone (torchvision's Mask R-CNN: the defaults)."""
+
+    fpn: int = 256  # FPN output channels, also the RPN head's and the RoI features'
+    representation: int = 1024  # fc6/fc7 of the box head
+    mask: int = 256  # the four mask-head convs and conv5_mask
+
+
+LIGHT_HEADS = HeadWidths(fpn=128, representation=512, mask=128)  # maskrcnn_resnet18_fpn, for CPUs
+
+
 def build_maskrcnn(
-    backbone: nn.Module, num_classes: int, transform: TransformConfig, rpn: RPNConfig, roi: RoIHeadsConfig
+    backbone: nn.Module,
+    num_classes: int,
+    transform: TransformConfig,
+    rpn: RPNConfig,
+    roi: RoIHeadsConfig,
+    widths: HeadWidths = HeadWidths(),  # noqa: B008 - frozen dataclass, safe as a default
 ) -> MaskRCNN:
     """Assemble a Mask R-CNN on a ResNet-like ``backbone`` (children ``conv1 ... layer4`` and
-    ``feature_info``); every head is sized from ``backbone_with_fpn.out_channels``."""
+    ``feature_info``, from which the FPN takes its input channels)."""
     body = IntermediateLayerGetter(backbone, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"})
-    features = BackboneWithFPN(body, out_channels=256)
-    c = features.out_channels
+    features = BackboneWithFPN(body, out_channels=widths.fpn)
+    c, r, m = features.out_channels, widths.representation, widths.mask
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
     region_proposals = RegionProposalNetwork(anchors, RPNHead(c, anchors.num_anchors_per_location()[0]), rpn)
     names = ["0", "1", "2", "3"]
     heads = RoIHeads(
         box_roi_pool=ops.MultiScaleRoIAlign(names, 7, 2),
-        box_head=TwoMLPHead(c * 7 * 7, 1024),
-        box_predictor=FastRCNNPredictor(1024, num_classes),
+        box_head=TwoMLPHead(c * 7 * 7, r),
+        box_predictor=FastRCNNPredictor(r, num_classes),
         mask_roi_pool=ops.MultiScaleRoIAlign(names, 14, 2),
-        mask_head=MaskRCNNHeads(c, (256, 256, 256, 256)),
-        mask_predictor=MaskRCNNPredictor(256, 256, num_classes),
+        mask_head=MaskRCNNHeads(c, (m, m, m, m)),
+        mask_predictor=MaskRCNNPredictor(m, m, num_classes),
         config=roi,
     )
     return MaskRCNN(RCNNTransform(transform), features, region_proposals, heads)
@@ -157,7 +176,8 @@ def _maskrcnn(arch: str, num_classes: int, pretrained: str | None, kwargs: dict[
     # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
     norm_layer = nn.BatchNorm2d if pretrained is None else FrozenBatchNorm2d
     backbone = make_resnet(pretrained="imagenet" if pretrained == "imagenet" else None, norm_layer=norm_layer)
-    model = build_maskrcnn(backbone, num_classes, transform, rpn, roi)
+    widths = LIGHT_HEADS if arch == "resnet18" else HeadWidths()
+    model = build_maskrcnn(backbone, num_classes, transform, rpn, roi, widths)
     if pretrained not in (None, "imagenet"):
         load_detection_weights(model, pretrained, num_classes)
     # torchvision: without pretrained weights every layer trains; with them 3 by default.
@@ -188,8 +208,10 @@ def maskrcnn_resnet50_fpn(num_classes: int = 91, pretrained: str | None = None, 
 
 @register_model("maskrcnn_resnet18_fpn", task="instance", paper="He et al., ICCV 2017 (ResNet-18 backbone)")
 def maskrcnn_resnet18_fpn(num_classes: int = 91, pretrained: str | None = None, **kwargs: Any) -> MaskRCNN:
-    """The same Mask R-CNN on ResNet-18 (FPN inputs 64/128/256/512 from the backbone's
-    ``feature_info``): about 2.3x fewer backbone FLOPs, meant for CPU training and tests.
+    """Mask R-CNN on ResNet-18 with narrower heads (:data:`LIGHT_HEADS`: FPN 128 channels, box
+    head 512, mask head 128), meant for CPU training and tests: about 2.3x fewer backbone
+    FLOPs than ResNet-50 and 4x fewer per RoI in the mask head. FPN inputs 64/128/256/512 come
+    from the backbone's ``feature_info``.
     No COCO weights exist for it; ``pretrained`` is ``None``, ``"imagenet"`` or a path."""
     if pretrained == "coco":
         raise UserError("maskrcnn_resnet18_fpn has no COCO weights; use pretrained='imagenet' or maskrcnn_resnet50_fpn")
