@@ -249,3 +249,12 @@ def test_stages_from_yaml_with_instance_crops(tmp_path):
     from pixelwise.data.shapes import ShapesDataset
 
     assert t(ShapesDataset(size=32, num_train=1).load(0)).image.shape == (16, 16, 3)
+
+
+def test_time_budget_stops_and_anneals(tmp_path):
+    # a budget far shorter than one epoch: the first epoch stops after its first optimizer step,
+    # whose LR is already annealed by the time fraction (poly: 0 once the budget is spent)
+    s = fit(tiny(tmp_path, epochs=5, batch_size=2, max_minutes=1e-4), log=quiet)
+    assert s["stopped_by_time_budget"] and s["epochs_completed"] == 1 and s["steps"] == 1
+    assert s["final"]["lr"] < 0.01 * 0.5
+    assert (tmp_path / "best.safetensors").is_file()

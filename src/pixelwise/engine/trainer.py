@@ -108,8 +108,8 @@ def _cpu_flags() -> set[str]:
 def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
     """``--amp`` -> (off | bf16 | fp16, why). ``auto``: CUDA -> bf16 where the GPU supports it,
     else fp16 (with a gradient scaler); CPU -> bf16 only with AMX tiles (``amx_bf16``), where
-    oneDNN's bf16 convolutions are clearly faster, else off (on AVX-512-BF16 or older CPUs
-    autocast's casts cost more than they save for convolution nets; measured in docs/training.md)."""
+    oneDNN's bf16 convolutions are clearly faster, else off (on AVX-512-BF16 CPUs without AMX
+    the gain was unreliable in our measurements, see docs/training.md)."""
     if mode == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or --amp off")
     if mode != "auto":
@@ -529,6 +529,10 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg)
     task = model_info(cfg.model).task
+    if task == "instance":  # images arrive normalised by preprocess(); the model must not do it again
+        from pixelwise.engine.instance import instance_model_kwargs
+
+        cfg.model_kwargs = instance_model_kwargs(cfg.model_kwargs)
     model = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
                          **cfg.model_kwargs).to(device)
     if cfg.channels_last:
@@ -556,9 +560,6 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
         if cfg.class_weights not in ("none", "", None):
             raise UserError("class_weights applies to semantic models only; remove it for instance models")
         from pixelwise.engine.instance import evaluate_instances as eval_instances
-
-        def loss_fn(m, b):
-            return instance_loss(m, b)
     else:
         eval_instances = None
         weights = class_weights_for(cfg, train_ds, out, log)
@@ -648,20 +649,9 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
                        "lr": optimizer.param_groups[0]["lr"], "img_per_s": round(speed, 2),
                        "elapsed_s": round(state["elapsed_s"], 1)}
                 state["rows"].append(row)
-                score = _score(metrics)
-                summary = {"epoch": epoch, "val": metrics}
                 state["stage_stopped"] = stopped  # by the time budget: a resume moves on to the next stage
                 state["rng"] = rng_snapshot()
-                if info.is_main:
-                    if score > state["best_score"]:
-                        save_checkpoint(out / "best.safetensors", module, checkpoint_meta(cfg, train_ds, summary))
-                    save_checkpoint(out / "last.safetensors", module, checkpoint_meta(cfg, train_ds, summary))
-                    if score > state["best_score"]:
-                        state["best_score"], state["best_epoch"] = score, epoch
-                    save_train_state(out / "last.state.safetensors", module, optimizer, scaler, state)
-                    _write_csv(out / "metrics.csv", state["rows"])
-                elif score > state["best_score"]:
-                    state["best_score"], state["best_epoch"] = score, epoch
+                save_epoch(out, cfg, train_ds, module, optimizer, scaler, state, metrics, info.is_main)
                 shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
                                  if isinstance(v, float) and k not in ("lr", "img_per_s", "elapsed_s"))
                 log(f"epoch {epoch}: {shown} lr={row['lr']:.2e} {row['img_per_s']:.1f} img/s"
@@ -689,7 +679,8 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
     result = {"model": cfg.model, "dataset": cfg.dataset, "epochs_completed": state["epoch"],
               "best_epoch": state["best_epoch"], "best": best_row,
               "final": state["rows"][-1] if state["rows"] else None, "steps": state["step"],
-              "train_minutes": round(state["elapsed_s"] / 60, 2), "stopped_by_time_budget": stopped,
+              "train_minutes": round(state["elapsed_s"] / 60, 2),
+              "stopped_by_time_budget": bool(stopped or state.get("stage_stopped")),
               "amp": amp, "world_size": info.world_size,
               "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
     if info.is_main:
@@ -697,6 +688,25 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(out / "metrics.json")
     return result
+
+
+def save_epoch(out: Path, cfg: TrainConfig, train_ds: SegmentationDataset, module: nn.Module,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict, metrics: dict,
+               write: bool) -> None:
+    """After an epoch: ``best`` (if the score improved), ``last``, the training state and
+    ``metrics.csv``, in that order, each atomically (only where ``write``: rank 0)."""
+    score, epoch = _score(metrics), state["epoch"]
+    improved = score > state["best_score"]
+    if improved:
+        state["best_score"], state["best_epoch"] = score, epoch
+    if not write:
+        return
+    meta = checkpoint_meta(cfg, train_ds, {"epoch": epoch, "val": metrics})
+    if improved:
+        save_checkpoint(out / "best.safetensors", module, meta)
+    save_checkpoint(out / "last.safetensors", module, meta)
+    save_train_state(out / "last.state.safetensors", module, optimizer, scaler, state)
+    _write_csv(out / "metrics.csv", state["rows"])
 
 
 def run_validation(model: nn.Module, module: nn.Module, val_ds: SegmentationDataset, val_shard,
