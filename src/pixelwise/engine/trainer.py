@@ -566,7 +566,7 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
         cw = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
 
     module = model
-    model = dist.wrap_model(model, info, device, cfg.sync_bn)
+    model = dist.wrap_model(model, info, device, cfg.sync_bn, find_unused_parameters=task == "instance")
     if cfg.tensorboard and info.is_main:
         callbacks.append(TensorBoardLogger(out / "tensorboard"))
 

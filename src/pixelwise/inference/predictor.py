@@ -122,6 +122,22 @@ class Predictor:
         return acc / norm
 
     @torch.no_grad()
+    def predict_instances(self, image: np.ndarray, score_thresh: float = 0.5) -> dict[str, torch.Tensor]:
+        """Instance models: uint8[H, W, 3] -> ``{"boxes" Float[D, 4], "labels" Int64[D], "scores" Float[D],
+        "masks" Bool[D, H, W]}`` on the CPU, detections with score >= ``score_thresh``, by decreasing
+        score (masks thresholded at 0.5, as in COCO evaluation)."""
+        if self.task != "instance":
+            raise ValueError("predict_instances needs an instance-segmentation model")
+        x = preprocess(image, self.mean, self.std).to(self.device)
+        det = {k: v.detach().cpu() for k, v in self.model([x])[0].items()}
+        keep = det["scores"] >= score_thresh
+        order = det["scores"][keep].argsort(descending=True)
+        out = {k: v[keep][order] for k, v in det.items()}
+        masks = out["masks"]
+        out["masks"] = (masks[:, 0] if masks.dim() == 4 else masks) >= 0.5
+        return out
+
+    @torch.no_grad()
     def predict_probs(self, image: np.ndarray) -> torch.Tensor:
         """uint8[H, W, 3] -> class probabilities float32 Tensor[C, H, W] on the CPU."""
         x = preprocess(image, self.mean, self.std).unsqueeze(0).to(self.device)
