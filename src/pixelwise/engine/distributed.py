@@ -106,8 +106,11 @@ def shard(n: int, info: DistInfo) -> list[int]:
     return list(range(info.rank, n, info.world_size))
 
 
-def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, sync_bn: bool) -> nn.Module:
-    """DistributedDataParallel (optionally with SyncBatchNorm) under torchrun; else ``model``."""
+def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, sync_bn: bool,
+               find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel (optionally with SyncBatchNorm) under torchrun; else ``model``.
+    ``find_unused_parameters`` for models whose loss skips some heads on some batches (Mask R-CNN
+    with an image without objects)."""
     if not info.enabled:
         return model
     if sync_bn and device.type != "cuda":
@@ -115,7 +118,7 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, sync_bn: 
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
