@@ -258,3 +258,13 @@ def test_time_budget_stops_and_anneals(tmp_path):
     assert s["stopped_by_time_budget"] and s["epochs_completed"] == 1 and s["steps"] == 1
     assert s["final"]["lr"] < 0.01 * 0.5
     assert (tmp_path / "best.safetensors").is_file()
+
+
+def test_eval_collate_stacks_equal_sizes_and_splits_mixed_sizes():
+    def item(h, w):
+        return {"image": torch.zeros(3, h, w), "mask": torch.zeros(h, w, dtype=torch.long), "name": f"{h}x{w}"}
+
+    same = trainer.eval_collate([item(8, 8), item(8, 8)])
+    assert len(same) == 1 and same[0]["image"].shape == (2, 3, 8, 8)
+    mixed = trainer.eval_collate([item(8, 8), item(8, 6)])
+    assert [b["image"].shape for b in mixed] == [(1, 3, 8, 8), (1, 3, 8, 6)]
