@@ -33,7 +33,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         angle = rng.uniform(0, np.pi)
         phase = rng.uniform(0, 2 * np.pi)
         wave = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
-        img += wave[..., None] * rng.uniform(0.03, 0.12, 3).astype(np.float32)
+        img += wave[..., None] * rng.uniform(0.02, 0.06, 3).astype(np.float32)
     return img
 
 
@@ -41,7 +41,7 @@ def _shape_mask(kind: int, rng: np.random.Generator, size: int) -> np.ndarray:
     """bool[H, W] for one randomly placed, sized and rotated shape of ``kind`` (1..3)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     cx, cy = rng.uniform(0.1, 0.9, 2) * size
-    r = rng.uniform(0.07, 0.2) * size
+    r = rng.uniform(0.1, 0.25) * size
     theta = rng.uniform(0, 2 * np.pi)
     u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
     v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
@@ -50,12 +50,24 @@ def _shape_mask(kind: int, rng: np.random.Generator, size: int) -> np.ndarray:
     if kind == 2:  # rectangle, aspect 1:1 .. 1:2.5
         aspect = rng.uniform(1.0, 2.5)
         return (np.abs(u) <= r) & (np.abs(v) <= r / aspect)
-    # triangle: intersection of three half-planes (equilateral, circumradius r)
+    # triangle: intersection of three half-planes (equilateral, circumradius 1.4 r, so that its
+    # area is comparable to the other kinds')
     inside = np.ones((size, size), dtype=bool)
     for k in range(3):
         a = 2 * np.pi * k / 3
-        inside &= (u * np.cos(a) + v * np.sin(a)) <= r / 2
+        inside &= (u * np.cos(a) + v * np.sin(a)) <= 0.7 * r
     return inside
+
+
+def _contrasting_colour(rng: np.random.Generator, under: np.ndarray, min_diff: float = 0.25) -> np.ndarray:
+    """A uniformly random colour, redrawn (up to 20 times) until it differs from the mean colour
+    it covers by ``min_diff`` on average over channels: every kind gets the same colour
+    distribution, but no shape is invisible."""
+    for _ in range(20):
+        colour = rng.uniform(0.0, 1.0, 3).astype(np.float32)
+        if np.abs(colour - under).mean() >= min_diff:
+            break
+    return colour
 
 
 def make_scene(rng: np.random.Generator, size: int, max_objects: int = 6,
@@ -68,7 +80,7 @@ def make_scene(rng: np.random.Generator, size: int, max_objects: int = 6,
     for k in range(1, int(rng.integers(1, max_objects + 1)) + 1):
         kind = int(rng.integers(1, 4))
         m = _shape_mask(kind, rng, size)
-        colour = rng.uniform(0.0, 1.0, 3).astype(np.float32)
+        colour = _contrasting_colour(rng, img[m].mean(0) if m.any() else img.mean((0, 1)))
         shade = 1.0 + 0.15 * np.sin(np.mgrid[0:size, 0:size][1] / rng.uniform(2, 6))[..., None]
         img = np.where(m[..., None], colour * shade, img)
         sem[m] = kind
