@@ -58,3 +58,22 @@ def test_transform_sets_weight_caches_and_composes():
     assert t(sample).weight is out.weight  # cached by name
     flipped = compose(t, lambda s: s.replace(mask=s.mask[:, ::-1], weight=s.weight[:, ::-1]), None)(sample)
     np.testing.assert_array_equal(flipped.weight, fast_weight_map(mask)[:, ::-1])
+
+
+def test_trainer_attaches_weight_map_before_augmentation(tmp_path):
+    from pixelwise.cli import main
+    from pixelwise.data.shapes import ShapesDataset
+    from pixelwise.data.weightmap import fast_weight_map
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import train_transform
+
+    cfg = TrainConfig(weight_map="unet", weight_map_class=1, augment={"flip": False, "jitter": False, "scale": None})
+    sample = ShapesDataset(split="train", num_train=1, size=48).load(0)
+    out = train_transform(cfg)(sample)
+    assert out.weight is not None and out.weight.shape == sample.mask.shape
+    np.testing.assert_allclose(out.weight, fast_weight_map(sample.mask, 1), rtol=1e-6)
+    # and end to end: one tiny epoch trains with it
+    assert main(["train", "--model", "unet", "--dataset", "shapes", "--out", str(tmp_path / "o"), "--epochs", "1",
+                 "--batch-size", "4", "--weight-map", "unet", "--no-progress",
+                 "--model-kwargs", '{"base_channels": 4, "batch_norm": true, "dropout": 0}',
+                 "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}']) == 0

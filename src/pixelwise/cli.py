@@ -43,6 +43,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     flag("--clip-grad-norm", type=float, help="clip the global gradient norm")
     flag("--loss", choices=["ce", "dice", "focal", "lovasz", "ce+dice"])
     flag("--class-weights", help="none | median-freq | FILE (.json list or .txt of numbers)")
+    flag("--weight-map", choices=["none", "unet"],
+         help="unet: the U-Net paper's border-weighted loss from connected components of --weight-map-class")
+    flag("--weight-map-class", type=int, help="class whose connected components are the objects (default 1)")
     flag("--focal-gamma", type=float)
     flag("--aux-weight", type=float, help="weight of the auxiliary head's loss (default 0.4)")
     flag("--crop", help="random training crop HxW (sets augment crop)")

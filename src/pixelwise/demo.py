@@ -25,8 +25,9 @@ from pixelwise.report import svg_line_chart, write_report
 # The recipe: a quarter-width U-Net with BatchNorm, Adam (lr 3e-3, batch 8) with a poly schedule,
 # class weights against the background's 84% share, 64 x 64 scenes of up to 5 objects. The full
 # run is bounded by time (4.4 minutes of training, about 2400 steps on 2 idle cores; the schedule
-# anneals with the elapsed fraction of the budget), so the whole demo ends within 5 minutes. The quick run (tests) is bounded by steps, so its result does
-# not depend on the machine's load: 4 epochs of 100 steps.
+# anneals with the elapsed fraction of the budget), so the whole demo ends within 5 minutes.
+# The quick run (tests) is bounded by steps, so its result does not depend on the machine's
+# load: 4 epochs of 100 steps.
 FULL = {"epochs": 30, "max_minutes": 4.4, "dataset_kwargs": {"num_train": 1600, "num_val": 100,
                                                               "num_test": 200, "size": 64, "max_objects": 5}}
 QUICK = {"epochs": 4, "max_minutes": None, "dataset_kwargs": {"num_train": 800, "num_val": 40,

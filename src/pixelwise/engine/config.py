@@ -63,6 +63,8 @@ class TrainConfig:
     class_weights: str = "none"  # none | median-freq (from the training split) | FILE (.json list or .txt)
     focal_gamma: float = 2.0  # focal loss exponent (0 = cross-entropy)
     aux_weight: float = 0.4  # weight of the auxiliary head's loss (models built with aux_loss=True)
+    weight_map: str = "none"  # none | unet: the U-Net paper's per-pixel weights (Eq. 2, w0=10, sigma=5)
+    weight_map_class: int = 1  # weight_map: the class whose connected components are the objects
     # --- data -----------------------------------------------------------------------------
     crop: str | None = None  # "HxW" random training crop; sets augment.crop
     augment: dict = field(default_factory=dict)  # keys of data.augment.build_transform (crop, scale, ...)
@@ -87,7 +89,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UserError naming the first bad value."""
         for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                             ("amp", AMP_MODES)):
+                             ("amp", AMP_MODES), ("weight_map", ("none", "unet"))):
             if getattr(self, key) not in choices:
                 raise UserError(f"{key} {getattr(self, key)!r} is not one of: {', '.join(choices)}")
         for key in ("epochs", "batch_size", "accumulate"):

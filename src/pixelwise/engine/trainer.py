@@ -231,6 +231,10 @@ def train_transform(cfg: TrainConfig) -> Callable:
     if crop:
         aug["crop"] = list(crop)
     preset = build_transform(aug, train=True)
+    if cfg.weight_map == "unet":  # computed on the whole raw mask, then augmented with it
+        from pixelwise.data.weightmap import UNetWeightMap, compose
+
+        preset = compose(UNetWeightMap(foreground=cfg.weight_map_class), preset)
     if not cfg.instance_crops:
         return preset
     if aug.get("crop") is None:
