@@ -52,8 +52,11 @@ def test_sigkill_leaves_readable_checkpoints_and_resume_completes(tmp_path):
 
 def test_sigint_saves_state_and_exits_130(tmp_path):
     out = tmp_path / "run"
-    proc = start(out, 50)
+    # long enough that it cannot finish before the signal even when this process is starved
+    # of CPU (send_signal does nothing to a process that has already exited)
+    proc = start(out, 5000)
     wait_for(out / "last.state.safetensors", proc)
+    assert proc.poll() is None
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
