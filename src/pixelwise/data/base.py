@@ -117,5 +117,15 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
+def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
+    """bool[K, H, W] -> float32[K, 4] tight boxes (x1, y1, x2, y2), x2/y2 exclusive; empty -> zeros."""
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for k, m in enumerate(masks):
+        cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+        if cols.size:
+            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
+
+
 def as_uint8_mask(mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mask, dtype=np.uint8)

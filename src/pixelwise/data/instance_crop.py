@@ -15,8 +15,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from pixelwise.data.augment import boxes_from_masks
-from pixelwise.data.base import IGNORE_INDEX, Sample
+from pixelwise.data.base import IGNORE_INDEX, Sample, boxes_from_masks
 
 
 def object_boxes(sample: Sample, background: int | None = 0,

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pixelwise.data.base import Sample, SegmentationDataset
-from pixelwise.data.transforms import boxes_from_masks
+from pixelwise.data.base import Sample, SegmentationDataset, boxes_from_masks
 
 CLASS_NAMES = ["background", "circle", "rectangle", "triangle"]
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200)]
