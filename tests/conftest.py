@@ -50,3 +50,30 @@ def assert_matches(actual, expected, rtol: float = 1e-4, scaled_atol: float = 1e
     assert a.shape == e.shape, f"shape {a.shape} != expected {e.shape}"
     atol = scaled_atol * max(1.0, float(np.abs(e).max(initial=0.0)))
     np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+
+
+def check_segmenter_fixture(builder, name: str) -> None:
+    """A torchvision segmenter fixture (fcn_resnet50, deeplabv3_resnet50): strict load, then the
+    backbone features, both heads and both upsampled outputs against the stored arrays."""
+    meta, arrays, state = load_fixture(name)
+    with torch.device("meta"):  # skip the random init: every tensor comes from the fixture
+        model = builder(num_classes=21, aux_loss=True).eval()
+    model.load_state_dict(state, strict=True, assign=True)
+    x = torch.from_numpy(arrays["input"])
+    seen = {}  # one forward pass; hooks record the backbone and head outputs on the way
+    for part in ("backbone", "classifier", "aux_classifier"):
+        getattr(model, part).register_forward_hook(lambda m, i, o, part=part: seen.__setitem__(part, o))
+    with torch.no_grad():
+        result = model(x)
+    for key in ("out", "aux"):
+        full = seen["backbone"][key].double()
+        assert_matches(full[:, arrays[f"backbone.{key}.sel_idx"]], arrays[f"backbone.{key}.sel"])
+        assert_matches(full.mean(dim=(2, 3)), arrays[f"backbone.{key}.chmean"])
+    assert_matches(seen["classifier"], arrays["head.out"])
+    assert_matches(seen["aux_classifier"], arrays["head.aux"])
+    assert set(result) == {"out", "aux"}
+    for key in ("out", "aux"):
+        full = result[key]
+        rows, cols = arrays[f"{key}.grid_rows"], arrays[f"{key}.grid_cols"]
+        assert_matches(full[..., rows, :][..., cols], arrays[f"{key}.grid"])
+        assert_matches(full.double().mean(dim=(2, 3)), arrays[f"{key}.chmean"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_matches, load_fixture
+from conftest import check_segmenter_fixture
 from pixelwise.models import create_model, list_models
 from pixelwise.models.deeplab import (
     DeepLabV3PlusHead,
@@ -23,26 +23,7 @@ def test_registered():
 
 
 def test_deeplabv3_resnet50_matches_torchvision_fixture():
-    meta, arrays, state = load_fixture("deeplabv3_resnet50")
-    with torch.device("meta"):  # skip the random init: every tensor comes from the fixture
-        model = deeplabv3_resnet50(num_classes=21, aux_loss=True).eval()
-    model.load_state_dict(state, strict=True, assign=True)
-    seen = {}
-    for part in ("backbone", "classifier", "aux_classifier"):
-        getattr(model, part).register_forward_hook(lambda m, i, o, part=part: seen.__setitem__(part, o))
-    with torch.no_grad():
-        result = model(torch.from_numpy(arrays["input"]))
-    for key in ("out", "aux"):
-        full = seen["backbone"][key].double()
-        assert_matches(full[:, arrays[f"backbone.{key}.sel_idx"]], arrays[f"backbone.{key}.sel"])
-        assert_matches(full.mean(dim=(2, 3)), arrays[f"backbone.{key}.chmean"])
-    assert_matches(seen["classifier"], arrays["head.out"])
-    assert_matches(seen["aux_classifier"], arrays["head.aux"])
-    assert set(result) == {"out", "aux"}
-    for key in ("out", "aux"):
-        rows, cols = arrays[f"{key}.grid_rows"], arrays[f"{key}.grid_cols"]
-        assert_matches(result[key][..., rows, :][..., cols], arrays[f"{key}.grid"])
-        assert_matches(result[key].double().mean(dim=(2, 3)), arrays[f"{key}.chmean"])
+    check_segmenter_fixture(deeplabv3_resnet50, "deeplabv3_resnet50")
 
 
 def test_parameter_counts():

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import assert_matches, load_fixture
+from conftest import check_segmenter_fixture
 from pixelwise.backbones.vgg import forward_stages
 from pixelwise.models import create_model, list_models
 from pixelwise.models._utils import pad_to_multiple
@@ -132,33 +132,8 @@ def test_fcn16s_shape_and_missing_skip_modules():
         assert model(torch.randn(1, 3, 50, 29)).shape == (1, 2, 50, 29)
 
 
-def _check_segmenter_fixture(builder, name):
-    meta, arrays, state = load_fixture(name)
-    with torch.device("meta"):  # skip the random init: every tensor comes from the fixture
-        model = builder(num_classes=21, aux_loss=True).eval()
-    model.load_state_dict(state, strict=True, assign=True)
-    x = torch.from_numpy(arrays["input"])
-    seen = {}  # one forward pass; hooks record the backbone and head outputs on the way
-    for part in ("backbone", "classifier", "aux_classifier"):
-        getattr(model, part).register_forward_hook(lambda m, i, o, part=part: seen.__setitem__(part, o))
-    with torch.no_grad():
-        result = model(x)
-    for key in ("out", "aux"):
-        full = seen["backbone"][key].double()
-        assert_matches(full[:, arrays[f"backbone.{key}.sel_idx"]], arrays[f"backbone.{key}.sel"])
-        assert_matches(full.mean(dim=(2, 3)), arrays[f"backbone.{key}.chmean"])
-    assert_matches(seen["classifier"], arrays["head.out"])
-    assert_matches(seen["aux_classifier"], arrays["head.aux"])
-    assert set(result) == {"out", "aux"}
-    for key in ("out", "aux"):
-        full = result[key]
-        rows, cols = arrays[f"{key}.grid_rows"], arrays[f"{key}.grid_cols"]
-        assert_matches(full[..., rows, :][..., cols], arrays[f"{key}.grid"])
-        assert_matches(full.double().mean(dim=(2, 3)), arrays[f"{key}.chmean"])
-
-
 def test_fcn_resnet50_matches_torchvision_fixture():
-    _check_segmenter_fixture(fcn_resnet50, "fcn_resnet50")
+    check_segmenter_fixture(fcn_resnet50, "fcn_resnet50")
 
 
 def test_fcn_resnet50_contract(tmp_path):
