@@ -126,6 +126,3 @@ def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
             boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
     return boxes
 
-
-def as_uint8_mask(mask: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(mask, dtype=np.uint8)

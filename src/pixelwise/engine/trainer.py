@@ -50,6 +50,7 @@ from pixelwise.errors import UserError
 from pixelwise.losses import cross_entropy, segmentation_loss
 from pixelwise.metrics import ConfusionMeter
 from pixelwise.models import create_model, model_info
+from pixelwise.models._utils import forward_logits
 
 Callback = Callable[[str, dict], None]  # (event "step" | "epoch", state) -> None
 
@@ -136,12 +137,6 @@ class LossSpec:
     class_weights: torch.Tensor | None = None  # Tensor[C]
     focal_gamma: float = 2.0
     aux_weight: float = 0.4
-
-
-def forward_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The main logits of a semantic model, whether it returns a tensor or ``{"out": ...}``."""
-    out = model(images)
-    return out["out"] if isinstance(out, dict) else out
 
 
 def semantic_loss(model: nn.Module, batch: dict, spec: LossSpec) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.data.transforms import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from pixelwise.models._utils import forward_logits
 
 
 @dataclass
@@ -83,16 +84,12 @@ class Predictor:
     def task(self) -> str:
         return self.meta.get("task", "semantic")
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        return out["out"] if isinstance(out, dict) else out
-
     def _single_probs(self, x: torch.Tensor) -> torch.Tensor:
         if self._mc_samples:
             from pixelwise.models.segnet import mc_predict
 
             return mc_predict(self.model, x, self._mc_samples, measure="entropy")[0]
-        return F.softmax(self._logits(x), 1)
+        return F.softmax(forward_logits(self.model, x), 1)
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[1, 3, H, W] -> probabilities Tensor[1, C, H, W] (averaged with the flip for TTA)."""

@@ -39,6 +39,12 @@ class SimpleSegmentationModel(nn.Module):
         return {"out": out, "aux": aux}
 
 
+def forward_logits(model: nn.Module, images: Tensor) -> Tensor:
+    """The main logits of a semantic model, whether it returns a tensor or ``{"out": ...}``."""
+    out = model(images)
+    return out["out"] if isinstance(out, dict) else out
+
+
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad bottom and right: ``Tensor[N, C, H, W] -> Tensor[N, C, ceil(H/m)*m, ceil(W/m)*m]``."""
     h, w = x.shape[-2:]
