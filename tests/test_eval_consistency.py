@@ -13,6 +13,9 @@ from PIL import Image
 
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
+from pixelwise.data import build_dataset
+from pixelwise.inference.predictor import Predictor
+from pixelwise.metrics import rand_error_over_thresholds
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 NAMES = ["sky", "road", "car", "tree"]
@@ -212,5 +215,14 @@ def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
     assert got["num_images"] == 4
     _assert_close(got["pixel_error"], 1 - want["pixel_acc"])
     _assert_close(got["rand_error"], _np_rand(preds, gts))
+    # the challenge's form: best F over thresholds of the cell probability, from the probabilities
+    # the predictor gives and the metrics module's own function
+    predictor = Predictor.from_checkpoint(str(ckpt), "cpu")
+    ds = build_dataset("isbi2012", str(root), "val")
+    probs = [predictor.predict(ds.load(i).image).probs[1].numpy() for i in range(len(ds))]
+    best = rand_error_over_thresholds(probs, [ds.load(i).mask for i in range(len(ds))])
+    _assert_close(got["rand_error_best"], best["rand_error"])
+    assert got["rand_best_threshold"] == best["threshold"]
+    assert got["rand_error_best"] <= got["rand_error"] + 1e-12  # 0.5 is among the thresholds
     for key in ("pixel_acc", "mIoU", "bf_score"):
         _assert_close(got[key], want[key])

@@ -5,7 +5,9 @@ those computed from the masks ``predict`` writes (``tests/test_eval_consistency.
 Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (confusion matrix,
 see :mod:`pixelwise.metrics`), ``bf_score`` (SegNet's boundary F1; ``bf=False`` skips it) and,
 for two-class membrane/cell data (``isbi2012``), ``pixel_error rand_error rand_precision
-rand_recall`` (ISBI 2012 challenge definitions). Definitions: docs/metrics.md.
+rand_recall`` (ISBI 2012 challenge definitions) and ``rand_error_best rand_best_threshold``
+(the challenge's form: the best Rand F over cell-probability thresholds 0.0, 0.1, ..., 0.9).
+Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from pixelwise.metrics import BFMeter, ConfusionMeter, RandMeter, pixel_error
 ISBI_CLASSES = ["membrane", "cell"]
 
 
-def predict_resized(predictor: Predictor, image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def predict_resized(predictor: Predictor, image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Predict at ``size`` = (h, w) and bring the result back to the image's size.
 
-    image: uint8[H, W, 3] -> uint8[H, W] class map. The image is resized bilinearly (as the
-    training ``augment: {resize: ...}`` does), the class probabilities Tensor[C, h, w] are
-    upsampled bilinearly to (H, W) and the argmax taken there, so the metrics are computed
-    against the full-resolution labels."""
+    image: uint8[H, W, 3] -> class probabilities Tensor[C, H, W]. The image is resized bilinearly
+    (as the training ``augment: {resize: ...}`` does) and the probabilities Tensor[C, h, w]
+    upsampled bilinearly to (H, W), so the argmax is taken, and the metrics computed, against the
+    full-resolution labels."""
     import cv2
 
     h, w = image.shape[:2]
@@ -37,7 +39,7 @@ def predict_resized(predictor: Predictor, image: np.ndarray, size: tuple[int, in
     probs = predictor.predict_probs(np.ascontiguousarray(small))
     if (h, w) != tuple(size):
         probs = F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    return probs.argmax(0).numpy().astype(np.uint8)
+    return probs
 
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: str = "val", *,
@@ -61,18 +63,25 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: 
     meter = ConfusionMeter(ds.num_classes)
     bf_meter = BFMeter(ds.num_classes) if bf else None
     isbi = list(ds.class_names) == ISBI_CLASSES
-    rand_meter = RandMeter(foreground=ISBI_CLASSES.index("cell")) if isbi else None
+    cell = ISBI_CLASSES.index("cell")
+    rand_meter = RandMeter(foreground=cell) if isbi else None
+    # the challenge's form: one meter per threshold on the cell probability
+    threshold_meters = {t / 10: RandMeter(foreground=cell) for t in range(10)} if isbi else {}
     for i in tqdm(range(len(ds)), desc="eval", disable=not progress, dynamic_ncols=True):
         sample = ds.load(i)
         if resize is not None:
-            pred = predict_resized(predictor, sample.image, resize)
+            probs = predict_resized(predictor, sample.image, resize)
+            pred = probs.argmax(0).numpy().astype(np.uint8)
         else:
-            pred = predictor.predict(sample.image).mask
+            prediction = predictor.predict(sample.image)
+            probs, pred = prediction.probs, prediction.mask
         meter.update(torch.from_numpy(pred), torch.from_numpy(sample.mask))
         if bf_meter is not None:
             bf_meter.update(pred, sample.mask)
         if rand_meter is not None:
             rand_meter.update(pred, sample.mask)
+            for t, m in threshold_meters.items():
+                m.update(np.where(probs[cell].numpy() > t, cell, -1), sample.mask)
     metrics = meter.compute(list(ds.class_names))
     if bf_meter is not None:
         bf_result = bf_meter.compute()
@@ -82,5 +91,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: 
     if rand_meter is not None:
         metrics["pixel_error"] = pixel_error(meter.cm)
         metrics.update(rand_meter.compute())
+        best = max(threshold_meters.items(), key=lambda item: item[1].compute()["rand_f"] or -1.0)
+        metrics["rand_error_best"] = best[1].compute()["rand_error"]
+        metrics["rand_best_threshold"] = best[0]
     metrics["num_images"] = len(ds)
     return metrics
