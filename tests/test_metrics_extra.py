@@ -285,6 +285,9 @@ def test_rand_meter_pools_counts_and_thresholds():
                              for pr, t in zip(probs, targets)))["rand_f"] for th in (0.3, 0.5, 0.7)]
     assert best["rand_f"] == pytest.approx(max(each))
     assert best["threshold"] == (0.3, 0.5, 0.7)[int(np.argmax(each))]
+    # no foreground anywhere: F is undefined at every threshold, so nothing is "best"
+    none = rand_error_over_thresholds([np.ones((4, 4))], [np.zeros((4, 4), np.int64)])
+    assert none["rand_error"] is None and none["threshold"] is None
 
 
 def test_pixel_error_is_share_of_wrong_pixels():

@@ -256,16 +256,10 @@ def rand_error_over_thresholds(prob_foreground: list[np.ndarray], targets: list[
     """The challenge's "maximal F-score" form: for each threshold t the prediction is
     ``prob_foreground > t`` (float[H, W] per image), the pair counts are summed over all images,
     and the best F over the thresholds is kept. -> ``rand_scores(...)`` plus ``threshold``."""
-    best: dict = {"rand_f": None}
-    for t in thresholds:
-        counts = np.zeros(3)
-        for prob, target in zip(prob_foreground, targets):
-            pred = np.where(np.asarray(prob) > t, foreground, -1)  # -1: anything but the foreground
-            counts += rand_counts(pred, target, foreground, ignore_index)
-        scores = rand_scores(*counts)
-        if scores["rand_f"] is not None and (best["rand_f"] is None or scores["rand_f"] > best["rand_f"]):
-            best = {**scores, "threshold": t}
-    return best
+    meter = ThresholdRandMeter(thresholds, foreground, ignore_index)
+    for prob, target in zip(prob_foreground, targets):
+        meter.update(prob, target)
+    return meter.compute()
 
 
 class RandMeter:
@@ -280,6 +274,30 @@ class RandMeter:
 
     def compute(self) -> dict:
         return rand_scores(*self.counts)
+
+
+class ThresholdRandMeter:
+    """:func:`rand_error_over_thresholds` image by image: one :class:`RandMeter` per threshold on
+    the foreground probability; :meth:`compute` -> the best ``rand_scores`` plus ``threshold``
+    (all None when no threshold has a defined F)."""
+
+    def __init__(self, thresholds: tuple[float, ...] = tuple(i / 10 for i in range(10)), foreground: int = 1,
+                 ignore_index: int = 255):
+        self.foreground = foreground
+        self.meters = {t: RandMeter(foreground, ignore_index) for t in thresholds}
+
+    def update(self, prob_foreground: np.ndarray, target: np.ndarray) -> None:
+        prob = np.asarray(prob_foreground)
+        for t, meter in self.meters.items():
+            meter.update(np.where(prob > t, self.foreground, -1), target)  # -1: anything but the foreground
+
+    def compute(self) -> dict:
+        best: dict = {**rand_scores(0, 0, 0), "threshold": None}
+        for t, meter in self.meters.items():
+            scores = meter.compute()
+            if scores["rand_f"] is not None and (best["rand_f"] is None or scores["rand_f"] > best["rand_f"]):
+                best = {**scores, "threshold": t}
+        return best
 
 
 def pixel_error(cm: torch.Tensor) -> float | None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pixelwise.data import build_dataset
 from pixelwise.errors import UserError
 from pixelwise.inference.predictor import Predictor
-from pixelwise.metrics import BFMeter, ConfusionMeter, RandMeter, pixel_error
+from pixelwise.metrics import BFMeter, ConfusionMeter, RandMeter, ThresholdRandMeter, pixel_error
 
 ISBI_CLASSES = ["membrane", "cell"]
 
@@ -65,8 +65,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: 
     isbi = list(ds.class_names) == ISBI_CLASSES
     cell = ISBI_CLASSES.index("cell")
     rand_meter = RandMeter(foreground=cell) if isbi else None
-    # the challenge's form: one meter per threshold on the cell probability
-    threshold_meters = {t / 10: RandMeter(foreground=cell) for t in range(10)} if isbi else {}
+    best_rand_meter = ThresholdRandMeter(foreground=cell) if isbi else None  # the challenge's form
     for i in tqdm(range(len(ds)), desc="eval", disable=not progress, dynamic_ncols=True):
         sample = ds.load(i)
         if resize is not None:
@@ -80,8 +79,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: 
             bf_meter.update(pred, sample.mask)
         if rand_meter is not None:
             rand_meter.update(pred, sample.mask)
-            for t, m in threshold_meters.items():
-                m.update(np.where(probs[cell].numpy() > t, cell, -1), sample.mask)
+            best_rand_meter.update(probs[cell].numpy(), sample.mask)
     metrics = meter.compute(list(ds.class_names))
     if bf_meter is not None:
         bf_result = bf_meter.compute()
@@ -91,8 +89,7 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: 
     if rand_meter is not None:
         metrics["pixel_error"] = pixel_error(meter.cm)
         metrics.update(rand_meter.compute())
-        best = max(threshold_meters.items(), key=lambda item: item[1].compute()["rand_f"] or -1.0)
-        metrics["rand_error_best"] = best[1].compute()["rand_error"]
-        metrics["rand_best_threshold"] = best[0]
+        best = best_rand_meter.compute()
+        metrics["rand_error_best"], metrics["rand_best_threshold"] = best["rand_error"], best["threshold"]
     metrics["num_images"] = len(ds)
     return metrics
