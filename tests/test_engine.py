@@ -1,6 +1,7 @@
 """Training engine: optimiser groups, schedules, resume exactness, interruption, divergence,
 class weights, accumulation, stages, precision."""
 
+import csv
 import json
 import math
 import sys
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from pixelwise.cli import main
 from pixelwise.data.base import Sample
 from pixelwise.engine import trainer
+from pixelwise.engine.checkpoint import read_checkpoint
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.optim import Schedule, build_optimizer, param_groups
 from pixelwise.engine.trainer import class_weights_for, fit, read_class_weights, resolve_amp
@@ -87,6 +89,27 @@ def test_config_validation():
     with pytest.raises(UserError, match="stage 2 needs"):
         TrainConfig(stages=[{"epochs": 1}, {"lr": 0.1}])
     assert TrainConfig(stages=[{"epochs": 2}, {"epochs": 3, "lr": 0.1}]).epochs == 5
+    with pytest.raises(UserError, match="select_by 'val_loss' is not one of"):
+        TrainConfig(select_by="val_loss")
+
+
+@pytest.mark.parametrize("select_by", ["pixel_acc", "mean_acc"])
+def test_select_by_picks_the_best_epoch_of_that_metric(tmp_path, select_by):
+    s = fit(tiny(tmp_path, epochs=4, lr=0.05, select_by=select_by), log=quiet)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    values = [float(r[select_by]) for r in rows]
+    assert s["selected_by"] == select_by
+    assert s["best_epoch"] == 1 + values.index(max(values))  # the first epoch reaching the maximum
+    assert s["best"][select_by] == pytest.approx(max(values))
+    _, meta = read_checkpoint(tmp_path / "best.safetensors")
+    assert meta["training"]["epoch"] == s["best_epoch"]
+
+
+def test_select_by_must_suit_the_task(tmp_path):
+    with pytest.raises(UserError, match="select_by 'mask_AP' is not a metric of semantic validation"):
+        fit(tiny(tmp_path / "run", select_by="mask_AP"), log=quiet)
+    assert not (tmp_path / "run").exists()  # refused before any work
+    assert trainer.select_key("auto", "instance") == "mask_AP" and trainer.select_key("auto", "semantic") == "mIoU"
 
 
 # --- resume ------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     flag("--weight-map", choices=["none", "unet"],
          help="unet: the U-Net paper's border-weighted loss from connected components of --weight-map-class")
     flag("--weight-map-class", type=int, help="class whose connected components are the objects (default 1)")
+    flag("--select-by", help="validation metric that picks best.safetensors: auto (mIoU; mask_AP for instance "
+         "models) | pixel_acc | mean_acc | mIoU | fwIoU | dice | mask_AP | mask_AP50 | mask_AP75 | box_AP")
     flag("--focal-gamma", type=float)
     flag("--aux-weight", type=float, help="weight of the auxiliary head's loss (default 0.4)")
     flag("--crop", help="random training crop HxW (sets augment crop)")

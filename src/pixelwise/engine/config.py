@@ -20,6 +20,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("poly", "cosine", "step", "constant")
 LOSSES = ("ce", "dice", "focal", "lovasz", "ce+dice")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+# validation metrics that can pick best.safetensors (higher is better); auto: mIoU, or mask_AP
+SEMANTIC_SELECT = ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice")
+INSTANCE_SELECT = ("mask_AP", "mask_AP50", "mask_AP75", "box_AP")
 # Keys a stage may override; everything else is fixed for the whole run.
 STAGE_KEYS = ("name", "epochs", "lr", "batch_size", "crop", "augment", "instance_crops", "instance_context",
               "schedule", "warmup_epochs", "warmup_iters", "loss", "aux_weight", "accumulate", "clip_grad_norm")
@@ -79,6 +82,8 @@ class TrainConfig:
     sync_bn: bool = False  # under torchrun: convert BatchNorm to SyncBatchNorm
     seed: int = 0
     resume: bool = False  # continue from out/last.state.safetensors
+    select_by: str = "auto"  # validation metric that picks best.safetensors: auto (mIoU; mask_AP for
+    # instance models) | pixel_acc | mean_acc | mIoU | fwIoU | dice | mask_AP | mask_AP50 | mask_AP75 | box_AP
     # --- logging --------------------------------------------------------------------------
     progress: bool = True  # show progress bars
     tensorboard: bool = False  # also log to out/tensorboard (needs the tensorboard package)
@@ -89,7 +94,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UserError naming the first bad value."""
         for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                             ("amp", AMP_MODES), ("weight_map", ("none", "unet"))):
+                             ("amp", AMP_MODES), ("weight_map", ("none", "unet")),
+                             ("select_by", ("auto", *SEMANTIC_SELECT, *INSTANCE_SELECT))):
             if getattr(self, key) not in choices:
                 raise UserError(f"{key} {getattr(self, key)!r} is not one of: {', '.join(choices)}")
         for key in ("epochs", "batch_size", "accumulate"):

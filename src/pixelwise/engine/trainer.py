@@ -44,7 +44,7 @@ from pixelwise.data import SegmentationDataset, build_dataset, collate
 from pixelwise.data.augment import build_transform
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.checkpoint import atomic_save_tensors, save_checkpoint
-from pixelwise.engine.config import TrainConfig, parse_size
+from pixelwise.engine.config import INSTANCE_SELECT, SEMANTIC_SELECT, TrainConfig, parse_size
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
 from pixelwise.errors import UserError
 from pixelwise.losses import cross_entropy, segmentation_loss
@@ -466,11 +466,20 @@ def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     return meta
 
 
-def _score(metrics: dict) -> float:
-    for key in ("mIoU", "mask_AP"):
-        if metrics.get(key) is not None:
-            return float(metrics[key])
-    return -math.inf
+def select_key(select_by: str, task: str) -> str:
+    """The validation metric that picks ``best.safetensors`` (higher is better)."""
+    if select_by == "auto":
+        return "mask_AP" if task == "instance" else "mIoU"
+    if (select_by in SEMANTIC_SELECT) != (task == "semantic"):
+        valid = SEMANTIC_SELECT if task == "semantic" else INSTANCE_SELECT
+        raise UserError(f"select_by {select_by!r} is not a metric of {task} validation; "
+                        f"choose auto or one of: {', '.join(valid)}")
+    return select_by
+
+
+def _score(metrics: dict, key: str) -> float:
+    value = metrics.get(key)
+    return -math.inf if value is None else float(value)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -522,12 +531,13 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
 
 
 def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable, callbacks: list) -> dict:
+    task = model_info(cfg.model).task
+    select = select_key(cfg.select_by, task)  # a bad choice fails here, before any work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     show = cfg.progress and info.is_main
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg)
-    task = model_info(cfg.model).task
     if task == "instance":  # images arrive normalised by preprocess(); the model must not do it again
         from pixelwise.engine.instance import instance_model_kwargs
 
@@ -676,7 +686,7 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
 
     best_row = next((r for r in state["rows"] if r["epoch"] == state["best_epoch"]), None)
     result = {"model": cfg.model, "dataset": cfg.dataset, "epochs_completed": state["epoch"],
-              "best_epoch": state["best_epoch"], "best": best_row,
+              "best_epoch": state["best_epoch"], "selected_by": select, "best": best_row,
               "final": state["rows"][-1] if state["rows"] else None, "steps": state["step"],
               "train_minutes": round(state["elapsed_s"] / 60, 2),
               "stopped_by_time_budget": bool(stopped or state.get("stage_stopped")),
@@ -694,7 +704,7 @@ def save_epoch(out: Path, cfg: TrainConfig, train_ds: SegmentationDataset, modul
                write: bool) -> None:
     """After an epoch: ``best`` (if the score improved), ``last``, the training state and
     ``metrics.csv``, in that order, each atomically (only where ``write``: rank 0)."""
-    score, epoch = _score(metrics), state["epoch"]
+    score, epoch = _score(metrics, select_key(cfg.select_by, model_info(cfg.model).task)), state["epoch"]
     improved = score > state["best_score"]
     if improved:
         state["best_score"], state["best_epoch"] = score, epoch
