@@ -660,7 +660,7 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
                 state["rows"].append(row)
                 state["stage_stopped"] = stopped  # by the time budget: a resume moves on to the next stage
                 state["rng"] = rng_snapshot()
-                save_epoch(out, cfg, train_ds, module, optimizer, scaler, state, metrics, info.is_main)
+                save_epoch(out, cfg, train_ds, module, optimizer, scaler, state, metrics, select, info.is_main)
                 shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
                                  if isinstance(v, float) and k not in ("lr", "img_per_s", "elapsed_s"))
                 log(f"epoch {epoch}: {shown} lr={row['lr']:.2e} {row['img_per_s']:.1f} img/s"
@@ -701,10 +701,10 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
 
 def save_epoch(out: Path, cfg: TrainConfig, train_ds: SegmentationDataset, module: nn.Module,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict, metrics: dict,
-               write: bool) -> None:
-    """After an epoch: ``best`` (if the score improved), ``last``, the training state and
+               select: str, write: bool) -> None:
+    """After an epoch: ``best`` (if ``metrics[select]`` improved), ``last``, the training state and
     ``metrics.csv``, in that order, each atomically (only where ``write``: rank 0)."""
-    score, epoch = _score(metrics, select_key(cfg.select_by, model_info(cfg.model).task)), state["epoch"]
+    score, epoch = _score(metrics, select), state["epoch"]
     improved = score > state["best_score"]
     if improved:
         state["best_score"], state["best_epoch"] = score, epoch
