@@ -112,6 +112,13 @@ def test_select_by_must_suit_the_task(tmp_path):
     assert trainer.select_key("auto", "instance") == "mask_AP" and trainer.select_key("auto", "semantic") == "mIoU"
 
 
+def test_resume_refuses_another_select_by(tmp_path):
+    fit(tiny(tmp_path, epochs=1, select_by="pixel_acc"), log=quiet)
+    with pytest.raises(UserError, match="picked best.safetensors by pixel_acc; resume with --select-by pixel_acc"):
+        fit(tiny(tmp_path, epochs=2, resume=True), log=quiet)
+    assert fit(tiny(tmp_path, epochs=2, resume=True, select_by="pixel_acc"), log=quiet)["epochs_completed"] == 2
+
+
 # --- resume ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["poly", "cosine", "step"])
 def test_killed_after_epoch_1_and_resumed_is_exact(tmp_path, schedule):

@@ -401,7 +401,7 @@ def checkpoint_meta(cfg: TrainConfig, ds: SegmentationDataset, summary: dict | N
 
 STATE_KEYS = ("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_start_s", "stage_stopped", "batch",
               "loss_sum",
-              "images", "best_score", "best_epoch", "elapsed_s", "rows", "amp")
+              "images", "best_score", "best_epoch", "selected_by", "elapsed_s", "rows", "amp")
 
 
 def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -554,9 +554,12 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
 
     state: dict = {"epoch": 0, "step": 0, "stage": 0, "stage_epoch": 0, "stage_step": 0, "stage_start_s": 0.0,
                    "batch": 0, "loss_sum": 0.0, "images": 0, "best_score": -math.inf, "best_epoch": None,
-                   "elapsed_s": 0.0, "rows": [], "amp": amp, "rng": None}
+                   "elapsed_s": 0.0, "rows": [], "amp": amp, "rng": None, "selected_by": select}
     if cfg.resume:
         state.update(load_train_state(out / "last.state.safetensors", model, optimizer, scaler))
+        if state["selected_by"] != select:  # best_score and best.safetensors belong to the other metric
+            raise UserError(f"{out} picked best.safetensors by {state['selected_by']}; resume with "
+                            f"--select-by {state['selected_by']}, or train into a new --out")
         where = f"epoch {state['epoch']}" + (f" + {state['batch']} batches" if state["batch"] else "")
         log(f"resumed from {out / 'last.state.safetensors'} after {where}")
         if state["amp"] != amp:
