@@ -72,6 +72,11 @@ def test_trainer_attaches_weight_map_before_augmentation(tmp_path):
     out = train_transform(cfg)(sample)
     assert out.weight is not None and out.weight.shape == sample.mask.shape
     np.testing.assert_allclose(out.weight, fast_weight_map(sample.mask, 1), rtol=1e-6)
+    # DataLoader workers started with spawn (macOS, Windows) receive the transform pickled
+    import pickle
+
+    again = pickle.loads(pickle.dumps(train_transform(cfg)))(sample)
+    np.testing.assert_array_equal(again.weight, out.weight)
     # and end to end: one tiny epoch trains with it
     assert main(["train", "--model", "unet", "--dataset", "shapes", "--out", str(tmp_path / "o"), "--epochs", "1",
                  "--batch-size", "4", "--weight-map", "unet", "--no-progress",

@@ -12,7 +12,7 @@ everywhere inside pixelwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -117,6 +117,22 @@ def collate(batch: list[dict]) -> dict:
     return out
 
 
+class Compose:
+    """Apply ``Sample -> Sample`` transforms in order (a class, not a closure, so that DataLoader
+    workers started with spawn can pickle it)."""
+
+    def __init__(self, steps: Sequence[Callable]):
+        self.steps = list(steps)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.steps})"
+
+    def __call__(self, sample):
+        for step in self.steps:
+            sample = step(sample)
+        return sample
+
+
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     """bool[K, H, W] -> float32[K, 4] tight boxes (x1, y1, x2, y2), x2/y2 exclusive; empty -> zeros."""
     boxes = np.zeros((len(masks), 4), dtype=np.float32)
@@ -125,4 +141,3 @@ def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
         if cols.size:
             boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
     return boxes
-

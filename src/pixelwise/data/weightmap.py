@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pixelwise.data.base import IGNORE_INDEX, Sample
+from pixelwise.data.base import IGNORE_INDEX, Compose, Sample
 
 
 def class_balance(mask: np.ndarray, class_weights: np.ndarray | None = None,
@@ -96,13 +96,6 @@ class UNetWeightMap:
         return s.replace(weight=weight)
 
 
-def compose(*steps: Callable[[Sample], Sample] | None) -> Callable[[Sample], Sample]:
+def compose(*steps: Callable[[Sample], Sample] | None) -> Compose:
     """Chain Sample transforms left to right (``None`` entries are skipped)."""
-    chain = [s for s in steps if s is not None]
-
-    def run(sample: Sample) -> Sample:
-        for step in chain:
-            sample = step(sample)
-        return sample
-
-    return run
+    return Compose([s for s in steps if s is not None])

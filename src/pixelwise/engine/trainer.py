@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from pixelwise.data import SegmentationDataset, build_dataset, collate
 from pixelwise.data.augment import build_transform
+from pixelwise.data.base import Compose
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.checkpoint import atomic_save_tensors, save_checkpoint
 from pixelwise.engine.config import INSTANCE_SELECT, SEMANTIC_SELECT, TrainConfig, parse_size
@@ -203,21 +204,6 @@ def class_weights_for(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path
 
 
 # --- data -------------------------------------------------------------------------------------
-class Compose:
-    """Apply ``Sample -> Sample`` transforms in order."""
-
-    def __init__(self, steps: Sequence[Callable]):
-        self.steps = list(steps)
-
-    def __repr__(self) -> str:
-        return f"Compose({self.steps})"
-
-    def __call__(self, sample):
-        for step in self.steps:
-            sample = step(sample)
-        return sample
-
-
 def train_transform(cfg: TrainConfig) -> Callable:
     """``cfg.augment`` (with ``crop`` overriding ``augment.crop``) -> the train preset, preceded
     by an instance-centred crop to the crop size when ``instance_crops``."""
@@ -227,9 +213,9 @@ def train_transform(cfg: TrainConfig) -> Callable:
         aug["crop"] = list(crop)
     preset = build_transform(aug, train=True)
     if cfg.weight_map == "unet":  # computed on the whole raw mask, then augmented with it
-        from pixelwise.data.weightmap import UNetWeightMap, compose
+        from pixelwise.data.weightmap import UNetWeightMap
 
-        preset = compose(UNetWeightMap(foreground=cfg.weight_map_class), preset)
+        preset = Compose([UNetWeightMap(foreground=cfg.weight_map_class), preset])
     if not cfg.instance_crops:
         return preset
     if aug.get("crop") is None:
