@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pixelwise import create_model, load_checkpoint, save_checkpoint
-from pixelwise.engine.checkpoint import read_foreign_weights
 from pixelwise.errors import UserError
+from pixelwise.weights import read_weights
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 
@@ -48,7 +48,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
         load_checkpoint(tmp_path / "evil2.pt")
     # and the only path that reads .pth at all uses weights_only=True, which refuses the payload
     with pytest.raises(UserError, match="weights_only"):
-        read_foreign_weights(tmp_path / "evil2.pt")
+        read_weights(tmp_path / "evil2.pt")
     assert not marker.exists(), "the pickle payload ran"
 
 

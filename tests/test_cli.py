@@ -104,7 +104,7 @@ def test_bench_reports_contract_keys(tmp_path):
                 "utilization", "peak_mem_mb"):
         assert r[key] > 0, key
     # FLOPs of SegNet-Basic scale with the pixels: 512x512 (see `pixelwise models`) vs 32x48
-    from pixelwise.bench import count_flops
+    from pixelwise.inference.bench import count_flops
     from pixelwise.models import create_model
 
     big = count_flops(lambda: create_model("segnet_basic", num_classes=21), (512, 512))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pixelwise.engine.coco_eval import coco_evaluate
+from pixelwise.coco_eval import coco_evaluate
 
 
 def rect_target(rects: list[tuple[int, int, int, int, int]], h: int = 64, w: int = 64) -> dict:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from pixelwise.checkpoint import load_checkpoint
 from pixelwise.data import build_dataset
-from pixelwise.engine.checkpoint import load_checkpoint
-from pixelwise.engine.trainer import eval_collate, evaluate
+from pixelwise.engine.validate import eval_collate, validate_semantic
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
@@ -25,7 +25,8 @@ def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
     launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
                                                                              "torch.distributed.run"]
     cmd = [*launcher, "--standalone", "--nproc_per_node", "2", "-m", "pixelwise", "train", "--model", "unet",
-           "--dataset", "shapes", "--epochs", "2", "--batch-size", "4", "--no-progress", "--out", str(out),
+           "--dataset", "shapes", "--epochs", "2", "--batch-size", "4", "--no-progress", "--amp", "off",
+           "--out", str(out),
            "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -39,7 +40,7 @@ def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
 
     model, _ = load_checkpoint(out / "last.safetensors")
     val = build_dataset("shapes", None, "val", **TINY_DATA)
-    m = evaluate(model, DataLoader(val, batch_size=4, collate_fn=eval_collate), val.num_classes,
+    m = validate_semantic(model, DataLoader(val, batch_size=4, collate_fn=eval_collate), val.num_classes,
                  torch.device("cpu"), list(val.class_names), show=False)
     final = summary["final"]
     assert m["num_images"] == final["num_images"] == 7

@@ -12,13 +12,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from pixelwise.checkpoint import read_checkpoint
 from pixelwise.cli import main
 from pixelwise.data.base import Sample
-from pixelwise.engine import trainer
-from pixelwise.engine.checkpoint import read_checkpoint
+from pixelwise.engine import precision, trainer
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.optim import Schedule, build_optimizer, param_groups
-from pixelwise.engine.trainer import class_weights_for, fit, read_class_weights, resolve_amp
+from pixelwise.engine.precision import resolve_amp
+from pixelwise.engine.trainer import class_weights_for, fit, read_class_weights
 from pixelwise.errors import UserError
 
 TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
@@ -219,9 +220,9 @@ def test_amp_choices(monkeypatch):
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         resolve_amp("fp16", cpu)
-    monkeypatch.setattr(trainer, "_cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
     assert resolve_amp("auto", cpu)[0] == "off"
-    monkeypatch.setattr(trainer, "_cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
     assert resolve_amp("auto", cpu)[0] == "bf16"
     assert resolve_amp("off", cpu)[0] == "off"
 

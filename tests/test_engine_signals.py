@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pixelwise.engine.checkpoint import load_checkpoint
+from pixelwise.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "unet", "--dataset", "shapes", "--batch-size", "4", "--no-progress",

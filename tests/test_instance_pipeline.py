@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pixelwise import Predictor
 from pixelwise.cli import main
-from pixelwise.inference.instance_output import instance_maps
+from pixelwise.inference.writers import instance_maps
 
 DATA = '{"num_train": 8, "num_val": 4, "num_test": 3, "size": 64, "max_objects": 3}'
 MODEL = '{"min_size": 64, "max_size": 64, "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32}'
@@ -30,7 +32,41 @@ def test_train_writes_instance_metrics(run):
     from pixelwise import load_checkpoint
 
     model, meta = load_checkpoint(run / "best.safetensors")
-    assert meta["task"] == "instance" and meta["model_kwargs"]["normalize"] is False
+    # Mask R-CNN normalises its own input, so its contract hands it values in [0, 1]
+    assert meta["task"] == "instance" and model.normalizes_input and meta["input"]["normalize"] is False
+
+
+def _detections(checkpoint, image):
+    predictor = Predictor.from_checkpoint(checkpoint, score_thresh=0.0)
+    return predictor.predict(image)
+
+
+def test_maskrcnn_detections_do_not_depend_on_how_the_checkpoint_was_written(run, tmp_path):
+    """Trainer checkpoint == create_model + save_checkpoint (API) == a checkpoint written before the
+    input contract existed by a trainer that switched the model's normalisation off."""
+    from pixelwise import create_model, load_checkpoint, save_checkpoint
+    from pixelwise.checkpoint import atomic_save_tensors, read_checkpoint
+    from pixelwise.data.shapes import ShapesDataset
+
+    image = ShapesDataset(split="test", num_test=1, size=64).load(0).image
+    trained, meta = load_checkpoint(run / "best.safetensors")
+    api_model = create_model(meta["model"], num_classes=meta["num_classes"], **meta["model_kwargs"])
+    api_model.load_state_dict(trained.state_dict())
+    api_meta = {"model": meta["model"], "num_classes": meta["num_classes"], "model_kwargs": meta["model_kwargs"]}
+    save_checkpoint(tmp_path / "api.safetensors", api_model, api_meta)
+    state, old_meta = read_checkpoint(run / "best.safetensors")
+    old_meta = {k: v for k, v in old_meta.items() if k != "input"}
+    old_meta.update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+                    model_kwargs={**old_meta["model_kwargs"], "normalize": False})
+    atomic_save_tensors(state, tmp_path / "old.safetensors", {"pixelwise": json.dumps(old_meta)})
+
+    ref = _detections(run / "best.safetensors", image)
+    assert len(ref["scores"]) > 0
+    for other in ("api.safetensors", "old.safetensors"):
+        det = _detections(tmp_path / other, image)
+        assert torch.equal(det["labels"], ref["labels"]), other
+        torch.testing.assert_close(det["scores"], ref["scores"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(det["boxes"], ref["boxes"], atol=1e-3, rtol=1e-4)
 
 
 def test_eval_reports_coco_keys(run, tmp_path):

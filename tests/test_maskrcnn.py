@@ -313,9 +313,9 @@ def test_overfits_one_image():
 def test_trains_and_evaluates_on_collated_dataset_batches():
     """The trainer's path: ShapesDataset samples (preprocess-normalised) -> collate -> model
     built with normalize=False -> losses; then detections -> coco_evaluate."""
+    from pixelwise.coco_eval import coco_evaluate
     from pixelwise.data.base import collate
     from pixelwise.data.shapes import ShapesDataset
-    from pixelwise.engine.coco_eval import coco_evaluate
 
     torch.manual_seed(0)
     ds = ShapesDataset(num_train=2, size=64, max_objects=3)

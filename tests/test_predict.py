@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from pixelwise import Predictor, create_model, save_checkpoint
+from pixelwise import Predictor, SemanticPredictor, create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
 
@@ -97,29 +97,31 @@ class _PixelModel(nn.Module):
 
 def test_tiled_prediction_equals_whole_image_for_pointwise_model():
     image = np.random.default_rng(2).integers(0, 255, (75, 101, 3), dtype=np.uint8)
-    whole = Predictor(_PixelModel(), {"num_classes": 5}).predict_probs(image)
-    tiled = Predictor(_PixelModel(), {"num_classes": 5}, tile=32, overlap=0.3).predict_probs(image)
+    whole = SemanticPredictor(_PixelModel(), {"num_classes": 5}).predict_probs(image)
+    tiled = SemanticPredictor(_PixelModel(), {"num_classes": 5}, tile=32, overlap=0.3).predict_probs(image)
     assert whole.shape == (5, 75, 101)
     assert torch.allclose(whole, tiled, atol=1e-6)
-    flipped = Predictor(_PixelModel(), {"num_classes": 5}, tta=True).predict_probs(image)
-    assert torch.allclose(whole, flipped, atol=1e-6)
+    for mode in ("flip", "d4"):  # a pointwise model is equivariant to flips and rotations
+        averaged = SemanticPredictor(_PixelModel(), {"num_classes": 5}, tta=mode).predict_probs(image)
+        assert torch.allclose(whole, averaged, atol=1e-6), mode
 
 
 def test_predictor_uses_checkpoint_normalisation(checkpoint):
     p = Predictor.from_checkpoint(checkpoint)
-    assert p.mean == (0.5, 0.5, 0.5) and p.std == (0.25, 0.25, 0.25)
+    assert p.input_spec.mean == (0.5, 0.5, 0.5) and p.input_spec.std == (0.25, 0.25, 0.25)
     assert p.predict(np.zeros((10, 12, 3), np.uint8)).mask.shape == (10, 12)
 
 
 def test_uncertainty_uses_mc_dropout_for_bayesian_segnet():
     torch.manual_seed(0)
     model = create_model("bayesian_segnet", num_classes=3)
-    p = Predictor(model, {"num_classes": 3})
+    p = SemanticPredictor(model, {"num_classes": 3}, mc_samples=3)
     image = np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     torch.manual_seed(1)
-    a = p.predict(image, uncertainty=True, mc_samples=3)
+    a = p.predict(image, uncertainty=True)
     torch.manual_seed(2)
-    b = p.predict(image, uncertainty=True, mc_samples=3)
+    b = p.predict(image, uncertainty=True)
+    p = SemanticPredictor(model, {"num_classes": 3})
     plain = p.predict(image)
     assert a.uncertainty.shape == (40, 56) and (a.uncertainty >= 0).all()
     assert not torch.allclose(a.probs, b.probs)  # sampled with dropout on

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from pixelwise.backbones.vgg import URLS, VGG16_CFG, make_features
 from pixelwise.errors import UserError
+from pixelwise.inference.mc_dropout import mc_dropout
 from pixelwise.models.segnet import (
     UPSAMPLE_MODES,
     DecoderStage,
     SegNet,
     bayesian_segnet,
     decoder_stages,
-    mc_predict,
     mirror_channels,
     segnet,
     segnet_basic,
@@ -229,11 +229,11 @@ def test_mc_predict_samples_while_eval_is_deterministic(bayes):
     with torch.no_grad():
         assert torch.equal(bayes(x), bayes(x))
     torch.manual_seed(1)
-    mean1, unc1 = mc_predict(bayes, x, samples=3)
+    mean1, unc1 = mc_dropout(bayes, x, samples=3)
     torch.manual_seed(2)
-    mean2, unc2 = mc_predict(bayes, x, samples=3)
+    mean2, unc2 = mc_dropout(bayes, x, samples=3)
     torch.manual_seed(1)
-    mean1b, _ = mc_predict(bayes, x, samples=3)
+    mean1b, _ = mc_dropout(bayes, x, samples=3)
     assert mean1.shape == (2, 3, 32, 40) and unc1.shape == (2, 32, 40)
     assert not torch.allclose(mean1, mean2)
     assert torch.equal(mean1, mean1b)
@@ -249,7 +249,7 @@ def test_mc_predict_matches_a_manual_sampling_loop_and_restores_modes(bayes):
     bn = bayes.features[1]
     stats = bn.running_mean.clone()
     torch.manual_seed(5)
-    mean, var_unc = mc_predict(bayes, x, samples=4)
+    mean, var_unc = mc_dropout(bayes, x, samples=4)
     assert [m.training for m in bayes.modules()] == before
     assert torch.equal(bn.running_mean, stats)  # BN ran in eval mode: statistics untouched
 
@@ -265,7 +265,7 @@ def test_mc_predict_matches_a_manual_sampling_loop_and_restores_modes(bayes):
     assert torch.allclose(var_unc, probs.var(0, unbiased=False).mean(1), atol=1e-6)
 
     torch.manual_seed(5)
-    mean_e, entropy = mc_predict(bayes, x, samples=4, measure="entropy")
+    mean_e, entropy = mc_dropout(bayes, x, samples=4, measure="entropy")
     assert torch.allclose(entropy, -(mean_e * mean_e.log()).sum(1), atol=1e-5)
     assert (entropy <= torch.log(torch.tensor(3.0)) + 1e-5).all()
 
@@ -282,10 +282,10 @@ def test_mc_predict_restores_modes_on_error_and_rejects_models_without_dropout(b
 
     broken = Broken().train()
     with pytest.raises(RuntimeError, match="boom"):
-        mc_predict(broken, torch.randn(1, 3, 4, 4))
+        mc_dropout(broken, torch.randn(1, 3, 4, 4))
     assert broken.training and broken.bn.training and broken.drop.training
     with pytest.raises(UserError, match="no dropout"):
-        mc_predict(segnet_basic(3), torch.randn(1, 3, 16, 16))
+        mc_dropout(segnet_basic(3), torch.randn(1, 3, 16, 16))
 
 
 def test_mc_predict_accepts_dict_outputs():
@@ -298,7 +298,7 @@ def test_mc_predict_accepts_dict_outputs():
         def forward(self, x):
             return {"out": self.drop(self.conv(x)), "aux": x}
 
-    mean, unc = mc_predict(DictModel(), torch.randn(2, 3, 5, 6), samples=2)
+    mean, unc = mc_dropout(DictModel(), torch.randn(2, 3, 5, 6), samples=2)
     assert mean.shape == (2, 4, 5, 6) and unc.shape == (2, 5, 6)
 
 

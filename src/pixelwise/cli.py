@@ -13,6 +13,9 @@ from pathlib import Path
 
 from pixelwise.errors import UserError
 
+DEFAULT_MC_SAMPLES = 8
+TTA_CHOICES = ["flip", "d4"]  # pixelwise.inference.tta.TTA_MODES, named here so that --help needs no torch
+
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     """Flags = TrainConfig fields (``--max-minutes`` <-> ``max_minutes``); see docs/training.md."""
@@ -104,7 +107,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     import torch
 
-    from pixelwise.bench import count_flops
+    from pixelwise.inference.bench import count_flops
     from pixelwise.models import create_model, list_models, model_info
 
     header = ("model", "task", "params", "GFLOPs@512", "paper")
@@ -125,15 +128,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pixelwise.bench import benchmark
+    from pixelwise.checkpoint import load_checkpoint
     from pixelwise.engine.config import parse_size
+    from pixelwise.inference.bench import benchmark
     from pixelwise.models import create_model, model_info
 
     if bool(args.model) == bool(args.checkpoint):
         raise UserError("give exactly one of --model NAME or --checkpoint FILE")
     if args.checkpoint:
-        from pixelwise.engine.checkpoint import load_checkpoint
-
         model, meta = load_checkpoint(args.checkpoint)
         task = meta.get("task", "semantic")
     else:
@@ -164,16 +166,34 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 1 if report["problems"] and args.strict else 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from pixelwise.engine.config import parse_json_dict, parse_size
-    from pixelwise.engine.evaluate import evaluate_checkpoint
+def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
+    """``--resize``: "HxW" (override the checkpoint's input size) or "native" (each image's own
+    size) -> (resize, native_size); None keeps the checkpoint's."""
+    from pixelwise.engine.config import parse_size
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data, args.split,
-                                  tile=args.tile, tta=args.tta, device=args.device,
+    if text is None:
+        return None, False
+    if text.lower() in ("native", "none", "off"):
+        return None, True
+    return parse_size(text), False
+
+
+def predictor_options(args: argparse.Namespace) -> dict:
+    """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint."""
+    resize, native = parse_resize(args.resize)
+    return {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
+            "tta": args.tta, "mc_samples": args.mc_samples}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pixelwise.engine.config import parse_json_dict
+    from pixelwise.inference.evaluate import evaluate_checkpoint
+
+    options = {k: v for k, v in predictor_options(args).items() if v is not None}
+    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data, args.split, device=args.device,
                                   dataset_kwargs=parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
-                                  progress=not args.no_progress, bf=not args.no_bf,
-                                  resize=parse_size(args.resize))
-    shown = {k: v for k, v in metrics.items() if k != "per_class"}
+                                  progress=not args.no_progress, bf=not args.no_bf, **options)
+    shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input")}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for row in metrics.get("per_class", []):
         cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"
@@ -187,12 +207,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pixelwise.inference.predict_files import predict_files
+    from pixelwise.inference.mc_dropout import has_dropout
+    from pixelwise.inference.predictor import Predictor, SemanticPredictor
+    from pixelwise.inference.writers import predict_files
 
-    written = predict_files(args.checkpoint, args.inputs, args.out, tile=args.tile, overlap=args.overlap,
-                            tta=args.tta, uncertainty=args.uncertainty, device=args.device,
+    options = {k: v for k, v in predictor_options(args).items() if v is not None}
+    if args.score_thresh is not None:
+        options["score_thresh"] = args.score_thresh
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, **options)
+    if args.uncertainty and not isinstance(predictor, SemanticPredictor):
+        raise UserError("--uncertainty applies to semantic models only")
+    if (isinstance(predictor, SemanticPredictor) and args.uncertainty and args.mc_samples is None
+            and has_dropout(predictor.model)):
+        predictor.mc_samples = DEFAULT_MC_SAMPLES  # a model with dropout: uncertainty from Monte-Carlo dropout
+    written = predict_files(predictor, args.inputs, args.out, uncertainty=args.uncertainty,
                             progress=not args.no_progress)
-    print(f"wrote {len(written)} prediction(s) to {args.out}")
+    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {predictor.input_spec.describe()})")
     return 0
 
 
@@ -204,8 +234,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_prediction_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by eval and predict: how the model sees each image."""
+    p.add_argument("--resize", help="predict at HxW instead of the size recorded in the checkpoint (its input "
+                   "contract), or 'native' for each image's own size; results come back at the image's size")
+    p.add_argument("--tile", type=int, help="predict in overlapping tiles of this side (pixels, >= 16)")
+    p.add_argument("--overlap", type=float, help="tile overlap as a fraction of the tile (default 0.25)")
+    p.add_argument("--tta", nargs="?", const="flip", choices=TTA_CHOICES,
+                   help="test-time augmentation: flip (default: the image and its mirror) or d4 (the 8 rotations "
+                        "and flips)")
+    p.add_argument("--mc-samples", type=int, help="average this many Monte-Carlo dropout samples (models with "
+                   "dropout, e.g. bayesian_segnet; the paper used 50)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from pixelwise import __version__
+    from pixelwise._version import __version__
 
     parser = argparse.ArgumentParser(prog="pixelwise", description="Semantic and instance segmentation in PyTorch.")
     parser.add_argument("--version", action="version", version=f"pixelwise {__version__}")
@@ -230,13 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--split", default="val")
     p.add_argument("--json", help="also write the metrics to this JSON file")
-    p.add_argument("--tile", type=int, help="predict in overlapping tiles of this side")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    _add_prediction_args(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
-    p.add_argument("--resize", help="predict at HxW and upsample the probabilities to each image's size "
-                                    "(for models trained with augment resize)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -244,10 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--out", required=True)
-    p.add_argument("--tile", type=int)
-    p.add_argument("--overlap", type=float, default=0.25)
-    p.add_argument("--tta", action="store_true")
-    p.add_argument("--uncertainty", action="store_true", help="also write DIR/<stem>_uncertainty.png")
+    _add_prediction_args(p)
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write DIR/<stem>_uncertainty.png (predictive entropy; with Monte-Carlo dropout, "
+                        f"{DEFAULT_MC_SAMPLES} samples unless --mc-samples, for models with dropout)")
+    p.add_argument("--score-thresh", type=float, help="instance models: keep detections with this score or more "
+                   "(default 0.5)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)

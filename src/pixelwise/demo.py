@@ -7,19 +7,20 @@ overlays, a training curve and an HTML report.
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
 
 from PIL import Image
 
+from pixelwise.data.io import write_mask
 from pixelwise.data.palette import colorize, overlay
 from pixelwise.data.shapes import ShapesDataset
 from pixelwise.engine.config import TrainConfig
-from pixelwise.engine.evaluate import evaluate_checkpoint
 from pixelwise.engine.trainer import fit
-from pixelwise.inference.predict_files import save_index_png
-from pixelwise.inference.predictor import Predictor
+from pixelwise.inference.evaluate import evaluate_checkpoint
+from pixelwise.inference.predictor import SemanticPredictor
 from pixelwise.report import svg_line_chart, write_report
 
 # The recipe: a quarter-width U-Net with BatchNorm, Adam (lr 3e-3, batch 8) with a poly schedule,
@@ -86,15 +87,13 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, log=pr
 
 
 def summary_rows(out: Path) -> list[dict]:
-    import csv
-
     with open(out / "metrics.csv") as f:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def write_examples(checkpoint: Path, folder: Path, dataset_kwargs: dict) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor = SemanticPredictor.from_checkpoint(checkpoint)
     ds = ShapesDataset(split="test", **dataset_kwargs)
     examples = []
     for i in range(min(NUM_EXAMPLES, len(ds))):
@@ -102,7 +101,7 @@ def write_examples(checkpoint: Path, folder: Path, dataset_kwargs: dict) -> list
         pred = predictor.predict(s.image)
         Image.fromarray(s.image).save(folder / f"{s.name}_image.png")
         Image.fromarray(colorize(s.mask, ds.palette)).save(folder / f"{s.name}_truth.png")
-        save_index_png(pred.mask, ds.palette, folder / f"{s.name}.png")
+        write_mask(folder / f"{s.name}.png", pred.mask, ds.palette)
         Image.fromarray(overlay(s.image, pred.mask, ds.palette)).save(folder / f"{s.name}_overlay.png")
         rel = f"predictions/{s.name}"
         examples.append({"name": s.name, "image": f"{rel}_image.png", "truth": f"{rel}_truth.png",

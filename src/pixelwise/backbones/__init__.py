@@ -4,7 +4,7 @@ Every backbone has ``feature_info``: a tuple of :class:`FeatureInfo` (stage name
 channels, stride). Decoders size themselves from it, never from a backbone's name.
 """
 
-from pixelwise.backbones._common import FeatureInfo, load_weights
+from pixelwise.backbones.features import FeatureInfo
 from pixelwise.backbones.resnet import (
     FrozenBatchNorm2d,
     IntermediateLayerGetter,
@@ -23,7 +23,6 @@ __all__ = [
     "IntermediateLayerGetter",
     "ResNet",
     "VGGFeatures",
-    "load_weights",
     "resnet18",
     "resnet34",
     "resnet50",

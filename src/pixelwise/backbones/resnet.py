@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from pixelwise.backbones._common import FeatureInfo, load_matching, load_weights
+from pixelwise.backbones.features import FeatureInfo
+from pixelwise.weights import load_matching, read_weights
 
 __all__ = [
     "BasicBlock",
@@ -254,7 +255,7 @@ def _resnet(name: str, num_classes: int, pretrained: str | None,
     block, layers = _SPECS[name]
     model = ResNet(block, layers, num_classes, replace_stride_with_dilation, norm_layer)
     if pretrained is not None:
-        load_matching(model, load_weights(pretrained, URLS[name]), f"{name}(pretrained={pretrained!r})",
+        load_matching(model, read_weights(pretrained, {"imagenet": URLS[name]}), f"{name}(pretrained={pretrained!r})",
                       optional=("fc.",))
     return model
 

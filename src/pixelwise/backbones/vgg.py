@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelwise.backbones._common import FeatureInfo, load_matching, load_weights
+from pixelwise.backbones.features import FeatureInfo
+from pixelwise.weights import load_matching, read_weights
 
 __all__ = ["VGG", "VGGFeatures", "features_info", "forward_stages", "make_features", "vgg16", "vgg16_bn"]
 
@@ -141,7 +142,7 @@ class VGG(nn.Module):
 def _vgg(name: str, batch_norm: bool, num_classes: int, pretrained: str | None) -> VGG:
     model = VGG(make_features(VGG16_CFG, batch_norm), num_classes=num_classes)
     if pretrained is not None:
-        load_matching(model, load_weights(pretrained, URLS[name]), f"{name}(pretrained={pretrained!r})",
+        load_matching(model, read_weights(pretrained, {"imagenet": URLS[name]}), f"{name}(pretrained={pretrained!r})",
                       optional=("classifier.6.",))
     return model
 

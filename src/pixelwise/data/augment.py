@@ -3,6 +3,9 @@
 - :func:`train_preset`: optional resize, random scale, pad-if-needed (image 0, mask ignore),
   random crop, horizontal flip, photometric jitter.
 - :func:`eval_preset`: optional resize, otherwise the identity.
+
+The resize is :func:`resize_sample`, built on :func:`pixelwise.preprocess.resize_image` (the
+one bilinear resize that ``preprocess`` applies at inference) and nearest neighbour for labels.
 - :func:`build_transform`: a small YAML/dict of keys -> one of the presets.
 
 Every geometric step moves the image, the class mask, the optional per-pixel weight map and the
@@ -24,23 +27,46 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from pixelwise.data.base import IGNORE_INDEX, Sample, boxes_from_masks
 from pixelwise.errors import UserError
+from pixelwise.preprocess import resize_image, resize_labels
+from pixelwise.sample import IGNORE_INDEX, Sample, boxes_from_masks
+
+
+def resize_sample(s: Sample, size: tuple[int, int]) -> Sample:
+    """A Sample at ``size`` = (h, w): the image bilinear (:func:`pixelwise.preprocess.resize_image`),
+    class mask, weight map and instance masks nearest; boxes recomputed from the instance masks."""
+    if s.image.shape[:2] == tuple(size):
+        return s
+    new: dict = {"image": resize_image(s.image, size), "mask": resize_labels(s.mask, size)}
+    if s.weight is not None:
+        new["weight"] = resize_labels(np.asarray(s.weight, dtype=np.float32), size)
+    if s.instance_masks is not None:
+        inst = np.asarray(s.instance_masks, dtype=np.uint8)
+        new["instance_masks"] = (np.stack([resize_labels(m, size) for m in inst]).astype(bool) if len(inst)
+                                 else np.zeros((0, *size), dtype=bool))
+        new["boxes"] = boxes_from_masks(new["instance_masks"])
+    return s.replace(**new)
 
 
 class Augment:
-    """Apply albumentations transforms to a Sample (image, mask, weight, instances together)."""
+    """Apply albumentations transforms to a Sample (image, mask, weight, instances together),
+    after an optional :func:`resize_sample` to ``resize`` = (h, w)."""
 
-    def __init__(self, transforms: Sequence[A.BasicTransform], ignore_index: int = IGNORE_INDEX):
+    def __init__(self, transforms: Sequence[A.BasicTransform], ignore_index: int = IGNORE_INDEX,
+                 resize: tuple[int, int] | None = None):
         self.transforms = list(transforms)
         self.ignore_index = ignore_index
+        self.resize = None if resize is None else (int(resize[0]), int(resize[1]))
         self.compose = (A.Compose(self.transforms, additional_targets={"weight": "mask"})
                         if transforms else None)
 
     def __repr__(self) -> str:
-        return f"Augment({[type(t).__name__ for t in self.transforms]}, ignore_index={self.ignore_index})"
+        return (f"Augment({[type(t).__name__ for t in self.transforms]}, ignore_index={self.ignore_index}, "
+                f"resize={self.resize})")
 
     def __call__(self, s: Sample) -> Sample:
+        if self.resize is not None:
+            s = resize_sample(s, self.resize)
         if self.compose is None:
             return s
         self.compose.set_random_seed(int(np.random.randint(0, 2**31 - 1)))
@@ -71,11 +97,6 @@ class Augment:
         return s.replace(**new)
 
 
-def _resize(size: tuple[int, int]) -> A.Resize:
-    return A.Resize(int(size[0]), int(size[1]), interpolation=cv2.INTER_LINEAR,
-                    mask_interpolation=cv2.INTER_NEAREST)
-
-
 def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float] | None = (0.5, 2.0),
                  flip: bool = True, jitter: bool = True, ignore_index: int = IGNORE_INDEX,
                  resize: tuple[int, int] | None = None) -> Augment:
@@ -86,8 +107,6 @@ def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float]
     every image already has the training size). ``scale=None`` disables scaling.
     """
     t: list[A.BasicTransform] = []
-    if resize is not None:
-        t.append(_resize(resize))
     if crop is not None:
         h, w = int(crop[0]), int(crop[1])
         if scale is not None and tuple(scale) != (1.0, 1.0):
@@ -103,12 +122,12 @@ def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float]
         t.append(A.HorizontalFlip(p=0.5))
     if jitter:
         t.append(A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.02, p=0.8))
-    return Augment(t, ignore_index)
+    return Augment(t, ignore_index, resize)
 
 
 def eval_preset(resize: tuple[int, int] | None = None) -> Augment:
     """Evaluation: resize to (h, w) (mask nearest) or nothing."""
-    return Augment([_resize(resize)] if resize is not None else [])
+    return Augment([], resize=resize)
 
 
 TRAIN_KEYS = ("crop", "scale", "flip", "jitter", "ignore_index", "resize")
@@ -126,6 +145,11 @@ def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
     if kind is int and not all(float(x).is_integer() and x > 0 for x in v):
         raise UserError(f"augment key {key!r}: expected two positive integers, got {v!r}")
     return tuple(kind(x) for x in v)
+
+
+def resize_of(cfg: dict | None) -> tuple[int, int] | None:
+    """The ``resize: [h, w]`` (or one int for a square) of an augmentation config, validated."""
+    return _pair(dict(cfg or {}), "resize", int)  # type: ignore[return-value]
 
 
 def build_transform(cfg: dict | None, train: bool) -> Augment:

@@ -3,47 +3,28 @@
 A reader subclasses :class:`SegmentationDataset` and implements ``__len__``, ``load(i)``
 (raw arrays, no augmentation) and sets ``class_names`` / ``palette``. ``__getitem__``
 applies the dataset's ``transform`` (a callable ``Sample -> Sample`` on numpy arrays,
-e.g. an albumentations preset from :mod:`pixelwise.data.transforms`) and then the one
-shared :func:`pixelwise.data.transforms.preprocess` to produce tensors.
+e.g. an augmentation preset from :mod:`pixelwise.data.augment`) and then turns the image into a
+tensor with the one shared :func:`pixelwise.preprocess.preprocess` under ``input_spec``.
 
 Labels are class indices ``0..C-1`` with ``IGNORE_INDEX = 255`` for ignored pixels,
-everywhere inside pixelwise.
+everywhere inside pixelwise (:mod:`pixelwise.sample`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = 255
+from pixelwise.errors import UserError
+from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, preprocess
+from pixelwise.sample import IGNORE_INDEX, Sample, boxes_from_masks
 
-
-@dataclass
-class Sample:
-    """One raw example.
-
-    image: uint8[H, W, 3] RGB.  mask: uint8[H, W] class ids, 255 = ignore.
-    Instance data (optional, for Mask R-CNN and instance-aware crops):
-    instance_masks: bool[K, H, W]; instance_labels: int64[K] (class ids, 1..C-1 for
-    foreground); boxes: float32[K, 4] as x1, y1, x2, y2 in pixels (x2/y2 exclusive).
-    weight: float32[H, W] optional per-pixel loss weight (U-Net boundary map).
-    """
-
-    image: np.ndarray
-    mask: np.ndarray
-    name: str = ""
-    instance_masks: np.ndarray | None = None
-    instance_labels: np.ndarray | None = None
-    boxes: np.ndarray | None = None
-    weight: np.ndarray | None = None
-    meta: dict = field(default_factory=dict)
-
-    def replace(self, **kw) -> Sample:
-        return replace(self, **kw)
+__all__ = ["IGNORE_INDEX", "Compose", "Problem", "Sample", "SegmentationDataset", "boxes_from_masks", "collate",
+           "sample_to_tensors"]
 
 
 @dataclass(frozen=True)
@@ -64,14 +45,18 @@ class SegmentationDataset(Dataset):
     palette: list[tuple[int, int, int]] = []
     task: str = "semantic"  # or "instance" where instance targets are available
 
+    # The class whose connected components are the objects of Rand-error scoring (ISBI's cells),
+    # or None where that metric does not apply.
+    rand_foreground: int | None = None
+
     def __init__(self, transform: Callable[[Sample], Sample] | None = None,
                  mean: tuple[float, float, float] | None = None,
                  std: tuple[float, float, float] | None = None):
-        from pixelwise.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
         self.transform = transform
         self.mean = tuple(mean) if mean is not None else IMAGENET_MEAN
         self.std = tuple(std) if std is not None else IMAGENET_STD
+        # How __getitem__ turns images into tensors; the trainer sets the model's contract here.
+        self.input_spec = InputSpec(mean=self.mean, std=self.std)
 
     @property
     def num_classes(self) -> int:
@@ -92,17 +77,34 @@ class SegmentationDataset(Dataset):
         """Leave out the files named in ``problems`` (``--skip-invalid``). Readers that keep a list
         of files override this."""
         if problems:
-            from pixelwise.errors import UserError
-
             raise UserError(f"{type(self).__name__} cannot skip invalid files; fix {problems[0]}")
 
     def __getitem__(self, index: int) -> dict:
-        from pixelwise.data.transforms import sample_to_tensors
-
         sample = self.load(index)
         if self.transform is not None:
             sample = self.transform(sample)
-        return sample_to_tensors(sample, self.mean, self.std)
+        return sample_to_tensors(sample, self.input_spec)
+
+
+def sample_to_tensors(sample: Sample, spec: InputSpec = InputSpec()) -> dict:  # noqa: B008 - frozen
+    """A :class:`Sample` -> dict of tensors: image ``preprocess(sample.image, spec)``
+    Tensor[C, h, w], mask int64 Tensor[H, W] (at the sample's own size, also when ``spec``
+    resizes the image: metrics are taken at full resolution), and where present weight
+    Tensor[H, W] and ``target`` (masks bool Tensor[K, H, W], labels, boxes)."""
+    out = {
+        "image": preprocess(sample.image, spec),
+        "mask": torch.from_numpy(np.require(sample.mask, requirements=["C", "W"])).long(),
+        "name": sample.name,
+    }
+    if sample.weight is not None:
+        out["weight"] = torch.from_numpy(np.ascontiguousarray(sample.weight, dtype=np.float32))
+    if sample.instance_masks is not None:
+        out["target"] = {
+            "masks": torch.from_numpy(np.ascontiguousarray(sample.instance_masks, dtype=bool)),
+            "labels": torch.as_tensor(sample.instance_labels, dtype=torch.int64),
+            "boxes": torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),
+        }
+    return out
 
 
 def collate(batch: list[dict]) -> dict:
@@ -132,12 +134,3 @@ class Compose:
             sample = step(sample)
         return sample
 
-
-def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
-    """bool[K, H, W] -> float32[K, 4] tight boxes (x1, y1, x2, y2), x2/y2 exclusive; empty -> zeros."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for k, m in enumerate(masks):
-        cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
-        if cols.size:
-            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return boxes

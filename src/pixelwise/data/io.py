@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pixelwise.data.palette import palette_bytes
 from pixelwise.errors import UserError
 
 PathLike = str | os.PathLike
@@ -189,9 +190,6 @@ def write_mask(path: PathLike, mask: np.ndarray, palette: Sequence[Sequence[int]
     if mask.ndim != 2:
         raise ValueError(f"write_mask expects uint8[H, W], got shape {list(mask.shape)}")
     img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
-    flat = [0] * 765 + [255, 255, 255]  # index 255 (ignore) is white unless the palette says otherwise
-    for i, c in enumerate(list(palette or [])[:256]):
-        flat[3 * i:3 * i + 3] = [int(v) for v in c]
-    img.putpalette(flat)
+    img.putpalette(palette_bytes(palette or []))  # index 255 (ignore) is white
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")

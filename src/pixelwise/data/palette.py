@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -20,11 +22,11 @@ def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def palette_bytes(palette: list[tuple[int, int, int]]) -> list[int]:
+def palette_bytes(palette: Sequence[Sequence[int]]) -> list[int]:
     """A flat 768-entry PIL palette; index 255 (ignore) is white."""
     flat = [0] * 768
     for i, (r, g, b) in enumerate(palette[:255]):
-        flat[3 * i : 3 * i + 3] = [r, g, b]
+        flat[3 * i : 3 * i + 3] = [int(r), int(g), int(b)]
     flat[765:768] = [255, 255, 255]
     return flat
 

@@ -40,18 +40,24 @@ import yaml
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from pixelwise.checkpoint import load_train_state as read_train_state
+from pixelwise.checkpoint import model_input_spec, save_checkpoint
+from pixelwise.checkpoint import save_train_state as write_train_state
 from pixelwise.data import SegmentationDataset, build_dataset, collate
-from pixelwise.data.augment import build_transform
+from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
+from pixelwise.data.inspect import inspect_dataset
+from pixelwise.data.instance_crop import InstanceCrop
+from pixelwise.data.weightmap import UNetWeightMap
 from pixelwise.engine import distributed as dist
-from pixelwise.engine.checkpoint import atomic_save_tensors, save_checkpoint
 from pixelwise.engine.config import INSTANCE_SELECT, SEMANTIC_SELECT, TrainConfig, parse_size
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
+from pixelwise.engine.precision import autocast, resolve_amp
+from pixelwise.engine.validate import eval_collate, to_device, validate_instances, validate_semantic
 from pixelwise.errors import UserError
-from pixelwise.losses import cross_entropy, segmentation_loss
-from pixelwise.metrics import ConfusionMeter
-from pixelwise.models import create_model, model_info
-from pixelwise.models._utils import forward_logits
+from pixelwise.losses import segmentation_loss
+from pixelwise.models import create_model, model_info, model_outputs
+from pixelwise.preprocess import InputSpec
 
 Callback = Callable[[str, dict], None]  # (event "step" | "epoch", state) -> None
 
@@ -96,41 +102,6 @@ def rng_restore(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((v, tuple(internal), gauss))
 
 
-# --- precision ----------------------------------------------------------------------------------
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
-    """``--amp`` -> (off | bf16 | fp16, why). ``auto``: CUDA -> bf16 where the GPU supports it,
-    else fp16 (with a gradient scaler); CPU -> bf16 only with AMX tiles (``amx_bf16``), where
-    oneDNN's bf16 convolutions are clearly faster, else off (on AVX-512-BF16 CPUs without AMX
-    the gain was unreliable in our measurements, see docs/training.md)."""
-    if mode == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or --amp off")
-    if mode != "auto":
-        return mode, "as asked"
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", "auto: CUDA with bf16 support"
-        return "fp16", "auto: CUDA without bf16, fp16 with gradient scaling"
-    if "amx_bf16" in _cpu_flags():
-        return "bf16", "auto: CPU with AMX bf16"
-    return "off", "auto: CPU without AMX, float32 is faster"
-
-
-def autocast(mode: str, device: torch.device):
-    if mode == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
-
-
 # --- losses -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LossSpec:
@@ -142,8 +113,7 @@ class LossSpec:
 
 def semantic_loss(model: nn.Module, batch: dict, spec: LossSpec) -> torch.Tensor:
     """``spec.kind`` on the main logits (+ ``aux_weight`` x the same on ``out["aux"]``)."""
-    out = model(batch["image"])
-    outputs = out if isinstance(out, dict) else {"out": out}
+    outputs = model_outputs(model, batch["image"])
     loss = 0.0
     for key, w in (("out", 1.0), ("aux", spec.aux_weight)):
         if key in outputs:
@@ -190,8 +160,6 @@ def class_weights_for(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path
         cached = json.loads(cache.read_text())
         if cached.get("source") == key and len(cached.get("weights", [])) == train_ds.num_classes:
             return [float(w) for w in cached["weights"]]
-    from pixelwise.data.inspect import inspect_dataset
-
     log(f"computing median-frequency class weights over {len(train_ds)} training images")
     report = inspect_dataset(train_ds, progress=cfg.progress)
     weights = [1.0 if w is None else float(w) for w in report["median_freq_weights"]]
@@ -213,15 +181,11 @@ def train_transform(cfg: TrainConfig) -> Callable:
         aug["crop"] = list(crop)
     preset = build_transform(aug, train=True)
     if cfg.weight_map == "unet":  # computed on the whole raw mask, then augmented with it
-        from pixelwise.data.weightmap import UNetWeightMap
-
         preset = Compose([UNetWeightMap(foreground=cfg.weight_map_class), preset])
     if not cfg.instance_crops:
         return preset
     if aug.get("crop") is None:
         raise UserError("instance_crops needs a crop size: set crop: HxW (or augment: {crop: [h, w]})")
-    from pixelwise.data.instance_crop import InstanceCrop
-
     size = aug["crop"] if isinstance(aug["crop"], list | tuple) else (aug["crop"], aug["crop"])
     return Compose([InstanceCrop(size, cfg.instance_context), preset])
 
@@ -237,8 +201,22 @@ def open_datasets(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDa
                             "fix them or pass --skip-invalid to train without those files")
         if problems:
             ds.drop(problems)
-    val.transform = build_transform({k: v for k, v in cfg.augment.items() if k == "resize"}, train=False)
     return train, val
+
+
+def input_contract(cfg: TrainConfig, model: nn.Module, train_ds: SegmentationDataset) -> InputSpec:
+    """The model's input contract: the dataset's normalisation (or the model's own), the size
+    ``augment.resize`` trains it at, its input channels. Saved in every checkpoint."""
+    return model_input_spec(model, train_ds.mean, train_ds.std, resize_of(cfg.augment))
+
+
+def apply_contract(spec: InputSpec, train_ds: SegmentationDataset, val_ds: SegmentationDataset) -> None:
+    """Training images are resized by the augmentation (before its random crops) and then only
+    normalised; validation images go through the whole contract, labels stay at full size."""
+    train_ds.input_spec = InputSpec(mean=spec.mean, std=spec.std, normalize=spec.normalize, resize=None,
+                                    channels=spec.channels)
+    val_ds.input_spec = spec
+    val_ds.transform = None
 
 
 def epoch_indices(n: int, cfg: TrainConfig, epoch: int, info: dist.DistInfo) -> list[int]:
@@ -249,28 +227,6 @@ def epoch_indices(n: int, cfg: TrainConfig, epoch: int, info: dist.DistInfo) -> 
         return list(sampler)
     g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
     return torch.randperm(n, generator=g).tolist()
-
-
-def eval_collate(batch: list[dict]) -> list[dict]:
-    """Stack when all images have one size, else one batch per image (VOC-style varied sizes)."""
-    if len({tuple(b["image"].shape) for b in batch}) == 1:
-        return [collate(batch)]
-    return [collate([b]) for b in batch]
-
-
-def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if channels_last and k == "image" and v.ndim == 4:
-                v = v.contiguous(memory_format=torch.channels_last)
-            out[k] = v
-        elif k == "target":
-            out[k] = [{kk: vv.to(device) for kk, vv in t.items()} for t in v]
-        else:
-            out[k] = v
-    return out
 
 
 # --- one epoch ----------------------------------------------------------------------------------
@@ -346,41 +302,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     return False
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device,
-             class_names: list[str] | None = None, show: bool = True, amp: str = "off",
-             channels_last: bool = False) -> dict:
-    """Validation loss (unweighted cross-entropy) and the confusion-matrix metrics of a semantic
-    model. Batches may be dicts or lists of dicts (:func:`eval_collate`). Under torchrun each
-    rank passes its own shard and the confusion matrix and loss are summed over ranks."""
-    model.eval()
-    meter = ConfusionMeter(num_classes)
-    loss_sum, n = 0.0, 0
-    for group in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
-        for batch in group if isinstance(group, list) else [group]:
-            batch = to_device(batch, device, channels_last)
-            with autocast(amp, device):
-                logits = forward_logits(model, batch["image"])
-            loss_sum += cross_entropy(logits.float(), batch["mask"]).item() * len(logits)
-            n += len(logits)
-            meter.update(logits.argmax(1), batch["mask"])
-    if dist.active():
-        cm = dist.all_reduce_sum(meter.cm.to(device)).cpu()
-        meter.cm.copy_(cm)
-        sums = dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=device))
-        loss_sum, n = sums[0].item(), int(sums[1].item())
-    metrics = meter.compute(class_names)
-    metrics["loss"] = loss_sum / max(n, 1)
-    metrics["num_images"] = n
-    return metrics
-
-
 # --- checkpoints and state ------------------------------------------------------------------
-def checkpoint_meta(cfg: TrainConfig, ds: SegmentationDataset, summary: dict | None = None) -> dict:
+def checkpoint_meta(cfg: TrainConfig, ds: SegmentationDataset, spec: InputSpec, summary: dict | None = None) -> dict:
     return {
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": ds.num_classes,
         "task": model_info(cfg.model).task, "class_names": list(ds.class_names),
-        "palette": [list(c) for c in ds.palette], "mean": list(ds.mean), "std": list(ds.std),
+        "palette": [list(c) for c in ds.palette], "input": spec.to_dict(),
         "dataset": cfg.dataset, "training": summary or {},
     }
 
@@ -392,59 +319,19 @@ STATE_KEYS = ("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_star
 
 def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None, state: dict) -> None:
-    """Weights, optimizer tensors, RNG states and JSON (param groups, scaler, counters) in one
-    safetensors file."""
-    opt = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    scalars = {}
-    for idx, st in opt["state"].items():
-        for name, value in st.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{idx}.{name}"] = value
-            else:
-                scalars[f"{idx}.{name}"] = value
+    """The counters of ``state`` (:data:`STATE_KEYS`) and its RNG snapshot, with the weights,
+    optimizer and scaler (:func:`pixelwise.checkpoint.save_train_state`)."""
     rng_tensors, rng_meta = state["rng"] if state.get("rng") else rng_snapshot()
-    tensors.update(rng_tensors)
-    meta = {**{k: state[k] for k in STATE_KEYS if k in state}, "param_groups": opt["param_groups"],
-            "optim_scalars": scalars, "rng": rng_meta,
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+    meta = {**{k: state[k] for k in STATE_KEYS if k in state}, "rng": rng_meta}
     if meta.get("best_score") == -math.inf:
         meta["best_score"] = None
-    atomic_save_tensors(tensors, path, {"pixelwise_train_state": json.dumps(meta)})
+    write_train_state(path, model, optimizer, scaler, rng_tensors, meta)
 
 
 def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None) -> dict:
     """Restore what :func:`save_train_state` wrote; -> the counters (``rng`` = (tensors, meta))."""
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise UserError(f"cannot resume: {path} not found (was this run started with this --out?)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["pixelwise_train_state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise UserError(f"cannot resume: {path} is not a pixelwise training state ({e})") from None
-    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    if weights:
-        model.load_state_dict(weights)
-    else:  # older runs kept the weights only in last.safetensors
-        from pixelwise.engine.checkpoint import read_checkpoint
-
-        model.load_state_dict(read_checkpoint(path.parent / "last.safetensors")[0])
-    opt_state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    for key, value in meta.pop("optim_scalars").items():
-        idx, name = key.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
-    scaler_state = meta.pop("scaler", None)
-    if scaler is not None and scaler.is_enabled() and scaler_state:
-        scaler.load_state_dict(scaler_state)
+    tensors, meta = read_train_state(path, model, optimizer, scaler)
     if meta.get("best_score") is None:
         meta["best_score"] = -math.inf
     rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
@@ -524,12 +411,10 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
     show = cfg.progress and info.is_main
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg)
-    if task == "instance":  # images arrive normalised by preprocess(); the model must not do it again
-        from pixelwise.engine.instance import instance_model_kwargs
-
-        cfg.model_kwargs = instance_model_kwargs(cfg.model_kwargs)
     model = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
                          **cfg.model_kwargs).to(device)
+    contract = input_contract(cfg, model, train_ds)
+    apply_contract(contract, train_ds, val_ds)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
@@ -557,7 +442,7 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
     if task == "instance":
         if cfg.class_weights not in ("none", "", None):
             raise UserError("class_weights applies to semantic models only; remove it for instance models")
-        from pixelwise.engine.instance import evaluate_instances as eval_instances
+        eval_instances = validate_instances
     else:
         eval_instances = None
         weights = class_weights_for(cfg, train_ds, out, log)
@@ -649,7 +534,8 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
                 state["rows"].append(row)
                 state["stage_stopped"] = stopped  # by the time budget: a resume moves on to the next stage
                 state["rng"] = rng_snapshot()
-                save_epoch(out, cfg, train_ds, module, optimizer, scaler, state, metrics, select, info.is_main)
+                save_epoch(out, cfg, train_ds, contract, module, optimizer, scaler, state, metrics, select,
+                           info.is_main)
                 shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
                                  if isinstance(v, float) and k not in ("lr", "img_per_s", "elapsed_s"))
                 log(f"epoch {epoch}: {shown} lr={row['lr']:.2e} {row['img_per_s']:.1f} img/s"
@@ -665,7 +551,7 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
         if info.is_main:
             state["elapsed_s"] = time.monotonic() - start
             summary = {"epoch": state["epoch"], "interrupted_after_batches": state["batch"]}
-            save_checkpoint(out / "last.safetensors", module, checkpoint_meta(cfg, train_ds, summary))
+            save_checkpoint(out / "last.safetensors", module, checkpoint_meta(cfg, train_ds, contract, summary))
             save_train_state(out / "last.state.safetensors", module, optimizer, scaler, state)
             where = f"epoch {state['epoch'] + 1} batch {state['batch']}" if state["batch"] else \
                 f"the end of epoch {state['epoch']}"
@@ -688,7 +574,7 @@ def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Calla
     return result
 
 
-def save_epoch(out: Path, cfg: TrainConfig, train_ds: SegmentationDataset, module: nn.Module,
+def save_epoch(out: Path, cfg: TrainConfig, train_ds: SegmentationDataset, spec: InputSpec, module: nn.Module,
                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict, metrics: dict,
                select: str, write: bool) -> None:
     """After an epoch: ``best`` (if ``metrics[select]`` improved), ``last``, the training state and
@@ -699,7 +585,7 @@ def save_epoch(out: Path, cfg: TrainConfig, train_ds: SegmentationDataset, modul
         state["best_score"], state["best_epoch"] = score, epoch
     if not write:
         return
-    meta = checkpoint_meta(cfg, train_ds, {"epoch": epoch, "val": metrics})
+    meta = checkpoint_meta(cfg, train_ds, spec, {"epoch": epoch, "val": metrics})
     if improved:
         save_checkpoint(out / "best.safetensors", module, meta)
     save_checkpoint(out / "last.safetensors", module, meta)
@@ -711,12 +597,12 @@ def run_validation(model: nn.Module, module: nn.Module, val_ds: SegmentationData
                    eval_instances, cfg: TrainConfig, device: torch.device, info: dist.DistInfo,
                    amp: str, show: bool) -> dict:
     """Semantic: every rank evaluates its shard, metrics reduced over ranks. Instance: rank 0
-    evaluates the whole split with ``engine.instance.evaluate_instances`` and shares the result."""
+    evaluates the whole split with ``validate_instances`` and shares the result."""
     dist.broadcast_module_state(module)  # BatchNorm statistics of rank 0, i.e. of the saved weights
     if eval_instances is None:
         loader = DataLoader(val_shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             collate_fn=eval_collate)
-        return evaluate(module, loader, val_ds.num_classes, device, list(val_ds.class_names), show, amp,
+        return validate_semantic(module, loader, val_ds.num_classes, device, list(val_ds.class_names), show, amp,
                         cfg.channels_last)
     metrics = None
     if info.is_main:

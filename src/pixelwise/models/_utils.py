@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelwise.backbones._common import load_matching, load_weights
+from pixelwise.weights import load_matching, read_weights
 
 
 class SimpleSegmentationModel(nn.Module):
@@ -39,10 +39,16 @@ class SimpleSegmentationModel(nn.Module):
         return {"out": out, "aux": aux}
 
 
-def forward_logits(model: nn.Module, images: Tensor) -> Tensor:
-    """The main logits of a semantic model, whether it returns a tensor or ``{"out": ...}``."""
+def model_outputs(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """A semantic model's outputs as ``{"out": logits[, "aux": logits]}``, whether it returns a
+    tensor or a dict."""
     out = model(images)
-    return out["out"] if isinstance(out, dict) else out
+    return out if isinstance(out, dict) else {"out": out}
+
+
+def forward_logits(model: nn.Module, images: Tensor) -> Tensor:
+    """The main logits ``Tensor[N, C, H, W]`` of a semantic model (:func:`model_outputs` ``["out"]``)."""
+    return model_outputs(model, images)["out"]
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
@@ -59,7 +65,7 @@ def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
 def load_model_weights(model: nn.Module, path: str, name: str) -> None:
     """Load a whole-model state dict from a local file into ``model`` (strict, torchvision keys).
     A checkpoint with an auxiliary classifier also loads into a model built without one."""
-    state = load_weights(path, url="")
+    state = read_weights(path)
     if getattr(model, "aux_classifier", None) is None:
         state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
     load_matching(model, state, f"{name}(pretrained={path!r})")

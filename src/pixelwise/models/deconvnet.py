@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pixelwise.backbones.vgg import VGG16_CFG, make_features
 from pixelwise.errors import UserError
-from pixelwise.models._utils import pad_to_multiple
+from pixelwise.models._utils import forward_logits, pad_to_multiple
 from pixelwise.models.registry import register_model
 from pixelwise.models.segnet import (
     DecoderStage,
@@ -185,8 +185,7 @@ def instance_wise_predict(model: nn.Module, image: Tensor, boxes: Tensor, crop_s
         chunk = crops[start:start + batch_size]
         batch = torch.stack([F.interpolate(_cut(image, *c)[None], size=(input_size, input_size),
                                            mode="bilinear", align_corners=False)[0] for c in chunk])
-        out = model(batch)
-        logits = (out["out"] if isinstance(out, dict) else out).float()
+        logits = forward_logits(model, batch).float()
         if scores is None:
             scores = logits.new_zeros(logits.shape[1], h, w)
         for (x0, y0, x1, y1), g in zip(chunk, logits):

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from pixelwise.models._utils import forward_logits
+
 __all__ = ["Ensemble", "edeconvnet"]
 
 
@@ -38,8 +40,7 @@ class Ensemble(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         logs = []
         for model, log_w in zip(self.members, self.log_weights):
-            out = model(x)
-            logits = out["out"] if isinstance(out, dict) else out
+            logits = forward_logits(model, x)
             logs.append(torch.log_softmax(logits.float(), dim=1) + log_w)
         return torch.logsumexp(torch.stack(logs), dim=0)
 

@@ -40,13 +40,13 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from pixelwise.backbones._common import load_matching, load_weights
 from pixelwise.backbones.resnet import IntermediateLayerGetter, resnet50, resnet101
 from pixelwise.backbones.vgg import URLS as VGG_URLS
 from pixelwise.backbones.vgg import VGG16_CFG, features_info, forward_stages, make_features
 from pixelwise.layers import BilinearUpsample
 from pixelwise.models._utils import SimpleSegmentationModel, crop_to, load_model_weights, pad_to_multiple
 from pixelwise.models.registry import register_model
+from pixelwise.weights import load_matching, read_weights
 
 __all__ = ["FCN", "FCNHead", "FCNVGG", "fcn8s", "fcn16s", "fcn32s", "fcn_resnet50", "fcn_resnet101",
            "vgg16_to_fcn"]
@@ -130,7 +130,7 @@ def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, **kwa
     model = FCNVGG(num_classes, output_stride, **kwargs)
     if pretrained is None:
         return model
-    state = load_weights(pretrained, VGG_URLS["vgg16"])
+    state = read_weights(pretrained, {"imagenet": VGG_URLS["vgg16"]})
     if "classifier.0.weight" in state:  # ImageNet VGG-16 weights (downloaded or a local copy)
         load_matching(model, vgg16_to_fcn(state), f"fcn{output_stride}s(pretrained={pretrained!r})",
                       optional=("score", "upscore"))

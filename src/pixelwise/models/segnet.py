@@ -13,7 +13,8 @@ back to where their max came from, zeros elsewhere), then conv+BN(+ReLU); a clas
   7x7 conv 64 + BN, *no ReLU*) decoder, 1x1 classifier; 1,416,587 parameters with 11 classes.
 - ``bayesian_segnet``: ``segnet`` plus dropout (p=0.5) after the three deepest encoder pools and
   at the end of the three deepest decoder stages ("central encoder-decoder",
-  ``bayesian_segnet_train.prototxt``: ``encdrop3-5``, ``decdrop5-3``); :func:`mc_predict` samples it.
+  ``bayesian_segnet_train.prototxt``: ``encdrop3-5``, ``decdrop5-3``); Monte-Carlo dropout
+  (:func:`pixelwise.inference.mc_dropout.mc_dropout`) samples it.
 
 ``decoder_upsample`` swaps index unpooling for unlearned alternatives (``"nearest"``, ``"zeros"``
 = fixed top-left position, ``"bilinear"``) to reproduce the spirit of the paper's Table 1.
@@ -33,12 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelwise.backbones._common import load_matching, load_weights
 from pixelwise.backbones.vgg import URLS, VGG16_CFG, make_features
 from pixelwise.errors import UserError
 from pixelwise.layers import max_unpool, upsample_nearest, upsample_zeros
 from pixelwise.models._utils import pad_to_multiple
 from pixelwise.models.registry import register_model
+from pixelwise.weights import load_matching, read_weights
 
 __all__ = [
     "UPSAMPLE_MODES",
@@ -48,7 +49,6 @@ __all__ = [
     "conv_bn",
     "crop_top_left",
     "encode",
-    "mc_predict",
     "mirror_channels",
     "segnet",
     "segnet_basic",
@@ -56,8 +56,6 @@ __all__ = [
 ]
 
 UPSAMPLE_MODES = ("indices", "nearest", "zeros", "bilinear")
-DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                 nn.FeatureAlphaDropout)
 
 
 # --------------------------------------------------------------------------- functions
@@ -169,7 +167,8 @@ class SegNet(nn.Module):
     ``features``: encoder (``nn.Sequential`` with P ``MaxPool2d``); ``decoder``: P stages, deepest
     first; ``classifier``: the last conv. ``dropout > 0`` puts ``nn.Dropout(dropout)`` after the
     ``dropout_stages`` deepest pools and after the first ``dropout_stages`` decoder stages
-    (Bayesian SegNet); it stays active only in train mode or under :func:`mc_predict`.
+    (Bayesian SegNet); it stays active only in train mode or under Monte-Carlo dropout
+    (:mod:`pixelwise.inference.mc_dropout`).
     """
 
     def __init__(self, features: nn.Sequential, decoder: Sequence[DecoderStage], classifier: nn.Module,
@@ -200,52 +199,6 @@ class SegNet(nn.Module):
         return crop_top_left(self.classifier(x), h, w)
 
 
-# --------------------------------------------------------------------------- MC dropout
-
-
-@torch.no_grad()
-def mc_predict(model: nn.Module, images: Tensor, samples: int = 8, measure: str = "variance"
-               ) -> tuple[Tensor, Tensor]:
-    """Monte Carlo dropout inference (Kendall et al.): average ``samples`` stochastic forward passes.
-
-    ``images``: ``Tensor[N, 3, H, W]`` (preprocessed). Only the model's dropout modules are put in
-    train mode; everything else (BatchNorm in particular) runs in eval mode; every module's mode is
-    restored afterwards, even on error. Returns ``mean_probs`` ``Tensor[N, C, H, W]`` (mean of the
-    per-sample softmax) and ``uncertainty`` ``Tensor[N, H, W]``:
-    ``measure="variance"`` (the paper's): per-class variance of the sampled softmax, averaged over
-    classes; ``measure="entropy"``: predictive entropy ``-sum_c p_c log p_c`` of ``mean_probs`` (nats).
-    Raises :class:`UserError` if the model has no dropout (its samples would all be equal).
-    """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    if measure not in ("variance", "entropy"):
-        raise ValueError(f"measure must be 'variance' or 'entropy', got {measure!r}")
-    dropouts = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES)]
-    if not dropouts:
-        raise UserError(f"{type(model).__name__} has no dropout layers, so MC-dropout uncertainty is "
-                        "undefined; use a model with dropout such as bayesian_segnet")
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    for m in dropouts:
-        m.train()
-    try:
-        total = sq_total = None
-        for _ in range(samples):
-            out = model(images)
-            probs = (out["out"] if isinstance(out, dict) else out).float().softmax(dim=1)
-            total = probs if total is None else total + probs
-            sq_total = probs * probs if sq_total is None else sq_total + probs * probs
-    finally:
-        for m, training in modes:
-            m.training = training
-    mean = total / samples
-    if measure == "variance":
-        uncertainty = (sq_total / samples - mean * mean).clamp_min(0).mean(dim=1)
-    else:
-        uncertainty = -(mean * mean.clamp_min(1e-12).log()).sum(dim=1)
-    return mean, uncertainty
-
-
 # --------------------------------------------------------------------------- builders
 
 
@@ -265,7 +218,7 @@ def load_vgg_features(features: nn.Sequential, pretrained: str, name: str = "vgg
     """Load torchvision-format VGG weights (``"imagenet"`` -> download, or a local path) into
     ``features`` from the ``features.*`` keys; returns the whole state dict for callers that also
     want ``classifier.*`` (DeconvNet's fc6/fc7)."""
-    state = load_weights(pretrained, URLS[name])
+    state = read_weights(pretrained, {"imagenet": URLS[name]})
     feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     load_matching(features, feats, f"{name}(pretrained={pretrained!r}) features")
     return state
@@ -303,7 +256,8 @@ def segnet(num_classes: int, pretrained: str | None = None, decoder_upsample: st
 def bayesian_segnet(num_classes: int, pretrained: str | None = None, decoder_upsample: str = "indices",
                     dropout: float = 0.5) -> SegNet:
     """Bayesian SegNet: :func:`segnet` with ``dropout`` after pools 3-5 and decoder stages 5-3.
-    Sample it with :func:`mc_predict`; a plain eval-mode forward is the deterministic
+    Sample it with ``pixelwise predict --mc-samples N`` (:mod:`pixelwise.inference.mc_dropout`); a plain
+    eval-mode forward is the deterministic
     "weight averaging" prediction."""
     if not 0 < dropout < 1:
         raise ValueError(f"dropout must be in (0, 1), got {dropout}")

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.models.registry import register_model
+from pixelwise.weights import load_matching, read_weights
 
 DEPTH = 4  # number of 2x2 poolings
 
@@ -152,9 +153,7 @@ def unet(num_classes: int, pretrained: str | None = None, **kwargs) -> UNet:
     """U-Net as in the paper; kwargs: in_channels, base_channels, padding, batch_norm, dropout."""
     model = UNet(num_classes, **kwargs)
     if pretrained:
-        from pixelwise.engine.checkpoint import load_weights_into
-
-        load_weights_into(model, pretrained)
+        load_matching(model, read_weights(pretrained), f"unet(pretrained={pretrained!r})")
     return model
 
 

@@ -13,12 +13,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from pixelwise import ops
 from pixelwise.backbones import FrozenBatchNorm2d, IntermediateLayerGetter, resnet18, resnet50
-from pixelwise.backbones._common import load_matching, load_weights
 from pixelwise.errors import UserError
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator
 from pixelwise.models.maskrcnn.fpn import BackboneWithFPN, FeaturePyramidNetwork
@@ -34,6 +32,7 @@ from pixelwise.models.maskrcnn.roi_heads import (
 from pixelwise.models.maskrcnn.rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig, paste_masks_in_image
 from pixelwise.models.registry import register_model
+from pixelwise.weights import load_matching, read_weights
 
 __all__ = [
     "AnchorGenerator",
@@ -159,10 +158,7 @@ def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -
     """``"coco"`` or a path to a full Mask R-CNN state dict (torchvision layout, with or without
     ``num_batches_tracked``) -> loaded into ``model``; with ``num_classes != 91`` the
     class-specific layers keep their initialisation (fine-tuning)."""
-    if pretrained == "coco":
-        state = torch.hub.load_state_dict_from_url(COCO_URL, progress=True, map_location="cpu", weights_only=True)
-    else:
-        state = load_weights(pretrained, COCO_URL)
+    state = read_weights(pretrained, {"coco": COCO_URL})
     optional = CLASS_SPECIFIC if num_classes != COCO_NUM_CLASSES else ()
     load_matching(model, state, f"maskrcnn(pretrained={pretrained!r})", optional=optional)
     if pretrained == "coco":

@@ -73,6 +73,16 @@ class MaskRCNN(nn.Module):
         self.roi_heads = roi_heads
         self._register_load_state_dict_pre_hook(self._fill_num_batches_tracked)
 
+    @property
+    def normalizes_input(self) -> bool:
+        """Whether the model subtracts ``image_mean`` and divides by ``image_std`` itself (its
+        input contract then hands it values in [0, 1]; see :class:`pixelwise.preprocess.InputSpec`)."""
+        return self.transform.config.normalize
+
+    @property
+    def input_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return tuple(self.transform.config.image_mean), tuple(self.transform.config.image_std)
+
     def _fill_num_batches_tracked(self, state_dict: dict, prefix: str, *args) -> None:
         """Accept torchvision's published layout (FrozenBatchNorm2d, no ``num_batches_tracked``)
         in a model whose backbone has trainable BatchNorm: the missing counters start at 0."""

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pixelwise.errors import UserError
+
 
 def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semantic") -> float | None:
     """FLOPs (multiply and add counted separately) of one forward pass on a ``1x3xHxW`` input.
@@ -113,8 +115,6 @@ def _cpu_has_bf16() -> bool:
 
 def _onnx_runner(model: nn.Module, x: torch.Tensor):
     import io
-
-    from pixelwise.errors import UserError
 
     try:
         import onnxruntime as ort

@@ -1,0 +1,216 @@
+"""Checkpoints: one ``.safetensors`` file, weights plus JSON metadata in its header.
+
+The metadata holds the model name and kwargs, the task, class names and palette, a training
+summary, the pixelwise version and the **input contract** (``"input"``, an
+:class:`~pixelwise.preprocess.InputSpec`: normalisation, whether the model normalises itself,
+the size it was trained at, input channels). ``load_checkpoint`` rebuilds the model from the
+file alone and every inference path reads the contract with :func:`input_spec_from_meta`.
+
+Training state for resume (optimizer, grad scaler, RNG states, counters) is a second
+safetensors file beside the checkpoint, written by :func:`save_train_state`.
+
+Every write goes to a temporary file in the same folder, is fsynced and renamed, so a crash never
+leaves a half-written file; the result gets the user's umask permissions. Nothing here ever
+unpickles: foreign weights are read by :mod:`pixelwise.weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from pixelwise._version import __version__
+from pixelwise.errors import UserError
+from pixelwise.models import create_model, model_info
+from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+
+FORMAT = "pixelwise-checkpoint/1"
+_PICKLE_SUFFIXES = {".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, fsync, give it the permissions a
+    plain ``open()`` would (0666 minus the umask), then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                        metadata: dict[str, str] | None = None) -> None:
+    """safetensors ``save_file``, atomically (see :func:`atomic_write`)."""
+    cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def model_input_spec(model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     resize: tuple[int, int] | None = None) -> InputSpec:
+    """The input contract of ``model`` as built: a model that normalises its own input
+    (``model.normalizes_input``, Mask R-CNN) gets values in [0, 1] and states its own mean/std;
+    ``model.in_channels`` (default 3) sets the channels."""
+    if getattr(model, "normalizes_input", False):
+        mean, std = model.input_mean_std
+        return InputSpec(mean=tuple(mean), std=tuple(std), normalize=False, resize=resize)
+    return InputSpec.for_channels(int(getattr(model, "in_channels", 3)), tuple(mean), tuple(std), resize=resize)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
+    """Write ``model``'s weights and ``meta`` (JSON-serialisable; must hold ``model`` and
+    ``num_classes``, usually also ``model_kwargs class_names palette``). Without an ``input``
+    contract one is derived from the model (and ``meta``'s ``mean``/``std`` if given)."""
+    for key in ("model", "num_classes"):
+        if key not in meta:
+            raise ValueError(f"checkpoint metadata needs {key!r}")
+    meta = {"format": FORMAT, "pixelwise_version": __version__, "task": model_info(meta["model"]).task, **meta}
+    if "input" not in meta:
+        spec = model_input_spec(model, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))
+        meta["input"] = spec.to_dict()
+    atomic_save_tensors(model.state_dict(), path, {"pixelwise": json.dumps(meta)})
+
+
+def input_spec_from_meta(meta: dict, model: nn.Module | None = None) -> InputSpec:
+    """The checkpoint's input contract. Checkpoints written before it existed carry only ``mean``
+    and ``std``; whether their model normalises itself is then read off the ``model``."""
+    if "input" in meta:
+        return InputSpec.from_dict(meta["input"])
+    mean, std = tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
+    return model_input_spec(model, mean, std) if model is not None else InputSpec(mean=mean, std=std)
+
+
+def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
+    """Raise UserError unless ``path`` looks like a safetensors file (never unpickles)."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    looks_ok = len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8
+    if looks_ok:
+        return
+    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
+        raise UserError(
+            f"{path} is a pickle/PyTorch file, which pixelwise never loads as a checkpoint (it can run "
+            "code); use a pixelwise .safetensors checkpoint, or import trusted weights with "
+            "--pretrained PATH (read with torch.load(weights_only=True))")
+    raise UserError(f"{path} is not a safetensors {what} (bad header); was it truncated?")
+
+
+def _read(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON metadata under ``key``) of a safetensors file, every failure one UserError."""
+    _check_safetensors_file(path, what)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} could not be read as safetensors ({e}); was it truncated?") from None
+    if key not in header:
+        raise UserError(f"{path} is a safetensors file but not a pixelwise {what} (no {key!r} metadata)")
+    try:
+        meta = json.loads(header[key])
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: its {what} metadata is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: its {what} metadata is not a JSON object; the file is damaged")
+    return tensors, meta
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (state dict, metadata) of a pixelwise checkpoint, validated."""
+    path = Path(path)
+    state, meta = _read(path, "pixelwise", "checkpoint")
+    for key in ("model", "num_classes"):
+        if key not in meta:
+            raise UserError(f"{path}: checkpoint metadata lacks {key!r}; the file is damaged")
+    return state, meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model from a checkpoint. Returns ``(model in eval mode, metadata)``; the
+    metadata's ``input`` is the input contract (filled in for older checkpoints)."""
+    state, meta = read_checkpoint(path)
+    try:
+        model = create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: cannot rebuild model {meta.get('model')!r} ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit model {meta['model']!r} "
+                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    meta.setdefault("task", model_info(meta["model"]).task)
+    meta["input"] = input_spec_from_meta(meta, model).to_dict()
+    return model.to(device).eval(), meta
+
+
+# --- training state -------------------------------------------------------------------------------
+def save_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """One safetensors file with everything a resume needs: the weights (``model.*``), the
+    optimizer's tensors (``optim.<param>.<name>``) and its other values and param groups, the
+    grad scaler, plus the caller's ``tensors`` (e.g. RNG states) and JSON ``meta`` (counters)."""
+    opt = optimizer.state_dict()
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    scalars = {}
+    for idx, st in opt["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                out[f"optim.{idx}.{name}"] = value
+            else:
+                scalars[f"{idx}.{name}"] = value
+    out.update(tensors)
+    header = {**meta, "param_groups": opt["param_groups"], "optim_scalars": scalars,
+              "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+    atomic_save_tensors(out, path, {"pixelwise_train_state": json.dumps(header)})
+
+
+def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Restore what :func:`save_train_state` wrote into ``model``, ``optimizer`` and ``scaler``;
+    -> (the caller's tensors, the caller's meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"cannot resume: {path} not found (was this run started with this --out?)")
+    tensors, meta = _read(path, "pixelwise_train_state", "training state")
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    if weights:
+        model.load_state_dict(weights)
+    else:  # older runs kept the weights only in last.safetensors
+        model.load_state_dict(read_checkpoint(path.parent / "last.safetensors")[0])
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.pop("optim_scalars").items():
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+    scaler_state = meta.pop("scaler", None)
+    if scaler is not None and scaler.is_enabled() and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    rest = {k: v for k, v in tensors.items() if not k.startswith(("model.", "optim."))}
+    return rest, meta

@@ -1,0 +1,44 @@
+"""Mixed precision: which autocast dtype a run uses, and the context that applies it."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from pixelwise.errors import UserError
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
+    """``--amp`` -> (off | bf16 | fp16, why). ``auto``: CUDA -> bf16 where the GPU supports it,
+    else fp16 (with a gradient scaler); CPU -> bf16 only with AMX tiles (``amx_bf16``), where
+    oneDNN's bf16 convolutions are clearly faster, else off (on AVX-512-BF16 CPUs without AMX
+    the gain was unreliable in our measurements, see docs/training.md)."""
+    if mode == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or --amp off")
+    if mode != "auto":
+        return mode, "as asked"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: CUDA with bf16 support"
+        return "fp16", "auto: CUDA without bf16, fp16 with gradient scaling"
+    if "amx_bf16" in cpu_flags():
+        return "bf16", "auto: CPU with AMX bf16"
+    return "off", "auto: CPU without AMX, float32 is faster"
+
+
+def autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if mode == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)

@@ -1,0 +1,103 @@
+"""Validation during training: a model on the validation loader, after every epoch.
+
+Semantic models are scored exactly as ``pixelwise eval`` scores a checkpoint: the images arrive
+through the model's input contract (``preprocess``, which may resize them), the probabilities are
+brought back to each label mask's full resolution (:func:`pixelwise.inference.predictor.upsample_probs`)
+and the metrics come from one confusion matrix. Instance models get COCO box and mask AP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pixelwise.coco_eval import coco_evaluate
+from pixelwise.data import SegmentationDataset, collate
+from pixelwise.engine import distributed as dist
+from pixelwise.engine.precision import autocast
+from pixelwise.inference.predictor import upsample_probs
+from pixelwise.metrics import ConfusionMeter
+from pixelwise.models import forward_logits
+from pixelwise.sample import IGNORE_INDEX
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and k == "image" and v.ndim == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+            out[k] = v
+        elif k == "target":
+            out[k] = [{kk: vv.to(device) for kk, vv in t.items()} for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def eval_collate(batch: list[dict]) -> list[dict]:
+    """Stack when all images and masks have one size each, else one batch per image (VOC-style
+    varied sizes; a resizing input contract gives equal images but masks of the original sizes)."""
+    if len({(tuple(b["image"].shape), tuple(b["mask"].shape)) for b in batch}) == 1:
+        return [collate(batch)]
+    return [collate([b]) for b in batch]
+
+
+@torch.no_grad()
+def validate_semantic(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device,
+                      class_names: list[str] | None = None, show: bool = True, amp: str = "off",
+                      channels_last: bool = False) -> dict:
+    """Validation loss (unweighted cross-entropy of the full-resolution probabilities) and the
+    confusion-matrix metrics. Batches may be dicts or lists of dicts (:func:`eval_collate`). Under
+    torchrun each rank passes its own shard and the sums are reduced over ranks."""
+    model.eval()
+    meter = ConfusionMeter(num_classes)
+    loss_sum, n = 0.0, 0
+    for group in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
+        for batch in group if isinstance(group, list) else [group]:
+            batch = to_device(batch, device, channels_last)
+            with autocast(amp, device):
+                logits = forward_logits(model, batch["image"])
+            probs = upsample_probs(F.softmax(logits.float(), 1), batch["mask"].shape[-2:])
+            loss = F.nll_loss(probs.clamp_min(1e-12).log(), batch["mask"], ignore_index=IGNORE_INDEX)
+            if torch.isfinite(loss):  # nan when every pixel of the batch is ignored
+                loss_sum += loss.item() * len(probs)
+            n += len(probs)
+            meter.update(probs.argmax(1), batch["mask"])
+    if dist.active():
+        cm = dist.all_reduce_sum(meter.cm.to(device)).cpu()
+        meter.cm.copy_(cm)
+        sums = dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=device))
+        loss_sum, n = sums[0].item(), int(sums[1].item())
+    metrics = meter.compute(class_names)
+    metrics["loss"] = loss_sum / max(n, 1)
+    metrics["num_images"] = n
+    return metrics
+
+
+def _to_cpu(d: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in d.items()}
+
+
+@torch.no_grad()
+def validate_instances(model: nn.Module, loader: Iterable, dataset: SegmentationDataset,
+                       device: torch.device, show: bool = True) -> dict:
+    """Validation loss (the losses' sum, same call as in training) and COCO box/mask AP."""
+    model.eval()
+    predictions, targets = [], []
+    loss_sum, n = 0.0, 0
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
+        images = [im.to(device) for im in batch["image"]]
+        batch_targets = [{k: v.to(device) for k, v in t.items()} for t in batch["target"]]
+        loss_sum += float(sum(model(images, batch_targets).values())) * len(images)
+        n += len(images)
+        predictions += [_to_cpu(p) for p in model(images)]
+        targets += [_to_cpu(t) for t in batch["target"]]
+    metrics = coco_evaluate(predictions, targets, class_ids=range(1, dataset.num_classes))
+    metrics["loss"] = loss_sum / max(n, 1)
+    return metrics

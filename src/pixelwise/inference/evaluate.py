@@ -1,0 +1,100 @@
+"""``pixelwise eval``: a checkpoint on a dataset split, image by image through the same predictor
+that ``predict`` uses, so the metrics equal those computed from the masks ``predict`` writes
+(``tests/test_eval_consistency.py``).
+
+Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (confusion matrix,
+see :mod:`pixelwise.metrics`), ``bf_score`` (SegNet's boundary F1; ``bf=False`` skips it) and,
+for data whose class ``rand_foreground`` holds the objects (``isbi2012``'s cells), ``pixel_error
+rand_error rand_precision rand_recall`` (ISBI 2012 challenge definitions) and ``rand_error_best
+rand_best_threshold`` (the challenge's form: the best Rand F over probability thresholds 0.0,
+0.1, ..., 0.9). Instance keys: COCO ``mask_AP mask_AP50 mask_AP75 box_AP`` and the rest.
+Definitions: docs/metrics.md. Every result also records the ``input`` contract it was scored with.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from pixelwise.coco_eval import coco_evaluate
+from pixelwise.data import SegmentationDataset, build_dataset
+from pixelwise.errors import UserError
+from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
+from pixelwise.metrics import BFMeter, ConfusionMeter, RandMeter, ThresholdRandMeter, pixel_error
+from pixelwise.sample import Sample
+
+
+def sample_target(sample: Sample) -> dict[str, torch.Tensor]:
+    """Ground-truth instances of a raw sample as tensors (masks bool[K, H, W])."""
+    return {"boxes": torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.as_tensor(sample.instance_labels, dtype=torch.int64),
+            "masks": torch.as_tensor(sample.instance_masks, dtype=torch.bool)}
+
+
+def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool = True,
+                      bf: bool = True) -> dict:
+    """Confusion-matrix metrics (+ BF score, + ISBI errors where ``ds.rand_foreground`` is set) of
+    the predictor's masks against each image's full-resolution labels."""
+    if ds.num_classes != predictor.meta.get("num_classes", ds.num_classes):
+        raise UserError(f"the checkpoint predicts {predictor.meta['num_classes']} classes but the data has "
+                        f"{ds.num_classes}; evaluate on the dataset it was trained for")
+    meter = ConfusionMeter(ds.num_classes)
+    bf_meter = BFMeter(ds.num_classes) if bf else None
+    fg = ds.rand_foreground
+    rand_meter = RandMeter(foreground=fg) if fg is not None else None
+    best_rand_meter = ThresholdRandMeter(foreground=fg) if fg is not None else None  # the challenge's form
+    for i in tqdm(range(len(ds)), desc="eval", disable=not progress, dynamic_ncols=True):
+        sample = ds.load(i)
+        prediction = predictor.predict(sample.image)
+        meter.update(torch.from_numpy(prediction.mask), torch.from_numpy(sample.mask))
+        if bf_meter is not None:
+            bf_meter.update(prediction.mask, sample.mask)
+        if rand_meter is not None and best_rand_meter is not None and fg is not None:
+            rand_meter.update(prediction.mask, sample.mask)
+            best_rand_meter.update(prediction.probs[fg].numpy(), sample.mask)
+    metrics = meter.compute(list(ds.class_names))
+    if bf_meter is not None:
+        bf_result = bf_meter.compute()
+        metrics["bf_score"] = bf_result["bf_score"]
+        for row, value in zip(metrics["per_class"], bf_result["per_class_bf"]):
+            row["bf"] = value
+    if rand_meter is not None and best_rand_meter is not None:
+        metrics["pixel_error"] = pixel_error(meter.cm)
+        metrics.update(rand_meter.compute())
+        best = best_rand_meter.compute()
+        metrics["rand_error_best"], metrics["rand_best_threshold"] = best["rand_error"], best["threshold"]
+    metrics["num_images"] = len(ds)
+    return metrics
+
+
+def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, progress: bool = True) -> dict:
+    """COCO AP of the predictor's detections (all scores) over a dataset split."""
+    predictions, targets = [], []
+    for i in tqdm(range(len(ds)), desc="eval", disable=not progress, dynamic_ncols=True):
+        sample = ds.load(i)
+        predictions.append(predictor.predict(sample.image))
+        targets.append(sample_target(sample))
+    return coco_evaluate(predictions, targets, class_ids=range(1, ds.num_classes))
+
+
+def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: str = "val", *,
+                        device: str = "cpu", dataset_kwargs: dict | None = None, progress: bool = True,
+                        bf: bool = True, resize: tuple[int, int] | None = None, native_size: bool = False,
+                        **options) -> dict:
+    """Metrics of ``checkpoint`` on ``dataset``/``split`` (keys: module docstring).
+
+    bf: also compute the boundary F1 score (about 0.1-0.3 s per 360x480 image on a CPU).
+    resize / native_size: override the checkpoint's input size (see
+    :meth:`Predictor.from_checkpoint`); ``options`` (tile, overlap, tta, mc_samples) go to the
+    semantic predictor."""
+    ds = build_dataset(dataset, data, split, **(dataset_kwargs or {}))
+    # score_thresh 0: AP ranks every detection (it does not apply to semantic models)
+    predictor = Predictor.from_checkpoint(checkpoint, device, resize=resize, native_size=native_size,
+                                          score_thresh=0.0, **options)
+    if isinstance(predictor, InstancePredictor):
+        metrics = evaluate_instances(predictor, ds, progress)
+    else:
+        assert isinstance(predictor, SemanticPredictor)
+        metrics = evaluate_semantic(predictor, ds, progress, bf)
+    metrics["input"] = predictor.input_spec.to_dict()
+    return metrics

@@ -1,0 +1,78 @@
+"""Monte-Carlo dropout (Gal & Ghahramani, ICML 2016; used by Bayesian SegNet, Kendall et al.,
+BMVC 2017, arXiv:1511.02680) for any model with dropout layers.
+
+A plain eval-mode forward is the deterministic "weight averaging" prediction; :func:`mc_dropout`
+instead averages ``samples`` forward passes with only the dropout layers in train mode (BatchNorm
+and everything else stay in eval mode) and reports an uncertainty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from pixelwise.errors import UserError
+from pixelwise.models import forward_logits
+
+
+def dropout_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's dropout modules with a non-zero rate (every ``nn.Dropout*`` and alpha dropout)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+
+
+def has_dropout(model: nn.Module) -> bool:
+    return bool(dropout_layers(model))
+
+
+@contextlib.contextmanager
+def dropout_sampling(model: nn.Module) -> Iterator[None]:
+    """Inside: the model in eval mode except its dropout layers, which sample. Every module's
+    mode is restored on exit, also on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    for m in dropout_layers(model):
+        m.train()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def predictive_entropy(probs: Tensor, dim: int = 1) -> Tensor:
+    """``-sum_c p_c log p_c`` over ``dim`` (nats); 0 for a one-hot distribution."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=dim)
+
+
+@torch.no_grad()
+def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str = "variance"
+               ) -> tuple[Tensor, Tensor]:
+    """Average ``samples`` stochastic forward passes of a semantic model.
+
+    ``images``: ``Tensor[N, C, H, W]`` (preprocessed). Returns ``mean_probs`` ``Tensor[N, K, H, W]``
+    (mean of the per-sample softmax) and ``uncertainty`` ``Tensor[N, H, W]``:
+    ``measure="variance"`` (Bayesian SegNet's): the per-class variance of the sampled softmax,
+    averaged over classes; ``"entropy"``: :func:`predictive_entropy` of ``mean_probs``.
+    Raises :class:`UserError` if the model has no dropout (its samples would all be equal).
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if measure not in ("variance", "entropy"):
+        raise ValueError(f"measure must be 'variance' or 'entropy', got {measure!r}")
+    if not has_dropout(model):
+        raise UserError(f"{type(model).__name__} has no dropout layers, so Monte-Carlo dropout is undefined; "
+                        "use a model with dropout such as bayesian_segnet")
+    total = sq_total = torch.zeros(())
+    with dropout_sampling(model):
+        for _ in range(samples):
+            probs = forward_logits(model, images).float().softmax(dim=1)
+            total = total + probs
+            sq_total = sq_total + probs * probs
+    mean = total / samples
+    if measure == "variance":
+        return mean, (sq_total / samples - mean * mean).clamp_min(0).mean(dim=1)
+    return mean, predictive_entropy(mean, dim=1)

@@ -1,0 +1,123 @@
+"""The input contract: how an image becomes a model input, the same way everywhere.
+
+A checkpoint records an :class:`InputSpec` (normalisation, whether the model normalises itself,
+the size it was trained at, input channels). :func:`preprocess` applies it, and it is the only
+place where an image becomes a model input: training validation, ``eval``, ``predict``, export
+and the web server all call it, so they see the same pixels. Training augmentation resizes with
+the same :func:`resize_image` / :func:`resize_labels` before its random crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from pixelwise.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L")
+
+
+def _luma(rgb: tuple[float, ...]) -> tuple[float]:
+    return (sum(w * v for w, v in zip(LUMA, rgb)),)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects of its input (the checkpoint's ``input`` metadata).
+
+    mean, std: per channel, on pixel values scaled to [0, 1] (``channels`` entries each).
+    normalize: True: :func:`preprocess` subtracts ``mean`` and divides by ``std``; False: the
+    model normalises its own input (Mask R-CNN) and receives values in [0, 1].
+    resize: ``(h, w)`` the model was trained at, or None for the image's own size; predictions
+    are brought back to the input's size.
+    channels: 3 (RGB) or 1 (luminance of the RGB image).
+    """
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    normalize: bool = True
+    resize: tuple[int, int] | None = None
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise UserError(f"input channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise UserError(f"input mean and std need {self.channels} value(s) each, got {self.mean} and {self.std}")
+        if not all(s > 0 for s in self.std):
+            raise UserError(f"input std must be positive, got {self.std}")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
+            raise UserError(f"input resize must be (height, width) in pixels, got {self.resize}")
+
+    @classmethod
+    def for_channels(cls, channels: int, mean: tuple[float, ...] = IMAGENET_MEAN,
+                     std: tuple[float, ...] = IMAGENET_STD, **kwargs) -> InputSpec:
+        """RGB statistics turned into ``channels`` entries (their luminance for one channel)."""
+        if channels == 1 and len(mean) == 3:
+            mean, std = _luma(mean), _luma(std)
+        return cls(mean=tuple(mean), std=tuple(std), channels=channels, **kwargs)
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "normalize": self.normalize,
+                "resize": list(self.resize) if self.resize else None, "channels": self.channels}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InputSpec:
+        try:
+            resize = d.get("resize")
+            return cls(mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
+                       normalize=bool(d.get("normalize", True)),
+                       resize=(int(resize[0]), int(resize[1])) if resize else None,
+                       channels=int(d.get("channels", 3)))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"bad input contract {d!r} ({e})") from None
+
+    def describe(self) -> str:
+        size = f"resize to {self.resize[0]}x{self.resize[1]}" if self.resize else "native size"
+        norm = "normalised here" if self.normalize else "the model normalises"
+        return f"{size}, {self.channels} channel(s), {norm}"
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8[H, W, C] -> uint8[h, w, C], bilinear (OpenCV ``INTER_LINEAR``, half-pixel centres,
+    no antialiasing: what training augmentation and every inference path use)."""
+    h, w = int(size[0]), int(size[1])
+    if image.shape[:2] == (h, w):
+        return image
+    return cv2.resize(np.ascontiguousarray(image), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Any [H, W] or [H, W, K] label/weight array -> [h, w(, K)], nearest neighbour (no new values)."""
+    h, w = int(size[0]), int(size[1])
+    if labels.shape[:2] == (h, w):
+        return labels
+    return cv2.resize(np.ascontiguousarray(labels), (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def to_tensor(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
+    """uint8[H, W, 3] RGB -> float32 Tensor[spec.channels, H, W] in [0, 1], normalised when
+    ``spec.normalize`` (no resizing; training augmentation has resized already)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"preprocess expects uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
+    t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
+    if spec.channels == 1:
+        t = torch.tensordot(torch.tensor(LUMA), t, dims=1)[None]
+    if spec.normalize:
+        m = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+        s = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+        t = t.sub_(m).div_(s)
+    return t
+
+
+def preprocess(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
+    """The input contract applied: uint8[H, W, 3] RGB -> float32 Tensor[C, h, w], resized to
+    ``spec.resize`` (bilinear) if set, scaled to [0, 1], normalised unless the model does it."""
+    if spec.resize is not None:
+        image = resize_image(image, spec.resize)
+    return to_tensor(image, spec)

@@ -1,0 +1,100 @@
+"""The one reader of weights that come from elsewhere, and the strict loader that fits them.
+
+:func:`read_weights` takes either a tag naming published weights (``"imagenet"``, ``"coco"``;
+downloaded once into the torch hub cache, hash-checked where the file name carries one) or a
+path to a local file: ``.safetensors`` (a pixelwise checkpoint included: its tensors are the
+weights), or a ``.pth``/``.pt``/``.bin`` read with ``torch.load(weights_only=True)``, which never
+runs code. Nothing here unpickles anything else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from pixelwise.errors import UserError
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's rule: name-<sha256 prefix>.ext
+
+
+def url_has_hash(url: str) -> bool:
+    """Whether the file name of ``url`` carries a SHA-256 prefix that torch.hub can check."""
+    return bool(_HASH_IN_NAME.search(Path(urlparse(url).path).name))
+
+
+def download_weights(url: str) -> dict[str, Tensor]:
+    """The state dict at ``url``, downloaded once into the torch hub cache (hash-checked when the
+    file name carries one; a failed or corrupt download leaves nothing behind)."""
+    try:
+        return torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu", weights_only=True,
+                                                  check_hash=url_has_hash(url))
+    except (OSError, RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"could not download weights from {url} ({reason}); download the file yourself and "
+                        "pass its path instead") from None
+
+
+def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+    """A state dict from a tag in ``urls`` (downloaded) or from a local file.
+
+    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is unwrapped. Raises UserError for a
+    missing, unreadable or non-tensor file, naming it."""
+    urls = urls or {}
+    if isinstance(source, str) and source in urls:
+        return download_weights(urls[source])
+    path = Path(source)
+    if not path.is_file():
+        tags = f"one of {', '.join(sorted(urls))} or " if urls else ""
+        raise UserError(f"weights {str(source)!r} not found: pass {tags}the path of a .safetensors/.pth file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path} could not be read as safetensors ({e}); was it truncated?") from None
+    if path.suffix not in TORCH_SUFFIXES:
+        raise UserError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors, .pth, .pt or .bin")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad or unsafe files
+        text = str(e)
+        reason = ("it holds Python objects besides tensors, which pixelwise never unpickles"
+                  if "Weights only load failed" in text else (text.splitlines()[0][:200] or type(e).__name__))
+        raise UserError(f"{path} is not a plain weights file torch can load safely (weights_only=True): "
+                        f"{reason}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_matching(model: torch.nn.Module, state: Mapping[str, Tensor], where: str,
+                  optional: tuple[str, ...] = ()) -> None:
+    """``model.load_state_dict(state, strict=True)`` except that keys starting with a prefix in
+    ``optional`` may be absent from ``state`` or have another shape (a classifier with another
+    number of classes); those keep their fresh initialisation. Mismatches raise :class:`UserError`."""
+    own = model.state_dict()
+    state = dict(state)
+    for key in list(state):
+        if key.startswith(optional) and key in own and own[key].shape != state[key].shape:
+            del state[key]
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{where}: weight {k} has shape {tuple(state[k].shape)}, the model needs "
+                        f"{tuple(own[k].shape)}; check the model name and its arguments")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(optional)]
+    if missing or unexpected:
+        raise UserError(f"{where}: weights do not fit {type(model).__name__}: missing {missing[:3]}"
+                        f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                        f"{'...' if len(unexpected) > 3 else ''}")
