@@ -226,3 +226,63 @@ def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
     assert got["rand_error_best"] <= got["rand_error"] + 1e-12  # 0.5 is among the thresholds
     for key in ("pixel_acc", "mIoU", "bf_score"):
         _assert_close(got[key], want[key])
+
+
+def test_a_model_trained_at_a_smaller_size_predicts_evaluates_and_validates_alike(tmp_path):
+    """The input contract: a model trained with ``augment.resize`` records that size; ``predict``
+    runs it there and brings the probabilities back to each image's size, ``eval`` scores those
+    masks exactly (numpy over predict's PNGs), and training validation gave the same numbers."""
+    import cv2
+    import yaml
+
+    from pixelwise import load_checkpoint
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "data"
+    _folder_tree(root, rng, [(40, 56), (37, 61), (48, 48), (45, 60)])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": "unet", "dataset": "folder", "data": str(root), "out": str(tmp_path / "run"), "epochs": 2,
+        "batch_size": 2, "lr": 0.01, "amp": "off", "train_split": "all", "val_split": "all", "progress": False,
+        "model_kwargs": KW, "augment": {"resize": [24, 32], "flip": False, "jitter": False}}))
+    assert main(["train", "--config", str(recipe)]) == 0
+    ckpt = tmp_path / "run" / "last.safetensors"
+    model, meta = load_checkpoint(ckpt)
+    assert meta["input"]["resize"] == [24, 32]
+
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), str(root / "images"), "--out", str(out), "--no-progress"]) == 0
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "folder", "--data", str(root), "--split", "all",
+                 "--json", str(report), "--no-progress"]) == 0
+    got = json.loads(report.read_text())
+    assert got["input"]["resize"] == [24, 32]
+
+    stems = sorted(p.stem for p in (root / "images").glob("*.png"))
+    mean, std = np.array(meta["input"]["mean"]), np.array(meta["input"]["std"])
+    differs = 0
+    for s in stems:  # predict's masks, recomputed by hand: resize, normalise, model, upsample, argmax
+        image = np.array(Image.open(root / "images" / f"{s}.png").convert("RGB"))
+        h, w = image.shape[:2]
+
+        def by_hand(img, size=(h, w)):
+            x = torch.from_numpy(((img / 255.0 - mean) / std).transpose(2, 0, 1)).float()[None]
+            with torch.no_grad():
+                p = torch.softmax(model(x), 1)
+            return torch.nn.functional.interpolate(p, size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+
+        small = cv2.resize(image, (32, 24), interpolation=cv2.INTER_LINEAR)
+        mask = np.array(Image.open(out / f"{s}.png"))
+        assert mask.shape == (h, w)
+        np.testing.assert_array_equal(mask, by_hand(small).numpy())
+        differs += int((by_hand(image).numpy() != mask).sum())  # at full size the model answers otherwise
+    assert differs > 0
+
+    preds = [np.array(Image.open(out / f"{s}.png")) for s in stems]
+    gts = [np.array(Image.open(root / "masks" / f"{s}.png")) for s in stems]
+    want = _reference(preds, gts, 4)
+    for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", "bf_score"):
+        _assert_close(got[key], want[key])
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]  # validation of the last epoch
+    for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU"):
+        assert final[key] == pytest.approx(got[key], abs=1e-9), key
