@@ -73,7 +73,7 @@ def model_input_spec(model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     (``model.normalizes_input``, Mask R-CNN) gets values in [0, 1] and states its own mean/std;
     ``model.in_channels`` (default 3) sets the channels."""
     if getattr(model, "normalizes_input", False):
-        mean, std = model.input_mean_std
+        mean, std = getattr(model, "input_mean_std")  # noqa: B009 - read like normalizes_input, off any model
         return InputSpec(mean=tuple(mean), std=tuple(std), normalize=False, resize=resize)
     return InputSpec.for_channels(int(getattr(model, "in_channels", 3)), tuple(mean), tuple(std), resize=resize)
 

@@ -7,10 +7,12 @@ Every verb exits 0 on success, 2 with a one-line ``pixelwise: error: ...`` on ba
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
+from pixelwise._version import __version__
 from pixelwise.errors import UserError
 
 DEFAULT_MC_SAMPLES = 8
@@ -75,6 +77,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.engine.config import build_config, config_fields, load_yaml_config, parse_json_dict
     from pixelwise.engine.distributed import env_info
     from pixelwise.engine.trainer import fit
@@ -103,10 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    import functools
+    import torch  # start-up time, as below
 
-    import torch
-
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.bench import count_flops
     from pixelwise.models import create_model, list_models, model_info
 
@@ -128,6 +130,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.checkpoint import load_checkpoint
     from pixelwise.engine.config import parse_size
     from pixelwise.inference.bench import benchmark
@@ -141,7 +144,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         task = model_info(args.model).task
         model = create_model(args.model, num_classes=args.num_classes)
-    result = benchmark(model, parse_size(args.size), batch=args.batch, mode=args.mode, device=args.device,
+    size = parse_size(args.size)
+    if size is None:
+        raise UserError("--size needs HxW, e.g. 512x512")
+    result = benchmark(model, size, batch=args.batch, mode=args.mode, device=args.device,
                        repeats=args.repeats, task=task)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     if args.json:
@@ -151,6 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.data import build_dataset
     from pixelwise.data.inspect import format_report, inspect_dataset
     from pixelwise.engine.config import parse_json_dict
@@ -169,6 +176,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
     """``--resize``: "HxW" (override the checkpoint's input size) or "native" (each image's own
     size) -> (resize, native_size); None keeps the checkpoint's."""
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.engine.config import parse_size
 
     if text is None:
@@ -186,6 +194,7 @@ def predictor_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.engine.config import parse_json_dict
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
@@ -207,6 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.mc_dropout import has_dropout
     from pixelwise.inference.predictor import Predictor, SemanticPredictor
     from pixelwise.inference.writers import predict_files
@@ -227,6 +237,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.demo import run_demo
 
     report = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
@@ -248,8 +259,6 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pixelwise._version import __version__
-
     parser = argparse.ArgumentParser(prog="pixelwise", description="Semantic and instance segmentation in PyTorch.")
     parser.add_argument("--version", action="version", version=f"pixelwise {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")

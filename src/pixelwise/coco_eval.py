@@ -46,7 +46,8 @@ def binary_masks(masks: Tensor, threshold: float = 0.5) -> np.ndarray:
 
 def ground_truth_coco(targets: Sequence[dict[str, Tensor]], class_ids: Sequence[int]) -> COCO:
     """Targets (``boxes`` Tensor[K, 4], ``labels`` Tensor[K], ``masks`` [K, H, W]) -> a COCO index."""
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image_id, t in enumerate(targets):
         masks = binary_masks(t["masks"])
         h, w = masks.shape[-2:]
@@ -87,7 +88,7 @@ def detection_results(predictions: Sequence[dict[str, Tensor]], class_ids: Seque
         for box, label, score, mask in zip(xyxy_to_xywh(p["boxes"]), p["labels"].tolist(), p["scores"].tolist(), masks):
             if int(label) not in wanted:
                 continue
-            result = {"image_id": image_id, "category_id": int(label), "score": float(score)}
+            result: dict = {"image_id": image_id, "category_id": int(label), "score": float(score)}
             if iou_type == "segm":
                 result["segmentation"] = encode_mask(mask)
             else:

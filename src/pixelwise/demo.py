@@ -11,6 +11,7 @@ import csv
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -29,9 +30,9 @@ from pixelwise.report import svg_line_chart, write_report
 # anneals with the elapsed fraction of the budget), so the whole demo ends within 5 minutes.
 # The quick run (tests) is bounded by steps, so its result does not depend on the machine's
 # load: 4 epochs of 100 steps.
-FULL = {"epochs": 30, "max_minutes": 4.4, "dataset_kwargs": {"num_train": 1600, "num_val": 100,
+FULL: dict[str, Any] = {"epochs": 30, "max_minutes": 4.4, "dataset_kwargs": {"num_train": 1600, "num_val": 100,
                                                               "num_test": 200, "size": 64, "max_objects": 5}}
-QUICK = {"epochs": 4, "max_minutes": None, "dataset_kwargs": {"num_train": 800, "num_val": 40,
+QUICK: dict[str, Any] = {"epochs": 4, "max_minutes": None, "dataset_kwargs": {"num_train": 800, "num_val": 40,
                                                                "num_test": 40, "size": 64, "max_objects": 5}}
 CLASS_WEIGHTS = [0.3, 1.0, 1.5, 2.5]  # background, circle, rectangle, triangle
 MODEL_KWARGS = {"base_channels": 16, "batch_norm": True, "dropout": 0.0}

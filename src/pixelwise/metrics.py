@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.ndimage import distance_transform_edt, label
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -60,7 +61,7 @@ def segmentation_metrics(cm: torch.Tensor, class_names: list[str] | None = None)
     pr = cm.sum(0)
     total = cm.sum().item()
     union = gt + pr - tp
-    per_class = []
+    per_class: list[dict] = []
     for i in range(c):
         per_class.append({
             "name": names[i],
@@ -122,8 +123,6 @@ def boundary_f1(pred_boundary: np.ndarray, gt_boundary: np.ndarray, tolerance: f
     ground-truth boundary pixel; recall = share of ground-truth boundary pixels within the
     tolerance of a predicted one; BF = 2PR / (P + R). Both boundaries empty -> 1.0 (nothing to
     find, nothing found); exactly one empty -> 0.0."""
-    from scipy.ndimage import distance_transform_edt
-
     n_pred, n_gt = int(pred_boundary.sum()), int(gt_boundary.sum())
     if n_pred == 0 and n_gt == 0:
         return 1.0
@@ -199,8 +198,6 @@ _FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]])
 
 def label_components(mask: np.ndarray) -> np.ndarray:
     """bool[H, W] -> int64[H, W]: 4-connected components numbered 1..K, 0 outside the mask."""
-    from scipy.ndimage import label
-
     labels, _ = label(np.asarray(mask, dtype=bool), structure=_FOUR_CONNECTED)
     return labels.astype(np.int64)
 
@@ -250,8 +247,11 @@ def rand_scores(sum_ab: float, sum_a: float, sum_b: float) -> dict:
     return {"rand_precision": precision, "rand_recall": recall, "rand_f": f, "rand_error": 1.0 - f}
 
 
+RAND_THRESHOLDS = tuple(k / 10 for k in range(10))  # 0.0, 0.1, ..., 0.9 (the challenge's scripts)
+
+
 def rand_error_over_thresholds(prob_foreground: list[np.ndarray], targets: list[np.ndarray],
-                               thresholds: tuple[float, ...] = tuple(i / 10 for i in range(10)),
+                               thresholds: tuple[float, ...] = RAND_THRESHOLDS,
                                foreground: int = 1, ignore_index: int = 255) -> dict:
     """The challenge's "maximal F-score" form: for each threshold t the prediction is
     ``prob_foreground > t`` (float[H, W] per image), the pair counts are summed over all images,
@@ -281,7 +281,7 @@ class ThresholdRandMeter:
     the foreground probability; :meth:`compute` -> the best ``rand_scores`` plus ``threshold``
     (all None when no threshold has a defined F)."""
 
-    def __init__(self, thresholds: tuple[float, ...] = tuple(i / 10 for i in range(10)), foreground: int = 1,
+    def __init__(self, thresholds: tuple[float, ...] = RAND_THRESHOLDS, foreground: int = 1,
                  ignore_index: int = 255):
         self.foreground = foreground
         self.meters = {t: RandMeter(foreground, ignore_index) for t in thresholds}

@@ -6,7 +6,7 @@ import html
 from pathlib import Path
 
 
-def svg_line_chart(series: dict[str, list[tuple[float, float]]], title: str, width: int = 560,
+def svg_line_chart(series: dict[str, list[tuple[float, float | None]]], title: str, width: int = 560,
                    height: int = 300) -> str:
     """Line chart of ``{label: [(x, y), ...]}`` as an SVG string (each series scaled to its own
     min..max on a shared axis box, with its range in the legend)."""
@@ -20,8 +20,8 @@ def svg_line_chart(series: dict[str, list[tuple[float, float]]], title: str, wid
              f'<rect x="{pad_l}" y="{pad_t}" width="{width - pad_l - pad_r}" height="{height - pad_t - pad_b}" '
              'fill="none" stroke="#999"/>',
              f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">epoch</text>']
-    for i, (label, pts) in enumerate(series.items()):
-        pts = [(x, y) for x, y in pts if y is not None]
+    for i, (label, raw) in enumerate(series.items()):
+        pts = [(x, y) for x, y in raw if y is not None]
         if not pts:
             continue
         ys = [y for _, y in pts]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pixelwise.data.ade20k import ADE20K
 from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset, collate
 from pixelwise.data.camvid import CamVid
@@ -13,7 +15,7 @@ from pixelwise.data.shapes import ShapesDataset
 from pixelwise.data.voc import VOCSegmentation
 from pixelwise.errors import UserError
 
-DATASETS: dict[str, type[SegmentationDataset]] = {
+DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
     "shapes": ShapesDataset,
     "camvid": CamVid,
     "voc": VOCSegmentation,

@@ -149,7 +149,8 @@ def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
 
 def resize_of(cfg: dict | None) -> tuple[int, int] | None:
     """The ``resize: [h, w]`` (or one int for a square) of an augmentation config, validated."""
-    return _pair(dict(cfg or {}), "resize", int)  # type: ignore[return-value]
+    pair = _pair(dict(cfg or {}), "resize", int)
+    return None if pair is None else (int(pair[0]), int(pair[1]))
 
 
 def build_transform(cfg: dict | None, train: bool) -> Augment:

@@ -73,11 +73,12 @@ class SegmentationDataset(Dataset):
         """Cheap validation (headers and sizes, not full decodes). Default: nothing to check."""
         return []
 
-    def drop(self, problems: list[Problem]) -> None:
-        """Leave out the files named in ``problems`` (``--skip-invalid``). Readers that keep a list
-        of files override this."""
+    def drop(self, problems: list[Problem]) -> int:
+        """Leave out the files named in ``problems`` (``--skip-invalid``); -> how many items went.
+        Readers that keep a list of files override this."""
         if problems:
             raise UserError(f"{type(self).__name__} cannot skip invalid files; fix {problems[0]}")
+        return 0
 
     def __getitem__(self, index: int) -> dict:
         sample = self.load(index)

@@ -19,6 +19,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+from pycocotools.coco import COCO
 
 from pixelwise.data.base import IGNORE_INDEX, Problem, Sample
 from pixelwise.data.files import FilePairDataset, problem_from_error
@@ -47,8 +48,6 @@ class COCOInstances(FilePairDataset):
         if not self.ann_file.is_file():
             raise UserError(f"{self.ann_file}: annotation file not found (COCO layout: annotations/ and "
                             f"{split}{year}/ under {self.root}, or pass ann_file=)")
-        from pycocotools.coco import COCO
-
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 self.coco = COCO(str(self.ann_file))
@@ -70,7 +69,9 @@ class COCOInstances(FilePairDataset):
         self._finish(skip_invalid)
 
     @staticmethod
-    def image_id_of(mask_ref: str) -> int:
+    def image_id_of(mask_ref: str | None) -> int:
+        if mask_ref is None:  # every COCO item has an annotation ref; a missing one is a bug
+            raise ValueError("COCO item without an annotation ref")
         return int(mask_ref.rsplit("#", 1)[1])
 
     def load(self, index: int) -> Sample:
@@ -113,6 +114,7 @@ class COCOInstances(FilePairDataset):
         a segmentation and a box inside the image."""
         problems: list[Problem] = []
         image_id = self.image_id_of(mask_ref)
+        ref = str(mask_ref)
         info = self.coco.imgs[image_id]
         try:
             size = probe(image_ref)[0]
@@ -124,12 +126,12 @@ class COCOInstances(FilePairDataset):
         for a in self.coco.imgToAnns.get(image_id, []):
             what = f"annotation {a.get('id')}"
             if a.get("category_id") not in self.cat_to_label:
-                problems.append(Problem(mask_ref, f"{what} has unknown category_id {a.get('category_id')}"))
+                problems.append(Problem(ref, f"{what} has unknown category_id {a.get('category_id')}"))
             elif not a.get("segmentation"):
-                problems.append(Problem(mask_ref, f"{what} has no segmentation"))
+                problems.append(Problem(ref, f"{what} has no segmentation"))
             else:
                 x, y, bw, bh = (float(v) for v in a.get("bbox", (0, 0, 0, 0)))
                 if x < 0 or y < 0 or x + bw > info["width"] + 1 or y + bh > info["height"] + 1:
-                    problems.append(Problem(mask_ref, f"{what} has bbox {a.get('bbox')} outside the "
+                    problems.append(Problem(ref, f"{what} has bbox {a.get('bbox')} outside the "
                                                       f"{info['width']}x{info['height']} image"))
         return problems

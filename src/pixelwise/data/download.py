@@ -6,13 +6,13 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from torch.hub import download_url_to_file
+
 from pixelwise.errors import UserError
 
 
 def download_file(url: str, dest: Path) -> Path:
     """Download ``url`` to ``dest`` (skipped when it exists) via torch.hub, with a progress bar."""
-    from torch.hub import download_url_to_file
-
     dest = Path(dest)
     if dest.exists():
         return dest

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset
 from pixelwise.data.io import probe, read_image, read_mask
@@ -170,8 +171,6 @@ class FilePairDataset(SegmentationDataset):
         decoded once to find values outside the classes. -> list of Problems (empty = clean)."""
         items = self.items
         if progress:
-            from tqdm import tqdm
-
             items = tqdm(items, desc=f"check {self.split}", unit="img", leave=False)
         problems: list[Problem] = []
         for image_ref, mask_ref in items:

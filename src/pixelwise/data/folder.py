@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pixelwise.data.base import IGNORE_INDEX
+from pixelwise.data.base import IGNORE_INDEX, Problem
 from pixelwise.data.files import FilePairDataset, identity_lut
 from pixelwise.data.io import read_mask
 from pixelwise.data.palette import default_palette
@@ -37,6 +37,12 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")
 UNKNOWN_COLOUR = 254  # raw value given to colours not in the palette; invalid in the label table
 VAL_FRACTION = 0.1
+
+
+def _rgb(colour) -> tuple[int, int, int]:
+    """[r, g, b] from classes.json -> a colour tuple (ValueError/TypeError when it is not three numbers)."""
+    r, g, b = (int(v) for v in colour)
+    return r, g, b
 
 
 def val_stems(stems: list[str], fraction: float = VAL_FRACTION) -> set[str]:
@@ -101,9 +107,9 @@ class FolderDataset(FilePairDataset):
             try:
                 info = json.loads(spec.read_text())
                 names = [str(n) for n in info["names"]]
-                palette = [tuple(int(v) for v in c) for c in info.get("palette", [])] or None
+                palette = [_rgb(c) for c in info.get("palette", [])] or None
                 if "ignore_color" in info:
-                    self.ignore_colour = tuple(int(v) for v in info["ignore_color"])
+                    self.ignore_colour = _rgb(info["ignore_color"])
             except (ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{spec}: expected {{\"names\": [...], \"palette\": [[r, g, b], ...]}} "
                                 f"({type(e).__name__}: {e})") from None
@@ -140,8 +146,6 @@ class FolderDataset(FilePairDataset):
         return read_mask(ref, palette=full + [self.ignore_colour], unknown=UNKNOWN_COLOUR)
 
     def check(self, labels: bool = True, progress: bool = False):
-        from pixelwise.data.base import Problem
-
         problems = super().check(labels=labels, progress=progress)
         if self.split == "all":
             problems += [Problem(m, "mask without an image in images/") for m in self.orphan_masks]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+from tqdm import tqdm
 
 from pixelwise.data.base import IGNORE_INDEX, SegmentationDataset
 from pixelwise.errors import UserError
@@ -44,8 +45,6 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool = True) -> dict
     sizes: Counter = Counter()
     indices = range(len(dataset))
     if progress:
-        from tqdm import tqdm
-
         indices = tqdm(indices, desc="inspect", unit="img", leave=False)
     num_images = 0
     for i in indices:

@@ -38,7 +38,7 @@ def _open_loaded(path: PathLike) -> Image.Image:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        img = Image.open(path)
+        img: Image.Image = Image.open(path)
         img.load()
         if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
             img = ImageOps.exif_transpose(img)

@@ -72,7 +72,8 @@ class ISBI2012(FilePairDataset):
         if png_dir.is_dir():
             images = sorted((p for p in png_dir.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff")),
                             key=_natural_key)
-            items = [(str(p), str(self.root / "train" / "label" / f"{p.stem}.png")) for p in images]
+            items: list[tuple[str, str | None]] = [(str(p), str(self.root / "train" / "label" / f"{p.stem}.png"))
+                                                   for p in images]
         elif volume.is_file():
             with Image.open(volume) as img:
                 n = getattr(img, "n_frames", 1)

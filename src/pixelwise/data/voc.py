@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.io import loadmat
 
 from pixelwise.data.download import download_and_extract
 from pixelwise.data.files import FilePairDataset, identity_lut
@@ -51,8 +52,6 @@ def read_list(path: Path) -> list[str]:
 
 def read_sbd_mat(path: str | Path) -> np.ndarray:
     """SBD ``cls/*.mat`` -> uint8[H, W] class ids (0..20, 255 on boundaries where present)."""
-    from scipy.io import loadmat
-
     try:
         mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
         return np.ascontiguousarray(mat["GTcls"].Segmentation, dtype=np.uint8)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy.ndimage import distance_transform_edt, find_objects, label
 
 from pixelwise.data.base import IGNORE_INDEX, Compose, Sample
 
@@ -47,8 +48,6 @@ def fast_weight_map(mask: np.ndarray, foreground: int = 1, w0: float = 10.0, sig
     Cells = 4-connected components of ``mask == foreground``; the border term is added on
     pixels outside every cell (the membrane), using the two smallest cell distances found within
     ``radius`` (default ``6 * sigma``) pixels."""
-    from scipy.ndimage import distance_transform_edt, find_objects, label
-
     mask = np.asarray(mask)
     weight = class_balance(mask, class_weights, ignore_index)
     cells, k = label(mask == foreground, structure=np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]]))

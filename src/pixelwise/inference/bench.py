@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import sys
+import time
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -42,8 +46,6 @@ def _sync(device: torch.device) -> None:
 
 
 def _best_seconds(fn, device: torch.device, repeats: int) -> float:
-    import time
-
     fn()  # warm-up
     _sync(device)
     best = float("inf")
@@ -64,8 +66,6 @@ def benchmark(model: nn.Module, size: tuple[int, int], batch: int = 1, mode: str
     Returns ``img_per_s ms_per_img gflops_per_img achieved_gflops gemm_peak_gflops utilization
     peak_mem_mb`` plus the settings. ``flops``: FLOPs per image if already known.
     """
-    import resource
-
     dev = torch.device(device)
     model = model.eval().to(dev)
     x = torch.randn(batch, 3, *size, device=dev)
@@ -80,7 +80,7 @@ def benchmark(model: nn.Module, size: tuple[int, int], batch: int = 1, mode: str
             with torch.no_grad():
                 return model(x) if task == "semantic" else model(list(x))
     elif mode == "fast":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
         xf = x.contiguous(memory_format=torch.channels_last)
         use_bf16 = dev.type == "cuda" or _cpu_has_bf16()
 
@@ -94,14 +94,25 @@ def benchmark(model: nn.Module, size: tuple[int, int], batch: int = 1, mode: str
     seconds = _best_seconds(run, dev, repeats)
     peak = gemm_peak_gflops(dev)
     achieved = flops * batch / seconds / 1e9
+    peak_mem: float | None
     if dev.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, KiB on Linux
+        peak_mem = peak_rss_mb()
     return {"mode": mode, "device": str(dev), "size": list(size), "batch": batch,
             "img_per_s": batch / seconds, "ms_per_img": 1000 * seconds / batch,
             "gflops_per_img": flops / 1e9, "achieved_gflops": achieved, "gemm_peak_gflops": peak,
             "utilization": achieved / peak, "peak_mem_mb": peak_mem, "threads": torch.get_num_threads()}
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB (None where the platform does not say)."""
+    try:
+        import resource  # optional dependency: Unix only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _cpu_has_bf16() -> bool:
@@ -114,14 +125,12 @@ def _cpu_has_bf16() -> bool:
 
 
 def _onnx_runner(model: nn.Module, x: torch.Tensor):
-    import io
-
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional dependency (the export extra)
     except ImportError:
         raise UserError("--mode onnx needs onnxruntime: pip install -e '.[export]'") from None
     buf = io.BytesIO()
-    torch.onnx.export(model.cpu(), x.cpu(), buf, input_names=["image"], output_names=["logits"],
+    torch.onnx.export(model.cpu(), (x.cpu(),), buf,  # type: ignore[arg-type]  # a file object works too input_names=["image"], output_names=["logits"],
                       dynamo=False, opset_version=17)
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     feed = {"image": x.cpu().numpy()}

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from pixelwise.models import forward_logits
 from pixelwise.preprocess import InputSpec, preprocess
 
 MIN_TILE = 16
+P = TypeVar("P", bound="Predictor")
 
 
 def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -71,8 +73,8 @@ class Predictor:
         self.palette = [tuple(c) for c in self.meta.get("palette") or default_palette(max(len(self.class_names), 1))]
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", *,
-                        resize: tuple[int, int] | None = None, native_size: bool = False, **options) -> Predictor:
+    def from_checkpoint(cls: type[P], path: str | Path, device: str | torch.device = "cpu", *,
+                        resize: tuple[int, int] | None = None, native_size: bool = False, **options) -> P:
         """The predictor for the checkpoint's task. ``resize`` = (h, w) overrides the size the
         checkpoint was trained at; ``native_size`` predicts at each image's own size instead.
         ``options`` go to the task's predictor; one that does not apply is a UserError."""
@@ -89,7 +91,8 @@ class Predictor:
         spec = input_spec_from_meta(meta, model)
         if native_size or resize is not None:
             spec = dataclasses.replace(spec, resize=None if native_size else tuple(resize))  # type: ignore[arg-type]
-        return kind(model, meta, device, input_spec=spec, **{k: v for k, v in options.items() if k in allowed})
+        chosen = {k: v for k, v in options.items() if k in allowed}
+        return cast(P, kind(model, meta, device, input_spec=spec, **chosen))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """uint8[H, W, 3] -> the model input Tensor[1, C, h, w] on the predictor's device."""
