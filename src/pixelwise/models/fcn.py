@@ -44,7 +44,7 @@ from pixelwise.backbones.resnet import IntermediateLayerGetter, resnet50, resnet
 from pixelwise.backbones.vgg import URLS as VGG_URLS
 from pixelwise.backbones.vgg import VGG16_CFG, features_info, forward_stages, make_features
 from pixelwise.layers import BilinearUpsample
-from pixelwise.models._utils import SimpleSegmentationModel, crop_to, load_model_weights, pad_to_multiple
+from pixelwise.models._utils import SimpleSegmentationModel, crop_top_left, load_model_weights, pad_to_multiple
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
 
@@ -93,24 +93,26 @@ class FCNVGG(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d) and name.startswith("score"):
                 nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        size = (x.shape[-2], x.shape[-1])
+        height, width = x.shape[-2:]
         pool3, pool4, pool5 = forward_stages(self.features, pad_to_multiple(x, 32)).stages[2:]
         h = self.drop(self.relu(self.fc6(pool5)))
         h = self.drop(self.relu(self.fc7(h)))
         score = self.score_fr(h)  # stride 32
         if self.output_stride == 32:
-            return crop_to(self.upscore(score), size)
+            return crop_top_left(self.upscore(score), height, width)
         score = self.upscore2(score) + self.score_pool4(pool4)  # stride 16
         if self.output_stride == 16:
-            return crop_to(self.upscore16(score), size)
+            return crop_top_left(self.upscore16(score), height, width)
         score = self.upscore_pool4(score) + self.score_pool3(pool3)  # stride 8
-        return crop_to(self.upscore8(score), size)
+        return crop_top_left(self.upscore8(score), height, width)
 
 
 def vgg16_to_fcn(state: dict[str, Tensor]) -> dict[str, Tensor]:
