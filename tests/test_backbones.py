@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import assert_matches, load_fixture
 from pixelwise.backbones import (
@@ -15,6 +16,7 @@ from pixelwise.backbones import (
     vgg16,
     vgg16_bn,
 )
+from pixelwise.backbones.vgg import features_info, forward_stages, make_features, mirror_channels
 from pixelwise.errors import UserError
 from pixelwise.layers import max_unpool
 
@@ -74,6 +76,77 @@ def test_vgg_forward_features_contract_and_indices():
     assert up.shape == pre.shape
     nz = up != 0
     torch.testing.assert_close(up[nz], pre[nz])
+
+
+def _mixed_encoder() -> nn.Sequential:
+    """Three stages whose pools differ: 2x2/2, 3x3/2 with padding 1, 2x2/2 with ceil_mode."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2, 2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Conv2d(6, 5, 1), nn.MaxPool2d(2, 2, ceil_mode=True),
+    ).eval()
+
+
+def _flip(t: torch.Tensor) -> torch.Tensor:
+    return t.flip(-1)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_forward_stages_indices_equal_max_pool_per_stage(hooked):
+    """The one index-carrying encoder: per stage, the output and indices are what
+    ``F.max_pool2d(..., return_indices=True)`` gives with that pool's own kernel/stride/padding,
+    and a hook's output (not the pool's) is what the next stage sees."""
+    torch.manual_seed(0)
+    enc = _mixed_encoder()
+    hooks = [_flip, nn.Identity(), _flip] if hooked else []
+    x = torch.randn(2, 3, 23, 30)
+    with torch.no_grad():
+        got = forward_stages(enc, x, return_indices=True, hooks=hooks)
+        plain = forward_stages(enc, x, hooks=hooks)
+        # the reference, written out stage by stage
+        h0 = enc[0:3](x)
+        p1, i1 = F.max_pool2d(h0, 2, 2, return_indices=True)
+        s1 = _flip(p1) if hooked else p1
+        h1 = enc[4:6](s1)
+        p2, i2 = F.max_pool2d(h1, 3, 2, padding=1, return_indices=True)
+        s2 = p2
+        h2 = enc[7](s2)
+        p3, i3 = F.max_pool2d(h2, 2, 2, ceil_mode=True, return_indices=True)
+        s3 = _flip(p3) if hooked else p3
+    for a, b in zip(got.stages, [s1, s2, s3]):
+        assert torch.equal(a, b)
+    for a, b in zip(got.indices, [i1, i2, i3]):
+        assert a.dtype == torch.int64 and torch.equal(a, b)
+    assert [tuple(s) for s in got.sizes] == [(23, 30), (11, 15), (6, 8)]
+    assert plain.indices == [] and all(torch.equal(a, b) for a, b in zip(plain.stages, got.stages))
+    assert [tuple(s.shape) for s in got.stages] == [(2, 4, 11, 15), (2, 6, 6, 8), (2, 5, 3, 4)]
+    # the contract as data: channels and strides of every stage
+    info = features_info(enc)
+    assert [(f.name, f.channels, f.stride) for f in info] == [("pool1", 4, 2), ("pool2", 6, 4), ("pool3", 5, 8)]
+
+
+def test_forward_stages_hooks_need_one_per_pool_and_dropout_hooks_act_in_train_mode():
+    torch.manual_seed(0)
+    enc = make_features((4, "M", 4, "M"), batch_norm=False)
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="2 pools"):
+        forward_stages(enc, x, hooks=[nn.Identity()])
+    drop = nn.ModuleList([nn.Identity(), nn.Dropout(0.5)])  # a ModuleList works as the hooks
+    with torch.no_grad():
+        ref = forward_stages(enc, x).stages[-1]
+        assert ref.abs().sum() > 0
+        assert torch.equal(forward_stages(enc, x, hooks=drop.eval()).stages[-1], ref)
+        out = forward_stages(enc, x, hooks=drop.train()).stages[-1]
+    # dropout after the last pool: every value is dropped or scaled by 1 / (1 - p)
+    assert not torch.equal(out, ref)
+    assert ((out == 0) | torch.isclose(out, 2 * ref)).all()
+
+
+def test_mirror_channels_is_the_encoder_reversed():
+    enc = make_features((8, 8, "M", 16, "M", 32, 32, "M"), batch_norm=True)
+    assert mirror_channels(enc) == [[(32, 32, 3), (32, 16, 3)], [(16, 8, 3)], [(8, 8, 3)]]
+    with pytest.raises(ValueError):
+        mirror_channels(nn.Sequential(nn.Conv2d(3, 4, 3)))
 
 
 def test_resnet_dilation_feature_info_matches_outputs():

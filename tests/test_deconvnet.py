@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.backbones.vgg import VGG16_CFG, make_features
+from pixelwise.backbones.vgg import VGG16_CFG, make_features, mirror_channels
 from pixelwise.errors import UserError
+from pixelwise.layers import decoder_stages
 from pixelwise.models.deconvnet import DeconvNet, crop_boxes, deconvnet, instance_wise_predict
-from pixelwise.models.segnet import decoder_stages, mirror_channels
 
 
 @pytest.fixture(scope="module")

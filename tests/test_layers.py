@@ -2,13 +2,19 @@
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.layers import (
+    UPSAMPLE_MODES,
     BilinearUpsample,
+    DecoderStage,
     bilinear_kernel,
+    conv_bn,
     conv_bn_relu,
+    decoder_stages,
     max_unpool,
+    unpool,
     upsample_nearest,
     upsample_zeros,
 )
@@ -97,3 +103,68 @@ def test_upsample_nearest_and_zeros_against_loops():
     torch.testing.assert_close(upsample_nearest(x, 3), F.interpolate(x, scale_factor=3, mode="nearest"))
     with pytest.raises(ValueError):
         upsample_zeros(x, 2, output_size=(7, 8))
+
+
+# --------------------------------------------------------------------------- decoder stages
+
+
+def test_unpool_puts_values_at_argmax_positions():
+    x = torch.tensor([[1.0, 5.0, 2.0, 0.0],
+                      [3.0, 4.0, 9.0, 1.0],
+                      [8.0, 0.0, 0.0, 6.0],
+                      [2.0, 7.0, 3.0, 1.0]])[None, None]
+    pooled, idx = F.max_pool2d(x, 2, 2, return_indices=True)
+    assert pooled.flatten().tolist() == [5.0, 9.0, 8.0, 6.0]
+    expected = torch.tensor([[0.0, 5.0, 0.0, 0.0],
+                             [0.0, 0.0, 9.0, 0.0],
+                             [8.0, 0.0, 0.0, 6.0],
+                             [0.0, 0.0, 0.0, 0.0]])[None, None]
+    assert torch.equal(unpool(pooled, idx, (4, 4), "indices"), expected)
+    zeros = torch.zeros(4, 4)
+    zeros[0::2, 0::2] = pooled[0, 0]
+    assert torch.equal(unpool(pooled, idx, (4, 4), "zeros")[0, 0], zeros)
+    nearest = pooled[0, 0].repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(unpool(pooled, idx, (4, 4), "nearest")[0, 0], nearest)
+    assert torch.allclose(unpool(pooled, idx, (4, 4), "bilinear"),
+                          F.interpolate(pooled, size=(4, 4), mode="bilinear", align_corners=False))
+    with pytest.raises(ValueError, match="unknown upsampling"):
+        unpool(pooled, idx, (4, 4), "cubic")
+
+
+def test_conv_bn_keys_shapes_and_options():
+    block = conv_bn(3, 8, 5)
+    assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert block[0].bias is not None  # the Caffe blocks keep the conv bias
+    assert set(block.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean",
+                                       "1.running_var", "1.num_batches_tracked"}
+    assert block(torch.randn(2, 3, 9, 11)).shape == (2, 8, 9, 11)
+    assert len(conv_bn(3, 8, relu=False)) == 2
+    valid = conv_bn(3, 8, 7, padding=0)
+    assert valid(torch.randn(1, 3, 9, 9)).shape == (1, 8, 3, 3)
+    back = conv_bn(8, 3, 7, transposed=True, padding=0)
+    assert isinstance(back[0], nn.ConvTranspose2d)
+    assert back(torch.randn(1, 8, 3, 3)).shape == (1, 3, 9, 9)
+
+
+def test_decoder_stage_unpools_to_the_pre_pool_size_then_runs_its_blocks():
+    torch.manual_seed(0)
+    blocks = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1))
+    for size, modes in [((8, 10), UPSAMPLE_MODES), ((7, 9), ("indices", "bilinear"))]:  # odd: see unpool
+        pre = torch.randn(2, 4, *size)
+        pooled, idx = F.max_pool2d(pre, 2, 2, return_indices=True)
+        for mode in modes:
+            out = DecoderStage(blocks, mode)(pooled, idx, pre.shape[-2:])
+            assert out.shape == (2, 6, *size)
+            torch.testing.assert_close(out, blocks(unpool(pooled, idx, size, mode)))
+    assert set(DecoderStage(blocks).state_dict()) == {"blocks.0.weight", "blocks.0.bias"}
+    with pytest.raises(ValueError, match="unknown upsampling"):
+        DecoderStage(blocks, "cubic")
+
+
+def test_decoder_stages_follow_the_layout():
+    layout = [[(8, 8, 3), (8, 4, 3)], [(4, 4, 5)]]
+    stages = decoder_stages(layout, "zeros", relu=False, transposed=True)
+    assert [s.mode for s in stages] == ["zeros", "zeros"]
+    convs = [[(b[0].in_channels, b[0].out_channels, b[0].kernel_size[0]) for b in s.blocks] for s in stages]
+    assert convs == layout
+    assert all(isinstance(b[0], nn.ConvTranspose2d) and len(b) == 2 for s in stages for b in s.blocks)

@@ -13,6 +13,8 @@ from conftest import FIXTURES, require
 from pixelwise.errors import UserError
 from pixelwise.models.maskrcnn import (
     COCO_URL,
+    LIGHT_HEADS,
+    HeadWidths,
     maskrcnn_resnet18_fpn,
     maskrcnn_resnet50_fpn,
     paste_masks_in_image,
@@ -133,6 +135,22 @@ def test_registered_as_instance_model():
     for name in ("maskrcnn_resnet50_fpn", "maskrcnn_resnet18_fpn"):
         info = model_info(name)
         assert info.task == "instance" and "He et al., ICCV 2017" in info.paper
+
+
+def _head_widths(model) -> HeadWidths:
+    """The widths a built model actually has, read from its layers."""
+    return HeadWidths(fpn=model.backbone.out_channels, representation=model.roi_heads.box_head.fc6.out_features,
+                      mask=model.roi_heads.mask_predictor.conv5_mask.out_channels)
+
+
+def test_each_builder_states_its_backbone_and_head_widths():
+    with torch.device("meta"):
+        light, full = maskrcnn_resnet18_fpn(num_classes=3), maskrcnn_resnet50_fpn(num_classes=3)
+    assert _head_widths(light) == LIGHT_HEADS == HeadWidths(fpn=128, representation=512, mask=128)
+    assert _head_widths(full) == HeadWidths() == HeadWidths(fpn=256, representation=1024, mask=256)
+    # the FPN reads its input channels from the backbone's feature_info
+    assert [m[0].in_channels for m in light.backbone.fpn.inner_blocks] == [64, 128, 256, 512]
+    assert [m[0].in_channels for m in full.backbone.fpn.inner_blocks] == [256, 512, 1024, 2048]
 
 
 def test_kwargs_reach_their_config():

@@ -7,20 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.backbones.vgg import URLS, VGG16_CFG, make_features
+from pixelwise.backbones.vgg import URLS, VGG16_CFG, make_features, mirror_channels
 from pixelwise.errors import UserError
 from pixelwise.inference.mc_dropout import mc_dropout
-from pixelwise.models.segnet import (
-    UPSAMPLE_MODES,
-    DecoderStage,
-    SegNet,
-    bayesian_segnet,
-    decoder_stages,
-    mirror_channels,
-    segnet,
-    segnet_basic,
-    unpool,
-)
+from pixelwise.layers import UPSAMPLE_MODES, DecoderStage, decoder_stages
+from pixelwise.models.segnet import SegNet, bayesian_segnet, segnet, segnet_basic
 
 
 def n_params(model: nn.Module) -> int:
@@ -80,29 +71,6 @@ def test_segnet_odd_size():
 
 
 # --------------------------------------------------------------------------- unpooling
-
-
-def test_unpool_puts_values_at_argmax_positions():
-    x = torch.tensor([[1.0, 5.0, 2.0, 0.0],
-                      [3.0, 4.0, 9.0, 1.0],
-                      [8.0, 0.0, 0.0, 6.0],
-                      [2.0, 7.0, 3.0, 1.0]])[None, None]
-    pooled, idx = F.max_pool2d(x, 2, 2, return_indices=True)
-    assert pooled.flatten().tolist() == [5.0, 9.0, 8.0, 6.0]
-    expected = torch.tensor([[0.0, 5.0, 0.0, 0.0],
-                             [0.0, 0.0, 9.0, 0.0],
-                             [8.0, 0.0, 0.0, 6.0],
-                             [0.0, 0.0, 0.0, 0.0]])[None, None]
-    assert torch.equal(unpool(pooled, idx, (4, 4), "indices"), expected)
-    zeros = torch.zeros(4, 4)
-    zeros[0::2, 0::2] = pooled[0, 0]
-    assert torch.equal(unpool(pooled, idx, (4, 4), "zeros")[0, 0], zeros)
-    nearest = pooled[0, 0].repeat_interleave(2, 0).repeat_interleave(2, 1)
-    assert torch.equal(unpool(pooled, idx, (4, 4), "nearest")[0, 0], nearest)
-    assert torch.allclose(unpool(pooled, idx, (4, 4), "bilinear"),
-                          F.interpolate(pooled, size=(4, 4), mode="bilinear", align_corners=False))
-    with pytest.raises(ValueError, match="unknown upsampling"):
-        unpool(pooled, idx, (4, 4), "cubic")
 
 
 def test_segnet_routes_each_stage_through_its_own_indices():

@@ -1,10 +1,13 @@
-"""Small building blocks shared by the models: bilinear upsampling, conv blocks, unpooling.
+"""Small building blocks shared by the models: bilinear upsampling, conv blocks, unpooling, and
+the unpool + conv decoder stage of SegNet and DeconvNet.
 
 Pure functions carry their tensor shapes in the docstring; modules exist only where there is
-state (a learnable or frozen upsampling kernel).
+state (a learnable or frozen upsampling kernel, a decoder stage's convs).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -12,14 +15,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "UPSAMPLE_MODES",
     "BilinearUpsample",
+    "DecoderStage",
     "bilinear_kernel",
+    "conv_bn",
     "conv_bn_relu",
     "conv_relu",
+    "decoder_stages",
     "max_unpool",
+    "unpool",
     "upsample_nearest",
     "upsample_zeros",
 ]
+
+UPSAMPLE_MODES = ("indices", "nearest", "zeros", "bilinear")
 
 
 # --------------------------------------------------------------------------- upsampling
@@ -99,10 +109,26 @@ def conv_relu(in_channels: int, out_channels: int, kernel_size: int = 3, dilatio
     )
 
 
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, relu: bool = True,
+            transposed: bool = False, padding: int | None = None) -> nn.Sequential:
+    """``Conv2d`` (or ``ConvTranspose2d``) *with* bias -> ``BatchNorm2d`` [-> ``ReLU``], keys
+    ``0.*``, ``1.*`` (the Caffe SegNet / DeconvNet blocks, whose parameter counts include the
+    bias). ``Tensor[N, in, H, W] -> Tensor[N, out, H', W']``; the default padding ``k // 2``
+    keeps ``H' = H`` for odd ``k``; ``padding=0`` gives ``H - k + 1`` (conv) or ``H + k - 1``
+    (transposed)."""
+    pad = kernel_size // 2 if padding is None else padding
+    conv_cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+    layers: list[nn.Module] = [conv_cls(in_channels, out_channels, kernel_size, padding=pad),
+                               nn.BatchNorm2d(out_channels)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
 # --------------------------------------------------------------------------- unpooling
 
 
-def max_unpool(x: Tensor, indices: Tensor, output_size: tuple[int, int] | torch.Size) -> Tensor:
+def max_unpool(x: Tensor, indices: Tensor, output_size: Sequence[int]) -> Tensor:
     """Undo a 2x2 / stride-2 max pool: each value goes back to the position its max came from.
 
     ``x``, ``indices``: ``Tensor[N, C, h, w]`` (indices from ``F.max_pool2d(...,
@@ -110,13 +136,13 @@ def max_unpool(x: Tensor, indices: Tensor, output_size: tuple[int, int] | torch.
     pre-pool ``(H, W)`` (needed when it was odd, e.g. ``H = 2*h + 1``). Returns
     ``Tensor[N, C, H, W]``, zero everywhere except at the recorded argmax positions.
     """
-    size = tuple(output_size)[-2:]
+    size = list(output_size)[-2:]
     if x.shape != indices.shape:
         raise ValueError(f"x {tuple(x.shape)} and indices {tuple(indices.shape)} must have the same shape")
-    return F.max_unpool2d(x, indices, kernel_size=2, stride=2, output_size=size)
+    return F.max_unpool2d(x, indices, kernel_size=(2, 2), stride=(2, 2), output_size=size)
 
 
-def upsample_nearest(x: Tensor, factor: int = 2, output_size: tuple[int, int] | None = None) -> Tensor:
+def upsample_nearest(x: Tensor, factor: int = 2, output_size: Sequence[int] | None = None) -> Tensor:
     """Unlearned nearest-neighbour upsampling: each value is copied into a ``factor x factor`` cell.
 
     ``Tensor[N, C, h, w] -> Tensor[N, C, factor*h, factor*w]``; with ``output_size=(H, W)``
@@ -126,7 +152,7 @@ def upsample_nearest(x: Tensor, factor: int = 2, output_size: tuple[int, int] | 
     return _crop_to(y, output_size)
 
 
-def upsample_zeros(x: Tensor, factor: int = 2, output_size: tuple[int, int] | None = None) -> Tensor:
+def upsample_zeros(x: Tensor, factor: int = 2, output_size: Sequence[int] | None = None) -> Tensor:
     """Unlearned zero-insertion upsampling: each value goes to the top-left corner of its
     ``factor x factor`` cell and the rest of the cell is zero (a "fixed-index" unpooling).
 
@@ -139,10 +165,58 @@ def upsample_zeros(x: Tensor, factor: int = 2, output_size: tuple[int, int] | No
     return _crop_to(y, output_size)
 
 
-def _crop_to(y: Tensor, output_size: tuple[int, int] | None) -> Tensor:
+def _crop_to(y: Tensor, output_size: Sequence[int] | None) -> Tensor:
     if output_size is None:
         return y
     hh, ww = (int(s) for s in tuple(output_size)[-2:])
     if hh > y.shape[-2] or ww > y.shape[-1]:
         raise ValueError(f"output_size {(hh, ww)} is larger than the upsampled {tuple(y.shape[-2:])}")
     return y[..., :hh, :ww]
+
+
+# --------------------------------------------------------------------------- decoder stages (SegNet, DeconvNet)
+
+
+def unpool(x: Tensor, indices: Tensor, size: Sequence[int], mode: str = "indices") -> Tensor:
+    """2x upsampling of ``Tensor[N, C, h, w]`` to ``Tensor[N, C, H, W]`` (``size = (H, W)``, the
+    pre-pool size). ``"indices"``: :func:`max_unpool` with the encoder's argmax ``indices``
+    (same shape as ``x``); ``"nearest"``: :func:`upsample_nearest`; ``"zeros"``:
+    :func:`upsample_zeros` (top-left of each cell); ``"bilinear"``: ``F.interpolate(...,
+    align_corners=False)``. Only ``"indices"`` reads ``indices``. An odd pre-pool size (``H = 2h +
+    1``) works with ``"indices"`` and ``"bilinear"`` only; SegNet pads its input so that it never
+    occurs."""
+    if mode == "indices":
+        if torch.jit.is_tracing():  # F.max_unpool2d's Python-side size check fails under jit.trace
+            return torch.ops.aten.max_unpool2d(x, indices, list(size[-2:]))
+        return max_unpool(x, indices, size)
+    if mode == "nearest":
+        return upsample_nearest(x, 2, size)
+    if mode == "zeros":
+        return upsample_zeros(x, 2, size)
+    if mode == "bilinear":
+        return F.interpolate(x, size=(size[-2], size[-1]), mode="bilinear", align_corners=False)
+    raise ValueError(f"unknown upsampling {mode!r}; choose one of {', '.join(UPSAMPLE_MODES)}")
+
+
+class DecoderStage(nn.Module):
+    """One decoder stage: ``Tensor[N, C_in, h, w]`` -> :func:`unpool` (``mode``) to the pre-pool
+    size ``(H, W)`` -> ``blocks`` -> ``Tensor[N, C_out, H, W]``. Keys ``blocks.*``."""
+
+    def __init__(self, blocks: nn.Sequential, mode: str = "indices") -> None:
+        super().__init__()
+        if mode not in UPSAMPLE_MODES:
+            raise ValueError(f"unknown upsampling {mode!r}; choose one of {', '.join(UPSAMPLE_MODES)}")
+        self.mode = mode
+        self.blocks = blocks
+
+    def forward(self, x: Tensor, indices: Tensor, size: Sequence[int]) -> Tensor:
+        return self.blocks(unpool(x, indices, size, self.mode))
+
+
+def decoder_stages(layout: Sequence[Sequence[tuple[int, int, int]]], mode: str = "indices", relu: bool = True,
+                   transposed: bool = False) -> list[DecoderStage]:
+    """A decoder from its layout as data (e.g. ``pixelwise.backbones.vgg.mirror_channels``): per
+    stage one :class:`DecoderStage` whose ``blocks`` are :func:`conv_bn` ``(in, out, k, relu,
+    transposed)`` for each ``(in, out, k)`` of that stage."""
+    return [DecoderStage(nn.Sequential(*(conv_bn(i, o, k, relu, transposed) for i, o, k in stage)), mode)
+            for stage in layout]

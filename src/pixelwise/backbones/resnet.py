@@ -57,6 +57,11 @@ class FrozenBatchNorm2d(nn.Module):
     Tensor[N, C, H, W]``: ``(x - running_mean) / sqrt(running_var + eps) * weight + bias``.
     """
 
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -242,17 +247,11 @@ class IntermediateLayerGetter(nn.ModuleDict):
         return out
 
 
-_SPECS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-}
-
-
-def _resnet(name: str, num_classes: int, pretrained: str | None,
-            replace_stride_with_dilation: Sequence[bool] | None, norm_layer: NormLayer | None) -> ResNet:
-    block, layers = _SPECS[name]
+def _resnet(name: str, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, int, int, int],
+            num_classes: int, pretrained: str | None, replace_stride_with_dilation: Sequence[bool] | None,
+            norm_layer: NormLayer | None) -> ResNet:
+    """A ResNet of ``block``s, ``layers`` per stage; ``name`` names its ImageNet weights
+    (``URLS[name]``) and appears in error messages."""
     model = ResNet(block, layers, num_classes, replace_stride_with_dilation, norm_layer)
     if pretrained is not None:
         load_matching(model, read_weights(pretrained, {"imagenet": URLS[name]}), f"{name}(pretrained={pretrained!r})",
@@ -266,14 +265,16 @@ def resnet18(num_classes: int = 1000, pretrained: str | None = None,
     """ResNet-18. ``pretrained``: ``None``, ``"imagenet"`` (torchvision V1 weights) or a path;
     with ``num_classes != 1000`` the ``fc`` layer stays random. ``norm_layer``: e.g.
     :class:`FrozenBatchNorm2d` (default ``nn.BatchNorm2d``). Dilation is not supported."""
-    return _resnet("resnet18", num_classes, pretrained, replace_stride_with_dilation, norm_layer)
+    return _resnet("resnet18", BasicBlock, (2, 2, 2, 2), num_classes, pretrained, replace_stride_with_dilation,
+                   norm_layer)
 
 
 def resnet34(num_classes: int = 1000, pretrained: str | None = None,
              replace_stride_with_dilation: Sequence[bool] | None = None,
              norm_layer: NormLayer | None = None) -> ResNet:
     """ResNet-34; arguments as :func:`resnet18`."""
-    return _resnet("resnet34", num_classes, pretrained, replace_stride_with_dilation, norm_layer)
+    return _resnet("resnet34", BasicBlock, (3, 4, 6, 3), num_classes, pretrained, replace_stride_with_dilation,
+                   norm_layer)
 
 
 def resnet50(num_classes: int = 1000, pretrained: str | None = None,
@@ -281,11 +282,13 @@ def resnet50(num_classes: int = 1000, pretrained: str | None = None,
              norm_layer: NormLayer | None = None) -> ResNet:
     """ResNet-50 (torchvision ``resnet50-0676ba61.pth`` for ``"imagenet"``); arguments as
     :func:`resnet18`, plus ``replace_stride_with_dilation`` (3 booleans for layer2..4)."""
-    return _resnet("resnet50", num_classes, pretrained, replace_stride_with_dilation, norm_layer)
+    return _resnet("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, pretrained, replace_stride_with_dilation,
+                   norm_layer)
 
 
 def resnet101(num_classes: int = 1000, pretrained: str | None = None,
               replace_stride_with_dilation: Sequence[bool] | None = None,
               norm_layer: NormLayer | None = None) -> ResNet:
     """ResNet-101; arguments as :func:`resnet50`."""
-    return _resnet("resnet101", num_classes, pretrained, replace_stride_with_dilation, norm_layer)
+    return _resnet("resnet101", Bottleneck, (3, 4, 23, 3), num_classes, pretrained, replace_stride_with_dilation,
+                   norm_layer)

@@ -1,4 +1,5 @@
-"""The small shared base of the backbone + head models, and pad/crop helpers."""
+"""What the model files share: the small base of the backbone + head models, reading a model's
+logits, pad/crop helpers for any input size, the msra initialisation and whole-model weights."""
 
 from __future__ import annotations
 
@@ -57,9 +58,25 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, -w % multiple, 0, -h % multiple))
 
 
-def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Keep the top-left ``size``: ``Tensor[N, C, H', W'] -> Tensor[N, C, H, W]`` (``H <= H'``)."""
-    return x[..., : size[0], : size[1]]
+def crop_top_left(x: Tensor, height: int, width: int) -> Tensor:
+    """``Tensor[N, C, H', W'] -> Tensor[N, C, height, width]``, the top-left part (``height <= H'``),
+    undoing :func:`pad_to_multiple`. A negative ``F.pad`` rather than a slice, so that
+    ``torch.export`` does not specialise the program on whether the input needed padding (with a
+    slice it does)."""
+    return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
+
+
+def init_msra(module: nn.Module) -> None:
+    """He (Caffe "msra", fan-in) normal init for every conv and transposed conv of ``module``,
+    zero bias; BatchNorm to weight 1, bias 0 (SegNet's and DeconvNet's initialisation)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def load_model_weights(model: nn.Module, path: str, name: str) -> None:

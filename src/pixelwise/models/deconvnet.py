@@ -7,6 +7,11 @@ mirrors the 13 convs: per stage, max-unpooling with the encoder's pooling indice
 deconvolutions (``ConvTranspose2d``) + BN + ReLU; finally a 1x1 score conv. With 21 classes this is
 251,805,653 parameters, the count of the authors' ``DeconvNet_inference_deploy.prototxt``.
 
+Built from the blocks SegNet also uses (and nothing of SegNet's): the encoder runs through
+:func:`pixelwise.backbones.vgg.forward_stages`, which keeps the pooling indices; the decoder
+layout is :func:`~pixelwise.backbones.vgg.mirror_channels` of it, each stage a
+:class:`pixelwise.layers.DecoderStage` of transposed :func:`~pixelwise.layers.conv_bn` blocks.
+
 Input size. The paper's network sees 224x224 proposals (pool5 is 7x7, fc6 sees all of it). Here
 the input is zero-padded at the bottom/right to a multiple of 32 and to at least 224 in each
 dimension, and the logits are cropped back. At exactly 224x224 this is the paper's network; on a
@@ -19,26 +24,25 @@ from those seen when training on 224 crops. The paper's own way to handle large 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelwise.backbones.vgg import VGG16_CFG, make_features
-from pixelwise.errors import UserError
-from pixelwise.models._utils import forward_logits, pad_to_multiple
-from pixelwise.models.registry import register_model
-from pixelwise.models.segnet import (
-    DecoderStage,
-    conv_bn,
-    crop_top_left,
-    decoder_stages,
-    encode,
-    init_weights,
-    load_vgg_features,
+from pixelwise.backbones.vgg import (
+    VGG16_CFG,
+    features_info,
+    forward_stages,
+    load_features,
+    make_features,
     mirror_channels,
 )
+from pixelwise.errors import UserError
+from pixelwise.layers import DecoderStage, conv_bn, decoder_stages
+from pixelwise.models._utils import crop_top_left, forward_logits, init_msra, pad_to_multiple
+from pixelwise.models.registry import register_model
 
 __all__ = ["DeconvNet", "crop_boxes", "deconvnet", "instance_wise_predict", "load_pretrained", "pad_to_min"]
 
@@ -54,34 +58,35 @@ def pad_to_min(x: Tensor, min_size: int) -> Tensor:
 class DeconvNet(nn.Module):
     """``Tensor[N, 3, H, W]`` -> ``Tensor[N, num_classes, H, W]`` logits, any ``H, W``.
 
-    ``features``: the encoder (``nn.Sequential`` with P max pools, C output channels);
-    ``decoder``: P :class:`DecoderStage` (deepest first); ``classifier``: the score conv. Between
-    them ``fc6`` (``fc_kernel`` x ``fc_kernel`` valid conv C -> ``fc_channels``), ``fc7`` (1x1) and
-    ``deconv_fc6`` (transposed ``fc_kernel`` conv back to C). Inputs are padded to a multiple of
-    ``2**P`` and to at least ``fc_kernel * 2**P`` (224 for VGG16)."""
+    ``features``: the encoder (``nn.Sequential`` with P max pools; its deepest stage has C
+    channels at stride S, :func:`~pixelwise.backbones.vgg.features_info`); ``decoder``: P
+    :class:`~pixelwise.layers.DecoderStage` (deepest first); ``classifier``: the score conv.
+    Between them ``fc6`` (``fc_kernel`` x ``fc_kernel`` valid conv C -> ``fc_channels``), ``fc7``
+    (1x1) and ``deconv_fc6`` (transposed ``fc_kernel`` conv back to C). Inputs are padded to a
+    multiple of S and to at least ``fc_kernel * S`` (224 for VGG16)."""
 
-    def __init__(self, features: nn.Sequential, decoder: list[DecoderStage], classifier: nn.Module,
+    def __init__(self, features: nn.Sequential, decoder: Sequence[DecoderStage], classifier: nn.Module,
                  fc_channels: int = 4096, fc_kernel: int = 7) -> None:
         super().__init__()
-        pools = sum(isinstance(m, nn.MaxPool2d) for m in features)
-        channels = [m.out_channels for m in features if isinstance(m, nn.Conv2d)][-1]
-        if len(decoder) != pools:
-            raise ValueError(f"decoder has {len(decoder)} stages for an encoder with {pools} pools")
+        info = features_info(features)
+        if len(decoder) != len(info):
+            raise ValueError(f"decoder has {len(decoder)} stages for an encoder with {len(info)} pools")
+        channels, stride = info[-1].channels, info[-1].stride
         self.features = features
         self.fc6 = conv_bn(channels, fc_channels, fc_kernel, padding=0)
         self.fc7 = conv_bn(fc_channels, fc_channels, 1)
         self.deconv_fc6 = conv_bn(fc_channels, channels, fc_kernel, transposed=True, padding=0)
         self.decoder = nn.ModuleList(decoder)
         self.classifier = classifier
-        self.size_divisor = 2**pools
-        self.min_size = fc_kernel * 2**pools
+        self.size_divisor = stride
+        self.min_size = fc_kernel * stride
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         x = pad_to_multiple(pad_to_min(x, self.min_size), self.size_divisor)
-        x, indices, sizes = encode(self.features, x)
-        x = self.deconv_fc6(self.fc7(self.fc6(x)))
-        for stage, idx, size in zip(self.decoder, indices[::-1], sizes[::-1]):
+        enc = forward_stages(self.features, x, return_indices=True)
+        x = self.deconv_fc6(self.fc7(self.fc6(enc.stages[-1])))
+        for stage, idx, size in zip(self.decoder, enc.indices[::-1], enc.sizes[::-1]):
             x = stage(x, idx, size)
         return crop_top_left(self.classifier(x), h, w)
 
@@ -98,7 +103,7 @@ def deconvnet(num_classes: int, pretrained: str | None = None, fc_channels: int 
     layout[-1].append((64, 64, 3))  # deconv1_2 keeps 64 channels; the 1x1 score conv follows
     model = DeconvNet(features, decoder_stages(layout, "indices", transposed=True),
                       nn.Conv2d(64, num_classes, 1), fc_channels=fc_channels)
-    init_weights(model)
+    init_msra(model)
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
@@ -109,18 +114,19 @@ def load_pretrained(model: DeconvNet, pretrained: str) -> None:
     when the shapes fit (``fc_channels == 4096``, 7x7 fc6), ``classifier.0`` -> ``fc6`` (reshaped
     ``[4096, 25088] -> [4096, 512, 7, 7]``, the order in which VGG flattens pool5) and
     ``classifier.3`` -> ``fc7`` (``[4096, 4096, 1, 1]``)."""
-    state = load_vgg_features(model.features, pretrained)
+    state = load_features(model.features, pretrained)
     fc6, fc7 = model.fc6[0], model.fc7[0]
+    if not isinstance(fc6, nn.Conv2d) or not isinstance(fc7, nn.Conv2d):
+        raise TypeError(f"fc6/fc7 must be conv_bn blocks, got {type(fc6).__name__}/{type(fc7).__name__}")
     if fc6.out_channels != 4096 or fc6.kernel_size != (7, 7):
         return  # another fc shape than VGG16's: fc6/fc7 keep their fresh initialisation
     if "classifier.0.weight" not in state or "classifier.3.weight" not in state:
         raise UserError(f"{pretrained}: no classifier.0 / classifier.3 weights for DeconvNet's fc6/fc7; "
                         "pass a full torchvision vgg16_bn state dict (or build with fc_channels=1024)")
-    with torch.no_grad():
-        fc6.weight.copy_(state["classifier.0.weight"].reshape(fc6.weight.shape))
-        fc6.bias.copy_(state["classifier.0.bias"])
-        fc7.weight.copy_(state["classifier.3.weight"].reshape(fc7.weight.shape))
-        fc7.bias.copy_(state["classifier.3.bias"])
+    fc6.load_state_dict({"weight": state["classifier.0.weight"].reshape(fc6.weight.shape),
+                         "bias": state["classifier.0.bias"]})
+    fc7.load_state_dict({"weight": state["classifier.3.weight"].reshape(fc7.weight.shape),
+                         "bias": state["classifier.3.bias"]})
 
 
 # --------------------------------------------------------------------------- instance-wise inference

@@ -15,6 +15,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from pixelwise.models._utils import forward_logits
+from pixelwise.models.deconvnet import deconvnet
+from pixelwise.models.fcn import fcn8s
 
 __all__ = ["Ensemble", "edeconvnet"]
 
@@ -23,8 +25,11 @@ class Ensemble(nn.Module):
     """``Tensor[N, 3, H, W]`` -> ``Tensor[N, C, H, W]`` = ``log(sum_m w_m softmax(f_m(x)))``.
 
     ``models``: semantic models with the same classes (a member returning a dict contributes its
-    ``"out"``); ``weights``: positive, one per model, normalised to sum to 1 (default: equal).
+    ``"out"``, read by :func:`pixelwise.models.forward_logits`); ``weights``: positive, one per
+    model, normalised to sum to 1 (default: equal).
     """
+
+    log_weights: Tensor  # non-persistent buffer: configuration, not checkpoint data
 
     def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -55,8 +60,5 @@ def edeconvnet(num_classes: int, pretrained: str | None = None, weights: Sequenc
     :func:`pixelwise.models.deconvnet.instance_wise_predict` with FCN-8s's softmax (see
     ``docs/models.md``).
     """
-    from pixelwise.models.deconvnet import deconvnet
-    from pixelwise.models.fcn import fcn8s
-
     members = [deconvnet(num_classes, pretrained=pretrained), fcn8s(num_classes, pretrained=pretrained)]
     return Ensemble(members, weights)

@@ -44,17 +44,26 @@ from pixelwise.backbones.resnet import IntermediateLayerGetter, resnet50, resnet
 from pixelwise.backbones.vgg import URLS as VGG_URLS
 from pixelwise.backbones.vgg import VGG16_CFG, features_info, forward_stages, make_features
 from pixelwise.layers import BilinearUpsample
-from pixelwise.models._utils import SimpleSegmentationModel, crop_to, load_model_weights, pad_to_multiple
+from pixelwise.models._utils import SimpleSegmentationModel, crop_top_left, load_model_weights, pad_to_multiple
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
 
 __all__ = ["FCN", "FCNHead", "FCNVGG", "fcn8s", "fcn16s", "fcn32s", "fcn_resnet50", "fcn_resnet101",
-           "vgg16_to_fcn"]
+           "score_conv", "vgg16_to_fcn"]
 
 PAPER = "Long et al., CVPR 2015"
 
 
 # --------------------------------------------------------------------------- FCN on VGG-16
+
+
+def score_conv(in_channels: int, num_classes: int) -> nn.Conv2d:
+    """A 1x1 class scorer ``Tensor[N, in, h, w] -> Tensor[N, num_classes, h, w]``, zero-initialised
+    as in the paper (so FCN-8s first predicts what its coarser parts predict)."""
+    conv = nn.Conv2d(in_channels, num_classes, 1)
+    for p in conv.parameters():
+        nn.init.zeros_(p)
+    return conv
 
 
 class FCNVGG(nn.Module):
@@ -75,42 +84,41 @@ class FCNVGG(nn.Module):
         self.fc7 = nn.Conv2d(4096, 4096, 1)
         self.relu = nn.ReLU(inplace=True)
         self.drop = nn.Dropout(dropout)
-        self.score_fr = nn.Conv2d(4096, num_classes, 1)
+        self.score_fr = score_conv(4096, num_classes)
         if output_stride == 32:
             self.upscore = BilinearUpsample(num_classes, 32, learnable=False)
         else:
-            self.score_pool4 = nn.Conv2d(info["pool4"].channels, num_classes, 1)
+            self.score_pool4 = score_conv(info["pool4"].channels, num_classes)
             self.upscore2 = BilinearUpsample(num_classes, 2)
         if output_stride == 16:
             self.upscore16 = BilinearUpsample(num_classes, 16, learnable=False)
         if output_stride == 8:
-            self.score_pool3 = nn.Conv2d(info["pool3"].channels, num_classes, 1)
+            self.score_pool3 = score_conv(info["pool3"].channels, num_classes)
             self.upscore_pool4 = BilinearUpsample(num_classes, 2)
             self.upscore8 = BilinearUpsample(num_classes, 8, learnable=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Conv2d) and name.startswith("score"):
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
+        """He (fan-out) init for the VGG convs and fc6/fc7; the scorers are already zero."""
+        for m in (*self.features, self.fc6, self.fc7):
+            if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        size = (x.shape[-2], x.shape[-1])
+        height, width = x.shape[-2:]
         pool3, pool4, pool5 = forward_stages(self.features, pad_to_multiple(x, 32)).stages[2:]
         h = self.drop(self.relu(self.fc6(pool5)))
         h = self.drop(self.relu(self.fc7(h)))
         score = self.score_fr(h)  # stride 32
         if self.output_stride == 32:
-            return crop_to(self.upscore(score), size)
+            return crop_top_left(self.upscore(score), height, width)
         score = self.upscore2(score) + self.score_pool4(pool4)  # stride 16
         if self.output_stride == 16:
-            return crop_to(self.upscore16(score), size)
+            return crop_top_left(self.upscore16(score), height, width)
         score = self.upscore_pool4(score) + self.score_pool3(pool3)  # stride 8
-        return crop_to(self.upscore8(score), size)
+        return crop_top_left(self.upscore8(score), height, width)
 
 
 def vgg16_to_fcn(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -85,12 +85,19 @@ def valid_output_size(size: int) -> int | None:
     return s
 
 
+def valid_tile(size: int) -> tuple[int, int]:
+    """``(input, output)`` sides of the smallest valid input whose output covers ``size`` pixels."""
+    i = size
+    while True:
+        o = valid_output_size(i)
+        if o is not None and o >= size:
+            return i, o
+        i += 1
+
+
 def valid_input_size(size: int) -> int:
     """Smallest valid input side whose output covers ``size`` pixels."""
-    i = size
-    while (o := valid_output_size(i)) is None or o < size:
-        i += 1
-    return i
+    return valid_tile(size)[0]
 
 
 class UNet(nn.Module):
@@ -141,8 +148,7 @@ class UNet(nn.Module):
             ph, pw = -h % 2**DEPTH, -w % 2**DEPTH
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
             return self.forward_features(x)[..., :h, :w]
-        ih, iw = valid_input_size(h), valid_input_size(w)
-        oh, ow = valid_output_size(ih), valid_output_size(iw)
+        (ih, oh), (iw, ow) = valid_tile(h), valid_tile(w)
         top, left = (ih - oh) // 2, (iw - ow) // 2  # context the valid convolutions consume
         x = mirror_pad(x, top, ih - h - top, left, iw - w - left)
         return self.forward_features(x)[..., :h, :w]
@@ -171,20 +177,21 @@ def unet_weight_map(instance_masks: np.ndarray, class_mask: np.ndarray | None = 
     background pixels (those in no object), which is where touching objects are separated.
     With fewer than two objects the border term is zero.
     """
+    # start-up time: scipy.ndimage adds about 0.5 s to every `import pixelwise.models`; only this needs it
     from scipy.ndimage import distance_transform_edt
 
     masks = np.asarray(instance_masks, dtype=bool)
     k, h, w = masks.shape if masks.ndim == 3 else (0, *np.asarray(class_mask).shape)
     if class_mask is None:
-        class_mask = masks.any(0).astype(np.int64) if k else np.zeros((h, w), np.int64)
-    class_mask = np.asarray(class_mask).astype(np.int64)
+        class_mask = np.asarray(masks.any(axis=0)) if k else np.zeros((h, w), np.int64)
+    classes = np.asarray(class_mask).astype(np.int64)
     if class_weights is None:
-        freq = np.bincount(class_mask[class_mask != 255].ravel())
+        freq = np.bincount(classes[classes != 255].ravel())
         with np.errstate(divide="ignore"):
             class_weights = np.where(freq > 0, freq.max() / np.maximum(freq, 1), 0.0)
     lut = np.zeros(256, dtype=np.float64)
     lut[: len(class_weights)] = class_weights
-    weight = lut[class_mask]
+    weight = lut[classes]
     if k >= 2:
         dist = np.stack([distance_transform_edt(~m) for m in masks])  # 0 inside object k
         dist.sort(axis=0)

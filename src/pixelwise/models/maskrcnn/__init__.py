@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
 
 from pixelwise import ops
-from pixelwise.backbones import FrozenBatchNorm2d, IntermediateLayerGetter, resnet18, resnet50
+from pixelwise.backbones import FrozenBatchNorm2d, IntermediateLayerGetter, ResNet, resnet18, resnet50
 from pixelwise.errors import UserError
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator
 from pixelwise.models.maskrcnn.fpn import BackboneWithFPN, FeaturePyramidNetwork
@@ -165,14 +166,15 @@ def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -
         overwrite_eps(model, 0.0)
 
 
-def _maskrcnn(arch: str, num_classes: int, pretrained: str | None, kwargs: dict[str, Any]) -> MaskRCNN:
+def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classes: int, pretrained: str | None,
+              kwargs: dict[str, Any]) -> MaskRCNN:
+    """Mask R-CNN on the ResNet that ``make_resnet(pretrained=..., norm_layer=...)`` builds, with
+    heads of ``widths``: each public builder states both, nothing is looked up by name."""
     trainable = kwargs.pop("trainable_backbone_layers", None)
     transform, rpn, roi = split_kwargs(kwargs)
-    make_resnet = {"resnet50": resnet50, "resnet18": resnet18}[arch]
     # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
     norm_layer = nn.BatchNorm2d if pretrained is None else FrozenBatchNorm2d
     backbone = make_resnet(pretrained="imagenet" if pretrained == "imagenet" else None, norm_layer=norm_layer)
-    widths = LIGHT_HEADS if arch == "resnet18" else HeadWidths()
     model = build_maskrcnn(backbone, num_classes, transform, rpn, roi, widths)
     if pretrained not in (None, "imagenet"):
         load_detection_weights(model, pretrained, num_classes)
@@ -199,7 +201,7 @@ def maskrcnn_resnet50_fpn(num_classes: int = 91, pretrained: str | None = None, 
     to a full state dict. kwargs: see :func:`split_kwargs` and ``trainable_backbone_layers``
     (0..5, default 3 with pretrained weights, all 5 without).
     """
-    return _maskrcnn("resnet50", num_classes, pretrained, dict(kwargs))
+    return _maskrcnn(resnet50, HeadWidths(), num_classes, pretrained, dict(kwargs))
 
 
 @register_model("maskrcnn_resnet18_fpn", task="instance", paper="He et al., ICCV 2017 (ResNet-18 backbone)")
@@ -211,4 +213,4 @@ def maskrcnn_resnet18_fpn(num_classes: int = 91, pretrained: str | None = None, 
     No COCO weights exist for it; ``pretrained`` is ``None``, ``"imagenet"`` or a path."""
     if pretrained == "coco":
         raise UserError("maskrcnn_resnet18_fpn has no COCO weights; use pretrained='imagenet' or maskrcnn_resnet50_fpn")
-    return _maskrcnn("resnet18", num_classes, pretrained, dict(kwargs))
+    return _maskrcnn(resnet18, LIGHT_HEADS, num_classes, pretrained, dict(kwargs))
