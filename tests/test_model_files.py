@@ -1,12 +1,10 @@
-"""How the model files are put together (issue 10): one index-carrying encoder, DeconvNet on its
-own feet, no function-level imports without a reason."""
+"""How the model files are put together: one index-carrying encoder, DeconvNet on its own feet
+(function-level imports are checked package-wide in test_architecture.py)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-
-import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "pixelwise"
 MODEL_FILES = sorted([*SRC.glob("models/**/*.py"), *SRC.glob("backbones/*.py"), SRC / "layers.py"])
@@ -44,15 +42,3 @@ def test_only_the_vgg_encoder_keeps_pooling_indices():
                 callers.append(path.relative_to(SRC).as_posix())
     assert callers == ["backbones/vgg.py"]
 
-
-@pytest.mark.parametrize("path", MODEL_FILES, ids=lambda p: p.relative_to(SRC).as_posix())
-def test_function_level_imports_say_why(path):
-    """Imports inside functions only for optional dependencies or start-up time, with a comment."""
-    lines = path.read_text().splitlines()
-    for func in ast.walk(_tree(path)):
-        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
-            continue
-        for node in ast.walk(func):
-            if isinstance(node, ast.Import | ast.ImportFrom):
-                here, above = lines[node.lineno - 1], lines[node.lineno - 2]
-                assert "#" in here or above.strip().startswith("#"), f"{path.name}:{node.lineno} {here.strip()}"
