@@ -28,8 +28,9 @@ TINY_DATA = {"num_train": 8, "num_val": 4, "num_test": 4, "size": 32}
 
 
 def tiny(out, **kw) -> TrainConfig:
-    base = {"model": "unet", "dataset": "shapes", "out": None if out is None else str(out), "epochs": 2, "batch_size": 4,
-            "lr": 0.01, "progress": False, "model_kwargs": dict(TINY_MODEL), "dataset_kwargs": dict(TINY_DATA)}
+    base = {"model": "unet", "dataset": "shapes", "out": None if out is None else str(out), "epochs": 2,
+            "batch_size": 4, "lr": 0.01, "progress": False, "model_kwargs": dict(TINY_MODEL),
+            "dataset_kwargs": dict(TINY_DATA)}
     return TrainConfig(**{**base, **kw})
 
 

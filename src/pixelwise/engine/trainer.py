@@ -446,8 +446,9 @@ def plan_stages(run: Run) -> list[Stage]:
     return stages
 
 
-def run_stage(run: Run, state: TrainState, stage: Stage, multi: bool) -> None:
+def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
     """Train ``stage`` from where ``state`` stands until its epochs or its time are used up."""
+    multi = len(run.cfg.stages) > 1  # metrics.csv gets a stage column
     if stage.index == state.stage and state.stage_stopped:  # resumed after its time ran out
         return
     if stage.index > state.stage:
@@ -711,7 +712,7 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
         stages = plan_stages(run)
         try:
             for stage in stages[state.stage:]:
-                run_stage(run, state, stage, multi=len(stages) > 1)
+                run_stage(run, state, stage)
         except KeyboardInterrupt:
             save_interrupted(run, state)
             raise
