@@ -84,6 +84,7 @@ def test_resume_continues_to_the_same_weights(tmp_path):
 def test_models_verb_and_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "pixelwise", "models"], capture_output=True, text=True, check=True)
     assert "unet" in proc.stdout and "Ronneberger" in proc.stdout
+    assert "pixelwise recipes" in proc.stdout.splitlines()[-1]  # the footer points at the recipes
 
 
 def test_data_inspect_json(tmp_path):
@@ -109,3 +110,96 @@ def test_bench_reports_contract_keys(tmp_path):
 
     big = count_flops(lambda: create_model("segnet_basic", num_classes=21), (512, 512))
     assert r["gflops_per_img"] * 1e9 == pytest.approx(big * (32 * 48) / (512 * 512), rel=0.02)
+
+
+# --- train flags come from TrainConfig; recipes by name ----------------------------------------------
+def test_every_config_field_is_a_train_flag_defaulting_to_none():
+    import dataclasses
+
+    from pixelwise.cli import build_parser
+    from pixelwise.engine.config import TrainConfig
+
+    args = build_parser().parse_args(["train"])
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "stages":  # YAML only
+            assert not hasattr(args, f.name)
+            continue
+        assert getattr(args, f.name) is None, f.name  # only flags given override the recipe
+    flags = build_parser().parse_args(["train", "--no-progress", "--resume", "--batch-size", "3",
+                                       "--model-kwargs", '{"a": 1}', "--milestones", "3,6.5"])
+    assert (flags.progress, flags.resume, flags.batch_size) == (False, True, "3")
+
+
+def test_train_help_shows_each_default_without_importing_torch(monkeypatch):
+    import dataclasses
+
+    from pixelwise.engine.config import TrainConfig
+
+    code = ("import sys\nfrom pixelwise.cli import main\ntry:\n    main(['train', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)")
+    env = {**__import__("os").environ, "COLUMNS": "400"}  # no wrapped help text
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert proc.stdout.strip().endswith("torch loaded: False")
+    lines: dict[str, str] = {}  # flag -> its whole entry (a long flag's help starts on the next line)
+    for line in proc.stdout.split("options:")[1].splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0].rstrip(",")
+            lines[flag] = line
+        elif line.startswith("   ") and lines:
+            lines[flag] += " " + line.strip()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "stages":
+            line = lines[f"--{f.name.replace('_', '-')}"]
+            assert "(default: " in line and f.metadata["help"].split()[0] in line, line
+    assert lines["--batch-size"].endswith("(default: 8)")
+    assert lines["--optimizer"].split()[1] == "{sgd,adam,adamw}" and lines["--optimizer"].endswith("(default: adam)")
+    assert lines["--progress"].endswith("(default: true)") and "--no-progress" in lines["--progress"]
+    assert "(default: runs/<recipe name>, or runs/<model> without --config)" in lines["--out"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer", "rmsprop"], "optimizer 'rmsprop' is not one of: sgd, adam, adamw"),
+    (["--select-by", "val_loss"], "select_by 'val_loss' is not one of: auto, pixel_acc"),
+    (["--epochs", "two"], "--epochs must be an integer, got 'two'"),
+    (["--milestones", "3,x"], "--milestones must be comma-separated numbers like 30,60"),
+    (["--config", "unet_camvid"], "is neither a file nor a bundled recipe; bundled: "),
+    (["--config", "unet_camvid_cpu"], "needs --data PATH"),
+])
+def test_bad_train_values_are_one_line_errors_before_anything_is_written(tmp_path, capsys, flags, message):
+    out = tmp_path / "o"
+    assert main(["train", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pixelwise: error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_bundled_recipe_by_name_writes_to_runs_recipe(monkeypatch, capsys):
+    from pixelwise.engine import trainer
+
+    seen = {}
+
+    def fake_fit(cfg):
+        seen["cfg"] = cfg
+        return {"train_minutes": 0.0, "best_epoch": 1, "best": {"mIoU": 0.5}}
+
+    monkeypatch.setattr(trainer, "fit", fake_fit)
+    assert main(["train", "--config", "unet_camvid_cpu", "--data", "camvid-folder", "--lr", "0.01",
+                 "--no-progress", "--model-kwargs", '{"base_channels": 8}']) == 0
+    cfg = seen["cfg"]
+    assert (cfg.out, cfg.data, cfg.model, cfg.max_minutes) == ("runs/unet_camvid_cpu", "camvid-folder", "unet", 35)
+    assert cfg.lr == 0.01 and cfg.model_kwargs["base_channels"] == 8 and cfg.model_kwargs["batch_norm"]
+    assert "wrote runs/unet_camvid_cpu/best.safetensors" in capsys.readouterr().out
+    assert main(["train", "--model", "fcn8s", "--no-progress"]) == 0
+    assert seen["cfg"].out == "runs/fcn8s"  # without a recipe: runs/<model>
+
+
+def test_recipes_verb_lists_every_bundled_recipe(capsys):
+    from pixelwise.engine.config import bundled_recipes
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["recipe", "model", "dataset"]
+    rows = {line.split()[0]: line for line in out[1:] if line and not line.startswith("(")}
+    assert set(rows) == {p.stem for p in bundled_recipes()}
+    assert rows["unet_camvid_cpu"].split()[1:3] == ["unet", "camvid"] and "CamVid" in rows["unet_camvid_cpu"]
+    assert rows["deconvnet_voc"].split()[1:3] == ["deconvnet", "voc"]

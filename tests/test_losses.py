@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixelwise.losses import cross_entropy, dice_loss, focal_loss, lovasz_grad, lovasz_softmax, segmentation_loss
+from pixelwise.losses import (
+    LossSpec,
+    combined_loss,
+    cross_entropy,
+    dice_loss,
+    focal_loss,
+    lovasz_grad,
+    lovasz_softmax,
+    segmentation_loss,
+)
 
 
 def _case(n=2, c=4, h=5, w=6, seed=0, ignore_frac=0.2):
@@ -146,3 +155,16 @@ def test_all_ignored_gives_zero_not_nan():
     for kind in ("dice", "focal", "lovasz"):
         v = segmentation_loss(logits, target, kind)
         assert torch.isfinite(v) and v.item() == 0.0, kind
+
+
+@pytest.mark.parametrize("kind", ["ce", "focal", "ce+dice"])
+def test_combined_loss_adds_the_weighted_auxiliary_loss(kind):
+    logits, target = _case(seed=3)
+    aux, _ = _case(seed=4)
+    cw = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+    pw = torch.rand(target.shape, dtype=torch.float64) + 0.5
+    spec = LossSpec(kind, cw, focal_gamma=1.5, aux_weight=0.25)
+    main = segmentation_loss(logits, target, kind, cw, pw, 1.5)
+    assert torch.equal(combined_loss({"out": logits}, target, spec, pw), main)
+    both = combined_loss({"out": logits, "aux": aux}, target, spec, pw)
+    assert both.item() == pytest.approx((main + 0.25 * segmentation_loss(aux, target, kind, cw, pw, 1.5)).item())

@@ -3,6 +3,7 @@ mappings are valid, and its model builds (on the meta device, without downloadin
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 
 import pixelwise
 from pixelwise.data.augment import build_transform
-from pixelwise.engine.config import TrainConfig, build_config, load_yaml_config
+from pixelwise.engine.config import TrainConfig, build_config, find_recipe, load_yaml_config
 from pixelwise.errors import UserError
 from pixelwise.models import create_model, model_info
 
@@ -21,6 +22,15 @@ NUM_CLASSES = {"camvid": 11, "voc": 21, "cityscapes": 19, "isbi2012": 2, "shapes
 EXPECTED = {"fcn8s_voc", "segnet_camvid", "segnet_basic_camvid", "unet_isbi", "deconvnet_voc",
             "deeplabv3plus_cityscapes", "segnet_basic_camvid_cpu", "unet_camvid_cpu", "unet_isbi_cpu"}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+PAPERS = {  # arXiv id -> title
+    "1411.4038": "Fully Convolutional Networks for Semantic Segmentation",
+    "1511.00561": "SegNet: A Deep Convolutional Encoder-Decoder Architecture for Image Segmentation",
+    "1505.04366": "Learning Deconvolution Network for Semantic Segmentation",
+    "1505.04597": "U-Net: Convolutional Networks for Biomedical Image Segmentation",
+    "1703.06870": "Mask R-CNN",
+    "1706.05587": "Rethinking Atrous Convolution for Semantic Image Segmentation",
+    "1802.02611": "Encoder-Decoder with Atrous Separable Convolution for Semantic Image Segmentation",
+}
 
 
 def test_all_expected_recipes_exist():
@@ -49,16 +59,53 @@ def test_recipe_loads_and_builds(path):
 def test_recipe_cites_its_paper_and_is_documented(path):
     text = path.read_text()
     comments = [line for line in text.splitlines() if line.startswith("#")]
-    assert len(comments) >= 4 and "papers.md" in text, "each recipe explains the paper's setup and its differences"
+    assert len(comments) >= 4, "each recipe explains the paper's setup and its differences"
+    prose = " ".join(" ".join(line.lstrip("#").split()) for line in comments)
+    cited = {arxiv for arxiv, title in PAPERS.items() if f"{title}" in prose and f"arXiv:{arxiv}" in prose}
+    assert cited, "each recipe cites its paper by title and arXiv id"
+    assert "papers.md" not in text, "cite papers, not files outside the repository"
     assert "Differences here" in text or "CPU" in text
     if DOCS.exists():
         assert path.name in DOCS.read_text(), f"{path.name} is not described in docs/recipes.md"
 
 
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_holds_no_machine_paths(path):
+    values = load_yaml_config(path)
+    assert "data" not in values and "out" not in values, "data comes from --data, out defaults to runs/<recipe>"
+    assert not re.search(r"(^|[\s'\"])(/tmp|/work|/home|/Users|~)/", path.read_text(), re.M)
+    cfg = build_config(values, {}, recipe=path.stem)
+    assert cfg.out == f"runs/{path.stem}" and cfg.data is None
+
+
+def test_docs_hold_no_machine_paths_and_cite_papers():
+    text = DOCS.read_text()
+    assert not re.search(r"(/tmp/|/work/|/home/|/Users/)", text)
+    assert "papers.md" not in text
+    for arxiv in ("1411.4038", "1511.00561", "1505.04366", "1505.04597", "1703.06870", "1802.02611"):
+        assert f"arXiv:{arxiv}" in text, arxiv
+    commands = [line for line in text.splitlines() if line.startswith("pixelwise train")]
+    assert commands and all("--config " in c and ".yaml" not in c for c in commands), commands
+
+
 @pytest.mark.parametrize("name", ["segnet_basic_camvid_cpu", "unet_camvid_cpu", "unet_isbi_cpu"])
-def test_results_recipes_have_a_budget_and_write_outside_the_repo(name):
-    cfg = build_config(load_yaml_config(CONFIGS / f"{name}.yaml"), {})
-    assert cfg.out.startswith("/tmp/pixelwise_runs/") and cfg.max_minutes is not None
+def test_results_recipes_have_a_budget(name):
+    cfg = build_config(load_yaml_config(find_recipe(name)), {}, recipe=name)
+    assert cfg.max_minutes is not None and cfg.out == f"runs/{name}"
+
+
+def test_recipes_are_found_by_name_or_path(tmp_path):
+    assert find_recipe("unet_camvid_cpu") == CONFIGS / "unet_camvid_cpu.yaml"
+    assert find_recipe("unet_camvid_cpu.yaml") == CONFIGS / "unet_camvid_cpu.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("model: unet\n")
+    assert find_recipe(str(own)) == own
+    with pytest.raises(UserError, match="neither a file nor a bundled recipe; bundled: .*unet_camvid_cpu"):
+        find_recipe("unet_camvid")
+    with pytest.raises(UserError, match="bundled: "):
+        find_recipe(str(tmp_path / "missing.yaml"))
+    assert build_config({"model": "fcn8s"}, {}).out == "runs/fcn8s"
+    assert build_config({"model": "fcn8s"}, {"out": "elsewhere"}, recipe="fcn8s_voc").out == "elsewhere"
 
 
 def test_unknown_key_is_rejected(tmp_path):

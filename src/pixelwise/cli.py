@@ -7,12 +7,14 @@ Every verb exits 0 on success, 2 with a one-line ``pixelwise: error: ...`` on ba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
 from pathlib import Path
 
 from pixelwise._version import __version__
+from pixelwise.engine import config as train_config  # no torch: --help stays fast
 from pixelwise.errors import UserError
 
 DEFAULT_MC_SAMPLES = 8
@@ -20,81 +22,48 @@ TTA_CHOICES = ["flip", "d4"]  # pixelwise.inference.tta.TTA_MODES, named here so
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    """Flags = TrainConfig fields (``--max-minutes`` <-> ``max_minutes``); see docs/training.md."""
-    flag = p.add_argument
-    on = {"action": "store_true", "default": None}
-    flag("--config", help="YAML recipe; keys = long flag names with _ for - (plus stages:)")
-    flag("--model", help="model name (see `pixelwise models`)")
-    flag("--dataset", help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, isbi2012, coco, folder")
-    flag("--data", help="dataset root folder (optional for shapes)")
-    flag("--out", help="output folder for checkpoints and metrics")
-    flag("--epochs", type=int)
-    flag("--max-minutes", type=float, help="time budget; the schedule anneals by max(step, time) fraction")
-    flag("--batch-size", type=int, help="images per step per process")
-    flag("--accumulate", type=int, help="gradient accumulation: micro-batches per optimizer step")
-    flag("--optimizer", choices=["sgd", "adam", "adamw"])
-    flag("--lr", type=float, help="peak learning rate")
-    flag("--momentum", type=float, help="SGD momentum / Adam beta1 (default 0.9)")
-    flag("--nesterov", **on, help="SGD with Nesterov momentum")
-    flag("--weight-decay", type=float, help="not applied to biases and norm weights unless --decay-norm-and-bias")
-    flag("--decay-norm-and-bias", **on, help="apply weight decay to every parameter")
-    flag("--schedule", choices=["poly", "cosine", "step", "constant"], help="LR schedule (default poly)")
-    flag("--poly-power", type=float)
-    flag("--milestones", help="step schedule: comma-separated epochs, e.g. 30,60")
-    flag("--gamma", type=float, help="step schedule: LR multiplier at each milestone")
-    flag("--warmup-epochs", type=float, help="linear warm-up length in epochs")
-    flag("--warmup-iters", type=int, help="linear warm-up length in optimizer steps")
-    flag("--warmup-factor", type=float, help="warm-up starts at lr x this (default 0.001)")
-    flag("--clip-grad-norm", type=float, help="clip the global gradient norm")
-    flag("--loss", choices=["ce", "dice", "focal", "lovasz", "ce+dice"])
-    flag("--class-weights", help="none | median-freq | FILE (.json list or .txt of numbers)")
-    flag("--weight-map", choices=["none", "unet"],
-         help="unet: the U-Net paper's border-weighted loss from connected components of --weight-map-class")
-    flag("--weight-map-class", type=int, help="class whose connected components are the objects (default 1)")
-    flag("--select-by", help="validation metric that picks best.safetensors: auto (mIoU; mask_AP for instance "
-         "models) | pixel_acc | mean_acc | mIoU | fwIoU | dice | mask_AP | mask_AP50 | mask_AP75 | box_AP")
-    flag("--focal-gamma", type=float)
-    flag("--aux-weight", type=float, help="weight of the auxiliary head's loss (default 0.4)")
-    flag("--crop", help="random training crop HxW (sets augment crop)")
-    flag("--augment", help='JSON object of augmentation keys, e.g. \'{"scale": [0.5, 2.0], "jitter": false}\'')
-    flag("--instance-crops", **on, help="train on crops centred on object instances")
-    flag("--instance-context", type=float, help="instance crop = object box x this (default 1.2)")
-    flag("--pretrained", help="imagenet, or a weights file (.safetensors, or .pth read with weights_only)")
-    flag("--resume", **on, help="continue from OUT/last.state.safetensors")
-    flag("--seed", type=int)
-    flag("--device", choices=["cpu", "cuda"])
-    flag("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision (default auto)")
-    flag("--channels-last", **on, help="NHWC memory format")
-    flag("--sync-bn", **on, help="SyncBatchNorm under torchrun (CUDA)")
-    flag("--num-workers", type=int)
-    flag("--train-split")
-    flag("--val-split")
-    flag("--skip-invalid", **on, help="drop files that fail the dataset check instead of refusing to train")
-    flag("--model-kwargs", help='JSON object of model options, e.g. \'{"base_channels": 32}\'')
-    flag("--dataset-kwargs", help='JSON object of dataset options, e.g. \'{"num_train": 200}\'')
-    flag("--tensorboard", **on, help="also log to OUT/tensorboard (needs the tensorboard package)")
-    flag("--no-progress", action="store_true", help="no progress bars")
+    """One flag per TrainConfig field (``--max-minutes`` <-> ``max_minutes``), with the field's help,
+    choices and default; booleans as ``--flag/--no-flag``. Every default is None here, so that
+    only the flags given override the recipe; cmd_train converts and checks the values."""
+    p.add_argument("--config", metavar="RECIPE", help="YAML recipe: a file, or the name of a bundled recipe (see "
+                   "`pixelwise recipes`); keys = long flag names with _ for - (plus stages:)")
+    defaults = train_config.TrainConfig()
+    for f in dataclasses.fields(defaults):
+        if f.name in train_config.YAML_ONLY:
+            continue
+        meta, kind = f.metadata, train_config.field_kind(f.name)
+        default = meta["default_text"] or _shown_default(getattr(defaults, f.name))
+        choices = f"; one of: {', '.join(meta['choices'])}" if meta["choices"] and meta["metavar"] else ""
+        help = f"{meta['help']}{choices} (default: {default})".replace("%", "%%")
+        flag = f"--{f.name.replace('_', '-')}"
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            continue
+        metavar = meta["metavar"] or ("{" + ",".join(meta["choices"]) + "}" if meta["choices"] else
+                                      {int: "N", float: "X", dict: "JSON", list: "LIST"}.get(kind, "TEXT"))
+        p.add_argument(flag, metavar=metavar, help=help)
+
+
+def _shown_default(value: object) -> str:
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
-    from pixelwise.engine.config import build_config, config_fields, load_yaml_config, parse_json_dict
     from pixelwise.engine.distributed import env_info
     from pixelwise.engine.trainer import fit
 
-    file_values = load_yaml_config(args.config) if args.config else {}
-    cli = {k: getattr(args, k) for k in config_fields() if hasattr(args, k)}
-    for key in ("model_kwargs", "dataset_kwargs", "augment"):
-        text = cli.get(key)
-        cli[key] = parse_json_dict(text, f"--{key.replace('_', '-')}") if text else None
-    if args.milestones:
-        try:
-            cli["milestones"] = [float(m) if "." in m else int(m) for m in args.milestones.split(",") if m.strip()]
-        except ValueError:
-            raise UserError(f"--milestones must be comma-separated epochs like 30,60: {args.milestones!r}") from None
-    if args.no_progress:
-        cli["progress"] = False
-    cfg = build_config(file_values, cli)
+    recipe = train_config.find_recipe(args.config) if args.config else None
+    file_values = train_config.load_yaml_config(recipe) if recipe else {}
+    cli = {}
+    for name in train_config.config_fields():
+        value = getattr(args, name, None)
+        cli[name] = train_config.flag_value(name, value) if isinstance(value, str) else value
+    cfg = train_config.build_config(file_values, cli, recipe.stem if recipe else None)
     summary = fit(cfg)
     if not env_info().is_main:
         return 0
@@ -105,10 +74,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    import torch  # start-up time, as below
+def cmd_recipes(args: argparse.Namespace) -> int:
+    rows = [train_config.recipe_summary(path) for path in train_config.bundled_recipes()]
+    header = {"name": "recipe", "model": "model", "dataset": "dataset", "description": "description"}
+    widths = {k: max(len(str(r[k])) for r in [header, *rows]) for k in ("name", "model", "dataset")}
+    for r in [header, *rows]:
+        print("  ".join(str(r[k]).ljust(w) for k, w in widths.items()) + "  " + r["description"])
+    print("(train one with `pixelwise train --config NAME --data PATH`; it writes to runs/NAME unless --out; "
+          "docs/recipes.md has each recipe's paper and measured results)")
+    return 0
 
+
+def cmd_models(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    import torch
+
     from pixelwise.inference.bench import count_flops
     from pixelwise.models import create_model, list_models, model_info
 
@@ -126,13 +106,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print("(21 classes for semantic models, 91 for instance models; GFLOPs = 2 x multiply-adds of one "
           "forward pass on a 1x3x512x512 input, counted with torch.utils.flop_counter)")
+    print("training recipes for these models: `pixelwise recipes`")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.checkpoint import load_checkpoint
-    from pixelwise.engine.config import parse_size
     from pixelwise.inference.bench import benchmark
     from pixelwise.models import create_model, model_info
 
@@ -144,7 +124,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         task = model_info(args.model).task
         model = create_model(args.model, num_classes=args.num_classes)
-    size = parse_size(args.size)
+    size = train_config.parse_size(args.size)
     if size is None:
         raise UserError("--size needs HxW, e.g. 512x512")
     result = benchmark(model, size, batch=args.batch, mode=args.mode, device=args.device,
@@ -160,10 +140,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.data import build_dataset
     from pixelwise.data.inspect import format_report, inspect_dataset
-    from pixelwise.engine.config import parse_json_dict
 
     ds = build_dataset(args.dataset, args.data, args.split,
-                       **parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
+                       **train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
     report = inspect_dataset(ds, progress=not args.no_progress)
     print(format_report(report))
     if args.json:
@@ -176,14 +155,11 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
     """``--resize``: "HxW" (override the checkpoint's input size) or "native" (each image's own
     size) -> (resize, native_size); None keeps the checkpoint's."""
-    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
-    from pixelwise.engine.config import parse_size
-
     if text is None:
         return None, False
     if text.lower() in ("native", "none", "off"):
         return None, True
-    return parse_size(text), False
+    return train_config.parse_size(text), False
 
 
 def predictor_options(args: argparse.Namespace) -> dict:
@@ -195,12 +171,11 @@ def predictor_options(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
-    from pixelwise.engine.config import parse_json_dict
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data, args.split, device=args.device,
-                                  dataset_kwargs=parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
+                                  dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
                                   progress=not args.no_progress, bf=not args.no_bf, **options)
     shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input")}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
@@ -275,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recipes", help="list the bundled training recipes (pixelwise train --config NAME)")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
     p.add_argument("--checkpoint", required=True)

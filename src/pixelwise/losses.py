@@ -2,14 +2,18 @@
 
 Every loss takes raw logits ``Tensor[N, C, H, W]`` and an int64 target ``Tensor[N, H, W]`` whose
 pixels equal to ``ignore_index`` (255) take no part. All return a scalar tensor.
+:class:`LossSpec` names a training loss and :func:`combined_loss` applies it to a model's main
+and auxiliary outputs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from pixelwise.sample import IGNORE_INDEX
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -153,3 +157,30 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "c
         return (cross_entropy(logits, target, class_weights, pixel_weights, ignore_index)
                 + dice_loss(logits, target, ignore_index=ignore_index))
     raise ValueError(f"unknown loss {kind!r}; choose ce, dice, focal, lovasz or ce+dice")
+
+
+@dataclass(frozen=True, eq=False)
+class LossSpec:
+    """A training loss: ``kind`` (``ce | dice | focal | lovasz | ce+dice``, see
+    :func:`segmentation_loss`), class weights ``Tensor[C]`` or None, the focal exponent and the
+    weight of an auxiliary head's loss."""
+
+    kind: str = "ce"
+    class_weights: torch.Tensor | None = None
+    focal_gamma: float = 2.0
+    aux_weight: float = 0.4
+
+
+def combined_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, spec: LossSpec,
+                  pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``spec.kind`` on ``outputs["out"]`` plus ``spec.aux_weight`` times the same loss on
+    ``outputs["aux"]`` when the model has an auxiliary head (torchvision's FCN/DeepLab recipe).
+
+    outputs: ``{"out": Tensor[N, C, H, W][, "aux": Tensor[N, C, H, W]]}`` (logits);
+    target: Int64[N, H, W]; pixel_weights: Tensor[N, H, W] or None. -> scalar.
+    """
+    loss = segmentation_loss(outputs["out"], target, spec.kind, spec.class_weights, pixel_weights, spec.focal_gamma)
+    if "aux" in outputs:
+        loss = loss + spec.aux_weight * segmentation_loss(outputs["aux"], target, spec.kind, spec.class_weights,
+                                                          pixel_weights, spec.focal_gamma)
+    return loss

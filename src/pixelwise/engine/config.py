@@ -1,16 +1,29 @@
 """Typed training configuration. YAML keys and CLI long flags map onto these fields one to one
 (``max_minutes`` <-> ``--max-minutes``). Defaults < YAML file < command line.
 
+Each field is declared with :func:`opt`: its default, the help of its ``pixelwise train`` flag
+and, for options with a fixed set of values, their choices. The CLI builds the flags from
+these fields and :meth:`TrainConfig.validate` checks the choices, so the two cannot drift.
+
 Nothing inherits from anything: a recipe is one flat mapping of these keys, plus an optional
 ``stages:`` list whose items override a few keys (:data:`STAGE_KEYS`) for a number of epochs.
+Bundled recipes (``pixelwise/configs/*.yaml``) are found by name (:func:`find_recipe`); they
+carry no machine paths: ``data`` comes from ``--data`` and ``out`` defaults to
+``runs/<recipe name>``.
+
+This module imports no torch, so that ``pixelwise train --help`` answers at once.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -20,84 +33,109 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("poly", "cosine", "step", "constant")
 LOSSES = ("ce", "dice", "focal", "lovasz", "ce+dice")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+WEIGHT_MAPS = ("none", "unet")
+DEVICES = ("cpu", "cuda")
 # validation metrics that can pick best.safetensors (higher is better); auto: mIoU, or mask_AP
 SEMANTIC_SELECT = ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice")
 INSTANCE_SELECT = ("mask_AP", "mask_AP50", "mask_AP75", "box_AP")
-# Keys a stage may override; everything else is fixed for the whole run.
-STAGE_KEYS = ("name", "epochs", "lr", "batch_size", "crop", "augment", "instance_crops", "instance_context",
-              "schedule", "warmup_epochs", "warmup_iters", "loss", "aux_weight", "accumulate", "clip_grad_norm")
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, stage: bool = False,
+        metavar: str | None = None, default_text: str | None = None) -> Any:
+    """A :class:`TrainConfig` field: ``default`` (mappings and lists are copied per instance), the
+    ``help`` of its flag, the allowed values (``choices``), whether a stage may override it
+    (``stage``), the flag's ``metavar`` and how ``--help`` shows the default (``default_text``)."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "stage": stage,
+                "metavar": metavar, "default_text": default_text}
+    if isinstance(default, dict | list):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
 class TrainConfig:
     # --- what to train, on what, where to write -------------------------------------------
-    model: str = "unet"  # registry name, see `pixelwise models`
-    dataset: str = "shapes"  # dataset kind (shapes, camvid, voc, ...)
-    data: str | None = None  # dataset root folder (unused for shapes)
-    out: str = "runs/train"  # output folder for checkpoints and metrics
-    model_kwargs: dict = field(default_factory=dict)  # extra builder arguments, e.g. base_channels
-    dataset_kwargs: dict = field(default_factory=dict)  # extra reader arguments, e.g. num_train
-    pretrained: str | None = None  # imagenet | path to weights
-    train_split: str = "train"
-    val_split: str = "val"
-    skip_invalid: bool = False  # drop invalid files instead of refusing to train
+    model: str = opt("unet", "model name (see `pixelwise models`)", metavar="NAME")
+    dataset: str = opt("shapes", "dataset kind: shapes, camvid, voc, cityscapes, ade20k, isbi2012, coco, folder",
+                       metavar="KIND")
+    data: str | None = opt(None, "dataset root folder (not needed for shapes)", metavar="PATH")
+    out: str | None = opt(None, "output folder for checkpoints and metrics", metavar="DIR",
+                          default_text="runs/<recipe name>, or runs/<model> without --config")
+    model_kwargs: dict = opt({}, "model builder options as a JSON object, e.g. '{\"base_channels\": 32}'")
+    dataset_kwargs: dict = opt({}, "dataset reader options as a JSON object, e.g. '{\"num_train\": 200}'")
+    pretrained: str | None = opt(None, "imagenet, or a weights file (.safetensors, or .pth read with weights_only)",
+                                 metavar="imagenet|PATH")
+    train_split: str = opt("train", "split to train on", metavar="SPLIT")
+    val_split: str = opt("val", "split to validate on after every epoch", metavar="SPLIT")
+    skip_invalid: bool = opt(False, "drop files that fail the dataset check instead of refusing to train")
     # --- length ---------------------------------------------------------------------------
-    epochs: int = 10  # passes over the training split (with stages: the sum of the stages' epochs)
-    max_minutes: float | None = None  # time budget; the schedule anneals by max(step, time) fraction
-    batch_size: int = 8  # images per step per process (x accumulate x processes = effective batch)
-    accumulate: int = 1  # gradient accumulation: micro-batches per optimizer step
+    epochs: int = opt(10, "passes over the training split (with stages: the sum of the stages' epochs)",
+                      stage=True)
+    max_minutes: float | None = opt(None, "time budget in minutes; the schedule anneals by max(step, time) "
+                                    "fraction and the run ends cleanly when it is spent", metavar="M")
+    batch_size: int = opt(8, "images per step per process (x accumulate x processes = effective batch)",
+                          stage=True)
+    accumulate: int = opt(1, "gradient accumulation: micro-batches per optimizer step", stage=True)
     # --- optimiser and schedule -----------------------------------------------------------
-    optimizer: str = "adam"  # sgd | adam | adamw
-    lr: float = 1e-3  # peak learning rate
-    momentum: float = 0.9  # SGD momentum (Adam/AdamW: beta1)
-    nesterov: bool = False  # SGD Nesterov momentum
-    weight_decay: float = 0.0  # L2 (SGD, Adam) or decoupled (AdamW) decay
-    decay_norm_and_bias: bool = False  # false: no weight decay on biases and norm-layer weights
-    schedule: str = "poly"  # poly | cosine | step | constant, over the configured epochs
-    poly_power: float = 0.9  # poly: lr * (1 - progress) ** power
-    milestones: list = field(default_factory=list)  # step: epochs at which lr is multiplied by gamma
-    gamma: float = 0.1  # step: multiplier at each milestone
-    warmup_epochs: float = 0.0  # linear warm-up length in epochs (may be fractional) ...
-    warmup_iters: int = 0  # ... or in optimizer steps (the longer of the two is used)
-    warmup_factor: float = 0.001  # warm-up starts at lr * warmup_factor
-    clip_grad_norm: float | None = None  # clip the global gradient norm to this value
+    optimizer: str = opt("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = opt(1e-3, "peak learning rate", stage=True)
+    momentum: float = opt(0.9, "SGD momentum (Adam/AdamW: beta1)")
+    nesterov: bool = opt(False, "SGD with Nesterov momentum")
+    weight_decay: float = opt(0.0, "L2 (SGD, Adam) or decoupled (AdamW) weight decay; not on biases and "
+                              "norm weights unless --decay-norm-and-bias")
+    decay_norm_and_bias: bool = opt(False, "apply weight decay to biases and norm-layer weights too")
+    schedule: str = opt("poly", "learning-rate schedule over the configured epochs", choices=SCHEDULES, stage=True)
+    poly_power: float = opt(0.9, "poly schedule: lr * (1 - progress) ** power")
+    milestones: list[float] = opt([], "step schedule: comma-separated epochs at which the lr is multiplied by "
+                                  "gamma, e.g. 30,60", metavar="E1,E2")
+    gamma: float = opt(0.1, "step schedule: lr multiplier at each milestone")
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (may be fractional)", stage=True)
+    warmup_iters: int = opt(0, "linear warm-up length in optimizer steps (the longer warm-up is used)",
+                            stage=True)
+    warmup_factor: float = opt(0.001, "warm-up starts at lr x this")
+    clip_grad_norm: float | None = opt(None, "clip the global gradient norm to this value", stage=True)
     # --- loss -----------------------------------------------------------------------------
-    loss: str = "ce"  # ce | dice | focal | lovasz | ce+dice (ignore index 255 everywhere)
-    class_weights: str = "none"  # none | median-freq (from the training split) | FILE (.json list or .txt)
-    focal_gamma: float = 2.0  # focal loss exponent (0 = cross-entropy)
-    aux_weight: float = 0.4  # weight of the auxiliary head's loss (models built with aux_loss=True)
-    weight_map: str = "none"  # none | unet: the U-Net paper's per-pixel weights (Eq. 2, w0=10, sigma=5)
-    weight_map_class: int = 1  # weight_map: the class whose connected components are the objects
+    loss: str = opt("ce", "loss (ignore index 255 everywhere)", choices=LOSSES, stage=True)
+    class_weights: str = opt("none", "none | median-freq (from the training split) | FILE (.json list or .txt of "
+                             "numbers, one per class)", metavar="none|median-freq|FILE")
+    focal_gamma: float = opt(2.0, "focal loss exponent (0 = cross-entropy)")
+    aux_weight: float = opt(0.4, "weight of the auxiliary head's loss (models built with aux_loss=True)",
+                            stage=True)
+    weight_map: str = opt("none", "unet: the U-Net paper's border-weighted loss (Eq. 2, w0=10, sigma=5) from the "
+                          "connected components of --weight-map-class", choices=WEIGHT_MAPS)
+    weight_map_class: int = opt(1, "weight map: the class whose connected components are the objects")
     # --- data -----------------------------------------------------------------------------
-    crop: str | None = None  # "HxW" random training crop; sets augment.crop
-    augment: dict = field(default_factory=dict)  # keys of data.augment.build_transform (crop, scale, ...)
-    instance_crops: bool = False  # train on crops centred on object instances (DeconvNet stage 1)
-    instance_context: float = 1.2  # instance crop = object box scaled by this around its centre
-    stages: list = field(default_factory=list)  # [{epochs: 5, lr: 0.01, instance_crops: true}, ...]
-    num_workers: int = 0  # DataLoader worker processes
+    crop: str | None = opt(None, "random training crop HxW (sets augment's crop)", metavar="HxW", stage=True)
+    augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize), "
+                        "e.g. '{\"scale\": [0.5, 2.0], \"jitter\": false}'", stage=True)
+    instance_crops: bool = opt(False, "train on crops centred on object instances (DeconvNet stage 1)", stage=True)
+    instance_context: float = opt(1.2, "instance crop = object box scaled by this around its centre", stage=True)
+    stages: list[dict] = opt([], "YAML only: [{epochs: 5, lr: 0.01, instance_crops: true}, ...]")
+    num_workers: int = opt(0, "DataLoader worker processes")
     # --- machine --------------------------------------------------------------------------
-    device: str = "cpu"  # cpu | cuda (under torchrun: cuda:LOCAL_RANK)
-    amp: str = "auto"  # auto | off | bf16 | fp16 (fp16: CUDA only, with a gradient scaler)
-    channels_last: bool = False  # NHWC memory format for model and inputs
-    sync_bn: bool = False  # under torchrun: convert BatchNorm to SyncBatchNorm
-    seed: int = 0
-    resume: bool = False  # continue from out/last.state.safetensors
-    select_by: str = "auto"  # validation metric that picks best.safetensors: auto (mIoU; mask_AP for
-    # instance models) | pixel_acc | mean_acc | mIoU | fwIoU | dice | mask_AP | mask_AP50 | mask_AP75 | box_AP
+    device: str = opt("cpu", "device (under torchrun: cuda:LOCAL_RANK)", choices=DEVICES)
+    amp: str = opt("auto", "mixed precision (fp16: CUDA only, with a gradient scaler)", choices=AMP_MODES)
+    channels_last: bool = opt(False, "NHWC memory format for model and inputs")
+    sync_bn: bool = opt(False, "SyncBatchNorm under torchrun (CUDA only)")
+    seed: int = opt(0, "seed of every random number generator")
+    resume: bool = opt(False, "continue from OUT/last.state.safetensors")
+    select_by: str = opt("auto", "validation metric that picks best.safetensors (auto: mIoU; mask_AP for "
+                         "instance models)", choices=("auto", *SEMANTIC_SELECT, *INSTANCE_SELECT),
+                         metavar="METRIC")
     # --- logging --------------------------------------------------------------------------
-    progress: bool = True  # show progress bars
-    tensorboard: bool = False  # also log to out/tensorboard (needs the tensorboard package)
+    progress: bool = opt(True, "show progress bars")
+    tensorboard: bool = opt(False, "also log to OUT/tensorboard (needs the tensorboard package)")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise UserError naming the first bad value."""
-        for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                             ("amp", AMP_MODES), ("weight_map", ("none", "unet")),
-                             ("select_by", ("auto", *SEMANTIC_SELECT, *INSTANCE_SELECT))):
-            if getattr(self, key) not in choices:
-                raise UserError(f"{key} {getattr(self, key)!r} is not one of: {', '.join(choices)}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"{f.name} {getattr(self, f.name)!r} is not one of: {', '.join(choices)}")
         for key in ("epochs", "batch_size", "accumulate"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -110,8 +148,9 @@ class TrainConfig:
             raise UserError(f"max_minutes must be positive, got {self.max_minutes}")
         if not isinstance(self.milestones, list) or not all(isinstance(m, int | float) for m in self.milestones):
             raise UserError(f"milestones must be a list of epochs, got {self.milestones!r}")
-        if not isinstance(self.augment, dict):
-            raise UserError(f"augment must be a mapping of augmentation keys, got {self.augment!r}")
+        for key in ("model_kwargs", "dataset_kwargs", "augment"):
+            if not isinstance(getattr(self, key), dict):
+                raise UserError(f"{key} must be a mapping, got {getattr(self, key)!r}")
         if not isinstance(self.stages, list):
             raise UserError("stages must be a list of mappings, e.g. [{epochs: 5, instance_crops: true}]")
         for i, stage in enumerate(self.stages):
@@ -135,13 +174,75 @@ class TrainConfig:
             return [("train", self)]
         out = []
         for i, stage in enumerate(self.stages):
-            over = {k: v for k, v in stage.items() if k != "name"}
+            over = {k: copy.deepcopy(v) for k, v in stage.items() if k != "name"}
             out.append((str(stage.get("name", f"stage{i + 1}")), dataclasses.replace(self, stages=[], **over)))
         return out
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+# Keys a stage may override (fields declared with stage=True); everything else is fixed for the run.
+STAGE_KEYS = ("name", *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["stage"]))
+YAML_ONLY = ("stages",)  # fields without a command-line flag
+
+
+def field_kind(name: str) -> type:
+    """The value type of field ``name`` without ``None``: bool, int, float, str, dict or list."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args and typing.get_origin(hint) is not list else hint
+    return typing.get_origin(base) or base
+
+
+def flag_value(name: str, text: str) -> Any:
+    """The text of flag ``--name`` -> the field's value: numbers, a JSON object for mappings,
+    comma-separated numbers for ``milestones``. A bad value is a UserError naming the flag."""
+    flag, kind = f"--{name.replace('_', '-')}", field_kind(name)
+    if kind is dict:
+        return parse_json_dict(text, flag)
+    try:
+        if kind is list:
+            return [float(m) if "." in m else int(m) for m in text.split(",") if m.strip()]
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        what = {list: "comma-separated numbers like 30,60", int: "an integer", float: "a number"}[kind]
+        raise UserError(f"{flag} must be {what}, got {text!r}") from None
+    return text
+
+
+def default_out(model: str, recipe: str | None = None) -> str:
+    """Where a run writes when no ``out`` is given: ``runs/<recipe name>``, else ``runs/<model>``."""
+    return f"runs/{recipe or model}"
+
+
+def bundled_recipes() -> list[Path]:
+    return sorted(RECIPES_DIR.glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, or the name of a bundled recipe (``unet_camvid_cpu``,
+    with or without ``.yaml``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    names = ", ".join(p.stem for p in bundled_recipes())
+    raise UserError(f"config {str(name_or_path)!r} is neither a file nor a bundled recipe; bundled: {names}")
+
+
+def recipe_summary(path: Path) -> dict:
+    """``name model dataset description`` of a recipe; the description is its first comment line."""
+    values = load_yaml_config(path)
+    first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "")
+    return {"name": path.stem, "model": values.get("model", "-"), "dataset": values.get("dataset", "-"),
+            "description": first.lstrip("#").strip()}
 
 
 def load_yaml_config(path: str | Path) -> dict:
@@ -174,13 +275,16 @@ def parse_json_dict(text: str | None, flag: str) -> dict:
     return value
 
 
-def build_config(file_values: dict, cli_values: dict) -> TrainConfig:
+def build_config(file_values: dict, cli_values: dict, recipe: str | None = None) -> TrainConfig:
     """Defaults < YAML file < command line (only flags actually given). The dict-valued keys
-    (``model_kwargs dataset_kwargs augment``) merge key by key."""
+    (``model_kwargs dataset_kwargs augment``) merge key by key. Without ``out`` the run writes to
+    :func:`default_out` (``runs/<recipe>``, or ``runs/<model>``)."""
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     for key in ("model_kwargs", "dataset_kwargs", "augment"):
         if isinstance(file_values.get(key), dict) and cli_values.get(key) is not None:
             merged[key] = {**file_values[key], **cli_values[key]}
+    if merged.get("out") is None:
+        merged["out"] = default_out(merged.get("model", TrainConfig.model), recipe)
     try:
         return TrainConfig(**merged)
     except TypeError as e:

@@ -57,8 +57,8 @@ def setup(device: str) -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(dev)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=timedelta(minutes=30), **kwargs)
+        dist.init_process_group(backend, timeout=timedelta(minutes=30),
+                                device_id=dev if dev.type == "cuda" else None)
     return info, dev
 
 

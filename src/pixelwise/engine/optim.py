@@ -24,7 +24,8 @@ from pixelwise.errors import UserError
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
     """Trainable parameters split into ``[{"params": decayed, "weight_decay": wd},
     {"params": biases and norm weights, "weight_decay": 0}]`` (empty groups left out)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue

@@ -1,14 +1,25 @@
-"""The training loop: ``fit`` = for each stage, for each epoch ``train_one_epoch`` then
-``evaluate``, writing ``last.safetensors``, ``best.safetensors`` (by validation mIoU, or mask AP
-for instance models), ``last.state.safetensors`` (everything needed to resume), ``metrics.csv``
-(one row per epoch), ``metrics.json`` and the resolved ``config.yaml``.
+"""The training loop, as a few named steps over a typed :class:`TrainState`::
+
+    fit(cfg)
+      run = setup_run(cfg)           datasets, model, optimizer, precision, input contract, class weights
+      state = resume(run)            or a fresh TrainState
+      for stage in plan_stages(run):
+          run_stage(run, state, stage)
+            train_one_epoch(...)     optimizer steps over one epoch (or the rest of it)
+            evaluate(run)            validation through the input contract, at full resolution
+            save_epoch(...)          best / last / training state / metrics.csv
+      finish(run, state)             metrics.csv and metrics.json from the state
+
+A :class:`Run` holds what the run is built from and does not change while it trains; the
+:class:`TrainState` holds where it stands (counters, best score, metrics rows, RNG states) and
+is what ``last.state.safetensors`` stores besides the weights, optimizer and grad scaler.
 
 Never losing work:
 - every file is written atomically (temporary file + rename), so ``kill -9`` at any moment leaves
-  the previous complete files;
-- ``last.state.safetensors`` holds the weights *and* the optimizer, grad-scaler, schedule
-  position (epoch, step, batch within the epoch), every RNG state and the elapsed time, in one
-  file, so weights and state can never disagree;
+  the previous complete files. The training state is the commit point of an epoch: ``best`` and
+  ``last`` are written before it and ``metrics.csv`` (derived from its rows) after it, and a
+  resumed run rewrites ``metrics.csv`` from the state, so a kill between the two cannot leave a
+  stale table;
 - Ctrl-C (SIGINT) writes ``last`` + state at the last finished optimizer step, mid-epoch
   included, and raises ``KeyboardInterrupt`` (the CLI exits 130). ``--resume`` then continues the
   epoch with the batches not yet seen, in the same order;
@@ -24,25 +35,27 @@ different augmentations).
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
+import functools
 import json
 import math
+import operator
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import yaml
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from pixelwise.checkpoint import load_train_state as read_train_state
-from pixelwise.checkpoint import model_input_spec, save_checkpoint
-from pixelwise.checkpoint import save_train_state as write_train_state
+from pixelwise.checkpoint import load_train_state, model_input_spec, save_checkpoint, save_train_state
 from pixelwise.data import SegmentationDataset, build_dataset, collate
 from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
@@ -50,16 +63,16 @@ from pixelwise.data.inspect import inspect_dataset
 from pixelwise.data.instance_crop import InstanceCrop
 from pixelwise.data.weightmap import UNetWeightMap
 from pixelwise.engine import distributed as dist
-from pixelwise.engine.config import INSTANCE_SELECT, SEMANTIC_SELECT, TrainConfig, parse_size
+from pixelwise.engine.config import INSTANCE_SELECT, SEMANTIC_SELECT, TrainConfig, default_out, parse_size
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
 from pixelwise.engine.validate import eval_collate, to_device, validate_instances, validate_semantic
 from pixelwise.errors import UserError
-from pixelwise.losses import segmentation_loss
+from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.preprocess import InputSpec
 
-Callback = Callable[[str, dict], None]  # (event "step" | "epoch", state) -> None
+RngState = tuple[dict[str, torch.Tensor], dict]  # (tensors, JSON-able values) of every RNG
 
 
 # --- randomness -------------------------------------------------------------------------------
@@ -79,7 +92,7 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return (seed * 100003 + epoch) * 1009 + rank if rank else seed * 100003 + epoch
 
 
-def rng_snapshot() -> tuple[dict[str, torch.Tensor], dict]:
+def rng_snapshot() -> RngState:
     """Every RNG state as (tensors, JSON-able dict): torch CPU, CUDA, numpy, python."""
     tensors = {"rng.torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -102,31 +115,52 @@ def rng_restore(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((v, tuple(internal), gauss))
 
 
-# --- losses -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LossSpec:
-    kind: str = "ce"  # ce | dice | focal | lovasz | ce+dice
-    class_weights: torch.Tensor | None = None  # Tensor[C]
-    focal_gamma: float = 2.0
-    aux_weight: float = 0.4
+# --- the state of a run -------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """Where a run stands. Counters count what is finished; everything but ``rng`` is JSON
+    (:meth:`to_json`), saved with the weights in ``last.state.safetensors``."""
+
+    selected_by: str = "mIoU"  # the validation metric that picks best.safetensors
+    amp: str = "off"  # the precision the run trains in (kept on resume)
+    epoch: int = 0  # epochs finished, over all stages
+    step: int = 0  # optimizer steps finished, over all stages
+    stage: int = 0  # index of the stage in progress
+    stage_epoch: int = 0  # epochs finished in that stage
+    stage_step: int = 0  # optimizer steps finished in that stage (its schedule's position)
+    stage_start_s: float = 0.0  # elapsed seconds when that stage began (its share of the time budget)
+    stage_stopped: bool = False  # that stage ended on its time budget: a resume moves on
+    batch: int = 0  # micro-batches finished in the epoch in progress (0 between epochs)
+    loss_sum: float = 0.0  # sum of loss x images over the finished steps of the epoch in progress
+    images: int = 0  # images in loss_sum
+    lr: float = 0.0  # learning rate of the latest step
+    best_score: float = -math.inf  # best value of selected_by so far
+    best_epoch: int | None = None  # the epoch of best.safetensors
+    elapsed_s: float = 0.0  # training wall time, across resumes
+    rows: list[dict] = field(default_factory=list)  # metrics.csv: one row per finished epoch
+    rng: RngState | None = None  # every RNG state after the latest step or epoch
+
+    def to_json(self) -> dict:
+        values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "rng"}
+        if values["best_score"] == -math.inf:  # JSON has no infinity
+            values["best_score"] = None
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainState:
+        """The inverse of :meth:`to_json`; keys it does not know (e.g. ``rng``) are left out and
+        missing ones (state files of older versions) keep their defaults."""
+        known = {f.name for f in fields(cls)} - {"rng"}
+        state = cls(**{k: v for k, v in values.items() if k in known})
+        if state.best_score is None:
+            state.best_score = -math.inf
+        return state
 
 
-def semantic_loss(model: nn.Module, batch: dict, spec: LossSpec) -> torch.Tensor:
-    """``spec.kind`` on the main logits (+ ``aux_weight`` x the same on ``out["aux"]``)."""
-    outputs = model_outputs(model, batch["image"])
-    loss = 0.0
-    for key, w in (("out", 1.0), ("aux", spec.aux_weight)):
-        if key in outputs:
-            loss = loss + w * segmentation_loss(outputs[key], batch["mask"], spec.kind, spec.class_weights,
-                                                batch.get("weight"), spec.focal_gamma)
-    return loss
+Callback = Callable[[str, TrainState], None]  # (event "step" | "epoch", state) -> None
 
 
-def instance_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    losses = model(list(batch["image"]), batch["target"])
-    return sum(losses.values())
-
-
+# --- class weights ------------------------------------------------------------------------------
 def read_class_weights(path: str | Path, num_classes: int) -> list[float]:
     """A ``.json`` list or a ``.txt`` of numbers (whitespace/comma separated) -> C floats."""
     path = Path(path)
@@ -147,7 +181,8 @@ def read_class_weights(path: str | Path, num_classes: int) -> list[float]:
     return [float(v) for v in values]
 
 
-def class_weights_for(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path, log=print) -> list[float] | None:
+def class_weights_for(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path,
+                      log: Callable[[str], None] = print) -> list[float] | None:
     """``cfg.class_weights`` -> per-class weights. ``median-freq`` is computed once from the raw
     training split (``data.inspect``) and cached in ``out/class_weights.json``."""
     if cfg.class_weights in ("none", "", None):
@@ -179,15 +214,16 @@ def train_transform(cfg: TrainConfig) -> Callable:
     crop = parse_size(cfg.crop)
     if crop:
         aug["crop"] = list(crop)
-    preset = build_transform(aug, train=True)
+    steps: list[Callable] = [build_transform(aug, train=True)]
     if cfg.weight_map == "unet":  # computed on the whole raw mask, then augmented with it
-        preset = Compose([UNetWeightMap(foreground=cfg.weight_map_class), preset])
-    if not cfg.instance_crops:
-        return preset
-    if aug.get("crop") is None:
-        raise UserError("instance_crops needs a crop size: set crop: HxW (or augment: {crop: [h, w]})")
-    size = aug["crop"] if isinstance(aug["crop"], list | tuple) else (aug["crop"], aug["crop"])
-    return Compose([InstanceCrop(size, cfg.instance_context), preset])
+        steps.insert(0, UNetWeightMap(foreground=cfg.weight_map_class))
+    if cfg.instance_crops:
+        if aug.get("crop") is None:
+            raise UserError("instance_crops needs a crop size: set crop: HxW (or augment: {crop: [h, w]})")
+        c = aug["crop"]
+        size = (int(c[0]), int(c[1])) if isinstance(c, list | tuple) else (int(c), int(c))
+        steps.insert(0, InstanceCrop(size, cfg.instance_context))
+    return steps[0] if len(steps) == 1 else Compose(steps)
 
 
 def open_datasets(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
@@ -222,121 +258,96 @@ def apply_contract(spec: InputSpec, train_ds: SegmentationDataset, val_ds: Segme
 def epoch_indices(n: int, cfg: TrainConfig, epoch: int, info: dist.DistInfo) -> list[int]:
     """This rank's shuffled sample order for ``epoch`` (a DistributedSampler under torchrun)."""
     if info.enabled:
-        sampler = DistributedSampler(range(n), info.world_size, info.rank, shuffle=True, seed=cfg.seed)
+        sampler: DistributedSampler = DistributedSampler(range(n), info.world_size,  # type: ignore[arg-type]
+                                                         info.rank, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
         return list(sampler)
     g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
     return torch.randperm(n, generator=g).tolist()
 
 
-# --- one epoch ----------------------------------------------------------------------------------
-class Diverged(UserError):
-    """A NaN or infinite loss."""
+# --- losses -------------------------------------------------------------------------------------
+def semantic_loss(model: nn.Module, batch: dict, spec: LossSpec) -> torch.Tensor:
+    """The loss of a semantic model's main (and auxiliary) outputs on ``batch``."""
+    return combined_loss(model_outputs(model, batch["image"]), batch["mask"], spec, batch.get("weight"))
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                    device: torch.device, lr_factor: Callable[[], float], state: dict, *, amp: str = "off",
-                    scaler: torch.amp.GradScaler | None = None, accumulate: int = 1,
-                    clip_grad_norm: float | None = None, channels_last: bool = False,
-                    desc: str = "", show: bool = True, deadline: float | None = None,
-                    callbacks: Sequence[Callback] = ()) -> bool:
-    """Train over ``loader`` (whose first ``state["batch"]`` batches were already done).
-
-    Every ``accumulate`` micro-batches (or fewer at the end) make one optimizer step at LR
-    ``initial_lr * lr_factor()``; the loss of each micro-batch is divided by the group's size,
-    so the step uses the mean gradient. After each step ``state`` gets ``step``, ``stage_step``,
-    ``batch``, running ``loss_sum``/``images`` and ``rng`` (the RNG states), and the callbacks
-    run with ``("step", state)``. Returns True when ``deadline`` (``time.monotonic()``) passed.
-    """
-    model.train()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    total = len(loader) + state["batch"]  # micro-batches in the whole epoch
-    bar = tqdm(loader, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
-    t0, seen, lr = time.monotonic(), 0, optimizer.param_groups[0]["lr"]
-    for i, batch in enumerate(bar, start=state["batch"]):
-        group_start = i - i % accumulate
-        group_size = min(accumulate, total - group_start)
-        last_in_group = i + 1 == group_start + group_size
-        if i == group_start:
-            lr = apply_lr(optimizer, lr_factor())
-        batch = to_device(batch, device, channels_last)
-        sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()
-        with sync:
-            with autocast(amp, device):
-                loss = loss_fn(model, batch)
-            value = loss.detach().float().reshape(1)
-            if dist.active():  # every rank stops together on a NaN anywhere
-                value = dist.all_reduce_sum(value) / dist.env_info().world_size
-            value = value.item()
-            if not math.isfinite(value):
-                raise Diverged(f"training diverged: loss is {value} at epoch {state['epoch'] + 1} step "
-                               f"{state['step'] + 1} (batch {i + 1}); the last good checkpoint is kept; "
-                               "lower --lr or set --clip-grad-norm")
-            scaler.scale(loss / group_size).backward()
-        n = len(batch["image"])
-        state["pending_loss"] = state.get("pending_loss", 0.0) + value * n
-        state["pending_images"] = state.get("pending_images", 0) + n
-        seen += n
-        if last_in_group:
-            if clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["stage_step"] += 1
-            state["batch"] = i + 1
-            state["loss_sum"] += state.pop("pending_loss")
-            state["images"] += state.pop("pending_images")
-            state["rng"] = rng_snapshot()
-            for cb in callbacks:
-                cb("step", state)
-        speed = seen * dist.env_info().world_size / max(time.monotonic() - t0, 1e-9)
-        bar.set_postfix(loss=f"{state['loss_sum'] / max(state['images'], 1):.4f}", lr=f"{lr:.2e}",
-                        img_s=f"{speed:.1f}")
-        if deadline is not None and last_in_group and time.monotonic() > deadline:
-            return True
-    return False
+def instance_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mask R-CNN computes its losses itself: their sum."""
+    losses = model(list(batch["image"]), batch["target"])
+    return functools.reduce(operator.add, losses.values())
 
 
-# --- checkpoints and state ------------------------------------------------------------------
-def checkpoint_meta(cfg: TrainConfig, ds: SegmentationDataset, spec: InputSpec, summary: dict | None = None) -> dict:
-    return {
-        "model": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": ds.num_classes,
-        "task": model_info(cfg.model).task, "class_names": list(ds.class_names),
-        "palette": [list(c) for c in ds.palette], "input": spec.to_dict(),
-        "dataset": cfg.dataset, "training": summary or {},
-    }
+# --- setting a run up ---------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a run is built from (:func:`setup_run`). Only :func:`resume` changes it: a resumed run
+    keeps the precision it started with."""
+
+    cfg: TrainConfig  # the run's own copy, ``out`` resolved
+    out: Path
+    info: dist.DistInfo
+    device: torch.device
+    task: str  # semantic | instance
+    select: str  # the validation metric that picks best.safetensors
+    train_ds: SegmentationDataset
+    val_ds: SegmentationDataset
+    val_shard: Dataset  # this process's share of val_ds
+    module: nn.Module  # the model: what is saved and validated
+    model: nn.Module  # what trains: ``module``, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    amp: str  # off | bf16 | fp16
+    amp_why: str
+    scaler: torch.amp.GradScaler
+    contract: InputSpec
+    class_weights: torch.Tensor | None
+    log: Callable[[str], None]
+    callbacks: list[Callback]
+    clock: float = 0.0  # time.monotonic() at which the run would have started had it never stopped
+
+    @property
+    def show(self) -> bool:
+        return self.cfg.progress and self.info.is_main
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.clock
 
 
-STATE_KEYS = ("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_start_s", "stage_stopped", "batch",
-              "loss_sum",
-              "images", "best_score", "best_epoch", "selected_by", "elapsed_s", "rows", "amp")
-
-
-def save_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None, state: dict) -> None:
-    """The counters of ``state`` (:data:`STATE_KEYS`) and its RNG snapshot, with the weights,
-    optimizer and scaler (:func:`pixelwise.checkpoint.save_train_state`)."""
-    rng_tensors, rng_meta = state["rng"] if state.get("rng") else rng_snapshot()
-    meta = {**{k: state[k] for k in STATE_KEYS if k in state}, "rng": rng_meta}
-    if meta.get("best_score") == -math.inf:
-        meta["best_score"] = None
-    write_train_state(path, model, optimizer, scaler, rng_tensors, meta)
-
-
-def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler | None) -> dict:
-    """Restore what :func:`save_train_state` wrote; -> the counters (``rng`` = (tensors, meta))."""
-    tensors, meta = read_train_state(path, model, optimizer, scaler)
-    if meta.get("best_score") is None:
-        meta["best_score"] = -math.inf
-    rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    meta["rng"] = (rng_tensors, meta["rng"]) if rng_tensors and meta.get("rng") else None
-    return meta
+def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
+              callbacks: Sequence[Callback] = ()) -> Run:
+    """Datasets, model, optimizer, precision, input contract, class weights, DDP and TensorBoard.
+    Bad settings and missing data fail here, before ``out`` is created."""
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+    cfg.out = cfg.out or default_out(cfg.model)
+    task = model_info(cfg.model).task
+    select = select_key(cfg.select_by, task)
+    if task == "instance" and cfg.class_weights not in ("none", "", None):
+        raise UserError("class_weights applies to semantic models only; remove it for instance models")
+    seed_everything(cfg.seed)
+    train_ds, val_ds = open_datasets(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    module = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
+                          **cfg.model_kwargs).to(device)
+    contract = input_contract(cfg, module, train_ds)
+    apply_contract(contract, train_ds, val_ds)
+    if cfg.channels_last:
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = build_optimizer(cfg, module)
+    amp, why = resolve_amp(cfg.amp, device)
+    if info.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    weights = class_weights_for(cfg, train_ds, out, log) if task == "semantic" else None
+    model = dist.wrap_model(module, info, device, cfg.sync_bn, find_unused_parameters=task == "instance")
+    callbacks = list(callbacks)
+    if cfg.tensorboard and info.is_main:
+        callbacks.append(TensorBoardLogger(out / "tensorboard"))
+    return Run(cfg=cfg, out=out, info=info, device=device, task=task, select=select, train_ds=train_ds,
+               val_ds=val_ds, val_shard=Subset(val_ds, dist.shard(len(val_ds), info)) if info.enabled else val_ds,
+               module=module, model=model, optimizer=optimizer, amp=amp, amp_why=why,
+               scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"), contract=contract,
+               class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
+               log=log, callbacks=callbacks)
 
 
 def select_key(select_by: str, task: str) -> str:
@@ -350,9 +361,277 @@ def select_key(select_by: str, task: str) -> str:
     return select_by
 
 
-def _score(metrics: dict, key: str) -> float:
-    value = metrics.get(key)
-    return -math.inf if value is None else float(value)
+# --- the training state file --------------------------------------------------------------------
+def save_state(run: Run, state: TrainState) -> None:
+    """``last.state.safetensors``: weights, optimizer, grad scaler, RNG states and the state's
+    counters (:func:`pixelwise.checkpoint.save_train_state`)."""
+    rng_tensors, rng_meta = state.rng or rng_snapshot()
+    save_train_state(run.out / "last.state.safetensors", run.module, run.optimizer, run.scaler, rng_tensors,
+                     {**state.to_json(), "rng": rng_meta})
+
+
+def load_state(run: Run) -> TrainState:
+    """Restore ``last.state.safetensors`` into the run's model, optimizer and scaler; -> its state."""
+    tensors, meta = load_train_state(run.out / "last.state.safetensors", run.module, run.optimizer, run.scaler)
+    meta.setdefault("selected_by", run.select)  # state files of older versions
+    meta.setdefault("amp", run.amp)
+    state = TrainState.from_json(meta)
+    rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    state.rng = (rng_tensors, meta["rng"]) if rng_tensors and meta.get("rng") else None
+    return state
+
+
+def resume(run: Run) -> TrainState:
+    """The state of the run in ``run.out``, its weights, optimizer and scaler restored. It must
+    pick ``best`` by the same metric, and keeps the precision it started with."""
+    path = run.out / "last.state.safetensors"
+    state = load_state(run)
+    if state.selected_by != run.select:  # best_score and best.safetensors belong to the other metric
+        raise UserError(f"{run.out} picked best.safetensors by {state.selected_by}; resume with "
+                        f"--select-by {state.selected_by}, or train into a new --out")
+    if state.amp != run.amp:
+        run.amp, run.amp_why = state.amp, "kept from the resumed run"
+        run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")
+        if run.scaler.is_enabled():  # its saved state was skipped by the disabled scaler
+            load_state(run)
+    if run.info.is_main:  # metrics.csv follows the state, even if a kill came between the two
+        _write_csv(run.out / "metrics.csv", state.rows)
+    where = f"epoch {state.epoch}" + (f" + {state.batch} batches" if state.batch else "")
+    run.log(f"resumed from {path} after {where}")
+    return state
+
+
+# --- stages and epochs --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run (a run without ``stages`` is one): its config, loss, schedule and share
+    of the time budget."""
+
+    index: int
+    name: str
+    cfg: TrainConfig  # the run's config with the stage's overrides
+    loss: LossSpec | None  # None: the model computes its own losses (instance models)
+    schedule: Schedule
+    drop_last: bool
+    budget_s: float | None  # this stage's share of the time budget
+    last: bool
+
+    def lr_factor(self, state: TrainState, elapsed_s: float) -> float:
+        """The schedule at the stage's step, or at its share of the time budget if further."""
+        frac = (elapsed_s - state.stage_start_s) / self.budget_s if self.budget_s else 0.0
+        return self.schedule.factor(state.stage_step, frac)
+
+    def deadline(self, run: Run, state: TrainState) -> float | None:
+        """``time.monotonic()`` at which this stage stops: the last stage at the end of the run's
+        budget, the others at the end of their share."""
+        if not self.budget_s or not run.cfg.max_minutes:
+            return None
+        return run.clock + (run.cfg.max_minutes * 60 if self.last else state.stage_start_s + self.budget_s)
+
+
+def plan_stages(run: Run) -> list[Stage]:
+    """The run's stages; the time budget is shared among them in proportion to their epochs."""
+    configs = run.cfg.stage_configs()
+    budget_s = run.cfg.max_minutes * 60 if run.cfg.max_minutes else None
+    stages = []
+    for i, (name, scfg) in enumerate(configs):
+        per_rank = len(epoch_indices(len(run.train_ds), scfg, 1, run.info))
+        drop_last = per_rank > scfg.batch_size
+        batches = per_rank // scfg.batch_size if drop_last else math.ceil(per_rank / scfg.batch_size)
+        loss = None if run.task == "instance" else LossSpec(scfg.loss, run.class_weights, scfg.focal_gamma,
+                                                             scfg.aux_weight)
+        stages.append(Stage(i, name, scfg, loss, Schedule.from_config(scfg, math.ceil(batches / scfg.accumulate)),
+                            drop_last, budget_s * scfg.epochs / run.cfg.epochs if budget_s else None,
+                            i == len(configs) - 1))
+    return stages
+
+
+def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
+    """Train ``stage`` from where ``state`` stands until its epochs or its time are used up."""
+    multi = len(run.cfg.stages) > 1  # metrics.csv gets a stage column
+    if stage.index == state.stage and state.stage_stopped:  # resumed after its time ran out
+        return
+    if stage.index > state.stage:
+        state.stage, state.stage_epoch, state.stage_step = stage.index, 0, 0
+        state.stage_start_s, state.stage_stopped = run.elapsed(), False
+    set_peak_lr(run.optimizer, stage.cfg.lr)
+    if multi:
+        run.log(f"stage {stage.index + 1}/{len(run.cfg.stages)} ({stage.name}): {stage.cfg.epochs} epochs, "
+                f"lr {stage.cfg.lr}" + (", instance-centred crops" if stage.cfg.instance_crops else ""))
+    run.train_ds.transform = train_transform(stage.cfg)
+    while state.stage_epoch < stage.cfg.epochs and not state.stage_stopped:  # stopped: by the time budget
+        stats = train_one_epoch(run, stage, state)
+        metrics = evaluate(run)
+        row = {"epoch": state.epoch + 1, **({"stage": stage.name} if multi else {}),
+               "train_loss": stats.train_loss, "val_loss": metrics.get("loss"),
+               **{k: v for k, v in metrics.items() if isinstance(v, float | int) and k != "loss"},
+               "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": round(stats.img_per_s, 2)}
+        state.epoch, state.stage_epoch, state.batch = state.epoch + 1, state.stage_epoch + 1, 0
+        state.elapsed_s = run.elapsed()
+        state.rows.append({**row, "elapsed_s": round(state.elapsed_s, 1)})
+        state.stage_stopped = stats.stopped_by_time
+        state.rng = rng_snapshot()
+        save_epoch(run, state, metrics)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
+                         if isinstance(v, float) and k not in ("lr", "img_per_s"))
+        run.log(f"epoch {state.epoch}: {shown} lr={row['lr']:.2e} {row['img_per_s']:.1f} img/s"
+                + (" (time budget reached)" if stats.stopped_by_time else ""))
+        dist.barrier()
+        for cb in run.callbacks:
+            cb("epoch", state)
+
+
+class Diverged(UserError):
+    """A NaN or infinite loss."""
+
+
+class EpochStats(NamedTuple):
+    train_loss: float  # mean over the epoch's images, all processes
+    img_per_s: float  # all processes
+    stopped_by_time: bool
+
+
+def epoch_loader(run: Run, stage: Stage, state: TrainState) -> DataLoader:
+    """The next epoch's batches, or what is left of them when resuming inside it (same order,
+    the RNG states of the last finished step restored). Re-seeds every RNG for the epoch."""
+    epoch, rank = state.epoch + 1, run.info.rank
+    seed_everything(epoch_seed(run.cfg.seed, epoch, rank))
+    indices = epoch_indices(len(run.train_ds), stage.cfg, epoch, run.info)
+    if state.batch:
+        indices = indices[state.batch * stage.cfg.batch_size:]
+        if state.rng:
+            rng_restore(*state.rng)
+    else:
+        state.loss_sum, state.images = 0.0, 0
+    return DataLoader(run.train_ds, batch_sampler=BatchSampler(indices, stage.cfg.batch_size, stage.drop_last),
+                      num_workers=run.cfg.num_workers, collate_fn=collate, worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(epoch_seed(run.cfg.seed, epoch, rank)))
+
+
+def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
+    """Train over one epoch (whose first ``state.batch`` batches may be done already).
+
+    Every ``accumulate`` micro-batches (or fewer at the end) make one optimizer step at the
+    stage's scheduled LR; the loss of each micro-batch is divided by the group's size, so the
+    step uses the mean gradient. After each step the state's counters, running loss and RNG
+    states are updated and the callbacks run with ``("step", state)``. The epoch ends early at
+    the first step after the stage's deadline (the time budget).
+    """
+    cfg, model, optimizer, scaler = stage.cfg, run.model, run.optimizer, run.scaler
+    loader = epoch_loader(run, stage, state)
+    deadline = stage.deadline(run, state)
+    model.train()
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    total = len(loader) + state.batch  # micro-batches in the whole epoch
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{run.cfg.epochs}", leave=False, disable=not run.show,
+               dynamic_ncols=True)
+    t0, seen, images_before, stopped = time.monotonic(), 0, state.images, False
+    pending_loss, pending_images = 0.0, 0  # micro-batches of the optimizer step in progress
+    for i, batch in enumerate(bar, start=state.batch):
+        group_start = i - i % cfg.accumulate
+        group_size = min(cfg.accumulate, total - group_start)
+        last_in_group = i + 1 == group_start + group_size
+        if i == group_start:
+            state.lr = apply_lr(optimizer, stage.lr_factor(state, run.elapsed()))
+        batch = to_device(batch, run.device, run.cfg.channels_last)
+        sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()  # type: ignore[operator]
+        with sync:
+            with autocast(run.amp, run.device):
+                loss = semantic_loss(model, batch, stage.loss) if stage.loss else instance_loss(model, batch)
+            value = loss.detach().float().reshape(1)
+            if dist.active():  # every rank stops together on a NaN anywhere
+                value = dist.all_reduce_sum(value) / run.info.world_size
+            if not math.isfinite(value.item()):
+                raise Diverged(f"training diverged: loss is {value.item()} at epoch {state.epoch + 1} step "
+                               f"{state.step + 1} (batch {i + 1}); the last good checkpoint is kept; "
+                               "lower --lr or set --clip-grad-norm")
+            scaler.scale(loss / group_size).backward()
+        n = len(batch["image"])
+        pending_loss, pending_images, seen = pending_loss + value.item() * n, pending_images + n, seen + n
+        if last_in_group:
+            if cfg.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.step, state.stage_step, state.batch = state.step + 1, state.stage_step + 1, i + 1
+            state.loss_sum, state.images = state.loss_sum + pending_loss, state.images + pending_images
+            pending_loss, pending_images = 0.0, 0
+            state.rng = rng_snapshot()
+            for cb in run.callbacks:
+                cb("step", state)
+        speed = seen * run.info.world_size / max(time.monotonic() - t0, 1e-9)
+        bar.set_postfix(loss=f"{state.loss_sum / max(state.images, 1):.4f}", lr=f"{state.lr:.2e}",
+                        img_s=f"{speed:.1f}")
+        if deadline is not None and last_in_group and time.monotonic() > deadline:
+            stopped = True
+            break
+    speed = (state.images - images_before) * run.info.world_size / max(time.monotonic() - t0, 1e-9)
+    sums = dist.all_reduce_sum(torch.tensor([state.loss_sum, float(state.images)], dtype=torch.float64,
+                                            device=run.device))
+    return EpochStats((sums[0] / sums[1].clamp_min(1)).item(), speed, stopped)
+
+
+def evaluate(run: Run) -> dict:
+    """Validation metrics of ``run.module``. Semantic: every rank scores its shard and the sums
+    are reduced over ranks. Instance: rank 0 scores the whole split and shares the result."""
+    dist.broadcast_module_state(run.module)  # BatchNorm statistics of rank 0, i.e. of the saved weights
+    cfg = run.cfg
+    if run.task == "semantic":
+        loader = DataLoader(run.val_shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            collate_fn=eval_collate)
+        return validate_semantic(run.module, loader, run.val_ds.num_classes, run.device,
+                                 list(run.val_ds.class_names), run.show, run.amp, cfg.channels_last)
+    metrics = None
+    if run.info.is_main:
+        loader = DataLoader(run.val_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+        metrics = validate_instances(run.module, loader, run.val_ds, run.device, show=run.show)
+    return dist.broadcast_object(metrics)
+
+
+# --- writing ------------------------------------------------------------------------------------
+def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
+    cfg, ds = run.cfg, run.train_ds
+    return {
+        "model": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": ds.num_classes,
+        "task": run.task, "class_names": list(ds.class_names),
+        "palette": [list(c) for c in ds.palette], "input": run.contract.to_dict(),
+        "dataset": cfg.dataset, "training": summary or {},
+    }
+
+
+def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
+    """After an epoch: ``best`` (if ``metrics[select]`` improved), ``last``, the training state and
+    ``metrics.csv``, in that order, each atomically (only rank 0 writes). The state is the commit
+    point: a kill before it repeats the epoch on resume, a kill after it is caught up by resume."""
+    value = metrics.get(run.select)
+    score = -math.inf if value is None else float(value)
+    improved = score > state.best_score
+    if improved:
+        state.best_score, state.best_epoch = score, state.epoch
+    if not run.info.is_main:
+        return
+    meta = checkpoint_meta(run, {"epoch": state.epoch, "val": metrics})
+    if improved:
+        save_checkpoint(run.out / "best.safetensors", run.module, meta)
+    save_checkpoint(run.out / "last.safetensors", run.module, meta)
+    save_state(run, state)
+    _write_csv(run.out / "metrics.csv", state.rows)
+
+
+def save_interrupted(run: Run, state: TrainState) -> None:
+    """Ctrl-C: ``last`` and the training state as of the last finished optimizer step."""
+    if not run.info.is_main:
+        return
+    state.elapsed_s = run.elapsed()
+    summary = {"epoch": state.epoch, "interrupted_after_batches": state.batch}
+    save_checkpoint(run.out / "last.safetensors", run.module, checkpoint_meta(run, summary))
+    save_state(run, state)
+    where = f"epoch {state.epoch + 1} batch {state.batch}" if state.batch else f"the end of epoch {state.epoch}"
+    run.log(f"interrupted: saved {run.out / 'last.safetensors'} and its training state at {where}; "
+            "--resume continues from there")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -367,22 +646,40 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def finish(run: Run, state: TrainState) -> dict:
+    """The run's summary, written with ``metrics.csv`` (both from the state) by rank 0."""
+    out = run.out
+    best_row = next((r for r in state.rows if r["epoch"] == state.best_epoch), None)
+    result = {"model": run.cfg.model, "dataset": run.cfg.dataset, "epochs_completed": state.epoch,
+              "best_epoch": state.best_epoch, "selected_by": run.select, "best": best_row,
+              "final": state.rows[-1] if state.rows else None, "steps": state.step,
+              "train_minutes": round(state.elapsed_s / 60, 2), "stopped_by_time_budget": state.stage_stopped,
+              "amp": run.amp, "world_size": run.info.world_size,
+              "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
+    if run.info.is_main:
+        _write_csv(out / "metrics.csv", state.rows)
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out / "metrics.json")
+    return result
+
+
 class TensorBoardLogger:
     """Callback writing per-step loss/LR and per-epoch metrics to ``out/tensorboard``."""
 
     def __init__(self, logdir: Path):
-        try:
+        try:  # optional dependency: the tensorboard package
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
         self.writer = SummaryWriter(str(logdir))
 
-    def __call__(self, event: str, state: dict) -> None:
+    def __call__(self, event: str, state: TrainState) -> None:
         if event == "step":
-            self.writer.add_scalar("train/loss_running", state["loss_sum"] / max(state["images"], 1), state["step"])
-            self.writer.add_scalar("train/lr", state["lr"], state["step"])
+            self.writer.add_scalar("train/loss_running", state.loss_sum / max(state.images, 1), state.step)
+            self.writer.add_scalar("train/lr", state.lr, state.step)
         elif event == "epoch":
-            row = state["rows"][-1]
+            row = state.rows[-1]
             for k, v in row.items():
                 if isinstance(v, float | int) and k != "epoch":
                     self.writer.add_scalar(f"epoch/{k}", v, row["epoch"])
@@ -390,222 +687,35 @@ class TensorBoardLogger:
 
 
 # --- fit ----------------------------------------------------------------------------------------
-def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> dict:
-    """Train per ``cfg``; returns the summary also written to ``out/metrics.json``.
+def _quiet(_: str) -> None:
+    pass
+
+
+def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train per ``cfg`` (which is left unchanged); returns the summary also written to
+    ``out/metrics.json``.
 
     ``callbacks`` are called as ``cb("step", state)`` after every optimizer step and
-    ``cb("epoch", state)`` after every epoch's checkpoint (``state["rows"][-1]`` is its row).
+    ``cb("epoch", state)`` after every epoch's checkpoints (``state.rows[-1]`` is its row), with
+    the :class:`TrainState`; raising ``KeyboardInterrupt`` in one behaves like Ctrl-C.
     """
     info, device = dist.setup(cfg.device)
     try:
-        return _fit(cfg, info, device, log if info.is_main else (lambda *_: None), list(callbacks))
+        run = setup_run(cfg, info, device, log if info.is_main else _quiet, callbacks)
+        state = resume(run) if run.cfg.resume else TrainState(selected_by=run.select, amp=run.amp)
+        run.clock = time.monotonic() - state.elapsed_s
+        run.log(f"precision: {run.amp} ({run.amp_why})")
+        n_params = sum(p.numel() for p in run.module.parameters())
+        run.log(f"training {run.cfg.model} ({n_params / 1e6:.2f}M parameters) on {run.cfg.dataset}: "
+                f"{len(run.train_ds)} train / {len(run.val_ds)} val images, {run.cfg.epochs} epochs, device {device}"
+                + (f", {info.world_size} processes" if info.enabled else ""))
+        stages = plan_stages(run)
+        try:
+            for stage in stages[state.stage:]:
+                run_stage(run, state, stage)
+        except KeyboardInterrupt:
+            save_interrupted(run, state)
+            raise
+        return finish(run, state)
     finally:
         dist.cleanup()
-
-
-def _fit(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable, callbacks: list) -> dict:
-    task = model_info(cfg.model).task
-    select = select_key(cfg.select_by, task)  # a bad choice fails here, before any work
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    show = cfg.progress and info.is_main
-    seed_everything(cfg.seed)
-    train_ds, val_ds = open_datasets(cfg)
-    model = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
-                         **cfg.model_kwargs).to(device)
-    contract = input_contract(cfg, model, train_ds)
-    apply_contract(contract, train_ds, val_ds)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    amp, why = resolve_amp(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    if info.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    state: dict = {"epoch": 0, "step": 0, "stage": 0, "stage_epoch": 0, "stage_step": 0, "stage_start_s": 0.0,
-                   "batch": 0, "loss_sum": 0.0, "images": 0, "best_score": -math.inf, "best_epoch": None,
-                   "elapsed_s": 0.0, "rows": [], "amp": amp, "rng": None, "selected_by": select}
-    if cfg.resume:
-        state.update(load_train_state(out / "last.state.safetensors", model, optimizer, scaler))
-        if state["selected_by"] != select:  # best_score and best.safetensors belong to the other metric
-            raise UserError(f"{out} picked best.safetensors by {state['selected_by']}; resume with "
-                            f"--select-by {state['selected_by']}, or train into a new --out")
-        where = f"epoch {state['epoch']}" + (f" + {state['batch']} batches" if state["batch"] else "")
-        log(f"resumed from {out / 'last.state.safetensors'} after {where}")
-        if state["amp"] != amp:
-            amp, why = state["amp"], "kept from the resumed run"
-            scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    log(f"precision: {amp} ({why})")
-
-    cw = None
-    if task == "instance":
-        if cfg.class_weights not in ("none", "", None):
-            raise UserError("class_weights applies to semantic models only; remove it for instance models")
-        eval_instances = validate_instances
-    else:
-        eval_instances = None
-        weights = class_weights_for(cfg, train_ds, out, log)
-        cw = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
-
-    module = model
-    model = dist.wrap_model(model, info, device, cfg.sync_bn, find_unused_parameters=task == "instance")
-    if cfg.tensorboard and info.is_main:
-        callbacks.append(TensorBoardLogger(out / "tensorboard"))
-
-    n_params = sum(p.numel() for p in module.parameters())
-    log(f"training {cfg.model} ({n_params / 1e6:.2f}M parameters) on {cfg.dataset}: "
-        f"{len(train_ds)} train / {len(val_ds)} val images, {cfg.epochs} epochs, device {device}"
-        + (f", {info.world_size} processes" if info.enabled else ""))
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    start = time.monotonic() - state["elapsed_s"]
-    stages = cfg.stage_configs()
-    stopped = False
-    val_ds_eval = Subset(val_ds, dist.shard(len(val_ds), info)) if info.enabled else val_ds
-    try:
-        for si, (stage_name, scfg) in enumerate(stages):
-            if si < state["stage"] or (si == state["stage"] and state.get("stage_stopped")):
-                continue
-            if si > state["stage"]:
-                state.update(stage=si, stage_epoch=0, stage_step=0, stage_start_s=time.monotonic() - start,
-                             stage_stopped=False)
-            set_peak_lr(optimizer, scfg.lr)
-            if len(stages) > 1:
-                log(f"stage {si + 1}/{len(stages)} ({stage_name}): {scfg.epochs} epochs, lr {scfg.lr}"
-                    + (", instance-centred crops" if scfg.instance_crops else ""))
-            train_ds.transform = train_transform(scfg)
-            spec = None if task == "instance" else LossSpec(scfg.loss, cw, scfg.focal_gamma, scfg.aux_weight)
-            per_rank = len(epoch_indices(len(train_ds), scfg, 1, info))
-            drop_last = per_rank > scfg.batch_size
-            batches = per_rank // scfg.batch_size if drop_last else math.ceil(per_rank / scfg.batch_size)
-            schedule = Schedule.from_config(scfg, math.ceil(batches / scfg.accumulate))
-            # the time budget is shared among stages in proportion to their epochs
-            stage_budget = budget_s * scfg.epochs / cfg.epochs if budget_s else None
-
-            def lr_factor(schedule=schedule, stage_budget=stage_budget, peak=scfg.lr) -> float:
-                frac = 0.0
-                if stage_budget:
-                    frac = (time.monotonic() - start - state["stage_start_s"]) / stage_budget
-                f = schedule.factor(state["stage_step"], frac)
-                state["lr"] = peak * f
-                return f
-
-            def loss_fn(m, b, spec=spec):
-                return instance_loss(m, b) if spec is None else semantic_loss(m, b, spec)
-
-            while state["stage_epoch"] < scfg.epochs:
-                epoch = state["epoch"] + 1
-                seed_everything(epoch_seed(cfg.seed, epoch, info.rank))
-                indices = epoch_indices(len(train_ds), scfg, epoch, info)
-                if state["batch"]:  # resuming inside this epoch: same order, skip what was done
-                    indices = indices[state["batch"] * scfg.batch_size:]
-                    if state.get("rng"):
-                        rng_restore(*state["rng"])
-                else:
-                    state.update(loss_sum=0.0, images=0)
-                loader = DataLoader(train_ds, batch_sampler=BatchSampler(indices, scfg.batch_size, drop_last),
-                                    num_workers=cfg.num_workers, collate_fn=collate, worker_init_fn=_worker_init,
-                                    generator=torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, info.rank)))
-                deadline = None
-                if budget_s:
-                    deadline = start + (budget_s if si == len(stages) - 1
-                                        else state["stage_start_s"] + stage_budget)
-                t_epoch = time.monotonic()
-                images_before = state["images"]
-                stopped = train_one_epoch(
-                    model, loader, optimizer, loss_fn, device, lr_factor, state, amp=amp, scaler=scaler,
-                    accumulate=scfg.accumulate, clip_grad_norm=scfg.clip_grad_norm,
-                    channels_last=cfg.channels_last, desc=f"epoch {epoch}/{cfg.epochs}", show=show,
-                    deadline=deadline, callbacks=callbacks)
-                speed = ((state["images"] - images_before) * info.world_size
-                         / max(time.monotonic() - t_epoch, 1e-9))
-                sums = dist.all_reduce_sum(torch.tensor([state["loss_sum"], float(state["images"])],
-                                                        dtype=torch.float64, device=device))
-                train_loss = (sums[0] / sums[1].clamp_min(1)).item()
-                metrics = run_validation(model, module, val_ds, val_ds_eval, eval_instances, cfg, device, info,
-                                         amp, show)
-                state["epoch"], state["stage_epoch"], state["batch"] = epoch, state["stage_epoch"] + 1, 0
-                state["elapsed_s"] = time.monotonic() - start
-                row = {"epoch": epoch, **({"stage": stage_name} if len(stages) > 1 else {}),
-                       "train_loss": train_loss, "val_loss": metrics.get("loss"),
-                       **{k: v for k, v in metrics.items() if isinstance(v, float | int) and k != "loss"},
-                       "lr": optimizer.param_groups[0]["lr"], "img_per_s": round(speed, 2),
-                       "elapsed_s": round(state["elapsed_s"], 1)}
-                state["rows"].append(row)
-                state["stage_stopped"] = stopped  # by the time budget: a resume moves on to the next stage
-                state["rng"] = rng_snapshot()
-                save_epoch(out, cfg, train_ds, contract, module, optimizer, scaler, state, metrics, select,
-                           info.is_main)
-                shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
-                                 if isinstance(v, float) and k not in ("lr", "img_per_s", "elapsed_s"))
-                log(f"epoch {epoch}: {shown} lr={row['lr']:.2e} {row['img_per_s']:.1f} img/s"
-                    + (" (time budget reached)" if stopped else ""))
-                dist.barrier()
-                for cb in callbacks:
-                    cb("epoch", state)
-                if stopped:
-                    break
-            if stopped and si == len(stages) - 1:
-                break
-    except KeyboardInterrupt:
-        if info.is_main:
-            state["elapsed_s"] = time.monotonic() - start
-            summary = {"epoch": state["epoch"], "interrupted_after_batches": state["batch"]}
-            save_checkpoint(out / "last.safetensors", module, checkpoint_meta(cfg, train_ds, contract, summary))
-            save_train_state(out / "last.state.safetensors", module, optimizer, scaler, state)
-            where = f"epoch {state['epoch'] + 1} batch {state['batch']}" if state["batch"] else \
-                f"the end of epoch {state['epoch']}"
-            log(f"interrupted: saved {out / 'last.safetensors'} and its training state at {where}; "
-                "--resume continues from there")
-        raise
-
-    best_row = next((r for r in state["rows"] if r["epoch"] == state["best_epoch"]), None)
-    result = {"model": cfg.model, "dataset": cfg.dataset, "epochs_completed": state["epoch"],
-              "best_epoch": state["best_epoch"], "selected_by": select, "best": best_row,
-              "final": state["rows"][-1] if state["rows"] else None, "steps": state["step"],
-              "train_minutes": round(state["elapsed_s"] / 60, 2),
-              "stopped_by_time_budget": bool(stopped or state.get("stage_stopped")),
-              "amp": amp, "world_size": info.world_size,
-              "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
-    if info.is_main:
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out / "metrics.json")
-    return result
-
-
-def save_epoch(out: Path, cfg: TrainConfig, train_ds: SegmentationDataset, spec: InputSpec, module: nn.Module,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, state: dict, metrics: dict,
-               select: str, write: bool) -> None:
-    """After an epoch: ``best`` (if ``metrics[select]`` improved), ``last``, the training state and
-    ``metrics.csv``, in that order, each atomically (only where ``write``: rank 0)."""
-    score, epoch = _score(metrics, select), state["epoch"]
-    improved = score > state["best_score"]
-    if improved:
-        state["best_score"], state["best_epoch"] = score, epoch
-    if not write:
-        return
-    meta = checkpoint_meta(cfg, train_ds, spec, {"epoch": epoch, "val": metrics})
-    if improved:
-        save_checkpoint(out / "best.safetensors", module, meta)
-    save_checkpoint(out / "last.safetensors", module, meta)
-    save_train_state(out / "last.state.safetensors", module, optimizer, scaler, state)
-    _write_csv(out / "metrics.csv", state["rows"])
-
-
-def run_validation(model: nn.Module, module: nn.Module, val_ds: SegmentationDataset, val_shard,
-                   eval_instances, cfg: TrainConfig, device: torch.device, info: dist.DistInfo,
-                   amp: str, show: bool) -> dict:
-    """Semantic: every rank evaluates its shard, metrics reduced over ranks. Instance: rank 0
-    evaluates the whole split with ``validate_instances`` and shares the result."""
-    dist.broadcast_module_state(module)  # BatchNorm statistics of rank 0, i.e. of the saved weights
-    if eval_instances is None:
-        loader = DataLoader(val_shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                            collate_fn=eval_collate)
-        return validate_semantic(module, loader, val_ds.num_classes, device, list(val_ds.class_names), show, amp,
-                        cfg.channels_last)
-    metrics = None
-    if info.is_main:
-        loader = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
-        metrics = eval_instances(module, loader, val_ds, device, show=show)
-    return dist.broadcast_object(metrics)

@@ -9,6 +9,7 @@ and the metrics come from one confusion matrix. Instance models get COCO box and
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,13 +27,13 @@ from pixelwise.sample import IGNORE_INDEX
 
 
 def to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if channels_last and k == "image" and v.ndim == 4:
-                v = v.contiguous(memory_format=torch.channels_last)
-            out[k] = v
+            t = v.to(device, non_blocking=True)
+            if channels_last and k == "image" and t.ndim == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            out[k] = t
         elif k == "target":
             out[k] = [{kk: vv.to(device) for kk, vv in t.items()} for t in v]
         else:
