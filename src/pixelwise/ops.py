@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -104,42 +103,117 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 # ----------------------------------------------------------------------------- NMS
 
 
-def _suppression_matrix(boxes: Tensor, iou_threshold: float, block: int = 512) -> np.ndarray:
-    """Boolean ``[N, N]`` numpy matrix of ``IoU(i, j) > iou_threshold`` of ``boxes: Tensor[N, 4]``.
+def _iou_threshold(dtype: torch.dtype, iou_threshold: float) -> float:
+    """The threshold to compare an IoU of ``dtype`` with so that ``iou > result`` in ``dtype`` equals
+    torchvision's C++ ``(double) iou > iou_threshold``: for float32 the largest float32 ``<= t``
+    (exact: no float32 lies strictly between it and ``t``), for float64 ``t`` itself."""
+    if dtype != torch.float32:
+        return float(iou_threshold)
+    t32 = torch.tensor(iou_threshold, dtype=torch.float32)
+    if float(t32) > iou_threshold:
+        t32 = torch.nextafter(t32, torch.tensor(-math.inf))
+    return float(t32)
 
-    Only the upper triangle ``j >= i`` is computed (the greedy pass reads nothing else; the rest is False).
-    IoU is computed in the box dtype exactly as torchvision's kernel does (``inter / (area_i +
-    area_j - inter)``) and compared as torchvision's C++ does, float IoU against a double
-    threshold: for float32 that is ``iou > t32`` with ``t32`` the largest float32 ``<= t``.
-    Other dtypes are compared in float64. Rows are done in blocks of ``block`` rows.
+
+def _overlaps(rows: Tensor, cols: Tensor, threshold: float) -> Tensor:
+    """``IoU > threshold`` of ``rows: Tensor[5, B]`` against ``cols: Tensor[5, M]`` -> bool ``Tensor[B, M]``.
+
+    Boxes are columns ``(x1, y1, x2, y2, area)`` (coordinates as rows, so every operand below is
+    contiguous); the IoU is computed as torchvision's kernel does, ``inter / (area_i + area_j -
+    inter)`` in the box dtype (0 / 0 gives NaN, which never suppresses).
     """
-    n = boxes.shape[0]
-    boxes = boxes.t().contiguous()
-    x1, y1, x2, y2 = boxes
-    areas = (x2 - x1) * (y2 - y1)
-    if boxes.dtype == torch.float32:
-        t32 = np.float32(iou_threshold)
-        if float(t32) > iou_threshold:
-            t32 = np.nextafter(t32, np.float32(-np.inf))
-        threshold = float(t32)
-    else:
-        boxes, areas = boxes.double(), areas.double()
-        x1, y1, x2, y2 = boxes
-        threshold = float(iou_threshold)
-    out = np.zeros((n, n), dtype=bool)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        r, c = slice(start, stop), slice(start, n)
-        w = (torch.min(x2[r, None], x2[c]) - torch.max(x1[r, None], x1[c])).clamp(min=0)
-        h = (torch.min(y2[r, None], y2[c]) - torch.max(y1[r, None], y1[c])).clamp(min=0)
-        inter = w * h
-        iou = inter / (areas[r, None] + areas[c] - inter)
-        out[r, c] = (iou > threshold).cpu().numpy()
-    return out
+    x1, y1, x2, y2, area = rows[:, :, None]
+    w = torch.min(x2, cols[2]).sub_(torch.max(x1, cols[0])).clamp_(min=0)
+    h = torch.min(y2, cols[3]).sub_(torch.max(y1, cols[1])).clamp_(min=0)
+    inter = w.mul_(h)
+    return inter / (area + cols[4]).sub_(inter) > threshold
+
+
+def _resolve_block(over: Tensor) -> Tensor:
+    """Greedy NMS inside one block: ``over: bool Tensor[B, B]``, ``over[j, i]`` for ``j < i`` (strict upper
+    triangle) means box ``j`` suppresses box ``i`` if ``j`` is kept -> bool ``Tensor[B]`` kept.
+
+    ``keep[i] = not any(over[j, i] and keep[j] for j < i)`` is solved by fixed-point iteration: entry
+    ``i`` of the next iterate depends only on entries ``j < i``, so after ``t`` rounds the first ``t``
+    entries are final whatever the start; the iteration therefore reaches the unique fixed point (the
+    greedy answer) after at most ``B`` rounds, in practice after a few (the longest keep/suppress
+    alternation inside the block). Each round is one ``B x B`` matrix-vector product.
+    """
+    weights = over.to(torch.float32)
+    keep = ~over.any(0)  # never overlapped by an earlier box: kept whatever happens
+    while True:
+        new = (keep.to(torch.float32) @ weights) == 0
+        if torch.equal(new, keep):
+            return keep
+        keep = new
+
+
+# Column chunk of the (kept rows x later boxes) IoU tiles, in elements: at most PyTorch's intra-op
+# grain size, so each tile op runs on one thread (no fork/join per op, which stalls badly on a busy
+# CPU) and its temporaries (128 KB) stay in cache.
+_TILE = 32768
+
+
+def _greedy_nms(boxes: Tensor, threshold: float, segments: Tensor | None = None, block: int = 256) -> Tensor:
+    """Greedy NMS of ``boxes: Tensor[N, 4]`` already in visit order -> int64 positions of the kept boxes
+    (ascending, i.e. in visit order).
+
+    With ``segments: Tensor[N]`` (non-decreasing, e.g. class ids of boxes sorted by class) only boxes
+    of the same segment suppress each other. The remaining boxes are processed in blocks of
+    ``block``: resolve the block (:func:`_resolve_block` on its ``B x B`` overlaps), then let its kept
+    boxes suppress the later boxes of their segments and drop those from the remaining list. So the
+    IoU is only ever computed for (kept box, later unsuppressed box) pairs, like torchvision's kernel,
+    with a few vectorised ops per block and tile instead of a loop per box.
+    """
+    x1, y1, x2, y2 = boxes.t()
+    data = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)])  # [5, N], one box per column
+    index = torch.arange(boxes.shape[0], device=boxes.device)
+    kept = []
+    while index.numel():
+        b = min(block, index.numel())
+        rows, rest = data[:, :b], data[:, b:]
+        over = _overlaps(rows, rows, threshold).triu_(1)
+        if segments is not None:
+            seg, rest_seg = segments[:b], segments[b:]
+            over &= seg[:, None] == seg
+            # later boxes of the block's segments: a prefix of the rest, as segments are sorted
+            reach = int(torch.searchsorted(rest_seg, seg[-1:], right=True))
+        else:
+            reach = rest.shape[1]
+        keep = _resolve_block(over)
+        kept.append(index[:b][keep])
+        index = index[b:]
+        if reach == 0:
+            data = rest
+            segments = rest_seg if segments is not None else None
+            continue
+        kept_rows = rows[:, keep]
+        step = max(_TILE // max(kept_rows.shape[1], 1), 1)
+        hits = []
+        for c in range(0, reach, step):
+            hit = _overlaps(kept_rows, rest[:, c : min(c + step, reach)], threshold)
+            if segments is not None:
+                hit &= seg[keep][:, None] == rest_seg[c : min(c + step, reach)]
+            hits.append(hit.any(0))
+        survivors = ~torch.cat(hits)
+        data = torch.cat([rest[:, :reach][:, survivors], rest[:, reach:]], dim=1)
+        index = torch.cat([index[:reach][survivors], index[reach:]])
+        if segments is not None:
+            segments = torch.cat([rest_seg[:reach][survivors], rest_seg[reach:]])
+    return torch.cat(kept)
+
+
+def _nms_input(boxes: Tensor, scores: Tensor, where: str) -> Tensor:
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"{where}: boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
+    if scores.shape != boxes.shape[:1]:
+        raise ValueError(f"{where}: scores must be Tensor[{boxes.shape[0]}], got shape {tuple(scores.shape)}")
+    boxes = boxes.detach()
+    return boxes if boxes.dtype == torch.float32 else boxes.double()
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy non-maximum suppression (torchvision semantics).
+    """Greedy non-maximum suppression (torchvision semantics), on the boxes' device.
 
     Args:
         boxes: ``Tensor[N, 4]`` boxes ``(x1, y1, x2, y2)``.
@@ -150,27 +224,17 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         ``Tensor[K]`` int64 indices of the kept boxes, in decreasing score order; equal scores
         are visited in ascending index order (stable sort), like torchvision.
 
-    Complexity: ``O(N^2)`` time for the IoU matrix (vectorised, in row blocks of 512 so peak float
-    memory is ``512 x N``), ``N^2`` bytes for the boolean suppression matrix, and a greedy pass of
-    ``N`` cheap steps over it on the CPU, each kept box OR-ing one row: ``O(N * K)`` bit work.
+    The IoU is computed in float32 for float32 boxes and in float64 otherwise, and compared as
+    torchvision's C++ does (float IoU against a double threshold). How: boxes sorted by score are
+    taken in blocks of 256; a block is resolved by a short fixed-point iteration on its 256 x 256
+    overlaps, then its kept boxes remove every later box they overlap. Cost ``O(K N)`` IoUs for
+    ``K`` kept boxes (never the full ``N x N`` matrix), and a few tensor ops per block.
     """
-    if boxes.dim() != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"nms: boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
-    if scores.shape != boxes.shape[:1]:
-        raise ValueError(f"nms: scores must be Tensor[{boxes.shape[0]}], got shape {tuple(scores.shape)}")
+    boxes = _nms_input(boxes, scores, "nms")
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    over = _suppression_matrix(boxes[order].detach(), float(iou_threshold))
-    n = over.shape[0]
-    suppressed = np.zeros(n, dtype=bool)
-    keep: list[int] = []
-    for i in range(n):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed[i + 1 :] |= over[i, i + 1 :]
-    return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
+    order = torch.sort(scores.detach(), descending=True, stable=True).indices
+    return order[_greedy_nms(boxes[order], _iou_threshold(boxes.dtype, iou_threshold))]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -184,9 +248,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     For ``boxes.numel() <= 4000`` on CPU (20000 elsewhere) this is torchvision's coordinate trick,
     ``nms(boxes + idxs[:, None] * (boxes.max() + 1), ...)``, and reproduces its output exactly.
-    Larger inputs run :func:`nms` once per category (a loop over categories, not boxes) and merge
-    with a stable sort by score, where torchvision uses an unstable sort: the kept set is the
-    same, the order among tied scores may differ.
+    Larger inputs are sorted by (category, score) and suppressed within each category in one
+    blocked pass (the IoU of the original coordinates, as torchvision's per-category loop computes
+    it), then merged with a stable sort by score, where torchvision uses an unstable sort: the kept
+    set is the same, the order among tied scores may differ.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
@@ -195,11 +260,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         max_coordinate = boxes.max()
         offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
         return nms(boxes + offsets[:, None], scores, iou_threshold)
-    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
-    for class_id in torch.unique(idxs):
-        members = torch.where(idxs == class_id)[0]
-        keep_mask[members[nms(boxes[members], scores[members], iou_threshold)]] = True
-    keep = torch.where(keep_mask)[0]
+    boxes = _nms_input(boxes, scores, "batched_nms")
+    scores = scores.detach()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(idxs[order], stable=True).indices]
+    keep = order[_greedy_nms(boxes[order], _iou_threshold(boxes.dtype, iou_threshold), idxs[order])]
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
