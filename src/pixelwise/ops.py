@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ __all__ = [
     "Matcher",
     "MultiScaleRoIAlign",
     "RoIAlign",
+    "RoIFeatureTable",
     "batched_nms",
     "box_area",
     "box_iou",
@@ -45,8 +47,10 @@ __all__ = [
     "map_roi_levels",
     "multiscale_roi_align",
     "nms",
+    "pool_feature_table",
     "remove_small_boxes",
     "roi_align",
+    "roi_feature_table",
 ]
 
 
@@ -334,6 +338,7 @@ def _roi_align_rows(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
+    channels_last: bool = False,
 ) -> Tensor:
     """RoIAlign over a channels-last row table; the engine of :func:`roi_align` and the multi-scale op.
 
@@ -345,13 +350,15 @@ def _roi_align_rows(
         scale: ``Tensor[K]`` float64 spatial scale of each box's map.
 
     Returns:
-        ``Tensor[K, C, PH, PW]`` in ``table.dtype``.
+        ``Tensor[K, C, PH, PW]`` in ``table.dtype``; with ``channels_last`` the pooled rows are
+        returned as they come out, i.e. in channels-last memory format (no transposing copy).
     """
     dtype, device = table.dtype, table.device
     ph_n, pw_n = output_size
     k_n, c_n = rois.shape[0], table.shape[1]
     if k_n == 0:  # empty, but still attached to the graph so that backward() works
-        return table[:0, :, None, None].expand(0, c_n, ph_n, pw_n).contiguous()
+        empty = table[:0, None, None, :].expand(0, ph_n, pw_n, c_n).contiguous().permute(0, 3, 1, 2)
+        return empty if channels_last else empty.contiguous()
     rois = rois.detach().to(device=device, dtype=dtype)
     # (T) (coord * spatial_scale - offset), the product taken in double as in the C++ kernel.
     start = (rois.double() * scale[:, None] - (0.5 if aligned else 0.0)).to(dtype)
@@ -409,7 +416,8 @@ def _roi_align_rows(
         counts = torch.full((bins,), 4 * gh_max * gw_max, dtype=torch.int64, device=device)
     offsets = torch.cumsum(counts, 0) - counts
     out = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
-    return out.reshape(k_n, ph_n, pw_n, c_n).permute(0, 3, 1, 2).contiguous()
+    out = out.reshape(k_n, ph_n, pw_n, c_n).permute(0, 3, 1, 2)
+    return out if channels_last else out.contiguous()
 
 
 def roi_align(
@@ -541,6 +549,85 @@ def map_roi_levels(
     return levels.to(torch.int64) - k_min
 
 
+class RoIFeatureTable(NamedTuple):
+    """The maps of a feature pyramid stacked as one channels-last row table, ready to pool from.
+
+    ``table: Tensor[sum_l N * H_l * W_l, C]`` (level by level, each ``[N, H_l, W_l]`` flattened),
+    ``heights, widths, base: Tensor[L]`` int64 (size and first row of each level), ``scales``
+    (:func:`infer_scales`) and ``batch_size`` ``N``. Build it once with :func:`roi_feature_table`
+    to pool several box sets (e.g. Mask R-CNN's box and mask branches) from the same features.
+    """
+
+    table: Tensor
+    heights: Tensor
+    widths: Tensor
+    base: Tensor
+    scales: list[float]
+    batch_size: int
+
+
+def roi_feature_table(
+    features: Sequence[Tensor], image_shapes: Sequence[Sequence[int]], dtype: torch.dtype | None = None
+) -> RoIFeatureTable:
+    """``L`` maps ``Tensor[N, C, H_l, W_l]`` (finest first) -> :class:`RoIFeatureTable`.
+
+    One copy of the features (free of any transpose when they are channels-last), converted to
+    ``dtype`` on the way when given (e.g. bfloat16 maps pooled in float32).
+    """
+    if not features:
+        raise ValueError("multiscale_roi_align: no feature maps given")
+    n, c = features[0].shape[:2]
+    device = features[0].device
+    heights = torch.tensor([f.shape[-2] for f in features], dtype=torch.int64, device=device)
+    widths = torch.tensor([f.shape[-1] for f in features], dtype=torch.int64, device=device)
+    level_rows = n * heights * widths
+    sizes = [n * f.shape[-2] * f.shape[-1] for f in features]
+    table = torch.empty((sum(sizes), c), dtype=dtype or features[0].dtype, device=device)
+    for f, part in zip(features, table.split(sizes)):
+        part.view(n, f.shape[-2], f.shape[-1], c).copy_(f.permute(0, 2, 3, 1))
+    scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
+    return RoIFeatureTable(table, heights, widths, torch.cumsum(level_rows, 0) - level_rows, scales, n)
+
+
+def pool_feature_table(
+    pyramid: RoIFeatureTable,
+    boxes: list[Tensor],
+    output_size: int | tuple[int, int],
+    sampling_ratio: int,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    channels_last: bool = False,
+) -> Tensor:
+    """:func:`multiscale_roi_align` from a prepared :class:`RoIFeatureTable` -> ``Tensor[sum K_i, C, PH, PW]``
+    in the table's dtype (channels-last memory format when ``channels_last``, saving a transpose)."""
+    if len(boxes) != pyramid.batch_size:
+        raise ValueError(
+            f"multiscale_roi_align: got {len(boxes)} box tensors for a batch of {pyramid.batch_size} images"
+        )
+    scales, device = pyramid.scales, pyramid.table.device
+    k_min = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
+    k_max = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
+    rois = _as_rois(boxes)
+    if len(scales) == 1:
+        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=device)
+    else:
+        levels = map_roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level).to(device)
+    heights, widths = pyramid.heights[levels], pyramid.widths[levels]
+    batch = rois[:, 0].detach().to(device).long()
+    return _roi_align_rows(
+        pyramid.table,
+        rois[:, 1:],
+        pyramid.base[levels] + batch * heights * widths,
+        heights,
+        widths,
+        torch.tensor(scales, dtype=torch.float64, device=device)[levels],
+        _pair(output_size),
+        int(sampling_ratio),
+        False,
+        channels_last,
+    )
+
+
 def multiscale_roi_align(
     features: Sequence[Tensor],
     boxes: list[Tensor],
@@ -562,43 +649,15 @@ def multiscale_roi_align(
     Returns:
         ``Tensor[sum K_i, C, PH, PW]``, rows in the order of ``boxes`` (image 0 first).
 
-    All levels are pooled in one vectorised call (the levels are stacked into one row table),
-    which gives the same numbers as torchvision's per-level loop.
+    All levels are pooled in one vectorised call (the levels are stacked into one row table,
+    :func:`roi_feature_table`), which gives the same numbers as torchvision's per-level loop.
     """
-    if not features:
-        raise ValueError("multiscale_roi_align: no feature maps given")
-    if len(boxes) != features[0].shape[0]:
+    if features and len(boxes) != features[0].shape[0]:
         raise ValueError(
             f"multiscale_roi_align: got {len(boxes)} box tensors for a batch of {features[0].shape[0]} images"
         )
-    output_size = _pair(output_size)
-    scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
-    k_min = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
-    k_max = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
-    rois = _as_rois(boxes)
-    device = features[0].device
-    if len(features) == 1:
-        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=device)
-    else:
-        levels = map_roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level).to(device)
-    n, c = features[0].shape[:2]
-    heights = torch.tensor([f.shape[-2] for f in features], dtype=torch.int64, device=device)
-    widths = torch.tensor([f.shape[-1] for f in features], dtype=torch.int64, device=device)
-    level_rows = n * heights * widths
-    level_base = torch.cumsum(level_rows, 0) - level_rows
-    table = torch.cat([f.permute(0, 2, 3, 1).contiguous().reshape(-1, c) for f in features], dim=0)
-    batch = rois[:, 0].detach().to(device).long()
-    return _roi_align_rows(
-        table,
-        rois[:, 1:],
-        level_base[levels] + batch * heights[levels] * widths[levels],
-        heights[levels],
-        widths[levels],
-        torch.tensor(scales, dtype=torch.float64, device=device)[levels],
-        output_size,
-        int(sampling_ratio),
-        False,
-    )
+    pyramid = roi_feature_table(features, image_shapes)
+    return pool_feature_table(pyramid, boxes, output_size, sampling_ratio, canonical_scale, canonical_level)
 
 
 class MultiScaleRoIAlign(nn.Module):
