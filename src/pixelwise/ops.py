@@ -581,10 +581,17 @@ def roi_feature_table(
     heights = torch.tensor([f.shape[-2] for f in features], dtype=torch.int64, device=device)
     widths = torch.tensor([f.shape[-1] for f in features], dtype=torch.int64, device=device)
     level_rows = n * heights * widths
-    sizes = [n * f.shape[-2] * f.shape[-1] for f in features]
-    table = torch.empty((sum(sizes), c), dtype=dtype or features[0].dtype, device=device)
-    for f, part in zip(features, table.split(sizes)):
-        part.view(n, f.shape[-2], f.shape[-1], c).copy_(f.permute(0, 2, 3, 1))
+    dtype = dtype or features[0].dtype
+    rows = [f.permute(0, 2, 3, 1) for f in features]
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        table = torch.cat([r.reshape(-1, c).to(dtype) for r in rows])  # differentiable
+    else:  # one pass: transpose (if any), dtype conversion and stacking in the same copy
+        table = torch.empty((sum(r.shape[0] * r.shape[1] * r.shape[2] for r in rows), c), dtype=dtype, device=device)
+        start = 0
+        for r in rows:
+            size = r.shape[0] * r.shape[1] * r.shape[2]
+            table[start : start + size].view(r.shape).copy_(r)
+            start += size
     scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
     return RoIFeatureTable(table, heights, widths, torch.cumsum(level_rows, 0) - level_rows, scales, n)
 
