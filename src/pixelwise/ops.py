@@ -141,24 +141,24 @@ def _resolve_block(over: Tensor) -> Tensor:
     ``i`` of the next iterate depends only on entries ``j < i``, so after ``t`` rounds the first ``t``
     entries are final whatever the start; the iteration therefore reaches the unique fixed point (the
     greedy answer) after at most ``B`` rounds, in practice after a few (the longest keep/suppress
-    alternation inside the block). Each round is one ``B x B`` matrix-vector product.
+    alternation inside the block). Each round is one masked ``any`` over the ``B x B`` block.
     """
-    weights = over.to(torch.float32)
-    keep = ~over.any(0)  # never overlapped by an earlier box: kept whatever happens
+    over_t = over.t().contiguous()  # over_t[i, j]: j suppresses i
+    keep = ~over_t.any(1)  # never overlapped by an earlier box: kept whatever happens
     while True:
-        new = (keep.to(torch.float32) @ weights) == 0
+        new = ~(over_t & keep).any(1)
         if torch.equal(new, keep):
             return keep
         keep = new
 
 
-# Column chunk of the (kept rows x later boxes) IoU tiles, in elements: at most PyTorch's intra-op
-# grain size, so each tile op runs on one thread (no fork/join per op, which stalls badly on a busy
-# CPU) and its temporaries (128 KB) stay in cache.
-_TILE = 32768
+# Elements per IoU tile (rows x columns): below PyTorch's intra-op grain size (32768), so every op
+# on a tile runs inline on the calling thread (a fork/join per small op costs far more than the op,
+# and stalls for a whole scheduler slice on a busy CPU), and its temporaries (64 KB) stay in cache.
+_TILE = 16384
 
 
-def _greedy_nms(boxes: Tensor, threshold: float, segments: Tensor | None = None, block: int = 256) -> Tensor:
+def _greedy_nms(boxes: Tensor, threshold: float, segments: Tensor | None = None, block: int = 128) -> Tensor:
     """Greedy NMS of ``boxes: Tensor[N, 4]`` already in visit order -> int64 positions of the kept boxes
     (ascending, i.e. in visit order).
 
@@ -176,7 +176,8 @@ def _greedy_nms(boxes: Tensor, threshold: float, segments: Tensor | None = None,
     while index.numel():
         b = min(block, index.numel())
         rows, rest = data[:, :b], data[:, b:]
-        over = _overlaps(rows, rows, threshold).triu_(1)
+        position = torch.arange(b, device=boxes.device)
+        over = _overlaps(rows, rows, threshold) & (position[:, None] < position)  # j suppresses i only if j < i
         if segments is not None:
             seg, rest_seg = segments[:b], segments[b:]
             over &= seg[:, None] == seg
@@ -184,26 +185,29 @@ def _greedy_nms(boxes: Tensor, threshold: float, segments: Tensor | None = None,
             reach = int(torch.searchsorted(rest_seg, seg[-1:], right=True))
         else:
             reach = rest.shape[1]
-        keep = _resolve_block(over)
-        kept.append(index[:b][keep])
+        # Integer positions + index_select throughout: advanced indexing (t[mask], t[idx]) forks
+        # threads even for a few hundred elements, which costs milliseconds on a busy CPU.
+        keep = _resolve_block(over).nonzero().squeeze(1)
+        kept.append(index[:b].index_select(0, keep))
         index = index[b:]
         if reach == 0:
             data = rest
             segments = rest_seg if segments is not None else None
             continue
-        kept_rows = rows[:, keep]
-        step = max(_TILE // max(kept_rows.shape[1], 1), 1)
+        kept_rows = rows.index_select(1, keep)
+        kept_seg = seg.index_select(0, keep)[:, None] if segments is not None else None
+        step = max(_TILE // max(keep.numel(), 1), 1)
         hits = []
         for c in range(0, reach, step):
             hit = _overlaps(kept_rows, rest[:, c : min(c + step, reach)], threshold)
             if segments is not None:
-                hit &= seg[keep][:, None] == rest_seg[c : min(c + step, reach)]
+                hit &= kept_seg == rest_seg[c : min(c + step, reach)]
             hits.append(hit.any(0))
-        survivors = ~torch.cat(hits)
-        data = torch.cat([rest[:, :reach][:, survivors], rest[:, reach:]], dim=1)
-        index = torch.cat([index[:reach][survivors], index[reach:]])
+        survivors = (~torch.cat(hits)).nonzero().squeeze(1)
+        data = torch.cat([rest[:, :reach].index_select(1, survivors), rest[:, reach:]], dim=1)
+        index = torch.cat([index[:reach].index_select(0, survivors), index[reach:]])
         if segments is not None:
-            segments = torch.cat([rest_seg[:reach][survivors], rest_seg[reach:]])
+            segments = torch.cat([rest_seg[:reach].index_select(0, survivors), rest_seg[reach:]])
     return torch.cat(kept)
 
 
@@ -230,7 +234,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
     The IoU is computed in float32 for float32 boxes and in float64 otherwise, and compared as
     torchvision's C++ does (float IoU against a double threshold). How: boxes sorted by score are
-    taken in blocks of 256; a block is resolved by a short fixed-point iteration on its 256 x 256
+    taken in blocks of 128; a block is resolved by a short fixed-point iteration on its 128 x 128
     overlaps, then its kept boxes remove every later box they overlap. Cost ``O(K N)`` IoUs for
     ``K`` kept boxes (never the full ``N x N`` matrix), and a few tensor ops per block.
     """
@@ -238,7 +242,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores.detach(), descending=True, stable=True).indices
-    return order[_greedy_nms(boxes[order], _iou_threshold(boxes.dtype, iou_threshold))]
+    kept = _greedy_nms(boxes.index_select(0, order), _iou_threshold(boxes.dtype, iou_threshold))
+    return order.index_select(0, kept)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -267,9 +272,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     boxes = _nms_input(boxes, scores, "batched_nms")
     scores = scores.detach()
     order = torch.sort(scores, descending=True, stable=True).indices
-    order = order[torch.sort(idxs[order], stable=True).indices]
-    keep = order[_greedy_nms(boxes[order], _iou_threshold(boxes.dtype, iou_threshold), idxs[order])]
-    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+    order = order.index_select(0, torch.sort(idxs.index_select(0, order), stable=True).indices)
+    threshold = _iou_threshold(boxes.dtype, iou_threshold)
+    keep = order.index_select(0, _greedy_nms(boxes.index_select(0, order), threshold, idxs.index_select(0, order)))
+    return keep.index_select(0, torch.sort(scores.index_select(0, keep), descending=True, stable=True).indices)
 
 
 # ----------------------------------------------------------------------------- RoIAlign
@@ -619,15 +625,15 @@ def pool_feature_table(
         levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=device)
     else:
         levels = map_roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level).to(device)
-    heights, widths = pyramid.heights[levels], pyramid.widths[levels]
+    heights, widths = pyramid.heights.index_select(0, levels), pyramid.widths.index_select(0, levels)
     batch = rois[:, 0].detach().to(device).long()
     return _roi_align_rows(
         pyramid.table,
         rois[:, 1:],
-        pyramid.base[levels] + batch * heights * widths,
+        pyramid.base.index_select(0, levels) + batch * heights * widths,
         heights,
         widths,
-        torch.tensor(scales, dtype=torch.float64, device=device)[levels],
+        torch.tensor(scales, dtype=torch.float64, device=device).index_select(0, levels),
         _pair(output_size),
         int(sampling_ratio),
         False,
