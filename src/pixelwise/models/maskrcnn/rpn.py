@@ -105,11 +105,10 @@ def filter_image_proposals(
     ``levels Tensor[K]`` -> the kept proposals ``Tensor[P, 4]`` and scores, best first."""
     boxes = ops.clip_boxes_to_image(boxes, image_size)
     keep = ops.remove_small_boxes(boxes, cfg.min_size)
-    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-    keep = torch.where(scores >= cfg.score_thresh)[0]
-    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+    keep = keep.index_select(0, torch.where(scores.index_select(0, keep) >= cfg.score_thresh)[0])
+    boxes, scores, levels = boxes.index_select(0, keep), scores.index_select(0, keep), levels.index_select(0, keep)
     keep = ops.batched_nms(boxes, scores, levels, cfg.nms_thresh)[:post_nms_top_n]
-    return boxes[keep], scores[keep]
+    return boxes.index_select(0, keep), scores.index_select(0, keep)
 
 
 def anchor_labels(anchors: Tensor, gt_boxes: Tensor, matcher: ops.Matcher) -> tuple[Tensor, Tensor]:
@@ -185,12 +184,13 @@ class RegionProposalNetwork(nn.Module):
             [torch.full((k,), i, dtype=torch.int64, device=objectness.device) for i, k in enumerate(anchors_per_level)]
         )
         idx = top_n_per_level(objectness, anchors_per_level, pre_n)
-        rows = torch.arange(n, device=idx.device)[:, None]
-        scores = torch.sigmoid(objectness[rows, idx])
+        scores = torch.sigmoid(torch.gather(objectness, 1, idx))
         # Decoding is per anchor, so decode only the selected ones (torchvision decodes all R first).
-        selected = deltas.detach()[rows, idx].reshape(-1, 4)
-        boxes = self.box_coder.decode_single(selected, anchors[idx].reshape(-1, 4)).view(n, -1, 4)
-        levels = levels[idx]
+        # gather / index_select rather than advanced indexing, which forks threads for small tensors.
+        selected = torch.gather(deltas.detach(), 1, idx[..., None].expand(-1, -1, 4)).reshape(-1, 4)
+        flat = idx.reshape(-1)
+        boxes = self.box_coder.decode_single(selected, anchors.index_select(0, flat)).view(n, -1, 4)
+        levels = levels.index_select(0, flat).view(idx.shape)
         return [
             filter_image_proposals(b, s, lv, size, cfg, post_n)[0]
             for b, s, lv, size in zip(boxes, scores, levels, image_sizes)
