@@ -43,7 +43,7 @@ from pixelwise.models.maskrcnn.roi_heads import MaskRCNNPredictor, TwoMLPHead, p
 from pixelwise.models.maskrcnn.rpn import flatten_predictions
 from pixelwise.models.maskrcnn.transform import ImageBatch
 
-__all__ = ["FastMaskRCNN", "fold_batchnorm", "optimize_for_inference", "reduced_precision_dtype"]
+__all__ = ["FastMaskRCNN", "detection_agreement", "fold_batchnorm", "optimize_for_inference", "reduced_precision_dtype"]
 
 _NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
@@ -238,3 +238,30 @@ def optimize_for_inference(
     """
     device = next(model.parameters()).device
     return FastMaskRCNN(model, dtype or reduced_precision_dtype(device), channels_last)
+
+
+def detection_agreement(
+    reference: dict[str, Tensor], candidate: dict[str, Tensor], score_thresh: float = 0.5, iou_thresh: float = 0.9
+) -> tuple[int, int]:
+    """How many of ``reference``'s detections with score ``> score_thresh`` ``candidate`` reproduces.
+
+    Both are one image's ``{"boxes", "labels", "scores"}``. Reference detections are taken by
+    decreasing score; each is matched to the unused candidate detection (of any score) of the same
+    label with the highest box IoU, if that IoU is ``>= iou_thresh``. Returns ``(matched, total)``.
+    """
+    selected = reference["scores"] > score_thresh
+    boxes, labels = reference["boxes"][selected], reference["labels"][selected]
+    if boxes.shape[0] == 0 or candidate["boxes"].shape[0] == 0:
+        return 0, int(boxes.shape[0])
+    order = torch.sort(reference["scores"][selected], descending=True, stable=True).indices
+    iou = ops.box_iou(boxes[order].float(), candidate["boxes"].float())
+    iou[labels[order][:, None] != candidate["labels"][None, :]] = -1
+    used = torch.zeros(iou.shape[1], dtype=torch.bool)
+    matched = 0
+    for row in iou:
+        row = torch.where(used, -1.0, row)
+        best = int(row.argmax())
+        if row[best] >= iou_thresh:
+            used[best] = True
+            matched += 1
+    return matched, int(boxes.shape[0])
