@@ -424,6 +424,8 @@ def test_batched_nms_large_path_matches_per_category_numpy_nms():
     idxs[5] = 99  # one with a single box
     for t in (0.5, 0.7):
         assert batched_nms(boxes, scores, idxs, t).tolist() == numpy_batched_nms(boxes, scores, idxs, t)
+    tied = (scores * 20).round() / 20  # many equal scores across categories: ascending index order
+    assert batched_nms(boxes, tied, idxs, 0.5).tolist() == numpy_batched_nms(boxes, tied, idxs, 0.5)
     chain, chain_scores = _sliding_chain(1500)
     two = torch.cat((chain, chain))
     keep = batched_nms(two, torch.cat((chain_scores, chain_scores)), torch.arange(3000) // 1500, 0.7)

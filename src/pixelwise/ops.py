@@ -275,6 +275,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     order = order.index_select(0, torch.sort(idxs.index_select(0, order), stable=True).indices)
     threshold = _iou_threshold(boxes.dtype, iou_threshold)
     keep = order.index_select(0, _greedy_nms(boxes.index_select(0, order), threshold, idxs.index_select(0, order)))
+    keep = torch.sort(keep).values  # equal scores end up in ascending index order, as in nms
     return keep.index_select(0, torch.sort(scores.index_select(0, keep), descending=True, stable=True).indices)
 
 
