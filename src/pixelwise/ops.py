@@ -167,47 +167,63 @@ def _greedy_nms(boxes: Tensor, threshold: float, segments: Tensor | None = None,
     ``block``: resolve the block (:func:`_resolve_block` on its ``B x B`` overlaps), then let its kept
     boxes suppress the later boxes of their segments and drop those from the remaining list. So the
     IoU is only ever computed for (kept box, later unsuppressed box) pairs, like torchvision's kernel,
-    with a few vectorised ops per block and tile instead of a loop per box.
+    with a few vectorised ops per block and tile instead of a loop per box. Only a window of the
+    remaining boxes is materialised: from the current block to the end of its last segment (all of
+    them without segments), so with many segments each block costs the size of its segments, not N.
     """
+    n, device = boxes.shape[0], boxes.device
     x1, y1, x2, y2 = boxes.t()
-    data = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)])  # [5, N], one box per column
-    index = torch.arange(boxes.shape[0], device=boxes.device)
+    all_data = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)])  # [5, N], one box per column
+    position = torch.arange(n, device=device)
+    if segments is None:
+        all_meta = torch.stack([position, torch.zeros_like(position)])  # [original position, segment]
+        segment_end = None
+    else:
+        segments = segments.contiguous()
+        # the first position of a box's segment serves as its int64 segment id
+        all_meta = torch.stack([position, torch.searchsorted(segments, segments)])
+        segment_end = torch.searchsorted(segments, segments, right=True).tolist()
+    data, meta, pulled = all_data[:, :0], all_meta[:, :0], 0
     kept = []
-    while index.numel():
-        b = min(block, index.numel())
+    while True:
+        # the window: at least a block (while boxes remain), then up to the end of the block's last segment
+        want = block if segment_end is not None else n
+        if data.shape[1] < want and pulled < n:
+            stop = min(pulled + want - data.shape[1], n)
+            data, meta = torch.cat([data, all_data[:, pulled:stop]], 1), torch.cat([meta, all_meta[:, pulled:stop]], 1)
+            pulled = stop
+        if data.shape[1] == 0:
+            break
+        b = min(block, data.shape[1])
+        if segment_end is not None:
+            stop = segment_end[int(meta[0, b - 1])]
+            if stop > pulled:
+                data = torch.cat([data, all_data[:, pulled:stop]], 1)
+                meta = torch.cat([meta, all_meta[:, pulled:stop]], 1)
+                pulled = stop
         rows, rest = data[:, :b], data[:, b:]
-        position = torch.arange(b, device=boxes.device)
-        over = _overlaps(rows, rows, threshold) & (position[:, None] < position)  # j suppresses i only if j < i
-        if segments is not None:
-            seg, rest_seg = segments[:b], segments[b:]
-            over &= seg[:, None] == seg
-            # later boxes of the block's segments: a prefix of the rest, as segments are sorted
-            reach = int(torch.searchsorted(rest_seg, seg[-1:], right=True))
-        else:
-            reach = rest.shape[1]
+        arange = torch.arange(b, device=device)
+        over = _overlaps(rows, rows, threshold) & (arange[:, None] < arange)  # j suppresses i only if j < i
+        if segment_end is not None:
+            over &= meta[1, :b, None] == meta[1, :b]
         # Integer positions + index_select throughout: advanced indexing (t[mask], t[idx]) forks
         # threads even for a few hundred elements, which costs milliseconds on a busy CPU.
         keep = _resolve_block(over).nonzero().squeeze(1)
-        kept.append(index[:b].index_select(0, keep))
-        index = index[b:]
-        if reach == 0:
-            data = rest
-            segments = rest_seg if segments is not None else None
+        kept.append(meta[0, :b].index_select(0, keep))
+        data, meta = rest, meta[:, b:]
+        if rest.shape[1] == 0:
             continue
         kept_rows = rows.index_select(1, keep)
-        kept_seg = seg.index_select(0, keep)[:, None] if segments is not None else None
+        kept_seg = all_meta[1].index_select(0, kept[-1])[:, None]
         step = max(_TILE // max(keep.numel(), 1), 1)
         hits = []
-        for c in range(0, reach, step):
-            hit = _overlaps(kept_rows, rest[:, c : min(c + step, reach)], threshold)
-            if segments is not None:
-                hit &= kept_seg == rest_seg[c : min(c + step, reach)]
+        for c in range(0, rest.shape[1], step):
+            hit = _overlaps(kept_rows, rest[:, c : c + step], threshold)
+            if segment_end is not None:
+                hit &= kept_seg == meta[1, c : c + step]
             hits.append(hit.any(0))
         survivors = (~torch.cat(hits)).nonzero().squeeze(1)
-        data = torch.cat([rest[:, :reach].index_select(1, survivors), rest[:, reach:]], dim=1)
-        index = torch.cat([index[:reach].index_select(0, survivors), index[reach:]])
-        if segments is not None:
-            segments = torch.cat([rest_seg[:reach].index_select(0, survivors), rest_seg[reach:]])
+        data, meta = rest.index_select(1, survivors), meta.index_select(1, survivors)
     return torch.cat(kept)
 
 
