@@ -128,6 +128,43 @@ def test_paste_masks_fills_the_box():
     assert paste_masks_in_image(torch.zeros(0, 1, 28, 28), torch.zeros(0, 4), (5, 7)).shape == (0, 1, 5, 7)
 
 
+def paste_one_by_one(masks, boxes, height, width, padding=1):
+    """torchvision's CPU ``paste_masks_in_image``: a loop over boxes, ``F.interpolate`` each mask to its box."""
+    m = masks.shape[-1]
+    padded = torch.nn.functional.pad(masks, (padding,) * 4)
+    scale = (m + 2 * padding) / m
+    w_half, h_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale, (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    x_c, y_c = (boxes[:, 2] + boxes[:, 0]) * 0.5, (boxes[:, 3] + boxes[:, 1]) * 0.5
+    int_boxes = torch.stack((x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half), 1).to(torch.int64)
+    out = torch.zeros(len(masks), 1, height, width)
+    for k, (x1, y1, x2, y2) in enumerate(int_boxes.tolist()):
+        w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        resized = torch.nn.functional.interpolate(padded[k : k + 1], size=(h, w), mode="bilinear")[0, 0]
+        xa, xb, ya, yb = max(x1, 0), min(x2 + 1, width), max(y1, 0), min(y2 + 1, height)
+        if xb > xa and yb > ya:
+            out[k, 0, ya:yb, xa:xb] = resized[ya - y1 : yb - y1, xa - x1 : xb - x1]
+    return out
+
+
+def test_paste_masks_equals_per_box_interpolate():
+    gen = torch.Generator().manual_seed(4)
+    masks = torch.rand(40, 1, 28, 28, generator=gen)
+    xy = torch.rand(40, 2, generator=gen) * 90 - 15
+    wh = torch.rand(40, 2, generator=gen) ** 2 * 80
+    boxes = torch.cat((xy, xy + wh), 1)
+    boxes[0] = torch.tensor([10.0, 10.0, 10.0, 10.0])  # empty box: a 1-2 px paste
+    boxes[1] = torch.tensor([5.0, 5.0, 3.0, 2.0])  # x2 < x1: nothing pasted
+    boxes[2] = torch.tensor([-50.0, -40.0, 150.0, 120.0])  # larger than the image on every side
+    boxes[3] = torch.tensor([200.0, 200.0, 230.0, 240.0])  # outside the image
+    boxes[4] = torch.tensor([1.0, 2.0, 28.0, 29.0])  # resized to 30 x 30 = the padded size: a plain copy
+    pasted = paste_masks_in_image(masks, boxes, (70, 90))
+    expected = paste_one_by_one(masks, boxes, 70, 90)
+    assert pasted.shape == (40, 1, 70, 90)
+    torch.testing.assert_close(pasted, expected, rtol=0, atol=2e-6)
+    assert torch.equal(pasted == 0, expected == 0)  # the same pixels are outside every box
+    assert pasted[3].sum() == 0 and pasted[1].sum() == 0 and pasted[2].min() > 0
+
+
 # ----------------------------------------------------------------------------- builders and weights
 
 

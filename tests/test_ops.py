@@ -105,6 +105,39 @@ def naive_nms(boxes: np.ndarray, scores: np.ndarray, t: float) -> list[int]:
     return keep
 
 
+def numpy_nms(boxes: torch.Tensor, scores: torch.Tensor, t: float) -> list[int]:
+    """The previous ``pixelwise.ops.nms`` (kept as a reference): the full IoU matrix in numpy, in the box
+    dtype (float32 stays float32, anything else float64) against a double threshold, then a greedy pass
+    over the sorted boxes; exact against torchvision's fixture, fast enough for a few thousand boxes."""
+    order = torch.sort(scores, descending=True, stable=True).indices.numpy()
+    b = boxes.numpy()[order]
+    if b.dtype != np.float32:
+        b = b.astype(np.float64)
+    x1, y1, x2, y2 = (b[:, i] for i in range(4))
+    area = (x2 - x1) * (y2 - y1)
+    w = np.maximum(np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1), 0)
+    h = np.maximum(np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1), 0)
+    inter = w * h
+    with np.errstate(invalid="ignore", divide="ignore"):
+        over = inter / (area[:, None] + area - inter) > np.float64(t)
+    suppressed = np.zeros(len(b), dtype=bool)
+    keep = []
+    for i in range(len(b)):
+        if not suppressed[i]:
+            keep.append(int(order[i]))
+            suppressed[i + 1 :] |= over[i, i + 1 :]
+    return keep
+
+
+def numpy_batched_nms(boxes, scores, idxs, t) -> list[int]:
+    """Per-category :func:`numpy_nms` on the original coordinates, merged by (score desc, index asc)."""
+    keep = []
+    for c in torch.unique(idxs):
+        members = torch.where(idxs == c)[0]
+        keep += [int(members[i]) for i in numpy_nms(boxes[members], scores[members], t)]
+    return sorted(keep, key=lambda i: (-float(scores[i]), i))
+
+
 def random_rois(gen: torch.Generator, k: int, n_img: int, h: int, w: int, scale: float) -> torch.Tensor:
     """Rois [K, 5] in image coordinates: many partly outside, some tiny, some degenerate."""
     cx = torch.rand(k, generator=gen) * (w + 6) - 3
@@ -352,6 +385,51 @@ def test_batched_nms_small_and_large_paths_match_per_class_reference():
         assert batched_nms(boxes, scores, idxs, 0.5).tolist() == expected
     assert nms(torch.zeros(0, 4), torch.zeros(0), 0.5).shape == (0,)
     assert batched_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).shape == (0,)
+
+
+def _sliding_chain(n: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """10-px boxes 1 px apart with decreasing scores: IoU 9/11 with the next box, 8/12 with the one
+    after, so at t = 0.7 greedy keeps every other box and each decision depends on the previous one
+    (the longest possible keep/suppress chain, across block boundaries)."""
+    x = torch.arange(n, dtype=dtype)
+    boxes = torch.stack((x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)), 1)
+    return boxes, torch.linspace(1, 0, n, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nms_matches_old_numpy_nms_on_large_inputs(dtype):
+    gen = torch.Generator().manual_seed(21)
+    boxes = _clustered_boxes(gen, 1500).to(dtype)
+    scores = torch.rand(1500, generator=gen, dtype=torch.float64).to(dtype)
+    scores[100:300] = scores[:200].clone()  # ties, also across the 256-box blocks
+    boxes[1000:1200] = boxes[:200]  # exact duplicates
+    boxes[1300:1310, 2:] = boxes[1300:1310, :2].clone()  # empty boxes: IoU 0 / 0 = NaN never suppresses
+    for t in (0.3, 0.5, 0.7):
+        keep = nms(boxes, scores, t)
+        assert keep.dtype == torch.int64
+        assert keep.tolist() == numpy_nms(boxes, scores, t)
+    chain, chain_scores = _sliding_chain(700, dtype)
+    assert nms(chain, chain_scores, 0.7).tolist() == list(range(0, 700, 2))
+    assert nms(chain, chain_scores, 0.7).tolist() == numpy_nms(chain, chain_scores, 0.7)
+
+
+def test_batched_nms_large_path_matches_per_category_numpy_nms():
+    """Many categories of very different sizes (one box up to hundreds), idxs not sorted."""
+    gen = torch.Generator().manual_seed(22)
+    n = 5000
+    boxes = _clustered_boxes(gen, n).float()
+    scores = torch.rand(n, generator=gen)
+    idxs = (torch.rand(n, generator=gen) ** 3 * 90).long()
+    idxs[:5] = 95  # a category with a few boxes, and
+    idxs[5] = 99  # one with a single box
+    for t in (0.5, 0.7):
+        assert batched_nms(boxes, scores, idxs, t).tolist() == numpy_batched_nms(boxes, scores, idxs, t)
+    tied = (scores * 20).round() / 20  # many equal scores across categories: ascending index order
+    assert batched_nms(boxes, tied, idxs, 0.5).tolist() == numpy_batched_nms(boxes, tied, idxs, 0.5)
+    chain, chain_scores = _sliding_chain(1500)
+    two = torch.cat((chain, chain))
+    keep = batched_nms(two, torch.cat((chain_scores, chain_scores)), torch.arange(3000) // 1500, 0.7)
+    assert sorted(keep.tolist()) == list(range(0, 1500, 2)) + list(range(1500, 3000, 2))
 
 
 def test_box_utilities():

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ __all__ = [
     "Matcher",
     "MultiScaleRoIAlign",
     "RoIAlign",
+    "RoIFeatureTable",
     "batched_nms",
     "box_area",
     "box_iou",
@@ -46,8 +47,10 @@ __all__ = [
     "map_roi_levels",
     "multiscale_roi_align",
     "nms",
+    "pool_feature_table",
     "remove_small_boxes",
     "roi_align",
+    "roi_feature_table",
 ]
 
 
@@ -104,42 +107,137 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 # ----------------------------------------------------------------------------- NMS
 
 
-def _suppression_matrix(boxes: Tensor, iou_threshold: float, block: int = 512) -> np.ndarray:
-    """Boolean ``[N, N]`` numpy matrix of ``IoU(i, j) > iou_threshold`` of ``boxes: Tensor[N, 4]``.
+def _iou_threshold(dtype: torch.dtype, iou_threshold: float) -> float:
+    """The threshold to compare an IoU of ``dtype`` with so that ``iou > result`` in ``dtype`` equals
+    torchvision's C++ ``(double) iou > iou_threshold``: for float32 the largest float32 ``<= t``
+    (exact: no float32 lies strictly between it and ``t``), for float64 ``t`` itself."""
+    if dtype != torch.float32:
+        return float(iou_threshold)
+    t32 = torch.tensor(iou_threshold, dtype=torch.float32)
+    if float(t32) > iou_threshold:
+        t32 = torch.nextafter(t32, torch.tensor(-math.inf))
+    return float(t32)
 
-    Only the upper triangle ``j >= i`` is computed (the greedy pass reads nothing else; the rest is False).
-    IoU is computed in the box dtype exactly as torchvision's kernel does (``inter / (area_i +
-    area_j - inter)``) and compared as torchvision's C++ does, float IoU against a double
-    threshold: for float32 that is ``iou > t32`` with ``t32`` the largest float32 ``<= t``.
-    Other dtypes are compared in float64. Rows are done in blocks of ``block`` rows.
+
+def _overlaps(rows: Tensor, cols: Tensor, threshold: float) -> Tensor:
+    """``IoU > threshold`` of ``rows: Tensor[5, B]`` against ``cols: Tensor[5, M]`` -> bool ``Tensor[B, M]``.
+
+    Boxes are columns ``(x1, y1, x2, y2, area)`` (coordinates as rows, so every operand below is
+    contiguous); the IoU is computed as torchvision's kernel does, ``inter / (area_i + area_j -
+    inter)`` in the box dtype (0 / 0 gives NaN, which never suppresses).
     """
-    n = boxes.shape[0]
-    boxes = boxes.t().contiguous()
-    x1, y1, x2, y2 = boxes
-    areas = (x2 - x1) * (y2 - y1)
-    if boxes.dtype == torch.float32:
-        t32 = np.float32(iou_threshold)
-        if float(t32) > iou_threshold:
-            t32 = np.nextafter(t32, np.float32(-np.inf))
-        threshold = float(t32)
+    x1, y1, x2, y2, area = rows[:, :, None]
+    w = torch.min(x2, cols[2]).sub_(torch.max(x1, cols[0])).clamp_(min=0)
+    h = torch.min(y2, cols[3]).sub_(torch.max(y1, cols[1])).clamp_(min=0)
+    inter = w.mul_(h)
+    return inter / (area + cols[4]).sub_(inter) > threshold
+
+
+def _resolve_block(over: Tensor) -> Tensor:
+    """Greedy NMS inside one block: ``over: bool Tensor[B, B]``, ``over[j, i]`` for ``j < i`` (strict upper
+    triangle) means box ``j`` suppresses box ``i`` if ``j`` is kept -> bool ``Tensor[B]`` kept.
+
+    ``keep[i] = not any(over[j, i] and keep[j] for j < i)`` is solved by fixed-point iteration: entry
+    ``i`` of the next iterate depends only on entries ``j < i``, so after ``t`` rounds the first ``t``
+    entries are final whatever the start; the iteration therefore reaches the unique fixed point (the
+    greedy answer) after at most ``B`` rounds, in practice after a few (the longest keep/suppress
+    alternation inside the block). Each round is one masked ``any`` over the ``B x B`` block.
+    """
+    over_t = over.t().contiguous()  # over_t[i, j]: j suppresses i
+    keep = ~over_t.any(1)  # never overlapped by an earlier box: kept whatever happens
+    while True:
+        new = ~(over_t & keep).any(1)
+        if torch.equal(new, keep):
+            return keep
+        keep = new
+
+
+# Elements per IoU tile (rows x columns): below PyTorch's intra-op grain size (32768), so every op
+# on a tile runs inline on the calling thread (a fork/join per small op costs far more than the op,
+# and stalls for a whole scheduler slice on a busy CPU), and its temporaries (64 KB) stay in cache.
+_TILE = 16384
+
+
+def _greedy_nms(boxes: Tensor, threshold: float, segments: Tensor | None = None, block: int = 128) -> Tensor:
+    """Greedy NMS of ``boxes: Tensor[N, 4]`` already in visit order -> int64 positions of the kept boxes
+    (ascending, i.e. in visit order).
+
+    With ``segments: Tensor[N]`` (non-decreasing, e.g. class ids of boxes sorted by class) only boxes
+    of the same segment suppress each other. The remaining boxes are processed in blocks of
+    ``block``: resolve the block (:func:`_resolve_block` on its ``B x B`` overlaps), then let its kept
+    boxes suppress the later boxes of their segments and drop those from the remaining list. So the
+    IoU is only ever computed for (kept box, later unsuppressed box) pairs, like torchvision's kernel,
+    with a few vectorised ops per block and tile instead of a loop per box. Only a window of the
+    remaining boxes is materialised: from the current block to the end of its last segment (all of
+    them without segments), so with many segments each block costs the size of its segments, not N.
+    """
+    n, device = boxes.shape[0], boxes.device
+    x1, y1, x2, y2 = boxes.t()
+    all_data = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)])  # [5, N], one box per column
+    position = torch.arange(n, device=device)
+    if segments is None:
+        all_meta = torch.stack([position, torch.zeros_like(position)])  # [original position, segment]
+        segment_end = None
     else:
-        boxes, areas = boxes.double(), areas.double()
-        x1, y1, x2, y2 = boxes
-        threshold = float(iou_threshold)
-    out = np.zeros((n, n), dtype=bool)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        r, c = slice(start, stop), slice(start, n)
-        w = (torch.min(x2[r, None], x2[c]) - torch.max(x1[r, None], x1[c])).clamp(min=0)
-        h = (torch.min(y2[r, None], y2[c]) - torch.max(y1[r, None], y1[c])).clamp(min=0)
-        inter = w * h
-        iou = inter / (areas[r, None] + areas[c] - inter)
-        out[r, c] = (iou > threshold).cpu().numpy()
-    return out
+        segments = segments.contiguous()
+        # the first position of a box's segment serves as its int64 segment id
+        all_meta = torch.stack([position, torch.searchsorted(segments, segments)])
+        segment_end = torch.searchsorted(segments, segments, right=True).tolist()
+    data, meta, pulled = all_data[:, :0], all_meta[:, :0], 0
+    kept = []
+    while True:
+        # the window: at least a block (while boxes remain), then up to the end of the block's last segment
+        want = block if segment_end is not None else n
+        if data.shape[1] < want and pulled < n:
+            stop = min(pulled + want - data.shape[1], n)
+            data, meta = torch.cat([data, all_data[:, pulled:stop]], 1), torch.cat([meta, all_meta[:, pulled:stop]], 1)
+            pulled = stop
+        if data.shape[1] == 0:
+            break
+        b = min(block, data.shape[1])
+        if segment_end is not None:
+            stop = segment_end[int(meta[0, b - 1])]
+            if stop > pulled:
+                data = torch.cat([data, all_data[:, pulled:stop]], 1)
+                meta = torch.cat([meta, all_meta[:, pulled:stop]], 1)
+                pulled = stop
+        rows, rest = data[:, :b], data[:, b:]
+        arange = torch.arange(b, device=device)
+        over = _overlaps(rows, rows, threshold) & (arange[:, None] < arange)  # j suppresses i only if j < i
+        if segment_end is not None:
+            over &= meta[1, :b, None] == meta[1, :b]
+        # Integer positions + index_select throughout: advanced indexing (t[mask], t[idx]) forks
+        # threads even for a few hundred elements, which costs milliseconds on a busy CPU.
+        keep = _resolve_block(over).nonzero().squeeze(1)
+        kept.append(meta[0, :b].index_select(0, keep))
+        data, meta = rest, meta[:, b:]
+        if rest.shape[1] == 0:
+            continue
+        kept_rows = rows.index_select(1, keep)
+        kept_seg = all_meta[1].index_select(0, kept[-1])[:, None]
+        step = max(_TILE // max(keep.numel(), 1), 1)
+        hits = []
+        for c in range(0, rest.shape[1], step):
+            hit = _overlaps(kept_rows, rest[:, c : c + step], threshold)
+            if segment_end is not None:
+                hit &= kept_seg == meta[1, c : c + step]
+            hits.append(hit.any(0))
+        survivors = (~torch.cat(hits)).nonzero().squeeze(1)
+        data, meta = rest.index_select(1, survivors), meta.index_select(1, survivors)
+    return torch.cat(kept)
+
+
+def _nms_input(boxes: Tensor, scores: Tensor, where: str) -> Tensor:
+    if boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"{where}: boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
+    if scores.shape != boxes.shape[:1]:
+        raise ValueError(f"{where}: scores must be Tensor[{boxes.shape[0]}], got shape {tuple(scores.shape)}")
+    boxes = boxes.detach()
+    return boxes if boxes.dtype == torch.float32 else boxes.double()
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy non-maximum suppression (torchvision semantics).
+    """Greedy non-maximum suppression (torchvision semantics), on the boxes' device.
 
     Args:
         boxes: ``Tensor[N, 4]`` boxes ``(x1, y1, x2, y2)``.
@@ -150,27 +248,18 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         ``Tensor[K]`` int64 indices of the kept boxes, in decreasing score order; equal scores
         are visited in ascending index order (stable sort), like torchvision.
 
-    Complexity: ``O(N^2)`` time for the IoU matrix (vectorised, in row blocks of 512 so peak float
-    memory is ``512 x N``), ``N^2`` bytes for the boolean suppression matrix, and a greedy pass of
-    ``N`` cheap steps over it on the CPU, each kept box OR-ing one row: ``O(N * K)`` bit work.
+    The IoU is computed in float32 for float32 boxes and in float64 otherwise, and compared as
+    torchvision's C++ does (float IoU against a double threshold). How: boxes sorted by score are
+    taken in blocks of 128; a block is resolved by a short fixed-point iteration on its 128 x 128
+    overlaps, then its kept boxes remove every later box they overlap. Cost ``O(K N)`` IoUs for
+    ``K`` kept boxes (never the full ``N x N`` matrix), and a few tensor ops per block.
     """
-    if boxes.dim() != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"nms: boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
-    if scores.shape != boxes.shape[:1]:
-        raise ValueError(f"nms: scores must be Tensor[{boxes.shape[0]}], got shape {tuple(scores.shape)}")
+    boxes = _nms_input(boxes, scores, "nms")
     if boxes.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    over = _suppression_matrix(boxes[order].detach(), float(iou_threshold))
-    n = over.shape[0]
-    suppressed = np.zeros(n, dtype=bool)
-    keep: list[int] = []
-    for i in range(n):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed[i + 1 :] |= over[i, i + 1 :]
-    return order[torch.as_tensor(keep, dtype=torch.int64, device=boxes.device)]
+    order = torch.sort(scores.detach(), descending=True, stable=True).indices
+    kept = _greedy_nms(boxes.index_select(0, order), _iou_threshold(boxes.dtype, iou_threshold))
+    return order.index_select(0, kept)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -184,9 +273,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
     For ``boxes.numel() <= 4000`` on CPU (20000 elsewhere) this is torchvision's coordinate trick,
     ``nms(boxes + idxs[:, None] * (boxes.max() + 1), ...)``, and reproduces its output exactly.
-    Larger inputs run :func:`nms` once per category (a loop over categories, not boxes) and merge
-    with a stable sort by score, where torchvision uses an unstable sort: the kept set is the
-    same, the order among tied scores may differ.
+    Larger inputs are sorted by (category, score) and suppressed within each category in one
+    blocked pass (the IoU of the original coordinates, as torchvision's per-category loop computes
+    it), then merged with a stable sort by score, where torchvision uses an unstable sort: the kept
+    set is the same, the order among tied scores may differ.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
@@ -195,12 +285,14 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         max_coordinate = boxes.max()
         offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
         return nms(boxes + offsets[:, None], scores, iou_threshold)
-    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
-    for class_id in torch.unique(idxs):
-        members = torch.where(idxs == class_id)[0]
-        keep_mask[members[nms(boxes[members], scores[members], iou_threshold)]] = True
-    keep = torch.where(keep_mask)[0]
-    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+    boxes = _nms_input(boxes, scores, "batched_nms")
+    scores = scores.detach()
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order.index_select(0, torch.sort(idxs.index_select(0, order), stable=True).indices)
+    threshold = _iou_threshold(boxes.dtype, iou_threshold)
+    keep = order.index_select(0, _greedy_nms(boxes.index_select(0, order), threshold, idxs.index_select(0, order)))
+    keep = torch.sort(keep).values  # equal scores end up in ascending index order, as in nms
+    return keep.index_select(0, torch.sort(scores.index_select(0, keep), descending=True, stable=True).indices)
 
 
 # ----------------------------------------------------------------------------- RoIAlign
@@ -269,6 +361,7 @@ def _roi_align_rows(
     output_size: tuple[int, int],
     sampling_ratio: int,
     aligned: bool,
+    channels_last: bool = False,
 ) -> Tensor:
     """RoIAlign over a channels-last row table; the engine of :func:`roi_align` and the multi-scale op.
 
@@ -280,13 +373,15 @@ def _roi_align_rows(
         scale: ``Tensor[K]`` float64 spatial scale of each box's map.
 
     Returns:
-        ``Tensor[K, C, PH, PW]`` in ``table.dtype``.
+        ``Tensor[K, C, PH, PW]`` in ``table.dtype``; with ``channels_last`` the pooled rows are
+        returned as they come out, i.e. in channels-last memory format (no transposing copy).
     """
     dtype, device = table.dtype, table.device
     ph_n, pw_n = output_size
     k_n, c_n = rois.shape[0], table.shape[1]
     if k_n == 0:  # empty, but still attached to the graph so that backward() works
-        return table[:0, :, None, None].expand(0, c_n, ph_n, pw_n).contiguous()
+        empty = table[:0, None, None, :].expand(0, ph_n, pw_n, c_n).contiguous().permute(0, 3, 1, 2)
+        return empty if channels_last else empty.contiguous()
     rois = rois.detach().to(device=device, dtype=dtype)
     # (T) (coord * spatial_scale - offset), the product taken in double as in the C++ kernel.
     start = (rois.double() * scale[:, None] - (0.5 if aligned else 0.0)).to(dtype)
@@ -344,7 +439,8 @@ def _roi_align_rows(
         counts = torch.full((bins,), 4 * gh_max * gw_max, dtype=torch.int64, device=device)
     offsets = torch.cumsum(counts, 0) - counts
     out = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
-    return out.reshape(k_n, ph_n, pw_n, c_n).permute(0, 3, 1, 2).contiguous()
+    out = out.reshape(k_n, ph_n, pw_n, c_n).permute(0, 3, 1, 2)
+    return out if channels_last else out.contiguous()
 
 
 def roi_align(
@@ -476,6 +572,92 @@ def map_roi_levels(
     return levels.to(torch.int64) - k_min
 
 
+class RoIFeatureTable(NamedTuple):
+    """The maps of a feature pyramid stacked as one channels-last row table, ready to pool from.
+
+    ``table: Tensor[sum_l N * H_l * W_l, C]`` (level by level, each ``[N, H_l, W_l]`` flattened),
+    ``heights, widths, base: Tensor[L]`` int64 (size and first row of each level), ``scales``
+    (:func:`infer_scales`) and ``batch_size`` ``N``. Build it once with :func:`roi_feature_table`
+    to pool several box sets (e.g. Mask R-CNN's box and mask branches) from the same features.
+    """
+
+    table: Tensor
+    heights: Tensor
+    widths: Tensor
+    base: Tensor
+    scales: list[float]
+    batch_size: int
+
+
+def roi_feature_table(
+    features: Sequence[Tensor], image_shapes: Sequence[Sequence[int]], dtype: torch.dtype | None = None
+) -> RoIFeatureTable:
+    """``L`` maps ``Tensor[N, C, H_l, W_l]`` (finest first) -> :class:`RoIFeatureTable`.
+
+    One copy of the features (free of any transpose when they are channels-last), converted to
+    ``dtype`` on the way when given (e.g. bfloat16 maps pooled in float32).
+    """
+    if not features:
+        raise ValueError("multiscale_roi_align: no feature maps given")
+    n, c = features[0].shape[:2]
+    device = features[0].device
+    heights = torch.tensor([f.shape[-2] for f in features], dtype=torch.int64, device=device)
+    widths = torch.tensor([f.shape[-1] for f in features], dtype=torch.int64, device=device)
+    level_rows = n * heights * widths
+    dtype = dtype or features[0].dtype
+    rows = [f.permute(0, 2, 3, 1) for f in features]
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        table = torch.cat([r.reshape(-1, c).to(dtype) for r in rows])  # differentiable
+    else:  # one pass: transpose (if any), dtype conversion and stacking in the same copy
+        table = torch.empty((sum(r.shape[0] * r.shape[1] * r.shape[2] for r in rows), c), dtype=dtype, device=device)
+        start = 0
+        for r in rows:
+            size = r.shape[0] * r.shape[1] * r.shape[2]
+            table[start : start + size].view(r.shape).copy_(r)
+            start += size
+    scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
+    return RoIFeatureTable(table, heights, widths, torch.cumsum(level_rows, 0) - level_rows, scales, n)
+
+
+def pool_feature_table(
+    pyramid: RoIFeatureTable,
+    boxes: list[Tensor],
+    output_size: int | tuple[int, int],
+    sampling_ratio: int,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    channels_last: bool = False,
+) -> Tensor:
+    """:func:`multiscale_roi_align` from a prepared :class:`RoIFeatureTable` -> ``Tensor[sum K_i, C, PH, PW]``
+    in the table's dtype (channels-last memory format when ``channels_last``, saving a transpose)."""
+    if len(boxes) != pyramid.batch_size:
+        raise ValueError(
+            f"multiscale_roi_align: got {len(boxes)} box tensors for a batch of {pyramid.batch_size} images"
+        )
+    scales, device = pyramid.scales, pyramid.table.device
+    k_min = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
+    k_max = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
+    rois = _as_rois(boxes)
+    if len(scales) == 1:
+        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=device)
+    else:
+        levels = map_roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level).to(device)
+    heights, widths = pyramid.heights.index_select(0, levels), pyramid.widths.index_select(0, levels)
+    batch = rois[:, 0].detach().to(device).long()
+    return _roi_align_rows(
+        pyramid.table,
+        rois[:, 1:],
+        pyramid.base.index_select(0, levels) + batch * heights * widths,
+        heights,
+        widths,
+        torch.tensor(scales, dtype=torch.float64, device=device).index_select(0, levels),
+        _pair(output_size),
+        int(sampling_ratio),
+        False,
+        channels_last,
+    )
+
+
 def multiscale_roi_align(
     features: Sequence[Tensor],
     boxes: list[Tensor],
@@ -497,43 +679,15 @@ def multiscale_roi_align(
     Returns:
         ``Tensor[sum K_i, C, PH, PW]``, rows in the order of ``boxes`` (image 0 first).
 
-    All levels are pooled in one vectorised call (the levels are stacked into one row table),
-    which gives the same numbers as torchvision's per-level loop.
+    All levels are pooled in one vectorised call (the levels are stacked into one row table,
+    :func:`roi_feature_table`), which gives the same numbers as torchvision's per-level loop.
     """
-    if not features:
-        raise ValueError("multiscale_roi_align: no feature maps given")
-    if len(boxes) != features[0].shape[0]:
+    if features and len(boxes) != features[0].shape[0]:
         raise ValueError(
             f"multiscale_roi_align: got {len(boxes)} box tensors for a batch of {features[0].shape[0]} images"
         )
-    output_size = _pair(output_size)
-    scales = infer_scales([f.shape[-2:] for f in features], image_shapes)
-    k_min = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
-    k_max = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
-    rois = _as_rois(boxes)
-    device = features[0].device
-    if len(features) == 1:
-        levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=device)
-    else:
-        levels = map_roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level).to(device)
-    n, c = features[0].shape[:2]
-    heights = torch.tensor([f.shape[-2] for f in features], dtype=torch.int64, device=device)
-    widths = torch.tensor([f.shape[-1] for f in features], dtype=torch.int64, device=device)
-    level_rows = n * heights * widths
-    level_base = torch.cumsum(level_rows, 0) - level_rows
-    table = torch.cat([f.permute(0, 2, 3, 1).contiguous().reshape(-1, c) for f in features], dim=0)
-    batch = rois[:, 0].detach().to(device).long()
-    return _roi_align_rows(
-        table,
-        rois[:, 1:],
-        level_base[levels] + batch * heights[levels] * widths[levels],
-        heights[levels],
-        widths[levels],
-        torch.tensor(scales, dtype=torch.float64, device=device)[levels],
-        output_size,
-        int(sampling_ratio),
-        False,
-    )
+    pyramid = roi_feature_table(features, image_shapes)
+    return pool_feature_table(pyramid, boxes, output_size, sampling_ratio, canonical_scale, canonical_level)
 
 
 class MultiScaleRoIAlign(nn.Module):

@@ -20,6 +20,7 @@ from pixelwise import ops
 from pixelwise.backbones import FrozenBatchNorm2d, IntermediateLayerGetter, ResNet, resnet18, resnet50
 from pixelwise.errors import UserError
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator
+from pixelwise.models.maskrcnn.fast import FastMaskRCNN, optimize_for_inference
 from pixelwise.models.maskrcnn.fpn import BackboneWithFPN, FeaturePyramidNetwork
 from pixelwise.models.maskrcnn.model import MaskRCNN
 from pixelwise.models.maskrcnn.roi_heads import (
@@ -38,6 +39,7 @@ from pixelwise.weights import load_matching, read_weights
 __all__ = [
     "AnchorGenerator",
     "BackboneWithFPN",
+    "FastMaskRCNN",
     "FeaturePyramidNetwork",
     "HeadWidths",
     "MaskRCNN",
@@ -47,6 +49,7 @@ __all__ = [
     "build_maskrcnn",
     "maskrcnn_resnet18_fpn",
     "maskrcnn_resnet50_fpn",
+    "optimize_for_inference",
     "paste_masks_in_image",
     "split_kwargs",
 ]

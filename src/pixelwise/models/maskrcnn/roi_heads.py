@@ -178,11 +178,12 @@ def postprocess_image(
     labels = torch.arange(num_classes, device=scores.device).view(1, -1).expand_as(scores)
     boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
     keep = torch.where(scores > cfg.score_thresh)[0]
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    keep = ops.remove_small_boxes(boxes, min_size=cfg.min_box_size)
-    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = keep.index_select(0, ops.remove_small_boxes(boxes.index_select(0, keep), min_size=cfg.min_box_size))
+    # index_select, not advanced indexing: the latter forks threads even for small tensors
+    boxes, scores, labels = boxes.index_select(0, keep), scores.index_select(0, keep), labels.index_select(0, keep)
     keep = ops.batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    boxes, scores, labels = boxes.index_select(0, keep), scores.index_select(0, keep), labels.index_select(0, keep)
+    return {"boxes": boxes, "scores": scores, "labels": labels}
 
 
 def mask_probabilities(mask_logits: Tensor, labels: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Region proposal network (Ren et al., NeurIPS 2015) as used by torchvision's Mask R-CNN.
 
 The head predicts, at every location of every FPN level, an objectness logit and four box
-deltas per anchor. Proposals: decode all anchors, keep the ``pre_nms_top_n`` best per level,
+deltas per anchor. Proposals: keep the ``pre_nms_top_n`` best anchors per level, decode them,
 clip, drop tiny boxes, NMS per level, keep the ``post_nms_top_n`` best. Losses: anchors are
 matched to ground truth (IoU >= 0.7 foreground, < 0.3 background, plus each box's best
 anchors), 256 per image are sampled half/half, then BCE on objectness and smooth-L1
@@ -105,11 +105,10 @@ def filter_image_proposals(
     ``levels Tensor[K]`` -> the kept proposals ``Tensor[P, 4]`` and scores, best first."""
     boxes = ops.clip_boxes_to_image(boxes, image_size)
     keep = ops.remove_small_boxes(boxes, cfg.min_size)
-    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-    keep = torch.where(scores >= cfg.score_thresh)[0]
-    boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+    keep = keep.index_select(0, torch.where(scores.index_select(0, keep) >= cfg.score_thresh)[0])
+    boxes, scores, levels = boxes.index_select(0, keep), scores.index_select(0, keep), levels.index_select(0, keep)
     keep = ops.batched_nms(boxes, scores, levels, cfg.nms_thresh)[:post_nms_top_n]
-    return boxes[keep], scores[keep]
+    return boxes.index_select(0, keep), scores.index_select(0, keep)
 
 
 def anchor_labels(anchors: Tensor, gt_boxes: Tensor, matcher: ops.Matcher) -> tuple[Tensor, Tensor]:
@@ -180,15 +179,18 @@ class RegionProposalNetwork(nn.Module):
         pre_n = cfg.pre_nms_top_n_train if training else cfg.pre_nms_top_n_test
         post_n = cfg.post_nms_top_n_train if training else cfg.post_nms_top_n_test
         n = objectness.shape[0]
-        boxes = self.box_coder.decode_single(deltas.detach().reshape(-1, 4), anchors.repeat(n, 1)).view(n, -1, 4)
         objectness = objectness.detach()
         levels = torch.cat(
             [torch.full((k,), i, dtype=torch.int64, device=objectness.device) for i, k in enumerate(anchors_per_level)]
         )
         idx = top_n_per_level(objectness, anchors_per_level, pre_n)
-        rows = torch.arange(n, device=idx.device)[:, None]
-        scores = torch.sigmoid(objectness[rows, idx])
-        boxes, levels = boxes[rows, idx], levels[idx]
+        scores = torch.sigmoid(torch.gather(objectness, 1, idx))
+        # Decoding is per anchor, so decode only the selected ones (torchvision decodes all R first).
+        # gather / index_select rather than advanced indexing, which forks threads for small tensors.
+        selected = torch.gather(deltas.detach(), 1, idx[..., None].expand(-1, -1, 4)).reshape(-1, 4)
+        flat = idx.reshape(-1)
+        boxes = self.box_coder.decode_single(selected, anchors.index_select(0, flat)).view(n, -1, 4)
+        levels = levels.index_select(0, flat).view(idx.shape)
         return [
             filter_image_proposals(b, s, lv, size, cfg, post_n)[0]
             for b, s, lv, size in zip(boxes, scores, levels, image_sizes)

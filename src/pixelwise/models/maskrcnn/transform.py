@@ -163,30 +163,68 @@ def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=1)
 
 
-def paste_mask(mask: Tensor, box: list[int], height: int, width: int) -> Tensor:
-    """One ``Tensor[M, M]`` mask resized (bilinear) to the integer ``box`` (x1, y1, x2, y2,
-    inclusive corners) and written into a zero ``Tensor[height, width]``."""
-    x1, y1, x2, y2 = box
-    w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
-    resized = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    canvas = mask.new_zeros((height, width))
-    xa, xb = max(x1, 0), min(x2 + 1, width)
-    ya, yb = max(y1, 0), min(y2 + 1, height)
-    if xb > xa and yb > ya:
-        canvas[ya:yb, xa:xb] = resized[ya - y1 : yb - y1, xa - x1 : xb - x1]
-    return canvas
+def paste_weights(lo: Tensor, hi: Tensor, size_in: int, first: Tensor, count: int, size_out: int) -> Tensor:
+    """Bilinear resize-and-place weights along one image axis, for every box at once.
+
+    ``lo, hi: Tensor[D]`` int64 first and last (inclusive) pixel of each box; a mask axis of
+    ``size_in`` is resized to ``max(hi - lo + 1, 1)`` pixels exactly as
+    ``F.interpolate(mode="bilinear", align_corners=False)`` does (float32 source index
+    ``max(scale * (i + 0.5) - 0.5, 0)`` with ``scale = size_in / size``, two taps, the upper one
+    clamped to the mask) and placed at ``lo``. Returns ``Tensor[D, count, size_in]`` (float32): row
+    ``r`` holds the weights of image pixel ``first + r`` (at most two non-zeros; all zero outside
+    ``[lo, hi]`` and outside the image axis ``[0, size_out)``).
+    """
+    pos = first[:, None] + torch.arange(count, device=lo.device)
+    local = pos - lo[:, None]  # [D, count] pixel index inside the resized mask
+    inside = (local >= 0) & (pos <= hi[:, None]) & (pos < size_out)
+    length = (hi - lo + 1).clamp(min=1).to(torch.float32)
+    scale = torch.tensor(float(size_in), dtype=torch.float32, device=lo.device) / length
+    src = (scale[:, None] * (local.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
+    low = src.floor().to(torch.int64).clamp(min=0, max=size_in - 1)
+    frac = (src - low.to(torch.float32)).clamp(0, 1)
+    high = low + (low < size_in - 1).to(torch.int64)
+    weights = torch.zeros((*local.shape, size_in), dtype=torch.float32, device=lo.device)
+    weights.scatter_add_(2, low[..., None], ((1 - frac) * inside)[..., None])
+    weights.scatter_add_(2, high[..., None], (frac * inside)[..., None])
+    return weights
 
 
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], padding: int = 1) -> Tensor:
-    """Masks ``Tensor[D, 1, M, M]`` inside ``boxes`` ``Tensor[D, 4]`` -> ``Tensor[D, 1, H, W]``.
+    """Masks ``Tensor[D, 1, M, M]`` inside ``boxes`` ``Tensor[D, 4]`` -> ``Tensor[D, 1, H, W]`` (float32).
 
     As torchvision: the mask is padded by ``padding`` pixels and the box enlarged by the same
-    factor ``(M + 2 * padding) / M``, then truncated to integers before pasting."""
+    factor ``(M + 2 * padding) / M`` and truncated to integers ``(x1, y1, x2, y2)``; the mask is
+    resized (bilinear) to ``(y2 - y1 + 1, x2 - x1 + 1)`` and written at ``(y1, x1)``, zero elsewhere.
+
+    All boxes at once, no loop: bilinear resizing is separable, so the visible part of each resized
+    mask is ``W_y @ (mask @ W_x^T)`` with the per-axis weights of :func:`paste_weights` (two batched
+    matrix products over the largest visible box, the same taps and weights as torchvision's
+    per-box ``F.interpolate``), then one ``scatter_add_`` writes every patch into the zeroed output
+    (padding slots of smaller boxes add an exact 0).
+    """
     height, width = int(image_size[0]), int(image_size[1])
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, 1, height, width))
+    n = masks.shape[0]
+    out = torch.zeros((n, height * width), dtype=torch.float32, device=masks.device)
+    if n == 0:
+        return out.view(0, 1, height, width)
     m = masks.shape[-1]
-    padded = F.pad(masks, (padding,) * 4)
-    int_boxes = expand_boxes(boxes, (m + 2 * padding) / m).to(torch.int64).tolist()
-    pasted = [paste_mask(mk[0], b, height, width) for mk, b in zip(padded, int_boxes)]
-    return torch.stack(pasted)[:, None]
+    padded = F.pad(masks[:, 0].to(torch.float32), (padding,) * 4)
+    x1, y1, x2, y2 = expand_boxes(boxes, (m + 2 * padding) / m).to(torch.int64).unbind(1)
+    # the visible part of each box: rows [top, top + rows), columns [left, left + cols)
+    top, left = y1.clamp(min=0), x1.clamp(min=0)
+    rows = ((y2 + 1).clamp(max=height) - top).clamp(min=0)
+    cols = ((x2 + 1).clamp(max=width) - left).clamp(min=0)
+    max_rows, max_cols = int(rows.max()), int(cols.max())
+    if max_rows == 0 or max_cols == 0:
+        return out.view(n, 1, height, width)
+    size = padded.shape[-1]
+    wy = paste_weights(y1, y2, size, top, max_rows, height)  # [D, R, M'], zero rows beyond the box
+    wx = paste_weights(x1, x2, size, left, max_cols, width)  # [D, C, M']
+    patch = torch.bmm(wy, torch.bmm(padded, wx.transpose(1, 2)))  # [D, R, C], exactly 0 outside
+    # Padding slots point at a pixel of their own box (or any pixel when nothing is visible) and add 0.
+    r = torch.minimum(torch.arange(max_rows, device=masks.device), (rows[:, None] - 1).clamp(min=0))
+    c = torch.minimum(torch.arange(max_cols, device=masks.device), (cols[:, None] - 1).clamp(min=0))
+    row_start = (top.clamp(max=height - 1)[:, None] + r) * width  # [D, R]
+    index = row_start[:, :, None] + (left.clamp(max=width - 1)[:, None] + c)[:, None, :]
+    out.scatter_add_(1, index.view(n, -1), patch.view(n, -1))
+    return out.view(n, 1, height, width)
