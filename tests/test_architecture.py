@@ -20,9 +20,9 @@ def _explained(lines: list[str], lineno: int) -> bool:
     i = lineno - 1
     while i >= 0:
         line = lines[i].strip()
-        if any(reason in line for reason in REASONS) and (line.startswith("#") or i == lineno - 1):
+        if any(reason in line for reason in REASONS) and "#" in line:
             return True
-        if not (line.startswith(("import ", "from ", "#")) or line == "" or i == lineno - 1):
+        if not (line.startswith(("import ", "from ", "#", "try:")) or line == "" or i == lineno - 1):
             return False
         i -= 1
     return False
