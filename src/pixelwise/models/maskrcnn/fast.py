@@ -48,10 +48,12 @@ __all__ = ["FastMaskRCNN", "detection_agreement", "fold_batchnorm", "optimize_fo
 _NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
 
-def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
+def _fold(conv: nn.Conv2d, norm: FrozenBatchNorm2d | nn.BatchNorm2d) -> None:
     """Fold ``norm`` (``y = (x - mean) / sqrt(var + eps) * weight + bias``) into ``conv`` in place."""
     if isinstance(norm, nn.BatchNorm2d) and norm.training:
         raise ValueError("fold_batchnorm: BatchNorm2d is in training mode; call model.eval() first")
+    if norm.running_mean is None or norm.running_var is None:
+        raise ValueError("fold_batchnorm: BatchNorm2d has no running statistics (track_running_stats=False)")
     mean, var = norm.running_mean.double(), norm.running_var.double()
     gamma = norm.weight.double() if norm.weight is not None else torch.ones_like(mean)
     beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(mean)
@@ -60,6 +62,13 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
     weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
     conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
     conv.bias = nn.Parameter(((bias - mean) * scale + beta).to(conv.weight.dtype), requires_grad=False)
+
+
+def _to(module: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format) -> None:
+    """``module.to(dtype=dtype, memory_format=memory_format)`` in place (``memory_format`` applies to
+    its 4-D parameters and buffers)."""
+    # torch's Module.to accepts memory_format (it parses its arguments like Tensor.to), its stubs do not list it
+    module.to(dtype=dtype, memory_format=memory_format)  # type: ignore[call-overload]  # stubs lack memory_format
 
 
 def fold_batchnorm(module: nn.Module) -> int:
@@ -78,8 +87,9 @@ def fold_batchnorm(module: nn.Module) -> int:
                 folded += 1
         if isinstance(parent, nn.Sequential):
             for i in range(len(parent) - 1):
-                if isinstance(parent[i], nn.Conv2d) and isinstance(parent[i + 1], _NORMS):
-                    _fold(parent[i], parent[i + 1])
+                first, second = parent[i], parent[i + 1]
+                if isinstance(first, nn.Conv2d) and isinstance(second, _NORMS):
+                    _fold(first, second)
                     parent[i + 1] = nn.Identity()
                     folded += 1
     return folded
@@ -113,10 +123,10 @@ class FastMaskRCNN(nn.Module):
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         fold_batchnorm(self.backbone)
-        self.backbone.to(dtype=dtype, memory_format=self.memory_format)
-        self.rpn.head.conv.to(dtype=dtype, memory_format=self.memory_format)
-        heads.mask_head.to(dtype=dtype, memory_format=self.memory_format)
-        heads.mask_predictor.conv5_mask.to(dtype=dtype, memory_format=self.memory_format)
+        _to(self.backbone, dtype, self.memory_format)
+        _to(self.rpn.head.conv, dtype, self.memory_format)
+        _to(heads.mask_head, dtype, self.memory_format)
+        _to(heads.mask_predictor.conv5_mask, dtype, self.memory_format)
         # fc6 reads the pooled RoIs as they come out of the pooler, (y, x, channel), not (channel, y, x).
         fc6 = heads.box_head.fc6
         ph, pw = heads.box_roi_pool.output_size
@@ -211,6 +221,8 @@ class FastMaskRCNN(nn.Module):
             # The predicted class's logit only: a dot product over channels per detection and pixel.
             d, c, h, w = y.shape
             rows = y.permute(0, 2, 3, 1).reshape(d, h * w, c).float()
+            if m.bias is None:  # MaskRCNNPredictor always builds it with a bias
+                raise TypeError("FastMaskRCNN: mask_predictor.mask_fcn_logits has no bias")
             weight = m.weight[labels, :, 0, 0].float()
             bias = m.bias[labels].float()
             logits = torch.baddbmm(bias[:, None, None], rows, weight[:, :, None]).view(d, 1, h, w)

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pixelwise.backbones import IntermediateLayerGetter
+
 
 def _conv(in_ch: int, out_ch: int, kernel_size: int) -> nn.Sequential:
     """A biased conv wrapped in ``Sequential`` (torchvision's ``Conv2dNormActivation`` without
@@ -37,7 +39,8 @@ class FeaturePyramidNetwork(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         names, xs = list(features.keys()), list(features.values())
@@ -61,7 +64,10 @@ class BackboneWithFPN(nn.Module):
     ``body`` returns an ordered dict of stages and publishes ``feature_info`` (new name ->
     ``FeatureInfo`` with ``channels``); ``out_channels`` is what the heads read."""
 
-    def __init__(self, body: nn.Module, out_channels: int = 256) -> None:
+    body: IntermediateLayerGetter
+    fpn: FeaturePyramidNetwork
+
+    def __init__(self, body: IntermediateLayerGetter, out_channels: int = 256) -> None:
         super().__init__()
         self.body = body
         in_channels = [info.channels for info in body.feature_info.values()]

@@ -80,7 +80,8 @@ class MaskRCNNHeads(nn.Sequential):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
 
 class MaskRCNNPredictor(nn.Sequential):
@@ -93,7 +94,8 @@ class MaskRCNNPredictor(nn.Sequential):
         self.mask_fcn_logits = nn.Conv2d(dim_reduced, num_classes, 1, 1, 0)
         for m in (self.conv5_mask, self.mask_fcn_logits):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 # ----------------------------------------------------------------------------- training targets
@@ -198,14 +200,22 @@ class RoIHeads(nn.Module):
     per image ``{"boxes", "labels", "scores", "masks" Tensor[D, 1, 28, 28]}``; with targets ->
     ``{"loss_classifier", "loss_box_reg", "loss_mask"}``."""
 
+    # FastMaskRCNN reads the pools' settings, fc6/fc7 and conv5_mask/mask_fcn_logits directly.
+    box_roi_pool: ops.MultiScaleRoIAlign
+    box_head: TwoMLPHead
+    box_predictor: nn.Module
+    mask_roi_pool: ops.MultiScaleRoIAlign
+    mask_head: nn.Module
+    mask_predictor: MaskRCNNPredictor
+
     def __init__(
         self,
-        box_roi_pool: nn.Module,
-        box_head: nn.Module,
+        box_roi_pool: ops.MultiScaleRoIAlign,
+        box_head: TwoMLPHead,
         box_predictor: nn.Module,
-        mask_roi_pool: nn.Module,
+        mask_roi_pool: ops.MultiScaleRoIAlign,
         mask_head: nn.Module,
-        mask_predictor: nn.Module,
+        mask_predictor: MaskRCNNPredictor,
         config: RoIHeadsConfig,
     ) -> None:
         super().__init__()
@@ -277,12 +287,12 @@ class RoIHeads(nn.Module):
         fg = [torch.where(s.labels > 0)[0] for s in samples]
         mask_logits = self.mask_forward(features, [s.boxes[i] for s, i in zip(samples, fg)], image_sizes)
         size = mask_logits.shape[-1]
-        mask_targets = [
+        per_image = [
             project_masks_on_boxes(t["masks"], s.boxes[i], s.matched_idxs[i], size)
             for s, i, t in zip(samples, fg, targets)
             if i.numel()
         ]
-        mask_targets = torch.cat(mask_targets) if mask_targets else mask_logits.new_zeros((0, size, size))
+        mask_targets = torch.cat(per_image) if per_image else mask_logits.new_zeros((0, size, size))
         mask_loss = maskrcnn_loss(mask_logits, torch.cat([s.labels[i] for s, i in zip(samples, fg)]), mask_targets)
         return {"loss_classifier": cls_loss, "loss_box_reg": box_loss, "loss_mask": mask_loss}
 

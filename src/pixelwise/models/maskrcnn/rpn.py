@@ -56,7 +56,8 @@ class RPNHead(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         logits, deltas = [], []
@@ -132,9 +133,9 @@ def rpn_loss(
 ) -> tuple[Tensor, Tensor]:
     """``objectness Tensor[N, R]``, ``deltas Tensor[N, R, 4]``, ``labels Tensor[N, R]``,
     regression ``targets Tensor[N, R, 4]`` -> (objectness BCE, box smooth-L1 / #sampled)."""
-    pos, neg = sampler(list(labels))
-    pos = torch.where(torch.cat(pos))[0]
-    neg = torch.where(torch.cat(neg))[0]
+    pos_masks, neg_masks = sampler(list(labels))
+    pos = torch.where(torch.cat(pos_masks))[0]
+    neg = torch.where(torch.cat(neg_masks))[0]
     sampled = torch.cat([pos, neg])
     flat_deltas, flat_targets = deltas.reshape(-1, 4), targets.reshape(-1, 4)
     box_loss = F.smooth_l1_loss(flat_deltas[pos], flat_targets[pos], beta=1 / 9, reduction="sum")
@@ -217,5 +218,5 @@ class RegionProposalNetwork(nn.Module):
         objectness, deltas = flatten_predictions(logits, deltas)
         training = targets is not None
         proposals = self.propose(anchors, objectness, deltas, anchors_per_level, images.image_sizes, training)
-        losses = self.losses(anchors, objectness, deltas, targets) if training else {}
+        losses = self.losses(anchors, objectness, deltas, targets) if targets is not None else {}
         return proposals, losses

@@ -110,7 +110,8 @@ class RCNNTransform(nn.Module):
         ``boxes`` and ``masks`` resized with the image. A random ``min_size`` is drawn only when
         targets are given in train mode (multi-scale training)."""
         cfg = self.config
-        out_images, out_targets = [], [] if targets is not None else None
+        out_images: list[Tensor] = []
+        out_targets: list[dict[str, Tensor]] = []
         for i, image in enumerate(images):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"images[{i}] must be Tensor[3, H, W], got shape {list(image.shape)}")
@@ -122,16 +123,18 @@ class RCNNTransform(nn.Module):
             image = resize_image(image, scale)
             out_images.append(image)
             if targets is not None:
-                out_targets.append(self._resize_target(targets[i], (h, w), image.shape[-2:], scale))
+                new_h, new_w = image.shape[-2:]
+                out_targets.append(self._resize_target(targets[i], (h, w), (new_h, new_w), scale))
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in out_images]
-        return ImageBatch(batch_images(out_images, cfg.size_divisible), sizes), out_targets
+        batch = ImageBatch(batch_images(out_images, cfg.size_divisible), sizes)
+        return batch, (out_targets if targets is not None else None)
 
     @staticmethod
     def _resize_target(
         target: dict[str, Tensor], old_size: tuple[int, int], new_size: tuple[int, int], scale: float
     ) -> dict[str, Tensor]:
         target = dict(target)
-        target["boxes"] = resize_boxes(target["boxes"], old_size, tuple(new_size))
+        target["boxes"] = resize_boxes(target["boxes"], old_size, new_size)
         if "masks" in target:
             target["masks"] = resize_masks(target["masks"], scale)
         return target
