@@ -6,7 +6,8 @@
   indices and never converted to RGB; RGB colour masks need a palette to map colours to indices.
 - :func:`probe` reads only the header (size, mode) and checks cheaply for truncation, for
   ``check()``.
-- :func:`write_mask` writes a palette-indexed PNG.
+- :func:`write_mask` writes a palette-indexed PNG; :class:`PngRowWriter` writes a PNG a band of
+  rows at a time (large predictions never hold the whole image in memory to write it).
 
 Every unreadable, truncated or unsupported file raises :class:`~pixelwise.errors.UserError`
 naming the file.
@@ -15,6 +16,8 @@ naming the file.
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -193,3 +196,74 @@ def write_mask(path: PathLike, mask: np.ndarray, palette: Sequence[Sequence[int]
     img.putpalette(palette_bytes(palette or []))  # index 255 (ignore) is white
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
+
+
+class PngRowWriter:
+    """Write an 8-bit PNG of ``height`` x ``width`` pixels a band of rows at a time, so that
+    neither the pixels nor their encoding are ever held whole: ``mode`` ``"P"`` (class ids with
+    ``palette``, as :func:`write_mask`; index 255 is white), ``"L"`` or ``"RGB"``. Use as a
+    context manager; :meth:`write` takes ``uint8[n, width]`` (``[n, width, 3]`` for RGB) bands
+    top to bottom, and leaving the block checks that all ``height`` rows came.
+
+    Rows of L and RGB images use PNG's "Sub" filter (each byte minus its left neighbour's), which
+    smooth images compress well with; class masks use none."""
+
+    _COLOUR_TYPE = {"L": (0, 1), "RGB": (2, 3), "P": (3, 1)}  # mode -> (PNG colour type, bytes per pixel)
+
+    def __init__(self, path: PathLike, width: int, height: int, mode: str = "P",
+                 palette: Sequence[Sequence[int]] | None = None, level: int = 6) -> None:
+        if mode not in self._COLOUR_TYPE:
+            raise ValueError(f"mode must be one of {sorted(self._COLOUR_TYPE)}, got {mode!r}")
+        colour_type, self.channels = self._COLOUR_TYPE[mode]
+        self.width, self.height, self.mode, self.rows = width, height, mode, 0
+        self.filter = 0 if mode == "P" else 1  # none / Sub
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close() / __exit__
+        self.zip = zlib.compressobj(level)
+        self.file.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
+        if mode == "P":
+            self._chunk(b"PLTE", bytes(palette_bytes(palette or [])))
+
+    def _chunk(self, kind: bytes, data: bytes) -> None:
+        self.file.write(struct.pack(">I", len(data)) + kind + data)
+        self.file.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+
+    def write(self, rows: np.ndarray) -> None:
+        """Append ``rows`` (``uint8[n, width]``, or ``[n, width, 3]`` for RGB) below those written."""
+        shape = (self.width, 3) if self.mode == "RGB" else (self.width,)
+        if rows.dtype != np.uint8 or rows.shape[1:] != shape:
+            raise ValueError(f"PngRowWriter({self.mode}) expects uint8[n, {', '.join(map(str, shape))}], "
+                             f"got {rows.dtype}{list(rows.shape)}")
+        if self.rows + len(rows) > self.height:
+            raise ValueError(f"{self.rows + len(rows)} rows written to a PNG of height {self.height}")
+        flat = np.ascontiguousarray(rows).reshape(len(rows), self.width * self.channels)
+        lines = np.empty((len(rows), flat.shape[1] + 1), np.uint8)
+        lines[:, 0] = self.filter
+        lines[:, 1:] = flat
+        if self.filter == 1:  # Sub: each byte minus the byte one pixel to its left (mod 256)
+            lines[:, 1 + self.channels :] -= flat[:, : -self.channels]
+        data = self.zip.compress(lines.tobytes())
+        if data:
+            self._chunk(b"IDAT", data)
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        if self.file.closed:
+            return
+        try:
+            if self.rows != self.height:
+                raise ValueError(f"PNG closed after {self.rows} of its {self.height} rows")
+            self._chunk(b"IDAT", self.zip.flush())
+            self._chunk(b"IEND", b"")
+        finally:
+            self.file.close()
+
+    def __enter__(self) -> PngRowWriter:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.file.close()  # an error on the way: leave the file as it is, raise that error
