@@ -166,7 +166,7 @@ def predictor_options(args: argparse.Namespace) -> dict:
     """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint."""
     resize, native = parse_resize(args.resize)
     return {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
-            "tta": args.tta, "mc_samples": args.mc_samples}
+            "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -224,13 +224,17 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by eval and predict: how the model sees each image."""
     p.add_argument("--resize", help="predict at HxW instead of the size recorded in the checkpoint (its input "
                    "contract), or 'native' for each image's own size; results come back at the image's size")
-    p.add_argument("--tile", type=int, help="predict in overlapping tiles of this side (pixels, >= 16)")
-    p.add_argument("--overlap", type=float, help="tile overlap as a fraction of the tile (default 0.25)")
+    p.add_argument("--tile", type=int, help="predict in tiles that each predict this many pixels square (>= 16), "
+                   "seeing their real surroundings from the image (bounded memory for large images)")
+    p.add_argument("--overlap", type=float, help="how much tiles overlap and blend, as a fraction of the tile "
+                   "(default 0 for models that state their context, such as unet with padding valid, else 0.25)")
     p.add_argument("--tta", nargs="?", const="flip", choices=TTA_CHOICES,
                    help="test-time augmentation: flip (default: the image and its mirror) or d4 (the 8 rotations "
-                        "and flips)")
+                        "and flips); applied to each tile")
     p.add_argument("--mc-samples", type=int, help="average this many Monte-Carlo dropout samples (models with "
                    "dropout, e.g. bayesian_segnet; the paper used 50)")
+    p.add_argument("--batch-size", type=int, help="model inputs per forward pass: equal-size images, or tiles "
+                   "(default 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment image files")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or quoted glob patterns "
+                   "('photos/*.jpg')")
     p.add_argument("--out", required=True)
     _add_prediction_args(p)
     p.add_argument("--uncertainty", action="store_true",

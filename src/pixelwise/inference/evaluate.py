@@ -51,6 +51,7 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
             bf_meter.update(prediction.mask, sample.mask)
         if rand_meter is not None and best_rand_meter is not None and fg is not None:
             rand_meter.update(prediction.mask, sample.mask)
+            assert prediction.probs is not None
             best_rand_meter.update(prediction.probs[fg].numpy(), sample.mask)
     metrics = meter.compute(list(ds.class_names))
     if bf_meter is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
@@ -19,18 +20,24 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, predictive_entropy
-from pixelwise.inference.tiling import tiled_probs
+from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
 from pixelwise.models import forward_logits
-from pixelwise.preprocess import InputSpec, preprocess
+from pixelwise.preprocess import InputSpec, preprocess, resize_image
 
 MIN_TILE = 16
+DEFAULT_OVERLAP = 0.25  # tile overlap for models that state no context (see pixelwise.inference.tiling)
+DEFAULT_BATCH_SIZE = 4  # model inputs (images or tiles) per forward pass
+UPSAMPLE_ROWS = 256  # image rows brought back to the image's size at a time after tiling
 P = TypeVar("P", bound="Predictor")
+Bands = Iterator[tuple[int, torch.Tensor]]  # (first row y, probabilities Tensor[C, n, W] of rows y .. y + n - 1)
+MaskRows = Iterator[tuple[int, np.ndarray, np.ndarray | None]]  # (y, mask uint8[n, W], entropy float32[n, W] | None)
 
 
 def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -41,14 +48,64 @@ def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def upsample_rows(probs: torch.Tensor, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start .. stop - 1`` of ``upsample_probs(probs[None], size)[0]`` (Tensor[C, h, w] ->
+    Tensor[C, stop - start, W]), computed from only the source rows they need, so that a large
+    image never holds its C x H x W probabilities. The formula is PyTorch's (half-pixel centres,
+    float32 source coordinates, the same order of operations); the values agree to float32 rounding
+    of the source coordinates (about 1e-7 of a coordinate's magnitude)."""
+    (h, w), (out_h, out_w) = probs.shape[-2:], size
+
+    def source(n_in: int, n_out: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+        pos = (scale * (idx.float() + 0.5) - 0.5).clamp_min(0)
+        lo = pos.long().clamp_max(n_in - 1)
+        frac = pos - lo
+        return lo, (lo + 1).clamp_max(n_in - 1), frac
+
+    y0, y1, fy = source(h, out_h, torch.arange(start, stop))
+    x0, x1, fx = source(w, out_w, torch.arange(out_w))
+    fy = fy[:, None]
+    top, bottom = probs[:, y0], probs[:, y1]
+    return (1 - fy) * ((1 - fx) * top[..., x0] + fx * top[..., x1]) + \
+        fy * ((1 - fx) * bottom[..., x0] + fx * bottom[..., x1])
+
+
 @dataclass
 class Prediction:
-    """mask: uint8[H, W] class ids; probs: float32 Tensor[C, H, W];
-    uncertainty: float32[H, W] (predictive entropy in nats) when asked for."""
+    """mask: uint8[H, W] class ids; probs: float32 Tensor[C, H, W] (None when not kept, see
+    :meth:`SemanticPredictor.predict`); uncertainty: float32[H, W] (predictive entropy in nats)
+    when asked for."""
 
     mask: np.ndarray
-    probs: torch.Tensor
+    probs: torch.Tensor | None
     uncertainty: np.ndarray | None = None
+
+
+@torch.no_grad()  # on a generator: each step runs without autograd, wherever it is read
+def mask_rows(bands: Iterable[tuple[int, torch.Tensor]], uncertainty: bool = False) -> MaskRows:
+    """Row bands of probabilities ``(y, Tensor[C, n, W])`` -> ``(y, mask uint8[n, W], entropy
+    float32[n, W] or None)``: what a writer needs, band by band."""
+    for y, probs in bands:
+        mask = probs.argmax(0).to(torch.uint8).numpy()
+        yield y, mask, predictive_entropy(probs, dim=0).numpy() if uncertainty else None
+
+
+def collect(bands: Iterable[tuple[int, torch.Tensor]], shape: tuple[int, int], uncertainty: bool = False,
+            keep_probs: bool = True) -> Prediction:
+    """The :class:`Prediction` of an image of ``shape`` from its probabilities in row bands
+    (``(y, Tensor[C, n, W])``, top to bottom): the mask and the entropy are filled band by band."""
+    mask = np.empty(shape, np.uint8)
+    entropy = np.empty(shape, np.float32) if uncertainty else None
+    kept = []
+    for y, probs in bands:
+        mask[y : y + probs.shape[1]] = probs.argmax(0).numpy()
+        if entropy is not None:
+            entropy[y : y + probs.shape[1]] = predictive_entropy(probs, dim=0).numpy()
+        if keep_probs:
+            kept.append(probs)
+    probs_all = (kept[0] if len(kept) == 1 else torch.cat(kept, 1)) if keep_probs else None
+    return Prediction(mask=mask, probs=probs_all, uncertainty=entropy)
 
 
 class Predictor:
@@ -102,19 +159,29 @@ class Predictor:
 class SemanticPredictor(Predictor):
     """Class probabilities and masks of a semantic model.
 
-    tile: predict in overlapping ``tile`` x ``tile`` windows (see :mod:`pixelwise.inference.tiling`)
-    with ``overlap`` (fraction of the tile); tta: a mode of :data:`pixelwise.inference.tta.TTA_MODES`
-    (``"flip"``, ``"d4"``); mc_samples: average that many Monte-Carlo dropout samples
-    (:mod:`pixelwise.inference.mc_dropout`; needs a model with dropout), 0 for the deterministic
-    forward pass.
+    tile: predict in tiles whose cores are ``tile`` x ``tile`` pixels, each seen with its real
+    context from the image, blended where cores overlap by ``overlap`` (a fraction of the tile;
+    default 0 for models that state their context, such as the valid U-Net, whose tiles then give
+    the whole-image result, else 0.25); see :mod:`pixelwise.inference.tiling`. A tiled image is
+    preprocessed tile by tile from its uint8 pixels and its probabilities are streamed, so its
+    memory grows with its pixels only by the uint8 image, mask and outputs.
+    tta: a mode of :data:`pixelwise.inference.tta.TTA_MODES` (``"flip"``, ``"d4"``),
+    applied to every model input (the whole image, or each tile's window).
+    mc_samples: average that many Monte-Carlo dropout samples (:mod:`pixelwise.inference.mc_dropout`;
+    needs a model with dropout), 0 for the deterministic forward pass.
+    batch_size: model inputs per forward pass; equal-size images (:meth:`predict_batch`) and
+    equal-size tiles of one image run stacked, with the same results as one at a time.
     """
 
     task = "semantic"
 
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
-                 input_spec: InputSpec | None = None, *, tile: int | None = None, overlap: float = 0.25,
-                 tta: str | None = None, mc_samples: int = 0) -> None:
+                 input_spec: InputSpec | None = None, *, tile: int | None = None, overlap: float | None = None,
+                 tta: str | None = None, mc_samples: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         super().__init__(model, meta, device, input_spec)
+        self.context, self.alignment = model_geometry(self.model)
+        if overlap is None:
+            overlap = 0.0 if self.context else DEFAULT_OVERLAP
         if tile is not None and tile < MIN_TILE:
             raise UserError(f"--tile must be at least {MIN_TILE} pixels, got {tile}")
         if not 0 <= overlap < 1:
@@ -126,7 +193,10 @@ class SemanticPredictor(Predictor):
         if mc_samples and not has_dropout(self.model):
             raise UserError(f"--mc-samples needs a model with dropout layers (such as bayesian_segnet); "
                             f"{self.meta.get('model', type(model).__name__)} has none")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         self.tile, self.overlap, self.tta, self.mc_samples = tile, overlap, tta, mc_samples
+        self.batch_size = batch_size
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_samples:
@@ -136,20 +206,100 @@ class SemanticPredictor(Predictor):
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         return tta_probs(self._model_probs, x, self.tta)
 
+    def _run(self, inputs: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Probabilities Tensor[K, h, w] of each model input Tensor[C, h, w], in order; consecutive
+        inputs of equal size run stacked, up to ``batch_size`` at a time."""
+        batch: list[torch.Tensor] = []
+        for x in inputs:
+            if batch and (x.shape != batch[0].shape or len(batch) == self.batch_size):
+                yield from self._probs(torch.stack(batch).to(self.device))
+                batch = []
+            batch.append(x)
+        if batch:
+            yield from self._probs(torch.stack(batch).to(self.device))
+
+    def _model_size(self, image: np.ndarray) -> tuple[int, int]:
+        """(h, w) at which the model sees ``image``: the contract's resize, or its own size."""
+        return self.input_spec.resize or (image.shape[0], image.shape[1])
+
+    def needs_tiles(self, image: np.ndarray) -> bool:
+        """Whether ``image`` is predicted in tiles (it is larger than one tile at the model's size)."""
+        return self.tile is not None and max(self._model_size(image)) > self.tile
+
+    def _whole_probs(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Probabilities Tensor[C, H, W] of whole images (no tiling) at their own sizes; images of
+        equal model-input size run as batches."""
+        inputs = [preprocess(image, self.input_spec) for image in images]
+        order = sorted(range(len(inputs)), key=lambda i: tuple(inputs[i].shape))  # equal sizes side by side
+        probs: dict[int, torch.Tensor] = {}
+        for i, p in zip(order, self._run(inputs[i] for i in order)):
+            probs[i] = upsample_probs(p[None], images[i].shape[:2])[0].float().cpu()
+        return [probs[i] for i in range(len(images))]
+
+    def _bands(self, image: np.ndarray, progress: bool = False) -> Bands:
+        """The class probabilities of ``image`` at its size, in row bands top to bottom: tiled and
+        streamed when :meth:`needs_tiles`, else in one band."""
+        if not self.needs_tiles(image):
+            yield 0, self._whole_probs([image])[0]
+            return
+        assert self.tile is not None
+        h, w = self._model_size(image)
+        src = resize_image(image, (h, w))  # uint8; tiles are cut from it and preprocessed one by one
+        spec = dataclasses.replace(self.input_spec, resize=None)
+        plan = plan_tiles(h, w, self.tile, self.overlap, self.context, self.alignment)
+        inputs = (preprocess(src[rows, cols], spec) for rows, cols in plan.windows())
+        outputs = tqdm(self._run(inputs), total=len(plan), desc="tiles", unit="tile", leave=False,
+                       disable=None if progress else True, dynamic_ncols=True)  # None: only on a terminal
+        bands = blend_rows(plan, outputs)
+        if (h, w) == image.shape[:2]:
+            yield from bands
+            return
+        small = torch.cat([band for _, band in bands], 1)  # at the contract's size: small
+        for y in range(0, image.shape[0], UPSAMPLE_ROWS):
+            yield y, upsample_rows(small, image.shape[:2], y, min(y + UPSAMPLE_ROWS, image.shape[0]))
+
     @torch.no_grad()
     def predict_probs(self, image: np.ndarray) -> torch.Tensor:
         """uint8[H, W, 3] -> class probabilities float32 Tensor[C, H, W] on the CPU (predicted at
         the contract's size, then brought back to H x W by :func:`upsample_probs`)."""
-        probs = tiled_probs(self._probs, self.preprocess(image), self.tile, self.overlap)
-        return upsample_probs(probs, image.shape[:2])[0].float().cpu()
+        probs = self.predict(image).probs
+        assert probs is not None
+        return probs
 
-    def predict(self, image: np.ndarray, uncertainty: bool = False) -> Prediction:
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, uncertainty: bool = False, *, probs: bool = True,
+                progress: bool = False) -> Prediction:
         """uint8[H, W, 3] -> :class:`Prediction` at the input's size; with ``uncertainty``, the
-        predictive entropy of the (Monte-Carlo averaged, with ``mc_samples``) probabilities."""
-        probs = self.predict_probs(image)
-        mask = probs.argmax(0).numpy().astype(np.uint8)
-        unc = predictive_entropy(probs, dim=0).numpy().astype(np.float32) if uncertainty else None
-        return Prediction(mask=mask, probs=probs, uncertainty=unc)
+        predictive entropy of the (Monte-Carlo, TTA and tile averaged) probabilities.
+        ``probs=False`` keeps no probabilities (``Prediction.probs`` is None): a tiled image then
+        never holds its C x H x W floats. ``progress``: a bar over tiles (on a terminal)."""
+        return collect(self._bands(image, progress), image.shape[:2], uncertainty, probs)
+
+    @torch.no_grad()
+    def _batch_bands(self, images: Sequence[np.ndarray], progress: bool = False
+                     ) -> list[Iterable[tuple[int, torch.Tensor]]]:
+        """The probability bands of each image: images that need no tiles are predicted now, stacked
+        by equal model-input size; tiled ones lazily, when their bands are read."""
+        whole = [i for i, image in enumerate(images) if not self.needs_tiles(image)]
+        out = dict(zip(whole, self._whole_probs([images[i] for i in whole])))
+        return [[(0, out.pop(i))] if i in out else self._bands(image, progress) for i, image in enumerate(images)]
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[np.ndarray], uncertainty: bool = False, *, probs: bool = True,
+                      progress: bool = False) -> list[Prediction]:
+        """:meth:`predict` of each image, with the same results; images that need no tiles run
+        stacked by equal model-input size (``batch_size`` at a time)."""
+        return [collect(bands, image.shape[:2], uncertainty, probs)
+                for image, bands in zip(images, self._batch_bands(images, progress))]
+
+    def predict_rows(self, images: Sequence[np.ndarray], uncertainty: bool = False, *,
+                     progress: bool = False) -> list[MaskRows]:
+        """For each image, its mask (and with ``uncertainty`` its entropy) in row bands top to
+        bottom, for writers that stream: a tiled image's rows come as its tiles finish, and no
+        full-size mask or probabilities are ever held. Batched as :meth:`predict_batch`; the
+        iterators run the model as they are read."""
+        return [mask_rows(bands, uncertainty) for bands in self._batch_bands(images, progress)]
+
 
 
 class InstancePredictor(Predictor):

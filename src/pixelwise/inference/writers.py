@@ -14,7 +14,10 @@ Per input ``<stem>``:
 
 from __future__ import annotations
 
+import glob
 import json
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +25,19 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pixelwise.coco_eval import encode_mask
-from pixelwise.data.io import read_image, write_mask
+from pixelwise.data.io import PngRowWriter, read_image, write_mask
 from pixelwise.data.palette import default_palette, overlay
 from pixelwise.errors import UserError
-from pixelwise.inference.predictor import InstancePredictor, Prediction, Predictor, SemanticPredictor
+from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 
+STRIP_ROWS = 64  # image rows per step when writing an overlay or uncertainty map (bounds their temporaries)
+MaskRow = tuple[int, np.ndarray, np.ndarray | None]  # (y, mask uint8[n, W], entropy float32[n, W] | None)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders expand to the image files inside them (sorted)."""
+    """Files as given; folders expand to the image files inside them (sorted), and so do glob
+    patterns (``'photos/*.jpg'``, quoted so that pixelwise rather than the shell expands them)."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
@@ -39,6 +45,11 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
             paths.append(p)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(q) for q in glob.glob(item) if Path(q).suffix.lower() in IMAGE_SUFFIXES)
+            if not matches:
+                raise UserError(f"no images match {item}")
+            paths += matches
         else:
             raise UserError(f"input {p} not found")
     if not paths:
@@ -46,14 +57,26 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def write_semantic(out_dir: Path, stem: str, image: np.ndarray, pred: Prediction, palette: list) -> Path:
-    """The mask, the overlay and (if computed) the uncertainty map of one image."""
-    write_mask(out_dir / f"{stem}.png", pred.mask, palette)
-    Image.fromarray(overlay(image, pred.mask, palette)).save(out_dir / f"{stem}_overlay.png")
-    if pred.uncertainty is not None:
-        scale = np.log(max(pred.probs.shape[0], 2))  # the largest possible entropy -> 255
-        u8 = (pred.uncertainty / scale * 255).clip(0, 255).astype(np.uint8)
-        Image.fromarray(u8, mode="L").save(out_dir / f"{stem}_uncertainty.png")
+def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[MaskRow], palette: list,
+                   num_classes: int, uncertainty: bool = False) -> Path:
+    """The mask, the overlay and (with ``uncertainty``) the uncertainty map of one image, written
+    as its row bands come (``(y, mask, entropy)`` top to bottom, as
+    :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows` gives them): no file's
+    pixels are held whole, and the overlay's float temporaries cover ``STRIP_ROWS`` rows."""
+    h, w = image.shape[:2]
+    scale = np.log(max(num_classes, 2))  # the largest possible entropy -> 255
+    with ExitStack() as files:
+        mask_png = files.enter_context(PngRowWriter(out_dir / f"{stem}.png", w, h, "P", palette))
+        overlay_png = files.enter_context(PngRowWriter(out_dir / f"{stem}_overlay.png", w, h, "RGB"))
+        entropy_png = files.enter_context(PngRowWriter(out_dir / f"{stem}_uncertainty.png", w, h, "L")) \
+            if uncertainty else None
+        for y, mask, entropy in rows:
+            mask_png.write(mask)
+            for s in range(0, len(mask), STRIP_ROWS):
+                e = min(s + STRIP_ROWS, len(mask))
+                overlay_png.write(overlay(image[y + s : y + e], mask[s:e], palette))
+                if entropy_png is not None and entropy is not None:
+                    entropy_png.write((entropy[s:e] / scale * 255).clip(0, 255).astype(np.uint8))
     return out_dir / f"{stem}.png"
 
 
@@ -111,20 +134,53 @@ def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, clas
     return out_dir / f"{stem}.png"
 
 
+def image_batches(paths: list[Path], predictor: SemanticPredictor) -> Iterator[list[tuple[Path, np.ndarray]]]:
+    """The images of ``paths``, read in the order given and grouped for
+    :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows`: up to
+    ``predictor.batch_size`` images that each fit in one model input, and every image that needs
+    tiles on its own (so a large image is never held together with others)."""
+    batch: list[tuple[Path, np.ndarray]] = []
+    for path in paths:
+        image = read_image(path)
+        if predictor.needs_tiles(image):
+            if batch:
+                yield batch
+                batch = []
+            yield [(path, image)]
+            continue
+        batch.append((path, image))
+        if len(batch) == predictor.batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def predict_files(predictor: Predictor, inputs: list[str], out: str | Path, *, uncertainty: bool = False,
                   progress: bool = True) -> list[Path]:
-    """Predict every image of ``inputs`` (files or folders) into ``out``; -> the mask paths."""
+    """Predict every image of ``inputs`` (files, folders or glob patterns) into ``out``; -> the mask
+    paths. Semantic models run small images in batches and large ones in streamed tiles (with a bar
+    over the tiles), whose rows are written as the tiles finish."""
     paths = expand_inputs(inputs)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in tqdm(paths, desc="predict", disable=not progress, dynamic_ncols=True):
-        image = read_image(path)
-        if isinstance(predictor, SemanticPredictor):
-            pred = predictor.predict(image, uncertainty=uncertainty)
-            written.append(write_semantic(out_dir, path.stem, image, pred, predictor.palette))
-        else:
-            assert isinstance(predictor, InstancePredictor)
+    bar = tqdm(total=len(paths), desc="predict", disable=None if progress else True,  # None: on a terminal
+               dynamic_ncols=True)
+    if isinstance(predictor, SemanticPredictor):
+        for batch in image_batches(paths, predictor):
+            images = [image for _, image in batch]
+            rows = predictor.predict_rows(images, uncertainty=uncertainty, progress=progress)
+            for (path, image), image_rows in zip(batch, rows):
+                written.append(write_semantic(out_dir, path.stem, image, image_rows, predictor.palette,
+                                              len(predictor.class_names), uncertainty))
+                bar.update()
+    else:
+        assert isinstance(predictor, InstancePredictor)
+        for path in paths:
+            image = read_image(path)
             det = predictor.predict(image)
             written.append(write_instances(out_dir, path.stem, image, det, predictor.class_names, predictor.palette))
+            bar.update()
+    bar.close()
     return written

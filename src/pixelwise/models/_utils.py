@@ -25,6 +25,8 @@ class SimpleSegmentationModel(nn.Module):
         self.backbone = backbone
         self.classifier = classifier
         self.aux_classifier = aux_classifier
+        info = getattr(backbone, "feature_info", {})
+        self.alignment = info["out"].stride if "out" in info else 1  # the output stride, for tiled inference
 
     def head(self, features: dict[str, Tensor]) -> Tensor:
         return self.classifier(features["out"])

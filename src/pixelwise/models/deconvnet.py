@@ -79,6 +79,7 @@ class DeconvNet(nn.Module):
         self.decoder = nn.ModuleList(decoder)
         self.classifier = classifier
         self.size_divisor = stride
+        self.alignment = stride  # the pooling grid, read by tiled inference
         self.min_size = fc_kernel * stride
 
     def forward(self, x: Tensor) -> Tensor:

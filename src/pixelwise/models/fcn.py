@@ -78,6 +78,7 @@ class FCNVGG(nn.Module):
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         self.output_stride = output_stride
+        self.alignment = 32  # inputs are padded to multiples of the pool5 grid; read by tiled inference
         self.features = make_features(VGG16_CFG, batch_norm=False)
         info = {f.name: f for f in features_info(self.features)}
         self.fc6 = nn.Conv2d(info["pool5"].channels, 4096, 7, padding=3)

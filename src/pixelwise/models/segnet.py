@@ -76,6 +76,7 @@ class SegNet(nn.Module):
         self.decoder = nn.ModuleList(decoder)
         self.classifier = classifier
         self.size_divisor = info[-1].stride
+        self.alignment = self.size_divisor  # the pooling grid, read by tiled inference
 
         def drop(on: bool) -> nn.Module:
             return nn.Dropout(dropout) if on and dropout > 0 else nn.Identity()

@@ -107,6 +107,12 @@ class UNet(nn.Module):
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
         self.padding = padding
+        # what tiled inference reads (pixelwise.inference.tiling): the input an output pixel needs on
+        # each side, which the unpadded convolutions consume ((572 - 388) / 2 = 92; none is stated for
+        # "same", whose zero padding reaches across the image), and the grid of the 2x2 poolings
+        i, o = valid_tile(1)
+        self.context = (i - o) // 2 if padding == "valid" else 0
+        self.alignment = 2**DEPTH
         p = 1 if padding == "same" else 0
         chans = [base_channels * 2**i for i in range(DEPTH + 1)]
         self.down = nn.ModuleList()

@@ -1,0 +1,97 @@
+"""Batched prediction: images and tiles run stacked with the results of one at a time; folders
+and glob patterns expand to their images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelwise import create_model, save_checkpoint
+from pixelwise.cli import main
+from pixelwise.data.io import read_mask
+from pixelwise.errors import UserError
+from pixelwise.inference.predictor import SemanticPredictor
+from pixelwise.inference.writers import expand_inputs
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = create_model("unet", num_classes=3, base_channels=4, batch_norm=True, dropout=0.0).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(6.0)
+    return m
+
+
+def _batch_sizes(model):
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    return sizes, handle
+
+
+def test_predict_batch_stacks_equal_sizes_and_matches_one_at_a_time(model):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, shape, dtype=np.uint8)
+              for shape in [(40, 48, 3), (33, 20, 3), (40, 48, 3), (40, 48, 3), (40, 48, 3), (40, 48, 3), (90, 80, 3)]]
+    p = SemanticPredictor(model, {"num_classes": 3}, tile=64, batch_size=4)
+    single = [p.predict(image) for image in images]
+    sizes, handle = _batch_sizes(model)
+    batched = p.predict_batch(images)
+    handle.remove()
+    # five 40 x 48 images: 4 + 1; the 33 x 20 alone; the 90 x 80 image in 4 tiles of 2 sizes
+    assert sorted(sizes[:3]) == [1, 1, 4] and sum(sizes) == 7 - 1 + 4
+    for a, b in zip(single, batched):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        torch.testing.assert_close(a.probs, b.probs, rtol=0, atol=1e-5)
+
+
+def test_tiles_run_in_batches(model):
+    image = np.random.default_rng(1).integers(0, 255, (130, 140, 3), dtype=np.uint8)
+    one = SemanticPredictor(model, {"num_classes": 3}, tile=32, batch_size=1).predict(image)
+    sizes, handle = _batch_sizes(model)
+    four = SemanticPredictor(model, {"num_classes": 3}, tile=32, batch_size=4).predict(image)
+    handle.remove()
+    assert max(sizes) == 4
+    np.testing.assert_array_equal(one.mask, four.mask)
+    torch.testing.assert_close(one.probs, four.probs, rtol=0, atol=1e-5)
+
+
+def test_rows_stream_the_mask_of_predict(model):
+    images = [np.random.default_rng(2).integers(0, 255, (120, 50, 3), dtype=np.uint8), np.zeros((20, 30, 3), np.uint8)]
+    p = SemanticPredictor(model, {"num_classes": 3}, tile=32)
+    for image, rows in zip(images, p.predict_rows(images, uncertainty=True)):
+        bands = list(rows)
+        want = p.predict(image, uncertainty=True)
+        assert [y for y, _, _ in bands] == sorted({y for y, _, _ in bands}) and bands[0][0] == 0
+        assert (len(bands) > 1) == p.needs_tiles(image)
+        np.testing.assert_array_equal(np.concatenate([m for _, m, _ in bands]), want.mask)
+        np.testing.assert_allclose(np.concatenate([e for _, _, e in bands]), want.uncertainty, atol=1e-6)
+
+
+def test_folders_and_globs_expand_to_images(tmp_path):
+    for name in ["b.png", "a.jpg", "c.txt", "sub/d.png"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in expand_inputs([str(tmp_path)])] == ["a.jpg", "b.png"]
+    assert [p.name for p in expand_inputs([str(tmp_path / "*.png"), str(tmp_path / "s*" / "*")])] == ["b.png", "d.png"]
+    with pytest.raises(UserError, match="no images match"):
+        expand_inputs([str(tmp_path / "*.tif")])
+
+
+def test_predict_cli_runs_a_glob_in_batches(model, tmp_path):
+    save_checkpoint(tmp_path / "m.safetensors", model, {"model": "unet", "num_classes": 3, "task": "semantic",
+                                                        "model_kwargs": {"base_channels": 4, "batch_norm": True,
+                                                                         "dropout": 0.0}})
+    rng = np.random.default_rng(3)
+    images = {f"im{i}": rng.integers(0, 255, (24, 40, 3), dtype=np.uint8) for i in range(5)}
+    for stem, image in images.items():
+        Image.fromarray(image).save(tmp_path / f"{stem}.png")
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), str(tmp_path / "im*.png"),
+                 "--out", str(tmp_path / "out"), "--batch-size", "3", "--no-progress"]) == 0
+    p = SemanticPredictor(model, {"num_classes": 3})
+    for stem, image in images.items():
+        np.testing.assert_array_equal(read_mask(tmp_path / "out" / f"{stem}.png"), p.predict(image).mask)
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), str(tmp_path / "im0.png"),
+                 "--out", str(tmp_path / "o2"), "--batch-size", "0"]) == 2

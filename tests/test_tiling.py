@@ -1,0 +1,243 @@
+"""Tiled prediction: real context from the image, the tile plan, the streamed blend, and memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pixelwise import create_model
+from pixelwise.inference.predictor import SemanticPredictor, upsample_probs, upsample_rows
+from pixelwise.inference.tiling import axis_spans, blend_rows, model_geometry, plan_tiles, tile_weight
+
+
+class Float64(nn.Module):
+    """Runs ``inner`` in float64, so that the float32 probabilities do not depend on how the
+    convolution sums for a given input size; states the inner model's context and alignment."""
+
+    def __init__(self, inner: nn.Module, context: int | None = None) -> None:
+        super().__init__()
+        self.inner = inner.double()
+        self.context = inner.context if context is None else context
+        self.alignment = inner.alignment
+
+    def forward(self, x):
+        return self.inner(x.double())
+
+
+@pytest.fixture(scope="module")
+def valid_unet():
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=3, base_channels=4, padding="valid", batch_norm=True).eval()
+    with torch.no_grad():  # a spread of classes rather than one class everywhere
+        model.head.weight.mul_(8.0)
+    return model
+
+
+def test_unet_states_its_context_and_pooling_grid():
+    assert model_geometry(create_model("unet", num_classes=2, base_channels=4, padding="valid")) == (92, 16)
+    assert model_geometry(create_model("unet", num_classes=2, base_channels=4)) == (0, 16)
+    assert model_geometry(nn.Conv2d(3, 2, 1)) == (0, 1)
+
+
+@pytest.mark.parametrize("size, tile, overlap", [((300, 60), 64, 0.0), ((70, 350), 80, 0.0),
+                                                ((301, 250), 100, 0.0), ((300, 60), 64, 0.5)])
+def test_valid_unet_tiles_equal_the_whole_image(valid_unet, size, tile, overlap):
+    """Every tile sees its real surroundings, so the tiled mask is the whole-image mask (sizes that
+    are not multiples of the tile, a tile that is not a multiple of the pooling grid; cores that
+    overlap and blend change nothing either)."""
+    image = np.random.default_rng(sum(size)).integers(0, 255, (*size, 3), dtype=np.uint8)
+    whole = SemanticPredictor(valid_unet, {"num_classes": 3}).predict(image)
+    predictor = SemanticPredictor(valid_unet, {"num_classes": 3}, tile=tile, overlap=overlap)
+    assert predictor.needs_tiles(image)
+    tiled = predictor.predict(image)
+    assert len(np.unique(whole.mask)) >= 2, "degenerate prediction"
+    np.testing.assert_array_equal(tiled.mask, whole.mask)
+    # float32 convolutions sum in an order that depends on the input size
+    torch.testing.assert_close(tiled.probs, whole.probs, rtol=0, atol=1e-4)
+
+
+def test_valid_unet_tiles_equal_the_whole_image_to_the_last_bit(valid_unet):
+    """In float64 the convolutions' summation order no longer shows: the float32 probabilities are
+    those of the whole image to within one unit in the last place. With only the default margin
+    instead of the stated context (the model hiding it), tiles differ."""
+    image = np.random.default_rng(7).integers(0, 255, (300, 60, 3), dtype=np.uint8)
+    model = Float64(valid_unet)
+    predictor = SemanticPredictor(model, {"num_classes": 3}, tile=64)
+    assert predictor.overlap == 0  # the default for a model that states its context
+    rows = plan_tiles(300, 60, 64, 0.0, 92, 16).rows
+    assert any(r.window_start > 0 and r.window_stop < 300 for r in rows), "no tile sees context on both sides"
+    whole = SemanticPredictor(model, {"num_classes": 3}).predict(image)
+    tiled = predictor.predict(image)
+    np.testing.assert_array_equal(tiled.mask, whole.mask)
+    torch.testing.assert_close(tiled.probs, whole.probs, rtol=0, atol=1.2e-7)
+    blind = SemanticPredictor(Float64(valid_unet, context=0), {"num_classes": 3}, tile=64, overlap=0)
+    assert (blind.predict(image).mask != whole.mask).any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 700), tile=st.integers(16, 300), overlap=st.sampled_from([0.0, 0.25, 0.5, 0.9]),
+       context=st.sampled_from([0, 92]), alignment=st.sampled_from([1, 8, 16, 32]))
+def test_axis_spans_cover_the_axis_with_aligned_windows(size, tile, overlap, context, alignment):
+    margin = context + alignment - 1 if context else tile // 8
+    spans = axis_spans(size, tile, overlap, margin, alignment)
+    covered = np.zeros(size, int)
+    for s in spans:
+        covered[s.start : s.stop] += 1
+        assert 0 <= s.window_start <= s.start < s.stop <= s.window_stop <= size
+        assert s.window_start % alignment == 0
+        assert s.window_start == 0 or s.start - s.window_start >= margin  # real context, or the border
+        assert s.window_stop == size or s.window_stop - s.stop >= margin
+        assert s.stop - s.start == min(tile, size)
+    assert covered.min() >= 1
+    assert [s.start for s in spans] == sorted({s.start for s in spans})
+
+
+@pytest.mark.parametrize("blend", [True, False])
+def test_streamed_blend_is_bitwise_the_full_size_accumulator(blend):
+    """The streamed rows are exactly what a full C x H x W accumulator gives (so is its argmax)."""
+    h, w, k = 203, 151, 5
+    plan = plan_tiles(h, w, 48, 0.4 if blend else 0.0, context=0, alignment=8)
+    rng = torch.Generator().manual_seed(0)
+    outputs = [torch.rand(k, rows.stop - rows.start, cols.stop - cols.start, generator=rng)
+               for rows, cols in plan.windows()]
+    acc, norm = torch.zeros(k, h, w), torch.zeros(1, h, w)  # the reference: one full-size accumulator
+    tiles = [(r, c) for r in plan.rows for c in plan.cols]
+    for (r, c), out in zip(tiles, outputs):
+        core = out[:, r.start - r.window_start : r.stop - r.window_start,
+                   c.start - c.window_start : c.stop - c.window_start]
+        weight = tile_weight(*core.shape[-2:]) if blend else torch.ones(core.shape[-2:])
+        acc[:, r.start : r.stop, c.start : c.stop] += core * weight
+        norm[:, r.start : r.stop, c.start : c.stop] += weight
+    bands = list(blend_rows(plan, iter(outputs)))
+    assert [y for y, _ in bands] == [0] + [r.start for r in plan.rows[1:]]
+    assert max(b.shape[1] for _, b in bands) <= 48
+    assert torch.equal(torch.cat([b for _, b in bands], 1), acc / norm)
+
+
+@pytest.mark.parametrize("src, dst", [((24, 32), (37, 61)), ((60, 50), (31, 77)), ((7, 9), (7, 40)),
+                                      ((360, 480), (1000, 1333))])
+def test_upsample_rows_matches_interpolate(src, dst):
+    probs = torch.rand(3, *src, generator=torch.Generator().manual_seed(1))
+    want = upsample_probs(probs[None], dst)[0]
+    got = torch.cat([upsample_rows(probs, dst, y, min(y + 100, dst[0])) for y in range(0, dst[0], 100)], 1)
+    # float32 source coordinates near 360 are exact to 3e-5 px
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_tiles_with_a_resize_contract_stream_back_to_the_image_size():
+    """A checkpoint trained at 48 x 64: the image is resized, tiled there, and the streamed
+    probabilities come back at its own size like the untiled ones."""
+    from pixelwise.preprocess import InputSpec
+
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 1)  # pointwise: tiling cannot change its probabilities
+    spec = InputSpec(resize=(48, 64))
+    image = np.random.default_rng(3).integers(0, 255, (150, 110, 3), dtype=np.uint8)
+    whole = SemanticPredictor(model, {"num_classes": 4}, input_spec=spec).predict(image)
+    tiled = SemanticPredictor(model, {"num_classes": 4}, input_spec=spec, tile=16).predict(image)
+    torch.testing.assert_close(tiled.probs, whole.probs, rtol=0, atol=1e-6)
+
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    from pixelwise.cli import main
+
+    def status(key):
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+    torch.set_num_threads(1)
+    before = status("VmRSS")
+    assert main(sys.argv[1:]) == 0
+    print(json.dumps({"before": before, "peak": status("VmHWM")}))
+""")
+
+
+def test_tiled_memory_grows_with_the_image_by_a_few_bytes_per_pixel(tmp_path):
+    """Peak RSS of ``pixelwise predict --tile 256 --uncertainty`` (each image in a fresh process)
+    on two images of one width, 512 x 512 and 4608 x 512, grows by at most 12 bytes per added
+    pixel: the uint8 image (3 bytes) and its decoding (4), while the probabilities, mask,
+    uncertainty and overlay stream in row bands whose size depends on the width only. The 3 GB
+    goal for an 8192 x 8192 image allows about 40 bytes per pixel beyond the ~0.3 GB that
+    Python, torch and the model take; the full float32 accumulator and float input that tiled
+    prediction used before took about 100 (6.6 GB at 8192 x 8192)."""
+    from PIL import Image
+
+    from pixelwise import save_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = {"base_channels": 2, "batch_norm": True, "dropout": 0.0}
+    save_checkpoint(tmp_path / "m.safetensors", create_model("unet", num_classes=4, **kwargs).eval(),
+                    {"model": "unet", "num_classes": 4, "model_kwargs": kwargs, "task": "semantic"})
+    growth = {}
+    width = 512
+    for height in (512, 4608):
+        yy, xx = np.mgrid[:height, :width].astype(np.float32)
+        image = np.stack([127 + 120 * np.sin(xx / 37 + yy / 23), 127 + 120 * np.cos(yy / 19), xx % 256], -1)
+        Image.fromarray(image.astype(np.uint8)).save(tmp_path / f"{height}.png")
+        proc = subprocess.run([sys.executable, "-c", CHILD, "predict", "--checkpoint", str(tmp_path / "m.safetensors"),
+                               str(tmp_path / f"{height}.png"), "--out", str(tmp_path / "out"), "--tile", "256",
+                               "--uncertainty", "--no-progress"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        growth[height] = r["peak"] - r["before"]
+        assert Image.open(tmp_path / "out" / f"{height}_uncertainty.png").size == (width, height)
+    per_pixel = (growth[4608] - growth[512]) / (width * (4608 - 512))
+    assert per_pixel < 12, f"{per_pixel:.1f} bytes per pixel"
+
+
+def test_tile_progress_bar_counts_tiles(capsys, monkeypatch):
+    """On a terminal the tiles get a progress bar (tqdm decides: disable=None)."""
+    import pixelwise.inference.predictor as predictor_module
+
+    seen = {}
+
+    def fake_tqdm(iterable, total, disable, **kwargs):
+        seen.update(total=total, disable=disable)
+        return iterable
+
+    monkeypatch.setattr(predictor_module, "tqdm", fake_tqdm)
+    image = np.zeros((100, 70, 3), np.uint8)
+    p = SemanticPredictor(nn.Conv2d(3, 2, 1), {"num_classes": 2}, tile=32, overlap=0)
+    p.predict(image, progress=True)
+    assert seen == {"total": len(plan_tiles(100, 70, 32, 0.0)), "disable": None}
+    p.predict(image)
+    assert seen["disable"] is True
+
+
+def test_tiled_uncertainty_is_the_entropy_of_the_blended_probabilities():
+    torch.manual_seed(0)
+    image = np.random.default_rng(4).integers(0, 255, (90, 75, 3), dtype=np.uint8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    pred = SemanticPredictor(model, {"num_classes": 4}, tile=32, tta="flip").predict(image, uncertainty=True)
+    probs = pred.probs
+    want = -(probs * probs.clamp_min(1e-12).log()).sum(0)
+    np.testing.assert_allclose(pred.uncertainty, want.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(pred.mask, probs.argmax(0).numpy())
+    lean = SemanticPredictor(model, {"num_classes": 4}, tile=32, tta="flip").predict(image, uncertainty=True,
+                                                                                    probs=False)
+    assert lean.probs is None
+    np.testing.assert_array_equal(lean.mask, pred.mask)
+    np.testing.assert_array_equal(lean.uncertainty, pred.uncertainty)
+
+
+def test_whole_image_path_is_unchanged_for_a_pointwise_model():
+    """Without tiles, a pointwise model's probabilities are softmax(conv(preprocess(image)))."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 1)
+    image = np.random.default_rng(5).integers(0, 255, (21, 34, 3), dtype=np.uint8)
+    x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+        / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with torch.no_grad():
+        want = F.softmax(model(x[None]), 1)[0]
+    torch.testing.assert_close(SemanticPredictor(model, {"num_classes": 4}).predict_probs(image), want)
