@@ -18,7 +18,7 @@ from pixelwise.engine import config as train_config  # no torch: --help stays fa
 from pixelwise.errors import UserError
 
 DEFAULT_MC_SAMPLES = 8
-TTA_CHOICES = ["flip", "d4"]  # pixelwise.inference.tta.TTA_MODES, named here so that --help needs no torch
+TTA_CHOICES = ["flip", "d4", "ms"]  # pixelwise.inference.tta.TTA_MODES, named here so that --help needs no torch
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -229,8 +229,8 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, help="how much tiles overlap and blend, as a fraction of the tile "
                    "(default 0 for models that state their context, such as unet with padding valid, else 0.25)")
     p.add_argument("--tta", nargs="?", const="flip", choices=TTA_CHOICES,
-                   help="test-time augmentation: flip (default: the image and its mirror) or d4 (the 8 rotations "
-                        "and flips); applied to each tile")
+                   help="test-time augmentation: flip (default: the image and its mirror), d4 (the 8 rotations "
+                        "and flips) or ms (scales 0.5-1.75, each with its mirror); applied to each tile")
     p.add_argument("--mc-samples", type=int, help="average this many Monte-Carlo dropout samples (models with "
                    "dropout, e.g. bayesian_segnet; the paper used 50)")
     p.add_argument("--batch-size", type=int, help="model inputs per forward pass: equal-size images, or tiles "

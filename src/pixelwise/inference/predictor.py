@@ -165,7 +165,7 @@ class SemanticPredictor(Predictor):
     the whole-image result, else 0.25); see :mod:`pixelwise.inference.tiling`. A tiled image is
     preprocessed tile by tile from its uint8 pixels and its probabilities are streamed, so its
     memory grows with its pixels only by the uint8 image, mask and outputs.
-    tta: a mode of :data:`pixelwise.inference.tta.TTA_MODES` (``"flip"``, ``"d4"``),
+    tta: a mode of :data:`pixelwise.inference.tta.TTA_MODES` (``"flip"``, ``"d4"``, ``"ms"``),
     applied to every model input (the whole image, or each tile's window).
     mc_samples: average that many Monte-Carlo dropout samples (:mod:`pixelwise.inference.mc_dropout`;
     needs a model with dropout), 0 for the deterministic forward pass.
