@@ -174,7 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
-    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data, args.split, device=args.device,
+    checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint  # several: an ensemble
+    metrics = evaluate_checkpoint(checkpoint, args.dataset, args.data, args.split, device=args.device,
                                   dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
                                   progress=not args.no_progress, bf=not args.no_bf, **options)
     shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input")}
@@ -192,22 +193,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
     from pixelwise.inference.mc_dropout import has_dropout
-    from pixelwise.inference.predictor import Predictor, SemanticPredictor
+    from pixelwise.inference.predictor import SemanticPredictor
     from pixelwise.inference.writers import predict_files
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
         options["score_thresh"] = args.score_thresh
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, **options)
+    predictor = from_checkpoints(args.checkpoint, args.device, **options)
     if args.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UserError("--uncertainty applies to semantic models only")
-    if (isinstance(predictor, SemanticPredictor) and args.uncertainty and args.mc_samples is None
-            and has_dropout(predictor.model)):
-        predictor.mc_samples = DEFAULT_MC_SAMPLES  # a model with dropout: uncertainty from Monte-Carlo dropout
+    members = predictor.members if isinstance(predictor, EnsemblePredictor) else [predictor]
+    for member in members:  # models with dropout: uncertainty from Monte-Carlo dropout
+        if isinstance(member, SemanticPredictor) and args.uncertainty and args.mc_samples is None \
+                and has_dropout(member.model):
+            member.mc_samples = DEFAULT_MC_SAMPLES
     written = predict_files(predictor, args.inputs, args.out, uncertainty=args.uncertainty,
                             progress=not args.no_progress)
-    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {predictor.input_spec.describe()})")
+    inputs = "; ".join(m.input_spec.describe() for m in members)
+    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {inputs})")
     return 0
 
 
@@ -259,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="the checkpoint; repeat it to evaluate an ensemble (the mean of their probabilities)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--data")
     p.add_argument("--split", default="val")
@@ -272,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="segment image files")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="the checkpoint; repeat it to predict with an ensemble (the mean of their probabilities)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or quoted glob patterns "
                    "('photos/*.jpg')")
     p.add_argument("--out", required=True)

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, build_dataset
 from pixelwise.errors import UserError
-from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
+from pixelwise.inference.ensemble import from_checkpoints
+from pixelwise.inference.predictor import InstancePredictor, SemanticPredictor
 from pixelwise.metrics import BFMeter, ConfusionMeter, RandMeter, ThresholdRandMeter, pixel_error
 from pixelwise.sample import Sample
 
@@ -78,11 +79,12 @@ def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, pr
     return coco_evaluate(predictions, targets, class_ids=range(1, ds.num_classes))
 
 
-def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: str = "val", *,
+def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | None, split: str = "val", *,
                         device: str = "cpu", dataset_kwargs: dict | None = None, progress: bool = True,
                         bf: bool = True, resize: tuple[int, int] | None = None, native_size: bool = False,
                         **options) -> dict:
-    """Metrics of ``checkpoint`` on ``dataset``/``split`` (keys: module docstring).
+    """Metrics of ``checkpoint`` (a list of paths: their ensemble, see
+    :mod:`pixelwise.inference.ensemble`) on ``dataset``/``split`` (keys: module docstring).
 
     bf: also compute the boundary F1 score (about 0.1-0.3 s per 360x480 image on a CPU).
     resize / native_size: override the checkpoint's input size (see
@@ -90,8 +92,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: 
     semantic predictor."""
     ds = build_dataset(dataset, data, split, **(dataset_kwargs or {}))
     # score_thresh 0: AP ranks every detection (it does not apply to semantic models)
-    predictor = Predictor.from_checkpoint(checkpoint, device, resize=resize, native_size=native_size,
-                                          score_thresh=0.0, **options)
+    predictor = from_checkpoints([checkpoint] if isinstance(checkpoint, str) else checkpoint, device,
+                                 resize=resize, native_size=native_size, score_thresh=0.0, **options)
     if isinstance(predictor, InstancePredictor):
         metrics = evaluate_instances(predictor, ds, progress)
     else:

@@ -1,0 +1,95 @@
+"""Ensembles of checkpoints: the mean of their class probabilities, as EDeconvNet averages
+DeconvNet's and FCN's (Noh et al., ICCV 2015, Sec. 4.3).
+
+``pixelwise predict --checkpoint A --checkpoint B ...`` (and ``eval``) build an
+:class:`EnsemblePredictor` with :func:`from_checkpoints`. Each member is a full
+:class:`~pixelwise.inference.predictor.SemanticPredictor`: it keeps its own input contract
+(normalisation, size), its own tiling geometry, TTA and Monte-Carlo dropout, and hands back
+probabilities at the image's size; the ensemble averages those, row band by row band, so a tiled
+large image stays streamed. The members must predict the same classes.
+(:class:`pixelwise.models.ensemble.Ensemble` is the in-model counterpart, for models trained or
+exported together.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pixelwise.errors import UserError
+from pixelwise.inference.predictor import Bands, Predictor, SemanticPredictor
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    return f"{len(names)} classes: {shown}"
+
+
+def _take_rows(queue: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Remove the first ``n`` rows from a queue of bands Tensor[C, rows, W] and return them."""
+    rows = queue[0] if len(queue) == 1 else torch.cat(queue, 1)
+    queue[:] = [rows[:, n:]] if rows.shape[1] > n else []
+    return rows[:, :n]
+
+
+class EnsemblePredictor(SemanticPredictor):
+    """The mean of the members' class probabilities Tensor[C, H, W] (equal weights). ``names``
+    (e.g. the checkpoint paths) name the members in error messages."""
+
+    def __init__(self, members: Sequence[SemanticPredictor], names: Sequence[str] | None = None) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        names = list(names or [f"member {i + 1}" for i in range(len(members))])
+        first = members[0]
+        for member, name in zip(members[1:], names[1:]):
+            if member.class_names != first.class_names:
+                raise UserError(f"ensemble members must predict the same classes: {names[0]} has "
+                                f"{_names(first.class_names)}; {name} has {_names(member.class_names)}")
+        super().__init__(nn.ModuleList(m.model for m in members), first.meta, first.device, first.input_spec,
+                         tile=first.tile, overlap=first.overlap, tta=first.tta, batch_size=first.batch_size)
+        self.members = list(members)
+        self.names = names
+
+    def needs_tiles(self, image: np.ndarray) -> bool:
+        return any(m.needs_tiles(image) for m in self.members)
+
+    def _whole_probs(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        per_member = [m._whole_probs(images) for m in self.members]
+        return [sum(probs) / len(probs) for probs in zip(*per_member)]
+
+    def _bands(self, image: np.ndarray, progress: bool = False) -> Bands:
+        """The members' bands averaged row by row: the member furthest behind runs next, and rows
+        every member has delivered are averaged and handed on."""
+        streams = [m._bands(image, progress) for m in self.members]
+        queues: list[list[torch.Tensor]] = [[] for _ in streams]
+        delivered = [0] * len(streams)
+        top = 0
+        while top < image.shape[0]:
+            k = delivered.index(min(delivered))
+            _, band = next(streams[k])
+            queues[k].append(band)
+            delivered[k] += band.shape[1]
+            ready = min(delivered)
+            if ready > top:
+                rows = [_take_rows(q, ready - top) for q in queues]
+                yield top, sum(rows) / len(rows)  # type: ignore[misc]
+                top = ready
+
+
+def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device = "cpu", **options) -> Predictor:
+    """:meth:`Predictor.from_checkpoint` for one path; an :class:`EnsemblePredictor` of semantic
+    checkpoints for several (``options`` apply to every member)."""
+    if len(paths) == 1:
+        return Predictor.from_checkpoint(paths[0], device, **options)
+    members = []
+    for path in paths:
+        member = Predictor.from_checkpoint(path, device, **options)
+        if not isinstance(member, SemanticPredictor):
+            raise UserError(f"{path} holds an instance model; an ensemble averages the class probabilities "
+                            "of semantic models")
+        members.append(member)
+    return EnsemblePredictor(members, [str(p) for p in paths])

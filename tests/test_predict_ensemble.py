@@ -1,0 +1,98 @@
+"""Ensembles of checkpoints (``--checkpoint A --checkpoint B``): the mean of the members'
+probabilities, whole-image and tiled, against averages computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelwise import create_model, save_checkpoint
+from pixelwise.cli import main
+from pixelwise.data.io import read_mask
+from pixelwise.errors import UserError
+from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
+from pixelwise.inference.predictor import Predictor
+
+
+def _save(path, seed, num_classes=3, **kwargs):
+    torch.manual_seed(seed)
+    kwargs = {"base_channels": 4, "batch_norm": True, "dropout": 0.0, **kwargs}
+    model = create_model("unet", num_classes=num_classes, **kwargs).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(6.0)  # confident, varied members
+    save_checkpoint(path, model, {"model": "unet", "num_classes": num_classes, "model_kwargs": kwargs,
+                                  "task": "semantic", "mean": [0.4 + 0.1 * seed] * 3, "std": [0.25] * 3})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ens")
+    return [_save(d / "a.safetensors", 0), _save(d / "b.safetensors", 1, padding="valid"),
+            _save(d / "c.safetensors", 2)]
+
+
+@pytest.mark.parametrize("tile", [None, 48])
+def test_ensemble_is_the_mean_of_its_members(checkpoints, tile):
+    """Three members with their own normalisation and geometry (a valid U-Net among same ones,
+    so tiled members stream bands of different heights): the ensemble's probabilities are the
+    hand-computed mean of each member's own."""
+    image = np.random.default_rng(0).integers(0, 255, (100, 83, 3), dtype=np.uint8)
+    ensemble = from_checkpoints(checkpoints, tile=tile)
+    assert isinstance(ensemble, EnsemblePredictor) and len(ensemble.members) == 3
+    members = [Predictor.from_checkpoint(c, tile=tile).predict_probs(image) for c in checkpoints]
+    want = (members[0] + members[1] + members[2]) / 3
+    pred = ensemble.predict(image, uncertainty=True)
+    torch.testing.assert_close(pred.probs, want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(pred.mask, want.argmax(0).numpy())
+    assert len(np.unique(pred.mask)) > 1
+    assert not all(np.array_equal(pred.mask, m.argmax(0).numpy()) for m in members)  # the mean decided somewhere
+    np.testing.assert_allclose(pred.uncertainty, -(want * want.clamp_min(1e-12).log()).sum(0).numpy(), atol=1e-5)
+
+
+def test_predict_cli_writes_the_ensemble_mask(checkpoints, tmp_path):
+    image = np.random.default_rng(1).integers(0, 255, (64, 70, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    args = ["predict", "--checkpoint", checkpoints[0], "--checkpoint", checkpoints[2], str(tmp_path / "x.png"),
+            "--out", str(tmp_path / "out"), "--no-progress", "--tile", "32"]
+    assert main(args) == 0
+    probs = [Predictor.from_checkpoint(c, tile=32).predict_probs(image) for c in (checkpoints[0], checkpoints[2])]
+    np.testing.assert_array_equal(read_mask(tmp_path / "out" / "x.png"), ((probs[0] + probs[1]) / 2).argmax(0).numpy())
+
+
+def test_members_must_predict_the_same_classes(checkpoints, tmp_path):
+    other = _save(tmp_path / "four.safetensors", 3, num_classes=4)
+    with pytest.raises(UserError, match="same classes"):
+        from_checkpoints([checkpoints[0], other])
+
+
+def test_eval_scores_the_ensemble(checkpoints, tmp_path):
+    """``eval --checkpoint A --checkpoint B``: pixel accuracy of the mean's masks, computed by hand."""
+    import json
+
+    from pixelwise.data.io import read_image
+
+    rng = np.random.default_rng(4)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.json").write_text(json.dumps({"names": ["a", "b", "c"]}))
+    gts = []
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(tmp_path / "images" / f"i{i}.png")
+        gts.append(rng.integers(0, 3, (40, 52), dtype=np.uint8))
+        Image.fromarray(gts[-1], mode="L").save(tmp_path / "masks" / f"i{i}.png")
+    pair = [checkpoints[0], checkpoints[2]]
+    out = tmp_path / "m.json"
+    assert main(["eval", "--checkpoint", pair[0], "--checkpoint", pair[1], "--dataset", "folder", "--data",
+                 str(tmp_path), "--split", "all", "--json", str(out), "--no-progress", "--no-bf"]) == 0
+    metrics = json.loads(out.read_text())
+    members = [Predictor.from_checkpoint(c) for c in pair]
+    correct = 0
+    for i, gt in enumerate(gts):
+        image = read_image(tmp_path / "images" / f"i{i}.png")
+        mean = (members[0].predict_probs(image) + members[1].predict_probs(image)) / 2
+        correct += int((mean.argmax(0).numpy() == gt).sum())
+    assert metrics["num_images"] == 2
+    assert metrics["pixel_acc"] == pytest.approx(correct / (2 * 40 * 52), abs=1e-9)
