@@ -305,6 +305,19 @@ def test_uploads_over_the_size_limit_are_413(predictor):
     assert post_image(app, png_bytes(noise(40, 40))).status_code == 200  # and under the limit all is well
 
 
+def test_an_upload_that_never_ends_is_408_and_gives_its_place_back(predictor):
+    app = create_app(predictor, ServeConfig(upload_timeout=0.5, workers=1, queue=0), samples=[])
+
+    async def stalled():
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG'
+        await asyncio.Event().wait()  # and nothing more, ever
+
+    r = request(app, "POST", "/api/predict", content=stalled(),
+                headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 408 and "took longer" in r.json()["detail"]
+    assert post_image(app, png_bytes(noise(20, 20))).status_code == 200  # the only place is free again
+
+
 def _png_header_only(width, height):
     """A PNG that declares width x height but holds almost nothing: a decompression bomb's header."""
     def chunk(kind, data):

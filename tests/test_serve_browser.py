@@ -52,9 +52,9 @@ def server(tmp_path):
                     {"model": "unet", "num_classes": 4, "model_kwargs": kw, "task": "semantic",
                      "class_names": CLASS_NAMES, "palette": PALETTE, "mean": [0.5] * 3, "std": [0.25] * 3})
     port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pixelwise", "serve", "--checkpoint", str(ckpt), "--port", str(port),
-                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "server.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "pixelwise", "serve", "--checkpoint", str(ckpt),
+                                 "--port", str(port), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(1200):  # until it answers (torch's import takes a while on a loaded machine)
@@ -72,7 +72,6 @@ def server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
-        log.close()
 
 
 def test_page_segments_an_upload_and_a_sample_with_keyboard_and_mouse(server, tmp_path):
@@ -91,7 +90,7 @@ def test_page_segments_an_upload_and_a_sample_with_keyboard_and_mouse(server, tm
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             outside: list[str] = []
-            page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else outside.append(r.url))
+            page.on("request", lambda r: r.url.startswith((server, "data:", "blob:")) or outside.append(r.url))
             page.goto(server + "/")
             page.wait_for_selector("main[data-state=ready]", timeout=60_000)
             assert "unet" in page.inner_text("#model-name")

@@ -16,6 +16,7 @@ sentence, and any other failure of a request is logged and answered 500.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import html
@@ -37,6 +38,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from pixelwise._version import __version__
 from pixelwise.errors import UserError
@@ -139,6 +141,7 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "undecodable, truncated or malformed upload"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)"},
+    408: {"model": ErrorResponse, "description": "the upload took longer than the server waits for one"},
     413: {"model": ErrorResponse, "description": "upload over the size limit, or image over the pixel limit"},
     415: {"model": ErrorResponse, "description": "not multipart/form-data, or not an accepted image format"},
     422: {"model": ErrorResponse, "description": "missing image, bad option, ground truth that does not fit"},
@@ -417,9 +420,14 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
         ticket = service.pool.admit()  # PoolFull -> 503 before the body is read
         admitted = time.perf_counter()
         try:
-            form = await read_multipart(request.headers.get("content-type", ""),
-                                        request.headers.get("content-length"), request.stream(),
-                                        config.max_upload_bytes)
+            try:
+                form = await asyncio.wait_for(read_multipart(
+                    request.headers.get("content-type", ""), request.headers.get("content-length"),
+                    request.stream(), config.max_upload_bytes), config.upload_timeout)
+            except asyncio.TimeoutError:
+                raise UploadError(408, f"the upload took longer than {config.upload_timeout:g} s") from None
+            except ClientDisconnect:
+                return _error(400, "the client went away before its upload ended")
             image = form.get("image")
             if image is None or (image.filename is None and not image.data):
                 raise UploadError(422, "the form has no field 'image' (send the image file in the field 'image')")

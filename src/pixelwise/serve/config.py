@@ -28,6 +28,8 @@ class ServeConfig:
       instead of the bundled synthetic scenes.
     uncertainty_samples: Monte-Carlo dropout samples behind the uncertainty map of a model with
       dropout (as ``pixelwise predict --uncertainty``).
+    upload_timeout: seconds a request may take to send its body (it holds a place in the queue
+      meanwhile); slower: 408.
     """
 
     max_upload_bytes: int = 20 * MB
@@ -39,6 +41,7 @@ class ServeConfig:
     keep_uploads: Path | None = None
     samples_dir: Path | None = None
     uncertainty_samples: int = 8
+    upload_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1024:
@@ -53,6 +56,8 @@ class ServeConfig:
             raise UserError("the API key is empty; give a non-empty --api-key or unset " + API_KEY_ENV)
         if self.uncertainty_samples < 1:
             raise UserError(f"uncertainty samples must be at least 1, got {self.uncertainty_samples}")
+        if not self.upload_timeout > 0:
+            raise UserError(f"the upload timeout must be positive, got {self.upload_timeout}")
         if self.samples_dir is not None and not Path(self.samples_dir).is_dir():
             raise UserError(f"--samples {self.samples_dir}: not a folder")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,6 +26,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
 from pixelwise.data.io import colors_to_index, pil_to_rgb
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 # PIL's own decoders accept dozens of formats; the server opens only these (others: 415).
 FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "GIF": "image/gif",
@@ -62,6 +66,53 @@ def too_large(limit: int) -> UploadError:
                             "(pixelwise serve --max-upload-mb raises it)")
 
 
+class _FormReader:
+    """python-multipart callbacks that collect the parts in memory."""
+
+    def __init__(self) -> None:
+        self.parts: list[Part] = []
+        self._name = self._value = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data}
+
+    def on_part_begin(self) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise UploadError(400, f"too many form fields (at most {MAX_PARTS})")
+        self.parts.append(Part(name=""))
+        self._headers = []
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers.append((self._name.lower(), self._value))
+        self._name = self._value = b""
+
+    def on_headers_finished(self) -> None:
+        part = self.parts[-1]
+        for key, value in self._headers:
+            if key == b"content-disposition":
+                _, options = parse_options_header(value)
+                part.name = options.get(b"name", b"").decode("utf-8", errors="replace")
+                if b"filename" in options:
+                    part.filename = options[b"filename"].decode("utf-8", errors="replace")
+            elif key == b"content-type":
+                part.content_type = value.decode("latin-1").strip().lower()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.parts[-1]
+        part.data += data[start:end]
+        if part.filename is None and len(part.data) > MAX_FIELD_BYTES:
+            raise UploadError(400, f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
+
+
 async def read_multipart(content_type: str, content_length: str | None, chunks: AsyncIterator[bytes],
                          limit: int) -> dict[str, Part]:
     """The parts of a ``multipart/form-data`` body by field name (the first of repeated names).
@@ -82,48 +133,8 @@ async def read_multipart(content_type: str, content_length: str | None, chunks: 
             raise UploadError(400, f"bad Content-Length {content_length!r}") from None
         if declared > limit:
             raise too_large(limit)
-
-    parts: list[Part] = []
-    header: dict[str, list[bytes]] = {"name": [b""], "value": [b""], "headers": []}
-
-    def on_part_begin() -> None:
-        if len(parts) >= MAX_PARTS:
-            raise UploadError(400, f"too many form fields (at most {MAX_PARTS})")
-        parts.append(Part(name=""))
-        header["headers"] = []
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["name"][0] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"][0] += data[start:end]
-
-    def on_header_end() -> None:
-        header["headers"].append(header["name"][0].lower() + b":" + header["value"][0])
-        header["name"][0] = header["value"][0] = b""
-
-    def on_headers_finished() -> None:
-        part = parts[-1]
-        for line in header["headers"]:
-            key, _, value = line.partition(b":")
-            if key == b"content-disposition":
-                _, options = parse_options_header(value)
-                part.name = options.get(b"name", b"").decode("utf-8", errors="replace")
-                if b"filename" in options:
-                    part.filename = options[b"filename"].decode("utf-8", errors="replace")
-            elif key == b"content-type":
-                part.content_type = value.decode("latin-1").strip().lower()
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        part = parts[-1]
-        part.data += data[start:end]
-        if part.filename is None and len(part.data) > MAX_FIELD_BYTES:
-            raise UploadError(400, f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-    })
+    reader = _FormReader()
+    parser = MultipartParser(boundary, reader.callbacks())
     received = 0
     try:
         async for chunk in chunks:
@@ -135,7 +146,7 @@ async def read_multipart(content_type: str, content_length: str | None, chunks: 
     except MultipartParseError as e:
         raise UploadError(400, f"malformed multipart/form-data body ({e})") from None
     found: dict[str, Part] = {}
-    for part in parts:
+    for part in reader.parts:
         found.setdefault(part.name, part)
     return found
 
