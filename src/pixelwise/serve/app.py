@@ -58,6 +58,9 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; s
             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 DOCS_CSP = "default-src 'none'; style-src 'self'; base-uri 'none'; frame-ancestors 'none'"
 TRUE, FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no", "none", ""}
+# module level: FastAPI resolves the (string) annotations of require_key in this module's globals
+KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
+BEARER = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
 
 
 # ------------------------------------------------------------------ response schemas (for /docs)
@@ -352,11 +355,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key", "Authorization"], max_age=600)
 
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
-    bearer = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
-
-    def require_key(key: Annotated[str | None, Security(key_header)] = None,
-                    token: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> None:
+    def require_key(key: Annotated[str | None, Security(KEY_HEADER)] = None,
+                    token: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> None:
         if config.api_key is None:
             return
         given = key if key is not None else (token.credentials if token else None)

@@ -239,7 +239,7 @@ function renderLegend(classes) {
   const present = classes.filter((c) => c.pixels > 0).sort((a, b) => b.pixels - a.pixels);
   $("legend").tBodies[0].replaceChildren(...present.map((c) => el("tr", {}, [
     el("td", {}, [swatch(c.color)]),
-    el("td", { textContent: c.name }),
+    el("td", { textContent: c.id === 0 && state.result.task === "semantic" ? `${c.name} (clear in the overlay)` : c.name }),
     el("td", { textContent: `${percent(c.share)} (${c.pixels.toLocaleString()} px)` }),
   ])));
   const absent = classes.filter((c) => c.pixels === 0).map((c) => c.name);
