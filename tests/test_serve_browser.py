@@ -125,6 +125,17 @@ def test_page_segments_an_upload_and_a_sample_with_keyboard_and_mouse(server, tm
             assert page.is_visible("#layer")
             page.screenshot(path=str(shots / "serve_page.png"), full_page=True)
             print(f"screenshot: {shots / 'serve_page.png'}")
+
+            # the uncertainty map, asked for with the keyboard
+            assert page.is_disabled("#view-uncertainty")
+            page.focus("#uncertainty")
+            page.keyboard.press("Space")
+            page.focus("#run")
+            page.keyboard.press("Enter")
+            page.wait_for_selector("#view-uncertainty:not([disabled])", timeout=60_000)
+            page.wait_for_selector("main[data-state=done]", timeout=60_000)
+            page.check("#view-uncertainty")
+            assert page.is_visible("#unc-img") and page.is_hidden("#layer")
             assert errors == [] and outside == []
         finally:
             browser.close()

@@ -282,6 +282,17 @@ class Service:
         with open(folder / f"{stamp}-{uuid.uuid4().hex[:12]}-{role}{suffix}", "xb") as f:
             f.write(part.data)
 
+    def predictor_for(self, options: dict[str, Any], uncertainty: bool) -> Predictor:
+        """The server's predictor with a request's options (a 422 when they do not fit); a model with
+        dropout asked for uncertainty samples it, as ``pixelwise predict --uncertainty`` does."""
+        try:
+            predictor = with_options(self.predictor, options)
+            if uncertainty and self.dropout and isinstance(predictor, SemanticPredictor) and not predictor.mc_samples:
+                predictor = with_options(predictor, {"mc_samples": self.config.uncertainty_samples})
+        except UserError as e:
+            raise UploadError(422, str(e)) from None
+        return predictor
+
     def predict(self, image_part: Part, truth_part: Part | None, options: dict[str, Any], uncertainty: bool,
                 admitted: float) -> dict:
         """One request's work, in a worker thread: decode, predict, encode, score."""
@@ -290,30 +301,20 @@ class Service:
             self.keep(image_part, "image")
             if truth_part is not None:
                 self.keep(truth_part, "ground_truth")
-        image = decode_image(image_part.data, self.config.max_pixels, image_part.content_type)
         p = self.predictor
+        image = decode_image(image_part.data, self.config.max_pixels, image_part.content_type)
         truth = None
         if truth_part is not None:
             truth = decode_mask(truth_part.data, self.config.max_pixels, p.palette, len(p.class_names),
                                 image.shape[:2], truth_part.content_type)
-        with self._model_lock:
-            try:
-                predictor = with_options(p, options)
-                mc_needed = uncertainty and self.dropout and not getattr(predictor, "mc_samples", 0)
-                if isinstance(predictor, SemanticPredictor) and mc_needed:
-                    predictor = with_options(predictor, {"mc_samples": self.config.uncertainty_samples})
-            except UserError as e:
-                raise UploadError(422, str(e)) from None
+        with self._model_lock:  # a predictor's constructor sets the shared model's modes too
+            predictor = self.predictor_for(options, uncertainty)
             if isinstance(predictor, SemanticPredictor):
                 pred = predictor.predict(image, uncertainty=uncertainty)
+                out, mask = semantic_result(image, pred, p.class_names, p.palette), pred.mask
             else:
                 assert isinstance(predictor, InstancePredictor)
-                det = predictor.predict(image)
-        if isinstance(predictor, SemanticPredictor):
-            out = semantic_result(image, pred, p.class_names, p.palette)
-            mask = pred.mask
-        else:
-            out, mask = instance_result(image, det, p.class_names, p.palette)
+                out, mask = instance_result(image, predictor.predict(image), p.class_names, p.palette)
         if truth is not None:
             out["metrics"] = compare(mask, truth, p.class_names)
         out["options"] = options_of(predictor)
