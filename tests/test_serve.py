@@ -337,6 +337,7 @@ def test_images_over_the_pixel_limit_are_413_before_decoding(predictor):
 
 
 def test_uploads_are_never_written_to_disk_unless_asked(predictor, tmp_path, monkeypatch):
+    import builtins
     import tempfile
 
     scratch = tmp_path / "tmp"
@@ -346,8 +347,25 @@ def test_uploads_are_never_written_to_disk_unless_asked(predictor, tmp_path, mon
     monkeypatch.chdir(scratch)
     big = png_bytes(noise(700, 700))  # over the 1 MB where form parsers usually spill to a temporary file
     assert len(big) > 1_100_000
-    assert post_image(create_app(predictor, samples=[]), big).status_code == 200
-    assert list(scratch.iterdir()) == []
+    app = create_app(predictor, samples=[])
+    writes = []
+    real_open = builtins.open
+
+    def no_files(*args, **kwargs):  # any temporary file (even unlinked at once) or file opened to write
+        writes.append(args)
+        raise AssertionError(f"the server wrote a file: {args}")
+
+    def open_for_reading(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            no_files(file, mode)
+        return real_open(file, mode, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        for name in ("TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile", "mkstemp", "mkdtemp"):
+            m.setattr(tempfile, name, no_files)
+        m.setattr(builtins, "open", open_for_reading)
+        assert post_image(app, big).status_code == 200
+    assert writes == [] and list(scratch.iterdir()) == []
     kept = tmp_path / "kept"
     app = create_app(predictor, ServeConfig(keep_uploads=kept), samples=[])
     assert post_image(app, big, "photo.png").status_code == 200
