@@ -6,8 +6,9 @@
   indices and never converted to RGB; RGB colour masks need a palette to map colours to indices.
 - :func:`probe` reads only the header (size, mode) and checks cheaply for truncation, for
   ``check()``.
-- :func:`write_mask` writes a palette-indexed PNG; :class:`PngRowWriter` writes a PNG a band of
-  rows at a time (large predictions never hold the whole image in memory to write it).
+- :func:`write_mask` writes a palette-indexed PNG; :class:`PngRowWriter` encodes a PNG a band of
+  rows at a time into a stream (large predictions never hold the whole image to write it), and
+  :func:`encode_png` is its one-shot form (the web API's PNGs, byte for byte ``predict``'s files).
 
 Every unreadable, truncated or unsupported file raises :class:`~pixelwise.errors.UserError`
 naming the file.
@@ -19,7 +20,9 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -188,37 +191,36 @@ def probe(path: PathLike) -> tuple[tuple[int, int], str]:
 
 
 def write_mask(path: PathLike, mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> None:
-    """Write uint8[H, W] class ids as a palette-indexed PNG (indices stay the pixel values)."""
+    """Write uint8[H, W] class ids as a palette-indexed PNG (indices stay the pixel values), with
+    :func:`encode_png`: every mask pixelwise writes, and the web API's, has the same bytes."""
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     if mask.ndim != 2:
         raise ValueError(f"write_mask expects uint8[H, W], got shape {list(mask.shape)}")
-    img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
-    img.putpalette(palette_bytes(palette or []))  # index 255 (ignore) is white
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
+    Path(path).write_bytes(encode_png(mask, "P", palette))  # index 255 (ignore) is white
 
 
 class PngRowWriter:
-    """Write an 8-bit PNG of ``height`` x ``width`` pixels a band of rows at a time, so that
-    neither the pixels nor their encoding are ever held whole: ``mode`` ``"P"`` (class ids with
-    ``palette``, as :func:`write_mask`; index 255 is white), ``"L"`` or ``"RGB"``. Use as a
-    context manager; :meth:`write` takes ``uint8[n, width]`` (``[n, width, 3]`` for RGB) bands
-    top to bottom, and leaving the block checks that all ``height`` rows came.
+    """Encode an 8-bit PNG of ``height`` x ``width`` pixels into the binary stream ``out`` a band
+    of rows at a time, so that neither the pixels nor their encoding are ever held whole:
+    ``mode`` ``"P"`` (class ids with ``palette``, as :func:`write_mask`; index 255 is white),
+    ``"L"`` or ``"RGB"``. Use as a context manager; :meth:`write` takes ``uint8[n, width]``
+    (``[n, width, 3]`` for RGB) bands top to bottom, and leaving the block without an error
+    checks that all ``height`` rows came and ends the PNG (``out`` stays open).
 
     Rows of L and RGB images use PNG's "Sub" filter (each byte minus its left neighbour's), which
     smooth images compress well with; class masks use none."""
 
     _COLOUR_TYPE = {"L": (0, 1), "RGB": (2, 3), "P": (3, 1)}  # mode -> (PNG colour type, bytes per pixel)
 
-    def __init__(self, path: PathLike, width: int, height: int, mode: str = "P",
+    def __init__(self, out: BinaryIO, width: int, height: int, mode: str = "P",
                  palette: Sequence[Sequence[int]] | None = None, level: int = 6) -> None:
         if mode not in self._COLOUR_TYPE:
             raise ValueError(f"mode must be one of {sorted(self._COLOUR_TYPE)}, got {mode!r}")
         colour_type, self.channels = self._COLOUR_TYPE[mode]
         self.width, self.height, self.mode, self.rows = width, height, mode, 0
         self.filter = 0 if mode == "P" else 1  # none / Sub
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "wb")  # noqa: SIM115 - closed by close() / __exit__
+        self.file, self.finished = out, False
         self.zip = zlib.compressobj(level)
         self.file.write(b"\x89PNG\r\n\x1a\n")
         self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
@@ -248,22 +250,28 @@ class PngRowWriter:
             self._chunk(b"IDAT", data)
         self.rows += len(rows)
 
-    def close(self) -> None:
-        if self.file.closed:
+    def finish(self) -> None:
+        """End the PNG (once all ``height`` rows are written)."""
+        if self.finished:
             return
-        try:
-            if self.rows != self.height:
-                raise ValueError(f"PNG closed after {self.rows} of its {self.height} rows")
-            self._chunk(b"IDAT", self.zip.flush())
-            self._chunk(b"IEND", b"")
-        finally:
-            self.file.close()
+        if self.rows != self.height:
+            raise ValueError(f"PNG finished after {self.rows} of its {self.height} rows")
+        self._chunk(b"IDAT", self.zip.flush())
+        self._chunk(b"IEND", b"")
+        self.finished = True
 
     def __enter__(self) -> PngRowWriter:
         return self
 
     def __exit__(self, kind: object, *_: object) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.file.close()  # an error on the way: leave the file as it is, raise that error
+        if kind is None:  # after an error the PNG stays unfinished and that error propagates
+            self.finish()
+
+
+def encode_png(pixels: np.ndarray, mode: str = "P", palette: Sequence[Sequence[int]] | None = None) -> bytes:
+    """The PNG :class:`PngRowWriter` makes of ``pixels`` (``uint8[H, W]``, ``[H, W, 3]`` for RGB),
+    in memory."""
+    buf = BytesIO()
+    with PngRowWriter(buf, pixels.shape[1], pixels.shape[0], mode, palette) as png:
+        png.write(pixels)
+    return buf.getvalue()

@@ -66,10 +66,13 @@ def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[M
     h, w = image.shape[:2]
     scale = np.log(max(num_classes, 2))  # the largest possible entropy -> 255
     with ExitStack() as files:
-        mask_png = files.enter_context(PngRowWriter(out_dir / f"{stem}.png", w, h, "P", palette))
-        overlay_png = files.enter_context(PngRowWriter(out_dir / f"{stem}_overlay.png", w, h, "RGB"))
-        entropy_png = files.enter_context(PngRowWriter(out_dir / f"{stem}_uncertainty.png", w, h, "L")) \
-            if uncertainty else None
+
+        def png(suffix: str, mode: str) -> PngRowWriter:
+            return files.enter_context(PngRowWriter(files.enter_context(open(out_dir / f"{stem}{suffix}.png", "wb")),
+                                                    w, h, mode, palette))
+
+        mask_png, overlay_png = png("", "P"), png("_overlay", "RGB")
+        entropy_png = png("_uncertainty", "L") if uncertainty else None
         for y, mask, entropy in rows:
             mask_png.write(mask)
             for s in range(0, len(mask), STRIP_ROWS):

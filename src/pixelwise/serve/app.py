@@ -130,10 +130,13 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
         "image": {"type": "string", "format": "binary",
                   "description": "PNG, JPEG, BMP, GIF, TIFF, WebP or PPM; any mode; EXIF orientation applied"},
         "tile": {"type": "integer", "minimum": 0,
-                 "description": "semantic: predict in overlapping tiles of this side (>= 16); 0: whole image"},
-        "overlap": {"type": "number", "description": "semantic: tile overlap as a fraction of the tile, [0, 1)"},
+                 "description": "semantic: predict in tiles of this side (>= 16) that see their real surroundings; "
+                                "0: whole image"},
+        "overlap": {"type": "number", "description": "semantic: tile overlap as a fraction of the tile, [0, 1) "
+                    "(default 0 for models that state their context, such as the valid U-Net, else 0.25)"},
         "tta": {"type": "string", "enum": ["none", *TTA_MODES],
-                "description": "semantic: test-time augmentation (flip: image + mirror; d4: 8 rotations/flips)"},
+                "description": "semantic: test-time augmentation (flip: image + mirror; d4: 8 rotations/flips; "
+                               "ms: scales 0.5-1.75, each with its mirror)"},
         "uncertainty": {"type": "boolean", "description": "semantic: also return the uncertainty map (Monte-Carlo "
                         "dropout for models with dropout, else the softmax's entropy)"},
         "score_thresh": {"type": "number", "description": "instance: keep detections scoring at least this"},

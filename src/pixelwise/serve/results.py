@@ -1,7 +1,7 @@
 """Predictions -> the API's JSON: the same files ``pixelwise predict`` writes, as base64 PNGs.
 
-The class mask is the palette-indexed PNG of :func:`pixelwise.data.io.write_mask` (class id = pixel
-value), the overlay the one of :func:`pixelwise.data.palette.overlay` (semantic) or
+The class mask is the palette-indexed PNG ``predict`` writes (:func:`pixelwise.data.io.encode_png`;
+class id = pixel value), the overlay the one of :func:`pixelwise.data.palette.overlay` (semantic) or
 :func:`pixelwise.inference.writers.draw_instances` (instance), instances the documents of
 :func:`pixelwise.inference.writers.instances_json`; the tests check byte for byte that a mask from
 the API equals the PNG ``predict`` writes.
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixelwise.data.palette import overlay, palette_bytes
+from pixelwise.data.io import encode_png
+from pixelwise.data.palette import overlay
 from pixelwise.inference.predictor import Prediction
 from pixelwise.inference.writers import draw_instances, instance_maps, instances_json
 from pixelwise.metrics import confusion_matrix, segmentation_metrics
@@ -34,19 +35,16 @@ def b64(data: bytes) -> str:
 
 
 def mask_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
-    """uint8[H, W] class ids -> the palette-indexed PNG that :func:`pixelwise.data.io.write_mask`
-    writes to a file (same construction, in memory)."""
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), mask.tobytes())
-    img.putpalette(palette_bytes(palette or []))
-    return png(img)
+    """uint8[H, W] class ids -> the palette-indexed PNG that ``pixelwise predict`` writes to a
+    file (the same encoder, in memory)."""
+    return encode_png(np.ascontiguousarray(mask, dtype=np.uint8), "P", palette)
 
 
 def uncertainty_png(uncertainty: np.ndarray, num_classes: int) -> bytes:
     """Predictive entropy float32[H, W] -> 8-bit gray PNG, 255 = the largest possible entropy
     (``log C``), as ``pixelwise predict --uncertainty`` writes ``<stem>_uncertainty.png``."""
     scale = np.log(max(num_classes, 2))
-    return png(Image.fromarray((uncertainty / scale * 255).clip(0, 255).astype(np.uint8), mode="L"))
+    return encode_png((uncertainty / scale * 255).clip(0, 255).astype(np.uint8), "L")
 
 
 def class_shares(mask: np.ndarray, class_names: list[str], palette: Sequence[Sequence[int]]) -> list[dict]:
@@ -79,7 +77,7 @@ def semantic_result(image: np.ndarray, pred: Prediction, class_names: list[str],
            "overlay_png_base64": b64(png(Image.fromarray(overlay(image, pred.mask, pal)))),
            "uncertainty_png_base64": None}
     if pred.uncertainty is not None:
-        out["uncertainty_png_base64"] = b64(uncertainty_png(pred.uncertainty, pred.probs.shape[0]))
+        out["uncertainty_png_base64"] = b64(uncertainty_png(pred.uncertainty, len(class_names)))
     return out
 
 
