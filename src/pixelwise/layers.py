@@ -187,7 +187,11 @@ def unpool(x: Tensor, indices: Tensor, size: Sequence[int], mode: str = "indices
     occurs."""
     if mode == "indices":
         if torch.jit.is_tracing():  # F.max_unpool2d's Python-side size check fails under jit.trace
-            return torch.ops.aten.max_unpool2d(x, indices, list(size[-2:]))
+            # a torch.Size is constant in a trace; 2 x the (traced) pooled size + the odd remainder is
+            # not, and torch._C._nn records traced sizes in int lists (torch.ops.aten does not)
+            h, w = x.shape[-2], x.shape[-1]
+            out = [2 * h + (int(size[-2]) - 2 * int(h)), 2 * w + (int(size[-1]) - 2 * int(w))]
+            return torch._C._nn.max_unpool2d(x, indices, out)
         return max_unpool(x, indices, size)
     if mode == "nearest":
         return upsample_nearest(x, 2, size)
