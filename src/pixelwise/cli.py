@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -112,27 +113,102 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    import torch
+
     from pixelwise.checkpoint import load_checkpoint
-    from pixelwise.inference.bench import benchmark
+    from pixelwise.inference.bench import benchmark, count_flops
+    from pixelwise.inference.onnx_runner import read_onnx_metadata
     from pixelwise.models import create_model, model_info
 
-    if bool(args.model) == bool(args.checkpoint):
-        raise UserError("give exactly one of --model NAME or --checkpoint FILE")
-    if args.checkpoint:
-        model, meta = load_checkpoint(args.checkpoint)
-        task = meta.get("task", "semantic")
-    else:
-        task = model_info(args.model).task
-        model = create_model(args.model, num_classes=args.num_classes)
+    if sum(bool(a) for a in (args.model, args.checkpoint, args.onnx)) != 1:
+        raise UserError("give exactly one of --model NAME, --checkpoint FILE or --onnx FILE")
     size = train_config.parse_size(args.size)
     if size is None:
         raise UserError("--size needs HxW, e.g. 512x512")
-    result = benchmark(model, size, batch=args.batch, mode=args.mode, device=args.device,
-                       repeats=args.repeats, task=task)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, flops, mode, name = None, None, args.mode, args.model or ""
+    if args.onnx:
+        if mode not in (None, "onnx"):
+            raise UserError(f"--onnx runs in onnxruntime: --mode {mode} does not apply")
+        mode, meta = "onnx", read_onnx_metadata(args.onnx)
+        task, name = "semantic", meta.get("model", "")
+        if name:  # FLOPs of the architecture, counted on the meta device from the stored metadata
+            flops = count_flops(lambda: create_model(name, num_classes=meta.get("num_classes", 21),
+                                                     **meta.get("model_kwargs", {})), size)
+    elif args.checkpoint:
+        model, meta = load_checkpoint(args.checkpoint)
+        task, name = meta.get("task", "semantic"), meta.get("model", "")
+    else:
+        task = model_info(args.model).task
+        model = create_model(args.model, num_classes=args.num_classes)
+    result = benchmark(model, size, batch=args.batch, mode=mode or "eager", device=args.device,
+                       repeats=args.repeats, task=task, flops=flops, model_name=name, onnx=args.onnx,
+                       threads=args.threads, train=args.train, compile=args.compile)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                   if v is not None))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _writable_out(path: str, overwrite: bool) -> Path:
+    """``--out FILE`` checked before any work: its folder exists (or is created) and is writable,
+    and an existing file is replaced only with ``--overwrite``."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write --out {out}: its folder is not writable")
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    from pixelwise.checkpoint import load_checkpoint
+    from pixelwise.inference.export import export_maskrcnn_parts, export_onnx
+    from pixelwise.models import create_model, model_info
+    from pixelwise.models.maskrcnn import MaskRCNN
+
+    if args.format != "onnx":
+        raise UserError(f"--format {args.format!r} is not supported; the one format is onnx")
+    if bool(args.model) == bool(args.checkpoint):
+        raise UserError("give exactly one of --checkpoint FILE or --model NAME")
+    if not args.out.lower().endswith(".onnx"):
+        raise UserError(f"--out {args.out}: an ONNX file name ends with .onnx")
+    if args.checkpoint and Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise UserError("--out would write over the --checkpoint")
+    out = _writable_out(args.out, args.overwrite)
+    if args.checkpoint:
+        model, meta = load_checkpoint(args.checkpoint)
+    else:
+        info = model_info(args.model)
+        num_classes = args.num_classes or (21 if info.task == "semantic" else 91)
+        model = create_model(args.model, num_classes=num_classes)
+        meta = {"model": args.model, "num_classes": num_classes, "task": info.task}
+        print(f"note: --model {args.model} exports randomly initialised weights (give --checkpoint for a "
+              "trained model)")
+    if meta.get("task", "semantic") != "semantic":
+        if args.fp16:
+            raise UserError("--fp16 applies to semantic models only")
+        if not isinstance(model, MaskRCNN):
+            raise UserError(f"no ONNX export for the {meta.get('task')} model {meta.get('model')}")
+        written = export_maskrcnn_parts(model, out, meta, opset=args.opset)
+        for report in written:
+            print(report.summary())
+        print("not exported (runs in PyTorch): anchors, proposal decoding + NMS, RoI Align, detection "
+              "post-processing and mask pasting; see docs/deploy.md")
+        return 0
+    report = export_onnx(model, out, meta, model_name=meta.get("model", ""), opset=args.opset, fp16=args.fp16,
+                         min_agreement=args.min_agreement)
+    print(report.summary())
     return 0
 
 
@@ -162,11 +238,20 @@ def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
     return train_config.parse_size(text), False
 
 
+def model_file(args: argparse.Namespace) -> str:
+    """``--checkpoint CKPT`` or ``--onnx FILE`` (exactly one) of eval and predict."""
+    if bool(args.checkpoint) == bool(args.onnx):
+        raise UserError("give exactly one of --checkpoint FILE or --onnx FILE")
+    if args.onnx and not args.onnx.lower().endswith(".onnx"):
+        raise UserError(f"--onnx {args.onnx}: an ONNX file name ends with .onnx")
+    return args.onnx or args.checkpoint
+
+
 def predictor_options(args: argparse.Namespace) -> dict:
     """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint."""
     resize, native = parse_resize(args.resize)
     return {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
-            "tta": args.tta, "mc_samples": args.mc_samples}
+            "tta": args.tta, "mc_samples": args.mc_samples, "mode": args.mode}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -174,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
-    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data, args.split, device=args.device,
+    metrics = evaluate_checkpoint(model_file(args), args.dataset, args.data, args.split, device=args.device,
                                   dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
                                   progress=not args.no_progress, bf=not args.no_bf, **options)
     shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input")}
@@ -199,7 +284,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
         options["score_thresh"] = args.score_thresh
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, **options)
+    predictor = Predictor.from_checkpoint(model_file(args), args.device, **options)
     if args.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UserError("--uncertainty applies to semantic models only")
     if (isinstance(predictor, SemanticPredictor) and args.uncertainty and args.mc_samples is None
@@ -231,6 +316,9 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
                         "and flips)")
     p.add_argument("--mc-samples", type=int, help="average this many Monte-Carlo dropout samples (models with "
                    "dropout, e.g. bayesian_segnet; the paper used 50)")
+    p.add_argument("--mode", choices=["eager", "fast"], help="eager (default: float32 as trained) or fast "
+                   "(BatchNorm folded, channels-last, bf16 where the CPU has it; Mask R-CNN: "
+                   "optimize_for_inference in float32); docs/deploy.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--onnx", metavar="FILE", help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--data")
     p.add_argument("--split", default="val")
@@ -268,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="segment image files")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--onnx", metavar="FILE", help="run a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--out", required=True)
     _add_prediction_args(p)
@@ -281,15 +371,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("export", help="export a model to ONNX, verified against PyTorch")
+    p.add_argument("--checkpoint")
+    p.add_argument("--model", help="export this model with random weights instead of a checkpoint")
+    p.add_argument("--num-classes", type=int, help="with --model (default 21, or 91 for instance models)")
+    p.add_argument("--format", default="onnx", help="onnx (the only format)")
+    p.add_argument("--out", required=True, help="the .onnx file to write (Mask R-CNN: FILE and FILE's parts)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and activations (inputs and outputs stay "
+                   "float32)")
+    p.add_argument("--min-agreement", type=float, default=0.999, help="fail below this argmax agreement with "
+                   "PyTorch eager (default 0.999)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("bench", help="inference speed, FLOP utilisation and peak memory")
     p.add_argument("--model")
     p.add_argument("--checkpoint")
     p.add_argument("--num-classes", type=int, default=21, help="with --model (default 21)")
     p.add_argument("--size", required=True, help="input HxW")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--mode", choices=["eager", "fast", "onnx"], default="eager")
+    p.add_argument("--onnx", metavar="FILE", help="time a file written by `pixelwise export` (onnxruntime)")
+    p.add_argument("--mode", choices=["eager", "fast", "onnx"], help="eager (default), fast (BatchNorm folded, "
+                   "channels-last, bf16 where the CPU has bf16 kernels) or onnx (export, verify, time onnxruntime)")
+    p.add_argument("--compile", action="store_true", help="with --mode fast: also torch.compile (compile time "
+                   "is reported as compile_s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime (default: torch's)")
+    p.add_argument("--train", action="store_true", help="also time a float32 training step (train_img_per_s)")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench)
 

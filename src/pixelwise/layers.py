@@ -187,11 +187,13 @@ def unpool(x: Tensor, indices: Tensor, size: Sequence[int], mode: str = "indices
     occurs."""
     if mode == "indices":
         if torch.jit.is_tracing():  # F.max_unpool2d's Python-side size check fails under jit.trace
-            # a torch.Size is constant in a trace; 2 x the (traced) pooled size + the odd remainder is
-            # not, and torch._C._nn records traced sizes in int lists (torch.ops.aten does not)
-            h, w = x.shape[-2], x.shape[-1]
-            out = [2 * h + (int(size[-2]) - 2 * int(h)), 2 * w + (int(size[-1]) - 2 * int(w))]
-            return torch._C._nn.max_unpool2d(x, indices, out)
+            # pixelwise export maps this to ONNX MaxUnpool, whose output is 2h x 2w (SegNet and
+            # DeconvNet pad their input so that every pre-pool size is even)
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            if (int(size[-2]), int(size[-1])) != (2 * h, 2 * w):
+                raise ValueError(f"tracing unpooling to {tuple(size[-2:])} from {(h, w)}: "
+                                 "only even pre-pool sizes trace")
+            return torch.ops.aten.max_unpool2d(x, indices, [2 * h, 2 * w])
         return max_unpool(x, indices, size)
     if mode == "nearest":
         return upsample_nearest(x, 2, size)

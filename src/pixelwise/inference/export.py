@@ -46,6 +46,7 @@ from pixelwise.checkpoint import atomic_write, input_spec_from_meta
 from pixelwise.errors import UserError
 from pixelwise.inference.onnx_runner import META_KEY, make_session
 from pixelwise.models import forward_logits
+from pixelwise.models.maskrcnn import MaskRCNN
 from pixelwise.preprocess import preprocess
 
 DEFAULT_OPSET = 17
@@ -72,10 +73,11 @@ class ExportReport:
     seconds: float  # export + verification
     bytes: int
     checks: list[SizeCheck] = field(default_factory=list)
+    agreement_of: str = "argmax"  # Mask R-CNN's parts: "objectness sign" and "class argmax"
 
     def summary(self) -> str:
         parts = [f"{'x'.join(map(str, c.shape[2:]))} (batch {c.shape[0]}): max |logit diff| "
-                 f"{c.max_abs_diff:.3g} (of |logits| up to {c.max_abs_logit:.3g}), argmax agreement "
+                 f"{c.max_abs_diff:.3g} (of |logits| up to {c.max_abs_logit:.3g}), {self.agreement_of} agreement "
                  f"{100 * c.agreement:.3f}%" for c in self.checks]
         return (f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB, opset {self.opset}, {self.precision}, "
                 f"{self.seconds:.1f} s); onnxruntime vs PyTorch eager: " + "; ".join(parts))
@@ -99,34 +101,18 @@ def _max_unpool2d_symbolic(g, x, indices, output_size):
     """ONNX for ``aten::max_unpool2d`` (2x2 / stride 2, SegNet's and DeconvNet's unpooling).
 
     PyTorch's indices are flat positions within each H*W plane; ONNX ``MaxUnpool`` wants them flat
-    over the whole N*C*H*W tensor, so ``n*C*H*W + c*H*W`` is added first. ``output_size`` (the
-    pre-pool H, W, traced sizes) becomes the output shape ``[N, C, H, W]``."""
-    from torch.onnx import symbolic_helper  # optional dependency's exporter internals: only used while exporting
-
-    def scalar(v):
-        const = symbolic_helper._maybe_get_const(v, "i")
-        if isinstance(const, int):
-            return g.op("Constant", value_t=torch.tensor([const], dtype=torch.int64))
-        v = g.op("Cast", v, to_i=7)  # int64
-        return g.op("Reshape", v, g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64)))
-
-    if symbolic_helper._is_packed_list(output_size):
-        hw = [scalar(v) for v in symbolic_helper._unpack_list(output_size)]
-    else:
-        sizes = symbolic_helper._maybe_get_const(output_size, "is")
-        hw = [g.op("Constant", value_t=torch.tensor([int(s)], dtype=torch.int64)) for s in sizes]
-    h, w = hw[-2], hw[-1]
-    shape = g.op("Shape", x)
-    nc = g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([0])), g.op("Constant", value_t=torch.tensor([2])))
-    plane = g.op("Mul", h, w)
-    count = g.op("ReduceProd", nc, keepdims_i=1)
-    zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int64))
-    step = g.op("Squeeze", plane)
-    offsets = g.op("Range", zero, g.op("Squeeze", g.op("Mul", count, plane)), step)
-    offsets = g.op("Reshape", offsets, g.op("Concat", nc, g.op("Constant", value_t=torch.tensor([1, 1])), axis_i=0))
-    flat = g.op("Add", g.op("Cast", indices, to_i=7), offsets)
-    out_shape = g.op("Concat", nc, h, w, axis_i=0)
-    return g.op("MaxUnpool", x, flat, out_shape, kernel_shape_i=[2, 2], strides_i=[2, 2])
+    over the whole N*C*H*W tensor, which is what ONNX ``MaxPool`` returns: torch's exporter turns
+    those into per-plane indices by subtracting each plane's first index (``Sub``), so the ONNX
+    indices are taken from before that subtraction. Without ``output_shape`` the output is 2h x 2w:
+    SegNet and DeconvNet pad their input to a multiple of their deepest stride, so the pre-pool
+    sizes are always even (``pixelwise.layers.unpool`` checks it while tracing). Computing the
+    offsets from traced sizes instead is not safe: where onnx shape inference gives up (after
+    DeconvNet's computed padding) the exporter freezes sizes at their traced values."""
+    node = indices.node()
+    if node.kind() != "onnx::Sub" or next(node.inputs()).node().kind() != "onnx::MaxPool":
+        raise UserError("ONNX export of max unpooling needs the indices of a max pool of the same graph")
+    flat = next(node.inputs())
+    return g.op("MaxUnpool", x, flat, kernel_shape_i=[2, 2], strides_i=[2, 2])
 
 
 def _register_symbolics(opset: int) -> None:
@@ -330,3 +316,118 @@ def calibration_batches(images: Iterable[np.ndarray], spec, crop: int = 256, bat
     if len({tuple(c.shape) for c in crops}) > 1:  # images smaller than the crop: one per batch
         return [c[None] for c in crops]
     return [torch.stack(crops[i:i + batch]) for i in range(0, len(crops), batch)]
+
+
+# --------------------------------------------------------------------------- Mask R-CNN
+
+
+class MaskRCNNBackboneRPN(nn.Module):
+    """Mask R-CNN's dense part: ``Tensor[N, 3, H, W]`` (normalised, padded to a multiple of 32, i.e.
+    ``model.transform``'s batch) -> the five FPN levels, then per level the RPN objectness
+    ``Tensor[N, A, h, w]`` and box deltas ``Tensor[N, 4A, h, w]`` (15 outputs)."""
+
+    def __init__(self, model: MaskRCNN) -> None:
+        super().__init__()
+        self.backbone, self.head = model.backbone, model.rpn.head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        levels = list(self.backbone(x).values())
+        logits, deltas = self.head(levels)
+        return (*levels, *logits, *deltas)
+
+
+class MaskRCNNHeads(nn.Module):
+    """Mask R-CNN's per-RoI part: RoI-aligned features ``Tensor[K, C, 7, 7]`` (boxes) and
+    ``Tensor[K, C, 14, 14]`` (masks) -> class logits ``Tensor[K, classes]``, per-class box deltas
+    ``Tensor[K, 4 classes]`` and mask logits ``Tensor[K, classes, 28, 28]``."""
+
+    def __init__(self, model: MaskRCNN) -> None:
+        super().__init__()
+        heads = model.roi_heads
+        self.box_head, self.box_predictor = heads.box_head, heads.box_predictor
+        self.mask_head, self.mask_predictor = heads.mask_head, heads.mask_predictor
+
+    def forward(self, box_features: torch.Tensor, mask_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scores, deltas = self.box_predictor(self.box_head(box_features))
+        return scores, deltas, self.mask_predictor(self.mask_head(mask_features))
+
+
+def _check_parts(module: nn.Module, session, inputs: list[torch.Tensor], sign: bool) -> SizeCheck:
+    """onnxruntime against eager on one set of inputs. agreement: the share of RPN objectness
+    logits of the same sign (``sign``), or of RoIs whose argmax class agrees."""
+    with torch.no_grad():
+        reference = [r.float() for r in module(*inputs)]
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    got = [torch.from_numpy(a).float() for a in session.run(None, feed)]
+    diff = max((g - r).abs().max().item() for g, r in zip(got, reference))
+    scale = max(r.abs().max().item() for r in reference)
+    if sign:
+        first = len(reference) // 3  # outputs: 5 levels, 5 objectness, 5 deltas
+        pairs = list(zip(got[first:2 * first], reference[first:2 * first]))
+        agree = sum(((g > 0) == (r > 0)).sum().item() for g, r in pairs) / sum(r.numel() for _, r in pairs)
+    else:
+        agree = (got[0].argmax(1) == reference[0].argmax(1)).float().mean().item()
+    return SizeCheck(tuple(inputs[0].shape), diff, scale, agree)
+
+
+def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | None = None, *,
+                          opset: int = DEFAULT_OPSET, min_agreement: float = MIN_AGREEMENT,
+                          sizes: Sequence[tuple[int, int, int]] = ((1, 320, 416), (2, 256, 352)),
+                          rois: Sequence[int] = (7, 13)) -> list[ExportReport]:
+    """Export what of a Mask R-CNN ONNX can express without custom operators, as two files:
+    ``out`` (:class:`MaskRCNNBackboneRPN`: dynamic batch, H, W) and ``<out stem>_heads.onnx``
+    (:class:`MaskRCNNHeads`: a dynamic number of RoIs). Each is verified by onnxruntime against
+    eager (``sizes``: ``(batch, H, W)``, multiples of 32; ``rois``: RoI counts) and fails, writing
+    nothing, when the agreement (see :func:`_check_parts`) is below ``min_agreement`` or the
+    largest difference exceeds 1e-3 of the largest output. What stays in PyTorch between and after
+    them (resize and normalisation, anchors, proposal decoding and NMS, multi-scale RoI Align,
+    detection post-processing, mask pasting) and why: docs/deploy.md."""
+    model = model.eval().cpu()
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: an ONNX file name ends with .onnx")
+    channels = model.backbone.out_channels
+    box_size = tuple(model.roi_heads.box_roi_pool.output_size)
+    mask_size = tuple(model.roi_heads.mask_roi_pool.output_size)
+    g = torch.Generator().manual_seed(0)
+    parts = [
+        ("backbone_rpn", MaskRCNNBackboneRPN(model).eval(), out, [[sample_batch(n, 3, h, w, seed=i)] for i, (n, h, w)
+                                                           in enumerate(sizes)],
+         ["image"], {"image": {0: "batch", 2: "height", 3: "width"}}, True),
+        ("roi_heads", MaskRCNNHeads(model).eval(), out.with_name(out.stem + "_heads.onnx"),
+         [[torch.randn(k, channels, *box_size, generator=g), torch.randn(k, channels, *mask_size, generator=g)]
+          for k in rois], ["box_features", "mask_features"],
+         {"box_features": {0: "rois"}, "mask_features": {0: "rois"}}, False),
+    ]
+    reports = []
+    for part, module, path, inputs, names, axes, sign in parts:
+        start = time.perf_counter()
+        report = ExportReport(str(path), opset, "float32", 0.0, 0,
+                              agreement_of="RPN objectness sign" if sign else "RoI class argmax")
+        n_out = 15 if sign else 3
+        out_names = ([f"fpn_{i}" for i in range(5)] + [f"objectness_{i}" for i in range(5)]
+                     + [f"rpn_deltas_{i}" for i in range(5)]) if sign else ["class_logits", "box_deltas",
+                                                                            "mask_logits"]
+        assert len(out_names) == n_out
+
+        def write(tmp: str, module=module, inputs=inputs, names=names, axes=axes, sign=sign,
+                  out_names=out_names, report=report, part=part) -> None:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, tuple(inputs[0]), tmp, dynamo=False, opset_version=opset,
+                                  input_names=names, output_names=out_names, dynamic_axes=axes)
+            session = make_session(tmp)
+            report.checks = [_check_parts(module, session, x, sign) for x in inputs]
+            for c in report.checks:
+                if c.agreement < min_agreement or c.max_abs_diff > 1e-3 * max(1.0, c.max_abs_logit):
+                    raise UserError(f"export verification failed for Mask R-CNN's {part} at {c.shape}: agreement "
+                                    f"{100 * c.agreement:.3f}%, max |diff| {c.max_abs_diff:.3g}; nothing written")
+            info = {"opset": opset, "precision": "float32", "part": part, "inputs": names, "outputs": out_names,
+                    "verified": [asdict(c) for c in report.checks]}
+            _write_metadata(tmp, onnx_metadata({**(meta or {}), "task": "instance"},
+                                               (meta or {}).get("model", type(model).__name__), info))
+
+        atomic_write(path, write)
+        report.seconds, report.bytes = time.perf_counter() - start, path.stat().st_size
+        reports.append(report)
+    return reports

@@ -53,7 +53,9 @@ def pad_to_min(x: Tensor, min_size: int) -> Tensor:
     traced sizes under ``torch.jit.trace`` and so ``pixelwise export``)."""
     h, w = x.shape[-2:]
     if torch.jit.is_tracing():  # jit.trace (ONNX export) hands out sizes as tensors: keep them traced
-        return F.pad(x, (0, torch.clamp(w, min=min_size) - w, 0, torch.clamp(h, min=min_size) - h))
+        pad_w = torch.clamp(w, min=min_size) - w  # type: ignore[call-overload]  # traced sizes are tensors
+        pad_h = torch.clamp(h, min=min_size) - h  # type: ignore[call-overload]
+        return F.pad(x, (0, pad_w, 0, pad_h))
     return F.pad(x, (0, torch.sym_max(w, min_size) - w, 0, torch.sym_max(h, min_size) - h))
 
 
