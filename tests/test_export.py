@@ -146,3 +146,18 @@ def test_predict_onnx_missing_file_is_one_line(tmp_path, capsys):
     assert main(["predict", "x.png", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pixelwise: error: ") and "no such ONNX file" in err
+
+
+def test_maskrcnn_exports_backbone_rpn_and_heads(tmp_path, capsys):
+    from pixelwise.inference.export import export_maskrcnn_parts
+
+    torch.manual_seed(0)
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3).eval()
+    reports = export_maskrcnn_parts(model, tmp_path / "m.onnx", {"model": "maskrcnn_resnet18_fpn", "num_classes": 3},
+                                    sizes=[(1, 96, 128), (2, 64, 160)], rois=[2, 5])
+    assert [r.path for r in reports] == [str(tmp_path / "m.onnx"), str(tmp_path / "m_heads.onnx")]
+    for report in reports:
+        assert all(c.agreement >= 0.999 for c in report.checks)
+    assert read_onnx_metadata(reports[1].path)["onnx"]["outputs"] == ["class_logits", "box_deltas", "mask_logits"]
+    with pytest.raises(UserError, match="model part"):
+        load_onnx(reports[0].path)  # not a semantic model: predict --onnx refuses it
