@@ -91,3 +91,9 @@ def test_predict_mode_fast_agrees_with_eager(tmp_path):
                      "--mode", mode, "--no-progress"]) == 0
         masks[mode] = torch.from_numpy(np.asarray(Image.open(out / "a.png")).copy())
     assert (masks["fast"] == masks["eager"]).float().mean() >= 0.95
+
+
+def test_bf16_fast_path_runs_layers_without_bf16_kernels_in_float32():
+    model = create_model("segnet_basic", num_classes=3).eval()  # LocalResponseNorm: no bf16 avg_pool3d on CPU
+    out = FastSegmenter(model, torch.bfloat16)(torch.randn(1, 3, 32, 48))
+    assert out.shape == (1, 3, 32, 48) and out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -70,6 +70,32 @@ def fold_model(model: nn.Module) -> nn.Module:
     return model
 
 
+# layers whose CPU kernels lack bfloat16 (LocalResponseNorm's avg_pool3d, SegNet-Basic): run in float32
+FLOAT32_ONLY = (nn.LocalResponseNorm,)
+
+
+class Float32(nn.Module):
+    """Runs ``module`` in float32 inside a reduced-precision model (input cast up, output back)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float()).to(x.dtype)
+
+
+def keep_float32(model: nn.Module) -> int:
+    """Wrap every :data:`FLOAT32_ONLY` layer of ``model`` in :class:`Float32`, in place; the count."""
+    wrapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FLOAT32_ONLY):
+                setattr(parent, name, Float32(child))
+                wrapped += 1
+    return wrapped
+
+
 class FastSegmenter(nn.Module):
     """The fast path of a semantic model (module docstring): ``Tensor[N, C, H, W] -> float32
     logits Tensor[N, K, H, W]``. ``dtype``: bfloat16 or float32; ``compile``: torch.compile the
@@ -81,6 +107,8 @@ class FastSegmenter(nn.Module):
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         folded = fold_model(model)
+        if dtype != torch.float32:
+            keep_float32(folded)
         folded.to(dtype=dtype, memory_format=self.memory_format)  # type: ignore[call-overload]  # stubs lack memory_format
         self.model = folded
         self._run: Callable[[torch.Tensor], torch.Tensor] = self._logits
