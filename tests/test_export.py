@@ -161,3 +161,16 @@ def test_maskrcnn_exports_backbone_rpn_and_heads(tmp_path, capsys):
     assert read_onnx_metadata(reports[1].path)["onnx"]["outputs"] == ["class_logits", "box_deltas", "mask_logits"]
     with pytest.raises(UserError, match="model part"):
         load_onnx(reports[0].path)  # not a semantic model: predict --onnx refuses it
+
+
+def test_cli_int8_export_calibrates_and_reports_agreement(checkpoint, tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--int8", "--calib-dataset", "shapes",
+                 "--calib-images", "8", "--calib-crop", "48", "--min-agreement", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8" in printed and "argmax agreement" in printed
+    model, meta = load_onnx(out)
+    assert meta["onnx"]["precision"] == "int8"
+    assert model(torch.randn(1, 3, 48, 64)).shape == (1, CLASSES, 48, 64)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.onnx"), "--int8"]) == 2
+    assert "--calib-dataset" in capsys.readouterr().err

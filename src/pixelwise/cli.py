@@ -206,10 +206,43 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("not exported (runs in PyTorch): anchors, proposal decoding + NMS, RoI Align, detection "
               "post-processing and mask pasting; see docs/deploy.md")
         return 0
+    calibration = None
+    if args.int8:
+        calibration = int8_calibration(model, meta, args)
+    elif args.calib_dataset or args.calib_data:
+        raise UserError("--calib-dataset/--calib-data calibrate --int8; add --int8")
+    min_agreement = args.min_agreement or (INT8_MIN_AGREEMENT if args.int8 else 0.999)
     report = export_onnx(model, out, meta, model_name=meta.get("model", ""), opset=args.opset, fp16=args.fp16,
-                         min_agreement=args.min_agreement)
+                         calibration=calibration, min_agreement=min_agreement)
     print(report.summary())
     return 0
+
+
+INT8_MIN_AGREEMENT = 0.97  # int8 export fails below this argmax agreement with fp32 eager (unless --min-agreement)
+
+
+def int8_calibration(model, meta: dict, args: argparse.Namespace) -> list:
+    """Preprocessed random crops of ``--calib-images`` training images of ``--calib-dataset`` for
+    int8 calibration (the checkpoint's input contract applied first)."""
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    import numpy as np
+
+    from pixelwise.checkpoint import input_spec_from_meta
+    from pixelwise.data import build_dataset
+    from pixelwise.inference.export import calibration_batches
+
+    if args.fp16:
+        raise UserError("choose one of --fp16 and --int8")
+    if not args.calib_dataset:
+        raise UserError("--int8 needs --calib-dataset KIND (and --calib-data PATH): training images to calibrate "
+                        "activation ranges on")
+    ds = build_dataset(args.calib_dataset, args.calib_data, "train")
+    if len(ds) == 0:
+        raise UserError(f"--calib-dataset {args.calib_dataset}: no training images found")
+    rng = np.random.default_rng(0)
+    picks = rng.permutation(len(ds))[:args.calib_images]
+    images = [ds.load(int(i)).image for i in picks]
+    return calibration_batches(images, input_spec_from_meta(meta, model), crop=args.calib_crop)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -380,8 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and activations (inputs and outputs stay "
                    "float32)")
-    p.add_argument("--min-agreement", type=float, default=0.999, help="fail below this argmax agreement with "
-                   "PyTorch eager (default 0.999)")
+    p.add_argument("--int8", action="store_true", help="static int8 quantisation by onnxruntime (QDQ, per-channel "
+                   "int8 weights, uint8 activations calibrated on training crops)")
+    p.add_argument("--calib-dataset", metavar="KIND", help="with --int8: the dataset kind to calibrate on (its train "
+                   "split)")
+    p.add_argument("--calib-data", metavar="PATH", help="with --int8: the dataset's folder")
+    p.add_argument("--calib-images", type=int, default=64, help="with --int8: images to calibrate on (default 64)")
+    p.add_argument("--calib-crop", type=int, default=256, help="with --int8: random crop side (default 256)")
+    p.add_argument("--min-agreement", type=float, help="fail below this argmax agreement with PyTorch eager "
+                   f"(default 0.999; {INT8_MIN_AGREEMENT} with --int8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)
 
