@@ -129,6 +129,7 @@ class SemanticPredictor(Predictor):
                             f"{self.meta.get('model', type(model).__name__)} has none")
         self.tile, self.overlap, self.tta, self.mc_samples = tile, overlap, tta, mc_samples
         # the runner of each batch (pixelwise.inference.fast): eager, the fast path, an ONNX session
+        self.mode = mode
         self.runner = make_runner(self.model, mode, self.meta.get("model", ""), self.device, mc_samples=mc_samples)
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +167,7 @@ class InstancePredictor(Predictor):
         if not 0 <= score_thresh <= 1:
             raise UserError(f"--score-thresh must be in [0, 1], got {score_thresh}")
         self.score_thresh = score_thresh
+        self.mode = mode
         self.runner = instance_runner(self.model, mode, self.meta.get("model", ""))
 
     @torch.no_grad()
