@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="export this model with random weights instead of a checkpoint")
     p.add_argument("--num-classes", type=int, help="with --model (default 21, or 91 for instance models)")
     p.add_argument("--format", default="onnx", help="onnx (the only format)")
-    p.add_argument("--out", required=True, help="the .onnx file to write (Mask R-CNN: FILE and FILE's parts)")
+    p.add_argument("--out", required=True, help="the .onnx file to write (Mask R-CNN: FILE and <stem>_heads.onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--fp16", action="store_true", help="float16 weights and activations (inputs and outputs stay "
                    "float32)")

@@ -82,6 +82,8 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     eager). ``threads``: torch's (and onnxruntime's) intra-op threads. ``flops``: FLOPs per
     image if already known.
     """
+    if train and (model is None or task != "semantic"):
+        raise UserError("--train measures semantic models given by --model or --checkpoint")
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -127,8 +129,7 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     if compile_s is not None:
         result["compile_s"] = compile_s
     if train:
-        if model is None:
-            raise UserError("--train needs --model or --checkpoint (an ONNX file does not train)")
+        assert model is not None
         result["train_img_per_s"] = train_step_speed(model, x, task, repeats=max(1, min(repeats, 3)))
     return result
 
@@ -181,8 +182,6 @@ def _export_temporary(model: nn.Module | None, x: torch.Tensor) -> str:
 def train_step_speed(model: nn.Module, x: torch.Tensor, task: str, repeats: int = 3) -> float:
     """Images per second of a float32 training step (forward, cross-entropy on random labels,
     backward, SGD update) on a copy of ``model`` in train mode."""
-    if task != "semantic":
-        raise UserError("--train measures semantic models only")
     model = copy.deepcopy(model).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
     with torch.no_grad():
