@@ -314,12 +314,17 @@ def test_max_pixels_is_a_deliberate_flag_and_the_default_stays_safe(checkpoint, 
             pio.read_image(image)
         with pytest.raises(UserError, match="--max-pixels 5120"):
             pio.probe(image)
-        assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "o"),
-                     "--max-pixels", "5120"]) == 0
-        assert pio.max_image_pixels() == 5120
     finally:
         pio.set_max_image_pixels(None)
     assert pio.max_image_pixels() == pio.DEFAULT_MAX_PIXELS == 89_478_485 == Image.MAX_IMAGE_PIXELS
+    # the flag sets the limit for this one command, and the default is back after it
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "o1"),
+                 "--max-pixels", "5119"]) == 2
+    assert "pass --max-pixels 5120" in one_error_line(capsys)
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "o"),
+                 "--max-pixels", "5120"]) == 0
+    assert (tmp_path / "o" / "big.png").is_file()
+    assert pio.max_image_pixels() == pio.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
     assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "o2"),
                  "--max-pixels", "0"]) == 2
     assert "--max-pixels must be a positive number" in one_error_line(capsys)
@@ -377,11 +382,12 @@ def test_eval_json_records_where_its_numbers_came_from(checkpoint, tmp_path):
 
 
 # --- dependency floors ------------------------------------------------------------------------------------------
-def _floors() -> dict[str, str]:
-    """name -> floor of every dependency in pyproject.toml's ``dependencies = [...]``."""
+def _floors(block: str = "dependencies") -> dict[str, str]:
+    """name -> floor of every requirement in pyproject.toml's ``<block> = [...]`` (``dependencies``,
+    or an extra such as ``dev``)."""
     text = (ROOT / "pyproject.toml").read_text()
-    block = text[text.index("\ndependencies = [") :].split("]", 1)[0]
-    return {name.lower(): floor for name, floor in re.findall(r'"([\w.-]+)>=([\w.]+)', block)}
+    listed = text[text.index(f"\n{block} = [") :].split("]", 1)[0]
+    return {name.lower(): floor for name, floor in re.findall(r'"([\w.-]+)>=([\w.]+)', listed)}
 
 
 def test_constraints_min_pins_every_floor_of_pyproject():
@@ -391,7 +397,7 @@ def test_constraints_min_pins_every_floor_of_pyproject():
         if line:
             name, version = line.split("==")
             pins[name.strip().lower()] = version.strip()
-    floors = _floors()
+    floors = _floors() | _floors("dev")  # CI installs ".[dev]" with these constraints
     assert {k: v for k, v in pins.items() if k != "torch"} == {k: v for k, v in floors.items() if k != "torch"}
     assert pins["torch"] == "2.13.0"  # the only torch that installs here without a CUDA download (README)
 

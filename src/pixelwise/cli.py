@@ -195,12 +195,11 @@ def check_device(name: str) -> str:
 
 
 def set_max_pixels(limit: int | None) -> None:
-    """``--max-pixels``: the decompression-bomb limit of image reading (None keeps the default)."""
+    """``--max-pixels``: the decompression-bomb limit of image reading (None: the default)."""
     # start-up time: PIL is loaded only by the verbs that read images
     from pixelwise.data.io import set_max_image_pixels
 
-    if limit is not None:
-        set_max_image_pixels(limit)
+    set_max_image_pixels(limit)
 
 
 def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
@@ -419,6 +418,17 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _default_pixel_limit_after() -> Iterator[None]:
+    """``--max-pixels`` holds for one verb (main() may be called again in the same process)."""
+    try:
+        yield
+    finally:
+        io = sys.modules.get("pixelwise.data.io")
+        if io is not None:
+            io.set_max_image_pixels(None)
+
+
 def _verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
     """The (sub)parser of the verb that ``args`` were parsed for, e.g. that of ``data inspect``."""
     for dest in ("verb", "data_verb"):
@@ -448,7 +458,7 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; -> the exit status (module docstring). Every foreseeable bad input ends
     here as one line on stderr."""
-    with _sigterm_raises():
+    with _sigterm_raises(), _default_pixel_limit_after():
         try:
             args = _parse(build_parser(), argv)
             return args.func(args)
