@@ -246,8 +246,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.mc_dropout import has_dropout
-    from pixelwise.inference.predictor import Predictor, SemanticPredictor
-    from pixelwise.inference.writers import predict_files
+    from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
+    from pixelwise.inference.writers import check_predict, predict_files
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
@@ -260,9 +260,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if (isinstance(predictor, SemanticPredictor) and args.uncertainty and args.mc_samples is None
             and has_dropout(predictor.model)):
         predictor.mc_samples = DEFAULT_MC_SAMPLES  # a model with dropout: uncertainty from Monte-Carlo dropout
-    written = predict_files(predictor, args.inputs, args.out, uncertainty=args.uncertainty,
-                            progress=args.progress)
-    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {predictor.input_spec.describe()})")
+    plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
+                         uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress)
+    written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress)
+    renamed = sum(stem != path.stem for path, stem in zip(plan.paths, plan.stems))
+    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {predictor.input_spec.describe()})"
+          + (f"; {renamed} named <stem>_<ext> because input stems collide" if renamed else ""))
+    for reason in plan.skipped:
+        print(f"pixelwise: skipped {reason}", file=sys.stderr)
+    if plan.skipped:
+        print(f"pixelwise: skipped {len(plan.skipped)} unreadable input(s) (exit {EXIT_SKIPPED})", file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
 
 
