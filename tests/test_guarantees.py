@@ -190,6 +190,42 @@ def test_checkpoints_get_umask_permissions(tmp_path, umask, mode):
     assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == mode
 
 
+def test_every_file_train_and_predict_write_gets_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+        image = tmp_path / "in" / "a.png"
+        image.parent.mkdir()
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
+        assert main(["predict", "--checkpoint", str(tmp_path / "run" / "best.safetensors"), str(image),
+                     "--out", str(tmp_path / "pred"), "--uncertainty"]) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in [*(tmp_path / "run").rglob("*"), *(tmp_path / "pred").rglob("*")] if p.is_file()]
+    assert len(written) >= 8  # checkpoints, training state, metrics, config, masks, overlays
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
+
+
+def test_a_download_gets_the_umask(tmp_path, monkeypatch):
+    """torch.hub's downloads went through a NamedTemporaryFile (mode 0600) in older releases."""
+    import shutil
+    import tempfile
+
+    def old_torch_download(url, dst, progress=True):
+        with tempfile.NamedTemporaryFile(delete=False, dir=Path(dst).parent) as f:
+            f.write(Path(url.removeprefix("file://")).read_bytes())
+        shutil.move(f.name, dst)
+
+    monkeypatch.setattr(dl, "download_url_to_file", old_torch_download)
+    src = _zip(tmp_path / "d.zip")
+    old = os.umask(0o022)
+    try:
+        dl.download_file(dl.Archive(src.as_uri()), tmp_path / "root" / "d.zip")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "root" / "d.zip").stat().st_mode & 0o777 == 0o644
+
+
 # --- datasets --------------------------------------------------------------------------------------
 def folder_dataset(root: Path, labels: list[int]) -> Path:
     (root / "images").mkdir(parents=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 import tarfile
 import zipfile
@@ -76,6 +77,11 @@ def download_file(archive: Archive, dest: Path) -> Path:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"{archive.url}: download failed ({reason}); download it by hand into "
                             f"{dest.parent}") from None
+        # the user's umask, as for any file they write: older torch releases download through a
+        # NamedTemporaryFile, whose 0600 survives the rename
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(dest, 0o666 & ~umask)
     verify(dest, archive)
     return dest
 
