@@ -3,8 +3,8 @@
 Exit status (README, "Guarantees"): 0 success; 2 bad input, reported as one line
 ``pixelwise: error: <what, which file or flag, the fix>`` on stderr (argparse's usage errors
 included); 3 ``predict --skip-invalid`` finished but skipped inputs (listed on stderr); 130
-Ctrl-C (SIGINT) and 143 SIGTERM, both after a training run has saved its current step; 1 only
-for a bug (a traceback).
+Ctrl-C (SIGINT) and 143 SIGTERM, both after a training run has saved its current step; 1
+``data inspect --strict`` found problems, otherwise a bug (a traceback).
 """
 
 from __future__ import annotations
