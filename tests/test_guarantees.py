@@ -422,7 +422,7 @@ def _floors(block: str = "dependencies") -> dict[str, str]:
     """name -> floor of every requirement in pyproject.toml's ``<block> = [...]`` (``dependencies``,
     or an extra such as ``dev``)."""
     text = (ROOT / "pyproject.toml").read_text()
-    listed = text[text.index(f"\n{block} = [") :].split("]", 1)[0]
+    listed = text[text.index(f"\n{block} = [") :].split("]\n", 1)[0]  # not at "pixelwise[serve]"
     return {name.lower(): floor for name, floor in re.findall(r'"([\w.-]+)>=([\w.]+)', listed)}
 
 
@@ -433,7 +433,7 @@ def test_constraints_min_pins_every_floor_of_pyproject():
         if line:
             name, version = line.split("==")
             pins[name.strip().lower()] = version.strip()
-    floors = _floors() | _floors("dev")  # CI installs ".[dev]" with these constraints
+    floors = _floors() | _floors("serve") | _floors("dev")  # CI installs ".[dev]" (serve included) with these
     assert {k: v for k, v in pins.items() if k != "torch"} == {k: v for k, v in floors.items() if k != "torch"}
     assert pins["torch"] == "2.13.0"  # the only torch that installs here without a CUDA download (README)
 

