@@ -124,6 +124,19 @@ ROWS: list[tuple[str, list[str], str]] = [
      "invalid choice: 'tensorrt'"),
     ("bench: json over the checkpoint", ["bench", "--checkpoint", CKPT, "--size", "32", "--json", CKPT],
      "would write over the input"),
+    # --- serve (each fails before the server starts) --------------------------------------------
+    ("serve: a pickle as checkpoint", ["serve", "--checkpoint", "{ws}/model.pth"],
+     "pixelwise never loads as a checkpoint"),
+    ("serve: port out of range", ["serve", "--checkpoint", CKPT, "--port", "99999"],
+     "--port must be between 0 and 65535, got 99999"),
+    ("serve: pixel limit not positive", ["serve", "--checkpoint", CKPT, "--max-pixels", "0"],
+     "--max-pixels must be a positive number of pixels, got 0"),
+    ("serve: no workers", ["serve", "--checkpoint", CKPT, "--workers", "0"], "--workers must be at least 1, got 0"),
+    ("serve: keep-uploads is a file", ["serve", "--checkpoint", CKPT, "--keep-uploads", "{ws}/notes.txt"],
+     "--keep-uploads {ws}/notes.txt is a file; give a folder"),
+    ("serve: samples folder missing", ["serve", "--checkpoint", CKPT, "--samples", "{ws}/nowhere"],
+     "--samples {ws}/nowhere: not a folder"),
+    ("serve: tile too small", ["serve", "--checkpoint", CKPT, "--tile", "8"], "--tile must be at least 16"),
     # --- models, recipes, data inspect, demo, the command itself --------------------------------
     ("models: unknown flag", ["models", "--all"], "unrecognized argument '--all'"),
     ("recipes: extra argument", ["recipes", "unet"], "unrecognized argument 'unet'"),
@@ -188,11 +201,19 @@ def snapshot(root: Path, skip: Path) -> dict[str, str]:
 def test_the_table_has_at_least_30_rows_over_every_verb():
     verbs = {args[0] for _, args, _ in ROWS}
     assert len(ROWS) >= 30
-    assert {"train", "eval", "predict", "bench", "models", "recipes", "data", "demo"} <= verbs
+    assert {"train", "eval", "predict", "bench", "models", "recipes", "data", "demo", "serve"} <= verbs
 
 
 @pytest.mark.parametrize("name, args, message", ROWS, ids=[r[0] for r in ROWS])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, capfd, name, args, message):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, capfd, monkeypatch, name, args, message):
+    if args[0] == "serve":
+        pytest.importorskip("fastapi", reason="serve needs the serve extra (pip install -e '.[serve]')")
+        import pixelwise.serve.app
+
+        def started(*a, **k):
+            raise AssertionError("the server started: the bad input was not caught")
+
+        monkeypatch.setattr(pixelwise.serve.app, "run", started)
     argv = [a.replace("{ws}", str(ws)) for a in args]
     out = ws / "out"
     before = snapshot(ws, out)

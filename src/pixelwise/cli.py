@@ -287,6 +287,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"pixelwise serve needs the serve extra ({e.name} is not installed): "
                         "pip install 'pixelwise[serve]'") from None
 
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
     config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels,
                          workers=args.workers, queue=args.queue,
                          api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
@@ -377,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment image files")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the predictions; never one that holds "
+                   "an input (inputs whose names differ only in extension get <stem>_<ext>)")
     _add_prediction_args(p)
     p.add_argument("--uncertainty", action="store_true",
                    help="also write DIR/<stem>_uncertainty.png (predictive entropy; with Monte-Carlo dropout, "
