@@ -317,6 +317,32 @@ def test_a_failed_download_is_one_line(tmp_path):
     assert not list((tmp_path / "root").iterdir())
 
 
+@pytest.mark.parametrize("python", ["with tarfile's data filter", "older than 3.10.12"])
+def test_tar_members_outside_the_folder_are_refused_on_every_python(tmp_path, monkeypatch, python):
+    import io
+
+    if python.startswith("older"):
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as tf:
+        info = tarfile.TarInfo("data/a.txt")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    dl.extract(good, tmp_path / "root")
+    assert (tmp_path / "root" / "data" / "a.txt").read_bytes() == b"abc"
+    for name, kind in [("../evil.txt", tarfile.REGTYPE), ("data/link", tarfile.SYMTYPE)]:
+        bad = tmp_path / f"bad{kind!r}.tar"
+        with tarfile.open(bad, "w") as tf:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+            info.size = 0
+            tf.addfile(info, io.BytesIO(b""))
+        with pytest.raises(UserError, match="not extracting"):
+            dl.extract(bad, tmp_path / "root2")
+        assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "root2" / "data").exists()
+
+
 def test_dataset_archives_are_https_and_pinned_where_published():
     from pixelwise.data import ade20k, camvid, voc
 
