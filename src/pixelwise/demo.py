@@ -58,7 +58,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool | None = None,
     out = Path(out)
     t0 = time.monotonic()
     cfg = demo_config(out, quick, progress, overwrite)
-    check_out(cfg)  # before the first file is written
+    check_out(cfg, can_resume=False)  # before the first file is written; demo has no --resume
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_class_weights.json").write_text(json.dumps(CLASS_WEIGHTS))
     budget = f" / {cfg.max_minutes} min" if cfg.max_minutes else ""

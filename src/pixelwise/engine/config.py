@@ -347,13 +347,19 @@ def load_yaml_config(path: str | Path) -> dict:
     return data
 
 
+# the examples of the fields' help, for the message about a flag whose value is not JSON
+JSON_EXAMPLES = {"model_kwargs": '{"base_channels": 32}', "dataset_kwargs": '{"num_train": 200}',
+                 "augment": '{"scale": [0.5, 2.0], "jitter": false}'}
+
+
 def parse_json_dict(text: str | None, flag: str) -> dict:
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{flag} must be a JSON object, e.g. '{{\"base_channels\": 32}}' ({e})") from None
+        example = JSON_EXAMPLES.get(flag.lstrip("-").replace("-", "_"), '{"key": 1}')
+        raise UserError(f"{flag} must be a JSON object, e.g. '{example}' ({e})") from None
     if not isinstance(value, dict):
         raise UserError(f"{flag} must be a JSON object, got {type(value).__name__}")
     return value

@@ -326,10 +326,11 @@ def existing_run(out: Path) -> list[Path]:
     return [out / name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
 
 
-def check_out(cfg: TrainConfig) -> None:
+def check_out(cfg: TrainConfig, can_resume: bool = True) -> None:
     """``out`` may hold a run only to continue it (``resume``, which needs its training state) or to
     replace it (``overwrite``); it must be a folder this user can create or write in. Runs
-    before anything is read or written."""
+    before anything is read or written. ``can_resume=False``: the command has no ``--resume``
+    (``demo``), so the message does not offer it."""
     out = Path(cfg.out or default_out(cfg.model))
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; give only one of them")
@@ -343,8 +344,9 @@ def check_out(cfg: TrainConfig) -> None:
     else:
         found = existing_run(out)
         if found and not cfg.overwrite:
-            raise UserError(f"--out {out} already holds a run ({found[0].name}); continue it with --resume, replace "
-                            "it with --overwrite, or give another --out")
+            resume = "continue it with --resume, " if can_resume else ""
+            raise UserError(f"--out {out} already holds a run ({found[0].name}); {resume}replace it with --overwrite, "
+                            "or give another --out")
     parent = out
     while not parent.exists():
         parent = parent.parent
