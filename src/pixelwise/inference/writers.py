@@ -120,7 +120,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
             skipped.append(_reason(e))
     if skipped and not skip_invalid:
         raise UserError(f"{len(skipped)} of {len(paths)} input(s) cannot be read, nothing was written: "
-                        f"{'; '.join(skipped)}; re-export or remove them, or pass --skip-invalid to predict the rest")
+                        f"{'; '.join(skipped)}; fix or remove them, or pass --skip-invalid to predict the rest")
     if not readable:
         raise UserError(f"none of the {len(paths)} input(s) can be read: {'; '.join(skipped)}")
     stems = unique_stems(readable, instance, uncertainty)
