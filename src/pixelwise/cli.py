@@ -1,7 +1,10 @@
 """The ``pixelwise`` command: one function per verb.
 
-Every verb exits 0 on success, 2 with a one-line ``pixelwise: error: ...`` on bad input, and
-130 on Ctrl-C.
+Exit status (README, "Guarantees"): 0 success; 2 bad input, reported as one line
+``pixelwise: error: <what, which file or flag, the fix>`` on stderr (argparse's usage errors
+included); 3 ``predict --skip-invalid`` finished but skipped inputs (listed on stderr); 130
+Ctrl-C (SIGINT) and 143 SIGTERM, both after a training run has saved its current step; 1
+``data inspect --strict`` found problems, otherwise a bug (a traceback).
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pixelwise._version import __version__
@@ -19,6 +26,7 @@ from pixelwise.engine import config as train_config  # no torch: --help stays fa
 from pixelwise.errors import UserError
 
 DEFAULT_MC_SAMPLES = 8
+EXIT_SKIPPED = 3  # predict --skip-invalid: done, but some inputs were skipped
 TTA_CHOICES = ["flip", "d4"]  # pixelwise.inference.tta.TTA_MODES, named here so that --help needs no torch
 
 
@@ -60,10 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = train_config.find_recipe(args.config) if args.config else None
     file_values = train_config.load_yaml_config(recipe) if recipe else {}
-    cli = {}
-    for name in train_config.config_fields():
-        value = getattr(args, name, None)
-        cli[name] = train_config.flag_value(name, value) if isinstance(value, str) else value
+    cli = train_config.flag_values(vars(args))
     cfg = train_config.build_config(file_values, cli, recipe.stem if recipe else None)
     summary = fit(cfg)
     if not env_info().is_main:
@@ -122,9 +127,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if sum(bool(a) for a in (args.model, args.checkpoint, args.onnx)) != 1:
         raise UserError("give exactly one of --model NAME, --checkpoint FILE or --onnx FILE")
-    size = train_config.parse_size(args.size)
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--num-classes", args.num_classes)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    size = train_config.parse_size(args.size, "--size")
     if size is None:
         raise UserError("--size needs HxW, e.g. 512x512")
+    refuse_input_as_output(args.json, "--json", [args.checkpoint, args.onnx])
+    device = check_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
@@ -144,14 +154,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         task = model_info(args.model).task
         model = create_model(args.model, num_classes=args.num_classes)
-    result = benchmark(model, size, batch=args.batch, mode=mode or "eager", device=args.device,
+    result = benchmark(model, size, batch=args.batch, mode=mode or "eager", device=device,
                        repeats=args.repeats, task=task, flops=flops, model_name=name, onnx=args.onnx,
                        threads=args.threads, train=args.train, compile=args.compile)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
                    if v is not None))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 
@@ -250,15 +259,56 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from pixelwise.data import build_dataset
     from pixelwise.data.inspect import format_report, inspect_dataset
 
+    refuse_input_as_output(args.json, "--json", [args.data])
     ds = build_dataset(args.dataset, args.data, args.split,
                        **train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
-    report = inspect_dataset(ds, progress=not args.no_progress)
+    report = inspect_dataset(ds, progress=args.progress)
     print(format_report(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     return 1 if report["problems"] and args.strict else 0
+
+
+def refuse_input_as_output(path: str | None, flag: str, inputs: list[str | None]) -> None:
+    """A file a verb is asked to write (``--json``) must not be one of its inputs nor an existing
+    file inside an input folder (a dataset): no verb writes over what it reads."""
+    if not path:
+        return
+    out = Path(path).expanduser().resolve()
+    if out.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
+    for item in inputs:
+        if not item:
+            continue
+        source = Path(item).expanduser().resolve()
+        if out == source or (source.is_dir() and out.is_relative_to(source) and out.exists()):
+            raise UserError(f"{flag} {path} would write over the input {item}; give another file name")
+
+
+def write_json(path: str, value: object) -> None:
+    """``value`` as JSON at ``path`` (folders created), through a temporary file and a rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(target)
+
+
+def check_device(name: str) -> str:
+    """``--device``: one that exists here (a one-line error otherwise)."""
+    # start-up time: torch is loaded only by the verbs that use it
+    from pixelwise.runtime import check_device as check
+
+    return str(check(name))
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """``--max-pixels``: the decompression-bomb limit of image reading (None: the default)."""
+    # start-up time: PIL is loaded only by the verbs that read images
+    from pixelwise.data.io import set_max_image_pixels
+
+    set_max_image_pixels(limit)
 
 
 def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
@@ -292,9 +342,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
-    metrics = evaluate_checkpoint(model_file(args), args.dataset, args.data, args.split, device=args.device,
+    refuse_input_as_output(args.json, "--json", [args.checkpoint, args.onnx, args.data])
+    set_max_pixels(args.max_pixels)
+    device = check_device(args.device)
+    metrics = evaluate_checkpoint(model_file(args), args.dataset, args.data, args.split, device=device,
                                   dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
-                                  progress=not args.no_progress, bf=not args.no_bf, **options)
+                                  progress=args.progress, bf=not args.no_bf, skip_invalid=args.skip_invalid,
+                                  **options)
     shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input")}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for row in metrics.get("per_class", []):
@@ -302,8 +356,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  for key in ("iou", "acc", "bf") if key in row]
         print(f"  {row['name']:<16} " + "  ".join(cells))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        write_json(args.json, metrics)
         print(f"wrote {args.json}")
     return 0
 
@@ -311,21 +364,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.mc_dropout import has_dropout
-    from pixelwise.inference.predictor import Predictor, SemanticPredictor
-    from pixelwise.inference.writers import predict_files
+    from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
+    from pixelwise.inference.writers import check_predict, predict_files
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
         options["score_thresh"] = args.score_thresh
-    predictor = Predictor.from_checkpoint(model_file(args), args.device, **options)
+    set_max_pixels(args.max_pixels)
+    device = check_device(args.device)
+    predictor = Predictor.from_checkpoint(model_file(args), device, **options)
     if args.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UserError("--uncertainty applies to semantic models only")
     if (isinstance(predictor, SemanticPredictor) and args.uncertainty and args.mc_samples is None
             and has_dropout(predictor.model)):
         predictor.mc_samples = DEFAULT_MC_SAMPLES  # a model with dropout: uncertainty from Monte-Carlo dropout
-    written = predict_files(predictor, args.inputs, args.out, uncertainty=args.uncertainty,
-                            progress=not args.no_progress)
-    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {predictor.input_spec.describe()})")
+    plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
+                         uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress)
+    written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress)
+    renamed = sum(stem != path.stem for path, stem in zip(plan.paths, plan.stems))
+    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {predictor.input_spec.describe()})"
+          + (f"; {renamed} named <stem>_<ext> because input stems collide" if renamed else ""))
+    for reason in plan.skipped:
+        print(f"pixelwise: skipped {reason}", file=sys.stderr)
+    if plan.skipped:
+        print(f"pixelwise: skipped {len(plan.skipped)} unreadable input(s) (exit {EXIT_SKIPPED})", file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
 
 
@@ -342,6 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"pixelwise serve needs the serve extra ({e.name} is not installed): "
                         "pip install 'pixelwise[serve]'") from None
 
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
     config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels,
                          workers=args.workers, queue=args.queue,
                          api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
@@ -361,9 +426,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.demo import run_demo
 
-    report = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    report = run_demo(args.out, quick=args.quick, progress=args.progress, overwrite=args.overwrite)
     print(f"report: {report}")
     return 0
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: only when stderr is a terminal, so logs stay readable)")
+
+
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="read images of up to N pixels (default 89478485, about 9459x9459: larger files are "
+                        "refused as possible decompression bombs); raise it for large aerial or slide images")
 
 
 def _add_prediction_args(p: argparse.ArgumentParser) -> None:
@@ -383,7 +459,7 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixelwise", description="Semantic and instance segmentation in PyTorch.")
+    parser = Parser(prog="pixelwise", description="Semantic and instance segmentation in PyTorch.")
     parser.add_argument("--version", action="version", version=f"pixelwise {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -393,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end run on synthetic scenes: train, evaluate, predict, report")
     p.add_argument("--out", default="pixelwise-demo", help="output folder (default: pixelwise-demo)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="run into an --out that holds an earlier demo, "
+                   "replacing it (default: refuse)")
+    _add_progress(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model")
@@ -414,14 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true", help="leave out the files the dataset check finds bad "
+                   "(default: refuse to evaluate, naming them)")
+    _add_max_pixels(p)
+    _add_progress(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="segment image files")
     p.add_argument("--checkpoint")
     p.add_argument("--onnx", metavar="FILE", help="run a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the predictions; never one that holds "
+                   "an input (inputs whose names differ only in extension get <stem>_<ext>)")
     _add_prediction_args(p)
     p.add_argument("--uncertainty", action="store_true",
                    help="also write DIR/<stem>_uncertainty.png (predictive entropy; with Monte-Carlo dropout, "
@@ -429,7 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, help="instance models: keep detections with this score or more "
                    "(default 0.5)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true", help="predict the readable inputs, list the others and "
+                   f"exit {EXIT_SKIPPED} (default: name every unreadable input and write nothing)")
+    _add_max_pixels(p)
+    _add_progress(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a model to ONNX, verified against PyTorch")
@@ -452,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default 0.999; {INT8_MIN_AGREEMENT} with --int8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("serve", help="web page and HTTP API for a checkpoint (needs the serve extra)",
                        description="Serve a checkpoint: a page at / (upload, overlay, legend, scores against a "
                        "ground truth), POST /api/predict, GET /api/info, GET /api/health, the API reference at /docs.")
@@ -510,22 +596,116 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", help="also write the report to this JSON file")
     q.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     q.add_argument("--strict", action="store_true", help="exit 1 when problems are found")
-    q.add_argument("--no-progress", action="store_true")
+    _add_progress(q)
     q.set_defaults(func=cmd_data_inspect)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is the one-line ``pixelwise: error: ...`` of every
+    other bad input (argparse would print the usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{_verb_name(self)}{message} (see `{self.prog} --help`)")
+
+
+def _verb_name(parser: argparse.ArgumentParser) -> str:
+    """``"eval: "`` for the parser of ``pixelwise eval``, ``""`` for the top one."""
+    verb = parser.prog.removeprefix("pixelwise").strip()
+    return f"{verb}: " if verb else ""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, SLURM, Kubernetes), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt, so that training saves its current step the same way."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the save that follows is not interrupted again
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
     try:
-        return args.func(args)
-    except UserError as e:
-        print(f"pixelwise: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pixelwise: interrupted", file=sys.stderr)
-        return 130
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _default_pixel_limit_after() -> Iterator[None]:
+    """``--max-pixels`` holds for one verb (main() may be called again in the same process)."""
+    try:
+        yield
+    finally:
+        io = sys.modules.get("pixelwise.data.io")
+        if io is not None:
+            io.set_max_image_pixels(None)
+
+
+def _verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the verb that ``args`` were parsed for, e.g. that of ``data inspect``."""
+    for dest in ("verb", "data_verb"):
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, dest, None)
+        if not actions or name is None:
+            break
+        parser = actions[0].choices[name]
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        verb = _verb_parser(parser, args)
+        word = next((a for a in extra if a.startswith("-")), extra[0])
+        flags = [s for a in verb._actions for s in a.option_strings]
+        hint = train_config.did_you_mean(word.split("=")[0], flags) if word.startswith("-") else ""
+        raise UserError(f"{_verb_name(verb)}unrecognized argument {word!r}{hint} (see `{verb.prog} --help`)")
+    return args
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; -> the exit status (module docstring). Every foreseeable bad input ends
+    here as one line on stderr."""
+    with _sigterm_raises(), _default_pixel_limit_after():
+        try:
+            args = _parse(build_parser(), argv)
+            return args.func(args)
+        except UserError as e:
+            print(f"pixelwise: error: {_one_line(str(e))}", file=sys.stderr)
+            return 2
+        except Terminated:
+            print("pixelwise: terminated (SIGTERM)", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print("pixelwise: interrupted", file=sys.stderr)
+            return 130
+        except OSError as e:  # the machine's answer to a path given: permissions, a full disk, ...
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"pixelwise: error: {where}{_one_line(e.strerror or str(e))}; check the path, its permissions "
+                  "and the free space", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print("pixelwise: error: out of memory; use a smaller --batch-size, --tile or image size",
+                  file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            if type(e).__name__ != "OutOfMemoryError":  # torch's, on the GPU
+                raise
+            print(f"pixelwise: error: out of memory on the device ({_one_line(str(e))[:200]}); use a smaller "
+                  "--batch-size, --tile or image size", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
