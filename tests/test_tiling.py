@@ -199,23 +199,23 @@ def test_tiled_memory_grows_with_the_image_by_a_few_bytes_per_pixel(tmp_path):
     assert per_pixel < 20, f"{per_pixel:.1f} bytes per pixel"
 
 
-def test_tile_progress_bar_counts_tiles(capsys, monkeypatch):
-    """On a terminal the tiles get a progress bar (tqdm decides: disable=None)."""
+def test_tile_progress_bar_counts_tiles(monkeypatch):
+    """A bar over the tiles, from the one progress helper (None: on a terminal; off by default)."""
     import pixelwise.inference.predictor as predictor_module
 
     seen = {}
 
-    def fake_tqdm(iterable, total, disable, **kwargs):
-        seen.update(total=total, disable=disable)
+    def fake_bar(iterable, desc, show=None, **kwargs):
+        seen.update(desc=desc, show=show, total=kwargs.get("total"))
         return iterable
 
-    monkeypatch.setattr(predictor_module, "tqdm", fake_tqdm)
+    monkeypatch.setattr(predictor_module, "progress_bar", fake_bar)
     image = np.zeros((100, 70, 3), np.uint8)
     p = SemanticPredictor(nn.Conv2d(3, 2, 1), {"num_classes": 2}, tile=32, overlap=0)
-    p.predict(image, progress=True)
-    assert seen == {"total": len(plan_tiles(100, 70, 32, 0.0)), "disable": None}
+    p.predict(image, progress=None)
+    assert seen == {"desc": "tiles", "total": len(plan_tiles(100, 70, 32, 0.0)), "show": None}
     p.predict(image)
-    assert seen["disable"] is True
+    assert seen["show"] is False
 
 
 def test_tiled_uncertainty_is_the_entropy_of_the_blended_probabilities():

@@ -324,7 +324,7 @@ def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
 def model_files(args: argparse.Namespace) -> list[str]:
     """``--checkpoint CKPT`` (repeated: an ensemble) or ``--onnx FILE`` (one of the two) of eval and predict."""
     if bool(args.checkpoint) == bool(args.onnx):
-        raise UserError("give exactly one of --checkpoint FILE (repeatable) or --onnx FILE")
+        raise UserError("give exactly one of --checkpoint FILE or --onnx FILE (--checkpoint may repeat: an ensemble)")
     if args.onnx and not args.onnx.lower().endswith(".onnx"):
         raise UserError(f"--onnx {args.onnx}: an ONNX file name ends with .onnx")
     return [args.onnx] if args.onnx else list(args.checkpoint)

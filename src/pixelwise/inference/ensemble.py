@@ -61,7 +61,7 @@ class EnsemblePredictor(SemanticPredictor):
         per_member = [m._whole_probs(images) for m in self.members]
         return [sum(probs) / len(probs) for probs in zip(*per_member)]
 
-    def _bands(self, image: np.ndarray, progress: bool = False) -> Bands:
+    def _bands(self, image: np.ndarray, progress: bool | None = False) -> Bands:
         """The members' bands averaged row by row: the member furthest behind runs next, and rows
         every member has delivered are averaged and handed on."""
         streams = [m._bands(image, progress) for m in self.members]

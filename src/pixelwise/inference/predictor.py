@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint
 from pixelwise.data.palette import default_palette
@@ -31,6 +30,7 @@ from pixelwise.inference.onnx_runner import is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
 from pixelwise.preprocess import InputSpec, preprocess, resize_image
+from pixelwise.runtime import progress as progress_bar
 
 MIN_TILE = 16
 DEFAULT_OVERLAP = 0.25  # tile overlap for models that state no context (see pixelwise.inference.tiling)
@@ -241,7 +241,7 @@ class SemanticPredictor(Predictor):
             probs[i] = upsample_probs(p[None], images[i].shape[:2])[0].float().cpu()
         return [probs[i] for i in range(len(images))]
 
-    def _bands(self, image: np.ndarray, progress: bool = False) -> Bands:
+    def _bands(self, image: np.ndarray, progress: bool | None = False) -> Bands:
         """The class probabilities of ``image`` at its size, in row bands top to bottom: tiled and
         streamed when :meth:`needs_tiles`, else in one band."""
         if not self.needs_tiles(image):
@@ -253,8 +253,7 @@ class SemanticPredictor(Predictor):
         spec = dataclasses.replace(self.input_spec, resize=None)
         plan = plan_tiles(h, w, self.tile, self.overlap, self.context, self.alignment)
         inputs = (preprocess(src[rows, cols], spec) for rows, cols in plan.windows())
-        outputs = tqdm(self._run(inputs), total=len(plan), desc="tiles", unit="tile", leave=False,
-                       disable=None if progress else True, dynamic_ncols=True)  # None: only on a terminal
+        outputs = progress_bar(self._run(inputs), "tiles", show=progress, total=len(plan), unit="tile", leave=False)
         bands = blend_rows(plan, outputs)
         if (h, w) == image.shape[:2]:
             yield from bands
@@ -273,15 +272,15 @@ class SemanticPredictor(Predictor):
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, uncertainty: bool = False, *, probs: bool = True,
-                progress: bool = False) -> Prediction:
+                progress: bool | None = False) -> Prediction:
         """uint8[H, W, 3] -> :class:`Prediction` at the input's size; with ``uncertainty``, the
         predictive entropy of the (Monte-Carlo, TTA and tile averaged) probabilities.
         ``probs=False`` keeps no probabilities (``Prediction.probs`` is None): a tiled image then
-        never holds its C x H x W floats. ``progress``: a bar over tiles (on a terminal)."""
+        never holds its C x H x W floats. ``progress``: a bar over tiles (None: on a terminal)."""
         return collect(self._bands(image, progress), image.shape[:2], uncertainty, probs)
 
     @torch.no_grad()
-    def _batch_bands(self, images: Sequence[np.ndarray], progress: bool = False
+    def _batch_bands(self, images: Sequence[np.ndarray], progress: bool | None = False
                      ) -> list[Iterable[tuple[int, torch.Tensor]]]:
         """The probability bands of each image: images that need no tiles are predicted now, stacked
         by equal model-input size; tiled ones lazily, when their bands are read."""
@@ -291,14 +290,14 @@ class SemanticPredictor(Predictor):
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], uncertainty: bool = False, *, probs: bool = True,
-                      progress: bool = False) -> list[Prediction]:
+                      progress: bool | None = False) -> list[Prediction]:
         """:meth:`predict` of each image, with the same results; images that need no tiles run
         stacked by equal model-input size (``batch_size`` at a time)."""
         return [collect(bands, image.shape[:2], uncertainty, probs)
                 for image, bands in zip(images, self._batch_bands(images, progress))]
 
     def predict_rows(self, images: Sequence[np.ndarray], uncertainty: bool = False, *,
-                     progress: bool = False) -> list[MaskRows]:
+                     progress: bool | None = False) -> list[MaskRows]:
         """For each image, its mask (and with ``uncertainty`` its entropy) in row bands top to
         bottom, for writers that stream: a tiled image's rows come as its tiles finish, and no
         full-size mask or probabilities are ever held. Batched as :meth:`predict_batch`; the

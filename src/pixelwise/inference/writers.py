@@ -268,7 +268,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     if isinstance(predictor, SemanticPredictor):
         for batch in image_batches(plan.paths, plan.stems, predictor):
             images = [image for _, image in batch]
-            rows = predictor.predict_rows(images, uncertainty=uncertainty, progress=progress is not False)
+            rows = predictor.predict_rows(images, uncertainty=uncertainty, progress=progress)
             for (stem, image), image_rows in zip(batch, rows):
                 written.append(write_semantic(out_dir, stem, image, image_rows, predictor.palette,
                                               len(predictor.class_names), uncertainty))
