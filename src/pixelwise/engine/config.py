@@ -107,7 +107,7 @@ class TrainConfig:
     weight_map_class: int = opt(1, "weight map: the class whose connected components are the objects")
     # --- data -----------------------------------------------------------------------------
     crop: str | None = opt(None, "random training crop HxW (sets augment's crop)", metavar="HxW", stage=True)
-    augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize), "
+    augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize elastic), "
                         "e.g. '{\"scale\": [0.5, 2.0], \"jitter\": false}'", stage=True)
     instance_crops: bool = opt(False, "train on crops centred on object instances (DeconvNet stage 1)", stage=True)
     instance_context: float = opt(1.2, "instance crop = object box scaled by this around its centre", stage=True)
