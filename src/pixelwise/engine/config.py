@@ -103,7 +103,8 @@ class TrainConfig:
     aux_weight: float = opt(0.4, "weight of the auxiliary head's loss (models built with aux_loss=True)",
                             stage=True)
     weight_map: str = opt("none", "unet: the U-Net paper's border-weighted loss (Eq. 2, w0=10, sigma=5) from the "
-                          "connected components of --weight-map-class", choices=WEIGHT_MAPS)
+                          "connected components of --weight-map-class; --class-weights then give its class term "
+                          "w_c (default: balanced per mask) instead of a second factor", choices=WEIGHT_MAPS)
     weight_map_class: int = opt(1, "weight map: the class whose connected components are the objects")
     # --- data -----------------------------------------------------------------------------
     crop: str | None = opt(None, "random training crop HxW (sets augment's crop)", metavar="HxW", stage=True)
