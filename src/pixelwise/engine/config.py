@@ -90,6 +90,9 @@ class TrainConfig:
     milestones: list[float] = opt([], "step schedule: comma-separated epochs at which the lr is multiplied by "
                                   "gamma, e.g. 30,60", metavar="E1,E2")
     gamma: float = opt(0.1, "step schedule: lr multiplier at each milestone")
+    step_size: int = opt(0, "step schedule: also multiply the lr by gamma every this many optimizer steps of the "
+                         "stage (Caffe's `step` policy, gamma^floor(iter / stepsize)); 0: off", stage=True,
+                         metavar="ITERS")
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (may be fractional)", stage=True)
     warmup_iters: int = opt(0, "linear warm-up length in optimizer steps (the longer warm-up is used)",
                             stage=True)
@@ -149,6 +152,8 @@ class TrainConfig:
             raise UserError(f"max_minutes must be positive, got {self.max_minutes}")
         if not isinstance(self.milestones, list) or not all(isinstance(m, int | float) for m in self.milestones):
             raise UserError(f"milestones must be a list of epochs, got {self.milestones!r}")
+        if not isinstance(self.step_size, int) or isinstance(self.step_size, bool) or self.step_size < 0:
+            raise UserError(f"step_size must be a non-negative integer (optimizer steps), got {self.step_size!r}")
         for key in ("model_kwargs", "dataset_kwargs", "augment"):
             if not isinstance(getattr(self, key), dict):
                 raise UserError(f"{key} must be a mapping, got {getattr(self, key)!r}")
