@@ -715,6 +715,9 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
         run.log(f"training {run.cfg.model} ({n_params / 1e6:.2f}M parameters) on {run.cfg.dataset}: "
                 f"{len(run.train_ds)} train / {len(run.val_ds)} val images, {run.cfg.epochs} epochs, device {device}"
                 + (f", {info.world_size} processes" if info.enabled else ""))
+        note = getattr(run.module, "pretrained_note", None)  # e.g. what a staged FCN took from the coarser net
+        if note and not run.cfg.resume:
+            run.log(note)
         stages = plan_stages(run)
         try:
             for stage in stages[state.stage:]:
