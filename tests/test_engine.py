@@ -90,7 +90,7 @@ def test_step_size_is_caffes_repeating_step_policy():
     assert [s.factor(i) for i in range(30)] == pytest.approx([0.5 ** (i // 7) for i in range(30)])
     both = Schedule("step", total_steps=100, epochs=10, milestones=(5,), gamma=0.1, step_size=40)
     assert [both.factor(i) for i in (39, 40, 49, 50, 80)] == pytest.approx([1, 0.1, 0.1, 0.01, 0.001])
-    with pytest.raises(UserError, match="step_size must be a non-negative integer"):
+    with pytest.raises(UserError, match="step_size must be an integer >= 0"):
         TrainConfig(step_size=-1)
 
 
@@ -240,10 +240,12 @@ def test_median_freq_weights_cached_and_files(tmp_path):
 
     cfg = tiny(tmp_path, class_weights="median-freq")
     ds = build_dataset("shapes", None, "train", **TINY_DATA)
-    w = class_weights_for(cfg, ds, tmp_path, log=quiet)
+    w, doc = class_weights_for(cfg, ds, tmp_path, log=quiet)
     expected = [1.0 if v is None else v for v in inspect_dataset(ds, progress=False)["median_freq_weights"]]
-    assert w == pytest.approx(expected)
-    assert json.loads((tmp_path / "class_weights.json").read_text())["weights"] == pytest.approx(expected)
+    assert w == pytest.approx(expected) and doc["weights"] == pytest.approx(expected)
+    assert not (tmp_path / "class_weights.json").exists()  # written by start_writing, after every check
+    (tmp_path / "class_weights.json").write_text(json.dumps(doc))
+    assert class_weights_for(cfg, ds, tmp_path, log=lambda m: 1 / 0) == (w, None)  # read from the cache
     (tmp_path / "w.txt").write_text("1 2.5, 3\n0.5\n")
     assert read_class_weights(tmp_path / "w.txt", 4) == [1.0, 2.5, 3.0, 0.5]
     (tmp_path / "w.json").write_text("[1, 2]")
