@@ -99,6 +99,8 @@ class TrainConfig:
     loss: str = opt("ce", "loss (ignore index 255 everywhere)", choices=LOSSES, stage=True)
     class_weights: str = opt("none", "none | median-freq (from the training split) | FILE (.json list or .txt of "
                              "numbers, one per class)", metavar="none|median-freq|FILE")
+    class_weight_power: float = opt(1.0, "train with class weights ** this: 0.5 = square root of the median-frequency "
+                                    "weights (milder on rare classes), 0 = unweighted", metavar="P")
     focal_gamma: float = opt(2.0, "focal loss exponent (0 = cross-entropy)")
     aux_weight: float = opt(0.4, "weight of the auxiliary head's loss (models built with aux_loss=True)",
                             stage=True)
@@ -144,6 +146,9 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise UserError(f"clip_grad_norm must be positive, got {self.clip_grad_norm}")
+        if (not isinstance(self.class_weight_power, int | float) or isinstance(self.class_weight_power, bool)
+                or not self.class_weight_power >= 0):
+            raise UserError(f"class_weight_power must be a number >= 0, got {self.class_weight_power!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"max_minutes must be positive, got {self.max_minutes}")
         if not isinstance(self.milestones, list) or not all(isinstance(m, int | float) for m in self.milestones):

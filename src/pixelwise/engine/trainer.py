@@ -183,12 +183,24 @@ def read_class_weights(path: str | Path, num_classes: int) -> list[float]:
 
 def class_weights_for(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path,
                       log: Callable[[str], None] = print) -> list[float] | None:
-    """``cfg.class_weights`` -> per-class weights. ``median-freq`` is computed once from the raw
-    training split (``data.inspect``) and cached in ``out/class_weights.json``."""
+    """``cfg.class_weights`` -> per-class weights, raised to ``cfg.class_weight_power``.
+    ``median-freq`` is computed once from the raw training split (``data.inspect``) and cached,
+    before the power, in ``out/class_weights.json``."""
     if cfg.class_weights in ("none", "", None):
         return None
     if cfg.class_weights != "median-freq":
-        return read_class_weights(cfg.class_weights, train_ds.num_classes)
+        weights = read_class_weights(cfg.class_weights, train_ds.num_classes)
+    else:
+        weights = median_freq_weights(cfg, train_ds, out, log)
+    if cfg.class_weight_power != 1:
+        weights = [w ** cfg.class_weight_power for w in weights]
+        log(f"class weights ** {cfg.class_weight_power}: {', '.join(f'{w:.2f}' for w in weights)}")
+    return weights
+
+
+def median_freq_weights(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path,
+                        log: Callable[[str], None] = print) -> list[float]:
+    """Median-frequency weights of the training split, cached in ``out/class_weights.json``."""
     cache = out / "class_weights.json"
     key = {"dataset": cfg.dataset, "data": cfg.data, "split": cfg.train_split, "dataset_kwargs": cfg.dataset_kwargs}
     if cache.is_file():
