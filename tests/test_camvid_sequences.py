@@ -112,3 +112,36 @@ def test_real_copy_counts_and_no_shared_frame(held, join_val):
     assert not set(names(train)) & set(names(val))
     assert len(set(names(train))) == len(train) and len(set(names(val))) == len(val)
     assert len(build_dataset("camvid", str(CAMVID), "trainval", **kw)) == 468
+
+
+# --- the recipe that selects on the sequence-disjoint validation -----------------------------
+def test_cpu_hour_recipe_is_found_by_name_and_has_no_machine_paths():
+    from pixelwise.engine.config import build_config, find_recipe, load_yaml_config
+
+    path = find_recipe("camvid_cpu_hour")
+    values = load_yaml_config(path)
+    assert "data" not in values and "out" not in values and "/work" not in path.read_text()
+    cfg = build_config(values, {"data": "/some/camvid"}, recipe="camvid_cpu_hour")
+    assert cfg.max_minutes == 60 and cfg.dataset == "camvid" and cfg.out == "runs/camvid_cpu_hour"
+    assert cfg.dataset_kwargs == {"val_sequences": ["0006R0"], "join_val": True}
+    assert cfg.class_weight_power == 0.5
+
+
+def test_cpu_hour_recipe_trains_and_evaluates_by_name(tmp_path, monkeypatch):
+    """One epoch of the recipe by name on the synthetic tree through the CLI (at a small size, to be
+    quick), validated on the held-out sequence, then eval on it with flip TTA."""
+    import json
+
+    from pixelwise.cli import main
+
+    root = make_tree(tmp_path / "camvid")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "camvid_cpu_hour", "--data", str(root), "--out", "run", "--epochs", "1",
+                 "--amp", "off", "--augment", '{"resize": [16, 24], "crop": [16, 16]}', "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["epochs_completed"] == 1 and summary["best"]["num_images"] == 4  # the 0006R0 frames
+    kw = json.dumps({"val_sequences": ["0006R0"], "join_val": True})
+    assert main(["eval", "--checkpoint", "run/best.safetensors", "--dataset", "camvid", "--data", str(root),
+                 "--split", "val", "--dataset-kwargs", kw, "--tta", "flip", "--json", "val.json",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "val.json").read_text())["num_images"] == 4
