@@ -72,7 +72,7 @@ class CamVid(FilePairDataset):
             for part in ("train", "val") if split == "trainval" else (split,):
                 self.items += self._part(part)
         else:
-            self.items = self._by_sequence(split, val_sequences, join_val)
+            self.items += self._by_sequence(split, val_sequences, join_val)
         self._finish(skip_invalid)
 
     def _part(self, part: str, required: bool = True) -> list[tuple[str, str]]:
