@@ -14,7 +14,7 @@ from pixelwise.data.folder import FolderDataset
 from pixelwise.data.inspect import format_report, inspect_dataset, median_frequency_weights
 from pixelwise.data.io import write_mask
 
-# SegNet-Tutorial class_weighting (papers.md section 2b), CamVid order Sky..Bicyclist.
+# SegNet-Tutorial class_weighting (arXiv:1511.00561 released solver), CamVid order Sky..Bicyclist.
 SEGNET_WEIGHTS = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]
 
 

@@ -36,7 +36,7 @@ def tiny(num_classes: int = 3) -> DeconvNet:
 
 
 def test_parameter_count_matches_the_deploy_prototxt(big):
-    # papers.md §3: 251,805,653 computed from DeconvNet_inference_deploy.prototxt (21 classes)
+    # DeconvNet (arXiv:1505.04366): 251,805,653 computed from DeconvNet_inference_deploy.prototxt (21 classes)
     assert sum(p.numel() for p in big.parameters()) == 251_805_653
 
 

@@ -28,7 +28,7 @@ def test_deeplabv3_resnet50_matches_torchvision_fixture():
 
 def test_parameter_counts():
     with torch.device("meta"):
-        # torchvision weight metadata (aux classifier included), papers.md section 6
+        # torchvision weight metadata (aux classifier included)
         assert n_params(deeplabv3_resnet50(21, aux_loss=True)) == 42_004_074
         assert n_params(deeplabv3_resnet101(21, aux_loss=True)) == 60_996_202
         v3 = deeplabv3_resnet50(21)

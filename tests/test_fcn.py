@@ -28,9 +28,9 @@ def test_registered():
     assert {"fcn32s", "fcn16s", "fcn8s", "fcn_resnet50", "fcn_resnet101"} <= set(list_models())
 
 
-def test_parameter_counts_match_papers_md():
+def test_parameter_counts_match_the_released_nets():
     with torch.device("meta"):
-        # papers.md 7b: FCN-8s VOC (21 classes) 134,489,759 including the fixed deconv weights,
+        # voc-fcn8s prototxt (arXiv:1411.4038), 21 classes: 134,489,759 with the fixed deconv weights,
         # 134,362,751 without the three upsampling kernels
         m = fcn8s(21)
         assert n_params(m) == 134_489_759

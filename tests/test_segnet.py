@@ -22,7 +22,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def test_parameter_counts_match_the_caffe_prototxts():
-    # papers.md §7b: 29,449,355 (segnet_train.prototxt, 11 classes) and 1,416,587 (SegNet-Basic)
+    # SegNet prototxts (arXiv:1511.00561): 29,449,355 (segnet_train.prototxt, 11 classes) and 1,416,587 (SegNet-Basic)
     assert n_params(segnet(11)) == 29_449_355
     assert n_params(bayesian_segnet(11)) == 29_449_355  # dropout adds no parameters
     assert n_params(segnet_basic(11)) == 1_416_587

@@ -6,7 +6,7 @@ from pixelwise.models.unet import UNet, mirror_pad, unet_weight_map, valid_input
 
 
 def test_paper_parameter_count():
-    # papers.md: 31,030,658 for the original network (1 input channel, 2 classes)
+    # U-Net (arXiv:1505.04597): 31,030,658 for the original network (1 input channel, 2 classes)
     model = UNet(2, in_channels=1)
     assert sum(p.numel() for p in model.parameters()) == 31_030_658
 

@@ -211,6 +211,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    import os
+
+    from pixelwise.inference.predictor import Predictor
+    from pixelwise.serve.config import API_KEY_ENV, MB, ServeConfig
+
+    try:  # optional dependency: fastapi, uvicorn and python-multipart (the serve extra)
+        from pixelwise.serve.app import run
+    except ModuleNotFoundError as e:
+        raise UserError(f"pixelwise serve needs the serve extra ({e.name} is not installed): "
+                        "pip install 'pixelwise[serve]'") from None
+
+    config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels,
+                         workers=args.workers, queue=args.queue,
+                         api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
+                         cors_origins=tuple(args.cors or ()),
+                         keep_uploads=Path(args.keep_uploads) if args.keep_uploads else None,
+                         samples_dir=Path(args.samples) if args.samples else None,
+                         uncertainty_samples=args.mc_samples or DEFAULT_MC_SAMPLES)
+    options = {k: v for k, v in predictor_options(args).items() if v is not None}
+    if args.score_thresh is not None:
+        options["score_thresh"] = args.score_thresh
+    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, **options)
+    run(predictor, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.demo import run_demo
@@ -280,6 +308,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="web page and HTTP API for a checkpoint (needs the serve extra)",
+                       description="Serve a checkpoint: a page at / (upload, overlay, legend, scores against a "
+                       "ground truth), POST /api/predict, GET /api/info, GET /api/health, the API reference at /docs.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 listens on every interface and prints a warning)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    _add_prediction_args(p)
+    p.add_argument("--score-thresh", type=float, help="instance models: keep detections with this score or more "
+                   "(default 0.5)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=1, help="predictions running at once (default 1; torch uses "
+                   "every core for each)")
+    p.add_argument("--queue", type=int, default=64, help="requests that may wait for a worker; beyond that the "
+                   "server answers 503 with Retry-After (default 64)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20; "
+                   "larger: 413)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels, checked in its "
+                   "header before decoding (default 40000000; larger: 413)")
+    p.add_argument("--api-key", help="require this key on every /api/ route (X-API-Key or Authorization: Bearer; "
+                   "default: the PIXELWISE_API_KEY environment variable, which keeps it out of the process list)")
+    p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow pages from ORIGIN (e.g. "
+                   "https://example.org) to call the API; repeatable (default: no CORS)")
+    p.add_argument("--keep-uploads", metavar="DIR", help="save every upload, as received, in DIR (default: "
+                   "uploads stay in memory and are never written to disk)")
+    p.add_argument("--samples", metavar="DIR", help="offer the images in DIR (and DIR/masks/<stem>.png ground "
+                   "truths) as samples on the page instead of the bundled synthetic scenes")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info: one line per request)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="inference speed, FLOP utilisation and peak memory")
     p.add_argument("--model")

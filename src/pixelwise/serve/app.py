@@ -1,0 +1,526 @@
+"""The web application of ``pixelwise serve``: a page at ``/`` and a JSON API under ``/api/``.
+
+:func:`create_app` builds a FastAPI application around one predictor (the same
+:class:`~pixelwise.inference.predictor.Predictor` and preprocessing as ``pixelwise predict``), so
+a mask from the API is the PNG ``predict`` writes. :func:`run` serves it with uvicorn.
+
+Routes: ``GET /`` (the page; ``/static/`` its script and style), ``POST /api/predict``,
+``GET /api/info``, ``GET /api/health``, ``GET /api/samples/{name}`` (and ``.../ground_truth``),
+``GET /openapi.json`` and ``GET /docs`` (the API reference rendered here from the schema:
+FastAPI's Swagger UI would load its script from a CDN).
+
+Every request is answered: predictions run in a bounded :class:`~pixelwise.serve.pool.InferencePool`
+(503 with Retry-After when it is full), bad uploads get 400/413/415/422 with a ``detail``
+sentence, and any other failure of a request is logged and answered 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import html
+import inspect
+import logging
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
+
+from pixelwise._version import __version__
+from pixelwise.errors import UserError
+from pixelwise.inference.mc_dropout import has_dropout
+from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
+from pixelwise.inference.tta import TTA_MODES
+from pixelwise.inference.writers import IMAGE_SUFFIXES
+from pixelwise.serve.config import ServeConfig, host_warning
+from pixelwise.serve.pool import InferencePool, PoolFull
+from pixelwise.serve.results import compare, instance_result, semantic_result
+from pixelwise.serve.samples import Sample, folder_samples, shapes_samples
+from pixelwise.serve.uploads import Part, UploadError, decode_image, decode_mask, read_multipart
+
+log = logging.getLogger("pixelwise.serve")
+STATIC = Path(__file__).parent / "static"
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+DOCS_CSP = "default-src 'none'; style-src 'self'; base-uri 'none'; frame-ancestors 'none'"
+TRUE, FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no", "none", ""}
+# module level: FastAPI resolves the (string) annotations of require_key in this module's globals
+KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
+BEARER = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
+
+
+# ------------------------------------------------------------------ response schemas (for /docs)
+
+class ClassShare(BaseModel):
+    id: int
+    name: str
+    color: list[int] = Field(description="[r, g, b] as in the mask PNG's palette")
+    pixels: int = Field(description="pixels of this class in the predicted mask")
+    share: float = Field(description="pixels / all pixels")
+
+
+class Instance(BaseModel):
+    id: int = Field(description="1-based, by decreasing score")
+    label: int
+    class_name: str
+    score: float
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels")
+    area: int
+    segmentation: dict = Field(description="COCO RLE: {size: [h, w], counts: string}")
+
+
+class ClassScore(BaseModel):
+    id: int
+    name: str
+    iou: float | None = Field(description="null when the class is in neither mask")
+    acc: float | None = Field(description="null when the class is not in the ground truth")
+    pixels: int = Field(description="ground-truth pixels of the class")
+
+
+class Metrics(BaseModel):
+    pixel_acc: float | None
+    mean_acc: float | None
+    mIoU: float | None
+    per_class: list[ClassScore]
+    confusion: list[list[int]] = Field(description="pixel counts; rows: ground truth, columns: prediction")
+    ignored_pixels: int = Field(description="ground-truth pixels labelled 255 (not counted)")
+
+
+class PredictResponse(BaseModel):
+    task: str = Field(description="semantic or instance")
+    width: int
+    height: int
+    classes: list[ClassShare]
+    mask_png_base64: str = Field(description="the palette-indexed PNG `pixelwise predict` writes: pixel = class id")
+    overlay_png_base64: str = Field(description="the overlay PNG `pixelwise predict` writes")
+    uncertainty_png_base64: str | None = Field(description="8-bit predictive entropy (255 = log C), when asked for")
+    instances: list[Instance] | None = Field(None, description="instance models: predict's <stem>.json instances")
+    metrics: Metrics | None = Field(None, description="when a ground_truth mask was sent")
+    options: dict = Field(description="the prediction options used")
+    ms: float = Field(description="milliseconds to decode, predict and encode (on the server)")
+    queue_ms: float = Field(description="milliseconds the request waited for a worker")
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str
+    pool: dict[str, int] = Field(description="workers queue running waiting")
+
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary",
+                  "description": "PNG, JPEG, BMP, GIF, TIFF, WebP or PPM; any mode; EXIF orientation applied"},
+        "tile": {"type": "integer", "minimum": 0,
+                 "description": "semantic: predict in overlapping tiles of this side (>= 16); 0: whole image"},
+        "overlap": {"type": "number", "description": "semantic: tile overlap as a fraction of the tile, [0, 1)"},
+        "tta": {"type": "string", "enum": ["none", *TTA_MODES],
+                "description": "semantic: test-time augmentation (flip: image + mirror; d4: 8 rotations/flips)"},
+        "uncertainty": {"type": "boolean", "description": "semantic: also return the uncertainty map (Monte-Carlo "
+                        "dropout for models with dropout, else the softmax's entropy)"},
+        "score_thresh": {"type": "number", "description": "instance: keep detections scoring at least this"},
+        "ground_truth": {"type": "string", "format": "binary",
+                         "description": "a mask of the same size (index PNG, 255 = ignore, or colours of the "
+                                        "model's palette): adds per-class IoU and the confusion matrix"},
+    }}}}}}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "undecodable, truncated or malformed upload"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)"},
+    408: {"model": ErrorResponse, "description": "the upload took longer than the server waits for one"},
+    413: {"model": ErrorResponse, "description": "upload over the size limit, or image over the pixel limit"},
+    415: {"model": ErrorResponse, "description": "not multipart/form-data, or not an accepted image format"},
+    422: {"model": ErrorResponse, "description": "missing image, bad option, ground truth that does not fit"},
+    503: {"model": ErrorResponse, "description": "queue full; the Retry-After header says when to retry"},
+}
+
+
+# ------------------------------------------------------------------ prediction options
+
+def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str, Any], bool]:
+    """The form's prediction options -> (options by the predictor's parameter names, uncertainty).
+    Values that cannot be parsed are 422; options the predictor does not take are checked by
+    :func:`with_options`."""
+    options: dict[str, Any] = {}
+
+    def number(name: str, kind: type) -> None:
+        if name in form and form[name].text() != "":
+            text = form[name].text()
+            try:
+                options[name] = kind(text)
+            except ValueError:
+                what = "a whole number" if kind is int else "a number"
+                raise UploadError(422, f"{name} must be {what}, got {text!r}") from None
+
+    number("tile", int)
+    number("overlap", float)
+    number("score_thresh", float)
+    if options.get("tile") == 0:
+        options["tile"] = None  # 0: no tiling
+    if "tta" in form and form["tta"].text() != "":
+        text = form["tta"].text().lower()
+        if text in TTA_MODES:
+            options["tta"] = text
+        elif text in TRUE:
+            options["tta"] = "flip"
+        elif text in FALSE:
+            options["tta"] = None
+        else:
+            raise UploadError(422, f"tta must be one of none, {', '.join(TTA_MODES)}; got {text!r}")
+    uncertainty = False
+    if "uncertainty" in form:
+        text = form["uncertainty"].text().lower()
+        if text not in TRUE | FALSE:
+            raise UploadError(422, f"uncertainty must be true or false, got {text!r}")
+        uncertainty = text in TRUE
+    if uncertainty and not isinstance(predictor, SemanticPredictor):
+        raise UploadError(422, "uncertainty applies to semantic models only")
+    return options, uncertainty
+
+
+def with_options(predictor: Predictor, options: dict[str, Any]) -> Predictor:
+    """A predictor like ``predictor`` (same model, metadata, device and input contract) with
+    ``options`` changed, passed by name to its class's constructor, which checks them; options it
+    does not take are a UserError. The server's own choices are kept for the rest."""
+    current = {k: v for k, v in options_of(predictor).items()}
+    unknown = sorted(set(options) - set(current))
+    if unknown:
+        raise UserError(f"{', '.join(unknown)} do(es) not apply to {predictor.task} models")
+    if all(current[k] == v for k, v in options.items()):
+        return predictor
+    return type(predictor)(predictor.model, predictor.meta, predictor.device, input_spec=predictor.input_spec,
+                           **{**current, **options})
+
+
+def options_of(predictor: Predictor) -> dict[str, Any]:
+    """The keyword-only options of the predictor's constructor, with the values it holds."""
+    params = inspect.signature(type(predictor).__init__).parameters
+    return {name: getattr(predictor, name) for name, p in params.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and hasattr(predictor, name)}
+
+
+# ------------------------------------------------------------------ the application
+
+class _SecurityHeaders:
+    """ASGI middleware: ``X-Content-Type-Options: nosniff`` on every response."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class Service:
+    """What the routes share: the predictor, the pool, the samples and the limits."""
+
+    def __init__(self, predictor: Predictor, config: ServeConfig, samples: list[Sample]) -> None:
+        self.predictor, self.config = predictor, config
+        self.pool = InferencePool(config.workers, config.queue)
+        self.samples = {s.name: s for s in samples}
+        self.dropout = has_dropout(predictor.model)
+        # Monte-Carlo dropout switches the shared model's dropout layers to sampling; no other
+        # prediction may run meanwhile, so a model with dropout predicts one request at a time.
+        self._model_lock: contextlib.AbstractContextManager = (threading.Lock() if self.dropout
+                                                               else contextlib.nullcontext())
+        self.name = str(predictor.meta.get("model", type(predictor.model).__name__))
+
+    def info(self) -> dict:
+        p = self.predictor
+        classes = [{"id": i, "name": n, "color": list(p.palette[i]) if i < len(p.palette) else [255, 255, 255]}
+                   for i, n in enumerate(p.class_names)]
+        uncertainty = None
+        if isinstance(p, SemanticPredictor):
+            uncertainty = "mc_dropout" if self.dropout else "entropy"
+        return {
+            "model": self.name, "task": p.task, "version": __version__, "classes": classes,
+            "input": {**p.input_spec.to_dict(), "description": p.input_spec.describe()},
+            "options": options_of(p), "tta_modes": list(TTA_MODES), "uncertainty": uncertainty,
+            "uncertainty_samples": self.config.uncertainty_samples if self.dropout else 0,
+            "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
+                       "workers": self.config.workers, "queue": self.config.queue},
+            "samples": [{"name": s.name, "url": f"/api/samples/{s.name}",
+                         "ground_truth_url": f"/api/samples/{s.name}/ground_truth" if s.ground_truth else None}
+                        for s in self.samples.values()],
+        }
+
+    def keep(self, part: Part, role: str) -> None:
+        """Save an upload as received into ``--keep-uploads DIR`` (never elsewhere)."""
+        folder = self.config.keep_uploads
+        assert folder is not None
+        suffix = Path(part.filename or "").suffix.lower()
+        suffix = suffix if suffix in IMAGE_SUFFIXES else ".bin"
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{stamp}-{uuid.uuid4().hex[:12]}-{role}{suffix}", "xb") as f:
+            f.write(part.data)
+
+    def predictor_for(self, options: dict[str, Any], uncertainty: bool) -> Predictor:
+        """The server's predictor with a request's options (a 422 when they do not fit); a model with
+        dropout asked for uncertainty samples it, as ``pixelwise predict --uncertainty`` does."""
+        try:
+            predictor = with_options(self.predictor, options)
+            if uncertainty and self.dropout and isinstance(predictor, SemanticPredictor) and not predictor.mc_samples:
+                predictor = with_options(predictor, {"mc_samples": self.config.uncertainty_samples})
+        except UserError as e:
+            raise UploadError(422, str(e)) from None
+        return predictor
+
+    def predict(self, image_part: Part, truth_part: Part | None, options: dict[str, Any], uncertainty: bool,
+                admitted: float) -> dict:
+        """One request's work, in a worker thread: decode, predict, encode, score."""
+        start = time.perf_counter()
+        if self.config.keep_uploads is not None:
+            self.keep(image_part, "image")
+            if truth_part is not None:
+                self.keep(truth_part, "ground_truth")
+        p = self.predictor
+        image = decode_image(image_part.data, self.config.max_pixels, image_part.content_type)
+        truth = None
+        if truth_part is not None:
+            truth = decode_mask(truth_part.data, self.config.max_pixels, p.palette, len(p.class_names),
+                                image.shape[:2], truth_part.content_type)
+        with self._model_lock:  # a predictor's constructor sets the shared model's modes too
+            predictor = self.predictor_for(options, uncertainty)
+            if isinstance(predictor, SemanticPredictor):
+                pred = predictor.predict(image, uncertainty=uncertainty)
+                out, mask = semantic_result(image, pred, p.class_names, p.palette), pred.mask
+            else:
+                assert isinstance(predictor, InstancePredictor)
+                out, mask = instance_result(image, predictor.predict(image), p.class_names, p.palette)
+        if truth is not None:
+            out["metrics"] = compare(mask, truth, p.class_names)
+        out["options"] = options_of(predictor)
+        out["ms"] = round((time.perf_counter() - start) * 1000, 2)
+        out["queue_ms"] = round((start - admitted) * 1000, 2)
+        return out
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(predictor: Predictor, config: ServeConfig | None = None, samples: list[Sample] | None = None) -> FastAPI:
+    """The page and the API around ``predictor``. ``samples``: the page's sample images (default:
+    ``config.samples_dir``'s, else held-out synthetic scenes)."""
+    config = config or ServeConfig()
+    if samples is None:
+        if config.samples_dir is not None:
+            samples, problems = folder_samples(config.samples_dir, config.max_pixels, predictor.palette,
+                                               len(predictor.class_names))
+            for problem in problems:
+                log.warning(problem)
+        else:
+            samples = shapes_samples(predictor.class_names)
+    service = Service(predictor, config, samples)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        yield
+        service.pool.close()
+
+    app = FastAPI(title="pixelwise serve", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
+                  description=f"Segment images with `{service.name}` ({predictor.task}). Every `/api/` route "
+                              + ("needs the API key (`X-API-Key` or `Authorization: Bearer`)." if config.api_key
+                                 else "is open (no API key configured)."))
+    app.state.service = service
+    app.add_middleware(_SecurityHeaders)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key", "Authorization"], max_age=600)
+
+    def require_key(key: Annotated[str | None, Security(KEY_HEADER)] = None,
+                    token: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> None:
+        if config.api_key is None:
+            return
+        given = key if key is not None else (token.credentials if token else None)
+        if given is None or not hmac.compare_digest(given.encode(), config.api_key.encode()):
+            raise HTTPException(401, "this server needs an API key: send it as X-API-Key or Authorization: Bearer",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    api = [Security(require_key)] if config.api_key else []
+
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, e: UploadError) -> JSONResponse:
+        return _error(e.status, e.detail)
+
+    @app.exception_handler(PoolFull)
+    async def pool_full(request: Request, e: PoolFull) -> JSONResponse:
+        return _error(503, str(e), {"Retry-After": str(e.retry_after)})
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(render_docs(app.openapi()), headers={"Content-Security-Policy": DOCS_CSP})
+
+    @app.get("/api/health", response_model=HealthResponse, dependencies=api, responses={401: ERRORS[401]},
+             summary="Liveness and the pool's load")
+    async def health() -> dict:
+        return {"status": "ok", "model": service.name, "pool": service.pool.stats()}
+
+    @app.get("/api/info", dependencies=api, responses={401: ERRORS[401]},
+             summary="The model: task, classes and palette, input contract, options, limits, samples")
+    async def info() -> dict:
+        return service.info()
+
+    @app.get("/api/samples/{name}", dependencies=api, summary="A sample image the page offers",
+             responses={200: {"content": {"image/*": {}}}, 401: ERRORS[401], 404: {"model": ErrorResponse}})
+    async def sample(name: str) -> Response:
+        s = service.samples.get(name)
+        if s is None:
+            return _error(404, f"no sample named {name!r}")
+        return Response(s.image, media_type=_media_type(s.image))
+
+    @app.get("/api/samples/{name}/ground_truth", dependencies=api, summary="A sample's ground-truth mask (PNG)",
+             responses={200: {"content": {"image/png": {}}}, 401: ERRORS[401], 404: {"model": ErrorResponse}})
+    async def sample_truth(name: str) -> Response:
+        s = service.samples.get(name)
+        if s is None or s.ground_truth is None:
+            return _error(404, f"no ground truth for a sample named {name!r}")
+        return Response(s.ground_truth, media_type="image/png")
+
+    @app.post("/api/predict", dependencies=api, response_model=PredictResponse, responses=ERRORS,
+              openapi_extra=PREDICT_BODY, summary="Segment one image",
+              description="Multipart form with the image in field `image`. Returns the mask and overlay PNGs "
+                          "`pixelwise predict` writes, the classes' pixel shares, instances for instance models, "
+                          "and scores against `ground_truth` when one is sent.")
+    async def predict(request: Request) -> JSONResponse:
+        ticket = service.pool.admit()  # PoolFull -> 503 before the body is read
+        admitted = time.perf_counter()
+        try:
+            try:
+                form = await asyncio.wait_for(read_multipart(
+                    request.headers.get("content-type", ""), request.headers.get("content-length"),
+                    request.stream(), config.max_upload_bytes), config.upload_timeout)
+            except asyncio.TimeoutError:
+                raise UploadError(408, f"the upload took longer than {config.upload_timeout:g} s") from None
+            except ClientDisconnect:
+                return _error(400, "the client went away before its upload ended")
+            image = form.get("image")
+            if image is None or (image.filename is None and not image.data):
+                raise UploadError(422, "the form has no field 'image' (send the image file in the field 'image')")
+            truth = form.get("ground_truth")
+            truth = truth if truth is not None and truth.data else None
+            options, uncertainty = parse_options(form, predictor)
+            result = await service.pool.run(ticket, service.predict, image, truth, options, uncertainty, admitted)
+            return JSONResponse(result)
+        except (UploadError, PoolFull):
+            raise
+        except Exception as e:  # never let one request take the server down: log it, answer 500
+            log.exception("POST /api/predict failed")
+            return _error(500, f"the prediction failed on the server ({type(e).__name__}: {e})")
+        finally:
+            if not ticket.submitted:
+                ticket.release()
+
+    return app
+
+
+def _media_type(data: bytes) -> str:
+    for magic, kind in ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif"),
+                        (b"BM", "image/bmp"), (b"RIFF", "image/webp")):
+        if data.startswith(magic):
+            return kind
+    return "application/octet-stream"
+
+
+def render_docs(schema: dict) -> str:
+    """The OpenAPI schema as one static HTML page (no scripts, nothing from another host)."""
+    e = html.escape
+    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{e(schema['info']['title'])} API</title>"
+           "<link rel=stylesheet href=/static/style.css></head><body class=docs><main>",
+           f"<h1>{e(schema['info']['title'])} API <small>{e(schema['info']['version'])}</small></h1>",
+           f"<p>{e(schema['info'].get('description', ''))}</p>",
+           "<p>Machine-readable: <a href=/openapi.json>/openapi.json</a>. Page: <a href=/>/</a>.</p>"]
+    for path, methods in schema["paths"].items():
+        for method, op in methods.items():
+            out.append(f"<section><h2><code>{method.upper()} {e(path)}</code></h2><p>{e(op.get('summary', ''))}</p>")
+            if op.get("description"):
+                out.append(f"<p>{e(op['description'])}</p>")
+            body = op.get("requestBody", {}).get("content", {})
+            for ctype, content in body.items():
+                props = content.get("schema", {}).get("properties", {})
+                required = set(content.get("schema", {}).get("required", []))
+                out.append(f"<h3>Body: <code>{e(ctype)}</code></h3><table><tr><th>field</th><th>type</th>"
+                           "<th>description</th></tr>")
+                for name, prop in props.items():
+                    kind = prop.get("format", prop.get("type", "")) + (" (required)" if name in required else "")
+                    enum = f" One of: {', '.join(map(str, prop['enum']))}." if "enum" in prop else ""
+                    out.append(f"<tr><td><code>{e(name)}</code></td><td>{e(kind)}</td>"
+                               f"<td>{e(prop.get('description', ''))}{e(enum)}</td></tr>")
+                out.append("</table>")
+            out.append("<h3>Responses</h3><ul>")
+            for code, resp in op.get("responses", {}).items():
+                out.append(f"<li><code>{e(str(code))}</code> {e(resp.get('description', ''))}</li>")
+            out.append("</ul></section>")
+    schemas = schema.get("components", {}).get("schemas", {})
+    for name in ("PredictResponse", "Metrics", "ClassShare", "Instance"):
+        if name in schemas:
+            out.append(f"<section><h2>{e(name)}</h2><table><tr><th>field</th><th>description</th></tr>")
+            for field_name, prop in schemas[name].get("properties", {}).items():
+                out.append(f"<tr><td><code>{e(field_name)}</code></td><td>{e(prop.get('description', ''))}</td></tr>")
+            out.append("</table></section>")
+    out.append("</main></body></html>")
+    return "\n".join(out)
+
+
+@contextlib.contextmanager
+def _stderr_logging() -> Iterator[None]:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pixelwise serve: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+
+
+def run(predictor: Predictor, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
+        log_level: str = "info") -> None:
+    """Serve ``predictor`` on ``host:port`` until Ctrl-C or SIGTERM."""
+    with _stderr_logging():
+        app = create_app(predictor, config)
+        warning = host_warning(host, config.api_key)
+        if warning:
+            print(f"pixelwise serve: {warning}", file=sys.stderr)
+        shown = f"[{host}]" if ":" in host else host
+        service: Service = app.state.service
+        print(f"pixelwise serve: {service.name} ({predictor.task}, {len(predictor.class_names)} classes, input: "
+              f"{predictor.input_spec.describe()}) on http://{shown}:{port}/ (API reference: /docs; "
+              f"{config.workers} worker(s), room for {config.queue} waiting"
+              + (", API key required" if config.api_key else "") + ")", flush=True)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)

@@ -1,0 +1,82 @@
+"""What ``pixelwise serve`` may accept and who may call it (no web imports, so the CLI and the tests
+can build one cheaply)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixelwise.errors import UserError
+
+API_KEY_ENV = "PIXELWISE_API_KEY"  # the environment variable that --api-key defaults to
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Limits and switches of one server.
+
+    max_upload_bytes: the largest request body (all multipart parts together); larger: 413.
+    max_pixels: the largest image (width x height, read from the header before decoding); larger: 413.
+    workers: predictions that run at once (threads; 1 uses every core through torch).
+    queue: requests that may wait for a worker; beyond ``workers + queue`` the server answers 503.
+    api_key: when set, every ``/api/`` route needs it (``X-API-Key`` or ``Authorization: Bearer``).
+    cors_origins: origins allowed to call the API from their pages (none: no CORS headers at all).
+    keep_uploads: a folder to save each upload in, as received; None keeps uploads in memory only.
+    samples_dir: a folder of sample images (and ``masks/<stem>.png`` ground truths) for the page,
+      instead of the bundled synthetic scenes.
+    uncertainty_samples: Monte-Carlo dropout samples behind the uncertainty map of a model with
+      dropout (as ``pixelwise predict --uncertainty``).
+    upload_timeout: seconds a request may take to send its body (it holds a place in the queue
+      meanwhile); slower: 408.
+    """
+
+    max_upload_bytes: int = 20 * MB
+    max_pixels: int = 40_000_000
+    workers: int = 1
+    queue: int = 64
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    keep_uploads: Path | None = None
+    samples_dir: Path | None = None
+    uncertainty_samples: int = 8
+    upload_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_upload_bytes < 1024:
+            raise UserError(f"the upload limit must be at least 1 KB, got {self.max_upload_bytes} bytes")
+        if self.max_pixels < 1:
+            raise UserError(f"the pixel limit must be positive, got {self.max_pixels}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.queue < 0:
+            raise UserError(f"--queue must be 0 or more, got {self.queue}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise UserError("the API key is empty; give a non-empty --api-key or unset " + API_KEY_ENV)
+        if self.uncertainty_samples < 1:
+            raise UserError(f"uncertainty samples must be at least 1, got {self.uncertainty_samples}")
+        if not self.upload_timeout > 0:
+            raise UserError(f"the upload timeout must be positive, got {self.upload_timeout}")
+        if self.samples_dir is not None and not Path(self.samples_dir).is_dir():
+            raise UserError(f"--samples {self.samples_dir}: not a folder")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_warning(host: str, api_key: str | None) -> str | None:
+    """The warning printed when the server listens beyond loopback, or None."""
+    if is_loopback(host):
+        return None
+    who = "anyone who can reach this machine" if host in ("0.0.0.0", "::") else f"anyone who can reach {host}"
+    advice = "" if api_key else f"; require a key with --api-key or {API_KEY_ENV}"
+    return (f"warning: listening on {host}: {who} can use the model and send it images over plain HTTP"
+            f"{advice} (the default, 127.0.0.1, is reachable from this machine only)")

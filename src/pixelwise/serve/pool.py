@@ -1,0 +1,106 @@
+"""A bounded worker pool: at most ``workers`` predictions run at once and at most ``queue`` more
+wait; a request beyond that is refused at once (:class:`PoolFull`, answered 503 with Retry-After)
+instead of piling up uploads and images in memory.
+
+A request takes a :class:`Ticket` with :meth:`InferencePool.admit` before its body is read, so
+the bodies held in memory are bounded too, and gives it back when its job ends (or when it fails
+before its job was handed to a worker). A job that a departed client leaves behind still holds its
+place until it finishes, so the count never undercounts the work in the threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class PoolFull(Exception):
+    """Every worker is busy and the queue is full; ``retry_after`` (seconds) is a fair guess at
+    when a place frees up."""
+
+    def __init__(self, retry_after: int, capacity: int) -> None:
+        super().__init__(f"the server is busy ({capacity} requests running or waiting); retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class Ticket:
+    """One admitted request's place in the pool; :meth:`release` gives it back (once)."""
+
+    def __init__(self, pool: InferencePool) -> None:
+        self._pool = pool
+        self._released = False
+        self.submitted = False  # handed to a worker: the worker releases it when the job ends
+
+    def release(self) -> None:
+        with self._pool._lock:
+            if not self._released:
+                self._released = True
+                self._pool._admitted -= 1
+
+
+class InferencePool:
+    """``workers`` threads; ``admit()`` refuses when ``workers + queue`` requests are already in."""
+
+    def __init__(self, workers: int = 1, queue: int = 64) -> None:
+        if workers < 1 or queue < 0:
+            raise ValueError(f"need workers >= 1 and queue >= 0, got {workers} and {queue}")
+        self.workers, self.queue = workers, queue
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pixelwise-serve")
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self._running = 0
+        self._done = 0
+        self._seconds = 1.0  # running mean of job time, for Retry-After
+
+    @property
+    def capacity(self) -> int:
+        return self.workers + self.queue
+
+    def admit(self) -> Ticket:
+        """A place for one request, or :class:`PoolFull` when there is none."""
+        with self._lock:
+            if self._admitted >= self.capacity:
+                raise PoolFull(self._retry_after(), self.capacity)
+            self._admitted += 1
+        return Ticket(self)
+
+    def _retry_after(self) -> int:
+        """Seconds until the work ahead is done at the mean job time (at least 1)."""
+        return max(1, math.ceil(self._seconds * self._admitted / self.workers))
+
+    async def run(self, ticket: Ticket, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a worker thread; the ticket is released when it returns or raises."""
+
+        def job() -> T:
+            with self._lock:
+                self._running += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    self._done += 1
+                    weight = 1.0 / min(self._done, 20)  # the mean of the first 20 jobs, then an EMA
+                    self._seconds += weight * (time.perf_counter() - start - self._seconds)
+                ticket.release()
+
+        future = self._executor.submit(job)
+        ticket.submitted = True
+        return await asyncio.wrap_future(future)
+
+    def stats(self) -> dict[str, int]:
+        """``workers queue running waiting`` (waiting: admitted, not yet running)."""
+        with self._lock:
+            return {"workers": self.workers, "queue": self.queue, "running": self._running,
+                    "waiting": self._admitted - self._running}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

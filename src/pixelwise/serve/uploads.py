@@ -1,0 +1,227 @@
+"""Request bodies and uploaded images, read in memory and checked before any large allocation.
+
+- :func:`read_multipart`: a ``multipart/form-data`` body -> its parts, in memory (nothing spills to a
+  temporary file, unlike the usual form parsers past 1 MB), refusing bodies over the upload limit
+  while they stream in (413).
+- :func:`decode_image`: bytes -> uint8[H, W, 3] RGB exactly as :func:`pixelwise.data.io.read_image`
+  reads a file (first frame, EXIF orientation applied, any mode), after checking the format (415)
+  and the pixel count in the header (413: a small file can declare a huge image).
+- :func:`decode_mask`: a ground-truth mask -> uint8[H, W] class ids, as
+  :func:`pixelwise.data.io.read_mask` reads one.
+
+Each problem is an :class:`UploadError` carrying the HTTP status and a sentence for the user.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+
+from pixelwise.data.io import colors_to_index, pil_to_rgb
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+# PIL's own decoders accept dozens of formats; the server opens only these (others: 415).
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "GIF": "image/gif",
+           "TIFF": "image/tiff", "WEBP": "image/webp", "PPM": "image/x-portable-anymap"}
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # as data.io
+_ORIENTATION_TAG = 0x0112  # EXIF orientation, applied as data.io.read_image applies it
+MAX_PARTS = 16
+MAX_FIELD_BYTES = 4096  # a text field (tile, tta, ...)
+
+
+class UploadError(Exception):
+    """A request the server refuses: ``status`` (HTTP) and a one-sentence ``detail``."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass
+class Part:
+    """One multipart part: ``name``, ``filename`` (None for a plain field), its declared
+    ``content_type`` and its bytes."""
+
+    name: str
+    filename: str | None = None
+    content_type: str = ""
+    data: bytearray = field(default_factory=bytearray)
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace").strip()
+
+
+def too_large(limit: int) -> UploadError:
+    return UploadError(413, f"the upload is larger than the server's limit of {limit / 2**20:.4g} MB "
+                            "(pixelwise serve --max-upload-mb raises it)")
+
+
+class _FormReader:
+    """python-multipart callbacks that collect the parts in memory."""
+
+    def __init__(self) -> None:
+        self.parts: list[Part] = []
+        self._name = self._value = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data}
+
+    def on_part_begin(self) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise UploadError(400, f"too many form fields (at most {MAX_PARTS})")
+        self.parts.append(Part(name=""))
+        self._headers = []
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers.append((self._name.lower(), self._value))
+        self._name = self._value = b""
+
+    def on_headers_finished(self) -> None:
+        part = self.parts[-1]
+        for key, value in self._headers:
+            if key == b"content-disposition":
+                _, options = parse_options_header(value)
+                part.name = options.get(b"name", b"").decode("utf-8", errors="replace")
+                if b"filename" in options:
+                    part.filename = options[b"filename"].decode("utf-8", errors="replace")
+            elif key == b"content-type":
+                part.content_type = value.decode("latin-1").strip().lower()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.parts[-1]
+        part.data += data[start:end]
+        if part.filename is None and len(part.data) > MAX_FIELD_BYTES:
+            raise UploadError(400, f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
+
+
+async def read_multipart(content_type: str, content_length: str | None, chunks: AsyncIterator[bytes],
+                         limit: int) -> dict[str, Part]:
+    """The parts of a ``multipart/form-data`` body by field name (the first of repeated names).
+
+    Refuses: another content type (415), a declared or actual body over ``limit`` bytes (413,
+    before reading it when Content-Length says so), a malformed body (400)."""
+    kind, params = parse_options_header(content_type or "")
+    if kind != b"multipart/form-data":
+        raise UploadError(415, f"send the image as multipart/form-data (field 'image'), not "
+                               f"{(kind or b'an empty content type').decode('latin-1')}")
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise UploadError(400, "the multipart/form-data content type has no boundary")
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise UploadError(400, f"bad Content-Length {content_length!r}") from None
+        if declared > limit:
+            raise too_large(limit)
+    reader = _FormReader()
+    parser = MultipartParser(boundary, reader.callbacks())
+    received = 0
+    try:
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > limit:
+                raise too_large(limit)
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise UploadError(400, f"malformed multipart/form-data body ({e})") from None
+    found: dict[str, Part] = {}
+    for part in reader.parts:
+        found.setdefault(part.name, part)
+    return found
+
+
+def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = "", what: str = "image") -> Image.Image:
+    """Identify, check the size in the header, then decode the first frame with EXIF orientation
+    applied (as :func:`pixelwise.data.io.read_image` opens a file)."""
+    if not data:
+        raise UploadError(400, f"the {what} is empty")
+    try:
+        img: Image.Image = Image.open(io.BytesIO(data), formats=None)
+    except UnidentifiedImageError:
+        if declared_type.startswith("image/"):
+            raise UploadError(400, f"the {what} cannot be decoded: it is declared {declared_type}, but its bytes "
+                                   "are damaged or in no known image format; re-export it") from None
+        raise UploadError(415, f"the {what} is not an image in a supported format "
+                               f"({', '.join(sorted(FORMATS))})") from None
+    except Image.DecompressionBombError as e:
+        raise UploadError(413, f"the {what} has too many pixels ({e})") from None
+    except _PIL_ERRORS as e:
+        raise UploadError(400, f"the {what} cannot be decoded ({e}); re-export it") from None
+    if img.format not in FORMATS:
+        raise UploadError(415, f"{img.format} images are not accepted; send one of {', '.join(sorted(FORMATS))}")
+    width, height = img.size
+    if width * height > max_pixels:
+        raise UploadError(413, f"the {what} is {width}x{height} = {width * height:,} pixels, more than the "
+                               f"server's limit of {max_pixels:,} (pixelwise serve --max-pixels raises it)")
+    try:
+        img.load()
+        if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
+            img = ImageOps.exif_transpose(img)
+    except _PIL_ERRORS as e:
+        raise UploadError(400, f"the {what} is truncated or damaged ({e}); re-export it") from None
+    return img
+
+
+def decode_image(data: bytes | bytearray, max_pixels: int, declared_type: str = "") -> np.ndarray:
+    """Upload bytes -> uint8[H, W, 3] RGB, the pixels :func:`pixelwise.data.io.read_image` gives."""
+    img = open_image(data, max_pixels, declared_type)
+    try:
+        return pil_to_rgb(img)
+    except _PIL_ERRORS as e:
+        raise UploadError(415, f"cannot convert an image of mode {img.mode} to RGB ({e})") from None
+
+
+def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequence[int]],
+                num_classes: int, shape: tuple[int, int], declared_type: str = "") -> np.ndarray:
+    """A ground-truth mask -> uint8[H, W] class ids (255 = ignore), read like
+    :func:`pixelwise.data.io.read_mask`: index ("P", "L") PNGs as stored; colour masks through
+    the model's ``palette`` (other colours -> 255), gray RGB as its values. It must have the
+    image's ``shape`` and hold only ``0..num_classes-1`` and 255 (422 otherwise)."""
+    img = open_image(data, max_pixels, declared_type, what="ground-truth mask")
+    mode = img.mode
+    if mode in ("P", "L"):
+        mask = np.asarray(img, dtype=np.uint8)
+    elif mode == "1":
+        mask = np.asarray(img).astype(np.uint8)
+    elif mode in ("LA", "PA"):
+        mask = np.asarray(img)[:, :, 0].astype(np.uint8)
+    elif mode in ("RGB", "RGBA", "RGBX"):
+        rgb = np.asarray(img)[:, :, :3]
+        gray = np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])
+        mask = rgb[:, :, 0].copy() if gray else colors_to_index(rgb, palette)
+    else:
+        arr = np.asarray(img)
+        fits = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer)
+        fits = fits and (not arr.size or 0 <= arr.min() <= arr.max() <= 255)
+        if not fits:
+            raise UploadError(422, f"a {mode} ground-truth mask cannot hold class ids; save it as an 8-bit index PNG")
+        mask = arr.astype(np.uint8)
+    if mask.shape != tuple(shape):
+        raise UploadError(422, f"the ground-truth mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                               f"{shape[1]}x{shape[0]}")
+    bad = np.unique(mask[(mask >= num_classes) & (mask != 255)])
+    if bad.size:
+        raise UploadError(422, f"the ground-truth mask has values {bad[:8].tolist()} that are not class ids "
+                               f"0..{num_classes - 1} (or 255 = ignore)")
+    return np.require(mask, np.uint8, ["C", "W"])  # writable: torch.from_numpy takes it as it is

@@ -1,0 +1,587 @@
+"""``pixelwise serve`` through the ASGI client: the API gives what ``pixelwise predict`` writes, refuses
+bad input with the right status, stays within its limits and its queue, and never dies."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelwise import Predictor, create_model, save_checkpoint
+from pixelwise.cli import main
+from pixelwise.data.shapes import CLASS_NAMES, PALETTE
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
+httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")
+
+from pixelwise.serve.app import create_app  # noqa: E402 - after the skips
+from pixelwise.serve.config import ServeConfig, host_warning  # noqa: E402
+from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
+
+KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
+MRCNN = {"min_size": 64, "max_size": 64, "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32}
+
+
+def _unet_checkpoint(path, dropout=0.0):
+    torch.manual_seed(0)
+    kw = {**KW, "dropout": dropout}
+    model = create_model("unet", num_classes=4, **kw).eval()
+    save_checkpoint(path, model, {"model": "unet", "num_classes": 4, "model_kwargs": kw, "task": "semantic",
+                                  "class_names": CLASS_NAMES, "palette": PALETTE, "mean": [0.5] * 3, "std": [0.25] * 3})
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _unet_checkpoint(tmp_path_factory.mktemp("ckpt") / "unet.safetensors")
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return Predictor.from_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def instance_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=4, **MRCNN).eval()
+    path = tmp_path_factory.mktemp("mrcnn") / "mrcnn.safetensors"
+    save_checkpoint(path, model, {"model": "maskrcnn_resnet18_fpn", "num_classes": 4, "model_kwargs": MRCNN,
+                                  "task": "instance", "class_names": CLASS_NAMES, "palette": PALETTE})
+    return path
+
+
+def request(app, method, url, **kw):
+    """One request through the ASGI app (no network, no server)."""
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as c:
+            return await c.request(method, url, **kw)
+
+    return asyncio.run(go())
+
+
+def png_bytes(array, fmt="PNG", **save):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def noise(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def post_image(app, data, name="a.png", ctype="image/png", fields=None, **kw):
+    return request(app, "POST", "/api/predict", files={"image": (name, data, ctype)}, data=fields or {}, **kw)
+
+
+def decode_png(b64):
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def _odd_images(folder):
+    """Files of the modes `predict` handles: RGB, gray, RGBA, 16-bit, palette, JPEG, EXIF-rotated JPEG."""
+    rgb = noise(37, 53)
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(folder / "rgba.png")
+    Image.fromarray(np.random.default_rng(1).integers(0, 65535, (29, 41)).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(rgb).save(folder / "photo.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif.tobytes())
+    return sorted(folder.iterdir())
+
+
+# ---------------------------------------------------------------- the API gives what predict writes
+
+def test_api_mask_and_overlay_equal_the_files_predict_writes(checkpoint, predictor, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    files = _odd_images(inputs)
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(inputs), "--out", str(out), "--no-progress"]) == 0
+    app = create_app(predictor, samples=[])
+    for path in files:
+        ctype = "image/jpeg" if path.suffix == ".jpg" else "image/png"
+        r = post_image(app, path.read_bytes(), path.name, ctype)
+        assert r.status_code == 200, (path.name, r.text)
+        body = r.json()
+        assert base64.b64decode(body["mask_png_base64"]) == (out / f"{path.stem}.png").read_bytes(), path.name
+        mask = decode_png(body["mask_png_base64"])
+        assert mask.mode == "P" and (body["width"], body["height"]) == mask.size
+        assert np.array_equal(np.asarray(decode_png(body["overlay_png_base64"])),
+                              np.asarray(Image.open(out / f"{path.stem}_overlay.png"))), path.name
+        shares = {c["name"]: c["pixels"] for c in body["classes"]}
+        assert list(shares) == CLASS_NAMES and sum(shares.values()) == mask.size[0] * mask.size[1]
+        for c in body["classes"]:
+            assert c["pixels"] == int((np.asarray(mask) == c["id"]).sum())
+            assert c["color"] == list(PALETTE[c["id"]])
+
+
+def test_api_options_tile_tta_uncertainty_match_predict(checkpoint, predictor, tmp_path):
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes(noise(70, 90, seed=3)))
+    out = tmp_path / "o"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(img), "--out", str(out), "--tile", "32",
+                 "--tta", "d4", "--uncertainty", "--no-progress"]) == 0
+    r = post_image(create_app(predictor, samples=[]), img.read_bytes(),
+                   fields={"tile": "32", "tta": "d4", "uncertainty": "true"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["options"]["tile"] == 32 and body["options"]["tta"] == "d4"
+    assert base64.b64decode(body["mask_png_base64"]) == (out / "a.png").read_bytes()
+    assert base64.b64decode(body["uncertainty_png_base64"]) == (out / "a_uncertainty.png").read_bytes()
+    # the server's own predictor is untouched by one request's options
+    plain = post_image(create_app(predictor, samples=[]), img.read_bytes()).json()
+    assert plain["options"]["tile"] is None and plain["options"]["tta"] is None
+    assert plain["uncertainty_png_base64"] is None
+
+
+def test_api_instances_equal_the_files_predict_writes(instance_checkpoint, tmp_path):
+    from pixelwise.data.shapes import ShapesDataset
+
+    img = tmp_path / "scene.png"
+    img.write_bytes(png_bytes(ShapesDataset(split="test", num_test=1, size=64).load(0).image))
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(instance_checkpoint), str(img), "--out", str(out),
+                 "--score-thresh", "0", "--no-progress"]) == 0
+    app = create_app(Predictor.from_checkpoint(instance_checkpoint, score_thresh=0.0), samples=[])
+    r = post_image(app, img.read_bytes(), "scene.png")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = json.loads((out / "scene.json").read_text())
+    assert body["task"] == "instance" and len(expected["instances"]) > 0
+    assert body["instances"] == expected["instances"]
+    assert base64.b64decode(body["mask_png_base64"]) == (out / "scene.png").read_bytes()
+    assert np.array_equal(np.asarray(decode_png(body["overlay_png_base64"])),
+                          np.asarray(Image.open(out / "scene_overlay.png")))
+    # semantic-only options are refused by name
+    for field, value in (("tile", "32"), ("tta", "flip"), ("uncertainty", "true")):
+        bad = post_image(app, img.read_bytes(), fields={field: value})
+        assert bad.status_code == 422 and field in bad.json()["detail"], (field, bad.text)
+
+
+# ---------------------------------------------------------------- info, health, page, docs
+
+def test_info_health_and_samples(predictor):
+    app = create_app(predictor)
+    info = request(app, "GET", "/api/info").json()
+    assert info["model"] == "unet" and info["task"] == "semantic"
+    assert [c["name"] for c in info["classes"]] == CLASS_NAMES
+    assert [c["color"] for c in info["classes"]] == [list(c) for c in PALETTE]
+    assert info["input"]["mean"] == [0.5] * 3 and info["input"]["normalize"] is True
+    assert info["limits"] == {"max_upload_bytes": 20 * 2**20, "max_pixels": 40_000_000, "workers": 1, "queue": 64}
+    assert info["uncertainty"] == "entropy"
+    assert len(info["samples"]) == 3 and all(s["ground_truth_url"] for s in info["samples"])
+    sample = request(app, "GET", info["samples"][0]["url"])
+    assert sample.status_code == 200 and sample.headers["content-type"] == "image/png"
+    truth = request(app, "GET", info["samples"][0]["ground_truth_url"])
+    assert Image.open(io.BytesIO(truth.content)).mode == "P"
+    assert request(app, "GET", "/api/samples/nope.png").status_code == 404
+    health = request(app, "GET", "/api/health").json()
+    assert health == {"status": "ok", "model": "unet", "pool": {"workers": 1, "queue": 64, "running": 0, "waiting": 0}}
+
+
+def test_samples_from_a_folder(predictor, tmp_path):
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(noise(20, 30)).save(tmp_path / "street.png")
+    Image.fromarray(np.full((20, 30), 2, np.uint8)).save(tmp_path / "masks" / "street.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    app = create_app(predictor, ServeConfig(samples_dir=tmp_path))
+    samples = request(app, "GET", "/api/info").json()["samples"]
+    assert [s["name"] for s in samples] == ["street.png"] and samples[0]["ground_truth_url"]
+
+
+def test_page_and_docs_load_nothing_from_other_hosts(predictor):
+    app = create_app(predictor, samples=[])
+    page = request(app, "GET", "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    import re
+
+    refs = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    assert "/static/app.js" in refs and "/static/style.css" in refs
+    for ref in refs:
+        assert ref.startswith(("/", "#", "data:")), ref
+        if ref.startswith("/static/"):
+            asset = request(app, "GET", ref)
+            assert asset.status_code == 200 and "http://" not in asset.text and "https://" not in asset.text, ref
+    assert "http://" not in page.text and "https://" not in page.text
+    docs = request(app, "GET", "/docs")
+    assert docs.status_code == 200 and "POST /api/predict" in docs.text and "ground_truth" in docs.text
+    assert "<script" not in docs.text and "cdn" not in docs.text.lower()
+
+
+def test_openapi_schema_describes_the_api(predictor):
+    schema = request(create_app(predictor, samples=[]), "GET", "/openapi.json").json()
+    assert {"/api/predict", "/api/info", "/api/health"} <= set(schema["paths"])
+    op = schema["paths"]["/api/predict"]["post"]
+    form = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and {"image", "tile", "tta", "ground_truth"} <= set(form["properties"])
+    assert {"200", "400", "413", "415", "422", "503"} <= set(op["responses"])
+    fields = schema["components"]["schemas"]["PredictResponse"]["properties"]
+    assert {"width", "height", "classes", "mask_png_base64", "overlay_png_base64", "ms"} <= set(fields)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _truncated(fmt):
+    data = png_bytes(noise(64, 64), fmt)
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("data, ctype, fields, status, words", [
+    (lambda: _truncated("PNG"), "image/png", {}, 400, "truncated"),
+    (lambda: _truncated("JPEG"), "image/jpeg", {}, 400, "truncated"),
+    (lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "image/png", {}, 400, "cannot be decoded"),
+    (lambda: b"", "image/png", {}, 400, "empty"),
+    (lambda: b"hello, this is text\n" * 50, "text/plain", {}, 415, "supported format"),
+    (lambda: b"%PDF-1.4\n" + bytes(500), "application/pdf", {}, 415, "supported format"),
+    (lambda: png_bytes(noise(32, 32), "ICO"), "image/x-icon", {}, 415, "ICO"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"tile": "abc"}, 422, "tile"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"tile": "8"}, 422, "tile"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"overlap": "1.5"}, 422, "overlap"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"tta": "sideways"}, 422, "tta"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"uncertainty": "maybe"}, 422, "uncertainty"),
+])
+def test_bad_uploads_get_clear_json_errors(predictor, data, ctype, fields, status, words):
+    app = create_app(predictor, samples=[])
+    r = post_image(app, data(), "x", ctype, fields)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and words in r.json()["detail"]
+    assert request(app, "GET", "/api/health").json()["pool"]["waiting"] == 0  # its place was given back
+
+
+def test_requests_that_are_not_an_image_form(predictor):
+    app = create_app(predictor, samples=[])
+    r = request(app, "POST", "/api/predict", json={"image": "a.png"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    r = request(app, "POST", "/api/predict", data={"tile": "32"}, files={"other": ("a.png", b"x", "image/png")})
+    assert r.status_code == 422 and "'image'" in r.json()["detail"]
+    r = request(app, "POST", "/api/predict", content=b"--xyz\r\nnonsense", headers={
+        "content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code in (400, 422)
+
+
+def test_ground_truth_that_does_not_fit_is_422(predictor):
+    app = create_app(predictor, samples=[])
+    image = png_bytes(noise(20, 30))
+    for truth, words in ((np.zeros((10, 30), np.uint8), "30x10"), (np.full((20, 30), 9, np.uint8), "[9]")):
+        r = request(app, "POST", "/api/predict", files={"image": ("a.png", image, "image/png"),
+                                                        "ground_truth": ("t.png", png_bytes(truth), "image/png")})
+        assert r.status_code == 422 and words in r.json()["detail"], r.text
+
+
+# ---------------------------------------------------------------- limits
+
+def test_uploads_over_the_size_limit_are_413(predictor):
+    app = create_app(predictor, ServeConfig(max_upload_bytes=50_000), samples=[])
+    big = png_bytes(noise(150, 150))  # ~67 KB of noise
+    assert len(big) > 50_000
+    r = post_image(app, big)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    async def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        boundary = b"b0undary"
+        yield b"--" + boundary + b'\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+        yield b"\r\n--" + boundary + b"--\r\n"
+
+    r = request(app, "POST", "/api/predict", content=chunks(),
+                headers={"content-type": "multipart/form-data; boundary=b0undary"})
+    assert r.status_code == 413
+    assert post_image(app, png_bytes(noise(40, 40))).status_code == 200  # and under the limit all is well
+
+
+def test_an_upload_that_never_ends_is_408_and_gives_its_place_back(predictor):
+    app = create_app(predictor, ServeConfig(upload_timeout=0.5, workers=1, queue=0), samples=[])
+
+    async def stalled():
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n\x89PNG'
+        await asyncio.Event().wait()  # and nothing more, ever
+
+    r = request(app, "POST", "/api/predict", content=stalled(),
+                headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 408 and "took longer" in r.json()["detail"]
+    assert post_image(app, png_bytes(noise(20, 20))).status_code == 200  # the only place is free again
+
+
+def _png_header_only(width, height):
+    """A PNG that declares width x height but holds almost nothing: a decompression bomb's header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_images_over_the_pixel_limit_are_413_before_decoding(predictor):
+    app = create_app(predictor, samples=[])
+    for w, h in ((100_000, 100_000), (8_000, 6_000)):  # PIL's own bomb check, then the server's 40 MP limit
+        r = post_image(app, _png_header_only(w, h))
+        assert r.status_code == 413 and "pixels" in r.json()["detail"], r.text
+    small = create_app(predictor, ServeConfig(max_pixels=1000), samples=[])
+    r = post_image(small, png_bytes(noise(40, 50)))
+    assert r.status_code == 413 and "2,000 pixels" in r.json()["detail"]
+
+
+def test_uploads_are_never_written_to_disk_unless_asked(predictor, tmp_path, monkeypatch):
+    import builtins
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.chdir(scratch)
+    big = png_bytes(noise(700, 700))  # over the 1 MB where form parsers usually spill to a temporary file
+    assert len(big) > 1_100_000
+    app = create_app(predictor, samples=[])
+    writes = []
+    real_open = builtins.open
+
+    def no_files(*args, **kwargs):  # any temporary file (even unlinked at once) or file opened to write
+        writes.append(args)
+        raise AssertionError(f"the server wrote a file: {args}")
+
+    def open_for_reading(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            no_files(file, mode)
+        return real_open(file, mode, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        for name in ("TemporaryFile", "NamedTemporaryFile", "SpooledTemporaryFile", "mkstemp", "mkdtemp"):
+            m.setattr(tempfile, name, no_files)
+        m.setattr(builtins, "open", open_for_reading)
+        assert post_image(app, big).status_code == 200
+    assert writes == [] and list(scratch.iterdir()) == []
+    kept = tmp_path / "kept"
+    app = create_app(predictor, ServeConfig(keep_uploads=kept), samples=[])
+    assert post_image(app, big, "photo.png").status_code == 200
+    (saved,) = kept.iterdir()
+    assert saved.read_bytes() == big and saved.name.endswith("-image.png")
+    assert list(scratch.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the pool under load
+
+class Gate:
+    """Wraps a predictor's predict so that every call waits for ``open()``; counts the calls."""
+
+    def __init__(self, predictor):
+        self.event = threading.Event()
+        self.calls = 0
+        original = predictor.predict
+
+        def held(*args, **kwargs):
+            self.calls += 1
+            assert self.event.wait(60), "the test never opened the gate"
+            return original(*args, **kwargs)
+
+        predictor.predict = held
+
+    def open(self):
+        self.event.set()
+
+
+async def wait_for(condition, what):
+    for _ in range(6000):  # a state to reach, not a time to measure: give up after a minute
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never reached: {what}")
+
+
+def test_full_queue_answers_503_with_retry_after_and_every_admitted_request_is_answered(checkpoint):
+    predictor = Predictor.from_checkpoint(checkpoint)
+    gate = Gate(predictor)
+    app = create_app(predictor, ServeConfig(workers=1, queue=1), samples=[])
+    pool = app.state.service.pool
+    image = png_bytes(noise(24, 24))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            def post():
+                return c.post("/api/predict", files={"image": ("a.png", image, "image/png")})
+
+            first, second = asyncio.create_task(post()), asyncio.create_task(post())
+            await wait_for(lambda: pool.stats()["running"] == 1 and pool.stats()["waiting"] == 1,
+                           "one request running and one waiting")
+            refused = await post()
+            health = (await c.get("/api/health")).json()
+            gate.open()
+            answered = [await first, await second]
+            after = await post()
+            return refused, health, answered, after
+
+    refused, health, answered, after = asyncio.run(scenario())
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert "busy" in refused.json()["detail"]
+    assert health["pool"] == {"workers": 1, "queue": 1, "running": 1, "waiting": 1}
+    assert [r.status_code for r in answered] == [200, 200]
+    assert after.status_code == 200 and gate.calls == 3
+    assert pool.stats() == {"workers": 1, "queue": 1, "running": 0, "waiting": 0}
+
+
+def test_32_concurrent_clients_are_all_answered_with_the_default_queue(checkpoint):
+    predictor = Predictor.from_checkpoint(checkpoint)
+    gate = Gate(predictor)
+    app = create_app(predictor, samples=[])  # defaults: 1 worker, room for 64 waiting
+    pool = app.state.service.pool
+    image = png_bytes(noise(16, 16))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            tasks = [asyncio.create_task(c.post("/api/predict", files={"image": ("a.png", image, "image/png")}))
+                     for _ in range(32)]
+            await wait_for(lambda: pool.stats()["running"] + pool.stats()["waiting"] == 32, "all 32 admitted at once")
+            gate.open()
+            return await asyncio.gather(*tasks)
+
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 32
+    assert len({base64.b64decode(r.json()["mask_png_base64"]) for r in responses}) == 1
+
+
+def test_pool_admits_up_to_workers_plus_queue():
+    pool = InferencePool(workers=2, queue=3)
+    tickets = [pool.admit() for _ in range(5)]
+    with pytest.raises(PoolFull) as full:
+        pool.admit()
+    assert full.value.retry_after >= 1
+    tickets[0].release()
+    tickets[0].release()  # once only
+    assert pool.stats()["waiting"] == 4
+    again = pool.admit()
+
+    def boom():
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        asyncio.run(pool.run(again, boom))  # a failing job gives its place back too
+    assert pool.stats() == {"workers": 2, "queue": 3, "running": 0, "waiting": 4}
+    pool.close()
+
+
+def test_a_failing_prediction_is_answered_500_and_the_server_goes_on(checkpoint):
+    predictor = Predictor.from_checkpoint(checkpoint)
+    original = predictor.predict
+    failures = [RuntimeError("out of cheese"), MemoryError()]
+
+    def flaky(*args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return original(*args, **kwargs)
+
+    predictor.predict = flaky
+    app = create_app(predictor, samples=[])
+    image = png_bytes(noise(20, 20))
+    first, second, third = (post_image(app, image) for _ in range(3))
+    assert first.status_code == 500 and "RuntimeError: out of cheese" in first.json()["detail"]
+    assert second.status_code == 500 and "MemoryError" in second.json()["detail"]
+    assert third.status_code == 200
+    assert request(app, "GET", "/api/health").json()["pool"]["waiting"] == 0
+
+
+# ---------------------------------------------------------------- who may call, from where
+
+def test_api_key_guards_every_api_route(predictor):
+    app = create_app(predictor, ServeConfig(api_key="s3cret"), samples=[])
+    assert request(app, "GET", "/").status_code == 200  # the page itself asks for the key
+    for method, url in (("GET", "/api/info"), ("GET", "/api/health"), ("POST", "/api/predict")):
+        r = request(app, method, url)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", url
+        assert request(app, method, url, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert request(app, "GET", "/api/info", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert request(app, "GET", "/api/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    image = png_bytes(noise(20, 20))
+    assert post_image(app, image).status_code == 401
+    assert post_image(app, image, headers={"X-API-Key": "s3cret"}).status_code == 200
+    schemes = request(app, "GET", "/openapi.json").json()["components"]["securitySchemes"]
+    assert {"APIKeyHeader", "HTTPBearer"} <= set(schemes)
+
+
+def test_no_cors_unless_an_origin_is_given(predictor):
+    origin = {"Origin": "http://elsewhere.example"}
+    plain = create_app(predictor, samples=[])
+    r = request(plain, "GET", "/api/info", headers=origin)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    pre = request(plain, "OPTIONS", "/api/predict", headers={**origin, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in pre.headers
+    app = create_app(predictor, ServeConfig(cors_origins=("http://elsewhere.example",)), samples=[])
+    r = request(app, "GET", "/api/info", headers=origin)
+    assert r.headers["access-control-allow-origin"] == "http://elsewhere.example"
+    pre = request(app, "OPTIONS", "/api/predict", headers={**origin, "Access-Control-Request-Method": "POST"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://elsewhere.example"
+    other = request(app, "GET", "/api/info", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_cli_serve_defaults_env_key_and_host_warning(checkpoint, monkeypatch, capsys):
+    import uvicorn
+
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(kw, app=app))
+    monkeypatch.setenv("PIXELWISE_API_KEY", "from-env")
+    assert main(["serve", "--checkpoint", str(checkpoint), "--log-level", "warning"]) == 0
+    assert started["host"] == "127.0.0.1" and started["port"] == 8000
+    config = started["app"].state.service.config
+    assert config.api_key == "from-env" and config.queue == 64 and config.max_upload_bytes == 20 * 2**20
+    assert config.cors_origins == () and config.keep_uploads is None
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.delenv("PIXELWISE_API_KEY")
+    assert main(["serve", "--checkpoint", str(checkpoint), "--host", "0.0.0.0", "--port", "9001",
+                 "--max-upload-mb", "2", "--queue", "8", "--cors", "http://a.example"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: listening on 0.0.0.0" in err and "--api-key" in err
+    config = started["app"].state.service.config
+    assert started["port"] == 9001 and config.api_key is None and config.queue == 8
+    assert config.max_upload_bytes == 2 * 2**20 and config.cors_origins == ("http://a.example",)
+    assert host_warning("127.0.0.1", None) is None and host_warning("::1", None) is None
+    assert main(["serve", "--checkpoint", str(checkpoint), "--tile", "4"]) == 2  # bad options: one-line error
+    assert "--tile must be at least" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- ground truth and uncertainty
+
+def test_ground_truth_gives_per_class_iou_and_confusion(predictor):
+    app = create_app(predictor, samples=[])
+    image = png_bytes(noise(30, 40, seed=5))
+    first = post_image(app, image).json()
+    predicted = np.asarray(decode_png(first["mask_png_base64"]))
+    truth = predicted.copy()
+    truth[:5] = 255  # ignored rows
+    for name, data in (("index.png", png_bytes(truth)),
+                       ("colour.png", png_bytes(np.array([*PALETTE, *[(255, 255, 255)] * 252], np.uint8)[truth]))):
+        r = request(app, "POST", "/api/predict", files={"image": ("a.png", image, "image/png"),
+                                                        "ground_truth": (name, data, "image/png")})
+        assert r.status_code == 200, r.text
+        m = r.json()["metrics"]
+        assert m["pixel_acc"] == 1.0 and m["mIoU"] == 1.0 and m["ignored_pixels"] == 5 * 40
+        cm = np.array(m["confusion"])
+        assert cm.shape == (4, 4) and (cm == np.diag(np.diag(cm))).all() and cm.sum() == 25 * 40
+        present = {c["name"] for c in m["per_class"] if c["iou"] is not None}
+        assert present == {CLASS_NAMES[i] for i in np.unique(predicted[5:])}
+
+
+def test_uncertainty_of_a_model_with_dropout_uses_monte_carlo_dropout(tmp_path):
+    predictor = Predictor.from_checkpoint(_unet_checkpoint(tmp_path / "bayes.safetensors", dropout=0.5))
+    app = create_app(predictor, samples=[])
+    info = request(app, "GET", "/api/info").json()
+    assert info["uncertainty"] == "mc_dropout" and info["uncertainty_samples"] == 8
+    body = post_image(app, png_bytes(noise(24, 32)), fields={"uncertainty": "true"}).json()
+    assert body["options"]["mc_samples"] == 8
+    unc = decode_png(body["uncertainty_png_base64"])
+    assert unc.mode == "L" and unc.size == (32, 24)
+    assert predictor.mc_samples == 0  # the shared predictor is unchanged
