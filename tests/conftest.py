@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PIXELWISE_SHARED", ROOT.parent / "shared"))
@@ -77,3 +78,34 @@ def check_segmenter_fixture(builder, name: str) -> None:
         rows, cols = arrays[f"{key}.grid_rows"], arrays[f"{key}.grid_cols"]
         assert_matches(full[..., rows, :][..., cols], arrays[f"{key}.grid"])
         assert_matches(full.double().mean(dim=(2, 3)), arrays[f"{key}.chmean"])
+
+
+def narrow(model: nn.Module, divisor: int = 8, keep: int = 16) -> nn.Module:
+    """The same architecture with every channel count above ``keep`` divided by ``divisor``
+    (input channels and class counts stay): convolutions and norms are rebuilt, randomly
+    initialised; the FCN scorers (zero-initialised in the paper) become random too, and
+    BatchNorm statistics non-trivial, so that the logits are not trivially equal."""
+    def n(c: int) -> int:
+        return c // divisor if c > keep else c
+
+    g = torch.Generator().manual_seed(0)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new: nn.Module | None = None
+            if type(child) in (nn.Conv2d, nn.ConvTranspose2d):  # not BilinearUpsample (class channels)
+                groups = child.groups if child.groups == 1 else n(child.groups)
+                new = type(child)(n(child.in_channels), n(child.out_channels), child.kernel_size,  # type: ignore[arg-type]
+                                  child.stride, child.padding, dilation=child.dilation, groups=groups,
+                                  bias=child.bias is not None)
+                if isinstance(child, nn.ConvTranspose2d):
+                    new.output_padding = child.output_padding  # type: ignore[union-attr]
+            elif isinstance(child, nn.BatchNorm2d):
+                new = nn.BatchNorm2d(n(child.num_features), child.eps, child.momentum)
+                new.running_mean.uniform_(-0.1, 0.1, generator=g)  # type: ignore[union-attr]
+                new.running_var.uniform_(0.5, 2.0, generator=g)  # type: ignore[union-attr]
+                new.weight.data.uniform_(0.5, 1.5, generator=g)
+            if new is not None:
+                if not new.weight.abs().any():
+                    new.weight.data.normal_(0, 0.1, generator=g)
+                setattr(parent, name, new)
+    return model.eval()

@@ -153,13 +153,14 @@ def test_train_help_shows_each_default_without_importing_torch(monkeypatch):
             assert "(default: " in line and f.metadata["help"].split()[0] in line, line
     assert lines["--batch-size"].endswith("(default: 8)")
     assert lines["--optimizer"].split()[1] == "{sgd,adam,adamw}" and lines["--optimizer"].endswith("(default: adam)")
-    assert lines["--progress"].endswith("(default: true)") and "--no-progress" in lines["--progress"]
+    assert lines["--progress"].endswith("(default: only when stderr is a terminal)")
+    assert "--no-progress" in lines["--progress"]
     assert "(default: runs/<recipe name>, or runs/<model> without --config)" in lines["--out"]
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--optimizer", "rmsprop"], "optimizer 'rmsprop' is not one of: sgd, adam, adamw"),
-    (["--select-by", "val_loss"], "select_by 'val_loss' is not one of: auto, pixel_acc"),
+    (["--select-by", "val_loss"], "--select-by 'val_loss' is not one of: auto, pixel_acc"),
     (["--epochs", "two"], "--epochs must be an integer, got 'two'"),
     (["--milestones", "3,x"], "--milestones must be comma-separated numbers like 30,60"),
     (["--config", "unet_camvid"], "is neither a file nor a bundled recipe; bundled: "),

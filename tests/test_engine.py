@@ -199,10 +199,12 @@ def test_median_freq_weights_cached_and_files(tmp_path):
 
     cfg = tiny(tmp_path, class_weights="median-freq")
     ds = build_dataset("shapes", None, "train", **TINY_DATA)
-    w = class_weights_for(cfg, ds, tmp_path, log=quiet)
+    w, doc = class_weights_for(cfg, ds, tmp_path, log=quiet)
     expected = [1.0 if v is None else v for v in inspect_dataset(ds, progress=False)["median_freq_weights"]]
-    assert w == pytest.approx(expected)
-    assert json.loads((tmp_path / "class_weights.json").read_text())["weights"] == pytest.approx(expected)
+    assert w == pytest.approx(expected) and doc["weights"] == pytest.approx(expected)
+    assert not (tmp_path / "class_weights.json").exists()  # written by start_writing, after every check
+    (tmp_path / "class_weights.json").write_text(json.dumps(doc))
+    assert class_weights_for(cfg, ds, tmp_path, log=lambda m: 1 / 0) == (w, None)  # read from the cache
     (tmp_path / "w.txt").write_text("1 2.5, 3\n0.5\n")
     assert read_class_weights(tmp_path / "w.txt", 4) == [1.0, 2.5, 3.0, 0.5]
     (tmp_path / "w.json").write_text("[1, 2]")
@@ -211,21 +213,21 @@ def test_median_freq_weights_cached_and_files(tmp_path):
 
 
 def test_class_weight_power(tmp_path):
-    """``class_weight_power`` raises median-frequency (and file) weights to a power; the cache keeps
-    the plain median-frequency weights, so changing the power needs no second pass over the data."""
+    """``class_weight_power`` raises median-frequency (and file) weights to a power; the document
+    to cache keeps the plain median-frequency weights, so a new power needs no new pass."""
     from pixelwise.data import build_dataset
 
     ds = build_dataset("shapes", None, "train", **TINY_DATA)
-    plain = class_weights_for(tiny(tmp_path, class_weights="median-freq"), ds, tmp_path, log=quiet)
-    root = class_weights_for(tiny(tmp_path, class_weights="median-freq", class_weight_power=0.5), ds, tmp_path,
-                             log=quiet)
-    assert root == pytest.approx([w ** 0.5 for w in plain])
-    assert json.loads((tmp_path / "class_weights.json").read_text())["weights"] == pytest.approx(plain)
+    plain, _ = class_weights_for(tiny(tmp_path, class_weights="median-freq"), ds, tmp_path, log=quiet)
+    root, doc = class_weights_for(tiny(tmp_path, class_weights="median-freq", class_weight_power=0.5), ds, tmp_path,
+                                  log=quiet)
+    assert plain is not None and root == pytest.approx([w ** 0.5 for w in plain])
+    assert doc is not None and doc["weights"] == pytest.approx(plain)
     (tmp_path / "w.txt").write_text("1 4 9 0.25")
     assert class_weights_for(tiny(tmp_path, class_weights=str(tmp_path / "w.txt"), class_weight_power=0.5), ds,
-                             tmp_path, log=quiet) == pytest.approx([1, 2, 3, 0.5])
+                             tmp_path, log=quiet) == (pytest.approx([1, 2, 3, 0.5]), None)
     assert class_weights_for(tiny(tmp_path, class_weights=str(tmp_path / "w.txt"), class_weight_power=0), ds,
-                             tmp_path, log=quiet) == [1, 1, 1, 1]
+                             tmp_path, log=quiet) == ([1, 1, 1, 1], None)
     for bad in (-1, "x", True):
         with pytest.raises(UserError, match="class_weight_power"):
             tiny(tmp_path, class_weight_power=bad)

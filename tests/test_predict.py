@@ -127,3 +127,116 @@ def test_uncertainty_uses_mc_dropout_for_bayesian_segnet():
     assert not torch.allclose(a.probs, b.probs)  # sampled with dropout on
     assert torch.allclose(plain.probs, p.predict(image).probs)  # deterministic otherwise
     assert not model.training and all(not m.training for m in model.modules())
+
+
+# --- outputs never over inputs, unique names, every input checked first (issue 11) -----------------
+def _image(path, value=100, size=(24, 20)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+    return path
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pixelwise: error: "), err
+    return err[0]
+
+
+def test_an_out_folder_that_holds_an_input_is_refused(checkpoint, tmp_path, capsys, monkeypatch):
+    photos = tmp_path / "photos"
+    _image(photos / "photo.png")
+    before = _files(tmp_path)
+    for argv in ([str(photos), "--out", str(photos)], [str(photos / "photo.png"), "--out", str(photos) + "/"]):
+        assert main(["predict", "--checkpoint", str(checkpoint), *argv]) == 2
+        assert "holds the input" in _one_error(capsys)
+    monkeypatch.chdir(photos)  # the same folder, spelt differently
+    assert main(["predict", "--checkpoint", str(checkpoint), "photo.png", "--out", "."]) == 2
+    assert "holds the input photo.png" in _one_error(capsys)
+    assert _files(tmp_path) == before  # the photo is unchanged and nothing was added
+    assert main(["predict", "--checkpoint", str(checkpoint), str(photos), "--out", str(photos / "masks")]) == 0
+    assert (photos / "masks" / "photo.png").is_file() and _files(photos)["photo.png"] == before["photos/photo.png"]
+
+
+def test_an_output_that_links_to_an_input_is_refused(checkpoint, tmp_path, capsys):
+    src = _image(tmp_path / "in" / "a.png")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a_overlay.png").symlink_to(src)
+    before = src.read_bytes()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(src), "--out", str(tmp_path / "out")]) == 2
+    assert "is a link to one of the inputs" in _one_error(capsys)
+    assert src.read_bytes() == before and not (tmp_path / "out" / "a.png").exists()
+
+
+def test_colliding_stems_get_unique_names(checkpoint, tmp_path, capsys):
+    _image(tmp_path / "in" / "c.png", 10)
+    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(tmp_path / "in" / "c.jpg")
+    _image(tmp_path / "in" / "a.png", 30)
+    _image(tmp_path / "in" / "a_overlay.png", 40)  # its mask would be a.png's overlay
+    _image(tmp_path / "other" / "c.png", 50)
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), str(tmp_path / "other"),
+                 "--out", str(out), "--uncertainty"]) == 0
+    assert "wrote 5 prediction(s)" in capsys.readouterr().out
+    stems = ["a", "a_overlay_2", "c_jpg", "c_png", "c_png_2"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"{s}{suffix}.png" for s in stems for suffix in ("", "_overlay", "_uncertainty"))
+    # the same input given twice (its folder and itself) is predicted once
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "other"),
+                 str(tmp_path / "other" / "c.png"), "--out", str(tmp_path / "once")]) == 0
+    assert sorted(p.name for p in (tmp_path / "once").iterdir()) == ["c.png", "c_overlay.png"]
+
+
+def test_unique_stems_rule():
+    from pathlib import Path
+
+    from pixelwise.inference.writers import output_names, unique_stems
+
+    paths = [Path("x/c.png"), Path("x/c.JPG"), Path("y/c.png"), Path("x/d.png"), Path("x/D.tif")]
+    assert unique_stems(paths) == ["c_png", "c_jpg", "c_png_2", "d_png", "D_tif"]
+    assert unique_stems([Path("a.png"), Path("a_instances.png")], instance=True) == ["a", "a_instances_2"]
+    assert output_names("s", instance=True) == ["s.png", "s_instances.png", "s_overlay.png", "s.json"]
+
+
+def _mixed_folder(root):
+    _image(root / "good.png")
+    cut = root / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:300])
+    (root / "empty.jpg").write_bytes(b"")
+    _image(root / "zz_last.png", 60)
+    return root
+
+
+def test_unreadable_inputs_are_all_named_and_nothing_is_written(checkpoint, tmp_path, capsys):
+    folder = _mixed_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(out)]) == 2
+    line = _one_error(capsys)
+    assert "2 of 4 input(s) cannot be read, nothing was written" in line
+    assert "cut.png" in line and "empty.jpg" in line and "--skip-invalid" in line
+    assert not out.exists()
+
+
+def test_skip_invalid_predicts_the_rest_lists_the_skipped_and_exits_3(checkpoint, tmp_path, capsys):
+    folder = _mixed_folder(tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(folder), "--out", str(out), "--skip-invalid"]) == 3
+    captured = capsys.readouterr()
+    assert "wrote 2 prediction(s)" in captured.out
+    skipped = captured.err.strip().splitlines()
+    assert len(skipped) == 3 and all(line.startswith("pixelwise: skipped ") for line in skipped), skipped
+    assert "cut.png" in skipped[0] and "empty.jpg" in skipped[1] and "2 unreadable input(s) (exit 3)" in skipped[2]
+    assert sorted(p.name for p in out.iterdir()) == ["good.png", "good_overlay.png", "zz_last.png",
+                                                     "zz_last_overlay.png"]
+    # nothing skipped: exit 0, nothing on stderr
+    assert main(["predict", "--checkpoint", str(checkpoint), str(folder / "good.png"), "--out", str(out),
+                 "--skip-invalid"]) == 0
+    assert capsys.readouterr().err == ""
+    # nothing readable: an error, not an empty success
+    assert main(["predict", "--checkpoint", str(checkpoint), str(folder / "empty.jpg"), "--out",
+                 str(tmp_path / "none"), "--skip-invalid"]) == 2
+    assert "none of the 1 input(s) can be read" in _one_error(capsys)

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from pixelwise.models.unet import UNet, mirror_pad, unet_weight_map, valid_input_size, valid_output_size
+from pixelwise.models.unet import (
+    UNet,
+    mirror_pad,
+    unet_weight_map,
+    valid_input_size,
+    valid_output_size,
+    valid_tile,
+)
 
 
 def test_paper_parameter_count():
@@ -15,6 +22,13 @@ def test_paper_tile_sizes():
     assert valid_output_size(572) == 388  # Fig. 1 of the paper
     assert valid_input_size(388) == 572
     assert valid_output_size(573) is None  # odd size before a pooling
+
+
+def test_valid_tile_closed_form_is_the_smallest_valid_input():
+    for size in range(1, 1200):
+        i, o = valid_tile(size)
+        assert valid_output_size(i) == o >= size
+        assert all(valid_output_size(j) is None or valid_output_size(j) < size for j in range(size, i))
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
@@ -42,6 +56,19 @@ def test_mirror_pad_matches_numpy_symmetric_reflection():
     got = mirror_pad(x, 5, 6, 7, 2)
     ref = np.pad(x.numpy(), ((0, 0), (0, 0), (5, 6), (7, 2)), mode="reflect")
     assert np.array_equal(got.numpy(), ref)
+    big = mirror_pad(x, 9, 13, 11, 10)  # pads several times the image: reflection repeats
+    assert np.array_equal(big.numpy(), _repeated_reflect(x.numpy(), 9, 13, 11, 10))
+    one = torch.tensor([[[[5.0]]]])
+    assert torch.equal(mirror_pad(one, 2, 1, 0, 3), torch.full((1, 1, 4, 4), 5.0))
+
+
+def _repeated_reflect(a, top, bottom, left, right):
+    while top or bottom or left or right:
+        h, w = a.shape[-2:]
+        t, b, le, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
+        a = np.pad(a, ((0, 0), (0, 0), (t, b), (le, r)), mode="reflect")
+        top, bottom, left, right = top - t, bottom - b, left - le, right - r
+    return a
 
 
 def test_gradients_reach_every_parameter():

@@ -1,7 +1,10 @@
 """The ``pixelwise`` command: one function per verb.
 
-Every verb exits 0 on success, 2 with a one-line ``pixelwise: error: ...`` on bad input, and
-130 on Ctrl-C.
+Exit status (README, "Guarantees"): 0 success; 2 bad input, reported as one line
+``pixelwise: error: <what, which file or flag, the fix>`` on stderr (argparse's usage errors
+included); 3 ``predict --skip-invalid`` finished but skipped inputs (listed on stderr); 130
+Ctrl-C (SIGINT) and 143 SIGTERM, both after a training run has saved its current step; 1
+``data inspect --strict`` found problems, otherwise a bug (a traceback).
 """
 
 from __future__ import annotations
@@ -10,7 +13,12 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
+import signal
 import sys
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pixelwise._version import __version__
@@ -18,6 +26,7 @@ from pixelwise.engine import config as train_config  # no torch: --help stays fa
 from pixelwise.errors import UserError
 
 DEFAULT_MC_SAMPLES = 8
+EXIT_SKIPPED = 3  # predict --skip-invalid: done, but some inputs were skipped
 TTA_CHOICES = ["flip", "d4"]  # pixelwise.inference.tta.TTA_MODES, named here so that --help needs no torch
 
 
@@ -59,10 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = train_config.find_recipe(args.config) if args.config else None
     file_values = train_config.load_yaml_config(recipe) if recipe else {}
-    cli = {}
-    for name in train_config.config_fields():
-        value = getattr(args, name, None)
-        cli[name] = train_config.flag_value(name, value) if isinstance(value, str) else value
+    cli = train_config.flag_values(vars(args))
     cfg = train_config.build_config(file_values, cli, recipe.stem if recipe else None)
     summary = fit(cfg)
     if not env_info().is_main:
@@ -112,28 +118,140 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    import torch
+
     from pixelwise.checkpoint import load_checkpoint
-    from pixelwise.inference.bench import benchmark
+    from pixelwise.inference.bench import benchmark, count_flops
+    from pixelwise.inference.onnx_runner import read_onnx_metadata
     from pixelwise.models import create_model, model_info
 
-    if bool(args.model) == bool(args.checkpoint):
-        raise UserError("give exactly one of --model NAME or --checkpoint FILE")
-    if args.checkpoint:
+    if sum(bool(a) for a in (args.model, args.checkpoint, args.onnx)) != 1:
+        raise UserError("give exactly one of --model NAME, --checkpoint FILE or --onnx FILE")
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--num-classes", args.num_classes)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    size = train_config.parse_size(args.size, "--size")
+    if size is None:
+        raise UserError("--size needs HxW, e.g. 512x512")
+    refuse_input_as_output(args.json, "--json", [args.checkpoint, args.onnx])
+    device = check_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, flops, mode, name = None, None, args.mode, args.model or ""
+    if args.onnx:
+        if mode not in (None, "onnx"):
+            raise UserError(f"--onnx runs in onnxruntime: --mode {mode} does not apply")
+        mode, meta = "onnx", read_onnx_metadata(args.onnx)
+        task, name = "semantic", meta.get("model", "")
+        if name:  # FLOPs of the architecture, counted on the meta device from the stored metadata
+            flops = count_flops(lambda: create_model(name, num_classes=meta.get("num_classes", 21),
+                                                     **meta.get("model_kwargs", {})), size)
+    elif args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint)
-        task = meta.get("task", "semantic")
+        task, name = meta.get("task", "semantic"), meta.get("model", "")
     else:
         task = model_info(args.model).task
         model = create_model(args.model, num_classes=args.num_classes)
-    size = train_config.parse_size(args.size)
-    if size is None:
-        raise UserError("--size needs HxW, e.g. 512x512")
-    result = benchmark(model, size, batch=args.batch, mode=args.mode, device=args.device,
-                       repeats=args.repeats, task=task)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    result = benchmark(model, size, batch=args.batch, mode=mode or "eager", device=device,
+                       repeats=args.repeats, task=task, flops=flops, model_name=name, onnx=args.onnx,
+                       threads=args.threads, train=args.train, compile=args.compile)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                   if v is not None))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
+
+
+def _writable_out(path: str, overwrite: bool) -> Path:
+    """``--out FILE`` checked before any work: its folder exists (or is created) and is writable,
+    and an existing file is replaced only with ``--overwrite``."""
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write --out {out}: its folder is not writable")
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    from pixelwise.checkpoint import load_checkpoint
+    from pixelwise.inference.export import export_maskrcnn_parts, export_onnx
+    from pixelwise.models import create_model, model_info
+    from pixelwise.models.maskrcnn import MaskRCNN
+
+    if args.format != "onnx":
+        raise UserError(f"--format {args.format!r} is not supported; the one format is onnx")
+    if bool(args.model) == bool(args.checkpoint):
+        raise UserError("give exactly one of --checkpoint FILE or --model NAME")
+    if not args.out.lower().endswith(".onnx"):
+        raise UserError(f"--out {args.out}: an ONNX file name ends with .onnx")
+    if args.checkpoint and Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise UserError("--out would write over the --checkpoint")
+    out = _writable_out(args.out, args.overwrite)
+    if args.checkpoint:
+        model, meta = load_checkpoint(args.checkpoint)
+    else:
+        info = model_info(args.model)
+        num_classes = args.num_classes or (21 if info.task == "semantic" else 91)
+        model = create_model(args.model, num_classes=num_classes)
+        meta = {"model": args.model, "num_classes": num_classes, "task": info.task}
+        print(f"note: --model {args.model} exports randomly initialised weights (give --checkpoint for a "
+              "trained model)")
+    if meta.get("task", "semantic") != "semantic":
+        if args.fp16:
+            raise UserError("--fp16 applies to semantic models only")
+        if not isinstance(model, MaskRCNN):
+            raise UserError(f"no ONNX export for the {meta.get('task')} model {meta.get('model')}")
+        written = export_maskrcnn_parts(model, out, meta, opset=args.opset)
+        for report in written:
+            print(report.summary())
+        print("not exported (runs in PyTorch): anchors, proposal decoding + NMS, RoI Align, detection "
+              "post-processing and mask pasting; see docs/deploy.md")
+        return 0
+    calibration = None
+    if args.int8:
+        calibration = int8_calibration(model, meta, args)
+    elif args.calib_dataset or args.calib_data:
+        raise UserError("--calib-dataset/--calib-data calibrate --int8; add --int8")
+    min_agreement = args.min_agreement or (INT8_MIN_AGREEMENT if args.int8 else 0.999)
+    report = export_onnx(model, out, meta, model_name=meta.get("model", ""), opset=args.opset, fp16=args.fp16,
+                         calibration=calibration, min_agreement=min_agreement)
+    print(report.summary())
+    return 0
+
+
+INT8_MIN_AGREEMENT = 0.97  # int8 export fails below this argmax agreement with fp32 eager (unless --min-agreement)
+
+
+def int8_calibration(model, meta: dict, args: argparse.Namespace) -> list:
+    """Preprocessed random crops of ``--calib-images`` training images of ``--calib-dataset`` for
+    int8 calibration (the checkpoint's input contract applied first)."""
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    import numpy as np
+
+    from pixelwise.checkpoint import input_spec_from_meta
+    from pixelwise.data import build_dataset
+    from pixelwise.inference.export import calibration_batches
+
+    if args.fp16:
+        raise UserError("choose one of --fp16 and --int8")
+    if not args.calib_dataset:
+        raise UserError("--int8 needs --calib-dataset KIND (and --calib-data PATH): training images to calibrate "
+                        "activation ranges on")
+    ds = build_dataset(args.calib_dataset, args.calib_data, "train")
+    if len(ds) == 0:
+        raise UserError(f"--calib-dataset {args.calib_dataset}: no training images found")
+    rng = np.random.default_rng(0)
+    picks = rng.permutation(len(ds))[:args.calib_images]
+    images = [ds.load(int(i)).image for i in picks]
+    return calibration_batches(images, input_spec_from_meta(meta, model), crop=args.calib_crop)
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -141,15 +259,56 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from pixelwise.data import build_dataset
     from pixelwise.data.inspect import format_report, inspect_dataset
 
+    refuse_input_as_output(args.json, "--json", [args.data])
     ds = build_dataset(args.dataset, args.data, args.split,
                        **train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
-    report = inspect_dataset(ds, progress=not args.no_progress)
+    report = inspect_dataset(ds, progress=args.progress)
     print(format_report(report))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     return 1 if report["problems"] and args.strict else 0
+
+
+def refuse_input_as_output(path: str | None, flag: str, inputs: list[str | None]) -> None:
+    """A file a verb is asked to write (``--json``) must not be one of its inputs nor an existing
+    file inside an input folder (a dataset): no verb writes over what it reads."""
+    if not path:
+        return
+    out = Path(path).expanduser().resolve()
+    if out.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
+    for item in inputs:
+        if not item:
+            continue
+        source = Path(item).expanduser().resolve()
+        if out == source or (source.is_dir() and out.is_relative_to(source) and out.exists()):
+            raise UserError(f"{flag} {path} would write over the input {item}; give another file name")
+
+
+def write_json(path: str, value: object) -> None:
+    """``value`` as JSON at ``path`` (folders created), through a temporary file and a rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(target)
+
+
+def check_device(name: str) -> str:
+    """``--device``: one that exists here (a one-line error otherwise)."""
+    # start-up time: torch is loaded only by the verbs that use it
+    from pixelwise.runtime import check_device as check
+
+    return str(check(name))
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """``--max-pixels``: the decompression-bomb limit of image reading (None: the default)."""
+    # start-up time: PIL is loaded only by the verbs that read images
+    from pixelwise.data.io import set_max_image_pixels
+
+    set_max_image_pixels(limit)
 
 
 def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
@@ -162,11 +321,20 @@ def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
     return train_config.parse_size(text), False
 
 
+def model_file(args: argparse.Namespace) -> str:
+    """``--checkpoint CKPT`` or ``--onnx FILE`` (exactly one) of eval and predict."""
+    if bool(args.checkpoint) == bool(args.onnx):
+        raise UserError("give exactly one of --checkpoint FILE or --onnx FILE")
+    if args.onnx and not args.onnx.lower().endswith(".onnx"):
+        raise UserError(f"--onnx {args.onnx}: an ONNX file name ends with .onnx")
+    return args.onnx or args.checkpoint
+
+
 def predictor_options(args: argparse.Namespace) -> dict:
     """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint."""
     resize, native = parse_resize(args.resize)
     return {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
-            "tta": args.tta, "mc_samples": args.mc_samples}
+            "tta": args.tta, "mc_samples": args.mc_samples, "mode": args.mode}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -174,9 +342,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
-    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data, args.split, device=args.device,
+    refuse_input_as_output(args.json, "--json", [args.checkpoint, args.onnx, args.data])
+    set_max_pixels(args.max_pixels)
+    device = check_device(args.device)
+    metrics = evaluate_checkpoint(model_file(args), args.dataset, args.data, args.split, device=device,
                                   dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
-                                  progress=not args.no_progress, bf=not args.no_bf, **options)
+                                  progress=args.progress, bf=not args.no_bf, skip_invalid=args.skip_invalid,
+                                  **options)
     shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input")}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for row in metrics.get("per_class", []):
@@ -184,8 +356,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  for key in ("iou", "acc", "bf") if key in row]
         print(f"  {row['name']:<16} " + "  ".join(cells))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        write_json(args.json, metrics)
         print(f"wrote {args.json}")
     return 0
 
@@ -193,21 +364,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.mc_dropout import has_dropout
-    from pixelwise.inference.predictor import Predictor, SemanticPredictor
-    from pixelwise.inference.writers import predict_files
+    from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
+    from pixelwise.inference.writers import check_predict, predict_files
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
         options["score_thresh"] = args.score_thresh
-    predictor = Predictor.from_checkpoint(args.checkpoint, args.device, **options)
+    set_max_pixels(args.max_pixels)
+    device = check_device(args.device)
+    predictor = Predictor.from_checkpoint(model_file(args), device, **options)
     if args.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UserError("--uncertainty applies to semantic models only")
     if (isinstance(predictor, SemanticPredictor) and args.uncertainty and args.mc_samples is None
             and has_dropout(predictor.model)):
         predictor.mc_samples = DEFAULT_MC_SAMPLES  # a model with dropout: uncertainty from Monte-Carlo dropout
-    written = predict_files(predictor, args.inputs, args.out, uncertainty=args.uncertainty,
-                            progress=not args.no_progress)
-    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {predictor.input_spec.describe()})")
+    plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
+                         uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress)
+    written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress)
+    renamed = sum(stem != path.stem for path, stem in zip(plan.paths, plan.stems))
+    print(f"wrote {len(written)} prediction(s) to {args.out} (input: {predictor.input_spec.describe()})"
+          + (f"; {renamed} named <stem>_<ext> because input stems collide" if renamed else ""))
+    for reason in plan.skipped:
+        print(f"pixelwise: skipped {reason}", file=sys.stderr)
+    if plan.skipped:
+        print(f"pixelwise: skipped {len(plan.skipped)} unreadable input(s) (exit {EXIT_SKIPPED})", file=sys.stderr)
+        return EXIT_SKIPPED
     return 0
 
 
@@ -224,6 +405,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"pixelwise serve needs the serve extra ({e.name} is not installed): "
                         "pip install 'pixelwise[serve]'") from None
 
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
     config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels,
                          workers=args.workers, queue=args.queue,
                          api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
@@ -243,9 +426,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.demo import run_demo
 
-    report = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    report = run_demo(args.out, quick=args.quick, progress=args.progress, overwrite=args.overwrite)
     print(f"report: {report}")
     return 0
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: only when stderr is a terminal, so logs stay readable)")
+
+
+def _add_max_pixels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="read images of up to N pixels (default 89478485, about 9459x9459: larger files are "
+                        "refused as possible decompression bombs); raise it for large aerial or slide images")
 
 
 def _add_prediction_args(p: argparse.ArgumentParser) -> None:
@@ -259,10 +453,13 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
                         "and flips)")
     p.add_argument("--mc-samples", type=int, help="average this many Monte-Carlo dropout samples (models with "
                    "dropout, e.g. bayesian_segnet; the paper used 50)")
+    p.add_argument("--mode", choices=["eager", "fast"], help="eager (default: float32 as trained) or fast "
+                   "(BatchNorm folded, channels-last, bf16 where the CPU has it; Mask R-CNN: "
+                   "optimize_for_inference in float32); docs/deploy.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixelwise", description="Semantic and instance segmentation in PyTorch.")
+    parser = Parser(prog="pixelwise", description="Semantic and instance segmentation in PyTorch.")
     parser.add_argument("--version", action="version", version=f"pixelwise {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -272,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end-to-end run on synthetic scenes: train, evaluate, predict, report")
     p.add_argument("--out", default="pixelwise-demo", help="output folder (default: pixelwise-demo)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="run into an --out that holds an earlier demo, "
+                   "replacing it (default: refuse)")
+    _add_progress(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model")
@@ -283,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--onnx", metavar="FILE", help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--data")
     p.add_argument("--split", default="val")
@@ -292,13 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true", help="leave out the files the dataset check finds bad "
+                   "(default: refuse to evaluate, naming them)")
+    _add_max_pixels(p)
+    _add_progress(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="segment image files")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint")
+    p.add_argument("--onnx", metavar="FILE", help="run a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the predictions; never one that holds "
+                   "an input (inputs whose names differ only in extension get <stem>_<ext>)")
     _add_prediction_args(p)
     p.add_argument("--uncertainty", action="store_true",
                    help="also write DIR/<stem>_uncertainty.png (predictive entropy; with Monte-Carlo dropout, "
@@ -306,8 +511,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, help="instance models: keep detections with this score or more "
                    "(default 0.5)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true", help="predict the readable inputs, list the others and "
+                   f"exit {EXIT_SKIPPED} (default: name every unreadable input and write nothing)")
+    _add_max_pixels(p)
+    _add_progress(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a model to ONNX, verified against PyTorch")
+    p.add_argument("--checkpoint")
+    p.add_argument("--model", help="export this model with random weights instead of a checkpoint")
+    p.add_argument("--num-classes", type=int, help="with --model (default 21, or 91 for instance models)")
+    p.add_argument("--format", default="onnx", help="onnx (the only format)")
+    p.add_argument("--out", required=True, help="the .onnx file to write (Mask R-CNN: FILE and <stem>_heads.onnx)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--fp16", action="store_true", help="float16 weights and activations (inputs and outputs stay "
+                   "float32)")
+    p.add_argument("--int8", action="store_true", help="static int8 quantisation by onnxruntime (QDQ, per-channel "
+                   "int8 weights, uint8 activations calibrated on training crops)")
+    p.add_argument("--calib-dataset", metavar="KIND", help="with --int8: the dataset kind to calibrate on (its train "
+                   "split)")
+    p.add_argument("--calib-data", metavar="PATH", help="with --int8: the dataset's folder")
+    p.add_argument("--calib-images", type=int, default=64, help="with --int8: images to calibrate on (default 64)")
+    p.add_argument("--calib-crop", type=int, default=256, help="with --int8: random crop side (default 256)")
+    p.add_argument("--min-agreement", type=float, help="fail below this argmax agreement with PyTorch eager "
+                   f"(default 0.999; {INT8_MIN_AGREEMENT} with --int8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="web page and HTTP API for a checkpoint (needs the serve extra)",
                        description="Serve a checkpoint: a page at / (upload, overlay, legend, scores against a "
@@ -346,9 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=21, help="with --model (default 21)")
     p.add_argument("--size", required=True, help="input HxW")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--mode", choices=["eager", "fast", "onnx"], default="eager")
+    p.add_argument("--onnx", metavar="FILE", help="time a file written by `pixelwise export` (onnxruntime)")
+    p.add_argument("--mode", choices=["eager", "fast", "onnx"], help="eager (default), fast (BatchNorm folded, "
+                   "channels-last, bf16 where the CPU has bf16 kernels) or onnx (export, verify, time onnxruntime)")
+    p.add_argument("--compile", action="store_true", help="with --mode fast: also torch.compile (compile time "
+                   "is reported as compile_s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime (default: torch's)")
+    p.add_argument("--train", action="store_true", help="also time a float32 training step (train_img_per_s)")
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench)
 
@@ -361,22 +596,116 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", help="also write the report to this JSON file")
     q.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     q.add_argument("--strict", action="store_true", help="exit 1 when problems are found")
-    q.add_argument("--no-progress", action="store_true")
+    _add_progress(q)
     q.set_defaults(func=cmd_data_inspect)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is the one-line ``pixelwise: error: ...`` of every
+    other bad input (argparse would print the usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{_verb_name(self)}{message} (see `{self.prog} --help`)")
+
+
+def _verb_name(parser: argparse.ArgumentParser) -> str:
+    """``"eval: "`` for the parser of ``pixelwise eval``, ``""`` for the top one."""
+    verb = parser.prog.removeprefix("pixelwise").strip()
+    return f"{verb}: " if verb else ""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, SLURM, Kubernetes), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt, so that training saves its current step the same way."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the save that follows is not interrupted again
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
     try:
-        return args.func(args)
-    except UserError as e:
-        print(f"pixelwise: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pixelwise: interrupted", file=sys.stderr)
-        return 130
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _default_pixel_limit_after() -> Iterator[None]:
+    """``--max-pixels`` holds for one verb (main() may be called again in the same process)."""
+    try:
+        yield
+    finally:
+        io = sys.modules.get("pixelwise.data.io")
+        if io is not None:
+            io.set_max_image_pixels(None)
+
+
+def _verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the verb that ``args`` were parsed for, e.g. that of ``data inspect``."""
+    for dest in ("verb", "data_verb"):
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, dest, None)
+        if not actions or name is None:
+            break
+        parser = actions[0].choices[name]
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        verb = _verb_parser(parser, args)
+        word = next((a for a in extra if a.startswith("-")), extra[0])
+        flags = [s for a in verb._actions for s in a.option_strings]
+        hint = train_config.did_you_mean(word.split("=")[0], flags) if word.startswith("-") else ""
+        raise UserError(f"{_verb_name(verb)}unrecognized argument {word!r}{hint} (see `{verb.prog} --help`)")
+    return args
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; -> the exit status (module docstring). Every foreseeable bad input ends
+    here as one line on stderr."""
+    with _sigterm_raises(), _default_pixel_limit_after():
+        try:
+            args = _parse(build_parser(), argv)
+            return args.func(args)
+        except UserError as e:
+            print(f"pixelwise: error: {_one_line(str(e))}", file=sys.stderr)
+            return 2
+        except Terminated:
+            print("pixelwise: terminated (SIGTERM)", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print("pixelwise: interrupted", file=sys.stderr)
+            return 130
+        except OSError as e:  # the machine's answer to a path given: permissions, a full disk, ...
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"pixelwise: error: {where}{_one_line(e.strerror or str(e))}; check the path, its permissions "
+                  "and the free space", file=sys.stderr)
+            return 2
+        except MemoryError:
+            print("pixelwise: error: out of memory; use a smaller --batch-size, --tile or image size",
+                  file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            if type(e).__name__ != "OutOfMemoryError":  # torch's, on the GPU
+                raise
+            print(f"pixelwise: error: out of memory on the device ({_one_line(str(e))[:200]}); use a smaller "
+                  "--batch-size, --tile or image size", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

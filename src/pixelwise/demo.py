@@ -19,7 +19,7 @@ from pixelwise.data.io import write_mask
 from pixelwise.data.palette import colorize, overlay
 from pixelwise.data.shapes import ShapesDataset
 from pixelwise.engine.config import TrainConfig
-from pixelwise.engine.trainer import fit
+from pixelwise.engine.trainer import check_out, fit
 from pixelwise.inference.evaluate import evaluate_checkpoint
 from pixelwise.inference.predictor import SemanticPredictor
 from pixelwise.report import svg_line_chart, write_report
@@ -39,23 +39,28 @@ MODEL_KWARGS = {"base_channels": 16, "batch_norm": True, "dropout": 0.0}
 NUM_EXAMPLES = 6
 
 
-def demo_config(out: Path, quick: bool, progress: bool) -> TrainConfig:
+def demo_config(out: Path, quick: bool, progress: bool | None, overwrite: bool = False) -> TrainConfig:
+    """The demo's training config (its class weights file is written by :func:`run_demo`)."""
     recipe = QUICK if quick else FULL
     weights_file = out / "demo_class_weights.json"
-    weights_file.write_text(json.dumps(CLASS_WEIGHTS))
     return TrainConfig(model="unet", dataset="shapes", out=str(out), epochs=recipe["epochs"],
                        class_weights=str(weights_file), max_minutes=recipe["max_minutes"], batch_size=8,
                        lr=3e-3, optimizer="adam",
                        schedule="poly", seed=0, model_kwargs=dict(MODEL_KWARGS),
                        augment={"flip": True, "jitter": False, "scale": None},
-                       dataset_kwargs=dict(recipe["dataset_kwargs"]), progress=progress)
+                       dataset_kwargs=dict(recipe["dataset_kwargs"]), progress=progress, overwrite=overwrite)
 
 
-def run_demo(out: str | Path, quick: bool = False, progress: bool = True, log=print) -> Path:
+def run_demo(out: str | Path, quick: bool = False, progress: bool | None = None, log=print,
+             overwrite: bool = False) -> Path:
+    """The whole demo into ``out``; an ``out`` that holds an earlier run is refused unless
+    ``overwrite``. -> the report's path."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    cfg = demo_config(out, quick, progress)
+    cfg = demo_config(out, quick, progress, overwrite)
+    check_out(cfg, can_resume=False)  # before the first file is written; demo has no --resume
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_class_weights.json").write_text(json.dumps(CLASS_WEIGHTS))
     budget = f" / {cfg.max_minutes} min" if cfg.max_minutes else ""
     log(f"[1/4] training U-Net on synthetic scenes ({cfg.dataset_kwargs['num_train']} train, "
         f"{cfg.dataset_kwargs['num_val']} val), at most {cfg.epochs} epochs{budget}")

@@ -187,7 +187,13 @@ def unpool(x: Tensor, indices: Tensor, size: Sequence[int], mode: str = "indices
     occurs."""
     if mode == "indices":
         if torch.jit.is_tracing():  # F.max_unpool2d's Python-side size check fails under jit.trace
-            return torch.ops.aten.max_unpool2d(x, indices, list(size[-2:]))
+            # pixelwise export maps this to ONNX MaxUnpool, whose output is 2h x 2w (SegNet and
+            # DeconvNet pad their input so that every pre-pool size is even)
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            if (int(size[-2]), int(size[-1])) != (2 * h, 2 * w):
+                raise ValueError(f"tracing unpooling to {tuple(size[-2:])} from {(h, w)}: "
+                                 "only even pre-pool sizes trace")
+            return torch.ops.aten.max_unpool2d(x, indices, [2 * h, 2 * w])
         return max_unpool(x, indices, size)
     if mode == "nearest":
         return upsample_nearest(x, 2, size)

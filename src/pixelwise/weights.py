@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from pixelwise.errors import UserError
+from pixelwise.runtime import show_progress
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's rule: name-<sha256 prefix>.ext
@@ -34,7 +35,7 @@ def download_weights(url: str) -> dict[str, Tensor]:
     """The state dict at ``url``, downloaded once into the torch hub cache (hash-checked when the
     file name carries one; a failed or corrupt download leaves nothing behind)."""
     try:
-        return torch.hub.load_state_dict_from_url(url, progress=True, map_location="cpu", weights_only=True,
+        return torch.hub.load_state_dict_from_url(url, progress=show_progress(), map_location="cpu", weights_only=True,
                                                   check_hash=url_has_hash(url))
     except (OSError, RuntimeError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

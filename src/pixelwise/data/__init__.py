@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
+from inspect import signature
 
 from pixelwise.data.ade20k import ADE20K
 from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset, collate
@@ -30,12 +32,21 @@ DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
 def build_dataset(kind: str, root: str | None, split: str, **kwargs) -> SegmentationDataset:
     """Open dataset ``kind`` at ``root`` for ``split``; kwargs go to the reader."""
     if kind not in DATASETS:
-        raise UserError(f"unknown dataset kind {kind!r}; choose one of: {', '.join(sorted(DATASETS))}")
+        close = difflib.get_close_matches(str(kind), DATASETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"unknown dataset kind {kind!r}; {hint}choose one of: {', '.join(sorted(DATASETS))}")
     cls = DATASETS[kind]
+    options = [n for n, p in signature(cls).parameters.items()
+               if n not in ("root", "split") and p.kind is not p.VAR_KEYWORD]
+    for key in kwargs:
+        if key not in options:
+            close = difflib.get_close_matches(key, options, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(f"--dataset-kwargs: {kind} has no option {key!r}; {hint}options: {', '.join(options)}")
     try:
         return cls(root=root, split=split, **kwargs)
     except TypeError as e:
-        raise UserError(f"bad dataset option for {kind!r}: {e}") from None
+        raise UserError(f"--dataset-kwargs: bad option for {kind!r}: {e}") from None
 
 
 __all__ = ["DATASETS", "IGNORE_INDEX", "Problem", "Sample", "SegmentationDataset", "build_dataset", "collate"]

@@ -9,7 +9,7 @@ Splits: ``train``/``training`` (20,210), ``val``/``validation`` (2,000).
 from __future__ import annotations
 
 from pixelwise.data.base import IGNORE_INDEX
-from pixelwise.data.download import download_and_extract
+from pixelwise.data.download import Archive, download_and_extract
 from pixelwise.data.files import FilePairDataset, make_lut
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
@@ -36,7 +36,9 @@ CLASS_NAMES = [
 # Distinct colours from the VOC bit-interleaving map (skipping its black entry 0).
 PALETTE = default_palette(len(CLASS_NAMES) + 1)[1:]
 SPLIT_DIRS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
-URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
+URL = "https://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
+# SHA-256 and size as published in tensorflow/datasets (url_checksums/ade20k.txt) for this file.
+ARCHIVE = Archive(URL, sha256="7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29", size=967382037)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
@@ -54,7 +56,7 @@ class ADE20K(FilePairDataset):
         if (self.root / "ADEChallengeData2016").is_dir():
             self.root = self.root / "ADEChallengeData2016"
         elif download and not (self.root / "images").is_dir():
-            download_and_extract(URL, self.root)
+            download_and_extract(ARCHIVE, self.root)
             self.root = self.root / "ADEChallengeData2016"
         sub = SPLIT_DIRS[split]
         images = self.root / "images" / sub

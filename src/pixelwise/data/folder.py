@@ -10,8 +10,11 @@ Layout::
 
 Masks may also be RGB colour masks when ``classes.json`` gives the palette: each colour is its
 class, ``"ignore_color"`` (default white) is ignored, any other colour is a problem for ``check()``.
-Without ``classes.json`` the class count is ``num_classes=N`` or, if not given, one more than the
-largest label found in the masks (names ``class_0``...).
+Without ``classes.json`` the class count is ``num_classes=N`` or, if not given, inferred from the
+labels found in the masks (names ``class_0``...): one more than the largest label ``L`` such that
+at least half of ``0..L`` occur. Labels far above the others (0, 1 and 200) would otherwise make
+199 classes that never occur; they are reported by ``check()`` instead, as values outside the
+classes, with the fix (``classes.json``, ``num_classes``, or 255 for "ignore").
 
 Splits: with ``splits/`` the lists decide. Without it every pair is in ``all``; ``val`` is a
 deterministic 10% of ``all`` (at least one image when there are two or more), chosen by a hash of
@@ -45,6 +48,16 @@ def _rgb(colour) -> tuple[int, int, int]:
     return r, g, b
 
 
+def inferred_class_count(labels: set[int]) -> int:
+    """The class count of masks holding ``labels`` (255 excluded), without classes.json: one more
+    than the largest label L such that at least half of 0..L occur (at least 2 classes)."""
+    count = 0
+    for i, value in enumerate(sorted(labels)):  # i + 1 labels are <= value
+        if 2 * (i + 1) >= value + 1:
+            count = value + 1
+    return max(count, 2)
+
+
 def val_stems(stems: list[str], fraction: float = VAL_FRACTION) -> set[str]:
     """The deterministic held-out set: the ``ceil(fraction * n)`` stems with the smallest SHA-1."""
     if len(stems) < 2:
@@ -75,6 +88,7 @@ class FolderDataset(FilePairDataset):
         self.items = [(str(images[s]), str(masks.get(s, masks_dir / f"{s}.png"))) for s in stems]
         self.colour_palette: list[tuple[int, int, int]] | None = None
         self.ignore_colour = (255, 255, 255)
+        self.far_labels: list[int] = []  # labels found far above the others (reported by check())
         self._read_classes(num_classes, [m for m in masks.values()])
         self._finish(skip_invalid)
 
@@ -122,15 +136,15 @@ class FolderDataset(FilePairDataset):
             self.colour_palette = palette
         else:
             if num_classes is None:  # one decode per mask (masks are small); reports unreadable ones later
-                top = -1
+                seen: set[int] = set()
                 for m in masks:
                     try:
                         v = read_mask(m)
                     except UserError:
                         continue
-                    v = v[v != IGNORE_INDEX]
-                    top = max(top, int(v.max()) if v.size else -1)
-                num_classes = max(top + 1, 2)
+                    seen.update(int(x) for x in np.unique(v) if x != IGNORE_INDEX)
+                num_classes = inferred_class_count(seen)
+                self.far_labels = sorted(v for v in seen if v >= num_classes)
             self.class_names = [f"class_{i}" for i in range(num_classes)]
             self.palette = default_palette(num_classes)
         if not 1 <= len(self.class_names) <= 254:
@@ -145,8 +159,15 @@ class FolderDataset(FilePairDataset):
         full = list(self.colour_palette) + [None] * (IGNORE_INDEX - len(self.colour_palette))
         return read_mask(ref, palette=full + [self.ignore_colour], unknown=UNKNOWN_COLOUR)
 
-    def check(self, labels: bool = True, progress: bool = False):
+    def check(self, labels: bool = True, progress: bool | None = False):
         problems = super().check(labels=labels, progress=progress)
+        if self.far_labels:  # say why those labels are outside the classes, and what to do
+            top = self.far_labels[-1]
+            note = (f"; there is no classes.json or num_classes, and label {self.far_labels[0]} is far above the "
+                    f"others, so the classes were taken as 0..{self.num_classes - 1}: store ignored pixels as 255, "
+                    f"or describe the classes in {self.root / 'classes.json'} (or pass num_classes={top + 1})")
+            problems = [Problem(p.path, p.message + note) if p.message.startswith("label values") else p
+                        for p in problems]
         if self.split == "all":
             problems += [Problem(m, "mask without an image in images/") for m in self.orphan_masks]
         return problems

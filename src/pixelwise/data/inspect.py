@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from tqdm import tqdm
 
 from pixelwise.data.base import IGNORE_INDEX, SegmentationDataset
 from pixelwise.errors import UserError
+from pixelwise.runtime import progress as progress_bar
 
 
 def median_frequency_weights(class_pixels: np.ndarray,
@@ -35,7 +35,7 @@ def median_frequency_weights(class_pixels: np.ndarray,
     return [float(med / f) if p else None for f, p in zip(freq, present)]
 
 
-def inspect_dataset(dataset: SegmentationDataset, progress: bool = True) -> dict:
+def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) -> dict:
     """Decode every raw sample of ``dataset`` (no augmentation) and summarise it (keys above)."""
     c = dataset.num_classes
     problems: list[str] = [str(p) for p in dataset.check()]
@@ -43,9 +43,7 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool = True) -> dict
     present_pixels = np.zeros(c, dtype=np.int64)
     ignored = 0
     sizes: Counter = Counter()
-    indices = range(len(dataset))
-    if progress:
-        indices = tqdm(indices, desc="inspect", unit="img", leave=False)
+    indices = progress_bar(range(len(dataset)), "inspect", progress, unit="img", leave=False)
     num_images = 0
     for i in indices:
         try:

@@ -9,12 +9,17 @@
 - :func:`write_mask` writes a palette-indexed PNG.
 
 Every unreadable, truncated or unsupported file raises :class:`~pixelwise.errors.UserError`
-naming the file.
+naming the file. So does an image of more than :func:`max_image_pixels` pixels (PIL's
+decompression-bomb limit, 89,478,485 by default): a small file can declare a huge size and
+exhaust memory when decoded. :func:`set_max_image_pixels` (``--max-pixels``) raises the limit
+deliberately for large aerial or slide images.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +35,47 @@ PathLike = str | os.PathLike
 # UnidentifiedImageError), bad chunks (ValueError), absurd sizes (DecompressionBombError).
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _ORIENTATION_TAG = 0x0112
+DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's own default
+_max_pixels = DEFAULT_MAX_PIXELS
+
+
+def max_image_pixels() -> int:
+    """The largest width x height the readers accept."""
+    return _max_pixels
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Accept images of up to ``limit`` pixels (``None``: back to the default). PIL's own limit is
+    set to the same value, so that PIL neither warns nor refuses below it."""
+    global _max_pixels
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"--max-pixels must be a positive number of pixels, got {limit!r}")
+    _max_pixels = DEFAULT_MAX_PIXELS if limit is None else limit
+    Image.MAX_IMAGE_PIXELS = _max_pixels
+
+
+def _too_large(path: Path, pixels: int | None, size: tuple[int, int] | None = None) -> UserError:
+    shape = f"{size[0]}x{size[1]} = " if size else ""
+    count = f"{shape}{pixels:,} pixels" if pixels else "more pixels than allowed"
+    fix = f"--max-pixels {pixels}" if pixels else "--max-pixels N"
+    return UserError(f"{path}: {count} is above the limit of {_max_pixels:,} (a guard against decompression "
+                     f"bombs); if you trust this file, pass {fix}")
+
+
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` (header only) within the pixel limit; PIL's warning between its limit and
+    twice that is not shown: the limit is this module's."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(path, int(found.group(1)) if found else None) from None
+    if img.size[0] * img.size[1] > _max_pixels:
+        img.close()
+        raise _too_large(path, img.size[0] * img.size[1], img.size)
+    return img
 
 
 def _open_loaded(path: PathLike) -> Image.Image:
@@ -38,7 +84,7 @@ def _open_loaded(path: PathLike) -> Image.Image:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        img: Image.Image = Image.open(path)
+        img: Image.Image = _open(path)
         img.load()
         if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
             img = ImageOps.exif_transpose(img)
@@ -164,7 +210,7 @@ def probe(path: PathLike) -> tuple[tuple[int, int], str]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             size, mode, fmt = img.size, img.mode, img.format
             orientation = img.getexif().get(_ORIENTATION_TAG, 1)
         if fmt == "PNG":  # verify() checks every chunk's CRC and the end marker without inflating

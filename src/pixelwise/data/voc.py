@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy.io import loadmat
 
-from pixelwise.data.download import download_and_extract
+from pixelwise.data.download import Archive, download_and_extract
 from pixelwise.data.files import FilePairDataset, identity_lut
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
@@ -31,7 +31,10 @@ CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "train", "tvmonitor"]
 PALETTE = default_palette(len(CLASS_NAMES))
 SPLITS = ("train", "val", "trainval", "train_aug")
-URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+URL = "https://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+# SHA-256 and size as published in tensorflow/datasets (url_checksums/voc.txt) for this file (its copy
+# on pjreddie.com; the same name and size; torchvision checks the same file by MD5 6cd6e144...).
+ARCHIVE = Archive(URL, sha256="e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb", size=1999639040)
 
 
 def find_voc_root(root: Path) -> Path:
@@ -72,7 +75,7 @@ class VOCSegmentation(FilePairDataset):
             raise UserError(f"voc has no split {split!r}; choose one of: {', '.join(SPLITS)}")
         if download and not any((c / "JPEGImages").is_dir() for c in
                                 (self.root, self.root / "VOC2012", self.root / "VOCdevkit" / "VOC2012")):
-            download_and_extract(URL, self.root)
+            download_and_extract(ARCHIVE, self.root)
         self.voc = find_voc_root(self.root)
         self.lut = identity_lut(len(CLASS_NAMES))
         sets = self.voc / "ImageSets" / "Segmentation"

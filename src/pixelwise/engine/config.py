@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import functools
 import json
+import math
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +45,14 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, stage: bool = False,
-        metavar: str | None = None, default_text: str | None = None) -> Any:
+        metavar: str | None = None, default_text: str | None = None, ge: float | None = None,
+        gt: float | None = None, lt: float | None = None) -> Any:
     """A :class:`TrainConfig` field: ``default`` (mappings and lists are copied per instance), the
-    ``help`` of its flag, the allowed values (``choices``), whether a stage may override it
-    (``stage``), the flag's ``metavar`` and how ``--help`` shows the default (``default_text``)."""
+    ``help`` of its flag, the allowed values (``choices``; numbers: ``ge`` >=, ``gt`` >, ``lt`` <),
+    whether a stage may override it (``stage``), the flag's ``metavar`` and how ``--help`` shows
+    the default (``default_text``). :func:`check_value` checks a value against all of it."""
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "stage": stage,
-                "metavar": metavar, "default_text": default_text}
+                "metavar": metavar, "default_text": default_text, "ge": ge, "gt": gt, "lt": lt}
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -71,102 +76,93 @@ class TrainConfig:
     skip_invalid: bool = opt(False, "drop files that fail the dataset check instead of refusing to train")
     # --- length ---------------------------------------------------------------------------
     epochs: int = opt(10, "passes over the training split (with stages: the sum of the stages' epochs)",
-                      stage=True)
+                      stage=True, ge=1)
     max_minutes: float | None = opt(None, "time budget in minutes; the schedule anneals by max(step, time) "
-                                    "fraction and the run ends cleanly when it is spent", metavar="M")
+                                    "fraction and the run ends cleanly when it is spent", metavar="M", gt=0)
     batch_size: int = opt(8, "images per step per process (x accumulate x processes = effective batch)",
-                          stage=True)
-    accumulate: int = opt(1, "gradient accumulation: micro-batches per optimizer step", stage=True)
+                          stage=True, ge=1)
+    accumulate: int = opt(1, "gradient accumulation: micro-batches per optimizer step", stage=True, ge=1)
     # --- optimiser and schedule -----------------------------------------------------------
     optimizer: str = opt("adam", "optimizer", choices=OPTIMIZERS)
-    lr: float = opt(1e-3, "peak learning rate", stage=True)
-    momentum: float = opt(0.9, "SGD momentum (Adam/AdamW: beta1)")
+    lr: float = opt(1e-3, "peak learning rate", stage=True, gt=0)
+    momentum: float = opt(0.9, "SGD momentum (Adam/AdamW: beta1)", ge=0, lt=1)
     nesterov: bool = opt(False, "SGD with Nesterov momentum")
     weight_decay: float = opt(0.0, "L2 (SGD, Adam) or decoupled (AdamW) weight decay; not on biases and "
-                              "norm weights unless --decay-norm-and-bias")
+                              "norm weights unless --decay-norm-and-bias", ge=0)
     decay_norm_and_bias: bool = opt(False, "apply weight decay to biases and norm-layer weights too")
     schedule: str = opt("poly", "learning-rate schedule over the configured epochs", choices=SCHEDULES, stage=True)
-    poly_power: float = opt(0.9, "poly schedule: lr * (1 - progress) ** power")
+    poly_power: float = opt(0.9, "poly schedule: lr * (1 - progress) ** power", ge=0)
     milestones: list[float] = opt([], "step schedule: comma-separated epochs at which the lr is multiplied by "
                                   "gamma, e.g. 30,60", metavar="E1,E2")
-    gamma: float = opt(0.1, "step schedule: lr multiplier at each milestone")
-    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (may be fractional)", stage=True)
+    gamma: float = opt(0.1, "step schedule: lr multiplier at each milestone", gt=0)
+    warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (may be fractional)", stage=True, ge=0)
     warmup_iters: int = opt(0, "linear warm-up length in optimizer steps (the longer warm-up is used)",
-                            stage=True)
-    warmup_factor: float = opt(0.001, "warm-up starts at lr x this")
-    clip_grad_norm: float | None = opt(None, "clip the global gradient norm to this value", stage=True)
+                            stage=True, ge=0)
+    warmup_factor: float = opt(0.001, "warm-up starts at lr x this", gt=0)
+    clip_grad_norm: float | None = opt(None, "clip the global gradient norm to this value", stage=True, gt=0)
     # --- loss -----------------------------------------------------------------------------
     loss: str = opt("ce", "loss (ignore index 255 everywhere)", choices=LOSSES, stage=True)
     class_weights: str = opt("none", "none | median-freq (from the training split) | FILE (.json list or .txt of "
                              "numbers, one per class)", metavar="none|median-freq|FILE")
     class_weight_power: float = opt(1.0, "train with class weights ** this: 0.5 = square root of the median-frequency "
-                                    "weights (milder on rare classes), 0 = unweighted", metavar="P")
-    focal_gamma: float = opt(2.0, "focal loss exponent (0 = cross-entropy)")
+                                    "weights (milder on rare classes), 0 = unweighted", metavar="P", ge=0)
+    focal_gamma: float = opt(2.0, "focal loss exponent (0 = cross-entropy)", ge=0)
     aux_weight: float = opt(0.4, "weight of the auxiliary head's loss (models built with aux_loss=True)",
-                            stage=True)
+                            stage=True, ge=0)
     weight_map: str = opt("none", "unet: the U-Net paper's border-weighted loss (Eq. 2, w0=10, sigma=5) from the "
                           "connected components of --weight-map-class", choices=WEIGHT_MAPS)
-    weight_map_class: int = opt(1, "weight map: the class whose connected components are the objects")
+    weight_map_class: int = opt(1, "weight map: the class whose connected components are the objects", ge=0)
     # --- data -----------------------------------------------------------------------------
     crop: str | None = opt(None, "random training crop HxW (sets augment's crop)", metavar="HxW", stage=True)
     augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize), "
                         "e.g. '{\"scale\": [0.5, 2.0], \"jitter\": false}'", stage=True)
     instance_crops: bool = opt(False, "train on crops centred on object instances (DeconvNet stage 1)", stage=True)
-    instance_context: float = opt(1.2, "instance crop = object box scaled by this around its centre", stage=True)
+    instance_context: float = opt(1.2, "instance crop = object box scaled by this around its centre", stage=True,
+                                    gt=0)
     stages: list[dict] = opt([], "YAML only: [{epochs: 5, lr: 0.01, instance_crops: true}, ...]")
-    num_workers: int = opt(0, "DataLoader worker processes")
+    num_workers: int = opt(0, "DataLoader worker processes", ge=0)
     # --- machine --------------------------------------------------------------------------
     device: str = opt("cpu", "device (under torchrun: cuda:LOCAL_RANK)", choices=DEVICES)
     amp: str = opt("auto", "mixed precision (fp16: CUDA only, with a gradient scaler)", choices=AMP_MODES)
     channels_last: bool = opt(False, "NHWC memory format for model and inputs")
     sync_bn: bool = opt(False, "SyncBatchNorm under torchrun (CUDA only)")
     seed: int = opt(0, "seed of every random number generator")
-    resume: bool = opt(False, "continue from OUT/last.state.safetensors")
+    resume: bool = opt(False, "continue the run in OUT from its last.state.safetensors")
+    overwrite: bool = opt(False, "train into an OUT that already holds a run, deleting that run's files first "
+                          "(without it, or --resume, such an OUT is refused)")
     select_by: str = opt("auto", "validation metric that picks best.safetensors (auto: mIoU; mask_AP for "
                          "instance models)", choices=("auto", *SEMANTIC_SELECT, *INSTANCE_SELECT),
                          metavar="METRIC")
     # --- logging --------------------------------------------------------------------------
-    progress: bool = opt(True, "show progress bars")
+    progress: bool | None = opt(None, "progress bars (--no-progress: never)",
+                                default_text="only when stderr is a terminal")
     tensorboard: bool = opt(False, "also log to OUT/tensorboard (needs the tensorboard package)")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise UserError naming the first bad value."""
+        """Check every field by type, range and choice (:func:`check_value`; numbers given as
+        text, as YAML reads ``1e-3``, become numbers), then the stages; raise UserError naming
+        the first bad value."""
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"{f.name} {getattr(self, f.name)!r} is not one of: {', '.join(choices)}")
-        for key in ("epochs", "batch_size", "accumulate"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UserError(f"{key} must be a positive integer, got {v!r}")
-        if not self.lr > 0:
-            raise UserError(f"lr must be positive, got {self.lr}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise UserError(f"clip_grad_norm must be positive, got {self.clip_grad_norm}")
-        if (not isinstance(self.class_weight_power, int | float) or isinstance(self.class_weight_power, bool)
-                or not self.class_weight_power >= 0):
-            raise UserError(f"class_weight_power must be a number >= 0, got {self.class_weight_power!r}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise UserError(f"max_minutes must be positive, got {self.max_minutes}")
-        if not isinstance(self.milestones, list) or not all(isinstance(m, int | float) for m in self.milestones):
-            raise UserError(f"milestones must be a list of epochs, got {self.milestones!r}")
-        for key in ("model_kwargs", "dataset_kwargs", "augment"):
-            if not isinstance(getattr(self, key), dict):
-                raise UserError(f"{key} must be a mapping, got {getattr(self, key)!r}")
-        if not isinstance(self.stages, list):
-            raise UserError("stages must be a list of mappings, e.g. [{epochs: 5, instance_crops: true}]")
+            setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
+        if not all(isinstance(m, int | float) and not isinstance(m, bool) and m >= 0 for m in self.milestones):
+            raise UserError(f"milestones must be a list of epochs (numbers >= 0), got {self.milestones!r}")
+        parse_size(self.crop, "crop")
         for i, stage in enumerate(self.stages):
+            where = f"stage {i + 1}"
             if not isinstance(stage, dict):
-                raise UserError(f"stage {i + 1} must be a mapping, got {stage!r}")
+                raise UserError(f"{where} must be a mapping, got {stage!r}")
             bad = sorted(set(stage) - set(STAGE_KEYS))
             if bad:
-                raise UserError(f"stage {i + 1}: key {bad[0]!r} cannot change per stage; "
+                raise UserError(f"{where}: key {bad[0]!r} cannot change per stage{did_you_mean(bad[0], STAGE_KEYS)}; "
                                 f"stage keys: {', '.join(STAGE_KEYS)}")
-            if not isinstance(stage.get("epochs"), int) or stage["epochs"] < 1:
-                raise UserError(f"stage {i + 1} needs a positive integer 'epochs'")
+            if "epochs" not in stage:
+                raise UserError(f"{where} needs a positive integer 'epochs'")
+            for key, value in stage.items():
+                if key != "name":
+                    stage[key] = check_value(key, value, f"{where} {key}")
         if self.stages:
             self.epochs = sum(s["epochs"] for s in self.stages)
 
@@ -188,14 +184,84 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """``"; did you mean 'epochs'?"`` for the closest of ``options`` to ``word`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _bounds_text(meta: Mapping[str, Any]) -> str:
+    parts = [f"{op} {meta[key]:g}" for key, op in (("ge", ">="), ("gt", ">"), ("lt", "<")) if meta.get(key) is not None]
+    return " and ".join(parts)
+
+
+def check_value(name: str, value: Any, where: str | None = None) -> Any:
+    """``value`` for field ``name``, checked by the field's type, choices and range -> the value
+    (an integral float becomes an int, a number written as text a number). A bad value is a
+    UserError ``"<where> must be ..., got ..."`` (``where``: the flag, the file and key, or the
+    field name)."""
+    f = config_fields()[name]
+    where = where or name
+    kind, meta = field_kind(name), f.metadata
+    hint = _type_hints()[name]
+    if value is None:
+        if type(None) in typing.get_args(hint):
+            return None
+        raise UserError(f"{where} needs a value")
+    bounds = _bounds_text(meta)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+    elif kind in (int, float):
+        what = ("an integer" if kind is int else "a number") + (f" {bounds}" if bounds else "")
+        number = value
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
+            try:
+                number = float(value) if kind is float else int(value)
+            except ValueError:
+                raise UserError(f"{where} must be {what}, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise UserError(f"{where} must be {what}, got {value!r}")
+        if kind is int:
+            if number != int(number):
+                raise UserError(f"{where} must be {what}, got {value!r}")
+            number = int(number)
+        else:
+            number = float(number)
+        ge, gt, lt = meta["ge"], meta["gt"], meta["lt"]
+        if (ge is not None and not number >= ge) or (gt is not None and not number > gt) or (
+                lt is not None and not number < lt):
+            raise UserError(f"{where} must be {what}, got {value!r}")
+        value = number
+    elif kind is str:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)  # e.g. crop: 256 in YAML
+        if not isinstance(value, str):
+            raise UserError(f"{where} must be text, got {value!r}")
+    elif kind is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping, e.g. {{\"key\": 1}}, got {value!r}")
+    elif kind is list and not isinstance(value, list):
+        raise UserError(f"{where} must be a list, got {value!r}")
+    choices = meta["choices"]
+    if choices and value not in choices:
+        raise UserError(f"{where} {value!r} is not one of: {', '.join(choices)}{did_you_mean(value, choices)}")
+    return value
+
+
 # Keys a stage may override (fields declared with stage=True); everything else is fixed for the run.
 STAGE_KEYS = ("name", *(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["stage"]))
 YAML_ONLY = ("stages",)  # fields without a command-line flag
 
 
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
 def field_kind(name: str) -> type:
     """The value type of field ``name`` without ``None``: bool, int, float, str, dict or list."""
-    hint = typing.get_type_hints(TrainConfig)[name]
+    hint = _type_hints()[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args and typing.get_origin(hint) is not list else hint
     return typing.get_origin(base) or base
@@ -218,6 +284,17 @@ def flag_value(name: str, text: str) -> Any:
         what = {list: "comma-separated numbers like 30,60", int: "an integer", float: "a number"}[kind]
         raise UserError(f"{flag} must be {what}, got {text!r}") from None
     return text
+
+
+def flag_values(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The train flags given (``None``: not given), converted and checked: field -> value."""
+    values = {}
+    for name in config_fields():
+        value = args.get(name)
+        if isinstance(value, str):
+            value = flag_value(name, value)
+        values[name] = None if value is None else check_value(name, value, f"--{name.replace('_', '-')}")
+    return values
 
 
 def default_out(model: str, recipe: str | None = None) -> str:
@@ -264,8 +341,17 @@ def load_yaml_config(path: str | Path) -> dict:
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(config_fields()))
     if unknown:
-        raise UserError(f"{path}: unknown config key {unknown[0]!r}; valid keys: {', '.join(config_fields())}")
+        hint = did_you_mean(unknown[0], config_fields()) or f"; valid keys: {', '.join(config_fields())}"
+        raise UserError(f"{path}: unknown config key {unknown[0]!r}{hint}")
+    for key, value in data.items():
+        if key != "stages":  # checked with the whole config, where each stage is named
+            data[key] = check_value(key, value, f"{path}: {key}")
     return data
+
+
+# the examples of the fields' help, for the message about a flag whose value is not JSON
+JSON_EXAMPLES = {"model_kwargs": '{"base_channels": 32}', "dataset_kwargs": '{"num_train": 200}',
+                 "augment": '{"scale": [0.5, 2.0], "jitter": false}'}
 
 
 def parse_json_dict(text: str | None, flag: str) -> dict:
@@ -274,7 +360,8 @@ def parse_json_dict(text: str | None, flag: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{flag} must be a JSON object, e.g. '{{\"base_channels\": 32}}' ({e})") from None
+        example = JSON_EXAMPLES.get(flag.lstrip("-").replace("-", "_"), '{"key": 1}')
+        raise UserError(f"{flag} must be a JSON object, e.g. '{example}' ({e})") from None
     if not isinstance(value, dict):
         raise UserError(f"{flag} must be a JSON object, got {type(value).__name__}")
     return value
@@ -290,22 +377,22 @@ def build_config(file_values: dict, cli_values: dict, recipe: str | None = None)
             merged[key] = {**file_values[key], **cli_values[key]}
     if merged.get("out") is None:
         merged["out"] = default_out(merged.get("model", TrainConfig.model), recipe)
-    try:
-        return TrainConfig(**merged)
-    except TypeError as e:
-        raise UserError(f"bad training config: {e}") from None
+    unknown = sorted(set(merged) - set(config_fields()))
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r}{did_you_mean(unknown[0], config_fields())}")
+    return TrainConfig(**merged)
 
 
-def parse_size(text: str | int | None) -> tuple[int, int] | None:
-    """ "HxW" (or a single N for NxN) -> (H, W)."""
+def parse_size(text: str | int | None, what: str = "size") -> tuple[int, int] | None:
+    """ "HxW" (or a single N for NxN) -> (H, W); ``what`` names the value in the error."""
     if text in (None, ""):
         return None
     try:
         parts = [int(p) for p in str(text).lower().split("x")]
     except ValueError:
-        raise UserError(f"size {text!r} must look like 256x320 or 256") from None
+        raise UserError(f"{what} {text!r} must look like 256x320 or 256") from None
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise UserError(f"size {text!r} must look like 256x320 or 256")
+        raise UserError(f"{what} {text!r} must look like 256x320 or 256 (positive sides)")
     return parts[0], parts[1]

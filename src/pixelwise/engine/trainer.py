@@ -41,7 +41,9 @@ import functools
 import json
 import math
 import operator
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -53,7 +55,6 @@ import torch
 import torch.nn as nn
 import yaml
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
-from tqdm import tqdm
 
 from pixelwise.checkpoint import load_train_state, model_input_spec, save_checkpoint, save_train_state
 from pixelwise.data import SegmentationDataset, build_dataset, collate
@@ -70,9 +71,12 @@ from pixelwise.engine.validate import eval_collate, to_device, validate_instance
 from pixelwise.errors import UserError
 from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
+from pixelwise.models.registry import check_model_kwargs
 from pixelwise.preprocess import InputSpec
+from pixelwise.runtime import HeldSignals, progress, show_progress
 
 RngState = tuple[dict[str, torch.Tensor], dict]  # (tensors, JSON-able values) of every RNG
+PRETRAINED_TAGS = ("imagenet", "coco")  # published weights a builder downloads by name
 
 
 # --- randomness -------------------------------------------------------------------------------
@@ -181,41 +185,43 @@ def read_class_weights(path: str | Path, num_classes: int) -> list[float]:
     return [float(v) for v in values]
 
 
+CLASS_WEIGHTS_FILE = "class_weights.json"
+
+
 def class_weights_for(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path,
-                      log: Callable[[str], None] = print) -> list[float] | None:
-    """``cfg.class_weights`` -> per-class weights, raised to ``cfg.class_weight_power``.
-    ``median-freq`` is computed once from the raw training split (``data.inspect``) and cached,
-    before the power, in ``out/class_weights.json``."""
-    if cfg.class_weights in ("none", "", None):
-        return None
-    if cfg.class_weights != "median-freq":
-        weights = read_class_weights(cfg.class_weights, train_ds.num_classes)
-    else:
-        weights = median_freq_weights(cfg, train_ds, out, log)
-    if cfg.class_weight_power != 1:
+                      log: Callable[[str], None] = print) -> tuple[list[float] | None, dict | None]:
+    """:func:`plain_class_weights` raised to ``cfg.class_weight_power`` (0.5: their square root);
+    the document to cache keeps the plain weights, so a new power needs no new pass."""
+    weights, doc = plain_class_weights(cfg, train_ds, out, log)
+    if weights is not None and cfg.class_weight_power != 1:
         weights = [w ** cfg.class_weight_power for w in weights]
         log(f"class weights ** {cfg.class_weight_power}: {', '.join(f'{w:.2f}' for w in weights)}")
-    return weights
+    return weights, doc
 
 
-def median_freq_weights(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path,
-                        log: Callable[[str], None] = print) -> list[float]:
-    """Median-frequency weights of the training split, cached in ``out/class_weights.json``."""
-    cache = out / "class_weights.json"
+def plain_class_weights(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path,
+                        log: Callable[[str], None] = print) -> tuple[list[float] | None, dict | None]:
+    """``cfg.class_weights`` -> (per-class weights, the ``out/class_weights.json`` document to
+    write, or None). ``median-freq`` is computed once from the raw training split
+    (``data.inspect``) and cached in that file, which :func:`start_writing` writes; nothing is
+    written here."""
+    if cfg.class_weights in ("none", "", None):
+        return None, None
+    if cfg.class_weights != "median-freq":
+        return read_class_weights(cfg.class_weights, train_ds.num_classes), None
+    cache = out / CLASS_WEIGHTS_FILE
     key = {"dataset": cfg.dataset, "data": cfg.data, "split": cfg.train_split, "dataset_kwargs": cfg.dataset_kwargs}
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
+    if cache.is_file() and not cfg.overwrite:
+        try:
+            cached = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            cached = {}
         if cached.get("source") == key and len(cached.get("weights", [])) == train_ds.num_classes:
-            return [float(w) for w in cached["weights"]]
+            return [float(w) for w in cached["weights"]], None
     log(f"computing median-frequency class weights over {len(train_ds)} training images")
-    report = inspect_dataset(train_ds, progress=cfg.progress)
+    report = inspect_dataset(train_ds, progress=show_progress(cfg.progress) and dist.env_info().is_main)
     weights = [1.0 if w is None else float(w) for w in report["median_freq_weights"]]
-    if dist.env_info().is_main:
-        tmp = cache.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"source": key, "class_names": list(train_ds.class_names),
-                                   "weights": weights}, indent=2))
-        tmp.replace(cache)
-    return weights
+    return weights, {"source": key, "class_names": list(train_ds.class_names), "weights": weights}
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -239,16 +245,11 @@ def train_transform(cfg: TrainConfig) -> Callable:
 
 
 def open_datasets(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """The training and validation splits, checked (:meth:`SegmentationDataset.check_or_refuse`)."""
     train = build_dataset(cfg.dataset, cfg.data, cfg.train_split, **cfg.dataset_kwargs)
     val = build_dataset(cfg.dataset, cfg.data, cfg.val_split, **cfg.dataset_kwargs)
     for ds in (train, val):
-        problems = ds.check()
-        if problems and not cfg.skip_invalid:
-            shown = "; ".join(str(p) for p in problems[:2])
-            raise UserError(f"{len(problems)} problem(s) in the {cfg.dataset} data, e.g. {shown}; "
-                            "fix them or pass --skip-invalid to train without those files")
-        if problems:
-            ds.drop(problems)
+        ds.check_or_refuse(cfg.skip_invalid, "train")
     return train, val
 
 
@@ -316,29 +317,85 @@ class Run:
     log: Callable[[str], None]
     callbacks: list[Callback]
     clock: float = 0.0  # time.monotonic() at which the run would have started had it never stopped
+    class_weights_doc: dict | None = None  # OUT/class_weights.json to write (freshly computed weights)
 
     @property
     def show(self) -> bool:
-        return self.cfg.progress and self.info.is_main
+        return show_progress(self.cfg.progress) and self.info.is_main
 
     def elapsed(self) -> float:
         return time.monotonic() - self.clock
 
 
-def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
-              callbacks: Sequence[Callback] = ()) -> Run:
-    """Datasets, model, optimizer, precision, input contract, class weights, DDP and TensorBoard.
-    Bad settings and missing data fail here, before ``out`` is created."""
-    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
-    cfg.out = cfg.out or default_out(cfg.model)
+# What a run writes into OUT; any of them there means OUT holds a run.
+RUN_FILES = ("best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.csv", "metrics.json",
+             "config.yaml", CLASS_WEIGHTS_FILE, "tensorboard")
+
+
+def existing_run(out: Path) -> list[Path]:
+    """The files of a run already in ``out`` (see :data:`RUN_FILES`)."""
+    return [out / name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+
+
+def check_out(cfg: TrainConfig, can_resume: bool = True) -> None:
+    """``out`` may hold a run only to continue it (``resume``, which needs its training state) or to
+    replace it (``overwrite``); it must be a folder this user can create or write in. Runs
+    before anything is read or written. ``can_resume=False``: the command has no ``--resume``
+    (``demo``), so the message does not offer it."""
+    out = Path(cfg.out or default_out(cfg.model))
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; give only one of them")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the run")
+    if cfg.resume:
+        state = out / "last.state.safetensors"
+        if not state.is_file():
+            raise UserError(f"cannot resume: {state} not found (is {out} the --out of the run?); drop --resume "
+                            "to start a new run")
+    else:
+        found = existing_run(out)
+        if found and not cfg.overwrite:
+            resume = "continue it with --resume, " if can_resume else ""
+            raise UserError(f"--out {out} already holds a run ({found[0].name}); {resume}replace it with --overwrite, "
+                            "or give another --out")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {parent} (permission denied); give another --out")
+
+
+def check_settings(cfg: TrainConfig) -> str:
+    """Settings that can be checked without data, before any is read: the model and its options,
+    the weights to start from, the class-weights file, TensorBoard. -> the model's task."""
     task = model_info(cfg.model).task
-    select = select_key(cfg.select_by, task)
+    check_model_kwargs(cfg.model, cfg.model_kwargs, "--model-kwargs")
+    if cfg.pretrained and cfg.pretrained not in PRETRAINED_TAGS and not Path(cfg.pretrained).expanduser().is_file():
+        raise UserError(f"--pretrained {cfg.pretrained!r}: no such file; give imagenet (or coco for Mask R-CNN) or "
+                        "the path of a weights file")
     if task == "instance" and cfg.class_weights not in ("none", "", None):
         raise UserError("class_weights applies to semantic models only; remove it for instance models")
+    if cfg.class_weights not in ("none", "median-freq", "", None) and not Path(cfg.class_weights).is_file():
+        raise UserError(f"class weights file {cfg.class_weights} not found (use none, median-freq or a .json/.txt "
+                        "file)")
+    if cfg.tensorboard:
+        TensorBoardLogger.check_available()
+    return task
+
+
+def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
+              callbacks: Sequence[Callback] = ()) -> Run:
+    """Datasets, model, optimizer, precision, input contract, class weights, DDP. Every check runs
+    here, and nothing is written: bad settings, an ``out`` holding another run and missing or bad
+    data fail before ``out`` is created (:func:`start_writing` writes)."""
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+    cfg.out = cfg.out or default_out(cfg.model)
+    check_out(cfg)
+    task = check_settings(cfg)
+    select = select_key(cfg.select_by, task)
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     module = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
                           **cfg.model_kwargs).to(device)
     contract = input_contract(cfg, module, train_ds)
@@ -347,19 +404,43 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = build_optimizer(cfg, module)
     amp, why = resolve_amp(cfg.amp, device)
-    if info.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    weights = class_weights_for(cfg, train_ds, out, log) if task == "semantic" else None
+    weights, weights_doc = class_weights_for(cfg, train_ds, out, log) if task == "semantic" else (None, None)
     model = dist.wrap_model(module, info, device, cfg.sync_bn, find_unused_parameters=task == "instance")
-    callbacks = list(callbacks)
-    if cfg.tensorboard and info.is_main:
-        callbacks.append(TensorBoardLogger(out / "tensorboard"))
     return Run(cfg=cfg, out=out, info=info, device=device, task=task, select=select, train_ds=train_ds,
                val_ds=val_ds, val_shard=Subset(val_ds, dist.shard(len(val_ds), info)) if info.enabled else val_ds,
                module=module, model=model, optimizer=optimizer, amp=amp, amp_why=why,
                scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"), contract=contract,
                class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-               log=log, callbacks=callbacks)
+               log=log, callbacks=list(callbacks), class_weights_doc=weights_doc)
+
+
+def start_writing(run: Run, state: TrainState) -> None:
+    """After every check (and a resume) has passed, on every process: the first writes. Rank 0
+    deletes the earlier run's files with ``overwrite``, creates ``out`` and writes
+    ``config.yaml``, freshly computed class weights and, on resume, ``metrics.csv`` from the
+    state (it follows the state, even if a kill came between the two); TensorBoard starts."""
+    dist.barrier()  # every process has passed its checks before anything is written
+    if not run.info.is_main:
+        return
+    out = run.out
+    if run.cfg.overwrite:
+        for path in existing_run(out):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        run.log(f"--overwrite: deleted the earlier run's files in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
+    if run.class_weights_doc is not None:
+        _write_text(out / CLASS_WEIGHTS_FILE, json.dumps(run.class_weights_doc, indent=2))
+    if run.cfg.resume:
+        _write_csv(out / "metrics.csv", state.rows)
+    if run.cfg.tensorboard:
+        run.callbacks.append(TensorBoardLogger(out / "tensorboard"))
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def select_key(select_by: str, task: str) -> str:
@@ -406,8 +487,6 @@ def resume(run: Run) -> TrainState:
         run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")
         if run.scaler.is_enabled():  # its saved state was skipped by the disabled scaler
             load_state(run)
-    if run.info.is_main:  # metrics.csv follows the state, even if a kill came between the two
-        _write_csv(run.out / "metrics.csv", state.rows)
     where = f"epoch {state.epoch}" + (f" + {state.batch} batches" if state.batch else "")
     run.log(f"resumed from {path} after {where}")
     return state
@@ -536,50 +615,57 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total = len(loader) + state.batch  # micro-batches in the whole epoch
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{run.cfg.epochs}", leave=False, disable=not run.show,
-               dynamic_ncols=True)
+    bar = progress(loader, f"epoch {state.epoch + 1}/{run.cfg.epochs}", run.show, leave=False)
     t0, seen, images_before, stopped = time.monotonic(), 0, state.images, False
     pending_loss, pending_images = 0.0, 0  # micro-batches of the optimizer step in progress
-    for i, batch in enumerate(bar, start=state.batch):
-        group_start = i - i % cfg.accumulate
-        group_size = min(cfg.accumulate, total - group_start)
-        last_in_group = i + 1 == group_start + group_size
-        if i == group_start:
-            state.lr = apply_lr(optimizer, stage.lr_factor(state, run.elapsed()))
-        batch = to_device(batch, run.device, run.cfg.channels_last)
-        sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()  # type: ignore[operator]
-        with sync:
-            with autocast(run.amp, run.device):
-                loss = semantic_loss(model, batch, stage.loss) if stage.loss else instance_loss(model, batch)
-            value = loss.detach().float().reshape(1)
-            if dist.active():  # every rank stops together on a NaN anywhere
-                value = dist.all_reduce_sum(value) / run.info.world_size
-            if not math.isfinite(value.item()):
-                raise Diverged(f"training diverged: loss is {value.item()} at epoch {state.epoch + 1} step "
-                               f"{state.step + 1} (batch {i + 1}); the last good checkpoint is kept; "
-                               "lower --lr or set --clip-grad-norm")
-            scaler.scale(loss / group_size).backward()
-        n = len(batch["image"])
-        pending_loss, pending_images, seen = pending_loss + value.item() * n, pending_images + n, seen + n
-        if last_in_group:
-            if cfg.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step, state.stage_step, state.batch = state.step + 1, state.stage_step + 1, i + 1
-            state.loss_sum, state.images = state.loss_sum + pending_loss, state.images + pending_images
-            pending_loss, pending_images = 0.0, 0
-            state.rng = rng_snapshot()
-            for cb in run.callbacks:
-                cb("step", state)
-        speed = seen * run.info.world_size / max(time.monotonic() - t0, 1e-9)
-        bar.set_postfix(loss=f"{state.loss_sum / max(state.images, 1):.4f}", lr=f"{state.lr:.2e}",
-                        img_s=f"{speed:.1f}")
-        if deadline is not None and last_in_group and time.monotonic() > deadline:
-            stopped = True
-            break
+    # Ctrl-C and SIGTERM wait from an optimizer step's first forward pass (BatchNorm statistics
+    # change) to its end (the weights change tensor by tensor), so the state they save is a step's.
+    held = HeldSignals()
+    try:
+        for i, batch in enumerate(bar, start=state.batch):
+            group_start = i - i % cfg.accumulate
+            group_size = min(cfg.accumulate, total - group_start)
+            last_in_group = i + 1 == group_start + group_size
+            if i == group_start:
+                held.hold()
+                state.lr = apply_lr(optimizer, stage.lr_factor(state, run.elapsed()))
+            batch = to_device(batch, run.device, run.cfg.channels_last)
+            sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()  # type: ignore[operator]
+            with sync:
+                with autocast(run.amp, run.device):
+                    loss = semantic_loss(model, batch, stage.loss) if stage.loss else instance_loss(model, batch)
+                value = loss.detach().float().reshape(1)
+                if dist.active():  # every rank stops together on a NaN anywhere
+                    value = dist.all_reduce_sum(value) / run.info.world_size
+                if not math.isfinite(value.item()):
+                    raise Diverged(f"training diverged: loss is {value.item()} at epoch {state.epoch + 1} step "
+                                   f"{state.step + 1} (batch {i + 1}); the last good checkpoint is kept; "
+                                   "lower --lr or set --clip-grad-norm")
+                scaler.scale(loss / group_size).backward()
+            n = len(batch["image"])
+            pending_loss, pending_images, seen = pending_loss + value.item() * n, pending_images + n, seen + n
+            if last_in_group:
+                if cfg.clip_grad_norm is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                state.step, state.stage_step, state.batch = state.step + 1, state.stage_step + 1, i + 1
+                state.loss_sum, state.images = state.loss_sum + pending_loss, state.images + pending_images
+                pending_loss, pending_images = 0.0, 0
+                state.rng = rng_snapshot()
+                held.release()  # a signal that came meanwhile is raised here, the step complete
+                for cb in run.callbacks:
+                    cb("step", state)
+            speed = seen * run.info.world_size / max(time.monotonic() - t0, 1e-9)
+            bar.set_postfix(loss=f"{state.loss_sum / max(state.images, 1):.4f}", lr=f"{state.lr:.2e}",
+                            img_s=f"{speed:.1f}")
+            if deadline is not None and last_in_group and time.monotonic() > deadline:
+                stopped = True
+                break
+    finally:
+        held.release()
     speed = (state.images - images_before) * run.info.world_size / max(time.monotonic() - t0, 1e-9)
     sums = dist.all_reduce_sum(torch.tensor([state.loss_sum, float(state.images)], dtype=torch.float64,
                                             device=run.device))
@@ -680,11 +766,18 @@ class TensorBoardLogger:
     """Callback writing per-step loss/LR and per-epoch metrics to ``out/tensorboard``."""
 
     def __init__(self, logdir: Path):
+        self.check_available()
+        # optional dependency: the tensorboard package (checked above)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir))
+
+    @staticmethod
+    def check_available() -> None:
         try:  # optional dependency: the tensorboard package
-            from torch.utils.tensorboard import SummaryWriter
+            import tensorboard  # noqa: F401
         except ImportError:
             raise UserError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-        self.writer = SummaryWriter(str(logdir))
 
     def __call__(self, event: str, state: TrainState) -> None:
         if event == "step":
@@ -715,6 +808,7 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
     try:
         run = setup_run(cfg, info, device, log if info.is_main else _quiet, callbacks)
         state = resume(run) if run.cfg.resume else TrainState(selected_by=run.select, amp=run.amp)
+        start_writing(run, state)
         run.clock = time.monotonic() - state.elapsed_s
         run.log(f"precision: {run.amp} ({run.amp_why})")
         n_params = sum(p.numel() for p in run.module.parameters())

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, collate
@@ -23,6 +22,7 @@ from pixelwise.engine.precision import autocast
 from pixelwise.inference.predictor import upsample_probs
 from pixelwise.metrics import ConfusionMeter
 from pixelwise.models import forward_logits
+from pixelwise.runtime import progress
 from pixelwise.sample import IGNORE_INDEX
 
 
@@ -59,7 +59,7 @@ def validate_semantic(model: nn.Module, loader: Iterable, num_classes: int, devi
     model.eval()
     meter = ConfusionMeter(num_classes)
     loss_sum, n = 0.0, 0
-    for group in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
+    for group in progress(loader, "eval", show, leave=False):
         for batch in group if isinstance(group, list) else [group]:
             batch = to_device(batch, device, channels_last)
             with autocast(amp, device):
@@ -92,7 +92,7 @@ def validate_instances(model: nn.Module, loader: Iterable, dataset: Segmentation
     model.eval()
     predictions, targets = [], []
     loss_sum, n = 0.0, 0
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not show, dynamic_ncols=True):
+    for batch in progress(loader, "eval", show, leave=False):
         images = [im.to(device) for im in batch["image"]]
         batch_targets = [{k: v.to(device) for k, v in t.items()} for t in batch["target"]]
         loss_sum += float(sum(model(images, batch_targets).values())) * len(images)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import io
+import copy
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pixelwise.errors import UserError
+from pixelwise.inference.export import export_onnx, sample_batch
+from pixelwise.inference.fast import instance_runner, make_runner
+from pixelwise.inference.onnx_runner import load_onnx
+from pixelwise.models import forward_logits
 
 
 def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semantic") -> float | None:
@@ -57,52 +64,141 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def benchmark(model: nn.Module, size: tuple[int, int], batch: int = 1, mode: str = "eager",
-              device: str = "cpu", repeats: int = 5, task: str = "semantic", flops: float | None = None) -> dict:
-    """Inference speed of ``model`` on random ``batch x 3 x H x W`` inputs.
+def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mode: str = "eager",
+              device: str = "cpu", repeats: int = 5, task: str = "semantic", flops: float | None = None,
+              *, model_name: str = "", onnx: str | None = None, threads: int | None = None,
+              train: bool = False, compile: bool = False) -> dict:
+    """Inference speed of ``model`` (or of the ONNX file ``onnx``) on a ``batch x 3 x H x W`` input.
 
-    mode: ``eager`` (float32, as trained), ``fast`` (channels-last, bf16 autocast where the device
-    supports it, inference mode), ``onnx`` (onnxruntime on the CPU, needs the export extra).
+    mode: ``eager`` (float32, as trained), ``fast`` (:mod:`pixelwise.inference.fast`: BatchNorm
+    folded, channels-last, bfloat16 where the device has bf16 kernels; ``compile`` adds
+    torch.compile; Mask R-CNN: ``optimize_for_inference`` in float32), ``onnx`` (onnxruntime on the
+    CPU: the file ``onnx``, or ``model`` exported and verified to a temporary file first).
     Returns ``img_per_s ms_per_img gflops_per_img achieved_gflops gemm_peak_gflops utilization
-    peak_mem_mb`` plus the settings. ``flops``: FLOPs per image if already known.
+    peak_mem_mb`` plus the settings: ``dtype`` (of the convolutions), against whose GEMM peak the
+    utilisation is taken (the bf16 peak for a bf16 run); ``agreement`` (semantic models, fast and
+    onnx modes): the share of pixels whose argmax equals fp32 eager's on a smooth random image;
+    ``train_img_per_s`` with ``train`` (one SGD step of cross-entropy on random labels, float32
+    eager). ``threads``: torch's (and onnxruntime's) intra-op threads. ``flops``: FLOPs per
+    image if already known.
     """
+    if train and (model is None or task != "semantic"):
+        raise UserError("--train measures semantic models given by --model or --checkpoint")
+    if threads:
+        torch.set_num_threads(threads)
     dev = torch.device(device)
-    model = model.eval().to(dev)
-    x = torch.randn(batch, 3, *size, device=dev)
-    if flops is None:
+    x = sample_batch(batch, 3, *size).to(dev)
+    if model is not None:
+        model = model.eval().to(dev)
+    if flops is None and model is not None:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x[:1]) if task == "semantic" else model([x[0]])
         flops = float(counter.get_total_flops())
+    if mode not in ("eager", "fast", "onnx"):
+        raise UserError(f"--mode must be eager, fast or onnx, got {mode!r}")
+    if mode == "onnx" and (task != "semantic" or dev.type != "cpu"):
+        raise UserError("--mode onnx runs semantic models on the CPU only (Mask R-CNN: docs/deploy.md)")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    if mode == "eager":
-        def run():
-            with torch.no_grad():
-                return model(x) if task == "semantic" else model(list(x))
-    elif mode == "fast":
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
-        xf = x.contiguous(memory_format=torch.channels_last)
-        use_bf16 = dev.type == "cuda" or _cpu_has_bf16()
-
-        def run():
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                return model(xf) if task == "semantic" else model(list(xf))
-    elif mode == "onnx":
-        run = _onnx_runner(model, x)
-    else:
-        raise ValueError(f"mode must be eager, fast or onnx, got {mode!r}")
+    run, dtype, extra = _runner(model, x, mode, dev, task, model_name, onnx, compile)
+    compile_s = None
+    if compile and mode == "fast":
+        t = time.perf_counter()
+        run()  # the first call compiles
+        compile_s = time.perf_counter() - t
     seconds = _best_seconds(run, dev, repeats)
-    peak = gemm_peak_gflops(dev)
-    achieved = flops * batch / seconds / 1e9
+    agreement = None
+    if task == "semantic" and mode != "eager" and model is not None:
+        with torch.no_grad():
+            reference = forward_logits(model, x).float()
+        logits = run()
+        assert isinstance(logits, torch.Tensor)
+        agreement = (logits.float().argmax(1) == reference.argmax(1)).float().mean().item()
+    peak = gemm_peak_gflops(dev, dtype)
+    achieved = flops * batch / seconds / 1e9 if flops else None
     peak_mem: float | None
     if dev.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
         peak_mem = peak_rss_mb()
-    return {"mode": mode, "device": str(dev), "size": list(size), "batch": batch,
-            "img_per_s": batch / seconds, "ms_per_img": 1000 * seconds / batch,
-            "gflops_per_img": flops / 1e9, "achieved_gflops": achieved, "gemm_peak_gflops": peak,
-            "utilization": achieved / peak, "peak_mem_mb": peak_mem, "threads": torch.get_num_threads()}
+    result = {"mode": mode, "device": str(dev), "size": list(size), "batch": batch, "dtype": str(dtype).split(".")[-1],
+              "img_per_s": batch / seconds, "ms_per_img": 1000 * seconds / batch,
+              "gflops_per_img": flops / 1e9 if flops else None, "achieved_gflops": achieved,
+              "gemm_peak_gflops": peak, "utilization": achieved / peak if achieved else None,
+              "peak_mem_mb": peak_mem, "threads": torch.get_num_threads(), "agreement": agreement, **extra}
+    if compile_s is not None:
+        result["compile_s"] = compile_s
+    if train:
+        assert model is not None
+        result["train_img_per_s"] = train_step_speed(model, x, task, repeats=max(1, min(repeats, 3)))
+    return result
+
+
+def _runner(model: nn.Module | None, x: torch.Tensor, mode: str, dev: torch.device, task: str,
+            model_name: str, onnx: str | None, compile: bool) -> tuple[Callable[[], object], torch.dtype, dict]:
+    """``(run, dtype of the convolutions, extra result keys)`` of one benchmark mode."""
+    if mode == "onnx":
+        path = onnx or _export_temporary(model, x)
+        session_model, meta = load_onnx(path, threads=torch.get_num_threads())
+        precision = meta.get("onnx", {}).get("precision", "float32")
+        dtype = {"float16": torch.float16, "int8": torch.int8}.get(precision, torch.float32)
+        if onnx is None:
+            os.unlink(path)
+        return (lambda: session_model(x)), (torch.float32 if dtype == torch.int8 else dtype), {"precision": precision}
+    assert model is not None
+    if mode == "eager":
+        def run():
+            with torch.no_grad():
+                return forward_logits(model, x) if task == "semantic" else model(list(x))
+        return run, torch.float32, {}
+    if task == "semantic":
+        fast = make_runner(model, "fast", model_name, dev, compile=compile)
+        dtype = getattr(fast, "dtype", torch.float32)
+        return (lambda: fast(x)), dtype, {"fast_path": describe_fast(dtype, compile)}
+    fast_instance = instance_runner(model, "fast", model_name)
+    xs = list(x)
+
+    def run_instance():
+        with torch.inference_mode():
+            return fast_instance(xs)
+    return run_instance, torch.float32, {"fast_path": "optimize_for_inference (BN folded, channels-last, "
+                                                      "vectorised NMS/RoI), float32"}
+
+
+def describe_fast(dtype: torch.dtype, compiled: bool) -> str:
+    parts = ["BN folded", "channels-last", str(dtype).split(".")[-1] + " weights"]
+    return ", ".join(parts + (["torch.compile"] if compiled else []))
+
+
+def _export_temporary(model: nn.Module | None, x: torch.Tensor) -> str:
+    """``model`` exported (and verified at the benchmark's size) to a temporary ONNX file."""
+    assert model is not None
+    fd, path = tempfile.mkstemp(suffix=".onnx", prefix="pixelwise-bench-")
+    os.close(fd)
+    export_onnx(model.cpu(), path, sizes=[(x.shape[0], x.shape[2], x.shape[3])])
+    return path
+
+
+def train_step_speed(model: nn.Module, x: torch.Tensor, task: str, repeats: int = 3) -> float:
+    """Images per second of a float32 training step (forward, cross-entropy on random labels,
+    backward, SGD update) on a copy of ``model`` in train mode."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+    with torch.no_grad():
+        classes = forward_logits(model.eval(), x[:1]).shape[1]
+    model.train()
+    target = torch.randint(0, classes, (x.shape[0], *x.shape[2:]), device=x.device)
+    if x.shape[0] == 1 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        x = x.repeat(2, 1, 1, 1)  # BatchNorm needs more than one value per channel in its 1x1 pools
+        target = target.repeat(2, 1, 1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(forward_logits(model, x), target)
+        loss.backward()
+        opt.step()
+
+    return x.shape[0] / _best_seconds(step, x.device, repeats)
 
 
 def peak_rss_mb() -> float | None:
@@ -113,25 +209,3 @@ def peak_rss_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _onnx_runner(model: nn.Module, x: torch.Tensor):
-    try:
-        import onnxruntime as ort  # optional dependency (the export extra)
-    except ImportError:
-        raise UserError("--mode onnx needs onnxruntime: pip install -e '.[export]'") from None
-    buf = io.BytesIO()
-    torch.onnx.export(model.cpu(), (x.cpu(),), buf,  # type: ignore[arg-type]  # a file object works too input_names=["image"], output_names=["logits"],
-                      dynamo=False, opset_version=17)
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
-    feed = {"image": x.cpu().numpy()}
-    return lambda: session.run(None, feed)

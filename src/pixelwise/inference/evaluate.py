@@ -8,19 +8,25 @@ for data whose class ``rand_foreground`` holds the objects (``isbi2012``'s cells
 rand_error rand_precision rand_recall`` (ISBI 2012 challenge definitions) and ``rand_error_best
 rand_best_threshold`` (the challenge's form: the best Rand F over probability thresholds 0.0,
 0.1, ..., 0.9). Instance keys: COCO ``mask_AP mask_AP50 mask_AP75 box_AP`` and the rest.
-Definitions: docs/metrics.md. Every result also records the ``input`` contract it was scored with.
+Definitions: docs/metrics.md. Every result also records the ``input`` contract it was scored with
+and its ``provenance``: checkpoint path and SHA-256, dataset kind, root, split and options, the
+files the check left out, resize, tile, TTA, and the pixelwise and torch versions.
 """
 
 from __future__ import annotations
 
-import torch
-from tqdm import tqdm
+import hashlib
+from pathlib import Path
 
+import torch
+
+from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, build_dataset
 from pixelwise.errors import UserError
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.metrics import BFMeter, ConfusionMeter, RandMeter, ThresholdRandMeter, pixel_error
+from pixelwise.runtime import progress as progress_bar
 from pixelwise.sample import Sample
 
 
@@ -31,7 +37,7 @@ def sample_target(sample: Sample) -> dict[str, torch.Tensor]:
             "masks": torch.as_tensor(sample.instance_masks, dtype=torch.bool)}
 
 
-def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool = True,
+def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,
                       bf: bool = True) -> dict:
     """Confusion-matrix metrics (+ BF score, + ISBI errors where ``ds.rand_foreground`` is set) of
     the predictor's masks against each image's full-resolution labels."""
@@ -43,7 +49,7 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     fg = ds.rand_foreground
     rand_meter = RandMeter(foreground=fg) if fg is not None else None
     best_rand_meter = ThresholdRandMeter(foreground=fg) if fg is not None else None  # the challenge's form
-    for i in tqdm(range(len(ds)), desc="eval", disable=not progress, dynamic_ncols=True):
+    for i in progress_bar(range(len(ds)), "eval", progress):
         sample = ds.load(i)
         prediction = predictor.predict(sample.image)
         meter.update(torch.from_numpy(prediction.mask), torch.from_numpy(sample.mask))
@@ -67,10 +73,10 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     return metrics
 
 
-def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, progress: bool = True) -> dict:
+def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, progress: bool | None = None) -> dict:
     """COCO AP of the predictor's detections (all scores) over a dataset split."""
     predictions, targets = [], []
-    for i in tqdm(range(len(ds)), desc="eval", disable=not progress, dynamic_ncols=True):
+    for i in progress_bar(range(len(ds)), "eval", progress):
         sample = ds.load(i)
         predictions.append(predictor.predict(sample.image))
         targets.append(sample_target(sample))
@@ -78,11 +84,14 @@ def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, pr
 
 
 def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: str = "val", *,
-                        device: str = "cpu", dataset_kwargs: dict | None = None, progress: bool = True,
+                        device: str = "cpu", dataset_kwargs: dict | None = None, progress: bool | None = None,
                         bf: bool = True, resize: tuple[int, int] | None = None, native_size: bool = False,
-                        **options) -> dict:
-    """Metrics of ``checkpoint`` on ``dataset``/``split`` (keys: module docstring).
+                        skip_invalid: bool = False, **options) -> dict:
+    """Metrics of ``checkpoint`` on ``dataset``/``split`` (keys: module docstring), plus
+    ``provenance``: where the numbers came from (:func:`provenance`).
 
+    The data is checked as training checks it: problems are refused unless ``skip_invalid``,
+    which leaves those files out (listed in ``provenance["skipped"]``).
     bf: also compute the boundary F1 score (about 0.1-0.3 s per 360x480 image on a CPU).
     resize / native_size: override the checkpoint's input size (see
     :meth:`Predictor.from_checkpoint`); ``options`` (tile, overlap, tta, mc_samples) go to the
@@ -91,10 +100,37 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, data: str | None, split: 
     # score_thresh 0: AP ranks every detection (it does not apply to semantic models)
     predictor = Predictor.from_checkpoint(checkpoint, device, resize=resize, native_size=native_size,
                                           score_thresh=0.0, **options)
+    skipped = ds.check_or_refuse(skip_invalid, "evaluate")
     if isinstance(predictor, InstancePredictor):
         metrics = evaluate_instances(predictor, ds, progress)
     else:
         assert isinstance(predictor, SemanticPredictor)
         metrics = evaluate_semantic(predictor, ds, progress, bf)
     metrics["input"] = predictor.input_spec.to_dict()
+    metrics["provenance"] = provenance(checkpoint, predictor, dataset, data, split, dataset_kwargs or {},
+                                       [str(p) for p in skipped])
     return metrics
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance(checkpoint: str | Path, predictor: Predictor, dataset: str, data: str | None, split: str,
+               dataset_kwargs: dict, skipped: list[str]) -> dict:
+    """Where a result came from: the checkpoint (path and SHA-256), the data (kind, root, split,
+    options, files left out), how the model saw it (resize, tile, overlap, TTA, MC samples) and
+    the pixelwise and torch versions."""
+    spec = predictor.input_spec
+    seen: dict[str, object] = {"resize": list(spec.resize) if spec.resize else "native"}
+    if isinstance(predictor, SemanticPredictor):
+        seen.update(tile=predictor.tile, overlap=predictor.overlap if predictor.tile else None, tta=predictor.tta,
+                    mc_samples=predictor.mc_samples)
+    return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
+            "dataset": {"kind": dataset, "root": str(Path(data).expanduser().resolve()) if data else None,
+                        "split": split, "options": dataset_kwargs, "skipped": skipped},
+            "prediction": seen, "pixelwise_version": __version__, "torch_version": torch.__version__}

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
+from pixelwise.inference.fast import instance_runner, make_runner
 from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, predictive_entropy
+from pixelwise.inference.onnx_runner import is_onnx, load_onnx
 from pixelwise.inference.tiling import tiled_probs
 from pixelwise.inference.tta import TTA_MODES, tta_probs
-from pixelwise.models import forward_logits
 from pixelwise.preprocess import InputSpec, preprocess
 
 MIN_TILE = 16
@@ -78,7 +79,7 @@ class Predictor:
         """The predictor for the checkpoint's task. ``resize`` = (h, w) overrides the size the
         checkpoint was trained at; ``native_size`` predicts at each image's own size instead.
         ``options`` go to the task's predictor; one that does not apply is a UserError."""
-        model, meta = load_checkpoint(path, device)
+        model, meta = load_onnx(path) if is_onnx(path) else load_checkpoint(path, device)
         task = meta.get("task", "semantic")
         kind: type[Predictor] = SemanticPredictor if task == "semantic" else InstancePredictor
         if cls is not Predictor and cls is not kind:
@@ -113,7 +114,7 @@ class SemanticPredictor(Predictor):
 
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
                  input_spec: InputSpec | None = None, *, tile: int | None = None, overlap: float = 0.25,
-                 tta: str | None = None, mc_samples: int = 0) -> None:
+                 tta: str | None = None, mc_samples: int = 0, mode: str = "eager") -> None:
         super().__init__(model, meta, device, input_spec)
         if tile is not None and tile < MIN_TILE:
             raise UserError(f"--tile must be at least {MIN_TILE} pixels, got {tile}")
@@ -127,11 +128,14 @@ class SemanticPredictor(Predictor):
             raise UserError(f"--mc-samples needs a model with dropout layers (such as bayesian_segnet); "
                             f"{self.meta.get('model', type(model).__name__)} has none")
         self.tile, self.overlap, self.tta, self.mc_samples = tile, overlap, tta, mc_samples
+        # the runner of each batch (pixelwise.inference.fast): eager, the fast path, an ONNX session
+        self.mode = mode
+        self.runner = make_runner(self.model, mode, self.meta.get("model", ""), self.device, mc_samples=mc_samples)
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_samples:
             return mc_dropout(self.model, x, self.mc_samples, measure="entropy")[0]
-        return F.softmax(forward_logits(self.model, x).float(), 1)
+        return F.softmax(self.runner(x).float(), 1)
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         return tta_probs(self._model_probs, x, self.tta)
@@ -158,11 +162,13 @@ class InstancePredictor(Predictor):
     task = "instance"
 
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
-                 input_spec: InputSpec | None = None, *, score_thresh: float = 0.5) -> None:
+                 input_spec: InputSpec | None = None, *, score_thresh: float = 0.5, mode: str = "eager") -> None:
         super().__init__(model, meta, device, input_spec)
         if not 0 <= score_thresh <= 1:
             raise UserError(f"--score-thresh must be in [0, 1], got {score_thresh}")
         self.score_thresh = score_thresh
+        self.mode = mode
+        self.runner = instance_runner(self.model, mode, self.meta.get("model", ""))
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> dict[str, torch.Tensor]:
@@ -171,7 +177,7 @@ class InstancePredictor(Predictor):
         thresholded at 0.5, as in COCO evaluation)."""
         x = self.preprocess(image)
         det = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-               for k, v in self.model([x[0]])[0].items()}
+               for k, v in self.runner([x[0]])[0].items()}
         keep = det["scores"] >= self.score_thresh
         order = det["scores"][keep].argsort(descending=True)
         out = {k: v[keep][order] for k, v in det.items()}

@@ -10,22 +10,31 @@ Per input ``<stem>``:
   JSON), the overlay shows instances with boxes, class names and scores, and ``<stem>.json`` holds
   ``{"width", "height", "instances": [{"id", "label", "class_name", "score", "box" (x1, y1, x2, y2),
   "area", "segmentation" (COCO RLE, counts as a string)}]}``.
+
+Never over an input, never one output over another (:func:`check_predict`, before anything is
+written): an ``--out`` folder that holds any input is refused; inputs whose stems collide (``c.png``
+and ``c.jpg``, or ``x.png`` in two folders) are named ``<stem>_<ext>`` (``c_png``, ``c_jpg``), and a
+name still taken, by an earlier input or by another input's outputs, gets ``_2``, ``_3``, ... in input
+order. Every input is decoded first: unreadable ones are all named in one error and nothing is
+written, or, with ``skip_invalid``, left out and listed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from pixelwise.coco_eval import encode_mask
 from pixelwise.data.io import read_image, write_mask
 from pixelwise.data.palette import default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.predictor import InstancePredictor, Prediction, Predictor, SemanticPredictor
+from pixelwise.runtime import progress as progress_bar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -43,7 +52,86 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             raise UserError(f"input {p} not found")
     if not paths:
         raise UserError(f"no images found in {', '.join(inputs)}")
-    return paths
+    unique = {p.resolve(): p for p in reversed(paths)}  # a file given twice (folder and file) is predicted once
+    return [p for p in paths if unique[p.resolve()] is p]
+
+
+def output_names(stem: str, instance: bool = False, uncertainty: bool = False) -> list[str]:
+    """The files written for one input named ``stem`` (the writers below)."""
+    if instance:
+        return [f"{stem}.png", f"{stem}_instances.png", f"{stem}_overlay.png", f"{stem}.json"]
+    return [f"{stem}.png", f"{stem}_overlay.png"] + ([f"{stem}_uncertainty.png"] if uncertainty else [])
+
+
+def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = False) -> list[str]:
+    """One output stem per input, so that no two inputs write the same file (module docstring):
+    ``<stem>``, or ``<stem>_<ext>`` where stems collide, then ``_2``, ``_3``, ... while a name is taken.
+    Names are compared case-insensitively (``A.png`` and ``a.png`` are one file on macOS)."""
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[p.stem.casefold()] = counts.get(p.stem.casefold(), 0) + 1
+    taken: set[str] = set()
+    stems = []
+    for p in paths:
+        base = p.stem if counts[p.stem.casefold()] == 1 else f"{p.stem}_{p.suffix[1:].lower()}"
+        stem, k = base, 2
+        while any(n.casefold() in taken for n in output_names(stem, instance, uncertainty)):
+            stem, k = f"{base}_{k}", k + 1
+        taken |= {n.casefold() for n in output_names(stem, instance, uncertainty)}
+        stems.append(stem)
+    return stems
+
+
+@dataclass
+class PredictPlan:
+    """What ``predict`` will do, settled before the first write: ``paths[i]`` -> ``out/stems[i]...``;
+    ``skipped``: one reason per unreadable input left out (``skip_invalid``)."""
+
+    paths: list[Path]
+    stems: list[str]
+    out: Path
+    skipped: list[str] = field(default_factory=list)
+
+
+def _reason(err: UserError) -> str:
+    return str(err).removesuffix("; re-export it or remove it")
+
+
+def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False, uncertainty: bool = False,
+                  skip_invalid: bool = False, progress: bool | None = None) -> PredictPlan:
+    """Every check of ``predict``, before anything is written: the inputs exist and decode, ``out``
+    is a folder that holds none of them and no output lands on an input (through a link either).
+    Unreadable inputs are all named in one UserError, or left out and listed with ``skip_invalid``."""
+    paths = expand_inputs(inputs)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder for the predictions")
+    inside = [p for p in paths if p.resolve().parent == out_dir.resolve()]
+    if inside:
+        raise UserError(f"--out {out_dir} holds the input {inside[0]}"
+                        f"{f' and {len(inside) - 1} more' if len(inside) > 1 else ''}, and predictions never go "
+                        f"beside their inputs; give another folder, e.g. --out {out_dir / 'predictions'}")
+    readable, skipped = [], []
+    for p in progress_bar(paths, "check inputs", show=progress):
+        try:
+            read_image(p)
+            readable.append(p)
+        except UserError as e:
+            skipped.append(_reason(e))
+    if skipped and not skip_invalid:
+        raise UserError(f"{len(skipped)} of {len(paths)} input(s) cannot be read, nothing was written: "
+                        f"{'; '.join(skipped)}; fix or remove them, or pass --skip-invalid to predict the rest")
+    if not readable:
+        raise UserError(f"none of the {len(paths)} input(s) can be read: {'; '.join(skipped)}")
+    stems = unique_stems(readable, instance, uncertainty)
+    inodes = {(s.st_dev, s.st_ino) for s in map(os.stat, readable)}
+    for stem in stems:
+        for name in output_names(stem, instance, uncertainty):
+            target = out_dir / name
+            if target.exists() and (os.stat(target).st_dev, os.stat(target).st_ino) in inodes:
+                raise UserError(f"{target} is a link to one of the inputs and would be written over; remove it "
+                                "or give another --out")
+    return PredictPlan(readable, stems, out_dir, skipped)
 
 
 def write_semantic(out_dir: Path, stem: str, image: np.ndarray, pred: Prediction, palette: list) -> Path:
@@ -111,20 +199,27 @@ def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, clas
     return out_dir / f"{stem}.png"
 
 
-def predict_files(predictor: Predictor, inputs: list[str], out: str | Path, *, uncertainty: bool = False,
-                  progress: bool = True) -> list[Path]:
-    """Predict every image of ``inputs`` (files or folders) into ``out``; -> the mask paths."""
-    paths = expand_inputs(inputs)
-    out_dir = Path(out)
+def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: str | Path | None = None, *,
+                  uncertainty: bool = False, progress: bool | None = None) -> list[Path]:
+    """Predict every image of ``inputs`` (files or folders, checked here, or the plan of
+    :func:`check_predict`) into ``out``; -> the mask paths."""
+    if isinstance(inputs, PredictPlan):
+        plan = inputs
+    elif out is None:
+        raise TypeError("predict_files: give out, the folder for the predictions")
+    else:
+        plan = check_predict(inputs, out, instance=isinstance(predictor, InstancePredictor), uncertainty=uncertainty,
+                             progress=progress)
+    out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in tqdm(paths, desc="predict", disable=not progress, dynamic_ncols=True):
+    for path, stem in zip(progress_bar(plan.paths, "predict", show=progress), plan.stems):
         image = read_image(path)
         if isinstance(predictor, SemanticPredictor):
             pred = predictor.predict(image, uncertainty=uncertainty)
-            written.append(write_semantic(out_dir, path.stem, image, pred, predictor.palette))
+            written.append(write_semantic(out_dir, stem, image, pred, predictor.palette))
         else:
             assert isinstance(predictor, InstancePredictor)
             det = predictor.predict(image)
-            written.append(write_instances(out_dir, path.stem, image, det, predictor.class_names, predictor.palette))
+            written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette))
     return written

@@ -49,10 +49,14 @@ __all__ = ["DeconvNet", "crop_boxes", "deconvnet", "instance_wise_predict", "loa
 
 def pad_to_min(x: Tensor, min_size: int) -> Tensor:
     """Zero-pad ``Tensor[N, C, H, W]`` at the bottom/right to at least ``min_size`` in each dimension
-    (``torch.sym_max`` keeps the sizes symbolic under ``torch.export``)."""
+    (``torch.sym_max`` keeps the sizes symbolic under ``torch.export``, ``torch.clamp`` of the
+    traced sizes under ``torch.jit.trace`` and so ``pixelwise export``)."""
     h, w = x.shape[-2:]
-    biggest = max if torch.jit.is_tracing() else torch.sym_max  # jit.trace hands out tensor sizes
-    return F.pad(x, (0, biggest(w, min_size) - w, 0, biggest(h, min_size) - h))
+    if torch.jit.is_tracing():  # jit.trace (ONNX export) hands out sizes as tensors: keep them traced
+        pad_w = torch.clamp(w, min=min_size) - w  # type: ignore[call-overload]  # traced sizes are tensors
+        pad_h = torch.clamp(h, min=min_size) - h  # type: ignore[call-overload]
+        return F.pad(x, (0, pad_w, 0, pad_h))
+    return F.pad(x, (0, torch.sym_max(w, min_size) - w, 0, torch.sym_max(h, min_size) - h))
 
 
 class DeconvNet(nn.Module):

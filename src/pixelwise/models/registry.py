@@ -7,9 +7,15 @@ registry only lets the CLI and configs find them by name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
@@ -20,6 +26,11 @@ class UnknownModelError(UserError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ModelOptionError(UserError, TypeError, ValueError):
+    """A model option (builder keyword argument) that is unknown, of the wrong type or refused by
+    the builder: a TypeError / ValueError for the API, a one-line error for the CLI."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,102 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _MODELS[name]
     except KeyError:
-        raise UnknownModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
+        close = difflib.get_close_matches(str(name), list_models(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownModelError(f"unknown model {name!r}; {hint}choose one of: {', '.join(list_models())}") from None
+
+
+def model_options(name: str) -> dict[str, inspect.Parameter] | None:
+    """The options (keyword arguments besides ``num_classes`` and ``pretrained``) of model
+    ``name``: its builder's keyword parameters and, where the builder passes ``**kwargs`` on to
+    the model class it returns (its return annotation, whose constructor takes ``num_classes``),
+    that constructor's. None where the builder takes ``**kwargs`` it checks itself (Mask R-CNN)."""
+    builder = model_info(name).builder
+    params = dict(inspect.signature(builder).parameters)
+    options = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        returned = _hints(builder).get("return")
+        init = inspect.signature(returned).parameters if inspect.isclass(returned) else {}
+        if "num_classes" not in init or any(p.kind is p.VAR_KEYWORD for p in init.values()):
+            return None
+        options.update({n: p for n, p in init.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)})
+    return {n: p for n, p in options.items() if n not in ("self", "num_classes", "pretrained")}
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except (NameError, TypeError):  # annotations this module cannot resolve: no type check
+        return {}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits ``hint`` where the hint is a plain type (bool, int, float, str) or an
+    optional/union of them; anything else is not checked here (the builder checks it)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    plain = [a for a in args if a in (bool, int, float, str, type(None))]
+    if len(plain) < len(args):
+        return True
+    if value is None:
+        return type(None) in args
+    if isinstance(value, bool):
+        return bool in args
+    return (isinstance(value, int) and (int in args or float in args)) or (isinstance(value, float) and float in args) \
+        or (isinstance(value, str) and str in args)
+
+
+def _check_names_and_types(name: str, kwargs: Mapping[str, Any], where: str) -> None:
+    options = model_options(name)
+    if options is None:
+        return
+    hints = {**_hints(model_info(name).builder), **(_hints(_returned_class(name)) or {})}
+    for key, value in kwargs.items():
+        if key in ("num_classes", "pretrained"):
+            raise ModelOptionError(f"{where}: {key!r} is set by pixelwise (from the data, or --pretrained); remove it")
+        if key not in options:
+            close = difflib.get_close_matches(key, list(options), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ModelOptionError(f"{where}: {name} has no option {key!r}; {hint}options: {', '.join(options)}")
+        if key in hints and not _type_ok(value, hints[key]):
+            default = options[key].default
+            example = f" (default {default!r})" if default is not inspect.Parameter.empty else ""
+            raise ModelOptionError(f"{where}: {name} option {key!r} must be {_type_name(hints[key])}{example}, "
+                                   f"got {value!r}")
+
+
+def _returned_class(name: str) -> Any:
+    returned = _hints(model_info(name).builder).get("return")
+    return returned if inspect.isclass(returned) else None
+
+
+def _type_name(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null"}
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str | None = None) -> None:
+    """Check ``kwargs`` for model ``name`` before anything else is done: known names (with the
+    closest one suggested), types where annotated, and whatever the builder itself refuses, by
+    building it on the meta device (no memory, no weights). Raises :class:`ModelOptionError`."""
+    where = where or f"model {name!r}"
+    _check_names_and_types(name, kwargs, where)
+    try:
+        with torch.device("meta"):
+            model_info(name).builder(num_classes=2, pretrained=None, **kwargs)
+    except (TypeError, ValueError, UserError) as e:
+        raise ModelOptionError(f"{where}: {name}: {e}") from e
 
 
 def create_model(name: str, num_classes: int, pretrained: str | None = None, **kwargs) -> nn.Module:
     """Build a registered model. ``pretrained`` is ``None``, ``"imagenet"`` (backbone weights),
-    a model-specific tag such as ``"coco"``, or a path to a local weights file."""
-    return model_info(name).builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
+    a model-specific tag such as ``"coco"``, or a path to a local weights file. An unknown or
+    wrongly typed option, or one the builder refuses, is a :class:`ModelOptionError`."""
+    info = model_info(name)
+    _check_names_and_types(name, kwargs, f"model {name!r}")
+    try:
+        return info.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ModelOptionError(f"model {name!r}: {e}") from e

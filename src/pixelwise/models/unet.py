@@ -53,18 +53,35 @@ def center_crop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
-    """Reflect-pad Tensor[N, C, H, W] by any amount (repeated reflection for pads >= size)."""
-    while top or bottom or left or right:
-        h, w = x.shape[-2:]
-        t, b = min(top, h - 1), min(bottom, h - 1)
-        le, r = min(left, w - 1), min(right, w - 1)
-        if h == 1 and (top or bottom):  # nothing to reflect: replicate
-            t, b = top, bottom
-        if w == 1 and (left or right):
-            le, r = left, right
-        mode = "reflect" if (h > 1 or not (t or b)) and (w > 1 or not (le or r)) else "replicate"
-        x = F.pad(x, (le, r, t, b), mode=mode)
-        top, bottom, left, right = top - t, bottom - b, left - le, right - r
+    """Reflect-pad Tensor[N, C, H, W] by any amount: pads larger than the image reflect again
+    (the image repeated mirror-wise, period ``2 (H - 1)``; a side of 1 pixel is replicated).
+
+    Written as one gather per axis whose indices are arithmetic on the sizes, so that a traced
+    or exported program (``pixelwise export``) pads correctly at every input size; the values
+    are those of repeated ``F.pad(mode="reflect")``."""
+    return _reflect_axis(_reflect_axis(x, top, bottom, -2), left, right, -1)
+
+
+def _reflect_axis(x: torch.Tensor, before, after, dim: int) -> torch.Tensor:
+    n = x.shape[dim]
+    period = torch.clamp(torch.as_tensor(2 * (n - 1)), min=1)
+    i = torch.remainder(torch.arange(-before, n + after, device=x.device), period)
+    return x.index_select(dim, torch.where(i >= n, period - i, i))
+
+
+def pad_same(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
+    """Pad Tensor[N, C, H, W] at the bottom and right by reflection when both pads are smaller than
+    both sides (``F.pad(mode="reflect")``), else by replication (``mode="replicate"``).
+
+    One gather per axis, the choice made by tensor arithmetic on the sizes, so that an exported
+    program (``pixelwise export``) pads like eager at every input size."""
+    h, w = x.shape[-2], x.shape[-1]
+    reflect = torch.minimum(torch.as_tensor(h), torch.as_tensor(w)) > torch.maximum(
+        torch.as_tensor(bottom), torch.as_tensor(right))
+    for dim, n, pad in ((-2, h, bottom), (-1, w, right)):
+        i = torch.arange(n + pad, device=x.device)
+        index = torch.where(reflect, torch.where(i < n, i, 2 * (n - 1) - i), torch.clamp(i, max=n - 1))
+        x = x.index_select(dim, index)
     return x
 
 
@@ -86,13 +103,17 @@ def valid_output_size(size: int) -> int | None:
 
 
 def valid_tile(size: int) -> tuple[int, int]:
-    """``(input, output)`` sides of the smallest valid input whose output covers ``size`` pixels."""
-    i = size
-    while True:
-        o = valid_output_size(i)
-        if o is not None and o >= size:
-            return i, o
-        i += 1
+    """``(input, output)`` sides of the smallest valid input whose output covers ``size`` pixels.
+
+    Closed form (so that it stays arithmetic on a traced size): going down, each level loses 4
+    pixels and halves, so valid inputs are ``i = 2^D s + 4 (2^D - 1)`` for a bottom-level input
+    ``s``, whose output is ``o = i - (12 * 2^D - 8)`` (184 for D = 4); the smallest ``s`` with
+    ``o >= size`` is ``ceil((size + 8 * 2^D - 4) / 2^D)``, always > 4, so the bottom level is
+    never empty (``tests/test_unet.py`` checks it against :func:`valid_output_size`)."""
+    step = 2**DEPTH
+    s = (size + 8 * step - 4 + step - 1) // step
+    i = step * s + 4 * (step - 1)
+    return i, i - (12 * step - 8)
 
 
 def valid_input_size(size: int) -> int:
@@ -145,9 +166,7 @@ class UNet(nn.Module):
         """Tensor[N, Cin, H, W] -> logits Tensor[N, num_classes, H, W], for any H, W."""
         h, w = x.shape[-2:]
         if self.padding == "same":
-            ph, pw = -h % 2**DEPTH, -w % 2**DEPTH
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-            return self.forward_features(x)[..., :h, :w]
+            return self.forward_features(pad_same(x, -h % 2**DEPTH, -w % 2**DEPTH))[..., :h, :w]
         (ih, oh), (iw, ow) = valid_tile(h), valid_tile(w)
         top, left = (ih - oh) // 2, (iw - ow) // 2  # context the valid convolutions consume
         x = mirror_pad(x, top, ih - h - top, left, iw - w - left)

@@ -45,9 +45,10 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1024:
-            raise UserError(f"the upload limit must be at least 1 KB, got {self.max_upload_bytes} bytes")
+            raise UserError(f"the upload limit (--max-upload-mb) must be at least 1 KB, got {self.max_upload_bytes} "
+                            "bytes")
         if self.max_pixels < 1:
-            raise UserError(f"the pixel limit must be positive, got {self.max_pixels}")
+            raise UserError(f"--max-pixels must be a positive number of pixels, got {self.max_pixels}")
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.queue < 0:
@@ -60,6 +61,8 @@ class ServeConfig:
             raise UserError(f"the upload timeout must be positive, got {self.upload_timeout}")
         if self.samples_dir is not None and not Path(self.samples_dir).is_dir():
             raise UserError(f"--samples {self.samples_dir}: not a folder")
+        if self.keep_uploads is not None and Path(self.keep_uploads).exists() and not Path(self.keep_uploads).is_dir():
+            raise UserError(f"--keep-uploads {self.keep_uploads} is a file; give a folder to save the uploads in")
 
 
 def is_loopback(host: str) -> bool:

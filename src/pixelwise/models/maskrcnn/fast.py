@@ -48,8 +48,12 @@ __all__ = ["FastMaskRCNN", "detection_agreement", "fold_batchnorm", "optimize_fo
 _NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
 
-def _fold(conv: nn.Conv2d, norm: FrozenBatchNorm2d | nn.BatchNorm2d) -> None:
-    """Fold ``norm`` (``y = (x - mean) / sqrt(var + eps) * weight + bias``) into ``conv`` in place."""
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _fold(conv: nn.Conv2d | nn.ConvTranspose2d, norm: FrozenBatchNorm2d | nn.BatchNorm2d) -> None:
+    """Fold ``norm`` (``y = (x - mean) / sqrt(var + eps) * weight + bias``) into ``conv`` in place
+    (a transposed convolution's output channels are its weight's dimension 1)."""
     if isinstance(norm, nn.BatchNorm2d) and norm.training:
         raise ValueError("fold_batchnorm: BatchNorm2d is in training mode; call model.eval() first")
     if norm.running_mean is None or norm.running_var is None:
@@ -59,7 +63,12 @@ def _fold(conv: nn.Conv2d, norm: FrozenBatchNorm2d | nn.BatchNorm2d) -> None:
     beta = norm.bias.double() if norm.bias is not None else torch.zeros_like(mean)
     scale = gamma * torch.rsqrt(var + norm.eps)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
-    weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
+    if isinstance(conv, nn.ConvTranspose2d):
+        if conv.groups != 1:
+            raise ValueError("fold_batchnorm: grouped transposed convolutions are not supported")
+        weight = conv.weight.double() * scale.reshape(1, -1, 1, 1)
+    else:
+        weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
     conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
     conv.bias = nn.Parameter(((bias - mean) * scale + beta).to(conv.weight.dtype), requires_grad=False)
 
@@ -75,20 +84,21 @@ def fold_batchnorm(module: nn.Module) -> int:
     """Fold every BatchNorm that directly follows a convolution into it, in place; returns the count.
 
     Recognised pairs: attributes ``conv<k>`` / ``bn<k>`` of one module (ResNet's stem and blocks) and
-    consecutive ``Conv2d``, norm entries of an ``nn.Sequential`` (ResNet's ``downsample``). The norm
+    consecutive ``Conv2d`` (or ``ConvTranspose2d``), norm entries of an ``nn.Sequential`` (ResNet's
+    ``downsample``, U-Net's, SegNet's and DeconvNet's blocks, the FCN and DeepLab heads). The norm
     is replaced by ``nn.Identity``. Works for ``FrozenBatchNorm2d`` and eval-mode ``BatchNorm2d``."""
     folded = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             conv = getattr(parent, "conv" + name[2:], None) if name.startswith("bn") else None
-            if isinstance(child, _NORMS) and isinstance(conv, nn.Conv2d):
+            if isinstance(child, _NORMS) and isinstance(conv, _CONVS):
                 _fold(conv, child)
                 setattr(parent, name, nn.Identity())
                 folded += 1
         if isinstance(parent, nn.Sequential):
             for i in range(len(parent) - 1):
                 first, second = parent[i], parent[i + 1]
-                if isinstance(first, nn.Conv2d) and isinstance(second, _NORMS):
+                if isinstance(first, _CONVS) and isinstance(second, _NORMS):
                     _fold(first, second)
                     parent[i + 1] = nn.Identity()
                     folded += 1

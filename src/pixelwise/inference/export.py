@@ -1,0 +1,433 @@
+"""ONNX export of semantic models (``pixelwise export``), verified on export.
+
+:func:`export_onnx` writes one ONNX file whose input ``image`` (``float32[N, C, H, W]``, the
+preprocessed image, see :mod:`pixelwise.preprocess`) and output ``logits`` (``float32[N,
+num_classes, H, W]``) have dynamic batch, height and width, with the checkpoint's metadata (model
+name and kwargs, class names, palette, the input contract) in the file's ``metadata_props``
+(:func:`pixelwise.inference.onnx_runner.read_onnx_metadata` reads it back).
+
+How: the model is traced by ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter: a
+few seconds, and every size computation inside the models is written as arithmetic on the traced
+sizes, so one graph serves every input size). Index unpooling (SegNet, DeconvNet) has no ONNX
+exporter of its own in torch; :func:`_max_unpool2d_symbolic` maps it to ONNX ``MaxUnpool``.
+
+Verified on export: onnxruntime runs the written file on two input sizes (the contract's size,
+or 256 x 320, and a second one with other batch, height and width, neither a multiple of 32) and
+compares with PyTorch eager float32: the largest absolute logit difference and the share of
+pixels whose argmax agrees are reported, and below ``min_agreement`` (99.9%) the export fails
+with a :class:`~pixelwise.errors.UserError` and no file is left behind (written to a temporary
+file, renamed only once verified).
+
+``fp16=True`` stores weights and activations in float16 (inputs and outputs stay float32), via
+onnxruntime's ``float16`` converter; ``int8`` calibration data gives a statically quantised file
+(:func:`quantize_int8`: QDQ, per-channel int8 weights, uint8 activations).
+
+Mask R-CNN: :func:`export_maskrcnn_parts` (see ``docs/deploy.md`` for what does not export and why).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise._version import __version__
+from pixelwise.checkpoint import atomic_write, input_spec_from_meta
+from pixelwise.errors import UserError
+from pixelwise.inference.onnx_runner import META_KEY, make_session
+from pixelwise.models import forward_logits
+from pixelwise.models.maskrcnn import MaskRCNN
+from pixelwise.preprocess import preprocess
+
+DEFAULT_OPSET = 17
+MIN_AGREEMENT = 0.999
+DEFAULT_SIZE = (256, 320)
+META_KEYS = ("model", "model_kwargs", "task", "num_classes", "class_names", "palette", "input", "dataset")
+
+
+@dataclass
+class SizeCheck:
+    """onnxruntime against PyTorch eager float32 on one random batch of ``shape`` (N, C, H, W)."""
+
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    max_abs_logit: float
+    agreement: float  # share of pixels whose argmax class is the same
+
+
+@dataclass
+class ExportReport:
+    path: str
+    opset: int
+    precision: str  # "float32", "float16" or "int8"
+    seconds: float  # export + verification
+    bytes: int
+    checks: list[SizeCheck] = field(default_factory=list)
+    agreement_of: str = "argmax"  # Mask R-CNN's parts: "objectness sign" and "class argmax"
+
+    def summary(self) -> str:
+        parts = [f"{'x'.join(map(str, c.shape[2:]))} (batch {c.shape[0]}): max |logit diff| "
+                 f"{c.max_abs_diff:.3g} (of |logits| up to {c.max_abs_logit:.3g}), {self.agreement_of} agreement "
+                 f"{100 * c.agreement:.3f}%" for c in self.checks]
+        return (f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB, opset {self.opset}, {self.precision}, "
+                f"{self.seconds:.1f} s); onnxruntime vs PyTorch eager: " + "; ".join(parts))
+
+
+class Logits(nn.Module):
+    """A semantic model's main logits only (the auxiliary head, if any, is not exported)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_logits(self.model, x)
+
+
+# --------------------------------------------------------------------------- max unpooling
+
+
+def _max_unpool2d_symbolic(g, x, indices, output_size):
+    """ONNX for ``aten::max_unpool2d`` (2x2 / stride 2, SegNet's and DeconvNet's unpooling).
+
+    PyTorch's indices are flat positions within each H*W plane; ONNX ``MaxUnpool`` wants them flat
+    over the whole N*C*H*W tensor, which is what ONNX ``MaxPool`` returns: torch's exporter turns
+    those into per-plane indices by subtracting each plane's first index (``Sub``), so the ONNX
+    indices are taken from before that subtraction. Without ``output_shape`` the output is 2h x 2w:
+    SegNet and DeconvNet pad their input to a multiple of their deepest stride, so the pre-pool
+    sizes are always even (``pixelwise.layers.unpool`` checks it while tracing). Computing the
+    offsets from traced sizes instead is not safe: where onnx shape inference gives up (after
+    DeconvNet's computed padding) the exporter freezes sizes at their traced values."""
+    node = indices.node()
+    if node.kind() != "onnx::Sub" or next(node.inputs()).node().kind() != "onnx::MaxPool":
+        raise UserError("ONNX export of max unpooling needs the indices of a max pool of the same graph")
+    flat = next(node.inputs())
+    return g.op("MaxUnpool", x, flat, kernel_shape_i=[2, 2], strides_i=[2, 2])
+
+
+def _register_symbolics(opset: int) -> None:
+    torch.onnx.register_custom_op_symbolic("aten::max_unpool2d", _max_unpool2d_symbolic, opset)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def verification_sizes(meta: dict | None) -> list[tuple[int, int, int]]:
+    """``(batch, H, W)`` of the two verification runs: the contract's size (else 256 x 320) with
+    batch 1, and about 3/4 x 5/4 of it plus an odd offset with batch 2."""
+    spec = input_spec_from_meta(meta) if meta else None
+    h, w = spec.resize if spec is not None and spec.resize else DEFAULT_SIZE
+    return [(1, h, w), (2, max(3 * h // 4 + 5, 33), 5 * w // 4 + 3)]
+
+
+def sample_batch(n: int, channels: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """A smooth random batch in normalised units (noise at 1/8 resolution, upsampled, plus fine
+    noise): closer to image statistics than white noise, so argmax agreement is measured on
+    regions and edges rather than on per-pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, channels, max(h // 8, 1), max(w // 8, 1), generator=g)
+    x = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return x + 0.2 * torch.randn(n, channels, h, w, generator=g)
+
+
+def run_onnx(session, x: torch.Tensor) -> torch.Tensor:
+    """Logits of an onnxruntime session on one batch (float32)."""
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.numpy()})[0]).float()
+
+
+def compare(reference: torch.Tensor, got: torch.Tensor) -> tuple[float, float, float]:
+    """``(max |difference|, max |reference|, argmax agreement)`` of two logit batches."""
+    if got.shape != reference.shape:
+        raise UserError(f"the ONNX model returned {tuple(got.shape)} for logits of shape {tuple(reference.shape)}")
+    diff = (got - reference).abs().max().item()
+    agree = (got.argmax(1) == reference.argmax(1)).float().mean().item()
+    return diff, reference.abs().max().item(), agree
+
+
+def verify(model: nn.Module, session, sizes: Sequence[tuple[int, int, int]], channels: int = 3
+           ) -> list[SizeCheck]:
+    """Run ``session`` and PyTorch eager on a random batch of every ``(batch, H, W)``."""
+    checks = []
+    for i, (n, h, w) in enumerate(sizes):
+        x = sample_batch(n, channels, h, w, seed=i)
+        with torch.no_grad():
+            reference = forward_logits(model, x).float()
+        diff, scale, agree = compare(reference, run_onnx(session, x))
+        checks.append(SizeCheck((n, channels, h, w), diff, scale, agree))
+    return checks
+
+
+def onnx_metadata(meta: dict | None, model_name: str, extra: dict) -> dict:
+    """The JSON stored under ``metadata_props["pixelwise"]``: the checkpoint's metadata keys that
+    describe how to run the model, plus ``onnx`` (``extra``)."""
+    meta = dict(meta or {})
+    out = {k: meta[k] for k in META_KEYS if k in meta}
+    out.setdefault("model", model_name)
+    out.setdefault("task", "semantic")
+    out["input"] = input_spec_from_meta(meta).to_dict() if meta else out.get("input")
+    out["pixelwise_version"] = __version__
+    out["onnx"] = extra
+    return out
+
+
+def _write_metadata(path: str, info: dict) -> None:
+    import onnx  # optional dependency (the export extra)
+
+    model = onnx.load(path)
+    del model.metadata_props[:]
+    entries = {META_KEY: json.dumps(info)}
+    entries.update({f"{META_KEY}.{k}": json.dumps(info[k]) for k in ("model", "input", "class_names", "palette")
+                    if k in info})
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    model.producer_name, model.producer_version = "pixelwise", __version__
+    onnx.save(model, path)
+
+
+def _trace_to_onnx(model: nn.Module, path: str, shape: tuple[int, ...], opset: int) -> None:
+    _register_symbolics(opset)
+    wrapped = Logits(model).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings about sizes: the verification below is what counts
+        torch.onnx.export(wrapped, (torch.zeros(shape),), path, dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "logits": {0: "batch", 2: "height", 3: "width"}})
+
+
+def _to_fp16(path: str) -> None:
+    import onnx  # optional dependency (the export extra)
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # optional dependency (the export extra)
+
+    onnx.save(convert_float_to_float16(onnx.load(path), keep_io_types=True), path)
+
+
+def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = None, *, model_name: str = "",
+                opset: int = DEFAULT_OPSET, fp16: bool = False,
+                calibration: Iterable[torch.Tensor] | None = None,
+                sizes: Sequence[tuple[int, int, int]] | None = None,
+                min_agreement: float = MIN_AGREEMENT) -> ExportReport:
+    """Export a semantic ``model`` to ONNX at ``out`` and verify it (module docstring).
+
+    meta: the checkpoint's metadata (input contract, classes, palette, model name), stored in the
+    file. calibration: preprocessed batches ``Tensor[N, C, H, W]`` to calibrate an int8 file
+    (:func:`quantize_int8`); its verification threshold is the caller's ``min_agreement``.
+    sizes: ``(batch, H, W)`` of the verification runs (default :func:`verification_sizes`).
+    Raises UserError (and writes nothing) if onnxruntime's argmax agrees with PyTorch's on less
+    than ``min_agreement`` of the pixels at any size.
+    """
+    if meta and meta.get("task", "semantic") != "semantic":
+        raise UserError(f"{meta.get('model')} is an instance model: use export_maskrcnn_parts")
+    if fp16 and calibration is not None:
+        raise UserError("choose one of fp16 and int8")
+    start = time.perf_counter()
+    model = model.eval().cpu()
+    spec = input_spec_from_meta(meta or {}, model)
+    sizes = list(sizes or verification_sizes(meta))
+    precision = "int8" if calibration is not None else "float16" if fp16 else "float32"
+    report = ExportReport(str(out), opset, precision, 0.0, 0)
+
+    def write(tmp: str) -> None:
+        n, h, w = sizes[0]
+        _trace_to_onnx(model, tmp, (n, spec.channels, h, w), opset)
+        if fp16:
+            _to_fp16(tmp)
+        if calibration is not None:
+            quantize_int8(tmp, tmp, calibration)
+        session = make_session(tmp)
+        report.checks = verify(model, session, sizes, spec.channels)
+        worst = min(c.agreement for c in report.checks)
+        if worst < min_agreement:
+            bad = min(report.checks, key=lambda c: c.agreement)
+            raise UserError(f"export verification failed: onnxruntime's argmax agrees with PyTorch on "
+                            f"{100 * worst:.3f}% of pixels at {bad.shape[2]}x{bad.shape[3]} (needs "
+                            f"{100 * min_agreement:.1f}%; max |logit diff| {bad.max_abs_diff:.3g}); nothing written")
+        info = {"opset": opset, "precision": precision, "dynamic_axes": ["batch", "height", "width"],
+                "input_name": "image", "output_name": "logits", "min_agreement": min_agreement,
+                "verified": [asdict(c) for c in report.checks]}
+        _write_metadata(tmp, onnx_metadata(meta, model_name or type(model).__name__, info))
+
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: an ONNX file name ends with .onnx")
+    atomic_write(out, write)
+    report.seconds = time.perf_counter() - start
+    report.bytes = out.stat().st_size
+    return report
+
+
+# --------------------------------------------------------------------------- int8
+
+
+def quantize_int8(src: str, dst: str, calibration: Iterable[torch.Tensor], per_channel: bool = True) -> None:
+    """Static int8 quantisation of the float ONNX file ``src`` into ``dst`` with onnxruntime:
+    QDQ format, int8 weights (per output channel), uint8 activations whose ranges are calibrated
+    (min/max) on ``calibration``, batches of preprocessed images. The x86 kernels use VNNI/AMX
+    int8 dot products where the CPU has them."""
+    from onnxruntime.quantization import (  # optional dependency (the export extra)
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # optional dependency (export extra)
+
+    batches = iter(calibration)
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            x = next(batches, None)
+            return None if x is None else {"image": np.ascontiguousarray(x.float().numpy())}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = os.path.join(tmp, "pre.onnx")
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        quantize_static(pre, os.path.join(tmp, "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        os.replace(os.path.join(tmp, "q.onnx"), dst)
+
+
+def calibration_batches(images: Iterable[np.ndarray], spec, crop: int = 256, batch: int = 4, seed: int = 0
+                        ) -> list[torch.Tensor]:
+    """Random ``crop`` x ``crop`` crops of ``images`` (uint8[H, W, 3]) preprocessed with ``spec``
+    (after its resize, if any), in batches of ``batch``: the int8 calibration set."""
+    g = np.random.default_rng(seed)
+    crops = []
+    for image in images:
+        x = preprocess(image, spec)
+        h, w = x.shape[-2:]
+        ch, cw = min(crop, h), min(crop, w)
+        top, left = int(g.integers(0, h - ch + 1)), int(g.integers(0, w - cw + 1))
+        crops.append(x[:, top:top + ch, left:left + cw])
+    if len({tuple(c.shape) for c in crops}) > 1:  # images smaller than the crop: one per batch
+        return [c[None] for c in crops]
+    return [torch.stack(crops[i:i + batch]) for i in range(0, len(crops), batch)]
+
+
+# --------------------------------------------------------------------------- Mask R-CNN
+
+
+class MaskRCNNBackboneRPN(nn.Module):
+    """Mask R-CNN's dense part: ``Tensor[N, 3, H, W]`` (normalised, padded to a multiple of 32, i.e.
+    ``model.transform``'s batch) -> the five FPN levels, then per level the RPN objectness
+    ``Tensor[N, A, h, w]`` and box deltas ``Tensor[N, 4A, h, w]`` (15 outputs)."""
+
+    def __init__(self, model: MaskRCNN) -> None:
+        super().__init__()
+        self.backbone, self.head = model.backbone, model.rpn.head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        levels = list(self.backbone(x).values())
+        logits, deltas = self.head(levels)
+        return (*levels, *logits, *deltas)
+
+
+class MaskRCNNHeads(nn.Module):
+    """Mask R-CNN's per-RoI part: RoI-aligned features ``Tensor[K, C, 7, 7]`` (boxes) and
+    ``Tensor[K, C, 14, 14]`` (masks) -> class logits ``Tensor[K, classes]``, per-class box deltas
+    ``Tensor[K, 4 classes]`` and mask logits ``Tensor[K, classes, 28, 28]``."""
+
+    def __init__(self, model: MaskRCNN) -> None:
+        super().__init__()
+        heads = model.roi_heads
+        self.box_head, self.box_predictor = heads.box_head, heads.box_predictor
+        self.mask_head, self.mask_predictor = heads.mask_head, heads.mask_predictor
+
+    def forward(self, box_features: torch.Tensor, mask_features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scores, deltas = self.box_predictor(self.box_head(box_features))
+        return scores, deltas, self.mask_predictor(self.mask_head(mask_features))
+
+
+def _check_parts(module: nn.Module, session, inputs: list[torch.Tensor], sign: bool) -> SizeCheck:
+    """onnxruntime against eager on one set of inputs. agreement: the share of RPN objectness
+    logits of the same sign (``sign``), or of RoIs whose argmax class agrees."""
+    with torch.no_grad():
+        reference = [r.float() for r in module(*inputs)]
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    got = [torch.from_numpy(a).float() for a in session.run(None, feed)]
+    diff = max((g - r).abs().max().item() for g, r in zip(got, reference))
+    scale = max(r.abs().max().item() for r in reference)
+    if sign:
+        first = len(reference) // 3  # outputs: 5 levels, 5 objectness, 5 deltas
+        pairs = list(zip(got[first:2 * first], reference[first:2 * first]))
+        agree = sum(((g > 0) == (r > 0)).sum().item() for g, r in pairs) / sum(r.numel() for _, r in pairs)
+    else:
+        agree = (got[0].argmax(1) == reference[0].argmax(1)).float().mean().item()
+    return SizeCheck(tuple(inputs[0].shape), diff, scale, agree)
+
+
+def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | None = None, *,
+                          opset: int = DEFAULT_OPSET, min_agreement: float = MIN_AGREEMENT,
+                          sizes: Sequence[tuple[int, int, int]] = ((1, 320, 416), (2, 256, 352)),
+                          rois: Sequence[int] = (7, 13)) -> list[ExportReport]:
+    """Export what of a Mask R-CNN ONNX can express without custom operators, as two files:
+    ``out`` (:class:`MaskRCNNBackboneRPN`: dynamic batch, H, W) and ``<out stem>_heads.onnx``
+    (:class:`MaskRCNNHeads`: a dynamic number of RoIs). Each is verified by onnxruntime against
+    eager (``sizes``: ``(batch, H, W)``, multiples of 32; ``rois``: RoI counts) and fails, writing
+    nothing, when the agreement (see :func:`_check_parts`) is below ``min_agreement`` or the
+    largest difference exceeds 1e-3 of the largest output. What stays in PyTorch between and after
+    them (resize and normalisation, anchors, proposal decoding and NMS, multi-scale RoI Align,
+    detection post-processing, mask pasting) and why: docs/deploy.md."""
+    model = model.eval().cpu()
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: an ONNX file name ends with .onnx")
+    channels = model.backbone.out_channels
+    box_size = tuple(model.roi_heads.box_roi_pool.output_size)
+    mask_size = tuple(model.roi_heads.mask_roi_pool.output_size)
+    g = torch.Generator().manual_seed(0)
+    parts = [
+        ("backbone_rpn", MaskRCNNBackboneRPN(model).eval(), out, [[sample_batch(n, 3, h, w, seed=i)] for i, (n, h, w)
+                                                           in enumerate(sizes)],
+         ["image"], {"image": {0: "batch", 2: "height", 3: "width"}}, True),
+        ("roi_heads", MaskRCNNHeads(model).eval(), out.with_name(out.stem + "_heads.onnx"),
+         [[torch.randn(k, channels, *box_size, generator=g), torch.randn(k, channels, *mask_size, generator=g)]
+          for k in rois], ["box_features", "mask_features"],
+         {"box_features": {0: "rois"}, "mask_features": {0: "rois"}}, False),
+    ]
+    reports = []
+    for part, module, path, inputs, names, axes, sign in parts:
+        start = time.perf_counter()
+        report = ExportReport(str(path), opset, "float32", 0.0, 0,
+                              agreement_of="RPN objectness sign" if sign else "RoI class argmax")
+        n_out = 15 if sign else 3
+        out_names = ([f"fpn_{i}" for i in range(5)] + [f"objectness_{i}" for i in range(5)]
+                     + [f"rpn_deltas_{i}" for i in range(5)]) if sign else ["class_logits", "box_deltas",
+                                                                            "mask_logits"]
+        assert len(out_names) == n_out
+
+        def write(tmp: str, module=module, inputs=inputs, names=names, axes=axes, sign=sign,
+                  out_names=out_names, report=report, part=part) -> None:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(module, tuple(inputs[0]), tmp, dynamo=False, opset_version=opset,
+                                  input_names=names, output_names=out_names, dynamic_axes=axes)
+            session = make_session(tmp)
+            report.checks = [_check_parts(module, session, x, sign) for x in inputs]
+            for c in report.checks:
+                if c.agreement < min_agreement or c.max_abs_diff > 1e-3 * max(1.0, c.max_abs_logit):
+                    raise UserError(f"export verification failed for Mask R-CNN's {part} at {c.shape}: agreement "
+                                    f"{100 * c.agreement:.3f}%, max |diff| {c.max_abs_diff:.3g}; nothing written")
+            info = {"opset": opset, "precision": "float32", "part": part, "inputs": names, "outputs": out_names,
+                    "verified": [asdict(c) for c in report.checks]}
+            _write_metadata(tmp, onnx_metadata({**(meta or {}), "task": "instance"},
+                                               (meta or {}).get("model", type(model).__name__), info))
+
+        atomic_write(path, write)
+        report.seconds, report.bytes = time.perf_counter() - start, path.stat().st_size
+        reports.append(report)
+    return reports

@@ -1,0 +1,184 @@
+"""The inference fast path: ``--mode fast`` (and ``int8``) in predict, eval and bench.
+
+:func:`make_runner` turns a model into the callable a predictor runs on each batch
+(``Tensor[N, C, H, W]`` preprocessed -> float32 logits ``Tensor[N, K, H, W]``):
+
+* ``eager``: the model as trained (float32), ``forward_logits(model, x)``.
+* ``fast``: :class:`FastSegmenter`, a copy of the model with
+  1. BatchNorm folded into the convolution (or transposed convolution) before it
+     (:func:`pixelwise.models.maskrcnn.fast.fold_batchnorm`, in float64): ResNet, U-Net, SegNet,
+     DeconvNet, DeepLab and the FCN heads become convolutions, ReLUs and adds;
+  2. weights stored once in the model's plan dtype (bfloat16 where measured to keep accuracy, see
+     :data:`PLANS`; on CPUs without bf16 kernels float32), channels-last, the input cast once, no
+     autocast (which re-casts every weight on every call);
+  3. optionally (``compile=True``, ``bench --compile``) ``torch.compile`` (inductor, with weight
+     freezing): it fuses the ReLUs, adds and biases into oneDNN convolution epilogues and
+     prepacks the weights, at a compile cost per model and input size (bench reports it).
+  Output logits are float32.
+* ``int8``: an ONNX file quantised statically by onnxruntime
+  (:func:`pixelwise.inference.export.quantize_int8`), offered only for the models in
+  :data:`PLANS` whose measured mIoU cost is within :data:`INT8_MAX_COST` (none yet).
+
+Per-model plans and the accuracy they were measured to cost: :data:`PLANS`, docs/deploy.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from pixelwise.errors import UserError
+from pixelwise.inference.onnx_runner import OnnxModel
+from pixelwise.models import forward_logits
+from pixelwise.models.maskrcnn import MaskRCNN, optimize_for_inference
+from pixelwise.models.maskrcnn.fast import fold_batchnorm, reduced_precision_dtype
+
+MODES = ("eager", "fast", "int8")
+FAST_MAX_COST = 0.2  # mIoU points the fast path may cost (CamVid val, trained checkpoint)
+INT8_MAX_COST = 1.0
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """How ``--mode fast`` / ``int8`` run one model, with the measurement behind it.
+
+    bf16: run the folded model in bfloat16 (else float32: folding and channels-last only, within
+    1e-5 of eager). int8: None if offered, else why not (the one-line error ``--mode int8``
+    gives). measured: what was measured (docs/deploy.md has the commands)."""
+
+    bf16: bool = True
+    int8: str | None = "its int8 accuracy on a trained checkpoint has not been measured"
+    measured: str = ("argmax agreement with fp32 eager on random images (bench); mIoU on a trained checkpoint "
+                     "not measured")
+
+
+PLANS: dict[str, FastPlan] = {}
+
+
+def plan_for(model_name: str) -> FastPlan:
+    return PLANS.get(model_name, FastPlan())
+
+
+def fold_model(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm folded into the convolution before it."""
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    fold_batchnorm(model)
+    return model
+
+
+# layers whose CPU kernels lack bfloat16 (LocalResponseNorm's avg_pool3d, SegNet-Basic): run in float32
+FLOAT32_ONLY = (nn.LocalResponseNorm,)
+
+
+class Float32(nn.Module):
+    """Runs ``module`` in float32 inside a reduced-precision model (input cast up, output back)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float()).to(x.dtype)
+
+
+def keep_float32(model: nn.Module) -> int:
+    """Wrap every :data:`FLOAT32_ONLY` layer of ``model`` in :class:`Float32`, in place; the count."""
+    wrapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FLOAT32_ONLY):
+                setattr(parent, name, Float32(child))
+                wrapped += 1
+    return wrapped
+
+
+class FastSegmenter(nn.Module):
+    """The fast path of a semantic model (module docstring): ``Tensor[N, C, H, W] -> float32
+    logits Tensor[N, K, H, W]``. ``dtype``: bfloat16 or float32; ``compile``: torch.compile the
+    folded model (compiles at the first call of each input size)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                 compile: bool = False) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        folded = fold_model(model)
+        if dtype != torch.float32:
+            keep_float32(folded)
+        folded.to(dtype=dtype, memory_format=self.memory_format)  # type: ignore[call-overload]  # stubs lack memory_format
+        self.model = folded
+        self._run: Callable[[torch.Tensor], torch.Tensor] = self._logits
+        if compile:
+            # start-up time: torch._inductor is only needed when compiling
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True  # constant-fold and prepack the (frozen) weights
+            self._run = torch.compile(self._logits)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_logits(self.model, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = x.to(dtype=self.dtype).contiguous(memory_format=self.memory_format)
+            return self._run(x).float()
+
+
+def fast_dtype(model_name: str, device: torch.device) -> torch.dtype:
+    """bfloat16 where the model's plan allows it and the device has fast bf16 kernels, else float32."""
+    return reduced_precision_dtype(device) if plan_for(model_name).bf16 else torch.float32
+
+
+def resolve_mode(mode: str | None, default: str = "eager") -> str:
+    mode = mode or default
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r} is not one of: {', '.join(MODES)}")
+    return mode
+
+
+def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str | torch.device = "cpu",
+                compile: bool = False, mc_samples: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The callable a semantic predictor runs on each batch for ``mode`` (module docstring).
+    ``compile``: also torch.compile the folded model. An :class:`OnnxModel` and Monte-Carlo dropout
+    (``mc_samples``) run only in ``eager``."""
+    mode = resolve_mode(mode)
+    what = "an ONNX file" if isinstance(model, OnnxModel) else "--mc-samples" if mc_samples else ""
+    if what and mode in ("fast", "int8"):
+        raise UserError(f"--mode {mode} does not apply to {what}; use --mode eager")
+    if mode == "eager" or what:
+        return lambda x: forward_logits(model, x)
+    if mode == "int8":
+        raise UserError(int8_refusal(model_name) or "--mode int8 runs an int8 ONNX file: export one with "
+                        "`pixelwise export --checkpoint CKPT --int8 --calib-data PATH --out FILE.onnx` and "
+                        "predict or eval with --onnx FILE.onnx")
+    dev = torch.device(device)
+    return FastSegmenter(model, fast_dtype(model_name, dev), compile=compile)
+
+
+# Mask R-CNN: bfloat16 kept 77-80% of the fixture detector's detections (docs/maskrcnn.md), below
+# the 95% asked, float32 kept all of them at 1.6-1.8x torchvision's speed: --mode fast uses float32.
+MASKRCNN_FAST_DTYPE = torch.float32
+
+
+def instance_runner(model: nn.Module, mode: str, model_name: str = "") -> Callable:
+    """What an instance predictor calls on a list of images: the model (``eager``) or
+    its :func:`~pixelwise.models.maskrcnn.optimize_for_inference` copy in float32 (``fast``)."""
+    mode = resolve_mode(mode)
+    if mode == "int8":
+        raise UserError(f"--mode int8 is not offered for instance models like {model_name or 'this one'}: "
+                        "Mask R-CNN does not export whole to ONNX (docs/deploy.md)")
+    if mode != "fast":
+        return model
+    if not isinstance(model, MaskRCNN):
+        raise UserError(f"--mode fast has no fast path for {type(model).__name__}")
+    return optimize_for_inference(model, dtype=MASKRCNN_FAST_DTYPE)
+
+
+def int8_refusal(model_name: str) -> str | None:
+    """The one-line reason why int8 is not offered for ``model_name`` (None if it is)."""
+    reason = plan_for(model_name).int8
+    return None if reason is None else f"--mode int8 is not offered for {model_name or 'this model'}: {reason}"

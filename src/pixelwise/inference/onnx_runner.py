@@ -1,0 +1,106 @@
+"""Running an exported ONNX file (``pixelwise predict --onnx FILE``, ``bench --mode onnx``).
+
+:func:`load_onnx` reads a file written by :func:`pixelwise.inference.export.export_onnx` and
+returns an :class:`OnnxModel` (an ``nn.Module`` whose forward is an onnxruntime session, so the
+predictors, tiling and TTA use it like the PyTorch model) and the metadata that export stored in
+the file: model name and kwargs, task, class names, palette and the input contract, i.e. what
+:func:`pixelwise.checkpoint.load_checkpoint` returns for a checkpoint.
+
+onnxruntime is an optional dependency (``pip install -e '.[export]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pixelwise.errors import UserError
+
+META_KEY = "pixelwise"  # metadata_props key holding the JSON metadata (the checkpoint's, plus "onnx")
+
+
+def require_onnxruntime():
+    """The onnxruntime module, or a UserError saying how to install it."""
+    try:
+        import onnxruntime  # optional dependency (the export extra)
+    except ImportError:
+        raise UserError("ONNX needs onnxruntime: pip install -e '.[export]'") from None
+    return onnxruntime
+
+
+def is_onnx(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(".onnx")
+
+
+def session_options(threads: int | None = None):
+    """onnxruntime session options: all graph optimisations, ``threads`` intra-op threads (default:
+    torch's thread count, so that both runtimes are compared on the same cores)."""
+    ort = require_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+def make_session(model: str | os.PathLike | bytes, threads: int | None = None):
+    """An onnxruntime CPU session on a file or serialized model."""
+    ort = require_onnxruntime()
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        where = "the model" if isinstance(model, bytes) else str(model)
+        raise UserError(f"onnxruntime cannot load {where}: {str(e).splitlines()[0]}") from None
+
+
+class OnnxModel(nn.Module):
+    """A semantic model run by onnxruntime: ``Tensor[N, C, H, W]`` (float32, preprocessed) ->
+    logits ``Tensor[N, num_classes, H, W]`` (float32), computed on the CPU and returned on the
+    input's device. Has no parameters; ``.to()``, ``.eval()`` are no-ops for it."""
+
+    def __init__(self, session) -> None:
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feed = {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())}
+        out = self.session.run(None, feed)[0]
+        return torch.from_numpy(out).float().to(x.device)
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict:
+    """The pixelwise metadata stored in an exported file (``{}`` for an ONNX file from elsewhere)."""
+    try:
+        import onnx  # optional dependency (the export extra)
+    except ImportError:
+        raise UserError("reading ONNX files needs onnx: pip install -e '.[export]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise UserError(f"{path} is not a readable ONNX file ({type(e).__name__}); export one with "
+                        "`pixelwise export --checkpoint CKPT --format onnx --out FILE`") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props[META_KEY]) if META_KEY in props else {}
+
+
+def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxModel, dict]:
+    """``(OnnxModel, metadata)`` of a file written by ``pixelwise export``. The metadata has the
+    checkpoint's keys (``model task num_classes class_names palette input ...``) plus ``onnx``
+    (opset, fp16, int8, what the export verified)."""
+    meta = read_onnx_metadata(path)
+    if not meta:
+        raise UserError(f"{path} has no pixelwise metadata (input contract, classes); export it with "
+                        "`pixelwise export`")
+    if meta.get("task", "semantic") != "semantic":
+        raise UserError(f"{path} holds a {meta.get('task')} model part; only semantic models run with --onnx")
+    return OnnxModel(make_session(path, threads)), meta

@@ -1,0 +1,103 @@
+"""How pixelwise meets the machine it runs on: progress bars, the device asked for, signals.
+
+Progress bars (:func:`progress`) are drawn only on a terminal: a tqdm bar redraws itself with
+carriage returns, which in a log file (``pixelwise train ... > log``, SLURM, docker logs) become
+one unreadable line of frames. ``show=None`` (the default of every verb) means "when stderr is a
+terminal"; ``--progress`` forces them on and ``--no-progress`` off. Every bar in pixelwise comes
+from here.
+
+:func:`check_device` turns ``--device cuda`` on a machine or build without CUDA into a one-line
+error instead of torch's assertion.
+
+:class:`HeldSignals` holds Ctrl-C (SIGINT) and SIGTERM back while a unit of work that must not be
+cut in half runs, and delivers them as soon as it is done: a training step's forward passes change
+BatchNorm statistics and its optimizer step changes the weights one tensor at a time, so an
+interrupt inside it would save a state no uninterrupted run ever had.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterable
+from typing import IO, Any, TypeVar
+
+import torch
+from tqdm import tqdm
+
+from pixelwise.errors import UserError
+
+T = TypeVar("T")
+
+
+def show_progress(show: bool | None = None, stream: IO[str] | None = None) -> bool:
+    """Whether to draw progress bars: ``show`` when given (``--progress`` / ``--no-progress``),
+    otherwise only when ``stream`` (default: stderr, where the bars go) is a terminal."""
+    if show is not None:
+        return bool(show)
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
+
+
+def progress(iterable: Iterable[T], desc: str, show: bool | None = None, **kwargs: Any) -> tqdm:
+    """``tqdm(iterable)`` drawn only per :func:`show_progress`; when hidden it is a plain pass-through
+    whose ``set_postfix`` does nothing."""
+    return tqdm(iterable, desc=desc, disable=not show_progress(show), dynamic_ncols=True, **kwargs)
+
+
+def check_device(name: str) -> torch.device:
+    """``--device NAME`` -> a torch device that exists here, or a one-line UserError that says why
+    not and what to use instead."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UserError(f"--device {name}: {build} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here; "
+                            f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: pixelwise runs on cpu or cuda")
+    return device
+
+
+class HeldSignals:
+    """``hold()`` ... ``release()``: SIGINT and SIGTERM arriving in between are recorded instead of
+    handled, and delivered to the handlers in place before (e.g. the CLI's, which raise
+    KeyboardInterrupt) at ``release()``. Outside the main thread, where Python cannot set
+    handlers, nothing is held."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.pending: list[int] = []
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+
+    def hold(self) -> None:
+        if self.previous:
+            return
+        try:
+            for sig in self.SIGNALS:
+                before = signal.getsignal(sig)
+                signal.signal(sig, self._record)
+                self.previous[sig] = signal.SIG_DFL if before is None else before
+        except ValueError:  # not the main thread
+            self.release()
+
+    def release(self) -> None:
+        previous, self.previous = self.previous, {}
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        pending, self.pending = self.pending, []
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)

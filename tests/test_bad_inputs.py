@@ -1,0 +1,248 @@
+"""Every verb answers every foreseeable bad input with one line ``pixelwise: error: <what, which
+file or flag, the fix>`` on stderr and exit status 2: no traceback, and no file outside the
+verb's output folder changed (issue 11). Each row: the arguments (``{ws}`` is the workspace
+below), a fragment of the expected message, and the output folder the verb may touch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pixelwise import create_model, save_checkpoint
+from pixelwise.cli import main
+
+KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
+CKPT = "{ws}/model.safetensors"
+IMG = "{ws}/images/a.png"
+SHAPES = ["--dataset", "shapes", "--dataset-kwargs", '{"num_val": 2, "num_test": 2, "size": 32}']
+
+ROWS: list[tuple[str, list[str], str]] = [
+    # --- train ---------------------------------------------------------------------------------
+    ("train: unknown YAML key", ["train", "--config", "{ws}/typo.yaml", "--out", "{ws}/out"],
+     "typo.yaml: unknown config key 'epoch'; did you mean 'epochs'?"),
+    ("train: YAML value of the wrong type", ["train", "--config", "{ws}/lr.yaml", "--out", "{ws}/out"],
+     "lr.yaml: lr must be a number > 0, got 'fast'"),
+    ("train: YAML value out of range", ["train", "--config", "{ws}/momentum.yaml", "--out", "{ws}/out"],
+     "momentum.yaml: momentum must be a number >= 0 and < 1, got 'high'"),
+    ("train: not YAML", ["train", "--config", "{ws}/broken.yaml", "--out", "{ws}/out"], "is not valid YAML"),
+    ("train: recipe not found", ["train", "--config", "unet_camvd", "--out", "{ws}/out"],
+     "neither a file nor a bundled recipe"),
+    ("train: model option misspelt", ["train", "--model-kwargs", '{"base_chanels": 4}', "--out", "{ws}/out"],
+     "unet has no option 'base_chanels'; did you mean 'base_channels'?"),
+    ("train: model option refused", ["train", "--model-kwargs", '{"padding": "full"}', "--out", "{ws}/out"],
+     "padding must be 'same' or 'valid', got 'full'"),
+    ("train: model option of the wrong type", ["train", "--model-kwargs", '{"base_channels": "wide"}',
+                                               "--out", "{ws}/out"],
+     "option 'base_channels' must be an integer (default 64), got 'wide'"),
+    ("train: model kwargs not JSON", ["train", "--model-kwargs", "{base_channels: 4}", "--out", "{ws}/out"],
+     "--model-kwargs must be a JSON object"),
+    ("train: unknown model", ["train", "--model", "unett", "--out", "{ws}/out"],
+     "unknown model 'unett'; did you mean 'unet'?"),
+    ("train: no CUDA", ["train", "--device", "cuda", "--out", "{ws}/out"], "--device cuda"),
+    ("train: zero epochs", ["train", "--epochs", "0", "--out", "{ws}/out"], "--epochs must be an integer >= 1, got 0"),
+    ("train: negative lr", ["train", "--lr", "-0.1", "--out", "{ws}/out"], "--lr must be a number > 0, got -0.1"),
+    ("train: choice misspelt", ["train", "--optimizer", "adm", "--out", "{ws}/out"],
+     "--optimizer 'adm' is not one of: sgd, adam, adamw; did you mean 'adam'?"),
+    ("train: bad crop", ["train", "--crop", "0x32", "--out", "{ws}/out"], "must look like 256x320"),
+    ("train: flag misspelt", ["train", "--epohcs", "3", "--out", "{ws}/out"],
+     "unrecognized argument '--epohcs'; did you mean '--epochs'?"),
+    ("train: out holds a run", ["train", "--out", "{ws}/run"], "already holds a run"),
+    ("train: resume without a run", ["train", "--resume", "--out", "{ws}/out"], "cannot resume"),
+    ("train: resume and overwrite", ["train", "--resume", "--overwrite", "--out", "{ws}/run"],
+     "give only one of them"),
+    ("train: out is a file", ["train", "--out", "{ws}/notes.txt"], "is a file; give a folder"),
+    ("train: sparse labels", ["train", "--dataset", "folder", "--data", "{ws}/sparse", "--train-split", "all",
+                              "--val-split", "all", "--out", "{ws}/out"],
+     "label values 200 outside the 2 classes"),
+    ("train: dataset folder missing", ["train", "--dataset", "folder", "--data", "{ws}/nowhere", "--out",
+                                       "{ws}/out"], "expected images/ and masks/"),
+    ("train: dataset option misspelt", ["train", "--dataset-kwargs", '{"num_trian": 8}', "--out", "{ws}/out"],
+     "shapes has no option 'num_trian'; did you mean 'num_train'?"),
+    ("train: dataset kind misspelt", ["train", "--dataset", "shape", "--out", "{ws}/out"],
+     "unknown dataset kind 'shape'; did you mean 'shapes'?"),
+    ("train: pretrained file missing", ["train", "--pretrained", "{ws}/nope.pth", "--out", "{ws}/out"],
+     "no such file"),
+    # --- eval ----------------------------------------------------------------------------------
+    ("eval: a pickle as checkpoint", ["eval", "--checkpoint", "{ws}/model.pth", *SHAPES],
+     "pixelwise never loads as a checkpoint"),
+    ("eval: metadata not JSON", ["eval", "--checkpoint", "{ws}/badmeta.safetensors", *SHAPES],
+     "metadata is not valid JSON"),
+    ("eval: truncated checkpoint", ["eval", "--checkpoint", "{ws}/cut.safetensors", *SHAPES], "was it truncated?"),
+    ("eval: checkpoint missing", ["eval", "--checkpoint", "{ws}/none.safetensors", *SHAPES], "not found"),
+    ("eval: no CUDA", ["eval", "--checkpoint", CKPT, *SHAPES, "--device", "cuda"], "--device cuda"),
+    ("eval: tile too small", ["eval", "--checkpoint", CKPT, *SHAPES, "--tile", "8"],
+     "--tile must be at least 16 pixels, got 8"),
+    ("eval: json over the checkpoint", ["eval", "--checkpoint", CKPT, *SHAPES, "--json", CKPT],
+     "would write over the input"),
+    ("eval: data with problems", ["eval", "--checkpoint", "{ws}/two.safetensors", "--dataset", "folder",
+                                  "--data", "{ws}/sparse", "--split", "all"], "pass --skip-invalid"),
+    ("eval: arguments missing", ["eval"], "the following arguments are required: --dataset"),
+    ("eval: neither checkpoint nor onnx", ["eval", *SHAPES], "give exactly one of --checkpoint FILE or --onnx FILE"),
+    ("eval: unknown split", ["eval", "--checkpoint", CKPT, "--dataset", "folder", "--data", "{ws}/sparse",
+                             "--split", "tset"], "has splits all, train, val"),
+    # --- predict -------------------------------------------------------------------------------
+    ("predict: overlap out of range", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out", "--tile", "16",
+                                       "--overlap", "1.5"], "--overlap must be a fraction in [0, 1), got 1.5"),
+    ("predict: tile too small", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out", "--tile", "8"],
+     "--tile must be at least 16"),
+    ("predict: input missing", ["predict", "--checkpoint", CKPT, "{ws}/images/none.png", "--out", "{ws}/out"],
+     "not found"),
+    ("predict: bad resize", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out", "--resize", "0x5"],
+     "must look like 256x320"),
+    ("predict: MC dropout without dropout", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out",
+                                             "--mc-samples", "2"], "needs a model with dropout layers"),
+    ("predict: instance option on a semantic model", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out",
+                                                      "--score-thresh", "0.3"], "--score-thresh does not apply"),
+    ("predict: no CUDA", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out", "--device", "cuda"],
+     "--device cuda"),
+    ("predict: larger than the pixel limit", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out",
+                                              "--max-pixels", "100"], "pass --max-pixels 1024"),
+    ("predict: pixel limit not positive", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out",
+                                           "--max-pixels", "0"], "--max-pixels must be a positive number"),
+    ("predict: truncated input", ["predict", "--checkpoint", CKPT, "{ws}/broken", "--out", "{ws}/out"],
+     "1 of 2 input(s) cannot be read, nothing was written: {ws}/broken/cut.png: unreadable or truncated"),
+    ("predict: out holds an input", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/images"],
+     "--out {ws}/images holds the input {ws}/images/a.png"),
+    ("predict: out is a file", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/notes.txt"],
+     "is a file; give a folder"),
+    ("predict: folder without images", ["predict", "--checkpoint", CKPT, "{ws}/run", "--out", "{ws}/out"],
+     "no images found in {ws}/run"),
+    # --- bench ---------------------------------------------------------------------------------
+    ("bench: zero batch", ["bench", "--model", "unet", "--size", "32", "--batch", "0"],
+     "--batch must be at least 1, got 0"),
+    ("bench: bad size", ["bench", "--model", "unet", "--size", "big"], "--size 'big' must look like 256x320"),
+    ("bench: model and checkpoint", ["bench", "--model", "unet", "--checkpoint", CKPT, "--size", "32"],
+     "exactly one of --model NAME, --checkpoint FILE or --onnx FILE"),
+    ("bench: no CUDA", ["bench", "--model", "unet", "--size", "32", "--device", "cuda"], "--device cuda"),
+    ("bench: unknown mode", ["bench", "--model", "unet", "--size", "32", "--mode", "tensorrt"],
+     "invalid choice: 'tensorrt'"),
+    ("bench: json over the checkpoint", ["bench", "--checkpoint", CKPT, "--size", "32", "--json", CKPT],
+     "would write over the input"),
+    # --- export --------------------------------------------------------------------------------
+    ("export: unknown format", ["export", "--checkpoint", CKPT, "--format", "tflite", "--out", "{ws}/m.onnx"],
+     "--format 'tflite' is not supported"),
+    ("export: checkpoint missing", ["export", "--checkpoint", "{ws}/none.safetensors", "--out", "{ws}/m.onnx"],
+     "not found"),
+    ("export: out not writable", ["export", "--checkpoint", CKPT, "--out", "{ws}/notes.txt/m.onnx"],
+     "cannot write --out"),
+    ("export: out over the checkpoint", ["export", "--checkpoint", CKPT, "--out", CKPT], ".onnx"),
+    # --- serve (each fails before the server starts) --------------------------------------------
+    ("serve: a pickle as checkpoint", ["serve", "--checkpoint", "{ws}/model.pth"],
+     "pixelwise never loads as a checkpoint"),
+    ("serve: port out of range", ["serve", "--checkpoint", CKPT, "--port", "99999"],
+     "--port must be between 0 and 65535, got 99999"),
+    ("serve: pixel limit not positive", ["serve", "--checkpoint", CKPT, "--max-pixels", "0"],
+     "--max-pixels must be a positive number of pixels, got 0"),
+    ("serve: no workers", ["serve", "--checkpoint", CKPT, "--workers", "0"], "--workers must be at least 1, got 0"),
+    ("serve: keep-uploads is a file", ["serve", "--checkpoint", CKPT, "--keep-uploads", "{ws}/notes.txt"],
+     "--keep-uploads {ws}/notes.txt is a file; give a folder"),
+    ("serve: samples folder missing", ["serve", "--checkpoint", CKPT, "--samples", "{ws}/nowhere"],
+     "--samples {ws}/nowhere: not a folder"),
+    ("serve: tile too small", ["serve", "--checkpoint", CKPT, "--tile", "8"], "--tile must be at least 16"),
+    # --- models, recipes, data inspect, demo, the command itself --------------------------------
+    ("models: unknown flag", ["models", "--all"], "unrecognized argument '--all'"),
+    ("recipes: extra argument", ["recipes", "unet"], "unrecognized argument 'unet'"),
+    ("data inspect: folder missing", ["data", "inspect", "--dataset", "folder", "--data", "{ws}/nowhere"],
+     "expected images/ and masks/"),
+    ("data inspect: options not JSON", ["data", "inspect", "--dataset", "shapes", "--dataset-kwargs", "{num_val: 2}"],
+     "--dataset-kwargs must be a JSON object, e.g. '{\"num_train\": 200}'"),
+    ("data inspect: json is a folder", ["data", "inspect", *SHAPES, "--split", "val", "--json", "{ws}/run"],
+     "is a folder; give the name of a file"),
+    ("data: no action", ["data"], "the following arguments are required: ACTION"),
+    ("demo: out holds a run", ["demo", "--out", "{ws}/run", "--quick"],
+     "already holds a run (metrics.json); replace it with --overwrite, or give another --out"),
+    ("demo: out is a file", ["demo", "--out", "{ws}/notes.txt", "--quick"], "is a file; give a folder"),
+    ("pixelwise: unknown verb", ["trian"], "invalid choice: 'trian'"),
+]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """A workspace of good and bad inputs."""
+    ws = tmp_path_factory.mktemp("ws")
+    torch.manual_seed(0)
+    save_checkpoint(ws / "model.safetensors", create_model("unet", num_classes=4, **KW),
+                    {"model": "unet", "num_classes": 4, "model_kwargs": KW})
+    save_checkpoint(ws / "two.safetensors", create_model("unet", num_classes=2, **KW),
+                    {"model": "unet", "num_classes": 2, "model_kwargs": KW})
+    torch.save({"w": torch.zeros(2)}, ws / "model.pth")
+    data = (ws / "model.safetensors").read_bytes()
+    (ws / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    header = json.dumps({"__metadata__": {"pixelwise": "{not json"}, "w": {"dtype": "F32", "shape": [1],
+                                                                           "data_offsets": [0, 4]}}).encode()
+    (ws / "badmeta.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    (ws / "typo.yaml").write_text("model: unet\nepoch: 3\n")
+    (ws / "lr.yaml").write_text("model: unet\nlr: fast\n")
+    (ws / "momentum.yaml").write_text("optimizer: sgd\nmomentum: high\n")
+    (ws / "broken.yaml").write_text("model: [unet\n")
+    (ws / "notes.txt").write_text("mine")
+    (ws / "images").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(ws / "images" / "a.png")
+    (ws / "broken").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(ws / "broken" / "ok.png")
+    good = ws / "broken" / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
+    good.write_bytes(good.read_bytes()[:2000])
+    (ws / "run").mkdir()
+    (ws / "run" / "metrics.json").write_text("{}")
+    (ws / "run" / "config.yaml").write_text("model: unet\n")
+    for sub in ("images", "masks"):
+        (ws / "sparse" / sub).mkdir(parents=True)
+    for i, label in enumerate([1, 1, 200, 1]):
+        Image.fromarray(np.full((16, 16, 3), 50 * i, np.uint8)).save(ws / "sparse" / "images" / f"s{i}.png")
+        mask = np.zeros((16, 16), np.uint8)
+        mask[:8] = label
+        Image.fromarray(mask).save(ws / "sparse" / "masks" / f"s{i}.png")
+    return ws
+
+
+def snapshot(root: Path, skip: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_relative_to(skip)}
+
+
+def test_the_table_has_at_least_30_rows_over_every_verb():
+    verbs = {args[0] for _, args, _ in ROWS}
+    assert len(ROWS) >= 30
+    assert {"train", "eval", "predict", "bench", "models", "recipes", "data", "demo", "serve"} <= verbs
+
+
+@pytest.mark.parametrize("name, args, message", ROWS, ids=[r[0] for r in ROWS])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, capfd, monkeypatch, name, args, message):
+    if args[0] == "serve":
+        pytest.importorskip("fastapi", reason="serve needs the serve extra (pip install -e '.[serve]')")
+        import pixelwise.serve.app
+
+        def started(*a, **k):
+            raise AssertionError("the server started: the bad input was not caught")
+
+        monkeypatch.setattr(pixelwise.serve.app, "run", started)
+    argv = [a.replace("{ws}", str(ws)) for a in args]
+    out = ws / "out"
+    before = snapshot(ws, out)
+    code = main(argv)
+    captured = capfd.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2, (code, captured.err[-2000:])
+    assert len(err) == 1, err
+    assert err[0].startswith("pixelwise: error: ") and "Traceback" not in captured.err
+    assert message.replace("{ws}", str(ws)) in err[0], err[0]
+    assert snapshot(ws, out) == before  # nothing outside the output folder changed
+
+
+def test_the_real_command_prints_one_line(ws):
+    """The installed entry point, not only main(): no traceback, no usage block."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pixelwise", "eval", "--checkpoint", str(ws / "model.pth"),
+                           "--dataset", "shapes"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("pixelwise: error: "), proc.stderr

@@ -1,0 +1,176 @@
+"""ONNX export (pixelwise.inference.export, ``pixelwise export``): every semantic model of
+``pixelwise models``, narrowed so that the suite stays fast, exported and checked by onnxruntime
+against PyTorch eager at two input sizes; metadata round trip; ``predict --onnx`` and
+``bench --mode onnx`` on the written file; one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from conftest import narrow  # noqa: E402
+from pixelwise import create_model, list_models, save_checkpoint  # noqa: E402
+from pixelwise.cli import main  # noqa: E402
+from pixelwise.errors import UserError  # noqa: E402
+from pixelwise.inference.export import export_onnx  # noqa: E402
+from pixelwise.inference.onnx_runner import load_onnx, read_onnx_metadata  # noqa: E402
+from pixelwise.models import forward_logits  # noqa: E402
+
+SIZES = [(1, 64, 80), (2, 53, 97)]  # (batch, H, W): neither a multiple of 32 for the second
+CLASSES = 5
+
+
+SEMANTIC = [*list_models("semantic"), "unet_valid"]
+
+
+def build(name: str) -> tuple[nn.Module, dict]:
+    base, kwargs = ("unet", {"padding": "valid"}) if name == "unet_valid" else (name, {})
+    torch.manual_seed(0)
+    model = narrow(create_model(base, num_classes=CLASSES, **kwargs))
+    return model, {"model": base, "model_kwargs": kwargs, "num_classes": CLASSES}
+
+
+@pytest.mark.parametrize("name", SEMANTIC)
+def test_every_semantic_model_exports_and_matches_eager(name, tmp_path):
+    model, meta = build(name)
+    path = tmp_path / f"{name}.onnx"
+    report = export_onnx(model, path, meta, model_name=meta["model"], sizes=SIZES)
+    assert [c.shape for c in report.checks] == [(1, 3, 64, 80), (2, 3, 53, 97)]
+    for check in report.checks:
+        assert check.agreement >= 0.999
+        assert check.max_abs_diff <= 1e-3 * max(1.0, check.max_abs_logit)
+    onnx_model, stored = load_onnx(path)
+    assert stored["model"] == meta["model"] and stored["onnx"]["dynamic_axes"] == ["batch", "height", "width"]
+    x = torch.randn(3, 3, 41, 70)  # a third size, batch 3, never seen at export
+    with torch.no_grad():
+        torch.testing.assert_close(onnx_model(x), forward_logits(model, x), atol=1e-3, rtol=1e-3)
+
+
+def test_metadata_holds_the_input_contract_and_classes(tmp_path):
+    model, meta = build("segnet_basic")
+    meta.update(class_names=[f"c{i}" for i in range(CLASSES)], palette=[[i, i, i] for i in range(CLASSES)],
+                input={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize": [64, 80]})
+    report = export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES)
+    stored = read_onnx_metadata(report.path)
+    assert stored["class_names"] == meta["class_names"] and stored["palette"] == meta["palette"]
+    assert stored["input"]["mean"] == [0.5, 0.5, 0.5] and stored["input"]["std"] == [0.25, 0.25, 0.25]
+    assert stored["onnx"]["precision"] == "float32" and len(stored["onnx"]["verified"]) == 2
+
+
+def test_export_fails_loudly_and_writes_nothing_below_the_agreement(tmp_path):
+    model, meta = build("segnet_basic")
+    path = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match="verification failed.*nothing written"):
+        export_onnx(model, path, meta, sizes=SIZES, min_agreement=1.01)
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_fp16_export_keeps_float32_io(tmp_path):
+    model, meta = build("unet")
+    report = export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES, fp16=True, min_agreement=0.98)
+    assert report.precision == "float16"
+    onnx_model, stored = load_onnx(report.path)
+    assert stored["onnx"]["precision"] == "float16"
+    assert onnx_model(torch.randn(1, 3, 32, 48)).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=CLASSES, base_channels=8).eval()  # a checkpoint must rebuild
+    meta = {"model": "unet", "model_kwargs": {"base_channels": 8}, "num_classes": CLASSES,
+            "class_names": [f"c{i}" for i in range(CLASSES)],
+            "input": {"mean": [0.5] * 3, "std": [0.25] * 3, "resize": [48, 64]}}
+    path = tmp_path / "unet.safetensors"
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def test_cli_export_predict_and_bench_run_the_file(checkpoint, tmp_path, capsys):
+    out = tmp_path / "unet.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "argmax agreement 100.000%" in printed and "48x64 (batch 1)" in printed
+    image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "a.png")
+    args = ["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "pred"), "--no-progress"]
+    assert main([*args, "--onnx", str(out)]) == 0
+    assert main([*args[:2], "--out", str(tmp_path / "pred_pt"), "--no-progress", "--checkpoint", str(checkpoint)]) == 0
+    onnx_mask = np.asarray(Image.open(tmp_path / "pred" / "a.png"))
+    torch_mask = np.asarray(Image.open(tmp_path / "pred_pt" / "a.png"))
+    assert onnx_mask.shape == (50, 70) and (onnx_mask == torch_mask).mean() >= 0.999
+    capsys.readouterr()
+    bench_json = tmp_path / "bench.json"
+    assert main(["bench", "--onnx", str(out), "--size", "32x48", "--repeats", "1", "--json", str(bench_json)]) == 0
+    result = json.loads(bench_json.read_text())
+    assert result["mode"] == "onnx" and result["ms_per_img"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--format", "tflite"], "--format"),
+    (["--checkpoint", "/nonexistent/x.safetensors"], "nonexistent"),
+    (["--out", "FILE/m.onnx"], "cannot write"),  # a folder that is a file: unwritable even as root
+    (["--out", "m.txt"], ".onnx"),
+    (["--model", "unet3000"], "unknown model"),
+])
+def test_cli_export_bad_input_is_one_line_exit_2(checkpoint, tmp_path, capsys, args, message):
+    base = {"--checkpoint": str(checkpoint), "--format": "onnx", "--out": str(tmp_path / "m.onnx")}
+    given = dict(zip(args[::2], args[1::2]))
+    if "--model" in given:
+        base.pop("--checkpoint")
+    base.update(given)
+    if base["--out"] == "m.txt":
+        base["--out"] = str(tmp_path / "m.txt")
+    if base["--out"].startswith("FILE/"):
+        (tmp_path / "file").write_text("")
+        base["--out"] = str(tmp_path / "file" / "m.onnx")
+    argv = ["export"] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and "\n" not in err and message in err
+
+
+def test_predict_onnx_missing_file_is_one_line(tmp_path, capsys):
+    assert main(["predict", "x.png", "--onnx", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and "no such ONNX file" in err
+
+
+def test_maskrcnn_exports_backbone_rpn_and_heads(tmp_path, capsys):
+    from pixelwise.inference.export import export_maskrcnn_parts
+
+    torch.manual_seed(0)
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3).eval()
+    reports = export_maskrcnn_parts(model, tmp_path / "m.onnx", {"model": "maskrcnn_resnet18_fpn", "num_classes": 3},
+                                    sizes=[(1, 96, 128), (2, 64, 160)], rois=[2, 5])
+    assert [r.path for r in reports] == [str(tmp_path / "m.onnx"), str(tmp_path / "m_heads.onnx")]
+    for report in reports:
+        assert all(c.agreement >= 0.999 for c in report.checks)
+    assert read_onnx_metadata(reports[1].path)["onnx"]["outputs"] == ["class_logits", "box_deltas", "mask_logits"]
+    with pytest.raises(UserError, match="model part"):
+        load_onnx(reports[0].path)  # not a semantic model: predict --onnx refuses it
+
+
+def test_cli_int8_export_calibrates_and_reports_agreement(checkpoint, tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--int8", "--calib-dataset", "shapes",
+                 "--calib-images", "8", "--calib-crop", "48", "--min-agreement", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "int8" in printed and "argmax agreement" in printed
+    model, meta = load_onnx(out)
+    assert meta["onnx"]["precision"] == "int8"
+    assert model(torch.randn(1, 3, 48, 64)).shape == (1, CLASSES, 48, 64)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.onnx"), "--int8"]) == 2
+    assert "--calib-dataset" in capsys.readouterr().err

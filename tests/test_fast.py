@@ -1,0 +1,99 @@
+"""The semantic fast path (pixelwise.inference.fast): BatchNorm folding keeps the outputs of
+every semantic model (float32, within tolerance), the bfloat16 path keeps nearly every argmax,
+and the mode flags fail with one line where they do not apply. No timing here (see
+``pixelwise bench`` and benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import narrow
+from pixelwise import create_model, list_models
+from pixelwise.errors import UserError
+from pixelwise.inference.export import sample_batch
+from pixelwise.inference.fast import FastSegmenter, fold_model, make_runner
+from pixelwise.models import forward_logits
+from pixelwise.models.maskrcnn.fast import fold_batchnorm
+
+
+@pytest.mark.parametrize("name", list_models("semantic"))
+def test_folding_batchnorm_keeps_every_models_outputs(name):
+    torch.manual_seed(0)
+    model = narrow(create_model(name, num_classes=5))
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded = fold_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) or norms == 0, \
+        "every BatchNorm of the semantic models follows a convolution"
+    x = sample_batch(2, 3, 45, 61)
+    with torch.no_grad():
+        ref, got = forward_logits(model, x), forward_logits(folded, x)
+    torch.testing.assert_close(got, ref, atol=1e-4 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == (norms > 0)  # the original is untouched
+
+
+def test_folding_a_transposed_convolution():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, 2), nn.BatchNorm2d(6)).eval()
+    block[1].running_mean.uniform_(-1, 1)
+    block[1].running_var.uniform_(0.5, 2)
+    block[1].weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 4, 5, 7)
+    ref = block(x)
+    assert fold_batchnorm(block) == 1 and isinstance(block[1], nn.Identity)
+    torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_segmenter_float32_matches_and_bf16_keeps_argmax():
+    torch.manual_seed(0)
+    model = narrow(create_model("fcn_resnet50", num_classes=5))
+    x = sample_batch(1, 3, 64, 80)
+    with torch.no_grad():
+        ref = forward_logits(model, x)
+    fp32 = FastSegmenter(model, torch.float32)(x)
+    assert fp32.dtype == torch.float32
+    torch.testing.assert_close(fp32, ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+    bf16 = FastSegmenter(model, torch.bfloat16)(x)
+    assert bf16.dtype == torch.float32 and (bf16.argmax(1) == ref.argmax(1)).float().mean() > 0.95
+
+
+def test_runner_modes_and_their_errors():
+    model = create_model("segnet_basic", num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 48)
+    assert make_runner(model, "eager")(x).shape == (1, 3, 32, 48)
+    assert isinstance(make_runner(model, "fast", compile=False), FastSegmenter)
+    with pytest.raises(UserError, match="--mode 'turbo'"):
+        make_runner(model, "turbo")
+    with pytest.raises(UserError, match="int8"):
+        make_runner(model, "int8")
+    with pytest.raises(UserError, match="mc-samples"):
+        make_runner(model, "fast", mc_samples=4)
+
+
+def test_predict_mode_fast_agrees_with_eager(tmp_path):
+    from PIL import Image
+
+    from pixelwise import save_checkpoint
+    from pixelwise.cli import main
+
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=4, base_channels=8).eval()
+    ckpt = tmp_path / "u.safetensors"
+    save_checkpoint(ckpt, model, {"model": "unet", "model_kwargs": {"base_channels": 8}, "num_classes": 4})
+    image = (torch.rand(40, 56, 3) * 255).to(torch.uint8).numpy()
+    Image.fromarray(image).save(tmp_path / "a.png")
+    masks = {}
+    for mode in ("eager", "fast"):
+        out = tmp_path / mode
+        assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "a.png"), "--out", str(out),
+                     "--mode", mode, "--no-progress"]) == 0
+        masks[mode] = torch.from_numpy(np.asarray(Image.open(out / "a.png")).copy())
+    assert (masks["fast"] == masks["eager"]).float().mean() >= 0.95
+
+
+def test_bf16_fast_path_runs_layers_without_bf16_kernels_in_float32():
+    model = create_model("segnet_basic", num_classes=3).eval()  # LocalResponseNorm: no bf16 avg_pool3d on CPU
+    out = FastSegmenter(model, torch.bfloat16)(torch.randn(1, 3, 32, 48))
+    assert out.shape == (1, 3, 32, 48) and out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -1,0 +1,476 @@
+"""The README's guarantees (issue 11), one test per finding: runs are never clobbered and nothing is
+written before every check passes; SIGTERM saves like Ctrl-C and resume continues exactly; files
+get the user's umask; sparse labels are a dataset problem and eval checks its data; downloads are
+verified and a bad one is deleted; the decompression-bomb limit is a flag; progress bars only on a
+terminal; eval records where its numbers came from; dependency floors match the code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pixelwise import create_model, save_checkpoint
+from pixelwise.cli import main
+from pixelwise.data import build_dataset
+from pixelwise.data import download as dl
+from pixelwise.data import io as pio
+from pixelwise.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
+TINY = ["--model", "unet", "--dataset", "shapes", "--batch-size", "4", "--no-progress", "--schedule", "constant",
+        "--model-kwargs", json.dumps(KW), "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}']
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` -> its SHA-256 (plus its permission bits): a snapshot."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() + oct(p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished one-epoch run."""
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "m.safetensors"
+    save_checkpoint(path, create_model("unet", num_classes=4, **KW), {"model": "unet", "num_classes": 4,
+                                                                       "model_kwargs": KW})
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pixelwise: error: "), err
+    return err[0]
+
+
+# --- runs are never clobbered ---------------------------------------------------------------------
+def test_an_existing_run_is_refused_without_resume_or_overwrite(run_dir, capsys):
+    before = tree(run_dir)
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run_dir)]) == 2
+    line = one_error_line(capsys)
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert tree(run_dir) == before  # not even config.yaml
+
+
+def test_overwrite_replaces_the_earlier_run_files_only(run_dir, tmp_path, capsys):
+    out = tmp_path / "r"
+    out.mkdir()
+    for name in ("best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.csv", "metrics.json",
+                 "config.yaml"):
+        (out / name).write_bytes((run_dir / name).read_bytes())
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "old.events").write_text("old")
+    (out / "notes.txt").write_text("mine")  # not a run file: kept
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "tensorboard").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 1
+    assert main(["train", *TINY, "--out", str(out), "--overwrite", "--resume"]) == 2
+    assert "give only one of them" in one_error_line(capsys)
+
+
+def test_a_failed_resume_writes_nothing(run_dir, tmp_path, capsys):
+    before = tree(run_dir)
+    # the run picked best.safetensors by mIoU: resuming by another metric is refused after reading the state
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(run_dir), "--resume", "--select-by", "pixel_acc"]) == 2
+    assert "picked best.safetensors by mIoU" in one_error_line(capsys)
+    assert tree(run_dir) == before
+    empty = tmp_path / "new"
+    assert main(["train", *TINY, "--out", str(empty), "--resume"]) == 2
+    assert "cannot resume" in one_error_line(capsys) and not empty.exists()
+
+
+def test_bad_settings_fail_before_the_data_is_read_or_out_created(tmp_path, monkeypatch, capsys):
+    from pixelwise.engine import trainer
+
+    monkeypatch.setattr(trainer, "open_datasets", lambda cfg: pytest.fail("the data was opened"))
+    for extra, message in [(["--model-kwargs", '{"base_chanels": 4}'], "did you mean 'base_channels'?"),
+                           (["--model-kwargs", '{"padding": "full"}'], "padding must be 'same' or 'valid'"),
+                           (["--pretrained", "nope.pth"], "--pretrained 'nope.pth': no such file"),
+                           (["--class-weights", "w.json"], "class weights file w.json not found")]:
+        assert main(["train", "--model", "unet", "--out", str(tmp_path / "o"), *extra]) == 2
+        assert message in one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_an_earlier_demo_without_overwrite(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text("{}")
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 2
+    assert "already holds a run" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+# --- SIGTERM ----------------------------------------------------------------------------------------
+def _train(out: Path, epochs: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    args = [*TINY[:-1], '{"num_train": 48, "num_val": 4, "size": 32}']  # 12 steps an epoch
+    return subprocess.Popen([sys.executable, "-m", "pixelwise", "train", *args, "--epochs", str(epochs),
+                             "--out", str(out), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_sigterm_saves_the_current_step_exits_143_and_resume_is_exact(tmp_path):
+    out = tmp_path / "run"
+    proc = _train(out, 5000)  # cannot finish before the signal, even on a starved machine
+    end = time.monotonic() + 180
+    while not (out / "last.state.safetensors").exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere inside epoch 2
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "pixelwise: terminated (SIGTERM)"
+    assert "interrupted: saved" in stdout
+    from safetensors import safe_open
+
+    with safe_open(str(out / "last.state.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["pixelwise_train_state"])
+    epochs = meta["epoch"] + 1  # finish the epoch it was in (the constant schedule does not depend on the length)
+    done = _train(out, epochs, "--resume")
+    assert done.wait(timeout=600) == 0, done.communicate()[1][-2000:]
+    straight = tmp_path / "straight"
+    ref = _train(straight, epochs)
+    assert ref.wait(timeout=600) == 0
+    a, b = load_file(out / "last.safetensors"), load_file(straight / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k].double() - b[k].double()).abs().max().item() <= 1e-5, k
+
+
+def test_held_signals_wait_for_the_end_of_the_step():
+    from pixelwise.runtime import HeldSignals
+
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda s, f: seen.append("handled"))
+    try:
+        held = HeldSignals()
+        held.hold()
+        signal.raise_signal(signal.SIGTERM)
+        seen.append("step finished")
+        held.release()
+        assert seen == ["step finished", "handled"]
+        assert signal.getsignal(signal.SIGTERM) is not held._record  # the handler is back
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# --- files get the user's umask ---------------------------------------------------------------------
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoints_get_umask_permissions(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "c.safetensors", create_model("unet", num_classes=2, **KW),
+                        {"model": "unet", "num_classes": 2, "model_kwargs": KW})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == mode
+
+
+def test_every_file_train_and_predict_write_gets_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+        image = tmp_path / "in" / "a.png"
+        image.parent.mkdir()
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
+        assert main(["predict", "--checkpoint", str(tmp_path / "run" / "best.safetensors"), str(image),
+                     "--out", str(tmp_path / "pred"), "--uncertainty"]) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in [*(tmp_path / "run").rglob("*"), *(tmp_path / "pred").rglob("*")] if p.is_file()]
+    assert len(written) >= 8  # checkpoints, training state, metrics, config, masks, overlays
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
+
+
+def test_a_download_gets_the_umask(tmp_path, monkeypatch):
+    """torch.hub's downloads went through a NamedTemporaryFile (mode 0600) in older releases."""
+    import shutil
+    import tempfile
+
+    def old_torch_download(url, dst, progress=True):
+        with tempfile.NamedTemporaryFile(delete=False, dir=Path(dst).parent) as f:
+            f.write(Path(url.removeprefix("file://")).read_bytes())
+        shutil.move(f.name, dst)
+
+    monkeypatch.setattr(dl, "download_url_to_file", old_torch_download)
+    src = _zip(tmp_path / "d.zip")
+    old = os.umask(0o022)
+    try:
+        dl.download_file(dl.Archive(src.as_uri()), tmp_path / "root" / "d.zip")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "root" / "d.zip").stat().st_mode & 0o777 == 0o644
+
+
+# --- datasets --------------------------------------------------------------------------------------
+def folder_dataset(root: Path, labels: list[int]) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i, label in enumerate(labels):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"s{i}.png")
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:8, 4:8] = label
+        Image.fromarray(mask).save(root / "masks" / f"s{i}.png")
+    return root
+
+
+def test_sparse_labels_far_above_the_rest_are_a_problem(tmp_path):
+    root = folder_dataset(tmp_path / "d", [1, 1, 200, 1, 1, 1])
+    ds = build_dataset("folder", str(root), "all")
+    assert ds.num_classes == 2  # not 201 classes of which 198 never occur
+    problems = ds.check()
+    assert len(problems) == 1 and problems[0].path.endswith("s2.png")
+    assert "label values 200 outside the 2 classes" in problems[0].message
+    assert "classes.json" in problems[0].message and "num_classes=201" in problems[0].message
+    assert build_dataset("folder", str(root), "all", num_classes=201).check() == []  # said so: fine
+    assert build_dataset("folder", str(folder_dataset(tmp_path / "e", [1, 3, 2])), "all").num_classes == 4
+
+
+def test_eval_checks_the_data_like_train_and_skip_invalid_leaves_files_out(tmp_path, capsys):
+    root = folder_dataset(tmp_path / "d", [1, 1, 200, 1, 1, 1])
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, create_model("unet", num_classes=2, **KW), {"model": "unet", "num_classes": 2,
+                                                                      "model_kwargs": KW})
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "folder", "--data", str(root), "--split", "all",
+            "--no-bf"]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert "1 problem(s)" in line and "s2.png" in line and "--skip-invalid" in line
+    out = tmp_path / "m.json"
+    assert main([*args, "--skip-invalid", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 5 and len(result["provenance"]["dataset"]["skipped"]) == 1
+
+
+# --- downloads --------------------------------------------------------------------------------------
+def _zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("data/images/a.txt", "pixels" * 100)
+    return path
+
+
+def test_a_verified_download_unpacks_and_is_reused(tmp_path):
+    src = _zip(tmp_path / "d.zip")
+    archive = dl.Archive(src.as_uri(), sha256=hashlib.sha256(src.read_bytes()).hexdigest(), size=src.stat().st_size)
+    dl.download_and_extract(archive, tmp_path / "root")
+    assert (tmp_path / "root" / "data" / "images" / "a.txt").is_file()
+    assert not list((tmp_path / "root").glob(".*"))  # no temporary folder left
+    src.unlink()  # the kept archive is verified and reused, not fetched again
+    dl.download_and_extract(archive, tmp_path / "root")
+
+
+@pytest.mark.parametrize("damage", ["hash", "size", "truncated zip", "truncated tar.gz"])
+def test_a_bad_download_is_deleted_reported_in_one_line_and_never_reused(tmp_path, capsys, monkeypatch, damage):
+    if damage == "truncated tar.gz":
+        good = tmp_path / "d.tar.gz"
+        (tmp_path / "f.bin").write_bytes(os.urandom(50_000))
+        with tarfile.open(good, "w:gz") as tf:
+            tf.add(tmp_path / "f.bin", arcname="data/f.bin")
+    else:
+        good = _zip(tmp_path / "d.zip")
+    data = good.read_bytes()
+    src = tmp_path / "src" / good.name
+    src.parent.mkdir()
+    src.write_bytes(data[: len(data) // 2] if damage.startswith("truncated") else data)
+    archive = dl.Archive(src.as_uri(), sha256="0" * 64 if damage == "hash" else None,
+                         size=len(data) + 1 if damage == "size" else None)
+    root = tmp_path / "root"
+    with pytest.raises(UserError, match="deleted it, run again to download it afresh") as e:
+        dl.download_and_extract(archive, root)
+    assert "\n" not in str(e.value) and str(root / good.name) in str(e.value)
+    assert [p.name for p in root.iterdir()] == []  # neither the archive nor half a dataset
+    # the next run downloads afresh (here: the good file) instead of reusing the bad one
+    src.write_bytes(data)
+    fixed = dl.Archive(src.as_uri(), sha256=hashlib.sha256(data).hexdigest())
+    dl.download_and_extract(fixed, root)
+    assert any(root.rglob("data/*"))
+
+
+def test_a_failed_download_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"download failed .*download it by hand into"):
+        dl.download_and_extract(dl.Archive((tmp_path / "missing.zip").as_uri()), tmp_path / "root")
+    assert not list((tmp_path / "root").iterdir())
+
+
+@pytest.mark.parametrize("python", ["with tarfile's data filter", "older than 3.10.12"])
+def test_tar_members_outside_the_folder_are_refused_on_every_python(tmp_path, monkeypatch, python):
+    import io
+
+    if python.startswith("older"):
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as tf:
+        info = tarfile.TarInfo("data/a.txt")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    dl.extract(good, tmp_path / "root")
+    assert (tmp_path / "root" / "data" / "a.txt").read_bytes() == b"abc"
+    for name, kind in [("../evil.txt", tarfile.REGTYPE), ("data/link", tarfile.SYMTYPE)]:
+        bad = tmp_path / f"bad{kind!r}.tar"
+        with tarfile.open(bad, "w") as tf:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = "/etc/passwd" if kind == tarfile.SYMTYPE else ""
+            info.size = 0
+            tf.addfile(info, io.BytesIO(b""))
+        with pytest.raises(UserError, match="not extracting"):
+            dl.extract(bad, tmp_path / "root2")
+        assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "root2" / "data").exists()
+
+
+def test_dataset_archives_are_https_and_pinned_where_published():
+    from pixelwise.data import ade20k, camvid, voc
+
+    for archive in (voc.ARCHIVE, ade20k.ARCHIVE, camvid.ARCHIVE):
+        assert archive.url.startswith("https://"), archive.url
+    assert voc.ARCHIVE.sha256 == "e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb"
+    assert ade20k.ARCHIVE.sha256 == "7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29"
+    assert camvid.ARCHIVE.sha256 is None  # GitHub's generated zip: no published sum
+
+
+def test_published_weights_are_hash_checked(monkeypatch):
+    from pixelwise import weights
+    from pixelwise.backbones import resnet, vgg
+
+    seen = {}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: seen.setdefault(url, kw) and {})
+    for url in [*resnet.URLS.values(), *vgg.URLS.values()]:
+        assert weights.url_has_hash(url), url
+        weights.download_weights(url)
+        assert seen[url]["check_hash"] is True and seen[url]["weights_only"] is True
+
+
+# --- decompression bombs -----------------------------------------------------------------------------
+def test_max_pixels_is_a_deliberate_flag_and_the_default_stays_safe(checkpoint, tmp_path, capsys):
+    image = tmp_path / "in" / "big.png"
+    image.parent.mkdir()
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(image)
+    try:
+        pio.set_max_image_pixels(64 * 80 - 1)  # a small stand-in for PIL's 89-megapixel default
+        with pytest.raises(UserError, match=r"80x64 = 5,120 pixels is above the limit .* pass --max-pixels 5120"):
+            pio.read_image(image)
+        with pytest.raises(UserError, match="--max-pixels 5120"):
+            pio.probe(image)
+    finally:
+        pio.set_max_image_pixels(None)
+    assert pio.max_image_pixels() == pio.DEFAULT_MAX_PIXELS == 89_478_485 == Image.MAX_IMAGE_PIXELS
+    # the flag sets the limit for this one command, and the default is back after it
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "o1"),
+                 "--max-pixels", "5119"]) == 2
+    assert "pass --max-pixels 5120" in one_error_line(capsys)
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "o"),
+                 "--max-pixels", "5120"]) == 0
+    assert (tmp_path / "o" / "big.png").is_file()
+    assert pio.max_image_pixels() == pio.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "o2"),
+                 "--max-pixels", "0"]) == 2
+    assert "--max-pixels must be a positive number" in one_error_line(capsys)
+
+
+def test_a_bomb_over_twice_the_limit_names_the_flag(tmp_path):
+    image = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((100, 100), np.uint8)).save(image)
+    try:
+        pio.set_max_image_pixels(100)  # PIL itself refuses above twice its limit
+        with pytest.raises(UserError, match=r"10,000 pixels is above the limit of 100 .*--max-pixels 10000"):
+            pio.read_mask(image)
+    finally:
+        pio.set_max_image_pixels(None)
+
+
+# --- progress bars --------------------------------------------------------------------------------------
+def test_progress_bars_only_on_a_terminal_or_when_asked(capfd):
+    args = ["data", "inspect", "--dataset", "shapes", "--split", "val", "--dataset-kwargs",
+            '{"num_val": 3, "size": 16}']
+    assert main(args) == 0  # stderr is not a terminal here: no bar, no carriage returns
+    assert "\r" not in capfd.readouterr().err
+    assert main([*args, "--progress"]) == 0
+    assert "\r" in capfd.readouterr().err
+    from pixelwise.runtime import show_progress
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    assert show_progress(None, Tty()) and not show_progress(False, Tty()) and not show_progress(None)
+
+
+def test_every_progress_bar_comes_from_the_one_helper():
+    uses = [str(p.relative_to(ROOT)) for p in (ROOT / "src" / "pixelwise").rglob("*.py")
+            if re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)]
+    assert uses == ["src/pixelwise/runtime.py"]
+    hub = [str(p.relative_to(ROOT)) for p in (ROOT / "src" / "pixelwise").rglob("*.py")
+           if "progress=True" in p.read_text()]
+    assert hub == []  # torch.hub's downloads draw bars too
+
+
+# --- eval provenance ----------------------------------------------------------------------------------------
+def test_eval_json_records_where_its_numbers_came_from(checkpoint, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "shapes", "--split", "test", "--no-bf",
+                 "--tile", "16", "--tta", "--json", str(out), "--dataset-kwargs", '{"num_test": 2, "size": 32}']) == 0
+    p = json.loads(out.read_text())["provenance"]
+    assert p["checkpoint"] == str(checkpoint.resolve())
+    assert p["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert p["dataset"] == {"kind": "shapes", "root": None, "split": "test", "options": {"num_test": 2, "size": 32},
+                            "skipped": []}
+    assert p["prediction"] == {"resize": "native", "tile": 16, "overlap": 0.25, "tta": "flip", "mc_samples": 0}
+    assert p["pixelwise_version"] == __import__("pixelwise").__version__ and p["torch_version"] == torch.__version__
+
+
+# --- dependency floors ------------------------------------------------------------------------------------------
+def _floors(block: str = "dependencies") -> dict[str, str]:
+    """name -> floor of every requirement in pyproject.toml's ``<block> = [...]`` (``dependencies``,
+    or an extra such as ``dev``)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    listed = text[text.index(f"\n{block} = [") :].split("]\n", 1)[0]  # not at "pixelwise[serve]"
+    return {name.lower(): floor for name, floor in re.findall(r'"([\w.-]+)>=([\w.]+)', listed)}
+
+
+def test_constraints_min_pins_every_floor_of_pyproject():
+    pins = {}
+    for line in (ROOT / "constraints-min.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    floors = _floors() | _floors("serve") | _floors("dev")  # CI installs ".[dev]" (serve included) with these
+    assert {k: v for k, v in pins.items() if k != "torch"} == {k: v for k, v in floors.items() if k != "torch"}
+    assert pins["torch"] == "2.13.0"  # the only torch that installs here without a CUDA download (README)
+
+
+def test_directly_imported_packages_are_declared():
+    imported = set()
+    for p in (ROOT / "src" / "pixelwise").rglob("*.py"):
+        imported |= set(re.findall(r"^\s*(?:import|from) (\w+)", p.read_text(), re.M))
+    declared = set(_floors()) | {"pyyaml"}
+    names = {"cv2": "opencv-python-headless", "yaml": "pyyaml", "PIL": "pillow"}
+    third_party = {"cv2", "yaml", "PIL", "numpy", "torch", "safetensors", "tqdm", "albumentations", "pycocotools",
+                   "scipy"}
+    assert {names.get(m, m) for m in imported & third_party} <= declared
+    assert "opencv-python-headless" in declared
