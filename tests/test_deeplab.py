@@ -109,3 +109,50 @@ def test_imagenet_pretrained_loads_the_resnet_backbone(monkeypatch):
     body = model.backbone.state_dict()
     assert all(torch.equal(body[k], ref[k]) for k in body)
     assert "fc.weight" not in body
+
+
+def _conv2_dilations(layer):
+    return [block.conv2.dilation[0] for block in layer]
+
+
+@pytest.mark.parametrize("output_stride, rate", [(16, 2), (8, 4)])
+def test_multi_grid_rates_of_every_conv(output_stride, rate):
+    """DeepLabV3 Sec. 3.2: Multi_Grid = (1, 2, 4) gives layer4's three 3x3 convs the unit rates
+    times the stage's rate, e.g. 2 x (1, 2, 4) = (2, 4, 8) at output stride 16."""
+    with torch.device("meta"):
+        plain = deeplabv3_resnet50(3, output_stride=output_stride)
+        grid = create_model("deeplabv3_resnet50", num_classes=3, output_stride=output_stride, multi_grid=[1, 2, 4])
+        plus = deeplabv3plus_resnet50(3, output_stride=output_stride, multi_grid=(1, 2, 4))
+    body, base = grid.backbone, plain.backbone
+    assert _conv2_dilations(base.layer4) == [rate // 2, rate, rate]  # torchvision's: previous rate first
+    for model in (grid, plus):
+        assert _conv2_dilations(model.backbone.layer4) == [rate, 2 * rate, 4 * rate]
+        for block in model.backbone.layer4:
+            assert block.conv2.padding == block.conv2.dilation  # "same" size
+            assert block.conv1.dilation == block.conv3.dilation == (1, 1)
+    for name in ("layer1", "layer2", "layer3"):  # only layer4 changes
+        assert _conv2_dilations(getattr(body, name)) == _conv2_dilations(getattr(base, name))
+    assert [k for k, _ in grid.state_dict().items()] == [k for k, _ in plain.state_dict().items()]
+    with pytest.raises(ValueError, match="multi_grid needs 3 positive unit rates"):
+        deeplabv3_resnet50(3, multi_grid=(1, 2))
+
+
+def test_multi_grid_convs_sample_at_their_rate():
+    """An impulse through each of layer4's 3x3 convs lands exactly on the 3x3 taps spaced by its
+    rate (2, 4, 8 at output stride 16), and the map keeps its size."""
+    from pixelwise.backbones.resnet import resnet50
+
+    torch.manual_seed(0)
+    layer4 = resnet50(replace_stride_with_dilation=[False, False, True], multi_grid=(1, 2, 4)).layer4
+    for block, rate in zip(layer4, (2, 4, 8)):
+        conv = block.conv2
+        x = torch.zeros(1, conv.in_channels, 21, 21)
+        x[0, 0, 10, 10] = 1.0
+        with torch.no_grad():
+            y = conv(x)[0].abs().sum(0)
+        assert y.shape == (21, 21)
+        taps = {(10 + dy * rate, 10 + dx * rate) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+        assert {tuple(p) for p in y.nonzero().tolist()} == taps
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        assert deeplabv3_resnet50(3, output_stride=16, multi_grid=(1, 2, 4)).eval()(x).shape == (1, 3, 64, 80)

@@ -84,6 +84,47 @@ def test_schedule_formulas():
     assert Schedule.from_config(TrainConfig(epochs=3, warmup_epochs=0.5), 8).warmup_steps == 4
 
 
+def test_step_size_is_caffes_repeating_step_policy():
+    # Caffe "step": lr = base_lr * gamma ^ floor(iter / stepsize), iter counted from 0
+    s = Schedule("step", total_steps=100, gamma=0.5, step_size=7)
+    assert [s.factor(i) for i in range(30)] == pytest.approx([0.5 ** (i // 7) for i in range(30)])
+    both = Schedule("step", total_steps=100, epochs=10, milestones=(5,), gamma=0.1, step_size=40)
+    assert [both.factor(i) for i in (39, 40, 49, 50, 80)] == pytest.approx([1, 0.1, 0.1, 0.01, 0.001])
+    with pytest.raises(UserError, match="step_size must be an integer >= 0"):
+        TrainConfig(step_size=-1)
+
+
+def test_deconvnet_recipe_follows_the_official_solvers():
+    # HyeonwooNoh/DeconvNet training/00{1,2}_stage_*/solver.prototxt: base_lr 0.01, gamma 0.1,
+    # stepsize 9000 for 20k iterations, then a fresh 0.01 with stepsize 10000 for 40k iterations
+    from pixelwise.engine.config import build_config, find_recipe, load_yaml_config
+
+    cfg = build_config(load_yaml_config(find_recipe("deconvnet_voc")), {})
+    steps_per_epoch = math.ceil((10582 // cfg.batch_size) / cfg.accumulate)  # 1322 batches of 8 -> 166 steps
+    assert steps_per_epoch == 166
+    (_, one), (_, two) = cfg.stage_configs()
+    first, second = Schedule.from_config(one, steps_per_epoch), Schedule.from_config(two, steps_per_epoch)
+    assert abs(first.total_steps - 20_000) < steps_per_epoch and abs(second.total_steps - 40_000) < steps_per_epoch
+
+    def lr(schedule, step):
+        return cfg.lr * schedule.factor(step)
+
+    expected_one = {0: 0.01, 8999: 0.01, 9000: 1e-3, 17999: 1e-3, 18000: 1e-4, 19999: 1e-4}
+    expected_two = {0: 0.01, 9999: 0.01, 10000: 1e-3, 19999: 1e-3, 20000: 1e-4, 30000: 1e-5, 39999: 1e-5}
+    assert {k: lr(first, k) for k in expected_one} == pytest.approx(expected_one)
+    assert {k: lr(second, k) for k in expected_two} == pytest.approx(expected_two)
+
+
+def test_step_size_counts_the_steps_of_each_stage(tmp_path):
+    # 8 images in batches of 4 = 2 steps per epoch; step_size 3 drops the lr after 3 steps of a
+    # stage, and the second stage starts its count (and its lr) afresh
+    seen = []
+    cfg = tiny(tmp_path, optimizer="sgd", schedule="step", gamma=0.1,
+               stages=[{"epochs": 2, "lr": 0.01, "step_size": 3}, {"epochs": 2, "lr": 0.02, "step_size": 2}])
+    fit(cfg, log=quiet, callbacks=[lambda ev, st: seen.append(st.lr) if ev == "step" else None])
+    assert seen == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.02, 0.02, 0.002, 0.002])
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="schedule 'linear'"):
         TrainConfig(schedule="linear")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from conftest import check_segmenter_fixture
 from pixelwise.backbones.vgg import forward_stages
+from pixelwise.errors import UserError
 from pixelwise.models import create_model, list_models
 from pixelwise.models._utils import pad_to_multiple
 from pixelwise.models.fcn import fcn8s, fcn16s, fcn32s, fcn_resnet50, fcn_resnet101, vgg16_to_fcn
@@ -146,3 +147,120 @@ def test_fcn_resnet50_contract(tmp_path):
     with torch.no_grad():
         y = model(torch.randn(1, 3, 45, 61))
     assert isinstance(y, torch.Tensor) and y.shape == (1, 4, 45, 61)
+
+
+# --------------------------------------------------------------------------- staged training
+
+
+def _middle_of_cells(n: int, cell: int, margin: int) -> np.ndarray:
+    """bool[n]: output pixels in the middle half of a ``cell``-pixel coarse cell (coarse coordinate
+    ``(o + 0.5) / cell - 0.5`` with fractional part in [1/4, 3/4]), ``margin`` pixels from the ends."""
+    coord = (np.arange(n) + 0.5) / cell - 0.5
+    frac = coord - np.floor(coord)
+    keep = (frac >= 0.25 - 1e-9) & (frac <= 0.75 + 1e-9)
+    keep[:margin] = keep[n - margin:] = False
+    return keep
+
+
+def _forward_with_scores(model, x, layer):
+    """(model(x), the input of ``layer``): the stride-32 scores enter ``upscore`` (FCN-32s), the
+    fused stride-16 scores ``upscore16`` (FCN-16s)."""
+    seen = []
+    handle = getattr(model, layer).register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        y = model(x)
+    handle.remove()
+    return y, seen[0]
+
+
+def test_staged_initialisation_starts_from_the_coarser_nets_predictions(tmp_path):
+    """CVPR Sec. 4.2: FCN-16s initialised from FCN-32s (new pool4 scorer zero), FCN-8s from FCN-16s.
+    Shared layers are copied, new scorers are zero and new upsamplers bilinear, and the finer net's
+    prediction is the coarser net's scores upsampled x2 then x16 (x2 then x8) instead of x32 (x16):
+    identical on the middle half of every coarse cell, and mostly the same classes elsewhere."""
+    from pixelwise import save_checkpoint
+    from pixelwise.layers import bilinear_kernel
+    from pixelwise.models.fcn import load_coarser_fcn
+
+    def up(t, *factors):
+        for f in factors:
+            t = F.interpolate(t, scale_factor=f, mode="bilinear", align_corners=False)
+        return t
+
+    torch.manual_seed(0)
+    f32 = fcn32s(num_classes=4).eval()
+    nn.init.normal_(f32.score_fr.weight, std=0.02)
+    nn.init.normal_(f32.score_fr.bias, std=0.5)
+    save_checkpoint(tmp_path / "fcn32s.safetensors", f32, {"model": "fcn32s", "num_classes": 4})
+    f16 = create_model("fcn16s", num_classes=4, pretrained=str(tmp_path / "fcn32s.safetensors")).eval()
+    assert f16.pretrained_note.startswith("fcn16s: loaded 32 tensors of the fcn32s weights")
+    assert "initialised score_pool4 (zero), upscore16 (bilinear, fixed), upscore2 (bilinear); not used: upscore" \
+        in f16.pretrained_note
+    for k, v in f32.state_dict().items():
+        if k != "upscore.weight":
+            assert torch.equal(f16.state_dict()[k], v), k
+    assert not f16.score_pool4.weight.any() and not f16.score_pool4.bias.any()
+    assert torch.equal(f16.upscore2.weight, bilinear_kernel(4, 4, 4)) and f16.upscore2.weight.requires_grad
+
+    x = torch.randn(1, 3, 256, 256)
+    inner = slice(48, -48)
+    y32, s32 = _forward_with_scores(f32, x, "upscore")
+    y16, _ = _forward_with_scores(f16, x, "upscore16")
+    tol = 1e-4 * s32.abs().max().item()
+    torch.testing.assert_close(y32[..., inner, inner], up(s32, 32)[..., inner, inner], atol=tol, rtol=0)
+    torch.testing.assert_close(y16[..., inner, inner], up(s32, 2, 16)[..., inner, inner], atol=tol, rtol=0)
+    keep = _middle_of_cells(256, 32, margin=48)
+    mid = torch.from_numpy(keep[:, None] & keep[None, :])
+    assert mid.sum() > 1000
+    torch.testing.assert_close(y16[..., mid], y32[..., mid], atol=tol, rtol=0)
+    assert (y16.argmax(1) == y32.argmax(1))[..., inner, inner].float().mean() > 0.95
+
+    # FCN-8s from a trained FCN-16s: its pool4 scorer and learned upscore2 carry over
+    nn.init.normal_(f16.score_pool4.weight, std=0.01)
+    with torch.no_grad():
+        f16.upscore2.weight.mul_(1.1)
+    save_checkpoint(tmp_path / "fcn16s.safetensors", f16, {"model": "fcn16s", "num_classes": 4})
+    f8 = fcn8s(num_classes=4, pretrained=str(tmp_path / "fcn16s.safetensors")).eval()
+    assert "initialised score_pool3 (zero), upscore8 (bilinear, fixed), upscore_pool4 (bilinear); not used: " \
+           "upscore16" in f8.pretrained_note
+    assert torch.equal(f8.upscore2.weight, f16.upscore2.weight)
+    assert torch.equal(f8.score_pool4.weight, f16.score_pool4.weight) and not f8.score_pool3.weight.any()
+    y16, s16 = _forward_with_scores(f16, x, "upscore16")
+    with torch.no_grad():
+        y8 = f8(x)
+    tol = 1e-4 * s16.abs().max().item()
+    torch.testing.assert_close(y8[..., inner, inner], up(s16, 2, 8)[..., inner, inner], atol=tol, rtol=0)
+    keep = _middle_of_cells(256, 16, margin=48)
+    mid = torch.from_numpy(keep[:, None] & keep[None, :])
+    torch.testing.assert_close(y8[..., mid], y16[..., mid], atol=tol, rtol=0)
+
+    # only coarser-to-finer, with the same classes
+    with pytest.raises(UserError, match="finer fcn8s; staged training goes fcn32s -> fcn16s -> fcn8s"):
+        load_coarser_fcn(f16, f8.state_dict(), "fcn8s.safetensors")
+    wrong = {**f32.state_dict(), "score_fr.bias": torch.zeros(5)}
+    with pytest.raises(UserError, match=r"score_fr\.bias has shape \(5,\).* keeps the classes"):
+        load_coarser_fcn(f16, wrong, "other.safetensors")
+
+
+def test_at_once_scales_the_skips_like_the_reference_net():
+    """voc-fcn8s-atonce multiplies pool4 by 0.01 and pool3 by 0.0001 before their 1x1 scorers: the
+    same as scaling those scorers' weights (not their biases) in the plain net."""
+    import copy
+
+    torch.manual_seed(0)
+    at_once = create_model("fcn8s", num_classes=3, at_once=True).eval()
+    for m in (at_once.score_fr, at_once.score_pool4, at_once.score_pool3):
+        nn.init.normal_(m.weight, std=0.05)
+        nn.init.normal_(m.bias, std=0.1)
+    plain = copy.deepcopy(at_once)
+    plain.skip_scale = {"pool4": 1.0, "pool3": 1.0}
+    with torch.no_grad():
+        plain.score_pool4.weight.mul_(0.01)
+        plain.score_pool3.weight.mul_(0.0001)
+        x = torch.randn(1, 3, 64, 96)
+        y = at_once(x)
+        torch.testing.assert_close(y, plain(x), atol=1e-5, rtol=1e-4)
+        unscaled = copy.deepcopy(at_once)
+        unscaled.skip_scale = {"pool4": 1.0, "pool3": 1.0}
+        assert (y - unscaled(x)).abs().max() > 1e-3  # the scaling does change the skips' share
+    assert at_once.skip_scale == {"pool4": 0.01, "pool3": 0.0001} and not fcn8s(3).at_once

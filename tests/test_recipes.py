@@ -20,7 +20,8 @@ CONFIGS = Path(pixelwise.__file__).parent / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
 NUM_CLASSES = {"camvid": 11, "voc": 21, "cityscapes": 19, "isbi2012": 2, "shapes": 4, "coco": 91}
 EXPECTED = {"fcn8s_voc", "segnet_camvid", "segnet_basic_camvid", "unet_isbi", "deconvnet_voc",
-            "deeplabv3plus_cityscapes", "segnet_basic_camvid_cpu", "unet_camvid_cpu", "unet_isbi_cpu"}
+            "deeplabv3plus_cityscapes", "segnet_basic_camvid_cpu", "unet_camvid_cpu", "unet_isbi_cpu",
+            "fcn32s_voc", "fcn16s_voc", "fcn8s_staged_voc"}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 PAPERS = {  # arXiv id -> title
     "1411.4038": "Fully Convolutional Networks for Semantic Segmentation",
@@ -113,3 +114,18 @@ def test_unknown_key_is_rejected(tmp_path):
     bad.write_text(yaml.safe_dump({"model": "unet", "learning_rate": 0.1}))
     with pytest.raises(UserError, match="learning_rate"):
         load_yaml_config(bad)
+
+
+def test_fcn_staged_recipes_chain_32s_16s_8s():
+    """Each stage starts from the best checkpoint the previous recipe writes to its default folder,
+    at a 100x lower learning rate (CVPR Sec. 4.2; the reference solvers 1e-10, 1e-12, 1e-14)."""
+    names = ["fcn32s_voc", "fcn16s_voc", "fcn8s_staged_voc"]
+    cfgs = [build_config(load_yaml_config(find_recipe(n)), {}, recipe=n) for n in names]
+    assert [c.model for c in cfgs] == ["fcn32s", "fcn16s", "fcn8s"]
+    assert cfgs[0].pretrained == "imagenet"
+    for prev, cfg in zip(cfgs, cfgs[1:]):
+        assert cfg.pretrained == f"{prev.out}/best.safetensors"
+        assert cfg.lr == pytest.approx(prev.lr / 100)
+    assert all(not c.model_kwargs.get("at_once") for c in cfgs)
+    at_once = build_config(load_yaml_config(find_recipe("fcn8s_voc")), {})
+    assert at_once.model_kwargs == {"at_once": True} and at_once.pretrained == "imagenet"

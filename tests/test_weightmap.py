@@ -82,3 +82,75 @@ def test_trainer_attaches_weight_map_before_augmentation(tmp_path):
                  "--batch-size", "4", "--weight-map", "unet", "--no-progress",
                  "--model-kwargs", '{"base_channels": 4, "batch_norm": true, "dropout": 0}',
                  "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}']) == 0
+
+
+def _two_cells():
+    """5 x 13: cell A in columns 0-4, a 2-pixel membrane (5, 6), cell B in 7-11, membrane column 12."""
+    mask = np.zeros((5, 13), np.uint8)
+    mask[:, 0:5] = 1
+    mask[:, 7:12] = 1
+    return mask
+
+
+def test_equation_2_on_a_hand_made_mask():
+    """w(x) = w_c(x) + w0 exp(-(d1 + d2)^2 / (2 sigma^2)), w0 = 10, sigma = 5, by hand: the rows
+    are identical, so distances are horizontal. Column 5: d1 = 1 (A), d2 = 2 (B); column 6: d1 = 1
+    (B), d2 = 2 (A); column 12: d1 = 1 (B), d2 = 8 (A). w_c: 50 cell and 15 membrane pixels, the
+    most frequent class weighs 1, so w_c = 1 on cells and 50/15 on the membrane."""
+    mask = _two_cells()
+    w = fast_weight_map(mask)
+    wc = 50 / 15
+    expected_row = [1.0] * 5 + [wc + 10 * np.exp(-9 / 50)] * 2 + [1.0] * 5 + [wc + 10 * np.exp(-81 / 50)]
+    np.testing.assert_allclose(w, np.tile(expected_row, (5, 1)), rtol=1e-6)
+    # given class weights are the w_c term, not a factor on the border term
+    given = fast_weight_map(mask, class_weights=np.array([2.0, 0.5]))
+    np.testing.assert_allclose(given[0], [0.5] * 5 + [2 + 10 * np.exp(-9 / 50)] * 2 + [0.5] * 5
+                               + [2 + 10 * np.exp(-81 / 50)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("class_weights", [None, [2.0, 0.5]])
+def test_unet_loss_is_equation_1_with_one_weighting(class_weights):
+    """The trainer's loss with ``weight_map: unet`` is the paper's energy (Eq. 1), the mean of
+    ``w(x) * -log p_l(x)(x)`` with w from Eq. 2; class weights, when given, are its w_c term and
+    are not applied a second time."""
+    import torch
+    import torch.nn.functional as F
+
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import train_transform
+    from pixelwise.losses import LossSpec, combined_loss
+
+    cfg = TrainConfig(weight_map="unet", augment={"flip": False, "jitter": False, "scale": None})
+    mask = _two_cells()
+    sample = Sample(image=np.zeros((5, 13, 3), np.uint8), mask=mask, name="two_cells")
+    out = train_transform(cfg, class_weights)(sample)
+    wc = {0: 50 / 15, 1: 1.0} if class_weights is None else {0: 2.0, 1: 0.5}
+    border = [0.0] * 5 + [10 * np.exp(-9 / 50)] * 2 + [0.0] * 5 + [10 * np.exp(-81 / 50)]  # as worked out above
+    w = np.vectorize(wc.get)(mask) + np.tile(border, (5, 1))
+    np.testing.assert_allclose(out.weight, w, rtol=1e-6)
+    logits = torch.randn(1, 2, 5, 13, generator=torch.Generator().manual_seed(0))
+    target = torch.from_numpy(mask.astype(np.int64))[None]
+    nll = -F.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]
+    energy = (torch.from_numpy(w) * nll.double()).mean()
+    # what the trainer builds: the map carries the class weights, the loss none (plan_stages)
+    spec = LossSpec("ce", class_weights=None)
+    got = combined_loss({"out": logits}, target, spec, torch.from_numpy(out.weight)[None])
+    assert got.item() == pytest.approx(energy.item(), rel=1e-5)
+
+
+def test_plan_stages_does_not_weight_classes_twice(tmp_path):
+    import torch
+
+    from pixelwise.engine import trainer
+    from pixelwise.engine.config import TrainConfig
+
+    cfg = TrainConfig(model="unet", dataset="shapes", out=str(tmp_path), progress=False, class_weights="median-freq",
+                      model_kwargs={"base_channels": 4, "batch_norm": True, "dropout": 0},
+                      dataset_kwargs={"num_train": 4, "num_val": 2, "size": 32})
+    info, device = trainer.dist.setup("cpu")
+    for weight_map, expect_in_loss in (("none", True), ("unet", False)):
+        run = trainer.setup_run(TrainConfig(**{**cfg.to_dict(), "weight_map": weight_map}), info, device,
+                                lambda *_: None)
+        assert isinstance(run.class_weights, torch.Tensor)
+        (stage,) = trainer.plan_stages(run)
+        assert (stage.loss.class_weights is not None) == expect_in_loss, weight_map

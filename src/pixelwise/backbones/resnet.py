@@ -3,7 +3,10 @@
 Bottleneck blocks put the stride on the 3x3 conv ("ResNet V1.5"), as torchvision does.
 Dilation is a backbone option: ``replace_stride_with_dilation=[False, True, True]`` keeps
 ``layer3``/``layer4`` at stride 8 with dilation 2/4 (DeepLab, torchvision's FCN), ``[False,
-False, True]`` gives output stride 16.
+False, True]`` gives output stride 16. As in torchvision, the first block of a dilated stage keeps
+the previous stage's rate. ``multi_grid=(1, 2, 4)`` is DeepLabV3's Multi-Grid (Chen et al.,
+arXiv:1706.05587, Sec. 3.2): the 3x3 convs of ``layer4``'s blocks get the stage's rate times
+these unit rates, e.g. 2 x (1, 2, 4) = (2, 4, 8) at output stride 16, 4 x (1, 2, 4) at 8.
 
 Encoder contract (``ResNet.feature_info``; strides for the default, undilated network)::
 
@@ -153,8 +156,13 @@ class ResNet(nn.Module):
         num_classes: int = 1000,
         replace_stride_with_dilation: Sequence[bool] | None = None,
         norm_layer: NormLayer | None = None,
+        multi_grid: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if multi_grid is not None and (len(multi_grid) != layers[3] or min(multi_grid) < 1):
+            raise ValueError(f"multi_grid needs {layers[3]} positive unit rates (one per layer4 block), "
+                             f"got {tuple(multi_grid)}")
+        self.multi_grid = None if multi_grid is None else tuple(int(g) for g in multi_grid)
         self._norm_layer = norm_layer or nn.BatchNorm2d
         dilate = list(replace_stride_with_dilation or (False, False, False))
         if len(dilate) != 3:
@@ -167,7 +175,7 @@ class ResNet(nn.Module):
         self.layer1 = self._make_layer(block, 64, layers[0])
         self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=dilate[0])
         self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=dilate[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilate[2])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=dilate[2], unit_rates=self.multi_grid)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
@@ -190,19 +198,24 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int,
-                    stride: int = 1, dilate: bool = False) -> nn.Sequential:
+                    stride: int = 1, dilate: bool = False, unit_rates: Sequence[int] | None = None
+                    ) -> nn.Sequential:
+        """A stage of ``blocks`` blocks; the 3x3 conv of block ``i`` has dilation ``rate *
+        unit_rates[i]`` (Multi-Grid) or, without unit rates, torchvision's: the previous stage's
+        rate for the first block and the stage's rate for the others."""
         norm_layer, previous_dilation = self._norm_layer, self.dilation
         if dilate:
             self.dilation *= stride
             stride = 1
+        rates = ([previous_dilation] + [self.dilation] * (blocks - 1) if unit_rates is None
+                 else [self.dilation * g for g in unit_rates])
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
                                        norm_layer(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation, norm_layer)]
+        layers = [block(self.inplanes, planes, stride, downsample, rates[0], norm_layer)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, dilation=self.dilation, norm_layer=norm_layer)
-                   for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, dilation=rates[i], norm_layer=norm_layer) for i in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -249,10 +262,10 @@ class IntermediateLayerGetter(nn.ModuleDict):
 
 def _resnet(name: str, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, int, int, int],
             num_classes: int, pretrained: str | None, replace_stride_with_dilation: Sequence[bool] | None,
-            norm_layer: NormLayer | None) -> ResNet:
+            norm_layer: NormLayer | None, multi_grid: Sequence[int] | None = None) -> ResNet:
     """A ResNet of ``block``s, ``layers`` per stage; ``name`` names its ImageNet weights
     (``URLS[name]``) and appears in error messages."""
-    model = ResNet(block, layers, num_classes, replace_stride_with_dilation, norm_layer)
+    model = ResNet(block, layers, num_classes, replace_stride_with_dilation, norm_layer, multi_grid)
     if pretrained is not None:
         load_matching(model, read_weights(pretrained, {"imagenet": URLS[name]}), f"{name}(pretrained={pretrained!r})",
                       optional=("fc.",))
@@ -279,16 +292,18 @@ def resnet34(num_classes: int = 1000, pretrained: str | None = None,
 
 def resnet50(num_classes: int = 1000, pretrained: str | None = None,
              replace_stride_with_dilation: Sequence[bool] | None = None,
-             norm_layer: NormLayer | None = None) -> ResNet:
+             norm_layer: NormLayer | None = None, multi_grid: Sequence[int] | None = None) -> ResNet:
     """ResNet-50 (torchvision ``resnet50-0676ba61.pth`` for ``"imagenet"``); arguments as
-    :func:`resnet18`, plus ``replace_stride_with_dilation`` (3 booleans for layer2..4)."""
+    :func:`resnet18`, plus ``replace_stride_with_dilation`` (3 booleans for layer2..4) and
+    ``multi_grid`` (3 unit rates for layer4's blocks, DeepLabV3's Multi-Grid; the weights are
+    the same, so ImageNet weights load unchanged)."""
     return _resnet("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, pretrained, replace_stride_with_dilation,
-                   norm_layer)
+                   norm_layer, multi_grid)
 
 
 def resnet101(num_classes: int = 1000, pretrained: str | None = None,
               replace_stride_with_dilation: Sequence[bool] | None = None,
-              norm_layer: NormLayer | None = None) -> ResNet:
+              norm_layer: NormLayer | None = None, multi_grid: Sequence[int] | None = None) -> ResNet:
     """ResNet-101; arguments as :func:`resnet50`."""
     return _resnet("resnet101", Bottleneck, (3, 4, 23, 3), num_classes, pretrained, replace_stride_with_dilation,
-                   norm_layer)
+                   norm_layer, multi_grid)

@@ -1,7 +1,8 @@
 """Paired augmentation presets (albumentations 2.x) working on :class:`Sample` -> :class:`Sample`.
 
-- :func:`train_preset`: optional resize, random scale, pad-if-needed (image 0, mask ignore),
-  random crop, horizontal flip, photometric jitter.
+- :func:`train_preset`: optional resize, optional elastic deformation (the U-Net paper's,
+  :mod:`pixelwise.data.elastic`), random scale, pad-if-needed (image 0, mask ignore), random
+  crop, horizontal flip, photometric jitter.
 - :func:`eval_preset`: optional resize, otherwise the identity.
 
 The resize is :func:`resize_sample`, built on :func:`pixelwise.preprocess.resize_image` (the
@@ -27,6 +28,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from pixelwise.data.elastic import ElasticDeform
 from pixelwise.errors import UserError
 from pixelwise.preprocess import resize_image, resize_labels
 from pixelwise.sample import IGNORE_INDEX, Sample, boxes_from_masks
@@ -50,23 +52,27 @@ def resize_sample(s: Sample, size: tuple[int, int]) -> Sample:
 
 class Augment:
     """Apply albumentations transforms to a Sample (image, mask, weight, instances together),
-    after an optional :func:`resize_sample` to ``resize`` = (h, w)."""
+    after an optional :func:`resize_sample` to ``resize`` = (h, w) and an optional
+    :class:`~pixelwise.data.elastic.ElasticDeform` of the whole (resized) sample."""
 
     def __init__(self, transforms: Sequence[A.BasicTransform], ignore_index: int = IGNORE_INDEX,
-                 resize: tuple[int, int] | None = None):
+                 resize: tuple[int, int] | None = None, elastic: ElasticDeform | None = None):
         self.transforms = list(transforms)
         self.ignore_index = ignore_index
         self.resize = None if resize is None else (int(resize[0]), int(resize[1]))
+        self.elastic = elastic
         self.compose = (A.Compose(self.transforms, additional_targets={"weight": "mask"})
                         if transforms else None)
 
     def __repr__(self) -> str:
         return (f"Augment({[type(t).__name__ for t in self.transforms]}, ignore_index={self.ignore_index}, "
-                f"resize={self.resize})")
+                f"resize={self.resize}, elastic={self.elastic})")
 
     def __call__(self, s: Sample) -> Sample:
         if self.resize is not None:
             s = resize_sample(s, self.resize)
+        if self.elastic is not None:
+            s = self.elastic(s)
         if self.compose is None:
             return s
         self.compose.set_random_seed(int(np.random.randint(0, 2**31 - 1)))
@@ -99,9 +105,9 @@ class Augment:
 
 def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float] | None = (0.5, 2.0),
                  flip: bool = True, jitter: bool = True, ignore_index: int = IGNORE_INDEX,
-                 resize: tuple[int, int] | None = None) -> Augment:
-    """Training augmentation: [resize] -> random scale in ``scale`` -> pad to ``crop`` -> random
-    ``crop`` (h, w) -> horizontal flip (p=0.5) -> colour jitter (p=0.8).
+                 resize: tuple[int, int] | None = None, elastic: ElasticDeform | None = None) -> Augment:
+    """Training augmentation: [resize] -> [elastic deformation] -> random scale in ``scale`` -> pad
+    to ``crop`` -> random ``crop`` (h, w) -> horizontal flip (p=0.5) -> colour jitter (p=0.8).
 
     Without ``crop`` the image size is kept: no random scaling, no padding, no crop (use it when
     every image already has the training size). ``scale=None`` disables scaling.
@@ -122,7 +128,7 @@ def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float]
         t.append(A.HorizontalFlip(p=0.5))
     if jitter:
         t.append(A.ColorJitter(brightness=0.25, contrast=0.25, saturation=0.25, hue=0.02, p=0.8))
-    return Augment(t, ignore_index, resize)
+    return Augment(t, ignore_index, resize, elastic)
 
 
 def eval_preset(resize: tuple[int, int] | None = None) -> Augment:
@@ -130,7 +136,7 @@ def eval_preset(resize: tuple[int, int] | None = None) -> Augment:
     return Augment([], resize=resize)
 
 
-TRAIN_KEYS = ("crop", "scale", "flip", "jitter", "ignore_index", "resize")
+TRAIN_KEYS = ("crop", "scale", "flip", "jitter", "ignore_index", "resize", "elastic")
 
 
 def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
@@ -147,6 +153,20 @@ def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
     return tuple(kind(x) for x in v)
 
 
+def elastic_of(value: object) -> ElasticDeform | None:
+    """The ``elastic`` augmentation key -> :class:`ElasticDeform` or None: ``true`` (the U-Net
+    paper's 3x3 grid, 10 px), ``false``/absent, or a mapping ``{sigma: px, grid: nodes}``."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ElasticDeform()
+    if isinstance(value, dict) and set(value) <= {"sigma", "grid"}:
+        sigma, grid = value.get("sigma", 10.0), value.get("grid", 3)
+        if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+            return ElasticDeform(float(sigma), grid)
+    raise UserError(f"augment key 'elastic': expected true, false or {{sigma: 10, grid: 3}}, got {value!r}")
+
+
 def resize_of(cfg: dict | None) -> tuple[int, int] | None:
     """The ``resize: [h, w]`` (or one int for a square) of an augmentation config, validated."""
     pair = _pair(dict(cfg or {}), "resize", int)
@@ -157,8 +177,9 @@ def build_transform(cfg: dict | None, train: bool) -> Augment:
     """A config dict -> :func:`train_preset` (``train=True``) or :func:`eval_preset`.
 
     Keys (all optional): ``crop: [h, w]`` (or one int for a square), ``scale: [low, high]`` or
-    null, ``flip: bool``, ``jitter: bool``, ``ignore_index: int``, ``resize: [h, w]``. Evaluation
-    only uses ``resize``. Unknown keys raise UserError naming the key.
+    null, ``flip: bool``, ``jitter: bool``, ``ignore_index: int``, ``resize: [h, w]``, ``elastic:
+    bool`` or ``{sigma, grid}`` (:func:`elastic_of`). Evaluation only uses ``resize``. Unknown
+    keys raise UserError naming the key.
     """
     cfg = dict(cfg or {})
     for key in cfg:
@@ -171,8 +192,9 @@ def build_transform(cfg: dict | None, train: bool) -> Augment:
     if not isinstance(ignore, int) or isinstance(ignore, bool) or not 0 <= ignore <= 255:
         raise UserError(f"augment key 'ignore_index': expected an integer 0..255, got {ignore!r}")
     resize = _pair(cfg, "resize", int)
+    elastic = elastic_of(cfg.get("elastic"))
     if not train:
         return eval_preset(resize)
     scale = _pair(cfg, "scale", float) if "scale" in cfg else (0.5, 2.0)
     return train_preset(crop=_pair(cfg, "crop", int), scale=scale, flip=cfg.get("flip", True),
-                        jitter=cfg.get("jitter", True), ignore_index=ignore, resize=resize)
+                        jitter=cfg.get("jitter", True), ignore_index=ignore, resize=resize, elastic=elastic)

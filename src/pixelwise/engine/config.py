@@ -95,6 +95,9 @@ class TrainConfig:
     milestones: list[float] = opt([], "step schedule: comma-separated epochs at which the lr is multiplied by "
                                   "gamma, e.g. 30,60", metavar="E1,E2")
     gamma: float = opt(0.1, "step schedule: lr multiplier at each milestone", gt=0)
+    step_size: int = opt(0, "step schedule: also multiply the lr by gamma every this many optimizer steps of the "
+                         "stage (Caffe's `step` policy, gamma^floor(iter / stepsize)); 0: off", stage=True,
+                         metavar="ITERS", ge=0)
     warmup_epochs: float = opt(0.0, "linear warm-up length in epochs (may be fractional)", stage=True, ge=0)
     warmup_iters: int = opt(0, "linear warm-up length in optimizer steps (the longer warm-up is used)",
                             stage=True, ge=0)
@@ -110,11 +113,12 @@ class TrainConfig:
     aux_weight: float = opt(0.4, "weight of the auxiliary head's loss (models built with aux_loss=True)",
                             stage=True, ge=0)
     weight_map: str = opt("none", "unet: the U-Net paper's border-weighted loss (Eq. 2, w0=10, sigma=5) from the "
-                          "connected components of --weight-map-class", choices=WEIGHT_MAPS)
+                          "connected components of --weight-map-class; --class-weights then give its class term "
+                          "w_c (default: balanced per mask) instead of a second factor", choices=WEIGHT_MAPS)
     weight_map_class: int = opt(1, "weight map: the class whose connected components are the objects", ge=0)
     # --- data -----------------------------------------------------------------------------
     crop: str | None = opt(None, "random training crop HxW (sets augment's crop)", metavar="HxW", stage=True)
-    augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize), "
+    augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize elastic), "
                         "e.g. '{\"scale\": [0.5, 2.0], \"jitter\": false}'", stage=True)
     instance_crops: bool = opt(False, "train on crops centred on object instances (DeconvNet stage 1)", stage=True)
     instance_context: float = opt(1.2, "instance crop = object box scaled by this around its centre", stage=True,

@@ -63,8 +63,10 @@ def set_peak_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class Schedule:
     """LR multiplier over ``total_steps`` optimizer steps (= configured epochs x steps per epoch).
 
-    kind: poly ``(1 - p) ** power`` | cosine ``(1 + cos(pi p)) / 2`` | step ``gamma ** #{milestones
-    <= p * epochs}`` | constant; ``p`` = progress in [0, 1]. A linear warm-up from
+    kind: poly ``(1 - p) ** power`` | cosine ``(1 + cos(pi p)) / 2`` | step ``gamma ** (#{milestones
+    <= p * epochs} + floor(step / step_size))`` | constant; ``p`` = progress in [0, 1]. The
+    ``step_size`` term (0: none) is Caffe's ``step`` policy, counted in optimizer steps of the
+    schedule (a stage's own steps), independent of any time budget. A linear warm-up from
     ``warmup_factor`` to 1 over the first ``warmup_steps`` steps multiplies it.
     """
 
@@ -76,12 +78,13 @@ class Schedule:
     gamma: float = 0.1
     warmup_steps: int = 0
     warmup_factor: float = 0.001
+    step_size: int = 0
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
         warmup = max(int(round(cfg.warmup_epochs * steps_per_epoch)), int(cfg.warmup_iters))
         return cls(cfg.schedule, max(1, steps_per_epoch * cfg.epochs), float(cfg.epochs), cfg.poly_power,
-                   tuple(float(m) for m in cfg.milestones), cfg.gamma, warmup, cfg.warmup_factor)
+                   tuple(float(m) for m in cfg.milestones), cfg.gamma, warmup, cfg.warmup_factor, cfg.step_size)
 
     def progress(self, step: int, time_fraction: float = 0.0) -> float:
         """max(step fraction, time fraction), clipped to [0, 1]."""
@@ -97,7 +100,8 @@ class Schedule:
         elif self.kind == "cosine":
             f = 0.5 * (1.0 + math.cos(math.pi * p))
         elif self.kind == "step":
-            f = self.gamma ** sum(1 for m in self.milestones if p * self.epochs >= m - 1e-9)
+            drops = sum(1 for m in self.milestones if p * self.epochs >= m - 1e-9)
+            f = self.gamma ** (drops + (step // self.step_size if self.step_size else 0))
         else:
             raise UserError(f"unknown schedule {self.kind!r}; choose poly, cosine, step or constant")
         if step < self.warmup_steps:

@@ -225,16 +225,19 @@ def plain_class_weights(cfg: TrainConfig, train_ds: SegmentationDataset, out: Pa
 
 
 # --- data -------------------------------------------------------------------------------------
-def train_transform(cfg: TrainConfig) -> Callable:
+def train_transform(cfg: TrainConfig, class_weights: Sequence[float] | None = None) -> Callable:
     """``cfg.augment`` (with ``crop`` overriding ``augment.crop``) -> the train preset, preceded
-    by an instance-centred crop to the crop size when ``instance_crops``."""
+    by an instance-centred crop to the crop size when ``instance_crops``, and by the U-Net weight
+    map when ``weight_map: unet`` (``class_weights``, if any, are its class term w_c; without
+    them w_c balances the classes of each mask)."""
     aug = dict(cfg.augment)
     crop = parse_size(cfg.crop)
     if crop:
         aug["crop"] = list(crop)
     steps: list[Callable] = [build_transform(aug, train=True)]
     if cfg.weight_map == "unet":  # computed on the whole raw mask, then augmented with it
-        steps.insert(0, UNetWeightMap(foreground=cfg.weight_map_class))
+        steps.insert(0, UNetWeightMap(foreground=cfg.weight_map_class,
+                                      class_weights=None if class_weights is None else list(class_weights)))
     if cfg.instance_crops:
         if aug.get("crop") is None:
             raise UserError("instance_crops needs a crop size: set crop: HxW (or augment: {crop: [h, w]})")
@@ -529,7 +532,9 @@ def plan_stages(run: Run) -> list[Stage]:
         per_rank = len(epoch_indices(len(run.train_ds), scfg, 1, run.info))
         drop_last = per_rank > scfg.batch_size
         batches = per_rank // scfg.batch_size if drop_last else math.ceil(per_rank / scfg.batch_size)
-        loss = None if run.task == "instance" else LossSpec(scfg.loss, run.class_weights, scfg.focal_gamma,
+        # with the U-Net weight map the class weights are its w_c term (Eq. 2), not a second factor
+        class_weights = None if run.cfg.weight_map == "unet" else run.class_weights
+        loss = None if run.task == "instance" else LossSpec(scfg.loss, class_weights, scfg.focal_gamma,
                                                              scfg.aux_weight)
         stages.append(Stage(i, name, scfg, loss, Schedule.from_config(scfg, math.ceil(batches / scfg.accumulate)),
                             drop_last, budget_s * scfg.epochs / run.cfg.epochs if budget_s else None,
@@ -549,7 +554,8 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
     if multi:
         run.log(f"stage {stage.index + 1}/{len(run.cfg.stages)} ({stage.name}): {stage.cfg.epochs} epochs, "
                 f"lr {stage.cfg.lr}" + (", instance-centred crops" if stage.cfg.instance_crops else ""))
-    run.train_ds.transform = train_transform(stage.cfg)
+    weights = None if run.class_weights is None else run.class_weights.tolist()
+    run.train_ds.transform = train_transform(stage.cfg, weights)
     while state.stage_epoch < stage.cfg.epochs and not state.stage_stopped:  # stopped: by the time budget
         stats = train_one_epoch(run, stage, state)
         metrics = evaluate(run)
@@ -815,6 +821,9 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
         run.log(f"training {run.cfg.model} ({n_params / 1e6:.2f}M parameters) on {run.cfg.dataset}: "
                 f"{len(run.train_ds)} train / {len(run.val_ds)} val images, {run.cfg.epochs} epochs, device {device}"
                 + (f", {info.world_size} processes" if info.enabled else ""))
+        note = getattr(run.module, "pretrained_note", None)  # e.g. what a staged FCN took from the coarser net
+        if note and not run.cfg.resume:
+            run.log(note)
         stages = plan_stages(run)
         try:
             for stage in stages[state.stage:]:

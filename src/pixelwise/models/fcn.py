@@ -33,6 +33,24 @@ beyond the (padded) image border instead of 100 px of padding, which also cuts a
 forward from 181.5 to 111.3 GMACs. As in the paper, the intermediate upsamplers (``upscore2``,
 ``upscore_pool4``) are learned and the final one is fixed bilinear; all score layers start at
 zero (so FCN-8s initially predicts what its coarser parts predict).
+
+Staged training (CVPR paper, Sec. 4.2): FCN-16s "is learned end-to-end, initialized with the
+parameters of the last, coarser net ... The new parameters acting on pool4 are zero-initialized so
+that the net starts with unmodified predictions", then FCN-8s from FCN-16s. ``pretrained=<a
+pixelwise checkpoint of a coarser FCN-VGG>`` does that (:func:`load_coarser_fcn`): every layer the
+two nets share is loaded, the new score layers keep their zero initialisation and the new
+upsamplers their bilinear one, the coarser net's final upsampler is left out, and
+``model.pretrained_note`` says in one line what was loaded and initialised (``pixelwise train``
+prints it). The new net's prediction then equals the coarser one's up to the difference between
+one bilinear upsampling and two in a row (x2 then x16 instead of x32): identical on the middle
+half of every coarse cell, the corners of the bilinear surface cut near the coarse pixel centres,
+as in the reference Caffe nets.
+
+``at_once=True`` is the reference "at-once" FCN-8s (``voc-fcn8s-atonce/net.py`` of
+shelhamer/fcn.berkeleyvision.org): pool4 and pool3 are multiplied by the fixed constants 0.01 and
+0.0001 before their score layers ("scale pool4 skip for compatibility"), so that the skips, trained
+together with everything else from ImageNet weights, start small against the stride-32 scores.
+Same parameters and keys; only the forward pass changes.
 """
 
 from __future__ import annotations
@@ -43,15 +61,17 @@ from torch import Tensor
 from pixelwise.backbones.resnet import IntermediateLayerGetter, resnet50, resnet101
 from pixelwise.backbones.vgg import URLS as VGG_URLS
 from pixelwise.backbones.vgg import VGG16_CFG, features_info, forward_stages, make_features
+from pixelwise.errors import UserError
 from pixelwise.layers import BilinearUpsample
 from pixelwise.models._utils import SimpleSegmentationModel, crop_top_left, load_model_weights, pad_to_multiple
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
 
 __all__ = ["FCN", "FCNHead", "FCNVGG", "fcn8s", "fcn16s", "fcn32s", "fcn_resnet50", "fcn_resnet101",
-           "score_conv", "vgg16_to_fcn"]
+           "load_coarser_fcn", "score_conv", "vgg16_to_fcn"]
 
 PAPER = "Long et al., CVPR 2015"
+AT_ONCE_SCALES = {"pool4": 0.01, "pool3": 0.0001}  # voc-fcn8s-atonce's fixed Scale layers
 
 
 # --------------------------------------------------------------------------- FCN on VGG-16
@@ -70,14 +90,20 @@ class FCNVGG(nn.Module):
     """FCN-32s / 16s / 8s (``output_stride`` = coarsest skip kept: 32, 16 or 8).
 
     ``Tensor[N, 3, H, W] -> Tensor[N, num_classes, H, W]`` for any ``H, W`` (see the module
-    docstring for the pad / align / crop scheme).
+    docstring for the pad / align / crop scheme). ``at_once``: scale pool4 / pool3 by 0.01 /
+    0.0001 before their score layers, as the reference at-once FCN-8s.
     """
 
-    def __init__(self, num_classes: int, output_stride: int = 8, dropout: float = 0.5) -> None:
+    pretrained_note: str | None = None  # set by the builder when it initialised from a coarser net
+
+    def __init__(self, num_classes: int, output_stride: int = 8, dropout: float = 0.5, at_once: bool = False
+                 ) -> None:
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         self.output_stride = output_stride
+        self.at_once = bool(at_once)
+        self.skip_scale = dict(AT_ONCE_SCALES) if at_once else {"pool4": 1.0, "pool3": 1.0}
         self.features = make_features(VGG16_CFG, batch_norm=False)
         info = {f.name: f for f in features_info(self.features)}
         self.fc6 = nn.Conv2d(info["pool5"].channels, 4096, 7, padding=3)
@@ -114,10 +140,10 @@ class FCNVGG(nn.Module):
         score = self.score_fr(h)  # stride 32
         if self.output_stride == 32:
             return crop_top_left(self.upscore(score), height, width)
-        score = self.upscore2(score) + self.score_pool4(pool4)  # stride 16
+        score = self.upscore2(score) + self.score_pool4(pool4 * self.skip_scale["pool4"])  # stride 16
         if self.output_stride == 16:
             return crop_top_left(self.upscore16(score), height, width)
-        score = self.upscore_pool4(score) + self.score_pool3(pool3)  # stride 8
+        score = self.upscore_pool4(score) + self.score_pool3(pool3 * self.skip_scale["pool3"])  # stride 8
         return crop_top_left(self.upscore8(score), height, width)
 
 
@@ -134,6 +160,44 @@ def vgg16_to_fcn(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _stride_of(state: dict[str, Tensor]) -> int:
+    """The output stride of the FCN-VGG whose state dict this is (8, 16 or 32), from its keys."""
+    return 8 if "score_pool3.weight" in state else 16 if "score_pool4.weight" in state else 32
+
+
+def load_coarser_fcn(model: FCNVGG, state: dict[str, Tensor], source: str) -> str:
+    """Initialise ``model`` from the state dict of a coarser (or equal) FCN-VGG, as the paper's
+    staged training does; -> the one-line note of what was loaded and initialised.
+
+    Every tensor the two nets share (same name; features, fc6, fc7, score_fr and, going from 16s
+    to 8s, score_pool4 and the learned upscore2) is copied; shapes must match (same classes). The
+    target's layers absent from ``state`` keep their initialisation: score layers zero, upsamplers
+    bilinear. The source's final upsampler (``upscore`` of FCN-32s, ``upscore16`` of FCN-16s) is
+    not used. A finer source (FCN-8s into FCN-16s) is a :class:`UserError`."""
+    name, src = f"fcn{model.output_stride}s", _stride_of(state)
+    where = f"{name}(pretrained={source!r})"
+    if src < model.output_stride:
+        raise UserError(f"{where}: the weights are of a finer fcn{src}s; staged training goes fcn32s -> fcn16s -> "
+                        f"fcn8s, each initialised from the coarser one")
+    own = model.state_dict()
+    shared = {k: v for k, v in state.items() if k in own}
+    for k, v in shared.items():
+        if v.shape != own[k].shape:
+            raise UserError(f"{where}: weight {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)} "
+                            "(staged training keeps the classes: build it with the checkpoint's num_classes)")
+    fresh = sorted({k.split(".")[0] for k in own if k not in state})
+    unused = sorted({k.split(".")[0] for k in state if k not in own})
+    if src == model.output_stride:
+        load_matching(model, state, where)
+        return f"{name}: loaded all {len(state)} tensors of the fcn{src}s weights {source}"
+    model.load_state_dict(shared, strict=False)
+    how = {"score": "zero", "upscore": "bilinear"}
+    init = ", ".join(f"{m} ({how['score' if m.startswith('score') else 'upscore']}"
+                     f"{'' if getattr(model, m).weight.requires_grad else ', fixed'})" for m in fresh)
+    return (f"{name}: loaded {len(shared)} tensors of the fcn{src}s weights {source}; initialised {init}"
+            + (f"; not used: {', '.join(unused)}" if unused else ""))
+
+
 def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, **kwargs) -> FCNVGG:
     model = FCNVGG(num_classes, output_stride, **kwargs)
     if pretrained is None:
@@ -142,6 +206,8 @@ def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, **kwa
     if "classifier.0.weight" in state:  # ImageNet VGG-16 weights (downloaded or a local copy)
         load_matching(model, vgg16_to_fcn(state), f"fcn{output_stride}s(pretrained={pretrained!r})",
                       optional=("score", "upscore"))
+    elif "score_fr.weight" in state:  # an FCN-VGG: the same net, or a coarser stage of the staged training
+        model.pretrained_note = load_coarser_fcn(model, state, str(pretrained))
     else:
         load_model_weights(model, pretrained, f"fcn{output_stride}s")
     return model
@@ -150,7 +216,9 @@ def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, **kwa
 @register_model("fcn32s", paper=PAPER)
 def fcn32s(num_classes: int, pretrained: str | None = None, **kwargs) -> FCNVGG:
     """FCN-32s. ``pretrained``: ``"imagenet"`` (torchvision's VGG-16 into features/fc6/fc7), a
-    local VGG-16 ``.pth`` (same conversion), or a local FCN state dict."""
+    local VGG-16 ``.pth`` (same conversion), or the weights of an FCN-VGG (a pixelwise checkpoint):
+    the same net, or a coarser one for staged training (:func:`load_coarser_fcn`). kwargs:
+    ``dropout`` (0.5), ``at_once`` (False)."""
     return _fcn_vgg(32, num_classes, pretrained, **kwargs)
 
 
