@@ -253,6 +253,27 @@ def test_median_freq_weights_cached_and_files(tmp_path):
         read_class_weights(tmp_path / "w.json", 4)
 
 
+def test_class_weight_power(tmp_path):
+    """``class_weight_power`` raises median-frequency (and file) weights to a power; the document
+    to cache keeps the plain median-frequency weights, so a new power needs no new pass."""
+    from pixelwise.data import build_dataset
+
+    ds = build_dataset("shapes", None, "train", **TINY_DATA)
+    plain, _ = class_weights_for(tiny(tmp_path, class_weights="median-freq"), ds, tmp_path, log=quiet)
+    root, doc = class_weights_for(tiny(tmp_path, class_weights="median-freq", class_weight_power=0.5), ds, tmp_path,
+                                  log=quiet)
+    assert plain is not None and root == pytest.approx([w ** 0.5 for w in plain])
+    assert doc is not None and doc["weights"] == pytest.approx(plain)
+    (tmp_path / "w.txt").write_text("1 4 9 0.25")
+    assert class_weights_for(tiny(tmp_path, class_weights=str(tmp_path / "w.txt"), class_weight_power=0.5), ds,
+                             tmp_path, log=quiet) == (pytest.approx([1, 2, 3, 0.5]), None)
+    assert class_weights_for(tiny(tmp_path, class_weights=str(tmp_path / "w.txt"), class_weight_power=0), ds,
+                             tmp_path, log=quiet) == ([1, 1, 1, 1], None)
+    for bad in (-1, "x", True):
+        with pytest.raises(UserError, match="class_weight_power"):
+            tiny(tmp_path, class_weight_power=bad)
+
+
 def test_every_loss_and_options_train(tmp_path):
     for i, loss in enumerate(["focal", "lovasz", "ce+dice", "dice"]):
         s = fit(tiny(tmp_path / loss, epochs=1, loss=loss, class_weights="median-freq" if i % 2 else "none",

@@ -107,6 +107,8 @@ class TrainConfig:
     loss: str = opt("ce", "loss (ignore index 255 everywhere)", choices=LOSSES, stage=True)
     class_weights: str = opt("none", "none | median-freq (from the training split) | FILE (.json list or .txt of "
                              "numbers, one per class)", metavar="none|median-freq|FILE")
+    class_weight_power: float = opt(1.0, "train with class weights ** this: 0.5 = square root of the median-frequency "
+                                    "weights (milder on rare classes), 0 = unweighted", metavar="P", ge=0)
     focal_gamma: float = opt(2.0, "focal loss exponent (0 = cross-entropy)", ge=0)
     aux_weight: float = opt(0.4, "weight of the auxiliary head's loss (models built with aux_loss=True)",
                             stage=True, ge=0)

