@@ -4,7 +4,7 @@ size in eager, fast and onnx modes on the CPU, torchvision's fcn_resnet50 and de
 fcn_resnet50 and U-Net.
 
     PYTHONPATH=src python benchmarks/bench_table.py [--size 512x512] [--threads 2] [--repeats 3]
-        [--models a,b] [--rounds 1] [--refvenv /work/refvenv] [--out benchmarks/README.md]
+        [--models a,b] [--rounds 1] [--refvenv VENV] [--out benchmarks/README.md]
 
 Each (model, mode) is run ``--rounds`` times, the rounds interleaved (every configuration once per
 round), and the median of the per-round best-of-``--repeats`` is reported, so that a slow phase of
@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--models", default=None)
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--refvenv", default="/work/refvenv")
+    ap.add_argument("--refvenv", default=None, help="a virtual environment with torchvision (see the shared tools)")
     shared = Path(__file__).resolve().parents[2] / "shared"
     ap.add_argument("--tv-script", default=str(shared / "tools" / "torchvision_speed.py"))
     ap.add_argument("--json", default=None)
@@ -83,8 +83,8 @@ def main() -> int:
     size = tuple(int(v) for v in args.size.split("x"))
     names = args.models.split(",") if args.models else list_models()
     modes = args.modes.split(",")
-    tv_python = os.path.join(args.refvenv, "bin", "python")
-    have_tv = os.path.exists(tv_python) and os.path.exists(args.tv_script)
+    tv_python = os.path.join(args.refvenv, "bin", "python") if args.refvenv else ""
+    have_tv = bool(tv_python) and os.path.exists(tv_python) and os.path.exists(args.tv_script)
     rows: dict[str, dict[str, list]] = {n: {} for n in names}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
