@@ -121,8 +121,8 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     lines = [f"Measured {started} by `PYTHONPATH=src python benchmarks/bench_table.py --size {args.size} "
              f"--threads {args.threads} --repeats {args.repeats} --rounds {args.rounds}` on {cpu} "
-             f"({os.cpu_count()} CPUs, {args.threads} threads; 1-minute load average {load:.1f} at the start: the "
-             "machine was shared with other jobs, so absolute times are noisy and the ratios, measured interleaved, "
+             f"({os.cpu_count()} CPUs, {args.threads} threads; 1-minute load average {load:.1f} at the start; "
+             "absolute times vary with the machine's load, the ratios, measured interleaved, "
              f"are what to compare). GEMM peak (1024^3 matmul): fp32 {peaks['float32']:.0f} GFLOP/s, "
              f"bf16 {peaks['bfloat16']:.0f} GFLOP/s.", "",
              "| model | GFLOPs | eager ms | fast ms | fast dtype | fast util | fast agree | onnx ms | eager/fast "
