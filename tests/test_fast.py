@@ -97,3 +97,31 @@ def test_bf16_fast_path_runs_layers_without_bf16_kernels_in_float32():
     model = create_model("segnet_basic", num_classes=3).eval()  # LocalResponseNorm: no bf16 avg_pool3d on CPU
     out = FastSegmenter(model, torch.bfloat16)(torch.randn(1, 3, 32, 48))
     assert out.shape == (1, 3, 32, 48) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kernel,dilation,bias,channels_last", [(3, 12, True, False), (3, 36, False, True),
+                                                                 (5, 9, True, True), (3, 70, True, False)])
+def test_tap_convolution_equals_the_dilated_convolution(kernel, dilation, bias, channels_last):
+    """TapConv2d against PyTorch's own dilated convolution in float64 (rates larger than the image
+    included: those taps see only padding)."""
+    from pixelwise.inference.fast import TapConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, bias=bias).double()
+    x = torch.randn(2, 6, 23, 41, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert TapConv2d.applies(conv, min_dilation=8)
+    torch.testing.assert_close(TapConv2d(conv)(x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+def test_tap_convolution_only_replaces_what_it_computes_exactly():
+    from pixelwise.inference.fast import TapConv2d, split_dilated
+
+    assert not TapConv2d.applies(nn.Conv2d(4, 4, 3, padding=1, dilation=1), 8)  # small dilation: oneDNN is fast
+    assert not TapConv2d.applies(nn.Conv2d(4, 4, 3, padding=12, dilation=12, stride=2), 8)
+    assert not TapConv2d.applies(nn.Conv2d(4, 4, 3, padding=12, dilation=12, groups=2), 8)
+    assert not TapConv2d.applies(nn.Conv2d(4, 4, 3, padding=0, dilation=12), 8)  # not "same"
+    assert not TapConv2d.applies(nn.Conv2d(4, 4, 3, padding=12, dilation=12, padding_mode="reflect"), 8)
+    model = create_model("deeplabv3_resnet50", num_classes=3)
+    assert split_dilated(model) == 3  # the ASPP's three atrous branches (rates 12, 24, 36)

@@ -8,10 +8,12 @@
   1. BatchNorm folded into the convolution (or transposed convolution) before it
      (:func:`pixelwise.models.maskrcnn.fast.fold_batchnorm`, in float64): ResNet, U-Net, SegNet,
      DeconvNet, DeepLab and the FCN heads become convolutions, ReLUs and adds;
-  2. weights stored once in the model's plan dtype (bfloat16 where measured to keep accuracy, see
+  2. in bfloat16, convolutions with dilation >= 8 (DeepLab's ASPP) as one 1 x 1 GEMM plus shifted
+     adds (:class:`TapConv2d`), where oneDNN's dilated bf16 kernel is slow;
+  3. weights stored once in the model's plan dtype (bfloat16 where measured to keep accuracy, see
      :data:`PLANS`; on CPUs without bf16 kernels float32), channels-last, the input cast once, no
      autocast (which re-casts every weight on every call);
-  3. optionally (``compile=True``, ``bench --compile``) ``torch.compile`` (inductor, with weight
+  4. optionally (``compile=True``, ``bench --compile``) ``torch.compile`` (inductor, with weight
      freezing): it fuses the ReLUs, adds and biases into oneDNN convolution epilogues and
      prepacks the weights, at a compile cost per model and input size (bench reports it).
   Output logits are float32.
@@ -96,6 +98,69 @@ def keep_float32(model: nn.Module) -> int:
     return wrapped
 
 
+class TapConv2d(nn.Module):
+    """A dilated ``k x k`` convolution (stride 1, one group, zero "same" padding) computed as one
+    ``1 x 1`` convolution to ``k * k * out`` channels whose outputs are added at their taps'
+    offsets: the same sums (in another order) with the same FLOPs. oneDNN's bf16 kernel for large
+    dilations runs far below the GEMM peak (DeepLab's ASPP 2048 -> 256 at rate 36 on 64 x 64: 368 ms
+    against 70 ms this way, docs/deploy.md); one GEMM of the whole weight does not."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        out_ch, in_ch, kh, kw = conv.weight.shape
+        self.kernel = (kh, kw)
+        self.dilation = (int(conv.dilation[0]), int(conv.dilation[1]))
+        self.out_channels = out_ch
+        # [O, I, kh, kw] -> [kh * kw * O, I, 1, 1], tap-major so that a tap's outputs are contiguous
+        self.weight = nn.Parameter(conv.weight.detach().permute(2, 3, 0, 1).reshape(kh * kw * out_ch, in_ch, 1, 1),
+                                   requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    @staticmethod
+    def applies(conv: nn.Module, min_dilation: int) -> bool:
+        """Whether :class:`TapConv2d` computes ``conv`` exactly (and its dilation is large enough to pay)."""
+        if type(conv) is not nn.Conv2d or conv.groups != 1 or conv.padding_mode != "zeros":
+            return False
+        kh, kw = conv.kernel_size
+        dh, dw = conv.dilation
+        same = conv.padding == (dh * (kh - 1) // 2, dw * (kw - 1) // 2)
+        return (conv.stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1 and same and isinstance(conv.padding, tuple)
+                and max(dh, dw) >= min_dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        kh, kw = self.kernel
+        dh, dw = self.dilation
+        taps = nn.functional.conv2d(x, self.weight)  # [N, kh * kw * O, H, W]
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = x.new_zeros((n, self.out_channels, h, w)).contiguous(memory_format=layout)
+        for i in range(kh):
+            dy = (i - kh // 2) * dh  # output row r reads input row r + dy
+            r0, r1 = max(0, -dy), min(h, h - dy)
+            for j in range(kw):
+                dx = (j - kw // 2) * dw
+                c0, c1 = max(0, -dx), min(w, w - dx)
+                if r1 <= r0 or c1 <= c0:
+                    continue  # this tap sees only padding
+                t = (i * kw + j) * self.out_channels
+                out[:, :, r0:r1, c0:c1] += taps[:, t:t + self.out_channels, r0 + dy:r1 + dy, c0 + dx:c1 + dx]
+        if self.bias is not None:
+            out += self.bias.view(1, -1, 1, 1)
+        return out
+
+
+def split_dilated(model: nn.Module, min_dilation: int = 8) -> int:
+    """Replace, in place, every convolution :class:`TapConv2d` computes exactly whose dilation is at
+    least ``min_dilation`` (smaller dilations run well in oneDNN); the count."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Conv2d) and TapConv2d.applies(child, min_dilation):
+                setattr(parent, name, TapConv2d(child))
+                replaced += 1
+    return replaced
+
+
 class FastSegmenter(nn.Module):
     """The fast path of a semantic model (module docstring): ``Tensor[N, C, H, W] -> float32
     logits Tensor[N, K, H, W]``. ``dtype``: bfloat16 or float32; ``compile``: torch.compile the
@@ -109,6 +174,7 @@ class FastSegmenter(nn.Module):
         folded = fold_model(model)
         if dtype != torch.float32:
             keep_float32(folded)
+            split_dilated(folded)  # measured in bf16 only (docs/deploy.md)
         folded.to(dtype=dtype, memory_format=self.memory_format)  # type: ignore[call-overload]  # stubs lack memory_format
         self.model = folded
         self._run: Callable[[torch.Tensor], torch.Tensor] = self._logits
