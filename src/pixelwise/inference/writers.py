@@ -145,6 +145,13 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     return PredictPlan(readable, stems, out_dir, skipped)
 
 
+def entropy_to_gray(entropy: np.ndarray, num_classes: int) -> np.ndarray:
+    """Predictive entropy float[H, W] -> uint8[H, W], 255 = the largest possible entropy (``log C``):
+    the pixels of ``<stem>_uncertainty.png`` (and of serve's uncertainty map)."""
+    scale = np.log(max(num_classes, 2))
+    return (entropy / scale * 255).clip(0, 255).astype(np.uint8)
+
+
 def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[MaskRow], palette: list,
                    num_classes: int, uncertainty: bool = False) -> Path:
     """The mask, the overlay and (with ``uncertainty``) the uncertainty map of one image, written
@@ -152,7 +159,6 @@ def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[M
     :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows` gives them): no file's
     pixels are held whole, and the overlay's float temporaries cover ``STRIP_ROWS`` rows."""
     h, w = image.shape[:2]
-    scale = np.log(max(num_classes, 2))  # the largest possible entropy -> 255
     with ExitStack() as files:
 
         def png(suffix: str, mode: str) -> PngRowWriter:
@@ -167,7 +173,7 @@ def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[M
                 e = min(s + STRIP_ROWS, len(mask))
                 overlay_png.write(overlay(image[y + s : y + e], mask[s:e], palette))
                 if entropy_png is not None and entropy is not None:
-                    entropy_png.write((entropy[s:e] / scale * 255).clip(0, 255).astype(np.uint8))
+                    entropy_png.write(entropy_to_gray(entropy[s:e], num_classes))
     return out_dir / f"{stem}.png"
 
 

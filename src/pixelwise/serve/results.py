@@ -20,7 +20,7 @@ from PIL import Image
 from pixelwise.data.io import encode_png
 from pixelwise.data.palette import overlay
 from pixelwise.inference.predictor import Prediction
-from pixelwise.inference.writers import draw_instances, instance_maps, instances_json
+from pixelwise.inference.writers import draw_instances, entropy_to_gray, instance_maps, instances_json
 from pixelwise.metrics import confusion_matrix, segmentation_metrics
 
 
@@ -43,8 +43,7 @@ def mask_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
 def uncertainty_png(uncertainty: np.ndarray, num_classes: int) -> bytes:
     """Predictive entropy float32[H, W] -> 8-bit gray PNG, 255 = the largest possible entropy
     (``log C``), as ``pixelwise predict --uncertainty`` writes ``<stem>_uncertainty.png``."""
-    scale = np.log(max(num_classes, 2))
-    return encode_png((uncertainty / scale * 255).clip(0, 255).astype(np.uint8), "L")
+    return encode_png(entropy_to_gray(uncertainty, num_classes), "L")
 
 
 def class_shares(mask: np.ndarray, class_names: list[str], palette: Sequence[Sequence[int]]) -> list[dict]:
