@@ -87,15 +87,21 @@ class Float32(nn.Module):
         return self.module(x.float()).to(x.dtype)
 
 
-def keep_float32(model: nn.Module) -> int:
-    """Wrap every :data:`FLOAT32_ONLY` layer of ``model`` in :class:`Float32`, in place; the count."""
-    wrapped = 0
+def replace_layers(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace, in place, every submodule for which ``replacement`` returns a module; the count."""
+    replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, FLOAT32_ONLY):
-                setattr(parent, name, Float32(child))
-                wrapped += 1
-    return wrapped
+            new = replacement(child)
+            if new is not None:
+                setattr(parent, name, new)
+                replaced += 1
+    return replaced
+
+
+def keep_float32(model: nn.Module) -> int:
+    """Wrap every :data:`FLOAT32_ONLY` layer of ``model`` in :class:`Float32`, in place; the count."""
+    return replace_layers(model, lambda m: Float32(m) if isinstance(m, FLOAT32_ONLY) else None)
 
 
 class TapConv2d(nn.Module):
@@ -152,13 +158,8 @@ class TapConv2d(nn.Module):
 def split_dilated(model: nn.Module, min_dilation: int = 8) -> int:
     """Replace, in place, every convolution :class:`TapConv2d` computes exactly whose dilation is at
     least ``min_dilation`` (smaller dilations run well in oneDNN); the count."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and TapConv2d.applies(child, min_dilation):
-                setattr(parent, name, TapConv2d(child))
-                replaced += 1
-    return replaced
+    return replace_layers(model, lambda m: TapConv2d(m) if isinstance(m, nn.Conv2d)
+                          and TapConv2d.applies(m, min_dilation) else None)
 
 
 class FastSegmenter(nn.Module):
