@@ -60,6 +60,11 @@ def atomic_write(path: str | Path, write) -> None:
             os.unlink(tmp)
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``text`` at ``path``, atomically (see :func:`atomic_write`): run files, metrics, ``--json``."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                         metadata: dict[str, str] | None = None) -> None:
     """safetensors ``save_file``, atomically (see :func:`atomic_write`)."""

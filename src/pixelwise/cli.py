@@ -288,11 +288,10 @@ def refuse_input_as_output(path: str | None, flag: str, inputs: list[str | None]
 
 def write_json(path: str, value: object) -> None:
     """``value`` as JSON at ``path`` (folders created), through a temporary file and a rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(target)
+    # start-up time: only the verbs that write --json load the checkpoint layer (and torch)
+    from pixelwise.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(value, indent=2))
 
 
 def check_device(name: str) -> str:

@@ -56,7 +56,14 @@ import torch.nn as nn
 import yaml
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 
-from pixelwise.checkpoint import load_train_state, model_input_spec, save_checkpoint, save_train_state
+from pixelwise.checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    load_train_state,
+    model_input_spec,
+    save_checkpoint,
+    save_train_state,
+)
 from pixelwise.data import SegmentationDataset, build_dataset, collate
 from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
@@ -431,19 +438,13 @@ def start_writing(run: Run, state: TrainState) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         run.log(f"--overwrite: deleted the earlier run's files in {out}")
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
     if run.class_weights_doc is not None:
-        _write_text(out / CLASS_WEIGHTS_FILE, json.dumps(run.class_weights_doc, indent=2))
+        atomic_write_text(out / CLASS_WEIGHTS_FILE, json.dumps(run.class_weights_doc, indent=2))
     if run.cfg.resume:
         _write_csv(out / "metrics.csv", state.rows)
     if run.cfg.tensorboard:
         run.callbacks.append(TensorBoardLogger(out / "tensorboard"))
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def select_key(select_by: str, task: str) -> str:
@@ -742,12 +743,14 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def finish(run: Run, state: TrainState) -> dict:
@@ -762,9 +765,7 @@ def finish(run: Run, state: TrainState) -> dict:
               "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
     if run.info.is_main:
         _write_csv(out / "metrics.csv", state.rows)
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out / "metrics.json")
+        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
     return result
 
 
