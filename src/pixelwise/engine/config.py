@@ -102,6 +102,9 @@ class TrainConfig:
     warmup_iters: int = opt(0, "linear warm-up length in optimizer steps (the longer warm-up is used)",
                             stage=True, ge=0)
     warmup_factor: float = opt(0.001, "warm-up starts at lr x this", gt=0)
+    ema: float = opt(0.0, "decay of an exponential moving average of the weights, updated after every optimizer "
+                     "step (e.g. 0.999; warm-up: min(decay, (1+k)/(10+k)) at step k); validation, best and last "
+                     "use the average; 0: off", metavar="DECAY", ge=0, lt=1)
     clip_grad_norm: float | None = opt(None, "clip the global gradient norm to this value", stage=True, gt=0)
     # --- loss -----------------------------------------------------------------------------
     loss: str = opt("ce", "loss (ignore index 255 everywhere)", choices=LOSSES, stage=True)

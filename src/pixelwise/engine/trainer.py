@@ -72,6 +72,7 @@ from pixelwise.data.instance_crop import InstanceCrop
 from pixelwise.data.weightmap import UNetWeightMap
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.config import INSTANCE_SELECT, SEMANTIC_SELECT, TrainConfig, default_out, parse_size
+from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
 from pixelwise.engine.validate import eval_collate, to_device, validate_instances, validate_semantic
@@ -316,7 +317,7 @@ class Run:
     train_ds: SegmentationDataset
     val_ds: SegmentationDataset
     val_shard: Dataset  # this process's share of val_ds
-    module: nn.Module  # the model: what is saved and validated
+    module: nn.Module  # the model whose weights the optimizer changes
     model: nn.Module  # what trains: ``module``, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     amp: str  # off | bf16 | fp16
@@ -328,6 +329,12 @@ class Run:
     callbacks: list[Callback]
     clock: float = 0.0  # time.monotonic() at which the run would have started had it never stopped
     class_weights_doc: dict | None = None  # OUT/class_weights.json to write (freshly computed weights)
+    ema: WeightAverage | None = None  # the average of ``module``'s weights (``ema`` > 0)
+
+    @property
+    def saved(self) -> nn.Module:
+        """What is validated and written to best/last: the weight average, or the model itself."""
+        return self.ema.module if self.ema is not None else self.module
 
     @property
     def show(self) -> bool:
@@ -421,7 +428,8 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
                module=module, model=model, optimizer=optimizer, amp=amp, amp_why=why,
                scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"), contract=contract,
                class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-               log=log, callbacks=list(callbacks), class_weights_doc=weights_doc)
+               log=log, callbacks=list(callbacks), class_weights_doc=weights_doc,
+               ema=WeightAverage(module, cfg.ema) if cfg.ema else None)
 
 
 def start_writing(run: Run, state: TrainState) -> None:
@@ -460,16 +468,21 @@ def select_key(select_by: str, task: str) -> str:
 
 # --- the training state file --------------------------------------------------------------------
 def save_state(run: Run, state: TrainState) -> None:
-    """``last.state.safetensors``: weights, optimizer, grad scaler, RNG states and the state's
-    counters (:func:`pixelwise.checkpoint.save_train_state`)."""
+    """``last.state.safetensors``: weights, optimizer, grad scaler, RNG states, the weight average
+    (``ema.*``) and the state's counters (:func:`pixelwise.checkpoint.save_train_state`)."""
     rng_tensors, rng_meta = state.rng or rng_snapshot()
-    save_train_state(run.out / "last.state.safetensors", run.module, run.optimizer, run.scaler, rng_tensors,
+    tensors = {**rng_tensors, **(run.ema.state_tensors() if run.ema is not None else {})}
+    save_train_state(run.out / "last.state.safetensors", run.module, run.optimizer, run.scaler, tensors,
                      {**state.to_json(), "rng": rng_meta})
 
 
 def load_state(run: Run) -> TrainState:
-    """Restore ``last.state.safetensors`` into the run's model, optimizer and scaler; -> its state."""
+    """Restore ``last.state.safetensors`` into the run's model, optimizer, scaler and weight
+    average; -> its state. A run that starts averaging on resume starts from the restored weights."""
     tensors, meta = load_train_state(run.out / "last.state.safetensors", run.module, run.optimizer, run.scaler)
+    if run.ema is not None and not run.ema.load_state_tensors(tensors):
+        run.ema = WeightAverage(run.module, run.ema.decay)
+        run.log("the resumed run kept no weight average: --ema starts averaging from its weights")
     meta.setdefault("selected_by", run.select)  # state files of older versions
     meta.setdefault("amp", run.amp)
     state = TrainState.from_json(meta)
@@ -662,6 +675,8 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
                 state.loss_sum, state.images = state.loss_sum + pending_loss, state.images + pending_images
                 pending_loss, pending_images = 0.0, 0
                 state.rng = rng_snapshot()
+                if run.ema is not None:
+                    run.ema.update(run.module, state.step)
                 held.release()  # a signal that came meanwhile is raised here, the step complete
                 for cb in run.callbacks:
                     cb("step", state)
@@ -680,19 +695,19 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
 
 
 def evaluate(run: Run) -> dict:
-    """Validation metrics of ``run.module``. Semantic: every rank scores its shard and the sums
+    """Validation metrics of ``run.saved``. Semantic: every rank scores its shard and the sums
     are reduced over ranks. Instance: rank 0 scores the whole split and shares the result."""
-    dist.broadcast_module_state(run.module)  # BatchNorm statistics of rank 0, i.e. of the saved weights
+    dist.broadcast_module_state(run.saved)  # BatchNorm statistics of rank 0, i.e. of the saved weights
     cfg = run.cfg
     if run.task == "semantic":
         loader = DataLoader(run.val_shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             collate_fn=eval_collate)
-        return validate_semantic(run.module, loader, run.val_ds.num_classes, run.device,
+        return validate_semantic(run.saved, loader, run.val_ds.num_classes, run.device,
                                  list(run.val_ds.class_names), run.show, run.amp, cfg.channels_last)
     metrics = None
     if run.info.is_main:
         loader = DataLoader(run.val_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
-        metrics = validate_instances(run.module, loader, run.val_ds, run.device, show=run.show)
+        metrics = validate_instances(run.saved, loader, run.val_ds, run.device, show=run.show)
     return dist.broadcast_object(metrics)
 
 
@@ -720,8 +735,8 @@ def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
         return
     meta = checkpoint_meta(run, {"epoch": state.epoch, "val": metrics})
     if improved:
-        save_checkpoint(run.out / "best.safetensors", run.module, meta)
-    save_checkpoint(run.out / "last.safetensors", run.module, meta)
+        save_checkpoint(run.out / "best.safetensors", run.saved, meta)
+    save_checkpoint(run.out / "last.safetensors", run.saved, meta)
     save_state(run, state)
     _write_csv(run.out / "metrics.csv", state.rows)
 
@@ -732,7 +747,7 @@ def save_interrupted(run: Run, state: TrainState) -> None:
         return
     state.elapsed_s = run.elapsed()
     summary = {"epoch": state.epoch, "interrupted_after_batches": state.batch}
-    save_checkpoint(run.out / "last.safetensors", run.module, checkpoint_meta(run, summary))
+    save_checkpoint(run.out / "last.safetensors", run.saved, checkpoint_meta(run, summary))
     save_state(run, state)
     where = f"epoch {state.epoch + 1} batch {state.batch}" if state.batch else f"the end of epoch {state.epoch}"
     run.log(f"interrupted: saved {run.out / 'last.safetensors'} and its training state at {where}; "
