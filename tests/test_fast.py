@@ -14,6 +14,7 @@ from conftest import narrow
 from pixelwise import create_model, list_models
 from pixelwise.errors import UserError
 from pixelwise.inference.export import sample_batch
+from pixelwise.inference import fast
 from pixelwise.inference.fast import FastSegmenter, fold_model, make_runner
 from pixelwise.models import forward_logits
 from pixelwise.models.maskrcnn.fast import fold_batchnorm
@@ -97,6 +98,19 @@ def test_bf16_fast_path_runs_layers_without_bf16_kernels_in_float32():
     model = create_model("segnet_basic", num_classes=3).eval()  # LocalResponseNorm: no bf16 avg_pool3d on CPU
     out = FastSegmenter(model, torch.bfloat16)(torch.randn(1, 3, 32, 48))
     assert out.shape == (1, 3, 32, 48) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_layers_kept_in_float32_keep_float32_weights(monkeypatch):
+    # a kept layer with weights (a transposed convolution here) must not be cast to bf16 with its parent
+    monkeypatch.setattr(fast, "FLOAT32_ONLY", (nn.ConvTranspose2d,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 2, 4, stride=2, padding=1)).eval()
+    runner = FastSegmenter(model, torch.bfloat16)
+    kept = [m for m in runner.model.modules() if isinstance(m, fast.Float32)]
+    assert len(kept) == 1 and kept[0].module.weight.dtype == torch.float32
+    assert runner.model[0].weight.dtype == torch.bfloat16
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(runner(x), model(x), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("kernel,dilation,bias,channels_last", [(3, 12, True, False), (3, 36, False, True),

@@ -100,8 +100,9 @@ def replace_layers(model: nn.Module, replacement: Callable[[nn.Module], nn.Modul
 
 
 def keep_float32(model: nn.Module) -> int:
-    """Wrap every :data:`FLOAT32_ONLY` layer of ``model`` in :class:`Float32`, in place; the count."""
-    return replace_layers(model, lambda m: Float32(m) if isinstance(m, FLOAT32_ONLY) else None)
+    """Wrap every :data:`FLOAT32_ONLY` layer of ``model`` in :class:`Float32` (its weights and
+    buffers cast to float32), in place; the count."""
+    return replace_layers(model, lambda m: Float32(m.float()) if isinstance(m, FLOAT32_ONLY) else None)
 
 
 class TapConv2d(nn.Module):
@@ -174,9 +175,10 @@ class FastSegmenter(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         folded = fold_model(model)
         if dtype != torch.float32:
-            keep_float32(folded)
             split_dilated(folded)  # measured in bf16 only (docs/deploy.md)
         folded.to(dtype=dtype, memory_format=self.memory_format)  # type: ignore[call-overload]  # stubs lack memory_format
+        if dtype != torch.float32:
+            keep_float32(folded)  # after the cast, which would otherwise cast the kept layers' weights too
         self.model = folded
         self._run: Callable[[torch.Tensor], torch.Tensor] = self._logits
         if compile:
