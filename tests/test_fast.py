@@ -13,8 +13,8 @@ import torch.nn as nn
 from conftest import narrow
 from pixelwise import create_model, list_models
 from pixelwise.errors import UserError
-from pixelwise.inference.export import sample_batch
 from pixelwise.inference import fast
+from pixelwise.inference.export import sample_batch
 from pixelwise.inference.fast import FastSegmenter, fold_model, make_runner
 from pixelwise.models import forward_logits
 from pixelwise.models.maskrcnn.fast import fold_batchnorm

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pixelwise.errors import UserError
 
@@ -98,6 +99,15 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if labels.shape[:2] == (h, w):
         return labels
     return cv2.resize(np.ascontiguousarray(labels), (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Probabilities (or images) Tensor[N, C, h, w] -> Tensor[N, C, H, W] (bilinear,
+    ``align_corners=False``): how a prediction at the model's input size is brought back to the
+    image's size, and how test-time scaling resizes."""
+    if tuple(probs.shape[-2:]) == tuple(size):
+        return probs
+    return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def to_tensor(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen

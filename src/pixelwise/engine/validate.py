@@ -2,7 +2,7 @@
 
 Semantic models are scored exactly as ``pixelwise eval`` scores a checkpoint: the images arrive
 through the model's input contract (``preprocess``, which may resize them), the probabilities are
-brought back to each label mask's full resolution (:func:`pixelwise.inference.predictor.upsample_probs`)
+brought back to each label mask's full resolution (:func:`pixelwise.preprocess.upsample_probs`)
 and the metrics come from one confusion matrix. Instance models get COCO box and mask AP.
 """
 
@@ -19,9 +19,9 @@ from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, collate
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.precision import autocast
-from pixelwise.inference.predictor import upsample_probs
 from pixelwise.metrics import ConfusionMeter
 from pixelwise.models import forward_logits
+from pixelwise.preprocess import upsample_probs
 from pixelwise.runtime import progress
 from pixelwise.sample import IGNORE_INDEX
 

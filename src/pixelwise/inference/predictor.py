@@ -29,7 +29,7 @@ from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, predictive_e
 from pixelwise.inference.onnx_runner import is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
-from pixelwise.preprocess import InputSpec, preprocess, resize_image
+from pixelwise.preprocess import InputSpec, preprocess, resize_image, upsample_probs
 from pixelwise.runtime import progress as progress_bar
 
 MIN_TILE = 16
@@ -39,14 +39,6 @@ UPSAMPLE_ROWS = 256  # image rows brought back to the image's size at a time aft
 P = TypeVar("P", bound="Predictor")
 Bands = Iterator[tuple[int, torch.Tensor]]  # (first row y, probabilities Tensor[C, n, W] of rows y .. y + n - 1)
 MaskRows = Iterator[tuple[int, np.ndarray, np.ndarray | None]]  # (y, mask uint8[n, W], entropy float32[n, W] | None)
-
-
-def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Probabilities Tensor[N, C, h, w] -> Tensor[N, C, H, W] (bilinear, ``align_corners=False``),
-    how a prediction at the model's input size is brought back to the image's size."""
-    if tuple(probs.shape[-2:]) == tuple(size):
-        return probs
-    return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def upsample_rows(probs: torch.Tensor, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:

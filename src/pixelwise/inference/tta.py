@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn.functional as F
 from torch import Tensor
+
+from pixelwise.preprocess import upsample_probs
 
 Forward = Callable[[Tensor], Tensor]
 Inverse = Callable[[Tensor, tuple[int, int]], Tensor]  # (probabilities, the input's (H, W)) -> on the input's grid
@@ -47,19 +48,13 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, int(size[0] * scale + 0.5)), max(1, int(size[1] * scale + 0.5))
 
 
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 def _scale(scale: float, flip: bool) -> Transform:
     def forward(x: Tensor) -> Tensor:
-        x = _resize(x, scaled_size((x.shape[-2], x.shape[-1]), scale))
+        x = upsample_probs(x, scaled_size((x.shape[-2], x.shape[-1]), scale))
         return x.flip(-1) if flip else x
 
     def inverse(p: Tensor, size: tuple[int, int]) -> Tensor:
-        return _resize(p.flip(-1) if flip else p, size)
+        return upsample_probs(p.flip(-1) if flip else p, size)
 
     return forward, inverse
 
