@@ -109,6 +109,19 @@ def test_recipes_are_found_by_name_or_path(tmp_path):
     assert build_config({"model": "fcn8s"}, {"out": "elsewhere"}, recipe="fcn8s_voc").out == "elsewhere"
 
 
+def test_model_kwargs_merge_for_the_recipes_model_only():
+    recipe = {"model": "unet", "model_kwargs": {"base_channels": 16, "batch_norm": True}}
+    same = build_config(recipe, {"model_kwargs": {"base_channels": 32}})
+    assert same.model_kwargs == {"base_channels": 32, "batch_norm": True}
+    assert build_config(recipe, {"model": "unet"}).model_kwargs == recipe["model_kwargs"]
+    # another --model: the recipe's U-Net options are not passed to it
+    other = build_config(recipe, {"model": "segnet_basic"})
+    assert other.model == "segnet_basic" and other.model_kwargs == {}
+    given = build_config(recipe, {"model": "segnet_basic", "model_kwargs": {"lrn": False}})
+    assert given.model_kwargs == {"lrn": False}
+    assert recipe["model_kwargs"] == {"base_channels": 16, "batch_norm": True}  # the caller's values untouched
+
+
 def test_unknown_key_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": "unet", "learning_rate": 0.1}))

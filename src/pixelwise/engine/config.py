@@ -376,8 +376,12 @@ def parse_json_dict(text: str | None, flag: str) -> dict:
 
 def build_config(file_values: dict, cli_values: dict, recipe: str | None = None) -> TrainConfig:
     """Defaults < YAML file < command line (only flags actually given). The dict-valued keys
-    (``model_kwargs dataset_kwargs augment``) merge key by key. Without ``out`` the run writes to
-    :func:`default_out` (``runs/<recipe>``, or ``runs/<model>``)."""
+    (``model_kwargs dataset_kwargs augment``) merge key by key, except that a ``--model`` other
+    than the file's drops the file's ``model_kwargs`` (they are options of the other model).
+    Without ``out`` the run writes to :func:`default_out` (``runs/<recipe>``, or ``runs/<model>``)."""
+    file_values = dict(file_values)
+    if cli_values.get("model") not in (None, file_values.get("model", cli_values.get("model"))):
+        file_values.pop("model_kwargs", None)
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     for key in ("model_kwargs", "dataset_kwargs", "augment"):
         if isinstance(file_values.get(key), dict) and cli_values.get(key) is not None:
