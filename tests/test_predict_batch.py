@@ -44,7 +44,9 @@ def test_predict_batch_stacks_equal_sizes_and_matches_one_at_a_time(model):
     assert sorted(sizes[:3]) == [1, 1, 4] and sum(sizes) == 7 - 1 + 4
     for a, b in zip(single, batched):
         np.testing.assert_array_equal(a.mask, b.mask)
-        torch.testing.assert_close(a.probs, b.probs, rtol=0, atol=1e-5)
+        # a batch of 4 runs other oneDNN kernels (another summation order) than a batch of 1: float32
+        # rounding, seen up to 1.0e-5 on one CI run; the masks above must be equal
+        torch.testing.assert_close(a.probs, b.probs, rtol=0, atol=1e-4)
 
 
 def test_tiles_run_in_batches(model):
