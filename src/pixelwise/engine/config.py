@@ -379,9 +379,9 @@ def build_config(file_values: dict, cli_values: dict, recipe: str | None = None)
     (``model_kwargs dataset_kwargs augment``) merge key by key, except that a ``--model`` other
     than the file's drops the file's ``model_kwargs`` (they are options of the other model).
     Without ``out`` the run writes to :func:`default_out` (``runs/<recipe>``, or ``runs/<model>``)."""
-    file_values = dict(file_values)
-    if cli_values.get("model") not in (None, file_values.get("model", cli_values.get("model"))):
-        file_values.pop("model_kwargs", None)
+    model = cli_values.get("model")
+    if model is not None and "model" in file_values and model != file_values["model"]:
+        file_values = {k: v for k, v in file_values.items() if k != "model_kwargs"}
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     for key in ("model_kwargs", "dataset_kwargs", "augment"):
         if isinstance(file_values.get(key), dict) and cli_values.get(key) is not None:
