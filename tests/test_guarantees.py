@@ -439,7 +439,8 @@ def test_eval_json_records_where_its_numbers_came_from(checkpoint, tmp_path):
     assert p["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert p["dataset"] == {"kind": "shapes", "root": None, "split": "test", "options": {"num_test": 2, "size": 32},
                             "skipped": []}
-    assert p["prediction"] == {"resize": "native", "tile": 16, "overlap": 0.25, "tta": "flip", "mc_samples": 0}
+    assert p["prediction"] == {"resize": "native", "mode": "eager", "tile": 16, "overlap": 0.25, "tta": "flip",
+                               "mc_samples": 0}
     assert p["pixelwise_version"] == __import__("pixelwise").__version__ and p["torch_version"] == torch.__version__
 
 

@@ -215,9 +215,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         print("not exported (runs in PyTorch): anchors, proposal decoding + NMS, RoI Align, detection "
               "post-processing and mask pasting; see docs/deploy.md")
         return 0
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    from pixelwise.inference.int8 import INT8_MIN_AGREEMENT, calibration_batches
+
     calibration = None
     if args.int8:
-        calibration = int8_calibration(model, meta, args)
+        if args.fp16:
+            raise UserError("choose one of --fp16 and --int8")
+        from pixelwise.checkpoint import input_spec_from_meta
+
+        calibration = calibration_batches(calibration_images(args, "--int8"), input_spec_from_meta(meta, model),
+                                          crop=args.calib_crop)
     elif args.calib_dataset or args.calib_data:
         raise UserError("--calib-dataset/--calib-data calibrate --int8; add --int8")
     min_agreement = args.min_agreement or (INT8_MIN_AGREEMENT if args.int8 else 0.999)
@@ -227,31 +235,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-INT8_MIN_AGREEMENT = 0.97  # int8 export fails below this argmax agreement with fp32 eager (unless --min-agreement)
-
-
-def int8_calibration(model, meta: dict, args: argparse.Namespace) -> list:
-    """Preprocessed random crops of ``--calib-images`` training images of ``--calib-dataset`` for
-    int8 calibration (the checkpoint's input contract applied first)."""
+def calibration_images(args: argparse.Namespace, what: str) -> list:
+    """``--calib-images`` training images (uint8[H, W, 3]) of ``--calib-dataset``, picked at random
+    (seed 0), to calibrate ``what`` (``--int8`` or ``--mode int8``)."""
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     import numpy as np
 
-    from pixelwise.checkpoint import input_spec_from_meta
     from pixelwise.data import build_dataset
-    from pixelwise.inference.export import calibration_batches
 
-    if args.fp16:
-        raise UserError("choose one of --fp16 and --int8")
     if not args.calib_dataset:
-        raise UserError("--int8 needs --calib-dataset KIND (and --calib-data PATH): training images to calibrate "
+        raise UserError(f"{what} needs --calib-dataset KIND (and --calib-data PATH): training images to calibrate "
                         "activation ranges on")
+    if args.calib_images < 1 or args.calib_crop < 16:
+        raise UserError(f"--calib-images must be >= 1 and --calib-crop >= 16, got {args.calib_images} and "
+                        f"{args.calib_crop}")
     ds = build_dataset(args.calib_dataset, args.calib_data, "train")
     if len(ds) == 0:
-        raise UserError(f"--calib-dataset {args.calib_dataset}: no training images found")
+        raise UserError(f"--calib-dataset {args.calib_dataset}: no training images found in {args.calib_data}")
     rng = np.random.default_rng(0)
     picks = rng.permutation(len(ds))[:args.calib_images]
-    images = [ds.load(int(i)).image for i in picks]
-    return calibration_batches(images, input_spec_from_meta(meta, model), crop=args.calib_crop)
+    return [ds.load(int(i)).image for i in picks]
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -330,18 +333,26 @@ def model_files(args: argparse.Namespace) -> list[str]:
 
 
 def predictor_options(args: argparse.Namespace) -> dict:
-    """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint."""
+    """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint;
+    with ``--mode int8`` its calibration images, loaded here."""
     resize, native = parse_resize(args.resize)
-    return {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
-            "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
+    options = {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
+               "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
+    if args.mode == "int8":
+        options.update(calib_data=calibration_images(args, "--mode int8"), calib_crop=args.calib_crop)
+    elif args.calib_dataset or args.calib_data:
+        raise UserError("--calib-dataset/--calib-data calibrate --mode int8; add --mode int8")
+    return options
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
-    options = {k: v for k, v in predictor_options(args).items() if v is not None}
     refuse_input_as_output(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data])
+    options = {k: v for k, v in predictor_options(args).items() if v is not None}
+    if options.get("mode") == "int8":
+        options["measuring"] = True  # eval measures what int8 costs, also for models it is not yet offered for
     set_max_pixels(args.max_pixels)
     device = check_device(args.device)
     files = model_files(args)
@@ -462,9 +473,20 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
                    "dropout, e.g. bayesian_segnet; the paper used 50)")
     p.add_argument("--batch-size", type=int, help="model inputs per forward pass: equal-size images, or tiles "
                    "(default 4)")
-    p.add_argument("--mode", choices=["eager", "fast"], help="eager (default: float32 as trained) or fast "
+    p.add_argument("--mode", choices=["eager", "fast", "int8"], help="eager (default: float32 as trained), fast "
                    "(BatchNorm folded, channels-last, bf16 where the CPU has it; Mask R-CNN: "
-                   "optimize_for_inference in float32); docs/deploy.md")
+                   "optimize_for_inference in float32) or int8 (quantised in PyTorch, calibrated with --calib-*; "
+                   "CPU, models whose int8 cost was measured); docs/deploy.md")
+    _add_calibration_args(p, "--mode int8")
+
+
+def _add_calibration_args(p: argparse.ArgumentParser, what: str) -> None:
+    """Where int8 calibration images come from (export --int8, --mode int8)."""
+    p.add_argument("--calib-dataset", metavar="KIND", help=f"with {what}: the dataset kind to calibrate on (its "
+                   "train split)")
+    p.add_argument("--calib-data", metavar="PATH", help=f"with {what}: the dataset's folder")
+    p.add_argument("--calib-images", type=int, default=64, help=f"with {what}: images to calibrate on (default 64)")
+    p.add_argument("--calib-crop", type=int, default=256, help=f"with {what}: random crop side (default 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,13 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "float32)")
     p.add_argument("--int8", action="store_true", help="static int8 quantisation by onnxruntime (QDQ, per-channel "
                    "int8 weights, uint8 activations calibrated on training crops)")
-    p.add_argument("--calib-dataset", metavar="KIND", help="with --int8: the dataset kind to calibrate on (its train "
-                   "split)")
-    p.add_argument("--calib-data", metavar="PATH", help="with --int8: the dataset's folder")
-    p.add_argument("--calib-images", type=int, default=64, help="with --int8: images to calibrate on (default 64)")
-    p.add_argument("--calib-crop", type=int, default=256, help="with --int8: random crop side (default 256)")
+    _add_calibration_args(p, "--int8")
     p.add_argument("--min-agreement", type=float, help="fail below this argmax agreement with PyTorch eager "
-                   f"(default 0.999; {INT8_MIN_AGREEMENT} with --int8)")
+                   "(default 0.999; with --int8 the int8 guard of docs/deploy.md, 0.97)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)
 
@@ -588,8 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", required=True, help="input HxW")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--onnx", metavar="FILE", help="time a file written by `pixelwise export` (onnxruntime)")
-    p.add_argument("--mode", choices=["eager", "fast", "onnx"], help="eager (default), fast (BatchNorm folded, "
-                   "channels-last, bf16 where the CPU has bf16 kernels) or onnx (export, verify, time onnxruntime)")
+    p.add_argument("--mode", choices=["eager", "fast", "int8", "onnx"], help="eager (default), fast (BatchNorm "
+                   "folded, channels-last, bf16 where the CPU has bf16 kernels), int8 (quantised in PyTorch, "
+                   "calibrated on smooth random images) or onnx (export, verify, time onnxruntime)")
     p.add_argument("--compile", action="store_true", help="with --mode fast: also torch.compile (compile time "
                    "is reported as compile_s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import tempfile
@@ -40,7 +41,17 @@ def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semant
 
 def gemm_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
                      repeats: int = 5) -> float:
-    """Measured peak of a large square matmul on ``device``: the ceiling a model could reach."""
+    """Measured peak of a large square matmul on ``device``: the ceiling a model could reach
+    (int8: ``torch._int_mm``, int8 x int8 -> int32, in GOP/s; NaN where this torch lacks it on the
+    device: its CPU kernel came with torch 2.3)."""
+    if dtype == torch.int8:
+        ai = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+        bi = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
+        try:
+            best = _best_seconds(lambda: torch._int_mm(ai, bi), device, repeats)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            return float("nan")
+        return 2 * n**3 / best / 1e9
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = _best_seconds(lambda: a @ b, device, repeats)
@@ -73,7 +84,9 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     mode: ``eager`` (float32, as trained), ``fast`` (:mod:`pixelwise.inference.fast`: BatchNorm
     folded, channels-last, bfloat16 where the device has bf16 kernels; ``compile`` adds
     torch.compile; Mask R-CNN: ``optimize_for_inference`` in float32), ``onnx`` (onnxruntime on the
-    CPU: the file ``onnx``, or ``model`` exported and verified to a temporary file first).
+    CPU: the file ``onnx``, or ``model`` exported and verified to a temporary file first), ``int8``
+    (:mod:`pixelwise.inference.int8`, calibrated on :data:`INT8_CALIBRATION` smooth random images
+    other than the timed one; ``calibrate_s`` reports how long that took).
     Returns ``img_per_s ms_per_img gflops_per_img achieved_gflops gemm_peak_gflops utilization
     peak_mem_mb`` plus the settings: ``dtype`` (of the convolutions), against whose GEMM peak the
     utilisation is taken (the bf16 peak for a bf16 run); ``agreement`` (semantic models, fast and
@@ -94,8 +107,10 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x[:1]) if task == "semantic" else model([x[0]])
         flops = float(counter.get_total_flops())
-    if mode not in ("eager", "fast", "onnx"):
-        raise UserError(f"--mode must be eager, fast or onnx, got {mode!r}")
+    if mode not in ("eager", "fast", "int8", "onnx"):
+        raise UserError(f"--mode must be eager, fast, int8 or onnx, got {mode!r}")
+    if mode == "int8" and task != "semantic":
+        raise UserError("--mode int8 measures semantic models (Mask R-CNN: docs/deploy.md)")
     if mode == "onnx" and (task != "semantic" or dev.type != "cpu"):
         raise UserError("--mode onnx runs semantic models on the CPU only (Mask R-CNN: docs/deploy.md)")
     if dev.type == "cuda":
@@ -114,7 +129,8 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
         logits = run()
         assert isinstance(logits, torch.Tensor)
         agreement = (logits.float().argmax(1) == reference.argmax(1)).float().mean().item()
-    peak = gemm_peak_gflops(dev, dtype)
+    peak: float | None = gemm_peak_gflops(dev, dtype)
+    peak = peak if peak is not None and math.isfinite(peak) else None
     achieved = flops * batch / seconds / 1e9 if flops else None
     peak_mem: float | None
     if dev.type == "cuda":
@@ -124,7 +140,7 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     result = {"mode": mode, "device": str(dev), "size": list(size), "batch": batch, "dtype": str(dtype).split(".")[-1],
               "img_per_s": batch / seconds, "ms_per_img": 1000 * seconds / batch,
               "gflops_per_img": flops / 1e9 if flops else None, "achieved_gflops": achieved,
-              "gemm_peak_gflops": peak, "utilization": achieved / peak if achieved else None,
+              "gemm_peak_gflops": peak, "utilization": achieved / peak if achieved and peak else None,
               "peak_mem_mb": peak_mem, "threads": torch.get_num_threads(), "agreement": agreement, **extra}
     if compile_s is not None:
         result["compile_s"] = compile_s
@@ -151,6 +167,11 @@ def _runner(model: nn.Module | None, x: torch.Tensor, mode: str, dev: torch.devi
             with torch.no_grad():
                 return forward_logits(model, x) if task == "semantic" else model(list(x))
         return run, torch.float32, {}
+    if mode == "int8":
+        t = time.perf_counter()
+        calibration = [sample_batch(1, x.shape[1], x.shape[2], x.shape[3], seed=1 + i) for i in range(INT8_CALIBRATION)]
+        int8 = make_runner(model, "int8", model_name, dev, calibration=calibration, measuring=True)
+        return (lambda: int8(x)), torch.int8, {"calibrate_s": time.perf_counter() - t}
     if task == "semantic":
         fast = make_runner(model, "fast", model_name, dev, compile=compile)
         dtype = getattr(fast, "dtype", torch.float32)
@@ -163,6 +184,9 @@ def _runner(model: nn.Module | None, x: torch.Tensor, mode: str, dev: torch.devi
             return fast_instance(xs)
     return run_instance, torch.float32, {"fast_path": "optimize_for_inference (BN folded, channels-last, "
                                                       "vectorised NMS/RoI), float32"}
+
+
+INT8_CALIBRATION = 4  # smooth random images that calibrate bench's int8 model
 
 
 def describe_fast(dtype: torch.dtype, compiled: bool) -> str:

@@ -53,6 +53,7 @@ class EnsemblePredictor(SemanticPredictor):
                          tile=first.tile, overlap=first.overlap, tta=first.tta, batch_size=first.batch_size)
         self.members = list(members)
         self.names = names
+        self.mode = first.mode  # the members run themselves, each in the mode it was built with
 
     def needs_tiles(self, image: np.ndarray) -> bool:
         return any(m.needs_tiles(image) for m in self.members)

@@ -129,10 +129,11 @@ def file_sha256(path: str | Path) -> str:
 def provenance(checkpoint: str | Path, predictor: Predictor, dataset: str, data: str | None, split: str,
                dataset_kwargs: dict, skipped: list[str]) -> dict:
     """Where a result came from: the checkpoint (path and SHA-256), the data (kind, root, split,
-    options, files left out), how the model saw it (resize, tile, overlap, TTA, MC samples) and
+    options, files left out), how the model saw it (resize, mode, tile, overlap, TTA, MC samples) and
     the pixelwise and torch versions."""
     spec = predictor.input_spec
-    seen: dict[str, object] = {"resize": list(spec.resize) if spec.resize else "native"}
+    seen: dict[str, object] = {"resize": list(spec.resize) if spec.resize else "native",
+                               "mode": getattr(predictor, "mode", "eager")}
     if isinstance(predictor, SemanticPredictor):
         seen.update(tile=predictor.tile, overlap=predictor.overlap if predictor.tile else None, tta=predictor.tta,
                     mc_samples=predictor.mc_samples)

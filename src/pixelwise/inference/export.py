@@ -47,7 +47,6 @@ from pixelwise.errors import UserError
 from pixelwise.inference.onnx_runner import META_KEY, make_session
 from pixelwise.models import forward_logits
 from pixelwise.models.maskrcnn import MaskRCNN
-from pixelwise.preprocess import preprocess
 
 DEFAULT_OPSET = 17
 MIN_AGREEMENT = 0.999
@@ -299,23 +298,6 @@ def quantize_int8(src: str, dst: str, calibration: Iterable[torch.Tensor], per_c
                         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
         os.replace(os.path.join(tmp, "q.onnx"), dst)
-
-
-def calibration_batches(images: Iterable[np.ndarray], spec, crop: int = 256, batch: int = 4, seed: int = 0
-                        ) -> list[torch.Tensor]:
-    """Random ``crop`` x ``crop`` crops of ``images`` (uint8[H, W, 3]) preprocessed with ``spec``
-    (after its resize, if any), in batches of ``batch``: the int8 calibration set."""
-    g = np.random.default_rng(seed)
-    crops = []
-    for image in images:
-        x = preprocess(image, spec)
-        h, w = x.shape[-2:]
-        ch, cw = min(crop, h), min(crop, w)
-        top, left = int(g.integers(0, h - ch + 1)), int(g.integers(0, w - cw + 1))
-        crops.append(x[:, top:top + ch, left:left + cw])
-    if len({tuple(c.shape) for c in crops}) > 1:  # images smaller than the crop: one per batch
-        return [c[None] for c in crops]
-    return [torch.stack(crops[i:i + batch]) for i in range(0, len(crops), batch)]
 
 
 # --------------------------------------------------------------------------- Mask R-CNN

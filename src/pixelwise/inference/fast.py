@@ -17,9 +17,10 @@
      freezing): it fuses the ReLUs, adds and biases into oneDNN convolution epilogues and
      prepacks the weights, at a compile cost per model and input size (bench reports it).
   Output logits are float32.
-* ``int8``: an ONNX file quantised statically by onnxruntime
-  (:func:`pixelwise.inference.export.quantize_int8`), offered only for the models in
-  :data:`PLANS` whose measured mIoU cost is within :data:`INT8_MAX_COST` (none yet).
+* ``int8``: :class:`pixelwise.inference.int8.Int8Segmenter`, the model quantised to int8 in
+  PyTorch (torch.fx graph mode, x86 engine) with activation ranges calibrated on training images;
+  offered only for the models in :data:`PLANS` whose measured mIoU cost is within
+  :data:`INT8_MAX_COST` (eval and bench run it for any model, to measure that cost).
 
 Per-model plans and the accuracy they were measured to cost: :data:`PLANS`, docs/deploy.md.
 """
@@ -27,13 +28,14 @@ Per-model plans and the accuracy they were measured to cost: :data:`PLANS`, docs
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
+from pixelwise.inference.int8 import INT8_MIN_AGREEMENT, Int8Segmenter
 from pixelwise.inference.onnx_runner import OnnxModel
 from pixelwise.models import forward_logits
 from pixelwise.models.maskrcnn import MaskRCNN, optimize_for_inference
@@ -210,9 +212,12 @@ def resolve_mode(mode: str | None, default: str = "eager") -> str:
 
 
 def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str | torch.device = "cpu",
-                compile: bool = False, mc_samples: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+                compile: bool = False, mc_samples: int = 0, calibration: Iterable[torch.Tensor] | None = None,
+                measuring: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The callable a semantic predictor runs on each batch for ``mode`` (module docstring).
-    ``compile``: also torch.compile the folded model. An :class:`OnnxModel` and Monte-Carlo dropout
+    ``compile``: also torch.compile the folded model. ``calibration``: preprocessed batches that
+    calibrate ``int8``. ``measuring`` (eval, bench): run ``int8`` also for a model whose plan does
+    not offer it, to measure what it costs. An :class:`OnnxModel` and Monte-Carlo dropout
     (``mc_samples``) run only in ``eager``."""
     mode = resolve_mode(mode)
     what = "an ONNX file" if isinstance(model, OnnxModel) else "--mc-samples" if mc_samples else ""
@@ -220,11 +225,23 @@ def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str |
         raise UserError(f"--mode {mode} does not apply to {what}; use --mode eager")
     if mode == "eager" or what:
         return lambda x: forward_logits(model, x)
-    if mode == "int8":
-        raise UserError(int8_refusal(model_name) or "--mode int8 runs an int8 ONNX file: export one with "
-                        "`pixelwise export --checkpoint CKPT --int8 --calib-data PATH --out FILE.onnx` and "
-                        "predict or eval with --onnx FILE.onnx")
     dev = torch.device(device)
+    if mode == "int8":
+        refusal = int8_refusal(model_name)
+        if refusal and not measuring:
+            raise UserError(f"{refusal}; measure it with `pixelwise eval --mode int8`, or export an int8 ONNX file "
+                            "(`pixelwise export --int8`)")
+        if dev.type != "cpu":
+            raise UserError(f"--mode int8 runs on the CPU (--device cpu), not {dev.type}")
+        if calibration is None:
+            raise UserError("--mode int8 needs calibration images: add --calib-dataset KIND --calib-data PATH "
+                            "(training images)")
+        int8 = Int8Segmenter(model, calibration)
+        if int8.agreement < INT8_MIN_AGREEMENT and not measuring:
+            raise UserError(f"--mode int8: the quantised {model_name or 'model'} agrees with float32 on only "
+                            f"{int8.agreement:.1%} of the calibration pixels (< {INT8_MIN_AGREEMENT:.0%}); "
+                            "use --mode fast")
+        return int8
     return FastSegmenter(model, fast_dtype(model_name, dev), compile=compile)
 
 

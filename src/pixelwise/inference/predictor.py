@@ -25,6 +25,7 @@ from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 from pixelwise.inference.fast import instance_runner, make_runner
+from pixelwise.inference.int8 import calibration_batches
 from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, predictive_entropy
 from pixelwise.inference.onnx_runner import is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
@@ -164,6 +165,9 @@ class SemanticPredictor(Predictor):
     needs a model with dropout), 0 for the deterministic forward pass.
     batch_size: model inputs per forward pass; equal-size images (:meth:`predict_batch`) and
     equal-size tiles of one image run stacked, with the same results as one at a time.
+    mode: ``eager``, ``fast`` or ``int8`` (:func:`pixelwise.inference.fast.make_runner`); int8 is
+    calibrated on random ``calib_crop``-pixel crops of ``calib_data`` (training images,
+    uint8[H, W, 3]) and, unless ``measuring`` (eval), offered only for the models whose plan allows it.
     """
 
     task = "semantic"
@@ -171,7 +175,8 @@ class SemanticPredictor(Predictor):
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
                  input_spec: InputSpec | None = None, *, tile: int | None = None, overlap: float | None = None,
                  tta: str | None = None, mc_samples: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-                 mode: str = "eager") -> None:
+                 mode: str = "eager", calib_data: Sequence[np.ndarray] | None = None, calib_crop: int = 256,
+                 measuring: bool = False) -> None:
         super().__init__(model, meta, device, input_spec)
         self.context, self.alignment = model_geometry(self.model)
         if overlap is None:
@@ -193,7 +198,11 @@ class SemanticPredictor(Predictor):
         self.batch_size = batch_size
         # the runner of each batch (pixelwise.inference.fast): eager, the fast path, an ONNX session
         self.mode = mode
-        self.runner = make_runner(self.model, mode, self.meta.get("model", ""), self.device, mc_samples=mc_samples)
+        # int8: calib_data are training images (uint8[H, W, 3]); random crops of them, preprocessed
+        # with this predictor's input contract, calibrate the activation ranges
+        calibration = None if calib_data is None else calibration_batches(calib_data, self.input_spec, crop=calib_crop)
+        self.runner = make_runner(self.model, mode, self.meta.get("model", ""), self.device, mc_samples=mc_samples,
+                                  calibration=calibration, measuring=measuring)
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_samples:

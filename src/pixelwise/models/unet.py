@@ -165,7 +165,7 @@ class UNet(nn.Module):
         x = self.dropout(x)
         for upconv, block, skip in zip(self.upconv, self.up, reversed(skips)):
             x = upconv(x)
-            x = block(torch.cat([center_crop(skip, *x.shape[-2:]), x], dim=1))
+            x = block(torch.cat([center_crop(skip, x.shape[-2], x.shape[-1]), x], dim=1))  # no *: torch.fx traces it
         return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,199 @@
+"""``--mode int8``: a semantic model statically quantised to int8 in PyTorch.
+
+:class:`Int8Segmenter` traces the model with ``torch.fx`` and quantises it with PyTorch's graph-mode
+post-training quantisation (``torch.ao.quantization.quantize_fx``) for the ``x86`` engine (oneDNN
+and FBGEMM kernels, which use AVX512-VNNI / AMX where the CPU has them):
+
+1. BatchNorm is fused into the convolution before it, and ReLU into the convolution or the
+   residual add before it (the engine's fused ``conv_relu`` / ``add_relu`` kernels);
+2. weights are int8, per output channel (symmetric); activations uint8, per tensor, their ranges
+   observed (histogram observer) on ``calibration``, batches of preprocessed images, before the
+   conversion;
+3. the tensors stay quantised from the first convolution to the last; the logits come back as
+   float32 ``Tensor[N, K, H, W]``. Bilinear upsampling, pooling and concatenation run on the
+   quantised tensors.
+
+On this project's 2-core AVX512-VNNI CPU one quantised convolution ran 1.8-2.1x faster than the
+same convolution in bfloat16 (docs/deploy.md has the models' figures). Models that ``torch.fx``
+cannot trace (U-Net's input-dependent padding, SegNet's pooling indices, DeconvNet) are refused
+with a one-line error; so are CPUs without a quantised engine.
+
+Independent of :func:`pixelwise.inference.export.quantize_int8` (an ONNX file quantised by
+onnxruntime, which runs anywhere onnxruntime does but was slower than the bf16 fast path here).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pixelwise.errors import UserError
+from pixelwise.models import forward_logits
+from pixelwise.preprocess import InputSpec, preprocess
+
+# int8 below this argmax agreement with float32 is refused: an int8 ONNX export (on its verification
+# images) and --mode int8 in predict (on its calibration pixels); eval and bench only report it
+INT8_MIN_AGREEMENT = 0.97
+ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")  # preference order; the first the CPU build supports
+
+
+def quantized_engine() -> str:
+    """The quantised engine int8 runs on (:data:`ENGINES`); UserError where torch has none."""
+    for engine in ENGINES:
+        if engine in torch.backends.quantized.supported_engines:
+            return engine
+    raise UserError("--mode int8: this PyTorch build has no quantised CPU engine (x86, fbgemm or qnnpack); "
+                    "use --mode fast")
+
+
+def calibration_batches(images: Iterable[np.ndarray], spec: InputSpec, crop: int = 256, batch: int = 4, seed: int = 0
+                        ) -> list[torch.Tensor]:
+    """Random ``crop`` x ``crop`` crops of ``images`` (uint8[H, W, 3]) preprocessed with ``spec``
+    (after its resize, if any), in batches of ``batch``: the int8 calibration set (of :func:`quantize`
+    and of the ONNX export's int8 file)."""
+    g = np.random.default_rng(seed)
+    crops = []
+    for image in images:
+        x = preprocess(image, spec)
+        h, w = x.shape[-2:]
+        ch, cw = min(crop, h), min(crop, w)
+        top, left = int(g.integers(0, h - ch + 1)), int(g.integers(0, w - cw + 1))
+        crops.append(x[:, top:top + ch, left:left + cw])
+    if len({tuple(c.shape) for c in crops}) > 1:  # images smaller than the crop: one per batch
+        return [c[None] for c in crops]
+    return [torch.stack(crops[i:i + batch]) for i in range(0, len(crops), batch)]
+
+
+class _Logits(nn.Module):
+    """``model``'s main logits as the one output of a traceable module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_logits(self.model, x)
+
+
+def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], engine: str | None = None) -> nn.Module:
+    """An int8 copy of the semantic ``model`` (module docstring): ``Tensor[N, C, H, W] -> float32
+    logits``, its activation ranges calibrated on ``calibration`` (preprocessed batches)."""
+    # start-up time: the quantisation toolkit is only needed here
+    try:
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    except ImportError as e:  # removed from a future PyTorch
+        raise UserError(f"--mode int8 needs torch.ao.quantization, which this PyTorch lacks ({e}); "
+                        "use --mode fast or an int8 ONNX export") from None
+    engine = engine or quantized_engine()
+    batches = iter(calibration)
+    first = next(batches, None)
+    if first is None:
+        raise UserError("--mode int8 needs calibration images (--calib-dataset and --calib-data)")
+    torch.backends.quantized.engine = engine
+    net = copy.deepcopy(model).cpu().eval().requires_grad_(False)
+    with warnings.catch_warnings():
+        # torch.ao.quantization warns on every call that it is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        try:
+            prepared = prepare_fx(_Logits(net), qconfig_mapping(engine), (first,))
+            core = None
+        except Exception as whole:  # torch.fx raises many kinds for code it cannot trace
+            # a model whose forward pads and crops around a traceable forward_features (U-Net):
+            # quantise that core, keep the padding and cropping in float
+            core_fn = getattr(net, "forward_features", None)
+            if core_fn is None:
+                raise _untraceable(model, whole) from None
+            core = _Core(net)
+            try:
+                prepared = prepare_fx(core, qconfig_mapping(engine), (first,))
+            except Exception as e:
+                raise _untraceable(model, e) from None
+            _set_core(net, _Recorder(prepared))
+        with torch.no_grad():
+            for x in (first, *batches):
+                (prepared if core is None else net)(x)
+        quantized = convert_fx(prepared)
+    quantized.graph.eliminate_dead_code()  # outputs other than the main logits (auxiliary heads)
+    quantized.recompile()
+    if core is None:
+        return quantized
+    _set_core(net, quantized)
+    return _Logits(net)
+
+
+def _set_core(net: nn.Module, core: nn.Module) -> None:
+    """Make ``net.forward_features`` call ``core``: an instance attribute (which, unlike a
+    registered submodule, is found before the class's method), also registered as ``int8_core``
+    so that it belongs to the module tree."""
+    net.add_module("int8_core", core)
+    object.__setattr__(net, "forward_features", core)
+
+
+def qconfig_mapping(engine: str):
+    """PyTorch's default post-training mapping for ``engine``, with transposed convolutions left in
+    float32: their quantised kernels give wrong results in the x86 and fbgemm engines of torch 2.13
+    whenever input and output channels differ (relative error 1.3-4.3 against float32, measured by
+    tests/test_int8.py; qnnpack's are right)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+
+    mapping = get_default_qconfig_mapping(engine)
+    for kind in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        mapping.set_object_type(kind, None)
+    return mapping
+
+
+def _untraceable(model: nn.Module, e: Exception) -> UserError:
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    return UserError(f"--mode int8: {type(model).__name__} cannot be traced by torch.fx for quantisation "
+                     f"({type(e).__name__}: {first_line[:160]}); use --mode fast")
+
+
+class _Core(nn.Module):
+    """``model.forward_features`` as a module of its own (what :func:`quantize` traces when the
+    model's forward cannot be)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return type(self.model).forward_features(self.model, x)  # type: ignore[attr-defined]
+
+
+class _Recorder(nn.Module):
+    """Calls the prepared core (whose observers record activation ranges) with the padded input."""
+
+    def __init__(self, prepared: nn.Module) -> None:
+        super().__init__()
+        self.prepared = prepared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prepared(x)
+
+
+class Int8Segmenter(nn.Module):
+    """The int8 path of a semantic model: ``Tensor[N, C, H, W] -> float32 logits Tensor[N, K, H, W]``
+    on the CPU (:func:`quantize`). ``agreement``: the share of pixels of the first calibration
+    batch whose argmax equals the float32 model's (a check of the quantised kernels, optimistic as
+    a measure of accuracy: those pixels calibrated the ranges)."""
+
+    def __init__(self, model: nn.Module, calibration: Iterable[torch.Tensor], engine: str | None = None) -> None:
+        super().__init__()
+        batches = list(calibration)
+        self.engine = engine or quantized_engine()
+        self.model = quantize(model, batches, self.engine)
+        self.dtype = torch.int8
+        with torch.no_grad():
+            reference = forward_logits(model.cpu().eval(), batches[0]).argmax(1)
+        self.agreement = (self(batches[0]).argmax(1) == reference).float().mean().item()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.backends.quantized.engine = self.engine  # a process-wide setting: another model may have changed it
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.model(x.cpu().float()).float().to(x.device)

@@ -1,0 +1,167 @@
+"""``--mode int8`` (pixelwise.inference.int8): PyTorch graph-mode int8 quantisation of semantic
+models, its calibration, its guards and its one-line errors, in the runner, predict, eval and bench."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import narrow
+from pixelwise import create_model, save_checkpoint
+from pixelwise.cli import main
+from pixelwise.errors import UserError
+from pixelwise.inference.fast import make_runner
+from pixelwise.inference.int8 import Int8Segmenter, calibration_batches, quantize, quantized_engine
+from pixelwise.models import forward_logits
+from pixelwise.preprocess import InputSpec
+
+pytestmark = pytest.mark.skipif(not torch.backends.quantized.supported_engines or
+                                torch.backends.quantized.supported_engines == ["none"],
+                                reason="this PyTorch build has no quantised engine")
+
+
+def smooth(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Smooth random images in normalised units (as bench's): regions, not per-pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 3, max(h // 8, 1), max(w // 8, 1), generator=g), size=(h, w),
+                         mode="bilinear", align_corners=False)
+
+
+def relative_error(model: nn.Module, int8: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(||int8 - fp32|| / ||fp32||, argmax agreement) of the logits on ``x``."""
+    with torch.no_grad():
+        ref = forward_logits(model, x)
+    out = int8(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    return ((out - ref).norm() / ref.norm()).item(), (out.argmax(1) == ref.argmax(1)).float().mean().item()
+
+
+def quantised_layers(module: nn.Module) -> int:
+    return sum(type(m).__module__.startswith("torch.ao.nn.") and "quantized" in type(m).__module__
+               for m in module.modules())
+
+
+def test_resnet_model_is_quantised_whole_and_close_to_float32():
+    torch.manual_seed(0)
+    model = narrow(create_model("fcn_resnet50", num_classes=4)).eval()
+    calibration = [smooth(2, 64, 80, seed) for seed in range(3)]
+    int8 = Int8Segmenter(model, calibration)
+    assert quantised_layers(int8) >= 50  # every convolution of the ResNet and the head
+    # another image, another size than the calibration's: the traced graph keeps sizes symbolic
+    err, agree = relative_error(model, int8, smooth(1, 72, 56, seed=10))
+    assert err < 0.1 and agree > 0.9, (err, agree)
+    assert 0.9 < int8.agreement <= 1.0
+
+
+@pytest.mark.parametrize("kwargs", [{"padding": "same", "batch_norm": True}, {"padding": "valid"}])
+def test_unet_core_is_quantised_its_padding_stays_float(kwargs):
+    # U-Net's forward pads by an input-dependent rule torch.fx cannot trace: its forward_features
+    # is quantised and the padding and cropping around it run as in float32
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=3, base_channels=8, **kwargs).eval()
+    int8 = Int8Segmenter(model, [smooth(2, 64, 64, 0), smooth(2, 48, 80, 1)])
+    assert quantised_layers(int8) >= 18
+    for h, w in ((64, 64), (37, 53)):  # 37 x 53: padded to the U-Net's multiple, cropped back
+        err, agree = relative_error(model, int8, smooth(1, h, w, seed=h))
+        assert err < 0.1 and agree > 0.85, (h, w, err, agree)
+
+
+def test_transposed_convolutions_run_in_float32():
+    # x86/fbgemm's quantised transposed convolution is wrong when in != out channels (torch 2.13):
+    # quantize() leaves them in float32; the result stays within quantisation error
+    torch.manual_seed(0)
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+            self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(F.relu(self.up(F.relu(self.conv(x)))))
+
+    model = Up().eval()
+    int8 = quantize(model, [smooth(2, 32, 32, 0)])
+    assert type(int8.model.up) is nn.ConvTranspose2d
+    err, _ = relative_error(model, lambda x: int8(x), smooth(1, 32, 32, 1))
+    assert err < 0.05, err
+
+
+def test_untraceable_models_and_missing_calibration_are_one_line_errors():
+    model = create_model("segnet_basic", num_classes=3).eval()  # pooling indices: not traceable
+    with pytest.raises(UserError, match="cannot be traced by torch.fx.*--mode fast"):
+        quantize(model, [smooth(1, 32, 32, 0)])
+    resnet = narrow(create_model("fcn_resnet50", num_classes=3)).eval()
+    with pytest.raises(UserError, match="calibration"):
+        quantize(resnet, [])
+
+
+def test_runner_offers_int8_only_where_measured_and_on_the_cpu():
+    model = narrow(create_model("fcn_resnet50", num_classes=3)).eval()
+    batches = [smooth(1, 48, 48, 0)]
+    with pytest.raises(UserError, match="not offered for fcn_resnet50.*eval --mode int8"):
+        make_runner(model, "int8", "fcn_resnet50", calibration=batches)
+    with pytest.raises(UserError, match="calibration images"):
+        make_runner(model, "int8", "fcn_resnet50", measuring=True)
+    with pytest.raises(UserError, match="on the CPU"):
+        make_runner(model, "int8", "fcn_resnet50", device="cuda", calibration=batches, measuring=True)
+    runner = make_runner(model, "int8", "fcn_resnet50", calibration=batches, measuring=True)
+    assert isinstance(runner, Int8Segmenter) and runner(smooth(1, 40, 40, 3)).shape == (1, 3, 40, 40)
+
+
+def test_calibration_batches_are_preprocessed_random_crops():
+    spec = InputSpec(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    images = [np.full((40, 50, 3), 10 * i, np.uint8) for i in range(5)]
+    batches = calibration_batches(images, spec, crop=32, batch=2)
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)]
+    expected = (torch.tensor([0, 10, 20, 30, 40]) / 255 - 0.5) / 0.25  # uniform images: every pixel
+    torch.testing.assert_close(torch.cat(batches)[:, 0, 0, 0], expected.float())
+
+
+def small_checkpoint(tmp_path, name: str, **kwargs):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, **kwargs)
+    path = tmp_path / f"{name}.safetensors"
+    save_checkpoint(path, model, {"model": name, "model_kwargs": kwargs, "num_classes": 4})
+    return path
+
+
+def test_cli_predict_refuses_unmeasured_int8_and_stray_calibration_flags(tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    checkpoint = small_checkpoint(tmp_path, "segnet_basic")
+    base = ["predict", "--checkpoint", str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]
+    assert main([*base, "--mode", "int8", "--calib-dataset", "shapes", "--calib-images", "2"]) == 2
+    assert "not offered for segnet_basic" in capsys.readouterr().err
+    assert main([*base, "--mode", "int8"]) == 2
+    assert "--calib-dataset" in capsys.readouterr().err
+    assert main([*base, "--calib-dataset", "shapes"]) == 2
+    assert "add --mode int8" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_eval_measures_int8_and_bench_times_it(tmp_path):
+    import json
+
+    checkpoint = small_checkpoint(tmp_path, "unet", base_channels=8, batch_norm=True)
+    args = ["--checkpoint", str(checkpoint), "--dataset", "shapes", "--split", "val",
+            "--dataset-kwargs", '{"num_val": 4, "size": 64}', "--no-progress"]
+    scores = {}
+    for mode in ("eager", "int8"):
+        out = tmp_path / f"{mode}.json"
+        extra = ["--calib-dataset", "shapes", "--calib-images", "4", "--calib-crop", "48"] if mode == "int8" else []
+        assert main(["eval", *args, "--mode", mode, *extra, "--json", str(out)]) == 0
+        scores[mode] = json.loads(out.read_text())
+    assert abs(scores["int8"]["pixel_acc"] - scores["eager"]["pixel_acc"]) < 0.1
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--checkpoint", str(checkpoint), "--size", "48x64", "--mode", "int8",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "int8" and result["calibrate_s"] > 0 and 0 <= result["agreement"] <= 1
+    assert result["gemm_peak_gflops"] > 0  # the int8 GEMM peak (torch._int_mm)
+    assert quantized_engine() in torch.backends.quantized.supported_engines
