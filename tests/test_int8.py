@@ -16,7 +16,9 @@ from pixelwise.errors import UserError
 from pixelwise.inference.fast import make_runner
 from pixelwise.inference.int8 import Int8Segmenter, calibration_batches, quantize, quantized_engine
 from pixelwise.models import forward_logits
-from pixelwise.preprocess import InputSpec
+from pixelwise.preprocess import InputSpec, preprocess
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 pytestmark = pytest.mark.skipif(not torch.backends.quantized.supported_engines or
                                 torch.backends.quantized.supported_engines == ["none"],
@@ -101,20 +103,21 @@ def test_untraceable_models_and_missing_calibration_are_one_line_errors():
 
 
 def test_runner_offers_int8_only_where_measured_and_on_the_cpu():
-    model = narrow(create_model("fcn_resnet50", num_classes=3)).eval()
+    model = narrow(create_model("deeplabv3plus_resnet50", num_classes=3)).eval()
     batches = [smooth(1, 48, 48, 0)]
-    with pytest.raises(UserError, match="not offered for fcn_resnet50.*eval --mode int8"):
-        make_runner(model, "int8", "fcn_resnet50", calibration=batches)
+    with pytest.raises(UserError, match="not offered for deeplabv3plus_resnet50.*eval --mode int8"):
+        make_runner(model, "int8", "deeplabv3plus_resnet50", calibration=batches)
+    model = narrow(create_model("fcn_resnet50", num_classes=3)).eval()  # measured: offered
     with pytest.raises(UserError, match="calibration images"):
         make_runner(model, "int8", "fcn_resnet50", measuring=True)
     with pytest.raises(UserError, match="on the CPU"):
         make_runner(model, "int8", "fcn_resnet50", device="cuda", calibration=batches, measuring=True)
-    runner = make_runner(model, "int8", "fcn_resnet50", calibration=batches, measuring=True)
+    runner = make_runner(model, "int8", "fcn_resnet50", calibration=batches)
     assert isinstance(runner, Int8Segmenter) and runner(smooth(1, 40, 40, 3)).shape == (1, 3, 40, 40)
 
 
 def test_calibration_batches_are_preprocessed_random_crops():
-    spec = InputSpec(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    spec = InputSpec(mean=MEAN, std=STD)
     images = [np.full((40, 50, 3), 10 * i, np.uint8) for i in range(5)]
     batches = calibration_batches(images, spec, crop=32, batch=2)
     assert [tuple(b.shape) for b in batches] == [(2, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)]
@@ -143,6 +146,50 @@ def test_cli_predict_refuses_unmeasured_int8_and_stray_calibration_flags(tmp_pat
     assert main([*base, "--calib-dataset", "shapes"]) == 2
     assert "add --mode int8" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def fitted_unet_checkpoint(tmp_path, steps: int = 150):
+    """A U-Net (base 8, BN) fitted for a few steps to shapes scenes: decisive logits, unlike random
+    weights, whose near-ties int8 rightly refuses (the guard)."""
+    from pixelwise.data import build_dataset
+
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=4, base_channels=8, batch_norm=True)
+    ds = build_dataset("shapes", None, "train", num_train=8, size=48)
+    samples = [ds.load(i) for i in range(8)]
+    x = torch.stack([preprocess(s.image, InputSpec(mean=MEAN, std=STD)) for s in samples])  # the checkpoint's
+    y = torch.stack([torch.from_numpy(s.mask.astype(np.int64)) for s in samples]).clamp(max=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(forward_logits(model, x), y).backward()
+        opt.step()
+    path = tmp_path / "fitted.safetensors"
+    save_checkpoint(path, model.eval(), {"model": "unet", "num_classes": 4, "mean": MEAN, "std": STD,
+                                         "model_kwargs": {"base_channels": 8, "batch_norm": True}})
+    return path, [s.image for s in samples]
+
+
+def test_cli_predict_int8_writes_the_masks_eager_would_and_refuses_near_ties(tmp_path, capsys):
+    from PIL import Image
+
+    checkpoint, images = fitted_unet_checkpoint(tmp_path)
+    paths = []
+    for i, image in enumerate(images[:2]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    calib = ["--calib-dataset", "shapes", "--calib-images", "8", "--calib-crop", "48"]
+    masks = {}
+    for mode in ("eager", "int8"):
+        assert main(["predict", "--checkpoint", str(checkpoint), *paths, "--out", str(tmp_path / mode),
+                     "--mode", mode, *(calib if mode == "int8" else []), "--no-progress"]) == 0
+        masks[mode] = np.stack([np.asarray(Image.open(tmp_path / mode / f"{i}.png")) for i in range(2)])
+    assert masks["int8"].shape == (2, 48, 48)
+    assert (masks["int8"] == masks["eager"]).mean() > 0.99
+    random = small_checkpoint(tmp_path, "unet", base_channels=8, batch_norm=True)  # near-ties everywhere
+    assert main(["predict", "--checkpoint", str(random), *paths, "--out", str(tmp_path / "r"), "--mode", "int8",
+                 *calib, "--no-progress"]) == 2
+    assert "agrees with float32 on only" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_cli_eval_measures_int8_and_bench_times_it(tmp_path):
