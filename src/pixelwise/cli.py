@@ -216,14 +216,13 @@ def cmd_export(args: argparse.Namespace) -> int:
               "post-processing and mask pasting; see docs/deploy.md")
         return 0
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    from pixelwise.checkpoint import input_spec_from_meta
     from pixelwise.inference.int8 import INT8_MIN_AGREEMENT, calibration_batches
 
     calibration = None
     if args.int8:
         if args.fp16:
             raise UserError("choose one of --fp16 and --int8")
-        from pixelwise.checkpoint import input_spec_from_meta
-
         calibration = calibration_batches(calibration_images(args, "--int8"), input_spec_from_meta(meta, model),
                                           crop=args.calib_crop)
     elif args.calib_dataset or args.calib_data:

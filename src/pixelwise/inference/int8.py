@@ -157,6 +157,7 @@ def qconfig_mapping(engine: str):
     Transposed convolutions stay in float32: their quantised kernels give wrong results in the x86
     and fbgemm engines of torch 2.13 whenever input and output channels differ (relative error
     1.3-4.3 against float32; qnnpack's are right; tests/test_int8.py)."""
+    # start-up time: the quantisation toolkit is only needed here (quantize() says it may be absent)
     from torch.ao.quantization import QConfig, get_default_qconfig_mapping
     from torch.ao.quantization.observer import HistogramObserver
 
