@@ -45,7 +45,7 @@ from pixelwise._version import __version__
 from pixelwise.checkpoint import atomic_write, input_spec_from_meta
 from pixelwise.errors import UserError
 from pixelwise.inference.onnx_runner import META_KEY, make_session
-from pixelwise.models import forward_logits
+from pixelwise.models import Logits, forward_logits
 from pixelwise.models.maskrcnn import MaskRCNN
 
 DEFAULT_OPSET = 17
@@ -80,17 +80,6 @@ class ExportReport:
                  f"{100 * c.agreement:.3f}%" for c in self.checks]
         return (f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB, opset {self.opset}, {self.precision}, "
                 f"{self.seconds:.1f} s); onnxruntime vs PyTorch eager: " + "; ".join(parts))
-
-
-class Logits(nn.Module):
-    """A semantic model's main logits only (the auxiliary head, if any, is not exported)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_logits(self.model, x)
 
 
 # --------------------------------------------------------------------------- max unpooling

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
-from pixelwise.models import forward_logits
+from pixelwise.models import Logits, forward_logits
 from pixelwise.preprocess import InputSpec, preprocess
 
 # int8 below this argmax agreement with float32 is refused: an int8 ONNX export (on its verification
@@ -72,17 +72,6 @@ def calibration_batches(images: Iterable[np.ndarray], spec: InputSpec, crop: int
     return [torch.stack(crops[i:i + batch]) for i in range(0, len(crops), batch)]
 
 
-class _Logits(nn.Module):
-    """``model``'s main logits as the one output of a traceable module."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_logits(self.model, x)
-
-
 def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], engine: str | None = None) -> nn.Module:
     """An int8 copy of the semantic ``model`` (module docstring): ``Tensor[N, C, H, W] -> float32
     logits``, its activation ranges calibrated on ``calibration`` (preprocessed batches)."""
@@ -103,7 +92,7 @@ def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], engine: str 
         # torch.ao.quantization warns on every call that it is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         try:
-            prepared = prepare_fx(_Logits(net), qconfig_mapping(engine), (first,))
+            prepared = prepare_fx(Logits(net), qconfig_mapping(engine), (first,))
             core = None
         except Exception as whole:  # torch.fx raises many kinds for code it cannot trace
             # a model whose forward pads and crops around a traceable forward_features (U-Net):
@@ -125,7 +114,7 @@ def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], engine: str 
     if core is None:
         return quantized
     _set_core(net, quantized)
-    return _Logits(net)
+    return Logits(net)
 
 
 def _set_core(net: nn.Module, core: nn.Module) -> None:

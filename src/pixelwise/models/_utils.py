@@ -54,6 +54,18 @@ def forward_logits(model: nn.Module, images: Tensor) -> Tensor:
     return model_outputs(model, images)["out"]
 
 
+class Logits(nn.Module):
+    """A semantic model's main logits as the one output of a module (what the ONNX export and the
+    int8 quantiser trace; the auxiliary head, if any, is left out)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return forward_logits(self.model, x)
+
+
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad bottom and right: ``Tensor[N, C, H, W] -> Tensor[N, C, ceil(H/m)*m, ceil(W/m)*m]``."""
     h, w = x.shape[-2:]
