@@ -241,11 +241,14 @@ def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str |
         if calibration is None:
             raise UserError("--mode int8 needs calibration images: add --calib-dataset KIND --calib-data PATH "
                             "(training images)")
-        int8 = Int8Segmenter(model, calibration)
-        if int8.agreement < INT8_MIN_AGREEMENT and not measuring:
-            raise UserError(f"--mode int8: the quantised {model_name or 'model'} agrees with float32 on only "
-                            f"{int8.agreement:.1%} of the calibration pixels (< {INT8_MIN_AGREEMENT:.0%}); "
-                            "use --mode fast")
+        batches = list(calibration)
+        int8 = Int8Segmenter(model, batches)
+        if not measuring:  # eval and bench measure the int8 model themselves
+            agreement = int8.agreement(model, batches[0])
+            if agreement < INT8_MIN_AGREEMENT:
+                raise UserError(f"--mode int8: the quantised {model_name or 'model'} agrees with float32 on only "
+                                f"{agreement:.1%} of the calibration pixels (< {INT8_MIN_AGREEMENT:.0%}); "
+                                "use --mode fast")
         return int8
     return FastSegmenter(model, fast_dtype(model_name, dev), compile=compile)
 

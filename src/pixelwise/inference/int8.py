@@ -183,19 +183,21 @@ class _Core(nn.Module):
 
 class Int8Segmenter(nn.Module):
     """The int8 path of a semantic model: ``Tensor[N, C, H, W] -> float32 logits Tensor[N, K, H, W]``
-    on the CPU (:func:`quantize`). ``agreement``: the share of pixels of the first calibration
-    batch whose argmax equals the float32 model's (a check of the quantised kernels, optimistic as
-    a measure of accuracy: those pixels calibrated the ranges)."""
+    on the CPU (:func:`quantize`)."""
 
     def __init__(self, model: nn.Module, calibration: Iterable[torch.Tensor], engine: str | None = None) -> None:
         super().__init__()
-        batches = list(calibration)
         self.engine = engine or quantized_engine()
-        self.model = quantize(model, batches, self.engine)
+        self.model = quantize(model, calibration, self.engine)
         self.dtype = torch.int8
+
+    def agreement(self, model: nn.Module, x: torch.Tensor) -> float:
+        """The share of pixels of ``x`` whose argmax equals the float32 ``model``'s: on a calibration
+        batch, a check of the quantised kernels (optimistic as a measure of accuracy: those pixels
+        calibrated the ranges)."""
         with torch.no_grad():
-            reference = forward_logits(model.cpu().eval(), batches[0]).argmax(1)
-        self.agreement = (self(batches[0]).argmax(1) == reference).float().mean().item()
+            reference = forward_logits(model.cpu().eval(), x).argmax(1)
+        return (self(x).argmax(1) == reference).float().mean().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         torch.backends.quantized.engine = self.engine  # a process-wide setting: another model may have changed it
