@@ -182,8 +182,10 @@ def _runner(model: nn.Module | None, x: torch.Tensor, mode: str, dev: torch.devi
     def run_instance():
         with torch.inference_mode():
             return fast_instance(xs)
-    return run_instance, torch.float32, {"fast_path": "optimize_for_inference (BN folded, channels-last, "
-                                                      "vectorised NMS/RoI), float32"}
+    dtype = getattr(fast_instance, "dtype", torch.float32)
+    return run_instance, dtype, {"fast_path": "optimize_for_inference (BN folded, channels-last, vectorised "
+                                              f"NMS/RoI), {str(dtype).split('.')[-1]} convolutions and linears, "
+                                              "float32 decisions"}
 
 
 INT8_CALIBRATION = 4  # smooth random images that calibrate bench's int8 model
