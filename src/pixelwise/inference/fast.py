@@ -260,7 +260,7 @@ def instance_runner(model: nn.Module, mode: str, model_name: str = "") -> Callab
 
     bfloat16 is the default because on a trained detector it keeps the detections: 98.8-99.0% of
     float32's above score 0.5 at box IoU >= 0.9, as many as half a gray level of input noise keeps
-    (99.0-99.3%), with COCO AP within 0.1 (docs/maskrcnn.md, benchmarks/maskrcnn_agreement.py). Only
+    (99.0-99.3%), with COCO AP within 0.2 (docs/maskrcnn.md, benchmarks/maskrcnn_agreement.py). Only
     untrained weights, whose competing boxes have no margin, lose more (78%)."""
     mode = resolve_mode(mode)
     if mode == "int8":
