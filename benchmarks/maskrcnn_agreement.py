@@ -5,8 +5,9 @@
         [--threads 2] [--json FILE]
 
 For each image of the split, one interleaved run of: pixelwise eager (float32, the reference),
-the fast path in float32 (``optimize_for_inference(model, dtype=torch.float32)``, today's
-``--mode fast``), the fast path in bfloat16 (its default where the CPU has bf16 kernels), and, as a
+the fast path in float32 (``optimize_for_inference(model, dtype=torch.float32)``, ``--mode fast``
+on devices without fast bf16 kernels), the fast path in bfloat16 (``--mode fast`` where the device
+has them), and, as a
 measure of the margins the detector leaves, eager on the image plus uniform noise of +-0.5 gray
 levels. Reported per variant: detection agreement with the reference (of its detections above
 score 0.5, the share found with the same label at box IoU >= 0.9:
