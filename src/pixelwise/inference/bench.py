@@ -137,7 +137,7 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
         peak_mem = torch.cuda.max_memory_allocated(dev) / 2**20
     else:
         peak_mem = peak_rss_mb()
-    result = {"mode": mode, "device": str(dev), "size": list(size), "batch": batch, "dtype": str(dtype).split(".")[-1],
+    result = {"mode": mode, "device": str(dev), "size": list(size), "batch": batch, "dtype": dtype_name(dtype),
               "img_per_s": batch / seconds, "ms_per_img": 1000 * seconds / batch,
               "gflops_per_img": flops / 1e9 if flops else None, "achieved_gflops": achieved,
               "gemm_peak_gflops": peak, "utilization": achieved / peak if achieved and peak else None,
@@ -184,15 +184,20 @@ def _runner(model: nn.Module | None, x: torch.Tensor, mode: str, dev: torch.devi
             return fast_instance(xs)
     dtype = getattr(fast_instance, "dtype", torch.float32)
     return run_instance, dtype, {"fast_path": "optimize_for_inference (BN folded, channels-last, vectorised "
-                                              f"NMS/RoI), {str(dtype).split('.')[-1]} convolutions and linears, "
+                                              f"NMS/RoI), {dtype_name(dtype)} convolutions and linears, "
                                               "float32 decisions"}
 
 
 INT8_CALIBRATION = 4  # smooth random images that calibrate bench's int8 model
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).split(".")[-1]
+
+
 def describe_fast(dtype: torch.dtype, compiled: bool) -> str:
-    parts = ["BN folded", "channels-last", str(dtype).split(".")[-1] + " weights"]
+    parts = ["BN folded", "channels-last", dtype_name(dtype) + " weights"]
     return ", ".join(parts + (["torch.compile"] if compiled else []))
 
 
