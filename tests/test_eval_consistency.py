@@ -3,6 +3,7 @@ PNG masks that ``pixelwise predict`` writes for the same images (no training; ra
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -187,18 +188,23 @@ def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
         assert g_row["pixels"] == w_row["pixels"]
 
 
-def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
-    rng = np.random.default_rng(1)
-    root = tmp_path / "isbi"
+def _isbi_tree(root, rng, count=6, size=48):
+    """An isbi2012 folder of ``count`` noisy slices whose membranes are random full rows and columns."""
     (root / "train" / "image").mkdir(parents=True)
     (root / "train" / "label").mkdir(parents=True)
-    for i in range(6):
-        cells = np.ones((48, 48), np.uint8) * 255
-        cells[rng.integers(0, 48, 4), :] = 0  # membranes: random full rows and columns
-        cells[:, rng.integers(0, 48, 4)] = 0
+    for i in range(count):
+        cells = np.ones((size, size), np.uint8) * 255
+        cells[rng.integers(0, size, 4), :] = 0
+        cells[:, rng.integers(0, size, 4)] = 0
         image = np.clip(cells.astype(float) * 0.7 + rng.normal(40, 30, cells.shape), 0, 255).astype(np.uint8)
         Image.fromarray(image, mode="L").save(root / "train" / "image" / f"{i}.png")
         Image.fromarray(cells, mode="L").save(root / "train" / "label" / f"{i}.png")
+
+
+def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "isbi"
+    _isbi_tree(root, rng)
     ckpt = _checkpoint(tmp_path / "isbi.safetensors", 2, ["membrane", "cell"], [[0, 0, 0], [255, 255, 255]], seed=3)
     out = tmp_path / "pred"
     images = [str(root / "train" / "image" / f"{i}.png") for i in (2, 3, 4, 5)]  # val split: the last 4 of 6
@@ -224,6 +230,12 @@ def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
     _assert_close(got["rand_error_best"], best["rand_error"])
     assert got["rand_best_threshold"] == best["threshold"]
     assert got["rand_error_best"] <= got["rand_error"] + 1e-12  # 0.5 is among the thresholds
+    # the leaderboard's pixel error: 1 - the best F-score of cell pixels over the same thresholds
+    cells = np.concatenate([ds.load(i).mask.ravel() == 1 for i in range(len(ds))])
+    prob = np.concatenate([p.ravel() for p in probs])
+    f = [2 * np.sum((prob > t) & cells) / (np.sum(prob > t) + np.sum(cells)) for t in np.arange(10) / 10]
+    _assert_close(got["pixel_error_best"], 1 - max(f))
+    assert got["pixel_best_threshold"] == pytest.approx(np.argmax(f) / 10)
     for key in ("pixel_acc", "mIoU", "bf_score"):
         _assert_close(got[key], want[key])
 
@@ -286,3 +298,36 @@ def test_a_model_trained_at_a_smaller_size_predicts_evaluates_and_validates_alik
     final = json.loads((tmp_path / "run" / "metrics.json").read_text())["final"]  # validation of the last epoch
     for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU"):
         assert final[key] == pytest.approx(got[key], abs=1e-9), key
+
+
+def test_isbi_validation_scores_the_challenge_errors_as_eval_and_can_select_on_them(tmp_path):
+    """Training validation on ISBI data reports pixel_error, rand_error and rand_error_best as
+    ``pixelwise eval`` computes them, and ``--select-by rand_error_best`` keeps the epoch with the
+    lowest one; data without cells to count refuses that choice."""
+    root = tmp_path / "isbi"
+    _isbi_tree(root, np.random.default_rng(2), count=8, size=40)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "unet", "--dataset", "isbi2012", "--data", str(root), "--out", str(run),
+                 "--epochs", "4", "--batch-size", "2", "--lr", "0.02", "--amp", "off", "--no-progress",
+                 "--model-kwargs", json.dumps(KW), "--select-by", "rand_error_best",
+                 "--augment", '{"crop": null, "scale": null, "flip": false, "jitter": false}']) == 0
+    summary = json.loads((run / "metrics.json").read_text())
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    errors = [float(r["rand_error_best"]) for r in rows]
+    assert len(errors) == 4 and len(set(errors)) > 1, "the errors must move for the choice to mean anything"
+    assert summary["selected_by"] == "rand_error_best"
+    assert summary["best_epoch"] == 1 + int(np.argmin(errors))
+    for name in ("best", "last"):
+        report = tmp_path / f"{name}.json"
+        assert main(["eval", "--checkpoint", str(run / f"{name}.safetensors"), "--dataset", "isbi2012",
+                     "--data", str(root), "--split", "val", "--json", str(report), "--no-progress"]) == 0
+        got = json.loads(report.read_text())
+        row = summary["best" if name == "best" else "final"]
+        for key in ("pixel_error", "pixel_error_best", "rand_error", "rand_error_best"):
+            assert row[key] == pytest.approx(got[key], abs=1e-9), (name, key)
+
+    shapes = ["train", "--model", "unet", "--dataset", "shapes", "--out", str(tmp_path / "s"), "--epochs", "1",
+              "--model-kwargs", json.dumps(KW), "--select-by", "rand_error", "--no-progress"]
+    assert main(shapes) == 2
+    assert not (tmp_path / "s").exists()

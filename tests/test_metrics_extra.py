@@ -11,7 +11,9 @@ import torch
 
 from pixelwise.metrics import (
     BFMeter,
+    ChallengeMeter,
     RandMeter,
+    ThresholdPixelMeter,
     boundary_f1,
     class_boundary,
     confusion_matrix,
@@ -298,3 +300,53 @@ def test_pixel_error_is_share_of_wrong_pixels():
     cm = confusion_matrix(torch.from_numpy(p), torch.from_numpy(t), 2)
     assert pixel_error(cm) == pytest.approx(2 / 25)
     assert pixel_error(torch.zeros(2, 2, dtype=torch.int64)) is None
+
+
+def test_leaderboard_pixel_error_is_one_minus_the_best_f_score_of_cell_pixels():
+    """The challenge's "1 - maximal F-score of pixel similarity", by hand on a 2x3 image, then
+    against a per-pixel loop on random maps pooled over images (ignored pixels left out)."""
+    target = np.array([[1, 1, 0], [1, 0, 255]])
+    prob = np.array([[0.9, 0.4, 0.6], [0.2, 0.1, 0.95]])
+    meter = ThresholdPixelMeter(thresholds=(0.3, 0.5), foreground=1)
+    meter.update(prob, target)
+    # t=0.3: cells predicted at (0,0), (0,1), (0,2): TP 2, FP 1, FN 1 -> F = 4/6
+    # t=0.5: predicted (0,0), (0,2): TP 1, FP 1, FN 2 -> F = 2/5
+    assert meter.compute() == {"pixel_error": pytest.approx(1 - 4 / 6), "threshold": 0.3}
+
+    rng = np.random.default_rng(3)
+    targets = [np.where(rng.random((9, 11)) < 0.1, 255, (rng.random((9, 11)) < 0.7).astype(np.int64))
+               for _ in range(3)]
+    probs = [np.clip((t == 1) * 0.5 + rng.random(t.shape) * 0.6, 0, 1) for t in targets]
+    meter = ThresholdPixelMeter()
+    for pr, t in zip(probs, targets):
+        meter.update(pr, t)
+    best_f, best_t = -1.0, None
+    for th in [k / 10 for k in range(10)]:
+        tp = fp = fn = 0
+        for pr, t in zip(probs, targets):
+            for y in range(t.shape[0]):
+                for x in range(t.shape[1]):
+                    if t[y, x] == 255:
+                        continue
+                    cell, said = t[y, x] == 1, pr[y, x] > th
+                    tp, fp, fn = tp + (cell and said), fp + (said and not cell), fn + (cell and not said)
+        f = 2 * tp / (2 * tp + fp + fn)
+        if f > best_f:
+            best_f, best_t = f, th
+    assert meter.compute() == {"pixel_error": pytest.approx(1 - best_f), "threshold": best_t}
+    assert ThresholdPixelMeter().compute() == {"pixel_error": None, "threshold": None}
+
+
+def test_challenge_meter_is_its_parts():
+    rng = np.random.default_rng(4)
+    targets = [(rng.random((12, 12)) < 0.7).astype(np.int64) for _ in range(2)]
+    probs = [np.clip(t * 0.5 + rng.random(t.shape) * 0.6, 0, 1) for t in targets]
+    meter, at_argmax, pixel = ChallengeMeter(), RandMeter(), ThresholdPixelMeter()
+    for pr, t in zip(probs, targets):
+        meter.update((pr > 0.5).astype(np.int64), pr, t)
+        at_argmax.update((pr > 0.5).astype(np.int64), t)
+        pixel.update(pr, t)
+    got, best = meter.compute(), rand_error_over_thresholds(probs, targets)
+    assert {k: got[k] for k in ("rand_error", "rand_precision", "rand_recall", "rand_f")} == at_argmax.compute()
+    assert (got["rand_error_best"], got["rand_best_threshold"]) == (best["rand_error"], best["threshold"])
+    assert (got["pixel_error_best"], got["pixel_best_threshold"]) == tuple(pixel.compute().values())

@@ -15,7 +15,9 @@ Beyond the confusion matrix (definitions in docs/metrics.md):
 - :class:`BFMeter`: SegNet's boundary F1 score (Csurka et al. 2013), tolerance 0.75% of the
   image diagonal, mean over images of the mean over the classes present in each ground truth.
 - :class:`RandMeter` / :func:`pixel_error`: the ISBI 2012 EM challenge's foreground-restricted
-  Rand error (on 4-connected components of the cell class) and pixel error.
+  Rand error (on 4-connected components of the cell class) and pixel error;
+  :class:`ThresholdRandMeter` / :class:`ThresholdPixelMeter`: the challenge's leaderboard forms,
+  1 - the maximal F-score over thresholds of the cell probability.
 """
 
 from __future__ import annotations
@@ -298,6 +300,68 @@ class ThresholdRandMeter:
             if scores["rand_f"] is not None and (best["rand_f"] is None or scores["rand_f"] > best["rand_f"]):
                 best = {**scores, "threshold": t}
         return best
+
+
+class ThresholdPixelMeter:
+    """The challenge's leaderboard pixel error, "1 - the maximal F-score of pixel similarity": for
+    each threshold t the cells predicted are ``prob_foreground > t`` and the cells of the ground
+    truth are its ``foreground`` pixels (ignored pixels left out); true and false positives and
+    false negatives are summed over the images, F = 2TP / (2TP + FP + FN), and :meth:`compute`
+    gives ``{"pixel_error": 1 - the best F, "threshold": its t}`` (both None without any cell
+    predicted or labelled). Unlike :func:`pixel_error` (1 - accuracy at the argmax) it counts the
+    correctly found membrane pixels nowhere, so for the same map it is the smaller number."""
+
+    def __init__(self, thresholds: tuple[float, ...] = RAND_THRESHOLDS, foreground: int = 1,
+                 ignore_index: int = 255):
+        self.thresholds, self.foreground, self.ignore_index = tuple(thresholds), foreground, ignore_index
+        self.counts = np.zeros((len(self.thresholds), 3))  # TP, FP, FN per threshold
+
+    def update(self, prob_foreground: np.ndarray, target: np.ndarray) -> None:
+        target = np.asarray(target)
+        valid = target != self.ignore_index
+        prob, cell = np.asarray(prob_foreground)[valid], target[valid] == self.foreground
+        for k, t in enumerate(self.thresholds):
+            predicted = prob > t
+            self.counts[k] += (np.count_nonzero(predicted & cell), np.count_nonzero(predicted & ~cell),
+                               np.count_nonzero(~predicted & cell))
+
+    def compute(self) -> dict:
+        tp, fp, fn = self.counts.T
+        denominator = 2 * tp + fp + fn
+        if not denominator.any():
+            return {"pixel_error": None, "threshold": None}
+        f = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+        k = int(np.argmax(f))  # the first threshold reaching the best F
+        return {"pixel_error": float(1.0 - f[k]), "threshold": self.thresholds[k]}
+
+
+class ChallengeMeter:
+    """The ISBI 2012 errors of one split, image by image: the Rand error of the predicted class map
+    (:class:`RandMeter`: ``rand_error rand_precision rand_recall rand_f``) and the leaderboard
+    forms over thresholds of the cell probability (``rand_error_best rand_best_threshold``,
+    ``pixel_error_best pixel_best_threshold``). The pair and pixel counts are in
+    :meth:`arrays`, so that processes can add them up."""
+
+    def __init__(self, foreground: int = 1, ignore_index: int = 255):
+        self.at_argmax = RandMeter(foreground, ignore_index)
+        self.rand = ThresholdRandMeter(foreground=foreground, ignore_index=ignore_index)
+        self.pixel = ThresholdPixelMeter(foreground=foreground, ignore_index=ignore_index)
+
+    def update(self, pred: np.ndarray, prob_foreground: np.ndarray, target: np.ndarray) -> None:
+        """pred: int[H, W] class map; prob_foreground: float[H, W]; target: int[H, W]."""
+        self.at_argmax.update(pred, target)
+        self.rand.update(prob_foreground, target)
+        self.pixel.update(prob_foreground, target)
+
+    def arrays(self) -> list:
+        """Every meter's count array (replace an entry's contents in place to merge counts)."""
+        return [self.at_argmax.counts, *(m.counts for m in self.rand.meters.values()), self.pixel.counts]
+
+    def compute(self) -> dict:
+        rand, pixel = self.rand.compute(), self.pixel.compute()
+        return {**self.at_argmax.compute(), "rand_error_best": rand["rand_error"],
+                "rand_best_threshold": rand["threshold"], "pixel_error_best": pixel["pixel_error"],
+                "pixel_best_threshold": pixel["threshold"]}
 
 
 def pixel_error(cm: torch.Tensor) -> float | None:

@@ -38,8 +38,10 @@ LOSSES = ("ce", "dice", "focal", "lovasz", "ce+dice")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 WEIGHT_MAPS = ("none", "unet")
 DEVICES = ("cpu", "cuda")
-# validation metrics that can pick best.safetensors (higher is better); auto: mIoU, or mask_AP
-SEMANTIC_SELECT = ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice")
+# validation metrics that can pick best.safetensors; auto: mIoU, or mask_AP. Higher is better except
+# for the ISBI 2012 errors (LOWER_IS_BETTER), which only data with a rand_foreground class has.
+LOWER_IS_BETTER = ("pixel_error", "pixel_error_best", "rand_error", "rand_error_best")
+SEMANTIC_SELECT = ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", *LOWER_IS_BETTER)
 INSTANCE_SELECT = ("mask_AP", "mask_AP50", "mask_AP75", "box_AP")
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -138,7 +140,8 @@ class TrainConfig:
     overwrite: bool = opt(False, "train into an OUT that already holds a run, deleting that run's files first "
                           "(without it, or --resume, such an OUT is refused)")
     select_by: str = opt("auto", "validation metric that picks best.safetensors (auto: mIoU; mask_AP for "
-                         "instance models)", choices=("auto", *SEMANTIC_SELECT, *INSTANCE_SELECT),
+                         "instance models; the ISBI errors, lowest wins, need data such as isbi2012)",
+                         choices=("auto", *SEMANTIC_SELECT, *INSTANCE_SELECT),
                          metavar="METRIC")
     # --- logging --------------------------------------------------------------------------
     progress: bool | None = opt(None, "progress bars (--no-progress: never)",

@@ -71,7 +71,14 @@ from pixelwise.data.inspect import inspect_dataset
 from pixelwise.data.instance_crop import InstanceCrop
 from pixelwise.data.weightmap import UNetWeightMap
 from pixelwise.engine import distributed as dist
-from pixelwise.engine.config import INSTANCE_SELECT, SEMANTIC_SELECT, TrainConfig, default_out, parse_size
+from pixelwise.engine.config import (
+    INSTANCE_SELECT,
+    LOWER_IS_BETTER,
+    SEMANTIC_SELECT,
+    TrainConfig,
+    default_out,
+    parse_size,
+)
 from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
@@ -146,7 +153,7 @@ class TrainState:
     loss_sum: float = 0.0  # sum of loss x images over the finished steps of the epoch in progress
     images: int = 0  # images in loss_sum
     lr: float = 0.0  # learning rate of the latest step
-    best_score: float = -math.inf  # best value of selected_by so far
+    best_score: float = -math.inf  # best value of selected_by so far, negated if lower is better
     best_epoch: int | None = None  # the epoch of best.safetensors
     elapsed_s: float = 0.0  # training wall time, across resumes
     rows: list[dict] = field(default_factory=list)  # metrics.csv: one row per finished epoch
@@ -412,6 +419,9 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     select = select_key(cfg.select_by, task)
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg)
+    if select in LOWER_IS_BETTER and val_ds.rand_foreground is None:
+        raise UserError(f"select_by {select} is an ISBI 2012 error, which {cfg.dataset} validation does not "
+                        "compute (it needs a dataset with cells to count, such as isbi2012); choose another")
     out = Path(cfg.out)
     module = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
                           **cfg.model_kwargs).to(device)
@@ -703,7 +713,8 @@ def evaluate(run: Run) -> dict:
         loader = DataLoader(run.val_shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             collate_fn=eval_collate)
         return validate_semantic(run.saved, loader, run.val_ds.num_classes, run.device,
-                                 list(run.val_ds.class_names), run.show, run.amp, cfg.channels_last)
+                                 list(run.val_ds.class_names), run.show, run.amp, cfg.channels_last,
+                                 rand_foreground=run.val_ds.rand_foreground)
     metrics = None
     if run.info.is_main:
         loader = DataLoader(run.val_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
@@ -727,7 +738,7 @@ def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
     ``metrics.csv``, in that order, each atomically (only rank 0 writes). The state is the commit
     point: a kill before it repeats the epoch on resume, a kill after it is caught up by resume."""
     value = metrics.get(run.select)
-    score = -math.inf if value is None else float(value)
+    score = -math.inf if value is None else -float(value) if run.select in LOWER_IS_BETTER else float(value)
     improved = score > state.best_score
     if improved:
         state.best_score, state.best_epoch = score, state.epoch

@@ -3,7 +3,9 @@
 Semantic models are scored exactly as ``pixelwise eval`` scores a checkpoint: the images arrive
 through the model's input contract (``preprocess``, which may resize them), the probabilities are
 brought back to each label mask's full resolution (:func:`pixelwise.preprocess.upsample_probs`)
-and the metrics come from one confusion matrix. Instance models get COCO box and mask AP.
+and the metrics come from one confusion matrix; data with a ``rand_foreground`` class (ISBI 2012)
+also gets ``pixel_error``, ``pixel_error_best``, ``rand_error`` and ``rand_error_best``, as
+``pixelwise eval`` computes them. Instance models get COCO box and mask AP.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, collate
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.precision import autocast
-from pixelwise.metrics import ConfusionMeter
+from pixelwise.metrics import ChallengeMeter, ConfusionMeter, pixel_error
 from pixelwise.models import forward_logits
 from pixelwise.preprocess import upsample_probs
 from pixelwise.runtime import progress
@@ -52,12 +54,15 @@ def eval_collate(batch: list[dict]) -> list[dict]:
 @torch.no_grad()
 def validate_semantic(model: nn.Module, loader: Iterable, num_classes: int, device: torch.device,
                       class_names: list[str] | None = None, show: bool = True, amp: str = "off",
-                      channels_last: bool = False) -> dict:
+                      channels_last: bool = False, rand_foreground: int | None = None) -> dict:
     """Validation loss (unweighted cross-entropy of the full-resolution probabilities) and the
-    confusion-matrix metrics. Batches may be dicts or lists of dicts (:func:`eval_collate`). Under
-    torchrun each rank passes its own shard and the sums are reduced over ranks."""
+    confusion-matrix metrics; with ``rand_foreground`` (the class whose connected components are
+    the objects) also the ISBI 2012 errors of :mod:`pixelwise.metrics`. Batches may be dicts or lists
+    of dicts (:func:`eval_collate`). Under torchrun each rank passes its own shard and the sums
+    are reduced over ranks."""
     model.eval()
     meter = ConfusionMeter(num_classes)
+    challenge = ChallengeMeter(rand_foreground) if rand_foreground is not None else None
     loss_sum, n = 0.0, 0
     for group in progress(loader, "eval", show, leave=False):
         for batch in group if isinstance(group, list) else [group]:
@@ -69,13 +74,25 @@ def validate_semantic(model: nn.Module, loader: Iterable, num_classes: int, devi
             if torch.isfinite(loss):  # nan when every pixel of the batch is ignored
                 loss_sum += loss.item() * len(probs)
             n += len(probs)
-            meter.update(probs.argmax(1), batch["mask"])
+            pred = probs.argmax(1)
+            meter.update(pred, batch["mask"])
+            if challenge is not None:
+                for p, prob, target in zip(pred.cpu().numpy(), probs[:, rand_foreground].cpu().numpy(),
+                                           batch["mask"].cpu().numpy()):
+                    challenge.update(p, prob, target)
     if dist.active():
         cm = dist.all_reduce_sum(meter.cm.to(device)).cpu()
         meter.cm.copy_(cm)
         sums = dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=device))
         loss_sum, n = sums[0].item(), int(sums[1].item())
+        if challenge is not None:
+            for counts in challenge.arrays():
+                counts[...] = dist.all_reduce_sum(torch.from_numpy(counts).to(device)).cpu().numpy()
     metrics = meter.compute(class_names)
+    if challenge is not None:
+        scores = challenge.compute()
+        metrics["pixel_error"] = pixel_error(meter.cm)
+        metrics.update({k: scores[k] for k in ("pixel_error_best", "rand_error", "rand_error_best")})
     metrics["loss"] = loss_sum / max(n, 1)
     metrics["num_images"] = n
     return metrics

@@ -5,9 +5,10 @@ that ``predict`` uses, so the metrics equal those computed from the masks ``pred
 Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (confusion matrix,
 see :mod:`pixelwise.metrics`), ``bf_score`` (SegNet's boundary F1; ``bf=False`` skips it) and,
 for data whose class ``rand_foreground`` holds the objects (``isbi2012``'s cells), ``pixel_error
-rand_error rand_precision rand_recall`` (ISBI 2012 challenge definitions) and ``rand_error_best
-rand_best_threshold`` (the challenge's form: the best Rand F over probability thresholds 0.0,
-0.1, ..., 0.9). Instance keys: COCO ``mask_AP mask_AP50 mask_AP75 box_AP`` and the rest.
+rand_error rand_precision rand_recall`` (ISBI 2012 challenge definitions at the argmax) and
+``rand_error_best rand_best_threshold pixel_error_best pixel_best_threshold`` (the challenge's
+leaderboard forms: 1 - the best Rand F, and 1 - the best F-score of cell pixels, over
+probability thresholds 0.0, 0.1, ..., 0.9). Instance keys: COCO ``mask_AP mask_AP50 mask_AP75 box_AP`` and the rest.
 Definitions: docs/metrics.md. Every result also records the ``input`` contract it was scored with
 and its ``provenance``: checkpoint path and SHA-256, dataset kind, root, split and options, the
 files the check left out, resize, tile, TTA, and the pixelwise and torch versions.
@@ -26,7 +27,7 @@ from pixelwise.data import SegmentationDataset, build_dataset
 from pixelwise.errors import UserError
 from pixelwise.inference.ensemble import from_checkpoints
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
-from pixelwise.metrics import BFMeter, ConfusionMeter, RandMeter, ThresholdRandMeter, pixel_error
+from pixelwise.metrics import BFMeter, ChallengeMeter, ConfusionMeter, pixel_error
 from pixelwise.runtime import progress as progress_bar
 from pixelwise.sample import Sample
 
@@ -48,29 +49,25 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     meter = ConfusionMeter(ds.num_classes)
     bf_meter = BFMeter(ds.num_classes) if bf else None
     fg = ds.rand_foreground
-    rand_meter = RandMeter(foreground=fg) if fg is not None else None
-    best_rand_meter = ThresholdRandMeter(foreground=fg) if fg is not None else None  # the challenge's form
+    challenge = ChallengeMeter(foreground=fg) if fg is not None else None
     for i in progress_bar(range(len(ds)), "eval", progress):
         sample = ds.load(i)
         prediction = predictor.predict(sample.image)
         meter.update(torch.from_numpy(prediction.mask), torch.from_numpy(sample.mask))
         if bf_meter is not None:
             bf_meter.update(prediction.mask, sample.mask)
-        if rand_meter is not None and best_rand_meter is not None and fg is not None:
-            rand_meter.update(prediction.mask, sample.mask)
+        if challenge is not None and fg is not None:
             assert prediction.probs is not None
-            best_rand_meter.update(prediction.probs[fg].numpy(), sample.mask)
+            challenge.update(prediction.mask, prediction.probs[fg].numpy(), sample.mask)
     metrics = meter.compute(list(ds.class_names))
     if bf_meter is not None:
         bf_result = bf_meter.compute()
         metrics["bf_score"] = bf_result["bf_score"]
         for row, value in zip(metrics["per_class"], bf_result["per_class_bf"]):
             row["bf"] = value
-    if rand_meter is not None and best_rand_meter is not None:
+    if challenge is not None:
         metrics["pixel_error"] = pixel_error(meter.cm)
-        metrics.update(rand_meter.compute())
-        best = best_rand_meter.compute()
-        metrics["rand_error_best"], metrics["rand_best_threshold"] = best["rand_error"], best["threshold"]
+        metrics.update(challenge.compute())
     metrics["num_images"] = len(ds)
     return metrics
 
