@@ -145,3 +145,26 @@ def test_build_transform_keys():
     t = build_transform({"crop": [80, 80], "scale": None, "ignore_index": 7, "flip": False}, train=True)
     o = t(Sample(image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8)))
     assert (o.mask == 7).sum() == 80 * 80 - 16
+
+
+def test_rotate90_with_flip_draws_the_8_symmetries_of_the_square_evenly():
+    """Each output is exactly one of the 8 rotations/flips of the input (image, mask and weight
+    alike), and 800 draws hit each about 100 times."""
+    s = _blocky(h=32, w=32, seed=3)
+    symmetries = [np.rot90(m, k) for k in range(4) for m in (s.mask, s.mask[:, ::-1])]
+    assert len({m.tobytes() for m in symmetries}) == 8
+    t = build_transform({"rotate90": True, "flip": True, "jitter": False}, train=True)
+    counts = np.zeros(8, dtype=int)
+    np.random.seed(0)
+    for _ in range(800):
+        o = t(s)
+        hit = [k for k, m in enumerate(symmetries) if np.array_equal(o.mask, m)]
+        assert len(hit) == 1
+        np.testing.assert_array_equal(o.image[..., 0], o.mask * 40)
+        np.testing.assert_array_equal(o.weight, o.mask + 1.0)
+        counts[hit[0]] += 1
+    assert counts.min() >= 65 and counts.max() <= 135, counts  # binomial(800, 1/8): sd 9.4
+    assert [type(x).__name__ for x in t.transforms][:1] == ["RandomRotate90"]
+    assert "RandomRotate90" not in [type(x).__name__ for x in build_transform({}, train=True).transforms]
+    with pytest.raises(UserError, match="'rotate90'"):
+        build_transform({"rotate90": 1}, train=True)

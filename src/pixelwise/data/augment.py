@@ -1,8 +1,8 @@
 """Paired augmentation presets (albumentations 2.x) working on :class:`Sample` -> :class:`Sample`.
 
 - :func:`train_preset`: optional resize, optional elastic deformation (the U-Net paper's,
-  :mod:`pixelwise.data.elastic`), random scale, pad-if-needed (image 0, mask ignore), random
-  crop, horizontal flip, photometric jitter.
+  :mod:`pixelwise.data.elastic`), optional random quarter turn, random scale, pad-if-needed
+  (image 0, mask ignore), random crop, horizontal flip, photometric jitter.
 - :func:`eval_preset`: optional resize, otherwise the identity.
 
 The resize is :func:`resize_sample`, built on :func:`pixelwise.preprocess.resize_image` (the
@@ -105,14 +105,19 @@ class Augment:
 
 def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float] | None = (0.5, 2.0),
                  flip: bool = True, jitter: bool = True, ignore_index: int = IGNORE_INDEX,
-                 resize: tuple[int, int] | None = None, elastic: ElasticDeform | None = None) -> Augment:
-    """Training augmentation: [resize] -> [elastic deformation] -> random scale in ``scale`` -> pad
-    to ``crop`` -> random ``crop`` (h, w) -> horizontal flip (p=0.5) -> colour jitter (p=0.8).
+                 resize: tuple[int, int] | None = None, elastic: ElasticDeform | None = None,
+                 rotate90: bool = False) -> Augment:
+    """Training augmentation: [resize] -> [elastic deformation] -> [rotation by 0, 90, 180 or 270
+    degrees, equally likely] -> random scale in ``scale`` -> pad to ``crop`` -> random ``crop``
+    (h, w) -> horizontal flip (p=0.5) -> colour jitter (p=0.8).
 
     Without ``crop`` the image size is kept: no random scaling, no padding, no crop (use it when
-    every image already has the training size). ``scale=None`` disables scaling.
+    every image already has the training size; a quarter turn of a non-square image then changes
+    its shape). ``scale=None`` disables scaling. ``rotate90`` with ``flip`` draws each of the 8
+    symmetries of the square with probability 1/8 (for images with no preferred orientation,
+    such as EM sections; the training counterpart of ``--tta d4``).
     """
-    t: list[A.BasicTransform] = []
+    t: list[A.BasicTransform] = [A.RandomRotate90(p=1.0)] if rotate90 else []
     if crop is not None:
         h, w = int(crop[0]), int(crop[1])
         if scale is not None and tuple(scale) != (1.0, 1.0):
@@ -136,7 +141,7 @@ def eval_preset(resize: tuple[int, int] | None = None) -> Augment:
     return Augment([], resize=resize)
 
 
-TRAIN_KEYS = ("crop", "scale", "flip", "jitter", "ignore_index", "resize", "elastic")
+TRAIN_KEYS = ("crop", "scale", "flip", "jitter", "ignore_index", "resize", "elastic", "rotate90")
 
 
 def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
@@ -177,15 +182,15 @@ def build_transform(cfg: dict | None, train: bool) -> Augment:
     """A config dict -> :func:`train_preset` (``train=True``) or :func:`eval_preset`.
 
     Keys (all optional): ``crop: [h, w]`` (or one int for a square), ``scale: [low, high]`` or
-    null, ``flip: bool``, ``jitter: bool``, ``ignore_index: int``, ``resize: [h, w]``, ``elastic:
-    bool`` or ``{sigma, grid}`` (:func:`elastic_of`). Evaluation only uses ``resize``. Unknown
-    keys raise UserError naming the key.
+    null, ``flip: bool``, ``jitter: bool``, ``rotate90: bool``, ``ignore_index: int``, ``resize: [h,
+    w]``, ``elastic: bool`` or ``{sigma, grid}`` (:func:`elastic_of`). Evaluation only uses
+    ``resize``. Unknown keys raise UserError naming the key.
     """
     cfg = dict(cfg or {})
     for key in cfg:
         if key not in TRAIN_KEYS:
             raise UserError(f"unknown augment key {key!r}; known keys: {', '.join(TRAIN_KEYS)}")
-    for key in ("flip", "jitter"):
+    for key in ("flip", "jitter", "rotate90"):
         if key in cfg and not isinstance(cfg[key], bool):
             raise UserError(f"augment key {key!r}: expected true or false, got {cfg[key]!r}")
     ignore = cfg.get("ignore_index", IGNORE_INDEX)
@@ -197,4 +202,5 @@ def build_transform(cfg: dict | None, train: bool) -> Augment:
         return eval_preset(resize)
     scale = _pair(cfg, "scale", float) if "scale" in cfg else (0.5, 2.0)
     return train_preset(crop=_pair(cfg, "crop", int), scale=scale, flip=cfg.get("flip", True),
-                        jitter=cfg.get("jitter", True), ignore_index=ignore, resize=resize, elastic=elastic)
+                        jitter=cfg.get("jitter", True), ignore_index=ignore, resize=resize, elastic=elastic,
+                        rotate90=cfg.get("rotate90", False))
