@@ -47,3 +47,44 @@ def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
     for key in ("pixel_acc", "mIoU", "mean_acc", "fwIoU"):
         assert final[key] == pytest.approx(m[key], abs=1e-9), key
     assert final["val_loss"] == pytest.approx(m["loss"], rel=1e-5)
+
+
+def test_torchrun_validation_sums_the_isbi_errors_over_ranks(tmp_path):
+    """On ISBI data every rank scores its shard of the validation slices (2 + 1 here); the pair and
+    pixel counts behind the Rand and leaderboard pixel errors are summed over ranks, so the errors
+    equal one process's over all slices."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "isbi"
+    (root / "train" / "image").mkdir(parents=True)
+    (root / "train" / "label").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        cells = np.full((40, 40), 255, np.uint8)
+        cells[rng.integers(0, 40, 4), :] = 0
+        cells[:, rng.integers(0, 40, 4)] = 0
+        image = np.clip(cells * 0.7 + rng.normal(40, 30, cells.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image, mode="L").save(root / "train" / "image" / f"{i}.png")
+        Image.fromarray(cells, mode="L").save(root / "train" / "label" / f"{i}.png")
+    out = tmp_path / "ddp"
+    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
+                                                                             "torch.distributed.run"]
+    kwargs = {"val_count": 3}
+    cmd = [*launcher, "--standalone", "--nproc_per_node", "2", "-m", "pixelwise", "train", "--model", "unet",
+           "--dataset", "isbi2012", "--data", str(root), "--epochs", "1", "--batch-size", "1", "--no-progress",
+           "--amp", "off", "--out", str(out), "--model-kwargs", json.dumps(TINY_MODEL),
+           "--dataset-kwargs", json.dumps(kwargs), "--augment", '{"flip": false, "jitter": false}']
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((out / "metrics.json").read_text())["final"]
+
+    model, _ = load_checkpoint(out / "last.safetensors")
+    val = build_dataset("isbi2012", str(root), "val", **kwargs)
+    m = validate_semantic(model, DataLoader(val, batch_size=1, collate_fn=eval_collate), val.num_classes,
+                          torch.device("cpu"), list(val.class_names), show=False,
+                          rand_foreground=val.rand_foreground)
+    assert m["num_images"] == final["num_images"] == 3
+    for key in ("pixel_error", "pixel_error_best", "rand_error", "rand_error_best"):
+        assert final[key] == pytest.approx(m[key], abs=1e-9), key
