@@ -1,4 +1,4 @@
-"""Shared test helpers: paths to ../shared data and torchvision fixtures."""
+"""Shared test helpers: paths to ../shared data and torchvision fixtures, a tiny ISBI folder."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PIXELWISE_SHARED", ROOT.parent / "shared"))
@@ -25,6 +26,19 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (expected ../shared beside the checkout)")
     return path
+
+
+def write_isbi_tree(root: Path, rng: np.random.Generator, count: int = 6, size: int = 48) -> None:
+    """An isbi2012 folder of ``count`` noisy slices whose membranes are random full rows and columns."""
+    (root / "train" / "image").mkdir(parents=True)
+    (root / "train" / "label").mkdir(parents=True)
+    for i in range(count):
+        cells = np.ones((size, size), np.uint8) * 255
+        cells[rng.integers(0, size, 4), :] = 0
+        cells[:, rng.integers(0, size, 4)] = 0
+        image = np.clip(cells.astype(float) * 0.7 + rng.normal(40, 30, cells.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image, mode="L").save(root / "train" / "image" / f"{i}.png")
+        Image.fromarray(cells, mode="L").save(root / "train" / "label" / f"{i}.png")
 
 
 def load_fixture(name: str):

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from conftest import write_isbi_tree
 from pixelwise.checkpoint import load_checkpoint
 from pixelwise.data import build_dataset
 from pixelwise.engine.validate import eval_collate, validate_semantic
@@ -53,20 +55,8 @@ def test_torchrun_validation_sums_the_isbi_errors_over_ranks(tmp_path):
     """On ISBI data every rank scores its shard of the validation slices (2 + 1 here); the pair and
     pixel counts behind the Rand and leaderboard pixel errors are summed over ranks, so the errors
     equal one process's over all slices."""
-    import numpy as np
-    from PIL import Image
-
     root = tmp_path / "isbi"
-    (root / "train" / "image").mkdir(parents=True)
-    (root / "train" / "label").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(9):
-        cells = np.full((40, 40), 255, np.uint8)
-        cells[rng.integers(0, 40, 4), :] = 0
-        cells[:, rng.integers(0, 40, 4)] = 0
-        image = np.clip(cells * 0.7 + rng.normal(40, 30, cells.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(image, mode="L").save(root / "train" / "image" / f"{i}.png")
-        Image.fromarray(cells, mode="L").save(root / "train" / "label" / f"{i}.png")
+    write_isbi_tree(root, np.random.default_rng(0), count=9, size=40)
     out = tmp_path / "ddp"
     launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
                                                                              "torch.distributed.run"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_isbi_tree
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data import build_dataset
@@ -188,23 +189,10 @@ def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
         assert g_row["pixels"] == w_row["pixels"]
 
 
-def _isbi_tree(root, rng, count=6, size=48):
-    """An isbi2012 folder of ``count`` noisy slices whose membranes are random full rows and columns."""
-    (root / "train" / "image").mkdir(parents=True)
-    (root / "train" / "label").mkdir(parents=True)
-    for i in range(count):
-        cells = np.ones((size, size), np.uint8) * 255
-        cells[rng.integers(0, size, 4), :] = 0
-        cells[:, rng.integers(0, size, 4)] = 0
-        image = np.clip(cells.astype(float) * 0.7 + rng.normal(40, 30, cells.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(image, mode="L").save(root / "train" / "image" / f"{i}.png")
-        Image.fromarray(cells, mode="L").save(root / "train" / "label" / f"{i}.png")
-
-
 def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
     rng = np.random.default_rng(1)
     root = tmp_path / "isbi"
-    _isbi_tree(root, rng)
+    write_isbi_tree(root, rng)
     ckpt = _checkpoint(tmp_path / "isbi.safetensors", 2, ["membrane", "cell"], [[0, 0, 0], [255, 255, 255]], seed=3)
     out = tmp_path / "pred"
     images = [str(root / "train" / "image" / f"{i}.png") for i in (2, 3, 4, 5)]  # val split: the last 4 of 6
@@ -305,7 +293,7 @@ def test_isbi_validation_scores_the_challenge_errors_as_eval_and_can_select_on_t
     ``pixelwise eval`` computes them, and ``--select-by rand_error_best`` keeps the epoch with the
     lowest one; data without cells to count refuses that choice."""
     root = tmp_path / "isbi"
-    _isbi_tree(root, np.random.default_rng(2), count=8, size=40)
+    write_isbi_tree(root, np.random.default_rng(2), count=8, size=40)
     run = tmp_path / "run"
     assert main(["train", "--model", "unet", "--dataset", "isbi2012", "--data", str(root), "--out", str(run),
                  "--epochs", "4", "--batch-size", "2", "--lr", "0.02", "--amp", "off", "--no-progress",
