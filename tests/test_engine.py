@@ -357,6 +357,43 @@ def test_time_budget_stops_and_anneals(tmp_path):
     assert (tmp_path / "best.safetensors").is_file()
 
 
+def test_val_every_skips_validation_without_changing_training(tmp_path):
+    # every 2nd epoch and the last (5) are validated; the training itself (losses, validated
+    # metrics, the weights) is the same as with validation after every epoch, and best is the
+    # best of the validated epochs
+    every = fit(tiny(tmp_path / "every", epochs=5, select_by="pixel_acc"), log=quiet)
+    some = fit(tiny(tmp_path / "some", epochs=5, select_by="pixel_acc", val_every=2), log=quiet)
+    rows = {name: list(csv.DictReader((tmp_path / name / "metrics.csv").read_text().splitlines()))
+            for name in ("every", "some")}
+    assert [r["epoch"] for r in rows["some"]] == ["1", "2", "3", "4", "5"]
+    assert list(rows["some"][0])[-3:] == ["lr", "img_per_s", "elapsed_s"]  # metrics columns first
+    validated = [int(r["epoch"]) for r in rows["some"] if r["pixel_acc"]]
+    assert validated == [2, 4, 5]
+    for a, b in zip(rows["every"], rows["some"], strict=True):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), abs=1e-6)
+        if b["pixel_acc"]:
+            assert float(a["pixel_acc"]) == pytest.approx(float(b["pixel_acc"]), abs=1e-6)
+            assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-5)
+        else:
+            assert b["val_loss"] == "" and b["mIoU"] == ""
+    weights_equal(tmp_path / "every", tmp_path / "some")
+    values = {int(r["epoch"]): float(r["pixel_acc"]) for r in rows["every"] if int(r["epoch"]) in validated}
+    best = max(values.values())
+    assert some["best_epoch"] == min(e for e, v in values.items() if v == best)
+    _, meta = read_checkpoint(tmp_path / "some" / "best.safetensors")
+    assert meta["training"]["epoch"] == some["best_epoch"] and "val" in meta["training"]
+    assert every["epochs_completed"] == some["epochs_completed"] == 5
+
+
+def test_val_every_still_validates_the_epoch_the_time_budget_ends(tmp_path):
+    s = fit(tiny(tmp_path, epochs=5, batch_size=2, max_minutes=1e-4, val_every=3), log=quiet)
+    assert s["stopped_by_time_budget"] and s["epochs_completed"] == 1
+    assert s["best_epoch"] == 1 and s["final"]["pixel_acc"] is not None
+    assert (tmp_path / "best.safetensors").is_file()
+    with pytest.raises(UserError, match="val_every"):
+        TrainConfig(val_every=0)
+
+
 def test_eval_collate_stacks_equal_sizes_and_splits_mixed_sizes():
     def item(h, w):
         return {"image": torch.zeros(3, h, w), "mask": torch.zeros(h, w, dtype=torch.long), "name": f"{h}x{w}"}

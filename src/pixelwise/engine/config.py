@@ -143,6 +143,9 @@ class TrainConfig:
                          "instance models; the ISBI errors, lowest wins, need data such as isbi2012)",
                          choices=("auto", *SEMANTIC_SELECT, *INSTANCE_SELECT),
                          metavar="METRIC")
+    val_every: int = opt(1, "validate after every N-th epoch (and after the last epoch of each stage and the one "
+                         "the time budget ends); best.safetensors is chosen among the validated epochs", ge=1,
+                         metavar="N")
     # --- logging --------------------------------------------------------------------------
     progress: bool | None = opt(None, "progress bars (--no-progress: never)",
                                 default_text="only when stderr is a terminal")

@@ -582,9 +582,12 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
     run.train_ds.transform = train_transform(stage.cfg, weights)
     while state.stage_epoch < stage.cfg.epochs and not state.stage_stopped:  # stopped: by the time budget
         stats = train_one_epoch(run, stage, state)
-        metrics = evaluate(run)
+        validated = ((state.epoch + 1) % run.cfg.val_every == 0 or stats.stopped_by_time
+                     or state.stage_epoch + 1 == stage.cfg.epochs)
+        metrics = evaluate(run) if validated else {}
         row = {"epoch": state.epoch + 1, **({"stage": stage.name} if multi else {}),
-               "train_loss": stats.train_loss, "val_loss": metrics.get("loss"),
+               "train_loss": stats.train_loss,
+               **({"val_loss": metrics.get("loss")} if validated else {}),
                **{k: v for k, v in metrics.items() if isinstance(v, float | int) and k != "loss"},
                "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": round(stats.img_per_s, 2)}
         state.epoch, state.stage_epoch, state.batch = state.epoch + 1, state.stage_epoch + 1, 0
@@ -744,7 +747,7 @@ def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
         state.best_score, state.best_epoch = score, state.epoch
     if not run.info.is_main:
         return
-    meta = checkpoint_meta(run, {"epoch": state.epoch, "val": metrics})
+    meta = checkpoint_meta(run, {"epoch": state.epoch, **({"val": metrics} if metrics else {})})
     if improved:
         save_checkpoint(run.out / "best.safetensors", run.saved, meta)
     save_checkpoint(run.out / "last.safetensors", run.saved, meta)
@@ -769,6 +772,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
+    tail = ("lr", "img_per_s", "elapsed_s")  # after the metrics, also when the first rows had none (val_every)
+    keys = [k for k in keys if k not in tail] + [k for k in tail if k in keys]
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
