@@ -78,3 +78,41 @@ def test_torchrun_validation_sums_the_isbi_errors_over_ranks(tmp_path):
     assert m["num_images"] == final["num_images"] == 3
     for key in ("pixel_error", "pixel_error_best", "rand_error", "rand_error_best"):
         assert final[key] == pytest.approx(m[key], abs=1e-9), key
+
+
+SKEWED_CLOCK = """
+import os, sys, time
+import pixelwise.engine.trainer as trainer
+if os.environ["RANK"] == "0":  # rank 0's clock jumps an hour ahead after its first calls
+    class Clock:
+        calls = 0
+        def __getattr__(self, name):
+            return getattr(time, name)
+        def monotonic(self):
+            Clock.calls += 1
+            return time.monotonic() + (3600.0 if Clock.calls > 6 else 0.0)
+    trainer.time = Clock()
+from pixelwise.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_ranks_stop_together_when_one_clock_passes_the_time_budget(tmp_path):
+    # rank 0 sees the 10-minute budget spent within the first epoch, rank 1 does not: every rank
+    # must stop after the same step (a rank that stops alone leaves the other waiting in a
+    # collective, and the run hangs or fails)
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED_CLOCK)
+    out = tmp_path / "ddp"
+    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
+                                                                             "torch.distributed.run"]
+    cmd = [*launcher, "--standalone", "--nproc_per_node", "2", str(script), "train", "--model", "unet",
+           "--dataset", "shapes", "--epochs", "3", "--batch-size", "2", "--max-minutes", "10", "--no-progress",
+           "--amp", "off", "--out", str(out),
+           "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["stopped_by_time_budget"] and summary["epochs_completed"] == 1
+    assert 1 <= summary["steps"] < 4  # 16 images / 2 ranks / batch 2 = 4 steps per epoch

@@ -639,7 +639,8 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
     stage's scheduled LR; the loss of each micro-batch is divided by the group's size, so the
     step uses the mean gradient. After each step the state's counters, running loss and RNG
     states are updated and the callbacks run with ``("step", state)``. The epoch ends early at
-    the first step after the stage's deadline (the time budget).
+    the first step after the stage's deadline (the time budget). Under torchrun the LR's time
+    fraction and that deadline are read from rank 0's clock, so the ranks cannot disagree.
     """
     cfg, model, optimizer, scaler = stage.cfg, run.model, run.optimizer, run.scaler
     loader = epoch_loader(run, stage, state)
@@ -661,7 +662,8 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
             last_in_group = i + 1 == group_start + group_size
             if i == group_start:
                 held.hold()
-                state.lr = apply_lr(optimizer, stage.lr_factor(state, run.elapsed()))
+                now = dist.broadcast_object(run.elapsed())  # rank 0's clock: every rank sets the same LR
+                state.lr = apply_lr(optimizer, stage.lr_factor(state, now))
             batch = to_device(batch, run.device, run.cfg.channels_last)
             sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()  # type: ignore[operator]
             with sync:
@@ -696,7 +698,8 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
             speed = seen * run.info.world_size / max(time.monotonic() - t0, 1e-9)
             bar.set_postfix(loss=f"{state.loss_sum / max(state.images, 1):.4f}", lr=f"{state.lr:.2e}",
                             img_s=f"{speed:.1f}")
-            if deadline is not None and last_in_group and time.monotonic() > deadline:
+            # rank 0 decides, so that every rank stops after the same step (no rank left waiting)
+            if deadline is not None and last_in_group and dist.broadcast_object(time.monotonic() > deadline):
                 stopped = True
                 break
     finally:
