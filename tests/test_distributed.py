@@ -22,16 +22,20 @@ TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
 TINY_DATA = {"num_train": 16, "num_val": 7, "size": 32}  # 7 val images: uneven shards (4 + 3)
 
 
-def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
-    out = tmp_path / "ddp"
+def torchrun_train(args: list[str], timeout: int, entry: tuple[str, ...] = ("-m", "pixelwise")):
+    """``pixelwise train ARGS`` in 2 CPU processes under torchrun (``entry``: what each process runs)."""
     launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
                                                                              "torch.distributed.run"]
-    cmd = [*launcher, "--standalone", "--nproc_per_node", "2", "-m", "pixelwise", "train", "--model", "unet",
-           "--dataset", "shapes", "--epochs", "2", "--batch-size", "4", "--no-progress", "--amp", "off",
-           "--out", str(out),
-           "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([*launcher, "--standalone", "--nproc_per_node", "2", *entry, "train", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
+    out = tmp_path / "ddp"
+    proc = torchrun_train(["--model", "unet", "--dataset", "shapes", "--epochs", "2", "--batch-size", "4",
+                           "--no-progress", "--amp", "off", "--out", str(out), "--model-kwargs", json.dumps(TINY_MODEL),
+                           "--dataset-kwargs", json.dumps(TINY_DATA)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done in") == 1  # rank 0 only prints
     summary = json.loads((out / "metrics.json").read_text())
@@ -58,15 +62,11 @@ def test_torchrun_validation_sums_the_isbi_errors_over_ranks(tmp_path):
     root = tmp_path / "isbi"
     write_isbi_tree(root, np.random.default_rng(0), count=9, size=40)
     out = tmp_path / "ddp"
-    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
-                                                                             "torch.distributed.run"]
     kwargs = {"val_count": 3}
-    cmd = [*launcher, "--standalone", "--nproc_per_node", "2", "-m", "pixelwise", "train", "--model", "unet",
-           "--dataset", "isbi2012", "--data", str(root), "--epochs", "1", "--batch-size", "1", "--no-progress",
-           "--amp", "off", "--out", str(out), "--model-kwargs", json.dumps(TINY_MODEL),
-           "--dataset-kwargs", json.dumps(kwargs), "--augment", '{"flip": false, "jitter": false}']
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_train(["--model", "unet", "--dataset", "isbi2012", "--data", str(root), "--epochs", "1",
+                           "--batch-size", "1", "--no-progress", "--amp", "off", "--out", str(out),
+                           "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(kwargs),
+                           "--augment", '{"flip": false, "jitter": false}'], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((out / "metrics.json").read_text())["final"]
 
@@ -104,14 +104,10 @@ def test_torchrun_ranks_stop_together_when_one_clock_passes_the_time_budget(tmp_
     script = tmp_path / "skewed.py"
     script.write_text(SKEWED_CLOCK)
     out = tmp_path / "ddp"
-    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
-                                                                             "torch.distributed.run"]
-    cmd = [*launcher, "--standalone", "--nproc_per_node", "2", str(script), "train", "--model", "unet",
-           "--dataset", "shapes", "--epochs", "3", "--batch-size", "2", "--max-minutes", "10", "--no-progress",
-           "--amp", "off", "--out", str(out),
-           "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    proc = torchrun_train(["--model", "unet", "--dataset", "shapes", "--epochs", "3", "--batch-size", "2",
+                           "--max-minutes", "10", "--no-progress", "--amp", "off", "--out", str(out),
+                           "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)],
+                          timeout=240, entry=(str(script),))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["stopped_by_time_budget"] and summary["epochs_completed"] == 1
