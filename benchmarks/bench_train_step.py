@@ -25,14 +25,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pixelwise.models import create_model
+from pixelwise.models import create_model, forward_logits
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> float:
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(forward_logits(model, x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -40,7 +40,8 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def gradients(model: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+def gradients(model: torch.nn.Module, forward: torch.nn.Module, x: torch.Tensor,
+              y: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Loss and all parameter gradients (one float64 vector) of one forward/backward through
     ``forward`` (the model or its compiled form), no update. Dropout is switched off for it: it
     draws its mask in memory order, so two layouts draw different (equally distributed) masks."""
@@ -48,7 +49,7 @@ def gradients(model: torch.nn.Module, forward, x: torch.Tensor, y: torch.Tensor)
     for m in dropouts:
         m.eval()
     model.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(forward(x), y)
+    loss = F.cross_entropy(forward_logits(forward, x), y)
     loss.backward()
     for m in dropouts:
         m.train()

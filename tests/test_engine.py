@@ -386,7 +386,7 @@ def test_val_every_skips_validation_without_changing_training(tmp_path):
 
 
 def test_channels_last_trains_the_same_network(tmp_path):
-    # NHWC is a speed-up (x1.3 per U-Net step on a 2-core CPU), not another training: the same
+    # NHWC is a speed-up (x1.4 per U-Net step on a 2-core CPU), not another training: the same
     # losses, validation and weights up to float rounding, and checkpoints that load as usual.
     # SGD, because Adam's first steps are about sign(gradient), which turns rounding in the
     # near-zero gradients into differences of a whole step (1e-4 in the loss after 3 epochs here)
