@@ -31,20 +31,9 @@ from scipy import ndimage
 
 from pixelwise.data import build_dataset
 from pixelwise.inference.predictor import Predictor
-from pixelwise.metrics import RAND_THRESHOLDS, label_components, rand_counts, rand_scores
+from pixelwise.metrics import RAND_THRESHOLDS, label_components, rand_counts, rand_scores, segment_rand_counts
 
 BANDS = ((0, 1.5, "1"), (1.5, 2.5, "2"), (2.5, 4.5, "3-4"), (4.5, 8.5, "5-8"), (8.5, np.inf, ">8"))
-
-
-def segment_counts(gt_seg: np.ndarray, pred_seg: np.ndarray) -> np.ndarray:
-    """Foreground-restricted pair counts ``(sum_ab, sum_a, sum_b)`` of two labellings (0 = membrane;
-    a predicted 0 inside a ground-truth cell is a segment of its own), as ``rand_counts``."""
-    keep = gt_seg > 0
-    g, p = gt_seg[keep], pred_seg[keep]
-    alone = float((p == 0).sum())
-    joint = np.unique(g[p > 0] * (int(p.max()) + 1) + p[p > 0], return_counts=True)[1].astype(np.float64)
-    a, b = np.bincount(g).astype(np.float64), np.bincount(p[p > 0]).astype(np.float64)
-    return np.array([(joint**2).sum() + alone, (a**2).sum(), (b**2).sum() + alone])
 
 
 def attribute_to_nearest(pred_seg: np.ndarray) -> np.ndarray:
@@ -66,40 +55,35 @@ def main() -> None:
 
     ds = build_dataset("isbi2012", args.data, split=args.split, val_count=args.val_count)
     fg = ds.rand_foreground
-    masks = [ds.load(i).mask for i in range(len(ds))]
+    samples = [ds.load(i) for i in range(len(ds))]
+    cell_pixels = sum(np.count_nonzero(sample.mask == fg) for sample in samples)
     for px in (-1, 1, 2, 3):
         counts, lost = np.zeros(3), 0
-        for mask in masks:
+        for sample in samples:
             grow = ndimage.binary_dilation if px > 0 else ndimage.binary_erosion
-            membrane = grow(mask != fg, structure=np.ones((3, 3)), iterations=abs(px))
-            counts += rand_counts(np.where(membrane, -1, fg), mask, foreground=fg)
-            lost += np.count_nonzero(membrane & (mask == fg))
+            membrane = grow(sample.mask != fg, structure=np.ones((3, 3)), iterations=abs(px))
+            counts += rand_counts(np.where(membrane, -1, fg), sample.mask, foreground=fg)
+            lost += np.count_nonzero(membrane & (sample.mask == fg))
         print(f"{args.split} ground truth, membranes {abs(px)} px {'thicker' if px > 0 else 'thinner'}: Rand error "
-              f"{rand_scores(*counts)['rand_error']:.4f}, cell pixels lost "
-              f"{lost / sum(np.count_nonzero(m == fg) for m in masks):.3f}")
+              f"{rand_scores(*counts)['rand_error']:.4f}, cell pixels lost {lost / cell_pixels:.3f}")
     if not args.checkpoint:
         return
     predictor = Predictor.from_checkpoint(args.checkpoint, tta=args.tta)
     slices = []
-    for i in range(len(ds)):
-        sample = ds.load(i)
+    for sample in samples:
         cell = sample.mask == fg
-        slices.append((predictor.predict(sample.image).probs[fg].numpy(), sample.mask, label_components(cell),
+        slices.append((predictor.predict(sample.image).probs[fg].numpy(), label_components(cell),
                        ndimage.distance_transform_edt(cell)))
-    cell_pixels = sum(int((gt > 0).sum()) for _, _, gt, _ in slices)
     print(f"{args.checkpoint}, {args.split} ({len(slices)} slices), tta {args.tta}")
     print("thr   rand    P / R        cell->membrane  by distance " + " / ".join(b[2] for b in BANDS)
           + " px   attributed: rand  P / R")
     for t in RAND_THRESHOLDS[1:]:  # 0.0 calls nearly every pixel cell: never the best
         plain, attributed, bands = np.zeros(3), np.zeros(3), np.zeros(len(BANDS))
-        for prob, mask, gt_seg, dist in slices:
+        for prob, gt_seg, dist in slices:
             called_cell = prob > t
-            pred_seg = label_components(called_cell)
-            counts = segment_counts(gt_seg, pred_seg)
-            # the same counts as the library's metric (pixelwise eval), computed independently
-            assert np.allclose(counts, rand_counts(np.where(called_cell, fg, -1), mask, foreground=fg))
-            plain += counts
-            attributed += segment_counts(gt_seg, attribute_to_nearest(pred_seg))
+            pred_seg = label_components(called_cell)  # as rand_counts labels it (pixelwise eval's metric)
+            plain += segment_rand_counts(gt_seg, pred_seg)
+            attributed += segment_rand_counts(gt_seg, attribute_to_nearest(pred_seg))
             lost = (gt_seg > 0) & ~called_cell
             bands += [np.count_nonzero(lost & (dist > lo) & (dist <= hi)) for lo, hi, _ in BANDS]
         s, a = rand_scores(*plain), rand_scores(*attributed)

@@ -224,10 +224,15 @@ def rand_counts(pred: np.ndarray, target: np.ndarray, foreground: int = 1,
     target = np.asarray(target)
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} != target shape {target.shape}")
-    gt_seg = label_components(target == foreground)
-    pr_seg = label_components((pred == foreground) & (target != ignore_index))
+    return segment_rand_counts(label_components(target == foreground),
+                               label_components((pred == foreground) & (target != ignore_index)))
+
+
+def segment_rand_counts(gt_seg: np.ndarray, pred_seg: np.ndarray) -> tuple[float, float, float]:
+    """:func:`rand_counts` of two labellings, int[H, W] with 0 = no segment (membrane): only pixels
+    with ``gt_seg > 0`` are counted, and a 0 of ``pred_seg`` among them is a segment of its own."""
     keep = gt_seg > 0
-    g, p = gt_seg[keep], pr_seg[keep]
+    g, p = gt_seg[keep], pred_seg[keep]
     if g.size == 0:
         return 0.0, 0.0, 0.0
     n_zero = float((p == 0).sum())
