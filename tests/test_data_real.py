@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import CAMVID, ISBI, require
 from pixelwise.data import build_dataset, collate
 from pixelwise.data.augment import train_preset
+from pixelwise.errors import UserError
 
 
 @pytest.mark.parametrize("split,expected", [("train", 367), ("val", 101)])
@@ -82,3 +83,8 @@ def test_isbi_tiff_stack_layout(tmp_path):
     np.testing.assert_array_equal(s.image[..., 0], frames[3])
     np.testing.assert_array_equal(s.mask, (labels[3] >= 128).astype(np.uint8))
     assert len(build_dataset("isbi2012", str(tmp_path), "val", val_count=2)) == 2
+    # a volume cut short in its page directories is named, not taken for a bad option
+    data = (tmp_path / "train-volume.tif").read_bytes()
+    (tmp_path / "train-volume.tif").write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match="train-volume.tif: unreadable or truncated"):
+        build_dataset("isbi2012", str(tmp_path), "train", val_count=2)

@@ -198,6 +198,12 @@ def test_unique_stems_rule():
     paths = [Path("x/c.png"), Path("x/c.JPG"), Path("y/c.png"), Path("x/d.png"), Path("x/D.tif")]
     assert unique_stems(paths) == ["c_png", "c_jpg", "c_png_2", "d_png", "D_tif"]
     assert unique_stems([Path("a.png"), Path("a_instances.png")], instance=True) == ["a", "a_instances_2"]
+    # the frames of a stack: zero-padded to the width of the last index, at least 2; a stack's stem
+    # collides with another file's as a still image's does
+    stack = [Path("x/s.tif")] * 11 + [Path("y/s.png"), Path("x/t.gif"), Path("x/t.gif")]
+    frames = [(k, 11) for k in range(11)] + [(0, 1), (0, 2), (1, 2)]
+    assert unique_stems(stack, frames=frames) == [f"s_tif_{k:02d}" for k in range(11)] + ["s_png", "t_00", "t_01"]
+    assert unique_stems([Path("v.tif")] * 101, frames=[(k, 101) for k in range(101)])[7] == "v_007"
     assert output_names("s", instance=True) == ["s.png", "s_instances.png", "s_overlay.png", "s.json"]
 
 
@@ -240,3 +246,59 @@ def test_skip_invalid_predicts_the_rest_lists_the_skipped_and_exits_3(checkpoint
     assert main(["predict", "--checkpoint", str(checkpoint), str(folder / "empty.jpg"), "--out",
                  str(tmp_path / "none"), "--skip-invalid"]) == 2
     assert "none of the 1 input(s) can be read" in _one_error(capsys)
+
+
+def _stack(path, pages):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [Image.fromarray(page) for page in pages]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    return path
+
+
+def test_a_multi_frame_file_is_predicted_frame_by_frame(checkpoint, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    pages = [rng.integers(0, 255, (24, 32, 3), dtype=np.uint8) for _ in range(3)]
+    pages.append(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8))  # a last page of another size
+    _stack(tmp_path / "in" / "vol.tif", pages)
+    _image(tmp_path / "in" / "vol_01.png")  # the name of the stack's second frame
+    (tmp_path / "pages").mkdir()
+    for k, page in enumerate(pages):
+        Image.fromarray(page).save(tmp_path / "pages" / f"page{k}.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 5 prediction(s)" in printed and "1 multi-frame file(s) predicted frame by frame" in printed
+    assert sorted(p.name for p in out.iterdir() if not p.stem.endswith("_overlay")) == [
+        "vol_00.png", "vol_01.png", "vol_01_2.png", "vol_02.png", "vol_03.png"]
+    # each frame's mask is the prediction of that page saved as an image of its own
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "pages"), "--out",
+                 str(tmp_path / "single"), "--no-progress"]) == 0
+    for k, page in enumerate(pages):
+        mask = np.array(Image.open(out / f"vol_{k:02d}.png"))
+        assert mask.shape == page.shape[:2]
+        np.testing.assert_array_equal(mask, np.array(Image.open(tmp_path / "single" / f"page{k}.png")))
+
+
+def test_a_damaged_frame_is_named_and_nothing_is_written(checkpoint, tmp_path, capsys):
+    from pixelwise.data.io import read_image
+    from pixelwise.errors import UserError
+
+    rng = np.random.default_rng(4)
+    whole = _stack(tmp_path / "whole.tif", [rng.integers(0, 255, (30, 40), dtype=np.uint8) for _ in range(3)])
+    with pytest.raises(UserError, match="has no frame 3 \\(3 frame\\(s\\)"):
+        read_image(whole, 3)
+    data = whole.read_bytes()
+    _stack(tmp_path / "in" / "good.tif", [rng.integers(0, 255, (30, 40), dtype=np.uint8) for _ in range(2)])
+    # cut into the last page's pixels, then into the page directories (PIL: TypeError while counting)
+    for cut in (100, 1500):
+        (tmp_path / "in" / "damaged.tif").write_bytes(data[:len(data) - cut])
+        out = tmp_path / f"out{cut}"
+        assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(out)]) == 2
+        line = _one_error(capsys)
+        assert "1 of 2 input(s) cannot be read" in line and "damaged.tif" in line and not out.exists()
+        assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(out),
+                     "--skip-invalid", "--no-progress"]) == 3
+        assert "wrote 2 prediction(s)" in capsys.readouterr().out
+        assert sorted(p.name for p in out.iterdir()) == ["good_00.png", "good_00_overlay.png", "good_01.png",
+                                                         "good_01_overlay.png"]

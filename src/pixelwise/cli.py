@@ -395,9 +395,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
                          uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress)
     written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress)
-    renamed = sum(stem != path.stem for path, stem in zip(plan.paths, plan.stems))
+    stacks = {path for path, frame in zip(plan.paths, plan.frames) if frame > 0}
+    renamed = sum(stem != path.stem for path, stem in zip(plan.paths, plan.stems) if path not in stacks)
     inputs = "; ".join(m.input_spec.describe() for m in members)
     print(f"wrote {len(written)} prediction(s) to {args.out} (input: {inputs})"
+          + (f"; {len(stacks)} multi-frame file(s) predicted frame by frame as <stem>_<frame>" if stacks else "")
           + (f"; {renamed} named <stem>_<ext> because input stems collide" if renamed else ""))
     for reason in plan.skipped:
         print(f"pixelwise: skipped {reason}", file=sys.stderr)

@@ -40,6 +40,9 @@ PathLike = str | os.PathLike
 # What PIL raises for broken files: truncated data (OSError), bad headers (SyntaxError,
 # UnidentifiedImageError), bad chunks (ValueError), absurd sizes (DecompressionBombError).
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# ... and where it counts or seeks the frames of a TIFF stack whose page directory is cut short,
+# TypeError ("Missing dimensions"), after warning "Corrupt EXIF data".
+_PIL_FRAME_ERRORS = (*_PIL_ERRORS, TypeError)
 _ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's own default
 _max_pixels = DEFAULT_MAX_PIXELS
@@ -84,21 +87,43 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def _open_loaded(path: PathLike) -> Image.Image:
-    """Open and fully decode the first frame, with EXIF orientation applied."""
+def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
+    """Open and fully decode one frame (the first by default), with EXIF orientation applied."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
         img: Image.Image = _open(path)
+        if frame:
+            count = frame_count(path)
+            if not 0 <= frame < count:
+                raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
+            img.seek(frame)
+            if img.size[0] * img.size[1] > _max_pixels:
+                raise _too_large(path, img.size[0] * img.size[1], img.size)
         img.load()
         if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
             img = ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
         raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
-    except _PIL_ERRORS as e:
-        raise UserError(f"{path}: unreadable or truncated image ({e}); re-export it or remove it") from None
+    except _PIL_FRAME_ERRORS as e:
+        where = f" (frame {frame})" if frame else ""
+        raise UserError(f"{path}: unreadable or truncated image{where} ({e}); re-export it or remove it") from None
     return img
+
+
+def frame_count(path: PathLike) -> int:
+    """How many frames (pages of a TIFF stack, frames of an animation) an image file holds; 1 for
+    a still image. Reads the header only (and, for GIF, PIL's scan of the frame markers)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's "Corrupt EXIF data" before the error below
+            with _open(Path(path)) as img:
+                return int(getattr(img, "n_frames", 1))
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
+    except _PIL_FRAME_ERRORS as e:
+        raise UserError(f"{path}: unreadable or truncated image ({e}); re-export it or remove it") from None
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
@@ -142,14 +167,15 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def read_image(path: PathLike) -> np.ndarray:
+def read_image(path: PathLike, frame: int = 0) -> np.ndarray:
     """Read an image file as RGB. -> uint8[H, W, 3].
 
     Handles RGB, L, LA, RGBA, P (palette expanded to colours), 1, CMYK and 16/32-bit
-    grayscale (see :func:`_to_uint8`); multi-frame files give their first frame; the EXIF
+    grayscale (see :func:`_to_uint8`); a multi-frame file (TIFF stack, animation) gives the frame
+    ``frame``, counted from 0 (:func:`frame_count` says how many there are); the EXIF
     orientation tag is applied. Raises UserError naming the file if it cannot be decoded.
     """
-    img = _open_loaded(path)
+    img = _open_loaded(path, frame)
     try:
         return pil_to_rgb(img)
     except _PIL_ERRORS as e:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pixelwise.data.files import FilePairDataset, make_lut
-from pixelwise.data.io import _PIL_ERRORS, pil_to_rgb
+from pixelwise.data.io import _PIL_FRAME_ERRORS, frame_count, pil_to_rgb
 from pixelwise.errors import UserError
 
 CLASS_NAMES = ["membrane", "cell"]
@@ -46,7 +46,7 @@ def _read_frame(ref: str) -> Image.Image:
         img.load()
     except EOFError:
         raise UserError(f"{ref}: the stack has fewer slices than its partner file") from None
-    except _PIL_ERRORS as e:
+    except _PIL_FRAME_ERRORS as e:
         raise UserError(f"{ref}: unreadable or truncated TIFF stack ({e})") from None
     return img
 
@@ -75,8 +75,7 @@ class ISBI2012(FilePairDataset):
             items: list[tuple[str, str | None]] = [(str(p), str(self.root / "train" / "label" / f"{p.stem}.png"))
                                                    for p in images]
         elif volume.is_file():
-            with Image.open(volume) as img:
-                n = getattr(img, "n_frames", 1)
+            n = frame_count(volume)
             items = [(f"{volume}#{k}", f"{labels}#{k}") for k in range(n)]
         else:
             raise UserError(f"{self.root}: expected train/image/ + train/label/ PNG folders or "

@@ -15,8 +15,12 @@ Never over an input, never one output over another (:func:`check_predict`, befor
 written): an ``--out`` folder that holds any input is refused; inputs whose stems collide (``c.png``
 and ``c.jpg``, or ``x.png`` in two folders) are named ``<stem>_<ext>`` (``c_png``, ``c_jpg``), and a
 name still taken, by an earlier input or by another input's outputs, gets ``_2``, ``_3``, ... in input
-order. Every input is decoded first: unreadable ones are all named in one error and nothing is
-written, or, with ``skip_invalid``, left out and listed.
+order. A file of several frames (a TIFF stack such as the ISBI challenge's ``test-volume.tif``, an
+animated GIF or WebP) gives one prediction per frame, ``<stem>_<k>`` with ``k`` counted from 0 and
+zero-padded to one width of at least two digits (``test-volume_00`` ... ``test-volume_29``, the
+names the ``isbi2012`` reader gives the slices of a stack). Every input is decoded
+first, every frame of it: unreadable ones are all named in one error and nothing is written, or,
+with ``skip_invalid``, left out and listed.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pixelwise.coco_eval import encode_mask
-from pixelwise.data.io import PngRowWriter, read_image, write_mask
+from pixelwise.data.io import PngRowWriter, frame_count, read_image, write_mask
 from pixelwise.data.palette import default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
@@ -74,17 +78,24 @@ def output_names(stem: str, instance: bool = False, uncertainty: bool = False) -
     return [f"{stem}.png", f"{stem}_overlay.png"] + ([f"{stem}_uncertainty.png"] if uncertainty else [])
 
 
-def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = False) -> list[str]:
+def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = False,
+                 frames: list[tuple[int, int]] | None = None) -> list[str]:
     """One output stem per input, so that no two inputs write the same file (module docstring):
     ``<stem>``, or ``<stem>_<ext>`` where stems collide, then ``_2``, ``_3``, ... while a name is taken.
-    Names are compared case-insensitively (``A.png`` and ``a.png`` are one file on macOS)."""
+    Names are compared case-insensitively (``A.png`` and ``a.png`` are one file on macOS).
+    ``frames[i] = (k, n)``: ``paths[i]`` stands for frame ``k`` of its ``n``, named ``<stem>_<k>``
+    (``k`` zero-padded to the width of ``n - 1``, at least 2) when ``n > 1`` (a file of several
+    frames is listed once per frame)."""
+    frames = frames or [(0, 1)] * len(paths)
     counts: dict[str, int] = {}
-    for p in paths:
+    for p in dict.fromkeys(paths):  # each file once, however many frames it has
         counts[p.stem.casefold()] = counts.get(p.stem.casefold(), 0) + 1
     taken: set[str] = set()
     stems = []
-    for p in paths:
+    for p, (frame, n) in zip(paths, frames, strict=True):
         base = p.stem if counts[p.stem.casefold()] == 1 else f"{p.stem}_{p.suffix[1:].lower()}"
+        if n > 1:
+            base = f"{base}_{frame:0{max(2, len(str(n - 1)))}d}"  # as the isbi2012 reader names slices
         stem, k = base, 2
         while any(n.casefold() in taken for n in output_names(stem, instance, uncertainty)):
             stem, k = f"{base}_{k}", k + 1
@@ -95,10 +106,12 @@ def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = 
 
 @dataclass
 class PredictPlan:
-    """What ``predict`` will do, settled before the first write: ``paths[i]`` -> ``out/stems[i]...``;
-    ``skipped``: one reason per unreadable input left out (``skip_invalid``)."""
+    """What ``predict`` will do, settled before the first write: frame ``frames[i]`` of ``paths[i]``
+    -> ``out/stems[i]...`` (a file of several frames is listed once per frame); ``skipped``: one
+    reason per unreadable input left out (``skip_invalid``)."""
 
     paths: list[Path]
+    frames: list[int]
     stems: list[str]
     out: Path
     skipped: list[str] = field(default_factory=list)
@@ -122,19 +135,25 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
         raise UserError(f"--out {out_dir} holds the input {inside[0]}"
                         f"{f' and {len(inside) - 1} more' if len(inside) > 1 else ''}, and predictions never go "
                         f"beside their inputs; give another folder, e.g. --out {out_dir / 'predictions'}")
-    readable, skipped = [], []
+    readable, counts, skipped = [], [], []
     for p in progress_bar(paths, "check inputs", show=progress):
         try:
             read_image(p)
-            readable.append(p)
+            count = frame_count(p)
+            for frame in range(1, count):
+                read_image(p, frame)
         except UserError as e:
             skipped.append(_reason(e))
+            continue
+        readable.append(p)
+        counts.append(count)
     if skipped and not skip_invalid:
         raise UserError(f"{len(skipped)} of {len(paths)} input(s) cannot be read, nothing was written: "
                         f"{'; '.join(skipped)}; fix or remove them, or pass --skip-invalid to predict the rest")
     if not readable:
         raise UserError(f"none of the {len(paths)} input(s) can be read: {'; '.join(skipped)}")
-    stems = unique_stems(readable, instance, uncertainty)
+    items = [(p, frame, count) for p, count in zip(readable, counts) for frame in range(count)]
+    stems = unique_stems([p for p, _, _ in items], instance, uncertainty, [(k, n) for _, k, n in items])
     inodes = {(s.st_dev, s.st_ino) for s in map(os.stat, readable)}
     for stem in stems:
         for name in output_names(stem, instance, uncertainty):
@@ -142,7 +161,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
             if target.exists() and (os.stat(target).st_dev, os.stat(target).st_ino) in inodes:
                 raise UserError(f"{target} is a link to one of the inputs and would be written over; remove it "
                                 "or give another --out")
-    return PredictPlan(readable, stems, out_dir, skipped)
+    return PredictPlan([p for p, _, _ in items], [k for _, k, _ in items], stems, out_dir, skipped)
 
 
 def entropy_to_gray(entropy: np.ndarray, num_classes: int) -> np.ndarray:
@@ -231,15 +250,14 @@ def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, clas
     return out_dir / f"{stem}.png"
 
 
-def image_batches(paths: list[Path], stems: list[str], predictor: SemanticPredictor
-                  ) -> Iterator[list[tuple[str, np.ndarray]]]:
-    """``(stem, image)`` of ``paths``, read in the order given and grouped for
+def image_batches(plan: PredictPlan, predictor: SemanticPredictor) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """``(stem, image)`` of the plan's frames, read in the order given and grouped for
     :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows`: up to
     ``predictor.batch_size`` images that each fit in one model input, and every image that needs
     tiles on its own (so a large image is never held together with others)."""
     batch: list[tuple[str, np.ndarray]] = []
-    for path, stem in zip(paths, stems):
-        image = read_image(path)
+    for path, frame, stem in zip(plan.paths, plan.frames, plan.stems):
+        image = read_image(path, frame)
         if predictor.needs_tiles(image):
             if batch:
                 yield batch
@@ -257,9 +275,9 @@ def image_batches(paths: list[Path], stems: list[str], predictor: SemanticPredic
 def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: str | Path | None = None, *,
                   uncertainty: bool = False, progress: bool | None = None) -> list[Path]:
     """Predict every image of ``inputs`` (files, folders or glob patterns, checked here, or the plan
-    of :func:`check_predict`) into ``out``; -> the mask paths. Semantic models run small images in
-    batches and large ones in streamed tiles (with a bar over the tiles), whose rows are written as
-    the tiles finish."""
+    of :func:`check_predict`; every frame of a multi-frame file) into ``out``; -> the mask paths.
+    Semantic models run small images in batches and large ones in streamed tiles (with a bar over
+    the tiles), whose rows are written as the tiles finish."""
     if isinstance(inputs, PredictPlan):
         plan = inputs
     elif out is None:
@@ -272,7 +290,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     written = []
     bar = progress_bar(plan.paths, "predict", show=progress)
     if isinstance(predictor, SemanticPredictor):
-        for batch in image_batches(plan.paths, plan.stems, predictor):
+        for batch in image_batches(plan, predictor):
             images = [image for _, image in batch]
             rows = predictor.predict_rows(images, uncertainty=uncertainty, progress=progress)
             for (stem, image), image_rows in zip(batch, rows):
@@ -281,8 +299,8 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
                 bar.update()
     else:
         assert isinstance(predictor, InstancePredictor)
-        for path, stem in zip(plan.paths, plan.stems):
-            image = read_image(path)
+        for path, frame, stem in zip(plan.paths, plan.frames, plan.stems):
+            image = read_image(path, frame)
             det = predictor.predict(image)
             written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette))
             bar.update()
