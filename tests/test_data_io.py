@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pixelwise.data.io import probe, read_image, read_mask, write_mask
+from pixelwise.data.io import frame_count, probe, read_image, read_mask, write_mask
 from pixelwise.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -119,6 +120,38 @@ def test_truncated_and_missing_files_named(tmp_path):
         probe(tmp_path / "t.jpg")
     with pytest.raises(UserError, match="nothere.png"):
         read_image(tmp_path / "nothere.png")
+
+
+def _every_frame(path):
+    return [read_image(path, k) for k in range(frame_count(path))]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # a file left open
+@pytest.mark.parametrize("fmt", ["TIFF", "GIF", "WEBP", "PNG"])
+def test_stacks_give_their_frames_and_cut_stacks_raise_user_error_only(tmp_path, fmt):
+    """Every frame of a multi-frame file in order; a file cut anywhere gives UserError naming it
+    (PIL raises TypeError for a TIFF cut in its page directories and IndexError for a GIF), and
+    no file is left open."""
+    rng = np.random.default_rng(0)
+    pages = [rng.integers(0, 256, (12, 16), dtype=np.uint8) for _ in range(3)]
+    path = tmp_path / f"s.{fmt.lower()}"
+    images = [Image.fromarray(page) for page in pages]
+    images[0].save(path, fmt, save_all=True, append_images=images[1:], **({"lossless": True} if fmt == "WEBP" else {}))
+    assert frame_count(path) == 3
+    for k, page in enumerate(pages):
+        np.testing.assert_array_equal(read_image(path, k)[..., 1], page)
+    with pytest.raises(UserError, match="has no frame 3"):
+        read_image(path, 3)
+    data = path.read_bytes()
+    for cut in range(1, len(data), max(1, len(data) // 60)):
+        path.write_bytes(data[:cut])
+        for fn in (read_image, read_mask, probe, frame_count, _every_frame):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # nor does PIL warn ("Corrupt EXIF data") on the way
+                try:
+                    fn(path)
+                except UserError as e:
+                    assert path.name in str(e)
 
 
 def test_probe_reads_size_and_mode(tmp_path):

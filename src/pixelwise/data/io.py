@@ -24,7 +24,8 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
@@ -40,9 +41,9 @@ PathLike = str | os.PathLike
 # What PIL raises for broken files: truncated data (OSError), bad headers (SyntaxError,
 # UnidentifiedImageError), bad chunks (ValueError), absurd sizes (DecompressionBombError).
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-# ... and where it counts or seeks the frames of a TIFF stack whose page directory is cut short,
-# TypeError ("Missing dimensions"), after warning "Corrupt EXIF data".
-_PIL_FRAME_ERRORS = (*_PIL_ERRORS, TypeError)
+# ... and where it counts or seeks the frames of a cut file: TypeError ("Missing dimensions", after
+# warning "Corrupt EXIF data") for a TIFF stack cut in its page directories, IndexError for a GIF.
+_PIL_FRAME_ERRORS = (*_PIL_ERRORS, TypeError, IndexError)
 _ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's own default
 _max_pixels = DEFAULT_MAX_PIXELS
@@ -71,6 +72,15 @@ def _too_large(path: Path, pixels: int | None, size: tuple[int, int] | None = No
                      f"bombs); if you trust this file, pass {fix}")
 
 
+@contextmanager
+def _quiet_pil() -> Iterator[None]:
+    """PIL's UserWarnings about a damaged file ("Corrupt EXIF data", ...) are not shown: the file
+    either decodes or becomes one UserError naming it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
 def _open(path: Path) -> Image.Image:
     """``Image.open`` (header only) within the pixel limit; PIL's warning between its limit and
     twice that is not shown: the limit is this module's."""
@@ -88,38 +98,54 @@ def _open(path: Path) -> Image.Image:
 
 
 def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
-    """Open and fully decode one frame (the first by default), with EXIF orientation applied."""
+    """Open and fully decode one frame (the first by default), with EXIF orientation applied; the
+    image returned holds no open file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    opened: Image.Image | None = None
     try:
-        img: Image.Image = _open(path)
-        if frame:
-            count = frame_count(path)
-            if not 0 <= frame < count:
-                raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
-            img.seek(frame)
-            if img.size[0] * img.size[1] > _max_pixels:
-                raise _too_large(path, img.size[0] * img.size[1], img.size)
-        img.load()
-        if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
-            img = ImageOps.exif_transpose(img)
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
-    except _PIL_FRAME_ERRORS as e:
+        with _quiet_pil():
+            img = opened = _open(path)
+            if frame:
+                count = frame_count(path)
+                if not 0 <= frame < count:
+                    raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
+                img.seek(frame)
+                if img.size[0] * img.size[1] > _max_pixels:
+                    raise _too_large(path, img.size[0] * img.size[1], img.size)
+            img.load()
+            if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            elif _holds_file(opened):  # a multi-frame file stays open after load(), for seek()
+                img = opened.copy()
+            if img is not opened:
+                opened.close()
+    except BaseException as e:
+        if opened is not None:
+            opened.close()  # a file that fails is not left open
+        if isinstance(e, UnidentifiedImageError):
+            raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
+        if not isinstance(e, _PIL_FRAME_ERRORS):
+            raise
         where = f" (frame {frame})" if frame else ""
         raise UserError(f"{path}: unreadable or truncated image{where} ({e}); re-export it or remove it") from None
     return img
+
+
+def _holds_file(img: Image.Image) -> bool:
+    """Whether PIL still holds the image's file open after ``load()`` (it does for the formats
+    that can hold several frames: TIFF, GIF, WebP, APNG), in ``_fp`` or, in older Pillows, ``fp``."""
+    held = getattr(img, "_fp", None) or getattr(img, "fp", None)
+    return held is not None and not getattr(held, "closed", True)
 
 
 def frame_count(path: PathLike) -> int:
     """How many frames (pages of a TIFF stack, frames of an animation) an image file holds; 1 for
     a still image. Reads the header only (and, for GIF, PIL's scan of the frame markers)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's "Corrupt EXIF data" before the error below
-            with _open(Path(path)) as img:
-                return int(getattr(img, "n_frames", 1))
+        with _quiet_pil(), _open(Path(path)) as img:
+            return int(getattr(img, "n_frames", 1))
     except UnidentifiedImageError:
         raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
     except _PIL_FRAME_ERRORS as e:
@@ -242,7 +268,7 @@ def probe(path: PathLike) -> tuple[tuple[int, int], str]:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
-        with _open(path) as img:
+        with _quiet_pil(), _open(path) as img:
             size, mode, fmt = img.size, img.mode, img.format
             orientation = img.getexif().get(_ORIENTATION_TAG, 1)
         if fmt == "PNG":  # verify() checks every chunk's CRC and the end marker without inflating
