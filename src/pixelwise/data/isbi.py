@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pixelwise.data.files import FilePairDataset, make_lut
-from pixelwise.data.io import _PIL_FRAME_ERRORS, frame_count, pil_to_rgb
+from pixelwise.data.io import _open_loaded, frame_count, pil_to_rgb
 from pixelwise.errors import UserError
 
 CLASS_NAMES = ["membrane", "cell"]
@@ -37,18 +37,10 @@ def _natural_key(p: Path) -> tuple:
 
 
 def _read_frame(ref: str) -> Image.Image:
+    """``path#k`` -> slice ``k`` of a TIFF stack, decoded (a stack shorter than its partner file, or
+    damaged, is a UserError naming the file and the slice)."""
     path, _, frame = ref.partition("#")
-    if not Path(path).is_file():
-        raise UserError(f"{ref}: file not found")
-    try:
-        img = Image.open(path)
-        img.seek(int(frame or 0))
-        img.load()
-    except EOFError:
-        raise UserError(f"{ref}: the stack has fewer slices than its partner file") from None
-    except _PIL_FRAME_ERRORS as e:
-        raise UserError(f"{ref}: unreadable or truncated TIFF stack ({e})") from None
-    return img
+    return _open_loaded(path, int(frame or 0))
 
 
 class ISBI2012(FilePairDataset):

@@ -92,10 +92,10 @@ def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = 
         counts[p.stem.casefold()] = counts.get(p.stem.casefold(), 0) + 1
     taken: set[str] = set()
     stems = []
-    for p, (frame, n) in zip(paths, frames, strict=True):
+    for p, (frame, count) in zip(paths, frames, strict=True):
         base = p.stem if counts[p.stem.casefold()] == 1 else f"{p.stem}_{p.suffix[1:].lower()}"
-        if n > 1:
-            base = f"{base}_{frame:0{max(2, len(str(n - 1)))}d}"  # as the isbi2012 reader names slices
+        if count > 1:
+            base = f"{base}_{frame:0{max(2, len(str(count - 1)))}d}"  # as the isbi2012 reader names slices
         stem, k = base, 2
         while any(n.casefold() in taken for n in output_names(stem, instance, uncertainty)):
             stem, k = f"{base}_{k}", k + 1
