@@ -274,10 +274,11 @@ def test_a_multi_frame_file_is_predicted_frame_by_frame(checkpoint, tmp_path, ca
     # each frame's mask is the prediction of that page saved as an image of its own
     assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "pages"), "--out",
                  str(tmp_path / "single"), "--no-progress"]) == 0
-    for k, page in enumerate(pages):
-        mask = np.array(Image.open(out / f"vol_{k:02d}.png"))
+    masks = [np.array(Image.open(out / f"vol_{k:02d}.png")) for k in range(len(pages))]
+    for k, (mask, page) in enumerate(zip(masks, pages)):
         assert mask.shape == page.shape[:2]
         np.testing.assert_array_equal(mask, np.array(Image.open(tmp_path / "single" / f"page{k}.png")))
+    assert any((masks[0] != m).any() for m in masks[1:3])  # the pages' masks differ: frame 0 thrice would fail
 
 
 def test_a_damaged_frame_is_named_and_nothing_is_written(checkpoint, tmp_path, capsys):
