@@ -17,11 +17,18 @@ TINY = ["--model", "unet", "--dataset", "shapes", "--batch-size", "4", "--no-pro
         "--dataset-kwargs", '{"num_train": 48, "num_val": 4, "size": 32}']
 
 
+def _default_sigint() -> None:
+    # A shell starts a background job (`pytest ... &`) with SIGINT ignored, the child inherits that,
+    # and Python then installs no KeyboardInterrupt handler: give the child Ctrl-C's usual meaning
+    # whatever way the tests were started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(out: Path, epochs: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "pixelwise", "train", *TINY, "--epochs", str(epochs),
                              "--out", str(out), *extra], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
