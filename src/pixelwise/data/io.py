@@ -108,7 +108,7 @@ def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
         with _quiet_pil():
             img = opened = _open(path)
             if frame:
-                count = frame_count(path)
+                count = getattr(img, "n_frames", 1)  # of the file already open, not a second open
                 if not 0 <= frame < count:
                     raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
                 img.seek(frame)
