@@ -114,8 +114,11 @@ def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
                 img.seek(frame)
                 if img.size[0] * img.size[1] > _max_pixels:
                     raise _too_large(path, img.size[0] * img.size[1], img.size)
+            # the orientation is read before load(): Pillow 10.0 drops a TIFF page's file at load()
+            # and would then fail reading the page's EXIF from it (AttributeError on None.seek)
+            rotated = img.getexif().get(_ORIENTATION_TAG, 1) != 1
             img.load()
-            if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
+            if rotated:
                 img = ImageOps.exif_transpose(img)
             elif _holds_file(opened):  # a multi-frame file stays open after load(), for seek()
                 img = opened.copy()
