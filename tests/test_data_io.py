@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pixelwise.data.io import frame_count, probe, read_image, read_mask, write_mask
+from pixelwise.data.io import frame_count, probe, read_frames, read_image, read_mask, write_mask
 from pixelwise.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -140,18 +140,36 @@ def test_stacks_give_their_frames_and_cut_stacks_raise_user_error_only(tmp_path,
     assert frame_count(path) == 3
     for k, page in enumerate(pages):
         np.testing.assert_array_equal(read_image(path, k)[..., 1], page)
+    one_pass = list(read_frames(path))  # the same frames from one open file
+    assert len(one_pass) == 3 and all((a[..., 1] == page).all() for a, page in zip(one_pass, pages))
     with pytest.raises(UserError, match="has no frame 3"):
         read_image(path, 3)
     data = path.read_bytes()
     for cut in range(1, len(data), max(1, len(data) // 60)):
         path.write_bytes(data[:cut])
-        for fn in (read_image, read_mask, probe, frame_count, _every_frame):
+        for fn in (read_image, read_mask, probe, frame_count, _every_frame, lambda p: list(read_frames(p))):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # nor does PIL warn ("Corrupt EXIF data") on the way
                 try:
                     fn(path)
                 except UserError as e:
                     assert path.name in str(e)
+        try:  # the frames read in one pass are those read one by one, up to the first damaged one
+            every = _every_frame(path)
+        except UserError:
+            with pytest.raises(UserError):
+                list(read_frames(path))
+        else:
+            assert [a.tobytes() for a in read_frames(path)] == [a.tobytes() for a in every]
+
+
+def test_read_frames_of_a_still_image_and_of_a_missing_file(tmp_path):
+    rgb = _rgb(5, 7)
+    Image.fromarray(rgb).save(tmp_path / "still.png")
+    (frame,) = read_frames(tmp_path / "still.png")
+    np.testing.assert_array_equal(frame, rgb)
+    with pytest.raises(UserError, match="missing.png: file not found"):
+        next(read_frames(tmp_path / "missing.png"))
 
 
 def test_probe_reads_size_and_mode(tmp_path):

@@ -8,7 +8,9 @@ from PIL import Image
 
 from pixelwise import Predictor, SemanticPredictor, create_model, save_checkpoint
 from pixelwise.cli import main
+from pixelwise.data.io import read_image
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
+from pixelwise.inference.writers import check_predict, plan_images
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 
@@ -281,8 +283,31 @@ def test_a_multi_frame_file_is_predicted_frame_by_frame(checkpoint, tmp_path, ca
     assert any((masks[0] != m).any() for m in masks[1:3])  # the pages' masks differ: frame 0 thrice would fail
 
 
+def test_a_long_animation_is_read_in_one_pass(checkpoint, tmp_path, monkeypatch, capsys):
+    """Frame k of a GIF read afresh seeks through frames 0..k-1 again: predict opens the file once to
+    check it and once to predict it, not once per frame (which was quadratic in the frame count)."""
+    import pixelwise.data.io as io_module
+
+    rng = np.random.default_rng(5)
+    frames = [Image.fromarray(rng.integers(0, 255, (16, 20), dtype=np.uint8)) for _ in range(40)]
+    (tmp_path / "in").mkdir()
+    frames[0].save(tmp_path / "in" / "clip.gif", save_all=True, append_images=frames[1:])
+    opened = []
+    real_open = io_module._open
+    monkeypatch.setattr(io_module, "_open", lambda path: opened.append(path) or real_open(path))
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    assert "wrote 40 prediction(s)" in capsys.readouterr().out
+    assert len(opened) == 2
+    monkeypatch.undo()
+    # and the frames given to the model are those read one by one
+    plan = check_predict([str(tmp_path / "in" / "clip.gif")], tmp_path / "again")
+    assert [stem for stem, _ in plan_images(plan)] == [f"clip_{k:02d}" for k in range(40)]
+    for k, (_, image) in enumerate(plan_images(plan)):
+        np.testing.assert_array_equal(image, read_image(tmp_path / "in" / "clip.gif", k))
+
+
 def test_a_damaged_frame_is_named_and_nothing_is_written(checkpoint, tmp_path, capsys):
-    from pixelwise.data.io import read_image
     from pixelwise.errors import UserError
 
     rng = np.random.default_rng(4)

@@ -24,7 +24,7 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
@@ -100,40 +100,56 @@ def _open(path: Path) -> Image.Image:
 def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
     """Open and fully decode one frame (the first by default), with EXIF orientation applied; the
     image returned holds no open file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    path = _existing(path)
     opened: Image.Image | None = None
     try:
         with _quiet_pil():
-            img = opened = _open(path)
-            if frame:
-                count = getattr(img, "n_frames", 1)  # of the file already open, not a second open
-                if not 0 <= frame < count:
-                    raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
-                img.seek(frame)
-                if img.size[0] * img.size[1] > _max_pixels:
-                    raise _too_large(path, img.size[0] * img.size[1], img.size)
-            # the orientation is read before load(): Pillow 10.0 drops a TIFF page's file at load()
-            # and would then fail reading the page's EXIF from it (AttributeError on None.seek)
-            rotated = img.getexif().get(_ORIENTATION_TAG, 1) != 1
-            img.load()
-            if rotated:
-                img = ImageOps.exif_transpose(img)
-            elif _holds_file(opened):  # a multi-frame file stays open after load(), for seek()
-                img = opened.copy()
-            if img is not opened:
-                opened.close()
+            opened = _open(path)
+            img = _load_frame(path, opened, frame)
     except BaseException as e:
         if opened is not None:
             opened.close()  # a file that fails is not left open
-        if isinstance(e, UnidentifiedImageError):
-            raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
-        if not isinstance(e, _PIL_FRAME_ERRORS):
-            raise
+        _raise_named(path, frame, e)
+        raise
+    if img is not opened:
+        opened.close()
+    return img
+
+
+def _existing(path: PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    return path
+
+
+def _load_frame(path: Path, img: Image.Image, frame: int) -> Image.Image:
+    """Frame ``frame`` of the open ``img``, decoded, EXIF orientation applied, as an image that
+    holds no file (``img`` itself for a still image, whose file PIL closes at ``load()``)."""
+    if frame:
+        count = getattr(img, "n_frames", 1)  # of the file already open, not a second open
+        if not 0 <= frame < count:
+            raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
+        img.seek(frame)
+        if img.size[0] * img.size[1] > _max_pixels:
+            raise _too_large(path, img.size[0] * img.size[1], img.size)
+    # the orientation is read before load(): Pillow 10.0 drops a TIFF page's file at load() and
+    # would then fail reading the page's EXIF from it (AttributeError on None.seek)
+    rotated = img.getexif().get(_ORIENTATION_TAG, 1) != 1
+    img.load()
+    if rotated:
+        return ImageOps.exif_transpose(img)
+    return img.copy() if _holds_file(img) else img  # a multi-frame file stays open after load(), for seek()
+
+
+def _raise_named(path: Path, frame: int, e: BaseException) -> None:
+    """Raise PIL's error ``e`` for a damaged file as the UserError naming it; other errors are left
+    to the caller to re-raise."""
+    if isinstance(e, UnidentifiedImageError):
+        raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
+    if isinstance(e, _PIL_FRAME_ERRORS):
         where = f" (frame {frame})" if frame else ""
         raise UserError(f"{path}: unreadable or truncated image{where} ({e}); re-export it or remove it") from None
-    return img
 
 
 def _holds_file(img: Image.Image) -> bool:
@@ -204,7 +220,36 @@ def read_image(path: PathLike, frame: int = 0) -> np.ndarray:
     ``frame``, counted from 0 (:func:`frame_count` says how many there are); the EXIF
     orientation tag is applied. Raises UserError naming the file if it cannot be decoded.
     """
-    img = _open_loaded(path, frame)
+    return _to_rgb(path, _open_loaded(path, frame))
+
+
+def read_frames(path: PathLike) -> Generator[np.ndarray, None, None]:
+    """Every frame of an image file in order (one for a still image), each as
+    ``read_image(path, k)`` gives it, from one open file: PIL seeks a GIF (and walks a TIFF's page
+    directories) from the start, so reading frame ``k`` afresh for each ``k`` costs time quadratic
+    in the frame count. A damaged frame raises the UserError naming it when it is reached."""
+    path = _existing(path)
+    try:
+        with _quiet_pil():
+            opened = _open(path)
+    except BaseException as e:
+        _raise_named(path, 0, e)
+        raise
+    with opened:
+        frame, count = 0, 1
+        while frame < count:
+            try:
+                with _quiet_pil():  # not across the yield: the caller's own warnings stay on
+                    count = int(getattr(opened, "n_frames", 1)) if frame == 0 else count
+                    rgb = _to_rgb(path, _load_frame(path, opened, frame))
+            except BaseException as e:
+                _raise_named(path, frame, e)
+                raise
+            yield rgb
+            frame += 1
+
+
+def _to_rgb(path: PathLike, img: Image.Image) -> np.ndarray:
     try:
         return pil_to_rgb(img)
     except _PIL_ERRORS as e:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pixelwise.coco_eval import encode_mask
-from pixelwise.data.io import PngRowWriter, frame_count, read_image, write_mask
+from pixelwise.data.io import PngRowWriter, read_frames, read_image, write_mask
 from pixelwise.data.palette import default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
@@ -138,10 +138,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     readable, counts, skipped = [], [], []
     for p in progress_bar(paths, "check inputs", show=progress):
         try:
-            read_image(p)
-            count = frame_count(p)
-            for frame in range(1, count):
-                read_image(p, frame)
+            count = sum(1 for _ in read_frames(p))  # decodes every frame, in one pass over the file
         except UserError as e:
             skipped.append(_reason(e))
             continue
@@ -250,14 +247,33 @@ def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, clas
     return out_dir / f"{stem}.png"
 
 
+def plan_images(plan: PredictPlan) -> Iterator[tuple[str, np.ndarray]]:
+    """``(stem, image)`` of the plan's frames in its order. The frames of a multi-frame file, listed
+    one after another from frame 0 as :func:`check_predict` lists them, are read in one pass over
+    the file (:func:`~pixelwise.data.io.read_frames`); any other frame is read on its own."""
+    frames: Generator[np.ndarray, None, None] | None = None
+    previous: tuple[Path, int] | None = None
+    for path, frame, stem in zip(plan.paths, plan.frames, plan.stems):
+        if frame == 0 or previous != (path, frame - 1):
+            if frames is not None:
+                frames.close()
+            frames = read_frames(path) if frame == 0 else None
+        image = next(frames, None) if frames is not None else None
+        if image is None:  # not read in order, or the file has lost frames since the check: its own error
+            image = read_image(path, frame)
+        previous = (path, frame)
+        yield stem, image
+    if frames is not None:
+        frames.close()
+
+
 def image_batches(plan: PredictPlan, predictor: SemanticPredictor) -> Iterator[list[tuple[str, np.ndarray]]]:
     """``(stem, image)`` of the plan's frames, read in the order given and grouped for
     :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows`: up to
     ``predictor.batch_size`` images that each fit in one model input, and every image that needs
     tiles on its own (so a large image is never held together with others)."""
     batch: list[tuple[str, np.ndarray]] = []
-    for path, frame, stem in zip(plan.paths, plan.frames, plan.stems):
-        image = read_image(path, frame)
+    for stem, image in plan_images(plan):
         if predictor.needs_tiles(image):
             if batch:
                 yield batch
@@ -299,8 +315,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
                 bar.update()
     else:
         assert isinstance(predictor, InstancePredictor)
-        for path, frame, stem in zip(plan.paths, plan.frames, plan.stems):
-            image = read_image(path, frame)
+        for stem, image in plan_images(plan):
             det = predictor.predict(image)
             written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette))
             bar.update()
