@@ -12,7 +12,12 @@ separates the two:
 - ``attributed``: the Rand error when each of those pixels is given to the nearest predicted
   segment instead of counting alone. This joins nothing new and cuts nothing, so what remains
   is the error of the segmentation's topology: merges (precision) and splits (recall). It is a
-  diagnosis, not the challenge's score and not an option of ``pixelwise eval``.
+  diagnosis, not the challenge's score; ``pixelwise eval --watershed`` makes a real segmentation
+  of the same idea (the pixels go to the cell they flood to first, with one-pixel boundaries
+  between cells, pixelwise.inference.cells) and scores it as the challenge does.
+- ``watershed``: the Rand error of the watershed cells seeded at the threshold, with one-pixel
+  boundaries (pixelwise.inference.cells; ``pixelwise eval --watershed T`` scores them at its
+  threshold 0.0).
 
 First, without any model, it scores the ground truth itself with its membranes eroded by 1 pixel
 and dilated by 1, 2 and 3 pixels (3x3 square): the error a segmentation gets for membranes that
@@ -30,6 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from pixelwise.data import build_dataset
+from pixelwise.inference.cells import cell_map, watershed_cells
 from pixelwise.inference.predictor import Predictor
 from pixelwise.metrics import RAND_THRESHOLDS, label_components, rand_counts, rand_scores, segment_rand_counts
 
@@ -76,20 +82,23 @@ def main() -> None:
                        ndimage.distance_transform_edt(cell)))
     print(f"{args.checkpoint}, {args.split} ({len(slices)} slices), tta {args.tta}")
     print("thr   rand    P / R        cell->membrane  by distance " + " / ".join(b[2] for b in BANDS)
-          + " px   attributed: rand  P / R")
+          + " px   attributed: rand  P / R        watershed: rand  P / R")
     for t in RAND_THRESHOLDS[1:]:  # 0.0 calls nearly every pixel cell: never the best
-        plain, attributed, bands = np.zeros(3), np.zeros(3), np.zeros(len(BANDS))
+        plain, attributed, shed, bands = np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(len(BANDS))
         for prob, gt_seg, dist in slices:
             called_cell = prob > t
             pred_seg = label_components(called_cell)  # as rand_counts labels it (pixelwise eval's metric)
             plain += segment_rand_counts(gt_seg, pred_seg)
             attributed += segment_rand_counts(gt_seg, attribute_to_nearest(pred_seg))
+            # the watershed cells seeded at t, with one-pixel boundaries (eval --watershed t, at threshold 0.0)
+            shed += segment_rand_counts(gt_seg, label_components(cell_map(watershed_cells(prob, t))))
             lost = (gt_seg > 0) & ~called_cell
             bands += [np.count_nonzero(lost & (dist > lo) & (dist <= hi)) for lo, hi, _ in BANDS]
-        s, a = rand_scores(*plain), rand_scores(*attributed)
+        s, a, w = rand_scores(*plain), rand_scores(*attributed), rand_scores(*shed)
         print(f"{t:.1f}  {s['rand_error']:.4f}  {s['rand_precision']:.3f} / {s['rand_recall']:.3f}  "
               f"{bands.sum() / cell_pixels:.3f}           " + " / ".join(f"{b / cell_pixels:.3f}" for b in bands)
-              + f"   {a['rand_error']:.4f}  {a['rand_precision']:.3f} / {a['rand_recall']:.3f}")
+              + f"   {a['rand_error']:.4f}  {a['rand_precision']:.3f} / {a['rand_recall']:.3f}"
+              + f"        {w['rand_error']:.4f}  {w['rand_precision']:.3f} / {w['rand_recall']:.3f}")
 
 
 if __name__ == "__main__":

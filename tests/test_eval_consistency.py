@@ -228,6 +228,50 @@ def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
         _assert_close(got[key], want[key])
 
 
+def test_isbi_eval_with_watershed_scores_the_map_with_its_boundaries_drawn_in(tmp_path, capsys):
+    """``eval --watershed T``: the ISBI errors are those of the cell probability with its watershed
+    boundaries (seeded at T) drawn in, computed here with numpy Rand and F over that map; the
+    confusion-matrix metrics stay the network's own."""
+    from pixelwise.inference.cells import with_boundaries
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "isbi"
+    write_isbi_tree(root, rng)
+    ckpt = _checkpoint(tmp_path / "isbi.safetensors", 2, ["membrane", "cell"], [[0, 0, 0], [255, 255, 255]], seed=3)
+    reports = {}
+    for flag in ([], ["--watershed", "0.4"]):
+        reports[bool(flag)] = tmp_path / f"eval{len(flag)}.json"
+        assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "isbi2012", "--data", str(root), "--split",
+                     "val", "--json", str(reports[bool(flag)]), "--no-progress", "--no-bf", *flag]) == 0
+    plain, got = (json.loads(reports[k].read_text()) for k in (False, True))
+    assert got["provenance"]["watershed"] == 0.4 and "watershed" not in plain["provenance"]
+    for key in ("pixel_error", "mIoU", "pixel_acc"):
+        assert got[key] == plain[key]
+    predictor = Predictor.from_checkpoint(str(ckpt), "cpu")
+    ds = build_dataset("isbi2012", str(root), "val")
+    maps = [with_boundaries(predictor.predict(ds.load(i).image).probs[1].numpy(), 0.4) for i in range(len(ds))]
+    gts = [ds.load(i).mask for i in range(len(ds))]
+    _assert_close(got["rand_error"], _np_rand([(m > 0.5).astype(np.uint8) for m in maps], gts))
+    errors = [_np_rand([(m > t).astype(np.uint8) for m in maps], gts) for t in np.arange(10) / 10]
+    _assert_close(got["rand_error_best"], min(errors))
+    assert got["rand_best_threshold"] == pytest.approx(np.argmin(errors) / 10)
+    assert got["rand_error_best"] != plain["rand_error_best"]
+    cells = np.concatenate([g.ravel() == 1 for g in gts])
+    prob = np.concatenate([m.ravel() for m in maps])
+    f = [2 * np.sum((prob > t) & cells) / (np.sum(prob > t) + np.sum(cells)) for t in np.arange(10) / 10]
+    _assert_close(got["pixel_error_best"], 1 - max(f))
+    # a dataset without cells to count refuses the flag, and so does a threshold outside [0, 1)
+    folder = tmp_path / "data"
+    _folder_tree(folder, rng, [(40, 56)])
+    four = _checkpoint(tmp_path / "m.safetensors", 4, NAMES, PALETTE, seed=0)
+    assert main(["eval", "--checkpoint", str(four), "--dataset", "folder", "--data", str(folder), "--split", "all",
+                 "--watershed", "--no-progress"]) == 2
+    assert "--watershed segments cells from a membrane map" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "isbi2012", "--data", str(root),
+                 "--watershed", "1.5", "--no-progress"]) == 2
+    assert "--watershed 1.5: the seed threshold is a cell probability in [0, 1)" in capsys.readouterr().err
+
+
 def test_a_model_trained_at_a_smaller_size_predicts_evaluates_and_validates_alike(tmp_path):
     """The input contract: a model trained with ``augment.resize`` records that size; ``predict``
     runs it there and brings the probabilities back to each image's size, ``eval`` scores those

@@ -352,6 +352,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if options.get("mode") == "int8":
         options["measuring"] = True  # eval measures what int8 costs, also for models it is not yet offered for
+    if args.watershed is not None and not 0.0 <= args.watershed < 1.0:
+        raise UserError(f"--watershed {args.watershed}: the seed threshold is a cell probability in [0, 1), e.g. 0.5")
     set_max_pixels(args.max_pixels)
     device = check_device(args.device)
     files = model_files(args)
@@ -359,7 +361,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   device=device,
                                   dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
                                   progress=args.progress, bf=not args.no_bf, skip_invalid=args.skip_invalid,
-                                  **options)
+                                  watershed=args.watershed, **options)
     shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input")}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for row in metrics.get("per_class", []):
@@ -525,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
+    p.add_argument("--watershed", nargs="?", const=0.5, type=float, metavar="T",
+                   help="isbi2012: score the ISBI errors on the cell probability with the one-pixel boundaries of "
+                        "its watershed cells (seeded where it exceeds T, default 0.5) drawn in as membrane; "
+                        "docs/metrics.md")
     p.add_argument("--skip-invalid", action="store_true", help="leave out the files the dataset check finds bad "
                    "(default: refuse to evaluate, naming them)")
     _add_max_pixels(p)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, build_dataset
 from pixelwise.errors import UserError
+from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.ensemble import from_checkpoints
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.metrics import BFMeter, ChallengeMeter, ConfusionMeter, pixel_error
@@ -40,15 +42,21 @@ def sample_target(sample: Sample) -> dict[str, torch.Tensor]:
 
 
 def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,
-                      bf: bool = True) -> dict:
+                      bf: bool = True, watershed: float | None = None) -> dict:
     """Confusion-matrix metrics (+ BF score, + ISBI errors where ``ds.rand_foreground`` is set) of
-    the predictor's masks against each image's full-resolution labels."""
+    the predictor's masks against each image's full-resolution labels. ``watershed``: the ISBI
+    errors score the cell probability with the boundaries of its watershed cells, seeded at this
+    threshold, drawn in (:func:`~pixelwise.inference.cells.with_boundaries`); the confusion-matrix
+    metrics stay those of the network's masks."""
     if ds.num_classes != predictor.meta.get("num_classes", ds.num_classes):
         raise UserError(f"the checkpoint predicts {predictor.meta['num_classes']} classes but the data has "
                         f"{ds.num_classes}; evaluate on the dataset it was trained for")
     meter = ConfusionMeter(ds.num_classes)
     bf_meter = BFMeter(ds.num_classes) if bf else None
     fg = ds.rand_foreground
+    if watershed is not None and fg is None:
+        raise UserError("--watershed segments cells from a membrane map: it applies to data with cells to count, "
+                        "such as isbi2012; leave it out for this dataset")
     challenge = ChallengeMeter(foreground=fg) if fg is not None else None
     for i in progress_bar(range(len(ds)), "eval", progress):
         sample = ds.load(i)
@@ -58,7 +66,11 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
             bf_meter.update(prediction.mask, sample.mask)
         if challenge is not None and fg is not None:
             assert prediction.probs is not None
-            challenge.update(prediction.mask, prediction.probs[fg].numpy(), sample.mask)
+            pred, prob = prediction.mask, prediction.probs[fg].numpy()
+            if watershed is not None:
+                prob = with_boundaries(prob, watershed)
+                pred = np.where((prob == 0) & (pred == fg), -1, pred)  # -1: a boundary, not a cell
+            challenge.update(pred, prob, sample.mask)
     metrics = meter.compute(list(ds.class_names))
     if bf_meter is not None:
         bf_result = bf_meter.compute()
@@ -85,7 +97,7 @@ def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, pr
 def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | None, split: str = "val", *,
                         device: str = "cpu", dataset_kwargs: dict | None = None, progress: bool | None = None,
                         bf: bool = True, resize: tuple[int, int] | None = None, native_size: bool = False,
-                        skip_invalid: bool = False, **options) -> dict:
+                        skip_invalid: bool = False, watershed: float | None = None, **options) -> dict:
     """Metrics of ``checkpoint`` (a list of paths: their ensemble, see
     :mod:`pixelwise.inference.ensemble`) on ``dataset``/``split`` (keys: module docstring), plus
     ``provenance``: where the numbers came from (:func:`provenance`).
@@ -93,6 +105,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     The data is checked as training checks it: problems are refused unless ``skip_invalid``,
     which leaves those files out (listed in ``provenance["skipped"]``).
     bf: also compute the boundary F1 score (about 0.1-0.3 s per 360x480 image on a CPU).
+    watershed: score the ISBI errors on the map with watershed boundaries seeded at this threshold
+    (:func:`evaluate_semantic`).
     resize / native_size: override the checkpoint's input size (see
     :meth:`Predictor.from_checkpoint`); ``options`` (tile, overlap, tta, mc_samples) go to the
     semantic predictor."""
@@ -102,13 +116,18 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     predictor = from_checkpoints(paths, device, resize=resize, native_size=native_size, score_thresh=0.0, **options)
     skipped = ds.check_or_refuse(skip_invalid, "evaluate")
     if isinstance(predictor, InstancePredictor):
+        if watershed is not None:
+            raise UserError("--watershed segments cells from a semantic membrane map, not from an instance "
+                            "model's detections; leave it out")
         metrics = evaluate_instances(predictor, ds, progress)
     else:
         assert isinstance(predictor, SemanticPredictor)
-        metrics = evaluate_semantic(predictor, ds, progress, bf)
+        metrics = evaluate_semantic(predictor, ds, progress, bf, watershed)
     metrics["input"] = predictor.input_spec.to_dict()
     metrics["provenance"] = provenance(paths[0], predictor, dataset, data, split, dataset_kwargs or {},
                                        [str(p) for p in skipped])
+    if watershed is not None:
+        metrics["provenance"]["watershed"] = watershed
     if len(paths) > 1:  # an ensemble: every member's file
         metrics["provenance"]["ensemble"] = [{"checkpoint": str(Path(p).resolve()), "checkpoint_sha256": file_sha256(p)}
                                              for p in paths]
