@@ -260,6 +260,22 @@ def test_isbi_eval_with_watershed_scores_the_map_with_its_boundaries_drawn_in(tm
     prob = np.concatenate([m.ravel() for m in maps])
     f = [2 * np.sum((prob > t) & cells) / (np.sum(prob > t) + np.sum(cells)) for t in np.arange(10) / 10]
     _assert_close(got["pixel_error_best"], 1 - max(f))
+    # predict --watershed writes the masks eval scored (the network's with the boundaries drawn in as
+    # membrane) and the cells
+    from pixelwise.inference.cells import cell_map, watershed_cells
+
+    out = tmp_path / "pred"
+    images = [str(root / "train" / "image" / f"{i}.png") for i in (2, 3, 4, 5)]  # the val split
+    assert main(["predict", "--checkpoint", str(ckpt), *images, "--out", str(out), "--watershed", "0.4",
+                 "--no-progress"]) == 0
+    masks = [np.array(Image.open(out / f"{i}.png")) for i in (2, 3, 4, 5)]
+    _assert_close(got["rand_error"], _np_rand(masks, gts))
+    for i, mask in zip((2, 3, 4, 5), masks):
+        prediction = predictor.predict(ds.load(i - 2).image)
+        cells = np.array(Image.open(out / f"{i}_cells.png"))
+        assert cells.dtype == np.uint16 and cells.max() > 1
+        np.testing.assert_array_equal(cells, watershed_cells(prediction.probs[1].numpy(), 0.4))
+        np.testing.assert_array_equal(mask, np.where(cell_map(cells), prediction.mask, 0))
     # a dataset without cells to count refuses the flag, and so does a threshold outside [0, 1)
     folder = tmp_path / "data"
     _folder_tree(folder, rng, [(40, 56)])
@@ -270,6 +286,11 @@ def test_isbi_eval_with_watershed_scores_the_map_with_its_boundaries_drawn_in(tm
     assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "isbi2012", "--data", str(root),
                  "--watershed", "1.5", "--no-progress"]) == 2
     assert "--watershed 1.5: the seed threshold is a cell probability in [0, 1)" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(four), images[0], "--out", str(tmp_path / "p4"), "--watershed"]) == 2
+    assert "from a two-class boundary model" in capsys.readouterr().err and not (tmp_path / "p4").exists()
+    assert main(["predict", "--checkpoint", str(ckpt), images[0], "--out", str(tmp_path / "p5"), "--watershed",
+                 "nan"]) == 2
+    assert "the seed threshold is a cell probability" in capsys.readouterr().err
 
 
 def test_a_model_trained_at_a_smaller_size_predicts_evaluates_and_validates_alike(tmp_path):

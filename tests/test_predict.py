@@ -207,6 +207,10 @@ def test_unique_stems_rule():
     assert unique_stems(stack, frames=frames) == [f"s_tif_{k:02d}" for k in range(11)] + ["s_png", "t_00", "t_01"]
     assert unique_stems([Path("v.tif")] * 101, frames=[(k, 101) for k in range(101)])[7] == "v_007"
     assert output_names("s", instance=True) == ["s.png", "s_instances.png", "s_overlay.png", "s.json"]
+    # with --watershed, <stem>_cells.png is an output too
+    assert output_names("s", cells=True) == ["s.png", "s_overlay.png", "s_cells.png"]
+    assert unique_stems([Path("a.png"), Path("a_cells.png")], cells=True) == ["a", "a_cells_2"]
+    assert unique_stems([Path("a.png"), Path("a_cells.png")]) == ["a", "a_cells"]
 
 
 def _mixed_folder(root):

@@ -346,14 +346,15 @@ def predictor_options(args: argparse.Namespace) -> dict:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    from pixelwise.inference.cells import check_seed_threshold
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
     refuse_input_as_output(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data])
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if options.get("mode") == "int8":
         options["measuring"] = True  # eval measures what int8 costs, also for models it is not yet offered for
-    if args.watershed is not None and not 0.0 <= args.watershed < 1.0:
-        raise UserError(f"--watershed {args.watershed}: the seed threshold is a cell probability in [0, 1), e.g. 0.5")
+    if args.watershed is not None:
+        check_seed_threshold(args.watershed)
     set_max_pixels(args.max_pixels)
     device = check_device(args.device)
     files = model_files(args)
@@ -379,7 +380,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
     from pixelwise.inference.mc_dropout import has_dropout
     from pixelwise.inference.predictor import InstancePredictor, SemanticPredictor
-    from pixelwise.inference.writers import check_predict, predict_files
+    from pixelwise.inference.writers import check_predict, check_watershed, predict_files
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
@@ -389,14 +390,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = from_checkpoints(model_files(args), device, **options)
     if args.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UserError("--uncertainty applies to semantic models only")
+    check_watershed(predictor, args.watershed)
     members = predictor.members if isinstance(predictor, EnsemblePredictor) else [predictor]
     for member in members:  # models with dropout: uncertainty from Monte-Carlo dropout
         if isinstance(member, SemanticPredictor) and args.uncertainty and args.mc_samples is None \
                 and has_dropout(member.model):
             member.mc_samples = DEFAULT_MC_SAMPLES
     plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
-                         uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress)
-    written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress)
+                         uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress,
+                         cells=args.watershed is not None)
+    written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress,
+                            watershed=args.watershed)
     stacks = {path for path, frame in zip(plan.paths, plan.frames) if frame > 0}
     renamed = sum(stem != path.stem for path, stem in zip(plan.paths, plan.stems) if path not in stacks)
     inputs = "; ".join(m.input_spec.describe() for m in members)
@@ -483,6 +487,10 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
     _add_calibration_args(p, "--mode int8")
 
 
+def _add_watershed(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--watershed", nargs="?", const=0.5, type=float, metavar="T", help=help)
+
+
 def _add_calibration_args(p: argparse.ArgumentParser, what: str) -> None:
     """Where int8 calibration images come from (export --int8, --mode int8)."""
     p.add_argument("--calib-dataset", metavar="KIND", help=f"with {what}: the dataset kind to calibrate on (its "
@@ -527,10 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
-    p.add_argument("--watershed", nargs="?", const=0.5, type=float, metavar="T",
-                   help="isbi2012: score the ISBI errors on the cell probability with the one-pixel boundaries of "
-                        "its watershed cells (seeded where it exceeds T, default 0.5) drawn in as membrane; "
-                        "docs/metrics.md")
+    _add_watershed(p, "isbi2012: score the ISBI errors on the cell probability with the one-pixel boundaries of "
+                      "its watershed cells (seeded where it exceeds T, default 0.5) drawn in as membrane; "
+                      "docs/metrics.md")
     p.add_argument("--skip-invalid", action="store_true", help="leave out the files the dataset check finds bad "
                    "(default: refuse to evaluate, naming them)")
     _add_max_pixels(p)
@@ -546,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the predictions; never one that holds "
                    "an input (inputs whose names differ only in extension get <stem>_<ext>)")
     _add_prediction_args(p)
+    _add_watershed(p, "two-class boundary models (isbi2012's membrane / cell): also write DIR/<stem>_cells.png, "
+                      "16-bit ids of the watershed cells seeded where the cell probability exceeds T (default 0.5), "
+                      "with their one-pixel boundaries drawn into the mask; docs/inference.md")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write DIR/<stem>_uncertainty.png (predictive entropy; with Monte-Carlo dropout, "
                         f"{DEFAULT_MC_SAMPLES} samples unless --mc-samples, for models with dropout)")

@@ -23,9 +23,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from pixelwise.errors import UserError
 from pixelwise.metrics import label_components
 
 LEVELS = 64  # the flooding's levels: the membrane probability in steps of 1/64
+
+
+def check_seed_threshold(threshold: float) -> None:
+    """``--watershed T`` of ``eval`` and ``predict``: a cell probability in [0, 1)."""
+    if not 0.0 <= threshold < 1.0:  # NaN fails too
+        raise UserError(f"--watershed {threshold}: the seed threshold is a cell probability in [0, 1), e.g. 0.5")
 
 
 def watershed_cells(prob_cell: np.ndarray, threshold: float) -> np.ndarray:

@@ -5,6 +5,8 @@ Per input ``<stem>``:
 - ``<stem>.png``: palette-indexed class mask (the class id is the pixel value), the input's size;
 - ``<stem>_overlay.png``: the mask blended over the image;
 - ``<stem>_uncertainty.png`` (semantic, with ``uncertainty``): predictive entropy, 255 = maximal;
+- ``<stem>_cells.png`` (two-class boundary models, with ``watershed``): 16-bit watershed cell ids,
+  whose one-pixel boundaries are then drawn into ``<stem>.png`` as class 0 (:func:`write_cells`);
 - instance models: the class mask takes the class of the highest-scoring instance covering each
   pixel, ``<stem>_instances.png`` is a 16-bit instance-id map (0 = none, k = k-th detection of the
   JSON), the overlay shows instances with boxes, class names and scores, and ``<stem>.json`` holds
@@ -40,6 +42,7 @@ from pixelwise.coco_eval import encode_mask
 from pixelwise.data.io import PngRowWriter, read_frames, read_image, write_mask
 from pixelwise.data.palette import default_palette, overlay
 from pixelwise.errors import UserError
+from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.runtime import progress as progress_bar
 
@@ -71,15 +74,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return [p for p in paths if unique[p.resolve()] is p]
 
 
-def output_names(stem: str, instance: bool = False, uncertainty: bool = False) -> list[str]:
+def output_names(stem: str, instance: bool = False, uncertainty: bool = False, cells: bool = False) -> list[str]:
     """The files written for one input named ``stem`` (the writers below)."""
     if instance:
         return [f"{stem}.png", f"{stem}_instances.png", f"{stem}_overlay.png", f"{stem}.json"]
-    return [f"{stem}.png", f"{stem}_overlay.png"] + ([f"{stem}_uncertainty.png"] if uncertainty else [])
+    return ([f"{stem}.png", f"{stem}_overlay.png"] + ([f"{stem}_uncertainty.png"] if uncertainty else [])
+            + ([f"{stem}_cells.png"] if cells else []))
 
 
 def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = False,
-                 frames: list[tuple[int, int]] | None = None) -> list[str]:
+                 frames: list[tuple[int, int]] | None = None, cells: bool = False) -> list[str]:
     """One output stem per input, so that no two inputs write the same file (module docstring):
     ``<stem>``, or ``<stem>_<ext>`` where stems collide, then ``_2``, ``_3``, ... while a name is taken.
     Names are compared case-insensitively (``A.png`` and ``a.png`` are one file on macOS).
@@ -97,9 +101,9 @@ def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = 
         if count > 1:
             base = f"{base}_{frame:0{max(2, len(str(count - 1)))}d}"  # as the isbi2012 reader names slices
         stem, k = base, 2
-        while any(n.casefold() in taken for n in output_names(stem, instance, uncertainty)):
+        while any(n.casefold() in taken for n in output_names(stem, instance, uncertainty, cells)):
             stem, k = f"{base}_{k}", k + 1
-        taken |= {n.casefold() for n in output_names(stem, instance, uncertainty)}
+        taken |= {n.casefold() for n in output_names(stem, instance, uncertainty, cells)}
         stems.append(stem)
     return stems
 
@@ -122,7 +126,7 @@ def _reason(err: UserError) -> str:
 
 
 def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False, uncertainty: bool = False,
-                  skip_invalid: bool = False, progress: bool | None = None) -> PredictPlan:
+                  skip_invalid: bool = False, progress: bool | None = None, cells: bool = False) -> PredictPlan:
     """Every check of ``predict``, before anything is written: the inputs exist and decode, ``out``
     is a folder that holds none of them and no output lands on an input (through a link either).
     Unreadable inputs are all named in one UserError, or left out and listed with ``skip_invalid``."""
@@ -150,10 +154,10 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     if not readable:
         raise UserError(f"none of the {len(paths)} input(s) can be read: {'; '.join(skipped)}")
     items = [(p, frame, count) for p, count in zip(readable, counts) for frame in range(count)]
-    stems = unique_stems([p for p, _, _ in items], instance, uncertainty, [(k, n) for _, k, n in items])
+    stems = unique_stems([p for p, _, _ in items], instance, uncertainty, [(k, n) for _, k, n in items], cells)
     inodes = {(s.st_dev, s.st_ino) for s in map(os.stat, readable)}
     for stem in stems:
-        for name in output_names(stem, instance, uncertainty):
+        for name in output_names(stem, instance, uncertainty, cells):
             target = out_dir / name
             if target.exists() and (os.stat(target).st_dev, os.stat(target).st_ino) in inodes:
                 raise UserError(f"{target} is a link to one of the inputs and would be written over; remove it "
@@ -191,6 +195,34 @@ def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[M
                 if entropy_png is not None and entropy is not None:
                     entropy_png.write(entropy_to_gray(entropy[s:e], num_classes))
     return out_dir / f"{stem}.png"
+
+
+def check_watershed(predictor: Predictor, watershed: float | None) -> None:
+    """``--watershed T`` of ``predict``: a seed threshold in [0, 1) and a two-class semantic model."""
+    if watershed is None:
+        return
+    check_seed_threshold(watershed)
+    if not isinstance(predictor, SemanticPredictor) or len(predictor.class_names) != 2:
+        raise UserError("--watershed segments cells from a two-class boundary model (class 1 the cells, as "
+                        "isbi2012's membrane / cell); this model is not one, so leave it out")
+
+
+def write_cells(out_dir: Path, stem: str, image: np.ndarray, predictor: SemanticPredictor, threshold: float,
+                uncertainty: bool = False) -> Path:
+    """A two-class boundary model's prediction with its watershed cells (:mod:`pixelwise.inference.cells`,
+    seeded where the class-1 probability exceeds ``threshold``): ``<stem>_cells.png``, 16-bit cell ids
+    (0 = boundary or no cell), and the usual files, whose mask has the one-pixel boundaries between
+    cells drawn in as class 0 (the map ``pixelwise eval --watershed`` scores, at the argmax). The
+    image is predicted whole (tiles included), not streamed: the watershed needs the whole map."""
+    prediction = predictor.predict(image, uncertainty=uncertainty)
+    assert prediction.probs is not None
+    labels = watershed_cells(prediction.probs[1].numpy(), threshold)
+    if labels.max() > np.iinfo(np.uint16).max:
+        raise UserError(f"{stem}: {labels.max()} cells do not fit a 16-bit PNG; predict a smaller image or tiles of it")
+    mask = np.where(cell_map(labels), prediction.mask, 0).astype(np.uint8)
+    Image.fromarray(labels.astype(np.uint16)).save(out_dir / f"{stem}_cells.png")
+    return write_semantic(out_dir, stem, image, [(0, mask, prediction.uncertainty)], predictor.palette,
+                          len(predictor.class_names), uncertainty)
 
 
 def instance_maps(masks: np.ndarray, labels: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -289,23 +321,30 @@ def image_batches(plan: PredictPlan, predictor: SemanticPredictor) -> Iterator[l
 
 
 def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: str | Path | None = None, *,
-                  uncertainty: bool = False, progress: bool | None = None) -> list[Path]:
+                  uncertainty: bool = False, progress: bool | None = None,
+                  watershed: float | None = None) -> list[Path]:
     """Predict every image of ``inputs`` (files, folders or glob patterns, checked here, or the plan
     of :func:`check_predict`; every frame of a multi-frame file) into ``out``; -> the mask paths.
     Semantic models run small images in batches and large ones in streamed tiles (with a bar over
-    the tiles), whose rows are written as the tiles finish."""
+    the tiles), whose rows are written as the tiles finish. ``watershed``: a two-class boundary
+    model's cells, seeded where the class-1 probability exceeds it (:func:`write_cells`)."""
     if isinstance(inputs, PredictPlan):
         plan = inputs
     elif out is None:
         raise TypeError("predict_files: give out, the folder for the predictions")
     else:
         plan = check_predict(inputs, out, instance=isinstance(predictor, InstancePredictor), uncertainty=uncertainty,
-                             progress=progress)
+                             progress=progress, cells=watershed is not None)
+    check_watershed(predictor, watershed)
     out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     bar = progress_bar(plan.paths, "predict", show=progress)
-    if isinstance(predictor, SemanticPredictor):
+    if isinstance(predictor, SemanticPredictor) and watershed is not None:
+        for stem, image in plan_images(plan):
+            written.append(write_cells(out_dir, stem, image, predictor, watershed, uncertainty))
+            bar.update()
+    elif isinstance(predictor, SemanticPredictor):
         for batch in image_batches(plan, predictor):
             images = [image for _, image in batch]
             rows = predictor.predict_rows(images, uncertainty=uncertainty, progress=progress)
