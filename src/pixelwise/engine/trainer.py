@@ -38,6 +38,7 @@ import contextlib
 import copy
 import csv
 import functools
+import gc
 import json
 import math
 import operator
@@ -847,25 +848,37 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
     """
     info, device = dist.setup(cfg.device)
     try:
-        run = setup_run(cfg, info, device, log if info.is_main else _quiet, callbacks)
-        state = resume(run) if run.cfg.resume else TrainState(selected_by=run.select, amp=run.amp)
-        start_writing(run, state)
-        run.clock = time.monotonic() - state.elapsed_s
-        run.log(f"precision: {run.amp} ({run.amp_why})")
-        n_params = sum(p.numel() for p in run.module.parameters())
-        run.log(f"training {run.cfg.model} ({n_params / 1e6:.2f}M parameters) on {run.cfg.dataset}: "
-                f"{len(run.train_ds)} train / {len(run.val_ds)} val images, {run.cfg.epochs} epochs, device {device}"
-                + (f", {info.world_size} processes" if info.enabled else ""))
-        note = getattr(run.module, "pretrained_note", None)  # e.g. what a staged FCN took from the coarser net
-        if note and not run.cfg.resume:
-            run.log(note)
-        stages = plan_stages(run)
-        try:
-            for stage in stages[state.stage:]:
-                run_stage(run, state, stage)
-        except KeyboardInterrupt:
-            save_interrupted(run, state)
-            raise
-        return finish(run, state)
+        return _train(cfg, info, device, log, callbacks)
     finally:
+        # the run (its DDP wrapper and the gloo work it holds) is gone once _train returns, before the
+        # group it used is destroyed: a rank tearing the group down under a live wrapper aborted now
+        # and then at exit ("terminate called without an active exception")
+        gc.collect()
         dist.cleanup()
+
+
+def _train(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
+           callbacks: Sequence[Callback]) -> dict[str, Any]:
+    run = setup_run(cfg, info, device, log if info.is_main else _quiet, callbacks)
+    state = resume(run) if run.cfg.resume else TrainState(selected_by=run.select, amp=run.amp)
+    start_writing(run, state)
+    run.clock = time.monotonic() - state.elapsed_s
+    run.log(f"precision: {run.amp} ({run.amp_why})")
+    n_params = sum(p.numel() for p in run.module.parameters())
+    run.log(f"training {run.cfg.model} ({n_params / 1e6:.2f}M parameters) on {run.cfg.dataset}: "
+            f"{len(run.train_ds)} train / {len(run.val_ds)} val images, {run.cfg.epochs} epochs, device {device}"
+            + (f", {info.world_size} processes" if info.enabled else ""))
+    note = getattr(run.module, "pretrained_note", None)  # e.g. what a staged FCN took from the coarser net
+    if note and not run.cfg.resume:
+        run.log(note)
+    stages = plan_stages(run)
+    try:
+        for stage in stages[state.stage:]:
+            run_stage(run, state, stage)
+    except KeyboardInterrupt:
+        save_interrupted(run, state)
+        raise
+    summary = finish(run, state)
+    dist.barrier()  # every rank is done with the group (rank 0 has written) before any destroys it
+    return summary
+
