@@ -162,13 +162,13 @@ def _holds_file(img: Image.Image) -> bool:
 def frame_count(path: PathLike) -> int:
     """How many frames (pages of a TIFF stack, frames of an animation) an image file holds; 1 for
     a still image. Reads the header only (and, for GIF, PIL's scan of the frame markers)."""
+    path = Path(path)
     try:
-        with _quiet_pil(), _open(Path(path)) as img:
+        with _quiet_pil(), _open(path) as img:
             return int(getattr(img, "n_frames", 1))
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
-    except _PIL_FRAME_ERRORS as e:
-        raise UserError(f"{path}: unreadable or truncated image ({e}); re-export it or remove it") from None
+    except BaseException as e:
+        _raise_named(path, 0, e)
+        raise
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
@@ -312,9 +312,7 @@ def probe(path: PathLike) -> tuple[tuple[int, int], str]:
     Truncation is detected cheaply: PNG chunk CRCs are verified (no decompression) and JPEG
     files must end with the EOI marker. Raises UserError naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    path = _existing(path)
     try:
         with _quiet_pil(), _open(path) as img:
             size, mode, fmt = img.size, img.mode, img.format
