@@ -10,6 +10,7 @@ matrices are summed over ranks, so the metrics equal a single-process evaluation
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,7 +64,11 @@ def setup(device: str) -> tuple[DistInfo, torch.device]:
 
 
 def cleanup() -> None:
+    """Destroy the process group, after collecting what still holds its work (a DDP wrapper in a
+    reference cycle): a rank tearing the group down under live gloo work aborted now and then at
+    exit ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

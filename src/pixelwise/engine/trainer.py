@@ -38,7 +38,6 @@ import contextlib
 import copy
 import csv
 import functools
-import gc
 import json
 import math
 import operator
@@ -850,11 +849,7 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
     try:
         return _train(cfg, info, device, log, callbacks)
     finally:
-        # the run (its DDP wrapper and the gloo work it holds) is gone once _train returns, before the
-        # group it used is destroyed: a rank tearing the group down under a live wrapper aborted now
-        # and then at exit ("terminate called without an active exception")
-        gc.collect()
-        dist.cleanup()
+        dist.cleanup()  # the run (its DDP wrapper) is released with _train's frame, before the group goes
 
 
 def _train(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
