@@ -27,11 +27,12 @@ SIZES = [(1, 64, 80), (2, 53, 97)]  # (batch, H, W): neither a multiple of 32 fo
 CLASSES = 5
 
 
-SEMANTIC = [*list_models("semantic"), "unet_valid"]
+VARIANTS = {"unet_valid": ("unet", {"padding": "valid"}), "unet_input_norm": ("unet", {"input_norm": True})}
+SEMANTIC = [*list_models("semantic"), *VARIANTS]
 
 
 def build(name: str) -> tuple[nn.Module, dict]:
-    base, kwargs = ("unet", {"padding": "valid"}) if name == "unet_valid" else (name, {})
+    base, kwargs = VARIANTS.get(name, (name, {}))
     torch.manual_seed(0)
     model = narrow(create_model(base, num_classes=CLASSES, **kwargs))
     return model, {"model": base, "model_kwargs": kwargs, "num_classes": CLASSES}

@@ -94,3 +94,21 @@ def test_weight_map_matches_naive_distances():
             assert got[y, x] == pytest.approx(1.0 + 10 * np.exp(-((d[0] + d[1]) ** 2) / 50), rel=1e-5)
     # the gap between two cells is weighted far above the open background
     assert got[4, 9] > 5 and got[19, 0] < 2
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_input_norm_makes_the_output_blind_to_each_images_channel_gains_and_offsets(padding):
+    torch.manual_seed(0)
+    model = UNet(3, base_channels=4, padding=padding, batch_norm=True, input_norm=True).eval()
+    x = torch.randn(2, 3, 40, 44)
+    gain, offset = torch.tensor([0.4, 1.7, 3.0]).view(1, 3, 1, 1), torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1)
+    darker = x * gain + offset
+    darker[1] = x[1]  # the second image unchanged: statistics are per image, not per batch
+    with torch.no_grad():
+        torch.testing.assert_close(model(darker), model(x), atol=1e-3, rtol=1e-3)  # eps 1e-5 of the variance
+        plain = UNet(3, base_channels=4, padding=padding, batch_norm=True).eval()
+        plain.load_state_dict(model.state_dict())
+        assert (plain(darker)[0] - plain(x)[0]).abs().max() > 1e-2  # without it the gains change the logits
+        var = x.var((2, 3), unbiased=False, keepdim=True)
+        standardised = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(var + 1e-5)
+        torch.testing.assert_close(model(x), plain(standardised), atol=1e-4, rtol=1e-4)

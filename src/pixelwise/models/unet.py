@@ -18,6 +18,11 @@ Options and where we differ from the paper:
   makes small-batch CPU training much faster to converge.
 - ``dropout`` (0.5 as in the paper) is applied at the end of the contracting path.
 - ``in_channels`` defaults to 3 (RGB); the paper's EM images have 1 channel.
+- ``input_norm`` (off by default) standardises each image per channel over its own pixels
+  (instance normalisation without learnt parameters) before the network: the output no longer
+  depends on an image's brightness, contrast or colour cast, which changes from one street, camera
+  or hour to the next. Under tiled inference each tile is standardised on its own pixels.
+  SegNet (arXiv:1511.00561) applies local contrast normalisation to its inputs for the same reason.
 
 The paper's boundary weight map, ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))``,
 is :func:`unet_weight_map`.
@@ -123,8 +128,10 @@ def valid_input_size(size: int) -> int:
 
 class UNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, base_channels: int = 64,
-                 padding: str = "same", batch_norm: bool = False, dropout: float = 0.5):
+                 padding: str = "same", batch_norm: bool = False, dropout: float = 0.5,
+                 input_norm: bool = False):
         super().__init__()
+        self.input_norm = input_norm
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
         self.padding = padding
@@ -171,6 +178,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tensor[N, Cin, H, W] -> logits Tensor[N, num_classes, H, W], for any H, W."""
         h, w = x.shape[-2:]
+        if self.input_norm:  # each image's channels to mean 0, variance 1 over its own pixels
+            x = F.instance_norm(x)
         if self.padding == "same":
             return self.forward_features(pad_same(x, -h % 2**DEPTH, -w % 2**DEPTH))[..., :h, :w]
         (ih, oh), (iw, ow) = valid_tile(h), valid_tile(w)
@@ -181,7 +190,7 @@ class UNet(nn.Module):
 
 @register_model("unet", paper="Ronneberger et al., MICCAI 2015")
 def unet(num_classes: int, pretrained: str | None = None, **kwargs) -> UNet:
-    """U-Net as in the paper; kwargs: in_channels, base_channels, padding, batch_norm, dropout."""
+    """U-Net as in the paper; kwargs: in_channels, base_channels, padding, batch_norm, dropout, input_norm."""
     model = UNet(num_classes, **kwargs)
     if pretrained:
         load_matching(model, read_weights(pretrained), f"unet(pretrained={pretrained!r})")
