@@ -181,10 +181,10 @@ def test_killed_after_epoch_1_and_resumed_is_exact(tmp_path, schedule):
 
 
 def test_mid_epoch_interrupt_resumes_exactly_with_accumulation_and_dropout(tmp_path):
-    # augmentation (flip + jitter) and dropout use every RNG; 4 micro-batches of 2 per epoch,
+    # augmentation (flip + jitter), ClassMix and dropout use every RNG; 4 micro-batches of 2 per epoch,
     # 2 optimizer steps per epoch; interrupted after step 3 = half-way through epoch 2
     kw = {"batch_size": 2, "accumulate": 2, "schedule": "cosine", "optimizer": "adamw", "weight_decay": 0.01,
-          "model_kwargs": {**TINY_MODEL, "dropout": 0.3}, "clip_grad_norm": 1.0}
+          "model_kwargs": {**TINY_MODEL, "dropout": 0.3}, "clip_grad_norm": 1.0, "classmix": 0.5}
     fit(tiny(tmp_path / "a", **kw), log=quiet)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny(tmp_path / "b", **kw), log=quiet, callbacks=[interrupt_at("step", lambda s: s.step == 3)])

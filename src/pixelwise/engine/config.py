@@ -122,6 +122,9 @@ class TrainConfig:
                           "w_c (default: balanced per mask) instead of a second factor", choices=WEIGHT_MAPS)
     weight_map_class: int = opt(1, "weight map: the class whose connected components are the objects", ge=0)
     # --- data -----------------------------------------------------------------------------
+    classmix: float = opt(0.0, "probability that a training image gets the pixels (and labels) of a random half of "
+                          "the classes of the next image in its batch (ClassMix, arXiv:2007.07936); 0: off",
+                          metavar="P", stage=True, ge=0, lt=1.0000001)
     crop: str | None = opt(None, "random training crop HxW (sets augment's crop)", metavar="HxW", stage=True)
     augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize elastic), "
                         "e.g. '{\"scale\": [0.5, 2.0], \"jitter\": false}'", stage=True)

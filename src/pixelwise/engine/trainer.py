@@ -69,6 +69,7 @@ from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
 from pixelwise.data.inspect import inspect_dataset
 from pixelwise.data.instance_crop import InstanceCrop
+from pixelwise.data.mix import class_mix
 from pixelwise.data.weightmap import UNetWeightMap
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.config import (
@@ -89,6 +90,7 @@ from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.models.registry import check_model_kwargs
 from pixelwise.preprocess import InputSpec
 from pixelwise.runtime import HeldSignals, progress, show_progress
+from pixelwise.sample import IGNORE_INDEX
 
 RngState = tuple[dict[str, torch.Tensor], dict]  # (tensors, JSON-able values) of every RNG
 PRETRAINED_TAGS = ("imagenet", "coco")  # published weights a builder downloads by name
@@ -664,6 +666,8 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
                 held.hold()
                 now = dist.broadcast_object(run.elapsed())  # rank 0's clock: every rank sets the same LR
                 state.lr = apply_lr(optimizer, stage.lr_factor(state, now))
+            if cfg.classmix and stage.loss:
+                batch = class_mix(batch, cfg.classmix, cfg.augment.get("ignore_index", IGNORE_INDEX))
             batch = to_device(batch, run.device, run.cfg.channels_last)
             sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()  # type: ignore[operator]
             with sync:

@@ -1,0 +1,69 @@
+"""ClassMix (pixelwise.data.mix.class_mix) against a naive per-pixel reading of its definition."""
+
+import pytest
+import torch
+
+from pixelwise.data.mix import class_mix
+from pixelwise.engine.config import TrainConfig
+from pixelwise.errors import UserError
+
+
+def batch_of(n, classes=5, size=12, ignore=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.randint(0, classes, (n, size, size), generator=g)
+    if ignore:
+        mask[:, :2] = 255
+    return {"image": torch.rand(n, 3, size, size, generator=g), "mask": mask,
+            "weight": torch.rand(n, size, size, generator=g), "name": [f"im{i}" for i in range(n)]}
+
+
+def test_every_image_gets_half_the_classes_of_the_next_one_with_their_labels_and_weights():
+    b = batch_of(4)
+    torch.manual_seed(1)
+    m = class_mix(b, 1.0)
+    assert m["name"] == b["name"]
+    for i in range(4):
+        j = (i + 1) % 4
+        pasted = m["mask"][i] != b["mask"][i]
+        # the pasted classes: those of image j whose every pixel was copied
+        source = set(b["mask"][j].unique().tolist()) - {255}
+        chosen = {c for c in source if bool((m["mask"][i][b["mask"][j] == c] == c).all())
+                  and bool(torch.equal(m["image"][i][:, b["mask"][j] == c], b["image"][j][:, b["mask"][j] == c]))}
+        assert len(chosen) >= (len(source) + 1) // 2
+        for y in range(12):
+            for x in range(12):
+                take = int(b["mask"][j, y, x]) in chosen
+                src = j if take else i
+                assert m["mask"][i, y, x] == b["mask"][src, y, x]
+                assert torch.equal(m["image"][i, :, y, x], b["image"][src, :, y, x])
+                assert m["weight"][i, y, x] == b["weight"][src, y, x]
+        assert 255 not in m["mask"][i][pasted & (b["mask"][j] == 255)].tolist()
+        assert pasted.any()
+
+
+def test_exactly_half_rounded_up_is_chosen():
+    # image 1 holds classes 0-4 in distinct columns, image 0 is all class 7: the pasted columns count them
+    mask = torch.stack([torch.full((5, 5), 7), torch.arange(5).repeat(5, 1)])
+    b = {"image": torch.zeros(2, 1, 5, 5), "mask": mask}
+    for seed in range(20):
+        torch.manual_seed(seed)
+        m = class_mix(b, 1.0)
+        assert len(set(m["mask"][0].unique().tolist()) - {7}) == 3
+
+
+def test_off_or_a_batch_of_one_changes_nothing():
+    b = batch_of(3)
+    assert class_mix(b, 0.0) is b
+    one = batch_of(1)
+    assert class_mix(one, 1.0) is one
+    torch.manual_seed(0)
+    m = class_mix(b, 0.5)  # the sources stay unmixed
+    assert torch.equal(b["mask"], batch_of(3)["mask"]) and torch.equal(b["image"], batch_of(3)["image"])
+    assert m["mask"].shape == b["mask"].shape
+
+
+def test_probability_out_of_range_is_refused():
+    with pytest.raises(UserError, match="classmix"):
+        TrainConfig(classmix=1.5)
+    with pytest.raises(UserError, match="classmix"):
+        TrainConfig(classmix=-0.1)
