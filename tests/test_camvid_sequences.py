@@ -124,7 +124,7 @@ def test_cpu_hour_recipe_is_found_by_name_and_has_no_machine_paths():
     cfg = build_config(values, {"data": "/some/camvid"}, recipe="camvid_cpu_hour")
     assert cfg.max_minutes == 60 and cfg.dataset == "camvid" and cfg.out == "runs/camvid_cpu_hour"
     assert cfg.dataset_kwargs == {"val_sequences": ["0006R0"], "join_val": True}
-    assert cfg.class_weight_power == 0.5
+    assert cfg.class_weight_power == 0.5 and cfg.model_kwargs["input_norm"] is True and cfg.classmix == 0.5
 
 
 def test_cpu_hour_recipe_trains_and_evaluates_by_name(tmp_path, monkeypatch):

@@ -63,7 +63,18 @@ def test_off_or_a_batch_of_one_changes_nothing():
 
 
 def test_probability_out_of_range_is_refused():
+    assert TrainConfig(classmix=1.0).classmix == 1.0
     with pytest.raises(UserError, match="classmix"):
         TrainConfig(classmix=1.5)
     with pytest.raises(UserError, match="classmix"):
         TrainConfig(classmix=-0.1)
+
+
+def test_classmix_is_refused_for_instance_models_with_one_line(tmp_path, capsys):
+    from pixelwise.cli import main
+
+    assert main(["train", "--model", "maskrcnn_resnet50_fpn", "--dataset", "shapes", "--classmix", "0.5",
+                 "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixelwise: error: classmix") and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

@@ -48,13 +48,13 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, stage: bool = False,
         metavar: str | None = None, default_text: str | None = None, ge: float | None = None,
-        gt: float | None = None, lt: float | None = None) -> Any:
+        gt: float | None = None, lt: float | None = None, le: float | None = None) -> Any:
     """A :class:`TrainConfig` field: ``default`` (mappings and lists are copied per instance), the
-    ``help`` of its flag, the allowed values (``choices``; numbers: ``ge`` >=, ``gt`` >, ``lt`` <),
+    ``help`` of its flag, the allowed values (``choices``; numbers: ``ge`` >=, ``gt`` >, ``lt`` <, ``le`` <=),
     whether a stage may override it (``stage``), the flag's ``metavar`` and how ``--help`` shows
     the default (``default_text``). :func:`check_value` checks a value against all of it."""
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "stage": stage,
-                "metavar": metavar, "default_text": default_text, "ge": ge, "gt": gt, "lt": lt}
+                "metavar": metavar, "default_text": default_text, "ge": ge, "gt": gt, "lt": lt, "le": le}
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -124,7 +124,7 @@ class TrainConfig:
     # --- data -----------------------------------------------------------------------------
     classmix: float = opt(0.0, "probability that a training image gets the pixels (and labels) of a random half of "
                           "the classes of the next image in its batch (ClassMix, arXiv:2007.07936); 0: off",
-                          metavar="P", stage=True, ge=0, lt=1.0000001)
+                          metavar="P", stage=True, ge=0, le=1)
     crop: str | None = opt(None, "random training crop HxW (sets augment's crop)", metavar="HxW", stage=True)
     augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize elastic), "
                         "e.g. '{\"scale\": [0.5, 2.0], \"jitter\": false}'", stage=True)
@@ -207,7 +207,8 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
 
 
 def _bounds_text(meta: Mapping[str, Any]) -> str:
-    parts = [f"{op} {meta[key]:g}" for key, op in (("ge", ">="), ("gt", ">"), ("lt", "<")) if meta.get(key) is not None]
+    bounds = (("ge", ">="), ("gt", ">"), ("lt", "<"), ("le", "<="))
+    parts = [f"{op} {meta[key]:g}" for key, op in bounds if meta.get(key) is not None]
     return " and ".join(parts)
 
 
@@ -244,9 +245,9 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
             number = int(number)
         else:
             number = float(number)
-        ge, gt, lt = meta["ge"], meta["gt"], meta["lt"]
+        ge, gt, lt, le = meta["ge"], meta["gt"], meta["lt"], meta.get("le")
         if (ge is not None and not number >= ge) or (gt is not None and not number > gt) or (
-                lt is not None and not number < lt):
+                lt is not None and not number < lt) or (le is not None and not number <= le):
             raise UserError(f"{where} must be {what}, got {value!r}")
         value = number
     elif kind is str:

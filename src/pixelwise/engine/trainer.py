@@ -399,6 +399,8 @@ def check_settings(cfg: TrainConfig) -> str:
     if cfg.pretrained and cfg.pretrained not in PRETRAINED_TAGS and not Path(cfg.pretrained).expanduser().is_file():
         raise UserError(f"--pretrained {cfg.pretrained!r}: no such file; give imagenet (or coco for Mask R-CNN) or "
                         "the path of a weights file")
+    if task == "instance" and (cfg.classmix or any(st.get("classmix") for st in cfg.stages)):
+        raise UserError("classmix pastes classes of semantic masks; remove it for instance models")
     if task == "instance" and cfg.class_weights not in ("none", "", None):
         raise UserError("class_weights applies to semantic models only; remove it for instance models")
     if cfg.class_weights not in ("none", "median-freq", "", None) and not Path(cfg.class_weights).is_file():
