@@ -245,7 +245,7 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
             number = int(number)
         else:
             number = float(number)
-        ge, gt, lt, le = meta["ge"], meta["gt"], meta["lt"], meta.get("le")
+        ge, gt, lt, le = meta["ge"], meta["gt"], meta["lt"], meta["le"]
         if (ge is not None and not number >= ge) or (gt is not None and not number > gt) or (
                 lt is not None and not number < lt) or (le is not None and not number <= le):
             raise UserError(f"{where} must be {what}, got {value!r}")

@@ -668,7 +668,7 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
                 held.hold()
                 now = dist.broadcast_object(run.elapsed())  # rank 0's clock: every rank sets the same LR
                 state.lr = apply_lr(optimizer, stage.lr_factor(state, now))
-            if cfg.classmix and stage.loss:
+            if cfg.classmix:  # semantic models only: check_settings refuses it for instance models
                 batch = class_mix(batch, cfg.classmix, cfg.augment.get("ignore_index", IGNORE_INDEX))
             batch = to_device(batch, run.device, run.cfg.channels_last)
             sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()  # type: ignore[operator]
