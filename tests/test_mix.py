@@ -78,3 +78,19 @@ def test_classmix_is_refused_for_instance_models_with_one_line(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("pixelwise: error: classmix") and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("where", ["top", "stage"])
+def test_an_ignore_label_other_than_255_is_refused_before_training(tmp_path, capsys, where):
+    # the losses, the metrics and ClassMix ignore 255; padding labelled 11 would be learnt as a class
+    from pixelwise.cli import main
+
+    aug = '{"crop": [32, 32], "ignore_index": 11}'
+    config = tmp_path / "stages.yaml"
+    config.write_text(f'stages: [{{"epochs": 1, "augment": {aug}}}]\n')
+    extra = ["--augment", aug] if where == "top" else ["--config", str(config)]
+    assert main(["train", "--model", "unet", "--dataset", "shapes", "--out", str(tmp_path / "r"),
+                 "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixelwise: error: augment ignore_index 11") and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

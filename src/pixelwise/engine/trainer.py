@@ -399,6 +399,10 @@ def check_settings(cfg: TrainConfig) -> str:
     if cfg.pretrained and cfg.pretrained not in PRETRAINED_TAGS and not Path(cfg.pretrained).expanduser().is_file():
         raise UserError(f"--pretrained {cfg.pretrained!r}: no such file; give imagenet (or coco for Mask R-CNN) or "
                         "the path of a weights file")
+    for aug in (cfg.augment, *(st.get("augment") or {} for st in cfg.stages)):
+        if aug.get("ignore_index", IGNORE_INDEX) != IGNORE_INDEX:  # padding labelled otherwise would be learnt
+            raise UserError(f"augment ignore_index {aug['ignore_index']}: training ignores label {IGNORE_INDEX}, "
+                            "which the datasets give to void pixels; remove the key")
     if task == "instance" and (cfg.classmix or any(st.get("classmix") for st in cfg.stages)):
         raise UserError("classmix pastes classes of semantic masks; remove it for instance models")
     if task == "instance" and cfg.class_weights not in ("none", "", None):
@@ -669,7 +673,7 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
                 now = dist.broadcast_object(run.elapsed())  # rank 0's clock: every rank sets the same LR
                 state.lr = apply_lr(optimizer, stage.lr_factor(state, now))
             if cfg.classmix:  # semantic models only: check_settings refuses it for instance models
-                batch = class_mix(batch, cfg.classmix, cfg.augment.get("ignore_index", IGNORE_INDEX))
+                batch = class_mix(batch, cfg.classmix, IGNORE_INDEX)
             batch = to_device(batch, run.device, run.cfg.channels_last)
             sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()  # type: ignore[operator]
             with sync:
