@@ -27,7 +27,8 @@ SIZES = [(1, 64, 80), (2, 53, 97)]  # (batch, H, W): neither a multiple of 32 fo
 CLASSES = 5
 
 
-VARIANTS = {"unet_valid": ("unet", {"padding": "valid"}), "unet_input_norm": ("unet", {"input_norm": True})}
+VARIANTS = {"unet_valid": ("unet", {"padding": "valid"}), "unet_input_norm": ("unet", {"input_norm": True}),
+            "unet_global_context": ("unet", {"global_context": True})}
 SEMANTIC = [*list_models("semantic"), *VARIANTS]
 
 

@@ -112,3 +112,29 @@ def test_input_norm_makes_the_output_blind_to_each_images_channel_gains_and_offs
         var = x.var((2, 3), unbiased=False, keepdim=True)
         standardised = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(var + 1e-5)
         torch.testing.assert_close(model(x), plain(standardised), atol=1e-4, rtol=1e-4)
+
+
+def test_global_context_lets_every_pixel_see_the_whole_image():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 256)
+    far = x.clone()
+    far[..., -16:] += 3.0  # a change 240 columns away from the first 16, beyond the receptive field
+    with torch.no_grad():
+        plain = UNet(3, base_channels=4, batch_norm=True, dropout=0.0).eval()
+        assert torch.equal(plain(x)[..., :16], plain(far)[..., :16])
+        model = UNet(3, base_channels=4, batch_norm=True, dropout=0.0, global_context=True).eval()
+        assert (model(x)[..., :16] - model(far)[..., :16]).abs().max() > 1e-4
+
+
+def test_global_context_is_parsenets_pooled_feature_concatenated_and_fused():
+    torch.manual_seed(0)
+    block = UNet(3, base_channels=4, batch_norm=False, dropout=0.0, global_context=True).global_context
+    x = torch.randn(2, 64, 5, 7)
+    with torch.no_grad():
+        w_pool, b_pool = block.pool_conv.weight[..., 0, 0], block.pool_conv.bias
+        w_fuse, b_fuse = block.fuse[0].weight[..., 0, 0], block.fuse[0].bias
+        g = torch.relu(x.mean((2, 3)) @ w_pool.T + b_pool)  # [N, C], one vector per image
+        cat = torch.cat([x, g[:, :, None, None].expand(-1, -1, 5, 7)], 1)
+        want = torch.relu(torch.einsum("oc,nchw->nohw", w_fuse, cat) + b_fuse[:, None, None])
+        torch.testing.assert_close(block(x), want, atol=1e-5, rtol=1e-5)
+    assert block(x).shape == x.shape

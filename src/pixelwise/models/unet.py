@@ -23,6 +23,13 @@ Options and where we differ from the paper:
   depends on an image's brightness, contrast or colour cast, which changes from one street, camera
   or hour to the next. Under tiled inference each tile is standardised on its own pixels.
   SegNet (arXiv:1511.00561) applies local contrast normalisation to its inputs for the same reason.
+- ``global_context`` (off by default) adds the image-level feature of ParseNet (Liu, Rabinovich,
+  Berg, "ParseNet: Looking Wider to See Better", arXiv:1506.04579) at the bottom of the network:
+  the bottleneck map is averaged over the whole image, mapped by a 1x1 convolution + ReLU,
+  broadcast back to every position, concatenated and fused by a 1x1 convolution (+ BatchNorm
+  with ``batch_norm``) + ReLU, so every pixel's decision can see the whole scene (a wall of a
+  house and the crown of a tree look alike up close; the street around them does not). Under
+  tiled inference the context is each tile's.
 
 The paper's boundary weight map, ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))``,
 is :func:`unet_weight_map`.
@@ -126,10 +133,27 @@ def valid_input_size(size: int) -> int:
     return valid_tile(size)[0]
 
 
+class GlobalContext(nn.Module):
+    """ParseNet's global feature: ``fuse([x, relu(conv1x1(mean_hw(x)))])``, channels kept."""
+
+    def __init__(self, channels: int, batch_norm: bool):
+        super().__init__()
+        self.pool_conv = nn.Conv2d(channels, channels, 1)
+        layers: list[nn.Module] = [nn.Conv2d(2 * channels, channels, 1, bias=not batch_norm)]
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(channels))
+        layers.append(nn.ReLU(inplace=True))
+        self.fuse = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = F.relu(self.pool_conv(x.mean((-2, -1), keepdim=True)))
+        return self.fuse(torch.cat([x, g.expand_as(x)], dim=1))
+
+
 class UNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, base_channels: int = 64,
                  padding: str = "same", batch_norm: bool = False, dropout: float = 0.5,
-                 input_norm: bool = False):
+                 input_norm: bool = False, global_context: bool = False):
         super().__init__()
         self.input_norm = input_norm
         if padding not in ("same", "valid"):
@@ -149,6 +173,7 @@ class UNet(nn.Module):
             self.down.append(double_conv(cin, c, p, batch_norm))
             cin = c
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.global_context = GlobalContext(chans[-1], batch_norm) if global_context else None
         self.upconv = nn.ModuleList()
         self.up = nn.ModuleList()
         for c in reversed(chans[:-1]):
@@ -169,6 +194,8 @@ class UNet(nn.Module):
             if i < DEPTH:
                 skips.append(x)
                 x = F.max_pool2d(x, 2)
+        if self.global_context is not None:
+            x = self.global_context(x)
         x = self.dropout(x)
         for upconv, block, skip in zip(self.upconv, self.up, reversed(skips)):
             x = upconv(x)
@@ -190,7 +217,8 @@ class UNet(nn.Module):
 
 @register_model("unet", paper="Ronneberger et al., MICCAI 2015")
 def unet(num_classes: int, pretrained: str | None = None, **kwargs) -> UNet:
-    """U-Net as in the paper; kwargs: in_channels, base_channels, padding, batch_norm, dropout, input_norm."""
+    """U-Net as in the paper; kwargs: in_channels, base_channels, padding, batch_norm, dropout, input_norm,
+    global_context."""
     model = UNet(num_classes, **kwargs)
     if pretrained:
         load_matching(model, read_weights(pretrained), f"unet(pretrained={pretrained!r})")
