@@ -113,6 +113,8 @@ def narrow(model: nn.Module, divisor: int = 8, keep: int = 16) -> nn.Module:
                                   bias=child.bias is not None)
                 if isinstance(child, nn.ConvTranspose2d):
                     new.output_padding = child.output_padding  # type: ignore[union-attr]
+            elif isinstance(child, nn.InstanceNorm2d):  # U-Net's IBN: its halves narrow with it
+                new = nn.InstanceNorm2d(n(child.num_features), child.eps, affine=child.affine)
             elif isinstance(child, nn.BatchNorm2d):
                 new = nn.BatchNorm2d(n(child.num_features), child.eps, child.momentum)
                 new.running_mean.uniform_(-0.1, 0.1, generator=g)  # type: ignore[union-attr]

@@ -28,7 +28,8 @@ CLASSES = 5
 
 
 VARIANTS = {"unet_valid": ("unet", {"padding": "valid"}), "unet_input_norm": ("unet", {"input_norm": True}),
-            "unet_global_context": ("unet", {"global_context": True})}
+            "unet_global_context": ("unet", {"global_context": True}),
+            "unet_ibn": ("unet", {"batch_norm": True, "ibn_levels": 2})}  # base 64: halves of 64, 128 narrow evenly
 SEMANTIC = [*list_models("semantic"), *VARIANTS]
 
 

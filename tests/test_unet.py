@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from pixelwise.models.unet import (
     UNet,
@@ -138,3 +139,33 @@ def test_global_context_is_parsenets_pooled_feature_concatenated_and_fused():
         want = torch.relu(torch.einsum("oc,nchw->nohw", w_fuse, cat) + b_fuse[:, None, None])
         torch.testing.assert_close(block(x), want, atol=1e-5, rtol=1e-5)
     assert block(x).shape == x.shape
+
+
+def test_ibn_instance_normalises_half_the_channels_and_batch_normalises_the_rest():
+    from pixelwise.models.unet import IBN
+
+    torch.manual_seed(0)
+    layer = IBN(6).train()
+    x = torch.randn(3, 6, 5, 7) * 4 + 2
+    y = layer(x)
+    a, b = x[:, :3], x[:, 3:]
+
+    def standardise(t, dims):
+        return (t - t.mean(dims, keepdim=True)) / torch.sqrt(t.var(dims, unbiased=False, keepdim=True) + 1e-5)
+
+    per_image, per_batch = standardise(a, (2, 3)), standardise(b, (0, 2, 3))
+    torch.testing.assert_close(y, torch.cat([per_image, per_batch], 1), atol=1e-5, rtol=1e-5)
+
+
+def test_ibn_levels_puts_ibn_in_the_first_norm_of_the_first_levels_only():
+    from pixelwise.models.unet import IBN
+
+    model = UNet(3, base_channels=4, batch_norm=True, ibn_levels=2)
+    kinds = [[type(m).__name__ for m in block if not isinstance(m, nn.Conv2d | nn.ReLU)] for block in model.down]
+    assert kinds[:3] == [["IBN", "BatchNorm2d"], ["IBN", "BatchNorm2d"], ["BatchNorm2d", "BatchNorm2d"]]
+    assert not any(isinstance(m, IBN) for m in model.up.modules())
+    assert model(torch.randn(2, 3, 32, 48)).shape == (2, 3, 32, 48)
+    with pytest.raises(ValueError, match="batch_norm"):
+        UNet(3, base_channels=4, ibn_levels=1)
+    with pytest.raises(ValueError, match="ibn_levels"):
+        UNet(3, base_channels=4, batch_norm=True, ibn_levels=6)

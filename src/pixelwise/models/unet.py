@@ -30,6 +30,12 @@ Options and where we differ from the paper:
   with ``batch_norm``) + ReLU, so every pixel's decision can see the whole scene (a wall of a
   house and the crown of a tree look alike up close; the street around them does not). Under
   tiled inference the context is each tile's.
+- ``ibn_levels`` (0 by default) makes the first normalisation of the first ``ibn_levels`` levels
+  of the contracting path IBN-a (Pan, Luo, Shi, Tang, "Two at Once: Enhancing Learning and
+  Generalization Capacities via IBN-Net", ECCV 2018, arXiv:1807.09441): half of the channels are
+  instance-normalised, so the early features keep what an object is and shed the appearance
+  (light, colour, contrast) of the scene it was filmed in, the other half batch-normalised.
+  Needs ``batch_norm``.
 
 The paper's boundary weight map, ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))``,
 is :func:`unet_weight_map`.
@@ -48,12 +54,27 @@ from pixelwise.weights import load_matching, read_weights
 DEPTH = 4  # number of 2x2 poolings
 
 
-def double_conv(cin: int, cout: int, padding: int, batch_norm: bool) -> nn.Sequential:
+class IBN(nn.Module):
+    """IBN-Net's IBN-a normalisation: the first half of the channels instance-normalised (learnt
+    scale and shift), the rest batch-normalised."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.instance = nn.InstanceNorm2d(channels // 2, affine=True)
+        self.batch = nn.BatchNorm2d(channels - channels // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.instance.num_features
+        return torch.cat([self.instance(x[:, :half]), self.batch(x[:, half:])], dim=1)
+
+
+def double_conv(cin: int, cout: int, padding: int, batch_norm: bool, ibn: bool = False) -> nn.Sequential:
+    """Two 3x3 convolutions, each followed by [BatchNorm and] ReLU; ``ibn``: the first norm is :class:`IBN`."""
     layers: list[nn.Module] = []
-    for c in (cin, cout):
+    for i, c in enumerate((cin, cout)):
         layers.append(nn.Conv2d(c, cout, 3, padding=padding, bias=not batch_norm))
         if batch_norm:
-            layers.append(nn.BatchNorm2d(cout))
+            layers.append(IBN(cout) if ibn and i == 0 else nn.BatchNorm2d(cout))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
@@ -153,8 +174,12 @@ class GlobalContext(nn.Module):
 class UNet(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, base_channels: int = 64,
                  padding: str = "same", batch_norm: bool = False, dropout: float = 0.5,
-                 input_norm: bool = False, global_context: bool = False):
+                 input_norm: bool = False, global_context: bool = False, ibn_levels: int = 0):
         super().__init__()
+        if ibn_levels and not batch_norm:
+            raise ValueError("ibn_levels replaces half of BatchNorm's channels: it needs batch_norm=True")
+        if not 0 <= ibn_levels <= DEPTH + 1:
+            raise ValueError(f"ibn_levels must be 0-{DEPTH + 1} (levels of the contracting path), got {ibn_levels}")
         self.input_norm = input_norm
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
@@ -169,8 +194,8 @@ class UNet(nn.Module):
         chans = [base_channels * 2**i for i in range(DEPTH + 1)]
         self.down = nn.ModuleList()
         cin = in_channels
-        for c in chans:
-            self.down.append(double_conv(cin, c, p, batch_norm))
+        for level, c in enumerate(chans):
+            self.down.append(double_conv(cin, c, p, batch_norm, ibn=level < ibn_levels))
             cin = c
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.global_context = GlobalContext(chans[-1], batch_norm) if global_context else None
@@ -218,7 +243,7 @@ class UNet(nn.Module):
 @register_model("unet", paper="Ronneberger et al., MICCAI 2015")
 def unet(num_classes: int, pretrained: str | None = None, **kwargs) -> UNet:
     """U-Net as in the paper; kwargs: in_channels, base_channels, padding, batch_norm, dropout, input_norm,
-    global_context."""
+    global_context, ibn_levels."""
     model = UNet(num_classes, **kwargs)
     if pretrained:
         load_matching(model, read_weights(pretrained), f"unet(pretrained={pretrained!r})")
