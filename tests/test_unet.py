@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from pixelwise.models.unet import (
+    IBN,
     UNet,
     mirror_pad,
     unet_weight_map,
@@ -11,6 +12,11 @@ from pixelwise.models.unet import (
     valid_output_size,
     valid_tile,
 )
+
+
+def standardise(t, dims):
+    """(t - mean) / sqrt(var + 1e-5) over ``dims``: instance norm over (2, 3), batch norm over (0, 2, 3)."""
+    return (t - t.mean(dims, keepdim=True)) / torch.sqrt(t.var(dims, unbiased=False, keepdim=True) + 1e-5)
 
 
 def test_paper_parameter_count():
@@ -110,9 +116,7 @@ def test_input_norm_makes_the_output_blind_to_each_images_channel_gains_and_offs
         plain = UNet(3, base_channels=4, padding=padding, batch_norm=True).eval()
         plain.load_state_dict(model.state_dict())
         assert (plain(darker)[0] - plain(x)[0]).abs().max() > 1e-2  # without it the gains change the logits
-        var = x.var((2, 3), unbiased=False, keepdim=True)
-        standardised = (x - x.mean((2, 3), keepdim=True)) / torch.sqrt(var + 1e-5)
-        torch.testing.assert_close(model(x), plain(standardised), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(x), plain(standardise(x, (2, 3))), atol=1e-4, rtol=1e-4)
 
 
 def test_global_context_lets_every_pixel_see_the_whole_image():
@@ -142,24 +146,15 @@ def test_global_context_is_parsenets_pooled_feature_concatenated_and_fused():
 
 
 def test_ibn_instance_normalises_half_the_channels_and_batch_normalises_the_rest():
-    from pixelwise.models.unet import IBN
-
     torch.manual_seed(0)
     layer = IBN(6).train()
     x = torch.randn(3, 6, 5, 7) * 4 + 2
     y = layer(x)
-    a, b = x[:, :3], x[:, 3:]
-
-    def standardise(t, dims):
-        return (t - t.mean(dims, keepdim=True)) / torch.sqrt(t.var(dims, unbiased=False, keepdim=True) + 1e-5)
-
-    per_image, per_batch = standardise(a, (2, 3)), standardise(b, (0, 2, 3))
+    per_image, per_batch = standardise(x[:, :3], (2, 3)), standardise(x[:, 3:], (0, 2, 3))
     torch.testing.assert_close(y, torch.cat([per_image, per_batch], 1), atol=1e-5, rtol=1e-5)
 
 
 def test_ibn_levels_puts_ibn_in_the_first_norm_of_the_first_levels_only():
-    from pixelwise.models.unet import IBN
-
     model = UNet(3, base_channels=4, batch_norm=True, ibn_levels=2)
     kinds = [[type(m).__name__ for m in block if not isinstance(m, nn.Conv2d | nn.ReLU)] for block in model.down]
     assert kinds[:3] == [["IBN", "BatchNorm2d"], ["IBN", "BatchNorm2d"], ["BatchNorm2d", "BatchNorm2d"]]

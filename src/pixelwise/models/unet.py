@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pixelwise.layers import conv_bn_relu, conv_relu
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
 
@@ -160,11 +161,7 @@ class GlobalContext(nn.Module):
     def __init__(self, channels: int, batch_norm: bool):
         super().__init__()
         self.pool_conv = nn.Conv2d(channels, channels, 1)
-        layers: list[nn.Module] = [nn.Conv2d(2 * channels, channels, 1, bias=not batch_norm)]
-        if batch_norm:
-            layers.append(nn.BatchNorm2d(channels))
-        layers.append(nn.ReLU(inplace=True))
-        self.fuse = nn.Sequential(*layers)
+        self.fuse = (conv_bn_relu if batch_norm else conv_relu)(2 * channels, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = F.relu(self.pool_conv(x.mean((-2, -1), keepdim=True)))
