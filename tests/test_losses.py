@@ -138,7 +138,7 @@ def test_losses_ignore_255_and_have_gradients():
     logits, target = _case(seed=4)
     changed = logits.clone()
     changed[target.unsqueeze(1).expand_as(logits) == 255] = 37.0  # only ignored pixels change
-    for kind in ("ce", "dice", "focal", "lovasz", "ce+dice"):
+    for kind in ("ce", "dice", "focal", "lovasz", "ce+dice", "ce+lovasz"):
         a = segmentation_loss(logits, target, kind)
         b = segmentation_loss(changed, target, kind)
         assert a.item() == pytest.approx(b.item(), rel=1e-6), kind
@@ -157,7 +157,25 @@ def test_all_ignored_gives_zero_not_nan():
         assert torch.isfinite(v) and v.item() == 0.0, kind
 
 
-@pytest.mark.parametrize("kind", ["ce", "focal", "ce+dice"])
+@pytest.mark.parametrize("kind", ["ce+dice", "ce+lovasz"])
+def test_sum_losses_weight_only_the_cross_entropy(kind):
+    """ce+dice / ce+lovasz = the weighted cross-entropy (naive: -sum w_y pw log p_y / sum w_y, the
+    pixel weights scaling the numerator only) plus the unweighted set-level term."""
+    logits, target = _case(seed=5)
+    cw = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+    pw = torch.rand(target.shape, dtype=torch.float64) + 0.5
+    keep = target != 255
+    y = target.clamp(max=3)
+    logp = torch.log_softmax(logits, 1).gather(1, y.unsqueeze(1)).squeeze(1)
+    w = cw[y] * keep
+    ce = -(w * pw * logp).sum() / w.sum()
+    setlevel = dice_loss(logits, target) if kind == "ce+dice" else lovasz_softmax(logits, target)
+    got = segmentation_loss(logits, target, kind, cw, pw)
+    assert got.item() == pytest.approx((ce + setlevel).item(), rel=1e-9)
+    assert setlevel.item() > 0.01  # the set-level term is not negligible in the check
+
+
+@pytest.mark.parametrize("kind", ["ce", "focal", "ce+dice", "ce+lovasz"])
 def test_combined_loss_adds_the_weighted_auxiliary_loss(kind):
     logits, target = _case(seed=3)
     aux, _ = _case(seed=4)

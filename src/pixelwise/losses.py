@@ -140,7 +140,8 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "ce",
                       class_weights: torch.Tensor | None = None, pixel_weights: torch.Tensor | None = None,
                       focal_gamma: float = 2.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """The loss named by ``kind``: ``ce | dice | focal | lovasz | ce+dice`` (sum of the two).
+    """The loss named by ``kind``: ``ce | dice | focal | lovasz | ce+dice | ce+lovasz`` (the last two:
+    the cross-entropy plus the set-level term, unscaled).
 
     Class weights and per-pixel weights apply to the pixel-wise terms (ce, focal); dice and
     lovasz are set-level losses and ignore them. logits: Tensor[N, C, H, W]; target: Int64[N, H, W].
@@ -153,15 +154,15 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "c
         return dice_loss(logits, target, ignore_index=ignore_index)
     if kind == "lovasz":
         return lovasz_softmax(logits, target, ignore_index)
-    if kind == "ce+dice":
+    if kind in ("ce+dice", "ce+lovasz"):
         return (cross_entropy(logits, target, class_weights, pixel_weights, ignore_index)
-                + dice_loss(logits, target, ignore_index=ignore_index))
-    raise ValueError(f"unknown loss {kind!r}; choose ce, dice, focal, lovasz or ce+dice")
+                + segmentation_loss(logits, target, kind[3:], ignore_index=ignore_index))
+    raise ValueError(f"unknown loss {kind!r}; choose ce, dice, focal, lovasz, ce+dice or ce+lovasz")
 
 
 @dataclass(frozen=True, eq=False)
 class LossSpec:
-    """A training loss: ``kind`` (``ce | dice | focal | lovasz | ce+dice``, see
+    """A training loss: ``kind`` (``ce | dice | focal | lovasz | ce+dice | ce+lovasz``, see
     :func:`segmentation_loss`), class weights ``Tensor[C]`` or None, the focal exponent and the
     weight of an auxiliary head's loss."""
 

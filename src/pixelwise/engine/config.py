@@ -34,7 +34,7 @@ from pixelwise.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("poly", "cosine", "step", "constant")
-LOSSES = ("ce", "dice", "focal", "lovasz", "ce+dice")
+LOSSES = ("ce", "dice", "focal", "lovasz", "ce+dice", "ce+lovasz")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 WEIGHT_MAPS = ("none", "unet")
 DEVICES = ("cpu", "cuda")
