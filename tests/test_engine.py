@@ -394,9 +394,15 @@ def test_channels_last_trains_the_same_network(tmp_path):
     # the two layouts' kernels
     plain = fit(tiny(tmp_path / "plain", epochs=3, optimizer="sgd", ema=0.9, amp="off"), log=quiet)
     nhwc = fit(tiny(tmp_path / "nhwc", epochs=3, optimizer="sgd", ema=0.9, amp="off", channels_last=True), log=quiet)
-    for key in ("train_loss", "val_loss", "pixel_acc", "mIoU"):
-        assert nhwc["final"][key] == pytest.approx(plain["final"][key], rel=1e-5, abs=1e-5), key
-    weights_equal(tmp_path / "plain", tmp_path / "nhwc", tol=1e-4)  # weights ~0.1-0.4
+    # The two layouts' kernels round differently and 3 epochs of SGD amplify it: with one thread at
+    # the dependency floors, 3.2e-5 (relative) in the training loss and one validation pixel of
+    # 4096 changing class (2.4e-4 in pixel accuracy), weights 1.6e-4 apart; under 1e-5, none and
+    # under 1e-4 with two threads. A wrong layout anywhere would differ by 1e-2 or more.
+    for key in ("train_loss", "val_loss"):
+        assert nhwc["final"][key] == pytest.approx(plain["final"][key], rel=2e-4), key
+    for key in ("pixel_acc", "mIoU"):  # a few of the 4096 validation pixels may flip
+        assert nhwc["final"][key] == pytest.approx(plain["final"][key], abs=2e-3), key
+    weights_equal(tmp_path / "plain", tmp_path / "nhwc", tol=1e-3)  # weights ~0.1-0.4
     weights, _ = read_checkpoint(tmp_path / "nhwc" / "last.safetensors")
     assert all(t.is_contiguous() for t in weights.values())
 
