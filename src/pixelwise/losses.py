@@ -156,7 +156,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "c
         return lovasz_softmax(logits, target, ignore_index)
     if kind in ("ce+dice", "ce+lovasz"):
         return (cross_entropy(logits, target, class_weights, pixel_weights, ignore_index)
-                + segmentation_loss(logits, target, kind[3:], ignore_index=ignore_index))
+                + segmentation_loss(logits, target, kind.removeprefix("ce+"), ignore_index=ignore_index))
     raise ValueError(f"unknown loss {kind!r}; choose ce, dice, focal, lovasz, ce+dice or ce+lovasz")
 
 
