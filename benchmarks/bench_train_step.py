@@ -1,5 +1,6 @@
 """Seconds per optimizer step of a semantic model in float32: NCHW (as built) against channels-last
-(`--channels-last` in training) and, with --compile, torch.compile of each.
+(`--channels-last` in training) and, with --compile, torch.compile of each; with --bf16, each layout
+also under bf16 autocast (`--amp bf16` in training: fast with AMX, emulated without bf16 instructions).
 
     PYTHONPATH=src python benchmarks/bench_train_step.py --model unet \
         --model-kwargs '{"base_channels": 16, "batch_norm": true, "dropout": 0.5}' \
@@ -10,7 +11,8 @@ does. The layouts are timed interleaved, round by round (the machine is noisy), 
 initial weights; the ratio is NCHW's median over each layout's. Agreement: the loss of a first
 step (dropout off) and the relative error of all its gradients against the same step in float64
 (NCHW), |g - g64| / |g64|: float32 rounding, amplified by BatchNorm's cancellations, in every
-layout; a layout that computed something else would be off by orders of magnitude more.
+layout; a layout that computed something else would be off by orders of magnitude more (bf16
+rounds to 8 bits of mantissa, so its error is about 1e-2).
 Prints a line per layout; --json writes them.
 """
 
@@ -28,11 +30,18 @@ import torch.nn.functional as F
 from pixelwise.models import create_model, forward_logits
 
 
-def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+def logits(forward: torch.nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The float32 logits of ``forward`` on ``x``, under bf16 autocast if ``bf16`` (as the trainer)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = forward_logits(forward, x)
+    return out.float()
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> float:
-        loss = F.cross_entropy(forward_logits(model, x), y)
+        loss = F.cross_entropy(logits(model, x, bf16), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -41,7 +50,7 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 def gradients(model: torch.nn.Module, forward: torch.nn.Module, x: torch.Tensor,
-              y: torch.Tensor) -> tuple[float, torch.Tensor]:
+              y: torch.Tensor, bf16: bool = False) -> tuple[float, torch.Tensor]:
     """Loss and all parameter gradients (one float64 vector) of one forward/backward through
     ``forward`` (the model or its compiled form), no update. Dropout is switched off for it: it
     draws its mask in memory order, so two layouts draw different (equally distributed) masks."""
@@ -49,7 +58,7 @@ def gradients(model: torch.nn.Module, forward: torch.nn.Module, x: torch.Tensor,
     for m in dropouts:
         m.eval()
     model.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(forward_logits(forward, x), y)
+    loss = F.cross_entropy(logits(forward, x, bf16), y)
     loss.backward()
     for m in dropouts:
         m.train()
@@ -70,6 +79,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=10, help="timed steps per layout (after 2 warm-up steps)")
     p.add_argument("--compile", action="store_true", help="also torch.compile each layout (minutes of compiling)")
+    p.add_argument("--bf16", action="store_true", help="also time each layout under bf16 autocast")
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,23 +93,24 @@ def main() -> None:
     y = torch.randint(0, args.classes, (args.batch, h, w))
 
     layouts = {"nchw": False, "channels_last": True}
-    variants = [(f"{name}{'+compile' if c else ''}", cl, c) for c in ([False, True] if args.compile else [False])
-                for name, cl in layouts.items()]
+    variants = [(f"{name}{'+compile' if c else ''}{'+bf16' if b else ''}", cl, c, b)
+                for b in ([False, True] if args.bf16 else [False])
+                for c in ([False, True] if args.compile else [False]) for name, cl in layouts.items()]
     # the independent reference: the same step of the NCHW model in float64
     exact = copy.deepcopy(base).train().double()
     _, reference = gradients(exact, exact, x.double(), y)
     steps, agreement = {}, {}
-    for name, cl, compiled in variants:
+    for name, cl, compiled, bf16 in variants:
         model = copy.deepcopy(base).train()
         xi = x.contiguous(memory_format=torch.channels_last) if cl else x
         if cl:
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         runner = torch.compile(model) if compiled else model
-        loss, grads = gradients(model, runner, xi, y)
+        loss, grads = gradients(model, runner, xi, y, bf16)
         # all gradients as one vector, |float32 - float64| / |float64| (per tensor would mislead: a
         # convolution bias in front of BatchNorm has an exact gradient of 0, so only rounding noise)
         agreement[name] = {"loss": loss, "grad_rel_err": ((grads - reference).norm() / reference.norm()).item()}
-        step = make_step(runner, xi, y)
+        step = make_step(runner, xi, y, bf16)
         t = time.perf_counter()
         step()
         step()  # warm-up (and compiling)

@@ -291,6 +291,16 @@ def test_amp_choices(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
     assert resolve_amp("auto", cpu)[0] == "bf16"
     assert resolve_amp("off", cpu)[0] == "off"
+    assert resolve_amp("bf16", cpu) == ("bf16", "as asked")
+    # an AVX2-only CPU (no bf16 instructions): bf16 is honoured, with a warning of the emulation's cost
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
+    mode, why = resolve_amp("bf16", cpu)
+    assert mode == "bf16" and "no bf16 instructions" in why and "--amp auto" in why
+    assert resolve_amp("auto", cpu)[0] == "off"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    assert resolve_amp("bf16", cpu) == ("bf16", "as asked")
+    monkeypatch.setattr(precision, "cpu_flags", set)  # flags unknown (not Linux): no claim either way
+    assert resolve_amp("bf16", cpu) == ("bf16", "as asked")
 
 
 def test_tensorboard_without_package_is_one_line_error(tmp_path, monkeypatch, capsys):

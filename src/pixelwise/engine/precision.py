@@ -20,13 +20,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# the CPU flags of native bf16 arithmetic; without them oneDNN emulates bf16 (far slower than float32)
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
 def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
     """``--amp`` -> (off | bf16 | fp16, why). ``auto``: CUDA -> bf16 where the GPU supports it,
     else fp16 (with a gradient scaler); CPU -> bf16 only with AMX tiles (``amx_bf16``), where
     oneDNN's bf16 convolutions are clearly faster, else off (on AVX-512-BF16 CPUs without AMX
-    the gain was unreliable in our measurements, see docs/training.md)."""
+    the gain was unreliable in our measurements, see docs/training.md). ``bf16`` on a CPU whose
+    flags show no bf16 instructions is kept, with a why that says it will be slow."""
     if mode == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or --amp off")
+    if mode == "bf16" and device.type == "cpu" and (flags := cpu_flags()) and not flags & BF16_CPU_FLAGS:
+        return mode, ("as asked, but this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 is emulated "
+                      "here, a U-Net step ran 11-14x slower than in float32; --amp auto or off trains in float32")
     if mode != "auto":
         return mode, "as asked"
     if device.type == "cuda":
