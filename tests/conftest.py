@@ -98,7 +98,12 @@ def narrow(model: nn.Module, divisor: int = 8, keep: int = 16) -> nn.Module:
     """The same architecture with every channel count above ``keep`` divided by ``divisor``
     (input channels and class counts stay): convolutions and norms are rebuilt, randomly
     initialised; the FCN scorers (zero-initialised in the paper) become random too, and
-    BatchNorm statistics non-trivial, so that the logits are not trivially equal."""
+    BatchNorm statistics non-trivial, so that the logits are not trivially equal. Models under a
+    million parameters (ENet) are fast already and keep their widths (``divisor`` 1): ENet's
+    downsampling blocks widen 16 channels to 64 and 128, which narrowing would invert."""
+    if sum(p.numel() for p in model.parameters()) < 1_000_000:
+        divisor = 1
+
     def n(c: int) -> int:
         return c // divisor if c > keep else c
 

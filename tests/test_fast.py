@@ -26,8 +26,9 @@ def test_folding_batchnorm_keeps_every_models_outputs(name):
     model = narrow(create_model(name, num_classes=5))
     norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     folded = fold_model(model)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) or norms == 0, \
-        "every BatchNorm of the semantic models follows a convolution"
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    # every BatchNorm of the semantic models follows a convolution, but ENet's of its max-pooled input
+    assert left == (1 if name == "enet" else 0), f"{left} BatchNorm layers left unfolded"
     x = sample_batch(2, 3, 45, 61)
     with torch.no_grad():
         ref, got = forward_logits(model, x), forward_logits(folded, x)
