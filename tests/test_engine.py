@@ -505,3 +505,22 @@ def test_a_kill_between_the_state_and_metrics_csv_is_caught_up_by_resume(tmp_pat
     summary = fit(tiny(tmp_path, resume=True), log=quiet)
     assert summary["epochs_completed"] == 2 and csv_epochs() == [1, 2]
     assert json.loads((tmp_path / "metrics.json").read_text())["epochs_completed"] == 2
+
+
+def test_one_answer_to_native_bf16_for_training_and_inference(monkeypatch, tmp_path):
+    """engine.precision (training's --amp) and the fast inference paths read the same CPU flags."""
+    from pixelwise import runtime
+    from pixelwise.models.maskrcnn.fast import reduced_precision_dtype
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 amx_bf16 amx_tile\n\nprocessor\t: 1\n")
+    real_path = runtime.Path
+    monkeypatch.setattr(runtime, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    assert runtime.cpu_flags() == {"fpu", "sse", "avx2", "amx_bf16", "amx_tile"}
+    cpu = torch.device("cpu")
+    for flags, native in [({"avx2", "fma"}, False), ({"avx512f", "avx512bw"}, False), ({"avx512_bf16"}, True),
+                          ({"amx_bf16"}, True)]:
+        monkeypatch.setattr(runtime, "cpu_flags", lambda flags=flags: flags)
+        assert runtime.cpu_has_native_bf16() is native
+        if torch.backends.mkldnn.is_available():
+            assert reduced_precision_dtype(cpu) == (torch.bfloat16 if native else torch.float32)

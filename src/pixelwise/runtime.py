@@ -9,6 +9,11 @@ from here.
 :func:`check_device` turns ``--device cuda`` on a machine or build without CUDA into a one-line
 error instead of torch's assertion.
 
+:func:`cpu_flags` reads what the CPU can do (``/proc/cpuinfo``), once for every caller: whether it
+has bf16 arithmetic in hardware (:func:`cpu_has_native_bf16`; without it oneDNN emulates bf16, far
+slower than float32) decides mixed-precision training and the fast inference paths, and its int8
+dot-product instructions decide the quantised kernels.
+
 :class:`HeldSignals` holds Ctrl-C (SIGINT) and SIGTERM back while a unit of work that must not be
 cut in half runs, and delivers them as soon as it is done: a training step's forward passes change
 BatchNorm statistics and its optimizer step changes the weights one tensor at a time, so an
@@ -20,6 +25,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import torch
@@ -66,6 +72,34 @@ def check_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise UserError(f"--device {name}: pixelwise runs on cpu or cuda")
     return device
+
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``avx2``, ``amx_bf16``, ...) from ``/proc/cpuinfo``; empty where
+    that cannot be read (systems other than Linux), which callers take as "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# the flags of native bf16 arithmetic (AVX512-BF16, AMX) and of u8 x s8 dot products with 32-bit sums
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU does bf16 arithmetic in hardware (:data:`BF16_CPU_FLAGS`). Where the flags
+    cannot be read, oneDNN's own answer (which also says yes for AVX-512 CPUs that only emulate
+    bf16, so it is the fallback, not the rule)."""
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & BF16_CPU_FLAGS)
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class HeldSignals:

@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
 from pixelwise.errors import UserError
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-# the CPU flags of native bf16 arithmetic; without them oneDNN emulates bf16 (far slower than float32)
-BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+from pixelwise.runtime import BF16_CPU_FLAGS, cpu_flags
 
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:

@@ -38,6 +38,7 @@ import torch.nn as nn
 from pixelwise.errors import UserError
 from pixelwise.models import Logits, forward_logits
 from pixelwise.preprocess import InputSpec, preprocess
+from pixelwise.runtime import VNNI_CPU_FLAGS, cpu_flags
 
 # int8 below this argmax agreement with float32 is refused: an int8 ONNX export (on its verification
 # images) and --mode int8 in predict (on its calibration pixels); eval and bench only report it
@@ -128,12 +129,7 @@ def _set_core(net: nn.Module, core: nn.Module) -> None:
 def cpu_has_vnni() -> bool:
     """Whether the CPU multiplies u8 x s8 with 32-bit accumulation (AVX512-VNNI, AVX-VNNI or AMX
     int8), read from ``/proc/cpuinfo``; False where that cannot be read (other systems)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(cpu_flags() & VNNI_CPU_FLAGS)
 
 
 def qconfig_mapping(engine: str):

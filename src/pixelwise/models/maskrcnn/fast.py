@@ -42,6 +42,7 @@ from pixelwise.models.maskrcnn.model import MaskRCNN
 from pixelwise.models.maskrcnn.roi_heads import MaskRCNNPredictor, TwoMLPHead, postprocess_image
 from pixelwise.models.maskrcnn.rpn import flatten_predictions
 from pixelwise.models.maskrcnn.transform import ImageBatch
+from pixelwise.runtime import cpu_has_native_bf16
 
 __all__ = ["FastMaskRCNN", "detection_agreement", "fold_batchnorm", "optimize_for_inference", "reduced_precision_dtype"]
 
@@ -106,12 +107,12 @@ def fold_batchnorm(module: nn.Module) -> int:
 
 
 def reduced_precision_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where it is fast (CUDA with bf16 support; CPUs whose oneDNN has bf16 kernels, i.e.
-    AVX512-BF16 or AMX), else float32."""
+    """bfloat16 where it is fast (CUDA with bf16 support; CPUs with bf16 arithmetic in hardware,
+    AVX512-BF16 or AMX: :func:`pixelwise.runtime.cpu_has_native_bf16`), else float32."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.float32
 
 
