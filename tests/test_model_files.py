@@ -30,8 +30,10 @@ def test_deconvnet_does_not_import_segnet():
     assert {"pixelwise.layers", "pixelwise.backbones.vgg", "pixelwise.models._utils"} <= imported
 
 
-def test_only_the_vgg_encoder_keeps_pooling_indices():
-    """``max_pool2d(..., return_indices=True)`` is called in one place: backbones/vgg.py."""
+def test_only_the_vgg_encoder_and_enets_downsampling_keep_pooling_indices():
+    """``max_pool2d(..., return_indices=True)`` is called in two places: backbones/vgg.py (the
+    encoder SegNet and DeconvNet share) and ENet's downsampling bottleneck, whose main branch is that
+    pool; both unpool with :func:`pixelwise.layers.unpool`."""
     callers = []
     for path in MODEL_FILES:
         for node in ast.walk(_tree(path)):
@@ -40,5 +42,7 @@ def test_only_the_vgg_encoder_keeps_pooling_indices():
             name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             if "max_pool" in name and any(k.arg == "return_indices" for k in node.keywords):
                 callers.append(path.relative_to(SRC).as_posix())
-    assert callers == ["backbones/vgg.py"]
+    assert callers == ["backbones/vgg.py", "models/enet.py"]
+    for decoder in ("models/segnet.py", "models/deconvnet.py", "models/enet.py"):
+        assert "pixelwise.layers" in _imported_modules(_tree(SRC / decoder)), decoder
 

@@ -74,7 +74,6 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (``avx2``, ``amx_bf16``, ...) from ``/proc/cpuinfo``; empty where
     that cannot be read (systems other than Linux), which callers take as "unknown"."""
@@ -94,8 +93,8 @@ VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU does bf16 arithmetic in hardware (:data:`BF16_CPU_FLAGS`). Where the flags
-    cannot be read, oneDNN's own answer (which also says yes for AVX-512 CPUs that only emulate
-    bf16, so it is the fallback, not the rule)."""
+    cannot be read, oneDNN's own answer, which is only the fallback: it says yes for every AVX-512
+    CPU (AVX512-BW/VL/DQ), where bf16 is emulated and slower than float32."""
     flags = cpu_flags()
     if flags:
         return bool(flags & BF16_CPU_FLAGS)

@@ -22,7 +22,7 @@ and ends in spatial dropout, all with BatchNorm and PReLU. Table 1 of the paper:
 Parameters: 359,786 with 11 classes (the paper's Table 3 rounds ENet to 0.37M; ports differ by
 a few thousand in biases and in the decoder's inner width, which here is a quarter of each
 block's input, as the paper describes the projection). Convolutions have no bias where a BatchNorm
-follows, the fan-in He initialisation.
+follows; weights get the fan-in He initialisation, PReLU slopes 0.25.
 
 ``input_norm`` (off by default, as in the paper) standardises each image per channel over its own
 pixels first, as ``unet``'s option of that name does. Any input size: the input is zero-padded at
