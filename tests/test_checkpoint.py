@@ -64,6 +64,16 @@ def test_truncated_and_missing(tmp_path):
         load_checkpoint(tmp_path / "nope.safetensors")
 
 
+def test_weights_of_other_shapes_are_explained_not_a_traceback(tmp_path):
+    """A checkpoint whose tensors have the names but not the shapes of the model its metadata
+    rebuilds (another version's layout, or edited options) is a UserError naming the tensors."""
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, _model(), {"model": "unet", "num_classes": 3, "model_kwargs": {**KW, "base_channels": 8}})
+    with pytest.raises(UserError, match=r"m.safetensors: weights do not fit model 'unet'.*down.0.0.weight "
+                                        r"\(4, 3, 3, 3\) where the model has \(8, 3, 3, 3\)"):
+        load_checkpoint(path)
+
+
 def test_plain_safetensors_without_metadata_is_explained(tmp_path):
     from safetensors.torch import save_file
 

@@ -162,6 +162,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: cannot rebuild model {meta.get('model')!r} ({e})") from None
+    own = model.state_dict()
+    misshapen = [f"{k} {tuple(v.shape)} where the model has {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if misshapen:  # load_state_dict would raise a RuntimeError listing every one of them
+        raise UserError(f"{path}: weights do not fit model {meta['model']!r} as this pixelwise builds it "
+                        f"({len(misshapen)} of other shapes, e.g. {'; '.join(misshapen[:2])}; written by pixelwise "
+                        f"{meta.get('pixelwise_version', '?')}, this is {__version__}): load it with the "
+                        "pixelwise that wrote it, or retrain")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit model {meta['model']!r} "
