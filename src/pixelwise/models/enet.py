@@ -48,8 +48,10 @@ __all__ = ["ENet", "enet"]
 STRIDE = 8  # three 2x2 poolings: the initial block, bottleneck 1.0 and 2.0
 
 
-def conv_bn(cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
-            padding: int | tuple[int, int] = 0, dilation: int = 1, prelu: bool = True) -> nn.Sequential:
+def conv_bn_prelu(cin: int, cout: int, kernel: int | tuple[int, int], stride: int = 1,
+                  padding: int | tuple[int, int] = 0, dilation: int = 1, prelu: bool = True) -> nn.Sequential:
+    """``Conv2d`` without bias -> ``BatchNorm2d`` [-> ``PReLU``]: ENet's unit, unlike
+    :func:`pixelwise.layers.conv_bn` (bias, ReLU) and ``conv_bn_relu`` (ReLU), which it does not fit."""
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, padding, dilation=dilation, bias=False),
                                nn.BatchNorm2d(cout)]
     if prelu:
@@ -93,15 +95,15 @@ class Bottleneck(nn.Module):
         self.downsample = kind == "downsample"
         self.pad = cout - channels
         k = 2 if self.downsample else 1
-        self.project = conv_bn(channels, inner, k, stride=k)
+        self.project = conv_bn_prelu(channels, inner, k, stride=k)
         if kind == "asymmetric":
             self.conv = nn.Sequential(nn.Conv2d(inner, inner, (5, 1), padding=(2, 0), bias=False),
-                                      *conv_bn(inner, inner, (1, 5), padding=(0, 2)))
+                                      *conv_bn_prelu(inner, inner, (1, 5), padding=(0, 2)))
         elif kind in ("regular", "downsample"):
-            self.conv = conv_bn(inner, inner, 3, padding=dilation, dilation=dilation)
+            self.conv = conv_bn_prelu(inner, inner, 3, padding=dilation, dilation=dilation)
         else:
             raise ValueError(f"kind must be 'regular', 'asymmetric' or 'downsample', got {kind!r}")
-        self.expand = conv_bn(inner, cout, 1, prelu=False)
+        self.expand = conv_bn_prelu(inner, cout, 1, prelu=False)
         self.dropout = nn.Dropout2d(dropout)
         self.act = nn.PReLU(cout)
 
@@ -125,12 +127,12 @@ class Upsample(nn.Module):
     def __init__(self, channels: int, cout: int, dropout: float = 0.1):
         super().__init__()
         inner = channels // 4
-        self.main = conv_bn(channels, cout, 1, prelu=False)
-        self.project = conv_bn(channels, inner, 1)
+        self.main = conv_bn_prelu(channels, cout, 1, prelu=False)
+        self.project = conv_bn_prelu(channels, inner, 1)
         self.conv = nn.Sequential(
             nn.ConvTranspose2d(inner, inner, 3, stride=2, padding=1, output_padding=1, bias=False),
             nn.BatchNorm2d(inner), nn.PReLU(inner))
-        self.expand = conv_bn(inner, cout, 1, prelu=False)
+        self.expand = conv_bn_prelu(inner, cout, 1, prelu=False)
         self.dropout = nn.Dropout2d(dropout)
         self.act = nn.PReLU(cout)
 
