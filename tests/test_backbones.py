@@ -16,6 +16,7 @@ from pixelwise.backbones import (
     vgg16,
     vgg16_bn,
 )
+from pixelwise.backbones.resnet import BasicBlock, ResNet
 from pixelwise.backbones.vgg import features_info, forward_stages, make_features, mirror_channels
 from pixelwise.errors import UserError
 from pixelwise.layers import max_unpool
@@ -162,8 +163,40 @@ def test_resnet_dilation_feature_info_matches_outputs():
         for f in model.feature_info:
             assert out[f.name].shape == (1, f.channels, 64 // f.stride, -(-32 // f.stride)), f
         assert body.feature_info["layer4"].channels == 2048
-    with pytest.raises(ValueError):
-        resnet18(replace_stride_with_dilation=[False, False, True])
+
+
+@pytest.mark.parametrize("make", [resnet18, resnet50])
+@pytest.mark.parametrize("dilate", [[False, False, True], [False, True, True]])
+def test_dilated_resnet_computes_the_undilated_one_on_a_finer_grid(make, dilate):
+    """Trading a stride for dilation: with the same weights, the dilated network's stage outputs
+    sampled every 2 (or 4) pixels are the undilated network's, to float64 rounding. This holds
+    only if every 3x3 conv after the removed stride samples at the new rate and the conv that
+    carried the stride at the old one, so it checks where the rates go in both block types
+    (torchvision refuses dilation for BasicBlock; ours dilates both of its convs)."""
+    torch.manual_seed(0)
+    plain = make().double().eval()
+    for m in plain.modules():  # statistics away from the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    dilated = make(replace_stride_with_dilation=dilate).double().eval()
+    dilated.load_state_dict(plain.state_dict())
+    names = {name: name for name in ("layer2", "layer3", "layer4")}
+    x = torch.randn(1, 3, 100, 68, dtype=torch.float64)  # odd sizes on the way down
+    with torch.no_grad():
+        a = IntermediateLayerGetter(plain, names)(x)
+        b = IntermediateLayerGetter(dilated, names)(x)
+    for before, after in zip(plain.feature_info[2:], dilated.feature_info[2:], strict=True):
+        step = before.stride // after.stride
+        torch.testing.assert_close(b[after.name][..., ::step, ::step], a[before.name], rtol=1e-9, atol=1e-9)
+    stride = dilated.feature_info[4].stride
+    assert b["layer4"].shape[-2:] == (-(-100 // stride), -(-68 // stride))
+    if make is resnet18:
+        rate = 2 if dilate == [False, False, True] else 4
+        assert [block.conv2.dilation[0] for block in dilated.layer4] == [rate, rate]
+        assert [block.conv1.dilation[0] for block in dilated.layer4] == [rate // 2, rate]
+        with pytest.raises(ValueError, match="multi_grid .* Bottleneck"):
+            ResNet(BasicBlock, (2, 2, 2, 2), multi_grid=(1, 2))
 
 
 def test_intermediate_layer_getter_keys_and_order():

@@ -10,6 +10,7 @@ from pixelwise.models.deeplab import (
     DeepLabV3PlusHead,
     deeplabv3_resnet50,
     deeplabv3_resnet101,
+    deeplabv3plus_resnet18,
     deeplabv3plus_resnet50,
 )
 
@@ -19,7 +20,8 @@ def n_params(model):
 
 
 def test_registered():
-    assert {"deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3plus_resnet50"} <= set(list_models())
+    assert {"deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3plus_resnet18",
+            "deeplabv3plus_resnet50"} <= set(list_models())
 
 
 def test_deeplabv3_resnet50_matches_torchvision_fixture():
@@ -156,3 +158,60 @@ def test_multi_grid_convs_sample_at_their_rate():
     x = torch.randn(1, 3, 64, 80)
     with torch.no_grad():
         assert deeplabv3_resnet50(3, output_stride=16, multi_grid=(1, 2, 4)).eval()(x).shape == (1, 3, 64, 80)
+
+
+def test_deeplabv3plus_resnet18_parameter_count_by_hand():
+    """ResNet-18 without fc (torchvision's 11,689,512 less 512 x 1000 + 1000), ASPP over 512
+    channels, the decoder over layer1's 64, all convs without bias except the scorer."""
+    with torch.device("meta"):
+        model = deeplabv3plus_resnet18(11)
+    body = 11_689_512 - (512 * 1000 + 1000)
+    bn = 2 * 256
+    aspp = (512 * 256 + bn) + 3 * (512 * 256 * 9 + bn) + (512 * 256 + bn) + (5 * 256 * 256 + bn)
+    decoder = (64 * 48 + 2 * 48) + (304 * 256 * 9 + bn) + (256 * 256 * 9 + bn) + (256 * 11 + 11)
+    assert n_params(model) == body + aspp + decoder == 16_605_611
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_deeplabv3plus_resnet18_strides_and_shapes(output_stride):
+    model = create_model("deeplabv3plus_resnet18", num_classes=3, output_stride=output_stride).eval()
+    info = model.backbone.feature_info
+    assert (info["out"].stride, info["out"].channels, info["low"].stride, info["low"].channels) == \
+        (output_stride, 512, 4, 64)
+    seen = {}
+    model.classifier.register_forward_hook(lambda m, i, o: seen.update(inputs=i))
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, 97, 131))
+    assert y.shape == (1, 3, 97, 131) and torch.isfinite(y).all()
+    deep, low = seen["inputs"]
+    assert deep.shape[-2:] == (-(-97 // output_stride), -(-131 // output_stride))
+    assert low.shape == (1, 64, 25, 33)
+    with pytest.raises(ValueError, match="output_stride"):
+        deeplabv3plus_resnet18(3, output_stride=32)
+
+
+def test_input_norm_makes_the_prediction_blind_to_each_images_light():
+    """With input_norm, an image and the same image under a per-channel gain and offset give the
+    same logits (a new street's light), up to the norm's eps; without it they do not."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 80)
+    gain, offset = torch.tensor([1.7, 0.6, 1.2]).view(1, 3, 1, 1), torch.tensor([0.1, -0.3, 0.25]).view(1, 3, 1, 1)
+    for input_norm in (True, False):
+        torch.manual_seed(1)
+        model = deeplabv3plus_resnet18(num_classes=4, input_norm=input_norm).double().eval()
+        with torch.no_grad():
+            a, b = model(x.double()), model((x * gain + offset).double())
+        change = ((a - b).abs().max() / a.abs().max()).item()  # relative; eps of the norm aside
+        assert change < 1e-3 if input_norm else change > 0.05
+
+
+def test_deeplabv3plus_resnet18_loads_imagenet_resnet18(monkeypatch):
+    from pixelwise.backbones import resnet18
+
+    ref = resnet18().state_dict()
+    urls = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: urls.append(url) or ref)
+    model = deeplabv3plus_resnet18(num_classes=2, pretrained="imagenet")
+    assert urls == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
+    body = model.backbone.state_dict()
+    assert all(torch.equal(body[k], ref[k]) for k in body) and "fc.weight" not in body

@@ -97,19 +97,24 @@ def conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs plus identity; ``Tensor[N, in, H, W] -> Tensor[N, planes, H/s, W/s]``."""
+    """Two 3x3 convs plus identity; ``Tensor[N, in, H, W] -> Tensor[N, planes, H/s, W/s]``.
+
+    ``dilation`` is the rate of ``conv2`` and ``first_dilation`` (default: the same) that of
+    ``conv1``, which carries the stride: the first block of a dilated stage samples its input at
+    the previous stage's rate and everything after it at the stage's own, so the dilated network
+    computes the undilated one's outputs on a finer grid (torchvision refuses dilation here).
+    """
 
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 dilation: int = 1, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+                 dilation: int = 1, norm_layer: NormLayer = nn.BatchNorm2d, first_dilation: int | None = None
+                 ) -> None:
         super().__init__()
-        if dilation > 1:
-            raise ValueError("BasicBlock (resnet18/34) does not support dilation; use resnet50 or resnet101")
-        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation if first_dilation is None else first_dilation)
         self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation)
         self.bn2 = norm_layer(planes)
         self.downsample = downsample
 
@@ -159,6 +164,9 @@ class ResNet(nn.Module):
         multi_grid: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if multi_grid is not None and block is BasicBlock:
+            raise ValueError("multi_grid sets the rate of each layer4 block's one 3x3 conv: it is for "
+                             "Bottleneck ResNets (50, 101)")
         if multi_grid is not None and (len(multi_grid) != layers[3] or min(multi_grid) < 1):
             raise ValueError(f"multi_grid needs {layers[3]} positive unit rates (one per layer4 block), "
                              f"got {tuple(multi_grid)}")
@@ -213,7 +221,11 @@ class ResNet(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
                                        norm_layer(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample, rates[0], norm_layer)]
+        if block is BasicBlock:  # two 3x3 convs: only the first block's first one keeps the previous rate
+            layers: list[nn.Module] = [BasicBlock(self.inplanes, planes, stride, downsample, self.dilation,
+                                                  norm_layer, first_dilation=previous_dilation)]
+        else:
+            layers = [block(self.inplanes, planes, stride, downsample, rates[0], norm_layer)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes, dilation=rates[i], norm_layer=norm_layer) for i in range(1, blocks)]
         return nn.Sequential(*layers)
@@ -277,7 +289,9 @@ def resnet18(num_classes: int = 1000, pretrained: str | None = None,
              norm_layer: NormLayer | None = None) -> ResNet:
     """ResNet-18. ``pretrained``: ``None``, ``"imagenet"`` (torchvision V1 weights) or a path;
     with ``num_classes != 1000`` the ``fc`` layer stays random. ``norm_layer``: e.g.
-    :class:`FrozenBatchNorm2d` (default ``nn.BatchNorm2d``). Dilation is not supported."""
+    :class:`FrozenBatchNorm2d` (default ``nn.BatchNorm2d``); ``replace_stride_with_dilation``: 3
+    booleans for layer2..4 (torchvision refuses dilation for ResNet-18/34; here both 3x3 convs of
+    a dilated stage's blocks take its rate, see :class:`BasicBlock`)."""
     return _resnet("resnet18", BasicBlock, (2, 2, 2, 2), num_classes, pretrained, replace_stride_with_dilation,
                    norm_layer)
 
@@ -294,8 +308,7 @@ def resnet50(num_classes: int = 1000, pretrained: str | None = None,
              replace_stride_with_dilation: Sequence[bool] | None = None,
              norm_layer: NormLayer | None = None, multi_grid: Sequence[int] | None = None) -> ResNet:
     """ResNet-50 (torchvision ``resnet50-0676ba61.pth`` for ``"imagenet"``); arguments as
-    :func:`resnet18`, plus ``replace_stride_with_dilation`` (3 booleans for layer2..4) and
-    ``multi_grid`` (3 unit rates for layer4's blocks, DeepLabV3's Multi-Grid; the weights are
+    :func:`resnet18`, plus ``multi_grid`` (3 unit rates for layer4's blocks, DeepLabV3's Multi-Grid; the weights are
     the same, so ImageNet weights load unchanged)."""
     return _resnet("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, pretrained, replace_stride_with_dilation,
                    norm_layer, multi_grid)

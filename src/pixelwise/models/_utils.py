@@ -17,14 +17,17 @@ class SimpleSegmentationModel(nn.Module):
 
     ``Tensor[N, 3, H, W] -> Tensor[N, C, H, W]``, or ``{"out": ..., "aux": ...}`` when the model
     has an auxiliary classifier. Subclasses with another head input override :meth:`head`.
+    ``input_norm`` (off: torchvision's models) standardises each image per channel over its own
+    pixels first, for training from scratch without a dataset's mean and std.
     """
 
-    def __init__(self, backbone: nn.Module, classifier: nn.Module, aux_classifier: nn.Module | None = None
-                 ) -> None:
+    def __init__(self, backbone: nn.Module, classifier: nn.Module, aux_classifier: nn.Module | None = None,
+                 input_norm: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.classifier = classifier
         self.aux_classifier = aux_classifier
+        self.input_norm = input_norm
         info = getattr(backbone, "feature_info", {})
         self.alignment = info["out"].stride if "out" in info else 1  # the output stride, for tiled inference
 
@@ -33,6 +36,8 @@ class SimpleSegmentationModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         size = x.shape[-2:]
+        if self.input_norm:  # each image's channels to mean 0, variance 1 over its own pixels
+            x = F.instance_norm(x)
         features = self.backbone(x)
         out = F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False)
         if self.aux_classifier is None:

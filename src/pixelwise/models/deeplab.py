@@ -30,14 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelwise.backbones.resnet import IntermediateLayerGetter, resnet50, resnet101
+from pixelwise.backbones.resnet import IntermediateLayerGetter, resnet18, resnet50, resnet101
 from pixelwise.layers import conv_bn_relu
 from pixelwise.models._utils import SimpleSegmentationModel, load_model_weights
 from pixelwise.models.fcn import FCNHead
 from pixelwise.models.registry import register_model
 
 __all__ = ["ASPP", "DeepLabHead", "DeepLabV3", "DeepLabV3Plus", "DeepLabV3PlusHead", "deeplabv3_resnet50",
-           "deeplabv3_resnet101", "deeplabv3plus_resnet50"]
+           "deeplabv3_resnet101", "deeplabv3plus_resnet18", "deeplabv3plus_resnet50"]
 
 PAPER_V3 = "Chen et al., arXiv:1706.05587 2017"
 PAPER_V3PLUS = "Chen et al., ECCV 2018"
@@ -160,8 +160,9 @@ def _body(resnet, pretrained: str | None, output_stride: int, return_layers: dic
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
     dilation, rates = OUTPUT_STRIDES[output_stride]
+    grid = {} if multi_grid is None else {"multi_grid": multi_grid}  # ResNet-50/101 only
     backbone = resnet(pretrained="imagenet" if pretrained == "imagenet" else None,
-                      replace_stride_with_dilation=dilation, multi_grid=multi_grid)
+                      replace_stride_with_dilation=dilation, **grid)
     return IntermediateLayerGetter(backbone, return_layers), rates
 
 
@@ -195,18 +196,38 @@ def deeplabv3_resnet101(num_classes: int, pretrained: str | None = None, aux_los
                       multi_grid)
 
 
+def _deeplabv3plus(resnet, name: str, num_classes: int, pretrained: str | None, aux_loss: bool,
+                   output_stride: int, multi_grid: Sequence[int] | None, input_norm: bool = False
+                   ) -> DeepLabV3Plus:
+    return_layers = {"layer1": "low", "layer3": "aux", "layer4": "out"} if aux_loss else \
+        {"layer1": "low", "layer4": "out"}
+    body, rates = _body(resnet, pretrained, output_stride, return_layers, multi_grid)
+    info = body.feature_info
+    head = DeepLabV3PlusHead(info["out"].channels, info["low"].channels, num_classes, rates)
+    model = DeepLabV3Plus(body, head, FCNHead(info["aux"].channels, num_classes) if aux_loss else None,
+                          input_norm=input_norm)
+    if pretrained not in (None, "imagenet"):
+        load_model_weights(model, pretrained, name)
+    return model
+
+
 @register_model("deeplabv3plus_resnet50", paper=PAPER_V3PLUS)
 def deeplabv3plus_resnet50(num_classes: int, pretrained: str | None = None, aux_loss: bool = False,
                            output_stride: int = 16, multi_grid: Sequence[int] | None = None) -> DeepLabV3Plus:
     """DeepLabV3+ on ResNet-50: ASPP at ``output_stride`` 16 (rates 6/12/18) or 8 (12/24/36),
     decoder at stride 4. ``pretrained``: ``"imagenet"`` (backbone) or a local whole-model file;
     ``multi_grid`` as :func:`deeplabv3_resnet50`."""
-    return_layers = {"layer1": "low", "layer3": "aux", "layer4": "out"} if aux_loss else \
-        {"layer1": "low", "layer4": "out"}
-    body, rates = _body(resnet50, pretrained, output_stride, return_layers, multi_grid)
-    info = body.feature_info
-    head = DeepLabV3PlusHead(info["out"].channels, info["low"].channels, num_classes, rates)
-    model = DeepLabV3Plus(body, head, FCNHead(info["aux"].channels, num_classes) if aux_loss else None)
-    if pretrained not in (None, "imagenet"):
-        load_model_weights(model, pretrained, "deeplabv3plus_resnet50")
-    return model
+    return _deeplabv3plus(resnet50, "deeplabv3plus_resnet50", num_classes, pretrained, aux_loss, output_stride,
+                          multi_grid)
+
+
+@register_model("deeplabv3plus_resnet18", paper=PAPER_V3PLUS)
+def deeplabv3plus_resnet18(num_classes: int, pretrained: str | None = None, aux_loss: bool = False,
+                           output_stride: int = 16, input_norm: bool = False) -> DeepLabV3Plus:
+    """DeepLabV3+ on ResNet-18, the light configuration of the V3+ decoder: layer1 gives the
+    decoder 64 channels, layer4 the ASPP 512 (both 3x3 convs of a dilated stage's basic blocks
+    take its rate, see :class:`pixelwise.backbones.resnet.BasicBlock`); otherwise as
+    :func:`deeplabv3plus_resnet50` (no Multi-Grid: it sets the rate of a bottleneck's one 3x3).
+    ``input_norm``: standardise each image over its own pixels first (training from scratch)."""
+    return _deeplabv3plus(resnet18, "deeplabv3plus_resnet18", num_classes, pretrained, aux_loss, output_stride,
+                          None, input_norm)
