@@ -308,8 +308,8 @@ def resnet50(num_classes: int = 1000, pretrained: str | None = None,
              replace_stride_with_dilation: Sequence[bool] | None = None,
              norm_layer: NormLayer | None = None, multi_grid: Sequence[int] | None = None) -> ResNet:
     """ResNet-50 (torchvision ``resnet50-0676ba61.pth`` for ``"imagenet"``); arguments as
-    :func:`resnet18`, plus ``multi_grid`` (3 unit rates for layer4's blocks, DeepLabV3's Multi-Grid; the weights are
-    the same, so ImageNet weights load unchanged)."""
+    :func:`resnet18`, plus ``multi_grid`` (3 unit rates for layer4's blocks, DeepLabV3's
+    Multi-Grid; the weights are the same, so ImageNet weights load unchanged)."""
     return _resnet("resnet50", Bottleneck, (3, 4, 6, 3), num_classes, pretrained, replace_stride_with_dilation,
                    norm_layer, multi_grid)
 
