@@ -215,3 +215,26 @@ def test_deeplabv3plus_resnet18_loads_imagenet_resnet18(monkeypatch):
     assert urls == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
     body = model.backbone.state_dict()
     assert all(torch.equal(body[k], ref[k]) for k in body) and "fc.weight" not in body
+
+
+def test_a_local_copy_of_the_imagenet_resnet_fills_the_backbone(tmp_path):
+    """The download failure says "download the file yourself and pass its path": for the ResNet
+    models a path is a whole-model file, so a backbone-only file (torchvision's ImageNet keys,
+    fc included) must fill the backbone and leave the heads as built."""
+    from pixelwise.backbones import resnet18
+    from pixelwise.errors import UserError
+
+    torch.manual_seed(0)
+    ref = resnet18().state_dict()
+    torch.save(ref, tmp_path / "resnet18-f37072fd.pth")
+    torch.manual_seed(1)
+    fresh = deeplabv3plus_resnet18(num_classes=2)
+    torch.manual_seed(1)
+    model = create_model("deeplabv3plus_resnet18", num_classes=2, pretrained=str(tmp_path / "resnet18-f37072fd.pth"))
+    body = model.backbone.state_dict()
+    assert all(torch.equal(body[k], ref[k]) for k in body)
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    assert heads and all(torch.equal(v, fresh.state_dict()[k]) for k, v in heads.items())
+    torch.save({k: v for k, v in ref.items() if not k.startswith("layer4.")}, tmp_path / "cut.pth")
+    with pytest.raises(UserError, match="weights do not fit .*missing .*layer4"):
+        deeplabv3plus_resnet18(num_classes=2, pretrained=str(tmp_path / "cut.pth"))

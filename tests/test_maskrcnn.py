@@ -243,6 +243,29 @@ def test_trainable_backbone_layers_and_frozen_bn(monkeypatch):
     assert all(p.requires_grad for p in maskrcnn_resnet18_fpn(num_classes=3).parameters())
 
 
+def test_a_local_copy_of_the_imagenet_resnet_fills_the_body(tmp_path):
+    """``pretrained=PATH`` is a whole Mask R-CNN file, but a hand-downloaded ImageNet ResNet
+    (what the download failure tells the user to fetch) fills the backbone's body, frozen BN and
+    3 trainable layers as with ``"imagenet"``, and the FPN and heads stay as built."""
+    torch.manual_seed(0)
+    resnet_sd = {k: torch.randn_like(v) if v.is_floating_point() else v
+                 for k, v in maskrcnn_resnet18_fpn(num_classes=3).backbone.body.state_dict().items()
+                 if not k.endswith("num_batches_tracked")}
+    torch.save(resnet_sd | fc_weights(), tmp_path / "resnet18.pth")
+    torch.manual_seed(1)
+    model = maskrcnn_resnet18_fpn(num_classes=3, pretrained=str(tmp_path / "resnet18.pth"))
+    torch.manual_seed(1)
+    fresh = maskrcnn_resnet18_fpn(num_classes=3).state_dict()
+    body = model.backbone.body.state_dict()
+    assert all(torch.equal(body[k], v) for k, v in resnet_sd.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    assert {n.split(".")[0] for n, p in model.backbone.body.named_parameters() if p.requires_grad} == \
+        {"layer2", "layer3", "layer4"}
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.body.")}
+    assert any(k.startswith("backbone.fpn.") for k in rest)
+    assert all(torch.equal(v, fresh[k]) for k, v in rest.items())
+
+
 def fc_weights():
     return {"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
 

@@ -99,3 +99,13 @@ def load_matching(model: torch.nn.Module, state: Mapping[str, Tensor], where: st
         raise UserError(f"{where}: weights do not fit {type(model).__name__}: missing {missing[:3]}"
                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
                         f"{'...' if len(unexpected) > 3 else ''}")
+
+
+def backbone_file(state: Mapping[str, Tensor], body: torch.nn.Module) -> dict[str, Tensor] | None:
+    """``state`` without its classifier (``fc.*``) when it is a file of ``body``'s own keys (a
+    local copy of torchvision's ImageNet ResNet given where a whole-model file is expected), so
+    that it can fill ``body`` as ``pretrained="imagenet"`` would; None for a whole-model file."""
+    own = body.state_dict()
+    if any(k.startswith("backbone.") for k in state) or not any(k in own for k in state):
+        return None
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}

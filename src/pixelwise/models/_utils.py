@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelwise.weights import load_matching, read_weights
+from pixelwise.weights import backbone_file, load_matching, read_weights
 
 
 class SimpleSegmentationModel(nn.Module):
@@ -100,8 +100,16 @@ def init_msra(module: nn.Module) -> None:
 
 def load_model_weights(model: nn.Module, path: str, name: str) -> None:
     """Load a whole-model state dict from a local file into ``model`` (strict, torchvision keys).
-    A checkpoint with an auxiliary classifier also loads into a model built without one."""
+    A checkpoint with an auxiliary classifier also loads into a model built without one. A file
+    of the backbone alone (e.g. a local copy of torchvision's ImageNet ResNet, whose keys are
+    ``conv1.weight``, ``layer1.0...``, ``fc.*``) fills ``model.backbone`` and leaves the heads
+    fresh, as ``pretrained="imagenet"`` does, so the download can be done by hand."""
     state = read_weights(path)
+    where = f"{name}(pretrained={path!r})"
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, nn.Module) and (alone := backbone_file(state, backbone)) is not None:
+        load_matching(backbone, alone, where)
+        return
     if getattr(model, "aux_classifier", None) is None:
         state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
-    load_matching(model, state, f"{name}(pretrained={path!r})")
+    load_matching(model, state, where)

@@ -34,7 +34,7 @@ from pixelwise.models.maskrcnn.roi_heads import (
 from pixelwise.models.maskrcnn.rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig, paste_masks_in_image
 from pixelwise.models.registry import register_model
-from pixelwise.weights import load_matching, read_weights
+from pixelwise.weights import backbone_file, load_matching, read_weights
 
 __all__ = [
     "AnchorGenerator",
@@ -161,8 +161,13 @@ def overwrite_eps(model: nn.Module, eps: float) -> None:
 def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -> None:
     """``"coco"`` or a path to a full Mask R-CNN state dict (torchvision layout, with or without
     ``num_batches_tracked``) -> loaded into ``model``; with ``num_classes != 91`` the
-    class-specific layers keep their initialisation (fine-tuning)."""
+    class-specific layers keep their initialisation (fine-tuning). A file of the ResNet alone (a
+    local copy of the ImageNet weights) fills the backbone's body, as ``"imagenet"`` would."""
     state = read_weights(pretrained, {"coco": COCO_URL})
+    alone = backbone_file(state, model.backbone.body)
+    if alone is not None:
+        load_matching(model.backbone.body, alone, f"maskrcnn(pretrained={pretrained!r}) backbone")
+        return
     optional = CLASS_SPECIFIC if num_classes != COCO_NUM_CLASSES else ()
     load_matching(model, state, f"maskrcnn(pretrained={pretrained!r})", optional=optional)
     if pretrained == "coco":
