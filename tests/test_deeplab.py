@@ -100,14 +100,18 @@ def test_gradients_reach_every_parameter_with_aux():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_imagenet_pretrained_loads_the_resnet_backbone(monkeypatch):
-    from pixelwise.backbones import resnet50
+@pytest.mark.parametrize("builder, resnet, url", [
+    (deeplabv3plus_resnet50, "resnet50", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
+    (deeplabv3plus_resnet18, "resnet18", "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+])
+def test_imagenet_pretrained_loads_the_resnet_backbone(monkeypatch, builder, resnet, url):
+    from pixelwise import backbones
 
-    ref = resnet50().state_dict()
+    ref = getattr(backbones, resnet)().state_dict()
     urls = []
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: urls.append(url) or ref)
-    model = deeplabv3plus_resnet50(num_classes=2, pretrained="imagenet")
-    assert urls == ["https://download.pytorch.org/models/resnet50-0676ba61.pth"]
+    model = builder(num_classes=2, pretrained="imagenet")
+    assert urls == [url]
     body = model.backbone.state_dict()
     assert all(torch.equal(body[k], ref[k]) for k in body)
     assert "fc.weight" not in body
@@ -203,18 +207,6 @@ def test_input_norm_makes_the_prediction_blind_to_each_images_light():
             a, b = model(x.double()), model((x * gain + offset).double())
         change = ((a - b).abs().max() / a.abs().max()).item()  # relative; eps of the norm aside
         assert change < 1e-3 if input_norm else change > 0.05
-
-
-def test_deeplabv3plus_resnet18_loads_imagenet_resnet18(monkeypatch):
-    from pixelwise.backbones import resnet18
-
-    ref = resnet18().state_dict()
-    urls = []
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: urls.append(url) or ref)
-    model = deeplabv3plus_resnet18(num_classes=2, pretrained="imagenet")
-    assert urls == ["https://download.pytorch.org/models/resnet18-f37072fd.pth"]
-    body = model.backbone.state_dict()
-    assert all(torch.equal(body[k], ref[k]) for k in body) and "fc.weight" not in body
 
 
 def test_a_local_copy_of_the_imagenet_resnet_fills_the_backbone(tmp_path):
