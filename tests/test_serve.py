@@ -254,6 +254,8 @@ def _truncated(fmt):
     (lambda: png_bytes(noise(32, 32)), "image/png", {"overlap": "1.5"}, 422, "overlap"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"tta": "sideways"}, 422, "tta"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"uncertainty": "maybe"}, 422, "uncertainty"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"tt": "flip"}, 422, "unknown form field 'tt'"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"TTA": "flip"}, 422, "unknown form field 'TTA'"),
 ])
 def test_bad_uploads_get_clear_json_errors(predictor, data, ctype, fields, status, words):
     app = create_app(predictor, samples=[])

@@ -157,10 +157,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 # ------------------------------------------------------------------ prediction options
 
+FORM_FIELDS = frozenset({"image", "ground_truth", "tile", "overlap", "tta", "uncertainty", "score_thresh"})
+
+
 def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str, Any], bool]:
     """The form's prediction options -> (options by the predictor's parameter names, uncertainty).
     Values that cannot be parsed are 422; options the predictor does not take are checked by
     :func:`with_options`."""
+    unknown = sorted(set(form) - FORM_FIELDS)
+    if unknown:  # a misspelt option would otherwise be ignored without a word
+        raise UploadError(422, f"unknown form field {unknown[0]!r}; the fields are {', '.join(sorted(FORM_FIELDS))}")
     options: dict[str, Any] = {}
 
     def number(name: str, kind: type) -> None:
