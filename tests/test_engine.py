@@ -156,6 +156,22 @@ def test_select_by_must_suit_the_task(tmp_path):
     assert trainer.select_key("auto", "instance") == "mask_AP" and trainer.select_key("auto", "semantic") == "mIoU"
 
 
+@pytest.mark.parametrize("kw, words", [
+    ({"augment": {"crop": [10]}}, "augment key 'crop': expected two numbers"),
+    ({"augment": {"flip": True, "flipp": True}}, "unknown augment key 'flipp'"),
+    ({"crop": "0x5"}, "crop"),
+    ({"stages": [{"epochs": 1}, {"epochs": 1, "augment": {"scale": [2.0, 1.0], "crop": [16, 16]}}]},
+     "augment scale"),
+    ({"stages": [{"epochs": 1}, {"epochs": 1, "instance_crops": True}]}, "instance_crops needs a crop size"),
+])
+def test_augmentation_errors_come_before_anything_is_written(tmp_path, kw, words):
+    """Transforms are built per stage; a bad key, even in a later stage's augment, is refused
+    with the other settings, not after ``out`` and config.yaml exist (or after hours of stage 1)."""
+    with pytest.raises(UserError, match=words):
+        fit(tiny(tmp_path / "run", **kw), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_refuses_another_select_by(tmp_path):
     fit(tiny(tmp_path, epochs=1, select_by="pixel_acc"), log=quiet)
     with pytest.raises(UserError, match="picked best.safetensors by pixel_acc; resume with --select-by pixel_acc"):

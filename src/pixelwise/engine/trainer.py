@@ -403,6 +403,8 @@ def check_settings(cfg: TrainConfig) -> str:
         if aug.get("ignore_index", IGNORE_INDEX) != IGNORE_INDEX:  # padding labelled otherwise would be learnt
             raise UserError(f"augment ignore_index {aug['ignore_index']}: training ignores label {IGNORE_INDEX}, "
                             "which the datasets give to void pixels; remove the key")
+    for _, stage_cfg in cfg.stage_configs():  # built again per stage; a bad key must not wait for its stage
+        train_transform(stage_cfg)
     if task == "instance" and (cfg.classmix or any(st.get("classmix") for st in cfg.stages)):
         raise UserError("classmix pastes classes of semantic masks; remove it for instance models")
     if task == "instance" and cfg.class_weights not in ("none", "", None):
