@@ -81,6 +81,8 @@ ROWS: list[tuple[str, list[str], str]] = [
      "--tile must be at least 16 pixels, got 8"),
     ("eval: json over the checkpoint", ["eval", "--checkpoint", CKPT, *SHAPES, "--json", CKPT],
      "would write over the input"),
+    ("eval: json under a file", ["eval", "--checkpoint", CKPT, *SHAPES, "--json", "{ws}/notes.txt/eval.json"],
+     "--json {ws}/notes.txt/eval.json: {ws}/notes.txt is a file, not a folder"),
     ("eval: data with problems", ["eval", "--checkpoint", "{ws}/two.safetensors", "--dataset", "folder",
                                   "--data", "{ws}/sparse", "--split", "all"], "pass --skip-invalid"),
     ("eval: arguments missing", ["eval"], "the following arguments are required: --dataset"),
@@ -125,6 +127,8 @@ ROWS: list[tuple[str, list[str], str]] = [
      "invalid choice: 'tensorrt'"),
     ("bench: json over the checkpoint", ["bench", "--checkpoint", CKPT, "--size", "32", "--json", CKPT],
      "would write over the input"),
+    ("bench: json under a file", ["bench", "--model", "unet", "--size", "32", "--json", "{ws}/notes.txt/a/b.json"],
+     "{ws}/notes.txt is a file, not a folder"),
     # --- export --------------------------------------------------------------------------------
     ("export: unknown format", ["export", "--checkpoint", CKPT, "--format", "tflite", "--out", "{ws}/m.onnx"],
      "--format 'tflite' is not supported"),

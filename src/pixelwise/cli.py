@@ -133,7 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     size = train_config.parse_size(args.size, "--size")
     if size is None:
         raise UserError("--size needs HxW, e.g. 512x512")
-    refuse_input_as_output(args.json, "--json", [args.checkpoint, args.onnx])
+    check_output_file(args.json, "--json", [args.checkpoint, args.onnx])
     device = check_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -261,7 +261,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from pixelwise.data import build_dataset
     from pixelwise.data.inspect import format_report, inspect_dataset
 
-    refuse_input_as_output(args.json, "--json", [args.data])
+    check_output_file(args.json, "--json", [args.data])
     ds = build_dataset(args.dataset, args.data, args.split,
                        **train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
     report = inspect_dataset(ds, progress=args.progress)
@@ -272,14 +272,23 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 1 if report["problems"] and args.strict else 0
 
 
-def refuse_input_as_output(path: str | None, flag: str, inputs: list[str | None]) -> None:
-    """A file a verb is asked to write (``--json``) must not be one of its inputs nor an existing
-    file inside an input folder (a dataset): no verb writes over what it reads."""
+def check_output_file(path: str | None, flag: str, inputs: list[str | None]) -> None:
+    """Before any work, a file a verb is asked to write (``--json``): it must be writable (its
+    folder exists or can be created, and may be written in), so that a long evaluation is not
+    lost at its end, and it must not be one of the verb's inputs nor an existing file inside an
+    input folder (a dataset): no verb writes over what it reads."""
     if not path:
         return
     out = Path(path).expanduser().resolve()
     if out.is_dir():
         raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
+    folder = out.parent
+    while not folder.exists():  # the first folder that exists: write_json creates the rest
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder; give another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write in {folder}; give another path")
     for item in inputs:
         if not item:
             continue
@@ -349,7 +358,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pixelwise.inference.cells import check_seed_threshold
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
-    refuse_input_as_output(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data])
+    check_output_file(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data])
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if options.get("mode") == "int8":
         options["measuring"] = True  # eval measures what int8 costs, also for models it is not yet offered for
