@@ -262,6 +262,7 @@ def test_bad_uploads_get_clear_json_errors(predictor, data, ctype, fields, statu
     r = post_image(app, data(), "x", ctype, fields)
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/json" and words in r.json()["detail"]
+    assert "--" not in r.json()["detail"]  # options are named as the form's fields, not as command-line flags
     assert request(app, "GET", "/api/health").json()["pool"]["waiting"] == 0  # its place was given back
 
 

@@ -22,6 +22,7 @@ import hmac
 import html
 import inspect
 import logging
+import re
 import sys
 import threading
 import time
@@ -298,8 +299,9 @@ class Service:
             predictor = with_options(self.predictor, options)
             if uncertainty and self.dropout and isinstance(predictor, SemanticPredictor) and not predictor.mc_samples:
                 predictor = with_options(predictor, {"mc_samples": self.config.uncertainty_samples})
-        except UserError as e:
-            raise UploadError(422, str(e)) from None
+        except UserError as e:  # the predictor names its options as flags: --score-thresh -> score_thresh
+            detail = re.sub(r"--([a-z]+(?:-[a-z]+)*)", lambda m: m[1].replace("-", "_"), str(e))
+            raise UploadError(422, detail) from None
         return predictor
 
     def predict(self, image_part: Part, truth_part: Part | None, options: dict[str, Any], uncertainty: bool,
