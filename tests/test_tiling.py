@@ -165,10 +165,11 @@ CHILD = textwrap.dedent("""
 
 def test_tiled_memory_grows_with_the_image_by_a_few_bytes_per_pixel(tmp_path):
     """Peak RSS of ``pixelwise predict --tile 256 --uncertainty`` (each image in a fresh process)
-    on two images of one width, 512 x 512 and 4608 x 512, grows by at most 20 bytes per added
+    on two images of one width, 512 x 512 and 4608 x 512, grows by at most 24 bytes per added
     pixel. What is held per pixel is the uint8 image (3 bytes); reading it briefly takes about 7
     more (PIL's 4-byte RGBX decoding and the bytes numpy wraps), and the allocator keeps some
-    slack (about 14 bytes per pixel measured in all); the probabilities, mask, uncertainty and
+    slack (14-17 bytes per pixel measured in all on idle machines, once 20.1 during a full test
+    run, hence the bound of 24, not 20); the probabilities, mask, uncertainty and
     overlay stream in row bands whose size depends on the width only. The 3 GB goal for an
     8192 x 8192 image allows about 40 bytes per pixel beyond the ~0.3 GB that Python, torch and
     the model take; the full float32 accumulator and float input that tiled prediction used
@@ -196,7 +197,7 @@ def test_tiled_memory_grows_with_the_image_by_a_few_bytes_per_pixel(tmp_path):
         growth[height] = r["peak"] - r["before"]
         assert Image.open(tmp_path / "out" / f"{height}_uncertainty.png").size == (width, height)
     per_pixel = (growth[4608] - growth[512]) / (width * (4608 - 512))
-    assert per_pixel < 20, f"{per_pixel:.1f} bytes per pixel"
+    assert per_pixel < 24, f"{per_pixel:.1f} bytes per pixel"
 
 
 def test_tile_progress_bar_counts_tiles(monkeypatch):
