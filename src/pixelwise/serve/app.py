@@ -126,7 +126,7 @@ class HealthResponse(BaseModel):
     pool: dict[str, int] = Field(description="workers queue running waiting")
 
 
-PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+PREDICT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "format": "binary",
                   "description": "PNG, JPEG, BMP, GIF, TIFF, WebP or PPM; any mode; EXIF orientation applied"},
@@ -158,7 +158,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 # ------------------------------------------------------------------ prediction options
 
-FORM_FIELDS = frozenset({"image", "ground_truth", "tile", "overlap", "tta", "uncertainty", "score_thresh"})
+# the form's fields are the ones its OpenAPI schema documents; any other is refused
+FORM_FIELDS = frozenset(PREDICT_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"])
 
 
 def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str, Any], bool]:
