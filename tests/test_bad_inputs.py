@@ -58,6 +58,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train: resume and overwrite", ["train", "--resume", "--overwrite", "--out", "{ws}/run"],
      "give only one of them"),
     ("train: out is a file", ["train", "--out", "{ws}/notes.txt"], "is a file; give a folder"),
+    ("train: out under a file", ["train", "--out", "{ws}/notes.txt/run"],
+     "--out {ws}/notes.txt/run: {ws}/notes.txt is a file, not a folder"),
     ("train: sparse labels", ["train", "--dataset", "folder", "--data", "{ws}/sparse", "--train-split", "all",
                               "--val-split", "all", "--out", "{ws}/out"],
      "label values 200 outside the 2 classes"),

@@ -279,16 +279,13 @@ def check_output_file(path: str | None, flag: str, inputs: list[str | None]) -> 
     input folder (a dataset): no verb writes over what it reads."""
     if not path:
         return
+    # start-up time: runtime loads torch, which the verbs that write --json load anyway
+    from pixelwise.runtime import check_can_create
+
     out = Path(path).expanduser().resolve()
     if out.is_dir():
         raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
-    folder = out.parent
-    while not folder.exists():  # the first folder that exists: write_json creates the rest
-        folder = folder.parent
-    if not folder.is_dir():
-        raise UserError(f"{flag} {path}: {folder} is a file, not a folder; give another path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: no permission to write in {folder}; give another path")
+    check_can_create(out.parent, f"{flag} {path}")  # write_json creates the missing folders
     for item in inputs:
         if not item:
             continue

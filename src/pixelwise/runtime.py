@@ -7,7 +7,8 @@ terminal"; ``--progress`` forces them on and ``--no-progress`` off. Every bar in
 from here.
 
 :func:`check_device` turns ``--device cuda`` on a machine or build without CUDA into a one-line
-error instead of torch's assertion.
+error instead of torch's assertion, and :func:`check_can_create` a path this user cannot create
+(under a file, in a folder without write permission) into one before any work.
 
 :func:`cpu_flags` reads what the CPU can do (``/proc/cpuinfo``), once for every caller: whether it
 has bf16 arithmetic in hardware (:func:`cpu_has_native_bf16`; without it oneDNN emulates bf16, far
@@ -22,6 +23,7 @@ interrupt inside it would save a state no uninterrupted run ever had.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterable
@@ -53,6 +55,20 @@ def progress(iterable: Iterable[T], desc: str, show: bool | None = None, **kwarg
     """``tqdm(iterable)`` drawn only per :func:`show_progress`; when hidden it is a plain pass-through
     whose ``set_postfix`` does nothing."""
     return tqdm(iterable, desc=desc, disable=not show_progress(show), dynamic_ncols=True, **kwargs)
+
+
+def check_can_create(folder: Path, what: str) -> None:
+    """Before any work: ``folder`` (existing, or to be created with any missing folders above it)
+    is somewhere this user may write: the nearest of it and its ancestors that exists is a folder
+    with write permission. Otherwise a one-line UserError that starts with ``what`` (the flag and
+    the path the user gave)."""
+    nearest = folder
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UserError(f"{what}: {nearest} is a file, not a folder; give another path")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: no permission to write in {nearest}; give another path")
 
 
 def check_device(name: str) -> torch.device:

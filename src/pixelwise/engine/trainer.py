@@ -41,7 +41,6 @@ import functools
 import json
 import math
 import operator
-import os
 import random
 import shutil
 import time
@@ -89,7 +88,7 @@ from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.models.registry import check_model_kwargs
 from pixelwise.preprocess import InputSpec
-from pixelwise.runtime import HeldSignals, progress, show_progress
+from pixelwise.runtime import HeldSignals, check_can_create, progress, show_progress
 from pixelwise.sample import IGNORE_INDEX
 
 RngState = tuple[dict[str, torch.Tensor], dict]  # (tensors, JSON-able values) of every RNG
@@ -384,11 +383,7 @@ def check_out(cfg: TrainConfig, can_resume: bool = True) -> None:
             resume = "continue it with --resume, " if can_resume else ""
             raise UserError(f"--out {out} already holds a run ({found[0].name}); {resume}replace it with --overwrite, "
                             "or give another --out")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write in {parent} (permission denied); give another --out")
+    check_can_create(out, f"--out {out}")
 
 
 def check_settings(cfg: TrainConfig) -> str:
