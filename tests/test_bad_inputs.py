@@ -136,8 +136,17 @@ ROWS: list[tuple[str, list[str], str]] = [
      "--format 'tflite' is not supported"),
     ("export: checkpoint missing", ["export", "--checkpoint", "{ws}/none.safetensors", "--out", "{ws}/m.onnx"],
      "not found"),
-    ("export: out not writable", ["export", "--checkpoint", CKPT, "--out", "{ws}/notes.txt/m.onnx"],
-     "cannot write --out"),
+    ("export: out under a file", ["export", "--checkpoint", CKPT, "--out", "{ws}/notes.txt/m.onnx"],
+     "{ws}/notes.txt is a file, not a folder"),
+    ("export: out is a folder", ["export", "--checkpoint", CKPT, "--out", "{ws}/exported.onnx"],
+     "is a folder; give the name of a file"),
+    ("export: opset too old", ["export", "--checkpoint", CKPT, "--out", "{ws}/m.onnx", "--opset", "9"],
+     "--opset 9 is not supported: give 11 to"),
+    ("export: opset too old for int8", ["export", "--checkpoint", CKPT, "--out", "{ws}/m.onnx", "--opset", "12",
+                                        "--int8", "--calib-dataset", "shapes"],
+     "--opset 12 is not supported with int8: give 13 to"),
+    ("export: opset too new", ["export", "--checkpoint", CKPT, "--out", "{ws}/m.onnx", "--opset", "99"],
+     "--opset 99 is not supported"),
     ("export: out over the checkpoint", ["export", "--checkpoint", CKPT, "--out", CKPT], ".onnx"),
     # --- serve (each fails before the server starts) --------------------------------------------
     ("serve: a pickle as checkpoint", ["serve", "--checkpoint", "{ws}/model.pth"],
@@ -197,6 +206,7 @@ def ws(tmp_path_factory) -> Path:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good)
     good.write_bytes(good.read_bytes()[:2000])
     (ws / "run").mkdir()
+    (ws / "exported.onnx").mkdir()  # a folder with a file's name
     (ws / "run" / "metrics.json").write_text("{}")
     (ws / "run" / "config.yaml").write_text("model: unet\n")
     for sub in ("images", "masks"):

@@ -124,7 +124,7 @@ def test_cli_export_predict_and_bench_run_the_file(checkpoint, tmp_path, capsys)
 @pytest.mark.parametrize("args, message", [
     (["--format", "tflite"], "--format"),
     (["--checkpoint", "/nonexistent/x.safetensors"], "nonexistent"),
-    (["--out", "FILE/m.onnx"], "cannot write"),  # a folder that is a file: unwritable even as root
+    (["--out", "FILE/m.onnx"], "is a file, not a folder"),  # a folder that is a file: unwritable even as root
     (["--out", "m.txt"], ".onnx"),
     (["--model", "unet3000"], "unknown model"),
 ])

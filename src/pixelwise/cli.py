@@ -167,22 +167,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _writable_out(path: str, overwrite: bool) -> Path:
     """``--out FILE`` checked before any work: its folder exists (or is created) and is writable,
     and an existing file is replaced only with ``--overwrite``."""
+    # start-up time: runtime loads torch, which export loads anyway
+    from pixelwise.runtime import check_can_create
+
     out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out {path} is a folder; give the name of a file to write")
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write --out {out}: its folder is not writable")
+    check_can_create(out.parent.resolve(), f"--out {path}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.checkpoint import load_checkpoint
-    from pixelwise.inference.export import export_maskrcnn_parts, export_onnx
+    from pixelwise.inference.export import check_opset, export_maskrcnn_parts, export_onnx
     from pixelwise.models import create_model, model_info
     from pixelwise.models.maskrcnn import MaskRCNN
 
@@ -194,6 +195,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: an ONNX file name ends with .onnx")
     if args.checkpoint and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise UserError("--out would write over the --checkpoint")
+    check_opset(args.opset, "int8" if args.int8 else "float16" if args.fp16 else "float32")
     out = _writable_out(args.out, args.overwrite)
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint)
@@ -423,8 +425,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
-    import os
-
     from pixelwise.inference.predictor import Predictor
     from pixelwise.serve.config import API_KEY_ENV, MB, ServeConfig
 
@@ -580,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="with --model (default 21, or 91 for instance models)")
     p.add_argument("--format", default="onnx", help="onnx (the only format)")
     p.add_argument("--out", required=True, help="the .onnx file to write (Mask R-CNN: FILE and <stem>_heads.onnx)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset: 11 (12 with --fp16, 13 with --int8) up to the newest the installed torch "
+                   "writes (23 for torch 2.13); default 17")
     p.add_argument("--fp16", action="store_true", help="float16 weights and activations (inputs and outputs stay "
                    "float32)")
     p.add_argument("--int8", action="store_true", help="static int8 quantisation by onnxruntime (QDQ, per-channel "

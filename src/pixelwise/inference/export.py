@@ -49,6 +49,12 @@ from pixelwise.models import Logits, forward_logits
 from pixelwise.models.maskrcnn import MaskRCNN
 
 DEFAULT_OPSET = 17
+# The oldest opset each precision exports at (found by exporting the zoo): float32 needs 11
+# (bilinear resizing with align_corners, max-unpooling), the float16 conversion 12, int8's
+# per-channel quantisation 13. The newest is the newest torch's TorchScript-based exporter writes
+# (23 for torch 2.13).
+MIN_OPSET = {"float32": 11, "float16": 12, "int8": 13}
+MAX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 20)
 MIN_AGREEMENT = 0.999
 DEFAULT_SIZE = (256, 320)
 META_KEYS = ("model", "model_kwargs", "task", "num_classes", "class_names", "palette", "input", "dataset")
@@ -200,6 +206,15 @@ def _to_fp16(path: str) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16  # optional dependency (the export extra)
 
     onnx.save(convert_float_to_float16(onnx.load(path), keep_io_types=True), path)
+
+
+def check_opset(opset: int, precision: str = "float32") -> None:
+    """A one-line UserError unless this torch can export the zoo at ``opset`` in ``precision``
+    (float32, float16 or int8)."""
+    low = MIN_OPSET[precision]
+    if not low <= opset <= MAX_OPSET:
+        which = "" if precision == "float32" else f" with {precision}"
+        raise UserError(f"--opset {opset} is not supported{which}: give {low} to {MAX_OPSET} (default {DEFAULT_OPSET})")
 
 
 def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = None, *, model_name: str = "",
