@@ -19,7 +19,7 @@ from conftest import narrow  # noqa: E402
 from pixelwise import create_model, list_models, save_checkpoint  # noqa: E402
 from pixelwise.cli import main  # noqa: E402
 from pixelwise.errors import UserError  # noqa: E402
-from pixelwise.inference.export import export_onnx  # noqa: E402
+from pixelwise.inference.export import MAX_OPSET, MIN_OPSET, export_onnx  # noqa: E402
 from pixelwise.inference.onnx_runner import load_onnx, read_onnx_metadata  # noqa: E402
 from pixelwise.models import forward_logits  # noqa: E402
 
@@ -82,6 +82,21 @@ def test_fp16_export_keeps_float32_io(tmp_path):
     onnx_model, stored = load_onnx(report.path)
     assert stored["onnx"]["precision"] == "float16"
     assert onnx_model(torch.randn(1, 3, 32, 48)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("end", ["oldest", "newest"])
+def test_each_precision_exports_at_both_ends_of_the_opsets_export_accepts(precision, end, tmp_path):
+    # float32 with SegNet-Basic: index unpooling and padding on traced sizes are the oldest-opset ops
+    model, meta = build("segnet_basic" if precision == "float32" else "unet")
+    opset = MIN_OPSET[precision] if end == "oldest" else MAX_OPSET
+    calibration = [torch.randn(2, 3, 64, 80)] if precision == "int8" else None
+    # the graph is under test here, not the precision's agreement (tested above and below)
+    report = export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES, opset=opset, fp16=precision == "float16",
+                         calibration=calibration, min_agreement=0.0 if precision == "int8" else 0.98)
+    onnx_model, stored = load_onnx(report.path)
+    assert stored["onnx"]["opset"] == opset and stored["onnx"]["precision"] == precision
+    assert onnx_model(torch.randn(1, 3, 40, 56)).shape == (1, CLASSES, 40, 56)
 
 
 # --------------------------------------------------------------------------- command line
