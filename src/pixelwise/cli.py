@@ -165,17 +165,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _writable_out(path: str, overwrite: bool) -> Path:
-    """``--out FILE`` checked before any work: its folder exists (or is created) and is writable,
-    and an existing file is replaced only with ``--overwrite``."""
-    # start-up time: runtime loads torch, which export loads anyway
-    from pixelwise.runtime import check_can_create
-
+    """``--out FILE`` checked before any work as :func:`check_output_file` checks ``--json``, its
+    folder created, and an existing file replaced only with ``--overwrite``."""
+    check_output_file(path, "--out", [])
     out = Path(path)
-    if out.is_dir():
-        raise UserError(f"--out {path} is a folder; give the name of a file to write")
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it")
-    check_can_create(out.parent.resolve(), f"--out {path}")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -275,13 +270,14 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def check_output_file(path: str | None, flag: str, inputs: list[str | None]) -> None:
-    """Before any work, a file a verb is asked to write (``--json``): it must be writable (its
-    folder exists or can be created, and may be written in), so that a long evaluation is not
-    lost at its end, and it must not be one of the verb's inputs nor an existing file inside an
-    input folder (a dataset): no verb writes over what it reads."""
+    """Before any work, a file a verb is asked to write (``--json``, export's ``--out``): it must
+    not be a folder, and must be writable (its folder exists or can be created, and may be written
+    in), so that a long evaluation is not lost at its end, and it must not be one of the verb's
+    inputs nor an existing file inside an input folder (a dataset): no verb writes over what it
+    reads."""
     if not path:
         return
-    # start-up time: runtime loads torch, which the verbs that write --json load anyway
+    # start-up time: runtime loads torch, which the verbs that call this load anyway
     from pixelwise.runtime import check_can_create
 
     out = Path(path).expanduser().resolve()
