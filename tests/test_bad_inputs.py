@@ -157,10 +157,17 @@ ROWS: list[tuple[str, list[str], str]] = [
      "--max-pixels must be a positive number of pixels, got 0"),
     ("serve: no workers", ["serve", "--checkpoint", CKPT, "--workers", "0"], "--workers must be at least 1, got 0"),
     ("serve: keep-uploads is a file", ["serve", "--checkpoint", CKPT, "--keep-uploads", "{ws}/notes.txt"],
-     "--keep-uploads {ws}/notes.txt is a file; give a folder"),
+     "--keep-uploads {ws}/notes.txt: {ws}/notes.txt is a file, not a folder"),
     ("serve: samples folder missing", ["serve", "--checkpoint", CKPT, "--samples", "{ws}/nowhere"],
      "--samples {ws}/nowhere: not a folder"),
     ("serve: tile too small", ["serve", "--checkpoint", CKPT, "--tile", "8"], "--tile must be at least 16"),
+    ("serve: empty host", ["serve", "--checkpoint", CKPT, "--host", ""], "--host is empty"),
+    ("serve: upload limit not a number", ["serve", "--checkpoint", CKPT, "--max-upload-mb", "nan"],
+     "--max-upload-mb must be a positive number of MB, got nan"),
+    ("serve: negative time limit", ["serve", "--checkpoint", CKPT, "--timeout", "-1"],
+     "--timeout must be a positive number of seconds (0 for no limit), got -1"),
+    ("serve: keep-uploads under a file", ["serve", "--checkpoint", CKPT, "--keep-uploads", "{ws}/notes.txt/up"],
+     "--keep-uploads {ws}/notes.txt/up: {ws}/notes.txt is a file, not a folder"),
     # --- models, recipes, data inspect, demo, the command itself --------------------------------
     ("models: unknown flag", ["models", "--all"], "unrecognized argument '--all'"),
     ("recipes: extra argument", ["recipes", "unet"], "unrecognized argument 'unet'"),
@@ -240,6 +247,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(ws, capfd, monkeypatch
             raise AssertionError("the server started: the bad input was not caught")
 
         monkeypatch.setattr(pixelwise.serve.app, "run", started)
+        if "--port" not in args:
+            args = [*args, "--port", "0"]  # any free port: the default 8000 may be taken on this machine
     argv = [a.replace("{ws}", str(ws)) for a in args]
     out = ws / "out"
     before = snapshot(ws, out)

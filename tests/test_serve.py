@@ -23,8 +23,10 @@ from pixelwise.data.shapes import CLASS_NAMES, PALETTE
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
 httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")
 
-from pixelwise.serve.app import create_app  # noqa: E402 - after the skips
-from pixelwise.serve.config import ServeConfig, host_warning  # noqa: E402
+from pixelwise.inference import cancel  # noqa: E402
+from pixelwise.inference.predictor import SemanticPredictor  # noqa: E402
+from pixelwise.serve.app import create_app, with_options  # noqa: E402 - after the skips
+from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  # noqa: E402
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
@@ -534,6 +536,9 @@ def test_no_cors_unless_an_origin_is_given(predictor):
 def test_cli_serve_defaults_env_key_and_host_warning(checkpoint, monkeypatch, capsys):
     import uvicorn
 
+    import pixelwise.serve.config
+
+    monkeypatch.setattr(pixelwise.serve.config, "check_can_listen", lambda host, port: None)  # 8000 may be taken
     started = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(kw, app=app))
     monkeypatch.setenv("PIXELWISE_API_KEY", "from-env")
@@ -588,3 +593,97 @@ def test_uncertainty_of_a_model_with_dropout_uses_monte_carlo_dropout(tmp_path):
     unc = decode_png(body["uncertainty_png_base64"])
     assert unc.mode == "L" and unc.size == (32, 24)
     assert predictor.mc_samples == 0  # the shared predictor is unchanged
+
+
+# ---------------------------------------------------------------- work that nobody waits for
+
+def test_a_cancelled_job_stops_at_its_next_batch_and_a_waiting_one_never_runs():
+    pool = InferencePool(workers=1, queue=4)
+    batches, started, finished = [], threading.Event(), threading.Event()
+
+    def long_job():  # a prediction of many batches, checking between them as SemanticPredictor does
+        started.set()
+        try:
+            for i in range(10_000):
+                cancel.check()
+                batches.append(i)
+                threading.Event().wait(0.005)
+        finally:
+            finished.set()
+
+    async def scenario():
+        running = asyncio.ensure_future(pool.run(pool.admit(), long_job))
+        waiting = asyncio.ensure_future(pool.run(pool.admit(), batches.append, "never"))
+        await wait_for(started.is_set, "the first job running")
+        assert pool.stats()["waiting"] == 1
+        waiting.cancel()
+        running.cancel()
+        await wait_for(finished.is_set, "the cancelled job stopping")
+        await wait_for(lambda: pool.stats()["running"] + pool.stats()["waiting"] == 0, "every place given back")
+
+    asyncio.run(scenario())
+    assert "never" not in batches and 0 < len(batches) < 10_000
+    pool.close()
+
+
+def test_a_prediction_over_the_time_limit_is_504_and_the_next_one_runs(checkpoint):
+    predictor = Predictor.from_checkpoint(checkpoint)
+    app = create_app(predictor, ServeConfig(predict_timeout=0.05), samples=[])
+    image = png_bytes(noise(200, 200))
+    slow = post_image(app, image, fields={"tile": "16", "overlap": "0.9"})  # 17956 tiles: minutes on a CPU
+    assert slow.status_code == 504, slow.text
+    assert "limit of 0.05 s" in slow.json()["detail"] and "--timeout" in slow.json()["detail"]
+    assert post_image(app, png_bytes(noise(20, 20))).status_code == 200
+    assert request(app, "GET", "/api/health").json()["pool"] == {"workers": 1, "queue": 64, "running": 0,
+                                                                  "waiting": 0}
+    with pytest.raises(Exception, match="positive number of seconds"):
+        ServeConfig(predict_timeout=float("nan"))
+
+
+def test_request_options_reuse_the_servers_int8_runner(checkpoint):
+    base = Predictor.from_checkpoint(checkpoint)
+    calibration = [noise(64, 64, seed) for seed in range(2)]
+    int8 = SemanticPredictor(base.model, base.meta, mode="int8", calib_data=calibration, calib_crop=32,
+                             measuring=True)
+    flipped = with_options(int8, {"tta": "flip", "tile": 32})  # the constructor alone would ask for calibration
+    assert flipped.runner is int8.runner and flipped.mode == "int8"
+    assert (flipped.tta, flipped.tile) == ("flip", 32) and int8.tta is None
+    image = noise(40, 56)
+    mirrored = int8.predict_probs(image[:, ::-1].copy()).flip(-1)
+    expected = (int8.predict_probs(image) + mirrored) / 2  # flip TTA by hand, through the int8 runner
+    untiled = with_options(int8, {"tta": "flip"})
+    torch.testing.assert_close(untiled.predict_probs(image), expected, atol=1e-5, rtol=0)
+    app = create_app(int8, samples=[])
+    assert post_image(app, png_bytes(image), fields={"tta": "flip", "tile": "32"}).status_code == 200
+
+
+def test_a_camera_jpeg_with_a_multi_picture_segment_is_a_jpeg(predictor, tmp_path):
+    from pixelwise.data.io import frame_count, read_frames
+
+    rgb = noise(30, 40)
+    path = tmp_path / "camera.jpg"
+    Image.fromarray(rgb).save(path, format="MPO", save_all=True, append_images=[Image.fromarray(rgb[::-1].copy())])
+    assert Image.open(path).format == "MPO"
+    Image.fromarray(rgb).save(tmp_path / "plain.jpg", quality=75)
+    assert frame_count(path) == 1 and len(list(read_frames(path))) == 1  # the preview is no second image
+    app = create_app(predictor, samples=[])
+    mpo = post_image(app, path.read_bytes(), "camera.jpg", "image/jpeg")
+    assert mpo.status_code == 200, mpo.text
+    plain = post_image(app, (tmp_path / "plain.jpg").read_bytes(), "plain.jpg", "image/jpeg")
+    assert mpo.json()["mask_png_base64"] == plain.json()["mask_png_base64"]  # the first picture, as a JPEG
+
+
+def test_serve_refuses_a_taken_port_and_a_host_that_is_not_here():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(Exception, match=f"--port {port} is in use"):
+            check_can_listen("127.0.0.1", port)
+    check_can_listen("127.0.0.1", port)  # free again
+    with pytest.raises(Exception, match="--host 192.0.2.1 is not an address of this machine"):
+        check_can_listen("192.0.2.1", 0)  # TEST-NET-1: never assigned to a host
+    with pytest.raises(Exception, match="--host is empty"):
+        check_can_listen(" ", 8000)

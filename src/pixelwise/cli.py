@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -422,7 +423,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.predictor import Predictor
-    from pixelwise.serve.config import API_KEY_ENV, MB, ServeConfig
+    from pixelwise.runtime import check_can_create
+    from pixelwise.serve.config import API_KEY_ENV, MB, ServeConfig, check_can_listen
 
     try:  # optional dependency: fastapi, uvicorn and python-multipart (the serve extra)
         from pixelwise.serve.app import run
@@ -430,13 +432,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"pixelwise serve needs the serve extra ({e.name} is not installed): "
                         "pip install 'pixelwise[serve]'") from None
 
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    check_can_listen(args.host, args.port)
+    if not 0 < args.max_upload_mb < math.inf:
+        raise UserError(f"--max-upload-mb must be a positive number of MB, got {args.max_upload_mb}")
+    keep_uploads = Path(args.keep_uploads) if args.keep_uploads else None
+    if keep_uploads is not None:  # made now: a folder that cannot be made would fail every request
+        check_can_create(keep_uploads, f"--keep-uploads {keep_uploads}")
+        try:
+            keep_uploads.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--keep-uploads {keep_uploads}: cannot create it ({e.strerror}); give another "
+                            "folder") from None
     config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels,
-                         workers=args.workers, queue=args.queue,
+                         workers=args.workers, queue=args.queue, predict_timeout=args.timeout or None,
                          api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
                          cors_origins=tuple(args.cors or ()),
-                         keep_uploads=Path(args.keep_uploads) if args.keep_uploads else None,
+                         keep_uploads=keep_uploads,
                          samples_dir=Path(args.samples) if args.samples else None,
                          uncertainty_samples=args.mc_samples or DEFAULT_MC_SAMPLES)
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
@@ -612,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the PIXELWISE_API_KEY environment variable, which keeps it out of the process list)")
     p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow pages from ORIGIN (e.g. "
                    "https://example.org) to call the API; repeatable (default: no CORS)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="stop a prediction that runs "
+                   "longer than this and answer 504 (default 300; 0: no limit)")
     p.add_argument("--keep-uploads", metavar="DIR", help="save every upload, as received, in DIR (default: "
                    "uploads stay in memory and are never written to disk)")
     p.add_argument("--samples", metavar="DIR", help="offer the images in DIR (and DIR/masks/<stem>.png ground "

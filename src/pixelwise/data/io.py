@@ -127,7 +127,7 @@ def _load_frame(path: Path, img: Image.Image, frame: int) -> Image.Image:
     """Frame ``frame`` of the open ``img``, decoded, EXIF orientation applied, as an image that
     holds no file (``img`` itself for a still image, whose file PIL closes at ``load()``)."""
     if frame:
-        count = getattr(img, "n_frames", 1)  # of the file already open, not a second open
+        count = _frames(img)  # of the file already open, not a second open
         if not 0 <= frame < count:
             raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
         img.seek(frame)
@@ -152,6 +152,13 @@ def _raise_named(path: Path, frame: int, e: BaseException) -> None:
         raise UserError(f"{path}: unreadable or truncated image{where} ({e}); re-export it or remove it") from None
 
 
+def _frames(img: Image.Image) -> int:
+    """The frames of an open image: a TIFF stack's pages, an animation's frames; 1 for a still
+    image, and for a camera JPEG with a multi-picture (MPF) segment, which PIL opens as ``MPO``:
+    its other pictures are a preview or a second view of the same scene, not more images."""
+    return 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1))
+
+
 def _holds_file(img: Image.Image) -> bool:
     """Whether PIL still holds the image's file open after ``load()`` (it does for the formats
     that can hold several frames: TIFF, GIF, WebP, APNG), in ``_fp`` or, in older Pillows, ``fp``."""
@@ -165,7 +172,7 @@ def frame_count(path: PathLike) -> int:
     path = Path(path)
     try:
         with _quiet_pil(), _open(path) as img:
-            return int(getattr(img, "n_frames", 1))
+            return _frames(img)
     except BaseException as e:
         _raise_named(path, 0, e)
         raise
@@ -240,7 +247,7 @@ def read_frames(path: PathLike) -> Generator[np.ndarray, None, None]:
         while frame < count:
             try:
                 with _quiet_pil():  # not across the yield: the caller's own warnings stay on
-                    count = int(getattr(opened, "n_frames", 1)) if frame == 0 else count
+                    count = _frames(opened) if frame == 0 else count
                     rgb = _to_rgb(path, _load_frame(path, opened, frame))
             except BaseException as e:
                 _raise_named(path, frame, e)

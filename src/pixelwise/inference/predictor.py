@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
+from pixelwise.inference import cancel
 from pixelwise.inference.fast import instance_runner, make_runner
 from pixelwise.inference.int8 import calibration_batches
 from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, predictive_entropy
@@ -210,6 +211,7 @@ class SemanticPredictor(Predictor):
         return F.softmax(self.runner(x).float(), 1)
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        cancel.check()  # a server's job stops here, between batches, once it is cancelled
         return tta_probs(self._model_probs, x, self.tta)
 
     def _run(self, inputs: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect
 
 from pixelwise._version import __version__
 from pixelwise.errors import UserError
+from pixelwise.inference.cancel import TimedOut
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.inference.tta import TTA_MODES
@@ -153,6 +154,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorResponse, "description": "not multipart/form-data, or not an accepted image format"},
     422: {"model": ErrorResponse, "description": "missing image, bad option, ground truth that does not fit"},
     503: {"model": ErrorResponse, "description": "queue full; the Retry-After header says when to retry"},
+    504: {"model": ErrorResponse, "description": "the prediction ran longer than the server's time limit "
+                                                 "(--timeout) and was stopped"},
 }
 
 
@@ -206,6 +209,9 @@ def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str
     return options, uncertainty
 
 
+RUNNER_OPTIONS = ("mode", "mc_samples")  # what a predictor's runner is built from (inference.fast.make_runner)
+
+
 def with_options(predictor: Predictor, options: dict[str, Any]) -> Predictor:
     """A predictor like ``predictor`` (same model, metadata, device and input contract) with
     ``options`` changed, passed by name to its class's constructor, which checks them; options it
@@ -216,8 +222,17 @@ def with_options(predictor: Predictor, options: dict[str, Any]) -> Predictor:
         raise UserError(f"{', '.join(unknown)} do(es) not apply to {predictor.task} models")
     if all(current[k] == v for k, v in options.items()):
         return predictor
-    return type(predictor)(predictor.model, predictor.meta, predictor.device, input_spec=predictor.input_spec,
-                           **{**current, **options})
+    merged = {**current, **options}
+    if any(merged[k] != current[k] for k in RUNNER_OPTIONS if k in current):
+        return type(predictor)(predictor.model, predictor.meta, predictor.device, input_spec=predictor.input_spec,
+                               **merged)
+    # the server's runner serves these options too: an int8 runner keeps its calibration (which the
+    # constructor would ask for again) and a fast one is not folded anew for each request
+    assert isinstance(predictor, (SemanticPredictor, InstancePredictor))  # the classes that take mode
+    changed = type(predictor)(predictor.model, predictor.meta, predictor.device, input_spec=predictor.input_spec,
+                              **{**merged, "mode": "eager"})
+    changed.mode, changed.runner = predictor.mode, predictor.runner
+    return changed
 
 
 def options_of(predictor: Predictor) -> dict[str, Any]:
@@ -254,7 +269,7 @@ class Service:
 
     def __init__(self, predictor: Predictor, config: ServeConfig, samples: list[Sample]) -> None:
         self.predictor, self.config = predictor, config
-        self.pool = InferencePool(config.workers, config.queue)
+        self.pool = InferencePool(config.workers, config.queue, config.predict_timeout)
         self.samples = {s.name: s for s in samples}
         self.dropout = has_dropout(predictor.model)
         # Monte-Carlo dropout switches the shared model's dropout layers to sampling; no other
@@ -447,8 +462,20 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
             truth = form.get("ground_truth")
             truth = truth if truth is not None and truth.data else None
             options, uncertainty = parse_options(form, predictor)
-            result = await service.pool.run(ticket, service.predict, image, truth, options, uncertainty, admitted)
-            return JSONResponse(result)
+            job = asyncio.ensure_future(service.pool.run(ticket, service.predict, image, truth, options,
+                                                         uncertainty, admitted))
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:  # a client that goes away cancels its job: no worker predicts for nobody
+                await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when this task is cancelled (the server stops): the job stops too
+                gone.cancel()
+                job.cancel()
+            if not job.done() or job.cancelled():
+                log.info("POST /api/predict: the client went away; its prediction was stopped")
+                return _error(400, "the client went away before its prediction was ready")
+            return JSONResponse(job.result())
+        except TimedOut as e:
+            return _error(504, f"{e} (--timeout); send a smaller image, larger tiles or less test-time augmentation")
         except (UploadError, PoolFull):
             raise
         except Exception as e:  # never let one request take the server down: log it, answer 500
@@ -459,6 +486,12 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
                 ticket.release()
 
     return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client of ``request`` (whose body has been read) goes away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _media_type(data: bytes) -> str:
@@ -535,4 +568,6 @@ def run(predictor: Predictor, config: ServeConfig, host: str = "127.0.0.1", port
               f"{predictor.input_spec.describe()}) on http://{shown}:{port}/ (API reference: /docs; "
               f"{config.workers} worker(s), room for {config.queue} waiting"
               + (", API key required" if config.api_key else "") + ")", flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
+        # on Ctrl-C or SIGTERM, predictions still running after 5 s are stopped at their next model batch
+        uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False,
+                    timeout_graceful_shutdown=5)

@@ -3,7 +3,10 @@ can build one cheaply)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import math
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,9 @@ class ServeConfig:
       dropout (as ``pixelwise predict --uncertainty``).
     upload_timeout: seconds a request may take to send its body (it holds a place in the queue
       meanwhile); slower: 408.
+    predict_timeout: seconds a prediction may run (from when a worker takes it), None for no limit;
+      longer: stopped at its next model batch and answered 504, so a request for many small tiles
+      cannot hold a worker for hours.
     """
 
     max_upload_bytes: int = 20 * MB
@@ -42,6 +48,7 @@ class ServeConfig:
     samples_dir: Path | None = None
     uncertainty_samples: int = 8
     upload_timeout: float = 120.0
+    predict_timeout: float | None = 300.0
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1024:
@@ -57,12 +64,47 @@ class ServeConfig:
             raise UserError("the API key is empty; give a non-empty --api-key or unset " + API_KEY_ENV)
         if self.uncertainty_samples < 1:
             raise UserError(f"uncertainty samples must be at least 1, got {self.uncertainty_samples}")
+        if self.predict_timeout is not None and not 0 < self.predict_timeout < math.inf:
+            raise UserError(f"--timeout must be a positive number of seconds (0 for no limit), got "
+                            f"{self.predict_timeout}")
         if not self.upload_timeout > 0:
             raise UserError(f"the upload timeout must be positive, got {self.upload_timeout}")
         if self.samples_dir is not None and not Path(self.samples_dir).is_dir():
             raise UserError(f"--samples {self.samples_dir}: not a folder")
         if self.keep_uploads is not None and Path(self.keep_uploads).exists() and not Path(self.keep_uploads).is_dir():
             raise UserError(f"--keep-uploads {self.keep_uploads} is a file; give a folder to save the uploads in")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Before the model is loaded: ``host`` is an address of this machine and ``port`` is free
+    there (a one-line UserError otherwise; uvicorn would say so only after the start-up banner,
+    and exit with status 3)."""
+    if not host.strip():
+        raise UserError("--host is empty; give an address to listen on, such as 127.0.0.1 (this machine only) "
+                        "or 0.0.0.0 (every interface)")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"--host {host}: not an address or a name this machine can resolve ({e}); give an "
+                        "address such as 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"--port {port} is in use on {host} (another server?); choose another --port") \
+                    from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"--host {host} is not an address of this machine; give one of its addresses, "
+                                "127.0.0.1 or 0.0.0.0") from None
+            if e.errno == errno.EACCES:
+                raise UserError(f"--port {port}: no permission to listen on it (ports below 1024 need privileges); "
+                                "choose a port of 1024 or more") from None
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}; check --host and --port") from None
 
 
 def is_loopback(host: str) -> bool:

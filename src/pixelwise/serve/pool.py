@@ -4,8 +4,9 @@ instead of piling up uploads and images in memory.
 
 A request takes a :class:`Ticket` with :meth:`InferencePool.admit` before its body is read, so
 the bodies held in memory are bounded too, and gives it back when its job ends (or when it fails
-before its job was handed to a worker). A job that a departed client leaves behind still holds its
-place until it finishes, so the count never undercounts the work in the threads.
+before its job was handed to a worker). A job still holds its place until it has
+stopped, so the count never undercounts the work in the threads; the server cancels the job of a
+client that went away (:meth:`InferencePool.run`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from pixelwise.inference.cancel import cancellable
 
 T = TypeVar("T")
 
@@ -46,12 +49,13 @@ class Ticket:
 
 
 class InferencePool:
-    """``workers`` threads; ``admit()`` refuses when ``workers + queue`` requests are already in."""
+    """``workers`` threads; ``admit()`` refuses when ``workers + queue`` requests are already in.
+    ``timeout``: seconds a job may run before it is stopped at its next model batch (None: no limit)."""
 
-    def __init__(self, workers: int = 1, queue: int = 64) -> None:
+    def __init__(self, workers: int = 1, queue: int = 64, timeout: float | None = None) -> None:
         if workers < 1 or queue < 0:
             raise ValueError(f"need workers >= 1 and queue >= 0, got {workers} and {queue}")
-        self.workers, self.queue = workers, queue
+        self.workers, self.queue, self.timeout = workers, queue, timeout
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pixelwise-serve")
         self._lock = threading.Lock()
         self._admitted = 0
@@ -76,14 +80,20 @@ class InferencePool:
         return max(1, math.ceil(self._seconds * self._admitted / self.workers))
 
     async def run(self, ticket: Ticket, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a worker thread; the ticket is released when it returns or raises."""
+        """``fn(*args)`` in a worker thread; the ticket is released when it returns or raises.
+
+        Cancelling the awaiting task (the client went away, the time limit passed, the server
+        stops) drops the job if it is still waiting, and otherwise stops it at its next model
+        batch (:mod:`pixelwise.inference.cancel`), so no thread goes on working for nobody."""
+        stop = threading.Event()
 
         def job() -> T:
             with self._lock:
                 self._running += 1
             start = time.perf_counter()
             try:
-                return fn(*args)
+                with cancellable(stop, self.timeout):
+                    return fn(*args)
             finally:
                 with self._lock:
                     self._running -= 1
@@ -94,7 +104,13 @@ class InferencePool:
 
         future = self._executor.submit(job)
         ticket.submitted = True
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            stop.set()
+            if future.cancel():  # it never started, so job() will not release the ticket
+                ticket.release()
+            raise
 
     def stats(self) -> dict[str, int]:
         """``workers queue running waiting`` (waiting: admitted, not yet running)."""

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 # PIL's own decoders accept dozens of formats; the server opens only these (others: 415).
-FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "GIF": "image/gif",
+# MPO: a camera JPEG with a multi-picture segment (its first picture is read, as by predict)
+FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "BMP": "image/bmp", "GIF": "image/gif",
            "TIFF": "image/tiff", "WEBP": "image/webp", "PPM": "image/x-portable-anymap"}
+ACCEPTED = ", ".join(sorted(set(FORMATS) - {"MPO"}))  # as the messages name them (an MPO is a JPEG)
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # as data.io
 _ORIENTATION_TAG = 0x0112  # EXIF orientation, applied as data.io.read_image applies it
 MAX_PARTS = 16
@@ -163,13 +165,13 @@ def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = ""
             raise UploadError(400, f"the {what} cannot be decoded: it is declared {declared_type}, but its bytes "
                                    "are damaged or in no known image format; re-export it") from None
         raise UploadError(415, f"the {what} is not an image in a supported format "
-                               f"({', '.join(sorted(FORMATS))})") from None
+                               f"({ACCEPTED})") from None
     except Image.DecompressionBombError as e:
         raise UploadError(413, f"the {what} has too many pixels ({e})") from None
     except _PIL_ERRORS as e:
         raise UploadError(400, f"the {what} cannot be decoded ({e}); re-export it") from None
     if img.format not in FORMATS:
-        raise UploadError(415, f"{img.format} images are not accepted; send one of {', '.join(sorted(FORMATS))}")
+        raise UploadError(415, f"{img.format} images are not accepted; send one of {ACCEPTED}")
     width, height = img.size
     if width * height > max_pixels:
         raise UploadError(413, f"the {what} is {width}x{height} = {width * height:,} pixels, more than the "
