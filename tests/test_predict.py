@@ -332,3 +332,74 @@ def test_a_damaged_frame_is_named_and_nothing_is_written(checkpoint, tmp_path, c
         assert "wrote 2 prediction(s)" in capsys.readouterr().out
         assert sorted(p.name for p in out.iterdir()) == ["good_00.png", "good_00_overlay.png", "good_01.png",
                                                          "good_01_overlay.png"]
+
+
+# ---------------------------------------------------------------- outputs are whole or untouched
+
+def _predict(checkpoint, inputs, out, *extra):
+    return main(["predict", "--checkpoint", str(checkpoint), *map(str, inputs), "--out", str(out), "--no-progress",
+                 *extra])
+
+
+def test_a_failed_write_leaves_the_earlier_predictions_whole(checkpoint, tmp_path, monkeypatch):
+    import pixelwise.data.io as io_module
+
+    image = tmp_path / "street.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out"
+    assert _predict(checkpoint, [image], out, "--uncertainty") == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"street.png", "street_overlay.png", "street_uncertainty.png"}
+    real_write = io_module.PngRowWriter.write
+    bands = []
+
+    def fail_in_the_middle(self, rows):  # the third band of rows: the files are half written
+        bands.append(len(rows))
+        if len(bands) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C (or pixelwise's SIGTERM handler) raises
+        return real_write(self, rows)
+
+    monkeypatch.setattr(io_module.PngRowWriter, "write", fail_in_the_middle)
+    assert _predict(checkpoint, [image], out, "--uncertainty", "--tile", "32") == 130  # "pixelwise: interrupted"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, nothing lost
+    monkeypatch.setattr(io_module.PngRowWriter, "write", real_write)
+    assert _predict(checkpoint, [image], out, "--uncertainty", "--tile", "32") == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    Image.open(out / "street.png").load()
+
+
+def test_an_output_name_that_is_a_link_is_replaced_not_written_through(checkpoint, tmp_path):
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("not a prediction")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").symlink_to(precious)
+    assert _predict(checkpoint, [image], out) == 0
+    assert precious.read_text() == "not a prediction"
+    assert not (out / "a.png").is_symlink() and Image.open(out / "a.png").size == (30, 20)
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused_before_any_write(checkpoint, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    long = inputs / f"{'a' * 245}.png"  # 249 bytes: a valid name, but its _overlay.png is 257
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(long)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(inputs / "b.png")
+    out = tmp_path / "out"
+    assert _predict(checkpoint, [inputs], out) == 2
+    err = capsys.readouterr().err
+    assert "_overlay.png would be longer than the 255 bytes" in err and "rename the input" in err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_a_folder_named_like_an_image_is_not_an_input(checkpoint, tmp_path):
+    inputs = tmp_path / "in"
+    (inputs / "album.png").mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(inputs / "a.png")
+    assert _predict(checkpoint, [inputs], tmp_path / "out1") == 0
+    assert _predict(checkpoint, [f"{inputs}/*"], tmp_path / "out2") == 0
+    for out in ("out1", "out2"):
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["a.png", "a_overlay.png"]

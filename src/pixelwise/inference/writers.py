@@ -30,8 +30,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import uuid
 from collections.abc import Generator, Iterable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +59,12 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
         elif p.is_file():
             paths.append(p)
         elif any(ch in item for ch in "*?["):
-            matches = sorted(Path(q) for q in glob.glob(item) if Path(q).suffix.lower() in IMAGE_SUFFIXES)
+            matches = sorted(Path(q) for q in glob.glob(item)
+                             if Path(q).suffix.lower() in IMAGE_SUFFIXES and Path(q).is_file())
             if not matches:
                 raise UserError(f"no images match {item}")
             paths += matches
@@ -72,6 +74,17 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         raise UserError(f"no images found in {', '.join(inputs)}")
     unique = {p.resolve(): p for p in reversed(paths)}  # a file given twice (folder and file) is predicted once
     return [p for p in paths if unique[p.resolve()] is p]
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system of ``folder`` (or its nearest existing
+    ancestor) takes; 255 where the system does not say."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no answer
+        return 255
 
 
 def output_names(stem: str, instance: bool = False, uncertainty: bool = False, cells: bool = False) -> list[str]:
@@ -156,13 +169,35 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     items = [(p, frame, count) for p, count in zip(readable, counts) for frame in range(count)]
     stems = unique_stems([p for p, _, _ in items], instance, uncertainty, [(k, n) for _, k, n in items], cells)
     inodes = {(s.st_dev, s.st_ino) for s in map(os.stat, readable)}
-    for stem in stems:
+    longest = _name_max(out_dir)
+    for (path, _, _), stem in zip(items, stems):
         for name in output_names(stem, instance, uncertainty, cells):
+            if len(os.fsencode(name)) > longest:
+                raise UserError(f"{path}: its output {name} would be longer than the {longest} bytes a file name "
+                                "may have; rename the input to a shorter name")
             target = out_dir / name
             if target.exists() and (os.stat(target).st_dev, os.stat(target).st_ino) in inodes:
                 raise UserError(f"{target} is a link to one of the inputs and would be written over; remove it "
                                 "or give another --out")
     return PredictPlan([p for p, _, _ in items], [k for _, k, _ in items], stems, out_dir, skipped)
+
+
+@contextmanager
+def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
+    """Temporary paths in ``out_dir`` for the output files ``names`` (each keeps its suffix, so PIL
+    knows the format). When the block ends without an error they are renamed to their names, which
+    replaces an earlier file (or a link: never the file it points to) only by a complete one; on an
+    error, Ctrl-C or SIGTERM they are removed. So a name holds the old file or the whole new one,
+    never a truncated PNG."""
+    tag = uuid.uuid4().hex[:12]  # a short name, whatever the length of the output's own
+    paths = {name: out_dir / f".pixelwise-{tag}-{k}{Path(name).suffix}" for k, name in enumerate(names)}
+    try:
+        yield paths
+        for name, path in paths.items():
+            os.replace(path, out_dir / name)
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
 
 
 def entropy_to_gray(entropy: np.ndarray, num_classes: int) -> np.ndarray:
@@ -179,11 +214,12 @@ def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[M
     :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows` gives them): no file's
     pixels are held whole, and the overlay's float temporaries cover ``STRIP_ROWS`` rows."""
     h, w = image.shape[:2]
-    with ExitStack() as files:
+    names = output_names(stem, uncertainty=uncertainty)
+    with staged(out_dir, names) as paths, ExitStack() as files:  # the files close before the renames
 
         def png(suffix: str, mode: str) -> PngRowWriter:
-            return files.enter_context(PngRowWriter(files.enter_context(open(out_dir / f"{stem}{suffix}.png", "wb")),
-                                                    w, h, mode, palette))
+            path = paths[f"{stem}{suffix}.png"]
+            return files.enter_context(PngRowWriter(files.enter_context(open(path, "wb")), w, h, mode, palette))
 
         mask_png, overlay_png = png("", "P"), png("_overlay", "RGB")
         entropy_png = png("_uncertainty", "L") if uncertainty else None
@@ -220,9 +256,10 @@ def write_cells(out_dir: Path, stem: str, image: np.ndarray, predictor: Semantic
     if labels.max() > np.iinfo(np.uint16).max:
         raise UserError(f"{stem}: {labels.max()} cells do not fit a 16-bit PNG; predict a smaller image or tiles of it")
     mask = np.where(cell_map(labels), prediction.mask, 0).astype(np.uint8)
-    Image.fromarray(labels.astype(np.uint16)).save(out_dir / f"{stem}_cells.png")
-    return write_semantic(out_dir, stem, image, [(0, mask, prediction.uncertainty)], predictor.palette,
-                          len(predictor.class_names), uncertainty)
+    with staged(out_dir, [f"{stem}_cells.png"]) as paths:  # named only once the other files are written
+        Image.fromarray(labels.astype(np.uint16)).save(paths[f"{stem}_cells.png"])
+        return write_semantic(out_dir, stem, image, [(0, mask, prediction.uncertainty)], predictor.palette,
+                              len(predictor.class_names), uncertainty)
 
 
 def instance_maps(masks: np.ndarray, labels: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -271,11 +308,12 @@ def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, clas
                     palette: list) -> Path:
     masks, labels = det["masks"].numpy(), det["labels"].numpy()
     classes, ids = instance_maps(masks, labels, image.shape[:2])
-    write_mask(out_dir / f"{stem}.png", classes, palette)
-    Image.fromarray(ids).save(out_dir / f"{stem}_instances.png")
-    draw_instances(image, masks, det["boxes"].numpy(), labels, det["scores"].numpy(), class_names).save(
-        out_dir / f"{stem}_overlay.png")
-    (out_dir / f"{stem}.json").write_text(json.dumps(instances_json(det, image.shape, class_names)))
+    with staged(out_dir, output_names(stem, instance=True)) as paths:
+        write_mask(paths[f"{stem}.png"], classes, palette)
+        Image.fromarray(ids).save(paths[f"{stem}_instances.png"])
+        draw_instances(image, masks, det["boxes"].numpy(), labels, det["scores"].numpy(), class_names).save(
+            paths[f"{stem}_overlay.png"])
+        paths[f"{stem}.json"].write_text(json.dumps(instances_json(det, image.shape, class_names)))
     return out_dir / f"{stem}.png"
 
 
