@@ -687,3 +687,39 @@ def test_serve_refuses_a_taken_port_and_a_host_that_is_not_here():
         check_can_listen("192.0.2.1", 0)  # TEST-NET-1: never assigned to a host
     with pytest.raises(Exception, match="--host is empty"):
         check_can_listen(" ", 8000)
+
+
+def test_a_ground_truth_that_is_empty_or_holds_no_class_is_refused(predictor):
+    app = create_app(predictor, samples=[])
+    image = png_bytes(noise(20, 30))
+
+    def post(truth, name="truth.png"):
+        return request(app, "POST", "/api/predict", files={"image": ("a.png", image, "image/png"),
+                                                           "ground_truth": (name, truth, "image/png")})
+
+    empty = post(b"")
+    assert empty.status_code == 400 and "ground-truth mask is empty" in empty.json()["detail"]
+    assert post(b"", name="").status_code == 200  # the page's file input with nothing chosen
+    photo = post(image)  # a photo sent as the mask: none of its colours is in the palette
+    assert photo.status_code == 422 and "no pixel of any class" in photo.json()["detail"]
+    good = post(png_bytes(np.full((20, 30), 1, np.uint8)))
+    assert good.status_code == 200 and good.json()["metrics"]["per_class"][1]["pixels"] == 600
+
+
+def test_an_image_sent_as_a_text_value_gets_told_to_send_a_file(predictor):
+    app = create_app(predictor, samples=[])
+    image = png_bytes(noise(60, 60))
+    assert len(image) > 4096
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\n" + image + b"\r\n--b--\r\n")
+    r = request(app, "POST", "/api/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 422 and "as a file in the field 'image'" in r.json()["detail"]
+    named = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename*=UTF-8''%E5%9B%BE.png\r\n"
+             b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--b--\r\n")  # RFC 5987 name only
+    r = request(app, "POST", "/api/predict", content=named, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("key", ["ключ", "clé", "tab\tkey"])
+def test_an_api_key_a_header_cannot_carry_is_refused_at_start(key):
+    with pytest.raises(Exception, match="must be printable ASCII"):
+        ServeConfig(api_key=key)

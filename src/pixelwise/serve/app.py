@@ -334,6 +334,10 @@ class Service:
         if truth_part is not None:
             truth = decode_mask(truth_part.data, self.config.max_pixels, p.palette, len(p.class_names),
                                 image.shape[:2], truth_part.content_type)
+            if (truth == 255).all():  # scores of nothing: most likely a photo or another palette's colours
+                raise UploadError(422, "the ground truth has no pixel of any class: every pixel is 255 (ignore) "
+                                       "or a colour outside the model's palette; send a mask of class ids, or "
+                                       "one coloured with the model's palette (GET /api/info)")
         with self._model_lock:  # a predictor's constructor sets the shared model's modes too
             predictor = self.predictor_for(options, uncertainty)
             if isinstance(predictor, SemanticPredictor):
@@ -460,7 +464,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
             if image is None or (image.filename is None and not image.data):
                 raise UploadError(422, "the form has no field 'image' (send the image file in the field 'image')")
             truth = form.get("ground_truth")
-            truth = truth if truth is not None and truth.data else None
+            if truth is not None and not truth.data:
+                if truth.filename:  # a file was chosen and it is empty (the page's empty input has no name)
+                    raise UploadError(400, "the ground-truth mask is empty")
+                truth = None
             options, uncertainty = parse_options(form, predictor)
             job = asyncio.ensure_future(service.pool.run(ticket, service.predict, image, truth, options,
                                                          uncertainty, admitted))

@@ -62,6 +62,9 @@ class ServeConfig:
             raise UserError(f"--queue must be 0 or more, got {self.queue}")
         if self.api_key is not None and not self.api_key.strip():
             raise UserError("the API key is empty; give a non-empty --api-key or unset " + API_KEY_ENV)
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            raise UserError("the API key (--api-key or " + API_KEY_ENV + ") must be printable ASCII: it travels in "
+                            "an HTTP header, where clients cannot agree on other characters")
         if self.uncertainty_samples < 1:
             raise UserError(f"uncertainty samples must be at least 1, got {self.uncertainty_samples}")
         if self.predict_timeout is not None and not 0 < self.predict_timeout < math.inf:

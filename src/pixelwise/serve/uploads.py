@@ -15,9 +15,11 @@ Each problem is an :class:`UploadError` carrying the HTTP status and a sentence 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,6 +41,8 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBo
 _ORIENTATION_TAG = 0x0112  # EXIF orientation, applied as data.io.read_image applies it
 MAX_PARTS = 16
 MAX_FIELD_BYTES = 4096  # a text field (tile, tta, ...)
+FILE_FIELDS = ("image", "ground_truth")  # the fields that carry files
+_EXTENDED_FILENAME = re.compile(rb"filename\*\s*=\s*([^;]+)", re.IGNORECASE)  # which parse_options_header drops
 
 
 class UploadError(Exception):
@@ -105,6 +109,8 @@ class _FormReader:
                 part.name = options.get(b"name", b"").decode("utf-8", errors="replace")
                 if b"filename" in options:
                     part.filename = options[b"filename"].decode("utf-8", errors="replace")
+                elif extended := _EXTENDED_FILENAME.search(value):  # RFC 5987 only: charset'lang'%-encoded
+                    part.filename = unquote(extended[1].decode("latin-1").strip().strip('"').split("'", 2)[-1])
             elif key == b"content-type":
                 part.content_type = value.decode("latin-1").strip().lower()
 
@@ -112,6 +118,9 @@ class _FormReader:
         part = self.parts[-1]
         part.data += data[start:end]
         if part.filename is None and len(part.data) > MAX_FIELD_BYTES:
+            if part.name in FILE_FIELDS:  # e.g. curl -F "image=<photo.jpg" sends the bytes as a text value
+                raise UploadError(422, f"send the {part.name.replace('_', ' ')} as a file in the field {part.name!r} "
+                                       f"(e.g. curl -F {part.name}=@photo.png), not as a text value")
             raise UploadError(400, f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
 
 
