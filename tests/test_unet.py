@@ -164,3 +164,43 @@ def test_ibn_levels_puts_ibn_in_the_first_norm_of_the_first_levels_only():
         UNet(3, base_channels=4, ibn_levels=1)
     with pytest.raises(ValueError, match="ibn_levels"):
         UNet(3, base_channels=4, batch_norm=True, ibn_levels=6)
+
+
+@pytest.mark.parametrize("model, kwargs", [("unet", {"base_channels": 4}), ("enet", {})])
+def test_a_one_channel_model_trains_and_predicts_on_luminance(model, kwargs, tmp_path):
+    import json
+
+    from pixelwise import Predictor
+    from pixelwise.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--model", model, "--model-kwargs", json.dumps({**kwargs, "in_channels": 1}), "--epochs", "1",
+            "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}', "--batch-size", "4", "--no-progress",
+            "--out", str(out)]
+    assert main(args) == 0  # the model's first convolution takes one channel: so must the data
+    predictor = Predictor.from_checkpoint(out / "best.safetensors")
+    assert predictor.input_spec.channels == 1 and predictor.model.in_channels == 1
+    rgb = np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    assert predictor.predict(rgb).mask.shape == (24, 40)
+    # it sees the image's luminance (ITU-R 601, as PIL's "L"), normalised with the contract's one mean/std
+    luma = torch.from_numpy(rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255
+    x = (luma - predictor.input_spec.mean[0]) / predictor.input_spec.std[0]
+    with torch.no_grad():
+        expected = torch.softmax(predictor.model(x[None, None]), 1)[0]
+    torch.testing.assert_close(predictor.predict_probs(rgb), expected, atol=1e-4, rtol=0)
+
+
+def test_input_norm_is_instance_norm_and_takes_a_one_pixel_image():
+    import torch.nn.functional as F
+
+    from pixelwise import create_model
+    from pixelwise.layers import standardize_image
+
+    x = torch.randn(2, 3, 17, 9) * 5 + 3
+    torch.testing.assert_close(standardize_image(x), F.instance_norm(x), atol=1e-5, rtol=0)
+    assert torch.equal(standardize_image(torch.rand(1, 3, 1, 1)), torch.zeros(1, 3, 1, 1))  # instance_norm raises
+    for name, kw in (("unet", {"base_channels": 4, "batch_norm": True}), ("enet", {}),
+                     ("deeplabv3plus_resnet18", {})):
+        model = create_model(name, num_classes=3, input_norm=True, **kw).eval()
+        with torch.no_grad():
+            assert model(torch.rand(1, 3, 1, 1)).shape == (1, 3, 1, 1), name

@@ -35,6 +35,15 @@ UPSAMPLE_MODES = ("indices", "nearest", "zeros", "bilinear")
 # --------------------------------------------------------------------------- upsampling
 
 
+def standardize_image(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each image's channels to mean 0 and variance 1 over its own pixels (the models' ``input_norm``):
+    ``F.instance_norm`` without affine parameters, written out so that a one-pixel image (which
+    ``instance_norm`` refuses) becomes zeros instead of an error."""
+    mean = x.mean((-2, -1), keepdim=True)
+    var = (x - mean).square().mean((-2, -1), keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
 def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> Tensor:
     """The FCN upsampling initialisation: a bilinear filter on the channel diagonal.
 

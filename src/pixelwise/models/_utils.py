@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pixelwise.layers import standardize_image
 from pixelwise.weights import backbone_file, load_matching, read_weights
 
 
@@ -37,7 +38,7 @@ class SimpleSegmentationModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         size = x.shape[-2:]
         if self.input_norm:  # each image's channels to mean 0, variance 1 over its own pixels
-            x = F.instance_norm(x)
+            x = standardize_image(x)
         features = self.backbone(x)
         out = F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False)
         if self.aux_classifier is None:

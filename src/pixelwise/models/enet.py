@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelwise.layers import unpool
+from pixelwise.layers import standardize_image, unpool
 from pixelwise.models._utils import crop_top_left, init_msra, pad_to_multiple
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
@@ -160,6 +160,7 @@ class ENet(nn.Module):
         super().__init__()
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_channels = in_channels  # the input contract's channels (checkpoint.model_input_spec)
         self.input_norm = input_norm
         self.alignment = STRIDE  # the pooling grid, read by tiled inference
         p1 = dropout / 10
@@ -182,7 +183,7 @@ class ENet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         if self.input_norm:  # each image's channels to mean 0, variance 1 over its own pixels
-            x = F.instance_norm(x)
+            x = standardize_image(x)
         x = self.initial(pad_to_multiple(x, STRIDE))
         size1 = x.shape[-2:]
         x, indices1 = self.down1.forward_down(x)

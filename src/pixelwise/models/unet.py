@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.layers import conv_bn_relu, conv_relu
+from pixelwise.layers import conv_bn_relu, conv_relu, standardize_image
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
 
@@ -177,6 +177,7 @@ class UNet(nn.Module):
             raise ValueError("ibn_levels replaces half of BatchNorm's channels: it needs batch_norm=True")
         if not 0 <= ibn_levels <= DEPTH + 1:
             raise ValueError(f"ibn_levels must be 0-{DEPTH + 1} (levels of the contracting path), got {ibn_levels}")
+        self.in_channels = in_channels  # the input contract's channels (checkpoint.model_input_spec)
         self.input_norm = input_norm
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
@@ -228,7 +229,7 @@ class UNet(nn.Module):
         """Tensor[N, Cin, H, W] -> logits Tensor[N, num_classes, H, W], for any H, W."""
         h, w = x.shape[-2:]
         if self.input_norm:  # each image's channels to mean 0, variance 1 over its own pixels
-            x = F.instance_norm(x)
+            x = standardize_image(x)
         if self.padding == "same":
             return self.forward_features(pad_same(x, -h % 2**DEPTH, -w % 2**DEPTH))[..., :h, :w]
         (ih, oh), (iw, ow) = valid_tile(h), valid_tile(w)
