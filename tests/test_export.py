@@ -139,25 +139,32 @@ def test_cli_export_predict_and_bench_run_the_file(checkpoint, tmp_path, capsys)
 @pytest.mark.parametrize("args, message", [
     (["--format", "tflite"], "--format"),
     (["--checkpoint", "/nonexistent/x.safetensors"], "nonexistent"),
-    (["--out", "FILE/m.onnx"], "is a file, not a folder"),  # a folder that is a file: unwritable even as root
-    (["--out", "m.txt"], ".onnx"),
+    (["--out", "TMP/file/m.onnx"], "is a file, not a folder"),  # a folder that is a file: unwritable even as root
+    (["--out", "TMP/m.txt"], ".onnx"),
     (["--model", "unet3000"], "unknown model"),
+    (["--model", "unet", "--num-classes", "0"], "--num-classes must be at least 1, got 0"),  # was silently 21
+    (["--model", "unet", "--num-classes", "-2"], "--num-classes must be at least 1, got -2"),  # was a traceback
+    (["--min-agreement", "1.5"], "--min-agreement must be a fraction in (0, 1], got 1.5"),  # was after the export
+    (["--min-agreement", "-1"], "--min-agreement must be a fraction in (0, 1], got -1.0"),  # was no verification
+    (["--min-agreement", "nan"], "--min-agreement must be a fraction in (0, 1], got nan"),
+    (["--min-agreement", "0"], "--min-agreement must be a fraction in (0, 1], got 0.0"),  # was the default
+    (["--model", "maskrcnn_resnet18_fpn", "--num-classes", "3", "--int8", "--calib-dataset", "shapes"],
+     "--int8 applies to semantic models only"),  # was ignored: float32 files, exit 0
+    (["--model", "maskrcnn_resnet18_fpn", "--num-classes", "3", "--fp16"], "--fp16 applies to semantic models only"),
+    (["--calib-dataset", "shapes"], "add --int8"),
 ])
 def test_cli_export_bad_input_is_one_line_exit_2(checkpoint, tmp_path, capsys, args, message):
+    """Refused before any work: one line, exit 2, nothing written."""
+    (tmp_path / "file").write_text("")
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
     base = {"--checkpoint": str(checkpoint), "--format": "onnx", "--out": str(tmp_path / "m.onnx")}
-    given = dict(zip(args[::2], args[1::2]))
-    if "--model" in given:
-        base.pop("--checkpoint")
-    base.update(given)
-    if base["--out"] == "m.txt":
-        base["--out"] = str(tmp_path / "m.txt")
-    if base["--out"].startswith("FILE/"):
-        (tmp_path / "file").write_text("")
-        base["--out"] = str(tmp_path / "file" / "m.onnx")
-    argv = ["export"] + [x for kv in base.items() for x in kv]
-    assert main(argv) == 2
+    for flag in ("--checkpoint", "--format", "--out"):
+        if flag in args or (flag == "--checkpoint" and "--model" in args):
+            base.pop(flag)
+    assert main(["export", *[x for kv in base.items() for x in kv], *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pixelwise: error: ") and "\n" not in err and message in err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["file", "unet.safetensors"]
 
 
 def test_predict_onnx_missing_file_is_one_line(tmp_path, capsys):
@@ -192,3 +199,107 @@ def test_cli_int8_export_calibrates_and_reports_agreement(checkpoint, tmp_path, 
     assert model(torch.randn(1, 3, 48, 64)).shape == (1, CLASSES, 48, 64)
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.onnx"), "--int8"]) == 2
     assert "--calib-dataset" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Mask R-CNN's second file
+
+
+def save_maskrcnn(path) -> None:
+    torch.manual_seed(0)
+    save_checkpoint(path, create_model("maskrcnn_resnet18_fpn", num_classes=3),
+                    {"model": "maskrcnn_resnet18_fpn", "num_classes": 3})
+
+
+def test_cli_maskrcnn_export_keeps_an_existing_heads_file(tmp_path, capsys):
+    out, heads = tmp_path / "m.onnx", tmp_path / "m_heads.onnx"
+    heads.write_text("my precious notes")
+    assert main(["export", "--model", "maskrcnn_resnet18_fpn", "--num-classes", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"pixelwise: error: --out {out} would also write {heads}, which exists; pass --overwrite to "
+                   "replace it")
+    assert heads.read_text() == "my precious notes" and not out.exists()
+
+
+def test_cli_maskrcnn_export_never_writes_its_heads_over_the_checkpoint(tmp_path, capsys):
+    checkpoint = tmp_path / "m_heads.onnx"  # a checkpoint is known by its contents, whatever its name
+    save_maskrcnn(checkpoint)
+    before = checkpoint.read_bytes()
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.onnx"), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and "\n" not in err and "over the input" in err
+    assert checkpoint.read_bytes() == before and not (tmp_path / "m.onnx").exists()
+
+
+def test_maskrcnn_export_writes_neither_file_when_one_fails(tmp_path, monkeypatch):
+    """The backbone verifies, the heads do not: both files keep what they held (no half export)."""
+    import dataclasses
+
+    from pixelwise.inference import export
+
+    real = export._check_parts
+
+    def heads_disagree(module, session, inputs, sign):
+        check = real(module, session, inputs, sign)
+        return check if sign else dataclasses.replace(check, agreement=0.5)
+
+    monkeypatch.setattr(export, "_check_parts", heads_disagree)
+    for name in ("m.onnx", "m_heads.onnx"):
+        (tmp_path / name).write_text(name)
+    torch.manual_seed(0)
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3).eval()
+    with pytest.raises(UserError, match="roi_heads.*nothing written"):
+        export.export_maskrcnn_parts(model, tmp_path / "m.onnx", sizes=[(1, 64, 96)], rois=[2])
+    assert {f.name: f.read_text() for f in tmp_path.iterdir()} == {"m.onnx": "m.onnx", "m_heads.onnx": "m_heads.onnx"}
+
+
+# --------------------------------------------------------------------------- tiling geometry
+
+
+def test_onnx_tiles_as_the_checkpoint(tmp_path, capsys):
+    """The export stores the model's context and alignment, so ``--onnx --tile`` cuts the tiles the
+    checkpoint gets: for the valid U-Net, tiled = untiled, in ONNX as in PyTorch. A file without
+    them (exported before they were stored) still runs, tiled as a model that states neither."""
+    import onnx
+
+    from pixelwise.inference.predictor import Predictor
+
+    torch.manual_seed(0)
+    kwargs = {"base_channels": 4, "padding": "valid"}
+    model = create_model("unet", num_classes=3, **kwargs)
+    with torch.no_grad():  # a spread of classes rather than one class everywhere
+        model.head.weight.mul_(8.0)
+    checkpoint, out = tmp_path / "unetv.safetensors", tmp_path / "unetv.onnx"
+    save_checkpoint(checkpoint, model, {"model": "unet", "num_classes": 3, "model_kwargs": kwargs})
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert read_onnx_metadata(out)["geometry"] == {"context": 92, "alignment": 16}
+    image = (np.random.default_rng(1).random((173, 251, 3)) * 255).astype(np.uint8)  # odd sizes, several tiles
+    whole = Predictor.from_checkpoint(checkpoint).predict(image).mask
+    assert len(np.unique(whole)) >= 2, "degenerate prediction"
+    masks = {}
+    for path in (checkpoint, out):
+        predictor = Predictor.from_checkpoint(path, tile=64)
+        assert (predictor.context, predictor.alignment, predictor.overlap) == (92, 16, 0.0)
+        assert predictor.needs_tiles(image)
+        masks[path] = predictor.predict(image).mask
+    np.testing.assert_array_equal(masks[checkpoint], whole)
+    untiled = (Predictor.from_checkpoint(out).predict(image).mask == whole).mean()
+    assert untiled >= 0.999 and (masks[out] == masks[checkpoint]).mean() >= untiled  # was 0.73
+
+    old = onnx.load(str(out))  # as exported before: no geometry
+    props = {p.key: p.value for p in old.metadata_props if p.key != "pixelwise.geometry"}
+    props["pixelwise"] = json.dumps({k: v for k, v in json.loads(props["pixelwise"]).items() if k != "geometry"})
+    del old.metadata_props[:]
+    for key, value in props.items():
+        old.metadata_props.add(key=key, value=value)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    predictor = Predictor.from_checkpoint(tmp_path / "old.onnx", tile=64)
+    assert (predictor.context, predictor.alignment, predictor.overlap) == (0, 1, 0.25)
+    assert predictor.predict(image).mask.shape == image.shape[:2]
+
+    props["pixelwise"] = json.dumps({**json.loads(props["pixelwise"]), "geometry": {"context": -1}})
+    del old.metadata_props[:]
+    for key, value in props.items():
+        old.metadata_props.add(key=key, value=value)
+    onnx.save(old, str(tmp_path / "damaged.onnx"))
+    with pytest.raises(UserError, match="damaged"):
+        load_onnx(tmp_path / "damaged.onnx")

@@ -179,7 +179,13 @@ def _writable_out(path: str, overwrite: bool) -> Path:
 def cmd_export(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.checkpoint import load_checkpoint
-    from pixelwise.inference.export import check_opset, export_maskrcnn_parts, export_onnx
+    from pixelwise.inference.export import (
+        MIN_AGREEMENT,
+        check_maskrcnn_outputs,
+        check_opset,
+        export_maskrcnn_parts,
+        export_onnx,
+    )
     from pixelwise.models import create_model, model_info
     from pixelwise.models.maskrcnn import MaskRCNN
 
@@ -191,23 +197,37 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: an ONNX file name ends with .onnx")
     if args.checkpoint and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise UserError("--out would write over the --checkpoint")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.min_agreement is not None and not 0 < args.min_agreement <= 1:  # nan too
+        raise UserError(f"--min-agreement must be a fraction in (0, 1], got {args.min_agreement}")
+    if args.fp16 and args.int8:
+        raise UserError("choose one of --fp16 and --int8")
+    if (args.calib_dataset or args.calib_data) and not args.int8:
+        raise UserError("--calib-dataset/--calib-data calibrate --int8; add --int8")
     check_opset(args.opset, "int8" if args.int8 else "float16" if args.fp16 else "float32")
     out = _writable_out(args.out, args.overwrite)
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint)
+        task = meta.get("task", "semantic")
     else:
-        info = model_info(args.model)
-        num_classes = args.num_classes or (21 if info.task == "semantic" else 91)
+        model, meta, task = None, {}, model_info(args.model).task
+    if task != "semantic":  # a Mask R-CNN: checked before any work, as a semantic export is below
+        for flag, given in (("--fp16", args.fp16), ("--int8", args.int8)):
+            if given:
+                raise UserError(f"{flag} applies to semantic models only")
+        check_maskrcnn_outputs(out, args.overwrite, [args.checkpoint])
+    if model is None:
+        num_classes = args.num_classes or (21 if task == "semantic" else 91)
         model = create_model(args.model, num_classes=num_classes)
-        meta = {"model": args.model, "num_classes": num_classes, "task": info.task}
+        meta = {"model": args.model, "num_classes": num_classes, "task": task}
         print(f"note: --model {args.model} exports randomly initialised weights (give --checkpoint for a "
               "trained model)")
-    if meta.get("task", "semantic") != "semantic":
-        if args.fp16:
-            raise UserError("--fp16 applies to semantic models only")
+    if task != "semantic":
         if not isinstance(model, MaskRCNN):
-            raise UserError(f"no ONNX export for the {meta.get('task')} model {meta.get('model')}")
-        written = export_maskrcnn_parts(model, out, meta, opset=args.opset)
+            raise UserError(f"no ONNX export for the {task} model {meta.get('model')}")
+        min_agreement = MIN_AGREEMENT if args.min_agreement is None else args.min_agreement
+        written = export_maskrcnn_parts(model, out, meta, opset=args.opset, min_agreement=min_agreement)
         for report in written:
             print(report.summary())
         print("not exported (runs in PyTorch): anchors, proposal decoding + NMS, RoI Align, detection "
@@ -219,13 +239,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     calibration = None
     if args.int8:
-        if args.fp16:
-            raise UserError("choose one of --fp16 and --int8")
         calibration = calibration_batches(calibration_images(args, "--int8"), input_spec_from_meta(meta, model),
                                           crop=args.calib_crop)
-    elif args.calib_dataset or args.calib_data:
-        raise UserError("--calib-dataset/--calib-data calibrate --int8; add --int8")
-    min_agreement = args.min_agreement or (INT8_MIN_AGREEMENT if args.int8 else 0.999)
+    min_agreement = args.min_agreement or (INT8_MIN_AGREEMENT if args.int8 else MIN_AGREEMENT)  # 0 is refused above
     report = export_onnx(model, out, meta, model_name=meta.get("model", ""), opset=args.opset, fp16=args.fp16,
                          calibration=calibration, min_agreement=min_agreement)
     print(report.summary())
@@ -584,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX, verified against PyTorch")
     p.add_argument("--checkpoint")
     p.add_argument("--model", help="export this model with random weights instead of a checkpoint")
-    p.add_argument("--num-classes", type=int, help="with --model (default 21, or 91 for instance models)")
+    p.add_argument("--num-classes", type=int, help="with --model, at least 1 (default 21, or 91 for instance "
+                   "models)")
     p.add_argument("--format", default="onnx", help="onnx (the only format)")
     p.add_argument("--out", required=True, help="the .onnx file to write (Mask R-CNN: FILE and <stem>_heads.onnx)")
     p.add_argument("--opset", type=int, default=17,
@@ -595,9 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="static int8 quantisation by onnxruntime (QDQ, per-channel "
                    "int8 weights, uint8 activations calibrated on training crops)")
     _add_calibration_args(p, "--int8")
-    p.add_argument("--min-agreement", type=float, help="fail below this argmax agreement with PyTorch eager "
-                   "(default 0.999; with --int8 the int8 guard of docs/deploy.md, 0.97)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--min-agreement", type=float, help="fail below this argmax agreement with PyTorch eager, a "
+                   "fraction in (0, 1] (default 0.999; with --int8 the int8 guard of docs/deploy.md, 0.97)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (Mask R-CNN: and "
+                   "<stem>_heads.onnx)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="web page and HTTP API for a checkpoint (needs the serve extra)",

@@ -3,8 +3,11 @@
 :func:`export_onnx` writes one ONNX file whose input ``image`` (``float32[N, C, H, W]``, the
 preprocessed image, see :mod:`pixelwise.preprocess`) and output ``logits`` (``float32[N,
 num_classes, H, W]``) have dynamic batch, height and width, with the checkpoint's metadata (model
-name and kwargs, class names, palette, the input contract) in the file's ``metadata_props``
-(:func:`pixelwise.inference.onnx_runner.read_onnx_metadata` reads it back).
+name and kwargs, class names, palette, the input contract, the tiling geometry) in the file's
+``metadata_props`` (:func:`pixelwise.inference.onnx_runner.read_onnx_metadata` reads it back).
+The geometry (``{"context": ..., "alignment": ...}``, what the model states for tiled inference,
+see :func:`pixelwise.inference.tiling.model_geometry`) is what lets ``predict --onnx --tile`` cut
+the same tiles as the checkpoint does.
 
 How: the model is traced by ``torch.onnx.export(dynamo=False)`` (the TorchScript exporter: a
 few seconds, and every size computation inside the models is written as arithmetic on the traced
@@ -28,6 +31,7 @@ Mask R-CNN: :func:`export_maskrcnn_parts` (see ``docs/deploy.md`` for what does 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -45,6 +49,7 @@ from pixelwise._version import __version__
 from pixelwise.checkpoint import atomic_write, input_spec_from_meta
 from pixelwise.errors import UserError
 from pixelwise.inference.onnx_runner import META_KEY, make_session
+from pixelwise.inference.tiling import model_geometry
 from pixelwise.models import Logits, forward_logits
 from pixelwise.models.maskrcnn import MaskRCNN
 
@@ -162,14 +167,20 @@ def verify(model: nn.Module, session, sizes: Sequence[tuple[int, int, int]], cha
     return checks
 
 
-def onnx_metadata(meta: dict | None, model_name: str, extra: dict) -> dict:
+def onnx_metadata(meta: dict | None, model_name: str, extra: dict, model: nn.Module | None = None) -> dict:
     """The JSON stored under ``metadata_props["pixelwise"]``: the checkpoint's metadata keys that
-    describe how to run the model, plus ``onnx`` (``extra``)."""
+    describe how to run the model, plus ``onnx`` (``extra``) and, given the ``model``,
+    ``geometry``: ``{"context": ..., "alignment": ...}`` (:func:`model_geometry`), which
+    :func:`pixelwise.inference.onnx_runner.load_onnx` gives the ONNX model so that it tiles as
+    the model does."""
     meta = dict(meta or {})
     out = {k: meta[k] for k in META_KEYS if k in meta}
     out.setdefault("model", model_name)
     out.setdefault("task", "semantic")
     out["input"] = input_spec_from_meta(meta).to_dict() if meta else out.get("input")
+    if model is not None:
+        context, alignment = model_geometry(model)
+        out["geometry"] = {"context": context, "alignment": alignment}
     out["pixelwise_version"] = __version__
     out["onnx"] = extra
     return out
@@ -181,8 +192,8 @@ def _write_metadata(path: str, info: dict) -> None:
     model = onnx.load(path)
     del model.metadata_props[:]
     entries = {META_KEY: json.dumps(info)}
-    entries.update({f"{META_KEY}.{k}": json.dumps(info[k]) for k in ("model", "input", "class_names", "palette")
-                    if k in info})
+    entries.update({f"{META_KEY}.{k}": json.dumps(info[k])
+                    for k in ("model", "input", "geometry", "class_names", "palette") if k in info})
     for key, value in entries.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
@@ -235,6 +246,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
         raise UserError(f"{meta.get('model')} is an instance model: use export_maskrcnn_parts")
     if fp16 and calibration is not None:
         raise UserError("choose one of fp16 and int8")
+    if math.isnan(min_agreement):
+        raise UserError("min_agreement must be a number, got nan")
     start = time.perf_counter()
     model = model.eval().cpu()
     spec = input_spec_from_meta(meta or {}, model)
@@ -260,7 +273,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
         info = {"opset": opset, "precision": precision, "dynamic_axes": ["batch", "height", "width"],
                 "input_name": "image", "output_name": "logits", "min_agreement": min_agreement,
                 "verified": [asdict(c) for c in report.checks]}
-        _write_metadata(tmp, onnx_metadata(meta, model_name or type(model).__name__, info))
+        _write_metadata(tmp, onnx_metadata(meta, model_name or type(model).__name__, info, model))
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -356,64 +369,91 @@ def _check_parts(module: nn.Module, session, inputs: list[torch.Tensor], sign: b
     return SizeCheck(tuple(inputs[0].shape), diff, scale, agree)
 
 
+def maskrcnn_part_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """The two files :func:`export_maskrcnn_parts` writes for ``out``: ``out`` itself and
+    ``<out stem>_heads.onnx`` beside it."""
+    out = Path(out)
+    return out, out.with_name(out.stem + "_heads.onnx")
+
+
+def check_maskrcnn_outputs(out: str | os.PathLike, overwrite: bool = False, inputs: Sequence[str | None] = ()
+                           ) -> None:
+    """Before any work: the second file a Mask R-CNN export of ``--out out`` writes (the heads)
+    must not be a folder, nor one of the ``inputs`` (the checkpoint), nor an existing file unless
+    ``overwrite``. ``out`` itself is checked by the caller like every other export's."""
+    heads = maskrcnn_part_paths(out)[1]
+    also = f"--out {out} would also write {heads}"
+    if heads.is_dir():
+        raise UserError(f"{also}, which is a folder; give another --out")
+    for item in inputs:
+        if item and heads.resolve() == Path(item).resolve():
+            raise UserError(f"{also}, over the input {item}; give another --out")
+    if heads.exists() and not overwrite:
+        raise UserError(f"{also}, which exists; pass --overwrite to replace it")
+
+
 def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | None = None, *,
                           opset: int = DEFAULT_OPSET, min_agreement: float = MIN_AGREEMENT,
                           sizes: Sequence[tuple[int, int, int]] = ((1, 320, 416), (2, 256, 352)),
                           rois: Sequence[int] = (7, 13)) -> list[ExportReport]:
     """Export what of a Mask R-CNN ONNX can express without custom operators, as two files:
     ``out`` (:class:`MaskRCNNBackboneRPN`: dynamic batch, H, W) and ``<out stem>_heads.onnx``
-    (:class:`MaskRCNNHeads`: a dynamic number of RoIs). Each is verified by onnxruntime against
-    eager (``sizes``: ``(batch, H, W)``, multiples of 32; ``rois``: RoI counts) and fails, writing
-    nothing, when the agreement (see :func:`_check_parts`) is below ``min_agreement`` or the
-    largest difference exceeds 1e-3 of the largest output. What stays in PyTorch between and after
-    them (resize and normalisation, anchors, proposal decoding and NMS, multi-scale RoI Align,
-    detection post-processing, mask pasting) and why: docs/deploy.md."""
+    (:class:`MaskRCNNHeads`: a dynamic number of RoIs; :func:`maskrcnn_part_paths`). Each is
+    verified by onnxruntime against eager (``sizes``: ``(batch, H, W)``, multiples of 32; ``rois``:
+    RoI counts) and fails when the agreement (see :func:`_check_parts`) is below ``min_agreement``
+    or the largest difference exceeds 1e-3 of the largest output. Both are written to temporary
+    files and renamed only once both are verified: a failure writes neither. What stays in PyTorch
+    between and after them (resize and normalisation, anchors, proposal decoding and NMS,
+    multi-scale RoI Align, detection post-processing, mask pasting) and why: docs/deploy.md."""
     model = model.eval().cpu()
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise UserError(f"--out {out}: an ONNX file name ends with .onnx")
+    if math.isnan(min_agreement):
+        raise UserError("min_agreement must be a number, got nan")
     channels = model.backbone.out_channels
     box_size = tuple(model.roi_heads.box_roi_pool.output_size)
     mask_size = tuple(model.roi_heads.mask_roi_pool.output_size)
     g = torch.Generator().manual_seed(0)
-    parts = [
-        ("backbone_rpn", MaskRCNNBackboneRPN(model).eval(), out, [[sample_batch(n, 3, h, w, seed=i)] for i, (n, h, w)
-                                                           in enumerate(sizes)],
-         ["image"], {"image": {0: "batch", 2: "height", 3: "width"}}, True),
-        ("roi_heads", MaskRCNNHeads(model).eval(), out.with_name(out.stem + "_heads.onnx"),
+    paths = maskrcnn_part_paths(out)
+    rpn_outputs = [f"{name}_{i}" for name in ("fpn", "objectness", "rpn_deltas") for i in range(5)]
+    parts = [  # (part, module, input batches, input names, dynamic axes, sign agreement, output names)
+        ("backbone_rpn", MaskRCNNBackboneRPN(model).eval(),
+         [[sample_batch(n, 3, h, w, seed=i)] for i, (n, h, w) in enumerate(sizes)],
+         ["image"], {"image": {0: "batch", 2: "height", 3: "width"}}, True, rpn_outputs),
+        ("roi_heads", MaskRCNNHeads(model).eval(),
          [[torch.randn(k, channels, *box_size, generator=g), torch.randn(k, channels, *mask_size, generator=g)]
           for k in rois], ["box_features", "mask_features"],
-         {"box_features": {0: "rois"}, "mask_features": {0: "rois"}}, False),
+         {"box_features": {0: "rois"}, "mask_features": {0: "rois"}}, False,
+         ["class_logits", "box_deltas", "mask_logits"]),
     ]
-    reports = []
-    for part, module, path, inputs, names, axes, sign in parts:
-        start = time.perf_counter()
-        report = ExportReport(str(path), opset, "float32", 0.0, 0,
-                              agreement_of="RPN objectness sign" if sign else "RoI class argmax")
-        n_out = 15 if sign else 3
-        out_names = ([f"fpn_{i}" for i in range(5)] + [f"objectness_{i}" for i in range(5)]
-                     + [f"rpn_deltas_{i}" for i in range(5)]) if sign else ["class_logits", "box_deltas",
-                                                                            "mask_logits"]
-        assert len(out_names) == n_out
+    reports = [ExportReport(str(path), opset, "float32", 0.0, 0,
+                            agreement_of="RPN objectness sign" if part[5] else "RoI class argmax")
+               for path, part in zip(paths, parts)]
 
-        def write(tmp: str, module=module, inputs=inputs, names=names, axes=axes, sign=sign,
-                  out_names=out_names, report=report, part=part) -> None:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, tuple(inputs[0]), tmp, dynamo=False, opset_version=opset,
-                                  input_names=names, output_names=out_names, dynamic_axes=axes)
-            session = make_session(tmp)
-            report.checks = [_check_parts(module, session, x, sign) for x in inputs]
-            for c in report.checks:
-                if c.agreement < min_agreement or c.max_abs_diff > 1e-3 * max(1.0, c.max_abs_logit):
-                    raise UserError(f"export verification failed for Mask R-CNN's {part} at {c.shape}: agreement "
-                                    f"{100 * c.agreement:.3f}%, max |diff| {c.max_abs_diff:.3g}; nothing written")
-            info = {"opset": opset, "precision": "float32", "part": part, "inputs": names, "outputs": out_names,
-                    "verified": [asdict(c) for c in report.checks]}
-            _write_metadata(tmp, onnx_metadata({**(meta or {}), "task": "instance"},
-                                               (meta or {}).get("model", type(model).__name__), info))
+    def write(k: int, tmp: str) -> None:
+        """Part ``k`` into ``tmp``, verified; then the next part (atomically) before ``tmp`` is renamed."""
+        part, module, inputs, names, axes, sign, out_names = parts[k]
+        report, start = reports[k], time.perf_counter()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, tuple(inputs[0]), tmp, dynamo=False, opset_version=opset,
+                              input_names=names, output_names=out_names, dynamic_axes=axes)
+        session = make_session(tmp)
+        report.checks = [_check_parts(module, session, x, sign) for x in inputs]
+        for c in report.checks:
+            if c.agreement < min_agreement or c.max_abs_diff > 1e-3 * max(1.0, c.max_abs_logit):
+                raise UserError(f"export verification failed for Mask R-CNN's {part} at {c.shape}: agreement "
+                                f"{100 * c.agreement:.3f}%, max |diff| {c.max_abs_diff:.3g}; nothing written")
+        info = {"opset": opset, "precision": "float32", "part": part, "inputs": names, "outputs": out_names,
+                "verified": [asdict(c) for c in report.checks]}
+        _write_metadata(tmp, onnx_metadata({**(meta or {}), "task": "instance"},
+                                           (meta or {}).get("model", type(model).__name__), info))
+        report.seconds = time.perf_counter() - start
+        if k + 1 < len(parts):
+            atomic_write(paths[k + 1], lambda tmp_next: write(k + 1, tmp_next))
 
-        atomic_write(path, write)
-        report.seconds, report.bytes = time.perf_counter() - start, path.stat().st_size
-        reports.append(report)
+    atomic_write(paths[0], lambda tmp: write(0, tmp))
+    for path, report in zip(paths, reports):
+        report.bytes = path.stat().st_size
     return reports

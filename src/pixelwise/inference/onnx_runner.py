@@ -4,7 +4,11 @@
 returns an :class:`OnnxModel` (an ``nn.Module`` whose forward is an onnxruntime session, so the
 predictors, tiling and TTA use it like the PyTorch model) and the metadata that export stored in
 the file: model name and kwargs, task, class names, palette and the input contract, i.e. what
-:func:`pixelwise.checkpoint.load_checkpoint` returns for a checkpoint.
+:func:`pixelwise.checkpoint.load_checkpoint` returns for a checkpoint. The model's tiling
+geometry stored there (``geometry``: ``context`` and ``alignment``, see
+:mod:`pixelwise.inference.tiling`) becomes the :class:`OnnxModel`'s attributes of those names, so
+that tiled prediction cuts the tiles the PyTorch model gets; a file exported without it (before
+pixelwise stored it) tiles as a model that states neither.
 
 onnxruntime is an optional dependency (``pip install -e '.[export]'``).
 """
@@ -62,12 +66,15 @@ def make_session(model: str | os.PathLike | bytes, threads: int | None = None):
 class OnnxModel(nn.Module):
     """A semantic model run by onnxruntime: ``Tensor[N, C, H, W]`` (float32, preprocessed) ->
     logits ``Tensor[N, num_classes, H, W]`` (float32), computed on the CPU and returned on the
-    input's device. Has no parameters; ``.to()``, ``.eval()`` are no-ops for it."""
+    input's device. Has no parameters; ``.to()``, ``.eval()`` are no-ops for it. ``context`` and
+    ``alignment``: the exported model's tiling geometry
+    (:func:`pixelwise.inference.tiling.model_geometry` reads them)."""
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, context: int = 0, alignment: int = 1) -> None:
         super().__init__()
         self.session = session
         self.input_name = session.get_inputs()[0].name
+        self.context, self.alignment = context, alignment
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())}
@@ -103,4 +110,16 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[Onnx
                         "`pixelwise export`")
     if meta.get("task", "semantic") != "semantic":
         raise UserError(f"{path} holds a {meta.get('task')} model part; only semantic models run with --onnx")
-    return OnnxModel(make_session(path, threads)), meta
+    return OnnxModel(make_session(path, threads), *stored_geometry(path, meta)), meta
+
+
+def stored_geometry(path: str | os.PathLike, meta: dict) -> tuple[int, int]:
+    """``(context, alignment)`` stored in an exported file's metadata; ``(0, 1)``, what a model
+    that states neither gets, for a file exported before pixelwise stored them."""
+    geometry = meta.get("geometry", {})
+    stated = geometry if isinstance(geometry, dict) else {"context": None}
+    context, alignment = stated.get("context", 0), stated.get("alignment", 1)
+    if not (isinstance(context, int) and isinstance(alignment, int) and context >= 0 and alignment >= 1):
+        raise UserError(f"{path}: its stored tiling geometry {geometry} is not a context >= 0 and an alignment >= 1 "
+                        "(integers); the file is damaged: export it again with `pixelwise export`")
+    return context, alignment
