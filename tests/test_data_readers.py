@@ -253,6 +253,24 @@ def test_folder_split_lists_and_classes_json_colour_masks(tmp_path):
         FolderDataset(tmp_path, "test")
 
 
+def test_folder_split_list_not_utf8_and_with_bom(tmp_path, capsys):
+    from pixelwise.cli import main
+
+    _folder(tmp_path, n=3)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "val.txt").write_bytes("img002\n".encode("utf-8-sig"))  # Notepad's BOM
+    assert [s for s, _ in (FolderDataset(tmp_path, "val").items)] != []
+    (tmp_path / "splits" / "train.txt").write_bytes("img000\nimg001\n".encode("utf-16"))
+    with pytest.raises(UserError, match=r"train.txt: split list is not UTF-8 text; save it as UTF-8"):
+        FolderDataset(tmp_path, "train")
+    out = tmp_path / "out"
+    assert main(["train", "--dataset", "folder", "--data", str(tmp_path), "--model-kwargs", '{"base_channels": 4}',
+                 "--epochs", "1", "--batch-size", "2", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and err.endswith("split list is not UTF-8 text; save it as UTF-8")
+    assert not out.exists()
+
+
 def test_folder_bad_files_named_dropped_and_skipped(tmp_path):
     _folder(tmp_path, n=6)
     # truncated image, missing mask, size mismatch, label out of range

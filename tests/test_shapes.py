@@ -5,6 +5,7 @@ import pytest
 
 from pixelwise.data import build_dataset
 from pixelwise.data.shapes import CLASS_NAMES, ShapesDataset
+from pixelwise.errors import UserError
 
 
 def test_same_seed_same_scenes_and_splits_differ():
@@ -58,5 +59,9 @@ def test_tensors_and_options():
     item = ds[0]
     assert item["image"].shape == (3, 32, 32) and item["mask"].shape == (32, 32)
     assert ds.class_names == CLASS_NAMES and len(ds) == 3
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="shapes has no split 'nope'; choose one of: train, val, test"):
         ShapesDataset(split="nope")
+    with pytest.raises(UserError, match="shapes size must be a whole number >= 16, got 8"):
+        ShapesDataset(size=8)
+    with pytest.raises(UserError, match="shapes num_val is 0"):
+        ShapesDataset(split="val", num_val=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from inspect import signature
 
@@ -30,7 +31,8 @@ DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
 
 
 def build_dataset(kind: str, root: str | None, split: str, **kwargs) -> SegmentationDataset:
-    """Open dataset ``kind`` at ``root`` for ``split``; kwargs go to the reader."""
+    """Open dataset ``kind`` at ``root`` for ``split``; kwargs go to the reader. An unknown option
+    or a bad ``transform mean std`` is a UserError here; each reader checks its own options."""
     if kind not in DATASETS:
         close = difflib.get_close_matches(str(kind), DATASETS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -40,13 +42,31 @@ def build_dataset(kind: str, root: str | None, split: str, **kwargs) -> Segmenta
                if n not in ("root", "split") and p.kind is not p.VAR_KEYWORD]
     for key in kwargs:
         if key not in options:
-            close = difflib.get_close_matches(key, options, n=1)
+            close = difflib.get_close_matches(str(key), options, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(f"--dataset-kwargs: {kind} has no option {key!r}; {hint}options: {', '.join(options)}")
+    _check_common(kind, kwargs)
     try:
         return cls(root=root, split=split, **kwargs)
     except TypeError as e:
         raise UserError(f"--dataset-kwargs: bad option for {kind!r}: {e}") from None
+
+
+def _check_common(kind: str, kwargs: dict) -> None:
+    """The options every reader takes (``transform mean std``); each reader checks its own."""
+    if kwargs.get("transform") is not None and not callable(kwargs["transform"]):
+        raise UserError(f"--dataset-kwargs: {kind} transform must be a Python callable, not {kwargs['transform']!r}; "
+                        "remove it (train builds it from --augment)")
+    for key in ("mean", "std"):
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        numbers = isinstance(value, list | tuple) and len(value) == 3 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not numbers or (key == "std" and min(value) <= 0):
+            example = "[0.229, 0.224, 0.225]" if key == "std" else "[0.485, 0.456, 0.406]"
+            raise UserError(f"--dataset-kwargs: {kind} {key} must be three numbers (R, G, B on a 0..1 scale"
+                            f"{', each > 0' if key == 'std' else ''}), e.g. {example}, got {value!r}")
 
 
 __all__ = ["DATASETS", "IGNORE_INDEX", "Problem", "Sample", "SegmentationDataset", "build_dataset", "collate"]

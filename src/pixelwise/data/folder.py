@@ -99,7 +99,11 @@ class FolderDataset(FilePairDataset):
             if not path.is_file():
                 have = ", ".join(sorted(p.stem for p in lists.glob("*.txt"))) or "none"
                 raise UserError(f"{path}: split list not found (available: {have})")
-            wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            try:
+                text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad) is not a stem
+            except UnicodeDecodeError:
+                raise UserError(f"{path}: split list is not UTF-8 text; save it as UTF-8") from None
+            wanted = [line.strip() for line in text.splitlines() if line.strip()]
             known = set(stems)
             missing = [Path(w).stem for w in wanted if Path(w).stem not in known]
             if missing:

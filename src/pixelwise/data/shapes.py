@@ -15,10 +15,27 @@ from __future__ import annotations
 import numpy as np
 
 from pixelwise.data.base import Sample, SegmentationDataset, boxes_from_masks
+from pixelwise.errors import UserError
 
 CLASS_NAMES = ["background", "circle", "rectangle", "triangle"]
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200)]
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def _whole(name: str, value: object, least: int) -> int:
+    """Option ``name`` as an int >= ``least`` (a float such as 8.0 is taken as 8); else a UserError."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"--dataset-kwargs: shapes {name} must be a whole number >= {least}, got {value!r}")
+    return value
+
+
+def _non_negative(name: str, value: object) -> float:
+    """Option ``name`` as a finite float >= 0; else a UserError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+        raise UserError(f"--dataset-kwargs: shapes {name} must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -95,7 +112,8 @@ class ShapesDataset(SegmentationDataset):
     """Synthetic scenes, generated on the fly and cached.
 
     Options: ``num_train`` (default 800), ``num_val`` (200), ``num_test`` (200), ``size`` (96,
-    square side in pixels), ``max_objects`` (6), ``noise`` (0.06), ``seed`` (0). ``root`` is unused.
+    square side in pixels, >= 16), ``max_objects`` (6, >= 1), ``noise`` (0.06, >= 0), ``seed`` (0, >= 0).
+    ``root`` is unused. A bad option, or a split of 0 scenes, is a UserError naming the option.
     """
 
     class_names = CLASS_NAMES
@@ -107,12 +125,18 @@ class ShapesDataset(SegmentationDataset):
                  noise: float = 0.06, seed: int = 0, transform=None, mean=None, std=None):
         super().__init__(transform=transform, mean=mean, std=std)
         if split not in _SPLIT_IDS:
-            raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
-        if size < 16:
-            raise ValueError(f"size must be at least 16 pixels, got {size}")
+            raise UserError(f"shapes has no split {split!r}; choose one of: {', '.join(_SPLIT_IDS)}")
+        counts = {key: _whole(f"num_{key}", n, 0)
+                  for key, n in (("train", num_train), ("val", num_val), ("test", num_test))}
+        if counts[split] == 0:  # as the file readers refuse a split without images
+            raise UserError(f"--dataset-kwargs: shapes num_{split} is 0, so split {split!r} has no images; "
+                            f"give num_{split} >= 1")
         self.split = split
-        self.count = {"train": num_train, "val": num_val, "test": num_test}[split]
-        self.size, self.max_objects, self.noise, self.seed = size, max_objects, noise, seed
+        self.count = counts[split]
+        self.size = _whole("size", size, 16)
+        self.max_objects = _whole("max_objects", max_objects, 1)
+        self.noise = _non_negative("noise", noise)
+        self.seed = _whole("seed", seed, 0)
         self._cache: dict[int, Sample] = {}
 
     def __len__(self) -> int:

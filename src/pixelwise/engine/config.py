@@ -44,6 +44,9 @@ LOWER_IS_BETTER = ("pixel_error", "pixel_error_best", "rand_error", "rand_error_
 SEMANTIC_SELECT = ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", *LOWER_IS_BETTER)
 INSTANCE_SELECT = ("mask_AP", "mask_AP50", "mask_AP75", "box_AP")
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
+# --seed: torch takes 64-bit seeds, and the trainer derives (seed * 100003 + epoch) * 1009 + rank per
+# epoch (trainer.epoch_seed); 32 bits keep that far below 2**63 for any number of epochs.
+MAX_SEED = 2**32 - 1
 
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, stage: bool = False,
@@ -138,7 +141,7 @@ class TrainConfig:
     amp: str = opt("auto", "mixed precision (fp16: CUDA only, with a gradient scaler)", choices=AMP_MODES)
     channels_last: bool = opt(False, "NHWC memory format for model and inputs")
     sync_bn: bool = opt(False, "SyncBatchNorm under torchrun (CUDA only)")
-    seed: int = opt(0, "seed of every random number generator")
+    seed: int = opt(0, "seed of every random number generator", ge=0, le=MAX_SEED)
     resume: bool = opt(False, "continue the run in OUT from its last.state.safetensors")
     overwrite: bool = opt(False, "train into an OUT that already holds a run, deleting that run's files first "
                           "(without it, or --resume, such an OUT is refused)")
@@ -170,7 +173,7 @@ class TrainConfig:
             where = f"stage {i + 1}"
             if not isinstance(stage, dict):
                 raise UserError(f"{where} must be a mapping, got {stage!r}")
-            bad = sorted(set(stage) - set(STAGE_KEYS))
+            bad = sorted(set(stage) - set(STAGE_KEYS), key=str)
             if bad:
                 raise UserError(f"{where}: key {bad[0]!r} cannot change per stage{did_you_mean(bad[0], STAGE_KEYS)}; "
                                 f"stage keys: {', '.join(STAGE_KEYS)}")
@@ -208,7 +211,8 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
 
 def _bounds_text(meta: Mapping[str, Any]) -> str:
     bounds = (("ge", ">="), ("gt", ">"), ("lt", "<"), ("le", "<="))
-    parts = [f"{op} {meta[key]:g}" for key, op in bounds if meta.get(key) is not None]
+    parts = [f"{op} {meta[key] if isinstance(meta[key], int) else format(meta[key], 'g')}"
+             for key, op in bounds if meta.get(key) is not None]
     return " and ".join(parts)
 
 
@@ -258,6 +262,10 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
     elif kind is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping, e.g. {{\"key\": 1}}, got {value!r}")
+        named = [k for k in value if not isinstance(k, str)]  # YAML: 1: 2, on: true, null: 3
+        if named:
+            raise UserError(f"{where}: key {named[0]!r} is not a name (YAML reads an unquoted on, off, yes, no, "
+                            "null or number as a value); quote it or use the option's name")
     elif kind is list and not isinstance(value, list):
         raise UserError(f"{where} must be a list, got {value!r}")
     choices = meta["choices"]
@@ -339,7 +347,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
 def recipe_summary(path: Path) -> dict:
     """``name model dataset description`` of a recipe; the description is its first comment line."""
     values = load_yaml_config(path)
-    first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "")
+    first = next((line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.startswith("#")), "")
     return {"name": path.stem, "model": values.get("model", "-"), "dataset": values.get("dataset", "-"),
             "description": first.lstrip("#").strip()}
 
@@ -350,11 +358,17 @@ def load_yaml_config(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
+    for key in data:
+        if not isinstance(key, str):  # YAML 1.1 reads on/off/yes/no as booleans, 1 as a number, null as None
+            raise UserError(f"{path}: config key {key!r} is not a name (YAML reads an unquoted on, off, yes, no, "
+                            "null or number as a value); the keys are the train flags' names, e.g. epochs, lr")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(config_fields()))
     if unknown:

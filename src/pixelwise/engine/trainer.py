@@ -198,6 +198,8 @@ def read_class_weights(path: str | Path, num_classes: int) -> list[float]:
     if (not isinstance(values, list) or len(values) != num_classes
             or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values)):
         raise UserError(f"{path}: expected {num_classes} non-negative numbers (one per class)")
+    if not any(v > 0 for v in values):  # every pixel would weigh 0: a NaN loss, reported as divergence
+        raise UserError(f"{path}: the class weights are all 0; at least one must be > 0")
     return [float(v) for v in values]
 
 
@@ -424,9 +426,15 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     select = select_key(cfg.select_by, task)
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg)
+    if task == "instance" and len(train_ds) and train_ds.load(0).instance_masks is None:
+        raise UserError(f"{cfg.model} is an instance model, and {cfg.dataset} data has no instance annotations to "
+                        "train it on; train it on shapes or coco, or choose a semantic model")
     if select in LOWER_IS_BETTER and val_ds.rand_foreground is None:
         raise UserError(f"select_by {select} is an ISBI 2012 error, which {cfg.dataset} validation does not "
                         "compute (it needs a dataset with cells to count, such as isbi2012); choose another")
+    if cfg.weight_map == "unet" and cfg.weight_map_class >= train_ds.num_classes:
+        raise UserError(f"--weight-map-class {cfg.weight_map_class}: the data has classes "
+                        f"0..{train_ds.num_classes - 1}; give the class whose objects the weight map separates")
     out = Path(cfg.out)
     module = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
                           **cfg.model_kwargs).to(device)

@@ -1,0 +1,165 @@
+"""Bad configs, seeds, ``shapes`` options, class weights and weight-map classes: one line
+``pixelwise: error: ...``, exit status 2, and nothing written into ``--out`` (probe_train.md
+sections 1-5, 13, 14; probe_pred.md section 7)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixelwise import create_model, save_checkpoint
+from pixelwise.cli import main
+from pixelwise.data import build_dataset
+from pixelwise.engine.config import MAX_SEED, TrainConfig, load_yaml_config
+from pixelwise.engine.trainer import epoch_seed, seed_everything
+from pixelwise.errors import UserError
+
+TINY = ["--model-kwargs", '{"base_channels": 4}', "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}',
+        "--epochs", "1", "--batch-size", "4", "--no-progress"]
+
+
+def train_refused(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    """``pixelwise train TINY args --out tmp/out`` exits 2 with one line holding ``message``, writing nothing."""
+    out = tmp_path / "out"
+    assert main(["train", *TINY, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and "\n" not in err, err
+    assert message in err, err
+    assert not out.exists()
+
+
+# --- config files -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "key"), [("epochs: 1\non: true\n", "True"), ("1: 2\n", "1"), ("null: 3\n", "None")])
+def test_yaml_key_that_is_not_text(tmp_path, capsys, text, key):
+    config = tmp_path / "k.yaml"
+    config.write_text(text)
+    train_refused(tmp_path, capsys, ["--config", str(config)], f"k.yaml: config key {key} is not a name")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("dataset_kwargs: {1: 2}\n", "k.yaml: dataset_kwargs: key 1 is not a name"),
+    ("model_kwargs: {on: 4}\n", "k.yaml: model_kwargs: key True is not a name"),
+    ("stages: [{epochs: 1, 1: 2, null: 3}]\n", "stage 1: key 1 cannot change per stage"),
+])
+def test_yaml_nested_key_that_is_not_text(tmp_path, capsys, text, message):
+    config = tmp_path / "k.yaml"
+    config.write_text(text)
+    train_refused(tmp_path, capsys, ["--config", str(config)], message)
+
+
+def test_config_not_utf8(tmp_path, capsys):
+    config = tmp_path / "u16.yaml"
+    config.write_bytes("epochs: 1\n".encode("utf-16"))
+    train_refused(tmp_path, capsys, ["--config", str(config)], "u16.yaml is not UTF-8 text; save it as UTF-8")
+
+
+def test_config_with_bom_is_read(tmp_path):
+    config = tmp_path / "bom.yaml"
+    config.write_bytes("epochs: 3\n".encode("utf-8-sig"))
+    assert load_yaml_config(config) == {"epochs": 3}
+
+
+# --- seed ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", ["99999999999999999999", "200000000000000", "-1", str(MAX_SEED + 1)])
+def test_seed_out_of_range(tmp_path, capsys, seed):
+    train_refused(tmp_path, capsys, ["--seed", seed], f"--seed must be an integer >= 0 and <= {MAX_SEED}, got {seed}")
+
+
+def test_largest_seed_never_overflows():
+    assert TrainConfig(seed=MAX_SEED).seed == MAX_SEED
+    with pytest.raises(UserError, match="seed must be an integer"):
+        TrainConfig(seed=MAX_SEED + 1)
+    for epoch in (0, 1, 10**6):
+        for rank in (0, 1, 255):
+            s = epoch_seed(MAX_SEED, epoch, rank)
+            assert s < 2**63
+            torch.Generator().manual_seed(s)
+            seed_everything(s)
+
+
+# --- shapes options -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ('{"num_train": "8"}', "shapes num_train must be a whole number >= 0, got '8'"),
+    ('{"num_train": -3}', "shapes num_train must be a whole number >= 0, got -3"),
+    ('{"num_train": 2.5}', "shapes num_train must be a whole number >= 0, got 2.5"),
+    ('{"num_train": null}', "shapes num_train must be a whole number >= 0, got None"),
+    ('{"num_val": true}', "shapes num_val must be a whole number >= 0, got True"),
+    ('{"size": 10}', "--dataset-kwargs: shapes size must be a whole number >= 16, got 10"),
+    ('{"size": 32.5}', "shapes size must be a whole number >= 16, got 32.5"),
+    ('{"max_objects": -1}', "shapes max_objects must be a whole number >= 1, got -1"),
+    ('{"max_objects": 0}', "shapes max_objects must be a whole number >= 1, got 0"),
+    ('{"noise": -1}', "shapes noise must be a number >= 0, got -1"),
+    ('{"noise": "lots"}', "shapes noise must be a number >= 0, got 'lots'"),
+    ('{"seed": "x"}', "shapes seed must be a whole number >= 0, got 'x'"),
+    ('{"seed": -1}', "shapes seed must be a whole number >= 0, got -1"),
+    ('{"num_train": 0}', "shapes num_train is 0, so split 'train' has no images; give num_train >= 1"),
+    ('{"num_val": 0}', "shapes num_val is 0, so split 'val' has no images; give num_val >= 1"),
+    ('{"mean": "abc"}', "shapes mean must be three numbers"),
+    ('{"std": [1, 0, 1]}', "shapes std must be three numbers"),
+    ('{"transform": "x"}', "shapes transform must be a Python callable"),
+])
+def test_train_refuses_bad_shapes_option(tmp_path, capsys, kwargs, message):
+    train_refused(tmp_path, capsys, ["--dataset-kwargs", kwargs], message)
+
+
+@pytest.mark.parametrize("flag", ["--train-split", "--val-split"])
+def test_train_refuses_unknown_shapes_split(tmp_path, capsys, flag):
+    train_refused(tmp_path, capsys, [flag, "bogus"], "shapes has no split 'bogus'; choose one of: train, val, test")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--split", "bogus"], "shapes has no split 'bogus'"),
+    (["--dataset-kwargs", '{"size": 8}'], "shapes size must be a whole number >= 16, got 8"),
+    (["--dataset-kwargs", '{"num_train": -1}'], "shapes num_train must be a whole number >= 0, got -1"),
+])
+def test_data_inspect_refuses_bad_shapes(capsys, args, message):
+    assert main(["data", "inspect", "--dataset", "shapes", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and "\n" not in err and message in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny4.safetensors"
+    kw = {"base_channels": 4}
+    save_checkpoint(path, create_model("unet", num_classes=4, **kw), {"model": "unet", "num_classes": 4,
+                                                                       "model_kwargs": kw})
+    return path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--split", "bogus", "--dataset-kwargs", '{"num_val": 2, "size": 32}'], "shapes has no split 'bogus'"),
+    (["--dataset-kwargs", '{"num_val": 0, "size": 32}'], "shapes num_val is 0, so split 'val' has no images"),
+    (["--dataset-kwargs", '{"num_val": 2, "size": 32, "noise": "lots"}'], "shapes noise must be a number >= 0"),
+])
+def test_eval_refuses_bad_shapes(tmp_path, capsys, tiny_checkpoint, args, message):
+    report = tmp_path / "e.json"
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--dataset", "shapes", "--no-progress",
+                 "--json", str(report), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and "\n" not in err and message in err, err
+    assert not report.exists()
+
+
+def test_shapes_options_are_checked_where_the_reader_is_built():
+    with pytest.raises(UserError, match="shapes num_test is 0"):
+        build_dataset("shapes", None, "test", num_test=0)
+    ds = build_dataset("shapes", None, "val", num_val=2, num_test=0, size=32.0)  # only the split's own count
+    assert len(ds) == 2 and ds.size == 32 and isinstance(ds.size, int)
+
+
+# --- class weights and the weight map's class ---------------------------------------------------
+def test_all_zero_class_weights(tmp_path, capsys):
+    weights = tmp_path / "cw0.json"
+    weights.write_text(json.dumps([0, 0, 0, 0]))
+    train_refused(tmp_path, capsys, ["--class-weights", str(weights)],
+                  "cw0.json: the class weights are all 0; at least one must be > 0")
+
+
+@pytest.mark.parametrize("cls", ["4", "99"])
+def test_weight_map_class_beyond_the_classes(tmp_path, capsys, cls):
+    train_refused(tmp_path, capsys, ["--weight-map", "unet", "--weight-map-class", cls],
+                  f"--weight-map-class {cls}: the data has classes 0..3")
