@@ -21,6 +21,7 @@ from pixelwise.cli import main
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 CKPT = "{ws}/model.safetensors"
 IMG = "{ws}/images/a.png"
+MRCNN = "{ws}/mrcnn.safetensors"
 SHAPES = ["--dataset", "shapes", "--dataset-kwargs", '{"num_val": 2, "num_test": 2, "size": 32}']
 
 ROWS: list[tuple[str, list[str], str]] = [
@@ -100,6 +101,18 @@ ROWS: list[tuple[str, list[str], str]] = [
      "not found"),
     ("predict: bad resize", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out", "--resize", "0x5"],
      "must look like 256x320"),
+    ("predict: resize above the pixel limit", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out",
+                                                "--resize", "100000x100000"],
+     "--resize 100000x100000: 10,000,000,000 pixels per model input is above the limit"),
+    ("predict: resize empty", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out", "--resize", ""],
+     "--resize is empty"),
+    ("predict: tile 0 for an instance model", ["predict", "--checkpoint", MRCNN, IMG, "--out", "{ws}/out",
+                                               "--tile", "0"], "--tile does not apply to instance models"),
+    ("eval: instance model on semantic data", ["eval", "--checkpoint", MRCNN, "--dataset", "folder", "--data",
+                                               "{ws}/clean", "--split", "all"], "has no instance annotations"),
+    ("train: instance model on semantic data", ["train", "--model", "maskrcnn_resnet18_fpn", "--dataset", "folder",
+                                                "--data", "{ws}/clean", "--out", "{ws}/out"],
+     "has no instance annotations"),
     ("predict: MC dropout without dropout", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out",
                                              "--mc-samples", "2"], "needs a model with dropout layers"),
     ("predict: instance option on a semantic model", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out",
@@ -216,6 +229,14 @@ def ws(tmp_path_factory) -> Path:
     (ws / "exported.onnx").mkdir()  # a folder with a file's name
     (ws / "run" / "metrics.json").write_text("{}")
     (ws / "run" / "config.yaml").write_text("model: unet\n")
+    mrcnn = {"min_size": 64, "max_size": 64}
+    save_checkpoint(ws / "mrcnn.safetensors", create_model("maskrcnn_resnet18_fpn", num_classes=4, **mrcnn),
+                    {"model": "maskrcnn_resnet18_fpn", "num_classes": 4, "model_kwargs": mrcnn})
+    for sub in ("images", "masks"):
+        (ws / "clean" / sub).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(ws / "clean" / "images" / f"c{i}.png")
+        Image.fromarray(np.full((16, 16), i, np.uint8)).save(ws / "clean" / "masks" / f"c{i}.png")
     for sub in ("images", "masks"):
         (ws / "sparse" / sub).mkdir(parents=True)
     for i, label in enumerate([1, 1, 200, 1]):

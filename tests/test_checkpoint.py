@@ -89,3 +89,23 @@ def test_foreign_weights_pth_round_trip(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), other(x))
+
+
+@pytest.mark.parametrize("palette", [[[300, 0, 0], [1, 2, 3]], [[255, 0, 0, 9]], [[0.5, 0, 0]], "red", [[True, 0, 0]]])
+def test_a_palette_that_is_not_rgb_bytes_is_refused_on_save_and_on_load(tmp_path, palette):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    kw = {"model": "unet", "num_classes": 3, "model_kwargs": KW}
+    with pytest.raises(ValueError, match="palette must be a list of \\[r, g, b\\] colours"):
+        save_checkpoint(tmp_path / "bad.safetensors", _model(), {**kw, "palette": palette})
+    assert not (tmp_path / "bad.safetensors").exists()
+    good = tmp_path / "good.safetensors"
+    save_checkpoint(good, _model(), {**kw, "palette": [[0, 0, 0], [255, 255, 255], [1, 2, 3]]})
+    with safe_open(good, "pt") as f:  # a file written elsewhere, or edited by hand
+        meta = json.loads(f.metadata()["pixelwise"])
+    save_file(load_file(good), tmp_path / "edited.safetensors", {"pixelwise": json.dumps({**meta, "palette": palette})})
+    with pytest.raises(UserError, match="edited.safetensors: the checkpoint's palette must be"):
+        load_checkpoint(tmp_path / "edited.safetensors")

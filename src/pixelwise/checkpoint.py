@@ -90,6 +90,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     for key in ("model", "num_classes"):
         if key not in meta:
             raise ValueError(f"checkpoint metadata needs {key!r}")
+    problem = palette_problem(meta.get("palette"))
+    if problem:
+        raise ValueError(f"checkpoint metadata: {problem}")
     meta = {"format": FORMAT, "pixelwise_version": __version__, "task": model_info(meta["model"]).task, **meta}
     if "input" not in meta:
         spec = model_input_spec(model, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))
@@ -151,7 +154,36 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for key in ("model", "num_classes"):
         if key not in meta:
             raise UserError(f"{path}: checkpoint metadata lacks {key!r}; the file is damaged")
+    problem = palette_problem(meta.get("palette"))
+    if problem:  # it colours every mask written: found now, not halfway through writing one
+        raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata or save it again with a valid one")
     return state, meta
+
+
+def palette_problem(palette: object) -> str | None:
+    """What is wrong with a checkpoint's ``palette`` (a list of ``[r, g, b]``, each 0..255), or None."""
+    def colour(c: object) -> bool:
+        return (isinstance(c, list | tuple) and len(c) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c))
+
+    if palette is None or (isinstance(palette, list | tuple) and all(colour(c) for c in palette)):
+        return None
+    bad = next((c for c in palette if not colour(c)), palette) if isinstance(palette, list | tuple) else palette
+    return f"palette must be a list of [r, g, b] colours with values 0 to 255, and holds {bad!r}"
+
+
+def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` cannot load into ``model``, in a few words (load_state_dict's RuntimeError lists
+    every key), or None when it fits."""
+    own = model.state_dict()
+    misshapen = [f"{k} {tuple(v.shape)} where the model has {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = [f"{len(keys)} {what}, e.g. {'; '.join(keys[:2])}"
+             for keys, what in ((misshapen, "of other shapes"), (missing, "missing"), (unexpected, "unexpected"))
+             if keys]
+    return "; ".join(parts) or None
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -162,18 +194,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         model = create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: cannot rebuild model {meta.get('model')!r} ({e})") from None
-    own = model.state_dict()
-    misshapen = [f"{k} {tuple(v.shape)} where the model has {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if misshapen:  # load_state_dict would raise a RuntimeError listing every one of them
+    mismatch = weights_mismatch(model, state)
+    if mismatch:
         raise UserError(f"{path}: weights do not fit model {meta['model']!r} as this pixelwise builds it "
-                        f"({len(misshapen)} of other shapes, e.g. {'; '.join(misshapen[:2])}; written by pixelwise "
-                        f"{meta.get('pixelwise_version', '?')}, this is {__version__}): load it with the "
-                        "pixelwise that wrote it, or retrain")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not fit model {meta['model']!r} "
-                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+                        f"({mismatch}; written by pixelwise {meta.get('pixelwise_version', '?')}, this is "
+                        f"{__version__}): load it with the pixelwise that wrote it, or retrain")
+    model.load_state_dict(state)
     meta.setdefault("task", model_info(meta["model"]).task)
     meta["input"] = input_spec_from_meta(meta, model).to_dict()
     return model.to(device).eval(), meta
@@ -195,7 +221,8 @@ def save_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
             else:
                 scalars[f"{idx}.{name}"] = value
     out.update(tensors)
-    header = {**meta, "param_groups": opt["param_groups"], "optim_scalars": scalars,
+    header = {**meta, "optimizer": type(optimizer).__name__, "param_groups": opt["param_groups"],
+              "optim_scalars": scalars,
               "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
     atomic_save_tensors(out, path, {"pixelwise_train_state": json.dumps(header)})
 
@@ -209,10 +236,15 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
         raise UserError(f"cannot resume: {path} not found (was this run started with this --out?)")
     tensors, meta = _read(path, "pixelwise_train_state", "training state")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    if weights:
-        model.load_state_dict(weights)
-    else:  # older runs kept the weights only in last.safetensors
-        model.load_state_dict(read_checkpoint(path.parent / "last.safetensors")[0])
+    if not weights:  # older runs kept the weights only in last.safetensors
+        weights = read_checkpoint(path.parent / "last.safetensors")[0]
+    settings = (f"resume with the run's own settings (`pixelwise train --resume --out {path.parent}` reads them "
+                f"from {path.parent / 'config.yaml'}), or train into a new --out")
+    mismatch = weights_mismatch(model, weights)  # another model, its options, or another number of classes
+    if mismatch:
+        raise UserError(f"cannot resume: the weights in {path} do not fit the model these settings build "
+                        f"({mismatch}); {settings}")
+    model.load_state_dict(weights)
     opt_state: dict = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -221,7 +253,15 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
     for key, value in meta.pop("optim_scalars").items():
         idx, name = key.split(".", 1)
         opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+    saved = meta.pop("optimizer", None)  # states written before it was recorded: not checked
+    if saved is not None and saved != type(optimizer).__name__:
+        raise UserError(f"cannot resume: the run in {path.parent} trains with {saved}, these settings with "
+                        f"{type(optimizer).__name__}; {settings}")
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+    except ValueError as e:  # other parameter groups (other settings of the optimizer or the model)
+        raise UserError(f"cannot resume: the optimizer state in {path} does not fit these settings ({e}); "
+                        f"{settings}") from None
     scaler_state = meta.pop("scaler", None)
     if scaler is not None and scaler.is_enabled() and scaler_state:
         scaler.load_state_dict(scaler_state)

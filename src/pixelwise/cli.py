@@ -65,12 +65,19 @@ def _shown_default(value: object) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.engine.distributed import env_info
-    from pixelwise.engine.trainer import fit
+    from pixelwise.engine.trainer import existing_run, fit
 
     recipe = train_config.find_recipe(args.config) if args.config else None
-    file_values = train_config.load_yaml_config(recipe) if recipe else {}
+    if recipe is None and args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        file_values = train_config.load_yaml_config(Path(args.out) / "config.yaml")  # the run's own settings
+    else:
+        file_values = train_config.load_yaml_config(recipe) if recipe else {}
     cli = train_config.flag_values(vars(args))
     cfg = train_config.build_config(file_values, cli, recipe.stem if recipe else None)
+    deleted = existing_run(Path(cfg.out or train_config.default_out(cfg.model))) if cfg.overwrite else []
+    if recipe and recipe.resolve() in {p.resolve() for p in deleted}:
+        raise UserError(f"--overwrite would delete {recipe}, which is the --config this run reads; copy the recipe "
+                        "out of --out, or give another --out")
     summary = fit(cfg)
     if not env_info().is_main:
         return 0
@@ -333,14 +340,24 @@ def set_max_pixels(limit: int | None) -> None:
     set_max_image_pixels(limit)
 
 
-def parse_resize(text: str | None) -> tuple[tuple[int, int] | None, bool]:
-    """``--resize``: "HxW" (override the checkpoint's input size) or "native" (each image's own
-    size) -> (resize, native_size); None keeps the checkpoint's."""
+def parse_resize(text: str | None, max_pixels: int | None = None) -> tuple[tuple[int, int] | None, bool]:
+    """``--resize``: "HxW" (override the checkpoint's input size, at most ``max_pixels``, default
+    the image readers' limit) or "native" (each image's own size) -> (resize, native_size); None
+    keeps the checkpoint's."""
+    from pixelwise.data.io import DEFAULT_MAX_PIXELS  # start-up time: only the verbs that predict load it
+
     if text is None:
         return None, False
     if text.lower() in ("native", "none", "off"):
         return None, True
-    return train_config.parse_size(text), False
+    if not text.strip():
+        raise UserError("--resize is empty; give HxW (e.g. 512x512) or native")
+    size = train_config.parse_size(text, "--resize")
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    if size is not None and size[0] * size[1] > limit:
+        raise UserError(f"--resize {text}: {size[0] * size[1]:,} pixels per model input is above the limit of "
+                        f"{limit:,} (--max-pixels); give a smaller size, or --tile to predict large images in parts")
+    return size, False
 
 
 def model_files(args: argparse.Namespace) -> list[str]:
@@ -355,7 +372,7 @@ def model_files(args: argparse.Namespace) -> list[str]:
 def predictor_options(args: argparse.Namespace) -> dict:
     """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint;
     with ``--mode int8`` its calibration images, loaded here."""
-    resize, native = parse_resize(args.resize)
+    resize, native = parse_resize(args.resize, getattr(args, "max_pixels", None))
     options = {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
                "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
     if args.mode == "int8":

@@ -19,7 +19,7 @@ from pixelwise.data.io import write_mask
 from pixelwise.data.palette import colorize, overlay
 from pixelwise.data.shapes import ShapesDataset
 from pixelwise.engine.config import TrainConfig
-from pixelwise.engine.trainer import check_out, fit
+from pixelwise.engine.trainer import RUN_FILES, check_out, fit
 from pixelwise.inference.evaluate import evaluate_checkpoint
 from pixelwise.inference.predictor import SemanticPredictor
 from pixelwise.report import svg_line_chart, write_report
@@ -37,6 +37,10 @@ QUICK: dict[str, Any] = {"epochs": 4, "max_minutes": None, "dataset_kwargs": {"n
 CLASS_WEIGHTS = [0.3, 1.0, 1.5, 2.5]  # background, circle, rectangle, triangle
 MODEL_KWARGS = {"base_channels": 16, "batch_norm": True, "dropout": 0.0}
 NUM_EXAMPLES = 6
+
+
+# what the demo writes in its --out: a training run's files and its own
+DEMO_FILES = (*RUN_FILES, "demo_class_weights.json", "report.html", "training_curve.svg", "predictions")
 
 
 def demo_config(out: Path, quick: bool, progress: bool | None, overwrite: bool = False) -> TrainConfig:
@@ -58,7 +62,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool | None = None,
     out = Path(out)
     t0 = time.monotonic()
     cfg = demo_config(out, quick, progress, overwrite)
-    check_out(cfg, can_resume=False)  # before the first file is written; demo has no --resume
+    check_out(cfg, can_resume=False, writes=DEMO_FILES)  # before the first file is written; demo has no --resume
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_class_weights.json").write_text(json.dumps(CLASS_WEIGHTS))
     budget = f" / {cfg.max_minutes} min" if cfg.max_minutes else ""

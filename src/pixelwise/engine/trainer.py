@@ -359,16 +359,17 @@ RUN_FILES = ("best.safetensors", "last.safetensors", "last.state.safetensors", "
              "config.yaml", CLASS_WEIGHTS_FILE, "tensorboard")
 
 
-def existing_run(out: Path) -> list[Path]:
-    """The files of a run already in ``out`` (see :data:`RUN_FILES`)."""
-    return [out / name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+def existing_run(out: Path, names: Sequence[str] = RUN_FILES) -> list[Path]:
+    """The files of a run already in ``out`` (see :data:`RUN_FILES`; ``names``: a command's own list)."""
+    return [out / name for name in names if (out / name).exists()] if out.is_dir() else []
 
 
-def check_out(cfg: TrainConfig, can_resume: bool = True) -> None:
+def check_out(cfg: TrainConfig, can_resume: bool = True, writes: Sequence[str] = RUN_FILES) -> None:
     """``out`` may hold a run only to continue it (``resume``, which needs its training state) or to
-    replace it (``overwrite``); it must be a folder this user can create or write in. Runs
-    before anything is read or written. ``can_resume=False``: the command has no ``--resume``
-    (``demo``), so the message does not offer it."""
+    replace it (``overwrite``, which never deletes a file the run reads: its class weights); it
+    must be a folder this user can create or write in. Runs before anything is read or written.
+    ``can_resume=False``: the command has no ``--resume`` (``demo``), so the message does not offer
+    it. ``writes``: the names the command writes in ``out`` (default: a training run's)."""
     out = Path(cfg.out or default_out(cfg.model))
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it; give only one of them")
@@ -380,11 +381,16 @@ def check_out(cfg: TrainConfig, can_resume: bool = True) -> None:
             raise UserError(f"cannot resume: {state} not found (is {out} the --out of the run?); drop --resume "
                             "to start a new run")
     else:
-        found = existing_run(out)
+        found = existing_run(out, writes)
         if found and not cfg.overwrite:
             resume = "continue it with --resume, " if can_resume else ""
             raise UserError(f"--out {out} already holds a run ({found[0].name}); {resume}replace it with --overwrite, "
                             "or give another --out")
+        weights = cfg.class_weights not in ("none", "median-freq", "", None) and Path(cfg.class_weights).resolve()
+        for path in existing_run(out) if cfg.overwrite else ():  # what start_writing deletes
+            if path.resolve() == weights:
+                raise UserError(f"--overwrite would delete {path}, which is the --class-weights file this run reads; "
+                                "move it out of --out, or give another --out")
     check_can_create(out, f"--out {out}")
 
 

@@ -111,11 +111,16 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     :meth:`Predictor.from_checkpoint`); ``options`` (tile, overlap, tta, mc_samples) go to the
     semantic predictor."""
     ds = build_dataset(dataset, data, split, **(dataset_kwargs or {}))
-    # score_thresh 0: AP ranks every detection (it does not apply to semantic models)
     paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
-    predictor = from_checkpoints(paths, device, resize=resize, native_size=native_size, score_thresh=0.0, **options)
+    predictor = from_checkpoints(paths, device, resize=resize, native_size=native_size, **options)
+    if isinstance(predictor, InstancePredictor):
+        predictor.score_thresh = 0.0  # AP ranks every detection
     skipped = ds.check_or_refuse(skip_invalid, "evaluate")
     if isinstance(predictor, InstancePredictor):
+        if len(ds) and ds.load(0).instance_masks is None:
+            raise UserError(f"{paths[0]} holds an instance model ({predictor.meta.get('model')}), and {dataset} data "
+                            "has no instance annotations to score it on; evaluate it on a dataset with instances "
+                            "(shapes, coco)")
         if watershed is not None:
             raise UserError("--watershed segments cells from a semantic membrane map, not from an instance "
                             "model's detections; leave it out")

@@ -136,7 +136,7 @@ class Predictor:
         if cls is not Predictor and cls is not kind:
             raise UserError(f"{path} holds a {task} model; use {kind.__name__}")
         allowed = set(inspect.signature(kind.__init__).parameters) - {"self", "model", "meta", "device", "input_spec"}
-        bad = sorted(k for k, v in options.items() if k not in allowed and v not in (None, False, 0))
+        bad = sorted(k for k, v in options.items() if k not in allowed and v is not None and v is not False)
         if bad:
             flags = ", ".join("--" + k.replace("_", "-") for k in bad)
             raise UserError(f"{flags} does not apply to {task} models like {meta['model']}")

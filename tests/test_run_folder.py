@@ -1,0 +1,72 @@
+"""What train and demo do with the files already in --out: never delete an input, never replace a
+file they did not write, and resume only the run that is there."""
+
+import json
+
+import pytest
+import yaml
+
+from pixelwise.cli import main
+from pixelwise.demo import run_demo
+from pixelwise.errors import UserError
+
+TINY = ["--model-kwargs", '{"base_channels": 4}', "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}',
+        "--batch-size", "4", "--no-progress"]
+
+
+def train(out, *extra):
+    return main(["train", *TINY, "--out", str(out), *extra])
+
+
+def files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_the_recipe_or_class_weights_the_run_reads(tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    recipe = project / "config.yaml"
+    recipe.write_text("# my recipe, with comments\nmodel: unet\nepochs: 1\n")
+    before = files(project)
+    assert main(["train", "--config", str(recipe), *TINY, "--out", str(project), "--overwrite"]) == 2
+    assert "--overwrite would delete" in capsys.readouterr().err and files(project) == before
+    weights = project / "class_weights.json"
+    recipe.unlink()
+    weights.write_text("[1, 2, 1, 1]")
+    before = files(project)
+    assert train(project, "--epochs", "1", "--class-weights", str(weights), "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "is the --class-weights file this run reads" in err and files(project) == before
+    assert train(tmp_path / "run", "--epochs", "1", "--class-weights", str(weights)) == 0  # elsewhere: fine
+
+
+def test_demo_refuses_an_out_that_holds_files_it_would_replace(tmp_path):
+    for name in ("report.html", "training_curve.svg", "predictions/test_00000.png"):
+        out = tmp_path / name.replace("/", "_")
+        (out / name).parent.mkdir(parents=True)
+        (out / name).write_text("mine")
+        with pytest.raises(UserError, match=r"already holds a run \(" + name.split("/")[0]):
+            run_demo(out, quick=True, log=lambda *_: None)
+        assert files(out) == {name: b"mine"}
+
+
+def test_resume_takes_the_runs_settings_and_refuses_others(tmp_path, capsys):
+    base = tmp_path / "base"
+    assert train(base, "--epochs", "1", "--optimizer", "adam", "--lr", "0.002") == 0
+    state = (base / "last.state.safetensors").read_bytes()
+    # the plain "continue my run": the settings come from OUT/config.yaml
+    assert main(["train", "--resume", "--out", str(base), "--epochs", "2", "--no-progress"]) == 0
+    saved = yaml.safe_load((base / "config.yaml").read_text())
+    assert saved["optimizer"] == "adam" and saved["lr"] == 0.002 and saved["epochs"] == 2
+    assert saved["model_kwargs"] == {"base_channels": 4}
+    assert len((base / "metrics.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    (base / "last.state.safetensors").write_bytes(state)
+    before = files(base)
+    for extra, words in ((["--model-kwargs", '{"base_channels": 8}'], "of other shapes, e.g. "),
+                         (["--model", "segnet_basic", "--model-kwargs", "{}"], "missing, e.g. "),
+                         (["--optimizer", "sgd"], "trains with Adam, these settings with SGD")):
+        assert main(["train", "--resume", "--out", str(base), "--epochs", "3", "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pixelwise: error: cannot resume") and words in err and len(err.splitlines()) == 1
+        assert "--resume --out" in err and files(base) == before  # config.yaml not rewritten
+    json.loads((base / "metrics.json").read_text())
