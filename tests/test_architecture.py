@@ -22,7 +22,9 @@ def _explained(lines: list[str], lineno: int) -> bool:
         line = lines[i].strip()
         if any(reason in line for reason in REASONS) and "#" in line:
             return True
-        if not (line.startswith(("import ", "from ", "#", "try:")) or line == "" or i == lineno - 1):
+        in_parentheses = line == ")" or line.endswith((",", "("))  # a parenthesised import's other lines
+        if not (line.startswith(("import ", "from ", "#", "try:")) or line == "" or in_parentheses
+                or i == lineno - 1):
             return False
         i -= 1
     return False

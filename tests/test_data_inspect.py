@@ -68,6 +68,18 @@ def test_inspect_counts_sizes_weights_and_problems(tmp_path):
     assert any("i1.png" in p and "truncated" in p for p in report["problems"])
     assert any("i3.png" in p and "missing mask" in p for p in report["problems"])
     assert "problems: " in format_report(report) and "i1.png" in format_report(report)
+    assert len([p for p in report["problems"] if "i3" in p]) == 1  # check() and the failed load: named once
+
+
+def test_binary_masks_saved_as_0_and_255_are_a_problem(tmp_path):
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / f"b{i}.png")
+        mask = np.zeros((8, 8), np.uint8)
+        mask[2:5, 2:6] = 255  # the foreground, as many tools save it
+        write_mask(tmp_path / "masks" / f"b{i}.png", mask)
+    problems = inspect_dataset(FolderDataset(tmp_path, "all"), progress=False)["problems"]
+    assert len(problems) == 1 and "store it as 1" in problems[0] and "24 are 255" in problems[0]
 
 
 def test_median_frequency_weights_edge_cases():

@@ -251,6 +251,9 @@ def test_folder_split_lists_and_classes_json_colour_masks(tmp_path):
     assert len(problems) == 1 and problems[0].path.endswith("c.png") and "254" in problems[0].message
     with pytest.raises(UserError, match="test.txt"):
         FolderDataset(tmp_path, "test")
+    (tmp_path / "classes.json").write_text(json.dumps({"names": "abc"}))  # not three classes a, b, c
+    with pytest.raises(UserError, match="names must be a list, got 'abc'"):
+        FolderDataset(tmp_path, "train")
 
 
 def test_folder_split_list_not_utf8_and_with_bom(tmp_path, capsys):

@@ -70,3 +70,23 @@ def test_resume_takes_the_runs_settings_and_refuses_others(tmp_path, capsys):
         assert err.startswith("pixelwise: error: cannot resume") and words in err and len(err.splitlines()) == 1
         assert "--resume --out" in err and files(base) == before  # config.yaml not rewritten
     json.loads((base / "metrics.json").read_text())
+
+
+def test_a_run_stopped_inside_an_epoch_resumes_only_with_its_batch_size(tmp_path):
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import fit
+
+    def stop_after_two_steps(event, state):
+        if event == "step" and state.step == 2:
+            raise KeyboardInterrupt
+
+    base = {"model": "unet", "dataset": "shapes", "out": str(tmp_path / "run"), "epochs": 1, "batch_size": 2,
+            "progress": False, "model_kwargs": {"base_channels": 4},
+            "dataset_kwargs": {"num_train": 8, "num_val": 2, "size": 32}}
+    with pytest.raises(KeyboardInterrupt):
+        fit(TrainConfig(**base), log=lambda *_: None, callbacks=[stop_after_two_steps])
+    before = files(tmp_path / "run")
+    with pytest.raises(UserError, match="after 2 batches of 2 images; resume with --batch-size 2"):
+        fit(TrainConfig(**{**base, "batch_size": 4, "resume": True}), log=lambda *_: None)
+    assert files(tmp_path / "run") == before
+    assert fit(TrainConfig(**{**base, "resume": True}), log=lambda *_: None)["epochs_completed"] == 1

@@ -122,8 +122,9 @@ def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float]
         h, w = int(crop[0]), int(crop[1])
         if scale is not None and tuple(scale) != (1.0, 1.0):
             lo, hi = float(scale[0]), float(scale[1])
-            if not 0 < lo <= hi:
-                raise UserError(f"augment scale {scale}: need 0 < low <= high")
+            if not MIN_SCALE <= lo <= hi:
+                raise UserError(f"augment scale {scale}: need {MIN_SCALE} <= low <= high (a smaller scale shrinks "
+                                "an image to a few pixels, or none)")
             t.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
                                    mask_interpolation=cv2.INTER_NEAREST, p=1.0))
         t.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT,
@@ -141,6 +142,7 @@ def eval_preset(resize: tuple[int, int] | None = None) -> Augment:
     return Augment([], resize=resize)
 
 
+MIN_SCALE = 0.1  # the smallest random scale: below it a small image becomes less than a pixel (OpenCV fails)
 TRAIN_KEYS = ("crop", "scale", "flip", "jitter", "ignore_index", "resize", "elastic", "rotate90")
 
 

@@ -124,6 +124,8 @@ class FolderDataset(FilePairDataset):
         if spec.is_file():
             try:
                 info = json.loads(spec.read_text())
+                if not isinstance(info["names"], list):  # a string would give a class per character
+                    raise TypeError(f"names must be a list, got {info['names']!r}")
                 names = [str(n) for n in info["names"]]
                 palette = [_rgb(c) for c in info.get("palette", [])] or None
                 if "ignore_color" in info:

@@ -444,6 +444,12 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     out = Path(cfg.out)
     module = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
                           **cfg.model_kwargs).to(device)
+    need = getattr(module, "min_train_batch", 1)
+    smallest = min(len(train_ds), *(scfg.batch_size for _, scfg in cfg.stage_configs()))
+    if smallest < need:  # BatchNorm over one value per channel: a ValueError at the first step
+        raise UserError(f"{cfg.model} trains on at least {need} images per batch (the BatchNorm of its image "
+                        f"pooling sees one value per image), and this run has {smallest}; give --batch-size "
+                        f"{need} or more" + (" and more training images" if len(train_ds) < need else ""))
     contract = input_contract(cfg, module, train_ds)
     apply_contract(contract, train_ds, val_ds)
     if cfg.channels_last:
@@ -528,6 +534,13 @@ def resume(run: Run) -> TrainState:
     if state.selected_by != run.select:  # best_score and best.safetensors belong to the other metric
         raise UserError(f"{run.out} picked best.safetensors by {state.selected_by}; resume with "
                         f"--select-by {state.selected_by}, or train into a new --out")
+    if state.batch:  # inside an epoch: its remaining batches are counted in the batch size it began with
+        size = run.cfg.stage_configs()[state.stage][1].batch_size
+        if state.images != state.batch * size:
+            began = state.images // state.batch
+            raise UserError(f"{run.out} stopped inside epoch {state.epoch + 1} after {state.batch} batches of {began} "
+                            f"images; resume with --batch-size {began} (this one, {size}, would skip or repeat "
+                            "images of that epoch), or train into a new --out")
     if state.amp != run.amp:
         run.amp, run.amp_why = state.amp, "kept from the resumed run"
         run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")

@@ -147,9 +147,15 @@ class DeepLabV3PlusHead(nn.Module):
 class DeepLabV3(SimpleSegmentationModel):
     """torchvision's DeepLabV3: dilated ResNet, :class:`DeepLabHead`, optional FCN aux head."""
 
+    # ASPP's image-pooling branch normalises one value per channel and image: BatchNorm in training
+    # needs two images in a batch (the trainer refuses --batch-size 1 for such a model)
+    min_train_batch = 2
+
 
 class DeepLabV3Plus(SimpleSegmentationModel):
     """DeepLabV3+: the backbone also returns ``"low"`` (layer1) for the decoder."""
+
+    min_train_batch = 2  # as DeepLabV3's: ASPP's image pooling
 
     def head(self, features: dict[str, Tensor]) -> Tensor:
         return self.classifier(features["out"], features["low"])

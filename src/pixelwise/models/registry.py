@@ -150,7 +150,7 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str | None =
     try:
         with torch.device("meta"):
             model_info(name).builder(num_classes=2, pretrained=None, **kwargs)
-    except (TypeError, ValueError, UserError) as e:
+    except (TypeError, ValueError, RuntimeError, UserError) as e:  # RuntimeError: e.g. a negative layer size
         raise ModelOptionError(f"{where}: {name}: {e}") from e
 
 

@@ -173,6 +173,9 @@ class UNet(nn.Module):
                  padding: str = "same", batch_norm: bool = False, dropout: float = 0.5,
                  input_norm: bool = False, global_context: bool = False, ibn_levels: int = 0):
         super().__init__()
+        for key, value in (("in_channels", in_channels), ("base_channels", base_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a whole number >= 1, got {value!r}")
         if ibn_levels and not batch_norm:
             raise ValueError("ibn_levels replaces half of BatchNorm's channels: it needs batch_norm=True")
         if not 0 <= ibn_levels <= DEPTH + 1:
