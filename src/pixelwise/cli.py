@@ -27,6 +27,7 @@ from pixelwise.engine import config as train_config  # no torch: --help stays fa
 from pixelwise.errors import UserError
 
 DEFAULT_MC_SAMPLES = 8
+CALIB_IMAGES, CALIB_CROP = 64, 256  # --calib-images, --calib-crop defaults (int8 calibration)
 EXIT_SKIPPED = 3  # predict --skip-invalid: done, but some inputs were skipped
 TTA_CHOICES = ["flip", "d4", "ms"]  # pixelwise.inference.tta.TTA_MODES, named here so that --help needs no torch
 
@@ -210,8 +211,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--min-agreement must be a fraction in (0, 1], got {args.min_agreement}")
     if args.fp16 and args.int8:
         raise UserError("choose one of --fp16 and --int8")
-    if (args.calib_dataset or args.calib_data) and not args.int8:
-        raise UserError("--calib-dataset/--calib-data calibrate --int8; add --int8")
+    if not args.int8:
+        check_no_calibration(args, "--int8")
+    if args.checkpoint and args.num_classes is not None:
+        raise UserError("--num-classes goes with --model (random weights); a --checkpoint has its own classes")
     check_opset(args.opset, "int8" if args.int8 else "float16" if args.fp16 else "float32")
     out = _writable_out(args.out, args.overwrite)
     if args.checkpoint:
@@ -247,7 +250,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     calibration = None
     if args.int8:
         calibration = calibration_batches(calibration_images(args, "--int8"), input_spec_from_meta(meta, model),
-                                          crop=args.calib_crop)
+                                          crop=calibration_sizes(args)[1])
     min_agreement = args.min_agreement or (INT8_MIN_AGREEMENT if args.int8 else MIN_AGREEMENT)  # 0 is refused above
     report = export_onnx(model, out, meta, model_name=meta.get("model", ""), opset=args.opset, fp16=args.fp16,
                          calibration=calibration, min_agreement=min_agreement)
@@ -266,15 +269,31 @@ def calibration_images(args: argparse.Namespace, what: str) -> list:
     if not args.calib_dataset:
         raise UserError(f"{what} needs --calib-dataset KIND (and --calib-data PATH): training images to calibrate "
                         "activation ranges on")
-    if args.calib_images < 1 or args.calib_crop < 16:
-        raise UserError(f"--calib-images must be >= 1 and --calib-crop >= 16, got {args.calib_images} and "
-                        f"{args.calib_crop}")
+    count, crop = calibration_sizes(args)
+    if count < 1 or crop < 16:
+        raise UserError(f"--calib-images must be >= 1 and --calib-crop >= 16, got {count} and {crop}")
     ds = build_dataset(args.calib_dataset, args.calib_data, "train")
     if len(ds) == 0:
         raise UserError(f"--calib-dataset {args.calib_dataset}: no training images found in {args.calib_data}")
     rng = np.random.default_rng(0)
-    picks = rng.permutation(len(ds))[:args.calib_images]
+    picks = rng.permutation(len(ds))[:count]
     return [ds.load(int(i)).image for i in picks]
+
+
+def calibration_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """(``--calib-images``, ``--calib-crop``), their defaults where not given."""
+    return (CALIB_IMAGES if args.calib_images is None else args.calib_images,
+            CALIB_CROP if args.calib_crop is None else args.calib_crop)
+
+
+def check_no_calibration(args: argparse.Namespace, what: str) -> None:
+    """The --calib-* flags calibrate ``what`` (``--int8``, ``--mode int8``); without it they are an error,
+    not ignored."""
+    given = [flag for flag, value in (("--calib-dataset", args.calib_dataset), ("--calib-data", args.calib_data),
+                                      ("--calib-images", args.calib_images), ("--calib-crop", args.calib_crop))
+             if value is not None]
+    if given:
+        raise UserError(f"{'/'.join(given)} calibrate{'s' if len(given) == 1 else ''} {what}; add {what}")
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
@@ -376,9 +395,9 @@ def predictor_options(args: argparse.Namespace) -> dict:
     options = {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
                "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
     if args.mode == "int8":
-        options.update(calib_data=calibration_images(args, "--mode int8"), calib_crop=args.calib_crop)
-    elif args.calib_dataset or args.calib_data:
-        raise UserError("--calib-dataset/--calib-data calibrate --mode int8; add --mode int8")
+        options.update(calib_data=calibration_images(args, "--mode int8"), calib_crop=calibration_sizes(args)[1])
+    else:
+        check_no_calibration(args, "--mode int8")
     return options
 
 
@@ -542,8 +561,8 @@ def _add_calibration_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--calib-dataset", metavar="KIND", help=f"with {what}: the dataset kind to calibrate on (its "
                    "train split)")
     p.add_argument("--calib-data", metavar="PATH", help=f"with {what}: the dataset's folder")
-    p.add_argument("--calib-images", type=int, default=64, help=f"with {what}: images to calibrate on (default 64)")
-    p.add_argument("--calib-crop", type=int, default=256, help=f"with {what}: random crop side (default 256)")
+    p.add_argument("--calib-images", type=int, help=f"with {what}: images to calibrate on (default {CALIB_IMAGES})")
+    p.add_argument("--calib-crop", type=int, help=f"with {what}: random crop side (default {CALIB_CROP})")
 
 
 def build_parser() -> argparse.ArgumentParser:
