@@ -98,3 +98,69 @@ def test_undefined_sizes_are_nan_and_mismatch_raises():
     assert math.isnan(out["mask_APl"])  # no object above 96**2 pixels in 64x64 images
     with pytest.raises(ValueError, match="predictions"):
         coco_evaluate([], TARGETS, class_ids=[1])
+
+
+def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(tmp_path):
+    """A COCO split read by the reader and scored by `pixelwise eval`'s path equals pycocotools run
+    on the annotation file itself: a detection on an iscrowd region is neither right nor wrong,
+    and the size ranges use the annotations' ``area``."""
+    import contextlib
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from pixelwise.data import build_dataset
+    from pixelwise.inference.evaluate import sample_target
+
+    h, w = 48, 64
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    images, anns = [], []
+    rng = np.random.default_rng(0)
+    for image_id in (5, 9):
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(tmp_path / "val2017" / f"{image_id:012d}.jpg")
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "height": h, "width": w})
+        for k, (y, x, crowd) in enumerate(((4, 4, 0), (20, 30, 0), (2, 40, 1))):
+            m = np.zeros((h, w), np.uint8)
+            m[y:y + 12, x:x + 14] = 1
+            rle = mask_utils.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode()
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": (3, 7)[k % 2], "iscrowd": crowd,
+                         "bbox": [x, y, 14, 12], "area": 2000.0 if k == 1 else 168.0, "segmentation": rle})
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]}))
+    ds = build_dataset("coco", str(tmp_path), "val")
+    predictions, targets, results = [], [], []
+    for i in range(len(ds)):
+        sample = ds.load(i)
+        targets.append(sample_target(sample))
+        crowd = sample.meta["crowd"]
+        masks = [*sample.instance_masks, *crowd["masks"], np.roll(sample.instance_masks[0], 3, axis=1)]
+        labels = [*sample.instance_labels.tolist(), *crowd["labels"], 2]
+        scores = rng.uniform(0.3, 1.0, len(masks)).tolist()
+        boxes = np.array([mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))) for m in masks])
+        predictions.append({"masks": torch.as_tensor(np.stack(masks)), "labels": torch.as_tensor(labels),
+                            "scores": torch.as_tensor(scores),
+                            "boxes": torch.as_tensor(np.c_[boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dtype=torch.float32)})
+        for m, label, score, box in zip(masks, labels, scores, boxes):
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode()
+            results.append({"image_id": sample.meta["image_id"], "category_id": ds.category_ids[label], "score": score,
+                            "segmentation": rle, "bbox": box.tolist()})
+    ours = coco_evaluate(predictions, targets, class_ids=range(1, ds.num_classes))
+    for prefix, iou_type in (("mask", "segm"), ("box", "bbox")):
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(tmp_path / "annotations" / "instances_val2017.json"))
+            ev = COCOeval(gt, gt.loadRes(results), iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        for name, reference in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), ev.stats[:6]):
+            value = ours[f"{prefix}_{name}"]
+            assert (math.isnan(value) and reference < 0) or value == pytest.approx(reference, abs=1e-9), (prefix, name)
+    assert ours["mask_AP"] < 1  # the shifted extra detection costs something; the crowd ones cost nothing

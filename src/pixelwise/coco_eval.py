@@ -1,7 +1,8 @@
 """COCO box and mask AP (pycocotools) from in-memory predictions and ground-truth instances.
 
 No annotation files are involved: the ground truth is built as a COCO dataset in memory
-(one image per target, annotation ids from 1, ``iscrowd = 0``, ``area`` = mask area) and the
+(one image per target, annotation ids from 1, ``iscrowd`` and ``area`` from the target where it
+has them, else 0 and the mask's pixels) and the
 predictions are loaded as COCO results (masks thresholded at 0.5, as torchvision's reference
 evaluation does). Numbers follow COCO's definitions: AP averaged over IoU 0.50:0.95, AP50,
 AP75, and AP for small / medium / large objects, at 100 detections per image.
@@ -45,14 +46,19 @@ def binary_masks(masks: Tensor, threshold: float = 0.5) -> np.ndarray:
 
 
 def ground_truth_coco(targets: Sequence[dict[str, Tensor]], class_ids: Sequence[int]) -> COCO:
-    """Targets (``boxes`` Tensor[K, 4], ``labels`` Tensor[K], ``masks`` [K, H, W]) -> a COCO index."""
+    """Targets (``boxes`` Tensor[K, 4], ``labels`` Tensor[K], ``masks`` [K, H, W], and optionally
+    ``iscrowd`` Tensor[K] (default 0) and ``area`` Tensor[K] (default: the mask's pixels)) -> a
+    COCO index."""
     images: list[dict] = []
     annotations: list[dict] = []
     for image_id, t in enumerate(targets):
         masks = binary_masks(t["masks"])
         h, w = masks.shape[-2:]
         images.append({"id": image_id, "height": int(h), "width": int(w)})
-        for box, label, mask in zip(xyxy_to_xywh(t["boxes"]), t["labels"].tolist(), masks):
+        crowd = t["iscrowd"].tolist() if "iscrowd" in t else [0] * len(masks)
+        areas = t["area"].tolist() if "area" in t else [None] * len(masks)
+        for box, label, mask, is_crowd, area in zip(xyxy_to_xywh(t["boxes"]), t["labels"].tolist(), masks, crowd,
+                                                    areas, strict=True):
             rle = encode_mask(mask)
             annotations.append(
                 {
@@ -61,8 +67,8 @@ def ground_truth_coco(targets: Sequence[dict[str, Tensor]], class_ids: Sequence[
                     "category_id": int(label),
                     "bbox": box,
                     "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
-                    "iscrowd": 0,
+                    "area": float(mask_utils.area(rle)) if area is None else float(area),
+                    "iscrowd": int(is_crowd),
                 }
             )
     coco = COCO()

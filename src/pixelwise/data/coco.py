@@ -88,25 +88,36 @@ class COCOInstances(FilePairDataset):
         for a in anns:
             if a.get("iscrowd", 0) and a.get("segmentation"):
                 semantic[self.coco.annToMask(a) > 0] = IGNORE_INDEX
-        masks, labels, boxes = [], [], []
+        masks, labels, boxes, areas = [], [], [], []
+        crowd: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": []}
         for a in anns:
-            if a.get("iscrowd", 0) or not a.get("segmentation") or a["category_id"] not in self.cat_to_label:
+            if not a.get("segmentation") or a["category_id"] not in self.cat_to_label:
                 continue
             x, y, bw, bh = (float(v) for v in a["bbox"])
             m = self.coco.annToMask(a).astype(bool)
             if bw < 1 or bh < 1 or not m.any():
                 continue
             label = self.cat_to_label[a["category_id"]]
-            semantic[m] = label
-            masks.append(m)
-            labels.append(label)
-            boxes.append((x, y, x + bw, y + bh))
+            into = crowd if a.get("iscrowd", 0) else None
+            if into is None:
+                semantic[m] = label
+                masks.append(m)
+                labels.append(label)
+                boxes.append((x, y, x + bw, y + bh))
+                areas.append(float(a.get("area", m.sum())))
+            else:  # not trained on; scored as COCO scores it (a detection there is neither right nor wrong)
+                into["masks"].append(m)
+                into["labels"].append(label)
+                into["boxes"].append((x, y, x + bw, y + bh))
+                into["areas"].append(float(a.get("area", m.sum())))
         return Sample(
             image=image, mask=semantic, name=Path(image_ref).stem,
             instance_masks=np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool),
             instance_labels=np.asarray(labels, dtype=np.int64),
             boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            meta={"image_id": image_id, "image_path": image_ref},
+            meta={"image_id": image_id, "image_path": image_ref, "areas": areas,
+                  "crowd": {"masks": np.stack(crowd["masks"]) if crowd["masks"] else np.zeros((0, h, w), bool),
+                            "labels": crowd["labels"], "boxes": crowd["boxes"], "areas": crowd["areas"]}},
         )
 
     def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:
