@@ -196,6 +196,37 @@ def test_coco_check_names_bad_items(tmp_path):
     assert ds.drop(problems) == 2 and len(ds) == 0
 
 
+@pytest.mark.parametrize("break_it, words", [
+    (lambda d: d["annotations"][0].pop("bbox"), "annotation 1 has bbox None, not [x, y, width, height]"),
+    (lambda d: d["annotations"][0].update(bbox=[5, 5, "wide", 20]), "annotation 1 has bbox [5, 5, 'wide', 20]"),
+    (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3]]), "annotation 1 has a polygon that is not"),
+    (lambda d: d["annotations"][0].update(segmentation={"size": [10, 10], "counts": "0"}),
+     "annotation 1 has an RLE of size [10, 10] on a 50x40 image"),
+])
+def test_coco_malformed_annotations_are_problems_not_tracebacks(tmp_path, break_it, words):
+    data = _coco_tree(tmp_path)
+    break_it(data)
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    ds = COCOInstances(tmp_path, "val")
+    problems = ds.check()
+    assert len(problems) == 1 and words in str(problems[0]), problems
+    with pytest.raises(UserError, match="annotation 1 of image 1"):
+        ds.load(0)  # the file of a dataset loaded without its check: named, not a KeyError
+
+
+@pytest.mark.parametrize("key", ["file_name", "height"])
+def test_coco_image_entries_without_a_file_or_size_are_refused(tmp_path, key):
+    data = _coco_tree(tmp_path)
+    data["images"][1].pop(key)
+    data["categories"][0].pop("name")  # cosmetic: named after its id instead
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match="image 2 needs a file_name and a positive width and height"):
+        COCOInstances(tmp_path, "val")
+    data["images"][1][key] = "000000000002.jpg" if key == "file_name" else 30
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    assert COCOInstances(tmp_path, "val").class_names[1] == "category_1"
+
+
 # ------------------------------------------------------------------------------------------- folder
 def _folder(tmp_path, n=20, h=6, w=8, classes=3):
     masks = {}

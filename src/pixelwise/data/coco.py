@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,17 @@ class COCOInstances(FilePairDataset):
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.ann_file}: not a valid COCO annotation file "
                             f"({type(e).__name__}: {e})") from None
+        for image_id, info in self.coco.imgs.items():
+            if (not isinstance(info.get("file_name"), str) or not _positive_int(info.get("height"))
+                    or not _positive_int(info.get("width"))):
+                raise UserError(f"{self.ann_file}: image {image_id} needs a file_name and a positive width and "
+                                f"height, and has {info!r}; fix the annotation file")
         cats = sorted(self.coco.cats.values(), key=lambda c: c["id"])
         if len(cats) > 254:
             raise UserError(f"{self.ann_file}: {len(cats)} categories; at most 254 are supported")
         self.category_ids: list[int] = [0] + [int(c["id"]) for c in cats]
         self.cat_to_label = {cid: i for i, cid in enumerate(self.category_ids) if i > 0}
-        self.class_names = ["background"] + [str(c["name"]) for c in cats]
+        self.class_names = ["background"] + [str(c.get("name", f"category_{c['id']}")) for c in cats]
         self.palette = default_palette(len(self.class_names))
         for image_id in sorted(self.coco.imgs):
             if skip_empty and not any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(image_id, [])):
@@ -93,6 +99,10 @@ class COCOInstances(FilePairDataset):
         for a in anns:
             if not a.get("segmentation") or a["category_id"] not in self.cat_to_label:
                 continue
+            problem = annotation_problem(a, h, w)
+            if problem:
+                raise UserError(f"{self.ann_file}: annotation {a.get('id')} of image {image_id} {problem}; fix it or "
+                                "use --skip-invalid")
             x, y, bw, bh = (float(v) for v in a["bbox"])
             m = self.coco.annToMask(a).astype(bool)
             if bw < 1 or bh < 1 or not m.any():
@@ -140,9 +150,37 @@ class COCOInstances(FilePairDataset):
                 problems.append(Problem(ref, f"{what} has unknown category_id {a.get('category_id')}"))
             elif not a.get("segmentation"):
                 problems.append(Problem(ref, f"{what} has no segmentation"))
+            elif problem := annotation_problem(a, int(info["height"]), int(info["width"])):
+                problems.append(Problem(ref, f"{what} {problem}"))
             else:
-                x, y, bw, bh = (float(v) for v in a.get("bbox", (0, 0, 0, 0)))
+                x, y, bw, bh = (float(v) for v in a["bbox"])
                 if x < 0 or y < 0 or x + bw > info["width"] + 1 or y + bh > info["height"] + 1:
                     problems.append(Problem(ref, f"{what} has bbox {a.get('bbox')} outside the "
                                                       f"{info['width']}x{info['height']} image"))
         return problems
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def annotation_problem(a: dict, height: int, width: int) -> str | None:
+    """What makes annotation ``a`` (with a segmentation) unreadable on a ``width x height`` image:
+    a bbox that is not four finite numbers, a polygon of fewer than three points or an odd number
+    of coordinates, an RLE of another size; None if it is readable."""
+    box = a.get("bbox")
+    if not (isinstance(box, list | tuple) and len(box) == 4
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        return f"has bbox {box!r}, not [x, y, width, height]"
+    seg = a["segmentation"]
+    if isinstance(seg, list):
+        for poly in seg:
+            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
+                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in poly)):
+                return "has a polygon that is not x1, y1, x2, y2, ... of three points or more"
+    elif isinstance(seg, dict):
+        if list(seg.get("size", [])) != [height, width] or "counts" not in seg:
+            return f"has an RLE of size {seg.get('size')!r} on a {width}x{height} image (size is [height, width])"
+    else:
+        return f"has a segmentation of type {type(seg).__name__}, not polygons or an RLE"
+    return None
