@@ -9,6 +9,8 @@ the same :func:`resize_image` / :func:`resize_labels` before its random crops.
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 
 import cv2
@@ -131,3 +133,15 @@ def preprocess(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor
     if spec.resize is not None:
         image = resize_image(image, spec.resize)
     return to_tensor(image, spec)
+
+
+class _CallableModule(types.ModuleType):
+    """``pixelwise.preprocess(image, spec)`` is this module's :func:`preprocess`: importing the
+    module (as any use of the package does) binds the package's attribute ``preprocess`` to the
+    module itself, which would hide the function ``pixelwise/__init__.py`` exports under that name."""
+
+    def __call__(self, image: np.ndarray, spec: InputSpec) -> torch.Tensor:
+        return preprocess(image, spec)
+
+
+sys.modules[__name__].__class__ = _CallableModule
