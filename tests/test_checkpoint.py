@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn as nn
 
 from pixelwise import create_model, load_checkpoint, save_checkpoint
 from pixelwise.errors import UserError
@@ -67,8 +68,19 @@ def test_truncated_and_missing(tmp_path):
 def test_weights_of_other_shapes_are_explained_not_a_traceback(tmp_path):
     """A checkpoint whose tensors have the names but not the shapes of the model its metadata
     rebuilds (another version's layout, or edited options) is a UserError naming the tensors."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     path = tmp_path / "m.safetensors"
-    save_checkpoint(path, _model(), {"model": "unet", "num_classes": 3, "model_kwargs": {**KW, "base_channels": 8}})
+    wrong = {"model": "unet", "num_classes": 3, "model_kwargs": {**KW, "base_channels": 8}}
+    with pytest.raises(ValueError, match=r"is not the model given \(99 of other shapes"):
+        save_checkpoint(path, _model(), wrong)  # refused when written, not when read
+    save_checkpoint(path, _model(), {**wrong, "model_kwargs": KW})
+    with safe_open(path, "pt") as f:  # as written by another version, or edited
+        meta = json.loads(f.metadata()["pixelwise"])
+    save_file(load_file(path), path, {"pixelwise": json.dumps({**meta, "model_kwargs": wrong["model_kwargs"]})})
     with pytest.raises(UserError, match=r"m.safetensors: weights do not fit model 'unet'.*down.0.0.weight "
                                         r"\(4, 3, 3, 3\) where the model has \(8, 3, 3, 3\)"):
         load_checkpoint(path)
@@ -109,3 +121,24 @@ def test_a_palette_that_is_not_rgb_bytes_is_refused_on_save_and_on_load(tmp_path
     save_file(load_file(good), tmp_path / "edited.safetensors", {"pixelwise": json.dumps({**meta, "palette": palette})})
     with pytest.raises(UserError, match="edited.safetensors: the checkpoint's palette must be"):
         load_checkpoint(tmp_path / "edited.safetensors")
+
+
+
+def test_save_checkpoint_unwraps_wrappers_and_refuses_metadata_that_would_not_load(tmp_path):
+    model = _model()
+    meta = {"model": "unet", "num_classes": 3, "model_kwargs": KW}
+    x = torch.rand(1, 3, 20, 28)
+    for wrapped in (nn.DataParallel(model), torch.compile(model)):  # keys with module. / _orig_mod.
+        save_checkpoint(tmp_path / "w.safetensors", wrapped, meta)
+        loaded, _ = load_checkpoint(tmp_path / "w.safetensors")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x))
+    for bad, words in (({"model_kwargs": {}}, "of other shapes"), ({"num_classes": 5}, "of other shapes"),
+                       ({"model": "enet", "model_kwargs": {}}, "missing"),
+                       ({"model": "enet"}, "cannot rebuild model 'enet'"),
+                       ({"class_names": ["a"]}, "class_names must list the 3"),
+                       ({"palette": [[0, 0, 0]]}, "1 colours for 3 classes"),
+                       ({"input": {"mean": [0, 0], "std": [1, 1]}}, "input is not an input contract")):
+        with pytest.raises(ValueError, match=words):
+            save_checkpoint(tmp_path / "bad.safetensors", model, {**meta, **bad})
+    assert not (tmp_path / "bad.safetensors").exists()

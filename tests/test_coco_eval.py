@@ -144,9 +144,9 @@ def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(
         labels = [*sample.instance_labels.tolist(), *crowd["labels"], 2]
         scores = rng.uniform(0.3, 1.0, len(masks)).tolist()
         boxes = np.array([mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))) for m in masks])
+        xyxy = np.c_[boxes[:, :2], boxes[:, :2] + boxes[:, 2:]]
         predictions.append({"masks": torch.as_tensor(np.stack(masks)), "labels": torch.as_tensor(labels),
-                            "scores": torch.as_tensor(scores),
-                            "boxes": torch.as_tensor(np.c_[boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dtype=torch.float32)})
+                            "scores": torch.as_tensor(scores), "boxes": torch.as_tensor(xyxy, dtype=torch.float32)})
         for m, label, score, box in zip(masks, labels, scores, boxes):
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
             rle["counts"] = rle["counts"].decode()

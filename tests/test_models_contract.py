@@ -49,3 +49,22 @@ def test_checkpoint_round_trip(name, tmp_path):
     x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, 2.5, "3", None, True])
+def test_create_model_refuses_a_class_count_that_is_not_a_positive_whole_number(num_classes):
+    from pixelwise import create_model
+    from pixelwise.errors import UserError
+
+    with pytest.raises(UserError, match="num_classes must be a whole number >= 1"):
+        create_model("unet", num_classes, base_channels=4)
+
+
+def test_a_semantic_predictor_refuses_more_classes_than_a_mask_holds():
+    from pixelwise import SemanticPredictor, create_model
+    from pixelwise.errors import UserError
+
+    model = create_model("unet", 256, base_channels=4)
+    with pytest.raises(UserError, match="256 classes; pixelwise's masks hold class ids 0-254"):
+        SemanticPredictor(model, {"model": "unet", "num_classes": 256})
+    assert SemanticPredictor(create_model("unet", 255, base_channels=4), {"num_classes": 255}).class_names[-1] == "254"

@@ -90,14 +90,54 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     for key in ("model", "num_classes"):
         if key not in meta:
             raise ValueError(f"checkpoint metadata needs {key!r}")
-    problem = palette_problem(meta.get("palette"))
-    if problem:
-        raise ValueError(f"checkpoint metadata: {problem}")
+    model = unwrap(model)
+    _check_rebuilds(model, meta)
     meta = {"format": FORMAT, "pixelwise_version": __version__, "task": model_info(meta["model"]).task, **meta}
     if "input" not in meta:
         spec = model_input_spec(model, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))
         meta["input"] = spec.to_dict()
     atomic_save_tensors(model.state_dict(), path, {"pixelwise": json.dumps(meta)})
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DataParallel / DistributedDataParallel (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers, whose state-dict keys carry the wrapper's prefix."""
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+            model = inner
+        else:
+            return model
+
+
+def _check_rebuilds(model: nn.Module, meta: dict) -> None:
+    """``meta`` describes ``model`` as :func:`load_checkpoint` will rebuild it (built on the meta
+    device: no memory, no weights), with class names, palette and input contract that fit; else
+    a ValueError now, rather than a file that cannot be loaded."""
+    problem = palette_problem(meta.get("palette"))
+    if problem:
+        raise ValueError(f"checkpoint metadata: {problem}")
+    num_classes, names = meta["num_classes"], meta.get("class_names")
+    if names is not None and (not isinstance(names, list | tuple) or len(names) != num_classes):
+        raise ValueError(f"checkpoint metadata: class_names must list the {num_classes} classes, got {names!r}")
+    if meta.get("palette") is not None and len(meta["palette"]) < num_classes:
+        raise ValueError(f"checkpoint metadata: the palette has {len(meta['palette'])} colours for {num_classes} "
+                         "classes")
+    if "input" in meta:
+        try:
+            InputSpec.from_dict(meta["input"])
+        except (UserError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint metadata: input is not an input contract ({e})") from None
+    try:
+        with torch.device("meta"):
+            rebuilt = create_model(meta["model"], num_classes=num_classes, **meta.get("model_kwargs", {}))
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise ValueError(f"checkpoint metadata: cannot rebuild model {meta['model']!r} from it ({e})") from None
+    mismatch = weights_mismatch(rebuilt, model.state_dict())
+    if mismatch:
+        raise ValueError(f"checkpoint metadata: model {meta['model']!r} with num_classes {num_classes} and "
+                         f"model_kwargs {meta.get('model_kwargs', {})} is not the model given ({mismatch})")
 
 
 def input_spec_from_meta(meta: dict, model: nn.Module | None = None) -> InputSpec:

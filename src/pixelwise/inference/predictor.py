@@ -151,6 +151,9 @@ class Predictor:
         return preprocess(image, self.input_spec).unsqueeze(0).to(self.device)
 
 
+MAX_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
+
+
 class SemanticPredictor(Predictor):
     """Class probabilities and masks of a semantic model.
 
@@ -179,6 +182,9 @@ class SemanticPredictor(Predictor):
                  mode: str = "eager", calib_data: Sequence[np.ndarray] | None = None, calib_crop: int = 256,
                  measuring: bool = False) -> None:
         super().__init__(model, meta, device, input_spec)
+        if len(self.class_names) > MAX_CLASSES:  # masks are uint8 and 255 is "ignore"
+            raise UserError(f"{self.meta.get('model', 'the model')} has {len(self.class_names)} classes; pixelwise's "
+                            f"masks hold class ids 0-{MAX_CLASSES - 1} (uint8, 255 = ignore)")
         self.context, self.alignment = model_geometry(self.model)
         if overlap is None:
             overlap = 0.0 if self.context else DEFAULT_OVERLAP

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import numbers
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -159,6 +160,9 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, **k
     a model-specific tag such as ``"coco"``, or a path to a local weights file. An unknown or
     wrongly typed option, or one the builder refuses, is a :class:`ModelOptionError`."""
     info = model_info(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ModelOptionError(f"model {name!r}: num_classes must be a whole number >= 1, got {num_classes!r}")
+    num_classes = int(num_classes)
     _check_names_and_types(name, kwargs, f"model {name!r}")
     try:
         return info.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
