@@ -358,6 +358,25 @@ def test_bad_targets_raise(tiny):
         tiny([image], [target | {"boxes": torch.tensor([[5.0, 5, 5, 9], [1, 1, 4, 4]])}])
     with pytest.raises(ValueError, match="lacks"):
         tiny([image], [{"boxes": target["boxes"], "labels": target["labels"]}])
+    h, w = image.shape[-2:]
+    k = len(target["labels"])
+    for bad, words in (({"masks": target["masks"][:, : h // 2]}, f"but image 0 is {h}x{w}"),
+                       ({"labels": torch.full((k,), -1)}, "= -1 is not a class: labels are 1..2"),
+                       ({"labels": torch.zeros(k, dtype=torch.int64)}, "= 0 is not a class"),
+                       ({"labels": torch.full((k,), 3)}, "= 3 is not a class"),
+                       ({"boxes": target["boxes"].clone().index_fill_(1, torch.tensor([0]), float("nan"))},
+                        "is not finite")):
+        with pytest.raises(ValueError, match=words):  # each was silent (a wrong mask loss, a dropped object) or deep
+            tiny([image], [target | bad])
+
+
+def test_an_image_thinner_than_a_pixel_after_resizing_is_predicted(tiny):
+    """The transform's scale can take a strip's short side below one pixel (1 x 2000 at the default
+    800/1333; here 1 x 400 at 64/96, scale 0.24): it is kept at one pixel, and detections come back
+    at the image's size (it was a RuntimeError in F.interpolate)."""
+    with torch.no_grad():
+        (out,) = tiny.eval()([torch.rand(3, 1, 400)])
+    assert out["masks"].shape[-2:] == (1, 400) and out["boxes"].shape[1] == 4
 
 
 def test_overfits_one_image():

@@ -19,11 +19,12 @@ from pixelwise.models.maskrcnn.rpn import RegionProposalNetwork
 from pixelwise.models.maskrcnn.transform import RCNNTransform
 
 
-def check_targets(targets: list[dict[str, Tensor]], num_images: int) -> None:
-    """Raise ``ValueError`` naming the first malformed target (wrong keys, shapes, dtypes,
-    or a box with no area)."""
-    if len(targets) != num_images:
-        raise ValueError(f"got {num_images} images but {len(targets)} targets")
+def check_targets(targets: list[dict[str, Tensor]], sizes: list[tuple[int, int]], num_classes: int) -> None:
+    """Raise ``ValueError`` naming the first malformed target (wrong keys, shapes, dtypes, masks
+    of another size than their image (``sizes``: (H, W) of each), a label outside
+    ``1..num_classes - 1``, a box that is not finite or has no area)."""
+    if len(targets) != len(sizes):
+        raise ValueError(f"got {len(sizes)} images but {len(targets)} targets")
     for i, t in enumerate(targets):
         missing = {"boxes", "labels", "masks"} - set(t)
         if missing:
@@ -38,6 +39,18 @@ def check_targets(targets: list[dict[str, Tensor]], num_images: int) -> None:
             )
         if masks.dim() != 3 or masks.shape[0] != k:
             raise ValueError(f"targets[{i}]['masks'] must be Tensor[{k}, H, W], got {list(masks.shape)}")
+        if k and tuple(masks.shape[-2:]) != tuple(sizes[i]):
+            raise ValueError(f"targets[{i}]['masks'] are {masks.shape[-2]}x{masks.shape[-1]} (H x W) but image {i} is "
+                             f"{sizes[i][0]}x{sizes[i][1]}; each mask covers its whole image")
+        outside = (labels < 1) | (labels >= num_classes)
+        if outside.any():
+            j = int(outside.nonzero()[0, 0])
+            raise ValueError(f"targets[{i}]['labels'][{j}] = {int(labels[j])} is not a class: labels are 1.."
+                             f"{num_classes - 1} (0 is the background)")
+        infinite = ~torch.isfinite(boxes).all(dim=1)
+        if infinite.any():
+            j = int(infinite.nonzero()[0, 0])
+            raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} is not finite")
         bad = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if bad.any():
             j = int(bad.nonzero()[0, 0])
@@ -108,7 +121,10 @@ class MaskRCNN(nn.Module):
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
     def compute_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        check_targets(targets, len(images))
+        classifier = self.roi_heads.box_predictor.get_submodule("cls_score")
+        assert isinstance(classifier, nn.Linear)
+        num_classes = classifier.out_features
+        check_targets(targets, [(int(img.shape[-2]), int(img.shape[-1])) for img in images], num_classes)
         batch, targets = self.transform(images, targets)
         features = self.backbone(batch.tensors)
         proposals, rpn_losses = self.rpn(batch, features, targets)

@@ -52,18 +52,33 @@ def resize_scale(height: int, width: int, min_size: float, max_size: float) -> f
     return min(min_size / min(height, width), max_size / max(height, width))
 
 
+def _too_thin(x: Tensor, scale: float) -> tuple[int, int] | None:
+    """For an image whose side ``floor(side * scale)`` would be 0 (a 1 x 2000 strip): its resized
+    (H, W) with each side at least 1; None for every other image, resized as torchvision does."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if min(math.floor(h * scale), math.floor(w * scale)) >= 1:
+        return None
+    return max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
+
+
 def resize_image(image: Tensor, scale: float) -> Tensor:
-    """``Tensor[C, H, W] -> Tensor[C, floor(H*scale), floor(W*scale)]``, bilinear."""
+    """``Tensor[C, H, W] -> Tensor[C, floor(H*scale), floor(W*scale)]`` (each at least 1), bilinear."""
+    size = _too_thin(image, scale)
+    if size is not None:
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     return F.interpolate(
         image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
     )[0]
 
 
 def resize_masks(masks: Tensor, scale: float) -> Tensor:
-    """Instance masks ``[K, H, W] -> uint8[K, floor(H*scale), floor(W*scale)]``, nearest."""
+    """Instance masks ``[K, H, W] -> uint8[K, floor(H*scale), floor(W*scale)]`` (each at least 1), nearest."""
+    size = _too_thin(masks, scale)
     if masks.shape[0] == 0:
         h, w = masks.shape[-2:]
-        return masks.new_zeros((0, math.floor(h * scale), math.floor(w * scale)), dtype=torch.uint8)
+        return masks.new_zeros((0, *(size or (math.floor(h * scale), math.floor(w * scale)))), dtype=torch.uint8)
+    if size is not None:
+        return F.interpolate(masks[:, None].float(), size=size)[:, 0].byte()
     out = F.interpolate(masks[:, None].float(), scale_factor=scale, recompute_scale_factor=True)
     return out[:, 0].byte()
 
