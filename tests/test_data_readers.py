@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,3 +368,18 @@ def test_folder_odd_modes_and_sizes(tmp_path_factory, ih, iw, mh, mw, mode, seed
         assert len(problems) == 1 and "x.png" in str(problems[0]) and f"{mw}x{mh}" in problems[0].message
         with pytest.raises(UserError, match="x.png"):
             ds.load(0)
+
+
+
+def test_folder_stems_with_dots_and_two_images_of_one_stem(tmp_path):
+    for stem in ("scan.001", "scan.002", "scan.003", "scan"):
+        _img(tmp_path / "images" / f"{stem}.png", 6, 8)
+        _mask(tmp_path / "masks" / f"{stem}.png", np.zeros((6, 8), np.uint8))
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("scan.001\nscan.002.png\n")  # a stem, or a file name
+    (tmp_path / "splits" / "val.txt").write_text("scan.003\n")  # not 'scan', whose image also exists
+    assert [Path(i).name for i, _ in FolderDataset(tmp_path, "train").items] == ["scan.001.png", "scan.002.png"]
+    assert [Path(i).name for i, _ in FolderDataset(tmp_path, "val").items] == ["scan.003.png"]
+    _img(tmp_path / "images" / "scan.001.jpg", 6, 8)
+    with pytest.raises(UserError, match="scan.001.jpg and scan.001.png have the same stem"):
+        FolderDataset(tmp_path, "train")

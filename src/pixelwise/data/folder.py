@@ -82,7 +82,13 @@ class FolderDataset(FilePairDataset):
         for p in sorted(masks_dir.iterdir()):
             if p.suffix.lower() in MASK_EXTS and (p.stem not in masks or p.suffix.lower() == ".png"):
                 masks[p.stem] = p
-        images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+        images: dict[str, Path] = {}
+        for p in sorted(images_dir.iterdir()):
+            if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+                if p.stem in images:  # one stem, one mask: which image it labels cannot be told
+                    raise UserError(f"{images_dir}: {images[p.stem].name} and {p.name} have the same stem, and a "
+                                    "mask pairs with its image by stem; rename or remove one")
+                images[p.stem] = p
         self.orphan_masks = [str(masks[s]) for s in sorted(set(masks) - set(images))]
         stems = self._split_stems(sorted(images), split)
         self.items = [(str(images[s]), str(masks.get(s, masks_dir / f"{s}.png"))) for s in stems]
@@ -103,13 +109,15 @@ class FolderDataset(FilePairDataset):
                 text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad) is not a stem
             except UnicodeDecodeError:
                 raise UserError(f"{path}: split list is not UTF-8 text; save it as UTF-8") from None
-            wanted = [line.strip() for line in text.splitlines() if line.strip()]
             known = set(stems)
-            missing = [Path(w).stem for w in wanted if Path(w).stem not in known]
+            # a line is a stem (scan.001 is one), or a file name whose image extension is dropped
+            wanted = [w if w in known or Path(w).suffix.lower() not in IMAGE_EXTS else Path(w).stem
+                      for w in (line.strip() for line in text.splitlines()) if w]
+            missing = [w for w in wanted if w not in known]
             if missing:
                 raise UserError(f"{path}: {len(missing)} listed images are not in images/ "
                                 f"(first: {missing[0]!r})")
-            return [Path(w).stem for w in wanted]
+            return wanted
         held = val_stems(stems)
         if split == "all":
             return stems
