@@ -403,3 +403,13 @@ def test_a_folder_named_like_an_image_is_not_an_input(checkpoint, tmp_path):
     assert _predict(checkpoint, [f"{inputs}/*"], tmp_path / "out2") == 0
     for out in ("out1", "out2"):
         assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["a.png", "a_overlay.png"]
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 53, 3), np.uint8), np.zeros((5, 0, 3), np.uint8),
+                                   np.zeros((5, 5), np.uint8), np.zeros((5, 5, 3), np.float32)])
+def test_every_predict_entry_names_an_image_it_cannot_take(checkpoint, image):
+    predictor = Predictor.from_checkpoint(checkpoint)
+    for call in (predictor.predict, predictor.predict_probs, lambda x: predictor.predict_batch([x]),
+                 lambda x: list(predictor.predict_rows([x])[0])):
+        with pytest.raises(ValueError, match=r"expects uint8\[H, W, 3\] with H, W >= 1"):
+            call(image)

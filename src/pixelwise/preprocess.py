@@ -112,11 +112,18 @@ def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def check_image(image: np.ndarray) -> None:
+    """A ValueError unless ``image`` is what every predictor takes: uint8[H, W, 3] with H, W >= 1."""
+    if (not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8
+            or 0 in image.shape):
+        shape = f"{image.dtype}{list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"preprocess expects uint8[H, W, 3] with H, W >= 1, got {shape}")
+
+
 def to_tensor(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
     """uint8[H, W, 3] RGB -> float32 Tensor[spec.channels, H, W] in [0, 1], normalised when
     ``spec.normalize`` (no resizing; training augmentation has resized already)."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"preprocess expects uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
+    check_image(image)
     t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
     if spec.channels == 1:
         t = torch.tensordot(torch.tensor(LUMA), t, dims=1)[None]
@@ -130,6 +137,7 @@ def to_tensor(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:
 def preprocess(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
     """The input contract applied: uint8[H, W, 3] RGB -> float32 Tensor[C, h, w], resized to
     ``spec.resize`` (bilinear) if set, scaled to [0, 1], normalised unless the model does it."""
+    check_image(image)
     if spec.resize is not None:
         image = resize_image(image, spec.resize)
     return to_tensor(image, spec)

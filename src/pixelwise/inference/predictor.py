@@ -31,7 +31,7 @@ from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, predictive_e
 from pixelwise.inference.onnx_runner import is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
-from pixelwise.preprocess import InputSpec, preprocess, resize_image, upsample_probs
+from pixelwise.preprocess import InputSpec, check_image, preprocess, resize_image, upsample_probs
 from pixelwise.runtime import progress as progress_bar
 
 MIN_TILE = 16
@@ -253,6 +253,7 @@ class SemanticPredictor(Predictor):
     def _bands(self, image: np.ndarray, progress: bool | None = False) -> Bands:
         """The class probabilities of ``image`` at its size, in row bands top to bottom: tiled and
         streamed when :meth:`needs_tiles`, else in one band."""
+        check_image(image)
         if not self.needs_tiles(image):
             yield 0, self._whole_probs([image])[0]
             return
@@ -293,6 +294,8 @@ class SemanticPredictor(Predictor):
                      ) -> list[Iterable[tuple[int, torch.Tensor]]]:
         """The probability bands of each image: images that need no tiles are predicted now, stacked
         by equal model-input size; tiled ones lazily, when their bands are read."""
+        for image in images:
+            check_image(image)
         whole = [i for i, image in enumerate(images) if not self.needs_tiles(image)]
         out = dict(zip(whole, self._whole_probs([images[i] for i in whole])))
         return [[(0, out.pop(i))] if i in out else self._bands(image, progress) for i, image in enumerate(images)]
@@ -334,6 +337,7 @@ class InstancePredictor(Predictor):
         """uint8[H, W, 3] -> ``{"boxes" Float[D, 4], "labels" Int64[D], "scores" Float[D],
         "masks" Bool[D, H, W]}`` on the CPU at the image's size, by decreasing score (masks
         thresholded at 0.5, as in COCO evaluation)."""
+        check_image(image)
         x = self.preprocess(image)
         det = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
                for k, v in self.runner([x[0]])[0].items()}
