@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,9 @@ class Predictor:
             flags = ", ".join("--" + k.replace("_", "-") for k in bad)
             raise UserError(f"{flags} does not apply to {task} models like {meta['model']}")
         spec = input_spec_from_meta(meta, model)
+        if resize is not None and not (isinstance(resize, list | tuple) and len(resize) == 2 and all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in resize)):
+            raise UserError(f"resize must be (height, width), two whole numbers > 0, got {resize!r}")
         if native_size or resize is not None:
             spec = dataclasses.replace(spec, resize=None if native_size else tuple(resize))  # type: ignore[arg-type]
         chosen = {k: v for k, v in options.items() if k in allowed}
@@ -149,6 +153,16 @@ class Predictor:
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """uint8[H, W, 3] -> the model input Tensor[1, C, h, w] on the predictor's device."""
         return preprocess(image, self.input_spec).unsqueeze(0).to(self.device)
+
+
+def _check_types(**options: object) -> None:
+    """A UserError for a prediction option of the wrong type (whole numbers, or ``overlap`` a number)
+    given through the Python API; the CLI's flags are typed by argparse."""
+    for name, value in options.items():
+        kind = numbers.Real if name == "overlap" else numbers.Integral
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            what = "a number" if name == "overlap" else "a whole number"
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
 
 
 MAX_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
@@ -188,6 +202,7 @@ class SemanticPredictor(Predictor):
         self.context, self.alignment = model_geometry(self.model)
         if overlap is None:
             overlap = 0.0 if self.context else DEFAULT_OVERLAP
+        _check_types(tile=tile, mc_samples=mc_samples, batch_size=batch_size, overlap=overlap)
         if tile is not None and tile < MIN_TILE:
             raise UserError(f"--tile must be at least {MIN_TILE} pixels, got {tile}")
         if not 0 <= overlap < 1:
