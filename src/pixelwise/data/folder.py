@@ -182,6 +182,12 @@ class FolderDataset(FilePairDataset):
                     f"or describe the classes in {self.root / 'classes.json'} (or pass num_classes={top + 1})")
             problems = [Problem(p.path, p.message + note) if p.message.startswith("label values") else p
                         for p in problems]
+        if self.colour_palette is not None:  # colour masks: the "label" 254 stands for unknown colours
+            spec = self.root / "classes.json"
+            problems = [Problem(p.path, f"colours that are not in the palette of {spec} (nor its ignore_color "
+                                        f"{list(self.ignore_colour)}); add them to the palette or recolour those "
+                                        "pixels")
+                        if p.message.startswith(f"label values {UNKNOWN_COLOUR} outside") else p for p in problems]
         if self.split == "all":
             problems += [Problem(m, "mask without an image in images/") for m in self.orphan_masks]
         return problems
