@@ -120,13 +120,16 @@ def test_uncertainty_uses_mc_dropout_for_bayesian_segnet():
     p = SemanticPredictor(model, {"num_classes": 3}, mc_samples=3)
     image = np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     torch.manual_seed(1)
+    state = torch.random.get_rng_state()
     a = p.predict(image, uncertainty=True)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the samples draw from their own seed
     torch.manual_seed(2)
     b = p.predict(image, uncertainty=True)
     p = SemanticPredictor(model, {"num_classes": 3})
     plain = p.predict(image)
     assert a.uncertainty.shape == (40, 56) and (a.uncertainty >= 0).all()
-    assert not torch.allclose(a.probs, b.probs)  # sampled with dropout on
+    assert not torch.allclose(a.probs, plain.probs)  # sampled with dropout on
+    torch.testing.assert_close(a.probs, b.probs, atol=0, rtol=0)  # the same files run after run
     assert torch.allclose(plain.probs, p.predict(image).probs)  # deterministic otherwise
     assert not model.training and all(not m.training for m in model.modules())
 

@@ -622,8 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "16-bit ids of the watershed cells seeded where the cell probability exceeds T (default 0.5), "
                       "with their one-pixel boundaries drawn into the mask; docs/inference.md")
     p.add_argument("--uncertainty", action="store_true",
-                   help="also write DIR/<stem>_uncertainty.png (predictive entropy; with Monte-Carlo dropout, "
-                        f"{DEFAULT_MC_SAMPLES} samples unless --mc-samples, for models with dropout)")
+                   help="also write DIR/<stem>_uncertainty.png (predictive entropy). A model with dropout (such as "
+                        f"bayesian_segnet, or unet with its default dropout) then predicts with Monte-Carlo dropout, "
+                        f"{DEFAULT_MC_SAMPLES} seeded samples unless --mc-samples: its mask is the samples' mean, "
+                        "the mask eval --mc-samples scores, not plain eval's")
     p.add_argument("--score-thresh", type=float, help="instance models: keep detections with this score or more "
                    "(default 0.5)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -49,14 +49,16 @@ def predictive_entropy(probs: Tensor, dim: int = 1) -> Tensor:
 
 
 @torch.no_grad()
-def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str = "variance"
-               ) -> tuple[Tensor, Tensor]:
+def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str = "variance",
+               seed: int | None = 0) -> tuple[Tensor, Tensor]:
     """Average ``samples`` stochastic forward passes of a semantic model.
 
     ``images``: ``Tensor[N, C, H, W]`` (preprocessed). Returns ``mean_probs`` ``Tensor[N, K, H, W]``
     (mean of the per-sample softmax) and ``uncertainty`` ``Tensor[N, H, W]``:
     ``measure="variance"`` (Bayesian SegNet's): the per-class variance of the sampled softmax,
     averaged over classes; ``"entropy"``: :func:`predictive_entropy` of ``mean_probs``.
+    ``seed``: the dropout masks are drawn from this seed (the caller's random state is left as it
+    was), so the same images give the same result run after run; None draws from the global state.
     Raises :class:`UserError` if the model has no dropout (its samples would all be equal).
     """
     if samples < 1:
@@ -67,7 +69,10 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
         raise UserError(f"{type(model).__name__} has no dropout layers, so Monte-Carlo dropout is undefined; "
                         "use a model with dropout such as bayesian_segnet")
     total = sq_total = torch.zeros(())
-    with dropout_sampling(model):
+    devices = [images.device] if images.device.type == "cuda" else []
+    with dropout_sampling(model), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         for _ in range(samples):
             probs = forward_logits(model, images).float().softmax(dim=1)
             total = total + probs
