@@ -204,3 +204,15 @@ def test_recipes_verb_lists_every_bundled_recipe(capsys):
     assert set(rows) == {p.stem for p in bundled_recipes()}
     assert rows["unet_camvid_cpu"].split()[1:3] == ["unet", "camvid"] and "CamVid" in rows["unet_camvid_cpu"]
     assert rows["deconvnet_voc"].split()[1:3] == ["deconvnet", "voc"]
+
+
+def test_json_files_hold_null_where_a_metric_is_undefined(tmp_path):
+    import json
+    import math
+
+    from pixelwise.cli import write_json
+
+    write_json(str(tmp_path / "m.json"), {"mask_APl": math.nan, "box": [1.0, math.inf], "ok": 0.5})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # not JSON: strict readers refuse them
+    assert json.loads(text) == {"mask_APl": None, "box": [1.0, None], "ok": 0.5}

@@ -17,6 +17,7 @@ unpickles: foreign weights are read by :mod:`pixelwise.weights`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -63,6 +64,23 @@ def atomic_write(path: str | Path, write) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """``text`` at ``path``, atomically (see :func:`atomic_write`): run files, metrics, ``--json``."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(path: str | Path, value: object) -> None:
+    """``value`` as indented JSON at ``path``, atomically, with every NaN or infinity as null: JSON
+    has no such numbers, and strict readers refuse Python's ``NaN`` (COCO leaves the APs of absent
+    object sizes undefined)."""
+    atomic_write_text(path, json.dumps(_json_safe(value), indent=2))
+
+
+def _json_safe(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,

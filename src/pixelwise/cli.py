@@ -336,11 +336,11 @@ def check_output_file(path: str | None, flag: str, inputs: list[str | None]) -> 
 
 
 def write_json(path: str, value: object) -> None:
-    """``value`` as JSON at ``path`` (folders created), through a temporary file and a rename."""
+    """``value`` as JSON at ``path`` (folders created), atomically, NaN and infinity as null."""
     # start-up time: only the verbs that write --json load the checkpoint layer (and torch)
-    from pixelwise.checkpoint import atomic_write_text
+    from pixelwise.checkpoint import atomic_write_json
 
-    atomic_write_text(path, json.dumps(value, indent=2))
+    atomic_write_json(path, value)
 
 
 def check_device(name: str) -> str:
@@ -547,8 +547,9 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
                    "(default 4)")
     p.add_argument("--mode", choices=["eager", "fast", "int8"], help="eager (default: float32 as trained), fast "
                    "(BatchNorm folded, channels-last, bf16 where the CPU has it; Mask R-CNN: "
-                   "optimize_for_inference in float32) or int8 (quantised in PyTorch, calibrated with --calib-*; "
-                   "CPU, models whose int8 cost was measured); docs/deploy.md")
+                   "optimize_for_inference, also in bf16 where the device has fast bf16 kernels) or int8 "
+                   "(quantised in PyTorch, calibrated with --calib-*; CPU, models whose int8 cost was measured); "
+                   "docs/deploy.md")
     _add_calibration_args(p, "--mode int8")
 
 

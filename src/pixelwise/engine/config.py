@@ -129,8 +129,8 @@ class TrainConfig:
                           "the classes of the next image in its batch (ClassMix, arXiv:2007.07936); 0: off",
                           metavar="P", stage=True, ge=0, le=1)
     crop: str | None = opt(None, "random training crop HxW (sets augment's crop)", metavar="HxW", stage=True)
-    augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize elastic), "
-                        "e.g. '{\"scale\": [0.5, 2.0], \"jitter\": false}'", stage=True)
+    augment: dict = opt({}, "augmentation keys as a JSON object (crop scale flip jitter ignore_index resize elastic "
+                        "rotate90), e.g. '{\"scale\": [0.5, 2.0], \"jitter\": false}'", stage=True)
     instance_crops: bool = opt(False, "train on crops centred on object instances (DeconvNet stage 1)", stage=True)
     instance_context: float = opt(1.2, "instance crop = object box scaled by this around its centre", stage=True,
                                     gt=0)

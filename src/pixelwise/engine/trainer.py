@@ -57,6 +57,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from pixelwise.checkpoint import (
     atomic_write,
+    atomic_write_json,
     atomic_write_text,
     load_train_state,
     model_input_spec,
@@ -802,7 +803,7 @@ def save_interrupted(run: Run, state: TrainState) -> None:
     save_state(run, state)
     where = f"epoch {state.epoch + 1} batch {state.batch}" if state.batch else f"the end of epoch {state.epoch}"
     run.log(f"interrupted: saved {run.out / 'last.safetensors'} and its training state at {where}; "
-            "--resume continues from there")
+            f"`pixelwise train --resume --out {run.out}` continues from there")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -833,7 +834,7 @@ def finish(run: Run, state: TrainState) -> dict:
               "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
     if run.info.is_main:
         _write_csv(out / "metrics.csv", state.rows)
-        atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+        atomic_write_json(out / "metrics.json", result)
     return result
 
 

@@ -83,8 +83,9 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
 
     mode: ``eager`` (float32, as trained), ``fast`` (:mod:`pixelwise.inference.fast`: BatchNorm
     folded, channels-last, bfloat16 where the device has bf16 kernels; ``compile`` adds
-    torch.compile; Mask R-CNN: ``optimize_for_inference`` in float32), ``onnx`` (onnxruntime on the
-    CPU: the file ``onnx``, or ``model`` exported and verified to a temporary file first), ``int8``
+    torch.compile; Mask R-CNN: ``optimize_for_inference``, in bfloat16 where the device has fast
+    bf16 kernels), ``onnx`` (onnxruntime on the CPU: the file ``onnx``, or ``model`` exported and
+    verified to a temporary file first), ``int8``
     (:mod:`pixelwise.inference.int8`, calibrated on :data:`INT8_CALIBRATION` smooth random images
     other than the timed one; ``calibrate_s`` reports how long that took).
     Returns ``img_per_s ms_per_img gflops_per_img achieved_gflops gemm_peak_gflops utilization
