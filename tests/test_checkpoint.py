@@ -142,3 +142,9 @@ def test_save_checkpoint_unwraps_wrappers_and_refuses_metadata_that_would_not_lo
         with pytest.raises(ValueError, match=words):
             save_checkpoint(tmp_path / "bad.safetensors", model, {**meta, **bad})
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_saving_onto_a_folder_is_named(tmp_path):
+    with pytest.raises(UserError, match="is a folder; give the name of a file"):
+        save_checkpoint(tmp_path, _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
+    assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")] == []

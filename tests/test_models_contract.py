@@ -68,3 +68,14 @@ def test_a_semantic_predictor_refuses_more_classes_than_a_mask_holds():
     with pytest.raises(UserError, match="256 classes; pixelwise's masks hold class ids 0-254"):
         SemanticPredictor(model, {"model": "unet", "num_classes": 256})
     assert SemanticPredictor(create_model("unet", 255, base_channels=4), {"num_classes": 255}).class_names[-1] == "254"
+
+
+def test_an_empty_pretrained_and_a_file_torch_did_not_write_are_named(tmp_path):
+    from pixelwise import create_model
+    from pixelwise.errors import UserError
+
+    with pytest.raises(UserError, match="pretrained is empty"):
+        create_model("unet", 3, pretrained="", base_channels=4)  # was silently random weights
+    (tmp_path / "notes.pth").write_text("hello")
+    with pytest.raises(UserError, match="not a file torch.save wrote, or it is damaged"):
+        create_model("unet", 3, pretrained=str(tmp_path / "notes.pth"), base_channels=4)

@@ -47,6 +47,8 @@ def atomic_write(path: str | Path, write) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path``, fsync, give it the permissions a
     plain ``open()`` would (0666 minus the umask), then rename it over ``path``."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the name of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -66,8 +66,11 @@ def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> d
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad or unsafe files
         text = str(e)
+        first = text.splitlines()[0][:200] if text else ""
+        said = f"{type(e).__name__}: {first}" if first else type(e).__name__
         reason = ("it holds Python objects besides tensors, which pixelwise never unpickles"
-                  if "Weights only load failed" in text else (text.splitlines()[0][:200] or type(e).__name__))
+                  if "Weights only load failed" in text
+                  else f"it is not a file torch.save wrote, or it is damaged ({said})")
         raise UserError(f"{path} is not a plain weights file torch can load safely (weights_only=True): "
                         f"{reason}") from None
     for key in ("state_dict", "model"):

@@ -163,6 +163,9 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, **k
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ModelOptionError(f"model {name!r}: num_classes must be a whole number >= 1, got {num_classes!r}")
     num_classes = int(num_classes)
+    if pretrained is not None and not str(pretrained).strip():
+        raise ModelOptionError(f"model {name!r}: pretrained is empty; give a tag such as imagenet, the path of a "
+                               "weights file, or None")
     _check_names_and_types(name, kwargs, f"model {name!r}")
     try:
         return info.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
