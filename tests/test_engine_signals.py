@@ -67,7 +67,7 @@ def test_sigint_saves_state_and_exits_130(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
-    assert "interrupted: saved" in stdout and "--resume continues" in stdout
+    assert "interrupted: saved" in stdout and f"pixelwise train --resume --out {out}` continues" in stdout
     load_checkpoint(out / "last.safetensors")
     from safetensors import safe_open
 

@@ -50,15 +50,16 @@ def predictive_entropy(probs: Tensor, dim: int = 1) -> Tensor:
 
 @torch.no_grad()
 def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str = "variance",
-               seed: int | None = 0) -> tuple[Tensor, Tensor]:
+               seed: int | None = None) -> tuple[Tensor, Tensor]:
     """Average ``samples`` stochastic forward passes of a semantic model.
 
     ``images``: ``Tensor[N, C, H, W]`` (preprocessed). Returns ``mean_probs`` ``Tensor[N, K, H, W]``
     (mean of the per-sample softmax) and ``uncertainty`` ``Tensor[N, H, W]``:
     ``measure="variance"`` (Bayesian SegNet's): the per-class variance of the sampled softmax,
     averaged over classes; ``"entropy"``: :func:`predictive_entropy` of ``mean_probs``.
-    ``seed``: the dropout masks are drawn from this seed (the caller's random state is left as it
-    was), so the same images give the same result run after run; None draws from the global state.
+    ``seed``: draw the dropout masks from this seed (the caller's random state is left as it was),
+    so the same images give the same result run after run; None (default) draws from the global
+    random state.
     Raises :class:`UserError` if the model has no dropout (its samples would all be equal).
     """
     if samples < 1:

@@ -228,7 +228,8 @@ class SemanticPredictor(Predictor):
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_samples:
-            return mc_dropout(self.model, x, self.mc_samples, measure="entropy")[0]
+            # seeded: predict --uncertainty and serve give the same masks and maps on every run
+            return mc_dropout(self.model, x, self.mc_samples, measure="entropy", seed=0)[0]
         return F.softmax(self.runner(x).float(), 1)
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
