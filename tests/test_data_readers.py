@@ -384,3 +384,16 @@ def test_folder_stems_with_dots_and_two_images_of_one_stem(tmp_path):
     _img(tmp_path / "images" / "scan.001.jpg", 6, 8)
     with pytest.raises(UserError, match="scan.001.jpg and scan.001.png have the same stem"):
         FolderDataset(tmp_path, "train")
+
+
+def test_coco_annotations_of_images_the_file_does_not_list_are_a_problem(tmp_path):
+    data = _coco_tree(tmp_path)
+    data["annotations"].append({**data["annotations"][0], "id": 40, "image_id": 77})  # no image 77
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    ds = COCOInstances(tmp_path, "val")
+    problems = ds.check()
+    assert len(problems) == 1 and "annotations of 1 image id(s) the file does not list under images: 77" in str(
+        problems[0])
+    assert len(ds.check_or_refuse(skip_invalid=True, purpose="train")) == 1 and len(ds) == 2  # the images stay
+    with pytest.raises(UserError, match="1 problem"):
+        COCOInstances(tmp_path, "val").check_or_refuse(skip_invalid=False, purpose="train")

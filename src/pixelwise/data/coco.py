@@ -74,6 +74,17 @@ class COCOInstances(FilePairDataset):
             self.items.append((str(self.image_dir / info["file_name"]), f"{self.ann_file}#{image_id}"))
         self._finish(skip_invalid)
 
+    def check(self, labels: bool = True, progress: bool | None = False) -> list[Problem]:
+        """Every image's problems, and annotations of image ids the file does not list (once per
+        file: their objects would silently go missing from training and scoring)."""
+        problems = super().check(labels=labels, progress=progress)
+        orphans = sorted({a.get("image_id") for a in self.coco.anns.values()} - set(self.coco.imgs), key=str)
+        if orphans:
+            shown = ", ".join(map(str, orphans[:5])) + (", ..." if len(orphans) > 5 else "")
+            problems.append(Problem(str(self.ann_file), f"annotations of {len(orphans)} image id(s) the file does "
+                                                        f"not list under images: {shown}"))
+        return problems
+
     @staticmethod
     def image_id_of(mask_ref: str | None) -> int:
         if mask_ref is None:  # every COCO item has an annotation ref; a missing one is a bug

@@ -289,7 +289,7 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
         if np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2]):
             return np.ascontiguousarray(rgb[:, :, 0])
         raise UserError(f"{path}: RGB colour mask but no palette is known; save it as a palette/index PNG "
-                        "or describe the colours in classes.json")
+                        "(pixel value = class id), or, for a folder dataset, describe the colours in classes.json")
     arr = np.asarray(img)
     if arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
         if arr.size and (arr.min() < 0 or arr.max() > 255):
