@@ -105,7 +105,8 @@ class COCOInstances(FilePairDataset):
         for a in anns:
             if a.get("iscrowd", 0) and a.get("segmentation"):
                 semantic[self.coco.annToMask(a) > 0] = IGNORE_INDEX
-        masks, labels, boxes, areas = [], [], [], []
+        # instances, and crowd regions: not trained on, scored as COCO scores them (neither right nor wrong)
+        found: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": []}
         crowd: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": []}
         for a in anns:
             if not a.get("segmentation") or a["category_id"] not in self.cat_to_label:
@@ -119,18 +120,14 @@ class COCOInstances(FilePairDataset):
             if bw < 1 or bh < 1 or not m.any():
                 continue
             label = self.cat_to_label[a["category_id"]]
-            into = crowd if a.get("iscrowd", 0) else None
-            if into is None:
+            into = crowd if a.get("iscrowd", 0) else found
+            if into is found:
                 semantic[m] = label
-                masks.append(m)
-                labels.append(label)
-                boxes.append((x, y, x + bw, y + bh))
-                areas.append(float(a.get("area", m.sum())))
-            else:  # not trained on; scored as COCO scores it (a detection there is neither right nor wrong)
-                into["masks"].append(m)
-                into["labels"].append(label)
-                into["boxes"].append((x, y, x + bw, y + bh))
-                into["areas"].append(float(a.get("area", m.sum())))
+            into["masks"].append(m)
+            into["labels"].append(label)
+            into["boxes"].append((x, y, x + bw, y + bh))
+            into["areas"].append(float(a.get("area", m.sum())))
+        masks, labels, boxes, areas = found["masks"], found["labels"], found["boxes"], found["areas"]
         return Sample(
             image=image, mask=semantic, name=Path(image_ref).stem,
             instance_masks=np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool),
