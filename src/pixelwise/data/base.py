@@ -69,6 +69,11 @@ class SegmentationDataset(Dataset):
         """The raw sample, without augmentation."""
         raise NotImplementedError
 
+    def has_instances(self) -> bool:
+        """Whether the samples carry instance annotations (what an instance model trains and is
+        scored on); read off the first sample. An empty dataset answers True: nothing to refuse."""
+        return len(self) == 0 or self.load(0).instance_masks is not None
+
     def check(self) -> list[Problem]:
         """Cheap validation (headers and sizes, not full decodes). Default: nothing to check."""
         return []

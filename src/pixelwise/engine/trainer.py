@@ -433,7 +433,7 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     select = select_key(cfg.select_by, task)
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg)
-    if task == "instance" and len(train_ds) and train_ds.load(0).instance_masks is None:
+    if task == "instance" and not train_ds.has_instances():
         raise UserError(f"{cfg.model} is an instance model, and {cfg.dataset} data has no instance annotations to "
                         "train it on; train it on shapes or coco, or choose a semantic model")
     if select in LOWER_IS_BETTER and val_ds.rand_foreground is None:

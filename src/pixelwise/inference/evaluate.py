@@ -128,7 +128,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
         predictor.score_thresh = 0.0  # AP ranks every detection
     skipped = ds.check_or_refuse(skip_invalid, "evaluate")
     if isinstance(predictor, InstancePredictor):
-        if len(ds) and ds.load(0).instance_masks is None:
+        if not ds.has_instances():
             raise UserError(f"{paths[0]} holds an instance model ({predictor.meta.get('model')}), and {dataset} data "
                             "has no instance annotations to score it on; evaluate it on a dataset with instances "
                             "(shapes, coco)")
