@@ -174,13 +174,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _writable_out(path: str, overwrite: bool) -> Path:
-    """``--out FILE`` checked before any work as :func:`check_output_file` checks ``--json``, its
-    folder created, and an existing file replaced only with ``--overwrite``."""
+    """``--out FILE`` checked before any work as :func:`check_output_file` checks ``--json``, and
+    an existing file replaced only with ``--overwrite``. Its folder is made when the file is
+    written (``checkpoint.atomic_write``), so a refused export leaves none behind."""
     check_output_file(path, "--out", [])
     out = Path(path)
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
