@@ -251,7 +251,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.int8:
         calibration = calibration_batches(calibration_images(args, "--int8"), input_spec_from_meta(meta, model),
                                           crop=calibration_sizes(args)[1])
-    min_agreement = args.min_agreement or (INT8_MIN_AGREEMENT if args.int8 else MIN_AGREEMENT)  # 0 is refused above
+    min_agreement = args.min_agreement
+    if min_agreement is None:
+        min_agreement = INT8_MIN_AGREEMENT if args.int8 else MIN_AGREEMENT
     report = export_onnx(model, out, meta, model_name=meta.get("model", ""), opset=args.opset, fp16=args.fp16,
                          calibration=calibration, min_agreement=min_agreement)
     print(report.summary())
