@@ -115,7 +115,7 @@ def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(
     from pycocotools.cocoeval import COCOeval
 
     from pixelwise.data import build_dataset
-    from pixelwise.inference.evaluate import sample_target
+    from pixelwise.data import sample_target
 
     h, w = 48, 64
     (tmp_path / "annotations").mkdir()
@@ -164,3 +164,30 @@ def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(
             value = ours[f"{prefix}_{name}"]
             assert (math.isnan(value) and reference < 0) or value == pytest.approx(reference, abs=1e-9), (prefix, name)
     assert ours["mask_AP"] < 1  # the shifted extra detection costs something; the crowd ones cost nothing
+
+    # training's validation (which picks best.safetensors) scores against the same ground truth
+    from torch.utils.data import DataLoader
+
+    from pixelwise.data import collate
+    from pixelwise.engine.validate import ScoredInstances, validate_instances
+
+    class Replay(torch.nn.Module):
+        """Answers with the detections above, in order; a constant loss when given targets."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+
+        def forward(self, images, targets=None):
+            if targets is not None:
+                assert all(t["masks"].shape[0] == 2 for t in targets)  # the loss sees the instances only
+                return {"loss": torch.tensor(0.5)}
+            out = predictions[self.seen:self.seen + len(images)]
+            self.seen += len(images)
+            return [{k: (v[:, None].float() if k == "masks" else v) for k, v in p.items()} for p in out]
+
+    loader = DataLoader(ScoredInstances(ds), batch_size=2, collate_fn=collate)
+    validated = validate_instances(Replay(), loader, ds, torch.device("cpu"), show=False)
+    assert validated["loss"] == pytest.approx(0.5)
+    for key, value in ours.items():
+        assert (math.isnan(value) and math.isnan(validated[key])) or validated[key] == pytest.approx(value), key

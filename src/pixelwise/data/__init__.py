@@ -8,7 +8,7 @@ from collections.abc import Callable
 from inspect import signature
 
 from pixelwise.data.ade20k import ADE20K
-from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset, collate
+from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset, collate, sample_target
 from pixelwise.data.camvid import CamVid
 from pixelwise.data.cityscapes import Cityscapes
 from pixelwise.data.coco import COCOInstances
@@ -69,4 +69,5 @@ def _check_common(kind: str, kwargs: dict) -> None:
                             f"{', each > 0' if key == 'std' else ''}), e.g. {example}, got {value!r}")
 
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "Problem", "Sample", "SegmentationDataset", "build_dataset", "collate"]
+__all__ = ["DATASETS", "IGNORE_INDEX", "Problem", "Sample", "SegmentationDataset", "build_dataset", "collate",
+           "sample_target"]

@@ -24,7 +24,7 @@ from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, preproc
 from pixelwise.sample import IGNORE_INDEX, Sample, boxes_from_masks
 
 __all__ = ["IGNORE_INDEX", "Compose", "Problem", "Sample", "SegmentationDataset", "boxes_from_masks", "collate",
-           "sample_to_tensors"]
+           "sample_target", "sample_to_tensors"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,24 @@ def sample_to_tensors(sample: Sample, spec: InputSpec = InputSpec()) -> dict:  #
             "boxes": torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),
         }
     return out
+
+
+def sample_target(sample: Sample) -> dict[str, torch.Tensor]:
+    """Ground-truth instances of a raw sample as tensors (masks bool[K, H, W]); where the reader
+    gives them (COCO), also its crowd regions after the instances (``iscrowd`` 1) and the
+    annotations' own ``area``, which COCO's evaluation uses (crowd matching, size ranges)."""
+    target = {"boxes": torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),
+              "labels": torch.as_tensor(sample.instance_labels, dtype=torch.int64),
+              "masks": torch.as_tensor(sample.instance_masks, dtype=torch.bool)}
+    crowd, areas = sample.meta.get("crowd"), sample.meta.get("areas")
+    if crowd is None or areas is None:
+        return target
+    k, c = len(target["labels"]), len(crowd["labels"])
+    return {"boxes": torch.cat([target["boxes"], torch.as_tensor(crowd["boxes"], dtype=torch.float32).reshape(-1, 4)]),
+            "labels": torch.cat([target["labels"], torch.as_tensor(crowd["labels"], dtype=torch.int64)]),
+            "masks": torch.cat([target["masks"], torch.as_tensor(crowd["masks"], dtype=torch.bool)]),
+            "iscrowd": torch.cat([torch.zeros(k, dtype=torch.int64), torch.ones(c, dtype=torch.int64)]),
+            "area": torch.as_tensor([*areas, *crowd["areas"]], dtype=torch.float64)}
 
 
 def collate(batch: list[dict]) -> dict:

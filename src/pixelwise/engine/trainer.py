@@ -83,7 +83,7 @@ from pixelwise.engine.config import (
 from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
-from pixelwise.engine.validate import eval_collate, to_device, validate_instances, validate_semantic
+from pixelwise.engine.validate import ScoredInstances, eval_collate, to_device, validate_instances, validate_semantic
 from pixelwise.errors import UserError
 from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
@@ -758,7 +758,8 @@ def evaluate(run: Run) -> dict:
                                  rand_foreground=run.val_ds.rand_foreground)
     metrics = None
     if run.info.is_main:
-        loader = DataLoader(run.val_ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+        loader = DataLoader(ScoredInstances(run.val_ds), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            collate_fn=collate)
         metrics = validate_instances(run.saved, loader, run.val_ds, run.device, show=run.show)
     return dist.broadcast_object(metrics)
 

@@ -5,7 +5,9 @@ through the model's input contract (``preprocess``, which may resize them), the 
 brought back to each label mask's full resolution (:func:`pixelwise.preprocess.upsample_probs`)
 and the metrics come from one confusion matrix; data with a ``rand_foreground`` class (ISBI 2012)
 also gets ``pixel_error``, ``pixel_error_best``, ``rand_error`` and ``rand_error_best``, as
-``pixelwise eval`` computes them. Instance models get COCO box and mask AP.
+``pixelwise eval`` computes them. Instance models get COCO box and mask AP, scored against the
+ground truth ``pixelwise eval`` scores against (:class:`ScoredInstances`: COCO's crowd regions and
+annotation areas included).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from pixelwise.coco_eval import coco_evaluate
-from pixelwise.data import SegmentationDataset, collate
+from pixelwise.data import SegmentationDataset, collate, sample_target
+from pixelwise.data.base import sample_to_tensors
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.precision import autocast
 from pixelwise.metrics import ChallengeMeter, ConfusionMeter, pixel_error
@@ -98,6 +102,24 @@ def validate_semantic(model: nn.Module, loader: Iterable, num_classes: int, devi
     return metrics
 
 
+class ScoredInstances(Dataset):
+    """An instance dataset's validation samples as tensors (``dataset[i]``, no augmentation), each
+    with ``scored``: its ground truth as COCO scores it (:func:`~pixelwise.data.sample_target`,
+    crowd regions included). ``target``, the training target, gives the validation loss."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset.load(index)
+        out = sample_to_tensors(sample, self.dataset.input_spec)
+        out["scored"] = sample_target(sample)
+        return out
+
+
 def _to_cpu(d: dict) -> dict:
     return {k: v.detach().cpu() for k, v in d.items()}
 
@@ -105,7 +127,8 @@ def _to_cpu(d: dict) -> dict:
 @torch.no_grad()
 def validate_instances(model: nn.Module, loader: Iterable, dataset: SegmentationDataset,
                        device: torch.device, show: bool = True) -> dict:
-    """Validation loss (the losses' sum, same call as in training) and COCO box/mask AP."""
+    """Validation loss (the losses' sum, same call as in training) and COCO box/mask AP against
+    each batch's ``scored`` ground truth (a loader over :class:`ScoredInstances`)."""
     model.eval()
     predictions, targets = [], []
     loss_sum, n = 0.0, 0
@@ -115,7 +138,7 @@ def validate_instances(model: nn.Module, loader: Iterable, dataset: Segmentation
         loss_sum += float(sum(model(images, batch_targets).values())) * len(images)
         n += len(images)
         predictions += [_to_cpu(p) for p in model(images)]
-        targets += [_to_cpu(t) for t in batch["target"]]
+        targets += [_to_cpu(t) for t in batch["scored"]]
     metrics = coco_evaluate(predictions, targets, class_ids=range(1, dataset.num_classes))
     metrics["loss"] = loss_sum / max(n, 1)
     return metrics

@@ -24,32 +24,13 @@ import torch
 
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate
-from pixelwise.data import SegmentationDataset, build_dataset
+from pixelwise.data import SegmentationDataset, build_dataset, sample_target
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.ensemble import from_checkpoints
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.metrics import BFMeter, ChallengeMeter, ConfusionMeter, pixel_error
 from pixelwise.runtime import progress as progress_bar
-from pixelwise.sample import Sample
-
-
-def sample_target(sample: Sample) -> dict[str, torch.Tensor]:
-    """Ground-truth instances of a raw sample as tensors (masks bool[K, H, W]); where the reader
-    gives them (COCO), also its crowd regions after the instances (``iscrowd`` 1) and the
-    annotations' own ``area``, which COCO's evaluation uses (crowd matching, size ranges)."""
-    target = {"boxes": torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),
-              "labels": torch.as_tensor(sample.instance_labels, dtype=torch.int64),
-              "masks": torch.as_tensor(sample.instance_masks, dtype=torch.bool)}
-    crowd, areas = sample.meta.get("crowd"), sample.meta.get("areas")
-    if crowd is None or areas is None:
-        return target
-    k, c = len(target["labels"]), len(crowd["labels"])
-    return {"boxes": torch.cat([target["boxes"], torch.as_tensor(crowd["boxes"], dtype=torch.float32).reshape(-1, 4)]),
-            "labels": torch.cat([target["labels"], torch.as_tensor(crowd["labels"], dtype=torch.int64)]),
-            "masks": torch.cat([target["masks"], torch.as_tensor(crowd["masks"], dtype=torch.bool)]),
-            "iscrowd": torch.cat([torch.zeros(k, dtype=torch.int64), torch.ones(c, dtype=torch.int64)]),
-            "area": torch.as_tensor([*areas, *crowd["areas"]], dtype=torch.float64)}
 
 
 def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,
