@@ -25,6 +25,7 @@ httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI a
 
 from pixelwise.inference import cancel  # noqa: E402
 from pixelwise.inference.predictor import SemanticPredictor  # noqa: E402
+from pixelwise.inference.writers import instance_colors  # noqa: E402
 from pixelwise.serve.app import create_app, with_options  # noqa: E402 - after the skips
 from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  # noqa: E402
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
@@ -164,7 +165,9 @@ def test_api_instances_equal_the_files_predict_writes(instance_checkpoint, tmp_p
     body = r.json()
     expected = json.loads((out / "scene.json").read_text())
     assert body["task"] == "instance" and len(expected["instances"]) > 0
+    colors = [instance.pop("color") for instance in body["instances"]]  # the API adds each one's overlay colour
     assert body["instances"] == expected["instances"]
+    assert colors == [list(c) for c in instance_colors(len(colors))] and len(set(map(tuple, colors))) == len(colors)
     assert base64.b64decode(body["mask_png_base64"]) == (out / "scene.png").read_bytes()
     assert np.array_equal(np.asarray(decode_png(body["overlay_png_base64"])),
                           np.asarray(Image.open(out / "scene_overlay.png")))
@@ -200,9 +203,16 @@ def test_samples_from_a_folder(predictor, tmp_path):
     Image.fromarray(noise(20, 30)).save(tmp_path / "street.png")
     Image.fromarray(np.full((20, 30), 2, np.uint8)).save(tmp_path / "masks" / "street.png")
     (tmp_path / "notes.txt").write_text("not an image")
+    scan = np.random.default_rng(1).integers(0, 65535, (24, 36), dtype=np.uint16)
+    Image.fromarray(scan).save(tmp_path / "scan.tif")  # 16-bit TIFF: no browser shows it
     app = create_app(predictor, ServeConfig(samples_dir=tmp_path))
     samples = request(app, "GET", "/api/info").json()["samples"]
-    assert [s["name"] for s in samples] == ["street.png"] and samples[0]["ground_truth_url"]
+    assert [s["name"] for s in samples] == ["scan.tif", "street.png"] and samples[1]["ground_truth_url"]
+    tif = request(app, "GET", samples[0]["url"])
+    assert tif.headers["content-type"] == "image/png"  # offered as a PNG of the same decoded pixels
+    direct = post_image(app, (tmp_path / "scan.tif").read_bytes(), "scan.tif", "image/tiff").json()
+    via_sample = post_image(app, tif.content, "scan.tif").json()
+    assert direct["mask_png_base64"] == via_sample["mask_png_base64"]
 
 
 def test_page_and_docs_load_nothing_from_other_hosts(predictor):
@@ -256,6 +266,10 @@ def _truncated(fmt):
     (lambda: png_bytes(noise(32, 32)), "image/png", {"overlap": "1.5"}, 422, "overlap"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"tta": "sideways"}, 422, "tta"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"uncertainty": "maybe"}, 422, "uncertainty"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"overlay": "maybe"}, 422, "overlay"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"return_image": "2"}, 422, "return_image"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"tile": "16.5"}, 422, "whole number"),
+    (lambda: png_bytes(noise(32, 32)), "image/png", {"overlap": "nan"}, 422, "overlap must be a number"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"tt": "flip"}, 422, "unknown form field 'tt'"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"TTA": "flip"}, 422, "unknown form field 'TTA'"),
 ])
@@ -339,6 +353,45 @@ def test_images_over_the_pixel_limit_are_413_before_decoding(predictor):
     small = create_app(predictor, ServeConfig(max_pixels=1000), samples=[])
     r = post_image(small, png_bytes(noise(40, 50)))
     assert r.status_code == 413 and "2,000 pixels" in r.json()["detail"]
+
+
+def test_a_pixel_limit_above_pils_own_is_the_one_applied(predictor):
+    from pixelwise.data.io import set_max_image_pixels
+
+    try:
+        app = create_app(predictor, ServeConfig(max_pixels=500_000_000), samples=[])
+        r = post_image(app, _png_header_only(20_000, 10_000))  # 200 MP: above twice PIL's default guard
+        assert r.status_code == 400 and "truncated" in r.json()["detail"], r.text  # decoded, not refused by size
+        r = post_image(app, _png_header_only(30_000, 20_000))
+        assert r.status_code == 413 and "600,000,000 pixels" in r.json()["detail"] and "500,000,000" in r.text
+    finally:
+        set_max_image_pixels(None)
+    r = post_image(create_app(predictor, samples=[]), _png_header_only(100_000, 100_000))  # PIL's guard fires
+    assert r.status_code == 413 and "limit of 40,000,000 (pixelwise serve --max-pixels" in r.json()["detail"]
+
+
+def test_overlay_and_the_decoded_image_are_returned_as_asked(predictor, tmp_path):
+    from pixelwise.data.io import read_image
+
+    photo = noise(30, 44, seed=5)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: 44 high, 30 wide
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(photo).save(path, format="JPEG", exif=exif.tobytes(), quality=95)
+    app = create_app(predictor, samples=[])
+    default = post_image(app, path.read_bytes(), "turned.jpg", "image/jpeg").json()
+    assert default["overlay_png_base64"] and default["image_png_base64"] is None
+    lean = post_image(app, path.read_bytes(), "turned.jpg", "image/jpeg",
+                      fields={"overlay": "false", "return_image": "true"}).json()
+    assert lean["overlay_png_base64"] is None and lean["mask_png_base64"] == default["mask_png_base64"]
+    shown = np.asarray(decode_png(lean["image_png_base64"]))
+    assert shown.shape == (44, 30, 3) == (lean["height"], lean["width"], 3)
+    assert np.array_equal(shown, read_image(path))  # the pixels predict reads, orientation applied
+
+
+def test_whole_number_fields_take_what_a_browser_number_field_sends(predictor):
+    r = post_image(create_app(predictor, samples=[]), png_bytes(noise(40, 40)), fields={"tile": "3.2e1"})
+    assert r.status_code == 200 and r.json()["options"]["tile"] == 32, r.text
 
 
 def test_uploads_are_never_written_to_disk_unless_asked(predictor, tmp_path, monkeypatch):
@@ -623,6 +676,33 @@ def test_a_cancelled_job_stops_at_its_next_batch_and_a_waiting_one_never_runs():
 
     asyncio.run(scenario())
     assert "never" not in batches and 0 < len(batches) < 10_000
+    pool.close()
+
+
+def test_the_time_limit_answers_at_once_even_inside_one_long_model_batch():
+    """A whole image is one model batch, which cannot be stopped midway: the request is answered
+    when its time is up, and the job keeps its place until its thread is free again."""
+    import time
+
+    pool = InferencePool(workers=1, queue=4, timeout=0.3)
+    release = threading.Event()
+
+    async def scenario():
+        t0 = time.monotonic()
+        with pytest.raises(cancel.TimedOut, match="limit of 0.3 s"):
+            await pool.run(pool.admit(), release.wait, 30)  # one long call that never checks
+        waited = time.monotonic() - t0
+        assert pool.stats()["running"] == 1  # still in its thread: its place is not given away
+        release.set()
+        await wait_for(lambda: pool.stats()["running"] + pool.stats()["waiting"] == 0, "the place given back")
+        # time spent waiting for a worker does not count against a job's limit
+        first = asyncio.ensure_future(pool.run(pool.admit(), time.sleep, 0.25))
+        second = await pool.run(pool.admit(), lambda: "ran")
+        await first
+        return waited, second
+
+    waited, second = asyncio.run(scenario())
+    assert waited < 2.0 and second == "ran"
     pool.close()
 
 

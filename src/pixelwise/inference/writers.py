@@ -273,9 +273,15 @@ def instance_maps(masks: np.ndarray, labels: np.ndarray, shape: tuple[int, int])
     return classes, ids
 
 
+def instance_colors(count: int) -> list[tuple[int, int, int]]:
+    """The overlay colour of each of ``count`` instances (by decreasing score): one colour per
+    instance, so that touching objects of one class stay apart."""
+    return default_palette(count + 8)[8:]  # skip the darkest entries
+
+
 def draw_instances(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                    scores: np.ndarray, class_names: list[str], alpha: float = 0.45) -> Image.Image:
-    colours = default_palette(len(masks) + 8)[8:]  # skip the darkest entries
+    colours = instance_colors(len(masks))
     out = image.astype(np.float32)
     for k in range(len(masks) - 1, -1, -1):
         out[masks[k]] = out[masks[k]] * (1 - alpha) + np.array(colours[k], np.float32) * alpha

@@ -22,12 +22,14 @@ import hmac
 import html
 import inspect
 import logging
+import math
 import re
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,11 +40,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from pixelwise._version import __version__
+from pixelwise.data.io import set_max_image_pixels
 from pixelwise.errors import UserError
+from pixelwise.inference import cancel
 from pixelwise.inference.cancel import TimedOut
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
@@ -83,6 +88,7 @@ class Instance(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in pixels")
     area: int
     segmentation: dict = Field(description="COCO RLE: {size: [h, w], counts: string}")
+    color: list[int] = Field(description="r, g, b: the instance's colour in the overlay")
 
 
 class ClassScore(BaseModel):
@@ -108,8 +114,11 @@ class PredictResponse(BaseModel):
     height: int
     classes: list[ClassShare]
     mask_png_base64: str = Field(description="the palette-indexed PNG `pixelwise predict` writes: pixel = class id")
-    overlay_png_base64: str = Field(description="the overlay PNG `pixelwise predict` writes")
+    overlay_png_base64: str | None = Field(description="the overlay PNG `pixelwise predict` writes (null when "
+                                                       "the form's overlay is false)")
     uncertainty_png_base64: str | None = Field(description="8-bit predictive entropy (255 = log C), when asked for")
+    image_png_base64: str | None = Field(description="the decoded image (EXIF orientation applied, the pixels "
+                                                     "the model saw) as a PNG, when the form's return_image is true")
     instances: list[Instance] | None = Field(None, description="instance models: predict's <stem>.json instances")
     metrics: Metrics | None = Field(None, description="when a ground_truth mask was sent")
     options: dict = Field(description="the prediction options used")
@@ -142,6 +151,12 @@ PREDICT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"m
         "uncertainty": {"type": "boolean", "description": "semantic: also return the uncertainty map (Monte-Carlo "
                         "dropout for models with dropout, else the softmax's entropy)"},
         "score_thresh": {"type": "number", "description": "instance: keep detections scoring at least this"},
+        "overlay": {"type": "boolean", "default": True,
+                    "description": "return the overlay PNG (false: overlay_png_base64 is null; the mask is enough "
+                                   "to draw one)"},
+        "return_image": {"type": "boolean", "default": False,
+                         "description": "also return the decoded image as a PNG (image_png_base64), for clients that "
+                                        "cannot show the upload's format, such as TIFF or PPM in a browser"},
         "ground_truth": {"type": "string", "format": "binary",
                          "description": "a mask of the same size (index PNG, 255 = ignore, or colours of the "
                                         "model's palette): adds per-class IoU and the confusion matrix"},
@@ -165,8 +180,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 FORM_FIELDS = frozenset(PREDICT_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"])
 
 
-def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str, Any], bool]:
-    """The form's prediction options -> (options by the predictor's parameter names, uncertainty).
+@dataclass(frozen=True)
+class Wanted:
+    """What a request asks to get back besides the mask."""
+
+    uncertainty: bool = False
+    overlay: bool = True
+    image: bool = False
+
+
+def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str, Any], Wanted]:
+    """The form's fields -> (prediction options by the predictor's parameter names, what to return).
     Values that cannot be parsed are 422; options the predictor does not take are checked by
     :func:`with_options`."""
     unknown = sorted(set(form) - FORM_FIELDS)
@@ -178,10 +202,13 @@ def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str
         if name in form and form[name].text() != "":
             text = form[name].text()
             try:
-                options[name] = kind(text)
+                value = float(text)
+                if not math.isfinite(value) or (kind is int and not value.is_integer()):
+                    raise ValueError
             except ValueError:
                 what = "a whole number" if kind is int else "a number"
                 raise UploadError(422, f"{name} must be {what}, got {text!r}") from None
+            options[name] = kind(value)  # 1e3 as a browser's number field may send it: 1000
 
     number("tile", int)
     number("overlap", float)
@@ -198,15 +225,18 @@ def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str
             options["tta"] = None
         else:
             raise UploadError(422, f"tta must be one of none, {', '.join(TTA_MODES)}; got {text!r}")
-    uncertainty = False
-    if "uncertainty" in form:
-        text = form["uncertainty"].text().lower()
+    def flag(name: str, default: bool) -> bool:
+        if name not in form:
+            return default
+        text = form[name].text().lower()
         if text not in TRUE | FALSE:
-            raise UploadError(422, f"uncertainty must be true or false, got {text!r}")
-        uncertainty = text in TRUE
-    if uncertainty and not isinstance(predictor, SemanticPredictor):
+            raise UploadError(422, f"{name} must be true or false, got {text!r}")
+        return text in TRUE
+
+    wanted = Wanted(flag("uncertainty", False), flag("overlay", True), flag("return_image", False))
+    if wanted.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UploadError(422, "uncertainty applies to semantic models only")
-    return options, uncertainty
+    return options, wanted
 
 
 RUNNER_OPTIONS = ("mode", "mc_samples")  # what a predictor's runner is built from (inference.fast.make_runner)
@@ -320,7 +350,7 @@ class Service:
             raise UploadError(422, detail) from None
         return predictor
 
-    def predict(self, image_part: Part, truth_part: Part | None, options: dict[str, Any], uncertainty: bool,
+    def predict(self, image_part: Part, truth_part: Part | None, options: dict[str, Any], wanted: Wanted,
                 admitted: float) -> dict:
         """One request's work, in a worker thread: decode, predict, encode, score."""
         start = time.perf_counter()
@@ -339,13 +369,17 @@ class Service:
                                        "or a colour outside the model's palette; send a mask of class ids, or "
                                        "one coloured with the model's palette (GET /api/info)")
         with self._model_lock:  # a predictor's constructor sets the shared model's modes too
-            predictor = self.predictor_for(options, uncertainty)
+            predictor = self.predictor_for(options, wanted.uncertainty)
             if isinstance(predictor, SemanticPredictor):
-                pred = predictor.predict(image, uncertainty=uncertainty)
-                out, mask = semantic_result(image, pred, p.class_names, p.palette), pred.mask
+                pred = predictor.predict(image, uncertainty=wanted.uncertainty)
+                cancel.check()  # stopped during its last model batch: no need to encode the answer
+                out = semantic_result(image, pred, p.class_names, p.palette, wanted.overlay, wanted.image)
+                mask = pred.mask
             else:
                 assert isinstance(predictor, InstancePredictor)
-                out, mask = instance_result(image, predictor.predict(image), p.class_names, p.palette)
+                det = predictor.predict(image)
+                cancel.check()
+                out, mask = instance_result(image, det, p.class_names, p.palette, wanted.overlay, wanted.image)
         if truth is not None:
             out["metrics"] = compare(mask, truth, p.class_names)
         out["options"] = options_of(predictor)
@@ -362,6 +396,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
     """The page and the API around ``predictor``. ``samples``: the page's sample images (default:
     ``config.samples_dir``'s, else held-out synthetic scenes)."""
     config = config or ServeConfig()
+    if Image.MAX_IMAGE_PIXELS is not None and config.max_pixels > Image.MAX_IMAGE_PIXELS:
+        set_max_image_pixels(config.max_pixels)  # else PIL's own guard refuses images the server accepts
     if samples is None:
         if config.samples_dir is not None:
             samples, problems = folder_samples(config.samples_dir, config.max_pixels, predictor.palette,
@@ -468,9 +504,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
                 if truth.filename:  # a file was chosen and it is empty (the page's empty input has no name)
                     raise UploadError(400, "the ground-truth mask is empty")
                 truth = None
-            options, uncertainty = parse_options(form, predictor)
+            options, wanted = parse_options(form, predictor)
             job = asyncio.ensure_future(service.pool.run(ticket, service.predict, image, truth, options,
-                                                         uncertainty, admitted))
+                                                         wanted, admitted))
             gone = asyncio.ensure_future(_disconnected(request))
             try:  # a client that goes away cancels its job: no worker predicts for nobody
                 await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)

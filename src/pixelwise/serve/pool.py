@@ -12,6 +12,7 @@ client that went away (:meth:`InferencePool.run`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pixelwise.inference.cancel import cancellable
+from pixelwise.inference.cancel import TimedOut, cancellable
 
 T = TypeVar("T")
 
@@ -82,12 +83,19 @@ class InferencePool:
     async def run(self, ticket: Ticket, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in a worker thread; the ticket is released when it returns or raises.
 
-        Cancelling the awaiting task (the client went away, the time limit passed, the server
-        stops) drops the job if it is still waiting, and otherwise stops it at its next model
-        batch (:mod:`pixelwise.inference.cancel`), so no thread goes on working for nobody."""
+        Cancelling the awaiting task (the client went away, the server stops) drops the job if it
+        is still waiting, and otherwise stops it at its next model batch
+        (:mod:`pixelwise.inference.cancel`), so no thread goes on working for nobody. A job that
+        runs past ``timeout`` raises :class:`TimedOut` here at once, even when its model is in the
+        middle of one long forward pass (a whole image); its thread stops at its next model batch
+        and keeps its place in the pool until then."""
         stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
 
         def job() -> T:
+            with contextlib.suppress(RuntimeError):  # the loop may have closed while the job waited
+                loop.call_soon_threadsafe(started.set)
             with self._lock:
                 self._running += 1
             start = time.perf_counter()
@@ -104,13 +112,29 @@ class InferencePool:
 
         future = self._executor.submit(job)
         ticket.submitted = True
+        result = asyncio.wrap_future(future)
+        limit: asyncio.Future[Any] = asyncio.ensure_future(self._time_limit(started))
         try:
-            return await asyncio.wrap_future(future)
+            await asyncio.wait([result, limit], return_when=asyncio.FIRST_COMPLETED)
+            if not result.done():
+                stop.set()
+                raise TimedOut(f"the prediction ran longer than the server's limit of {self.timeout:g} s")
+            return result.result()
         except asyncio.CancelledError:
             stop.set()
             if future.cancel():  # it never started, so job() will not release the ticket
                 ticket.release()
             raise
+        finally:
+            limit.cancel()
+
+    async def _time_limit(self, started: asyncio.Event) -> None:
+        """Returns ``timeout`` seconds after the job started (never without a timeout)."""
+        await started.wait()
+        if self.timeout is None:
+            await asyncio.Event().wait()  # forever
+        else:
+            await asyncio.sleep(self.timeout)
 
     def stats(self) -> dict[str, int]:
         """``workers queue running waiting`` (waiting: admitted, not yet running)."""

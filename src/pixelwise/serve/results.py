@@ -20,7 +20,7 @@ from PIL import Image
 from pixelwise.data.io import encode_png
 from pixelwise.data.palette import overlay
 from pixelwise.inference.predictor import Prediction
-from pixelwise.inference.writers import draw_instances, entropy_to_gray, instance_maps, instances_json
+from pixelwise.inference.writers import draw_instances, entropy_to_gray, instance_colors, instance_maps, instances_json
 from pixelwise.metrics import confusion_matrix, segmentation_metrics
 
 
@@ -68,28 +68,38 @@ def compare(mask: np.ndarray, truth: np.ndarray, class_names: list[str]) -> dict
 
 
 def semantic_result(image: np.ndarray, pred: Prediction, class_names: list[str],
-                    palette: Sequence[Sequence[int]]) -> dict:
+                    palette: Sequence[Sequence[int]], with_overlay: bool = True, with_image: bool = False) -> dict:
+    """The answer to one image: mask PNG, class shares, the uncertainty PNG where predicted, and,
+    as asked, the overlay PNG and the decoded image as a PNG (else null)."""
     h, w = pred.mask.shape
     pal = [(int(c[0]), int(c[1]), int(c[2])) for c in palette]
     out = {"task": "semantic", "width": w, "height": h, "classes": class_shares(pred.mask, class_names, palette),
            "mask_png_base64": b64(mask_png(pred.mask, palette)),
-           "overlay_png_base64": b64(png(Image.fromarray(overlay(image, pred.mask, pal)))),
-           "uncertainty_png_base64": None}
+           "overlay_png_base64": b64(png(Image.fromarray(overlay(image, pred.mask, pal)))) if with_overlay else None,
+           "uncertainty_png_base64": None, "image_png_base64": b64(png(Image.fromarray(image))) if with_image else None}
     if pred.uncertainty is not None:
         out["uncertainty_png_base64"] = b64(uncertainty_png(pred.uncertainty, len(class_names)))
     return out
 
 
 def instance_result(image: np.ndarray, det: dict[str, torch.Tensor], class_names: list[str],
-                    palette: Sequence[Sequence[int]]) -> tuple[dict, np.ndarray]:
+                    palette: Sequence[Sequence[int]], with_overlay: bool = True,
+                    with_image: bool = False) -> tuple[dict, np.ndarray]:
     """-> (the JSON, the class mask): predict's ``<stem>.png`` (each pixel the class of the
-    highest-scoring instance covering it), its overlay and its ``<stem>.json`` instances."""
+    highest-scoring instance covering it), its ``<stem>.json`` instances, each with ``color``, its
+    colour in the overlay, and as asked the overlay and the decoded image as PNGs (else null)."""
     masks, labels = det["masks"].numpy(), det["labels"].numpy()
     classes, _ = instance_maps(masks, labels, image.shape[:2])
-    drawn = draw_instances(image, masks, det["boxes"].numpy(), labels, det["scores"].numpy(), class_names)
     doc = instances_json(det, image.shape, class_names)
+    for instance, color in zip(doc["instances"], instance_colors(len(masks))):
+        instance["color"] = [int(v) for v in color]
+    drawn = None
+    if with_overlay:
+        drawn = b64(png(draw_instances(image, masks, det["boxes"].numpy(), labels, det["scores"].numpy(),
+                                       class_names)))
     out = {"task": "instance", "width": doc["width"], "height": doc["height"],
            "classes": class_shares(classes, class_names, palette),
-           "mask_png_base64": b64(mask_png(classes, palette)), "overlay_png_base64": b64(png(drawn)),
-           "uncertainty_png_base64": None, "instances": doc["instances"]}
+           "mask_png_base64": b64(mask_png(classes, palette)), "overlay_png_base64": drawn,
+           "uncertainty_png_base64": None, "image_png_base64": b64(png(Image.fromarray(image))) if with_image else None,
+           "instances": doc["instances"]}
     return out, classes

@@ -4,6 +4,7 @@ seed, so nothing is downloaded or stored)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pixelwise.serve.results import mask_png, png
 from pixelwise.serve.uploads import UploadError, decode_image, decode_mask
 
 MAX_SAMPLES = 24
+BROWSER_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "BMP", "WEBP"})  # what browsers show (PIL's names)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ def shapes_samples(class_names: Sequence[str], count: int = 3, size: int = 128) 
 def folder_samples(folder: Path, max_pixels: int, palette: Sequence[Sequence[int]],
                    num_classes: int) -> tuple[list[Sample], list[str]]:
     """The images directly in ``folder`` (sorted, at most :data:`MAX_SAMPLES`), each with
-    ``folder/masks/<stem>.png`` as ground truth when that exists and fits. -> (samples, problems)."""
+    ``folder/masks/<stem>.png`` as ground truth when that exists and fits; an image in a format
+    browsers do not show (TIFF, PPM) is offered as a PNG of its decoded pixels. -> (samples, problems)."""
     samples: list[Sample] = []
     problems: list[str] = []
     for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
@@ -58,6 +61,8 @@ def folder_samples(folder: Path, max_pixels: int, palette: Sequence[Sequence[int
         except UploadError as e:
             problems.append(f"{path}: skipped, {e.detail}")
             continue
+        if Image.open(io.BytesIO(data)).format not in BROWSER_FORMATS:  # TIFF, PPM: the page could not show it
+            data = png(Image.fromarray(image))  # the same pixels, so the same prediction
         truth = None
         mask_path = Path(folder) / "masks" / f"{path.stem}.png"
         if mask_path.is_file():

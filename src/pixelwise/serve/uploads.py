@@ -175,8 +175,11 @@ def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = ""
                                    "are damaged or in no known image format; re-export it") from None
         raise UploadError(415, f"the {what} is not an image in a supported format "
                                f"({ACCEPTED})") from None
-    except Image.DecompressionBombError as e:
-        raise UploadError(413, f"the {what} has too many pixels ({e})") from None
+    except Image.DecompressionBombError as e:  # PIL's own guard, at twice its limit (at least --max-pixels)
+        count = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(count[1]):,} pixels, more" if count else "more pixels"
+        raise UploadError(413, f"the {what} has {size} than the server's limit of {max_pixels:,} "
+                               "(pixelwise serve --max-pixels raises it)") from None
     except _PIL_ERRORS as e:
         raise UploadError(400, f"the {what} cannot be decoded ({e}); re-export it") from None
     if img.format not in FORMATS:
