@@ -181,8 +181,10 @@ class SemanticPredictor(Predictor):
     applied to every model input (the whole image, or each tile's window).
     mc_samples: average that many Monte-Carlo dropout samples (:mod:`pixelwise.inference.mc_dropout`;
     needs a model with dropout), 0 for the deterministic forward pass.
-    batch_size: model inputs per forward pass; equal-size images (:meth:`predict_batch`) and
-    equal-size tiles of one image run stacked, with the same results as one at a time.
+    batch_size: model inputs per forward pass; equal-size tiles of one image run stacked (the same
+    stacks wherever the image is predicted), and so do equal-size images in :meth:`predict_batch`,
+    whose results equal one at a time only up to float32 rounding (stacked inputs run other
+    kernels; a pixel whose two best classes nearly tie can flip).
     mode: ``eager``, ``fast`` or ``int8`` (:func:`pixelwise.inference.fast.make_runner`); int8 is
     calibrated on random ``calib_crop``-pixel crops of ``calib_data`` (training images,
     uint8[H, W, 3]) and, unless ``measuring`` (eval), offered only for the models whose plan allows it.
@@ -319,8 +321,10 @@ class SemanticPredictor(Predictor):
     @torch.no_grad()
     def predict_batch(self, images: Sequence[np.ndarray], uncertainty: bool = False, *, probs: bool = True,
                       progress: bool | None = False) -> list[Prediction]:
-        """:meth:`predict` of each image, with the same results; images that need no tiles run
-        stacked by equal model-input size (``batch_size`` at a time)."""
+        """:meth:`predict` of each image; images that need no tiles run stacked by equal
+        model-input size (``batch_size`` at a time), for throughput: equal to :meth:`predict` up
+        to float32 rounding (a near-tie pixel can flip). ``pixelwise predict`` runs images one
+        at a time, so that its masks are the ones ``eval`` scores."""
         return [collect(bands, image.shape[:2], uncertainty, probs)
                 for image, bands in zip(images, self._batch_bands(images, progress))]
 

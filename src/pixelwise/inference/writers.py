@@ -343,35 +343,17 @@ def plan_images(plan: PredictPlan) -> Iterator[tuple[str, np.ndarray]]:
         frames.close()
 
 
-def image_batches(plan: PredictPlan, predictor: SemanticPredictor) -> Iterator[list[tuple[str, np.ndarray]]]:
-    """``(stem, image)`` of the plan's frames, read in the order given and grouped for
-    :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows`: up to
-    ``predictor.batch_size`` images that each fit in one model input, and every image that needs
-    tiles on its own (so a large image is never held together with others)."""
-    batch: list[tuple[str, np.ndarray]] = []
-    for stem, image in plan_images(plan):
-        if predictor.needs_tiles(image):
-            if batch:
-                yield batch
-                batch = []
-            yield [(stem, image)]
-            continue
-        batch.append((stem, image))
-        if len(batch) == predictor.batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: str | Path | None = None, *,
                   uncertainty: bool = False, progress: bool | None = None,
                   watershed: float | None = None) -> list[Path]:
     """Predict every image of ``inputs`` (files, folders or glob patterns, checked here, or the plan
     of :func:`check_predict`; every frame of a multi-frame file) into ``out``; -> the mask paths.
-    Semantic models run small images in batches and large ones in streamed tiles (with a bar over
-    the tiles), whose rows are written as the tiles finish. ``watershed``: a two-class boundary
-    model's cells, seeded where the class-1 probability exceeds it (:func:`write_cells`)."""
+    Semantic models run one image at a time, large ones in streamed tiles (with a bar over the
+    tiles), whose rows are written as the tiles finish. Images are not stacked with each other:
+    a stacked batch runs other kernels, whose float32 rounding can flip a pixel whose two best
+    classes nearly tie, and each mask must be the one ``eval`` scores and ``serve`` returns.
+    ``watershed``: a two-class boundary model's cells, seeded where the class-1 probability
+    exceeds it (:func:`write_cells`)."""
     if isinstance(inputs, PredictPlan):
         plan = inputs
     elif out is None:
@@ -389,13 +371,11 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
             written.append(write_cells(out_dir, stem, image, predictor, watershed, uncertainty))
             bar.update()
     elif isinstance(predictor, SemanticPredictor):
-        for batch in image_batches(plan, predictor):
-            images = [image for _, image in batch]
-            rows = predictor.predict_rows(images, uncertainty=uncertainty, progress=progress)
-            for (stem, image), image_rows in zip(batch, rows):
-                written.append(write_semantic(out_dir, stem, image, image_rows, predictor.palette,
-                                              len(predictor.class_names), uncertainty))
-                bar.update()
+        for stem, image in plan_images(plan):  # one image at a time: the masks eval scores, bit for bit
+            rows = predictor.predict_rows([image], uncertainty=uncertainty, progress=progress)[0]
+            written.append(write_semantic(out_dir, stem, image, rows, predictor.palette, len(predictor.class_names),
+                                          uncertainty))
+            bar.update()
     else:
         assert isinstance(predictor, InstancePredictor)
         for stem, image in plan_images(plan):
