@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -390,6 +391,29 @@ def test_max_pixels_is_a_deliberate_flag_and_the_default_stays_safe(checkpoint, 
     assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(tmp_path / "o2"),
                  "--max-pixels", "0"]) == 2
     assert "--max-pixels must be a positive number" in one_error_line(capsys)
+
+
+def test_the_max_pixels_fix_the_message_offers_works_in_train_and_data_inspect(tmp_path, capsys, monkeypatch):
+    """``train`` and ``data inspect`` read images too: the flag the refusal names is theirs as well."""
+    root = folder_dataset(tmp_path / "d", [1, 1, 1, 1])  # 16 x 16 = 256-pixel images
+    out = tmp_path / "run"
+    train = ["train", "--model", "unet", "--dataset", "folder", "--data", str(root), "--train-split", "all",
+             "--val-split", "all", "--epochs", "1", "--batch-size", "2", "--out", str(out), "--no-progress",
+             "--model-kwargs", '{"base_channels": 4}']
+    monkeypatch.setattr(pio, "DEFAULT_MAX_PIXELS", 255)  # as if 16 x 16 were a bomb
+    try:
+        assert main(["data", "inspect", "--dataset", "folder", "--data", str(root), "--split", "all"]) == 0
+        assert "pass --max-pixels 256" in capsys.readouterr().out
+        assert main(train) == 2
+        assert "pass --max-pixels 256" in one_error_line(capsys) and not out.exists()
+        assert main(["data", "inspect", "--dataset", "folder", "--data", str(root), "--split", "all",
+                     "--max-pixels", "256"]) == 0
+        assert "problems: none" in capsys.readouterr().out
+        assert main([*train, "--max-pixels", "256"]) == 0
+        assert yaml.safe_load((out / "config.yaml").read_text())["max_pixels"] == 256  # and so --resume reads it
+    finally:
+        monkeypatch.undo()
+        pio.set_max_image_pixels(None)
 
 
 def test_a_bomb_over_twice_the_limit_names_the_flag(tmp_path):

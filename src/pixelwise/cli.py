@@ -304,6 +304,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from pixelwise.data.inspect import format_report, inspect_dataset
 
     check_output_file(args.json, "--json", [args.data])
+    set_max_pixels(args.max_pixels)
     ds = build_dataset(args.dataset, args.data, args.split,
                        **train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
     report = inspect_dataset(ds, progress=args.progress)
@@ -721,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", help="also write the report to this JSON file")
     q.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     q.add_argument("--strict", action="store_true", help="exit 1 when problems are found")
+    _add_max_pixels(q)
     _add_progress(q)
     q.set_defaults(func=cmd_data_inspect)
     return parser

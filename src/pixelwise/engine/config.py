@@ -79,6 +79,9 @@ class TrainConfig:
     train_split: str = opt("train", "split to train on", metavar="SPLIT")
     val_split: str = opt("val", "split to validate on after every epoch", metavar="SPLIT")
     skip_invalid: bool = opt(False, "drop files that fail the dataset check instead of refusing to train")
+    max_pixels: int | None = opt(None, "read images of up to N pixels (larger files are refused as possible "
+                                 "decompression bombs); raise it for large aerial or slide images", metavar="N",
+                                 default_text="89478485, about 9459x9459", ge=1)
     # --- length ---------------------------------------------------------------------------
     epochs: int = opt(10, "passes over the training split (with stages: the sum of the stages' epochs)",
                       stage=True, ge=1)

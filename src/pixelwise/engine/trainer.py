@@ -69,6 +69,7 @@ from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
 from pixelwise.data.inspect import inspect_dataset
 from pixelwise.data.instance_crop import InstanceCrop
+from pixelwise.data.io import set_max_image_pixels
 from pixelwise.data.mix import class_mix
 from pixelwise.data.weightmap import UNetWeightMap
 from pixelwise.engine import distributed as dist
@@ -103,7 +104,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(worker_id: int, max_pixels: int | None = None) -> None:
+    if max_pixels is not None:
+        set_max_image_pixels(max_pixels)  # a spawned worker does not inherit the parent's limit
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -268,6 +271,8 @@ def train_transform(cfg: TrainConfig, class_weights: Sequence[float] | None = No
 
 def open_datasets(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
     """The training and validation splits, checked (:meth:`SegmentationDataset.check_or_refuse`)."""
+    if cfg.max_pixels is not None:
+        set_max_image_pixels(cfg.max_pixels)
     train = build_dataset(cfg.dataset, cfg.data, cfg.train_split, **cfg.dataset_kwargs)
     val = build_dataset(cfg.dataset, cfg.data, cfg.val_split, **cfg.dataset_kwargs)
     for ds in (train, val):
@@ -661,7 +666,8 @@ def epoch_loader(run: Run, stage: Stage, state: TrainState) -> DataLoader:
     else:
         state.loss_sum, state.images = 0.0, 0
     return DataLoader(run.train_ds, batch_sampler=BatchSampler(indices, stage.cfg.batch_size, stage.drop_last),
-                      num_workers=run.cfg.num_workers, collate_fn=collate, worker_init_fn=_worker_init,
+                      num_workers=run.cfg.num_workers, collate_fn=collate,
+                      worker_init_fn=functools.partial(_worker_init, max_pixels=run.cfg.max_pixels),
                       generator=torch.Generator().manual_seed(epoch_seed(run.cfg.seed, epoch, rank)))
 
 
