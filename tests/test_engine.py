@@ -540,3 +540,16 @@ def test_one_answer_to_native_bf16_for_training_and_inference(monkeypatch, tmp_p
         assert runtime.cpu_has_native_bf16() is native
         if torch.backends.mkldnn.is_available():
             assert reduced_precision_dtype(cpu) == (torch.bfloat16 if native else torch.float32)
+
+
+def test_a_run_stopped_by_its_time_budget_trains_on_when_resumed_with_more_time(tmp_path):
+    s = fit(tiny(tmp_path, epochs=3, batch_size=2, max_minutes=1e-4), log=quiet)
+    assert s["stopped_by_time_budget"] and s["epochs_completed"] == 1
+    said: list[str] = []
+    same = fit(tiny(tmp_path, epochs=3, batch_size=2, max_minutes=1e-4, resume=True), log=said.append)
+    assert same["epochs_completed"] == 1  # the budget is still spent: nothing trained, and it says why
+    assert any("nothing to train" in line and "--max-minutes" in line for line in said)
+    more = fit(tiny(tmp_path, epochs=3, batch_size=2, max_minutes=10, resume=True), log=quiet)
+    assert more["epochs_completed"] == 3 and not more["stopped_by_time_budget"]
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]

@@ -608,7 +608,10 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
     """Train ``stage`` from where ``state`` stands until its epochs or its time are used up."""
     multi = len(run.cfg.stages) > 1  # metrics.csv gets a stage column
     if stage.index == state.stage and state.stage_stopped:  # resumed after its time ran out
-        return
+        deadline = stage.deadline(run, state)
+        if deadline is not None and time.monotonic() >= deadline:
+            return  # its time is still up: the run moves on to the next stage
+        state.stage_stopped = False  # the resume gave it more time (a larger or no --max-minutes)
     if stage.index > state.stage:
         state.stage, state.stage_epoch, state.stage_step = stage.index, 0, 0
         state.stage_start_s, state.stage_stopped = run.elapsed(), False
@@ -909,12 +912,16 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Cal
     if note and not run.cfg.resume:
         run.log(note)
     stages = plan_stages(run)
+    epochs_before = state.epoch
     try:
         for stage in stages[state.stage:]:
             run_stage(run, state, stage)
     except KeyboardInterrupt:
         save_interrupted(run, state)
         raise
+    if run.cfg.resume and state.epoch == epochs_before and state.stage_stopped:
+        run.log(f"nothing to train: the run ended on its time budget ({run.cfg.max_minutes:g} min, "
+                f"{state.elapsed_s / 60:.1f} min used); pass a larger --max-minutes to train on")
     summary = finish(run, state)
     dist.barrier()  # every rank is done with the group (rank 0 has written) before any destroys it
     return summary
