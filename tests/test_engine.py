@@ -553,3 +553,23 @@ def test_a_run_stopped_by_its_time_budget_trains_on_when_resumed_with_more_time(
     assert more["epochs_completed"] == 3 and not more["stopped_by_time_budget"]
     rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_semantic_training_on_images_of_different_sizes_is_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from pixelwise.cli import main
+
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i, (h, w) in enumerate([(24, 40), (40, 24)] * 2):  # portrait and landscape photos
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(root / "images" / f"p{i}.png")
+        Image.fromarray(np.ones((h, w), np.uint8)).save(root / "masks" / f"p{i}.png")
+    args = ["train", "--model", "unet", "--dataset", "folder", "--data", str(root), "--train-split", "all",
+            "--val-split", "all", "--epochs", "1", "--batch-size", "4", "--no-progress",
+            "--model-kwargs", '{"base_channels": 4}']
+    assert main([*args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: the training images differ in size (24x40, 40x24)") and "--crop" in err
+    assert main([*args, "--out", str(tmp_path / "c"), "--crop", "16x16"]) == 0  # one size: it trains

@@ -150,3 +150,44 @@ def test_bfloat16_fast_path_keeps_a_trained_detectors_detections(tmp_path):
         matched, total = matched + m, total + t
     assert total >= 100
     assert matched / total >= 0.95
+
+
+def _mixed_size_coco(root):
+    """A COCO split of four images of four sizes, one disc each (category id 5)."""
+    from pycocotools import mask as mask_utils
+
+    images, annotations = [], []
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate([(96, 128), (64, 80), (120, 90), (100, 60)]):
+        yy, xx = np.mgrid[:h, :w]
+        disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (min(h, w) / 4) ** 2).astype(np.uint8)
+        image = np.full((h, w, 3), 40, np.uint8)
+        image[disc > 0] = (220, 40, 40)
+        for split in ("train2017", "val2017"):
+            Image.fromarray(image).save(root / split / f"{i}.png")
+        ys, xs = np.nonzero(disc)
+        rle = mask_utils.encode(np.asfortranarray(disc))
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 5, "iscrowd": 0, "area": float(disc.sum()),
+                            "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
+                            "segmentation": {"size": [h, w], "counts": rle["counts"].decode()}})
+    (root / "annotations").mkdir(exist_ok=True)
+    for split in ("train2017", "val2017"):
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": annotations, "categories": [{"id": 5, "name": "disc"}]}))
+    return root
+
+
+def test_maskrcnn_trains_on_images_of_different_sizes_in_one_batch(tmp_path, capsys):
+    """Mask R-CNN takes a list of images of any sizes: a COCO set of mixed sizes trains and
+    validates with batches of several images (it stacked them, and crashed, before)."""
+    data = _mixed_size_coco(tmp_path / "coco")
+    out = tmp_path / "run"
+    args = ["train", "--model", "maskrcnn_resnet18_fpn", "--dataset", "coco", "--data", str(data), "--epochs", "1",
+            "--batch-size", "2", "--no-progress", "--model-kwargs", MODEL]
+    assert main([*args, "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 1
+    # its own resizing is the model's: an augment resize (which validation could not score) is refused
+    assert main([*args, "--out", str(tmp_path / "resized"), "--augment", '{"resize": [64, 64]}']) == 2
+    assert "min_size" in capsys.readouterr().err and not (tmp_path / "resized").exists()

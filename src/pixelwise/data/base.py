@@ -149,11 +149,14 @@ def sample_target(sample: Sample) -> dict[str, torch.Tensor]:
 
 
 def collate(batch: list[dict]) -> dict:
-    """Stack equally-sized samples; keep instance targets (variable K) as lists."""
+    """Stack images, masks and weights of equal size; keep them as lists when their sizes differ
+    (Mask R-CNN takes a list of images of any sizes; a semantic trainer refuses such a batch), and
+    instance targets (variable K) always as lists."""
     out: dict = {}
     for key in batch[0]:
         values = [b[key] for b in batch]
-        if key in ("image", "mask", "weight") and all(isinstance(v, torch.Tensor) for v in values):
+        if (key in ("image", "mask", "weight") and all(isinstance(v, torch.Tensor) for v in values)
+                and all(v.shape == values[0].shape for v in values)):
             out[key] = torch.stack(values)
         else:
             out[key] = values

@@ -312,6 +312,14 @@ def semantic_loss(model: nn.Module, batch: dict, spec: LossSpec) -> torch.Tensor
     return combined_loss(model_outputs(model, batch["image"]), batch["mask"], spec, batch.get("weight"))
 
 
+def mixed_sizes(images: Sequence[torch.Tensor]) -> str:
+    """The refusal of a semantic training batch whose images differ in size."""
+    sizes = sorted({f"{t.shape[-1]}x{t.shape[-2]}" for t in images})
+    return (f"the training images differ in size ({', '.join(sizes[:4])}{' ...' if len(sizes) > 4 else ''}) and "
+            "a batch must stack images of one size: give --crop HxW (random crops of one size), an augment "
+            "resize, or --batch-size 1, and start the run again with --overwrite")
+
+
 def instance_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mask R-CNN computes its losses itself: their sum."""
     losses = model(list(batch["image"]), batch["target"])
@@ -416,6 +424,10 @@ def check_settings(cfg: TrainConfig) -> str:
         train_transform(stage_cfg)
     if task == "instance" and (cfg.classmix or any(st.get("classmix") for st in cfg.stages)):
         raise UserError("classmix pastes classes of semantic masks; remove it for instance models")
+    if task == "instance" and any(resize_of(aug) for aug in (cfg.augment, *(st.get("augment") or {}
+                                                                          for st in cfg.stages))):
+        raise UserError("augment resize: Mask R-CNN resizes each image itself (model options min_size and "
+                        "max_size, e.g. --model-kwargs '{\"min_size\": 512}'); remove the resize")
     if task == "instance" and cfg.class_weights not in ("none", "", None):
         raise UserError("class_weights applies to semantic models only; remove it for instance models")
     if cfg.class_weights not in ("none", "median-freq", "", None) and not Path(cfg.class_weights).is_file():
@@ -706,6 +718,8 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
                 held.hold()
                 now = dist.broadcast_object(run.elapsed())  # rank 0's clock: every rank sets the same LR
                 state.lr = apply_lr(optimizer, stage.lr_factor(state, now))
+            if stage.loss and not isinstance(batch["image"], torch.Tensor):
+                raise UserError(mixed_sizes(batch["image"]))
             if cfg.classmix:  # semantic models only: check_settings refuses it for instance models
                 batch = class_mix(batch, cfg.classmix, IGNORE_INDEX)
             batch = to_device(batch, run.device, run.cfg.channels_last)

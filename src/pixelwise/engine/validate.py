@@ -42,6 +42,8 @@ def to_device(batch: dict, device: torch.device, channels_last: bool = False) ->
             out[k] = t
         elif k == "target":
             out[k] = [{kk: vv.to(device) for kk, vv in t.items()} for t in v]
+        elif k in ("image", "mask", "weight") and isinstance(v, list):  # sizes differ: kept as a list
+            out[k] = [t.to(device, non_blocking=True) for t in v]
         else:
             out[k] = v
     return out
