@@ -50,6 +50,27 @@ def resize_sample(s: Sample, size: tuple[int, int]) -> Sample:
     return s.replace(**new)
 
 
+class RandomScale(A.RandomScale):
+    """albumentations' RandomScale whose scaled sides are at least 1 pixel: its own rounds a side of
+    1 pixel scaled below 1 to 0, and OpenCV's resize then fails (an image 1 pixel high or wide)."""
+
+    def apply(self, img: np.ndarray, scale: float, **params) -> np.ndarray:
+        return _scale(img, scale, self.interpolation)
+
+    def apply_to_mask(self, mask: np.ndarray, scale: float, **params) -> np.ndarray:
+        return _scale(mask, scale, self.mask_interpolation)
+
+
+def _scale(img: np.ndarray, scale: float, interpolation: int) -> np.ndarray:
+    """``img`` resized by ``scale`` (sides rounded down as albumentations does, but to at least 1 pixel)."""
+    h, w = img.shape[:2]
+    size = (max(1, int(h * scale)), max(1, int(w * scale)))
+    if size == (h, w):
+        return img
+    out = cv2.resize(img, (size[1], size[0]), interpolation=interpolation)
+    return out[:, :, None] if img.ndim == 3 and out.ndim == 2 else out  # OpenCV drops a single channel
+
+
 class Augment:
     """Apply albumentations transforms to a Sample (image, mask, weight, instances together),
     after an optional :func:`resize_sample` to ``resize`` = (h, w) and an optional
@@ -125,8 +146,8 @@ def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float]
             if not MIN_SCALE <= lo <= hi:
                 raise UserError(f"augment scale {scale}: need {MIN_SCALE} <= low <= high (a smaller scale shrinks "
                                 "an image to a few pixels, or none)")
-            t.append(A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
-                                   mask_interpolation=cv2.INTER_NEAREST, p=1.0))
+            t.append(RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
+                                 mask_interpolation=cv2.INTER_NEAREST, p=1.0))
         t.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT,
                                fill=0, fill_mask=0))
         t.append(A.RandomCrop(h, w))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset
-from pixelwise.data.io import probe, read_image, read_mask
+from pixelwise.data.io import probe, probe_info, read_image, read_mask
 from pixelwise.errors import UserError
 from pixelwise.runtime import progress as progress_bar
 
@@ -57,6 +57,23 @@ def _values_text(lut: np.ndarray) -> str:
             runs.append(str(start) if start == v else f"{start}..{v}")
             start = None
     return ", ".join(runs)
+
+
+def _rotation_note(image_ref: str, mask_size: tuple[int, int]) -> str:
+    """For a size mismatch: that the image's size is after its EXIF rotation, when it has one (the
+    usual cause is a mask drawn on the stored, unrotated pixels)."""
+    if not Path(image_ref).is_file():
+        return ""
+    try:
+        info = probe_info(image_ref)
+    except UserError:
+        return ""
+    if info.orientation not in (5, 6, 7, 8):
+        return ""
+    matches = " (the mask matches the stored pixels)" if mask_size == info.stored_size else ""
+    return (f" after its EXIF orientation {info.orientation} (a quarter turn) is applied; the file stores "
+            f"{info.stored_size[0]}x{info.stored_size[1]} pixels{matches}: draw the mask on the image as displayed, "
+            "or rotate the image's pixels and drop its orientation tag")
 
 
 class FilePairDataset(SegmentationDataset):
@@ -110,7 +127,12 @@ class FilePairDataset(SegmentationDataset):
         return probe(ref)[0]
 
     def mask_size(self, ref: str) -> tuple[int, int]:
-        return probe(ref)[0]
+        """(width, height) from the header only; a mask in a lossy format (JPEG) is refused."""
+        return probe(ref, mask=True)[0]
+
+    def missing_mask_note(self, image_ref: str) -> str:
+        """More for the "missing mask" problem of ``image_ref`` (a file found but not taken as its mask)."""
+        return ""
 
     def map_mask(self, raw: np.ndarray) -> np.ndarray:
         """uint8[H, W] stored values -> uint8[H, W] class ids, 255 = ignore (and invalid values)."""
@@ -141,9 +163,11 @@ class FilePairDataset(SegmentationDataset):
         except UserError as e:
             problems.append(problem_from_error(image_ref, e))
             isize = None
-        if mask_ref is None or not Path(mask_ref.split("#")[0]).exists():
+        mask_file = Path(mask_ref.split("#")[0]) if mask_ref is not None else None
+        if mask_ref is None or mask_file is None or not (mask_file.exists() or mask_file.is_symlink()):
+            # (a broken link is named as one by mask_size below)
             ref = mask_ref if mask_ref is not None else image_ref
-            problems.append(Problem(ref, f"missing mask for image {image_ref}"))
+            problems.append(Problem(ref, f"missing mask for image {image_ref}{self.missing_mask_note(image_ref)}"))
             return problems
         try:
             msize = self.mask_size(mask_ref)
@@ -152,7 +176,7 @@ class FilePairDataset(SegmentationDataset):
             return problems
         if isize is not None and msize != isize:
             problems.append(Problem(mask_ref, f"mask is {msize[0]}x{msize[1]} but image {image_ref} is "
-                                              f"{isize[0]}x{isize[1]}"))
+                                              f"{isize[0]}x{isize[1]}{_rotation_note(image_ref, msize)}"))
         if labels:
             try:
                 values = np.unique(self.read_raw_mask(mask_ref))

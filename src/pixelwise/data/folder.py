@@ -3,7 +3,7 @@
 Layout::
 
     root/
-      images/   a.jpg  b.png ...          any format read_image understands
+      images/   a.jpg  b.png ...          the formats of pixelwise.data.io.IMAGE_SUFFIXES (as predict DIR)
       masks/    a.png  b.png ...          index masks (P or L: the value is the class id, 255 = ignore)
       classes.json                        optional: {"names": [...], "palette": [[r, g, b], ...]}
       splits/   train.txt val.txt ...     optional: one image stem per line
@@ -15,6 +15,11 @@ labels found in the masks (names ``class_0``...): one more than the largest labe
 at least half of ``0..L`` occur. Labels far above the others (0, 1 and 200) would otherwise make
 199 classes that never occur; they are reported by ``check()`` instead, as values outside the
 classes, with the fix (``classes.json``, ``num_classes``, or 255 for "ignore").
+
+An image file of another format in images/ (``.ico``, ``.heic``, ...) is a problem for ``check()``,
+not passed over. Masks are read from lossless files (``MASK_EXTS``: PNG, BMP, TIFF, GIF, PNM); a
+mask that is JPEG-coded, whatever its name, is a problem (lossy compression changes labels at
+edges), and a ``masks/a.jpg`` beside ``images/a.png`` is named in the "missing mask" problem.
 
 Splits: with ``splits/`` the lists decide. Without it every pair is in ``all``; ``val`` is a
 deterministic 10% of ``all`` (at least one image when there are two or more), chosen by a hash of
@@ -32,12 +37,13 @@ import numpy as np
 
 from pixelwise.data.base import IGNORE_INDEX, Problem
 from pixelwise.data.files import FilePairDataset, identity_lut
-from pixelwise.data.io import read_mask
+from pixelwise.data.io import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, format_names, read_mask
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MASK_EXTS = (".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = tuple(sorted(IMAGE_SUFFIXES))  # the one list of pixelwise.data.io, as predict DIR reads a folder
+MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")  # lossless formats only
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif")
 UNKNOWN_COLOUR = 254  # raw value given to colours not in the palette; invalid in the label table
 VAL_FRACTION = 0.1
 
@@ -78,18 +84,26 @@ class FolderDataset(FilePairDataset):
         images_dir, masks_dir = self.root / "images", self.root / "masks"
         if not images_dir.is_dir() or not masks_dir.is_dir():
             raise UserError(f"{self.root}: expected images/ and masks/ folders with matching file names")
-        masks = {}
+        masks: dict[str, Path] = {}
+        self.unused_masks: dict[str, list[Path]] = {}  # stem -> files in masks/ not read as masks (e.g. a.jpg)
         for p in sorted(masks_dir.iterdir()):
             if p.suffix.lower() in MASK_EXTS and (p.stem not in masks or p.suffix.lower() == ".png"):
                 masks[p.stem] = p
+            elif p.suffix.lower() not in MASK_EXTS and not p.name.startswith("."):
+                self.unused_masks.setdefault(p.stem, []).append(p)
         images: dict[str, Path] = {}
+        self.unused_images: list[Path] = []  # image files of a format not in IMAGE_EXTS: problems, not ignored
         for p in sorted(images_dir.iterdir()):
-            if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+            suffix = p.suffix.lower()
+            if suffix in IMAGE_EXTS and (p.is_file() or p.is_symlink()):  # a broken link is a problem of check()
                 if p.stem in images:  # one stem, one mask: which image it labels cannot be told
                     raise UserError(f"{images_dir}: {images[p.stem].name} and {p.name} have the same stem, and a "
                                     "mask pairs with its image by stem; rename or remove one")
                 images[p.stem] = p
-        self.orphan_masks = [str(masks[s]) for s in sorted(set(masks) - set(images))]
+            elif suffix in OTHER_IMAGE_SUFFIXES and not p.name.startswith("."):
+                self.unused_images.append(p)
+        unused_stems = {p.stem for p in self.unused_images}
+        self.orphan_masks = [str(masks[s]) for s in sorted(set(masks) - set(images) - unused_stems)]
         stems = self._split_stems(sorted(images), split)
         self.items = [(str(images[s]), str(masks.get(s, masks_dir / f"{s}.png"))) for s in stems]
         self.colour_palette: list[tuple[int, int, int]] | None = None
@@ -115,8 +129,10 @@ class FolderDataset(FilePairDataset):
                       for w in (line.strip() for line in text.splitlines()) if w]
             missing = [w for w in wanted if w not in known]
             if missing:
+                unread = [p.name for p in self.unused_images if p.stem == missing[0]]
+                note = f"; {unread[0]} is there, but {_unused_reason(unread[0])}" if unread else ""
                 raise UserError(f"{path}: {len(missing)} listed images are not in images/ "
-                                f"(first: {missing[0]!r})")
+                                f"(first: {missing[0]!r}{note})")
             return wanted
         held = val_stems(stems)
         if split == "all":
@@ -188,6 +204,24 @@ class FolderDataset(FilePairDataset):
                                         f"{list(self.ignore_colour)}); add them to the palette or recolour those "
                                         "pixels")
                         if p.message.startswith(f"label values {UNKNOWN_COLOUR} outside") else p for p in problems]
+        problems += [Problem(str(p), _unused_reason(p.name)) for p in self.unused_images]
         if self.split == "all":
             problems += [Problem(m, "mask without an image in images/") for m in self.orphan_masks]
         return problems
+
+    def missing_mask_note(self, image_ref: str) -> str:
+        found = self.unused_masks.get(Path(image_ref).stem)
+        if not found:
+            return ""
+        names = ", ".join(str(p) for p in found)
+        if any(p.suffix.lower() in LOSSY_SUFFIXES for p in found):
+            why = "lossy compression (JPEG, WebP, AVIF) changes labels at edges"
+        else:
+            why = f"masks are read from {format_names(set(MASK_EXTS))} files only"
+        return f" ({names} is there, but {why}; save masks as PNG)"
+
+
+def _unused_reason(name: str) -> str:
+    """The problem of an image file in images/ whose format folder datasets do not read."""
+    return (f"{Path(name).suffix} images are not read by folder datasets (they read {format_names()}); convert it "
+            "to PNG or move it out of images/")

@@ -3,7 +3,9 @@
 Report keys (JSON-ready): ``num_images``, ``class_names``, ``class_pixels`` (pixels per class),
 ``ignored_pixels`` (pixels labelled 255), ``image_sizes`` ({"WxH": count}, most common first),
 ``median_freq_weights`` (per class; ``null`` for a class that never occurs), ``problems``
-(``"path: message"`` strings from ``check()`` and from decoding every sample).
+(``"path: message"`` strings from ``check()`` and from decoding every sample). The items ``check()``
+flags are not decoded or counted: the statistics are those of the data ``train`` and ``eval`` use
+with ``--skip-invalid``.
 
 Median-frequency balancing (SegNet, Eigen & Fergus): ``freq(c) = pixels of c / total pixels of
 the images that contain c`` (all pixels of those images, ignored ones included, as in SegNet);
@@ -42,6 +44,8 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
     found = dataset.check()
     problems: list[str] = [str(p) for p in found]
     flagged = {Path(p.path).stem for p in found}  # their files fail to load too: named once
+    bad_paths = {p.path for p in found}
+    items = getattr(dataset, "items", None)  # file readers: (image, mask) refs, as check() names them
     class_pixels = np.zeros(c, dtype=np.int64)
     present_pixels = np.zeros(c, dtype=np.int64)
     ignored = 0
@@ -49,6 +53,8 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
     indices = progress_bar(range(len(dataset)), "inspect", progress, unit="img", leave=False)
     num_images = 0
     for i in indices:
+        if items is not None and bad_paths.intersection(items[i]):
+            continue  # left out, as --skip-invalid leaves it out of train and eval (a frame 0 may still load)
         try:
             sample = dataset.load(i)
         except UserError as e:

@@ -28,10 +28,10 @@ from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from pixelwise.data.palette import palette_bytes
 from pixelwise.errors import UserError
@@ -47,6 +47,30 @@ _PIL_FRAME_ERRORS = (*_PIL_ERRORS, TypeError, IndexError)
 _ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)  # PIL's own default
 _max_pixels = DEFAULT_MAX_PIXELS
+
+# The image files pixelwise takes from a folder (folder datasets, ``predict DIR``, the web demo's samples):
+# suffix -> PIL's format name. One list for every verb; a file given by name is read whatever its suffix.
+IMAGE_FORMATS: dict[str, str] = {
+    ".png": "PNG", ".apng": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".mpo": "JPEG",
+    ".bmp": "BMP", ".dib": "DIB", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".gif": "GIF",
+    ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM", ".pnm": "PPM", ".tga": "TGA", ".pcx": "PCX",
+}
+if features.check_module("avif"):  # Pillow 11.3+ built with libavif
+    IMAGE_FORMATS[".avif"] = "AVIF"
+IMAGE_SUFFIXES = frozenset(IMAGE_FORMATS)
+# Suffixes of image files that are not in that list (PIL cannot read them, or they are not pictures of a
+# scene: icons, documents): a folder dataset names such a file in images/ instead of passing over it.
+OTHER_IMAGE_SUFFIXES = frozenset({
+    ".avif", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".jpx", ".ico", ".cur", ".icns", ".psd", ".xcf", ".svg",
+    ".dds", ".qoi", ".sgi", ".ras", ".xbm", ".xpm", ".exr", ".hdr", ".pfm", ".raw",
+    ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".fits", ".dcm",
+}) - IMAGE_SUFFIXES
+
+
+def format_names(suffixes: frozenset[str] | set[str] = IMAGE_SUFFIXES) -> str:
+    """'BMP, GIF, JPEG, ...': the formats of ``suffixes``, as messages name them."""
+    names = {IMAGE_FORMATS.get(s, s.lstrip(".").upper()) for s in suffixes}
+    return ", ".join(sorted(names - {"DIB"}))  # a DIB is a BMP without its file header
 
 
 def max_image_pixels() -> int:
@@ -119,6 +143,9 @@ def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
 def _existing(path: PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{path}: broken symbolic link (it points to {os.readlink(path)}, which does not exist); "
+                            "fix the link or remove it")
         raise UserError(f"{path}: file not found")
     return path
 
@@ -138,15 +165,18 @@ def _load_frame(path: Path, img: Image.Image, frame: int) -> Image.Image:
     rotated = img.getexif().get(_ORIENTATION_TAG, 1) != 1
     img.load()
     if rotated:
-        return ImageOps.exif_transpose(img)
-    return img.copy() if _holds_file(img) else img  # a multi-frame file stays open after load(), for seek()
+        out = ImageOps.exif_transpose(img)
+    else:
+        out = img.copy() if _holds_file(img) else img  # a multi-frame file stays open after load(), for seek()
+    out.format = img.format  # kept for the caller (a transposed or copied image has none)
+    return out
 
 
 def _raise_named(path: Path, frame: int, e: BaseException) -> None:
     """Raise PIL's error ``e`` for a damaged file as the UserError naming it; other errors are left
     to the caller to re-raise."""
     if isinstance(e, UnidentifiedImageError):
-        raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
+        raise _unidentified(path) from None
     if isinstance(e, _PIL_FRAME_ERRORS):
         where = f" (frame {frame})" if frame else ""
         raise UserError(f"{path}: unreadable or truncated image{where} ({e}); re-export it or remove it") from None
@@ -275,6 +305,7 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
       a gray mask stored as RGB (R == G == B) gives its gray values, anything else is an error.
     """
     img = _open_loaded(path)
+    refuse_lossy_mask(path, img.format)
     mode = img.mode
     if mode in ("P", "L"):
         return np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
@@ -312,33 +343,232 @@ def colors_to_index(rgb: np.ndarray, palette: Sequence[Sequence[int] | None],
     return out
 
 
-def probe(path: PathLike) -> tuple[tuple[int, int], str]:
+class ImageInfo(NamedTuple):
+    """What :func:`probe_info` reads from a file's header."""
+
+    size: tuple[int, int]  # (width, height) as displayed: after the EXIF rotation
+    mode: str  # PIL's mode (RGB, L, P, I;16, ...)
+    format: str  # PIL's format name (PNG, JPEG, TIFF, ...)
+    orientation: int  # the EXIF orientation tag, 1 when there is none
+    stored_size: tuple[int, int]  # (width, height) of the pixels as stored, before the EXIF rotation
+
+
+def probe(path: PathLike, mask: bool = False) -> tuple[tuple[int, int], str]:
     """Header-only check of an image file. -> ((width, height) as displayed, PIL mode).
 
-    Does not decode pixels. Size accounts for EXIF rotation (90/270 degrees swap W and H).
-    Truncation is detected cheaply: PNG chunk CRCs are verified (no decompression) and JPEG
-    files must end with the EOI marker. Raises UserError naming the file.
+    :func:`probe_info` with fewer fields: see there for what is checked. ``mask``: the file is a
+    label mask, and a lossy format (JPEG, lossy WebP) is refused (:func:`lossy_mask_error`).
+    """
+    info = probe_info(path)
+    if mask:
+        refuse_lossy_mask(path, info.format)
+    return info.size, info.mode
+
+
+def probe_info(path: PathLike) -> ImageInfo:
+    """Header-level check of an image file, without decoding pixels. -> :class:`ImageInfo`.
+
+    Size accounts for EXIF rotation (90/270 degrees swap W and H). Truncation is found from the
+    structure the header declares (:func:`truncation`): PNG chunk CRCs and end marker; the JPEG
+    stream walked to its end-of-image marker (data after it, such as a phone's Motion Photo
+    video, is allowed); BMP, DIB, PPM/PGM/PBM and uncompressed TGA pixel data (offset + row-padded
+    size) within the file; every TIFF page's strips or tiles (offsets + byte counts) within the file,
+    and every page directory readable. GIF, WebP, AVIF, PCX, RLE-compressed BMP/TGA do not declare
+    where their data ends: a cut there shows only when decoding (``data inspect`` decodes every
+    sample). Raises UserError naming the file.
     """
     path = _existing(path)
     try:
         with _quiet_pil(), _open(path) as img:
-            size, mode, fmt = img.size, img.mode, img.format
+            size, mode, fmt = img.size, img.mode, str(img.format)
             orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+            cut = truncation(path, img)
         if fmt == "PNG":  # verify() checks every chunk's CRC and the end marker without inflating
             with Image.open(path) as img:
                 img.verify()
     except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image file; re-export it or remove it") from None
-    except _PIL_ERRORS as e:
+        raise _unidentified(path) from None
+    except _PIL_FRAME_ERRORS as e:
         raise UserError(f"{path}: unreadable or truncated image ({e}); re-export it or remove it") from None
-    if fmt == "JPEG":
+    if cut:
+        raise UserError(f"{path}: truncated {fmt} ({cut}); re-export it or remove it")
+    if orientation in (5, 6, 7, 8):  # a quarter turn: the stored pixels are the other way round
+        return ImageInfo((size[1], size[0]), mode, fmt, orientation, size)
+    return ImageInfo(size, mode, fmt, orientation if isinstance(orientation, int) else 1, size)
+
+
+# -- truncation found from the header -----------------------------------------------------------------
+# Bits per pixel of the raw modes PIL's "raw" decoder gets for BMP, DIB, PPM and TGA files (others: not checked)
+_RAW_BITS = {"1": 1, "1;I": 1, "1;R": 1, "P;1": 1, "P;2": 2, "P;4": 4, "L": 8, "P": 8, "L;I": 8, "LA": 16,
+             "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "BGR;15": 16, "BGR;16": 16, "RGB": 24, "BGR": 24,
+             "RGBA": 32, "BGRA": 32, "RGBX": 32, "BGRX": 32, "I;32": 32, "I;32B": 32, "F;32F": 32,
+             "F;32BF": 32, "I": 32, "F": 32, "RGB;16B": 48, "RGBA;16B": 64}
+_RAW_FORMATS = ("BMP", "DIB", "PPM", "TGA")
+_TIFF_STRIPS = ((273, 279), (324, 325))  # (offsets, byte counts) of StripOffsets/-ByteCounts, TileOffsets/-ByteCounts
+
+
+def truncation(path: Path, img: Image.Image) -> str | None:
+    """Why the open image file ``img`` at ``path`` is cut short, from its header and structure
+    alone (no pixel is decoded); None when nothing is found (see :func:`probe_info`)."""
+    length = path.stat().st_size
+    fmt = img.format
+    if fmt in ("JPEG", "MPO"):
+        return None if jpeg_complete(path.read_bytes()) else "no end-of-image marker after its image data"
+    if fmt in _RAW_FORMATS:
+        for tile in getattr(img, "tile", []):  # an ImageFile's decoder list: (codec, extents, offset, args)
+            need = _raw_tile_end(tuple(tile), img.size)
+            if need is not None and need > length:
+                return f"its header declares {need:,} bytes of pixel data and header, the file has {length:,}"
+        return None
+    if fmt == "TIFF":
+        need = _tiff_page_end(img)
+        if need > length:
+            return f"its strips or tiles end at byte {need:,}, the file has {length:,}"
+        try:
+            for page in range(1, _frames(img)):  # _frames walks every page directory
+                img.seek(page)
+                need = _tiff_page_end(img)
+                if need > length:
+                    return f"page {page}'s strips or tiles end at byte {need:,}, the file has {length:,}"
+        except _PIL_FRAME_ERRORS as e:
+            return f"a page directory after the first is cut or damaged: {e}"
+    return None
+
+
+def _raw_tile_end(tile: tuple, size: tuple[int, int]) -> int | None:
+    """Where the pixel data of one of PIL's "raw" tiles ends (offset + rows x row-padded stride);
+    None for other decoders and for raw modes not in ``_RAW_BITS``."""
+    codec, extents, offset, args = tile
+    if codec != "raw":
+        return None
+    rawmode, stride = (args, 0) if isinstance(args, str) else (args[0], args[1] if len(args) > 1 else 0)
+    x0, y0, x1, y1 = extents if extents else (0, 0, *size)
+    if not stride:
+        bits = _RAW_BITS.get(rawmode)
+        if bits is None:
+            return None
+        stride = ((x1 - x0) * bits + 7) // 8
+    return int(offset) + abs(int(stride)) * (y1 - y0)
+
+
+def _tiff_page_end(img: Image.Image) -> int:
+    """The end of the last strip or tile of the current TIFF page (0 when it declares none)."""
+    tags = getattr(img, "tag_v2", {})
+    end = 0
+    for offsets_tag, counts_tag in _TIFF_STRIPS:
+        offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
+        if offsets is None or counts is None:
+            continue
+        offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+        counts = counts if isinstance(counts, tuple) else (counts,)
+        end = max([end] + [int(o) + int(c) for o, c in zip(offsets, counts)])
+    return end
+
+
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # a marker; FF00 is a stuffed FF, FFD0-D7 restarts
+_JPEG_STANDALONE = (0x01, 0xD8)  # TEM, SOI: no length field
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """Whether the JPEG stream in ``data`` reaches its end-of-image marker (FFD9). The segments are
+    walked by their lengths, so an FFD9 inside one (the end of an EXIF thumbnail in APP1) is not
+    taken for the end; in the entropy-coded data after a start-of-scan every FF byte is stuffed
+    (FF00) or a restart marker, so the next other marker is found by a search. Data after the
+    end marker (a Motion Photo's video, a vendor trailer, an MPO's second picture) is allowed."""
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    pos, n = 2, len(data)
+    while True:
+        found = _JPEG_MARKER.search(data, pos)
+        if found is None:
+            return False
+        i, code = found.start(), data[found.start() + 1]
+        if code == 0xD9:
+            return True
+        if code in _JPEG_STANDALONE:
+            pos = i + 2
+            continue
+        if i + 4 > n:
+            return False
+        pos = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if pos > n:
+            return False
+
+
+def lossy_mask_error(head: bytes, fmt: str | None = None) -> str | None:
+    """Why a label mask file that starts with the bytes ``head`` (16 are enough; ``fmt``: PIL's format
+    name, when known) cannot hold labels exactly: JPEG (MPO) or lossy WebP; None for the others."""
+    if fmt in ("JPEG", "MPO") or head.startswith(b"\xff\xd8\xff"):
+        kind = "JPEG-compressed"
+    elif head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8 ":  # simple lossy WebP; VP8L is lossless, VP8X not looked into
+        kind = "lossy WebP"
+    else:
+        return None
+    return f"{kind} mask: lossy compression changes labels at edges; save masks as PNG"
+
+
+def refuse_lossy_mask(path: PathLike, fmt: str | None = None) -> None:
+    """UserError naming ``path`` when it is a mask in a lossy format (:func:`lossy_mask_error`)."""
+    with open(path, "rb") as f:
+        why = lossy_mask_error(f.read(16), fmt)
+    if why:
+        raise UserError(f"{path}: {why}")
+
+
+_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+          (b"BM", "BMP"), (b"GIF8", "GIF"), (b"RIFF", "WebP"))
+
+
+def _unidentified(path: Path) -> UserError:
+    """The error for a file PIL cannot identify: an unsupported kind of TIFF (multi-channel float,
+    from OpenCV or tifffile) is said to be unsupported, not damaged."""
+    try:
         with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - 64))
-            if b"\xff\xd9" not in f.read():
-                raise UserError(f"{path}: truncated JPEG (no end-of-image marker); re-export it or remove it")
-    if orientation in (5, 6, 7, 8):
-        size = (size[1], size[0])
-    return size, mode
+            head = f.read(1 << 16)
+    except OSError:
+        head = b""
+    tiff = head[:4] in (b"II*\x00", b"MM\x00*")
+    directory = int.from_bytes(head[4:8], "little") if head[:2] == b"II" else int.from_bytes(head[4:8], "big")
+    if tiff and directory + 2 > path.stat().st_size:  # written last (by PIL, for a compressed TIFF), then cut
+        return UserError(f"{path}: truncated TIFF (its page directory at byte {directory:,} is past the end of "
+                         f"the file, {path.stat().st_size:,} bytes); re-export it or remove it")
+    layout = _tiff_layout(head) if tiff else None
+    if layout:
+        return UserError(f"{path}: unsupported TIFF: {layout} cannot be read (PIL decodes 1, 8, 16 or 32-bit "
+                         "integer channels and a single float channel); convert it to 8 or 16-bit RGB or gray")
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    what = f"starts like a {kind} file but cannot be read (damaged or an unsupported variant)" if kind else \
+        "not a readable image file"
+    return UserError(f"{path}: {what}; re-export it or remove it")
+
+
+def _tiff_layout(head: bytes) -> str | None:
+    """'3 channels of 32-bit float' from a TIFF's first page directory (in ``head``), or None."""
+    little = head[:2] == b"II"
+
+    def num(at: int, size: int) -> int:
+        return int.from_bytes(head[at:at + size], "little") if little else int.from_bytes(head[at:at + size], "big")
+
+    ifd = num(4, 4)
+    if ifd + 2 > len(head):
+        return None
+    entries = num(ifd, 2)
+    if ifd + 2 + 12 * entries > len(head):
+        return None
+    tags = {}
+    for k in range(entries):
+        at = ifd + 2 + 12 * k
+        tag, kind, count = num(at, 2), num(at + 2, 2), num(at + 4, 4)
+        size = {3: 2, 4: 4}.get(kind)  # SHORT, LONG: the first value is all that is needed
+        if size is not None:
+            where = at + 8 if count * size <= 4 else num(at + 8, 4)  # inline, or stored at an offset
+            if where + size <= len(head):
+                tags[tag] = num(where, size)
+    if 258 not in tags and 277 not in tags:
+        return None
+    channels, bits = tags.get(277, 1), tags.get(258, 1)
+    sample = {1: "integer", 2: "signed integer", 3: "float"}.get(tags.get(339, 1), "other-typed")
+    return f"{channels} channel(s) of {bits}-bit {sample}"
 
 
 def write_mask(path: PathLike, mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pixelwise.coco_eval import encode_mask
-from pixelwise.data.io import PngRowWriter, read_frames, read_image, write_mask
+from pixelwise.data.io import IMAGE_SUFFIXES, PngRowWriter, format_names, read_frames, read_image, write_mask
 from pixelwise.data.palette import default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
@@ -49,31 +49,45 @@ from pixelwise.runtime import progress as progress_bar
 
 STRIP_ROWS = 64  # image rows per step when writing an overlay or uncertainty map (bounds their temporaries)
 MaskRow = tuple[int, np.ndarray, np.ndarray | None]  # (y, mask uint8[n, W], entropy float32[n, W] | None)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+def _listed(p: Path) -> bool:
+    """Whether a folder's or a pattern's entry ``p`` is an input: an image file by its suffix
+    (:data:`pixelwise.data.io.IMAGE_SUFFIXES`, the list folder datasets use), or a broken link with such a
+    name (then reported as one, not passed over)."""
+    return p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists()))
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; folders expand to the image files inside them (sorted), and so do glob
-    patterns (``'photos/*.jpg'``, quoted so that pixelwise rather than the shell expands them)."""
+    patterns (``'photos/*.jpg'``, quoted so that pixelwise rather than the shell expands them).
+
+    A file reached twice under one name (its folder and itself, or a folder and a link to that
+    folder) is predicted once; a link and its target with different names (``link.png ->
+    rgb.png``) are two inputs, and each gets its outputs under its own name."""
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-        elif p.is_file():
+            paths += sorted(q for q in p.iterdir() if _listed(q))
+        elif p.is_file() or p.is_symlink():  # a broken link is named as one when it is read
             paths.append(p)
         elif any(ch in item for ch in "*?["):
-            matches = sorted(Path(q) for q in glob.glob(item)
-                             if Path(q).suffix.lower() in IMAGE_SUFFIXES and Path(q).is_file())
+            matches = sorted(Path(q) for q in glob.glob(item) if _listed(Path(q)))
             if not matches:
                 raise UserError(f"no images match {item}")
             paths += matches
         else:
             raise UserError(f"input {p} not found")
     if not paths:
-        raise UserError(f"no images found in {', '.join(inputs)}")
-    unique = {p.resolve(): p for p in reversed(paths)}  # a file given twice (folder and file) is predicted once
-    return [p for p in paths if unique[p.resolve()] is p]
+        raise UserError(f"no images found in {', '.join(inputs)} (the image files read from a folder are "
+                        f"{format_names()}, by their suffix)")
+
+    def key(p: Path) -> tuple[Path, str]:
+        return p.resolve(), p.name
+
+    unique = {key(p): p for p in reversed(paths)}
+    return [p for p in paths if unique[key(p)] is p]
 
 
 def _name_max(folder: Path) -> int:

@@ -27,16 +27,19 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
-from pixelwise.data.io import colors_to_index, pil_to_rgb
+from pixelwise.data.io import IMAGE_FORMATS, colors_to_index, format_names, lossy_mask_error, pil_to_rgb
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-# PIL's own decoders accept dozens of formats; the server opens only these (others: 415).
+# PIL's own decoders accept dozens of formats; the server opens only those of the one list that folder
+# datasets and `predict DIR` read (pixelwise.data.io.IMAGE_FORMATS); others: 415 naming these.
 # MPO: a camera JPEG with a multi-picture segment (its first picture is read, as by predict)
-FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "BMP": "image/bmp", "GIF": "image/gif",
-           "TIFF": "image/tiff", "WEBP": "image/webp", "PPM": "image/x-portable-anymap"}
-ACCEPTED = ", ".join(sorted(set(FORMATS) - {"MPO"}))  # as the messages name them (an MPO is a JPEG)
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "DIB": "image/bmp", "GIF": "image/gif",
+         "TIFF": "image/tiff", "WEBP": "image/webp", "PPM": "image/x-portable-anymap", "TGA": "image/x-tga",
+         "PCX": "image/x-pcx", "AVIF": "image/avif"}
+FORMATS = {name: _MIME.get(name, "application/octet-stream") for name in IMAGE_FORMATS.values()} | {"MPO": "image/jpeg"}
+ACCEPTED = format_names()  # as the messages name them (an MPO is a JPEG, a DIB a BMP)
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # as data.io
 _ORIENTATION_TAG = 0x0112  # EXIF orientation, applied as data.io.read_image applies it
 MAX_PARTS = 16
@@ -206,13 +209,35 @@ def decode_image(data: bytes | bytearray, max_pixels: int, declared_type: str = 
         raise UploadError(415, f"cannot convert an image of mode {img.mode} to RGB ({e})") from None
 
 
+IGNORE_COLOUR = (255, 255, 255)  # as the folder reader's default ignore_color
+
+
+def colour_mask(rgb: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """uint8[H, W, 3] colours -> class ids: the palette's colours their classes, white 255
+    (ignore); any other colour is a 422 naming it, as the folder reader's check names it (mapping
+    it to "ignore" would leave those pixels out of the scores without a word)."""
+    mask = colors_to_index(rgb, palette)  # other colours: 255
+    unknown = (mask == 255) & ~(rgb == np.array(IGNORE_COLOUR, np.uint8)).all(axis=-1)
+    if unknown.any():
+        colours = np.unique(rgb[unknown].reshape(-1, 3), axis=0)
+        shown = ", ".join(str(c) for c in colours[:3].tolist()) + (" ..." if len(colours) > 3 else "")
+        raise UploadError(422, f"the ground-truth mask has {int(unknown.sum()):,} pixels of {len(colours)} colour(s) "
+                               f"not in the model's palette (GET /api/info), e.g. {shown}; white [255, 255, 255] "
+                               "is 'ignore'. Recolour them, or send a mask of class ids")
+    return mask
+
+
 def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequence[int]],
                 num_classes: int, shape: tuple[int, int], declared_type: str = "") -> np.ndarray:
     """A ground-truth mask -> uint8[H, W] class ids (255 = ignore), read like
     :func:`pixelwise.data.io.read_mask`: index ("P", "L") PNGs as stored; colour masks through
-    the model's ``palette`` (other colours -> 255), gray RGB as its values. It must have the
-    image's ``shape`` and hold only ``0..num_classes-1`` and 255 (422 otherwise)."""
+    the model's ``palette`` (white: 255; any other colour: 422, :func:`colour_mask`), gray RGB as
+    its values. It must have the image's ``shape`` and hold only ``0..num_classes-1`` and 255
+    (422 otherwise)."""
     img = open_image(data, max_pixels, declared_type, what="ground-truth mask")
+    lossy = lossy_mask_error(bytes(data[:16]), img.format)
+    if lossy:  # e.g. "JPEG-compressed mask: lossy compression changes labels at edges; save masks as PNG"
+        raise UploadError(422, f"the ground-truth mask is a {lossy}")
     mode = img.mode
     if mode in ("P", "L"):
         mask = np.asarray(img, dtype=np.uint8)
@@ -223,7 +248,7 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
     elif mode in ("RGB", "RGBA", "RGBX"):
         rgb = np.asarray(img)[:, :, :3]
         gray = np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])
-        mask = rgb[:, :, 0].copy() if gray else colors_to_index(rgb, palette)
+        mask = rgb[:, :, 0].copy() if gray else colour_mask(rgb, palette)
     else:
         arr = np.asarray(img)
         fits = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer)

@@ -1,0 +1,254 @@
+"""Image and mask files across the verbs: JPEG trailers, truncated BMP/TIFF found by the header
+check, one list of image formats, lossy masks, 1-pixel images in augmentation, links, odd TIFFs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pixelwise.data.augment import build_transform
+from pixelwise.data.folder import FolderDataset
+from pixelwise.data.inspect import inspect_dataset
+from pixelwise.data.io import IMAGE_SUFFIXES, jpeg_complete, probe, read_image, read_mask
+from pixelwise.errors import UserError
+from pixelwise.inference.writers import expand_inputs
+from pixelwise.sample import Sample
+from pixelwise.serve.uploads import FORMATS, UploadError, decode_mask
+
+RNG = np.random.default_rng(0)
+H, W = 24, 40
+
+
+def _photo(h: int = H, w: int = W) -> np.ndarray:
+    return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _labels(h: int = H, w: int = W) -> np.ndarray:
+    m = np.zeros((h, w), np.uint8)
+    m[: h // 2, : w // 2] = 1
+    m[h // 2 :, w // 2 :] = 2
+    return m
+
+
+def _dataset(root: Path, images: dict[str, bytes | np.ndarray], masks: dict[str, np.ndarray] | None = None) -> Path:
+    """root/images + root/masks + classes.json (3 classes); an L mask for every image unless ``masks``."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.json").write_text(json.dumps({"names": ["bg", "a", "b"]}))
+    for name, data in images.items():
+        if isinstance(data, bytes):
+            (root / "images" / name).write_bytes(data)
+        else:
+            Image.fromarray(data).save(root / "images" / name)
+    for stem, m in (masks if masks is not None else {Path(n).stem: _labels() for n in images}).items():
+        Image.fromarray(m).save(root / "masks" / f"{stem}.png")
+    return root
+
+
+def _encoded(a: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _problems(ds: FolderDataset) -> dict[str, str]:
+    return {Path(p.path).name: p.message for p in ds.check()}
+
+
+# -- defect 1: JPEG data after the end-of-image marker -------------------------------------------------
+def test_jpeg_with_data_after_its_end_marker_is_accepted_by_the_check(tmp_path):
+    jpeg = _encoded(_photo(), "JPEG", quality=90)
+    motion = jpeg + b"\0\0\0\x18ftypmp42" + bytes(range(256)) * 8  # a Motion Photo: an MP4 after the JPEG
+    root = _dataset(tmp_path / "ds", {"motion.jpg": motion, "plain.jpg": jpeg})
+    assert probe(root / "images" / "motion.jpg")[0] == (W, H)
+    ds = FolderDataset(root, "all", skip_invalid=True)
+    assert ds.check() == [] and len(ds) == 2
+    assert inspect_dataset(ds, progress=False)["problems"] == []
+    np.testing.assert_array_equal(read_image(root / "images" / "motion.jpg"), read_image(root / "images" / "plain.jpg"))
+
+
+def test_truncated_jpeg_is_still_reported_even_with_an_end_marker_in_a_thumbnail(tmp_path):
+    jpeg = _encoded(_photo(64, 64), "JPEG", quality=90)
+    (tmp_path / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    with pytest.raises(UserError, match=r"cut.jpg: truncated JPEG"):
+        probe(tmp_path / "cut.jpg")
+    # an application segment holding a whole small JPEG (as an EXIF thumbnail does, with its own FFD9)
+    thumb = _encoded(_photo(8, 8), "JPEG")
+    segment = b"\xff\xe5" + struct.pack(">H", len(thumb) + 2) + thumb
+    whole = jpeg[:2] + segment + jpeg[2:]
+    assert jpeg_complete(whole)
+    (tmp_path / "thumb.jpg").write_bytes(whole)
+    assert probe(tmp_path / "thumb.jpg")[0] == (64, 64)
+    cut = whole[: len(whole) - 200]
+    assert not jpeg_complete(cut) and b"\xff\xd9" in cut  # the thumbnail's end marker is no end
+    (tmp_path / "thumb_cut.jpg").write_bytes(cut)
+    with pytest.raises(UserError, match="thumb_cut.jpg: truncated JPEG"):
+        probe(tmp_path / "thumb_cut.jpg")
+    assert jpeg_complete(_encoded(_photo(64, 64), "JPEG", progressive=True))
+    assert not jpeg_complete(b"") and not jpeg_complete(b"\xff\xd8")
+
+
+# -- defect 2: truncated BMP and TIFF found by the header check ----------------------------------------
+def _tiff_stack(pages: int = 3) -> bytes:
+    frames = [Image.fromarray(_photo()) for _ in range(pages)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, data", [
+    ("t.bmp", _encoded(_photo(), "BMP")),
+    ("t16.tif", _encoded(_labels().astype(np.uint16) * 1000, "TIFF")),
+    ("tlzw.tif", _encoded(_photo(), "TIFF", compression="tiff_lzw")),
+    ("t.ppm", _encoded(_photo(), "PPM")),
+    ("t.tga", _encoded(_photo(), "TGA")),
+])
+def test_truncated_bmp_tiff_pnm_tga_are_found_without_decoding(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(UserError, match=rf"{name}: truncated"):
+        probe(tmp_path / name)
+    (tmp_path / f"whole_{name}").write_bytes(data)
+    assert probe(tmp_path / f"whole_{name}")[0] == (W, H)
+
+
+def test_tiff_stack_with_a_cut_page_and_skip_invalid_agree_with_inspect(tmp_path):
+    stack = _tiff_stack()
+    bmp = _encoded(_photo(), "BMP")
+    root = _dataset(tmp_path / "ds", {"a.png": _photo(), "b.png": _photo(), "stack.tif": stack[: len(stack) // 2],
+                                      "pic.bmp": bmp[: len(bmp) // 2], "ok.tif": stack})
+    found = _problems(FolderDataset(root, "all"))
+    assert set(found) == {"stack.tif", "pic.bmp"}
+    assert "truncated TIFF" in found["stack.tif"] and "truncated BMP" in found["pic.bmp"]
+    ds = FolderDataset(root, "all", skip_invalid=True)
+    assert sorted(Path(i).name for i, _ in ds.items) == ["a.png", "b.png", "ok.tif"]
+    report = inspect_dataset(FolderDataset(root, "all"), progress=False)
+    assert report["num_images"] == 3 and len(report["problems"]) == 2  # named once, by the check
+
+
+# -- defect 3: one list of image formats --------------------------------------------------------------
+def test_folder_dataset_reads_the_formats_predict_reads_and_names_the_others(tmp_path):
+    images = {"p.png": _photo(), "q.ppm": _photo(), "g.pgm": _photo()[:, :, 0], "t.tga": _photo(),
+              "x.pcx": _photo()}
+    root = _dataset(tmp_path / "ds", images)
+    Image.fromarray(_photo()).save(root / "images" / "anim.gif")
+    Image.fromarray(_labels()).save(root / "masks" / "anim.png")
+    Image.fromarray(_photo()).save(root / "images" / "icon.ico")
+    Image.fromarray(_labels()).save(root / "masks" / "icon.png")
+    (root / "images" / "notes.txt").write_text("not an image")
+    ds = FolderDataset(root, "all")
+    assert sorted(Path(i).name for i, _ in ds.items) == ["anim.gif", "g.pgm", "p.png", "q.ppm", "t.tga", "x.pcx"]
+    problems = [str(p) for p in ds.check()]
+    assert len(problems) == 1 and "images/icon.ico: .ico images are not read by folder datasets" in problems[0]
+    assert "PNG" in problems[0] and "mask without an image" not in " ".join(problems)
+    assert sorted(p.name for p in expand_inputs([str(root / "images")])) == sorted(
+        ["anim.gif", *images])  # predict DIR: the same files
+    assert {".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".tga", ".pcx", ".dib"} <= IMAGE_SUFFIXES
+    assert {"TGA", "PCX", "PPM", "GIF", "DIB"} <= set(FORMATS)  # serve accepts them too
+
+
+# -- defect 4: lossy masks ----------------------------------------------------------------------------
+def test_jpeg_coded_mask_is_a_problem_whatever_its_name(tmp_path):
+    root = _dataset(tmp_path / "ds", {"a.png": _photo(), "b.png": _photo()})
+    Image.fromarray(_labels()).save(root / "masks" / "a.png", format="JPEG", quality=75)
+    found = _problems(FolderDataset(root, "all"))
+    assert list(found) == ["a.png"] and found["a.png"].startswith("JPEG-compressed mask: lossy compression")
+    assert "save masks as PNG" in found["a.png"]
+    with pytest.raises(UserError, match="a.png: JPEG-compressed mask"):
+        read_mask(root / "masks" / "a.png")
+    assert len(FolderDataset(root, "all", skip_invalid=True)) == 1
+
+
+def test_mask_with_a_suffix_that_is_not_read_is_named_in_missing_mask(tmp_path):
+    root = _dataset(tmp_path / "ds", {"a.png": _photo(), "b.png": _photo()}, masks={"b": _labels()})
+    Image.fromarray(_labels()).save(root / "masks" / "a.jpg")
+    Image.fromarray(_labels()).save(root / "masks" / "b.gif")  # a lossless GIF mask is read ...
+    found = _problems(FolderDataset(root, "all"))
+    assert list(found) == ["a.png"]
+    assert f"missing mask for image {root / 'images' / 'a.png'} ({root / 'masks' / 'a.jpg'} is there" in found["a.png"]
+    assert "lossy" in found["a.png"]
+    (root / "masks" / "b.png").unlink()  # ... and taken when it is the only one
+    ds = FolderDataset(root, "all")
+    assert dict(ds.items)[str(root / "images" / "b.png")] == str(root / "masks" / "b.gif")
+
+
+def test_serve_refuses_a_jpeg_ground_truth_mask():
+    jpeg = _encoded(_labels(), "JPEG", quality=75)
+    with pytest.raises(UploadError) as e:
+        decode_mask(jpeg, 10**6, [(0, 0, 0), (255, 0, 0), (0, 255, 0)], 3, (H, W), "image/png")
+    assert e.value.status == 422 and "JPEG-compressed mask" in e.value.detail and "PNG" in e.value.detail
+    png = _encoded(_labels(), "PNG")
+    np.testing.assert_array_equal(decode_mask(png, 10**6, [(0, 0, 0)] * 3, 3, (H, W)), _labels())
+
+
+# -- defect 6: 1-pixel images in the random scale of the train preset ---------------------------------
+@pytest.mark.parametrize("h, w", [(1, 640), (384, 1), (1, 1), (3, 64)])
+def test_one_pixel_high_or_wide_images_survive_random_scale(h, w):
+    aug = build_transform({"crop": [32, 32], "scale": [0.5, 2.0]}, train=True)
+    sample = Sample(image=_photo(h, w), mask=np.ones((h, w), np.uint8), name="thin")
+    np.random.seed(0)
+    for _ in range(20):
+        out = aug(sample)
+        assert out.image.shape == (32, 32, 3) and out.mask.shape == (32, 32)
+        assert set(np.unique(out.mask)) <= {1, 255}
+
+
+# -- section 11: links, unsupported TIFF, EXIF size note ----------------------------------------------
+def test_link_and_target_each_predicted_and_broken_link_named(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_photo()).save(folder / "rgb.png")
+    os.symlink(folder / "rgb.png", folder / "link.png")
+    assert [p.name for p in expand_inputs([str(folder)])] == ["link.png", "rgb.png"]
+    assert [p.name for p in expand_inputs([str(folder), str(folder / "rgb.png")])] == ["link.png", "rgb.png"]
+    os.symlink(tmp_path / "gone.png", folder / "broken.png")
+    assert "broken.png" in [p.name for p in expand_inputs([str(folder)])]
+    with pytest.raises(UserError, match=r"broken.png: broken symbolic link \(it points to .*gone.png"):
+        read_image(folder / "broken.png")
+
+
+def _float_rgb_tiff(h: int = 4, w: int = 5) -> bytes:
+    """A 3-channel 32-bit float TIFF, as tifffile and OpenCV write it (Pillow cannot decode it)."""
+    pixels = np.zeros((h, w, 3), "<f4").tobytes()
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, None), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, 1, None), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(pixels)), (339, 3, 3, None)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    extra_at = 8 + ifd_size
+    bits_at, format_at, data_at = extra_at, extra_at + 6, extra_at + 12
+    out = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        value = {258: bits_at, 273: data_at, 339: format_at}.get(tag, value)
+        packed = struct.pack("<HI", value, 0)[:4] if kind == 3 and count == 1 else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, kind, count) + packed
+    out += b"\0\0\0\0" + struct.pack("<3H", 32, 32, 32) + struct.pack("<3H", 3, 3, 3)
+    return out + pixels
+
+
+def test_float_rgb_tiff_is_called_unsupported_not_damaged(tmp_path):
+    (tmp_path / "f.tif").write_bytes(_float_rgb_tiff())
+    for read in (read_image, probe):
+        with pytest.raises(UserError, match=r"f.tif: unsupported TIFF: 3 channel\(s\) of 32-bit float") as e:
+            read(tmp_path / "f.tif")
+        assert "damaged" not in str(e.value)
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00" + bytes(4))
+    with pytest.raises(UserError, match="junk.tif: starts like a TIFF file but cannot be read"):
+        probe(tmp_path / "junk.tif")
+
+
+def test_size_mismatch_of_an_exif_rotated_image_says_so(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(_photo()).save(buf, "JPEG", exif=exif)  # stored W x H, displayed H x W
+    root = _dataset(tmp_path / "ds", {"r.jpg": buf.getvalue(), "s.png": _photo()})
+    found = _problems(FolderDataset(root, "all"))
+    assert list(found) == ["r.png"]
+    assert f"mask is {W}x{H} but image" in found["r.png"]
+    assert f"is {H}x{W} after its EXIF orientation 6" in found["r.png"]
+    assert f"stores {W}x{H} pixels (the mask matches the stored pixels)" in found["r.png"]
