@@ -123,6 +123,14 @@ def test_a_palette_that_is_not_rgb_bytes_is_refused_on_save_and_on_load(tmp_path
         load_checkpoint(tmp_path / "edited.safetensors")
 
 
+@pytest.mark.parametrize("ids", [[0, 5], [0, 5, "7"], "0,5,7", [0, 5, True]])
+def test_category_ids_that_do_not_give_each_class_an_id_are_refused(tmp_path, ids):
+    kw = {"model": "unet", "num_classes": 3, "model_kwargs": KW}
+    with pytest.raises(ValueError, match="category_ids must list one whole-number id for each of the 3 classes"):
+        save_checkpoint(tmp_path / "bad.safetensors", _model(), {**kw, "category_ids": ids})
+    save_checkpoint(tmp_path / "good.safetensors", _model(), {**kw, "category_ids": [0, 5, 90]})
+    assert load_checkpoint(tmp_path / "good.safetensors")[1]["category_ids"] == [0, 5, 90]
+
 
 def test_save_checkpoint_unwraps_wrappers_and_refuses_metadata_that_would_not_load(tmp_path):
     model = _model()

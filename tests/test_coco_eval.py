@@ -103,7 +103,8 @@ def test_undefined_sizes_are_nan_and_mismatch_raises():
 def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(tmp_path):
     """A COCO split read by the reader and scored by `pixelwise eval`'s path equals pycocotools run
     on the annotation file itself: a detection on an iscrowd region is neither right nor wrong,
-    and the size ranges use the annotations' ``area``."""
+    the size ranges use the annotations' ``area``, and an object under 1 px wide (not trained on)
+    or with an empty mask is ground truth all the same."""
     import contextlib
     import io
     import json
@@ -114,8 +115,7 @@ def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from pixelwise.data import build_dataset
-    from pixelwise.data import sample_target
+    from pixelwise.data import build_dataset, sample_target
 
     h, w = 48, 64
     (tmp_path / "annotations").mkdir()
@@ -132,16 +132,25 @@ def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(
             rle["counts"] = rle["counts"].decode()
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": (3, 7)[k % 2], "iscrowd": crowd,
                          "bbox": [x, y, 14, 12], "area": 2000.0 if k == 1 else 168.0, "segmentation": rle})
+    # under 1 px wide (30 mask pixels): found once, missed once; a crowd region of that shape; an empty mask
+    for image_id, crowd, x in ((5, 0, 60), (9, 0, 60), (9, 1, 2), (5, 0, 1)):
+        anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 3, "iscrowd": crowd,
+                     "bbox": [x, 10, 0.9 if x > 1 else 0, 30], "area": 27.0 if x > 1 else 0.0,
+                     "segmentation": [[x, 10, x + (0.9 if x > 1 else 0), 10, x + (0.9 if x > 1 else 0), 40, x, 40]]})
     (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(
         {"images": images, "annotations": anns, "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]}))
     ds = build_dataset("coco", str(tmp_path), "val")
+    assert ds.check() == []
+    with contextlib.redirect_stdout(io.StringIO()):
+        file = COCO(str(tmp_path / "annotations" / "instances_val2017.json"))
     predictions, targets, results = [], [], []
     for i in range(len(ds)):
         sample = ds.load(i)
         targets.append(sample_target(sample))
-        crowd = sample.meta["crowd"]
-        masks = [*sample.instance_masks, *crowd["masks"], np.roll(sample.instance_masks[0], 3, axis=1)]
-        labels = [*sample.instance_labels.tolist(), *crowd["labels"], 2]
+        # a detection of each object of the file, crowds included, except the second thin one; one shifted
+        found = [a for a in file.imgToAnns[sample.meta["image_id"]] if a["id"] != 8]
+        masks = [file.annToMask(a).astype(bool) for a in found] + [np.roll(sample.instance_masks[0], 3, axis=1)]
+        labels = [ds.cat_to_label[a["category_id"]] for a in found] + [2]
         scores = rng.uniform(0.3, 1.0, len(masks)).tolist()
         boxes = np.array([mask_utils.toBbox(mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))) for m in masks])
         xyxy = np.c_[boxes[:, :2], boxes[:, :2] + boxes[:, 2:]]
@@ -164,6 +173,7 @@ def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(
             value = ours[f"{prefix}_{name}"]
             assert (math.isnan(value) and reference < 0) or value == pytest.approx(reference, abs=1e-9), (prefix, name)
     assert ours["mask_AP"] < 1  # the shifted extra detection costs something; the crowd ones cost nothing
+    assert sum(len(s.meta["untrained"]["labels"]) for s in map(ds.load, range(len(ds)))) == 3
 
     # training's validation (which picks best.safetensors) scores against the same ground truth
     from torch.utils.data import DataLoader
@@ -191,3 +201,59 @@ def test_crowd_regions_and_json_areas_are_scored_as_pycocotools_scores_the_file(
     assert validated["loss"] == pytest.approx(0.5)
     for key, value in ours.items():
         assert (math.isnan(value) and math.isnan(validated[key])) or validated[key] == pytest.approx(value), key
+
+
+def test_eval_refuses_an_instance_checkpoint_trained_on_other_classes(tmp_path):
+    """As for semantic models: a checkpoint scored on data with another number of classes, or other
+    class names, is refused in one line, not scored label against label."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from pixelwise import create_model, save_checkpoint
+    from pixelwise.errors import UserError
+    from pixelwise.inference.evaluate import evaluate_checkpoint
+
+    kwargs = {"min_size": 32, "max_size": 32}
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3, **kwargs)
+    checkpoint = tmp_path / "m.safetensors"
+    save_checkpoint(checkpoint, model, {"model": "maskrcnn_resnet18_fpn", "num_classes": 3, "model_kwargs": kwargs,
+                                        "class_names": ["background", "cup", "fork"]})
+
+    def data(categories: list[dict]) -> str:
+        root = tmp_path / "-".join(c["name"] for c in categories)
+        (root / "val2017").mkdir(parents=True)
+        (root / "annotations").mkdir()
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(root / "val2017" / "1.png")
+        ann = {"id": 1, "image_id": 1, "category_id": categories[0]["id"], "iscrowd": 0, "area": 64.0,
+               "bbox": [4, 4, 8, 8], "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]]}
+        (root / "annotations" / "instances_val2017.json").write_text(json.dumps(
+            {"images": [{"id": 1, "file_name": "1.png", "width": 32, "height": 32}], "annotations": [ann],
+             "categories": categories}))
+        return str(root)
+
+    with pytest.raises(UserError, match="the checkpoint predicts 3 classes but the data has 4") as e:
+        evaluate_checkpoint(str(checkpoint), "coco", data([{"id": 1, "name": "cup"}, {"id": 5, "name": "fork"},
+                                                           {"id": 90, "name": "knife"}]), progress=False)
+    assert "\n" not in str(e.value) and "trained for" in str(e.value)
+    with pytest.raises(UserError, match="the checkpoint's classes are background, cup, fork but the data's are "
+                                        "background, ball, box"):
+        evaluate_checkpoint(str(checkpoint), "coco", data([{"id": 5, "name": "ball"}, {"id": 90, "name": "box"}]),
+                            progress=False)
+    same = evaluate_checkpoint(str(checkpoint), "coco", data([{"id": 2, "name": "cup"}, {"id": 3, "name": "fork"}]),
+                               progress=False)
+    assert same["num_images"] == 1 and 0.0 <= same["mask_AP"] <= 1.0
+
+
+def test_class_check_compares_coco_category_ids_where_the_checkpoint_records_them():
+    from types import SimpleNamespace
+
+    from pixelwise.errors import UserError
+    from pixelwise.inference.evaluate import check_same_classes
+
+    ds = SimpleNamespace(num_classes=3, class_names=["background", "a", "b"], category_ids=[0, 1, 5])
+    check_same_classes({"num_classes": 3, "class_names": ["background", "a", "b"]}, ds)  # no ids recorded: fine
+    check_same_classes({"num_classes": 3, "category_ids": [0, 1, 5]}, ds)
+    with pytest.raises(UserError, match="COCO category ids 0, 1, 90 but the data's have 0, 1, 5"):
+        check_same_classes({"num_classes": 3, "category_ids": [0, 1, 90]}, ds)

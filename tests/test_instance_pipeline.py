@@ -188,6 +188,9 @@ def test_maskrcnn_trains_on_images_of_different_sizes_in_one_batch(tmp_path, cap
             "--batch-size", "2", "--no-progress", "--model-kwargs", MODEL]
     assert main([*args, "--out", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 1
+    from pixelwise.checkpoint import read_checkpoint
+
+    assert read_checkpoint(out / "best.safetensors")[1]["category_ids"] == [0, 5]  # predictions' category_id
     # its own resizing is the model's: an augment resize (which validation could not score) is refused
     assert main([*args, "--out", str(tmp_path / "resized"), "--augment", '{"resize": [64, 64]}']) == 2
     assert "min_size" in capsys.readouterr().err and not (tmp_path / "resized").exists()

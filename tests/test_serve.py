@@ -31,6 +31,7 @@ from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
+CATEGORY_IDS = [0, 3, 7, 90]  # a COCO-style dataset's own ids of the classes (not 0..3)
 MRCNN = {"min_size": 64, "max_size": 64, "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32}
 
 
@@ -59,7 +60,8 @@ def instance_checkpoint(tmp_path_factory):
     model = create_model("maskrcnn_resnet18_fpn", num_classes=4, **MRCNN).eval()
     path = tmp_path_factory.mktemp("mrcnn") / "mrcnn.safetensors"
     save_checkpoint(path, model, {"model": "maskrcnn_resnet18_fpn", "num_classes": 4, "model_kwargs": MRCNN,
-                                  "task": "instance", "class_names": CLASS_NAMES, "palette": PALETTE})
+                                  "task": "instance", "class_names": CLASS_NAMES, "palette": PALETTE,
+                                  "category_ids": CATEGORY_IDS})
     return path
 
 
@@ -167,6 +169,7 @@ def test_api_instances_equal_the_files_predict_writes(instance_checkpoint, tmp_p
     assert body["task"] == "instance" and len(expected["instances"]) > 0
     colors = [instance.pop("color") for instance in body["instances"]]  # the API adds each one's overlay colour
     assert body["instances"] == expected["instances"]
+    assert all(i["category_id"] == CATEGORY_IDS[i["label"]] for i in expected["instances"])
     assert colors == [list(c) for c in instance_colors(len(colors))] and len(set(map(tuple, colors))) == len(colors)
     assert base64.b64decode(body["mask_png_base64"]) == (out / "scene.png").read_bytes()
     assert np.array_equal(np.asarray(decode_png(body["overlay_png_base64"])),
@@ -646,6 +649,12 @@ def test_uncertainty_of_a_model_with_dropout_uses_monte_carlo_dropout(tmp_path):
     unc = decode_png(body["uncertainty_png_base64"])
     assert unc.mode == "L" and unc.size == (32, 24)
     assert predictor.mc_samples == 0  # the shared predictor is unchanged
+    # a fast server samples in eager mode too (its runner is a frozen copy): the same answer, not a 422
+    fast = Predictor.from_checkpoint(tmp_path / "bayes.safetensors", mode="fast")
+    quick = post_image(create_app(fast, samples=[]), png_bytes(noise(24, 32)), fields={"uncertainty": "true"})
+    assert quick.status_code == 200, quick.text
+    assert quick.json()["uncertainty_png_base64"] == body["uncertainty_png_base64"]
+    assert quick.json()["mask_png_base64"] == body["mask_png_base64"]
 
 
 # ---------------------------------------------------------------- work that nobody waits for
@@ -781,7 +790,17 @@ def test_a_ground_truth_that_is_empty_or_holds_no_class_is_refused(predictor):
     assert empty.status_code == 400 and "ground-truth mask is empty" in empty.json()["detail"]
     assert post(b"", name="").status_code == 200  # the page's file input with nothing chosen
     photo = post(image)  # a photo sent as the mask: none of its colours is in the palette
-    assert photo.status_code == 422 and "no pixel of any class" in photo.json()["detail"]
+    assert photo.status_code == 422 and "not in the model's palette" in photo.json()["detail"]
+    ignored = post(png_bytes(np.full((20, 30), 255, np.uint8)))
+    assert ignored.status_code == 422 and "no pixel of any class" in ignored.json()["detail"]
+    colours = np.array(PALETTE, np.uint8)[np.full((20, 30), 2)]
+    colours[:, :3] = 255  # white: ignored
+    colours[5:10, 20:25] = (123, 45, 67)  # a colour of no class: once silently "ignore" too
+    stray = post(png_bytes(colours))
+    assert stray.status_code == 422 and "25 pixels of 1 colour(s)" in stray.json()["detail"], stray.text
+    assert "[123, 45, 67]" in stray.json()["detail"]
+    colours[5:10, 20:25] = PALETTE[1]
+    assert post(png_bytes(colours)).json()["metrics"]["ignored_pixels"] == 60
     good = post(png_bytes(np.full((20, 30), 1, np.uint8)))
     assert good.status_code == 200 and good.json()["metrics"]["per_class"][1]["pixels"] == 600
 

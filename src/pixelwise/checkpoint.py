@@ -144,6 +144,9 @@ def _check_rebuilds(model: nn.Module, meta: dict) -> None:
     if meta.get("palette") is not None and len(meta["palette"]) < num_classes:
         raise ValueError(f"checkpoint metadata: the palette has {len(meta['palette'])} colours for {num_classes} "
                          "classes")
+    problem = category_ids_problem(meta.get("category_ids"), num_classes)
+    if problem:
+        raise ValueError(f"checkpoint metadata: {problem}")
     if "input" in meta:
         try:
             InputSpec.from_dict(meta["input"])
@@ -214,10 +217,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for key in ("model", "num_classes"):
         if key not in meta:
             raise UserError(f"{path}: checkpoint metadata lacks {key!r}; the file is damaged")
-    problem = palette_problem(meta.get("palette"))
+    problem = palette_problem(meta.get("palette")) or category_ids_problem(meta.get("category_ids"),
+                                                                            meta["num_classes"])
     if problem:  # it colours every mask written: found now, not halfway through writing one
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata or save it again with a valid one")
     return state, meta
+
+
+def category_ids_problem(ids: object, num_classes: object) -> str | None:
+    """What is wrong with a checkpoint's ``category_ids`` (the dataset's own id of each class,
+    e.g. COCO's, written into predictions as ``category_id``; optional), or None."""
+    if ids is None:
+        return None
+    if (not isinstance(ids, list | tuple) or len(ids) != num_classes
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        return f"category_ids must list one whole-number id for each of the {num_classes} classes, got {ids!r}"
+    return None
 
 
 def palette_problem(palette: object) -> str | None:

@@ -527,6 +527,12 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
                    help="progress bars (default: only when stderr is a terminal, so logs stay readable)")
 
 
+SCORE_THRESH_HELP = ("instance models: keep detections with this score or more (default 0.5). The model itself "
+                     "gives none below its box_score_thresh (default 0.05) and at most box_detections_per_img "
+                     "(default 100) per image, after NMS at box_nms_thresh (default 0.5): model options set at "
+                     "training (--model-kwargs) and kept in the checkpoint")
+
+
 def _add_max_pixels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, metavar="N",
                    help="read images of up to N pixels (default 89478485, about 9459x9459: larger files are "
@@ -631,8 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"bayesian_segnet, or unet with its default dropout) then predicts with Monte-Carlo dropout, "
                         f"{DEFAULT_MC_SAMPLES} seeded samples unless --mc-samples: its mask is the samples' mean, "
                         "the mask eval --mc-samples scores, not plain eval's")
-    p.add_argument("--score-thresh", type=float, help="instance models: keep detections with this score or more "
-                   "(default 0.5)")
+    p.add_argument("--score-thresh", type=float, help=SCORE_THRESH_HELP)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--skip-invalid", action="store_true", help="predict the readable inputs, list the others and "
                    f"exit {EXIT_SKIPPED} (default: name every unreadable input and write nothing)")
@@ -669,8 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "only; 0.0.0.0 listens on every interface and prints a warning)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     _add_prediction_args(p)
-    p.add_argument("--score-thresh", type=float, help="instance models: keep detections with this score or more "
-                   "(default 0.5)")
+    p.add_argument("--score-thresh", type=float, help=SCORE_THRESH_HELP)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--workers", type=int, default=1, help="predictions running at once (default 1; torch uses "
                    "every core for each)")

@@ -1,8 +1,8 @@
 """COCO box and mask AP (pycocotools) from in-memory predictions and ground-truth instances.
 
 No annotation files are involved: the ground truth is built as a COCO dataset in memory
-(one image per target, annotation ids from 1, ``iscrowd`` and ``area`` from the target where it
-has them, else 0 and the mask's pixels) and the
+(one image per target, annotation ids from 1, ``iscrowd``, ``area`` and ``bbox_xywh`` from the
+target where it has them, else 0, the mask's pixels and its ``boxes``) and the
 predictions are loaded as COCO results (masks thresholded at 0.5, as torchvision's reference
 evaluation does). Numbers follow COCO's definitions: AP averaged over IoU 0.50:0.95, AP50,
 AP75, and AP for small / medium / large objects, at 100 detections per image.
@@ -47,8 +47,10 @@ def binary_masks(masks: Tensor, threshold: float = 0.5) -> np.ndarray:
 
 def ground_truth_coco(targets: Sequence[dict[str, Tensor]], class_ids: Sequence[int]) -> COCO:
     """Targets (``boxes`` Tensor[K, 4], ``labels`` Tensor[K], ``masks`` [K, H, W], and optionally
-    ``iscrowd`` Tensor[K] (default 0) and ``area`` Tensor[K] (default: the mask's pixels)) -> a
-    COCO index."""
+    ``iscrowd`` Tensor[K] (default 0), ``area`` Tensor[K] (default: the mask's pixels) and
+    ``bbox_xywh`` Tensor[K, 4] (COCO boxes as an annotation file has them, used instead of
+    ``boxes``: float32 corners turned back into a width can land on the other side of an IoU
+    threshold)) -> a COCO index."""
     images: list[dict] = []
     annotations: list[dict] = []
     for image_id, t in enumerate(targets):
@@ -57,8 +59,8 @@ def ground_truth_coco(targets: Sequence[dict[str, Tensor]], class_ids: Sequence[
         images.append({"id": image_id, "height": int(h), "width": int(w)})
         crowd = t["iscrowd"].tolist() if "iscrowd" in t else [0] * len(masks)
         areas = t["area"].tolist() if "area" in t else [None] * len(masks)
-        for box, label, mask, is_crowd, area in zip(xyxy_to_xywh(t["boxes"]), t["labels"].tolist(), masks, crowd,
-                                                    areas, strict=True):
+        boxes = t["bbox_xywh"].double().tolist() if "bbox_xywh" in t else xyxy_to_xywh(t["boxes"])
+        for box, label, mask, is_crowd, area in zip(boxes, t["labels"].tolist(), masks, crowd, areas, strict=True):
             rle = encode_mask(mask)
             annotations.append(
                 {

@@ -132,20 +132,31 @@ def sample_to_tensors(sample: Sample, spec: InputSpec = InputSpec()) -> dict:  #
 
 def sample_target(sample: Sample) -> dict[str, torch.Tensor]:
     """Ground-truth instances of a raw sample as tensors (masks bool[K, H, W]); where the reader
-    gives them (COCO), also its crowd regions after the instances (``iscrowd`` 1) and the
-    annotations' own ``area``, which COCO's evaluation uses (crowd matching, size ranges)."""
+    gives them (COCO), also the objects it does not train on (``meta["untrained"]``: boxes under
+    1 px, empty masks; ``iscrowd`` 0) and its crowd regions (``iscrowd`` 1), after the instances,
+    the annotations' own ``area`` and, where given, their boxes as the file has them (``bbox_xywh``
+    float64, which COCO's box IoU is taken on): the ground truth COCO's evaluation scores."""
     target = {"boxes": torch.as_tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),
               "labels": torch.as_tensor(sample.instance_labels, dtype=torch.int64),
               "masks": torch.as_tensor(sample.instance_masks, dtype=torch.bool)}
     crowd, areas = sample.meta.get("crowd"), sample.meta.get("areas")
     if crowd is None or areas is None:
         return target
-    k, c = len(target["labels"]), len(crowd["labels"])
-    return {"boxes": torch.cat([target["boxes"], torch.as_tensor(crowd["boxes"], dtype=torch.float32).reshape(-1, 4)]),
-            "labels": torch.cat([target["labels"], torch.as_tensor(crowd["labels"], dtype=torch.int64)]),
-            "masks": torch.cat([target["masks"], torch.as_tensor(crowd["masks"], dtype=torch.bool)]),
-            "iscrowd": torch.cat([torch.zeros(k, dtype=torch.int64), torch.ones(c, dtype=torch.int64)]),
-            "area": torch.as_tensor([*areas, *crowd["areas"]], dtype=torch.float64)}
+    h, w = target["masks"].shape[-2:]
+    untrained = sample.meta.get("untrained") or {"masks": np.zeros((0, h, w), bool), "labels": [], "boxes": [],
+                                                 "areas": [], "bboxes": []}
+    parts = [untrained, crowd]
+    out = {"boxes": torch.cat([target["boxes"], *(torch.as_tensor(p["boxes"], dtype=torch.float32).reshape(-1, 4)
+                                                  for p in parts)]),
+           "labels": torch.cat([target["labels"], *(torch.as_tensor(p["labels"], dtype=torch.int64) for p in parts)]),
+           "masks": torch.cat([target["masks"], *(torch.as_tensor(p["masks"], dtype=torch.bool) for p in parts)]),
+           "iscrowd": torch.cat([torch.zeros(len(target["labels"]) + len(untrained["labels"]), dtype=torch.int64),
+                                 torch.ones(len(crowd["labels"]), dtype=torch.int64)]),
+           "area": torch.as_tensor([*areas, *untrained["areas"], *crowd["areas"]], dtype=torch.float64)}
+    bboxes = [sample.meta.get("bboxes"), untrained.get("bboxes"), crowd.get("bboxes")]
+    if all(b is not None for b in bboxes):
+        out["bbox_xywh"] = torch.as_tensor([box for b in bboxes for box in b], dtype=torch.float64).reshape(-1, 4)
+    return out
 
 
 def collate(batch: list[dict]) -> dict:

@@ -9,7 +9,17 @@ float32[K, 4] (x1, y1, x2, y2 from the JSON ``bbox``). ``category_ids[label]`` i
 category id of a label, for exporting results. Crowd annotations (``iscrowd=1``) are not
 instances; their regions are 255 (ignore) in the derived semantic ``mask``, except where a
 non-crowd instance covers them. In the semantic mask larger instances are painted first, so
-smaller ones stay visible on top. Degenerate annotations (empty mask or box) are skipped.
+smaller ones stay visible on top.
+
+Degenerate annotations (a box under 1 px wide or tall, or an empty mask) are not training
+instances (Mask R-CNN needs a box of some size around a non-empty mask) and are not painted in the
+semantic mask, but they are ground truth for scoring: ``meta["untrained"]`` holds them, and
+:func:`~pixelwise.data.sample_target` puts them (and the crowd regions, ``meta["crowd"]``) in the
+ground truth that ``eval`` and training's validation score, as pycocotools scores the file.
+
+``check()`` reports what would make pixelwise's reading differ from pycocotools' reading of the
+same file: ids used twice (annotations, images, categories: pycocotools keeps the last entry of
+an id), negative bbox sizes or areas, besides unreadable annotations and sizes.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import contextlib
 import io
 import math
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -60,6 +71,10 @@ class COCOInstances(FilePairDataset):
                     or not _positive_int(info.get("width"))):
                 raise UserError(f"{self.ann_file}: image {image_id} needs a file_name and a positive width and "
                                 f"height, and has {info!r}; fix the annotation file")
+        # ids listed twice: pycocotools' index keeps the last entry of each, check() reports them
+        self.duplicate_image_ids = _duplicates(self.coco.dataset.get("images", []))
+        self.duplicate_ann_ids = _duplicates(self.coco.dataset.get("annotations", []))
+        self.duplicate_category_ids = _duplicates(self.coco.dataset.get("categories", []))
         cats = sorted(self.coco.cats.values(), key=lambda c: c["id"])
         if len(cats) > 254:
             raise UserError(f"{self.ann_file}: {len(cats)} categories; at most 254 are supported")
@@ -75,15 +90,39 @@ class COCOInstances(FilePairDataset):
         self._finish(skip_invalid)
 
     def check(self, labels: bool = True, progress: bool | None = False) -> list[Problem]:
-        """Every image's problems, and annotations of image ids the file does not list (once per
-        file: their objects would silently go missing from training and scoring)."""
+        """Every image's problems (:meth:`check_item`), and once per file: annotations of image ids
+        the file does not list (their objects would silently go missing from training and scoring)
+        and category ids listed twice (pycocotools names the category after its last entry).
+
+        Not problems: annotations whose box is under 1 px wide or tall or whose mask is empty. They
+        are not trained on (``load`` keeps them out of ``instance_masks``) and are scored as
+        pycocotools scores them (``meta["untrained"]``); :meth:`notes` counts them."""
         problems = super().check(labels=labels, progress=progress)
+        for cat_id, entries in self.duplicate_category_ids.items():
+            names = ", ".join(repr(c.get("name")) for c in entries)
+            problems.append(Problem(str(self.ann_file), f"category id {cat_id} is listed {len(entries)} times "
+                                                        f"(names {names}); pycocotools keeps the last name, so "
+                                                        "which class its objects are is ambiguous: give each "
+                                                        "category its own id"))
         orphans = sorted({a.get("image_id") for a in self.coco.anns.values()} - set(self.coco.imgs), key=str)
         if orphans:
             shown = ", ".join(map(str, orphans[:5])) + (", ..." if len(orphans) > 5 else "")
             problems.append(Problem(str(self.ann_file), f"annotations of {len(orphans)} image id(s) the file does "
                                                         f"not list under images: {shown}"))
         return problems
+
+    def notes(self) -> list[str]:
+        """Things about the file that are not problems but change what is trained on: annotations
+        whose bbox is under 1 px wide or tall (read from the JSON, no mask decoded; those whose
+        mask turns out empty are left out of training as well). Eval scores them."""
+        thin = [a for image_id in self.coco.imgs for a in self.coco.imgToAnns.get(image_id, [])
+                if not a.get("iscrowd", 0) and _is_box(a.get("bbox")) and min(a["bbox"][2:]) < 1]
+        if not thin:
+            return []
+        shown = ", ".join(str(a.get("id")) for a in thin[:5]) + (", ..." if len(thin) > 5 else "")
+        return [f"{self.ann_file}: {len(thin)} annotation(s) with a bbox under 1 px wide or tall (ids {shown}) "
+                "are not trained on (Mask R-CNN needs a box of some size) but are scored by eval, as pycocotools "
+                "scores them"]
 
     @staticmethod
     def image_id_of(mask_ref: str | None) -> int:
@@ -95,19 +134,24 @@ class COCOInstances(FilePairDataset):
         image_ref, ann_ref = self.items[index]
         image_id = self.image_id_of(ann_ref)
         info = self.coco.imgs[image_id]
+        if image_id in self.duplicate_image_ids:  # never an image with another image's objects
+            raise UserError(f"{self.ann_file}: {self._duplicate_image_text(image_id)}; fix the file or use "
+                            "--skip-invalid")
         image = self.read_image(image_ref)
         h, w = int(info["height"]), int(info["width"])
         if image.shape[:2] != (h, w):
             raise UserError(f"{image_ref}: image is {image.shape[1]}x{image.shape[0]} but "
                             f"{self.ann_file.name} says {w}x{h}; fix the file or use --skip-invalid")
-        anns = sorted(self.coco.imgToAnns.get(image_id, []), key=lambda a: -float(a.get("area", 0)))
+        anns = sorted(self.coco.imgToAnns.get(image_id, []), key=lambda a: -_number(a.get("area")))
         semantic = np.zeros((h, w), dtype=np.uint8)
         for a in anns:
             if a.get("iscrowd", 0) and a.get("segmentation"):
                 semantic[self.coco.annToMask(a) > 0] = IGNORE_INDEX
-        # instances, and crowd regions: not trained on, scored as COCO scores them (neither right nor wrong)
-        found: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": []}
-        crowd: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": []}
+        # instances; crowd regions: not trained on, scored as COCO scores them (neither right nor wrong);
+        # degenerate instances (box under 1 px, empty mask): not trained on, scored as objects
+        found: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": [], "bboxes": []}
+        crowd: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": [], "bboxes": []}
+        untrained: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": [], "bboxes": []}
         for a in anns:
             if not a.get("segmentation") or a["category_id"] not in self.cat_to_label:
                 continue
@@ -117,34 +161,44 @@ class COCOInstances(FilePairDataset):
                                 "use --skip-invalid")
             x, y, bw, bh = (float(v) for v in a["bbox"])
             m = self.coco.annToMask(a).astype(bool)
-            if bw < 1 or bh < 1 or not m.any():
-                continue
             label = self.cat_to_label[a["category_id"]]
-            into = crowd if a.get("iscrowd", 0) else found
-            if into is found:
+            if a.get("iscrowd", 0):
+                into = crowd
+            elif bw < 1 or bh < 1 or not m.any():
+                into = untrained
+            else:
+                into = found
                 semantic[m] = label
             into["masks"].append(m)
             into["labels"].append(label)
             into["boxes"].append((x, y, x + bw, y + bh))
             into["areas"].append(float(a.get("area", m.sum())))
+            into["bboxes"].append([x, y, bw, bh])  # as the file has it: COCO's box IoU is taken on these
         masks, labels, boxes, areas = found["masks"], found["labels"], found["boxes"], found["areas"]
+
+        def scored_only(part: dict[str, list]) -> dict:
+            return {"masks": np.stack(part["masks"]) if part["masks"] else np.zeros((0, h, w), bool),
+                    "labels": part["labels"], "boxes": part["boxes"], "areas": part["areas"], "bboxes": part["bboxes"]}
+
         return Sample(
             image=image, mask=semantic, name=Path(image_ref).stem,
             instance_masks=np.stack(masks) if masks else np.zeros((0, h, w), dtype=bool),
             instance_labels=np.asarray(labels, dtype=np.int64),
             boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            meta={"image_id": image_id, "image_path": image_ref, "areas": areas,
-                  "crowd": {"masks": np.stack(crowd["masks"]) if crowd["masks"] else np.zeros((0, h, w), bool),
-                            "labels": crowd["labels"], "boxes": crowd["boxes"], "areas": crowd["areas"]}},
+            meta={"image_id": image_id, "image_path": image_ref, "areas": areas, "bboxes": found["bboxes"],
+                  "crowd": scored_only(crowd), "untrained": scored_only(untrained)},
         )
 
     def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:
-        """Image readable with the size the JSON states; annotations have known categories,
-        a segmentation and a box inside the image."""
+        """Image readable with the size the JSON states and an id no other image entry has;
+        annotations have ids no other annotation has, known categories, a segmentation, a box
+        of non-negative size inside the image and a non-negative area."""
         problems: list[Problem] = []
         image_id = self.image_id_of(mask_ref)
         ref = str(mask_ref)
         info = self.coco.imgs[image_id]
+        if image_id in self.duplicate_image_ids:
+            problems.append(Problem(ref, self._duplicate_image_text(image_id)))
         try:
             size = probe(image_ref)[0]
             if size != (int(info["width"]), int(info["height"])):
@@ -152,8 +206,16 @@ class COCOInstances(FilePairDataset):
                                                    f"{info['width']}x{info['height']}"))
         except UserError as e:
             problems.append(problem_from_error(image_ref, e))
+        shared: set = set()
         for a in self.coco.imgToAnns.get(image_id, []):
             what = f"annotation {a.get('id')}"
+            if a.get("id") in self.duplicate_ann_ids and a.get("id") not in shared:
+                shared.add(a.get("id"))
+                others = self.duplicate_ann_ids[a.get("id")]
+                images = ", ".join(str(b.get("image_id")) for b in others)
+                problems.append(Problem(ref, f"annotation id {a.get('id')} is used by {len(others)} annotations of the "
+                                             f"file (of images {images}); pycocotools scores the last of them in place "
+                                             "of each: give each annotation its own id"))
             if a.get("category_id") not in self.cat_to_label:
                 problems.append(Problem(ref, f"{what} has unknown category_id {a.get('category_id')}"))
             elif not a.get("segmentation"):
@@ -167,6 +229,31 @@ class COCOInstances(FilePairDataset):
                                                       f"{info['width']}x{info['height']} image"))
         return problems
 
+    def _duplicate_image_text(self, image_id: int) -> str:
+        files = ", ".join(str(i.get("file_name")) for i in self.duplicate_image_ids[image_id])
+        return (f"image id {image_id} is listed {len(self.duplicate_image_ids[image_id])} times (files {files}); "
+                "pycocotools keeps the last entry and gives it the objects of all: give each image its own id")
+
+
+def _duplicates(entries: list) -> dict:
+    """{id: [entries with that id]} for the ids that more than one entry has."""
+    by_id: dict = {}
+    for entry in entries:
+        if isinstance(entry, dict):
+            by_id.setdefault(entry.get("id"), []).append(entry)
+    return {k: v for k, v in by_id.items() if len(v) > 1}
+
+
+def _number(value: object) -> float:
+    """``value`` if it is a finite number, else 0 (for sorting by ``area`` before the check names it)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else 0.0  # type: ignore[arg-type]
+
+
+def _is_box(box: object) -> TypeGuard[list | tuple]:
+    return (isinstance(box, list | tuple) and len(box) == 4
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -174,12 +261,17 @@ def _positive_int(value: object) -> bool:
 
 def annotation_problem(a: dict, height: int, width: int) -> str | None:
     """What makes annotation ``a`` (with a segmentation) unreadable on a ``width x height`` image:
-    a bbox that is not four finite numbers, a polygon of fewer than three points or an odd number
-    of coordinates, an RLE of another size; None if it is readable."""
+    a bbox that is not four finite numbers or has a negative width or height, an ``area`` that is
+    not a non-negative number, a polygon of fewer than three points or an odd number of
+    coordinates, an RLE of another size; None if it is readable."""
     box = a.get("bbox")
-    if not (isinstance(box, list | tuple) and len(box) == 4
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+    if not _is_box(box):
         return f"has bbox {box!r}, not [x, y, width, height]"
+    if box[2] < 0 or box[3] < 0:
+        return f"has bbox {box!r} of negative width or height (COCO boxes are [x, y, width, height])"
+    area = a.get("area", 0.0)
+    if not (isinstance(area, int | float) and not isinstance(area, bool) and math.isfinite(area) and area >= 0):
+        return f"has area {area!r}, not a non-negative number (COCO's evaluation ignores such an object)"
     seg = a["segmentation"]
     if isinstance(seg, list):
         for poly in seg:

@@ -795,6 +795,8 @@ def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
         "task": run.task, "class_names": list(ds.class_names),
         "palette": [list(c) for c in ds.palette], "input": run.contract.to_dict(),
         "dataset": cfg.dataset, "training": summary or {},
+        # the dataset's own id of each class (COCO's category ids), written into instance predictions
+        **({"category_ids": [int(i) for i in ids]} if (ids := getattr(ds, "category_ids", None)) else {}),
     }
 
 

@@ -77,13 +77,39 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
 
 
 def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, progress: bool | None = None) -> dict:
-    """COCO AP of the predictor's detections (all scores) over a dataset split."""
+    """COCO AP of the predictor's detections (all scores) over a dataset split; refused when the
+    checkpoint's classes (number, names, COCO category ids where both record them) are not the data's."""
+    check_same_classes(predictor.meta, ds)
     predictions, targets = [], []
     for i in progress_bar(range(len(ds)), "eval", progress):
         sample = ds.load(i)
         predictions.append(predictor.predict(sample.image))
         targets.append(sample_target(sample))
     return coco_evaluate(predictions, targets, class_ids=range(1, ds.num_classes))
+
+
+def check_same_classes(meta: dict, ds: SegmentationDataset) -> None:
+    """Refuse (one-line UserError) to score a checkpoint on data whose classes are other ones: a
+    different number, other names (where the checkpoint records names) or other COCO category ids
+    (where both record them). Labels are positions in the class list, so such a pairing would
+    compare one class's detections with another class's objects and drop the rest unnoticed."""
+    n = meta.get("num_classes", ds.num_classes)
+    if n != ds.num_classes:
+        raise UserError(f"the checkpoint predicts {n} classes but the data has {ds.num_classes}; evaluate on the "
+                        "dataset it was trained for")
+    names, data_names = meta.get("class_names"), list(ds.class_names)
+    if names and list(names) != data_names:
+        i = next((i for i, (a, b) in enumerate(zip(names, data_names)) if a != b), min(len(names), len(data_names)))
+        raise UserError(f"the checkpoint's classes are {_short(names)} but the data's are {_short(data_names)} "
+                        f"(the first that differs: class {i}); evaluate on the dataset it was trained for")
+    ids, data_ids = meta.get("category_ids"), getattr(ds, "category_ids", None)
+    if ids and data_ids is not None and list(ids) != list(data_ids):
+        raise UserError(f"the checkpoint's classes have COCO category ids {_short(ids)} but the data's have "
+                        f"{_short(data_ids)}; evaluate on the dataset it was trained for")
+
+
+def _short(values: list, k: int = 6) -> str:
+    return ", ".join(map(str, values[:k])) + (", ..." if len(values) > k else "")
 
 
 def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | None, split: str = "val", *,

@@ -31,7 +31,7 @@ import glob
 import json
 import os
 import uuid
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,8 +308,11 @@ def draw_instances(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, labe
     return img
 
 
-def instances_json(det: dict, image_shape: tuple[int, ...], class_names: list[str]) -> dict:
-    """Detections (``InstancePredictor.predict``) -> the ``<stem>.json`` document."""
+def instances_json(det: dict, image_shape: tuple[int, ...], class_names: list[str],
+                   category_ids: Sequence[int] | None = None) -> dict:
+    """Detections (``InstancePredictor.predict``) -> the ``<stem>.json`` document; with the
+    checkpoint's ``category_ids`` (a model trained on COCO data), each instance also gets
+    ``category_id``, the dataset's own id of its class, which COCO results files use."""
     masks = det["masks"].numpy()
     boxes, labels, scores = det["boxes"].numpy(), det["labels"].numpy(), det["scores"].numpy()
     instances = []
@@ -318,6 +321,7 @@ def instances_json(det: dict, image_shape: tuple[int, ...], class_names: list[st
         label = int(labels[k])
         instances.append({"id": k + 1, "label": label,
                           "class_name": class_names[label] if label < len(class_names) else str(label),
+                          **({"category_id": int(category_ids[label])} if category_ids else {}),
                           "score": round(float(scores[k]), 5), "box": [round(float(v), 2) for v in boxes[k]],
                           "area": int(masks[k].sum()),
                           "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}})
@@ -325,7 +329,7 @@ def instances_json(det: dict, image_shape: tuple[int, ...], class_names: list[st
 
 
 def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, class_names: list[str],
-                    palette: list) -> Path:
+                    palette: list, category_ids: Sequence[int] | None = None) -> Path:
     masks, labels = det["masks"].numpy(), det["labels"].numpy()
     classes, ids = instance_maps(masks, labels, image.shape[:2])
     with staged(out_dir, output_names(stem, instance=True)) as paths:
@@ -333,7 +337,7 @@ def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, clas
         Image.fromarray(ids).save(paths[f"{stem}_instances.png"])
         draw_instances(image, masks, det["boxes"].numpy(), labels, det["scores"].numpy(), class_names).save(
             paths[f"{stem}_overlay.png"])
-        paths[f"{stem}.json"].write_text(json.dumps(instances_json(det, image.shape, class_names)))
+        paths[f"{stem}.json"].write_text(json.dumps(instances_json(det, image.shape, class_names, category_ids)))
     return out_dir / f"{stem}.png"
 
 
@@ -394,7 +398,8 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
         assert isinstance(predictor, InstancePredictor)
         for stem, image in plan_images(plan):
             det = predictor.predict(image)
-            written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette))
+            written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette,
+                                           predictor.meta.get("category_ids")))
             bar.update()
     bar.close()
     return written

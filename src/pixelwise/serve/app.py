@@ -84,6 +84,8 @@ class Instance(BaseModel):
     id: int = Field(description="1-based, by decreasing score")
     label: int
     class_name: str
+    category_id: int | None = Field(None, description="the training dataset's own id of the class (COCO's "
+                                                      "category id), where the checkpoint records it")
     score: float
     box: list[float] = Field(description="x1, y1, x2, y2 in pixels")
     area: int
@@ -159,7 +161,8 @@ PREDICT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"m
                                         "cannot show the upload's format, such as TIFF or PPM in a browser"},
         "ground_truth": {"type": "string", "format": "binary",
                          "description": "a mask of the same size (index PNG, 255 = ignore, or colours of the "
-                                        "model's palette): adds per-class IoU and the confusion matrix"},
+                                        "model's palette, white = ignore): adds per-class IoU and the "
+                                        "confusion matrix"},
     }}}}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "undecodable, truncated or malformed upload"},
@@ -344,7 +347,9 @@ class Service:
         try:
             predictor = with_options(self.predictor, options)
             if uncertainty and self.dropout and isinstance(predictor, SemanticPredictor) and not predictor.mc_samples:
-                predictor = with_options(predictor, {"mc_samples": self.config.uncertainty_samples})
+                # Monte-Carlo dropout samples the model itself, in eager mode (as predict --uncertainty does
+                # under --mode fast): a fast or int8 runner is a frozen copy without sampling dropout
+                predictor = with_options(predictor, {"mc_samples": self.config.uncertainty_samples, "mode": "eager"})
         except UserError as e:  # the predictor names its options as flags: --score-thresh -> score_thresh
             detail = re.sub(r"--([a-z]+(?:-[a-z]+)*)", lambda m: m[1].replace("-", "_"), str(e))
             raise UploadError(422, detail) from None
@@ -379,7 +384,8 @@ class Service:
                 assert isinstance(predictor, InstancePredictor)
                 det = predictor.predict(image)
                 cancel.check()
-                out, mask = instance_result(image, det, p.class_names, p.palette, wanted.overlay, wanted.image)
+                out, mask = instance_result(image, det, p.class_names, p.palette, wanted.overlay, wanted.image,
+                                            p.meta.get("category_ids"))
         if truth is not None:
             out["metrics"] = compare(mask, truth, p.class_names)
         out["options"] = options_of(predictor)

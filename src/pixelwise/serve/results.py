@@ -83,14 +83,14 @@ def semantic_result(image: np.ndarray, pred: Prediction, class_names: list[str],
 
 
 def instance_result(image: np.ndarray, det: dict[str, torch.Tensor], class_names: list[str],
-                    palette: Sequence[Sequence[int]], with_overlay: bool = True,
-                    with_image: bool = False) -> tuple[dict, np.ndarray]:
+                    palette: Sequence[Sequence[int]], with_overlay: bool = True, with_image: bool = False,
+                    category_ids: Sequence[int] | None = None) -> tuple[dict, np.ndarray]:
     """-> (the JSON, the class mask): predict's ``<stem>.png`` (each pixel the class of the
     highest-scoring instance covering it), its ``<stem>.json`` instances, each with ``color``, its
     colour in the overlay, and as asked the overlay and the decoded image as PNGs (else null)."""
     masks, labels = det["masks"].numpy(), det["labels"].numpy()
     classes, _ = instance_maps(masks, labels, image.shape[:2])
-    doc = instances_json(det, image.shape, class_names)
+    doc = instances_json(det, image.shape, class_names, category_ids)
     for instance, color in zip(doc["instances"], instance_colors(len(masks))):
         instance["color"] = [int(v) for v in color]
     drawn = None
