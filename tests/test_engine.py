@@ -573,3 +573,139 @@ def test_semantic_training_on_images_of_different_sizes_is_one_line(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("pixelwise: error: the training images differ in size (24x40, 40x24)") and "--crop" in err
     assert main([*args, "--out", str(tmp_path / "c"), "--crop", "16x16"]) == 0  # one size: it trains
+
+
+# --- resume: what a probe of interrupted runs found (2026-12-05) ----------------------------------------
+def state_header(out) -> dict:
+    """The JSON header of OUT/last.state.safetensors: the TrainState, optimizer name and param groups."""
+    from safetensors import safe_open
+
+    with safe_open(out / "last.state.safetensors", "pt") as f:
+        return json.loads(f.metadata()["pixelwise_train_state"])
+
+
+def test_a_signal_while_best_is_written_waits_so_best_is_the_epoch_the_state_names(tmp_path, monkeypatch):
+    import signal
+
+    real = trainer.save_checkpoint
+
+    def save(path, model, meta):
+        if path.name == "best.safetensors" and meta["training"]["epoch"] == 1:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of writing epoch 1's best
+        return real(path, model, meta)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path, epochs=3, select_by="pixel_acc", lr=0.05), log=quiet)
+    state = trainer.TrainState.from_json(state_header(tmp_path))
+    assert state.epoch == 1 and state.best_epoch == 1  # (best.safetensors did not exist at all before)
+    assert read_checkpoint(tmp_path / "best.safetensors")[1]["training"]["epoch"] == state.best_epoch
+
+
+def test_resume_refuses_a_batch_size_that_would_move_the_schedule_and_applies_new_weight_decay(tmp_path):
+    fit(tiny(tmp_path, epochs=1, optimizer="sgd", weight_decay=0.0), log=quiet)  # 8 images: 2 steps of 4
+    with pytest.raises(UserError, match="took 2 optimizer steps per epoch and these settings take 1"):
+        fit(tiny(tmp_path, epochs=2, batch_size=8, optimizer="sgd", resume=True), log=quiet)
+    said: list[str] = []
+    fit(tiny(tmp_path, epochs=2, optimizer="sgd", weight_decay=0.5, momentum=0.5, resume=True), log=said.append)
+    groups = state_header(tmp_path)["param_groups"]
+    assert groups[0]["weight_decay"] == 0.5 and all(g["momentum"] == 0.5 for g in groups)  # the flags given apply
+    assert any("weight_decay 0.0 -> 0.5" in line for line in said)
+
+
+def test_resume_keeps_the_runs_data_and_only_notes_a_moved_folder(tmp_path):
+    fit(tiny(tmp_path, epochs=1, data="here"), log=quiet)
+    with pytest.raises(UserError, match="trained on dataset_kwargs .* this resume gives --dataset-kwargs"):
+        fit(tiny(tmp_path, epochs=2, resume=True, dataset_kwargs={**TINY_DATA, "num_val": 2}), log=quiet)
+    said: list[str] = []
+    fit(tiny(tmp_path, epochs=2, resume=True, data="elsewhere"), log=said.append)  # shapes reads no folder
+    assert any("the data is now read from elsewhere" in line for line in said)
+
+
+def test_a_validation_interrupted_epoch_records_the_scheduled_lr_after_resume(tmp_path, monkeypatch):
+    fit(tiny(tmp_path / "a", epochs=2), log=quiet)
+    real, calls = trainer.evaluate, []
+
+    def evaluate(run):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while epoch 2 is validated
+        return real(run)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path / "b", epochs=2), log=quiet)
+    monkeypatch.setattr(trainer, "evaluate", real)
+    fit(tiny(tmp_path / "b", epochs=2, resume=True), log=quiet)
+    rows = {r: list(csv.DictReader((tmp_path / r / "metrics.csv").read_text().splitlines())) for r in "ab"}
+    assert [row["lr"] for row in rows["b"]] == [row["lr"] for row in rows["a"]]  # not the peak LR for epoch 2
+
+
+def test_a_second_training_into_the_same_out_is_refused_while_the_first_runs(tmp_path):
+    held = trainer.lock_out(tmp_path)
+    try:
+        with pytest.raises(UserError, match="is in use by another pixelwise train"):
+            fit(tiny(tmp_path, epochs=1), log=quiet)
+        assert not (tmp_path / "config.yaml").exists()
+    finally:
+        held.close()
+    (tmp_path / ".last.safetensors.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # what a kill -9 leaves
+    fit(tiny(tmp_path, epochs=1), log=quiet)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_config_yaml_leaves_out_the_commands_flags_so_an_overwritten_run_resumes(tmp_path, capsys):
+    args = ["train", "--model", "unet", "--dataset", "shapes", "--epochs", "1", "--batch-size", "4", "--no-progress",
+            "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA), "--lr", "0.02"]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 0
+    assert main([*args, "--out", str(tmp_path / "r"), "--overwrite"]) == 0
+    saved = yaml_load(tmp_path / "r" / "config.yaml")
+    assert "overwrite" not in saved and "resume" not in saved
+    assert main(["train", "--resume", "--out", str(tmp_path / "r"), "--epochs", "2"]) == 0
+    assert yaml_load(tmp_path / "r" / "config.yaml")["lr"] == 0.02
+
+
+def test_resume_without_out_reads_the_default_runs_own_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--model", "unet", "--dataset", "shapes", "--epochs", "1", "--batch-size", "4", "--no-progress",
+            "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA), "--lr", "0.02"]
+    assert main(args) == 0  # runs/unet
+    assert main(["train", "--resume", "--epochs", "2"]) == 0
+    saved = yaml_load(tmp_path / "runs" / "unet" / "config.yaml")
+    assert (saved["epochs"], saved["lr"], saved["dataset_kwargs"]) == (2, 0.02, TINY_DATA)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_told_to_start_again_with_overwrite(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("model: unet\n")  # all that a kill -9 in epoch 1 leaves
+    base = ["train", "--dataset", "shapes", "--out", str(tmp_path), "--no-progress"]
+    for args in (base, [*base, "--resume"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "saved nothing" in err and "--overwrite" in err and err.count("\n") == 1
+
+
+def test_epochs_given_for_a_run_with_stages_is_refused_not_ignored(tmp_path, capsys):
+    recipe = tmp_path / "staged.yaml"
+    recipe.write_text("stages:\n  - {epochs: 1}\n  - {epochs: 1, lr: 0.001}\n")
+    assert main(["train", "--config", str(recipe), "--epochs", "6", "--out", str(tmp_path / "r")]) == 2
+    assert "this run has stages, and its length is their epochs (1 + 1 = 2)" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_an_oserror(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from pixelwise import checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.atomic_save_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())

@@ -89,7 +89,14 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path,
                         metadata: dict[str, str] | None = None) -> None:
     """safetensors ``save_file``, atomically (see :func:`atomic_write`)."""
     cpu = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(cpu, tmp, metadata=metadata)
+        except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors: the CLI's one line wants one
+            raise OSError(f"cannot write {path}: {e}") from None
+
+    atomic_write(path, write)
 
 
 def model_input_spec(model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD,

@@ -69,8 +69,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pixelwise.engine.trainer import existing_run, fit
 
     recipe = train_config.find_recipe(args.config) if args.config else None
-    if recipe is None and args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
-        file_values = train_config.load_yaml_config(Path(args.out) / "config.yaml")  # the run's own settings
+    run_dir = Path(args.out or train_config.default_out(args.model or train_config.TrainConfig().model))
+    if recipe is None and args.resume and (run_dir / "config.yaml").is_file():
+        file_values = train_config.load_yaml_config(run_dir / "config.yaml")  # the run's own settings
+        for key in train_config.COMMAND_ONLY:  # older runs wrote them; this command's flags decide
+            file_values.pop(key, None)
     else:
         file_values = train_config.load_yaml_config(recipe) if recipe else {}
     cli = train_config.flag_values(vars(args))

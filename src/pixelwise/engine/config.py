@@ -47,6 +47,9 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 # --seed: torch takes 64-bit seeds, and the trainer derives (seed * 100003 + epoch) * 1009 + rank per
 # epoch (trainer.epoch_seed); 32 bits keep that far below 2**63 for any number of epochs.
 MAX_SEED = 2**32 - 1
+# what one command does with OUT, not a setting of the run: left out of its config.yaml (else a resume
+# read back "overwrite: true" and was refused, and a run's config.yaml given as --config said "resume")
+COMMAND_ONLY = ("resume", "overwrite")
 
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, stage: bool = False,
@@ -418,7 +421,14 @@ def build_config(file_values: dict, cli_values: dict, recipe: str | None = None)
     unknown = sorted(set(merged) - set(config_fields()))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}{did_you_mean(unknown[0], config_fields())}")
-    return TrainConfig(**merged)
+    cfg = TrainConfig(**merged)
+    asked = cli_values.get("epochs")
+    if cfg.stages and asked is not None and asked != cfg.epochs:  # the stages' epochs are the run's length
+        parts = " + ".join(str(s["epochs"]) for s in cfg.stages)
+        raise UserError(f"--epochs {asked}: this run has stages, and its length is their epochs ({parts} = "
+                        f"{cfg.epochs}); change a stage's epochs in the recipe (stages: [{{epochs: N, ...}}, ...]) "
+                        "instead")
+    return cfg
 
 
 def parse_size(text: str | int | None, what: str = "size") -> tuple[int, int] | None:

@@ -38,16 +38,18 @@ import contextlib
 import copy
 import csv
 import functools
+import glob
 import json
 import math
 import operator
+import os
 import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +76,7 @@ from pixelwise.data.mix import class_mix
 from pixelwise.data.weightmap import UNetWeightMap
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.config import (
+    COMMAND_ONLY,
     INSTANCE_SELECT,
     LOWER_IS_BETTER,
     SEMANTIC_SELECT,
@@ -354,6 +357,7 @@ class Run:
     clock: float = 0.0  # time.monotonic() at which the run would have started had it never stopped
     class_weights_doc: dict | None = None  # OUT/class_weights.json to write (freshly computed weights)
     ema: WeightAverage | None = None  # the average of ``module``'s weights (``ema`` > 0)
+    lock: IO[str] | None = None  # held on OUT while the run writes there (rank 0)
 
     @property
     def saved(self) -> nn.Module:
@@ -373,6 +377,34 @@ RUN_FILES = ("best.safetensors", "last.safetensors", "last.state.safetensors", "
              "config.yaml", CLASS_WEIGHTS_FILE, "tensorboard")
 
 
+STARTUP_FILES = ("config.yaml", CLASS_WEIGHTS_FILE, "tensorboard")  # written before the first epoch
+LOCK_FILE = ".pixelwise.lock"
+
+
+def lock_out(out: Path) -> IO[str] | None:
+    """An exclusive lock on ``out`` for this process's run (released when the file is closed or
+    the process ends); a second ``train`` into the same folder is refused. None where the
+    platform has no ``fcntl`` (Windows)."""
+    try:
+        import fcntl  # optional dependency: POSIX only
+    except ImportError:
+        return None
+    handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise UserError(f"--out {out} is in use by another pixelwise train (process {holder}); wait for it to end, "
+                        "or give another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def existing_run(out: Path, names: Sequence[str] = RUN_FILES) -> list[Path]:
     """The files of a run already in ``out`` (see :data:`RUN_FILES`; ``names``: a command's own list)."""
     return [out / name for name in names if (out / name).exists()] if out.is_dir() else []
@@ -389,14 +421,23 @@ def check_out(cfg: TrainConfig, can_resume: bool = True, writes: Sequence[str] =
         raise UserError("--resume continues the run in --out and --overwrite replaces it; give only one of them")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run")
+    saved = (out / "last.state.safetensors").is_file()
+    # a run killed in its first epoch (kill -9, power loss) left only what it writes at its start
+    later = [name for name in RUN_FILES if name not in STARTUP_FILES]
+    unsaved = (out / "config.yaml").is_file() and not existing_run(out, later)
     if cfg.resume:
-        state = out / "last.state.safetensors"
-        if not state.is_file():
-            raise UserError(f"cannot resume: {state} not found (is {out} the --out of the run?); drop --resume "
-                            "to start a new run")
+        if unsaved:
+            raise UserError(f"cannot resume: the run in {out} saved nothing to resume from (it stopped before the end "
+                            "of its first epoch); start it again with --overwrite")
+        if not saved:
+            raise UserError(f"cannot resume: {out / 'last.state.safetensors'} not found (is {out} the --out of the "
+                            "run?); drop --resume to start a new run")
     else:
         found = existing_run(out, writes)
         if found and not cfg.overwrite:
+            if can_resume and unsaved:
+                raise UserError(f"--out {out} holds a run that saved nothing yet ({found[0].name}; it stopped before "
+                                "the end of its first epoch): start it again with --overwrite, or give another --out")
             resume = "continue it with --resume, " if can_resume else ""
             raise UserError(f"--out {out} already holds a run ({found[0].name}); {resume}replace it with --overwrite, "
                             "or give another --out")
@@ -494,12 +535,17 @@ def start_writing(run: Run, state: TrainState) -> None:
     if not run.info.is_main:
         return
     out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    run.lock = lock_out(out)
     if run.cfg.overwrite:
         for path in existing_run(out):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         run.log(f"--overwrite: deleted the earlier run's files in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
+    for name in RUN_FILES:  # what a kill -9 left half-written (atomic_write's temporaries): nobody else writes here
+        for tmp in out.glob(f".{glob.escape(name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    settings = {k: v for k, v in run.cfg.to_dict().items() if k not in COMMAND_ONLY}
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
     if run.class_weights_doc is not None:
         atomic_write_text(out / CLASS_WEIGHTS_FILE, json.dumps(run.class_weights_doc, indent=2))
     if run.cfg.resume:
@@ -532,7 +578,17 @@ def save_state(run: Run, state: TrainState) -> None:
 def load_state(run: Run) -> TrainState:
     """Restore ``last.state.safetensors`` into the run's model, optimizer, scaler and weight
     average; -> its state. A run that starts averaging on resume starts from the restored weights."""
+    configured = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                  for g in run.optimizer.param_groups]
     tensors, meta = load_train_state(run.out / "last.state.safetensors", run.module, run.optimizer, run.scaler)
+    changes: dict[str, str] = {}
+    for group, settings in zip(run.optimizer.param_groups, configured):  # weight decay, momentum: the config's
+        for key, value in settings.items():
+            if group.get(key) != value:
+                changes[key] = f"{key} {group.get(key)} -> {value}"
+                group[key] = value
+    if changes:
+        run.log(f"resume: the optimizer takes the settings given: {', '.join(changes.values())}")
     if run.ema is not None and not run.ema.load_state_tensors(tensors):
         run.ema = WeightAverage(run.module, run.ema.decay)
         run.log("the resumed run kept no weight average: --ema starts averaging from its weights")
@@ -544,10 +600,37 @@ def load_state(run: Run) -> TrainState:
     return state
 
 
+DATA_KEYS = ("dataset", "dataset_kwargs", "train_split", "val_split")  # what a resumed run must keep
+
+
+def check_same_data(run: Run) -> None:
+    """A resumed run trains and validates on the data it began with (per its ``config.yaml``):
+    otherwise ``best.safetensors`` would compare scores of two validation sets. A moved data
+    folder (another ``--data``) is allowed, and said."""
+    path = run.out / "config.yaml"
+    try:
+        before = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        before = None  # read again, and refused with its reason, where the CLI takes the run's settings
+    if not isinstance(before, dict):
+        return
+    now = run.cfg.to_dict()
+    for key in DATA_KEYS:
+        if key in before and before[key] != now[key]:
+            flag = f"--{key.replace('_', '-')}"
+            raise UserError(f"{run.out} trained on {key} {before[key]!r}, and this resume gives {flag} {now[key]!r}; "
+                            "its best.safetensors would compare scores of two validation sets. Resume without "
+                            f"{flag}, or train into a new --out (--pretrained {run.out / 'last.safetensors'} starts "
+                            "from its weights)")
+    if before.get("data") not in (None, now["data"]):
+        run.log(f"resume: the data is now read from {now['data']} (the run began with {before['data']})")
+
+
 def resume(run: Run) -> TrainState:
     """The state of the run in ``run.out``, its weights, optimizer and scaler restored. It must
     pick ``best`` by the same metric, and keeps the precision it started with."""
     path = run.out / "last.state.safetensors"
+    check_same_data(run)
     state = load_state(run)
     if state.selected_by != run.select:  # best_score and best.safetensors belong to the other metric
         raise UserError(f"{run.out} picked best.safetensors by {state.selected_by}; resume with "
@@ -559,6 +642,14 @@ def resume(run: Run) -> TrainState:
             raise UserError(f"{run.out} stopped inside epoch {state.epoch + 1} after {state.batch} batches of {began} "
                             f"images; resume with --batch-size {began} (this one, {size}, would skip or repeat "
                             "images of that epoch), or train into a new --out")
+    if state.stage_epoch and not state.batch and not state.stage_stopped:  # between whole epochs of a stage
+        scfg = run.cfg.stage_configs()[state.stage][1]
+        steps = math.ceil(epoch_batches(run, scfg)[0] / scfg.accumulate)
+        taken = state.stage_step / state.stage_epoch
+        if steps != taken:  # the LR schedule counts optimizer steps: it would jump, or stop at 0
+            raise UserError(f"{run.out} took {taken:g} optimizer steps per epoch and these settings take {steps} "
+                            "(another --batch-size, --accumulate or amount of training data), which would move its "
+                            "learning-rate schedule; resume with the run's own settings, or train into a new --out")
     if state.amp != run.amp:
         run.amp, run.amp_why = state.amp, "kept from the resumed run"
         run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")
@@ -597,15 +688,20 @@ class Stage:
         return run.clock + (run.cfg.max_minutes * 60 if self.last else state.stage_start_s + self.budget_s)
 
 
+def epoch_batches(run: Run, scfg: TrainConfig) -> tuple[int, bool]:
+    """(micro-batches per epoch on this rank, whether the last partial batch is dropped)."""
+    per_rank = len(epoch_indices(len(run.train_ds), scfg, 1, run.info))
+    drop_last = per_rank > scfg.batch_size
+    return (per_rank // scfg.batch_size if drop_last else math.ceil(per_rank / scfg.batch_size)), drop_last
+
+
 def plan_stages(run: Run) -> list[Stage]:
     """The run's stages; the time budget is shared among them in proportion to their epochs."""
     configs = run.cfg.stage_configs()
     budget_s = run.cfg.max_minutes * 60 if run.cfg.max_minutes else None
     stages = []
     for i, (name, scfg) in enumerate(configs):
-        per_rank = len(epoch_indices(len(run.train_ds), scfg, 1, run.info))
-        drop_last = per_rank > scfg.batch_size
-        batches = per_rank // scfg.batch_size if drop_last else math.ceil(per_rank / scfg.batch_size)
+        batches, drop_last = epoch_batches(run, scfg)
         # with the U-Net weight map the class weights are its w_c term (Eq. 2), not a second factor
         class_weights = None if run.cfg.weight_map == "unet" else run.class_weights
         loss = None if run.task == "instance" else LossSpec(scfg.loss, class_weights, scfg.focal_gamma,
@@ -642,13 +738,18 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
                "train_loss": stats.train_loss,
                **({"val_loss": metrics.get("loss")} if validated else {}),
                **{k: v for k, v in metrics.items() if isinstance(v, float | int) and k != "loss"},
-               "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": round(stats.img_per_s, 2)}
-        state.epoch, state.stage_epoch, state.batch = state.epoch + 1, state.stage_epoch + 1, 0
-        state.elapsed_s = run.elapsed()
-        state.rows.append({**row, "elapsed_s": round(state.elapsed_s, 1)})
-        state.stage_stopped = stats.stopped_by_time
-        state.rng = rng_snapshot()
-        save_epoch(run, state, metrics)
+               "lr": state.lr, "img_per_s": round(stats.img_per_s, 2)}
+        held = HeldSignals()  # Ctrl-C waits for the epoch's files: best, last and the state name one epoch
+        held.hold()
+        try:
+            state.epoch, state.stage_epoch, state.batch = state.epoch + 1, state.stage_epoch + 1, 0
+            state.elapsed_s = run.elapsed()
+            state.rows.append({**row, "elapsed_s": round(state.elapsed_s, 1)})
+            state.stage_stopped = stats.stopped_by_time
+            state.rng = rng_snapshot()
+            save_epoch(run, state, metrics)
+        finally:
+            held.release()
         shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
                          if isinstance(v, float) and k not in ("lr", "img_per_s"))
         run.log(f"epoch {state.epoch}: {shown} lr={row['lr']:.2e} {row['img_per_s']:.1f} img/s"
@@ -917,7 +1018,15 @@ def _train(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Cal
            callbacks: Sequence[Callback]) -> dict[str, Any]:
     run = setup_run(cfg, info, device, log if info.is_main else _quiet, callbacks)
     state = resume(run) if run.cfg.resume else TrainState(selected_by=run.select, amp=run.amp)
-    start_writing(run, state)
+    try:
+        start_writing(run, state)
+        return _train_stages(run, state, info, device)
+    finally:
+        if run.lock is not None:
+            run.lock.close()
+
+
+def _train_stages(run: Run, state: TrainState, info: dist.DistInfo, device: torch.device) -> dict[str, Any]:
     run.clock = time.monotonic() - state.elapsed_s
     run.log(f"precision: {run.amp} ({run.amp_why})")
     n_params = sum(p.numel() for p in run.module.parameters())
