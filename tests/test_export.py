@@ -184,7 +184,7 @@ def test_maskrcnn_exports_backbone_rpn_and_heads(tmp_path, capsys):
     for report in reports:
         assert all(c.agreement >= 0.999 for c in report.checks)
     assert read_onnx_metadata(reports[1].path)["onnx"]["outputs"] == ["class_logits", "box_deltas", "mask_logits"]
-    with pytest.raises(UserError, match="model part"):
+    with pytest.raises(UserError, match="holds part of an instance model"):
         load_onnx(reports[0].path)  # not a semantic model: predict --onnx refuses it
 
 

@@ -394,6 +394,20 @@ def model_files(args: argparse.Namespace) -> list[str]:
     return [args.onnx] if args.onnx else list(args.checkpoint)
 
 
+def checkpoint_header(path: str) -> dict:
+    """A checkpoint's metadata read from its header alone ({} when it cannot be read: loading it
+    later gives the reason)."""
+    # start-up time: safetensors is loaded only by the verbs that read checkpoints
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("pixelwise", "{}"))
+    except (OSError, SafetensorError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def predictor_options(args: argparse.Namespace) -> dict:
     """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint;
     with ``--mode int8`` its calibration images, loaded here."""
@@ -401,6 +415,10 @@ def predictor_options(args: argparse.Namespace) -> dict:
     options = {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
                "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
     if args.mode == "int8":
+        for path in args.checkpoint or ():  # refused for what it is, before calibration data is asked for
+            if checkpoint_header(path).get("task") == "instance":
+                raise UserError(f"--mode int8 is not offered for instance models like {path}'s Mask R-CNN; use "
+                                "--mode fast")
         options.update(calib_data=calibration_images(args, "--mode int8"), calib_crop=calibration_sizes(args)[1])
     else:
         check_no_calibration(args, "--mode int8")

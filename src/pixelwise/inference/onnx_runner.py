@@ -109,7 +109,8 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[Onnx
         raise UserError(f"{path} has no pixelwise metadata (input contract, classes); export it with "
                         "`pixelwise export`")
     if meta.get("task", "semantic") != "semantic":
-        raise UserError(f"{path} holds a {meta.get('task')} model part; only semantic models run with --onnx")
+        raise UserError(f"{path} holds part of an {meta.get('task')} model (Mask R-CNN); only semantic models run "
+                        "with --onnx")
     return OnnxModel(make_session(path, threads), *stored_geometry(path, meta)), meta
 
 
