@@ -709,3 +709,17 @@ def yaml_load(path):
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_augmentation_depends_on_the_sample_not_the_worker_so_resume_with_workers_is_exact(tmp_path):
+    """Each sample's augmentation is seeded from the epoch and its index: two worker processes
+    give the weights of none, and a run interrupted inside an epoch resumes exactly with them."""
+    kw = {"batch_size": 2, "epochs": 2, "augment": {"crop": [24, 24], "scale": [0.5, 1.5]}}
+    fit(tiny(tmp_path / "none", **kw), log=quiet)
+    fit(tiny(tmp_path / "two", num_workers=2, **kw), log=quiet)
+    weights_equal(tmp_path / "none", tmp_path / "two")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path / "cut", num_workers=2, **kw), log=quiet,
+            callbacks=[interrupt_at("step", lambda s: s.step == 5)])  # inside epoch 2
+    fit(tiny(tmp_path / "cut", num_workers=2, resume=True, **kw), log=quiet)
+    weights_equal(tmp_path / "none", tmp_path / "cut")

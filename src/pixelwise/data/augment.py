@@ -16,8 +16,8 @@ masks empty. After the transform, instance boxes are recomputed from the instanc
 x2/y2 exclusive) and instances whose mask left the crop are dropped.
 
 Randomness: each call reseeds the albumentations pipeline from numpy's global RNG, so seeding
-numpy (per epoch and per DataLoader worker, as the trainer does) makes augmentation
-reproducible and different in every worker.
+numpy makes augmentation reproducible; the trainer seeds it before each sample from the epoch and
+the sample's index (``engine.trainer.SampleSeeded``), whichever DataLoader worker loads it.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ Never losing work:
   the last good checkpoint stays.
 
 Determinism: every epoch re-seeds all RNGs from ``(seed, epoch, rank)`` and the data order comes
-from a generator seeded the same way, so a resumed run reproduces an uninterrupted one (exactly
-with ``num_workers=0``; with workers no sample is repeated or lost, but a mid-epoch resume draws
-different augmentations).
+from a generator seeded the same way, and each sample's augmentation is seeded from the epoch and
+its index (:class:`SampleSeeded`), so a resumed run reproduces an uninterrupted one exactly, with
+DataLoader workers or without (and a run gives the same weights with any ``num_workers``).
 """
 
 from __future__ import annotations
@@ -769,6 +769,23 @@ class EpochStats(NamedTuple):
     stopped_by_time: bool
 
 
+class SampleSeeded(Dataset):
+    """``dataset[i]`` with numpy's global RNG (which every augmentation step draws from) seeded
+    from the epoch's seed and ``i``: a sample's augmentation depends on nothing else, not on which
+    DataLoader worker loads it nor on what that worker loaded before, so a run resumed inside an
+    epoch draws the same augmentations with worker processes as without."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        np.random.seed([self.seed % 2**32, self.seed // 2**32 % 2**32, index])
+        return self.dataset[index]
+
+
 def epoch_loader(run: Run, stage: Stage, state: TrainState) -> DataLoader:
     """The next epoch's batches, or what is left of them when resuming inside it (same order,
     the RNG states of the last finished step restored). Re-seeds every RNG for the epoch."""
@@ -781,7 +798,8 @@ def epoch_loader(run: Run, stage: Stage, state: TrainState) -> DataLoader:
             rng_restore(*state.rng)
     else:
         state.loss_sum, state.images = 0.0, 0
-    return DataLoader(run.train_ds, batch_sampler=BatchSampler(indices, stage.cfg.batch_size, stage.drop_last),
+    samples = SampleSeeded(run.train_ds, epoch_seed(run.cfg.seed, epoch, rank))
+    return DataLoader(samples, batch_sampler=BatchSampler(indices, stage.cfg.batch_size, stage.drop_last),
                       num_workers=run.cfg.num_workers, collate_fn=collate,
                       worker_init_fn=functools.partial(_worker_init, max_pixels=run.cfg.max_pixels),
                       generator=torch.Generator().manual_seed(epoch_seed(run.cfg.seed, epoch, rank)))
