@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from pixelwise.cli import main
+from pixelwise.errors import UserError
+from pixelwise.inference import bench
 from pixelwise.inference.bench import benchmark
 from pixelwise.models import create_model
+from pixelwise.models.maskrcnn import fast as maskrcnn_fast
 from pixelwise.models.maskrcnn.fast import reduced_precision_dtype
 
 
@@ -43,8 +46,83 @@ def test_cli_bench_onnx_mode_exports_and_times(tmp_path):
     (["--size", "32x48"], "exactly one of"),
     (["--model", "unet", "--size", "big"], "size 'big'"),
     (["--model", "unet", "--size", "32x48", "--threads", "0"], "--threads"),
+    # --num-classes is refused with a checkpoint (it has its own classes), as export refuses it
+    (["--checkpoint", "missing.safetensors", "--num-classes", "7", "--size", "32x48"],
+     "--num-classes goes with --model"),
+    (["--onnx", "missing.onnx", "--num-classes", "7", "--size", "32x48"], "--num-classes goes with --model"),
+    (["--model", "unet", "--num-classes", "0", "--size", "32x48"], "--num-classes must be at least 1"),
+    # --compile means something only for the semantic fast path
+    (["--model", "enet", "--size", "32x48", "--compile"], "--compile goes with --mode fast"),
+    (["--model", "enet", "--size", "32x48", "--mode", "int8", "--compile"], "--compile goes with --mode fast"),
+    (["--model", "enet", "--size", "32x48", "--mode", "onnx", "--compile"], "--compile goes with --mode fast"),
+    (["--model", "maskrcnn_resnet18_fpn", "--size", "32x48", "--mode", "fast", "--compile"],
+     "--compile goes with --mode fast (semantic models)"),
 ])
 def test_cli_bench_bad_input(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pixelwise: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("measured, why", [(1e-9, "below the achieved"), (float("nan"), "no float32 GEMM")])
+def test_utilization_is_never_above_the_peak(monkeypatch, measured, why):
+    # a "peak" below the achieved rate (torch._int_mm without VNNI) is no ceiling: no peak, no
+    # utilization, and the reason; as where no GEMM of the dtype can be measured at all (NaN)
+    monkeypatch.setattr(bench, "gemm_peak_gflops", lambda device, dtype=None: measured)
+    r = benchmark(create_model("segnet_basic", num_classes=3), (32, 48), repeats=1)
+    assert r["achieved_gflops"] > 0
+    assert r["gemm_peak_gflops"] is None and r["utilization"] is None and why in r["peak_note"]
+
+
+def test_a_real_peak_has_no_note():
+    r = benchmark(create_model("segnet_basic", num_classes=3), (32, 48), repeats=1)
+    if r["gemm_peak_gflops"] is not None:
+        assert r["peak_note"] is None and 0 < r["utilization"] <= 1
+
+
+def test_compile_is_refused_where_nothing_would_be_compiled():
+    # Mask R-CNN's fast path ignores torch.compile: no compile_s for a run that compiled nothing
+    with pytest.raises(UserError, match="--compile goes with --mode fast"):
+        benchmark(create_model("maskrcnn_resnet18_fpn", num_classes=3), (32, 48), mode="fast", task="instance",
+                  repeats=1, compile=True)
+    for mode in ("eager", "int8", "onnx"):
+        with pytest.raises(UserError, match="--compile goes with --mode fast"):
+            benchmark(create_model("segnet_basic", num_classes=3), (32, 48), mode=mode, repeats=1, compile=True)
+
+
+@pytest.mark.parametrize("mode", ["fast", "int8"])
+def test_peak_memory_is_read_before_any_float32_reference_pass(monkeypatch, mode):
+    # peak_mem_mb is the mode's own: the FLOP count and the agreement reference run the float32
+    # model on the input, and must come after the peak is read
+    model = create_model("unet", num_classes=3, base_channels=8, batch_norm=True)
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(module is model))
+    seen = {}
+    monkeypatch.setattr(bench, "peak_memory_mb", lambda dev: seen.setdefault("eager_calls", sum(calls)) or 1.0)
+    resets = []
+    monkeypatch.setattr(bench, "reset_peak_memory", lambda dev: resets.append(sum(calls)) or True)
+    r = benchmark(model, (32, 48), mode=mode, repeats=1, model_name="unet")
+    assert resets == [0] and seen["eager_calls"] == 0, (resets, seen)
+    assert sum(calls) >= 2 and r["agreement"] is not None and r["gflops_per_img"] > 0  # counted afterwards
+
+
+def test_peak_rss_can_be_reset_on_linux():
+    np = pytest.importorskip("numpy")
+    if not bench.reset_peak_memory(torch.device("cpu")):
+        pytest.skip("this system cannot reset the peak resident set")
+    before = bench.peak_rss_mb()
+    block = np.ones(40 * 2**20)  # 320 MiB, touched
+    del block
+    grown = bench.peak_rss_mb()
+    assert grown >= before + 200
+    assert bench.reset_peak_memory(torch.device("cpu"))
+    assert bench.peak_rss_mb() < grown - 200
+
+
+def test_fast_mode_says_which_precision_and_keeps_unmeasured_models_in_float32(monkeypatch):
+    # a CPU with bf16 kernels: segnet_basic's bf16 accuracy was never measured, so it runs float32
+    monkeypatch.setattr(maskrcnn_fast, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    r = benchmark(create_model("segnet_basic", num_classes=3), (32, 48), mode="fast", repeats=1,
+                  model_name="segnet_basic")
+    assert r["dtype"] == "float32" and "float32 weights (bfloat16 not measured for segnet_basic)" in r["fast_path"]

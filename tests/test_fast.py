@@ -140,3 +140,51 @@ def test_tap_convolution_only_replaces_what_it_computes_exactly():
     assert not TapConv2d.applies(nn.Conv2d(4, 4, 3, padding=12, dilation=12, padding_mode="reflect"), 8)
     model = create_model("deeplabv3_resnet50", num_classes=3)
     assert split_dilated(model) == 3  # the ASPP's three atrous branches (rates 12, 24, 36)
+
+
+def test_compiled_fast_segmenter_leaves_the_inductor_config_alone():
+    # weight freezing is an option of FastSegmenter's own compile, not a process-wide setting that
+    # would freeze the weights of every later torch.compile of the user's (e.g. a training model)
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    before = inductor_config.freezing
+    runner = FastSegmenter(model, torch.float32, compile=True)
+    assert inductor_config.freezing == before
+    x = torch.randn(1, 3, 8, 8)
+    out = runner(x)  # compiles
+    assert inductor_config.freezing == before
+    torch.testing.assert_close(out, model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_fast_runs_bf16_only_for_models_whose_bf16_accuracy_was_measured(monkeypatch):
+    # on a CPU with bf16 kernels (the capability check patched): unet (in PLANS, measured) gets
+    # bfloat16, a model never measured in bf16 (segnet_basic, an unnamed one) keeps float32
+    from pixelwise.models.maskrcnn import fast as maskrcnn_fast
+
+    monkeypatch.setattr(maskrcnn_fast, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    cpu = torch.device("cpu")
+    assert fast.fast_dtype("unet", cpu) == torch.bfloat16
+    assert "bfloat16 weights" in fast.fast_precision("unet", cpu)
+    for name in ("segnet_basic", "enet", ""):
+        assert fast.fast_dtype(name, cpu) == torch.float32, name
+    runner = make_runner(create_model("segnet_basic", num_classes=3).eval(), "fast", "segnet_basic")
+    assert isinstance(runner, FastSegmenter) and runner.dtype == torch.float32
+    assert runner.precision == "float32 weights (bfloat16 not measured for segnet_basic)"
+    assert all(p.dtype == torch.float32 for p in runner.model.parameters())
+
+
+def test_fast_runner_runs_the_weights_it_was_built_with():
+    # documented (SemanticPredictor, docs/deploy.md): the fast path runs a copy taken when it is
+    # built; weights changed afterwards are seen only by a runner built again
+    torch.manual_seed(0)
+    model = create_model("segnet_basic", num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 48)
+    runner = make_runner(model, "fast", "segnet_basic")
+    before = runner(x)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    torch.testing.assert_close(runner(x), before)
+    assert not torch.allclose(make_runner(model, "fast", "segnet_basic")(x), before)

@@ -139,9 +139,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if sum(bool(a) for a in (args.model, args.checkpoint, args.onnx)) != 1:
         raise UserError("give exactly one of --model NAME, --checkpoint FILE or --onnx FILE")
+    if args.num_classes is not None and not args.model:
+        raise UserError("--num-classes goes with --model (random weights); a --checkpoint or --onnx file has "
+                        "its own classes")
     for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--num-classes", args.num_classes)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.compile and args.mode != "fast":
+        raise UserError("--compile goes with --mode fast (semantic models)")
     size = train_config.parse_size(args.size, "--size")
     if size is None:
         raise UserError("--size needs HxW, e.g. 512x512")
@@ -165,7 +170,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         task, name = meta.get("task", "semantic"), meta.get("model", "")
     else:
         task = model_info(args.model).task
-        model = create_model(args.model, num_classes=args.num_classes)
+        if args.compile and task != "semantic":
+            raise UserError("--compile goes with --mode fast (semantic models)")
+        model = create_model(args.model, num_classes=args.num_classes or 21)
     result = benchmark(model, size, batch=args.batch, mode=mode or "eager", device=device,
                        repeats=args.repeats, task=task, flops=flops, model_name=name, onnx=args.onnx,
                        threads=args.threads, train=args.train, compile=args.compile)
@@ -722,15 +729,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="inference speed, FLOP utilisation and peak memory")
     p.add_argument("--model")
     p.add_argument("--checkpoint")
-    p.add_argument("--num-classes", type=int, default=21, help="with --model (default 21)")
+    p.add_argument("--num-classes", type=int, help="with --model only (default 21)")
     p.add_argument("--size", required=True, help="input HxW")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--onnx", metavar="FILE", help="time a file written by `pixelwise export` (onnxruntime)")
     p.add_argument("--mode", choices=["eager", "fast", "int8", "onnx"], help="eager (default), fast (BatchNorm "
-                   "folded, channels-last, bf16 where the CPU has bf16 kernels), int8 (quantised in PyTorch, "
-                   "calibrated on smooth random images) or onnx (export, verify, time onnxruntime)")
-    p.add_argument("--compile", action="store_true", help="with --mode fast: also torch.compile (compile time "
-                   "is reported as compile_s)")
+                   "folded, channels-last; bf16 where the CPU has bf16 kernels, for the models whose bf16 accuracy "
+                   "was measured; fast_path says which), int8 (quantised in PyTorch, calibrated on smooth random "
+                   "images) or onnx (export, verify, time onnxruntime)")
+    p.add_argument("--compile", action="store_true", help="only with --mode fast on a semantic model: also "
+                   "torch.compile (compile time is reported as compile_s)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime (default: torch's)")

@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pixelwise.errors import UserError
 from pixelwise.inference.export import export_onnx, sample_batch
-from pixelwise.inference.fast import instance_runner, make_runner
+from pixelwise.inference.fast import fast_precision, instance_runner, make_runner
+from pixelwise.inference.int8 import cpu_has_vnni
 from pixelwise.inference.onnx_runner import load_onnx
 from pixelwise.models import forward_logits
 
@@ -41,9 +42,11 @@ def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semant
 
 def gemm_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
                      repeats: int = 5) -> float:
-    """Measured peak of a large square matmul on ``device``: the ceiling a model could reach
+    """Measured rate of a large square matmul on ``device``, the ceiling a model could reach
     (int8: ``torch._int_mm``, int8 x int8 -> int32, in GOP/s; NaN where this torch lacks it on the
-    device: its CPU kernel came with torch 2.3)."""
+    device: its CPU kernel came with torch 2.3). On CPUs without VNNI ``torch._int_mm`` is a slow
+    reference kernel, far below what the quantised convolutions reach: :func:`benchmark` then
+    reports no peak (:func:`peak_and_note`)."""
     if dtype == torch.int8:
         ai = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
         bi = torch.randint(-128, 128, (n, n), device=device, dtype=torch.int8)
@@ -82,47 +85,59 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     """Inference speed of ``model`` (or of the ONNX file ``onnx``) on a ``batch x 3 x H x W`` input.
 
     mode: ``eager`` (float32, as trained), ``fast`` (:mod:`pixelwise.inference.fast`: BatchNorm
-    folded, channels-last, bfloat16 where the device has bf16 kernels; ``compile`` adds
-    torch.compile; Mask R-CNN: ``optimize_for_inference``, in bfloat16 where the device has fast
-    bf16 kernels), ``onnx`` (onnxruntime on the CPU: the file ``onnx``, or ``model`` exported and
+    folded, channels-last, bfloat16 for the models whose bf16 accuracy was measured where the device
+    has bf16 kernels, else float32; ``compile`` (semantic models only) adds torch.compile, its first
+    call timed as ``compile_s``; Mask R-CNN: ``optimize_for_inference``, in bfloat16 where the
+    device has fast bf16 kernels), ``onnx`` (onnxruntime on the CPU: the file ``onnx``, or ``model`` exported and
     verified to a temporary file first), ``int8``
     (:mod:`pixelwise.inference.int8`, calibrated on :data:`INT8_CALIBRATION` smooth random images
     other than the timed one; ``calibrate_s`` reports how long that took).
     Returns ``img_per_s ms_per_img gflops_per_img achieved_gflops gemm_peak_gflops utilization
     peak_mem_mb`` plus the settings: ``dtype`` (of the convolutions), against whose GEMM peak the
-    utilisation is taken (the bf16 peak for a bf16 run); ``agreement`` (semantic models, fast and
-    onnx modes): the share of pixels whose argmax equals fp32 eager's on a smooth random image;
-    ``train_img_per_s`` with ``train`` (one SGD step of cross-entropy on random labels, float32
-    eager). ``threads``: torch's (and onnxruntime's) intra-op threads. ``flops``: FLOPs per
-    image if already known.
+    utilisation is taken (the bf16 peak for a bf16 run); ``gemm_peak_gflops`` and ``utilization``
+    are None, with the reason in ``peak_note``, where no GEMM peak of that dtype can be measured
+    or the measured one is below the rate the model achieved (int8 without VNNI: not a ceiling);
+    ``agreement`` (semantic models, fast, int8 and onnx modes): the share of pixels whose argmax
+    equals fp32 eager's on a smooth random image; ``train_img_per_s`` with ``train`` (one SGD
+    step of cross-entropy on random labels, float32 eager). ``threads``: torch's (and
+    onnxruntime's) intra-op threads. ``flops``: FLOPs per image if already known.
+
+    ``peak_mem_mb`` is the mode's own peak: the peak resident memory (CPU: of the process, reset
+    before the mode is prepared where Linux allows it, ``/proc/self/clear_refs``; CUDA: tensors
+    allocated on the device) from preparing the mode (folding, exporting, calibrating; the model's
+    own weights are resident throughout) through the timed runs. It is read before the FLOPs are
+    counted and before the float32 eager reference of ``agreement`` runs, so those passes do not
+    count. Without the reset (other systems) it is the process's peak up to then.
     """
     if train and (model is None or task != "semantic"):
         raise UserError("--train measures semantic models given by --model or --checkpoint")
-    if threads:
-        torch.set_num_threads(threads)
-    dev = torch.device(device)
-    x = sample_batch(batch, 3, *size).to(dev)
-    if model is not None:
-        model = model.eval().to(dev)
-    if flops is None and model is not None:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x[:1]) if task == "semantic" else model([x[0]])
-        flops = float(counter.get_total_flops())
     if mode not in ("eager", "fast", "int8", "onnx"):
         raise UserError(f"--mode must be eager, fast, int8 or onnx, got {mode!r}")
     if mode == "int8" and task != "semantic":
         raise UserError("--mode int8 measures semantic models (Mask R-CNN: docs/deploy.md)")
+    if compile and (mode != "fast" or task != "semantic"):
+        raise UserError("--compile goes with --mode fast (semantic models)")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
     if mode == "onnx" and (task != "semantic" or dev.type != "cpu"):
         raise UserError("--mode onnx runs semantic models on the CPU only (Mask R-CNN: docs/deploy.md)")
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    x = sample_batch(batch, 3, *size).to(dev)
+    if model is not None:
+        model = model.eval().to(dev)
+    reset_peak_memory(dev)
     run, dtype, extra = _runner(model, x, mode, dev, task, model_name, onnx, compile)
     compile_s = None
-    if compile and mode == "fast":
+    if compile:
         t = time.perf_counter()
         run()  # the first call compiles
         compile_s = time.perf_counter() - t
     seconds = _best_seconds(run, dev, repeats)
+    peak_mem = peak_memory_mb(dev)  # the mode's own: no float32 reference pass has run yet
+    if flops is None and model is not None:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x[:1]) if task == "semantic" else model([x[0]])
+        flops = float(counter.get_total_flops())
     agreement = None
     if task == "semantic" and mode != "eager" and model is not None:
         with torch.no_grad():
@@ -130,25 +145,37 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
         logits = run()
         assert isinstance(logits, torch.Tensor)
         agreement = (logits.float().argmax(1) == reference.argmax(1)).float().mean().item()
-    measured_peak = gemm_peak_gflops(dev, dtype)
-    peak = measured_peak if math.isfinite(measured_peak) else None  # NaN: no int8 GEMM in this torch
     achieved = flops * batch / seconds / 1e9 if flops else None
-    peak_mem: float | None
-    if dev.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated(dev) / 2**20
-    else:
-        peak_mem = peak_rss_mb()
+    peak, peak_note = peak_and_note(gemm_peak_gflops(dev, dtype), achieved, dtype, dev)
     result = {"mode": mode, "device": str(dev), "size": list(size), "batch": batch, "dtype": dtype_name(dtype),
               "img_per_s": batch / seconds, "ms_per_img": 1000 * seconds / batch,
               "gflops_per_img": flops / 1e9 if flops else None, "achieved_gflops": achieved,
               "gemm_peak_gflops": peak, "utilization": achieved / peak if achieved and peak else None,
-              "peak_mem_mb": peak_mem, "threads": torch.get_num_threads(), "agreement": agreement, **extra}
+              "peak_note": peak_note, "peak_mem_mb": peak_mem, "threads": torch.get_num_threads(),
+              "agreement": agreement, **extra}
     if compile_s is not None:
         result["compile_s"] = compile_s
     if train:
         assert model is not None
         result["train_img_per_s"] = train_step_speed(model, x, task, repeats=max(1, min(repeats, 3)))
     return result
+
+
+def peak_and_note(measured: float, achieved: float | None, dtype: torch.dtype, dev: torch.device
+                  ) -> tuple[float | None, str | None]:
+    """``(gemm_peak_gflops, peak_note)`` of a run: the measured GEMM peak, or None with the reason
+    where none could be measured (NaN) or it is below the ``achieved`` rate (then it is no ceiling,
+    and a utilisation above 1 would be reported)."""
+    name = dtype_name(dtype)
+    kernel = "torch._int_mm" if dtype == torch.int8 else "matmul"
+    if not math.isfinite(measured):
+        return None, f"no {name} GEMM ({kernel}) on {dev.type} in this torch: no peak to compare with"
+    if achieved is not None and achieved > measured:
+        why = (": without VNNI it is a slow reference kernel, the quantised convolutions are not"
+               if dtype == torch.int8 and dev.type == "cpu" and not cpu_has_vnni() else "")
+        return None, (f"the measured {name} GEMM rate ({kernel}, {measured:.4g} G/s) is below the achieved "
+                      f"{achieved:.4g} G/s, so it is no ceiling{why}; no utilization reported")
+    return measured, None
 
 
 def _runner(model: nn.Module | None, x: torch.Tensor, mode: str, dev: torch.device, task: str,
@@ -176,7 +203,7 @@ def _runner(model: nn.Module | None, x: torch.Tensor, mode: str, dev: torch.devi
     if task == "semantic":
         fast = make_runner(model, "fast", model_name, dev, compile=compile)
         dtype = getattr(fast, "dtype", torch.float32)
-        return (lambda: fast(x)), dtype, {"fast_path": describe_fast(dtype, compile)}
+        return (lambda: fast(x)), dtype, {"fast_path": describe_fast(fast_precision(model_name, dev), compile)}
     fast_instance = instance_runner(model, "fast", model_name)
     xs = list(x)
 
@@ -197,8 +224,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).split(".")[-1]
 
 
-def describe_fast(dtype: torch.dtype, compiled: bool) -> str:
-    parts = ["BN folded", "channels-last", dtype_name(dtype) + " weights"]
+def describe_fast(precision: str, compiled: bool) -> str:
+    """bench's ``fast_path``; ``precision``: :func:`pixelwise.inference.fast.fast_precision`."""
+    parts = ["BN folded", "channels-last", precision]
     return ", ".join(parts + (["torch.compile"] if compiled else []))
 
 
@@ -231,6 +259,29 @@ def train_step_speed(model: nn.Module, x: torch.Tensor, task: str, repeats: int 
         opt.step()
 
     return x.shape[0] / _best_seconds(step, x.device, repeats)
+
+
+def reset_peak_memory(dev: torch.device) -> bool:
+    """Start a new peak-memory measurement on ``dev`` (CUDA: its peak allocation statistics; CPU on
+    Linux: this process's peak resident set, ``/proc/self/clear_refs``); False where it cannot
+    (then :func:`peak_memory_mb` is the process's peak since it started)."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM, ru_maxrss) to the current RSS (Linux >= 4.0)
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_mb(dev: torch.device) -> float | None:
+    """Peak memory in MiB since :func:`reset_peak_memory`: CUDA tensors allocated on ``dev``, or
+    this process's peak resident set."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return peak_rss_mb()
 
 
 def peak_rss_mb() -> float | None:

@@ -10,13 +10,16 @@
      DeconvNet, DeepLab and the FCN heads become convolutions, ReLUs and adds;
   2. in bfloat16, convolutions with dilation >= 8 (DeepLab's ASPP) as one 1 x 1 GEMM plus shifted
      adds (:class:`TapConv2d`), where oneDNN's dilated bf16 kernel is slow;
-  3. weights stored once in the model's plan dtype (bfloat16 where measured to keep accuracy, see
-     :data:`PLANS`; on CPUs without bf16 kernels float32), channels-last, the input cast once, no
-     autocast (which re-casts every weight on every call);
+  3. weights stored once in the model's plan dtype (bfloat16 only for the models whose bf16
+     accuracy was measured, ``FastPlan.bf16`` in :data:`PLANS`, and only on devices with fast bf16
+     kernels; every other model, and every model on other CPUs, float32), channels-last, the input
+     cast once, no autocast (which re-casts every weight on every call);
   4. optionally (``compile=True``, ``bench --compile``) ``torch.compile`` (inductor, with weight
-     freezing): it fuses the ReLUs, adds and biases into oneDNN convolution epilogues and
+     freezing for this compiled function only: the process's ``torch._inductor.config`` is left
+     as it was): it fuses the ReLUs, adds and biases into oneDNN convolution epilogues and
      prepacks the weights, at a compile cost per model and input size (bench reports it).
-  Output logits are float32.
+  Output logits are float32. The copy is taken when the runner is built: weights changed
+  afterwards in the original model are not seen (build the runner again).
 * ``int8``: :class:`pixelwise.inference.int8.Int8Segmenter`, the model quantised to int8 in
   PyTorch (torch.fx graph mode, x86 engine) with activation ranges calibrated on training images;
   offered only for the models in :data:`PLANS` whose measured mIoU cost is within
@@ -50,11 +53,12 @@ INT8_MAX_COST = 1.0
 class FastPlan:
     """How ``--mode fast`` / ``int8`` run one model, with the measurement behind it.
 
-    bf16: run the folded model in bfloat16 (else float32: folding and channels-last only, within
-    1e-5 of eager). int8: None if offered, else why not (the one-line error ``--mode int8``
-    gives). measured: what was measured (docs/deploy.md has the commands)."""
+    bf16: run the folded model in bfloat16 where the device has fast bf16 kernels (else float32:
+    folding and channels-last only, within 1e-5 of eager); True only where its bf16 accuracy was
+    measured on a trained checkpoint. int8: None if offered, else why not (the one-line error
+    ``--mode int8`` gives). measured: what was measured (docs/deploy.md has the commands)."""
 
-    bf16: bool = True
+    bf16: bool = False
     int8: str | None = "its int8 accuracy on a trained checkpoint has not been measured"
     measured: str = ("argmax agreement with fp32 eager on random images (bench); mIoU on a trained checkpoint "
                      "not measured")
@@ -62,9 +66,10 @@ class FastPlan:
 
 # CamVid, held-out sequence 0006R0 at 360x480 (docs/deploy.md): fp32 eager / fast / int8 mIoU
 PLANS: dict[str, FastPlan] = {
-    "unet": FastPlan(int8=None, measured="camvid_cpu_hour U-Net (base 16 + BN): 41.90 / 41.95 / 42.02"),
-    "fcn_resnet50": FastPlan(int8=None, measured="35 minutes from scratch: 32.46 / 32.46 / 32.40"),
-    "deeplabv3_resnet50": FastPlan(int8=None, measured="35 minutes from scratch: 32.09 / 32.09 / 32.08"),
+    "unet": FastPlan(bf16=True, int8=None, measured="camvid_cpu_hour U-Net (base 16 + BN): 41.90 / 41.95 / 42.02"),
+    "fcn_resnet50": FastPlan(bf16=True, int8=None, measured="35 minutes from scratch: 32.46 / 32.46 / 32.40"),
+    "deeplabv3_resnet50": FastPlan(bf16=True, int8=None,
+                                   measured="35 minutes from scratch: 32.09 / 32.09 / 32.08"),
 }
 
 
@@ -173,7 +178,9 @@ def split_dilated(model: nn.Module, min_dilation: int = 8) -> int:
 class FastSegmenter(nn.Module):
     """The fast path of a semantic model (module docstring): ``Tensor[N, C, H, W] -> float32
     logits Tensor[N, K, H, W]``. ``dtype``: bfloat16 or float32; ``compile``: torch.compile the
-    folded model (compiles at the first call of each input size)."""
+    folded model (compiles at the first call of each input size), with inductor's weight freezing
+    passed as an option of this compile only (``torch._inductor.config`` is not changed).
+    ``model`` is copied when this is built: later changes to its weights are not seen."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, channels_last: bool = True,
                  compile: bool = False) -> None:
@@ -187,13 +194,13 @@ class FastSegmenter(nn.Module):
         if dtype != torch.float32:
             keep_float32(folded)  # after the cast, which would otherwise cast the kept layers' weights too
         self.model = folded
+        self.precision = str(dtype).split(".")[-1] + " weights"  # make_runner adds why (fast_precision)
         self._run: Callable[[torch.Tensor], torch.Tensor] = self._logits
+        self.compiled = compile
         if compile:
-            # start-up time: torch._inductor is only needed when compiling
-            import torch._inductor.config as inductor_config
-
-            inductor_config.freezing = True  # constant-fold and prepack the (frozen) weights
-            self._run = torch.compile(self._logits)
+            # constant-fold and prepack the (frozen) weights: an option of this compiled function,
+            # applied whenever it (re)compiles, not a change of the process-wide inductor config
+            self._run = torch.compile(self._logits, options={"freezing": True})
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return forward_logits(self.model, x)
@@ -205,8 +212,21 @@ class FastSegmenter(nn.Module):
 
 
 def fast_dtype(model_name: str, device: torch.device) -> torch.dtype:
-    """bfloat16 where the model's plan allows it and the device has fast bf16 kernels, else float32."""
+    """bfloat16 where the model's plan allows it (its bf16 accuracy was measured) and the device
+    has fast bf16 kernels, else float32."""
     return reduced_precision_dtype(device) if plan_for(model_name).bf16 else torch.float32
+
+
+def fast_precision(model_name: str, device: str | torch.device = "cpu") -> str:
+    """Which precision ``--mode fast`` runs ``model_name`` in on ``device``, and why, in a few words
+    (bench's ``fast_path``): e.g. ``"float32 weights (bfloat16 not measured for enet)"``."""
+    dev = torch.device(device)
+    dtype = fast_dtype(model_name, dev)
+    if dtype != torch.float32:
+        return f"{str(dtype).split('.')[-1]} weights (bf16 accuracy measured for {model_name})"
+    if not plan_for(model_name).bf16:
+        return f"float32 weights (bfloat16 not measured for {model_name or 'this model'})"
+    return f"float32 weights (no fast bfloat16 kernels on this {dev.type})"
 
 
 def resolve_mode(mode: str | None, default: str = "eager") -> str:
@@ -250,7 +270,9 @@ def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str |
                                 f"{agreement:.1%} of the calibration pixels (< {INT8_MIN_AGREEMENT:.0%}); "
                                 "use --mode fast")
         return int8
-    return FastSegmenter(model, fast_dtype(model_name, dev), compile=compile)
+    segmenter = FastSegmenter(model, fast_dtype(model_name, dev), compile=compile)
+    segmenter.precision = fast_precision(model_name, dev)
+    return segmenter
 
 
 def instance_runner(model: nn.Module, mode: str, model_name: str = "") -> Callable:

@@ -162,7 +162,22 @@ def qconfig_mapping(engine: str):
 def _untraceable(model: nn.Module, e: Exception) -> UserError:
     first_line = str(e).splitlines()[0] if str(e) else ""
     return UserError(f"--mode int8: {type(model).__name__} cannot be traced by torch.fx for quantisation "
-                     f"({type(e).__name__}: {first_line[:160]}); use --mode fast")
+                     f"({type(e).__name__}: {clip_message(first_line)}); use --mode fast")
+
+
+def clip_message(text: str, limit: int = 160) -> str:
+    """``text`` cut to at most ``limit`` characters at a boundary: after its last full sentence
+    that fits, else after its last whole word that fits, marked ``...`` (only a single word
+    longer than ``limit`` is cut inside itself)."""
+    text = text.strip()
+    if len(text) <= limit:
+        return text
+    head = text[:limit + 1]  # one more: a sentence may end exactly at the limit
+    end = max(head.rfind(". "), head.rfind("! "), head.rfind("? "))
+    if end > 0:
+        return text[:end + 1]
+    words = text[:limit - 3].rsplit(" ", 1)[0] if " " in text[:limit - 3] else text[:limit - 3]
+    return words.rstrip(" ,;:") + "..."
 
 
 class _Core(nn.Module):

@@ -188,6 +188,11 @@ class SemanticPredictor(Predictor):
     mode: ``eager``, ``fast`` or ``int8`` (:func:`pixelwise.inference.fast.make_runner`); int8 is
     calibrated on random ``calib_crop``-pixel crops of ``calib_data`` (training images,
     uint8[H, W, 3]) and, unless ``measuring`` (eval), offered only for the models whose plan allows it.
+    ``fast`` runs bfloat16 only for the models whose bf16 accuracy was measured (the plans), else
+    float32. A ``fast`` or ``int8`` predictor runs a copy of the model taken when it is built
+    (folded, cast or quantised), while ``self.model`` stays the live model: weights changed
+    afterwards are not seen by its runner (Monte-Carlo dropout, which runs the live model in eager,
+    does see them), so build the predictor again after changing the weights.
     """
 
     task = "semantic"
