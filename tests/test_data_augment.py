@@ -168,3 +168,10 @@ def test_rotate90_with_flip_draws_the_8_symmetries_of_the_square_evenly():
     assert "RandomRotate90" not in [type(x).__name__ for x in build_transform({}, train=True).transforms]
     with pytest.raises(UserError, match="'rotate90'"):
         build_transform({"rotate90": 1}, train=True)
+
+
+def test_a_scale_without_a_crop_is_refused_not_dropped():
+    with pytest.raises(UserError, match="random scaling comes with a crop"):
+        build_transform({"scale": [0.5, 2.0]}, train=True)
+    assert "RandomScale" in repr(build_transform({"scale": [0.5, 2.0], "crop": [16, 16]}, train=True))
+    assert "RandomScale" not in repr(build_transform({"scale": None}, train=True))

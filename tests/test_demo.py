@@ -5,9 +5,23 @@ import pytest
 from pixelwise.cli import main
 
 
-def test_quick_demo_learns(tmp_path):
+def test_quick_demo_learns_and_an_interrupted_demo_resumes_to_its_report(tmp_path, monkeypatch, capsys):
+    import pixelwise.demo
+
+    real = pixelwise.demo.fit
+
+    def stop_half_way(ev, state):
+        if ev == "step" and state.step == 150:
+            raise KeyboardInterrupt  # Ctrl-C in the demo's training
+
+    monkeypatch.setattr(pixelwise.demo, "fit", lambda cfg, **kw: real(cfg, callbacks=[stop_half_way], **kw))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 130
+    said = capsys.readouterr().out
+    assert f"`pixelwise demo --quick --resume --out {out}` continues from there" in said
+    assert not (out / "report.html").exists()
+    monkeypatch.setattr(pixelwise.demo, "fit", real)
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress", "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"pixel_acc", "mean_acc", "mIoU", "fwIoU", "per_class"} <= set(metrics)
     # predicting background everywhere scores mIoU ~0.21 (84% of pixels); the quick run is bounded

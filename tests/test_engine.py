@@ -237,7 +237,11 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_checkpoint(tmp_path, 
             "--dataset-kwargs", json.dumps(TINY_DATA), "--lr", "0.01"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "loss is nan at epoch 2 step 3" in err[0]
+    assert len(err) == 1 and "loss is nan at epoch 2 step 3" in err[0] and "last good checkpoint is kept" in err[0]
+    calls["n"] = 1  # in epoch 1 there is no checkpoint to keep, and the message does not claim one
+    assert main([*args, "--out", str(tmp_path / "early")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loss is nan at epoch 1 step 2" in err and "no checkpoint was written" in err
     # epoch 1's checkpoint is kept, consistent with its training state; no summary is written
     from safetensors import safe_open
 
@@ -723,3 +727,15 @@ def test_augmentation_depends_on_the_sample_not_the_worker_so_resume_with_worker
             callbacks=[interrupt_at("step", lambda s: s.step == 5)])  # inside epoch 2
     fit(tiny(tmp_path / "cut", num_workers=2, resume=True, **kw), log=quiet)
     weights_equal(tmp_path / "none", tmp_path / "cut")
+
+
+def test_overwrite_says_what_it_deleted_and_a_resume_with_nothing_to_train_writes_no_checkpoint(tmp_path, capsys):
+    args = ["train", "--model", "unet", "--dataset", "shapes", "--epochs", "1", "--batch-size", "4", "--no-progress",
+            "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)]
+    assert main([*args, "--out", str(tmp_path / "new"), "--overwrite"]) == 0
+    assert "deleted" not in capsys.readouterr().out  # a new folder: nothing was there to delete
+    assert main([*args, "--out", str(tmp_path / "new"), "--overwrite"]) == 0
+    assert "deleted the earlier run's files" in capsys.readouterr().out
+    assert main(["train", "--resume", "--out", str(tmp_path / "new")]) == 0  # its one epoch is done
+    said = capsys.readouterr().out
+    assert "wrote" not in said and "done in" in said

@@ -88,7 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     best = summary["best"] or {}
     print(f"done in {summary['train_minutes']} min; best epoch {summary['best_epoch']}: "
           + " ".join(f"{k}={best[k]:.4f}" for k in ("mIoU", "pixel_acc", "mask_AP") if best.get(k) is not None))
-    print(f"wrote {cfg.out}/best.safetensors, last.safetensors, metrics.csv, metrics.json")
+    if summary.get("epochs_trained", 1):
+        print(f"wrote {cfg.out}/best.safetensors, last.safetensors, metrics.csv, metrics.json")
     return 0
 
 
@@ -545,7 +546,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.demo import run_demo
 
-    report = run_demo(args.out, quick=args.quick, progress=args.progress, overwrite=args.overwrite)
+    report = run_demo(args.out, quick=args.quick, progress=args.progress, overwrite=args.overwrite,
+                      resume=args.resume)
     print(f"report: {report}")
     return 0
 
@@ -584,7 +586,8 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
                    "test-time variants) of one image (default 4); images run one at a time, so that each mask is "
                    "the one eval scores")
     p.add_argument("--mode", choices=["eager", "fast", "int8"], help="eager (default: float32 as trained), fast "
-                   "(BatchNorm folded, channels-last, bf16 where the CPU has it; Mask R-CNN: "
+                   "(BatchNorm folded, channels-last; bf16 where the CPU has it, for the models whose bf16 accuracy "
+                   "was measured (docs/deploy.md), else float32; Mask R-CNN: "
                    "optimize_for_inference, also in bf16 where the device has fast bf16 kernels) or int8 "
                    "(quantised in PyTorch, calibrated with --calib-*; CPU, models whose int8 cost was measured); "
                    "docs/deploy.md")
@@ -617,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
     p.add_argument("--overwrite", action="store_true", help="run into an --out that holds an earlier demo, "
                    "replacing it (default: refuse)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out (give --quick "
+                   "again if it had it): its training goes on, then the evaluation and the report")
     _add_progress(p)
     p.set_defaults(func=cmd_demo)
 
@@ -639,8 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
-    _add_watershed(p, "isbi2012: score the ISBI errors on the cell probability with the one-pixel boundaries of "
-                      "its watershed cells (seeded where it exceeds T, default 0.5) drawn in as membrane; "
+    _add_watershed(p, "isbi2012: score the Rand errors and pixel_error_best on the cell probability with the "
+                      "one-pixel boundaries of its watershed cells (seeded where it exceeds T, default 0.5) drawn in "
+                      "as membrane; pixel_error and the other metrics stay those of the network's masks; "
                       "docs/metrics.md")
     p.add_argument("--skip-invalid", action="store_true", help="leave out the files the dataset check finds bad "
                    "(default: refuse to evaluate, naming them)")

@@ -43,7 +43,8 @@ NUM_EXAMPLES = 6
 DEMO_FILES = (*RUN_FILES, "demo_class_weights.json", "report.html", "training_curve.svg", "predictions")
 
 
-def demo_config(out: Path, quick: bool, progress: bool | None, overwrite: bool = False) -> TrainConfig:
+def demo_config(out: Path, quick: bool, progress: bool | None, overwrite: bool = False,
+                resume: bool = False) -> TrainConfig:
     """The demo's training config (its class weights file is written by :func:`run_demo`)."""
     recipe = QUICK if quick else FULL
     weights_file = out / "demo_class_weights.json"
@@ -52,23 +53,25 @@ def demo_config(out: Path, quick: bool, progress: bool | None, overwrite: bool =
                        lr=3e-3, optimizer="adam",
                        schedule="poly", seed=0, model_kwargs=dict(MODEL_KWARGS),
                        augment={"flip": True, "jitter": False, "scale": None},
-                       dataset_kwargs=dict(recipe["dataset_kwargs"]), progress=progress, overwrite=overwrite)
+                       dataset_kwargs=dict(recipe["dataset_kwargs"]), progress=progress, overwrite=overwrite,
+                       resume=resume)
 
 
 def run_demo(out: str | Path, quick: bool = False, progress: bool | None = None, log=print,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, resume: bool = False) -> Path:
     """The whole demo into ``out``; an ``out`` that holds an earlier run is refused unless
-    ``overwrite``. -> the report's path."""
+    ``overwrite`` (start afresh) or ``resume`` (continue an interrupted demo's training, with the
+    same ``quick``, then evaluate and report). -> the report's path."""
     out = Path(out)
     t0 = time.monotonic()
-    cfg = demo_config(out, quick, progress, overwrite)
-    check_out(cfg, can_resume=False, writes=DEMO_FILES)  # before the first file is written; demo has no --resume
+    cfg = demo_config(out, quick, progress, overwrite, resume)
+    check_out(cfg, writes=DEMO_FILES)  # before the first file is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo_class_weights.json").write_text(json.dumps(CLASS_WEIGHTS))
     budget = f" / {cfg.max_minutes} min" if cfg.max_minutes else ""
     log(f"[1/4] training U-Net on synthetic scenes ({cfg.dataset_kwargs['num_train']} train, "
         f"{cfg.dataset_kwargs['num_val']} val), at most {cfg.epochs} epochs{budget}")
-    summary = fit(cfg, log=log)
+    summary = fit(cfg, log=log, resume_command=f"pixelwise demo{' --quick' if quick else ''} --resume")
 
     log("[2/4] evaluating best.safetensors on held-out test scenes")
     best = out / "best.safetensors"

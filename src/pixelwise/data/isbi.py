@@ -71,7 +71,7 @@ class ISBI2012(FilePairDataset):
             items = [(f"{volume}#{k}", f"{labels}#{k}") for k in range(n)]
         else:
             raise UserError(f"{self.root}: expected train/image/ + train/label/ PNG folders or "
-                            "train-volume.tif + train-labels.tif (see docs/data.md)")
+                            "train-volume.tif + train-labels.tif (see the README's Datasets section)")
         if not 0 <= val_count < len(items):
             raise UserError(f"isbi2012: val_count={val_count} must be in 0..{len(items) - 1}")
         cut = len(items) - val_count

@@ -358,6 +358,7 @@ class Run:
     class_weights_doc: dict | None = None  # OUT/class_weights.json to write (freshly computed weights)
     ema: WeightAverage | None = None  # the average of ``module``'s weights (``ema`` > 0)
     lock: IO[str] | None = None  # held on OUT while the run writes there (rank 0)
+    resume_command: str = "pixelwise train --resume"  # what continues it (the demo has its own)
 
     @property
     def saved(self) -> nn.Module:
@@ -438,7 +439,7 @@ def check_out(cfg: TrainConfig, can_resume: bool = True, writes: Sequence[str] =
             if can_resume and unsaved:
                 raise UserError(f"--out {out} holds a run that saved nothing yet ({found[0].name}; it stopped before "
                                 "the end of its first epoch): start it again with --overwrite, or give another --out")
-            resume = "continue it with --resume, " if can_resume else ""
+            resume = "continue it with --resume, " if can_resume and saved else ""
             raise UserError(f"--out {out} already holds a run ({found[0].name}); {resume}replace it with --overwrite, "
                             "or give another --out")
         weights = cfg.class_weights not in ("none", "median-freq", "", None) and Path(cfg.class_weights).resolve()
@@ -537,10 +538,11 @@ def start_writing(run: Run, state: TrainState) -> None:
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     run.lock = lock_out(out)
-    if run.cfg.overwrite:
-        for path in existing_run(out):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        run.log(f"--overwrite: deleted the earlier run's files in {out}")
+    earlier = existing_run(out) if run.cfg.overwrite else []
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if earlier:
+        run.log(f"--overwrite: deleted the earlier run's files in {out} ({', '.join(p.name for p in earlier)})")
     for name in RUN_FILES:  # what a kill -9 left half-written (atomic_write's temporaries): nobody else writes here
         for tmp in out.glob(f".{glob.escape(name)}.*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -850,9 +852,9 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
                 if dist.active():  # every rank stops together on a NaN anywhere
                     value = dist.all_reduce_sum(value) / run.info.world_size
                 if not math.isfinite(value.item()):
+                    kept = "the last good checkpoint is kept" if state.epoch else "no checkpoint was written"
                     raise Diverged(f"training diverged: loss is {value.item()} at epoch {state.epoch + 1} step "
-                                   f"{state.step + 1} (batch {i + 1}); the last good checkpoint is kept; "
-                                   "lower --lr or set --clip-grad-norm")
+                                   f"{state.step + 1} (batch {i + 1}); {kept}; lower --lr or set --clip-grad-norm")
                 scaler.scale(loss / group_size).backward()
             n = len(batch["image"])
             pending_loss, pending_images, seen = pending_loss + value.item() * n, pending_images + n, seen + n
@@ -948,7 +950,7 @@ def save_interrupted(run: Run, state: TrainState) -> None:
     save_state(run, state)
     where = f"epoch {state.epoch + 1} batch {state.batch}" if state.batch else f"the end of epoch {state.epoch}"
     run.log(f"interrupted: saved {run.out / 'last.safetensors'} and its training state at {where}; "
-            f"`pixelwise train --resume --out {run.out}` continues from there")
+            f"`{run.resume_command} --out {run.out}` continues from there")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -1017,9 +1019,12 @@ def _quiet(_: str) -> None:
     pass
 
 
-def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequence[Callback] = (),
+        resume_command: str = "pixelwise train --resume") -> dict[str, Any]:
     """Train per ``cfg`` (which is left unchanged); returns the summary also written to
-    ``out/metrics.json``.
+    ``out/metrics.json``, plus ``epochs_trained``: the epochs this call trained (0 for a resume
+    that found nothing left to train). ``resume_command``: what the message of an interrupted run tells the
+    user to run (with ``--out``) to continue it.
 
     ``callbacks`` are called as ``cb("step", state)`` after every optimizer step and
     ``cb("epoch", state)`` after every epoch's checkpoints (``state.rows[-1]`` is its row), with
@@ -1027,14 +1032,15 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
     """
     info, device = dist.setup(cfg.device)
     try:
-        return _train(cfg, info, device, log, callbacks)
+        return _train(cfg, info, device, log, callbacks, resume_command)
     finally:
         dist.cleanup()  # the run (its DDP wrapper) is released with _train's frame, before the group goes
 
 
 def _train(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
-           callbacks: Sequence[Callback]) -> dict[str, Any]:
+           callbacks: Sequence[Callback], resume_command: str) -> dict[str, Any]:
     run = setup_run(cfg, info, device, log if info.is_main else _quiet, callbacks)
+    run.resume_command = resume_command
     state = resume(run) if run.cfg.resume else TrainState(selected_by=run.select, amp=run.amp)
     try:
         start_writing(run, state)
@@ -1067,5 +1073,5 @@ def _train_stages(run: Run, state: TrainState, info: dist.DistInfo, device: torc
                 f"{state.elapsed_s / 60:.1f} min used); pass a larger --max-minutes to train on")
     summary = finish(run, state)
     dist.barrier()  # every rank is done with the group (rank 0 has written) before any destroys it
-    return summary
+    return {**summary, "epochs_trained": state.epoch - epochs_before}
 

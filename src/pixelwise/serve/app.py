@@ -252,7 +252,8 @@ def with_options(predictor: Predictor, options: dict[str, Any]) -> Predictor:
     current = {k: v for k, v in options_of(predictor).items()}
     unknown = sorted(set(options) - set(current))
     if unknown:
-        raise UserError(f"{', '.join(unknown)} do(es) not apply to {predictor.task} models")
+        raise UserError(f"{' and '.join(unknown)} {'does' if len(unknown) == 1 else 'do'} not apply to "
+                        f"{predictor.task} models")
     if all(current[k] == v for k, v in options.items()):
         return predictor
     merged = {**current, **options}
