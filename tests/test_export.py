@@ -6,6 +6,7 @@ against PyTorch eager at two input sizes; metadata round trip; ``predict --onnx`
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,17 +174,27 @@ def test_predict_onnx_missing_file_is_one_line(tmp_path, capsys):
     assert err.startswith("pixelwise: error: ") and "no such ONNX file" in err
 
 
-def test_maskrcnn_exports_backbone_rpn_and_heads(tmp_path, capsys):
-    from pixelwise.inference.export import export_maskrcnn_parts
+def test_maskrcnn_exports_backbone_rpn_and_heads(tmp_path, capsys, monkeypatch):
+    from pixelwise.inference import export
 
+    checked = []
+    real = export.check_onnx_file
+    monkeypatch.setattr(export, "check_onnx_file", lambda path, opset, what: checked.append(what) or real(
+        path, opset, what))
     torch.manual_seed(0)
     model = create_model("maskrcnn_resnet18_fpn", num_classes=3).eval()
-    reports = export_maskrcnn_parts(model, tmp_path / "m.onnx", {"model": "maskrcnn_resnet18_fpn", "num_classes": 3},
-                                    sizes=[(1, 96, 128), (2, 64, 160)], rois=[2, 5])
+    reports = export.export_maskrcnn_parts(model, tmp_path / "m.onnx",
+                                           {"model": "maskrcnn_resnet18_fpn", "num_classes": 3},
+                                           sizes=[(1, 96, 128), (2, 64, 160)], rois=[2, 5])
     assert [r.path for r in reports] == [str(tmp_path / "m.onnx"), str(tmp_path / "m_heads.onnx")]
     for report in reports:
         assert all(c.agreement >= 0.999 for c in report.checks)
     assert read_onnx_metadata(reports[1].path)["onnx"]["outputs"] == ["class_logits", "box_deltas", "mask_logits"]
+    for report in reports:  # the parts' own input: normalised (no model.transform in them), resized, padded to 32
+        assert read_onnx_metadata(report.path)["input"] == {
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "normalize": True, "resize": None,
+            "channels": 3, "min_size": 800, "max_size": 1333, "size_divisible": 32}
+    assert checked == ["Mask R-CNN's backbone_rpn", "Mask R-CNN's roi_heads"]
     with pytest.raises(UserError, match="holds part of an instance model"):
         load_onnx(reports[0].path)  # not a semantic model: predict --onnx refuses it
 
@@ -303,3 +314,234 @@ def test_onnx_tiles_as_the_checkpoint(tmp_path, capsys):
     onnx.save(old, str(tmp_path / "damaged.onnx"))
     with pytest.raises(UserError, match="damaged"):
         load_onnx(tmp_path / "damaged.onnx")
+
+
+# --------------------------------------------------------------------------- valid ONNX, opsets, messages
+
+
+def test_fp16_file_is_valid_onnx(tmp_path):
+    """The float16 converter appends the input Cast after its readers: the file is sorted again, so
+    the checker and the ONNX reference runtime (not only onnxruntime, which re-sorts) accept it."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model, meta = build("unet")
+    report = export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES, fp16=True, min_agreement=0.98)
+    onnx.checker.check_model(onnx.load(report.path), full_check=True)  # was: nodes not topologically sorted
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 48)).astype(np.float32)
+    logits = ReferenceEvaluator(report.path).run(None, {"image": x})[0]
+    assert logits.shape == (1, CLASSES, 32, 48) and np.isfinite(logits).all()
+
+
+def test_sort_graph_puts_producers_first_and_keeps_a_sorted_order():
+    from onnx import TensorProto, helper
+
+    from pixelwise.inference.export import sort_graph
+
+    nodes = [helper.make_node("Relu", ["b"], ["c"], name="n2"), helper.make_node("Neg", ["c"], ["d"], name="n3"),
+             helper.make_node("Identity", ["x"], ["a"], name="n0"), helper.make_node("Abs", ["a"], ["b"], name="n1"),
+             helper.make_node("Sigmoid", ["x"], ["e"], name="free")]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [value("x", TensorProto.FLOAT, [2])],
+                              [value("d", TensorProto.FLOAT, [2]), value("e", TensorProto.FLOAT, [2])])
+    sort_graph(graph)
+    assert [n.name for n in graph.node] == ["n0", "n1", "n2", "n3", "free"]
+    sort_graph(graph)  # already sorted: unchanged
+    assert [n.name for n in graph.node] == ["n0", "n1", "n2", "n3", "free"]
+
+
+def test_export_checks_every_file_before_writing_it(tmp_path, monkeypatch):
+    """onnx.checker runs on every file export writes; an invalid one (here: fp16 left unsorted) is
+    refused with one line and nothing written."""
+    from pixelwise.inference import export
+
+    model, meta = build("unet")
+    monkeypatch.setattr(export, "sort_graph", lambda graph: None)
+    with pytest.raises(UserError, match=r"float16 export at opset 17 is not valid ONNX \(.*topologically.*nothing"):
+        export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES, fp16=True, min_agreement=0.98)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+
+    checked = []
+    real = export.check_onnx_file
+    monkeypatch.setattr(export, "check_onnx_file", lambda path, opset, what: checked.append(what) or real(
+        path, opset, what))
+    export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES[:1])
+    export_onnx(model, tmp_path / "i8.onnx", meta, sizes=SIZES[:1], calibration=[torch.randn(1, 3, 64, 80)],
+                min_agreement=0.0, opset=13)
+    assert checked == ["the float32 export", "the int8 export"]
+
+
+def test_unet_same_padding_exports_at_opset_11(tmp_path):
+    """pad_same's last-index clamp is a Where, not an int64 Clip (which needs opset 12)."""
+    for name in ("unet", "unet_global_context"):
+        model, meta = build(name)
+        report = export_onnx(model, tmp_path / f"{name}.onnx", meta, sizes=SIZES, opset=11)
+        assert min(c.agreement for c in report.checks) >= 0.999
+        onnx_model, _ = load_onnx(report.path)
+        x = torch.randn(1, 3, 37, 50)
+        with torch.no_grad():
+            torch.testing.assert_close(onnx_model(x), forward_logits(model, x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("h, w, bottom, right", [(5, 7, 3, 1), (5, 7, 6, 2), (1, 4, 0, 3), (9, 3, 4, 0), (2, 2, 1, 1)])
+def test_pad_same_is_reflect_or_replicate_exactly(h, w, bottom, right):
+    import torch.nn.functional as F
+
+    from pixelwise.models.unet import pad_same
+
+    x = torch.randn(2, 3, h, w)
+    mode = "reflect" if min(h, w) > max(bottom, right) else "replicate"
+    assert torch.equal(pad_same(x, bottom, right), F.pad(x, (0, right, 0, bottom), mode=mode))
+
+
+def test_an_export_onnxruntime_cannot_load_names_the_opset_not_a_temporary_file(tmp_path):
+    class IntClip(nn.Module):  # an int64 Clip: opset 12 and newer
+        def forward(self, x):
+            i = torch.arange(x.shape[-1] + 2)
+            return x.index_select(-1, torch.clamp(i, max=x.shape[-1] - 1))[..., : x.shape[-1]]
+
+    with pytest.raises(UserError) as info:
+        export_onnx(IntClip(), tmp_path / "m.onnx", {"model": "clip", "num_classes": 3}, sizes=SIZES, opset=11)
+    message = str(info.value)
+    assert "opset 11" in message and "a newer --opset (up to" in message and ".tmp" not in message
+    assert "nothing written" in message and "\n" not in message and not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- dropout, --uncertainty
+
+
+def test_predict_onnx_refuses_uncertainty_for_a_model_with_dropout(checkpoint, tmp_path, capsys):
+    """The export traces without dropout: predict --onnx cannot give the model's Monte-Carlo
+    dropout mask and uncertainty, so it says so (before, it gave another mask without a word)."""
+    from PIL import Image
+
+    out = tmp_path / "unet.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert read_onnx_metadata(out)["onnx"]["dropout"] is True
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    args = ["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "pred"), "--no-progress", "--onnx", str(out)]
+    capsys.readouterr()
+    assert main([*args, "--uncertainty"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: --uncertainty: ") and "\n" not in err
+    assert "no Monte-Carlo dropout" in err and "give the --checkpoint" in err
+    assert main([*args, "--uncertainty", "--mc-samples", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "an ONNX export has none" in err and "unet has none" not in err and "\n" not in err
+    assert not (tmp_path / "pred").exists()
+
+
+def test_predict_onnx_uncertainty_of_a_model_without_dropout_is_its_entropy(tmp_path, capsys):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    kwargs = {"base_channels": 4, "dropout": 0.0}
+    checkpoint, out = tmp_path / "u.safetensors", tmp_path / "u.onnx"
+    save_checkpoint(checkpoint, create_model("unet", num_classes=3, **kwargs),
+                    {"model": "unet", "num_classes": 3, "model_kwargs": kwargs})
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert read_onnx_metadata(out)["onnx"]["dropout"] is False
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    for flag, path in (("--onnx", out), ("--checkpoint", checkpoint)):
+        assert main(["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / flag[2:]), "--no-progress",
+                     flag, str(path), "--uncertainty"]) == 0
+    maps = [np.asarray(Image.open(tmp_path / d / "a_uncertainty.png")).astype(int) for d in ("onnx", "checkpoint")]
+    assert np.abs(maps[0] - maps[1]).max() <= 1
+
+
+# --------------------------------------------------------------------------- the documented pre/post-processing
+
+
+def docs_predictor(path, image: np.ndarray) -> np.ndarray:
+    """predict's mask written from docs/deploy.md and the file's metadata alone: numpy, OpenCV and
+    onnxruntime, no pixelwise."""
+    import cv2
+    import onnx
+    import onnxruntime as ort
+
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["pixelwise"])
+    spec = meta["input"]
+    h, w = image.shape[:2]
+    if spec["resize"]:
+        image = cv2.resize(image, (spec["resize"][1], spec["resize"][0]), interpolation=cv2.INTER_LINEAR)
+    x = image.astype(np.float32) / 255.0
+    if spec["channels"] == 1:
+        x = x @ np.array([[0.299], [0.587], [0.114]], np.float32)
+    if spec["normalize"]:
+        x = (x - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"image": np.ascontiguousarray(x.transpose(2, 0, 1)[None], np.float32)})[0][0]
+    probs = np.exp(logits - logits.max(0))
+    probs /= probs.sum(0)
+    probs = np.stack([cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) for p in probs])
+    return probs.argmax(0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_predictor_written_from_the_docs_equals_predict_onnx(tmp_path, capsys, channels):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    kwargs = {"base_channels": 4, "in_channels": channels}
+    model = create_model("unet", num_classes=4, **kwargs)
+    with torch.no_grad():  # a spread of classes, with edges between them
+        model.head.weight.mul_(8.0)
+    mean, std = ([0.45, 0.4, 0.35], [0.2, 0.25, 0.3]) if channels == 3 else ([0.3], [0.2])
+    checkpoint, out = tmp_path / "u.safetensors", tmp_path / "u.onnx"
+    save_checkpoint(checkpoint, model, {"model": "unet", "num_classes": 4, "model_kwargs": kwargs,
+                                        "input": {"mean": mean, "std": std, "resize": [37, 53], "channels": channels}})
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    rng = np.random.default_rng(3)
+    names = []
+    for k, (h, w) in enumerate([(50, 71), (23, 31), (97, 133), (37, 53)]):  # down, up, mixed and the contract's size
+        coarse = rng.integers(0, 256, (max(h // 6, 2), max(w // 6, 2), 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
+        image = np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / f"i{k}.png")
+        names.append(f"i{k}")
+    assert main(["predict", *[str(tmp_path / f"{n}.png") for n in names], "--out", str(tmp_path / "pred"),
+                 "--no-progress", "--onnx", str(out)]) == 0
+    for name in names:
+        image = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB"))
+        mask = np.asarray(Image.open(tmp_path / "pred" / f"{name}.png"))
+        assert len(np.unique(mask)) >= 2, "degenerate prediction"
+        np.testing.assert_array_equal(docs_predictor(out, image), mask)
+
+
+# --------------------------------------------------------------------------- folders, --checkpoint FILE.onnx
+
+
+def test_a_refused_export_leaves_no_new_folder(tmp_path):
+    from pixelwise.checkpoint import atomic_write
+
+    model, meta = build("segnet_basic")
+    with pytest.raises(UserError, match="nothing written"):
+        export_onnx(model, tmp_path / "new" / "sub" / "m.onnx", meta, sizes=SIZES[:1], min_agreement=1.01)
+    assert not list(tmp_path.iterdir())  # was: new/sub left behind
+    (tmp_path / "mine").mkdir()  # a folder that was there stays, and so does one that is not empty
+    (tmp_path / "mine" / "other").mkdir()
+
+    def fail(tmp: str) -> None:
+        raise OSError("disk full")
+
+    for target in (tmp_path / "mine" / "a" / "b" / "x.txt", tmp_path / "mine" / "other" / "c" / "x.txt"):
+        with pytest.raises(OSError, match="disk full"):
+            atomic_write(target, fail)
+    assert sorted(p.name for p in (tmp_path / "mine").rglob("*")) == ["other"]
+    atomic_write(tmp_path / "mine" / "d" / "x.txt", lambda tmp: Path(tmp).write_text("ok"))  # success keeps it
+    assert (tmp_path / "mine" / "d" / "x.txt").read_text() == "ok"
+
+
+def test_cli_export_of_an_onnx_file_says_so(checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    renamed = tmp_path / "m.safetensors"  # known by its contents too
+    renamed.write_bytes(out.read_bytes())
+    for given in (out, renamed):
+        capsys.readouterr()
+        assert main(["export", "--checkpoint", str(given), "--out", str(tmp_path / "again.onnx")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"pixelwise: error: {given} is an ONNX file (already exported); export takes a .safetensors "
+                       "checkpoint")
+    assert not (tmp_path / "again.onnx").exists()

@@ -45,22 +45,42 @@ def _umask() -> int:
 
 def atomic_write(path: str | Path, write) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path``, fsync, give it the permissions a
-    plain ``open()`` would (0666 minus the umask), then rename it over ``path``."""
+    plain ``open()`` would (0666 minus the umask), then rename it over ``path``. The folders of
+    ``path`` that do not exist are made first; when the write fails, those it made (only those,
+    and only while empty) are removed again, so a refused write leaves no new folder behind."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the name of a file to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except BaseException:
+        _remove_empty(made)
+        raise
     os.close(fd)
+    done = False
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        done = True
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not done:
+            _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that exists and is empty; never raises."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else wrote there meanwhile), gone, or not ours to remove
+            break
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -216,6 +216,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out}: an ONNX file name ends with .onnx")
     if args.checkpoint and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise UserError("--out would write over the --checkpoint")
+    if args.checkpoint and looks_like_onnx(args.checkpoint):
+        raise UserError(f"{args.checkpoint} is an ONNX file (already exported); export takes a .safetensors "
+                        "checkpoint")
     if args.num_classes is not None and args.num_classes < 1:
         raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
     if args.min_agreement is not None and not 0 < args.min_agreement <= 1:  # nan too
@@ -269,6 +272,23 @@ def cmd_export(args: argparse.Namespace) -> int:
                          calibration=calibration, min_agreement=min_agreement)
     print(report.summary())
     return 0
+
+
+def looks_like_onnx(path: str) -> bool:
+    """Whether ``path`` is an ONNX file rather than a checkpoint (known by its contents, whatever
+    its name): its first bytes are no safetensors header (a length that fits the file, then
+    ``{``), and its name ends with .onnx or it starts as an ONNX protobuf does (field 1,
+    ``ir_version``, a small number, then another length-delimited field of ModelProto)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        size = os.path.getsize(path)
+    except OSError:
+        return False  # loading it gives the reason
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return False
+    onnx = len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 64 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A, 0x42)
+    return onnx or path.lower().endswith(".onnx")
 
 
 def calibration_images(args: argparse.Namespace, what: str) -> list:
@@ -468,6 +488,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
     from pixelwise.inference.mc_dropout import has_dropout
+    from pixelwise.inference.onnx_runner import exported_dropout
     from pixelwise.inference.predictor import InstancePredictor, SemanticPredictor
     from pixelwise.inference.writers import check_predict, check_watershed, predict_files
 
@@ -479,6 +500,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = from_checkpoints(model_files(args), device, **options)
     if args.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UserError("--uncertainty applies to semantic models only")
+    if args.onnx and args.uncertainty and exported_dropout(predictor.meta):
+        raise UserError(f"--uncertainty: {args.onnx} was exported from a model with dropout "
+                        f"({predictor.meta.get('model', 'its model')}), but an ONNX file has no Monte-Carlo dropout "
+                        "(traced without it), so its mask and uncertainty would not be that model's; give the "
+                        "--checkpoint for --uncertainty")
     check_watershed(predictor, args.watershed)
     members = predictor.members if isinstance(predictor, EnsemblePredictor) else [predictor]
     for member in members:  # models with dropout: uncertainty from Monte-Carlo dropout

@@ -21,8 +21,14 @@ pixels whose argmax agrees are reported, and below ``min_agreement`` (99.9%) the
 with a :class:`~pixelwise.errors.UserError` and no file is left behind (written to a temporary
 file, renamed only once verified).
 
+Every file written (float32, float16, int8, the Mask R-CNN parts) passes ``onnx.checker`` before
+it is renamed into place; a file onnxruntime cannot load fails with a message that names the
+opset (:func:`load_for_verification`). The metadata records whether the model had dropout
+(``onnx.dropout``): the file never has (it is traced in eval mode).
+
 ``fp16=True`` stores weights and activations in float16 (inputs and outputs stay float32), via
-onnxruntime's ``float16`` converter; ``int8`` calibration data gives a statically quantised file
+onnxruntime's ``float16`` converter, the graph sorted again after it (:func:`sort_graph`);
+``int8`` calibration data gives a statically quantised file
 (:func:`quantize_int8`: QDQ, per-channel int8 weights, uint8 activations).
 
 Mask R-CNN: :func:`export_maskrcnn_parts` (see ``docs/deploy.md`` for what does not export and why).
@@ -30,6 +36,7 @@ Mask R-CNN: :func:`export_maskrcnn_parts` (see ``docs/deploy.md`` for what does 
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import os
@@ -48,6 +55,7 @@ import torch.nn.functional as F
 from pixelwise._version import __version__
 from pixelwise.checkpoint import atomic_write, input_spec_from_meta
 from pixelwise.errors import UserError
+from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.onnx_runner import META_KEY, make_session
 from pixelwise.inference.tiling import model_geometry
 from pixelwise.models import Logits, forward_logits
@@ -213,10 +221,95 @@ def _trace_to_onnx(model: nn.Module, path: str, shape: tuple[int, ...], opset: i
 
 
 def _to_fp16(path: str) -> None:
+    """float16 weights and activations, float32 inputs and outputs. The converter appends the Cast
+    of each kept-float32 input after the nodes that read it; the graph is sorted again, since
+    the ONNX spec (the checker, the reference runtime, strict converters) wants producers first."""
     import onnx  # optional dependency (the export extra)
     from onnxruntime.transformers.float16 import convert_float_to_float16  # optional dependency (the export extra)
 
-    onnx.save(convert_float_to_float16(onnx.load(path), keep_io_types=True), path)
+    model = convert_float_to_float16(onnx.load(path), keep_io_types=True)
+    sort_graph(model.graph)
+    onnx.save(model, path)
+
+
+def _subgraphs(node) -> list:
+    """The graphs held by a node's attributes (If, Loop, Scan bodies)."""
+    out = []
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            out.append(attr.g)
+        out.extend(attr.graphs)
+    return out
+
+
+def _names_read(node) -> set[str]:
+    """Every value a node reads: its inputs and, for a node with subgraphs, the outer values its
+    subgraphs read (what a subgraph produces or takes as input is its own)."""
+    names = {i for i in node.input if i}
+    for graph in _subgraphs(node):
+        own = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+        own |= {o for n in graph.node for o in n.output}
+        for n in graph.node:
+            names |= _names_read(n) - own
+    return names
+
+
+def sort_graph(graph) -> None:
+    """Sort ``graph``'s nodes (an ``onnx.GraphProto``, in place; its subgraphs too) topologically:
+    every node after the nodes that produce its inputs, the original order kept wherever it
+    already is one (a stable Kahn sort). Values produced by no node of the graph (inputs,
+    initializers, a subgraph's outer values) are ready from the start. A cycle raises UserError."""
+    nodes = list(graph.node)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    needs = [{producer[x] for x in _names_read(n) if x in producer} - {k} for k, n in enumerate(nodes)]
+    readers: list[list[int]] = [[] for _ in nodes]
+    for k, deps in enumerate(needs):
+        for d in deps:
+            readers[d].append(k)
+    waiting = [len(deps) for deps in needs]
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for r in readers[k]:
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise UserError("the exported ONNX graph has a cycle; nothing written")
+    for node in nodes:
+        for sub in _subgraphs(node):
+            sort_graph(sub)
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[k] for k in order)
+
+
+def check_onnx_file(path: str, opset: int, what: str = "the export") -> None:
+    """``onnx.checker.check_model`` on a file about to be written (each export checks every file
+    it writes before renaming it into place): a UserError naming the opset when it fails."""
+    import onnx  # optional dependency (the export extra)
+
+    try:
+        onnx.checker.check_model(path)
+    except Exception as e:  # onnx.checker.ValidationError and the C++ checker's own
+        raise UserError(f"{what} at opset {opset} is not valid ONNX ({str(e).strip().splitlines()[0]}); nothing "
+                        f"written{_newer_opset_hint(opset)}") from None
+
+
+def _newer_opset_hint(opset: int) -> str:
+    return f"; a newer --opset (up to {MAX_OPSET}) may express it" if opset < MAX_OPSET else ""
+
+
+def load_for_verification(path: str, opset: int, what: str = "the export"):
+    """An onnxruntime session on the file being exported; a UserError that names the opset (not
+    the temporary file) when onnxruntime cannot load it."""
+    try:
+        return make_session(path, name=f"{what} at opset {opset}")
+    except UserError as e:
+        raise UserError(f"{e}; nothing written{_newer_opset_hint(opset)}") from None
 
 
 def check_opset(opset: int, precision: str = "float32") -> None:
@@ -262,7 +355,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
             _to_fp16(tmp)
         if calibration is not None:
             quantize_int8(tmp, tmp, calibration)
-        session = make_session(tmp)
+        check_onnx_file(tmp, opset, f"the {precision} export")
+        session = load_for_verification(tmp, opset, f"the {precision} export")
         report.checks = verify(model, session, sizes, spec.channels)
         worst = min(c.agreement for c in report.checks)
         if worst < min_agreement:
@@ -272,6 +366,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
                             f"{100 * min_agreement:.1f}%; max |logit diff| {bad.max_abs_diff:.3g}); nothing written")
         info = {"opset": opset, "precision": precision, "dynamic_axes": ["batch", "height", "width"],
                 "input_name": "image", "output_name": "logits", "min_agreement": min_agreement,
+                # the model had dropout layers; the file has none (traced in eval): no Monte-Carlo dropout
+                "dropout": has_dropout(model),
                 "verified": [asdict(c) for c in report.checks]}
         _write_metadata(tmp, onnx_metadata(meta, model_name or type(model).__name__, info, model))
 
@@ -351,6 +447,24 @@ class MaskRCNNHeads(nn.Module):
         return scores, deltas, self.mask_predictor(self.mask_head(mask_features))
 
 
+def backbone_input(model: MaskRCNN, meta: dict | None) -> dict:
+    """The ``input`` metadata of both Mask R-CNN parts: what :class:`MaskRCNNBackboneRPN`'s
+    ``image`` holds (the heads take features of that image). Not the checkpoint's contract, whose
+    ``normalize: false`` says that the *whole* model normalises its [0, 1] input: the part is the
+    backbone without ``model.transform``, so its image is normalised (``normalize: true``:
+    ``(x - mean) / std`` on RGB in [0, 1]), after the contract's ``resize`` if any, then resized
+    bilinearly (``align_corners=False``) by ``min(min_size / min(h, w), max_size / max(h, w))``
+    to ``floor(h * scale) x floor(w * scale)`` and zero-padded at the bottom and right to
+    multiples of ``size_divisible`` (docs/deploy.md)."""
+    spec = input_spec_from_meta(meta or {}, model)
+    config = model.transform.config
+    mean, std = model.input_mean_std if model.normalizes_input else (spec.mean, spec.std)
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "normalize": True,
+            "resize": list(spec.resize) if spec.resize else None, "channels": 3,
+            "min_size": int(config.min_size[-1]), "max_size": int(config.max_size),
+            "size_divisible": int(config.size_divisible)}
+
+
 def _check_parts(module: nn.Module, session, inputs: list[torch.Tensor], sign: bool) -> SizeCheck:
     """onnxruntime against eager on one set of inputs. agreement: the share of RPN objectness
     logits of the same sign (``sign``), or of RoIs whose argmax class agrees."""
@@ -427,6 +541,7 @@ def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | 
          {"box_features": {0: "rois"}, "mask_features": {0: "rois"}}, False,
          ["class_logits", "box_deltas", "mask_logits"]),
     ]
+    image_input = backbone_input(model, meta)
     reports = [ExportReport(str(path), opset, "float32", 0.0, 0,
                             agreement_of="RPN objectness sign" if part[5] else "RoI class argmax")
                for path, part in zip(paths, parts)]
@@ -439,7 +554,8 @@ def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | 
             warnings.simplefilter("ignore")
             torch.onnx.export(module, tuple(inputs[0]), tmp, dynamo=False, opset_version=opset,
                               input_names=names, output_names=out_names, dynamic_axes=axes)
-        session = make_session(tmp)
+        check_onnx_file(tmp, opset, f"Mask R-CNN's {part}")
+        session = load_for_verification(tmp, opset, f"Mask R-CNN's {part}")
         report.checks = [_check_parts(module, session, x, sign) for x in inputs]
         for c in report.checks:
             if c.agreement < min_agreement or c.max_abs_diff > 1e-3 * max(1.0, c.max_abs_logit):
@@ -447,8 +563,10 @@ def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | 
                                 f"{100 * c.agreement:.3f}%, max |diff| {c.max_abs_diff:.3g}; nothing written")
         info = {"opset": opset, "precision": "float32", "part": part, "inputs": names, "outputs": out_names,
                 "verified": [asdict(c) for c in report.checks]}
-        _write_metadata(tmp, onnx_metadata({**(meta or {}), "task": "instance"},
-                                           (meta or {}).get("model", type(model).__name__), info))
+        stored = onnx_metadata({**(meta or {}), "task": "instance"}, (meta or {}).get("model", type(model).__name__),
+                               info)
+        stored["input"] = image_input
+        _write_metadata(tmp, stored)
         report.seconds = time.perf_counter() - start
         if k + 1 < len(parts):
             atomic_write(paths[k + 1], lambda tmp_next: write(k + 1, tmp_next))

@@ -52,15 +52,20 @@ def session_options(threads: int | None = None):
     return opts
 
 
-def make_session(model: str | os.PathLike | bytes, threads: int | None = None):
-    """An onnxruntime CPU session on a file or serialized model."""
+def make_session(model: str | os.PathLike | bytes, threads: int | None = None, *, name: str | None = None):
+    """An onnxruntime CPU session on a file or serialized model. ``name``: what a load failure
+    calls the model (default: its path), e.g. ``"the export at opset 11"`` for a temporary file
+    that will not exist by the time the user reads the message."""
     ort = require_onnxruntime()
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        where = "the model" if isinstance(model, bytes) else str(model)
-        raise UserError(f"onnxruntime cannot load {where}: {str(e).splitlines()[0]}") from None
+        where = name or ("the model" if isinstance(model, bytes) else str(model))
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if name and isinstance(source, str):  # onnxruntime's message may name the (temporary) file too
+            detail = detail.replace(source, "the file")
+        raise UserError(f"onnxruntime cannot load {where}: {detail}") from None
 
 
 class OnnxModel(nn.Module):
@@ -112,6 +117,14 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[Onnx
         raise UserError(f"{path} holds part of an {meta.get('task')} model (Mask R-CNN); only semantic models run "
                         "with --onnx")
     return OnnxModel(make_session(path, threads), *stored_geometry(path, meta)), meta
+
+
+def exported_dropout(meta: dict) -> bool | None:
+    """Whether the model an exported file was traced from had dropout layers (``onnx.dropout`` in
+    its metadata): the file has none (export traces in eval mode), so it cannot give that model's
+    Monte-Carlo dropout. None for a file exported before pixelwise recorded it."""
+    value = (meta.get("onnx") or {}).get("dropout")
+    return value if isinstance(value, bool) else None
 
 
 def stored_geometry(path: str | os.PathLike, meta: dict) -> tuple[int, int]:

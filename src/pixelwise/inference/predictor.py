@@ -29,7 +29,7 @@ from pixelwise.inference import cancel
 from pixelwise.inference.fast import instance_runner, make_runner
 from pixelwise.inference.int8 import calibration_batches
 from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, predictive_entropy
-from pixelwise.inference.onnx_runner import is_onnx, load_onnx
+from pixelwise.inference.onnx_runner import OnnxModel, is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
 from pixelwise.preprocess import InputSpec, check_image, preprocess, resize_image, upsample_probs
@@ -218,6 +218,9 @@ class SemanticPredictor(Predictor):
             raise UserError(f"--tta {tta!r} is not one of: {', '.join(TTA_MODES)}")
         if mc_samples < 0:
             raise UserError(f"--mc-samples must be >= 0, got {mc_samples}")
+        if mc_samples and isinstance(self.model, OnnxModel):
+            raise UserError("--mc-samples needs dropout layers, and an ONNX export has none (it is traced without "
+                            "them); give the --checkpoint for Monte-Carlo dropout")
         if mc_samples and not has_dropout(self.model):
             raise UserError(f"--mc-samples needs a model with dropout layers (such as bayesian_segnet); "
                             f"{self.meta.get('model', type(model).__name__)} has none")

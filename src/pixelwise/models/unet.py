@@ -114,7 +114,8 @@ def pad_same(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
         torch.as_tensor(bottom), torch.as_tensor(right))
     for dim, n, pad in ((-2, h, bottom), (-1, w, right)):
         i = torch.arange(n + pad, device=x.device)
-        index = torch.where(reflect, torch.where(i < n, i, 2 * (n - 1) - i), torch.clamp(i, max=n - 1))
+        # the last index where i >= n: torch.where, not clamp, which on int64 exports to a Clip opset 11 lacks
+        index = torch.where(reflect, torch.where(i < n, i, 2 * (n - 1) - i), torch.where(i < n, i, n - 1))
         x = x.index_select(dim, index)
     return x
 
