@@ -130,6 +130,9 @@ def test_boxes_under_a_pixel_and_empty_masks_are_scored_not_trained_on(tmp_path)
     assert ds.check() == []  # not a problem: training goes on without them
     notes = ds.notes()
     assert len(notes) == 1 and "2 annotation(s) with a bbox under 1 px wide or tall (ids 20, 21)" in notes[0]
+    from pixelwise.data.inspect import format_report, inspect_dataset
+
+    assert "note: " + notes[0] in format_report(inspect_dataset(ds, progress=False))  # data inspect shows it
 
     s = ds.load(0)
     assert s.instance_labels.tolist() == [1, 2] and s.instance_masks.shape == (2, 40, 50)  # trained: as before

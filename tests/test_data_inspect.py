@@ -46,7 +46,8 @@ def test_inspect_counts_sizes_weights_and_problems(tmp_path):
     ds = FolderDataset(tmp_path, "all")
     report = inspect_dataset(ds, progress=False)
     assert set(report) == {"num_images", "class_names", "class_pixels", "ignored_pixels", "image_sizes",
-                           "median_freq_weights", "problems"}
+                           "median_freq_weights", "problems", "notes"}
+    assert len(report["notes"]) == 1 and "images of 3 sizes" in report["notes"][0] and "--crop" in report["notes"][0]
     json.dumps(report)  # JSON-ready
     assert report["num_images"] == 4 and report["class_names"] == ["bg", "a", "b", "never"]
     assert report["class_pixels"] == [int(sum((m == c).sum() for m in masks)) for c in range(4)]
@@ -57,7 +58,7 @@ def test_inspect_counts_sizes_weights_and_problems(tmp_path):
     np.testing.assert_allclose(report["median_freq_weights"][:3], expected[:3], rtol=1e-12)
     assert report["problems"] == []
     text = format_report(report)
-    assert "never" in text and "problems: none" in text
+    assert "never" in text and "problems: none" in text and "note: images of 3 sizes" in text
 
     # a truncated image and a missing mask show up as problems, the rest is still counted
     data = (tmp_path / "images" / "i1.png").read_bytes()

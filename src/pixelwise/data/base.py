@@ -78,6 +78,11 @@ class SegmentationDataset(Dataset):
         """Cheap validation (headers and sizes, not full decodes). Default: nothing to check."""
         return []
 
+    def notes(self) -> list[str]:
+        """Things about the data that are not problems but change what training does (``data
+        inspect`` prints them). Default: none."""
+        return []
+
     def check_or_refuse(self, skip_invalid: bool, purpose: str) -> list[Problem]:
         """Run :meth:`check`: with problems, refuse (a UserError naming the first ones and the way
         out) unless ``skip_invalid``, which drops the files concerned. ``purpose``: what the

@@ -3,7 +3,10 @@
 Report keys (JSON-ready): ``num_images``, ``class_names``, ``class_pixels`` (pixels per class),
 ``ignored_pixels`` (pixels labelled 255), ``image_sizes`` ({"WxH": count}, most common first),
 ``median_freq_weights`` (per class; ``null`` for a class that never occurs), ``problems``
-(``"path: message"`` strings from ``check()`` and from decoding every sample). The items ``check()``
+(``"path: message"`` strings from ``check()`` and from decoding every sample), ``notes`` (what is
+not a problem but changes training: :meth:`SegmentationDataset.notes`, e.g. COCO boxes under 1 px
+that are not trained on, and images of several sizes, which a semantic batch cannot stack). The
+items ``check()``
 flags are not decoded or counted: the statistics are those of the data ``train`` and ``eval`` use
 with ``--skip-invalid``.
 
@@ -71,6 +74,10 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
             problems.append(f"{sample.name}: class ids {bad.tolist()} outside the {c} classes")
         class_pixels += counts[:c]
         present_pixels += np.where(counts[:c] > 0, h * w, 0)
+    notes = list(dataset.notes())
+    if len(sizes) > 1:  # a semantic model's training batch stacks images of one size
+        notes.append(f"images of {len(sizes)} sizes: training a semantic model in batches of several needs --crop "
+                     "HxW or an augment resize (or --batch-size 1); Mask R-CNN takes them as they are")
     if num_images and ignored and not class_pixels[1:].any():  # binary masks saved as 0/255, as many tools do
         problems.append(f"every labelled pixel is class 0 and {ignored:,} are 255 (ignore): if these are binary "
                         "masks with the foreground stored as 255, store it as 1 (255 means 'ignore' here)")
@@ -82,6 +89,7 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
         "image_sizes": dict(sizes.most_common()),
         "median_freq_weights": median_frequency_weights(class_pixels, present_pixels),
         "problems": list(dict.fromkeys(problems)),
+        "notes": notes,
     }
 
 
@@ -105,4 +113,5 @@ def format_report(report: dict, max_problems: int = 20) -> str:
     lines += [f"  {p}" for p in probs[:max_problems]]
     if len(probs) > max_problems:
         lines.append(f"  ... and {len(probs) - max_problems} more")
+    lines += [f"note: {n}" for n in report.get("notes", [])]
     return "\n".join(lines)
