@@ -599,8 +599,12 @@ def test_a_signal_while_best_is_written_waits_so_best_is_the_epoch_the_state_nam
         return real(path, model, meta)
 
     monkeypatch.setattr(trainer, "save_checkpoint", save)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tiny(tmp_path, epochs=3, select_by="pixel_acc", lr=0.05), log=quiet)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's Ctrl-C, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(tiny(tmp_path, epochs=3, select_by="pixel_acc", lr=0.05), log=quiet)
+    finally:
+        signal.signal(signal.SIGINT, before)
     state = trainer.TrainState.from_json(state_header(tmp_path))
     assert state.epoch == 1 and state.best_epoch == 1  # (best.safetensors did not exist at all before)
     assert read_checkpoint(tmp_path / "best.safetensors")[1]["training"]["epoch"] == state.best_epoch
