@@ -74,7 +74,7 @@ def test_runner_modes_and_their_errors():
         make_runner(model, "fast", mc_samples=4)
 
 
-def test_predict_mode_fast_agrees_with_eager(tmp_path):
+def test_predict_mode_fast_agrees_with_eager(tmp_path, capsys):
     from PIL import Image
 
     from pixelwise import save_checkpoint
@@ -92,6 +92,8 @@ def test_predict_mode_fast_agrees_with_eager(tmp_path):
         assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "a.png"), "--out", str(out),
                      "--mode", mode, "--no-progress"]) == 0
         masks[mode] = torch.from_numpy(np.asarray(Image.open(out / "a.png")).copy())
+        said = capsys.readouterr().out
+        assert ("--mode fast ran " + fast.fast_precision("unet") in said) == (mode == "fast"), said  # which precision
     assert (masks["fast"] == masks["eager"]).float().mean() >= 0.95
 
 

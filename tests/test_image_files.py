@@ -239,6 +239,11 @@ def test_float_rgb_tiff_is_called_unsupported_not_damaged(tmp_path):
     (tmp_path / "junk.tif").write_bytes(b"II*\x00" + bytes(4))
     with pytest.raises(UserError, match="junk.tif: starts like a TIFF file but cannot be read"):
         probe(tmp_path / "junk.tif")
+    from pixelwise.serve.uploads import UploadError, decode_image  # the server says the same: 415, not "damaged"
+
+    with pytest.raises(UploadError) as e:
+        decode_image(_float_rgb_tiff(), 10_000, "image/tiff")
+    assert e.value.status == 415 and "unsupported TIFF: 3 channel(s) of 32-bit float" in e.value.detail
 
 
 def test_size_mismatch_of_an_exif_rotated_image_says_so(tmp_path):

@@ -519,7 +519,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     stacks = {path for path, frame in zip(plan.paths, plan.frames) if frame > 0}
     renamed = sum(stem != path.stem for path, stem in zip(plan.paths, plan.stems) if path not in stacks)
     inputs = "; ".join(m.input_spec.describe() for m in members)
+    fast = sorted({str(m.runner.precision) for m in members  # bf16 or float32, and why
+                   if isinstance(m, SemanticPredictor) and m.mode == "fast" and hasattr(m.runner, "precision")})
     print(f"wrote {len(written)} prediction(s) to {args.out} (input: {inputs})"
+          + (f"; --mode fast ran {', '.join(fast)}" if fast else "")
           + (f"; {len(stacks)} multi-frame file(s) predicted frame by frame as <stem>_<frame>" if stacks else "")
           + (f"; {renamed} named <stem>_<ext> because input stems collide" if renamed else ""))
     for reason in plan.skipped:

@@ -542,7 +542,7 @@ def _unidentified(path: Path) -> UserError:
     if tiff and directory + 2 > path.stat().st_size:  # written last (by PIL, for a compressed TIFF), then cut
         return UserError(f"{path}: truncated TIFF (its page directory at byte {directory:,} is past the end of "
                          f"the file, {path.stat().st_size:,} bytes); re-export it or remove it")
-    layout = _tiff_layout(head) if tiff else None
+    layout = tiff_layout(head) if tiff else None
     if layout:
         return UserError(f"{path}: unsupported TIFF: {layout} cannot be read (PIL decodes 1, 8, 16 or 32-bit "
                          "integer channels and a single float channel); convert it to 8 or 16-bit RGB or gray")
@@ -552,7 +552,7 @@ def _unidentified(path: Path) -> UserError:
     return UserError(f"{path}: {what}; re-export it or remove it")
 
 
-def _tiff_layout(head: bytes) -> str | None:
+def tiff_layout(head: bytes) -> str | None:
     """'3 channels of 32-bit float' from a TIFF's first page directory (in ``head``), or None."""
     little = head[:2] == b"II"
 

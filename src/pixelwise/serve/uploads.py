@@ -27,7 +27,14 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
-from pixelwise.data.io import IMAGE_FORMATS, colors_to_index, format_names, lossy_mask_error, pil_to_rgb
+from pixelwise.data.io import (
+    IMAGE_FORMATS,
+    colors_to_index,
+    format_names,
+    lossy_mask_error,
+    pil_to_rgb,
+    tiff_layout,
+)
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -173,6 +180,11 @@ def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = ""
     try:
         img: Image.Image = Image.open(io.BytesIO(data), formats=None)
     except UnidentifiedImageError:
+        layout = tiff_layout(bytes(data[:1 << 16])) if bytes(data[:4]) in (b"II*\x00", b"MM\x00*") else None
+        if layout:  # a valid TIFF of a kind PIL cannot decode (OpenCV's or tifffile's float RGB), not a damaged one
+            raise UploadError(415, f"the {what} is an unsupported TIFF: {layout} cannot be read (1, 8, 16 or 32-bit "
+                                   "integer channels and a single float channel can); convert it to 8 or 16-bit "
+                                   "RGB or gray") from None
         if declared_type.startswith("image/"):
             raise UploadError(400, f"the {what} cannot be decoded: it is declared {declared_type}, but its bytes "
                                    "are damaged or in no known image format; re-export it") from None
