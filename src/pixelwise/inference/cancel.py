@@ -23,6 +23,10 @@ class Cancelled(Exception):
 class TimedOut(Cancelled):
     """The prediction was stopped because it ran past its time limit."""
 
+    @classmethod
+    def after(cls, seconds: float) -> TimedOut:
+        return cls(f"the prediction ran longer than the server's limit of {seconds:g} s")
+
 
 @contextlib.contextmanager
 def cancellable(event: threading.Event, seconds: float | None = None) -> Iterator[None]:
@@ -45,4 +49,4 @@ def check() -> None:
     if event.is_set():
         raise Cancelled("the prediction was cancelled")
     if deadline is not None and time.monotonic() > deadline:
-        raise TimedOut(f"the prediction ran longer than the server's limit of {seconds:g} s")
+        raise TimedOut.after(seconds)

@@ -118,7 +118,8 @@ class InferencePool:
             await asyncio.wait([result, limit], return_when=asyncio.FIRST_COMPLETED)
             if not result.done():
                 stop.set()
-                raise TimedOut(f"the prediction ran longer than the server's limit of {self.timeout:g} s")
+                assert self.timeout is not None  # the limit returns only with one
+                raise TimedOut.after(self.timeout)
             return result.result()
         except asyncio.CancelledError:
             stop.set()
