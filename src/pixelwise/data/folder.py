@@ -44,6 +44,7 @@ from pixelwise.errors import UserError
 IMAGE_EXTS = tuple(sorted(IMAGE_SUFFIXES))  # the one list of pixelwise.data.io, as predict DIR reads a folder
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm")  # lossless formats only
 LOSSY_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".avif")
+IGNORE_COLOUR = (255, 255, 255)  # the colour of ignored pixels in RGB masks, unless classes.json says another
 UNKNOWN_COLOUR = 254  # raw value given to colours not in the palette; invalid in the label table
 VAL_FRACTION = 0.1
 
@@ -107,7 +108,7 @@ class FolderDataset(FilePairDataset):
         stems = self._split_stems(sorted(images), split)
         self.items = [(str(images[s]), str(masks.get(s, masks_dir / f"{s}.png"))) for s in stems]
         self.colour_palette: list[tuple[int, int, int]] | None = None
-        self.ignore_colour = (255, 255, 255)
+        self.ignore_colour = IGNORE_COLOUR
         self.far_labels: list[int] = []  # labels found far above the others (reported by check())
         self._read_classes(num_classes, [m for m in masks.values()])
         self._finish(skip_invalid)

@@ -525,7 +525,8 @@ def refuse_lossy_mask(path: PathLike, fmt: str | None = None) -> None:
         raise UserError(f"{path}: {why}")
 
 
-_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")  # little- and big-endian
+_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), *((m, "TIFF") for m in _TIFF_MAGIC),
           (b"BM", "BMP"), (b"GIF8", "GIF"), (b"RIFF", "WebP"))
 
 
@@ -537,12 +538,12 @@ def _unidentified(path: Path) -> UserError:
             head = f.read(1 << 16)
     except OSError:
         head = b""
-    tiff = head[:4] in (b"II*\x00", b"MM\x00*")
+    tiff = head[:4] in _TIFF_MAGIC
     directory = int.from_bytes(head[4:8], "little") if head[:2] == b"II" else int.from_bytes(head[4:8], "big")
     if tiff and directory + 2 > path.stat().st_size:  # written last (by PIL, for a compressed TIFF), then cut
         return UserError(f"{path}: truncated TIFF (its page directory at byte {directory:,} is past the end of "
                          f"the file, {path.stat().st_size:,} bytes); re-export it or remove it")
-    layout = tiff_layout(head) if tiff else None
+    layout = tiff_layout(head)
     if layout:
         return UserError(f"{path}: unsupported TIFF: {layout} cannot be read (PIL decodes 1, 8, 16 or 32-bit "
                          "integer channels and a single float channel); convert it to 8 or 16-bit RGB or gray")
@@ -553,7 +554,10 @@ def _unidentified(path: Path) -> UserError:
 
 
 def tiff_layout(head: bytes) -> str | None:
-    """'3 channels of 32-bit float' from a TIFF's first page directory (in ``head``), or None."""
+    """'3 channels of 32-bit float' from a TIFF's first page directory (in ``head``, a file's first
+    bytes), or None (not a TIFF, or no such directory there)."""
+    if head[:4] not in _TIFF_MAGIC:
+        return None
     little = head[:2] == b"II"
 
     def num(at: int, size: int) -> int:

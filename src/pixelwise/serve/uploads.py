@@ -27,6 +27,7 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
+from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.io import (
     IMAGE_FORMATS,
     colors_to_index,
@@ -180,7 +181,7 @@ def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = ""
     try:
         img: Image.Image = Image.open(io.BytesIO(data), formats=None)
     except UnidentifiedImageError:
-        layout = tiff_layout(bytes(data[:1 << 16])) if bytes(data[:4]) in (b"II*\x00", b"MM\x00*") else None
+        layout = tiff_layout(bytes(data[:1 << 16]))
         if layout:  # a valid TIFF of a kind PIL cannot decode (OpenCV's or tifffile's float RGB), not a damaged one
             raise UploadError(415, f"the {what} is an unsupported TIFF: {layout} cannot be read (1, 8, 16 or 32-bit "
                                    "integer channels and a single float channel can); convert it to 8 or 16-bit "
@@ -219,9 +220,6 @@ def decode_image(data: bytes | bytearray, max_pixels: int, declared_type: str = 
         return pil_to_rgb(img)
     except _PIL_ERRORS as e:
         raise UploadError(415, f"cannot convert an image of mode {img.mode} to RGB ({e})") from None
-
-
-IGNORE_COLOUR = (255, 255, 255)  # as the folder reader's default ignore_color
 
 
 def colour_mask(rgb: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
