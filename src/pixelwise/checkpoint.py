@@ -199,15 +199,19 @@ def input_spec_from_meta(meta: dict, model: nn.Module | None = None) -> InputSpe
     return model_input_spec(model, mean, std) if model is not None else InputSpec(mean=mean, std=std)
 
 
+def is_safetensors(head: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes whose first bytes are ``head`` starts as a safetensors file
+    does: an 8-byte header length that fits the file, then the JSON header's ``{``."""
+    return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8
+
+
 def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
     """Raise UserError unless ``path`` looks like a safetensors file (never unpickles)."""
     if not path.is_file():
         raise UserError(f"{what} {path} not found")
     with open(path, "rb") as f:
         head = f.read(9)
-    size = path.stat().st_size
-    looks_ok = len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8
-    if looks_ok:
+    if is_safetensors(head, path.stat().st_size):
         return
     if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
         raise UserError(

@@ -140,10 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if sum(bool(a) for a in (args.model, args.checkpoint, args.onnx)) != 1:
         raise UserError("give exactly one of --model NAME, --checkpoint FILE or --onnx FILE")
-    if args.num_classes is not None and not args.model:
-        raise UserError("--num-classes goes with --model (random weights); a --checkpoint or --onnx file has "
-                        "its own classes")
-    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats), ("--num-classes", args.num_classes)):
+    check_num_classes(args, "a --checkpoint or --onnx file")
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.compile and args.mode != "fast":
@@ -219,16 +217,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.checkpoint and looks_like_onnx(args.checkpoint):
         raise UserError(f"{args.checkpoint} is an ONNX file (already exported); export takes a .safetensors "
                         "checkpoint")
-    if args.num_classes is not None and args.num_classes < 1:
-        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
+    check_num_classes(args, "a --checkpoint")
     if args.min_agreement is not None and not 0 < args.min_agreement <= 1:  # nan too
         raise UserError(f"--min-agreement must be a fraction in (0, 1], got {args.min_agreement}")
     if args.fp16 and args.int8:
         raise UserError("choose one of --fp16 and --int8")
     if not args.int8:
         check_no_calibration(args, "--int8")
-    if args.checkpoint and args.num_classes is not None:
-        raise UserError("--num-classes goes with --model (random weights); a --checkpoint has its own classes")
     check_opset(args.opset, "int8" if args.int8 else "float16" if args.fp16 else "float32")
     out = _writable_out(args.out, args.overwrite)
     if args.checkpoint:
@@ -274,18 +269,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_num_classes(args: argparse.Namespace, files: str) -> None:
+    """``--num-classes`` (bench, export): only with ``--model`` (``files``, what else a model comes
+    from, have their own classes), and at least 1."""
+    if args.num_classes is None:
+        return
+    if not args.model:
+        raise UserError(f"--num-classes goes with --model (random weights); {files} has its own classes")
+    if args.num_classes < 1:
+        raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
+
+
 def looks_like_onnx(path: str) -> bool:
     """Whether ``path`` is an ONNX file rather than a checkpoint (known by its contents, whatever
     its name): its first bytes are no safetensors header (a length that fits the file, then
     ``{``), and its name ends with .onnx or it starts as an ONNX protobuf does (field 1,
     ``ir_version``, a small number, then another length-delimited field of ModelProto)."""
+    # start-up time: torch is loaded only by the verbs that use it
+    from pixelwise.checkpoint import is_safetensors
+
     try:
         with open(path, "rb") as f:
             head = f.read(9)
         size = os.path.getsize(path)
     except OSError:
         return False  # loading it gives the reason
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+    if is_safetensors(head, size):
         return False
     onnx = len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 64 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A, 0x42)
     return onnx or path.lower().endswith(".onnx")

@@ -40,9 +40,7 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     errors score the cell probability with the boundaries of its watershed cells, seeded at this
     threshold, drawn in (:func:`~pixelwise.inference.cells.with_boundaries`); the confusion-matrix
     metrics stay those of the network's masks."""
-    if ds.num_classes != predictor.meta.get("num_classes", ds.num_classes):
-        raise UserError(f"the checkpoint predicts {predictor.meta['num_classes']} classes but the data has "
-                        f"{ds.num_classes}; evaluate on the dataset it was trained for")
+    check_class_count(predictor.meta, ds)
     meter = ConfusionMeter(ds.num_classes)
     bf_meter = BFMeter(ds.num_classes) if bf else None
     fg = ds.rand_foreground
@@ -88,15 +86,20 @@ def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, pr
     return coco_evaluate(predictions, targets, class_ids=range(1, ds.num_classes))
 
 
+def check_class_count(meta: dict, ds: SegmentationDataset) -> None:
+    """Refuse (one-line UserError) a checkpoint that predicts another number of classes than the data has."""
+    n = meta.get("num_classes", ds.num_classes)
+    if n != ds.num_classes:
+        raise UserError(f"the checkpoint predicts {n} classes but the data has {ds.num_classes}; evaluate on the "
+                        "dataset it was trained for")
+
+
 def check_same_classes(meta: dict, ds: SegmentationDataset) -> None:
     """Refuse (one-line UserError) to score a checkpoint on data whose classes are other ones: a
     different number, other names (where the checkpoint records names) or other COCO category ids
     (where both record them). Labels are positions in the class list, so such a pairing would
     compare one class's detections with another class's objects and drop the rest unnoticed."""
-    n = meta.get("num_classes", ds.num_classes)
-    if n != ds.num_classes:
-        raise UserError(f"the checkpoint predicts {n} classes but the data has {ds.num_classes}; evaluate on the "
-                        "dataset it was trained for")
+    check_class_count(meta, ds)
     names, data_names = meta.get("class_names"), list(ds.class_names)
     if names and list(names) != data_names:
         i = next((i for i, (a, b) in enumerate(zip(names, data_names)) if a != b), min(len(names), len(data_names)))

@@ -30,6 +30,11 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def image_png(image: np.ndarray) -> bytes:
+    """uint8[H, W, 3] decoded pixels -> an RGB PNG (lossless: decoded again, the same pixels)."""
+    return png(Image.fromarray(image))
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -76,7 +81,7 @@ def semantic_result(image: np.ndarray, pred: Prediction, class_names: list[str],
     out = {"task": "semantic", "width": w, "height": h, "classes": class_shares(pred.mask, class_names, palette),
            "mask_png_base64": b64(mask_png(pred.mask, palette)),
            "overlay_png_base64": b64(png(Image.fromarray(overlay(image, pred.mask, pal)))) if with_overlay else None,
-           "uncertainty_png_base64": None, "image_png_base64": b64(png(Image.fromarray(image))) if with_image else None}
+           "uncertainty_png_base64": None, "image_png_base64": b64(image_png(image)) if with_image else None}
     if pred.uncertainty is not None:
         out["uncertainty_png_base64"] = b64(uncertainty_png(pred.uncertainty, len(class_names)))
     return out
@@ -100,6 +105,6 @@ def instance_result(image: np.ndarray, det: dict[str, torch.Tensor], class_names
     out = {"task": "instance", "width": doc["width"], "height": doc["height"],
            "classes": class_shares(classes, class_names, palette),
            "mask_png_base64": b64(mask_png(classes, palette)), "overlay_png_base64": drawn,
-           "uncertainty_png_base64": None, "image_png_base64": b64(png(Image.fromarray(image))) if with_image else None,
+           "uncertainty_png_base64": None, "image_png_base64": b64(image_png(image)) if with_image else None,
            "instances": doc["instances"]}
     return out, classes

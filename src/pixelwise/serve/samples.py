@@ -15,7 +15,7 @@ from pixelwise.data.shapes import CLASS_NAMES as SHAPES_CLASSES
 from pixelwise.data.shapes import PALETTE as SHAPES_PALETTE
 from pixelwise.data.shapes import ShapesDataset
 from pixelwise.inference.writers import IMAGE_SUFFIXES
-from pixelwise.serve.results import mask_png, png
+from pixelwise.serve.results import image_png, mask_png
 from pixelwise.serve.uploads import UploadError, decode_image, decode_mask
 
 MAX_SAMPLES = 24
@@ -40,7 +40,7 @@ def shapes_samples(class_names: Sequence[str], count: int = 3, size: int = 128) 
     for i in range(count):
         s = ds.load(i)
         truth = mask_png(s.mask, SHAPES_PALETTE) if with_truth else None
-        out.append(Sample(f"shapes_{i}.png", png(Image.fromarray(s.image)), truth))
+        out.append(Sample(f"shapes_{i}.png", image_png(s.image), truth))
     return out
 
 
@@ -62,7 +62,7 @@ def folder_samples(folder: Path, max_pixels: int, palette: Sequence[Sequence[int
             problems.append(f"{path}: skipped, {e.detail}")
             continue
         if Image.open(io.BytesIO(data)).format not in BROWSER_FORMATS:  # TIFF, PPM: the page could not show it
-            data = png(Image.fromarray(image))  # the same pixels, so the same prediction
+            data = image_png(image)  # the same pixels, so the same prediction
         truth = None
         mask_path = Path(folder) / "masks" / f"{path.stem}.png"
         if mask_path.is_file():
