@@ -55,3 +55,19 @@ def test_bad_labels_raise():
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3)
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 1, 1]), 3)
+    with pytest.raises(TypeError, match="integer class labels"):  # 0.6 and 1.2 must not become 0 and 1
+        confusion_matrix(torch.tensor([0.6, 1.2]), torch.tensor([0, 1]), 2)
+    with pytest.raises(TypeError, match="integer class labels"):
+        ConfusionMeter(2).update(np.array([0, 1]), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="2 names for a 3-class"):
+        segmentation_metrics(torch.eye(3, dtype=torch.int64), ["a", "b"])
+
+
+def test_meter_takes_numpy_and_torch_alike():
+    rng = np.random.default_rng(1)
+    t = rng.integers(0, 4, (20, 30)).astype(np.uint8)
+    p = rng.integers(0, 4, (20, 30))
+    a, b = ConfusionMeter(4), ConfusionMeter(4)
+    a.update(p, t)
+    b.update(torch.from_numpy(p), torch.from_numpy(t))
+    assert torch.equal(a.cm, b.cm) and int(a.cm.sum()) == 600

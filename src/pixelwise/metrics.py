@@ -27,15 +27,27 @@ import torch
 from scipy.ndimage import distance_transform_edt, label
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
-    """pred, target: Int[...] of equal shape -> int64 Tensor[C, C] (rows: truth, cols: prediction).
+def _labels(x: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+    """An integer label map (torch or numpy, any shape) -> int64 Tensor, flattened. Floating or
+    boolean maps raise TypeError: truncating 0.6 to class 0 would score soft masks as labels."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer class labels, got dtype {t.dtype} (take argmax over the "
+                        "class axis of probabilities first)")
+    return t.reshape(-1).long().cpu()
 
-    Ground-truth values other than ``0..C-1`` and ``ignore_index`` raise ValueError."""
-    if pred.shape != target.shape:
+
+def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """pred, target: integer label maps (torch or numpy) of equal shape -> int64 Tensor[C, C]
+    (rows: truth, cols: prediction).
+
+    Ground-truth values other than ``0..C-1`` and ``ignore_index`` raise ValueError; floating-point
+    maps raise TypeError."""
+    if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    t = target.reshape(-1).long()
-    p = pred.reshape(-1).long()
+    t = _labels(target, "target")
+    p = _labels(pred, "prediction")
     keep = t != ignore_index
     t, p = t[keep], p[keep]
     if t.numel() and (t.min() < 0 or t.max() >= num_classes):
@@ -55,8 +67,10 @@ def segmentation_metrics(cm: torch.Tensor, class_names: list[str] | None = None)
 
     ``per_class`` is a list of ``{"name", "iou", "acc", "dice", "pixels"}``; values are floats or
     None per the absent-class rule in the module docstring."""
-    cm = cm.double()
+    cm = torch.as_tensor(cm).double()
     c = cm.shape[0]
+    if class_names is not None and len(class_names) != c:
+        raise ValueError(f"class_names has {len(class_names)} names for a {c}-class confusion matrix")
     names = class_names or [str(i) for i in range(c)]
     tp = cm.diag()
     gt = cm.sum(1)
@@ -90,8 +104,9 @@ class ConfusionMeter:
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        self.cm += confusion_matrix(pred.cpu(), target.cpu(), self.num_classes, self.ignore_index)
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
+        """pred, target: integer label maps (torch or numpy) of equal shape."""
+        self.cm += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
 
     def compute(self, class_names: list[str] | None = None) -> dict:
         return segmentation_metrics(self.cm, class_names)
