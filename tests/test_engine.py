@@ -743,3 +743,26 @@ def test_overwrite_says_what_it_deleted_and_a_resume_with_nothing_to_train_write
     assert main(["train", "--resume", "--out", str(tmp_path / "new")]) == 0  # its one epoch is done
     said = capsys.readouterr().out
     assert "wrote" not in said and "done in" in said
+
+
+def test_val_loss_is_the_mean_over_labelled_pixels_whatever_the_batches():
+    """An all-ignored image adds nothing, and a mostly-ignored one weighs by its labelled pixels:
+    val_loss is the split's pixel mean of the cross-entropy, computed here by hand."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from pixelwise.engine.validate import eval_collate, validate_semantic
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1).eval()
+    images = [torch.randn(3, 6, 8) for _ in range(3)]
+    masks = [torch.randint(0, 4, (6, 8)), torch.full((6, 8), 255), torch.randint(0, 4, (6, 8))]
+    masks[2][:5] = 255  # 8 labelled pixels against the first image's 48
+    items = [{"image": i, "mask": m, "name": str(k)} for k, (i, m) in enumerate(zip(images, masks))]
+    logp = [F.log_softmax(model(i[None]), 1)[0] for i in images]
+    nll = [-lp.gather(0, m.clamp(max=3)[None])[0][m != 255] for lp, m in zip(logp, masks)]
+    expected = torch.cat(nll).mean().item()
+    for batch_size in (1, 3):
+        got = validate_semantic(model, DataLoader(items, batch_size=batch_size, collate_fn=eval_collate), 4,
+                                torch.device("cpu"), show=False)
+        assert got["loss"] == pytest.approx(expected, rel=1e-5) and got["num_images"] == 3

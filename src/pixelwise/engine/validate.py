@@ -69,16 +69,18 @@ def validate_semantic(model: nn.Module, loader: Iterable, num_classes: int, devi
     model.eval()
     meter = ConfusionMeter(num_classes)
     challenge = ChallengeMeter(rand_foreground) if rand_foreground is not None else None
-    loss_sum, n = 0.0, 0
+    loss_sum, pixels, n = 0.0, 0, 0
     for group in progress(loader, "eval", show, leave=False):
         for batch in group if isinstance(group, list) else [group]:
             batch = to_device(batch, device, channels_last)
             with autocast(amp, device):
                 logits = forward_logits(model, batch["image"])
             probs = upsample_probs(F.softmax(logits.float(), 1), batch["mask"].shape[-2:])
-            loss = F.nll_loss(probs.clamp_min(1e-12).log(), batch["mask"], ignore_index=IGNORE_INDEX)
-            if torch.isfinite(loss):  # nan when every pixel of the batch is ignored
-                loss_sum += loss.item() * len(probs)
+            # summed over the labelled pixels and divided by their count at the end: the split's
+            # mean over pixels, whatever the batches (an all-ignored image adds nothing)
+            loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), batch["mask"], ignore_index=IGNORE_INDEX,
+                                   reduction="sum").item()
+            pixels += int((batch["mask"] != IGNORE_INDEX).sum())
             n += len(probs)
             pred = probs.argmax(1)
             meter.update(pred, batch["mask"])
@@ -89,8 +91,9 @@ def validate_semantic(model: nn.Module, loader: Iterable, num_classes: int, devi
     if dist.active():
         cm = dist.all_reduce_sum(meter.cm.to(device)).cpu()
         meter.cm.copy_(cm)
-        sums = dist.all_reduce_sum(torch.tensor([loss_sum, float(n)], dtype=torch.float64, device=device))
-        loss_sum, n = sums[0].item(), int(sums[1].item())
+        sums = dist.all_reduce_sum(torch.tensor([loss_sum, float(pixels), float(n)], dtype=torch.float64,
+                                                device=device))
+        loss_sum, pixels, n = sums[0].item(), int(sums[1].item()), int(sums[2].item())
         if challenge is not None:
             for counts in challenge.arrays():
                 counts[...] = dist.all_reduce_sum(torch.from_numpy(counts).to(device)).cpu().numpy()
@@ -99,7 +102,7 @@ def validate_semantic(model: nn.Module, loader: Iterable, num_classes: int, devi
         scores = challenge.compute()
         metrics["pixel_error"] = pixel_error(meter.cm)
         metrics.update({k: scores[k] for k in ("pixel_error_best", "rand_error", "rand_error_best")})
-    metrics["loss"] = loss_sum / max(n, 1)
+    metrics["loss"] = loss_sum / max(pixels, 1)
     metrics["num_images"] = n
     return metrics
 
