@@ -257,3 +257,19 @@ def test_class_check_compares_coco_category_ids_where_the_checkpoint_records_the
     check_same_classes({"num_classes": 3, "category_ids": [0, 1, 5]}, ds)
     with pytest.raises(UserError, match="COCO category ids 0, 1, 90 but the data's have 0, 1, 5"):
         check_same_classes({"num_classes": 3, "category_ids": [0, 1, 90]}, ds)
+
+
+@pytest.mark.parametrize("class_ids", [[1, 2], [2]])
+def test_no_detections_score_as_pycocotools_scores_a_lone_false_positive(class_ids):
+    """Nothing detected: 0 where an area range holds an object to find, NaN where it holds none,
+    exactly what pycocotools answers for one false positive far from every object."""
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+             "masks": torch.zeros(0, 1, 64, 64)}
+    lone = as_prediction(rect_target([(60, 0, 63, 3, class_ids[0])]), [0.5])
+    none = coco_evaluate([empty] * 3, TARGETS, class_ids=class_ids)
+    reference = coco_evaluate([lone, empty, empty], TARGETS, class_ids=class_ids)
+    assert none.keys() == reference.keys()
+    for key, value in reference.items():
+        assert (math.isnan(none[key]) and math.isnan(value)) or none[key] == value, key
+    assert none["mask_APs"] == 0.0 and math.isnan(none["mask_APl"])
+    assert (none["mask_APm"] == 0.0) == (class_ids == [1, 2])  # the one medium object is of class 1

@@ -105,10 +105,23 @@ def detection_results(predictions: Sequence[dict[str, Tensor]], class_ids: Seque
     return results
 
 
+# COCOeval's area ranges of the six stats (``Params.areaRng``): all, all, all, small, medium, large
+STAT_AREAS = ((0, 1e10), (0, 1e10), (0, 1e10), (0, 32**2), (32**2, 96**2), (96**2, 1e10))
+
+
+def no_detection_stats(gt: COCO, class_ids: Sequence[int]) -> list[float]:
+    """COCOeval's first six stats when nothing was detected: 0 where the area range holds a
+    ground-truth object that counts (not a crowd, of a scored class; COCO keeps an object whose area
+    lies in the range, ends included), NaN where it holds none (undefined, as COCOeval says)."""
+    ids = {int(c) for c in class_ids}
+    areas = [a["area"] for a in gt.dataset["annotations"] if a["category_id"] in ids and not a.get("iscrowd", 0)]
+    return [0.0 if any(lo <= area <= hi for area in areas) else float("nan") for lo, hi in STAT_AREAS]
+
+
 def run_cocoeval(gt: COCO, results: list[dict], iou_type: str, class_ids: Sequence[int]) -> list[float]:
     """COCOeval ``iou_type`` ("bbox" or "segm") -> its first six stats (NaN where undefined)."""
-    if not results:
-        return [0.0 if gt.dataset["annotations"] else float("nan")] * len(STAT_NAMES)
+    if not results:  # pycocotools cannot load an empty result list; its answer is known without it
+        return no_detection_stats(gt, class_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, iou_type)
@@ -133,7 +146,8 @@ def coco_evaluate(
 
     Returns ``mask_AP mask_AP50 mask_AP75 mask_APs mask_APm mask_APl`` and the same with
     ``box_``, as fractions in [0, 1] (NaN where COCO leaves a value undefined, e.g. no object of
-    that size), plus ``num_images``. With no predictions at all, AP is 0.
+    that size), plus ``num_images``. With no predictions at all, AP is 0 wherever there is an
+    object to find (NaN where there is none, as with predictions).
     """
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} predictions but {len(targets)} targets")
