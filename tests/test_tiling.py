@@ -49,15 +49,17 @@ def test_unet_states_its_context_and_pooling_grid():
     assert model_geometry(nn.Conv2d(3, 2, 1)) == (0, 1)
 
 
-@pytest.mark.parametrize("size, tile, overlap", [((300, 60), 64, 0.0), ((70, 350), 80, 0.0),
-                                                ((301, 250), 100, 0.0), ((300, 60), 64, 0.5)])
-def test_valid_unet_tiles_equal_the_whole_image(valid_unet, size, tile, overlap):
+@pytest.mark.parametrize("size, tile, overlap, tta", [((300, 60), 64, 0.0, None), ((70, 350), 80, 0.0, None),
+                                                     ((301, 250), 100, 0.0, None), ((300, 60), 64, 0.5, None),
+                                                     ((200, 200), 32, 0.0, "flip"), ((150, 230), 48, 0.25, "d4")])
+def test_valid_unet_tiles_equal_the_whole_image(valid_unet, size, tile, overlap, tta):
     """Every tile sees its real surroundings, so the tiled mask is the whole-image mask (sizes that
     are not multiples of the tile, a tile that is not a multiple of the pooling grid; cores that
-    overlap and blend change nothing either)."""
+    overlap and blend change nothing either). Mirrored and rotated windows (``flip``, ``d4``) see
+    the pooling grid where the mirrored and rotated image does, so test-time augmentation keeps it."""
     image = np.random.default_rng(sum(size)).integers(0, 255, (*size, 3), dtype=np.uint8)
-    whole = SemanticPredictor(valid_unet, {"num_classes": 3}).predict(image)
-    predictor = SemanticPredictor(valid_unet, {"num_classes": 3}, tile=tile, overlap=overlap)
+    whole = SemanticPredictor(valid_unet, {"num_classes": 3}, tta=tta).predict(image)
+    predictor = SemanticPredictor(valid_unet, {"num_classes": 3}, tile=tile, overlap=overlap, tta=tta)
     assert predictor.needs_tiles(image)
     tiled = predictor.predict(image)
     assert len(np.unique(whole.mask)) >= 2, "degenerate prediction"
@@ -70,12 +72,12 @@ def test_valid_unet_tiles_equal_the_whole_image_to_the_last_bit(valid_unet):
     """In float64 the convolutions' summation order no longer shows: the float32 probabilities are
     those of the whole image to within one unit in the last place. With only the default margin
     instead of the stated context (the model hiding it), tiles differ."""
-    image = np.random.default_rng(7).integers(0, 255, (300, 60, 3), dtype=np.uint8)
+    image = np.random.default_rng(7).integers(0, 255, (400, 60, 3), dtype=np.uint8)
     model = Float64(valid_unet)
     predictor = SemanticPredictor(model, {"num_classes": 3}, tile=64)
     assert predictor.overlap == 0  # the default for a model that states its context
-    rows = plan_tiles(300, 60, 64, 0.0, 92, 16).rows
-    assert any(r.window_start > 0 and r.window_stop < 300 for r in rows), "no tile sees context on both sides"
+    rows = plan_tiles(400, 60, 64, 0.0, 92, 16).rows
+    assert any(r.window_start > 0 and r.window_stop < 400 for r in rows), "no tile sees context on both sides"
     whole = SemanticPredictor(model, {"num_classes": 3}).predict(image)
     tiled = predictor.predict(image)
     np.testing.assert_array_equal(tiled.mask, whole.mask)
@@ -94,7 +96,7 @@ def test_axis_spans_cover_the_axis_with_aligned_windows(size, tile, overlap, con
     for s in spans:
         covered[s.start : s.stop] += 1
         assert 0 <= s.window_start <= s.start < s.stop <= s.window_stop <= size
-        assert s.window_start % alignment == 0
+        assert s.window_start % alignment == 0 and (size - s.window_stop) % alignment == 0  # both ends on the grid
         assert s.window_start == 0 or s.start - s.window_start >= margin  # real context, or the border
         assert s.window_stop == size or s.window_stop - s.stop >= margin
         assert s.stop - s.start == min(tile, size)

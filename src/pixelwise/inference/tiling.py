@@ -13,7 +13,8 @@ The margin and the window positions come from two attributes a model may state (
   U-Net: 92, what its unpadded convolutions consume); 0 when the model states none
   (zero-padded models, whose receptive field spans the image).
 - ``alignment``: the model's pooling grid (U-Net: 16; FCN-VGG and SegNet: 32). Windows start at
-  multiples of it, so every window sees the grid where the whole image does.
+  multiples of it, so every window sees the grid where the whole image does, and end a multiple
+  of it before the image's end, so mirrored and rotated windows (test-time augmentation) do too.
 
 A model with context gets a margin of ``context + alignment - 1``: where an output pixel's
 receptive window lies depends on its position in the pooling grid (for the valid U-Net it reaches
@@ -66,8 +67,10 @@ def axis_spans(size: int, tile: int, overlap: float, margin: int, alignment: int
     """The tiles along one axis of ``size`` pixels: cores of ``tile`` pixels stepping by
     ``tile * (1 - overlap)`` (rounded down to a multiple of ``alignment`` where that leaves a step,
     so that inner windows all have one size), the last flush with the end; each window is its core
-    widened by ``margin``, its start rounded down to a multiple of ``alignment``, clipped to
-    ``[0, size)``."""
+    widened by ``margin``, its start rounded down to a multiple of ``alignment`` and its end moved
+    on to ``size`` minus a multiple of ``alignment``, clipped to ``[0, size)``: measured from
+    either end of the image a window sits on the grid, so a mirrored or rotated window (test-time
+    augmentation) sees the grid where the mirrored or rotated image does."""
     if size <= tile:
         return [Span(0, size, 0, size)]
     step = max(1, int(tile * (1 - overlap)))
@@ -75,7 +78,10 @@ def axis_spans(size: int, tile: int, overlap: float, margin: int, alignment: int
     starts = list(range(0, size - tile + 1, stride))
     if starts[-1] != size - tile:
         starts.append(size - tile)
-    return [Span(s, s + tile, max(0, (s - margin) // alignment * alignment), min(size, s + tile + margin))
+    def window_stop(stop: int) -> int:
+        return min(size, stop + (size - stop) % alignment)
+
+    return [Span(s, s + tile, max(0, (s - margin) // alignment * alignment), window_stop(s + tile + margin))
             for s in starts]
 
 
