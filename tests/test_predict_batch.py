@@ -109,3 +109,21 @@ def test_predict_cli_runs_a_glob_one_image_at_a_time(model, tmp_path):
         np.testing.assert_array_equal(read_mask(tmp_path / "out" / f"{stem}.png"), p.predict(image).mask)
     assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), str(tmp_path / "im0.png"),
                  "--out", str(tmp_path / "o2"), "--batch-size", "0"]) == 2
+
+
+def test_monte_carlo_dropout_does_not_depend_on_batching():
+    """Each input draws its own seeded dropout masks: stacking images (predict_batch) or tiles
+    (--batch-size) gives what one at a time gives, not other masks for other neighbours."""
+    torch.manual_seed(0)
+    m = create_model("unet", num_classes=3, base_channels=4, batch_norm=True, dropout=0.5).eval()
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, (20, 30, 3), dtype=np.uint8) for _ in range(3)]
+    p = SemanticPredictor(m, {"num_classes": 3}, mc_samples=3, batch_size=4)
+    for a, b in zip([p.predict(i, uncertainty=True) for i in images], p.predict_batch(images, uncertainty=True)):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        torch.testing.assert_close(a.probs, b.probs, rtol=0, atol=1e-5)
+    big = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    one = SemanticPredictor(m, {"num_classes": 3}, mc_samples=3, tile=16, batch_size=1).predict(big)
+    four = SemanticPredictor(m, {"num_classes": 3}, mc_samples=3, tile=16, batch_size=4).predict(big)
+    np.testing.assert_array_equal(one.mask, four.mask)
+    torch.testing.assert_close(one.probs, four.probs, rtol=0, atol=1e-5)

@@ -238,8 +238,10 @@ class SemanticPredictor(Predictor):
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_samples:
-            # seeded: predict --uncertainty and serve give the same masks and maps on every run
-            return mc_dropout(self.model, x, self.mc_samples, measure="entropy", seed=0)[0]
+            # seeded, input by input: an input's dropout masks do not depend on what it is stacked
+            # with, so predict, predict_batch, serve and every --batch-size give the same masks and maps
+            return torch.cat([mc_dropout(self.model, xi[None], self.mc_samples, measure="entropy", seed=0)[0]
+                              for xi in x])
         return F.softmax(self.runner(x).float(), 1)
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
