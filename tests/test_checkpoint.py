@@ -156,3 +156,38 @@ def test_saving_onto_a_folder_is_named(tmp_path):
     with pytest.raises(UserError, match="is a folder; give the name of a file"):
         save_checkpoint(tmp_path, _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
     assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")] == []
+
+
+def test_metadata_a_python_user_naturally_passes_is_stored_as_json(tmp_path):
+    """num_classes = mask.max() + 1 is a numpy integer, and predictor.input_spec an InputSpec: both
+    are stored as the JSON they stand for; what is not a dict is a ValueError, not a TypeError deep in."""
+    import numpy as np
+
+    from pixelwise import InputSpec
+
+    model = _model()
+    spec = InputSpec(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize=(16, 24))
+    save_checkpoint(tmp_path / "np.safetensors", model,
+                    {"model": "unet", "num_classes": np.int64(3), "model_kwargs": KW, "input": spec,
+                     "class_names": np.array(["a", "b", "c"]), "palette": np.zeros((3, 3), np.uint8)})
+    _, meta = load_checkpoint(tmp_path / "np.safetensors")
+    assert meta["num_classes"] == 3 and type(meta["num_classes"]) is int
+    assert meta["class_names"] == ["a", "b", "c"] and meta["palette"] == [[0, 0, 0]] * 3
+    assert meta["input"]["resize"] == [16, 24] and meta["input"]["mean"] == [0.5] * 3
+    with pytest.raises(ValueError, match="must be a dict, got NoneType"):
+        save_checkpoint(tmp_path / "none.safetensors", model, None)
+    with pytest.raises(ValueError, match="JSON-serialisable.*object"):
+        save_checkpoint(tmp_path / "obj.safetensors", model,
+                        {"model": "unet", "num_classes": 3, "model_kwargs": KW, "note": object()})
+    assert not (tmp_path / "none.safetensors").exists() and not (tmp_path / "obj.safetensors").exists()
+
+
+def test_a_run_folder_given_as_checkpoint_names_the_file_to_give(tmp_path):
+    save_checkpoint(tmp_path / "best.safetensors", _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
+    with pytest.raises(UserError, match=r"is a folder: give a checkpoint file in it such as .*best\.safetensors"):
+        load_checkpoint(tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="this torch build has no CUDA|no CUDA GPU"):
+            load_checkpoint(tmp_path / "best.safetensors", device="cuda")
+    with pytest.raises(UserError, match="'gpu' is not a device"):
+        load_checkpoint(tmp_path / "best.safetensors", device="gpu")

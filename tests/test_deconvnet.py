@@ -184,3 +184,10 @@ def test_instance_wise_predict_rejects_bad_input():
         instance_wise_predict(model, torch.zeros(1, 3, 8, 8), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="crop_scale"):
         instance_wise_predict(model, torch.zeros(3, 8, 8), torch.tensor([[0.0, 0, 4, 4]]), crop_scale=0)
+    box = torch.tensor([[0.0, 0, 4, 4]])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        instance_wise_predict(model, torch.zeros(3, 8, 8), torch.tensor([[0.0, float("nan"), 4, 4]]))
+    with pytest.raises(ValueError, match="reversed"):
+        instance_wise_predict(model, torch.zeros(3, 8, 8), torch.tensor([[4.0, 0, 0, 4]]))
+    with pytest.raises(ValueError, match="background=5 is not a class"):
+        instance_wise_predict(model.eval(), torch.zeros(3, 8, 8), box, input_size=8, background=5)

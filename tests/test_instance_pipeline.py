@@ -9,6 +9,7 @@ from PIL import Image
 
 from pixelwise import Predictor
 from pixelwise.cli import main
+from pixelwise.errors import UserError
 from pixelwise.inference.writers import instance_maps
 
 DATA = '{"num_train": 8, "num_val": 4, "num_test": 3, "size": 64, "max_objects": 3}'
@@ -194,3 +195,8 @@ def test_maskrcnn_trains_on_images_of_different_sizes_in_one_batch(tmp_path, cap
     # its own resizing is the model's: an augment resize (which validation could not score) is refused
     assert main([*args, "--out", str(tmp_path / "resized"), "--augment", '{"resize": [64, 64]}']) == 2
     assert "min_size" in capsys.readouterr().err and not (tmp_path / "resized").exists()
+
+
+def test_a_score_threshold_that_is_not_a_number_is_named(run):
+    with pytest.raises(UserError, match="--score-thresh must be a number, got '0.5'"):
+        Predictor.from_checkpoint(run / "best.safetensors", score_thresh="0.5")

@@ -10,6 +10,7 @@ from pixelwise import Predictor, SemanticPredictor, create_model, save_checkpoin
 from pixelwise.cli import main
 from pixelwise.data.io import read_image
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
+from pixelwise.errors import UserError
 from pixelwise.inference.writers import check_predict, plan_images
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
@@ -427,3 +428,21 @@ def test_python_options_of_the_wrong_type_are_named(checkpoint, options, words):
 
     with pytest.raises(UserError, match=words):
         Predictor.from_checkpoint(checkpoint, **options)
+
+
+def test_the_python_api_names_what_it_takes(checkpoint):
+    """The API's bad inputs are errors that say what to pass, not AttributeErrors from deep inside."""
+    p = Predictor.from_checkpoint(checkpoint)
+    img = np.zeros((9, 11, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"numpy uint8\[H, W, 3\] array.*PIL.*np.asarray\(image.convert"):
+        p.predict(Image.fromarray(img))
+    with pytest.raises(ValueError, match="got builtins.list"):
+        p.predict(img.tolist())
+    with pytest.raises(ValueError, match=r"expect a sequence .* got one array uint8\[9, 11, 3\]; use predict"):
+        p.predict_batch(img)
+    assert len(p.predict_batch([img, img])) == 2
+    with pytest.raises(UserError, match="'gpu' is not a device"):
+        Predictor.from_checkpoint(checkpoint, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="has no CUDA|no CUDA GPU"):
+            SemanticPredictor(create_model("unet", num_classes=4, **KW), device="cuda")

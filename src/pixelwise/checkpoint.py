@@ -32,6 +32,7 @@ from pixelwise._version import __version__
 from pixelwise.errors import UserError
 from pixelwise.models import create_model, model_info
 from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
+from pixelwise.runtime import check_device
 
 FORMAT = "pixelwise-checkpoint/1"
 _PICKLE_SUFFIXES = {".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin"}
@@ -133,7 +134,14 @@ def model_input_spec(model: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD,
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     """Write ``model``'s weights and ``meta`` (JSON-serialisable; must hold ``model`` and
     ``num_classes``, usually also ``model_kwargs class_names palette``). Without an ``input``
-    contract one is derived from the model (and ``meta``'s ``mean``/``std`` if given)."""
+    contract one is derived from the model (and ``meta``'s ``mean``/``std`` if given). numpy
+    scalars and arrays and an :class:`InputSpec` are stored as the JSON they stand for."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint metadata must be a dict, got {type(meta).__name__}")
+    try:
+        meta = json.loads(json.dumps(meta, default=_plain))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint metadata must be JSON-serialisable ({e})") from None
     for key in ("model", "num_classes"):
         if key not in meta:
             raise ValueError(f"checkpoint metadata needs {key!r}")
@@ -144,6 +152,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
         spec = model_input_spec(model, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))
         meta["input"] = spec.to_dict()
     atomic_save_tensors(model.state_dict(), path, {"pixelwise": json.dumps(meta)})
+
+
+def _plain(value: object) -> object:
+    """``json.dumps``' fallback for the values a caller's metadata naturally holds."""
+    if isinstance(value, InputSpec):
+        return value.to_dict()
+    if hasattr(value, "tolist") and type(value).__module__ == "numpy":  # numpy scalars and arrays
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON-serialisable")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -207,6 +224,10 @@ def is_safetensors(head: bytes, size: int) -> bool:
 
 def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
     """Raise UserError unless ``path`` looks like a safetensors file (never unpickles)."""
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors") if not p.name.endswith(".state.safetensors"))
+        hint = f" such as {path / inside[0]}" if inside else ""
+        raise UserError(f"{what} {path} is a folder: give a checkpoint file in it{hint}")
     if not path.is_file():
         raise UserError(f"{what} {path} not found")
     with open(path, "rb") as f:
@@ -294,7 +315,9 @@ def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model from a checkpoint. Returns ``(model in eval mode, metadata)``; the
-    metadata's ``input`` is the input contract (filled in for older checkpoints)."""
+    metadata's ``input`` is the input contract (filled in for older checkpoints). A ``device``
+    that does not exist here (``cuda`` without CUDA) is a UserError."""
+    device = check_device(str(device))
     state, meta = read_checkpoint(path)
     try:
         model = create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))

@@ -620,9 +620,9 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
                         "and flips) or ms (scales 0.5-1.75, each with its mirror); applied to each tile")
     p.add_argument("--mc-samples", type=int, help="average this many Monte-Carlo dropout samples (models with "
                    "dropout, e.g. bayesian_segnet; the paper used 50)")
-    p.add_argument("--batch-size", type=int, help="model inputs per forward pass: the equal-size tiles (and "
-                   "test-time variants) of one image (default 4); images run one at a time, so that each mask is "
-                   "the one eval scores")
+    p.add_argument("--batch-size", type=int, help="model inputs per forward pass: the equal-size tiles of one "
+                   "image (default 4; each test-time variant runs as its own pass over them); images run one at a "
+                   "time, so that each mask is the one eval scores")
     p.add_argument("--mode", choices=["eager", "fast", "int8"], help="eager (default: float32 as trained), fast "
                    "(BatchNorm folded, channels-last; bf16 where the CPU has it, for the models whose bf16 accuracy "
                    "was measured (docs/deploy.md), else float32; Mask R-CNN: "

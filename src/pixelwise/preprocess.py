@@ -116,8 +116,13 @@ def check_image(image: np.ndarray) -> None:
     """A ValueError unless ``image`` is what every predictor takes: uint8[H, W, 3] with H, W >= 1."""
     if (not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8
             or 0 in image.shape):
-        shape = f"{image.dtype}{list(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"preprocess expects uint8[H, W, 3] with H, W >= 1, got {shape}")
+        if not isinstance(image, np.ndarray):
+            kind = f"{type(image).__module__}.{type(image).__qualname__}"
+            hint = (" (a PIL image: np.asarray(image.convert('RGB')))" if kind.startswith("PIL.")
+                    else " (a tensor: image.permute(1, 2, 0).numpy() of a uint8 CHW tensor)"
+                    if kind.startswith("torch.") else "")
+            raise ValueError(f"preprocess expects a numpy uint8[H, W, 3] array with H, W >= 1, got {kind}{hint}")
+        raise ValueError(f"preprocess expects uint8[H, W, 3] with H, W >= 1, got {image.dtype}{list(image.shape)}")
 
 
 def to_tensor(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
@@ -148,7 +153,7 @@ class _CallableModule(types.ModuleType):
     module (as any use of the package does) binds the package's attribute ``preprocess`` to the
     module itself, which would hide the function ``pixelwise/__init__.py`` exports under that name."""
 
-    def __call__(self, image: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
         return preprocess(image, spec)
 
 

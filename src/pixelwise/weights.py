@@ -52,8 +52,13 @@ def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> d
     if isinstance(source, str) and source in urls:
         return download_weights(urls[source])
     path = Path(source)
+    if path.is_dir():
+        raise UserError(f"weights {str(source)!r} is a folder: pass the path of a .safetensors/.pth file in it")
     if not path.is_file():
         tags = f"one of {', '.join(sorted(urls))} or " if urls else ""
+        if not urls and isinstance(source, str) and not path.suffix and len(path.parts) == 1:  # a tag, not a path
+            raise UserError(f"weights {source!r}: this model has no published weights to download (no tag "
+                            "applies to it); train it from scratch or pass the path of a .safetensors/.pth file")
         raise UserError(f"weights {str(source)!r} not found: pass {tags}the path of a .safetensors/.pth file")
     if path.suffix == ".safetensors":
         try:

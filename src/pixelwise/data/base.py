@@ -12,6 +12,7 @@ everywhere inside pixelwise (:mod:`pixelwise.sample`).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -108,7 +109,12 @@ class SegmentationDataset(Dataset):
         return 0
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.load(index)
+        if not isinstance(index, numbers.Integral) or isinstance(index, bool):
+            raise TypeError(f"{type(self).__name__} is indexed by one whole number, got {type(index).__name__}")
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"{type(self).__name__} index {index} out of range for {n} item(s)")
+        sample = self.load(int(index) % n)
         if self.transform is not None:
             sample = self.transform(sample)
         return sample_to_tensors(sample, self.input_spec)

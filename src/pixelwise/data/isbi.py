@@ -74,6 +74,9 @@ class ISBI2012(FilePairDataset):
                             "train-volume.tif + train-labels.tif (see the README's Datasets section)")
         if not 0 <= val_count < len(items):
             raise UserError(f"isbi2012: val_count={val_count} must be in 0..{len(items) - 1}")
+        if val_count == 0 and split == "val":
+            raise UserError("isbi2012: val_count=0 leaves the val split empty; give val_count >= 1, or use "
+                            "split all")
         cut = len(items) - val_count
         self.items = {"all": items, "train": items[:cut], "val": items[cut:]}[split]
         self._finish(skip_invalid)

@@ -33,6 +33,7 @@ from pixelwise.inference.onnx_runner import OnnxModel, is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
 from pixelwise.preprocess import InputSpec, check_image, preprocess, resize_image, upsample_probs
+from pixelwise.runtime import check_device
 from pixelwise.runtime import progress as progress_bar
 
 MIN_TILE = 16
@@ -118,8 +119,8 @@ class Predictor:
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
                  input_spec: InputSpec | None = None) -> None:
         self.meta = meta or {}
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.device = check_device(str(device))
+        self.model = model.to(self.device).eval()  # in place: the caller's module is left in eval mode
         self.input_spec = input_spec or input_spec_from_meta(self.meta, model)
         n = self.meta.get("num_classes", 0)
         self.class_names: list[str] = list(self.meta.get("class_names") or [str(i) for i in range(n)])
@@ -155,13 +156,17 @@ class Predictor:
         return preprocess(image, self.input_spec).unsqueeze(0).to(self.device)
 
 
+REAL_OPTIONS = ("overlap", "score_thresh")  # prediction options that take any number; the others whole ones
+
+
 def _check_types(**options: object) -> None:
-    """A UserError for a prediction option of the wrong type (whole numbers, or ``overlap`` a number)
-    given through the Python API; the CLI's flags are typed by argparse."""
+    """A UserError for a prediction option of the wrong type (whole numbers, or a number for
+    :data:`REAL_OPTIONS`) given through the Python API; the CLI's flags are typed by argparse."""
     for name, value in options.items():
-        kind = numbers.Real if name == "overlap" else numbers.Integral
+        real = name in REAL_OPTIONS
+        kind = numbers.Real if real else numbers.Integral
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            what = "a number" if name == "overlap" else "a whole number"
+            what = "a number" if real else "a whole number"
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
 
 
@@ -315,6 +320,7 @@ class SemanticPredictor(Predictor):
         predictive entropy of the (Monte-Carlo, TTA and tile averaged) probabilities.
         ``probs=False`` keeps no probabilities (``Prediction.probs`` is None): a tiled image then
         never holds its C x H x W floats. ``progress``: a bar over tiles (None: on a terminal)."""
+        check_image(image)
         return collect(self._bands(image, progress), image.shape[:2], uncertainty, probs)
 
     @torch.no_grad()
@@ -322,6 +328,9 @@ class SemanticPredictor(Predictor):
                      ) -> list[Iterable[tuple[int, torch.Tensor]]]:
         """The probability bands of each image: images that need no tiles are predicted now, stacked
         by equal model-input size; tiled ones lazily, when their bands are read."""
+        if isinstance(images, np.ndarray):  # one image: its rows would pass for images
+            raise ValueError(f"predict_batch and predict_rows expect a sequence of uint8[H, W, 3] images, got one "
+                             f"array {images.dtype}{list(images.shape)}; use predict() for one image, or a list")
         for image in images:
             check_image(image)
         whole = [i for i, image in enumerate(images) if not self.needs_tiles(image)]
@@ -356,6 +365,7 @@ class InstancePredictor(Predictor):
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
                  input_spec: InputSpec | None = None, *, score_thresh: float = 0.5, mode: str = "eager") -> None:
         super().__init__(model, meta, device, input_spec)
+        _check_types(score_thresh=score_thresh)
         if not 0 <= score_thresh <= 1:
             raise UserError(f"--score-thresh must be in [0, 1], got {score_thresh}")
         self.score_thresh = score_thresh

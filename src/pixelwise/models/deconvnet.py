@@ -188,6 +188,10 @@ def instance_wise_predict(model: nn.Module, image: Tensor, boxes: Tensor, crop_s
         raise ValueError("no boxes: instance-wise inference needs at least one proposal")
     if not math.isfinite(crop_scale) or crop_scale <= 0:
         raise ValueError(f"crop_scale must be a positive number, got {crop_scale}")
+    if not torch.isfinite(boxes).all():
+        raise ValueError("boxes hold NaN or infinite coordinates")
+    if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+        raise ValueError("boxes must be x0, y0, x1, y1 with x1 >= x0 and y1 >= y0; some are reversed")
     h, w = image.shape[-2:]
     crops = crop_boxes(boxes, crop_scale, h, w).tolist()
     scores: Tensor | None = None
@@ -206,6 +210,8 @@ def instance_wise_predict(model: nn.Module, image: Tensor, boxes: Tensor, crop_s
                                                         g[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0])
             covered[sy0:sy1, sx0:sx1] = True
     assert scores is not None
+    if not 0 <= background < scores.shape[0]:
+        raise ValueError(f"background={background} is not a class of the model's {scores.shape[0]}")
     probs = scores.softmax(dim=0)
     probs[:, ~covered] = 0.0
     probs[background, ~covered] = 1.0

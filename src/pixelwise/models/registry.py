@@ -61,6 +61,8 @@ def register_model(name: str, *, task: str = "semantic", paper: str = "") -> Cal
 
 def list_models(task: str | None = None) -> list[str]:
     """Names of all registered models (optionally only one task), sorted."""
+    if task not in (None, "semantic", "instance"):
+        raise ValueError(f"task must be 'semantic' or 'instance' (or None for all), got {task!r}")
     return sorted(n for n, i in _MODELS.items() if task is None or i.task == task)
 
 

@@ -1,0 +1,49 @@
+"""The Python API's answers to what a Python user passes by mistake: errors that say what to
+pass, rather than a result that is silently wrong or an exception from deep inside."""
+import numpy as np
+import pytest
+import torch
+
+import pixelwise
+from conftest import write_isbi_tree
+from pixelwise.data import build_dataset
+from pixelwise.errors import UserError
+
+
+def test_list_models_refuses_an_unknown_task():
+    assert set(pixelwise.list_models("semantic")).isdisjoint(pixelwise.list_models("instance"))
+    assert sorted(pixelwise.list_models("semantic") + pixelwise.list_models("instance")) == pixelwise.list_models()
+    with pytest.raises(ValueError, match="task must be 'semantic' or 'instance'"):
+        pixelwise.list_models("bogus")
+
+
+def test_preprocess_as_exported_takes_the_default_contract():
+    img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    torch.testing.assert_close(pixelwise.preprocess(img), pixelwise.preprocess(img, pixelwise.InputSpec()))
+    assert pixelwise.preprocess(img).shape == (3, 5, 7)
+
+
+def test_datasets_index_like_sequences():
+    ds = build_dataset("shapes", None, "val", num_train=2, num_val=3)
+    assert torch.equal(ds[-1]["mask"], ds[2]["mask"]) and torch.equal(ds[np.int64(1)]["mask"], ds[1]["mask"])
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match=f"index {bad} out of range for 3"):
+            ds[bad]
+    with pytest.raises(TypeError, match="indexed by one whole number, got slice"):
+        ds[0:2]
+
+
+def test_isbi_val_count_zero_says_the_val_split_is_empty(tmp_path):
+    write_isbi_tree(tmp_path, np.random.default_rng(0), count=4)
+    assert len(build_dataset("isbi2012", str(tmp_path), "train", val_count=0)) == 4
+    with pytest.raises(UserError, match="val_count=0 leaves the val split empty"):
+        build_dataset("isbi2012", str(tmp_path), "val", val_count=0)
+
+
+def test_pretrained_names_what_a_model_without_published_weights_can_take(tmp_path):
+    with pytest.raises(UserError, match="has no published weights to download.*train it from scratch"):
+        pixelwise.create_model("unet", 3, base_channels=4, pretrained="imagenet")
+    with pytest.raises(UserError, match="is a folder: pass the path of a .safetensors/.pth file in it"):
+        pixelwise.create_model("unet", 3, base_channels=4, pretrained=str(tmp_path))
+    with pytest.raises(UserError, match="not found: pass the path"):
+        pixelwise.create_model("unet", 3, base_channels=4, pretrained=str(tmp_path / "w.safetensors"))
