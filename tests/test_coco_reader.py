@@ -147,3 +147,158 @@ def test_boxes_under_a_pixel_and_empty_masks_are_scored_not_trained_on(tmp_path)
     target = sample_target(ds.load(2))  # image 3: an empty-mask object and a thin crowd region
     assert target["labels"].tolist() == [1, 2] and target["iscrowd"].tolist() == [0, 1]
     assert target["masks"].shape == (2, 40, 50) and not target["masks"][0].any() and target["masks"][1].any()
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    """COCO's run lengths of ``mask``, counted here: column-major, alternating 0s and 1s, 0s first."""
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return ([0] + runs) if flat.size and flat[0] else runs
+
+
+def _expect_problem(tmp_path, data: dict, words: str) -> None:
+    """Annotation 11 (image 1) is a named problem of image 1 only; load refuses it with a UserError
+    (no crash); --skip-invalid drops image 1 and the rest loads."""
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    problems = [str(p) for p in ds.check()]
+    assert len(problems) == 1 and "#1: annotation 11 " in problems[0] and words in problems[0], problems
+    with pytest.raises(UserError, match="annotation 11 of image 1 .*fix it or use --skip-invalid"):
+        ds.load(0)  # without the check: refused before pycocotools sees it
+    with pytest.raises(UserError, match="1 problem"):
+        ds.check_or_refuse(skip_invalid=False, purpose="train")
+    assert len(ds.check_or_refuse(skip_invalid=True, purpose="train")) == 1
+    assert [ds.load(i).meta["image_id"] for i in range(len(ds))] == [2, 3]
+
+
+@pytest.mark.parametrize("value", [1e9, 1e7, -1e9, 10**30, 51.5, -1.5, float("nan"), float("inf")])
+def test_a_polygon_point_far_outside_the_image_is_a_problem(tmp_path, value):
+    # pycocotools would allocate memory in proportion to the coordinate (1e9: segfault or OOM kill)
+    data = _tree(tmp_path)
+    data["annotations"][0]["segmentation"] = [[5, 5, 25, 5, 25, 15, value, 15]]
+    _expect_problem(tmp_path, data, f"has polygon point ({value!r}, 15) outside the 50x40 image")
+
+
+def test_a_far_out_point_of_a_crowd_polygon_is_refused_by_load(tmp_path):
+    data = _tree(tmp_path)
+    data["annotations"][0].update(iscrowd=1, segmentation=[[5, 5, 25, 5, 25, 1e6, 5, 15]])
+    _expect_problem(tmp_path, data, "has polygon point (25, 1000000.0) outside")
+
+
+def test_a_polygon_slightly_over_the_border_is_fine(tmp_path):
+    # real COCO polygons touch or cross the border by a fraction of a pixel: 1 px is allowed, as for bboxes
+    data = _tree(tmp_path)
+    data["annotations"][1].update(bbox=[30, 20, 20.5, 21], area=20.5 * 21,
+                                  segmentation=[[30, 20, 50.5, 20, 51, 41, 30, 40.5]])
+    data["annotations"][2]["segmentation"] = [[-0.5, 2, 10, -1, 10, 10, 2, 10]]
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert ds.check() == []
+    s = ds.load(0)
+    assert s.instance_masks.shape == (2, 40, 50) and s.instance_masks[:, 39, 49].any()  # the corner
+    assert ds.load(1).instance_masks[0, 2, 0]  # the left edge, at x = -0.5
+
+
+def _rle_tree(tmp_path, segmentation: dict, iscrowd: int = 0) -> dict:
+    data = _tree(tmp_path)
+    data["annotations"][0].update(segmentation=segmentation, iscrowd=iscrowd)
+    return data
+
+
+@pytest.mark.parametrize("counts, words", [
+    ("garbage!!", "compressed counts are invalid (character 'r' at 2 is not one of '0'..'o')"),
+    ("00 0", "compressed counts are invalid (character ' ' at 2 is not one of '0'..'o')"),
+    ("", "compressed counts cover 0 pixels, not the 40x50 = 2000 of the image"),
+    ("o", "compressed counts are invalid (the string ends inside value 1)"),  # continuation bit on the end
+    ("P", "compressed counts are invalid (the string ends inside value 1)"),
+    ("`", "compressed counts are invalid (the string ends inside value 1)"),  # 0x30: continuation
+    ("@", "compressed counts decode to a negative count"),  # 0x10: the sign bit, -16
+    ("3" * 3 + "@", "compressed counts decode to a negative count"),  # the fourth: 3 - 16 (a delta)
+    ("d1", "compressed counts cover 52 pixels"),  # 0x34 (continuation, 20) then 1: 20 + 32
+    ("0" * 200 + "3`1", "compressed counts cover"),
+    ("oooooooooooooooooooo0", "longer than 13 characters"),
+    ([1000, 999], "counts cover 1999 pixels, not the 40x50 = 2000"),
+    ([1000, 1001], "counts cover 2001 pixels"),
+    ([2001, -1], "counts are not all non-negative integers"),
+    ([1000.0, 1000], "counts are not all non-negative integers"),
+    ([], "counts cover 0 pixels"),
+    (None, "counts are a NoneType, not a list or a compressed string"),
+])
+@pytest.mark.parametrize("iscrowd", [0, 1])
+def test_bad_rle_counts_are_problems(tmp_path, counts, words, iscrowd):
+    # pycocotools: a traceback ("garbage!!") or a mask of uninitialised memory ("")
+    data = _rle_tree(tmp_path, {"size": [40, 50], "counts": counts}, iscrowd)
+    _expect_problem(tmp_path, data, words)
+
+
+def test_an_rle_of_another_size_is_a_problem(tmp_path):
+    for size in ([50, 40], 2000, None):
+        data = _rle_tree(tmp_path, {"size": size, "counts": [2000]})
+        _expect_problem(tmp_path, data, f"has an RLE of size {size!r} on a 50x40 image")
+        (tmp_path / "val2017").rename(tmp_path / f"old{size!s:.2}")
+        (tmp_path / "annotations" / "instances_val2017.json").unlink()
+
+
+@pytest.mark.parametrize("iscrowd", [0, 1])
+def test_valid_rles_read_as_pycocotools_reads_them(tmp_path, iscrowd):
+    from pycocotools import mask as mask_utils
+
+    data = _tree(tmp_path)
+
+    m = np.zeros((40, 50), np.uint8)
+    m[5:15, 5:25] = 1
+    m[20, 30:] = 1
+    compressed = mask_utils.encode(np.asfortranarray(m))
+    for seg in ({"size": [40, 50], "counts": compressed["counts"].decode()},
+                {"size": [40, 50], "counts": _runs(m)}):
+        data["annotations"][0].update(segmentation=seg, iscrowd=iscrowd)
+        _write(tmp_path, data)
+        ds = COCOInstances(tmp_path, "val")
+        assert ds.check() == []
+        s = ds.load(0)
+        if iscrowd:
+            assert s.meta["crowd"]["masks"][0].tolist() == m.astype(bool).tolist()
+            assert (s.mask[5:15, 5:25] == 255).all()
+        else:
+            assert s.instance_masks[0].tolist() == m.astype(bool).tolist()
+
+
+def test_load_turns_a_pycocotools_value_error_into_a_user_error(tmp_path):
+    _tree(tmp_path)
+    ds = COCOInstances(tmp_path, "val")
+
+    def refuse(ann):
+        raise ValueError("Invalid RLE mask representation")
+
+    ds.coco.annToMask = refuse  # type: ignore[method-assign]
+    with pytest.raises(UserError, match=r"instances_val2017.json: annotation 1\d of image 1 has a segmentation "
+                                        r"pycocotools cannot read \(ValueError: Invalid RLE mask representation\)"):
+        ds.load(0)
+
+
+def test_the_rle_decoder_agrees_with_pycocotools_encoding_of_random_masks():
+    from pycocotools import mask as mask_utils
+
+    from pixelwise.data.coco import rle_counts_from_string
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((40, 50), np.uint8), np.ones((40, 50), np.uint8), np.zeros((300, 400), np.uint8),
+             np.ones((1, 1), np.uint8), np.zeros((1, 1), np.uint8), np.ones((1000, 900), np.uint8)]
+    one = np.zeros((60, 70), np.uint8)
+    one[59, 69] = 1
+    masks.append(one)
+    for density in (0.001, 0.05, 0.5, 0.95, 0.999):
+        h, w = rng.integers(1, 300, size=2)
+        masks.append((rng.random((h, w)) < density).astype(np.uint8))
+    blobs = np.zeros((500, 700), np.uint8)  # long runs of varying length: multi-character values and deltas
+    for _ in range(30):
+        y, x, bh, bw = rng.integers(0, 500), rng.integers(0, 700), rng.integers(1, 200), rng.integers(1, 300)
+        blobs[y:y + bh, x:x + bw] ^= 1
+    masks.append(blobs)
+    for m in masks:
+        rle = mask_utils.encode(np.asfortranarray(m))
+        counts = rle_counts_from_string(rle["counts"])
+        assert counts == _runs(m), m.shape  # independent reference: run lengths counted from the mask
+        assert rle_counts_from_string(rle["counts"].decode()) == counts
+        assert sum(counts) == m.size and all(c >= 0 for c in counts)

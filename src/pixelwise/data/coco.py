@@ -19,7 +19,11 @@ ground truth that ``eval`` and training's validation score, as pycocotools score
 
 ``check()`` reports what would make pixelwise's reading differ from pycocotools' reading of the
 same file: ids used twice (annotations, images, categories: pycocotools keeps the last entry of
-an id), negative bbox sizes or areas, besides unreadable annotations and sizes.
+an id), negative bbox sizes or areas, besides unreadable annotations and sizes. Segmentations are
+validated before pycocotools sees them (it trusts its input: a polygon point far outside the image
+makes it allocate memory in proportion to the coordinate, a bad RLE decodes garbage or fails):
+polygon points must be finite and within :data:`POLYGON_TOLERANCE` px of the image, RLE counts
+must be non-negative and cover the image exactly.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 
 URL = "https://cocodataset.org/#download"
+
+#: How far (px) a polygon point may lie outside the image: as far as a bbox may reach past the image
+#: (``check`` accepts ``x + width <= W + 1``). Real COCO polygons touch or cross the border by a
+#: fraction of a pixel; anything further is a broken coordinate, and one far out makes pycocotools
+#: allocate memory in proportion to it (a 1e9 coordinate crashes the process).
+POLYGON_TOLERANCE = 1.0
 
 
 class COCOInstances(FilePairDataset):
@@ -146,7 +156,7 @@ class COCOInstances(FilePairDataset):
         semantic = np.zeros((h, w), dtype=np.uint8)
         for a in anns:
             if a.get("iscrowd", 0) and a.get("segmentation"):
-                semantic[self.coco.annToMask(a) > 0] = IGNORE_INDEX
+                semantic[self._mask(a, image_id) > 0] = IGNORE_INDEX
         # instances; crowd regions: not trained on, scored as COCO scores them (neither right nor wrong);
         # degenerate instances (box under 1 px, empty mask): not trained on, scored as objects
         found: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": [], "bboxes": []}
@@ -160,7 +170,7 @@ class COCOInstances(FilePairDataset):
                 raise UserError(f"{self.ann_file}: annotation {a.get('id')} of image {image_id} {problem}; fix it or "
                                 "use --skip-invalid")
             x, y, bw, bh = (float(v) for v in a["bbox"])
-            m = self.coco.annToMask(a).astype(bool)
+            m = self._mask(a, image_id).astype(bool)
             label = self.cat_to_label[a["category_id"]]
             if a.get("iscrowd", 0):
                 into = crowd
@@ -188,6 +198,19 @@ class COCOInstances(FilePairDataset):
             meta={"image_id": image_id, "image_path": image_ref, "areas": areas, "bboxes": found["bboxes"],
                   "crowd": scored_only(crowd), "untrained": scored_only(untrained)},
         )
+
+    def _mask(self, a: dict, image_id: int) -> np.ndarray:
+        """Annotation ``a``'s uint8[H, W] mask by pycocotools, its segmentation validated first (never
+        a polygon point far out or an RLE pycocotools cannot decode: it would crash or read garbage)."""
+        info = self.coco.imgs[image_id]
+        problem = segmentation_problem(a["segmentation"], int(info["height"]), int(info["width"]))
+        if problem is None:
+            try:
+                return self.coco.annToMask(a)
+            except (ValueError, TypeError) as e:  # what the validation does not foresee
+                problem = f"has a segmentation pycocotools cannot read ({type(e).__name__}: {e})"
+        raise UserError(f"{self.ann_file}: annotation {a.get('id')} of image {image_id} {problem}; fix it or "
+                        "use --skip-invalid")
 
     def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:
         """Image readable with the size the JSON states and an id no other image entry has;
@@ -262,8 +285,8 @@ def _positive_int(value: object) -> bool:
 def annotation_problem(a: dict, height: int, width: int) -> str | None:
     """What makes annotation ``a`` (with a segmentation) unreadable on a ``width x height`` image:
     a bbox that is not four finite numbers or has a negative width or height, an ``area`` that is
-    not a non-negative number, a polygon of fewer than three points or an odd number of
-    coordinates, an RLE of another size; None if it is readable."""
+    not a non-negative number, or a segmentation problem (:func:`segmentation_problem`); None if
+    it is readable."""
     box = a.get("bbox")
     if not _is_box(box):
         return f"has bbox {box!r}, not [x, y, width, height]"
@@ -272,15 +295,90 @@ def annotation_problem(a: dict, height: int, width: int) -> str | None:
     area = a.get("area", 0.0)
     if not (isinstance(area, int | float) and not isinstance(area, bool) and math.isfinite(area) and area >= 0):
         return f"has area {area!r}, not a non-negative number (COCO's evaluation ignores such an object)"
-    seg = a["segmentation"]
+    return segmentation_problem(a["segmentation"], height, width)
+
+
+def segmentation_problem(seg: object, height: int, width: int) -> str | None:
+    """What keeps pycocotools from reading segmentation ``seg`` safely on a ``width x height``
+    image: a polygon of fewer than three points, an odd number of coordinates, a coordinate that is
+    not a finite number or lies more than :data:`POLYGON_TOLERANCE` px outside the image; an RLE of
+    another size, or whose counts (a list, or COCO's compressed string, decoded here by
+    :func:`rle_counts_from_string`, not by pycocotools) are not non-negative integers summing to
+    ``height * width``. None if it is readable."""
     if isinstance(seg, list):
         for poly in seg:
             if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
                     and all(isinstance(v, int | float) and not isinstance(v, bool) for v in poly)):
                 return "has a polygon that is not x1, y1, x2, y2, ... of three points or more"
-    elif isinstance(seg, dict):
-        if list(seg.get("size", [])) != [height, width] or "counts" not in seg:
-            return f"has an RLE of size {seg.get('size')!r} on a {width}x{height} image (size is [height, width])"
-    else:
-        return f"has a segmentation of type {type(seg).__name__}, not polygons or an RLE"
-    return None
+            for i, v in enumerate(poly):
+                limit = width if i % 2 == 0 else height
+                # ints compare exactly (no float conversion, which huge ints would overflow); NaN fails both
+                if not (isinstance(v, int) or math.isfinite(v)) or not (
+                        -POLYGON_TOLERANCE <= v <= limit + POLYGON_TOLERANCE):
+                    point = f"({poly[i - i % 2]!r}, {poly[i - i % 2 + 1]!r})"
+                    return (f"has polygon point {point} outside the {width}x{height} image (more than "
+                            f"{POLYGON_TOLERANCE:g} px past its border)")
+        return None
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if not isinstance(size, list | tuple) or list(size) != [height, width] or "counts" not in seg:
+            return f"has an RLE of size {size!r} on a {width}x{height} image (size is [height, width])"
+        counts = seg["counts"]
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                return "has an RLE whose counts are not all non-negative integers"
+            what = "counts"
+        elif isinstance(counts, str | bytes):
+            try:
+                counts = rle_counts_from_string(counts)
+            except ValueError as e:
+                return f"has an RLE whose compressed counts are invalid ({e})"
+            if any(c < 0 for c in counts):
+                return "has an RLE whose compressed counts decode to a negative count"
+            what = "compressed counts"
+        else:
+            return f"has an RLE whose counts are a {type(counts).__name__}, not a list or a compressed string"
+        total = sum(counts)
+        if total != height * width:
+            return (f"has an RLE whose {what} cover {total} pixels, not the {height}x{width} = "
+                    f"{height * width} of the image")
+        return None
+    return f"has a segmentation of type {type(seg).__name__}, not polygons or an RLE"
+
+
+#: Characters a value of a compressed RLE may take at most: 13 * 5 bits hold any 64-bit count
+#: (pycocotools reads into a C long); longer ones would only be slow to decode here.
+_MAX_RLE_CHARS = 13
+
+
+def rle_counts_from_string(counts: str | bytes) -> list[int]:
+    """The run lengths of COCO's compressed RLE string (pycocotools' ``rleFrString``, decoded here
+    so that a broken string is reported rather than read past its end by pycocotools): each value
+    in characters ``chr(48 + b)`` of 6 bits ``b``, 5 data bits (least significant first) and a
+    continuation bit 0x20; on a value's last character 0x10 is the sign. From the fourth value on
+    (index > 2, as ``rleFrString`` has it) a value is the difference to the count two before.
+    Raises ValueError on a character outside ``'0'..'o'`` or a value cut off by the end of the
+    string. Counts are returned as decoded: the caller checks that they are non-negative."""
+    data = [ord(ch) for ch in counts] if isinstance(counts, str) else list(counts)
+    out: list[int] = []
+    p, n = 0, len(data)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise ValueError(f"the string ends inside value {len(out) + 1}")
+            c = data[p] - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"character {chr(data[p])!r} at {p} is not one of '0'..'o'")
+            if k == _MAX_RLE_CHARS:
+                raise ValueError(f"value {len(out) + 1} is longer than {_MAX_RLE_CHARS} characters")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x -= 1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
