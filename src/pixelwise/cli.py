@@ -487,6 +487,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"
                  for key in ("iou", "acc", "bf") if key in row]
         print(f"  {row['name']:<16} " + "  ".join(cells))
+    if metrics.get("per_class") and not any(row["pixels"] for row in metrics["per_class"]):
+        print(f"pixelwise: note: the {args.split} split has no labelled pixel (every pixel is 255, ignore), so "
+              "every metric is null; its labels may be withheld (Cityscapes' test split): score a split with labels",
+              file=sys.stderr)
     if args.json:
         write_json(args.json, metrics)
         print(f"wrote {args.json}")
@@ -676,7 +680,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="FILE", help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--data")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the split to score (default: val)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     _add_prediction_args(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -795,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("inspect", help="counts, sizes, class frequencies, median-frequency weights, problems")
     q.add_argument("--dataset", required=True)
     q.add_argument("--data")
-    q.add_argument("--split", default="train")
+    q.add_argument("--split", default="train", help="the split to inspect (default: train)")
     q.add_argument("--json", help="also write the report to this JSON file")
     q.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     q.add_argument("--strict", action="store_true", help="exit 1 when problems are found")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Callable
 from inspect import signature
 
@@ -46,10 +47,35 @@ def build_dataset(kind: str, root: str | None, split: str, **kwargs) -> Segmenta
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise UserError(f"--dataset-kwargs: {kind} has no option {key!r}; {hint}options: {', '.join(options)}")
     _check_common(kind, kwargs)
+    _check_types(kind, cls, kwargs)
     try:
         return cls(root=root, split=split, **kwargs)
     except TypeError as e:
         raise UserError(f"--dataset-kwargs: bad option for {kind!r}: {e}") from None
+
+
+# what a reader's annotated option accepts: JSON's true/false for bool, whole numbers for int (not
+# true/false, which Python counts as 1/0), any number for float, a path string where None is allowed
+_ACCEPTS: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("a whole number", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    "int | None": ("a whole number or null",
+                   lambda v: v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool))),
+    "float": ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)),
+    "str | None": ("a string (a path) or null", lambda v: v is None or isinstance(v, str)),
+}
+
+
+def _check_types(kind: str, cls: Callable[..., SegmentationDataset], kwargs: dict) -> None:
+    """Each option of a type in :data:`_ACCEPTS` holds a value of that type: ``"join_val": "no"``
+    is true to Python and would join the val split; a UserError names the option instead."""
+    if getattr(cls, "checks_option_types", False):
+        return
+    params = signature(cls).parameters
+    for key, value in kwargs.items():
+        accepts = _ACCEPTS.get(str(params[key].annotation))
+        if accepts is not None and not accepts[1](value):
+            raise UserError(f"--dataset-kwargs: {kind} option {key!r} must be {accepts[0]}, got {value!r}")
 
 
 def _check_common(kind: str, kwargs: dict) -> None:
@@ -61,9 +87,9 @@ def _check_common(kind: str, kwargs: dict) -> None:
         value = kwargs.get(key)
         if value is None:
             continue
-        numbers = isinstance(value, list | tuple) and len(value) == 3 and all(
+        valid = isinstance(value, list | tuple) and len(value) == 3 and all(
             isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-        if not numbers or (key == "std" and min(value) <= 0):
+        if not valid or (key == "std" and min(value) <= 0):
             example = "[0.229, 0.224, 0.225]" if key == "std" else "[0.485, 0.456, 0.406]"
             raise UserError(f"--dataset-kwargs: {kind} {key} must be three numbers (R, G, B on a 0..1 scale"
                             f"{', each > 0' if key == 'std' else ''}), e.g. {example}, got {value!r}")

@@ -13,7 +13,7 @@ start with the sequence (``0016E5_07959.png``: sequence ``0016E5``), and
 - ``val``: every frame of those sequences in the official ``train`` and ``val`` folders;
 - ``train``: the official ``train`` without them, plus the official ``val`` without them when
   ``join_val=True`` (otherwise the official ``val`` is not used);
-- ``trainval``: ``train`` + ``val`` of this split, i.e. every non-test frame;
+- ``trainval``: every non-test frame (the official ``train`` and ``val``, whatever ``join_val``);
 - ``test``: the official ``test``, unchanged (never drawn into ``train`` or ``val``).
 
 On the SegNet copy the non-test sequences are 0001TP (62 frames, dusk), 0006R0 (101, daytime)

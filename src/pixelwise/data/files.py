@@ -13,6 +13,7 @@ which runs ``check()`` at construction and drops what it finds (listed in ``self
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -97,9 +98,13 @@ class FilePairDataset(SegmentationDataset):
         self.items: list[tuple[str, str | None]] = []
         self.lut: np.ndarray = identity_lut(0)
         self.dropped: list[Problem] = []
+        self.repeated: list[str] = []  # images a split list names more than once (:meth:`notes`)
 
     # -- construction helpers -------------------------------------------------------------
     def _finish(self, skip_invalid: bool) -> None:
+        counts = Counter(self.items)  # a split list naming a file twice: used once
+        self.repeated = [image for (image, _), n in counts.items() if n > 1]
+        self.items = list(counts)
         if not self.items:
             raise UserError(f"{self.root}: no images found for split {self.split!r} "
                             f"({type(self).__name__}); see the README's Datasets section for the expected layout")
@@ -109,6 +114,12 @@ class FilePairDataset(SegmentationDataset):
             if not self.items:
                 raise UserError(f"{self.root}: every item of split {self.split!r} is invalid; "
                                 f"first problem: {problems[0]}")
+
+    def notes(self) -> list[str]:
+        if not self.repeated:
+            return []
+        return [f"the {self.split} split lists {len(self.repeated)} image(s) more than once (first: "
+                f"{Path(self.repeated[0]).name}); each is used once"]
 
     # -- reading ------------------------------------------------------------------------------
     def __len__(self) -> int:

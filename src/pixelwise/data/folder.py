@@ -139,6 +139,10 @@ class FolderDataset(FilePairDataset):
         if split == "all":
             return stems
         if split == "val":
+            if len(stems) == 1:  # nothing can be held out of one image
+                raise UserError(f"{self.root}: the val split of a folder of one image is empty (val holds out "
+                                f"{VAL_FRACTION:.0%} of the images); validate on it with --val-split train, or "
+                                "add images")
             return [s for s in stems if s in held]
         if split == "train":
             return [s for s in stems if s not in held]

@@ -45,7 +45,9 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
     """Decode every raw sample of ``dataset`` (no augmentation) and summarise it (keys above)."""
     c = dataset.num_classes
     found = dataset.check()
-    problems: list[str] = [str(p) for p in found]
+    # what the reader's own skip_invalid option already left out is a problem all the same
+    problems: list[str] = [f"{p} (left out by skip_invalid)" for p in getattr(dataset, "dropped", [])]
+    problems += [str(p) for p in found]
     flagged = {Path(p.path).stem for p in found}  # their files fail to load too: named once
     bad_paths = {p.path for p in found}
     items = getattr(dataset, "items", None)  # file readers: (image, mask) refs, as check() names them
@@ -78,7 +80,9 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
     if len(sizes) > 1:  # a semantic model's training batch stacks images of one size
         notes.append(f"images of {len(sizes)} sizes: training a semantic model in batches of several needs --crop "
                      "HxW or an augment resize (or --batch-size 1); Mask R-CNN takes them as they are")
-    if num_images and ignored and not class_pixels[1:].any():  # binary masks saved as 0/255, as many tools do
+    if num_images and not class_pixels.any():  # e.g. Cityscapes' test split, whose labels are withheld
+        notes.append("no labelled pixel in this split (every pixel is 255, ignore): eval can score nothing on it")
+    elif num_images and ignored and not class_pixels[1:].any():  # binary masks saved as 0/255, as many tools do
         problems.append(f"every labelled pixel is class 0 and {ignored:,} are 255 (ignore): if these are binary "
                         "masks with the foreground stored as 255, store it as 1 (255 means 'ignore' here)")
     return {

@@ -549,7 +549,7 @@ def _unidentified(path: Path) -> UserError:
                          "integer channels and a single float channel); convert it to 8 or 16-bit RGB or gray")
     kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
     what = f"starts like a {kind} file but cannot be read (damaged or an unsupported variant)" if kind else \
-        "not a readable image file"
+        "an empty file (0 bytes)" if not head else "not a readable image file"
     return UserError(f"{path}: {what}; re-export it or remove it")
 
 

@@ -16,6 +16,7 @@ Only the training volume is labelled, so splits are cut from it deterministicall
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,10 @@ SPLITS = ("train", "val", "all")
 SITE = "https://imagej.net/events/isbi-2012-segmentation-challenge"
 
 
-def _natural_key(p: Path) -> tuple:
-    return (0, int(p.stem), "") if p.stem.isdigit() else (1, 0, p.stem)
+def _natural_key(p: Path) -> list:
+    """Natural order of slice names: numbers compare as numbers wherever they are in the name, so
+    slice_2 comes before slice_10 (and 2 before 10), and ``val`` holds the last slices of the stack."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", p.stem) if part]
 
 
 def _read_frame(ref: str) -> Image.Image:
@@ -72,6 +75,9 @@ class ISBI2012(FilePairDataset):
         else:
             raise UserError(f"{self.root}: expected train/image/ + train/label/ PNG folders or "
                             "train-volume.tif + train-labels.tif (see the README's Datasets section)")
+        if not items:
+            raise UserError(f"{png_dir}: no .png/.tif images in it; put the slices there (labels in "
+                            f"{self.root / 'train' / 'label'})")
         if not 0 <= val_count < len(items):
             raise UserError(f"isbi2012: val_count={val_count} must be in 0..{len(items) - 1}")
         if val_count == 0 and split == "val":

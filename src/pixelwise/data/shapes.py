@@ -119,6 +119,7 @@ class ShapesDataset(SegmentationDataset):
     class_names = CLASS_NAMES
     palette = PALETTE
     task = "instance"
+    checks_option_types = True  # build_dataset leaves the types to it: its messages give the ranges too
 
     def __init__(self, root: str | None = None, split: str = "train", *, num_train: int = 800,
                  num_val: int = 200, num_test: int = 200, size: int = 96, max_objects: int = 6,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.io import loadmat
+from scipy.io.matlab import MatReadError
 
 from pixelwise.data.download import Archive, download_and_extract
 from pixelwise.data.files import FilePairDataset, identity_lut
@@ -46,11 +47,21 @@ def find_voc_root(root: Path) -> Path:
                     "(or use download=True)")
 
 
-def read_list(path: Path) -> list[str]:
-    """Stems from a split list; accepts 'stem' lines and DeepLab's '/JPEGImages/x.jpg /Seg.../x.png'."""
+def read_list(path: Path, required: bool = True) -> list[str]:
+    """Stems from a split list; accepts 'stem' lines and DeepLab's '/JPEGImages/x.jpg /Seg.../x.png'.
+    ``required``: the list is the split asked for, so an empty one is a UserError (a list only
+    combined with others, such as SBD's, may be empty)."""
     if not path.is_file():
-        raise UserError(f"{path}: split list not found")
-    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+        have = ", ".join(sorted(p.stem for p in path.parent.glob("*.txt"))) or "none"
+        raise UserError(f"{path}: split list not found (lists there: {have})")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad) is not part of the first stem
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: split list is not UTF-8 text; save it as UTF-8") from None
+    stems = [Path(line.split()[0]).stem for line in text.splitlines() if line.strip()]
+    if required and not stems:
+        raise UserError(f"{path}: the split list is empty; list one image name per line")
+    return stems
 
 
 def read_sbd_mat(path: str | Path) -> np.ndarray:
@@ -58,7 +69,7 @@ def read_sbd_mat(path: str | Path) -> np.ndarray:
     try:
         mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
         return np.ascontiguousarray(mat["GTcls"].Segmentation, dtype=np.uint8)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, MatReadError) as e:  # MatReadError: empty
         raise UserError(f"{path}: unreadable SBD .mat file ({e}); re-download SBD") from None
 
 
@@ -73,6 +84,10 @@ class VOCSegmentation(FilePairDataset):
         super().__init__(root, split, transform, mean, std)
         if split not in SPLITS:
             raise UserError(f"voc has no split {split!r}; choose one of: {', '.join(SPLITS)}")
+        # checked on every split, although only train_aug reads SBD: training passes the same options
+        # to its val split, so a wrong path would otherwise go unnoticed there
+        if sbd_root is not None and not Path(sbd_root).expanduser().is_dir():
+            raise UserError(f"sbd_root {sbd_root}: no such folder; give SBD's benchmark_RELEASE/dataset")
         if download and not any((c / "JPEGImages").is_dir() for c in
                                 (self.root, self.root / "VOC2012", self.root / "VOCdevkit" / "VOC2012")):
             download_and_extract(ARCHIVE, self.root)
@@ -87,16 +102,16 @@ class VOCSegmentation(FilePairDataset):
             if (sets / "train_aug.txt").is_file():
                 stems = read_list(sets / "train_aug.txt")
             else:
-                val = set(read_list(sets / "val.txt"))
+                val = set(read_list(sets / "val.txt", required=False))
                 stems = sorted(p.stem for p in aug.glob("*.png") if p.stem not in val)
             self.items = [(self._jpg(s), str(aug / f"{s}.png")) for s in stems]
         elif sbd_root is not None:
             sbd = Path(sbd_root).expanduser()
             if not (sbd / "cls").is_dir():
                 raise UserError(f"{sbd}: no cls/ folder; pass SBD's benchmark_RELEASE/dataset as sbd_root")
-            val = set(read_list(sets / "val.txt"))
-            voc_train = read_list(sets / "train.txt")
-            stems = sorted((set(read_list(sbd / "train.txt")) | set(read_list(sbd / "val.txt"))
+            val = set(read_list(sets / "val.txt", required=False))
+            voc_train = read_list(sets / "train.txt", required=False)
+            stems = sorted((set(read_list(sbd / "train.txt", False)) | set(read_list(sbd / "val.txt", False))
                             | set(voc_train)) - val)
             voc_masks = self.voc / "SegmentationClass"
             for s in stems:

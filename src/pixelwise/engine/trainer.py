@@ -272,14 +272,32 @@ def train_transform(cfg: TrainConfig, class_weights: Sequence[float] | None = No
     return steps[0] if len(steps) == 1 else Compose(steps)
 
 
-def open_datasets(cfg: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset]:
-    """The training and validation splits, checked (:meth:`SegmentationDataset.check_or_refuse`)."""
+def open_datasets(cfg: TrainConfig, log: Callable[[str], None] = print
+                  ) -> tuple[SegmentationDataset, SegmentationDataset]:
+    """The training and validation splits, checked (:meth:`SegmentationDataset.check_or_refuse`).
+    ``log`` hears what the user should know before trying: the files ``--skip-invalid`` left out,
+    the readers' notes (a file listed twice), and validation images that are also training images."""
     if cfg.max_pixels is not None:
         set_max_image_pixels(cfg.max_pixels)
     train = build_dataset(cfg.dataset, cfg.data, cfg.train_split, **cfg.dataset_kwargs)
     val = build_dataset(cfg.dataset, cfg.data, cfg.val_split, **cfg.dataset_kwargs)
     for ds in (train, val):
         ds.check_or_refuse(cfg.skip_invalid, "train")
+    same = cfg.val_split == cfg.train_split  # validating on the training split, as asked: said once
+    for split, ds in [(cfg.train_split, train)] + ([] if same else [(cfg.val_split, val)]):
+        dropped = getattr(ds, "dropped", [])  # also those the reader's own skip_invalid option dropped
+        if dropped:
+            log(f"left out {len(dropped)} file(s) of the {split} split with problems (--skip-invalid), e.g. "
+                f"{dropped[0]}" + ("" if len(dropped) == 1 else "; `pixelwise data inspect` lists them all"))
+        for note in ds.notes():
+            log(f"note: {note}")
+    if not same:
+        images = {image for image, _ in getattr(train, "items", [])}
+        shared = [image for image, _ in getattr(val, "items", []) if image in images]
+        if shared:
+            log(f"note: {len(shared)} of the {len(val)} {cfg.val_split} images are also in the {cfg.train_split} "
+                f"split (first: {Path(shared[0]).name}): validation on them flatters the model and the checkpoint "
+                "it selects")
     return train, val
 
 
@@ -491,7 +509,7 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     task = check_settings(cfg)
     select = select_key(cfg.select_by, task)
     seed_everything(cfg.seed)
-    train_ds, val_ds = open_datasets(cfg)
+    train_ds, val_ds = open_datasets(cfg, log)
     if task == "instance" and not train_ds.has_instances():
         raise UserError(f"{cfg.model} is an instance model, and {cfg.dataset} data has no instance annotations to "
                         "train it on; train it on shapes or coco, or choose a semantic model")

@@ -137,6 +137,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     if isinstance(predictor, InstancePredictor):
         predictor.score_thresh = 0.0  # AP ranks every detection
     skipped = ds.check_or_refuse(skip_invalid, "evaluate")
+    skipped = getattr(ds, "dropped", skipped)  # with those the reader's own skip_invalid option dropped
     if isinstance(predictor, InstancePredictor):
         if not ds.has_instances():
             raise UserError(f"{paths[0]} holds an instance model ({predictor.meta.get('model')}), and {dataset} data "

@@ -1,0 +1,158 @@
+"""What real downloads and hand-made lists get wrong, said rather than trained on: split lists
+that name a file twice or share files with the other split, a Notepad BOM, empty lists, options of
+the wrong JSON type, files --skip-invalid leaves out, and splits whose labels are withheld."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_isbi_tree
+from pixelwise.cli import main
+from pixelwise.data import build_dataset
+from pixelwise.data.inspect import inspect_dataset
+from pixelwise.data.io import write_mask
+from pixelwise.errors import UserError
+
+RNG = np.random.default_rng(3)
+TINY = ["--model-kwargs", '{"base_channels": 4}', "--epochs", "1", "--batch-size", "2", "--no-progress"]
+
+
+def _folder(root, n=6, classes=3):
+    for i in range(n):
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(RNG.integers(0, 256, (8, 10, 3), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+        (root / "masks").mkdir(exist_ok=True)
+        write_mask(root / "masks" / f"im{i}.png", RNG.integers(0, classes, (8, 10)).astype(np.uint8))
+
+
+def _voc(root, stems=("2007_000001", "2007_000002", "2007_000003")):
+    voc = root / "VOCdevkit" / "VOC2012"
+    for stem in stems:
+        (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(RNG.integers(0, 256, (8, 10, 3), dtype=np.uint8)).save(voc / "JPEGImages" / f"{stem}.jpg")
+        write_mask(voc / "SegmentationClass" / f"{stem}.png", RNG.integers(0, 21, (8, 10)).astype(np.uint8))
+    sets = voc / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    return voc, sets
+
+
+def test_a_file_listed_twice_is_used_once_and_a_shared_file_is_named_at_train(tmp_path, capsys):
+    _folder(tmp_path)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("im0\nim1\nim2\nim3\nim1\n")
+    (tmp_path / "splits" / "val.txt").write_text("im3\nim4\nim4\n")
+    val = build_dataset("folder", str(tmp_path), "val")
+    assert [p.rsplit("/", 1)[-1] for p, _ in val.items] == ["im3.png", "im4.png"]
+    assert val.notes() == ["the val split lists 1 image(s) more than once (first: im4.png); each is used once"]
+    report = inspect_dataset(val, progress=False)
+    assert report["num_images"] == 2 and report["notes"][0].startswith("the val split lists 1 image")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data", str(tmp_path), "--out", str(out), *TINY]) == 0
+    said = capsys.readouterr().out
+    assert "note: the train split lists 1 image(s) more than once (first: im1.png); each is used once" in said
+    assert "note: 1 of the 2 val images are also in the train split (first: im3.png)" in said
+    assert "4 train / 2 val images" in said
+
+
+def test_voc_lists_with_a_bom_empty_or_missing(tmp_path):
+    voc, sets = _voc(tmp_path)
+    (sets / "train.txt").write_bytes("2007_000001\r\n2007_000002\r\n".encode("utf-8-sig"))  # Notepad
+    ds = build_dataset("voc", str(tmp_path), "train")
+    assert [ds.name_of(i) for i, _ in ds.items] == ["2007_000001", "2007_000002"] and ds.check() == []
+    (sets / "val.txt").write_text("\n")
+    with pytest.raises(UserError, match="val.txt: the split list is empty"):
+        build_dataset("voc", str(tmp_path), "val")
+    with pytest.raises(UserError, match=r"trainval.txt: split list not found \(lists there: train, val\)"):
+        build_dataset("voc", str(tmp_path), "trainval")
+    with pytest.raises(UserError, match="sbd_root .*nowhere: no such folder"):
+        build_dataset("voc", str(tmp_path), "train", sbd_root=str(tmp_path / "nowhere"))
+
+
+def test_an_empty_sbd_mat_file_is_named(tmp_path):
+    voc, sets = _voc(tmp_path)
+    (sets / "train.txt").write_text("2007_000001\n")
+    (sets / "val.txt").write_text("2007_000003\n")
+    sbd = tmp_path / "sbd"
+    (sbd / "cls").mkdir(parents=True)
+    (sbd / "cls" / "2008_000009.mat").write_bytes(b"")
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(voc / "JPEGImages" / "2008_000009.jpg")
+    (sbd / "train.txt").write_text("2008_000009\n")
+    (sbd / "val.txt").write_text("2007_000001\n")
+    ds = build_dataset("voc", str(tmp_path), "train_aug", sbd_root=str(sbd))
+    with pytest.raises(UserError, match=r"2008_000009.mat: unreadable SBD .mat file"):
+        ds.load([ds.name_of(i) for i, _ in ds.items].index("2008_000009"))
+
+
+@pytest.mark.parametrize("kind, options, words", [
+    ("camvid", {"val_sequences": ["0006R0"], "join_val": "no"}, "'join_val' must be true or false, got 'no'"),
+    ("folder", {"skip_invalid": 1}, "'skip_invalid' must be true or false, got 1"),
+    ("isbi2012", {"val_count": True}, "'val_count' must be a whole number, got True"),
+    ("folder", {"num_classes": "3"}, "'num_classes' must be a whole number or null, got '3'"),
+    ("voc", {"sbd_root": 5}, "'sbd_root' must be a string \\(a path\\) or null, got 5"),
+    ("coco", {"skip_empty": "false"}, "'skip_empty' must be true or false, got 'false'"),
+])
+def test_options_of_the_wrong_json_type_are_named(tmp_path, kind, options, words):
+    """"join_val": "no" is true to Python: it would have joined the val split it says not to."""
+    with pytest.raises(UserError, match=f"--dataset-kwargs: {kind} option {words}"):
+        build_dataset(kind, str(tmp_path), "train", **options)
+
+
+def test_what_skip_invalid_leaves_out_is_said_by_train_inspect_and_eval(tmp_path, capsys):
+    _folder(tmp_path, n=8)
+    (tmp_path / "masks" / "im1.png").unlink()
+    (tmp_path / "images" / "im2.png").write_bytes(b"")
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data", str(tmp_path), "--out", str(out), "--train-split", "all",
+                 "--val-split", "all", "--skip-invalid", *TINY]) == 0
+    said = capsys.readouterr().out
+    assert "left out 2 file(s) of the all split with problems (--skip-invalid), e.g." in said
+    assert said.count("left out") == 1  # the val split is the same split: said once
+    # the reader's own option drops the same files: inspect and eval's provenance still name them
+    ds = build_dataset("folder", str(tmp_path), "all", skip_invalid=True)
+    problems = inspect_dataset(ds, progress=False)["problems"]
+    assert len(problems) == 2 and all(p.endswith("(left out by skip_invalid)") for p in problems)
+    assert any("im2.png: an empty file (0 bytes)" in p for p in problems)
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(out / "best.safetensors"), "--dataset", "folder", "--data", str(tmp_path),
+                 "--split", "all", "--dataset-kwargs", '{"skip_invalid": true}', "--json", str(report)]) == 0
+    assert len(json.loads(report.read_text())["provenance"]["dataset"]["skipped"]) == 2
+
+
+def test_a_split_without_labelled_pixels_is_said_to_have_none(tmp_path, capsys):
+    _folder(tmp_path, n=3)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data", str(tmp_path), "--out", str(out), "--val-split", "train",
+                 *TINY]) == 0
+    for i in range(3):
+        write_mask(tmp_path / "masks" / f"im{i}.png", np.full((8, 10), 255, np.uint8))
+    report = inspect_dataset(build_dataset("folder", str(tmp_path), "all", num_classes=3), progress=False)
+    assert report["problems"] == []  # no advice about binary 0/255 masks: there is no class 0 pixel either
+    assert report["notes"] == ["no labelled pixel in this split (every pixel is 255, ignore): eval can score "
+                               "nothing on it"]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "best.safetensors"), "--dataset", "folder", "--data", str(tmp_path),
+                 "--split", "all", "--dataset-kwargs", '{"num_classes": 3}']) == 0
+    assert "the all split has no labelled pixel" in capsys.readouterr().err
+
+
+def test_isbi_empty_folder_and_natural_order_of_slice_names(tmp_path):
+    (tmp_path / "e" / "train" / "image").mkdir(parents=True)
+    (tmp_path / "e" / "train" / "label").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"train/image: no .png/.tif images in it"):
+        build_dataset("isbi2012", str(tmp_path / "e"), "train")
+    root = tmp_path / "s"
+    write_isbi_tree(root, RNG, count=12, size=16)
+    for p in sorted((root / "train").glob("*/*.png")):  # 0.png .. 11.png -> slice_0.png .. slice_11.png
+        p.rename(p.with_name(f"slice_{p.name}"))
+    val = build_dataset("isbi2012", str(root), "val")
+    assert [p.rsplit("/", 1)[-1] for p, _ in val.items] == [f"slice_{k}.png" for k in (8, 9, 10, 11)]
+
+
+def test_a_folder_of_one_image_says_its_val_split_is_empty(tmp_path):
+    _folder(tmp_path, n=1)
+    with pytest.raises(UserError, match="val split of a folder of one image is empty.*--val-split train"):
+        build_dataset("folder", str(tmp_path), "val")
