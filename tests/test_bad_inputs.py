@@ -93,6 +93,18 @@ ROWS: list[tuple[str, list[str], str]] = [
      "--tile must be at least 16 pixels, got 8"),
     ("eval: json over the checkpoint", ["eval", "--checkpoint", CKPT, *SHAPES, "--json", CKPT],
      "would write over the input"),
+    ("eval: json over the run's own summary", ["eval", "--checkpoint", CKPT, *SHAPES, "--json",
+                                                "{ws}/run/metrics.json"], "exists; pass --overwrite to replace it"),
+    ("eval: json into the dataset's images", ["eval", "--checkpoint", "{ws}/two.safetensors", "--dataset", "folder",
+                                              "--data", "{ws}/clean", "--split", "all", "--json",
+                                              "{ws}/clean/images/c9.jpg"], "is inside the input folder"),
+    ("eval: json as the dataset's classes.json", ["eval", "--checkpoint", "{ws}/two.safetensors", "--dataset",
+                                                  "folder", "--data", "{ws}/clean", "--split", "all", "--json",
+                                                  "{ws}/clean/classes.json"], "is inside the input folder"),
+    ("train: a setting nothing uses", ["train", *SHAPES, "--gamma", "0.5", "--out", "{ws}/out"],
+     "gamma 0.5 acts only with schedule step, which this run does not use"),
+    ("train: a warm-up that starts above the peak", ["train", *SHAPES, "--warmup-factor", "2", "--out", "{ws}/out"],
+     "warmup_factor 2: the warm-up starts at lr x this"),
     ("eval: json under a file", ["eval", "--checkpoint", CKPT, *SHAPES, "--json", "{ws}/notes.txt/eval.json"],
      "--json {ws}/notes.txt/eval.json: {ws}/notes.txt is a file, not a folder"),
     ("eval: data with problems", ["eval", "--checkpoint", "{ws}/two.safetensors", "--dataset", "folder",
@@ -156,6 +168,12 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("bench: model and checkpoint", ["bench", "--model", "unet", "--checkpoint", CKPT, "--size", "32"],
      "exactly one of --model NAME, --checkpoint FILE or --onnx FILE"),
     ("bench: no CUDA", ["bench", "--model", "unet", "--size", "32", "--device", "cuda"], "--device cuda"),
+    ("bench: a size no image has", ["bench", "--model", "unet", "--size", "99999x99999"],
+     "--size 99999x99999: 9,999,800,001 pixels per image is above the limit"),
+    ("bench: an ONNX file as checkpoint", ["bench", "--checkpoint", "{ws}/real.onnx", "--size", "32"],
+     "real.onnx is an ONNX file; give it as --onnx"),
+    ("bench: json over a file of the user's", ["bench", "--model", "unet", "--size", "32", "--json",
+                                               "{ws}/notes.txt"], "--json {ws}/notes.txt exists; pass --overwrite"),
     ("bench: unknown mode", ["bench", "--model", "unet", "--size", "32", "--mode", "tensorrt"],
      "invalid choice: 'tensorrt'"),
     ("bench: json over the checkpoint", ["bench", "--checkpoint", CKPT, "--size", "32", "--json", CKPT],
@@ -206,6 +224,8 @@ ROWS: list[tuple[str, list[str], str]] = [
      "expected images/ and masks/"),
     ("data inspect: options not JSON", ["data", "inspect", "--dataset", "shapes", "--dataset-kwargs", "{num_val: 2}"],
      "--dataset-kwargs must be a JSON object, e.g. '{\"num_train\": 200}'"),
+    ("data inspect: json over a file of the user's", ["data", "inspect", *SHAPES, "--split", "val", "--json",
+                                                       "{ws}/notes.txt"], "exists; pass --overwrite"),
     ("data inspect: json is a folder", ["data", "inspect", *SHAPES, "--split", "val", "--json", "{ws}/run"],
      "is a folder; give the name of a file"),
     ("data: no action", ["data"], "the following arguments are required: ACTION"),
@@ -245,6 +265,7 @@ def ws(tmp_path_factory) -> Path:
     good.write_bytes(good.read_bytes()[:2000])
     (ws / "run").mkdir()
     (ws / "exported.onnx").mkdir()  # a folder with a file's name
+    (ws / "real.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")  # how an ONNX protobuf starts
     (ws / "run" / "metrics.json").write_text("{}")
     (ws / "run" / "config.yaml").write_text("model: unet\n")
     mrcnn = {"min_size": 64, "max_size": 64}

@@ -499,3 +499,70 @@ def test_directly_imported_packages_are_declared():
                    "scipy"}
     assert {names.get(m, m) for m in imported & third_party} <= declared
     assert "opencv-python-headless" in declared
+
+
+# --- files a verb writes: never one of the user's without being told ------------------------------
+def test_a_json_report_is_written_beside_the_data_but_never_into_it_nor_over_a_file(checkpoint, tmp_path, capsys):
+    data = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((16, 16, 3), 90 * i, np.uint8)).save(data / "images" / f"c{i}.png")
+        Image.fromarray(np.full((16, 16), i, np.uint8)).save(data / "masks" / f"c{i}.png")
+    args = ["eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--data", str(data), "--split", "all",
+            "--no-bf", "--dataset-kwargs", '{"num_classes": 4}', "--json"]
+    before = tree(data)
+    for inside in ("images/c7.jpg", "masks/new.json", "splits/train.txt", "classes.json"):
+        assert main([*args, str(data / inside)]) == 2
+        assert "is inside the input folder" in one_error_line(capsys)
+    assert tree(data) == before
+    assert main([*args, str(data / "eval.json")]) == 0  # a report directly in the dataset's root is read by no reader
+    capsys.readouterr()
+    assert main([*args, str(data / "eval.json")]) == 2
+    assert "exists; pass --overwrite to replace it" in one_error_line(capsys)
+    assert main([*args, str(data / "eval.json"), "--overwrite"]) == 0
+    assert json.loads((data / "eval.json").read_text())["num_images"] == 2
+
+
+def test_a_folder_that_refuses_a_trial_file_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
+    """os.access trusts the mode bits, which root, read-only mounts and sysfs do not honour: a real
+    trial file in the folder decides (here its creation fails as a read-only file system does)."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert main(["bench", "--model", "unet", "--size", "32", "--json", str(tmp_path / "b.json")]) == 2
+    line = one_error_line(capsys)
+    assert "cannot write in" in line and "Read-only file system" in line
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_running_out_of_main_memory_is_one_line(monkeypatch, capsys):
+    import pixelwise.inference.bench as bench
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 119997600012 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(bench, "benchmark", allocate)
+    assert main(["bench", "--model", "unet", "--size", "32"]) == 2
+    line = one_error_line(capsys)
+    assert "out of memory in main memory" in line and "smaller" in line
+
+
+def test_settings_given_for_a_stage_that_uses_them_are_accepted(tmp_path, capsys):
+    """instance_context set in the stage that crops instances, gamma with a step schedule: used, so
+    accepted; the same with nothing to act on is refused (test_bad_inputs), and sync_bn in one
+    process is a note, since a GPU recipe may set it."""
+    config = tmp_path / "staged.yaml"
+    config.write_text(yaml.safe_dump({"schedule": "step", "gamma": 0.5, "milestones": [1], "sync_bn": True,
+                                      "stages": [{"epochs": 1, "instance_crops": True, "instance_context": 1.5,
+                                                  "crop": "24x24"},
+                                                 {"epochs": 1}]}))
+    args = [a for a in TINY if a not in ("--schedule", "constant")]  # the YAML's step schedule, not TINY's
+    assert main(["train", *args, "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert "note: sync_bn does nothing in one process" in capsys.readouterr().out
+    assert main(["train", *TINY, "--config", str(config), "--out", str(tmp_path / "constant")]) == 2
+    assert "milestones [1] acts only with schedule step" in one_error_line(capsys)

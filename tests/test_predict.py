@@ -250,7 +250,7 @@ def test_skip_invalid_predicts_the_rest_lists_the_skipped_and_exits_3(checkpoint
                                                      "zz_last_overlay.png"]
     # nothing skipped: exit 0, nothing on stderr
     assert main(["predict", "--checkpoint", str(checkpoint), str(folder / "good.png"), "--out", str(out),
-                 "--skip-invalid"]) == 0
+                 "--skip-invalid", "--overwrite"]) == 0
     assert capsys.readouterr().err == ""
     # nothing readable: an error, not an empty success
     assert main(["predict", "--checkpoint", str(checkpoint), str(folder / "empty.jpg"), "--out",
@@ -364,10 +364,10 @@ def test_a_failed_write_leaves_the_earlier_predictions_whole(checkpoint, tmp_pat
         return real_write(self, rows)
 
     monkeypatch.setattr(io_module.PngRowWriter, "write", fail_in_the_middle)
-    assert _predict(checkpoint, [image], out, "--uncertainty", "--tile", "32") == 130  # "pixelwise: interrupted"
+    assert _predict(checkpoint, [image], out, "--uncertainty", "--tile", "32", "--overwrite") == 130  # interrupted
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial file, nothing lost
     monkeypatch.setattr(io_module.PngRowWriter, "write", real_write)
-    assert _predict(checkpoint, [image], out, "--uncertainty", "--tile", "32") == 0
+    assert _predict(checkpoint, [image], out, "--uncertainty", "--tile", "32", "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(before)
     Image.open(out / "street.png").load()
 
@@ -381,7 +381,8 @@ def test_an_output_name_that_is_a_link_is_replaced_not_written_through(checkpoin
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.png").symlink_to(precious)
-    assert _predict(checkpoint, [image], out) == 0
+    assert _predict(checkpoint, [image], out) == 2  # a file of that name is there: refused without --overwrite
+    assert _predict(checkpoint, [image], out, "--overwrite") == 0
     assert precious.read_text() == "not a prediction"
     assert not (out / "a.png").is_symlink() and Image.open(out / "a.png").size == (30, 20)
 
@@ -446,3 +447,21 @@ def test_the_python_api_names_what_it_takes(checkpoint):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="has no CUDA|no CUDA GPU"):
             SemanticPredictor(create_model("unet", num_classes=4, **KW), device="cuda")
+
+
+def test_files_of_the_outputs_names_already_in_out_are_replaced_only_with_overwrite(checkpoint, tmp_path, capsys):
+    """A user's own x.png in --out, or an earlier prediction, is not replaced without being told."""
+    image = tmp_path / "in" / "x.png"
+    image.parent.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.png").write_text("my notes")
+    (out / "unrelated.png").write_text("also mine")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(out)]) == 2
+    err = _one_error(capsys)
+    assert "already holds x.png" in err and "pass --overwrite to replace them" in err
+    assert (out / "x.png").read_text() == "my notes" and sorted(p.name for p in out.iterdir()) == ["unrelated.png",
+                                                                                                   "x.png"]
+    assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(out), "--overwrite"]) == 0
+    assert Image.open(out / "x.png").size == (30, 20) and (out / "unrelated.png").read_text() == "also mine"

@@ -57,7 +57,7 @@ def test_tiles_run_in_batches(model):
     handle.remove()
     assert max(sizes) == 4
     np.testing.assert_array_equal(one.mask, four.mask)
-    torch.testing.assert_close(one.probs, four.probs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(one.probs, four.probs, rtol=0, atol=1e-4)  # kernels of batch 1 and 4: float32 rounding
 
 
 def test_rows_stream_the_mask_of_predict(model):
@@ -73,11 +73,14 @@ def test_rows_stream_the_mask_of_predict(model):
 
 
 def test_folders_and_globs_expand_to_images(tmp_path):
-    for name in ["b.png", "a.jpg", "c.txt", "sub/d.png"]:
-        (tmp_path / name).parent.mkdir(exist_ok=True)
+    for name in ["b.png", "a.jpg", "c.txt", "sub/d.png", ".hidden.png", "sub/deeper/e.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
+    # a folder: its images, not its subfolders', and no hidden file, as a glob pattern leaves them out
     assert [p.name for p in expand_inputs([str(tmp_path)])] == ["a.jpg", "b.png"]
     assert [p.name for p in expand_inputs([str(tmp_path / "*.png"), str(tmp_path / "s*" / "*")])] == ["b.png", "d.png"]
+    # ** spans folders (none, one or more), as in a shell with globstar
+    assert [p.name for p in expand_inputs([str(tmp_path / "**" / "*.png")])] == ["b.png", "d.png", "e.png"]
     with pytest.raises(UserError, match="no images match"):
         expand_inputs([str(tmp_path / "*.tif")])
 

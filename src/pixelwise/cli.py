@@ -134,6 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from pixelwise.checkpoint import load_checkpoint
+    from pixelwise.data.io import DEFAULT_MAX_PIXELS
     from pixelwise.inference.bench import benchmark, count_flops
     from pixelwise.inference.onnx_runner import read_onnx_metadata
     from pixelwise.models import create_model, model_info
@@ -149,7 +150,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     size = train_config.parse_size(args.size, "--size")
     if size is None:
         raise UserError("--size needs HxW, e.g. 512x512")
-    check_output_file(args.json, "--json", [args.checkpoint, args.onnx])
+    if size[0] * size[1] > DEFAULT_MAX_PIXELS:
+        raise UserError(f"--size {args.size}: {size[0] * size[1]:,} pixels per image is above the limit of "
+                        f"{DEFAULT_MAX_PIXELS:,} pixels that pixelwise reads in one image; give a smaller size")
+    check_output_file(args.json, "--json", [args.checkpoint, args.onnx], args.overwrite)
     device = check_device(args.device)
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -165,6 +169,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             flops = count_flops(lambda: create_model(name, num_classes=meta.get("num_classes", 21),
                                                      **meta.get("model_kwargs", {})), size)
     elif args.checkpoint:
+        if looks_like_onnx(args.checkpoint):
+            raise UserError(f"{args.checkpoint} is an ONNX file; give it as --onnx {args.checkpoint}")
         model, meta = load_checkpoint(args.checkpoint)
         task, name = meta.get("task", "semantic"), meta.get("model", "")
     else:
@@ -186,11 +192,8 @@ def _writable_out(path: str, overwrite: bool) -> Path:
     """``--out FILE`` checked before any work as :func:`check_output_file` checks ``--json``, and
     an existing file replaced only with ``--overwrite``. Its folder is made when the file is
     written (``checkpoint.atomic_write``), so a refused export leaves none behind."""
-    check_output_file(path, "--out", [])
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
-    return out
+    check_output_file(path, "--out", [], overwrite)
+    return Path(path)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -343,7 +346,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from pixelwise.data import build_dataset
     from pixelwise.data.inspect import format_report, inspect_dataset
 
-    check_output_file(args.json, "--json", [args.data])
+    check_output_file(args.json, "--json", [args.data], args.overwrite)
     set_max_pixels(args.max_pixels)
     ds = build_dataset(args.dataset, args.data, args.split,
                        **train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
@@ -355,12 +358,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 1 if report["problems"] and args.strict else 0
 
 
-def check_output_file(path: str | None, flag: str, inputs: list[str | None]) -> None:
+def check_output_file(path: str | None, flag: str, inputs: list[str | None], overwrite: bool = False) -> None:
     """Before any work, a file a verb is asked to write (``--json``, export's ``--out``): it must
     not be a folder, and must be writable (its folder exists or can be created, and may be written
-    in), so that a long evaluation is not lost at its end, and it must not be one of the verb's
-    inputs nor an existing file inside an input folder (a dataset): no verb writes over what it
-    reads."""
+    in), so that a long evaluation is not lost at its end; it must not be one of the verb's inputs
+    nor lie inside an input folder (a dataset, which a new file there would change), and an
+    existing file is replaced only with ``--overwrite``: no verb writes over what it reads, nor
+    over a file of the user's without being told."""
     if not path:
         return
     # start-up time: runtime loads torch, which the verbs that call this load anyway
@@ -374,8 +378,16 @@ def check_output_file(path: str | None, flag: str, inputs: list[str | None]) -> 
         if not item:
             continue
         source = Path(item).expanduser().resolve()
-        if out == source or (source.is_dir() and out.is_relative_to(source) and out.exists()):
+        if out == source:
             raise UserError(f"{flag} {path} would write over the input {item}; give another file name")
+        # a dataset's readers read its subfolders, files of image suffixes and classes.json, never
+        # another .json beside them: that is the one place inside the data a report may go
+        beside = out.parent == source and out.suffix.lower() == ".json" and out.name.lower() != "classes.json"
+        if source.is_dir() and out.is_relative_to(source) and not beside:
+            raise UserError(f"{flag} {path} is inside the input folder {item}, where a new file could become part "
+                            f"of the data; write it elsewhere (or as a .json file directly in {item})")
+    if out.exists() and not overwrite:
+        raise UserError(f"{flag} {path} exists; pass --overwrite to replace it, or give another file name")
 
 
 def write_json(path: str, value: object) -> None:
@@ -467,7 +479,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pixelwise.inference.cells import check_seed_threshold
     from pixelwise.inference.evaluate import evaluate_checkpoint
 
-    check_output_file(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data])
+    check_output_file(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data], args.overwrite)
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if options.get("mode") == "int8":
         options["measuring"] = True  # eval measures what int8 costs, also for models it is not yet offered for
@@ -526,7 +538,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             member.mc_samples = DEFAULT_MC_SAMPLES
     plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
                          uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress,
-                         cells=args.watershed is not None)
+                         cells=args.watershed is not None, overwrite=args.overwrite)
     written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress,
                             watershed=args.watershed)
     stacks = {path for path, frame in zip(plan.paths, plan.frames) if frame > 0}
@@ -682,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data")
     p.add_argument("--split", default="val", help="the split to score (default: val)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _add_prediction_args(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
@@ -700,10 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append",
                    help="the checkpoint; repeat it to predict with an ensemble (the mean of their probabilities)")
     p.add_argument("--onnx", metavar="FILE", help="run a file written by `pixelwise export` instead (onnxruntime)")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or quoted glob patterns "
-                   "('photos/*.jpg')")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (their image files, not "
+                   "subfolders) or quoted glob patterns ('photos/*.jpg', 'photos/**/*.jpg' through subfolders)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the predictions; never one that holds "
                    "an input (inputs whose names differ only in extension get <stem>_<ext>)")
+    p.add_argument("--overwrite", action="store_true", help="replace files of the outputs' names already in --out "
+                   "(an earlier prediction); without it such a file is refused before any work")
     _add_prediction_args(p)
     _add_watershed(p, "two-class boundary models (isbi2012's membrane / cell): also write DIR/<stem>_cells.png, "
                       "16-bit ids of the watershed cells seeded where the cell probability exceeds T (default 0.5), "
@@ -791,7 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime (default: torch's)")
     p.add_argument("--train", action="store_true", help="also time a float32 training step (train_img_per_s)")
-    p.add_argument("--json")
+    p.add_argument("--json", help="also write the measurements to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -801,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data")
     q.add_argument("--split", default="train", help="the split to inspect (default: train)")
     q.add_argument("--json", help="also write the report to this JSON file")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     q.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     q.add_argument("--strict", action="store_true", help="exit 1 when problems are found")
     _add_max_pixels(q)
@@ -909,9 +926,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         except RuntimeError as e:
-            if type(e).__name__ != "OutOfMemoryError":  # torch's, on the GPU
+            cpu = "can't allocate memory" in str(e)  # torch's CPU allocator raises a plain RuntimeError
+            if type(e).__name__ != "OutOfMemoryError" and not cpu:  # torch's, on the GPU
                 raise
-            print(f"pixelwise: error: out of memory on the device ({_one_line(str(e))[:200]}); use a smaller "
+            where = "in main memory" if cpu else "on the device"
+            print(f"pixelwise: error: out of memory {where} ({_one_line(str(e))[:200]}); use a smaller "
                   "--batch-size, --tile or image size", file=sys.stderr)
             return 2
 

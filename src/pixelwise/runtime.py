@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -69,6 +70,12 @@ def check_can_create(folder: Path, what: str) -> None:
         raise UserError(f"{what}: {nearest} is a file, not a folder; give another path")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise UserError(f"{what}: no permission to write in {nearest}; give another path")
+    try:  # os.access trusts the mode bits: root, read-only mounts and sysfs need a real try
+        fd, probe = tempfile.mkstemp(prefix=".pixelwise-probe-", dir=nearest)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {nearest} ({e.strerror or e}); give another path") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_device(name: str) -> torch.device:

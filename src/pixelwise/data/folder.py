@@ -180,6 +180,8 @@ class FolderDataset(FilePairDataset):
                     seen.update(int(x) for x in np.unique(v) if x != IGNORE_INDEX)
                 num_classes = inferred_class_count(seen)
                 self.far_labels = sorted(v for v in seen if v >= num_classes)
+            if not 1 <= num_classes <= 254:
+                raise UserError(f"{self.root}: num_classes {num_classes}; between 1 and 254 are supported")
             self.class_names = [f"class_{i}" for i in range(num_classes)]
             self.palette = default_palette(num_classes)
         if not 1 <= len(self.class_names) <= 254:

@@ -495,7 +495,35 @@ def check_settings(cfg: TrainConfig) -> str:
                         "file)")
     if cfg.tensorboard:
         TensorBoardLogger.check_available()
+    if not cfg.resume:  # a run recorded before this check was added still resumes
+        check_used(cfg)
     return task
+
+
+# settings that only act together with another: (key, what uses it, does this stage's config use it)
+DEPENDENT_SETTINGS: tuple[tuple[str, str, Callable[[TrainConfig], bool]], ...] = (
+    ("milestones", "schedule step", lambda c: c.schedule == "step"),
+    ("gamma", "schedule step", lambda c: c.schedule == "step"),
+    ("poly_power", "schedule poly", lambda c: c.schedule == "poly"),
+    ("focal_gamma", "loss focal", lambda c: c.loss == "focal"),
+    ("weight_map_class", "weight_map unet", lambda c: c.weight_map == "unet"),
+    ("instance_context", "instance_crops", lambda c: c.instance_crops),
+)
+
+
+def check_used(cfg: TrainConfig) -> None:
+    """A setting given (other than its default) that nothing in the run uses is a UserError: the
+    run would record it in config.yaml as if it had acted (``--gamma 0.5`` with a poly schedule)."""
+    defaults = TrainConfig()
+    stages = [scfg for _, scfg in cfg.stage_configs()]
+    for key, needs, uses in DEPENDENT_SETTINGS:
+        given = [s for s in stages if getattr(s, key) != getattr(defaults, key)]
+        if given and not any(uses(s) for s in given):
+            raise UserError(f"{key} {getattr(given[0], key)!r} acts only with {needs}, which this run does not "
+                            f"use; remove it (or set {needs})")
+    if cfg.warmup_factor > 1:
+        raise UserError(f"warmup_factor {cfg.warmup_factor:g}: the warm-up starts at lr x this and rises to the lr, so "
+                        "it must be at most 1")
 
 
 def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
@@ -535,6 +563,9 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     optimizer = build_optimizer(cfg, module)
     amp, why = resolve_amp(cfg.amp, device)
     weights, weights_doc = class_weights_for(cfg, train_ds, out, log) if task == "semantic" else (None, None)
+    if cfg.sync_bn and not info.enabled:
+        log("note: sync_bn does nothing in one process: it synchronises BatchNorm across the GPU processes of "
+            "torchrun")
     model = dist.wrap_model(module, info, device, cfg.sync_bn, find_unused_parameters=task == "instance")
     return Run(cfg=cfg, out=out, info=info, device=device, task=task, select=select, train_ds=train_ds,
                val_ds=val_ds, val_shard=Subset(val_ds, dist.shard(len(val_ds), info)) if info.enabled else val_ds,

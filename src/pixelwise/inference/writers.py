@@ -54,13 +54,16 @@ MaskRow = tuple[int, np.ndarray, np.ndarray | None]  # (y, mask uint8[n, W], ent
 def _listed(p: Path) -> bool:
     """Whether a folder's or a pattern's entry ``p`` is an input: an image file by its suffix
     (:data:`pixelwise.data.io.IMAGE_SUFFIXES`, the list folder datasets use), or a broken link with such a
-    name (then reported as one, not passed over)."""
-    return p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists()))
+    name (then reported as one, not passed over); a hidden file (``.name``) is not, in a folder as
+    in a glob pattern."""
+    return (p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders expand to the image files inside them (sorted), and so do glob
-    patterns (``'photos/*.jpg'``, quoted so that pixelwise rather than the shell expands them).
+    """Files as given; folders expand to the image files inside them (sorted, not recursively, hidden
+    files left out), and so do glob patterns (``'photos/*.jpg'``, quoted so that pixelwise rather
+    than the shell expands them; ``**`` spans folders: ``'photos/**/*.jpg'``).
 
     A file reached twice under one name (its folder and itself, or a folder and a link to that
     folder) is predicted once; a link and its target with different names (``link.png ->
@@ -73,7 +76,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         elif p.is_file() or p.is_symlink():  # a broken link is named as one when it is read
             paths.append(p)
         elif any(ch in item for ch in "*?["):
-            matches = sorted(Path(q) for q in glob.glob(item) if _listed(Path(q)))
+            matches = sorted(Path(q) for q in glob.glob(item, recursive=True) if _listed(Path(q)))
             if not matches:
                 raise UserError(f"no images match {item}")
             paths += matches
@@ -153,10 +156,13 @@ def _reason(err: UserError) -> str:
 
 
 def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False, uncertainty: bool = False,
-                  skip_invalid: bool = False, progress: bool | None = None, cells: bool = False) -> PredictPlan:
+                  skip_invalid: bool = False, progress: bool | None = None, cells: bool = False,
+                  overwrite: bool = False) -> PredictPlan:
     """Every check of ``predict``, before anything is written: the inputs exist and decode, ``out``
-    is a folder that holds none of them and no output lands on an input (through a link either).
-    Unreadable inputs are all named in one UserError, or left out and listed with ``skip_invalid``."""
+    is a folder that holds none of them and no output lands on an input (through a link either),
+    nor, unless ``overwrite``, on a file already there (an earlier prediction, or a file of the
+    user's that has an output's name). Unreadable inputs are all named in one UserError, or left
+    out and listed with ``skip_invalid``."""
     paths = expand_inputs(inputs)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -184,6 +190,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     stems = unique_stems([p for p, _, _ in items], instance, uncertainty, [(k, n) for _, k, n in items], cells)
     inodes = {(s.st_dev, s.st_ino) for s in map(os.stat, readable)}
     longest = _name_max(out_dir)
+    taken: list[Path] = []
     for (path, _, _), stem in zip(items, stems):
         for name in output_names(stem, instance, uncertainty, cells):
             if len(os.fsencode(name)) > longest:
@@ -193,6 +200,12 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
             if target.exists() and (os.stat(target).st_dev, os.stat(target).st_ino) in inodes:
                 raise UserError(f"{target} is a link to one of the inputs and would be written over; remove it "
                                 "or give another --out")
+            if target.exists() or target.is_symlink():
+                taken.append(target)
+    if taken and not overwrite:
+        more = f" and {len(taken) - 1} more of this prediction's output names" if len(taken) > 1 else ""
+        raise UserError(f"--out {out_dir} already holds {taken[0].name}{more} (an earlier prediction, or a file of "
+                        "yours); pass --overwrite to replace them, or give another --out")
     return PredictPlan([p for p, _, _ in items], [k for _, k, _ in items], stems, out_dir, skipped)
 
 
@@ -363,7 +376,7 @@ def plan_images(plan: PredictPlan) -> Iterator[tuple[str, np.ndarray]]:
 
 def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: str | Path | None = None, *,
                   uncertainty: bool = False, progress: bool | None = None,
-                  watershed: float | None = None) -> list[Path]:
+                  watershed: float | None = None, overwrite: bool = False) -> list[Path]:
     """Predict every image of ``inputs`` (files, folders or glob patterns, checked here, or the plan
     of :func:`check_predict`; every frame of a multi-frame file) into ``out``; -> the mask paths.
     Semantic models run one image at a time, large ones in streamed tiles (with a bar over the
@@ -371,14 +384,15 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     a stacked batch runs other kernels, whose float32 rounding can flip a pixel whose two best
     classes nearly tie, and each mask must be the one ``eval`` scores and ``serve`` returns.
     ``watershed``: a two-class boundary model's cells, seeded where the class-1 probability
-    exceeds it (:func:`write_cells`)."""
+    exceeds it (:func:`write_cells`). Files of the outputs' names already in ``out`` are refused
+    (a UserError before any work) unless ``overwrite``."""
     if isinstance(inputs, PredictPlan):
         plan = inputs
     elif out is None:
         raise TypeError("predict_files: give out, the folder for the predictions")
     else:
         plan = check_predict(inputs, out, instance=isinstance(predictor, InstancePredictor), uncertainty=uncertainty,
-                             progress=progress, cells=watershed is not None)
+                             progress=progress, cells=watershed is not None, overwrite=overwrite)
     check_watershed(predictor, watershed)
     out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
