@@ -175,3 +175,25 @@ def test_a_scale_without_a_crop_is_refused_not_dropped():
         build_transform({"scale": [0.5, 2.0]}, train=True)
     assert "RandomScale" in repr(build_transform({"scale": [0.5, 2.0], "crop": [16, 16]}, train=True))
     assert "RandomScale" not in repr(build_transform({"scale": None}, train=True))
+
+
+@pytest.mark.parametrize("size, to", [((90, 120), (60, 80)), ((90, 120), (45, 60)), ((90, 120), (63, 84)),
+                                      ((120, 160), (270, 360)), ((360, 480), (270, 360))])
+def test_resized_labels_stay_on_their_pixels(size, to):
+    """Labels resized to a size take the label nearest each output pixel's centre, where bilinear
+    image resizing samples: a ramp image and a ramp mask stay level (OpenCV's INTER_NEAREST takes
+    floor(i / s), shifting labels up to a source pixel up-left of their image on every downscale)."""
+    from pixelwise.preprocess import resize_image, resize_labels
+
+    h, w = size
+    rows = np.arange(h, dtype=np.float64)[:, None].repeat(w, 1)
+    image = np.dstack([np.clip(rows / (h - 1) * 250, 0, 250)] * 3).round().astype(np.uint8)  # a ramp over rows
+    labels = (rows / (h - 1) * 250).round().astype(np.uint8)  # the same ramp as labels
+    got_image = resize_image(image, to)[..., 0].astype(np.float64)
+    got_labels = resize_labels(labels, to).astype(np.float64)
+    step = 250 / (h - 1)  # one source row, in ramp units
+    # never further than half a source row (plus the uint8 rounding of the image), i.e. the nearest
+    assert np.abs(got_labels - got_image).max() / step <= 0.5 + 1.0 / step + 1e-9
+    if (h / to[0]) % 2:  # an even factor puts every centre on a tie between two rows: either is nearest
+        bias = (got_labels - got_image).mean() / step
+        assert abs(bias) < 0.2, f"labels sit {bias:+.2f} source rows from their image"

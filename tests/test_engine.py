@@ -182,8 +182,8 @@ def test_resume_refuses_another_select_by(tmp_path):
 # --- resume ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule", ["poly", "cosine", "step"])
 def test_killed_after_epoch_1_and_resumed_is_exact(tmp_path, schedule):
-    kw = {"schedule": schedule, "milestones": [1], "warmup_iters": 1, "optimizer": "sgd", "nesterov": True,
-          "weight_decay": 1e-3}
+    kw = {"schedule": schedule, "warmup_iters": 1, "optimizer": "sgd", "nesterov": True, "weight_decay": 1e-3,
+          **({"milestones": [1]} if schedule == "step" else {})}  # milestones act only in a step schedule
     fit(tiny(tmp_path / "a", **kw), log=quiet)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny(tmp_path / "b", **kw), log=quiet, callbacks=[interrupt_at("epoch", lambda s: s.epoch == 1)])
@@ -559,6 +559,25 @@ def test_a_run_stopped_by_its_time_budget_trains_on_when_resumed_with_more_time(
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
 
 
+def test_a_run_cut_by_its_time_budget_then_interrupted_still_resumes(tmp_path):
+    """The epoch the budget cut short took fewer steps than a whole one, so steps / epochs is no
+    longer the steps of an epoch: the check of unchanged settings must not take it for one."""
+    first = fit(tiny(tmp_path, epochs=3, batch_size=2, max_minutes=1e-4), log=quiet)
+    assert first["stopped_by_time_budget"] and first["epochs_completed"] == 1
+
+    def ctrl_c_after_epoch_2(event, state):
+        if event == "epoch" and state.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path, epochs=3, batch_size=2, max_minutes=10, resume=True), log=quiet,
+            callbacks=[ctrl_c_after_epoch_2])
+    done = fit(tiny(tmp_path, epochs=3, batch_size=2, max_minutes=10, resume=True), log=quiet)
+    assert done["epochs_completed"] == 3
+    with pytest.raises(UserError, match="optimizer steps per epoch and these settings take"):  # still guarded
+        fit(tiny(tmp_path, epochs=4, batch_size=4, max_minutes=10, resume=True), log=quiet)
+
+
 def test_semantic_training_on_images_of_different_sizes_is_one_line(tmp_path, capsys):
     from PIL import Image
 
@@ -766,3 +785,21 @@ def test_val_loss_is_the_mean_over_labelled_pixels_whatever_the_batches():
         got = validate_semantic(model, DataLoader(items, batch_size=batch_size, collate_fn=eval_collate), 4,
                                 torch.device("cpu"), show=False)
         assert got["loss"] == pytest.approx(expected, rel=1e-5) and got["num_images"] == 3
+
+
+def test_the_last_stage_anneals_over_the_time_it_has():
+    """With --max-minutes the last stage runs to the end of the run's budget; an earlier stage that
+    finished before its share hands it the rest, and its poly rate reaches 0 when the budget does
+    (annealed over its own share, it trained its last steps at rate 0 with time left)."""
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.optim import Schedule
+    from pixelwise.engine.trainer import Stage, TrainState
+
+    cfg = TrainConfig(schedule="poly", poly_power=1.0, epochs=1, warmup_epochs=0, warmup_iters=0)
+    schedule = Schedule.from_config(cfg, 1000)  # many steps: the time fraction decides
+    state = TrainState(stage=1, stage_step=0, stage_start_s=2.0)  # stage 1 of 2 began 2 s into a 6 s budget
+    last = Stage(1, "b", cfg, None, schedule, False, budget_s=3.0, last=True, run_budget_s=6.0)
+    for elapsed, want in ((2.0, 1.0), (4.0, 0.5), (5.0, 0.25), (6.0, 0.0)):  # (elapsed - 2) / (6 - 2) done
+        assert last.lr_factor(state, elapsed) == pytest.approx(want)
+    first = Stage(0, "a", cfg, None, schedule, False, budget_s=3.0, last=False, run_budget_s=6.0)
+    assert first.lr_factor(TrainState(stage_step=0), 1.5) == pytest.approx(0.5)  # an earlier stage: its share

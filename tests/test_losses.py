@@ -150,11 +150,32 @@ def test_losses_ignore_255_and_have_gradients():
 
 
 def test_all_ignored_gives_zero_not_nan():
+    """A batch where no pixel counts (a crop in a void region, or only classes of weight 0) teaches
+    nothing: loss 0 and zero gradients, for every loss (ce's mean was 0/0 = NaN, which stopped
+    training as 'diverged')."""
     logits = torch.randn(1, 3, 2, 2, requires_grad=True)
     target = torch.full((1, 2, 2), 255)
-    for kind in ("dice", "focal", "lovasz"):
-        v = segmentation_loss(logits, target, kind)
-        assert torch.isfinite(v) and v.item() == 0.0, kind
+    zero_weight = (torch.zeros(1, 2, 2, dtype=torch.long), torch.tensor([0.0, 1.0, 1.0]))  # class 0 weighs 0
+    for kind in ("ce", "dice", "focal", "lovasz", "ce+dice", "ce+lovasz"):
+        for t, weights in ((target, None), zero_weight):
+            v = segmentation_loss(logits, t, kind, class_weights=weights)
+            (grad,) = torch.autograd.grad(v, logits)
+            assert torch.isfinite(v) and torch.isfinite(grad).all(), kind
+            if kind in ("ce", "focal") or t is target:
+                assert v.item() == 0.0 and not grad.any(), kind
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 1.0, 2.0])
+def test_focal_gradients_stay_finite_where_the_model_is_certain(gamma):
+    """(1 - p_t) ** gamma has an infinite derivative at p_t = 1 for gamma < 1: a pixel predicted with
+    float certainty must not turn the gradients NaN (which a healthy run then took for divergence)."""
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 0] = 40.0  # class 0 certain everywhere: p_t == 1.0 in float32 where the target is 0
+    logits.requires_grad_(True)
+    target = torch.zeros(1, 2, 2, dtype=torch.long)
+    target[0, 0, 0] = 1
+    (grad,) = torch.autograd.grad(segmentation_loss(logits, target, "focal", focal_gamma=gamma), logits)
+    assert torch.isfinite(grad).all() and grad[0, :, 0, 0].abs().sum() > 0  # the wrong pixel still learns
 
 
 @pytest.mark.parametrize("kind", ["ce+dice", "ce+lovasz"])

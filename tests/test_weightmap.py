@@ -154,3 +154,31 @@ def test_plan_stages_does_not_weight_classes_twice(tmp_path):
         assert isinstance(run.class_weights, torch.Tensor)
         (stage,) = trainer.plan_stages(run)
         assert (stage.loss.class_weights is not None) == expect_in_loss, weight_map
+
+
+def test_instance_crops_get_the_weight_map_of_their_own_window():
+    """With instance crops the map is computed on the whole mask and cropped with it: every crop
+    gets its own window of that map (computed after the crop and cached by the image's name, a
+    later crop was handed an earlier crop's map, 13 off per pixel)."""
+    import dataclasses
+
+    from pixelwise.data import build_dataset
+    from pixelwise.data.instance_crop import InstanceCrop
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import train_transform
+
+    sample = build_dataset("shapes", None, "train", num_train=2, num_val=1, size=64).load(0)
+    cfg = TrainConfig(dataset="shapes", weight_map="unet", weight_map_class=1, instance_crops=True, crop="24x24",
+                      augment={"scale": None, "flip": False, "jitter": False})
+    transform = train_transform(cfg)
+    whole = dataclasses.replace(sample, weight=fast_weight_map(sample.mask, 1))
+    windows = set()
+    for seed in range(6):
+        np.random.seed(seed)
+        got = transform(sample)
+        np.random.seed(seed)
+        want = InstanceCrop((24, 24), cfg.instance_context)(whole)
+        np.testing.assert_allclose(got.weight, want.weight, atol=1e-6)
+        np.testing.assert_array_equal(got.mask, want.mask)
+        windows.add(want.mask.tobytes())
+    assert len(windows) > 1, "every seed cropped the same window: the test would not see a stale map"

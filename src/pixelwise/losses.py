@@ -37,17 +37,19 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_weights: tor
     class_weights: Tensor[C] (e.g. median-frequency weights); pixel_weights: Tensor[N, H, W]
     (e.g. the U-Net boundary map). Returns ``sum_i w_i * pw_i * -log p_i(y_i) / sum_i w_i`` over
     non-ignored pixels i, where ``w_i`` is the class weight of ``y_i`` (``F.cross_entropy``'s
-    normalisation; the pixel weights scale the numerator only).
+    normalisation; the pixel weights scale the numerator only), and 0 (with zero gradients) for a
+    batch where no pixel counts (all ignored, or only classes of weight 0), where
+    ``F.cross_entropy``'s mean is 0/0 = NaN and would stop training as if it had diverged.
     """
     logits = _upcast(logits)
     if class_weights is not None:
         class_weights = class_weights.to(logits.dtype)
-    if pixel_weights is None:
-        return F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index)
     per_pixel = F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index,
                                 reduction="none")
+    if pixel_weights is not None:
+        per_pixel = per_pixel * pixel_weights
     norm = _weight_norm(target, target != ignore_index, logits.shape[1], class_weights)
-    return (per_pixel * pixel_weights).sum() / norm.sum().clamp_min(1e-12)
+    return per_pixel.sum() / norm.sum().clamp_min(1e-12)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
@@ -62,7 +64,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     valid = target != ignore_index
     safe = target.clamp(0, logits.shape[1] - 1).where(valid, torch.zeros_like(target))
     logp = F.log_softmax(_upcast(logits), dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)  # [N, H, W]
-    per_pixel = -((1 - logp.exp()).clamp_min(0) ** gamma) * logp if gamma else -logp
+    # 1 - p_t clamped above 0: its power's derivative is infinite at 0 for gamma < 1, and a pixel
+    # predicted with float certainty would get inf * 0 = NaN gradients
+    per_pixel = -((1 - logp.exp()).clamp_min(torch.finfo(logp.dtype).tiny) ** gamma) * logp if gamma else -logp
     w = _weight_norm(safe, valid, logits.shape[1], class_weights)
     num = per_pixel * w if pixel_weights is None else per_pixel * w * pixel_weights
     return num.sum() / w.sum().clamp_min(1e-12)

@@ -100,7 +100,7 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = int(size[0]), int(size[1])
     if labels.shape[:2] == (h, w):
         return labels
-    return cv2.resize(np.ascontiguousarray(labels), (w, h), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(np.ascontiguousarray(labels), (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -147,7 +147,7 @@ def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float]
                 raise UserError(f"augment scale {scale}: need {MIN_SCALE} <= low <= high (a smaller scale shrinks "
                                 "an image to a few pixels, or none)")
             t.append(RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
-                                 mask_interpolation=cv2.INTER_NEAREST, p=1.0))
+                                 mask_interpolation=cv2.INTER_NEAREST_EXACT, p=1.0))
         t.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT,
                                fill=0, fill_mask=0))
         t.append(A.RandomCrop(h, w))

@@ -84,7 +84,7 @@ class InstanceCrop:
         oh, ow = self.size
 
         def resize(a: np.ndarray, nearest: bool) -> np.ndarray:
-            interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+            interp = cv2.INTER_NEAREST_EXACT if nearest else cv2.INTER_LINEAR
             return cv2.resize(a, (ow, oh), interpolation=interp)
 
         kw: dict = {"image": resize(_window(s.image, y0, x0, h, w, 0), False),

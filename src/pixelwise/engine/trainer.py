@@ -157,6 +157,7 @@ class TrainState:
     stage_step: int = 0  # optimizer steps finished in that stage (its schedule's position)
     stage_start_s: float = 0.0  # elapsed seconds when that stage began (its share of the time budget)
     stage_stopped: bool = False  # that stage ended on its time budget: a resume moves on
+    stage_epoch_steps: int = 0  # optimizer steps of one whole epoch of that stage (0: a state of before)
     batch: int = 0  # micro-batches finished in the epoch in progress (0 between epochs)
     loss_sum: float = 0.0  # sum of loss x images over the finished steps of the epoch in progress
     images: int = 0  # images in loss_sum
@@ -260,15 +261,16 @@ def train_transform(cfg: TrainConfig, class_weights: Sequence[float] | None = No
     if crop:
         aug["crop"] = list(crop)
     steps: list[Callable] = [build_transform(aug, train=True)]
-    if cfg.weight_map == "unet":  # computed on the whole raw mask, then augmented with it
-        steps.insert(0, UNetWeightMap(foreground=cfg.weight_map_class,
-                                      class_weights=None if class_weights is None else list(class_weights)))
     if cfg.instance_crops:
         if aug.get("crop") is None:
             raise UserError("instance_crops needs a crop size: set crop: HxW (or augment: {crop: [h, w]})")
         c = aug["crop"]
         size = (int(c[0]), int(c[1])) if isinstance(c, list | tuple) else (int(c), int(c))
         steps.insert(0, InstanceCrop(size, cfg.instance_context))
+    if cfg.weight_map == "unet":  # computed on the whole raw mask (cached per image), then cropped and
+        # augmented with it: computed after a random crop, the cache would hand one crop another's map
+        steps.insert(0, UNetWeightMap(foreground=cfg.weight_map_class,
+                                      class_weights=None if class_weights is None else list(class_weights)))
     return steps[0] if len(steps) == 1 else Compose(steps)
 
 
@@ -696,7 +698,9 @@ def resume(run: Run) -> TrainState:
     if state.stage_epoch and not state.batch and not state.stage_stopped:  # between whole epochs of a stage
         scfg = run.cfg.stage_configs()[state.stage][1]
         steps = math.ceil(epoch_batches(run, scfg)[0] / scfg.accumulate)
-        taken = state.stage_step / state.stage_epoch
+        # recorded as the stage began; states of before had only the ratio, which an epoch the time
+        # budget cut short makes fractional
+        taken = state.stage_epoch_steps or state.stage_step / state.stage_epoch
         if steps != taken:  # the LR schedule counts optimizer steps: it would jump, or stop at 0
             raise UserError(f"{run.out} took {taken:g} optimizer steps per epoch and these settings take {steps} "
                             "(another --batch-size, --accumulate or amount of training data), which would move its "
@@ -725,10 +729,17 @@ class Stage:
     drop_last: bool
     budget_s: float | None  # this stage's share of the time budget
     last: bool
+    run_budget_s: float | None = None  # the whole run's time budget
 
     def lr_factor(self, state: TrainState, elapsed_s: float) -> float:
-        """The schedule at the stage's step, or at its share of the time budget if further."""
-        frac = (elapsed_s - state.stage_start_s) / self.budget_s if self.budget_s else 0.0
+        """The schedule at the stage's step, or at its share of the time budget if further. The last
+        stage runs to the end of the run's budget, so it anneals over the time it has from its
+        start: earlier stages that finished before their share hand it their time, and its rate
+        reaches 0 when the budget does, not before."""
+        budget = self.budget_s
+        if budget and self.last and self.run_budget_s:
+            budget = max(self.run_budget_s - state.stage_start_s, 1e-9)
+        frac = (elapsed_s - state.stage_start_s) / budget if budget else 0.0
         return self.schedule.factor(state.stage_step, frac)
 
     def deadline(self, run: Run, state: TrainState) -> float | None:
@@ -759,7 +770,7 @@ def plan_stages(run: Run) -> list[Stage]:
                                                              scfg.aux_weight)
         stages.append(Stage(i, name, scfg, loss, Schedule.from_config(scfg, math.ceil(batches / scfg.accumulate)),
                             drop_last, budget_s * scfg.epochs / run.cfg.epochs if budget_s else None,
-                            i == len(configs) - 1))
+                            i == len(configs) - 1, budget_s))
     return stages
 
 
@@ -774,6 +785,7 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
     if stage.index > state.stage:
         state.stage, state.stage_epoch, state.stage_step = stage.index, 0, 0
         state.stage_start_s, state.stage_stopped = run.elapsed(), False
+    state.stage_epoch_steps = stage.schedule.total_steps // stage.cfg.epochs  # what a resume must match
     set_peak_lr(run.optimizer, stage.cfg.lr)
     if multi:
         run.log(f"stage {stage.index + 1}/{len(run.cfg.stages)} ({stage.name}): {stage.cfg.epochs} epochs, "
