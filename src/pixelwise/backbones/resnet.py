@@ -20,6 +20,7 @@ named stage outputs; its state-dict keys are the ResNet's (minus ``fc``/``avgpoo
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -151,6 +152,18 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+def unit_rates(multi_grid: object, blocks: int) -> tuple[int, ...]:
+    """DeepLabV3's Multi-Grid: ``blocks`` whole numbers >= 1 (one per layer4 block) -> a tuple of
+    ints, else ``ValueError``. Nothing is rounded or cast: 1.5 or True is refused, not read as 1."""
+    rates = tuple(multi_grid) if isinstance(multi_grid, Sequence) and not isinstance(multi_grid, str | bytes) else None
+    whole = rates is not None and all(isinstance(g, numbers.Real) and not isinstance(g, bool)
+                                      and float(g).is_integer() and float(g) >= 1 for g in rates)
+    if rates is None or len(rates) != blocks or not whole:
+        raise ValueError(f"multi_grid needs {blocks} positive unit rates (whole numbers >= 1, one per layer4 "
+                         f"block, e.g. [1, 2, 4]), got {multi_grid!r}")
+    return tuple(int(g) for g in rates)
+
+
 class ResNet(nn.Module):
     """``Tensor[N, 3, H, W] -> Tensor[N, num_classes]``; stages as in the module docstring."""
 
@@ -167,10 +180,7 @@ class ResNet(nn.Module):
         if multi_grid is not None and block is BasicBlock:
             raise ValueError("multi_grid sets the rate of each layer4 block's one 3x3 conv: it is for "
                              "Bottleneck ResNets (50, 101)")
-        if multi_grid is not None and (len(multi_grid) != layers[3] or min(multi_grid) < 1):
-            raise ValueError(f"multi_grid needs {layers[3]} positive unit rates (one per layer4 block), "
-                             f"got {tuple(multi_grid)}")
-        self.multi_grid = None if multi_grid is None else tuple(int(g) for g in multi_grid)
+        self.multi_grid = None if multi_grid is None else unit_rates(multi_grid, layers[3])
         self._norm_layer = norm_layer or nn.BatchNorm2d
         dilate = list(replace_stride_with_dilation or (False, False, False))
         if len(dilate) != 3:

@@ -41,6 +41,7 @@ from pixelwise.backbones.vgg import (
 )
 from pixelwise.errors import UserError
 from pixelwise.layers import DecoderStage, conv_bn, decoder_stages
+from pixelwise.models._checks import whole_number
 from pixelwise.models._utils import crop_top_left, forward_logits, init_msra, pad_to_multiple
 from pixelwise.models.registry import register_model
 
@@ -72,6 +73,8 @@ class DeconvNet(nn.Module):
     def __init__(self, features: nn.Sequential, decoder: Sequence[DecoderStage], classifier: nn.Module,
                  fc_channels: int = 4096, fc_kernel: int = 7) -> None:
         super().__init__()
+        fc_channels = whole_number("fc_channels", fc_channels)
+        fc_kernel = whole_number("fc_kernel", fc_kernel)
         info = features_info(features)
         if len(decoder) != len(info):
             raise ValueError(f"decoder has {len(decoder)} stages for an encoder with {len(info)} pools")
@@ -102,7 +105,8 @@ def deconvnet(num_classes: int, pretrained: str | None = None, fc_channels: int 
     weights: ``features.*`` into the encoder, ``classifier.0``/``classifier.3`` reshaped into
     ``fc6``/``fc7`` when ``fc_channels == 4096``) or a path to a torchvision-format VGG16-BN state
     dict. ``fc_channels=1024`` is the smaller variant the SegNet paper retrained; its fc layers
-    start from scratch."""
+    start from scratch. ``fc_channels`` must be a whole number >= 1."""
+    fc_channels = whole_number("fc_channels", fc_channels)  # before building the 138M-parameter encoder
     features = make_features(VGG16_CFG, batch_norm=True)
     layout = mirror_channels(features)
     layout[-1].append((64, 64, 3))  # deconv1_2 keeps 64 channels; the 1x1 score conv follows

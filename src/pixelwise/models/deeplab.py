@@ -39,7 +39,7 @@ from pixelwise.models.registry import register_model
 __all__ = ["ASPP", "DeepLabHead", "DeepLabV3", "DeepLabV3Plus", "DeepLabV3PlusHead", "deeplabv3_resnet50",
            "deeplabv3_resnet101", "deeplabv3plus_resnet18", "deeplabv3plus_resnet50"]
 
-PAPER_V3 = "Chen et al., arXiv:1706.05587 2017"
+PAPER_V3 = "Chen et al., arXiv:1706.05587"
 PAPER_V3PLUS = "Chen et al., ECCV 2018"
 
 # output stride -> (replace_stride_with_dilation for layer2..4, ASPP rates)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pixelwise.layers import standardize_image, unpool
+from pixelwise.models._checks import dropout_rate
 from pixelwise.models._utils import crop_top_left, init_msra, pad_to_multiple
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
@@ -158,8 +159,7 @@ class ENet(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int = 3, dropout: float = 0.1, input_norm: bool = False):
         super().__init__()
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        dropout = dropout_rate(dropout)
         self.in_channels = in_channels  # the input contract's channels (checkpoint.model_input_spec)
         self.input_norm = input_norm
         self.alignment = STRIDE  # the pooling grid, read by tiled inference

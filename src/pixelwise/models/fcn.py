@@ -63,6 +63,7 @@ from pixelwise.backbones.vgg import URLS as VGG_URLS
 from pixelwise.backbones.vgg import VGG16_CFG, features_info, forward_stages, make_features
 from pixelwise.errors import UserError
 from pixelwise.layers import BilinearUpsample
+from pixelwise.models._checks import dropout_rate
 from pixelwise.models._utils import SimpleSegmentationModel, crop_top_left, load_model_weights, pad_to_multiple
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
@@ -91,7 +92,8 @@ class FCNVGG(nn.Module):
 
     ``Tensor[N, 3, H, W] -> Tensor[N, num_classes, H, W]`` for any ``H, W`` (see the module
     docstring for the pad / align / crop scheme). ``at_once``: scale pool4 / pool3 by 0.01 /
-    0.0001 before their score layers, as the reference at-once FCN-8s.
+    0.0001 before their score layers, as the reference at-once FCN-8s (refused at stride 32,
+    which has no skips). ``dropout`` (after fc6 and fc7): in [0, 1).
     """
 
     pretrained_note: str | None = None  # set by the builder when it initialised from a coarser net
@@ -101,6 +103,10 @@ class FCNVGG(nn.Module):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        dropout = dropout_rate(dropout)
+        if at_once and output_stride == 32:
+            raise ValueError("at_once scales the pool4 and pool3 skips, and FCN-32s has none: use it with fcn16s "
+                             "or fcn8s")
         self.output_stride = output_stride
         self.alignment = 32  # inputs are padded to multiples of the pool5 grid; read by tiled inference
         self.at_once = bool(at_once)
@@ -199,8 +205,9 @@ def load_coarser_fcn(model: FCNVGG, state: dict[str, Tensor], source: str) -> st
             + (f"; not used: {', '.join(unused)}" if unused else ""))
 
 
-def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, **kwargs) -> FCNVGG:
-    model = FCNVGG(num_classes, output_stride, **kwargs)
+def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, dropout: float = 0.5,
+             at_once: bool = False) -> FCNVGG:
+    model = FCNVGG(num_classes, output_stride, dropout=dropout, at_once=at_once)
     if pretrained is None:
         return model
     state = read_weights(pretrained, {"imagenet": VGG_URLS["vgg16"]})
@@ -214,25 +221,31 @@ def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, **kwa
     return model
 
 
+# The builders state their options: the output stride is each one's own (not an option), and
+# at_once belongs to the nets with skips to scale (FCN-32s has none, so it has no such option).
+
+
 @register_model("fcn32s", paper=PAPER)
-def fcn32s(num_classes: int, pretrained: str | None = None, **kwargs) -> FCNVGG:
+def fcn32s(num_classes: int, pretrained: str | None = None, dropout: float = 0.5) -> FCNVGG:
     """FCN-32s. ``pretrained``: ``"imagenet"`` (torchvision's VGG-16 into features/fc6/fc7), a
     local VGG-16 ``.pth`` (same conversion), or the weights of an FCN-VGG (a pixelwise checkpoint):
-    the same net, or a coarser one for staged training (:func:`load_coarser_fcn`). kwargs:
-    ``dropout`` (0.5), ``at_once`` (False)."""
-    return _fcn_vgg(32, num_classes, pretrained, **kwargs)
+    the same net, or a coarser one for staged training (:func:`load_coarser_fcn`). ``dropout``:
+    after fc6 and fc7, in [0, 1) (0.5). No ``at_once``: FCN-32s has no skips to scale."""
+    return _fcn_vgg(32, num_classes, pretrained, dropout=dropout)
 
 
 @register_model("fcn16s", paper=PAPER)
-def fcn16s(num_classes: int, pretrained: str | None = None, **kwargs) -> FCNVGG:
-    """FCN-16s (pool4 skip); ``pretrained`` as :func:`fcn32s`."""
-    return _fcn_vgg(16, num_classes, pretrained, **kwargs)
+def fcn16s(num_classes: int, pretrained: str | None = None, dropout: float = 0.5, at_once: bool = False) -> FCNVGG:
+    """FCN-16s (pool4 skip); ``pretrained`` and ``dropout`` as :func:`fcn32s`; ``at_once``: scale
+    the pool4 skip by 0.01 (the at-once nets' fixed scale)."""
+    return _fcn_vgg(16, num_classes, pretrained, dropout=dropout, at_once=at_once)
 
 
 @register_model("fcn8s", paper=PAPER)
-def fcn8s(num_classes: int, pretrained: str | None = None, **kwargs) -> FCNVGG:
-    """FCN-8s (pool4 and pool3 skips); ``pretrained`` as :func:`fcn32s`."""
-    return _fcn_vgg(8, num_classes, pretrained, **kwargs)
+def fcn8s(num_classes: int, pretrained: str | None = None, dropout: float = 0.5, at_once: bool = False) -> FCNVGG:
+    """FCN-8s (pool4 and pool3 skips); ``pretrained`` and ``dropout`` as :func:`fcn32s`;
+    ``at_once``: the reference at-once FCN-8s (pool4 x 0.01, pool3 x 0.0001 before their scores)."""
+    return _fcn_vgg(8, num_classes, pretrained, dropout=dropout, at_once=at_once)
 
 
 # --------------------------------------------------------------------------- FCN on ResNet

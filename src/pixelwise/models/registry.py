@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import numbers
+import traceback
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -160,7 +161,9 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str | None =
 def create_model(name: str, num_classes: int, pretrained: str | None = None, **kwargs) -> nn.Module:
     """Build a registered model. ``pretrained`` is ``None``, ``"imagenet"`` (backbone weights),
     a model-specific tag such as ``"coco"``, or a path to a local weights file. An unknown or
-    wrongly typed option, or one the builder refuses, is a :class:`ModelOptionError`."""
+    wrongly typed option, or one the builder refuses, is a :class:`ModelOptionError`; so is a
+    RuntimeError that a torch layer's constructor raises for a size an option set (any other
+    RuntimeError is a bug and propagates unchanged)."""
     info = model_info(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ModelOptionError(f"model {name!r}: num_classes must be a whole number >= 1, got {num_classes!r}")
@@ -175,3 +178,18 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, **k
         raise
     except (TypeError, ValueError) as e:
         raise ModelOptionError(f"model {name!r}: {e}") from e
+    except RuntimeError as e:
+        if not kwargs or not _raised_building_a_layer(e):  # a bug elsewhere keeps its traceback
+            raise
+        raise ModelOptionError(f"model {name!r}: a layer refused the options {kwargs}: "
+                               f"{str(e).strip().splitlines()[0]}") from e
+
+
+def _raised_building_a_layer(error: BaseException) -> bool:
+    """Whether ``error`` came out of the constructor of a torch layer (``torch/nn/modules``):
+    a size an option set, such as a negative channel count (``torch.empty(-5, ...)``), that the
+    builder did not check itself. A RuntimeError from anywhere else (loading weights, our own
+    code) is not an option error and keeps its traceback."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(f.name in ("__init__", "reset_parameters") and "torch/nn/modules/" in f.filename.replace("\\", "/")
+               for f in frames)

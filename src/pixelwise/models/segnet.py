@@ -47,6 +47,7 @@ from pixelwise.backbones.vgg import (
 )
 from pixelwise.errors import UserError
 from pixelwise.layers import DecoderStage, conv_bn, decoder_stages
+from pixelwise.models._checks import number_in
 from pixelwise.models._utils import crop_top_left, init_msra, pad_to_multiple
 from pixelwise.models.registry import register_model
 
@@ -121,8 +122,8 @@ def bayesian_segnet(num_classes: int, pretrained: str | None = None, decoder_ups
     """Bayesian SegNet: :func:`segnet` with ``dropout`` after pools 3-5 and decoder stages 5-3.
     Sample it with ``pixelwise predict --mc-samples N`` (:func:`pixelwise.inference.mc_dropout.mc_dropout`);
     a plain eval-mode forward is the deterministic "weight averaging" prediction."""
-    if not 0 < dropout < 1:
-        raise ValueError(f"dropout must be in (0, 1), got {dropout}")
+    # the rule of every dropout option, [0, 1), less 0: a Bayesian SegNet without dropout has nothing to sample
+    dropout = number_in("dropout", dropout, 0.0, 1.0, low_open=True, high_open=True)
     return _vgg_segnet(num_classes, pretrained, decoder_upsample, dropout=dropout)
 
 

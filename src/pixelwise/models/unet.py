@@ -16,7 +16,7 @@ Options and where we differ from the paper:
   the input is padded to a multiple of 16 and the output cropped.
 - ``batch_norm`` (off by default, as in the paper) adds BatchNorm after each convolution; it
   makes small-batch CPU training much faster to converge.
-- ``dropout`` (0.5 as in the paper) is applied at the end of the contracting path.
+- ``dropout`` (0.5 as in the paper) is applied at the end of the contracting path; in [0, 1).
 - ``in_channels`` defaults to 3 (RGB); the paper's EM images have 1 channel.
 - ``input_norm`` (off by default) standardises each image per channel over its own pixels
   (instance normalisation without learnt parameters) before the network: the output no longer
@@ -35,7 +35,7 @@ Options and where we differ from the paper:
   Generalization Capacities via IBN-Net", ECCV 2018, arXiv:1807.09441): half of the channels are
   instance-normalised, so the early features keep what an object is and shed the appearance
   (light, colour, contrast) of the scene it was filmed in, the other half batch-normalised.
-  Needs ``batch_norm``.
+  Needs ``batch_norm`` and ``base_channels >= 2`` (each half at least one channel).
 
 The paper's boundary weight map, ``w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))``,
 is :func:`unet_weight_map`.
@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.layers import conv_bn_relu, conv_relu, standardize_image
+from pixelwise.models._checks import dropout_rate
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching, read_weights
 
@@ -61,6 +62,9 @@ class IBN(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
+        if channels < 2:
+            raise ValueError(f"IBN splits its channels into an instance- and a batch-normalised half: it needs at "
+                             f"least 2, got {channels}")
         self.instance = nn.InstanceNorm2d(channels // 2, affine=True)
         self.batch = nn.BatchNorm2d(channels - channels // 2)
 
@@ -177,10 +181,15 @@ class UNet(nn.Module):
         for key, value in (("in_channels", in_channels), ("base_channels", base_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a whole number >= 1, got {value!r}")
+        if isinstance(ibn_levels, bool) or not isinstance(ibn_levels, int) or not 0 <= ibn_levels <= DEPTH + 1:
+            raise ValueError(f"ibn_levels must be a whole number in 0..{DEPTH + 1} (levels of the contracting path), "
+                             f"got {ibn_levels!r}")
         if ibn_levels and not batch_norm:
             raise ValueError("ibn_levels replaces half of BatchNorm's channels: it needs batch_norm=True")
-        if not 0 <= ibn_levels <= DEPTH + 1:
-            raise ValueError(f"ibn_levels must be 0-{DEPTH + 1} (levels of the contracting path), got {ibn_levels}")
+        if ibn_levels and base_channels < 2:
+            raise ValueError(f"ibn_levels splits the channels of the first level (base_channels={base_channels}) "
+                             "into an instance-normalised and a batch-normalised half: it needs base_channels >= 2")
+        dropout = dropout_rate(dropout)
         self.in_channels = in_channels  # the input contract's channels (checkpoint.model_input_spec)
         self.input_norm = input_norm
         if padding not in ("same", "valid"):

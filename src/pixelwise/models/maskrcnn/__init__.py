@@ -9,6 +9,7 @@ Keyword arguments are torchvision's (``min_size``, ``box_score_thresh``, ``rpn_p
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.nn as nn
 from pixelwise import ops
 from pixelwise.backbones import FrozenBatchNorm2d, IntermediateLayerGetter, ResNet, resnet18, resnet50
 from pixelwise.errors import UserError
+from pixelwise.models._checks import whole_number
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator
 from pixelwise.models.maskrcnn.fast import FastMaskRCNN, optimize_for_inference
 from pixelwise.models.maskrcnn.fpn import BackboneWithFPN, FeaturePyramidNetwork
@@ -69,7 +71,8 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[TransformConfig, RPNConfig, Ro
 
     ``min_size max_size image_mean image_std size_divisible normalize`` go to the transform,
     ``rpn_<field>`` to :class:`RPNConfig`, ``box_<field>`` (and ``bbox_reg_weights``) to
-    :class:`RoIHeadsConfig`. Unknown names raise :class:`UserError`."""
+    :class:`RoIHeadsConfig`. Unknown names raise :class:`UserError`; values out of range (sizes
+    below 1, thresholds and fractions outside [0, 1], counts below 1, ...) ``ValueError``."""
     transform, rpn, roi = {}, {}, {}
     transform_fields = {f.name for f in dataclasses.fields(TransformConfig)}
     rpn_fields = {f.name for f in dataclasses.fields(RPNConfig)}
@@ -82,16 +85,12 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[TransformConfig, RPNConfig, Ro
         elif key.startswith("box_") and key[4:] in roi_fields:
             roi[key[4:]] = value
         elif key == "bbox_reg_weights":
-            roi[key] = tuple(value)
+            roi[key] = value
         else:
             known = sorted(transform_fields | {f"rpn_{f}" for f in rpn_fields} | {f"box_{f}" for f in roi_fields})
             raise UserError(f"maskrcnn: unknown argument {key!r}; known: {', '.join(known)}, trainable_backbone_layers")
-    if "min_size" in transform:
-        size = transform["min_size"]
-        transform["min_size"] = (int(size),) if isinstance(size, int | float) else tuple(int(s) for s in size)
-    for key in ("image_mean", "image_std"):
-        if key in transform:
-            transform[key] = tuple(float(v) for v in transform[key])
+    # each config checks its fields (ValueError naming the keyword and its range) and brings
+    # them to their types: min_size 800 -> (800,), lists -> tuples
     return TransformConfig(**transform), RPNConfig(**rpn), RoIHeadsConfig(**roi)
 
 
@@ -178,7 +177,12 @@ def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classe
               kwargs: dict[str, Any]) -> MaskRCNN:
     """Mask R-CNN on the ResNet that ``make_resnet(pretrained=..., norm_layer=...)`` builds, with
     heads of ``widths``: each public builder states both, nothing is looked up by name."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+        raise ValueError(f"num_classes must be a whole number >= 2 for Mask R-CNN (class 0 is the background, "
+                         f"so one kind of object needs 2), got {num_classes!r}")
     trainable = kwargs.pop("trainable_backbone_layers", None)
+    if trainable is not None:
+        trainable = whole_number("trainable_backbone_layers", trainable, 0, 5)
     transform, rpn, roi = split_kwargs(kwargs)
     # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
     norm_layer = nn.BatchNorm2d if pretrained is None else FrozenBatchNorm2d
@@ -193,7 +197,7 @@ def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classe
             "all backbone layers are trained",
             stacklevel=3,
         )
-    trainable = 5 if pretrained is None else (3 if trainable is None else int(trainable))
+    trainable = 5 if pretrained is None else (3 if trainable is None else trainable)
     freeze_backbone_layers(model.backbone.body, trainable)
     return model
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from pixelwise.models.maskrcnn.fpn import BackboneWithFPN
 from pixelwise.models.maskrcnn.roi_heads import RoIHeads
 from pixelwise.models.maskrcnn.rpn import RegionProposalNetwork
-from pixelwise.models.maskrcnn.transform import RCNNTransform
+from pixelwise.models.maskrcnn.transform import ImageBatch, RCNNTransform
 
 
 def check_targets(targets: list[dict[str, Tensor]], sizes: list[tuple[int, int]], num_classes: int) -> None:
@@ -105,6 +105,14 @@ class MaskRCNN(nn.Module):
             if isinstance(module, nn.BatchNorm2d) and has_stats and key not in state_dict:
                 state_dict[key] = torch.zeros((), dtype=torch.long)
 
+    def _in_weight_dtype(self, batch: ImageBatch) -> ImageBatch:
+        """The batch in the dtype of the weights: float images of any precision (float64 from
+        numpy, say) are normalised and resized in their own, then given to the backbone in its."""
+        weight = next(self.backbone.parameters(), None)
+        if weight is None or batch.tensors.dtype == weight.dtype:
+            return batch
+        return batch._replace(tensors=batch.tensors.to(weight.dtype))
+
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
@@ -113,8 +121,8 @@ class MaskRCNN(nn.Module):
         return self.predict(images)
 
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        batch = self._in_weight_dtype(self.transform(images)[0])  # checks the images first
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        batch, _ = self.transform(images)
         features = self.backbone(batch.tensors)
         proposals, _ = self.rpn(batch, features)
         detections = self.roi_heads(features, proposals, batch.image_sizes)
@@ -126,6 +134,7 @@ class MaskRCNN(nn.Module):
         num_classes = classifier.out_features
         check_targets(targets, [(int(img.shape[-2]), int(img.shape[-1])) for img in images], num_classes)
         batch, targets = self.transform(images, targets)
+        batch = self._in_weight_dtype(batch)
         features = self.backbone(batch.tensors)
         proposals, rpn_losses = self.rpn(batch, features, targets)
         roi_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)

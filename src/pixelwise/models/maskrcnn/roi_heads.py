@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pixelwise import ops
+from pixelwise.models._checks import fraction, number_in, numbers_of, whole_number
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
@@ -41,6 +42,21 @@ class RoIHeadsConfig:
     positive_fraction: float = 0.25
     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     min_box_size: float = 1e-2  # detections with a side below this (pixels) are dropped
+
+    def __post_init__(self) -> None:
+        """Check every field; a ``ValueError`` names it as the keyword argument (``box_<field>``,
+        ``bbox_reg_weights``) and says its range: counts whole numbers >= 1, thresholds and the
+        fraction in [0, 1], four positive box-coding weights."""
+        for name in ("detections_per_img", "batch_size_per_image"):
+            setattr(self, name, whole_number(f"box_{name}", getattr(self, name)))
+        for name in ("score_thresh", "nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "positive_fraction"):
+            setattr(self, name, fraction(f"box_{name}", getattr(self, name)))
+        self.bbox_reg_weights = numbers_of(  # type: ignore[assignment]
+            "bbox_reg_weights", self.bbox_reg_weights, 4, positive=True)
+        self.min_box_size = number_in("box_min_box_size", self.min_box_size, 0.0)
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError(f"box_bg_iou_thresh ({self.bg_iou_thresh:g}) must not be above box_fg_iou_thresh "
+                             f"({self.fg_iou_thresh:g})")
 
 
 class TwoMLPHead(nn.Module):
@@ -237,7 +253,7 @@ class RoIHeads(nn.Module):
 
     @score_thresh.setter
     def score_thresh(self, value: float) -> None:
-        self.config.score_thresh = value
+        self.config.score_thresh = fraction("score_thresh", value)
 
     @property
     def detections_per_img(self) -> int:
@@ -245,7 +261,7 @@ class RoIHeads(nn.Module):
 
     @detections_per_img.setter
     def detections_per_img(self, value: int) -> None:
-        self.config.detections_per_img = value
+        self.config.detections_per_img = whole_number("detections_per_img", value)
 
     def box_forward(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]

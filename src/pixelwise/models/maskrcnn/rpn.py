@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pixelwise import ops
+from pixelwise.models._checks import fraction, number_in, whole_number
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator
 from pixelwise.models.maskrcnn.transform import ImageBatch
 
@@ -40,6 +41,19 @@ class RPNConfig:
     positive_fraction: float = 0.5
     score_thresh: float = 0.0  # minimum objectness probability of a proposal
     min_size: float = 1e-3  # proposals with a side below this (pixels) are dropped
+
+    def __post_init__(self) -> None:
+        """Check every field; a ``ValueError`` names it as the keyword argument (``rpn_<field>``)
+        and says its range: counts whole numbers >= 1, thresholds and the fraction in [0, 1]."""
+        for name in ("pre_nms_top_n_train", "pre_nms_top_n_test", "post_nms_top_n_train", "post_nms_top_n_test",
+                     "batch_size_per_image"):
+            setattr(self, name, whole_number(f"rpn_{name}", getattr(self, name)))
+        for name in ("nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "positive_fraction", "score_thresh"):
+            setattr(self, name, fraction(f"rpn_{name}", getattr(self, name)))
+        self.min_size = number_in("rpn_min_size", self.min_size, 0.0)
+        if self.bg_iou_thresh > self.fg_iou_thresh:
+            raise ValueError(f"rpn_bg_iou_thresh ({self.bg_iou_thresh:g}) must not be above rpn_fg_iou_thresh "
+                             f"({self.fg_iou_thresh:g})")
 
 
 class RPNHead(nn.Module):

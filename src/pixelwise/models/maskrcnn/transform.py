@@ -9,14 +9,16 @@ transform subtracts ``image_mean`` and divides by ``image_std`` unless built wit
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pixelwise.models._checks import numbers_of, whole_number
 from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -31,6 +33,32 @@ class TransformConfig:
     size_divisible: int = 32  # the batch is zero-padded (bottom/right) to multiples of this
     normalize: bool = True  # False: images are already (x - mean) / std, skip that step
 
+    def __post_init__(self) -> None:
+        """Check every field (``ValueError`` naming it and its range) and bring it to its type:
+        ``min_size`` one whole number or a non-empty list of them, each >= 1; ``max_size`` and
+        ``size_divisible`` whole numbers >= 1; ``image_mean`` three numbers, ``image_std`` three
+        positive ones."""
+        self.min_size = min_sizes(self.min_size)
+        self.max_size = whole_number("max_size", self.max_size)
+        self.size_divisible = whole_number("size_divisible", self.size_divisible)
+        self.image_mean = numbers_of("image_mean", self.image_mean, 3)  # type: ignore[assignment]
+        self.image_std = numbers_of("image_std", self.image_std, 3, positive=True)  # type: ignore[assignment]
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+
+
+def min_sizes(value: Any) -> tuple[int, ...]:
+    """``min_size`` as torchvision takes it (one size, or several to draw from in multi-scale
+    training) -> a non-empty tuple of whole numbers >= 1, else ``ValueError``."""
+    many = isinstance(value, Iterable) and not isinstance(value, str | bytes)
+    sizes = tuple(value) if many else (value,)
+    try:
+        if not sizes:
+            raise ValueError
+        return tuple(whole_number("min_size", s) for s in sizes)
+    except ValueError:
+        raise ValueError(f"min_size must be a whole number >= 1 or a non-empty list of them, got {value!r}") from None
+
 
 class ImageBatch(NamedTuple):
     """Padded batch ``tensors: Tensor[N, 3, Hp, Wp]`` and each image's size after resizing."""
@@ -40,7 +68,10 @@ class ImageBatch(NamedTuple):
 
 
 def normalize_image(image: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """``Tensor[3, H, W] -> (image - mean) / std`` per channel."""
+    """``Tensor[3, H, W] -> (image - mean) / std`` per channel; ``image`` float (an integer dtype
+    would cast mean and std to it)."""
+    if not image.is_floating_point():
+        raise ValueError(f"normalize_image needs a float image with values in [0, 1], got {image.dtype}")
     m = torch.as_tensor(mean, dtype=image.dtype, device=image.device)
     s = torch.as_tensor(std, dtype=image.dtype, device=image.device)
     return (image - m[:, None, None]) / s[:, None, None]
@@ -104,6 +135,21 @@ def batch_images(images: list[Tensor], size_divisible: int) -> Tensor:
     return batch
 
 
+def check_image(image: Tensor, i: int) -> None:
+    """Raise ``ValueError`` unless ``image`` (``images[i]``) is a float ``Tensor[3, H, W]`` with
+    ``H, W >= 1``. Integer images are refused, as torchvision does, rather than normalised with
+    a mean and std cast to their dtype (uint8: 0 and 0, so every pixel would become inf)."""
+    if not isinstance(image, Tensor):
+        raise ValueError(f"images[{i}] must be a Tensor[3, H, W], got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"images[{i}] must be Tensor[3, H, W], got shape {list(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"images[{i}] is {image.dtype}; Mask R-CNN takes float images with values in [0, 1] "
+                         "(e.g. image.float() / 255 for an image read as uint8)")
+    if image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"images[{i}] is empty ({image.shape[1]}x{image.shape[2]} pixels)")
+
+
 class RCNNTransform(nn.Module):
     """``forward(images, targets=None) -> (ImageBatch, targets)``; ``postprocess`` maps
     detections back to the original image sizes and pastes the masks. No parameters."""
@@ -125,11 +171,12 @@ class RCNNTransform(nn.Module):
         ``boxes`` and ``masks`` resized with the image. A random ``min_size`` is drawn only when
         targets are given in train mode (multi-scale training)."""
         cfg = self.config
+        if len(images) == 0:
+            raise ValueError("no images: Mask R-CNN takes a list of one or more Tensor[3, H, W]")
         out_images: list[Tensor] = []
         out_targets: list[dict[str, Tensor]] = []
         for i, image in enumerate(images):
-            if image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"images[{i}] must be Tensor[3, H, W], got shape {list(image.shape)}")
+            check_image(image, i)
             if cfg.normalize:
                 image = normalize_image(image, cfg.image_mean, cfg.image_std)
             h, w = image.shape[-2:]
