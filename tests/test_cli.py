@@ -216,3 +216,27 @@ def test_json_files_hold_null_where_a_metric_is_undefined(tmp_path):
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text  # not JSON: strict readers refuse them
     assert json.loads(text) == {"mask_APl": None, "box": [1.0, None], "ok": 0.5}
+
+
+def test_a_reader_that_closes_stdout_stops_nothing(tmp_path):
+    """`pixelwise train ... | head -1`: once head has its line, further output is dropped; the
+    training runs to its end and exits 0 (a BrokenPipeError stopped it before its first step and
+    was reported as 'check the path, its permissions and the free space')."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    train = subprocess.Popen([sys.executable, "-m", "pixelwise", "train", "--model-kwargs", '{"base_channels": 4}',
+                              "--dataset-kwargs", '{"num_train": 8, "num_val": 2, "size": 32}', "--epochs", "2",
+                              "--batch-size", "4", "--no-progress", "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert train.stdout is not None
+    first = train.stdout.readline()  # what `head -1` reads, before it closes the pipe
+    train.stdout.close()
+    _, err = train.communicate(timeout=300)
+    assert first and train.returncode == 0, err.decode()[-2000:]
+    assert err == b"" and (out / "last.safetensors").is_file()
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + both epochs

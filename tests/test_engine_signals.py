@@ -74,3 +74,50 @@ def test_sigint_saves_state_and_exits_130(tmp_path):
     with safe_open(str(out / "last.state.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["pixelwise_train_state"])
     assert meta["epoch"] >= 1 and meta["step"] == meta["epoch"] * 12 + meta["batch"]
+
+
+def test_a_second_ctrl_c_cannot_cut_the_interrupt_save_short(tmp_path, monkeypatch):
+    """The save after a first Ctrl-C runs with SIGINT and SIGTERM ignored: a second Ctrl-C (or a
+    burst) lands nowhere, the weights and their training state are both written, and the
+    handlers in place before come back afterwards."""
+    from pixelwise.engine import trainer
+    from pixelwise.engine.trainer import fit
+    from pixelwise.runtime import signals_ignored
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with signals_ignored():
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: nothing raised here
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is handler
+        real_save = trainer.save_state
+        calls = []
+
+        def save_under_fire(run, state):  # Ctrl-C pressed again while the interrupt's state is written
+            calls.append(state.epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            real_save(run, state)
+
+        def ctrl_c(event, state):
+            if event == "step":
+                monkeypatch.setattr(trainer, "save_state", save_under_fire)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+
+        from pixelwise.engine.config import TrainConfig
+
+        cfg = TrainConfig(model="unet", dataset="shapes", out=str(tmp_path / "run"), epochs=1, batch_size=4,
+                          progress=False, model_kwargs={"base_channels": 4},
+                          dataset_kwargs={"num_train": 8, "num_val": 2, "size": 32})
+        try:
+            fit(cfg, log=lambda _: None, callbacks=[ctrl_c])
+            raise AssertionError("the first Ctrl-C did not stop training")
+        except KeyboardInterrupt as stop:
+            assert "continues from there" in stop.args[0]
+        assert calls and (tmp_path / "run" / "last.state.safetensors").is_file()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -15,11 +15,12 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import typing
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from pixelwise._version import __version__
@@ -185,6 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                    if v is not None))
     if args.json:
         write_json(args.json, result)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -243,8 +245,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         num_classes = args.num_classes or (21 if task == "semantic" else 91)
         model = create_model(args.model, num_classes=num_classes)
         meta = {"model": args.model, "num_classes": num_classes, "task": task}
-        print(f"note: --model {args.model} exports randomly initialised weights (give --checkpoint for a "
-              "trained model)")
+        print(f"pixelwise: note: --model {args.model} exports randomly initialised weights (give --checkpoint "
+              "for a trained model)", file=sys.stderr)
     if task != "semantic":
         if not isinstance(model, MaskRCNN):
             raise UserError(f"no ONNX export for the {task} model {meta.get('model')}")
@@ -493,12 +495,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
                                   progress=args.progress, bf=not args.no_bf, skip_invalid=args.skip_invalid,
                                   watershed=args.watershed, **options)
-    shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input")}
+    shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input", "provenance")}  # those: --json
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     for row in metrics.get("per_class", []):
         cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"
                  for key in ("iou", "acc", "bf") if key in row]
         print(f"  {row['name']:<16} " + "  ".join(cells))
+    skipped = metrics["provenance"]["dataset"].get("skipped") or []
+    if skipped:
+        print(f"pixelwise: note: left out {len(skipped)} file(s) with problems (--skip-invalid), e.g. {skipped[0]}",
+              file=sys.stderr)
     if metrics.get("per_class") and not any(row["pixels"] for row in metrics["per_class"]):
         print(f"pixelwise: note: the {args.split} split has no labelled pixel (every pixel is 255, ignore), so "
               "every metric is null; its labels may be withheld (Cityscapes' test split): score a split with labels",
@@ -542,14 +548,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress,
                             watershed=args.watershed)
     stacks = {path for path, frame in zip(plan.paths, plan.frames) if frame > 0}
-    renamed = sum(stem != path.stem for path, stem in zip(plan.paths, plan.stems) if path not in stacks)
+    renamed = sum(  # a frame's own name is <stem>_<frame>; any other name was given to avoid a collision
+        not (re.fullmatch(re.escape(path.stem) + r"_\d+", stem) if path in stacks else stem == path.stem)
+        for path, stem in zip(plan.paths, plan.stems))
     inputs = "; ".join(m.input_spec.describe() for m in members)
     fast = sorted({str(m.runner.precision) for m in members  # bf16 or float32, and why
                    if isinstance(m, SemanticPredictor) and m.mode == "fast" and hasattr(m.runner, "precision")})
     print(f"wrote {len(written)} prediction(s) to {args.out} (input: {inputs})"
           + (f"; --mode fast ran {', '.join(fast)}" if fast else "")
           + (f"; {len(stacks)} multi-frame file(s) predicted frame by frame as <stem>_<frame>" if stacks else "")
-          + (f"; {renamed} named <stem>_<ext> because input stems collide" if renamed else ""))
+          + (f"; {renamed} output name(s) given <stem>_<ext> or a number because input stems collide"
+             if renamed else ""))
     for reason in plan.skipped:
         print(f"pixelwise: skipped {reason}", file=sys.stderr)
     if plan.skipped:
@@ -592,8 +601,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.score_thresh is not None:
         options["score_thresh"] = args.score_thresh
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, **options)
-    run(predictor, config, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    return run(predictor, config, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -661,6 +669,18 @@ def _add_calibration_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--calib-crop", type=int, help=f"with {what}: random crop side (default {CALIB_CROP})")
 
 
+class Once(argparse.Action):
+    """A flag that takes one value: given twice, a one-line error rather than the last one silently
+    (``--checkpoint`` repeated makes an ensemble in predict and eval, not in the verbs that use this)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: typing.Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, f"given twice; {parser.prog} takes one (predict and eval take "
+                                               "several --checkpoint, an ensemble)")
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pixelwise", description="Semantic and instance segmentation in PyTorch.")
     parser.add_argument("--version", action="version", version=f"pixelwise {__version__}")
@@ -690,13 +710,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append",
                    help="the checkpoint; repeat it to evaluate an ensemble (the mean of their probabilities)")
     p.add_argument("--onnx", metavar="FILE", help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--data")
+    p.add_argument("--dataset", required=True, help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, "
+                   "isbi2012, coco, folder")
+    p.add_argument("--data", help="the dataset's folder (not needed for shapes)")
     p.add_argument("--split", default="val", help="the split to score (default: val)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     _add_prediction_args(p)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
     p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
     _add_watershed(p, "isbi2012: score the Rand errors and pixel_error_best on the cell probability with the "
@@ -729,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MC_SAMPLES} seeded samples unless --mc-samples: its mask is the samples' mean, "
                         "the mask eval --mc-samples scores, not plain eval's")
     p.add_argument("--score-thresh", type=float, help=SCORE_THRESH_HELP)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
     p.add_argument("--skip-invalid", action="store_true", help="predict the readable inputs, list the others and "
                    f"exit {EXIT_SKIPPED} (default: name every unreadable input and write nothing)")
     _add_max_pixels(p)
@@ -737,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a model to ONNX, verified against PyTorch")
-    p.add_argument("--checkpoint")
+    p.add_argument("--checkpoint", action=Once, help="the .safetensors checkpoint")
     p.add_argument("--model", help="export this model with random weights instead of a checkpoint")
     p.add_argument("--num-classes", type=int, help="with --model, at least 1 (default 21, or 91 for instance "
                    "models)")
@@ -760,13 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="web page and HTTP API for a checkpoint (needs the serve extra)",
                        description="Serve a checkpoint: a page at / (upload, overlay, legend, scores against a "
                        "ground truth), POST /api/predict, GET /api/info, GET /api/health, the API reference at /docs.")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, action=Once, help="the checkpoint (or an .onnx export) to serve")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                    "only; 0.0.0.0 listens on every interface and prints a warning)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     _add_prediction_args(p)
     p.add_argument("--score-thresh", type=float, help=SCORE_THRESH_HELP)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
     p.add_argument("--workers", type=int, default=1, help="predictions running at once (default 1; torch uses "
                    "every core for each)")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait for a worker; beyond that the "
@@ -790,11 +811,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="inference speed, FLOP utilisation and peak memory")
-    p.add_argument("--model")
-    p.add_argument("--checkpoint")
+    p.add_argument("--model", help="a model of the zoo (`pixelwise models`), random weights")
+    p.add_argument("--checkpoint", action=Once, help="the .safetensors checkpoint")
     p.add_argument("--num-classes", type=int, help="with --model only (default 21)")
     p.add_argument("--size", required=True, help="input HxW")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--onnx", metavar="FILE", help="time a file written by `pixelwise export` (onnxruntime)")
     p.add_argument("--mode", choices=["eager", "fast", "int8", "onnx"], help="eager (default), fast (BatchNorm "
                    "folded, channels-last; bf16 where the CPU has bf16 kernels, for the models whose bf16 accuracy "
@@ -802,8 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "images) or onnx (export, verify, time onnxruntime)")
     p.add_argument("--compile", action="store_true", help="only with --mode fast on a semantic model: also "
                    "torch.compile (compile time is reported as compile_s)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--repeats", type=int, default=5, help="timed forward passes after a warm-up; the fastest "
+                   "counts (default 5)")
     p.add_argument("--threads", type=int, help="intra-op threads for torch and onnxruntime (default: torch's)")
     p.add_argument("--train", action="store_true", help="also time a float32 training step (train_img_per_s)")
     p.add_argument("--json", help="also write the measurements to this JSON file")
@@ -813,8 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     q = data_sub.add_parser("inspect", help="counts, sizes, class frequencies, median-frequency weights, problems")
-    q.add_argument("--dataset", required=True)
-    q.add_argument("--data")
+    q.add_argument("--dataset", required=True, help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, "
+                   "isbi2012, coco, folder")
+    q.add_argument("--data", help="the dataset's folder (not needed for shapes)")
     q.add_argument("--split", default="train", help="the split to inspect (default: train)")
     q.add_argument("--json", help="also write the report to this JSON file")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -900,22 +923,74 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class _StdoutThatMayClose:
+    """``sys.stdout`` for one verb: once its reader has gone (``pixelwise train | head``, or the
+    ``tee`` a Ctrl-C stopped first), further output is dropped instead of raising BrokenPipeError
+    into the verb, which stopped a training run or reported a closed pipe as a full disk."""
+
+    def __init__(self, stream: typing.TextIO) -> None:
+        self.stream, self.closed_by_reader = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.closed_by_reader:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self.closed_by_reader = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_by_reader:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.closed_by_reader = True
+
+    def __getattr__(self, name: str) -> typing.Any:  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def _stdout_may_close() -> Iterator[None]:
+    real = sys.stdout
+    sys.stdout = wrapper = _StdoutThatMayClose(real)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+        if wrapper.closed_by_reader:  # what is still buffered would fail again at exit: point it at nothing
+            with suppress(OSError, ValueError, AttributeError):  # not a real file (a test's capture)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())
+
+
+def _stopped(e: KeyboardInterrupt) -> str:
+    """The one line of an interrupted verb; what it saved and how to go on (training) is repeated
+    here when stdout, where it was logged, is not the terminal (a log file, a pipe)."""
+    said = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+    head = "pixelwise: terminated (SIGTERM)" if isinstance(e, Terminated) else "pixelwise: interrupted"
+    return f"{head}; {said}" if said and not sys.stdout.isatty() else head
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; -> the exit status (module docstring). Every foreseeable bad input ends
     here as one line on stderr."""
-    with _sigterm_raises(), _default_pixel_limit_after():
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # a second Ctrl-C while the first one's line was printed or unwound
+        return 143 if isinstance(e, Terminated) else 130
+
+
+def _main(argv: list[str] | None) -> int:
+    with _sigterm_raises(), _default_pixel_limit_after(), _stdout_may_close():
         try:
             args = _parse(build_parser(), argv)
             return args.func(args)
         except UserError as e:
             print(f"pixelwise: error: {_one_line(str(e))}", file=sys.stderr)
             return 2
-        except Terminated:
-            print("pixelwise: terminated (SIGTERM)", file=sys.stderr)
-            return 143
-        except KeyboardInterrupt:
-            print("pixelwise: interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+            print(_stopped(e), file=sys.stderr)
+            return 143 if isinstance(e, Terminated) else 130
         except OSError as e:  # the machine's answer to a path given: permissions, a full disk, ...
             where = f"{e.filename}: " if e.filename else ""
             print(f"pixelwise: error: {where}{_one_line(e.strerror or str(e))}; check the path, its permissions "

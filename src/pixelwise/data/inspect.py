@@ -105,7 +105,7 @@ def format_report(report: dict, max_problems: int = 20) -> str:
              f"pixels: {total:,} ({report['ignored_pixels']:,} ignored)"]
     sizes = ", ".join(f"{k} x{v}" for k, v in list(report["image_sizes"].items())[:5])
     more = len(report["image_sizes"]) - 5
-    lines.append(f"sizes: {sizes}" + (f" (+{more} more)" if more > 0 else ""))
+    lines.append(f"sizes (width x height): {sizes}" + (f" (+{more} more)" if more > 0 else ""))
     width = max([len("class")] + [len(n) for n in report["class_names"]])
     lines.append(f"{'class':<{width}}  {'pixels':>14}  {'share':>7}  {'mf weight':>9}")
     for name, n, wgt in zip(report["class_names"], pixels, report["median_freq_weights"]):

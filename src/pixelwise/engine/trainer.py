@@ -93,7 +93,7 @@ from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.models.registry import check_model_kwargs
 from pixelwise.preprocess import InputSpec
-from pixelwise.runtime import HeldSignals, check_can_create, progress, show_progress
+from pixelwise.runtime import HeldSignals, check_can_create, progress, show_progress, signals_ignored
 from pixelwise.sample import IGNORE_INDEX
 
 RngState = tuple[dict[str, torch.Tensor], dict]  # (tensors, JSON-able values) of every RNG
@@ -637,9 +637,12 @@ def load_state(run: Run) -> TrainState:
     changes: dict[str, str] = {}
     for group, settings in zip(run.optimizer.param_groups, configured):  # weight decay, momentum: the config's
         for key, value in settings.items():
-            if group.get(key) != value:
-                changes[key] = f"{key} {group.get(key)} -> {value}"
-                group[key] = value
+            saved = group.get(key)
+            same = (list(saved) == list(value) if isinstance(saved, list | tuple) and isinstance(value, list | tuple)
+                    else saved == value)  # betas come back from the state's JSON as a list
+            if not same:
+                changes[key] = f"{key} {saved} -> {value}"
+            group[key] = value
     if changes:
         run.log(f"resume: the optimizer takes the settings given: {', '.join(changes.values())}")
     if run.ema is not None and not run.ema.load_state_tensors(tensors):
@@ -801,7 +804,7 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
                "train_loss": stats.train_loss,
                **({"val_loss": metrics.get("loss")} if validated else {}),
                **{k: v for k, v in metrics.items() if isinstance(v, float | int) and k != "loss"},
-               "lr": state.lr, "img_per_s": round(stats.img_per_s, 2)}
+               "lr": state.lr, "img_per_s": None if stats.img_per_s is None else round(stats.img_per_s, 2)}
         held = HeldSignals()  # Ctrl-C waits for the epoch's files: best, last and the state name one epoch
         held.hold()
         try:
@@ -815,7 +818,8 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
             held.release()
         shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
                          if isinstance(v, float) and k not in ("lr", "img_per_s"))
-        run.log(f"epoch {state.epoch}: {shown} lr={row['lr']:.2e} {row['img_per_s']:.1f} img/s"
+        speed = "-" if stats.img_per_s is None else f"{stats.img_per_s:.1f}"  # not timed (resumed at its end)
+        run.log(f"epoch {state.epoch}: {shown} lr={row['lr']:.2e} {speed} img/s"
                 + (" (time budget reached)" if stats.stopped_by_time else ""))
         dist.barrier()
         for cb in run.callbacks:
@@ -828,7 +832,7 @@ class Diverged(UserError):
 
 class EpochStats(NamedTuple):
     train_loss: float  # mean over the epoch's images, all processes
-    img_per_s: float  # all processes
+    img_per_s: float | None  # all processes; None when no step of the epoch ran in this process
     stopped_by_time: bool
 
 
@@ -944,10 +948,11 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
                 break
     finally:
         held.release()
-    speed = (state.images - images_before) * run.info.world_size / max(time.monotonic() - t0, 1e-9)
+    trained = state.images - images_before  # 0: resumed after the epoch's last step, so nothing was timed
+    epoch_speed = trained * run.info.world_size / max(time.monotonic() - t0, 1e-9) if trained else None
     sums = dist.all_reduce_sum(torch.tensor([state.loss_sum, float(state.images)], dtype=torch.float64,
                                             device=run.device))
-    return EpochStats((sums[0] / sums[1].clamp_min(1)).item(), speed, stopped)
+    return EpochStats((sums[0] / sums[1].clamp_min(1)).item(), epoch_speed, stopped)
 
 
 def evaluate(run: Run) -> dict:
@@ -1001,17 +1006,20 @@ def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
     _write_csv(run.out / "metrics.csv", state.rows)
 
 
-def save_interrupted(run: Run, state: TrainState) -> None:
-    """Ctrl-C: ``last`` and the training state as of the last finished optimizer step."""
+def save_interrupted(run: Run, state: TrainState) -> str:
+    """Ctrl-C: ``last`` and the training state as of the last finished optimizer step; -> what was
+    saved and the command that continues (also logged)."""
     if not run.info.is_main:
-        return
+        return ""
     state.elapsed_s = run.elapsed()
     summary = {"epoch": state.epoch, "interrupted_after_batches": state.batch}
     save_checkpoint(run.out / "last.safetensors", run.saved, checkpoint_meta(run, summary))
     save_state(run, state)
     where = f"epoch {state.epoch + 1} batch {state.batch}" if state.batch else f"the end of epoch {state.epoch}"
-    run.log(f"interrupted: saved {run.out / 'last.safetensors'} and its training state at {where}; "
+    said = (f"saved {run.out / 'last.safetensors'} and its training state at {where}; "
             f"`{run.resume_command} --out {run.out}` continues from there")
+    run.log(f"interrupted: {said}")
+    return said
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -1126,8 +1134,10 @@ def _train_stages(run: Run, state: TrainState, info: dist.DistInfo, device: torc
     try:
         for stage in stages[state.stage:]:
             run_stage(run, state, stage)
-    except KeyboardInterrupt:
-        save_interrupted(run, state)
+    except KeyboardInterrupt as stop:
+        with signals_ignored():  # a second Ctrl-C must not cut the save short
+            said = save_interrupted(run, state)
+        stop.args = (said,) if said else stop.args  # the CLI repeats it on stderr when stdout is not a terminal
         raise
     if run.cfg.resume and state.epoch == epochs_before and state.stage_stopped:
         run.log(f"nothing to train: the run ended on its time budget ({run.cfg.max_minutes:g} min, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -183,11 +184,13 @@ def _runner(model: nn.Module | None, x: torch.Tensor, mode: str, dev: torch.devi
     """``(run, dtype of the convolutions, extra result keys)`` of one benchmark mode."""
     if mode == "onnx":
         path = onnx or _export_temporary(model, x)
-        session_model, meta = load_onnx(path, threads=torch.get_num_threads())
+        try:
+            session_model, meta = load_onnx(path, threads=torch.get_num_threads())
+        finally:  # also when Ctrl-C lands while the session loads
+            if onnx is None:
+                os.unlink(path)
         precision = meta.get("onnx", {}).get("precision", "float32")
         dtype = {"float16": torch.float16, "int8": torch.int8}.get(precision, torch.float32)
-        if onnx is None:
-            os.unlink(path)
         return (lambda: session_model(x)), (torch.float32 if dtype == torch.int8 else dtype), {"precision": precision}
     assert model is not None
     if mode == "eager":
@@ -235,7 +238,12 @@ def _export_temporary(model: nn.Module | None, x: torch.Tensor) -> str:
     assert model is not None
     fd, path = tempfile.mkstemp(suffix=".onnx", prefix="pixelwise-bench-")
     os.close(fd)
-    export_onnx(model.cpu(), path, sizes=[(x.shape[0], x.shape[2], x.shape[3])])
+    try:
+        export_onnx(model.cpu(), path, sizes=[(x.shape[0], x.shape[2], x.shape[3])])
+    except BaseException:  # Ctrl-C, SIGTERM or a failed export: no file left in the temporary folder
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
     return path
 
 
