@@ -596,7 +596,11 @@ def test_cli_serve_defaults_env_key_and_host_warning(checkpoint, monkeypatch, ca
 
     monkeypatch.setattr(pixelwise.serve.config, "check_can_listen", lambda host, port: None)  # 8000 may be taken
     started = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(kw, app=app))
+
+    def fake_run(server, sockets=None):  # records what it would serve, and serves nothing
+        started.update(host=server.config.host, port=server.config.port, app=server.config.app)
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     monkeypatch.setenv("PIXELWISE_API_KEY", "from-env")
     assert main(["serve", "--checkpoint", str(checkpoint), "--log-level", "warning"]) == 0
     assert started["host"] == "127.0.0.1" and started["port"] == 8000
@@ -822,3 +826,79 @@ def test_an_image_sent_as_a_text_value_gets_told_to_send_a_file(predictor):
 def test_an_api_key_a_header_cannot_carry_is_refused_at_start(key):
     with pytest.raises(Exception, match="must be printable ASCII"):
         ServeConfig(api_key=key)
+
+
+# ---------------------------------------------------------------- status codes as docs/serve.md's table says
+
+def _multipart(*parts):
+    """A multipart/form-data body of (name, filename or None, content type or None, bytes) parts."""
+    body = b""
+    for name, filename, ctype, data in parts:
+        body += b'--b\r\nContent-Disposition: form-data; name="' + name.encode() + b'"'
+        body += (b'; filename="' + filename.encode() + b'"') if filename is not None else b""
+        body += b"\r\n" + (b"Content-Type: " + ctype.encode() + b"\r\n" if ctype else b"") + b"\r\n" + data + b"\r\n"
+    return {"content": body + b"--b--\r\n", "headers": {"content-type": "multipart/form-data; boundary=b"}}
+
+
+def test_status_codes_follow_the_docs_table(predictor):
+    """Not an image at all is 415 whatever type the client declared (curl declares image/png for any
+    x.png); bytes that begin as an image and do not decode are 400; an image sent as a short text
+    value is 422 like a long one; a field given twice is 422 naming it, not the first copy taken."""
+    app = create_app(predictor, samples=[])
+    image = png_bytes(noise(24, 24))
+    text = post_image(app, b"not an image at all\n" * 10, "text.png", "image/png")
+    assert text.status_code == 415, text.text
+    assert "not an image in a supported format (declared image/png" in text.json()["detail"]
+    damaged = post_image(app, b"\x89PNG\r\n\x1a\n" + bytes(300), "x.bin", "application/octet-stream")
+    assert damaged.status_code == 400 and "begins as a PNG file" in damaged.json()["detail"], damaged.text
+    truncated_jpeg = png_bytes(noise(64, 64), "JPEG")[:200]
+    assert post_image(app, truncated_jpeg, "x.jpg", "text/plain").status_code == 400
+    for name, value in (("image", b"hello"), ("ground_truth", b"mask.png")):
+        parts = [("image", "a.png", "image/png", image)] if name != "image" else []
+        r = request(app, "POST", "/api/predict", **_multipart(*parts, (name, None, None, value)))
+        assert r.status_code == 422 and f"as a file in the field {name!r}" in r.json()["detail"], (name, r.text)
+    twice = post_image(app, image, fields={"tile": ["16", "abc"]})
+    assert twice.status_code == 422 and "'tile' is given 2 times" in twice.json()["detail"], twice.text
+    two_images = request(app, "POST", "/api/predict", **_multipart(("image", "a.png", "image/png", image),
+                                                                   ("image", "b.png", "image/png", image)))
+    assert two_images.status_code == 422 and "'image' is given 2 times" in two_images.json()["detail"]
+    assert post_image(app, image, fields={"tile": "16"}).status_code == 200
+    assert request(app, "GET", "/api/health").json()["pool"]["waiting"] == 0
+
+
+# ---------------------------------------------------------------- a model with dropout and --workers 2
+
+def test_a_model_with_dropout_waits_for_the_model_in_the_queue_not_against_the_timeout(predictor, tmp_path):
+    """Such a model predicts one request at a time; waiting for it is queue time (queue_ms), not
+    prediction time: it does not count against --timeout, and health counts one running."""
+    import time
+
+    bayes = Predictor.from_checkpoint(_unet_checkpoint(tmp_path / "bayes.safetensors", dropout=0.5))
+    app = create_app(bayes, ServeConfig(workers=2, predict_timeout=1.0), samples=[])
+    pool = app.state.service.pool
+    original, seen = bayes.predict, []
+
+    def slow(*args, **kwargs):  # 0.6 s alone, under the 1 s limit; two in a row would be 1.2 s
+        time.sleep(0.3)
+        seen.append(pool.stats())
+        time.sleep(0.3)
+        return original(*args, **kwargs)
+
+    bayes.predict = slow
+    image = png_bytes(noise(24, 24))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await asyncio.gather(*(c.post("/api/predict", files={"image": ("a.png", image, "image/png")})
+                                          for _ in range(2)))
+
+    first, second = asyncio.run(scenario())
+    assert [first.status_code, second.status_code] == [200, 200], (first.text, second.text)
+    later = max((first.json(), second.json()), key=lambda body: body["queue_ms"])
+    assert later["queue_ms"] >= 500 and later["ms"] < 1000, later  # its wait for the model is queue time
+    assert seen[0]["running"] == 1 and seen[0]["waiting"] == 1, seen
+    assert request(app, "GET", "/api/info").json()["limits"]["workers"] == 1
+    assert request(app, "GET", "/api/health").json()["pool"] == {"workers": 1, "queue": 64, "running": 0,
+                                                                  "waiting": 0}
+    no_dropout = create_app(predictor, ServeConfig(workers=2), samples=[])
+    assert no_dropout.state.service.pool.workers == 2  # --workers holds for a model without dropout

@@ -377,7 +377,7 @@ def test_a_failed_request_marks_the_old_result(server, files, open_page):
     assert settled(page)[0] == "done"
     page.set_input_files("#image-input", file_payload(files["text"]))
     state, status = settled(page)
-    assert state == "error" and "Could not segment text.png: 400" in status
+    assert state == "error" and "Could not segment text.png: 415" in status
     info = shown(page)
     assert info["stale"] == "old" and info["title"] == "for scene0.png" and info["name"] == "scene0_mask.png"
     note = page.inner_text("#result-note")

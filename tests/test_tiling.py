@@ -62,7 +62,8 @@ def test_valid_unet_tiles_equal_the_whole_image(valid_unet, size, tile, overlap,
     predictor = SemanticPredictor(valid_unet, {"num_classes": 3}, tile=tile, overlap=overlap, tta=tta)
     assert predictor.needs_tiles(image)
     tiled = predictor.predict(image)
-    assert len(np.unique(whole.mask)) >= 2, "degenerate prediction"
+    # (d4's average of eight rotations of this random net is one class everywhere: the probabilities carry it)
+    assert len(np.unique(whole.mask)) >= 2 or tta == "d4", "degenerate prediction"
     np.testing.assert_array_equal(tiled.mask, whole.mask)
     # float32 convolutions sum in an order that depends on the input size
     torch.testing.assert_close(tiled.probs, whole.probs, rtol=0, atol=1e-4)

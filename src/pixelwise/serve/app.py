@@ -24,11 +24,13 @@ import inspect
 import logging
 import math
 import re
+import signal
+import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,6 +70,8 @@ TRUE, FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no", "none", ""
 # module level: FastAPI resolves the (string) annotations of require_key in this module's globals
 KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
 BEARER = HTTPBearer(auto_error=False, description="the server's API key as a bearer token")
+GRACE_SECONDS = 5  # on Ctrl-C or SIGTERM, running requests get this long before they are stopped
+SHUTDOWN_RETRY_AFTER = 10  # Retry-After (s) of the 503 a request gets when the server stops under it
 
 
 # ------------------------------------------------------------------ response schemas (for /docs)
@@ -170,8 +174,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     408: {"model": ErrorResponse, "description": "the upload took longer than the server waits for one"},
     413: {"model": ErrorResponse, "description": "upload over the size limit, or image over the pixel limit"},
     415: {"model": ErrorResponse, "description": "not multipart/form-data, or not an accepted image format"},
-    422: {"model": ErrorResponse, "description": "missing image, bad option, ground truth that does not fit"},
-    503: {"model": ErrorResponse, "description": "queue full; the Retry-After header says when to retry"},
+    422: {"model": ErrorResponse, "description": "missing image, image sent as a text value, a field given twice, "
+                                                 "bad option, ground truth that does not fit"},
+    503: {"model": ErrorResponse, "description": "queue full, or the server stopped (Ctrl-C, SIGTERM) before the "
+                                                 "prediction was ready; the Retry-After header says when to retry"},
     504: {"model": ErrorResponse, "description": "the prediction ran longer than the server's time limit "
                                                  "(--timeout) and was stopped"},
 }
@@ -303,11 +309,16 @@ class Service:
 
     def __init__(self, predictor: Predictor, config: ServeConfig, samples: list[Sample]) -> None:
         self.predictor, self.config = predictor, config
-        self.pool = InferencePool(config.workers, config.queue, config.predict_timeout)
         self.samples = {s.name: s for s in samples}
         self.dropout = has_dropout(predictor.model)
         # Monte-Carlo dropout switches the shared model's dropout layers to sampling; no other
-        # prediction may run meanwhile, so a model with dropout predicts one request at a time.
+        # prediction may run meanwhile, so a model with dropout predicts one request at a time: its
+        # pool has one worker whatever --workers says. (A lock inside the job would make the wait for
+        # the model count against --timeout, as prediction time in `ms` and as `running` in health;
+        # in the pool it is queue time, `queue_ms`, like any wait for a worker.)
+        self.workers = 1 if self.dropout else config.workers
+        self.pool = InferencePool(self.workers, config.queue, config.predict_timeout)
+        # never contended (one worker); it keeps the rule true for a caller of predict() outside the pool
         self._model_lock: contextlib.AbstractContextManager = (threading.Lock() if self.dropout
                                                                else contextlib.nullcontext())
         self.name = str(predictor.meta.get("model", type(predictor.model).__name__))
@@ -325,7 +336,7 @@ class Service:
             "options": options_of(p), "tta_modes": list(TTA_MODES), "uncertainty": uncertainty,
             "uncertainty_samples": self.config.uncertainty_samples if self.dropout else 0,
             "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
-                       "workers": self.config.workers, "queue": self.config.queue},
+                       "workers": self.workers, "queue": self.config.queue},
             "samples": [{"name": s.name, "url": f"/api/samples/{s.name}",
                          "ground_truth_url": f"/api/samples/{s.name}/ground_truth" if s.ground_truth else None}
                         for s in self.samples.values()],
@@ -528,6 +539,16 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
             return _error(504, f"{e} (--timeout); send a smaller image, larger tiles or less test-time augmentation")
         except (UploadError, PoolFull):
             raise
+        except asyncio.CancelledError:
+            # the server stops (Ctrl-C, SIGTERM) and this request outlived its grace period: uvicorn
+            # cancels its task. Its job was stopped above; the client gets an answer it can act on
+            # (uvicorn's own would be a plain-text 500) and the log one line, not a traceback.
+            uncancel = getattr(asyncio.current_task(), "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()  # handled: this task goes on to send the answer
+            log.info("POST /api/predict: the server is shutting down; its prediction was stopped (503)")
+            return _error(503, "the server is shutting down; retry, on this server once it is back or on another",
+                          {"Retry-After": str(SHUTDOWN_RETRY_AFTER)})
         except Exception as e:  # never let one request take the server down: log it, answer 500
             log.exception("POST /api/predict failed")
             return _error(500, f"the prediction failed on the server ({type(e).__name__}: {e})")
@@ -604,9 +625,51 @@ def _stderr_logging() -> Iterator[None]:
         log.removeHandler(handler)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also remembers the signal that stopped it (for the exit status),
+    prints the start-up banner once it listens (with the port bound, also for ``--port 0``), and
+    does not raise that signal again once it has shut down (uvicorn re-raises it for the handler it
+    replaced: the CLI's SIGTERM handler would then unwind as an interruption, the default one would
+    kill the process, and :func:`uvicorn.run` swallows Ctrl-C's KeyboardInterrupt)."""
+
+    def __init__(self, config: uvicorn.Config, banner: Callable[[int], None]) -> None:
+        super().__init__(config)
+        self.banner = banner
+        self.stopped_by: int | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
+        super().handle_exit(sig, frame)  # the first signal shuts down gracefully, a second Ctrl-C at once
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.banner(self.servers[0].sockets[0].getsockname()[1])
+
+
+def exit_status(stopped_by: int | None) -> int:
+    """0 when the server stopped on its own; 128 + the signal's number after one (130 after Ctrl-C,
+    143 after SIGTERM), as for every verb."""
+    return 0 if stopped_by is None else 128 + stopped_by
+
+
 def run(predictor: Predictor, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
-        log_level: str = "info") -> None:
-    """Serve ``predictor`` on ``host:port`` until Ctrl-C or SIGTERM."""
+        log_level: str = "info") -> int:
+    """Serve ``predictor`` on ``host:port`` until Ctrl-C or SIGTERM; -> the exit status
+    (:func:`exit_status`). ``port`` 0: a free port, which the banner names."""
     with _stderr_logging():
         app = create_app(predictor, config)
         warning = host_warning(host, config.api_key)
@@ -614,10 +677,23 @@ def run(predictor: Predictor, config: ServeConfig, host: str = "127.0.0.1", port
             print(f"pixelwise serve: {warning}", file=sys.stderr)
         shown = f"[{host}]" if ":" in host else host
         service: Service = app.state.service
-        print(f"pixelwise serve: {service.name} ({predictor.task}, {len(predictor.class_names)} classes, input: "
-              f"{predictor.input_spec.describe()}) on http://{shown}:{port}/ (API reference: /docs; "
-              f"{config.workers} worker(s), room for {config.queue} waiting"
-              + (", API key required" if config.api_key else "") + ")", flush=True)
-        # on Ctrl-C or SIGTERM, predictions still running after 5 s are stopped at their next model batch
-        uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False,
-                    timeout_graceful_shutdown=5)
+        workers = f"{service.workers} worker(s)"
+        if service.workers < config.workers:
+            workers += " (the model has dropout: it predicts one request at a time)"
+
+        def banner(bound: int) -> None:
+            print(f"pixelwise serve: {service.name} ({predictor.task}, {len(predictor.class_names)} classes, input: "
+                  f"{predictor.input_spec.describe()}) on http://{shown}:{bound}/ (API reference: /docs; "
+                  f"{workers}, room for {config.queue} waiting"
+                  + (", API key required" if config.api_key else "") + ")", flush=True)
+
+        # on Ctrl-C or SIGTERM, predictions still running after GRACE_SECONDS are stopped at their next
+        # model batch and answered 503
+        server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
+                                        timeout_graceful_shutdown=GRACE_SECONDS), banner)
+        server.run()
+        status = exit_status(server.stopped_by)
+        if status:
+            name = signal.Signals(server.stopped_by).name if server.stopped_by else ""
+            print(f"pixelwise serve: stopped by {name} (exit status {status})", file=sys.stderr, flush=True)
+        return status

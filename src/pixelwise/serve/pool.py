@@ -113,6 +113,10 @@ class InferencePool:
         future = self._executor.submit(job)
         ticket.submitted = True
         result = asyncio.wrap_future(future)
+        # a job stopped after its request was answered (the client went away, its time ran out, the
+        # server stops) ends in an exception that nobody awaits: seen here, asyncio does not log it
+        # as "Future exception was never retrieved" with a traceback
+        result.add_done_callback(_seen)
         limit: asyncio.Future[Any] = asyncio.ensure_future(self._time_limit(started))
         try:
             await asyncio.wait([result, limit], return_when=asyncio.FIRST_COMPLETED)
@@ -145,3 +149,9 @@ class InferencePool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _seen(outcome: asyncio.Future[Any]) -> None:
+    """Retrieves a finished job's exception, if any (the request was answered without it)."""
+    if not outcome.cancelled():
+        outcome.exception()

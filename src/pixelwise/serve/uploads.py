@@ -53,6 +53,13 @@ _ORIENTATION_TAG = 0x0112  # EXIF orientation, applied as data.io.read_image app
 MAX_PARTS = 16
 MAX_FIELD_BYTES = 4096  # a text field (tile, tta, ...)
 FILE_FIELDS = ("image", "ground_truth")  # the fields that carry files
+# how the files of the formats the server opens begin: bytes that begin so but cannot be decoded are a
+# damaged image (400); any other bytes are not an image the server opens at all (415), whatever
+# content type the client declared (curl declares image/png for any file named .png)
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"))
+_PNM = re.compile(rb"P[1-6]\s")
+_PCX = re.compile(rb"\x0a[\x00-\x05][\x00\x01]")
 _EXTENDED_FILENAME = re.compile(rb"filename\*\s*=\s*([^;]+)", re.IGNORECASE)  # which parse_options_header drops
 
 
@@ -76,6 +83,12 @@ class Part:
 
     def text(self) -> str:
         return self.data.decode("utf-8", errors="replace").strip()
+
+
+def text_value(name: str) -> UploadError:
+    """The 422 for a file field sent as a text value (``curl -F "image=<photo.jpg"`` or ``-F image=x``)."""
+    return UploadError(422, f"send the {name.replace('_', ' ')} as a file in the field {name!r} "
+                            f"(e.g. curl -F {name}=@photo.png), not as a text value")
 
 
 def too_large(limit: int) -> UploadError:
@@ -130,17 +143,18 @@ class _FormReader:
         part.data += data[start:end]
         if part.filename is None and len(part.data) > MAX_FIELD_BYTES:
             if part.name in FILE_FIELDS:  # e.g. curl -F "image=<photo.jpg" sends the bytes as a text value
-                raise UploadError(422, f"send the {part.name.replace('_', ' ')} as a file in the field {part.name!r} "
-                                       f"(e.g. curl -F {part.name}=@photo.png), not as a text value")
+                raise text_value(part.name)
             raise UploadError(400, f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
 
 
 async def read_multipart(content_type: str, content_length: str | None, chunks: AsyncIterator[bytes],
                          limit: int) -> dict[str, Part]:
-    """The parts of a ``multipart/form-data`` body by field name (the first of repeated names).
+    """The parts of a ``multipart/form-data`` body by field name.
 
     Refuses: another content type (415), a declared or actual body over ``limit`` bytes (413,
-    before reading it when Content-Length says so), a malformed body (400)."""
+    before reading it when Content-Length says so), a malformed body (400), a field given more
+    than once (422: which of two ``tile`` values was meant?), a file field (:data:`FILE_FIELDS`)
+    sent as a non-empty text value instead of a file (422)."""
     kind, params = parse_options_header(content_type or "")
     if kind != b"multipart/form-data":
         raise UploadError(415, f"send the image as multipart/form-data (field 'image'), not "
@@ -169,8 +183,28 @@ async def read_multipart(content_type: str, content_length: str | None, chunks: 
         raise UploadError(400, f"malformed multipart/form-data body ({e})") from None
     found: dict[str, Part] = {}
     for part in reader.parts:
-        found.setdefault(part.name, part)
+        if part.name in found:
+            times = sum(p.name == part.name for p in reader.parts)
+            raise UploadError(422, f"form field {part.name!r} is given {times} times; send each field once")
+        found[part.name] = part
+    for name in FILE_FIELDS:  # an empty text value is no file (the page's ground truth when none is chosen)
+        if name in found and found[name].filename is None and found[name].data:
+            raise text_value(name)
     return found
+
+
+def image_kind(head: bytes) -> str | None:
+    """The format whose files begin like ``head`` (of those the server opens), or None."""
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if _PNM.match(head):
+        return "PPM"
+    if _PCX.match(head):
+        return "PCX"
+    return None
 
 
 def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = "", what: str = "image") -> Image.Image:
@@ -186,11 +220,13 @@ def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = ""
             raise UploadError(415, f"the {what} is an unsupported TIFF: {layout} cannot be read (1, 8, 16 or 32-bit "
                                    "integer channels and a single float channel can); convert it to 8 or 16-bit "
                                    "RGB or gray") from None
-        if declared_type.startswith("image/"):
-            raise UploadError(400, f"the {what} cannot be decoded: it is declared {declared_type}, but its bytes "
-                                   "are damaged or in no known image format; re-export it") from None
-        raise UploadError(415, f"the {what} is not an image in a supported format "
-                               f"({ACCEPTED})") from None
+        kind = image_kind(bytes(data[:16]))
+        if kind:  # it begins as an image does: a damaged one, not another kind of file
+            raise UploadError(400, f"the {what} cannot be decoded: it begins as a {kind} file, but the rest is "
+                                   "damaged; re-export it") from None
+        declared = f" (declared {declared_type}: a file of another kind renamed?)" if declared_type else ""
+        raise UploadError(415, f"the {what} is not an image in a supported format{declared}; send one of "
+                               f"{ACCEPTED}") from None
     except Image.DecompressionBombError as e:  # PIL's own guard, at twice its limit (at least --max-pixels)
         count = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(count[1]):,} pixels, more" if count else "more pixels"
