@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -130,3 +131,12 @@ def narrow(model: nn.Module, divisor: int = 8, keep: int = 16) -> nn.Module:
                     new.weight.data.normal_(0, 0.1, generator=g)
                 setattr(parent, name, new)
     return model.eval()
+
+
+async def wait_for(condition, what: str) -> None:
+    """Await until ``condition()`` is true (the serve tests' requests reaching a state)."""
+    for _ in range(6000):  # a state to reach, not a time to measure: give up after a minute
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never reached: {what}")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import wait_for
 from pixelwise import Predictor, create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
@@ -454,14 +455,6 @@ class Gate:
 
     def open(self):
         self.event.set()
-
-
-async def wait_for(condition, what):
-    for _ in range(6000):  # a state to reach, not a time to measure: give up after a minute
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never reached: {what}")
 
 
 def test_full_queue_answers_503_with_retry_after_and_every_admitted_request_is_answered(checkpoint):

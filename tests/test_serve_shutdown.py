@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import wait_for
 from pixelwise import Predictor, create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
@@ -52,14 +53,6 @@ def png(h, w):
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-async def wait_for(condition, what):
-    for _ in range(6000):  # a state to reach, not a time to measure: give up after a minute
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never reached: {what}")
 
 
 class NeverRetrieved:
