@@ -32,7 +32,7 @@ import contextlib
 import io
 import math
 from pathlib import Path
-from typing import TypeGuard
+from typing import NoReturn, TypeGuard
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -154,9 +154,9 @@ class COCOInstances(FilePairDataset):
                             f"{self.ann_file.name} says {w}x{h}; fix the file or use --skip-invalid")
         anns = sorted(self.coco.imgToAnns.get(image_id, []), key=lambda a: -_number(a.get("area")))
         semantic = np.zeros((h, w), dtype=np.uint8)
-        for a in anns:
-            if a.get("iscrowd", 0) and a.get("segmentation"):
-                semantic[self._mask(a, image_id) > 0] = IGNORE_INDEX
+        crowd_masks = {id(a): self._mask(a, image_id) for a in anns if a.get("iscrowd", 0) and a.get("segmentation")}
+        for m in crowd_masks.values():
+            semantic[m > 0] = IGNORE_INDEX
         # instances; crowd regions: not trained on, scored as COCO scores them (neither right nor wrong);
         # degenerate instances (box under 1 px, empty mask): not trained on, scored as objects
         found: dict[str, list] = {"masks": [], "labels": [], "boxes": [], "areas": [], "bboxes": []}
@@ -167,10 +167,9 @@ class COCOInstances(FilePairDataset):
                 continue
             problem = annotation_problem(a, h, w)
             if problem:
-                raise UserError(f"{self.ann_file}: annotation {a.get('id')} of image {image_id} {problem}; fix it or "
-                                "use --skip-invalid")
-            x, y, bw, bh = (float(v) for v in a["bbox"])
-            m = self._mask(a, image_id).astype(bool)
+                self._refuse(a, image_id, problem)
+            x, y, bw, bh = (float(v) for v in a["bbox"])  # segmentation validated with the rest just above
+            m = (crowd_masks[id(a)] if id(a) in crowd_masks else self._rasterise(a, image_id)).astype(bool)
             label = self.cat_to_label[a["category_id"]]
             if a.get("iscrowd", 0):
                 into = crowd
@@ -204,11 +203,18 @@ class COCOInstances(FilePairDataset):
         a polygon point far out or an RLE pycocotools cannot decode: it would crash or read garbage)."""
         info = self.coco.imgs[image_id]
         problem = segmentation_problem(a["segmentation"], int(info["height"]), int(info["width"]))
-        if problem is None:
-            try:
-                return self.coco.annToMask(a)
-            except (ValueError, TypeError) as e:  # what the validation does not foresee
-                problem = f"has a segmentation pycocotools cannot read ({type(e).__name__}: {e})"
+        if problem is not None:
+            self._refuse(a, image_id, problem)
+        return self._rasterise(a, image_id)
+
+    def _rasterise(self, a: dict, image_id: int) -> np.ndarray:
+        """:meth:`_mask` for an annotation whose segmentation was validated already."""
+        try:
+            return self.coco.annToMask(a)
+        except (ValueError, TypeError) as e:  # what the validation does not foresee
+            self._refuse(a, image_id, f"has a segmentation pycocotools cannot read ({type(e).__name__}: {e})")
+
+    def _refuse(self, a: dict, image_id: int, problem: str) -> NoReturn:
         raise UserError(f"{self.ann_file}: annotation {a.get('id')} of image {image_id} {problem}; fix it or "
                         "use --skip-invalid")
 
