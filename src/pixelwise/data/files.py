@@ -77,6 +77,18 @@ def _rotation_note(image_ref: str, mask_size: tuple[int, int]) -> str:
             "or rotate the image's pixels and drop its orientation tag")
 
 
+def read_split_list(path: Path) -> str:
+    """The text of a split list (one name per line), read as UTF-8 with a BOM (Windows Notepad's)
+    dropped; a missing list names the lists beside it, a list in another encoding is refused."""
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in path.parent.glob("*.txt"))) or "none"
+        raise UserError(f"{path}: split list not found (lists there: {have})")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: split list is not UTF-8 text; save it as UTF-8") from None
+
+
 class FilePairDataset(SegmentationDataset):
     """Base of the readers that pair an image file with a mask file.
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from pixelwise.data.base import IGNORE_INDEX, Problem
-from pixelwise.data.files import FilePairDataset, identity_lut
+from pixelwise.data.files import FilePairDataset, identity_lut, read_split_list
 from pixelwise.data.io import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, format_names, read_mask
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
@@ -117,13 +117,7 @@ class FolderDataset(FilePairDataset):
         lists = self.root / "splits"
         if lists.is_dir():
             path = lists / f"{split}.txt"
-            if not path.is_file():
-                have = ", ".join(sorted(p.stem for p in lists.glob("*.txt"))) or "none"
-                raise UserError(f"{path}: split list not found (available: {have})")
-            try:
-                text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad) is not a stem
-            except UnicodeDecodeError:
-                raise UserError(f"{path}: split list is not UTF-8 text; save it as UTF-8") from None
+            text = read_split_list(path)
             known = set(stems)
             # a line is a stem (scan.001 is one), or a file name whose image extension is dropped
             wanted = [w if w in known or Path(w).suffix.lower() not in IMAGE_EXTS else Path(w).stem

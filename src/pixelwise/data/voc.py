@@ -23,7 +23,7 @@ from scipy.io import loadmat
 from scipy.io.matlab import MatReadError
 
 from pixelwise.data.download import Archive, download_and_extract
-from pixelwise.data.files import FilePairDataset, identity_lut
+from pixelwise.data.files import FilePairDataset, identity_lut, read_split_list
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 
@@ -51,14 +51,7 @@ def read_list(path: Path, required: bool = True) -> list[str]:
     """Stems from a split list; accepts 'stem' lines and DeepLab's '/JPEGImages/x.jpg /Seg.../x.png'.
     ``required``: the list is the split asked for, so an empty one is a UserError (a list only
     combined with others, such as SBD's, may be empty)."""
-    if not path.is_file():
-        have = ", ".join(sorted(p.stem for p in path.parent.glob("*.txt"))) or "none"
-        raise UserError(f"{path}: split list not found (lists there: {have})")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows Notepad) is not part of the first stem
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: split list is not UTF-8 text; save it as UTF-8") from None
-    stems = [Path(line.split()[0]).stem for line in text.splitlines() if line.strip()]
+    stems = [Path(line.split()[0]).stem for line in read_split_list(path).splitlines() if line.strip()]
     if required and not stems:
         raise UserError(f"{path}: the split list is empty; list one image name per line")
     return stems
