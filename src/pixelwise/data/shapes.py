@@ -113,7 +113,8 @@ class ShapesDataset(SegmentationDataset):
 
     Options: ``num_train`` (default 800), ``num_val`` (200), ``num_test`` (200), ``size`` (96,
     square side in pixels, >= 16), ``max_objects`` (6, >= 1), ``noise`` (0.06, >= 0), ``seed`` (0, >= 0).
-    ``root`` is unused. A bad option, or a split of 0 scenes, is a UserError naming the option.
+    It reads no folder: a ``root`` (``--data``) is refused, since whoever gives one meant a dataset on
+    disk. A bad option, or a split of 0 scenes, is a UserError naming the option.
     """
 
     class_names = CLASS_NAMES
@@ -125,6 +126,9 @@ class ShapesDataset(SegmentationDataset):
                  num_val: int = 200, num_test: int = 200, size: int = 96, max_objects: int = 6,
                  noise: float = 0.06, seed: int = 0, transform=None, mean=None, std=None):
         super().__init__(transform=transform, mean=mean, std=std)
+        if root is not None:
+            raise UserError(f"--data {root}: the shapes dataset is generated, it reads no folder; leave --data "
+                            "out, or name the kind of dataset in that folder with --dataset (camvid, voc, folder, ...)")
         if split not in _SPLIT_IDS:
             raise UserError(f"shapes has no split {split!r}; choose one of: {', '.join(_SPLIT_IDS)}")
         counts = {key: _whole(f"num_{key}", n, 0)
