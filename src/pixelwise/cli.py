@@ -712,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", metavar="FILE", help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("--dataset", required=True, help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, "
                    "isbi2012, coco, folder")
-    p.add_argument("--data", help="the dataset's folder (not needed for shapes)")
+    p.add_argument("--data", help="the dataset's folder (none for shapes, which is generated)")
     p.add_argument("--split", default="val", help="the split to score (default: val)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -837,7 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("inspect", help="counts, sizes, class frequencies, median-frequency weights, problems")
     q.add_argument("--dataset", required=True, help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, "
                    "isbi2012, coco, folder")
-    q.add_argument("--data", help="the dataset's folder (not needed for shapes)")
+    q.add_argument("--data", help="the dataset's folder (none for shapes, which is generated)")
     q.add_argument("--split", default="train", help="the split to inspect (default: train)")
     q.add_argument("--json", help="also write the report to this JSON file")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

@@ -72,7 +72,7 @@ class TrainConfig:
     model: str = opt("unet", "model name (see `pixelwise models`)", metavar="NAME")
     dataset: str = opt("shapes", "dataset kind: shapes, camvid, voc, cityscapes, ade20k, isbi2012, coco, folder",
                        metavar="KIND")
-    data: str | None = opt(None, "dataset root folder (not needed for shapes)", metavar="PATH")
+    data: str | None = opt(None, "dataset root folder (none for shapes, which is generated)", metavar="PATH")
     out: str | None = opt(None, "output folder for checkpoints and metrics", metavar="DIR",
                           default_text="runs/<recipe name>, or runs/<model> without --config")
     model_kwargs: dict = opt({}, "model builder options as a JSON object, e.g. '{\"base_channels\": 32}'")
