@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
@@ -163,3 +165,31 @@ def test_all_zero_class_weights(tmp_path, capsys):
 def test_weight_map_class_beyond_the_classes(tmp_path, capsys, cls):
     train_refused(tmp_path, capsys, ["--weight-map", "unet", "--weight-map-class", cls],
                   f"--weight-map-class {cls}: the data has classes 0..3")
+
+
+def _folder(root: Path, names: list[str] | None) -> Path:
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"i{i}.png")
+        Image.fromarray(rng.integers(0, 3, (16, 16), dtype=np.uint8)).save(root / "masks" / f"i{i}.png")
+    if names is not None:
+        (root / "classes.json").write_text(json.dumps({"names": names}))
+    return root
+
+
+def test_semantic_eval_refuses_data_whose_classes_have_other_names(tmp_path, capsys):
+    """A model of classes a, b, c scored on data of c, b, a reported the model's 'a' as 'c'; instance
+    eval already refused such a pairing. Generic names (a folder without classes.json) still pair."""
+    ckpt = tmp_path / "abc.safetensors"
+    kw = {"base_channels": 4}
+    save_checkpoint(ckpt, create_model("unet", num_classes=3, **kw),
+                    {"model": "unet", "num_classes": 3, "model_kwargs": kw, "class_names": ["a", "b", "c"]})
+    args = ["eval", "--checkpoint", str(ckpt), "--dataset", "folder", "--split", "all", "--no-progress", "--data"]
+    assert main([*args, str(_folder(tmp_path / "cba", ["c", "b", "a"]))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: the checkpoint's classes are a, b, c but the data's are c, b, a "
+                          "(the first that differs: class 0)") and "\n" not in err, err
+    assert main([*args, str(_folder(tmp_path / "abc", ["a", "b", "c"]))]) == 0
+    assert main([*args, str(_folder(tmp_path / "plain", None))]) == 0  # class_0, class_1, class_2

@@ -40,7 +40,7 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     errors score the cell probability with the boundaries of its watershed cells, seeded at this
     threshold, drawn in (:func:`~pixelwise.inference.cells.with_boundaries`); the confusion-matrix
     metrics stay those of the network's masks."""
-    check_class_count(predictor.meta, ds)
+    check_same_classes(predictor.meta, ds)
     meter = ConfusionMeter(ds.num_classes)
     bf_meter = BFMeter(ds.num_classes) if bf else None
     fg = ds.rand_foreground
@@ -98,17 +98,24 @@ def check_same_classes(meta: dict, ds: SegmentationDataset) -> None:
     """Refuse (one-line UserError) to score a checkpoint on data whose classes are other ones: a
     different number, other names (where the checkpoint records names) or other COCO category ids
     (where both record them). Labels are positions in the class list, so such a pairing would
-    compare one class's detections with another class's objects and drop the rest unnoticed."""
+    compare one class's masks or detections with another class's pixels or objects, and report them
+    under the data's names. Names are compared only where both sides have real ones: a folder
+    dataset without classes.json calls its classes ``class_0``, ``class_1``, ..."""
     check_class_count(meta, ds)
     names, data_names = meta.get("class_names"), list(ds.class_names)
-    if names and list(names) != data_names:
+    if names and not _generic(names) and not _generic(data_names) and list(names) != data_names:
         i = next((i for i, (a, b) in enumerate(zip(names, data_names)) if a != b), min(len(names), len(data_names)))
         raise UserError(f"the checkpoint's classes are {_short(names)} but the data's are {_short(data_names)} "
-                        f"(the first that differs: class {i}); evaluate on the dataset it was trained for")
+                        f"(the first that differs: class {i}); evaluate on the dataset it was trained for (a folder "
+                        "dataset names its classes in classes.json)")
     ids, data_ids = meta.get("category_ids"), getattr(ds, "category_ids", None)
     if ids and data_ids is not None and list(ids) != list(data_ids):
         raise UserError(f"the checkpoint's classes have COCO category ids {_short(ids)} but the data's have "
                         f"{_short(data_ids)}; evaluate on the dataset it was trained for")
+
+
+def _generic(names: list) -> bool:
+    return list(names) == [f"class_{i}" for i in range(len(names))]
 
 
 def _short(values: list, k: int = 6) -> str:
