@@ -465,3 +465,25 @@ def test_files_of_the_outputs_names_already_in_out_are_replaced_only_with_overwr
                                                                                                    "x.png"]
     assert main(["predict", "--checkpoint", str(checkpoint), str(image), "--out", str(out), "--overwrite"]) == 0
     assert Image.open(out / "x.png").size == (30, 20) and (out / "unrelated.png").read_text() == "also mine"
+
+
+@pytest.mark.parametrize(("names", "class0_coloured"), [
+    (["background", "car", "person"], False),
+    (["class_0", "class_1", "class_2"], False),  # a folder dataset without classes.json: binary masks' 0
+    (["road", "car", "person"], True),  # Cityscapes' road, CamVid's sky: class 0 is a thing to see
+])
+def test_overlay_leaves_only_a_background_class_clear(tmp_path, names, class0_coloured):
+    """The overlay left class 0 clear for every model, so Cityscapes' road and CamVid's sky never showed."""
+    from pixelwise.inference.writers import write_semantic
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (12, 10), dtype=np.uint8)
+    palette = [(200, 10, 10), (10, 200, 10), (10, 10, 200)]
+    write_semantic(tmp_path, "x", image, [(0, mask, None)], palette, names)
+    over = np.asarray(Image.open(tmp_path / "x_overlay.png").convert("RGB")).astype(float)
+    expected = (image * 0.5 + np.array(palette, float)[mask] * 0.5).round()
+    if not class0_coloured:
+        expected[mask == 0] = image[mask == 0]
+    np.testing.assert_array_equal(over, expected)
+    assert (mask == 0).any() and (mask > 0).any()

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from pixelwise.data.io import write_mask
-from pixelwise.data.palette import colorize, overlay
+from pixelwise.data.palette import clear_class, colorize, overlay
 from pixelwise.data.shapes import ShapesDataset
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.trainer import RUN_FILES, check_out, fit
@@ -115,7 +115,7 @@ def write_examples(checkpoint: Path, folder: Path, dataset_kwargs: dict) -> list
         Image.fromarray(s.image).save(folder / f"{s.name}_image.png")
         Image.fromarray(colorize(s.mask, ds.palette)).save(folder / f"{s.name}_truth.png")
         write_mask(folder / f"{s.name}.png", pred.mask, ds.palette)
-        Image.fromarray(overlay(s.image, pred.mask, ds.palette)).save(folder / f"{s.name}_overlay.png")
+        Image.fromarray(overlay(s.image, pred.mask, ds.palette, clear=clear_class(ds.class_names))).save(folder / f"{s.name}_overlay.png")
         rel = f"predictions/{s.name}"
         examples.append({"name": s.name, "image": f"{rel}_image.png", "truth": f"{rel}_truth.png",
                          "pred": f"{rel}.png", "overlay": f"{rel}_overlay.png"})

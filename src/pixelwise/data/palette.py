@@ -37,10 +37,22 @@ def colorize(mask: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarra
     return lut[mask]
 
 
+# names of a class 0 that is the absence of the classes: VOC's and COCO's background, and the generic
+# name a folder dataset without classes.json gives (binary masks store the background as 0)
+BACKGROUND_NAMES = ("background", "_background_", "bg", "class_0")
+
+
+def clear_class(class_names: Sequence[str]) -> int | None:
+    """The class an overlay leaves clear: class 0 where it is a background (:data:`BACKGROUND_NAMES`),
+    none where class 0 is a thing to see (Cityscapes' road, CamVid's sky, ADE20K's wall, ISBI's membrane)."""
+    return 0 if len(class_names) and str(class_names[0]).casefold() in BACKGROUND_NAMES else None
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, palette: list[tuple[int, int, int]],
-            alpha: float = 0.5) -> np.ndarray:
-    """Blend the coloured mask over uint8[H, W, 3] ``image``; class 0 (background) stays clear."""
+            alpha: float = 0.5, clear: int | None = 0) -> np.ndarray:
+    """Blend the coloured mask over uint8[H, W, 3] ``image``; class ``clear`` (:func:`clear_class`;
+    None: no class) and 255 (ignore) stay clear."""
     colours = colorize(mask, palette).astype(np.float32)
     img = image.astype(np.float32)
-    a = np.where((mask > 0) & (mask != 255), alpha, 0.0)[..., None]
+    a = np.where((mask != 255) & (mask != (-1 if clear is None else clear)), alpha, 0.0)[..., None]
     return (img * (1 - a) + colours * a).round().clip(0, 255).astype(np.uint8)

@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw
 
 from pixelwise.coco_eval import encode_mask
 from pixelwise.data.io import IMAGE_SUFFIXES, PngRowWriter, format_names, read_frames, read_image, write_mask
-from pixelwise.data.palette import default_palette, overlay
+from pixelwise.data.palette import clear_class, default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
@@ -235,12 +235,13 @@ def entropy_to_gray(entropy: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[MaskRow], palette: list,
-                   num_classes: int, uncertainty: bool = False) -> Path:
+                   class_names: Sequence[str], uncertainty: bool = False) -> Path:
     """The mask, the overlay and (with ``uncertainty``) the uncertainty map of one image, written
     as its row bands come (``(y, mask, entropy)`` top to bottom, as
     :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows` gives them): no file's
     pixels are held whole, and the overlay's float temporaries cover ``STRIP_ROWS`` rows."""
     h, w = image.shape[:2]
+    num_classes, clear = len(class_names), clear_class(class_names)
     names = output_names(stem, uncertainty=uncertainty)
     with staged(out_dir, names) as paths, ExitStack() as files:  # the files close before the renames
 
@@ -254,7 +255,7 @@ def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[M
             mask_png.write(mask)
             for s in range(0, len(mask), STRIP_ROWS):
                 e = min(s + STRIP_ROWS, len(mask))
-                overlay_png.write(overlay(image[y + s : y + e], mask[s:e], palette))
+                overlay_png.write(overlay(image[y + s : y + e], mask[s:e], palette, clear=clear))
                 if entropy_png is not None and entropy is not None:
                     entropy_png.write(entropy_to_gray(entropy[s:e], num_classes))
     return out_dir / f"{stem}.png"
@@ -286,7 +287,7 @@ def write_cells(out_dir: Path, stem: str, image: np.ndarray, predictor: Semantic
     with staged(out_dir, [f"{stem}_cells.png"]) as paths:  # named only once the other files are written
         Image.fromarray(labels.astype(np.uint16)).save(paths[f"{stem}_cells.png"])
         return write_semantic(out_dir, stem, image, [(0, mask, prediction.uncertainty)], predictor.palette,
-                              len(predictor.class_names), uncertainty)
+                              predictor.class_names, uncertainty)
 
 
 def instance_maps(masks: np.ndarray, labels: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -405,7 +406,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     elif isinstance(predictor, SemanticPredictor):
         for stem, image in plan_images(plan):  # one image at a time: the masks eval scores, bit for bit
             rows = predictor.predict_rows([image], uncertainty=uncertainty, progress=progress)[0]
-            written.append(write_semantic(out_dir, stem, image, rows, predictor.palette, len(predictor.class_names),
+            written.append(write_semantic(out_dir, stem, image, rows, predictor.palette, predictor.class_names,
                                           uncertainty))
             bar.update()
     else:

@@ -48,6 +48,7 @@ from starlette.requests import ClientDisconnect
 
 from pixelwise._version import __version__
 from pixelwise.data.io import set_max_image_pixels
+from pixelwise.data.palette import clear_class
 from pixelwise.errors import UserError
 from pixelwise.inference import cancel
 from pixelwise.inference.cancel import TimedOut
@@ -325,8 +326,9 @@ class Service:
 
     def info(self) -> dict:
         p = self.predictor
-        classes = [{"id": i, "name": n, "color": list(p.palette[i]) if i < len(p.palette) else [255, 255, 255]}
-                   for i, n in enumerate(p.class_names)]
+        clear = clear_class(p.class_names) if isinstance(p, SemanticPredictor) else None
+        classes = [{"id": i, "name": n, "color": list(p.palette[i]) if i < len(p.palette) else [255, 255, 255],
+                    "clear": i == clear} for i, n in enumerate(p.class_names)]
         uncertainty = None
         if isinstance(p, SemanticPredictor):
             uncertainty = "mc_dropout" if self.dropout else "entropy"

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pixelwise.data.io import encode_png
-from pixelwise.data.palette import overlay
+from pixelwise.data.palette import clear_class, overlay
 from pixelwise.inference.predictor import Prediction
 from pixelwise.inference.writers import draw_instances, entropy_to_gray, instance_colors, instance_maps, instances_json
 from pixelwise.metrics import confusion_matrix, segmentation_metrics
@@ -80,7 +80,8 @@ def semantic_result(image: np.ndarray, pred: Prediction, class_names: list[str],
     pal = [(int(c[0]), int(c[1]), int(c[2])) for c in palette]
     out = {"task": "semantic", "width": w, "height": h, "classes": class_shares(pred.mask, class_names, palette),
            "mask_png_base64": b64(mask_png(pred.mask, palette)),
-           "overlay_png_base64": b64(png(Image.fromarray(overlay(image, pred.mask, pal)))) if with_overlay else None,
+           "overlay_png_base64": (b64(png(Image.fromarray(overlay(image, pred.mask, pal, clear=clear_class(class_names)))))
+                                  if with_overlay else None),
            "uncertainty_png_base64": None, "image_png_base64": b64(image_png(image)) if with_image else None}
     if pred.uncertainty is not None:
         out["uncertainty_png_base64"] = b64(uncertainty_png(pred.uncertainty, len(class_names)))

@@ -414,16 +414,19 @@ async function prepare(result, image) {
   const layer = el("canvas", { width: result.width, height: result.height });
   const ctx = layer.getContext("2d");
   if (result.task === "semantic") {
-    // the class colours, with class 0 left clear (as predict's overlay does)
+    // the class colours, with the background class (if the model has one) left clear, as predict's overlay does
     ctx.drawImage(view.mask, 0, 0);
-    const pixels = ctx.getImageData(0, 0, result.width, result.height);
-    const bg = state.info.classes.length ? state.info.classes[0].color : [0, 0, 0];
-    const d = pixels.data;
-    for (let i = 0; i < d.length; i += 4) {
-      const clear = Math.abs(d[i] - bg[0]) + Math.abs(d[i + 1] - bg[1]) + Math.abs(d[i + 2] - bg[2]) < 4;
-      d[i + 3] = clear ? 0 : 255;
+    const background = state.info.classes.find((c) => c.clear);
+    if (background) {
+      const pixels = ctx.getImageData(0, 0, result.width, result.height);
+      const bg = background.color;
+      const d = pixels.data;
+      for (let i = 0; i < d.length; i += 4) {
+        const clear = Math.abs(d[i] - bg[0]) + Math.abs(d[i + 1] - bg[1]) + Math.abs(d[i + 2] - bg[2]) < 4;
+        d[i + 3] = clear ? 0 : 255;
+      }
+      ctx.putImageData(pixels, 0, 0);
     }
-    ctx.putImageData(pixels, 0, 0);
   } else if (result.overlay_png_base64) {
     // instances: predict's overlay (masks in each instance's colour, boxes, names, scores) faded over the image
     ctx.drawImage(await loadImage(png(result.overlay_png_base64), ""), 0, 0);
@@ -531,7 +534,7 @@ function renderLegend(classes, task) {
   const present = classes.filter((c) => c.pixels > 0).sort((a, b) => b.pixels - a.pixels);
   $("legend").tBodies[0].replaceChildren(...present.map((c) => el("tr", {}, [
     el("td", {}, [swatch(c.color)]),
-    el("td", { textContent: c.id === 0 && semantic ? `${c.name} (clear in the overlay)` : c.name }),
+    el("td", { textContent: semantic && state.info.classes[c.id]?.clear ? `${c.name} (clear in the overlay)` : c.name }),
     el("td", { textContent: `${percent(c.share)} (${c.pixels.toLocaleString()} px)` }),
   ])));
   const absent = classes.filter((c) => c.pixels === 0).map((c) => c.name);
