@@ -193,3 +193,24 @@ def test_semantic_eval_refuses_data_whose_classes_have_other_names(tmp_path, cap
                           "(the first that differs: class 0)") and "\n" not in err, err
     assert main([*args, str(_folder(tmp_path / "abc", ["a", "b", "c"]))]) == 0
     assert main([*args, str(_folder(tmp_path / "plain", None))]) == 0  # class_0, class_1, class_2
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"loss": "dice"}, "loss 'dice' applies to semantic models"),
+    ({"weight_map": "unet"}, "weight_map 'unet' applies to semantic models"),
+    ({"aux_weight": 0.7}, "aux_weight 0.7 applies to semantic models"),
+    ({"class_weight_power": 0.5}, "class_weight_power 0.5 applies to semantic models"),
+    ({"class_weights": "median-freq"}, "class_weights 'median-freq' applies to semantic models"),
+    ({"classmix": 0.5}, "classmix 0.5 applies to semantic models"),
+    ({"stages": [{"epochs": 1}, {"epochs": 1, "loss": "focal"}]}, "loss 'focal' applies to semantic models"),
+    ({"augment": {"resize": [64, 64]}}, "Mask R-CNN resizes each image itself"),
+])
+def test_instance_runs_refuse_the_semantic_loss_settings(change, message):
+    """--loss dice, --weight-map unet, --aux-weight were taken for Mask R-CNN and recorded in
+    config.yaml as if they had acted; its loss is its own."""
+    from pixelwise.engine.trainer import check_settings
+
+    assert check_settings(TrainConfig(model="maskrcnn_resnet18_fpn")) == "instance"
+    with pytest.raises(UserError, match=message):
+        check_settings(TrainConfig(model="maskrcnn_resnet18_fpn", **change))
+    check_settings(TrainConfig(model="unet", **change))  # all of them act for a semantic model

@@ -7,3 +7,9 @@ file), with a message that names the file and says what to do.
 
 class UserError(Exception):
     """An error caused by the user's input, reported as one line without a traceback."""
+
+
+def listed(values, k: int = 6) -> str:
+    """The first ``k`` of ``values`` for a one-line message: ``a, b, c, ...``."""
+    values = list(values)
+    return ", ".join(map(str, values[:k])) + (", ..." if len(values) > k else "")

@@ -88,7 +88,7 @@ from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
 from pixelwise.engine.validate import ScoredInstances, eval_collate, to_device, validate_instances, validate_semantic
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, listed
 from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.models.registry import check_model_kwargs
@@ -285,6 +285,7 @@ def open_datasets(cfg: TrainConfig, log: Callable[[str], None] = print
     val = build_dataset(cfg.dataset, cfg.data, cfg.val_split, **cfg.dataset_kwargs)
     for ds in (train, val):
         ds.check_or_refuse(cfg.skip_invalid, "train")
+    check_same_split_classes(cfg, train, val)
     same = cfg.val_split == cfg.train_split  # validating on the training split, as asked: said once
     for split, ds in [(cfg.train_split, train)] + ([] if same else [(cfg.val_split, val)]):
         dropped = getattr(ds, "dropped", [])  # also those the reader's own skip_invalid option dropped
@@ -301,6 +302,18 @@ def open_datasets(cfg: TrainConfig, log: Callable[[str], None] = print
                 f"split (first: {Path(shared[0]).name}): validation on them flatters the model and the checkpoint "
                 "it selects")
     return train, val
+
+
+def check_same_split_classes(cfg: TrainConfig, train: SegmentationDataset, val: SegmentationDataset) -> None:
+    """The validation split has the training split's classes (names, and COCO category ids where the
+    reader has them): labels are positions in the class list, so a val annotation file that lacks a
+    category would score the model's class k against another class's objects."""
+    for what, a, b in (("classes", list(train.class_names), list(val.class_names)),
+                       ("COCO category ids", getattr(train, "category_ids", None), getattr(val, "category_ids", None))):
+        if a is not None and b is not None and list(a) != list(b):
+            raise UserError(f"the {cfg.val_split} split's {what} ({listed(b)}) are not the {cfg.train_split} split's "
+                            f"({listed(a)}): validation would score each class against another's; give both splits "
+                            "the same category list")
 
 
 def input_contract(cfg: TrainConfig, model: nn.Module, train_ds: SegmentationDataset) -> InputSpec:
@@ -484,14 +497,8 @@ def check_settings(cfg: TrainConfig) -> str:
                             "which the datasets give to void pixels; remove the key")
     for _, stage_cfg in cfg.stage_configs():  # built again per stage; a bad key must not wait for its stage
         train_transform(stage_cfg)
-    if task == "instance" and (cfg.classmix or any(st.get("classmix") for st in cfg.stages)):
-        raise UserError("classmix pastes classes of semantic masks; remove it for instance models")
-    if task == "instance" and any(resize_of(aug) for aug in (cfg.augment, *(st.get("augment") or {}
-                                                                          for st in cfg.stages))):
-        raise UserError("augment resize: Mask R-CNN resizes each image itself (model options min_size and "
-                        "max_size, e.g. --model-kwargs '{\"min_size\": 512}'); remove the resize")
-    if task == "instance" and cfg.class_weights not in ("none", "", None):
-        raise UserError("class_weights applies to semantic models only; remove it for instance models")
+    if task == "instance":
+        check_semantic_only(cfg)
     if cfg.class_weights not in ("none", "median-freq", "", None) and not Path(cfg.class_weights).is_file():
         raise UserError(f"class weights file {cfg.class_weights} not found (use none, median-freq or a .json/.txt "
                         "file)")
@@ -500,6 +507,25 @@ def check_settings(cfg: TrainConfig) -> str:
     if not cfg.resume:  # a run recorded before this check was added still resumes
         check_used(cfg)
     return task
+
+
+# settings of the semantic loss and its data: Mask R-CNN trains on its own five-term loss
+SEMANTIC_ONLY = ("loss", "class_weights", "class_weight_power", "focal_gamma", "aux_weight", "weight_map",
+                 "weight_map_class", "classmix")
+
+
+def check_semantic_only(cfg: TrainConfig) -> None:
+    """An instance model's run refuses the settings of the semantic loss (a ``--loss dice`` would be
+    recorded in config.yaml as if it had acted) and an augment resize (the model resizes itself)."""
+    defaults = TrainConfig()
+    for _, stage in cfg.stage_configs():
+        for key in SEMANTIC_ONLY:
+            if getattr(stage, key) not in (getattr(defaults, key), "", None):
+                raise UserError(f"{key} {getattr(stage, key)!r} applies to semantic models: Mask R-CNN trains on its "
+                                "own loss (RPN, box and mask terms); remove it for instance models")
+        if resize_of(stage.augment):
+            raise UserError("augment resize: Mask R-CNN resizes each image itself (model options min_size and "
+                            "max_size, e.g. --model-kwargs '{\"min_size\": 512}'); remove the resize")
 
 
 # settings that only act together with another: (key, what uses it, does this stage's config use it)

@@ -25,7 +25,7 @@ import torch
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, build_dataset, sample_target
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.ensemble import from_checkpoints
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
@@ -105,21 +105,17 @@ def check_same_classes(meta: dict, ds: SegmentationDataset) -> None:
     names, data_names = meta.get("class_names"), list(ds.class_names)
     if names and not _generic(names) and not _generic(data_names) and list(names) != data_names:
         i = next((i for i, (a, b) in enumerate(zip(names, data_names)) if a != b), min(len(names), len(data_names)))
-        raise UserError(f"the checkpoint's classes are {_short(names)} but the data's are {_short(data_names)} "
+        raise UserError(f"the checkpoint's classes are {listed(names)} but the data's are {listed(data_names)} "
                         f"(the first that differs: class {i}); evaluate on the dataset it was trained for (a folder "
                         "dataset names its classes in classes.json)")
     ids, data_ids = meta.get("category_ids"), getattr(ds, "category_ids", None)
     if ids and data_ids is not None and list(ids) != list(data_ids):
-        raise UserError(f"the checkpoint's classes have COCO category ids {_short(ids)} but the data's have "
-                        f"{_short(data_ids)}; evaluate on the dataset it was trained for")
+        raise UserError(f"the checkpoint's classes have COCO category ids {listed(ids)} but the data's have "
+                        f"{listed(data_ids)}; evaluate on the dataset it was trained for")
 
 
 def _generic(names: list) -> bool:
     return list(names) == [f"class_{i}" for i in range(len(names))]
-
-
-def _short(values: list, k: int = 6) -> str:
-    return ", ".join(map(str, values[:k])) + (", ..." if len(values) > k else "")
 
 
 def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | None, split: str = "val", *,
