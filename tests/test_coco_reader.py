@@ -302,3 +302,69 @@ def test_the_rle_decoder_agrees_with_pycocotools_encoding_of_random_masks():
         assert counts == _runs(m), m.shape  # independent reference: run lengths counted from the mask
         assert rle_counts_from_string(rle["counts"].decode()) == counts
         assert sum(counts) == m.size and all(c >= 0 for c in counts)
+
+
+@pytest.mark.parametrize(("where", "bad", "message"), [
+    ("images", "im1", "image id 'im1' is not a whole number"),
+    ("images", "1", "image id '1' is not a whole number"),
+    ("images", 1.5, "image id 1.5 is not a whole number"),
+    ("categories", "c4", "category id 'c4' is not a whole number"),
+    ("categories", True, "category id True is not a whole number"),
+])
+def test_ids_that_are_not_whole_numbers_are_refused_in_one_line(tmp_path, where, bad, message):
+    """String or fractional ids were a ValueError or KeyError traceback (pycocotools reads them)."""
+    data = _tree(tmp_path)
+    old = data[where][0]["id"]
+    data[where][0]["id"] = bad
+    for a in data["annotations"]:
+        key = "image_id" if where == "images" else "category_id"
+        a[key] = bad if a[key] == old else a[key]
+    _write(tmp_path, data)
+    with pytest.raises(UserError, match=message + ".*renumber the " + where):
+        COCOInstances(tmp_path, "val")
+
+
+def test_ids_written_as_whole_floats_are_read_like_integers(tmp_path):
+    data = _tree(tmp_path)
+    for image in data["images"]:
+        image["id"] = float(image["id"])
+    for a in data["annotations"]:
+        a["image_id"], a["category_id"] = float(a["image_id"]), float(a["category_id"])
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert ds.check() == [] and ds.category_ids == [0, 4, 9]
+    sample = ds.load(0)
+    assert sample.meta["image_id"] == 1 and sample.instance_labels.tolist() == [1, 2]
+
+
+def test_an_annotation_whose_category_id_is_a_string_says_so(tmp_path):
+    data = _tree(tmp_path)
+    data["annotations"][0]["category_id"] = "4"
+    _write(tmp_path, data)
+    problems = [str(p) for p in COCOInstances(tmp_path, "val").check()]
+    assert len(problems) == 1 and "unknown category_id '4' (a string: ids are numbers)" in problems[0], problems
+
+
+def test_training_refuses_a_val_split_with_other_categories(tmp_path):
+    """A val file lacking a category validated the model's class k against another class's objects
+    (mask AP 0.15 for a model eval scores 0.39) and picked best.safetensors on it."""
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import open_datasets
+
+    data = _tree(tmp_path)
+    train = json.loads(json.dumps(data))
+    (tmp_path / "train2017").symlink_to(tmp_path / "val2017")
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(json.dumps(train))
+    cfg = TrainConfig(model="maskrcnn_resnet18_fpn", dataset="coco", data=str(tmp_path))
+    open_datasets(cfg, log=lambda _: None)  # the same categories: fine
+    data["categories"] = [{"id": 4, "name": "cup"}, {"id": 10, "name": "fork"}]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] == 4]
+    _write(tmp_path, data)
+    with pytest.raises(UserError, match=r"the val split's COCO category ids \(0, 4, 10\) are not the train split's "
+                                        r"\(0, 4, 9\): validation would score each class against another's"):
+        open_datasets(cfg, log=lambda _: None)
+    data["categories"] = [{"id": 4, "name": "cup"}]
+    _write(tmp_path, data)
+    with pytest.raises(UserError, match=r"the val split's classes \(background, cup\) are not the train split's "
+                                        r"\(background, cup, fork\)"):
+        open_datasets(cfg, log=lambda _: None)

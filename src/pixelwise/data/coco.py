@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import numbers
 from pathlib import Path
 from typing import NoReturn, TypeGuard
 
@@ -41,7 +42,7 @@ from pixelwise.data.base import IGNORE_INDEX, Problem, Sample
 from pixelwise.data.files import FilePairDataset, problem_from_error
 from pixelwise.data.io import probe
 from pixelwise.data.palette import default_palette
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, listed
 
 URL = "https://cocodataset.org/#download"
 
@@ -76,6 +77,11 @@ class COCOInstances(FilePairDataset):
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.ann_file}: not a valid COCO annotation file "
                             f"({type(e).__name__}: {e})") from None
+        for kind, key in (("image", "images"), ("category", "categories")):
+            for entry in self.coco.dataset.get(key) or []:
+                if not _whole_number(entry.get("id")):  # pycocotools takes any; pixelwise refers to images by id
+                    raise UserError(f"{self.ann_file}: {kind} id {entry.get('id')!r} is not a whole number; COCO ids "
+                                    f"are integers: renumber the {key} (and the annotations' {kind}_id with them)")
         for image_id, info in self.coco.imgs.items():
             if (not isinstance(info.get("file_name"), str) or not _positive_int(info.get("height"))
                     or not _positive_int(info.get("width"))):
@@ -96,7 +102,7 @@ class COCOInstances(FilePairDataset):
             if skip_empty and not any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(image_id, [])):
                 continue
             info = self.coco.imgs[image_id]
-            self.items.append((str(self.image_dir / info["file_name"]), f"{self.ann_file}#{image_id}"))
+            self.items.append((str(self.image_dir / info["file_name"]), f"{self.ann_file}#{int(image_id)}"))
         self._finish(skip_invalid)
 
     def check(self, labels: bool = True, progress: bool | None = False) -> list[Problem]:
@@ -116,7 +122,7 @@ class COCOInstances(FilePairDataset):
                                                         "category its own id"))
         orphans = sorted({a.get("image_id") for a in self.coco.anns.values()} - set(self.coco.imgs), key=str)
         if orphans:
-            shown = ", ".join(map(str, orphans[:5])) + (", ..." if len(orphans) > 5 else "")
+            shown = listed(orphans, 5)
             problems.append(Problem(str(self.ann_file), f"annotations of {len(orphans)} image id(s) the file does "
                                                         f"not list under images: {shown}"))
         return problems
@@ -246,7 +252,9 @@ class COCOInstances(FilePairDataset):
                                              f"file (of images {images}); pycocotools scores the last of them in place "
                                              "of each: give each annotation its own id"))
             if a.get("category_id") not in self.cat_to_label:
-                problems.append(Problem(ref, f"{what} has unknown category_id {a.get('category_id')}"))
+                problems.append(Problem(ref, f"{what} has unknown category_id {a.get('category_id')!r}"
+                                        + (" (a string: ids are numbers)" if isinstance(a.get("category_id"), str)
+                                           else "")))
             elif not a.get("segmentation"):
                 problems.append(Problem(ref, f"{what} has no segmentation"))
             elif problem := annotation_problem(a, int(info["height"]), int(info["width"])):
@@ -282,6 +290,12 @@ def _number(value: object) -> float:
 def _is_box(box: object) -> TypeGuard[list | tuple]:
     return (isinstance(box, list | tuple) and len(box) == 4
             and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+
+
+def _whole_number(value: object) -> bool:
+    """An id pixelwise can use: an integer, or a float of integer value (1.0), as JSON writers give."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and float(value).is_integer())
 
 
 def _positive_int(value: object) -> bool:
