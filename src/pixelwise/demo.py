@@ -115,7 +115,8 @@ def write_examples(checkpoint: Path, folder: Path, dataset_kwargs: dict) -> list
         Image.fromarray(s.image).save(folder / f"{s.name}_image.png")
         Image.fromarray(colorize(s.mask, ds.palette)).save(folder / f"{s.name}_truth.png")
         write_mask(folder / f"{s.name}.png", pred.mask, ds.palette)
-        Image.fromarray(overlay(s.image, pred.mask, ds.palette, clear=clear_class(ds.class_names))).save(folder / f"{s.name}_overlay.png")
+        shown = overlay(s.image, pred.mask, ds.palette, clear=clear_class(ds.class_names))
+        Image.fromarray(shown).save(folder / f"{s.name}_overlay.png")
         rel = f"predictions/{s.name}"
         examples.append({"name": s.name, "image": f"{rel}_image.png", "truth": f"{rel}_truth.png",
                          "pred": f"{rel}.png", "overlay": f"{rel}_overlay.png"})

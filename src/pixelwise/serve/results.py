@@ -78,10 +78,11 @@ def semantic_result(image: np.ndarray, pred: Prediction, class_names: list[str],
     as asked, the overlay PNG and the decoded image as a PNG (else null)."""
     h, w = pred.mask.shape
     pal = [(int(c[0]), int(c[1]), int(c[2])) for c in palette]
+    clear = clear_class(class_names)
     out = {"task": "semantic", "width": w, "height": h, "classes": class_shares(pred.mask, class_names, palette),
            "mask_png_base64": b64(mask_png(pred.mask, palette)),
-           "overlay_png_base64": (b64(png(Image.fromarray(overlay(image, pred.mask, pal, clear=clear_class(class_names)))))
-                                  if with_overlay else None),
+           "overlay_png_base64": b64(png(Image.fromarray(overlay(image, pred.mask, pal, clear=clear))))
+                                 if with_overlay else None,
            "uncertainty_png_base64": None, "image_png_base64": b64(image_png(image)) if with_image else None}
     if pred.uncertainty is not None:
         out["uncertainty_png_base64"] = b64(uncertainty_png(pred.uncertainty, len(class_names)))
