@@ -133,7 +133,10 @@ def _to_cpu(d: dict) -> dict:
 def validate_instances(model: nn.Module, loader: Iterable, dataset: SegmentationDataset,
                        device: torch.device, show: bool = True) -> dict:
     """Validation loss (the losses' sum, same call as in training) and COCO box/mask AP against
-    each batch's ``scored`` ground truth (a loader over :class:`ScoredInstances`)."""
+    each batch's ``scored`` ground truth (a loader over :class:`ScoredInstances`). Detections come
+    from batches of equal-size images only, else image by image: the model pads a batch to its
+    largest image, which changes the others' detections, and ``pixelwise eval`` predicts one image
+    at a time."""
     model.eval()
     predictions, targets = [], []
     loss_sum, n = 0.0, 0
@@ -142,7 +145,9 @@ def validate_instances(model: nn.Module, loader: Iterable, dataset: Segmentation
         batch_targets = [{k: v.to(device) for k, v in t.items()} for t in batch["target"]]
         loss_sum += float(sum(model(images, batch_targets).values())) * len(images)
         n += len(images)
-        predictions += [_to_cpu(p) for p in model(images)]
+        same_size = len({tuple(im.shape) for im in images}) == 1
+        found = model(images) if same_size else [model([im])[0] for im in images]
+        predictions += [_to_cpu(p) for p in found]
         targets += [_to_cpu(t) for t in batch["scored"]]
     metrics = coco_evaluate(predictions, targets, class_ids=range(1, dataset.num_classes))
     metrics["loss"] = loss_sum / max(n, 1)
