@@ -295,6 +295,11 @@ def test_requests_that_are_not_an_image_form(predictor):
     r = request(app, "POST", "/api/predict", content=b"--xyz\r\nnonsense", headers={
         "content-type": "multipart/form-data; boundary=xyz"})
     assert r.status_code in (400, 422)
+    # options in the query string were ignored (200 with the defaults)
+    r = request(app, "POST", "/api/predict?tt=flip&overlay=false", files={"image": ("a.png", png_bytes(noise(16, 16)),
+                                                                                    "image/png")})
+    assert r.status_code == 422 and "not in the query string (got overlay, tt)" in r.json()["detail"], r.text
+    assert request(app, "GET", "/api/health").json()["pool"]["waiting"] == 0
 
 
 def test_ground_truth_that_does_not_fit_is_422(predictor):

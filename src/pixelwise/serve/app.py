@@ -508,6 +508,10 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
         ticket = service.pool.admit()  # PoolFull -> 503 before the body is read
         admitted = time.perf_counter()
         try:
+            if request.query_params:  # an option there would be ignored: the answer would use the defaults
+                names = ", ".join(sorted(set(request.query_params.keys())))
+                raise UploadError(422, f"options go in the multipart form, not in the query string (got {names}): "
+                                       "send each as a form field, e.g. curl -F score_thresh=0.3")
             try:
                 form = await asyncio.wait_for(read_multipart(
                     request.headers.get("content-type", ""), request.headers.get("content-length"),
