@@ -404,3 +404,26 @@ def test_validation_detects_in_batches_of_one_size_only(tmp_path):
     data["annotations"][2]["segmentation"] = [[2, 2, 10, 2, 10, 10, 2, 10]]
     _write(tmp_path, data)
     assert validate() == [[(40, 50)], [(30, 60)], [(40, 50)]]
+
+
+def test_own_files_per_split_with_split_placeholder_and_paths_under_the_root(tmp_path):
+    """ann_file/image_dir applied to both splits (a user's train.json and val.json could not be
+    given), were not found relative to --data, and still needed --data when both were given."""
+    from pixelwise.data import build_dataset
+
+    data = _tree(tmp_path)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "val.json").write_text(json.dumps(data))
+    train = {**data, "images": data["images"][:1], "annotations": data["annotations"][:2]}
+    (tmp_path / "labels" / "train.json").write_text(json.dumps(train))
+    (tmp_path / "pictures").mkdir()
+    (tmp_path / "val2017").rename(tmp_path / "pictures" / "val")
+    (tmp_path / "pictures" / "train").symlink_to(tmp_path / "pictures" / "val")
+    kw = {"ann_file": "labels/{split}.json", "image_dir": "pictures/{split}"}
+    assert [len(build_dataset("coco", str(tmp_path), s, **kw)) for s in ("train", "val")] == [1, 3]
+    absolute = {k: str(tmp_path / v) for k, v in kw.items()}
+    val = build_dataset("coco", None, "val", **absolute)  # no --data needed
+    assert len(val) == 3 and val.ann_file == tmp_path / "labels" / "val.json"
+    assert val.load(0).instance_labels.tolist() == [1, 2]
+    with pytest.raises(UserError, match="needs --data"):
+        build_dataset("coco", None, "val", ann_file=absolute["ann_file"])

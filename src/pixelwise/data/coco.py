@@ -61,13 +61,16 @@ class COCOInstances(FilePairDataset):
     def __init__(self, root, split: str = "train", transform=None, mean=None, std=None,
                  skip_invalid: bool = False, download: bool = False, year: str = "2017",
                  ann_file: str | None = None, image_dir: str | None = None, skip_empty: bool = False):
+        ann_file, image_dir = (None if p is None else str(p).replace("{split}", split) for p in (ann_file, image_dir))
+        if root is None and ann_file and image_dir:  # both given: no root is read
+            root = Path(image_dir).expanduser().parent
         super().__init__(root, split, transform, mean, std)
         if download:
             raise UserError(f"coco is not downloaded automatically (~20 GB); get the {split}{year} "
                             f"images and annotations from {URL} into {self.root}")
         default_ann = self.root / "annotations" / f"instances_{split}{year}.json"
-        self.ann_file = Path(ann_file) if ann_file else default_ann
-        self.image_dir = Path(image_dir) if image_dir else self.root / f"{split}{year}"
+        self.ann_file = self._under_root(ann_file) if ann_file else default_ann
+        self.image_dir = self._under_root(image_dir) if image_dir else self.root / f"{split}{year}"
         if not self.ann_file.is_file():
             raise UserError(f"{self.ann_file}: annotation file not found (COCO layout: annotations/ and "
                             f"{split}{year}/ under {self.root}, or pass ann_file=)")
@@ -104,6 +107,12 @@ class COCOInstances(FilePairDataset):
             info = self.coco.imgs[image_id]
             self.items.append((str(self.image_dir / info["file_name"]), f"{self.ann_file}#{int(image_id)}"))
         self._finish(skip_invalid)
+
+    def _under_root(self, path: str) -> Path:
+        """A relative ``ann_file``/``image_dir`` is under the root when it is there, else as given
+        (relative to the working folder)."""
+        given = Path(path).expanduser()
+        return self.root / given if not given.is_absolute() and (self.root / given).exists() else given
 
     def check(self, labels: bool = True, progress: bool | None = False) -> list[Problem]:
         """Every image's problems (:meth:`check_item`), and once per file: annotations of image ids
