@@ -487,3 +487,49 @@ def test_overlay_leaves_only_a_background_class_clear(tmp_path, names, class0_co
         expected[mask == 0] = image[mask == 0]
     np.testing.assert_array_equal(over, expected)
     assert (mask == 0).any() and (mask > 0).any()
+
+
+def test_link_loops_and_fifos_are_named_inputs(checkpoint, tmp_path, capsys):
+    """A symbolic link to itself among the inputs was a 40-line traceback (exit 1), even with
+    --skip-invalid; a FIFO given by name was 'not found'."""
+    import os
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(inputs / "ok.png")
+    (inputs / "loop.png").symlink_to("loop.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    args = ["predict", "--checkpoint", str(checkpoint), "--no-progress", "--out"]
+    for given in ([str(inputs)], [str(inputs / "loop.png")], [str(inputs / "*.png")]):
+        assert main([*args, str(tmp_path / "o1"), *given]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "loop.png: symbolic link loop (it points to loop.png, which leads back to it)" in err, err
+        assert "\n" not in err and not (tmp_path / "o1").exists()
+    assert main([*args, str(tmp_path / "o2"), str(inputs), "--skip-invalid"]) == 3
+    assert (tmp_path / "o2" / "ok.png").is_file() and "symbolic link loop" in capsys.readouterr().err
+    assert main([*args, str(tmp_path / "o3"), str(tmp_path / "pipe.png")]) == 2
+    assert "pipe.png: not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("skip_invalid", [False, True])
+def test_an_input_lost_after_the_check(checkpoint, tmp_path, skip_invalid):
+    """An input removed while predict ran stopped it with 'file not found', also with
+    --skip-invalid, without saying that earlier predictions were written and later ones not made."""
+    from pixelwise.inference.writers import predict_files
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(inputs / f"r{i}.png")
+    plan = check_predict([str(inputs)], tmp_path / "out", skip_invalid=skip_invalid, progress=False)
+    (inputs / "r2.png").unlink()
+    predictor = Predictor.from_checkpoint(checkpoint)
+    if not skip_invalid:
+        with pytest.raises(UserError, match=r"r2.png: file not found \(it changed after the inputs were checked\); "
+                                            r"2 of the 4 predictions were written to .*out, the rest were not made"):
+            predict_files(predictor, plan, progress=False)
+        assert sorted(p.name for p in (tmp_path / "out").glob("r?.png")) == ["r0.png", "r1.png"]
+    else:
+        written = predict_files(predictor, plan, progress=False)
+        assert [p.name for p in written] == ["r0.png", "r1.png", "r3.png"]
+        assert len(plan.skipped) == 1 and "r2.png: file not found" in plan.skipped[0]

@@ -19,6 +19,7 @@ deliberately for large aerial or slide images.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -154,8 +155,16 @@ def _existing(path: PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         if path.is_symlink() and not path.exists():
+            try:
+                os.stat(path)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UserError(f"{path}: symbolic link loop (it points to {os.readlink(path)}, which leads back "
+                                    "to it); fix the link or remove it") from None
             raise UserError(f"{path}: broken symbolic link (it points to {os.readlink(path)}, which does not exist); "
                             "fix the link or remove it")
+        if path.exists():
+            raise UserError(f"{path}: not a regular file (a folder, pipe or device); give an image file")
         raise UserError(f"{path}: file not found")
     return path
 

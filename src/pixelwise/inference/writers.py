@@ -73,7 +73,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             paths += sorted(q for q in p.iterdir() if _listed(q))
-        elif p.is_file() or p.is_symlink():  # a broken link is named as one when it is read
+        elif p.is_file() or p.is_symlink() or p.exists():  # a broken link or a FIFO is named when it is read
             paths.append(p)
         elif any(ch in item for ch in "*?["):
             matches = sorted(Path(q) for q in glob.glob(item, recursive=True) if _listed(Path(q)))
@@ -87,10 +87,19 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                         f"{format_names()}, by their suffix)")
 
     def key(p: Path) -> tuple[Path, str]:
-        return p.resolve(), p.name
+        return _resolved(p), p.name
 
     unique = {key(p): p for p in reversed(paths)}
     return [p for p in paths if unique[key(p)] is p]
+
+
+def _resolved(p: Path) -> Path:
+    """``p`` with its links followed; a link loop (an error of ``resolve``: RuntimeError before Python
+    3.13) stays as it is, to be named when it is read."""
+    try:
+        return p.resolve()
+    except (OSError, RuntimeError):
+        return p.absolute()
 
 
 def _name_max(folder: Path) -> int:
@@ -142,13 +151,15 @@ def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = 
 class PredictPlan:
     """What ``predict`` will do, settled before the first write: frame ``frames[i]`` of ``paths[i]``
     -> ``out/stems[i]...`` (a file of several frames is listed once per frame); ``skipped``: one
-    reason per unreadable input left out (``skip_invalid``)."""
+    reason per unreadable input left out (``skip_invalid``, which also leaves out an input that
+    cannot be read any more when its turn comes)."""
 
     paths: list[Path]
     frames: list[int]
     stems: list[str]
     out: Path
     skipped: list[str] = field(default_factory=list)
+    skip_invalid: bool = False
 
 
 def _reason(err: UserError) -> str:
@@ -167,7 +178,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder for the predictions")
-    inside = [p for p in paths if p.resolve().parent == out_dir.resolve()]
+    inside = [p for p in paths if _resolved(p).parent == out_dir.resolve()]
     if inside:
         raise UserError(f"--out {out_dir} holds the input {inside[0]}"
                         f"{f' and {len(inside) - 1} more' if len(inside) > 1 else ''}, and predictions never go "
@@ -206,7 +217,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
         more = f" and {len(taken) - 1} more of this prediction's output names" if len(taken) > 1 else ""
         raise UserError(f"--out {out_dir} already holds {taken[0].name}{more} (an earlier prediction, or a file of "
                         "yours); pass --overwrite to replace them, or give another --out")
-    return PredictPlan([p for p, _, _ in items], [k for _, k, _ in items], stems, out_dir, skipped)
+    return PredictPlan([p for p, _, _ in items], [k for _, k, _ in items], stems, out_dir, skipped, skip_invalid)
 
 
 @contextmanager
@@ -358,17 +369,34 @@ def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, clas
 def plan_images(plan: PredictPlan) -> Iterator[tuple[str, np.ndarray]]:
     """``(stem, image)`` of the plan's frames in its order. The frames of a multi-frame file, listed
     one after another from frame 0 as :func:`check_predict` lists them, are read in one pass over
-    the file (:func:`~pixelwise.data.io.read_frames`); any other frame is read on its own."""
+    the file (:func:`~pixelwise.data.io.read_frames`); any other frame is read on its own.
+
+    An input that cannot be read any more (removed or changed since the check) is left out and
+    added to ``plan.skipped`` with ``plan.skip_invalid``; else a UserError says what was written."""
     frames: Generator[np.ndarray, None, None] | None = None
     previous: tuple[Path, int] | None = None
-    for path, frame, stem in zip(plan.paths, plan.frames, plan.stems):
-        if frame == 0 or previous != (path, frame - 1):
-            if frames is not None:
-                frames.close()
-            frames = read_frames(path) if frame == 0 else None
-        image = next(frames, None) if frames is not None else None
-        if image is None:  # not read in order, or the file has lost frames since the check: its own error
-            image = read_image(path, frame)
+    lost: set[Path] = set()
+    for i, (path, frame, stem) in enumerate(zip(plan.paths, plan.frames, plan.stems)):
+        if path in lost:
+            continue
+        try:
+            if frame == 0 or previous != (path, frame - 1):
+                if frames is not None:
+                    frames.close()
+                frames = read_frames(path) if frame == 0 else None
+            image = next(frames, None) if frames is not None else None
+            if image is None:  # not read in order, or the file has lost frames since the check: its own error
+                image = read_image(path, frame)
+        except UserError as e:
+            frames, previous = None, None
+            if not plan.skip_invalid:
+                raise UserError(f"{_reason(e)} (it changed after the inputs were checked); {i} of the "
+                                f"{len(plan.paths)} predictions were written to {plan.out}, the rest were not made: "
+                                "predict them again (with --overwrite), or pass --skip-invalid to go past such "
+                                "inputs") from None
+            lost.add(path)
+            plan.skipped.append(f"{_reason(e)} (it changed after the inputs were checked)")
+            continue
         previous = (path, frame)
         yield stem, image
     if frames is not None:
