@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 from safetensors.torch import load_file
 
 from pixelwise.checkpoint import read_checkpoint
@@ -641,12 +642,22 @@ def test_resume_refuses_a_batch_size_that_would_move_the_schedule_and_applies_ne
 
 
 def test_resume_keeps_the_runs_data_and_only_notes_a_moved_folder(tmp_path):
-    fit(tiny(tmp_path, epochs=1, data="here"), log=quiet)
+    rng = np.random.default_rng(0)
+    for sub in ("images", "masks"):
+        (tmp_path / "here" / sub).mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "here/images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 3, (32, 32), dtype=np.uint8)).save(tmp_path / "here/masks" / f"{i}.png")
+    run = tmp_path / "run"
+    folder = {"dataset": "folder", "dataset_kwargs": {}, "train_split": "all", "val_split": "all"}
+    fit(tiny(run, epochs=1, data=str(tmp_path / "here"), **folder), log=quiet)
     with pytest.raises(UserError, match="trained on dataset_kwargs .* this resume gives --dataset-kwargs"):
-        fit(tiny(tmp_path, epochs=2, resume=True, dataset_kwargs={**TINY_DATA, "num_val": 2}), log=quiet)
+        fit(tiny(run, epochs=2, resume=True, data=str(tmp_path / "here"),
+                 **{**folder, "dataset_kwargs": {"num_classes": 4}}), log=quiet)
+    (tmp_path / "here").rename(tmp_path / "elsewhere")
     said: list[str] = []
-    fit(tiny(tmp_path, epochs=2, resume=True, data="elsewhere"), log=said.append)  # shapes reads no folder
-    assert any("the data is now read from elsewhere" in line for line in said)
+    fit(tiny(run, epochs=2, resume=True, data=str(tmp_path / "elsewhere"), **folder), log=said.append)
+    assert any(f"the data is now read from {tmp_path / 'elsewhere'}" in line for line in said)
 
 
 def test_a_validation_interrupted_epoch_records_the_scheduled_lr_after_resume(tmp_path, monkeypatch):
