@@ -4,10 +4,16 @@ Layout: ``root/leftImg8bit/{split}/{city}/{name}_leftImg8bit.png`` and
 ``root/gtFine/{split}/{city}/{name}_gtFine_labelIds.png``. The label ids 0..33 are mapped to the
 19 train ids of the official ``labels.py``; every other id (and 255) becomes 255 (ignore).
 Splits: ``train`` (2,975), ``val`` (500), ``test`` (1,525; its labels are all "unlabeled").
+The ``*_gtFine_labelIds.png`` files are what is read: a ``*_gtFine_labelTrainIds.png`` (made by
+cityscapesScripts' ``createTrainIdLabelImgs``, which adds it beside the labelIds file) or a coarse
+annotation (``gtCoarse/``, not supported) found where it is missing is named in the "missing mask"
+problem.
 No download: the data needs a login at https://www.cityscapes-dataset.com/downloads/.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pixelwise.data.base import IGNORE_INDEX
 from pixelwise.data.files import FilePairDataset, make_lut
@@ -48,7 +54,7 @@ class Cityscapes(FilePairDataset):
         if not images.is_dir():
             raise UserError(f"{images}: not found; expected leftImg8bit/ and gtFine/ from {URL} "
                             f"in {self.root}")
-        # ids 0..33 are valid (unused ones -> ignore); 255 appears for the license plate (id -1).
+        # ids 0..33 are valid (unused ones -> ignore); 255 (no label) is accepted as ignore too.
         self.lut = make_lut({**{i: IGNORE_INDEX for i in range(34)}, IGNORE_INDEX: IGNORE_INDEX,
                              **LABEL_TO_TRAIN})
         for img in sorted(images.glob("*/*_leftImg8bit.png")):
@@ -56,6 +62,25 @@ class Cityscapes(FilePairDataset):
             mask = self.root / "gtFine" / split / img.parent.name / f"{name}_gtFine_labelIds.png"
             self.items.append((str(img), str(mask)))
         self._finish(skip_invalid)
+
+    def missing_mask_note(self, image_ref: str) -> str:
+        """Say so when the labelIds file is missing but a train-id or coarse label of the image is there."""
+        img = Path(image_ref)
+        name, city = img.name[: -len("_leftImg8bit.png")], img.parent.name
+        fine = self.root / "gtFine" / self.split / city
+        train_ids = fine / f"{name}_gtFine_labelTrainIds.png"
+        if train_ids.is_file():
+            return (f" ({train_ids} is there, but pixelwise reads the label ids of {name}_gtFine_labelIds.png and "
+                    "maps them to train ids itself; cityscapesScripts' createTrainIdLabelImgs adds the labelTrainIds "
+                    "files beside the labelIds files, it does not replace them: keep or restore the labelIds files "
+                    "from gtFine_trainvaltest.zip)")
+        coarse = sorted((self.root / "gtCoarse").glob(f"*/{city}/{name}_gtCoarse_labelIds.png"),
+                        key=lambda p: p.parent.parent.name != self.split)  # the same split's first
+        if coarse:
+            return (f" ({coarse[0]} is there, but pixelwise reads only the fine annotations, "
+                    f"gtFine/{self.split}/{city}/{name}_gtFine_labelIds.png from gtFine_trainvaltest.zip; coarse "
+                    "annotations (gtCoarse) are not supported)")
+        return ""
 
     def name_of(self, ref: str) -> str:
         return ref.rsplit("/", 1)[-1][: -len("_leftImg8bit.png")]

@@ -10,6 +10,11 @@ Layout::
 
 Masks may also be RGB colour masks when ``classes.json`` gives the palette: each colour is its
 class, ``"ignore_color"`` (default white) is ignored, any other colour is a problem for ``check()``.
+``classes.json`` holds these three keys only; an unknown key (with a did-you-mean), a colour that is
+not three whole numbers 0..255, two classes of one colour and a class of the ignore colour are
+refused in one line. With a palette, a palette ("P") mask is still read by index, and one whose own
+palette gives an index it uses another class's colour (colours saved in another order) is a
+problem for ``check()``.
 Without ``classes.json`` the class count is ``num_classes=N`` or, if not given, inferred from the
 labels found in the masks (names ``class_0``...): one more than the largest label ``L`` such that
 at least half of ``0..L`` occur. Labels far above the others (0, 1 and 200) would otherwise make
@@ -28,16 +33,18 @@ the stem so it stays stable as files are added, and ``train`` is the rest.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
 
 from pixelwise.data.base import IGNORE_INDEX, Problem
 from pixelwise.data.files import FilePairDataset, identity_lut, read_split_list
-from pixelwise.data.io import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, format_names, read_mask
+from pixelwise.data.io import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, format_names, palette_conflict, read_mask
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 
@@ -49,10 +56,69 @@ UNKNOWN_COLOUR = 254  # raw value given to colours not in the palette; invalid i
 VAL_FRACTION = 0.1
 
 
-def _rgb(colour) -> tuple[int, int, int]:
-    """[r, g, b] from classes.json -> a colour tuple (ValueError/TypeError when it is not three numbers)."""
-    r, g, b = (int(v) for v in colour)
-    return r, g, b
+CLASSES_KEYS = ("names", "palette", "ignore_color")  # what classes.json may hold
+# keys met in other tools' class files (or other spellings), and the key pixelwise reads instead
+KEY_ALIASES = {"colors": "palette", "colours": "palette", "color": "palette", "colour": "palette",
+               "colour_palette": "palette", "color_palette": "palette", "colormap": "palette",
+               "colourmap": "palette", "cmap": "palette", "ignore_colour": "ignore_color",
+               "classes": "names", "class_names": "names", "labels": "names"}
+
+
+def _key_hint(key: str) -> str:
+    """' (did you mean X?)' for an unknown classes.json key (an alias or a close spelling), or ''."""
+    if key == "ignore_index":
+        return (" (ignored pixels are 255 in index masks, and in colour masks the colour ignore_color, "
+                "default white)")
+    alias = KEY_ALIASES.get(key.lower())
+    close = [alias] if alias else difflib.get_close_matches(key.lower(), CLASSES_KEYS, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _ColourError(ValueError):
+    """A classes.json colour that is not three whole numbers 0..255 (the message says which and why)."""
+
+
+def _rgb(colour: object, where: str) -> tuple[int, int, int]:
+    """[r, g, b] from classes.json -> a colour tuple; :class:`_ColourError` naming ``where`` when it is
+    not three whole numbers 0..255 (a float such as 0.5 of a 0..1 colour scale is refused, not
+    truncated; true and false are not numbers, as for every option of pixelwise)."""
+    def whole(v: object) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= int(v) <= 255
+
+    if isinstance(colour, list | tuple) and len(colour) == 3 and all(whole(v) for v in colour):
+        r, g, b = (int(v) for v in colour)
+        return r, g, b
+    values = list(colour) if isinstance(colour, list | tuple) else []
+    if any(isinstance(v, float) for v in values):
+        why = " (write a colour of a 0..1 scale, as matplotlib's, times 255: 0.5 as 128)"
+    elif any(isinstance(v, bool) for v in values):
+        why = " (true and false are not numbers)"
+    elif any(isinstance(v, int) and not 0 <= v <= 255 for v in values):
+        why = f" ({next(v for v in values if isinstance(v, int) and not 0 <= v <= 255)} is outside 0..255)"
+    else:
+        why = ""
+    raise _ColourError(f"{where} is {json.dumps(colour)}: colours are [r, g, b] with whole numbers 0..255{why}")
+
+
+def palette_order_problem(ref: str, known: dict[tuple[int, int, int], int], names: list[str],
+                          source: str) -> Problem | None:
+    """The problem of a palette mask (read by index) whose own palette gives an index it uses the
+    colour that ``known`` ({colour: class id, or 255 for ignore}, from ``source``) gives another
+    class: its pixels look right but are read as the wrong class. None otherwise (also for a mask
+    whose palette colours are not in ``known``, such as a gray palette)."""
+    found = palette_conflict(ref, known)
+    if found is None:
+        return None
+    index, colour, cls = found
+
+    def what(c: int) -> str:
+        return "ignore (255)" if c == IGNORE_INDEX else f"class {c} {names[c]!r}" if c < len(names) else \
+            f"label {c} (not a class)"
+
+    return Problem(ref, f"palette mask whose index {index} has the colour {list(colour)} in its own palette, the "
+                        f"colour of {what(cls)} in {source}; palette masks are read by index, so these pixels would "
+                        f"be read as {what(index)}: re-save the mask with the dataset's palette order, or as class "
+                        "indices (pixel value = class id)")
 
 
 def inferred_class_count(labels: set[int]) -> int:
@@ -145,19 +211,7 @@ class FolderDataset(FilePairDataset):
     def _read_classes(self, num_classes: int | None, masks: list[Path]) -> None:
         spec = self.root / "classes.json"
         if spec.is_file():
-            try:
-                info = json.loads(spec.read_text())
-                if not isinstance(info["names"], list):  # a string would give a class per character
-                    raise TypeError(f"names must be a list, got {info['names']!r}")
-                names = [str(n) for n in info["names"]]
-                palette = [_rgb(c) for c in info.get("palette", [])] or None
-                if "ignore_color" in info:
-                    self.ignore_colour = _rgb(info["ignore_color"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{spec}: expected {{\"names\": [...], \"palette\": [[r, g, b], ...]}} "
-                                f"({type(e).__name__}: {e})") from None
-            if palette is not None and len(palette) != len(names):
-                raise UserError(f"{spec}: {len(names)} names but {len(palette)} palette colours")
+            names, palette = self._parse_classes(spec)
             if num_classes is not None and num_classes != len(names):
                 raise UserError(f"{spec}: lists {len(names)} classes but num_classes={num_classes}")
             self.class_names = names
@@ -182,6 +236,59 @@ class FolderDataset(FilePairDataset):
             raise UserError(f"{self.root}: {len(self.class_names)} classes; between 1 and 254 are supported")
         self.lut = identity_lut(len(self.class_names))
 
+    def _parse_classes(self, spec: Path) -> tuple[list[str], list[tuple[int, int, int]] | None]:
+        """classes.json -> (names, palette or None); sets ``ignore_colour``. Anything it cannot take
+        as written is one UserError naming the file and the fix: an unknown key, a colour that is
+        not three whole numbers 0..255, a colour two classes share, a class of the ignore colour."""
+        shape = '{"names": [...], "palette": [[r, g, b], ...], "ignore_color": [r, g, b]}'
+        try:
+            info = json.loads(spec.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{spec}: not valid JSON ({e}); expected {shape}") from None
+        if not isinstance(info, dict):
+            raise UserError(f"{spec}: expected an object {shape}, got {type(info).__name__}")
+        unknown = [k for k in info if k not in CLASSES_KEYS]
+        if unknown:
+            keys = ", ".join(f"{k!r}{_key_hint(str(k))}" for k in unknown)
+            raise UserError(f"{spec}: unknown key{'s' if len(unknown) > 1 else ''} {keys}; classes.json holds "
+                            f"{', '.join(CLASSES_KEYS)} ({shape}): rename or remove "
+                            f"{'them' if len(unknown) > 1 else 'it'}")
+        try:
+            if "names" not in info:
+                raise KeyError("names")
+            if not isinstance(info["names"], list):  # a string would give a class per character
+                raise TypeError(f"names must be a list, got {info['names']!r}")
+            names = [str(n) for n in info["names"]]
+            raw = info.get("palette", [])
+            if not isinstance(raw, list):
+                raise TypeError(f"palette must be a list of [r, g, b], got {raw!r}")
+            palette = [_rgb(c, f"palette[{i}]") for i, c in enumerate(raw)] or None
+            if "ignore_color" in info:
+                self.ignore_colour = _rgb(info["ignore_color"], "ignore_color")
+        except _ColourError as e:
+            raise UserError(f"{spec}: {e}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{spec}: expected {shape} ({type(e).__name__}: {e})") from None
+        if palette is None:
+            return names, None
+        if len(palette) != len(names):
+            raise UserError(f"{spec}: {len(names)} names but {len(palette)} palette colours")
+        seen: dict[tuple[int, int, int], int] = {}
+        for i, colour in enumerate(palette):
+            if colour in seen:  # every pixel of that colour would be the later class
+                j = seen[colour]
+                raise UserError(f"{spec}: classes {j} {names[j]!r} and {i} {names[i]!r} have the same colour "
+                                f"{list(colour)}, so a colour mask cannot tell them apart; give each class its "
+                                "own colour")
+            seen[colour] = i
+        if self.ignore_colour in seen:  # its pixels would be ignored, never that class
+            i = seen[self.ignore_colour]
+            which = ("ignore_color" if "ignore_color" in info else
+                     f"the ignore colour (ignore_color, white {list(IGNORE_COLOUR)} unless set)")
+            raise UserError(f"{spec}: class {i} {names[i]!r} has the colour {list(self.ignore_colour)}, which is "
+                            f"{which}, so its pixels would be ignored; set ignore_color to a colour no class uses")
+        return names, palette
+
     def read_raw_mask(self, ref: str) -> np.ndarray:
         if self.colour_palette is None:
             return read_mask(ref)
@@ -189,6 +296,16 @@ class FolderDataset(FilePairDataset):
         # Index (P/L) masks are read as they are.
         full = list(self.colour_palette) + [None] * (IGNORE_INDEX - len(self.colour_palette))
         return read_mask(ref, palette=full + [self.ignore_colour], unknown=UNKNOWN_COLOUR)
+
+    def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:
+        problems = super().check_item(image_ref, mask_ref, labels)
+        if labels and self.colour_palette is not None and mask_ref is not None and \
+                not any(p.path == mask_ref for p in problems):  # a palette mask in other colours than these
+            known = {c: i for i, c in enumerate(self.colour_palette)}
+            known.setdefault(self.ignore_colour, IGNORE_INDEX)
+            found = palette_order_problem(mask_ref, known, self.class_names, str(self.root / "classes.json"))
+            problems += [found] if found else []
+        return problems
 
     def check(self, labels: bool = True, progress: bool | None = False):
         problems = super().check(labels=labels, progress=progress)

@@ -25,7 +25,8 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Generator, Iterator, Sequence
+from collections import Counter
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
@@ -347,6 +348,42 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
                             "which do not fit 0..255; store class ids as 8-bit")
         return arr.astype(np.uint8)
     raise UserError(f"{path}: unsupported mask mode {mode}; save masks as 8-bit index PNGs")
+
+
+def palette_conflict(path: PathLike, known: Mapping[tuple[int, int, int], int]
+                     ) -> tuple[int, tuple[int, int, int], int] | None:
+    """For a palette ("P"/"PA") mask, which :func:`read_mask` reads by index: the first index the mask
+    uses whose colour in the file's own palette is, in ``known`` ({colour: class id or 255}), the
+    colour of another class -> (index, colour, that class); None when there is none, and for masks
+    of other modes. A colour ``known`` lacks (a gray palette) is no conflict, nor one the file's
+    palette holds at several indices (a palette that does not tell classes apart, such as the
+    black filler after the classes that :func:`write_mask` writes). Cheap: the header's palette
+    first; the pixels are decoded only when some index's colour belongs to another class."""
+    path = _existing(path)
+    try:
+        with _quiet_pil(), _open(path) as img:
+            mode = img.mode
+            flat = (img.getpalette() or []) if mode in ("P", "PA") else []
+    except BaseException as e:
+        _raise_named(path, 0, e)
+        raise
+    colours = [(int(flat[3 * i]), int(flat[3 * i + 1]), int(flat[3 * i + 2])) for i in range(min(len(flat) // 3, 256))]
+    repeated = {c for c, n in Counter(colours).items() if n > 1}
+    suspects: dict[int, tuple[tuple[int, int, int], int]] = {}
+    for i, colour in enumerate(colours):
+        cls = known.get(colour, i)
+        if cls != i and colour not in repeated:
+            suspects[i] = (colour, cls)
+    if mode not in ("P", "PA") or not suspects:
+        return None
+    indices = np.asarray(_open_loaded(path))
+    if indices.ndim == 3:  # PA: the index is the first channel
+        indices = indices[:, :, 0]
+    used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))
+    for i in used.tolist():
+        if i in suspects:
+            return i, *suspects[i]
+    return None
 
 
 def colors_to_index(rgb: np.ndarray, palette: Sequence[Sequence[int] | None],

@@ -7,8 +7,11 @@ Two layouts are accepted:
   (30 slices); items are named ``train-volume.tif#<slice>``.
 
 Classes: 0 = ``membrane`` (black, stored 0) and 1 = ``cell`` (white, stored 255, the cell
-interior); stored values are thresholded at 128, so every value is valid. Images are gray,
-returned as RGB with three equal channels.
+interior); labels are read by their gray level (luminance), thresholded at 128, so every value is
+valid. A 1-bit label (white stored as 1) and a palette label (indices with black/white colours),
+PNG or TIFF alike, are read by the gray level of their pixels, not by the stored bit or index. A
+label whose values are only 0 and 1 (cells stored as 1, not 255) would read as all membrane: it is
+a problem for ``check()``. Images are gray, returned as RGB with three equal channels.
 
 Only the training volume is labelled, so splits are cut from it deterministically:
 ``all`` = every slice, ``val`` = the last ``val_count`` slices (default 4), ``train`` = the rest.
@@ -22,8 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pixelwise.data.files import FilePairDataset, make_lut
-from pixelwise.data.io import _open_loaded, frame_count, pil_to_rgb
+from pixelwise.data.base import Problem
+from pixelwise.data.files import FilePairDataset, make_lut, problem_from_error
+from pixelwise.data.io import _open_loaded, frame_count, pil_to_rgb, refuse_lossy_mask
 from pixelwise.errors import UserError
 
 CLASS_NAMES = ["membrane", "cell"]
@@ -44,6 +48,19 @@ def _read_frame(ref: str) -> Image.Image:
     damaged, is a UserError naming the file and the slice)."""
     path, _, frame = ref.partition("#")
     return _open_loaded(path, int(frame or 0))
+
+
+def label_gray(img: Image.Image, ref: str) -> np.ndarray:
+    """A decoded label image -> uint8[H, W] gray levels (white = 255 = cell): an 8-bit gray label as
+    stored; every other mode by its luminance, so a 1-bit label's white (stored 1) and a palette
+    label's white index are 255. Wider integers are clipped to 0..255 (PIL's conversion)."""
+    if img.mode != "L":
+        try:
+            img = img.convert("L")
+        except ValueError as e:  # a mode PIL cannot bring to gray
+            raise UserError(f"{ref}: cannot read a label of mode {img.mode} as gray levels ({e}); save labels as "
+                            "8-bit gray PNGs (cell 255, membrane 0)") from None
+    return np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
 
 
 class ISBI2012(FilePairDataset):
@@ -78,7 +95,7 @@ class ISBI2012(FilePairDataset):
         if not items:
             raise UserError(f"{png_dir}: no .png/.tif images in it; put the slices there (labels in "
                             f"{self.root / 'train' / 'label'})")
-        if not 0 <= val_count < len(items):
+        if split != "all" and not 0 <= val_count < len(items):  # all does not use val_count
             raise UserError(f"isbi2012: val_count={val_count} must be in 0..{len(items) - 1}")
         if val_count == 0 and split == "val":
             raise UserError("isbi2012: val_count=0 leaves the val split empty; give val_count >= 1, or use "
@@ -93,10 +110,29 @@ class ISBI2012(FilePairDataset):
         return pil_to_rgb(_read_frame(ref))
 
     def read_raw_mask(self, ref: str) -> np.ndarray:
-        if "#" not in ref:
-            return super().read_raw_mask(ref)
-        img = _read_frame(ref)
-        return np.asarray(img.convert("L") if img.mode not in ("L", "P") else img, dtype=np.uint8)
+        """The label's gray levels (:func:`label_gray`), of a PNG file or a TIFF stack's slice alike."""
+        if "#" in ref:
+            return label_gray(_read_frame(ref), ref)
+        img = _open_loaded(ref)
+        refuse_lossy_mask(ref, img.format)
+        return label_gray(img, ref)
+
+    def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:
+        # every gray level is valid (thresholded at 128), so the base class's value check finds
+        # nothing; what is checked here is a label holding only 0 and 1, whose cells would be read
+        # as membrane: one decode of the mask, as the base class does
+        problems = super().check_item(image_ref, mask_ref, labels=False)
+        if not labels or mask_ref is None or any(p.path == mask_ref for p in problems):
+            return problems
+        try:
+            gray = self.read_raw_mask(mask_ref)
+        except UserError as e:
+            return [*problems, problem_from_error(mask_ref, e)]
+        if gray.size and int(gray.max()) == 1:
+            problems.append(Problem(mask_ref, "label values are only 0 and 1, and values are thresholded at 128, "
+                                              "so every pixel would be membrane: cells must be stored as 255 "
+                                              "(white), membranes as 0; multiply the labels by 255"))
+        return problems
 
     def image_size(self, ref: str) -> tuple[int, int]:
         return _read_frame(ref).size if "#" in ref else super().image_size(ref)

@@ -11,7 +11,10 @@
   ``val.txt``): SBD train + SBD val + VOC train, minus VOC val; VOC's own PNG is used where
   one exists.
 
-Masks are palette-indexed PNGs read as indices: 0 background, 1..20 classes, 255 void.
+Masks are palette-indexed PNGs read as indices: 0 background, 1..20 classes, 255 void. A palette
+mask whose own palette gives an index it uses the VOC colour of another class (a mask re-saved by
+an editor or a PNG optimiser with its colours in another order: it looks right and would be read
+wrong) is a problem for ``check()``. SBD ``.mat`` labels must hold whole numbers 0..255.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import numpy as np
 from scipy.io import loadmat
 from scipy.io.matlab import MatReadError
 
+from pixelwise.data.base import IGNORE_INDEX, Problem
 from pixelwise.data.download import Archive, download_and_extract
 from pixelwise.data.files import FilePairDataset, identity_lut, read_split_list
+from pixelwise.data.folder import palette_order_problem
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 
@@ -31,6 +36,8 @@ CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
                "train", "tvmonitor"]
 PALETTE = default_palette(len(CLASS_NAMES))
+VOID_COLOUR = (224, 224, 192)  # index 255 (void) in the masks' palette: VOC's colour map
+KNOWN_COLOURS = {**{c: i for i, c in enumerate(PALETTE)}, VOID_COLOUR: IGNORE_INDEX}
 SPLITS = ("train", "val", "trainval", "train_aug")
 URL = "https://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 # SHA-256 and size as published in tensorflow/datasets (url_checksums/voc.txt) for this file (its copy
@@ -58,12 +65,29 @@ def read_list(path: Path, required: bool = True) -> list[str]:
 
 
 def read_sbd_mat(path: str | Path) -> np.ndarray:
-    """SBD ``cls/*.mat`` -> uint8[H, W] class ids (0..20, 255 on boundaries where present)."""
+    """SBD ``cls/*.mat`` -> uint8[H, W] class ids (0..20, 255 on boundaries where present). SBD stores
+    uint8; a re-exported file of another type must hold whole numbers 0..255 (a UserError naming
+    what it holds otherwise: such values are not wrapped or truncated)."""
     try:
         mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
-        return np.ascontiguousarray(mat["GTcls"].Segmentation, dtype=np.uint8)
+        seg = np.asarray(mat["GTcls"].Segmentation)
     except (OSError, ValueError, KeyError, AttributeError, TypeError, MatReadError) as e:  # MatReadError: empty
         raise UserError(f"{path}: unreadable SBD .mat file ({e}); re-download SBD") from None
+    if seg.ndim != 2 or not (np.issubdtype(seg.dtype, np.integer) or np.issubdtype(seg.dtype, np.floating)
+                             or seg.dtype == bool):
+        raise UserError(f"{path}: GTcls.Segmentation is a {seg.dtype} array of shape {seg.shape}, not a 2-D "
+                        "array of class ids; re-download SBD")
+    if seg.dtype == np.uint8 or seg.dtype == bool:
+        return np.ascontiguousarray(seg, dtype=np.uint8)
+    fix = "class ids are whole numbers 0..20, 255 = ignore; re-export it as uint8 (or re-download SBD)"
+    odd = seg[~(seg == np.round(seg))] if np.issubdtype(seg.dtype, np.floating) else seg[:0]  # NaN too
+    if odd.size:
+        raise UserError(f"{path}: GTcls.Segmentation ({seg.dtype}) holds values that are not whole numbers, "
+                        f"e.g. {odd.flat[0]}; {fix}")
+    if seg.size and (seg.min() < 0 or seg.max() > 255):
+        raise UserError(f"{path}: GTcls.Segmentation ({seg.dtype}) holds values {seg.min():g}..{seg.max():g}, "
+                        f"outside 0..255; {fix}")
+    return np.ascontiguousarray(seg, dtype=np.uint8)
 
 
 class VOCSegmentation(FilePairDataset):
@@ -124,6 +148,14 @@ class VOCSegmentation(FilePairDataset):
 
     def read_raw_mask(self, ref: str) -> np.ndarray:
         return read_sbd_mat(ref) if ref.endswith(".mat") else super().read_raw_mask(ref)
+
+    def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:
+        problems = super().check_item(image_ref, mask_ref, labels)
+        if labels and mask_ref is not None and not mask_ref.endswith(".mat") and \
+                not any(p.path == mask_ref for p in problems):  # a palette mask in another colour order
+            found = palette_order_problem(mask_ref, KNOWN_COLOURS, CLASS_NAMES, "the VOC colour map")
+            problems += [found] if found else []
+        return problems
 
     def mask_size(self, ref: str) -> tuple[int, int]:
         if ref.endswith(".mat"):
