@@ -209,3 +209,31 @@ def test_any_mode_any_size_gives_hw3_uint8(tmp_path, h, w, mode, seed):
     out = read_image(path)
     assert out.shape == (h, w, 3) and out.dtype == np.uint8
     assert probe(path)[0] == (w, h)
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "png", "webp"])
+@pytest.mark.parametrize(("orientation", "turn"), [(3, lambda a: np.rot90(a, 2)), (6, lambda a: np.rot90(a, -1)),
+                                                   (8, lambda a: np.rot90(a, 1))])
+def test_orientation_tags_turn_once_in_every_lossless_format(tmp_path, fmt, orientation, turn):
+    """Pillow 10.0 turned an orientation-tagged TIFF at load() and still reported the tag, so the
+    image was turned twice (the floor is now 10.1, which the floors suite runs this at)."""
+    from pixelwise.serve.uploads import decode_image
+
+    a = _rgb(5, 8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"r.{fmt}"
+    Image.fromarray(a).save(path, exif=exif.tobytes(), **({"lossless": True} if fmt == "webp" else {}))
+    expected = turn(a)
+    np.testing.assert_array_equal(read_image(path), expected)
+    assert probe(path)[0] == (expected.shape[1], expected.shape[0])
+    np.testing.assert_array_equal(decode_image(path.read_bytes(), 10**6), expected)
+
+
+def test_a_tiff_stack_upload_is_its_first_page(tmp_path):
+    """At Pillow 10.0 serve answered a multi-page TIFF with a 500 (EXIF read after load())."""
+    from pixelwise.serve.uploads import decode_image
+
+    pages = [_rgb(6, 7) for _ in range(3)]
+    Image.fromarray(pages[0]).save(tmp_path / "s.tif", save_all=True, append_images=[Image.fromarray(p) for p in pages[1:]])
+    np.testing.assert_array_equal(decode_image((tmp_path / "s.tif").read_bytes(), 10**6), pages[0])

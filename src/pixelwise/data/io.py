@@ -438,6 +438,10 @@ def probe_info(path: PathLike) -> ImageInfo:
         with _quiet_pil(), _open(path) as img:
             size, mode, fmt = img.size, img.mode, str(img.format)
             orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+            if fmt == "TIFF":  # Pillow gives a TIFF's size already turned (it turns the pixels at load())
+                tags = getattr(img, "tag_v2", {})
+                stored = tags.get(256), tags.get(257)  # ImageWidth, ImageLength as the file stores them
+                size = stored if all(isinstance(v, int) for v in stored) else size
             cut = truncation(path, img)
         if fmt == "PNG":  # verify() checks every chunk's CRC and the end marker without inflating
             with Image.open(path) as img:
