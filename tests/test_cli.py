@@ -240,3 +240,24 @@ def test_a_reader_that_closes_stdout_stops_nothing(tmp_path):
     assert first and train.returncode == 0, err.decode()[-2000:]
     assert err == b"" and (out / "last.safetensors").is_file()
     assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + both epochs
+
+
+def test_the_train_summary_names_the_metric_that_picked_best(tmp_path, capsys):
+    """With --select-by dice (or an ISBI recipe's rand_error_best) the line showed mIoU and pixel
+    accuracy only, as if mIoU had picked the best epoch."""
+    assert main(["train", *TINY, "--select-by", "dice", "--out", str(tmp_path / "r")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("done in")][0]
+    best = json.loads((tmp_path / "r" / "metrics.json").read_text())["best"]
+    assert f"; best epoch 1 (by dice): dice={best['dice']:.4f} mIoU={best['mIoU']:.4f} " in line, line
+
+
+def test_a_missing_run_checkpoint_as_pretrained_says_to_train_that_run_first():
+    """fcn16s_voc's recipe starts from runs/fcn32s_voc/best.safetensors: the message said 'give imagenet'."""
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import check_settings
+    from pixelwise.errors import UserError
+
+    with pytest.raises(UserError, match="no such file; it is another run's checkpoint: train that run first"):
+        check_settings(TrainConfig(model="fcn16s", pretrained="runs/fcn32s_voc/best.safetensors"))
+    with pytest.raises(UserError, match="no such file; give imagenet"):
+        check_settings(TrainConfig(model="fcn16s", pretrained="vgg.pth"))

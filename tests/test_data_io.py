@@ -235,5 +235,6 @@ def test_a_tiff_stack_upload_is_its_first_page(tmp_path):
     from pixelwise.serve.uploads import decode_image
 
     pages = [_rgb(6, 7) for _ in range(3)]
-    Image.fromarray(pages[0]).save(tmp_path / "s.tif", save_all=True, append_images=[Image.fromarray(p) for p in pages[1:]])
+    rest = [Image.fromarray(p) for p in pages[1:]]
+    Image.fromarray(pages[0]).save(tmp_path / "s.tif", save_all=True, append_images=rest)
     np.testing.assert_array_equal(decode_image((tmp_path / "s.tif").read_bytes(), 10**6), pages[0])

@@ -367,6 +367,25 @@ def test_published_weights_are_hash_checked(monkeypatch):
         assert seen[url]["check_hash"] is True and seen[url]["weights_only"] is True
 
 
+def test_a_failed_download_leaves_one_line(monkeypatch, capsys):
+    """torch.hub's 'Downloading: ...' line came before the error when no terminal shows progress."""
+    import sys
+    from urllib.error import URLError
+
+    from pixelwise import weights
+
+    def offline(url, **kw):
+        sys.stderr.write(f'Downloading: "{url}" to /cache/x.pth\n')
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(weights, "show_progress", lambda: False)
+    with pytest.raises(UserError, match=r"could not download weights from https://x/y-abcdef12.pth \(<urlopen "
+                                        r"error Name or service not known>\); .* --pretrained PATH"):
+        weights.download_weights("https://x/y-abcdef12.pth")
+    assert capsys.readouterr().err == ""
+
+
 # --- decompression bombs -----------------------------------------------------------------------------
 def test_max_pixels_is_a_deliberate_flag_and_the_default_stays_safe(checkpoint, tmp_path, capsys):
     image = tmp_path / "in" / "big.png"

@@ -86,9 +86,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = fit(cfg)
     if not env_info().is_main:
         return 0
-    best = summary["best"] or {}
-    print(f"done in {summary['train_minutes']} min; best epoch {summary['best_epoch']}: "
-          + " ".join(f"{k}={best[k]:.4f}" for k in ("mIoU", "pixel_acc", "mask_AP") if best.get(k) is not None))
+    best, by = summary["best"] or {}, summary.get("selected_by")
+    shown = dict.fromkeys([by, "mIoU", "pixel_acc", "mask_AP"])  # what picked it first, then the usual
+    print(f"done in {summary['train_minutes']} min; best epoch {summary['best_epoch']} (by {by}): "
+          + " ".join(f"{k}={best[k]:.4f}" for k in shown if isinstance(best.get(k), int | float)))
     if summary.get("epochs_trained", 1):
         print(f"wrote {cfg.out}/best.safetensors, last.safetensors, metrics.csv, metrics.json")
     return 0

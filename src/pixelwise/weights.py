@@ -9,6 +9,8 @@ runs code. Nothing here unpickles anything else.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,13 +36,18 @@ def url_has_hash(url: str) -> bool:
 def download_weights(url: str) -> dict[str, Tensor]:
     """The state dict at ``url``, downloaded once into the torch hub cache (hash-checked when the
     file name carries one; a failed or corrupt download leaves nothing behind)."""
+    progress = show_progress()
+    # torch.hub writes 'Downloading: URL to PATH' on stderr before it tries: kept on a terminal, where
+    # the progress bar follows it; elsewhere a failed download must leave one line, the error
+    said = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:
-        return torch.hub.load_state_dict_from_url(url, progress=show_progress(), map_location="cpu", weights_only=True,
-                                                  check_hash=url_has_hash(url))
+        with said:
+            return torch.hub.load_state_dict_from_url(url, progress=progress, map_location="cpu", weights_only=True,
+                                                      check_hash=url_has_hash(url))
     except (OSError, RuntimeError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"could not download weights from {url} ({reason}); download the file yourself and "
-                        "pass its path instead") from None
+                        "give its path: --pretrained PATH") from None
 
 
 def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> dict[str, Tensor]:

@@ -51,7 +51,7 @@ def find_voc_root(root: Path) -> Path:
         if (cand / "JPEGImages").is_dir():
             return cand
     raise UserError(f"{root}: no VOC2012/JPEGImages found; pass the VOCdevkit or VOC2012 folder "
-                    "(or use download=True)")
+                    "(or have it downloaded: --dataset-kwargs '{\"download\": true}', download=True in Python)")
 
 
 def read_list(path: Path, required: bool = True) -> list[str]:

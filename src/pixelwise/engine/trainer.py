@@ -489,6 +489,10 @@ def check_settings(cfg: TrainConfig) -> str:
     task = model_info(cfg.model).task
     check_model_kwargs(cfg.model, cfg.model_kwargs, "--model-kwargs")
     if cfg.pretrained and cfg.pretrained not in PRETRAINED_TAGS and not Path(cfg.pretrained).expanduser().is_file():
+        if Path(cfg.pretrained).name in ("best.safetensors", "last.safetensors"):  # e.g. a staged FCN recipe's
+            raise UserError(f"--pretrained {cfg.pretrained!r} (given, or the recipe's): no such file; it is another "
+                            "run's checkpoint: train that run first (a relative path is from the current folder, as "
+                            "is the run's --out), or give the path of its checkpoint with --pretrained")
         raise UserError(f"--pretrained {cfg.pretrained!r}: no such file; give imagenet (or coco for Mask R-CNN) or "
                         "the path of a weights file")
     for aug in (cfg.augment, *(st.get("augment") or {} for st in cfg.stages)):
