@@ -900,3 +900,67 @@ def test_a_model_with_dropout_waits_for_the_model_in_the_queue_not_against_the_t
                                                                   "waiting": 0}
     no_dropout = create_app(predictor, ServeConfig(workers=2), samples=[])
     assert no_dropout.state.service.pool.workers == 2  # --workers holds for a model without dropout
+
+
+def _dataset_checkpoint(path, dataset, names, palette):
+    kw = {"base_channels": 4, "dropout": 0.0}
+    save_checkpoint(path, create_model("unet", num_classes=len(names), **kw),
+                    {"model": "unet", "num_classes": len(names), "model_kwargs": kw, "task": "semantic",
+                     "dataset": dataset, "class_names": names, "palette": palette})
+    return Predictor.from_checkpoint(path)
+
+
+def _truth_counts(app, image, truth, fmt=None):
+    fields = {} if fmt is None else {"truth_format": fmt}
+    r = request(app, "POST", "/api/predict", data=fields, files={
+        "image": ("a.png", png_bytes(image), "image/png"), "ground_truth": ("t.png", truth, "image/png")})
+    if r.status_code != 200:
+        return r.status_code, r.json()["detail"]
+    m = r.json()["metrics"]
+    return {row["name"]: row["pixels"] for row in m["per_class"] if row["pixels"]}, m["ignored_pixels"]
+
+
+def test_a_datasets_own_label_file_is_read_with_its_mapping(tmp_path):
+    """A dataset's annotation sent as the ground truth was read as class ids: an ADE20K annotation was
+    scored one class off, an ISBI label's cells (stored 255) were all 'ignore'."""
+    from pixelwise.data import ade20k, cityscapes
+
+    image = noise(8, 10)
+    isbi = create_app(_dataset_checkpoint(tmp_path / "i.safetensors", "isbi2012", ["membrane", "cell"],
+                                          [(0, 0, 0), (255, 255, 255)]), samples=[])
+    info = request(isbi, "GET", "/api/info").json()["truth_formats"]
+    assert set(info) == {"classes", "dataset"} and "white (>= 128) = cell" in info["dataset"]
+    label = np.zeros((8, 10), np.uint8)
+    label[:, 4:] = 255  # 48 cell pixels, 32 membrane
+    assert _truth_counts(isbi, image, png_bytes(label)) == ({"membrane": 32}, 48)  # class ids: 255 is ignore
+    assert _truth_counts(isbi, image, png_bytes(label), "dataset") == ({"membrane": 32, "cell": 48}, 0)
+    one_bit = io.BytesIO()
+    Image.fromarray(label).convert("1").save(one_bit, "PNG")
+    assert _truth_counts(isbi, image, one_bit.getvalue(), "dataset") == ({"membrane": 32, "cell": 48}, 0)
+
+    ade = create_app(_dataset_checkpoint(tmp_path / "a.safetensors", "ade20k", ade20k.CLASS_NAMES,
+                                         ade20k.PALETTE), samples=[])
+    annotation = np.zeros((8, 10), np.uint8)
+    annotation[:, 2:5], annotation[:, 5:] = 1, 3  # 16 other, 24 wall (1), 40 sky (3)
+    assert _truth_counts(ade, image, png_bytes(annotation), "dataset") == ({"wall": 24, "sky": 40}, 16)
+    assert _truth_counts(ade, image, png_bytes(annotation)) == ({"wall": 16, "building": 24, "floor": 40}, 0)
+
+    city = create_app(_dataset_checkpoint(tmp_path / "c.safetensors", "cityscapes", cityscapes.CLASS_NAMES,
+                                          cityscapes.PALETTE), samples=[])
+    ids = np.full((8, 10), 7, np.uint8)  # road
+    ids[0], ids[1] = 26, 1  # car, ego vehicle (ignored)
+    assert _truth_counts(city, image, png_bytes(ids), "dataset") == ({"road": 60, "car": 10}, 10)
+    ids[2, 0] = 40
+    status, detail = _truth_counts(city, image, png_bytes(ids), "dataset")
+    assert status == 422 and "values [40] that are not labels of Cityscapes" in detail
+    status, detail = _truth_counts(city, image, png_bytes(np.full((8, 10), 26, np.uint8)))
+    assert status == 422 and "is read with truth_format=dataset" in detail
+
+
+def test_truth_format_dataset_is_refused_where_the_data_stores_class_ids(predictor):
+    app = create_app(predictor, samples=[])  # trained on shapes: its masks are class ids
+    assert request(app, "GET", "/api/info").json()["truth_formats"].keys() == {"classes"}
+    status, detail = _truth_counts(app, noise(8, 8), png_bytes(np.zeros((8, 8), np.uint8)), "dataset")
+    assert status == 422 and "stores class ids; leave it out" in detail
+    status, detail = _truth_counts(app, noise(8, 8), png_bytes(np.zeros((8, 8), np.uint8)), "labelids")
+    assert status == 422 and "truth_format must be classes or dataset" in detail

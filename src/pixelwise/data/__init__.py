@@ -6,8 +6,12 @@ import difflib
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 from inspect import signature
 
+import numpy as np
+
+from pixelwise.data import ade20k, camvid, cityscapes, isbi
 from pixelwise.data.ade20k import ADE20K
 from pixelwise.data.base import IGNORE_INDEX, Problem, Sample, SegmentationDataset, collate, sample_target
 from pixelwise.data.camvid import CamVid
@@ -28,6 +32,28 @@ DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
     "isbi2012": ISBI2012,
     "coco": COCOInstances,
     "folder": FolderDataset,
+}
+
+
+@dataclass(frozen=True)
+class StoredLabels:
+    """How a dataset kind stores its label files, where a stored value is not the class id:
+    ``lut`` maps a stored value to a class id (255: ignore, -1: not a label of the dataset);
+    ``gray``: the file is read by its gray levels (a 1-bit or palette label by the colour of its
+    pixels), not by its stored values."""
+
+    describe: str
+    lut: np.ndarray
+    gray: bool = False
+
+
+# the kinds whose label files are not class-id masks (VOC's palette PNGs and SBD's, a folder's
+# masks, COCO's polygons are class ids or are read otherwise)
+STORED_LABELS: dict[str, StoredLabels] = {
+    "camvid": StoredLabels(camvid.STORED_LABELS, camvid.LABEL_LUT),
+    "cityscapes": StoredLabels(cityscapes.STORED_LABELS, cityscapes.LABEL_LUT),
+    "ade20k": StoredLabels(ade20k.STORED_LABELS, ade20k.LABEL_LUT),
+    "isbi2012": StoredLabels(isbi.STORED_LABELS, isbi.LABEL_LUT, gray=True),
 }
 
 

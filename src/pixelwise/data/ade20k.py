@@ -35,6 +35,9 @@ CLASS_NAMES = [
 ]
 # Distinct colours from the VOC bit-interleaving map (skipping its black entry 0).
 PALETTE = default_palette(len(CLASS_NAMES) + 1)[1:]
+# stored value -> class: 0 = "other" (ignored), L = class L - 1
+LABEL_LUT = make_lut({0: IGNORE_INDEX, **{i: i - 1 for i in range(1, len(CLASS_NAMES) + 1)}})
+STORED_LABELS = "ADE20K annotation PNGs: 0 = other (ignored), value L = class L-1"
 SPLIT_DIRS = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}
 URL = "https://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 # SHA-256 and size as published in tensorflow/datasets (url_checksums/ade20k.txt) for this file.
@@ -63,7 +66,7 @@ class ADE20K(FilePairDataset):
         if not images.is_dir():
             raise UserError(f"{images}: not found; expected ADEChallengeData2016/images/{sub} "
                             f"and annotations/{sub} (get it from {URL})")
-        self.lut = make_lut({0: IGNORE_INDEX, **{i: i - 1 for i in range(1, len(CLASS_NAMES) + 1)}})
+        self.lut = LABEL_LUT
         for img in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS):
             self.items.append((str(img), str(self.root / "annotations" / sub / f"{img.stem}.png")))
         self._finish(skip_invalid)

