@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -814,3 +815,98 @@ def test_the_last_stage_anneals_over_the_time_it_has():
         assert last.lr_factor(state, elapsed) == pytest.approx(want)
     first = Stage(0, "a", cfg, None, schedule, False, budget_s=3.0, last=False, run_budget_s=6.0)
     assert first.lr_factor(TrainState(stage_step=0), 1.5) == pytest.approx(0.5)  # an earlier stage: its share
+
+
+class Killed(BaseException):
+    """kill -9 at this point: none of the run's own handling (Ctrl-C's save) runs."""
+
+
+def _scored(monkeypatch, scores):
+    """Validation reports these mIoUs, epoch after epoch (also for an epoch repeated after a kill)."""
+    real, given = trainer.evaluate, iter(scores)
+
+    def evaluate(run):
+        return {**real(run), "mIoU": next(given)}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+
+
+def _kill_at_state(monkeypatch, epoch, after):
+    real = trainer.save_state
+
+    def save_state(run, state):
+        if state.epoch == epoch and not after:
+            raise Killed
+        real(run, state)
+        if state.epoch == epoch:
+            raise Killed
+
+    monkeypatch.setattr(trainer, "save_state", save_state)
+    return real
+
+
+def _best_epoch(out):
+    return read_checkpoint(out / "best.safetensors")[1]["training"]["epoch"]
+
+
+def test_a_best_written_before_a_kill_does_not_outlive_its_lost_epoch(tmp_path, monkeypatch):
+    """best.safetensors was written before the state: after a kill between them the resume repeated
+    the epoch, and when the repeat scored lower, best kept the lost epoch's weights while
+    metrics.json named another epoch. A best now waits under PENDING_BEST until its state is saved."""
+    _scored(monkeypatch, [0.2, 0.5, 0.3, 0.1])  # epoch 2 scores 0.5, is lost, and scores 0.3 when repeated
+    real = _kill_at_state(monkeypatch, epoch=2, after=False)
+    with pytest.raises(Killed):
+        fit(tiny(tmp_path, epochs=3), log=quiet)
+    assert (tmp_path / trainer.PENDING_BEST).exists() and _best_epoch(tmp_path) == 1
+    monkeypatch.setattr(trainer, "save_state", real)
+    fit(tiny(tmp_path, epochs=3, resume=True), log=quiet)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["best_epoch"] == 2 and summary["best"]["mIoU"] == 0.3 and _best_epoch(tmp_path) == 2
+    best = read_checkpoint(tmp_path / "best.safetensors")[1]["training"]["val"]["mIoU"]
+    assert best == 0.3 and not (tmp_path / trainer.PENDING_BEST).exists()
+
+
+def test_a_best_whose_state_was_saved_before_the_kill_becomes_best(tmp_path, monkeypatch):
+    _scored(monkeypatch, [0.2, 0.5, 0.1])
+    real = _kill_at_state(monkeypatch, epoch=2, after=True)  # the state of epoch 2 saved, best not renamed
+    with pytest.raises(Killed):
+        fit(tiny(tmp_path, epochs=3), log=quiet)
+    assert (tmp_path / trainer.PENDING_BEST).exists() and _best_epoch(tmp_path) == 1
+    monkeypatch.setattr(trainer, "save_state", real)
+    fit(tiny(tmp_path, epochs=3, resume=True), log=quiet)
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == 2 and _best_epoch(tmp_path) == 2
+
+
+def test_a_run_killed_before_its_first_state_says_start_again(tmp_path, monkeypatch):
+    """A kill in epoch 1 after its checkpoints but before its state: --resume said 'drop --resume',
+    which was then refused as 'already holds a run'."""
+    _scored(monkeypatch, [0.2, 0.2])
+    real = _kill_at_state(monkeypatch, epoch=1, after=False)
+    with pytest.raises(Killed):
+        fit(tiny(tmp_path, epochs=1), log=quiet)
+    assert (tmp_path / "last.safetensors").exists() and not (tmp_path / "last.state.safetensors").exists()
+    monkeypatch.setattr(trainer, "save_state", real)
+    with pytest.raises(UserError, match="saved nothing to resume from .* start it again with --overwrite"):
+        fit(tiny(tmp_path, epochs=1, resume=True), log=quiet)
+    fit(tiny(tmp_path, epochs=1, overwrite=True), log=quiet)
+    assert not (tmp_path / trainer.PENDING_BEST).exists() and _best_epoch(tmp_path) == 1
+
+
+def test_overwrite_deletes_the_state_first(tmp_path, monkeypatch):
+    """A kill while --overwrite deleted the earlier run could leave its state without best and last,
+    and a resume then said 'done' with no checkpoint in the folder."""
+    fit(tiny(tmp_path, epochs=1), log=quiet)
+    real, deleted = Path.unlink, []
+
+    def unlink(self, *args, **kwargs):
+        deleted.append(self.name)
+        real(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(Killed):
+        fit(tiny(tmp_path, epochs=1, overwrite=True), log=quiet)
+    monkeypatch.setattr(Path, "unlink", real)
+    assert deleted == ["last.state.safetensors"] and (tmp_path / "best.safetensors").exists()
+    with pytest.raises(UserError, match="saved nothing to resume from"):
+        fit(tiny(tmp_path, epochs=1, resume=True), log=quiet)

@@ -63,6 +63,7 @@ from pixelwise.checkpoint import (
     atomic_write_text,
     load_train_state,
     model_input_spec,
+    read_checkpoint,
     save_checkpoint,
     save_train_state,
 )
@@ -406,9 +407,13 @@ class Run:
         return time.monotonic() - self.clock
 
 
-# What a run writes into OUT; any of them there means OUT holds a run.
-RUN_FILES = ("best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.csv", "metrics.json",
-             "config.yaml", CLASS_WEIGHTS_FILE, "tensorboard")
+# An epoch's new best checkpoint until the training state that records it is saved (save_epoch)
+PENDING_BEST = "best.pending.safetensors"
+# What a run writes into OUT; any of them there means OUT holds a run. The state comes first: it is
+# what --overwrite deletes first, so a kill while it deletes leaves a run that cannot be resumed
+# rather than a state without its checkpoints.
+RUN_FILES = ("last.state.safetensors", "best.safetensors", "last.safetensors", PENDING_BEST, "metrics.csv",
+             "metrics.json", "config.yaml", CLASS_WEIGHTS_FILE, "tensorboard")
 
 
 STARTUP_FILES = ("config.yaml", CLASS_WEIGHTS_FILE, "tensorboard")  # written before the first epoch
@@ -456,9 +461,9 @@ def check_out(cfg: TrainConfig, can_resume: bool = True, writes: Sequence[str] =
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run")
     saved = (out / "last.state.safetensors").is_file()
-    # a run killed in its first epoch (kill -9, power loss) left only what it writes at its start
-    later = [name for name in RUN_FILES if name not in STARTUP_FILES]
-    unsaved = (out / "config.yaml").is_file() and not existing_run(out, later)
+    # a run killed in its first epoch (kill -9, power loss) before its state was saved: what it writes
+    # at its start, and maybe checkpoints of that epoch
+    unsaved = (out / "config.yaml").is_file() and not saved
     if cfg.resume:
         if unsaved:
             raise UserError(f"cannot resume: the run in {out} saved nothing to resume from (it stopped before the end "
@@ -718,6 +723,7 @@ def resume(run: Run) -> TrainState:
     path = run.out / "last.state.safetensors"
     check_same_data(run)
     state = load_state(run)
+    settle_pending_best(run, state)
     if state.selected_by != run.select:  # best_score and best.safetensors belong to the other metric
         raise UserError(f"{run.out} picked best.safetensors by {state.selected_by}; resume with "
                         f"--select-by {state.selected_by}, or train into a new --out")
@@ -1018,9 +1024,11 @@ def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
 
 
 def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
-    """After an epoch: ``best`` (if ``metrics[select]`` improved), ``last``, the training state and
-    ``metrics.csv``, in that order, each atomically (only rank 0 writes). The state is the commit
-    point: a kill before it repeats the epoch on resume, a kill after it is caught up by resume."""
+    """After an epoch: ``best`` (if ``metrics[select]`` improved, as :data:`PENDING_BEST`), ``last``,
+    the training state, then the pending best renamed to ``best`` and ``metrics.csv``, each atomically
+    (only rank 0 writes). The state is the commit point: a kill before it repeats the epoch on resume
+    (which deletes the pending best: a repeated epoch that scores lower must not leave its weights in
+    ``best``), a kill after it is caught up by resume (:func:`settle_pending_best`)."""
     value = metrics.get(run.select)
     score = -math.inf if value is None else -float(value) if run.select in LOWER_IS_BETTER else float(value)
     improved = score > state.best_score
@@ -1030,10 +1038,29 @@ def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
         return
     meta = checkpoint_meta(run, {"epoch": state.epoch, **({"val": metrics} if metrics else {})})
     if improved:
-        save_checkpoint(run.out / "best.safetensors", run.saved, meta)
+        save_checkpoint(run.out / PENDING_BEST, run.saved, meta)
     save_checkpoint(run.out / "last.safetensors", run.saved, meta)
     save_state(run, state)
+    if improved:
+        os.replace(run.out / PENDING_BEST, run.out / "best.safetensors")
     _write_csv(run.out / "metrics.csv", state.rows)
+
+
+def settle_pending_best(run: Run, state: TrainState) -> None:
+    """A best checkpoint written before a kill: ``best`` if the saved state recorded its epoch as the
+    best (the kill came between the state and the rename), else deleted (the state does not have
+    its epoch, which the resume repeats)."""
+    pending = run.out / PENDING_BEST
+    if not pending.exists():
+        return
+    try:
+        epoch = read_checkpoint(pending)[1].get("training", {}).get("epoch")
+    except UserError:  # cut short by the kill
+        epoch = None
+    if epoch is not None and epoch == state.best_epoch == state.epoch:
+        os.replace(pending, run.out / "best.safetensors")
+    else:
+        pending.unlink()
 
 
 def save_interrupted(run: Run, state: TrainState) -> str:
