@@ -533,3 +533,27 @@ def test_an_input_lost_after_the_check(checkpoint, tmp_path, skip_invalid):
         written = predict_files(predictor, plan, progress=False)
         assert [p.name for p in written] == ["r0.png", "r1.png", "r3.png"]
         assert len(plan.skipped) == 1 and "r2.png: file not found" in plan.skipped[0]
+
+
+def test_predict_removes_what_a_killed_predict_left(checkpoint, tmp_path):
+    """A SIGKILLed predict left hidden .pixelwise-*.png temporaries (as large as the outputs) that no
+    later run removed; those of a running process are kept."""
+    import os
+    import subprocess
+
+    from pixelwise.inference.writers import remove_stale_staged
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    out.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(inputs / "a.png")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [out / f".pixelwise-{dead.pid}-0123456789ab-0.png", out / ".pixelwise-0123456789ab-1.png"]
+    alive = out / f".pixelwise-{os.getppid()}-0123456789ab-0.png"  # a process that runs
+    mine = out / ".pixelwise-probe-x"  # not a staged name
+    for path in (*stale, alive, mine):
+        path.write_bytes(b"partial")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(inputs), "--out", str(out), "--no-progress"]) == 0
+    assert not any(p.exists() for p in stale) and alive.exists() and mine.exists()
+    assert (out / "a.png").is_file() and remove_stale_staged(out) == []

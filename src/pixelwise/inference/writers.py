@@ -30,6 +30,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -228,7 +229,7 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
     error, Ctrl-C or SIGTERM they are removed. So a name holds the old file or the whole new one,
     never a truncated PNG."""
     tag = uuid.uuid4().hex[:12]  # a short name, whatever the length of the output's own
-    paths = {name: out_dir / f".pixelwise-{tag}-{k}{Path(name).suffix}" for k, name in enumerate(names)}
+    paths = {name: out_dir / f".pixelwise-{os.getpid()}-{tag}-{k}{Path(name).suffix}" for k, name in enumerate(names)}
     try:
         yield paths
         for name, path in paths.items():
@@ -236,6 +237,36 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
+
+
+# staged()'s temporary names: the writing process's id, a random tag, the file's index
+_STAGED = re.compile(r"\.pixelwise-(?:(\d+)-)?[0-9a-f]{12}-\d+\.\w+")
+
+
+def remove_stale_staged(out_dir: Path) -> list[Path]:
+    """Delete the temporary files of :func:`staged` that a killed ``predict`` (SIGKILL, power loss:
+    nothing of its own cleanup ran) left in ``out_dir``: those of processes no longer running (and
+    those of versions before the process id was in the name). -> the files deleted."""
+    gone = []
+    for path in out_dir.glob(".pixelwise-*"):
+        found = _STAGED.fullmatch(path.name)
+        if found is None or (found.group(1) and _running(int(found.group(1)))):
+            continue
+        path.unlink(missing_ok=True)
+        gone.append(path)
+    return gone
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process, or a platform that cannot tell: keep its files
+        return True
+    return True
 
 
 def entropy_to_gray(entropy: np.ndarray, num_classes: int) -> np.ndarray:
@@ -425,6 +456,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     check_watershed(predictor, watershed)
     out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_staged(out_dir)
     written = []
     bar = progress_bar(plan.paths, "predict", show=progress)
     if isinstance(predictor, SemanticPredictor) and watershed is not None:
