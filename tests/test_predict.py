@@ -557,3 +557,23 @@ def test_predict_removes_what_a_killed_predict_left(checkpoint, tmp_path):
     assert main(["predict", "--checkpoint", str(checkpoint), str(inputs), "--out", str(out), "--no-progress"]) == 0
     assert not any(p.exists() for p in stale) and alive.exists() and mine.exists()
     assert (out / "a.png").is_file() and remove_stale_staged(out) == []
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path):
+    """predict and export said 'No space left on device' without a file: the write to an open file
+    that fails carries no name."""
+    import errno
+
+    from pixelwise.checkpoint import atomic_write
+    from pixelwise.inference.writers import staged
+
+    def full(_tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "m.onnx", full)
+    assert caught.value.filename == str(tmp_path / "m.onnx") and caught.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as caught:
+        with staged(tmp_path, ["a.png", "a_overlay.png"]):
+            full(None)
+    assert caught.value.filename == str(tmp_path / "a.png") and not list(tmp_path.glob(".pixelwise-*"))

@@ -68,6 +68,10 @@ def atomic_write(path: str | Path, write) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         done = True
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a write to an open file (a full disk) names none
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

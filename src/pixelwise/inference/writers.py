@@ -234,6 +234,10 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
         yield paths
         for name, path in paths.items():
             os.replace(path, out_dir / name)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a write to an open file (a full disk) names none
+            raise OSError(e.errno, e.strerror, str(out_dir / names[0])) from e
+        raise
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
