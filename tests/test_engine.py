@@ -817,10 +817,6 @@ def test_the_last_stage_anneals_over_the_time_it_has():
     assert first.lr_factor(TrainState(stage_step=0), 1.5) == pytest.approx(0.5)  # an earlier stage: its share
 
 
-class Killed(BaseException):
-    """kill -9 at this point: none of the run's own handling (Ctrl-C's save) runs."""
-
-
 def _scored(monkeypatch, scores):
     """Validation reports these mIoUs, epoch after epoch (also for an epoch repeated after a kill)."""
     real, given = trainer.evaluate, iter(scores)

@@ -573,7 +573,6 @@ def test_a_full_disk_names_the_file_being_written(tmp_path):
     with pytest.raises(OSError) as caught:
         atomic_write(tmp_path / "m.onnx", full)
     assert caught.value.filename == str(tmp_path / "m.onnx") and caught.value.errno == errno.ENOSPC
-    with pytest.raises(OSError) as caught:
-        with staged(tmp_path, ["a.png", "a_overlay.png"]):
-            full(None)
+    with pytest.raises(OSError) as caught, staged(tmp_path, ["a.png", "a_overlay.png"]):
+        full(None)
     assert caught.value.filename == str(tmp_path / "a.png") and not list(tmp_path.glob(".pixelwise-*"))

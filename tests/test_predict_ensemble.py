@@ -96,3 +96,54 @@ def test_eval_scores_the_ensemble(checkpoints, tmp_path):
         correct += int((mean.argmax(0).numpy() == gt).sum())
     assert metrics["num_images"] == 2
     assert metrics["pixel_acc"] == pytest.approx(correct / (2 * 40 * 52), abs=1e-9)
+
+
+def _folder(root, count=2, size=(40, 44)):
+    rng = np.random.default_rng(3)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "images" / f"i{i}.png")
+        Image.fromarray(rng.integers(0, 3, size, dtype=np.uint8)).save(root / "masks" / f"i{i}.png")
+    return root
+
+
+def test_mc_samples_on_an_ensemble_samples_the_members_with_dropout(tmp_path):
+    """predict --uncertainty sampled the dropout member of an ensemble, and eval --mc-samples 8, which
+    the README names as its equivalent, refused the ensemble ('unet has none'): no eval could score
+    those masks. --mc-samples now samples the members that have dropout."""
+    dropout = _save(tmp_path / "d.safetensors", 0, dropout=0.5)
+    plain = _save(tmp_path / "p.safetensors", 1)
+    data = _folder(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", dropout, "--checkpoint", plain, str(data / "images"), "--out", str(out),
+                 "--uncertainty", "--no-progress"]) == 0
+    ensemble = from_checkpoints([dropout, plain], mc_samples=8)
+    assert [m.mc_samples for m in ensemble.members] == [8, 0]
+    for i in range(2):
+        image = np.asarray(Image.open(data / "images" / f"i{i}.png"))
+        np.testing.assert_array_equal(read_mask(out / f"i{i}.png"), ensemble.predict(image).mask)
+    with pytest.raises(UserError, match=r"none of .*p.safetensors, .*q.safetensors has any"):
+        from_checkpoints([plain, _save(tmp_path / "q.safetensors", 2)], mc_samples=8)
+
+
+def test_eval_records_each_members_contract_and_options(tmp_path):
+    """eval --json of an ensemble recorded the first member's resize for all and mc_samples 0 even when
+    Monte-Carlo dropout ran."""
+    from pixelwise.checkpoint import load_checkpoint
+    from pixelwise.inference.evaluate import evaluate_checkpoint
+
+    resized = _save(tmp_path / "r.safetensors", 0, dropout=0.5)
+    meta_path = tmp_path / "r.safetensors"
+    model, meta = load_checkpoint(meta_path)
+    save_checkpoint(meta_path, model, {**meta, "input": {"mean": [0.4] * 3, "std": [0.25] * 3, "normalize": True,
+                                                         "resize": [32, 32], "channels": 3}})
+    native = _save(tmp_path / "n.safetensors", 1)
+    metrics = evaluate_checkpoint([resized, native], "folder", str(_folder(tmp_path / "data")), "all",
+                                  progress=False, mc_samples=2)
+    assert isinstance(metrics["input"], list) and [m["resize"] for m in metrics["input"]] == [[32, 32], None]
+    seen = metrics["provenance"]["prediction"]
+    assert seen["resize"] == "per member" and seen["mc_samples"] == "per member" and seen["tta"] is None
+    members = metrics["provenance"]["ensemble"]
+    assert [m["prediction"]["resize"] for m in members] == [[32, 32], "native"]
+    assert [m["prediction"]["mc_samples"] for m in members] == [2, 0]

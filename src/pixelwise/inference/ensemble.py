@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
+from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import Bands, Predictor, SemanticPredictor
 
 
@@ -86,11 +87,17 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device = "
     checkpoints for several (``options`` apply to every member)."""
     if len(paths) == 1:
         return Predictor.from_checkpoint(paths[0], device, **options)
+    mc_samples = options.pop("mc_samples", 0) or 0
     members = []
     for path in paths:
         member = Predictor.from_checkpoint(path, device, **options)
         if not isinstance(member, SemanticPredictor):
             raise UserError(f"{path} holds an instance model; an ensemble averages the class probabilities "
                             "of semantic models")
+        if mc_samples and has_dropout(member.model):  # as predict --uncertainty samples an ensemble
+            member.mc_samples = mc_samples
         members.append(member)
+    if mc_samples and not any(m.mc_samples for m in members):
+        raise UserError(f"--mc-samples needs a model with dropout layers (such as bayesian_segnet), and none of "
+                        f"{', '.join(map(str, paths))} has any; leave it out")
     return EnsemblePredictor(members, [str(p) for p in paths])

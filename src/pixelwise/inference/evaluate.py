@@ -153,14 +153,17 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     else:
         assert isinstance(predictor, SemanticPredictor)
         metrics = evaluate_semantic(predictor, ds, progress, bf, watershed)
-    metrics["input"] = predictor.input_spec.to_dict()
+    members = getattr(predictor, "members", [predictor])  # an ensemble's members each see the data their way
+    specs = [m.input_spec.to_dict() for m in members]
+    metrics["input"] = specs[0] if all(s == specs[0] for s in specs) else specs
     metrics["provenance"] = provenance(paths[0], predictor, dataset, data, split, dataset_kwargs or {},
                                        [str(p) for p in skipped])
     if watershed is not None:
         metrics["provenance"]["watershed"] = watershed
-    if len(paths) > 1:  # an ensemble: every member's file
-        metrics["provenance"]["ensemble"] = [{"checkpoint": str(Path(p).resolve()), "checkpoint_sha256": file_sha256(p)}
-                                             for p in paths]
+    if len(paths) > 1:  # an ensemble: every member's file, contract and options
+        metrics["provenance"]["ensemble"] = [
+            {"checkpoint": str(Path(p).resolve()), "checkpoint_sha256": file_sha256(p), "input": spec,
+             "prediction": prediction_options(m)} for p, m, spec in zip(paths, members, specs)]
     return metrics
 
 
@@ -172,17 +175,25 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def provenance(checkpoint: str | Path, predictor: Predictor, dataset: str, data: str | None, split: str,
-               dataset_kwargs: dict, skipped: list[str]) -> dict:
-    """Where a result came from: the checkpoint (path and SHA-256), the data (kind, root, split,
-    options, files left out), how the model saw it (resize, mode, tile, overlap, TTA, MC samples) and
-    the pixelwise and torch versions."""
+def prediction_options(predictor: Predictor) -> dict[str, object]:
+    """How one model saw the data: resize, mode, and for semantic models tile, overlap, TTA, MC samples."""
     spec = predictor.input_spec
     seen: dict[str, object] = {"resize": list(spec.resize) if spec.resize else "native",
                                "mode": getattr(predictor, "mode", "eager")}
     if isinstance(predictor, SemanticPredictor):
         seen.update(tile=predictor.tile, overlap=predictor.overlap if predictor.tile else None, tta=predictor.tta,
                     mc_samples=predictor.mc_samples)
+    return seen
+
+
+def provenance(checkpoint: str | Path, predictor: Predictor, dataset: str, data: str | None, split: str,
+               dataset_kwargs: dict, skipped: list[str]) -> dict:
+    """Where a result came from: the checkpoint (path and SHA-256), the data (kind, root, split,
+    options, files left out), how the model saw it (resize, mode, tile, overlap, TTA, MC samples) and
+    the pixelwise and torch versions."""
+    views = [prediction_options(m) for m in getattr(predictor, "members", [predictor])]
+    # an ensemble's: what its members share, "per member" where they differ (provenance["ensemble"])
+    seen = {k: v if all(view.get(k) == v for view in views) else "per member" for k, v in views[0].items()}
     return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
             "dataset": {"kind": dataset, "root": str(Path(data).expanduser().resolve()) if data else None,
                         "split": split, "options": dataset_kwargs, "skipped": skipped},
