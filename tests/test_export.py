@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 from conftest import narrow  # noqa: E402
 from pixelwise import create_model, list_models, save_checkpoint  # noqa: E402
@@ -22,6 +23,7 @@ from pixelwise.cli import main  # noqa: E402
 from pixelwise.errors import UserError  # noqa: E402
 from pixelwise.inference.export import MAX_OPSET, MIN_OPSET, export_onnx  # noqa: E402
 from pixelwise.inference.onnx_runner import load_onnx, read_onnx_metadata  # noqa: E402
+from pixelwise.inference.predictor import Predictor  # noqa: E402
 from pixelwise.models import forward_logits  # noqa: E402
 
 SIZES = [(1, 64, 80), (2, 53, 97)]  # (batch, H, W): neither a multiple of 32 for the second
@@ -545,3 +547,59 @@ def test_cli_export_of_an_onnx_file_says_so(checkpoint, tmp_path, capsys):
         assert err == (f"pixelwise: error: {given} is an ONNX file (already exported); export takes a .safetensors "
                        "checkpoint")
     assert not (tmp_path / "again.onnx").exists()
+
+
+def _edited(src, dst, edit):
+    """A copy of the exported ``src`` whose pixelwise metadata ``edit`` (a dict -> a JSON text) rewrote."""
+    model = onnx.load(str(src))
+    prop = {p.key: p for p in model.metadata_props}["pixelwise"]
+    prop.value = edit(json.loads(prop.value))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda m: "{bad", "pixelwise metadata is not a JSON object"),
+    (lambda m: json.dumps({**m, "input": None}), "input contract must be an object"),
+    (lambda m: json.dumps({**m, "palette": [[1, 2]]}), "palette must be a list of [r, g, b] colours"),
+    (lambda m: json.dumps({**m, "input": {**m["input"], "channels": 1, "mean": [0.5], "std": [0.2]}}),
+     "input contract gives 1 channel(s), and the graph takes 3"),
+    (lambda m: json.dumps({**m, "num_classes": 3, "class_names": ["a", "b", "c"]}),
+     f"num_classes is 3, and the graph gives {CLASSES} class scores"),
+    (lambda m: json.dumps({**m, "class_names": ["a"]}), f"class_names must list a name for each of the {CLASSES}"),
+])
+def test_damaged_metadata_in_an_onnx_file_is_one_line(checkpoint, tmp_path, capsys, edit, words):
+    """Such edits were tracebacks (JSONDecodeError, AttributeError, ValueError, onnxruntime's
+    INVALID_ARGUMENT) or were taken silently (a class count the graph does not give)."""
+    out = tmp_path / "unet.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    bad = _edited(out, tmp_path / "bad.onnx", edit)
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "a.png")
+    capsys.readouterr()
+    assert main(["predict", "--onnx", str(bad), str(tmp_path / "a.png"), "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pixelwise: error: {bad}: ") and words in err and "\n" not in err, err
+
+
+def test_a_checkpoint_with_a_null_input_contract_is_one_line(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, create_model("unet", num_classes=2, base_channels=4),
+                    {"model": "unet", "num_classes": 2, "model_kwargs": {"base_channels": 4}})
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    meta = json.loads(metadata["pixelwise"])
+    save_file(load_file(str(path)), str(path), {**metadata, "pixelwise": json.dumps({**meta, "input": None})})
+    with pytest.raises(UserError, match="the checkpoint's input contract must be an object"):
+        Predictor.from_checkpoint(path)
+
+
+@pytest.mark.parametrize("verb", ["predict", "eval", "bench"])
+def test_onnx_given_twice_is_refused(tmp_path, capsys, verb):
+    """Only the last --onnx ran, as if the first had not been given (repeating --checkpoint is an ensemble)."""
+    assert main([verb, "--onnx", "a.onnx", "--onnx", "b.onnx", "x.png", "--out", str(tmp_path / "o")]
+                if verb == "predict" else [verb, "--onnx", "a.onnx", "--onnx", "b.onnx"]) == 2
+    assert "--onnx: given twice" in capsys.readouterr().err

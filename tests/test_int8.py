@@ -165,7 +165,12 @@ def test_cli_predict_refuses_unmeasured_int8_and_stray_calibration_flags(tmp_pat
     checkpoint = small_checkpoint(tmp_path, "segnet_basic")
     base = ["predict", "--checkpoint", str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]
     assert main([*base, "--mode", "int8", "--calib-dataset", "shapes", "--calib-images", "2"]) == 2
-    assert "not offered for segnet_basic" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # it sent the user to eval --mode int8, which cannot trace it either (nor ENet, SegNet, DeconvNet)
+    assert "not offered for segnet_basic: torch.fx cannot trace it" in err and "pixelwise eval" not in err
+    assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "shapes", "--mode", "int8",
+                 "--calib-dataset", "shapes", "--calib-images", "2", "--no-progress"]) == 2
+    assert "not offered for segnet_basic: torch.fx cannot trace it" in capsys.readouterr().err
     assert main([*base, "--mode", "int8"]) == 2
     assert "--calib-dataset" in capsys.readouterr().err
     assert main([*base, "--calib-dataset", "shapes"]) == 2

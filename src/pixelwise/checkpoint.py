@@ -273,11 +273,33 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for key in ("model", "num_classes"):
         if key not in meta:
             raise UserError(f"{path}: checkpoint metadata lacks {key!r}; the file is damaged")
-    problem = palette_problem(meta.get("palette")) or category_ids_problem(meta.get("category_ids"),
-                                                                            meta["num_classes"])
+    problem = metadata_problem(meta)
     if problem:  # it colours every mask written: found now, not halfway through writing one
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata or save it again with a valid one")
     return state, meta
+
+
+def metadata_problem(meta: dict) -> str | None:
+    """What is wrong with the metadata a checkpoint or an exported file carries: ``num_classes``, the
+    ``class_names`` (one per class), the ``palette``, the ``category_ids``, the input contract; or None."""
+    n = meta.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"num_classes must be a whole number >= 1, and is {n!r}"
+    names = meta.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != n):
+        return f"class_names must list a name for each of the {n} classes, and holds {names!r}"
+    problem = palette_problem(meta.get("palette")) or category_ids_problem(meta.get("category_ids"), n)
+    if problem:
+        return problem
+    if "input" in meta:
+        contract = meta["input"]
+        try:
+            if not isinstance(contract, dict):
+                raise UserError(f"{contract!r} is not an object")
+            InputSpec.from_dict(contract)
+        except UserError as e:
+            return f"input contract must be an object of mean, std, normalize, resize and channels ({e})"
+    return None
 
 
 def category_ids_problem(ids: object, num_classes: object) -> str | None:

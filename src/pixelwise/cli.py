@@ -710,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
     p.add_argument("--checkpoint", action="append",
                    help="the checkpoint; repeat it to evaluate an ensemble (the mean of their probabilities)")
-    p.add_argument("--onnx", metavar="FILE", help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
+    p.add_argument("--onnx", metavar="FILE", action=Once,
+                   help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("--dataset", required=True, help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, "
                    "isbi2012, coco, folder")
     p.add_argument("--data", help="the dataset's folder (none for shapes, which is generated)")
@@ -734,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment image files")
     p.add_argument("--checkpoint", action="append",
                    help="the checkpoint; repeat it to predict with an ensemble (the mean of their probabilities)")
-    p.add_argument("--onnx", metavar="FILE", help="run a file written by `pixelwise export` instead (onnxruntime)")
+    p.add_argument("--onnx", metavar="FILE", action=Once,
+                   help="run a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (their image files, not "
                    "subfolders) or quoted glob patterns ('photos/*.jpg', 'photos/**/*.jpg' through subfolders)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the predictions; never one that holds "
@@ -817,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="with --model only (default 21)")
     p.add_argument("--size", required=True, help="input HxW")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
-    p.add_argument("--onnx", metavar="FILE", help="time a file written by `pixelwise export` (onnxruntime)")
+    p.add_argument("--onnx", metavar="FILE", action=Once,
+                   help="time a file written by `pixelwise export` (onnxruntime)")
     p.add_argument("--mode", choices=["eager", "fast", "int8", "onnx"], help="eager (default), fast (BatchNorm "
                    "folded, channels-last; bf16 where the CPU has bf16 kernels, for the models whose bf16 accuracy "
                    "was measured; fast_path says which), int8 (quantised in PyTorch, calibrated on smooth random "

@@ -77,7 +77,7 @@ class InputSpec:
                        normalize=bool(d.get("normalize", True)),
                        resize=(int(resize[0]), int(resize[1])) if resize else None,
                        channels=int(d.get("channels", 3)))
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise UserError(f"bad input contract {d!r} ({e})") from None
 
     def describe(self) -> str:

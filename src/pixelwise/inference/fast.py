@@ -62,6 +62,12 @@ class FastPlan:
     int8: str | None = "its int8 accuracy on a trained checkpoint has not been measured"
     measured: str = ("argmax agreement with fp32 eager on random images (bench); mIoU on a trained checkpoint "
                      "not measured")
+    traceable: bool = True  # False: torch.fx cannot trace it, so int8 is refused in eval and bench too
+
+
+# max-unpooling with the encoder's pooling indices: torch.fx cannot iterate over them
+_UNTRACEABLE = FastPlan(int8="torch.fx cannot trace it for quantisation (its decoder unpools with the encoder's "
+                             "pooling indices); use --mode fast", traceable=False)
 
 
 # CamVid, held-out sequence 0006R0 at 360x480 (docs/deploy.md): fp32 eager / fast / int8 mIoU
@@ -70,6 +76,7 @@ PLANS: dict[str, FastPlan] = {
     "fcn_resnet50": FastPlan(bf16=True, int8=None, measured="35 minutes from scratch: 32.46 / 32.46 / 32.40"),
     "deeplabv3_resnet50": FastPlan(bf16=True, int8=None,
                                    measured="35 minutes from scratch: 32.09 / 32.09 / 32.08"),
+    **{name: _UNTRACEABLE for name in ("segnet", "segnet_basic", "bayesian_segnet", "deconvnet", "enet")},
 }
 
 
@@ -253,6 +260,8 @@ def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str |
     dev = torch.device(device)
     if mode == "int8":
         refusal = int8_refusal(model_name)
+        if refusal and not plan_for(model_name).traceable:
+            raise UserError(refusal)
         if refusal and not measuring:
             raise UserError(f"{refusal}; measure it with `pixelwise eval --mode int8`, or export an int8 ONNX file "
                             "(`pixelwise export --int8`)")

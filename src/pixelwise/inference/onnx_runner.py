@@ -23,7 +23,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pixelwise.checkpoint import metadata_problem
 from pixelwise.errors import UserError
+from pixelwise.preprocess import InputSpec
 
 META_KEY = "pixelwise"  # metadata_props key holding the JSON metadata (the checkpoint's, plus "onnx")
 
@@ -102,7 +104,16 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
         raise UserError(f"{path} is not a readable ONNX file ({type(e).__name__}); export one with "
                         "`pixelwise export --checkpoint CKPT --format onnx --out FILE`") from None
     props = {p.key: p.value for p in model.metadata_props}
-    return json.loads(props[META_KEY]) if META_KEY in props else {}
+    if META_KEY not in props:
+        return {}
+    try:
+        meta = json.loads(props[META_KEY])
+    except ValueError as e:
+        meta = e
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: its pixelwise metadata is not a JSON object ({meta}); the file is damaged: export "
+                        "it again with `pixelwise export`")
+    return meta
 
 
 def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[OnnxModel, dict]:
@@ -116,7 +127,18 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[Onnx
     if meta.get("task", "semantic") != "semantic":
         raise UserError(f"{path} holds part of an {meta.get('task')} model (Mask R-CNN); only semantic models run "
                         "with --onnx")
-    return OnnxModel(make_session(path, threads), *stored_geometry(path, meta)), meta
+    problem = metadata_problem(meta)
+    session = make_session(path, threads)
+    if problem is None:  # the stored contract and classes against the graph's own shapes
+        channels, classes = session.get_inputs()[0].shape[1], session.get_outputs()[0].shape[1]
+        expected = InputSpec.from_dict(meta["input"]).channels if "input" in meta else 3
+        if isinstance(channels, int) and channels != expected:
+            problem = f"input contract gives {expected} channel(s), and the graph takes {channels}"
+        elif isinstance(classes, int) and classes != meta["num_classes"]:
+            problem = f"num_classes is {meta['num_classes']}, and the graph gives {classes} class scores"
+    if problem:
+        raise UserError(f"{path}: the stored {problem}; the file is damaged: export it again with `pixelwise export`")
+    return OnnxModel(session, *stored_geometry(path, meta)), meta
 
 
 def exported_dropout(meta: dict) -> bool | None:
