@@ -261,3 +261,16 @@ def test_a_missing_run_checkpoint_as_pretrained_says_to_train_that_run_first():
         check_settings(TrainConfig(model="fcn16s", pretrained="runs/fcn32s_voc/best.safetensors"))
     with pytest.raises(UserError, match="no such file; give imagenet"):
         check_settings(TrainConfig(model="fcn16s", pretrained="vgg.pth"))
+
+
+def test_an_input_named_like_a_flag_gets_the_way_to_pass_it(tmp_path, monkeypatch, capsys):
+    """predict -dash.png said only 'the following arguments are required: INPUT'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-dash.png").write_bytes(b"not read")
+    assert main(["predict", "--checkpoint", "m.safetensors", "-dash.png", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "arguments are required: INPUT" in err and "write ./-dash.png, or put the inputs after --" in err
+    assert main(["predict", "--checkpoint", "m.safetensors", "a.png", "-dash.png", "--out", "o"]) == 2
+    assert "unrecognized argument '-dash.png'; -dash.png is a file" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", "m.safetensors", "--out", "o", "-x"]) == 2
+    assert "is a file" not in capsys.readouterr().err  # -x names no file: no such hint

@@ -913,14 +913,26 @@ def _verb_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except UserError as e:  # e.g. "the following arguments are required: INPUT" for predict -x.png
+        raise UserError(f"{e}{_dash_file_hint(sys.argv[1:] if argv is None else argv)}") from None
     if extra:
         verb = _verb_parser(parser, args)
         word = next((a for a in extra if a.startswith("-")), extra[0])
         flags = [s for a in verb._actions for s in a.option_strings]
         hint = train_config.did_you_mean(word.split("=")[0], flags) if word.startswith("-") else ""
-        raise UserError(f"{_verb_name(verb)}unrecognized argument {word!r}{hint} (see `{verb.prog} --help`)")
+        raise UserError(f"{_verb_name(verb)}unrecognized argument {word!r}{hint or _dash_file_hint([word])} "
+                        f"(see `{verb.prog} --help`)")
     return args
+
+
+def _dash_file_hint(argv: list[str]) -> str:
+    """'; -x.png is a file: ...' where an argument that begins with '-' names an existing file,
+    which argparse takes for a flag."""
+    named = next((a for a in argv if a.startswith("-") and a != "--" and os.path.isfile(a)), None)
+    return (f"; {named} is a file, read as a flag for its leading '-': write ./{named}, or put the inputs after --"
+            if named else "")
 
 
 def _one_line(text: str) -> str:
