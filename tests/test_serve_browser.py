@@ -527,3 +527,37 @@ def test_instance_models_show_each_instances_overlay_colour(files, open_page, tm
         assert colours == [f"rgb({r}, {g}, {b})" for r, g, b in (d["color"] for d in body["instances"])]
     finally:
         stop(proc)
+
+
+def test_a_ground_truth_can_be_the_training_datasets_label_file(server, files, open_page, tmp_path):
+    """The page read every ground truth as class ids: an ISBI label's cells (stored 255) were all
+    'ignore'. Where the model's dataset stores labels its own way the page offers that reading."""
+    p = open_page(server)
+    assert p.open().is_hidden("#truth-format-box")  # shapes: its masks are class ids
+    torch.manual_seed(0)
+    ckpt = tmp_path / "isbi.safetensors"
+    save_checkpoint(ckpt, create_model("unet", num_classes=2, **KW).eval(),
+                    {"model": "unet", "num_classes": 2, "model_kwargs": KW, "task": "semantic",
+                     "dataset": "isbi2012", "class_names": ["membrane", "cell"],
+                     "palette": [[0, 0, 0], [255, 255, 255]], "mean": [0.5] * 3, "std": [0.25] * 3})
+    label = np.zeros((48, 64), np.uint8)
+    label[:, 24:] = 255  # 1920 cell pixels, 1152 membrane
+    Image.fromarray(label).save(tmp_path / "label.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64), dtype=np.uint8)).save(tmp_path / "em.png")
+    proc, url = start_server(ckpt, tmp_path / "server.log")
+    try:
+        page = open_page(url).open()
+        assert page.is_visible("#truth-format-box")
+        assert "white (>= 128) = cell" in page.inner_text("#truth-format-dataset")
+        page.select_option("#truth-format", "dataset")
+        answers = []
+        page.on("response", lambda r: r.url.endswith("/api/predict") and answers.append(r))
+        page.set_input_files("#truth-input", str(tmp_path / "label.png"))
+        page.set_input_files("#image-input", str(tmp_path / "em.png"))
+        state, status = settled(page)
+        assert state == "done", status
+        metrics = answers[-1].json()["metrics"]
+        assert metrics["ignored_pixels"] == 0
+        assert [c["pixels"] for c in metrics["per_class"]] == [1152, 1920]
+    finally:
+        stop(proc)
