@@ -462,12 +462,16 @@ def check_out(cfg: TrainConfig, can_resume: bool = True, writes: Sequence[str] =
         raise UserError(f"--out {out} is a file; give a folder for the run")
     saved = (out / "last.state.safetensors").is_file()
     # a run killed in its first epoch (kill -9, power loss) before its state was saved: what it writes
-    # at its start, and maybe checkpoints of that epoch
-    unsaved = (out / "config.yaml").is_file() and not saved
+    # at its start, and maybe checkpoints of that epoch, but no metrics (written after the state)
+    unsaved = (out / "config.yaml").is_file() and not saved and not existing_run(out, ("metrics.csv", "metrics.json"))
     if cfg.resume:
         if unsaved:
             raise UserError(f"cannot resume: the run in {out} saved nothing to resume from (it stopped before the end "
                             "of its first epoch); start it again with --overwrite")
+        if not saved and (out / "config.yaml").is_file():
+            raise UserError(f"cannot resume: the run in {out} has no last.state.safetensors (deleted, or an "
+                            "--overwrite was stopped while it deleted the run); start it again with --overwrite, or "
+                            "train into another --out")
         if not saved:
             raise UserError(f"cannot resume: {out / 'last.state.safetensors'} not found (is {out} the --out of the "
                             "run?); drop --resume to start a new run")
