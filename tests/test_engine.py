@@ -5,6 +5,7 @@ import copy
 import csv
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -906,3 +907,59 @@ def test_overwrite_deletes_the_state_first(tmp_path, monkeypatch):
     assert deleted == ["last.state.safetensors"] and (tmp_path / "best.safetensors").exists()
     with pytest.raises(UserError, match="has no last.state.safetensors .* start it again with --overwrite"):
         fit(tiny(tmp_path, epochs=1, resume=True), log=quiet)
+
+
+def test_resume_checks_what_it_changes(tmp_path):
+    """On --resume the settings checks were skipped: --warmup-factor 50 trained at 19x the peak rate,
+    and --milestones on a poly schedule was recorded in config.yaml (which then could not be re-run)."""
+    fit(tiny(tmp_path / "poly", epochs=1), log=quiet)
+    with pytest.raises(UserError, match="warmup_factor 50: .* must be at most 1"):
+        fit(tiny(tmp_path / "poly", epochs=2, resume=True, warmup_factor=50.0, warmup_epochs=1.0), log=quiet)
+    with pytest.raises(UserError, match="milestones \\[5.0\\] acts only with schedule step"):
+        fit(tiny(tmp_path / "poly", epochs=2, resume=True, milestones=[5.0]), log=quiet)
+    said: list[str] = []
+    fit(tiny(tmp_path / "poly", epochs=2, resume=True, lr=0.02, loss="focal"), log=said.append)
+    changed = [line for line in said if line.startswith("resume: settings changed")]
+    assert len(changed) == 1 and "lr 0.01 -> 0.02" in changed[0] and "loss 'ce' -> 'focal'" in changed[0]
+
+
+def test_resume_keeps_the_stages_it_went_through(tmp_path):
+    """A resume with fewer stages than the run had was an IndexError; one with stages where the run had
+    none trained past its epochs."""
+    staged = [{"name": "a", "epochs": 1, "lr": 0.01}, {"name": "b", "epochs": 1, "lr": 0.001}]
+    run = tmp_path / "staged"
+    def stop_in_stage_b(event, state):
+        if event == "step" and state.stage == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(run, epochs=2, stages=staged, schedule="constant"), log=quiet, callbacks=[stop_in_stage_b])
+    for other, words in (({"stages": []}, "trains in stages a (1 epochs), b (1 epochs), and is in stage 2; these "
+                                          "settings train without stages"),
+                         ({"stages": staged[:1]}, "is in stage 2"),
+                         ({"stages": [{**staged[0], "name": "first"}, staged[1]]}, "these settings train in stages "
+                                                                                  "first (1 epochs)")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            fit(tiny(run, epochs=2, schedule="constant", resume=True, **other), log=quiet)
+    fit(tiny(run, epochs=3, schedule="constant", resume=True, stages=[*staged, {"name": "c", "epochs": 1}]), log=quiet)
+    plain = tmp_path / "plain"
+    fit(tiny(plain, epochs=1), log=quiet)
+    with pytest.raises(UserError, match="trains without stages, and is in stage 1; these settings train in stages"):
+        fit(tiny(plain, epochs=2, schedule="constant", resume=True, stages=staged), log=quiet)
+
+
+def test_the_input_contract_has_the_last_stages_resize(tmp_path):
+    """A resize set only in the stages was left out of the contract: trained at 16x16, validated and
+    predicted at the data's 32x32."""
+    fit(tiny(tmp_path, epochs=2, stages=[{"epochs": 1, "augment": {"resize": [24, 24]}},
+                                         {"epochs": 1, "augment": {"resize": [16, 16]}}]), log=quiet)
+    assert read_checkpoint(tmp_path / "best.safetensors")[1]["input"]["resize"] == [16, 16]
+
+
+def test_fit_checks_log_and_callbacks_before_writing(tmp_path):
+    """log=None failed at the first line, after the run folder was made, so the corrected call needed overwrite."""
+    with pytest.raises(TypeError, match="callbacks functions of"):
+        fit(tiny(tmp_path / "r", epochs=1), callbacks=["x"])
+    assert not (tmp_path / "r").exists()
+    fit(tiny(tmp_path / "r", epochs=1), log=None)  # quiet
+    assert (tmp_path / "r" / "best.safetensors").is_file()

@@ -319,8 +319,10 @@ def check_same_split_classes(cfg: TrainConfig, train: SegmentationDataset, val: 
 
 def input_contract(cfg: TrainConfig, model: nn.Module, train_ds: SegmentationDataset) -> InputSpec:
     """The model's input contract: the dataset's normalisation (or the model's own), the size
-    ``augment.resize`` trains it at, its input channels. Saved in every checkpoint."""
-    return model_input_spec(model, train_ds.mean, train_ds.std, resize_of(cfg.augment))
+    ``augment.resize`` trains it at (with stages: the last stage's, the size the final weights are
+    trained at), its input channels. Saved in every checkpoint."""
+    last = cfg.stage_configs()[-1][1]
+    return model_input_spec(model, train_ds.mean, train_ds.std, resize_of(last.augment) or resize_of(cfg.augment))
 
 
 def apply_contract(spec: InputSpec, train_ds: SegmentationDataset, val_ds: SegmentationDataset) -> None:
@@ -517,8 +519,11 @@ def check_settings(cfg: TrainConfig) -> str:
                         "file)")
     if cfg.tensorboard:
         TensorBoardLogger.check_available()
-    if not cfg.resume:  # a run recorded before this check was added still resumes
-        check_used(cfg)
+    # on resume, only what this command changes: a run recorded before the check was added still resumes
+    check_used(cfg, recorded_settings(Path(cfg.out or default_out(cfg.model))) if cfg.resume else None)
+    if cfg.warmup_factor > 1:
+        raise UserError(f"warmup_factor {cfg.warmup_factor:g}: the warm-up starts at lr x this and rises to the lr, so "
+                        "it must be at most 1")
     return task
 
 
@@ -552,19 +557,18 @@ DEPENDENT_SETTINGS: tuple[tuple[str, str, Callable[[TrainConfig], bool]], ...] =
 )
 
 
-def check_used(cfg: TrainConfig) -> None:
+def check_used(cfg: TrainConfig, recorded: dict | None = None) -> None:
     """A setting given (other than its default) that nothing in the run uses is a UserError: the
-    run would record it in config.yaml as if it had acted (``--gamma 0.5`` with a poly schedule)."""
+    run would record it in config.yaml as if it had acted (``--gamma 0.5`` with a poly schedule).
+    ``recorded``: a resumed run's config.yaml, whose own values are not held against it."""
     defaults = TrainConfig()
     stages = [scfg for _, scfg in cfg.stage_configs()]
     for key, needs, uses in DEPENDENT_SETTINGS:
-        given = [s for s in stages if getattr(s, key) != getattr(defaults, key)]
+        given = [s for s in stages if getattr(s, key) != getattr(defaults, key)
+                 and (recorded is None or getattr(s, key) != recorded.get(key, getattr(defaults, key)))]
         if given and not any(uses(s) for s in given):
             raise UserError(f"{key} {getattr(given[0], key)!r} acts only with {needs}, which this run does not "
                             f"use; remove it (or set {needs})")
-    if cfg.warmup_factor > 1:
-        raise UserError(f"warmup_factor {cfg.warmup_factor:g}: the warm-up starts at lr x this and rises to the lr, so "
-                        "it must be at most 1")
 
 
 def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
@@ -698,16 +702,28 @@ def load_state(run: Run) -> TrainState:
 DATA_KEYS = ("dataset", "dataset_kwargs", "train_split", "val_split")  # what a resumed run must keep
 
 
-def check_same_data(run: Run) -> None:
-    """A resumed run trains and validates on the data it began with (per its ``config.yaml``):
-    otherwise ``best.safetensors`` would compare scores of two validation sets. A moved data
-    folder (another ``--data``) is allowed, and said."""
-    path = run.out / "config.yaml"
+def recorded_settings(out: Path) -> dict | None:
+    """The settings a run in ``out`` recorded (its config.yaml), or None where there are none to read
+    (read again, and refused with its reason, where the CLI takes the run's settings)."""
+    path = out / "config.yaml"
     try:
         before = yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        before = None  # read again, and refused with its reason, where the CLI takes the run's settings
-    if not isinstance(before, dict):
+        return None
+    return before if isinstance(before, dict) else None
+
+
+# settings a resume may change without a word: where the run is and how it is shown
+_UNSAID = {"data", "out", "progress", "resume", "overwrite", "num_workers", "tensorboard", "epochs", "max_minutes"}
+
+
+def check_same_data(run: Run) -> None:
+    """A resumed run trains and validates on the data it began with (per its ``config.yaml``):
+    otherwise ``best.safetensors`` would compare scores of two validation sets. A moved data
+    folder (another ``--data``) is allowed, and said, as is every other setting this resume changes
+    (config.yaml then records the new values)."""
+    before = recorded_settings(run.out)
+    if before is None:
         return
     now = run.cfg.to_dict()
     for key in DATA_KEYS:
@@ -719,6 +735,34 @@ def check_same_data(run: Run) -> None:
                             "from its weights)")
     if before.get("data") not in (None, now["data"]):
         run.log(f"resume: the data is now read from {now['data']} (the run began with {before['data']})")
+    changed = [f"{key} {before[key]!r} -> {now[key]!r}" for key in now
+               if key in before and key not in _UNSAID and before[key] != now[key]]
+    if changed:
+        run.log(f"resume: settings changed from the run's config.yaml, which now records the new ones: "
+                f"{', '.join(changed)}")
+
+
+def check_same_stages(run: Run, state: TrainState) -> None:
+    """A resume keeps the stages the run has gone through (per its config.yaml): the finished ones
+    as they were, the one it is in by name (its epochs may change, as --epochs may for a run
+    without stages); stages after it may be added or changed. A run without stages stays without."""
+    before = recorded_settings(run.out) or {}
+    had, has = before.get("stages") or [], run.cfg.stages
+
+    def described(stages: list) -> str:
+        return "in stages " + ", ".join(f"{s.get('name', f'stage{i + 1}')} ({s.get('epochs')} epochs)"
+                                        for i, s in enumerate(stages)) if stages else "without stages"
+
+    same_kind = bool(had) == bool(has) or "stages" not in before
+    finished = [(a.get("name"), a.get("epochs")) for a in had[: state.stage]]
+    kept = [(b.get("name"), b.get("epochs")) for b in has[: state.stage]]
+    current = (had[state.stage].get("name") if state.stage < len(had) else None,
+               has[state.stage].get("name") if state.stage < len(has) else None)
+    if (not same_kind or state.stage >= len(run.cfg.stage_configs())
+            or (had and (finished != kept or current[0] != current[1]))):
+        raise UserError(f"cannot resume: the run in {run.out} trains {described(had)}, and is in stage "
+                        f"{state.stage + 1}; these settings train {described(has)}. Resume with the run's own "
+                        "stages (its config.yaml), or train into another --out")
 
 
 def resume(run: Run) -> TrainState:
@@ -727,6 +771,7 @@ def resume(run: Run) -> TrainState:
     path = run.out / "last.state.safetensors"
     check_same_data(run)
     state = load_state(run)
+    check_same_stages(run, state)
     settle_pending_best(run, state)
     if state.selected_by != run.select:  # best_score and best.safetensors belong to the other metric
         raise UserError(f"{run.out} picked best.safetensors by {state.selected_by}; resume with "
@@ -1149,7 +1194,7 @@ def _quiet(_: str) -> None:
     pass
 
 
-def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequence[Callback] = (),
+def fit(cfg: TrainConfig, log: Callable[[str], None] | None = print, callbacks: Sequence[Callback] = (),
         resume_command: str = "pixelwise train --resume") -> dict[str, Any]:
     """Train per ``cfg`` (which is left unchanged); returns the summary also written to
     ``out/metrics.json``, plus ``epochs_trained``: the epochs this call trained (0 for a resume
@@ -1160,6 +1205,9 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequenc
     ``cb("epoch", state)`` after every epoch's checkpoints (``state.rows[-1]`` is its row), with
     the :class:`TrainState`; raising ``KeyboardInterrupt`` in one behaves like Ctrl-C.
     """
+    log = log or _quiet  # None: quiet, as a notebook user may pass it
+    if not callable(log) or not all(callable(cb) for cb in callbacks):  # found before anything is written
+        raise TypeError("fit: log must be a function of one str (or None) and callbacks functions of (event, state)")
     info, device = dist.setup(cfg.device)
     try:
         return _train(cfg, info, device, log, callbacks, resume_command)
