@@ -597,7 +597,9 @@ def test_semantic_training_on_images_of_different_sizes_is_one_line(tmp_path, ca
             "--model-kwargs", '{"base_channels": 4}']
     assert main([*args, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("pixelwise: error: the training images differ in size (24x40, 40x24)") and "--crop" in err
+    # found from the headers before anything is trained or written (it came when a batch stacked them)
+    assert err.startswith("pixelwise: error: the all images differ in size (HxW 24x40, 40x24, ...)") and "--crop" in err
+    assert not (tmp_path / "r").exists()
     assert main([*args, "--out", str(tmp_path / "c"), "--crop", "16x16"]) == 0  # one size: it trains
 
 
@@ -963,3 +965,47 @@ def test_fit_checks_log_and_callbacks_before_writing(tmp_path):
     assert not (tmp_path / "r").exists()
     fit(tiny(tmp_path / "r", epochs=1), log=None)  # quiet
     assert (tmp_path / "r" / "best.safetensors").is_file()
+
+
+def _folder_run(root, train_masks, val_masks):
+    from PIL import Image
+
+    for sub in ("images", "masks", "splits"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for split, masks in (("train", train_masks), ("val", val_masks)):
+        names = []
+        for i, mask in enumerate(masks):
+            name = f"{split}{i}"
+            Image.fromarray(np.full((*mask.shape, 3), 90, np.uint8)).save(root / "images" / f"{name}.png")
+            Image.fromarray(mask).save(root / "masks" / f"{name}.png")
+            names.append(name)
+        (root / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return TrainConfig(model="unet", model_kwargs=dict(TINY_MODEL), dataset="folder", data=str(root),
+                       dataset_kwargs={"num_classes": 2}, epochs=1, batch_size=2, progress=False,
+                       out=str(root / "run"))
+
+
+@pytest.mark.parametrize(("train", "val", "words"), [
+    ("ignore", "stripes", "the train split has no labelled pixel"),
+    ("binary_255", "stripes", "every labelled pixel of the train split is class 0 (class_0)"),
+    ("stripes", "ignore", "the val split has no labelled pixel"),
+])
+def test_data_that_cannot_teach_or_score_is_refused_before_training(tmp_path, train, val, words):
+    """0/255 binary masks trained a background-only model (rc 0); an all-ignore training split trained
+    with loss 0 and never changed the weights; an all-ignore val split 'succeeded' with val_loss 0 and
+    said it wrote a best.safetensors it never wrote."""
+    stripes = np.tile(np.arange(16) % 2, (16, 1)).astype(np.uint8)
+    masks = {"ignore": np.full((16, 16), 255, np.uint8), "stripes": stripes, "binary_255": stripes * 255}
+    cfg = _folder_run(tmp_path, [masks[train]] * 2, [masks[val]])
+    with pytest.raises(UserError, match=re.escape(words)):
+        fit(cfg, log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_batchnorm_pooled_to_one_value_per_channel_is_one_line(tmp_path):
+    """U-Net with BatchNorm at batch size 1 on a 16x16 crop was a torch ValueError traceback."""
+    cfg = tiny(tmp_path, epochs=1, batch_size=1, crop="16x16",
+               model_kwargs={"base_channels": 4, "batch_norm": True, "dropout": 0})
+    with pytest.raises(UserError, match=r"unet's BatchNorm got one value per channel: at batch size 1 an input of "
+                                        r"16x16 pools down to 1x1 .* or --batch-size 2 or more"):
+        fit(cfg, log=quiet)

@@ -300,3 +300,26 @@ def test_cityscapes_missing_label_ids_names_the_file_found_instead(tmp_path, lab
     _cityscapes(tmp_path / "plain", "val", None)
     plain = build_dataset("cityscapes", str(tmp_path / "plain"), "val").check()
     assert len(plain) == 1 and plain[0].message.endswith("_leftImg8bit.png")
+
+
+def test_folder_messages_for_a_missing_root_and_a_label_of_254(tmp_path):
+    """A missing --data folder was reported as a wrong layout; label 254 got the advice num_classes=255,
+    which is then refused (254 classes at most)."""
+    import numpy as np
+    from PIL import Image
+
+    from pixelwise.data import build_dataset
+    from pixelwise.errors import UserError
+
+    with pytest.raises(UserError, match="no such folder; give the folder that holds images/ and masks/"):
+        build_dataset("folder", str(tmp_path / "nowhere"), "all")
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, 4:] = 1
+    mask[0, 0] = 254
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
+    problems = [str(p) for p in build_dataset("folder", str(tmp_path), "all").check()]
+    assert len(problems) == 1 and "label 254 cannot be a class: 0..253 are classes, 255 is ignore" in problems[0]
+    assert "num_classes=255" not in problems[0]

@@ -182,3 +182,12 @@ def test_instance_crops_get_the_weight_map_of_their_own_window():
         np.testing.assert_array_equal(got.mask, want.mask)
         windows.add(want.mask.tobytes())
     assert len(windows) > 1, "every seed cropped the same window: the test would not see a stale map"
+
+
+def test_a_mask_with_no_labelled_pixel_weighs_nothing():
+    """--weight-map unet without class weights crashed (max of an empty array) on an all-255 mask."""
+    from pixelwise.data.weightmap import class_balance, fast_weight_map
+
+    ignored = np.full((12, 10), 255, np.uint8)
+    assert not class_balance(ignored).any() and not fast_weight_map(ignored).any()
+    assert fast_weight_map(ignored).shape == (12, 10)

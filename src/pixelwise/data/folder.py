@@ -149,6 +149,8 @@ class FolderDataset(FilePairDataset):
         if download:
             raise UserError("folder datasets are your own files; there is nothing to download")
         images_dir, masks_dir = self.root / "images", self.root / "masks"
+        if not self.root.exists():
+            raise UserError(f"{self.root}: no such folder; give the folder that holds images/ and masks/ (--data)")
         if not images_dir.is_dir() or not masks_dir.is_dir():
             raise UserError(f"{self.root}: expected images/ and masks/ folders with matching file names")
         masks: dict[str, Path] = {}
@@ -311,9 +313,11 @@ class FolderDataset(FilePairDataset):
         problems = super().check(labels=labels, progress=progress)
         if self.far_labels:  # say why those labels are outside the classes, and what to do
             top = self.far_labels[-1]
+            more = (f", or describe the classes in {self.root / 'classes.json'} (or pass num_classes={top + 1})"
+                    if top + 1 <= 254 else f" (label {top} cannot be a class: 0..253 are classes, 255 is ignore)")
             note = (f"; there is no classes.json or num_classes, and label {self.far_labels[0]} is far above the "
-                    f"others, so the classes were taken as 0..{self.num_classes - 1}: store ignored pixels as 255, "
-                    f"or describe the classes in {self.root / 'classes.json'} (or pass num_classes={top + 1})")
+                    f"others, so the classes were taken as 0..{self.num_classes - 1}: store ignored pixels as 255"
+                    f"{more}")
             problems = [Problem(p.path, p.message + note) if p.message.startswith("label values") else p
                         for p in problems]
         if self.colour_palette is not None:  # colour masks: the "label" 254 stands for unknown colours

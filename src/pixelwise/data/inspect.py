@@ -41,6 +41,50 @@ def median_frequency_weights(class_pixels: np.ndarray,
     return [float(med / f) if p else None for f, p in zip(freq, present)]
 
 
+def label_presence(dataset: SegmentationDataset) -> tuple[bool, bool]:
+    """(whether any mask has a labelled pixel, whether any has a pixel of a class other than 0),
+    reading the masks only (not the images) and stopping as soon as both are found; (True, True)
+    for readers without mask files (the generated shapes). Masks that cannot be read are passed
+    over: the dataset check names them."""
+    items = getattr(dataset, "items", None)
+    if items is None or not hasattr(dataset, "read_raw_mask") or not hasattr(dataset, "map_mask"):
+        return True, True
+    c = dataset.num_classes
+    labelled = foreground = False
+    for _, mask_ref in items:
+        if mask_ref is None:
+            continue
+        try:
+            mask = dataset.map_mask(dataset.read_raw_mask(mask_ref))
+        except UserError:
+            continue
+        counts = np.bincount(mask.ravel(), minlength=256)
+        labelled = labelled or bool(counts[:c].any())
+        foreground = foreground or bool(counts[1:c].any())
+        if labelled and foreground:
+            break
+    return labelled, foreground
+
+
+def image_sizes(dataset: SegmentationDataset, limit: int = 2) -> list[tuple[int, int]]:
+    """Up to ``limit`` distinct (height, width) of the dataset's images, from their headers; [] for
+    readers without image files."""
+    items = getattr(dataset, "items", None)
+    if items is None or not hasattr(dataset, "image_size"):
+        return []
+    found: list[tuple[int, int]] = []
+    for image_ref, _ in items:
+        try:
+            w, h = dataset.image_size(image_ref)
+        except UserError:
+            continue
+        if (h, w) not in found:
+            found.append((h, w))
+            if len(found) >= limit:
+                break
+    return found
+
+
 def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) -> dict:
     """Decode every raw sample of ``dataset`` (no augmentation) and summarise it (keys above)."""
     c = dataset.num_classes

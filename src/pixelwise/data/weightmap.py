@@ -28,10 +28,10 @@ def class_balance(mask: np.ndarray, class_weights: np.ndarray | None = None,
                   ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """uint8[H, W] class ids -> float64[H, W] w_c(x). Default weights: inverse class frequency in
     this mask, scaled so the most frequent class has weight 1 (as ``unet_weight_map``); ignored
-    pixels weigh 0."""
+    pixels weigh 0 (a mask with none labelled: all 0, so it adds no loss)."""
     m = np.asarray(mask).astype(np.int64)
     if class_weights is None:
-        freq = np.bincount(m[m != ignore_index].ravel())
+        freq = np.bincount(m[m != ignore_index].ravel(), minlength=1)
         with np.errstate(divide="ignore"):
             class_weights = np.where(freq > 0, freq.max() / np.maximum(freq, 1), 0.0)
     lut = np.zeros(256, dtype=np.float64)

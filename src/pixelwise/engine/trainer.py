@@ -46,7 +46,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -70,7 +70,7 @@ from pixelwise.checkpoint import (
 from pixelwise.data import SegmentationDataset, build_dataset, collate
 from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
-from pixelwise.data.inspect import inspect_dataset
+from pixelwise.data.inspect import image_sizes, inspect_dataset, label_presence
 from pixelwise.data.instance_crop import InstanceCrop
 from pixelwise.data.io import set_max_image_pixels
 from pixelwise.data.mix import class_mix
@@ -352,11 +352,55 @@ def semantic_loss(model: nn.Module, batch: dict, spec: LossSpec) -> torch.Tensor
 
 
 def mixed_sizes(images: Sequence[torch.Tensor]) -> str:
-    """The refusal of a semantic training batch whose images differ in size."""
-    sizes = sorted({f"{t.shape[-1]}x{t.shape[-2]}" for t in images})
-    return (f"the training images differ in size ({', '.join(sizes[:4])}{' ...' if len(sizes) > 4 else ''}) and "
-            "a batch must stack images of one size: give --crop HxW (random crops of one size), an augment "
-            "resize, or --batch-size 1, and start the run again with --overwrite")
+    """The refusal of a semantic training batch whose images differ in size (which
+    :func:`check_training_data` finds before training where the reader has image files)."""
+    sizes = sorted({f"{t.shape[-2]}x{t.shape[-1]}" for t in images})
+    return (f"the training images differ in size (HxW {', '.join(sizes[:4])}{' ...' if len(sizes) > 4 else ''}) "
+            "and a batch must stack images of one size: give --crop HxW (random crops of one size), an augment "
+            "resize, or --batch-size 1; a run that saved epochs continues with --resume --crop HxW")
+
+
+def check_training_data(cfg: TrainConfig, train: SegmentationDataset, val: SegmentationDataset) -> None:
+    """What makes a semantic run pointless or stop later, found before anything is written: a training
+    split with no labelled pixel, or none of a class other than 0 (binary masks stored as 0/255,
+    whose foreground is 'ignore'); a validation split with no labelled pixel (best.safetensors
+    could never be chosen); training images of several sizes that a batch would have to stack."""
+    labelled, foreground = label_presence(train)
+    if not labelled:
+        raise UserError(f"the {cfg.train_split} split has no labelled pixel (every mask pixel is 255, ignore): "
+                        "nothing can be learnt from it; check the masks (`pixelwise data inspect`)")
+    if train.num_classes > 1 and not foreground:
+        raise UserError(f"every labelled pixel of the {cfg.train_split} split is class 0 ({train.class_names[0]}): "
+                        "the model could learn nothing else. If these are binary masks with the foreground stored "
+                        "as 255, store it as 1 (255 means 'ignore'); `pixelwise data inspect` shows the counts")
+    if cfg.val_split != cfg.train_split and not label_presence(val)[0]:
+        raise UserError(f"the {cfg.val_split} split has no labelled pixel (every mask pixel is 255), so no epoch "
+                        "could be scored and best.safetensors never chosen; validate on a labelled split "
+                        "(--val-split)")
+    stacked = [s for _, s in cfg.stage_configs() if s.batch_size > 1 and not parse_size(s.crop)
+               and not s.augment.get("crop") and not resize_of(s.augment)]
+    sizes = image_sizes(train) if stacked else []
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w}" for h, w in sizes)
+        raise UserError(f"the {cfg.train_split} images differ in size (HxW {shown}, ...) and a batch of "
+                        f"{stacked[0].batch_size} must stack images of one size: give --crop HxW (random crops of "
+                        "one size), an augment resize, or --batch-size 1")
+
+
+@contextlib.contextmanager
+def _one_value_per_channel(cfg: TrainConfig, batch: dict) -> Iterator[None]:
+    """BatchNorm's refusal of a batch whose deepest feature map holds one value per channel (batch
+    size 1 on a crop or image so small that it pools down to 1x1), as one line with the fix."""
+    try:
+        yield
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        image = batch["image"]
+        size = "x".join(map(str, image.shape[-2:])) if isinstance(image, torch.Tensor) else "these images"
+        raise UserError(f"{cfg.model}'s BatchNorm got one value per channel: at batch size {len(image)} an input of "
+                        f"{size} pools down to 1x1 in its deepest layers; train with a larger --crop (or images), "
+                        "or --batch-size 2 or more") from None
 
 
 def instance_loss(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -583,6 +627,8 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     select = select_key(cfg.select_by, task)
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg, log)
+    if task == "semantic":
+        check_training_data(cfg, train_ds, val_ds)
     if task == "instance" and not train_ds.has_instances():
         raise UserError(f"{cfg.model} is an instance model, and {cfg.dataset} data has no instance annotations to "
                         "train it on; train it on shapes or coco, or choose a semantic model")
@@ -996,7 +1042,7 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
             batch = to_device(batch, run.device, run.cfg.channels_last)
             sync = contextlib.nullcontext() if last_in_group or not is_ddp else model.no_sync()  # type: ignore[operator]
             with sync:
-                with autocast(run.amp, run.device):
+                with autocast(run.amp, run.device), _one_value_per_channel(cfg, batch):
                     loss = semantic_loss(model, batch, stage.loss) if stage.loss else instance_loss(model, batch)
                 value = loss.detach().float().reshape(1)
                 if dist.active():  # every rank stops together on a NaN anywhere
