@@ -274,3 +274,28 @@ def test_an_input_named_like_a_flag_gets_the_way_to_pass_it(tmp_path, monkeypatc
     assert "unrecognized argument '-dash.png'; -dash.png is a file" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", "m.safetensors", "--out", "o", "-x"]) == 2
     assert "is a file" not in capsys.readouterr().err  # -x names no file: no such hint
+
+
+def test_eval_says_when_the_split_holds_images_the_checkpoint_trained_on(tmp_path, capsys):
+    """A run trained with ISBI val_count 2 (or CamVid val_sequences + join_val) and evaluated without
+    those options scored some of its training images as 'val', without a word."""
+    import numpy as np
+
+    from conftest import write_isbi_tree
+
+    write_isbi_tree(tmp_path / "isbi", np.random.default_rng(0), count=6, size=32)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "unet", "--model-kwargs", '{"base_channels": 4}', "--dataset", "isbi2012",
+                 "--data", str(tmp_path / "isbi"), "--dataset-kwargs", '{"val_count": 2}', "--epochs", "1",
+                 "--batch-size", "2", "--no-progress", "--out", str(run)]) == 0
+    capsys.readouterr()
+    base = ["eval", "--checkpoint", str(run / "best.safetensors"), "--dataset", "isbi2012", "--data",
+            str(tmp_path / "isbi"), "--no-progress", "--json"]
+    assert main([*base, str(tmp_path / "a.json")]) == 0  # val_count 4 by default: slices 2..5, of which 2, 3 trained
+    err = capsys.readouterr().err
+    assert "note: 2 of the 4 images of the val split are images the checkpoint trained on" in err, err
+    assert "--dataset-kwargs '{\"val_count\": 2}'" in err
+    assert json.loads((tmp_path / "a.json").read_text())["provenance"]["dataset"]["training_images"] == 2
+    assert main([*base, str(tmp_path / "b.json"), "--dataset-kwargs", '{"val_count": 2}']) == 0
+    assert "trained on" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "b.json").read_text())["provenance"]["dataset"]["training_images"] == 0

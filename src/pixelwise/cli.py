@@ -70,20 +70,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pixelwise.engine.trainer import existing_run, fit
 
     recipe = train_config.find_recipe(args.config) if args.config else None
-    run_dir = Path(args.out or train_config.default_out(args.model or train_config.TrainConfig().model))
+    run_dir = Path(args.out or train_config.default_out(args.model or train_config.TrainConfig().model)).expanduser()
+    source = recipe
     if recipe is None and args.resume and (run_dir / "config.yaml").is_file():
-        file_values = train_config.load_yaml_config(run_dir / "config.yaml")  # the run's own settings
-        for key in train_config.COMMAND_ONLY:  # older runs wrote them; this command's flags decide
-            file_values.pop(key, None)
+        source = run_dir / "config.yaml"  # the run's own settings; older runs recorded resume and overwrite,
+        file_values = train_config.load_yaml_config(source, run_record=True)  # which this command's flags decide
     else:
         file_values = train_config.load_yaml_config(recipe) if recipe else {}
     cli = train_config.flag_values(vars(args))
-    cfg = train_config.build_config(file_values, cli, recipe.stem if recipe else None)
+    cfg = train_config.build_config(file_values, cli, recipe.stem if recipe else None, source=source)
     deleted = existing_run(Path(cfg.out or train_config.default_out(cfg.model))) if cfg.overwrite else []
     if recipe and recipe.resolve() in {p.resolve() for p in deleted}:
         raise UserError(f"--overwrite would delete {recipe}, which is the --config this run reads; copy the recipe "
                         "out of --out, or give another --out")
-    summary = fit(cfg)
+    if source is not None:
+        _check_stage_transforms(cfg, source)
+    try:
+        summary = fit(cfg)
+    except UserError as e:  # the model's and the reader's checks name the flag; the values may be the file's
+        raise _named_by_source(e, cfg, cli, source) from e
     if not env_info().is_main:
         return 0
     best, by = summary["best"] or {}, summary.get("selected_by")
@@ -93,6 +98,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.get("epochs_trained", 1):
         print(f"wrote {cfg.out}/best.safetensors, last.safetensors, metrics.csv, metrics.json")
     return 0
+
+
+def _check_stage_transforms(cfg: train_config.TrainConfig, source: Path) -> None:
+    """Build each stage's training transform (as the trainer will) so that a bad crop or augment
+    value of a stage is named by its stage and file; the trainer's own check names neither."""
+    from pixelwise.engine.trainer import train_transform
+
+    for i, (name, stage_cfg) in enumerate(cfg.stage_configs() if cfg.stages else []):
+        stage = cfg.stages[i]
+        if not {"augment", "crop", "instance_crops", "instance_context"} & set(stage):
+            continue  # it trains with the run's own augmentation, checked by the trainer
+        try:
+            train_transform(stage_cfg)
+        except UserError as e:
+            raise UserError(f"{source}: stage {i + 1} ({name}): {e}") from e
+
+
+def _named_by_source(error: UserError, cfg: train_config.TrainConfig, cli: dict, source: Path | None) -> UserError:
+    """A ``--model-kwargs: ...`` / ``--dataset-kwargs: ...`` error about options that came from
+    the --config file (or the run's config.yaml) names the file and key instead of a flag the
+    user did not give; other errors are returned as they are."""
+    text = str(error)
+    for key in ("model_kwargs", "dataset_kwargs"):
+        flag = f"--{key.replace('_', '-')}"
+        given = cli.get(key) or {}
+        from_file = set(getattr(cfg, key)) - set(given)
+        if source is None or not from_file or not text.startswith(f"{flag}: "):
+            continue
+        label = f"{key} (of {source}, with {flag})" if given else f"{source}: {key}"
+        return UserError(f"{label}: {text.removeprefix(f'{flag}: ')}")
+    return error
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -502,6 +538,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"
                  for key in ("iou", "acc", "bf") if key in row]
         print(f"  {row['name']:<16} " + "  ".join(cells))
+    trained = metrics["provenance"]["dataset"].get("training_images")
+    if trained:  # e.g. CamVid's official val under a run that held out other sequences and joined val to train
+        kwargs = metrics["provenance"]["dataset"].get("trained_with") or {}
+        print(f"pixelwise: note: {trained} of the {metrics.get('num_images', '?')} images of the {args.split} split "
+              f"are images the checkpoint trained on (it was trained with --dataset-kwargs '{json.dumps(kwargs)}'), "
+              "so these numbers flatter it; evaluate with the run's own --dataset-kwargs to score its held-out split",
+              file=sys.stderr)
     skipped = metrics["provenance"]["dataset"].get("skipped") or []
     if skipped:
         print(f"pixelwise: note: left out {len(skipped)} file(s) with problems (--skip-invalid), e.g. {skipped[0]}",

@@ -1113,6 +1113,8 @@ def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
         "task": run.task, "class_names": list(ds.class_names),
         "palette": [list(c) for c in ds.palette], "input": run.contract.to_dict(),
         "dataset": cfg.dataset, "training": summary or {},
+        # how the data was split: eval says when the split it scores holds images this model trained on
+        "data": {"dataset_kwargs": cfg.dataset_kwargs, "train_split": cfg.train_split, "val_split": cfg.val_split},
         # the dataset's own id of each class (COCO's category ids), written into instance predictions
         **({"category_ids": [int(i) for i in ids]} if (ids := getattr(ds, "category_ids", None)) else {}),
     }

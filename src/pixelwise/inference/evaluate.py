@@ -158,6 +158,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     metrics["input"] = specs[0] if all(s == specs[0] for s in specs) else specs
     metrics["provenance"] = provenance(paths[0], predictor, dataset, data, split, dataset_kwargs or {},
                                        [str(p) for p in skipped])
+    trained = training_images(predictor.meta, ds, dataset, data)
+    if trained is not None:
+        metrics["provenance"]["dataset"].update(training_images=trained,
+                                                trained_with=predictor.meta["data"].get("dataset_kwargs") or {})
     if watershed is not None:
         metrics["provenance"]["watershed"] = watershed
     if len(paths) > 1:  # an ensemble: every member's file, contract and options
@@ -165,6 +169,24 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
             {"checkpoint": str(Path(p).resolve()), "checkpoint_sha256": file_sha256(p), "input": spec,
              "prediction": prediction_options(m)} for p, m, spec in zip(paths, members, specs)]
     return metrics
+
+
+def training_images(meta: dict, ds: SegmentationDataset, dataset: str, data: str | None) -> int | None:
+    """How many images of ``ds`` the checkpoint trained on, by its recorded training split (the
+    dataset options that drew it, such as CamVid's ``val_sequences``, ISBI's ``val_count``); None
+    where that cannot be told (another dataset kind, a checkpoint without the record, a reader
+    without image files)."""
+    recorded = meta.get("data")
+    items = getattr(ds, "items", None)
+    if meta.get("dataset") != dataset or not isinstance(recorded, dict) or items is None:
+        return None
+    try:
+        train = build_dataset(dataset, data, str(recorded.get("train_split", "train")),
+                              **(recorded.get("dataset_kwargs") or {}))
+    except (UserError, TypeError, ValueError):  # that split cannot be drawn from this data: nothing to compare
+        return None
+    trained = {image for image, _ in getattr(train, "items", [])}
+    return sum(1 for image, _ in items if image in trained)
 
 
 def file_sha256(path: str | Path) -> str:
