@@ -1009,3 +1009,23 @@ def test_batchnorm_pooled_to_one_value_per_channel_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"unet's BatchNorm got one value per channel: at batch size 1 an input of "
                                         r"16x16 pools down to 1x1 .* or --batch-size 2 or more"):
         fit(cfg, log=quiet)
+
+
+def test_a_folder_runs_ignore_colour_is_recorded_for_serve(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "d"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    palette = [[255, 255, 255], [200, 30, 30]]
+    (root / "classes.json").write_text(json.dumps({"names": ["snow", "brick"], "palette": palette,
+                                                   "ignore_color": [0, 0, 0]}))
+    for i in range(3):
+        mask = np.zeros((16, 16, 3), np.uint8)
+        mask[:, 4:10], mask[:, 10:] = palette[0], palette[1]
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+    fit(TrainConfig(model="unet", model_kwargs=dict(TINY_MODEL), dataset="folder", data=str(root), epochs=1,
+                    batch_size=2, train_split="all", val_split="all", progress=False, out=str(tmp_path / "r")),
+        log=quiet)
+    assert read_checkpoint(tmp_path / "r" / "best.safetensors")[1]["ignore_color"] == [0, 0, 0]

@@ -20,6 +20,7 @@ from conftest import wait_for
 from pixelwise import Predictor, create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
+from pixelwise.errors import UserError
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
 httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")
@@ -961,6 +962,62 @@ def test_truth_format_dataset_is_refused_where_the_data_stores_class_ids(predict
     app = create_app(predictor, samples=[])  # trained on shapes: its masks are class ids
     assert request(app, "GET", "/api/info").json()["truth_formats"].keys() == {"classes"}
     status, detail = _truth_counts(app, noise(8, 8), png_bytes(np.zeros((8, 8), np.uint8)), "dataset")
-    assert status == 422 and "stores class ids; leave it out" in detail
+    assert status == 422 and "stores class ids (or its palette's colours)" in detail
     status, detail = _truth_counts(app, noise(8, 8), png_bytes(np.zeros((8, 8), np.uint8)), "labelids")
     assert status == 422 and "truth_format must be classes or dataset" in detail
+
+
+def test_a_folder_models_own_ignore_colour_reads_its_colour_masks(tmp_path):
+    """A folder dataset whose classes.json sets ignore_color black (white a class) had its own colour
+    masks refused by serve ('white is ignore')."""
+    palette = [[255, 255, 255], [200, 30, 30], [30, 200, 30]]
+    kw = {"base_channels": 4, "dropout": 0.0}
+    save_checkpoint(tmp_path / "f.safetensors", create_model("unet", num_classes=3, **kw),
+                    {"model": "unet", "num_classes": 3, "model_kwargs": kw, "dataset": "folder",
+                     "class_names": ["snow", "brick", "grass"], "palette": palette, "ignore_color": [0, 0, 0]})
+    app = create_app(Predictor.from_checkpoint(tmp_path / "f.safetensors"), samples=[])
+    truth = np.zeros((8, 10, 3), np.uint8)  # black: ignore
+    truth[:, 2:6] = palette[0]  # 32 snow
+    truth[:, 6:] = palette[2]  # 32 grass
+    assert _truth_counts(app, noise(8, 10), png_bytes(truth)) == ({"snow": 32, "grass": 32}, 16)
+
+
+def test_dataset_label_files_that_would_be_misread_are_422(tmp_path):
+    """truth_format=dataset scored an ISBI label stored 0/1 as all membrane, and a Cityscapes
+    *_labelTrainIds.png as label ids (pixel accuracy 0), silently."""
+    from pixelwise.data import cityscapes
+
+    isbi = create_app(_dataset_checkpoint(tmp_path / "i.safetensors", "isbi2012", ["membrane", "cell"],
+                                          [(0, 0, 0), (255, 255, 255)]), samples=[])
+    zero_one = np.zeros((8, 10), np.uint8)
+    zero_one[:, 5:] = 1
+    status, detail = _truth_counts(isbi, noise(8, 10), png_bytes(zero_one), "dataset")
+    assert status == 422 and "values are only 0 and 1" in detail
+    city = create_app(_dataset_checkpoint(tmp_path / "c.safetensors", "cityscapes", cityscapes.CLASS_NAMES,
+                                          cityscapes.PALETTE), samples=[])
+    r = request(city, "POST", "/api/predict", data={"truth_format": "dataset"}, files={
+        "image": ("a.png", png_bytes(noise(8, 10)), "image/png"),
+        "ground_truth": ("x_gtFine_labelTrainIds.png", png_bytes(np.zeros((8, 10), np.uint8)), "image/png")})
+    assert r.status_code == 422 and "holds train ids, which are class ids" in r.json()["detail"]
+
+
+def test_samples_may_be_the_training_datasets_label_files(tmp_path):
+    """--samples read DIR/masks as class ids only: an ISBI label's cells were all 'ignore'."""
+    from pixelwise.serve.config import ServeConfig
+
+    predictor = _dataset_checkpoint(tmp_path / "i.safetensors", "isbi2012", ["membrane", "cell"],
+                                    [(0, 0, 0), (255, 255, 255)])
+    samples = tmp_path / "samples"
+    (samples / "masks").mkdir(parents=True)
+    Image.fromarray(noise(8, 10)).save(samples / "em.png")
+    label = np.zeros((8, 10), np.uint8)
+    label[:, 4:] = 255
+    Image.fromarray(label).save(samples / "masks" / "em.png")
+    for fmt, cells in (("classes", 0), ("dataset", 48)):
+        app = create_app(predictor, ServeConfig(samples_dir=samples, samples_truth_format=fmt))
+        truth = request(app, "GET", "/api/samples/em.png/ground_truth")
+        values = np.asarray(Image.open(io.BytesIO(truth.content)))
+        assert int((values == 1).sum()) == cells and int((values == 0).sum()) == 32
+    with pytest.raises(UserError, match="--samples-truth-format dataset: .* stores class ids"):
+        create_app(Predictor.from_checkpoint(_unet_checkpoint(tmp_path / "s.safetensors")),
+                   ServeConfig(samples_dir=samples, samples_truth_format="dataset"))

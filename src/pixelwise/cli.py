@@ -640,6 +640,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          cors_origins=tuple(args.cors or ()),
                          keep_uploads=keep_uploads,
                          samples_dir=Path(args.samples) if args.samples else None,
+                         samples_truth_format=args.samples_truth_format,
                          uncertainty_samples=args.mc_samples or DEFAULT_MC_SAMPLES)
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
@@ -852,6 +853,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "uploads stay in memory and are never written to disk)")
     p.add_argument("--samples", metavar="DIR", help="offer the images in DIR (and DIR/masks/<stem>.png ground "
                    "truths) as samples on the page instead of the bundled synthetic scenes")
+    p.add_argument("--samples-truth-format", choices=["classes", "dataset"], default="classes",
+                   help="how the --samples masks store classes: classes (class ids or the palette's colours, default) "
+                        "or dataset (the training dataset's own label files: ADE20K annotations, Cityscapes labelIds, "
+                        "ISBI's 0/255 labels, CamVid's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default info: one line per request)")
     p.set_defaults(func=cmd_serve)

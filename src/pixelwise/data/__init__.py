@@ -45,13 +45,16 @@ class StoredLabels:
     describe: str
     lut: np.ndarray
     gray: bool = False
+    # files of the dataset's layout that hold class ids already: {name ending: what to send instead}
+    not_these: tuple[tuple[str, str], ...] = ()
 
 
 # the kinds whose label files are not class-id masks (VOC's palette PNGs and SBD's, a folder's
 # masks, COCO's polygons are class ids or are read otherwise)
 STORED_LABELS: dict[str, StoredLabels] = {
     "camvid": StoredLabels(camvid.STORED_LABELS, camvid.LABEL_LUT),
-    "cityscapes": StoredLabels(cityscapes.STORED_LABELS, cityscapes.LABEL_LUT),
+    "cityscapes": StoredLabels(cityscapes.STORED_LABELS, cityscapes.LABEL_LUT, not_these=(
+        ("_labelTrainIds.png", "holds train ids, which are class ids: send it with truth_format=classes"),)),
     "ade20k": StoredLabels(ade20k.STORED_LABELS, ade20k.LABEL_LUT),
     "isbi2012": StoredLabels(isbi.STORED_LABELS, isbi.LABEL_LUT, gray=True),
 }

@@ -1117,6 +1117,10 @@ def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
         "data": {"dataset_kwargs": cfg.dataset_kwargs, "train_split": cfg.train_split, "val_split": cfg.val_split},
         # the dataset's own id of each class (COCO's category ids), written into instance predictions
         **({"category_ids": [int(i) for i in ids]} if (ids := getattr(ds, "category_ids", None)) else {}),
+        # a folder dataset's colour masks: the colour of ignored pixels, which serve reads them with
+        **({"ignore_color": [int(v) for v in ignore]}
+           if getattr(ds, "colour_palette", None) is not None and (ignore := getattr(ds, "ignore_colour", None))
+           else {}),
     }
 
 

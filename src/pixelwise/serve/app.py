@@ -48,6 +48,7 @@ from starlette.requests import ClientDisconnect
 
 from pixelwise._version import __version__
 from pixelwise.data import STORED_LABELS, StoredLabels
+from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.io import set_max_image_pixels
 from pixelwise.data.palette import clear_class
 from pixelwise.errors import UserError
@@ -255,11 +256,21 @@ def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str
         raise UploadError(422, f"truth_format must be classes or dataset, got {truth_format!r}")
     if truth_format == "dataset" and stored_labels(predictor) is None:
         raise UploadError(422, f"truth_format dataset: the model's training data "
-                               f"({predictor.meta.get('dataset', 'unknown')}) stores class ids; leave it out")
+                               f"({predictor.meta.get('dataset', 'unknown')}) stores class ids (or its palette's "
+                               "colours), which truth_format=classes reads; leave it out")
     wanted = Wanted(flag("uncertainty", False), flag("overlay", True), flag("return_image", False), truth_format)
     if wanted.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UploadError(422, "uncertainty applies to semantic models only")
     return options, wanted
+
+
+def ignore_colour(predictor: Predictor) -> tuple[int, ...]:
+    """The colour that means 'ignore' in the colour masks of the model's training data: its folder
+    dataset's ignore_color (recorded in the checkpoint), else white."""
+    colour = predictor.meta.get("ignore_color")
+    if isinstance(colour, list | tuple) and len(colour) == 3 and all(isinstance(v, int) for v in colour):
+        return tuple(colour)
+    return IGNORE_COLOUR
 
 
 def stored_labels(predictor: Predictor) -> StoredLabels | None:
@@ -405,7 +416,8 @@ class Service:
         if truth_part is not None:
             stored = stored_labels(p) if wanted.truth_format == "dataset" else None
             truth = decode_mask(truth_part.data, self.config.max_pixels, p.palette, len(p.class_names),
-                                image.shape[:2], truth_part.content_type, stored)
+                                image.shape[:2], truth_part.content_type, stored, ignore_colour(p),
+                                truth_part.filename)
             if (truth == 255).all():  # scores of nothing: most likely a photo or another palette's colours
                 raise UploadError(422, "the ground truth has no pixel of any class: every pixel is 255 (ignore) "
                                        "or a colour outside the model's palette; send a mask of class ids, or "
@@ -443,8 +455,13 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
         set_max_image_pixels(config.max_pixels)  # else PIL's own guard refuses images the server accepts
     if samples is None:
         if config.samples_dir is not None:
+            stored = stored_labels(predictor) if config.samples_truth_format == "dataset" else None
+            if config.samples_truth_format == "dataset" and stored is None:
+                raise UserError(f"--samples-truth-format dataset: the model's training data "
+                                f"({predictor.meta.get('dataset', 'unknown')}) stores class ids (or its palette's "
+                                "colours), which the default reads; leave it out")
             samples, problems = folder_samples(config.samples_dir, config.max_pixels, predictor.palette,
-                                               len(predictor.class_names))
+                                               len(predictor.class_names), stored, ignore_colour(predictor))
             for problem in problems:
                 log.warning(problem)
         else:

@@ -29,6 +29,9 @@ class ServeConfig:
     keep_uploads: a folder to save each upload in, as received; None keeps uploads in memory only.
     samples_dir: a folder of sample images (and ``masks/<stem>.png`` ground truths) for the page,
       instead of the bundled synthetic scenes.
+    samples_truth_format: how those masks store classes, as ``/api/predict``'s ``truth_format``:
+      ``classes`` (class ids, or the palette's colours) or ``dataset`` (the training dataset's own
+      label files, such as ADE20K annotations or ISBI's 0/255 labels).
     uncertainty_samples: Monte-Carlo dropout samples behind the uncertainty map of a model with
       dropout (as ``pixelwise predict --uncertainty``).
     upload_timeout: seconds a request may take to send its body (it holds a place in the queue
@@ -46,6 +49,7 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
     keep_uploads: Path | None = None
     samples_dir: Path | None = None
+    samples_truth_format: str = "classes"
     uncertainty_samples: int = 8
     upload_timeout: float = 120.0
     predict_timeout: float | None = 300.0
@@ -74,6 +78,8 @@ class ServeConfig:
             raise UserError(f"the upload timeout must be positive, got {self.upload_timeout}")
         if self.samples_dir is not None and not Path(self.samples_dir).is_dir():
             raise UserError(f"--samples {self.samples_dir}: not a folder")
+        if self.samples_truth_format not in ("classes", "dataset"):
+            raise UserError(f"--samples-truth-format must be classes or dataset, got {self.samples_truth_format!r}")
         if self.keep_uploads is not None and Path(self.keep_uploads).exists() and not Path(self.keep_uploads).is_dir():
             raise UserError(f"--keep-uploads {self.keep_uploads} is a file; give a folder to save the uploads in")
 

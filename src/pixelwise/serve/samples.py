@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from pixelwise.data import StoredLabels
+from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.shapes import CLASS_NAMES as SHAPES_CLASSES
 from pixelwise.data.shapes import PALETTE as SHAPES_PALETTE
 from pixelwise.data.shapes import ShapesDataset
@@ -44,11 +46,14 @@ def shapes_samples(class_names: Sequence[str], count: int = 3, size: int = 128) 
     return out
 
 
-def folder_samples(folder: Path, max_pixels: int, palette: Sequence[Sequence[int]],
-                   num_classes: int) -> tuple[list[Sample], list[str]]:
+def folder_samples(folder: Path, max_pixels: int, palette: Sequence[Sequence[int]], num_classes: int,
+                   stored: StoredLabels | None = None,
+                   ignore_colour: Sequence[int] = IGNORE_COLOUR) -> tuple[list[Sample], list[str]]:
     """The images directly in ``folder`` (sorted, at most :data:`MAX_SAMPLES`), each with
-    ``folder/masks/<stem>.png`` as ground truth when that exists and fits; an image in a format
-    browsers do not show (TIFF, PPM) is offered as a PNG of its decoded pixels. -> (samples, problems)."""
+    ``folder/masks/<stem>.png`` as ground truth when that exists and fits (read as
+    :func:`~pixelwise.serve.uploads.decode_mask` reads an upload: ``stored`` for a dataset's own label
+    files), offered as class ids; an image in a format browsers do not show (TIFF, PPM) is offered
+    as a PNG of its decoded pixels. -> (samples, problems)."""
     samples: list[Sample] = []
     problems: list[str] = []
     for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
@@ -68,7 +73,8 @@ def folder_samples(folder: Path, max_pixels: int, palette: Sequence[Sequence[int
         if mask_path.is_file():
             try:
                 truth = mask_png(decode_mask(mask_path.read_bytes(), max_pixels, palette, num_classes,
-                                             image.shape[:2]), palette)
+                                             image.shape[:2], stored=stored, ignore_colour=ignore_colour,
+                                             name=mask_path.name), palette)
             except UploadError as e:
                 problems.append(f"{mask_path}: ground truth skipped, {e.detail}")
         samples.append(Sample(path.name, data, truth))

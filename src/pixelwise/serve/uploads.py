@@ -259,30 +259,40 @@ def decode_image(data: bytes | bytearray, max_pixels: int, declared_type: str = 
         raise UploadError(415, f"cannot convert an image of mode {img.mode} to RGB ({e})") from None
 
 
-def colour_mask(rgb: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """uint8[H, W, 3] colours -> class ids: the palette's colours their classes, white 255
-    (ignore); any other colour is a 422 naming it, as the folder reader's check names it (mapping
-    it to "ignore" would leave those pixels out of the scores without a word)."""
-    mask = colors_to_index(rgb, palette)  # other colours: 255
-    unknown = (mask == 255) & ~(rgb == np.array(IGNORE_COLOUR, np.uint8)).all(axis=-1)
+def colour_mask(rgb: np.ndarray, palette: Sequence[Sequence[int]],
+                ignore_colour: Sequence[int] = IGNORE_COLOUR) -> np.ndarray:
+    """uint8[H, W, 3] colours -> class ids: the palette's colours their classes, ``ignore_colour``
+    (white unless the model's folder dataset set another) 255; any other colour is a 422 naming it,
+    as the folder reader's check names it (mapping it to "ignore" would leave those pixels out of
+    the scores without a word)."""
+    ignore = tuple(int(v) for v in ignore_colour)
+    mask = colors_to_index(rgb, palette)  # other colours: 255 (a class of the ignore colour stays that class)
+    unknown = (mask == 255) & ~(rgb == np.array(ignore, np.uint8)).all(axis=-1)
     if unknown.any():
         colours = np.unique(rgb[unknown].reshape(-1, 3), axis=0)
         shown = ", ".join(str(c) for c in colours[:3].tolist()) + (" ..." if len(colours) > 3 else "")
         raise UploadError(422, f"the ground-truth mask has {int(unknown.sum()):,} pixels of {len(colours)} colour(s) "
-                               f"not in the model's palette (GET /api/info), e.g. {shown}; white [255, 255, 255] "
+                               f"not in the model's palette (GET /api/info), e.g. {shown}; {list(ignore)} "
                                "is 'ignore'. Recolour them, or send a mask of class ids")
     return mask
 
 
 def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequence[int]],
                 num_classes: int, shape: tuple[int, int], declared_type: str = "",
-                stored: StoredLabels | None = None) -> np.ndarray:
+                stored: StoredLabels | None = None, ignore_colour: Sequence[int] = IGNORE_COLOUR,
+                name: str | None = None) -> np.ndarray:
     """A ground-truth mask -> uint8[H, W] class ids (255 = ignore), read like
     :func:`pixelwise.data.io.read_mask`: index ("P", "L") PNGs as stored; colour masks through
     the model's ``palette`` (white: 255; any other colour: 422, :func:`colour_mask`), gray RGB as
     its values. With ``stored`` (a dataset's own label file, :data:`pixelwise.data.STORED_LABELS`)
-    the stored values (or gray levels) are mapped to classes as that dataset's reader maps them.
+    the stored values (or gray levels) are mapped to classes as that dataset's reader maps them
+    (``name``, the upload's file name, tells a file of the layout that holds class ids already).
     It must have the image's ``shape`` and hold only ``0..num_classes-1`` and 255 (422 otherwise)."""
+    if stored is not None and name:
+        for ending, instead in stored.not_these:
+            if name.endswith(ending):
+                raise UploadError(422, f"the ground truth {name} is not a label file of this kind ({stored.describe}):"
+                                       f" it {instead}")
     img = open_image(data, max_pixels, declared_type, what="ground-truth mask")
     lossy = lossy_mask_error(bytes(data[:16]), img.format)
     if lossy:  # e.g. "JPEG-compressed mask: lossy compression changes labels at edges; save masks as PNG"
@@ -299,7 +309,7 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
     elif mode in ("RGB", "RGBA", "RGBX"):
         rgb = np.asarray(img)[:, :, :3]
         gray = np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])
-        mask = rgb[:, :, 0].copy() if gray else colour_mask(rgb, palette)
+        mask = rgb[:, :, 0].copy() if gray else colour_mask(rgb, palette, ignore_colour)
     else:
         arr = np.asarray(img)
         fits = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer)
@@ -332,6 +342,10 @@ def _stored_labels(img: Image.Image, stored: StoredLabels) -> np.ndarray:
     else:
         raise UploadError(422, f"a {img.mode} ground truth is not a label file of this kind ({stored.describe}): "
                                "send the 8-bit label PNG")
+    if stored.gray and values.size and int(values.max()) == 1:  # as the reader's check says of such a label
+        raise UploadError(422, "the ground truth's values are only 0 and 1, so every pixel would be class 0 by its "
+                               f"gray level ({stored.describe}): store the other class as 255, or send it with "
+                               "truth_format=classes")
     classes = stored.lut[values]
     bad = np.unique(values[classes < 0])
     if bad.size:
