@@ -576,3 +576,16 @@ def test_a_full_disk_names_the_file_being_written(tmp_path):
     with pytest.raises(OSError) as caught, staged(tmp_path, ["a.png", "a_overlay.png"]):
         full(None)
     assert caught.value.filename == str(tmp_path / "a.png") and not list(tmp_path.glob(".pixelwise-*"))
+
+
+def test_a_folder_of_subfolders_gets_the_pattern_that_reaches_them(checkpoint, tmp_path, capsys):
+    """Cityscapes' leftImg8bit/val holds its images in city subfolders: 'no images found' alone."""
+    city = tmp_path / "val" / "aachen"
+    city.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(city / "a_leftImg8bit.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "val"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds none directly but its subfolders do" in err and f"'{tmp_path / 'val' / '*' / '*'}'" in err
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "val" / "*" / "*"), "--out",
+                 str(tmp_path / "o"), "--no-progress"]) == 0

@@ -84,8 +84,12 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         else:
             raise UserError(f"input {p} not found")
     if not paths:
+        nested = [item for item in inputs if Path(item).is_dir()
+                  and any(_listed(q) for sub in Path(item).iterdir() if sub.is_dir() for q in sub.iterdir())]
+        hint = (f"; {nested[0]} holds none directly but its subfolders do (as Cityscapes' leftImg8bit/val/<city>/): "
+                f"give the quoted pattern '{Path(nested[0]) / '*' / '*'}'" if nested else "")
         raise UserError(f"no images found in {', '.join(inputs)} (the image files read from a folder are "
-                        f"{format_names()}, by their suffix)")
+                        f"{format_names()}, by their suffix, not those of its subfolders){hint}")
 
     def key(p: Path) -> tuple[Path, str]:
         return _resolved(p), p.name
