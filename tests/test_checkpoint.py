@@ -191,3 +191,39 @@ def test_a_run_folder_given_as_checkpoint_names_the_file_to_give(tmp_path):
             load_checkpoint(tmp_path / "best.safetensors", device="cuda")
     with pytest.raises(UserError, match="'gpu' is not a device"):
         load_checkpoint(tmp_path / "best.safetensors", device="gpu")
+
+
+def test_a_checkpoint_replaced_while_it_is_read_gives_one_versions_metadata_and_weights(tmp_path, monkeypatch):
+    """The metadata and the weights were read through two opens: a training run replacing best.safetensors
+    between them gave one epoch's weights labelled with another's epoch."""
+    import safetensors
+
+    from pixelwise.checkpoint import read_checkpoint
+
+    path = tmp_path / "best.safetensors"
+    meta = {"model": "unet", "num_classes": 2, "model_kwargs": {"base_channels": 4}}
+    model = create_model("unet", num_classes=2, base_channels=4)
+    save_checkpoint(path, model, {**meta, "training": {"epoch": 1}})
+    first_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    save_checkpoint(tmp_path / "new.safetensors", model, {**meta, "training": {"epoch": 2}})
+    real = safetensors.safe_open
+
+    class ReplacedAfterOpen:
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def __enter__(self):
+            handle = self.f.__enter__()
+            os.replace(tmp_path / "new.safetensors", path)  # the trainer's rename, between two reads
+            return handle
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr("pixelwise.checkpoint.safe_open", ReplacedAfterOpen)
+    state, meta_read = read_checkpoint(path)
+    assert meta_read["training"]["epoch"] == 1
+    assert all(torch.equal(state[k], v) for k, v in first_weights.items())  # epoch 1's weights with epoch 1's label

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pixelwise._version import __version__
 from pixelwise.errors import UserError
@@ -250,9 +250,9 @@ def _read(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dic
     """(tensors, JSON metadata under ``key``) of a safetensors file, every failure one UserError."""
     _check_safetensors_file(path, what)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one open file: metadata and weights of one version
             header = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - a handle, not a dict
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} could not be read as safetensors ({e}); was it truncated?") from None
     if key not in header:
