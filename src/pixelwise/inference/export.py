@@ -81,6 +81,7 @@ class SizeCheck:
     max_abs_diff: float
     max_abs_logit: float
     agreement: float  # share of pixels whose argmax class is the same
+    classes: int = 0  # the class scores per pixel, PyTorch's
 
 
 @dataclass
@@ -171,7 +172,7 @@ def verify(model: nn.Module, session, sizes: Sequence[tuple[int, int, int]], cha
         with torch.no_grad():
             reference = forward_logits(model, x).float()
         diff, scale, agree = compare(reference, run_onnx(session, x))
-        checks.append(SizeCheck((n, channels, h, w), diff, scale, agree))
+        checks.append(SizeCheck((n, channels, h, w), diff, scale, agree, int(reference.shape[1])))
     return checks
 
 
@@ -185,7 +186,10 @@ def onnx_metadata(meta: dict | None, model_name: str, extra: dict, model: nn.Mod
     out = {k: meta[k] for k in META_KEYS if k in meta}
     out.setdefault("model", model_name)
     out.setdefault("task", "semantic")
-    out["input"] = input_spec_from_meta(meta).to_dict() if meta else out.get("input")
+    out["input"] = input_spec_from_meta(meta, model).to_dict()  # without a checkpoint's: the model's own
+    classes = extra.pop("num_classes", None)
+    if classes is not None:  # a bare model (no checkpoint's metadata): its outputs' count
+        out.setdefault("num_classes", classes)
     if model is not None:
         context, alignment = model_geometry(model)
         out["geometry"] = {"context": context, "alignment": alignment}
@@ -365,6 +369,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
                             f"{100 * worst:.3f}% of pixels at {bad.shape[2]}x{bad.shape[3]} (needs "
                             f"{100 * min_agreement:.1f}%; max |logit diff| {bad.max_abs_diff:.3g}); nothing written")
         info = {"opset": opset, "precision": precision, "dynamic_axes": ["batch", "height", "width"],
+                "num_classes": report.checks[0].classes,
                 "input_name": "image", "output_name": "logits", "min_agreement": min_agreement,
                 # the model had dropout layers; the file has none (traced in eval): no Monte-Carlo dropout
                 "dropout": has_dropout(model),
