@@ -299,3 +299,27 @@ def test_eval_says_when_the_split_holds_images_the_checkpoint_trained_on(tmp_pat
     assert main([*base, str(tmp_path / "b.json"), "--dataset-kwargs", '{"val_count": 2}']) == 0
     assert "trained on" not in capsys.readouterr().err
     assert json.loads((tmp_path / "b.json").read_text())["provenance"]["dataset"]["training_images"] == 0
+
+
+@pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])
+def test_a_closed_or_full_stdout_stops_nothing(tmp_path, redirect):
+    """`>&-` was an AttributeError traceback (rc 1) in every verb; `>/dev/full` stopped training
+    before its first step with 'No space left on device' and no file named."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if redirect == ">/dev/full" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    command = (f"{sys.executable} -m pixelwise train --model-kwargs '{{\"base_channels\": 4}}' --dataset shapes "
+               f"--dataset-kwargs '{{\"num_train\": 8, \"num_val\": 2, \"size\": 32}}' --epochs 1 --batch-size 4 "
+               f"--no-progress --out {out} {redirect}")
+    done = subprocess.run(["bash", "-c", command], capture_output=False, stderr=subprocess.PIPE, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert (out / "last.safetensors").is_file()
+    err = done.stderr.decode()
+    assert ("standard output cannot be written (No space left on device)" in err) == (redirect == ">/dev/full")

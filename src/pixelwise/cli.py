@@ -989,26 +989,34 @@ def _one_line(text: str) -> str:
 
 class _StdoutThatMayClose:
     """``sys.stdout`` for one verb: once its reader has gone (``pixelwise train | head``, or the
-    ``tee`` a Ctrl-C stopped first), further output is dropped instead of raising BrokenPipeError
-    into the verb, which stopped a training run or reported a closed pipe as a full disk."""
+    ``tee`` a Ctrl-C stopped first) or it cannot be written (``>/dev/full``, a log on a full disk),
+    further output is dropped instead of raising into the verb, which stopped a training run or
+    reported a closed pipe as a full disk of the run's --out. A failure other than a closed pipe is
+    said once on stderr."""
 
     def __init__(self, stream: typing.TextIO) -> None:
         self.stream, self.closed_by_reader = stream, False
+
+    def _failed(self, e: OSError) -> None:
+        self.closed_by_reader = True
+        if not isinstance(e, BrokenPipeError):
+            print(f"pixelwise: note: standard output cannot be written ({e.strerror or e}); what the command prints "
+                  "there is dropped, and it goes on", file=sys.stderr)
 
     def write(self, text: str) -> int:
         if not self.closed_by_reader:
             try:
                 return self.stream.write(text)
-            except BrokenPipeError:
-                self.closed_by_reader = True
+            except OSError as e:
+                self._failed(e)
         return len(text)
 
     def flush(self) -> None:
         if not self.closed_by_reader:
             try:
                 self.stream.flush()
-            except BrokenPipeError:
-                self.closed_by_reader = True
+            except OSError as e:
+                self._failed(e)
 
     def __getattr__(self, name: str) -> typing.Any:  # isatty, fileno, encoding, ...
         return getattr(self.stream, name)
@@ -1017,6 +1025,9 @@ class _StdoutThatMayClose:
 @contextmanager
 def _stdout_may_close() -> Iterator[None]:
     real = sys.stdout
+    if real is None:  # started with stdout closed (>&-): print() writes nowhere, as Python does then
+        yield
+        return
     sys.stdout = wrapper = _StdoutThatMayClose(real)
     try:
         yield
