@@ -37,13 +37,17 @@ def _labels(x: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
     return t.reshape(-1).long().cpu()
 
 
-def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
-    """pred, target: integer label maps (torch or numpy) of equal shape -> int64 Tensor[C, C]
-    (rows: truth, cols: prediction).
+def _array(x: object) -> torch.Tensor | np.ndarray:
+    """A tensor as it is; anything else (numpy arrays, nested lists) as a numpy array."""
+    return x if isinstance(x, torch.Tensor) else np.asarray(x)
 
-    Ground-truth values other than ``0..C-1`` and ``ignore_index`` raise ValueError; floating-point
-    maps raise TypeError."""
+
+def _valid_labels(pred: object, target: object, num_classes: int, ignore_index: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (target, prediction) labels, flattened int64, of the pixels whose ground truth is not
+    ``ignore_index``: integer maps of equal shape (TypeError for floating or boolean maps), with
+    ground truth in ``0..C-1`` (or the ignore label) and predictions in ``0..C-1`` (ValueError)."""
+    pred, target = _array(pred), _array(target)
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     t = _labels(target, "target")
@@ -54,6 +58,32 @@ def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.
         raise ValueError(f"target has labels outside 0..{num_classes - 1} (and {ignore_index} = ignore)")
     if p.numel() and (p.min() < 0 or p.max() >= num_classes):
         raise ValueError(f"prediction has labels outside 0..{num_classes - 1}")
+    return t, p
+
+
+def _one_image(pred: object, target: object, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """pred, target as numpy arrays of one image, int[H, W] each: integer labels (TypeError
+    otherwise) of equal shape, two dimensions (a batch of maps is a ValueError that says so)."""
+    pred = np.asarray(pred.cpu() if isinstance(pred, torch.Tensor) else pred)
+    target = np.asarray(target.cpu() if isinstance(target, torch.Tensor) else target)
+    _labels(target.reshape(-1)[:0], "target")
+    _labels(pred.reshape(-1)[:0], "prediction")
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} != target shape {target.shape}")
+    if target.ndim != 2:
+        raise ValueError(f"{what} scores one image at a time: pred and target int[H, W], got shape {target.shape}"
+                         + ("; call it once per image of the batch" if target.ndim > 2 else ""))
+    return pred, target
+
+
+def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, num_classes: int,
+                     ignore_index: int = 255) -> torch.Tensor:
+    """pred, target: integer label maps (torch, numpy or nested lists) of equal shape -> int64
+    Tensor[C, C] (rows: truth, cols: prediction).
+
+    Ground-truth values other than ``0..C-1`` and ``ignore_index``, and predictions outside
+    ``0..C-1``, raise ValueError; floating-point or boolean maps raise TypeError."""
+    t, p = _valid_labels(pred, target, num_classes, ignore_index)
     return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
@@ -159,19 +189,17 @@ def image_bf_scores(pred: np.ndarray, target: np.ndarray, num_classes: int, igno
 
     Ignored ground-truth pixels are given the ignore label in the prediction too, so the outlines
     of void regions appear identically in both maps and neither reward nor penalise. The distance
-    tolerance is ``tolerance * sqrt(H^2 + W^2)`` pixels."""
-    pred = np.asarray(pred)
-    target = np.asarray(target)
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {pred.shape} != target shape {target.shape}")
+    tolerance is ``tolerance * sqrt(H^2 + W^2)`` pixels. Labels are checked as
+    :func:`confusion_matrix` checks them: floating or boolean maps raise TypeError, labels out of
+    range ValueError, and so does a batch of maps (one image at a time)."""
+    pred, target = _one_image(pred, target, "the BF score")
+    _valid_labels(pred, target, num_classes, ignore_index)
     h, w = target.shape
     tol_px = tolerance * float(np.hypot(h, w))
     valid = target != ignore_index
     pred = np.where(valid, pred, ignore_index)
     scores = {}
     for c in np.unique(target[valid]).tolist():
-        if not 0 <= c < num_classes:
-            raise ValueError(f"target has label {c} outside 0..{num_classes - 1} (and {ignore_index} = ignore)")
         scores[int(c)] = boundary_f1(class_boundary(pred == c), class_boundary(target == c), tol_px)
     return scores
 
@@ -188,9 +216,8 @@ class BFMeter:
         self.class_counts = np.zeros(num_classes, dtype=np.int64)
 
     def update(self, pred: np.ndarray, target: np.ndarray) -> None:
-        """pred, target: int[H, W] for one image."""
-        scores = image_bf_scores(np.asarray(pred), np.asarray(target), self.num_classes, self.ignore_index,
-                                 self.tolerance)
+        """pred, target: int[H, W] for one image (checked as :func:`image_bf_scores` checks them)."""
+        scores = image_bf_scores(pred, target, self.num_classes, self.ignore_index, self.tolerance)
         if not scores:
             return
         self.image_scores.append(sum(scores.values()) / len(scores))
@@ -234,11 +261,11 @@ def rand_counts(pred: np.ndarray, target: np.ndarray, foreground: int = 1,
     - ``sum_a  = sum_i (sum_j n_ij + n_i0)^2`` (pairs joined in the ground truth)
     - ``sum_b  = sum_j (sum_i n_ij)^2 + sum_i n_i0`` (pairs joined in the prediction)
 
-    Returns ``(sum_ab, sum_a, sum_b)`` as floats; counts of several images add up."""
-    pred = np.asarray(pred)
-    target = np.asarray(target)
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {pred.shape} != target shape {target.shape}")
+    Returns ``(sum_ab, sum_a, sum_b)`` as floats; counts of several images add up. Floating or
+    boolean maps raise TypeError (as in :func:`confusion_matrix`), and a batch of maps ValueError
+    (one image at a time). Any integer labels are allowed: only ``foreground`` and
+    ``ignore_index`` are looked for (a prediction may mark boundaries with -1)."""
+    pred, target = _one_image(pred, target, "the Rand error")
     return segment_rand_counts(label_components(target == foreground),
                                label_components((pred == foreground) & (target != ignore_index)))
 
@@ -292,7 +319,8 @@ class RandMeter:
         self.counts = np.zeros(3)
 
     def update(self, pred: np.ndarray, target: np.ndarray) -> None:
-        self.counts += rand_counts(np.asarray(pred), np.asarray(target), self.foreground, self.ignore_index)
+        """pred, target: int[H, W] for one image (checked as :func:`rand_counts` checks them)."""
+        self.counts += rand_counts(pred, target, self.foreground, self.ignore_index)
 
     def compute(self) -> dict:
         return rand_scores(*self.counts)
@@ -384,9 +412,14 @@ class ChallengeMeter:
                 "pixel_best_threshold": pixel["threshold"]}
 
 
-def pixel_error(cm: torch.Tensor) -> float | None:
-    """ISBI 2012 pixel error from a confusion matrix: the share of (non-ignored) pixels whose
-    predicted class differs from the ground truth, i.e. the squared Euclidean distance between
-    the binary label images divided by the pixel count (= 1 - pixel accuracy)."""
+def pixel_error(cm: torch.Tensor | np.ndarray) -> float | None:
+    """ISBI 2012 pixel error from a confusion matrix (Tensor or numpy [C, C], e.g.
+    ``ConfusionMeter.cm``; not label maps): the share of (non-ignored) pixels whose predicted
+    class differs from the ground truth, i.e. the squared Euclidean distance between the binary
+    label images divided by the pixel count (= 1 - pixel accuracy)."""
+    cm = torch.as_tensor(np.asarray(cm) if not isinstance(cm, torch.Tensor) else cm)
+    if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"pixel_error takes a confusion matrix [C, C] (confusion_matrix(pred, target, C) or "
+                         f"ConfusionMeter.cm), got shape {tuple(cm.shape)}")
     total = cm.sum().item()
     return 1.0 - cm.diag().sum().item() / total if total else None

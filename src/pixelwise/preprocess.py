@@ -9,8 +9,11 @@ the same :func:`resize_image` / :func:`resize_labels` before its random crops.
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 import types
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 
 import cv2
@@ -27,6 +30,20 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as PIL's convert("L")
 
 def _luma(rgb: tuple[float, ...]) -> tuple[float]:
     return (sum(w * v for w, v in zip(LUMA, rgb)),)
+
+
+def _finite_numbers(values: object) -> bool:
+    """Whether ``values`` is a sequence of finite real numbers (no bools, no text)."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sized) or not isinstance(values, Iterable):
+        return False
+    return all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _whole(v: object) -> bool:
+    """Whether ``v`` is a whole number >= 1 (an int, or a float such as 8.0; never a bool)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    return math.isfinite(v) and float(v).is_integer() and float(v) >= 1
 
 
 @dataclass(frozen=True)
@@ -50,12 +67,22 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise UserError(f"input channels must be 1 or 3, got {self.channels}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not _finite_numbers(values):
+                raise UserError(f"input {name} must be finite numbers, one per channel, got {values!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise UserError(f"input mean and std need {self.channels} value(s) each, got {self.mean} and {self.std}")
         if not all(s > 0 for s in self.std):
             raise UserError(f"input std must be positive, got {self.std}")
-        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
-            raise UserError(f"input resize must be (height, width) in pixels, got {self.resize}")
+        if self.resize is not None:
+            size = self.resize
+            if not (isinstance(size, list | tuple) and len(size) == 2 and all(_whole(v) for v in size)):
+                hint = f" such as ({size}, {size})" if _whole(size) else ""
+                raise UserError(f"input resize must be (height, width): two whole numbers of pixels >= 1{hint}, "
+                                f"got {size!r}")
+            object.__setattr__(self, "resize", (int(size[0]), int(size[1])))
 
     @classmethod
     def for_channels(cls, channels: int, mean: tuple[float, ...] = IMAGENET_MEAN,
@@ -73,9 +100,9 @@ class InputSpec:
     def from_dict(cls, d: dict) -> InputSpec:
         try:
             resize = d.get("resize")
-            return cls(mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
-                       normalize=bool(d.get("normalize", True)),
-                       resize=(int(resize[0]), int(resize[1])) if resize else None,
+            resize = tuple(resize) if isinstance(resize, list | tuple) else resize
+            return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), normalize=bool(d.get("normalize", True)),
+                       resize=resize or None,
                        channels=int(d.get("channels", 3)))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise UserError(f"bad input contract {d!r} ({e})") from None
@@ -112,23 +139,78 @@ def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(probs, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def check_image(image: np.ndarray) -> None:
-    """A ValueError unless ``image`` is what every predictor takes: uint8[H, W, 3] with H, W >= 1."""
-    if (not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8
-            or 0 in image.shape):
+def _format_hints(image: np.ndarray, channels: int) -> list[str]:
+    """How to turn a numpy array of the wrong dtype or layout into uint8[H, W, 3] (or the gray
+    uint8[H, W] a one-channel contract also takes): the common cases."""
+    hints = []
+    shape = image.shape
+    if image.ndim == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
+        hints.append("img.transpose(1, 2, 0) (channels first)")
+        shape = (shape[1], shape[2], shape[0])
+    if len(shape) == 2 and channels == 3:
+        hints.append("np.repeat(img[..., None], 3, -1) (gray)")
+    elif len(shape) == 3 and shape[2] == 1 and channels == 3:
+        hints.append("np.repeat(img, 3, -1) (one channel)")
+    elif len(shape) == 3 and shape[2] == 4:
+        hints.append("img[..., :3] (RGBA)")
+    if image.dtype == np.bool_:
+        hints.append("img.astype(np.uint8) * 255 (boolean)")
+    elif image.dtype != np.uint8 and image.size and image.dtype.kind in "fiu":
+        low, high = float(np.nanmin(image)), float(np.nanmax(image))
+        if image.dtype.kind == "f" and low >= 0 and high <= 1:
+            hints.append("(img * 255).round().astype(np.uint8) (floats in [0, 1])")
+        elif low >= 0 and high <= 255:
+            hints.append("img.round().astype(np.uint8) (values in 0..255)" if image.dtype.kind == "f"
+                         else "img.astype(np.uint8) (values in 0..255)")
+        else:
+            hints.append(f"img scaled to 0..255, then .astype(np.uint8) (values {low:g}..{high:g})")
+    return hints
+
+
+def check_image(image: np.ndarray, channels: int = 3) -> None:
+    """A ValueError unless ``image`` is what every predictor takes: uint8[H, W, 3] with H, W >= 1;
+    with ``channels=1`` (a one-channel input contract) also a gray uint8[H, W] or uint8[H, W, 1].
+    The message says how to convert the common wrong formats."""
+    gray = channels == 1 and isinstance(image, np.ndarray) and (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1))
+    if (not isinstance(image, np.ndarray) or not (gray or (image.ndim == 3 and image.shape[2] == 3))
+            or image.dtype != np.uint8 or 0 in image.shape[:2]):
+        expected = "uint8[H, W, 3] (or gray uint8[H, W])" if channels == 1 else "uint8[H, W, 3]"
         if not isinstance(image, np.ndarray):
             kind = f"{type(image).__module__}.{type(image).__qualname__}"
             hint = (" (a PIL image: np.asarray(image.convert('RGB')))" if kind.startswith("PIL.")
                     else " (a tensor: image.permute(1, 2, 0).numpy() of a uint8 CHW tensor)"
                     if kind.startswith("torch.") else "")
-            raise ValueError(f"preprocess expects a numpy uint8[H, W, 3] array with H, W >= 1, got {kind}{hint}")
-        raise ValueError(f"preprocess expects uint8[H, W, 3] with H, W >= 1, got {image.dtype}{list(image.shape)}")
+            raise ValueError(f"preprocess expects a numpy {expected} array with H, W >= 1, got {kind}{hint}")
+        hints = _format_hints(image, channels) if image.ndim in (2, 3) else []
+        fix = f"; convert it with {', then '.join(hints)}" if hints else ""
+        raise ValueError(f"preprocess expects {expected} with H, W >= 1, got {image.dtype}{list(image.shape)}{fix}")
 
 
-def to_tensor(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
+def as_spec(spec: object) -> InputSpec:
+    """``spec`` as an :class:`InputSpec`: one as it is, or a checkpoint's input-contract dict
+    (``meta["input"]``, through :meth:`InputSpec.from_dict`); anything else is a TypeError."""
+    if isinstance(spec, InputSpec):
+        return spec
+    if isinstance(spec, dict):
+        return InputSpec.from_dict(spec)
+    raise TypeError(f"the input contract must be an InputSpec or a checkpoint's meta['input'] dict "
+                    f"(InputSpec.from_dict(meta['input']); a predictor's is predictor.input_spec), "
+                    f"got {type(spec).__name__} {spec!r:.60}")
+
+
+def to_tensor(image: np.ndarray, spec: InputSpec | dict = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
     """uint8[H, W, 3] RGB -> float32 Tensor[spec.channels, H, W] in [0, 1], normalised when
-    ``spec.normalize`` (no resizing; training augmentation has resized already)."""
-    check_image(image)
+    ``spec.normalize`` (no resizing; training augmentation has resized already). With a
+    one-channel contract a gray uint8[H, W] (or [H, W, 1]) image is taken as the RGB image whose
+    three channels it fills, so it gives exactly what ``np.repeat(img[..., None], 3, -1)`` gives.
+    ``spec``: an :class:`InputSpec` or a checkpoint's ``meta["input"]`` dict."""
+    spec = as_spec(spec)
+    check_image(image, spec.channels)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, -1)
     t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
     if spec.channels == 1:
         t = torch.tensordot(torch.tensor(LUMA), t, dims=1)[None]
@@ -139,10 +221,13 @@ def to_tensor(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:
     return t
 
 
-def preprocess(image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
+def preprocess(image: np.ndarray, spec: InputSpec | dict = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
     """The input contract applied: uint8[H, W, 3] RGB -> float32 Tensor[C, h, w], resized to
-    ``spec.resize`` (bilinear) if set, scaled to [0, 1], normalised unless the model does it."""
-    check_image(image)
+    ``spec.resize`` (bilinear) if set, scaled to [0, 1], normalised unless the model does it.
+    ``spec``: an :class:`InputSpec`, or the checkpoint's input-contract dict ``meta["input"]``;
+    with a one-channel contract a gray uint8[H, W] image is taken too (see :func:`to_tensor`)."""
+    spec = as_spec(spec)
+    check_image(image, spec.channels)
     if spec.resize is not None:
         image = resize_image(image, spec.resize)
     return to_tensor(image, spec)
@@ -153,7 +238,7 @@ class _CallableModule(types.ModuleType):
     module (as any use of the package does) binds the package's attribute ``preprocess`` to the
     module itself, which would hide the function ``pixelwise/__init__.py`` exports under that name."""
 
-    def __call__(self, image: np.ndarray, spec: InputSpec = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
+    def __call__(self, image: np.ndarray, spec: InputSpec | dict = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen
         return preprocess(image, spec)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,11 +51,14 @@ class EnsemblePredictor(SemanticPredictor):
             if member.class_names != first.class_names:
                 raise UserError(f"ensemble members must predict the same classes: {names[0]} has "
                                 f"{_names(first.class_names)}; {name} has {_names(member.class_names)}")
+        self.members = list(members)  # before the base class asks _model_classes
         super().__init__(nn.ModuleList(m.model for m in members), first.meta, first.device, first.input_spec,
                          tile=first.tile, overlap=first.overlap, tta=first.tta, batch_size=first.batch_size)
-        self.members = list(members)
         self.names = names
         self.mode = first.mode  # the members run themselves, each in the mode it was built with
+
+    def _model_classes(self) -> int | None:
+        return len(self.members[0].class_names)  # the members' (equal) classes; a ModuleList has no forward
 
     def needs_tiles(self, image: np.ndarray) -> bool:
         return any(m.needs_tiles(image) for m in self.members)
@@ -82,9 +86,17 @@ class EnsemblePredictor(SemanticPredictor):
                 top = ready
 
 
-def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device = "cpu", **options) -> Predictor:
-    """:meth:`Predictor.from_checkpoint` for one path; an :class:`EnsemblePredictor` of semantic
-    checkpoints for several (``options`` apply to every member)."""
+def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | None = "cpu",
+                     **options: Any) -> Predictor:
+    """:meth:`Predictor.from_checkpoint` for one path (a :class:`SemanticPredictor` or an
+    :class:`InstancePredictor`); an :class:`EnsemblePredictor` of semantic checkpoints for several
+    (``options`` apply to every member). Its ``predict`` is typed as :meth:`Predictor.predict`'s,
+    ``Prediction | dict[str, Tensor]``: narrow it with ``isinstance(pred, Prediction)``."""
+    if isinstance(paths, str | Path):
+        raise TypeError(f"from_checkpoints takes a list of checkpoint paths, got one {type(paths).__name__}: "
+                        f"[{str(paths)!r}] (or Predictor.from_checkpoint for one)")
+    if not paths:
+        raise ValueError("from_checkpoints needs at least one checkpoint path")
     if len(paths) == 1:
         return Predictor.from_checkpoint(paths[0], device, **options)
     mc_samples = options.pop("mc_samples", 0) or 0

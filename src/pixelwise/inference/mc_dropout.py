@@ -9,6 +9,8 @@ and everything else stay in eval mode) and reports an uncertainty.
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -28,19 +30,39 @@ def has_dropout(model: nn.Module) -> bool:
     return bool(dropout_layers(model))
 
 
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+# the process-wide random state that seeded sampling borrows (the dropout layers draw from it)
+_GLOBAL_RNG = threading.RLock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock of ``model`` (one per module object, kept beside it for as long as it lives, not
+    on it: the model still copies and pickles): :func:`dropout_sampling` holds it, so predictors
+    that share a model, in any thread, sample it one at a time."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def dropout_sampling(model: nn.Module) -> Iterator[None]:
     """Inside: the model in eval mode except its dropout layers, which sample. Every module's
-    mode is restored on exit, also on error."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    for m in dropout_layers(model):
-        m.train()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    mode is restored on exit, also on error. Holds :func:`model_lock` throughout, so that another
+    thread sampling the same model neither sees nor restores these modes half-way (a plain
+    forward of the model from another thread meanwhile would still see dropout on)."""
+    with model_lock(model):
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        for m in dropout_layers(model):
+            m.train()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
 
 def predictive_entropy(probs: Tensor, dim: int = 1) -> Tensor:
@@ -60,6 +82,12 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
     ``seed``: draw the dropout masks from this seed (the caller's random state is left as it was),
     so the same images give the same result run after run; None (default) draws from the global
     random state.
+    Thread safety: the model is sampled by one thread at a time (:func:`model_lock`), and seeded
+    sampling holds torch's global random state (which dropout layers draw from) for one call at a
+    time, restoring it afterwards; so calls from several threads give exactly the sequential
+    results and leave the caller's random state and the model's modes as they were. Random numbers
+    that another thread draws *during* a seeded call come from (and are undone with) the borrowed
+    state.
     Raises :class:`UserError` if the model has no dropout (its samples would all be equal).
     """
     if samples < 1:
@@ -71,7 +99,8 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
                         "use a model with dropout such as bayesian_segnet")
     total = sq_total = torch.zeros(())
     devices = [images.device] if images.device.type == "cuda" else []
-    with dropout_sampling(model), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+    with dropout_sampling(model), _GLOBAL_RNG if seed is not None else contextlib.nullcontext(), \
+            torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         for _ in range(samples):

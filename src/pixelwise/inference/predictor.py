@@ -15,24 +15,26 @@ import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint
+from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint, unwrap
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 from pixelwise.inference import cancel
 from pixelwise.inference.fast import instance_runner, make_runner
 from pixelwise.inference.int8 import calibration_batches
-from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, predictive_entropy
+from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, model_lock, predictive_entropy
 from pixelwise.inference.onnx_runner import OnnxModel, is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
-from pixelwise.preprocess import InputSpec, check_image, preprocess, resize_image, upsample_probs
+from pixelwise.models import forward_logits, model_info
+from pixelwise.models.maskrcnn import MaskRCNN
+from pixelwise.preprocess import InputSpec, as_spec, check_image, preprocess, resize_image, upsample_probs
 from pixelwise.runtime import check_device
 from pixelwise.runtime import progress as progress_bar
 
@@ -105,33 +107,86 @@ def collect(bands: Iterable[tuple[int, torch.Tensor]], shape: tuple[int, int], u
     return Prediction(mask=mask, probs=probs_all, uncertainty=entropy)
 
 
+def model_task(model: nn.Module, meta: dict) -> str:
+    """"semantic" or "instance": the metadata's ``task``, else its registered ``model``'s, else
+    read off the model (a Mask R-CNN is an instance model)."""
+    if meta.get("task") in ("semantic", "instance"):
+        return str(meta["task"])
+    if isinstance(meta.get("model"), str):
+        try:
+            return model_info(meta["model"]).task
+        except (KeyError, ValueError, UserError):
+            pass
+    return "instance" if isinstance(unwrap(model), MaskRCNN) else "semantic"
+
+
 class Predictor:
     """What both predictors share: the model in eval mode on ``device``, its metadata, the input
     contract (``input_spec``; default the checkpoint's), class names and palette.
 
-    >>> p = Predictor.from_checkpoint("runs/demo/best.safetensors")
+    >>> p = Predictor.from_checkpoint("runs/demo/best.safetensors")  # a SemanticPredictor here
     >>> pred = p.predict(image)          # image: uint8[H, W, 3]
-    >>> pred.mask.shape == image.shape[:2]
+    >>> isinstance(pred, Prediction) and pred.mask.shape == image.shape[:2]
+
+    :meth:`predict` is typed ``Prediction | dict[str, Tensor]`` (semantic or instance): a type
+    checker needs ``isinstance(pred, Prediction)``, or ``SemanticPredictor.from_checkpoint``,
+    whose ``predict`` returns a :class:`Prediction`.
     """
 
     task = ""
 
-    def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
-                 input_spec: InputSpec | None = None) -> None:
+    def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device | None = "cpu",
+                 input_spec: InputSpec | dict | None = None) -> None:
         self.meta = meta or {}
-        self.device = check_device(str(device))
-        self.model = model.to(self.device).eval()  # in place: the caller's module is left in eval mode
-        self.input_spec = input_spec or input_spec_from_meta(self.meta, model)
-        n = self.meta.get("num_classes", 0)
-        self.class_names: list[str] = list(self.meta.get("class_names") or [str(i) for i in range(n)])
+        if self.task:
+            task = model_task(model, self.meta)
+            if task != self.task:
+                right = "InstancePredictor" if task == "instance" else "SemanticPredictor"
+                article = "an" if task == "instance" else "a"
+                raise UserError(f"{self.meta.get('model') or type(unwrap(model)).__name__} is {article} {task} model; "
+                                f"use {right} (or Predictor.from_checkpoint, which picks it)")
+        self.device = check_device(str("cpu" if device is None else device))
+        with model_lock(model):  # not while another predictor of this model samples its dropout
+            self.model = model.to(self.device).eval()  # in place: the caller's module is left in eval mode
+        # an InputSpec, or a checkpoint's meta["input"] dict; anything else is a TypeError
+        self.input_spec = as_spec(input_spec) if input_spec is not None else input_spec_from_meta(self.meta, model)
+        names = self.meta.get("class_names")
+        if names:
+            self.class_names: list[str] = list(names)
+        elif "num_classes" in self.meta:
+            self.class_names = [str(i) for i in range(self.meta["num_classes"])]
+        else:  # no metadata: the model's own count, with generic names
+            self.class_names = [f"class_{i}" for i in range(self._model_classes() or 0)]
         self.palette = [tuple(c) for c in self.meta.get("palette") or default_palette(max(len(self.class_names), 1))]
 
+    def _model_classes(self) -> int | None:
+        """The number of classes the model predicts, for a predictor built without metadata that
+        says it (None where it cannot be found)."""
+        return None
+
+    def predict(self, image: np.ndarray, uncertainty: bool = False) -> Prediction | dict[str, torch.Tensor]:
+        """uint8[H, W, 3] -> a :class:`Prediction` (:class:`SemanticPredictor`) or the detections
+        (:class:`InstancePredictor`); implemented by each."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict; use SemanticPredictor or "
+                                  "InstancePredictor, or Predictor.from_checkpoint, which picks one")
+
     @classmethod
-    def from_checkpoint(cls: type[P], path: str | Path, device: str | torch.device = "cpu", *,
-                        resize: tuple[int, int] | None = None, native_size: bool = False, **options) -> P:
+    def from_checkpoint(cls: type[P], path: str | Path, device: str | torch.device | None = "cpu", *,
+                        resize: tuple[int, int] | None = None, native_size: bool = False, **options: Any) -> P:
         """The predictor for the checkpoint's task. ``resize`` = (h, w) overrides the size the
-        checkpoint was trained at; ``native_size`` predicts at each image's own size instead.
-        ``options`` go to the task's predictor; one that does not apply is a UserError."""
+        checkpoint was trained at; ``native_size`` predicts at each image's own size instead (not
+        both). ``options`` go to the task's predictor; one that does not apply is a UserError.
+        ``device`` None is the default, the CPU."""
+        device = "cpu" if device is None else device
+        own = sorted(k for k in ("model", "meta", "input_spec") if k in options)
+        if own:
+            raise UserError(f"Predictor.from_checkpoint takes no {', '.join(own)}: it uses the checkpoint's model, "
+                            "metadata and input contract (change its size with resize=(h, w) or native_size=True); "
+                            "for another contract, build SemanticPredictor(model, meta, input_spec=...) or "
+                            "InstancePredictor(...) from pixelwise.load_checkpoint(path)")
+        if native_size and resize is not None:
+            raise UserError(f"give resize={tuple(resize)!r} (predict at that size) or native_size=True (at each "
+                            "image's own size), not both")
         model, meta = load_onnx(path) if is_onnx(path) else load_checkpoint(path, device)
         task = meta.get("task", "semantic")
         kind: type[Predictor] = SemanticPredictor if task == "semantic" else InstancePredictor
@@ -152,7 +207,8 @@ class Predictor:
         return cast(P, kind(model, meta, device, input_spec=spec, **chosen))
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """uint8[H, W, 3] -> the model input Tensor[1, C, h, w] on the predictor's device."""
+        """uint8[H, W, 3] (gray uint8[H, W] too for a one-channel contract) -> the model input
+        Tensor[1, C, h, w] on the predictor's device."""
         return preprocess(image, self.input_spec).unsqueeze(0).to(self.device)
 
 
@@ -198,12 +254,25 @@ class SemanticPredictor(Predictor):
     (folded, cast or quantised), while ``self.model`` stays the live model: weights changed
     afterwards are not seen by its runner (Monte-Carlo dropout, which runs the live model in eager,
     does see them), so build the predictor again after changing the weights.
+
+    Built without ``meta`` (or one without ``num_classes`` and ``class_names``), the predictor
+    takes the class count from the model's output (one forward pass of a small blank input) and
+    names the classes ``class_0``, ``class_1``, ... with one palette colour each.
+
+    Threads: a predictor may be used from several threads at once, and every result equals the
+    one-thread result. With ``mc_samples``, the sampling of a model runs one call at a time (the
+    model's lock, :func:`pixelwise.inference.mc_dropout.model_lock`, shared by every predictor of
+    that model object), under torch's global random state seeded for it and restored afterwards,
+    so the caller's random state and the model's eval mode are as they were; threads then wait
+    for each other rather than run in parallel. (A predictor without ``mc_samples`` that shares
+    the model object with one that samples would see dropout on while the other samples: give
+    it its own copy of the model.)
     """
 
     task = "semantic"
 
-    def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
-                 input_spec: InputSpec | None = None, *, tile: int | None = None, overlap: float | None = None,
+    def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device | None = "cpu",
+                 input_spec: InputSpec | dict | None = None, *, tile: int | None = None, overlap: float | None = None,
                  tta: str | None = None, mc_samples: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
                  mode: str = "eager", calib_data: Sequence[np.ndarray] | None = None, calib_crop: int = 256,
                  measuring: bool = False) -> None:
@@ -238,8 +307,29 @@ class SemanticPredictor(Predictor):
         # int8: calib_data are training images (uint8[H, W, 3]); random crops of them, preprocessed
         # with this predictor's input contract, calibrate the activation ranges
         calibration = None if calib_data is None else calibration_batches(calib_data, self.input_spec, crop=calib_crop)
-        self.runner = make_runner(self.model, mode, self.meta.get("model", ""), self.device, mc_samples=mc_samples,
-                                  calibration=calibration, measuring=measuring)
+        try:
+            self.runner = make_runner(self.model, mode, self.meta.get("model", ""), self.device,
+                                      mc_samples=mc_samples, calibration=calibration, measuring=measuring)
+        except UserError as e:
+            if calibration is None and "needs calibration images" in str(e):  # the runner speaks of CLI flags only
+                raise UserError("mode='int8' (--mode int8) needs calibration images: pass calib_data= (a list of "
+                                "training images, uint8[H, W, 3]), or on the command line --calib-dataset KIND "
+                                "--calib-data PATH") from None
+            raise
+
+    def _model_classes(self) -> int | None:
+        """The model's class count: the channels of its logits for a small blank input (its size a
+        multiple of the model's alignment, with its context around: every model predicts it)."""
+        context, alignment = model_geometry(self.model)
+        size = 2 * context + max(32, alignment)
+        size = -(-size // alignment) * alignment
+        x = torch.zeros(1, self.input_spec.channels, size, size, device=self.device)
+        try:
+            with torch.no_grad():
+                logits = forward_logits(self.model, x)
+        except (RuntimeError, ValueError, TypeError, AttributeError):  # a model this does not fit: no names
+            return None
+        return int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.dim() == 4 else None
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_samples:
@@ -286,7 +376,7 @@ class SemanticPredictor(Predictor):
     def _bands(self, image: np.ndarray, progress: bool | None = False) -> Bands:
         """The class probabilities of ``image`` at its size, in row bands top to bottom: tiled and
         streamed when :meth:`needs_tiles`, else in one band."""
-        check_image(image)
+        check_image(image, self.input_spec.channels)
         if not self.needs_tiles(image):
             yield 0, self._whole_probs([image])[0]
             return
@@ -319,41 +409,49 @@ class SemanticPredictor(Predictor):
         """uint8[H, W, 3] -> :class:`Prediction` at the input's size; with ``uncertainty``, the
         predictive entropy of the (Monte-Carlo, TTA and tile averaged) probabilities.
         ``probs=False`` keeps no probabilities (``Prediction.probs`` is None): a tiled image then
-        never holds its C x H x W floats. ``progress``: a bar over tiles (None: on a terminal)."""
-        check_image(image)
+        never holds its C x H x W floats. ``progress``: a bar over tiles (None: on a terminal).
+        A one-channel contract takes a gray uint8[H, W] image too."""
+        check_image(image, self.input_spec.channels)
         return collect(self._bands(image, progress), image.shape[:2], uncertainty, probs)
 
     @torch.no_grad()
-    def _batch_bands(self, images: Sequence[np.ndarray], progress: bool | None = False
-                     ) -> list[Iterable[tuple[int, torch.Tensor]]]:
-        """The probability bands of each image: images that need no tiles are predicted now, stacked
-        by equal model-input size; tiled ones lazily, when their bands are read."""
+    def _batch_bands(self, images: Iterable[np.ndarray], progress: bool | None = False
+                     ) -> tuple[list[np.ndarray], list[Iterable[tuple[int, torch.Tensor]]]]:
+        """The images (any iterable, read once into a list) and the probability bands of each:
+        images that need no tiles are predicted now, stacked by equal model-input size; tiled ones
+        lazily, when their bands are read."""
         if isinstance(images, np.ndarray):  # one image: its rows would pass for images
             raise ValueError(f"predict_batch and predict_rows expect a sequence of uint8[H, W, 3] images, got one "
                              f"array {images.dtype}{list(images.shape)}; use predict() for one image, or a list")
+        if isinstance(images, str | bytes | dict) or not isinstance(images, Iterable):
+            raise TypeError(f"predict_batch and predict_rows expect images: a list (or any iterable) of uint8[H, W, 3] "
+                            f"arrays, got {type(images).__name__}; use predict() for one image")
+        images = list(images)
         for image in images:
-            check_image(image)
+            check_image(image, self.input_spec.channels)
         whole = [i for i, image in enumerate(images) if not self.needs_tiles(image)]
         out = dict(zip(whole, self._whole_probs([images[i] for i in whole])))
-        return [[(0, out.pop(i))] if i in out else self._bands(image, progress) for i, image in enumerate(images)]
+        return images, [[(0, out.pop(i))] if i in out else self._bands(image, progress)
+                        for i, image in enumerate(images)]
 
     @torch.no_grad()
-    def predict_batch(self, images: Sequence[np.ndarray], uncertainty: bool = False, *, probs: bool = True,
+    def predict_batch(self, images: Iterable[np.ndarray], uncertainty: bool = False, *, probs: bool = True,
                       progress: bool | None = False) -> list[Prediction]:
-        """:meth:`predict` of each image; images that need no tiles run stacked by equal
-        model-input size (``batch_size`` at a time), for throughput: equal to :meth:`predict` up
-        to float32 rounding (a near-tie pixel can flip). ``pixelwise predict`` runs images one
-        at a time, so that its masks are the ones ``eval`` scores."""
-        return [collect(bands, image.shape[:2], uncertainty, probs)
-                for image, bands in zip(images, self._batch_bands(images, progress))]
+        """:meth:`predict` of each image (a list, or any iterable such as a generator: it is read
+        once); images that need no tiles run stacked by equal model-input size (``batch_size`` at
+        a time), for throughput: equal to :meth:`predict` up to float32 rounding (a near-tie pixel
+        can flip). ``pixelwise predict`` runs images one at a time, so that its masks are the ones
+        ``eval`` scores."""
+        images, bands = self._batch_bands(images, progress)
+        return [collect(b, image.shape[:2], uncertainty, probs) for image, b in zip(images, bands)]
 
-    def predict_rows(self, images: Sequence[np.ndarray], uncertainty: bool = False, *,
+    def predict_rows(self, images: Iterable[np.ndarray], uncertainty: bool = False, *,
                      progress: bool | None = False) -> list[MaskRows]:
-        """For each image, its mask (and with ``uncertainty`` its entropy) in row bands top to
-        bottom, for writers that stream: a tiled image's rows come as its tiles finish, and no
-        full-size mask or probabilities are ever held. Batched as :meth:`predict_batch`; the
-        iterators run the model as they are read."""
-        return [mask_rows(bands, uncertainty) for bands in self._batch_bands(images, progress)]
+        """For each image (a list, or any iterable: read once), its mask (and with
+        ``uncertainty`` its entropy) in row bands top to bottom, for writers that stream: a tiled
+        image's rows come as its tiles finish, and no full-size mask or probabilities are ever
+        held. Batched as :meth:`predict_batch`; the iterators run the model as they are read."""
+        return [mask_rows(bands, uncertainty) for bands in self._batch_bands(images, progress)[1]]
 
 
 
@@ -362,8 +460,8 @@ class InstancePredictor(Predictor):
 
     task = "instance"
 
-    def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device = "cpu",
-                 input_spec: InputSpec | None = None, *, score_thresh: float = 0.5, mode: str = "eager") -> None:
+    def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device | None = "cpu",
+                 input_spec: InputSpec | dict | None = None, *, score_thresh: float = 0.5, mode: str = "eager") -> None:
         super().__init__(model, meta, device, input_spec)
         _check_types(score_thresh=score_thresh)
         if not 0 <= score_thresh <= 1:
@@ -373,10 +471,14 @@ class InstancePredictor(Predictor):
         self.runner = instance_runner(self.model, mode, self.meta.get("model", ""))
 
     @torch.no_grad()
-    def predict(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+    def predict(self, image: np.ndarray, uncertainty: bool = False) -> dict[str, torch.Tensor]:
         """uint8[H, W, 3] -> ``{"boxes" Float[D, 4], "labels" Int64[D], "scores" Float[D],
         "masks" Bool[D, H, W]}`` on the CPU at the image's size, by decreasing score (masks
-        thresholded at 0.5, as in COCO evaluation)."""
+        thresholded at 0.5, as in COCO evaluation). ``uncertainty`` (a semantic model's entropy
+        map) does not apply: True is a UserError."""
+        if uncertainty:
+            raise UserError("uncertainty (--uncertainty) is the entropy of a semantic model's class probabilities; "
+                            f"it does not apply to instance models like {self.meta.get('model', 'Mask R-CNN')}")
         check_image(image)
         x = self.preprocess(image)
         det = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()

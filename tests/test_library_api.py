@@ -1,0 +1,318 @@
+"""pixelwise used as a Python library (notebooks, scripts, threads): what probe 6 found. Each test
+fails without its fix; numbers are checked against an independent reference (the sequential run,
+a hand count, numpy)."""
+import re
+import typing
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import pixelwise
+from conftest import ROOT
+from pixelwise import InputSpec, SemanticPredictor
+from pixelwise.data import build_dataset, collate
+from pixelwise.data.palette import colorize
+from pixelwise.errors import UserError
+from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
+from pixelwise.inference.mc_dropout import dropout_layers
+from pixelwise.inference.predictor import InstancePredictor, Prediction, Predictor
+from pixelwise.metrics import BFMeter, RandMeter, confusion_matrix, image_bf_scores, pixel_error, rand_counts
+
+
+def unet(classes: int = 3, seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return pixelwise.create_model("unet", num_classes=classes, base_channels=4, **kwargs)
+
+
+def checkpoint(tmp_path: Path, name: str = "u", classes: int = 3, **meta) -> Path:
+    path = tmp_path / f"{name}.safetensors"
+    pixelwise.save_checkpoint(path, unet(classes), {"model": "unet", "num_classes": classes,
+                                                    "model_kwargs": {"base_channels": 4}, **meta})
+    return path
+
+
+def images(n: int, size: tuple[int, int] = (40, 40), seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+# --- 1: Monte-Carlo dropout from several threads -------------------------------------------------
+
+def test_mc_dropout_predictor_in_threads_equals_sequential_and_leaves_rng_and_modes(tmp_path):
+    p = Predictor.from_checkpoint(checkpoint(tmp_path), mc_samples=3)
+    assert isinstance(p, SemanticPredictor) and dropout_layers(p.model)
+    imgs = images(12)
+    seq = [p.predict(im, uncertainty=True) for im in imgs]
+    torch.manual_seed(123)
+    before = torch.get_rng_state().clone()
+    for _ in range(2):
+        with ThreadPoolExecutor(4) as pool:
+            par = list(pool.map(lambda im: p.predict(im, uncertainty=True), imgs))
+        for a, b in zip(seq, par):
+            assert a.probs is not None and b.probs is not None
+            assert torch.equal(a.probs, b.probs) and np.array_equal(a.mask, b.mask)
+            assert np.array_equal(a.uncertainty, b.uncertainty)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is untouched
+    assert not any(m.training for m in p.model.modules())  # dropout is off again: eval forwards are plain
+    x = p.preprocess(imgs[0])
+    assert torch.equal(p.model(x), p.model(x))
+
+
+def test_two_predictors_sharing_a_model_sample_it_one_at_a_time():
+    from pixelwise.inference.mc_dropout import model_lock
+
+    model = unet()
+    a = SemanticPredictor(model, {"model": "unet", "num_classes": 3}, mc_samples=2)
+    b = SemanticPredictor(model, {"model": "unet", "num_classes": 3}, mc_samples=2, tta="flip")
+    assert model_lock(model) is model_lock(a.model) is model_lock(b.model)
+    imgs = images(8, (32, 32))
+    jobs = [(p, im) for im in imgs for p in (a, b)]
+    seq = [p.predict(im).probs for p, im in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        par = list(pool.map(lambda job: job[0].predict(job[1]).probs, jobs))
+    assert all(torch.equal(s, q) for s, q in zip(seq, par))
+    assert not any(m.training for m in model.modules())
+
+
+# --- 2: predict_batch / predict_rows take any iterable -------------------------------------------
+
+def test_predict_batch_and_rows_take_generators_and_other_iterables(tmp_path):
+    path = checkpoint(tmp_path)
+    p = SemanticPredictor.from_checkpoint(path)
+    imgs = [np.zeros((9, 11, 3), np.uint8), np.full((5, 7, 3), 200, np.uint8)]
+    want = [p.predict(im).mask for im in imgs]
+    for given in ((im for im in imgs), map(lambda x: x, imgs), iter(imgs), tuple(imgs),
+                  {"a": imgs[0], "b": imgs[1]}.values()):
+        got = p.predict_batch(given)
+        assert len(got) == 2 and all(np.array_equal(g.mask, w) for g, w in zip(got, want))
+    rows = p.predict_rows(im for im in imgs)
+    assert len(rows) == 2
+    for bands, w in zip(rows, want):
+        assert np.array_equal(np.concatenate([mask for _, mask, _ in bands]), w)
+    tiled = SemanticPredictor.from_checkpoint(path, tile=16)
+    big = images(1, (40, 40))[0]
+    got = tiled.predict_batch(iter([big]))
+    assert len(got) == 1 and np.array_equal(got[0].mask, tiled.predict(big).mask)
+    for bad in (3, None):
+        with pytest.raises(TypeError, match=r"a list \(or any iterable\) of uint8\[H, W, 3\] arrays"):
+            p.predict_batch(bad)  # type: ignore[arg-type]
+
+
+# --- 3: the input contract refuses what it cannot apply ------------------------------------------
+
+@pytest.mark.parametrize("fields, words", [
+    ({"mean": (float("nan"),) * 3}, "input mean must be finite numbers"),
+    ({"std": (0.2, 0.2, float("inf"))}, "input std must be finite numbers"),
+    ({"resize": (8.7, 8)}, "two whole numbers of pixels >= 1, got (8.7, 8)"),
+    ({"resize": (True, 8)}, "two whole numbers of pixels >= 1, got (True, 8)"),
+    ({"resize": 8}, r"such as (8, 8), got 8"),
+    ({"resize": (0, 8)}, "two whole numbers of pixels >= 1"),
+])
+def test_input_spec_refuses_non_finite_statistics_and_fractional_sizes(tmp_path, fields, words):
+    with pytest.raises(UserError, match=re.escape(words)):
+        InputSpec(**fields)
+    contract = {**InputSpec().to_dict(), **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+    with pytest.raises(UserError, match=re.escape(words)):
+        InputSpec.from_dict(contract)
+    with pytest.raises(ValueError, match="input is not an input contract"):
+        checkpoint(tmp_path, input=contract)
+
+
+def test_input_spec_keeps_whole_float_sizes_as_ints():
+    spec = InputSpec(resize=(8.0, np.int64(9)), mean=[0.5, 0.5, 0.5])  # type: ignore[arg-type]
+    assert spec.resize == (8, 9) and all(type(v) is int for v in spec.resize)
+    assert spec.mean == (0.5, 0.5, 0.5)
+    assert InputSpec.from_dict(spec.to_dict()) == spec
+
+
+# --- 4 and 11: metrics take labels, one image at a time where they are per image ----------------
+
+def square(n: int = 40) -> np.ndarray:
+    t = np.zeros((n, n), np.int64)
+    t[10:30, 10:30] = 1
+    return t
+
+
+def test_bf_and_rand_refuse_soft_maps_as_the_confusion_matrix_does():
+    t = square()
+    soft = t * 0.6
+    for call in (lambda: BFMeter(2).update(soft, t), lambda: image_bf_scores(soft, t, 2),
+                 lambda: RandMeter().update(soft, t), lambda: rand_counts(soft, t),
+                 lambda: confusion_matrix(soft, t, 2), lambda: BFMeter(2).update(t > 0, t)):
+        with pytest.raises(TypeError, match="prediction must hold integer class labels"):
+            call()
+    with pytest.raises(TypeError, match="target must hold integer class labels"):
+        image_bf_scores(t, t.astype(np.float32), 2)
+    # the exact map still scores perfectly, against the hand values
+    b = BFMeter(2)
+    b.update(t, t)
+    assert b.compute() == {"bf_score": 1.0, "per_class_bf": [1.0, 1.0]}
+    r = RandMeter()
+    r.update(t, t)
+    assert r.compute()["rand_error"] == 0.0
+
+
+def test_bf_refuses_predictions_out_of_range_as_the_confusion_matrix_does():
+    pred, target = np.full((4, 4), 7), np.zeros((4, 4), np.int64)
+    for call in (lambda: image_bf_scores(pred, target, 2), lambda: BFMeter(2).update(pred, target),
+                 lambda: confusion_matrix(pred, target, 2)):
+        with pytest.raises(ValueError, match=r"prediction has labels outside 0\.\.1"):
+            call()
+    pred[:] = 255  # under ignored ground truth a prediction is not looked at, in both
+    target[:] = 255
+    assert image_bf_scores(pred, target, 2) == {}
+    assert confusion_matrix(pred, target, 2).sum() == 0
+
+
+def test_bf_and_rand_take_one_image_at_a_time():
+    batch = np.stack([square(), square()])
+    for call in (lambda: BFMeter(2).update(batch, batch), lambda: RandMeter().update(batch, batch)):
+        with pytest.raises(ValueError, match=r"one image at a time: pred and target int\[H, W\].*once per image"):
+            call()
+    cm = confusion_matrix(batch, batch, 2)  # the confusion matrix takes any shape
+    assert cm.tolist() == [[2 * (1600 - 400), 0], [0, 2 * 400]]
+    b = BFMeter(2)
+    b.update(torch.from_numpy(square()), torch.from_numpy(square()))  # torch maps of one image
+    assert b.compute()["bf_score"] == 1.0
+
+
+def test_pixel_error_takes_a_numpy_matrix_and_confusion_matrix_nested_lists():
+    m = np.array([[3, 1], [0, 4]])
+    assert pixel_error(m) == pytest.approx(1 / 8)
+    assert pixel_error(torch.from_numpy(m)) == pytest.approx(1 / 8)
+    with pytest.raises(ValueError, match=r"confusion matrix \[C, C\]"):
+        pixel_error(np.zeros((2, 3, 3), np.int64))
+    pred, target = [[0, 1, 1], [2, 2, 0]], [[0, 1, 2], [2, 2, 255]]
+    want = np.zeros((3, 3), np.int64)
+    for p, t in zip(np.ravel(pred), np.ravel(target)):
+        if t != 255:
+            want[t, p] += 1
+    assert confusion_matrix(pred, target, 3).numpy().tolist() == want.tolist()
+
+
+# --- 5: a predictor built on a bare model knows its classes --------------------------------------
+
+def test_semantic_predictor_without_metadata_takes_the_class_count_from_the_model():
+    p = SemanticPredictor(unet(5))
+    assert p.class_names == [f"class_{i}" for i in range(5)]
+    assert len(p.palette) == 5 and len(set(p.palette)) == 5
+    r = p.predict(images(1, (48, 48))[0])
+    assert r.probs is not None and r.probs.shape[0] == len(p.class_names)
+    colours = colorize(np.arange(5, dtype=np.uint8).reshape(1, 5), p.palette)[0]
+    assert len({tuple(c) for c in colours}) == 5
+    valid = SemanticPredictor(unet(4, padding="valid"))  # a model that needs context: a large enough input
+    assert len(valid.class_names) == 4
+    assert SemanticPredictor(unet(3), {"num_classes": 3}).class_names == ["0", "1", "2"]  # as before
+    ensemble = EnsemblePredictor([p, SemanticPredictor(unet(5, seed=1))])
+    assert ensemble.class_names == p.class_names and len(ensemble.palette) == 5
+
+
+# --- 6: Predictor.predict is typed for both tasks ------------------------------------------------
+
+def test_predictor_base_class_has_a_typed_predict():
+    hints = typing.get_type_hints(Predictor.predict)
+    assert hints["return"] == Prediction | dict[str, torch.Tensor]
+    assert typing.get_type_hints(from_checkpoints)["return"] is Predictor
+    with pytest.raises(NotImplementedError, match="use SemanticPredictor or InstancePredictor"):
+        Predictor(unet()).predict(images(1)[0])
+    # the README's Python API block calls predict(image, uncertainty=True) on Predictor.from_checkpoint
+    readme = (ROOT / "README.md").read_text()
+    assert "predictor = pixelwise.Predictor.from_checkpoint(" in readme and "uncertainty=True)" in readme
+
+
+# --- 7: a predictor refuses a model of the other task when it is built ---------------------------
+
+def test_predictors_refuse_a_model_of_the_other_task():
+    torch.manual_seed(0)
+    mask_rcnn = pixelwise.create_model("maskrcnn_resnet18_fpn", num_classes=3)
+    with pytest.raises(UserError, match="maskrcnn_resnet18_fpn is an instance model; use InstancePredictor"):
+        SemanticPredictor(mask_rcnn, {"model": "maskrcnn_resnet18_fpn", "num_classes": 3})
+    with pytest.raises(UserError, match="MaskRCNN is an instance model; use InstancePredictor"):
+        SemanticPredictor(mask_rcnn)
+    with pytest.raises(UserError, match="unet is a semantic model; use SemanticPredictor"):
+        InstancePredictor(unet(), {"model": "unet", "num_classes": 3})
+    with pytest.raises(UserError, match="UNet is a semantic model; use SemanticPredictor"):
+        InstancePredictor(unet())
+    detector = InstancePredictor(mask_rcnn)  # the base class's predict(image, uncertainty) signature
+    with pytest.raises(UserError, match=r"uncertainty \(--uncertainty\) .* does not apply to instance models"):
+        detector.predict(images(1, (32, 32))[0], uncertainty=True)
+
+
+# --- 8: the documented DataLoader recipe ---------------------------------------------------------
+
+def test_docs_data_shows_the_collate_a_dataloader_needs():
+    from torch.utils.data import DataLoader
+
+    doc = (ROOT / "docs" / "data.md").read_text()
+    assert "collate_fn=collate" in doc and "from pixelwise.data import build_dataset, collate" in doc
+    ds = build_dataset("shapes", None, "val", num_train=4, num_val=4)
+    batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate)))
+    assert batch["image"].shape == (2, 3, *ds[0]["mask"].shape) and len(batch["target"]) == 2
+    assert torch.equal(batch["mask"][1], ds[1]["mask"])
+
+
+# --- 9: preprocess takes the checkpoint's contract dict ------------------------------------------
+
+def test_preprocess_takes_the_checkpoints_input_dict(tmp_path):
+    _, meta = pixelwise.load_checkpoint(checkpoint(tmp_path, input=InputSpec(resize=(8, 6)).to_dict()))
+    img = images(1, (13, 17))[0]
+    got = pixelwise.preprocess(img, meta["input"])
+    assert got.shape == (3, 8, 6)
+    assert torch.equal(got, pixelwise.preprocess(img, InputSpec.from_dict(meta["input"])))
+    for bad in (None, (8, 8), "imagenet"):
+        with pytest.raises(TypeError, match=re.escape("InputSpec.from_dict(meta['input'])")):
+            pixelwise.preprocess(img, bad)  # type: ignore[arg-type]
+
+
+# --- 10: messages that say the fix, in Python's words --------------------------------------------
+
+@pytest.mark.parametrize("image, fix", [
+    (np.random.default_rng(0).random((7, 9, 3)).astype(np.float32), "(img * 255).round().astype(np.uint8)"),
+    (np.zeros((3, 7, 9), np.uint8), "img.transpose(1, 2, 0)"),
+    (np.zeros((7, 9), np.uint8), "np.repeat(img[..., None], 3, -1)"),
+    (np.zeros((7, 9, 1), np.uint8), "np.repeat(img, 3, -1)"),
+    (np.zeros((7, 9, 4), np.uint8), "img[..., :3]"),
+    (np.full((7, 9, 3), 100, np.int64), "img.astype(np.uint8)"),
+])
+def test_wrong_image_formats_are_told_how_to_convert(image, fix):
+    p = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})
+    with pytest.raises(ValueError, match=r"preprocess expects uint8\[H, W, 3\].*" + re.escape(fix)):
+        p.predict(image)
+
+
+def test_a_one_channel_model_takes_a_gray_image():
+    p = SemanticPredictor(unet(in_channels=1), {"model": "unet", "num_classes": 3})
+    assert p.input_spec.channels == 1
+    gray = np.random.default_rng(2).integers(0, 256, (21, 19), dtype=np.uint8)
+    rgb = np.repeat(gray[..., None], 3, -1)
+    want = p.predict(rgb)
+    for image in (gray, gray[..., None]):
+        got = p.predict(image)
+        assert got.probs is not None and want.probs is not None
+        assert torch.equal(got.probs, want.probs) and np.array_equal(got.mask, want.mask)
+    assert np.array_equal(p.predict_batch([gray, rgb])[0].mask, want.mask)
+    with pytest.raises(ValueError, match=re.escape("np.repeat(img[..., None], 3, -1)")):
+        SemanticPredictor(unet(), {"model": "unet", "num_classes": 3}).predict(gray)  # RGB model: refused
+
+
+def test_from_checkpoint_messages_speak_python(tmp_path):
+    path = checkpoint(tmp_path)
+    with pytest.raises(UserError, match="from_checkpoint takes no input_spec.*resize=.*native_size=True") as e:
+        Predictor.from_checkpoint(path, input_spec=InputSpec(resize=(8, 8)))
+    assert "--input-spec" not in str(e.value) and "like unet" not in str(e.value)
+    with pytest.raises(UserError, match=r"give resize=\(8, 8\).*or native_size=True.*not both"):
+        Predictor.from_checkpoint(path, resize=(8, 8), native_size=True)
+    with pytest.raises(UserError, match=r"calib_data=.*--calib-data PATH"):
+        Predictor.from_checkpoint(path, mode="int8")
+    _, meta = pixelwise.load_checkpoint(path)
+    spec = {**meta["input"], "resize": [8, 8]}  # a contract dict is taken as the input_spec too
+    assert SemanticPredictor(unet(), meta, input_spec=spec).input_spec == InputSpec.from_dict(spec)
+    with pytest.raises(TypeError, match=re.escape("InputSpec.from_dict(meta['input'])")):
+        SemanticPredictor(unet(), meta, input_spec=(8, 8))  # type: ignore[arg-type]
+    p = Predictor.from_checkpoint(path, device=None)
+    assert p.device == torch.device("cpu")
+    assert SemanticPredictor(unet(), device=None).device == torch.device("cpu")
