@@ -323,3 +323,51 @@ def test_a_closed_or_full_stdout_stops_nothing(tmp_path, redirect):
     assert (out / "last.safetensors").is_file()
     err = done.stderr.decode()
     assert ("standard output cannot be written (No space left on device)" in err) == (redirect == ">/dev/full")
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C in the first ~0.3 s (the import of pixelwise.cli) was a Python traceback."""
+    import builtins
+    import sys
+
+    from pixelwise import launch
+
+    real = builtins.__import__
+
+    def interrupted(name, *args, **kwargs):
+        if name == "pixelwise.cli":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "pixelwise.cli", raising=False)
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert launch.main() == 130
+    assert capsys.readouterr().err == "pixelwise: interrupted\n"
+
+
+def test_the_servers_log_is_coloured_only_on_a_terminal_that_wants_it(monkeypatch):
+    """uvicorn looked at stdout and wrote to stderr: colour codes in `2>serve.log`; NO_COLOR ignored."""
+    pytest.importorskip("fastapi")
+    import sys
+
+    from pixelwise.serve.app import log_colours
+
+    class Tty:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setattr(sys, "stderr", Tty(True))
+    assert log_colours()
+    monkeypatch.setattr(sys, "stderr", Tty(False))
+    assert not log_colours()
+    monkeypatch.setattr(sys, "stderr", Tty(True))
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not log_colours()
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setenv("TERM", "dumb")
+    assert not log_colours()

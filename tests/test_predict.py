@@ -589,3 +589,29 @@ def test_a_folder_of_subfolders_gets_the_pattern_that_reaches_them(checkpoint, t
     assert "holds none directly but its subfolders do" in err and f"'{tmp_path / 'val' / '*' / '*'}'" in err
     assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "val" / "*" / "*"), "--out",
                  str(tmp_path / "o"), "--no-progress"]) == 0
+
+
+def test_predicts_bar_is_closed_before_an_error_is_said(checkpoint, tmp_path, monkeypatch):
+    """On Ctrl-C or an error the bar was closed by the garbage collector after the CLI printed its line,
+    so it was drawn again under the message."""
+    from pixelwise.inference import writers
+
+    closed = []
+    real = writers.progress_bar
+
+    def recording(*args, **kwargs):
+        bar = real(*args, **kwargs)
+        close = bar.close
+        bar.close = lambda: (closed.append(args[1]), close())[1]
+        return bar
+
+    monkeypatch.setattr(writers, "progress_bar", recording)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(inputs / f"r{i}.png")
+    plan = check_predict([str(inputs)], tmp_path / "out", progress=False)
+    (inputs / "r1.png").unlink()
+    with pytest.raises(UserError, match="r1.png: file not found"):
+        writers.predict_files(Predictor.from_checkpoint(checkpoint), plan, progress=False)
+    assert "predict" in closed

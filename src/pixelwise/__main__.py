@@ -1,3 +1,3 @@
-from pixelwise.cli import main
+from pixelwise.launch import main
 
 raise SystemExit(main())

@@ -1285,7 +1285,8 @@ def _train_stages(run: Run, state: TrainState, info: dist.DistInfo, device: torc
     run.log(f"precision: {run.amp} ({run.amp_why})")
     n_params = sum(p.numel() for p in run.module.parameters())
     run.log(f"training {run.cfg.model} ({n_params / 1e6:.2f}M parameters) on {run.cfg.dataset}: "
-            f"{len(run.train_ds)} train / {len(run.val_ds)} val images, {run.cfg.epochs} epochs, device {device}"
+            f"{len(run.train_ds)} train / {len(run.val_ds)} val images, {run.cfg.epochs} "
+            f"epoch{'s' if run.cfg.epochs != 1 else ''}, device {device}"
             + (f", {info.world_size} processes" if info.enabled else ""))
     note = getattr(run.module, "pretrained_note", None)  # e.g. what a staged FCN took from the coarser net
     if note and not run.cfg.resume:

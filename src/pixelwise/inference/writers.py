@@ -33,7 +33,7 @@ import os
 import re
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -466,23 +466,25 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staged(out_dir)
     written = []
-    bar = progress_bar(plan.paths, "predict", show=progress)
-    if isinstance(predictor, SemanticPredictor) and watershed is not None:
-        for stem, image in plan_images(plan):
-            written.append(write_cells(out_dir, stem, image, predictor, watershed, uncertainty))
-            bar.update()
-    elif isinstance(predictor, SemanticPredictor):
-        for stem, image in plan_images(plan):  # one image at a time: the masks eval scores, bit for bit
-            rows = predictor.predict_rows([image], uncertainty=uncertainty, progress=progress)[0]
-            written.append(write_semantic(out_dir, stem, image, rows, predictor.palette, predictor.class_names,
-                                          uncertainty))
-            bar.update()
-    else:
-        assert isinstance(predictor, InstancePredictor)
-        for stem, image in plan_images(plan):
-            det = predictor.predict(image)
-            written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette,
-                                           predictor.meta.get("category_ids")))
-            bar.update()
-    bar.close()
+    # closed also on Ctrl-C or an error, before the one line that says so (a bar closed later by the
+    # garbage collector was drawn again under it)
+    with progress_bar(plan.paths, "predict", show=progress) as bar:
+        if isinstance(predictor, SemanticPredictor) and watershed is not None:
+            for stem, image in plan_images(plan):
+                written.append(write_cells(out_dir, stem, image, predictor, watershed, uncertainty))
+                bar.update()
+        elif isinstance(predictor, SemanticPredictor):
+            for stem, image in plan_images(plan):  # one image at a time: the masks eval scores, bit for bit
+                rows = predictor.predict_rows([image], uncertainty=uncertainty, progress=progress)[0]
+                with closing(rows):  # its tile bar, if any, closes with it
+                    written.append(write_semantic(out_dir, stem, image, rows, predictor.palette,
+                                                  predictor.class_names, uncertainty))
+                bar.update()
+        else:
+            assert isinstance(predictor, InstancePredictor)
+            for stem, image in plan_images(plan):
+                det = predictor.predict(image)
+                written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette,
+                                               predictor.meta.get("category_ids")))
+                bar.update()
     return written

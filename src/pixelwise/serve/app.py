@@ -23,6 +23,7 @@ import html
 import inspect
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -262,6 +263,13 @@ def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str
     if wanted.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UploadError(422, "uncertainty applies to semantic models only")
     return options, wanted
+
+
+def log_colours() -> bool:
+    """Colour in the server's log only where it goes to a terminal (uvicorn would look at stdout and
+    write to stderr: codes in a redirected log) and the user has not asked for none (NO_COLOR,
+    TERM=dumb)."""
+    return sys.stderr.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
 def ignore_colour(predictor: Predictor) -> tuple[int, ...]:
@@ -736,7 +744,7 @@ def run(predictor: Predictor, config: ServeConfig, host: str = "127.0.0.1", port
         # on Ctrl-C or SIGTERM, predictions still running after GRACE_SECONDS are stopped at their next
         # model batch and answered 503
         server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, server_header=False,
-                                        timeout_graceful_shutdown=GRACE_SECONDS), banner)
+                                        timeout_graceful_shutdown=GRACE_SECONDS, use_colors=log_colours()), banner)
         server.run()
         status = exit_status(server.stopped_by)
         if status:
