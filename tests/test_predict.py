@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -615,3 +616,33 @@ def test_predicts_bar_is_closed_before_an_error_is_said(checkpoint, tmp_path, mo
     with pytest.raises(UserError, match="r1.png: file not found"):
         writers.predict_files(Predictor.from_checkpoint(checkpoint), plan, progress=False)
     assert "predict" in closed
+
+
+def test_outputs_written_by_another_process_since_the_check_are_not_replaced(checkpoint, tmp_path):
+    """Two predicts started at once into one --out both passed the check and each replaced the
+    other's files without --overwrite; a name taken since the check is now left as it is."""
+    from pixelwise.checkpoint import atomic_write
+    from pixelwise.inference.writers import predict_files
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(inputs / "a.png")
+    predictor = Predictor.from_checkpoint(checkpoint)
+    plan = check_predict([str(inputs)], tmp_path / "out", progress=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.png").write_bytes(b"the other run's")
+    with pytest.raises(UserError, match="a.png appeared while this command ran .* pass --overwrite"):
+        predict_files(predictor, plan, progress=False)
+    assert (tmp_path / "out" / "a.png").read_bytes() == b"the other run's"
+    assert not list((tmp_path / "out").glob(".pixelwise-*"))
+    plan = check_predict([str(inputs)], tmp_path / "out2", progress=False, overwrite=True)
+    (tmp_path / "out2").mkdir()
+    (tmp_path / "out2" / "a.png").write_bytes(b"old")
+    predict_files(predictor, plan, progress=False)  # --overwrite: replaced
+    assert Image.open(tmp_path / "out2" / "a.png").size == (16, 16)
+
+    target = tmp_path / "report.json"
+    atomic_write(target, lambda tmp: Path(tmp).write_text("1"), replace=False)
+    with pytest.raises(UserError, match="report.json appeared while this command ran"):
+        atomic_write(target, lambda tmp: Path(tmp).write_text("2"), replace=False)
+    assert target.read_text() == "1" and [p.name for p in tmp_path.glob(".report.json*")] == []

@@ -44,11 +44,13 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write) -> None:
+def atomic_write(path: str | Path, write, replace: bool = True) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path``, fsync, give it the permissions a
     plain ``open()`` would (0666 minus the umask), then rename it over ``path``. The folders of
     ``path`` that do not exist are made first; when the write fails, those it made (only those,
-    and only while empty) are removed again, so a refused write leaves no new folder behind."""
+    and only while empty) are removed again, so a refused write leaves no new folder behind.
+    ``replace=False``: a ``path`` that exists by then (another process wrote it since the caller
+    checked) is left as it is, a UserError (:func:`place`)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the name of a file to write")
@@ -66,7 +68,7 @@ def atomic_write(path: str | Path, write) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        place(tmp, path, replace)
         done = True
     except OSError as e:
         if e.filename is None and e.errno is not None:  # a write to an open file (a full disk) names none
@@ -77,6 +79,28 @@ def atomic_write(path: str | Path, write) -> None:
             os.unlink(tmp)
         if not done:
             _remove_empty(made)
+
+
+def place(tmp: str | Path, path: str | Path, replace: bool = True) -> None:
+    """Rename the finished ``tmp`` to ``path``; without ``replace`` only if ``path`` does not exist
+    at that moment (a hard link, which fails on an existing name, then the temporary name removed),
+    else a UserError: two commands started at once into one folder would otherwise each replace
+    the other's files, though each checked there were none."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UserError(f"{path} appeared while this command ran (another pixelwise writing there?) and was left as "
+                        "it is; give another path, or pass --overwrite") from None
+    except OSError:  # a file system without hard links: the check and the rename, as close as they can be
+        if os.path.lexists(path):
+            raise UserError(f"{path} appeared while this command ran and was left as it is; give another path, or "
+                            "pass --overwrite") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -33,13 +33,15 @@ import os
 import re
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pixelwise.checkpoint import place
 from pixelwise.coco_eval import encode_mask
 from pixelwise.data.io import IMAGE_SUFFIXES, PngRowWriter, format_names, read_frames, read_image, write_mask
 from pixelwise.data.palette import clear_class, default_palette, overlay
@@ -165,6 +167,7 @@ class PredictPlan:
     out: Path
     skipped: list[str] = field(default_factory=list)
     skip_invalid: bool = False
+    overwrite: bool = False  # files at the outputs' names may be replaced
 
 
 def _reason(err: UserError) -> str:
@@ -222,7 +225,12 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
         more = f" and {len(taken) - 1} more of this prediction's output names" if len(taken) > 1 else ""
         raise UserError(f"--out {out_dir} already holds {taken[0].name}{more} (an earlier prediction, or a file of "
                         "yours); pass --overwrite to replace them, or give another --out")
-    return PredictPlan([p for p, _, _ in items], [k for _, k, _ in items], stems, out_dir, skipped, skip_invalid)
+    return PredictPlan([p for p, _, _ in items], [k for _, k, _ in items], stems, out_dir, skipped, skip_invalid,
+                       overwrite)
+
+
+# whether staged() may replace files already at its names: predict_files sets it from --overwrite
+_REPLACE: ContextVar[bool] = ContextVar("pixelwise_replace_outputs", default=True)
 
 
 @contextmanager
@@ -231,13 +239,15 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
     knows the format). When the block ends without an error they are renamed to their names, which
     replaces an earlier file (or a link: never the file it points to) only by a complete one; on an
     error, Ctrl-C or SIGTERM they are removed. So a name holds the old file or the whole new one,
-    never a truncated PNG."""
+    never a truncated PNG. Inside :func:`predict_files` without ``overwrite`` a name that another
+    process wrote since the check is left as it is (:func:`pixelwise.checkpoint.place`)."""
+    replace = _REPLACE.get()
     tag = uuid.uuid4().hex[:12]  # a short name, whatever the length of the output's own
     paths = {name: out_dir / f".pixelwise-{os.getpid()}-{tag}-{k}{Path(name).suffix}" for k, name in enumerate(names)}
     try:
         yield paths
         for name, path in paths.items():
-            os.replace(path, out_dir / name)
+            place(path, out_dir / name, replace)
     except OSError as e:
         if e.filename is None and e.errno is not None:  # a write to an open file (a full disk) names none
             raise OSError(e.errno, e.strerror, str(out_dir / names[0])) from e
@@ -465,6 +475,16 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staged(out_dir)
+    replacing = _REPLACE.set(plan.overwrite)  # a file another process wrote since the check is not replaced
+    try:
+        return _write_predictions(predictor, plan, uncertainty, progress, watershed)
+    finally:
+        _REPLACE.reset(replacing)
+
+
+def _write_predictions(predictor: Predictor, plan: PredictPlan, uncertainty: bool, progress: bool | None,
+                       watershed: float | None) -> list[Path]:
+    out_dir = plan.out
     written = []
     # closed also on Ctrl-C or an error, before the one line that says so (a bar closed later by the
     # garbage collector was drawn again under it)
@@ -476,9 +496,11 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
         elif isinstance(predictor, SemanticPredictor):
             for stem, image in plan_images(plan):  # one image at a time: the masks eval scores, bit for bit
                 rows = predictor.predict_rows([image], uncertainty=uncertainty, progress=progress)[0]
-                with closing(rows):  # its tile bar, if any, closes with it
+                try:
                     written.append(write_semantic(out_dir, stem, image, rows, predictor.palette,
                                                   predictor.class_names, uncertainty))
+                finally:  # its tile bar, if any, closes with the generator, before an error is said
+                    getattr(rows, "close", lambda: None)()
                 bar.update()
         else:
             assert isinstance(predictor, InstancePredictor)
