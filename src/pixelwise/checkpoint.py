@@ -112,16 +112,16 @@ def _remove_empty(folders: list[Path]) -> None:
             break
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, replace: bool = True) -> None:
     """``text`` at ``path``, atomically (see :func:`atomic_write`): run files, metrics, ``--json``."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text), replace)
 
 
-def atomic_write_json(path: str | Path, value: object) -> None:
+def atomic_write_json(path: str | Path, value: object, replace: bool = True) -> None:
     """``value`` as indented JSON at ``path``, atomically, with every NaN or infinity as null: JSON
     has no such numbers, and strict readers refuse Python's ``NaN`` (COCO leaves the APs of absent
-    object sizes undefined)."""
-    atomic_write_text(path, json.dumps(_json_safe(value), indent=2))
+    object sizes undefined). ``replace``: as :func:`atomic_write`."""
+    atomic_write_text(path, json.dumps(_json_safe(value), indent=2), replace)
 
 
 def _json_safe(value: object) -> object:

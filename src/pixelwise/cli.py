@@ -222,7 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
                    if v is not None))
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, result, args.overwrite)
         print(f"wrote {args.json}")
     return 0
 
@@ -288,7 +288,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not isinstance(model, MaskRCNN):
             raise UserError(f"no ONNX export for the {task} model {meta.get('model')}")
         min_agreement = MIN_AGREEMENT if args.min_agreement is None else args.min_agreement
-        written = export_maskrcnn_parts(model, out, meta, opset=args.opset, min_agreement=min_agreement)
+        written = export_maskrcnn_parts(model, out, meta, opset=args.opset, min_agreement=min_agreement,
+                                        replace=args.overwrite)
         for report in written:
             print(report.summary())
         print("not exported (runs in PyTorch): anchors, proposal decoding + NMS, RoI Align, detection "
@@ -306,7 +307,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if min_agreement is None:
         min_agreement = INT8_MIN_AGREEMENT if args.int8 else MIN_AGREEMENT
     report = export_onnx(model, out, meta, model_name=meta.get("model", ""), opset=args.opset, fp16=args.fp16,
-                         calibration=calibration, min_agreement=min_agreement)
+                         calibration=calibration, min_agreement=min_agreement, replace=args.overwrite)
     print(report.summary())
     return 0
 
@@ -392,7 +393,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     report = inspect_dataset(ds, progress=args.progress)
     print(format_report(report))
     if args.json:
-        write_json(args.json, report)
+        write_json(args.json, report, args.overwrite)
         print(f"wrote {args.json}")
     return 1 if report["problems"] and args.strict else 0
 
@@ -429,12 +430,13 @@ def check_output_file(path: str | None, flag: str, inputs: list[str | None], ove
         raise UserError(f"{flag} {path} exists; pass --overwrite to replace it, or give another file name")
 
 
-def write_json(path: str, value: object) -> None:
-    """``value`` as JSON at ``path`` (folders created), atomically, NaN and infinity as null."""
+def write_json(path: str, value: object, overwrite: bool = False) -> None:
+    """``value`` as JSON at ``path`` (folders created), atomically, NaN and infinity as null; a file
+    another process wrote at ``path`` since the check is replaced only with ``overwrite``."""
     # start-up time: only the verbs that write --json load the checkpoint layer (and torch)
     from pixelwise.checkpoint import atomic_write_json
 
-    atomic_write_json(path, value)
+    atomic_write_json(path, value, replace=overwrite)
 
 
 def check_device(name: str) -> str:
@@ -554,7 +556,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "every metric is null; its labels may be withheld (Cityscapes' test split): score a split with labels",
               file=sys.stderr)
     if args.json:
-        write_json(args.json, metrics)
+        write_json(args.json, metrics, args.overwrite)
         print(f"wrote {args.json}")
     return 0
 

@@ -329,7 +329,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
                 opset: int = DEFAULT_OPSET, fp16: bool = False,
                 calibration: Iterable[torch.Tensor] | None = None,
                 sizes: Sequence[tuple[int, int, int]] | None = None,
-                min_agreement: float = MIN_AGREEMENT) -> ExportReport:
+                min_agreement: float = MIN_AGREEMENT, replace: bool = True) -> ExportReport:
     """Export a semantic ``model`` to ONNX at ``out`` and verify it (module docstring).
 
     meta: the checkpoint's metadata (input contract, classes, palette, model name), stored in the
@@ -337,7 +337,9 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
     (:func:`quantize_int8`); its verification threshold is the caller's ``min_agreement``.
     sizes: ``(batch, H, W)`` of the verification runs (default :func:`verification_sizes`).
     Raises UserError (and writes nothing) if onnxruntime's argmax agrees with PyTorch's on less
-    than ``min_agreement`` of the pixels at any size.
+    than ``min_agreement`` of the pixels at any size. ``replace=False``: a file at ``out`` by the
+    time the export is done (another process wrote it since the caller's check) is left as it is, a
+    UserError.
     """
     if meta and meta.get("task", "semantic") != "semantic":
         raise UserError(f"{meta.get('model')} is an instance model: use export_maskrcnn_parts")
@@ -379,7 +381,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise UserError(f"--out {out}: an ONNX file name ends with .onnx")
-    atomic_write(out, write)
+    atomic_write(out, write, replace=replace)
     report.seconds = time.perf_counter() - start
     report.bytes = out.stat().st_size
     return report
@@ -514,7 +516,7 @@ def check_maskrcnn_outputs(out: str | os.PathLike, overwrite: bool = False, inpu
 def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | None = None, *,
                           opset: int = DEFAULT_OPSET, min_agreement: float = MIN_AGREEMENT,
                           sizes: Sequence[tuple[int, int, int]] = ((1, 320, 416), (2, 256, 352)),
-                          rois: Sequence[int] = (7, 13)) -> list[ExportReport]:
+                          rois: Sequence[int] = (7, 13), replace: bool = True) -> list[ExportReport]:
     """Export what of a Mask R-CNN ONNX can express without custom operators, as two files:
     ``out`` (:class:`MaskRCNNBackboneRPN`: dynamic batch, H, W) and ``<out stem>_heads.onnx``
     (:class:`MaskRCNNHeads`: a dynamic number of RoIs; :func:`maskrcnn_part_paths`). Each is
@@ -574,9 +576,9 @@ def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | 
         _write_metadata(tmp, stored)
         report.seconds = time.perf_counter() - start
         if k + 1 < len(parts):
-            atomic_write(paths[k + 1], lambda tmp_next: write(k + 1, tmp_next))
+            atomic_write(paths[k + 1], lambda tmp_next: write(k + 1, tmp_next), replace=replace)
 
-    atomic_write(paths[0], lambda tmp: write(0, tmp))
+    atomic_write(paths[0], lambda tmp: write(0, tmp), replace=replace)
     for path, report in zip(paths, reports):
         report.bytes = path.stat().st_size
     return reports
