@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _check_stage_transforms(cfg: train_config.TrainConfig, source: Path) -> None:
     """Build each stage's training transform (as the trainer will) so that a bad crop or augment
     value of a stage is named by its stage and file; the trainer's own check names neither."""
-    from pixelwise.engine.trainer import train_transform
+    from pixelwise.engine.trainer import train_transform  # start-up time: torch only where a stage is checked
 
     for i, (name, stage_cfg) in enumerate(cfg.stage_configs() if cfg.stages else []):
         stage = cfg.stages[i]

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import difflib
 import functools
 import json
 import math
+import os
+import re
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +53,18 @@ MAX_SEED = 2**32 - 1
 # what one command does with OUT, not a setting of the run: left out of its config.yaml (else a resume
 # read back "overwrite: true" and was refused, and a run's config.yaml given as --config said "resume")
 COMMAND_ONLY = ("resume", "overwrite")
+# keys that hold a path: ``~`` is expanded in them, wherever they come from (a YAML file, a flag, Python)
+PATH_KEYS = ("data", "out", "pretrained", "class_weights")
+
+
+class _Cleared:
+    """What :func:`flag_value` returns for ``--max-minutes none``: the flag clears the recipe's value."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+CLEARED: Any = _Cleared()
 
 
 def opt(default: Any, help: str, *, choices: Sequence[str] | None = None, stage: bool = False,
@@ -172,22 +187,8 @@ class TrainConfig:
         the first bad value."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, check_value(f.name, getattr(self, f.name)))
-        if not all(isinstance(m, int | float) and not isinstance(m, bool) and m >= 0 for m in self.milestones):
-            raise UserError(f"milestones must be a list of epochs (numbers >= 0), got {self.milestones!r}")
         parse_size(self.crop, "crop")
-        for i, stage in enumerate(self.stages):
-            where = f"stage {i + 1}"
-            if not isinstance(stage, dict):
-                raise UserError(f"{where} must be a mapping, got {stage!r}")
-            bad = sorted(set(stage) - set(STAGE_KEYS), key=str)
-            if bad:
-                raise UserError(f"{where}: key {bad[0]!r} cannot change per stage{did_you_mean(bad[0], STAGE_KEYS)}; "
-                                f"stage keys: {', '.join(STAGE_KEYS)}")
-            if "epochs" not in stage:
-                raise UserError(f"{where} needs a positive integer 'epochs'")
-            for key, value in stage.items():
-                if key != "name":
-                    stage[key] = check_value(key, value, f"{where} {key}")
+        check_stages(self.stages)
         if self.stages:
             self.epochs = sum(s["epochs"] for s in self.stages)
 
@@ -195,14 +196,59 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def stage_configs(self) -> list[tuple[str, TrainConfig]]:
-        """[(name, config of that stage)]; a run without ``stages`` is one stage."""
+        """[(name, config of that stage)]; a run without ``stages`` is one stage. A stage's keys
+        replace the run's, except ``augment``, which merges key by key into the run's (as
+        ``--augment`` merges into a recipe's); a stage's own ``augment.crop`` wins over the run's
+        ``crop`` (which otherwise sets the crop of every stage)."""
         if not self.stages:
             return [("train", self)]
         out = []
         for i, stage in enumerate(self.stages):
             over = {k: copy.deepcopy(v) for k, v in stage.items() if k != "name"}
-            out.append((str(stage.get("name", f"stage{i + 1}")), dataclasses.replace(self, stages=[], **over)))
+            if "augment" in over:
+                over["augment"] = {**copy.deepcopy(self.augment), **over["augment"]}
+                if "crop" in stage["augment"] and "crop" not in stage:
+                    over["crop"] = None
+            out.append((stage_name(stage, i), dataclasses.replace(self, stages=[], **over)))
         return out
+
+
+def stage_name(stage: Mapping[str, Any], index: int) -> str:
+    """The name of stage ``index`` (0-based): its ``name``, else ``stage<index + 1>``."""
+    return str(stage.get("name", f"stage{index + 1}"))
+
+
+def check_stages(stages: list, source: str | Path | None = None) -> None:
+    """Check the ``stages`` list in place (values checked and converted by :func:`check_value`,
+    a stage's ``crop``, its ``name``: text, unique); errors name the stage (and ``source``, the
+    file, when given)."""
+    prefix = f"{source}: " if source else ""
+    if not isinstance(stages, list):
+        raise UserError(f"{prefix}stages must be a list, got {stages!r}")
+    names: dict[str, int] = {}
+    for i, stage in enumerate(stages):
+        where = f"{prefix}stage {i + 1}"
+        if not isinstance(stage, dict):
+            raise UserError(f"{where} must be a mapping, got {stage!r}")
+        if "name" in stage:
+            if not isinstance(stage["name"], str) or not stage["name"].strip():
+                raise UserError(f"{where}: name must be text, got {stage['name']!r}; quote it, e.g. name: \"first\"")
+            where = f"{where} ({stage['name']})"
+        bad = sorted(set(stage) - set(STAGE_KEYS), key=str)
+        if bad:
+            raise UserError(f"{where}: key {bad[0]!r} cannot change per stage{did_you_mean(bad[0], STAGE_KEYS)}; "
+                            f"stage keys: {', '.join(STAGE_KEYS)}")
+        if "epochs" not in stage:
+            raise UserError(f"{where} needs a positive integer 'epochs'")
+        for key, value in stage.items():
+            if key != "name":
+                stage[key] = check_value(key, value, f"{where} {key}")
+        parse_size(stage.get("crop"), f"{where} crop")
+        name = stage_name(stage, i)
+        if name in names:
+            raise UserError(f"{where}: the name {name!r} is also stage {names[name] + 1}'s; give each stage its own "
+                            "name")
+        names[name] = i
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -230,9 +276,11 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
     f = config_fields()[name]
     where = where or name
     kind, meta = field_kind(name), f.metadata
-    hint = _type_hints()[name]
+    optional = type(None) in typing.get_args(_type_hints()[name])
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", ""):
+        value = None  # the word --help shows for "not set"
     if value is None:
-        if type(None) in typing.get_args(hint):
+        if optional:
             return None
         raise UserError(f"{where} needs a value")
     bounds = _bounds_text(meta)
@@ -240,7 +288,8 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
         if not isinstance(value, bool):
             raise UserError(f"{where} must be true or false, got {value!r}")
     elif kind in (int, float):
-        what = ("an integer" if kind is int else "a number") + (f" {bounds}" if bounds else "")
+        what = (("an integer" if kind is int else "a number") + (f" {bounds}" if bounds else "")
+                + (" or none" if optional else ""))
         number = value
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as text
             try:
@@ -261,10 +310,20 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
             raise UserError(f"{where} must be {what}, got {value!r}")
         value = number
     elif kind is str:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            value = str(value)  # e.g. crop: 256 in YAML
+        if name == "crop" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # crop: 256 in YAML: 256x256
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off, no, on, yes as false / true
+            example = "off" if value is False and "off" in (meta["choices"] or ()) else "..."
+            raise UserError(f"{where} must be text, got {str(value).lower()} (YAML reads an unquoted off, no, on or "
+                            f"yes as false or true); quote it, e.g. {name}: \"{example}\"")
+        if isinstance(value, int | float | datetime.date):  # YAML reads 1.10 as 1.1, 2026-12-06 as a date
+            what = "a date" if isinstance(value, datetime.date) else "a number"
+            raise UserError(f"{where} must be text, got {value} (YAML reads it as {what}); quote it, e.g. "
+                            f"{name}: \"{value}\"")
         if not isinstance(value, str):
             raise UserError(f"{where} must be text, got {value!r}")
+        if name in PATH_KEYS:
+            value = os.path.expanduser(value)
     elif kind is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping, e.g. {{\"key\": 1}}, got {value!r}")
@@ -274,6 +333,9 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
                             "null or number as a value); quote it or use the option's name")
     elif kind is list and not isinstance(value, list):
         raise UserError(f"{where} must be a list, got {value!r}")
+    if name == "milestones" and not all(isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m)
+                                        and m >= 0 for m in value):
+        raise UserError(f"{where} must be a list of epochs (numbers >= 0), got {value!r}")
     choices = meta["choices"]
     if choices and value not in choices:
         raise UserError(f"{where} {value!r} is not one of: {', '.join(choices)}{did_you_mean(value, choices)}")
@@ -302,6 +364,9 @@ def flag_value(name: str, text: str) -> Any:
     """The text of flag ``--name`` -> the field's value: numbers, a JSON object for mappings,
     comma-separated numbers for ``milestones``. A bad value is a UserError naming the flag."""
     flag, kind = f"--{name.replace('_', '-')}", field_kind(name)
+    optional = type(None) in typing.get_args(_type_hints()[name])
+    if optional and text.strip().lower() in ("none", ""):
+        return CLEARED  # --max-minutes none: no time budget, whatever the recipe says
     if kind is dict:
         return parse_json_dict(text, flag)
     try:
@@ -313,18 +378,22 @@ def flag_value(name: str, text: str) -> Any:
             return float(text)
     except ValueError:
         what = {list: "comma-separated numbers like 30,60", int: "an integer", float: "a number"}[kind]
-        raise UserError(f"{flag} must be {what}, got {text!r}") from None
+        raise UserError(f"{flag} must be {what}{' or none' if optional else ''}, got {text!r}") from None
     return text
 
 
 def flag_values(args: Mapping[str, Any]) -> dict[str, Any]:
-    """The train flags given (``None``: not given), converted and checked: field -> value."""
+    """The train flags given (``None``: not given), converted and checked: field -> value
+    (:data:`CLEARED` for ``none`` given to an optional value: it clears the recipe's)."""
     values = {}
     for name in config_fields():
         value = args.get(name)
         if isinstance(value, str):
             value = flag_value(name, value)
-        values[name] = None if value is None else check_value(name, value, f"--{name.replace('_', '-')}")
+        flag = f"--{name.replace('_', '-')}"
+        values[name] = value if value is None or value is CLEARED else check_value(name, value, flag)
+        if name == "crop" and isinstance(values[name], str):
+            parse_size(values[name], flag)
     return values
 
 
@@ -340,14 +409,24 @@ def bundled_recipes() -> list[Path]:
 def find_recipe(name_or_path: str | Path) -> Path:
     """A recipe file: an existing path, or the name of a bundled recipe (``unet_camvid_cpu``,
     with or without ``.yaml``)."""
+    text = str(name_or_path)
     path = Path(name_or_path).expanduser()
+    local = [p for p in (path.with_name(path.name + ".yaml"), path.with_name(path.name + ".yml"))
+             if path.suffix not in (".yaml", ".yml") and p.is_file()]
+    bundled = RECIPES_DIR / f"{path.name.removesuffix('.yaml').removesuffix('.yml')}.yaml"
+    bare = path.parent == Path(".") and "/" not in text and os.sep not in text
     if path.is_file():
         return path
-    bundled = RECIPES_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
-    if path.parent == Path(".") and bundled.is_file():
+    if bare and bundled.is_file():
+        if local:  # ./NAME.yaml beside the user (a copy of the recipe to edit?) and the bundled NAME
+            raise UserError(f"config {text!r} is both the bundled recipe {bundled.stem} and the file {local[0]}; give "
+                            f"--config ./{local[0]} for the file, or --config {bundled} for the bundled recipe")
         return bundled
+    if local:
+        raise UserError(f"config {text!r} is not a bundled recipe; for the file {local[0]}, give --config "
+                        f"{local[0]}")
     names = ", ".join(p.stem for p in bundled_recipes())
-    raise UserError(f"config {str(name_or_path)!r} is neither a file nor a bundled recipe; bundled: {names}")
+    raise UserError(f"config {text!r} is neither a file nor a bundled recipe; bundled: {names}")
 
 
 def recipe_summary(path: Path) -> dict:
@@ -358,31 +437,102 @@ def recipe_summary(path: Path) -> dict:
             "description": first.lstrip("#").strip()}
 
 
-def load_yaml_config(path: str | Path) -> dict:
-    """Read a YAML recipe: a mapping whose keys are TrainConfig fields (unknown keys are errors)."""
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader for config files, with three changes: a key given twice in one mapping
+    is an error (PyYAML keeps the last silently; keys merged in with ``<<:`` may be overridden);
+    a number with an exponent but no dot (``1e-3``, which YAML 1.1 reads as text) is a number, as
+    in JSON and YAML 1.2; and only decimal digits are an integer (``010``, ``0x1F``, ``1_000``
+    and ``1:30`` stay text, where YAML 1.1 reads 8, 31, 1000 and 90)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own construct_mapping refuses it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (also on line {first + 1}); keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != INT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver(INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(FLOAT_TAG, re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789."))
+
+
+def yaml_error_text(path: str | Path, error: yaml.YAMLError) -> str:
+    """PyYAML's error -> one line ``FILE line L column C: <problem> (<context>)``."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None)
+    if not problem:
+        return f"{path} is not valid YAML: {str(error).splitlines()[0]}"
+    context = getattr(error, "context", None)
+    if "'\\t'" in problem:
+        problem, context = "a tab cannot start a token (indent with spaces)", None
+    elif "tab" in problem:
+        problem += " (indent with spaces)"
+    where = f"{path} line {mark.line + 1} column {mark.column + 1}" if mark else f"{path}"
+    return f"{where}: {problem}" + (f" ({context})" if context else "")
+
+
+def load_yaml_config(path: str | Path, run_record: bool = False) -> dict:
+    """Read a YAML recipe: a mapping whose keys are TrainConfig fields (unknown keys are errors).
+    ``overwrite``/``resume`` are choices of the command, refused as keys (a false value, as older
+    runs recorded, is dropped); ``run_record``: the file is a run's own config.yaml (read by a
+    resume), whose recorded ones are dropped whatever their value."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=ConfigLoader) or {}  # noqa: S506
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(yaml_error_text(path, e)) from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of config keys")
     for key in data:
         if not isinstance(key, str):  # YAML 1.1 reads on/off/yes/no as booleans, 1 as a number, null as None
             raise UserError(f"{path}: config key {key!r} is not a name (YAML reads an unquoted on, off, yes, no, "
                             "null or number as a value); the keys are the train flags' names, e.g. epochs, lr")
+    folded: dict[str, str] = {}
+    for key in data:
+        other = folded.setdefault(key.replace("-", "_"), key)
+        if other != key:
+            raise UserError(f"{path}: key {key.replace('-', '_')!r} is given twice ({other} and {key}); keep one")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(config_fields()))
     if unknown:
         hint = did_you_mean(unknown[0], config_fields()) or f"; valid keys: {', '.join(config_fields())}"
         raise UserError(f"{path}: unknown config key {unknown[0]!r}{hint}")
+    for key in COMMAND_ONLY:
+        if key in data and data[key] is not False and not run_record:
+            raise UserError(f"{path}: {key} is a choice of the command, not a setting of the run: remove it, and "
+                            f"pass --{key} when you mean it")
+        data.pop(key, None)
     for key, value in data.items():
-        if key != "stages":  # checked with the whole config, where each stage is named
+        if key != "stages":
             data[key] = check_value(key, value, f"{path}: {key}")
+    parse_size(data.get("crop"), f"{path}: crop")
+    if "stages" in data:
+        data["stages"] = check_value("stages", data["stages"], f"{path}: stages")
+        check_stages(data["stages"], path)
+        total = sum(s["epochs"] for s in data["stages"])
+        if data["stages"] and data.get("epochs", total) != total:
+            parts = " + ".join(str(s["epochs"]) for s in data["stages"])
+            raise UserError(f"{path}: epochs {data['epochs']}: the run's length is its stages' epochs ({parts} = "
+                            f"{total}); remove epochs, or change a stage's epochs")
     return data
 
 
@@ -404,31 +554,82 @@ def parse_json_dict(text: str | None, flag: str) -> dict:
     return value
 
 
-def build_config(file_values: dict, cli_values: dict, recipe: str | None = None) -> TrainConfig:
-    """Defaults < YAML file < command line (only flags actually given). The dict-valued keys
-    (``model_kwargs dataset_kwargs augment``) merge key by key, except that a ``--model`` other
-    than the file's drops the file's ``model_kwargs`` (they are options of the other model).
-    Without ``out`` the run writes to :func:`default_out` (``runs/<recipe>``, or ``runs/<model>``)."""
-    model = cli_values.get("model")
-    if model is not None and "model" in file_values and model != file_values["model"]:
-        file_values = {k: v for k, v in file_values.items() if k != "model_kwargs"}
+def build_config(file_values: dict, cli_values: dict, recipe: str | None = None,
+                 source: str | Path | None = None) -> TrainConfig:
+    """Defaults < YAML file < command line (only flags actually given; :data:`CLEARED`, from
+    ``--max-minutes none``, clears the file's value). The dict-valued keys (``model_kwargs
+    dataset_kwargs augment``) merge key by key, except that a ``--model`` other than the file's
+    (or the default model, where the file names none) drops the file's ``model_kwargs`` (they
+    are options of the other model), and a ``--dataset`` other than the file's its
+    ``dataset_kwargs``. A flag for a key that a stage of the file sets itself is refused (the
+    stage's value would win; :func:`check_flags_against_stages`). Without ``out`` the run writes
+    to :func:`default_out` (``runs/<recipe>``, or ``runs/<model>``). ``source``: the file, for
+    the messages."""
+    for key, kwargs in (("model", "model_kwargs"), ("dataset", "dataset_kwargs")):
+        given = cli_values.get(key)
+        if given is not None and kwargs in file_values and given != file_values.get(key, getattr(TrainConfig, key)):
+            file_values = {k: v for k, v in file_values.items() if k != kwargs}
+    check_flags_against_stages(file_values.get("stages") or [], cli_values, source)
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+    merged = {k: None if v is CLEARED else v for k, v in merged.items()}
     for key in ("model_kwargs", "dataset_kwargs", "augment"):
         if isinstance(file_values.get(key), dict) and cli_values.get(key) is not None:
             merged[key] = {**file_values[key], **cli_values[key]}
+    if "crop" in (cli_values.get("augment") or {}) and cli_values.get("crop") is None:
+        merged.pop("crop", None)  # --augment '{"crop": ...}' beats the file's crop (which sets augment's crop)
     if merged.get("out") is None:
         merged["out"] = default_out(merged.get("model", TrainConfig.model), recipe)
     unknown = sorted(set(merged) - set(config_fields()))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}{did_you_mean(unknown[0], config_fields())}")
     cfg = TrainConfig(**merged)
-    asked = cli_values.get("epochs")
+    asked = None if cli_values.get("epochs") is CLEARED else cli_values.get("epochs")
     if cfg.stages and asked is not None and asked != cfg.epochs:  # the stages' epochs are the run's length
         parts = " + ".join(str(s["epochs"]) for s in cfg.stages)
         raise UserError(f"--epochs {asked}: this run has stages, and its length is their epochs ({parts} = "
                         f"{cfg.epochs}); change a stage's epochs in the recipe (stages: [{{epochs: N, ...}}, ...]) "
                         "instead")
     return cfg
+
+
+def _shown(value: Any) -> str:
+    """A value as YAML writes it: true, null, 0.01, [16, 16]."""
+    return json.dumps(value) if isinstance(value, bool | None | list | dict) else str(value)
+
+
+def check_flags_against_stages(stages: Sequence[Mapping[str, Any]], cli_values: Mapping[str, Any],
+                               source: str | Path | None = None) -> None:
+    """A flag for a stage key (``--lr``) that a stage sets itself is a UserError naming the stages
+    and their values: the stage's value would win, and config.yaml record the flag as if it had
+    acted. A flag for a key no stage sets applies to every stage (through the run's value). The
+    ``--augment`` keys count one by one; ``--crop`` and ``--augment '{"crop": ...}'`` both set a
+    stage's crop. (``--epochs`` has its own check: it must equal the stages' sum.)"""
+    if not stages:
+        return
+    where = f"in the recipe ({source})" if source else "in the recipe"
+    refusals: list[tuple[str, str, list[str]]] = []  # (flag, what, ["stage: value"])
+    for key, value in cli_values.items():
+        if value is None or key in ("epochs", "name", "augment") or key not in STAGE_KEYS:
+            continue
+        if key == "crop":
+            found = [f"{stage_name(s, i)}: {_shown(s['crop'])}" if "crop" in s else
+                     f"{stage_name(s, i)}: augment crop {_shown(s['augment']['crop'])}"
+                     for i, s in enumerate(stages)
+                     if "crop" in s or (isinstance(s.get("augment"), dict) and "crop" in s["augment"])]
+            refusals.append(("--crop", "the crop", found))
+        else:
+            found = [f"{stage_name(s, i)}: {_shown(s[key])}" for i, s in enumerate(stages) if key in s]
+            refusals.append((f"--{key.replace('_', '-')}", key, found))
+    for sub in cli_values.get("augment") or {}:
+        found = [f"{stage_name(s, i)}: {_shown(s['augment'][sub])}" for i, s in enumerate(stages)
+                 if isinstance(s.get("augment"), dict) and sub in s["augment"]]
+        if sub == "crop":
+            found += [f"{stage_name(s, i)}: crop {_shown(s['crop'])}" for i, s in enumerate(stages) if "crop" in s]
+        refusals.append((f"--augment {sub}", f"augment {sub}", found))
+    for flag, what, found in refusals:
+        if found:
+            raise UserError(f"{flag}: this recipe's stages set {what} ({', '.join(found)}); change them {where}, or "
+                            "give the stages in your own --config")
 
 
 def parse_size(text: str | int | None, what: str = "size") -> tuple[int, int] | None:
