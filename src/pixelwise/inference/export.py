@@ -187,9 +187,6 @@ def onnx_metadata(meta: dict | None, model_name: str, extra: dict, model: nn.Mod
     out.setdefault("model", model_name)
     out.setdefault("task", "semantic")
     out["input"] = input_spec_from_meta(meta, model).to_dict()  # without a checkpoint's: the model's own
-    classes = extra.pop("num_classes", None)
-    if classes is not None:  # a bare model (no checkpoint's metadata): its outputs' count
-        out.setdefault("num_classes", classes)
     if model is not None:
         context, alignment = model_geometry(model)
         out["geometry"] = {"context": context, "alignment": alignment}
@@ -371,12 +368,13 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
                             f"{100 * worst:.3f}% of pixels at {bad.shape[2]}x{bad.shape[3]} (needs "
                             f"{100 * min_agreement:.1f}%; max |logit diff| {bad.max_abs_diff:.3g}); nothing written")
         info = {"opset": opset, "precision": precision, "dynamic_axes": ["batch", "height", "width"],
-                "num_classes": report.checks[0].classes,
                 "input_name": "image", "output_name": "logits", "min_agreement": min_agreement,
                 # the model had dropout layers; the file has none (traced in eval): no Monte-Carlo dropout
                 "dropout": has_dropout(model),
                 "verified": [asdict(c) for c in report.checks]}
-        _write_metadata(tmp, onnx_metadata(meta, model_name or type(model).__name__, info, model))
+        # a bare model (no checkpoint's metadata) records the class count its outputs have
+        known = {"num_classes": report.checks[0].classes, **(meta or {})}
+        _write_metadata(tmp, onnx_metadata(known, model_name or type(model).__name__, info, model))
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
