@@ -91,15 +91,17 @@ def place(tmp: str | Path, path: str | Path, replace: bool = True) -> None:
         return
     try:
         os.link(tmp, path)
+        taken = False
     except FileExistsError:
-        raise UserError(f"{path} appeared while this command ran (another pixelwise writing there?) and was left as "
-                        "it is; give another path, or pass --overwrite") from None
+        taken = True
     except OSError:  # a file system without hard links: the check and the rename, as close as they can be
-        if os.path.lexists(path):
-            raise UserError(f"{path} appeared while this command ran and was left as it is; give another path, or "
-                            "pass --overwrite") from None
-        os.replace(tmp, path)
-        return
+        taken = os.path.lexists(path)
+        if not taken:
+            os.replace(tmp, path)
+            return
+    if taken:
+        raise UserError(f"{path} appeared while this command ran (another pixelwise writing there?) and was left as "
+                        "it is; give another path, or pass --overwrite")
     os.unlink(tmp)
 
 
