@@ -205,7 +205,7 @@ class Wanted:
     uncertainty: bool = False
     overlay: bool = True
     image: bool = False
-    truth_format: str = "classes"
+    truth: StoredLabels | None = None  # how the ground truth stores classes (truth_format=dataset)
 
 
 def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str, Any], Wanted]:
@@ -255,11 +255,11 @@ def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str
     truth_format = form["truth_format"].text().lower() if "truth_format" in form else "classes"
     if truth_format not in ("classes", "dataset"):
         raise UploadError(422, f"truth_format must be classes or dataset, got {truth_format!r}")
-    if truth_format == "dataset" and stored_labels(predictor) is None:
-        raise UploadError(422, f"truth_format dataset: the model's training data "
-                               f"({predictor.meta.get('dataset', 'unknown')}) stores class ids (or its palette's "
-                               "colours), which truth_format=classes reads; leave it out")
-    wanted = Wanted(flag("uncertainty", False), flag("overlay", True), flag("return_image", False), truth_format)
+    try:
+        truth = truth_reading(predictor, truth_format, "truth_format")
+    except UserError as e:
+        raise UploadError(422, str(e)) from None
+    wanted = Wanted(flag("uncertainty", False), flag("overlay", True), flag("return_image", False), truth)
     if wanted.uncertainty and not isinstance(predictor, SemanticPredictor):
         raise UploadError(422, "uncertainty applies to semantic models only")
     return options, wanted
@@ -286,6 +286,19 @@ def stored_labels(predictor: Predictor) -> StoredLabels | None:
     (:data:`pixelwise.data.STORED_LABELS`), for a semantic model whose classes are that dataset's."""
     stored = STORED_LABELS.get(str(predictor.meta.get("dataset")))
     return stored if stored is not None and isinstance(predictor, SemanticPredictor) else None
+
+
+def truth_reading(predictor: Predictor, truth_format: str, what: str) -> StoredLabels | None:
+    """How a ground truth stored as ``truth_format`` is read: None for ``classes`` (class ids or the
+    palette's colours), the model's training dataset's table for ``dataset``; a UserError naming
+    ``what`` (the field or flag) where that dataset stores class ids."""
+    if truth_format != "dataset":
+        return None
+    stored = stored_labels(predictor)
+    if stored is None:
+        raise UserError(f"{what} dataset: the model's training data ({predictor.meta.get('dataset', 'unknown')}) "
+                        "stores class ids (or its palette's colours), which the default, classes, reads; leave it out")
+    return stored
 
 
 RUNNER_OPTIONS = ("mode", "mc_samples")  # what a predictor's runner is built from (inference.fast.make_runner)
@@ -422,9 +435,8 @@ class Service:
         image = decode_image(image_part.data, self.config.max_pixels, image_part.content_type)
         truth = None
         if truth_part is not None:
-            stored = stored_labels(p) if wanted.truth_format == "dataset" else None
             truth = decode_mask(truth_part.data, self.config.max_pixels, p.palette, len(p.class_names),
-                                image.shape[:2], truth_part.content_type, stored, ignore_colour(p),
+                                image.shape[:2], truth_part.content_type, wanted.truth, ignore_colour(p),
                                 truth_part.filename)
             if (truth == 255).all():  # scores of nothing: most likely a photo or another palette's colours
                 raise UploadError(422, "the ground truth has no pixel of any class: every pixel is 255 (ignore) "
@@ -463,11 +475,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
         set_max_image_pixels(config.max_pixels)  # else PIL's own guard refuses images the server accepts
     if samples is None:
         if config.samples_dir is not None:
-            stored = stored_labels(predictor) if config.samples_truth_format == "dataset" else None
-            if config.samples_truth_format == "dataset" and stored is None:
-                raise UserError(f"--samples-truth-format dataset: the model's training data "
-                                f"({predictor.meta.get('dataset', 'unknown')}) stores class ids (or its palette's "
-                                "colours), which the default reads; leave it out")
+            stored = truth_reading(predictor, config.samples_truth_format, "--samples-truth-format")
             samples, problems = folder_samples(config.samples_dir, config.max_pixels, predictor.palette,
                                                len(predictor.class_names), stored, ignore_colour(predictor))
             for problem in problems:
