@@ -37,6 +37,8 @@ from pixelwise.data.io import (
     pil_to_rgb,
     tiff_layout,
 )
+from pixelwise.data.isbi import label_gray
+from pixelwise.errors import UserError
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -331,12 +333,11 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
 def _stored_labels(img: Image.Image, stored: StoredLabels) -> np.ndarray:
     """A dataset's own label file -> class ids (255 = ignore) through ``stored``'s table; stored
     values the dataset does not have are 422."""
-    if stored.gray:  # by gray level: a 1-bit or palette label by the colour of its pixels
+    if stored.gray:  # by gray level, as the reader reads it: a 1-bit or palette label by its pixels' colour
         try:
-            values = np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
-        except ValueError:
-            raise UploadError(422, f"a {img.mode} ground truth cannot be read as gray levels; save it as an 8-bit "
-                                   "gray PNG") from None
+            values = label_gray(img, "the ground truth")
+        except UserError as e:
+            raise UploadError(422, str(e)) from None
     elif img.mode in ("P", "L"):
         values = np.asarray(img, dtype=np.uint8)
     else:
