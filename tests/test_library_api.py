@@ -238,6 +238,8 @@ def test_predictors_refuse_a_model_of_the_other_task():
     with pytest.raises(UserError, match="UNet is a semantic model; use SemanticPredictor"):
         InstancePredictor(unet())
     detector = InstancePredictor(mask_rcnn)  # the base class's predict(image, uncertainty) signature
+    # without metadata, names and colours for the classifier's 3 classes (background included)
+    assert detector.class_names == ["class_0", "class_1", "class_2"] and len(detector.palette) == 3
     with pytest.raises(UserError, match=r"uncertainty \(--uncertainty\) .* does not apply to instance models"):
         detector.predict(images(1, (32, 32))[0], uncertainty=True)
 

@@ -470,6 +470,14 @@ class InstancePredictor(Predictor):
         self.mode = mode
         self.runner = instance_runner(self.model, mode, self.meta.get("model", ""))
 
+    def _model_classes(self) -> int | None:
+        """The class count of the box classifier (background included), for names and colours
+        of a detector built without metadata."""
+        try:
+            return int(unwrap(self.model).roi_heads.box_predictor.cls_score.out_features)
+        except AttributeError:  # not pixelwise's MaskRCNN (an ONNX model carries its metadata)
+            return None
+
     @torch.no_grad()
     def predict(self, image: np.ndarray, uncertainty: bool = False) -> dict[str, torch.Tensor]:
         """uint8[H, W, 3] -> ``{"boxes" Float[D, 4], "labels" Int64[D], "scores" Float[D],
