@@ -49,6 +49,41 @@ def test_unet_states_its_context_and_pooling_grid():
     assert model_geometry(nn.Conv2d(3, 2, 1)) == (0, 1)
 
 
+@pytest.mark.parametrize("option", [{"input_norm": True}, {"global_context": True}, {"ibn_levels": 1}])
+def test_a_valid_unet_with_image_wide_statistics_states_no_context(option):
+    """Per-image standardisation, IBN's instance norm and the global context make every output
+    pixel depend on the whole image: a tile cannot reproduce the whole-image output from 92 pixels
+    around it, so the model states none, and tiles get the blended default instead of abutting."""
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=3, base_channels=4, padding="valid", batch_norm=True, **option).eval()
+    assert model_geometry(model) == (0, 16)
+    assert SemanticPredictor(model, {"num_classes": 3}, tile=64).overlap > 0
+    image = np.random.default_rng(1).integers(0, 255, (200, 60, 3), dtype=np.uint8)
+    image[:100] //= 4  # a darker half: each tile's own statistics differ from the image's
+    # what the context claimed: 92 pixels around each core, cores abutting, no blending
+    local = Float64(model, context=92)
+    whole = SemanticPredictor(local, {"num_classes": 3}).predict(image).probs
+    claimed = SemanticPredictor(local, {"num_classes": 3}, tile=64, overlap=0).predict(image).probs
+    assert (claimed - whole).abs().max() > 1e-3  # the claim was false: tiles are not the whole image
+
+
+def test_an_ensemble_states_the_geometry_its_members_need(valid_unet):
+    """An in-model ensemble tiles as exactly as its members: the widest context (none if a member
+    has none) on a grid that is every member's."""
+    from pixelwise.models.ensemble import Ensemble
+
+    same = create_model("unet", num_classes=3, base_channels=4)
+    assert model_geometry(Ensemble([valid_unet, valid_unet])) == (92, 16)
+    assert model_geometry(Ensemble([valid_unet, same])) == (0, 16)
+    assert model_geometry(Ensemble([nn.Conv2d(3, 3, 1), create_model("segnet_basic", num_classes=3)])) == (0, 16)
+    image = np.random.default_rng(3).integers(0, 255, (200, 60, 3), dtype=np.uint8)
+    ensemble = Ensemble([valid_unet]).eval()  # one member: the member's probabilities
+    whole = SemanticPredictor(valid_unet, {"num_classes": 3}).predict(image)
+    tiled = SemanticPredictor(ensemble, {"num_classes": 3}, tile=64).predict(image)
+    np.testing.assert_array_equal(tiled.mask, whole.mask)
+    torch.testing.assert_close(tiled.probs, whole.probs, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("size, tile, overlap, tta", [((300, 60), 64, 0.0, None), ((70, 350), 80, 0.0, None),
                                                      ((301, 250), 100, 0.0, None), ((300, 60), 64, 0.5, None),
                                                      ((200, 200), 32, 0.0, "flip"), ((150, 230), 48, 0.25, "d4")])

@@ -8,6 +8,7 @@ averaged distribution (``log_softmax`` of log-probabilities that already sum to 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +40,11 @@ class Ensemble(nn.Module):
         if len(w) != len(models) or any(not v > 0 for v in w):
             raise ValueError(f"need one positive weight per model ({len(models)}), got {weights}")
         self.members = nn.ModuleList(models)
+        # what tiled inference reads (pixelwise.inference.tiling): the widest context of the members
+        # (none if one states none: it sees the whole image) and a grid every member's grid divides
+        contexts = [int(getattr(m, "context", 0)) for m in models]
+        self.context = max(contexts) if all(contexts) else 0
+        self.alignment = math.lcm(*(max(1, int(getattr(m, "alignment", 1))) for m in models))
         total = sum(w)
         self.register_buffer("log_weights", torch.tensor([v / total for v in w]).log(), persistent=False)
 

@@ -197,9 +197,12 @@ class UNet(nn.Module):
         self.padding = padding
         # what tiled inference reads (pixelwise.inference.tiling): the input an output pixel needs on
         # each side, which the unpadded convolutions consume ((572 - 388) / 2 = 92; none is stated for
-        # "same", whose zero padding reaches across the image), and the grid of the 2x2 poolings
+        # "same", whose zero padding reaches across the image, nor where an option makes every output
+        # pixel depend on the whole image: input_norm's and IBN's per-image statistics, the global
+        # context's mean), and the grid of the 2x2 poolings
         i, o = valid_tile(1)
-        self.context = (i - o) // 2 if padding == "valid" else 0
+        local = padding == "valid" and not (input_norm or global_context or ibn_levels)
+        self.context = (i - o) // 2 if local else 0
         self.alignment = 2**DEPTH
         p = 1 if padding == "same" else 0
         chans = [base_channels * 2**i for i in range(DEPTH + 1)]
