@@ -645,6 +645,30 @@ def test_resume_refuses_a_batch_size_that_would_move_the_schedule_and_applies_ne
     assert any("weight_decay 0.0 -> 0.5" in line for line in said)
 
 
+def test_resume_inside_an_epoch_or_after_a_time_stop_refuses_another_step_count(tmp_path):
+    """Ctrl-C states are saved inside an epoch and a time-budget stop is resumed with more minutes:
+    another --accumulate there rebuilt the schedule over fewer steps per epoch while the stage's
+    step count stayed, so the rest of the run trained at lr 0 (or took a step at the peak lr)."""
+    with pytest.raises(KeyboardInterrupt):  # 8 images in batches of 2: 4 steps per epoch; stopped at step 6
+        fit(tiny(tmp_path / "c", batch_size=2), log=quiet, callbacks=[interrupt_at("step", lambda s: s.step == 6)])
+    assert trainer.TrainState.from_json(state_header(tmp_path / "c")).batch == 2
+    with pytest.raises(UserError, match="took 4 optimizer steps per epoch and these settings take 2"):
+        fit(tiny(tmp_path / "c", batch_size=2, accumulate=2, resume=True), log=quiet)
+    # 10 images in batches of 2: 5 micro-batches, 2 steps per epoch with --accumulate 3 and with 4
+    data = {**TINY_DATA, "num_train": 10}
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path / "g", batch_size=2, accumulate=3, dataset_kwargs=data), log=quiet,
+            callbacks=[interrupt_at("step", lambda s: s.step == 3)])
+    with pytest.raises(UserError, match="after 3 micro-batches, which --accumulate 4 does not divide"):
+        fit(tiny(tmp_path / "g", batch_size=2, accumulate=4, dataset_kwargs=data, resume=True), log=quiet)
+    first = fit(tiny(tmp_path / "t", epochs=3, batch_size=2, max_minutes=1e-4), log=quiet)
+    assert first["stopped_by_time_budget"]
+    with pytest.raises(UserError, match="took 4 optimizer steps per epoch and these settings take 1"):
+        fit(tiny(tmp_path / "t", epochs=3, batch_size=2, accumulate=4, max_minutes=10, resume=True), log=quiet)
+    done = fit(tiny(tmp_path / "t", epochs=3, batch_size=2, max_minutes=10, resume=True), log=quiet)
+    assert done["epochs_completed"] == 3 and done["steps"] == first["steps"] + 2 * 4  # the last two whole
+
+
 def test_resume_keeps_the_runs_data_and_only_notes_a_moved_folder(tmp_path):
     rng = np.random.default_rng(0)
     for sub in ("images", "masks"):

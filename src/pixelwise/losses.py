@@ -179,7 +179,8 @@ class LossSpec:
 def combined_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, spec: LossSpec,
                   pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """``spec.kind`` on ``outputs["out"]`` plus ``spec.aux_weight`` times the same loss on
-    ``outputs["aux"]`` when the model has an auxiliary head (torchvision's FCN/DeepLab recipe).
+    ``outputs["aux"]`` when the model has an auxiliary head (the recipe of torchvision's FCN/DeepLab
+    references, whose weight is 0.5; the default 0.4 is PSPNet's, Zhao et al., arXiv:1612.01105).
 
     outputs: ``{"out": Tensor[N, C, H, W][, "aux": Tensor[N, C, H, W]]}`` (logits);
     target: Int64[N, H, W]; pixel_weights: Tensor[N, H, W] or None. -> scalar.

@@ -829,16 +829,21 @@ def resume(run: Run) -> TrainState:
             raise UserError(f"{run.out} stopped inside epoch {state.epoch + 1} after {state.batch} batches of {began} "
                             f"images; resume with --batch-size {began} (this one, {size}, would skip or repeat "
                             "images of that epoch), or train into a new --out")
-    if state.stage_epoch and not state.batch and not state.stage_stopped:  # between whole epochs of a stage
+    if state.stage_step:  # the stage's LR schedule counts its optimizer steps: it would jump, or stop at 0
         scfg = run.cfg.stage_configs()[state.stage][1]
         steps = math.ceil(epoch_batches(run, scfg)[0] / scfg.accumulate)
-        # recorded as the stage began; states of before had only the ratio, which an epoch the time
-        # budget cut short makes fractional
-        taken = state.stage_epoch_steps or state.stage_step / state.stage_epoch
-        if steps != taken:  # the LR schedule counts optimizer steps: it would jump, or stop at 0
+        # recorded as the stage began; states of before had only the ratio, which holds between whole
+        # epochs that the time budget did not cut short
+        whole = state.stage_epoch and not state.batch and not state.stage_stopped
+        taken = state.stage_epoch_steps or (state.stage_step / state.stage_epoch if whole else steps)
+        if steps != taken:
             raise UserError(f"{run.out} took {taken:g} optimizer steps per epoch and these settings take {steps} "
                             "(another --batch-size, --accumulate or amount of training data), which would move its "
                             "learning-rate schedule; resume with the run's own settings, or train into a new --out")
+        if state.batch % scfg.accumulate:  # the next optimizer step would begin inside a group
+            raise UserError(f"{run.out} stopped inside epoch {state.epoch + 1} after {state.batch} micro-batches, "
+                            f"which --accumulate {scfg.accumulate} does not divide; resume with the run's own "
+                            "--accumulate, or train into a new --out")
     if state.amp != run.amp:
         run.amp, run.amp_why = state.amp, "kept from the resumed run"
         run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")
