@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pixelwise.data.augment import Augment, boxes_from_masks, build_transform, eval_preset, train_preset
+from pixelwise.data.augment import Augment, build_transform, eval_preset, train_preset
 from pixelwise.data.base import Sample
 from pixelwise.errors import UserError
+from pixelwise.sample import boxes_from_masks
 
 
 def _blocky(h=48, w=64, classes=5, block=8, seed=0):
@@ -123,6 +124,23 @@ def test_eval_preset_resize_nearest_and_identity():
     o = eval_preset((24, 32))(s)
     assert o.image.shape == (24, 32, 3) and o.mask.shape == (24, 32)
     np.testing.assert_array_equal(o.mask, s.mask[::2, ::2])  # nearest on exact halving
+
+
+def test_a_resize_drops_the_instances_it_erases():
+    """A 1-pixel line vanishes in a 9x11 -> 4x4 resize: its instance is dropped with its label, as
+    every other geometric step does (an empty box [0, 0, 0, 0] was kept, which Mask R-CNN refuses)."""
+    inst = np.zeros((3, 9, 11), bool)
+    inst[0, :, 5] = True  # a vertical line in column 5: 11 -> 4 samples columns 1, 4, 6, 9
+    inst[1, 4, :] = True  # a horizontal line in row 4: 9 -> 4 samples rows 1, 3, 5, 7
+    inst[2, 2:8, 1:10] = True  # a block that survives
+    mask = np.where(inst[2], 3, np.where(inst[0], 1, np.where(inst[1], 2, 0))).astype(np.uint8)
+    s = Sample(image=np.zeros((9, 11, 3), np.uint8), mask=mask, instance_masks=inst,
+               instance_labels=np.array([1, 2, 3]), boxes=boxes_from_masks(inst))
+    for t in (eval_preset((4, 4)), train_preset(resize=(4, 4), flip=False, jitter=False, scale=None)):
+        o = t(s)
+        assert o.instance_masks.shape == (1, 4, 4) and o.instance_labels.tolist() == [3]
+        assert o.boxes.tolist() == boxes_from_masks(o.instance_masks).tolist()
+        assert (o.boxes[:, 2:] > o.boxes[:, :2]).all()
 
 
 def test_build_transform_keys():

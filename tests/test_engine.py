@@ -360,6 +360,43 @@ def test_instance_crop_centres_on_an_object():
     assert out2.boxes.tolist() == [[2, 2, 6, 6]]
 
 
+def test_instance_crops_go_to_the_augment_resize_so_the_window_is_resampled_once():
+    from pixelwise.data.instance_crop import InstanceCrop
+
+    t = trainer.train_transform(TrainConfig(crop="16x16", instance_crops=True,
+                                            augment={"resize": [20, 20], "scale": None}))
+    assert isinstance(t.steps[0], InstanceCrop) and t.steps[0].size == (20, 20)
+    from pixelwise.data.shapes import ShapesDataset
+
+    assert t(ShapesDataset(size=32, num_train=1).load(0)).image.shape == (16, 16, 3)
+
+
+def test_rotate90_on_images_that_are_not_square_needs_a_crop_to_batch(tmp_path, capsys):
+    """Quarter turns make 24x40 images 40x24 at random, which no batch stacks: refused before
+    anything is written (it stopped at a batch, blaming the files' sizes)."""
+    from PIL import Image
+
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(root / "images" / f"p{i}.png")
+        Image.fromarray(np.full((24, 40), i % 2, np.uint8)).save(root / "masks" / f"p{i}.png")
+    args = ["train", "--model", "unet", "--dataset", "folder", "--data", str(root), "--train-split", "all",
+            "--val-split", "all", "--epochs", "1", "--batch-size", "2", "--no-progress",
+            "--model-kwargs", '{"base_channels": 4}', "--augment", '{"rotate90": true}']
+    assert main([*args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: augment rotate90 turns the 24x40 training images into 40x24")
+    assert "--crop" in err
+    assert not (tmp_path / "r").exists()
+    resized = [*args[:-1], '{"rotate90": true, "resize": [16, 32]}', "--out", str(tmp_path / "s")]
+    assert main(resized) == 2 and "turns the 16x32 training images" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "c"), "--crop", "16x16"]) == 0  # crops of one size: it trains
+    square = [*args[:-1], '{"rotate90": true, "resize": [32, 32]}', "--out", str(tmp_path / "q")]
+    assert main(square) == 0
+
+
 def test_stages_from_yaml_with_instance_crops(tmp_path):
     cfg = tmp_path / "r.yaml"
     cfg.write_text(

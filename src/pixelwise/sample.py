@@ -37,6 +37,17 @@ class Sample:
         return replace(self, **kw)
 
 
+def visible_instances(masks: np.ndarray, labels: np.ndarray | None) -> dict:
+    """Transformed instance masks bool[K, H, W] and their labels -> the Sample fields
+    ``instance_masks``, ``instance_labels`` and ``boxes`` of those with a pixel left (a crop, warp
+    or downscale can erase an object; a box of no area is refused by Mask R-CNN)."""
+    keep = masks.reshape(len(masks), -1).any(1)
+    fields = {"instance_masks": masks[keep], "boxes": boxes_from_masks(masks[keep])}
+    if labels is not None:
+        fields["instance_labels"] = np.asarray(labels).reshape(-1)[keep]
+    return fields
+
+
 def boxes_from_masks(masks: np.ndarray) -> np.ndarray:
     """bool[K, H, W] -> float32[K, 4] tight boxes (x1, y1, x2, y2), x2/y2 exclusive; empty -> zeros."""
     boxes = np.zeros((len(masks), 4), dtype=np.float32)

@@ -31,7 +31,7 @@ import numpy as np
 from pixelwise.data.elastic import ElasticDeform
 from pixelwise.errors import UserError
 from pixelwise.preprocess import resize_image, resize_labels
-from pixelwise.sample import IGNORE_INDEX, Sample, boxes_from_masks
+from pixelwise.sample import IGNORE_INDEX, Sample, visible_instances
 
 
 def resize_sample(s: Sample, size: tuple[int, int]) -> Sample:
@@ -44,9 +44,8 @@ def resize_sample(s: Sample, size: tuple[int, int]) -> Sample:
         new["weight"] = resize_labels(np.asarray(s.weight, dtype=np.float32), size)
     if s.instance_masks is not None:
         inst = np.asarray(s.instance_masks, dtype=np.uint8)
-        new["instance_masks"] = (np.stack([resize_labels(m, size) for m in inst]).astype(bool) if len(inst)
-                                 else np.zeros((0, *size), dtype=bool))
-        new["boxes"] = boxes_from_masks(new["instance_masks"])
+        new.update(visible_instances(np.stack([resize_labels(m, size) for m in inst]).astype(bool) if len(inst)
+                                     else np.zeros((0, *size), dtype=bool), s.instance_labels))
     return s.replace(**new)
 
 
@@ -111,16 +110,8 @@ class Augment:
         if s.weight is not None:
             new["weight"] = out["weight"].astype(np.float32)
         if s.instance_masks is not None:
-            if has_instances:
-                inst = np.asarray(out["masks"]).astype(bool)
-                keep = inst.reshape(len(inst), -1).any(1)
-                inst = inst[keep]
-                new["instance_labels"] = np.asarray(s.instance_labels)[keep]
-            else:
-                inst = np.zeros((0, *mask.shape), dtype=bool)
-                new["instance_labels"] = np.zeros((0,), dtype=np.int64)
-            new["instance_masks"] = inst
-            new["boxes"] = boxes_from_masks(inst)
+            inst = np.asarray(out["masks"]).astype(bool) if has_instances else np.zeros((0, *mask.shape), dtype=bool)
+            new.update(visible_instances(inst, s.instance_labels if has_instances else np.zeros((0,), np.int64)))
         return s.replace(**new)
 
 

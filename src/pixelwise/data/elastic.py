@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from pixelwise.errors import UserError
-from pixelwise.sample import Sample, boxes_from_masks
+from pixelwise.sample import Sample, visible_instances
 
 KEYS_A = -0.5  # Keys' cubic convolution parameter ("bicubic" in Matlab; OpenCV and torch use -0.75)
 
@@ -101,11 +101,7 @@ def warp_sample(s: Sample, displacement: np.ndarray) -> Sample:
         inst = np.asarray(s.instance_masks, dtype=np.uint8)
         warped = (np.stack([remap(m, cv2.INTER_NEAREST) for m in inst]).astype(bool) if len(inst)
                   else np.zeros((0, h, w), dtype=bool))
-        keep = warped.reshape(len(warped), -1).any(1)
-        new["instance_masks"] = warped[keep]
-        if s.instance_labels is not None:
-            new["instance_labels"] = np.asarray(s.instance_labels)[keep]
-        new["boxes"] = boxes_from_masks(new["instance_masks"])
+        new.update(visible_instances(warped, s.instance_labels))
     return s.replace(**new)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from pixelwise.data.base import IGNORE_INDEX, Sample, boxes_from_masks
+from pixelwise.sample import visible_instances
 
 
 def object_boxes(sample: Sample, background: int | None = 0,
@@ -98,8 +99,5 @@ class InstanceCrop:
                 inst = np.stack([resize(m, True) for m in win]).astype(bool)
             else:
                 inst = np.zeros((0, oh, ow), dtype=bool)
-            keep = inst.reshape(len(inst), -1).any(1)
-            kw["instance_masks"] = inst[keep]
-            kw["instance_labels"] = np.asarray(s.instance_labels).reshape(-1)[keep]
-            kw["boxes"] = boxes_from_masks(inst[keep])
+            kw.update(visible_instances(inst, s.instance_labels))
         return s.replace(**kw)

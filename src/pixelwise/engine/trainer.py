@@ -254,9 +254,9 @@ def plain_class_weights(cfg: TrainConfig, train_ds: SegmentationDataset, out: Pa
 # --- data -------------------------------------------------------------------------------------
 def train_transform(cfg: TrainConfig, class_weights: Sequence[float] | None = None) -> Callable:
     """``cfg.augment`` (with ``crop`` overriding ``augment.crop``) -> the train preset, preceded
-    by an instance-centred crop to the crop size when ``instance_crops``, and by the U-Net weight
-    map when ``weight_map: unet`` (``class_weights``, if any, are its class term w_c; without
-    them w_c balances the classes of each mask)."""
+    by an instance-centred crop to the crop size (the resize where one is set) when
+    ``instance_crops``, and by the U-Net weight map when ``weight_map: unet`` (``class_weights``,
+    if any, are its class term w_c; without them w_c balances the classes of each mask)."""
     aug = dict(cfg.augment)
     crop = parse_size(cfg.crop)
     if crop:
@@ -265,8 +265,8 @@ def train_transform(cfg: TrainConfig, class_weights: Sequence[float] | None = No
     if cfg.instance_crops:
         if aug.get("crop") is None:
             raise UserError("instance_crops needs a crop size: set crop: HxW (or augment: {crop: [h, w]})")
-        c = aug["crop"]
-        size = (int(c[0]), int(c[1])) if isinstance(c, list | tuple) else (int(c), int(c))
+        c = aug["crop"]  # to the augment resize where there is one (the train preset's resize then has nothing to do)
+        size = resize_of(aug) or ((int(c[0]), int(c[1])) if isinstance(c, list | tuple) else (int(c), int(c)))
         steps.insert(0, InstanceCrop(size, cfg.instance_context))
     if cfg.weight_map == "unet":  # computed on the whole raw mask (cached per image), then cropped and
         # augmented with it: computed after a random crop, the cache would hand one crop another's map
@@ -377,14 +377,21 @@ def check_training_data(cfg: TrainConfig, train: SegmentationDataset, val: Segme
         raise UserError(f"the {cfg.val_split} split has no labelled pixel (every mask pixel is 255), so no epoch "
                         "could be scored and best.safetensors never chosen; validate on a labelled split "
                         "(--val-split)")
-    stacked = [s for _, s in cfg.stage_configs() if s.batch_size > 1 and not parse_size(s.crop)
-               and not s.augment.get("crop") and not resize_of(s.augment)]
-    sizes = image_sizes(train) if stacked else []
-    if len(sizes) > 1:
+    uncropped = [s for _, s in cfg.stage_configs() if s.batch_size > 1 and not parse_size(s.crop)
+                 and not s.augment.get("crop")]
+    sizes = image_sizes(train) if uncropped else []
+    stacked = [s for s in uncropped if not resize_of(s.augment)]
+    if stacked and len(sizes) > 1:
         shown = ", ".join(f"{h}x{w}" for h, w in sizes)
         raise UserError(f"the {cfg.train_split} images differ in size (HxW {shown}, ...) and a batch of "
                         f"{stacked[0].batch_size} must stack images of one size: give --crop HxW (random crops of "
                         "one size), an augment resize, or --batch-size 1")
+    for s in uncropped:  # a quarter turn makes an HxW image WxH, after any resize, before the crop
+        h, w = resize_of(s.augment) or (sizes[0] if sizes else (1, 1))
+        if s.augment.get("rotate90") and h != w:
+            raise UserError(f"augment rotate90 turns the {h}x{w} training images into {w}x{h} at random, and a batch "
+                            f"of {s.batch_size} must stack images of one size: give --crop HxW (crops come after the "
+                            "turn), or --batch-size 1")
 
 
 @contextlib.contextmanager
