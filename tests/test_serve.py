@@ -79,7 +79,7 @@ def request(app, method, url, **kw):
 
 def png_bytes(array, fmt="PNG", **save):
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **save)
+    (array if isinstance(array, Image.Image) else Image.fromarray(array)).save(buf, format=fmt, **save)
     return buf.getvalue()
 
 
@@ -234,6 +234,7 @@ def test_page_and_docs_load_nothing_from_other_hosts(predictor):
         if ref.startswith("/static/"):
             asset = request(app, "GET", ref)
             assert asset.status_code == 200 and "http://" not in asset.text and "https://" not in asset.text, ref
+            assert asset.headers["cache-control"] == "no-cache", ref  # an upgrade's page never runs an old script
     assert "http://" not in page.text and "https://" not in page.text
     docs = request(app, "GET", "/docs")
     assert docs.status_code == 200 and "POST /api/predict" in docs.text and "ground_truth" in docs.text
@@ -310,6 +311,32 @@ def test_ground_truth_that_does_not_fit_is_422(predictor):
         r = request(app, "POST", "/api/predict", files={"image": ("a.png", image, "image/png"),
                                                         "ground_truth": ("t.png", png_bytes(truth), "image/png")})
         assert r.status_code == 422 and words in r.json()["detail"], r.text
+
+
+def test_ground_truth_colours_are_read_by_the_models_palette_first():
+    """As the folder reader reads them: a palette PNG whose own palette orders the model's colours
+    otherwise is 422 (read by index its classes were swapped); a colour mask whose colours are all
+    gray is read by the palette when they are its colours (a white class was 'ignore', VOC's gray
+    car a 422), and by its gray values when they are not (class ids saved as RGB)."""
+    from pixelwise.serve.uploads import UploadError, decode_mask
+
+    binary = [(0, 0, 0), (255, 255, 255)]  # ISBI's membrane and cell; white is also the ignore colour
+    left_right = np.zeros((4, 6), np.uint8)
+    left_right[:, 3:] = 1
+    indexed = Image.fromarray(left_right, "P")
+    indexed.putpalette([255, 255, 255, 0, 0, 0])  # an editor's order: index 0 white, 1 black
+    with pytest.raises(UploadError) as e:
+        decode_mask(png_bytes(indexed), 10**6, binary, 2, (4, 6))
+    assert e.value.status == 422 and "index 0 has the colour [255, 255, 255], the colour of class 1" in e.value.detail
+    indexed.putpalette([0, 0, 0, 255, 255, 255])  # the model's order: read by index
+    np.testing.assert_array_equal(decode_mask(png_bytes(indexed), 10**6, binary, 2, (4, 6)), left_right)
+    rgb = np.stack([left_right * 255] * 3, axis=-1)
+    np.testing.assert_array_equal(decode_mask(png_bytes(rgb), 10**6, binary, 2, (4, 6)), left_right)
+    voc = [(0, 0, 0), *[(i, 0, 0) for i in range(1, 7)], (128, 128, 128)]  # class 7 gray, as VOC's car
+    car = np.where(left_right[..., None] == 1, 128, 0).astype(np.uint8).repeat(3, axis=-1)
+    np.testing.assert_array_equal(decode_mask(png_bytes(car), 10**6, voc, 8, (4, 6)), left_right * 7)
+    ids = np.stack([left_right * 5] * 3, axis=-1)  # gray (5, 5, 5) is no colour of the palette: class ids
+    np.testing.assert_array_equal(decode_mask(png_bytes(ids), 10**6, voc, 8, (4, 6)), left_right * 5)
 
 
 # ---------------------------------------------------------------- limits

@@ -544,7 +544,11 @@ def test_a_ground_truth_can_be_the_training_datasets_label_file(server, files, o
     label[:, 24:] = 255  # 1920 cell pixels, 1152 membrane
     Image.fromarray(label).save(tmp_path / "label.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64), dtype=np.uint8)).save(tmp_path / "em.png")
-    proc, url = start_server(ckpt, tmp_path / "server.log")
+    samples = tmp_path / "samples"  # a sample's ground truth holds class ids whatever the select says
+    (samples / "masks").mkdir(parents=True)
+    shutil.copy(tmp_path / "em.png", samples / "em.png")
+    Image.fromarray((label // 255).astype(np.uint8)).save(samples / "masks" / "em.png")
+    proc, url = start_server(ckpt, tmp_path / "server.log", "--samples", str(samples))
     try:
         page = open_page(url).open()
         assert page.is_visible("#truth-format-box")
@@ -559,5 +563,15 @@ def test_a_ground_truth_can_be_the_training_datasets_label_file(server, files, o
         metrics = answers[-1].json()["metrics"]
         assert metrics["ignored_pixels"] == 0
         assert [c["pixels"] for c in metrics["per_class"]] == [1152, 1920]
+        # with "dataset" still selected, the sample's class ids 0/1 were read as gray levels: all membrane
+        page.click(".sample >> nth=0")
+        for _ in range(SLOW // 100):  # until the sample's answer came
+            if len(answers) > 1:
+                break
+            page.wait_for_timeout(100)
+        state, status = settled(page)
+        assert state == "done", status
+        assert len(answers) == 2
+        assert [c["pixels"] for c in answers[-1].json()["metrics"]["per_class"]] == [1152, 1920]
     finally:
         stop(proc)

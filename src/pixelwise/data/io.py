@@ -367,6 +367,17 @@ def palette_conflict(path: PathLike, known: Mapping[tuple[int, int, int], int]
     except BaseException as e:
         _raise_named(path, 0, e)
         raise
+    suspects = palette_suspects(flat, known)
+    if mode not in ("P", "PA") or not suspects:
+        return None
+    return first_used_suspect(suspects, np.asarray(_open_loaded(path)))
+
+
+def palette_suspects(flat: Sequence[int], known: Mapping[tuple[int, int, int], int]
+                     ) -> dict[int, tuple[tuple[int, int, int], int]]:
+    """A palette mask's own palette (flat [r, g, b, ...]) -> {index: (its colour, the other class
+    ``known`` gives that colour)} for the indices that would be read as another class than their
+    colour says (:func:`palette_conflict`)."""
     colours = [(int(flat[3 * i]), int(flat[3 * i + 1]), int(flat[3 * i + 2])) for i in range(min(len(flat) // 3, 256))]
     repeated = {c for c, n in Counter(colours).items() if n > 1}
     suspects: dict[int, tuple[tuple[int, int, int], int]] = {}
@@ -374,9 +385,13 @@ def palette_conflict(path: PathLike, known: Mapping[tuple[int, int, int], int]
         cls = known.get(colour, i)
         if cls != i and colour not in repeated:
             suspects[i] = (colour, cls)
-    if mode not in ("P", "PA") or not suspects:
-        return None
-    indices = np.asarray(_open_loaded(path))
+    return suspects
+
+
+def first_used_suspect(suspects: Mapping[int, tuple[tuple[int, int, int], int]], indices: np.ndarray
+                       ) -> tuple[int, tuple[int, int, int], int] | None:
+    """The first of ``suspects`` (:func:`palette_suspects`) that the mask's ``indices`` (uint8[H, W],
+    or [H, W, 2] of a "PA" mask) use -> (index, colour, class); None if it uses none."""
     if indices.ndim == 3:  # PA: the index is the first channel
         indices = indices[:, :, 0]
     used = np.flatnonzero(np.bincount(indices.ravel(), minlength=256))

@@ -78,6 +78,16 @@ GRACE_SECONDS = 5  # on Ctrl-C or SIGTERM, running requests get this long before
 SHUTDOWN_RETRY_AFTER = 10  # Retry-After (s) of the 503 a request gets when the server stops under it
 
 
+class RevalidatedFiles(StaticFiles):
+    """The page's script and style, which the browser must revalidate (no-cache, as the page itself):
+    a cached app.js of an earlier version beside the new page would send fields it no longer reads."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 # ------------------------------------------------------------------ response schemas (for /docs)
 
 class ClassShare(BaseModel):
@@ -523,7 +533,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
         return FileResponse(STATIC / "index.html", media_type="text/html",
                             headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"})
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", RevalidatedFiles(directory=STATIC), name="static")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

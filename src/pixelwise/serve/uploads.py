@@ -32,8 +32,10 @@ from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.io import (
     IMAGE_FORMATS,
     colors_to_index,
+    first_used_suspect,
     format_names,
     lossy_mask_error,
+    palette_suspects,
     pil_to_rgb,
     tiff_layout,
 )
@@ -279,6 +281,31 @@ def colour_mask(rgb: np.ndarray, palette: Sequence[Sequence[int]],
     return mask
 
 
+def colours_known(rgb: np.ndarray, colours: Sequence[Sequence[int]]) -> bool:
+    """Whether every pixel of uint8[H, W, 3] ``rgb`` has one of ``colours``."""
+    code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    known = np.array([(int(r) << 16) | (int(g) << 8) | int(b) for r, g, b in colours], dtype=np.int64)
+    return bool(np.isin(np.unique(code), known).all())
+
+
+def refuse_reordered_palette(flat: Sequence[int], indices: np.ndarray, palette: Sequence[Sequence[int]],
+                             ignore_colour: Sequence[int]) -> None:
+    """422 for a palette mask whose own palette gives an index it uses the colour of another class
+    of the model (an editor's indexed export in its own order): read by index, its classes would be
+    swapped without a word. The folder reader's check refuses the same file."""
+    r, g, b = (int(v) for v in ignore_colour)
+    known = {(r, g, b): 255}
+    known.update({(int(c[0]), int(c[1]), int(c[2])): i for i, c in enumerate(palette)})
+    found = first_used_suspect(palette_suspects(flat, known), indices)
+    if found is not None:
+        index, colour, cls = found
+        other = "ignore (255)" if cls == 255 else f"class {cls}"
+        raise UploadError(422, f"the ground-truth mask is a palette PNG whose index {index} has the colour "
+                               f"{list(colour)}, the colour of {other} in the model's palette; palette masks are "
+                               f"read by index, so these pixels would be class {index}: save it with the model's "
+                               "palette order (GET /api/info), as RGB colours, or as class ids")
+
+
 def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequence[int]],
                 num_classes: int, shape: tuple[int, int], declared_type: str = "",
                 stored: StoredLabels | None = None, ignore_colour: Sequence[int] = IGNORE_COLOUR,
@@ -302,16 +329,20 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
     mode = img.mode
     if stored is not None:
         mask = _stored_labels(img, stored)
-    elif mode in ("P", "L"):
-        mask = np.asarray(img, dtype=np.uint8)
+    elif mode in ("P", "L", "LA", "PA"):
+        indices = np.asarray(img, dtype=np.uint8)
+        if mode in ("P", "PA"):  # read by index, as the data readers do: not if its colours say other classes
+            refuse_reordered_palette(img.getpalette() or [], indices, palette, ignore_colour)
+        mask = indices if indices.ndim == 2 else np.ascontiguousarray(indices[:, :, 0])
     elif mode == "1":
         mask = np.asarray(img).astype(np.uint8)
-    elif mode in ("LA", "PA"):
-        mask = np.asarray(img)[:, :, 0].astype(np.uint8)
     elif mode in ("RGB", "RGBA", "RGBX"):
         rgb = np.asarray(img)[:, :, :3]
         gray = np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])
-        mask = rgb[:, :, 0].copy() if gray else colour_mask(rgb, palette, ignore_colour)
+        # the palette first, as the folder reader reads colour masks: a gray mask is read as its values
+        # only when some gray in it is no colour of the palette (a white class is that class, not 'ignore')
+        by_value = gray and not colours_known(rgb, [*palette, ignore_colour])
+        mask = rgb[:, :, 0].copy() if by_value else colour_mask(rgb, palette, ignore_colour)
     else:
         arr = np.asarray(img)
         fits = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer)

@@ -188,7 +188,7 @@ function showSamples(samples) {
 function chooseImage(blob, name, { truth } = {}) {
   let note = "";
   if (truth !== undefined) {
-    setTruth(truth && truth.blob, truth && truth.name);
+    setTruth(truth && truth.blob, truth && truth.name, truth && truth.classIds);
   } else if (state.truth && state.truth.usedWith) {
     const { name: old, usedWith } = state.truth;
     note = `The ground truth ${old} was for ${usedWith.name}, so it was removed (choose one for ${name} to compare).`;
@@ -205,8 +205,9 @@ function chooseImage(blob, name, { truth } = {}) {
   segment();
 }
 
-function setTruth(blob, name) {
-  state.truth = blob ? { blob, name, usedWith: null } : null;
+// classIds: a sample's ground truth, which holds class ids whatever the "stored as" choice says
+function setTruth(blob, name, classIds = false) {
+  state.truth = blob ? { blob, name, classIds, usedWith: null } : null;
   $("truth-name").textContent = blob ? `using ${name}` : "";
   $("truth-clear").hidden = !blob;
   if (!blob) $("truth-input").value = "";
