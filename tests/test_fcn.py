@@ -242,6 +242,33 @@ def test_staged_initialisation_starts_from_the_coarser_nets_predictions(tmp_path
         load_coarser_fcn(f16, wrong, "other.safetensors")
 
 
+@pytest.mark.parametrize("source_at_once", [True, False])
+def test_at_once_weights_load_into_the_other_variant_as_the_same_function(tmp_path, source_at_once):
+    """The scale is no tensor: an at-once checkpoint loaded into a plain FCN-8s (the recipe's weights
+    fine-tuned with --model fcn8s) put pool4 and pool3 in 100x and 10,000x too strong, and the note
+    said all was loaded. The skip scorers are rescaled from the checkpoint's recorded at_once."""
+    from pixelwise import save_checkpoint
+
+    torch.manual_seed(0)
+    source = create_model("fcn8s", num_classes=3, at_once=source_at_once).eval()
+    for m in (source.score_fr, source.score_pool4, source.score_pool3):
+        nn.init.normal_(m.weight, std=0.5 if source_at_once else 0.01)
+        nn.init.normal_(m.bias, std=0.1)
+    path = tmp_path / "fcn8s.safetensors"
+    save_checkpoint(path, source, {"model": "fcn8s", "num_classes": 3, "model_kwargs": {"at_once": source_at_once}})
+    loaded = create_model("fcn8s", num_classes=3, at_once=not source_at_once, pretrained=str(path)).eval()
+    assert "rescaled score_pool4 x " in loaded.pretrained_note and "score_pool3 x " in loaded.pretrained_note
+    x = torch.randn(1, 3, 64, 96)
+    naive = create_model("fcn8s", num_classes=3, at_once=not source_at_once).eval()
+    naive.load_state_dict(source.state_dict())  # the tensors as they are: what the load did before
+    with torch.no_grad():
+        expected, got, before = source(x), loaded(x), naive(x)
+    assert (before - expected).abs().max() > 10 * (expected - expected.mean()).abs().max() * 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    same = create_model("fcn8s", num_classes=3, at_once=source_at_once, pretrained=str(path)).eval()
+    assert "rescaled" not in same.pretrained_note
+
+
 def test_at_once_scales_the_skips_like_the_reference_net():
     """voc-fcn8s-atonce multiplies pool4 by 0.01 and pool3 by 0.0001 before their 1x1 scorers: the
     same as scaling those scorers' weights (not their biases) in the plain net."""

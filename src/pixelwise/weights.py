@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -48,6 +49,21 @@ def download_weights(url: str) -> dict[str, Tensor]:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"could not download weights from {url} ({reason}); download the file yourself and "
                         "give its path: --pretrained PATH") from None
+
+
+def saved_model_kwargs(source: str | Path) -> dict | None:
+    """The ``model_kwargs`` a pixelwise checkpoint records (the JSON ``pixelwise`` entry of its
+    safetensors header, :mod:`pixelwise.checkpoint`): options that have no tensor, which its
+    weights alone do not tell; None for other files, tags and unreadable headers."""
+    path = Path(source)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            kwargs = json.loads((f.metadata() or {}).get("pixelwise", "{}")).get("model_kwargs")
+    except (SafetensorError, OSError, ValueError, AttributeError):
+        return None
+    return kwargs if isinstance(kwargs, dict) else None
 
 
 def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> dict[str, Tensor]:

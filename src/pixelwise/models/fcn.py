@@ -66,7 +66,7 @@ from pixelwise.layers import BilinearUpsample
 from pixelwise.models._checks import dropout_rate
 from pixelwise.models._utils import SimpleSegmentationModel, crop_top_left, load_model_weights, pad_to_multiple
 from pixelwise.models.registry import register_model
-from pixelwise.weights import load_matching, read_weights
+from pixelwise.weights import load_matching, read_weights, saved_model_kwargs
 
 __all__ = ["FCN", "FCNHead", "FCNVGG", "fcn8s", "fcn16s", "fcn32s", "fcn_resnet50", "fcn_resnet101",
            "load_coarser_fcn", "score_conv", "vgg16_to_fcn"]
@@ -205,6 +205,24 @@ def load_coarser_fcn(model: FCNVGG, state: dict[str, Tensor], source: str) -> st
             + (f"; not used: {', '.join(unused)}" if unused else ""))
 
 
+def match_skip_scales(state: dict[str, Tensor], source_at_once: bool, model: FCNVGG) -> tuple[dict[str, Tensor], str]:
+    """The weights of an FCN-VGG trained with ``at_once`` ``source_at_once`` for ``model``, whose own
+    may differ: a skip scorer computes ``W (s x) + b``, so with the other scale ``s'`` its weights
+    become ``W s / s'``, the same function (the at-once nets' pool4 x 0.01 and pool3 x 0.0001 came
+    in 100x and 10,000x too strong in a plain FCN). -> (the state, a note of what was rescaled)."""
+    if source_at_once == model.at_once:
+        return state, ""
+    state, done = dict(state), []
+    for pool, scale in AT_ONCE_SCALES.items():
+        key = f"score_{pool}.weight"
+        if key in state:
+            factor = scale if source_at_once else 1 / scale
+            state[key] = state[key] * factor
+            done.append(f"score_{pool} x {factor:g}")
+    return state, (f"; rescaled {', '.join(done)} (the weights were trained with at_once={source_at_once}, this "
+                   f"model has at_once={model.at_once}: the same function)" if done else "")
+
+
 def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, dropout: float = 0.5,
              at_once: bool = False) -> FCNVGG:
     model = FCNVGG(num_classes, output_stride, dropout=dropout, at_once=at_once)
@@ -215,7 +233,8 @@ def _fcn_vgg(output_stride: int, num_classes: int, pretrained: str | None, dropo
         load_matching(model, vgg16_to_fcn(state), f"fcn{output_stride}s(pretrained={pretrained!r})",
                       optional=("score", "upscore"))
     elif "score_fr.weight" in state:  # an FCN-VGG: the same net, or a coarser stage of the staged training
-        model.pretrained_note = load_coarser_fcn(model, state, str(pretrained))
+        state, rescaled = match_skip_scales(state, bool((saved_model_kwargs(pretrained) or {}).get("at_once")), model)
+        model.pretrained_note = load_coarser_fcn(model, state, str(pretrained)) + rescaled
     else:
         load_model_weights(model, pretrained, f"fcn{output_stride}s")
     return model
