@@ -514,3 +514,47 @@ def test_balanced_sampler_counts_and_determinism():
     torch.manual_seed(0)
     pos2, neg2 = sampler([labels, few_pos])
     assert all(torch.equal(a, b) for a, b in zip(pos + neg, pos2 + neg2))
+
+
+# --- half precision: pooled in float32, as torchvision's autocast roi_align (2026-12-06) ----------
+def test_roi_align_of_half_precision_maps_pools_in_float32():
+    """Sample positions and bilinear weights in bf16 were off by ~1e-2 (features of std 0.2 off by up
+    to 0.27); the pooled values are now float32 pooling of the same maps, cast back."""
+    from pixelwise import ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 40, 56, generator=g).bfloat16()
+    boxes = [torch.tensor([[3.3, 5.7, 150.1, 90.9], [40.2, 12.6, 77.7, 101.3]]),
+             torch.tensor([[0.5, 0.5, 200.0, 150.0]])]
+    for dtype in (torch.bfloat16, torch.float16):
+        half = x.to(dtype)
+        out = ops.roi_align(half, boxes, (7, 7), spatial_scale=0.25, sampling_ratio=2)
+        assert out.dtype == dtype
+        assert torch.equal(out, ops.roi_align(half.float(), boxes, (7, 7), 0.25, 2).to(dtype))
+    levels = [x, x[:, :, ::2, ::2].contiguous()]
+    multi = ops.multiscale_roi_align(levels, boxes, [(160, 224)] * 2, (7, 7), 2)
+    assert multi.dtype == torch.bfloat16
+    assert torch.equal(multi, ops.multiscale_roi_align([m.float() for m in levels], boxes, [(160, 224)] * 2,
+                                                       (7, 7), 2).bfloat16())
+
+
+def test_rpn_matches_and_encodes_the_ground_truth_boxes_unrounded(monkeypatch):
+    """Under bf16 autocast the anchors are bf16; the ground truth was rounded to them before
+    matching and encoding (17 anchors relabelled on an 800x1088 image). It stays float32."""
+    from pixelwise.models import create_model
+    from pixelwise.models.maskrcnn import rpn as rpn_module
+
+    seen = []
+    real = rpn_module.anchor_labels
+
+    def spy(anchors, gt_boxes, matcher):
+        seen.append(gt_boxes)
+        return real(anchors, gt_boxes, matcher)
+
+    monkeypatch.setattr(rpn_module, "anchor_labels", spy)
+    rpn = create_model("maskrcnn_resnet18_fpn", num_classes=3).rpn
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [100.0, 100.0, 228.0, 164.0]]).bfloat16()
+    boxes = torch.tensor([[1.37, 2.71, 33.33, 31.19]])  # not representable in bf16
+    losses = rpn.losses(anchors, torch.zeros(1, 2), torch.zeros(1, 2, 4), [{"boxes": boxes}])
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], boxes)
+    assert all(torch.isfinite(v) for v in losses.values())

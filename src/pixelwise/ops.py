@@ -454,7 +454,8 @@ def roi_align(
     """RoIAlign (Mask R-CNN, He et al. 2017) with torchvision's exact sampling rules.
 
     Args:
-        input: ``Tensor[N, C, H, W]`` feature map (float32 or float64).
+        input: ``Tensor[N, C, H, W]`` feature map (float32 or float64; bf16 and fp16 maps are
+            pooled in float32 and the result returned in their dtype, as torchvision's autocast op).
         boxes: ``Tensor[K, 5]`` rows ``(image index, x1, y1, x2, y2)`` (index truncated to int),
             or a list of ``N`` per-image ``Tensor[K_i, 4]``.
         output_size: ``int`` or ``(PH, PW)``.
@@ -477,7 +478,9 @@ def roi_align(
     batch = rois[:, 0].detach().to(device).long()
     if batch.numel() and (int(batch.min()) < 0 or int(batch.max()) >= n):
         raise ValueError(f"roi_align: box image index out of range [0, {n}) for input of batch size {n}")
-    table = input.permute(0, 2, 3, 1).contiguous().reshape(n * h * w, c)
+    # bf16 / fp16 maps are pooled in float32 and the result cast back, as torchvision's autocast
+    # roi_align does: sample positions and bilinear weights in half precision are off by ~1e-2
+    table = input.permute(0, 2, 3, 1).contiguous().reshape(n * h * w, c).to(_pooling_dtype(input.dtype))
     k = rois.shape[0]
     full = torch.full((k,), 0, dtype=torch.int64, device=device)
     return _roi_align_rows(
@@ -490,7 +493,12 @@ def roi_align(
         output_size,
         int(sampling_ratio),
         bool(aligned),
-    )
+    ).to(input.dtype)
+
+
+def _pooling_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype RoIAlign computes in for maps of ``dtype``: float32 for half precisions."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class RoIAlign(nn.Module):
@@ -686,8 +694,9 @@ def multiscale_roi_align(
         raise ValueError(
             f"multiscale_roi_align: got {len(boxes)} box tensors for a batch of {features[0].shape[0]} images"
         )
-    pyramid = roi_feature_table(features, image_shapes)
-    return pool_feature_table(pyramid, boxes, output_size, sampling_ratio, canonical_scale, canonical_level)
+    dtype = features[0].dtype if features else torch.float32
+    pyramid = roi_feature_table(features, image_shapes, _pooling_dtype(dtype))  # as roi_align: half in float32
+    return pool_feature_table(pyramid, boxes, output_size, sampling_ratio, canonical_scale, canonical_level).to(dtype)
 
 
 class MultiScaleRoIAlign(nn.Module):

@@ -130,7 +130,7 @@ def anchor_labels(anchors: Tensor, gt_boxes: Tensor, matcher: ops.Matcher) -> tu
     """Anchors ``Tensor[R, 4]`` vs ground truth ``Tensor[K, 4]`` -> labels ``Tensor[R]`` (1 fg,
     0 bg, -1 ignored) and the matched boxes ``Tensor[R, 4]`` (zeros where K = 0)."""
     if gt_boxes.numel() == 0:
-        return anchors.new_zeros(anchors.shape[0]), torch.zeros_like(anchors)
+        return anchors.new_zeros(anchors.shape[0]), anchors.new_zeros(anchors.shape, dtype=gt_boxes.dtype)
     matched = matcher(ops.box_iou(gt_boxes, anchors))
     labels = (matched >= 0).to(anchors.dtype)
     labels[matched == matcher.BELOW_LOW_THRESHOLD] = 0.0
@@ -216,7 +216,9 @@ class RegionProposalNetwork(nn.Module):
     ) -> dict[str, Tensor]:
         labels, regression = [], []
         for t in targets:
-            lab, matched = anchor_labels(anchors, t["boxes"].to(anchors.dtype), self.matcher)
+            # the boxes as given (float32): under bf16 autocast the anchors are bf16, and rounding the
+            # boxes to them moved labels and targets (torchvision matches and encodes in float32)
+            lab, matched = anchor_labels(anchors, t["boxes"], self.matcher)
             labels.append(lab)
             regression.append(self.box_coder.encode_single(matched, anchors))
         obj_loss, box_loss = rpn_loss(objectness, deltas, torch.stack(labels), torch.stack(regression), self.sampler)
