@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -40,6 +41,26 @@ def test_cli_bench_onnx_mode_exports_and_times(tmp_path):
                  "--threads", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["mode"] == "onnx" and r["agreement"] >= 0.999 and r["precision"] == "float32"
+
+
+def test_bench_feeds_a_gray_model_its_one_channel(tmp_path):
+    """A 1-channel checkpoint (the ISBI U-Net) or its ONNX file got a 3-channel input: a traceback
+    in every mode, and no FLOPs for the ONNX file."""
+    from pixelwise import save_checkpoint
+
+    model = create_model("unet", num_classes=2, base_channels=4, in_channels=1).eval()
+    ckpt = tmp_path / "gray.safetensors"
+    save_checkpoint(ckpt, model, {"model": "unet", "num_classes": 2, "model_kwargs": {"base_channels": 4,
+                                                                                    "in_channels": 1}})
+    runs = [["--checkpoint", str(ckpt)], ["--checkpoint", str(ckpt), "--mode", "fast"]]
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+        assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "g.onnx")]) == 0
+        runs.append(["--onnx", str(tmp_path / "g.onnx")])
+    for i, run in enumerate(runs):
+        out = tmp_path / f"{i}.json"
+        assert main(["bench", *run, "--size", "32x48", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["gflops_per_img"] > 0 and r["img_per_s"] > 0, run
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -305,6 +305,25 @@ def test_every_loss_and_options_train(tmp_path):
         assert math.isfinite(s["final"]["train_loss"]) and s["amp"] == ("bf16" if i == 1 else "off")
 
 
+def test_auto_precision_on_a_gpu_asks_that_gpu_for_bf16_in_hardware(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4, where bf16 is emulated (no bf16
+    convolutions), and asks the current GPU: auto trained and the fast path predicted in slow bf16."""
+    from pixelwise import runtime
+    from pixelwise.models.maskrcnn.fast import reduced_precision_dtype
+
+    asked = []
+    capability = {0: (7, 0), 1: (8, 0)}  # cuda:0 a V100, cuda:1 an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability[d.index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    v100, a100 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert resolve_amp("auto", v100)[0] == "fp16" and resolve_amp("auto", a100)[0] == "bf16"
+    assert reduced_precision_dtype(v100) == torch.float32 and reduced_precision_dtype(a100) == torch.bfloat16
+    assert asked == [v100, a100, v100, a100]  # the GPU asked about, not the current one
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert runtime.cuda_has_native_bf16(v100)  # every ROCm GPU does bf16
+
+
 def test_amp_choices(monkeypatch):
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="fp16 needs CUDA"):

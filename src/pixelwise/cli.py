@@ -171,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     import torch
 
-    from pixelwise.checkpoint import load_checkpoint
+    from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint
     from pixelwise.data.io import DEFAULT_MAX_PIXELS
     from pixelwise.inference.bench import benchmark, count_flops
     from pixelwise.inference.onnx_runner import read_onnx_metadata
@@ -203,22 +203,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"--onnx runs in onnxruntime: --mode {mode} does not apply")
         mode, meta = "onnx", read_onnx_metadata(args.onnx)
         task, name = "semantic", meta.get("model", "")
+        channels = input_spec_from_meta(meta).channels  # the graph's input (export records the contract)
         if name:  # FLOPs of the architecture, counted on the meta device from the stored metadata
             flops = count_flops(lambda: create_model(name, num_classes=meta.get("num_classes", 21),
-                                                     **meta.get("model_kwargs", {})), size)
+                                                     **meta.get("model_kwargs", {})), size, channels=channels)
     elif args.checkpoint:
         if looks_like_onnx(args.checkpoint):
             raise UserError(f"{args.checkpoint} is an ONNX file; give it as --onnx {args.checkpoint}")
         model, meta = load_checkpoint(args.checkpoint)
         task, name = meta.get("task", "semantic"), meta.get("model", "")
+        channels = input_spec_from_meta(meta, model).channels
     else:
         task = model_info(args.model).task
         if args.compile and task != "semantic":
             raise UserError("--compile goes with --mode fast (semantic models)")
         model = create_model(args.model, num_classes=args.num_classes or 21)
+        channels = 3
     result = benchmark(model, size, batch=args.batch, mode=mode or "eager", device=device,
                        repeats=args.repeats, task=task, flops=flops, model_name=name, onnx=args.onnx,
-                       threads=args.threads, train=args.train, compile=args.compile)
+                       threads=args.threads, train=args.train, compile=args.compile, channels=channels)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
                    if v is not None))
     if args.json:
@@ -598,10 +601,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         not (re.fullmatch(re.escape(path.stem) + r"_\d+", stem) if path in stacks else stem == path.stem)
         for path, stem in zip(plan.paths, plan.stems))
     inputs = "; ".join(m.input_spec.describe() for m in members)
+    # a model with dropout under --uncertainty samples Monte-Carlo dropout, which runs in eager float32
+    sampled = sorted({m.mode for m in members if isinstance(m, SemanticPredictor) and m.mc_samples
+                      and m.mode != "eager"})
     fast = sorted({str(m.runner.precision) for m in members  # bf16 or float32, and why
-                   if isinstance(m, SemanticPredictor) and m.mode == "fast" and hasattr(m.runner, "precision")})
+                   if isinstance(m, SemanticPredictor) and m.mode == "fast" and not m.mc_samples
+                   and hasattr(m.runner, "precision")})
     print(f"wrote {len(written)} prediction(s) to {args.out} (input: {inputs})"
           + (f"; --mode fast ran {', '.join(fast)}" if fast else "")
+          + (f"; Monte-Carlo dropout (--uncertainty) ran in eager float32, not --mode {', '.join(sampled)}"
+             if sampled else "")
           + (f"; {len(stacks)} multi-frame file(s) predicted frame by frame as <stem>_<frame>" if stacks else "")
           + (f"; {renamed} output name(s) given <stem>_<ext> or a number because input stems collide"
              if renamed else ""))

@@ -115,6 +115,15 @@ BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` (not the current one) does bf16 in hardware: compute capability 8.0
+    (Ampere) or newer, or any ROCm GPU. ``torch.cuda.is_bf16_supported()`` also says yes where bf16
+    is only emulated (V100, T4: no bf16 convolution kernels, slower than fp16)."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU does bf16 arithmetic in hardware (:data:`BF16_CPU_FLAGS`). Where the flags
     cannot be read, oneDNN's own answer, which is only the fallback: it says yes for every AVX-512

@@ -107,6 +107,7 @@ class BasicBlock(nn.Module):
     """
 
     expansion = 1
+    bn_follows_conv = True  # bn<k> normalises conv<k>'s output (fast paths fold the pairs)
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  dilation: int = 1, norm_layer: NormLayer = nn.BatchNorm2d, first_dilation: int | None = None
@@ -131,6 +132,7 @@ class Bottleneck(nn.Module):
     ``Tensor[N, in, H, W] -> Tensor[N, 4*planes, H/s, W/s]``."""
 
     expansion = 4
+    bn_follows_conv = True
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  dilation: int = 1, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
@@ -166,6 +168,8 @@ def unit_rates(multi_grid: object, blocks: int) -> tuple[int, ...]:
 
 class ResNet(nn.Module):
     """``Tensor[N, 3, H, W] -> Tensor[N, num_classes]``; stages as in the module docstring."""
+
+    bn_follows_conv = True  # the stem: bn1 after conv1
 
     def __init__(
         self,

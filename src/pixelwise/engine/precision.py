@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from pixelwise.errors import UserError
-from pixelwise.runtime import BF16_CPU_FLAGS, cpu_flags
+from pixelwise.runtime import BF16_CPU_FLAGS, cpu_flags, cuda_has_native_bf16
 
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
@@ -24,9 +24,9 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
     if mode != "auto":
         return mode, "as asked"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", "auto: CUDA with bf16 support"
-        return "fp16", "auto: CUDA without bf16, fp16 with gradient scaling"
+        if cuda_has_native_bf16(device):
+            return "bf16", "auto: CUDA with bf16 in hardware"
+        return "fp16", "auto: CUDA without bf16 in hardware (before Ampere), fp16 with gradient scaling"
     if "amx_bf16" in cpu_flags():
         return "bf16", "auto: CPU with AMX bf16"
     return "off", "auto: CPU without AMX, float32 is faster"

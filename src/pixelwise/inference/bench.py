@@ -23,8 +23,9 @@ from pixelwise.inference.onnx_runner import load_onnx
 from pixelwise.models import forward_logits
 
 
-def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semantic") -> float | None:
-    """FLOPs (multiply and add counted separately) of one forward pass on a ``1x3xHxW`` input.
+def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semantic", channels: int = 3
+                ) -> float | None:
+    """FLOPs (multiply and add counted separately) of one forward pass on a ``1 x channels x H x W`` input.
 
     ``builder()`` must construct the model; it is built and run on the ``meta`` device, so no
     memory is allocated and nothing is computed. Returns None where the forward pass is
@@ -33,7 +34,7 @@ def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semant
     try:
         with torch.device("meta"):
             model: nn.Module = builder().eval()
-            x = torch.empty(1, 3, *size)
+            x = torch.empty(1, channels, *size)
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 model(x) if task == "semantic" else model([x[0]])
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
@@ -82,8 +83,9 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
 def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mode: str = "eager",
               device: str = "cpu", repeats: int = 5, task: str = "semantic", flops: float | None = None,
               *, model_name: str = "", onnx: str | None = None, threads: int | None = None,
-              train: bool = False, compile: bool = False) -> dict:
-    """Inference speed of ``model`` (or of the ONNX file ``onnx``) on a ``batch x 3 x H x W`` input.
+              train: bool = False, compile: bool = False, channels: int = 3) -> dict:
+    """Inference speed of ``model`` (or of the ONNX file ``onnx``) on a ``batch x channels x H x W``
+    input (``channels``: the input contract's, 1 for a gray model).
 
     mode: ``eager`` (float32, as trained), ``fast`` (:mod:`pixelwise.inference.fast`: BatchNorm
     folded, channels-last, bfloat16 for the models whose bf16 accuracy was measured where the device
@@ -123,7 +125,7 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     dev = torch.device(device)
     if mode == "onnx" and (task != "semantic" or dev.type != "cpu"):
         raise UserError("--mode onnx runs semantic models on the CPU only (Mask R-CNN: docs/deploy.md)")
-    x = sample_batch(batch, 3, *size).to(dev)
+    x = sample_batch(batch, channels, *size).to(dev)
     if model is not None:
         model = model.eval().to(dev)
     reset_peak_memory(dev)

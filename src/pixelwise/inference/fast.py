@@ -54,7 +54,7 @@ class FastPlan:
     """How ``--mode fast`` / ``int8`` run one model, with the measurement behind it.
 
     bf16: run the folded model in bfloat16 where the device has fast bf16 kernels (else float32:
-    folding and channels-last only, within 1e-5 of eager); True only where its bf16 accuracy was
+    folding and channels-last only, as exact as folding is: docs/deploy.md); True only where its bf16 accuracy was
     measured on a trained checkpoint. int8: None if offered, else why not (the one-line error
     ``--mode int8`` gives). measured: what was measured (docs/deploy.md has the commands)."""
 
@@ -127,9 +127,11 @@ def keep_float32(model: nn.Module) -> int:
 class TapConv2d(nn.Module):
     """A dilated ``k x k`` convolution (stride 1, one group, zero "same" padding) computed as one
     ``1 x 1`` convolution to ``k * k * out`` channels whose outputs are added at their taps'
-    offsets: the same sums (in another order) with the same FLOPs. oneDNN's bf16 kernel for large
-    dilations runs far below the GEMM peak (DeepLab's ASPP 2048 -> 256 at rate 36 on 64 x 64: 368 ms
-    against 70 ms this way, docs/deploy.md); one GEMM of the whole weight does not."""
+    offsets: the same sums (in another order) with the same FLOPs; exact in float32 and float64, in
+    bf16 each tap's sum is rounded and the taps added in bf16 (docs/deploy.md has the error).
+    oneDNN's bf16 kernel for large dilations runs far below the GEMM peak (DeepLab's ASPP 2048 ->
+    256 at rate 36 on 64 x 64: 368 ms against 70 ms this way, docs/deploy.md); one GEMM of the
+    whole weight does not."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()

@@ -473,10 +473,9 @@ class InstancePredictor(Predictor):
     def _model_classes(self) -> int | None:
         """The class count of the box classifier (background included), for names and colours
         of a detector built without metadata."""
-        try:
-            return int(unwrap(self.model).roi_heads.box_predictor.cls_score.out_features)
-        except AttributeError:  # not pixelwise's MaskRCNN (an ONNX model carries its metadata)
-            return None
+        model = unwrap(self.model)  # pixelwise's MaskRCNN (an ONNX model carries its metadata)
+        head = model.get_submodule("roi_heads.box_predictor.cls_score") if isinstance(model, MaskRCNN) else None
+        return int(head.out_features) if isinstance(head, nn.Linear) else None
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, uncertainty: bool = False) -> dict[str, torch.Tensor]:

@@ -67,6 +67,8 @@ class Initial(nn.Module):
     ``pool_bn`` of the pooled ones): BatchNorm is per channel, so this is the same layer, and the
     first half can be folded into the convolution for inference."""
 
+    bn_follows_conv = True  # bn normalises conv's output (fast paths fold it)
+
     def __init__(self, in_channels: int, out_channels: int = 16):
         super().__init__()
         if not 0 < in_channels < out_channels:

@@ -38,11 +38,12 @@ from torch import Tensor
 
 from pixelwise import ops
 from pixelwise.backbones import FrozenBatchNorm2d
+from pixelwise.backbones.resnet import IntermediateLayerGetter
 from pixelwise.models.maskrcnn.model import MaskRCNN
 from pixelwise.models.maskrcnn.roi_heads import MaskRCNNPredictor, TwoMLPHead, postprocess_image
 from pixelwise.models.maskrcnn.rpn import flatten_predictions
 from pixelwise.models.maskrcnn.transform import ImageBatch
-from pixelwise.runtime import cpu_has_native_bf16
+from pixelwise.runtime import cpu_has_native_bf16, cuda_has_native_bf16
 
 __all__ = ["FastMaskRCNN", "detection_agreement", "fold_batchnorm", "optimize_for_inference", "reduced_precision_dtype"]
 
@@ -84,24 +85,29 @@ def _to(module: nn.Module, dtype: torch.dtype, memory_format: torch.memory_forma
 def fold_batchnorm(module: nn.Module) -> int:
     """Fold every BatchNorm that directly follows a convolution into it, in place; returns the count.
 
-    Recognised pairs: attributes ``conv<k>`` / ``bn<k>`` of one module (ResNet's stem and blocks) and
-    consecutive ``Conv2d`` (or ``ConvTranspose2d``), norm entries of an ``nn.Sequential`` (ResNet's
-    ``downsample``, U-Net's, SegNet's and DeconvNet's blocks, the FCN and DeepLab heads). The norm
-    is replaced by ``nn.Identity``. Works for ``FrozenBatchNorm2d`` and eval-mode ``BatchNorm2d``."""
+    Recognised pairs, where the order of computation is known: attributes ``conv<k>`` / ``bn<k>`` of
+    a module whose class says ``bn<k>`` normalises ``conv<k>``'s output (``bn_follows_conv = True``:
+    ResNet's stem and blocks, ENet's initial block; a pre-activation block, whose ``bn1`` comes
+    before ``conv1``, names them alike), and consecutive ``Conv2d`` (or ``ConvTranspose2d``), norm
+    children of an ``nn.Sequential`` or an :class:`IntermediateLayerGetter`, which run their
+    children in order (ResNet's ``downsample``, U-Net's, SegNet's and DeconvNet's blocks, the FCN
+    and DeepLab heads). The norm is replaced by ``nn.Identity``. Works for ``FrozenBatchNorm2d``
+    and eval-mode ``BatchNorm2d``."""
     folded = 0
     for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            conv = getattr(parent, "conv" + name[2:], None) if name.startswith("bn") else None
-            if isinstance(child, _NORMS) and isinstance(conv, _CONVS):
-                _fold(conv, child)
-                setattr(parent, name, nn.Identity())
-                folded += 1
-        if isinstance(parent, nn.Sequential):
-            for i in range(len(parent) - 1):
-                first, second = parent[i], parent[i + 1]
+        if getattr(parent, "bn_follows_conv", False):
+            for name, child in list(parent.named_children()):
+                conv = getattr(parent, "conv" + name[2:], None) if name.startswith("bn") else None
+                if isinstance(child, _NORMS) and isinstance(conv, _CONVS):
+                    _fold(conv, child)
+                    setattr(parent, name, nn.Identity())
+                    folded += 1
+        if isinstance(parent, nn.Sequential | IntermediateLayerGetter):
+            children = list(parent.named_children())
+            for (_, first), (name, second) in zip(children, children[1:]):
                 if isinstance(first, _CONVS) and isinstance(second, _NORMS):
                     _fold(first, second)
-                    parent[i + 1] = nn.Identity()
+                    setattr(parent, name, nn.Identity())
                     folded += 1
     return folded
 
@@ -110,7 +116,7 @@ def reduced_precision_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 where it is fast (CUDA with bf16 support; CPUs with bf16 arithmetic in hardware,
     AVX512-BF16 or AMX: :func:`pixelwise.runtime.cpu_has_native_bf16`), else float32."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float32
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.float32
