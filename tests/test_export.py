@@ -70,6 +70,26 @@ def test_metadata_holds_the_input_contract_and_classes(tmp_path):
     assert stored["onnx"]["precision"] == "float32" and len(stored["onnx"]["verified"]) == 2
 
 
+def test_export_puts_the_callers_model_back_on_its_device(tmp_path, monkeypatch):
+    """The export traces on the CPU; a caller's GPU model was left there. Here the model "lives" on
+    the meta device as far as export can tell (no GPU on the test machine): it is moved back."""
+    model, meta = build("segnet_basic")
+    moves = []
+    real_to = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        if self is model:
+            moves.append(args[0] if args else kwargs.get("device"))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", to)
+    somewhere = torch.device("meta")
+    monkeypatch.setattr("pixelwise.inference.export._export_onnx", lambda *a, **k: (moves.append("export"), "r")[1])
+    monkeypatch.setattr(torch.nn.Parameter, "device", property(lambda p: somewhere), raising=False)
+    assert export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES) == "r"
+    assert moves == ["export", somewhere]
+
+
 def test_export_fails_loudly_and_writes_nothing_below_the_agreement(tmp_path):
     model, meta = build("segnet_basic")
     path = tmp_path / "m.onnx"

@@ -223,3 +223,20 @@ def test_fast_runner_runs_the_weights_it_was_built_with():
         next(model.parameters()).add_(1.0)
     torch.testing.assert_close(runner(x), before)
     assert not torch.allclose(make_runner(model, "fast", "segnet_basic")(x), before)
+
+
+def test_every_plan_offered_was_measured_within_its_cost():
+    """A model gets bf16 (or int8) only with a measurement on a trained checkpoint that costs at most
+    FAST_MAX_COST (INT8_MAX_COST) mIoU points: the plans' numbers are eager / fast / int8."""
+    import re
+
+    offered = 0
+    for name, plan in fast.PLANS.items():
+        if not (plan.bf16 or plan.int8 is None):
+            continue
+        eager, quick, int8 = (float(v) for v in re.findall(r"(\d+\.\d+) / (\d+\.\d+) / (\d+\.\d+)",
+                                                              plan.measured)[0])
+        assert not plan.bf16 or eager - quick <= fast.FAST_MAX_COST, name
+        assert plan.int8 is not None or eager - int8 <= fast.INT8_MAX_COST, name
+        offered += 1
+    assert offered >= 3

@@ -336,8 +336,19 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
     Raises UserError (and writes nothing) if onnxruntime's argmax agrees with PyTorch's on less
     than ``min_agreement`` of the pixels at any size. ``replace=False``: a file at ``out`` by the
     time the export is done (another process wrote it since the caller's check) is left as it is, a
-    UserError.
+    UserError. The model is traced on the CPU and put back on its own device afterwards.
     """
+    device = next(model.parameters(), torch.empty(0)).device
+    try:
+        return _export_onnx(model, out, meta, model_name=model_name, opset=opset, fp16=fp16,
+                            calibration=calibration, sizes=sizes, min_agreement=min_agreement, replace=replace)
+    finally:
+        model.to(device)
+
+
+def _export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None, *, model_name: str, opset: int,
+                 fp16: bool, calibration: Iterable[torch.Tensor] | None,
+                 sizes: Sequence[tuple[int, int, int]] | None, min_agreement: float, replace: bool) -> ExportReport:
     if meta and meta.get("task", "semantic") != "semantic":
         raise UserError(f"{meta.get('model')} is an instance model: use export_maskrcnn_parts")
     if fp16 and calibration is not None:

@@ -54,8 +54,8 @@ class FastPlan:
     """How ``--mode fast`` / ``int8`` run one model, with the measurement behind it.
 
     bf16: run the folded model in bfloat16 where the device has fast bf16 kernels (else float32:
-    folding and channels-last only, as exact as folding is: docs/deploy.md); True only where its bf16 accuracy was
-    measured on a trained checkpoint. int8: None if offered, else why not (the one-line error
+    folding and channels-last only, as exact as folding is: docs/deploy.md); True only where its
+    bf16 accuracy was measured on a trained checkpoint. int8: None if offered, else why not (the one-line error
     ``--mode int8`` gives). measured: what was measured (docs/deploy.md has the commands)."""
 
     bf16: bool = False
