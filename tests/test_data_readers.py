@@ -91,7 +91,14 @@ def test_voc_train_aug_from_segmentationclassaug(tmp_path):
         _mask(voc / "SegmentationClassAug" / f"{stem}.png", masks.get(stem, masks["2007_000001"]))
     _img(voc / "JPEGImages" / "2009_000001.jpg", 12, 16)
     ds = VOCSegmentation(voc, "train_aug")
-    assert [ds.name_of(i) for i, _ in ds.items] == ["2007_000001", "2009_000001"]
+    # VOC train (..01, ..02) joins the Aug masks (mmseg's converter writes only SBD's there), minus val (..03);
+    # VOC's own PNG where it has one, as the sbd_root route does
+    assert [ds.name_of(i) for i, _ in ds.items] == ["2007_000001", "2007_000002", "2009_000001"]
+    assert [Path(m).parent.name for _, m in ds.items] == ["SegmentationClass"] * 2 + ["SegmentationClassAug"]
+    np.testing.assert_array_equal(ds.load(1).mask, masks["2007_000002"])
+    (voc / "ImageSets" / "Segmentation" / "trainaug.txt").write_text("2009_000001\n2007_000002\n")  # mmseg's list
+    listed = VOCSegmentation(voc, "train_aug")
+    assert [listed.name_of(i) for i, _ in listed.items] == ["2009_000001", "2007_000002"]
 
 
 # ---------------------------------------------------------------------------------------- Cityscapes

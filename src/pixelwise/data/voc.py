@@ -4,9 +4,11 @@
 ``train`` (1,464), ``val`` (1,449), ``trainval`` come from ``ImageSets/Segmentation/{split}.txt``.
 ``train_aug`` (10,582 with the usual data) uses either
 
-- ``SegmentationClassAug/*.png`` inside VOC2012 (the DeepLab release): the stems listed in
-  ``ImageSets/Segmentation/train_aug.txt`` when present, else every mask there that is not in
-  ``val``; or
+- ``SegmentationClassAug/*.png`` inside VOC2012 (the DeepLab release, or mmsegmentation's
+  converter, which puts only SBD's masks there): the stems listed in
+  ``ImageSets/Segmentation/train_aug.txt`` (DeepLab's name) or ``trainaug.txt`` (mmseg's) when
+  present, else every mask there and VOC ``train``, minus ``val``; VOC's own PNG
+  (``SegmentationClass``) is used where one exists, the Aug mask elsewhere; or
 - ``sbd_root=PATH`` (SBD's ``benchmark_RELEASE/dataset`` with ``cls/*.mat``, ``train.txt``,
   ``val.txt``): SBD train + SBD val + VOC train, minus VOC val; VOC's own PNG is used where
   one exists.
@@ -116,12 +118,16 @@ class VOCSegmentation(FilePairDataset):
             self.items = [(self._jpg(s), str(self.voc / "SegmentationClass" / f"{s}.png")) for s in stems]
         elif (self.voc / "SegmentationClassAug").is_dir() and sbd_root is None:
             aug = self.voc / "SegmentationClassAug"
-            if (sets / "train_aug.txt").is_file():
-                stems = read_list(sets / "train_aug.txt")
-            else:
+            listed = [sets / n for n in ("train_aug.txt", "trainaug.txt") if (sets / n).is_file()]  # DeepLab's, mmseg's
+            if listed:
+                stems = read_list(listed[0])
+            else:  # mmseg's converter puts only SBD's masks here: VOC train comes from SegmentationClass
                 val = set(read_list(sets / "val.txt", required=False))
-                stems = sorted(p.stem for p in aug.glob("*.png") if p.stem not in val)
-            self.items = [(self._jpg(s), str(aug / f"{s}.png")) for s in stems]
+                voc_train = set(read_list(sets / "train.txt", required=False))
+                stems = sorted(({p.stem for p in aug.glob("*.png")} | voc_train) - val)
+            voc_masks = self.voc / "SegmentationClass"  # VOC's own label where it has one, as with sbd_root
+            self.items = [(self._jpg(s), str(png if (png := voc_masks / f"{s}.png").is_file() else aug / f"{s}.png"))
+                          for s in stems]
         elif sbd_root is not None:
             sbd = Path(sbd_root).expanduser()
             if not (sbd / "cls").is_dir():
