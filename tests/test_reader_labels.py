@@ -59,6 +59,25 @@ def _isbi_tif(root: Path, labels: list[Image.Image]) -> None:
     labels[0].save(root / "train-labels.tif", save_all=True, append_images=labels[1:])
 
 
+def test_isbi_slices_saved_as_single_tiffs_find_their_tiff_labels(tmp_path):
+    """train/image/<n>.tif was read, but its label only looked for as label/<n>.png: every slice a
+    "missing mask" that did not name the label/<n>.tif beside it."""
+    cells = np.zeros((8, 10), np.uint8)
+    cells[:, 5:] = 255
+    root = tmp_path / "d"
+    (root / "train" / "image").mkdir(parents=True)
+    (root / "train" / "label").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(RNG.integers(0, 255, (8, 10), dtype=np.uint8)).save(root / "train" / "image" / f"{k}.tif")
+        Image.fromarray(cells).save(root / "train" / "label" / f"{k}.{'png' if k == 0 else 'tif'}")
+    ds = build_dataset("isbi2012", str(root), "all", val_count=1)
+    assert ds.check() == [] and [Path(m).suffix for _, m in ds.items] == [".png", ".tif", ".tif"]
+    np.testing.assert_array_equal(ds.load(2).mask, (cells > 0).astype(np.uint8))
+    (root / "train" / "label" / "2.tif").unlink()  # still named as the PNG it looks for first
+    problems = build_dataset("isbi2012", str(root), "all", val_count=1).check()
+    assert len(problems) == 1 and problems[0].path.endswith("label/2.png")
+
+
 @pytest.mark.parametrize("layout", ["png", "tif"])
 @pytest.mark.parametrize("kind", ["1bit", "palette", "gray"])
 def test_isbi_labels_are_read_by_their_gray_level(tmp_path, layout, kind):

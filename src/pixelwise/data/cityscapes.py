@@ -3,7 +3,8 @@
 Layout: ``root/leftImg8bit/{split}/{city}/{name}_leftImg8bit.png`` and
 ``root/gtFine/{split}/{city}/{name}_gtFine_labelIds.png``. The label ids 0..33 are mapped to the
 19 train ids of the official ``labels.py``; every other id (and 255) becomes 255 (ignore).
-Splits: ``train`` (2,975), ``val`` (500), ``test`` (1,525; its labels are all "unlabeled").
+Splits: ``train`` (2,975), ``val`` (500), ``test`` (1,525; its labels hold only ids 0..3,
+unlabeled, ego vehicle, rectification border and out of roi, all ignored).
 The ``*_gtFine_labelIds.png`` files are what is read: a ``*_gtFine_labelTrainIds.png`` (made by
 cityscapesScripts' ``createTrainIdLabelImgs``, which adds it beside the labelIds file) or a coarse
 annotation (``gtCoarse/``, not supported) found where it is missing is named in the "missing mask"

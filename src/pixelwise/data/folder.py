@@ -28,7 +28,8 @@ edges), and a ``masks/a.jpg`` beside ``images/a.png`` is named in the "missing m
 
 Splits: with ``splits/`` the lists decide. Without it every pair is in ``all``; ``val`` is a
 deterministic 10% of ``all`` (at least one image when there are two or more), chosen by a hash of
-the stem so it stays stable as files are added, and ``train`` is the rest.
+the stem (the smallest hashes; adding files can move a val image into train), and ``train`` is
+the rest.
 """
 
 from __future__ import annotations

@@ -65,6 +65,16 @@ def label_gray(img: Image.Image, ref: str) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
 
 
+def _label_of(label_dir: Path, stem: str) -> Path:
+    """The label of slice ``stem``: ``<stem>.png``, or a ``.tif``/``.tiff`` of that stem where
+    there is no PNG (a label stack saved as single TIFFs, as the image slices may be); the PNG
+    name, for the missing-mask problem, where there is none."""
+    for suffix in (".png", ".tif", ".tiff"):
+        if (label_dir / f"{stem}{suffix}").is_file():
+            return label_dir / f"{stem}{suffix}"
+    return label_dir / f"{stem}.png"
+
+
 class ISBI2012(FilePairDataset):
     """ISBI 2012 membranes, 2 classes (membrane, cell), from TIFF stacks or PNG folders."""
 
@@ -86,8 +96,8 @@ class ISBI2012(FilePairDataset):
         if png_dir.is_dir():
             images = sorted((p for p in png_dir.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff")),
                             key=_natural_key)
-            items: list[tuple[str, str | None]] = [(str(p), str(self.root / "train" / "label" / f"{p.stem}.png"))
-                                                   for p in images]
+            label_dir = self.root / "train" / "label"
+            items: list[tuple[str, str | None]] = [(str(p), str(_label_of(label_dir, p.stem))) for p in images]
         elif volume.is_file():
             n = frame_count(volume)
             items = [(f"{volume}#{k}", f"{labels}#{k}") for k in range(n)]
