@@ -495,3 +495,29 @@ def test_mask_targets_are_gt_masks_cropped_to_the_proposal():
     assert targets[1].mean().item() == pytest.approx(4 * 16 / 400, abs=0.03)
     logits = torch.zeros(2, 3, 28, 28)
     assert maskrcnn_loss(logits, torch.tensor([1, 2]), torch.ones(2, 28, 28)).item() == pytest.approx(math.log(2))
+
+
+def test_a_maskrcnn_trained_from_pretrained_weights_saves_and_reloads_as_itself(tmp_path):
+    """Pretrained weights freeze the backbone's BatchNorm; the checkpoint was checked (and read)
+    by rebuilding the model from its options alone, with BatchNorm2d: the first save raised after a
+    whole epoch. The checkpoint records frozen_bn_eps, and rebuilds with frozen BatchNorm."""
+    import torch.nn as nn
+
+    from pixelwise import load_checkpoint
+    from pixelwise.backbones import FrozenBatchNorm2d, resnet18
+    from pixelwise.cli import main
+
+    torch.manual_seed(0)
+    weights = tmp_path / "r18.pth"
+    torch.save(resnet18().state_dict(), weights)  # a local copy of ImageNet-style ResNet-18 weights
+    out = tmp_path / "run"
+    assert main(["train", "--model", "maskrcnn_resnet18_fpn", "--pretrained", str(weights), "--dataset", "shapes",
+                 "--dataset-kwargs", '{"num_train": 4, "num_val": 2, "size": 64}',
+                 "--model-kwargs", '{"min_size": 64, "max_size": 64}', "--epochs", "1", "--batch-size", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    model, meta = load_checkpoint(out / "best.safetensors")
+    assert meta["model_kwargs"]["frozen_bn_eps"] == pytest.approx(1e-5)
+    norms = [m for m in model.backbone.body.modules() if isinstance(m, FrozenBatchNorm2d | nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, FrozenBatchNorm2d) and m.eps == pytest.approx(1e-5) for m in norms)
+    with pytest.raises(ValueError, match="frozen_bn_eps must be a number >= 0"):
+        model_info("maskrcnn_resnet18_fpn").builder(num_classes=3, frozen_bn_eps=-1.0)

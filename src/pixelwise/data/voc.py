@@ -123,8 +123,7 @@ class VOCSegmentation(FilePairDataset):
                 stems = read_list(listed[0])
             else:  # mmseg's converter puts only SBD's masks here: VOC train comes from SegmentationClass
                 val = set(read_list(sets / "val.txt", required=False))
-                voc_train = set(read_list(sets / "train.txt", required=False))
-                stems = sorted(({p.stem for p in aug.glob("*.png")} | voc_train) - val)
+                stems = sorted(({p.stem for p in aug.glob("*.png")} | set(read_list(sets / "train.txt", False))) - val)
             voc_masks = self.voc / "SegmentationClass"  # VOC's own label where it has one, as with sbd_root
             self.items = [(self._jpg(s), str(png if (png := voc_masks / f"{s}.png").is_file() else aug / f"{s}.png"))
                           for s in stems]

@@ -57,6 +57,7 @@ import torch.nn as nn
 import yaml
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Subset
 
+from pixelwise.backbones import FrozenBatchNorm2d
 from pixelwise.checkpoint import (
     atomic_write,
     atomic_write_json,
@@ -1118,10 +1119,22 @@ def evaluate(run: Run) -> dict:
 
 
 # --- writing ------------------------------------------------------------------------------------
+def saved_model_kwargs(run: Run) -> dict:
+    """The run's model options, with what rebuilds the model it trained that the options do not say:
+    a Mask R-CNN started from pretrained weights has frozen BatchNorm (eps 0 under COCO's weights),
+    which ``frozen_bn_eps`` rebuilds (built from the options alone it had BatchNorm2d, and the
+    checkpoint could be neither written nor read)."""
+    kwargs = dict(run.cfg.model_kwargs)
+    frozen = [m.eps for m in run.module.modules() if isinstance(m, FrozenBatchNorm2d)]
+    if frozen and run.task == "instance":
+        kwargs.setdefault("frozen_bn_eps", float(frozen[0]))
+    return kwargs
+
+
 def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
     cfg, ds = run.cfg, run.train_ds
     return {
-        "model": cfg.model, "model_kwargs": cfg.model_kwargs, "num_classes": ds.num_classes,
+        "model": cfg.model, "model_kwargs": saved_model_kwargs(run), "num_classes": ds.num_classes,
         "task": run.task, "class_names": list(ds.class_names),
         "palette": [list(c) for c in ds.palette], "input": run.contract.to_dict(),
         "dataset": cfg.dataset, "training": summary or {},

@@ -9,6 +9,7 @@ Keyword arguments are torchvision's (``min_size``, ``box_score_thresh``, ``rpn_p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import warnings
 from collections.abc import Callable
@@ -183,9 +184,16 @@ def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classe
     trainable = kwargs.pop("trainable_backbone_layers", None)
     if trainable is not None:
         trainable = whole_number("trainable_backbone_layers", trainable, 0, 5)
+    frozen = kwargs.pop("frozen_bn_eps", None)
+    if frozen is not None and (isinstance(frozen, bool) or not isinstance(frozen, numbers.Real) or not frozen >= 0):
+        raise ValueError(f"frozen_bn_eps must be a number >= 0 (the eps of a frozen BatchNorm), got {frozen!r}")
     transform, rpn, roi = split_kwargs(kwargs)
     # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
-    norm_layer = nn.BatchNorm2d if pretrained is None else FrozenBatchNorm2d
+    # frozen_bn_eps freezes it whatever the weights: a checkpoint trained from pretrained weights
+    # records it, so that it is rebuilt as the model it is (no num_batches_tracked, COCO's eps 0)
+    norm_layer: Callable[[int], nn.Module] = (nn.BatchNorm2d if pretrained is None and frozen is None else
+                                              functools.partial(FrozenBatchNorm2d, eps=float(
+                                                  1e-5 if frozen is None else frozen)))
     backbone = make_resnet(pretrained="imagenet" if pretrained == "imagenet" else None, norm_layer=norm_layer)
     model = build_maskrcnn(backbone, num_classes, transform, rpn, roi, widths)
     if pretrained not in (None, "imagenet"):
