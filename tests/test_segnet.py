@@ -288,3 +288,19 @@ def test_export_keeps_height_and_width_dynamic_and_trace_works_at_its_size():
             assert torch.allclose(program(y), model(y), atol=1e-5)
         traced = torch.jit.trace(model, x)
         assert torch.allclose(traced(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, kwargs", [("segnet", {}), ("bayesian_segnet", {}), ("deconvnet", {"fc_channels": 16})])
+def test_a_checkpoint_of_the_whole_net_loads_whole_as_pretrained(tmp_path, name, kwargs):
+    """train suggests --pretrained <run>/last.safetensors to start anew from a run: SegNet took only
+    the encoder of it (the decoder and classifier fresh: 21% of pixels as the source), DeconvNet
+    refused it for lacking VGG's classifier. A file of the whole net loads whole."""
+    from pixelwise import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    source = create_model(name, num_classes=3, **kwargs).eval()
+    path = tmp_path / "last.safetensors"
+    save_checkpoint(path, source, {"model": name, "num_classes": 3, "model_kwargs": kwargs})
+    loaded = create_model(name, num_classes=3, pretrained=str(path), **kwargs).eval()
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -3,6 +3,8 @@ logits, pad/crop helpers for any input size, the msra initialisation and whole-m
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -97,6 +99,17 @@ def init_msra(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def holds_whole_model(model: nn.Module, pretrained: str, encoder: str = "features.") -> bool:
+    """Whether the local file ``pretrained`` holds weights of ``model`` beyond its encoder (a
+    pixelwise checkpoint of the same net, such as a run's ``last.safetensors``), so that it loads
+    whole (:func:`load_model_weights`) rather than as ImageNet weights of the encoder alone. Tags
+    (``"imagenet"``) and files that are not there are not."""
+    if not Path(pretrained).expanduser().is_file():
+        return False
+    own = model.state_dict()
+    return any(k in own and not k.startswith(encoder) for k in read_weights(pretrained))
 
 
 def load_model_weights(model: nn.Module, path: str, name: str) -> None:

@@ -42,7 +42,14 @@ from pixelwise.backbones.vgg import (
 from pixelwise.errors import UserError
 from pixelwise.layers import DecoderStage, conv_bn, decoder_stages
 from pixelwise.models._checks import whole_number
-from pixelwise.models._utils import crop_top_left, forward_logits, init_msra, pad_to_multiple
+from pixelwise.models._utils import (
+    crop_top_left,
+    forward_logits,
+    holds_whole_model,
+    init_msra,
+    load_model_weights,
+    pad_to_multiple,
+)
 from pixelwise.models.registry import register_model
 
 __all__ = ["DeconvNet", "crop_boxes", "deconvnet", "instance_wise_predict", "load_pretrained", "pad_to_min"]
@@ -113,7 +120,9 @@ def deconvnet(num_classes: int, pretrained: str | None = None, fc_channels: int 
     model = DeconvNet(features, decoder_stages(layout, "indices", transposed=True),
                       nn.Conv2d(64, num_classes, 1), fc_channels=fc_channels)
     init_msra(model)
-    if pretrained is not None:
+    if pretrained is not None and holds_whole_model(model, pretrained):  # e.g. a run's last.safetensors
+        load_model_weights(model, pretrained, "deconvnet")
+    elif pretrained is not None:
         load_pretrained(model, pretrained)
     return model
 
