@@ -112,3 +112,34 @@ def test_torchrun_ranks_stop_together_when_one_clock_passes_the_time_budget(tmp_
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["stopped_by_time_budget"] and summary["epochs_completed"] == 1
     assert 1 <= summary["steps"] < 4  # 16 images / 2 ranks / batch 2 = 4 steps per epoch
+
+
+SETTLE_SPY = """
+import os, sys
+from pathlib import Path
+import pixelwise.engine.trainer as trainer
+real = trainer.settle_pending_best
+def settle(run, state):  # which ranks touch best.pending.safetensors
+    Path(run.out, f"settled.rank{os.environ['RANK']}").touch()
+    return real(run, state)
+trainer.settle_pending_best = settle
+from pixelwise.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_resume_settles_a_pending_best_on_rank_0_only(tmp_path):
+    """A kill between best.pending and the state leaves the pending file; on resume every rank
+    renamed or deleted it, and the slower rank's os.replace found no file (FileNotFoundError)."""
+    script = tmp_path / "spy.py"
+    script.write_text(SETTLE_SPY)
+    out = tmp_path / "ddp"
+    common = ["--model", "unet", "--dataset", "shapes", "--batch-size", "4", "--no-progress", "--amp", "off",
+              "--out", str(out), "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)]
+    proc = torchrun_train([*common, "--epochs", "1"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copy(out / "last.safetensors", out / "best.pending.safetensors")  # what a kill there leaves
+    proc = torchrun_train([*common, "--epochs", "2", "--resume"], timeout=300, entry=(str(script),))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("settled.rank*")) == ["settled.rank0"]
+    assert not (out / "best.pending.safetensors").exists()

@@ -5,6 +5,7 @@ import copy
 import csv
 import json
 import math
+import random
 import re
 import sys
 from pathlib import Path
@@ -1109,3 +1110,29 @@ def test_a_folder_runs_ignore_colour_is_recorded_for_serve(tmp_path):
                     batch_size=2, train_split="all", val_split="all", progress=False, out=str(tmp_path / "r")),
         log=quiet)
     assert read_checkpoint(tmp_path / "r" / "best.safetensors")[1]["ignore_color"] == [0, 0, 0]
+
+
+def test_validation_workers_get_the_max_pixels_limit_and_cuda_states_go_to_their_devices(tmp_path, monkeypatch):
+    """A spawned worker (macOS, Windows) does not inherit --max-pixels: training's loader passed it,
+    validation's did not. And the saved CUDA generator states are restored by device number, only to
+    devices that exist (sorted as strings, rng.cuda.10 came before .2; with fewer GPUs, an IndexError)."""
+    inits = []
+    real = trainer.DataLoader
+
+    def loader(*args, **kwargs):
+        inits.append(kwargs.get("worker_init_fn"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "DataLoader", loader)
+    fit(tiny(tmp_path, epochs=1, max_pixels=123_456), log=quiet)
+    assert len(inits) >= 2 and all(i is not None and i.keywords["max_pixels"] == 123_456 for i in inits)
+
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, int(state[0])))
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.zeros(624, dtype=torch.int64),
+               **{f"rng.cuda.{i}": torch.tensor([i], dtype=torch.uint8) for i in (0, 1, 2, 10)}}
+    meta = {"numpy": ["MT19937", 0, 0, 0.0], "python": list(random.getstate())}
+    trainer.rng_restore(tensors, meta)
+    assert restored == {0: 0, 1: 1, 2: 2}  # device 10 is not here

@@ -135,9 +135,11 @@ def rng_snapshot() -> RngState:
 
 def rng_restore(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    cuda = {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("rng.cuda.")}
+    if cuda and torch.cuda.is_available():  # by device number (rng.cuda.10 after .2), for the devices there are
+        for index, value in cuda.items():
+            if index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(value, index)
     kind, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     v, internal, gauss = meta["python"]
@@ -826,7 +828,9 @@ def resume(run: Run) -> TrainState:
     check_same_data(run)
     state = load_state(run)
     check_same_stages(run, state)
-    settle_pending_best(run, state)
+    if run.info.is_main:  # one rank renames or deletes it (every rank did, and the slower one found no file)
+        settle_pending_best(run, state)
+    dist.barrier()
     if state.selected_by != run.select:  # best_score and best.safetensors belong to the other metric
         raise UserError(f"{run.out} picked best.safetensors by {state.selected_by}; resume with "
                         f"--select-by {state.selected_by}, or train into a new --out")
@@ -1104,16 +1108,18 @@ def evaluate(run: Run) -> dict:
     are reduced over ranks. Instance: rank 0 scores the whole split and shares the result."""
     dist.broadcast_module_state(run.saved)  # BatchNorm statistics of rank 0, i.e. of the saved weights
     cfg = run.cfg
+    # a spawned worker (macOS, Windows) does not inherit the parent's --max-pixels: given, as to training's
+    init = functools.partial(_worker_init, max_pixels=cfg.max_pixels)
     if run.task == "semantic":
         loader = DataLoader(run.val_shard, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                            collate_fn=eval_collate)
+                            collate_fn=eval_collate, worker_init_fn=init)
         return validate_semantic(run.saved, loader, run.val_ds.num_classes, run.device,
                                  list(run.val_ds.class_names), run.show, run.amp, cfg.channels_last,
                                  rand_foreground=run.val_ds.rand_foreground)
     metrics = None
     if run.info.is_main:
         loader = DataLoader(ScoredInstances(run.val_ds), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                            collate_fn=collate)
+                            collate_fn=collate, worker_init_fn=init)
         metrics = validate_instances(run.saved, loader, run.val_ds, run.device, show=run.show)
     return dist.broadcast_object(metrics)
 
