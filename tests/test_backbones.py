@@ -279,3 +279,24 @@ def test_bad_weights_are_user_errors(tmp_path):
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="conv1.weight has shape"):
         resnet18(pretrained=str(tmp_path / "bad.pth"))
+
+
+def test_a_damaged_cached_weights_file_is_named_and_nothing_is_printed(tmp_path, monkeypatch, capsys):
+    """torch.hub reads a cached file without checking it again: an empty one was a raw EOFError, a
+    truncated one 'could not download' (nothing was downloaded) on every later run. The cached file
+    is named, with the fix; and torch's 'Downloading:' line (on stdout) no longer goes out."""
+    from pixelwise.errors import UserError
+    from pixelwise.weights import download_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    for damage in (b"", b"<html>not found</html>", b"PK\x03\x04" + bytes(100)):
+        cached.write_bytes(damage)
+        with pytest.raises(UserError, match=rf"the cached weights file {cached} could not be read .* delete it"):
+            download_weights("https://download.pytorch.org/models/resnet18-f37072fd.pth")
+    cached.unlink()  # not cached: an unreachable server is a failed download, in one line on stderr only
+    with pytest.raises(UserError, match="could not download weights from http://127.0.0.1:9/"):
+        download_weights("http://127.0.0.1:9/models/resnet18-f37072fd.pth")
+    assert capsys.readouterr().out == ""

@@ -40,3 +40,14 @@ def test_full_demo_reaches_target(tmp_path):
     assert main(["demo", "--out", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mIoU"] >= 0.85
+
+
+def test_the_training_curve_skips_points_that_are_not_finite():
+    """A NaN gave points="295.0,nan" (the browser stops drawing there) and, first in a series, a
+    legend of 'nan .. nan'; inf put every finite point on the bottom line."""
+    from pixelwise.report import svg_line_chart
+
+    svg = svg_line_chart({"loss": [(1, float("nan")), (2, 1.0), (3, 0.5)], "mIoU": [(1, 0.2), (2, float("inf")),
+                                                                                   (3, 0.4)]}, "t")
+    assert "nan" not in svg.lower() and "inf" not in svg.lower()
+    assert "loss (0.5 .. 1)" in svg and "mIoU (0.2 .. 0.4)" in svg  # the legends' ranges of the finite values

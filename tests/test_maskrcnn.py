@@ -521,3 +521,19 @@ def test_a_maskrcnn_trained_from_pretrained_weights_saves_and_reloads_as_itself(
     assert norms and all(isinstance(m, FrozenBatchNorm2d) and m.eps == pytest.approx(1e-5) for m in norms)
     with pytest.raises(ValueError, match="frozen_bn_eps must be a number >= 0"):
         model_info("maskrcnn_resnet18_fpn").builder(num_classes=3, frozen_bn_eps=-1.0)
+
+
+def test_a_hand_downloaded_coco_file_gives_the_model_the_coco_tag_gives(tmp_path):
+    """The download error says to fetch the file by hand and pass its path; that copy kept the
+    frozen BatchNorm's eps 1e-5 where "coco" sets torchvision's 0.0 (another model)."""
+    from pixelwise.backbones import FrozenBatchNorm2d
+    from pixelwise.models import create_model
+
+    torch.manual_seed(0)
+    copy = tmp_path / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+    torch.save(create_model("maskrcnn_resnet50_fpn", 91).state_dict(), copy)
+    renamed = tmp_path / "mine.pth"
+    renamed.write_bytes(copy.read_bytes())
+    for path, eps in ((copy, 0.0), (renamed, 1e-5)):  # another name: not taken for the COCO file
+        model = create_model("maskrcnn_resnet50_fpn", 91, pretrained=str(path))
+        assert {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)} == {eps}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 
@@ -21,7 +22,7 @@ def svg_line_chart(series: dict[str, list[tuple[float, float | None]]], title: s
              'fill="none" stroke="#999"/>',
              f'<text x="{width / 2}" y="{height - 8}" text-anchor="middle">epoch</text>']
     for i, (label, raw) in enumerate(series.items()):
-        pts = [(x, y) for x, y in raw if y is not None]
+        pts = [(x, y) for x, y in raw if y is not None and math.isfinite(y)]  # a NaN or inf point breaks the line
         if not pts:
             continue
         ys = [y for _, y in pts]

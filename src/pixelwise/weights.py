@@ -38,15 +38,24 @@ def download_weights(url: str) -> dict[str, Tensor]:
     """The state dict at ``url``, downloaded once into the torch hub cache (hash-checked when the
     file name carries one; a failed or corrupt download leaves nothing behind)."""
     progress = show_progress()
-    # torch.hub writes 'Downloading: URL to PATH' on stderr before it tries: kept on a terminal, where
-    # the progress bar follows it; elsewhere a failed download must leave one line, the error
-    said = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    # torch.hub writes 'Downloading: URL to PATH' (on stdout in torch 2.x) before it tries: kept on a
+    # terminal, where the progress bar follows it; elsewhere a failed download must leave one line, the error
+    quiet = contextlib.ExitStack()
+    if not progress:
+        quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    was_cached = cached.is_file()
     try:
-        with said:
+        with quiet:
             return torch.hub.load_state_dict_from_url(url, progress=progress, map_location="cpu", weights_only=True,
                                                       check_hash=url_has_hash(url))
-    except (OSError, RuntimeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged cached file raises EOFError, UnpicklingError, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if was_cached:  # torch reads a cached file without checking it again: nothing was downloaded
+            raise UserError(f"the cached weights file {cached} could not be read ({reason}); it is damaged (an "
+                            "interrupted copy?): delete it to download it again, or give a good copy with "
+                            "--pretrained PATH") from None
         raise UserError(f"could not download weights from {url} ({reason}); download the file yourself and "
                         "give its path: --pretrained PATH") from None
 

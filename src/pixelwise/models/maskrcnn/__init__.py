@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,7 +171,9 @@ def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -
         return
     optional = CLASS_SPECIFIC if num_classes != COCO_NUM_CLASSES else ()
     load_matching(model, state, f"maskrcnn(pretrained={pretrained!r})", optional=optional)
-    if pretrained == "coco":
+    # torchvision's COCO weights were trained with frozen BatchNorm of eps 0: the tag, or a hand-downloaded
+    # copy of that file (the download error's advice), kept under its name
+    if pretrained == "coco" or os.path.basename(str(pretrained)) == COCO_URL.rsplit("/", 1)[1]:
         overwrite_eps(model, 0.0)
 
 
