@@ -114,10 +114,11 @@ def test_stage_augment_merges_into_the_runs(tmp_path):
 
 def test_bundled_staged_recipes_keep_their_transforms():
     # deconvnet_voc copies the whole augment into each stage: merging gives the same transforms
+    # (object windows go to the 250x250 resize, then 224 crops: the paper's one resampling)
     cfg = build_config(load_yaml_config(find_recipe("deconvnet_voc")), {})
     built = [repr(train_transform(stage)) for _, stage in cfg.stage_configs()]
     assert built == [
-        "Compose([InstanceCrop(size=(224, 224), context=1.2), Augment(['PadIfNeeded', 'RandomCrop', "
+        "Compose([InstanceCrop(size=(250, 250), context=1.2), Augment(['PadIfNeeded', 'RandomCrop', "
         "'HorizontalFlip'], ignore_index=255, resize=(250, 250), elastic=None)])",
         "Augment(['PadIfNeeded', 'RandomCrop', 'HorizontalFlip'], ignore_index=255, resize=(250, 250), elastic=None)"]
 
