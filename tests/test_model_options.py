@@ -292,3 +292,16 @@ def test_train_refuses_bad_model_options_in_one_line(tmp_path, capsys, model, kw
     assert code == 2 and err.startswith("pixelwise: error: --model-kwargs: ") and "\n" not in err, err
     assert message in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, tags", [("deeplabv3plus_resnet18", "imagenet"), ("fcn_resnet50", "imagenet"),
+                                        ("maskrcnn_resnet18_fpn", "imagenet"),
+                                        ("maskrcnn_resnet50_fpn", "imagenet or coco")])
+def test_a_mistyped_weights_tag_names_the_models_own_tags(name, tags):
+    """'imagnet' for DeepLab said the model had no published weights; Mask R-CNN offered only coco,
+    also to the ResNet-18 one, which refuses it."""
+    from pixelwise.errors import UserError
+    from pixelwise.models import create_model
+
+    with pytest.raises(UserError, match=rf"weights 'imagnet' not found: pass {tags}, or the path"):
+        create_model(name, num_classes=3, pretrained="imagnet")

@@ -304,3 +304,14 @@ def test_a_checkpoint_of_the_whole_net_loads_whole_as_pretrained(tmp_path, name,
     loaded = create_model(name, num_classes=3, pretrained=str(path), **kwargs).eval()
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_a_plain_vgg16_file_for_segnet_says_which_file_it_needs(tmp_path):
+    """SegNet's encoder is VGG16-BN: torchvision's plain VGG-16 file gave 'weight 7.weight has shape
+    (128, 128, 3, 3)', a key stripped of its prefix, with no word of BatchNorm."""
+    from pixelwise.backbones.vgg import make_features
+
+    plain = tmp_path / "vgg16-397923af.pth"
+    torch.save({f"features.{k}": v for k, v in make_features(VGG16_CFG, batch_norm=False).state_dict().items()}, plain)
+    with pytest.raises(UserError, match=r"holds VGG-16 without BatchNorm.*give vgg16_bn-6c64b313.pth"):
+        segnet(3, pretrained=str(plain))

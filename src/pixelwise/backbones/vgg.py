@@ -31,6 +31,7 @@ from the stack itself, never from a name:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pixelwise.backbones.features import FeatureInfo
+from pixelwise.errors import UserError
 from pixelwise.weights import load_matching, read_weights
 
 __all__ = [
@@ -183,6 +185,11 @@ def load_features(features: nn.Sequential, pretrained: str, name: str = "vgg16_b
     ``classifier.*`` (DeconvNet's fc6/fc7)."""
     state = read_weights(pretrained, {"imagenet": URLS[name]})
     feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    with_bn = any(isinstance(m, nn.BatchNorm2d) for m in features)
+    if feats and with_bn != any(k.endswith("running_mean") for k in feats):  # the other VGG-16 of torchvision
+        has, needs = ("VGG-16 with BatchNorm", "without") if not with_bn else ("VGG-16 without BatchNorm", "with")
+        raise UserError(f"{name}(pretrained={pretrained!r}): the file holds {has}, and this model's encoder is "
+                        f"VGG-16 {needs} BatchNorm: give {Path(URLS[name]).name} (torchvision's {name})")
     load_matching(features, feats, f"{name}(pretrained={pretrained!r}) features")
     return state
 

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pixelwise.errors import UserError
 from pixelwise.layers import standardize_image
 from pixelwise.weights import backbone_file, load_matching, read_weights
 
@@ -112,12 +113,16 @@ def holds_whole_model(model: nn.Module, pretrained: str, encoder: str = "feature
     return any(k in own and not k.startswith(encoder) for k in read_weights(pretrained))
 
 
-def load_model_weights(model: nn.Module, path: str, name: str) -> None:
+def load_model_weights(model: nn.Module, path: str, name: str, tags: tuple[str, ...] = ()) -> None:
     """Load a whole-model state dict from a local file into ``model`` (strict, torchvision keys).
     A checkpoint with an auxiliary classifier also loads into a model built without one. A file
     of the backbone alone (e.g. a local copy of torchvision's ImageNet ResNet, whose keys are
     ``conv1.weight``, ``layer1.0...``, ``fc.*``) fills ``model.backbone`` and leaves the heads
-    fresh, as ``pretrained="imagenet"`` does, so the download can be done by hand."""
+    fresh, as ``pretrained="imagenet"`` does, so the download can be done by hand. ``tags``: the
+    model's own tags (handled by its builder), named when ``path`` is neither one nor a file."""
+    if tags and not Path(path).expanduser().exists():
+        raise UserError(f"{name}: weights {path!r} not found: pass {' or '.join(tags)}, or the path of a "
+                        ".safetensors/.pth file")
     state = read_weights(path)
     where = f"{name}(pretrained={path!r})"
     backbone = getattr(model, "backbone", None)

@@ -180,7 +180,7 @@ def _deeplabv3(resnet, name: str, num_classes: int, pretrained: str | None, aux_
     model = DeepLabV3(body, DeepLabHead(info["out"].channels, num_classes, rates),
                       FCNHead(info["aux"].channels, num_classes) if aux_loss else None)
     if pretrained not in (None, "imagenet"):
-        load_model_weights(model, pretrained, name)
+        load_model_weights(model, pretrained, name, tags=("imagenet",))
     return model
 
 
@@ -213,7 +213,7 @@ def _deeplabv3plus(resnet, name: str, num_classes: int, pretrained: str | None, 
     model = DeepLabV3Plus(body, head, FCNHead(info["aux"].channels, num_classes) if aux_loss else None,
                           input_norm=input_norm)
     if pretrained not in (None, "imagenet"):
-        load_model_weights(model, pretrained, name)
+        load_model_weights(model, pretrained, name, tags=("imagenet",))
     return model
 
 

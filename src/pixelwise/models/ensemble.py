@@ -59,7 +59,10 @@ class Ensemble(nn.Module):
 def edeconvnet(num_classes: int, pretrained: str | None = None, weights: Sequence[float] | None = None
                ) -> Ensemble:
     """EDeconvNet: ``Ensemble([deconvnet, fcn8s])`` (DeconvNet paper, Sec. 4.3), about 386M
-    parameters, so it is not registered; build it directly. ``pretrained`` goes to both members.
+    parameters, so it is not registered; build it directly. ``pretrained`` goes to both members, so
+    it is ``"imagenet"`` (each downloads its own VGG: DeconvNet VGG16-BN, FCN-8s plain VGG-16); no
+    one file is both, so for local copies build the two members with their files and
+    ``Ensemble([...])`` them.
 
     The paper combines DeconvNet run *instance-wise* (on proposals) with FCN-8s on the whole image;
     :class:`Ensemble` runs both on the whole image. For the paper's combination, average

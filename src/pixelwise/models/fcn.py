@@ -299,7 +299,7 @@ def _fcn_resnet(resnet, name: str, num_classes: int, pretrained: str | None, aux
     model = FCN(body, FCNHead(info["out"].channels, num_classes),
                 FCNHead(info["aux"].channels, num_classes) if aux_loss else None)
     if pretrained not in (None, "imagenet"):
-        load_model_weights(model, pretrained, name)
+        load_model_weights(model, pretrained, name, tags=("imagenet",))
     return model
 
 

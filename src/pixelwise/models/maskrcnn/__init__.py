@@ -191,6 +191,9 @@ def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classe
     if frozen is not None and (isinstance(frozen, bool) or not isinstance(frozen, numbers.Real) or not frozen >= 0):
         raise ValueError(f"frozen_bn_eps must be a number >= 0 (the eps of a frozen BatchNorm), got {frozen!r}")
     transform, rpn, roi = split_kwargs(kwargs)
+    if pretrained not in (None, "imagenet", "coco") and not os.path.exists(os.path.expanduser(str(pretrained))):
+        tags = "imagenet or coco" if make_resnet is resnet50 else "imagenet"  # resnet18 has no COCO weights
+        raise UserError(f"weights {pretrained!r} not found: pass {tags}, or the path of a .safetensors/.pth file")
     # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
     # frozen_bn_eps freezes it whatever the weights: a checkpoint trained from pretrained weights
     # records it, so that it is rebuilt as the model it is (no num_batches_tracked, COCO's eps 0)
