@@ -230,3 +230,25 @@ def test_a_local_copy_of_the_imagenet_resnet_fills_the_backbone(tmp_path):
     torch.save({k: v for k, v in ref.items() if not k.startswith("layer4.")}, tmp_path / "cut.pth")
     with pytest.raises(UserError, match="weights do not fit .*missing .*layer4"):
         deeplabv3plus_resnet18(num_classes=2, pretrained=str(tmp_path / "cut.pth"))
+
+
+@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_resnet50"])
+def test_a_21_class_torchvision_file_fine_tunes_to_another_class_count(tmp_path, name):
+    """torchvision's COCO FCN / DeepLab files score 21 classes; a model of 5 refused them (a shape
+    error on classifier.4). Everything loads but the scorers, which stay fresh, and the note says so."""
+    from pixelwise.models import create_model
+
+    torch.manual_seed(0)
+    source = create_model(name, num_classes=21, aux_loss=True)
+    path = tmp_path / "coco.pth"
+    torch.save(source.state_dict(), path)
+    model = create_model(name, num_classes=5, aux_loss=True, pretrained=str(path))
+    assert model.pretrained_note.endswith("aux_classifier.4, classifier.4, which score 21 classes in the file: "
+                                          "initialised for this model's classes (fine-tuning)")
+    own = model.state_dict()
+    for key, value in source.state_dict().items():
+        if not key.startswith(("classifier.4.", "aux_classifier.4.")):
+            assert torch.equal(own[key], value), key
+    assert own["classifier.4.weight"].shape[0] == 5
+    same = create_model(name, num_classes=21, aux_loss=True, pretrained=str(path))  # nothing to fine-tune
+    assert getattr(same, "pretrained_note", None) is None

@@ -131,4 +131,16 @@ def load_model_weights(model: nn.Module, path: str, name: str, tags: tuple[str, 
         return
     if getattr(model, "aux_classifier", None) is None:
         state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
-    load_matching(model, state, where)
+    # the heads' last layers score the classes: a file of another class count (torchvision's 21-class
+    # COCO FCN / DeepLab) fine-tunes with them fresh, as torchvision's recipe replaces classifier[4]
+    own = model.state_dict()
+    scorers = tuple(f"{head}.{len(module) - 1}." for head in ("classifier", "aux_classifier")
+                    if isinstance(module := getattr(model, head, None), nn.Sequential))
+    fresh = sorted({k.rsplit(".", 1)[0] for k, v in state.items()
+                    if k.startswith(scorers) and k in own and v.shape != own[k].shape})
+    load_matching(model, state, where, optional=scorers if fresh else ())
+    if fresh:
+        note = (f"{name}: loaded the weights {path} but {', '.join(fresh)}, which score "
+                f"{state[fresh[0] + '.weight'].shape[0]} classes in the file: initialised for this model's "
+                "classes (fine-tuning)")
+        setattr(model, "pretrained_note", note)  # noqa: B010 - what pixelwise train prints (as FCN-VGG's)
