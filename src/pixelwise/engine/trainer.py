@@ -1125,7 +1125,7 @@ def evaluate(run: Run) -> dict:
 
 
 # --- writing ------------------------------------------------------------------------------------
-def saved_model_kwargs(run: Run) -> dict:
+def rebuild_kwargs(run: Run) -> dict:
     """The run's model options, with what rebuilds the model it trained that the options do not say:
     a Mask R-CNN started from pretrained weights has frozen BatchNorm (eps 0 under COCO's weights),
     which ``frozen_bn_eps`` rebuilds (built from the options alone it had BatchNorm2d, and the
@@ -1140,7 +1140,7 @@ def saved_model_kwargs(run: Run) -> dict:
 def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
     cfg, ds = run.cfg, run.train_ds
     return {
-        "model": cfg.model, "model_kwargs": saved_model_kwargs(run), "num_classes": ds.num_classes,
+        "model": cfg.model, "model_kwargs": rebuild_kwargs(run), "num_classes": ds.num_classes,
         "task": run.task, "class_names": list(ds.class_names),
         "palette": [list(c) for c in ds.palette], "input": run.contract.to_dict(),
         "dataset": cfg.dataset, "training": summary or {},
