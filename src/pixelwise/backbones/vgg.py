@@ -178,12 +178,14 @@ def mirror_channels(features: nn.Sequential) -> Layout:
     return stages
 
 
-def load_features(features: nn.Sequential, pretrained: str, name: str = "vgg16_bn") -> dict[str, Tensor]:
+def load_features(features: nn.Sequential, pretrained: str, name: str = "vgg16_bn",
+                  state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Load torchvision-format VGG weights (``"imagenet"`` downloads ``URLS[name]``, or a local
     path) into a ``features`` stack from their ``features.*`` keys (strict: a file of another
     architecture raises ``UserError``). Returns the whole state dict, for callers that also want
-    ``classifier.*`` (DeconvNet's fc6/fc7)."""
-    state = read_weights(pretrained, {"imagenet": URLS[name]})
+    ``classifier.*`` (DeconvNet's fc6/fc7). ``state``: the file's contents where the caller has read
+    them already."""
+    state = read_weights(pretrained, {"imagenet": URLS[name]}) if state is None else state
     feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
     with_bn = any(isinstance(m, nn.BatchNorm2d) for m in features)
     if feats and with_bn != any(k.endswith("running_mean") for k in feats):  # the other VGG-16 of torchvision

@@ -102,28 +102,34 @@ def init_msra(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def holds_whole_model(model: nn.Module, pretrained: str, encoder: str = "features.") -> bool:
-    """Whether the local file ``pretrained`` holds weights of ``model`` beyond its encoder (a
-    pixelwise checkpoint of the same net, such as a run's ``last.safetensors``), so that it loads
-    whole (:func:`load_model_weights`) rather than as ImageNet weights of the encoder alone. Tags
-    (``"imagenet"``) and files that are not there are not."""
-    if not Path(pretrained).expanduser().is_file():
-        return False
+def local_weights(pretrained: str) -> dict[str, Tensor] | None:
+    """The state dict of ``pretrained`` when it is a local file, read once for the builder to look
+    at and load (:func:`holds_whole_model`); None for a tag (downloaded by the loader) or a path
+    that is not there (which the loader names)."""
+    return read_weights(pretrained) if Path(pretrained).is_file() else None
+
+
+def holds_whole_model(model: nn.Module, state: dict[str, Tensor] | None, encoder: str = "features.") -> bool:
+    """Whether ``state`` holds weights of ``model`` beyond its encoder (a pixelwise checkpoint of the
+    same net, such as a run's ``last.safetensors``), so that it loads whole
+    (:func:`load_model_weights`) rather than as ImageNet weights of the encoder alone."""
     own = model.state_dict()
-    return any(k in own and not k.startswith(encoder) for k in read_weights(pretrained))
+    return state is not None and any(k in own and not k.startswith(encoder) for k in state)
 
 
-def load_model_weights(model: nn.Module, path: str, name: str, tags: tuple[str, ...] = ()) -> None:
+def load_model_weights(model: nn.Module, path: str, name: str, tags: tuple[str, ...] = (),
+                       state: dict[str, Tensor] | None = None) -> None:
     """Load a whole-model state dict from a local file into ``model`` (strict, torchvision keys).
     A checkpoint with an auxiliary classifier also loads into a model built without one. A file
     of the backbone alone (e.g. a local copy of torchvision's ImageNet ResNet, whose keys are
     ``conv1.weight``, ``layer1.0...``, ``fc.*``) fills ``model.backbone`` and leaves the heads
     fresh, as ``pretrained="imagenet"`` does, so the download can be done by hand. ``tags``: the
-    model's own tags (handled by its builder), named when ``path`` is neither one nor a file."""
+    model's own tags (handled by its builder), named when ``path`` is neither one nor a file.
+    ``state``: the file's contents where the caller has read them already."""
     if tags and not Path(path).expanduser().exists():
         raise UserError(f"{name}: weights {path!r} not found: pass {' or '.join(tags)}, or the path of a "
                         ".safetensors/.pth file")
-    state = read_weights(path)
+    state = read_weights(path) if state is None else state
     where = f"{name}(pretrained={path!r})"
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, nn.Module) and (alone := backbone_file(state, backbone)) is not None:

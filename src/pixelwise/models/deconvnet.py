@@ -48,6 +48,7 @@ from pixelwise.models._utils import (
     holds_whole_model,
     init_msra,
     load_model_weights,
+    local_weights,
     pad_to_multiple,
 )
 from pixelwise.models.registry import register_model
@@ -120,19 +121,22 @@ def deconvnet(num_classes: int, pretrained: str | None = None, fc_channels: int 
     model = DeconvNet(features, decoder_stages(layout, "indices", transposed=True),
                       nn.Conv2d(64, num_classes, 1), fc_channels=fc_channels)
     init_msra(model)
-    if pretrained is not None and holds_whole_model(model, pretrained):  # e.g. a run's last.safetensors
-        load_model_weights(model, pretrained, "deconvnet")
-    elif pretrained is not None:
-        load_pretrained(model, pretrained)
+    if pretrained is not None:
+        state = local_weights(pretrained)
+        if holds_whole_model(model, state):  # e.g. a run's last.safetensors
+            load_model_weights(model, pretrained, "deconvnet", state=state)
+        else:
+            load_pretrained(model, pretrained, state)
     return model
 
 
-def load_pretrained(model: DeconvNet, pretrained: str) -> None:
+def load_pretrained(model: DeconvNet, pretrained: str, state: dict[str, Tensor] | None = None) -> None:
     """Load torchvision-format VGG16-BN weights into ``model``: ``features.*`` into the encoder and,
     when the shapes fit (``fc_channels == 4096``, 7x7 fc6), ``classifier.0`` -> ``fc6`` (reshaped
     ``[4096, 25088] -> [4096, 512, 7, 7]``, the order in which VGG flattens pool5) and
-    ``classifier.3`` -> ``fc7`` (``[4096, 4096, 1, 1]``)."""
-    state = load_features(model.features, pretrained)
+    ``classifier.3`` -> ``fc7`` (``[4096, 4096, 1, 1]``). ``state``: the file's contents where the
+    caller has read them already."""
+    state = load_features(model.features, pretrained, state=state)
     fc6, fc7 = model.fc6[0], model.fc7[0]
     if not isinstance(fc6, nn.Conv2d) or not isinstance(fc7, nn.Conv2d):
         raise TypeError(f"fc6/fc7 must be conv_bn blocks, got {type(fc6).__name__}/{type(fc7).__name__}")

@@ -48,7 +48,14 @@ from pixelwise.backbones.vgg import (
 from pixelwise.errors import UserError
 from pixelwise.layers import DecoderStage, conv_bn, decoder_stages
 from pixelwise.models._checks import number_in
-from pixelwise.models._utils import crop_top_left, holds_whole_model, init_msra, load_model_weights, pad_to_multiple
+from pixelwise.models._utils import (
+    crop_top_left,
+    holds_whole_model,
+    init_msra,
+    load_model_weights,
+    local_weights,
+    pad_to_multiple,
+)
 from pixelwise.models.registry import register_model
 
 __all__ = ["SegNet", "bayesian_segnet", "segnet", "segnet_basic"]
@@ -103,10 +110,12 @@ def _vgg_segnet(num_classes: int, pretrained: str | None, decoder_upsample: str,
     model = SegNet(features, decoder_stages(layout, decoder_upsample), classifier,
                    dropout=dropout, dropout_stages=3 if dropout else 0)
     init_msra(model)
-    if pretrained is not None and holds_whole_model(model, pretrained):  # e.g. a run's last.safetensors
-        load_model_weights(model, pretrained, "bayesian_segnet" if dropout else "segnet")
-    elif pretrained is not None:
-        load_features(model.features, pretrained)
+    if pretrained is not None:
+        state = local_weights(pretrained)
+        if holds_whole_model(model, state):  # e.g. a run's last.safetensors
+            load_model_weights(model, pretrained, "bayesian_segnet" if dropout else "segnet", state=state)
+        else:
+            load_features(model.features, pretrained, state=state)
     return model
 
 
