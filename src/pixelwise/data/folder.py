@@ -45,7 +45,14 @@ import numpy as np
 
 from pixelwise.data.base import IGNORE_INDEX, Problem
 from pixelwise.data.files import FilePairDataset, identity_lut, read_split_list
-from pixelwise.data.io import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, format_names, palette_conflict, read_mask
+from pixelwise.data.io import (
+    IMAGE_SUFFIXES,
+    OTHER_IMAGE_SUFFIXES,
+    format_names,
+    palette_conflict,
+    palette_known,
+    read_mask,
+)
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 
@@ -304,8 +311,7 @@ class FolderDataset(FilePairDataset):
         problems = super().check_item(image_ref, mask_ref, labels)
         if labels and self.colour_palette is not None and mask_ref is not None and \
                 not any(p.path == mask_ref for p in problems):  # a palette mask in other colours than these
-            known = {c: i for i, c in enumerate(self.colour_palette)}
-            known.setdefault(self.ignore_colour, IGNORE_INDEX)
+            known = palette_known(self.colour_palette, self.ignore_colour)
             found = palette_order_problem(mask_ref, known, self.class_names, str(self.root / "classes.json"))
             problems += [found] if found else []
         return problems

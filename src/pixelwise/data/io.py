@@ -401,17 +401,31 @@ def first_used_suspect(suspects: Mapping[int, tuple[tuple[int, int, int], int]],
     return None
 
 
+def colour_codes(rgb: np.ndarray) -> np.ndarray:
+    """uint8[..., 3] colours -> int64[...] codes ``r << 16 | g << 8 | b`` (one number per colour)."""
+    rgb = np.asarray(rgb)
+    return (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+
+
 def colors_to_index(rgb: np.ndarray, palette: Sequence[Sequence[int] | None],
                     unknown: int = 255) -> np.ndarray:
     """uint8[H, W, 3] colours -> uint8[H, W] palette indices; colours not in ``palette`` -> ``unknown``.
     ``None`` entries in ``palette`` match nothing (to reserve an index)."""
-    code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    code = colour_codes(rgb)
     out = np.full(code.shape, unknown, dtype=np.uint8)
     for i, colour in enumerate(palette):
         if colour is not None:  # None entries keep an index free
-            r, g, b = colour
-            out[code == ((int(r) << 16) | (int(g) << 8) | int(b))] = i
+            out[code == colour_codes(np.array(colour))] = i
     return out
+
+
+def palette_known(palette: Sequence[Sequence[int]], ignore_colour: Sequence[int]) -> dict[tuple[int, int, int], int]:
+    """{colour: class id} of a colour palette, with ``ignore_colour`` as 255 unless a class has it
+    (a class of the ignore colour stays that class): what :func:`palette_conflict` checks against."""
+    known = {(int(c[0]), int(c[1]), int(c[2])): i for i, c in enumerate(palette)}
+    r, g, b = (int(v) for v in ignore_colour)
+    known.setdefault((r, g, b), 255)
+    return known
 
 
 class ImageInfo(NamedTuple):

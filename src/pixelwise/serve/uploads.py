@@ -32,9 +32,11 @@ from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.io import (
     IMAGE_FORMATS,
     colors_to_index,
+    colour_codes,
     first_used_suspect,
     format_names,
     lossy_mask_error,
+    palette_known,
     palette_suspects,
     pil_to_rgb,
     tiff_layout,
@@ -283,9 +285,7 @@ def colour_mask(rgb: np.ndarray, palette: Sequence[Sequence[int]],
 
 def colours_known(rgb: np.ndarray, colours: Sequence[Sequence[int]]) -> bool:
     """Whether every pixel of uint8[H, W, 3] ``rgb`` has one of ``colours``."""
-    code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
-    known = np.array([(int(r) << 16) | (int(g) << 8) | int(b) for r, g, b in colours], dtype=np.int64)
-    return bool(np.isin(np.unique(code), known).all())
+    return bool(np.isin(np.unique(colour_codes(rgb)), colour_codes(np.array(colours))).all())
 
 
 def refuse_reordered_palette(flat: Sequence[int], indices: np.ndarray, palette: Sequence[Sequence[int]],
@@ -293,10 +293,7 @@ def refuse_reordered_palette(flat: Sequence[int], indices: np.ndarray, palette: 
     """422 for a palette mask whose own palette gives an index it uses the colour of another class
     of the model (an editor's indexed export in its own order): read by index, its classes would be
     swapped without a word. The folder reader's check refuses the same file."""
-    r, g, b = (int(v) for v in ignore_colour)
-    known = {(r, g, b): 255}
-    known.update({(int(c[0]), int(c[1]), int(c[2])): i for i, c in enumerate(palette)})
-    found = first_used_suspect(palette_suspects(flat, known), indices)
+    found = first_used_suspect(palette_suspects(flat, palette_known(palette, ignore_colour)), indices)
     if found is not None:
         index, colour, cls = found
         other = "ignore (255)" if cls == 255 else f"class {cls}"
