@@ -295,6 +295,7 @@ def test_train_refuses_bad_model_options_in_one_line(tmp_path, capsys, model, kw
 
 
 @pytest.mark.parametrize("name, tags", [("deeplabv3plus_resnet18", "imagenet"), ("fcn_resnet50", "imagenet"),
+                                        ("fcn8s", "imagenet"), ("segnet", "imagenet"),
                                         ("maskrcnn_resnet18_fpn", "imagenet"),
                                         ("maskrcnn_resnet50_fpn", "imagenet or coco")])
 def test_a_mistyped_weights_tag_names_the_models_own_tags(name, tags):

@@ -13,7 +13,7 @@ import contextlib
 import io
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -75,6 +75,15 @@ def saved_model_kwargs(source: str | Path) -> dict | None:
     return kwargs if isinstance(kwargs, dict) else None
 
 
+def weights_not_found(source: str | Path, tags: Sequence[str] = (), name: str = "") -> UserError:
+    """The one message for weights that are neither a file nor a tag the model takes: it names
+    the model's tags (``tags``, in the order given) and the file types; ``name`` prefixes it."""
+    said = f"{', '.join(tags[:-1])} or {tags[-1]}" if len(tags) > 1 else "".join(tags)
+    offer = f"{said}, or the path" if said else "the path"
+    return UserError(f"{name + ': ' if name else ''}weights {str(source)!r} not found: pass {offer} of a "
+                     ".safetensors/.pth file")
+
+
 def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> dict[str, Tensor]:
     """A state dict from a tag in ``urls`` (downloaded) or from a local file.
 
@@ -87,11 +96,10 @@ def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> d
     if path.is_dir():
         raise UserError(f"weights {str(source)!r} is a folder: pass the path of a .safetensors/.pth file in it")
     if not path.is_file():
-        tags = f"one of {', '.join(sorted(urls))} or " if urls else ""
         if not urls and isinstance(source, str) and not path.suffix and len(path.parts) == 1:  # a tag, not a path
             raise UserError(f"weights {source!r}: this model has no published weights to download (no tag "
                             "applies to it); train it from scratch or pass the path of a .safetensors/.pth file")
-        raise UserError(f"weights {str(source)!r} not found: pass {tags}the path of a .safetensors/.pth file")
+        raise weights_not_found(source, sorted(urls))
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path), device="cpu")

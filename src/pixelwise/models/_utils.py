@@ -9,9 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pixelwise.errors import UserError
 from pixelwise.layers import standardize_image
-from pixelwise.weights import backbone_file, load_matching, read_weights
+from pixelwise.weights import backbone_file, load_matching, read_weights, weights_not_found
 
 
 class SimpleSegmentationModel(nn.Module):
@@ -127,8 +126,7 @@ def load_model_weights(model: nn.Module, path: str, name: str, tags: tuple[str, 
     model's own tags (handled by its builder), named when ``path`` is neither one nor a file.
     ``state``: the file's contents where the caller has read them already."""
     if tags and not Path(path).expanduser().exists():
-        raise UserError(f"{name}: weights {path!r} not found: pass {' or '.join(tags)}, or the path of a "
-                        ".safetensors/.pth file")
+        raise weights_not_found(path, tags, name)
     state = read_weights(path) if state is None else state
     where = f"{name}(pretrained={path!r})"
     backbone = getattr(model, "backbone", None)

@@ -38,7 +38,7 @@ from pixelwise.models.maskrcnn.roi_heads import (
 from pixelwise.models.maskrcnn.rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig, paste_masks_in_image
 from pixelwise.models.registry import register_model
-from pixelwise.weights import backbone_file, load_matching, read_weights
+from pixelwise.weights import backbone_file, load_matching, read_weights, weights_not_found
 
 __all__ = [
     "AnchorGenerator",
@@ -192,8 +192,8 @@ def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classe
         raise ValueError(f"frozen_bn_eps must be a number >= 0 (the eps of a frozen BatchNorm), got {frozen!r}")
     transform, rpn, roi = split_kwargs(kwargs)
     if pretrained not in (None, "imagenet", "coco") and not os.path.exists(os.path.expanduser(str(pretrained))):
-        tags = "imagenet or coco" if make_resnet is resnet50 else "imagenet"  # resnet18 has no COCO weights
-        raise UserError(f"weights {pretrained!r} not found: pass {tags}, or the path of a .safetensors/.pth file")
+        # resnet18 has no COCO weights
+        raise weights_not_found(str(pretrained), ("imagenet", "coco") if make_resnet is resnet50 else ("imagenet",))
     # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
     # frozen_bn_eps freezes it whatever the weights: a checkpoint trained from pretrained weights
     # records it, so that it is rebuilt as the model it is (no num_batches_tracked, COCO's eps 0)
