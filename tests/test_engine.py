@@ -1039,6 +1039,14 @@ def test_the_input_contract_has_the_last_stages_resize(tmp_path):
     assert read_checkpoint(tmp_path / "best.safetensors")[1]["input"]["resize"] == [16, 16]
 
 
+def test_a_last_stage_that_clears_the_resize_predicts_at_full_size(tmp_path):
+    """Low resolution first, then full: the contract kept the run's 16x16, so the weights last
+    trained at the data's 32x32 were validated, and would predict, at 16x16."""
+    fit(tiny(tmp_path, epochs=2, augment={"resize": [16, 16]},
+             stages=[{"epochs": 1}, {"epochs": 1, "augment": {"resize": None}}]), log=quiet)
+    assert read_checkpoint(tmp_path / "best.safetensors")[1]["input"]["resize"] is None
+
+
 def test_fit_checks_log_and_callbacks_before_writing(tmp_path):
     """log=None failed at the first line, after the run folder was made, so the corrected call needed overwrite."""
     with pytest.raises(TypeError, match="callbacks functions of"):

@@ -323,9 +323,10 @@ def check_same_split_classes(cfg: TrainConfig, train: SegmentationDataset, val: 
 def input_contract(cfg: TrainConfig, model: nn.Module, train_ds: SegmentationDataset) -> InputSpec:
     """The model's input contract: the dataset's normalisation (or the model's own), the size
     ``augment.resize`` trains it at (with stages: the last stage's, the size the final weights are
-    trained at), its input channels. Saved in every checkpoint."""
+    trained at: a last stage's ``resize: null`` trains, and so predicts, at the images' own size),
+    its input channels. Saved in every checkpoint."""
     last = cfg.stage_configs()[-1][1]
-    return model_input_spec(model, train_ds.mean, train_ds.std, resize_of(last.augment) or resize_of(cfg.augment))
+    return model_input_spec(model, train_ds.mean, train_ds.std, resize_of(last.augment))
 
 
 def apply_contract(spec: InputSpec, train_ds: SegmentationDataset, val_ds: SegmentationDataset) -> None:
