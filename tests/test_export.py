@@ -62,10 +62,12 @@ def test_every_semantic_model_exports_and_matches_eager(name, tmp_path):
 def test_metadata_holds_the_input_contract_and_classes(tmp_path):
     model, meta = build("segnet_basic")
     meta.update(class_names=[f"c{i}" for i in range(CLASSES)], palette=[[i, i, i] for i in range(CLASSES)],
-                input={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize": [64, 80]})
+                input={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize": [64, 80]},
+                ignore_color=[0, 0, 0])
     report = export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES)
     stored = read_onnx_metadata(report.path)
     assert stored["class_names"] == meta["class_names"] and stored["palette"] == meta["palette"]
+    assert stored["ignore_color"] == [0, 0, 0]  # serve reads an uploaded truth's ignored pixels with it
     assert stored["input"]["mean"] == [0.5, 0.5, 0.5] and stored["input"]["std"] == [0.25, 0.25, 0.25]
     assert stored["onnx"]["precision"] == "float32" and len(stored["onnx"]["verified"]) == 2
 

@@ -70,7 +70,8 @@ MIN_OPSET = {"float32": 11, "float16": 12, "int8": 13}
 MAX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 20)
 MIN_AGREEMENT = 0.999
 DEFAULT_SIZE = (256, 320)
-META_KEYS = ("model", "model_kwargs", "task", "num_classes", "class_names", "palette", "input", "dataset")
+META_KEYS = ("model", "model_kwargs", "task", "num_classes", "class_names", "palette", "ignore_color", "input",
+             "dataset")
 
 
 @dataclass
