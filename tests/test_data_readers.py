@@ -228,7 +228,7 @@ def test_coco_image_entries_without_a_file_or_size_are_refused(tmp_path, key):
     data["images"][1].pop(key)
     data["categories"][0].pop("name")  # cosmetic: named after its id instead
     (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
-    with pytest.raises(UserError, match="image 2 needs a file_name and a positive width and height"):
+    with pytest.raises(UserError, match="image 2 needs a file_name and a width and height that are whole numbers"):
         COCOInstances(tmp_path, "val")
     data["images"][1][key] = "000000000002.jpg" if key == "file_name" else 30
     (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
@@ -404,3 +404,63 @@ def test_coco_annotations_of_images_the_file_does_not_list_are_a_problem(tmp_pat
     assert len(ds.check_or_refuse(skip_invalid=True, purpose="train")) == 1 and len(ds) == 2  # the images stay
     with pytest.raises(UserError, match="1 problem"):
         COCOInstances(tmp_path, "val").check_or_refuse(skip_invalid=False, purpose="train")
+
+
+def test_coco_skip_empty_drops_images_from_training_only(tmp_path, monkeypatch):
+    """skip_empty filtered the validation split too: a detection on an image without objects no
+    longer counted as a false positive, so validation AP (and best.safetensors) was inflated
+    (torchvision drops such images from training alone)."""
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import open_datasets
+    from pixelwise.inference.evaluate import evaluate_checkpoint
+
+    _coco_tree(tmp_path)
+    lines = []
+    cfg = TrainConfig(model="maskrcnn_resnet18_fpn", dataset="coco", data=str(tmp_path), train_split="val",
+                      val_split="val", dataset_kwargs={"skip_empty": True})
+    train, val = open_datasets(cfg, lines.append)
+    assert (len(train), len(val)) == (1, 2)
+    assert "note: skip_empty applies to the training split; validation scores every image of val" in lines
+    import pixelwise.inference.evaluate as evaluate
+
+    seen = []
+
+    def opened(kind, root, split, **kwargs):
+        seen.append(kwargs)
+        raise KeyboardInterrupt  # enough: what eval opens its split with
+    monkeypatch.setattr(evaluate, "build_dataset", opened)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_checkpoint("x.safetensors", "coco", str(tmp_path), "val", dataset_kwargs={"skip_empty": True})
+    assert seen == [{}]
+
+
+def test_coco_without_area_paints_larger_objects_first_and_takes_sizes_written_as_floats(tmp_path):
+    """Without `area` in the file the semantic mask was painted in file order: a small object listed
+    before a large one that covers it vanished. A width written 50.0 was refused as not positive."""
+    data = _coco_tree(tmp_path)
+    data["annotations"] = [data["annotations"][1], data["annotations"][0]]  # small first
+    for a in data["annotations"]:
+        a.pop("area")
+    data["images"][0].update(width=50.0, height=40.0)
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    ds = COCOInstances(tmp_path, "val")
+    s = ds.load(0)
+    assert ds.check() == []
+    small = s.instance_masks[list(s.instance_labels).index(1)]
+    assert small.sum() == 25 and (s.mask[small] == 1).all()
+    assert sorted(s.meta["areas"]) == [25.0, 600.0]  # the masks' pixels where the file has no area
+
+
+@pytest.mark.parametrize("x, outside", [(-0.6, False), (29.7, False), (-1.5, True), (30.6, True)])
+def test_coco_bbox_reaches_as_far_past_the_left_as_the_right(tmp_path, x, outside):
+    """A bbox starting 0.6 px left of the image (the extent of its polygon, which is accepted) was
+    refused, while the same box mirrored to the right border (to 50.6 of 50) was accepted."""
+    data = _coco_tree(tmp_path)
+    a = data["annotations"][0]
+    a["bbox"] = [x, 5, 20.9, 25]
+    left, right = max(x, 0), min(x + 20.9, 50)  # the polygon inside: only the box is looked at
+    a["segmentation"] = [[left, 5, right, 5, right, 30, left, 30]]
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    problems = [str(p) for p in COCOInstances(tmp_path, "val").check()]
+    assert problems == ([f"{tmp_path / 'annotations' / 'instances_val2017.json'}#1: annotation 1 has bbox "
+                         f"{a['bbox']} outside the 50x40 image"] if outside else [])

@@ -83,6 +83,13 @@ def build_dataset(kind: str, root: str | None, split: str, **kwargs) -> Segmenta
         raise UserError(f"--dataset-kwargs: bad option for {kind!r}: {e}") from None
 
 
+def scoring_kwargs(kind: str, kwargs: dict) -> tuple[dict, list[str]]:
+    """``kwargs`` for a split that is scored (validation, eval): without the reader's
+    training-only options (:attr:`SegmentationDataset.training_only_options`), which are named."""
+    only = getattr(DATASETS.get(kind), "training_only_options", ())
+    return {k: v for k, v in kwargs.items() if k not in only}, [k for k in kwargs if k in only]
+
+
 # what a reader's annotated option accepts: JSON's true/false for bool, whole numbers for int (not
 # true/false, which Python counts as 1/0), any number for float, a path string where None is allowed
 _ACCEPTS: dict[str, tuple[str, Callable[[object], bool]]] = {
@@ -125,4 +132,4 @@ def _check_common(kind: str, kwargs: dict) -> None:
 
 
 __all__ = ["DATASETS", "IGNORE_INDEX", "Problem", "Sample", "SegmentationDataset", "build_dataset", "collate",
-           "sample_target"]
+           "sample_target", "scoring_kwargs"]

@@ -46,6 +46,10 @@ class SegmentationDataset(Dataset):
     palette: list[tuple[int, int, int]] = []
     task: str = "semantic"  # or "instance" where instance targets are available
 
+    # Options that shape what a model trains on, not what it is scored on (COCO's skip_empty, as
+    # torchvision applies it to the training split alone): validation and eval leave them out.
+    training_only_options: tuple[str, ...] = ()
+
     # The class whose connected components are the objects of Rand-error scoring (ISBI's cells),
     # or None where that metric does not apply.
     rand_foreground: int | None = None

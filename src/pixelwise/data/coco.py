@@ -57,6 +57,8 @@ class COCOInstances(FilePairDataset):
     """COCO instance segmentation (task ``"instance"``); item refs are (image path, ``ann_file#image_id``)."""
 
     task = "instance"
+    # images without objects still count for scoring: a detection on one is a false positive
+    training_only_options = ("skip_empty",)
 
     def __init__(self, root, split: str = "train", transform=None, mean=None, std=None,
                  skip_invalid: bool = False, download: bool = False, year: str = "2017",
@@ -88,8 +90,9 @@ class COCOInstances(FilePairDataset):
         for image_id, info in self.coco.imgs.items():
             if (not isinstance(info.get("file_name"), str) or not _positive_int(info.get("height"))
                     or not _positive_int(info.get("width"))):
-                raise UserError(f"{self.ann_file}: image {image_id} needs a file_name and a positive width and "
-                                f"height, and has {info!r}; fix the annotation file")
+                raise UserError(f"{self.ann_file}: image {image_id} needs a file_name and a width and height that "
+                                f"are whole numbers above 0, and has {info!r}; fix the annotation file")
+            info["height"], info["width"] = int(info["height"]), int(info["width"])  # 40.0 -> 40
         # ids listed twice: pycocotools' index keeps the last entry of each, check() reports them
         self.duplicate_image_ids = _duplicates(self.coco.dataset.get("images", []))
         self.duplicate_ann_ids = _duplicates(self.coco.dataset.get("annotations", []))
@@ -192,13 +195,15 @@ class COCOInstances(FilePairDataset):
                 into = untrained
             else:
                 into = found
-                semantic[m] = label
             into["masks"].append(m)
             into["labels"].append(label)
             into["boxes"].append((x, y, x + bw, y + bh))
             into["areas"].append(float(a.get("area", m.sum())))
             into["bboxes"].append([x, y, bw, bh])  # as the file has it: COCO's box IoU is taken on these
         masks, labels, boxes, areas = found["masks"], found["labels"], found["boxes"], found["areas"]
+        # larger objects painted first, smaller ones on top: by the file's area, else the mask's pixels
+        for i in sorted(range(len(masks)), key=lambda i: -areas[i]):
+            semantic[masks[i]] = labels[i]
 
         def scored_only(part: dict[str, list]) -> dict:
             return {"masks": np.stack(part["masks"]) if part["masks"] else np.zeros((0, h, w), bool),
@@ -270,7 +275,9 @@ class COCOInstances(FilePairDataset):
                 problems.append(Problem(ref, f"{what} {problem}"))
             else:
                 x, y, bw, bh = (float(v) for v in a["bbox"])
-                if x < 0 or y < 0 or x + bw > info["width"] + 1 or y + bh > info["height"] + 1:
+                reach = POLYGON_TOLERANCE  # as far as on the right and bottom, and as the polygon's points
+                if (x < -reach or y < -reach or x + bw > info["width"] + reach
+                        or y + bh > info["height"] + reach):
                     problems.append(Problem(ref, f"{what} has bbox {a.get('bbox')} outside the "
                                                       f"{info['width']}x{info['height']} image"))
         return problems
@@ -308,7 +315,8 @@ def _whole_number(value: object) -> bool:
 
 
 def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    """A width or height: a whole number (40, or 40.0 as some JSON writers give) above 0."""
+    return _whole_number(value) and value > 0  # type: ignore[operator]
 
 
 def annotation_problem(a: dict, height: int, width: int) -> str | None:

@@ -68,7 +68,7 @@ from pixelwise.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from pixelwise.data import SegmentationDataset, build_dataset, collate
+from pixelwise.data import SegmentationDataset, build_dataset, collate, scoring_kwargs
 from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
 from pixelwise.data.inspect import image_sizes, inspect_dataset, label_presence
@@ -286,7 +286,11 @@ def open_datasets(cfg: TrainConfig, log: Callable[[str], None] = print
     if cfg.max_pixels is not None:
         set_max_image_pixels(cfg.max_pixels)
     train = build_dataset(cfg.dataset, cfg.data, cfg.train_split, **cfg.dataset_kwargs)
-    val = build_dataset(cfg.dataset, cfg.data, cfg.val_split, **cfg.dataset_kwargs)
+    val_kwargs, training_only = scoring_kwargs(cfg.dataset, cfg.dataset_kwargs)
+    val = build_dataset(cfg.dataset, cfg.data, cfg.val_split, **val_kwargs)
+    if training_only:
+        log(f"note: {', '.join(training_only)} applies to the training split; validation scores every image "
+            f"of {cfg.val_split}")
     for ds in (train, val):
         ds.check_or_refuse(cfg.skip_invalid, "train")
     check_same_split_classes(cfg, train, val)

@@ -24,7 +24,7 @@ import torch
 
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate
-from pixelwise.data import SegmentationDataset, build_dataset, sample_target
+from pixelwise.data import SegmentationDataset, build_dataset, sample_target, scoring_kwargs
 from pixelwise.errors import UserError, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.ensemble import from_checkpoints
@@ -134,7 +134,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     resize / native_size: override the checkpoint's input size (see
     :meth:`Predictor.from_checkpoint`); ``options`` (tile, overlap, tta, mc_samples) go to the
     semantic predictor."""
-    ds = build_dataset(dataset, data, split, **(dataset_kwargs or {}))
+    dataset_kwargs, _ = scoring_kwargs(dataset, dataset_kwargs or {})  # every image is scored
+    ds = build_dataset(dataset, data, split, **dataset_kwargs)
     paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
     predictor = from_checkpoints(paths, device, resize=resize, native_size=native_size, **options)
     if isinstance(predictor, InstancePredictor):
