@@ -538,11 +538,14 @@ def test_an_input_lost_after_the_check(checkpoint, tmp_path, skip_invalid):
 
 def test_predict_removes_what_a_killed_predict_left(checkpoint, tmp_path):
     """A SIGKILLed predict left hidden .pixelwise-*.png temporaries (as large as the outputs) that no
-    later run removed; those of a running process are kept."""
+    later run removed; those of a running process are kept, and so are those written in another
+    process-id namespace (a container, another host on shared storage), whose process ids mean
+    nothing here: they were deleted under a running predict, which then failed."""
     import os
     import subprocess
+    import time
 
-    from pixelwise.inference.writers import remove_stale_staged
+    from pixelwise.inference.writers import _HERE, STALE_SECONDS, remove_stale_staged
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
@@ -550,13 +553,21 @@ def test_predict_removes_what_a_killed_predict_left(checkpoint, tmp_path):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(inputs / "a.png")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    stale = [out / f".pixelwise-{dead.pid}-0123456789ab-0.png", out / ".pixelwise-0123456789ab-1.png"]
-    alive = out / f".pixelwise-{os.getppid()}-0123456789ab-0.png"  # a process that runs
-    mine = out / ".pixelwise-probe-x"  # not a staged name
-    for path in (*stale, alive, mine):
+    elsewhere = f"h{int(_HERE[1:], 16) ^ 1:08x}"
+    long_ago = time.time() - STALE_SECONDS - 60
+    stale = [out / f".pixelwise-{_HERE}-{dead.pid}-0123456789ab-0.png",
+             out / f".pixelwise-{elsewhere}-{dead.pid}-0123456789ab-0.png",  # unwritten for a day
+             out / ".pixelwise-0123456789ab-1.png"]  # an older version's, unwritten for a day
+    kept = [out / f".pixelwise-{_HERE}-{os.getppid()}-0123456789ab-0.png",  # a process that runs
+            out / f".pixelwise-{elsewhere}-{dead.pid}-0123456789ab-1.png",  # may run, there
+            out / f".pixelwise-{dead.pid}-0123456789ab-2.png",  # an older version's, written just now
+            out / ".pixelwise-probe-x"]  # not a staged name
+    for path in (*stale, *kept):
         path.write_bytes(b"partial")
+    for path in stale[1:]:
+        os.utime(path, (long_ago, long_ago))
     assert main(["predict", "--checkpoint", str(checkpoint), str(inputs), "--out", str(out), "--no-progress"]) == 0
-    assert not any(p.exists() for p in stale) and alive.exists() and mine.exists()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert (out / "a.png").is_file() and remove_stale_staged(out) == []
 
 

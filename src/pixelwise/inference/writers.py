@@ -28,9 +28,12 @@ with ``skip_invalid``, left out and listed.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
+import socket
+import time
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -243,7 +246,8 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
     process wrote since the check is left as it is (:func:`pixelwise.checkpoint.place`)."""
     replace = _REPLACE.get()
     tag = uuid.uuid4().hex[:12]  # a short name, whatever the length of the output's own
-    paths = {name: out_dir / f".pixelwise-{os.getpid()}-{tag}-{k}{Path(name).suffix}" for k, name in enumerate(names)}
+    paths = {name: out_dir / f".pixelwise-{_HERE}-{os.getpid()}-{tag}-{k}{Path(name).suffix}"
+             for k, name in enumerate(names)}
     try:
         yield paths
         for name, path in paths.items():
@@ -257,19 +261,47 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
             path.unlink(missing_ok=True)
 
 
-# staged()'s temporary names: the writing process's id, a random tag, the file's index
-_STAGED = re.compile(r"\.pixelwise-(?:(\d+)-)?[0-9a-f]{12}-\d+\.\w+")
+def _here() -> str:
+    """``h`` and 8 hex digits naming this host and process-id namespace: a process id means
+    something only where it was taken (another node on shared storage, another container)."""
+    try:
+        space = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        space = 0
+    return "h" + hashlib.sha256(f"{socket.gethostname()}/{space}".encode()).hexdigest()[:8]
+
+
+_HERE = _here()
+# staged()'s temporary names: where and by which process, a random tag, the file's index (older
+# versions wrote no place, or no place and no process id)
+_STAGED = re.compile(r"\.pixelwise-(?:(h[0-9a-f]{8})-)?(?:(\d+)-)?[0-9a-f]{12}-\d+\.\w+")
+# a temporary file that no process here can be asked about is left until it has not been written
+# for this long: staged files grow as their rows are written, so a running predict keeps it fresh
+STALE_SECONDS = 24 * 3600
 
 
 def remove_stale_staged(out_dir: Path) -> list[Path]:
     """Delete the temporary files of :func:`staged` that a killed ``predict`` (SIGKILL, power loss:
-    nothing of its own cleanup ran) left in ``out_dir``: those of processes no longer running (and
-    those of versions before the process id was in the name). -> the files deleted."""
+    nothing of its own cleanup ran) left in ``out_dir``: those written here (this host, this
+    process-id namespace) by processes no longer running, and the others (another host or
+    container on the same storage, or an older version's) once unwritten for
+    :data:`STALE_SECONDS`. -> the files deleted."""
     gone = []
+    now = time.time()
     for path in out_dir.glob(".pixelwise-*"):
         found = _STAGED.fullmatch(path.name)
-        if found is None or (found.group(1) and _running(int(found.group(1)))):
+        if found is None:
             continue
+        here, pid = found.group(1), found.group(2)
+        if here == _HERE and pid is not None:
+            if _running(int(pid)):
+                continue
+        else:
+            try:
+                if now - path.stat().st_mtime < STALE_SECONDS:
+                    continue
+            except OSError:
+                continue
         path.unlink(missing_ok=True)
         gone.append(path)
     return gone
