@@ -238,3 +238,21 @@ def test_a_tiff_stack_upload_is_its_first_page(tmp_path):
     rest = [Image.fromarray(p) for p in pages[1:]]
     Image.fromarray(pages[0]).save(tmp_path / "s.tif", save_all=True, append_images=rest)
     np.testing.assert_array_equal(decode_image((tmp_path / "s.tif").read_bytes(), 10**6), pages[0])
+
+
+def test_tiff_overview_and_mask_pages_are_not_frames(tmp_path):
+    """A Cloud-Optimised GeoTIFF's overviews (NewSubfileType bit 0) and transparency-mask pages
+    (bit 2) were predicted as frames of a stack, the full image renamed <stem>_00."""
+    rng = np.random.default_rng(0)
+    first, second = (Image.fromarray(rng.integers(0, 255, (64, 96, 3), np.uint8)) for _ in range(2))
+    overview, mask = first.resize((48, 32)), Image.new("RGB", (96, 64))
+    overview.encoderinfo = {"tiffinfo": {254: 1}}
+    mask.encoderinfo = {"tiffinfo": {254: 4}}
+    first.save(tmp_path / "cog.tif", save_all=True, append_images=[overview, second, mask])
+    assert Image.open(tmp_path / "cog.tif").n_frames == 4
+    assert frame_count(tmp_path / "cog.tif") == 2
+    frames = list(read_frames(tmp_path / "cog.tif"))
+    assert len(frames) == 2
+    np.testing.assert_array_equal(frames[0], np.asarray(first))
+    np.testing.assert_array_equal(frames[1], np.asarray(second))
+    np.testing.assert_array_equal(read_image(tmp_path / "cog.tif", 1), np.asarray(second))

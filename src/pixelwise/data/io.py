@@ -177,7 +177,7 @@ def _load_frame(path: Path, img: Image.Image, frame: int) -> Image.Image:
         count = _frames(img)  # of the file already open, not a second open
         if not 0 <= frame < count:
             raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
-        img.seek(frame)
+        img.seek(_frame_pages(img)[frame])
         if img.size[0] * img.size[1] > _max_pixels:
             raise _too_large(path, img.size[0] * img.size[1], img.size)
     # the orientation is read before load(): Pillow 10.0 drops a TIFF page's file at load() and
@@ -206,7 +206,33 @@ def _frames(img: Image.Image) -> int:
     """The frames of an open image: a TIFF stack's pages, an animation's frames; 1 for a still
     image, and for a camera JPEG with a multi-picture (MPF) segment, which PIL opens as ``MPO``:
     its other pictures are a preview or a second view of the same scene, not more images."""
-    return 1 if img.format == "MPO" else int(getattr(img, "n_frames", 1))
+    return 1 if img.format == "MPO" else len(_frame_pages(img))
+
+
+# TIFF NewSubfileType (tag 254) bits of a page that is not an image of its own: bit 0, a
+# reduced-resolution copy of another page (a Cloud-Optimised GeoTIFF's overviews), bit 2, a
+# transparency mask (TIFF 6.0, section 8)
+_NOT_A_FRAME = 0b101
+
+
+def _frame_pages(img: Image.Image) -> list[int]:
+    """The page (PIL frame) index of each frame of an open image: every frame, but for a TIFF only
+    the full-resolution pages (an overview or a mask page describes another page). Kept on the
+    image, so that each frame's seek does not walk the pages again."""
+    pages = getattr(img, "_pixelwise_pages", None)
+    if pages is None:
+        n = int(getattr(img, "n_frames", 1))
+        pages = list(range(n))
+        if img.format == "TIFF" and n > 1:
+            here = img.tell()
+            kinds = []
+            for page in range(n):
+                img.seek(page)
+                kinds.append(int(img.tag_v2.get(254, 0) or 0))  # type: ignore[attr-defined]
+            img.seek(here)
+            pages = [p for p in pages if not kinds[p] & _NOT_A_FRAME] or pages
+        img._pixelwise_pages = pages  # type: ignore[attr-defined]
+    return pages
 
 
 def _holds_file(img: Image.Image) -> bool:
@@ -514,7 +540,7 @@ def truncation(path: Path, img: Image.Image) -> str | None:
         if need > length:
             return f"its strips or tiles end at byte {need:,}, the file has {length:,}"
         try:
-            for page in range(1, _frames(img)):  # _frames walks every page directory
+            for page in range(1, int(getattr(img, "n_frames", 1))):  # every page, overviews too
                 img.seek(page)
                 need = _tiff_page_end(img)
                 if need > length:
