@@ -657,3 +657,16 @@ def test_outputs_written_by_another_process_since_the_check_are_not_replaced(che
     with pytest.raises(UserError, match="report.json appeared while this command ran"):
         atomic_write(target, lambda tmp: Path(tmp).write_text("2"), replace=False)
     assert target.read_text() == "1" and [p.name for p in tmp_path.glob(".report.json*")] == []
+
+
+@pytest.mark.parametrize("classes", [2, 8, 19, 150])
+def test_uncertainty_png_writes_the_nearest_level_and_255_at_log_c(classes):
+    """Levels were truncated: the uniform distribution's entropy (log C, a hair below in float32)
+    came out 254 for 8, 19 (Cityscapes) and more classes, and every level half a level low."""
+    from pixelwise.inference.mc_dropout import predictive_entropy
+    from pixelwise.inference.writers import entropy_to_gray
+
+    uniform = predictive_entropy(torch.full((classes, 1, 1), 1 / classes), 0).numpy()
+    assert entropy_to_gray(uniform, classes).item() == 255
+    levels = np.log(classes) * np.array([0.0, 0.4 / 255, 0.6 / 255, 100.4 / 255, 100.6 / 255, 1.0])
+    assert entropy_to_gray(levels, classes).tolist() == [0, 0, 1, 100, 101, 255]

@@ -323,7 +323,7 @@ def entropy_to_gray(entropy: np.ndarray, num_classes: int) -> np.ndarray:
     """Predictive entropy float[H, W] -> uint8[H, W], 255 = the largest possible entropy (``log C``):
     the pixels of ``<stem>_uncertainty.png`` (and of serve's uncertainty map)."""
     scale = np.log(max(num_classes, 2))
-    return (entropy / scale * 255).clip(0, 255).astype(np.uint8)
+    return np.rint(entropy / scale * 255).clip(0, 255).astype(np.uint8)  # the nearest level
 
 
 def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[MaskRow], palette: list,
@@ -367,9 +367,10 @@ def write_cells(out_dir: Path, stem: str, image: np.ndarray, predictor: Semantic
                 uncertainty: bool = False) -> Path:
     """A two-class boundary model's prediction with its watershed cells (:mod:`pixelwise.inference.cells`,
     seeded where the class-1 probability exceeds ``threshold``): ``<stem>_cells.png``, 16-bit cell ids
-    (0 = boundary or no cell), and the usual files, whose mask has the one-pixel boundaries between
-    cells drawn in as class 0 (the map ``pixelwise eval --watershed`` scores, at the argmax). The
-    image is predicted whole (tiles included), not streamed: the watershed needs the whole map."""
+    (0 = no cell, where no seed reached; boundary pixels keep their cell's id), and the usual files,
+    whose mask has the one-pixel boundaries between cells drawn in as class 0 (the map
+    ``pixelwise eval --watershed`` scores, at the argmax). The image is predicted whole (tiles
+    included), not streamed: the watershed needs the whole map."""
     prediction = predictor.predict(image, uncertainty=uncertainty)
     assert prediction.probs is not None
     labels = watershed_cells(prediction.probs[1].numpy(), threshold)
