@@ -256,3 +256,23 @@ def test_tiff_overview_and_mask_pages_are_not_frames(tmp_path):
     np.testing.assert_array_equal(frames[0], np.asarray(first))
     np.testing.assert_array_equal(frames[1], np.asarray(second))
     np.testing.assert_array_equal(read_image(tmp_path / "cog.tif", 1), np.asarray(second))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "I;16", "RGBA"])
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_an_uncompressed_tiff_turned_by_exif_reads_as_displayed(tmp_path, mode, orientation):
+    """Pillow memory-mapped such a page with the turned size and turned the scrambled rows:
+    predict wrote a 64x40 mask for a 40x64 picture, a P/L mask came back scrambled."""
+    rng = np.random.default_rng(orientation)
+    stored = rng.integers(0, 200, (3, 4) + ((4,) if mode == "RGBA" else ()), dtype=np.uint8)
+    img = Image.fromarray(stored).convert(mode) if mode != "I;16" else Image.fromarray(stored.astype(np.uint16))
+    exif = Image.Exif()
+    exif[274] = orientation
+    img.save(tmp_path / "t.tif", exif=exif.tobytes())
+    img.save(tmp_path / "t_lzw.tif", exif=exif.tobytes(), compression="tiff_lzw")  # Pillow reads this one right
+    img.save(tmp_path / "t.png", exif=exif.tobytes())
+    assert read_image(tmp_path / "t.tif").shape[:2] == (4, 3)
+    np.testing.assert_array_equal(read_image(tmp_path / "t.tif"), read_image(tmp_path / "t_lzw.tif"))
+    np.testing.assert_array_equal(read_image(tmp_path / "t.tif"), read_image(tmp_path / "t.png"))
+    if mode in ("L", "P"):
+        np.testing.assert_array_equal(read_mask(tmp_path / "t.tif"), read_mask(tmp_path / "t.png"))

@@ -183,6 +183,11 @@ def _load_frame(path: Path, img: Image.Image, frame: int) -> Image.Image:
     # the orientation is read before load(): Pillow 10.0 drops a TIFF page's file at load() and
     # would then fail reading the page's EXIF from it (AttributeError on None.seek)
     rotated = img.getexif().get(_ORIENTATION_TAG, 1) != 1
+    if rotated and img.format == "TIFF":
+        # Pillow memory-maps a one-strip uncompressed TIFF page (L, P, I;16, RGBA, ...) by its
+        # name with the size already turned for orientations 5-8, and turns those scrambled rows:
+        # without the name it reads the file as for a compressed page, right
+        img.filename = ""
     img.load()
     if rotated:
         out = ImageOps.exif_transpose(img)
