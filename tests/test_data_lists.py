@@ -156,3 +156,26 @@ def test_a_folder_of_one_image_says_its_val_split_is_empty(tmp_path):
     _folder(tmp_path, n=1)
     with pytest.raises(UserError, match="val split of a folder of one image is empty.*--val-split train"):
         build_dataset("folder", str(tmp_path), "val")
+
+
+def test_a_hash_in_the_data_path_is_part_of_the_path(tmp_path):
+    """Mask refs were cut at the first '#' (meant for a stack's path#slice): under run#2/ every
+    folder mask was "missing", and ISBI's PNG layout raised a ValueError traceback."""
+    root = tmp_path / "run#2"
+    _folder(root, n=3)
+    ds = build_dataset("folder", str(root), "all")
+    assert ds.check() == [] and len(ds) == 3
+    isbi = tmp_path / "isbi#1"
+    write_isbi_tree(isbi, RNG, count=6, size=16)
+    ds = build_dataset("isbi2012", str(isbi), "train", val_count=2)
+    assert ds.check() == [] and ds.name_of(ds.items[0][0]) == "0" and ds.load(0).mask.shape == (16, 16)
+    stack = tmp_path / "stack#3"
+    stack.mkdir()
+    pages = [Image.fromarray(RNG.integers(0, 256, (16, 16), dtype=np.uint8)) for _ in range(4)]
+    pages[0].save(stack / "train-volume.tif", save_all=True, append_images=pages[1:])
+    labels = [Image.fromarray(((RNG.random((16, 16)) > 0.2) * 255).astype(np.uint8)) for _ in range(4)]
+    labels[0].save(stack / "train-labels.tif", save_all=True, append_images=labels[1:])
+    ds = build_dataset("isbi2012", str(stack), "train", val_count=1)
+    assert ds.check() == [] and [ds.name_of(i) for i, _ in ds.items] == ["train-volume_00", "train-volume_01",
+                                                                           "train-volume_02"]
+    np.testing.assert_array_equal(ds.load(2).image[..., 0], np.asarray(pages[2]))

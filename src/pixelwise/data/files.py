@@ -89,6 +89,14 @@ def read_split_list(path: Path) -> str:
         raise UserError(f"{path}: split list is not UTF-8 text; save it as UTF-8") from None
 
 
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """An item ref -> (file, number): ``path#k`` (a TIFF stack's slice ``k``, a COCO file's image
+    ``k``, as the readers write them) -> (path, k); any other ref -> (ref, None), also a path
+    with ``#`` in a folder's or file's name (``run#2/a.png``)."""
+    path, sep, number = ref.rpartition("#")
+    return (path, int(number)) if sep and number.isdigit() else (ref, None)
+
+
 class FilePairDataset(SegmentationDataset):
     """Base of the readers that pair an image file with a mask file.
 
@@ -186,7 +194,7 @@ class FilePairDataset(SegmentationDataset):
         except UserError as e:
             problems.append(problem_from_error(image_ref, e))
             isize = None
-        mask_file = Path(mask_ref.split("#")[0]) if mask_ref is not None else None
+        mask_file = Path(split_ref(mask_ref)[0]) if mask_ref is not None else None
         if mask_ref is None or mask_file is None or not (mask_file.exists() or mask_file.is_symlink()):
             # (a broken link is named as one by mask_size below)
             ref = mask_ref if mask_ref is not None else image_ref

@@ -187,7 +187,7 @@ def _load_frame(path: Path, img: Image.Image, frame: int) -> Image.Image:
         # Pillow memory-maps a one-strip uncompressed TIFF page (L, P, I;16, RGBA, ...) by its
         # name with the size already turned for orientations 5-8, and turns those scrambled rows:
         # without the name it reads the file as for a compressed page, right
-        img.filename = ""
+        img.filename = ""  # type: ignore[attr-defined]  # an ImageFile attribute
     img.load()
     if rotated:
         out = ImageOps.exif_transpose(img)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from pixelwise.data.base import Problem
-from pixelwise.data.files import FilePairDataset, make_lut, problem_from_error
+from pixelwise.data.files import FilePairDataset, make_lut, problem_from_error, split_ref
 from pixelwise.data.io import _open_loaded, frame_count, pil_to_rgb, refuse_lossy_mask
 from pixelwise.errors import UserError
 
@@ -48,8 +48,8 @@ def _natural_key(p: Path) -> list:
 def _read_frame(ref: str) -> Image.Image:
     """``path#k`` -> slice ``k`` of a TIFF stack, decoded (a stack shorter than its partner file, or
     damaged, is a UserError naming the file and the slice)."""
-    path, _, frame = ref.partition("#")
-    return _open_loaded(path, int(frame or 0))
+    path, frame = split_ref(ref)
+    return _open_loaded(path, frame or 0)
 
 
 def label_gray(img: Image.Image, ref: str) -> np.ndarray:
@@ -117,13 +117,13 @@ class ISBI2012(FilePairDataset):
         self._finish(skip_invalid)
 
     def read_image(self, ref: str) -> np.ndarray:
-        if "#" not in ref:
+        if split_ref(ref)[1] is None:
             return super().read_image(ref)
         return pil_to_rgb(_read_frame(ref))
 
     def read_raw_mask(self, ref: str) -> np.ndarray:
         """The label's gray levels (:func:`label_gray`), of a PNG file or a TIFF stack's slice alike."""
-        if "#" in ref:
+        if split_ref(ref)[1] is not None:
             return label_gray(_read_frame(ref), ref)
         img = _open_loaded(ref)
         refuse_lossy_mask(ref, img.format)
@@ -147,11 +147,11 @@ class ISBI2012(FilePairDataset):
         return problems
 
     def image_size(self, ref: str) -> tuple[int, int]:
-        return _read_frame(ref).size if "#" in ref else super().image_size(ref)
+        return _read_frame(ref).size if split_ref(ref)[1] is not None else super().image_size(ref)
 
     def mask_size(self, ref: str) -> tuple[int, int]:
-        return _read_frame(ref).size if "#" in ref else super().mask_size(ref)
+        return _read_frame(ref).size if split_ref(ref)[1] is not None else super().mask_size(ref)
 
     def name_of(self, ref: str) -> str:
-        path, _, frame = ref.partition("#")
-        return f"{Path(path).stem}_{int(frame):02d}" if frame else Path(path).stem
+        path, frame = split_ref(ref)
+        return f"{Path(path).stem}_{frame:02d}" if frame is not None else Path(path).stem
