@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
 from pixelwise.data.augment import build_transform
 from pixelwise.data.folder import FolderDataset
@@ -163,6 +163,31 @@ def test_jpeg_coded_mask_is_a_problem_whatever_its_name(tmp_path):
     with pytest.raises(UserError, match="a.png: JPEG-compressed mask"):
         read_mask(root / "masks" / "a.png")
     assert len(FolderDataset(root, "all", skip_invalid=True)) == 1
+
+
+@pytest.mark.parametrize("name, save, kind", [
+    ("a.tif", {"compression": "jpeg", "quality": 90}, "JPEG-compressed TIFF"),
+    ("a.webp", {"lossless": False, "exif": True}, "lossy WebP"),
+    ("a.avif", {}, "AVIF/HEIF")])
+def test_a_lossy_tiff_webp_or_avif_mask_is_refused(tmp_path, name, save, kind):
+    """A JPEG-compressed TIFF mask (157 of 4096 labels changed, a phantom class), a lossy WebP in
+    the extended container (its EXIF makes one) and a lossy AVIF were read, and scored by serve."""
+    if name.endswith(".avif") and not features.check("avif"):
+        pytest.skip("this Pillow writes no AVIF")
+    exif = Image.Exif()
+    exif[0x0131] = "a camera"  # Software: any EXIF puts a WebP in the extended (VP8X) container
+    save = {**save, "exif": exif.tobytes()} if save.get("exif") else save
+    labels = _labels()
+    colours = np.array([(0, 0, 0), (255, 0, 0), (0, 255, 0)], np.uint8)
+    Image.fromarray(labels if name.endswith(".tif") else colours[labels]).save(tmp_path / name, **save)
+    with pytest.raises(UserError, match=f"{name}: {kind} mask: lossy compression"):
+        read_mask(tmp_path / name, palette=colours.tolist())
+    with pytest.raises(UploadError, match=f"{kind} mask"):
+        decode_mask((tmp_path / name).read_bytes(), 10**6, colours.tolist(), 3, (H, W))
+    Image.fromarray(labels).save(tmp_path / "b.tif", compression="tiff_lzw")  # lossless: read as it is
+    np.testing.assert_array_equal(read_mask(tmp_path / "b.tif"), labels)
+    Image.fromarray(colours[labels]).save(tmp_path / "b.webp", lossless=True, exif=save.get("exif", b""))
+    np.testing.assert_array_equal(read_mask(tmp_path / "b.webp", palette=colours.tolist()), labels)
 
 
 def test_mask_with_a_suffix_that_is_not_read_is_named_in_missing_mask(tmp_path):

@@ -356,7 +356,7 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
       a gray mask stored as RGB (R == G == B) gives its gray values, anything else is an error.
     """
     img = _open_loaded(path)
-    refuse_lossy_mask(path, img.format)
+    refuse_lossy_mask(path, img.format, img.info.get("compression"))
     mode = img.mode
     if mode in ("P", "L"):
         return np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
@@ -467,17 +467,18 @@ class ImageInfo(NamedTuple):
     format: str  # PIL's format name (PNG, JPEG, TIFF, ...)
     orientation: int  # the EXIF orientation tag, 1 when there is none
     stored_size: tuple[int, int]  # (width, height) of the pixels as stored, before the EXIF rotation
+    compression: str | None = None  # PIL's info["compression"] (TIFF: "raw", "tiff_lzw", "jpeg", ...)
 
 
 def probe(path: PathLike, mask: bool = False) -> tuple[tuple[int, int], str]:
     """Header-only check of an image file. -> ((width, height) as displayed, PIL mode).
 
     :func:`probe_info` with fewer fields: see there for what is checked. ``mask``: the file is a
-    label mask, and a lossy format (JPEG, lossy WebP) is refused (:func:`lossy_mask_error`).
+    label mask, and a lossy format (JPEG, lossy WebP, ...) is refused (:func:`lossy_mask_error`).
     """
     info = probe_info(path)
     if mask:
-        refuse_lossy_mask(path, info.format)
+        refuse_lossy_mask(path, info.format, info.compression)
     return info.size, info.mode
 
 
@@ -497,6 +498,7 @@ def probe_info(path: PathLike) -> ImageInfo:
     try:
         with _quiet_pil(), _open(path) as img:
             size, mode, fmt = img.size, img.mode, str(img.format)
+            compression = img.info.get("compression")
             orientation = img.getexif().get(_ORIENTATION_TAG, 1)
             if fmt == "TIFF":  # Pillow gives a TIFF's size already turned (it turns the pixels at load())
                 tags = getattr(img, "tag_v2", {})
@@ -513,8 +515,8 @@ def probe_info(path: PathLike) -> ImageInfo:
     if cut:
         raise UserError(f"{path}: truncated {fmt} ({cut}); re-export it or remove it")
     if orientation in (5, 6, 7, 8):  # a quarter turn: the stored pixels are the other way round
-        return ImageInfo((size[1], size[0]), mode, fmt, orientation, size)
-    return ImageInfo(size, mode, fmt, orientation if isinstance(orientation, int) else 1, size)
+        return ImageInfo((size[1], size[0]), mode, fmt, orientation, size, compression)
+    return ImageInfo(size, mode, fmt, orientation if isinstance(orientation, int) else 1, size, compression)
 
 
 # -- truncation found from the header -----------------------------------------------------------------
@@ -615,22 +617,42 @@ def jpeg_complete(data: bytes) -> bool:
             return False
 
 
-def lossy_mask_error(head: bytes, fmt: str | None = None) -> str | None:
-    """Why a label mask file that starts with the bytes ``head`` (16 are enough; ``fmt``: PIL's format
-    name, when known) cannot hold labels exactly: JPEG (MPO) or lossy WebP; None for the others."""
+def lossy_mask_error(head: bytes, fmt: str | None = None, compression: str | None = None) -> str | None:
+    """Why a label mask file that starts with the bytes ``head`` cannot hold labels exactly: JPEG
+    (MPO), a JPEG-compressed TIFF (``compression``: PIL's ``info["compression"]``), AVIF/HEIF, or
+    lossy WebP (its ``VP8 `` image chunk, found among the chunks in ``head``: 64 KiB are enough
+    for any metadata before it); None for the others. ``fmt``: PIL's format name, when known."""
     if fmt in ("JPEG", "MPO") or head.startswith(b"\xff\xd8\xff"):
         kind = "JPEG-compressed"
-    elif head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8 ":  # simple lossy WebP; VP8L is lossless, VP8X not looked into
+    elif fmt == "TIFF" and compression in ("jpeg", "tiff_jpeg"):
+        kind = "JPEG-compressed TIFF"
+    elif fmt in ("AVIF", "HEIF") or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix",
+                                                                            b"mif1")):
+        kind = "AVIF/HEIF"  # lossy as cameras and converters write them; a lossless one is not told apart
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and _webp_lossy(head):
         kind = "lossy WebP"
     else:
         return None
     return f"{kind} mask: lossy compression changes labels at edges; save masks as PNG"
 
 
-def refuse_lossy_mask(path: PathLike, fmt: str | None = None) -> None:
+def _webp_lossy(head: bytes) -> bool:
+    """Whether the WebP file starting with ``head`` codes its (first) image lossily: the first
+    image chunk is ``VP8 `` (lossy) rather than ``VP8L``, in a simple file or after the extended
+    header's chunks (``VP8X``, ICC profile, animation frames' headers)."""
+    pos = 12
+    while pos + 8 <= len(head):
+        kind, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if kind in (b"VP8 ", b"VP8L"):
+            return kind == b"VP8 "
+        pos += 8 + (16 if kind == b"ANMF" else size + (size & 1))  # into a frame: its image chunk follows
+    return False
+
+
+def refuse_lossy_mask(path: PathLike, fmt: str | None = None, compression: str | None = None) -> None:
     """UserError naming ``path`` when it is a mask in a lossy format (:func:`lossy_mask_error`)."""
     with open(path, "rb") as f:
-        why = lossy_mask_error(f.read(16), fmt)
+        why = lossy_mask_error(f.read(1 << 16), fmt, compression)
     if why:
         raise UserError(f"{path}: {why}")
 

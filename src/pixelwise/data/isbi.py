@@ -123,10 +123,9 @@ class ISBI2012(FilePairDataset):
 
     def read_raw_mask(self, ref: str) -> np.ndarray:
         """The label's gray levels (:func:`label_gray`), of a PNG file or a TIFF stack's slice alike."""
-        if split_ref(ref)[1] is not None:
-            return label_gray(_read_frame(ref), ref)
-        img = _open_loaded(ref)
-        refuse_lossy_mask(ref, img.format)
+        path = split_ref(ref)[0]
+        img = _read_frame(ref) if path != ref else _open_loaded(ref)
+        refuse_lossy_mask(path, img.format, img.info.get("compression"))
         return label_gray(img, ref)
 
     def check_item(self, image_ref: str, mask_ref: str | None, labels: bool = True) -> list[Problem]:

@@ -320,7 +320,7 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
                 raise UploadError(422, f"the ground truth {name} is not a label file of this kind ({stored.describe}):"
                                        f" it {instead}")
     img = open_image(data, max_pixels, declared_type, what="ground-truth mask")
-    lossy = lossy_mask_error(bytes(data[:16]), img.format)
+    lossy = lossy_mask_error(bytes(data[:1 << 16]), img.format, img.info.get("compression"))
     if lossy:  # e.g. "JPEG-compressed mask: lossy compression changes labels at edges; save masks as PNG"
         raise UploadError(422, f"the ground-truth mask is a {lossy}")
     mode = img.mode
