@@ -499,7 +499,7 @@ def probe_info(path: PathLike) -> ImageInfo:
         with _quiet_pil(), _open(path) as img:
             size, mode, fmt = img.size, img.mode, str(img.format)
             compression = img.info.get("compression")
-            orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+            orientation = _orientation(path, img)
             if fmt == "TIFF":  # Pillow gives a TIFF's size already turned (it turns the pixels at load())
                 tags = getattr(img, "tag_v2", {})
                 stored = tags.get(256), tags.get(257)  # ImageWidth, ImageLength as the file stores them
@@ -517,6 +517,26 @@ def probe_info(path: PathLike) -> ImageInfo:
     if orientation in (5, 6, 7, 8):  # a quarter turn: the stored pixels are the other way round
         return ImageInfo((size[1], size[0]), mode, fmt, orientation, size, compression)
     return ImageInfo(size, mode, fmt, orientation if isinstance(orientation, int) else 1, size, compression)
+
+
+def _orientation(path: Path, img: Image.Image) -> int:
+    """The EXIF orientation of the open ``img``, from its header: a PNG whose eXIf chunk is not
+    before its pixels (PIL's ``getexif()`` then decodes the whole image to look after them) is
+    looked through chunk by chunk, its pixel data skipped."""
+    if img.format != "PNG" or "exif" in img.info:
+        return img.getexif().get(_ORIENTATION_TAG, 1)
+    with open(path, "rb") as f:
+        f.seek(8)  # the signature
+        while len(head := f.read(8)) == 8:
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"eXIf":
+                exif = Image.Exif()
+                exif.load(f.read(length))
+                return exif.get(_ORIENTATION_TAG, 1)
+            if kind == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    return 1
 
 
 # -- truncation found from the header -----------------------------------------------------------------
