@@ -304,3 +304,36 @@ def test_probe_reads_a_png_header_without_decoding_its_pixels(tmp_path, monkeypa
     assert (late.size, late.orientation) == ((30, 40), 6)
     assert decoded == []
     assert read_image(tmp_path / "late.png").shape == (40, 30, 3)  # as the header said
+
+
+def _gray_png(values: np.ndarray, depth: int) -> bytes:
+    """A gray PNG of ``depth`` bits per sample holding ``values`` as stored (written by hand: PIL
+    writes gray at 1 or 8 bits only)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = values.shape
+    per_byte = 8 // depth
+    rows = b""
+    for row in values:
+        padded = list(row) + [0] * (-w % per_byte)
+        packed = bytes(sum(int(v) << (8 - depth * (k + 1)) for k, v in enumerate(padded[i:i + per_byte]))
+                       for i in range(0, len(padded), per_byte))
+        rows += b"\x00" + packed
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 4, 8])
+def test_a_low_bit_gray_png_mask_reads_as_stored(tmp_path, depth):
+    """PIL scales 2- and 4-bit gray samples to 0..255: class 3 of a 2-bit mask became 255, ignore."""
+    from pixelwise.serve.uploads import decode_mask
+
+    stored = (np.arange(35).reshape(5, 7) % min(2 ** depth, 6)).astype(np.uint8)
+    (tmp_path / "m.png").write_bytes(_gray_png(stored, depth))
+    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), stored)
+    np.testing.assert_array_equal(
+        decode_mask((tmp_path / "m.png").read_bytes(), 10**6, [(k, k, k) for k in range(6)], 6, (5, 7)), stored)

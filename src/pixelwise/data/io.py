@@ -359,7 +359,11 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
     refuse_lossy_mask(path, img.format, img.info.get("compression"))
     mode = img.mode
     if mode in ("P", "L"):
-        return np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
+        indices = np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
+        if mode == "L":
+            with open(path, "rb") as f:
+                indices = stored_gray(indices, f.read(26))
+        return indices
     if mode == "1":
         return np.asarray(img).astype(np.uint8)
     if mode in ("LA", "PA"):
@@ -379,6 +383,16 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
                             "which do not fit 0..255; store class ids as 8-bit")
         return arr.astype(np.uint8)
     raise UserError(f"{path}: unsupported mask mode {mode}; save masks as 8-bit index PNGs")
+
+
+def stored_gray(values: np.ndarray, head: bytes) -> np.ndarray:
+    """The values a gray ("L") mask stores, from the levels PIL gives: PIL scales a PNG's 2- and
+    4-bit gray samples to 0..255 (stored 3 of 2 bits is 255, "ignore"), as its 1-bit ones are
+    not; ``head``: the file's first 26 bytes (the PNG header's bit depth and colour type)."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[25:26] == b"\x00" \
+            and head[24] in (2, 4):
+        return values // (255 // (2 ** head[24] - 1))  # 85 or 17: exact for every stored value
+    return values
 
 
 def palette_conflict(path: PathLike, known: Mapping[tuple[int, int, int], int]

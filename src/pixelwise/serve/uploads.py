@@ -39,6 +39,7 @@ from pixelwise.data.io import (
     palette_known,
     palette_suspects,
     pil_to_rgb,
+    stored_gray,
     tiff_layout,
 )
 from pixelwise.data.isbi import label_gray
@@ -328,6 +329,7 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
         mask = _stored_labels(img, stored)
     elif mode in ("P", "L", "LA", "PA"):
         indices = np.asarray(img, dtype=np.uint8)
+        indices = stored_gray(indices, bytes(data[:26])) if mode == "L" else indices
         if mode in ("P", "PA"):  # read by index, as the data readers do: not if its colours say other classes
             refuse_reordered_palette(img.getpalette() or [], indices, palette, ignore_colour)
         mask = indices if indices.ndim == 2 else np.ascontiguousarray(indices[:, :, 0])
