@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from conftest import wait_for
 from pixelwise import Predictor, create_model, save_checkpoint
@@ -879,6 +879,9 @@ def test_status_codes_follow_the_docs_table(predictor):
     assert damaged.status_code == 400 and "begins as a PNG file" in damaged.json()["detail"], damaged.text
     truncated_jpeg = png_bytes(noise(64, 64), "JPEG")[:200]
     assert post_image(app, truncated_jpeg, "x.jpg", "text/plain").status_code == 400
+    if features.check("avif"):  # a damaged AVIF was "not an image in a supported format", 415
+        cut = post_image(app, png_bytes(noise(64, 64), "AVIF")[:40], "x.avif", "image/avif")
+        assert cut.status_code == 400 and "begins as an AVIF file" in cut.json()["detail"], cut.text
     for name, value in (("image", b"hello"), ("ground_truth", b"mask.png")):
         parts = [("image", "a.png", "image/png", image)] if name != "image" else []
         r = request(app, "POST", "/api/predict", **_multipart(*parts, (name, None, None, value)))

@@ -342,6 +342,26 @@ def test_formats_the_browser_cannot_show_are_shown_from_the_servers_png(server, 
     assert shown(page)["base"] == [80, 48]
 
 
+def test_an_image_the_browser_turns_otherwise_is_shown_as_segmented(server, files, open_page, tmp_path):
+    """A WebP with an EXIF orientation (browsers do not turn WebP by it; the server does) and a JPEG
+    whose orientation is only in XMP were shown unturned, stretched under the turned mask."""
+    odd = Image.open(files["odd.png"]).convert("RGB")  # 80x48 stored: 48x80 turned
+    exif = Image.Exif()
+    exif[274] = 6
+    odd.save(tmp_path / "turned.webp", exif=exif.tobytes(), lossless=True)
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    odd.save(tmp_path / "xmp.jpg", xmp=xmp.encode())
+    p = open_page(server)
+    page = p.open()
+    for name in ("turned.webp", "xmp.jpg"):
+        page.set_input_files("#image-input", str(tmp_path / name))
+        state, status = settled(page)
+        assert state == "done", status
+        got = shown(page)
+        assert (got["base"], got["layer"], got["mask"]) == ([48, 80], [48, 80], [48, 80]), (name, got)
+
+
 def test_ground_truth_before_the_image_is_used_and_one_added_later_reruns(server, files, open_page):
     """Defect 4: the order the form suggests works, and nothing is dropped without a word."""
     p = open_page(server)

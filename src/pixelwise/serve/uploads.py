@@ -208,6 +208,8 @@ def image_kind(head: bytes) -> str | None:
             return name
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
+    if head[4:12] in (b"ftypavif", b"ftypavis"):  # an ISO media file of AVIF's brand
+        return "AVIF"
     if _PNM.match(head):
         return "PPM"
     if _PCX.match(head):
@@ -230,7 +232,8 @@ def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = ""
                                    "RGB or gray") from None
         kind = image_kind(bytes(data[:16]))
         if kind:  # it begins as an image does: a damaged one, not another kind of file
-            raise UploadError(400, f"the {what} cannot be decoded: it begins as a {kind} file, but the rest is "
+            article = "an" if kind[0] in "AEIOU" else "a"  # an AVIF
+            raise UploadError(400, f"the {what} cannot be decoded: it begins as {article} {kind} file, but the rest is "
                                    "damaged; re-export it") from None
         declared = f" (declared {declared_type}: a file of another kind renamed?)" if declared_type else ""
         raise UploadError(415, f"the {what} is not an image in a supported format{declared}; send one of "

@@ -331,6 +331,17 @@ async function canShow(blob) {
   }
 }
 
+// whether the browser may show the file otherwise than the server decodes it, so that the page
+// shows the server's decoded image: a GIF, WebP or animated PNG plays its frames (the first is
+// segmented), and browsers do not turn a WebP by its EXIF orientation as the server does
+async function shownOtherwise(blob) {
+  if (blob.type === "image/gif" || blob.type === "image/webp") return true;
+  if (blob.type !== "image/png" && blob.type !== "image/apng") return false;
+  const head = new TextDecoder("latin1").decode(await blob.slice(0, 1 << 16).arrayBuffer());
+  const animation = head.indexOf("acTL"), pixels = head.indexOf("IDAT");
+  return animation >= 0 && (pixels < 0 || animation < pixels);  // an APNG's acTL chunk comes before its pixels
+}
+
 async function segment() {
   if (!state.image) return;
   if (!state.info) {
@@ -349,6 +360,7 @@ async function segment() {
   markShown("busy", image.name);
   try {
     if (image.showable === undefined) image.showable = await canShow(image.blob);
+    if (image.serverImage === undefined) image.serverImage = await shownOtherwise(image.blob);
     if (run !== state.run) return;
     const form = new FormData();
     form.append("image", image.blob, image.name);
@@ -360,9 +372,8 @@ async function segment() {
     } else if ($("score-thresh").value !== "") {
       form.append("score_thresh", $("score-thresh").value);
     }
-    // the decoded image for files the browser cannot show, and for GIFs (the first frame, the one segmented)
-    const gif = image.blob.type === "image/gif";
-    if (!image.showable || gif) form.append("return_image", "true");
+    // the decoded image for files the browser cannot show, or may show otherwise (shownOtherwise)
+    if (!image.showable || image.serverImage) form.append("return_image", "true");
     if (truth) {
       form.append("ground_truth", truth.blob, truth.name);
       // the samples' ground truths are class ids; an uploaded one is read as the page's choice says
@@ -373,6 +384,11 @@ async function segment() {
     if (run !== state.run) return;
     const view = await prepare(result, image);
     if (run !== state.run) return;
+    if (view.turned) {  // the browser shows the file turned otherwise (an orientation only in XMP): ask again
+      if (view.baseUrl) URL.revokeObjectURL(view.baseUrl);
+      image.serverImage = true;
+      return await segment();
+    }
     commit(view);
     if (truth && result.metrics) truth.usedWith = image;
     const notes = [image.note, view.note].filter(Boolean).join(" ");
@@ -414,6 +430,9 @@ async function prepare(result, image) {
   } catch (_) {
     view.base = null;
   }
+  // the browser's own picture of another size than the one segmented: turned otherwise than the server turned it
+  view.turned = Boolean(view.base && !result.image_png_base64 &&
+    (view.base.naturalWidth !== result.width || view.base.naturalHeight !== result.height));
   if (!view.base) view.note = "This browser cannot show this image's format: the overlay is drawn on black.";
   view.mask = await loadImage(png(result.mask_png_base64), "the predicted class mask");
   view.unc = result.uncertainty_png_base64
