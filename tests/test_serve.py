@@ -220,6 +220,23 @@ def test_samples_from_a_folder(predictor, tmp_path):
     assert direct["mask_png_base64"] == via_sample["mask_png_base64"]
 
 
+def test_sample_urls_are_percent_encoded(predictor, tmp_path):
+    """A sample named 'scan #3.png' was offered as /api/samples/scan #3.png: 404 "no sample named
+    'scan '" ('#' starts a fragment, '?' a query, '%20' decodes to a space)."""
+    (tmp_path / "masks").mkdir()
+    names = ["scan #3.png", "a?b.png", "50%20off.png"]
+    for name in names:
+        Image.fromarray(noise(20, 30)).save(tmp_path / name)
+        Image.fromarray(np.full((20, 30), 1, np.uint8)).save(tmp_path / "masks" / name)
+    app = create_app(predictor, ServeConfig(samples_dir=tmp_path))
+    samples = request(app, "GET", "/api/info").json()["samples"]
+    assert sorted(s["name"] for s in samples) == sorted(names)
+    for s in samples:
+        image, truth = request(app, "GET", s["url"]), request(app, "GET", s["ground_truth_url"])
+        assert image.status_code == 200 and image.content == (tmp_path / s["name"]).read_bytes(), s
+        assert truth.status_code == 200 and np.asarray(Image.open(io.BytesIO(truth.content))).max() == 1, s
+
+
 def test_page_and_docs_load_nothing_from_other_hosts(predictor):
     app = create_app(predictor, samples=[])
     page = request(app, "GET", "/")
@@ -609,6 +626,8 @@ def test_no_cors_unless_an_origin_is_given(predictor):
     app = create_app(predictor, ServeConfig(cors_origins=("http://elsewhere.example",)), samples=[])
     r = request(app, "GET", "/api/info", headers=origin)
     assert r.headers["access-control-allow-origin"] == "http://elsewhere.example"
+    # a page allowed in can read a busy server's Retry-After and a 401's WWW-Authenticate
+    assert set(r.headers["access-control-expose-headers"].lower().split(", ")) == {"retry-after", "www-authenticate"}
     pre = request(app, "OPTIONS", "/api/predict", headers={**origin, "Access-Control-Request-Method": "POST"})
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://elsewhere.example"
     other = request(app, "GET", "/api/info", headers={"Origin": "http://evil.example"})
@@ -893,6 +912,28 @@ def test_status_codes_follow_the_docs_table(predictor):
     assert two_images.status_code == 422 and "'image' is given 2 times" in two_images.json()["detail"]
     assert post_image(app, image, fields={"tile": "16"}).status_code == 200
     assert request(app, "GET", "/api/health").json()["pool"]["waiting"] == 0
+
+
+def test_queue_ms_does_not_count_the_upload(predictor):
+    """queue_ms ("waiting for a worker") began before the body was read: an idle server answered
+    queue_ms 2008 to a client that took 2 s to send its image."""
+    app = create_app(predictor, samples=[])
+    sent = httpx.Request("POST", "http://t/api/predict", files={"image": ("a.png", png_bytes(noise(24, 24)),
+                                                                          "image/png")})
+    body, headers = sent.read(), {"content-type": sent.headers["content-type"]}
+
+    async def slowly():
+        for i in range(0, len(body), len(body) // 3 + 1):
+            await asyncio.sleep(0.25)
+            yield body[i:i + len(body) // 3 + 1]
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/api/predict", content=slowly(), headers=headers)
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["queue_ms"] < 200, answer.json()["queue_ms"]  # the upload took 750 ms
 
 
 # ---------------------------------------------------------------- a model with dropout and --workers 2

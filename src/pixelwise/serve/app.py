@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Security
@@ -404,8 +405,10 @@ class Service:
                               **({"dataset": stored.describe} if (stored := stored_labels(p)) else {})},
             "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
                        "workers": self.workers, "queue": self.config.queue},
-            "samples": [{"name": s.name, "url": f"/api/samples/{s.name}",
-                         "ground_truth_url": f"/api/samples/{s.name}/ground_truth" if s.ground_truth else None}
+            # percent-encoded: a name with '#', '?' or '%' is a path, not a fragment or a query
+            "samples": [{"name": s.name, "url": f"/api/samples/{quote(s.name, safe='')}",
+                         "ground_truth_url": (f"/api/samples/{quote(s.name, safe='')}/ground_truth"
+                                              if s.ground_truth else None)}
                         for s in self.samples.values()],
         }
 
@@ -435,7 +438,7 @@ class Service:
         return predictor
 
     def predict(self, image_part: Part, truth_part: Part | None, options: dict[str, Any], wanted: Wanted,
-                admitted: float) -> dict:
+                queued: float) -> dict:
         """One request's work, in a worker thread: decode, predict, encode, score."""
         start = time.perf_counter()
         if self.config.keep_uploads is not None:
@@ -470,7 +473,7 @@ class Service:
             out["metrics"] = compare(mask, truth, p.class_names)
         out["options"] = options_of(predictor)
         out["ms"] = round((time.perf_counter() - start) * 1000, 2)
-        out["queue_ms"] = round((start - admitted) * 1000, 2)
+        out["queue_ms"] = round((start - queued) * 1000, 2)
         return out
 
 
@@ -508,7 +511,8 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
     app.add_middleware(_SecurityHeaders)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["X-API-Key", "Authorization"], max_age=600)
+                           allow_headers=["X-API-Key", "Authorization"], max_age=600,
+                           expose_headers=["Retry-After", "WWW-Authenticate"])  # a 503's and a 401's advice
 
     def require_key(key: Annotated[str | None, Security(KEY_HEADER)] = None,
                     token: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None) -> None:
@@ -573,7 +577,6 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
                           "and scores against `ground_truth` when one is sent.")
     async def predict(request: Request) -> JSONResponse:
         ticket = service.pool.admit()  # PoolFull -> 503 before the body is read
-        admitted = time.perf_counter()
         try:
             if request.query_params:  # an option there would be ignored: the answer would use the defaults
                 names = ", ".join(sorted(set(request.query_params.keys())))
@@ -596,8 +599,9 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
                     raise UploadError(400, "the ground-truth mask is empty")
                 truth = None
             options, wanted = parse_options(form, predictor)
+            queued = time.perf_counter()  # the upload is in: from here on it waits for a worker (queue_ms)
             job = asyncio.ensure_future(service.pool.run(ticket, service.predict, image, truth, options,
-                                                         wanted, admitted))
+                                                         wanted, queued))
             gone = asyncio.ensure_future(_disconnected(request))
             try:  # a client that goes away cancels its job: no worker predicts for nobody
                 await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
