@@ -147,3 +147,39 @@ def test_fast_mode_says_which_precision_and_keeps_unmeasured_models_in_float32(m
     r = benchmark(create_model("segnet_basic", num_classes=3), (32, 48), mode="fast", repeats=1,
                   model_name="segnet_basic")
     assert r["dtype"] == "float32" and "float32 weights (bfloat16 not measured for segnet_basic)" in r["fast_path"]
+
+
+def test_bench_of_a_bare_onnx_export_counts_no_flops_it_cannot_know(tmp_path):
+    """export_onnx of a Python model without a checkpoint's metadata: bench rebuilt the default
+    architecture (1.505 GFLOPs for a 0.006-GFLOP U-Net), or refused the class name 'UNet'."""
+    pytest.importorskip("onnxruntime")
+    from pixelwise.inference.export import export_onnx
+
+    model = create_model("unet", num_classes=3, base_channels=4).eval()
+    for i, name in enumerate(["unet", None]):
+        path = tmp_path / f"bare{i}.onnx"
+        export_onnx(model, path, model_name=name or "", sizes=[(1, 32, 32)])
+        out = tmp_path / f"{i}.json"
+        assert main(["bench", "--onnx", str(path), "--size", "32x32", "--repeats", "1", "--threads", "1",
+                     "--json", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert r["gflops_per_img"] is None and r["img_per_s"] > 0, r
+
+
+def test_the_auxiliary_head_is_neither_run_nor_counted_at_inference():
+    """An aux_loss checkpoint's FCN head was computed and thrown away by eager and fast inference
+    (7% of fcn_resnet50's work) and counted in bench's FLOPs, which onnx and int8 do not run."""
+    from pixelwise.models import forward_logits
+
+    with_aux = create_model("deeplabv3plus_resnet18", num_classes=3, aux_loss=True).eval()
+    without = create_model("deeplabv3plus_resnet18", num_classes=3).eval()
+    without.load_state_dict({k: v for k, v in with_aux.state_dict().items() if not k.startswith("aux_classifier.")})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(with_aux, x), with_aux(x)["out"])  # the same logits
+        assert set(with_aux(x)) == {"out", "aux"}  # forward stays torchvision's
+    aux_flops = bench.count_flops(lambda: create_model("deeplabv3plus_resnet18", num_classes=3, aux_loss=True),
+                                  (64, 64))
+    assert aux_flops == bench.count_flops(lambda: create_model("deeplabv3plus_resnet18", num_classes=3), (64, 64))
+    r = benchmark(with_aux, (64, 64), mode="eager", repeats=1, threads=1)
+    assert r["gflops_per_img"] * 1e9 == pytest.approx(aux_flops)

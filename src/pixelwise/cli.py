@@ -175,7 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pixelwise.data.io import DEFAULT_MAX_PIXELS
     from pixelwise.inference.bench import benchmark, count_flops
     from pixelwise.inference.onnx_runner import read_onnx_metadata
-    from pixelwise.models import create_model, model_info
+    from pixelwise.models import create_model, list_models, model_info
 
     if sum(bool(a) for a in (args.model, args.checkpoint, args.onnx)) != 1:
         raise UserError("give exactly one of --model NAME, --checkpoint FILE or --onnx FILE")
@@ -204,7 +204,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         mode, meta = "onnx", read_onnx_metadata(args.onnx)
         task, name = "semantic", meta.get("model", "")
         channels = input_spec_from_meta(meta).channels  # the graph's input (export records the contract)
-        if name:  # FLOPs of the architecture, counted on the meta device from the stored metadata
+        # FLOPs of the architecture, counted on the meta device from the stored metadata: only where it
+        # names a registered model and its options (a bare export_onnx of a Python model names its class,
+        # and its options are unknown: the defaults' FLOPs were reported, 246x too many for a small U-Net)
+        if name in list_models() and isinstance(meta.get("model_kwargs"), dict):
             flops = count_flops(lambda: create_model(name, num_classes=meta.get("num_classes", 21),
                                                      **meta.get("model_kwargs", {})), size, channels=channels)
     elif args.checkpoint:

@@ -36,7 +36,7 @@ def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semant
             model: nn.Module = builder().eval()
             x = torch.empty(1, channels, *size)
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                model(x) if task == "semantic" else model([x[0]])
+                forward_logits(model, x) if task == "semantic" else model([x[0]])
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return None
     return float(counter.get_total_flops())
@@ -139,7 +139,7 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     peak_mem = peak_memory_mb(dev)  # the mode's own: no float32 reference pass has run yet
     if flops is None and model is not None:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(x[:1]) if task == "semantic" else model([x[0]])
+            forward_logits(model, x[:1]) if task == "semantic" else model([x[0]])
         flops = float(counter.get_total_flops())
     agreement = None
     if task == "semantic" and mode != "eager" and model is not None:
