@@ -183,3 +183,22 @@ def test_the_auxiliary_head_is_neither_run_nor_counted_at_inference():
     assert aux_flops == bench.count_flops(lambda: create_model("deeplabv3plus_resnet18", num_classes=3), (64, 64))
     r = benchmark(with_aux, (64, 64), mode="eager", repeats=1, threads=1)
     assert r["gflops_per_img"] * 1e9 == pytest.approx(aux_flops)
+
+
+def test_float32_on_an_ampere_gpu_is_reported_as_tf32(monkeypatch):
+    """cuDNN runs float32 convolutions in TF32 on Ampere and later (torch's default), while bench
+    said dtype float32 and took the strict float32 matmul rate (1/7 of an H100's TF32) as the peak."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert bench.convolutions_in_tf32(cuda, torch.float32)
+    assert not bench.convolutions_in_tf32(cuda, torch.bfloat16)
+    assert not bench.convolutions_in_tf32(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not bench.convolutions_in_tf32(cuda, torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no TF32
+    assert not bench.convolutions_in_tf32(cuda, torch.float32)
+    before = torch.backends.cuda.matmul.allow_tf32
+    bench.gemm_peak_gflops(torch.device("cpu"), n=64, repeats=1)
+    assert torch.backends.cuda.matmul.allow_tf32 == before  # the caller's setting is left as it was
