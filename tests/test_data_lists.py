@@ -179,3 +179,25 @@ def test_a_hash_in_the_data_path_is_part_of_the_path(tmp_path):
     assert ds.check() == [] and [ds.name_of(i) for i, _ in ds.items] == ["train-volume_00", "train-volume_01",
                                                                            "train-volume_02"]
     np.testing.assert_array_equal(ds.load(2).image[..., 0], np.asarray(pages[2]))
+
+
+def test_inspect_names_a_broken_file_whose_stem_another_problem_shares(tmp_path):
+    """A load error was hidden when any check() problem named a file of the same stem: a cut a.gif
+    went unlisted beside a stray a.heic, while the same cut b.gif was listed. And a 1-class
+    dataset with ignored pixels was told to 'store it as 1', outside its classes."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for k in ("a", "b"):
+        Image.fromarray(RNG.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{k}.gif")
+        write_mask(tmp_path / "masks" / f"{k}.png", (RNG.random((32, 32)) > 0.5).astype(np.uint8))
+        data = (tmp_path / "images" / f"{k}.gif").read_bytes()
+        (tmp_path / "images" / f"{k}.gif").write_bytes(data[:-40])  # GIF: found cut only when decoded
+    (tmp_path / "images" / "a.heic").write_bytes(b"x")
+    report = inspect_dataset(build_dataset("folder", str(tmp_path), "all"))
+    cut = [p for p in report["problems"] if "unreadable or truncated" in p]
+    assert sorted(p.split(": ", 1)[0].rsplit("/", 1)[-1] for p in cut) == ["a.gif", "b.gif"], report["problems"]
+    one = tmp_path / "one"
+    _folder(one, n=2, classes=1)
+    write_mask(one / "masks" / "im0.png", np.where(RNG.random((8, 10)) > 0.5, 255, 0).astype(np.uint8))
+    report = inspect_dataset(build_dataset("folder", str(one), "all", num_classes=1))
+    assert report["problems"] == [] and report["ignored_pixels"] > 0

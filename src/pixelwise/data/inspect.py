@@ -18,7 +18,6 @@ the images that contain c`` (all pixels of those images, ignored ones included, 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
@@ -92,8 +91,7 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
     # what the reader's own skip_invalid option already left out is a problem all the same
     problems: list[str] = [f"{p} (left out by skip_invalid)" for p in getattr(dataset, "dropped", [])]
     problems += [str(p) for p in found]
-    flagged = {Path(p.path).stem for p in found}  # their files fail to load too: named once
-    bad_paths = {p.path for p in found}
+    bad_paths = {p.path for p in found}  # their files fail to load too: named once
     items = getattr(dataset, "items", None)  # file readers: (image, mask) refs, as check() names them
     class_pixels = np.zeros(c, dtype=np.int64)
     present_pixels = np.zeros(c, dtype=np.int64)
@@ -107,7 +105,7 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
         try:
             sample = dataset.load(i)
         except UserError as e:
-            if Path(str(e).split(": ", 1)[0]).stem not in flagged:
+            if str(e).split(": ", 1)[0] not in bad_paths:  # the file itself, not one of its stem
                 problems.append(str(e))
             continue
         num_images += 1
@@ -126,7 +124,7 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
                      "HxW or an augment resize (or --batch-size 1); Mask R-CNN takes them as they are")
     if num_images and not class_pixels.any():  # e.g. Cityscapes' test split, whose labels are withheld
         notes.append("no labelled pixel in this split (every pixel is 255, ignore): eval can score nothing on it")
-    elif num_images and ignored and not class_pixels[1:].any():  # binary masks saved as 0/255, as many tools do
+    elif num_images and ignored and c > 1 and not class_pixels[1:].any():  # binary masks saved as 0/255
         problems.append(f"every labelled pixel is class 0 and {ignored:,} are 255 (ignore): if these are binary "
                         "masks with the foreground stored as 255, store it as 1 (255 means 'ignore' here)")
     return {
