@@ -202,3 +202,11 @@ def test_float32_on_an_ampere_gpu_is_reported_as_tf32(monkeypatch):
     before = torch.backends.cuda.matmul.allow_tf32
     bench.gemm_peak_gflops(torch.device("cpu"), n=64, repeats=1)
     assert torch.backends.cuda.matmul.allow_tf32 == before  # the caller's setting is left as it was
+
+
+def test_benchmark_puts_the_callers_model_and_threads_back():
+    """benchmark() left torch's thread count at its threads= and the caller's model in eval mode."""
+    model = create_model("enet", num_classes=3).train()
+    before = torch.get_num_threads()
+    r = benchmark(model, (32, 32), repeats=1, threads=1)
+    assert r["threads"] == 1 and torch.get_num_threads() == before and model.training

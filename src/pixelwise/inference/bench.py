@@ -125,7 +125,32 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     own weights are resident throughout) through the timed runs. It is read before the FLOPs are
     counted and before the float32 eager reference of ``agreement`` runs, so those passes do not
     count. Without the reset (other systems) it is the process's peak up to then.
+
+    The caller's model is put back as it was (training mode, device), and so are torch's threads.
     """
+    before_threads = torch.get_num_threads()
+    state = None
+    if model is not None:
+        held = next(iter(model.parameters()), None)
+        state = (model.training, held.device if held is not None else None)
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        return _measure(model, size, batch, mode, device, repeats, task, flops, model_name=model_name, onnx=onnx,
+                        threads=threads, train=train, compile=compile, channels=channels)
+    finally:
+        torch.set_num_threads(before_threads)
+        if model is not None and state is not None:
+            model.train(state[0])
+            if state[1] is not None:
+                model.to(state[1])
+
+
+def _measure(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mode: str = "eager",
+             device: str = "cpu", repeats: int = 5, task: str = "semantic", flops: float | None = None,
+             *, model_name: str = "", onnx: str | None = None, threads: int | None = None,
+             train: bool = False, compile: bool = False, channels: int = 3) -> dict:
+    """One benchmark run (:func:`benchmark`)."""
     if train and (model is None or task != "semantic"):
         raise UserError("--train measures semantic models given by --model or --checkpoint")
     if mode not in ("eager", "fast", "int8", "onnx"):
@@ -134,8 +159,6 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
         raise UserError("--mode int8 measures semantic models (Mask R-CNN: docs/deploy.md)")
     if compile and (mode != "fast" or task != "semantic"):
         raise UserError("--compile goes with --mode fast (semantic models)")
-    if threads:
-        torch.set_num_threads(threads)
     dev = torch.device(device)
     if mode == "onnx" and (task != "semantic" or dev.type != "cpu"):
         raise UserError("--mode onnx runs semantic models on the CPU only (Mask R-CNN: docs/deploy.md)")
