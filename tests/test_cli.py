@@ -371,3 +371,23 @@ def test_the_servers_log_is_coloured_only_on_a_terminal_that_wants_it(monkeypatc
     monkeypatch.delenv("NO_COLOR")
     monkeypatch.setenv("TERM", "dumb")
     assert not log_colours()
+
+
+def test_a_run_named_like_a_number_resumes_from_its_own_config(tmp_path, monkeypatch, capsys):
+    """--out 1e-3 (an lr sweep's folder): config.yaml wrote 1e-3 unquoted, which the config reader
+    takes as the number 0.001, so --resume and --config 1e-3/config.yaml were refused (and the
+    hint named another folder, "0.001")."""
+    import yaml
+
+    from pixelwise.engine.config import ConfigLoader, dump_config
+
+    settings = {"out": "1e-3", "data": "5e+2", "lr": 0.001, "tiny": 1e-05, "name": "010", "flag": "true"}
+    assert yaml.load(dump_config(settings), Loader=ConfigLoader) == settings
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in TINY if a not in ("--epochs", "1")] + ["--schedule", "constant"]
+    assert main(["train", *args, "--epochs", "1", "--out", "1e-3"]) == 0
+    assert main(["train", "--resume", "--epochs", "2", "--out", "1e-3", "--no-progress"]) == 0
+    assert main(["train", "--config", "1e-3/config.yaml", "--epochs", "1", "--out", "again"]) == 0
+    (tmp_path / "bad.yaml").write_text("out: 1.10\n")
+    assert main(["train", "--config", "bad.yaml"]) == 2
+    assert 'quote it as you wrote it, e.g. out: "1.10"' in capsys.readouterr().err

@@ -316,10 +316,12 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
             example = "off" if value is False and "off" in (meta["choices"] or ()) else "..."
             raise UserError(f"{where} must be text, got {str(value).lower()} (YAML reads an unquoted off, no, on or "
                             f"yes as false or true); quote it, e.g. {name}: \"{example}\"")
-        if isinstance(value, int | float | datetime.date):  # YAML reads 1.10 as 1.1, 2026-12-06 as a date
-            what = "a date" if isinstance(value, datetime.date) else "a number"
-            raise UserError(f"{where} must be text, got {value} (YAML reads it as {what}); quote it, e.g. "
+        if isinstance(value, datetime.date):  # YAML reads 2026-12-06 as a date
+            raise UserError(f"{where} must be text, got {value} (YAML reads it as a date); quote it, e.g. "
                             f"{name}: \"{value}\"")
+        if isinstance(value, int | float):  # the text is lost: 1.10 is read as 1.1, 1e-3 as 0.001
+            raise UserError(f"{where} must be text, got {value} (YAML reads it as a number); quote it as you wrote "
+                            f"it, e.g. {name}: \"1.10\" (unquoted, 1.10 is the number 1.1)")
         if not isinstance(value, str):
             raise UserError(f"{where} must be text, got {value!r}")
         if name in PATH_KEYS:
@@ -469,6 +471,23 @@ ConfigLoader.yaml_implicit_resolvers = {
 ConfigLoader.add_implicit_resolver(INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
 ConfigLoader.add_implicit_resolver(FLOAT_TAG, re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
                                    list("-+0123456789."))
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes the text :class:`ConfigLoader` would read as a number
+    (``1e-3``, which YAML 1.1 and so ``safe_dump`` leave plain), so that a run's config.yaml
+    reads back as it was written (``--out 1e-3`` of a learning-rate sweep)."""
+
+
+for _first, _resolvers in ConfigLoader.yaml_implicit_resolvers.items():
+    for _tag, _regexp in _resolvers:
+        if _tag in (INT_TAG, FLOAT_TAG) and (_tag, _regexp) not in ConfigDumper.yaml_implicit_resolvers.get(_first, []):
+            ConfigDumper.add_implicit_resolver(_tag, _regexp, [_first])
+
+
+def dump_config(settings: dict) -> str:
+    """``settings`` as YAML that :class:`ConfigLoader` reads back equal."""
+    return yaml.dump(settings, Dumper=ConfigDumper, sort_keys=False)
 
 
 def yaml_error_text(path: str | Path, error: yaml.YAMLError) -> str:

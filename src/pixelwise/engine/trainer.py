@@ -84,6 +84,7 @@ from pixelwise.engine.config import (
     SEMANTIC_SELECT,
     TrainConfig,
     default_out,
+    dump_config,
     parse_size,
 )
 from pixelwise.engine.ema import WeightAverage
@@ -702,7 +703,7 @@ def start_writing(run: Run, state: TrainState) -> None:
         for tmp in out.glob(f".{glob.escape(name)}.*.tmp"):
             tmp.unlink(missing_ok=True)
     settings = {k: v for k, v in run.cfg.to_dict().items() if k not in COMMAND_ONLY}
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
+    atomic_write_text(out / "config.yaml", dump_config(settings))
     if run.class_weights_doc is not None:
         atomic_write_text(out / CLASS_WEIGHTS_FILE, json.dumps(run.class_weights_doc, indent=2))
     if run.cfg.resume:
