@@ -101,6 +101,16 @@ def test_augment_crop_flag_beats_the_recipes_crop(tmp_path):
     assert crop_size(train_transform(resolve(config))) == (32, 32)  # without the flag: the recipe's crop
 
 
+@pytest.mark.parametrize("text", ["augment: {crop: [32, 32], flip: true}\n", "crop: 32x32\naugment: {flip: true}\n"])
+def test_crop_none_clears_the_recipes_crop_however_it_is_set(tmp_path, text):
+    """--crop none left a recipe's augment: {crop: ...} (camvid_cpu_hour's way) in place: training
+    still cropped, while config.yaml recorded crop: null."""
+    cfg = resolve(write(tmp_path, text), crop="none")
+    assert cfg.crop is None and cfg.augment == {"flip": True}
+    assert crop_size(train_transform(cfg)) == (40, 40)
+    assert crop_size(train_transform(resolve(write(tmp_path, text)))) == (32, 32)
+
+
 # --- item 4: a stage's augment merges into the run's ------------------------------------------------
 def test_stage_augment_merges_into_the_runs(tmp_path):
     stages = "stages:\n  - {name: a, epochs: 1, augment: {flip: false}}\n  - {name: b, epochs: 1}\n"

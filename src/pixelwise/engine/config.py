@@ -596,6 +596,9 @@ def build_config(file_values: dict, cli_values: dict, recipe: str | None = None,
             merged[key] = {**file_values[key], **cli_values[key]}
     if "crop" in (cli_values.get("augment") or {}) and cli_values.get("crop") is None:
         merged.pop("crop", None)  # --augment '{"crop": ...}' beats the file's crop (which sets augment's crop)
+    if cli_values.get("crop") is CLEARED and isinstance(merged.get("augment"), dict) and "crop" in merged["augment"]:
+        # --crop none clears the crop however the file set it (most recipes: augment: {crop: ...})
+        merged["augment"] = {k: v for k, v in merged["augment"].items() if k != "crop"}
     if merged.get("out") is None:
         merged["out"] = default_out(merged.get("model", TrainConfig.model), recipe)
     unknown = sorted(set(merged) - set(config_fields()))
