@@ -391,3 +391,19 @@ def test_a_run_named_like_a_number_resumes_from_its_own_config(tmp_path, monkeyp
     (tmp_path / "bad.yaml").write_text("out: 1.10\n")
     assert main(["train", "--config", "bad.yaml"]) == 2
     assert 'quote it as you wrote it, e.g. out: "1.10"' in capsys.readouterr().err
+
+
+def test_a_resume_does_not_need_the_pretrained_file_again(tmp_path):
+    """The run's --pretrained file was read (and required) on every resume, although the training
+    state replaces the weights: moved away, the resume failed with advice to train that run."""
+    import shutil
+
+    import yaml
+
+    args = [a for a in TINY if a not in ("--epochs", "1")] + ["--schedule", "constant"]
+    src, run = tmp_path / "src", tmp_path / "run"
+    assert main(["train", *args, "--epochs", "1", "--out", str(src)]) == 0
+    assert main(["train", *args, "--epochs", "1", "--pretrained", str(src / "last.safetensors"), "--out", str(run)]) == 0
+    shutil.rmtree(src)
+    assert main(["train", "--resume", "--epochs", "2", "--out", str(run), "--no-progress"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["pretrained"] == str(src / "last.safetensors")

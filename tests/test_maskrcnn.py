@@ -521,6 +521,27 @@ def test_a_maskrcnn_trained_from_pretrained_weights_saves_and_reloads_as_itself(
     assert norms and all(isinstance(m, FrozenBatchNorm2d) and m.eps == pytest.approx(1e-5) for m in norms)
     with pytest.raises(ValueError, match="frozen_bn_eps must be a number >= 0"):
         model_info("maskrcnn_resnet18_fpn").builder(num_classes=3, frozen_bn_eps=-1.0)
+    # the --pretrained file moved away: the resume does not need it (the state replaces the weights)
+    weights.unlink()
+    assert main(["train", "--resume", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    model, meta = load_checkpoint(out / "last.safetensors")
+    assert all(m.eps == pytest.approx(1e-5) for m in model.backbone.body.modules() if isinstance(m, FrozenBatchNorm2d))
+
+
+def test_a_pixelwise_maskrcnn_checkpoint_as_pretrained_keeps_its_frozen_bn_eps(tmp_path):
+    """A checkpoint of a run started from COCO records frozen_bn_eps 0; given as --pretrained (to
+    fine-tune on), it was rebuilt with eps 1e-5."""
+    from pixelwise import save_checkpoint
+    from pixelwise.backbones import FrozenBatchNorm2d
+    from pixelwise.models import create_model
+
+    source = create_model("maskrcnn_resnet18_fpn", num_classes=3, frozen_bn_eps=0.0)
+    save_checkpoint(tmp_path / "coco_run.safetensors", source,
+                    {"model": "maskrcnn_resnet18_fpn", "num_classes": 3, "task": "instance",
+                     "model_kwargs": {"frozen_bn_eps": 0.0}})
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3, pretrained=str(tmp_path / "coco_run.safetensors"))
+    eps = {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert eps == {0.0}
 
 
 def test_a_hand_downloaded_coco_file_gives_the_model_the_coco_tag_gives(tmp_path):

@@ -554,12 +554,22 @@ def check_out(cfg: TrainConfig, can_resume: bool = True, writes: Sequence[str] =
     check_can_create(out, f"--out {out}")
 
 
+def resumed_weights(cfg: TrainConfig) -> Path | None:
+    """On resume of a run that started from ``pretrained`` weights, the run's own last.safetensors,
+    which the model is built from instead: its training state replaces the weights anyway, so the
+    ``--pretrained`` file (moved since, or a download) is not read again, and the model is the one
+    the run trained (a Mask R-CNN's frozen BatchNorm). None otherwise."""
+    last = Path(cfg.out or default_out(cfg.model)) / "last.safetensors"
+    return last if cfg.resume and cfg.pretrained and last.is_file() else None
+
+
 def check_settings(cfg: TrainConfig) -> str:
     """Settings that can be checked without data, before any is read: the model and its options,
     the weights to start from, the class-weights file, TensorBoard. -> the model's task."""
     task = model_info(cfg.model).task
     check_model_kwargs(cfg.model, cfg.model_kwargs, "--model-kwargs")
-    if cfg.pretrained and cfg.pretrained not in PRETRAINED_TAGS and not Path(cfg.pretrained).expanduser().is_file():
+    if (cfg.pretrained and cfg.pretrained not in PRETRAINED_TAGS and not Path(cfg.pretrained).expanduser().is_file()
+            and resumed_weights(cfg) is None):
         if Path(cfg.pretrained).name in ("best.safetensors", "last.safetensors"):  # e.g. a staged FCN recipe's
             raise UserError(f"--pretrained {cfg.pretrained!r} (given, or the recipe's): no such file; it is another "
                             "run's checkpoint: train that run first (a relative path is from the current folder, as "
@@ -655,8 +665,9 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
         raise UserError(f"--weight-map-class {cfg.weight_map_class}: the data has classes "
                         f"0..{train_ds.num_classes - 1}; give the class whose objects the weight map separates")
     out = Path(cfg.out)
-    module = create_model(cfg.model, num_classes=train_ds.num_classes, pretrained=cfg.pretrained,
-                          **cfg.model_kwargs).to(device)
+    resumed = resumed_weights(cfg)  # the state replaces the weights: the --pretrained file is not needed
+    module = create_model(cfg.model, num_classes=train_ds.num_classes,
+                          pretrained=cfg.pretrained if resumed is None else str(resumed), **cfg.model_kwargs).to(device)
     need = getattr(module, "min_train_batch", 1)
     smallest = min(len(train_ds), *(scfg.batch_size for _, scfg in cfg.stage_configs()))
     if smallest < need:  # BatchNorm over one value per channel: a ValueError at the first step

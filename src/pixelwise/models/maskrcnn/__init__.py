@@ -38,7 +38,7 @@ from pixelwise.models.maskrcnn.roi_heads import (
 from pixelwise.models.maskrcnn.rpn import RegionProposalNetwork, RPNConfig, RPNHead
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig, paste_masks_in_image
 from pixelwise.models.registry import register_model
-from pixelwise.weights import backbone_file, load_matching, read_weights, weights_not_found
+from pixelwise.weights import backbone_file, load_matching, read_weights, saved_model_kwargs, weights_not_found
 
 __all__ = [
     "AnchorGenerator",
@@ -194,6 +194,9 @@ def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classe
     if pretrained not in (None, "imagenet", "coco") and not os.path.exists(os.path.expanduser(str(pretrained))):
         # resnet18 has no COCO weights
         raise weights_not_found(str(pretrained), ("imagenet", "coco") if make_resnet is resnet50 else ("imagenet",))
+    if pretrained not in (None, "imagenet", "coco") and frozen is None:
+        # a pixelwise checkpoint records the eps of the frozen BatchNorm it was trained with (COCO's: 0)
+        frozen = (saved_model_kwargs(os.path.expanduser(str(pretrained))) or {}).get("frozen_bn_eps")
     # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
     # frozen_bn_eps freezes it whatever the weights: a checkpoint trained from pretrained weights
     # records it, so that it is rebuilt as the model it is (no num_batches_tracked, COCO's eps 0)
