@@ -227,3 +227,30 @@ def test_a_checkpoint_replaced_while_it_is_read_gives_one_versions_metadata_and_
     state, meta_read = read_checkpoint(path)
     assert meta_read["training"]["epoch"] == 1
     assert all(torch.equal(state[k], v) for k, v in first_weights.items())  # epoch 1's weights with epoch 1's label
+
+
+def test_save_writes_its_own_format_and_version_and_refuses_another_task(tmp_path):
+    """Passing a loaded checkpoint's metadata back to save_checkpoint kept the old writer's
+    version and format; a task other than the model's was written, and predict then gave the
+    U-Net to the instance predictor (AttributeError)."""
+    import json
+
+    from safetensors import safe_open
+
+    from pixelwise import __version__
+    from pixelwise.checkpoint import FORMAT, atomic_save_tensors
+
+    model = create_model("unet", num_classes=3, base_channels=4)
+    meta = {"model": "unet", "num_classes": 3, "model_kwargs": {"base_channels": 4},
+            "format": "pixelwise-checkpoint/0", "pixelwise_version": "0.0.9"}
+    save_checkpoint(tmp_path / "a.safetensors", model, meta)
+    _, stored = load_checkpoint(tmp_path / "a.safetensors")
+    assert (stored["format"], stored["pixelwise_version"], stored["task"]) == (FORMAT, __version__, "semantic")
+    with pytest.raises(ValueError, match="task 'instance', but unet is a semantic model"):
+        save_checkpoint(tmp_path / "b.safetensors", model, {**meta, "task": "instance"})
+    with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
+        header = json.loads(f.metadata()["pixelwise"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    atomic_save_tensors(tensors, tmp_path / "c.safetensors", {"pixelwise": json.dumps({**header, "task": "instance"})})
+    with pytest.raises(UserError, match="task 'instance', but unet is a semantic model"):
+        load_checkpoint(tmp_path / "c.safetensors")

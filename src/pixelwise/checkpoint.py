@@ -177,7 +177,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
             raise ValueError(f"checkpoint metadata needs {key!r}")
     model = unwrap(model)
     _check_rebuilds(model, meta)
-    meta = {"format": FORMAT, "pixelwise_version": __version__, "task": model_info(meta["model"]).task, **meta}
+    # the writer's format and version, whatever a loaded checkpoint's metadata passed back said
+    meta = {**meta, "format": FORMAT, "pixelwise_version": __version__, "task": model_info(meta["model"]).task}
     if "input" not in meta:
         spec = model_input_spec(model, meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))
         meta["input"] = spec.to_dict()
@@ -209,7 +210,7 @@ def _check_rebuilds(model: nn.Module, meta: dict) -> None:
     """``meta`` describes ``model`` as :func:`load_checkpoint` will rebuild it (built on the meta
     device: no memory, no weights), with class names, palette and input contract that fit; else
     a ValueError now, rather than a file that cannot be loaded."""
-    problem = palette_problem(meta.get("palette"))
+    problem = palette_problem(meta.get("palette")) or task_problem(meta)
     if problem:
         raise ValueError(f"checkpoint metadata: {problem}")
     num_classes, names = meta["num_classes"], meta.get("class_names")
@@ -314,7 +315,8 @@ def metadata_problem(meta: dict) -> str | None:
     names = meta.get("class_names")
     if names is not None and (not isinstance(names, list) or len(names) != n):
         return f"class_names must list a name for each of the {n} classes, and holds {names!r}"
-    problem = palette_problem(meta.get("palette")) or category_ids_problem(meta.get("category_ids"), n)
+    problem = (palette_problem(meta.get("palette")) or category_ids_problem(meta.get("category_ids"), n)
+               or task_problem(meta))
     if problem:
         return problem
     if "input" in meta:
@@ -325,6 +327,24 @@ def metadata_problem(meta: dict) -> str | None:
             InputSpec.from_dict(contract)
         except UserError as e:
             return f"input contract must be an object of mean, std, normalize, resize and channels ({e})"
+    return None
+
+
+def task_problem(meta: dict) -> str | None:
+    """What is wrong with ``meta``'s ``task``: not the task of the model it names (a U-Net said to
+    be an instance model is given to the instance predictor, and fails there), or None."""
+    task = meta.get("task")
+    if task is None:
+        return None
+    name = meta.get("model")
+    try:
+        own = model_info(name).task if isinstance(name, str) else None
+    except (KeyError, UserError):  # a model this version does not know (an ONNX file's class name)
+        own = None
+    if own is not None and task != own:
+        return f"task {task!r}, but {name} is a {own} model"
+    if task not in ("semantic", "instance"):
+        return f"task must be semantic or instance, and is {task!r}"
     return None
 
 
