@@ -312,3 +312,13 @@ def test_staged_run_trains_and_resumes_from_its_config(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"pixelwise: error: --lr: this recipe's stages set lr (a: 0.01, b: 0.001); change them in the "
                    f"recipe ({out / 'config.yaml'}), or give the stages in your own --config")
+
+
+def test_flags_take_the_number_spellings_yaml_takes():
+    """--max-pixels 1e9 and --epochs 10.0 were refused, while max_pixels: 1e9 and epochs: 10.0 in
+    YAML are read as the integers they are; a fraction is still refused."""
+    values = flag_values({"max_pixels": "1e9", "epochs": "10.0", "lr": "1e-3"})
+    assert (values["max_pixels"], values["epochs"], values["lr"]) == (10**9, 10, 0.001)
+    assert isinstance(values["epochs"], int)
+    with pytest.raises(UserError, match="--epochs must be an integer >= 1, got 10.5"):
+        flag_values({"epochs": "10.5"})

@@ -373,15 +373,21 @@ def flag_value(name: str, text: str) -> Any:
         return parse_json_dict(text, flag)
     try:
         if kind is list:
-            return [float(m) if "." in m else int(m) for m in text.split(",") if m.strip()]
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
+            return [_flag_number(m) for m in text.split(",") if m.strip()]
+        if kind in (int, float):  # a whole number written 1e9 or 10.0 is an integer, as in YAML (check_value)
+            return _flag_number(text)
     except ValueError:
         what = {list: "comma-separated numbers like 30,60", int: "an integer", float: "a number"}[kind]
         raise UserError(f"{flag} must be {what}{' or none' if optional else ''}, got {text!r}") from None
     return text
+
+
+def _flag_number(text: str) -> int | float:
+    """A flag's number: an integer where the text is one, else a float (ValueError if neither)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def flag_values(args: Mapping[str, Any]) -> dict[str, Any]:
