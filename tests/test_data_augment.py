@@ -215,3 +215,14 @@ def test_resized_labels_stay_on_their_pixels(size, to):
     if (h / to[0]) % 2:  # an even factor puts every centre on a tie between two rows: either is nearest
         bias = (got_labels - got_image).mean() / step  # ties break one way (OpenCV 4.9 and 5 differ): < 0.5
         assert abs(bias) < 0.4, f"labels sit {bias:+.2f} source rows from their image"
+
+
+def test_resize_labels_keeps_a_single_channel_and_the_dtype():
+    """OpenCV dropped the channel of [H, W, 1] and gave int64 labels back as int32."""
+    from pixelwise.preprocess import resize_labels
+
+    labels = np.arange(16, dtype=np.int64).reshape(4, 4)
+    out = resize_labels(labels[..., None], (2, 2))
+    assert out.shape == (2, 2, 1) and out.dtype == np.int64
+    assert resize_labels(labels, (8, 8)).dtype == np.int64
+

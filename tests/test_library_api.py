@@ -279,6 +279,7 @@ def test_preprocess_takes_the_checkpoints_input_dict(tmp_path):
     (np.zeros((7, 9, 1), np.uint8), "np.repeat(img, 3, -1)"),
     (np.zeros((7, 9, 4), np.uint8), "img[..., :3]"),
     (np.full((7, 9, 3), 100, np.int64), "img.astype(np.uint8)"),
+    (np.zeros((1, 7, 9, 3), np.uint8), "img[0] (a batch of one image)"),
 ])
 def test_wrong_image_formats_are_told_how_to_convert(image, fix):
     p = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})

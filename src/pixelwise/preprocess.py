@@ -127,7 +127,10 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = int(size[0]), int(size[1])
     if labels.shape[:2] == (h, w):
         return labels
-    return cv2.resize(np.ascontiguousarray(labels), (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+    out = cv2.resize(np.ascontiguousarray(labels), (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+    if labels.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel
+        out = out[..., None]
+    return out.astype(labels.dtype, copy=False)  # OpenCV gives int64 back as int32
 
 
 def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -144,7 +147,10 @@ def _format_hints(image: np.ndarray, channels: int) -> list[str]:
     uint8[H, W] a one-channel contract also takes): the common cases."""
     hints = []
     shape = image.shape
-    if image.ndim == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
+    if image.ndim == 4 and shape[0] == 1:  # a batch of one
+        hints.append("img[0] (a batch of one image)")
+        shape = shape[1:]
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
         hints.append("img.transpose(1, 2, 0) (channels first)")
         shape = (shape[1], shape[2], shape[0])
     if len(shape) == 2 and channels == 3:
@@ -182,7 +188,7 @@ def check_image(image: np.ndarray, channels: int = 3) -> None:
                     else " (a tensor: image.permute(1, 2, 0).numpy() of a uint8 CHW tensor)"
                     if kind.startswith("torch.") else "")
             raise ValueError(f"preprocess expects a numpy {expected} array with H, W >= 1, got {kind}{hint}")
-        hints = _format_hints(image, channels) if image.ndim in (2, 3) else []
+        hints = _format_hints(image, channels) if image.ndim in (2, 3) or image.shape[:1] == (1,) else []
         fix = f"; convert it with {', then '.join(hints)}" if hints else ""
         raise ValueError(f"preprocess expects {expected} with H, W >= 1, got {image.dtype}{list(image.shape)}{fix}")
 
