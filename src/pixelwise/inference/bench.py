@@ -171,6 +171,7 @@ def _measure(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mod
     if compile:
         t = time.perf_counter()
         run()  # the first call compiles
+        _sync(dev)  # and its kernels have run
         compile_s = time.perf_counter() - t
     seconds = _best_seconds(run, dev, repeats)
     peak_mem = peak_memory_mb(dev)  # the mode's own: no float32 reference pass has run yet
