@@ -162,8 +162,20 @@ def test_pretrained_file_of_the_wrong_architecture_is_a_user_error(tmp_path):
     torch.save({f"features.{k}": v for k, v in plain.state_dict().items()}, path)
     with pytest.raises(UserError):
         segnet(11, pretrained=str(path))
-    with pytest.raises(UserError, match="no pretrained weights"):
+    with pytest.raises(UserError, match="no published weights to download"):
         segnet_basic(11, pretrained="imagenet")
+
+
+def test_segnet_basic_fine_tunes_from_a_runs_checkpoint(tmp_path):
+    """segnet_basic refused every pretrained path, so a run's last.safetensors (which train's
+    messages suggest) could not start a fine-tune."""
+    from pixelwise import save_checkpoint
+
+    source = segnet_basic(5)
+    save_checkpoint(tmp_path / "last.safetensors", source, {"model": "segnet_basic", "num_classes": 5})
+    model = segnet_basic(5, pretrained=str(tmp_path / "last.safetensors"))
+    for k, v in source.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
 
 
 # --------------------------------------------------------------------------- MC dropout

@@ -45,7 +45,6 @@ from pixelwise.backbones.vgg import (
     make_features,
     mirror_channels,
 )
-from pixelwise.errors import UserError
 from pixelwise.layers import DecoderStage, conv_bn, decoder_stages
 from pixelwise.models._checks import number_in
 from pixelwise.models._utils import (
@@ -57,6 +56,7 @@ from pixelwise.models._utils import (
     pad_to_multiple,
 )
 from pixelwise.models.registry import register_model
+from pixelwise.weights import load_matching, read_weights
 
 __all__ = ["SegNet", "bayesian_segnet", "segnet", "segnet_basic"]
 
@@ -143,10 +143,9 @@ def segnet_basic(num_classes: int, pretrained: str | None = None, decoder_upsamp
                  lrn: bool = True) -> SegNet:
     """SegNet-Basic (``segnet_basic_train.prototxt``): ``LocalResponseNorm(5, 1e-4, 0.75)`` on the
     input (``lrn=False`` drops it), 4 x (7x7 conv 64, BN, ReLU, 2x2 max pool), 4 x (unpool, 7x7
-    conv 64, BN) without ReLU, 1x1 classifier. No pretrained weights exist (trained from scratch)."""
-    if pretrained is not None:
-        raise UserError(f"segnet_basic has no pretrained weights (got pretrained={pretrained!r}); "
-                        "train it from scratch with pretrained=None")
+    conv 64, BN) without ReLU, 1x1 classifier. No published weights exist (trained from scratch);
+    ``pretrained``: a path to weights of a model of the same layout (a run's checkpoint, to
+    fine-tune or resume from)."""
     layers: list[nn.Module] = [nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)] if lrn else []
     in_ch = 3
     for _ in range(4):
@@ -158,4 +157,6 @@ def segnet_basic(num_classes: int, pretrained: str | None = None, decoder_upsamp
     decoder = decoder_stages(layout, decoder_upsample, relu=False)
     model = SegNet(features, decoder, nn.Conv2d(64, num_classes, 1))
     init_msra(model)
+    if pretrained:
+        load_matching(model, read_weights(pretrained), f"segnet_basic(pretrained={pretrained!r})")
     return model
