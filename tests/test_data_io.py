@@ -337,3 +337,44 @@ def test_a_low_bit_gray_png_mask_reads_as_stored(tmp_path, depth):
     np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), stored)
     np.testing.assert_array_equal(
         decode_mask((tmp_path / "m.png").read_bytes(), 10**6, [(k, k, k) for k in range(6)], 6, (5, 7)), stored)
+
+
+def _gray_tiff(values: np.ndarray, bits: int, photometric: int) -> bytes:
+    """An uncompressed one-strip gray TIFF storing ``values`` (a row each) at ``bits`` per sample,
+    written by hand: PIL writes neither 4-bit gray nor MinIsWhite."""
+    import struct
+
+    h, w = values.shape
+    rows = b""
+    for row in values:
+        padded = list(row) + [0] * (-w % (8 // bits))
+        rows += bytes(sum(int(v) << (8 - bits * (k + 1)) for k, v in enumerate(padded[i:i + 8 // bits]))
+                      for i in range(0, len(padded), 8 // bits))
+    entries = [(256, w), (257, h), (258, bits), (259, 1), (262, photometric), (273, 0), (277, 1), (278, h),
+               (279, len(rows))]
+    offset = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII", tag, 4, 1, offset if tag == 273 else value) for tag, value in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + rows
+
+
+@pytest.mark.parametrize("name, data, stored", [
+    ("bin.pgm", b"P5\n4 1\n1\n" + bytes([0, 1, 1, 0]), [0, 1, 1, 0]),
+    ("c21.pgm", b"P5\n# a comment\n4 1\n20\n" + bytes([0, 1, 20, 7]), [0, 1, 20, 7]),
+    ("plain.pgm", b"P2\n4 1\n3\n0 1 2 3\n", [0, 1, 2, 3]),
+    ("g4.tif", _gray_tiff(np.array([[0, 1, 2, 11]]), 4, 1), [0, 1, 2, 11]),
+    ("white8.tif", _gray_tiff(np.array([[0, 1, 2, 3]]), 8, 0), [0, 1, 2, 3]),
+])
+def test_gray_masks_read_as_the_values_they_store(tmp_path, name, data, stored):
+    """PIL scales a PGM's 0..maxval and a TIFF's 4-bit samples to 0..255 and turns a MinIsWhite
+    TIFF over: a 0/1 PGM's class 1 became 255 (ignore), a 21-class PGM's class 1 became 13."""
+    from pixelwise.data import STORED_LABELS
+    from pixelwise.serve.uploads import decode_mask
+
+    (tmp_path / name).write_bytes(data)
+    assert read_mask(tmp_path / name).ravel().tolist() == stored
+    got = decode_mask(data, 10**6, [(k, k, k) for k in range(21)], 21, (1, 4))
+    assert got.ravel().tolist() == stored
+    if max(stored) <= 11:  # CamVid's own label file, as serve reads it with truth_format=dataset
+        camvid = decode_mask(data, 10**6, [(k, k, k) for k in range(11)], 11, (1, 4), stored=STORED_LABELS["camvid"])
+        assert camvid.ravel().tolist() == [v if v < 11 else 255 for v in stored]

@@ -360,10 +360,7 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
     mode = img.mode
     if mode in ("P", "L"):
         indices = np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
-        if mode == "L":
-            with open(path, "rb") as f:
-                indices = stored_gray(indices, f.read(26))
-        return indices
+        return stored_gray(indices, path) if mode == "L" else indices
     if mode == "1":
         return np.asarray(img).astype(np.uint8)
     if mode in ("LA", "PA"):
@@ -378,6 +375,7 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
                         "(pixel value = class id), or, for a folder dataset, describe the colours in classes.json")
     arr = np.asarray(img)
     if arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
+        arr = stored_gray(arr, path)  # a PGM of maxval 300, a MinIsWhite 16-bit TIFF
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise UserError(f"{path}: {mode} mask has values {int(arr.min())}..{int(arr.max())}, "
                             "which do not fit 0..255; store class ids as 8-bit")
@@ -385,13 +383,46 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
     raise UserError(f"{path}: unsupported mask mode {mode}; save masks as 8-bit index PNGs")
 
 
-def stored_gray(values: np.ndarray, head: bytes) -> np.ndarray:
-    """The values a gray ("L") mask stores, from the levels PIL gives: PIL scales a PNG's 2- and
-    4-bit gray samples to 0..255 (stored 3 of 2 bits is 255, "ignore"), as its 1-bit ones are
-    not; ``head``: the file's first 26 bytes (the PNG header's bit depth and colour type)."""
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[25:26] == b"\x00" \
-            and head[24] in (2, 4):
-        return values // (255 // (2 ** head[24] - 1))  # 85 or 17: exact for every stored value
+def _gray_storage(source: PathLike | bytes | bytearray | memoryview) -> tuple[int | None, bool]:
+    """(the largest value a gray file's samples can store, whether they are stored inverted), from
+    its header: a PNG's bit depth, a PGM's maxval, a TIFF's BitsPerSample and PhotometricInterpretation
+    (0, "MinIsWhite", as ImageJ writes inverted-LUT masks); (None, False) where nothing says."""
+    data = source if isinstance(source, bytes | bytearray | memoryview) else None
+    if data is None:
+        with open(str(source), "rb") as f:
+            head = f.read(512)
+    else:
+        head = bytes(data[:512])
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[25:26] == b"\x00":
+        return 2 ** head[24] - 1, False
+    if head[:2] in (b"P2", b"P5"):  # magic, width, height, maxval, '#' comments between them
+        tokens = re.sub(rb"#[^\n]*", b" ", head[2:]).split()
+        return (int(tokens[2]), False) if len(tokens) > 2 and tokens[2].isdigit() else (None, False)
+    if head[:4] in _TIFF_MAGIC:
+        try:
+            target = BytesIO(bytes(data)) if data is not None else Path(str(source))
+            with _quiet_pil(), Image.open(target) as img:
+                tags = getattr(img, "tag_v2", {})
+                bits, photometric = tags.get(258), tags.get(262)
+        except _PIL_FRAME_ERRORS:
+            return None, False
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        return (2 ** bits - 1 if isinstance(bits, int) else None), photometric == 0
+    return None, False
+
+
+def stored_gray(values: np.ndarray, source: PathLike | bytes | bytearray | memoryview) -> np.ndarray:
+    """The values a gray ("L", or "I" from a PGM) mask stores, from the levels PIL gives: PIL
+    scales a PNG's or TIFF's 2- and 4-bit samples and a PGM's 0..maxval to the full range (a 2-bit
+    mask's stored 3 is 255, "ignore"; a 0/1 PGM's 1 too) and turns a MinIsWhite TIFF's samples
+    over; its 1-bit ones it does not scale. ``source``: the file (path or bytes), whose header
+    says how the samples are stored (:func:`_gray_storage`)."""
+    maxval, inverted = _gray_storage(source)
+    full = 255 if values.dtype == np.uint8 else 65535
+    if inverted:
+        values = (full - values.astype(np.int64)).astype(values.dtype)
+    if maxval is not None and 0 < maxval < full:  # exact: PIL rounds each stored value to its level
+        values = np.rint(values.astype(np.float64) * maxval / full).astype(values.dtype)
     return values
 
 

@@ -329,10 +329,10 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
         raise UploadError(422, f"the ground-truth mask is a {lossy}")
     mode = img.mode
     if stored is not None:
-        mask = _stored_labels(img, stored)
+        mask = _stored_labels(img, stored, data)
     elif mode in ("P", "L", "LA", "PA"):
         indices = np.asarray(img, dtype=np.uint8)
-        indices = stored_gray(indices, bytes(data[:26])) if mode == "L" else indices
+        indices = stored_gray(indices, data) if mode == "L" else indices
         if mode in ("P", "PA"):  # read by index, as the data readers do: not if its colours say other classes
             refuse_reordered_palette(img.getpalette() or [], indices, palette, ignore_colour)
         mask = indices if indices.ndim == 2 else np.ascontiguousarray(indices[:, :, 0])
@@ -363,7 +363,7 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
     return np.require(mask, np.uint8, ["C", "W"])  # writable: torch.from_numpy takes it as it is
 
 
-def _stored_labels(img: Image.Image, stored: StoredLabels) -> np.ndarray:
+def _stored_labels(img: Image.Image, stored: StoredLabels, data: bytes | bytearray | memoryview) -> np.ndarray:
     """A dataset's own label file -> class ids (255 = ignore) through ``stored``'s table; stored
     values the dataset does not have are 422."""
     if stored.gray:  # by gray level, as the reader reads it: a 1-bit or palette label by its pixels' colour
@@ -373,6 +373,7 @@ def _stored_labels(img: Image.Image, stored: StoredLabels) -> np.ndarray:
             raise UploadError(422, str(e)) from None
     elif img.mode in ("P", "L"):
         values = np.asarray(img, dtype=np.uint8)
+        values = stored_gray(values, data) if img.mode == "L" else values  # as read_mask reads it
     else:
         raise UploadError(422, f"a {img.mode} ground truth is not a label file of this kind ({stored.describe}): "
                                "send the 8-bit label PNG")
