@@ -111,6 +111,24 @@ def test_isbi_labels_of_only_0_and_1_are_a_problem(tmp_path, layout):
         ds.check_or_refuse(skip_invalid=False, purpose="train")
 
 
+def test_isbi_labels_too_dark_for_the_threshold_are_a_problem_and_train_says_store_255(tmp_path):
+    """A 0/1 label saved at 4 bits reads as the gray levels 0/17: the 0/1 check missed it, and
+    train's refusal then advised 'store it as 1', the opposite of ISBI's rule (cells are 255)."""
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import check_training_data
+
+    cells = (_cells() == 255).astype(np.uint8) * 7  # a dark label: gray 7 for cells
+    _isbi_png(tmp_path / "d", [Image.fromarray(cells)] * 3)
+    ds = build_dataset("isbi2012", str(tmp_path / "d"), "all")
+    problems = ds.check()
+    assert len(problems) == 3 and "at most 7 of 255" in problems[0].message
+    assert "stored as 255 (white)" in problems[0].message
+    cfg = TrainConfig(model="unet", dataset="isbi2012", data=str(tmp_path / "d"), train_split="all",
+                      val_split="all")
+    with pytest.raises(UserError, match=r"store cells as 255 \(white\), membranes as 0; `pixelwise data"):
+        check_training_data(cfg, ds, ds)
+
+
 def test_isbi_all_split_does_not_check_val_count(tmp_path):
     """split all uses every slice and not val_count, so 3 slices open with the default val_count 4;
     train still needs a val_count that leaves slices to train on."""

@@ -50,6 +50,10 @@ class SegmentationDataset(Dataset):
     # torchvision applies it to the training split alone): validation and eval leave them out.
     training_only_options: tuple[str, ...] = ()
 
+    # What to do when every labelled pixel is class 0 (train's refusal says it)
+    all_background_hint = ("If these are binary masks with the foreground stored as 255, store it as 1 (255 means "
+                           "'ignore')")
+
     # The class whose connected components are the objects of Rand-error scoring (ISBI's cells),
     # or None where that metric does not apply.
     rand_foreground: int | None = None

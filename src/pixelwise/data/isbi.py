@@ -78,6 +78,9 @@ def _label_of(label_dir: Path, stem: str) -> Path:
 class ISBI2012(FilePairDataset):
     """ISBI 2012 membranes, 2 classes (membrane, cell), from TIFF stacks or PNG folders."""
 
+    # labels are gray levels thresholded at 128: 255 is a cell here, not "ignore"
+    all_background_hint = "ISBI labels are thresholded at 128: store cells as 255 (white), membranes as 0"
+
     class_names = CLASS_NAMES
     palette = PALETTE
     rand_foreground = 1  # cells: the challenge scores the Rand error of their connected components
@@ -139,10 +142,15 @@ class ISBI2012(FilePairDataset):
             gray = self.read_raw_mask(mask_ref)
         except UserError as e:
             return [*problems, problem_from_error(mask_ref, e)]
-        if gray.size and int(gray.max()) == 1:
+        top = int(gray.max()) if gray.size else 0
+        if top == 1:
             problems.append(Problem(mask_ref, "label values are only 0 and 1, and values are thresholded at 128, "
                                               "so every pixel would be membrane: cells must be stored as 255 "
                                               "(white), membranes as 0; multiply the labels by 255"))
+        elif 0 < top < 128:  # e.g. 0/1 stored at 4 bits, which reads as the gray levels 0/17
+            problems.append(Problem(mask_ref, f"label gray levels are at most {top} of 255, and values are "
+                                              "thresholded at 128, so every pixel would be membrane: cells must "
+                                              "be stored as 255 (white), membranes as 0"))
         return problems
 
     def image_size(self, ref: str) -> tuple[int, int]:

@@ -380,8 +380,8 @@ def check_training_data(cfg: TrainConfig, train: SegmentationDataset, val: Segme
                         "nothing can be learnt from it; check the masks (`pixelwise data inspect`)")
     if train.num_classes > 1 and not foreground:
         raise UserError(f"every labelled pixel of the {cfg.train_split} split is class 0 ({train.class_names[0]}): "
-                        "the model could learn nothing else. If these are binary masks with the foreground stored "
-                        "as 255, store it as 1 (255 means 'ignore'); `pixelwise data inspect` shows the counts")
+                        f"the model could learn nothing else. {train.all_background_hint}; `pixelwise data inspect` "
+                        "shows the counts")
     if cfg.val_split != cfg.train_split and not label_presence(val)[0]:
         raise UserError(f"the {cfg.val_split} split has no labelled pixel (every mask pixel is 255), so no epoch "
                         "could be scored and best.safetensors never chosen; validate on a labelled split "
