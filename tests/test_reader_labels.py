@@ -360,3 +360,21 @@ def test_folder_messages_for_a_missing_root_and_a_label_of_254(tmp_path):
     problems = [str(p) for p in build_dataset("folder", str(tmp_path), "all").check()]
     assert len(problems) == 1 and "label 254 cannot be a class: 0..253 are classes, 255 is ignore" in problems[0]
     assert "num_classes=255" not in problems[0]
+
+
+def test_an_index_mask_holding_254_is_not_said_to_hold_colours(tmp_path):
+    """With a classes.json palette, an index mask storing 254 was told it had 'colours that are
+    not in the palette'; only RGB masks are read through the palette."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "classes.json").write_text(json.dumps({"names": ["a", "b", "c"],
+                                                       "palette": [[0, 0, 0], [255, 0, 0], [0, 255, 0]]}))
+    for stem in ("a", "b"):
+        Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "images" / f"{stem}.png")
+    Image.fromarray(np.array([[0, 1, 254], [0, 1, 2]], np.uint8)).save(tmp_path / "masks" / "a.png")
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 1] = (1, 2, 3)  # a colour of no class
+    Image.fromarray(rgb).save(tmp_path / "masks" / "b.png")
+    found = {Path(p.path).name: p.message for p in build_dataset("folder", str(tmp_path), "all").check()}
+    assert found["a.png"].startswith("label values 254 outside the 3 classes")
+    assert found["b.png"].startswith("colours that are not in the palette")

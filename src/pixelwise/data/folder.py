@@ -51,6 +51,7 @@ from pixelwise.data.io import (
     format_names,
     palette_conflict,
     palette_known,
+    probe,
     read_mask,
 )
 from pixelwise.data.palette import default_palette
@@ -332,7 +333,8 @@ class FolderDataset(FilePairDataset):
             problems = [Problem(p.path, f"colours that are not in the palette of {spec} (nor its ignore_color "
                                         f"{list(self.ignore_colour)}); add them to the palette or recolour those "
                                         "pixels")
-                        if p.message.startswith(f"label values {UNKNOWN_COLOUR} outside") else p for p in problems]
+                        if p.message.startswith(f"label values {UNKNOWN_COLOUR} outside") and _colour_mask(p.path)
+                        else p for p in problems]
         problems += [Problem(str(p), _unused_reason(p.name)) for p in self.unused_images]
         if self.split == "all":
             problems += [Problem(m, "mask without an image in images/") for m in self.orphan_masks]
@@ -348,6 +350,15 @@ class FolderDataset(FilePairDataset):
         else:
             why = f"masks are read from {format_names(set(MASK_EXTS))} files only"
         return f" ({names} is there, but {why}; save masks as PNG)"
+
+
+def _colour_mask(path: str) -> bool:
+    """Whether the mask at ``path`` is an RGB colour mask (read through the palette), not an index
+    mask whose stored 254 is a label value of its own."""
+    try:
+        return probe(path)[1] in ("RGB", "RGBA", "RGBX")
+    except UserError:
+        return False
 
 
 def _unused_reason(name: str) -> str:
