@@ -6,7 +6,9 @@ terminal; eval records where its numbers came from; dependency floors match the 
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -286,9 +288,15 @@ def test_a_verified_download_unpacks_and_is_reused(tmp_path):
     dl.download_and_extract(archive, tmp_path / "root")
 
 
-@pytest.mark.parametrize("damage", ["hash", "size", "truncated zip", "truncated tar.gz"])
+@pytest.mark.parametrize("damage", ["hash", "size", "truncated zip", "truncated tar.gz", "tar cut at a member"])
 def test_a_bad_download_is_deleted_reported_in_one_line_and_never_reused(tmp_path, capsys, monkeypatch, damage):
-    if damage == "truncated tar.gz":
+    if damage == "tar cut at a member":  # a plain tar cut where a member ends reads as a shorter archive
+        good = tmp_path / "d.tar"
+        with tarfile.open(good, "w") as tf:
+            for k in range(4):
+                (tmp_path / f"{k}.bin").write_bytes(os.urandom(3072))
+                tf.add(tmp_path / f"{k}.bin", arcname=f"data/{k}.bin")
+    elif damage == "truncated tar.gz":
         good = tmp_path / "d.tar.gz"
         (tmp_path / "f.bin").write_bytes(os.urandom(50_000))
         with tarfile.open(good, "w:gz") as tf:
@@ -298,7 +306,11 @@ def test_a_bad_download_is_deleted_reported_in_one_line_and_never_reused(tmp_pat
     data = good.read_bytes()
     src = tmp_path / "src" / good.name
     src.parent.mkdir()
-    src.write_bytes(data[: len(data) // 2] if damage.startswith("truncated") else data)
+    if damage == "tar cut at a member":
+        with tarfile.open(good) as tf:
+            cut = tf.getmembers()[2].offset  # where the third member's header begins
+    src.write_bytes(data[:cut] if damage == "tar cut at a member" else
+                    data[: len(data) // 2] if damage.startswith("truncated") else data)
     archive = dl.Archive(src.as_uri(), sha256="0" * 64 if damage == "hash" else None,
                          size=len(data) + 1 if damage == "size" else None)
     root = tmp_path / "root"
@@ -314,9 +326,101 @@ def test_a_bad_download_is_deleted_reported_in_one_line_and_never_reused(tmp_pat
 
 
 def test_a_failed_download_is_one_line(tmp_path):
-    with pytest.raises(UserError, match=r"download failed .*download it by hand into"):
+    with pytest.raises(UserError, match=r"download failed .*download it by hand and save it as .*missing.zip"):
         dl.download_and_extract(dl.Archive((tmp_path / "missing.zip").as_uri()), tmp_path / "root")
     assert not list((tmp_path / "root").iterdir())
+
+
+def test_download_once_lets_one_process_fetch_and_the_others_find_the_data(tmp_path):
+    """torchrun's ranks (or two runs on one folder) each downloaded and unpacked into one shared
+    work folder, each wiping it first: ADE20K was left with 1147 of 2000 images, for good."""
+    import threading
+    import time
+
+    fetched = []
+
+    def fetch():
+        fetched.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the others to arrive while it works
+        (tmp_path / "data").mkdir()
+
+    threads = [threading.Thread(target=dl.download_once, args=(tmp_path, "d.zip", (tmp_path / "data").is_dir, fetch))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fetched) == 1 and (tmp_path / "data").is_dir()
+
+
+def test_two_unpackings_at_once_each_complete(tmp_path):
+    """Both unpacked into one fixed work folder and each wiped it: files went missing."""
+    import threading
+
+    src = tmp_path / "d.zip"
+    with zipfile.ZipFile(src, "w") as zf:
+        for k in range(300):
+            zf.writestr(f"data/{k}.txt", os.urandom(2000))
+    errors = []
+
+    def unpack(into):
+        try:
+            dl.extract(src, into)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=unpack, args=(tmp_path / "root",)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(list((tmp_path / "root" / "data").iterdir())) == 300
+    assert not list((tmp_path / "root").glob(".*"))
+
+
+def test_a_silent_server_fails_the_download_instead_of_hanging(tmp_path, monkeypatch):
+    """No timeout was set anywhere: a connection that went quiet waited forever."""
+    import socket
+
+    from pixelwise import runtime
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)  # accepts (through the backlog) and never answers
+    monkeypatch.setattr(dl, "network_timeout", lambda: runtime.network_timeout(0.5))
+    try:
+        with pytest.raises(UserError, match="download failed .*timed out"):
+            dl.download_file(dl.Archive(f"http://127.0.0.1:{server.getsockname()[1]}/d.zip"), tmp_path / "d.zip")
+    finally:
+        server.close()
+    assert socket.getdefaulttimeout() is None  # put back
+
+
+@pytest.mark.parametrize("error, words", [
+    (http.client.IncompleteRead(b""), "download failed (IncompleteRead"),
+    (OSError(errno.ENOSPC, "No space left on device"), "cannot write {dest} (No space left on device); free some"),
+])
+def test_a_cut_transfer_and_a_full_disk_are_one_line_that_says_which(tmp_path, monkeypatch, error, words):
+    """A chunked transfer cut short was a raw http.client traceback; a full disk was 'download
+    failed ...; download it by hand into' the same full folder."""
+    def fails(url, dst, progress=True):
+        raise error
+
+    monkeypatch.setattr(dl, "download_url_to_file", fails)
+    dest = tmp_path / "d.zip"
+    with pytest.raises(UserError) as e:
+        dl.download_file(dl.Archive("https://example.org/d.zip"), dest)
+    assert words.format(dest=dest) in str(e.value)
+
+
+def test_an_archive_placed_by_hand_with_another_sum_is_renamed_aside_not_deleted(tmp_path):
+    """The offline message says to place the archive by hand; one that differed (another mirror's
+    copy) was deleted (1-2 GB) with 'run again to download it afresh', which loops offline."""
+    placed = _zip(tmp_path / "d.zip")
+    data = placed.read_bytes()
+    with pytest.raises(UserError, match="renamed it to d.zip.bad: put the published archive at"):
+        dl.download_and_extract(dl.Archive("https://example.org/d.zip", sha256="0" * 64), tmp_path)
+    assert (tmp_path / "d.zip.bad").read_bytes() == data and not placed.exists()
 
 
 @pytest.mark.parametrize("python", ["with tarfile's data filter", "older than 3.10.12"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -185,3 +186,19 @@ class HeldSignals:
         pending, self.pending = self.pending, []
         for sig in dict.fromkeys(pending):
             signal.raise_signal(sig)
+
+
+NETWORK_TIMEOUT_S = 60.0  # seconds a download's connection may stay silent before it fails
+
+
+@contextmanager
+def network_timeout(seconds: float = NETWORK_TIMEOUT_S) -> Iterator[None]:
+    """Sockets opened inside fail after ``seconds`` of silence (urllib and torch.hub set none: a
+    stalled connection waited forever) with an OSError the callers report as a failed download."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from pixelwise.errors import UserError
-from pixelwise.runtime import show_progress
+from pixelwise.runtime import network_timeout, show_progress
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's rule: name-<sha256 prefix>.ext
@@ -47,7 +47,7 @@ def download_weights(url: str) -> dict[str, Tensor]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
     was_cached = cached.is_file()
     try:
-        with quiet:
+        with quiet, network_timeout():
             return torch.hub.load_state_dict_from_url(url, progress=progress, map_location="cpu", weights_only=True,
                                                       check_hash=url_has_hash(url))
     except Exception as e:  # noqa: BLE001 - a damaged cached file raises EOFError, UnpicklingError, ...

