@@ -63,11 +63,12 @@ def test_metadata_holds_the_input_contract_and_classes(tmp_path):
     model, meta = build("segnet_basic")
     meta.update(class_names=[f"c{i}" for i in range(CLASSES)], palette=[[i, i, i] for i in range(CLASSES)],
                 input={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize": [64, 80]},
-                ignore_color=[0, 0, 0])
+                ignore_color=[0, 0, 0], data={"dataset_kwargs": {}, "train_split": "train", "val_split": "val"})
     report = export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES)
     stored = read_onnx_metadata(report.path)
     assert stored["class_names"] == meta["class_names"] and stored["palette"] == meta["palette"]
     assert stored["ignore_color"] == [0, 0, 0]  # serve reads an uploaded truth's ignored pixels with it
+    assert stored["data"] == meta["data"]  # eval --onnx says when it scores images the model trained on
     assert stored["input"]["mean"] == [0.5, 0.5, 0.5] and stored["input"]["std"] == [0.25, 0.25, 0.25]
     assert stored["onnx"]["precision"] == "float32" and len(stored["onnx"]["verified"]) == 2
 
@@ -90,6 +91,38 @@ def test_export_puts_the_callers_model_back_on_its_device(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.nn.Parameter, "device", property(lambda p: somewhere), raising=False)
     assert export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES) == "r"
     assert moves == ["export", somewhere]
+
+
+def test_export_puts_a_training_model_back_in_training_mode(tmp_path, monkeypatch):
+    """export_onnx (and export_maskrcnn_parts, which also left a GPU model on the CPU) switched the
+    caller's model to eval mode for good: later training steps ran on running statistics."""
+    from pixelwise.inference import export
+    from pixelwise.models import create_model
+
+    model, meta = build("segnet_basic")
+    model.train()
+    export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES)
+    assert model.training
+    maskrcnn = create_model("maskrcnn_resnet18_fpn", num_classes=3).train()
+    seen = []
+    monkeypatch.setattr(export, "_export_maskrcnn_parts", lambda m, *a, **k: seen.append(m.training) or [])
+    somewhere = torch.device("meta")
+    monkeypatch.setattr(torch.nn.Parameter, "device", property(lambda p: somewhere), raising=False)
+    moves = []
+    real_to = nn.Module.to
+    monkeypatch.setattr(nn.Module, "to", lambda self, *a, **k: (moves.append(a[0]) if self is maskrcnn else None,
+                                                                real_to(self, *a, **k))[1])
+    assert export.export_maskrcnn_parts(maskrcnn, tmp_path / "mr.onnx") == []
+    assert maskrcnn.training and moves == [somewhere]
+
+
+def test_an_int8_export_without_calibration_batches_is_one_line(tmp_path):
+    """calibration=[] ended in onnxruntime's 'No data is collected' traceback."""
+    pytest.importorskip("onnxruntime")
+    model, meta = build("segnet_basic")
+    with pytest.raises(UserError, match="int8 export needs calibration batches"):
+        export_onnx(model, tmp_path / "m.onnx", meta, calibration=iter([]), sizes=SIZES)
+    assert not list(tmp_path.iterdir())
 
 
 def test_export_fails_loudly_and_writes_nothing_below_the_agreement(tmp_path):

@@ -20,7 +20,7 @@ from pixelwise.inference.export import export_onnx, sample_batch
 from pixelwise.inference.fast import fast_precision, instance_runner, make_runner
 from pixelwise.inference.int8 import cpu_has_vnni
 from pixelwise.inference.onnx_runner import load_onnx
-from pixelwise.models import forward_logits
+from pixelwise.models import forward_logits, kept_as_it_was
 
 
 def count_flops(builder, size: tuple[int, int] = (512, 512), task: str = "semantic", channels: int = 3
@@ -129,21 +129,16 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     The caller's model is put back as it was (training mode, device), and so are torch's threads.
     """
     before_threads = torch.get_num_threads()
-    state = None
-    if model is not None:
-        held = next(iter(model.parameters()), None)
-        state = (model.training, held.device if held is not None else None)
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        return _measure(model, size, batch, mode, device, repeats, task, flops, model_name=model_name, onnx=onnx,
-                        threads=threads, train=train, compile=compile, channels=channels)
-    finally:
-        torch.set_num_threads(before_threads)
-        if model is not None and state is not None:
-            model.train(state[0])
-            if state[1] is not None:
-                model.to(state[1])
+    with contextlib.ExitStack() as restore:
+        if model is not None:
+            restore.enter_context(kept_as_it_was(model))
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            return _measure(model, size, batch, mode, device, repeats, task, flops, model_name=model_name,
+                            onnx=onnx, threads=threads, train=train, compile=compile, channels=channels)
+        finally:
+            torch.set_num_threads(before_threads)
 
 
 def _measure(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mode: str = "eager",

@@ -15,7 +15,8 @@ sizes, so one graph serves every input size). Index unpooling (SegNet, DeconvNet
 exporter of its own in torch; :func:`_max_unpool2d_symbolic` maps it to ONNX ``MaxUnpool``.
 
 Verified on export: onnxruntime runs the written file on two input sizes (the contract's size,
-or 256 x 320, and a second one with other batch, height and width, neither a multiple of 32) and
+or 256 x 320, and a second one with other batch, height and width, so that at least one of the
+two needs the models' padding) and
 compares with PyTorch eager float32: the largest absolute logit difference and the share of
 pixels whose argmax agrees are reported, and below ``min_agreement`` (99.9%) the export fails
 with a :class:`~pixelwise.errors.UserError` and no file is left behind (written to a temporary
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import logging
 import math
 import os
 import tempfile
@@ -58,7 +60,7 @@ from pixelwise.errors import UserError
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.onnx_runner import META_KEY, make_session
 from pixelwise.inference.tiling import model_geometry
-from pixelwise.models import Logits, forward_logits
+from pixelwise.models import Logits, forward_logits, kept_as_it_was
 from pixelwise.models.maskrcnn import MaskRCNN
 
 DEFAULT_OPSET = 17
@@ -71,7 +73,7 @@ MAX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 2
 MIN_AGREEMENT = 0.999
 DEFAULT_SIZE = (256, 320)
 META_KEYS = ("model", "model_kwargs", "task", "num_classes", "class_names", "palette", "ignore_color", "input",
-             "dataset")
+             "dataset", "data")  # data: the split it trained on, for eval's overlap note
 
 
 @dataclass
@@ -337,14 +339,12 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
     Raises UserError (and writes nothing) if onnxruntime's argmax agrees with PyTorch's on less
     than ``min_agreement`` of the pixels at any size. ``replace=False``: a file at ``out`` by the
     time the export is done (another process wrote it since the caller's check) is left as it is, a
-    UserError. The model is traced on the CPU and put back on its own device afterwards.
+    UserError. The model is traced on the CPU in eval mode and put back on its own device, in its
+    own mode, afterwards.
     """
-    device = next(model.parameters(), torch.empty(0)).device
-    try:
+    with kept_as_it_was(model):
         return _export_onnx(model, out, meta, model_name=model_name, opset=opset, fp16=fp16,
                             calibration=calibration, sizes=sizes, min_agreement=min_agreement, replace=replace)
-    finally:
-        model.to(device)
 
 
 def _export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None, *, model_name: str, opset: int,
@@ -356,6 +356,10 @@ def _export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None, *,
         raise UserError("choose one of fp16 and int8")
     if math.isnan(min_agreement):
         raise UserError("min_agreement must be a number, got nan")
+    if calibration is not None:
+        calibration = list(calibration)
+        if not calibration:  # onnxruntime's "No data is collected" traceback otherwise
+            raise UserError("an int8 export needs calibration batches (preprocessed images), and none were given")
     start = time.perf_counter()
     model = model.eval().cpu()
     spec = input_spec_from_meta(meta or {}, model)
@@ -424,9 +428,15 @@ def quantize_int8(src: str, dst: str, calibration: Iterable[torch.Tensor], per_c
     with tempfile.TemporaryDirectory() as tmp:
         pre = os.path.join(tmp, "pre.onnx")
         quant_pre_process(src, pre, skip_symbolic_shape=True)
-        quantize_static(pre, os.path.join(tmp, "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its "Axis 1 is out-of-range" warnings (rank-1 norm scales: per-tensor, fine)
+        try:
+            quantize_static(pre, os.path.join(tmp, "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            root.setLevel(level)
         os.replace(os.path.join(tmp, "q.onnx"), dst)
 
 
@@ -535,7 +545,16 @@ def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | 
     or the largest difference exceeds 1e-3 of the largest output. Both are written to temporary
     files and renamed only once both are verified: a failure writes neither. What stays in PyTorch
     between and after them (resize and normalisation, anchors, proposal decoding and NMS,
-    multi-scale RoI Align, detection post-processing, mask pasting) and why: docs/deploy.md."""
+    multi-scale RoI Align, detection post-processing, mask pasting) and why: docs/deploy.md. The
+    model is put back on its own device, in its own mode, afterwards."""
+    with kept_as_it_was(model):
+        return _export_maskrcnn_parts(model, out, meta, opset=opset, min_agreement=min_agreement, sizes=sizes,
+                                      rois=rois, replace=replace)
+
+
+def _export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | None, *, opset: int,
+                           min_agreement: float, sizes: Sequence[tuple[int, int, int]], rois: Sequence[int],
+                           replace: bool) -> list[ExportReport]:
     model = model.eval().cpu()
     out = Path(out)
     if out.suffix.lower() != ".onnx":

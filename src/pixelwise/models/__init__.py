@@ -7,7 +7,8 @@ import pixelwise.models.fcn  # noqa: F401
 import pixelwise.models.maskrcnn  # noqa: F401
 import pixelwise.models.segnet  # noqa: F401
 import pixelwise.models.unet  # noqa: F401
-from pixelwise.models._utils import Logits, forward_logits, model_outputs
+from pixelwise.models._utils import Logits, forward_logits, kept_as_it_was, model_outputs
 from pixelwise.models.registry import create_model, list_models, model_info, register_model
 
-__all__ = ["Logits", "create_model", "forward_logits", "list_models", "model_info", "model_outputs", "register_model"]
+__all__ = ["Logits", "create_model", "forward_logits", "kept_as_it_was", "list_models", "model_info", "model_outputs",
+           "register_model"]

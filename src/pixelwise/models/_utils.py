@@ -3,6 +3,8 @@ logits, pad/crop helpers for any input size, the msra initialisation and whole-m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.nn as nn
@@ -65,6 +67,21 @@ def model_outputs(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     tensor or a dict."""
     out = model(images)
     return out if isinstance(out, dict) else {"out": out}
+
+
+@contextmanager
+def kept_as_it_was(model: nn.Module) -> Iterator[None]:
+    """Puts ``model`` back in its training mode and on its device when the block ends, whatever the
+    block did to it (export and bench trace or time it in eval mode, on their own device)."""
+    training = model.training
+    held = next(iter(model.parameters()), None)
+    device = held.device if held is not None else None  # now: .to() moves the same parameter objects
+    try:
+        yield
+    finally:
+        model.train(training)
+        if device is not None:
+            model.to(device)
 
 
 def forward_logits(model: nn.Module, images: Tensor) -> Tensor:
