@@ -145,6 +145,7 @@ def test_save_checkpoint_unwraps_wrappers_and_refuses_metadata_that_would_not_lo
                        ({"model": "enet", "model_kwargs": {}}, "missing"),
                        ({"model": "enet"}, "cannot rebuild model 'enet'"),
                        ({"class_names": ["a"]}, "class_names must list the 3"),
+                       ({"class_names": ["a", None, 3]}, r"class_names must list the 3 classes by name \(text\)"),
                        ({"palette": [[0, 0, 0]]}, "1 colours for 3 classes"),
                        ({"input": {"mean": [0, 0], "std": [1, 1]}}, "input is not an input contract")):
         with pytest.raises(ValueError, match=words):

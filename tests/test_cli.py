@@ -407,3 +407,47 @@ def test_a_resume_does_not_need_the_pretrained_file_again(tmp_path):
     shutil.rmtree(src)
     assert main(["train", "--resume", "--epochs", "2", "--out", str(run), "--no-progress"]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["pretrained"] == str(src / "last.safetensors")
+
+
+def test_names_from_data_and_checkpoints_cannot_drive_the_terminal(tmp_path, capsys):
+    """Class names (a classes.json, a shared checkpoint) and file names went to the terminal raw:
+    an escape sequence set the window title or hid the rest of a report, a newline in a file name
+    split a line in two."""
+    import numpy as np
+    from PIL import Image
+
+    from pixelwise.data import build_dataset
+    from pixelwise.data.inspect import format_report, inspect_dataset
+    from pixelwise.errors import shown
+
+    assert shown("a\x1b[31mb\nc\x9bd é") == "a\\x1b[31mb\\nc\\x9bd é"
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    names = ["background", "\x1b]0;pwned\x07red", "\x1b[8mhidden"]
+    (root / "classes.json").write_text(json.dumps({"names": names}))
+    rng = np.random.default_rng(0)
+    for stem in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(rng.integers(0, 3, (8, 8)).astype(np.uint8)).save(root / "masks" / f"{stem}.png")
+    (root / "images" / "x\x1b[8m.png").write_bytes(b"not an image")
+    report = format_report(inspect_dataset(build_dataset("folder", str(root), "all")))
+    assert "\x1b" not in report and "\\x1b]0;pwned\\x07red" in report and "x\\x1b[8m.png" in report
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a\nb.png").write_bytes(b"not an image")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(inputs / "ok.png")
+    capsys.readouterr()
+    from pixelwise import create_model, save_checkpoint
+
+    model = create_model("unet", num_classes=3, base_channels=4)
+    save_checkpoint(tmp_path / "c.safetensors", model, {"model": "unet", "num_classes": 3, "class_names": names,
+                                                         "model_kwargs": {"base_channels": 4}})
+    assert main(["predict", "--checkpoint", str(tmp_path / "c.safetensors"), str(inputs), "--out",
+                 str(tmp_path / "out"), "--skip-invalid", "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert "a\\nb.png: not a readable image" in err and "\x1b" not in err
+    assert main(["eval", "--checkpoint", str(tmp_path / "c.safetensors"), "--dataset", "folder", "--data", str(root),
+                 "--split", "all", "--skip-invalid", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b]0;pwned\\x07red" in out

@@ -214,8 +214,10 @@ def _check_rebuilds(model: nn.Module, meta: dict) -> None:
     if problem:
         raise ValueError(f"checkpoint metadata: {problem}")
     num_classes, names = meta["num_classes"], meta.get("class_names")
-    if names is not None and (not isinstance(names, list | tuple) or len(names) != num_classes):
-        raise ValueError(f"checkpoint metadata: class_names must list the {num_classes} classes, got {names!r}")
+    if names is not None and (not isinstance(names, list | tuple) or len(names) != num_classes
+                              or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f"checkpoint metadata: class_names must list the {num_classes} classes by name (text), "
+                         f"got {names!r}")
     if meta.get("palette") is not None and len(meta["palette"]) < num_classes:
         raise ValueError(f"checkpoint metadata: the palette has {len(meta['palette'])} colours for {num_classes} "
                          "classes")
@@ -313,8 +315,9 @@ def metadata_problem(meta: dict) -> str | None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return f"num_classes must be a whole number >= 1, and is {n!r}"
     names = meta.get("class_names")
-    if names is not None and (not isinstance(names, list) or len(names) != n):
-        return f"class_names must list a name for each of the {n} classes, and holds {names!r}"
+    if names is not None and (not isinstance(names, list) or len(names) != n
+                              or not all(isinstance(name, str) for name in names)):
+        return f"class_names must list a name (text) for each of the {n} classes, and holds {names!r}"
     problem = (palette_problem(meta.get("palette")) or category_ids_problem(meta.get("category_ids"), n)
                or task_problem(meta))
     if problem:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pixelwise._version import __version__
 from pixelwise.engine import config as train_config  # no torch: --help stays fast
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, shown
 
 DEFAULT_MC_SAMPLES = 8
 CALIB_IMAGES, CALIB_CROP = 64, 256  # --calib-images, --calib-crop defaults (int8 calibration)
@@ -92,9 +92,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not env_info().is_main:
         return 0
     best, by = summary["best"] or {}, summary.get("selected_by")
-    shown = dict.fromkeys([by, "mIoU", "pixel_acc", "mask_AP"])  # what picked it first, then the usual
+    keys = dict.fromkeys([by, "mIoU", "pixel_acc", "mask_AP"])  # what picked it first, then the usual
     print(f"done in {summary['train_minutes']} min; best epoch {summary['best_epoch']} (by {by}): "
-          + " ".join(f"{k}={best[k]:.4f}" for k in shown if isinstance(best.get(k), int | float)))
+          + " ".join(f"{k}={best[k]:.4f}" for k in keys if isinstance(best.get(k), int | float)))
     if summary.get("epochs_trained", 1):
         print(f"wrote {cfg.out}/best.safetensors, last.safetensors, metrics.csv, metrics.json")
     return 0
@@ -540,12 +540,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
                                   progress=args.progress, bf=not args.no_bf, skip_invalid=args.skip_invalid,
                                   watershed=args.watershed, **options)
-    shown = {k: v for k, v in metrics.items() if k not in ("per_class", "input", "provenance")}  # those: --json
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    summary = {k: v for k, v in metrics.items() if k not in ("per_class", "input", "provenance")}  # those: --json
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     for row in metrics.get("per_class", []):
         cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"
                  for key in ("iou", "acc", "bf") if key in row]
-        print(f"  {row['name']:<16} " + "  ".join(cells))
+        print(f"  {shown(row['name']):<16} " + "  ".join(cells))
     trained = metrics["provenance"]["dataset"].get("training_images")
     if trained:  # e.g. CamVid's official val under a run that held out other sequences and joined val to train
         kwargs = metrics["provenance"]["dataset"].get("trained_with") or {}
@@ -555,8 +555,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
     skipped = metrics["provenance"]["dataset"].get("skipped") or []
     if skipped:
-        print(f"pixelwise: note: left out {len(skipped)} file(s) with problems (--skip-invalid), e.g. {skipped[0]}",
-              file=sys.stderr)
+        print(f"pixelwise: note: left out {len(skipped)} file(s) with problems (--skip-invalid), e.g. "
+              f"{shown(skipped[0])}", file=sys.stderr)
     if metrics.get("per_class") and not any(row["pixels"] for row in metrics["per_class"]):
         print(f"pixelwise: note: the {args.split} split has no labelled pixel (every pixel is 255, ignore), so "
               "every metric is null; its labels may be withheld (Cityscapes' test split): score a split with labels",
@@ -618,7 +618,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
           + (f"; {renamed} output name(s) given <stem>_<ext> or a number because input stems collide"
              if renamed else ""))
     for reason in plan.skipped:
-        print(f"pixelwise: skipped {reason}", file=sys.stderr)
+        print(f"pixelwise: skipped {shown(reason)}", file=sys.stderr)
     if plan.skipped:
         print(f"pixelwise: skipped {len(plan.skipped)} unreadable input(s) (exit {EXIT_SKIPPED})", file=sys.stderr)
         return EXIT_SKIPPED
@@ -1075,7 +1075,7 @@ def _main(argv: list[str] | None) -> int:
             args = _parse(build_parser(), argv)
             return args.func(args)
         except UserError as e:
-            print(f"pixelwise: error: {_one_line(str(e))}", file=sys.stderr)
+            print(f"pixelwise: error: {_one_line(shown(e))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
             print(_stopped(e), file=sys.stderr)

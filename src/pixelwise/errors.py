@@ -4,6 +4,8 @@ Raise :class:`UserError` for anything the user can fix (bad path, bad config key
 file), with a message that names the file and says what to do.
 """
 
+import re
+
 
 class UserError(Exception):
     """An error caused by the user's input, reported as one line without a traceback."""
@@ -13,3 +15,15 @@ def listed(values, k: int = 6) -> str:
     """The first ``k`` of ``values`` for a one-line message: ``a, b, c, ...``."""
     values = list(values)
     return ", ".join(map(str, values[:k])) + (", ..." if len(values) > k else "")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(text: object) -> str:
+    """``text`` for a terminal line, its control characters (C0, DEL, C1) written as visible
+    escapes (``\\x1b``, ``\\n``): a file or class name from a dataset or a shared checkpoint then
+    cannot run an escape sequence (set the window title, hide the rest of a report) or split one
+    line into two."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+

@@ -22,7 +22,7 @@ from collections import Counter
 import numpy as np
 
 from pixelwise.data.base import IGNORE_INDEX, SegmentationDataset
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, shown
 from pixelwise.runtime import progress as progress_bar
 
 
@@ -148,16 +148,17 @@ def format_report(report: dict, max_problems: int = 20) -> str:
     sizes = ", ".join(f"{k} x{v}" for k, v in list(report["image_sizes"].items())[:5])
     more = len(report["image_sizes"]) - 5
     lines.append(f"sizes (width x height): {sizes}" + (f" (+{more} more)" if more > 0 else ""))
-    width = max([len("class")] + [len(n) for n in report["class_names"]])
+    names = [shown(n) for n in report["class_names"]]  # a classes.json's names: no escape sequences run
+    width = max([len("class")] + [len(n) for n in names])
     lines.append(f"{'class':<{width}}  {'pixels':>14}  {'share':>7}  {'mf weight':>9}")
-    for name, n, wgt in zip(report["class_names"], pixels, report["median_freq_weights"]):
+    for name, n, wgt in zip(names, pixels, report["median_freq_weights"]):
         share = 100.0 * n / total if total else 0.0
         lines.append(f"{name:<{width}}  {int(n):>14,}  {share:>6.2f}%  "
                      f"{('-' if wgt is None else f'{wgt:.4f}'):>9}")
     probs = report["problems"]
     lines.append(f"problems: {len(probs)}" if probs else "problems: none")
-    lines += [f"  {p}" for p in probs[:max_problems]]
+    lines += [f"  {shown(p)}" for p in probs[:max_problems]]
     if len(probs) > max_problems:
         lines.append(f"  ... and {len(probs) - max_problems} more")
-    lines += [f"note: {n}" for n in report.get("notes", [])]
+    lines += [f"note: {shown(n)}" for n in report.get("notes", [])]
     return "\n".join(lines)

@@ -91,7 +91,7 @@ from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
 from pixelwise.engine.validate import ScoredInstances, eval_collate, to_device, validate_instances, validate_semantic
-from pixelwise.errors import UserError, listed
+from pixelwise.errors import UserError, listed, shown
 from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.models.registry import check_model_kwargs
@@ -300,9 +300,9 @@ def open_datasets(cfg: TrainConfig, log: Callable[[str], None] = print
         dropped = getattr(ds, "dropped", [])  # also those the reader's own skip_invalid option dropped
         if dropped:
             log(f"left out {len(dropped)} file(s) of the {split} split with problems (--skip-invalid), e.g. "
-                f"{dropped[0]}" + ("" if len(dropped) == 1 else "; `pixelwise data inspect` lists them all"))
+                f"{shown(dropped[0])}" + ("" if len(dropped) == 1 else "; `pixelwise data inspect` lists them all"))
         for note in ds.notes():
-            log(f"note: {note}")
+            log(f"note: {shown(note)}")
     if not same:
         images = {image for image, _ in getattr(train, "items", [])}
         shared = [image for image, _ in getattr(val, "items", []) if image in images]

@@ -53,7 +53,7 @@ from pixelwise.data import STORED_LABELS, StoredLabels
 from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.io import set_max_image_pixels
 from pixelwise.data.palette import clear_class
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, shown
 from pixelwise.inference import cancel
 from pixelwise.inference.cancel import TimedOut
 from pixelwise.inference.mc_dropout import has_dropout
@@ -493,7 +493,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
             samples, problems = folder_samples(config.samples_dir, config.max_pixels, predictor.palette,
                                                len(predictor.class_names), stored, ignore_colour(predictor))
             for problem in problems:
-                log.warning(problem)
+                log.warning(shown(problem))
         else:
             samples = shapes_samples(predictor.class_names)
     service = Service(predictor, config, samples)
