@@ -1144,3 +1144,60 @@ def test_validation_workers_get_the_max_pixels_limit_and_cuda_states_go_to_their
     meta = {"numpy": ["MT19937", 0, 0, 0.0], "python": list(random.getstate())}
     trainer.rng_restore(tensors, meta)
     assert restored == {0: 0, 1: 1, 2: 2}  # device 10 is not here
+
+
+class _SlowValidation:
+    """``trainer.time`` whose monotonic clock jumps ``seconds`` at each of the first ``times``
+    validations: a validation that is long next to an epoch, without waiting for it."""
+
+    def __init__(self, monkeypatch, seconds: float, times: int = 10**9):
+        import time as real_time
+
+        self.real, self.offset, self.calls = real_time, 0.0, 0
+        evaluate = trainer.evaluate
+
+        def slow(run):
+            metrics = evaluate(run)
+            self.calls += 1
+            if self.calls <= times:
+                self.offset += seconds
+            return metrics
+
+        monkeypatch.setattr(trainer, "evaluate", slow)
+        monkeypatch.setattr(trainer, "time", self)
+
+    def monotonic(self) -> float:
+        return self.real.monotonic() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_no_epoch_starts_after_the_budget_ran_out_while_validating(tmp_path, monkeypatch):
+    """The deadline passed during epoch 1's validation, and epoch 2 still began: one step after
+    the deadline (at full lr with a constant schedule), a second validation, counted as an epoch."""
+    _SlowValidation(monkeypatch, seconds=120)
+    s = fit(tiny(tmp_path, epochs=5, schedule="constant", max_minutes=1), log=quiet)
+    assert s["epochs_completed"] == 1 and s["stopped_by_time_budget"]
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(rows) == 1 and rows[0]["mIoU"] != ""
+
+
+def test_a_stage_cut_by_its_share_is_said_in_metrics_json(tmp_path, monkeypatch):
+    """stopped_by_time_budget was false when an earlier stage was stopped by its share of the
+    budget and the last stage finished: the summary read as a complete run."""
+    _SlowValidation(monkeypatch, seconds=50, times=2)  # stage a: 2 x 50 s of a 90 s share
+    s = fit(tiny(tmp_path, epochs=4, max_minutes=2, stages=[{"name": "a", "epochs": 3}, {"name": "b", "epochs": 1}]),
+            log=quiet)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [r["stage"] for r in rows] == ["a", "a", "b"] and s["stopped_by_time_budget"]
+
+
+def test_a_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
+    """It trained nothing, said nothing, and config.yaml then recorded the smaller --epochs."""
+    fit(tiny(tmp_path, epochs=3), log=quiet)
+    with pytest.raises(UserError, match="cannot resume with 2 epochs: the run in .* has trained 3 already"):
+        fit(tiny(tmp_path, epochs=2, resume=True), log=quiet)
+    said = []
+    fit(tiny(tmp_path, epochs=3, resume=True), log=said.append)
+    assert any("nothing to train: the run has trained all its 3 epochs" in line for line in said)

@@ -162,6 +162,7 @@ class TrainState:
     stage_step: int = 0  # optimizer steps finished in that stage (its schedule's position)
     stage_start_s: float = 0.0  # elapsed seconds when that stage began (its share of the time budget)
     stage_stopped: bool = False  # that stage ended on its time budget: a resume moves on
+    time_stopped: bool = False  # some stage (that one or an earlier) ended on its time budget
     stage_epoch_steps: int = 0  # optimizer steps of one whole epoch of that stage (0: a state of before)
     batch: int = 0  # micro-batches finished in the epoch in progress (0 between epochs)
     loss_sum: float = 0.0  # sum of loss x images over the finished steps of the epoch in progress
@@ -844,6 +845,9 @@ def resume(run: Run) -> TrainState:
     path = run.out / "last.state.safetensors"
     check_same_data(run)
     state = load_state(run)
+    if state.epoch > run.cfg.epochs:  # it would train nothing, and config.yaml record fewer epochs than it has
+        raise UserError(f"cannot resume with {run.cfg.epochs} epochs: the run in {run.out} has trained "
+                        f"{state.epoch} already; give --epochs above {state.epoch} to train on, or leave --epochs out")
     check_same_stages(run, state)
     if run.info.is_main:  # one rank renames or deletes it (every rank did, and the slower one found no file)
         settle_pending_best(run, state)
@@ -918,6 +922,12 @@ class Stage:
         return run.clock + (run.cfg.max_minutes * 60 if self.last else state.stage_start_s + self.budget_s)
 
 
+def past(deadline: float | None) -> bool:
+    """Whether ``deadline`` (``time.monotonic()``) has passed, as rank 0's clock says: under
+    torchrun every rank gets the same answer, so they all stop after the same step."""
+    return deadline is not None and bool(dist.broadcast_object(time.monotonic() > deadline))
+
+
 def epoch_batches(run: Run, scfg: TrainConfig) -> tuple[int, bool]:
     """(micro-batches per epoch on this rank, whether the last partial batch is dropped)."""
     per_rank = len(epoch_indices(len(run.train_ds), scfg, 1, run.info))
@@ -960,11 +970,15 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
                 f"lr {stage.cfg.lr}" + (", instance-centred crops" if stage.cfg.instance_crops else ""))
     weights = None if run.class_weights is None else run.class_weights.tolist()
     run.train_ds.transform = train_transform(stage.cfg, weights)
+    deadline = stage.deadline(run, state)
     while state.stage_epoch < stage.cfg.epochs and not state.stage_stopped:  # stopped: by the time budget
         stats = train_one_epoch(run, stage, state)
-        validated = ((state.epoch + 1) % run.cfg.val_every == 0 or stats.stopped_by_time
+        # the epoch whose training ran out of time is the stopped one (checked at steps, and here)
+        late = stats.stopped_by_time or past(deadline)
+        validated = ((state.epoch + 1) % run.cfg.val_every == 0 or late
                      or state.stage_epoch + 1 == stage.cfg.epochs)
         metrics = evaluate(run) if validated else {}
+        stopped = late or (validated and past(deadline))  # it ran out while validating: no epoch starts after it
         row = {"epoch": state.epoch + 1, **({"stage": stage.name} if multi else {}),
                "train_loss": stats.train_loss,
                **({"val_loss": metrics.get("loss")} if validated else {}),
@@ -976,7 +990,8 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
             state.epoch, state.stage_epoch, state.batch = state.epoch + 1, state.stage_epoch + 1, 0
             state.elapsed_s = run.elapsed()
             state.rows.append({**row, "elapsed_s": round(state.elapsed_s, 1)})
-            state.stage_stopped = stats.stopped_by_time
+            state.stage_stopped = stopped
+            state.time_stopped = state.time_stopped or stopped
             state.rng = rng_snapshot()
             save_epoch(run, state, metrics)
         finally:
@@ -985,7 +1000,7 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
                          if isinstance(v, float) and k not in ("lr", "img_per_s"))
         speed = "-" if stats.img_per_s is None else f"{stats.img_per_s:.1f}"  # not timed (resumed at its end)
         run.log(f"epoch {state.epoch}: {shown} lr={row['lr']:.2e} {speed} img/s"
-                + (" (time budget reached)" if stats.stopped_by_time else ""))
+                + (" (time budget reached)" if stopped else ""))
         dist.barrier()
         for cb in run.callbacks:
             cb("epoch", state)
@@ -1108,7 +1123,7 @@ def train_one_epoch(run: Run, stage: Stage, state: TrainState) -> EpochStats:
             bar.set_postfix(loss=f"{state.loss_sum / max(state.images, 1):.4f}", lr=f"{state.lr:.2e}",
                             img_s=f"{speed:.1f}")
             # rank 0 decides, so that every rank stops after the same step (no rank left waiting)
-            if deadline is not None and last_in_group and dist.broadcast_object(time.monotonic() > deadline):
+            if last_in_group and past(deadline):
                 stopped = True
                 break
     finally:
@@ -1251,7 +1266,7 @@ def finish(run: Run, state: TrainState) -> dict:
     result = {"model": run.cfg.model, "dataset": run.cfg.dataset, "epochs_completed": state.epoch,
               "best_epoch": state.best_epoch, "selected_by": run.select, "best": best_row,
               "final": state.rows[-1] if state.rows else None, "steps": state.step,
-              "train_minutes": round(state.elapsed_s / 60, 2), "stopped_by_time_budget": state.stage_stopped,
+              "train_minutes": round(state.elapsed_s / 60, 2), "stopped_by_time_budget": state.time_stopped,
               "amp": run.amp, "world_size": run.info.world_size,
               "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
     if run.info.is_main:
@@ -1352,6 +1367,9 @@ def _train_stages(run: Run, state: TrainState, info: dist.DistInfo, device: torc
     if run.cfg.resume and state.epoch == epochs_before and state.stage_stopped:
         run.log(f"nothing to train: the run ended on its time budget ({run.cfg.max_minutes:g} min, "
                 f"{state.elapsed_s / 60:.1f} min used); pass a larger --max-minutes to train on")
+    elif run.cfg.resume and state.epoch == epochs_before and not state.batch:
+        run.log(f"nothing to train: the run has trained all its {state.epoch} epochs; pass a larger --epochs to "
+                "train on")
     summary = finish(run, state)
     dist.barrier()  # every rank is done with the group (rank 0 has written) before any destroys it
     return {**summary, "epochs_trained": state.epoch - epochs_before}

@@ -7,7 +7,9 @@ and the metrics come from one confusion matrix; data with a ``rand_foreground`` 
 also gets ``pixel_error``, ``pixel_error_best``, ``rand_error`` and ``rand_error_best``, as
 ``pixelwise eval`` computes them. Instance models get COCO box and mask AP, scored against the
 ground truth ``pixelwise eval`` scores against (:class:`ScoredInstances`: COCO's crowd regions and
-annotation areas included).
+annotation areas included). One difference: validation runs in the run's training precision
+(``--amp``; autocast), ``pixelwise eval`` in float32, so under bf16/fp16 the recorded metrics,
+which pick ``best.safetensors``, can differ from ``eval``'s in the third or fourth digit.
 """
 
 from __future__ import annotations
