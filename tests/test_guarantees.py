@@ -690,3 +690,86 @@ def test_settings_given_for_a_stage_that_uses_them_are_accepted(tmp_path, capsys
     assert "note: sync_bn does nothing in one process" in capsys.readouterr().out
     assert main(["train", *TINY, "--config", str(config), "--out", str(tmp_path / "constant")]) == 2
     assert "milestones [1] acts only with schedule step" in one_error_line(capsys)
+
+
+# --- other systems: encodings, file systems without locks, Windows' mapped files ----------------------
+def test_text_files_are_read_as_utf8_with_or_without_a_bom(tmp_path):
+    """classes.json, class-weight files and COCO annotation files were read in the locale's
+    encoding (Straße -> StraÃŸe on Windows) and refused with a BOM (Notepad, PowerShell 5)."""
+    from pixelwise.data.coco import COCOInstances
+    from pixelwise.engine.trainer import read_class_weights
+
+    bom = "\ufeff"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / f"{stem}.png")
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "masks" / f"{stem}.png")
+    (tmp_path / "classes.json").write_text(bom + json.dumps({"names": ["Straße", "水"]}, ensure_ascii=False),
+                                           encoding="utf-8")
+    assert build_dataset("folder", str(tmp_path), "all").class_names == ["Straße", "水"]
+    (tmp_path / "w.json").write_text(bom + "[1.0, 2.5]", encoding="utf-8")
+    (tmp_path / "w.txt").write_text(bom + "1.0 2.5", encoding="utf-8")
+    for name in ("w.json", "w.txt"):
+        assert list(read_class_weights(str(tmp_path / name), 2)) == [1.0, 2.5]
+    coco = tmp_path / "coco"
+    (coco / "val2017").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(coco / "val2017" / "café.png")
+    data = {"images": [{"id": 1, "file_name": "café.png", "width": 8, "height": 8}], "annotations": [],
+            "categories": [{"id": 1, "name": "Straße"}]}
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "instances_val2017.json").write_text(bom + json.dumps(data, ensure_ascii=False),
+                                                                 encoding="utf-8")
+    ds = COCOInstances(coco, "val")
+    assert ds.class_names == ["background", "Straße"] and ds.load(0).image.shape == (8, 8, 3)
+
+
+def test_training_runs_on_a_file_system_without_locks(tmp_path, monkeypatch):
+    """A flock that fails for want of locks (Lustre without flock, SMB, NFS without lockd) was read
+    as 'in use by another pixelwise train': no training could start there."""
+    import fcntl
+
+    from pixelwise.data.download import download_once
+    from pixelwise.engine.trainer import lock_out
+
+    def no_locks(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert lock_out(tmp_path) is not None  # runs, unlocked
+    fetched = []
+    download_once(tmp_path, "d.zip", lambda: False, lambda: fetched.append(1))
+    assert fetched == [1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps")
+def test_a_resumed_run_does_not_keep_its_state_file_mapped(tmp_path):
+    """The loaded optimizer tensors kept last.state.safetensors memory-mapped for the whole resumed
+    run; Windows refuses to replace a mapped file, so the first save after a resume failed."""
+    from pixelwise.checkpoint import load_train_state, save_train_state
+
+    model = create_model("unet", num_classes=2, base_channels=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    opt.step()
+    path = tmp_path / "last.state.safetensors"
+    save_train_state(path, model, opt, None, {}, {})
+    kept = load_train_state(path, model, opt, None)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert kept is not None
+
+
+def test_a_console_that_cannot_encode_a_class_name_gets_an_escape_not_a_traceback(tmp_path):
+    """eval and data inspect stopped with UnicodeEncodeError when stdout was cp1252 (a Windows
+    console or redirect) and a class name was not, and eval's --json was lost with it."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / f"{stem}.png")
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "masks" / f"{stem}.png")
+    (tmp_path / "classes.json").write_text(json.dumps({"names": ["背景", "道路"]}))
+    proc = subprocess.run([sys.executable, "-m", "pixelwise", "data", "inspect", "--dataset", "folder", "--data",
+                           str(tmp_path), "--split", "all"], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"\\u80cc\\u666f" in proc.stdout and b"Traceback" not in proc.stderr

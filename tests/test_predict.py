@@ -197,6 +197,19 @@ def test_colliding_stems_get_unique_names(checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "once").iterdir()) == ["c.png", "c_overlay.png"]
 
 
+def test_unique_stems_tell_apart_names_a_mac_sees_as_one():
+    """café typed on a Mac (NFD) and copied from Linux (NFC) are one file name on APFS: both inputs
+    wrote one mask, the second over the first with --overwrite."""
+    import unicodedata
+
+    from pixelwise.inference.writers import unique_stems
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    stems = unique_stems([Path(f"a/{nfc}.png"), Path(f"b/{nfd}.jpg")])
+    assert len({unicodedata.normalize("NFC", s).casefold() for s in stems}) == 2
+
+
 def test_unique_stems_rule():
     from pathlib import Path
 

@@ -116,7 +116,7 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def atomic_write_text(path: str | Path, text: str, replace: bool = True) -> None:
     """``text`` at ``path``, atomically (see :func:`atomic_write`): run files, metrics, ``--json``."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text), replace)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), replace)
 
 
 def atomic_write_json(path: str | Path, value: object, replace: bool = True) -> None:
@@ -439,6 +439,9 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
     if not path.is_file():
         raise UserError(f"cannot resume: {path} not found (was this run started with this --out?)")
     tensors, meta = _read(path, "pixelwise_train_state", "training state")
+    # copies: safetensors maps the file, and tensors the optimizer keeps as they are would hold the
+    # map for the whole run, and Windows refuses to replace a mapped file (the first save failed)
+    tensors = {k: v.clone() for k, v in tensors.items()}
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     if not weights:  # older runs kept the weights only in last.safetensors
         weights = read_checkpoint(path.parent / "last.safetensors")[0]

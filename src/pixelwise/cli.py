@@ -1042,11 +1042,20 @@ def _stdout_may_close() -> Iterator[None]:
     if real is None:  # started with stdout closed (>&-): print() writes nowhere, as Python does then
         yield
         return
+    # a class name its encoding lacks (a Windows console or file in cp1252, a "C" locale) is written
+    # as an escape, not a UnicodeEncodeError traceback that loses the rest (eval's --json included)
+    strict = getattr(real, "errors", None) == "strict" and hasattr(real, "reconfigure")
+    if strict:
+        with suppress(ValueError, OSError):
+            real.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     sys.stdout = wrapper = _StdoutThatMayClose(real)
     try:
         yield
     finally:
         sys.stdout = real
+        if strict:
+            with suppress(ValueError, OSError):
+                real.reconfigure(errors="strict")  # type: ignore[union-attr]
         if wrapper.closed_by_reader:  # what is still buffered would fail again at exit: point it at nothing
             with suppress(OSError, ValueError, AttributeError):  # not a real file (a test's capture)
                 os.dup2(os.open(os.devnull, os.O_WRONLY), real.fileno())

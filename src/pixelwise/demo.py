@@ -88,7 +88,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool | None = None,
     curve = svg_line_chart({"train loss": [(r["epoch"], r["train_loss"]) for r in rows],
                             "val loss": [(r["epoch"], r["val_loss"]) for r in rows],
                             "val mIoU": [(r["epoch"], r.get("mIoU")) for r in rows]}, "Training curve")
-    (out / "training_curve.svg").write_text(curve)
+    (out / "training_curve.svg").write_text(curve, encoding="utf-8")
     minutes = (time.monotonic() - t0) / 60
     notes = [f"U-Net ({MODEL_KWARGS}) trained for {summary['epochs_completed']} epochs "
              f"({summary['train_minutes']} min) on the CPU; best epoch {summary['best_epoch']} by validation mIoU; "

@@ -74,4 +74,4 @@ img{{image-rendering:pixelated}}</style></head><body>
 <h2>Predictions</h2><table>
 <tr><th>scene</th><th>input</th><th>ground truth</th><th>prediction</th><th>overlay</th></tr>{figs}</table>
 </body></html>"""
-    path.write_text(page)
+    path.write_text(page, encoding="utf-8")

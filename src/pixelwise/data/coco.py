@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import numbers
 from pathlib import Path
@@ -77,9 +78,17 @@ class COCOInstances(FilePairDataset):
             raise UserError(f"{self.ann_file}: annotation file not found (COCO layout: annotations/ and "
                             f"{split}{year}/ under {self.root}, or pass ann_file=)")
         try:
+            # read here as UTF-8 (JSON's encoding; a BOM allowed): pycocotools opens it in the locale's
+            # encoding, which garbles non-ASCII names on Windows (Straße -> StraÃŸe)
+            with open(self.ann_file, encoding="utf-8-sig") as f:
+                dataset = json.load(f)
+            if not isinstance(dataset, dict):
+                raise TypeError(f"the file holds a JSON {type(dataset).__name__}, not an object")
             with contextlib.redirect_stdout(io.StringIO()):
-                self.coco = COCO(str(self.ann_file))
-        except (ValueError, KeyError, TypeError) as e:
+                self.coco = COCO()
+                self.coco.dataset = dataset
+                self.coco.createIndex()
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise UserError(f"{self.ann_file}: not a valid COCO annotation file "
                             f"({type(e).__name__}: {e})") from None
         for kind, key in (("image", "images"), ("category", "categories")):

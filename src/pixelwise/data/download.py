@@ -204,16 +204,21 @@ def download_and_extract(archive: Archive, root: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path) -> Iterator[bool]:
     """An exclusive lock on the file ``path`` (created; kept, as removing a lock file races), held
-    while the block runs; no lock where the system has no ``fcntl``."""
+    while the block runs; -> whether it is held (no lock where the system has no ``fcntl``, or
+    the file system none)."""
     if fcntl is None:
-        yield
+        yield False
         return
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (Lustre without flock, SMB): go on unlocked
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -224,9 +229,9 @@ def download_once(root: Path, name: str, present: Callable[[], bool], fetch: Cal
     data there. Unpacking work folders left by a killed process are removed first."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{name}.lock"):
+    with _locked(root / f".{name}.lock") as locked:
         if present():
             return
-        for stale in root.glob(f".{name}.unpacking*"):
+        for stale in root.glob(f".{name}.unpacking*") if locked else ():  # unlocked: maybe another's, in use
             shutil.rmtree(stale, ignore_errors=True)
         fetch()

@@ -253,7 +253,7 @@ class FolderDataset(FilePairDataset):
         not three whole numbers 0..255, a colour two classes share, a class of the ignore colour."""
         shape = '{"names": [...], "palette": [[r, g, b], ...], "ignore_color": [r, g, b]}'
         try:
-            info = json.loads(spec.read_text())
+            info = json.loads(spec.read_text(encoding="utf-8-sig"))  # JSON is UTF-8; editors may add a BOM
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{spec}: not valid JSON ({e}); expected {shape}") from None
         if not isinstance(info, dict):

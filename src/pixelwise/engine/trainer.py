@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import errno
 import functools
 import glob
 import json
@@ -202,11 +203,11 @@ def read_class_weights(path: str | Path, num_classes: int) -> list[float]:
         raise UserError(f"class weights file {path} not found (use none, median-freq or a .json/.txt file)")
     try:
         if path.suffix == ".json":
-            values = json.loads(path.read_text())
+            values = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(values, dict):
                 values = values.get("weights")
         else:
-            values = [float(v) for v in path.read_text().replace(",", " ").split()]
+            values = [float(v) for v in path.read_text(encoding="utf-8-sig").replace(",", " ").split()]
     except (ValueError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read class weights ({e})") from None
     if (not isinstance(values, list) or len(values) != num_classes
@@ -245,7 +246,7 @@ def plain_class_weights(cfg: TrainConfig, train_ds: SegmentationDataset, out: Pa
     key = {"dataset": cfg.dataset, "data": cfg.data, "split": cfg.train_split, "dataset_kwargs": cfg.dataset_kwargs}
     if cache.is_file() and not cfg.overwrite:
         try:
-            cached = json.loads(cache.read_text())
+            cached = json.loads(cache.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             cached = {}
         if cached.get("source") == key and len(cached.get("weights", [])) == train_ds.num_classes:
@@ -486,7 +487,9 @@ LOCK_FILE = ".pixelwise.lock"
 def lock_out(out: Path) -> IO[str] | None:
     """An exclusive lock on ``out`` for this process's run (released when the file is closed or
     the process ends); a second ``train`` into the same folder is refused. None where the
-    platform has no ``fcntl`` (Windows)."""
+    platform has no ``fcntl`` (Windows); unlocked where the file system has no locks (a flock
+    that fails with another error than "held": Lustre mounted without flock, SMB, NFS without
+    lockd), so that training runs there rather than being told the folder is in use."""
     try:
         import fcntl  # optional dependency: POSIX only
     except ImportError:
@@ -494,7 +497,9 @@ def lock_out(out: Path) -> IO[str] | None:
     handle = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a file system without locks
+            return handle  # (Lustre without flock, SMB, NFS without lockd): run unlocked, as on Windows
         handle.seek(0)
         holder = handle.read().strip() or "?"
         handle.close()
@@ -781,7 +786,7 @@ def recorded_settings(out: Path) -> dict | None:
     (read again, and refused with its reason, where the CLI takes the run's settings)."""
     path = out / "config.yaml"
     try:
-        before = yaml.safe_load(path.read_text()) if path.is_file() else None
+        before = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return before if isinstance(before, dict) else None

@@ -34,6 +34,7 @@ import os
 import re
 import socket
 import time
+import unicodedata
 import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -112,6 +113,12 @@ def _resolved(p: Path) -> Path:
         return p.absolute()
 
 
+def _name_length(name: str) -> int:
+    """A file name's length as its file system counts it against the limit: UTF-16 units on
+    Windows (NTFS), bytes elsewhere."""
+    return len(name.encode("utf-16-le")) // 2 if os.name == "nt" else len(os.fsencode(name))
+
+
 def _name_max(folder: Path) -> int:
     """The longest file name (in bytes) the file system of ``folder`` (or its nearest existing
     ancestor) takes; 255 where the system does not say."""
@@ -121,6 +128,11 @@ def _name_max(folder: Path) -> int:
         return os.pathconf(folder, "PC_NAME_MAX")
     except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no answer
         return 255
+
+
+def _same_name(name: str) -> str:
+    """``name`` as a case- and normalisation-insensitive file system sees it."""
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def output_names(stem: str, instance: bool = False, uncertainty: bool = False, cells: bool = False) -> list[str]:
@@ -135,24 +147,26 @@ def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = 
                  frames: list[tuple[int, int]] | None = None, cells: bool = False) -> list[str]:
     """One output stem per input, so that no two inputs write the same file (module docstring):
     ``<stem>``, or ``<stem>_<ext>`` where stems collide, then ``_2``, ``_3``, ... while a name is taken.
-    Names are compared case-insensitively (``A.png`` and ``a.png`` are one file on macOS).
+    Names are compared as file systems may compare them: without case (``A.png`` and ``a.png`` are
+    one file on macOS and Windows) and Unicode normalisation (``café`` typed on a Mac, NFD, and
+    copied from Linux, NFC, are one file on APFS).
     ``frames[i] = (k, n)``: ``paths[i]`` stands for frame ``k`` of its ``n``, named ``<stem>_<k>``
     (``k`` zero-padded to the width of ``n - 1``, at least 2) when ``n > 1`` (a file of several
     frames is listed once per frame)."""
     frames = frames or [(0, 1)] * len(paths)
     counts: dict[str, int] = {}
     for p in dict.fromkeys(paths):  # each file once, however many frames it has
-        counts[p.stem.casefold()] = counts.get(p.stem.casefold(), 0) + 1
+        counts[_same_name(p.stem)] = counts.get(_same_name(p.stem), 0) + 1
     taken: set[str] = set()
     stems = []
     for p, (frame, count) in zip(paths, frames, strict=True):
-        base = p.stem if counts[p.stem.casefold()] == 1 else f"{p.stem}_{p.suffix[1:].lower()}"
+        base = p.stem if counts[_same_name(p.stem)] == 1 else f"{p.stem}_{p.suffix[1:].lower()}"
         if count > 1:
             base = f"{base}_{frame:0{max(2, len(str(count - 1)))}d}"  # as the isbi2012 reader names slices
         stem, k = base, 2
-        while any(n.casefold() in taken for n in output_names(stem, instance, uncertainty, cells)):
+        while any(_same_name(n) in taken for n in output_names(stem, instance, uncertainty, cells)):
             stem, k = f"{base}_{k}", k + 1
-        taken |= {n.casefold() for n in output_names(stem, instance, uncertainty, cells)}
+        taken |= {_same_name(n) for n in output_names(stem, instance, uncertainty, cells)}
         stems.append(stem)
     return stems
 
@@ -215,7 +229,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     taken: list[Path] = []
     for (path, _, _), stem in zip(items, stems):
         for name in output_names(stem, instance, uncertainty, cells):
-            if len(os.fsencode(name)) > longest:
+            if _name_length(name) > longest:
                 raise UserError(f"{path}: its output {name} would be longer than the {longest} bytes a file name "
                                 "may have; rename the input to a shorter name")
             target = out_dir / name
@@ -284,8 +298,9 @@ def remove_stale_staged(out_dir: Path) -> list[Path]:
     """Delete the temporary files of :func:`staged` that a killed ``predict`` (SIGKILL, power loss:
     nothing of its own cleanup ran) left in ``out_dir``: those written here (this host, this
     process-id namespace) by processes no longer running, and the others (another host or
-    container on the same storage, or an older version's) once unwritten for
-    :data:`STALE_SECONDS`. -> the files deleted."""
+    container on the same storage, an older version's, and every one on Windows, where a process
+    cannot be asked without a signal) once unwritten for :data:`STALE_SECONDS`. -> the files
+    deleted."""
     gone = []
     now = time.time()
     for path in out_dir.glob(".pixelwise-*"):
@@ -293,7 +308,7 @@ def remove_stale_staged(out_dir: Path) -> list[Path]:
         if found is None:
             continue
         here, pid = found.group(1), found.group(2)
-        if here == _HERE and pid is not None:
+        if here == _HERE and pid is not None and os.name != "nt":  # Windows' os.kill(pid, 0) sends Ctrl+C
             if _running(int(pid)):
                 continue
         else:
