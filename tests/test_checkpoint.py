@@ -251,7 +251,8 @@ def test_save_writes_its_own_format_and_version_and_refuses_another_task(tmp_pat
         save_checkpoint(tmp_path / "b.safetensors", model, {**meta, "task": "instance"})
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         header = json.loads(f.metadata()["pixelwise"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    atomic_save_tensors(tensors, tmp_path / "c.safetensors", {"pixelwise": json.dumps({**header, "task": "instance"})})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a handle, not a dict
+    atomic_save_tensors(tensors, tmp_path / "c.safetensors",
+                        {"pixelwise": json.dumps({**header, "task": "instance"})})
     with pytest.raises(UserError, match="task 'instance', but unet is a semantic model"):
         load_checkpoint(tmp_path / "c.safetensors")

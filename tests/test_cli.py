@@ -403,7 +403,8 @@ def test_a_resume_does_not_need_the_pretrained_file_again(tmp_path):
     args = [a for a in TINY if a not in ("--epochs", "1")] + ["--schedule", "constant"]
     src, run = tmp_path / "src", tmp_path / "run"
     assert main(["train", *args, "--epochs", "1", "--out", str(src)]) == 0
-    assert main(["train", *args, "--epochs", "1", "--pretrained", str(src / "last.safetensors"), "--out", str(run)]) == 0
+    assert main(["train", *args, "--epochs", "1", "--pretrained", str(src / "last.safetensors"),
+                 "--out", str(run)]) == 0
     shutil.rmtree(src)
     assert main(["train", "--resume", "--epochs", "2", "--out", str(run), "--no-progress"]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["pretrained"] == str(src / "last.safetensors")

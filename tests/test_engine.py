@@ -1179,7 +1179,7 @@ def test_no_epoch_starts_after_the_budget_ran_out_while_validating(tmp_path, mon
     _SlowValidation(monkeypatch, seconds=120)
     s = fit(tiny(tmp_path, epochs=5, schedule="constant", max_minutes=1), log=quiet)
     assert s["epochs_completed"] == 1 and s["stopped_by_time_budget"]
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
     assert len(rows) == 1 and rows[0]["mIoU"] != ""
 
 
@@ -1189,7 +1189,7 @@ def test_a_stage_cut_by_its_share_is_said_in_metrics_json(tmp_path, monkeypatch)
     _SlowValidation(monkeypatch, seconds=50, times=2)  # stage a: 2 x 50 s of a 90 s share
     s = fit(tiny(tmp_path, epochs=4, max_minutes=2, stages=[{"name": "a", "epochs": 3}, {"name": "b", "epochs": 1}]),
             log=quiet)
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
     assert [r["stage"] for r in rows] == ["a", "a", "b"] and s["stopped_by_time_budget"]
 
 

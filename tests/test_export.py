@@ -621,7 +621,8 @@ def _edited(src, dst, edit):
      "input contract gives 1 channel(s), and the graph takes 3"),
     (lambda m: json.dumps({**m, "num_classes": 3, "class_names": ["a", "b", "c"]}),
      f"num_classes is 3, and the graph gives {CLASSES} class scores"),
-    (lambda m: json.dumps({**m, "class_names": ["a"]}), f"class_names must list a name (text) for each of the {CLASSES}"),
+    (lambda m: json.dumps({**m, "class_names": ["a"]}),
+     f"class_names must list a name (text) for each of the {CLASSES}"),
 ])
 def test_damaged_metadata_in_an_onnx_file_is_one_line(checkpoint, tmp_path, capsys, edit, words):
     """Such edits were tracebacks (JSONDecodeError, AttributeError, ValueError, onnxruntime's
