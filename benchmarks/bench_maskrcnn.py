@@ -434,9 +434,12 @@ def main() -> None:
         return worker(args)
 
     from pixelwise.models.maskrcnn import maskrcnn_resnet50_fpn
-    from pixelwise.models.maskrcnn.fast import detection_agreement, optimize_for_inference
+    from pixelwise.models.maskrcnn.fast import optimize_for_inference
 
     torch.set_num_threads(args.threads)
+    if not os.path.exists(args.ref_python):  # before the weights are built and written (178 MB)
+        raise SystemExit(f"bench_maskrcnn.py: no reference python at {args.ref_python}: build the torchvision "
+                         "environment with the shared tools' reference-venv.sh and give its python (--ref-python)")
     frames = sorted(glob.glob(str(CAMVID_VAL / "*.png")))
     image_path = args.image or frames[0]
     eager = maskrcnn_resnet50_fpn(num_classes=91).eval()
@@ -446,9 +449,20 @@ def main() -> None:
         fit_heads(eager, train[:: max(len(train) // args.fit_heads, 1)][: args.fit_heads])
     fast = optimize_for_inference(eager)
     fast32 = optimize_for_inference(eager, dtype=torch.float32)
-    weights = os.path.join(tempfile.mkdtemp(), "maskrcnn_weights.pt")
-    torch.save(eager.state_dict(), weights)  # the torchvision worker loads exactly these weights
-    ref = Reference(args, weights)
+    with tempfile.TemporaryDirectory() as folder:  # the weights file goes, whatever happens
+        weights = os.path.join(folder, "maskrcnn_weights.pt")
+        torch.save(eager.state_dict(), weights)  # the torchvision worker loads exactly these weights
+        ref = Reference(args, weights)
+        try:
+            measure(args, ref, eager, fast, fast32, frames, image_path)
+        finally:
+            ref.close()
+
+
+def measure(args: argparse.Namespace, ref: Reference, eager: torch.nn.Module, fast: torch.nn.Module,
+            fast32: torch.nn.Module, frames: list[str], image_path: str) -> None:
+    """The timings and the agreement (:func:`main` set the three models and the reference up)."""
+    from pixelwise.models.maskrcnn.fast import detection_agreement  # start-up time: after the argument checks
     image = load_image(image_path)
     print(f"torch {torch.__version__}, torchvision {ref.version} (subprocess), {args.threads} threads, "
           f"image {image_path} {tuple(image.shape[1:])}, fast dtype {fast.dtype}", flush=True)
@@ -518,8 +532,6 @@ def main() -> None:
     if not args.skip_nms:
         print("NMS (median ms, interleaved):", flush=True)
         result["nms"] = bench_nms(args, ref, capture_nms_calls(eager, image))
-    ref.close()
-    os.unlink(weights)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

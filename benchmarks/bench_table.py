@@ -76,7 +76,8 @@ def main() -> int:
     shared = Path(__file__).resolve().parents[2] / "shared"
     ap.add_argument("--tv-script", default=str(shared / "tools" / "torchvision_speed.py"))
     ap.add_argument("--json", default=None)
-    ap.add_argument("--out", default=str(Path(__file__).with_name("README.md")))
+    ap.add_argument("--out", default=None, help="the file whose table to replace (default: benchmarks/README.md; "
+                    "with --models, none: a subset only prints its rows, it does not replace the whole table)")
     ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,6 +86,10 @@ def main() -> int:
     modes = args.modes.split(",")
     tv_python = os.path.join(args.refvenv, "bin", "python") if args.refvenv else ""
     have_tv = bool(tv_python) and os.path.exists(tv_python) and os.path.exists(args.tv_script)
+    if have_tv and args.threads != 2:  # the shared tool sets 2 threads itself: the two sides would differ
+        print(f"torchvision columns left out: the shared timing tool runs at 2 threads, not --threads {args.threads}",
+              file=sys.stderr)
+        have_tv = False
     rows: dict[str, dict[str, list]] = {n: {} for n in names}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -149,14 +154,17 @@ def main() -> int:
                           "| operator | ms | share |", "|---|---|---|"]
                 lines += [f"| `{k}` | {ms:.0f} | {share:.0%} |" for k, ms, share in profile_top(name, size, mode)]
     table = "\n".join(lines)
+    print(table, flush=True)  # first: a write that fails loses nothing
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
-    out = Path(args.out)
+    if args.out is None and args.models:
+        return 0
+    out = Path(args.out or Path(__file__).with_name("README.md"))
     text = out.read_text() if out.exists() else "# Benchmarks\n\n<!-- table -->\n<!-- /table -->\n"
     if "<!-- table -->" not in text:
         text += "\n<!-- table -->\n<!-- /table -->\n"
     head, rest = text.split("<!-- table -->", 1)
-    tail = rest.split("<!-- /table -->", 1)[1] if "<!-- /table -->" in rest else ""
+    tail = rest.split("<!-- /table -->", 1)[1] if "<!-- /table -->" in rest else "\n" + rest  # keep what follows
     out.write_text(f"{head}<!-- table -->\n{table}\n<!-- /table -->{tail}")
     print(f"wrote {out}")
     return 0
