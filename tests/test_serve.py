@@ -1092,3 +1092,23 @@ def test_samples_may_be_the_training_datasets_label_files(tmp_path):
     with pytest.raises(UserError, match="--samples-truth-format dataset: .* stores class ids"):
         create_app(Predictor.from_checkpoint(_unet_checkpoint(tmp_path / "s.safetensors")),
                    ServeConfig(samples_dir=samples, samples_truth_format="dataset"))
+
+
+def test_serve_and_eval_keep_no_probabilities_they_do_not_read(predictor, monkeypatch):
+    """serve kept every request's C x H x W probabilities (never read; 3.3x predict's memory), and
+    eval every image's (read only by the ISBI meter)."""
+    from pixelwise.data import build_dataset
+    from pixelwise.inference.evaluate import evaluate_semantic
+
+    asked = []
+    real = SemanticPredictor.predict
+
+    def spy(self, image, uncertainty=False, **kw):
+        asked.append(kw.get("probs", True))
+        return real(self, image, uncertainty, **kw)
+
+    monkeypatch.setattr(SemanticPredictor, "predict", spy)
+    app = create_app(predictor, samples=[])
+    assert post_image(app, png_bytes(noise(24, 24))).status_code == 200
+    evaluate_semantic(predictor, build_dataset("shapes", None, "val", num_val=2, size=32), progress=False, bf=False)
+    assert asked == [False, False, False]

@@ -54,5 +54,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, palette: list[tuple[int, int, i
     None: no class) and 255 (ignore) stay clear."""
     colours = colorize(mask, palette).astype(np.float32)
     img = image.astype(np.float32)
-    a = np.where((mask != 255) & (mask != (-1 if clear is None else clear)), alpha, 0.0)[..., None]
+    # float32 throughout: a float64 alpha promoted every product to float64 (72 bytes a pixel)
+    a = np.where((mask != 255) & (mask != (-1 if clear is None else clear)), np.float32(alpha),
+                 np.float32(0.0))[..., None]
     return (img * (1 - a) + colours * a).round().clip(0, 255).astype(np.uint8)

@@ -67,6 +67,9 @@ class EnsemblePredictor(SemanticPredictor):
         per_member = [m._whole_probs(images) for m in self.members]
         return [sum(probs) / len(probs) for probs in zip(*per_member)]
 
+    def _whole_bands(self, images: Sequence[np.ndarray]) -> list[Bands]:
+        return [iter([(0, probs)]) for probs in self._whole_probs(images)]
+
     def _bands(self, image: np.ndarray, progress: bool | None = False) -> Bands:
         """The members' bands averaged row by row: the member furthest behind runs next, and rows
         every member has delivered are averaged and handed on."""

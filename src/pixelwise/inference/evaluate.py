@@ -50,7 +50,8 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     challenge = ChallengeMeter(foreground=fg) if fg is not None else None
     for i in progress_bar(range(len(ds)), "eval", progress):
         sample = ds.load(i)
-        prediction = predictor.predict(sample.image)
+        # the probabilities only where the ISBI meter reads them: a large image's would be C x H x W floats
+        prediction = predictor.predict(sample.image, probs=challenge is not None)
         meter.update(torch.from_numpy(prediction.mask), torch.from_numpy(sample.mask))
         if bf_meter is not None:
             bf_meter.update(prediction.mask, sample.mask)

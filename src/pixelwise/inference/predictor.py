@@ -96,14 +96,17 @@ def collect(bands: Iterable[tuple[int, torch.Tensor]], shape: tuple[int, int], u
     (``(y, Tensor[C, n, W])``, top to bottom): the mask and the entropy are filled band by band."""
     mask = np.empty(shape, np.uint8)
     entropy = np.empty(shape, np.float32) if uncertainty else None
-    kept = []
+    probs_all: torch.Tensor | None = None
     for y, probs in bands:
         mask[y : y + probs.shape[1]] = probs.argmax(0).numpy()
         if entropy is not None:
             entropy[y : y + probs.shape[1]] = predictive_entropy(probs, dim=0).numpy()
-        if keep_probs:
-            kept.append(probs)
-    probs_all = (kept[0] if len(kept) == 1 else torch.cat(kept, 1)) if keep_probs else None
+        if keep_probs and y == 0 and probs.shape[1] == shape[0]:
+            probs_all = probs  # one band: the whole image
+        elif keep_probs:  # filled band by band: never the bands and their concatenation at once
+            if probs_all is None:
+                probs_all = probs.new_empty((probs.shape[0], *shape))
+            probs_all[:, y : y + probs.shape[1]] = probs
     return Prediction(mask=mask, probs=probs_all, uncertainty=entropy)
 
 
@@ -363,22 +366,43 @@ class SemanticPredictor(Predictor):
         """Whether ``image`` is predicted in tiles (it is larger than one tile at the model's size)."""
         return self.tile is not None and max(self._model_size(image)) > self.tile
 
-    def _whole_probs(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Probabilities Tensor[C, H, W] of whole images (no tiling) at their own sizes; images of
-        equal model-input size run as batches."""
+    def _probs_at_model_size(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Probabilities Tensor[C, h, w] of whole images (no tiling) at the model's size (the
+        contract's resize, or their own); images of equal model-input size run as batches."""
         inputs = [preprocess(image, self.input_spec) for image in images]
         order = sorted(range(len(inputs)), key=lambda i: tuple(inputs[i].shape))  # equal sizes side by side
         probs: dict[int, torch.Tensor] = {}
         for i, p in zip(order, self._run(inputs[i] for i in order)):
-            probs[i] = upsample_probs(p[None], images[i].shape[:2])[0].float().cpu()
+            probs[i] = p.float().cpu()
         return [probs[i] for i in range(len(images))]
+
+    @staticmethod
+    def _at_size(probs: torch.Tensor, shape: tuple[int, int]) -> Bands:
+        """``probs`` at the model's size -> row bands at the image's ``shape``: itself where the
+        sizes agree, else brought back band by band (:func:`upsample_rows`), so that a model with a
+        small resize contract never holds a 12-MP photo's C x H x W probabilities."""
+        if tuple(probs.shape[-2:]) == tuple(shape[:2]):
+            yield 0, probs
+            return
+        for y in range(0, shape[0], UPSAMPLE_ROWS):
+            yield y, upsample_rows(probs, shape[:2], y, min(y + UPSAMPLE_ROWS, shape[0]))
+
+    def _whole_bands(self, images: Sequence[np.ndarray]) -> list[Bands]:
+        """The row bands of whole images (no tiling), predicted now, at their own sizes."""
+        return [self._at_size(p, image.shape[:2]) for p, image in zip(self._probs_at_model_size(images), images)]
+
+    def _whole_probs(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Probabilities Tensor[C, H, W] of whole images at their own sizes (an ensemble averages
+        its members' as they are); the same values as :meth:`_whole_bands`."""
+        return [torch.cat([band for _, band in bands], 1) for bands in self._whole_bands(images)]
 
     def _bands(self, image: np.ndarray, progress: bool | None = False) -> Bands:
         """The class probabilities of ``image`` at its size, in row bands top to bottom: tiled and
-        streamed when :meth:`needs_tiles`, else in one band."""
+        streamed when :meth:`needs_tiles`, else predicted whole and brought back to the image's
+        size band by band."""
         check_image(image, self.input_spec.channels)
         if not self.needs_tiles(image):
-            yield 0, self._whole_probs([image])[0]
+            yield from self._whole_bands([image])[0]
             return
         assert self.tile is not None
         h, w = self._model_size(image)
@@ -391,9 +415,7 @@ class SemanticPredictor(Predictor):
         if (h, w) == image.shape[:2]:
             yield from bands
             return
-        small = torch.cat([band for _, band in bands], 1)  # at the contract's size: small
-        for y in range(0, image.shape[0], UPSAMPLE_ROWS):
-            yield y, upsample_rows(small, image.shape[:2], y, min(y + UPSAMPLE_ROWS, image.shape[0]))
+        yield from self._at_size(torch.cat([band for _, band in bands], 1), image.shape[:2])  # small: the contract's
 
     @torch.no_grad()
     def predict_probs(self, image: np.ndarray) -> torch.Tensor:
@@ -430,9 +452,8 @@ class SemanticPredictor(Predictor):
         for image in images:
             check_image(image, self.input_spec.channels)
         whole = [i for i, image in enumerate(images) if not self.needs_tiles(image)]
-        out = dict(zip(whole, self._whole_probs([images[i] for i in whole])))
-        return images, [[(0, out.pop(i))] if i in out else self._bands(image, progress)
-                        for i, image in enumerate(images)]
+        out = dict(zip(whole, self._whole_bands([images[i] for i in whole])))
+        return images, [out.pop(i) if i in out else self._bands(image, progress) for i, image in enumerate(images)]
 
     @torch.no_grad()
     def predict_batch(self, images: Iterable[np.ndarray], uncertainty: bool = False, *, probs: bool = True,

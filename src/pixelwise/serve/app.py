@@ -459,7 +459,9 @@ class Service:
         with self._model_lock:  # a predictor's constructor sets the shared model's modes too
             predictor = self.predictor_for(options, wanted.uncertainty)
             if isinstance(predictor, SemanticPredictor):
-                pred = predictor.predict(image, uncertainty=wanted.uncertainty)
+                # the mask and entropy are filled band by band; the probabilities, which the answer
+                # does not carry, are not kept (a 12-MP photo's would be 1.1 GB for 12 classes)
+                pred = predictor.predict(image, uncertainty=wanted.uncertainty, probs=False)
                 cancel.check()  # stopped during its last model batch: no need to encode the answer
                 out = semantic_result(image, pred, p.class_names, p.palette, wanted.overlay, wanted.image)
                 mask = pred.mask
