@@ -390,7 +390,7 @@ def test_a_run_named_like_a_number_resumes_from_its_own_config(tmp_path, monkeyp
     assert main(["train", "--config", "1e-3/config.yaml", "--epochs", "1", "--out", "again"]) == 0
     (tmp_path / "bad.yaml").write_text("out: 1.10\n")
     assert main(["train", "--config", "bad.yaml"]) == 2
-    assert 'quote it as you wrote it, e.g. out: "1.10"' in capsys.readouterr().err
+    assert 'quote it as you wrote it: out: "..." (unquoted, YAML reads 1.10 as 1.1' in capsys.readouterr().err
 
 
 def test_a_resume_does_not_need_the_pretrained_file_again(tmp_path):

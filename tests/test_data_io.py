@@ -378,3 +378,60 @@ def test_gray_masks_read_as_the_values_they_store(tmp_path, name, data, stored):
     if max(stored) <= 11:  # CamVid's own label file, as serve reads it with truth_format=dataset
         camvid = decode_mask(data, 10**6, [(k, k, k) for k in range(11)], 11, (1, 4), stored=STORED_LABELS["camvid"])
         assert camvid.ravel().tolist() == [v if v < 11 else 255 for v in stored]
+
+
+def test_a_png_turned_only_by_its_xmp_has_the_turned_size_in_the_header_check(tmp_path):
+    """The chunk walk that spares the decode saw only an eXIf chunk: an orientation in XMP (or
+    ImageMagick's raw profile) gave the unturned size, while loading turned the image."""
+    from pixelwise.data.io import probe_info
+
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    Image.fromarray(np.zeros((40, 64, 3), np.uint8)).save(tmp_path / "x.png", pnginfo=info)
+    assert probe_info(tmp_path / "x.png").size == (40, 64)
+    assert read_image(tmp_path / "x.png").shape == (64, 40, 3)
+
+
+@pytest.mark.parametrize("bits", [1, 16])
+def test_min_is_white_tiffs_of_other_depths_read_as_stored(tmp_path, bits):
+    """PIL turns over 1-bit MinIsWhite samples (read inverted) and leaves 16-bit ones as stored
+    (pixelwise turned those over: 0..3 became 65532..65535, refused)."""
+    import struct
+
+    from pixelwise.serve.uploads import decode_mask
+
+    stored = [0, 1, 1, 0, 1, 0, 0, 1] if bits == 1 else [0, 1, 2, 3]
+    if bits == 1:
+        pixels = bytes([int("".join(map(str, stored)), 2)])
+    else:
+        pixels = b"".join(struct.pack("<H", v) for v in stored)
+    w = len(stored)
+    entries = [(256, w), (257, 1), (258, bits), (259, 1), (262, 0), (273, 0), (277, 1), (278, 1), (279, len(pixels))]
+    offset = 8 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHII", tag, 4, 1, offset if tag == 273 else value) for tag, value in entries)
+    data = b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + pixels
+    (tmp_path / "m.tif").write_bytes(data)
+    assert read_mask(tmp_path / "m.tif").ravel().tolist() == stored
+    assert decode_mask(data, 10**6, [(0, 0, 0), (1, 1, 1), (2, 2, 2), (3, 3, 3)], 4, (1, w)).ravel().tolist() == stored
+
+
+def test_serve_reads_a_pgm_of_maxval_above_255_as_the_readers_do():
+    """read_mask read a maxval-1000 PGM as stored; serve refused it (PIL scales it to 0..65535)."""
+    from pixelwise.serve.uploads import decode_mask
+
+    data = b"P5\n4 1\n1000\n" + np.array([0, 1, 3, 2], ">u2").tobytes()
+    assert decode_mask(data, 10**6, [(k, k, k) for k in range(4)], 4, (1, 4)).ravel().tolist() == [0, 1, 3, 2]
+
+
+def test_a_lossy_webp_after_a_large_icc_profile_is_still_refused(tmp_path):
+    """The chunk walk read only 64 KiB: an ICC profile larger than that hid the VP8 chunk."""
+    mask = np.zeros((8, 8, 3), np.uint8)
+    mask[:4] = 255
+    Image.fromarray(mask).save(tmp_path / "m.webp", lossless=False, icc_profile=bytes(70_000))
+    with pytest.raises(UserError, match="lossy WebP mask"):
+        read_mask(tmp_path / "m.webp", palette=[(0, 0, 0), (255, 255, 255)])

@@ -285,13 +285,16 @@ def test_whole_image_path_is_unchanged_for_a_pointwise_model():
     torch.testing.assert_close(SemanticPredictor(model, {"num_classes": 4}).predict_probs(image), want)
 
 
-def test_a_resize_contract_streams_its_way_back_to_the_image_size():
+def test_a_resize_contract_streams_its_way_back_to_the_image_size(monkeypatch):
     """A model with a small resize contract (camvid_cpu_hour's 270x360) was predicted whole and
     brought back to a photo's size in one F.interpolate: 1.06 GB of probabilities for a 12-MP
     image (2.1 GB with --uncertainty), --tile notwithstanding. Now in row bands, the same values."""
+    from pixelwise.inference import predictor as predictor_module
     from pixelwise.inference.predictor import UPSAMPLE_ROWS
     from pixelwise.preprocess import InputSpec, preprocess
 
+    # the image here is small: the band-by-band path is what a 12-MP photo takes
+    monkeypatch.setattr(predictor_module, "WHOLE_UPSAMPLE_BYTES", 1)
     torch.manual_seed(0)
     model = create_model("unet", num_classes=4, base_channels=4).eval()
     spec = InputSpec(resize=(24, 32))

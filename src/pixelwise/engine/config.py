@@ -321,7 +321,7 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
                             f"{name}: \"{value}\"")
         if isinstance(value, int | float):  # the text is lost: 1.10 is read as 1.1, 1e-3 as 0.001
             raise UserError(f"{where} must be text, got {value} (YAML reads it as a number); quote it as you wrote "
-                            f"it, e.g. {name}: \"1.10\" (unquoted, 1.10 is the number 1.1)")
+                            f"it: {name}: \"...\" (unquoted, YAML reads 1.10 as 1.1 and 1e-3 as 0.001)")
         if not isinstance(value, str):
             raise UserError(f"{where} must be text, got {value!r}")
         if name in PATH_KEYS:

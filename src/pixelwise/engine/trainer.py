@@ -978,12 +978,14 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
     deadline = stage.deadline(run, state)
     while state.stage_epoch < stage.cfg.epochs and not state.stage_stopped:  # stopped: by the time budget
         stats = train_one_epoch(run, stage, state)
-        # the epoch whose training ran out of time is the stopped one (checked at steps, and here)
-        late = stats.stopped_by_time or past(deadline)
+        # the epoch whose training ran out of time is the stopped one (checked at steps, and here),
+        # where the stage had epochs left: one that trained them all is finished, not stopped
+        more = state.stage_epoch + 1 < stage.cfg.epochs
+        late = stats.stopped_by_time or (more and past(deadline))
         validated = ((state.epoch + 1) % run.cfg.val_every == 0 or late
                      or state.stage_epoch + 1 == stage.cfg.epochs)
         metrics = evaluate(run) if validated else {}
-        stopped = late or (validated and past(deadline))  # it ran out while validating: no epoch starts after it
+        stopped = late or (more and validated and past(deadline))  # ran out while validating: no epoch after it
         row = {"epoch": state.epoch + 1, **({"stage": stage.name} if multi else {}),
                "train_loss": stats.train_loss,
                **({"val_loss": metrics.get("loss")} if validated else {}),

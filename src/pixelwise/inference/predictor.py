@@ -42,6 +42,9 @@ MIN_TILE = 16
 DEFAULT_OVERLAP = 0.25  # tile overlap for models that state no context (see pixelwise.inference.tiling)
 DEFAULT_BATCH_SIZE = 4  # model inputs (images or tiles) per forward pass
 UPSAMPLE_ROWS = 256  # image rows brought back to the image's size at a time after tiling
+# the largest C x H x W float32 map brought back to the image's size in one interpolation (above it:
+# in bands of UPSAMPLE_ROWS rows): 19 classes of a 1024 x 2048 Cityscapes frame take 159 MiB
+WHOLE_UPSAMPLE_BYTES = 256 * 2**20
 P = TypeVar("P", bound="Predictor")
 Bands = Iterator[tuple[int, torch.Tensor]]  # (first row y, probabilities Tensor[C, n, W] of rows y .. y + n - 1)
 MaskRows = Iterator[tuple[int, np.ndarray, np.ndarray | None]]  # (y, mask uint8[n, W], entropy float32[n, W] | None)
@@ -373,17 +376,23 @@ class SemanticPredictor(Predictor):
         order = sorted(range(len(inputs)), key=lambda i: tuple(inputs[i].shape))  # equal sizes side by side
         probs: dict[int, torch.Tensor] = {}
         for i, p in zip(order, self._run(inputs[i] for i in order)):
-            probs[i] = p.float().cpu()
+            probs[i] = p.float()  # on the model's device: a small one is brought back there
         return [probs[i] for i in range(len(images))]
 
     @staticmethod
     def _at_size(probs: torch.Tensor, shape: tuple[int, int]) -> Bands:
-        """``probs`` at the model's size -> row bands at the image's ``shape``: itself where the
-        sizes agree, else brought back band by band (:func:`upsample_rows`), so that a model with a
-        small resize contract never holds a 12-MP photo's C x H x W probabilities."""
+        """``probs`` at the model's size -> row bands at the image's ``shape`` on the CPU: itself
+        where the sizes agree; one ``F.interpolate`` on its device where the result is at most
+        :data:`WHOLE_UPSAMPLE_BYTES` (a Cityscapes frame's); else band by band
+        (:func:`upsample_rows`, 3-5x slower), so that a model with a small resize contract never
+        holds a 12-MP photo's C x H x W probabilities."""
         if tuple(probs.shape[-2:]) == tuple(shape[:2]):
-            yield 0, probs
+            yield 0, probs.cpu()
             return
+        if probs.shape[0] * shape[0] * shape[1] * 4 <= WHOLE_UPSAMPLE_BYTES:
+            yield 0, upsample_probs(probs[None], shape[:2])[0].cpu()
+            return
+        probs = probs.cpu()
         for y in range(0, shape[0], UPSAMPLE_ROWS):
             yield y, upsample_rows(probs, shape[:2], y, min(y + UPSAMPLE_ROWS, shape[0]))
 

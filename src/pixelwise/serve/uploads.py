@@ -39,6 +39,7 @@ from pixelwise.data.io import (
     palette_known,
     palette_suspects,
     pil_to_rgb,
+    stored_bits,
     stored_gray,
     tiff_layout,
 )
@@ -324,7 +325,7 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
                 raise UploadError(422, f"the ground truth {name} is not a label file of this kind ({stored.describe}):"
                                        f" it {instead}")
     img = open_image(data, max_pixels, declared_type, what="ground-truth mask")
-    lossy = lossy_mask_error(bytes(data[:1 << 16]), img.format, img.info.get("compression"))
+    lossy = lossy_mask_error(memoryview(data), img.format, img.info.get("compression"))
     if lossy:  # e.g. "JPEG-compressed mask: lossy compression changes labels at edges; save masks as PNG"
         raise UploadError(422, f"the ground-truth mask is a {lossy}")
     mode = img.mode
@@ -337,7 +338,7 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
             refuse_reordered_palette(img.getpalette() or [], indices, palette, ignore_colour)
         mask = indices if indices.ndim == 2 else np.ascontiguousarray(indices[:, :, 0])
     elif mode == "1":
-        mask = np.asarray(img).astype(np.uint8)
+        mask = stored_bits(np.asarray(img).astype(np.uint8), data)
     elif mode in ("RGB", "RGBA", "RGBX"):
         rgb = np.asarray(img)[:, :, :3]
         gray = np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])
@@ -347,6 +348,8 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
         mask = rgb[:, :, 0].copy() if by_value else colour_mask(rgb, palette, ignore_colour)
     else:
         arr = np.asarray(img)
+        if arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer):
+            arr = stored_gray(arr, data)  # a PGM of maxval 300, as read_mask reads it
         fits = arr.ndim == 2 and np.issubdtype(arr.dtype, np.integer)
         fits = fits and (not arr.size or 0 <= arr.min() <= arr.max() <= 255)
         if not fits:
