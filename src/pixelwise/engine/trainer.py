@@ -163,7 +163,7 @@ class TrainState:
     stage_step: int = 0  # optimizer steps finished in that stage (its schedule's position)
     stage_start_s: float = 0.0  # elapsed seconds when that stage began (its share of the time budget)
     stage_stopped: bool = False  # that stage ended on its time budget: a resume moves on
-    time_stopped: bool = False  # some stage (that one or an earlier) ended on its time budget
+    time_stopped: bool = False  # an earlier stage ended on its time budget (the run moved on past it)
     stage_epoch_steps: int = 0  # optimizer steps of one whole epoch of that stage (0: a state of before)
     batch: int = 0  # micro-batches finished in the epoch in progress (0 between epochs)
     loss_sum: float = 0.0  # sum of loss x images over the finished steps of the epoch in progress
@@ -966,6 +966,7 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
             return  # its time is still up: the run moves on to the next stage
         state.stage_stopped = False  # the resume gave it more time (a larger or no --max-minutes)
     if stage.index > state.stage:
+        state.time_stopped = state.time_stopped or state.stage_stopped  # that cut stays: the run moves on
         state.stage, state.stage_epoch, state.stage_step = stage.index, 0, 0
         state.stage_start_s, state.stage_stopped = run.elapsed(), False
     state.stage_epoch_steps = stage.schedule.total_steps // stage.cfg.epochs  # what a resume must match
@@ -998,7 +999,6 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
             state.elapsed_s = run.elapsed()
             state.rows.append({**row, "elapsed_s": round(state.elapsed_s, 1)})
             state.stage_stopped = stopped
-            state.time_stopped = state.time_stopped or stopped
             state.rng = rng_snapshot()
             save_epoch(run, state, metrics)
         finally:
@@ -1273,7 +1273,8 @@ def finish(run: Run, state: TrainState) -> dict:
     result = {"model": run.cfg.model, "dataset": run.cfg.dataset, "epochs_completed": state.epoch,
               "best_epoch": state.best_epoch, "selected_by": run.select, "best": best_row,
               "final": state.rows[-1] if state.rows else None, "steps": state.step,
-              "train_minutes": round(state.elapsed_s / 60, 2), "stopped_by_time_budget": state.time_stopped,
+              "train_minutes": round(state.elapsed_s / 60, 2),
+              "stopped_by_time_budget": state.time_stopped or state.stage_stopped,
               "amp": run.amp, "world_size": run.info.world_size,
               "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
     if run.info.is_main:
