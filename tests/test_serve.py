@@ -933,7 +933,7 @@ def test_queue_ms_does_not_count_the_upload(predictor):
 
     answer = asyncio.run(scenario())
     assert answer.status_code == 200, answer.text
-    assert answer.json()["queue_ms"] < 200, answer.json()["queue_ms"]  # the upload took 750 ms
+    assert answer.json()["queue_ms"] < 400, answer.json()["queue_ms"]  # the upload took 750 ms, the hand-off ms
 
 
 # ---------------------------------------------------------------- a model with dropout and --workers 2
