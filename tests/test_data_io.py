@@ -240,22 +240,44 @@ def test_a_tiff_stack_upload_is_its_first_page(tmp_path):
     np.testing.assert_array_equal(decode_image((tmp_path / "s.tif").read_bytes(), 10**6), pages[0])
 
 
+def _gray_tiff_pages(pages: list[tuple[np.ndarray, int]]) -> bytes:
+    """An uncompressed gray TIFF of several pages, each ``(uint8[H, W], NewSubfileType)``, written
+    by hand: Pillow before 11 writes no per-page tags."""
+    import struct
+
+    out = bytearray(b"II*\x00" + struct.pack("<I", 0))
+    prev_next = 4  # where the offset of the next page directory goes
+    for pixels, kind in pages:
+        h, w = pixels.shape
+        data_at = len(out)
+        out += pixels.tobytes()
+        if len(out) % 2:
+            out += b"\x00"
+        entries = [(254, kind), (256, w), (257, h), (258, 8), (259, 1), (262, 1), (273, data_at), (277, 1),
+                   (278, h), (279, h * w)]
+        ifd_at = len(out)
+        out[prev_next:prev_next + 4] = struct.pack("<I", ifd_at)
+        out += struct.pack("<H", len(entries))
+        out += b"".join(struct.pack("<HHII", tag, 4, 1, value) for tag, value in entries)
+        prev_next = len(out)
+        out += struct.pack("<I", 0)
+    return bytes(out)
+
+
 def test_tiff_overview_and_mask_pages_are_not_frames(tmp_path):
     """A Cloud-Optimised GeoTIFF's overviews (NewSubfileType bit 0) and transparency-mask pages
     (bit 2) were predicted as frames of a stack, the full image renamed <stem>_00."""
     rng = np.random.default_rng(0)
-    first, second = (Image.fromarray(rng.integers(0, 255, (64, 96, 3), np.uint8)) for _ in range(2))
-    overview, mask = first.resize((48, 32)), Image.new("RGB", (96, 64))
-    overview.encoderinfo = {"tiffinfo": {254: 1}}
-    mask.encoderinfo = {"tiffinfo": {254: 4}}
-    first.save(tmp_path / "cog.tif", save_all=True, append_images=[overview, second, mask])
+    first, second = (rng.integers(0, 255, (64, 96), dtype=np.uint8) for _ in range(2))
+    overview, mask = first[::2, ::2].copy(), np.zeros((64, 96), np.uint8)
+    (tmp_path / "cog.tif").write_bytes(_gray_tiff_pages([(first, 0), (overview, 1), (second, 0), (mask, 4)]))
     assert Image.open(tmp_path / "cog.tif").n_frames == 4
     assert frame_count(tmp_path / "cog.tif") == 2
     frames = list(read_frames(tmp_path / "cog.tif"))
     assert len(frames) == 2
-    np.testing.assert_array_equal(frames[0], np.asarray(first))
-    np.testing.assert_array_equal(frames[1], np.asarray(second))
-    np.testing.assert_array_equal(read_image(tmp_path / "cog.tif", 1), np.asarray(second))
+    np.testing.assert_array_equal(frames[0][..., 0], first)
+    np.testing.assert_array_equal(frames[1][..., 0], second)
+    np.testing.assert_array_equal(read_image(tmp_path / "cog.tif", 1)[..., 0], second)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "I;16", "RGBA"])
@@ -291,7 +313,7 @@ def test_probe_reads_a_png_header_without_decoding_its_pixels(tmp_path, monkeypa
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "plain.png")
     exif = Image.Exif()
     exif[274] = 6
-    payload = exif.tobytes()
+    payload = exif.tobytes().removeprefix(b"Exif\x00\x00")  # a PNG eXIf chunk holds the TIFF data alone
     data = (tmp_path / "plain.png").read_bytes()
     chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
     end = data.rindex(b"IEND") - 4
