@@ -100,15 +100,15 @@ def download_file(archive: Archive, dest: Path) -> Path:
         try:
             with network_timeout():
                 download_url_to_file(archive.url, str(dest), progress=show_progress())
-        except OSError as e:
+        # URLError is an OSError; a cut chunked transfer an HTTPException; a bad hash a RuntimeError
+        except (OSError, RuntimeError, ValueError, http.client.HTTPException) as e:
             dest.unlink(missing_ok=True)
-            if e.errno in LOCAL_WRITE_ERRNOS:  # the disk, not the network (URLError has no errno)
+            if isinstance(e, OSError) and e.errno in LOCAL_WRITE_ERRNOS:  # the disk, not the network
                 raise UserError(f"cannot write {dest} ({e.strerror}); free some space in {dest.parent} or make it "
                                 f"writable (the archive is {_size_text(archive)})") from None
-            raise _download_failed(archive, dest, e) from None
-        except (RuntimeError, ValueError, http.client.HTTPException) as e:  # a cut chunked transfer, a bad hash
-            dest.unlink(missing_ok=True)
-            raise _download_failed(archive, dest, e) from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"{archive.url}: download failed ({reason}); download it by hand and save it as "
+                            f"{dest}") from None
         # the user's umask, as for any file they write: older torch releases download through a
         # NamedTemporaryFile, whose 0600 survives the rename
         umask = os.umask(0)
@@ -120,11 +120,6 @@ def download_file(archive: Archive, dest: Path) -> Path:
 
 def _size_text(archive: Archive) -> str:
     return f"{archive.size / 1e9:.1f} GB" if archive.size else "of unknown size"
-
-
-def _download_failed(archive: Archive, dest: Path, e: BaseException) -> UserError:
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return UserError(f"{archive.url}: download failed ({reason}); download it by hand and save it as {dest}")
 
 
 def _safe_tar_members(tf: tarfile.TarFile, archive: Path, into: Path) -> list[tarfile.TarInfo]:

@@ -960,15 +960,15 @@ def plan_stages(run: Run) -> list[Stage]:
 def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
     """Train ``stage`` from where ``state`` stands until its epochs or its time are used up."""
     multi = len(run.cfg.stages) > 1  # metrics.csv gets a stage column
-    if stage.index == state.stage and state.stage_stopped:  # resumed after its time ran out
-        deadline = stage.deadline(run, state)
-        if deadline is not None and time.monotonic() >= deadline:
-            return  # its time is still up: the run moves on to the next stage
-        state.stage_stopped = False  # the resume gave it more time (a larger or no --max-minutes)
     if stage.index > state.stage:
         state.time_stopped = state.time_stopped or state.stage_stopped  # that cut stays: the run moves on
         state.stage, state.stage_epoch, state.stage_step = stage.index, 0, 0
         state.stage_start_s, state.stage_stopped = run.elapsed(), False
+    deadline = stage.deadline(run, state)
+    if state.stage_stopped:  # resumed after its time ran out (a new stage starts unstopped)
+        if deadline is not None and time.monotonic() >= deadline:
+            return  # its time is still up: the run moves on to the next stage
+        state.stage_stopped = False  # the resume gave it more time (a larger or no --max-minutes)
     state.stage_epoch_steps = stage.schedule.total_steps // stage.cfg.epochs  # what a resume must match
     set_peak_lr(run.optimizer, stage.cfg.lr)
     if multi:
@@ -976,7 +976,6 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
                 f"lr {stage.cfg.lr}" + (", instance-centred crops" if stage.cfg.instance_crops else ""))
     weights = None if run.class_weights is None else run.class_weights.tolist()
     run.train_ds.transform = train_transform(stage.cfg, weights)
-    deadline = stage.deadline(run, state)
     while state.stage_epoch < stage.cfg.epochs and not state.stage_stopped:  # stopped: by the time budget
         stats = train_one_epoch(run, stage, state)
         # the epoch whose training ran out of time is the stopped one (checked at steps, and here),

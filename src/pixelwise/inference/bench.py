@@ -128,17 +128,14 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
 
     The caller's model is put back as it was (training mode, device), and so are torch's threads.
     """
-    before_threads = torch.get_num_threads()
     with contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, torch.get_num_threads())
         if model is not None:
             restore.enter_context(kept_as_it_was(model))
-        try:
-            if threads:
-                torch.set_num_threads(threads)
-            return _measure(model, size, batch, mode, device, repeats, task, flops, model_name=model_name,
-                            onnx=onnx, threads=threads, train=train, compile=compile, channels=channels)
-        finally:
-            torch.set_num_threads(before_threads)
+        if threads:
+            torch.set_num_threads(threads)
+        return _measure(model, size, batch, mode, device, repeats, task, flops, model_name=model_name,
+                        onnx=onnx, threads=threads, train=train, compile=compile, channels=channels)
 
 
 def _measure(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mode: str = "eager",

@@ -191,12 +191,12 @@ def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classe
     if frozen is not None and (isinstance(frozen, bool) or not isinstance(frozen, numbers.Real) or not frozen >= 0):
         raise ValueError(f"frozen_bn_eps must be a number >= 0 (the eps of a frozen BatchNorm), got {frozen!r}")
     transform, rpn, roi = split_kwargs(kwargs)
-    if pretrained not in (None, "imagenet", "coco") and not os.path.exists(os.path.expanduser(str(pretrained))):
-        # resnet18 has no COCO weights
-        raise weights_not_found(str(pretrained), ("imagenet", "coco") if make_resnet is resnet50 else ("imagenet",))
-    if pretrained not in (None, "imagenet", "coco") and frozen is None:
-        # a pixelwise checkpoint records the eps of the frozen BatchNorm it was trained with (COCO's: 0)
-        frozen = (saved_model_kwargs(os.path.expanduser(str(pretrained))) or {}).get("frozen_bn_eps")
+    if pretrained not in (None, "imagenet", "coco"):  # a file
+        path = os.path.expanduser(str(pretrained))
+        if not os.path.exists(path):  # resnet18 has no COCO weights
+            raise weights_not_found(str(pretrained), ("imagenet", "coco") if make_resnet is resnet50 else ("imagenet",))
+        if frozen is None:  # a pixelwise checkpoint records the eps of the frozen BatchNorm it trained with (COCO's: 0)
+            frozen = (saved_model_kwargs(path) or {}).get("frozen_bn_eps")
     # torchvision's rule: BatchNorm is frozen under pretrained weights and trains from scratch.
     # frozen_bn_eps freezes it whatever the weights: a checkpoint trained from pretrained weights
     # records it, so that it is rebuilt as the model it is (no num_batches_tracked, COCO's eps 0)
