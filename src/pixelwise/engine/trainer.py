@@ -966,7 +966,7 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
         state.stage_start_s, state.stage_stopped = run.elapsed(), False
     deadline = stage.deadline(run, state)
     if state.stage_stopped:  # resumed after its time ran out (a new stage starts unstopped)
-        if deadline is not None and time.monotonic() >= deadline:
+        if past(deadline):  # rank 0's clock, as the loop reads it: every rank returns, or none
             return  # its time is still up: the run moves on to the next stage
         state.stage_stopped = False  # the resume gave it more time (a larger or no --max-minutes)
     state.stage_epoch_steps = stage.schedule.total_steps // stage.cfg.epochs  # what a resume must match
