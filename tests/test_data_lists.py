@@ -4,7 +4,11 @@ the wrong JSON type, files --skip-invalid leaves out, and splits whose labels ar
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from PIL import Image
 from conftest import write_isbi_tree
 from pixelwise.cli import main
 from pixelwise.data import build_dataset
+from pixelwise.data.folder import val_stems
 from pixelwise.data.inspect import inspect_dataset
 from pixelwise.data.io import write_mask
 from pixelwise.errors import UserError
@@ -201,3 +206,33 @@ def test_inspect_names_a_broken_file_whose_stem_another_problem_shares(tmp_path)
     write_mask(one / "masks" / "im0.png", np.where(RNG.random((8, 10)) > 0.5, 255, 0).astype(np.uint8))
     report = inspect_dataset(build_dataset("folder", str(one), "all", num_classes=1))
     assert report["problems"] == [] and report["ignored_pixels"] > 0
+
+
+@pytest.mark.skipif(os.name == "nt" or sys.platform == "darwin", reason="file names there are always Unicode")
+def test_a_file_name_that_is_not_utf8_is_split_and_read(tmp_path):
+    """Python gives such a name (Latin-1 from an old camera card) with surrogate escapes, which
+    str.encode() refused: the folder split was a traceback in inspect, train and eval."""
+    _folder(tmp_path, n=4)
+    odd = os.fsdecode(b"caf\xe9")
+    for sub in ("images", "masks"):
+        (tmp_path / sub / "im0.png").rename(tmp_path / sub / f"{odd}.png")
+    stems = {Path(i).stem for i, _ in build_dataset("folder", str(tmp_path), "train").items} | {
+        Path(i).stem for i, _ in build_dataset("folder", str(tmp_path), "val").items}
+    assert stems == {odd, "im1", "im2", "im3"}
+    # the split of UTF-8 names is unchanged: the hash of their bytes, as before
+    assert val_stems(["im1", "im2", "im3", "b\u00e9"]) == set(
+        sorted(["im1", "im2", "im3", "b\u00e9"], key=lambda s: hashlib.sha1(s.encode()).hexdigest())[:1])
+    assert main(["data", "inspect", "--dataset", "folder", "--data", str(tmp_path), "--split", "all"]) == 0
+
+
+def test_a_damaged_isbi_stack_is_named_not_val_count(tmp_path):
+    """A volume cut inside its page directories opened as one slice, and train said "val_count=4
+    must be in 0..0", an option the user never set."""
+    pages = [Image.fromarray(RNG.integers(0, 256, (16, 16), dtype=np.uint8)) for _ in range(6)]
+    pages[0].save(tmp_path / "train-volume.tif", save_all=True, append_images=pages[1:])
+    pages[0].save(tmp_path / "train-labels.tif", save_all=True, append_images=pages[1:])
+    data = (tmp_path / "train-volume.tif").read_bytes()
+    assert len(build_dataset("isbi2012", str(tmp_path), "train")) == 2  # 6 slices, val_count 4
+    (tmp_path / "train-volume.tif").write_bytes(data[:100])  # inside page 0's directory
+    with pytest.raises(UserError, match=r"train-volume\.tif: truncated TIFF \(page 0's directory"):
+        build_dataset("isbi2012", str(tmp_path), "train")

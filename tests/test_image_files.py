@@ -282,3 +282,28 @@ def test_size_mismatch_of_an_exif_rotated_image_says_so(tmp_path):
     assert f"mask is {W}x{H} but image" in found["r.png"]
     assert f"is {H}x{W} after its EXIF orientation 6" in found["r.png"]
     assert f"stores {W}x{H} pixels (the mask matches the stored pixels)" in found["r.png"]
+
+
+# -- a TIFF cut inside a page directory ----------------------------------------------------------------
+@pytest.mark.parametrize("big", [False, True])
+def test_a_tiff_cut_inside_a_page_directory_is_truncated_not_short(tmp_path, big):
+    """PIL reads a directory cut in its entries in part, without an error: the strip byte counts
+    after the cut are lost (so the strips could not be checked) and so are the pages after it, and a
+    6-page stack cut there opened as a 1-page one."""
+    pages = [Image.fromarray(_photo()[:, :, 0]) for _ in range(3)]
+    buf = io.BytesIO()
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:], **({"big_tiff": True} if big else {}))
+    data = buf.getvalue()
+    if big and data[2:4] != b"+\x00":
+        pytest.skip("this Pillow writes no BigTIFF")
+    first = struct.unpack("<Q" if big else "<I", data[8:16] if big else data[4:8])[0]  # page 0's directory
+    whole = tmp_path / "whole.tif"
+    whole.write_bytes(data)
+    assert probe(whole)[0] == (W, H)
+    entry, start = (20, first + 8) if big else (12, first + 2)
+    tags = [struct.unpack("<H", data[start + i * entry:start + i * entry + 2])[0] for i in range(8)]
+    cut = start + tags.index(279) * entry + 6  # in StripByteCounts' entry: the tags PIL needs to open it are read
+    path = tmp_path / "cut.tif"
+    path.write_bytes(data[:cut])
+    with pytest.raises(UserError, match=r"cut\.tif: truncated TIFF \(page 0's directory at byte .* runs past the end"):
+        probe(path)

@@ -141,11 +141,12 @@ def inferred_class_count(labels: set[int]) -> int:
 
 
 def val_stems(stems: list[str], fraction: float = VAL_FRACTION) -> set[str]:
-    """The deterministic held-out set: the ``ceil(fraction * n)`` stems with the smallest SHA-1."""
+    """The deterministic held-out set: the ``ceil(fraction * n)`` stems with the smallest SHA-1 (of
+    the name's bytes: a name that is not UTF-8, which Python gives with surrogate escapes, too)."""
     if len(stems) < 2:
         return set()
     n = max(1, math.ceil(fraction * len(stems)))
-    ranked = sorted(stems, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+    ranked = sorted(stems, key=lambda s: hashlib.sha1(s.encode("utf-8", "surrogateescape")).hexdigest())
     return set(ranked[:n])
 
 

@@ -616,6 +616,8 @@ def truncation(path: Path, img: Image.Image) -> str | None:
                 return f"its header declares {need:,} bytes of pixel data and header, the file has {length:,}"
         return None
     if fmt == "TIFF":
+        if cut := tiff_directory_cut(path, length):
+            return cut
         need = _tiff_page_end(img)
         if need > length:
             return f"its strips or tiles end at byte {need:,}, the file has {length:,}"
@@ -644,6 +646,51 @@ def _raw_tile_end(tile: tuple, size: tuple[int, int]) -> int | None:
             return None
         stride = ((x1 - x0) * bits + 7) // 8
     return int(offset) + abs(int(stride)) * (y1 - y0)
+
+
+# bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED, SSHORT,
+# SLONG, SRATIONAL, FLOAT, DOUBLE, IFD; BigTIFF's LONG8, SLONG8, IFD8)
+_TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4,
+                    16: 8, 17: 8, 18: 8}
+
+
+def tiff_directory_cut(path: Path, length: int) -> str | None:
+    """Where the chain of page directories of the TIFF (or BigTIFF) file at ``path`` leaves the
+    file: a directory, or a tag value stored apart from it, that ends past byte ``length``. None when
+    every directory and value is inside. PIL reads such a directory in part without an error: the
+    tags after the cut are missing (a page's strip byte counts, so its pixels cannot be checked) and
+    so are the pages after it."""
+    def at(offset: int, size: int) -> bytes | None:
+        if offset + size > length:
+            return None
+        f.seek(offset)
+        data = f.read(size)
+        return data if len(data) == size else None
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = "<" if head[:2] == b"II" else ">"
+        big = len(head) == 16 and struct.unpack(order + "H", head[2:4])[0] == 43
+        count_fmt, entry_size, word, word_fmt = ("Q", 20, 8, "Q") if big else ("H", 12, 4, "I")
+        where = struct.unpack(order + word_fmt, head[8:16] if big else head[4:8])[0]
+        seen: set[int] = set()
+        while where and where not in seen:  # a directory chain that loops back is PIL's to refuse
+            page = len(seen)
+            seen.add(where)
+            raw = at(where, struct.calcsize(count_fmt))
+            table = None if raw is None else at(where + len(raw), struct.unpack(order + count_fmt, raw)[0]
+                                                * entry_size + word)
+            if table is None:
+                return f"page {page}'s directory at byte {where:,} runs past the end of the file ({length:,} bytes)"
+            for i in range(0, len(table) - word, entry_size):
+                tag, kind = struct.unpack(order + "HH", table[i:i + 4])
+                count, value_at = struct.unpack(order + 2 * word_fmt, table[i + 4:i + entry_size])
+                size = count * _TIFF_TYPE_BYTES.get(kind, 0)
+                if size > word and value_at + size > length:  # a value too long for the entry is stored apart
+                    return (f"page {page}'s tag {tag} holds {size:,} bytes from byte {value_at:,}, past the end of the "
+                            f"file ({length:,} bytes)")
+            where = struct.unpack(order + word_fmt, table[-word:])[0]
+    return None
 
 
 def _tiff_page_end(img: Image.Image) -> int:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from pixelwise.data.base import Problem
 from pixelwise.data.files import FilePairDataset, make_lut, problem_from_error, split_ref
-from pixelwise.data.io import _open_loaded, frame_count, pil_to_rgb, refuse_lossy_mask
+from pixelwise.data.io import _open_loaded, frame_count, pil_to_rgb, probe_info, refuse_lossy_mask
 from pixelwise.errors import UserError
 
 CLASS_NAMES = ["membrane", "cell"]
@@ -111,6 +111,8 @@ class ISBI2012(FilePairDataset):
             raise UserError(f"{png_dir}: no .png/.tif images in it; put the slices there (labels in "
                             f"{self.root / 'train' / 'label'})")
         if split != "all" and not 0 <= val_count < len(items):  # all does not use val_count
+            if volume.is_file() and not png_dir.is_dir():
+                probe_info(volume)  # too few slices because the stack is damaged: that is the error to give
             raise UserError(f"isbi2012: val_count={val_count} must be in 0..{len(items) - 1}")
         if val_count == 0 and split == "val":
             raise UserError("isbi2012: val_count=0 leaves the val split empty; give val_count >= 1, or use "
