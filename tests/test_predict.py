@@ -9,7 +9,7 @@ from PIL import Image
 
 from pixelwise import Predictor, SemanticPredictor, create_model, save_checkpoint
 from pixelwise.cli import main
-from pixelwise.data.io import read_image
+from pixelwise.data.io import read_image, write_mask
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
 from pixelwise.errors import UserError
 from pixelwise.inference.writers import check_predict, plan_images
@@ -307,7 +307,8 @@ def test_a_multi_frame_file_is_predicted_frame_by_frame(checkpoint, tmp_path, ca
 
 def test_a_long_animation_is_read_in_one_pass(checkpoint, tmp_path, monkeypatch, capsys):
     """Frame k of a GIF read afresh seeks through frames 0..k-1 again: predict opens the file once to
-    check it and once to predict it, not once per frame (which was quadratic in the frame count)."""
+    check it and once to predict it (and once for its header), not once per frame (which was quadratic
+    in the frame count)."""
     import pixelwise.data.io as io_module
 
     rng = np.random.default_rng(5)
@@ -320,7 +321,7 @@ def test_a_long_animation_is_read_in_one_pass(checkpoint, tmp_path, monkeypatch,
     assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "out"),
                  "--no-progress"]) == 0
     assert "wrote 40 prediction(s)" in capsys.readouterr().out
-    assert len(opened) == 2
+    assert len(opened) == 3  # its header checked, its frames decoded to check them, then predicted: not 40+
     monkeypatch.undo()
     # and the frames given to the model are those read one by one
     plan = check_predict([str(tmp_path / "in" / "clip.gif")], tmp_path / "again")
@@ -683,3 +684,23 @@ def test_uncertainty_png_writes_the_nearest_level_and_255_at_log_c(classes):
     assert entropy_to_gray(uniform, classes).item() == 255
     levels = np.log(classes) * np.array([0.0, 0.4 / 255, 0.6 / 255, 100.4 / 255, 100.6 / 255, 1.0])
     assert entropy_to_gray(levels, classes).tolist() == [0, 0, 1, 100, 101, 255]
+
+
+def test_a_png_without_its_end_is_refused_by_predict_as_by_inspect(checkpoint, tmp_path, capsys):
+    """A PNG whose IEND chunk is cut off decodes; the readers' header check calls it truncated, and
+    predict wrote outputs for it: one file, two answers."""
+    from pixelwise.data.folder import FolderDataset
+
+    root = tmp_path / "ds"
+    _image(root / "images" / "a.png")
+    _image(root / "images" / "b.png")
+    for stem in ("a", "b"):
+        write_mask(root / "masks" / f"{stem}.png", np.zeros((20, 24), np.uint8))
+    path = root / "images" / "a.png"
+    path.write_bytes(path.read_bytes()[:-12])  # the IEND chunk
+    problems = [str(p) for p in FolderDataset(root, "all").check()]
+    assert len(problems) == 1 and "a.png" in problems[0] and "truncated" in problems[0]
+    assert _predict(checkpoint, [path], tmp_path / "out") == 2
+    assert "a.png" in _one_error(capsys) and not (tmp_path / "out" / "a.png").exists()
+    assert _predict(checkpoint, [root / "images"], tmp_path / "out", "--skip-invalid") == 3
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "b_overlay.png"]

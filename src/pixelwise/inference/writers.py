@@ -47,7 +47,15 @@ from PIL import Image, ImageDraw
 
 from pixelwise.checkpoint import place
 from pixelwise.coco_eval import encode_mask
-from pixelwise.data.io import IMAGE_SUFFIXES, PngRowWriter, format_names, read_frames, read_image, write_mask
+from pixelwise.data.io import (
+    IMAGE_SUFFIXES,
+    PngRowWriter,
+    format_names,
+    probe_info,
+    read_frames,
+    read_image,
+    write_mask,
+)
 from pixelwise.data.palette import clear_class, default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
@@ -211,6 +219,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     readable, counts, skipped = [], [], []
     for p in progress_bar(paths, "check inputs", show=progress):
         try:
+            probe_info(p)  # the header checks every verb makes: a file cut short is refused here as by eval
             count = sum(1 for _ in read_frames(p))  # decodes every frame, in one pass over the file
         except UserError as e:
             skipped.append(_reason(e))
