@@ -4,6 +4,7 @@ twice, negative box sizes and areas); boxes under 1 px are not trained on but ar
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -427,3 +428,54 @@ def test_own_files_per_split_with_split_placeholder_and_paths_under_the_root(tmp
     assert val.load(0).instance_labels.tolist() == [1, 2]
     with pytest.raises(UserError, match="needs --data"):
         build_dataset("coco", None, "val", ann_file=absolute["ann_file"])
+
+
+@pytest.mark.parametrize("value", ["x", -1, 2, 1.5, float("nan"), None, []])
+def test_an_iscrowd_other_than_0_or_1_is_a_problem(tmp_path, value):
+    """Any truthy value made the object an ignored crowd region (pycocotools takes int(): 1.5 is 1
+    there, 0.5 is 0); an empty list or null made it an object."""
+    data = _tree(tmp_path)
+    data["annotations"][0]["iscrowd"] = value
+    _expect_problem(tmp_path, data, f"has iscrowd {value!r}, not 0 or 1")
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0])
+def test_iscrowd_true_false_and_1_0_are_read_as_1_and_0(tmp_path, value):
+    data = _tree(tmp_path)
+    data["annotations"][0]["iscrowd"] = value
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert ds.check() == []
+    assert (ds.load(0).mask == 255).any() == bool(value)  # a crowd region is ignored in the semantic mask
+
+
+@pytest.mark.parametrize("where, key, value, words", [
+    ("categories", "name", None, "category 4 has name None, not text"),
+    ("categories", "name", ["cup"], "category 4 has name ['cup'], not text"),
+    ("annotations", "image_id", True, "annotation 11 has image_id true, not a number"),
+    ("annotations", "category_id", True, "annotation 11 has category_id true, not a number"),
+])
+def test_names_that_are_not_text_and_ids_that_are_true_are_refused(tmp_path, where, key, value, words):
+    """A name of null became the class 'None'; an annotation's image_id true joined image 1 (True == 1
+    in Python), while the same true as an image's own id was refused."""
+    data = _tree(tmp_path)
+    data[where][0][key] = value
+    _write(tmp_path, data)
+    with pytest.raises(UserError, match=re.escape(words)):
+        COCOInstances(tmp_path, "val")
+
+
+def test_semantic_training_on_coco_sees_the_drawn_masks(tmp_path):
+    """The check before training read the masks as files; COCO's are drawn from the JSON, so every
+    read failed and semantic training on COCO was refused: "no labelled pixel"."""
+    from pixelwise.data.inspect import label_presence
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import check_training_data
+
+    data = _tree(tmp_path)
+    ds = COCOInstances(tmp_path, "val")
+    assert label_presence(ds) == (True, True)
+    check_training_data(TrainConfig(model="unet", dataset="coco", data=str(tmp_path)), ds, ds)  # no refusal
+    data["annotations"] = [dict(a, iscrowd=1) for a in data["annotations"]]  # crowds only: no class to learn
+    _write(tmp_path, data)
+    assert label_presence(COCOInstances(tmp_path, "val")) == (True, False)

@@ -96,6 +96,15 @@ class COCOInstances(FilePairDataset):
                 if not _whole_number(entry.get("id")):  # pycocotools takes any; pixelwise refers to images by id
                     raise UserError(f"{self.ann_file}: {kind} id {entry.get('id')!r} is not a whole number; COCO ids "
                                     f"are integers: renumber the {key} (and the annotations' {kind}_id with them)")
+        for entry in self.coco.dataset.get("categories") or []:
+            if "name" in entry and not isinstance(entry["name"], str):
+                raise UserError(f"{self.ann_file}: category {entry.get('id')} has name {entry['name']!r}, not text; "
+                                "give each category its name as a string")
+        for a in self.coco.anns.values():
+            for key in ("image_id", "category_id"):  # pycocotools files true under id 1: not a number here
+                if isinstance(a.get(key), bool):
+                    raise UserError(f"{self.ann_file}: annotation {a.get('id')} has {key} {json.dumps(a[key])}, not "
+                                    f"a number; give the {key.split('_')[0]}'s id")
         for image_id, info in self.coco.imgs.items():
             if (not isinstance(info.get("file_name"), str) or not _positive_int(info.get("height"))
                     or not _positive_int(info.get("width"))):
@@ -147,6 +156,15 @@ class COCOInstances(FilePairDataset):
             problems.append(Problem(str(self.ann_file), f"annotations of {len(orphans)} image id(s) the file does "
                                                         f"not list under images: {shown}"))
         return problems
+
+    def label_presence(self) -> tuple[bool, bool]:
+        """(whether the semantic masks have a labelled pixel, whether one of a class other than
+        background), from the annotations, without drawing them: every image is background where no
+        object or crowd region covers it, and an object with a segmentation and a known category
+        paints its class (:func:`~pixelwise.data.inspect.label_presence`)."""
+        objects = any(not a.get("iscrowd", 0) and a.get("segmentation") and a.get("category_id") in self.cat_to_label
+                      for _, ref in self.items for a in self.coco.imgToAnns.get(self.image_id_of(ref), []))
+        return bool(self.items), objects
 
     def notes(self) -> list[str]:
         """Things about the file that are not problems but change what is trained on: annotations
@@ -330,14 +348,17 @@ def _positive_int(value: object) -> bool:
 
 def annotation_problem(a: dict, height: int, width: int) -> str | None:
     """What makes annotation ``a`` (with a segmentation) unreadable on a ``width x height`` image:
-    a bbox that is not four finite numbers or has a negative width or height, an ``area`` that is
-    not a non-negative number, or a segmentation problem (:func:`segmentation_problem`); None if
-    it is readable."""
+    a bbox that is not four finite numbers or has a negative width or height, an ``iscrowd`` other
+    than 0 or 1, an ``area`` that is not a non-negative number, or a segmentation problem
+    (:func:`segmentation_problem`); None if it is readable."""
     box = a.get("bbox")
     if not _is_box(box):
         return f"has bbox {box!r}, not [x, y, width, height]"
     if box[2] < 0 or box[3] < 0:
         return f"has bbox {box!r} of negative width or height (COCO boxes are [x, y, width, height])"
+    crowd = a.get("iscrowd", 0)
+    if not (isinstance(crowd, int | float) and crowd in (0, 1)):  # JSON's true/false are 1/0 here, as for pycocotools
+        return f"has iscrowd {crowd!r}, not 0 or 1"
     area = a.get("area", 0.0)
     if not (isinstance(area, int | float) and not isinstance(area, bool) and math.isfinite(area) and area >= 0):
         return f"has area {area!r}, not a non-negative number (COCO's evaluation ignores such an object)"

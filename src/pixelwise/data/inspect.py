@@ -45,6 +45,9 @@ def label_presence(dataset: SegmentationDataset) -> tuple[bool, bool]:
     reading the masks only (not the images) and stopping as soon as both are found; (True, True)
     for readers without mask files (the generated shapes). Masks that cannot be read are passed
     over: the dataset check names them."""
+    own = getattr(dataset, "label_presence", None)
+    if own is not None:  # a reader whose masks are drawn from annotations (COCO) says it from them
+        return own()
     items = getattr(dataset, "items", None)
     if items is None or not hasattr(dataset, "read_raw_mask") or not hasattr(dataset, "map_mask"):
         return True, True
