@@ -226,3 +226,23 @@ def test_resize_labels_keeps_a_single_channel_and_the_dtype():
     assert out.shape == (2, 2, 1) and out.dtype == np.int64
     assert resize_labels(labels, (8, 8)).dtype == np.int64
 
+
+
+def test_a_sample_without_instances_goes_through_every_augmentation():
+    """An image with no object (a COCO image without annotations: kept by default) or whose objects
+    a resize erased gave numpy nothing to infer -1 from in reshape: a ValueError in training."""
+    inst = np.zeros((1, 40, 40), bool)
+    inst[0, 1, 1] = True  # one pixel that a 5x5 resize does not sample: the flip after it then gets none
+    none = np.zeros((0, 40, 40), bool)
+    resize = train_preset(resize=(5, 5), jitter=False)
+    cases = [(inst, np.array([1]), [resize]),
+             (none, np.zeros(0, np.int64), [resize, train_preset(crop=(16, 16), jitter=False),
+                                             build_transform({"elastic": {"sigma": 4, "grid": 3}, "jitter": False},
+                                                             train=True)])]
+    for masks, labels, transforms in cases:
+        s = Sample(image=np.zeros((40, 40, 3), np.uint8), mask=masks.any(0).astype(np.uint8), instance_masks=masks,
+                   instance_labels=labels, boxes=boxes_from_masks(masks))
+        for t in transforms:
+            o = t(s)
+            assert o.instance_masks.shape == (0, *o.mask.shape) and o.instance_labels.shape == (0,)
+            assert o.boxes.shape == (0, 4)

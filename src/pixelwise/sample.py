@@ -41,7 +41,7 @@ def visible_instances(masks: np.ndarray, labels: np.ndarray | None) -> dict:
     """Transformed instance masks bool[K, H, W] and their labels -> the Sample fields
     ``instance_masks``, ``instance_labels`` and ``boxes`` of those with a pixel left (a crop, warp
     or downscale can erase an object; a box of no area is refused by Mask R-CNN)."""
-    keep = masks.reshape(len(masks), -1).any(1)
+    keep = masks.reshape(len(masks), -1).any(1) if len(masks) else np.zeros(0, bool)  # -1 is not inferred from 0
     fields = {"instance_masks": masks[keep], "boxes": boxes_from_masks(masks[keep])}
     if labels is not None:
         fields["instance_labels"] = np.asarray(labels).reshape(-1)[keep]
