@@ -203,3 +203,16 @@ def test_combined_loss_adds_the_weighted_auxiliary_loss(kind):
     assert torch.equal(combined_loss({"out": logits}, target, spec, pw), main)
     both = combined_loss({"out": logits, "aux": aux}, target, spec, pw)
     assert both.item() == pytest.approx((main + 0.25 * segmentation_loss(aux, target, kind, cw, pw, 1.5)).item())
+
+
+@pytest.mark.parametrize("kind", ["lovasz", "ce+lovasz", "ce", "ce+dice", "focal"])
+def test_an_all_ignored_half_precision_batch_costs_zero_not_nan(kind):
+    """Lovasz summed the half logits to join the graph: past 65504 the sum is inf and inf * 0 is NaN,
+    which stopped an --amp fp16 run as diverged on a crop of void pixels."""
+    logits = (torch.full((2, 19, 64, 64), -8.0) + torch.randn(2, 19, 64, 64)).half().requires_grad_()
+    assert torch.isinf(logits.detach().sum())  # what the old join overflowed to
+    target = torch.full((2, 64, 64), 255)
+    loss = segmentation_loss(logits, target, kind)
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert logits.grad is not None and not logits.grad.float().abs().sum()

@@ -136,8 +136,8 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
         errors = (fg - probs[:, k]).abs()
         errors_sorted, order = torch.sort(errors, descending=True)
         losses.append(torch.dot(errors_sorted, lovasz_grad(fg[order])))
-    if not losses:
-        return logits.sum() * 0.0
+    if not losses:  # nothing labelled: 0, joined to the graph (the float32 probabilities: a half sum overflows)
+        return probs.sum() * 0.0
     return torch.stack(losses).mean()
 
 
