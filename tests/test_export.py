@@ -54,6 +54,9 @@ def test_every_semantic_model_exports_and_matches_eager(name, tmp_path):
         assert check.max_abs_diff <= 1e-3 * max(1.0, check.max_abs_logit)
     onnx_model, stored = load_onnx(path)
     assert stored["model"] == meta["model"] and stored["onnx"]["dynamic_axes"] == ["batch", "height", "width"]
+    # the class axis is the number in the graph (a final crop or resize left ENet's, SegNet-Basic's,
+    # DeepLabV3+'s a symbol, which shape-checking runtimes read)
+    assert _output_shape(path) == ["batch", CLASSES, "height", "width"]
     x = torch.randn(3, 3, 41, 70)  # a third size, batch 3, never seen at export
     with torch.no_grad():
         torch.testing.assert_close(onnx_model(x), forward_logits(model, x), atol=1e-3, rtol=1e-3)
@@ -155,6 +158,13 @@ def test_each_precision_exports_at_both_ends_of_the_opsets_export_accepts(precis
     onnx_model, stored = load_onnx(report.path)
     assert stored["onnx"]["opset"] == opset and stored["onnx"]["precision"] == precision
     assert onnx_model(torch.randn(1, 3, 40, 56)).shape == (1, CLASSES, 40, 56)
+    assert _output_shape(report.path) == ["batch", CLASSES, "height", "width"]
+
+
+def _output_shape(path) -> list:
+    import onnx
+
+    return [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim]
 
 
 # --------------------------------------------------------------------------- command line

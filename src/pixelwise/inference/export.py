@@ -198,10 +198,16 @@ def onnx_metadata(meta: dict | None, model_name: str, extra: dict, model: nn.Mod
     return out
 
 
-def _write_metadata(path: str, info: dict) -> None:
+def _write_metadata(path: str, info: dict, classes: int | None = None) -> None:
+    """Write ``info`` into the ONNX file's metadata; with ``classes``, the output's class axis
+    (axis 1) is that number in the graph, where the tracer can leave a symbol (a crop or a resize
+    as the last node: ENet, SegNet-Basic, DeepLabV3+), which shape-checking runtimes read."""
     import onnx  # optional dependency (the export extra)
 
     model = onnx.load(path)
+    if classes is not None:
+        dims = model.graph.output[0].type.tensor_type.shape.dim
+        dims[1].dim_value = classes  # replaces a dim_param (one of the two is set)
     del model.metadata_props[:]
     entries = {META_KEY: json.dumps(info)}
     entries.update({f"{META_KEY}.{k}": json.dumps(info[k])
@@ -390,7 +396,8 @@ def _export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None, *,
                 "verified": [asdict(c) for c in report.checks]}
         # a bare model (no checkpoint's metadata) records the class count its outputs have
         known = {"num_classes": report.checks[0].classes, **(meta or {})}
-        _write_metadata(tmp, onnx_metadata(known, model_name or type(model).__name__, info, model))
+        _write_metadata(tmp, onnx_metadata(known, model_name or type(model).__name__, info, model),
+                        report.checks[0].classes)
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
