@@ -306,3 +306,18 @@ def test_a_mistyped_weights_tag_names_the_models_own_tags(name, tags):
 
     with pytest.raises(UserError, match=rf"weights 'imagnet' not found: pass {tags}, or the path"):
         create_model(name, num_classes=3, pretrained="imagnet")
+
+
+def test_numpy_scalars_are_the_numbers_they_hold():
+    """num_classes took np.int64 and an option refused it: "must be an integer, got np.int64(4)"."""
+    import numpy as np
+
+    from pixelwise.models.registry import check_model_kwargs
+
+    model = create_model("unet", np.int64(3), base_channels=np.int64(4), batch_norm=np.bool_(False),
+                         dropout=np.float32(0.25))
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in create_model("unet", 3, base_channels=4, batch_norm=False, dropout=0.25).parameters())
+    check_model_kwargs("unet", {"base_channels": np.int32(4)})
+    with pytest.raises(ModelOptionError, match="must be an integer"):
+        create_model("unet", 3, base_channels=np.float64(4.5))

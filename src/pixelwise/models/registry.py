@@ -115,6 +115,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
         or (isinstance(value, str) and str in args)
 
 
+def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with numpy scalars (``np.int64(4)`` of an ``np.arange`` sweep, ``np.bool_``) as
+    the Python values they hold, as ``num_classes`` takes them."""
+    return {k: v.item() if type(v).__module__ == "numpy" and getattr(v, "shape", None) == () else v
+            for k, v in kwargs.items()}
+
+
 def _check_names_and_types(name: str, kwargs: Mapping[str, Any], where: str) -> None:
     options = model_options(name)
     if options is None:
@@ -150,6 +157,7 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str | None =
     closest one suggested), types where annotated, and whatever the builder itself refuses, by
     building it on the meta device (no memory, no weights). Raises :class:`ModelOptionError`."""
     where = where or f"model {name!r}"
+    kwargs = _plain(kwargs)
     _check_names_and_types(name, kwargs, where)
     try:
         with torch.device("meta"):
@@ -168,6 +176,7 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, **k
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ModelOptionError(f"model {name!r}: num_classes must be a whole number >= 1, got {num_classes!r}")
     num_classes = int(num_classes)
+    kwargs = _plain(kwargs)
     if pretrained is not None and not str(pretrained).strip():
         raise ModelOptionError(f"model {name!r}: pretrained is empty; give a tag such as imagenet, the path of a "
                                "weights file, or None")
