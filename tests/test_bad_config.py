@@ -214,3 +214,41 @@ def test_instance_runs_refuse_the_semantic_loss_settings(change, message):
     with pytest.raises(UserError, match=message):
         check_settings(TrainConfig(model="maskrcnn_resnet18_fpn", **change))
     check_settings(TrainConfig(model="unet", **change))  # all of them act for a semantic model
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--augment", '{"resize": 100000}'], "augment key 'resize': 100000x100000 is 10,000,000,000 pixels"),
+    (["--augment", '{"crop": [100000, 100000]}'], "augment key 'crop': 100000x100000 is 10,000,000,000 pixels"),
+    (["--crop", "100000000000000000000x8"], "--crop '100000000000000000000x8' is 800,000,000,000,000,000,000 pixels"),
+    (["--batch-size", "100000000000000000000"], "--batch-size must be an integer >= 1 and <= 1000000"),
+    (["--augment", '{"crop": 1, "crop": 2}'], "--augment: key 'crop' is given twice"),
+    (["--model-kwargs", '{"base_channels": 4, "base_channels": 8}'], "--model-kwargs: key 'base_channels' is given"),
+])
+def test_sizes_past_memory_and_keys_given_twice_are_refused_before_anything_is_written(tmp_path, capsys, args, words):
+    """These sizes reached OpenCV (an out-of-memory cv2.error, or a C long overflow) or islice: a
+    traceback after config.yaml was written; a key given twice took the last (YAML refuses it)."""
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_opencv_out_of_memory_is_the_one_line_out_of_memory_error(tmp_path, capsys, monkeypatch):
+    import cv2
+
+    import pixelwise.preprocess as preprocess
+
+    def fail(*args, **kwargs):
+        raise cv2.error("OpenCV(5.1.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate 30000000000 "
+                        "bytes in function 'OutOfMemoryError'")
+
+    monkeypatch.setattr(preprocess.cv2, "resize", fail)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(image)
+    model = create_model("unet", num_classes=2, base_channels=4)
+    save_checkpoint(tmp_path / "m.safetensors", model, {"model": "unet", "num_classes": 2,
+                                                        "model_kwargs": {"base_channels": 4}})
+    assert main(["predict", "--checkpoint", str(tmp_path / "m.safetensors"), str(image), "--out", str(tmp_path / "o"),
+                 "--resize", "16x16", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: out of memory in main memory") and len(err.splitlines()) == 1, err

@@ -1,5 +1,6 @@
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -256,3 +257,65 @@ def test_save_writes_its_own_format_and_version_and_refuses_another_task(tmp_pat
                         {"pixelwise": json.dumps({**header, "task": "instance"})})
     with pytest.raises(UserError, match="task 'instance', but unet is a semantic model"):
         load_checkpoint(tmp_path / "c.safetensors")
+
+
+def _edited(tmp_path, name, meta_edit=None, tensor_edit=None):
+    """A good checkpoint with its metadata and/or tensors edited as by hand (or by damage)."""
+    import json
+
+    from safetensors import safe_open
+
+    from pixelwise.checkpoint import atomic_save_tensors
+
+    good = tmp_path / "good.safetensors"
+    if not good.exists():
+        save_checkpoint(good, _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
+    with safe_open(str(good), "pt") as f:
+        meta = json.loads(f.metadata()["pixelwise"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a handle, not a dict
+    if meta_edit:
+        meta_edit(meta)
+    if tensor_edit:
+        tensor_edit(tensors)
+    atomic_save_tensors(tensors, tmp_path / name, {"pixelwise": json.dumps(meta)})
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused(tmp_path, value):
+    """NaN logits argmax to class 0 everywhere: eval scored such a file 3x the real model's mIoU,
+    export verified it ('agreement 100%'), and one NaN member turned an ensemble to class 0."""
+    def poison(tensors):
+        key = sorted(k for k, v in tensors.items() if v.is_floating_point())[-1]
+        tensors[key] = tensors[key].clone().view(-1).index_fill_(0, torch.tensor([0]), value).view(tensors[key].shape)
+
+    path = _edited(tmp_path, "nan.safetensors", tensor_edit=poison)
+    with pytest.raises(UserError, match=r"nan\.safetensors: weight .* holds NaN or infinite values"):
+        load_checkpoint(path)
+    load_checkpoint(tmp_path / "good.safetensors")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.update(format="pixelwise-checkpoint/9", pixelwise_version="9.0"), "written by a newer pixelwise"),
+    (lambda m: m.update(format=None), "checkpoint format None is not pixelwise's"),
+    (lambda m: m.update(format="other/1"), "checkpoint format 'other/1' is not pixelwise's"),
+    (lambda m: m["input"].update(normalize=None), "normalize must be true or false"),
+    (lambda m: m["input"].update(normalize="no"), "normalize must be true or false"),
+    (lambda m: m["input"].update(resize=0), "input resize must be"),
+    (lambda m: m["input"].update(resize=[100000, 100000]), "resize of 10,000,000,000 pixels"),
+    (lambda m: m["input"].update(channels="3"), "channels must be 1 or 3"),
+    (lambda m: m.update(palette=[[0, 0, 0]]), "palette must hold a colour for each of the 3 classes, and holds 1"),
+    (lambda m: m["model_kwargs"].update(pretrained="imagenet"), "model_kwargs must be an object of the model's"),
+])
+def test_metadata_read_as_written_not_by_truth_value(tmp_path, edit, words):
+    """normalize null or 0 switched the normalisation off (163 of 1024 pixels changed), "no" left
+    it on; a resize of 10^10 pixels failed inside OpenCV; a newer format loaded without a word; a
+    pretrained tag in model_kwargs downloaded weights; a short palette loaded though save refuses it."""
+    path = _edited(tmp_path, "edited.safetensors", meta_edit=edit)
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_checkpoint(path)
+
+
+def test_checkpoints_of_before_the_format_field_still_load(tmp_path):
+    path = _edited(tmp_path, "old.safetensors", meta_edit=lambda m: m.pop("format"))
+    assert load_checkpoint(path)[1]["model"] == "unet"

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -174,13 +175,17 @@ def test_bad_train_values_are_one_line_errors_before_anything_is_written(tmp_pat
     assert not out.exists()
 
 
-def test_bundled_recipe_by_name_writes_to_runs_recipe(monkeypatch, capsys):
+def test_bundled_recipe_by_name_writes_to_runs_recipe(monkeypatch, capsys, tmp_path):
     from pixelwise.engine import trainer
 
     seen = {}
+    monkeypatch.chdir(tmp_path)
 
     def fake_fit(cfg):
         seen["cfg"] = cfg
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        for name in ("best.safetensors", "last.safetensors"):  # the summary names the files that are there
+            (Path(cfg.out) / name).touch()
         return {"train_minutes": 0.0, "best_epoch": 1, "best": {"mIoU": 0.5}}
 
     monkeypatch.setattr(trainer, "fit", fake_fit)
@@ -189,7 +194,7 @@ def test_bundled_recipe_by_name_writes_to_runs_recipe(monkeypatch, capsys):
     cfg = seen["cfg"]
     assert (cfg.out, cfg.data, cfg.model, cfg.max_minutes) == ("runs/unet_camvid_cpu", "camvid-folder", "unet", 35)
     assert cfg.lr == 0.01 and cfg.model_kwargs["base_channels"] == 8 and cfg.model_kwargs["batch_norm"]
-    assert "wrote runs/unet_camvid_cpu/best.safetensors" in capsys.readouterr().out
+    assert "wrote runs/unet_camvid_cpu/best.safetensors, last.safetensors\n" in capsys.readouterr().out
     assert main(["train", "--model", "fcn8s", "--no-progress"]) == 0
     assert seen["cfg"].out == "runs/fcn8s"  # without a recipe: runs/<model>
 

@@ -669,3 +669,21 @@ def test_onnx_given_twice_is_refused(tmp_path, capsys, verb):
     assert main([verb, "--onnx", "a.onnx", "--onnx", "b.onnx", "x.png", "--out", str(tmp_path / "o")]
                 if verb == "predict" else [verb, "--onnx", "a.onnx", "--onnx", "b.onnx"]) == 2
     assert "--onnx: given twice" in capsys.readouterr().err
+
+
+def test_an_onnx_entry_that_is_not_an_object_is_damage_not_a_traceback(checkpoint, tmp_path, capsys):
+    """bench read meta["onnx"].get(...): AttributeError on a file whose entry was a string."""
+    import onnx
+
+    path = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(path)]) == 0
+    model = onnx.load(str(path))
+    prop = next(p for p in model.metadata_props if p.key == "pixelwise")
+    prop.value = json.dumps({**json.loads(prop.value), "onnx": "x"})
+    onnx.save(model, str(path))
+    capsys.readouterr()
+    for verb in (["bench", "--onnx", str(path), "--size", "32x32"],
+                 ["predict", "--onnx", str(path), str(tmp_path / "m.onnx"), "--out", str(tmp_path / "o")]):
+        assert main(verb) == 2
+        err = capsys.readouterr().err.strip()
+        assert "onnx entry is 'x', not an object; the file is damaged" in err and len(err.splitlines()) == 1, err

@@ -90,3 +90,78 @@ def test_a_run_stopped_inside_an_epoch_resumes_only_with_its_batch_size(tmp_path
         fit(TrainConfig(**{**base, "batch_size": 4, "resume": True}), log=lambda *_: None)
     assert files(tmp_path / "run") == before
     assert fit(TrainConfig(**{**base, "resume": True}), log=lambda *_: None)["epochs_completed"] == 1
+
+
+def _restate(run, meta_edit=None, tensor_edit=None):
+    """The run's last.state.safetensors with its counters and/or tensors edited (damage, a hand edit)."""
+    from safetensors import safe_open
+
+    from pixelwise.checkpoint import atomic_save_tensors
+
+    path = run / "last.state.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["pixelwise_train_state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a handle, not a dict
+    if meta_edit:
+        meta_edit(meta)
+    if tensor_edit:
+        tensor_edit(tensors)
+    atomic_save_tensors(tensors, path, {"pixelwise_train_state": json.dumps(meta)})
+
+
+def _drop_first_optim(tensors):
+    tensors.pop(min(k for k in tensors if k.startswith("optim.") and k.endswith(".exp_avg")))
+
+
+def _shrink_first_optim(tensors):
+    key = min(k for k in tensors if k.startswith("optim.") and k.endswith(".exp_avg"))
+    tensors[key] = tensors[key].reshape(-1)[:1].clone()
+
+
+@pytest.mark.parametrize("meta_edit, tensor_edit, words", [
+    (lambda m: m.update(epoch="1"), None, "epoch is '1', not a whole number >= 0"),
+    (lambda m: m.update(rows="x"), None, "rows is 'x', not a list of rows"),
+    (lambda m: m.update(elapsed_s=None), None, "elapsed_s is None, not a number"),
+    (lambda m: m.update(amp="x"), None, "amp is 'x', not off, bf16 or fp16"),
+    (lambda m: m.update(stage_step=-1), None, "stage_step is -1"),
+    (lambda m: m.pop("optim_scalars"), None, "the optimizer state in"),
+    (lambda m: m.update(param_groups="x"), None, "param_groups is 'x'"),
+    (None, _drop_first_optim, "parameters with different entries"),
+    (None, _shrink_first_optim, "exp_avg of parameter"),
+    (None, lambda t: t.update({"optim.99.exp_avg": t[min(t)]}), "an entry '99.exp_avg' for no parameter"),
+])
+def test_a_damaged_training_state_is_refused_before_anything_is_written(tmp_path, capsys, meta_edit, tensor_edit,
+                                                                       words):
+    """The state's counters and optimizer tensors were taken as they were: 200 of 364 edits ended in
+    a traceback (KeyError in Adam, a str compared with an int), 121 after config.yaml was rewritten."""
+    run = tmp_path / "run"
+    assert train(run, "--epochs", "1") == 0
+    _restate(run, meta_edit, tensor_edit)
+    before = files(run)
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: cannot resume") and "is damaged" in err and words in err, err
+    assert len(err.splitlines()) == 1 and files(run) == before
+
+
+def test_a_resume_whose_best_checkpoint_is_gone_picks_the_best_again(tmp_path, capsys):
+    """It said "wrote best.safetensors" and exit 0 with no best.safetensors in the folder."""
+    run = tmp_path / "run"
+    assert train(run, "--epochs", "1") == 0
+    (run / "best.safetensors").write_bytes(b"cut")
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "best.safetensors (epoch 1) cannot be read" in out and "picked again" in out
+    from pixelwise import load_checkpoint
+
+    assert load_checkpoint(run / "best.safetensors")[1]["training"]["epoch"] == 2
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == 2
+
+
+def test_a_run_whose_validation_loss_is_nan_stops_as_diverged_and_saves_no_best(tmp_path, capsys):
+    """--lr 1e30: a finite training loss, NaN weights, val_loss nan, and a NaN model saved as best
+    (scored above the real one: class 0 everywhere)."""
+    assert train(tmp_path / "run", "--epochs", "1", "--lr", "1e30", "--batch-size", "8") == 2  # one step: a finite loss
+    assert "the validation loss is nan" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "best.safetensors").exists()

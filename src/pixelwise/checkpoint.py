@@ -302,9 +302,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     for key in ("model", "num_classes"):
         if key not in meta:
             raise UserError(f"{path}: checkpoint metadata lacks {key!r}; the file is damaged")
+    form = meta.get("format", FORMAT)  # absent in files older than the format field
+    major = form.rpartition("/")[2] if isinstance(form, str) and form.startswith("pixelwise-checkpoint/") else None
+    if major is None or not major.isdigit():
+        raise UserError(f"{path}: checkpoint format {form!r} is not pixelwise's; the file is damaged")
+    if int(major) > int(FORMAT.rpartition("/")[2]):
+        raise UserError(f"{path}: checkpoint format {form} was written by a newer pixelwise "
+                        f"({meta.get('pixelwise_version', '?')}) than this one ({__version__}, which reads {FORMAT}); "
+                        "upgrade pixelwise")
     problem = metadata_problem(meta)
     if problem:  # it colours every mask written: found now, not halfway through writing one
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata or save it again with a valid one")
+    bad = next((name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:  # NaN logits argmax to class 0 everywhere: confident, plausible, wrong numbers
+        raise UserError(f"{path}: weight {bad} holds NaN or infinite values, so every prediction would be "
+                        "meaningless; the training that wrote it diverged: use an earlier checkpoint, or retrain "
+                        "(lower --lr)")
     return state, meta
 
 
@@ -314,12 +327,19 @@ def metadata_problem(meta: dict) -> str | None:
     n = meta.get("num_classes")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return f"num_classes must be a whole number >= 1, and is {n!r}"
+    options = meta.get("model_kwargs", {})
+    if not isinstance(options, dict) or {"num_classes", "pretrained"} & set(options):
+        return (f"model_kwargs must be an object of the model's options (num_classes and pretrained are not "
+                f"among them), and is {options!r}")
     names = meta.get("class_names")
     if names is not None and (not isinstance(names, list) or len(names) != n
                               or not all(isinstance(name, str) for name in names)):
         return f"class_names must list a name (text) for each of the {n} classes, and holds {names!r}"
-    problem = (palette_problem(meta.get("palette")) or category_ids_problem(meta.get("category_ids"), n)
-               or task_problem(meta))
+    palette = meta.get("palette")
+    problem = palette_problem(palette)
+    if problem is None and isinstance(palette, list | tuple) and len(palette) < n:
+        problem = f"palette must hold a colour for each of the {n} classes, and holds {len(palette)}"
+    problem = problem or category_ids_problem(meta.get("category_ids"), n) or task_problem(meta)
     if problem:
         return problem
     if "input" in meta:
@@ -410,6 +430,28 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 # --- training state -------------------------------------------------------------------------------
+def _optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict, params: list[torch.Tensor]) -> dict:
+    """The optimizer's per-parameter state from a state file's ``optim.<index>.<name>`` tensors and
+    ``<index>.<name>`` scalars; ValueError where it cannot be the state of ``params`` (an index out
+    of range, a tensor of another shape than its parameter, parameters with different sets of
+    entries): the optimizer would take it and fail at its first step, halfway into the run."""
+    state: dict[int, dict] = {}
+    items = [(k[len("optim."):], v) for k, v in tensors.items() if k.startswith("optim.")] + list(scalars.items())
+    for key, value in items:
+        idx, name = key.split(".", 1)
+        if not idx.isdigit() or int(idx) >= len(params):
+            raise ValueError(f"an entry {key!r} for no parameter of the model")
+        param = params[int(idx)]
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+            raise ValueError(f"{name} of parameter {idx} is {tuple(value.shape)}, the parameter {tuple(param.shape)}")
+        state.setdefault(int(idx), {})[name] = value
+    names = {frozenset(entries) for entries in state.values()}
+    if len(names) > 1:
+        raise ValueError(f"parameters with different entries: {sorted(sorted(n) for n in names)[:2]}")
+    return state
+
+
+
 def save_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """One safetensors file with everything a resume needs: the weights (``model.*``), the
@@ -452,21 +494,21 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
         raise UserError(f"cannot resume: the weights in {path} do not fit the model these settings build "
                         f"({mismatch}); {settings}")
     model.load_state_dict(weights)
-    opt_state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = value
-    for key, value in meta.pop("optim_scalars").items():
-        idx, name = key.split(".", 1)
-        opt_state.setdefault(int(idx), {})[name] = value
+    try:
+        opt_state = _optimizer_state(tensors, meta.pop("optim_scalars"),
+                                     [p for g in optimizer.param_groups for p in g["params"]])
+        if not isinstance(meta.get("param_groups"), list):
+            raise ValueError(f"param_groups is {meta.get('param_groups')!r}")
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot resume: the optimizer state in {path} is damaged ({type(e).__name__}: {e}); "
+                        "resume from a copy of the run, or train into a new --out") from None
     saved = meta.pop("optimizer", None)  # states written before it was recorded: not checked
     if saved is not None and saved != type(optimizer).__name__:
         raise UserError(f"cannot resume: the run in {path.parent} trains with {saved}, these settings with "
                         f"{type(optimizer).__name__}; {settings}")
     try:
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
-    except ValueError as e:  # other parameter groups (other settings of the optimizer or the model)
+    except (ValueError, KeyError, TypeError) as e:  # other parameter groups (other settings of the optimizer or model)
         raise UserError(f"cannot resume: the optimizer state in {path} does not fit these settings ({e}); "
                         f"{settings}") from None
     scaler_state = meta.pop("scaler", None)

@@ -96,7 +96,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"done in {summary['train_minutes']} min; best epoch {summary['best_epoch']} (by {by}): "
           + " ".join(f"{k}={best[k]:.4f}" for k in keys if isinstance(best.get(k), int | float)))
     if summary.get("epochs_trained", 1):
-        print(f"wrote {cfg.out}/best.safetensors, last.safetensors, metrics.csv, metrics.json")
+        names = [n for n in ("best.safetensors", "last.safetensors", "metrics.csv", "metrics.json")
+                 if (Path(cfg.out) / n).is_file()]  # a run without a validated epoch has no best
+        print(f"wrote {cfg.out}/{', '.join(names)}")
     return 0
 
 
@@ -473,7 +475,7 @@ def parse_resize(text: str | None, max_pixels: int | None = None) -> tuple[tuple
         return None, True
     if not text.strip():
         raise UserError("--resize is empty; give HxW (e.g. 512x512) or native")
-    size = train_config.parse_size(text, "--resize")
+    size = train_config.parse_size(text, "--resize", limit=None)  # checked just below, against --max-pixels
     limit = max_pixels or DEFAULT_MAX_PIXELS
     if size is not None and size[0] * size[1] > limit:
         raise UserError(f"--resize {text}: {size[0] * size[1]:,} pixels per model input is above the limit of "
@@ -1098,6 +1100,12 @@ def _main(argv: list[str] | None) -> int:
             print("pixelwise: error: out of memory; use a smaller --batch-size, --tile or image size",
                   file=sys.stderr)
             return 2
+        except cv2_error() as e:
+            if "Insufficient memory" not in str(e):  # OpenCV's allocator (resizing, padding): anything else is a bug
+                raise
+            print(f"pixelwise: error: out of memory in main memory ({_one_line(str(e))[-120:]}); use a smaller "
+                  "--batch-size, --tile or image size", file=sys.stderr)
+            return 2
         except RuntimeError as e:
             cpu = "can't allocate memory" in str(e)  # torch's CPU allocator raises a plain RuntimeError
             if type(e).__name__ != "OutOfMemoryError" and not cpu:  # torch's, on the GPU
@@ -1106,6 +1114,13 @@ def _main(argv: list[str] | None) -> int:
             print(f"pixelwise: error: out of memory {where} ({_one_line(str(e))[:200]}); use a smaller "
                   "--batch-size, --tile or image size", file=sys.stderr)
             return 2
+
+
+def cv2_error() -> type[Exception]:
+    """OpenCV's exception class (cv2 is imported by whichever verb resizes)."""
+    import cv2  # start-up time: the CLI's import stays light until a verb needs it
+
+    return cv2.error
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pixelwise.errors import UserError
+from pixelwise.sample import MAX_INPUT_PIXELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,12 +99,20 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
+        normalize, resize, channels = d.get("normalize", True), d.get("resize"), d.get("channels", 3)
+        # read as written, not by truth value: null or 0 turned the normalisation off, "no" left it on
+        if not isinstance(normalize, bool):
+            raise UserError(f"bad input contract {d!r} (normalize must be true or false)")
+        if not _whole(channels):
+            raise UserError(f"bad input contract {d!r} (channels must be 1 or 3)")
+        if isinstance(resize, list | tuple) and len(resize) == 2 and all(_whole(v) for v in resize) \
+                and resize[0] * resize[1] > MAX_INPUT_PIXELS:
+            raise UserError(f"bad input contract {d!r} (resize of {resize[0] * resize[1]:,} pixels, above "
+                            f"{MAX_INPUT_PIXELS:,})")
         try:
-            resize = d.get("resize")
-            resize = tuple(resize) if isinstance(resize, list | tuple) else resize
-            return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), normalize=bool(d.get("normalize", True)),
-                       resize=resize or None,
-                       channels=int(d.get("channels", 3)))
+            return cls(mean=tuple(d["mean"]), std=tuple(d["std"]), normalize=normalize,
+                       resize=tuple(resize) if isinstance(resize, list | tuple) else resize,
+                       channels=int(channels))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise UserError(f"bad input contract {d!r} ({e})") from None
 

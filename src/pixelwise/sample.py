@@ -13,6 +13,11 @@ import numpy as np
 IGNORE_INDEX = 255
 
 
+# the largest image size a file's input contract, an augment resize or crop, or --crop may ask for
+# (268 MP: 3 GB as a float32 RGB tensor); above it a size is a damaged file or a typo, which would
+# otherwise fail inside OpenCV (out of memory, or past a C long)
+MAX_INPUT_PIXELS = 2**28
+
 @dataclass
 class Sample:
     """One raw example.

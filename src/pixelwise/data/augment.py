@@ -22,6 +22,7 @@ the sample's index (``engine.trainer.SampleSeeded``), whichever DataLoader worke
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import albumentations as A
@@ -30,7 +31,7 @@ import numpy as np
 
 from pixelwise.data.elastic import ElasticDeform
 from pixelwise.errors import UserError
-from pixelwise.preprocess import resize_image, resize_labels
+from pixelwise.preprocess import MAX_INPUT_PIXELS, resize_image, resize_labels
 from pixelwise.sample import IGNORE_INDEX, Sample, visible_instances
 
 
@@ -167,8 +168,11 @@ def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
     if (not isinstance(v, (list, tuple)) or len(v) != 2
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
         raise UserError(f"augment key {key!r}: expected two numbers like [h, w], got {v!r}")
-    if kind is int and not all(float(x).is_integer() and x > 0 for x in v):
+    if kind is int and not all(math.isfinite(x) and float(x).is_integer() and x > 0 for x in v):
         raise UserError(f"augment key {key!r}: expected two positive integers, got {v!r}")
+    if kind is int and int(v[0]) * int(v[1]) > MAX_INPUT_PIXELS:  # it would fail inside OpenCV, out of memory
+        raise UserError(f"augment key {key!r}: {v[0]}x{v[1]} is {int(v[0]) * int(v[1]):,} pixels per image, above "
+                        f"{MAX_INPUT_PIXELS:,}; give a size in pixels of the training images")
     return tuple(kind(x) for x in v)
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from pixelwise.errors import UserError
+from pixelwise.sample import MAX_INPUT_PIXELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("poly", "cosine", "step", "constant")
@@ -106,8 +107,9 @@ class TrainConfig:
     max_minutes: float | None = opt(None, "time budget in minutes; the schedule anneals by max(step, time) "
                                     "fraction and the run ends cleanly when it is spent", metavar="M", gt=0)
     batch_size: int = opt(8, "images per step per process (x accumulate x processes = effective batch)",
-                          stage=True, ge=1)
-    accumulate: int = opt(1, "gradient accumulation: micro-batches per optimizer step", stage=True, ge=1)
+                          stage=True, ge=1, le=1_000_000)
+    accumulate: int = opt(1, "gradient accumulation: micro-batches per optimizer step", stage=True, ge=1,
+                          le=1_000_000)
     # --- optimiser and schedule -----------------------------------------------------------
     optimizer: str = opt("adam", "optimizer", choices=OPTIMIZERS)
     lr: float = opt(1e-3, "peak learning rate", stage=True, gt=0)
@@ -569,8 +571,16 @@ JSON_EXAMPLES = {"model_kwargs": '{"base_channels": 32}', "dataset_kwargs": '{"n
 def parse_json_dict(text: str | None, flag: str) -> dict:
     if not text:
         return {}
+
+    def once(pairs: list[tuple[str, Any]]) -> dict:  # the last of two would win without a word (YAML refuses it)
+        keys = [k for k, _ in pairs]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise UserError(f"{flag}: key {twice!r} is given twice; give it once")
+        return dict(pairs)
+
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=once)
     except json.JSONDecodeError as e:
         example = JSON_EXAMPLES.get(flag.lstrip("-").replace("-", "_"), '{"key": 1}')
         raise UserError(f"{flag} must be a JSON object, e.g. '{example}' ({e})") from None
@@ -660,8 +670,10 @@ def check_flags_against_stages(stages: Sequence[Mapping[str, Any]], cli_values: 
                             "give the stages in your own --config")
 
 
-def parse_size(text: str | int | None, what: str = "size") -> tuple[int, int] | None:
-    """ "HxW" (or a single N for NxN) -> (H, W); ``what`` names the value in the error."""
+def parse_size(text: str | int | None, what: str = "size", limit: int | None = MAX_INPUT_PIXELS
+               ) -> tuple[int, int] | None:
+    """ "HxW" (or a single N for NxN) -> (H, W) of at most ``limit`` pixels; ``what`` names the
+    value in the error."""
     if text in (None, ""):
         return None
     try:
@@ -672,4 +684,7 @@ def parse_size(text: str | int | None, what: str = "size") -> tuple[int, int] | 
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
         raise UserError(f"{what} {text!r} must look like 256x320 or 256 (positive sides)")
+    if limit is not None and parts[0] * parts[1] > limit:  # it would fail inside OpenCV: out of memory, past a C long
+        raise UserError(f"{what} {text!r} is {parts[0] * parts[1]:,} pixels, above {limit:,}; give a size in pixels "
+                        "of the images")
     return parts[0], parts[1]

@@ -189,7 +189,32 @@ class TrainState:
         state = cls(**{k: v for k, v in values.items() if k in known})
         if state.best_score is None:
             state.best_score = -math.inf
+        if problem := state.problem():
+            raise ValueError(problem)
         return state
+
+    def problem(self) -> str | None:
+        """The first field of a state read back that is not what this class writes (a damaged or
+        edited file: it would fail halfway through training, after config.yaml was written), or None."""
+        def count(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        def number(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        checks = {**dict.fromkeys(("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_epoch_steps",
+                                   "batch", "images"), (count, "a whole number >= 0")),
+                  **dict.fromkeys(("stage_start_s", "loss_sum", "lr", "elapsed_s"), (number, "a number")),
+                  **dict.fromkeys(("stage_stopped", "time_stopped"), (lambda v: isinstance(v, bool), "true or false")),
+                  "selected_by": (lambda v: isinstance(v, str), "a metric's name"),
+                  "amp": (lambda v: v in ("off", "bf16", "fp16"), "off, bf16 or fp16"),
+                  "best_score": (lambda v: v == -math.inf or number(v), "a number or null"),
+                  "best_epoch": (lambda v: v is None or (count(v) and v >= 1), "an epoch or null"),
+                  "rows": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of rows")}
+        for name, (ok, what) in checks.items():
+            if not ok(getattr(self, name)):
+                return f"{name} is {getattr(self, name)!r}, not {what}"
+        return None
 
 
 Callback = Callable[[str, TrainState], None]  # (event "step" | "epoch", state) -> None
@@ -772,7 +797,11 @@ def load_state(run: Run) -> TrainState:
         run.log("the resumed run kept no weight average: --ema starts averaging from its weights")
     meta.setdefault("selected_by", run.select)  # state files of older versions
     meta.setdefault("amp", run.amp)
-    state = TrainState.from_json(meta)
+    try:
+        state = TrainState.from_json(meta)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot resume: {run.out / 'last.state.safetensors'} is damaged ({e}); resume from a copy "
+                        "of the run, or train into a new --out") from None
     rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     state.rng = (rng_tensors, meta["rng"]) if rng_tensors and meta.get("rng") else None
     return state
@@ -857,6 +886,13 @@ def resume(run: Run) -> TrainState:
     if run.info.is_main:  # one rank renames or deletes it (every rank did, and the slower one found no file)
         settle_pending_best(run, state)
     dist.barrier()
+    if state.best_epoch is not None:
+        try:
+            read_checkpoint(run.out / "best.safetensors")
+        except UserError as e:  # removed or damaged since: the next validated epoch becomes the best
+            run.log(f"resume: the run's best.safetensors (epoch {state.best_epoch}) cannot be read ({e}); the best "
+                    "is picked again from the next validated epoch")
+            state.best_score, state.best_epoch = -math.inf, None
     if state.selected_by != run.select:  # best_score and best.safetensors belong to the other metric
         raise UserError(f"{run.out} picked best.safetensors by {state.selected_by}; resume with "
                         f"--select-by {state.selected_by}, or train into a new --out")
@@ -985,6 +1021,10 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
         validated = ((state.epoch + 1) % run.cfg.val_every == 0 or late
                      or state.stage_epoch + 1 == stage.cfg.epochs)
         metrics = evaluate(run) if validated else {}
+        if isinstance(loss := metrics.get("loss"), float) and not math.isfinite(loss):  # NaN: class 0 everywhere
+            raise Diverged(f"training diverged: the validation loss is {loss} after epoch {state.epoch + 1} "
+                           "(the weights hold NaN or infinite values; nothing of this epoch was saved): lower --lr "
+                           "or set --clip-grad-norm")
         stopped = late or (more and validated and past(deadline))  # ran out while validating: no epoch after it
         row = {"epoch": state.epoch + 1, **({"stage": stage.name} if multi else {}),
                "train_loss": stats.train_loss,

@@ -113,6 +113,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     if not isinstance(meta, dict):
         raise UserError(f"{path}: its pixelwise metadata is not a JSON object ({meta}); the file is damaged: export "
                         "it again with `pixelwise export`")
+    if not isinstance(meta.get("onnx", {}), dict):  # what the export recorded of itself: read by bench and predict
+        raise UserError(f"{path}: its pixelwise metadata's onnx entry is {meta['onnx']!r}, not an object; the file "
+                        "is damaged: export it again with `pixelwise export`")
     return meta
 
 
