@@ -457,3 +457,20 @@ def test_names_from_data_and_checkpoints_cannot_drive_the_terminal(tmp_path, cap
                  "--split", "all", "--skip-invalid", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\\x1b]0;pwned\\x07red" in out
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["data", "inspect", "--dataset", "shapes", "--json", ""], "--json"),
+    (["train", "--dataset", "shapes", "--epochs", "1", "--model-kwargs", '{"base_channels": 4}', "--dataset-kwargs",
+      '{"num_train": 2, "num_val": 2, "size": 32}', "--no-progress", "--out", ""], "--out"),
+    (["predict", "--checkpoint", "m.safetensors", "a.png", "--out", ""], "--out"),
+    (["eval", "--checkpoint", "a.safetensors", "--checkpoint", "", "--dataset", "shapes"], "--checkpoint"),
+])
+def test_an_empty_path_is_refused_not_taken_as_not_given(argv, flag, capsys, tmp_path, monkeypatch):
+    """--json "$UNSET" wrote no file and said nothing; --out '' predicted into the current folder
+    and trained into runs/unet."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"pixelwise: error: {flag} is empty; give a path (an unset shell variable?)"
+    assert not any(tmp_path.iterdir())

@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           + " ".join(f"{k}={best[k]:.4f}" for k in keys if isinstance(best.get(k), int | float)))
     if summary.get("epochs_trained", 1):
         names = [n for n in ("best.safetensors", "last.safetensors", "metrics.csv", "metrics.json")
-                 if (Path(cfg.out) / n).is_file()]  # a run without a validated epoch has no best
+                 if (Path(str(cfg.out)) / n).is_file()]  # a run without a validated epoch has no best
         print(f"wrote {cfg.out}/{', '.join(names)}")
     return 0
 
@@ -1071,6 +1071,18 @@ def _stopped(e: KeyboardInterrupt) -> str:
     return f"{head}; {said}" if said and not sys.stdout.isatty() else head
 
 
+# the flags that name a file or folder: an empty value (an unset shell variable, `--json "$OUT"`) is
+# never what was meant, and read as "not given" it wrote nothing, or wrote into the current folder
+PATH_FLAGS = ("out", "json", "data", "config", "checkpoint", "onnx", "calib_data", "pretrained", "class_weights")
+
+
+def check_no_empty_paths(args: argparse.Namespace) -> None:
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise UserError(f"--{name.replace('_', '-')} is empty; give a path (an unset shell variable?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; -> the exit status (module docstring). Every foreseeable bad input ends
     here as one line on stderr."""
@@ -1084,6 +1096,7 @@ def _main(argv: list[str] | None) -> int:
     with _sigterm_raises(), _default_pixel_limit_after(), _stdout_may_close():
         try:
             args = _parse(build_parser(), argv)
+            check_no_empty_paths(args)
             return args.func(args)
         except UserError as e:
             print(f"pixelwise: error: {_one_line(shown(e))}", file=sys.stderr)
