@@ -47,3 +47,17 @@ def test_pretrained_names_what_a_model_without_published_weights_can_take(tmp_pa
         pixelwise.create_model("unet", 3, base_channels=4, pretrained=str(tmp_path))
     with pytest.raises(UserError, match="not found: pass the path"):
         pixelwise.create_model("unet", 3, base_channels=4, pretrained=str(tmp_path / "w.safetensors"))
+
+
+def test_a_meta_of_another_class_count_than_the_model_is_refused_at_predict():
+    """SemanticPredictor(model, meta) named and coloured a 3-class model's masks with a 5-class meta."""
+    import pixelwise
+
+    model = pixelwise.create_model("unet", 3, base_channels=4).eval()
+    image = np.zeros((20, 24, 3), np.uint8)
+    wrong = pixelwise.SemanticPredictor(model, {"num_classes": 5, "class_names": list("abcde")})
+    for call in (lambda: wrong.predict(image), lambda: wrong.predict_batch([image]),
+                 lambda: [list(rows) for rows in wrong.predict_rows([image])]):
+        with pytest.raises(UserError, match="the model predicts 3 classes and the metadata names 5"):
+            call()
+    assert pixelwise.SemanticPredictor(model, {"num_classes": 3}).predict(image).mask.shape == (20, 24)

@@ -443,7 +443,18 @@ class SemanticPredictor(Predictor):
         never holds its C x H x W floats. ``progress``: a bar over tiles (None: on a terminal).
         A one-channel contract takes a gray uint8[H, W] image too."""
         check_image(image, self.input_spec.channels)
-        return collect(self._bands(image, progress), image.shape[:2], uncertainty, probs)
+        return collect(self._named(self._bands(image, progress)), image.shape[:2], uncertainty, probs)
+
+    def _named(self, bands: Iterable[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
+        """``bands`` as they are, once each is checked to hold a probability per named class: a
+        hand-made ``meta`` of another class count than the model's would name and colour the masks
+        wrongly (a checkpoint's cannot: the model is built from it)."""
+        for y, probs in bands:
+            if probs.shape[0] != len(self.class_names):
+                raise UserError(f"the model predicts {probs.shape[0]} classes and the metadata names "
+                                f"{len(self.class_names)} ({', '.join(self.class_names[:4])}"
+                                f"{', ...' if len(self.class_names) > 4 else ''}); give the meta of this model")
+            yield y, probs
 
     @torch.no_grad()
     def _batch_bands(self, images: Iterable[np.ndarray], progress: bool | None = False
@@ -462,7 +473,8 @@ class SemanticPredictor(Predictor):
             check_image(image, self.input_spec.channels)
         whole = [i for i, image in enumerate(images) if not self.needs_tiles(image)]
         out = dict(zip(whole, self._whole_bands([images[i] for i in whole])))
-        return images, [out.pop(i) if i in out else self._bands(image, progress) for i, image in enumerate(images)]
+        return images, [self._named(out.pop(i) if i in out else self._bands(image, progress))
+                        for i, image in enumerate(images)]
 
     @torch.no_grad()
     def predict_batch(self, images: Iterable[np.ndarray], uncertainty: bool = False, *, probs: bool = True,
