@@ -687,3 +687,13 @@ def test_an_onnx_entry_that_is_not_an_object_is_damage_not_a_traceback(checkpoin
         assert main(verb) == 2
         err = capsys.readouterr().err.strip()
         assert "onnx entry is 'x', not an object; the file is damaged" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_model_with_nan_weights_fails_verification(tmp_path):
+    """NaN logits agreed '100%' with onnxruntime's NaN logits: the export verified a broken model."""
+    model, meta = build("unet")
+    with torch.no_grad():
+        next(iter(model.parameters())).fill_(float("nan"))
+    with pytest.raises(UserError, match="the model's own logits hold NaN or infinite values"):
+        export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES)
+    assert not (tmp_path / "m.onnx").exists()

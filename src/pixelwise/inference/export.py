@@ -174,6 +174,9 @@ def verify(model: nn.Module, session, sizes: Sequence[tuple[int, int, int]], cha
         x = sample_batch(n, channels, h, w, seed=i)
         with torch.no_grad():
             reference = forward_logits(model, x).float()
+        if not bool(torch.isfinite(reference).all()):  # NaN logits argmax alike on both sides: "100%"
+            raise UserError(f"export verification failed: the model's own logits hold NaN or infinite values at "
+                            f"{h}x{w} (its weights?); nothing written")
         diff, scale, agree = compare(reference, run_onnx(session, x))
         checks.append(SizeCheck((n, channels, h, w), diff, scale, agree, int(reference.shape[1])))
     return checks
