@@ -1112,3 +1112,34 @@ def test_serve_and_eval_keep_no_probabilities_they_do_not_read(predictor, monkey
     assert post_image(app, png_bytes(noise(24, 24))).status_code == 200
     evaluate_semantic(predictor, build_dataset("shapes", None, "val", num_val=2, size=32), progress=False, bf=False)
     assert asked == [False, False, False]
+
+
+def _tiff_with_its_second_page_cut():
+    buf = io.BytesIO()
+    pages = [Image.fromarray(noise(24, 24)) for _ in range(2)]
+    pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+    return buf.getvalue()[:-100]  # page 1's strip: its first page decodes, predict refuses the file
+
+
+def test_uploads_cut_short_are_refused_as_predict_refuses_them(predictor):
+    """serve decoded what predict and the dataset check refuse (a PNG without its end marker, a TIFF
+    stack whose second page is cut), and a TIFF whose directory was damaged, which PIL misread (a
+    16-bit page as 1-bit: 1957 of 1961 pixels wrong)."""
+    app = create_app(predictor, samples=[])
+    good = png_bytes(noise(24, 24))
+    for data, words in ((good[:-12], "truncated PNG"), (_tiff_with_its_second_page_cut(), "truncated TIFF (page 1's")):
+        r = post_image(app, data, "x", "image/png")
+        assert r.status_code == 400 and words in r.json()["detail"], r.text
+        truth = request(app, "POST", "/api/predict", files={"image": ("a.png", good, "image/png"),
+                                                            "ground_truth": ("t.png", data, "image/png")})
+        assert truth.status_code == 400 and words in truth.json()["detail"], truth.text
+    assert post_image(app, good, "x.png", "image/png").status_code == 200
+
+
+def test_a_form_part_without_a_name_says_so(predictor):
+    app = create_app(predictor, samples=[])
+    body = _multipart(("image", "a.png", "image/png", png_bytes(noise(16, 16))))
+    header = b'Content-Disposition: form-data; name="image"; filename="a.png"\r\n'
+    body["content"] = body["content"].replace(header, b"")
+    r = request(app, "POST", "/api/predict", **body)
+    assert r.status_code == 400 and "a part of the form has no name" in r.json()["detail"], r.text

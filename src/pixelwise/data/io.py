@@ -20,6 +20,7 @@ deliberately for large aerial or slide images.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import struct
@@ -570,6 +571,23 @@ def probe_info(path: PathLike) -> ImageInfo:
     return ImageInfo(size, mode, fmt, orientation if isinstance(orientation, int) else 1, size, compression)
 
 
+def damage(data: bytes | bytearray) -> str | None:
+    """What :func:`probe_info` finds cut short or damaged in an image file's bytes (an upload, which
+    has no path): the same checks, so that serve refuses what predict and the readers refuse; None
+    when nothing is found. An image PIL cannot open at all is the caller's to name."""
+    try:
+        with _quiet_pil(), Image.open(io.BytesIO(data)) as img:
+            fmt, cut = img.format, truncation(data, img)
+        if cut:
+            return f"truncated {fmt} ({cut})"
+        if fmt == "PNG":
+            with _quiet_pil(), Image.open(io.BytesIO(data)) as img:
+                img.verify()
+    except _PIL_FRAME_ERRORS as e:
+        return f"unreadable or truncated ({e})"
+    return None
+
+
 def _orientation(path: Path, img: Image.Image) -> int:
     """The EXIF orientation of the open ``img``, from its header: a PNG whose eXIf chunk is not
     before its pixels (PIL's ``getexif()`` then decodes the whole image to look after them) is
@@ -602,13 +620,15 @@ _RAW_FORMATS = ("BMP", "DIB", "PPM", "TGA")
 _TIFF_STRIPS = ((273, 279), (324, 325))  # (offsets, byte counts) of StripOffsets/-ByteCounts, TileOffsets/-ByteCounts
 
 
-def truncation(path: Path, img: Image.Image) -> str | None:
-    """Why the open image file ``img`` at ``path`` is cut short, from its header and structure
-    alone (no pixel is decoded); None when nothing is found (see :func:`probe_info`)."""
-    length = path.stat().st_size
+def truncation(source: Path | bytes | bytearray, img: Image.Image) -> str | None:
+    """Why the open image ``img`` of the file at ``source`` (or of the bytes ``source``, an upload)
+    is cut short, from its header and structure alone (no pixel is decoded); None when nothing is
+    found (see :func:`probe_info`). A multi-page ``img`` is left on its last page."""
+    length = source.stat().st_size if isinstance(source, Path) else len(source)
     fmt = img.format
     if fmt in ("JPEG", "MPO"):
-        return None if jpeg_complete(path.read_bytes()) else "no end-of-image marker after its image data"
+        data = source.read_bytes() if isinstance(source, Path) else source
+        return None if jpeg_complete(data) else "no end-of-image marker after its image data"
     if fmt in _RAW_FORMATS:
         for tile in getattr(img, "tile", []):  # an ImageFile's decoder list: (codec, extents, offset, args)
             need = _raw_tile_end(tuple(tile), img.size)
@@ -616,7 +636,7 @@ def truncation(path: Path, img: Image.Image) -> str | None:
                 return f"its header declares {need:,} bytes of pixel data and header, the file has {length:,}"
         return None
     if fmt == "TIFF":
-        if cut := tiff_directory_cut(path, length):
+        if cut := tiff_directory_cut(source, length):
             return cut
         need = _tiff_page_end(img)
         if need > length:
@@ -648,18 +668,27 @@ def _raw_tile_end(tile: tuple, size: tuple[int, int]) -> int | None:
     return int(offset) + abs(int(stride)) * (y1 - y0)
 
 
+# the TIFF tags that say how a page's pixels are stored (size, samples, compression, colour, strips
+# or tiles, colour map, sample format, predictor, JPEG tables, YCbCr layout): a value of one of them
+# past the end of the file changes what PIL decodes
+_TIFF_PIXEL_TAGS = frozenset({256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325,
+                              338, 339, 347, 530, 531, 532})
 # bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED, SSHORT,
 # SLONG, SRATIONAL, FLOAT, DOUBLE, IFD; BigTIFF's LONG8, SLONG8, IFD8)
 _TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4,
                     16: 8, 17: 8, 18: 8}
 
 
-def tiff_directory_cut(path: Path, length: int) -> str | None:
-    """Where the chain of page directories of the TIFF (or BigTIFF) file at ``path`` leaves the
-    file: a directory, or a tag value stored apart from it, that ends past byte ``length``. None when
-    every directory and value is inside. PIL reads such a directory in part without an error: the
-    tags after the cut are missing (a page's strip byte counts, so its pixels cannot be checked) and
-    so are the pages after it."""
+def tiff_directory_cut(source: Path | bytes | bytearray, length: int) -> str | None:
+    """Where the chain of page directories of the TIFF (or BigTIFF) file at ``source`` (or of the
+    bytes ``source``) leaves the file: a directory, or the value of a tag that describes the pixels
+    (:data:`_TIFF_PIXEL_TAGS`, stored apart from the directory), that ends past byte ``length``;
+    None when every one is inside. PIL reads a directory cut short in part without an error (the
+    tags after the cut are missing, such as a page's strip byte counts, and so are the pages after
+    it), and passes over a tag whose value is past the end: a lost BitsPerSample read a 16-bit
+    page as 1-bit. Other tags (Software, a camera's private tags) do not change the pixels and
+    are not looked at; neither is a missing link after the last directory, which readers take as
+    the end of the chain."""
     def at(offset: int, size: int) -> bytes | None:
         if offset + size > length:
             return None
@@ -667,7 +696,7 @@ def tiff_directory_cut(path: Path, length: int) -> str | None:
         data = f.read(size)
         return data if len(data) == size else None
 
-    with open(path, "rb") as f:
+    with open(source, "rb") if isinstance(source, Path) else io.BytesIO(source) as f:
         head = f.read(16)
         order = "<" if head[:2] == b"II" else ">"
         big = len(head) == 16 and struct.unpack(order + "H", head[2:4])[0] == 43
@@ -678,18 +707,20 @@ def tiff_directory_cut(path: Path, length: int) -> str | None:
             page = len(seen)
             seen.add(where)
             raw = at(where, struct.calcsize(count_fmt))
-            table = None if raw is None else at(where + len(raw), struct.unpack(order + count_fmt, raw)[0]
-                                                * entry_size + word)
+            start = where + struct.calcsize(count_fmt)
+            table = None if raw is None else at(start, struct.unpack(order + count_fmt, raw)[0] * entry_size)
             if table is None:
                 return f"page {page}'s directory at byte {where:,} runs past the end of the file ({length:,} bytes)"
-            for i in range(0, len(table) - word, entry_size):
+            for i in range(0, len(table), entry_size):
                 tag, kind = struct.unpack(order + "HH", table[i:i + 4])
                 count, value_at = struct.unpack(order + 2 * word_fmt, table[i + 4:i + entry_size])
                 size = count * _TIFF_TYPE_BYTES.get(kind, 0)
-                if size > word and value_at + size > length:  # a value too long for the entry is stored apart
+                # a value too long for the entry is stored apart
+                if tag in _TIFF_PIXEL_TAGS and size > word and value_at + size > length:
                     return (f"page {page}'s tag {tag} holds {size:,} bytes from byte {value_at:,}, past the end of the "
                             f"file ({length:,} bytes)")
-            where = struct.unpack(order + word_fmt, table[-word:])[0]
+            link = at(start + len(table), word)
+            where = struct.unpack(order + word_fmt, link)[0] if link is not None else 0
     return None
 
 
@@ -711,7 +742,7 @@ _JPEG_MARKER = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")  # a marker; FF00 is a s
 _JPEG_STANDALONE = (0x01, 0xD8)  # TEM, SOI: no length field
 
 
-def jpeg_complete(data: bytes) -> bool:
+def jpeg_complete(data: bytes | bytearray) -> bool:
     """Whether the JPEG stream in ``data`` reaches its end-of-image marker (FFD9). The segments are
     walked by their lengths, so an FFD9 inside one (the end of an EXIF thumbnail in APP1) is not
     taken for the end; in the entropy-coded data after a start-of-scan every FF byte is stuffed

@@ -33,6 +33,7 @@ from pixelwise.data.io import (
     IMAGE_FORMATS,
     colors_to_index,
     colour_codes,
+    damage,
     first_used_suspect,
     format_names,
     lossy_mask_error,
@@ -149,6 +150,10 @@ class _FormReader:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.parts[-1]
+        if not part.name:  # no Content-Disposition name: no field it could be
+            raise UploadError(400, "a part of the form has no name (its Content-Disposition header, e.g. "
+                                   "'form-data; name=\"image\"; filename=\"a.png\"', is missing); send the image "
+                                   "as the field image")
         part.data += data[start:end]
         if part.filename is None and len(part.data) > MAX_FIELD_BYTES:
             if part.name in FILE_FIELDS:  # e.g. curl -F "image=<photo.jpg" sends the bytes as a text value
@@ -252,6 +257,9 @@ def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = ""
     if width * height > max_pixels:
         raise UploadError(413, f"the {what} is {width}x{height} = {width * height:,} pixels, more than the "
                                f"server's limit of {max_pixels:,} (pixelwise serve --max-pixels raises it)")
+    problem = damage(data)  # what predict and the readers refuse: a PNG without its end, a TIFF cut in a directory
+    if problem:
+        raise UploadError(400, f"the {what} is {problem}; re-export it")
     try:
         img.load()
         if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
