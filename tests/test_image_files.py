@@ -307,3 +307,31 @@ def test_a_tiff_cut_inside_a_page_directory_is_truncated_not_short(tmp_path, big
     path.write_bytes(data[:cut])
     with pytest.raises(UserError, match=r"cut\.tif: truncated TIFF \(page 0's directory at byte .* runs past the end"):
         probe(path)
+
+
+def _gray_tiff(pixels: np.ndarray, extra: list[tuple[int, int, int, int]] = (), link: bool = True) -> bytes:
+    """An uncompressed 8-bit gray TIFF written by hand: header, pixels, then its one directory (with
+    ``extra`` entries (tag, type, count, value) and, if ``link``, the 0 link that ends the chain)."""
+    h, w = pixels.shape
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, 8),
+               (277, 3, 1, 1), (278, 4, 1, h), (279, 4, 1, h * w), *extra]
+    directory = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *e) for e in sorted(entries))
+    return b"II*\0" + struct.pack("<I", 8 + h * w) + pixels.tobytes() + directory + (b"\0" * 4 if link else b"")
+
+
+def test_a_bad_offset_in_a_tag_that_is_not_about_pixels_or_no_last_link_is_not_truncation(tmp_path):
+    """PIL passes over a Software or private tag whose value lies past the end, and readers take a
+    missing link after the last directory as the chain's end: both decode in full, and were called
+    truncated."""
+    pixels = _photo()[:, :, 0]
+    cases = {"plain.tif": _gray_tiff(pixels), "no_link.tif": _gray_tiff(pixels, link=False),
+             "private.tif": _gray_tiff(pixels, [(65000, 7, 100, 10_000_000)]),
+             "software.tif": _gray_tiff(pixels, [(305, 2, 40, 10_000_000)])}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert probe(tmp_path / name)[0] == (W, H), name
+        assert (read_image(tmp_path / name)[:, :, 0] == pixels).all(), name
+    (tmp_path / "bits.tif").write_bytes(_gray_tiff(pixels)[:-4].replace(  # BitsPerSample stored far out
+        struct.pack("<HHII", 258, 3, 1, 8), struct.pack("<HHII", 258, 3, 3, 10_000_000)))
+    with pytest.raises(UserError, match="bits.tif: "):  # a tag about the pixels, past the end: never read as 1-bit
+        probe(tmp_path / "bits.tif")

@@ -18,6 +18,7 @@ IGNORE_INDEX = 255
 # otherwise fail inside OpenCV (out of memory, or past a C long)
 MAX_INPUT_PIXELS = 2**28
 
+
 @dataclass
 class Sample:
     """One raw example.

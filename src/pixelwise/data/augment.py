@@ -168,11 +168,12 @@ def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
     if (not isinstance(v, (list, tuple)) or len(v) != 2
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
         raise UserError(f"augment key {key!r}: expected two numbers like [h, w], got {v!r}")
-    if kind is int and not all(math.isfinite(x) and float(x).is_integer() and x > 0 for x in v):
+    if kind is int and not all((isinstance(x, int) or math.isfinite(x) and x.is_integer()) and x > 0 for x in v):
         raise UserError(f"augment key {key!r}: expected two positive integers, got {v!r}")
     if kind is int and int(v[0]) * int(v[1]) > MAX_INPUT_PIXELS:  # it would fail inside OpenCV, out of memory
-        raise UserError(f"augment key {key!r}: {v[0]}x{v[1]} is {int(v[0]) * int(v[1]):,} pixels per image, above "
-                        f"{MAX_INPUT_PIXELS:,}; give a size in pixels of the training images")
+        h, w = int(v[0]), int(v[1])
+        raise UserError(f"augment key {key!r}: {h}x{w} is {h * w:,} pixels per image, above {MAX_INPUT_PIXELS:,}; "
+                        "give a size in pixels of the training images")
     return tuple(kind(x) for x in v)
 
 

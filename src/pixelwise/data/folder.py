@@ -140,13 +140,22 @@ def inferred_class_count(labels: set[int]) -> int:
     return max(count, 2)
 
 
+def _name_bytes(name: str) -> bytes:
+    """A file name's bytes: UTF-8, the bytes Python escaped in a name that is not UTF-8 (Linux), a
+    lone UTF-16 surrogate (a Windows name) as its three bytes."""
+    try:
+        return name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogatepass")
+
+
 def val_stems(stems: list[str], fraction: float = VAL_FRACTION) -> set[str]:
     """The deterministic held-out set: the ``ceil(fraction * n)`` stems with the smallest SHA-1 (of
-    the name's bytes: a name that is not UTF-8, which Python gives with surrogate escapes, too)."""
+    the name's bytes, :func:`_name_bytes`: a name that is not UTF-8 too)."""
     if len(stems) < 2:
         return set()
     n = max(1, math.ceil(fraction * len(stems)))
-    ranked = sorted(stems, key=lambda s: hashlib.sha1(s.encode("utf-8", "surrogateescape")).hexdigest())
+    ranked = sorted(stems, key=lambda s: hashlib.sha1(_name_bytes(s)).hexdigest())
     return set(ranked[:n])
 
 
