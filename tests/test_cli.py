@@ -474,3 +474,57 @@ def test_an_empty_path_is_refused_not_taken_as_not_given(argv, flag, capsys, tmp
     err = capsys.readouterr().err.strip()
     assert err == f"pixelwise: error: {flag} is empty; give a path (an unset shell variable?)"
     assert not any(tmp_path.iterdir())
+
+
+TINY_TRAIN = ["train", "--dataset", "shapes", "--epochs", "1", "--model-kwargs", '{"base_channels": 4}',
+              "--dataset-kwargs", '{"num_train": 2, "num_val": 2, "size": 32}', "--no-progress"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([*TINY_TRAIN, "--max-pixels", " "], "--max-pixels is empty; give a value (or none)"),
+    ([*TINY_TRAIN, "--pretrained", " "], "--pretrained is empty"),
+    ([*TINY_TRAIN, "--out", " "], "--out is empty"),
+    ([*TINY_TRAIN, "--model-kwargs", ""], "--model-kwargs is empty"),
+    ([*TINY_TRAIN, "--nesterov"], "nesterov True acts only with optimizer sgd"),
+    ([*TINY_TRAIN, "--step-size", "5"], "step_size 5 acts only with schedule step"),
+    ([*TINY_TRAIN, "--warmup-factor", "0.1"], "warmup_factor 0.1 acts only with warmup_epochs or warmup_iters"),
+    ([*TINY_TRAIN, "--class-weight-power", "0.5"], "class_weight_power 0.5 acts only with class_weights"),
+    ([*TINY_TRAIN, "--decay-norm-and-bias"], "decay_norm_and_bias True acts only with weight_decay above 0"),
+    (["bench", "--model", "unet", "--size", "32", "--repeats", "10001"], "--repeats must be from 1 to 10,000"),
+    (["bench", "--model", "unet", "--size", "32", "--threads", str(2**64)], "--threads must be from 1 to 1,024"),
+    (["bench", "--model", "unet", "--size", "32", "--batch", str(2**64)], "--batch must be from 1 to 4,096"),
+    (["predict", "--checkpoint", "m.safetensors", "", "--out", "o"], "an INPUT is empty"),
+    (["serve", "--checkpoint", "m.safetensors", "--samples", ""], "--samples is empty"),
+])
+def test_values_that_would_run_for_days_or_mean_nothing_are_refused(argv, words, capsys, tmp_path, monkeypatch):
+    """--repeats 1e9 ran silently for days; a blank --max-pixels dropped the decompression-bomb
+    limit and a blank INPUT predicted the current folder; settings that act only with another were
+    recorded in config.yaml as if they had."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pixelwise: error: ") and words in err and len(err.splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_mc_samples_and_overlap_are_bounded_and_need_what_they_act_on(tmp_path, capsys):
+    from pixelwise import create_model, save_checkpoint
+
+    save_checkpoint(tmp_path / "m.safetensors", create_model("unet", num_classes=2, base_channels=4),
+                    {"model": "unet", "num_classes": 2, "model_kwargs": {"base_channels": 4}})
+    base = ["predict", "--checkpoint", str(tmp_path / "m.safetensors"), str(tmp_path / "m.safetensors"),
+            "--out", str(tmp_path / "o")]
+    for extra, words in ((["--mc-samples", "1001"], "--mc-samples must be from 0 to 1,000"),
+                         (["--overlap", "0.5"], "--overlap 0.5 goes with --tile N")):
+        assert main([*base, *extra]) == 2
+        assert words in capsys.readouterr().err
+
+
+def test_num_workers_is_bounded():
+    """--num-workers 1e30 went to the DataLoader, which forked until the machine ran out of memory."""
+    from pixelwise.engine.config import check_value
+    from pixelwise.errors import UserError
+
+    assert check_value("num_workers", 256, "--num-workers") == 256
+    with pytest.raises(UserError, match="--num-workers must be an integer >= 0 and <= 256, got 1e"):
+        check_value("num_workers", 1e30, "--num-workers")

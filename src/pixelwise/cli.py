@@ -182,9 +182,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if sum(bool(a) for a in (args.model, args.checkpoint, args.onnx)) != 1:
         raise UserError("give exactly one of --model NAME, --checkpoint FILE or --onnx FILE")
     check_num_classes(args, "a --checkpoint or --onnx file")
-    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    # bounded above too: a typed 1e9 ran for days without a word, and past 2**63 torch raised a traceback
+    for flag, value, most in (("--batch", args.batch, 4096), ("--repeats", args.repeats, 10_000),
+                              ("--threads", args.threads, 1024)):
+        if value is not None and not 1 <= value <= most:
+            raise UserError(f"{flag} must be from 1 to {most:,}, got {value}")
     if args.compile and args.mode != "fast":
         raise UserError("--compile goes with --mode fast (semantic models)")
     size = train_config.parse_size(args.size, "--size")
@@ -195,8 +197,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         f"{DEFAULT_MAX_PIXELS:,} pixels that pixelwise reads in one image; give a smaller size")
     check_output_file(args.json, "--json", [args.checkpoint, args.onnx], args.overwrite)
     device = check_device(args.device)
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, flops, mode, name = None, None, args.mode, args.model or ""
@@ -510,6 +510,9 @@ def predictor_options(args: argparse.Namespace) -> dict:
     """The prediction flags the user gave (None for the rest), for Predictor.from_checkpoint;
     with ``--mode int8`` its calibration images, loaded here."""
     resize, native = parse_resize(args.resize, getattr(args, "max_pixels", None))
+    if args.overlap is not None and args.tile is None:  # it would be recorded as if it had acted
+        raise UserError(f"--overlap {args.overlap} goes with --tile N (how much tiles overlap); give --tile, or "
+                        "leave --overlap out")
     options = {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
                "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
     if args.mode == "int8":
@@ -1073,14 +1076,16 @@ def _stopped(e: KeyboardInterrupt) -> str:
 
 # the flags that name a file or folder: an empty value (an unset shell variable, `--json "$OUT"`) is
 # never what was meant, and read as "not given" it wrote nothing, or wrote into the current folder
-PATH_FLAGS = ("out", "json", "data", "config", "checkpoint", "onnx", "calib_data", "pretrained", "class_weights")
+PATH_FLAGS = ("out", "json", "data", "config", "checkpoint", "onnx", "calib_data", "pretrained", "class_weights",
+              "inputs", "keep_uploads", "samples")
 
 
 def check_no_empty_paths(args: argparse.Namespace) -> None:
     for name in PATH_FLAGS:
         value = getattr(args, name, None)
-        if value == "" or (isinstance(value, list) and "" in value):
-            raise UserError(f"--{name.replace('_', '-')} is empty; give a path (an unset shell variable?)")
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+            what = "an INPUT" if name == "inputs" else f"--{name.replace('_', '-')}"
+            raise UserError(f"{what} is empty; give a path (an unset shell variable?)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,7 +158,7 @@ class TrainConfig:
     instance_context: float = opt(1.2, "instance crop = object box scaled by this around its centre", stage=True,
                                     gt=0)
     stages: list[dict] = opt([], "YAML only: [{epochs: 5, lr: 0.01, instance_crops: true}, ...]")
-    num_workers: int = opt(0, "DataLoader worker processes", ge=0)
+    num_workers: int = opt(0, "DataLoader worker processes", ge=0, le=256)
     # --- machine --------------------------------------------------------------------------
     device: str = opt("cpu", "device (under torchrun: cuda:LOCAL_RANK)", choices=DEVICES)
     amp: str = opt("auto", "mixed precision (fp16: CUDA only, with a gradient scaler)", choices=AMP_MODES)
@@ -369,7 +369,9 @@ def flag_value(name: str, text: str) -> Any:
     comma-separated numbers for ``milestones``. A bad value is a UserError naming the flag."""
     flag, kind = f"--{name.replace('_', '-')}", field_kind(name)
     optional = type(None) in typing.get_args(_type_hints()[name])
-    if optional and text.strip().lower() in ("none", ""):
+    if not text.strip():  # an unset shell variable, never "none": --max-pixels ' ' dropped the pixel limit
+        raise UserError(f"{flag} is empty; give a value{' (or none)' if optional else ''}")
+    if optional and text.strip().lower() == "none":
         return CLEARED  # --max-minutes none: no time budget, whatever the recipe says
     if kind is dict:
         return parse_json_dict(text, flag)
@@ -569,8 +571,11 @@ JSON_EXAMPLES = {"model_kwargs": '{"base_channels": 32}', "dataset_kwargs": '{"n
 
 
 def parse_json_dict(text: str | None, flag: str) -> dict:
-    if not text:
+    if text is None:
         return {}
+    if not text.strip():  # an unset shell variable: not "no options" without a word
+        example = JSON_EXAMPLES.get(flag.lstrip("-").replace("-", "_"), '{"key": 1}')
+        raise UserError(f"{flag} is empty; give a JSON object such as '{example}', or leave the flag out")
 
     def once(pairs: list[tuple[str, Any]]) -> dict:  # the last of two would win without a word (YAML refuses it)
         keys = [k for k, _ in pairs]

@@ -655,6 +655,11 @@ DEPENDENT_SETTINGS: tuple[tuple[str, str, Callable[[TrainConfig], bool]], ...] =
     ("focal_gamma", "loss focal", lambda c: c.loss == "focal"),
     ("weight_map_class", "weight_map unet", lambda c: c.weight_map == "unet"),
     ("instance_context", "instance_crops", lambda c: c.instance_crops),
+    ("step_size", "schedule step", lambda c: c.schedule == "step"),
+    ("warmup_factor", "warmup_epochs or warmup_iters", lambda c: c.warmup_epochs > 0 or c.warmup_iters > 0),
+    ("nesterov", "optimizer sgd", lambda c: c.optimizer == "sgd"),
+    ("class_weight_power", "class_weights", lambda c: c.class_weights != "none"),
+    ("decay_norm_and_bias", "weight_decay above 0", lambda c: c.weight_decay > 0),
 )
 
 

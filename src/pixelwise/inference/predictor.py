@@ -235,6 +235,9 @@ def _check_types(**options: object) -> None:
 MAX_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
 
 
+MAX_MC_SAMPLES = 1000  # Monte-Carlo dropout samples per image: Bayesian SegNet used 50
+
+
 class SemanticPredictor(Predictor):
     """Class probabilities and masks of a semantic model.
 
@@ -296,16 +299,16 @@ class SemanticPredictor(Predictor):
             raise UserError(f"--overlap must be a fraction in [0, 1), got {overlap}")
         if tta is not None and tta not in TTA_MODES:
             raise UserError(f"--tta {tta!r} is not one of: {', '.join(TTA_MODES)}")
-        if mc_samples < 0:
-            raise UserError(f"--mc-samples must be >= 0, got {mc_samples}")
+        if not 0 <= mc_samples <= MAX_MC_SAMPLES:  # a typed 1e9 ran for days without a word
+            raise UserError(f"--mc-samples must be from 0 to {MAX_MC_SAMPLES:,}, got {mc_samples}")
         if mc_samples and isinstance(self.model, OnnxModel):
             raise UserError("--mc-samples needs dropout layers, and an ONNX export has none (it is traced without "
                             "them); give the --checkpoint for Monte-Carlo dropout")
         if mc_samples and not has_dropout(self.model):
             raise UserError(f"--mc-samples needs a model with dropout layers (such as bayesian_segnet); "
                             f"{self.meta.get('model', type(model).__name__)} has none")
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        if not 1 <= batch_size <= 4096:
+            raise UserError(f"--batch-size must be from 1 to 4,096, got {batch_size}")
         self.tile, self.overlap, self.tta, self.mc_samples = tile, overlap, tta, mc_samples
         self.batch_size = batch_size
         # the runner of each batch (pixelwise.inference.fast): eager, the fast path, an ONNX session
