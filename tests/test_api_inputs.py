@@ -61,3 +61,25 @@ def test_a_meta_of_another_class_count_than_the_model_is_refused_at_predict():
         with pytest.raises(UserError, match="the model predicts 3 classes and the metadata names 5"):
             call()
     assert pixelwise.SemanticPredictor(model, {"num_classes": 3}).predict(image).mask.shape == (20, 24)
+
+
+def test_a_predictor_without_meta_of_a_model_it_cannot_probe_still_predicts():
+    """The class-count check refused every image ("the metadata names 0") where the model could not
+    be probed with a blank input: such a predictor has no names to check against."""
+    import torch.nn as nn
+
+    import pixelwise
+
+    class OneSize(nn.Module):  # takes 20x24 inputs only
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            if tuple(x.shape[-2:]) != (20, 24):
+                raise RuntimeError("this model takes 20x24 inputs")
+            return self.conv(x)
+
+    predictor = pixelwise.SemanticPredictor(OneSize().eval())
+    assert predictor.class_names == []
+    assert predictor.predict(np.zeros((20, 24, 3), np.uint8)).mask.shape == (20, 24)

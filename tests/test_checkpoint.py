@@ -319,3 +319,12 @@ def test_metadata_read_as_written_not_by_truth_value(tmp_path, edit, words):
 def test_checkpoints_of_before_the_format_field_still_load(tmp_path):
     path = _edited(tmp_path, "old.safetensors", meta_edit=lambda m: m.pop("format"))
     assert load_checkpoint(path)[1]["model"] == "unet"
+
+
+@pytest.mark.parametrize("ids", [[0, 5, 5], [0, -1, 7]])
+def test_category_ids_two_classes_share_or_negative_are_refused(tmp_path, ids):
+    """Two classes under one COCO id put one class's detections under the other's category_id."""
+    path = _edited(tmp_path, "ids.safetensors", meta_edit=lambda m: m.update(category_ids=ids))
+    words = f"category_ids must be distinct ids >= 0 (one per class), got {ids}"
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_checkpoint(path)

@@ -137,10 +137,11 @@ def test_train_help_shows_each_default_without_importing_torch(monkeypatch):
     from pixelwise.engine.config import TrainConfig
 
     code = ("import sys\nfrom pixelwise.cli import main\ntry:\n    main(['train', '--help'])\n"
-            "except SystemExit:\n    pass\nprint('torch loaded:', 'torch' in sys.modules)")
+            "except SystemExit:\n    pass\nprint('cv2 loaded:', 'cv2' in sys.modules)\n"
+            "print('torch loaded:', 'torch' in sys.modules)")
     env = {**__import__("os").environ, "COLUMNS": "400"}  # no wrapped help text
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    assert proc.stdout.strip().endswith("torch loaded: False")
+    assert proc.stdout.strip().endswith("cv2 loaded: False\ntorch loaded: False")  # --help exits through main
     lines: dict[str, str] = {}  # flag -> its whole entry (a long flag's help starts on the next line)
     for line in proc.stdout.split("options:")[1].splitlines():
         if line.startswith("  --"):

@@ -694,6 +694,6 @@ def test_a_model_with_nan_weights_fails_verification(tmp_path):
     model, meta = build("unet")
     with torch.no_grad():
         next(iter(model.parameters())).fill_(float("nan"))
-    with pytest.raises(UserError, match="the model's own logits hold NaN or infinite values"):
+    with pytest.raises(UserError, match="holds NaN or infinite values .* nothing written"):
         export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES)
     assert not (tmp_path / "m.onnx").exists()

@@ -165,3 +165,16 @@ def test_a_run_whose_validation_loss_is_nan_stops_as_diverged_and_saves_no_best(
     assert train(tmp_path / "run", "--epochs", "1", "--lr", "1e30", "--batch-size", "8") == 2  # one step: a finite loss
     assert "the validation loss is nan" in capsys.readouterr().err
     assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_a_resume_with_the_parameters_grouped_otherwise_says_so_not_damaged(tmp_path, capsys):
+    """--decay-norm-and-bias toggled on resume regroups the parameters: the state was called
+    damaged ("resume from a copy of the run") where the settings were what differed."""
+    run = tmp_path / "run"
+    assert train(run, "--epochs", "1", "--weight-decay", "0.01") == 0
+    before = files(run)
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "2", "--decay-norm-and-bias",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "groups the parameters" in err and "damaged" not in err and "config.yaml" in err, err
+    assert files(run) == before

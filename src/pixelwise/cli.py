@@ -1118,8 +1118,8 @@ def _main(argv: list[str] | None) -> int:
             print("pixelwise: error: out of memory; use a smaller --batch-size, --tile or image size",
                   file=sys.stderr)
             return 2
-        except cv2_error() as e:
-            if "Insufficient memory" not in str(e):  # OpenCV's allocator (resizing, padding): anything else is a bug
+        except Exception as e:  # noqa: BLE001 - OpenCV's out of memory; anything else keeps its traceback
+            if type(e).__module__ != "cv2" or "Insufficient memory" not in str(e):  # cv2.error, not imported here
                 raise
             print(f"pixelwise: error: out of memory in main memory ({_one_line(str(e))[-120:]}); use a smaller "
                   "--batch-size, --tile or image size", file=sys.stderr)
@@ -1132,13 +1132,6 @@ def _main(argv: list[str] | None) -> int:
             print(f"pixelwise: error: out of memory {where} ({_one_line(str(e))[:200]}); use a smaller "
                   "--batch-size, --tile or image size", file=sys.stderr)
             return 2
-
-
-def cv2_error() -> type[Exception]:
-    """OpenCV's exception class (cv2 is imported by whichever verb resizes)."""
-    import cv2  # start-up time: the CLI's import stays light until a verb needs it
-
-    return cv2.error
 
 
 if __name__ == "__main__":

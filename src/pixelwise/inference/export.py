@@ -166,6 +166,16 @@ def compare(reference: torch.Tensor, got: torch.Tensor) -> tuple[float, float, f
     return diff, reference.abs().max().item(), agree
 
 
+def refuse_non_finite(model: nn.Module) -> None:
+    """A model whose weights hold NaN or infinite values is not exported: its outputs, NaN on both
+    sides, would verify as agreeing."""
+    bad = next((name for name, t in model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise UserError(f"the model's weight {bad} holds NaN or infinite values (its training diverged?); nothing "
+                        "written")
+
+
 def verify(model: nn.Module, session, sizes: Sequence[tuple[int, int, int]], channels: int = 3
            ) -> list[SizeCheck]:
     """Run ``session`` and PyTorch eager on a random batch of every ``(batch, H, W)``."""
@@ -371,6 +381,7 @@ def _export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None, *,
             raise UserError("an int8 export needs calibration batches (preprocessed images), and none were given")
     start = time.perf_counter()
     model = model.eval().cpu()
+    refuse_non_finite(model)
     spec = input_spec_from_meta(meta or {}, model)
     sizes = list(sizes or verification_sizes(meta))
     precision = "int8" if calibration is not None else "float16" if fp16 else "float32"
@@ -566,6 +577,7 @@ def _export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict |
                            min_agreement: float, sizes: Sequence[tuple[int, int, int]], rois: Sequence[int],
                            replace: bool) -> list[ExportReport]:
     model = model.eval().cpu()
+    refuse_non_finite(model)
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise UserError(f"--out {out}: an ONNX file name ends with .onnx")

@@ -453,7 +453,7 @@ class SemanticPredictor(Predictor):
         hand-made ``meta`` of another class count than the model's would name and colour the masks
         wrongly (a checkpoint's cannot: the model is built from it)."""
         for y, probs in bands:
-            if probs.shape[0] != len(self.class_names):
+            if self.class_names and probs.shape[0] != len(self.class_names):  # none: a model it could not probe
                 raise UserError(f"the model predicts {probs.shape[0]} classes and the metadata names "
                                 f"{len(self.class_names)} ({', '.join(self.class_names[:4])}"
                                 f"{', ...' if len(self.class_names) > 4 else ''}); give the meta of this model")
@@ -536,7 +536,7 @@ class InstancePredictor(Predictor):
         det = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
                for k, v in self.runner([x[0]])[0].items()}
         keep = det["scores"] >= self.score_thresh
-        order = det["scores"][keep].argsort(descending=True)
+        order = det["scores"][keep].argsort(descending=True, stable=True)
         out = {k: v[keep][order] for k, v in det.items()}
         masks = out["masks"]
         masks = masks if masks.dim() == 4 else masks[:, None]
