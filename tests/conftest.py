@@ -140,3 +140,21 @@ async def wait_for(condition, what: str) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"never reached: {what}")
+
+
+def edit_safetensors(src: Path, dst: Path, key: str, meta_edit=None, tensor_edit=None) -> Path:
+    """The pixelwise safetensors file ``src`` written to ``dst`` with its JSON metadata under ``key``
+    and/or its tensors edited in place by the callables given (damage, or a hand edit)."""
+    from safetensors import safe_open
+
+    from pixelwise.checkpoint import atomic_save_tensors
+
+    with safe_open(str(src), "pt") as f:
+        meta = json.loads(f.metadata()[key])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a handle, not a dict
+    if meta_edit:
+        meta_edit(meta)
+    if tensor_edit:
+        tensor_edit(tensors)
+    atomic_save_tensors(tensors, dst, {key: json.dumps(meta)})
+    return dst

@@ -213,7 +213,8 @@ def test_instance_runs_refuse_the_semantic_loss_settings(change, message):
     assert check_settings(TrainConfig(model="maskrcnn_resnet18_fpn")) == "instance"
     with pytest.raises(UserError, match=message):
         check_settings(TrainConfig(model="maskrcnn_resnet18_fpn", **change))
-    check_settings(TrainConfig(model="unet", **change))  # all of them act for a semantic model
+    with_weights = {"class_weights": "median-freq"} if "class_weight_power" in change else {}  # what it acts on
+    check_settings(TrainConfig(model="unet", **change, **with_weights))  # all of them act for a semantic model
 
 
 @pytest.mark.parametrize("args, words", [

@@ -168,7 +168,7 @@ ROWS: list[tuple[str, list[str], str]] = [
      "no images found in {ws}/run"),
     # --- bench ---------------------------------------------------------------------------------
     ("bench: zero batch", ["bench", "--model", "unet", "--size", "32", "--batch", "0"],
-     "--batch must be at least 1, got 0"),
+     "--batch must be from 1 to 4,096, got 0"),
     ("bench: bad size", ["bench", "--model", "unet", "--size", "big"], "--size 'big' must look like 256x320"),
     ("bench: model and checkpoint", ["bench", "--model", "unet", "--checkpoint", CKPT, "--size", "32"],
      "exactly one of --model NAME, --checkpoint FILE or --onnx FILE"),

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import edit_safetensors
 from pixelwise import create_model, load_checkpoint, save_checkpoint
 from pixelwise.errors import UserError
 from pixelwise.weights import read_weights
@@ -261,24 +262,10 @@ def test_save_writes_its_own_format_and_version_and_refuses_another_task(tmp_pat
 
 def _edited(tmp_path, name, meta_edit=None, tensor_edit=None):
     """A good checkpoint with its metadata and/or tensors edited as by hand (or by damage)."""
-    import json
-
-    from safetensors import safe_open
-
-    from pixelwise.checkpoint import atomic_save_tensors
-
     good = tmp_path / "good.safetensors"
     if not good.exists():
         save_checkpoint(good, _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
-    with safe_open(str(good), "pt") as f:
-        meta = json.loads(f.metadata()["pixelwise"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a handle, not a dict
-    if meta_edit:
-        meta_edit(meta)
-    if tensor_edit:
-        tensor_edit(tensors)
-    atomic_save_tensors(tensors, tmp_path / name, {"pixelwise": json.dumps(meta)})
-    return tmp_path / name
+    return edit_safetensors(good, tmp_path / name, "pixelwise", meta_edit, tensor_edit)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -306,6 +293,8 @@ def test_weights_that_are_not_finite_are_refused(tmp_path, value):
     (lambda m: m["input"].update(channels="3"), "channels must be 1 or 3"),
     (lambda m: m.update(palette=[[0, 0, 0]]), "palette must hold a colour for each of the 3 classes, and holds 1"),
     (lambda m: m["model_kwargs"].update(pretrained="imagenet"), "model_kwargs must be an object of the model's"),
+    (lambda m: m["input"].update(normalize=False), "does not normalise its input itself: it would be normalised by "
+                                                   "neither"),
 ])
 def test_metadata_read_as_written_not_by_truth_value(tmp_path, edit, words):
     """normalize null or 0 switched the normalisation off (163 of 1024 pixels changed), "no" left

@@ -160,7 +160,7 @@ def test_tilde_out_in_yaml_trains_into_home(tmp_path, monkeypatch):
 def test_none_clears_the_recipes_optional_values():
     recipe = {"max_minutes": 60.0, "pretrained": "imagenet", "clip_grad_norm": 1.0, "crop": "32x32"}
     cfg = build_config(recipe, flag_values({"max_minutes": "none", "pretrained": "None", "clip_grad_norm": "NONE",
-                                            "crop": ""}))
+                                            "crop": "none"}))
     assert (cfg.max_minutes, cfg.pretrained, cfg.clip_grad_norm, cfg.crop) == (None, None, None, None)
     kept = build_config(recipe, flag_values({"max_minutes": "5"}))
     assert (kept.max_minutes, kept.pretrained, kept.clip_grad_norm) == (5.0, "imagenet", 1.0)

@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 
+from conftest import edit_safetensors
 from pixelwise.cli import main
 from pixelwise.demo import run_demo
 from pixelwise.errors import UserError
@@ -94,19 +95,8 @@ def test_a_run_stopped_inside_an_epoch_resumes_only_with_its_batch_size(tmp_path
 
 def _restate(run, meta_edit=None, tensor_edit=None):
     """The run's last.state.safetensors with its counters and/or tensors edited (damage, a hand edit)."""
-    from safetensors import safe_open
-
-    from pixelwise.checkpoint import atomic_save_tensors
-
     path = run / "last.state.safetensors"
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["pixelwise_train_state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a handle, not a dict
-    if meta_edit:
-        meta_edit(meta)
-    if tensor_edit:
-        tensor_edit(tensors)
-    atomic_save_tensors(tensors, path, {"pixelwise_train_state": json.dumps(meta)})
+    edit_safetensors(path, path, "pixelwise_train_state", meta_edit, tensor_edit)
 
 
 def _drop_first_optim(tensors):

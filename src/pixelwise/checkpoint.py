@@ -238,6 +238,24 @@ def _check_rebuilds(model: nn.Module, meta: dict) -> None:
     if mismatch:
         raise ValueError(f"checkpoint metadata: model {meta['model']!r} with num_classes {num_classes} and "
                          f"model_kwargs {meta.get('model_kwargs', {})} is not the model given ({mismatch})")
+    problem = normalisation_problem(meta, rebuilt)
+    if problem:
+        raise ValueError(f"checkpoint metadata: {problem}")
+
+
+def normalisation_problem(meta: dict, model: nn.Module) -> str | None:
+    """Where the input contract and ``model`` as built disagree on who normalises the input (the
+    contract's ``normalize`` false means the model does, as Mask R-CNN built with its default
+    ``normalize``): the input would be normalised twice, or by neither (mask AP 0.28 -> 0.001)."""
+    if "input" not in meta:  # an older file: the contract is read off the model
+        return None
+    here, itself = bool(InputSpec.from_dict(meta["input"]).normalize), bool(getattr(model, "normalizes_input", False))
+    if here != itself:
+        return None
+    does = "normalises" if itself else "does not normalise"
+    return (f"input contract says {'normalise here' if here else 'the model normalises'}, and {meta.get('model')} "
+            f"built with model_kwargs {meta.get('model_kwargs', {})} {does} its input itself: it would be "
+            f"normalised {'twice' if here else 'by neither'}")
 
 
 def input_spec_from_meta(meta: dict, model: nn.Module | None = None) -> InputSpec:
@@ -432,6 +450,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise UserError(f"{path}: weights do not fit model {meta['model']!r} as this pixelwise builds it "
                         f"({mismatch}; written by pixelwise {meta.get('pixelwise_version', '?')}, this is "
                         f"{__version__}): load it with the pixelwise that wrote it, or retrain")
+    problem = normalisation_problem(meta, model)
+    if problem:
+        raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata")
     model.load_state_dict(state)
     meta.setdefault("task", model_info(meta["model"]).task)
     meta["input"] = input_spec_from_meta(meta, model).to_dict()

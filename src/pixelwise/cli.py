@@ -189,7 +189,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} must be from 1 to {most:,}, got {value}")
     if args.compile and args.mode != "fast":
         raise UserError("--compile goes with --mode fast (semantic models)")
-    size = train_config.parse_size(args.size, "--size")
+    size = train_config.parse_size(args.size, "--size", limit=None)  # checked below, against --max-pixels
     if size is None:
         raise UserError("--size needs HxW, e.g. 512x512")
     if size[0] * size[1] > DEFAULT_MAX_PIXELS:
@@ -1118,18 +1118,18 @@ def _main(argv: list[str] | None) -> int:
             print("pixelwise: error: out of memory; use a smaller --batch-size, --tile or image size",
                   file=sys.stderr)
             return 2
-        except Exception as e:  # noqa: BLE001 - OpenCV's out of memory; anything else keeps its traceback
-            if type(e).__module__ != "cv2" or "Insufficient memory" not in str(e):  # cv2.error, not imported here
-                raise
-            print(f"pixelwise: error: out of memory in main memory ({_one_line(str(e))[-120:]}); use a smaller "
-                  "--batch-size, --tile or image size", file=sys.stderr)
-            return 2
         except RuntimeError as e:
             cpu = "can't allocate memory" in str(e)  # torch's CPU allocator raises a plain RuntimeError
             if type(e).__name__ != "OutOfMemoryError" and not cpu:  # torch's, on the GPU
                 raise
             where = "in main memory" if cpu else "on the device"
             print(f"pixelwise: error: out of memory {where} ({_one_line(str(e))[:200]}); use a smaller "
+                  "--batch-size, --tile or image size", file=sys.stderr)
+            return 2
+        except Exception as e:  # OpenCV's out of memory (torch's is the RuntimeError above); others: a traceback
+            if type(e).__module__ != "cv2" or "Insufficient memory" not in str(e):  # cv2.error, not imported here
+                raise
+            print(f"pixelwise: error: out of memory in main memory ({_one_line(str(e))[-120:]}); use a smaller "
                   "--batch-size, --tile or image size", file=sys.stderr)
             return 2
 

@@ -620,11 +620,11 @@ def check_settings(cfg: TrainConfig) -> str:
                         "file)")
     if cfg.tensorboard:
         TensorBoardLogger.check_available()
-    # on resume, only what this command changes: a run recorded before the check was added still resumes
-    check_used(cfg, recorded_settings(Path(cfg.out or default_out(cfg.model))) if cfg.resume else None)
     if cfg.warmup_factor > 1:
         raise UserError(f"warmup_factor {cfg.warmup_factor:g}: the warm-up starts at lr x this and rises to the lr, so "
                         "it must be at most 1")
+    # on resume, only what this command changes: a run recorded before the check was added still resumes
+    check_used(cfg, recorded_settings(Path(cfg.out or default_out(cfg.model))) if cfg.resume else None)
     return task
 
 
