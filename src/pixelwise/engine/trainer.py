@@ -658,7 +658,7 @@ DEPENDENT_SETTINGS: tuple[tuple[str, str, Callable[[TrainConfig], bool]], ...] =
     ("step_size", "schedule step", lambda c: c.schedule == "step"),
     ("warmup_factor", "warmup_epochs or warmup_iters", lambda c: c.warmup_epochs > 0 or c.warmup_iters > 0),
     ("nesterov", "optimizer sgd", lambda c: c.optimizer == "sgd"),
-    ("class_weight_power", "class_weights", lambda c: c.class_weights != "none"),
+    ("class_weight_power", "class_weights", lambda c: c.class_weights not in ("none", "", None)),
     ("decay_norm_and_bias", "weight_decay above 0", lambda c: c.weight_decay > 0),
 )
 
