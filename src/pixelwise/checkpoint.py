@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -331,7 +332,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     problem = metadata_problem(meta)
     if problem:  # it colours every mask written: found now, not halfway through writing one
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata or save it again with a valid one")
-    bad = next((name for name, t in state.items() if t.is_floating_point() and not _finite(t)), None)
+    bad = first_non_finite(state)
     if bad is not None:  # NaN logits argmax to class 0 everywhere: confident, plausible, wrong numbers
         raise UserError(f"{path}: weight {bad} holds NaN or infinite values, so every prediction would be "
                         "meaningless; the training that wrote it diverged: use an earlier checkpoint, or retrain "
@@ -339,10 +340,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, meta
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """Whether every value of ``t`` is finite: its sum first (NaN and inf carry into it; ten times
-    faster than a look at each value), each value only where the sum is not finite."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor in ``tensors`` holding a NaN or infinite value, or
+    None. Each tensor's sum is looked at first (NaN and inf carry into it; ten times faster than a
+    look at each value), its values only where the sum is not finite."""
+    return next((name for name, t in tensors.items() if t.is_floating_point()
+                 and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())), None)
 
 
 def metadata_problem(meta: dict) -> str | None:

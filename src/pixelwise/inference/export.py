@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise._version import __version__
-from pixelwise.checkpoint import atomic_write, input_spec_from_meta
+from pixelwise.checkpoint import atomic_write, first_non_finite, input_spec_from_meta
 from pixelwise.errors import UserError
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.onnx_runner import META_KEY, make_session
@@ -169,8 +169,7 @@ def compare(reference: torch.Tensor, got: torch.Tensor) -> tuple[float, float, f
 def refuse_non_finite(model: nn.Module) -> None:
     """A model whose weights hold NaN or infinite values is not exported: its outputs, NaN on both
     sides, would verify as agreeing."""
-    bad = next((name for name, t in model.state_dict().items()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    bad = first_non_finite(model.state_dict())
     if bad is not None:
         raise UserError(f"the model's weight {bad} holds NaN or infinite values (its training diverged?); nothing "
                         "written")
