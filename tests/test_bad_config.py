@@ -228,10 +228,7 @@ def test_instance_runs_refuse_the_semantic_loss_settings(change, message):
 def test_sizes_past_memory_and_keys_given_twice_are_refused_before_anything_is_written(tmp_path, capsys, args, words):
     """These sizes reached OpenCV (an out-of-memory cv2.error, or a C long overflow) or islice: a
     traceback after config.yaml was written; a key given twice took the last (YAML refuses it)."""
-    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "run"), *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("pixelwise: error: ") and words in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "run").exists()
+    train_refused(tmp_path, capsys, args, words)
 
 
 def test_opencv_out_of_memory_is_the_one_line_out_of_memory_error(tmp_path, capsys, monkeypatch):
