@@ -992,6 +992,25 @@ def test_overwrite_deletes_the_state_first(tmp_path, monkeypatch):
         fit(tiny(tmp_path, epochs=1, resume=True), log=quiet)
 
 
+def test_aux_weight_needs_an_auxiliary_head(tmp_path):
+    """aux_weight on a model without an auxiliary head was recorded in config.yaml as if it had acted
+    (nothing read it: the loss adds the aux term only for a model that returns one)."""
+    from pixelwise.engine.trainer import check_aux_weight
+
+    plain, with_aux = torch.nn.Module(), torch.nn.Module()
+    with_aux.aux_classifier = torch.nn.Conv2d(1, 2, 1)
+    check_aux_weight(tiny(tmp_path), plain)  # the default: nothing given
+    check_aux_weight(tiny(tmp_path, aux_weight=0.7), with_aux)
+    with pytest.raises(UserError, match="aux_weight 0.7 acts only with an auxiliary head, which unet is not"):
+        check_aux_weight(tiny(tmp_path, aux_weight=0.7), plain)
+    staged = tiny(tmp_path, stages=[{"name": "a", "epochs": 1}, {"name": "b", "epochs": 1, "aux_weight": 0.2}])
+    with pytest.raises(UserError, match="aux_weight 0.2 acts only"):
+        check_aux_weight(staged, plain)
+    # a resumed run that recorded it (before this check) is not refused for it
+    (tmp_path / "config.yaml").write_text("aux_weight: 0.7\n", encoding="utf-8")
+    check_aux_weight(tiny(tmp_path, aux_weight=0.7, resume=True), plain)
+
+
 def test_resume_checks_what_it_changes(tmp_path):
     """On --resume the settings checks were skipped: --warmup-factor 50 trained at 19x the peak rate,
     and --milestones on a poly schedule was recorded in config.yaml (which then could not be re-run)."""

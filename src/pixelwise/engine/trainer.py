@@ -677,6 +677,20 @@ def check_used(cfg: TrainConfig, recorded: dict | None = None) -> None:
                             f"use; remove it (or set {needs})")
 
 
+def check_aux_weight(cfg: TrainConfig, module: nn.Module) -> None:
+    """``aux_weight`` given to a model without an auxiliary head is a UserError, as the settings of
+    DEPENDENT_SETTINGS are (telling needs the model built); a resumed run's recorded value stands."""
+    if getattr(module, "aux_classifier", None) is not None:
+        return
+    default = TrainConfig().aux_weight
+    recorded = (recorded_settings(Path(cfg.out or default_out(cfg.model))) or {}) if cfg.resume else {}
+    for _, stage in cfg.stage_configs():
+        if stage.aux_weight != default and stage.aux_weight != recorded.get("aux_weight", default):
+            raise UserError(f"aux_weight {stage.aux_weight!r} acts only with an auxiliary head, which {cfg.model} "
+                            "is not built with; remove it (the FCN-ResNet and DeepLab models take one with "
+                            "--model-kwargs '{\"aux_loss\": true}')")
+
+
 def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
               callbacks: Sequence[Callback] = ()) -> Run:
     """Datasets, model, optimizer, precision, input contract, class weights, DDP. Every check runs
@@ -704,6 +718,7 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     resumed = resumed_weights(cfg)  # the state replaces the weights: the --pretrained file is not needed
     module = create_model(cfg.model, num_classes=train_ds.num_classes,
                           pretrained=cfg.pretrained if resumed is None else str(resumed), **cfg.model_kwargs).to(device)
+    check_aux_weight(cfg, module)
     need = getattr(module, "min_train_batch", 1)
     smallest = min(len(train_ds), *(scfg.batch_size for _, scfg in cfg.stage_configs()))
     if smallest < need:  # BatchNorm over one value per channel: a ValueError at the first step
