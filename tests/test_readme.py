@@ -51,3 +51,15 @@ def test_the_readme_python_api_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", block + check], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_every_markdown_table_is_one_table():
+    """A blank line inside a table ends it: the rows after it showed as raw `| ... |` text (three
+    rows of docs/recipes.md's paper recipes). A row after a blank line must start a new table."""
+    broken = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        lines = doc.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines[1:-1], 1):
+            if line.startswith("|") and not lines[i - 1].strip() and not re.match(r"\|\s*:?-", lines[i + 1]):
+                broken.append(f"{doc.name}:{i + 1}")
+    assert broken == []
