@@ -206,7 +206,8 @@ def test_semantic_predictor_without_metadata_takes_the_class_count_from_the_mode
     assert len({tuple(c) for c in colours}) == 5
     valid = SemanticPredictor(unet(4, padding="valid"))  # a model that needs context: a large enough input
     assert len(valid.class_names) == 4
-    assert SemanticPredictor(unet(3), {"num_classes": 3}).class_names == ["0", "1", "2"]  # as before
+    # a meta with a count and no names: the same generic names (they were "0", "1", ... there alone)
+    assert SemanticPredictor(unet(3), {"num_classes": 3}).class_names == ["class_0", "class_1", "class_2"]
     ensemble = EnsemblePredictor([p, SemanticPredictor(unet(5, seed=1))])
     assert ensemble.class_names == p.class_names and len(ensemble.palette) == 5
 

@@ -160,7 +160,7 @@ class Predictor:
         if names:
             self.class_names: list[str] = list(names)
         elif "num_classes" in self.meta:
-            self.class_names = [str(i) for i in range(self.meta["num_classes"])]
+            self.class_names = [f"class_{i}" for i in range(self.meta["num_classes"])]  # as the folder reader names them
         else:  # no metadata: the model's own count, with generic names
             self.class_names = [f"class_{i}" for i in range(self._model_classes() or 0)]
         self.palette = [tuple(c) for c in self.meta.get("palette") or default_palette(max(len(self.class_names), 1))]
