@@ -360,6 +360,17 @@ def test_an_image_the_browser_turns_otherwise_is_shown_as_segmented(server, file
         assert state == "done", status
         got = shown(page)
         assert (got["base"], got["layer"], got["mask"]) == ([48, 80], [48, 80], [48, 80]), (name, got)
+    # a WebP turned half round (its size unchanged) whose name says PNG, and one without an extension:
+    # the page told WebP from the type the browser guesses from the name, and showed it upside down
+    exif[274] = 3
+    odd.save(tmp_path / "webp.png", format="WEBP", exif=exif.tobytes(), lossless=True)
+    answers = []
+    page.on("response", lambda r: r.url.endswith("/api/predict") and answers.append(r))
+    for payload in (str(tmp_path / "webp.png"), {**file_payload(tmp_path / "webp.png", ""), "name": "webp"}):
+        page.set_input_files("#image-input", payload)
+        state, status = settled(page)
+        assert state == "done", status
+        assert answers[-1].json()["image_png_base64"], "the server's turned image is what the page shows"
 
 
 def test_ground_truth_before_the_image_is_used_and_one_added_later_reruns(server, files, open_page):
@@ -387,6 +398,73 @@ def test_ground_truth_before_the_image_is_used_and_one_added_later_reruns(server
     page.click("#truth-clear")
     assert page.is_hidden("#metrics-panel")
     assert page.evaluate("() => document.activeElement.id") == "truth-input"
+
+
+HOLD_PREDICTS = """
+(() => {
+  const fetch0 = window.fetch;
+  window.fetch = async (...args) => {
+    const response = await fetch0(...args);
+    if (String(args[0]).endsWith('/api/predict')) {
+      await new Promise((resolve) => {
+        const poll = () => (window.releasePredicts ? resolve() : setTimeout(poll, 20));
+        poll();
+      });
+    }
+    return response;
+  };
+})();
+"""
+
+
+def test_a_samples_ground_truth_goes_with_the_sample_and_a_removed_one_gives_no_metrics(server, files, open_page):
+    """A sample's ground truth stayed when the sample's request did not finish (refused, aborted)
+    and was scored against the user's next image; a ground truth removed while its request ran
+    still had its metrics shown."""
+    p = open_page(server)
+    page = p.open()
+    page.route("**/api/predict", lambda route: route.fulfill(
+        status=422, content_type="application/json", body='{"detail": "tile must be at least 16"}'))
+    page.click(".sample >> nth=0")  # the scene with its ground truth: refused
+    state, status = settled(page)
+    assert state == "error" and "422" in status, status
+    page.unroute("**/api/predict")
+    sent: list[bytes] = []
+    page.on("request", lambda r: r.url.endswith("/api/predict") and sent.append(r.post_data_buffer or b""))
+    page.set_input_files("#image-input", str(files["scene1"]))
+    state, status = settled(page)
+    assert state == "done" and "removed" in status and "the sample" in status, status
+    assert page.is_hidden("#metrics-panel") and b'name="ground_truth"' not in sent[-1]
+
+    p = open_page(server, init_script=HOLD_PREDICTS)
+    page = p.open()
+    page.set_input_files("#truth-input", str(files["truth0"]))
+    page.set_input_files("#image-input", str(files["scene0"]))
+    page.wait_for_selector("main[data-state=busy]")
+    page.click("#truth-clear")  # while the request (with that ground truth) runs
+    page.evaluate("() => { window.releasePredicts = true; }")
+    assert settled(page)[0] == "done"
+    assert page.is_hidden("#metrics-panel") and page.inner_text("#truth-name") == ""
+
+
+def test_the_overlay_clears_the_background_class_by_its_exact_colour(server, open_page):
+    """The page cleared every class whose colour was within 4 of the background's, which predict's
+    overlay colours: a palette of [0, 0, 0] and [2, 1, 0] showed class 1 as background."""
+    buf = io.BytesIO()
+    mask = Image.fromarray(np.array([[0, 1, 2, 1]], dtype=np.uint8), mode="P")
+    mask.putpalette([0, 0, 0, 2, 1, 0, 30, 60, 220])
+    mask.save(buf, format="PNG")
+    p = open_page(server)
+    page = p.open()
+    alpha = page.evaluate("""async (b64) => {
+        state.info.classes = [{id: 0, name: "bg", color: [0, 0, 0], clear: true},
+                              {id: 1, name: "dark", color: [2, 1, 0], clear: false},
+                              {id: 2, name: "blue", color: [30, 60, 220], clear: false}];
+        const view = await prepare({task: "semantic", width: 4, height: 1, mask_png_base64: b64},
+                                   {showable: false, blob: null});
+        return Array.from(view.layer.getContext("2d").getImageData(0, 0, 4, 1).data.filter((_, i) => i % 4 === 3));
+    }""", base64.b64encode(buf.getvalue()).decode())
+    assert alpha == [0, 255, 255, 255]
 
 
 def test_a_failed_request_marks_the_old_result(server, files, open_page):
@@ -469,6 +547,18 @@ def test_phone_width_and_drops_outside_the_box(server, files, open_page):
     page.dispatch_event("#drop", "drop", {"dataTransfer": dt})
     assert settled(page)[0] == "done"
     assert shown(page)["name"] == "dropped_mask.png"
+    # a long file name without spaces wraps, in the result's heading too
+    long_name = {**file_payload(files["scene1"]), "name": "a" * 180 + ".png"}
+    page.set_input_files("#image-input", long_name)
+    page.wait_for_function("() => document.getElementById('result-name').textContent.endsWith('a.png')",
+                           timeout=SLOW)
+    assert settled(page)[0] == "done"
+    wide = page.evaluate("""() => { const r = document.createRange(); const out = [document.documentElement.scrollWidth, innerWidth];
+        const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+        while (walk.nextNode()) { r.selectNodeContents(walk.currentNode); const b = r.getBoundingClientRect();
+          if (b.right > innerWidth + 1) out.push([walk.currentNode.parentElement.id || walk.currentNode.parentElement.tagName, b.right]); }
+        return out; }""")
+    assert page.evaluate("() => document.documentElement.scrollWidth <= innerWidth"), wide
 
 
 def test_key_errors_and_an_unreachable_server(unet_checkpoint, files, open_page, tmp_path):

@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   info: null,          // GET /api/info, once it has loaded
   image: null,         // the image chosen last: { blob, name, showable }
-  truth: null,         // the ground truth: { blob, name, usedWith: the image it gave metrics for, or null }
+  truth: null,         // the ground truth: { blob, name, classIds, usedWith: the image it gave metrics for, or null }
   shown: null,         // what the result panel shows: { image, result }
   run: 0,              // the number of the newest request; an answer to an older one is dropped
   controller: null,    // aborts the request in flight when a newer one starts
@@ -184,16 +184,18 @@ function showSamples(samples) {
 
 // A new image replaces the one being segmented (its request is aborted). A ground truth chosen
 // before the image is kept for it; one that already gave metrics for another image is removed.
-// Samples bring their own ground truth (or none).
+// Samples bring their own ground truth (or none), which belongs to the sample: it is removed when
+// another image is chosen, whether or not the sample's request finished.
 function chooseImage(blob, name, { truth } = {}) {
   let note = "";
   if (truth !== undefined) {
     setTruth(truth && truth.blob, truth && truth.name, truth && truth.classIds);
-  } else if (state.truth && state.truth.usedWith) {
+  } else if (state.truth && (state.truth.usedWith || state.truth.classIds)) {
     const { name: old, usedWith } = state.truth;
-    note = `The ground truth ${old} was for ${usedWith.name}, so it was removed (choose one for ${name} to compare).`;
+    const owner = usedWith ? usedWith.name : "the sample";
+    note = `The ground truth ${old} was for ${owner}, so it was removed (choose one for ${name} to compare).`;
     setTruth(null);
-    $("truth-name").textContent = `removed ${old}: it was for ${usedWith.name}`;
+    $("truth-name").textContent = `removed ${old}: it was for ${owner}`;
   }
   state.image = { blob, name, showable: undefined, note };
   $("run").disabled = !state.info;
@@ -333,11 +335,13 @@ async function canShow(blob) {
 
 // whether the browser may show the file otherwise than the server decodes it, so that the page
 // shows the server's decoded image: a GIF, WebP or animated PNG plays its frames (the first is
-// segmented), and browsers do not turn a WebP by its EXIF orientation as the server does
+// segmented), and browsers do not turn a WebP by its EXIF orientation as the server does. Told
+// from the file's first bytes, not its type, which the browser guesses from the name (a WebP
+// saved as photo.png, a file without an extension).
 async function shownOtherwise(blob) {
-  if (blob.type === "image/gif" || blob.type === "image/webp") return true;
-  if (blob.type !== "image/png" && blob.type !== "image/apng") return false;
   const head = new TextDecoder("latin1").decode(await blob.slice(0, 1 << 16).arrayBuffer());
+  if (head.startsWith("GIF8") || (head.startsWith("RIFF") && head.slice(8, 12) === "WEBP")) return true;
+  if (!head.startsWith("\x89PNG\r\n\x1a\n")) return false;
   const animation = head.indexOf("acTL"), pixels = head.indexOf("IDAT");
   return animation >= 0 && (pixels < 0 || animation < pixels);  // an APNG's acTL chunk comes before its pixels
 }
@@ -382,6 +386,7 @@ async function segment() {
     }
     const result = await apiJson("/api/predict", { method: "POST", body: form, signal: controller.signal });
     if (run !== state.run) return;
+    if (truth && state.truth !== truth) delete result.metrics;  // removed while this request ran
     const view = await prepare(result, image);
     if (run !== state.run) return;
     if (view.turned) {  // the browser shows the file turned otherwise (an orientation only in XMP): ask again
@@ -440,7 +445,8 @@ async function prepare(result, image) {
   const layer = el("canvas", { width: result.width, height: result.height });
   const ctx = layer.getContext("2d");
   if (result.task === "semantic") {
-    // the class colours, with the background class (if the model has one) left clear, as predict's overlay does
+    // the class colours, with the background class (if the model has one) left clear, as predict's overlay does;
+    // the mask PNG is indexed and without colour chunks, so its pixels are the palette's colours exactly
     ctx.drawImage(view.mask, 0, 0);
     const background = state.info.classes.find((c) => c.clear);
     if (background) {
@@ -448,7 +454,7 @@ async function prepare(result, image) {
       const bg = background.color;
       const d = pixels.data;
       for (let i = 0; i < d.length; i += 4) {
-        const clear = Math.abs(d[i] - bg[0]) + Math.abs(d[i + 1] - bg[1]) + Math.abs(d[i + 2] - bg[2]) < 4;
+        const clear = d[i] === bg[0] && d[i + 1] === bg[1] && d[i + 2] === bg[2];
         d[i + 3] = clear ? 0 : 255;
       }
       ctx.putImageData(pixels, 0, 0);
