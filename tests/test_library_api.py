@@ -3,6 +3,7 @@ fails without its fix; numbers are checked against an independent reference (the
 a hand count, numpy)."""
 import re
 import typing
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import pixelwise
 from conftest import ROOT
@@ -286,6 +288,56 @@ def test_wrong_image_formats_are_told_how_to_convert(image, fix):
     p = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})
     with pytest.raises(ValueError, match=r"preprocess expects uint8\[H, W, 3\].*" + re.escape(fix)):
         p.predict(image)
+
+
+@pytest.mark.parametrize("image, fix", [
+    (torch.rand(3, 7, 9), "img = image.cpu().numpy(), then img.transpose(1, 2, 0) (channels first), then (img * 255)"),
+    (torch.rand(1, 3, 7, 9), "then img[0] (a batch of one image), then img.transpose(1, 2, 0)"),
+    (torch.zeros(7, 9, 3, dtype=torch.uint8) + 3, "np.ndarray"),  # a uint8 HWC tensor: numpy() alone
+    ("photo.png", "(a path: pixelwise.data.io.read_image(path))"),
+    ([np.zeros((7, 9, 3), np.uint8)], "(several images: predict_batch(images))"),
+    (np.zeros((2, 7, 9, 3), np.uint8), "a batch of images: predict_batch(list(img))"),
+    (np.zeros((3, 70, 2), np.uint8), "np.repeat(img[..., :1], 3, -1) (gray and alpha)"),  # not channels first
+    (np.full((7, 9, 3), np.nan, np.float32), "every value is NaN or infinite"),
+])
+def test_inputs_that_are_not_arrays_or_batches_are_told_their_conversion(image, fix):
+    """A tensor was told permute(1, 2, 0) whatever its layout (an HWC strip became a 70x3 mask), a
+    path, a list and a batch were told nothing, HxWx2 was taken for channels first, and an all-NaN
+    image raised numpy's RuntimeWarning."""
+    p = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})
+    if fix == "np.ndarray":  # the conversion named for it makes an array the predictor takes
+        with pytest.raises(ValueError, match=re.escape("(a tensor: img = image.cpu().numpy())")):
+            p.predict(image)
+        assert p.predict(image.cpu().numpy()).mask.shape == (7, 9)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"preprocess expects .*uint8\[H, W, 3\].*" + re.escape(fix)):
+            p.predict(image)
+
+
+def test_a_pil_image_is_told_the_conversion_the_cli_reads_it_with(tmp_path):
+    """The hint np.asarray(image.convert('RGB')) turned a 16-bit image white and a float one black."""
+    from pixelwise.data.io import pil_to_rgb, read_image
+
+    p = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})
+    sixteen = Image.fromarray((np.arange(63).reshape(7, 9) * 1000).astype(np.uint16))
+    with pytest.raises(ValueError, match=re.escape("(a PIL image: pixelwise.data.io.pil_to_rgb(image)")):
+        p.predict(sixteen)
+    sixteen.save(tmp_path / "g.png")
+    assert np.array_equal(pil_to_rgb(sixteen), read_image(tmp_path / "g.png"))
+    assert len(np.unique(pil_to_rgb(sixteen))) > 10
+
+
+def test_a_flipped_view_of_one_row_or_column_is_predicted():
+    """numpy calls a view flipped along an axis of length 1 contiguous, so it was not copied and
+    torch.from_numpy refused its negative stride (a traceback from torch)."""
+    p = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})
+    img = images(1, (30, 40))[0]
+    assert np.array_equal(p.predict(img[5:4:-1]).mask, p.predict(img[5:6].copy()).mask)
+    column = img[:, 7:8]
+    assert np.array_equal(p.predict(column[:, ::-1]).mask, p.predict(column.copy()).mask)
+    assert np.array_equal(p.predict_batch([img[:1, :1][::-1, ::-1]])[0].mask, p.predict(img[:1, :1].copy()).mask)
 
 
 def test_a_one_channel_model_takes_a_gray_image():

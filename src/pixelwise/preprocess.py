@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import sys
 import types
 from collections.abc import Iterable, Sized
@@ -159,7 +160,7 @@ def _format_hints(image: np.ndarray, channels: int) -> list[str]:
     if image.ndim == 4 and shape[0] == 1:  # a batch of one
         hints.append("img[0] (a batch of one image)")
         shape = shape[1:]
-    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 3, 4):
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] not in (1, 2, 3, 4):
         hints.append("img.transpose(1, 2, 0) (channels first)")
         shape = (shape[1], shape[2], shape[0])
     if len(shape) == 2 and channels == 3:
@@ -168,9 +169,12 @@ def _format_hints(image: np.ndarray, channels: int) -> list[str]:
         hints.append("np.repeat(img, 3, -1) (one channel)")
     elif len(shape) == 3 and shape[2] == 4:
         hints.append("img[..., :3] (RGBA)")
+    elif len(shape) == 3 and shape[2] == 2:
+        hints.append("np.repeat(img[..., :1], 3, -1) (gray and alpha)" if channels == 3
+                     else "img[..., 0] (gray and alpha)")
     if image.dtype == np.bool_:
         hints.append("img.astype(np.uint8) * 255 (boolean)")
-    elif image.dtype != np.uint8 and image.size and image.dtype.kind in "fiu":
+    elif image.dtype != np.uint8 and image.size and image.dtype.kind in "fiu" and np.isfinite(image).any():
         low, high = float(np.nanmin(image)), float(np.nanmax(image))
         if image.dtype.kind == "f" and low >= 0 and high <= 1:
             hints.append("(img * 255).round().astype(np.uint8) (floats in [0, 1])")
@@ -180,6 +184,24 @@ def _format_hints(image: np.ndarray, channels: int) -> list[str]:
         else:
             hints.append(f"img scaled to 0..255, then .astype(np.uint8) (values {low:g}..{high:g})")
     return hints
+
+
+def _object_hint(image: object, kind: str, channels: int) -> str:
+    """How to turn an image that is not a numpy array into one (a PIL image, a tensor, a path)."""
+    if kind.startswith("PIL."):  # pil_to_rgb scales 16-bit and float modes as read_image does; convert('RGB') clips
+        return " (a PIL image: pixelwise.data.io.pil_to_rgb(image), which reads every mode as the CLI does)"
+    if isinstance(image, torch.Tensor):
+        try:
+            array = image.detach().cpu().numpy()
+        except (TypeError, RuntimeError):  # bfloat16, a meta or sparse tensor
+            return f" (a tensor: img = image.float().cpu().numpy(), of shape {list(image.shape)})"
+        hints = _format_hints(array, channels) if array.ndim in (2, 3) or array.shape[:1] == (1,) else []
+        return f" (a tensor: img = image.cpu().numpy(){''.join(', then ' + h for h in hints)})"
+    if isinstance(image, (str, os.PathLike)):
+        return " (a path: pixelwise.data.io.read_image(path))"
+    if isinstance(image, (list, tuple)):
+        return " (several images: predict_batch(images))"
+    return ""
 
 
 def check_image(image: np.ndarray, channels: int = 3) -> None:
@@ -193,12 +215,13 @@ def check_image(image: np.ndarray, channels: int = 3) -> None:
         expected = "uint8[H, W, 3] (or gray uint8[H, W])" if channels == 1 else "uint8[H, W, 3]"
         if not isinstance(image, np.ndarray):
             kind = f"{type(image).__module__}.{type(image).__qualname__}"
-            hint = (" (a PIL image: np.asarray(image.convert('RGB')))" if kind.startswith("PIL.")
-                    else " (a tensor: image.permute(1, 2, 0).numpy() of a uint8 CHW tensor)"
-                    if kind.startswith("torch.") else "")
-            raise ValueError(f"preprocess expects a numpy {expected} array with H, W >= 1, got {kind}{hint}")
+            raise ValueError(f"preprocess expects a numpy {expected} array with H, W >= 1, got {kind}"
+                             f"{_object_hint(image, kind, channels)}")
         hints = _format_hints(image, channels) if image.ndim in (2, 3) or image.shape[:1] == (1,) else []
-        fix = f"; convert it with {', then '.join(hints)}" if hints else ""
+        fix = (f"; convert it with {', then '.join(hints)}" if hints
+               else "; a batch of images: predict_batch(list(img))" if image.ndim == 4 and image.shape[0] > 1
+               else "; every value is NaN or infinite" if image.dtype.kind == "f" and not np.isfinite(image).any()
+               else "")
         raise ValueError(f"preprocess expects {expected} with H, W >= 1, got {image.dtype}{list(image.shape)}{fix}")
 
 
@@ -226,6 +249,8 @@ def to_tensor(image: np.ndarray, spec: InputSpec | dict = InputSpec()) -> torch.
         image = image[..., None]
     if image.shape[2] == 1:
         image = np.repeat(image, 3, -1)
+    if min(image.strides) < 0:  # a flipped view of an axis of length 1 counts as contiguous, and torch refuses it
+        image = image.copy()
     t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
     if spec.channels == 1:
         t = torch.tensordot(torch.tensor(LUMA), t, dims=1)[None]
