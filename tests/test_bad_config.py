@@ -259,3 +259,15 @@ def test_class_weight_power_without_class_weights_is_refused_whichever_way_none_
     with pytest.raises(UserError, match="class_weight_power 0.5 acts only with class_weights"):
         check_used(TrainConfig(class_weights=weights, class_weight_power=0.5))
     check_used(TrainConfig(class_weights="median-freq", class_weight_power=0.5))
+
+
+def test_milestones_none_clears_a_recipes_list(tmp_path):
+    """--help shows --milestones' default as none, and the word was refused: a YAML with a step
+    schedule could not be switched to another schedule from the command line."""
+    from pixelwise.engine.config import build_config, flag_values
+
+    (tmp_path / "step.yaml").write_text("schedule: step\nmilestones: [1, 2]\n", encoding="utf-8")
+    flags = flag_values({"schedule": "poly", "milestones": "none"})
+    cfg = build_config(load_yaml_config(tmp_path / "step.yaml"), flags)
+    assert cfg.milestones == [] and cfg.schedule == "poly"
+    assert flag_values({"milestones": "30, 60"})["milestones"] == [30, 60]

@@ -1025,6 +1025,30 @@ def test_resume_checks_what_it_changes(tmp_path):
     assert len(changed) == 1 and "lr 0.01 -> 0.02" in changed[0] and "loss 'ce' -> 'focal'" in changed[0]
 
 
+def test_resume_refuses_what_it_would_not_use_and_says_changes_only_once_accepted(tmp_path):
+    """--amp and --pretrained on a resume were ignored (the state's precision and weights were kept)
+    and recorded in config.yaml as changes: fed back as --config, that file trained in bf16; a refused
+    resume said "settings changed ... which now records the new ones" before its error; a hand-edited
+    lr: 1e-3 (the same number) was told as a change."""
+    run = tmp_path / "r"
+    fit(tiny(run, epochs=1), log=quiet)
+    before = (run / "config.yaml").read_bytes()
+    for kw, words in (({"amp": "bf16"}, "trained with amp auto, and a resumed run keeps its precision"),
+                      ({"pretrained": "imagenet"}, "trained with pretrained none, and a resumed run keeps its own"),
+                      ({"pretrained": str(tmp_path / "missing.safetensors")}, "--pretrained is read only when"),
+                      ({"optimizer": "sgd", "lr": 0.02}, "trains with Adam, these settings with SGD")):
+        said: list[str] = []
+        with pytest.raises(UserError, match=words):
+            fit(tiny(run, epochs=2, resume=True, **kw), log=said.append)
+        assert not any("settings changed" in line for line in said), said
+        assert (run / "config.yaml").read_bytes() == before
+    assert b"\nlr: 0.01\n" in before
+    (run / "config.yaml").write_text(before.decode().replace("\nlr: 0.01\n", "\nlr: 1e-2\n"), encoding="utf-8")
+    said = []
+    fit(tiny(run, epochs=2, resume=True), log=said.append)
+    assert not any("settings changed" in line for line in said), said
+
+
 def test_resume_keeps_the_stages_it_went_through(tmp_path):
     """A resume with fewer stages than the run had was an IndexError; one with stages where the run had
     none trained past its epochs."""

@@ -67,7 +67,8 @@ def test_a_semantic_predictor_refuses_more_classes_than_a_mask_holds():
     model = create_model("unet", 256, base_channels=4)
     with pytest.raises(UserError, match="256 classes; pixelwise's masks hold class ids 0-254"):
         SemanticPredictor(model, {"model": "unet", "num_classes": 256})
-    assert SemanticPredictor(create_model("unet", 255, base_channels=4), {"num_classes": 255}).class_names[-1] == "254"
+    most = SemanticPredictor(create_model("unet", 255, base_channels=4), {"num_classes": 255})
+    assert most.class_names[-1] == "class_254"
 
 
 def test_an_empty_pretrained_and_a_file_torch_did_not_write_are_named(tmp_path):

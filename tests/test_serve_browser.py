@@ -553,10 +553,14 @@ def test_phone_width_and_drops_outside_the_box(server, files, open_page):
     page.wait_for_function("() => document.getElementById('result-name').textContent.endsWith('a.png')",
                            timeout=SLOW)
     assert settled(page)[0] == "done"
-    wide = page.evaluate("""() => { const r = document.createRange(); const out = [document.documentElement.scrollWidth, innerWidth];
+    wide = page.evaluate("""() => {  // the page's width, the window's, and each text that ends past it
+        const r = document.createRange(), out = [document.documentElement.scrollWidth, innerWidth];
         const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
-        while (walk.nextNode()) { r.selectNodeContents(walk.currentNode); const b = r.getBoundingClientRect();
-          if (b.right > innerWidth + 1) out.push([walk.currentNode.parentElement.id || walk.currentNode.parentElement.tagName, b.right]); }
+        while (walk.nextNode()) {
+          r.selectNodeContents(walk.currentNode);
+          const right = r.getBoundingClientRect().right, parent = walk.currentNode.parentElement;
+          if (right > innerWidth + 1) out.push([parent.id || parent.tagName, right]);
+        }
         return out; }""")
     assert page.evaluate("() => document.documentElement.scrollWidth <= innerWidth"), wide
 

@@ -373,6 +373,8 @@ def flag_value(name: str, text: str) -> Any:
         raise UserError(f"{flag} is empty; give a value{' (or none)' if optional else ''}")
     if optional and text.strip().lower() == "none":
         return CLEARED  # --max-minutes none: no time budget, whatever the recipe says
+    if kind is list and text.strip().lower() == "none":
+        return []  # --milestones none: --help shows the empty default so, and a recipe's list is cleared
     if kind is dict:
         return parse_json_dict(text, flag)
     try:

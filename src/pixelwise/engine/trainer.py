@@ -83,6 +83,7 @@ from pixelwise.engine.config import (
     INSTANCE_SELECT,
     LOWER_IS_BETTER,
     SEMANTIC_SELECT,
+    ConfigLoader,
     TrainConfig,
     default_out,
     dump_config,
@@ -834,8 +835,8 @@ def recorded_settings(out: Path) -> dict | None:
     """The settings a run in ``out`` recorded (its config.yaml), or None where there are none to read
     (read again, and refused with its reason, where the CLI takes the run's settings)."""
     path = out / "config.yaml"
-    try:
-        before = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    try:  # as --config reads it (1e-3 a number, a key given twice refused), not as YAML 1.1 would
+        before = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader) if path.is_file() else None
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return before if isinstance(before, dict) else None
@@ -845,15 +846,29 @@ def recorded_settings(out: Path) -> dict | None:
 _UNSAID = {"data", "out", "progress", "resume", "overwrite", "num_workers", "tensorboard", "epochs", "max_minutes"}
 
 
-def check_same_data(run: Run) -> None:
+# settings a resume cannot change: the run keeps its precision (its scaler's state is of it) and
+# its own weights (--pretrained is read when a run starts); config.yaml would record them unused
+_KEPT = {"amp": "its precision (the state's gradient scaler is of it)",
+         "pretrained": "its own weights: --pretrained is read only when a run starts"}
+
+
+def check_same_data(run: Run) -> list[str]:
     """A resumed run trains and validates on the data it began with (per its ``config.yaml``):
     otherwise ``best.safetensors`` would compare scores of two validation sets. A moved data
-    folder (another ``--data``) is allowed, and said, as is every other setting this resume changes
-    (config.yaml then records the new values)."""
+    folder (another ``--data``) is allowed, and said. Returns the other settings this resume
+    changes (config.yaml then records the new values), for :func:`resume` to say once the
+    resume is accepted."""
     before = recorded_settings(run.out)
     if before is None:
-        return
+        return []
     now = run.cfg.to_dict()
+    for key, kept in _KEPT.items():
+        if key in before and before[key] != now[key]:
+            flag, was = f"--{key}", "none" if before[key] is None else before[key]
+            raise UserError(f"{run.out} trained with {key} {was}, and a resumed run keeps {kept}; resume "
+                            f"without {flag} (or with {flag} {was}), "
+                            f"or train into a new --out (--pretrained {run.out / 'last.safetensors'} starts from its "
+                            "weights)")
     for key in DATA_KEYS:
         if key in before and before[key] != now[key]:
             flag = f"--{key.replace('_', '-')}"
@@ -863,11 +878,8 @@ def check_same_data(run: Run) -> None:
                             "from its weights)")
     if before.get("data") not in (None, now["data"]):
         run.log(f"resume: the data is now read from {now['data']} (the run began with {before['data']})")
-    changed = [f"{key} {before[key]!r} -> {now[key]!r}" for key in now
-               if key in before and key not in _UNSAID and before[key] != now[key]]
-    if changed:
-        run.log(f"resume: settings changed from the run's config.yaml, which now records the new ones: "
-                f"{', '.join(changed)}")
+    return [f"{key} {before[key]!r} -> {now[key]!r}" for key in now
+            if key in before and key not in _UNSAID and before[key] != now[key]]
 
 
 def check_same_stages(run: Run, state: TrainState) -> None:
@@ -897,7 +909,7 @@ def resume(run: Run) -> TrainState:
     """The state of the run in ``run.out``, its weights, optimizer and scaler restored. It must
     pick ``best`` by the same metric, and keeps the precision it started with."""
     path = run.out / "last.state.safetensors"
-    check_same_data(run)
+    changed = check_same_data(run)
     state = load_state(run)
     if state.epoch > run.cfg.epochs:  # it would train nothing, and config.yaml record fewer epochs than it has
         raise UserError(f"cannot resume with {run.cfg.epochs} epochs: the run in {run.out} has trained "
@@ -943,6 +955,9 @@ def resume(run: Run) -> TrainState:
         run.scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp == "fp16")
         if run.scaler.is_enabled():  # its saved state was skipped by the disabled scaler
             load_state(run)
+    if changed:
+        run.log(f"resume: settings changed from the run's config.yaml, which now records the new ones: "
+                f"{', '.join(changed)}")
     where = f"epoch {state.epoch}" + (f" + {state.batch} batches" if state.batch else "")
     run.log(f"resumed from {path} after {where}")
     return state

@@ -160,7 +160,8 @@ class Predictor:
         if names:
             self.class_names: list[str] = list(names)
         elif "num_classes" in self.meta:
-            self.class_names = [f"class_{i}" for i in range(self.meta["num_classes"])]  # as the folder reader names them
+            # the folder reader's names of classes without classes.json, as below
+            self.class_names = [f"class_{i}" for i in range(self.meta["num_classes"])]
         else:  # no metadata: the model's own count, with generic names
             self.class_names = [f"class_{i}" for i in range(self._model_classes() or 0)]
         self.palette = [tuple(c) for c in self.meta.get("palette") or default_palette(max(len(self.class_names), 1))]
