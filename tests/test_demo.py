@@ -51,3 +51,40 @@ def test_the_training_curve_skips_points_that_are_not_finite():
                                                                                    (3, 0.4)]}, "t")
     assert "nan" not in svg.lower() and "inf" not in svg.lower()
     assert "loss (0.5 .. 1)" in svg and "mIoU (0.2 .. 0.4)" in svg  # the legends' ranges of the finite values
+
+
+def test_a_write_that_fails_in_the_demos_last_phase_leaves_no_cut_file(tmp_path, monkeypatch):
+    """The demo wrote its predictions, metrics.json (over the trainer's), the curve and the report
+    in place: a full disk there left a truncated file under its final name (a 3,000-byte report
+    without its end, the old one gone). Each is now written beside and renamed."""
+    import errno
+
+    from PIL import Image
+
+    import pixelwise.demo
+    from pixelwise import create_model, save_checkpoint
+    from pixelwise.data.shapes import CLASS_NAMES, PALETTE
+
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, create_model("unet", num_classes=len(CLASS_NAMES), base_channels=4),
+                    {"model": "unet", "num_classes": len(CLASS_NAMES), "model_kwargs": {"base_channels": 4},
+                     "class_names": CLASS_NAMES, "palette": PALETTE})
+    folder = tmp_path / "predictions"
+    kwargs = {"num_val": 2, "size": 32}
+    pixelwise.demo.write_examples(ckpt, folder, kwargs)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_save, calls = Image.Image.save, []
+
+    def disk_full_at_the_third(self, fp, *args, **kw):
+        calls.append(fp)
+        if len(calls) == 3:
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG\r\n")  # what a full disk leaves: the start of the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full_at_the_third)
+    with pytest.raises(OSError, match="No space left"):
+        pixelwise.demo.write_examples(ckpt, folder, kwargs)
+    after = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert after == before  # each file whole: the earlier one, or the rewritten same bytes

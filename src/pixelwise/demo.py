@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from pixelwise.checkpoint import atomic_write, atomic_write_json, atomic_write_text
 from pixelwise.data.io import write_mask
 from pixelwise.data.palette import clear_class, colorize, overlay
 from pixelwise.data.shapes import ShapesDataset
@@ -22,7 +23,7 @@ from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.trainer import RUN_FILES, check_out, fit
 from pixelwise.inference.evaluate import evaluate_checkpoint
 from pixelwise.inference.predictor import SemanticPredictor
-from pixelwise.report import svg_line_chart, write_report
+from pixelwise.report import render_report, svg_line_chart
 
 # The recipe: a quarter-width U-Net with BatchNorm, Adam (lr 3e-3, batch 8) with a poly schedule,
 # class weights against the background's 84% share, 64 x 64 scenes of up to 5 objects. The full
@@ -67,7 +68,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool | None = None,
     cfg = demo_config(out, quick, progress, overwrite, resume)
     check_out(cfg, writes=DEMO_FILES)  # before the first file is written
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo_class_weights.json").write_text(json.dumps(CLASS_WEIGHTS))
+    atomic_write_text(out / "demo_class_weights.json", json.dumps(CLASS_WEIGHTS))
     budget = f" / {cfg.max_minutes} min" if cfg.max_minutes else ""
     log(f"[1/4] training U-Net on synthetic scenes ({cfg.dataset_kwargs['num_train']} train, "
         f"{cfg.dataset_kwargs['num_val']} val), at most {cfg.epochs} epochs{budget}")
@@ -78,7 +79,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool | None = None,
     metrics = evaluate_checkpoint(str(best), "shapes", None, "test", dataset_kwargs=cfg.dataset_kwargs,
                                   progress=progress)
     metrics["training"] = summary
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(out / "metrics.json", metrics)  # over the trainer's: a cut write would lose both
 
     log("[3/4] writing predictions and overlays")
     examples = write_examples(best, out / "predictions", cfg.dataset_kwargs)
@@ -88,12 +89,13 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool | None = None,
     curve = svg_line_chart({"train loss": [(r["epoch"], r["train_loss"]) for r in rows],
                             "val loss": [(r["epoch"], r["val_loss"]) for r in rows],
                             "val mIoU": [(r["epoch"], r.get("mIoU")) for r in rows]}, "Training curve")
-    (out / "training_curve.svg").write_text(curve, encoding="utf-8")
+    atomic_write_text(out / "training_curve.svg", curve)
     minutes = (time.monotonic() - t0) / 60
     notes = [f"U-Net ({MODEL_KWARGS}) trained for {summary['epochs_completed']} epochs "
              f"({summary['train_minutes']} min) on the CPU; best epoch {summary['best_epoch']} by validation mIoU; "
              f"metrics on {metrics['num_images']} held-out test scenes. Whole demo: {minutes:.1f} min."]
-    write_report(out / "report.html", "pixelwise demo: U-Net on synthetic scenes", metrics, curve, examples, notes)
+    atomic_write_text(out / "report.html", render_report("pixelwise demo: U-Net on synthetic scenes", metrics, curve,
+                                                         examples, notes))
     log(f"held-out test: mIoU={metrics['mIoU']:.4f} pixel_acc={metrics['pixel_acc']:.4f} "
         f"({minutes:.1f} min in all)")
     return out / "report.html"
@@ -112,11 +114,11 @@ def write_examples(checkpoint: Path, folder: Path, dataset_kwargs: dict) -> list
     for i in range(min(NUM_EXAMPLES, len(ds))):
         s = ds.load(i)
         pred = predictor.predict(s.image)
-        Image.fromarray(s.image).save(folder / f"{s.name}_image.png")
-        Image.fromarray(colorize(s.mask, ds.palette)).save(folder / f"{s.name}_truth.png")
-        write_mask(folder / f"{s.name}.png", pred.mask, ds.palette)
         shown = overlay(s.image, pred.mask, ds.palette, clear=clear_class(ds.class_names))
-        Image.fromarray(shown).save(folder / f"{s.name}_overlay.png")
+        for name, pixels in ((f"{s.name}_image.png", s.image), (f"{s.name}_truth.png", colorize(s.mask, ds.palette)),
+                             (f"{s.name}_overlay.png", shown)):
+            atomic_write(folder / name, lambda tmp, pixels=pixels: Image.fromarray(pixels).save(tmp, format="PNG"))
+        atomic_write(folder / f"{s.name}.png", lambda tmp, mask=pred.mask: write_mask(tmp, mask, ds.palette))
         rel = f"predictions/{s.name}"
         examples.append({"name": s.name, "image": f"{rel}_image.png", "truth": f"{rel}_truth.png",
                          "pred": f"{rel}.png", "overlay": f"{rel}_overlay.png"})

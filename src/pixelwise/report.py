@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import math
-from pathlib import Path
 
 
 def svg_line_chart(series: dict[str, list[tuple[float, float | None]]], title: str, width: int = 560,
@@ -48,9 +47,9 @@ def _fmt(v) -> str:
     return "null" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
-def write_report(path: Path, title: str, metrics: dict, curve_svg: str, examples: list[dict],
-                 notes: list[str]) -> None:
-    """examples: [{"name", "image", "truth", "pred", "overlay"}] with paths relative to ``path``."""
+def render_report(title: str, metrics: dict, curve_svg: str, examples: list[dict], notes: list[str]) -> str:
+    """The report page's HTML (the caller writes it atomically). examples: [{"name", "image",
+    "truth", "pred", "overlay"}] with paths relative to the page."""
     keys = [k for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "dice", "num_images") if k in metrics]
     rows = "".join(f"<tr><th>{k}</th><td>{_fmt(metrics[k])}</td></tr>" for k in keys)
     per_class = "".join(
@@ -74,4 +73,4 @@ img{{image-rendering:pixelated}}</style></head><body>
 <h2>Predictions</h2><table>
 <tr><th>scene</th><th>input</th><th>ground truth</th><th>prediction</th><th>overlay</th></tr>{figs}</table>
 </body></html>"""
-    path.write_text(page, encoding="utf-8")
+    return page
