@@ -661,6 +661,13 @@ def test_a_folder_that_refuses_a_trial_file_is_refused_before_any_work(checkpoin
     line = one_error_line(capsys)
     assert "cannot write in" in line and "Read-only file system" in line
     assert not (tmp_path / "b.json").exists()
+    # predict too (it named its own temporary file, after the first image had been predicted)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "a.png"), "--out", str(tmp_path / "p"),
+                 "--no-progress"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"pixelwise: error: --out {tmp_path / 'p'}: cannot write in {tmp_path}"), line
+    assert "Read-only file system" in line and not (tmp_path / "p").exists()
 
 
 def test_running_out_of_main_memory_is_one_line(monkeypatch, capsys):

@@ -60,6 +60,7 @@ from pixelwise.data.palette import clear_class, default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
+from pixelwise.runtime import check_can_create
 from pixelwise.runtime import progress as progress_bar
 
 STRIP_ROWS = 64  # image rows per step when writing an overlay or uncertainty map (bounds their temporaries)
@@ -211,6 +212,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder for the predictions")
+    check_can_create(out_dir, f"--out {out_dir}")  # a read-only folder: said now, not by a temporary file's name
     inside = [p for p in paths if _resolved(p).parent == out_dir.resolve()]
     if inside:
         raise UserError(f"--out {out_dir} holds the input {inside[0]}"
