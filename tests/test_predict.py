@@ -450,7 +450,7 @@ def test_the_python_api_names_what_it_takes(checkpoint):
     """The API's bad inputs are errors that say what to pass, not AttributeErrors from deep inside."""
     p = Predictor.from_checkpoint(checkpoint)
     img = np.zeros((9, 11, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"numpy uint8\[H, W, 3\] array.*PIL.*np.asarray\(image.convert"):
+    with pytest.raises(ValueError, match=r"numpy uint8\[H, W, 3\] array.*PIL.*pil_to_rgb\(image\)"):
         p.predict(Image.fromarray(img))
     with pytest.raises(ValueError, match="got builtins.list"):
         p.predict(img.tolist())
