@@ -317,3 +317,33 @@ def test_category_ids_two_classes_share_or_negative_are_refused(tmp_path, ids):
     words = f"category_ids must be distinct ids >= 0 (one per class), got {ids}"
     with pytest.raises(UserError, match=re.escape(words)):
         load_checkpoint(path)
+
+
+def test_a_checkpoint_path_that_is_no_checkpoint_file_is_named_as_what_it_is(tmp_path):
+    """An ONNX export was "not a safetensors checkpoint (bad header); was it truncated?", and a pipe
+    or a symbolic link loop given as a checkpoint was "not found"."""
+    from pixelwise.inference.predictor import Predictor
+
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))  # how an ONNX protobuf begins
+    with pytest.raises(UserError, match="m.onnx is an ONNX file .* give it to predict, eval and bench as --onnx"):
+        load_checkpoint(onnx)
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    broken = tmp_path / "broken.safetensors"
+    broken.symlink_to(tmp_path / "gone.safetensors")
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)  # opened for reading it would wait for a writer forever
+    for path, words in ((loop, "symbolic link loop"), (broken, "broken symbolic link"),
+                        (pipe, "not a regular file (a folder, pipe or device); give a checkpoint file"),
+                        (tmp_path / "none.safetensors", "none.safetensors not found")):
+        for load in (load_checkpoint, Predictor.from_checkpoint):
+            with pytest.raises(UserError, match=re.escape(words)):
+                load(path)
+
+
+def test_load_checkpoint_takes_device_none_as_the_cpu(tmp_path):
+    save_checkpoint(tmp_path / "m.safetensors", create_model("unet", num_classes=2, base_channels=4),
+                    {"model": "unet", "num_classes": 2, "model_kwargs": {"base_channels": 4}})
+    model, _ = load_checkpoint(tmp_path / "m.safetensors", None)
+    assert next(model.parameters()).device.type == "cpu"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -219,6 +221,25 @@ def test_mc_predict_samples_while_eval_is_deterministic(bayes):
     assert torch.equal(mean1, mean1b)
     assert torch.allclose(mean1.sum(1), torch.ones(2, 32, 40), atol=1e-5)
     assert (unc1 >= 0).all() and unc1.max() > 0
+
+
+@pytest.mark.parametrize("images, samples, words", [
+    (None, 2.5, "samples must be a whole number from 1 to 1,000, got 2.5"),
+    (None, 10**6, "samples must be a whole number from 1 to 1,000"),  # ran for days, where predict caps it
+    (None, True, "got True"),
+    ("numpy", 2, "images must be a float Tensor[N, C, H, W], preprocessed"),
+    ("chw", 2, "got torch.float32 Tensor[3, 32, 40]"),
+    ("uint8", 2, "got torch.uint8 Tensor[1, 3, 32, 40]"),
+])
+def test_mc_dropout_refuses_what_it_cannot_sample_in_its_own_words(bayes, images, samples, words):
+    """Wrong input reached torch (AttributeError: 'str' object has no attribute 'type' for a numpy
+    array, conv shape and dtype errors), and samples had no bound."""
+    import numpy as np
+
+    x = {None: torch.randn(1, 3, 32, 40), "numpy": np.zeros((1, 3, 32, 40), np.float32),
+         "chw": torch.randn(3, 32, 40), "uint8": torch.zeros(1, 3, 32, 40, dtype=torch.uint8)}[images]
+    with pytest.raises(ValueError, match=re.escape(words)):
+        mc_dropout(bayes, x, samples=samples)
 
 
 def test_mc_predict_matches_a_manual_sampling_loop_and_restores_modes(bayes):

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pixelwise._version import __version__
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, not_a_file
 from pixelwise.models import create_model, model_info
 from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from pixelwise.runtime import check_device
@@ -280,12 +280,18 @@ def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
         inside = sorted(p.name for p in path.glob("*.safetensors") if not p.name.endswith(".state.safetensors"))
         hint = f" such as {path / inside[0]}" if inside else ""
         raise UserError(f"{what} {path} is a folder: give a checkpoint file in it{hint}")
-    if not path.is_file():
+    problem = not_a_file(path)
+    if problem == "file not found":
         raise UserError(f"{what} {path} not found")
+    if problem:
+        raise UserError(f"{what} {path}: {problem}" + ("; give a checkpoint file" if "regular" in problem else ""))
     with open(path, "rb") as f:
         head = f.read(9)
     if is_safetensors(head, path.stat().st_size):
         return
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path} is an ONNX file (pixelwise export writes them), not a {what}: run it with "
+                        "Predictor.from_checkpoint, or give it to predict, eval and bench as --onnx")
     if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
         raise UserError(
             f"{path} is a pickle/PyTorch file, which pixelwise never loads as a checkpoint (it can run "
@@ -438,11 +444,12 @@ def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | 
     return "; ".join(parts) or None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model from a checkpoint. Returns ``(model in eval mode, metadata)``; the
     metadata's ``input`` is the input contract (filled in for older checkpoints). A ``device``
-    that does not exist here (``cuda`` without CUDA) is a UserError."""
-    device = check_device(str(device))
+    that does not exist here (``cuda`` without CUDA) is a UserError; None is the CPU, as for
+    ``Predictor.from_checkpoint``."""
+    device = check_device(str("cpu" if device is None else device))
     state, meta = read_checkpoint(path)
     try:
         model = create_model(meta["model"], num_classes=meta["num_classes"], **meta.get("model_kwargs", {}))

@@ -4,7 +4,10 @@ Raise :class:`UserError` for anything the user can fix (bad path, bad config key
 file), with a message that names the file and says what to do.
 """
 
+import errno
+import os
 import re
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -27,3 +30,20 @@ def shown(text: object) -> str:
     line into two."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` is not a regular file to read, in words (``file not found``, a broken link or a
+    link loop with where it points, a folder, pipe or device); None when it is one."""
+    if path.is_file():
+        return None
+    if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"symbolic link loop (it points to {os.readlink(path)}, which leads back to it); fix the " \
+                       "link or remove it"
+        return f"broken symbolic link (it points to {os.readlink(path)}, which does not exist); fix the link or " \
+               "remove it"
+    return "not a regular file (a folder, pipe or device)" if path.exists() else "file not found"

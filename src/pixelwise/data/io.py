@@ -19,7 +19,6 @@ deliberately for large aerial or slide images.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import re
@@ -37,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from pixelwise.data.palette import palette_bytes
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, not_a_file
 
 PathLike = str | os.PathLike
 
@@ -155,19 +154,9 @@ def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
 
 def _existing(path: PathLike) -> Path:
     path = Path(path)
-    if not path.is_file():
-        if path.is_symlink() and not path.exists():
-            try:
-                os.stat(path)
-            except OSError as e:
-                if e.errno == errno.ELOOP:
-                    raise UserError(f"{path}: symbolic link loop (it points to {os.readlink(path)}, which leads back "
-                                    "to it); fix the link or remove it") from None
-            raise UserError(f"{path}: broken symbolic link (it points to {os.readlink(path)}, which does not exist); "
-                            "fix the link or remove it")
-        if path.exists():
-            raise UserError(f"{path}: not a regular file (a folder, pipe or device); give an image file")
-        raise UserError(f"{path}: file not found")
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"{path}: {problem}" + ("; give an image file" if problem.startswith("not a regular") else ""))
     return path
 
 

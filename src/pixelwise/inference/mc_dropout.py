@@ -9,6 +9,7 @@ and everything else stay in eval mode) and reports an uncertainty.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 import weakref
 from collections.abc import Iterator
@@ -70,6 +71,9 @@ def predictive_entropy(probs: Tensor, dim: int = 1) -> Tensor:
     return -(probs * probs.clamp_min(1e-12).log()).sum(dim=dim)
 
 
+MAX_MC_SAMPLES = 1000  # Monte-Carlo dropout samples per image: Bayesian SegNet used 50
+
+
 @torch.no_grad()
 def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str = "variance",
                seed: int | None = None) -> tuple[Tensor, Tensor]:
@@ -90,8 +94,13 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
     state.
     Raises :class:`UserError` if the model has no dropout (its samples would all be equal).
     """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or not 1 <= samples <= MAX_MC_SAMPLES:
+        raise ValueError(f"samples must be a whole number from 1 to {MAX_MC_SAMPLES:,}, got {samples!r}")
+    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+        got = (f"{images.dtype} Tensor{list(images.shape)}" if isinstance(images, Tensor)
+               else f"{type(images).__module__}.{type(images).__qualname__}")
+        raise ValueError(f"images must be a float Tensor[N, C, H, W], preprocessed (pixelwise.preprocess(image, "
+                         f"spec)[None] for one uint8[H, W, 3] image), got {got}")
     if measure not in ("variance", "entropy"):
         raise ValueError(f"measure must be 'variance' or 'entropy', got {measure!r}")
     if not has_dropout(model):

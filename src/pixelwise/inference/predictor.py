@@ -28,7 +28,7 @@ from pixelwise.errors import UserError
 from pixelwise.inference import cancel
 from pixelwise.inference.fast import instance_runner, make_runner
 from pixelwise.inference.int8 import calibration_batches
-from pixelwise.inference.mc_dropout import has_dropout, mc_dropout, model_lock, predictive_entropy
+from pixelwise.inference.mc_dropout import MAX_MC_SAMPLES, has_dropout, mc_dropout, model_lock, predictive_entropy
 from pixelwise.inference.onnx_runner import OnnxModel, is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
@@ -198,7 +198,7 @@ class Predictor:
         task = meta.get("task", "semantic")
         kind: type[Predictor] = SemanticPredictor if task == "semantic" else InstancePredictor
         if cls is not Predictor and cls is not kind:
-            raise UserError(f"{path} holds a {task} model; use {kind.__name__}")
+            raise UserError(f"{path} holds {'an' if task == 'instance' else 'a'} {task} model; use {kind.__name__}")
         allowed = set(inspect.signature(kind.__init__).parameters) - {"self", "model", "meta", "device", "input_spec"}
         bad = sorted(k for k, v in options.items() if k not in allowed and v is not None and v is not False)
         if bad:
@@ -236,7 +236,6 @@ def _check_types(**options: object) -> None:
 MAX_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
 
 
-MAX_MC_SAMPLES = 1000  # Monte-Carlo dropout samples per image: Bayesian SegNet used 50
 
 
 class SemanticPredictor(Predictor):
