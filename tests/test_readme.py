@@ -63,3 +63,32 @@ def test_every_markdown_table_is_one_table():
             if line.startswith("|") and not lines[i - 1].strip() and not re.match(r"\|\s*:?-", lines[i + 1]):
                 broken.append(f"{doc.name}:{i + 1}")
     assert broken == []
+
+
+CALL_EXAMPLES = {"read_image(f)"}  # a call shown with a variable of the text's, not a signature
+
+
+def test_functions_named_with_their_parameters_in_the_docs_have_those_parameters():
+    """watershed_cells(prob, threshold), with_boundaries(prob, ...), rand_error_over_thresholds(probs,
+    ...) and forward_logits(model, x) named parameters the code calls otherwise, so keyword calls
+    as documented were TypeErrors."""
+    import importlib
+    import inspect
+
+    found: dict = {}
+    for module in ("pixelwise", "pixelwise.metrics", "pixelwise.inference.cells", "pixelwise.models",
+                   "pixelwise.data.io", "pixelwise.inference.mc_dropout", "pixelwise.checkpoint",
+                   "pixelwise.preprocess", "pixelwise.data"):
+        mod = importlib.import_module(module)
+        for name in dir(mod):
+            if not name.startswith("_") and inspect.isfunction(getattr(mod, name)):
+                found.setdefault(name, getattr(mod, name))
+    checked, wrong = 0, []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for m in re.finditer(r"`(?:[\w.]+\.)?(\w+)\(([\w, ]+)\)`", doc.read_text(encoding="utf-8")):
+            name, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+            if name in found and f"{name}({m.group(2)})" not in CALL_EXAMPLES:
+                checked += 1
+                params = inspect.signature(found[name]).parameters
+                wrong += [f"{doc.name}: {m.group(0)} has no {a} ({', '.join(params)})" for a in args if a not in params]
+    assert checked >= 10 and wrong == []
