@@ -271,3 +271,13 @@ def test_milestones_none_clears_a_recipes_list(tmp_path):
     cfg = build_config(load_yaml_config(tmp_path / "step.yaml"), flags)
     assert cfg.milestones == [] and cfg.schedule == "poly"
     assert flag_values({"milestones": "30, 60"})["milestones"] == [30, 60]
+
+
+def test_a_top_level_crop_takes_the_list_form_of_augments_crop(tmp_path):
+    """crop: [20, 24] was refused ("crop must be text") while augment: {crop: [20, 24]}, the form of
+    every recipe, was taken."""
+    (tmp_path / "c.yaml").write_text("crop: [20, 24]\n", encoding="utf-8")
+    assert load_yaml_config(tmp_path / "c.yaml")["crop"] == "20x24"
+    (tmp_path / "bad.yaml").write_text("crop: [20, true]\n", encoding="utf-8")
+    with pytest.raises(UserError, match="crop must be text"):
+        load_yaml_config(tmp_path / "bad.yaml")
