@@ -281,3 +281,16 @@ def test_a_top_level_crop_takes_the_list_form_of_augments_crop(tmp_path):
     (tmp_path / "bad.yaml").write_text("crop: [20, true]\n", encoding="utf-8")
     with pytest.raises(UserError, match="crop must be text"):
         load_yaml_config(tmp_path / "bad.yaml")
+
+
+def test_augments_crop_takes_the_text_form_of_crop_and_a_null_choice_names_the_choices(tmp_path):
+    """augment: {crop: 20x24} was refused as not two numbers (the form --crop and crop take), and
+    weight_map: null said only "needs a value"."""
+    from pixelwise.data.augment import _pair
+
+    assert _pair({"crop": "20x24"}, "crop", int) == _pair({"crop": [20, 24]}, "crop", int) == (20, 24)
+    with pytest.raises(UserError, match="expected two numbers like"):
+        _pair({"scale": "1x2"}, "scale", float)  # only sizes are written HxW
+    (tmp_path / "w.yaml").write_text("weight_map: null\n", encoding="utf-8")
+    with pytest.raises(UserError, match="weight_map needs a value: one of none, unet"):
+        load_yaml_config(tmp_path / "w.yaml")

@@ -23,6 +23,7 @@ the sample's index (``engine.trainer.SampleSeeded``), whichever DataLoader worke
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import albumentations as A
@@ -165,6 +166,8 @@ def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
         return None
     if isinstance(v, (int, float)) and not isinstance(v, bool) and kind is int:
         v = [v, v]
+    if isinstance(v, str) and kind is int and re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", v):
+        v = [int(side) for side in v.lower().split("x")]  # crop: 256x320, the form of train's --crop
     if (not isinstance(v, (list, tuple)) or len(v) != 2
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
         raise UserError(f"augment key {key!r}: expected two numbers like [h, w], got {v!r}")

@@ -284,7 +284,8 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
     if value is None:
         if optional:
             return None
-        raise UserError(f"{where} needs a value")
+        choices = meta["choices"]  # weight_map: null (YAML's none) for weight_map: none
+        raise UserError(f"{where} needs a value" + (f": one of {', '.join(map(str, choices))}" if choices else ""))
     bounds = _bounds_text(meta)
     if kind is bool:
         if not isinstance(value, bool):
