@@ -24,6 +24,7 @@ __all__ = [
     "conv_relu",
     "decoder_stages",
     "max_unpool",
+    "unpools_by_index",
     "unpool",
     "upsample_nearest",
     "upsample_zeros",
@@ -186,6 +187,15 @@ def _crop_to(y: Tensor, output_size: Sequence[int] | None) -> Tensor:
 # --------------------------------------------------------------------------- decoder stages (SegNet, DeconvNet)
 
 
+def unpools_by_index(model: nn.Module) -> bool:
+    """Whether ``model`` (or a module in it) unpools with max-pooling indices (SegNet, Bayesian
+    SegNet, DeconvNet, ENet). Such a model's output for one input depends on what it is stacked
+    with: a batch runs other kernels, whose float32 rounding can move the position of a pooling
+    window's maximum where its values nearly tie, and the unpooling then puts the value on another
+    pixel (probabilities moved by 0.1, not 1e-5). Predictors run its inputs one at a time."""
+    return any(getattr(m, "unpools_by_index", False) is True for m in model.modules())
+
+
 def unpool(x: Tensor, indices: Tensor, size: Sequence[int], mode: str = "indices") -> Tensor:
     """2x upsampling of ``Tensor[N, C, h, w]`` to ``Tensor[N, C, H, W]`` (``size = (H, W)``, the
     pre-pool size). ``"indices"``: :func:`max_unpool` with the encoder's argmax ``indices``
@@ -223,6 +233,10 @@ class DecoderStage(nn.Module):
             raise ValueError(f"unknown upsampling {mode!r}; choose one of {', '.join(UPSAMPLE_MODES)}")
         self.mode = mode
         self.blocks = blocks
+
+    @property
+    def unpools_by_index(self) -> bool:
+        return self.mode == "indices"
 
     def forward(self, x: Tensor, indices: Tensor, size: Sequence[int]) -> Tensor:
         return self.blocks(unpool(x, indices, size, self.mode))

@@ -32,6 +32,7 @@ from pixelwise.inference.mc_dropout import MAX_MC_SAMPLES, has_dropout, mc_dropo
 from pixelwise.inference.onnx_runner import OnnxModel, is_onnx, load_onnx
 from pixelwise.inference.tiling import blend_rows, model_geometry, plan_tiles
 from pixelwise.inference.tta import TTA_MODES, tta_probs
+from pixelwise.layers import unpools_by_index
 from pixelwise.models import forward_logits, model_info
 from pixelwise.models.maskrcnn import MaskRCNN
 from pixelwise.preprocess import InputSpec, as_spec, check_image, preprocess, resize_image, upsample_probs
@@ -254,7 +255,8 @@ class SemanticPredictor(Predictor):
     batch_size: model inputs per forward pass; equal-size tiles of one image run stacked (the same
     stacks wherever the image is predicted), and so do equal-size images in :meth:`predict_batch`,
     whose results equal one at a time only up to float32 rounding (stacked inputs run other
-    kernels; a pixel whose two best classes nearly tie can flip).
+    kernels; a pixel whose two best classes nearly tie can flip). Models that unpool by pooling
+    indices (SegNet, DeconvNet, ENet) run one input at a time: for them stacking moves more.
     mode: ``eager``, ``fast`` or ``int8`` (:func:`pixelwise.inference.fast.make_runner`); int8 is
     calibrated on random ``calib_crop``-pixel crops of ``calib_data`` (training images,
     uint8[H, W, 3]) and, unless ``measuring`` (eval), offered only for the models whose plan allows it.
@@ -311,6 +313,9 @@ class SemanticPredictor(Predictor):
             raise UserError(f"--batch-size must be from 1 to 4,096, got {batch_size}")
         self.tile, self.overlap, self.tta, self.mc_samples = tile, overlap, tta, mc_samples
         self.batch_size = batch_size
+        # SegNet, DeconvNet, ENet: inputs run one at a time, so that no mask depends on the batch size
+        # (an ONNX export's graph has no modules to tell by, and runs stacked)
+        self._one_by_one = unpools_by_index(self.model)
         # the runner of each batch (pixelwise.inference.fast): eager, the fast path, an ONNX session
         self.mode = mode
         # int8: calib_data are training images (uint8[H, W, 3]); random crops of them, preprocessed
@@ -346,6 +351,8 @@ class SemanticPredictor(Predictor):
             # with, so predict, predict_batch, serve and every --batch-size give the same masks and maps
             return torch.cat([mc_dropout(self.model, xi[None], self.mc_samples, measure="entropy", seed=0)[0]
                               for xi in x])
+        if self._one_by_one and x.shape[0] > 1:  # index unpooling: stacking would change the result
+            return torch.cat([F.softmax(self.runner(xi[None]).float(), 1) for xi in x])
         return F.softmax(self.runner(x).float(), 1)
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,8 @@ class Upsample(nn.Module):
     """The upsampling bottleneck: ``PReLU(unpool(BN(conv1x1(x)), indices) + branch(x))``, the
     branch's middle convolution a stride-2 transposed 3x3."""
 
+    unpools_by_index = True  # read by pixelwise.layers.unpools_by_index
+
     def __init__(self, channels: int, cout: int, dropout: float = 0.1):
         super().__init__()
         inner = channels // 4
