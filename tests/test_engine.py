@@ -1042,8 +1042,21 @@ def test_resume_refuses_what_it_would_not_use_and_says_changes_only_once_accepte
             fit(tiny(run, epochs=2, resume=True, **kw), log=said.append)
         assert not any("settings changed" in line for line in said), said
         assert (run / "config.yaml").read_bytes() == before
-    assert b"\nlr: 0.01\n" in before
-    (run / "config.yaml").write_text(before.decode().replace("\nlr: 0.01\n", "\nlr: 1e-2\n"), encoding="utf-8")
+    # a refusal that comes later (OUT locked by another process) does not say them either
+    from pixelwise.engine.trainer import lock_out
+
+    lock = lock_out(run)
+    said = []
+    with pytest.raises(UserError, match="in use by another pixelwise train"):
+        fit(tiny(run, epochs=2, resume=True, lr=0.02), log=said.append)
+    assert lock is not None
+    lock.close()
+    assert not any("settings changed" in line or "resumed from" in line for line in said), said
+    # the same values written otherwise by hand are no change, and no refusal
+    assert b"\nlr: 0.01\n" in before and b"\npretrained: null\n" in before
+    edited = before.decode().replace("\nlr: 0.01\n", "\nlr: 1e-2\n").replace("\npretrained: null\n",
+                                                                            "\npretrained: none\n")
+    (run / "config.yaml").write_text(edited, encoding="utf-8")
     said = []
     fit(tiny(run, epochs=2, resume=True), log=said.append)
     assert not any("settings changed" in line for line in said), said

@@ -780,3 +780,16 @@ def test_a_console_that_cannot_encode_a_class_name_gets_an_escape_not_a_tracebac
                           env={**os.environ, "PYTHONIOENCODING": "cp1252"})
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     assert b"\\u80cc\\u666f" in proc.stdout and b"Traceback" not in proc.stderr
+
+
+def test_a_drive_that_is_not_there_is_refused_not_looped_on(monkeypatch):
+    """check_can_create walked up to the nearest existing folder; a Windows drive or share root is
+    its own parent, so an unmapped Z: looped forever."""
+    from pixelwise.runtime import check_can_create
+
+    class Root(type(Path())):  # a path whose root does not exist, as an unmapped drive
+        def exists(self, **kw):
+            return False
+
+    with pytest.raises(UserError, match="does not exist .* give another path"):
+        check_can_create(Root("/nowhere/preds/run"), "--out /nowhere/preds/run")

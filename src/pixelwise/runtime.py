@@ -66,8 +66,10 @@ def check_can_create(folder: Path, what: str) -> None:
     with write permission. Otherwise a one-line UserError that starts with ``what`` (the flag and
     the path the user gave)."""
     nearest = folder
-    while not nearest.exists():
+    while not nearest.exists() and nearest.parent != nearest:  # a drive or share root is its own parent
         nearest = nearest.parent
+    if not nearest.exists():
+        raise UserError(f"{what}: {nearest} does not exist (a drive or share that is not there); give another path")
     if not nearest.is_dir():
         raise UserError(f"{what}: {nearest} is a file, not a folder; give another path")
     if not os.access(nearest, os.W_OK | os.X_OK):

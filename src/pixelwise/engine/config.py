@@ -318,6 +318,8 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
         if name == "crop" and isinstance(value, list) and len(value) == 2 and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):
             value = f"{value[0]}x{value[1]}"  # crop: [256, 320], the form of augment's crop: 256x320
+        elif name == "crop" and isinstance(value, list):
+            raise UserError(f"{where} must be HxW, one side N or [h, w] (whole numbers), got {value!r}")
         if isinstance(value, bool):  # YAML 1.1 reads an unquoted off, no, on, yes as false / true
             example = "off" if value is False and "off" in (meta["choices"] or ()) else "..."
             raise UserError(f"{where} must be text, got {str(value).lower()} (YAML reads an unquoted off, no, on or "

@@ -87,6 +87,7 @@ from pixelwise.engine.config import (
     TrainConfig,
     default_out,
     dump_config,
+    load_yaml_config,
     parse_size,
 )
 from pixelwise.engine.ema import WeightAverage
@@ -483,6 +484,7 @@ class Run:
     ema: WeightAverage | None = None  # the average of ``module``'s weights (``ema`` > 0)
     lock: IO[str] | None = None  # held on OUT while the run writes there (rank 0)
     resume_command: str = "pixelwise train --resume"  # what continues it (the demo has its own)
+    said_on_writing: list[str] = field(default_factory=list)  # a resume's lines, said once OUT is locked
 
     @property
     def saved(self) -> nn.Module:
@@ -757,6 +759,8 @@ def start_writing(run: Run, state: TrainState) -> None:
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     run.lock = lock_out(out)
+    for line in run.said_on_writing:  # the resume is accepted: no other process holds the run
+        run.log(line)
     earlier = existing_run(out) if run.cfg.overwrite else []
     for path in earlier:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -835,8 +839,14 @@ def recorded_settings(out: Path) -> dict | None:
     """The settings a run in ``out`` recorded (its config.yaml), or None where there are none to read
     (read again, and refused with its reason, where the CLI takes the run's settings)."""
     path = out / "config.yaml"
-    try:  # as --config reads it (1e-3 a number, a key given twice refused), not as YAML 1.1 would
-        before = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:  # as --config reads it: 1e-3 a number, `none` None, ~ expanded, crop: 16 the text 16
+        return load_yaml_config(path, run_record=True)
+    except UserError:  # a value --config refuses: compared as written (the CLI refuses it with its reason)
+        pass
+    try:
+        before = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader)
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return before if isinstance(before, dict) else None
@@ -865,8 +875,8 @@ def check_same_data(run: Run) -> list[str]:
     for key, kept in _KEPT.items():
         if key in before and before[key] != now[key]:
             flag, was = f"--{key}", "none" if before[key] is None else before[key]
-            raise UserError(f"{run.out} trained with {key} {was}, and a resumed run keeps {kept}; resume "
-                            f"without {flag} (or with {flag} {was}), "
+            raise UserError(f"{run.out} trained with {key} {was}, and a resumed run keeps {kept}; resume with "
+                            f"{flag} {was} (or with neither {flag} nor --config: the run's config.yaml is read), "
                             f"or train into a new --out (--pretrained {run.out / 'last.safetensors'} starts from its "
                             "weights)")
     for key in DATA_KEYS:
@@ -956,10 +966,10 @@ def resume(run: Run) -> TrainState:
         if run.scaler.is_enabled():  # its saved state was skipped by the disabled scaler
             load_state(run)
     if changed:
-        run.log(f"resume: settings changed from the run's config.yaml, which now records the new ones: "
-                f"{', '.join(changed)}")
+        run.said_on_writing.append(f"resume: settings changed from the run's config.yaml, which now records the new "
+                                   f"ones: {', '.join(changed)}")
     where = f"epoch {state.epoch}" + (f" + {state.batch} batches" if state.batch else "")
-    run.log(f"resumed from {path} after {where}")
+    run.said_on_writing.append(f"resumed from {path} after {where}")
     return state
 
 
