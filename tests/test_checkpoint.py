@@ -328,12 +328,22 @@ def test_a_checkpoint_path_that_is_no_checkpoint_file_is_named_as_what_it_is(tmp
     onnx.write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))  # how an ONNX protobuf begins
     with pytest.raises(UserError, match="m.onnx is an ONNX file .* give it to predict, eval and bench as --onnx"):
         load_checkpoint(onnx)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "w.onnx")  # a PyTorch file named .onnx is named as what it is
+    with pytest.raises(UserError, match="w.onnx is a pickle/PyTorch file"):
+        load_checkpoint(tmp_path / "w.onnx")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(UserError, match="not a safetensors checkpoint"):
+        load_checkpoint(tmp_path / "empty.onnx")
     loop = tmp_path / "loop.safetensors"
     loop.symlink_to(loop)
     broken = tmp_path / "broken.safetensors"
     broken.symlink_to(tmp_path / "gone.safetensors")
     pipe = tmp_path / "pipe.safetensors"
     os.mkfifo(pipe)  # opened for reading it would wait for a writer forever
+    os.mkfifo(tmp_path / "pipe.onnx")
+    pytest.importorskip("onnx", reason="the export extra is not installed")
+    with pytest.raises(UserError, match=re.escape("pipe.onnx: not a regular file")):
+        Predictor.from_checkpoint(tmp_path / "pipe.onnx")
     for path, words in ((loop, "symbolic link loop"), (broken, "broken symbolic link"),
                         (pipe, "not a regular file (a folder, pipe or device); give a checkpoint file"),
                         (tmp_path / "none.safetensors", "none.safetensors not found")):

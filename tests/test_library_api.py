@@ -291,7 +291,10 @@ def test_wrong_image_formats_are_told_how_to_convert(image, fix):
 
 
 @pytest.mark.parametrize("image, fix", [
-    (torch.rand(3, 7, 9), "img = image.cpu().numpy(), then img.transpose(1, 2, 0) (channels first), then (img * 255)"),
+    (torch.rand(3, 7, 9), "img = image.detach().cpu().numpy(), then img.transpose(1, 2, 0) (channels first), then"),
+    (torch.rand(7, 9, 3, requires_grad=True), "img = image.detach().cpu().numpy(), then (img * 255)"),
+    (torch.rand(7, 9, 3).to_sparse(), "img = image.detach().to_dense().float().cpu().numpy()"),
+    (np.zeros((7, 9, 3), np.uint8).tolist(), "(nested lists of pixel values: np.asarray(image, np.uint8))"),
     (torch.rand(1, 3, 7, 9), "then img[0] (a batch of one image), then img.transpose(1, 2, 0)"),
     (torch.zeros(7, 9, 3, dtype=torch.uint8) + 3, "np.ndarray"),  # a uint8 HWC tensor: numpy() alone
     ("photo.png", "(a path: pixelwise.data.io.read_image(path))"),
@@ -306,7 +309,7 @@ def test_inputs_that_are_not_arrays_or_batches_are_told_their_conversion(image, 
     image raised numpy's RuntimeWarning."""
     p = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})
     if fix == "np.ndarray":  # the conversion named for it makes an array the predictor takes
-        with pytest.raises(ValueError, match=re.escape("(a tensor: img = image.cpu().numpy())")):
+        with pytest.raises(ValueError, match=re.escape("(a tensor: img = image.detach().cpu().numpy())")):
             p.predict(image)
         assert p.predict(image.cpu().numpy()).mask.shape == (7, 9)
         return

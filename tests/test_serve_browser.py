@@ -366,7 +366,10 @@ def test_an_image_the_browser_turns_otherwise_is_shown_as_segmented(server, file
     odd.save(tmp_path / "webp.png", format="WEBP", exif=exif.tobytes(), lossless=True)
     answers = []
     page.on("response", lambda r: r.url.endswith("/api/predict") and answers.append(r))
-    for payload in (str(tmp_path / "webp.png"), {**file_payload(tmp_path / "webp.png", ""), "name": "webp"}):
+    frames = [Image.new("RGB", (80, 48), colour) for colour in ((200, 30, 30), (30, 200, 30))]
+    frames[0].save(tmp_path / "moving.png", save_all=True, append_images=frames[1:])  # an APNG: the browser plays it
+    for payload in (str(tmp_path / "webp.png"), {**file_payload(tmp_path / "webp.png", ""), "name": "webp"},
+                    str(tmp_path / "moving.png")):
         page.set_input_files("#image-input", payload)
         state, status = settled(page)
         assert state == "done", status
@@ -445,6 +448,18 @@ def test_a_samples_ground_truth_goes_with_the_sample_and_a_removed_one_gives_no_
     page.evaluate("() => { window.releasePredicts = true; }")
     assert settled(page)[0] == "done"
     assert page.is_hidden("#metrics-panel") and page.inner_text("#truth-name") == ""
+
+    # removed in the same moment the image is chosen (while the page reads the file): not sent at all
+    page = open_page(server).open()
+    page.set_input_files("#truth-input", str(files["truth0"]))
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/api/predict") and sent.append(r.post_data_buffer or b""))
+    page.evaluate("""(bytes) => { chooseImage(new File([new Uint8Array(bytes)], "scene0.png", {type: "image/png"}),
+                                             "scene0.png");
+                                 document.getElementById("truth-clear").click(); }""",
+                  list(files["scene0"].read_bytes()))
+    assert settled(page)[0] == "done"
+    assert page.inner_text("#truth-name") == "" and b'name="ground_truth"' not in sent[-1]
 
 
 def test_the_overlay_clears_the_background_class_by_its_exact_colour(server, open_page):

@@ -284,19 +284,20 @@ def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
     if problem == "file not found":
         raise UserError(f"{what} {path} not found")
     if problem:
-        raise UserError(f"{what} {path}: {problem}" + ("; give a checkpoint file" if "regular" in problem else ""))
+        raise UserError(f"{what} {path}: {problem}"
+                        + ("; give a checkpoint file" if problem.startswith("not a regular") else ""))
     with open(path, "rb") as f:
         head = f.read(9)
     if is_safetensors(head, path.stat().st_size):
         return
-    if path.suffix.lower() == ".onnx":
-        raise UserError(f"{path} is an ONNX file (pixelwise export writes them), not a {what}: run it with "
-                        "Predictor.from_checkpoint, or give it to predict, eval and bench as --onnx")
     if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
         raise UserError(
             f"{path} is a pickle/PyTorch file, which pixelwise never loads as a checkpoint (it can run "
             "code); use a pixelwise .safetensors checkpoint, or import trusted weights with "
             "--pretrained PATH (read with torch.load(weights_only=True))")
+    if path.suffix.lower() == ".onnx" and head[:1] == b"\x08":  # an ONNX protobuf begins with ir_version, field 1
+        raise UserError(f"{path} is an ONNX file (pixelwise export writes them), not a {what}: run it with "
+                        "Predictor.from_checkpoint, or give it to predict, eval and bench as --onnx")
     raise UserError(f"{path} is not a safetensors {what} (bad header); was it truncated?")
 
 

@@ -191,16 +191,20 @@ def _object_hint(image: object, kind: str, channels: int) -> str:
     if kind.startswith("PIL."):  # pil_to_rgb scales 16-bit and float modes as read_image does; convert('RGB') clips
         return " (a PIL image: pixelwise.data.io.pil_to_rgb(image), which reads every mode as the CLI does)"
     if isinstance(image, torch.Tensor):
+        dense = ".to_dense()" if image.layout != torch.strided else ""
         try:
             array = image.detach().cpu().numpy()
         except (TypeError, RuntimeError):  # bfloat16, a meta or sparse tensor
-            return f" (a tensor: img = image.float().cpu().numpy(), of shape {list(image.shape)})"
+            return f" (a tensor: img = image.detach(){dense}.float().cpu().numpy(), of shape {list(image.shape)})"
         hints = _format_hints(array, channels) if array.ndim in (2, 3) or array.shape[:1] == (1,) else []
-        return f" (a tensor: img = image.cpu().numpy(){''.join(', then ' + h for h in hints)})"
+        return f" (a tensor: img = image.detach().cpu().numpy(){''.join(', then ' + h for h in hints)})"
     if isinstance(image, (str, os.PathLike)):
         return " (a path: pixelwise.data.io.read_image(path))"
-    if isinstance(image, (list, tuple)):
+    if isinstance(image, (list, tuple)) and image and all(
+            isinstance(x, np.ndarray | torch.Tensor) or type(x).__module__.startswith("PIL.") for x in image):
         return " (several images: predict_batch(images))"
+    if isinstance(image, (list, tuple)):
+        return " (nested lists of pixel values: np.asarray(image, np.uint8))"
     return ""
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from pixelwise.checkpoint import metadata_problem
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, not_a_file
 from pixelwise.preprocess import InputSpec
 
 META_KEY = "pixelwise"  # metadata_props key holding the JSON metadata (the checkpoint's, plus "onnx")
@@ -96,8 +96,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     except ImportError:
         raise UserError("reading ONNX files needs onnx: pip install -e '.[export]'") from None
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such ONNX file")
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(f"{path}: no such ONNX file" if problem == "file not found" else f"{path}: {problem}")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends

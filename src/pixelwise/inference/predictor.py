@@ -237,8 +237,6 @@ def _check_types(**options: object) -> None:
 MAX_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
 
 
-
-
 class SemanticPredictor(Predictor):
     """Class probabilities and masks of a semantic model.
 

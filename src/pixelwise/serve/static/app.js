@@ -339,9 +339,12 @@ async function canShow(blob) {
 // from the file's first bytes, not its type, which the browser guesses from the name (a WebP
 // saved as photo.png, a file without an extension).
 async function shownOtherwise(blob) {
-  const head = new TextDecoder("latin1").decode(await blob.slice(0, 1 << 16).arrayBuffer());
-  if (head.startsWith("GIF8") || (head.startsWith("RIFF") && head.slice(8, 12) === "WEBP")) return true;
-  if (!head.startsWith("\x89PNG\r\n\x1a\n")) return false;
+  const bytes = new Uint8Array(await blob.slice(0, 1 << 16).arrayBuffer());
+  const begins = (...signature) => signature.every((b, i) => bytes[i] === b);
+  // "latin1" is windows-1252 to a TextDecoder: only its ASCII (the chunk names) is read from the text
+  const head = new TextDecoder("latin1").decode(bytes);
+  if (begins(0x47, 0x49, 0x46, 0x38) || (begins(0x52, 0x49, 0x46, 0x46) && head.slice(8, 12) === "WEBP")) return true;
+  if (!begins(0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a)) return false;
   const animation = head.indexOf("acTL"), pixels = head.indexOf("IDAT");
   return animation >= 0 && (pixels < 0 || animation < pixels);  // an APNG's acTL chunk comes before its pixels
 }
@@ -358,7 +361,8 @@ async function segment() {
   const controller = new AbortController();
   const run = ++state.run;
   state.controller = controller;
-  const image = state.image, truth = state.truth, task = state.info.task;
+  const image = state.image, task = state.info.task;
+  let truth = state.truth;
   setState("busy", `Segmenting ${image.name}…`);
   $("run").disabled = true;
   markShown("busy", image.name);
@@ -366,6 +370,7 @@ async function segment() {
     if (image.showable === undefined) image.showable = await canShow(image.blob);
     if (image.serverImage === undefined) image.serverImage = await shownOtherwise(image.blob);
     if (run !== state.run) return;
+    if (truth && state.truth !== truth) truth = null;  // removed while the file was read
     const form = new FormData();
     form.append("image", image.blob, image.name);
     if (task === "semantic") {
