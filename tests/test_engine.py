@@ -1006,6 +1006,14 @@ def test_aux_weight_needs_an_auxiliary_head(tmp_path):
     staged = tiny(tmp_path, stages=[{"name": "a", "epochs": 1}, {"name": "b", "epochs": 1, "aux_weight": 0.2}])
     with pytest.raises(UserError, match="aux_weight 0.2 acts only"):
         check_aux_weight(staged, plain)
+    wrapped = torch.nn.Module()  # a user model whose head sits deeper (it returns "aux" all the same)
+    wrapped.net = with_aux
+    check_aux_weight(tiny(tmp_path, aux_weight=0.7), wrapped)
+    # before any weights are read: a zoo model that takes aux_loss, not given it
+    with pytest.raises(UserError, match="aux_weight 0.7 acts only with an auxiliary head, which deeplabv3_resnet50"):
+        check_aux_weight(tiny(tmp_path, model="deeplabv3_resnet50", model_kwargs={}, aux_weight=0.7))
+    check_aux_weight(tiny(tmp_path, model="deeplabv3_resnet50", model_kwargs={"aux_loss": True}, aux_weight=0.7))
+    check_aux_weight(tiny(tmp_path, aux_weight=0.7))  # unet takes no aux_loss: checked once built
     # a resumed run that recorded it (before this check) is not refused for it
     (tmp_path / "config.yaml").write_text("aux_weight: 0.7\n", encoding="utf-8")
     check_aux_weight(tiny(tmp_path, aux_weight=0.7, resume=True), plain)

@@ -97,7 +97,7 @@ from pixelwise.engine.validate import ScoredInstances, eval_collate, to_device, 
 from pixelwise.errors import UserError, listed, shown
 from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
-from pixelwise.models.registry import check_model_kwargs
+from pixelwise.models.registry import check_model_kwargs, model_options
 from pixelwise.preprocess import InputSpec
 from pixelwise.runtime import HeldSignals, check_can_create, progress, show_progress, signals_ignored
 from pixelwise.sample import IGNORE_INDEX
@@ -623,6 +623,7 @@ def check_settings(cfg: TrainConfig) -> str:
                         "file)")
     if cfg.tensorboard:
         TensorBoardLogger.check_available()
+    check_aux_weight(cfg)
     if cfg.warmup_factor > 1:
         raise UserError(f"warmup_factor {cfg.warmup_factor:g}: the warm-up starts at lr x this and rises to the lr, so "
                         "it must be at most 1")
@@ -680,10 +681,15 @@ def check_used(cfg: TrainConfig, recorded: dict | None = None) -> None:
                             f"use; remove it (or set {needs})")
 
 
-def check_aux_weight(cfg: TrainConfig, module: nn.Module) -> None:
-    """``aux_weight`` given to a model without an auxiliary head is a UserError, as the settings of
-    DEPENDENT_SETTINGS are (telling needs the model built); a resumed run's recorded value stands."""
-    if getattr(module, "aux_classifier", None) is not None:
+def check_aux_weight(cfg: TrainConfig, module: nn.Module | None = None) -> None:
+    """``aux_weight`` given to a model without an auxiliary head (a module named ``aux_classifier``)
+    is a UserError, as the settings of DEPENDENT_SETTINGS are; a resumed run's recorded value stands.
+    Without ``module`` (before anything is read or downloaded): told from the options of a zoo model
+    that takes ``aux_loss``; others are checked once built."""
+    if module is None:
+        if "aux_loss" not in (model_options(cfg.model) or {}) or cfg.model_kwargs.get("aux_loss"):
+            return
+    elif any(name.rsplit(".", 1)[-1] == "aux_classifier" for name, _ in module.named_modules()):
         return
     default = TrainConfig().aux_weight
     recorded = (recorded_settings(Path(cfg.out or default_out(cfg.model))) or {}) if cfg.resume else {}
