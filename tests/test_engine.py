@@ -1070,6 +1070,45 @@ def test_resume_refuses_what_it_would_not_use_and_says_changes_only_once_accepte
     assert not any("settings changed" in line for line in said), said
 
 
+def test_a_run_written_while_this_one_started_is_not_written_over(tmp_path, monkeypatch):
+    """check_out ran before the data check and the model build, the lock was taken after: a run
+    that started and ended in that window was overwritten without --overwrite (both exited 0), and
+    a resume read a state that an --overwrite run then replaced."""
+    import os
+
+    import pixelwise.engine.trainer as trainer
+
+    real = trainer.lock_out
+    run = tmp_path / "r"
+
+    def another_run_ends_first(out):
+        (out / "config.yaml").write_text("model: unet\n", encoding="utf-8")
+        (out / "best.safetensors").write_bytes(b"theirs")
+        return real(out)
+
+    monkeypatch.setattr(trainer, "lock_out", another_run_ends_first)
+    with pytest.raises(UserError, match="another pixelwise train wrote a run there .* nothing was written over it"):
+        fit(tiny(run, epochs=1), log=quiet)
+    assert (run / "best.safetensors").read_bytes() == b"theirs" and not (run / "metrics.csv").exists()
+
+    monkeypatch.setattr(trainer, "lock_out", real)
+    fit(tiny(tmp_path / "s", epochs=1), log=quiet)
+    state = tmp_path / "s" / "last.state.safetensors"
+
+    def state_replaced_first(out):
+        data = state.read_bytes()
+        state.unlink()
+        state.write_bytes(data)  # another run's state in its place: another file
+        os.utime(state, ns=(1, 1))
+        return real(out)
+
+    monkeypatch.setattr(trainer, "lock_out", state_replaced_first)
+    said: list[str] = []
+    with pytest.raises(UserError, match="last.state.safetensors was replaced while this command read it"):
+        fit(tiny(tmp_path / "s", epochs=2, resume=True), log=said.append)
+    assert not any("resumed from" in line for line in said)
+
+
 def test_resume_keeps_the_stages_it_went_through(tmp_path):
     """A resume with fewer stages than the run had was an IndexError; one with stages where the run had
     none trained past its epochs."""

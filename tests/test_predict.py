@@ -652,13 +652,17 @@ def test_outputs_written_by_another_process_since_the_check_are_not_replaced(che
     inputs = tmp_path / "in"
     inputs.mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(inputs / "a.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(inputs / "b.png")
     predictor = Predictor.from_checkpoint(checkpoint)
     plan = check_predict([str(inputs)], tmp_path / "out", progress=False)
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "a.png").write_bytes(b"the other run's")
-    with pytest.raises(UserError, match="a.png appeared while this command ran .* pass --overwrite"):
+    (tmp_path / "out" / "b.png").write_bytes(b"the other run's")
+    # the line says what is done: a.png's prediction is written, b.png's not made
+    with pytest.raises(UserError, match="b.png appeared while this command ran .* 1 of the 2 predictions were "
+                                        "written, the rest were not made: predict into another --out"):
         predict_files(predictor, plan, progress=False)
-    assert (tmp_path / "out" / "a.png").read_bytes() == b"the other run's"
+    assert (tmp_path / "out" / "b.png").read_bytes() == b"the other run's"
+    assert Image.open(tmp_path / "out" / "a.png").size == (16, 16)
     assert not list((tmp_path / "out").glob(".pixelwise-*"))
     plan = check_predict([str(inputs)], tmp_path / "out2", progress=False, overwrite=True)
     (tmp_path / "out2").mkdir()

@@ -82,6 +82,15 @@ def atomic_write(path: str | Path, write, replace: bool = True) -> None:
             _remove_empty(made)
 
 
+class NameTaken(UserError):
+    """A file of the name a command writes appeared after its check (another process wrote it)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        super().__init__(f"{path} appeared while this command ran (another pixelwise writing there?) and was left as "
+                         "it is; give another path, or pass --overwrite")
+
+
 def place(tmp: str | Path, path: str | Path, replace: bool = True) -> None:
     """Rename the finished ``tmp`` to ``path``; without ``replace`` only if ``path`` does not exist
     at that moment (a hard link, which fails on an existing name, then the temporary name removed),
@@ -101,8 +110,7 @@ def place(tmp: str | Path, path: str | Path, replace: bool = True) -> None:
             os.replace(tmp, path)
             return
     if taken:
-        raise UserError(f"{path} appeared while this command ran (another pixelwise writing there?) and was left as "
-                        "it is; give another path, or pass --overwrite")
+        raise NameTaken(path)
     os.unlink(tmp)
 
 

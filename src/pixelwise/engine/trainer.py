@@ -485,6 +485,7 @@ class Run:
     lock: IO[str] | None = None  # held on OUT while the run writes there (rank 0)
     resume_command: str = "pixelwise train --resume"  # what continues it (the demo has its own)
     said_on_writing: list[str] = field(default_factory=list)  # a resume's lines, said once OUT is locked
+    resumed_state: tuple[int, int, int] | None = None  # (inode, size, mtime) of the state file a resume read
 
     @property
     def saved(self) -> nn.Module:
@@ -754,6 +755,15 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
                ema=WeightAverage(module, cfg.ema) if cfg.ema else None)
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, modification time) of ``path``: another file written in its place differs."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def start_writing(run: Run, state: TrainState) -> None:
     """After every check (and a resume) has passed, on every process: the first writes. Rank 0
     deletes the earlier run's files with ``overwrite``, creates ``out`` and writes
@@ -765,6 +775,16 @@ def start_writing(run: Run, state: TrainState) -> None:
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     run.lock = lock_out(out)
+    # what check_out and resume read may have changed since: another train may have run (and ended)
+    # while this one checked its data and built its model, before it held the lock
+    found = existing_run(out) if not (run.cfg.resume or run.cfg.overwrite) else []
+    if found:
+        raise UserError(f"--out {out}: another pixelwise train wrote a run there ({found[0].name}) while this one was "
+                        "starting, and nothing was written over it; give another --out, or pass --overwrite to "
+                        "replace that run")
+    if run.cfg.resume and _identity(out / "last.state.safetensors") != run.resumed_state:
+        raise UserError(f"cannot resume: {out / 'last.state.safetensors'} was replaced while this command read it "
+                        "(another pixelwise train writing there?), and nothing was written; run the command again")
     for line in run.said_on_writing:  # the resume is accepted: no other process holds the run
         run.log(line)
     earlier = existing_run(out) if run.cfg.overwrite else []
@@ -925,6 +945,7 @@ def resume(run: Run) -> TrainState:
     """The state of the run in ``run.out``, its weights, optimizer and scaler restored. It must
     pick ``best`` by the same metric, and keeps the precision it started with."""
     path = run.out / "last.state.safetensors"
+    run.resumed_state = _identity(path)  # before it is read: start_writing finds it unchanged, or refuses
     changed = check_same_data(run)
     state = load_state(run)
     if state.epoch > run.cfg.epochs:  # it would train nothing, and config.yaml record fewer epochs than it has

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pixelwise.checkpoint import place
+from pixelwise.checkpoint import NameTaken, place
 from pixelwise.coco_eval import encode_mask
 from pixelwise.data.io import (
     IMAGE_SUFFIXES,
@@ -543,8 +543,20 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
 
 def _write_predictions(predictor: Predictor, plan: PredictPlan, uncertainty: bool, progress: bool | None,
                        watershed: float | None) -> list[Path]:
+    written: list[Path] = []
+    try:
+        _write_all(predictor, plan, uncertainty, progress, watershed, written)
+    except NameTaken as e:  # the files written so far stay, whole: say which part of the work is done
+        raise UserError(f"{e.path} appeared while this command ran (another pixelwise writing in {plan.out}?) and "
+                        f"was left as it is; {len(written)} of the {len(plan.paths)} predictions were written, the "
+                        "rest were not made: predict into another --out (--overwrite would replace the other "
+                        "command's files)") from None
+    return written
+
+
+def _write_all(predictor: Predictor, plan: PredictPlan, uncertainty: bool, progress: bool | None,
+               watershed: float | None, written: list[Path]) -> None:
     out_dir = plan.out
-    written = []
     # closed also on Ctrl-C or an error, before the one line that says so (a bar closed later by the
     # garbage collector was drawn again under it)
     with progress_bar(plan.paths, "predict", show=progress) as bar:
@@ -568,4 +580,3 @@ def _write_predictions(predictor: Predictor, plan: PredictPlan, uncertainty: boo
                 written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette,
                                                predictor.meta.get("category_ids")))
                 bar.update()
-    return written
