@@ -375,3 +375,11 @@ def test_from_checkpoint_messages_speak_python(tmp_path):
     p = Predictor.from_checkpoint(path, device=None)
     assert p.device == torch.device("cpu")
     assert SemanticPredictor(unet(), device=None).device == torch.device("cpu")
+
+
+def test_the_fast_mode_refusal_of_monte_carlo_dropout_names_the_api_words_too():
+    """It spoke only of --mode and --mc-samples to a Python caller who gave mode= and mc_samples=."""
+    model = unet(dropout=0.5)
+    with pytest.raises(UserError, match=re.escape("--mode fast (mode='fast') does not apply to Monte-Carlo dropout "
+                                                  "(--mc-samples, mc_samples=); use --mode eager (mode='eager')")):
+        SemanticPredictor(model, {"model": "unet", "num_classes": 3}, mode="fast", mc_samples=2)

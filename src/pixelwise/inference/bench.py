@@ -114,8 +114,9 @@ def benchmark(model: nn.Module | None, size: tuple[int, int], batch: int = 1, mo
     utilisation is taken (the bf16 peak for a bf16 run); ``gemm_peak_gflops`` and ``utilization``
     are None, with the reason in ``peak_note``, where no GEMM peak of that dtype can be measured
     or the measured one is below the rate the model achieved (int8 without VNNI: not a ceiling);
-    ``agreement`` (semantic models, fast, int8 and onnx modes): the share of pixels whose argmax
-    equals fp32 eager's on a smooth random image; ``train_img_per_s`` with ``train`` (one SGD
+    ``agreement`` (semantic models, fast, int8 and onnx modes; None for an ONNX file given without
+    its checkpoint, which has no float32 reference): the share of pixels whose argmax equals fp32
+    eager's on a smooth random image; ``train_img_per_s`` with ``train`` (one SGD
     step of cross-entropy on random labels, float32 eager). ``threads``: torch's (and
     onnxruntime's) intra-op threads. ``flops``: FLOPs per image if already known.
 

@@ -254,9 +254,10 @@ def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str |
     not offer it, to measure what it costs. An :class:`OnnxModel` and Monte-Carlo dropout
     (``mc_samples``) run only in ``eager``."""
     mode = resolve_mode(mode)
-    what = "an ONNX file" if isinstance(model, OnnxModel) else "--mc-samples" if mc_samples else ""
-    if what and mode in ("fast", "int8"):
-        raise UserError(f"--mode {mode} does not apply to {what}; use --mode eager")
+    what = ("an ONNX file" if isinstance(model, OnnxModel)
+            else "Monte-Carlo dropout (--mc-samples, mc_samples=)" if mc_samples else "")
+    if what and mode in ("fast", "int8"):  # in the words of both the CLI and the Python API
+        raise UserError(f"--mode {mode} (mode={mode!r}) does not apply to {what}; use --mode eager (mode='eager')")
     if mode == "eager" or what:
         return lambda x: forward_logits(model, x)
     dev = torch.device(device)
