@@ -357,3 +357,28 @@ def test_load_checkpoint_takes_device_none_as_the_cpu(tmp_path):
                     {"model": "unet", "num_classes": 2, "model_kwargs": {"base_channels": 4}})
     model, _ = load_checkpoint(tmp_path / "m.safetensors", None)
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_pretrained_weights_that_are_not_float_finite_or_are_prefixed_are_named(tmp_path):
+    """--pretrained took NaN weights (training then 'diverged: lower --lr'), int8 values of a
+    quantised export (cast to float garbage), and a 'module.'-prefixed save was refused without the
+    fix; a file of another class count for a model that keeps its class layer blamed the model name."""
+    from safetensors.torch import save_file
+
+    source = create_model("unet", num_classes=3, base_channels=4)
+    state = {k: v.clone().contiguous() for k, v in source.state_dict().items()}
+
+    def refused(tensors, words, classes=3):
+        save_file(tensors, tmp_path / "w.safetensors")
+        with pytest.raises(UserError, match=re.escape(words)):
+            create_model("unet", num_classes=classes, base_channels=4, pretrained=str(tmp_path / "w.safetensors"))
+
+    nan = {**state, "down.1.0.weight": state["down.1.0.weight"].clone()}
+    nan["down.1.0.weight"].view(-1)[3] = float("nan")
+    refused(nan, "weight down.1.0.weight holds NaN or infinite values")
+    refused({**state, "down.1.0.weight": state["down.1.0.weight"].to(torch.int8)}, "down.1.0.weight holds int8 values")
+    refused({f"module.{k}": v for k, v in state.items()}, "the file's keys begin with 'module.'")
+    refused(state, "the file scores 3 classes and this model 5: UNet loads its class layer as it is", classes=5)
+    save_file(state, tmp_path / "ok.safetensors")
+    model = create_model("unet", num_classes=3, base_channels=4, pretrained=str(tmp_path / "ok.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import check_segmenter_fixture
+from pixelwise.errors import UserError
 from pixelwise.models import create_model, list_models
 from pixelwise.models.deeplab import (
     DeepLabV3PlusHead,
@@ -252,3 +253,30 @@ def test_a_21_class_torchvision_file_fine_tunes_to_another_class_count(tmp_path,
     assert own["classifier.4.weight"].shape[0] == 5
     same = create_model(name, num_classes=21, aux_loss=True, pretrained=str(path))  # nothing to fine-tune
     assert getattr(same, "pretrained_note", None) is None
+
+
+def test_deeplabv3plus_fine_tunes_to_another_class_count_and_a_half_scorer_is_refused(tmp_path):
+    """DeepLabV3+ scores in classifier.score, which the fine-tuning rule (Sequential heads only) never
+    found: its own 3-class file was refused for a 5-class model. A scorer that differs in more than its
+    class count (FCN's with 128 input channels), or of which only the weight differs, was left half
+    random under a note that called it another class count."""
+    from pixelwise.models import create_model
+
+    torch.manual_seed(0)
+    source = create_model("deeplabv3plus_resnet18", num_classes=3)
+    torch.save(source.state_dict(), tmp_path / "v3p.pth")
+    model = create_model("deeplabv3plus_resnet18", num_classes=5, pretrained=str(tmp_path / "v3p.pth"))
+    assert "classifier.score, which score 3 classes in the file" in model.pretrained_note
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in source.state_dict().items() if not k.startswith("classifier.score."))
+
+    fcn = create_model("fcn_resnet50", num_classes=21).state_dict()
+    narrow = {**fcn, "classifier.4.weight": torch.zeros(21, 128, 1, 1)}
+    torch.save(narrow, tmp_path / "narrow.pth")
+    with pytest.raises(UserError, match=r"classifier.4.weight has shape \(21, 128, 1, 1\), the model needs"):
+        create_model("fcn_resnet50", num_classes=21, pretrained=str(tmp_path / "narrow.pth"))
+    half = {**fcn, "classifier.4.weight": torch.zeros(5, 512, 1, 1), "classifier.4.bias": torch.full((21,), 7.0)}
+    torch.save(half, tmp_path / "half.pth")
+    model = create_model("fcn_resnet50", num_classes=21, pretrained=str(tmp_path / "half.pth"))
+    assert "classifier.4, which score 5 classes in the file" in model.pretrained_note
+    assert not torch.equal(model.state_dict()["classifier.4.bias"], half["classifier.4.bias"])  # the whole layer fresh

@@ -139,14 +139,30 @@ def load_matching(model: torch.nn.Module, state: Mapping[str, Tensor], where: st
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
-        raise UserError(f"{where}: weight {k} has shape {tuple(state[k].shape)}, the model needs "
-                        f"{tuple(own[k].shape)}; check the model name and its arguments")
+        have, need = tuple(state[k].shape), tuple(own[k].shape)
+        classes = (f"; if it is the class layer, the file scores {have[0]} classes and this model {need[0]}: "
+                   f"{type(model).__name__} loads its class layer as it is in the file, so build it with "
+                   f"{have[0]} classes (FCN, DeepLab and Mask R-CNN files fine-tune to another class count)"
+                   if have[1:] == need[1:] and k.rsplit(".", 1)[0] == list(own)[-1].rsplit(".", 1)[0] else "")
+        raise UserError(f"{where}: weight {k} has shape {have}, the model needs {need}{classes}; check the model "
+                        "name and its arguments")
+    for k, v in state.items():
+        if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex()):
+            raise UserError(f"{where}: weight {k} holds {str(v.dtype).removeprefix('torch.')} values where the model "
+                            "has floats (a quantised export?); give the float weights")
+        if k in own and v.is_floating_point() and not (bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())):
+            raise UserError(f"{where}: weight {k} holds NaN or infinite values (it would predict nothing); give "
+                            "weights of a run that did not diverge")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(optional)]
     if missing or unexpected:
+        prefix = next((p for p in ("module.", "model.", "backbone.", "encoder.", "net.")
+                       if unexpected and all(k.startswith(p) for k in unexpected)), None)
+        fix = (f"; the file's keys begin with {prefix!r} (a DataParallel/DDP or wrapper save): save it without "
+               "that prefix" if prefix else "")
         raise UserError(f"{where}: weights do not fit {type(model).__name__}: missing {missing[:3]}"
                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
-                        f"{'...' if len(unexpected) > 3 else ''}")
+                        f"{'...' if len(unexpected) > 3 else ''}{fix}")
 
 
 def backbone_file(state: Mapping[str, Tensor], body: torch.nn.Module) -> dict[str, Tensor] | None:

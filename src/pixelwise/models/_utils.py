@@ -169,13 +169,19 @@ def load_model_weights(model: nn.Module, path: str, name: str, tags: tuple[str, 
     # the heads' last layers score the classes: a file of another class count (torchvision's 21-class
     # COCO FCN / DeepLab) fine-tunes with them fresh, as torchvision's recipe replaces classifier[4]
     own = model.state_dict()
-    scorers = tuple(f"{head}.{len(module) - 1}." for head in ("classifier", "aux_classifier")
-                    if isinstance(module := getattr(model, head, None), nn.Sequential))
-    fresh = sorted({k.rsplit(".", 1)[0] for k, v in state.items()
-                    if k.startswith(scorers) and k in own and v.shape != own[k].shape})
-    load_matching(model, state, where, optional=scorers if fresh else ())
+    scorers = tuple(f"{head}.{len(module) - 1}." if isinstance(module, nn.Sequential) else f"{head}.score."
+                    for head in ("classifier", "aux_classifier")
+                    if isinstance(module := getattr(model, head, None), nn.Sequential)
+                    or isinstance(getattr(module, "score", None), nn.Conv2d))  # DeepLabV3+'s head scores in .score
+    # a scorer of another class count only (its other dimensions the model's): that whole layer is fresh
+    fresh = sorted({k.rsplit(".", 1)[0] for k, v in state.items() if k.startswith(scorers) and k in own
+                    and v.shape[0] != own[k].shape[0] and v.shape[1:] == own[k].shape[1:]})
+    file_classes = next((state[k].shape[0] for k in state if fresh and k.startswith(fresh[0] + ".")), None)
+    layers = tuple(f"{layer}." for layer in fresh)
+    if fresh:
+        state = {k: v for k, v in state.items() if not k.startswith(layers)}
+    load_matching(model, state, where, optional=layers)
     if fresh:
         note = (f"{name}: loaded the weights {path} but {', '.join(fresh)}, which score "
-                f"{state[fresh[0] + '.weight'].shape[0]} classes in the file: initialised for this model's "
-                "classes (fine-tuning)")
+                f"{file_classes} classes in the file: initialised for this model's classes (fine-tuning)")
         setattr(model, "pretrained_note", note)  # noqa: B010 - what pixelwise train prints (as FCN-VGG's)
