@@ -279,7 +279,7 @@ def test_a_top_level_crop_takes_the_list_form_of_augments_crop(tmp_path):
     (tmp_path / "c.yaml").write_text("crop: [20, 24]\n", encoding="utf-8")
     assert load_yaml_config(tmp_path / "c.yaml")["crop"] == "20x24"
     (tmp_path / "bad.yaml").write_text("crop: [20, true]\n", encoding="utf-8")
-    with pytest.raises(UserError, match="crop must be text"):
+    with pytest.raises(UserError, match=r"crop must be HxW, one side N or \[h, w\] \(whole numbers\)"):
         load_yaml_config(tmp_path / "bad.yaml")
 
 
