@@ -143,3 +143,20 @@ def test_torchrun_resume_settles_a_pending_best_on_rank_0_only(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.glob("settled.rank*")) == ["settled.rank0"]
     assert not (out / "best.pending.safetensors").exists()
+
+
+def test_torchrun_a_batch_of_one_per_process_is_refused_up_front_and_each_rank_says_it_on_its_own_line(tmp_path):
+    """2 images over 2 processes gave each a batch of 1, which the check of the whole set passed: the
+    run wrote config.yaml and stopped mid-epoch with a fix that did not help; the two ranks' error
+    lines could run together on one line."""
+    out = tmp_path / "dl"
+    proc = torchrun_train(["--model", "deeplabv3plus_resnet18", "--dataset", "shapes", "--epochs", "1",
+                           "--batch-size", "2", "--no-progress", "--out", str(out),
+                           "--dataset-kwargs", json.dumps({"num_train": 2, "num_val": 2, "size": 64})], timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "pixelwise: error:" in line]
+    words = "trains on at least 2 images per batch (the BatchNorm of its image pooling sees one value per image), " \
+            "and this run has 1 (2 images over 2 processes)"
+    assert len(lines) == 2 and all(line.count("pixelwise: error:") == 1 and words in line for line in lines), lines
+    assert sorted(line.startswith("[rank 1] ") for line in lines) == [False, True]
+    assert not out.exists()

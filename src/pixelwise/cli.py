@@ -1097,6 +1097,15 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(e, Terminated) else 130
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write (under torchrun every process says its error, and print's two
+    writes, text then newline, could run two processes' lines together), marked with the process's
+    rank where it is not rank 0."""
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+    sys.stderr.write(("" if rank == "0" else f"[rank {rank}] ") + line + "\n")
+    sys.stderr.flush()
+
+
 def _main(argv: list[str] | None) -> int:
     with _sigterm_raises(), _default_pixel_limit_after(), _stdout_may_close():
         try:
@@ -1104,33 +1113,32 @@ def _main(argv: list[str] | None) -> int:
             check_no_empty_paths(args)
             return args.func(args)
         except UserError as e:
-            print(f"pixelwise: error: {_one_line(shown(e))}", file=sys.stderr)
+            _say(f"pixelwise: error: {_one_line(shown(e))}")
             return 2
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
-            print(_stopped(e), file=sys.stderr)
+            _say(_stopped(e))
             return 143 if isinstance(e, Terminated) else 130
         except OSError as e:  # the machine's answer to a path given: permissions, a full disk, ...
             where = f"{e.filename}: " if e.filename else ""
-            print(f"pixelwise: error: {where}{_one_line(e.strerror or str(e))}; check the path, its permissions "
-                  "and the free space", file=sys.stderr)
+            _say(f"pixelwise: error: {where}{_one_line(e.strerror or str(e))}; check the path, its permissions "
+                 "and the free space")
             return 2
         except MemoryError:
-            print("pixelwise: error: out of memory; use a smaller --batch-size, --tile or image size",
-                  file=sys.stderr)
+            _say("pixelwise: error: out of memory; use a smaller --batch-size, --tile or image size")
             return 2
         except RuntimeError as e:
             cpu = "can't allocate memory" in str(e)  # torch's CPU allocator raises a plain RuntimeError
             if type(e).__name__ != "OutOfMemoryError" and not cpu:  # torch's, on the GPU
                 raise
             where = "in main memory" if cpu else "on the device"
-            print(f"pixelwise: error: out of memory {where} ({_one_line(str(e))[:200]}); use a smaller "
-                  "--batch-size, --tile or image size", file=sys.stderr)
+            _say(f"pixelwise: error: out of memory {where} ({_one_line(str(e))[:200]}); use a smaller "
+                 "--batch-size, --tile or image size")
             return 2
         except Exception as e:  # OpenCV's out of memory (torch's is the RuntimeError above); others: a traceback
             if type(e).__module__ != "cv2" or "Insufficient memory" not in str(e):  # cv2.error, not imported here
                 raise
-            print(f"pixelwise: error: out of memory in main memory ({_one_line(str(e))[-120:]}); use a smaller "
-                  "--batch-size, --tile or image size", file=sys.stderr)
+            _say(f"pixelwise: error: out of memory in main memory ({_one_line(str(e))[-120:]}); use a smaller "
+                 "--batch-size, --tile or image size")
             return 2
 
 

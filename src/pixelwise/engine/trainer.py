@@ -730,11 +730,14 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
                           pretrained=cfg.pretrained if resumed is None else str(resumed), **cfg.model_kwargs).to(device)
     check_aux_weight(cfg, module)
     need = getattr(module, "min_train_batch", 1)
-    smallest = min(len(train_ds), *(scfg.batch_size for _, scfg in cfg.stage_configs()))
+    per_rank = math.ceil(len(train_ds) / info.world_size)  # a process's share (DistributedSampler)
+    smallest = min(per_rank, *(scfg.batch_size for _, scfg in cfg.stage_configs()))
     if smallest < need:  # BatchNorm over one value per channel: a ValueError at the first step
+        shared = f" ({len(train_ds)} images over {info.world_size} processes)" if info.enabled else ""
         raise UserError(f"{cfg.model} trains on at least {need} images per batch (the BatchNorm of its image "
-                        f"pooling sees one value per image), and this run has {smallest}; give --batch-size "
-                        f"{need} or more" + (" and more training images" if len(train_ds) < need else ""))
+                        f"pooling sees one value per image), and this run has {smallest}{shared}; give --batch-size "
+                        f"{need} or more" + (" and more training images (or fewer processes)" if per_rank < need
+                                             else ""))
     contract = input_contract(cfg, module, train_ds)
     apply_contract(contract, train_ds, val_ds)
     if cfg.channels_last:
@@ -980,9 +983,12 @@ def resume(run: Run) -> TrainState:
         whole = state.stage_epoch and not state.batch and not state.stage_stopped
         taken = state.stage_epoch_steps or (state.stage_step / state.stage_epoch if whole else steps)
         if steps != taken:
-            raise UserError(f"{run.out} took {taken:g} optimizer steps per epoch and these settings take {steps} "
-                            "(another --batch-size, --accumulate or amount of training data), which would move its "
-                            "learning-rate schedule; resume with the run's own settings, or train into a new --out")
+            procs = f" in {run.info.world_size} processes" if run.info.enabled else " in one process"
+            raise UserError(f"{run.out} took {taken:g} optimizer steps per epoch and these settings take {steps}"
+                            f"{procs} (another --batch-size, --accumulate, number of processes or amount of training "
+                            "data), which would move its learning-rate schedule; resume with the run's own settings "
+                            "and processes (or --batch-size scaled so that processes x batch size is the run's), or "
+                            "train into a new --out")
         if state.batch % scfg.accumulate:  # the next optimizer step would begin inside a group
             raise UserError(f"{run.out} stopped inside epoch {state.epoch + 1} after {state.batch} micro-batches, "
                             f"which --accumulate {scfg.accumulate} does not divide; resume with the run's own "
@@ -1356,7 +1362,8 @@ def save_interrupted(run: Run, state: TrainState) -> str:
     save_state(run, state)
     where = f"epoch {state.epoch + 1} batch {state.batch}" if state.batch else f"the end of epoch {state.epoch}"
     said = (f"saved {run.out / 'last.safetensors'} and its training state at {where}; "
-            f"`{run.resume_command} --out {run.out}` continues from there")
+            f"`{run.resume_command} --out {run.out}` continues from there"
+            + (f" (under torchrun with {run.info.world_size} processes, as it ran)" if run.info.enabled else ""))
     run.log(f"interrupted: {said}")
     return said
 
