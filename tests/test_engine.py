@@ -1304,3 +1304,17 @@ def test_a_resume_with_fewer_epochs_than_trained_is_refused(tmp_path):
     said = []
     fit(tiny(tmp_path, epochs=3, resume=True), log=said.append)
     assert any("nothing to train: the run has trained all its 3 epochs" in line for line in said)
+
+
+def test_a_pretrained_checkpoint_of_other_tensorless_options_is_said(tmp_path):
+    """A U-Net trained with input_norm loaded silently into one built without it (the same tensors,
+    another function: 82% of pixels of the same class)."""
+    fit(tiny(tmp_path / "a", epochs=1, model_kwargs={**TINY_MODEL, "input_norm": True}), log=quiet)
+    said: list[str] = []
+    fit(tiny(tmp_path / "b", epochs=1, pretrained=str(tmp_path / "a" / "last.safetensors")), log=said.append)
+    notes = [line for line in said if line.startswith("note:") and "input_norm=True (this model: False)" in line]
+    assert len(notes) == 1, said
+    said.clear()
+    fit(tiny(tmp_path / "c", epochs=1, pretrained=str(tmp_path / "a" / "last.safetensors"),
+             model_kwargs={**TINY_MODEL, "input_norm": True}), log=said.append)
+    assert not any("was trained with" in line for line in said), said

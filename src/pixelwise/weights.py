@@ -60,18 +60,25 @@ def download_weights(url: str) -> dict[str, Tensor]:
                         "give its path: --pretrained PATH") from None
 
 
-def saved_model_kwargs(source: str | Path) -> dict | None:
-    """The ``model_kwargs`` a pixelwise checkpoint records (the JSON ``pixelwise`` entry of its
-    safetensors header, :mod:`pixelwise.checkpoint`): options that have no tensor, which its
-    weights alone do not tell; None for other files, tags and unreadable headers."""
+def saved_meta(source: str | Path) -> dict | None:
+    """The metadata a pixelwise checkpoint records (the JSON ``pixelwise`` entry of its safetensors
+    header, :mod:`pixelwise.checkpoint`), read without its tensors; None for other files, tags and
+    unreadable headers."""
     path = Path(source)
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            kwargs = json.loads((f.metadata() or {}).get("pixelwise", "{}")).get("model_kwargs")
+            meta = json.loads((f.metadata() or {}).get("pixelwise", "{}"))
     except (SafetensorError, OSError, ValueError, AttributeError):
         return None
+    return meta if isinstance(meta, dict) else None
+
+
+def saved_model_kwargs(source: str | Path) -> dict | None:
+    """The ``model_kwargs`` a pixelwise checkpoint records: options that have no tensor, which its
+    weights alone do not tell; None for other files, tags and unreadable headers."""
+    kwargs = (saved_meta(source) or {}).get("model_kwargs")
     return kwargs if isinstance(kwargs, dict) else None
 
 

@@ -40,6 +40,7 @@ import csv
 import errno
 import functools
 import glob
+import inspect
 import json
 import math
 import operator
@@ -101,6 +102,7 @@ from pixelwise.models.registry import check_model_kwargs, model_options
 from pixelwise.preprocess import InputSpec
 from pixelwise.runtime import HeldSignals, check_can_create, progress, show_progress, signals_ignored
 from pixelwise.sample import IGNORE_INDEX
+from pixelwise.weights import saved_meta
 
 RngState = tuple[dict[str, torch.Tensor], dict]  # (tensors, JSON-able values) of every RNG
 PRETRAINED_TAGS = ("imagenet", "coco")  # published weights a builder downloads by name
@@ -701,6 +703,25 @@ def check_aux_weight(cfg: TrainConfig, module: nn.Module | None = None) -> None:
                             "--model-kwargs '{\"aux_loss\": true}')")
 
 
+def note_other_options(cfg: TrainConfig, log: Callable[[str], None]) -> None:
+    """A pixelwise checkpoint given as --pretrained records its model's options; those without
+    tensors (U-Net's input_norm, padding) load into a model built otherwise without an error, which
+    then computes another function: said, option by option (the builder's default where unset)."""
+    meta = saved_meta(cfg.pretrained) if cfg.pretrained else None
+    saved = (meta or {}).get("model_kwargs")
+    if not isinstance(saved, dict) or (meta or {}).get("model") != cfg.model:  # another model: its builder's rules
+        return
+    options = model_options(cfg.model) or {}
+    default = {k: p.default for k, p in options.items() if p.default is not inspect.Parameter.empty}
+    differ = [f"{k}={saved.get(k, default.get(k))!r} (this model: {cfg.model_kwargs.get(k, default.get(k))!r})"
+              for k in sorted(set(saved) | set(cfg.model_kwargs)) if k in options
+              and saved.get(k, default.get(k)) != cfg.model_kwargs.get(k, default.get(k))]
+    if differ:
+        log(f"note: {cfg.pretrained} was trained with {', '.join(differ)}; its weights are loaded as they are, "
+            "but the model built here computes otherwise: give --model-kwargs with the checkpoint's options to "
+            "continue its function")
+
+
 def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: Callable[[str], None],
               callbacks: Sequence[Callback] = ()) -> Run:
     """Datasets, model, optimizer, precision, input contract, class weights, DDP. Every check runs
@@ -729,6 +750,8 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     module = create_model(cfg.model, num_classes=train_ds.num_classes,
                           pretrained=cfg.pretrained if resumed is None else str(resumed), **cfg.model_kwargs).to(device)
     check_aux_weight(cfg, module)
+    if resumed is None and cfg.pretrained not in (None, *PRETRAINED_TAGS):
+        note_other_options(cfg, log)
     need = getattr(module, "min_train_batch", 1)
     per_rank = math.ceil(len(train_ds) / info.world_size)  # a process's share (DistributedSampler)
     smallest = min(per_rank, *(scfg.batch_size for _, scfg in cfg.stage_configs()))
