@@ -378,6 +378,17 @@ def test_pretrained_weights_that_are_not_float_finite_or_are_prefixed_are_named(
     refused(nan, "weight down.1.0.weight holds NaN or infinite values")
     refused({**state, "down.1.0.weight": state["down.1.0.weight"].to(torch.int8)}, "down.1.0.weight holds int8 values")
     refused({f"module.{k}": v for k, v in state.items()}, "the file's keys begin with 'module.'")
+    fcn32 = create_model("fcn32s", num_classes=3).state_dict()
+    fcn32["score_fr.weight"] = fcn32["score_fr.weight"].clone()
+    fcn32["score_fr.weight"][0, 0] = float("nan")
+    torch.save(fcn32, tmp_path / "fcn32s.pth")  # a staged recipe's coarser stage that diverged
+    with pytest.raises(UserError, match="weight score_fr.weight holds NaN or infinite values"):
+        create_model("fcn16s", num_classes=3, pretrained=str(tmp_path / "fcn32s.pth"))
+    deeper = create_model("deeplabv3_resnet101", num_classes=3).state_dict()
+    torch.save(deeper, tmp_path / "r101.pth")  # its keys begin with backbone., as the model's own: no prefix hint
+    with pytest.raises(UserError, match=r"do not fit DeepLabV3: missing \[\], unexpected \[.backbone.layer3") as e:
+        create_model("deeplabv3_resnet50", num_classes=3, pretrained=str(tmp_path / "r101.pth"))
+    assert "prefix" not in str(e.value)
     refused(state, "the file scores 3 classes and this model 5: UNet loads its class layer as it is", classes=5)
     save_file(state, tmp_path / "ok.safetensors")
     model = create_model("unet", num_classes=3, base_channels=4, pretrained=str(tmp_path / "ok.safetensors"))

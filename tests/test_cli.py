@@ -530,3 +530,14 @@ def test_num_workers_is_bounded():
     assert check_value("num_workers", 256, "--num-workers") == 256
     with pytest.raises(UserError, match="--num-workers must be an integer >= 0 and <= 256, got 1e"):
         check_value("num_workers", 1e30, "--num-workers")
+
+
+def test_an_error_is_said_where_stderr_is_none(tmp_path, monkeypatch, capsys):
+    """Under pythonw or a windowed app sys.stderr is None: print() fell back to stdout, the one-write
+    line of torchrun's processes raised AttributeError."""
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["predict", "--checkpoint", str(tmp_path / "none.safetensors"), str(tmp_path / "x.png"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().out.startswith("pixelwise: error: ")

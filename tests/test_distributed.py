@@ -154,9 +154,11 @@ def test_torchrun_a_batch_of_one_per_process_is_refused_up_front_and_each_rank_s
                            "--batch-size", "2", "--no-progress", "--out", str(out),
                            "--dataset-kwargs", json.dumps({"num_train": 2, "num_val": 2, "size": 64})], timeout=300)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "pixelwise: error:" in line]
+    said = [line for line in proc.stderr.splitlines() if "pixelwise: " in line]
     words = "trains on at least 2 images per batch (the BatchNorm of its image pooling sees one value per image), " \
             "and this run has 1 (2 images over 2 processes)"
-    assert len(lines) == 2 and all(line.count("pixelwise: error:") == 1 and words in line for line in lines), lines
-    assert sorted(line.startswith("[rank 1] ") for line in lines) == [False, True]
+    assert all(line.count("pixelwise: ") == 1 for line in said), said  # no two processes' lines run together
+    assert any(line.startswith("pixelwise: error: ") and words in line for line in said), said  # rank 0's
+    # rank 1 says the same marked as its own, or, stopped by torchrun once rank 0 has ended, that it was
+    assert all(line.startswith("pixelwise: error: ") or line.startswith("[rank 1] pixelwise: ") for line in said), said
     assert not out.exists()

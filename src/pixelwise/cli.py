@@ -1102,8 +1102,10 @@ def _say(line: str) -> None:
     writes, text then newline, could run two processes' lines together), marked with the process's
     rank where it is not rank 0."""
     rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
-    sys.stderr.write(("" if rank == "0" else f"[rank {rank}] ") + line + "\n")
-    sys.stderr.flush()
+    stream = sys.stderr or sys.stdout  # None under pythonw or a windowed app: print() fell back so too
+    if stream is not None:
+        stream.write(("" if rank == "0" else f"[rank {rank}] ") + line + "\n")
+        stream.flush()
 
 
 def _main(argv: list[str] | None) -> int:

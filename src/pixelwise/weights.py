@@ -133,6 +133,19 @@ def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> d
     return state
 
 
+def check_values(state: Mapping[str, Tensor], own: Mapping[str, Tensor], where: str) -> None:
+    """A UserError for a tensor of ``state`` that the model (``own``, its state dict) takes and that
+    holds NaN or infinite values, or integers where the model has floats (a quantised export);
+    the sum is read first, the whole tensor only where it is not finite (a float16 sum may overflow)."""
+    for k, v in state.items():
+        if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex()):
+            raise UserError(f"{where}: weight {k} holds {str(v.dtype).removeprefix('torch.')} values where the model "
+                            "has floats (a quantised export?); give the float weights")
+        if k in own and v.is_floating_point() and not (bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())):
+            raise UserError(f"{where}: weight {k} holds NaN or infinite values (it would predict nothing); give "
+                            "weights of a run that did not diverge")
+
+
 def load_matching(model: torch.nn.Module, state: Mapping[str, Tensor], where: str,
                   optional: tuple[str, ...] = ()) -> None:
     """``model.load_state_dict(state, strict=True)`` except that keys starting with a prefix in
@@ -153,18 +166,12 @@ def load_matching(model: torch.nn.Module, state: Mapping[str, Tensor], where: st
                    if have[1:] == need[1:] and k.rsplit(".", 1)[0] == list(own)[-1].rsplit(".", 1)[0] else "")
         raise UserError(f"{where}: weight {k} has shape {have}, the model needs {need}{classes}; check the model "
                         "name and its arguments")
-    for k, v in state.items():
-        if k in own and own[k].is_floating_point() and not (v.is_floating_point() or v.is_complex()):
-            raise UserError(f"{where}: weight {k} holds {str(v.dtype).removeprefix('torch.')} values where the model "
-                            "has floats (a quantised export?); give the float weights")
-        if k in own and v.is_floating_point() and not (bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())):
-            raise UserError(f"{where}: weight {k} holds NaN or infinite values (it would predict nothing); give "
-                            "weights of a run that did not diverge")
+    check_values(state, own, where)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(optional)]
     if missing or unexpected:
         prefix = next((p for p in ("module.", "model.", "backbone.", "encoder.", "net.")
-                       if unexpected and all(k.startswith(p) for k in unexpected)), None)
+                       if unexpected and all(k.startswith(p) and k[len(p):] in own for k in unexpected)), None)
         fix = (f"; the file's keys begin with {prefix!r} (a DataParallel/DDP or wrapper save): save it without "
                "that prefix" if prefix else "")
         raise UserError(f"{where}: weights do not fit {type(model).__name__}: missing {missing[:3]}"

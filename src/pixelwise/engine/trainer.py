@@ -711,7 +711,9 @@ def note_other_options(cfg: TrainConfig, log: Callable[[str], None]) -> None:
     saved = (meta or {}).get("model_kwargs")
     if not isinstance(saved, dict) or (meta or {}).get("model") != cfg.model:  # another model: its builder's rules
         return
-    options = model_options(cfg.model) or {}
+    # options that change only training (dropout, the auxiliary head) or that the loader converts
+    # (FCN-VGG's at_once: it rescales the scorers, the same function) are not named
+    options = {k: p for k, p in (model_options(cfg.model) or {}).items() if k not in ("dropout", "aux_loss", "at_once")}
     default = {k: p.default for k, p in options.items() if p.default is not inspect.Parameter.empty}
     differ = [f"{k}={saved.get(k, default.get(k))!r} (this model: {cfg.model_kwargs.get(k, default.get(k))!r})"
               for k in sorted(set(saved) | set(cfg.model_kwargs)) if k in options
@@ -759,8 +761,8 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
         shared = f" ({len(train_ds)} images over {info.world_size} processes)" if info.enabled else ""
         raise UserError(f"{cfg.model} trains on at least {need} images per batch (the BatchNorm of its image "
                         f"pooling sees one value per image), and this run has {smallest}{shared}; give --batch-size "
-                        f"{need} or more" + (" and more training images (or fewer processes)" if per_rank < need
-                                             else ""))
+                        f"{need} or more" + (" and more training images" if per_rank < need else "")
+                        + (" (or fewer processes)" if per_rank < need and info.enabled else ""))
     contract = input_contract(cfg, module, train_ds)
     apply_contract(contract, train_ds, val_ds)
     if cfg.channels_last:
@@ -1010,7 +1012,8 @@ def resume(run: Run) -> TrainState:
             raise UserError(f"{run.out} took {taken:g} optimizer steps per epoch and these settings take {steps}"
                             f"{procs} (another --batch-size, --accumulate, number of processes or amount of training "
                             "data), which would move its learning-rate schedule; resume with the run's own settings "
-                            "and processes (or --batch-size scaled so that processes x batch size is the run's), or "
+                            "and processes (or, with another number of processes, a --batch-size that gives the "
+                            "run's steps per epoch), or "
                             "train into a new --out")
         if state.batch % scfg.accumulate:  # the next optimizer step would begin inside a group
             raise UserError(f"{run.out} stopped inside epoch {state.epoch + 1} after {state.batch} micro-batches, "

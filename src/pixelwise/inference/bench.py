@@ -312,7 +312,7 @@ def reset_peak_memory(dev: torch.device) -> bool:
         return True
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM, ru_maxrss) to the current RSS (Linux >= 4.0)
+            f.write("5")  # resets the peak RSS (VmHWM, which peak_rss_mb reads) to the current RSS (Linux >= 4.0)
     except OSError:
         return False
     return True

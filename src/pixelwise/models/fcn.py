@@ -66,7 +66,7 @@ from pixelwise.layers import BilinearUpsample
 from pixelwise.models._checks import dropout_rate
 from pixelwise.models._utils import SimpleSegmentationModel, crop_top_left, load_model_weights, pad_to_multiple
 from pixelwise.models.registry import register_model
-from pixelwise.weights import load_matching, read_weights, saved_model_kwargs
+from pixelwise.weights import check_values, load_matching, read_weights, saved_model_kwargs
 
 __all__ = ["FCN", "FCNHead", "FCNVGG", "fcn8s", "fcn16s", "fcn32s", "fcn_resnet50", "fcn_resnet101",
            "load_coarser_fcn", "score_conv", "vgg16_to_fcn"]
@@ -197,6 +197,7 @@ def load_coarser_fcn(model: FCNVGG, state: dict[str, Tensor], source: str) -> st
     if src == model.output_stride:
         load_matching(model, state, where)
         return f"{name}: loaded all {len(state)} tensors of the fcn{src}s weights {source}"
+    check_values(shared, own, where)
     model.load_state_dict(shared, strict=False)
     how = {"score": "zero", "upscore": "bilinear"}
     init = ", ".join(f"{m} ({how['score' if m.startswith('score') else 'upscore']}"
