@@ -21,7 +21,6 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from pixelwise.errors import UserError, not_a_file
 from pixelwise.models import create_model, model_info
 from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from pixelwise.runtime import check_device
+from pixelwise.weights import first_non_finite
 
 FORMAT = "pixelwise-checkpoint/1"
 _PICKLE_SUFFIXES = {".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin"}
@@ -353,14 +353,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                         "meaningless; the training that wrote it diverged: use an earlier checkpoint, or retrain "
                         "(lower --lr)")
     return state, meta
-
-
-def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    """The name of the first floating tensor in ``tensors`` holding a NaN or infinite value, or
-    None. Each tensor's sum is looked at first (NaN and inf carry into it; ten times faster than a
-    look at each value), its values only where the sum is not finite."""
-    return next((name for name, t in tensors.items() if t.is_floating_point()
-                 and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())), None)
 
 
 def metadata_problem(meta: dict) -> str | None:

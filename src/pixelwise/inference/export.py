@@ -55,13 +55,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise._version import __version__
-from pixelwise.checkpoint import atomic_write, first_non_finite, input_spec_from_meta
+from pixelwise.checkpoint import atomic_write, input_spec_from_meta
 from pixelwise.errors import UserError
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.onnx_runner import META_KEY, make_session
 from pixelwise.inference.tiling import model_geometry
 from pixelwise.models import Logits, forward_logits, kept_as_it_was
 from pixelwise.models.maskrcnn import MaskRCNN
+from pixelwise.weights import first_non_finite
 
 DEFAULT_OPSET = 17
 # The oldest opset each precision exports at (found by exporting the zoo): float32 needs 11
