@@ -288,12 +288,11 @@ def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
         inside = sorted(p.name for p in path.glob("*.safetensors") if not p.name.endswith(".state.safetensors"))
         hint = f" such as {path / inside[0]}" if inside else ""
         raise UserError(f"{what} {path} is a folder: give a checkpoint file in it{hint}")
-    problem = not_a_file(path)
+    problem = not_a_file(path, "a checkpoint file")
     if problem == "file not found":
         raise UserError(f"{what} {path} not found")
     if problem:
-        raise UserError(f"{what} {path}: {problem}"
-                        + ("; give a checkpoint file" if problem.startswith("not a regular") else ""))
+        raise UserError(f"{what} {path}: {problem}")
     with open(path, "rb") as f:
         head = f.read(9)
     if is_safetensors(head, path.stat().st_size):

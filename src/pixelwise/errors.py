@@ -31,10 +31,10 @@ def shown(text: object) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
-
-def not_a_file(path: Path) -> str | None:
+def not_a_file(path: Path, wanted: str = "") -> str | None:
     """Why ``path`` is not a regular file to read, in words (``file not found``, a broken link or a
-    link loop with where it points, a folder, pipe or device); None when it is one."""
+    link loop with where it points, a folder, pipe or device, then ``; give <wanted>``); None
+    when it is one."""
     if path.is_file():
         return None
     if path.is_symlink() and not path.exists():
@@ -46,4 +46,6 @@ def not_a_file(path: Path) -> str | None:
                        "link or remove it"
         return f"broken symbolic link (it points to {os.readlink(path)}, which does not exist); fix the link or " \
                "remove it"
-    return "not a regular file (a folder, pipe or device)" if path.exists() else "file not found"
+    if not path.exists():
+        return "file not found"
+    return "not a regular file (a folder, pipe or device)" + (f"; give {wanted}" if wanted else "")

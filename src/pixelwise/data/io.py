@@ -154,9 +154,9 @@ def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
 
 def _existing(path: PathLike) -> Path:
     path = Path(path)
-    problem = not_a_file(path)
+    problem = not_a_file(path, "an image file")
     if problem:
-        raise UserError(f"{path}: {problem}" + ("; give an image file" if problem.startswith("not a regular") else ""))
+        raise UserError(f"{path}: {problem}")
     return path
 
 
