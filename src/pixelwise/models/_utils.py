@@ -169,10 +169,13 @@ def load_model_weights(model: nn.Module, path: str, name: str, tags: tuple[str, 
     # the heads' last layers score the classes: a file of another class count (torchvision's 21-class
     # COCO FCN / DeepLab) fine-tunes with them fresh, as torchvision's recipe replaces classifier[4]
     own = model.state_dict()
-    scorers = tuple(f"{head}.{len(module) - 1}." if isinstance(module, nn.Sequential) else f"{head}.score."
-                    for head in ("classifier", "aux_classifier")
-                    if isinstance(module := getattr(model, head, None), nn.Sequential)
-                    or isinstance(getattr(module, "score", None), nn.Conv2d))  # DeepLabV3+'s head scores in .score
+    scorers: tuple[str, ...] = ()
+    for head in ("classifier", "aux_classifier"):
+        module = getattr(model, head, None)
+        if isinstance(module, nn.Sequential):
+            scorers += (f"{head}.{len(module) - 1}.",)
+        elif isinstance(getattr(module, "score", None), nn.Conv2d):  # DeepLabV3+'s head scores in .score
+            scorers += (f"{head}.score.",)
     # a scorer of another class count only (its other dimensions the model's): that whole layer is fresh
     fresh = sorted({k.rsplit(".", 1)[0] for k, v in state.items() if k.startswith(scorers) and k in own
                     and v.shape[0] != own[k].shape[0] and v.shape[1:] == own[k].shape[1:]})
