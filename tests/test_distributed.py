@@ -22,11 +22,12 @@ TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
 TINY_DATA = {"num_train": 16, "num_val": 7, "size": 32}  # 7 val images: uneven shards (4 + 3)
 
 
-def torchrun_train(args: list[str], timeout: int, entry: tuple[str, ...] = ("-m", "pixelwise")):
-    """``pixelwise train ARGS`` in 2 CPU processes under torchrun (``entry``: what each process runs)."""
+def torchrun_train(args: list[str], timeout: int, tmp: Path, entry: tuple[str, ...] = ("-m", "pixelwise")):
+    """``pixelwise train ARGS`` in 2 CPU processes under torchrun (``entry``: what each process runs);
+    torchrun's own log folder goes into ``tmp``, not the machine's /tmp, where it would stay."""
     launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m",
                                                                              "torch.distributed.run"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
     return subprocess.run([*launcher, "--standalone", "--nproc_per_node", "2", *entry, "train", *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
 
@@ -35,7 +36,7 @@ def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
     out = tmp_path / "ddp"
     proc = torchrun_train(["--model", "unet", "--dataset", "shapes", "--epochs", "2", "--batch-size", "4",
                            "--no-progress", "--amp", "off", "--out", str(out), "--model-kwargs", json.dumps(TINY_MODEL),
-                           "--dataset-kwargs", json.dumps(TINY_DATA)], timeout=300)
+                           "--dataset-kwargs", json.dumps(TINY_DATA)], timeout=300, tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done in") == 1  # rank 0 only prints
     summary = json.loads((out / "metrics.json").read_text())
@@ -66,7 +67,7 @@ def test_torchrun_validation_sums_the_isbi_errors_over_ranks(tmp_path):
     proc = torchrun_train(["--model", "unet", "--dataset", "isbi2012", "--data", str(root), "--epochs", "1",
                            "--batch-size", "1", "--no-progress", "--amp", "off", "--out", str(out),
                            "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(kwargs),
-                           "--augment", '{"flip": false, "jitter": false}'], timeout=300)
+                           "--augment", '{"flip": false, "jitter": false}'], timeout=300, tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((out / "metrics.json").read_text())["final"]
 
@@ -107,7 +108,7 @@ def test_torchrun_ranks_stop_together_when_one_clock_passes_the_time_budget(tmp_
     proc = torchrun_train(["--model", "unet", "--dataset", "shapes", "--epochs", "3", "--batch-size", "2",
                            "--max-minutes", "10", "--no-progress", "--amp", "off", "--out", str(out),
                            "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)],
-                          timeout=240, entry=(str(script),))
+                          timeout=240, tmp=tmp_path, entry=(str(script),))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["stopped_by_time_budget"] and summary["epochs_completed"] == 1
@@ -136,10 +137,10 @@ def test_torchrun_resume_settles_a_pending_best_on_rank_0_only(tmp_path):
     out = tmp_path / "ddp"
     common = ["--model", "unet", "--dataset", "shapes", "--batch-size", "4", "--no-progress", "--amp", "off",
               "--out", str(out), "--model-kwargs", json.dumps(TINY_MODEL), "--dataset-kwargs", json.dumps(TINY_DATA)]
-    proc = torchrun_train([*common, "--epochs", "1"], timeout=300)
+    proc = torchrun_train([*common, "--epochs", "1"], timeout=300, tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     shutil.copy(out / "last.safetensors", out / "best.pending.safetensors")  # what a kill there leaves
-    proc = torchrun_train([*common, "--epochs", "2", "--resume"], timeout=300, entry=(str(script),))
+    proc = torchrun_train([*common, "--epochs", "2", "--resume"], timeout=300, tmp=tmp_path, entry=(str(script),))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.glob("settled.rank*")) == ["settled.rank0"]
     assert not (out / "best.pending.safetensors").exists()
@@ -152,7 +153,8 @@ def test_torchrun_a_batch_of_one_per_process_is_refused_up_front_and_each_rank_s
     out = tmp_path / "dl"
     proc = torchrun_train(["--model", "deeplabv3plus_resnet18", "--dataset", "shapes", "--epochs", "1",
                            "--batch-size", "2", "--no-progress", "--out", str(out),
-                           "--dataset-kwargs", json.dumps({"num_train": 2, "num_val": 2, "size": 64})], timeout=300)
+                           "--dataset-kwargs", json.dumps({"num_train": 2, "num_val": 2, "size": 64})],
+                          timeout=300, tmp=tmp_path)
     assert proc.returncode != 0
     said = [line for line in proc.stderr.splitlines() if "pixelwise: " in line]
     words = "trains on at least 2 images per batch (the BatchNorm of its image pooling sees one value per image), " \
