@@ -159,10 +159,11 @@ def check_values(state: Mapping[str, Tensor], own: Mapping[str, Tensor], where: 
 
 
 def load_matching(model: torch.nn.Module, state: Mapping[str, Tensor], where: str,
-                  optional: tuple[str, ...] = ()) -> None:
+                  optional: tuple[str, ...] = ()) -> list[str]:
     """``model.load_state_dict(state, strict=True)`` except that keys starting with a prefix in
     ``optional`` may be absent from ``state`` or have another shape (a classifier with another
-    number of classes); those keep their fresh initialisation. Mismatches raise :class:`UserError`."""
+    number of classes); those keep their fresh initialisation, and the names of their layers are
+    returned (sorted), for the caller to say so. Mismatches raise :class:`UserError`."""
     own = model.state_dict()
     state = dict(state)
     for key in list(state):
@@ -189,6 +190,7 @@ def load_matching(model: torch.nn.Module, state: Mapping[str, Tensor], where: st
         raise UserError(f"{where}: weights do not fit {type(model).__name__}: missing {missing[:3]}"
                         f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
                         f"{'...' if len(unexpected) > 3 else ''}{fix}")
+    return sorted({k.rsplit(".", 1)[0] for k in own if k.startswith(optional) and k not in state}) if optional else []
 
 
 def backbone_file(state: Mapping[str, Tensor], body: torch.nn.Module) -> dict[str, Tensor] | None:

@@ -170,7 +170,13 @@ def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -
         load_matching(model.backbone.body, alone, f"maskrcnn(pretrained={pretrained!r}) backbone")
         return
     optional = CLASS_SPECIFIC if num_classes != COCO_NUM_CLASSES else ()
-    load_matching(model, state, f"maskrcnn(pretrained={pretrained!r})", optional=optional)
+    fresh = load_matching(model, state, f"maskrcnn(pretrained={pretrained!r})", optional=optional)
+    if fresh:  # what pixelwise train prints: the class layers did not come from the file
+        scorers = [state.get(k) for k in (CLASS_SPECIFIC[0] + "cls_score.weight", CLASS_SPECIFIC[1] + "weight")]
+        counts = [int(v.shape[0]) for v in scorers if v is not None and v.ndim >= 2]
+        why = f"the file scores {counts[0]} classes" if counts else "the file has no such layers"
+        model.pretrained_note = (f"maskrcnn: loaded the weights {pretrained} but {', '.join(fresh)}: {why}, "
+                                 f"initialised for this model's {num_classes} classes (fine-tuning)")
     # torchvision's COCO weights were trained with frozen BatchNorm of eps 0: the tag, or a hand-downloaded
     # copy of that file (the download error's advice), kept under its name
     if pretrained == "coco" or os.path.basename(str(pretrained)) == COCO_URL.rsplit("/", 1)[1]:

@@ -72,6 +72,8 @@ class MaskRCNN(nn.Module):
     "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}``.
     """
 
+    pretrained_note: str | None = None  # set by the builder when the file's class layers were not loaded
+
     def __init__(
         self,
         transform: RCNNTransform,
