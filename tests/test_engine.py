@@ -726,6 +726,23 @@ def test_resume_inside_an_epoch_or_after_a_time_stop_refuses_another_step_count(
     assert done["epochs_completed"] == 3 and done["steps"] == first["steps"] + 2 * 4  # the last two whole
 
 
+def test_a_stop_after_an_epochs_last_smaller_group_resumes_exactly(tmp_path):
+    """5 micro-batches with --accumulate 3 take steps of 3 and 2: a Ctrl-C after the second (while
+    the epoch is validated) saved 'batch 5', which every resume refused as a cut group, though the
+    run was resumed with its own --accumulate: the run could only be started over."""
+    kw = {"batch_size": 2, "accumulate": 3, "optimizer": "sgd", "dataset_kwargs": {**TINY_DATA, "num_train": 10}}
+    fit(tiny(tmp_path / "whole", **kw), log=quiet)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path / "cut", **kw), log=quiet, callbacks=[interrupt_at("step", lambda s: s.step == 2)])
+    assert trainer.TrainState.from_json(state_header(tmp_path / "cut")).batch == 5
+    fit(tiny(tmp_path / "cut", **kw, resume=True), log=quiet)
+    weights_equal(tmp_path / "whole", tmp_path / "cut", tol=0)
+    whole, cut = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
+    for metrics in (whole, cut):
+        metrics["final"].pop("img_per_s"), metrics["final"].pop("elapsed_s")  # timings
+    assert whole["final"] == cut["final"] and whole["steps"] == cut["steps"] == 4
+
+
 def test_resume_keeps_the_runs_data_and_only_notes_a_moved_folder(tmp_path):
     rng = np.random.default_rng(0)
     for sub in ("images", "masks"):

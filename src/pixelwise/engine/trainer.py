@@ -1002,7 +1002,8 @@ def resume(run: Run) -> TrainState:
                             "images of that epoch), or train into a new --out")
     if state.stage_step:  # the stage's LR schedule counts its optimizer steps: it would jump, or stop at 0
         scfg = run.cfg.stage_configs()[state.stage][1]
-        steps = math.ceil(epoch_batches(run, scfg)[0] / scfg.accumulate)
+        batches = epoch_batches(run, scfg)[0]
+        steps = math.ceil(batches / scfg.accumulate)
         # recorded as the stage began; states of before had only the ratio, which holds between whole
         # epochs that the time budget did not cut short
         whole = state.stage_epoch and not state.batch and not state.stage_stopped
@@ -1015,7 +1016,9 @@ def resume(run: Run) -> TrainState:
                             "and processes (or, with another number of processes, a --batch-size that gives the "
                             "run's steps per epoch), or "
                             "train into a new --out")
-        if state.batch % scfg.accumulate:  # the next optimizer step would begin inside a group
+        # the next optimizer step would begin inside a group (an epoch's last, smaller group is whole: a
+        # stop after it, e.g. while the epoch is validated, has all the epoch's batches)
+        if state.batch % scfg.accumulate and state.batch != batches:
             raise UserError(f"{run.out} stopped inside epoch {state.epoch + 1} after {state.batch} micro-batches, "
                             f"which --accumulate {scfg.accumulate} does not divide; resume with the run's own "
                             "--accumulate, or train into a new --out")
