@@ -437,7 +437,7 @@ def test_every_predict_entry_names_an_image_it_cannot_take(checkpoint, image):
 
 @pytest.mark.parametrize("options, words", [({"tile": 20.5}, "--tile must be a whole number, got 20.5"),
                                             ({"batch_size": "4"}, "--batch-size must be a whole number"),
-                                            ({"overlap": "a"}, "--overlap must be a number"),
+                                            ({"overlap": "a", "tile": 32}, "--overlap must be a number"),
                                             ({"resize": 16}, r"resize must be \(height, width\)")])
 def test_python_options_of_the_wrong_type_are_named(checkpoint, options, words):
     from pixelwise.errors import UserError

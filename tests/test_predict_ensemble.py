@@ -127,6 +127,29 @@ def test_mc_samples_on_an_ensemble_samples_the_members_with_dropout(tmp_path):
         from_checkpoints([plain, _save(tmp_path / "q.safetensors", 2)], mc_samples=8)
 
 
+@pytest.mark.parametrize("options, words", [({"mc_samples": -1}, "--mc-samples must be from 0 to 1,000, got -1"),
+                                            ({"mc_samples": 2_000_000_000}, "--mc-samples must be from 0 to 1,000"),
+                                            ({"mc_samples": 2.5}, "--mc-samples must be a whole number"),
+                                            ({"mc_samples": 2, "mode": "fast"}, "does not apply to Monte-Carlo"),
+                                            ({"overlap": 0.5}, "overlap=0.5 goes with tile=N")])
+def test_an_ensemble_refuses_the_options_its_members_refuse(tmp_path, capsys, options, words):
+    """An ensemble set mc_samples on its members after building them, past every check: -1 or 2e9
+    was a ValueError traceback (exit 1) from the sampling, and --mode fast with --mc-samples ran for
+    two checkpoints while one was refused; overlap without tile was taken by the Python API."""
+    dropout, plain = _save(tmp_path / "d.safetensors", 0, dropout=0.5), _save(tmp_path / "p.safetensors", 1)
+    for paths in ([dropout], [dropout, plain]):
+        with pytest.raises(UserError, match=words):
+            from_checkpoints(paths, **options)
+    if options == {"mc_samples": 2.5}:
+        return  # the CLI's flag takes whole numbers only (argparse)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", dropout, "--checkpoint", plain, str(_folder(tmp_path / "data") / "images"),
+                 "--out", str(tmp_path / "out"), "--no-progress", *flags]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("pixelwise: error: --")
+
+
 def test_eval_records_each_members_contract_and_options(tmp_path):
     """eval --json of an ensemble recorded the first member's resize for all and mc_samples 0 even when
     Monte-Carlo dropout ran."""

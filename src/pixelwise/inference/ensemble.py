@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from pixelwise.errors import UserError
 from pixelwise.inference.mc_dropout import has_dropout
-from pixelwise.inference.predictor import Bands, Predictor, SemanticPredictor
+from pixelwise.inference.predictor import Bands, Predictor, SemanticPredictor, check_mc_samples
 
 
 def _names(names: list[str]) -> str:
@@ -103,6 +103,7 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
     if len(paths) == 1:
         return Predictor.from_checkpoint(paths[0], device, **options)
     mc_samples = options.pop("mc_samples", 0) or 0
+    check_mc_samples(mc_samples, options.get("mode"))  # the members with dropout take it below
     members = []
     for path in paths:
         member = Predictor.from_checkpoint(path, device, **options)

@@ -245,6 +245,17 @@ def resolve_mode(mode: str | None, default: str = "eager") -> str:
     return mode
 
 
+MC_DROPOUT = "Monte-Carlo dropout (--mc-samples, mc_samples=)"
+
+
+def eager_only(what: str, mode: str | None) -> None:
+    """A UserError where ``what`` (an ONNX file, :data:`MC_DROPOUT`), which runs only in eager,
+    is asked to run in ``mode`` fast or int8."""
+    mode = resolve_mode(mode)
+    if mode in ("fast", "int8"):  # in the words of both the CLI and the Python API
+        raise UserError(f"--mode {mode} (mode={mode!r}) does not apply to {what}; use --mode eager (mode='eager')")
+
+
 def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str | torch.device = "cpu",
                 compile: bool = False, mc_samples: int = 0, calibration: Iterable[torch.Tensor] | None = None,
                 measuring: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -254,10 +265,9 @@ def make_runner(model: nn.Module, mode: str, model_name: str = "", device: str |
     not offer it, to measure what it costs. An :class:`OnnxModel` and Monte-Carlo dropout
     (``mc_samples``) run only in ``eager``."""
     mode = resolve_mode(mode)
-    what = ("an ONNX file" if isinstance(model, OnnxModel)
-            else "Monte-Carlo dropout (--mc-samples, mc_samples=)" if mc_samples else "")
-    if what and mode in ("fast", "int8"):  # in the words of both the CLI and the Python API
-        raise UserError(f"--mode {mode} (mode={mode!r}) does not apply to {what}; use --mode eager (mode='eager')")
+    what = "an ONNX file" if isinstance(model, OnnxModel) else MC_DROPOUT if mc_samples else ""
+    if what:
+        eager_only(what, mode)
     if mode == "eager" or what:
         return lambda x: forward_logits(model, x)
     dev = torch.device(device)

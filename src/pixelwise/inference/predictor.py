@@ -26,7 +26,7 @@ from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint, unwrap
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 from pixelwise.inference import cancel
-from pixelwise.inference.fast import instance_runner, make_runner
+from pixelwise.inference.fast import MC_DROPOUT, eager_only, instance_runner, make_runner
 from pixelwise.inference.int8 import calibration_batches
 from pixelwise.inference.mc_dropout import MAX_MC_SAMPLES, has_dropout, mc_dropout, model_lock, predictive_entropy
 from pixelwise.inference.onnx_runner import OnnxModel, is_onnx, load_onnx
@@ -192,6 +192,9 @@ class Predictor:
                             "metadata and input contract (change its size with resize=(h, w) or native_size=True); "
                             "for another contract, build SemanticPredictor(model, meta, input_spec=...) or "
                             "InstancePredictor(...) from pixelwise.load_checkpoint(path)")
+        if options.get("overlap") is not None and options.get("tile") is None:  # as the CLI: it would be
+            raise UserError(f"overlap={options['overlap']!r} goes with tile=N (how much tiles overlap); "  # recorded
+                            "give tile, or leave overlap out")  # as if it had acted
         if native_size and resize is not None:
             raise UserError(f"give resize={tuple(resize)!r} (predict at that size) or native_size=True (at each "
                             "image's own size), not both")
@@ -232,6 +235,17 @@ def _check_types(**options: object) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
             what = "a number" if real else "a whole number"
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+
+
+def check_mc_samples(mc_samples: int, mode: str | None) -> None:
+    """The checks of ``mc_samples`` that need no model (a whole number from 0 to
+    :data:`MAX_MC_SAMPLES`, and eager ``mode`` where it is not 0): a semantic predictor's and an
+    ensemble's, which samples its members with dropout."""
+    _check_types(mc_samples=mc_samples)
+    if not 0 <= mc_samples <= MAX_MC_SAMPLES:  # a typed 1e9 ran for days without a word
+        raise UserError(f"--mc-samples must be from 0 to {MAX_MC_SAMPLES:,}, got {mc_samples}")
+    if mc_samples:
+        eager_only(MC_DROPOUT, mode)
 
 
 MAX_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
@@ -292,15 +306,14 @@ class SemanticPredictor(Predictor):
         self.context, self.alignment = model_geometry(self.model)
         if overlap is None:
             overlap = 0.0 if self.context else DEFAULT_OVERLAP
-        _check_types(tile=tile, mc_samples=mc_samples, batch_size=batch_size, overlap=overlap)
+        _check_types(tile=tile, batch_size=batch_size, overlap=overlap)
+        check_mc_samples(mc_samples, mode)
         if tile is not None and tile < MIN_TILE:
             raise UserError(f"--tile must be at least {MIN_TILE} pixels, got {tile}")
         if not 0 <= overlap < 1:
             raise UserError(f"--overlap must be a fraction in [0, 1), got {overlap}")
         if tta is not None and tta not in TTA_MODES:
             raise UserError(f"--tta {tta!r} is not one of: {', '.join(TTA_MODES)}")
-        if not 0 <= mc_samples <= MAX_MC_SAMPLES:  # a typed 1e9 ran for days without a word
-            raise UserError(f"--mc-samples must be from 0 to {MAX_MC_SAMPLES:,}, got {mc_samples}")
         if mc_samples and isinstance(self.model, OnnxModel):
             raise UserError("--mc-samples needs dropout layers, and an ONNX export has none (it is traced without "
                             "them); give the --checkpoint for Monte-Carlo dropout")

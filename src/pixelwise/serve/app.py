@@ -325,9 +325,12 @@ def with_options(predictor: Predictor, options: dict[str, Any]) -> Predictor:
     if unknown:
         raise UserError(f"{' and '.join(unknown)} {'does' if len(unknown) == 1 else 'do'} not apply to "
                         f"{predictor.task} models")
+    merged = {**current, **options}
+    if "overlap" in options and merged.get("tile") is None:  # it would be answered as if it had acted
+        raise UserError(f"overlap {options['overlap']} goes with tile (how much tiles overlap) and this request does "
+                        "not tile; send tile too, or leave overlap out")
     if all(current[k] == v for k, v in options.items()):
         return predictor
-    merged = {**current, **options}
     if any(merged[k] != current[k] for k in RUNNER_OPTIONS if k in current):
         return type(predictor)(predictor.model, predictor.meta, predictor.device, input_spec=predictor.input_spec,
                                **merged)
