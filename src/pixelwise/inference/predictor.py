@@ -192,9 +192,10 @@ class Predictor:
                             "metadata and input contract (change its size with resize=(h, w) or native_size=True); "
                             "for another contract, build SemanticPredictor(model, meta, input_spec=...) or "
                             "InstancePredictor(...) from pixelwise.load_checkpoint(path)")
-        if options.get("overlap") is not None and options.get("tile") is None:  # as the CLI: it would be
-            raise UserError(f"overlap={options['overlap']!r} goes with tile=N (how much tiles overlap); "  # recorded
-                            "give tile, or leave overlap out")  # as if it had acted
+        # refused as the CLI refuses it: it would be recorded among the options as if it had acted
+        if options.get("overlap") is not None and options.get("tile") is None:
+            raise UserError(f"overlap={options['overlap']!r} goes with tile=N (how much tiles overlap); "
+                            "give tile, or leave overlap out")
         if native_size and resize is not None:
             raise UserError(f"give resize={tuple(resize)!r} (predict at that size) or native_size=True (at each "
                             "image's own size), not both")
