@@ -708,6 +708,35 @@ def test_uncertainty_of_a_model_with_dropout_uses_monte_carlo_dropout(tmp_path):
     assert quick.json()["mask_png_base64"] == body["mask_png_base64"]
 
 
+def test_serve_mc_samples_0_answers_the_unsampled_uncertainty_predict_mc_samples_0_writes(tmp_path, monkeypatch):
+    """serve --mc-samples 0 took it as unset (`or 8`): uncertainty requests to a model with dropout
+    were sampled 8 times, their masks and maps not those of predict --mc-samples 0 --uncertainty."""
+    import uvicorn
+
+    import pixelwise.serve.config
+
+    checkpoint = _unet_checkpoint(tmp_path / "bayes.safetensors", dropout=0.5)
+    image = noise(24, 32, seed=3)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "x.png"), "--out", str(tmp_path / "p"),
+                 "--mc-samples", "0", "--uncertainty", "--no-progress"]) == 0
+    monkeypatch.setattr(pixelwise.serve.config, "check_can_listen", lambda host, port: None)
+    started = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: started.update(app=server.config.app))
+    for samples, sampled in (("0", False), (None, True)):
+        assert main(["serve", "--checkpoint", str(checkpoint), "--log-level", "warning",
+                     *(["--mc-samples", samples] if samples else [])]) == 0
+        app = started["app"]
+        info = request(app, "GET", "/api/info").json()
+        assert (info["uncertainty"], info["uncertainty_samples"]) == (("mc_dropout", 8) if sampled else ("entropy", 0))
+        body = post_image(app, png_bytes(image), fields={"uncertainty": "true"}).json()
+        assert body["options"]["mc_samples"] == (8 if sampled else 0)
+        same = [np.array_equal(np.asarray(decode_png(body[f"{key}_png_base64"])),
+                               np.asarray(Image.open(tmp_path / "p" / f"x{suffix}.png")))
+                for key, suffix in (("mask", ""), ("uncertainty", "_uncertainty"))]
+        assert all(same) != sampled  # the sampled answer is not the unsampled files
+
+
 # ---------------------------------------------------------------- work that nobody waits for
 
 def test_a_cancelled_job_stops_at_its_next_batch_and_a_waiting_one_never_runs():

@@ -660,7 +660,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          keep_uploads=keep_uploads,
                          samples_dir=Path(args.samples) if args.samples else None,
                          samples_truth_format=args.samples_truth_format,
-                         uncertainty_samples=args.mc_samples or DEFAULT_MC_SAMPLES)
+                         uncertainty_samples=DEFAULT_MC_SAMPLES if args.mc_samples is None else args.mc_samples)
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
         options["score_thresh"] = args.score_thresh

@@ -378,16 +378,19 @@ class Service:
     def __init__(self, predictor: Predictor, config: ServeConfig, samples: list[Sample]) -> None:
         self.predictor, self.config = predictor, config
         self.samples = {s.name: s for s in samples}
-        self.dropout = has_dropout(predictor.model)
+        # Monte-Carlo dropout samples behind a dropout model's uncertainty map: the predictor's own, else
+        # the config's; 0 (a model without dropout, or --mc-samples 0) is the entropy of its probabilities
+        own = predictor.mc_samples if isinstance(predictor, SemanticPredictor) else 0
+        self.mc_samples = (own or config.uncertainty_samples) if has_dropout(predictor.model) else 0
         # Monte-Carlo dropout switches the shared model's dropout layers to sampling; no other
         # prediction may run meanwhile, so a model with dropout predicts one request at a time: its
         # pool has one worker whatever --workers says. (A lock inside the job would make the wait for
         # the model count against --timeout, as prediction time in `ms` and as `running` in health;
         # in the pool it is queue time, `queue_ms`, like any wait for a worker.)
-        self.workers = 1 if self.dropout else config.workers
+        self.workers = 1 if self.mc_samples else config.workers
         self.pool = InferencePool(self.workers, config.queue, config.predict_timeout)
         # never contended (one worker); it keeps the rule true for a caller of predict() outside the pool
-        self._model_lock: contextlib.AbstractContextManager = (threading.Lock() if self.dropout
+        self._model_lock: contextlib.AbstractContextManager = (threading.Lock() if self.mc_samples
                                                                else contextlib.nullcontext())
         self.name = str(predictor.meta.get("model", type(predictor.model).__name__))
 
@@ -398,12 +401,12 @@ class Service:
                     "clear": i == clear} for i, n in enumerate(p.class_names)]
         uncertainty = None
         if isinstance(p, SemanticPredictor):
-            uncertainty = "mc_dropout" if self.dropout else "entropy"
+            uncertainty = "mc_dropout" if self.mc_samples else "entropy"
         return {
             "model": self.name, "task": p.task, "version": __version__, "classes": classes,
             "input": {**p.input_spec.to_dict(), "description": p.input_spec.describe()},
             "options": options_of(p), "tta_modes": list(TTA_MODES), "uncertainty": uncertainty,
-            "uncertainty_samples": self.config.uncertainty_samples if self.dropout else 0,
+            "uncertainty_samples": self.mc_samples,
             "truth_formats": {"classes": "class ids, as predict writes them (255 = ignore), or the palette's colours",
                               **({"dataset": stored.describe} if (stored := stored_labels(p)) else {})},
             "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
@@ -431,10 +434,11 @@ class Service:
         dropout asked for uncertainty samples it, as ``pixelwise predict --uncertainty`` does."""
         try:
             predictor = with_options(self.predictor, options)
-            if uncertainty and self.dropout and isinstance(predictor, SemanticPredictor) and not predictor.mc_samples:
+            if (uncertainty and self.mc_samples and isinstance(predictor, SemanticPredictor)
+                    and not predictor.mc_samples):
                 # Monte-Carlo dropout samples the model itself, in eager mode (as predict --uncertainty does
                 # under --mode fast): a fast or int8 runner is a frozen copy without sampling dropout
-                predictor = with_options(predictor, {"mc_samples": self.config.uncertainty_samples, "mode": "eager"})
+                predictor = with_options(predictor, {"mc_samples": self.mc_samples, "mode": "eager"})
         except UserError as e:  # the predictor names its options as flags: --score-thresh -> score_thresh
             detail = re.sub(r"--([a-z]+(?:-[a-z]+)*)", lambda m: m[1].replace("-", "_"), str(e))
             raise UploadError(422, detail) from None

@@ -33,7 +33,8 @@ class ServeConfig:
       ``classes`` (class ids, or the palette's colours) or ``dataset`` (the training dataset's own
       label files, such as ADE20K annotations or ISBI's 0/255 labels).
     uncertainty_samples: Monte-Carlo dropout samples behind the uncertainty map of a model with
-      dropout (as ``pixelwise predict --uncertainty``).
+      dropout (as ``pixelwise predict --uncertainty``); 0: the entropy of its class probabilities,
+      unsampled (as ``pixelwise predict --mc-samples 0 --uncertainty``).
     upload_timeout: seconds a request may take to send its body (it holds a place in the queue
       meanwhile); slower: 408.
     predict_timeout: seconds a prediction may run (from when a worker takes it), None for no limit;
@@ -69,8 +70,8 @@ class ServeConfig:
         if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
             raise UserError("the API key (--api-key or " + API_KEY_ENV + ") must be printable ASCII: it travels in "
                             "an HTTP header, where clients cannot agree on other characters")
-        if self.uncertainty_samples < 1:
-            raise UserError(f"uncertainty samples must be at least 1, got {self.uncertainty_samples}")
+        if self.uncertainty_samples < 0:
+            raise UserError(f"uncertainty samples must be 0 or more, got {self.uncertainty_samples}")
         if self.predict_timeout is not None and not 0 < self.predict_timeout < math.inf:
             raise UserError(f"--timeout must be a positive number of seconds (0 for no limit), got "
                             f"{self.predict_timeout}")
