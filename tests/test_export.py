@@ -134,6 +134,9 @@ def test_export_fails_loudly_and_writes_nothing_below_the_agreement(tmp_path):
     with pytest.raises(UserError, match="verification failed.*nothing written"):
         export_onnx(model, path, meta, sizes=SIZES, min_agreement=1.01)
     assert not path.exists() and not list(tmp_path.iterdir())
+    model, meta = build("unet")  # its fp16 file agrees on 99.6%: the threshold was printed as '(needs 100.0%'
+    with pytest.raises(UserError, match=r"\(needs 99\.9999%"):
+        export_onnx(model, path, meta, sizes=SIZES, fp16=True, min_agreement=0.999999)
 
 
 def test_fp16_export_keeps_float32_io(tmp_path):
@@ -198,6 +201,10 @@ def test_cli_export_predict_and_bench_run_the_file(checkpoint, tmp_path, capsys)
     torch_mask = np.asarray(Image.open(tmp_path / "pred_pt" / "a.png"))
     assert onnx_mask.shape == (50, 70) and (onnx_mask == torch_mask).mean() >= 0.999
     capsys.readouterr()
+    # int8 does not apply to an ONNX file: said first, not after asking for calibration images and reading them
+    for calib in ([], ["--calib-dataset", "folder", "--calib-data", str(tmp_path / "no-such-folder")]):
+        assert main([*args, "--onnx", str(out), "--mode", "int8", *calib]) == 2
+        assert capsys.readouterr().err.startswith("pixelwise: error: --mode int8 does not apply to an ONNX file")
     bench_json = tmp_path / "bench.json"
     assert main(["bench", "--onnx", str(out), "--size", "32x48", "--repeats", "1", "--json", str(bench_json)]) == 0
     result = json.loads(bench_json.read_text())

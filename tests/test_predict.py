@@ -459,6 +459,9 @@ def test_the_python_api_names_what_it_takes(checkpoint):
     assert len(p.predict_batch([img, img])) == 2
     with pytest.raises(UserError, match="'gpu' is not a device"):
         Predictor.from_checkpoint(checkpoint, device="gpu")
+    with pytest.raises(UserError, match=r"uncertainty is an argument of predict\(image, uncertainty=True\)"):
+        Predictor.from_checkpoint(checkpoint, uncertainty=True)  # was: 'does not apply to semantic models'
+    assert p.predict(img, uncertainty=True).uncertainty.shape == (9, 11)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="has no CUDA|no CUDA GPU"):
             SemanticPredictor(create_model("unet", num_classes=4, **KW), device="cuda")

@@ -206,6 +206,8 @@ class Predictor:
             raise UserError(f"{path} holds {'an' if task == 'instance' else 'a'} {task} model; use {kind.__name__}")
         allowed = set(inspect.signature(kind.__init__).parameters) - {"self", "model", "meta", "device", "input_spec"}
         bad = sorted(k for k, v in options.items() if k not in allowed and v is not None and v is not False)
+        if "uncertainty" in bad:  # a question of each call, not a way of predicting
+            raise UserError("uncertainty is an argument of predict(image, uncertainty=True), not of the predictor")
         if bad:
             flags = ", ".join("--" + k.replace("_", "-") for k in bad)
             raise UserError(f"{flags} does not apply to {task} models like {meta['model']}")
