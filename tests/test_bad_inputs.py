@@ -143,6 +143,17 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("predict: int8 for an instance model, before calibration", ["predict", "--checkpoint", MRCNN, IMG, "--out",
                                                                   "{ws}/out", "--mode", "int8"],
      "--mode int8 is not offered for instance models"),
+    ("serve: int8 for an instance model, before calibration", ["serve", "--checkpoint", MRCNN, "--mode", "int8"],
+     "--mode int8 is not offered for instance models"),  # serve's --checkpoint, a string, was read letter by letter
+    ("serve: int8 for an ONNX file, before calibration", ["serve", "--checkpoint", "{ws}/m.onnx", "--mode", "int8",
+                                                          "--calib-dataset", "folder", "--calib-data", "{ws}/none"],
+     "--mode int8 does not apply to an ONNX file"),
+    ("predict: mc-samples and fast for a model without dropout", ["predict", "--checkpoint", CKPT, IMG, "--out",
+                                                                  "{ws}/out", "--mc-samples", "2", "--mode", "fast"],
+     "needs a model with dropout layers"),  # was 'use --mode eager', which was then refused for that reason
+    ("predict: mc-samples and fast for an ensemble without dropout", ["predict", "--checkpoint", CKPT, "--checkpoint",
+                                                                      CKPT, IMG, "--out", "{ws}/out", "--mc-samples",
+                                                                      "2", "--mode", "fast"], "has any; leave it out"),
     ("eval: instance model on semantic data", ["eval", "--checkpoint", MRCNN, "--dataset", "folder", "--data",
                                                "{ws}/clean", "--split", "all"], "has no instance annotations"),
     ("train: instance model on semantic data", ["train", "--model", "maskrcnn_resnet18_fpn", "--dataset", "folder",
@@ -296,6 +307,15 @@ def ws(tmp_path_factory) -> Path:
 def snapshot(root: Path, skip: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and not p.is_relative_to(skip)}
+
+
+def test_the_api_names_an_option_that_does_not_apply_to_the_task_before_what_goes_with_it(ws):
+    """from_checkpoint(maskrcnn, overlap=0.5) said 'give tile', and with tile: 'does not apply'."""
+    from pixelwise import Predictor
+    from pixelwise.errors import UserError
+
+    with pytest.raises(UserError, match="--overlap does not apply to instance models"):
+        Predictor.from_checkpoint(MRCNN.replace("{ws}", str(ws)), overlap=0.5)
 
 
 def test_the_table_has_at_least_30_rows_over_every_verb():

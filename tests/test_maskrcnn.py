@@ -304,19 +304,22 @@ def test_pretrained_coco_loads_published_layout(monkeypatch, published_state):
     assert torch.equal(model.roi_heads.box_head.fc6.weight, published_state["roi_heads.box_head.fc6.weight"])
     assert model.pretrained_note == (
         "maskrcnn: loaded the weights coco but roi_heads.box_predictor.bbox_pred, roi_heads.box_predictor.cls_score, "
-        "roi_heads.mask_predictor.mask_fcn_logits: the file scores 91 classes, initialised for this model's 4 "
+        "roi_heads.mask_predictor.mask_fcn_logits, which score 91 classes in the file: initialised for this model's 4 "
         "classes (fine-tuning)")
     # a file without its predictors loaded them fresh without a word
     headless = {k: v for k, v in published_state.items() if not k.startswith("roi_heads.box_predictor.")}
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kwargs: dict(headless))
-    model = maskrcnn_resnet50_fpn(num_classes=4, pretrained="coco")
-    assert model.pretrained_note.startswith("maskrcnn: loaded the weights coco but roi_heads.box_predictor.bbox_pred, "
-                                            "roi_heads.box_predictor.cls_score, roi_heads.mask_predictor")
-    assert "the file scores 91 classes" in model.pretrained_note  # its mask scorer still scores 91
-    bare = {k: v for k, v in headless.items() if not k.startswith("roi_heads.mask_predictor.mask_fcn_logits.")}
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kwargs: dict(bare))
+    assert maskrcnn_resnet50_fpn(num_classes=4, pretrained="coco").pretrained_note == (
+        "maskrcnn: loaded the weights coco but roi_heads.mask_predictor.mask_fcn_logits, which score 91 classes in "
+        "the file and roi_heads.box_predictor.bbox_pred, roi_heads.box_predictor.cls_score, which the file lacks: "
+        "initialised for this model's 4 classes (fine-tuning)")
+    # a file of the model's own class count that lacks its box predictor: not a class count's doing
+    own = {k: v for k, v in maskrcnn_resnet50_fpn(num_classes=4).state_dict().items()
+           if not k.startswith("roi_heads.box_predictor.") and not k.endswith("num_batches_tracked")}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kwargs: dict(own))
     assert maskrcnn_resnet50_fpn(num_classes=4, pretrained="coco").pretrained_note.endswith(
-        "mask_fcn_logits: the file has no such layers, initialised for this model's 4 classes (fine-tuning)")
+        "but roi_heads.box_predictor.bbox_pred, roi_heads.box_predictor.cls_score, which the file lacks: initialised "
+        "for this model's 4 classes (fine-tuning)")
     # the same layout also loads into a model built without weights (trainable BatchNorm2d)
     fresh = maskrcnn_resnet50_fpn(num_classes=91)
     fresh.load_state_dict(published_state, strict=True)

@@ -515,13 +515,14 @@ def predictor_options(args: argparse.Namespace) -> dict:
                         "leave --overlap out")
     options = {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
                "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
-    if args.mode == "int8":
-        onnx = next((p for p in (getattr(args, "onnx", None), *(args.checkpoint or ()))
-                     if p and str(p).lower().endswith(".onnx")), None)
-        if onnx:  # refused for what it is, before calibration data is asked for (and read)
+    if args.mode == "int8":  # refused for what the model is, before calibration data is asked for (and read)
+        # predict and eval repeat --checkpoint (a list), serve takes one (a string)
+        paths = [args.checkpoint] if isinstance(args.checkpoint, str) else list(args.checkpoint or ())
+        onnx = next((p for p in (getattr(args, "onnx", None), *paths) if p and str(p).lower().endswith(".onnx")), None)
+        if onnx:
             raise UserError(f"--mode int8 does not apply to an ONNX file ({onnx}); use --mode eager, or export an "
                             "int8 file with `pixelwise export --int8`")
-        for path in args.checkpoint or ():  # refused for what it is, before calibration data is asked for
+        for path in paths:
             if checkpoint_header(path).get("task") == "instance":
                 raise UserError(f"--mode int8 is not offered for instance models like {path}'s Mask R-CNN; use "
                                 "--mode fast")

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
+from pixelwise.inference.fast import MC_DROPOUT, eager_only
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import Bands, Predictor, SemanticPredictor, check_mc_samples
 
@@ -103,7 +104,7 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
     if len(paths) == 1:
         return Predictor.from_checkpoint(paths[0], device, **options)
     mc_samples = options.pop("mc_samples", 0) or 0
-    check_mc_samples(mc_samples, options.get("mode"))  # the members with dropout take it below
+    check_mc_samples(mc_samples)  # the members with dropout take it below
     members = []
     for path in paths:
         member = Predictor.from_checkpoint(path, device, **options)
@@ -116,4 +117,6 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
     if mc_samples and not any(m.mc_samples for m in members):
         raise UserError(f"--mc-samples needs a model with dropout layers (such as bayesian_segnet), and none of "
                         f"{', '.join(map(str, paths))} has any; leave it out")
+    if mc_samples:  # as for one checkpoint, whose runner refuses it
+        eager_only(MC_DROPOUT, options.get("mode"))
     return EnsemblePredictor(members, [str(p) for p in paths])

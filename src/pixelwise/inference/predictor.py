@@ -26,7 +26,7 @@ from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint, unwrap
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 from pixelwise.inference import cancel
-from pixelwise.inference.fast import MC_DROPOUT, eager_only, instance_runner, make_runner
+from pixelwise.inference.fast import instance_runner, make_runner
 from pixelwise.inference.int8 import calibration_batches
 from pixelwise.inference.mc_dropout import MAX_MC_SAMPLES, has_dropout, mc_dropout, model_lock, predictive_entropy
 from pixelwise.inference.onnx_runner import OnnxModel, is_onnx, load_onnx
@@ -192,10 +192,6 @@ class Predictor:
                             "metadata and input contract (change its size with resize=(h, w) or native_size=True); "
                             "for another contract, build SemanticPredictor(model, meta, input_spec=...) or "
                             "InstancePredictor(...) from pixelwise.load_checkpoint(path)")
-        # refused as the CLI refuses it: it would be recorded among the options as if it had acted
-        if options.get("overlap") is not None and options.get("tile") is None:
-            raise UserError(f"overlap={options['overlap']!r} goes with tile=N (how much tiles overlap); "
-                            "give tile, or leave overlap out")
         if native_size and resize is not None:
             raise UserError(f"give resize={tuple(resize)!r} (predict at that size) or native_size=True (at each "
                             "image's own size), not both")
@@ -211,6 +207,10 @@ class Predictor:
         if bad:
             flags = ", ".join("--" + k.replace("_", "-") for k in bad)
             raise UserError(f"{flags} does not apply to {task} models like {meta['model']}")
+        # refused as the CLI refuses it: it would be recorded among the options as if it had acted
+        if options.get("overlap") is not None and options.get("tile") is None:
+            raise UserError(f"overlap={options['overlap']!r} goes with tile=N (how much tiles overlap); "
+                            "give tile, or leave overlap out")
         spec = input_spec_from_meta(meta, model)
         if resize is not None and not (isinstance(resize, list | tuple) and len(resize) == 2 and all(
                 isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in resize)):
@@ -240,15 +240,13 @@ def _check_types(**options: object) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
 
 
-def check_mc_samples(mc_samples: int, mode: str | None) -> None:
+def check_mc_samples(mc_samples: int) -> None:
     """The checks of ``mc_samples`` that need no model (a whole number from 0 to
-    :data:`MAX_MC_SAMPLES`, and eager ``mode`` where it is not 0): a semantic predictor's and an
-    ensemble's, which samples its members with dropout."""
+    :data:`MAX_MC_SAMPLES`): a semantic predictor's and an ensemble's, which samples its members
+    with dropout. (Its mode, eager only, is checked once the model is known to have dropout.)"""
     _check_types(mc_samples=mc_samples)
     if not 0 <= mc_samples <= MAX_MC_SAMPLES:  # a typed 1e9 ran for days without a word
         raise UserError(f"--mc-samples must be from 0 to {MAX_MC_SAMPLES:,}, got {mc_samples}")
-    if mc_samples:
-        eager_only(MC_DROPOUT, mode)
 
 
 MAX_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
@@ -310,7 +308,7 @@ class SemanticPredictor(Predictor):
         if overlap is None:
             overlap = 0.0 if self.context else DEFAULT_OVERLAP
         _check_types(tile=tile, batch_size=batch_size, overlap=overlap)
-        check_mc_samples(mc_samples, mode)
+        check_mc_samples(mc_samples)
         if tile is not None and tile < MIN_TILE:
             raise UserError(f"--tile must be at least {MIN_TILE} pixels, got {tile}")
         if not 0 <= overlap < 1:

@@ -171,12 +171,15 @@ def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -
         return
     optional = CLASS_SPECIFIC if num_classes != COCO_NUM_CLASSES else ()
     fresh = load_matching(model, state, f"maskrcnn(pretrained={pretrained!r})", optional=optional)
-    if fresh:  # what pixelwise train prints: the class layers did not come from the file
-        scorers = [state.get(k) for k in (CLASS_SPECIFIC[0] + "cls_score.weight", CLASS_SPECIFIC[1] + "weight")]
-        counts = [int(v.shape[0]) for v in scorers if v is not None and v.ndim >= 2]
-        why = f"the file scores {counts[0]} classes" if counts else "the file has no such layers"
-        model.pretrained_note = (f"maskrcnn: loaded the weights {pretrained} but {', '.join(fresh)}: {why}, "
-                                 f"initialised for this model's {num_classes} classes (fine-tuning)")
+    if fresh:  # what pixelwise train prints: the class layers that did not come from the file, and why
+        lacking = [layer for layer in fresh if not any(k.startswith(layer + ".") for k in state)]
+        other = [layer for layer in fresh if layer not in lacking]
+        rows = [(state.get(f"{layer}.weight"), 4 if layer.endswith("bbox_pred") else 1) for layer in other]
+        counts = [int(w.shape[0]) // per for w, per in rows if w is not None and w.ndim >= 2]
+        why = ([f"{', '.join(other)}, which score {counts[0] if counts else 'other'} classes in the file"] if other
+               else []) + ([f"{', '.join(lacking)}, which the file lacks"] if lacking else [])
+        model.pretrained_note = (f"maskrcnn: loaded the weights {pretrained} but {' and '.join(why)}: initialised "
+                                 f"for this model's {num_classes} classes (fine-tuning)")
     # torchvision's COCO weights were trained with frozen BatchNorm of eps 0: the tag, or a hand-downloaded
     # copy of that file (the download error's advice), kept under its name
     if pretrained == "coco" or os.path.basename(str(pretrained)) == COCO_URL.rsplit("/", 1)[1]:
