@@ -148,6 +148,10 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("serve: int8 for an ONNX file, before calibration", ["serve", "--checkpoint", "{ws}/m.onnx", "--mode", "int8",
                                                           "--calib-dataset", "folder", "--calib-data", "{ws}/none"],
      "--mode int8 does not apply to an ONNX file"),
+    ("predict: mc-samples and int8, before calibration", ["predict", "--checkpoint", CKPT, IMG, "--out", "{ws}/out",
+                                                           "--mc-samples", "2", "--mode", "int8", "--calib-dataset",
+                                                           "folder", "--calib-data", "{ws}/none"],
+     "--mc-samples runs Monte-Carlo dropout, in --mode eager only"),
     ("predict: mc-samples and fast for a model without dropout", ["predict", "--checkpoint", CKPT, IMG, "--out",
                                                                   "{ws}/out", "--mc-samples", "2", "--mode", "fast"],
      "needs a model with dropout layers"),  # was 'use --mode eager', which was then refused for that reason

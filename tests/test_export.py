@@ -135,8 +135,8 @@ def test_export_fails_loudly_and_writes_nothing_below_the_agreement(tmp_path):
         export_onnx(model, path, meta, sizes=SIZES, min_agreement=1.01)
     assert not path.exists() and not list(tmp_path.iterdir())
     model, meta = build("unet")  # its fp16 file agrees on 99.6%: the threshold was printed as '(needs 100.0%'
-    with pytest.raises(UserError, match=r"\(needs 99\.99999%"):
-        export_onnx(model, path, meta, sizes=SIZES, fp16=True, min_agreement=0.9999999)
+    with pytest.raises(UserError, match=r"\(needs 99\.999999999%"):
+        export_onnx(model, path, meta, sizes=SIZES, fp16=True, min_agreement=0.99999999999)
 
 
 def test_fp16_export_keeps_float32_io(tmp_path):

@@ -320,6 +320,12 @@ def test_pretrained_coco_loads_published_layout(monkeypatch, published_state):
     assert maskrcnn_resnet50_fpn(num_classes=4, pretrained="coco").pretrained_note.endswith(
         "but roi_heads.box_predictor.bbox_pred, roi_heads.box_predictor.cls_score, which the file lacks: initialised "
         "for this model's 4 classes (fine-tuning)")
+    biasless = {k: v for k, v in maskrcnn_resnet50_fpn(num_classes=4).state_dict().items()
+                if k != "roi_heads.box_predictor.cls_score.bias" and not k.endswith("num_batches_tracked")}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kwargs: dict(biasless))
+    assert maskrcnn_resnet50_fpn(num_classes=4, pretrained="coco").pretrained_note.endswith(  # not 'scores 4'
+        "but roi_heads.box_predictor.cls_score, which the file lacks: initialised for this model's 4 classes "
+        "(fine-tuning)")
     # the same layout also loads into a model built without weights (trainable BatchNorm2d)
     fresh = maskrcnn_resnet50_fpn(num_classes=91)
     fresh.load_state_dict(published_state, strict=True)

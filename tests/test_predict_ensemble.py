@@ -150,6 +150,22 @@ def test_an_ensemble_refuses_the_options_its_members_refuse(tmp_path, capsys, op
     assert len(said) == 1 and said[0].startswith("pixelwise: error: --")
 
 
+def test_an_ensemble_refuses_monte_carlo_dropout_in_int8_before_quantising(tmp_path, monkeypatch):
+    """It quantised each member, refused one as below the int8 guard ('use --mode fast'), which was
+    then refused in turn: three refusals for one reason."""
+    import pixelwise.inference.fast
+
+    def quantised(*args, **kwargs):
+        raise AssertionError("a member was quantised")
+
+    monkeypatch.setattr(pixelwise.inference.fast, "Int8Segmenter", quantised)
+    dropout, plain = _save(tmp_path / "d.safetensors", 0, dropout=0.5), _save(tmp_path / "p.safetensors", 1)
+    calib = [np.zeros((32, 32, 3), np.uint8)] * 2
+    for paths, words in (([dropout, plain], "does not apply to Monte-Carlo dropout"), ([plain, plain], "has any")):
+        with pytest.raises(UserError, match=words):
+            from_checkpoints(paths, mc_samples=2, mode="int8", calib_data=calib)
+
+
 def test_eval_records_each_members_contract_and_options(tmp_path):
     """eval --json of an ensemble recorded the first member's resize for all and mc_samples 0 even when
     Monte-Carlo dropout ran."""

@@ -522,6 +522,9 @@ def predictor_options(args: argparse.Namespace) -> dict:
         if onnx:
             raise UserError(f"--mode int8 does not apply to an ONNX file ({onnx}); use --mode eager, or export an "
                             "int8 file with `pixelwise export --int8`")
+        if args.mc_samples:  # Monte-Carlo dropout: with dropout, eager only; without, not at all
+            raise UserError("--mc-samples runs Monte-Carlo dropout, in --mode eager only; leave out --mc-samples "
+                            "(or --mode int8)")
         for path in paths:
             if checkpoint_header(path).get("task") == "instance":
                 raise UserError(f"--mode int8 is not offered for instance models like {path}'s Mask R-CNN; use "

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
-from pixelwise.inference.fast import MC_DROPOUT, eager_only
+from pixelwise.inference.fast import MC_DROPOUT, eager_only, resolve_mode
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import Bands, Predictor, SemanticPredictor, check_mc_samples
 
@@ -105,9 +105,13 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
         return Predictor.from_checkpoint(paths[0], device, **options)
     mc_samples = options.pop("mc_samples", 0) or 0
     check_mc_samples(mc_samples)  # the members with dropout take it below
+    # Monte-Carlo dropout runs in eager only, refused below for another mode whether or not a member
+    # has dropout: the members are then built in eager, only to tell which refusal (not quantised)
+    refused = bool(mc_samples) and resolve_mode(options.get("mode")) != "eager"
+    build = {k: v for k, v in options.items() if not k.startswith("calib_")} | {"mode": "eager"} if refused else options
     members = []
     for path in paths:
-        member = Predictor.from_checkpoint(path, device, **options)
+        member = Predictor.from_checkpoint(path, device, **build)
         if not isinstance(member, SemanticPredictor):
             raise UserError(f"{path} holds an instance model; an ensemble averages the class probabilities "
                             "of semantic models")

@@ -402,7 +402,7 @@ def _export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None, *,
             bad = min(report.checks, key=lambda c: c.agreement)
             raise UserError(f"export verification failed: onnxruntime's argmax agrees with PyTorch on "
                             f"{100 * worst:.3f}% of pixels at {bad.shape[2]}x{bad.shape[3]} (needs "
-                            f"{100 * min_agreement:.10g}%; max |logit diff| {bad.max_abs_diff:.3g}); nothing written")
+                            f"{100 * min_agreement:.15g}%; max |logit diff| {bad.max_abs_diff:.3g}); nothing written")
         info = {"opset": opset, "precision": precision, "dynamic_axes": ["batch", "height", "width"],
                 "input_name": "image", "output_name": "logits", "min_agreement": min_agreement,
                 # the model had dropout layers; the file has none (traced in eval): no Monte-Carlo dropout

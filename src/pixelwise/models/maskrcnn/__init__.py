@@ -172,10 +172,12 @@ def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -
     optional = CLASS_SPECIFIC if num_classes != COCO_NUM_CLASSES else ()
     fresh = load_matching(model, state, f"maskrcnn(pretrained={pretrained!r})", optional=optional)
     if fresh:  # what pixelwise train prints: the class layers that did not come from the file, and why
-        lacking = [layer for layer in fresh if not any(k.startswith(layer + ".") for k in state)]
-        other = [layer for layer in fresh if layer not in lacking]
-        rows = [(state.get(f"{layer}.weight"), 4 if layer.endswith("bbox_pred") else 1) for layer in other]
-        counts = [int(w.shape[0]) // per for w, per in rows if w is not None and w.ndim >= 2]
+        own = model.state_dict()
+        shaped = {k: v for k, v in state.items() if k in own and v.shape != own[k].shape}  # another class count
+        other = [layer for layer in fresh if any(k.startswith(layer + ".") for k in shaped)]
+        lacking = [layer for layer in fresh if layer not in other]  # in whole or in part
+        counts = [int(v.shape[0]) // (4 if k.rsplit(".", 2)[-2] == "bbox_pred" else 1) for k, v in shaped.items()
+                  if v.ndim >= 1]
         why = ([f"{', '.join(other)}, which score {counts[0] if counts else 'other'} classes in the file"] if other
                else []) + ([f"{', '.join(lacking)}, which the file lacks"] if lacking else [])
         model.pretrained_note = (f"maskrcnn: loaded the weights {pretrained} but {' and '.join(why)}: initialised "
