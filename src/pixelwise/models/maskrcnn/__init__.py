@@ -176,10 +176,10 @@ def load_detection_weights(model: MaskRCNN, pretrained: str, num_classes: int) -
         shaped = {k: v for k, v in state.items() if k in own and v.shape != own[k].shape}  # another class count
         other = [layer for layer in fresh if any(k.startswith(layer + ".") for k in shaped)]
         lacking = [layer for layer in fresh if layer not in other]  # in whole or in part
-        counts = [int(v.shape[0]) // (4 if k.rsplit(".", 2)[-2] == "bbox_pred" else 1) for k, v in shaped.items()
-                  if v.ndim >= 1]
-        why = ([f"{', '.join(other)}, which score {counts[0] if counts else 'other'} classes in the file"] if other
-               else []) + ([f"{', '.join(lacking)}, which the file lacks"] if lacking else [])
+        classes = next((int(v.shape[0]) // (4 if k.rsplit(".", 2)[-2] == "bbox_pred" else 1)  # 4 box values a class
+                        for k, v in shaped.items()), None)
+        why = ([f"{', '.join(other)}, which score {classes} classes in the file"] if other else []) + (
+            [f"{', '.join(lacking)}, which the file lacks"] if lacking else [])
         model.pretrained_note = (f"maskrcnn: loaded the weights {pretrained} but {' and '.join(why)}: initialised "
                                  f"for this model's {num_classes} classes (fine-tuning)")
     # torchvision's COCO weights were trained with frozen BatchNorm of eps 0: the tag, or a hand-downloaded
