@@ -516,9 +516,12 @@ def predictor_options(args: argparse.Namespace) -> dict:
     options = {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
                "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
     if args.mode == "int8":  # refused for what the model is, before calibration data is asked for (and read)
+        # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+        from pixelwise.inference.onnx_runner import is_onnx
+
         # predict and eval repeat --checkpoint (a list), serve takes one (a string)
         paths = [args.checkpoint] if isinstance(args.checkpoint, str) else list(args.checkpoint or ())
-        onnx = next((p for p in (getattr(args, "onnx", None), *paths) if p and str(p).lower().endswith(".onnx")), None)
+        onnx = next((p for p in (getattr(args, "onnx", None), *paths) if p and is_onnx(p)), None)  # as from_checkpoint
         if onnx:
             raise UserError(f"--mode int8 does not apply to an ONNX file ({onnx}); use --mode eager, or export an "
                             "int8 file with `pixelwise export --int8`")
