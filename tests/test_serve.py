@@ -152,6 +152,7 @@ def test_api_options_tile_tta_uncertainty_match_predict(checkpoint, predictor, t
     # the server's own predictor is untouched by one request's options
     plain = post_image(create_app(predictor, samples=[]), img.read_bytes()).json()
     assert plain["options"]["tile"] is None and plain["options"]["tta"] is None
+    assert body["options"]["overlap"] == predictor.overlap and plain["options"]["overlap"] is None  # none acted
     assert plain["uncertainty_png_base64"] is None
 
 

@@ -320,7 +320,7 @@ def with_options(predictor: Predictor, options: dict[str, Any]) -> Predictor:
     """A predictor like ``predictor`` (same model, metadata, device and input contract) with
     ``options`` changed, passed by name to its class's constructor, which checks them; options it
     does not take are a UserError. The server's own choices are kept for the rest."""
-    current = {k: v for k, v in options_of(predictor).items()}
+    current = options_of(predictor)
     unknown = sorted(set(options) - set(current))
     if unknown:
         raise UserError(f"{' and '.join(unknown)} {'does' if len(unknown) == 1 else 'do'} not apply to "
@@ -344,10 +344,15 @@ def with_options(predictor: Predictor, options: dict[str, Any]) -> Predictor:
 
 
 def options_of(predictor: Predictor) -> dict[str, Any]:
-    """The keyword-only options of the predictor's constructor, with the values it holds."""
+    """The keyword-only options of the predictor's constructor, with the values it holds; overlap
+    None where it does not tile (no overlap acted, as eval's record says; the constructor takes None
+    as its default)."""
     params = inspect.signature(type(predictor).__init__).parameters
-    return {name: getattr(predictor, name) for name, p in params.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and hasattr(predictor, name)}
+    options = {name: getattr(predictor, name) for name, p in params.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY and hasattr(predictor, name)}
+    if "overlap" in options and options.get("tile") is None:
+        options["overlap"] = None
+    return options
 
 
 # ------------------------------------------------------------------ the application
