@@ -307,6 +307,42 @@ def test_eval_says_when_the_split_holds_images_the_checkpoint_trained_on(tmp_pat
     assert json.loads((tmp_path / "b.json").read_text())["provenance"]["dataset"]["training_images"] == 0
 
 
+def test_eval_of_a_held_out_folder_of_ones_own_does_not_count_its_train_split_as_trained_on(tmp_path, capsys):
+    """A folder dataset has no fixed split: eval rebuilt the checkpoint's training split (train, the
+    hash rule's 90%) from the folder it scored, so a separate test folder was said to be 9 of 10
+    images the model trained on, 'so these numbers flatter it'. Counted now only at the root the
+    checkpoint trained from."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, count in (("mine", 6), ("test", 10)):
+        for sub in ("images", "masks"):
+            (tmp_path / name / sub).mkdir(parents=True)
+        for i in range(count):
+            root = tmp_path / name
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+            Image.fromarray((np.arange(256).reshape(16, 16) % 3).astype(np.uint8)).save(root / "masks" / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--model", "unet", "--model-kwargs", '{"base_channels": 4}', "--dataset", "folder",
+                 "--data", str(tmp_path / "mine"), "--epochs", "1", "--batch-size", "2", "--no-progress",
+                 "--out", str(run)]) == 0
+    capsys.readouterr()
+    base = ["eval", "--checkpoint", str(run / "best.safetensors"), "--dataset", "folder", "--split", "all",
+            "--no-progress", "--json"]
+    assert main([*base, str(tmp_path / "test.json"), "--data", str(tmp_path / "test")]) == 0
+    assert "trained on" not in capsys.readouterr().err
+    assert "training_images" not in json.loads((tmp_path / "test.json").read_text())["provenance"]["dataset"]
+    # its own folder, all of it: the images of its train split are counted, also by another spelling of the root
+    from pixelwise.data import build_dataset
+
+    trained = len(build_dataset("folder", str(tmp_path / "mine"), "train"))
+    assert main([*base, str(tmp_path / "mine.json"), "--data", str(tmp_path / "run" / ".." / "mine")]) == 0
+    assert f"note: {trained} of the 6 images of the all split are images the checkpoint trained on" in \
+        capsys.readouterr().err
+    assert json.loads((tmp_path / "mine.json").read_text())["provenance"]["dataset"]["training_images"] == trained
+
+
 @pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])
 def test_a_closed_or_full_stdout_stops_nothing(tmp_path, redirect):
     """`>&-` was an AttributeError traceback (rc 1) in every verb; `>/dev/full` stopped training

@@ -1329,8 +1329,10 @@ def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
         "task": run.task, "class_names": list(ds.class_names),
         "palette": [list(c) for c in ds.palette], "input": run.contract.to_dict(),
         "dataset": cfg.dataset, "training": summary or {},
-        # how the data was split: eval says when the split it scores holds images this model trained on
-        "data": {"dataset_kwargs": cfg.dataset_kwargs, "train_split": cfg.train_split, "val_split": cfg.val_split},
+        # how the data was split, and where from: eval says when the split it scores holds images this
+        # model trained on (a folder or COCO dataset at another root is other images)
+        "data": {"dataset_kwargs": cfg.dataset_kwargs, "train_split": cfg.train_split, "val_split": cfg.val_split,
+                 "root": str(Path(cfg.data).expanduser().resolve()) if cfg.data else None},
         # the dataset's own id of each class (COCO's category ids), written into instance predictions
         **({"category_ids": [int(i) for i in ids]} if (ids := getattr(ds, "category_ids", None)) else {}),
         # a folder dataset's colour masks: the colour of ignored pixels, which serve reads them with

@@ -173,15 +173,22 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     return metrics
 
 
+OWN_DATA = ("folder", "coco")  # readers of a user's own files: at another root they are other images
+
+
 def training_images(meta: dict, ds: SegmentationDataset, dataset: str, data: str | None) -> int | None:
     """How many images of ``ds`` the checkpoint trained on, by its recorded training split (the
-    dataset options that drew it, such as CamVid's ``val_sequences``, ISBI's ``val_count``); None
-    where that cannot be told (another dataset kind, a checkpoint without the record, a reader
-    without image files)."""
+    dataset options that drew it, such as CamVid's ``val_sequences``, ISBI's ``val_count``) drawn
+    from ``data``; None where that cannot be told (another dataset kind, a checkpoint without the
+    record, a reader without image files). A public dataset is the same images wherever its copy
+    lies; a folder or COCO dataset (:data:`OWN_DATA`) is counted only at the root the checkpoint
+    records having trained from (a checkpoint from before 2026-12-06 records none: nothing is said)."""
     recorded = meta.get("data")
     items = getattr(ds, "items", None)
     if meta.get("dataset") != dataset or not isinstance(recorded, dict) or items is None:
         return None
+    if dataset in OWN_DATA and (data is None or recorded.get("root") != str(Path(data).expanduser().resolve())):
+        return None  # a held-out folder of one's own: its train split by the hash rule is no training image
     try:
         train = build_dataset(dataset, data, str(recorded.get("train_split", "train")),
                               **(recorded.get("dataset_kwargs") or {}))
