@@ -341,6 +341,16 @@ def test_eval_of_a_held_out_folder_of_ones_own_does_not_count_its_train_split_as
     assert f"note: {trained} of the 6 images of the all split are images the checkpoint trained on" in \
         capsys.readouterr().err
     assert json.loads((tmp_path / "mine.json").read_text())["provenance"]["dataset"]["training_images"] == trained
+    # a test folder whose masks lack the last class counts fewer classes (no classes.json): the refusal
+    # names the way out, which works, where it said "evaluate on the dataset it was trained for"
+    for path in (tmp_path / "test" / "masks").iterdir():
+        Image.fromarray((np.arange(256).reshape(16, 16) % 2).astype(np.uint8)).save(path)
+    assert main([*base, str(tmp_path / "few.json"), "--data", str(tmp_path / "test")]) == 2
+    assert ("the checkpoint predicts 3 classes but the data's masks hold labels up to 1 only (a folder without "
+            "classes.json takes its class count from its masks); pass --dataset-kwargs '{\"num_classes\": 3}'"
+            in capsys.readouterr().err)
+    assert main([*base, str(tmp_path / "few.json"), "--data", str(tmp_path / "test"), "--dataset-kwargs",
+                 '{"num_classes": 3}']) == 0
 
 
 @pytest.mark.parametrize("redirect", [">&-", ">/dev/full"])

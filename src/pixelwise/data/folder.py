@@ -197,6 +197,7 @@ class FolderDataset(FilePairDataset):
         self.colour_palette: list[tuple[int, int, int]] | None = None
         self.ignore_colour = IGNORE_COLOUR
         self.far_labels: list[int] = []  # labels found far above the others (reported by check())
+        self.classes_inferred = False
         self._read_classes(num_classes, [m for m in masks.values()])
         self._finish(skip_invalid)
 
@@ -239,6 +240,7 @@ class FolderDataset(FilePairDataset):
             self.palette = palette or default_palette(len(names))
             self.colour_palette = palette
         else:
+            self.classes_inferred = num_classes is None  # the count is the labels these masks hold
             if num_classes is None:  # one decode per mask (masks are small); reports unreadable ones later
                 seen: set[int] = set()
                 for m in masks:
