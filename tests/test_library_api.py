@@ -330,6 +330,16 @@ def test_a_pil_image_is_told_the_conversion_the_cli_reads_it_with(tmp_path):
     sixteen.save(tmp_path / "g.png")
     assert np.array_equal(pil_to_rgb(sixteen), read_image(tmp_path / "g.png"))
     assert len(np.unique(pil_to_rgb(sixteen))) > 10
+    # a photo as a camera stores it, turned by its EXIF tag: the hint gave the stored pixels' mask
+    # (transposed for orientations 5-8) where predict and read_image give the displayed image's
+    rng = np.random.default_rng(0)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[274] = orientation
+        Image.fromarray(rng.integers(0, 255, (5, 8, 3), dtype=np.uint8)).save(tmp_path / "o.png", exif=exif)
+        with Image.open(tmp_path / "o.png") as photo:
+            assert np.array_equal(pil_to_rgb(photo), read_image(tmp_path / "o.png")), orientation
+            assert pil_to_rgb(photo).shape == ((8, 5, 3) if orientation >= 5 else (5, 8, 3))
 
 
 def test_a_flipped_view_of_one_row_or_column_is_predicted():

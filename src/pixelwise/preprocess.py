@@ -189,7 +189,8 @@ def _format_hints(image: np.ndarray, channels: int) -> list[str]:
 def _object_hint(image: object, kind: str, channels: int) -> str:
     """How to turn an image that is not a numpy array into one (a PIL image, a tensor, a path)."""
     if kind.startswith("PIL."):  # pil_to_rgb scales 16-bit and float modes as read_image does; convert('RGB') clips
-        return " (a PIL image: pixelwise.data.io.pil_to_rgb(image), which reads every mode as the CLI does)"
+        return (" (a PIL image: pixelwise.data.io.pil_to_rgb(image), which reads every mode and the EXIF "
+                "orientation as the CLI reads a file)")
     if isinstance(image, torch.Tensor):
         dense = ".to_dense()" if image.layout != torch.strided else ""
         try:

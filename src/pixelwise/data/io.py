@@ -274,7 +274,11 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
-    """A decoded PIL image of any mode -> uint8[H, W, 3] RGB (alpha dropped)."""
+    """A PIL image of any mode -> uint8[H, W, 3] RGB (alpha dropped), as :func:`read_image` reads
+    its file: the EXIF orientation applied (an image that :func:`read_image`'s decoding turned
+    already carries no orientation tag)."""
+    if img.getexif().get(_ORIENTATION_TAG, 1) != 1:  # a photo opened by the caller, as a camera stored it
+        img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode == "RGB":
         arr = np.asarray(img)
