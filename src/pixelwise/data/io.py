@@ -300,7 +300,10 @@ def read_image(path: PathLike, frame: int = 0) -> np.ndarray:
     Handles RGB, L, LA, RGBA, P (palette expanded to colours), 1, CMYK and 16/32-bit
     grayscale (see :func:`_to_uint8`); a multi-frame file (TIFF stack, animation) gives the frame
     ``frame``, counted from 0 (:func:`frame_count` says how many there are); the EXIF
-    orientation tag is applied. Raises UserError naming the file if it cannot be decoded.
+    orientation tag is applied. Raises UserError naming the file if it cannot be decoded; a file
+    cut short after its last pixel (a PNG without its end chunk) decodes and is read, where
+    ``pixelwise predict``, serve and the dataset readers, which check the file's structure first
+    (:func:`probe_info`), refuse it as truncated.
     """
     return _to_rgb(path, _open_loaded(path, frame))
 
