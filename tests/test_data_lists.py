@@ -77,6 +77,33 @@ def test_voc_lists_with_a_bom_empty_or_missing(tmp_path):
         build_dataset("voc", str(tmp_path), "train", sbd_root=str(tmp_path / "nowhere"))
 
 
+def test_an_empty_folder_list_a_val_split_with_nothing_left_and_a_lossless_webp_mask_are_named(tmp_path, capsys):
+    """Three refusals that sent the user the wrong way: an empty splits/val.txt was 'no images found
+    ... see the expected layout'; --skip-invalid with every val image bad said 'nothing to train';
+    a lossless WebP mask was refused for 'lossy compression'."""
+    _folder(tmp_path, n=6)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("im0\nim1\nim2\nim3\n")
+    (tmp_path / "splits" / "val.txt").write_text("\n  \n")
+    run = ["train", "--dataset", "folder", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *TINY]
+    assert main(run) == 2
+    assert f"{tmp_path / 'splits' / 'val.txt'}: lists no images; write the stems or file names of the val images" \
+        in capsys.readouterr().err
+    (tmp_path / "splits" / "val.txt").write_text("im4\nim5\n")
+    for stem in ("im4", "im5"):
+        (tmp_path / "images" / f"{stem}.png").write_bytes(b"")
+    assert main([*run, "--skip-invalid"]) == 2
+    err = capsys.readouterr().err
+    assert "every item of the val split of FolderDataset has a problem" in err
+    assert "nothing to validate on: fix them, or validate on another split (--val-split)" in err, err
+    mask = np.asarray(Image.open(tmp_path / "masks" / "im0.png"))
+    (tmp_path / "masks" / "im0.png").unlink()
+    for lossless, why in ((True, "masks are read from"), (False, "lossy compression")):
+        Image.fromarray(mask).save(tmp_path / "masks" / "im0.webp", lossless=lossless)
+        problems = [str(p) for p in build_dataset("folder", str(tmp_path), "train").check()]
+        assert any("im0.webp is there, but " + why in p for p in problems), problems
+
+
 def test_an_empty_sbd_mat_file_is_named(tmp_path):
     voc, sets = _voc(tmp_path)
     (sets / "train.txt").write_text("2007_000001\n")

@@ -92,10 +92,11 @@ class SegmentationDataset(Dataset):
         inspect`` prints them). Default: none."""
         return []
 
-    def check_or_refuse(self, skip_invalid: bool, purpose: str) -> list[Problem]:
+    def check_or_refuse(self, skip_invalid: bool, purpose: str, empty: str | None = None) -> list[Problem]:
         """Run :meth:`check`: with problems, refuse (a UserError naming the first ones and the way
         out) unless ``skip_invalid``, which drops the files concerned. ``purpose``: what the
-        caller does with the data ("train", "evaluate"). -> the problems (dropped)."""
+        caller does with the data ("train", "evaluate"); ``empty``: what the refusal says when
+        nothing is left (default "nothing to <purpose>"). -> the problems (dropped)."""
         problems = self.check()
         split = getattr(self, "split", None)
         where = f"the {split} split of {type(self).__name__}" if split else type(self).__name__
@@ -106,7 +107,8 @@ class SegmentationDataset(Dataset):
         if problems:
             self.drop(problems)
             if len(self) == 0:
-                raise UserError(f"every item of {where} has a problem, e.g. {problems[0]}; nothing to {purpose}")
+                raise UserError(f"every item of {where} has a problem, e.g. {problems[0]}; "
+                                f"{empty or f'nothing to {purpose}'}")
         return problems
 
     def drop(self, problems: list[Problem]) -> int:

@@ -53,6 +53,7 @@ from pixelwise.data.io import (
     palette_known,
     probe,
     read_mask,
+    webp_lossy,
 )
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
@@ -210,6 +211,9 @@ class FolderDataset(FilePairDataset):
             # a line is a stem (scan.001 is one), or a file name whose image extension is dropped
             wanted = [w if w in known or Path(w).suffix.lower() not in IMAGE_EXTS else Path(w).stem
                       for w in (line.strip() for line in text.splitlines()) if w]
+            if not wanted:  # else "no images found ... see the layout", of a folder whose layout is right
+                raise UserError(f"{path}: lists no images; write the stems or file names of the {split} images "
+                                "into it, one per line")
             missing = [w for w in wanted if w not in known]
             if missing:
                 unread = [p.name for p in self.unused_images if p.stem == missing[0]]
@@ -357,11 +361,22 @@ class FolderDataset(FilePairDataset):
         if not found:
             return ""
         names = ", ".join(str(p) for p in found)
-        if any(p.suffix.lower() in LOSSY_SUFFIXES for p in found):
+        if any(_lossy(p) for p in found):
             why = "lossy compression (JPEG, WebP, AVIF) changes labels at edges"
         else:
             why = f"masks are read from {format_names(set(MASK_EXTS))} files only"
         return f" ({names} is there, but {why}; save masks as PNG)"
+
+
+def _lossy(path: Path) -> bool:
+    """Whether a mask file of a format folder datasets do not read is also lossily compressed: a
+    JPEG, AVIF or a WebP whose image chunk is lossy (a lossless WebP is refused for its format only)."""
+    if path.suffix.lower() == ".webp":
+        try:
+            return webp_lossy(path.read_bytes())
+        except OSError:
+            return True
+    return path.suffix.lower() in LOSSY_SUFFIXES
 
 
 def _colour_mask(path: str) -> bool:

@@ -779,14 +779,14 @@ def lossy_mask_error(data: bytes | bytearray | memoryview, fmt: str | None = Non
     elif fmt in ("AVIF", "HEIF") or (head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix",
                                                                             b"mif1")):
         kind = "AVIF/HEIF"  # lossy as cameras and converters write them; a lossless one is not told apart
-    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and _webp_lossy(data):
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and webp_lossy(data):
         kind = "lossy WebP"
     else:
         return None
     return f"{kind} mask: lossy compression changes labels at edges; save masks as PNG"
 
 
-def _webp_lossy(data: bytes | bytearray | memoryview) -> bool:
+def webp_lossy(data: bytes | bytearray | memoryview) -> bool:
     """Whether the WebP file ``data`` codes its (first) image lossily: the first image chunk is
     ``VP8 `` (lossy) rather than ``VP8L``, in a simple file or after the extended header's chunks
     (``VP8X``, ICC profile, animation frames' headers); only the chunk headers are read."""

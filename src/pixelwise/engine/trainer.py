@@ -323,8 +323,9 @@ def open_datasets(cfg: TrainConfig, log: Callable[[str], None] = print
     if training_only:
         log(f"note: {', '.join(training_only)} applies to the training split; validation scores every image "
             f"of {cfg.val_split}")
-    for ds in (train, val):
-        ds.check_or_refuse(cfg.skip_invalid, "train")
+    train.check_or_refuse(cfg.skip_invalid, "train")
+    val.check_or_refuse(cfg.skip_invalid, "train", empty="nothing to validate on: fix them, or validate on "
+                        "another split (--val-split)")
     check_same_split_classes(cfg, train, val)
     same = cfg.val_split == cfg.train_split  # validating on the training split, as asked: said once
     for split, ds in [(cfg.train_split, train)] + ([] if same else [(cfg.val_split, val)]):
