@@ -139,6 +139,9 @@ def train_preset(crop: tuple[int, int] | None = None, scale: tuple[float, float]
             if not MIN_SCALE <= lo <= hi:
                 raise UserError(f"augment scale {scale}: need {MIN_SCALE} <= low <= high (a smaller scale shrinks "
                                 "an image to a few pixels, or none)")
+            if not hi <= MAX_SCALE:  # [50, 200] meant as percent asked for 1.3-20 GB per CamVid sample
+                raise UserError(f"augment scale {scale}: need high <= {MAX_SCALE:g} (factors of the image's size, "
+                                "e.g. [0.5, 2.0]; a larger one enlarges each image to gigabytes)")
             t.append(RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
                                  mask_interpolation=cv2.INTER_NEAREST_EXACT, p=1.0))
         t.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT,
@@ -157,6 +160,7 @@ def eval_preset(resize: tuple[int, int] | None = None) -> Augment:
 
 
 MIN_SCALE = 0.1  # the smallest random scale: below it a small image becomes less than a pixel (OpenCV fails)
+MAX_SCALE = 10.0  # the largest: a 360x480 image at 10x is 17 MP per sample already (recipes go to 2)
 TRAIN_KEYS = ("crop", "scale", "flip", "jitter", "ignore_index", "resize", "elastic", "rotate90")
 
 

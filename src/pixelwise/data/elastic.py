@@ -28,6 +28,8 @@ worker, like the rest of the augmentation.
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -110,8 +112,9 @@ class ElasticDeform:
     paper's 3x3 grid, 10 px standard deviation by default)."""
 
     def __init__(self, sigma: float = 10.0, grid: int = 3):
-        if not sigma >= 0:
-            raise UserError(f"elastic sigma must be >= 0 pixels, got {sigma!r}")
+        if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and 0 <= sigma < math.inf):
+            # infinity gave every sample one class and a white image
+            raise UserError(f"elastic sigma must be a finite number >= 0 pixels, got {sigma!r}")
         if not isinstance(grid, int) or isinstance(grid, bool) or grid < 2:
             raise UserError(f"elastic grid must be an integer >= 2 (nodes per side), got {grid!r}")
         self.sigma, self.grid = float(sigma), grid
