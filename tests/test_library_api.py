@@ -64,6 +64,53 @@ def test_mc_dropout_predictor_in_threads_equals_sequential_and_leaves_rng_and_mo
     assert torch.equal(p.model(x), p.model(x))
 
 
+def test_mc_dropout_draws_from_its_own_generator_whatever_other_threads_draw(tmp_path):
+    """Seeded sampling borrowed torch's global generator: a thread of the caller drawing random
+    numbers meanwhile changed the masks (4-13 of 3,072 pixels) and had its own numbers repeat (20k
+    distinct of 112k draws). The dropout layers now draw from the call's own generator."""
+    import threading
+
+    p = Predictor.from_checkpoint(checkpoint(tmp_path), mc_samples=4)
+    imgs = images(3, (48, 64))
+    alone = [p.predict(im, uncertainty=True) for im in imgs]
+    stop, draws = threading.Event(), []
+
+    def caller_draws():
+        torch.manual_seed(7)
+        while not stop.is_set():
+            draws.append(torch.rand(4))
+
+    other = threading.Thread(target=caller_draws)
+    other.start()
+    try:
+        busy = [p.predict(im, uncertainty=True) for im in imgs for _ in range(2)]
+    finally:
+        stop.set()
+        other.join()
+    for i, b in enumerate(busy):
+        assert np.array_equal(alone[i // 2].mask, b.mask) and np.array_equal(alone[i // 2].uncertainty, b.uncertainty)
+    # the caller's thread drew its own stream, undisturbed (it had numbers of the borrowed state, undone)
+    ref = torch.Generator().manual_seed(7)
+    assert len(draws) > 10 and torch.equal(torch.cat(draws), torch.rand(4 * len(draws), generator=ref))
+
+
+def test_seeded_dropout_drops_elements_or_whole_channels_at_its_rate():
+    from pixelwise.inference.mc_dropout import drawing_from
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.ones(8, 64, 5, 5)
+    for layer, p in ((torch.nn.Dropout(0.3), 0.3), (torch.nn.Dropout2d(0.5), 0.5)):
+        y = drawing_from(layer, g)(x)
+        assert torch.isclose(y[y != 0], torch.tensor(1 / (1 - p))).all()
+        assert abs((y == 0).float().mean().item() - p) < 0.05
+        if isinstance(layer, torch.nn.Dropout2d):  # a channel is dropped whole, or kept whole
+            assert torch.equal(y.amin((2, 3)), y.amax((2, 3)))
+    before = torch.get_rng_state()
+    drawing_from(torch.nn.Dropout(0.5), g)(x)
+    assert torch.equal(torch.get_rng_state(), before)  # torch's global generator is not drawn from
+    assert not drawing_from(torch.nn.Dropout(1.0), g)(x).any()
+
+
 def test_two_predictors_sharing_a_model_sample_it_one_at_a_time():
     from pixelwise.inference.mc_dropout import model_lock
 

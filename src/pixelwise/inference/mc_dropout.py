@@ -12,7 +12,7 @@ import contextlib
 import numbers
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ from pixelwise.errors import UserError
 from pixelwise.models import forward_logits
 
 
-def dropout_layers(model: nn.Module) -> list[nn.Module]:
+def dropout_layers(model: nn.Module) -> list[nn.modules.dropout._DropoutNd]:
     """The model's dropout modules with a non-zero rate (every ``nn.Dropout*`` and alpha dropout)."""
     return [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
 
@@ -33,8 +33,7 @@ def has_dropout(model: nn.Module) -> bool:
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
-# the process-wide random state that seeded sampling borrows (the dropout layers draw from it)
-_GLOBAL_RNG = threading.RLock()
+_CHANNEL_DIMS = ((nn.Dropout1d, 1), (nn.Dropout2d, 2), (nn.Dropout3d, 3))  # whole channels dropped
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
@@ -49,21 +48,47 @@ def model_lock(model: nn.Module) -> threading.RLock:
 
 
 @contextlib.contextmanager
-def dropout_sampling(model: nn.Module) -> Iterator[None]:
-    """Inside: the model in eval mode except its dropout layers, which sample. Every module's
-    mode is restored on exit, also on error. Holds :func:`model_lock` throughout, so that another
-    thread sampling the same model neither sees nor restores these modes half-way (a plain
+def dropout_sampling(model: nn.Module, generator: torch.Generator | None = None) -> Iterator[None]:
+    """Inside: the model in eval mode except its dropout layers, which sample: from ``generator``
+    where one is given (:func:`drawing_from`), else from torch's global random state. Every
+    module's mode is restored on exit, also on error. Holds :func:`model_lock` throughout, so that
+    another thread sampling the same model neither sees nor restores these modes half-way (a plain
     forward of the model from another thread meanwhile would still see dropout on)."""
     with model_lock(model):
         modes = [(m, m.training) for m in model.modules()]
+        layers = dropout_layers(model)
         model.eval()
-        for m in dropout_layers(model):
-            m.train()
+        for layer in layers:
+            layer.train()
+            if generator is not None and not isinstance(layer, (nn.AlphaDropout, nn.FeatureAlphaDropout)):
+                layer.forward = drawing_from(layer, generator)  # an instance attribute: nn.Module calls it
         try:
             yield
         finally:
             for m, training in modes:
                 m.training = training
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+
+
+def drawing_from(layer: nn.modules.dropout._DropoutNd, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
+    """The forward of the dropout ``layer`` in training mode, its masks drawn from ``generator``
+    (``F.dropout`` draws from torch's global random state, which other threads of the caller share):
+    ``nn.Dropout`` drops elements, ``nn.Dropout1d/2d/3d`` whole channels, each kept with
+    probability ``1 - p`` and scaled by ``1 / (1 - p)``. (Alpha dropout, which no model of the zoo
+    has, keeps its own forward: :func:`dropout_sampling` leaves it drawing from the global state.)"""
+    p = float(layer.p)
+    channel_dims = next((nd for kind, nd in _CHANNEL_DIMS if isinstance(layer, kind)), None)
+
+    def forward(x: Tensor) -> Tensor:
+        shape: tuple[int, ...] = tuple(x.shape)
+        if channel_dims is not None:  # [N, C, *spatial], or an unbatched [C, *spatial]
+            lead = 2 if x.ndim == channel_dims + 2 else 1
+            shape = (*x.shape[:lead], *([1] * (x.ndim - lead)))
+        keep = torch.empty(shape, device=x.device).bernoulli_(1 - p, generator=generator)
+        return x * keep.to(x.dtype) * (0.0 if p == 1 else 1 / (1 - p))
+
+    return forward
 
 
 def predictive_entropy(probs: Tensor, dim: int = 1) -> Tensor:
@@ -83,15 +108,13 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
     (mean of the per-sample softmax) and ``uncertainty`` ``Tensor[N, H, W]``:
     ``measure="variance"`` (Bayesian SegNet's): the per-class variance of the sampled softmax,
     averaged over classes; ``"entropy"``: :func:`predictive_entropy` of ``mean_probs``.
-    ``seed``: draw the dropout masks from this seed (the caller's random state is left as it was),
-    so the same images give the same result run after run; None (default) draws from the global
-    random state.
-    Thread safety: the model is sampled by one thread at a time (:func:`model_lock`), and seeded
-    sampling holds torch's global random state (which dropout layers draw from) for one call at a
-    time, restoring it afterwards; so calls from several threads give exactly the sequential
-    results and leave the caller's random state and the model's modes as they were. Random numbers
-    that another thread draws *during* a seeded call come from (and are undone with) the borrowed
-    state.
+    ``seed``: draw the dropout masks from a generator of its own seeded with this (torch's global
+    random state is neither read nor changed), so the same images give the same result run after
+    run; None (default) draws from the global random state.
+    Thread safety: the model is sampled by one thread at a time (:func:`model_lock`); seeded
+    sampling draws from the call's own generator, so calls from several threads give exactly the
+    sequential results whatever other threads draw meanwhile, and leave the caller's random state
+    and the model's modes as they were.
     Raises :class:`UserError` if the model has no dropout (its samples would all be equal).
     """
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or not 1 <= samples <= MAX_MC_SAMPLES:
@@ -107,11 +130,8 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
         raise UserError(f"{type(model).__name__} has no dropout layers, so Monte-Carlo dropout is undefined; "
                         "use a model with dropout such as bayesian_segnet")
     total = sq_total = torch.zeros(())
-    devices = [images.device] if images.device.type == "cuda" else []
-    with dropout_sampling(model), _GLOBAL_RNG if seed is not None else contextlib.nullcontext(), \
-            torch.random.fork_rng(devices=devices, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    generator = None if seed is None else torch.Generator(device=images.device).manual_seed(seed)
+    with dropout_sampling(model, generator):
         for _ in range(samples):
             probs = forward_logits(model, images).float().softmax(dim=1)
             total = total + probs

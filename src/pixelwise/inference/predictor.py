@@ -286,8 +286,9 @@ class SemanticPredictor(Predictor):
     Threads: a predictor may be used from several threads at once, and every result equals the
     one-thread result. With ``mc_samples``, the sampling of a model runs one call at a time (the
     model's lock, :func:`pixelwise.inference.mc_dropout.model_lock`, shared by every predictor of
-    that model object), under torch's global random state seeded for it and restored afterwards,
-    so the caller's random state and the model's eval mode are as they were; threads then wait
+    that model object), its dropout masks drawn from a generator of the call's own (seeded 0), so
+    torch's global random state, which the caller's other threads may be drawing from, is neither
+    read nor changed, and the model's eval mode is as it was; threads then wait
     for each other rather than run in parallel. (A predictor without ``mc_samples`` that shares
     the model object with one that samples would see dropout on while the other samples: give
     it its own copy of the model.)
