@@ -111,6 +111,22 @@ def test_seeded_dropout_drops_elements_or_whole_channels_at_its_rate():
     assert not drawing_from(torch.nn.Dropout(1.0), g)(x).any()
 
 
+def test_a_caller_whose_default_dtype_is_float64_loads_the_float32_model(tmp_path):
+    """load_checkpoint built the model in torch's default dtype: after set_default_dtype(float64)
+    (common in scientific code) every predict failed with 'expected scalar type Float but found Double'."""
+    path = checkpoint(tmp_path)
+    img = images(1, (40, 56))[0]
+    want = Predictor.from_checkpoint(path, mc_samples=2).predict(img, uncertainty=True)
+    torch.set_default_dtype(torch.float64)
+    try:
+        p = Predictor.from_checkpoint(path, mc_samples=2)
+        got = p.predict(img, uncertainty=True)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert all(t.dtype == torch.float32 for t in p.model.state_dict().values() if t.is_floating_point())
+    assert np.array_equal(got.mask, want.mask) and np.array_equal(got.uncertainty, want.uncertainty)
+
+
 def test_two_predictors_sharing_a_model_sample_it_one_at_a_time():
     from pixelwise.inference.mc_dropout import model_lock
 

@@ -464,6 +464,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu")
     if problem:
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata")
     model.load_state_dict(state)
+    model.float()  # built in the caller's default dtype (float64 in some scientific code); inputs are float32
     meta.setdefault("task", model_info(meta["model"]).task)
     meta["input"] = input_spec_from_meta(meta, model).to_dict()
     return model.to(device).eval(), meta
