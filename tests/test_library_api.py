@@ -127,6 +127,39 @@ def test_a_caller_whose_default_dtype_is_float64_loads_the_float32_model(tmp_pat
     assert np.array_equal(got.mask, want.mask) and np.array_equal(got.uncertainty, want.uncertainty)
 
 
+def test_a_callers_autocast_around_predict_changes_nothing(tmp_path):
+    """A caller's torch.autocast (a web handler wrapped whole) ran eager, tiled, MC and fast models
+    in bf16 (1-39 mask pixels changed) and failed inside torch for int8 ('Quantize only works on
+    Float Tensor') and Mask R-CNN (scatter's dtypes). Each mode runs its own precision."""
+    from pixelwise import InstancePredictor
+
+    path = checkpoint(tmp_path)
+    imgs = images(2, (32, 48))
+    base = Predictor.from_checkpoint(path)
+    builders = {"eager": lambda: Predictor.from_checkpoint(path, tile=16),
+                "mc": lambda: Predictor.from_checkpoint(path, mc_samples=2),
+                "fast": lambda: Predictor.from_checkpoint(path, mode="fast"),
+                "int8": lambda: SemanticPredictor(base.model, base.meta, mode="int8", calib_data=images(1, (32, 32)),
+                                                  calib_crop=32, measuring=True)}  # random weights: no guard
+    for name, build in builders.items():
+        p = build()
+        want = [p.predict(im, uncertainty=True) for im in imgs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            q = build()  # also built under it: int8 calibrates, fast measures
+            got = [q.predict(im, uncertainty=True) for im in imgs]
+        for a, b in zip(want, got):
+            assert np.array_equal(a.mask, b.mask) and np.array_equal(a.uncertainty, b.uncertainty), name
+    torch.manual_seed(0)
+    detector = InstancePredictor(pixelwise.create_model("maskrcnn_resnet18_fpn", num_classes=3, min_size=64,
+                                                        max_size=96, box_score_thresh=0.0,
+                                                        box_detections_per_img=5),
+                                 {"model": "maskrcnn_resnet18_fpn", "num_classes": 3}, score_thresh=0.0)
+    want = detector.predict(imgs[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = detector.predict(imgs[0])
+    assert len(want["boxes"]) > 0 and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_two_predictors_sharing_a_model_sample_it_one_at_a_time():
     from pixelwise.inference.mc_dropout import model_lock
 

@@ -9,6 +9,7 @@ same pixels as training validation did.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import numbers
@@ -49,6 +50,13 @@ WHOLE_UPSAMPLE_BYTES = 256 * 2**20
 P = TypeVar("P", bound="Predictor")
 Bands = Iterator[tuple[int, torch.Tensor]]  # (first row y, probabilities Tensor[C, n, W] of rows y .. y + n - 1)
 MaskRows = Iterator[tuple[int, np.ndarray, np.ndarray | None]]  # (y, mask uint8[n, W], entropy float32[n, W] | None)
+
+
+def own_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off while a predictor runs its model: each mode has its precision (eager float32,
+    the fast path's plan, int8), and a caller's ``torch.autocast`` around ``predict`` changed masks,
+    or failed inside torch (int8's quantize, Mask R-CNN's mask pasting)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def upsample_rows(probs: torch.Tensor, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:
@@ -335,8 +343,9 @@ class SemanticPredictor(Predictor):
         # with this predictor's input contract, calibrate the activation ranges
         calibration = None if calib_data is None else calibration_batches(calib_data, self.input_spec, crop=calib_crop)
         try:
-            self.runner = make_runner(self.model, mode, self.meta.get("model", ""), self.device,
-                                      mc_samples=mc_samples, calibration=calibration, measuring=measuring)
+            with own_precision(self.device):  # int8 calibrates, the fast path measures, in their own precision
+                self.runner = make_runner(self.model, mode, self.meta.get("model", ""), self.device,
+                                          mc_samples=mc_samples, calibration=calibration, measuring=measuring)
         except UserError as e:
             if calibration is None and "needs calibration images" in str(e):  # the runner speaks of CLI flags only
                 raise UserError("mode='int8' (--mode int8) needs calibration images: pass calib_data= (a list of "
@@ -359,6 +368,10 @@ class SemanticPredictor(Predictor):
         return int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.dim() == 4 else None
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
+        with own_precision(self.device):
+            return self._model_probs_here(x)
+
+    def _model_probs_here(self, x: torch.Tensor) -> torch.Tensor:
         if self.mc_samples:
             # seeded, input by input: an input's dropout masks do not depend on what it is stacked
             # with, so predict, predict_batch, serve and every --batch-size give the same masks and maps
@@ -533,7 +546,8 @@ class InstancePredictor(Predictor):
             raise UserError(f"--score-thresh must be in [0, 1], got {score_thresh}")
         self.score_thresh = score_thresh
         self.mode = mode
-        self.runner = instance_runner(self.model, mode, self.meta.get("model", ""))
+        with own_precision(self.device):
+            self.runner = instance_runner(self.model, mode, self.meta.get("model", ""))
 
     def _model_classes(self) -> int | None:
         """The class count of the box classifier (background included), for names and colours
@@ -553,8 +567,9 @@ class InstancePredictor(Predictor):
                             f"it does not apply to instance models like {self.meta.get('model', 'Mask R-CNN')}")
         check_image(image)
         x = self.preprocess(image)
-        det = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
-               for k, v in self.runner([x[0]])[0].items()}
+        with own_precision(self.device):
+            found = self.runner([x[0]])[0]
+        det = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu() for k, v in found.items()}
         keep = det["scores"] >= self.score_thresh
         order = det["scores"][keep].argsort(descending=True, stable=True)
         out = {k: v[keep][order] for k, v in det.items()}
