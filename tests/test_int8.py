@@ -71,6 +71,23 @@ def test_unet_core_is_quantised_its_padding_stays_float(kwargs):
         assert err < 0.1 and agree > 0.85, (h, w, err, agree)
 
 
+def test_the_callers_quantised_engine_is_given_back():
+    """Quantising and every int8 forward set torch's process-wide engine to x86 and left it: a
+    caller's own quantised models then ran on other kernels."""
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=3, base_channels=4).eval()
+    x = smooth(1, 32, 32, 0)
+    want = Int8Segmenter(model, [x])(x)
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        int8 = Int8Segmenter(model, [x], engine="x86")
+        assert torch.backends.quantized.engine == "qnnpack"
+        got = int8(x)
+        assert torch.backends.quantized.engine == "qnnpack" and torch.equal(got, want)
+    finally:
+        torch.backends.quantized.engine = quantized_engine()
+
+
 def test_transposed_convolutions_run_in_float32():
     # x86/fbgemm's quantised transposed convolution is wrong when in != out channels (torch 2.13):
     # quantize() leaves them in float32; the result stays within quantisation error

@@ -27,9 +27,10 @@ onnxruntime, which runs wherever onnxruntime does but was slower than the bf16 f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -87,35 +88,47 @@ def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], engine: str 
     first = next(batches, None)
     if first is None:
         raise UserError("--mode int8 needs calibration images (--calib-dataset and --calib-data)")
-    torch.backends.quantized.engine = engine
-    net = copy.deepcopy(model).cpu().eval().requires_grad_(False)
-    with warnings.catch_warnings():
-        # torch.ao.quantization warns on every call that it is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        try:
-            prepared = prepare_fx(Logits(net), qconfig_mapping(engine), (first,))
-            core = None
-        except Exception as whole:  # torch.fx raises many kinds for code it cannot trace
-            # a model whose forward pads and crops around a traceable forward_features (U-Net):
-            # quantise that core, keep the padding and cropping in float
-            if not hasattr(net, "forward_features"):
-                raise _untraceable(model, whole) from None
-            core = _Core(net)
+    with quantizing_on(engine):
+        net = copy.deepcopy(model).cpu().eval().requires_grad_(False)
+        with warnings.catch_warnings():
+            # torch.ao.quantization warns on every call that it is deprecated in favour of torchao
+            warnings.simplefilter("ignore")
             try:
-                prepared = prepare_fx(core, qconfig_mapping(engine), (first,))
-            except Exception as e:
-                raise _untraceable(model, e) from None
-            _set_core(net, prepared)  # calibrated through net's own forward: padded as it pads
-        with torch.no_grad():
-            for x in (first, *batches):
-                (prepared if core is None else net)(x)
-        quantized = convert_fx(prepared)
-    quantized.graph.eliminate_dead_code()  # outputs other than the main logits (auxiliary heads)
-    quantized.recompile()
-    if core is None:
-        return quantized
-    _set_core(net, quantized)
-    return Logits(net)
+                prepared = prepare_fx(Logits(net), qconfig_mapping(engine), (first,))
+                core = None
+            except Exception as whole:  # torch.fx raises many kinds for code it cannot trace
+                # a model whose forward pads and crops around a traceable forward_features (U-Net):
+                # quantise that core, keep the padding and cropping in float
+                if not hasattr(net, "forward_features"):
+                    raise _untraceable(model, whole) from None
+                core = _Core(net)
+                try:
+                    prepared = prepare_fx(core, qconfig_mapping(engine), (first,))
+                except Exception as e:
+                    raise _untraceable(model, e) from None
+                _set_core(net, prepared)  # calibrated through net's own forward: padded as it pads
+            with torch.no_grad():
+                for x in (first, *batches):
+                    (prepared if core is None else net)(x)
+            quantized = convert_fx(prepared)
+        quantized.graph.eliminate_dead_code()  # outputs other than the main logits (auxiliary heads)
+        quantized.recompile()
+        if core is None:
+            return quantized
+        _set_core(net, quantized)
+        return Logits(net)
+
+
+@contextlib.contextmanager
+def quantizing_on(engine: str) -> Iterator[None]:
+    """torch's quantised engine set to ``engine`` inside (a process-wide setting), and the caller's
+    given back afterwards: it chose the kernels of its own quantised models."""
+    callers = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = callers
 
 
 def _set_core(net: nn.Module, core: nn.Module) -> None:
@@ -211,7 +224,6 @@ class Int8Segmenter(nn.Module):
         return (self(x).argmax(1) == reference).float().mean().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        torch.backends.quantized.engine = self.engine  # a process-wide setting: another model may have changed it
-        with torch.inference_mode(), warnings.catch_warnings():
+        with quantizing_on(self.engine), torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return self.model(x.cpu().float()).float().to(x.device)
