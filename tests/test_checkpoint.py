@@ -393,3 +393,32 @@ def test_pretrained_weights_that_are_not_float_finite_or_are_prefixed_are_named(
     save_file(state, tmp_path / "ok.safetensors")
     model = create_model("unet", num_classes=3, base_channels=4, pretrained=str(tmp_path / "ok.safetensors"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("value", [None, 1.5, -1])
+def test_an_older_checkpoints_mean_or_std_that_is_not_a_list_is_named(tmp_path, value, capsys):
+    """Checkpoints from before the input contract (2026-11-21) carry top-level mean and std; a null
+    or a bare number there was a TypeError traceback ('NoneType' object is not iterable)."""
+    from pixelwise.cli import main
+
+    save_checkpoint(tmp_path / "m.safetensors", _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
+
+    def older(meta, key):
+        meta.pop("input")
+        meta.update(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+        meta[key] = value
+
+    for key in ("mean", "std"):
+        old = edit_safetensors(tmp_path / "m.safetensors", tmp_path / f"{key}.safetensors", "pixelwise",
+                               meta_edit=lambda meta, key=key: older(meta, key))
+        with pytest.raises(UserError, match=re.escape(f"{old}: the checkpoint's {key} is {value!r}, not a list")):
+            load_checkpoint(old)
+    good = edit_safetensors(tmp_path / "m.safetensors", tmp_path / "good.safetensors", "pixelwise",
+                            meta_edit=lambda meta: older(meta, "mean") or meta.update(mean=[0.5, 0.5, 0.5]))
+    assert load_checkpoint(good)[1]["input"]["mean"] == [0.5, 0.5, 0.5]  # an older file as written: read
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    assert main(["predict", "--checkpoint", str(tmp_path / "std.safetensors"), str(tmp_path / "a.png"), "--out",
+                 str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "the checkpoint's std is" in capsys.readouterr().err

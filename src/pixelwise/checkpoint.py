@@ -272,8 +272,18 @@ def input_spec_from_meta(meta: dict, model: nn.Module | None = None) -> InputSpe
     and ``std``; whether their model normalises itself is then read off the ``model``."""
     if "input" in meta:
         return InputSpec.from_dict(meta["input"])
-    mean, std = tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
+    mean, std = (_channel_values(meta, "mean", IMAGENET_MEAN), _channel_values(meta, "std", IMAGENET_STD))
     return model_input_spec(model, mean, std) if model is not None else InputSpec(mean=mean, std=std)
+
+
+def _channel_values(meta: dict, key: str, default: tuple[float, ...]) -> tuple:
+    """An older checkpoint's top-level ``mean`` or ``std``: a list, one value per channel (checked
+    as numbers by :class:`InputSpec`); a null or a bare number was a TypeError traceback."""
+    values = meta.get(key, default)
+    if not isinstance(values, list | tuple):
+        raise UserError(f"the checkpoint's {key} is {values!r}, not a list of one number per channel; fix its "
+                        "metadata")
+    return tuple(values)
 
 
 def is_safetensors(head: bytes, size: int) -> bool:
@@ -466,7 +476,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu")
     model.load_state_dict(state)
     model.float()  # built in the caller's default dtype (float64 in some scientific code); inputs are float32
     meta.setdefault("task", model_info(meta["model"]).task)
-    meta["input"] = input_spec_from_meta(meta, model).to_dict()
+    try:
+        meta["input"] = input_spec_from_meta(meta, model).to_dict()
+    except UserError as e:  # the file's contract cannot be read: name the file
+        raise UserError(f"{path}: {e}") from None
     return model.to(device).eval(), meta
 
 
