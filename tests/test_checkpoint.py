@@ -422,3 +422,19 @@ def test_an_older_checkpoints_mean_or_std_that_is_not_a_list_is_named(tmp_path, 
     assert main(["predict", "--checkpoint", str(tmp_path / "std.safetensors"), str(tmp_path / "a.png"), "--out",
                  str(tmp_path / "o"), "--no-progress"]) == 2
     assert "the checkpoint's std is" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_name_the_way_out_by_who_wrote_them(tmp_path):
+    """'written by pixelwise 0.1.0, this is 0.1.0: load it with the pixelwise that wrote it' sent
+    the user to the version they had: metadata that does not describe the weights is the cause then."""
+    from pixelwise import __version__
+
+    save_checkpoint(tmp_path / "m.safetensors", _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
+    for version, words in ((__version__, "of other shapes, e.g. .*\\); the file's model, num_classes or model_kwargs "
+                                         "do not describe its weights: fix its metadata, or retrain"),
+                           ("0.0.1", f"\\); written by pixelwise 0.0.1, this is {re.escape(__version__)}: load it "
+                                     "with the pixelwise that wrote it, or retrain")):
+        bad = edit_safetensors(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", "pixelwise",
+                               meta_edit=lambda meta, v=version: meta.update(model_kwargs={}, pixelwise_version=v))
+        with pytest.raises(UserError, match=words):
+            load_checkpoint(bad)

@@ -350,9 +350,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if major is None or not major.isdigit():
         raise UserError(f"{path}: checkpoint format {form!r} is not pixelwise's; the file is damaged")
     if int(major) > int(FORMAT.rpartition("/")[2]):
-        raise UserError(f"{path}: checkpoint format {form} was written by a newer pixelwise "
-                        f"({meta.get('pixelwise_version', '?')}) than this one ({__version__}, which reads {FORMAT}); "
-                        "upgrade pixelwise")
+        raise UserError(f"{path}: checkpoint format {form} was written by a newer pixelwise than this one "
+                        f"({__version__}, which reads {FORMAT}); upgrade pixelwise")
     problem = metadata_problem(meta)
     if problem:  # it colours every mask written: found now, not halfway through writing one
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata or save it again with a valid one")
@@ -467,9 +466,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu")
         raise UserError(f"{path}: cannot rebuild model {meta.get('model')!r} ({e})") from None
     mismatch = weights_mismatch(model, state)
     if mismatch:
+        wrote = meta.get("pixelwise_version", "?")
+        fix = ("the file's model, num_classes or model_kwargs do not describe its weights: fix its metadata, or "
+               "retrain" if wrote == __version__  # same version: the pixelwise that wrote it builds it so too
+               else f"written by pixelwise {wrote}, this is {__version__}: load it with the pixelwise that wrote it, "
+               "or retrain")
         raise UserError(f"{path}: weights do not fit model {meta['model']!r} as this pixelwise builds it "
-                        f"({mismatch}; written by pixelwise {meta.get('pixelwise_version', '?')}, this is "
-                        f"{__version__}): load it with the pixelwise that wrote it, or retrain")
+                        f"({mismatch}); {fix}")
     problem = normalisation_problem(meta, model)
     if problem:
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata")
