@@ -416,6 +416,9 @@ def test_an_older_checkpoints_mean_or_std_that_is_not_a_list_is_named(tmp_path, 
     good = edit_safetensors(tmp_path / "m.safetensors", tmp_path / "good.safetensors", "pixelwise",
                             meta_edit=lambda meta: older(meta, "mean") or meta.update(mean=[0.5, 0.5, 0.5]))
     assert load_checkpoint(good)[1]["input"]["mean"] == [0.5, 0.5, 0.5]  # an older file as written: read
+    untasked = edit_safetensors(good, tmp_path / "untasked.safetensors", "pixelwise",
+                                meta_edit=lambda meta: meta.update(task=None))  # was: "use SemanticPredictor"
+    assert load_checkpoint(untasked)[1]["task"] == "semantic"
     from PIL import Image
 
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")

@@ -478,7 +478,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu")
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata")
     model.load_state_dict(state)
     model.float()  # built in the caller's default dtype (float64 in some scientific code); inputs are float32
-    meta.setdefault("task", model_info(meta["model"]).task)
+    if meta.get("task") is None:  # absent in older files (a null, hand-written, reads the same)
+        meta["task"] = model_info(meta["model"]).task
     try:
         meta["input"] = input_spec_from_meta(meta, model).to_dict()
     except UserError as e:  # the file's contract cannot be read: name the file
