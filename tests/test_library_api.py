@@ -111,6 +111,31 @@ def test_seeded_dropout_drops_elements_or_whole_channels_at_its_rate():
     assert not drawing_from(torch.nn.Dropout(1.0), g)(x).any()
 
 
+def test_seeded_sampling_leaves_no_forward_on_the_layers_even_when_it_fails():
+    from pixelwise.inference.mc_dropout import mc_dropout
+
+    model = unet(dropout=0.5)
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout2d))
+    calls = []
+    layer.forward = lambda x: calls.append(1) or x  # the caller's own, on the instance
+    plain = unet(dropout=0.5)
+    mc_dropout(plain, torch.rand(1, 3, 32, 32), samples=2, seed=0)
+    assert not any("forward" in m.__dict__ for m in plain.modules())
+    mc_dropout(model, torch.rand(1, 3, 32, 32), samples=2, seed=0)
+    assert not calls and layer.__dict__["forward"] is not None  # replaced while sampling, given back after
+    model(torch.rand(1, 3, 32, 32))
+    assert calls == [1]
+
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    failing = torch.nn.Sequential(torch.nn.Dropout(0.5), Boom()).eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        mc_dropout(failing, torch.rand(1, 3, 4, 4), samples=2, seed=0)
+    assert "forward" not in failing[0].__dict__ and not failing[0].training
+
+
 def test_a_caller_whose_default_dtype_is_float64_loads_the_float32_model(tmp_path):
     """load_checkpoint built the model in torch's default dtype: after set_default_dtype(float64)
     (common in scientific code) every predict failed with 'expected scalar type Float but found Double'."""

@@ -57,18 +57,25 @@ def dropout_sampling(model: nn.Module, generator: torch.Generator | None = None)
     with model_lock(model):
         modes = [(m, m.training) for m in model.modules()]
         layers = dropout_layers(model)
+        drawn = [] if generator is None else [layer for layer in layers
+                                              if not isinstance(layer, (nn.AlphaDropout, nn.FeatureAlphaDropout))]
+        own = {id(layer): layer.__dict__["forward"] for layer in drawn if "forward" in layer.__dict__}
         model.eval()
         for layer in layers:
             layer.train()
-            if generator is not None and not isinstance(layer, (nn.AlphaDropout, nn.FeatureAlphaDropout)):
-                layer.forward = drawing_from(layer, generator)  # an instance attribute: nn.Module calls it
         try:
+            for layer in drawn:
+                assert generator is not None  # drawn is empty without one
+                layer.forward = drawing_from(layer, generator)  # an instance attribute: nn.Module calls it
             yield
         finally:
             for m, training in modes:
                 m.training = training
-            for layer in layers:
-                layer.__dict__.pop("forward", None)
+            for layer in drawn:  # the class's forward again, or one the caller had put on the layer
+                if id(layer) in own:
+                    layer.forward = own[id(layer)]
+                else:
+                    layer.__dict__.pop("forward", None)
 
 
 def drawing_from(layer: nn.modules.dropout._DropoutNd, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
