@@ -94,21 +94,34 @@ def test_mc_dropout_draws_from_its_own_generator_whatever_other_threads_draw(tmp
     assert len(draws) > 10 and torch.equal(torch.cat(draws), torch.rand(4 * len(draws), generator=ref))
 
 
-def test_seeded_dropout_drops_elements_or_whole_channels_at_its_rate():
-    from pixelwise.inference.mc_dropout import drawing_from
+@pytest.mark.parametrize("kind, shape", [
+    (torch.nn.Dropout, (8, 64, 5)), (torch.nn.Dropout1d, (64, 30)), (torch.nn.Dropout1d, (8, 64, 5)),
+    (torch.nn.Dropout2d, (8, 64)), (torch.nn.Dropout2d, (8, 64, 5)), (torch.nn.Dropout2d, (8, 64, 5, 5)),
+    (torch.nn.Dropout2d, (4, 64, 3, 3, 3)), (torch.nn.Dropout3d, (64, 3, 3, 3)), (torch.nn.Dropout3d, (4, 64, 3, 3, 3)),
+])
+def test_seeded_dropout_drops_what_torchs_own_layer_drops_at_its_rate(kind, shape):
+    """The seeded masks come from a generator of the call's own: over the same dimensions as
+    torch's own layer (a 3-D input to Dropout2d is [N, C, L], to Dropout3d unbatched [C, D, H, W]),
+    at the layer's rate, scaled by 1 / (1 - p), and without touching torch's global generator."""
+    import warnings
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.ones(8, 64, 5, 5)
-    for layer, p in ((torch.nn.Dropout(0.3), 0.3), (torch.nn.Dropout2d(0.5), 0.5)):
-        y = drawing_from(layer, g)(x)
-        assert torch.isclose(y[y != 0], torch.tensor(1 / (1 - p))).all()
-        assert abs((y == 0).float().mean().item() - p) < 0.05
-        if isinstance(layer, torch.nn.Dropout2d):  # a channel is dropped whole, or kept whole
-            assert torch.equal(y.amin((2, 3)), y.amax((2, 3)))
+    from pixelwise.inference.mc_dropout import dropout_sampling
+
+    def constant_over(y):
+        return [bool((y == y.select(d, 0).unsqueeze(d)).all()) for d in range(y.ndim)]
+
+    x, p = torch.ones(shape), 0.4
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own note on a 3-D input to Dropout2d
+        own = kind(p).train()(x)
+    model = torch.nn.Sequential(kind(p)).eval()
     before = torch.get_rng_state()
-    drawing_from(torch.nn.Dropout(0.5), g)(x)
-    assert torch.equal(torch.get_rng_state(), before)  # torch's global generator is not drawn from
-    assert not drawing_from(torch.nn.Dropout(1.0), g)(x).any()
+    with dropout_sampling(model, torch.Generator().manual_seed(0)):
+        y = model(x)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert constant_over(y) == constant_over(own)
+    assert torch.isclose(y[y != 0], torch.tensor(1 / (1 - p))).all() and abs((y == 0).float().mean() - p) < 0.1
 
 
 def test_seeded_sampling_leaves_no_forward_on_the_layers_even_when_it_fails():
@@ -121,10 +134,14 @@ def test_seeded_sampling_leaves_no_forward_on_the_layers_even_when_it_fails():
     plain = unet(dropout=0.5)
     mc_dropout(plain, torch.rand(1, 3, 32, 32), samples=2, seed=0)
     assert not any("forward" in m.__dict__ for m in plain.modules())
-    mc_dropout(model, torch.rand(1, 3, 32, 32), samples=2, seed=0)
-    assert not calls and layer.__dict__["forward"] is not None  # replaced while sampling, given back after
-    model(torch.rand(1, 3, 32, 32))
-    assert calls == [1]
+    x = torch.rand(1, 3, 32, 32)
+    a = mc_dropout(model, x, samples=2, seed=0)[0]
+    assert calls == [1, 1] and "forward" in layer.__dict__  # the caller's forward ran the samples, and stays
+    assert torch.equal(a, mc_dropout(model, x, samples=2, seed=0)[0])  # the global state borrowed, seeded
+    alpha = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.AlphaDropout(0.3))  # not torch's plain kind
+    before = torch.get_rng_state()
+    assert torch.equal(mc_dropout(alpha, x, samples=3, seed=0)[0], mc_dropout(alpha, x, samples=3, seed=0)[0])
+    assert torch.equal(torch.get_rng_state(), before)
 
     class Boom(torch.nn.Module):
         def forward(self, x):

@@ -12,7 +12,7 @@ import contextlib
 import numbers
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,9 @@ def has_dropout(model: nn.Module) -> bool:
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
-_CHANNEL_DIMS = ((nn.Dropout1d, 1), (nn.Dropout2d, 2), (nn.Dropout3d, 3))  # whole channels dropped
+# the process-wide random state that seeded sampling borrows for layers it cannot draw itself
+_GLOBAL_RNG = threading.RLock()
+_DRAWABLE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # torch's own, by exact class
 
 
 def model_lock(model: nn.Module) -> threading.RLock:
@@ -50,52 +52,59 @@ def model_lock(model: nn.Module) -> threading.RLock:
 @contextlib.contextmanager
 def dropout_sampling(model: nn.Module, generator: torch.Generator | None = None) -> Iterator[None]:
     """Inside: the model in eval mode except its dropout layers, which sample: from ``generator``
-    where one is given (:func:`drawing_from`), else from torch's global random state. Every
-    module's mode is restored on exit, also on error. Holds :func:`model_lock` throughout, so that
-    another thread sampling the same model neither sees nor restores these modes half-way (a plain
-    forward of the model from another thread meanwhile would still see dropout on)."""
+    where one is given and every layer is one of torch's own (:func:`drawable`), else from torch's
+    global random state. Every module's mode (and forward) is restored on exit, also on error.
+    Holds :func:`model_lock` throughout, so that another thread sampling the same model neither
+    sees nor restores these modes half-way (a plain forward of the model from another thread
+    meanwhile would still see dropout on)."""
     with model_lock(model):
         modes = [(m, m.training) for m in model.modules()]
         layers = dropout_layers(model)
-        drawn = [] if generator is None else [layer for layer in layers
-                                              if not isinstance(layer, (nn.AlphaDropout, nn.FeatureAlphaDropout))]
-        own = {id(layer): layer.__dict__["forward"] for layer in drawn if "forward" in layer.__dict__}
+        drawn = layers if generator is not None and drawable(model) else []
         model.eval()
         for layer in layers:
             layer.train()
         try:
             for layer in drawn:
                 assert generator is not None  # drawn is empty without one
-                layer.forward = drawing_from(layer, generator)  # an instance attribute: nn.Module calls it
+                layer.forward = _Drawing(layer, generator)  # an instance attribute: nn.Module calls it
             yield
         finally:
             for m, training in modes:
                 m.training = training
-            for layer in drawn:  # the class's forward again, or one the caller had put on the layer
-                if id(layer) in own:
-                    layer.forward = own[id(layer)]
-                else:
-                    layer.__dict__.pop("forward", None)
+            for layer in drawn:
+                layer.__dict__.pop("forward", None)
 
 
-def drawing_from(layer: nn.modules.dropout._DropoutNd, generator: torch.Generator) -> Callable[[Tensor], Tensor]:
-    """The forward of the dropout ``layer`` in training mode, its masks drawn from ``generator``
-    (``F.dropout`` draws from torch's global random state, which other threads of the caller share):
-    ``nn.Dropout`` drops elements, ``nn.Dropout1d/2d/3d`` whole channels, each kept with
-    probability ``1 - p`` and scaled by ``1 / (1 - p)``. (Alpha dropout, which no model of the zoo
-    has, keeps its own forward: :func:`dropout_sampling` leaves it drawing from the global state.)"""
-    p = float(layer.p)
-    channel_dims = next((nd for kind, nd in _CHANNEL_DIMS if isinstance(layer, kind)), None)
+def drawable(model: nn.Module) -> bool:
+    """Whether :func:`dropout_sampling` can draw every dropout layer of ``model`` from a generator of
+    its own: each is exactly ``nn.Dropout`` or ``nn.Dropout1d/2d/3d`` with the class's forward (a
+    subclass, alpha dropout or a forward put on the layer computes something else)."""
+    return all(type(layer) in _DRAWABLE and "forward" not in layer.__dict__ for layer in dropout_layers(model))
 
-    def forward(x: Tensor) -> Tensor:
-        shape: tuple[int, ...] = tuple(x.shape)
-        if channel_dims is not None:  # [N, C, *spatial], or an unbatched [C, *spatial]
-            lead = 2 if x.ndim == channel_dims + 2 else 1
-            shape = (*x.shape[:lead], *([1] * (x.ndim - lead)))
-        keep = torch.empty(shape, device=x.device).bernoulli_(1 - p, generator=generator)
+
+class _Drawing:
+    """The training-mode forward of one of torch's dropout layers, its masks drawn from ``generator``
+    (``F.dropout`` draws from torch's global random state, which the caller's other threads share):
+    each element (``nn.Dropout``) or each channel (``nn.Dropout1d/2d/3d``, over the dimensions torch
+    drops together: 2d always from the third on, 1d and 3d from the third on when batched, from the
+    second on unbatched) kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``. In eval mode
+    (a copy of the layer taken meanwhile, switched back by ``.eval()``) it is the class's forward."""
+
+    def __init__(self, layer: nn.modules.dropout._DropoutNd, generator: torch.Generator) -> None:
+        self.layer, self.generator = layer, generator
+
+    def __call__(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        kind = type(layer)
+        if not layer.training or (kind is nn.Dropout1d and x.ndim not in (2, 3)):
+            return kind.forward(layer, x)  # identity; or torch's own refusal of that rank
+        batched = {nn.Dropout1d: x.ndim == 3, nn.Dropout2d: True, nn.Dropout3d: x.ndim == 5}.get(kind)
+        lead = x.ndim if batched is None else min(2 if batched else 1, x.ndim)
+        shape = (*x.shape[:lead], *([1] * (x.ndim - lead)))
+        p = float(layer.p)
+        keep = torch.empty(shape, device=x.device).bernoulli_(1 - p, generator=self.generator)
         return x * keep.to(x.dtype) * (0.0 if p == 1 else 1 / (1 - p))
-
-    return forward
 
 
 def predictive_entropy(probs: Tensor, dim: int = 1) -> Tensor:
@@ -115,13 +124,16 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
     (mean of the per-sample softmax) and ``uncertainty`` ``Tensor[N, H, W]``:
     ``measure="variance"`` (Bayesian SegNet's): the per-class variance of the sampled softmax,
     averaged over classes; ``"entropy"``: :func:`predictive_entropy` of ``mean_probs``.
-    ``seed``: draw the dropout masks from a generator of its own seeded with this (torch's global
-    random state is neither read nor changed), so the same images give the same result run after
-    run; None (default) draws from the global random state.
-    Thread safety: the model is sampled by one thread at a time (:func:`model_lock`); seeded
-    sampling draws from the call's own generator, so calls from several threads give exactly the
-    sequential results whatever other threads draw meanwhile, and leave the caller's random state
-    and the model's modes as they were.
+    ``seed``: draw the dropout masks from this seed, so the same images give the same result run
+    after run; None (default) draws from the global random state.
+    Thread safety: the model is sampled by one thread at a time (:func:`model_lock`). Seeded
+    sampling of torch's own dropout layers (:func:`drawable`; every model of the zoo) draws from a
+    generator of the call's own: torch's global random state is neither read nor changed, and
+    calls from several threads give exactly the sequential results whatever other threads draw
+    meanwhile. A model with other dropout layers (a subclass, alpha dropout) borrows the global
+    state instead, seeded for the call and restored afterwards, one call at a time: random
+    numbers another thread draws during such a call come from (and are undone with) the borrowed
+    state, and change the call's masks.
     Raises :class:`UserError` if the model has no dropout (its samples would all be equal).
     """
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or not 1 <= samples <= MAX_MC_SAMPLES:
@@ -138,7 +150,12 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
                         "use a model with dropout such as bayesian_segnet")
     total = sq_total = torch.zeros(())
     generator = None if seed is None else torch.Generator(device=images.device).manual_seed(seed)
-    with dropout_sampling(model, generator):
+    borrow = seed is not None and not drawable(model)  # layers of other kinds draw from torch's global state
+    devices = [images.device] if images.device.type == "cuda" else []
+    with dropout_sampling(model, generator), _GLOBAL_RNG if borrow else contextlib.nullcontext(), \
+            torch.random.fork_rng(devices=devices, enabled=borrow):
+        if borrow:
+            torch.manual_seed(int(seed))  # borrow is False without a seed
         for _ in range(samples):
             probs = forward_logits(model, images).float().softmax(dim=1)
             total = total + probs
