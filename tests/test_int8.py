@@ -84,6 +84,11 @@ def test_the_callers_quantised_engine_is_given_back():
         assert torch.backends.quantized.engine == "qnnpack"
         got = int8(x)
         assert torch.backends.quantized.engine == "qnnpack" and torch.equal(got, want)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(3) as pool:  # overlapping forwards: the last to end gives it back
+            outs = list(pool.map(lambda _: int8(x), range(12)))
+        assert torch.backends.quantized.engine == "qnnpack" and all(torch.equal(o, want) for o in outs)
     finally:
         torch.backends.quantized.engine = quantized_engine()
 

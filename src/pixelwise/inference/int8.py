@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -119,16 +120,30 @@ def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], engine: str 
         return Logits(net)
 
 
+_ENGINE_GUARD = threading.Lock()
+_engine_users = 0  # quantisations and int8 forwards running now, in every thread
+_callers_engine = ""  # the engine they found set, given back when the last of them ends
+
+
 @contextlib.contextmanager
 def quantizing_on(engine: str) -> Iterator[None]:
     """torch's quantised engine set to ``engine`` inside (a process-wide setting), and the caller's
-    given back afterwards: it chose the kernels of its own quantised models."""
-    callers = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
+    given back when the last such block running ends (several threads' int8 forwards overlap: each
+    giving back what it found would leave ``engine``); the caller's engine chose the kernels of its
+    own quantised models."""
+    global _engine_users, _callers_engine
+    with _ENGINE_GUARD:
+        if _engine_users == 0:
+            _callers_engine = torch.backends.quantized.engine
+        _engine_users += 1
+        torch.backends.quantized.engine = engine
     try:
         yield
     finally:
-        torch.backends.quantized.engine = callers
+        with _ENGINE_GUARD:
+            _engine_users -= 1
+            if _engine_users == 0:
+                torch.backends.quantized.engine = _callers_engine
 
 
 def _set_core(net: nn.Module, core: nn.Module) -> None:
