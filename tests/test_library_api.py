@@ -478,6 +478,16 @@ def test_a_pil_image_is_told_the_conversion_the_cli_reads_it_with(tmp_path):
         with Image.open(tmp_path / "o.png") as photo:
             assert np.array_equal(pil_to_rgb(photo), read_image(tmp_path / "o.png")), orientation
             assert pil_to_rgb(photo).shape == ((8, 5, 3) if orientation >= 5 else (5, 8, 3))
+    for mode in ("L", "RGBA", "P", "I;16"):  # one-strip TIFFs, which Pillow memory-maps: rows were scrambled
+        exif = Image.Exif()
+        exif[274] = 6
+        Image.fromarray(rng.integers(0, 255, (5, 8), dtype=np.uint8)).convert(mode).save(tmp_path / "o.tif", exif=exif)
+        with Image.open(tmp_path / "o.tif") as page:
+            assert np.array_equal(pil_to_rgb(page), read_image(tmp_path / "o.tif")), mode
+    # an EXIF block that is not one ('not a TIFF file' from getexif): the pixels, as before, unturned
+    Image.fromarray(rng.integers(0, 255, (5, 8, 3), dtype=np.uint8)).save(tmp_path / "x.png", exif=b"\xbc\xa5 no tiff")
+    with Image.open(tmp_path / "x.png") as damaged:
+        assert np.array_equal(pil_to_rgb(damaged), np.asarray(damaged.convert("RGB")))
 
 
 def test_a_flipped_view_of_one_row_or_column_is_predicted():

@@ -277,8 +277,7 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     """A PIL image of any mode -> uint8[H, W, 3] RGB (alpha dropped), as :func:`read_image` reads
     its file: the EXIF orientation applied (an image that :func:`read_image`'s decoding turned
     already carries no orientation tag)."""
-    if img.getexif().get(_ORIENTATION_TAG, 1) != 1:  # a photo opened by the caller, as a camera stored it
-        img = ImageOps.exif_transpose(img)
+    img = _oriented(img)
     mode = img.mode
     if mode == "RGB":
         arr = np.asarray(img)
@@ -292,6 +291,27 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
             raise ValueError(f"unsupported image mode {mode}")
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _oriented(img: Image.Image) -> Image.Image:
+    """A caller's image (a photo as a camera stored it) turned by its EXIF orientation; as it is where
+    the EXIF block cannot be read (its pixels still decode: the orientation is taken as none). A
+    TIFF page not loaded yet is loaded as :func:`_load_frame` loads it (Pillow's memory-mapped read of
+    a one-strip page scrambles the rows of a turned one), its file name given back after."""
+    try:
+        rotated = img.getexif().get(_ORIENTATION_TAG, 1) != 1
+    except (*_PIL_FRAME_ERRORS, struct.error):  # a damaged EXIF block: 'not a TIFF file'
+        return img
+    if not rotated:
+        return img
+    if img.format == "TIFF" and getattr(img, "tile", None):  # not loaded yet
+        name = img.filename  # type: ignore[attr-defined]  # an ImageFile attribute
+        img.filename = ""  # type: ignore[attr-defined]
+        try:
+            img.load()
+        finally:
+            img.filename = name  # type: ignore[attr-defined]
+    return ImageOps.exif_transpose(img)
 
 
 def read_image(path: PathLike, frame: int = 0) -> np.ndarray:
