@@ -159,14 +159,16 @@ def test_a_caller_whose_default_dtype_is_float64_loads_the_float32_model(tmp_pat
     path = checkpoint(tmp_path)
     img = images(1, (40, 56))[0]
     want = Predictor.from_checkpoint(path, mc_samples=2).predict(img, uncertainty=True)
-    torch.set_default_dtype(torch.float64)
-    try:
-        p = Predictor.from_checkpoint(path, mc_samples=2)
-        got = p.predict(img, uncertainty=True)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    assert all(t.dtype == torch.float32 for t in p.model.state_dict().values() if t.is_floating_point())
-    assert np.array_equal(got.mask, want.mask) and np.array_equal(got.uncertainty, want.uncertainty)
+    stored = pixelwise.load_checkpoint(path)[0].state_dict()
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):  # float16 ones were rounded, then widened
+        torch.set_default_dtype(dtype)
+        try:
+            p = Predictor.from_checkpoint(path, mc_samples=2)
+            got = p.predict(img, uncertainty=True)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        assert all(torch.equal(v, stored[k]) and v.dtype == stored[k].dtype for k, v in p.model.state_dict().items())
+        assert np.array_equal(got.mask, want.mask) and np.array_equal(got.uncertainty, want.uncertainty)
 
 
 def test_a_callers_autocast_around_predict_changes_nothing(tmp_path):

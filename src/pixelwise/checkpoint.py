@@ -476,8 +476,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu")
     problem = normalisation_problem(meta, model)
     if problem:
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata")
-    model.load_state_dict(state)
-    model.float()  # built in the caller's default dtype (float64 in some scientific code); inputs are float32
+    # built in the caller's default dtype (float64 in some scientific code, or float16): float32 before
+    # the weights are copied in, which a float16 model would round
+    model.float().load_state_dict(state)
     if meta.get("task") is None:  # absent in older files (a null, hand-written, reads the same)
         meta["task"] = model_info(meta["model"]).task
     try:
