@@ -310,19 +310,20 @@ def test_eval_says_when_the_split_holds_images_the_checkpoint_trained_on(tmp_pat
 def test_eval_of_a_held_out_folder_of_ones_own_does_not_count_its_train_split_as_trained_on(tmp_path, capsys):
     """A folder dataset has no fixed split: eval rebuilt the checkpoint's training split (train, the
     hash rule's 90%) from the folder it scored, so a separate test folder was said to be 9 of 10
-    images the model trained on, 'so these numbers flatter it'. Counted now only at the root the
-    checkpoint trained from."""
+    images the model trained on, 'so these numbers flatter it'. Counted now only where the training
+    split's files are the ones it trained on (names and sizes): in its folder, or a copy of it."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for name, count in (("mine", 6), ("test", 10)):
+    for name, count in (("mine", 6), ("test", 10), ("alike", 6)):  # alike: named as mine, other images
         for sub in ("images", "masks"):
             (tmp_path / name / sub).mkdir(parents=True)
         for i in range(count):
             root = tmp_path / name
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
-            Image.fromarray((np.arange(256).reshape(16, 16) % 3).astype(np.uint8)).save(root / "masks" / f"{i}.png")
+            h = 20 if name == "alike" else 16  # random pixels compress to files of one size: other sizes
+            Image.fromarray(rng.integers(0, 255, (h, 16, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+            Image.fromarray((np.arange(16 * h).reshape(h, 16) % 3).astype(np.uint8)).save(root / "masks" / f"{i}.png")
     run = tmp_path / "run"
     assert main(["train", "--model", "unet", "--model-kwargs", '{"base_channels": 4}', "--dataset", "folder",
                  "--data", str(tmp_path / "mine"), "--epochs", "1", "--batch-size", "2", "--no-progress",
@@ -330,17 +331,30 @@ def test_eval_of_a_held_out_folder_of_ones_own_does_not_count_its_train_split_as
     capsys.readouterr()
     base = ["eval", "--checkpoint", str(run / "best.safetensors"), "--dataset", "folder", "--split", "all",
             "--no-progress", "--json"]
-    assert main([*base, str(tmp_path / "test.json"), "--data", str(tmp_path / "test")]) == 0
-    assert "trained on" not in capsys.readouterr().err
-    assert "training_images" not in json.loads((tmp_path / "test.json").read_text())["provenance"]["dataset"]
-    # its own folder, all of it: the images of its train split are counted, also by another spelling of the root
+    for other in ("test", "alike"):
+        assert main([*base, str(tmp_path / f"{other}.json"), "--data", str(tmp_path / other)]) == 0
+        assert "trained on" not in capsys.readouterr().err
+        assert "training_images" not in json.loads((tmp_path / f"{other}.json").read_text())["provenance"]["dataset"]
+    # its own folder, all of it, or a copy of it: the images of its train split are counted
+    import shutil
+
     from pixelwise.data import build_dataset
 
+    shutil.copytree(tmp_path / "mine", tmp_path / "copy")
     trained = len(build_dataset("folder", str(tmp_path / "mine"), "train"))
-    assert main([*base, str(tmp_path / "mine.json"), "--data", str(tmp_path / "run" / ".." / "mine")]) == 0
-    assert f"note: {trained} of the 6 images of the all split are images the checkpoint trained on" in \
-        capsys.readouterr().err
-    assert json.loads((tmp_path / "mine.json").read_text())["provenance"]["dataset"]["training_images"] == trained
+    for folder in (tmp_path / "run" / ".." / "mine", tmp_path / "copy"):
+        assert main([*base, str(tmp_path / "mine.json"), "--data", str(folder), "--overwrite"]) == 0
+        assert f"note: {trained} of the 6 images of the all split are images the checkpoint trained on" in \
+            capsys.readouterr().err
+        assert json.loads((tmp_path / "mine.json").read_text())["provenance"]["dataset"]["training_images"] == trained
+    # an ensemble whose first member trained elsewhere: the member that trained on these images says it
+    assert main(["train", "--model", "unet", "--model-kwargs", '{"base_channels": 4}', "--dataset", "folder",
+                 "--data", str(tmp_path / "alike"), "--epochs", "1", "--batch-size", "2", "--no-progress",
+                 "--out", str(tmp_path / "other")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "other" / "best.safetensors"), *base[1:],
+                 str(tmp_path / "mine.json"), "--data", str(tmp_path / "mine"), "--overwrite"]) == 0
+    assert f"note: {trained} of the 6 images" in capsys.readouterr().err
     # a test folder whose masks lack the last class counts fewer classes (no classes.json): the refusal
     # names the way out, which works, where it said "evaluate on the dataset it was trained for"
     for path in (tmp_path / "test" / "masks").iterdir():

@@ -13,6 +13,8 @@ which runs ``check()`` at construction and drops what it finds (listed in ``self
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -97,6 +99,26 @@ def split_ref(ref: str) -> tuple[str, int | None]:
     return (path, int(number)) if sep and number.isdigit() else (ref, None)
 
 
+def split_fingerprint(ds: SegmentationDataset) -> str | None:
+    """A digest of the image files of the split ``ds`` as its reader listed them (before
+    ``--skip-invalid`` left any out): each file's name (with its slice or image number) and size,
+    sorted. A copy or a moved folder of the same files gives the same digest, another folder of
+    files named alike (a test folder numbered as the training one) another. None for a reader
+    without image files, or where a file cannot be looked at."""
+    items = getattr(ds, "listed_items", None) or getattr(ds, "items", None)
+    if not items:
+        return None
+    entries = []
+    for image, _ in items:
+        path, number = split_ref(image)
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return None
+        entries.append(f"{Path(path).name}{'' if number is None else f'#{number}'}:{size}")
+    return hashlib.sha256("\n".join(sorted(entries)).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 class FilePairDataset(SegmentationDataset):
     """Base of the readers that pair an image file with a mask file.
 
@@ -118,6 +140,7 @@ class FilePairDataset(SegmentationDataset):
         self.items: list[tuple[str, str | None]] = []
         self.lut: np.ndarray = identity_lut(0)
         self.dropped: list[Problem] = []
+        self.listed_items: list[tuple[str, str | None]] | None = None  # the items before any was dropped
         self.repeated: list[str] = []  # images a split list names more than once (:meth:`notes`)
 
     # -- construction helpers -------------------------------------------------------------
@@ -235,6 +258,8 @@ class FilePairDataset(SegmentationDataset):
         -> number of items removed. The problems are kept in ``self.dropped``."""
         problems = list(problems)
         bad = {p.path for p in problems}
+        if self.listed_items is None:
+            self.listed_items = list(self.items)
         before = len(self.items)
         self.items = [(i, m) for i, m in self.items if i not in bad and m not in bad]
         self.dropped.extend(problems)

@@ -73,6 +73,7 @@ from pixelwise.checkpoint import (
 from pixelwise.data import SegmentationDataset, build_dataset, collate, scoring_kwargs
 from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
+from pixelwise.data.files import split_fingerprint
 from pixelwise.data.inspect import image_sizes, inspect_dataset, label_presence
 from pixelwise.data.instance_crop import InstanceCrop
 from pixelwise.data.io import set_max_image_pixels
@@ -489,6 +490,7 @@ class Run:
     resume_command: str = "pixelwise train --resume"  # what continues it (the demo has its own)
     said_on_writing: list[str] = field(default_factory=list)  # a resume's lines, said once OUT is locked
     resumed_state: tuple[int, int, int] | None = None  # (inode, size, mtime) of the state file a resume read
+    train_fingerprint: str | None = None  # the training split's files (data.files.split_fingerprint)
 
     @property
     def saved(self) -> nn.Module:
@@ -781,7 +783,8 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
                scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"), contract=contract,
                class_weights=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
                log=log, callbacks=list(callbacks), class_weights_doc=weights_doc,
-               ema=WeightAverage(module, cfg.ema) if cfg.ema else None)
+               ema=WeightAverage(module, cfg.ema) if cfg.ema else None,
+               train_fingerprint=split_fingerprint(train_ds) if info.is_main else None)
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -1330,10 +1333,10 @@ def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
         "task": run.task, "class_names": list(ds.class_names),
         "palette": [list(c) for c in ds.palette], "input": run.contract.to_dict(),
         "dataset": cfg.dataset, "training": summary or {},
-        # how the data was split, and where from: eval says when the split it scores holds images this
-        # model trained on (a folder or COCO dataset at another root is other images)
+        # how the data was split, and which files: eval says when the split it scores holds images this
+        # model trained on (another folder of files named alike is other images)
         "data": {"dataset_kwargs": cfg.dataset_kwargs, "train_split": cfg.train_split, "val_split": cfg.val_split,
-                 "root": str(Path(cfg.data).expanduser().resolve()) if cfg.data else None},
+                 "train_fingerprint": run.train_fingerprint},
         # the dataset's own id of each class (COCO's category ids), written into instance predictions
         **({"category_ids": [int(i) for i in ids]} if (ids := getattr(ds, "category_ids", None)) else {}),
         # a folder dataset's colour masks: the colour of ignored pixels, which serve reads them with

@@ -25,6 +25,7 @@ import torch
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, build_dataset, sample_target, scoring_kwargs
+from pixelwise.data.files import split_fingerprint
 from pixelwise.errors import UserError, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.ensemble import from_checkpoints
@@ -165,10 +166,12 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     metrics["input"] = specs[0] if all(s == specs[0] for s in specs) else specs
     metrics["provenance"] = provenance(paths[0], predictor, dataset, data, split, dataset_kwargs or {},
                                        [str(p) for p in skipped])
-    trained = training_images(predictor.meta, ds, dataset, data)
-    if trained is not None:
+    # an ensemble's: the member that trained on most of these images says it (its options with it)
+    counted = [(n, m.meta) for m in members if (n := training_images(m.meta, ds, dataset, data)) is not None]
+    if counted:
+        trained, meta = max(counted, key=lambda c: c[0])
         metrics["provenance"]["dataset"].update(training_images=trained,
-                                                trained_with=predictor.meta["data"].get("dataset_kwargs") or {})
+                                                trained_with=meta["data"].get("dataset_kwargs") or {})
     if watershed is not None:
         metrics["provenance"]["watershed"] = watershed
     if len(paths) > 1:  # an ensemble: every member's file, contract and options
@@ -178,27 +181,26 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     return metrics
 
 
-OWN_DATA = ("folder", "coco")  # readers of a user's own files: at another root they are other images
-
-
 def training_images(meta: dict, ds: SegmentationDataset, dataset: str, data: str | None) -> int | None:
-    """How many images of ``ds`` the checkpoint trained on, by its recorded training split (the
-    dataset options that drew it, such as CamVid's ``val_sequences``, ISBI's ``val_count``) drawn
-    from ``data``; None where that cannot be told (another dataset kind, a checkpoint without the
-    record, a reader without image files). A public dataset is the same images wherever its copy
-    lies; a folder or COCO dataset (:data:`OWN_DATA`) is counted only at the root the checkpoint
-    records having trained from (a checkpoint from before 2026-12-06 records none: nothing is said)."""
+    """How many images of ``ds`` the checkpoint trained on: its recorded training split (the dataset
+    options that drew it, such as CamVid's ``val_sequences``, ISBI's ``val_count``) drawn from
+    ``data`` again, where that split's files are the ones it trained on (their names and sizes, the
+    recorded ``train_fingerprint``: a copied or moved folder counts, another folder of files named
+    alike, such as a separate test folder numbered as the training one, does not); None where that
+    cannot be told (another dataset kind, a checkpoint without the record, a reader without image
+    files, other files). A checkpoint from before 2026-12-06 records no fingerprint: its split is
+    taken as drawn from these files."""
     recorded = meta.get("data")
     items = getattr(ds, "items", None)
     if meta.get("dataset") != dataset or not isinstance(recorded, dict) or items is None:
         return None
-    if dataset in OWN_DATA and (data is None or recorded.get("root") != str(Path(data).expanduser().resolve())):
-        return None  # a held-out folder of one's own: its train split by the hash rule is no training image
     try:
         train = build_dataset(dataset, data, str(recorded.get("train_split", "train")),
                               **(recorded.get("dataset_kwargs") or {}))
     except (UserError, TypeError, ValueError):  # that split cannot be drawn from this data: nothing to compare
         return None
+    if "train_fingerprint" in recorded and recorded["train_fingerprint"] != split_fingerprint(train):
+        return None  # other files: a held-out folder's own train split (by the hash rule) is no training image
     trained = {image for image, _ in getattr(train, "items", [])}
     return sum(1 for image, _ in items if image in trained)
 
