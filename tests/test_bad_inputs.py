@@ -56,7 +56,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("train: a scale given in percent", ["train", *SHAPES, "--crop", "24x24", "--augment", '{"scale": [50, 200]}',
                                         "--out", "{ws}/out"], "need high <= 10 (factors of the image's size"),
     ("train: an infinite elastic sigma", ["train", *SHAPES, "--augment", '{"elastic": {"sigma": Infinity}}',
-                                          "--out", "{ws}/out"], "elastic sigma must be a finite number >= 0"),
+                                          "--out", "{ws}/out"], "elastic sigma must be a number of pixels from 0 to"),
     ("train: model option of the wrong type", ["train", "--model-kwargs", '{"base_channels": "wide"}',
                                                "--out", "{ws}/out"],
      "option 'base_channels' must be an integer (default 64), got 'wide'"),

@@ -360,9 +360,9 @@ def test_eval_of_a_held_out_folder_of_ones_own_does_not_count_its_train_split_as
     for path in (tmp_path / "test" / "masks").iterdir():
         Image.fromarray((np.arange(256).reshape(16, 16) % 2).astype(np.uint8)).save(path)
     assert main([*base, str(tmp_path / "few.json"), "--data", str(tmp_path / "test")]) == 2
-    assert ("the checkpoint predicts 3 classes but the data's masks hold labels up to 1 only (a folder without "
-            "classes.json takes its class count from its masks); pass --dataset-kwargs '{\"num_classes\": 3}'"
-            in capsys.readouterr().err)
+    assert ("the checkpoint predicts 3 classes but the data's masks were read as 2 (a folder without classes.json "
+            "takes its class count from the labels its masks hold, and these lack the last); pass --dataset-kwargs "
+            "'{\"num_classes\": 3}'" in capsys.readouterr().err)
     assert main([*base, str(tmp_path / "few.json"), "--data", str(tmp_path / "test"), "--dataset-kwargs",
                  '{"num_classes": 3}']) == 0
 

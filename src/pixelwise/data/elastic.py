@@ -28,7 +28,7 @@ worker, like the rest of the augmentation.
 
 from __future__ import annotations
 
-import math
+import numbers
 
 import cv2
 import numpy as np
@@ -107,17 +107,21 @@ def warp_sample(s: Sample, displacement: np.ndarray) -> Sample:
     return s.replace(**new)
 
 
+MAX_SIGMA = 1000.0  # pixels of displacement (the paper's 10): far beyond any image's size, and finite
+
+
 class ElasticDeform:
     """Sample -> Sample: :func:`warp_sample` by a fresh :func:`random_displacement` (the U-Net
     paper's 3x3 grid, 10 px standard deviation by default)."""
 
     def __init__(self, sigma: float = 10.0, grid: int = 3):
-        if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and 0 <= sigma < math.inf):
-            # infinity gave every sample one class and a white image
-            raise UserError(f"elastic sigma must be a finite number >= 0 pixels, got {sigma!r}")
+        if not (isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) and 0 <= float(sigma) <= MAX_SIGMA):
+            # infinity (and 1e15) gave every sample one class and a flat image
+            raise UserError(f"elastic sigma must be a number of pixels from 0 to {MAX_SIGMA:g}, got {sigma!r}")
         if not isinstance(grid, int) or isinstance(grid, bool) or grid < 2:
             raise UserError(f"elastic grid must be an integer >= 2 (nodes per side), got {grid!r}")
-        self.sigma, self.grid = float(sigma), grid
+        self.sigma: float = float(sigma)
+        self.grid: int = grid
 
     def __repr__(self) -> str:
         return f"ElasticDeform(sigma={self.sigma}, grid={self.grid})"

@@ -93,9 +93,10 @@ def check_class_count(meta: dict, ds: SegmentationDataset) -> None:
     n = meta.get("num_classes", ds.num_classes)
     if n != ds.num_classes and getattr(ds, "classes_inferred", False) and ds.num_classes < n:
         # a folder without classes.json counts the labels its masks hold: a test folder may lack the last
-        raise UserError(f"the checkpoint predicts {n} classes but the data's masks hold labels up to "
-                        f"{ds.num_classes - 1} only (a folder without classes.json takes its class count from "
-                        f"its masks); pass --dataset-kwargs '{{\"num_classes\": {n}}}' or add a classes.json")
+        raise UserError(f"the checkpoint predicts {n} classes but the data's masks were read as {ds.num_classes} "
+                        "(a folder without classes.json takes its class count from the labels its masks hold, and "
+                        f"these lack the last); pass --dataset-kwargs '{{\"num_classes\": {n}}}' (Python: "
+                        "dataset_kwargs) or add a classes.json")
     if n != ds.num_classes:
         raise UserError(f"the checkpoint predicts {n} classes but the data has {ds.num_classes}; evaluate on the "
                         "dataset it was trained for")
