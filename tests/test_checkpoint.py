@@ -411,7 +411,7 @@ def test_an_older_checkpoints_mean_or_std_that_is_not_a_list_is_named(tmp_path, 
     for key in ("mean", "std"):
         old = edit_safetensors(tmp_path / "m.safetensors", tmp_path / f"{key}.safetensors", "pixelwise",
                                meta_edit=lambda meta, key=key: older(meta, key))
-        with pytest.raises(UserError, match=re.escape(f"{old}: the checkpoint's {key} is {value!r}, not a list")):
+        with pytest.raises(UserError, match=re.escape(f"{old}: the file's {key} is {value!r}, not a list")):
             load_checkpoint(old)
     good = edit_safetensors(tmp_path / "m.safetensors", tmp_path / "good.safetensors", "pixelwise",
                             meta_edit=lambda meta: older(meta, "mean") or meta.update(mean=[0.5, 0.5, 0.5]))
@@ -424,7 +424,7 @@ def test_an_older_checkpoints_mean_or_std_that_is_not_a_list_is_named(tmp_path, 
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     assert main(["predict", "--checkpoint", str(tmp_path / "std.safetensors"), str(tmp_path / "a.png"), "--out",
                  str(tmp_path / "o"), "--no-progress"]) == 2
-    assert "the checkpoint's std is" in capsys.readouterr().err
+    assert "std.safetensors: the file's std is" in capsys.readouterr().err
 
 
 def test_weights_that_do_not_fit_name_the_way_out_by_who_wrote_them(tmp_path):

@@ -640,6 +640,8 @@ def _edited(src, dst, edit):
      f"num_classes is 3, and the graph gives {CLASSES} class scores"),
     (lambda m: json.dumps({**m, "class_names": ["a"]}),
      f"class_names must list a name (text) for each of the {CLASSES}"),
+    (lambda m: json.dumps({**{k: v for k, v in m.items() if k != "input"}, "mean": "x"}),  # an older file's layout
+     "the file's mean is 'x', not a list of one number per channel"),
 ])
 def test_damaged_metadata_in_an_onnx_file_is_one_line(checkpoint, tmp_path, capsys, edit, words):
     """Such edits were tracebacks (JSONDecodeError, AttributeError, ValueError, onnxruntime's

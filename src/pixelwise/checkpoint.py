@@ -281,8 +281,7 @@ def _channel_values(meta: dict, key: str, default: tuple[float, ...]) -> tuple:
     as numbers by :class:`InputSpec`); a null or a bare number was a TypeError traceback."""
     values = meta.get(key, default)
     if not isinstance(values, list | tuple):
-        raise UserError(f"the checkpoint's {key} is {values!r}, not a list of one number per channel; fix its "
-                        "metadata")
+        raise UserError(f"the file's {key} is {values!r}, not a list of one number per channel; fix its metadata")
     return tuple(values)
 
 

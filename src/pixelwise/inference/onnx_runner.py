@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pixelwise.checkpoint import metadata_problem
+from pixelwise.checkpoint import input_spec_from_meta, metadata_problem
 from pixelwise.errors import UserError, not_a_file
 from pixelwise.preprocess import InputSpec
 
@@ -132,6 +132,11 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[Onnx
         raise UserError(f"{path} holds part of an {meta.get('task')} model (Mask R-CNN); only semantic models run "
                         "with --onnx")
     problem = metadata_problem(meta)
+    if problem is None and "input" not in meta:  # an older file's top-level mean and std, read as load_checkpoint
+        try:
+            input_spec_from_meta(meta)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     session = make_session(path, threads)
     if problem is None:  # the stored contract and classes against the graph's own shapes
         channels, classes = session.get_inputs()[0].shape[1], session.get_outputs()[0].shape[1]
