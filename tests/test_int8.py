@@ -89,6 +89,10 @@ def test_the_callers_quantised_engine_is_given_back():
         with ThreadPoolExecutor(3) as pool:  # overlapping forwards: the last to end gives it back
             outs = list(pool.map(lambda _: int8(x), range(12)))
         assert torch.backends.quantized.engine == "qnnpack" and all(torch.equal(o, want) for o in outs)
+        with pytest.raises(UserError, match="quantised engine 'X86' is not one this torch has"):
+            quantize(model, [x], engine="X86")
+        Int8Segmenter(model, [x], engine="x86")  # a refused engine left nothing behind that keeps x86 set
+        assert torch.backends.quantized.engine == "qnnpack"
     finally:
         torch.backends.quantized.engine = quantized_engine()
 

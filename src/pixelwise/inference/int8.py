@@ -120,30 +120,26 @@ def quantize(model: nn.Module, calibration: Iterable[torch.Tensor], engine: str 
         return Logits(net)
 
 
-_ENGINE_GUARD = threading.Lock()
-_engine_users = 0  # quantisations and int8 forwards running now, in every thread
-_callers_engine = ""  # the engine they found set, given back when the last of them ends
+_ENGINE_GUARD = threading.Lock()  # one quantisation at a time sets the process-wide engine
 
 
 @contextlib.contextmanager
 def quantizing_on(engine: str) -> Iterator[None]:
-    """torch's quantised engine set to ``engine`` inside (a process-wide setting), and the caller's
-    given back when the last such block running ends (several threads' int8 forwards overlap: each
-    giving back what it found would leave ``engine``); the caller's engine chose the kernels of its
-    own quantised models."""
-    global _engine_users, _callers_engine
+    """torch's quantised engine set to ``engine`` inside (a process-wide setting, which chooses the
+    kernels prepare/convert pack the weights for), one block at a time, and the caller's given back
+    after: it chose the kernels of the caller's own quantised models. A quantised model runs the
+    kernels its weights were packed for whatever the engine is then (measured: equal outputs under
+    x86, fbgemm, onednn and qnnpack), so its forwards leave the setting alone."""
+    if engine not in torch.backends.quantized.supported_engines:
+        raise UserError(f"quantised engine {engine!r} is not one this torch has: "
+                        f"{', '.join(e for e in torch.backends.quantized.supported_engines if e != 'none')}")
     with _ENGINE_GUARD:
-        if _engine_users == 0:
-            _callers_engine = torch.backends.quantized.engine
-        _engine_users += 1
-        torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        with _ENGINE_GUARD:
-            _engine_users -= 1
-            if _engine_users == 0:
-                torch.backends.quantized.engine = _callers_engine
+        callers = torch.backends.quantized.engine
+        try:
+            torch.backends.quantized.engine = engine
+            yield
+        finally:
+            torch.backends.quantized.engine = callers
 
 
 def _set_core(net: nn.Module, core: nn.Module) -> None:
@@ -239,6 +235,6 @@ class Int8Segmenter(nn.Module):
         return (self(x).argmax(1) == reference).float().mean().item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with quantizing_on(self.engine), torch.inference_mode(), warnings.catch_warnings():
+        with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return self.model(x.cpu().float()).float().to(x.device)
