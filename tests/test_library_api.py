@@ -124,7 +124,7 @@ def test_seeded_dropout_drops_what_torchs_own_layer_drops_at_its_rate(kind, shap
     assert torch.isclose(y[y != 0], torch.tensor(1 / (1 - p))).all() and abs((y == 0).float().mean() - p) < 0.1
 
 
-def test_seeded_sampling_leaves_no_forward_on_the_layers_even_when_it_fails():
+def test_seeded_sampling_leaves_no_forward_on_the_layers_even_when_it_fails(monkeypatch):
     from pixelwise.inference.mc_dropout import mc_dropout
 
     model = unet(dropout=0.5)
@@ -139,9 +139,11 @@ def test_seeded_sampling_leaves_no_forward_on_the_layers_even_when_it_fails():
     assert calls == [1, 1] and "forward" in layer.__dict__  # the caller's forward ran the samples, and stays
     assert torch.equal(a, mc_dropout(model, x, samples=2, seed=0)[0])  # the global state borrowed, seeded
     alpha = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.AlphaDropout(0.3))  # not torch's plain kind
+    gpus_seeded: list[int] = []  # torch.manual_seed seeded every GPU's generator, which nothing gave back
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", gpus_seeded.append)
     before = torch.get_rng_state()
     assert torch.equal(mc_dropout(alpha, x, samples=3, seed=0)[0], mc_dropout(alpha, x, samples=3, seed=0)[0])
-    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(torch.get_rng_state(), before) and not gpus_seeded
 
     class Boom(torch.nn.Module):
         def forward(self, x):
@@ -169,6 +171,14 @@ def test_a_caller_whose_default_dtype_is_float64_loads_the_float32_model(tmp_pat
             torch.set_default_dtype(torch.float32)
         assert all(torch.equal(v, stored[k]) and v.dtype == stored[k].dtype for k, v in p.model.state_dict().items())
         assert np.array_equal(got.mask, want.mask) and np.array_equal(got.uncertainty, want.uncertainty)
+    from pixelwise.layers import BilinearUpsample
+
+    torch.set_default_dtype(torch.float64)
+    try:  # the FCNs' upsamplers: 'Index put requires the source and destination dtypes match'
+        up = BilinearUpsample(3, 2)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert torch.equal(up.weight.float(), BilinearUpsample(3, 2).weight)
 
 
 def test_a_callers_autocast_around_predict_changes_nothing(tmp_path):

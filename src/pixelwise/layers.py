@@ -60,7 +60,7 @@ def bilinear_kernel(in_channels: int, out_channels: int, kernel_size: int) -> Te
     r = torch.arange(kernel_size, dtype=torch.float64)
     f1 = 1 - (r - center).abs() / factor
     filt = (f1[:, None] * f1[None, :]).to(torch.float32)
-    weight = torch.zeros(in_channels, out_channels, kernel_size, kernel_size)
+    weight = torch.zeros(in_channels, out_channels, kernel_size, kernel_size, dtype=torch.float32)  # any default
     n = min(in_channels, out_channels)
     weight[torch.arange(n), torch.arange(n)] = filt
     return weight

@@ -97,7 +97,8 @@ class _Drawing:
     def __call__(self, x: Tensor) -> Tensor:
         layer = self.layer
         kind = type(layer)
-        if not layer.training or (kind is nn.Dropout1d and x.ndim not in (2, 3)):
+        if not layer.training or (kind is nn.Dropout1d and x.ndim not in (2, 3)) or (kind is not nn.Dropout
+                                                                                     and x.ndim < 2):
             return kind.forward(layer, x)  # identity; or torch's own refusal of that rank
         batched = {nn.Dropout1d: x.ndim == 3, nn.Dropout2d: True, nn.Dropout3d: x.ndim == 5}.get(kind)
         lead = x.ndim if batched is None else min(2 if batched else 1, x.ndim)
@@ -151,11 +152,15 @@ def mc_dropout(model: nn.Module, images: Tensor, samples: int = 8, measure: str 
     total = sq_total = torch.zeros(())
     generator = None if seed is None else torch.Generator(device=images.device).manual_seed(seed)
     borrow = seed is not None and not drawable(model)  # layers of other kinds draw from torch's global state
-    devices = [images.device] if images.device.type == "cuda" else []
+    cuda = images.device.type == "cuda"
     with dropout_sampling(model, generator), _GLOBAL_RNG if borrow else contextlib.nullcontext(), \
-            torch.random.fork_rng(devices=devices, enabled=borrow):
-        if borrow:
-            torch.manual_seed(int(seed))  # borrow is False without a seed
+            torch.random.fork_rng(devices=[images.device] if cuda else [], enabled=borrow):
+        if borrow:  # the generator the layers draw from, and only it (torch.manual_seed seeds every GPU's)
+            if cuda:
+                with torch.cuda.device(images.device):
+                    torch.cuda.manual_seed(int(seed))  # borrow: a seed was given
+            else:
+                torch.random.default_generator.manual_seed(int(seed))
         for _ in range(samples):
             probs = forward_logits(model, images).float().softmax(dim=1)
             total = total + probs
