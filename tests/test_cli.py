@@ -321,7 +321,7 @@ def test_eval_of_a_held_out_folder_of_ones_own_does_not_count_its_train_split_as
             (tmp_path / name / sub).mkdir(parents=True)
         for i in range(count):
             root = tmp_path / name
-            h = 20 if name == "alike" else 16  # random pixels compress to files of one size: other sizes
+            h = 16  # random pixels compress to files of one size: "alike" is named and sized as "mine"
             Image.fromarray(rng.integers(0, 255, (h, 16, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
             Image.fromarray((np.arange(16 * h).reshape(h, 16) % 3).astype(np.uint8)).save(root / "masks" / f"{i}.png")
     run = tmp_path / "run"

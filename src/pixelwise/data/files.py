@@ -99,12 +99,17 @@ def split_ref(ref: str) -> tuple[str, int | None]:
     return (path, int(number)) if sep and number.isdigit() else (ref, None)
 
 
+FINGERPRINT_CONTENT_FILES = 1000  # files (the first by name) whose first and last 4 KiB join the fingerprint
+
+
 def split_fingerprint(ds: SegmentationDataset) -> str | None:
     """A digest of the image files of the split ``ds`` as its reader listed them (before
     ``--skip-invalid`` left any out): each file's name (with its slice or image number) and size,
-    sorted. A copy or a moved folder of the same files gives the same digest, another folder of
-    files named alike (a test folder numbered as the training one) another. None for a reader
-    without image files, or where a file cannot be looked at."""
+    sorted, and the first and last 4 KiB of the first :data:`FINGERPRINT_CONTENT_FILES` of them (an
+    uncompressed BMP's or TIFF's size is its dimensions'; a few KiB of pixels tell two apart). A copy
+    or a moved folder of the same files gives the same digest, another folder of files named alike
+    (a test folder numbered as the training one) another. None for a reader without image files, or
+    where a file cannot be read."""
     items = getattr(ds, "listed_items", None) or getattr(ds, "items", None)
     if not items:
         return None
@@ -115,8 +120,21 @@ def split_fingerprint(ds: SegmentationDataset) -> str | None:
             size = os.stat(path).st_size
         except OSError:
             return None
-        entries.append(f"{Path(path).name}{'' if number is None else f'#{number}'}:{size}")
-    return hashlib.sha256("\n".join(sorted(entries)).encode("utf-8", "surrogateescape")).hexdigest()
+        entries.append((f"{Path(path).name}{'' if number is None else f'#{number}'}:{size}", path))
+    digest, ends = hashlib.sha256(), {}
+    for i, (key, path) in enumerate(sorted(entries)):
+        digest.update(key.encode("utf-8", "surrogateescape") + b"\n")
+        if i < FINGERPRINT_CONTENT_FILES:
+            if path not in ends:  # a TIFF stack's slices share one file
+                try:
+                    with open(path, "rb") as f:
+                        head = f.read(4096)
+                        f.seek(max(len(head), os.fstat(f.fileno()).st_size - 4096))
+                        ends[path] = hashlib.sha256(head + f.read(4096)).digest()
+                except OSError:
+                    return None
+            digest.update(ends[path])
+    return digest.hexdigest()
 
 
 class FilePairDataset(SegmentationDataset):
