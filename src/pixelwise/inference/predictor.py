@@ -369,17 +369,14 @@ class SemanticPredictor(Predictor):
 
     def _model_probs(self, x: torch.Tensor) -> torch.Tensor:
         with own_precision(self.device):
-            return self._model_probs_here(x)
-
-    def _model_probs_here(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mc_samples:
-            # seeded, input by input: an input's dropout masks do not depend on what it is stacked
-            # with, so predict, predict_batch, serve and every --batch-size give the same masks and maps
-            return torch.cat([mc_dropout(self.model, xi[None], self.mc_samples, measure="entropy", seed=0)[0]
-                              for xi in x])
-        if self._one_by_one and x.shape[0] > 1:  # index unpooling: stacking would change the result
-            return torch.cat([F.softmax(self.runner(xi[None]).float(), 1) for xi in x])
-        return F.softmax(self.runner(x).float(), 1)
+            if self.mc_samples:
+                # seeded, input by input: an input's dropout masks do not depend on what it is stacked
+                # with, so predict, predict_batch, serve and every --batch-size give the same masks and maps
+                return torch.cat([mc_dropout(self.model, xi[None], self.mc_samples, measure="entropy", seed=0)[0]
+                                  for xi in x])
+            if self._one_by_one and x.shape[0] > 1:  # index unpooling: stacking would change the result
+                return torch.cat([F.softmax(self.runner(xi[None]).float(), 1) for xi in x])
+            return F.softmax(self.runner(x).float(), 1)
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
         cancel.check()  # a server's job stops here, between batches, once it is cancelled
