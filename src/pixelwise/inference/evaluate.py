@@ -17,6 +17,7 @@ files the check left out, resize, tile, TTA, and the pixelwise and torch version
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +168,11 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     metrics["input"] = specs[0] if all(s == specs[0] for s in specs) else specs
     metrics["provenance"] = provenance(paths[0], predictor, dataset, data, split, dataset_kwargs or {},
                                        [str(p) for p in skipped])
-    # an ensemble's: the member that trained on most of these images says it (its options with it)
-    counted = [(n, m.meta) for m in members if (n := training_images(m.meta, ds, dataset, data)) is not None]
+    # an ensemble's: the member that trained on most of these images says it (its options with it);
+    # members that trained on the same split (seeds of one recipe) draw it, and read its files, once
+    splits = {json.dumps([m.meta.get("dataset"), m.meta.get("data")], sort_keys=True, default=str): m.meta
+              for m in members}
+    counted = [(n, meta) for meta in splits.values() if (n := training_images(meta, ds, dataset, data)) is not None]
     if counted:
         trained, meta = max(counted, key=lambda c: c[0])
         metrics["provenance"]["dataset"].update(training_images=trained,
@@ -185,9 +189,10 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
 def training_images(meta: dict, ds: SegmentationDataset, dataset: str, data: str | None) -> int | None:
     """How many images of ``ds`` the checkpoint trained on: its recorded training split (the dataset
     options that drew it, such as CamVid's ``val_sequences``, ISBI's ``val_count``) drawn from
-    ``data`` again, where that split's files are the ones it trained on (their names and sizes, the
-    recorded ``train_fingerprint``: a copied or moved folder counts, another folder of files named
-    alike, such as a separate test folder numbered as the training one, does not); None where that
+    ``data`` again, where that split's files are the ones it trained on (the recorded
+    ``train_fingerprint``, :func:`pixelwise.data.files.split_fingerprint`: a copied or moved folder
+    counts, another folder of files named alike, such as a separate test folder numbered as the
+    training one, does not); None where that
     cannot be told (another dataset kind, a checkpoint without the record, a reader without image
     files, other files). A checkpoint from before 2026-12-06 records no fingerprint: its split is
     taken as drawn from these files."""
