@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pixelwise.data.augment import Augment, build_transform, eval_preset, train_preset
+from pixelwise.data.augment import Augment, RandomScale, build_transform, elastic_of, eval_preset, train_preset
 from pixelwise.data.base import Sample
 from pixelwise.errors import UserError
 from pixelwise.sample import boxes_from_masks
@@ -246,3 +246,28 @@ def test_a_sample_without_instances_goes_through_every_augmentation():
             o = t(s)
             assert o.instance_masks.shape == (0, *o.mask.shape) and o.instance_labels.shape == (0,)
             assert o.boxes.shape == (0, 4)
+
+
+def _scale_range(aug: Augment) -> tuple[float, float]:
+    (scale,) = [t for t in aug.transforms if isinstance(t, RandomScale)]
+    return tuple(round(1.0 + x, 6) for x in scale.scale_limit)
+
+
+def test_documented_defaults_of_scale_and_elastic():
+    """docs/training.md: a crop adds random scaling 0.5-2; `elastic: true` is the U-Net paper's 3x3
+    grid with 10 px, and a mapping that sets one of the two keeps the other's default."""
+    assert _scale_range(train_preset(crop=(8, 8))) == (0.5, 2.0)
+    assert _scale_range(build_transform({"crop": [8, 8]}, train=True)) == (0.5, 2.0)
+    assert _scale_range(build_transform({"crop": [8, 8], "scale": [0.75, 1.5]}, train=True)) == (0.75, 1.5)
+    for value, sigma, grid in [(True, 10.0, 3), ({}, 10.0, 3), ({"grid": 4}, 10.0, 4), ({"sigma": 2}, 2.0, 3)]:
+        deform = elastic_of(value)
+        assert (deform.sigma, deform.grid) == (sigma, grid), value
+
+
+@pytest.mark.parametrize("ignore, ok", [(0, True), (255, True), (-1, False), (256, False), (True, False)])
+def test_augment_ignore_index_is_a_label_value(ignore, ok):
+    if ok:
+        assert build_transform({"ignore_index": ignore}, train=True).ignore_index == ignore
+    else:
+        with pytest.raises(UserError, match="ignore_index"):
+            build_transform({"ignore_index": ignore}, train=True)

@@ -94,3 +94,19 @@ def test_an_ignore_label_other_than_255_is_refused_before_training(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("pixelwise: error: augment ignore_index 11") and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("p", [0.25, 0.5])
+def test_each_image_is_mixed_with_probability_p(p):
+    """Two one-class images (classes 0 and 1): a mixed image is the other one's class everywhere.
+    Over 400 seeded draws the share mixed is p within 5 standard deviations (sd <= 10)."""
+    batch = {"image": torch.zeros(2, 1, 4, 4), "mask": torch.stack([torch.zeros(4, 4, dtype=torch.long),
+                                                                     torch.ones(4, 4, dtype=torch.long)])}
+    torch.manual_seed(0)
+    mixed = 0
+    for _ in range(200):
+        out = class_mix(batch, p)
+        for i in range(2):
+            assert torch.equal(out["mask"][i], batch["mask"][i]) or torch.equal(out["mask"][i], batch["mask"][1 - i])
+            mixed += int(not torch.equal(out["mask"][i], batch["mask"][i]))
+    assert abs(mixed - 400 * p) < 50

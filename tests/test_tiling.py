@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from pixelwise import create_model
 from pixelwise.inference.predictor import SemanticPredictor, upsample_probs, upsample_rows
-from pixelwise.inference.tiling import axis_spans, blend_rows, model_geometry, plan_tiles, tile_weight
+from pixelwise.inference.tiling import axis_spans, blend_rows, model_geometry, plan_tiles, tile_margin, tile_weight
 
 
 class Float64(nn.Module):
@@ -311,3 +312,25 @@ def test_a_resize_contract_streams_its_way_back_to_the_image_size(monkeypatch):
     assert pred.probs is None and np.array_equal(pred.mask, p.predict(image).mask)
     both = p.predict_batch([image, image[:50]])  # the batch path streams the same way
     assert np.array_equal(both[0].mask, pred.mask)
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (5, 9), (16, 7), (32, 1)])
+def test_tile_weight_is_the_outer_product_of_hann_windows_floored_at_0_1(h, w):
+    """The blending window written out independently: the interior of a symmetric Hann window of
+    n + 2 points, sin^2(pi i / (n + 1)) for i = 1..n, each floored at 0.1, row times column (for
+    n = 32 the ends, sin^2(pi / 33) = 0.009, sit on the floor)."""
+    def hann(n):
+        return [max(0.1, math.sin(math.pi * i / (n + 1)) ** 2) for i in range(1, n + 1)]
+    want = torch.tensor([[a * b for b in hann(w)] for a in hann(h)], dtype=torch.float32)
+    torch.testing.assert_close(tile_weight(h, w), want, rtol=0, atol=1e-6)
+
+
+def test_margins_are_the_documented_ones():
+    """docs/inference.md: ``context + alignment - 1`` for a model stating its context, ``tile // 8``
+    otherwise; the windows of a context-free plan, worked out by hand."""
+    assert tile_margin(64, 92, 16) == 107 and tile_margin(64, 92, 1) == 92
+    assert tile_margin(64, 0, 1) == 8 and tile_margin(71, 0, 16) == 8 and tile_margin(7, 0, 1) == 0
+    rows = plan_tiles(200, 200, 64, 0.0).rows
+    # cores at 0, 64, 128 and 136 (the last flush with the end), each widened by 8, clipped to [0, 200)
+    assert [(r.start, r.stop, r.window_start, r.window_stop) for r in rows] == [
+        (0, 64, 0, 72), (64, 128, 56, 136), (128, 192, 120, 200), (136, 200, 128, 200)]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pixelwise.cli import TTA_CHOICES
 from pixelwise.inference.predictor import SemanticPredictor
 from pixelwise.inference.tiling import model_geometry, plan_tiles
-from pixelwise.inference.tta import MS_SCALES, TTA_MODES
+from pixelwise.inference.tta import MS_SCALES, TTA_MODES, scaled_size
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,10 @@ def test_tta_applies_to_each_tile_window(model, mode):
             total[:, r.start : r.stop, c.start : c.stop] += core
             count[r.start : r.stop, c.start : c.stop] += 1
     torch.testing.assert_close(p.predict_probs(image), total / count, rtol=0, atol=1e-6)
+
+
+def test_scaled_size_rounds_halves_up_and_keeps_at_least_one_pixel():
+    # by hand: 37 * 0.5 = 18.5 -> 19, 50 * 0.75 = 37.5 -> 38; 3 * 0.1 = 0.3 rounds to 0, kept at 1
+    assert scaled_size((37, 50), 0.5) == (19, 25)
+    assert scaled_size((37, 50), 0.75) == (28, 38)
+    assert scaled_size((1, 3), 0.1) == (1, 1) and scaled_size((2, 1), 0.2) == (1, 1)
