@@ -1,10 +1,13 @@
 """Watershed cells from a membrane map (pixelwise.inference.cells), and the ISBI errors scored on them."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from pixelwise.inference.cells import cell_map, watershed_cells, with_boundaries
+from pixelwise.errors import UserError
+from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells, with_boundaries
 from pixelwise.metrics import ChallengeMeter, label_components
 
 
@@ -86,3 +89,32 @@ def test_watershed_boundaries_remove_the_cost_of_thick_membranes_and_keep_merges
     drawn = with_boundaries(joined, 0.5)
     merged.update((drawn > 0.5).astype(np.uint8), drawn, target)
     assert merged.compute()["rand_precision"] < 1.0 and merged.compute()["rand_error_best"] > 0.01
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.01, math.nan])
+def test_seed_threshold_outside_zero_to_one_is_refused(bad):
+    # docstring: a cell probability in [0, 1): 1 would leave no seed at all (prob > 1 never holds)
+    with pytest.raises(UserError, match="seed threshold"):
+        check_seed_threshold(bad)
+
+
+@pytest.mark.parametrize("good", [0.0, 0.5, 0.99])
+def test_seed_threshold_inside_is_accepted(good):
+    check_seed_threshold(good)
+
+
+def test_seeds_are_strictly_above_the_threshold():
+    # a pixel exactly at the threshold is no seed: [0.9, 0.5, 0.9] at 0.5 has two seeds, and the
+    # middle pixel floods from its first labelled neighbour in the order above, below, left, right
+    # (the left one). By hand: labels [1, 1, 2].
+    labels = watershed_cells(np.array([[0.9, 0.5, 0.9]]), 0.5)
+    assert labels.tolist() == [[1, 1, 2]]
+
+
+def test_cells_meet_on_the_membrane_ridge_not_halfway():
+    # seeds at both ends; the membrane probability 1 - p is 0.6 on pixels 1-3 and 0.9 on pixel 4
+    # (the ridge). Flooding level by level, the left cell takes pixels 1-3 at level 0.6 before the
+    # right one can cross the ridge, which goes to its first labelled neighbour (the left one).
+    # A plain breadth-first growth (ignoring the relief) would meet halfway: [1, 1, 1, 2, 2, 2].
+    labels = watershed_cells(np.array([[0.9, 0.4, 0.4, 0.4, 0.1, 0.9]]), 0.5)
+    assert labels.tolist() == [[1, 1, 1, 1, 1, 2]]

@@ -216,3 +216,27 @@ def test_an_all_ignored_half_precision_batch_costs_zero_not_nan(kind):
     assert loss.item() == 0.0 and loss.dtype == torch.float32
     loss.backward()
     assert logits.grad is not None and not logits.grad.float().abs().sum()
+
+
+def test_dice_counts_a_class_with_a_single_pixel():
+    # class 1 holds exactly one pixel: it is present and takes part in the mean (docs: the mean
+    # runs over the classes present in the target). Naive numpy reference, smooth = 1.
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 3, 3, dtype=torch.float64)
+    target = torch.zeros(1, 3, 3, dtype=torch.int64)
+    target[0, 1, 1] = 1
+    p = torch.softmax(logits, 1)[0].numpy()
+    g = np.stack([(target[0].numpy() == c) for c in range(3)]).astype(np.float64)
+    dice = [(2 * (p[c] * g[c]).sum() + 1) / (p[c].sum() + g[c].sum() + 1) for c in (0, 1)]  # present: 0, 1
+    assert dice_loss(logits, target).item() == pytest.approx(1 - np.mean(dice), abs=1e-12)
+
+
+def test_lovasz_present_and_all_differ_on_an_absent_class():
+    # hard prediction [[0, 2], [1, 1]] of target [[0, 0], [1, 1]]: 1 - IoU is 1/2 (class 0), 0
+    # (class 1) and 1 (class 2: absent from the target, predicted once). Berman et al.: for one-hot
+    # p the loss is 1 - IoU averaged over the classes: present -> 0.25, all -> 0.5 (by hand).
+    pred = torch.tensor([[0, 2], [1, 1]])
+    logits = (torch.nn.functional.one_hot(pred, 3).permute(2, 0, 1)[None] * 100.0).double()
+    target = torch.tensor([[[0, 0], [1, 1]]])
+    assert lovasz_softmax(logits, target).item() == pytest.approx(0.25, abs=1e-9)
+    assert lovasz_softmax(logits, target, classes="all").item() == pytest.approx(0.5, abs=1e-9)

@@ -350,3 +350,73 @@ def test_challenge_meter_is_its_parts():
     assert {k: got[k] for k in ("rand_error", "rand_precision", "rand_recall", "rand_f")} == at_argmax.compute()
     assert (got["rand_error_best"], got["rand_best_threshold"]) == (best["rand_error"], best["threshold"])
     assert (got["pixel_error_best"], got["pixel_best_threshold"]) == tuple(pixel.compute().values())
+
+
+def test_bf_default_tolerance_is_three_quarters_percent_of_the_diagonal():
+    # 100x100 image: diagonal 141.4 px, SegNet tolerance 0.0075 * 141.4 = 1.06 px (docs/metrics.md).
+    # A vertical class edge moved by 1 px lies within it (BF 1 for both classes), one moved by 2 px
+    # lies outside it (no boundary pixel matches: BF 0). Hand-derived, not from the implementation.
+    target = np.zeros((100, 100), np.int64)
+    target[:, 50:] = 1
+    one_off, two_off = np.zeros_like(target), np.zeros_like(target)
+    one_off[:, 49:] = 1
+    two_off[:, 48:] = 1
+    assert image_bf_scores(one_off, target, 2) == {0: 1.0, 1: 1.0}
+    assert image_bf_scores(two_off, target, 2) == {0: 0.0, 1: 0.0}
+
+
+def test_prediction_equal_to_num_classes_is_rejected():
+    # class C does not exist: it must raise, not land in the next row of the flattened matrix
+    with pytest.raises(ValueError, match="prediction has labels outside"):
+        confusion_matrix(torch.tensor([2, 0]), torch.tensor([0, 0]), 2)
+    with pytest.raises(ValueError, match="prediction has labels outside"):
+        confusion_matrix(np.array([[1, 3]]), np.array([[0, 1]]), 3)
+
+
+def test_rand_counts_reject_floating_prediction():
+    # docstring of rand_counts: floating or boolean maps raise TypeError, the prediction too
+    target = np.ones((4, 4), np.int64)
+    with pytest.raises(TypeError, match="integer class labels"):
+        rand_counts(np.full((4, 4), 0.9), target)
+    with pytest.raises(TypeError, match="integer class labels"):
+        rand_counts(np.ones((4, 4), bool), target)
+
+
+def test_bf_rejects_a_batch_with_the_one_image_message():
+    t = np.zeros((2, 8, 8), np.int64)
+    with pytest.raises(ValueError, match="one image at a time"):
+        image_bf_scores(t, t, 2)
+
+
+def test_pixel_error_rejects_a_label_map():
+    # a non-square [H, W] label map is not a confusion matrix
+    with pytest.raises(ValueError, match="confusion matrix"):
+        pixel_error(np.zeros((3, 4), np.int64))
+    with pytest.raises(ValueError, match="confusion matrix"):
+        pixel_error(torch.zeros(5, dtype=torch.int64))
+
+
+def test_rand_scores_of_a_single_pixel_cell():
+    # one labelled pixel predicted as a cell: sum_ab = sum_a = sum_b = 1 -> P = R = F = 1, error 0
+    assert rand_scores(1.0, 1.0, 1.0) == {"rand_precision": 1.0, "rand_recall": 1.0, "rand_f": 1.0,
+                                          "rand_error": 0.0}
+    target = np.zeros((3, 3), np.int64)
+    target[1, 1] = 1
+    assert rand_counts(target, target) == (1.0, 1.0, 1.0)
+
+
+def test_negative_prediction_is_rejected():
+    # -1 must raise, not be counted as class C-1 of the previous ground-truth row
+    with pytest.raises(ValueError, match="prediction has labels outside"):
+        confusion_matrix(torch.tensor([-1, 0]), torch.tensor([1, 0]), 2)
+
+
+def test_threshold_rand_never_thresholds_above_0_9():
+    # four one-pixel cells, probability 1 everywhere: every threshold 0.0..0.9 predicts one merged
+    # cell: sum_ab = 4 (four singleton joints), sum_a = 4, sum_b = 4^2 = 16 -> P = 1/4, R = 1,
+    # F = 0.4, error 0.6 at the first threshold. (A threshold of 1.0 would predict no cell at all
+    # and score a perfect 0, which the challenge's 0.0..0.9 grid never does.)
+    target = np.zeros((4, 4), np.int64)
+    target[::2, ::2] = 1
+    out = rand_error_over_thresholds([np.ones((4, 4))], [target])
+    assert out["rand_error"] == pytest.approx(0.6) and out["threshold"] == 0.0

@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import label
 
 from pixelwise.data.base import Sample
-from pixelwise.data.weightmap import UNetWeightMap, compose, fast_weight_map
+from pixelwise.data.weightmap import UNetWeightMap, class_balance, compose, fast_weight_map
 from pixelwise.models.unet import unet_weight_map
 
 
@@ -191,3 +191,14 @@ def test_a_mask_with_no_labelled_pixel_weighs_nothing():
     ignored = np.full((12, 10), 255, np.uint8)
     assert not class_balance(ignored).any() and not fast_weight_map(ignored).any()
     assert fast_weight_map(ignored).shape == (12, 10)
+
+
+def test_class_balance_weighs_a_single_pixel_class():
+    # 8 pixels of class 0 and 1 of class 1: inverse frequency scaled so the most frequent class
+    # weighs 1 -> w_c = 1 on class 0 and 8/1 = 8 on class 1 (by hand); one cell: no border term.
+    mask = np.zeros((3, 3), np.uint8)
+    mask[1, 1] = 1
+    expected = np.ones((3, 3))
+    expected[1, 1] = 8.0
+    np.testing.assert_array_equal(class_balance(mask), expected)
+    np.testing.assert_array_equal(fast_weight_map(mask), expected.astype(np.float32))
