@@ -8,6 +8,8 @@ import pixelwise
 from conftest import write_isbi_tree
 from pixelwise.data import build_dataset
 from pixelwise.errors import UserError
+from pixelwise.preprocess import InputSpec, check_image, preprocess
+from pixelwise.sample import MAX_INPUT_PIXELS
 
 
 def test_list_models_refuses_an_unknown_task():
@@ -83,3 +85,38 @@ def test_a_predictor_without_meta_of_a_model_it_cannot_probe_still_predicts():
     predictor = pixelwise.SemanticPredictor(OneSize().eval())
     assert predictor.class_names == []
     assert predictor.predict(np.zeros((20, 24, 3), np.uint8)).mask.shape == (20, 24)
+
+
+@pytest.mark.parametrize("fields", [
+    {"mean": (0.5,)},                      # one mean for a three-channel contract
+    {"std": (0.2, 0.2)},
+    {"channels": 1},                       # ImageNet's three statistics for one channel
+])
+def test_input_spec_refuses_statistics_of_another_channel_count(fields):
+    with pytest.raises(UserError, match="value\\(s\\) each"):
+        InputSpec(**fields)
+
+
+def test_from_dict_refuses_a_resize_above_the_pixel_cap():
+    side = int(MAX_INPUT_PIXELS ** 0.5) + 1  # a square just above the cap: side * side > MAX_INPUT_PIXELS
+    contract = {**InputSpec().to_dict(), "resize": [side, side]}
+    with pytest.raises(UserError, match="above"):
+        InputSpec.from_dict(contract)
+    ok = {**InputSpec().to_dict(), "resize": [side - 1, side - 1]}  # (side-1)^2 <= cap
+    assert InputSpec.from_dict(ok).resize == (side - 1, side - 1)
+
+
+def test_one_pixel_images_are_taken_and_empty_ones_refused():
+    spec = InputSpec(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    img = np.array([[[255, 0, 51]]], np.uint8)  # 1x1
+    assert torch.allclose(preprocess(img, spec), torch.tensor([1.0, 0.0, 0.2]).view(3, 1, 1))
+    check_image(np.zeros((1, 5, 3), np.uint8))
+    for shape in ((0, 5, 3), (5, 0, 3)):
+        with pytest.raises(ValueError, match="H, W >= 1"):
+            check_image(np.zeros(shape, np.uint8))
+
+
+def test_a_float_image_reaching_exactly_one_is_told_to_scale_by_255():
+    img = np.linspace(0, 1, 4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)  # max is exactly 1.0
+    with pytest.raises(ValueError, match=r"\(img \* 255\)\.round\(\)\.astype\(np\.uint8\) \(floats in \[0, 1\]\)"):
+        check_image(img)

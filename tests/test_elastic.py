@@ -8,7 +8,13 @@ import pytest
 
 from pixelwise.data.augment import build_transform
 from pixelwise.data.base import Sample
-from pixelwise.data.elastic import ElasticDeform, dense_displacement, random_displacement, warp_sample
+from pixelwise.data.elastic import (
+    ElasticDeform,
+    dense_displacement,
+    interpolation_matrix,
+    random_displacement,
+    warp_sample,
+)
 from pixelwise.errors import UserError
 from pixelwise.sample import boxes_from_masks
 
@@ -163,3 +169,33 @@ def test_elastic_augment_key():
     for bad in ({"sigma": "x"}, {"grid": 1}, {"alpha": 3}, 10, [3, 10]):
         with pytest.raises(UserError, match="elastic"):
             build_transform({"elastic": bad}, train=True)
+
+
+@pytest.mark.parametrize("size, nodes", [(5, 1), (5, 0), (0, 3), (-1, 3)])
+def test_interpolation_matrix_refuses_too_few_nodes_or_pixels(size, nodes):
+    with pytest.raises(ValueError, match="need at least 2 nodes and 1 pixel"):
+        interpolation_matrix(size, nodes)
+
+
+def test_a_one_pixel_side_takes_the_first_node():
+    # one pixel: its node coordinate is 0 (k (size - 1) / (nodes - 1) with size 1), so the weights
+    # are W(0), W(-1), W(-2) = 1, 0, 0 by Keys' kernel (hand-derived)
+    np.testing.assert_allclose(interpolation_matrix(1, 3), [[1.0, 0.0, 0.0]])
+    coarse = np.arange(2 * 3 * 3, dtype=np.float64).reshape(2, 3, 3)
+    field = dense_displacement(coarse, (1, 5))  # a one-row sample
+    assert field.shape == (2, 1, 5) and np.isfinite(field).all()
+    np.testing.assert_allclose(field[:, 0, [0, 2, 4]], coarse[:, 0, :])  # the first row of nodes, exactly
+
+
+def test_dense_displacement_takes_nested_lists_of_node_vectors():
+    coarse = [[[0.0, 1.0], [2.0, 3.0]], [[-1.0, 0.5], [4.0, 0.0]]]  # (dy, dx) on a 2x2 grid
+    field = dense_displacement(coarse, (3, 3))
+    np.testing.assert_allclose(field, dense_displacement(np.asarray(coarse), (3, 3)))
+    np.testing.assert_allclose(field[:, [0, 0, 2, 2], [0, 2, 0, 2]], np.asarray(coarse).reshape(2, 4))  # corners
+
+
+def test_elastic_grid_of_two_nodes_is_the_smallest_taken():
+
+    assert ElasticDeform(grid=2).grid == 2  # the corners alone: a valid (bilinear-like) field
+    with pytest.raises(UserError, match="integer >= 2"):
+        ElasticDeform(grid=1)

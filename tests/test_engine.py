@@ -22,7 +22,7 @@ from pixelwise.cli import main
 from pixelwise.data.base import Sample
 from pixelwise.engine import precision, trainer
 from pixelwise.engine.config import TrainConfig
-from pixelwise.engine.optim import Schedule, build_optimizer, param_groups
+from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, param_groups, set_peak_lr
 from pixelwise.engine.precision import resolve_amp
 from pixelwise.engine.trainer import class_weights_for, fit, read_class_weights
 from pixelwise.errors import UserError
@@ -1335,3 +1335,40 @@ def test_a_pretrained_checkpoint_of_other_tensorless_options_is_said(tmp_path):
     fit(tiny(tmp_path / "c", epochs=1, pretrained=str(tmp_path / "a" / "last.safetensors"),
              model_kwargs={**TINY_MODEL, "input_norm": True}), log=said.append)
     assert not any("was trained with" in line for line in said), said
+
+
+def test_frozen_parameters_are_left_out_and_a_fully_frozen_model_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))
+    model[0].requires_grad_(False)  # e.g. a frozen backbone
+    groups = param_groups(model, 1e-4)
+    got = {id(p) for g in groups for p in g["params"]}
+    assert got == {id(model[1].weight), id(model[1].bias)}  # only what trains, by hand
+    model.requires_grad_(False)
+    assert param_groups(model, 1e-4) == []
+    with pytest.raises(UserError, match="no trainable parameters"):
+        build_optimizer(TrainConfig(), model)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_betas_are_momentum_and_0999(name):
+    # docs/training.md: momentum is "Adam/AdamW beta1"; beta2 is torch's and Adam's paper's 0.999
+    model = nn.Conv2d(3, 2, 1)
+    opt = build_optimizer(TrainConfig(optimizer=name, momentum=0.8), model)
+    assert all(tuple(g["betas"]) == (0.8, 0.999) for g in opt.param_groups)
+
+
+def test_schedule_from_config_counts_total_steps_exactly():
+    # total_steps = epochs x steps per epoch (docs/training.md), also for a one-step run
+    assert Schedule.from_config(TrainConfig(epochs=1), 1).total_steps == 1
+    assert Schedule.from_config(TrainConfig(epochs=3), 5).total_steps == 15
+
+
+def test_apply_lr_sets_every_group_and_returns_the_first_groups_lr():
+    one = torch.optim.SGD([nn.Parameter(torch.zeros(2, 2))], lr=0.1)  # a single group
+    set_peak_lr(one, 0.1)
+    assert apply_lr(one, 0.5) == pytest.approx(0.05)
+    two = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(2, 2))]},
+                           {"params": [nn.Parameter(torch.zeros(2))]}], lr=0.1)
+    two.param_groups[0]["initial_lr"], two.param_groups[1]["initial_lr"] = 0.2, 0.4
+    assert apply_lr(two, 0.5) == pytest.approx(0.1)
+    assert [g["lr"] for g in two.param_groups] == pytest.approx([0.1, 0.2])

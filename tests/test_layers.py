@@ -12,8 +12,10 @@ from pixelwise.layers import (
     bilinear_kernel,
     conv_bn,
     conv_bn_relu,
+    conv_relu,
     decoder_stages,
     max_unpool,
+    standardize_image,
     unpool,
     upsample_nearest,
     upsample_zeros,
@@ -168,3 +170,24 @@ def test_decoder_stages_follow_the_layout():
     convs = [[(b[0].in_channels, b[0].out_channels, b[0].kernel_size[0]) for b in s.blocks] for s in stages]
     assert convs == layout
     assert all(isinstance(b[0], nn.ConvTranspose2d) and len(b) == 2 for s in stages for b in s.blocks)
+
+
+def test_standardize_image_is_instance_norm_per_image_and_channel():
+    x = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) * 4 + 3
+    got = standardize_image(x)
+    torch.testing.assert_close(got, F.instance_norm(x, eps=1e-5), rtol=1e-5, atol=1e-5)
+    # by hand for one plane: (v - mean) / sqrt(biased var + eps)
+    plane = x[1, 2].double()
+    want = (plane - plane.mean()) / torch.sqrt(((plane - plane.mean()) ** 2).mean() + 1e-5)
+    torch.testing.assert_close(got[1, 2].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(standardize_image(torch.full((1, 3, 1, 1), 7.0)), torch.zeros(1, 3, 1, 1))  # one pixel
+
+
+def test_conv_relu_keeps_the_size_with_bias_and_dilation():
+    for k, d in ((3, 1), (3, 2), (1, 1), (5, 3)):
+        block = conv_relu(2, 4, kernel_size=k, dilation=d)
+        conv = block[0]
+        assert isinstance(conv, nn.Conv2d) and isinstance(block[1], nn.ReLU)
+        assert conv.dilation == (d, d) and conv.padding == (d * (k - 1) // 2,) * 2 and conv.bias is not None
+        assert block(torch.randn(1, 2, 9, 11)).shape == (1, 4, 9, 11)
+    assert conv_relu(2, 4)[0].dilation == (1, 1)  # the default
