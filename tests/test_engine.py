@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from pixelwise.checkpoint import read_checkpoint
 from pixelwise.cli import main
@@ -25,6 +26,7 @@ from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, param_groups, set_peak_lr
 from pixelwise.engine.precision import resolve_amp
 from pixelwise.engine.trainer import class_weights_for, fit, read_class_weights
+from pixelwise.engine.validate import eval_collate, to_device, validate_semantic
 from pixelwise.errors import UserError
 
 TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
@@ -1372,3 +1374,46 @@ def test_apply_lr_sets_every_group_and_returns_the_first_groups_lr():
     two.param_groups[0]["initial_lr"], two.param_groups[1]["initial_lr"] = 0.2, 0.4
     assert apply_lr(two, 0.5) == pytest.approx(0.1)
     assert [g["lr"] for g in two.param_groups] == pytest.approx([0.1, 0.2])
+
+
+def test_to_device_makes_only_4d_images_channels_last_and_only_when_asked():
+    """--channels-last converts the image batch (and nothing else); without it nothing is converted.
+    No test looked at the memory format, so dropping the conversion (or converting the mask, or
+    converting without the flag) passed."""
+    image = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    weight = torch.ones(2, 4, 5)
+    batch = {"image": image, "mask": torch.zeros(2, 4, 5, dtype=torch.long), "weight": weight, "name": ["a", "b"]}
+    on = to_device(batch, torch.device("cpu"), channels_last=True)
+    assert on["image"].is_contiguous(memory_format=torch.channels_last) and not on["image"].is_contiguous()
+    assert torch.equal(on["image"], image) and on["name"] == ["a", "b"]
+    assert on["weight"].is_contiguous() and on["mask"].is_contiguous()
+    off = to_device(batch, torch.device("cpu"), channels_last=False)
+    assert off["image"].is_contiguous() and not off["image"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_to_device_moves_lists_of_differently_sized_images_and_masks():
+    """Batches whose images differ in size are kept as lists (collate); each element is moved.
+    The list branch was never reached by the validation tests."""
+    images = [torch.zeros(3, 4, 5), torch.ones(3, 6, 2)]
+    masks = [torch.zeros(4, 5, dtype=torch.long), torch.ones(6, 2, dtype=torch.long)]
+    out = to_device({"image": images, "mask": masks}, torch.device("cpu"))
+    assert isinstance(out["image"], list) and [tuple(t.shape) for t in out["image"]] == [(3, 4, 5), (3, 6, 2)]
+    assert torch.equal(out["mask"][1], masks[1])
+
+
+def test_val_loss_stays_finite_when_a_probability_underflows_to_zero():
+    """A confidently wrong pixel (logit gap 200: softmax gives exactly 0.0 in float32) costs
+    -log(1e-12) = 27.631..., the documented floor, not inf; unchecked before (clamp 0.0 survived).
+    Hand-computed: 2 pixels, one right with p = 1 (cost 0), one wrong -> mean 27.631 / 2."""
+
+
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([torch.zeros_like(x[:, 0]), 200 * torch.ones_like(x[:, 0])], 1)
+
+    items = [{"image": torch.zeros(3, 1, 2), "mask": torch.tensor([[1, 0]]), "name": "a"}]
+    got = validate_semantic(Fixed(), DataLoader(items, batch_size=1, collate_fn=eval_collate), 2,
+                            torch.device("cpu"), show=False)
+    assert math.isfinite(got["loss"])
+    assert abs(got["loss"] - (-math.log(1e-12)) / 2) < 1e-4

@@ -9,6 +9,8 @@ from PIL import Image
 
 from pixelwise import Predictor
 from pixelwise.cli import main
+from pixelwise.data.base import Sample
+from pixelwise.data.instance_crop import InstanceCrop, object_boxes
 from pixelwise.errors import UserError
 from pixelwise.inference.writers import instance_maps
 
@@ -200,3 +202,93 @@ def test_maskrcnn_trains_on_images_of_different_sizes_in_one_batch(tmp_path, cap
 def test_a_score_threshold_that_is_not_a_number_is_named(run):
     with pytest.raises(UserError, match="--score-thresh must be a number, got '0.5'"):
         Predictor.from_checkpoint(run / "best.safetensors", score_thresh="0.5")
+
+
+def test_object_boxes_keeps_every_nonempty_instance_and_drops_only_empty_ones():
+    """The suite's only instance mask sat at the origin (x1 = y1 = 0), so a filter comparing y2 with
+    x1 (instead of y2 with y1, or x2 with x1) passed. Hand-computed boxes (x2/y2 exclusive):
+    a 10 x 4 object at x 30..39, y 0..3 -> [30, 0, 40, 4]; a 2 x 12 object at x 1..2, y 20..31
+    -> [1, 20, 3, 32]; an empty mask is dropped."""
+    inst = np.zeros((3, 40, 60), bool)
+    inst[0, 0:4, 30:40] = True
+    inst[2, 20:32, 1:3] = True  # inst[1] stays empty
+    s = Sample(image=np.zeros((40, 60, 3), np.uint8), mask=np.zeros((40, 60), np.uint8),
+               instance_masks=inst, instance_labels=np.array([1, 1, 1]), boxes=np.zeros((3, 4), np.float32))
+    assert object_boxes(s).tolist() == [[30, 0, 40, 4], [1, 20, 3, 32]]
+
+
+def test_object_boxes_from_the_semantic_mask_finds_every_component_or_none():
+    """Every suite case had exactly one object, so reshape(1, 4) in place of reshape(-1, 4) passed.
+    Hand-computed (8-connectivity, per class, background 0 and ignore 255 skipped): class 1 has
+    two components, a diagonal pair counts as one; class 2 one; ignore none."""
+    mask = np.zeros((10, 12), np.uint8)
+    mask[1:3, 1:4] = 1          # [1, 1, 4, 3]
+    mask[5, 8], mask[6, 9] = 1, 1  # diagonal neighbours: one component [8, 5, 10, 7]
+    mask[8:10, 0:2] = 2         # [0, 8, 2, 10]
+    mask[0, 11] = 255
+    s = Sample(image=np.zeros((10, 12, 3), np.uint8), mask=mask)
+    assert sorted(object_boxes(s).tolist()) == sorted([[1, 1, 4, 3], [8, 5, 10, 7], [0, 8, 2, 10]])
+    empty = Sample(image=np.zeros((10, 12, 3), np.uint8), mask=np.where(mask == 255, 255, 0).astype(np.uint8))
+    assert object_boxes(empty).shape == (0, 4)
+
+
+def test_instance_crop_window_follows_a_non_square_output_size():
+    """Every suite case used a square size, so mixing up h and w (or an aspect of 1) passed.
+    Hand-computed for size (h, w) = (10, 20), context 1: box [30, 10, 40, 20] -> h = max(10, 10 / 2)
+    = 10, w = 20, centre (15, 35) -> window (y0, x0, h, w) = (10, 25, 10, 20); the crop is already
+    10 x 20, so column c of the output holds image column 25 + c."""
+
+    crop = InstanceCrop((10, 20), context=1.0)
+    assert crop.size == (10, 20)
+    assert crop.window(np.array([30, 10, 40, 20], np.float32)) == (10, 25, 10, 20)
+    # a tall box with context 2: h = max(20 * 2, 4 * 2 / 2) = 40, w = 80, centre (20, 32)
+    assert InstanceCrop((10, 20), context=2.0).window(np.array([30, 10, 34, 30], np.float32)) == (0, -8, 40, 80)
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:20, 30:40] = 2
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[..., 0] = np.arange(60)[None, :]
+    out = crop(Sample(image=img, mask=mask))
+    assert out.image.shape == (10, 20, 3) and out.mask.shape == (10, 20)
+    assert out.image[0, :, 0].tolist() == list(range(25, 45))
+    assert (out.mask[:, 5:15] == 2).all() and (out.mask[:, :5] == 0).all()
+
+
+def test_instance_crop_refuses_a_context_that_is_not_positive():
+    """Docstring/constructor: context must be positive; 0.5 (a tight crop) is allowed."""
+
+
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="context must be positive"):
+            InstanceCrop((8, 8), context=bad)
+    assert InstanceCrop((8, 8), context=0.5).context == 0.5
+
+
+def test_instance_crop_pads_the_image_with_0_and_resizes_an_objectless_sample_whole():
+    """Module docstring: outside the image the window is padded (image 0, mask ignore); a sample
+    without objects is resized whole. Neither the image padding value nor the objectless path was
+    checked. Hand-computed: object [0, 0, 4, 4], size 8, context 2 -> window (-2, -2, 8, 8)."""
+
+    img = np.full((20, 20, 3), 50, np.uint8)
+    mask = np.zeros((20, 20), np.uint8)
+    mask[0:4, 0:4] = 1
+    out = InstanceCrop((8, 8), context=2.0)(Sample(image=img, mask=mask))
+    assert (out.image[:2] == 0).all() and (out.image[:, :2] == 0).all() and (out.image[2:, 2:] == 50).all()
+    assert (out.mask[:2] == 255).all() and (out.mask[2:6, 2:6] == 1).all()
+    # no object: the whole 6 x 8 sample, already the output size, comes back unchanged
+    img2 = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
+    mask2 = np.zeros((6, 8), np.uint8)
+    mask2[5, 7] = 255
+    whole = InstanceCrop((6, 8))(Sample(image=img2, mask=mask2))
+    assert np.array_equal(whole.image, img2) and np.array_equal(whole.mask, mask2)
+
+
+def test_instance_crop_of_a_sample_with_no_instance_masks_gives_an_empty_stack_of_the_output_size():
+    """A sample whose instance_masks is an empty [0, H, W] stack falls back to the class mask's
+    components and must come out with a [0, oh, ow] stack (not [0, H, W]); unchecked before."""
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:10, 5:10] = 1
+    s = Sample(image=np.zeros((20, 30, 3), np.uint8), mask=mask, instance_masks=np.zeros((0, 20, 30), bool),
+               instance_labels=np.zeros(0, np.int64), boxes=np.zeros((0, 4), np.float32))
+    out = InstanceCrop((8, 12), context=1.5)(s)
+    assert out.instance_masks.shape == (0, 8, 12) and len(out.instance_labels) == 0

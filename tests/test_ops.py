@@ -558,3 +558,11 @@ def test_rpn_matches_and_encodes_the_ground_truth_boxes_unrounded(monkeypatch):
     losses = rpn.losses(anchors, torch.zeros(1, 2), torch.zeros(1, 2, 4), [{"boxes": boxes}])
     assert seen[0].dtype == torch.float32 and torch.equal(seen[0], boxes)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_remove_small_boxes_measures_height_as_y2_minus_y1_away_from_the_origin():
+    """Every box in test_box_utilities starts at y1 = 0 or 1, so a height of y2 + y1 passed.
+    Hand-computed: [0, 10, 5, 11] is 5 wide and 1 high -> dropped at min_size 2; [10, 10, 15, 12]
+    is 5 x 2 -> kept; [10, 20, 11, 30] is 1 wide -> dropped."""
+    boxes = torch.tensor([[0.0, 10.0, 5.0, 11.0], [10.0, 10.0, 15.0, 12.0], [10.0, 20.0, 11.0, 30.0]])
+    assert remove_small_boxes(boxes, 2.0).tolist() == [1]

@@ -10,6 +10,7 @@ from PIL import Image
 from pixelwise import Predictor, SemanticPredictor, create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data.io import read_image, write_mask
+from pixelwise.data.palette import colorize, overlay, palette_bytes
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
 from pixelwise.errors import UserError
 from pixelwise.inference.writers import check_predict, plan_images
@@ -711,3 +712,27 @@ def test_a_png_without_its_end_is_refused_by_predict_as_by_inspect(checkpoint, t
     assert "a.png" in _one_error(capsys) and not (tmp_path / "out" / "a.png").exists()
     assert _predict(checkpoint, [root / "images"], tmp_path / "out", "--skip-invalid") == 3
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.png", "b_overlay.png"]
+
+
+def test_palette_bytes_pads_with_black_and_ends_with_white():
+    """Hand-written expectation: the given colours, then zeros up to index 254, then white at 255.
+    The zero padding was unchecked (a fill of 1 survived): ids past the palette colour black."""
+    flat = palette_bytes([(10, 20, 30), (40, 50, 60)])
+    assert len(flat) == 768
+    assert flat[:6] == [10, 20, 30, 40, 50, 60]
+    assert flat[6:765] == [0] * 759 and flat[765:] == [255, 255, 255]
+    out = colorize(np.array([[0, 1, 7, 255]], np.uint8), [(10, 20, 30), (40, 50, 60)])
+    assert out[0].tolist() == [[10, 20, 30], [40, 50, 60], [0, 0, 0], [255, 255, 255]]
+
+
+def test_overlay_leaves_ignore_pixels_and_black_pixels_exactly_as_they_are():
+    """Hand-computed: alpha 0.5 blends class 1 (200, 100, 0) over a black image to (100, 50, 0);
+    ignore (255) and the clear class 0 keep the image's pixel exactly, here black (0, 0, 0) and
+    grey (7, 7, 7). The suite's overlay test had no 255 in its mask and no black pixel."""
+
+    image = np.zeros((1, 4, 3), np.uint8)
+    image[0, 3] = 7
+    mask = np.array([[1, 255, 0, 255]], np.uint8)
+    out = overlay(image, mask, [(50, 50, 50), (200, 100, 0)], alpha=0.5, clear=0)
+    assert out.dtype == np.uint8
+    assert out[0].tolist() == [[100, 50, 0], [0, 0, 0], [0, 0, 0], [7, 7, 7]]
