@@ -15,7 +15,10 @@ from PIL import Image
 from conftest import write_isbi_tree
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
-from pixelwise.data import build_dataset
+from pixelwise.coco_eval import coco_evaluate
+from pixelwise.data import build_dataset, sample_target
+from pixelwise.inference import evaluate as evaluate_module
+from pixelwise.inference.evaluate import evaluate_checkpoint
 from pixelwise.inference.predictor import Predictor
 from pixelwise.metrics import rand_error_over_thresholds
 
@@ -384,3 +387,46 @@ def test_isbi_validation_scores_the_challenge_errors_as_eval_and_can_select_on_t
               "--model-kwargs", json.dumps(KW), "--select-by", "rand_error", "--no-progress"]
     assert main(shapes) == 2
     assert not (tmp_path / "s").exists()
+
+
+def test_instance_eval_scores_every_detection_whatever_its_score(tmp_path, monkeypatch):
+    """docs (evaluate_instances): COCO AP of the predictor's detections, all scores. The reference
+    is computed independently: a predictor asked for score_thresh=0.0, each image predicted, and
+    coco_evaluate over those detections and the data's targets."""
+
+
+    torch.manual_seed(0)
+    kwargs = {"min_size": 32, "max_size": 32}
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3, **kwargs)
+    checkpoint = tmp_path / "m.safetensors"
+    save_checkpoint(checkpoint, model, {"model": "maskrcnn_resnet18_fpn", "num_classes": 3, "model_kwargs": kwargs,
+                                        "class_names": ["background", "cup", "fork"]})
+    root = tmp_path / "coco"
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+        root / "val2017" / "1.png")
+    ann = {"id": 1, "image_id": 1, "category_id": 2, "iscrowd": 0, "area": 64.0,
+           "bbox": [4, 4, 8, 8], "segmentation": [[4, 4, 12, 4, 12, 12, 4, 12]]}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "1.png", "width": 32, "height": 32}], "annotations": [ann],
+         "categories": [{"id": 2, "name": "cup"}, {"id": 3, "name": "fork"}]}))
+
+    scored: list = []
+
+    def spy(predictions, targets, **kw):
+        scored.extend(predictions)
+        return coco_evaluate(predictions, targets, **kw)
+
+    monkeypatch.setattr(evaluate_module, "coco_evaluate", spy)
+    got = evaluate_checkpoint(str(checkpoint), "coco", str(root), progress=False)
+
+    predictor = Predictor.from_checkpoint(checkpoint, score_thresh=0.0)
+    ds = build_dataset("coco", str(root), "val")
+    preds = [predictor.predict(ds.load(i).image) for i in range(len(ds))]
+    assert sum(len(p["scores"]) for p in preds) > 0 and max(float(p["scores"].max()) for p in preds) < 1.0
+    want = coco_evaluate(preds, [sample_target(ds.load(i)) for i in range(len(ds))], class_ids=range(1, 3))
+    # the detections scored are all of them (an untrained model's scores are far below 0.5)
+    assert [len(p["scores"]) for p in scored] == [len(p["scores"]) for p in preds]
+    for key in ("mask_AP", "box_AP", "mask_AP50"):
+        assert got[key] == want[key] or (np.isnan(got[key]) and np.isnan(want[key])), key

@@ -13,7 +13,10 @@ from pixelwise.data.io import read_image, write_mask
 from pixelwise.data.palette import colorize, overlay, palette_bytes
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
 from pixelwise.errors import UserError
+from pixelwise.inference import predictor as predictor_module
+from pixelwise.inference.predictor import UPSAMPLE_ROWS
 from pixelwise.inference.writers import check_predict, plan_images
+from pixelwise.preprocess import InputSpec
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 
@@ -736,3 +739,55 @@ def test_overlay_leaves_ignore_pixels_and_black_pixels_exactly_as_they_are():
     out = overlay(image, mask, [(50, 50, 50), (200, 100, 0)], alpha=0.5, clear=0)
     assert out.dtype == np.uint8
     assert out[0].tolist() == [[100, 50, 0], [0, 0, 0], [0, 0, 0], [7, 7, 7]]
+
+
+def _bands_for_budget(monkeypatch, budget):
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=4, base_channels=4).eval()
+    p = SemanticPredictor(model, {"num_classes": 4}, input_spec=InputSpec(resize=(24, 32)))
+    image = np.random.default_rng(0).integers(0, 255, (UPSAMPLE_ROWS + 10, 40, 3), dtype=np.uint8)
+    monkeypatch.setattr(predictor_module, "WHOLE_UPSAMPLE_BYTES", budget)
+    return [y for y, _ in p._bands(image)], image
+
+
+def test_whole_upsample_budget_is_classes_times_pixels_times_four_bytes(monkeypatch):
+    """docstring of _at_size / WHOLE_UPSAMPLE_BYTES: one F.interpolate where C x H x W float32
+    (C * H * W * 4 bytes, written out by hand here) fits the budget, else bands of UPSAMPLE_ROWS rows.
+    Checked on both sides of the boundary, so a budget formula that divides instead of multiplies
+    (a 12-MP photo then upsampled whole: GBs) is caught."""
+    need = 4 * (UPSAMPLE_ROWS + 10) * 40 * 4  # C * H * W * sizeof(float32)
+    ys, _ = _bands_for_budget(monkeypatch, need)
+    assert ys == [0]  # fits exactly: one band, the whole image
+    ys, _ = _bands_for_budget(monkeypatch, need - 1)
+    assert ys == [0, UPSAMPLE_ROWS]  # one byte short: row bands
+
+
+def test_index_unpooling_model_with_a_one_channel_contract_runs_one_input_at_a_time():
+    """SemanticPredictor's docstring: models that unpool by pooling indices (ENet here) run one
+    input at a time, whatever the batch. The existing test covers RGB only; with a gray contract
+    the check must still look at the batch dimension (x.shape[0]), not the channels."""
+    torch.manual_seed(0)
+    model = create_model("enet", num_classes=2, in_channels=1).eval()
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _, args: sizes.append(args[0].shape[0]))
+    spec = InputSpec(channels=1, mean=(0.5,), std=(0.25,))
+    p = SemanticPredictor(model, {"model": "enet", "num_classes": 2}, input_spec=spec, batch_size=4)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 48), dtype=np.uint8) for _ in range(3)]
+    sizes.clear()
+    p.predict_batch(images, probs=False)
+    handle.remove()
+    assert sizes == [1, 1, 1]
+
+
+def test_predict_rows_shows_no_progress_bar_unless_asked(capsys):
+    """predict_rows(progress=False) by default, like predict and predict_batch: a library call
+    writes nothing to stderr (a bar over tiles only with progress=True, or None on a terminal)."""
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=3, base_channels=4).eval()
+    p = SemanticPredictor(model, {"num_classes": 3}, tile=32)
+    image = np.random.default_rng(0).integers(0, 255, (70, 50, 3), dtype=np.uint8)
+    assert p.needs_tiles(image)
+    for rows in p.predict_rows([image]):
+        list(rows)
+    assert capsys.readouterr().err == ""
