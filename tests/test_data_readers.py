@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ from pixelwise.data import DATASETS, build_dataset
 from pixelwise.data.ade20k import ADE20K
 from pixelwise.data.cityscapes import Cityscapes
 from pixelwise.data.coco import COCOInstances
-from pixelwise.data.folder import FolderDataset
+from pixelwise.data.folder import FolderDataset, inferred_class_count, val_stems
 from pixelwise.data.io import write_mask
 from pixelwise.data.voc import VOCSegmentation
 from pixelwise.errors import UserError
@@ -464,3 +467,110 @@ def test_coco_bbox_reaches_as_far_past_the_left_as_the_right(tmp_path, x, outsid
     problems = [str(p) for p in COCOInstances(tmp_path, "val").check()]
     assert problems == ([f"{tmp_path / 'annotations' / 'instances_val2017.json'}#1: annotation 1 has bbox "
                          f"{a['bbox']} outside the 50x40 image"] if outside else [])
+
+
+def naive_class_count(labels: set[int]) -> int:
+    """The docstring's rule, by brute force over L."""
+    best = 0
+    for top in range(max(labels, default=0) + 1):
+        if top in labels and 2 * sum(1 for v in labels if v <= top) >= top + 1:
+            best = top + 1
+    return max(best, 2)
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (set(), 2), ({0}, 2), ({1}, 2), ({0, 1, 2}, 3),
+    ({0, 3}, 4),        # 2 of 0..3 occur: exactly half, so 4 classes
+    ({0, 4}, 2),        # 2 of 0..4: less than half, so 4 is a far label
+    ({0, 5}, 2), ({0, 1, 2, 9}, 3), ({0, 1, 2, 7}, 8), ({0, 1, 2, 3, 4, 200}, 5),
+])
+def test_inferred_class_count_by_hand(labels, expected):
+    assert inferred_class_count(labels) == expected == naive_class_count(labels)
+
+
+def test_inferred_class_count_matches_the_rule_on_random_label_sets():
+    rng = random.Random(0)
+    for _ in range(300):
+        labels = set(rng.sample(range(40), rng.randint(0, 8)))
+        assert inferred_class_count(labels) == naive_class_count(labels), labels
+
+
+def test_val_stems_of_fewer_than_two_images_is_empty():
+    assert val_stems([]) == set()
+    assert val_stems(["only"]) == set()
+
+
+@pytest.mark.parametrize("n", [2, 9, 10, 11, 20, 21])
+def test_val_stems_holds_out_the_ceil_tenth_with_the_smallest_sha1(n):
+    stems = [f"im{i:03d}" for i in range(n)]
+    k = math.ceil(0.1 * n)
+    expected = set(sorted(stems, key=lambda s: hashlib.sha1(s.encode()).hexdigest())[:k])
+    assert val_stems(stems) == expected and len(expected) == k
+
+
+def test_val_stems_hashes_a_lone_surrogate_as_its_three_bytes():
+    """A Windows name with a lone UTF-16 surrogate: hashed as its surrogatepass bytes (ED A0 80)."""
+    lone = "scan\ud800"
+    stems = [lone] + [f"im{i}" for i in range(9)]
+    raw = {s: (b"scan\xed\xa0\x80" if s == lone else s.encode()) for s in stems}
+    expected = {min(stems, key=lambda s: hashlib.sha1(raw[s]).hexdigest())}
+    assert val_stems(stems) == expected
+
+
+def test_a_split_list_line_that_is_a_stem_ending_in_an_image_suffix_stays_a_stem(tmp_path):
+    """docs/data.md: a line is a stem, or a file name whose image extension is dropped. The image
+    photo.jpg.png has the stem "photo.jpg": that line names it, not a missing "photo"."""
+
+    for sub in ("images", "masks", "splits"):
+        (tmp_path / sub).mkdir()
+    for stem in ("photo.jpg", "b"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "images" / f"{stem}.png")
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "masks" / f"{stem}.png")
+    (tmp_path / "splits" / "train.txt").write_text("photo.jpg\nb.png\n")
+    ds = build_dataset("folder", str(tmp_path), "train")
+    assert sorted(i.rsplit("/", 1)[1] for i, _ in ds.items) == ["b.png", "photo.jpg.png"]
+
+
+def _folder_with(tmp_path, masks: dict[str, np.ndarray]):
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    for stem, m in masks.items():
+        Image.fromarray(np.zeros((*m.shape, 3), np.uint8)).save(tmp_path / "images" / f"{stem}.png")
+        Image.fromarray(m.astype(np.uint8)).save(tmp_path / "masks" / f"{stem}.png")
+
+
+def test_labels_far_above_the_others_are_recorded_and_left_out_of_the_class_count(tmp_path):
+
+    _folder_with(tmp_path, {"a": np.array([[0, 1], [1, 0]]), "b": np.array([[0, 200], [255, 1]])})
+    ds = build_dataset("folder", str(tmp_path), "all")
+    assert len(ds.class_names) == 2 and ds.classes_inferred  # {0, 1, 200}: 200 is far (rule above)
+    assert ds.far_labels == [200]
+
+
+def test_a_split_list_naming_an_image_of_an_unread_format_says_it_is_there(tmp_path):
+
+    _folder_with(tmp_path, {"a": np.zeros((2, 2)), "b": np.zeros((2, 2))})
+    (tmp_path / "images" / "c.heic").write_bytes(b"not read")
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("a\nc\n")
+    with pytest.raises(UserError, match=r"first: 'c'; c\.heic is there, but \.heic images are not read"):
+        build_dataset("folder", str(tmp_path), "train")
+
+
+def test_a_colour_out_of_range_names_the_value_outside_not_an_earlier_valid_one(tmp_path):
+
+
+    _folder_with(tmp_path, {"a": np.zeros((2, 2)), "b": np.zeros((2, 2))})
+    (tmp_path / "classes.json").write_text(json.dumps({"names": ["bg", "x"], "palette": [[0, 0, 0], [10, 300, 0]]}))
+    with pytest.raises(UserError, match=r"palette\[1\] is \[10, 300, 0\].*\(300 is outside 0\.\.255\)"):
+        build_dataset("folder", str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("colour", [[10, 20], [1, 2, 3, 4]])
+def test_a_colour_of_the_wrong_length_is_one_user_error(tmp_path, colour):
+
+
+    _folder_with(tmp_path, {"a": np.zeros((2, 2)), "b": np.zeros((2, 2))})
+    (tmp_path / "classes.json").write_text(json.dumps({"names": ["bg", "x"], "palette": [[0, 0, 0], colour]}))
+    with pytest.raises(UserError, match=r"colours are \[r, g, b\] with whole numbers 0\.\.255$"):
+        build_dataset("folder", str(tmp_path), "train")

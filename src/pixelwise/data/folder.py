@@ -151,8 +151,9 @@ def _name_bytes(name: str) -> bytes:
 
 
 def val_stems(stems: list[str], fraction: float = VAL_FRACTION) -> set[str]:
-    """The deterministic held-out set: the ``ceil(fraction * n)`` stems with the smallest SHA-1 (of
-    the name's bytes, :func:`_name_bytes`: a name that is not UTF-8 too)."""
+    """The deterministic held-out set: the ``ceil(fraction * n)`` stems (at least one) with the
+    smallest SHA-1 (of the name's bytes, :func:`_name_bytes`: a name that is not UTF-8 too); none
+    of fewer than two stems, which all train."""
     if len(stems) < 2:
         return set()
     n = max(1, math.ceil(fraction * len(stems)))
