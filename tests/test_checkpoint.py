@@ -1,3 +1,5 @@
+import errno
+import json
 import os
 import pickle
 import re
@@ -8,6 +10,7 @@ import torch.nn as nn
 
 from conftest import edit_safetensors
 from pixelwise import create_model, load_checkpoint, save_checkpoint
+from pixelwise.checkpoint import NameTaken, _optimizer_state, atomic_write_json, atomic_write_text, place
 from pixelwise.errors import UserError
 from pixelwise.weights import read_weights
 
@@ -441,3 +444,63 @@ def test_weights_that_do_not_fit_name_the_way_out_by_who_wrote_them(tmp_path):
                                meta_edit=lambda meta, v=version: meta.update(model_kwargs={}, pixelwise_version=v))
         with pytest.raises(UserError, match=words):
             load_checkpoint(bad)
+
+
+def test_place_on_a_file_system_without_hard_links_renames_a_free_name_and_refuses_a_taken_one(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    tmp = tmp_path / "a.tmp"
+    tmp.write_text("new")
+    place(tmp, tmp_path / "free.txt", replace=False)  # free: renamed
+    assert (tmp_path / "free.txt").read_text() == "new" and not tmp.exists()
+    tmp.write_text("newer")
+    (tmp_path / "taken.txt").write_text("theirs")
+    with pytest.raises(NameTaken):
+        place(tmp, tmp_path / "taken.txt", replace=False)
+    assert (tmp_path / "taken.txt").read_text() == "theirs"
+
+
+def test_atomic_write_text_and_json_replace_by_default_and_write_nan_as_null(tmp_path):
+    target = tmp_path / "sub" / "m.json"
+    atomic_write_text(target, "old")
+    assert target.read_text(encoding="utf-8") == "old"
+    atomic_write_text(target, "ünï")  # replace=True by default, utf-8
+    assert target.read_bytes() == "ünï".encode()
+    atomic_write_json(target, {"a": float("nan"), "b": [1.5, float("inf")], "c": (2,)})  # replaces by default
+    assert json.loads(target.read_text()) == {"a": None, "b": [1.5, None], "c": [2]}
+    with pytest.raises(NameTaken):
+        atomic_write_json(target, {"x": 1}, replace=False)
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+@pytest.mark.parametrize("key", ["model", "num_classes"])
+def test_save_checkpoint_names_a_missing_model_or_num_classes(tmp_path, key):
+
+
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=3, base_channels=4)
+    meta = {"model": "unet", "num_classes": 3, "model_kwargs": {"base_channels": 4}}
+    del meta[key]
+    with pytest.raises(ValueError, match=f"checkpoint metadata needs '{key}'"):
+        save_checkpoint(tmp_path / "m.safetensors", model, meta)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("key", ["optim.2.exp_avg", "optim.x.exp_avg"])
+def test_optimizer_state_for_no_parameter_is_a_value_error(key):
+
+
+    params = [torch.zeros(3), torch.zeros(2, 2)]
+    good = _optimizer_state({"optim.0.exp_avg": torch.ones(3), "optim.1.exp_avg": torch.ones(2, 2)},
+                            {"0.step": 1, "1.step": 1}, params)
+    assert sorted(good) == [0, 1] and good[1]["step"] == 1 and torch.equal(good[0]["exp_avg"], torch.ones(3))
+    with pytest.raises(ValueError, match="for no parameter of the model"):
+        _optimizer_state({key: torch.ones(3)}, {}, params)

@@ -31,6 +31,7 @@ from pixelwise.inference.writers import instance_colors  # noqa: E402
 from pixelwise.serve.app import create_app, with_options  # noqa: E402 - after the skips
 from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  # noqa: E402
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
+from pixelwise.serve.uploads import MAX_PARTS, UploadError, read_multipart  # noqa: E402
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 CATEGORY_IDS = [0, 3, 7, 90]  # a COCO-style dataset's own ids of the classes (not 0..3)
@@ -1175,3 +1176,25 @@ def test_a_form_part_without_a_name_says_so(predictor):
     body["content"] = body["content"].replace(header, b"")
     r = request(app, "POST", "/api/predict", **body)
     assert r.status_code == 400 and "a part of the form has no name" in r.json()["detail"], r.text
+
+
+def _body(n):
+    parts = b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i for i in range(n))
+    return parts + b"--b--\r\n"
+
+
+async def _chunks(data):
+    yield data
+
+
+def _read(n):
+    data = _body(n)
+    return asyncio.run(read_multipart("multipart/form-data; boundary=b", str(len(data)), _chunks(data), 10**6))
+
+
+def test_a_form_of_more_than_max_parts_fields_is_400():
+    assert MAX_PARTS == 16  # as the docs' limit
+    assert sorted(_read(16)) == sorted(f"f{i}" for i in range(16))
+    with pytest.raises(UploadError) as e:
+        _read(17)
+    assert e.value.status == 400 and "at most 16" in e.value.detail
