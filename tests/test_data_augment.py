@@ -5,9 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pixelwise.data.augment import Augment, RandomScale, build_transform, elastic_of, eval_preset, train_preset
+from pixelwise.data.augment import (
+    Augment,
+    RandomScale,
+    build_transform,
+    elastic_of,
+    eval_preset,
+    resize_of,
+    resize_sample,
+    train_preset,
+)
 from pixelwise.data.base import Sample
 from pixelwise.errors import UserError
+from pixelwise.preprocess import MAX_INPUT_PIXELS
 from pixelwise.sample import boxes_from_masks
 
 
@@ -271,3 +281,91 @@ def test_augment_ignore_index_is_a_label_value(ignore, ok):
     else:
         with pytest.raises(UserError, match="ignore_index"):
             build_transform({"ignore_index": ignore}, train=True)
+
+
+def _tiny(seed=0):
+    rng = np.random.default_rng(seed)
+    mask = rng.integers(0, 4, (3, 4)).astype(np.uint8)
+    image = np.repeat((mask * 50)[..., None], 3, 2).astype(np.uint8)
+    weight = rng.random((3, 4)).astype(np.float32) + 0.5
+    return Sample(image=image, mask=mask, weight=weight)
+
+
+def test_a_resize_moves_the_weight_map_with_the_mask():
+    """resize_sample / eval_preset(resize) / train_preset(resize): the weight map is resized nearest,
+    like the mask (module docstring). Reference: an exact 2x upscale repeats each pixel 2x2."""
+    s = _tiny()
+    up = lambda a: np.repeat(np.repeat(a, 2, 0), 2, 1)  # noqa: E731  (nearest, integer factor)
+    for out in (resize_sample(s, (6, 8)), eval_preset(resize=(6, 8))(s),
+                train_preset(resize=(6, 8), scale=None, flip=False, jitter=False)(s)):
+        assert out.weight.shape == (6, 8) and out.weight.dtype == np.float32
+        np.testing.assert_array_equal(out.mask, up(s.mask))
+        np.testing.assert_array_equal(out.weight, up(s.weight))
+
+
+def test_each_call_draws_a_fresh_crop_from_the_whole_range():
+    """Augment reseeds albumentations from numpy's global RNG on each call: the draws must not
+    collapse onto a few pipeline seeds. A 8x8 crop (+ flip) of a 64x64 image has 57*57*2 = 6498
+    equally likely outcomes; 300 calls from one numpy seed hit about 293 distinct ones (birthday
+    bound), far more than 100. (A seed range of 61 values, 2*31 - 1, gives at most 61.)"""
+    image = np.zeros((64, 64, 3), np.uint8)
+    mask = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)  # a crop's mask tells its place
+    s = Sample(image=image, mask=mask)
+    t = train_preset(crop=(8, 8), scale=None, flip=True, jitter=False)
+    np.random.seed(0)
+    seen = {t(s).mask.tobytes() for _ in range(150)}
+    np.random.seed(1)
+    seen |= {t(s).mask.tobytes() for _ in range(150)}
+    assert len(seen) > 100
+
+
+def test_flip_and_colour_jitter_have_the_documented_strengths():
+    """train_preset's docstring and docs/recipes.md's ablation table: horizontal flip p=0.5, colour
+    jitter p=0.8 with brightness, contrast and saturation +-0.25 and hue +-0.02."""
+    t = train_preset()
+    by = {type(x).__name__: x for x in t.transforms}
+    assert by["HorizontalFlip"].p == 0.5
+    cj = by["ColorJitter"]
+    assert cj.p == 0.8
+    for name in ("brightness", "contrast", "saturation"):
+        assert tuple(getattr(cj, name)) == (0.75, 1.25), name
+    assert tuple(cj.hue) == (-0.02, 0.02)
+
+
+@pytest.mark.parametrize("value", [[2.5, 4], [4, 7.25], 3.5, [float("inf"), 4], [float("nan"), 4]])
+def test_a_size_that_is_not_a_whole_number_is_refused_not_truncated(value):
+    """crop/resize take two positive integers (docs/data.md); a float with a fraction is an error,
+    not silently int()-truncated (2.5 -> 2); whole floats such as 4.0 are accepted."""
+    for key in ("crop", "resize"):
+        with pytest.raises(UserError, match="positive integers"):
+            build_transform({key: value}, train=True)
+    assert build_transform({"crop": [4.0, 6.0]}, train=True).transforms  # whole floats are fine
+
+
+@pytest.mark.parametrize("h, w", [(MAX_INPUT_PIXELS + 1, 1), (1, MAX_INPUT_PIXELS + 1),
+                                  (MAX_INPUT_PIXELS // 2 + 1, 2)])
+def test_the_pixel_limit_counts_height_times_width_of_a_tall_or_wide_size(h, w):
+    """The per-image pixel limit is h * w, whichever side is long (the existing tests use squares)."""
+    for key in ("crop", "resize"):
+        with pytest.raises(UserError, match=f"{h}x{w} is {h * w:,} pixels"):
+            build_transform({key: [h, w]}, train=True)
+    assert build_transform({"crop": [MAX_INPUT_PIXELS // 2, 2]}, train=True).transforms  # at the limit: allowed
+
+
+def test_resize_of_keeps_height_and_width_apart():
+    """resize_of is what the trainer stores as the checkpoint's input size: [h, w] -> (h, w),
+    one int -> a square, nothing -> None."""
+    assert resize_of({"resize": [3, 5]}) == (3, 5)
+    assert resize_of({"resize": "7x2"}) == (7, 2)
+    assert resize_of({"resize": 6}) == (6, 6)
+    assert resize_of({}) is None and resize_of(None) is None
+
+
+def test_build_transform_defaults_are_flip_and_jitter_without_quarter_turns():
+    """build_transform's keys are all optional; their defaults are train_preset's (docs/data.md):
+    flip=True, jitter=True, rotate90=False; a bool key set to false removes its step."""
+    names = lambda aug: [type(t).__name__ for t in aug.transforms]  # noqa: E731
+    assert names(build_transform({}, train=True)) == ["HorizontalFlip", "ColorJitter"]
+    assert names(build_transform({"jitter": False}, train=True)) == ["HorizontalFlip"]
+    assert names(build_transform({"flip": False}, train=True)) == ["ColorJitter"]
+    assert names(build_transform({"rotate90": True, "flip": False, "jitter": False}, train=True)) == ["RandomRotate90"]

@@ -791,3 +791,23 @@ def test_predict_rows_shows_no_progress_bar_unless_asked(capsys):
     for rows in p.predict_rows([image]):
         list(rows)
     assert capsys.readouterr().err == ""
+
+
+def _pointwise(classes=3):
+    return nn.Conv2d(3, classes, 1)
+
+
+def test_an_unknown_tta_mode_is_refused_when_the_predictor_is_built():
+    """tta is one of TTA_MODES (docs/inference.md); anything else is a UserError at construction
+    naming the modes, not a KeyError at the first predict."""
+    with pytest.raises(UserError, match=r"--tta 'bogus' is not one of: .*flip"):
+        SemanticPredictor(_pointwise(), {"num_classes": 3}, tta="bogus")
+    for mode in ("flip", "d4", "ms", None):
+        assert SemanticPredictor(_pointwise(), {"num_classes": 3}, tta=mode).tta == mode
+
+
+def test_too_many_classes_names_the_model_in_the_error():
+    """The refusal of > 255 classes names the checkpoint's model (meta['model'])."""
+    model = create_model("unet", 256, base_channels=4)
+    with pytest.raises(UserError, match=r"^unet has 256 classes"):
+        SemanticPredictor(model, {"model": "unet", "num_classes": 256})
