@@ -483,8 +483,6 @@ def _umask():
 
 @pytest.mark.parametrize("key", ["model", "num_classes"])
 def test_save_checkpoint_names_a_missing_model_or_num_classes(tmp_path, key):
-
-
     torch.manual_seed(0)
     model = create_model("unet", num_classes=3, base_channels=4)
     meta = {"model": "unet", "num_classes": 3, "model_kwargs": {"base_channels": 4}}
@@ -496,8 +494,6 @@ def test_save_checkpoint_names_a_missing_model_or_num_classes(tmp_path, key):
 
 @pytest.mark.parametrize("key", ["optim.2.exp_avg", "optim.x.exp_avg"])
 def test_optimizer_state_for_no_parameter_is_a_value_error(key):
-
-
     params = [torch.zeros(3), torch.zeros(2, 2)]
     good = _optimizer_state({"optim.0.exp_avg": torch.ones(3), "optim.1.exp_avg": torch.ones(2, 2)},
                             {"0.step": 1, "1.step": 1}, params)

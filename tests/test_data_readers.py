@@ -520,7 +520,6 @@ def test_val_stems_hashes_a_lone_surrogate_as_its_three_bytes():
 def test_a_split_list_line_that_is_a_stem_ending_in_an_image_suffix_stays_a_stem(tmp_path):
     """docs/data.md: a line is a stem, or a file name whose image extension is dropped. The image
     photo.jpg.png has the stem "photo.jpg": that line names it, not a missing "photo"."""
-
     for sub in ("images", "masks", "splits"):
         (tmp_path / sub).mkdir()
     for stem in ("photo.jpg", "b"):
@@ -540,7 +539,6 @@ def _folder_with(tmp_path, masks: dict[str, np.ndarray]):
 
 
 def test_labels_far_above_the_others_are_recorded_and_left_out_of_the_class_count(tmp_path):
-
     _folder_with(tmp_path, {"a": np.array([[0, 1], [1, 0]]), "b": np.array([[0, 200], [255, 1]])})
     ds = build_dataset("folder", str(tmp_path), "all")
     assert len(ds.class_names) == 2 and ds.classes_inferred  # {0, 1, 200}: 200 is far (rule above)
@@ -548,7 +546,6 @@ def test_labels_far_above_the_others_are_recorded_and_left_out_of_the_class_coun
 
 
 def test_a_split_list_naming_an_image_of_an_unread_format_says_it_is_there(tmp_path):
-
     _folder_with(tmp_path, {"a": np.zeros((2, 2)), "b": np.zeros((2, 2))})
     (tmp_path / "images" / "c.heic").write_bytes(b"not read")
     (tmp_path / "splits").mkdir()
@@ -558,8 +555,6 @@ def test_a_split_list_naming_an_image_of_an_unread_format_says_it_is_there(tmp_p
 
 
 def test_a_colour_out_of_range_names_the_value_outside_not_an_earlier_valid_one(tmp_path):
-
-
     _folder_with(tmp_path, {"a": np.zeros((2, 2)), "b": np.zeros((2, 2))})
     (tmp_path / "classes.json").write_text(json.dumps({"names": ["bg", "x"], "palette": [[0, 0, 0], [10, 300, 0]]}))
     with pytest.raises(UserError, match=r"palette\[1\] is \[10, 300, 0\].*\(300 is outside 0\.\.255\)"):
@@ -568,8 +563,6 @@ def test_a_colour_out_of_range_names_the_value_outside_not_an_earlier_valid_one(
 
 @pytest.mark.parametrize("colour", [[10, 20], [1, 2, 3, 4]])
 def test_a_colour_of_the_wrong_length_is_one_user_error(tmp_path, colour):
-
-
     _folder_with(tmp_path, {"a": np.zeros((2, 2)), "b": np.zeros((2, 2))})
     (tmp_path / "classes.json").write_text(json.dumps({"names": ["bg", "x"], "palette": [[0, 0, 0], colour]}))
     with pytest.raises(UserError, match=r"colours are \[r, g, b\] with whole numbers 0\.\.255$"):

@@ -195,7 +195,6 @@ def test_dense_displacement_takes_nested_lists_of_node_vectors():
 
 
 def test_elastic_grid_of_two_nodes_is_the_smallest_taken():
-
     assert ElasticDeform(grid=2).grid == 2  # the corners alone: a valid (bilinear-like) field
     with pytest.raises(UserError, match="integer >= 2"):
         ElasticDeform(grid=1)

@@ -1405,9 +1405,6 @@ def test_val_loss_stays_finite_when_a_probability_underflows_to_zero():
     """A confidently wrong pixel (logit gap 200: softmax gives exactly 0.0 in float32) costs
     -log(1e-12) = 27.631..., the documented floor, not inf; unchecked before (clamp 0.0 survived).
     Hand-computed: 2 pixels, one right with p = 1 (cost 0), one wrong -> mean 27.631 / 2."""
-
-
-
     class Fixed(torch.nn.Module):
         def forward(self, x):
             return torch.stack([torch.zeros_like(x[:, 0]), 200 * torch.ones_like(x[:, 0])], 1)

@@ -393,8 +393,6 @@ def test_instance_eval_scores_every_detection_whatever_its_score(tmp_path, monke
     """docs (evaluate_instances): COCO AP of the predictor's detections, all scores. The reference
     is computed independently: a predictor asked for score_thresh=0.0, each image predicted, and
     coco_evaluate over those detections and the data's targets."""
-
-
     torch.manual_seed(0)
     kwargs = {"min_size": 32, "max_size": 32}
     model = create_model("maskrcnn_resnet18_fpn", num_classes=3, **kwargs)

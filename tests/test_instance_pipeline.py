@@ -237,7 +237,6 @@ def test_instance_crop_window_follows_a_non_square_output_size():
     Hand-computed for size (h, w) = (10, 20), context 1: box [30, 10, 40, 20] -> h = max(10, 10 / 2)
     = 10, w = 20, centre (15, 35) -> window (y0, x0, h, w) = (10, 25, 10, 20); the crop is already
     10 x 20, so column c of the output holds image column 25 + c."""
-
     crop = InstanceCrop((10, 20), context=1.0)
     assert crop.size == (10, 20)
     assert crop.window(np.array([30, 10, 40, 20], np.float32)) == (10, 25, 10, 20)
@@ -255,8 +254,6 @@ def test_instance_crop_window_follows_a_non_square_output_size():
 
 def test_instance_crop_refuses_a_context_that_is_not_positive():
     """Docstring/constructor: context must be positive; 0.5 (a tight crop) is allowed."""
-
-
     for bad in (0, -1.0):
         with pytest.raises(ValueError, match="context must be positive"):
             InstanceCrop((8, 8), context=bad)
@@ -267,7 +264,6 @@ def test_instance_crop_pads_the_image_with_0_and_resizes_an_objectless_sample_wh
     """Module docstring: outside the image the window is padded (image 0, mask ignore); a sample
     without objects is resized whole. Neither the image padding value nor the objectless path was
     checked. Hand-computed: object [0, 0, 4, 4], size 8, context 2 -> window (-2, -2, 8, 8)."""
-
     img = np.full((20, 20, 3), 50, np.uint8)
     mask = np.zeros((20, 20), np.uint8)
     mask[0:4, 0:4] = 1
@@ -285,7 +281,6 @@ def test_instance_crop_pads_the_image_with_0_and_resizes_an_objectless_sample_wh
 def test_instance_crop_of_a_sample_with_no_instance_masks_gives_an_empty_stack_of_the_output_size():
     """A sample whose instance_masks is an empty [0, H, W] stack falls back to the class mask's
     components and must come out with a [0, oh, ow] stack (not [0, H, W]); unchecked before."""
-
     mask = np.zeros((20, 30), np.uint8)
     mask[5:10, 5:10] = 1
     s = Sample(image=np.zeros((20, 30, 3), np.uint8), mask=mask, instance_masks=np.zeros((0, 20, 30), bool),

@@ -732,7 +732,6 @@ def test_overlay_leaves_ignore_pixels_and_black_pixels_exactly_as_they_are():
     """Hand-computed: alpha 0.5 blends class 1 (200, 100, 0) over a black image to (100, 50, 0);
     ignore (255) and the clear class 0 keep the image's pixel exactly, here black (0, 0, 0) and
     grey (7, 7, 7). The suite's overlay test had no 255 in its mask and no black pixel."""
-
     image = np.zeros((1, 4, 3), np.uint8)
     image[0, 3] = 7
     mask = np.array([[1, 255, 0, 255]], np.uint8)
