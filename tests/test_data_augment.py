@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pixelwise.data import augment
 from pixelwise.data.augment import (
     Augment,
-    RandomScale,
     build_transform,
     elastic_of,
     eval_preset,
@@ -258,17 +258,25 @@ def test_a_sample_without_instances_goes_through_every_augmentation():
             assert o.boxes.shape == (0, 4)
 
 
-def _scale_range(aug: Augment) -> tuple[float, float]:
-    (scale,) = [t for t in aug.transforms if isinstance(t, RandomScale)]
-    return tuple(round(1.0 + x, 6) for x in scale.scale_limit)
-
-
-def test_documented_defaults_of_scale_and_elastic():
-    """docs/training.md: a crop adds random scaling 0.5-2; `elastic: true` is the U-Net paper's 3x3
-    grid with 10 px, and a mapping that sets one of the two keeps the other's default."""
-    assert _scale_range(train_preset(crop=(8, 8))) == (0.5, 2.0)
-    assert _scale_range(build_transform({"crop": [8, 8]}, train=True)) == (0.5, 2.0)
-    assert _scale_range(build_transform({"crop": [8, 8], "scale": [0.75, 1.5]}, train=True)) == (0.75, 1.5)
+def test_documented_defaults_of_scale_and_elastic(monkeypatch):
+    """docs/training.md: a crop adds random scaling 0.5-2 (the factors drawn, recorded where the
+    image is scaled, not read from albumentations' version-dependent attributes); `elastic: true`
+    is the U-Net paper's 3x3 grid with 10 px, and a mapping that sets one of the two keeps the
+    other's default."""
+    drawn: list[float] = []
+    scale = augment._scale
+    monkeypatch.setattr(augment, "_scale", lambda img, factor, how: drawn.append(factor) or scale(img, factor, how))
+    sample = Sample(image=np.zeros((8, 8, 3), np.uint8), mask=np.zeros((8, 8), np.uint8))
+    steps = {"flip": False, "jitter": False}
+    for aug, (lo, hi) in [(train_preset(crop=(8, 8), **steps), (0.5, 2.0)),
+                          (build_transform({"crop": [8, 8], **steps}, train=True), (0.5, 2.0)),
+                          (build_transform({"crop": [8, 8], "scale": [0.75, 1.5], **steps}, train=True), (0.75, 1.5))]:
+        drawn.clear()
+        np.random.seed(0)
+        for _ in range(300):
+            aug(sample)
+        # 300 uniform draws: the extremes lie within a tenth of the range's ends (chance of a miss < 1e-13)
+        assert lo <= min(drawn) < lo + (hi - lo) / 10 and hi - (hi - lo) / 10 < max(drawn) <= hi, (lo, hi)
     for value, sigma, grid in [(True, 10.0, 3), ({}, 10.0, 3), ({"grid": 4}, 10.0, 4), ({"sigma": 2}, 2.0, 3)]:
         deform = elastic_of(value)
         assert (deform.sigma, deform.grid) == (sigma, grid), value
