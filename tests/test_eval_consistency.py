@@ -66,6 +66,28 @@ def _np_boundary(m):
     return m & ~inside
 
 
+def _np_band(m, d):
+    """The pixels of region m that d erosions by a 3x3 square (zeros beyond the image) take away."""
+    e = m.copy()
+    for _ in range(d):
+        q = np.pad(e, 1)
+        e = np.logical_and.reduce([q[1 + dy:q.shape[0] - 1 + dy, 1 + dx:q.shape[1] - 1 + dx]
+                                   for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    return m & ~e
+
+
+def _np_boundary_iou(preds, gts, k):
+    """Per-class Boundary IoU (Cheng et al.): band width round(2% of the diagonal), void out of both maps."""
+    inter, union = np.zeros(k), np.zeros(k)
+    for p, g in zip(preds, gts):
+        d = max(1, int(round(0.02 * math.hypot(*g.shape))))
+        for c in range(k):
+            gb, pb = _np_band(g == c, d), _np_band((p == c) & (g != 255), d)
+            inter[c] += (gb & pb).sum()
+            union[c] += (gb | pb).sum()
+    return [inter[c] / union[c] if union[c] else None for c in range(k)]
+
+
 def _np_min_dist(src, dst):
     """For each pixel of src, the distance to the nearest pixel of dst (brute force)."""
     a, b = np.argwhere(src).astype(float), np.argwhere(dst).astype(float)
@@ -109,6 +131,7 @@ def _reference(preds, gts, k):
             bf_images.append(np.mean(list(s.values())))
         for c, v in s.items():
             bf_class[c].append(v)
+    biou = _np_boundary_iou(preds, gts, k)
 
     def mean(xs):
         xs = [x for x in xs if x is not None]
@@ -117,9 +140,10 @@ def _reference(preds, gts, k):
     return {
         "pixel_acc": tp.sum() / cm.sum(), "mean_acc": mean(acc), "mIoU": mean(iou),
         "fwIoU": sum(gt_n[c] / cm.sum() * (iou[c] or 0.0) for c in range(k)), "dice": mean(dice),
-        "bf_score": float(np.mean(bf_images)),
+        "bf_score": float(np.mean(bf_images)), "boundary_iou": mean(biou),
         "per_class": [{"iou": iou[c], "acc": acc[c], "dice": dice[c], "pixels": int(gt_n[c]),
-                       "bf": float(np.mean(bf_class[c])) if bf_class[c] else None} for c in range(k)],
+                       "bf": float(np.mean(bf_class[c])) if bf_class[c] else None, "boundary_iou": biou[c]}
+                      for c in range(k)],
         "cm": cm,
     }
 
@@ -167,7 +191,7 @@ def _assert_close(got, want):
 def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
-    _folder_tree(root, rng, [(40, 56), (37, 61), (48, 48)])
+    _folder_tree(root, rng, [(40, 56), (37, 61), (48, 48), (100, 130)])  # bands of 1 and 3 pixels
     ckpt = _checkpoint(tmp_path / "m.safetensors", 4, NAMES, PALETTE, seed=0)
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(ckpt), str(root / "images"), "--out", str(out),
@@ -182,12 +206,12 @@ def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
     gts = [np.array(Image.open(root / "masks" / f"{s}.png")) for s in stems]
     want = _reference(preds, gts, 4)
     assert len(set(np.concatenate([p.ravel() for p in preds]).tolist())) >= 2, "degenerate prediction"
-    assert got["num_images"] == 3
-    for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", "bf_score"):
+    assert got["num_images"] == 4
+    for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", "bf_score", "boundary_iou"):
         _assert_close(got[key], want[key])
     assert [r["name"] for r in got["per_class"]] == NAMES
     for g_row, w_row in zip(got["per_class"], want["per_class"]):
-        for key in ("iou", "acc", "dice", "bf"):
+        for key in ("iou", "acc", "dice", "bf", "boundary_iou"):
             _assert_close(g_row[key], w_row[key])
         assert g_row["pixels"] == w_row["pixels"]
 
@@ -248,6 +272,7 @@ def test_isbi_eval_with_watershed_scores_the_map_with_its_boundaries_drawn_in(tm
                      "val", "--json", str(reports[bool(flag)]), "--no-progress", "--no-bf", *flag]) == 0
     plain, got = (json.loads(reports[k].read_text()) for k in (False, True))
     assert got["provenance"]["watershed"] == 0.4 and "watershed" not in plain["provenance"]
+    assert not {"bf_score", "bf", "boundary_iou"} & (set(plain) | set(plain["per_class"][0]))  # --no-bf: neither
     for key in ("pixel_error", "mIoU", "pixel_acc"):
         assert got[key] == plain[key]
     predictor = Predictor.from_checkpoint(str(ckpt), "cpu")

@@ -11,13 +11,17 @@ import torch
 
 from pixelwise.metrics import (
     BFMeter,
+    BoundaryIoUMeter,
     ChallengeMeter,
     RandMeter,
     ThresholdPixelMeter,
+    boundary_band,
     boundary_f1,
+    boundary_width,
     class_boundary,
     confusion_matrix,
     image_bf_scores,
+    image_boundary_counts,
     label_components,
     pixel_error,
     rand_counts,
@@ -420,3 +424,101 @@ def test_threshold_rand_never_thresholds_above_0_9():
     target[::2, ::2] = 1
     out = rand_error_over_thresholds([np.ones((4, 4))], [target])
     assert out["rand_error"] == pytest.approx(0.6) and out["threshold"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundary IoU (Cheng et al., arXiv:2103.16562)
+
+
+def _erosion_band(mask: np.ndarray, d: int) -> np.ndarray:
+    """The reference implementation's mask_to_boundary: pad one zero pixel, erode d times with a 3x3
+    square (OpenCV), subtract."""
+    import cv2
+
+    h, w = mask.shape
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    eroded = cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1:h + 1, 1:w + 1]
+    return mask & ~eroded.astype(bool)
+
+
+def test_boundary_band_of_a_square_by_hand_and_the_image_border_is_a_contour():
+    m = np.zeros((11, 11), bool)
+    m[2:9, 2:9] = True  # 7x7 square
+    assert boundary_band(m, 1).sum() == 49 - 25 and boundary_band(m, 2).sum() == 49 - 9
+    assert boundary_band(m, 3).sum() == 48 and boundary_band(m, 3)[5, 5] == 0  # the centre is 4 from outside
+    assert boundary_band(m, 4).sum() == 49  # thinner than 2 * 4 + 1: all band
+    assert not boundary_band(m, 1)[3:8, 3:8].any()
+    full = np.ones((5, 6), bool)  # a class filling the image: its band runs along the image border
+    assert boundary_band(full, 1).sum() == 30 - 3 * 4
+    assert not boundary_band(np.zeros((4, 4), bool), 2).any()
+    with pytest.raises(ValueError, match="at least 1"):
+        boundary_band(m, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_boundary_band_matches_the_reference_erosion(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        mask = np.kron(rng.random((h // 3 + 1, w // 3 + 1)) < 0.5, np.ones((3, 3), bool))[:h, :w]
+        mask ^= rng.random((h, w)) < 0.03
+        d = int(rng.integers(1, 6))
+        assert np.array_equal(boundary_band(mask, d), _erosion_band(mask, d)), (h, w, d)
+
+
+def test_boundary_width_is_two_percent_of_the_diagonal_rounded_and_at_least_one():
+    assert boundary_width(360, 480) == 12  # 0.02 * 600
+    assert boundary_width(300, 400) == 10
+    assert boundary_width(20, 20) == 1  # 0.57 rounds to 1
+    assert boundary_width(10, 10) == 1  # 0.28 would round to 0
+    assert boundary_width(300, 400, dilation=0.05) == 25
+
+
+def test_boundary_iou_meter_sums_bands_over_images_per_class():
+    rng = np.random.default_rng(7)
+    k = 3
+    pairs = []
+    for h, w in ((30, 40), (52, 61), (100, 120)):
+        target = np.kron(rng.integers(0, k, (h // 6 + 1, w // 6 + 1)), np.ones((6, 6), int))[:h, :w]
+        pred = np.where(rng.random((h, w)) < 0.15, rng.integers(0, k, (h, w)), target)
+        target[rng.random((h, w)) < 0.05] = 255
+        pairs.append((pred, target))
+    meter = BoundaryIoUMeter(k)
+    inter, union = np.zeros(k), np.zeros(k)
+    for pred, target in pairs:
+        meter.update(pred, target)
+        d = max(1, int(round(0.02 * math.hypot(*target.shape))))
+        for c in range(k):
+            g, q = _erosion_band(target == c, d), _erosion_band((pred == c) & (target != 255), d)
+            inter[c] += (g & q).sum()
+            union[c] += (g | q).sum()
+    got = meter.compute()
+    want = [inter[c] / union[c] for c in range(k)]
+    assert got["per_class_boundary_iou"] == pytest.approx(want)
+    assert got["boundary_iou"] == pytest.approx(sum(want) / k)
+    assert 0.2 < got["boundary_iou"] < 0.95  # neither trivial nor perfect
+
+
+def test_boundary_iou_absent_classes_void_and_a_perfect_prediction():
+    target = np.zeros((20, 20), int)
+    target[5:15, 5:15] = 1
+    meter = BoundaryIoUMeter(4)
+    meter.update(target, target)
+    assert meter.compute() == {"boundary_iou": 1.0, "per_class_boundary_iou": [1.0, 1.0, None, None]}
+    pred = target.copy()
+    pred[0, 0] = 2  # a class only predicted: IoU 0, and it counts in the mean
+    meter = BoundaryIoUMeter(4)
+    meter.update(pred, target)
+    got = meter.compute()
+    assert got["per_class_boundary_iou"][2:] == [0.0, None] and got["boundary_iou"] < 1.0
+    void = target.copy()
+    void[8:12, 8:12] = 255  # what is predicted under void changes nothing
+    a = image_boundary_counts(np.where(void == 255, 3, target), void, 4)
+    b = image_boundary_counts(target, void, 4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and a[0][3] == a[1][3] == 0
+    with pytest.raises(TypeError, match="integer class labels"):
+        BoundaryIoUMeter(4).update(target.astype(np.float32), target)
+    with pytest.raises(ValueError, match="one image at a time"):
+        BoundaryIoUMeter(4).update(target[None], target[None])
+    with pytest.raises(ValueError, match="outside 0..3"):
+        BoundaryIoUMeter(4).update(np.full_like(target, 4), target)

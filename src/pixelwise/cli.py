@@ -561,7 +561,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     for row in metrics.get("per_class", []):
         cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"
-                 for key in ("iou", "acc", "bf") if key in row]
+                 for key in ("iou", "acc", "bf", "boundary_iou") if key in row]
         print(f"  {shown(row['name']):<16} " + "  ".join(cells))
     trained = metrics["provenance"]["dataset"].get("training_images")
     if trained:  # e.g. CamVid's official val under a run that held out other sequences and joined val to train
@@ -796,7 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prediction_args(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
-    p.add_argument("--no-bf", action="store_true", help="skip the boundary F1 score (the slowest metric)")
+    p.add_argument("--no-bf", action="store_true", help="skip the boundary metrics, BF score and Boundary IoU "
+                   "(the slowest)")
     _add_watershed(p, "isbi2012: score the Rand errors and pixel_error_best on the cell probability with the "
                       "one-pixel boundaries of its watershed cells (seeded where it exceeds T, default 0.5) drawn in "
                       "as membrane; pixel_error and the other metrics stay those of the network's masks; "

@@ -14,6 +14,8 @@ The rule for absent classes (the source of endless NaN-vs-0-vs-1 issues elsewher
 Beyond the confusion matrix (definitions in docs/metrics.md):
 - :class:`BFMeter`: SegNet's boundary F1 score (Csurka et al. 2013), tolerance 0.75% of the
   image diagonal, mean over images of the mean over the classes present in each ground truth.
+- :class:`BoundaryIoUMeter`: Boundary IoU (Cheng et al. 2021), the IoU of the bands within 2% of
+  the image diagonal inside each class region's contour, summed over the dataset per class.
 - :class:`RandMeter` / :func:`pixel_error`: the ISBI 2012 EM challenge's foreground-restricted
   Rand error (on 4-connected components of the cell class) and pixel error;
   :class:`ThresholdRandMeter` / :class:`ThresholdPixelMeter`: the challenge's leaderboard forms,
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.ndimage import distance_transform_edt, label
+from scipy.ndimage import distance_transform_cdt, distance_transform_edt, label
 
 
 def _labels(x: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
@@ -231,6 +233,77 @@ class BFMeter:
                      for c in range(self.num_classes)]
         score = float(np.mean(self.image_scores)) if self.image_scores else None
         return {"bf_score": score, "per_class_bf": per_class}
+
+
+# --------------------------------------------------------------------------------------------
+# Boundary IoU: Cheng, Girshick, Dollar, Berg, Kirillov, "Boundary IoU: Improving Object-Centric
+# Image Segmentation Evaluation", CVPR 2021, arXiv:2103.16562.
+# --------------------------------------------------------------------------------------------
+
+BOUNDARY_IOU_DILATION = 0.02  # band width as a fraction of the image diagonal (the paper's default)
+
+
+def boundary_band(mask: np.ndarray, width: int) -> np.ndarray:
+    """bool[H, W] region -> bool[H, W] its pixels within ``width`` pixels (chessboard distance) of a
+    pixel outside it, the image border counting as outside: what ``width`` erosions by a 3x3 square
+    take away (the paper's ``G_d`` intersected with ``G``), so a region thinner than
+    ``2 * width + 1`` is all band."""
+    m = np.asarray(mask, dtype=bool)
+    if width < 1:
+        raise ValueError(f"the band width must be at least 1 pixel, got {width}")
+    if not m.any():
+        return m.copy()
+    outside_distance = distance_transform_cdt(np.pad(m, 1), metric="chessboard")[1:-1, 1:-1]
+    return m & (outside_distance <= width)
+
+
+def boundary_width(height: int, width: int, dilation: float = BOUNDARY_IOU_DILATION) -> int:
+    """The band width in pixels for an image: ``round(dilation * diagonal)``, at least 1 (the
+    reference implementation's rule)."""
+    return max(1, int(round(dilation * float(np.hypot(height, width)))))
+
+
+def image_boundary_counts(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255,
+                          dilation: float = BOUNDARY_IOU_DILATION) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class (intersection, union) pixel counts, int64[C] each, of the boundary bands of one
+    image's prediction and ground truth. As for the BF score, pixels ignored in the ground truth
+    are ignored in the prediction too (no class there), so a void region's outline is the same in
+    both maps. Labels are checked as :func:`confusion_matrix` checks them."""
+    pred, target = _one_image(pred, target, "Boundary IoU")
+    _valid_labels(pred, target, num_classes, ignore_index)
+    d = boundary_width(target.shape[0], target.shape[1], dilation)
+    valid = target != ignore_index
+    pred = np.where(valid, pred, -1)
+    inter = np.zeros(num_classes, dtype=np.int64)
+    union = np.zeros(num_classes, dtype=np.int64)
+    present = set(np.unique(target[valid]).tolist()) | set(np.unique(pred[valid]).tolist())
+    for c in sorted(present):
+        gt_band, pred_band = boundary_band(target == c, d), boundary_band(pred == c, d)
+        inter[c] = int((gt_band & pred_band).sum())
+        union[c] = int((gt_band | pred_band).sum())
+    return inter, union
+
+
+class BoundaryIoUMeter:
+    """Dataset Boundary IoU: per class, the intersections over the unions of the boundary bands
+    summed over every image (as mIoU sums a confusion matrix); ``boundary_iou`` is their mean over
+    the classes with a band somewhere (a class in neither map of any image is left out, as in mIoU)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, dilation: float = BOUNDARY_IOU_DILATION):
+        self.num_classes, self.ignore_index, self.dilation = num_classes, ignore_index, dilation
+        self.intersection = np.zeros(num_classes, dtype=np.int64)
+        self.union = np.zeros(num_classes, dtype=np.int64)
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        """pred, target: int[H, W] for one image (checked as :func:`image_boundary_counts` checks them)."""
+        inter, union = image_boundary_counts(pred, target, self.num_classes, self.ignore_index, self.dilation)
+        self.intersection += inter
+        self.union += union
+
+    def compute(self) -> dict:
+        """-> ``{"boundary_iou": float | None, "per_class_boundary_iou": [float | None] * C}``."""
+        per_class = [float(i / u) if u else None for i, u in zip(self.intersection, self.union)]
+        return {"boundary_iou": _mean(per_class), "per_class_boundary_iou": per_class}
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ that ``predict`` uses, so the metrics equal those computed from the masks ``pred
 (``tests/test_eval_consistency.py``).
 
 Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (confusion matrix,
-see :mod:`pixelwise.metrics`), ``bf_score`` (SegNet's boundary F1; ``bf=False`` skips it) and,
+see :mod:`pixelwise.metrics`), ``bf_score`` (SegNet's boundary F1) and ``boundary_iou`` (Cheng et al.'s
+Boundary IoU; ``bf=False`` skips both boundary metrics) and,
 for data whose class ``rand_foreground`` holds the objects (``isbi2012``'s cells), ``pixel_error
 rand_error rand_precision rand_recall`` (ISBI 2012 challenge definitions at the argmax) and
 ``rand_error_best rand_best_threshold pixel_error_best pixel_best_threshold`` (the challenge's
@@ -31,20 +32,22 @@ from pixelwise.errors import UserError, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.ensemble import from_checkpoints
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
-from pixelwise.metrics import BFMeter, ChallengeMeter, ConfusionMeter, pixel_error
+from pixelwise.metrics import BFMeter, BoundaryIoUMeter, ChallengeMeter, ConfusionMeter, pixel_error
 from pixelwise.runtime import progress as progress_bar
 
 
 def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,
                       bf: bool = True, watershed: float | None = None) -> dict:
-    """Confusion-matrix metrics (+ BF score, + ISBI errors where ``ds.rand_foreground`` is set) of
-    the predictor's masks against each image's full-resolution labels. ``watershed``: the ISBI
+    """Confusion-matrix metrics (+ BF score and Boundary IoU unless ``bf`` is False, + ISBI errors
+    where ``ds.rand_foreground`` is set) of the predictor's masks against each image's
+    full-resolution labels. ``watershed``: the ISBI
     errors score the cell probability with the boundaries of its watershed cells, seeded at this
     threshold, drawn in (:func:`~pixelwise.inference.cells.with_boundaries`); the confusion-matrix
     metrics stay those of the network's masks."""
     check_same_classes(predictor.meta, ds)
     meter = ConfusionMeter(ds.num_classes)
     bf_meter = BFMeter(ds.num_classes) if bf else None
+    biou_meter = BoundaryIoUMeter(ds.num_classes) if bf else None
     fg = ds.rand_foreground
     if watershed is not None and fg is None:
         raise UserError("--watershed segments cells from a membrane map: it applies to data with cells to count, "
@@ -57,6 +60,8 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
         meter.update(torch.from_numpy(prediction.mask), torch.from_numpy(sample.mask))
         if bf_meter is not None:
             bf_meter.update(prediction.mask, sample.mask)
+        if biou_meter is not None:
+            biou_meter.update(prediction.mask, sample.mask)
         if challenge is not None and fg is not None:
             assert prediction.probs is not None
             pred, prob = prediction.mask, prediction.probs[fg].numpy()
@@ -70,6 +75,11 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
         metrics["bf_score"] = bf_result["bf_score"]
         for row, value in zip(metrics["per_class"], bf_result["per_class_bf"]):
             row["bf"] = value
+    if biou_meter is not None:
+        biou_result = biou_meter.compute()
+        metrics["boundary_iou"] = biou_result["boundary_iou"]
+        for row, value in zip(metrics["per_class"], biou_result["per_class_boundary_iou"]):
+            row["boundary_iou"] = value
     if challenge is not None:
         metrics["pixel_error"] = pixel_error(meter.cm)
         metrics.update(challenge.compute())
