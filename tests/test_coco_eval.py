@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from pixelwise.coco_eval import coco_evaluate
+from pixelwise.coco_eval import boundary_rle, coco_evaluate
 
 
 def rect_target(rects: list[tuple[int, int, int, int, int]], h: int = 64, w: int = 64) -> dict:
@@ -273,3 +274,98 @@ def test_no_detections_score_as_pycocotools_scores_a_lone_false_positive(class_i
         assert (math.isnan(none[key]) and math.isnan(value)) or none[key] == value, key
     assert none["mask_APs"] == 0.0 and math.isnan(none["mask_APl"])
     assert (none["mask_APm"] == 0.0) == (class_ids == [1, 2])  # the one medium object is of class 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundary AP (Cheng et al., arXiv:2103.16562): a pair's IoU is min(mask IoU, band IoU)
+
+
+def _reference_band(mask: np.ndarray) -> np.ndarray:
+    """The paper's reference mask_to_boundary: zero-pad one pixel, erode round(0.02 * diagonal)
+    times with a 3x3 square (OpenCV), subtract."""
+    import cv2
+
+    h, w = mask.shape
+    d = max(1, int(round(0.02 * math.hypot(h, w))))
+    padded = cv2.copyMakeBorder(mask.astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    return mask & ~cv2.erode(padded, np.ones((3, 3), np.uint8), iterations=d)[1:h + 1, 1:w + 1].astype(bool)
+
+
+def test_boundary_rle_is_the_reference_band_of_the_whole_image():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(8, 120, 2))
+        mask = np.zeros((h, w), bool)
+        y0, x0 = (int(v) for v in rng.integers(0, (h // 2, w // 2)))  # some touch the image border
+        mask[y0:y0 + int(rng.integers(1, h)), x0:x0 + int(rng.integers(1, w))] = True
+        mask &= rng.random((h, w)) < 0.97
+        assert np.array_equal(mask_utils.decode(boundary_rle(mask)).astype(bool), _reference_band(mask))
+    assert not mask_utils.decode(boundary_rle(np.zeros((5, 7), bool))).any()
+
+
+def test_boundary_ap_of_a_shifted_square_by_hand():
+    """One object and one detection: AP at each threshold t of 0.50:0.95 is 1 where the pair's IoU
+    reaches t, else 0. A 50x50 square moved 1 px right keeps a mask IoU of 49/51 but its 3-px band
+    (2% of the 100x100 image's diagonal) overlaps far less."""
+    target = rect_target([(10, 10, 60, 60, 1)], 100, 100)
+    moved = as_prediction(target)
+    moved["boxes"] = moved["boxes"] + torch.tensor([1.0, 0.0, 1.0, 0.0])
+    moved["masks"] = torch.roll(moved["masks"], shifts=1, dims=-1)
+    out = coco_evaluate([moved], [target], class_ids=[1], boundary=True)
+    gt, dt = target["masks"][0].bool().numpy(), moved["masks"][0, 0].bool().numpy()
+    mask_iou = (gt & dt).sum() / (gt | dt).sum()
+    band_gt, band_dt = _reference_band(gt), _reference_band(dt)
+    band_iou = (band_gt & band_dt).sum() / (band_gt | band_dt).sum()
+    assert mask_iou == pytest.approx(49 / 51) and 0.7 < band_iou < 0.75
+    thresholds = np.linspace(0.5, 0.95, 10)
+    assert out["mask_AP"] == pytest.approx(np.mean(mask_iou >= thresholds))
+    assert out["boundary_AP"] == pytest.approx(np.mean(min(mask_iou, band_iou) >= thresholds))
+    assert out["mask_AP"] == pytest.approx(1.0) and out["boundary_AP"] == pytest.approx(0.5)  # 0.50-0.70: 5 of 10
+    assert out["boundary_AP50"] == pytest.approx(1.0) and out["boundary_AP75"] == 0.0 < out["mask_AP75"]
+
+
+def test_boundary_ap_equals_mask_ap_where_every_object_is_all_band():
+    """Objects thinner than a band (2 * 2 + 1 px in a 64x64 image) are all band, so each pair's
+    band IoU is its mask IoU, and Boundary AP is mask AP: crowds, false positives, sizes and all."""
+    rng = np.random.default_rng(0)
+    targets, predictions = [], []
+    for _ in range(4):
+        rects = []
+        for _ in range(int(rng.integers(1, 4))):
+            x, y = (int(v) for v in rng.integers(0, 56, 2))
+            long_side, across = int(rng.integers(6, 30)), int(rng.integers(1, 5))
+            rect = (x, y, x + long_side, y + across) if rng.random() < 0.5 else (x, y, x + across, y + long_side)
+            rects.append((rect[0], rect[1], min(rect[2], 64), min(rect[3], 64), int(rng.integers(1, 3))))
+        t = rect_target(rects)
+        t["iscrowd"] = torch.tensor([int(i == 0 and rng.random() < 0.3) for i in range(len(rects))])
+        p = as_prediction(t, scores=rng.random(len(rects)).tolist())
+        p["masks"] = torch.roll(p["masks"], shifts=int(rng.integers(0, 2)), dims=-1)
+        targets.append(t)
+        predictions.append(p)
+    # a crowd region scored as COCO scores crowds (the share of the detection inside it): the
+    # detection covering its left half is ignored, not a false positive that outranks the object
+    t = rect_target([(4, 10, 44, 13, 1), (10, 30, 40, 33, 1)])
+    t["iscrowd"] = torch.tensor([1, 0])
+    p = as_prediction(rect_target([(4, 10, 24, 13, 1), (10, 30, 40, 33, 1)]), scores=[0.9, 0.5])
+    targets.append(t)
+    predictions.append(p)
+    out = coco_evaluate(predictions, targets, class_ids=[1, 2], boundary=True)
+    assert 0.0 < out["mask_AP"] < 1.0
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        m, b = out[f"mask_{name}"], out[f"boundary_{name}"]
+        assert (math.isnan(m) and math.isnan(b)) or m == pytest.approx(b), name
+
+
+def test_boundary_ap_is_asked_for_perfect_is_one_and_none_is_zero():
+    plain = coco_evaluate([as_prediction(t) for t in TARGETS], TARGETS, class_ids=[1, 2])
+    assert not any(k.startswith("boundary_") for k in plain)  # training's validation does not pay for it
+    out = coco_evaluate([as_prediction(t) for t in TARGETS], TARGETS, class_ids=[1, 2], boundary=True)
+    assert out["boundary_AP"] == out["boundary_AP75"] == pytest.approx(1.0)
+    for key, value in plain.items():
+        assert out[key] == value or (math.isnan(out[key]) and math.isnan(value)), key
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+             "masks": torch.zeros(0, 1, 64, 64)}
+    none = coco_evaluate([empty] * 3, TARGETS, class_ids=[1, 2], boundary=True)
+    assert none["boundary_AP"] == none["mask_AP"] == 0.0

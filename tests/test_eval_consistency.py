@@ -448,8 +448,9 @@ def test_instance_eval_scores_every_detection_whatever_its_score(tmp_path, monke
     ds = build_dataset("coco", str(root), "val")
     preds = [predictor.predict(ds.load(i).image) for i in range(len(ds))]
     assert sum(len(p["scores"]) for p in preds) > 0 and max(float(p["scores"].max()) for p in preds) < 1.0
-    want = coco_evaluate(preds, [sample_target(ds.load(i)) for i in range(len(ds))], class_ids=range(1, 3))
+    want = coco_evaluate(preds, [sample_target(ds.load(i)) for i in range(len(ds))], class_ids=range(1, 3),
+                         boundary=True)
     # the detections scored are all of them (an untrained model's scores are far below 0.5)
     assert [len(p["scores"]) for p in scored] == [len(p["scores"]) for p in preds]
-    for key in ("mask_AP", "box_AP", "mask_AP50"):
+    for key in ("mask_AP", "box_AP", "mask_AP50", "boundary_AP"):
         assert got[key] == want[key] or (np.isnan(got[key]) and np.isnan(want[key])), key

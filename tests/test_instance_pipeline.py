@@ -77,8 +77,12 @@ def test_eval_reports_coco_keys(run, tmp_path):
     assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--dataset", "shapes", "--split", "test",
                  "--dataset-kwargs", DATA, "--json", str(out), "--no-progress"]) == 0
     m = json.loads(out.read_text())
-    for key in ("mask_AP", "mask_AP50", "mask_AP75", "box_AP"):
+    for key in ("mask_AP", "mask_AP50", "mask_AP75", "box_AP", "boundary_AP", "boundary_AP75"):
         assert key in m and (m[key] is None or 0.0 <= m[key] <= 1.0 or np.isnan(m[key]))
+    assert main(["eval", "--checkpoint", str(run / "best.safetensors"), "--dataset", "shapes", "--split", "test",
+                 "--dataset-kwargs", DATA, "--json", str(out), "--overwrite", "--no-progress", "--no-bf"]) == 0
+    m_no_bf = json.loads(out.read_text())
+    assert not any(k.startswith("boundary_") for k in m_no_bf) and m_no_bf["mask_AP"] == m["mask_AP"]
 
 
 def test_predict_writes_masks_ids_overlay_and_rle(run, tmp_path):

@@ -796,8 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prediction_args(p)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
     p.add_argument("--dataset-kwargs", help="JSON object of dataset options")
-    p.add_argument("--no-bf", action="store_true", help="skip the boundary metrics, BF score and Boundary IoU "
-                   "(the slowest)")
+    p.add_argument("--no-bf", action="store_true", help="skip the boundary metrics, the slowest: BF score and "
+                   "Boundary IoU (semantic), Boundary AP (instance)")
     _add_watershed(p, "isbi2012: score the Rand errors and pixel_error_best on the cell probability with the "
                       "one-pixel boundaries of its watershed cells (seeded where it exceeds T, default 0.5) drawn in "
                       "as membrane; pixel_error and the other metrics stay those of the network's masks; "
