@@ -1414,3 +1414,94 @@ def test_val_loss_stays_finite_when_a_probability_underflows_to_zero():
                             torch.device("cpu"), show=False)
     assert math.isfinite(got["loss"])
     assert abs(got["loss"] - (-math.log(1e-12)) / 2) < 1e-4
+
+
+# --- early stopping (--patience) -------------------------------------------------------------------
+def scripted_validation(monkeypatch, scores):
+    """Validation that scores the k-th validated epoch ``scores[k]`` (mIoU), whatever the weights."""
+    calls = []
+
+    def evaluate(run):
+        calls.append(1)
+        return {"loss": 0.5, "mIoU": scores[len(calls) - 1], "pixel_acc": 0.5}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    return calls
+
+
+def test_patience_ends_the_run_after_n_epochs_without_a_better_score(tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.1, 0.3, 0.2, 0.25, 0.5, 0.6])
+    said: list[str] = []
+    s = fit(tiny(tmp_path, epochs=6, patience=2), log=said.append)
+    # best at epoch 2; epochs 3 and 4 are no better: the run ends after epoch 4
+    assert s["epochs_completed"] == 4 and s["best_epoch"] == 2 and s["stopped_early"]
+    assert any(line.startswith("early stop: no better mIoU in the last 2 epochs") and "epoch 2" in line
+               for line in said)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert [r["mIoU"] for r in rows] == ["0.1", "0.3", "0.2", "0.25"]
+    assert read_checkpoint(tmp_path / "best.safetensors")[1]["training"]["epoch"] == 2
+    assert json.loads((tmp_path / "metrics.json").read_text())["stopped_early"] is True
+
+
+def test_patience_is_counted_in_epochs_and_checked_only_after_validated_ones(tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.3, 0.2, 0.4])  # validations after epochs 2, 4, 6
+    s = fit(tiny(tmp_path, epochs=6, patience=1, val_every=2), log=quiet)
+    # epoch 3 is past the patience since the best (epoch 2) but was not validated: the run goes on to 4
+    assert s["epochs_completed"] == 4 and s["best_epoch"] == 2 and s["stopped_early"]
+
+
+def test_a_run_that_improves_or_ends_its_epochs_is_not_stopped_early(tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.1, 0.2, 0.3, 0.3])  # an equal score is no better
+    s = fit(tiny(tmp_path / "a", epochs=4, patience=1), log=quiet)
+    assert s["epochs_completed"] == 4 and s["best_epoch"] == 3 and not s["stopped_early"]
+    scripted_validation(monkeypatch, [0.1, 0.2, 0.1])
+    s = fit(tiny(tmp_path / "b", epochs=3), log=quiet)  # no patience: off
+    assert s["epochs_completed"] == 3 and not s["stopped_early"]
+
+
+def test_an_early_stopped_run_resumes_to_nothing_or_with_more_patience_trains_on(tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.1, 0.3, 0.2, 0.25, 0.5, 0.6])
+    fit(tiny(tmp_path, epochs=6, patience=2), log=quiet)
+    said: list[str] = []
+    again = fit(tiny(tmp_path, epochs=6, patience=2, resume=True), log=said.append)
+    assert again["epochs_completed"] == 4 and again["stopped_early"]
+    assert any("nothing to train: the run stopped early" in line and "--patience" in line for line in said)
+    scripted_validation(monkeypatch, [0.5, 0.6])  # epochs 5 and 6
+    said.clear()
+    more = fit(tiny(tmp_path, epochs=6, patience=5, resume=True), log=said.append)
+    assert more["epochs_completed"] == 6 and more["best_epoch"] == 6 and not more["stopped_early"]
+    assert any("patience 2 -> 5" in line for line in said)  # a changed setting is said, as others are
+
+
+def test_an_interrupted_run_with_patience_stops_where_the_uninterrupted_one_did(tmp_path, monkeypatch):
+    scores = [0.1, 0.3, 0.2, 0.25, 0.5]
+    scripted_validation(monkeypatch, scores)
+    fit(tiny(tmp_path / "a", epochs=5, patience=2), log=quiet)
+    scripted_validation(monkeypatch, scores)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path / "b", epochs=5, patience=2), log=quiet,
+            callbacks=[interrupt_at("epoch", lambda s: s.epoch == 3)])
+    scripted_validation(monkeypatch, scores[3:])
+    s = fit(tiny(tmp_path / "b", epochs=5, patience=2, resume=True), log=quiet)
+    assert s["epochs_completed"] == 4 and s["stopped_early"]
+    weights_equal(tmp_path / "a", tmp_path / "b")
+
+
+def test_patience_ends_a_stage_and_the_next_stage_gets_its_own_epochs(tmp_path, monkeypatch):
+    scripted_validation(monkeypatch, [0.5, 0.4, 0.3, 0.45, 0.6, 0.1])
+    staged = [{"name": "a", "epochs": 3}, {"name": "b", "epochs": 3, "patience": 3}]
+    said: list[str] = []
+    s = fit(tiny(tmp_path, epochs=6, stages=staged, patience=1, schedule="constant"), log=said.append)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    # stage a (patience 1) ends after its 2nd epoch; stage b (patience 3) beats the best at its 3rd
+    assert [(r["stage"], r["mIoU"]) for r in rows] == [("a", "0.5"), ("a", "0.4"), ("b", "0.3"), ("b", "0.45"),
+                                                        ("b", "0.6")]
+    assert any("1 epochs of stage a left untrained" in line for line in said)
+    assert s["best_epoch"] == 5 and not s["stopped_early"]  # the last stage ran all its epochs
+
+
+def test_patience_must_be_a_whole_number_of_at_least_one():
+    for bad in (0, -1, 1.5, "x"):
+        with pytest.raises(UserError, match="patience"):
+            tiny(None, patience=bad)
+    assert tiny(None, patience="none").patience is None

@@ -175,6 +175,9 @@ class TrainConfig:
     val_every: int = opt(1, "validate after every N-th epoch (and after the last epoch of each stage and the one "
                          "the time budget ends); best.safetensors is chosen among the validated epochs", ge=1,
                          metavar="N")
+    patience: int | None = opt(None, "early stopping: end the run (with stages: the stage) after a validated epoch "
+                               "when its last N epochs brought no better --select-by value (none: off); "
+                               "best.safetensors stays the best epoch's", metavar="N", stage=True, ge=1)
     # --- logging --------------------------------------------------------------------------
     progress: bool | None = opt(None, "progress bars (--no-progress: never)",
                                 default_text="only when stderr is a terminal")

@@ -1104,6 +1104,18 @@ def plan_stages(run: Run) -> list[Stage]:
     return stages
 
 
+def plateaued(stage: Stage, state: TrainState, select: str) -> bool:
+    """Whether ``stage``, in progress with epochs left, ends early on its ``patience``: its latest
+    epoch was validated and none of its last ``patience`` epochs scored a new best (a stage's epochs
+    count from its start, so a later stage has that long to beat the run's best). A function of
+    the saved state, so a resume decides as the interrupted run would have."""
+    patience = stage.cfg.patience
+    if (not patience or not state.stage_epoch or state.stage != stage.index or state.stage_epoch >= stage.cfg.epochs
+            or select not in state.rows[-1]):
+        return False
+    return min(state.epoch - (state.best_epoch or 0), state.stage_epoch) >= patience
+
+
 def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
     """Train ``stage`` from where ``state`` stands until its epochs or its time are used up."""
     multi = len(run.cfg.stages) > 1  # metrics.csv gets a stage column
@@ -1123,7 +1135,8 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
                 f"lr {stage.cfg.lr}" + (", instance-centred crops" if stage.cfg.instance_crops else ""))
     weights = None if run.class_weights is None else run.class_weights.tolist()
     run.train_ds.transform = train_transform(stage.cfg, weights)
-    while state.stage_epoch < stage.cfg.epochs and not state.stage_stopped:  # stopped: by the time budget
+    # stopped: by the time budget; plateaued: by --patience
+    while state.stage_epoch < stage.cfg.epochs and not state.stage_stopped and not plateaued(stage, state, run.select):
         stats = train_one_epoch(run, stage, state)
         # the epoch whose training ran out of time is the stopped one (checked at steps, and here),
         # where the stage had epochs left: one that trained them all is finished, not stopped
@@ -1158,6 +1171,11 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
         speed = "-" if stats.img_per_s is None else f"{stats.img_per_s:.1f}"  # not timed (resumed at its end)
         run.log(f"epoch {state.epoch}: {shown} lr={row['lr']:.2e} {speed} img/s"
                 + (" (time budget reached)" if stopped else ""))
+        if not stopped and plateaued(stage, state, run.select):
+            run.log(f"early stop: no better {run.select} in the last {stage.cfg.patience} epochs (--patience); "
+                    f"best.safetensors is epoch {state.best_epoch}"
+                    + (f", {stage.cfg.epochs - state.stage_epoch} epochs of stage {stage.name} left untrained"
+                       if multi else ""))
         dist.barrier()
         for cb in run.callbacks:
             cb("epoch", state)
@@ -1419,15 +1437,16 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
-def finish(run: Run, state: TrainState) -> dict:
-    """The run's summary, written with ``metrics.csv`` (both from the state) by rank 0."""
+def finish(run: Run, state: TrainState, stopped_early: bool = False) -> dict:
+    """The run's summary, written with ``metrics.csv`` (both from the state) by rank 0.
+    ``stopped_early``: the run's last stage ended on its ``patience``."""
     out = run.out
     best_row = next((r for r in state.rows if r["epoch"] == state.best_epoch), None)
     result = {"model": run.cfg.model, "dataset": run.cfg.dataset, "epochs_completed": state.epoch,
               "best_epoch": state.best_epoch, "selected_by": run.select, "best": best_row,
               "final": state.rows[-1] if state.rows else None, "steps": state.step,
               "train_minutes": round(state.elapsed_s / 60, 2),
-              "stopped_by_time_budget": state.time_stopped or state.stage_stopped,
+              "stopped_by_time_budget": state.time_stopped or state.stage_stopped, "stopped_early": stopped_early,
               "amp": run.amp, "world_size": run.info.world_size,
               "checkpoints": {"best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}}
     if run.info.is_main:
@@ -1525,13 +1544,17 @@ def _train_stages(run: Run, state: TrainState, info: dist.DistInfo, device: torc
             said = save_interrupted(run, state)
         stop.args = (said,) if said else stop.args  # the CLI repeats it on stderr when stdout is not a terminal
         raise
+    stopped_early = plateaued(stages[state.stage], state, run.select)
     if run.cfg.resume and state.epoch == epochs_before and state.stage_stopped:
         run.log(f"nothing to train: the run ended on its time budget ({run.cfg.max_minutes:g} min, "
                 f"{state.elapsed_s / 60:.1f} min used); pass a larger --max-minutes to train on")
+    elif run.cfg.resume and state.epoch == epochs_before and stopped_early:
+        run.log(f"nothing to train: the run stopped early, no better {run.select} in its last "
+                f"{stages[state.stage].cfg.patience} epochs; pass a larger --patience (or leave it out) to train on")
     elif run.cfg.resume and state.epoch == epochs_before and not state.batch:
         run.log(f"nothing to train: the run has trained all its {state.epoch} epochs; pass a larger --epochs to "
                 "train on")
-    summary = finish(run, state)
+    summary = finish(run, state, stopped_early)
     dist.barrier()  # every rank is done with the group (rank 0 has written) before any destroys it
     return {**summary, "epochs_trained": state.epoch - epochs_before}
 
