@@ -29,7 +29,7 @@ def test_quick_demo_learns_and_an_interrupted_demo_resumes_to_its_report(tmp_pat
     assert metrics["mIoU"] > 0.4, metrics["mIoU"]
     assert (out / "best.safetensors").is_file() and (out / "training_curve.svg").is_file()
     report = (out / "report.html").read_text()
-    assert "mIoU" in report and "<svg" in report
+    assert "mIoU" in report and "<svg" in report and "<h2>Confusion matrix</h2>" in report
     preds = sorted((out / "predictions").glob("test_*_overlay.png"))
     assert len(preds) >= 4
 
@@ -88,3 +88,21 @@ def test_a_write_that_fails_in_the_demos_last_phase_leaves_no_cut_file(tmp_path,
         pixelwise.demo.write_examples(ckpt, folder, kwargs)
     after = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert after == before  # each file whole: the earlier one, or the rewritten same bytes
+
+
+def test_the_report_shows_the_boundary_metrics_and_the_confusion_matrix_in_row_percentages():
+    import re
+
+    from pixelwise.report import render_report
+
+    metrics = {"mIoU": 0.5, "boundary_iou": 0.25, "bf_score": 0.75, "num_images": 2,
+               "per_class": [{"name": "<sky>", "iou": 0.5, "acc": 0.75}, {"name": "road", "iou": None, "acc": None},
+                             {"name": "car", "iou": 0.0, "acc": 0.0}],
+               "confusion_matrix": [[3, 1, 0], [0, 0, 0], [1, 1, 2]]}
+    page = render_report("t", metrics, "<svg></svg>", [], [])
+    assert "<th>boundary_iou</th><td>0.2500</td>" in page and "<th>bf_score</th><td>0.7500</td>" in page
+    table = page[page.index("<h2>Confusion matrix</h2>"):]
+    rows = re.findall(r"<tr><th>([^<]*)</th>((?:<td>[^<]*</td>)+)</tr>", table)
+    assert [(name, re.findall(r"<td>([^<]*)</td>", cells)) for name, cells in rows] == [
+        ("&lt;sky&gt;", ["75.0", "25.0", "0.0"]), ("road", ["-", "-", "-"]), ("car", ["25.0", "25.0", "50.0"])]
+    assert "Confusion matrix" not in render_report("t", {"mIoU": 0.5}, "", [], [])

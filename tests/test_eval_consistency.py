@@ -207,6 +207,7 @@ def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
     want = _reference(preds, gts, 4)
     assert len(set(np.concatenate([p.ravel() for p in preds]).tolist())) >= 2, "degenerate prediction"
     assert got["num_images"] == 4
+    assert got["confusion_matrix"] == want["cm"].tolist()  # rows ground truth, columns prediction
     for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", "bf_score", "boundary_iou"):
         _assert_close(got[key], want[key])
     assert [r["name"] for r in got["per_class"]] == NAMES

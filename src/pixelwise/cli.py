@@ -557,7 +557,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
                                   progress=args.progress, bf=not args.no_bf, skip_invalid=args.skip_invalid,
                                   watershed=args.watershed, **options)
-    summary = {k: v for k, v in metrics.items() if k not in ("per_class", "input", "provenance")}  # those: --json
+    summary = {k: v for k, v in metrics.items()
+               if k not in ("per_class", "confusion_matrix", "input", "provenance")}  # those: --json
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     for row in metrics.get("per_class", []):
         cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"

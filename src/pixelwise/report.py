@@ -47,14 +47,32 @@ def _fmt(v) -> str:
     return "null" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
+def _confusion_table(metrics: dict) -> str:
+    """The confusion matrix as a table of row percentages (each ground-truth class's pixels by the
+    class predicted), or "" where the metrics have none."""
+    cm = metrics.get("confusion_matrix")
+    if not cm:
+        return ""
+    names = [html.escape(c["name"]) for c in metrics.get("per_class", [])] or [str(i) for i in range(len(cm))]
+    head = "".join(f"<th>{n}</th>" for n in names)
+    body = "".join(
+        f"<tr><th>{name}</th>" + "".join(f"<td>{100 * v / sum(row):.1f}</td>" if sum(row) else "<td>-</td>"
+                                         for v in row) + "</tr>"
+        for name, row in zip(names, cm))
+    return ("<h2>Confusion matrix</h2><p>% of each true class's pixels (rows) by the class predicted (columns)</p>"
+            f"<table><tr><th>true class</th>{head}</tr>{body}</table>")
+
+
 def render_report(title: str, metrics: dict, curve_svg: str, examples: list[dict], notes: list[str]) -> str:
     """The report page's HTML (the caller writes it atomically). examples: [{"name", "image",
     "truth", "pred", "overlay"}] with paths relative to the page."""
-    keys = [k for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "dice", "num_images") if k in metrics]
+    keys = [k for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "dice", "bf_score", "boundary_iou", "num_images")
+            if k in metrics]
     rows = "".join(f"<tr><th>{k}</th><td>{_fmt(metrics[k])}</td></tr>" for k in keys)
     per_class = "".join(
         f"<tr><td>{html.escape(c['name'])}</td><td>{_fmt(c['iou'])}</td><td>{_fmt(c['acc'])}</td></tr>"
         for c in metrics.get("per_class", []))
+    confusion = _confusion_table(metrics)
     figs = "".join(
         "<tr>" + f"<td>{html.escape(e['name'])}</td>"
         + "".join(f'<td><img src="{html.escape(e[k])}" width="160"></td>'
@@ -69,6 +87,7 @@ img{{image-rendering:pixelated}}</style></head><body>
 {''.join(f'<p>{html.escape(n)}</p>' for n in notes)}
 <h2>Held-out metrics</h2><table>{rows}</table>
 <h2>Per class</h2><table><tr><th>class</th><th>IoU</th><th>accuracy</th></tr>{per_class}</table>
+{confusion}
 <h2>Training curve</h2>{curve_svg}
 <h2>Predictions</h2><table>
 <tr><th>scene</th><th>input</th><th>ground truth</th><th>prediction</th><th>overlay</th></tr>{figs}</table>

@@ -2,8 +2,9 @@
 that ``predict`` uses, so the metrics equal those computed from the masks ``predict`` writes
 (``tests/test_eval_consistency.py``).
 
-Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (confusion matrix,
-see :mod:`pixelwise.metrics`), ``bf_score`` (SegNet's boundary F1) and ``boundary_iou`` (Cheng et al.'s
+Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (from the
+``confusion_matrix``, also given: pixel counts, rows ground truth, columns prediction; see
+:mod:`pixelwise.metrics`), ``bf_score`` (SegNet's boundary F1) and ``boundary_iou`` (Cheng et al.'s
 Boundary IoU; ``bf=False`` skips both boundary metrics) and,
 for data whose class ``rand_foreground`` holds the objects (``isbi2012``'s cells), ``pixel_error
 rand_error rand_precision rand_recall`` (ISBI 2012 challenge definitions at the argmax) and
@@ -71,6 +72,7 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
                 pred = np.where((prob == 0) & (pred == fg), -1, pred)  # -1: a boundary, not a cell
             challenge.update(pred, prob, sample.mask)
     metrics = meter.compute(list(ds.class_names))
+    metrics["confusion_matrix"] = meter.cm.tolist()  # pixels: rows ground truth, columns prediction
     if bf_meter is not None:
         bf_result = bf_meter.compute()
         metrics["bf_score"] = bf_result["bf_score"]
