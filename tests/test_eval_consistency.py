@@ -188,7 +188,7 @@ def _assert_close(got, want):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
+def test_eval_equals_numpy_over_predicted_pngs(tmp_path, capsys):
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
     _folder_tree(root, rng, [(40, 56), (37, 61), (48, 48), (100, 130)])  # bands of 1 and 3 pixels
@@ -200,6 +200,7 @@ def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
     assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "folder", "--data", str(root),
                  "--split", "all", "--json", str(report), "--no-progress"]) == 0
     got = json.loads(report.read_text())
+    said = capsys.readouterr().out
 
     stems = sorted(p.stem for p in (root / "images").glob("*.png"))
     preds = [np.array(Image.open(out / f"{s}.png")) for s in stems]
@@ -208,6 +209,16 @@ def test_eval_equals_numpy_over_predicted_pngs(tmp_path):
     assert len(set(np.concatenate([p.ravel() for p in preds]).tolist())) >= 2, "degenerate prediction"
     assert got["num_images"] == 4
     assert got["confusion_matrix"] == want["cm"].tolist()  # rows ground truth, columns prediction
+    # each image's own numbers, from its own confusion matrix
+    assert sorted(row["name"] for row in got["per_image"]) == stems
+    for row in got["per_image"]:
+        k = stems.index(row["name"])
+        alone = _reference([preds[k]], [gts[k]], 4)
+        assert row["pixels"] == int(alone["cm"].sum())
+        for key in ("pixel_acc", "mean_acc", "mIoU", "dice"):
+            _assert_close(row[key], alone[key])
+    worst = sorted(got["per_image"], key=lambda row: row["mIoU"])[:3]
+    assert "  lowest mIoU: " + ", ".join(f"{row['name']} {row['mIoU']:.4f}" for row in worst) + "\n" in said
     for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", "bf_score", "boundary_iou"):
         _assert_close(got[key], want[key])
     assert [r["name"] for r in got["per_class"]] == NAMES

@@ -558,12 +558,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   progress=args.progress, bf=not args.no_bf, skip_invalid=args.skip_invalid,
                                   watershed=args.watershed, **options)
     summary = {k: v for k, v in metrics.items()
-               if k not in ("per_class", "confusion_matrix", "input", "provenance")}  # those: --json
+               if k not in ("per_class", "confusion_matrix", "per_image", "input", "provenance")}  # those: --json
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     for row in metrics.get("per_class", []):
         cells = [f"{key} {'null' if row.get(key) is None else format(row[key], '.4f')}"
                  for key in ("iou", "acc", "bf", "boundary_iou") if key in row]
         print(f"  {shown(row['name']):<16} " + "  ".join(cells))
+    scored = [row for row in metrics.get("per_image", []) if row["mIoU"] is not None]
+    if len(scored) > 1:  # where to look first
+        worst = sorted(scored, key=lambda row: row["mIoU"])[:3]
+        print("  lowest mIoU: " + ", ".join(f"{shown(row['name'])} {row['mIoU']:.4f}" for row in worst)
+              + ("" if args.json else " (per_image in --json has every image's)"))
     trained = metrics["provenance"]["dataset"].get("training_images")
     if trained:  # e.g. CamVid's official val under a run that held out other sequences and joined val to train
         kwargs = metrics["provenance"]["dataset"].get("trained_with") or {}

@@ -4,8 +4,9 @@ that ``predict`` uses, so the metrics equal those computed from the masks ``pred
 
 Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (from the
 ``confusion_matrix``, also given: pixel counts, rows ground truth, columns prediction; see
-:mod:`pixelwise.metrics`), ``bf_score`` (SegNet's boundary F1) and ``boundary_iou`` (Cheng et al.'s
-Boundary IoU; ``bf=False`` skips both boundary metrics) and,
+:mod:`pixelwise.metrics`), ``per_image`` (each image's ``name pixels pixel_acc mean_acc mIoU dice``
+from its own confusion matrix, to find the worst), ``bf_score`` (SegNet's boundary F1) and
+``boundary_iou`` (Cheng et al.'s Boundary IoU; ``bf=False`` skips both boundary metrics) and,
 for data whose class ``rand_foreground`` holds the objects (``isbi2012``'s cells), ``pixel_error
 rand_error rand_precision rand_recall`` (ISBI 2012 challenge definitions at the argmax) and
 ``rand_error_best rand_best_threshold pixel_error_best pixel_best_threshold`` (the challenge's
@@ -34,8 +35,18 @@ from pixelwise.errors import UserError, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.ensemble import from_checkpoints
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
-from pixelwise.metrics import BFMeter, BoundaryIoUMeter, ChallengeMeter, ConfusionMeter, pixel_error
+from pixelwise.metrics import (
+    BFMeter,
+    BoundaryIoUMeter,
+    ChallengeMeter,
+    ConfusionMeter,
+    confusion_matrix,
+    pixel_error,
+    segmentation_metrics,
+)
 from pixelwise.runtime import progress as progress_bar
+
+PER_IMAGE_KEYS = ("pixel_acc", "mean_acc", "mIoU", "dice")  # each image's own confusion matrix's
 
 
 def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,
@@ -55,11 +66,16 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
         raise UserError("--watershed segments cells from a membrane map: it applies to data with cells to count, "
                         "such as isbi2012; leave it out for this dataset")
     challenge = ChallengeMeter(foreground=fg) if fg is not None else None
+    per_image = []
     for i in progress_bar(range(len(ds)), "eval", progress):
         sample = ds.load(i)
         # the probabilities only where the ISBI meter reads them: a large image's would be C x H x W floats
         prediction = predictor.predict(sample.image, probs=challenge is not None)
-        meter.update(torch.from_numpy(prediction.mask), torch.from_numpy(sample.mask))
+        image_cm = confusion_matrix(prediction.mask, sample.mask, ds.num_classes)
+        meter.cm += image_cm
+        image = segmentation_metrics(image_cm)
+        per_image.append({"name": sample.name or str(i), "pixels": int(image_cm.sum()),
+                          **{k: image[k] for k in PER_IMAGE_KEYS}})
         if bf_meter is not None:
             bf_meter.update(prediction.mask, sample.mask)
         if biou_meter is not None:
@@ -73,6 +89,7 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
             challenge.update(pred, prob, sample.mask)
     metrics = meter.compute(list(ds.class_names))
     metrics["confusion_matrix"] = meter.cm.tolist()  # pixels: rows ground truth, columns prediction
+    metrics["per_image"] = per_image
     if bf_meter is not None:
         bf_result = bf_meter.compute()
         metrics["bf_score"] = bf_result["bf_score"]
