@@ -53,10 +53,10 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
                       bf: bool = True, watershed: float | None = None) -> dict:
     """Confusion-matrix metrics (+ BF score and Boundary IoU unless ``bf`` is False, + ISBI errors
     where ``ds.rand_foreground`` is set) of the predictor's masks against each image's
-    full-resolution labels. ``watershed``: the ISBI
-    errors score the cell probability with the boundaries of its watershed cells, seeded at this
-    threshold, drawn in (:func:`~pixelwise.inference.cells.with_boundaries`); the confusion-matrix
-    metrics stay those of the network's masks."""
+    full-resolution labels. ``watershed``: the ISBI errors score the cell probability with the
+    boundaries of its watershed cells, seeded at this threshold, drawn in
+    (:func:`~pixelwise.inference.cells.with_boundaries`); the confusion-matrix metrics stay those
+    of the network's masks."""
     check_same_classes(predictor.meta, ds)
     meter = ConfusionMeter(ds.num_classes)
     bf_meter = BFMeter(ds.num_classes) if bf else None
