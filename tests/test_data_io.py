@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -11,7 +12,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pixelwise.data.io import frame_count, probe, read_frames, read_image, read_mask, write_mask
+from pixelwise.data.io import (
+    frame_count,
+    palette_conflict,
+    palette_known,
+    pil_to_rgb,
+    probe,
+    read_frames,
+    read_image,
+    read_mask,
+    set_max_image_pixels,
+    tiff_directory_cut,
+    webp_lossy,
+    write_mask,
+)
 from pixelwise.errors import UserError
 
 RNG = np.random.default_rng(0)
@@ -457,3 +471,82 @@ def test_a_lossy_webp_after_a_large_icc_profile_is_still_refused(tmp_path):
     Image.fromarray(mask).save(tmp_path / "m.webp", lossless=False, icc_profile=bytes(70_000))
     with pytest.raises(UserError, match="lossy WebP mask"):
         read_mask(tmp_path / "m.webp", palette=[(0, 0, 0), (255, 255, 255)])
+
+
+def test_a_later_frame_above_the_pixel_limit_is_refused(tmp_path):
+    """The limit is checked at open on frame 0 only: a stack's larger page is checked when it is reached."""
+    path = tmp_path / "s.tif"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(
+        path, save_all=True, append_images=[Image.fromarray(np.full((10, 12), 7, np.uint8))])
+    try:
+        set_max_image_pixels(50)  # frame 0 (16 pixels) is within it, frame 1 (120) is not
+        assert read_image(path).shape == (4, 4, 3)
+        with pytest.raises(UserError, match=r"12x10 = 120 pixels is above the limit of 50"):
+            read_image(path, 1)
+        with pytest.raises(UserError, match=r"12x10 = 120 pixels is above the limit of 50"):
+            list(read_frames(path))
+    finally:
+        set_max_image_pixels(None)
+    assert read_image(path, 1).shape == (10, 12, 3)
+
+
+def test_tiff_directory_cut_sizes_an_undefined_typed_pixel_tag():
+    """JPEGTables (347) is of type UNDEFINED (7), one byte a value: 100 of them from byte 1000 of a
+    26-byte file are past its end; 6 of them right after the directory are inside."""
+    def one_entry_tiff(count: int, offset: int, tail: bytes = b"") -> bytes:
+        return (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 347, 7, count, offset)
+                + struct.pack("<I", 0) + tail)
+
+    cut = one_entry_tiff(100, 1000)
+    assert tiff_directory_cut(cut, len(cut)) == (
+        "page 0's tag 347 holds 100 bytes from byte 1,000, past the end of the file (26 bytes)")
+    whole = one_entry_tiff(6, 26, bytes(6))
+    assert tiff_directory_cut(whole, len(whole)) is None
+
+
+def test_pil_to_rgb_turns_a_callers_image_by_its_exif_orientation(tmp_path):
+    """An image opened by the caller (not through read_image) is turned as read_image turns its file:
+    orientation 6 is a quarter turn clockwise for display."""
+    a = (np.arange(2 * 3 * 3, dtype=np.uint8) * 10).reshape(2, 3, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "r.png", exif=exif)
+    with Image.open(tmp_path / "r.png") as img:
+        out = pil_to_rgb(img)
+    np.testing.assert_array_equal(out, np.rot90(a, k=-1))
+    np.testing.assert_array_equal(pil_to_rgb(Image.fromarray(a)), a)  # no orientation: as stored
+
+
+def test_palette_known_maps_each_colour_and_the_ignore_colour():
+    assert palette_known([(10, 20, 30), (1, 2, 3)], (255, 255, 255)) == {
+        (10, 20, 30): 0, (1, 2, 3): 1, (255, 255, 255): 255}
+    # a class of the ignore colour stays that class
+    assert palette_known([(10, 20, 30), (255, 255, 255)], (255, 255, 255)) == {(10, 20, 30): 0, (255, 255, 255): 1}
+
+
+def test_a_float_image_in_0_1_is_scaled_to_0_255_including_1():
+    """Float pixels in [0, 1] (max exactly 1.0 included) are scaled by 255, others clipped."""
+    in_unit = Image.fromarray(np.array([[0.0, 0.2, 1.0]], np.float32))
+    assert pil_to_rgb(in_unit)[0, :, 0].tolist() == [0, 51, 255]
+    beyond = Image.fromarray(np.array([[0.0, 1.5, 300.0]], np.float32))
+    assert pil_to_rgb(beyond)[0, :, 0].tolist() == [0, 2, 255]
+
+
+def test_palette_conflict_names_the_first_used_index_whose_colour_is_another_class(tmp_path):
+    known = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2}  # the dataset's colours
+    for name, pixels, expected in [("uses.png", [[0, 1], [1, 0]], (1, (0, 255, 0), 2)), ("unused.png", [[0, 0]], None)]:
+        img = Image.fromarray(np.array(pixels, np.uint8), "P")
+        img.putpalette([0, 0, 0, 0, 255, 0])  # index 1 is drawn in class 2's colour
+        img.save(tmp_path / name)
+        assert palette_conflict(tmp_path / name, known) == expected
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+def test_webp_lossy_looks_inside_an_animations_first_frame(lossless):
+    """An animated WebP's image chunk follows its ANMF frame header (16 bytes of frame fields)."""
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)) for v in (0, 255)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], lossless=lossless, duration=100)
+    data = buf.getvalue()
+    assert data[12:16] == b"VP8X" and b"ANMF" in data
+    assert webp_lossy(data) is (not lossless)

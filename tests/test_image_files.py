@@ -238,6 +238,16 @@ def test_link_and_target_each_predicted_and_broken_link_named(tmp_path):
         read_image(folder / "broken.png")
 
 
+def test_a_link_to_a_folder_with_an_image_name_is_not_an_input(tmp_path):
+    """Only files and broken links are a folder's inputs: a link to a folder is neither, whatever its name."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    Image.fromarray(_photo()).save(folder / "rgb.png")
+    os.symlink(tmp_path / "elsewhere", folder / "dir.png")
+    assert [p.name for p in expand_inputs([str(folder)])] == ["rgb.png"]
+
+
 def _float_rgb_tiff(h: int = 4, w: int = 5) -> bytes:
     """A 3-channel 32-bit float TIFF, as tifffile and OpenCV write it (Pillow cannot decode it)."""
     pixels = np.zeros((h, w, 3), "<f4").tobytes()

@@ -11,8 +11,9 @@ from pixelwise import Predictor
 from pixelwise.cli import main
 from pixelwise.data.base import Sample
 from pixelwise.data.instance_crop import InstanceCrop, object_boxes
+from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
-from pixelwise.inference.writers import instance_maps
+from pixelwise.inference.writers import draw_instances, instance_maps, write_instances
 
 DATA = '{"num_train": 8, "num_val": 4, "num_test": 3, "size": 64, "max_objects": 3}'
 MODEL = '{"min_size": 64, "max_size": 64, "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32}'
@@ -114,6 +115,29 @@ def test_instance_maps_higher_score_wins():
     classes, ids = instance_maps(masks, np.array([3, 1]), (4, 4))
     assert classes[1, 1] == 3 and ids[1, 1] == 1  # overlap goes to the higher score
     assert classes[2, 2] == 1 and ids[2, 2] == 2 and ids[3, 3] == 0
+
+
+def test_draw_instances_names_a_label_past_the_class_names_by_its_number():
+    """A label the checkpoint has no name for (here 2 of two names) is written as its number, not an IndexError."""
+    masks = np.zeros((1, 8, 8), bool)
+    masks[0, 2:6, 2:6] = True
+    img = draw_instances(np.zeros((8, 8, 3), np.uint8), masks, np.array([[1.0, 1.0, 6.0, 6.0]]), np.array([2]),
+                         np.array([0.9]), ["background", "shape"])
+    assert img.size == (8, 8) and np.asarray(img)[4, 4].any()  # the instance is tinted
+
+
+def test_write_instances_files_of_one_detection(tmp_path):
+    masks = torch.zeros((1, 8, 10), dtype=torch.bool)
+    masks[0, 2:5, 3:7] = True
+    det = {"masks": masks, "boxes": torch.tensor([[3.0, 2.0, 7.0, 5.0]]), "labels": torch.tensor([1]),
+           "scores": torch.tensor([0.9])}
+    write_instances(tmp_path, "s", np.zeros((8, 10, 3), np.uint8), det, ["background", "shape"], default_palette(2))
+    expected = masks[0].numpy().astype(np.uint8)  # class 1 and instance 1 where the mask is, 0 elsewhere
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "s.png")), expected)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "s_instances.png")), expected)
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert (doc["width"], doc["height"]) == (10, 8)
+    assert [(i["id"], i["label"], i["class_name"], i["area"]) for i in doc["instances"]] == [(1, 1, "shape", 12)]
 
 
 def test_fast_mode_runs_maskrcnn_in_the_devices_reduced_precision(run):

@@ -14,8 +14,16 @@ from pixelwise.data.palette import colorize, overlay, palette_bytes
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
 from pixelwise.errors import UserError
 from pixelwise.inference import predictor as predictor_module
+from pixelwise.inference import writers
 from pixelwise.inference.predictor import UPSAMPLE_ROWS
-from pixelwise.inference.writers import check_predict, plan_images
+from pixelwise.inference.writers import (
+    _name_length,
+    _name_max,
+    check_predict,
+    instance_colors,
+    plan_images,
+    predict_files,
+)
 from pixelwise.preprocess import InputSpec
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
@@ -233,6 +241,8 @@ def test_unique_stems_rule():
     assert output_names("s", cells=True) == ["s.png", "s_overlay.png", "s_cells.png"]
     assert unique_stems([Path("a.png"), Path("a_cells.png")], cells=True) == ["a", "a_cells_2"]
     assert unique_stems([Path("a.png"), Path("a_cells.png")]) == ["a", "a_cells"]
+    # a name still taken gets _2, _3, ... in input order
+    assert unique_stems([Path("x/c.png"), Path("y/c.png"), Path("z/c.png")]) == ["c_png", "c_png_2", "c_png_3"]
 
 
 def _mixed_folder(root):
@@ -810,3 +820,40 @@ def test_too_many_classes_names_the_model_in_the_error():
     model = create_model("unet", 256, base_channels=4)
     with pytest.raises(UserError, match=r"^unet has 256 classes"):
         SemanticPredictor(model, {"model": "unet", "num_classes": 256})
+
+
+def test_name_max_asks_the_out_folder_or_its_nearest_existing_ancestor(tmp_path, monkeypatch):
+    """The name limit is the file system's of --out itself (it may be a mount of another file system
+    than its parents'), or of its nearest existing folder when --out is made later."""
+    monkeypatch.setattr(writers.os, "pathconf", lambda path, name: 100 if Path(path) == tmp_path else 255)
+    assert _name_max(tmp_path) == 100
+    assert _name_max(tmp_path / "new" / "deeper") == 100
+
+
+def test_name_length_counts_utf16_units_on_windows_and_bytes_elsewhere(monkeypatch):
+    name = "a\N{MUSICAL SYMBOL G CLEF}.png"  # 'a', one character outside the BMP, '.png'
+    monkeypatch.setattr(writers.os, "name", "posix")
+    assert _name_length(name) == 1 + 4 + 4  # UTF-8 bytes
+    monkeypatch.setattr(writers.os, "name", "nt")  # os.name is global: put back before anything else runs
+    on_windows = _name_length(name)
+    monkeypatch.undo()
+    assert on_windows == 1 + 2 + 4  # UTF-16 code units: a surrogate pair for the clef
+
+
+def test_instance_colors_one_colour_per_instance():
+    """Each instance gets a colour of its own (draw_instances indexes one per detection)."""
+    for count in range(1, 6):
+        colours = instance_colors(count)
+        assert len(colours) == count and len({tuple(c) for c in colours}) == count
+
+
+def test_predict_files_checks_a_list_of_inputs_itself(checkpoint, tmp_path):
+    """The library call with files rather than a plan: checked, predicted, and each mask the predictor's."""
+    image = np.random.default_rng(1).integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    predictor = Predictor.from_checkpoint(checkpoint)
+    with pytest.raises(TypeError, match="give out"):
+        predict_files(predictor, [str(tmp_path / "a.png")])
+    written = predict_files(predictor, [str(tmp_path / "a.png")], tmp_path / "out", progress=False)
+    assert written == [tmp_path / "out" / "a.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(written[0])), np.asarray(predictor.predict(image).mask))
