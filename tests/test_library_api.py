@@ -553,3 +553,26 @@ def test_the_fast_mode_refusal_of_monte_carlo_dropout_names_the_api_words_too():
     with pytest.raises(UserError, match=re.escape("--mode fast (mode='fast') does not apply to Monte-Carlo dropout "
                                                   "(--mc-samples, mc_samples=); use --mode eager (mode='eager')")):
         SemanticPredictor(model, {"model": "unet", "num_classes": 3}, mode="fast", mc_samples=2)
+
+
+def test_the_meters_take_read_only_arrays_without_a_warning():
+    """np.asarray of a PIL image is read-only; torch.as_tensor of one warns (once per process, so
+    this runs in a fresh one) that it cannot share it: the meters copy such arrays instead."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import numpy as np
+        from PIL import Image
+        from pixelwise.metrics import BFMeter, BoundaryIoUMeter, ConfusionMeter
+        a = np.asarray(Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4) % 3))
+        assert not a.flags.writeable
+        cm = ConfusionMeter(3)
+        cm.update(a, a)
+        for meter in (BFMeter(3), BoundaryIoUMeter(3)):
+            meter.update(a, a)
+        assert cm.compute()["mIoU"] == 1.0
+    """
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -21,6 +21,7 @@ from pixelwise import Predictor, create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
 from pixelwise.errors import UserError
+from pixelwise.metrics import BoundaryIoUMeter
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
 httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")
@@ -690,6 +691,18 @@ def test_ground_truth_gives_per_class_iou_and_confusion(predictor):
         assert cm.shape == (4, 4) and (cm == np.diag(np.diag(cm))).all() and cm.sum() == 25 * 40
         present = {c["name"] for c in m["per_class"] if c["iou"] is not None}
         assert present == {CLASS_NAMES[i] for i in np.unique(predicted[5:])}
+        assert m["boundary_iou"] == 1.0 and all(c["boundary_iou"] == (None if c["iou"] is None else 1.0)
+                                                for c in m["per_class"])
+    # a ground truth moved by 3 pixels: the bands' IoU, as eval's meter gives it for the same pair
+    moved = np.roll(predicted, 3, axis=1)
+    r = request(app, "POST", "/api/predict", files={"image": ("a.png", image, "image/png"),
+                                                    "ground_truth": ("m.png", png_bytes(moved), "image/png")})
+    meter = BoundaryIoUMeter(4)
+    meter.update(predicted, moved)
+    want = meter.compute()
+    m = r.json()["metrics"]
+    assert m["boundary_iou"] == pytest.approx(want["boundary_iou"]) and m["boundary_iou"] < m["mIoU"] < 1.0
+    assert [c["boundary_iou"] for c in m["per_class"]] == pytest.approx(want["per_class_boundary_iou"])
 
 
 def test_uncertainty_of_a_model_with_dropout_uses_monte_carlo_dropout(tmp_path):

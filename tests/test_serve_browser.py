@@ -241,7 +241,7 @@ def test_page_segments_an_upload_and_a_sample_with_keyboard_and_mouse(server, fi
     page.keyboard.press("Enter")
     page.wait_for_selector("#metrics-panel:not([hidden])", timeout=SLOW)
     page.wait_for_selector("main[data-state=done]", timeout=SLOW)
-    assert "mIoU" in page.inner_text("#metrics-summary")
+    assert "mIoU" in page.inner_text("#metrics-summary") and "Boundary IoU" in page.inner_text("#metrics-summary")
     assert page.locator("#confusion tbody tr").count() >= 1
     page.focus("#opacity")
     page.keyboard.press("ArrowRight")

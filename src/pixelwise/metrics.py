@@ -32,7 +32,11 @@ from scipy.ndimage import distance_transform_cdt, distance_transform_edt, label
 def _labels(x: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
     """An integer label map (torch or numpy, any shape) -> int64 Tensor, flattened. Floating or
     boolean maps raise TypeError: truncating 0.6 to class 0 would score soft masks as labels."""
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:  # a read-only array (np.asarray of a PIL image) is copied: torch warns that it cannot share it
+        a = np.asarray(x)
+        t = torch.as_tensor(a if a.flags.writeable else a.copy())
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{what} must hold integer class labels, got dtype {t.dtype} (take argmax over the "
                         "class axis of probabilities first)")

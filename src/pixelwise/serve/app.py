@@ -116,6 +116,8 @@ class ClassScore(BaseModel):
     id: int
     name: str
     iou: float | None = Field(description="null when the class is in neither mask")
+    boundary_iou: float | None = Field(description="Boundary IoU (bands 2% of the diagonal wide); null when the "
+                                                   "class is in neither mask")
     acc: float | None = Field(description="null when the class is not in the ground truth")
     pixels: int = Field(description="ground-truth pixels of the class")
 
@@ -124,6 +126,8 @@ class Metrics(BaseModel):
     pixel_acc: float | None
     mean_acc: float | None
     mIoU: float | None
+    boundary_iou: float | None = Field(description="mean Boundary IoU over the classes in either mask, as "
+                                                   "`pixelwise eval` computes it")
     per_class: list[ClassScore]
     confusion: list[list[int]] = Field(description="pixel counts; rows: ground truth, columns: prediction")
     ignored_pixels: int = Field(description="ground-truth pixels labelled 255 (not counted)")

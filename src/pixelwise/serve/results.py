@@ -21,7 +21,7 @@ from pixelwise.data.io import encode_png
 from pixelwise.data.palette import clear_class, overlay
 from pixelwise.inference.predictor import Prediction
 from pixelwise.inference.writers import draw_instances, entropy_to_gray, instance_colors, instance_maps, instances_json
-from pixelwise.metrics import confusion_matrix, segmentation_metrics
+from pixelwise.metrics import BoundaryIoUMeter, confusion_matrix, segmentation_metrics
 
 
 def png(img: Image.Image) -> bytes:
@@ -62,14 +62,20 @@ def class_shares(mask: np.ndarray, class_names: list[str], palette: Sequence[Seq
 
 def compare(mask: np.ndarray, truth: np.ndarray, class_names: list[str]) -> dict:
     """Scores of one predicted mask against a ground truth (255 = ignored): ``pixel_acc mean_acc
-    mIoU per_class`` (``id name iou acc pixels``, with :mod:`pixelwise.metrics`' absent-class
-    rule) and ``confusion`` (rows: truth, columns: prediction; pixel counts)."""
+    mIoU boundary_iou per_class`` (``id name iou boundary_iou acc pixels``, with
+    :mod:`pixelwise.metrics`' absent-class rule; Boundary IoU as ``pixelwise eval`` computes it)
+    and ``confusion`` (rows: truth, columns: prediction; pixel counts)."""
     cm = confusion_matrix(torch.from_numpy(mask), torch.from_numpy(truth), len(class_names))
     m = segmentation_metrics(cm, class_names)
-    per_class = [{"id": i, "name": row["name"], "iou": row["iou"], "acc": row["acc"], "pixels": row["pixels"]}
-                 for i, row in enumerate(m["per_class"])]
-    return {"pixel_acc": m["pixel_acc"], "mean_acc": m["mean_acc"], "mIoU": m["mIoU"], "per_class": per_class,
-            "confusion": cm.tolist(), "ignored_pixels": int((truth == 255).sum())}
+    bands = BoundaryIoUMeter(len(class_names))
+    bands.update(mask, truth)
+    boundary = bands.compute()
+    per_class = [{"id": i, "name": row["name"], "iou": row["iou"], "boundary_iou": b, "acc": row["acc"],
+                  "pixels": row["pixels"]}
+                 for i, (row, b) in enumerate(zip(m["per_class"], boundary["per_class_boundary_iou"]))]
+    return {"pixel_acc": m["pixel_acc"], "mean_acc": m["mean_acc"], "mIoU": m["mIoU"],
+            "boundary_iou": boundary["boundary_iou"], "per_class": per_class, "confusion": cm.tolist(),
+            "ignored_pixels": int((truth == 255).sum())}
 
 
 def semantic_result(image: np.ndarray, pred: Prediction, class_names: list[str],

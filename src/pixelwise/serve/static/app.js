@@ -592,14 +592,16 @@ function renderInstances(instances) {
 function renderMetrics(metrics) {
   $("metrics-panel").hidden = !metrics;
   if (!metrics) return;
-  $("metrics-summary").textContent = `mIoU ${percent(metrics.mIoU)}, pixel accuracy ${percent(metrics.pixel_acc)}, ` +
+  $("metrics-summary").textContent = `mIoU ${percent(metrics.mIoU)}, Boundary IoU ${percent(metrics.boundary_iou)}, ` +
+    `pixel accuracy ${percent(metrics.pixel_acc)}, ` +
     `mean class accuracy ${percent(metrics.mean_acc)}` +
     (metrics.ignored_pixels ? `; ${metrics.ignored_pixels.toLocaleString()} ignored pixels (255) not counted.` : ".");
   const colors = Object.fromEntries(state.info.classes.map((c) => [c.id, c.color]));
   const seen = metrics.per_class.filter((c) => c.iou !== null);
   $("iou").tBodies[0].replaceChildren(...seen.map((c) => el("tr", {}, [
     el("th", { scope: "row" }, [swatch(colors[c.id] || [255, 255, 255]), ` ${c.name}`]),
-    el("td", { textContent: percent(c.iou) }), el("td", { textContent: percent(c.acc) }),
+    el("td", { textContent: percent(c.iou) }), el("td", { textContent: percent(c.boundary_iou) }),
+    el("td", { textContent: percent(c.acc) }),
     el("td", { textContent: c.pixels.toLocaleString() }),
   ])));
   // rows and columns of the classes in either mask
