@@ -5,6 +5,7 @@ sections 1-5, 13, 14; probe_pred.md section 7)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,15 @@ from PIL import Image
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data import build_dataset
-from pixelwise.engine.config import MAX_SEED, TrainConfig, load_yaml_config
+from pixelwise.engine.config import (
+    LOWER_IS_BETTER,
+    MAX_SEED,
+    STAGE_KEYS,
+    TrainConfig,
+    flag_values,
+    load_yaml_config,
+    parse_json_dict,
+)
 from pixelwise.engine.trainer import epoch_seed, seed_everything
 from pixelwise.errors import UserError
 
@@ -294,3 +303,85 @@ def test_augments_crop_takes_the_text_form_of_crop_and_a_null_choice_names_the_c
     (tmp_path / "w.yaml").write_text("weight_map: null\n", encoding="utf-8")
     with pytest.raises(UserError, match="weight_map needs a value: one of none, unet"):
         load_yaml_config(tmp_path / "w.yaml")
+
+
+# --- the documented defaults and ranges of the numbers --------------------------------------------
+# docs/training.md, "Configuration reference", and the flags' help: written out here, not read back from the fields
+DOCUMENTED_DEFAULTS = {
+    "model": "unet", "dataset": "shapes", "train_split": "train", "val_split": "val", "skip_invalid": False,
+    "max_pixels": None, "epochs": 10, "max_minutes": None, "batch_size": 8, "accumulate": 1, "optimizer": "adam",
+    "lr": 1e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0, "decay_norm_and_bias": False,
+    "schedule": "poly", "poly_power": 0.9, "milestones": [], "gamma": 0.1, "step_size": 0, "warmup_epochs": 0.0,
+    "warmup_iters": 0, "warmup_factor": 0.001, "clip_grad_norm": None, "ema": 0.0, "loss": "ce",
+    "class_weights": "none", "class_weight_power": 1.0, "weight_map": "none", "weight_map_class": 1,
+    "focal_gamma": 2.0, "aux_weight": 0.4, "crop": None, "augment": {}, "classmix": 0.0, "instance_crops": False,
+    "instance_context": 1.2, "stages": [], "num_workers": 0, "device": "cpu", "amp": "auto", "channels_last": False,
+    "sync_bn": False, "seed": 0, "resume": False, "overwrite": False, "select_by": "auto", "val_every": 1,
+    "progress": None, "tensorboard": False,
+}
+
+
+def test_defaults_are_the_documented_ones():
+    values = TrainConfig().to_dict()
+    assert {k: values[k] for k in DOCUMENTED_DEFAULTS} == DOCUMENTED_DEFAULTS
+
+
+@pytest.mark.parametrize(("key", "accepted", "refused"), [
+    ("epochs", 1, 0), ("batch_size", 1_000_000, 1_000_001), ("batch_size", 1, 0), ("accumulate", 1, 0),
+    ("accumulate", 1_000_000, 1_000_001), ("max_pixels", 1, 0), ("max_minutes", 1e-6, 0),
+    ("lr", 1e-9, 0), ("momentum", 0, -0.1), ("momentum", 0.999, 1), ("weight_decay", 0, -1e-9),
+    ("poly_power", 0, -0.1), ("gamma", 1e-9, 0), ("step_size", 0, -1), ("warmup_epochs", 0, -0.5),
+    ("warmup_iters", 0, -1), ("warmup_factor", 1e-9, 0), ("ema", 0, -0.1), ("ema", 0.9999, 1),
+    ("clip_grad_norm", 1e-9, 0), ("class_weight_power", 0, -0.5), ("focal_gamma", 0, -0.5), ("aux_weight", 0, -0.1),
+    ("weight_map_class", 0, -1), ("classmix", 0, -0.01), ("classmix", 1, 1.01), ("instance_context", 1e-9, 0),
+    ("num_workers", 0, -1), ("num_workers", 256, 257), ("val_every", 1, 0),
+])
+def test_number_ranges_are_the_documented_ones(key, accepted, refused):
+    """lr > 0, 0 <= momentum < 1, focal_gamma 0 (= cross-entropy) allowed, 0 <= classmix <= 1, ...: the
+    boundary value inside the range is taken, the nearest one outside it refused in one line."""
+    assert getattr(TrainConfig(**{key: accepted}), key) == accepted
+    with pytest.raises(UserError, match=rf"^{key} must be (an integer|a number) .*, got {refused}$"):
+        TrainConfig(**{key: refused})
+
+
+# docs/training.md, "Stages": what a stage may override
+DOCUMENTED_STAGE_KEYS = {"name", "epochs", "lr", "batch_size", "crop", "augment", "classmix", "instance_crops",
+                         "instance_context", "schedule", "step_size", "warmup_epochs", "warmup_iters", "loss",
+                         "aux_weight", "accumulate", "clip_grad_norm", "patience"}
+
+
+def test_the_stage_keys_are_the_documented_ones():
+    assert set(STAGE_KEYS) == DOCUMENTED_STAGE_KEYS
+
+
+@pytest.mark.parametrize("key", ["optimizer", "momentum", "model", "seed", "device", "ema"])
+def test_a_stage_cannot_change_a_key_of_the_whole_run(key):
+    """Only the keys documented as stage keys may change per stage (docs/training.md: epochs, lr, schedule,
+    ...); the optimizer, the model, the seed are the run's."""
+    value = TrainConfig().to_dict()[key]
+    with pytest.raises(UserError, match=f"stage 1: key '{key}' cannot change per stage"):
+        TrainConfig(stages=[{"epochs": 1, key: value}])
+
+
+def test_a_flag_that_is_not_a_number_says_which_kind_of_number():
+    with pytest.raises(UserError, match=r"^--epochs must be an integer, got 'ten'$"):
+        flag_values({"epochs": "ten"})
+    with pytest.raises(UserError, match=r"^--lr must be a number, got 'fast'$"):
+        flag_values({"lr": "fast"})
+    with pytest.raises(UserError, match=r"^--milestones must be comma-separated numbers like 30,60, got '1,x'$"):
+        flag_values({"milestones": "1,x"})
+
+
+@pytest.mark.parametrize("metric", ["pixel_error", "pixel_error_best", "rand_error", "rand_error_best"])
+def test_the_isbi_errors_can_pick_the_best_epoch_and_the_lowest_wins(metric):
+    """docs/training.md, select_by: the ISBI errors, lowest wins; the other metrics, highest."""
+    assert TrainConfig(select_by=metric).select_by == metric
+    assert metric in LOWER_IS_BETTER and "mIoU" not in LOWER_IS_BETTER and "mask_AP" not in LOWER_IS_BETTER
+
+
+@pytest.mark.parametrize("text", ["", "  "])
+def test_an_empty_json_option_of_eval_or_data_inspect_says_it_is_empty(text):
+    """`pixelwise eval/data inspect --dataset-kwargs "$UNSET"` reach parse_json_dict without flag_value's check."""
+    message = "--dataset-kwargs is empty; give a JSON object such as '{\"num_train\": 200}'"
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        parse_json_dict(text, "--dataset-kwargs")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
+import io
 import json
 import os
 import re
@@ -27,12 +28,13 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from pixelwise import create_model, save_checkpoint
+from pixelwise import create_model, runtime, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data import build_dataset
 from pixelwise.data import download as dl
 from pixelwise.data import io as pio
 from pixelwise.errors import UserError
+from pixelwise.runtime import check_can_create, check_device, show_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
@@ -793,3 +795,43 @@ def test_a_drive_that_is_not_there_is_refused_not_looped_on(monkeypatch):
 
     with pytest.raises(UserError, match="does not exist .* give another path"):
         check_can_create(Root("/nowhere/preds/run"), "--out /nowhere/preds/run")
+
+
+# --- runtime: the device asked for, the write probe, progress on a closed stream ------------------
+@pytest.mark.parametrize(("cuda_version", "why"), [(None, "this torch build has no CUDA"),
+                                                    ("12.1", "no CUDA GPU is visible")])
+def test_cuda_without_a_gpu_says_whether_the_build_or_the_machine_lacks_it(monkeypatch, cuda_version, why):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_version)
+    with pytest.raises(UserError, match=rf"^--device cuda:1: {why} \(torch .*\); use --device cpu$"):
+        check_device("cuda:1")
+    assert check_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("name", "message"), [("gpu", "--device 'gpu' is not a device; use cpu or cuda"),
+                                               ("meta", "--device meta: pixelwise runs on cpu or cuda")])
+def test_a_device_that_is_not_cpu_or_cuda_is_one_line(name, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_device(name)
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path):
+    check_can_create(tmp_path / "a" / "b", "--out a/b")
+    check_can_create(tmp_path, "--out .")
+    assert list(tmp_path.iterdir()) == []  # neither the missing folders nor the probe file
+
+
+def test_a_closed_stderr_means_no_progress_bars():
+    closed = io.StringIO()
+    closed.close()
+    assert show_progress(None, closed) is False
+
+
+@pytest.mark.parametrize(("available", "supported", "native"), [(True, False, False), (False, True, False),
+                                                                 (True, True, True)])
+def test_unknown_cpu_flags_ask_onednn_only_where_it_is_built_in(monkeypatch, available, supported, native):
+    """Without /proc/cpuinfo's flags the answer is oneDNN's: yes only where oneDNN is there and says yes."""
+    monkeypatch.setattr(runtime, "cpu_flags", set)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: available)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+    assert runtime.cpu_has_native_bf16() is native

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
+import re
 import struct
 import threading
 import zlib
@@ -1211,3 +1213,55 @@ def test_a_form_of_more_than_max_parts_fields_is_400():
     with pytest.raises(UploadError) as e:
         _read(17)
     assert e.value.status == 400 and "at most 16" in e.value.detail
+
+
+# ---------------------------------------------------------------- ServeConfig: defaults and refusals
+def test_serve_config_defaults_are_the_documented_ones():
+    """docs/serve.md's flag table: 1 worker, a queue of 64, 20 MB uploads, 40,000,000 pixels, a 300 s timeout,
+    no key, no CORS, uploads kept in memory."""
+    cfg = ServeConfig()
+    assert (cfg.workers, cfg.queue, cfg.max_upload_bytes, cfg.max_pixels, cfg.predict_timeout) == (
+        1, 64, 20 * 1024 * 1024, 40_000_000, 300.0)
+    assert (cfg.api_key, cfg.cors_origins, cfg.keep_uploads, cfg.samples_dir) == (None, (), None, None)
+
+
+def test_serve_config_cannot_change_once_made():
+    """One config is shared by every request and worker thread: it is frozen."""
+    cfg = ServeConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.workers = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"queue": -1}, "--queue must be 0 or more, got -1"),
+    ({"workers": 0}, "--workers must be at least 1, got 0"),
+    ({"api_key": ""}, "the API key is empty"),
+    ({"api_key": "   "}, "the API key is empty"),
+    ({"uncertainty_samples": -1}, "uncertainty samples must be 0 or more, got -1"),
+    ({"upload_timeout": 0.0}, "the upload timeout must be positive, got 0.0"),
+])
+def test_serve_config_refuses_values_out_of_range(kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        ServeConfig(**kwargs)
+    assert ServeConfig(queue=0).queue == 0 and ServeConfig(uncertainty_samples=0).uncertainty_samples == 0
+
+
+def test_keep_uploads_that_is_a_file_is_refused(tmp_path):
+    file = tmp_path / "uploads"
+    file.write_text("not a folder")
+    with pytest.raises(UserError, match="--keep-uploads .*uploads is a file; give a folder"):
+        ServeConfig(keep_uploads=file)
+    assert ServeConfig(keep_uploads=tmp_path / "new").keep_uploads == tmp_path / "new"  # made at start, later
+
+
+@pytest.mark.parametrize("port", [-1, 65536])
+def test_a_port_outside_0_to_65535_is_refused(port):
+    with pytest.raises(UserError, match=f"--port must be between 0 and 65535, got {port}"):
+        check_can_listen("127.0.0.1", port)
+
+
+def test_the_highest_port_is_a_port():
+    try:
+        check_can_listen("127.0.0.1", 65535)
+    except UserError as e:  # taken by something else on this machine: still not a range error
+        assert "is in use" in str(e), e
