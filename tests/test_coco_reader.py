@@ -479,3 +479,35 @@ def test_semantic_training_on_coco_sees_the_drawn_masks(tmp_path):
     data["annotations"] = [dict(a, iscrowd=1) for a in data["annotations"]]  # crowds only: no class to learn
     _write(tmp_path, data)
     assert label_presence(COCOInstances(tmp_path, "val")) == (True, False)
+
+
+def test_a_missing_annotation_file_is_named_not_a_traceback(tmp_path):
+    (tmp_path / "val2017").mkdir()
+    with pytest.raises(UserError, match="instances_val2017.json: annotation file not found"):
+        COCOInstances(tmp_path, "val")
+
+
+@pytest.mark.parametrize("key", ["width", "height"])
+def test_an_image_of_size_0_is_refused(tmp_path, key):
+    data = _tree(tmp_path)
+    data["images"][1][key] = 0
+    _write(tmp_path, data)
+    with pytest.raises(UserError, match="image 2 needs a file_name and a width and height that are whole numbers "
+                                        "above 0"):
+        COCOInstances(tmp_path, "val")
+
+
+def test_a_box_exactly_1_px_wide_or_tall_is_trained_and_not_noted(tmp_path):
+    data = _tree(tmp_path)
+    data["annotations"] += [  # 1 px is not "under 1 px": these are training instances
+        {"id": 20, "image_id": 3, "category_id": 4, "iscrowd": 0, "area": 10.0, "bbox": [3, 2, 1, 10],
+         "segmentation": [[3, 2, 4, 2, 4, 12, 3, 12]]},
+        {"id": 21, "image_id": 3, "category_id": 9, "iscrowd": 0, "area": 10.0, "bbox": [10, 2, 10, 1],
+         "segmentation": [[10, 2, 20, 2, 20, 3, 10, 3]]},
+    ]
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert ds.check() == [] and ds.notes() == []
+    s = ds.load(2)
+    assert s.instance_labels.tolist() == [1, 2] and s.meta["untrained"]["labels"] == []
+    np.testing.assert_allclose(s.boxes, [[3, 2, 4, 12], [10, 2, 20, 3]])

@@ -9,10 +9,12 @@ import pytest
 from PIL import Image
 
 from conftest import CAMVID, require
+from pixelwise.data.base import Problem, Sample, SegmentationDataset
 from pixelwise.data.camvid import CamVid
 from pixelwise.data.folder import FolderDataset
-from pixelwise.data.inspect import format_report, inspect_dataset, median_frequency_weights
+from pixelwise.data.inspect import format_report, image_sizes, inspect_dataset, label_presence, median_frequency_weights
 from pixelwise.data.io import write_mask
+from pixelwise.errors import UserError
 
 # SegNet-Tutorial class_weighting (arXiv:1511.00561 released solver), CamVid order Sky..Bicyclist.
 SEGNET_WEIGHTS = [0.2595, 0.1826, 4.5640, 0.1417, 0.9051, 0.3826, 9.6446, 1.8418, 0.6823, 6.2478, 7.3614]
@@ -131,3 +133,86 @@ def test_camvid_median_frequency_close_to_segnet(camvid_report):
     # the ordering of the classes by weight is essentially the paper's
     rho = np.corrcoef(np.argsort(np.argsort(ours)), np.argsort(np.argsort(SEGNET_WEIGHTS)))[0, 1]
     assert rho > 0.9
+
+
+def test_format_report_table_by_hand():
+    report = {"num_images": 3, "class_names": ["bg", "road"], "class_pixels": [3_000_000, 1_000_000],
+              "ignored_pixels": 1_000_000, "image_sizes": {f"{w}x10": 1 for w in range(1, 7)},
+              "median_freq_weights": [0.5, None], "problems": ["p0", "p1", "p2", "p3"], "notes": ["n1"]}
+    assert format_report(report, max_problems=2).splitlines() == [
+        "images: 3   classes: 2   pixels: 5,000,000 (1,000,000 ignored)",
+        "sizes (width x height): 1x10 x1, 2x10 x1, 3x10 x1, 4x10 x1, 5x10 x1 (+1 more)",
+        "class          pixels    share  mf weight",
+        "bg          3,000,000   60.00%     0.5000",
+        "road        1,000,000   20.00%          -",
+        "problems: 4",
+        "  p0",
+        "  p1",
+        "  ... and 2 more",
+        "note: n1",
+    ]
+    empty = {**report, "class_pixels": [0, 0], "ignored_pixels": 0, "image_sizes": {"4x3": 2}, "problems": [],
+             "notes": []}
+    assert format_report(empty).splitlines()[1:] == [
+        "sizes (width x height): 4x3 x2", "class          pixels    share  mf weight",
+        "bg                  0    0.00%     0.5000", "road                0    0.00%          -", "problems: none"]
+
+
+class _InMemory(SegmentationDataset):
+    """Two classes, masks given as arrays: no files, no items, no check of label values."""
+
+    class_names = ["bg", "fg"]
+    palette = [(0, 0, 0), (255, 255, 255)]
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks = masks
+
+    def __len__(self):
+        return len(self.masks)
+
+    def load(self, index):
+        m = np.asarray(self.masks[index], np.uint8)
+        return Sample(image=np.zeros((*m.shape, 3), np.uint8), mask=m, name=f"m{index}")
+
+
+def test_class_ids_outside_the_classes_are_named_per_sample_and_not_counted():
+    ds = _InMemory([[[0, 1, 5], [7, 7, 255]], [[0, 1, 1], [0, 0, 0]]])
+    report = inspect_dataset(ds, progress=False)
+    assert report["problems"] == ["m0: class ids [5, 7] outside the 2 classes"]
+    assert report["class_pixels"] == [5, 3] and report["ignored_pixels"] == 1 and report["num_images"] == 2
+    # a reader without mask files (items) is taken to have labels of both kinds: nothing to read
+    assert label_presence(ds) == (True, True)
+
+
+def test_image_sizes_stops_at_the_limit_of_distinct_sizes(tmp_path):
+    for i, (h, w) in enumerate([(6, 8), (6, 8), (5, 9), (7, 7)]):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "images" / f"i{i}.png")
+        write_mask(tmp_path / "masks" / f"i{i}.png", np.zeros((h, w), np.uint8))
+    ds = FolderDataset(tmp_path, "all")
+    assert image_sizes(ds) == [(6, 8), (5, 9)]  # (height, width), first seen first, 2 at most
+    assert image_sizes(ds, limit=5) == [(6, 8), (5, 9), (7, 7)]
+    assert image_sizes(ds, limit=1) == [(6, 8)]
+
+
+def test_weights_count_a_one_pixel_class_and_only_the_images_that_hold_it():
+    masks = [np.array([[0, 0, 1], [0, 0, 0]]), np.array([[0, 0], [0, 0]])]  # class 1: one pixel, in one image
+    report = inspect_dataset(_InMemory(masks), progress=False)
+    np.testing.assert_allclose(report["median_freq_weights"], _naive_mfb(masks, 2), rtol=1e-12)
+    # a class whose images add up to 1 pixel has frequency 1 (pixels / 1), not pixels / 2
+    np.testing.assert_allclose(median_frequency_weights(np.array([1, 2]), np.array([1, 8])), [0.625, 2.5])
+
+
+def test_a_file_that_check_names_and_that_fails_to_load_is_named_once():
+    class Broken(_InMemory):  # a reader without items: its broken file is loaded, and fails
+        def check(self):
+            return [Problem("scan.png", "damaged")]
+
+        def load(self, index):
+            if index == 1:
+                raise UserError("scan.png: cannot be decoded")
+            return super().load(index)
+
+    report = inspect_dataset(Broken([[[0, 1]], [[1, 1]]]), progress=False)
+    assert report["problems"] == ["scan.png: damaged"] and report["num_images"] == 1

@@ -104,6 +104,42 @@ def test_voc_train_aug_from_segmentationclassaug(tmp_path):
     assert [listed.name_of(i) for i, _ in listed.items] == ["2009_000001", "2007_000002"]
 
 
+def test_voc_class_names_are_the_devkit_classes_in_order():
+    # VOCdevkit's VOCinit.m lists the 20 classes in this order; index 0 is background
+    devkit = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+              "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+    assert VOCSegmentation.class_names == ["background", *devkit]
+
+
+def test_voc_a_stem_listed_twice_is_used_once_and_skip_invalid_drops_a_missing_mask(tmp_path):
+    voc, _ = _voc_tree(tmp_path)
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000001\n2007_000002\n2007_000001\n")
+    ds = VOCSegmentation(voc, "train")
+    assert [ds.name_of(i) for i, _ in ds.items] == ["2007_000001", "2007_000002"]
+    assert len(ds.notes()) == 1 and "lists 1 image(s) more than once (first: 2007_000001.jpg)" in ds.notes()[0]
+    (voc / "SegmentationClass" / "2007_000002.png").unlink()
+    kept = VOCSegmentation(voc, "train", skip_invalid=True)
+    assert [kept.name_of(i) for i, _ in kept.items] == ["2007_000001"]
+
+
+def test_voc_download_fetches_the_published_trainval_tar(tmp_path, monkeypatch):
+    import pixelwise.data.voc as voc_module
+
+    calls = []
+
+    def fetched(archive, root):  # stands in for the 2 GB download: unpacks a small tree
+        calls.append((archive.url, archive.sha256, archive.size, Path(root)))
+        _voc_tree(Path(root))
+
+    monkeypatch.setattr(voc_module, "download_and_extract", fetched)
+    ds = VOCSegmentation(tmp_path, "train", download=True)
+    assert len(ds) == 2
+    # the file and its size and SHA-256 as tensorflow/datasets publishes them (url_checksums/voc.txt)
+    assert calls == [("https://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+                      "e14f763270cf193d0b5f74b169f44157a4b0c6efa708f4dd0ff78ee691763bcb", 1999639040, tmp_path)]
+    assert len(VOCSegmentation(tmp_path, "train", download=True)) == 2 and len(calls) == 1  # present: not again
+
+
 # ---------------------------------------------------------------------------------------- Cityscapes
 def test_cityscapes_label_ids_to_train_ids(tmp_path):
     raw = np.array([[7, 8, 26, 33], [0, 5, 255, 24], [23, 31, 16, 11]], dtype=np.uint8)

@@ -13,6 +13,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from pixelwise.data import build_dataset
+from pixelwise.data.isbi import ISBI2012, _natural_key
 from pixelwise.data.palette import default_palette
 from pixelwise.data.voc import read_sbd_mat
 from pixelwise.errors import UserError
@@ -137,6 +138,33 @@ def test_isbi_all_split_does_not_check_val_count(tmp_path):
     assert len(build_dataset("isbi2012", str(tmp_path / "d"), "all")) == 3
     with pytest.raises(UserError, match="val_count=4 must be in 0..2"):
         build_dataset("isbi2012", str(tmp_path / "d"), "train")
+
+
+def test_isbi_a_jpeg_label_is_refused_as_lossy(tmp_path):
+    _isbi_png(tmp_path / "d", [Image.fromarray(_cells())] * 2)
+    Image.fromarray(_cells()).save(tmp_path / "d" / "train" / "label" / "1.png", format="JPEG")  # JPEG bytes
+    ds = build_dataset("isbi2012", str(tmp_path / "d"), "all")
+    problems = ds.check()
+    assert len(problems) == 1 and problems[0].path.endswith("1.png") and "lossy compression" in str(problems[0])
+    with pytest.raises(UserError, match="lossy compression"):
+        ds.load(1)
+
+
+def test_isbi_slices_in_natural_order_numbers_before_words_and_classes_black_and_white():
+    names = ["b", "10", "2", "a1", "a10", "a2", "0"]
+    # digits sort before letters, as in a plain string sort; numbers by value
+    order = sorted(names, key=lambda n: _natural_key(Path(f"{n}.png")))
+    assert order == ["0", "2", "10", "a1", "a2", "a10", "b"]
+    assert ISBI2012.class_names == ["membrane", "cell"] and ISBI2012.palette == [(0, 0, 0), (255, 255, 255)]
+
+
+@pytest.mark.parametrize("top, dark", [(127, True), (128, False)])
+def test_isbi_a_label_whose_brightest_gray_is_under_128_is_a_problem(tmp_path, top, dark):
+    cells = (_cells() == 255).astype(np.uint8) * top  # 127 reads as membrane everywhere, 128 as cell
+    _isbi_png(tmp_path / "d", [Image.fromarray(cells)] * 2)
+    ds = build_dataset("isbi2012", str(tmp_path / "d"), "all")
+    assert [f"at most {top} of 255" in p.message for p in ds.check()] == ([True, True] if dark else [])
+    assert (ds.load(0).mask == 1).any() != dark
 
 
 def _folder(root: Path, spec: dict | None, masks: list[Image.Image]) -> Path:
