@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import dataclasses
 import io
 import json
 import re
 import struct
 import threading
+import types
 import zlib
 
 import numpy as np
@@ -31,6 +33,7 @@ httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI a
 from pixelwise.inference import cancel  # noqa: E402
 from pixelwise.inference.predictor import SemanticPredictor  # noqa: E402
 from pixelwise.inference.writers import instance_colors  # noqa: E402
+from pixelwise.serve import pool as pool_module  # noqa: E402
 from pixelwise.serve.app import create_app, with_options  # noqa: E402 - after the skips
 from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  # noqa: E402
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
@@ -208,6 +211,14 @@ def test_info_health_and_samples(predictor):
     assert health == {"status": "ok", "model": "unet", "pool": {"workers": 1, "queue": 64, "running": 0, "waiting": 0}}
 
 
+def test_info_gives_white_to_classes_the_palette_does_not_colour(predictor):
+    short = copy.copy(predictor)
+    short.palette = list(predictor.palette[:2])  # a checkpoint whose palette lists fewer colours than classes
+    info = request(create_app(short, samples=[]), "GET", "/api/info").json()
+    assert [c["color"] for c in info["classes"]] == [list(PALETTE[0]), list(PALETTE[1]), [255, 255, 255],
+                                                       [255, 255, 255]]
+
+
 def test_samples_from_a_folder(predictor, tmp_path):
     (tmp_path / "masks").mkdir()
     Image.fromarray(noise(20, 30)).save(tmp_path / "street.png")
@@ -272,6 +283,27 @@ def test_openapi_schema_describes_the_api(predictor):
     assert {"200", "400", "413", "415", "422", "503"} <= set(op["responses"])
     fields = schema["components"]["schemas"]["PredictResponse"]["properties"]
     assert {"width", "height", "classes", "mask_png_base64", "overlay_png_base64", "ms"} <= set(fields)
+
+
+def test_openapi_schema_documents_the_401_of_every_api_route(predictor):
+    schema = request(create_app(predictor, samples=[]), "GET", "/openapi.json").json()
+    routes = [(path, method, op) for path, methods in schema["paths"].items() if path.startswith("/api/")
+              for method, op in methods.items()]
+    assert {(path, method) for path, method, _ in routes} == {
+        ("/api/predict", "post"), ("/api/info", "get"), ("/api/health", "get"), ("/api/samples/{name}", "get"),
+        ("/api/samples/{name}/ground_truth", "get")}
+    for path, _, op in routes:
+        assert op["responses"]["401"]["description"] == "missing or wrong API key (when the server has one)", path
+        assert ("404" in op["responses"]) == path.startswith("/api/samples/"), path
+
+
+def test_docs_page_lists_the_answers_fields_and_closes_what_it_opens(predictor):
+    docs = request(create_app(predictor, samples=[]), "GET", "/docs").text
+    for tag in ("section", "table", "ul", "h2", "h3", "p"):
+        assert docs.count(f"<{tag}>") + docs.count(f"<{tag} ") == docs.count(f"</{tag}>"), tag
+    metrics = docs.split("<h2>Metrics</h2>")[1].split("</section>")[0]
+    assert "<tr><td><code>boundary_iou</code></td><td>mean Boundary IoU over the classes" in metrics
+    assert "<td><code>queue_ms</code></td>" in docs and docs.endswith("</main></body></html>")
 
 
 # ---------------------------------------------------------------- bad input
@@ -406,6 +438,28 @@ def _png_header_only(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def test_a_client_that_goes_away_mid_upload_is_logged_400_and_gives_its_place_back(predictor):
+    app = create_app(predictor, samples=[])
+    body = b"--b\r\nContent-Disposition: form-data; name=image; filename=a.png\r\n\r\n" + png_bytes(noise(16, 16))
+    messages = [{"type": "http.request", "body": body[:40], "more_body": True}, {"type": "http.disconnect"}]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/predict", "raw_path": b"/api/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b"), (b"host", b"t")],
+             "client": ("127.0.0.1", 1), "server": ("t", 80)}
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    assert b"went away before its upload ended" in b"".join(m.get("body", b"") for m in sent[1:])
+    assert app.state.service.pool.stats()["waiting"] == 0
+
+
 def test_images_over_the_pixel_limit_are_413_before_decoding(predictor):
     app = create_app(predictor, samples=[])
     for w, h in ((100_000, 100_000), (8_000, 6_000)):  # PIL's own bomb check, then the server's 40 MP limit
@@ -448,6 +502,24 @@ def test_overlay_and_the_decoded_image_are_returned_as_asked(predictor, tmp_path
     shown = np.asarray(decode_png(lean["image_png_base64"]))
     assert shown.shape == (44, 30, 3) == (lean["height"], lean["width"], 3)
     assert np.array_equal(shown, read_image(path))  # the pixels predict reads, orientation applied
+
+
+def test_tta_takes_a_mode_in_any_case_or_a_yes_or_no(predictor):
+    image = png_bytes(noise(16, 16))
+    app = create_app(predictor, samples=[])  # the server's own tta: none
+    flipping = create_app(with_options(predictor, {"tta": "flip"}), samples=[])
+    for server, sent, used in ((app, "D4", "d4"), (app, "yes", "flip"), (app, "On", "flip"), (flipping, "off", None),
+                               (flipping, "none", None), (flipping, "", "flip")):
+        answer = post_image(server, image, fields={"tta": sent})
+        assert answer.status_code == 200 and answer.json()["options"]["tta"] == used, (sent, answer.text)
+
+
+def test_an_option_the_predictor_refuses_is_named_as_its_form_field(predictor):
+    app = create_app(predictor, samples=[])
+    for fields, detail in (({"tile": "8"}, "tile must be at least 16 pixels, got 8"),
+                           ({"tile": "32", "overlap": "1.5"}, "overlap must be a fraction in [0, 1), got 1.5")):
+        answer = post_image(app, png_bytes(noise(16, 16)), fields=fields)
+        assert answer.status_code == 422 and answer.json()["detail"] == detail, answer.text
 
 
 def test_whole_number_fields_take_what_a_browser_number_field_sends(predictor):
@@ -582,6 +654,33 @@ def test_pool_admits_up_to_workers_plus_queue():
     with pytest.raises(ValueError):
         asyncio.run(pool.run(again, boom))  # a failing job gives its place back too
     assert pool.stats() == {"workers": 2, "queue": 3, "running": 0, "waiting": 4}
+    pool.close()
+
+
+def test_retry_after_is_the_work_ahead_at_the_mean_job_time(monkeypatch):
+    """Retry-After = ceil(mean job seconds x admitted / workers): the plain mean of the first 20
+    jobs, then an average that moves 1/20 of the way to each new job's time."""
+    clock = iter([0.0, 0.4, 10.0, 10.1])  # two jobs of 0.4 s and 0.1 s (start, end each)
+    monkeypatch.setattr(pool_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    pool = InferencePool(workers=2, queue=98)
+
+    def retry_after():
+        tickets = [pool.admit() for _ in range(100)]
+        with pytest.raises(PoolFull) as full:
+            pool.admit()
+        for t in tickets:
+            t.release()
+        return full.value.retry_after
+
+    assert retry_after() == 50  # no job yet: 1 s each, 100 ahead, 2 workers
+    for _ in range(2):
+        asyncio.run(pool.run(pool.admit(), lambda: None))
+    assert retry_after() == 13  # mean 0.25 s: 0.25 * 100 / 2 = 12.5 -> 13
+    # past 20 jobs each moves the mean 1/20 of the way: 18 more of 0.25 s, then one of 20.25 s
+    clock = iter([t for i in range(18) for t in (i, i + 0.25)] + [100.0, 120.25])
+    for _ in range(19):
+        asyncio.run(pool.run(pool.admit(), lambda: None))
+    assert retry_after() == 63  # 0.25 + (20.25 - 0.25) / 20 = 1.25 s: 1.25 * 100 / 2 = 62.5 -> 63
     pool.close()
 
 

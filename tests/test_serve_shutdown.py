@@ -33,8 +33,10 @@ httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI a
 
 from pixelwise.inference import cancel  # noqa: E402
 from pixelwise.serve import config as serve_config  # noqa: E402 - after the skips
-from pixelwise.serve.app import create_app  # noqa: E402
+from pixelwise.serve.app import _stderr_logging, create_app  # noqa: E402
 from pixelwise.serve.pool import InferencePool  # noqa: E402
+
+uvicorn = pytest.importorskip("uvicorn", reason="the serve extra is not installed")
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 
@@ -183,6 +185,25 @@ def test_run_returns_the_exit_status_of_the_signal_that_stopped_it(checkpoint, m
     err = capsys.readouterr().err
     said = f"stopped by {signal.Signals(signum).name} (exit status {status})" if signum else "stopped by"
     assert (said in err) == (signum is not None), err
+
+
+def test_running_requests_get_5_seconds_to_finish_when_the_server_stops(checkpoint, monkeypatch):
+    graces = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: graces.append(
+        server.config.timeout_graceful_shutdown))
+    monkeypatch.setattr(serve_config, "check_can_listen", lambda host, port: None)  # 8000 may be taken
+    assert main(["serve", "--checkpoint", str(checkpoint), "--log-level", "warning"]) == 0
+    assert graces == [5]  # the grace the docs and the 503's log line speak of
+
+
+def test_the_servers_log_lines_say_whose_they_are_and_only_while_it_runs(capsys):
+    log = logging.getLogger("pixelwise.serve")
+    with _stderr_logging():
+        log.info("a request was stopped")
+    log.warning("after the server")
+    err = capsys.readouterr().err
+    assert "pixelwise serve: INFO: a request was stopped\n" in err, err
+    assert "pixelwise serve: WARNING: after the server" not in err, err
 
 
 def _serve(checkpoint, *flags):
