@@ -184,9 +184,9 @@ def qconfig_mapping(engine: str):
 
 
 def _untraceable(model: nn.Module, e: Exception) -> UserError:
-    first_line = str(e).splitlines()[0] if str(e) else ""
+    said = f": {clip_message(str(e).splitlines()[0])}" if str(e).strip() else ""  # an error without text: its type
     return UserError(f"--mode int8: {type(model).__name__} cannot be traced by torch.fx for quantisation "
-                     f"({type(e).__name__}: {clip_message(first_line)}); use --mode fast")
+                     f"({type(e).__name__}{said}); use --mode fast")
 
 
 def clip_message(text: str, limit: int = 160) -> str:
