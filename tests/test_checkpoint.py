@@ -12,7 +12,15 @@ from conftest import edit_safetensors
 from pixelwise import create_model, load_checkpoint, save_checkpoint
 from pixelwise.checkpoint import NameTaken, _optimizer_state, atomic_write_json, atomic_write_text, place
 from pixelwise.errors import UserError
-from pixelwise.weights import read_weights
+from pixelwise.weights import (
+    backbone_file,
+    download_weights,
+    load_matching,
+    non_finite,
+    read_weights,
+    url_has_hash,
+    weights_not_found,
+)
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 
@@ -500,3 +508,89 @@ def test_optimizer_state_for_no_parameter_is_a_value_error(key):
     assert sorted(good) == [0, 1] and good[1]["step"] == 1 and torch.equal(good[0]["exp_avg"], torch.ones(3))
     with pytest.raises(ValueError, match="for no parameter of the model"):
         _optimizer_state({key: torch.ones(3)}, {}, params)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model.", "backbone.", "encoder.", "net."])
+def test_a_wrapper_prefix_on_every_key_is_named(prefix):
+    model = nn.Conv2d(3, 2, 1)
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=f"the file's keys begin with '{prefix}'"):
+        load_matching(model, state, "w")
+
+
+def test_backbone_file_drops_the_classifier_of_a_file_of_the_bodys_own_keys():
+    body = nn.Sequential(nn.Conv2d(3, 2, 1))
+    state = {"0.weight": torch.ones(2, 3, 1, 1), "0.bias": torch.zeros(2), "fc.weight": torch.ones(5, 2)}
+    assert sorted(backbone_file(state, body)) == ["0.bias", "0.weight"]
+    whole = {"backbone.0.weight": torch.ones(2, 3, 1, 1), "0.weight": torch.ones(2, 3, 1, 1)}
+    assert backbone_file(whole, body) is None  # a whole-model file, even where a key matches the body's
+    assert backbone_file({"head.weight": torch.ones(1)}, body) is None  # none of the body's keys
+
+
+def test_a_large_but_finite_float16_tensor_is_finite():
+    big = torch.full((4,), 60000.0, dtype=torch.float16)  # its float16 sum overflows to inf
+    assert not non_finite(big)
+    assert non_finite(torch.tensor([1.0, float("nan")], dtype=torch.float16))
+    assert not non_finite(torch.tensor([1, 2]))  # integers are never NaN
+
+
+def test_url_has_hash_follows_torch_hubs_rule():
+    assert url_has_hash("https://x.org/w/resnet50-0676ba61.pth")
+    assert not url_has_hash("https://x.org/w/resnet50.pth")
+    assert not url_has_hash("https://x.org/w/resnet50-0676b.pth")  # 5 hex digits: too short
+
+
+def test_weights_not_found_names_the_tags_in_order():
+    assert "pass imagenet or coco, or the path" in str(weights_not_found("x.pth", ["imagenet", "coco"]))
+    assert "pass a, b or c, or the path" in str(weights_not_found("x.pth", ["a", "b", "c"]))
+    assert "pass imagenet, or the path" in str(weights_not_found("x.pth", ["imagenet"]))
+    assert str(weights_not_found("x.pth", name="unet")).startswith(
+        "unet: weights 'x.pth' not found: pass the path of a .safetensors")
+
+
+@pytest.mark.parametrize("content", [[torch.ones(1)], {"w": torch.ones(1), "epoch": 3}])
+def test_a_pth_that_is_not_a_dict_of_tensors_is_named(tmp_path, content):
+    path = tmp_path / "w.pth"
+    torch.save(content, path)
+    with pytest.raises(UserError, match="w.pth does not hold a state dict of tensors"):
+        read_weights(path)
+
+
+def test_the_class_layer_hint_is_given_only_for_the_last_layer():
+    model = nn.Module()
+    model.head = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1))
+    state = dict(model.state_dict())
+    state["head.0.weight"], state["head.0.bias"] = torch.ones(5, 3, 1, 1), torch.ones(5)  # not the last layer
+    with pytest.raises(UserError) as first:
+        load_matching(model, state, "w")
+    assert str(first.value) == ("w: weight head.0.weight has shape (5, 3, 1, 1), the model needs (4, 3, 1, 1); "
+                                "check the model name and its arguments")
+    state = dict(model.state_dict())
+    state["head.1.weight"], state["head.1.bias"] = torch.ones(5, 4, 1, 1), torch.ones(5)  # the last layer
+    with pytest.raises(UserError, match="if it is the class layer, the file scores 5 classes and this model 2"):
+        load_matching(model, state, "w")
+
+
+def test_a_weights_file_of_another_suffix_is_named_as_an_unknown_format(tmp_path):
+    path = tmp_path / "w.txt"
+    torch.save({"w": torch.ones(1)}, path)
+    with pytest.raises(UserError, match=r"w.txt: unknown weights format '.txt'; use .safetensors, .pth, .pt or .bin"):
+        read_weights(path)
+
+
+def test_download_weights_returns_what_torch_hub_reads(monkeypatch):
+    state = {"w": torch.ones(2)}
+    calls = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kw: calls.append((url, kw)) or state)
+    assert download_weights("https://example.org/w/resnet-0676ba61.pth") is state
+    assert calls[0][1]["weights_only"] is True and calls[0][1]["check_hash"] is True
+
+
+def test_the_class_layer_is_the_last_layer_even_without_a_bias():
+    model = nn.Module()
+    model.head = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1, bias=False))
+    state = dict(model.state_dict())
+    state["head.0.weight"], state["head.0.bias"] = torch.ones(5, 3, 1, 1), torch.ones(5)  # the layer before
+    with pytest.raises(UserError) as info:
+        load_matching(model, state, "w")
+    assert "head.0.weight has shape (5, 3, 1, 1)" in str(info.value) and "class layer" not in str(info.value)

@@ -6,6 +6,7 @@ against PyTorch eager at two input sizes; metadata round trip; ``predict --onnx`
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,14 @@ from pixelwise import create_model, list_models, save_checkpoint  # noqa: E402
 from pixelwise.cli import main  # noqa: E402
 from pixelwise.errors import UserError  # noqa: E402
 from pixelwise.inference.export import MAX_OPSET, MIN_OPSET, export_onnx  # noqa: E402
-from pixelwise.inference.onnx_runner import load_onnx, read_onnx_metadata  # noqa: E402
+from pixelwise.inference.onnx_runner import (  # noqa: E402
+    exported_dropout,
+    is_onnx,
+    load_onnx,
+    make_session,
+    read_onnx_metadata,
+    stored_geometry,
+)
 from pixelwise.inference.predictor import Predictor  # noqa: E402
 from pixelwise.models import forward_logits  # noqa: E402
 
@@ -706,3 +714,41 @@ def test_a_model_with_nan_weights_fails_verification(tmp_path):
     with pytest.raises(UserError, match="holds NaN or infinite values .* nothing written"):
         export_onnx(model, tmp_path / "m.onnx", meta, sizes=SIZES)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_is_onnx_reads_the_suffix_in_any_case():
+    assert is_onnx("model.onnx") and is_onnx("MODEL.ONNX") and not is_onnx("model.onnx.safetensors")
+
+
+def test_exported_dropout_is_the_stored_bool_or_none():
+    assert exported_dropout({"onnx": {"dropout": True}}) is True
+    assert exported_dropout({"onnx": {"dropout": False}}) is False
+    assert exported_dropout({"onnx": {"dropout": 1}}) is None  # not a bool: not recorded
+    assert exported_dropout({"onnx": None}) is None and exported_dropout({}) is None
+
+
+def test_stored_geometry_takes_the_least_valid_values_and_refuses_below_them():
+    assert stored_geometry("m.onnx", {}) == (0, 1)  # a file of before pixelwise stored it
+    assert stored_geometry("m.onnx", {"geometry": {"context": 0, "alignment": 1}}) == (0, 1)
+    assert stored_geometry("m.onnx", {"geometry": {"context": 5, "alignment": 8}}) == (5, 8)
+    assert stored_geometry("m.onnx", {"geometry": {"alignment": 4}}) == (0, 4)
+    for bad in ({"context": -1, "alignment": 1}, {"context": 0, "alignment": 0}, {"context": 0.5}, "16"):
+        with pytest.raises(UserError, match="m.onnx: its stored tiling geometry .* is not a context >= 0"):
+            stored_geometry("m.onnx", {"geometry": bad})
+
+
+def test_a_session_named_by_the_caller_calls_its_file_the_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"not a protobuf")
+    with pytest.raises(UserError) as named:
+        make_session(path, name="the export at opset 11")
+    assert str(named.value).startswith("onnxruntime cannot load the export at opset 11: ")
+    assert "from the file failed" in str(named.value) and str(path) not in str(named.value)
+    with pytest.raises(UserError, match="cannot load .*m.onnx: "):
+        make_session(path)  # unnamed: its path
+
+
+def test_reading_onnx_metadata_without_the_onnx_package_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # its import fails as where it is not installed
+    with pytest.raises(UserError, match=r"reading ONNX files needs onnx: pip install -e '.\[export\]'"):
+        read_onnx_metadata(tmp_path / "m.onnx")

@@ -9,12 +9,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pixelwise.inference.int8 as int8_module
 from conftest import narrow
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.errors import UserError
 from pixelwise.inference.fast import make_runner
-from pixelwise.inference.int8 import Int8Segmenter, calibration_batches, quantize, quantized_engine
+from pixelwise.inference.int8 import (
+    Int8Segmenter,
+    _untraceable,
+    calibration_batches,
+    clip_message,
+    qconfig_mapping,
+    quantize,
+    quantized_engine,
+)
 from pixelwise.models import forward_logits
 from pixelwise.preprocess import InputSpec, preprocess
 
@@ -143,8 +152,6 @@ def test_untraceable_refusal_ends_at_a_sentence_or_word_boundary():
 
 
 def test_clip_message_cuts_at_sentences_then_words():
-    from pixelwise.inference.int8 import clip_message
-
     assert clip_message("short.") == "short."
     long = "First sentence here. " + "second sentence goes on and on " * 10
     assert clip_message(long) == "First sentence here."
@@ -273,3 +280,42 @@ def test_cli_eval_measures_int8_and_bench_times_it(tmp_path):
     else:
         assert result.get("utilization") is None and result["peak_note"]
     assert quantized_engine() in torch.backends.quantized.supported_engines
+
+
+def test_clip_message_cuts_a_single_long_word_to_the_limit():
+    assert clip_message("x" * 200) == "x" * 157 + "..."  # 160 characters: the word cut inside itself
+    assert clip_message("x" * 160) == "x" * 160  # exactly the limit: kept whole
+
+
+def test_an_exception_without_a_message_names_only_its_type():
+    message = str(_untraceable(nn.Identity(), RuntimeError()))
+    assert message.endswith("(RuntimeError); use --mode fast")
+
+
+def test_calibration_batches_default_to_four_images_a_batch():
+    images = [np.zeros((20, 20, 3), np.uint8)] * 5
+    batches = calibration_batches(images, InputSpec(mean=MEAN, std=STD), crop=16)
+    assert [b.shape[0] for b in batches] == [4, 1]
+
+
+class _BranchOnData(nn.Module):
+    """A forward that branches on a value (torch.fx cannot trace it) and no forward_features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+
+def test_a_model_without_forward_features_names_the_trace_error_of_its_forward():
+    with pytest.raises(UserError, match=r"_BranchOnData cannot be traced .*\(TraceError: symbolically traced"):
+        quantize(_BranchOnData(), [torch.ones(1, 3, 4, 4)])
+
+
+def test_activations_use_the_full_8_bits_only_on_a_cpu_with_vnni(monkeypatch):
+    monkeypatch.setattr(int8_module, "cpu_has_vnni", lambda: True)
+    assert qconfig_mapping("x86").global_qconfig.activation().reduce_range is False
+    monkeypatch.setattr(int8_module, "cpu_has_vnni", lambda: False)
+    assert qconfig_mapping("x86").global_qconfig.activation().reduce_range is True
