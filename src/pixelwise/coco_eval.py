@@ -36,14 +36,8 @@ def encode_mask(mask: np.ndarray) -> dict:
 
 def boundary_rle(mask: np.ndarray) -> dict:
     """bool ``[H, W]`` instance mask -> COCO RLE of its contour band, ``round(2%)`` of the image
-    diagonal wide (:func:`~pixelwise.metrics.boundary_band`), worked out inside the mask's bounding
-    box: every pixel beyond it is outside the mask, as the image border is."""
-    band = np.zeros(mask.shape, dtype=bool)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if len(rows):
-        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-        band[box] = boundary_band(mask[box], boundary_width(*mask.shape))
-    return encode_mask(band)
+    diagonal wide (:func:`~pixelwise.metrics.boundary_band`)."""
+    return encode_mask(boundary_band(mask, boundary_width(*mask.shape)))
 
 
 def xyxy_to_xywh(boxes: Tensor) -> list[list[float]]:

@@ -255,10 +255,13 @@ def boundary_band(mask: np.ndarray, width: int) -> np.ndarray:
     m = np.asarray(mask, dtype=bool)
     if width < 1:
         raise ValueError(f"the band width must be at least 1 pixel, got {width}")
-    if not m.any():
-        return m.copy()
-    outside_distance = distance_transform_cdt(np.pad(m, 1), metric="chessboard")[1:-1, 1:-1]
-    return m & (outside_distance <= width)
+    band = np.zeros(m.shape, dtype=bool)
+    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+    if len(rows):  # worked out inside the region's box: every pixel beyond it is outside, as the border is
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        inside = m[box]
+        band[box] = inside & (distance_transform_cdt(np.pad(inside, 1), metric="chessboard")[1:-1, 1:-1] <= width)
+    return band
 
 
 def boundary_width(height: int, width: int, dilation: float = BOUNDARY_IOU_DILATION) -> int:

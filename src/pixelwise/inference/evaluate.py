@@ -170,7 +170,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     The data is checked as training checks it: problems are refused unless ``skip_invalid``,
     which leaves those files out (listed in ``provenance["skipped"]``).
     bf: also compute the boundary metrics: the BF score and Boundary IoU of a semantic model
-    (0.19 s and 0.05 s per 360x480 image on a CPU core), Boundary AP of an instance model.
+    (0.15 s and 0.025 s per 360x480 image on a CPU core), Boundary AP of an instance model.
     watershed: score the ISBI errors on the map with watershed boundaries seeded at this threshold
     (:func:`evaluate_semantic`).
     resize / native_size: override the checkpoint's input size (see
