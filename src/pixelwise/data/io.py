@@ -167,7 +167,7 @@ def _load_frame(path: Path, img: Image.Image, frame: int) -> Image.Image:
         count = _frames(img)  # of the file already open, not a second open
         if not 0 <= frame < count:
             raise UserError(f"{path}: has no frame {frame} ({count} frame(s), counted from 0)")
-        img.seek(_frame_pages(img)[frame])
+        _seek(img, _frame_pages(img)[frame])
         if img.size[0] * img.size[1] > _max_pixels:
             raise _too_large(path, img.size[0] * img.size[1], img.size)
     # the orientation is read before load(): Pillow 10.0 drops a TIFF page's file at load() and
@@ -222,12 +222,24 @@ def _frame_pages(img: Image.Image) -> list[int]:
             here = img.tell()
             kinds = []
             for page in range(n):
-                img.seek(page)
+                _seek(img, page)
                 kinds.append(int(img.tag_v2.get(254, 0) or 0))  # type: ignore[attr-defined]
-            img.seek(here)
+            _seek(img, here)
             pages = [p for p in pages if not kinds[p] & _NOT_A_FRAME] or pages
         img._pixelwise_pages = pages  # type: ignore[attr-defined]
     return pages
+
+
+def _seek(img: Image.Image, page: int) -> None:
+    """``img.seek(page)``. Older Pillows (10.1, our floor) refuse a TIFF page above their pixel limit
+    as they seek, having read its directory and size by then; newer ones leave the size to the
+    reader, as here: a frame is checked against pixelwise's own limit (below PIL's) where it is
+    read, and counting the pages of a stack must not fail on a large one."""
+    try:
+        img.seek(page)
+    except Image.DecompressionBombError:
+        if img.tell() != page:  # the page was not reached: a damaged file, named by the caller
+            raise
 
 
 def _holds_file(img: Image.Image) -> bool:
@@ -659,7 +671,7 @@ def truncation(source: Path | bytes | bytearray, img: Image.Image) -> str | None
             return f"its strips or tiles end at byte {need:,}, the file has {length:,}"
         try:
             for page in range(1, int(getattr(img, "n_frames", 1))):  # every page, overviews too
-                img.seek(page)
+                _seek(img, page)
                 need = _tiff_page_end(img)
                 if need > length:
                     return f"page {page}'s strips or tiles end at byte {need:,}, the file has {length:,}"
