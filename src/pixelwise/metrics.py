@@ -140,9 +140,12 @@ class ConfusionMeter:
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
-    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
-        """pred, target: integer label maps (torch or numpy) of equal shape."""
-        self.cm += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+    def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """pred, target: integer label maps (torch or numpy) of equal shape. -> their own confusion
+        matrix, the one added (eval's per-image scores)."""
+        added = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        self.cm += added
+        return added
 
     def compute(self, class_names: list[str] | None = None) -> dict:
         return segmentation_metrics(self.cm, class_names)

@@ -40,7 +40,6 @@ from pixelwise.metrics import (
     BoundaryIoUMeter,
     ChallengeMeter,
     ConfusionMeter,
-    confusion_matrix,
     pixel_error,
     segmentation_metrics,
 )
@@ -71,8 +70,7 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
         sample = ds.load(i)
         # the probabilities only where the ISBI meter reads them: a large image's would be C x H x W floats
         prediction = predictor.predict(sample.image, probs=challenge is not None)
-        image_cm = confusion_matrix(prediction.mask, sample.mask, ds.num_classes)
-        meter.cm += image_cm
+        image_cm = meter.update(prediction.mask, sample.mask)
         image = segmentation_metrics(image_cm)
         per_image.append({"name": sample.name or str(i), "pixels": int(image_cm.sum()),
                           **{k: image[k] for k in PER_IMAGE_KEYS}})
