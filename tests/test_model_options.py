@@ -200,7 +200,7 @@ def test_unet_ibn_levels_range_comes_first(value):
         UNet(3, base_channels=4, ibn_levels=value)
 
 
-DROPOUT_MODELS = ["unet", "enet", "fcn32s", "fcn16s", "fcn8s"]
+DROPOUT_MODELS = ["unet", "enet", "fcn32s", "fcn16s", "fcn8s", "deeplab_largefov"]
 
 
 @pytest.mark.parametrize("name", DROPOUT_MODELS)

@@ -4,6 +4,7 @@ import pixelwise.models.deconvnet  # noqa: F401
 import pixelwise.models.deeplab  # noqa: F401
 import pixelwise.models.enet  # noqa: F401
 import pixelwise.models.fcn  # noqa: F401
+import pixelwise.models.largefov  # noqa: F401
 import pixelwise.models.maskrcnn  # noqa: F401
 import pixelwise.models.segnet  # noqa: F401
 import pixelwise.models.unet  # noqa: F401
