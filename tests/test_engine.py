@@ -74,6 +74,55 @@ def test_weight_decay_skips_biases_and_norm_weights():
     assert build_optimizer(TrainConfig(optimizer="sgd", nesterov=True), model).param_groups[0]["nesterov"]
 
 
+def test_lr_mult_gives_the_named_modules_their_own_rate():
+    """DeepLab trains its classifier (fc8) at 10x the rate of the rest: {"fc8": 10}."""
+    model = nn.Sequential()
+    model.add_module("fc", nn.Conv2d(3, 4, 1))
+    model.add_module("fc8", nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    model.add_module("fc80", nn.Conv2d(4, 2, 1))  # fc8 is not a prefix of fc80's names
+    groups = param_groups(model, 1e-4, lr_mult={"fc8": 10, "fc8.1": 2})  # the longest name wins
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert [g.get("lr_mult", 1.0) for g in groups] == [1.0, 1.0, 2.0, 10.0, 10.0]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0, 0.0, 1e-4, 0.0]
+    assert ids[0] == {id(model.fc.weight), id(model.fc80.weight)}
+    assert ids[2] == {id(model.fc8[1].weight), id(model.fc8[1].bias)}
+    assert ids[3] == {id(model.fc8[0].weight)} and ids[4] == {id(model.fc8[0].bias)}
+    assert "lr_mult" not in groups[0]  # runs without multipliers keep the state files of before
+    opt = build_optimizer(TrainConfig(optimizer="sgd", lr=0.01, lr_mult={"fc8": 10}), model)
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01, 0.1, 0.1])
+    assert apply_lr(opt, 0.5) == pytest.approx(0.005)  # the logged LR is the model's own
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.005, 0.05, 0.05])
+    set_peak_lr(opt, 0.002)  # a stage's lr: the multipliers stay
+    assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.002, 0.002, 0.02, 0.02])
+    with pytest.raises(UserError, match=r"named 'fc9'.*such as fc, fc8, fc80 \(its last layer: fc80\)"):
+        param_groups(model, 0.0, lr_mult={"fc9": 10})
+    for bad in ({"fc8": 0}, {"fc8": -1}, {"fc8": True}, {"fc8": "10"}, {"": 2}, {"fc8": float("inf")}):
+        with pytest.raises(UserError, match="must be a module name and a multiplier above 0"):
+            TrainConfig(lr_mult=bad)
+
+
+def test_lr_mult_trains_resumes_exactly_and_is_checked_before_anything_is_written(tmp_path):
+    kw = {"optimizer": "sgd", "schedule": "step", "milestones": [1], "lr_mult": {"head": 10}}
+    fit(tiny(tmp_path / "a", **kw), log=quiet)
+    groups = state_header(tmp_path / "a")["param_groups"]
+    assert [g.get("lr_mult", 1.0) for g in groups] == [1.0, 1.0, 10.0, 10.0]
+    assert [g["lr"] for g in groups] == pytest.approx([0.001, 0.001, 0.01, 0.01])  # after the epoch-1 step
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny(tmp_path / "b", **kw), log=quiet, callbacks=[interrupt_at("epoch", lambda s: s.epoch == 1)])
+    fit(tiny(tmp_path / "b", resume=True, **kw), log=quiet)
+    weights_equal(tmp_path / "a", tmp_path / "b")
+    fit(tiny(tmp_path / "c", **{**kw, "lr_mult": {}}), log=quiet)  # the multiplier changes the training
+    with pytest.raises(AssertionError):
+        weights_equal(tmp_path / "a", tmp_path / "c")
+    said: list[str] = []
+    fit(tiny(tmp_path / "a", epochs=3, resume=True, **{**kw, "lr_mult": {"head": 5}}), log=said.append)
+    assert any("lr_mult 10.0 -> 5.0" in line for line in said)
+    assert [g["lr"] for g in state_header(tmp_path / "a")["param_groups"]][2] == pytest.approx(0.005)
+    with pytest.raises(UserError, match="no trainable parameter named 'fc8'.*such as"):
+        fit(tiny(tmp_path / "d", lr_mult={"fc8": 10}), log=quiet)
+    assert not (tmp_path / "d").exists()
+
+
 def test_schedule_formulas():
     poly = Schedule("poly", total_steps=100, power=0.9)
     assert poly.factor(0) == 1.0 and poly.factor(50) == pytest.approx(0.5**0.9) and poly.factor(100) == 0.0
@@ -119,6 +168,29 @@ def test_deconvnet_recipe_follows_the_official_solvers():
     expected_two = {0: 0.01, 9999: 0.01, 10000: 1e-3, 19999: 1e-3, 20000: 1e-4, 30000: 1e-5, 39999: 1e-5}
     assert {k: lr(first, k) for k in expected_one} == pytest.approx(expected_one)
     assert {k: lr(second, k) for k in expected_two} == pytest.approx(expected_two)
+
+
+def test_deeplab_largefov_recipe_follows_the_paper():
+    """ICLR 2015 Sec. 4: batch 20, lr 0.001 with 0.01 for the final classifier, x0.1 every 2,000
+    iterations, momentum 0.9, weight decay 5e-4; about 6,000 iterations of train_aug."""
+    from pixelwise.engine.config import build_config, find_recipe, load_yaml_config
+    from pixelwise.models import create_model
+
+    cfg = build_config(load_yaml_config(find_recipe("deeplab_largefov_voc")), {}, recipe="deeplab_largefov_voc")
+    assert (cfg.model, cfg.pretrained, cfg.batch_size, cfg.optimizer) == ("deeplab_largefov", "imagenet", 20, "sgd")
+    assert (cfg.lr, cfg.lr_mult, cfg.momentum, cfg.weight_decay) == (1e-3, {"fc8": 10.0}, 0.9, 5e-4)
+    steps_per_epoch = 10_582 // 20  # the last smaller batch is dropped
+    schedule = Schedule.from_config(cfg, steps_per_epoch)
+    assert schedule.total_steps == 5_819
+    assert [schedule.factor(s) for s in (0, 1_999, 2_000, 3_999, 4_000, 5_818)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    with torch.device("meta"):
+        model = create_model(cfg.model, 21, **cfg.model_kwargs)
+    opt = build_optimizer(cfg, model)
+    fc8 = {id(p) for p in model.fc8.parameters()}
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert group["initial_lr"] == pytest.approx(0.01 if ids <= fc8 else 0.001) and (ids <= fc8 or not ids & fc8)
 
 
 def test_step_size_counts_the_steps_of_each_stage(tmp_path):

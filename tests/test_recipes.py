@@ -21,7 +21,7 @@ RECIPES = sorted(CONFIGS.glob("*.yaml"))
 NUM_CLASSES = {"camvid": 11, "voc": 21, "cityscapes": 19, "isbi2012": 2, "shapes": 4, "coco": 91}
 EXPECTED = {"fcn8s_voc", "segnet_camvid", "segnet_basic_camvid", "unet_isbi", "deconvnet_voc",
             "deeplabv3plus_cityscapes", "segnet_basic_camvid_cpu", "unet_camvid_cpu", "unet_isbi_cpu",
-            "fcn32s_voc", "fcn16s_voc", "fcn8s_staged_voc"}
+            "fcn32s_voc", "fcn16s_voc", "fcn8s_staged_voc", "deeplab_largefov_voc"}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 PAPERS = {  # arXiv id -> title
     "1411.4038": "Fully Convolutional Networks for Semantic Segmentation",
@@ -31,6 +31,7 @@ PAPERS = {  # arXiv id -> title
     "1703.06870": "Mask R-CNN",
     "1706.05587": "Rethinking Atrous Convolution for Semantic Image Segmentation",
     "1802.02611": "Encoder-Decoder with Atrous Separable Convolution for Semantic Image Segmentation",
+    "1412.7062": "Semantic Image Segmentation with Deep Convolutional Nets and Fully Connected CRFs",
 }
 
 
@@ -120,6 +121,14 @@ def test_model_kwargs_merge_for_the_recipes_model_only():
     given = build_config(recipe, {"model": "segnet_basic", "model_kwargs": {"lrn": False}})
     assert given.model_kwargs == {"lrn": False}
     assert recipe["model_kwargs"] == {"base_channels": 16, "batch_norm": True}  # the caller's values untouched
+
+
+def test_lr_mult_merges_key_by_key_and_stays_with_the_recipes_model():
+    recipe = {"model": "deeplab_largefov", "lr_mult": {"fc8": 10}}
+    assert build_config(recipe, {"lr_mult": {"fc7": 2}}).lr_mult == {"fc8": 10.0, "fc7": 2.0}
+    assert build_config(recipe, {"lr_mult": {"fc8": 5}}).lr_mult == {"fc8": 5.0}
+    assert build_config(recipe, {"model": "unet"}).lr_mult == {}  # names layers of the recipe's model
+    assert build_config(recipe, {"model": "unet", "lr_mult": {"head": 3}}).lr_mult == {"head": 3.0}
 
 
 def test_unknown_key_is_rejected(tmp_path):

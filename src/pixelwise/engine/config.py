@@ -113,6 +113,8 @@ class TrainConfig:
     # --- optimiser and schedule -----------------------------------------------------------
     optimizer: str = opt("adam", "optimizer", choices=OPTIMIZERS)
     lr: float = opt(1e-3, "peak learning rate", stage=True, gt=0)
+    lr_mult: dict = opt({}, "learning-rate multipliers by module name as a JSON object, e.g. '{\"fc8\": 10}': the "
+                            "parameters of that module train at lr x 10 (the longest name that holds a parameter wins)")
     momentum: float = opt(0.9, "SGD momentum (Adam/AdamW: beta1)", ge=0, lt=1)
     nesterov: bool = opt(False, "SGD with Nesterov momentum")
     weight_decay: float = opt(0.0, "L2 (SGD, Adam) or decoupled (AdamW) weight decay; not on biases and "
@@ -346,6 +348,13 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
                             "null or number as a value); quote it or use the option's name")
     elif kind is list and not isinstance(value, list):
         raise UserError(f"{where} must be a list, got {value!r}")
+    if name == "lr_mult":
+        bad = next(((k, v) for k, v in value.items() if not k or isinstance(v, bool) or not isinstance(v, int | float)
+                    or not math.isfinite(v) or v <= 0), None)
+        if bad is not None:
+            raise UserError(f"{where}: {bad[0]!r}: {bad[1]!r} must be a module name and a multiplier above 0, e.g. "
+                            "{\"fc8\": 10}")
+        value = {k: float(v) for k, v in value.items()}
     if name == "milestones" and not all(isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m)
                                         and m >= 0 for m in value):
         raise UserError(f"{where} must be a list of epochs (numbers >= 0), got {value!r}")
@@ -578,7 +587,7 @@ def load_yaml_config(path: str | Path, run_record: bool = False) -> dict:
 
 # the examples of the fields' help, for the message about a flag whose value is not JSON
 JSON_EXAMPLES = {"model_kwargs": '{"base_channels": 32}', "dataset_kwargs": '{"num_train": 200}',
-                 "augment": '{"scale": [0.5, 2.0], "jitter": false}'}
+                 "lr_mult": '{"fc8": 10}', "augment": '{"scale": [0.5, 2.0], "jitter": false}'}
 
 
 def parse_json_dict(text: str | None, flag: str) -> dict:
@@ -608,22 +617,22 @@ def parse_json_dict(text: str | None, flag: str) -> dict:
 def build_config(file_values: dict, cli_values: dict, recipe: str | None = None,
                  source: str | Path | None = None) -> TrainConfig:
     """Defaults < YAML file < command line (only flags actually given; :data:`CLEARED`, from
-    ``--max-minutes none``, clears the file's value). The dict-valued keys (``model_kwargs
+    ``--max-minutes none``, clears the file's value). The dict-valued keys (``model_kwargs lr_mult
     dataset_kwargs augment``) merge key by key, except that a ``--model`` other than the file's
-    (or the default model, where the file names none) drops the file's ``model_kwargs`` (they
-    are options of the other model), and a ``--dataset`` other than the file's its
-    ``dataset_kwargs``. A flag for a key that a stage of the file sets itself is refused (the
+    (or the default model, where the file names none) drops the file's ``model_kwargs`` and
+    ``lr_mult`` (they name options and layers of the other model), and a ``--dataset`` other than
+    the file's its ``dataset_kwargs``. A flag for a key that a stage of the file sets itself is refused (the
     stage's value would win; :func:`check_flags_against_stages`). Without ``out`` the run writes
     to :func:`default_out` (``runs/<recipe>``, or ``runs/<model>``). ``source``: the file, for
     the messages."""
-    for key, kwargs in (("model", "model_kwargs"), ("dataset", "dataset_kwargs")):
+    for key, kwargs in (("model", "model_kwargs"), ("model", "lr_mult"), ("dataset", "dataset_kwargs")):
         given = cli_values.get(key)
         if given is not None and kwargs in file_values and given != file_values.get(key, getattr(TrainConfig, key)):
             file_values = {k: v for k, v in file_values.items() if k != kwargs}
     check_flags_against_stages(file_values.get("stages") or [], cli_values, source)
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     merged = {k: None if v is CLEARED else v for k, v in merged.items()}
-    for key in ("model_kwargs", "dataset_kwargs", "augment"):
+    for key in ("model_kwargs", "lr_mult", "dataset_kwargs", "augment"):
         if isinstance(file_values.get(key), dict) and cli_values.get(key) is not None:
             merged[key] = {**file_values[key], **cli_values[key]}
     if "crop" in (cli_values.get("augment") or {}) and cli_values.get("crop") is None:

@@ -2,7 +2,8 @@
 
 ``build_optimizer`` makes SGD (momentum, Nesterov), Adam or AdamW with two parameter groups:
 weights that get weight decay, and biases plus normalisation-layer weights (every parameter
-with fewer than 2 dimensions) that do not.
+with fewer than 2 dimensions) that do not; ``lr_mult`` (``{"fc8": 10}``, DeepLab's classifier at
+ten times the rate) splits off the parameters it names into groups of their own rate.
 
 A :class:`Schedule` is a pure function of the optimizer step (and, with a time budget, of the
 elapsed fraction of it) -> LR multiplier. It has no state of its own beyond the step counter the
@@ -12,6 +13,7 @@ trainer saves, so a resumed run recomputes exactly the LR an uninterrupted run w
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -21,23 +23,44 @@ from pixelwise.engine.config import TrainConfig
 from pixelwise.errors import UserError
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+def lr_mult_of(name: str, lr_mult: Mapping[str, float]) -> float:
+    """The LR multiplier of parameter ``name``: the value of the longest key of ``lr_mult`` that is
+    ``name`` or a module above it (``fc8`` holds ``fc8.weight``, not ``fc80.weight``); else 1."""
+    keys = [k for k in lr_mult if name == k or name.startswith(k + ".")]
+    return float(lr_mult[max(keys, key=len)]) if keys else 1.0
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False,
+                 lr_mult: Mapping[str, float] | None = None) -> list[dict]:
     """Trainable parameters split into ``[{"params": decayed, "weight_decay": wd},
-    {"params": biases and norm weights, "weight_decay": 0}]`` (empty groups left out)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if decay_norm_and_bias or p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    {"params": biases and norm weights, "weight_decay": 0}]`` (empty groups left out), and each of
+    those by :func:`lr_mult_of`: the groups at the model's own rate first, then each other rate's
+    (ascending), which carry ``"lr_mult"``. A key of ``lr_mult`` that names no trainable parameter
+    is a :class:`UserError`."""
+    lr_mult = dict(lr_mult or {})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    unused = [k for k in lr_mult if not any(n == k or n.startswith(k + ".") for n, _ in named)]
+    if unused:
+        tops = sorted({n.split(".")[0] for n, _ in named})
+        last = named[-1][0].rsplit(".", 1)[0] if named else "-"
+        raise UserError(f"lr_mult: the model has no trainable parameter named {unused[0]!r} or under it; give a "
+                        f"module's name as the model names it, such as {', '.join(tops[:8])} (its last layer: "
+                        f"{last})")
+    mults = sorted({lr_mult_of(n, lr_mult) for n, _ in named}, key=lambda m: (m != 1.0, m))
+    groups = []
+    for mult in mults:
+        decay = [p for n, p in named if lr_mult_of(n, lr_mult) == mult and (decay_norm_and_bias or p.ndim > 1)]
+        no_decay = [p for n, p in named if lr_mult_of(n, lr_mult) == mult and not (decay_norm_and_bias or p.ndim > 1)]
+        extra = {} if mult == 1.0 else {"lr_mult": mult}  # runs without it keep the state files of before
+        groups += [{"params": decay, "weight_decay": weight_decay, **extra},
+                   {"params": no_decay, "weight_decay": 0.0, **extra}]
     return [g for g in groups if g["params"]]
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """``cfg.optimizer`` (sgd | adam | adamw) over :func:`param_groups`; every group remembers its
-    peak LR as ``initial_lr``."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    peak LR as ``initial_lr`` (``lr`` times its ``lr_mult``)."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias, cfg.lr_mult)
     if not groups:
         raise UserError(f"model {cfg.model!r} has no trainable parameters")
     if cfg.optimizer == "sgd":
@@ -54,9 +77,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 def set_peak_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's peak (and current) LR: ``lr`` times the group's ``lr_mult`` (1 if none)."""
     for group in optimizer.param_groups:
-        group["initial_lr"] = lr
-        group["lr"] = lr
+        group["initial_lr"] = lr * group.get("lr_mult", 1.0)
+        group["lr"] = group["initial_lr"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +134,8 @@ class Schedule:
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
-    """Set every group's LR to ``initial_lr * factor``; -> the first group's LR."""
+    """Set every group's LR to ``initial_lr * factor``; -> the first group's LR (the model's own
+    rate: :func:`param_groups` puts the groups of other rates last)."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
     return optimizer.param_groups[0]["lr"]

@@ -93,7 +93,7 @@ from pixelwise.engine.config import (
     parse_size,
 )
 from pixelwise.engine.ema import WeightAverage
-from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, set_peak_lr
+from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, param_groups, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
 from pixelwise.engine.validate import ScoredInstances, eval_collate, to_device, validate_instances, validate_semantic
 from pixelwise.errors import UserError, listed, shown
@@ -608,6 +608,9 @@ def check_settings(cfg: TrainConfig) -> str:
     the weights to start from, the class-weights file, TensorBoard. -> the model's task."""
     task = model_info(cfg.model).task
     check_model_kwargs(cfg.model, cfg.model_kwargs, "--model-kwargs")
+    if cfg.lr_mult:  # the layers it names, on a model that holds no memory
+        with torch.device("meta"):
+            param_groups(create_model(cfg.model, 2, **cfg.model_kwargs), 0.0, lr_mult=cfg.lr_mult)
     if (cfg.pretrained and cfg.pretrained not in PRETRAINED_TAGS and not Path(cfg.pretrained).expanduser().is_file()
             and resumed_weights(cfg) is None):
         if Path(cfg.pretrained).name in ("best.safetensors", "last.safetensors"):  # e.g. a staged FCN recipe's
