@@ -515,6 +515,11 @@ def predictor_options(args: argparse.Namespace) -> dict:
                         "leave --overlap out")
     options = {"resize": resize, "native_size": native, "tile": args.tile, "overlap": args.overlap,
                "tta": args.tta, "mc_samples": args.mc_samples, "batch_size": args.batch_size, "mode": args.mode}
+    if args.crf is not None:
+        # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+        from pixelwise.inference.crf import CRFSettings
+
+        options["crf"] = CRFSettings.parse(args.crf)
     if args.mode == "int8":  # refused for what the model is, before calibration data is asked for (and read)
         # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
         from pixelwise.inference.onnx_runner import is_onnx
@@ -736,6 +741,11 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
                    "(quantised in PyTorch, calibrated with --calib-*; CPU, models whose int8 cost was measured); "
                    "docs/deploy.md")
     _add_calibration_args(p, "--mode int8")
+    p.add_argument("--crf", nargs="?", const="", metavar="NAME=VALUE,...",
+                   help="semantic models: refine each image's probabilities with DeepLab's fully connected CRF "
+                        "(mean field over all pixel pairs; images up to 4 MP; ~1 s for 360x480 on a core); defaults "
+                        "DeepLab-LargeFOV's: iterations=10,bi_w=4,bi_xy_std=121,bi_rgb_std=5,pos_w=3,pos_xy_std=3, "
+                        "any of them given override those")
 
 
 def _add_watershed(p: argparse.ArgumentParser, help: str) -> None:

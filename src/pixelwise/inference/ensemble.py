@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from pixelwise.errors import UserError
+from pixelwise.inference.crf import CRFSettings
 from pixelwise.inference.fast import MC_DROPOUT, eager_only, resolve_mode
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import Bands, Predictor, SemanticPredictor, check_mc_samples
@@ -41,9 +42,11 @@ def _take_rows(queue: list[torch.Tensor], n: int) -> torch.Tensor:
 
 class EnsemblePredictor(SemanticPredictor):
     """The mean of the members' class probabilities Tensor[C, H, W] (equal weights). ``names``
-    (e.g. the checkpoint paths) name the members in error messages."""
+    (e.g. the checkpoint paths) name the members in error messages. ``crf``: refine the mean with
+    the fully connected CRF (the members' own predictions are not refined)."""
 
-    def __init__(self, members: Sequence[SemanticPredictor], names: Sequence[str] | None = None) -> None:
+    def __init__(self, members: Sequence[SemanticPredictor], names: Sequence[str] | None = None,
+                 crf: CRFSettings | bool | None = None) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
         names = list(names or [f"member {i + 1}" for i in range(len(members))])
@@ -54,7 +57,7 @@ class EnsemblePredictor(SemanticPredictor):
                                 f"{_names(first.class_names)}; {name} has {_names(member.class_names)}")
         self.members = list(members)  # before the base class asks _model_classes
         super().__init__(nn.ModuleList(m.model for m in members), first.meta, first.device, first.input_spec,
-                         tile=first.tile, overlap=first.overlap, tta=first.tta, batch_size=first.batch_size)
+                         tile=first.tile, overlap=first.overlap, tta=first.tta, batch_size=first.batch_size, crf=crf)
         self.names = names
         self.mode = first.mode  # the members run themselves, each in the mode it was built with
 
@@ -103,6 +106,7 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
         raise ValueError("from_checkpoints needs at least one checkpoint path")
     if len(paths) == 1:
         return Predictor.from_checkpoint(paths[0], device, **options)
+    crf = options.pop("crf", None)  # the ensemble's mean is refined, not each member's
     mc_samples = options.pop("mc_samples", 0) or 0
     check_mc_samples(mc_samples)  # the members with dropout take it below
     # Monte-Carlo dropout runs in eager only, refused below for another mode whether or not a member
@@ -123,4 +127,4 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
                         f"{', '.join(map(str, paths))} has any; leave it out")
     if mc_samples:  # as for one checkpoint, whose runner refuses it
         eager_only(MC_DROPOUT, options.get("mode"))
-    return EnsemblePredictor(members, [str(p) for p in paths])
+    return EnsemblePredictor(members, [str(p) for p in paths], crf=crf)

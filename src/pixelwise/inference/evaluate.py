@@ -20,6 +20,7 @@ files the check left out, resize, tile, TTA, and the pixelwise and torch version
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -172,7 +173,7 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     watershed: score the ISBI errors on the map with watershed boundaries seeded at this threshold
     (:func:`evaluate_semantic`).
     resize / native_size: override the checkpoint's input size (see
-    :meth:`Predictor.from_checkpoint`); ``options`` (tile, overlap, tta, mc_samples) go to the
+    :meth:`Predictor.from_checkpoint`); ``options`` (tile, overlap, tta, mc_samples, crf) go to the
     semantic predictor."""
     dataset_kwargs, _ = scoring_kwargs(dataset, dataset_kwargs or {})  # every image is scored
     ds = build_dataset(dataset, data, split, **dataset_kwargs)
@@ -261,10 +262,16 @@ def prediction_options(predictor: Predictor) -> dict[str, object]:
     return seen
 
 
+def crf_settings(predictor: Predictor) -> dict | None:
+    """The fully connected CRF's settings that refined the predictions (None: no CRF)."""
+    crf = getattr(predictor, "crf", None)
+    return None if crf is None else dataclasses.asdict(crf)
+
+
 def provenance(checkpoint: str | Path, predictor: Predictor, dataset: str, data: str | None, split: str,
                dataset_kwargs: dict, skipped: list[str]) -> dict:
     """Where a result came from: the checkpoint (path and SHA-256), the data (kind, root, split,
-    options, files left out), how the model saw it (resize, mode, tile, overlap, TTA, MC samples) and
+    options, files left out), how the model saw it (resize, mode, tile, overlap, TTA, MC samples, CRF) and
     the pixelwise and torch versions."""
     views = [prediction_options(m) for m in getattr(predictor, "members", [predictor])]
     # an ensemble's: what its members share, "per member" where they differ (provenance["ensemble"])
@@ -272,4 +279,5 @@ def provenance(checkpoint: str | Path, predictor: Predictor, dataset: str, data:
     return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
             "dataset": {"kind": dataset, "root": str(Path(data).expanduser().resolve()) if data else None,
                         "split": split, "options": dataset_kwargs, "skipped": skipped},
-            "prediction": seen, "pixelwise_version": __version__, "torch_version": torch.__version__}
+            "prediction": {**seen, "crf": crf_settings(predictor)}, "pixelwise_version": __version__,
+            "torch_version": torch.__version__}

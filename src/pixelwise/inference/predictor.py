@@ -27,6 +27,7 @@ from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint, unwrap
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 from pixelwise.inference import cancel
+from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, as_crf_settings, dense_crf
 from pixelwise.inference.fast import instance_runner, make_runner
 from pixelwise.inference.int8 import calibration_batches
 from pixelwise.inference.mc_dropout import MAX_MC_SAMPLES, has_dropout, mc_dropout, model_lock, predictive_entropy
@@ -278,6 +279,11 @@ class SemanticPredictor(Predictor):
     whose results equal one at a time only up to float32 rounding (stacked inputs run other
     kernels; a pixel whose two best classes nearly tie can flip). Models that unpool by pooling
     indices (SegNet, DeconvNet, ENet) run one input at a time: for them stacking moves more.
+    crf: refine each image's probabilities (after tiles, TTA, Monte-Carlo dropout and an
+    ensemble's averaging) with the fully connected CRF of DeepLab (:mod:`pixelwise.inference.crf`;
+    ``True``: its default settings; a dict: some of them), on the image's own pixels and size; the image is then
+    predicted whole before its mask comes (no row bands), and may hold up to
+    :data:`~pixelwise.inference.crf.MAX_CRF_PIXELS` pixels.
     mode: ``eager``, ``fast`` or ``int8`` (:func:`pixelwise.inference.fast.make_runner`); int8 is
     calibrated on random ``calib_crop``-pixel crops of ``calib_data`` (training images,
     uint8[H, W, 3]) and, unless ``measuring`` (eval), offered only for the models whose plan allows it.
@@ -308,8 +314,9 @@ class SemanticPredictor(Predictor):
                  input_spec: InputSpec | dict | None = None, *, tile: int | None = None, overlap: float | None = None,
                  tta: str | None = None, mc_samples: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
                  mode: str = "eager", calib_data: Sequence[np.ndarray] | None = None, calib_crop: int = 256,
-                 measuring: bool = False) -> None:
+                 measuring: bool = False, crf: CRFSettings | dict | bool | None = None) -> None:
         super().__init__(model, meta, device, input_spec)
+        self.crf = as_crf_settings(crf)
         if len(self.class_names) > MAX_CLASSES:  # masks are uint8 and 255 is "ignore"
             raise UserError(f"{self.meta.get('model', 'the model')} has {len(self.class_names)} classes; pixelwise's "
                             f"masks hold class ids 0-{MAX_CLASSES - 1} (uint8, 255 = ignore)")
@@ -476,7 +483,25 @@ class SemanticPredictor(Predictor):
         never holds its C x H x W floats. ``progress``: a bar over tiles (None: on a terminal).
         A one-channel contract takes a gray uint8[H, W] image too."""
         check_image(image, self.input_spec.channels)
-        return collect(self._named(self._bands(image, progress)), image.shape[:2], uncertainty, probs)
+        return collect(self._named(self._refined(image, self._bands(image, progress))), image.shape[:2],
+                       uncertainty, probs)
+
+    def _refined(self, image: np.ndarray, bands: Iterable[tuple[int, torch.Tensor]]
+                 ) -> Iterable[tuple[int, torch.Tensor]]:
+        """``bands`` as they are, or with ``crf`` the whole image's probabilities refined by the
+        CRF, as one band (an image too large for it is refused here, before the model runs)."""
+        if self.crf is None:
+            return bands
+        h, w = image.shape[:2]
+        if h * w > MAX_CRF_PIXELS:
+            raise UserError(f"--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels (its lattice holds about 1 KB a "
+                            f"pixel); this one has {h * w:,} ({w}x{h}): leave out --crf for it")
+        return self._crf_band(image, bands, self.crf)
+
+    @staticmethod
+    def _crf_band(image: np.ndarray, bands: Iterable[tuple[int, torch.Tensor]], settings: CRFSettings
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+        yield 0, dense_crf(image, torch.cat([band for _, band in bands], 1), settings)
 
     def _named(self, bands: Iterable[tuple[int, torch.Tensor]]) -> Iterator[tuple[int, torch.Tensor]]:
         """``bands`` as they are, once each is checked to hold a probability per named class: a
@@ -506,7 +531,7 @@ class SemanticPredictor(Predictor):
             check_image(image, self.input_spec.channels)
         whole = [i for i, image in enumerate(images) if not self.needs_tiles(image)]
         out = dict(zip(whole, self._whole_bands([images[i] for i in whole])))
-        return images, [self._named(out.pop(i) if i in out else self._bands(image, progress))
+        return images, [self._named(self._refined(image, out.pop(i) if i in out else self._bands(image, progress)))
                         for i, image in enumerate(images)]
 
     @torch.no_grad()

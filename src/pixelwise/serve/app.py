@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import html
 import inspect
@@ -354,6 +355,8 @@ def options_of(predictor: Predictor) -> dict[str, Any]:
     params = inspect.signature(type(predictor).__init__).parameters
     options = {name: getattr(predictor, name) for name, p in params.items()
                if p.kind is inspect.Parameter.KEYWORD_ONLY and hasattr(predictor, name)}
+    if options.get("crf") is not None:  # settings, as JSON and as the constructor takes them back
+        options["crf"] = dataclasses.asdict(options["crf"])
     if "overlap" in options and options.get("tile") is None:
         options["overlap"] = None
     return options

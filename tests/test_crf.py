@@ -1,0 +1,265 @@
+"""The fully connected CRF (DeepLab, arXiv:1412.7062; Krähenbühl & Koltun, arXiv:1210.5644): equal to
+Krähenbühl's densecrf library on stored cases, the lattice's filter close to the Gaussian sum, and
+what the CRF does to a noisy prediction."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pixelwise.errors import UserError
+from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, PermutohedralLattice, dense_crf
+
+REFERENCE = Path(__file__).parent / "fixtures" / "crf" / "densecrf_reference.npz"
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_equals_krahenbuhls_densecrf(case):
+    """Outputs of densecrf (pydensecrf, the library DeepLab's CRF used) stored by
+    tests/fixtures/crf/make_reference.py: 3 RGB cases of other sizes, classes and parameters, one
+    grey (a 3-d bilateral lattice)."""
+    ref = np.load(REFERENCE)
+    it, bi_w, bi_xy, bi_rgb, pos_w, pos_xy = ref[f"settings{case}"]
+    settings = CRFSettings(int(it), bi_w, bi_xy, bi_rgb, pos_w, pos_xy)
+    probs = ref[f"probs{case}"]
+    q = dense_crf(ref[f"image{case}"], torch.from_numpy(probs), settings).numpy()
+    expected = ref[f"q{case}"]
+    assert q.shape == expected.shape and q.dtype == np.float32
+    np.testing.assert_allclose(q, expected, atol=1e-4)
+    assert (q.argmax(0) == expected.argmax(0)).all()
+    assert (expected.argmax(0) != probs.argmax(0)).mean() > 0.1  # the CRF changed a good part of the labels
+
+
+def naive_gaussian_sum(features: np.ndarray, values: np.ndarray) -> np.ndarray:
+    d2 = ((features[:, None, :] - features[None, :, :]) ** 2).sum(-1)
+    return np.exp(-d2 / 2) @ values
+
+
+@pytest.mark.parametrize("d", [2, 3, 5])
+def test_the_lattice_filter_approximates_the_gaussian_sum(d):
+    rng = np.random.default_rng(d)
+    features = rng.uniform(0, 4, (300, d)).astype(np.float32)
+    lattice = PermutohedralLattice(features)
+    a, b = rng.random((300, 1), dtype=np.float32), rng.random((300, 1), dtype=np.float32)
+    # nearly symmetric, as the Gaussian (the blurs along the d + 1 axes commute where no vertex is missing)
+    assert (a.T @ lattice.filter(b)).item() == pytest.approx((b.T @ lattice.filter(a)).item(), rel=0.03)
+    # an approximation of the exact sum of exp(-|f_i - f_j|^2 / 2) v_j: the same shape; normalised by
+    # the sum of the weights (as the CRF uses it), the same weighted means
+    values = rng.random((300, 2), dtype=np.float32)
+    exact, fast = naive_gaussian_sum(features, values), lattice.filter(values)
+    assert np.corrcoef(exact.ravel(), fast.ravel())[0, 1] > 0.95
+    ones = np.ones((300, 1), np.float32)
+    means = fast / lattice.filter(ones)
+    error = np.abs(means - exact / naive_gaussian_sum(features, ones))
+    assert error.mean() < 0.03 and error.max() < 0.3, (error.mean(), error.max())
+    # points far apart on the lattice do not see each other: each one's weighted mean is its own value
+    for spacing in (100, 30_000):
+        far = np.arange(4, dtype=np.float32)[:, None].repeat(d, 1) * spacing
+        alone = PermutohedralLattice(far)
+        own = np.array([[1.0], [2.0], [3.0], [4.0]], np.float32)
+        np.testing.assert_allclose(alone.filter(own) / alone.filter(np.ones((4, 1), np.float32)), own, rtol=1e-5)
+
+
+
+def test_vertices_sorted_as_rows_give_the_same_filter(monkeypatch):
+    features = np.random.default_rng(0).uniform(0, 6, (500, 5)).astype(np.float32)
+    values = np.random.default_rng(1).random((500, 3), dtype=np.float32)
+    coded = PermutohedralLattice(features)
+    monkeypatch.setattr(PermutohedralLattice, "CODE_LIMIT", 0)
+    rows = PermutohedralLattice(features)
+    assert coded._radix is not None and rows._radix is None and rows.m == coded.m
+    np.testing.assert_allclose(rows.filter(values), coded.filter(values), rtol=1e-6)
+
+
+def test_without_pairwise_terms_the_probabilities_come_back():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), (9, 11)).transpose(2, 0, 1).astype(np.float32)
+    probs = np.clip(probs, 1e-3, None)
+    probs /= probs.sum(0)
+    image = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    q = dense_crf(image, torch.from_numpy(probs), CRFSettings(iterations=3, bi_w=0, pos_w=0))
+    np.testing.assert_allclose(q.numpy(), probs, rtol=1e-5, atol=1e-6)
+
+
+def test_the_crf_takes_the_labels_of_the_colour_regions():
+    """Two flat colour regions, a prediction right on 80% of the pixels (20% flipped, not sure):
+    the CRF gives each region its majority label."""
+    h, w = 40, 48
+    truth = np.zeros((h, w), np.int64)
+    truth[:, w // 2:] = 1
+    image = np.where(truth[..., None] == 1, [200, 60, 40], [30, 90, 220]).astype(np.uint8)
+    rng = np.random.default_rng(1)
+    noisy = np.where(rng.random((h, w)) < 0.2, 1 - truth, truth)
+    probs = np.stack([np.where(noisy == 0, 0.65, 0.35), np.where(noisy == 1, 0.65, 0.35)]).astype(np.float32)
+    q = dense_crf(image, torch.from_numpy(probs), CRFSettings(bi_xy_std=30, bi_rgb_std=10))
+    assert (probs.argmax(0) == truth).mean() < 0.85
+    assert (q.argmax(0).numpy() == truth).all()
+    assert torch.allclose(q.sum(0), torch.ones(h, w), atol=1e-5)
+
+
+def test_settings_parse_and_refuse():
+    assert CRFSettings.parse("") == CRFSettings()
+    assert CRFSettings.parse("bi_w=5, iterations=3") == CRFSettings(iterations=3, bi_w=5.0)
+    refused = [("bi_w", "is not NAME=VALUE"), ("colour=3", "is not NAME=VALUE"), ("bi_w=x", "bi_w must be a number"),
+               ("iterations=0", "iterations must be a whole number from 1 to 100"),
+               ("bi_xy_std=0", "bi_xy_std must be a number above 0"), ("pos_w=-1", "pos_w must be a number >= 0"),
+               ("bi_w=nan", "bi_w must be a number >= 0"), ("iterations=2.5", "iterations must be a number")]
+    for text, words in refused:
+        with pytest.raises(UserError, match=f"^--crf: .*{words}"):
+            CRFSettings.parse(text)
+
+
+def test_sizes_that_do_not_fit_are_named():
+    with pytest.raises(UserError, match="same H, W"):
+        dense_crf(np.zeros((5, 6, 3), np.uint8), torch.full((2, 5, 7), 0.5))
+    side = int(MAX_CRF_PIXELS ** 0.5) + 1
+    with pytest.raises(UserError, match=f"up to {MAX_CRF_PIXELS:,} pixels.*--resize"):
+        dense_crf(np.zeros((side, side, 3), np.uint8), torch.full((2, 1, 1), 0.5).expand(2, side, side))
+
+
+# --- the CRF in prediction, evaluation, the command line and the server ------------------------------
+KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
+
+
+def unet_checkpoint(path: Path, seed: int = 0) -> Path:
+    from pixelwise import create_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = create_model("unet", num_classes=4, **KW).eval()  # the shapes dataset's 4 classes
+    save_checkpoint(path, model, {"model": "unet", "num_classes": 4, "model_kwargs": KW, "task": "semantic",
+                                  "mean": [0.5] * 3, "std": [0.25] * 3})
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crf")
+    return unet_checkpoint(root / "a.safetensors", 0), unet_checkpoint(root / "b.safetensors", 1)
+
+
+def blocks(h: int = 36, w: int = 44, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, : w // 2] = [220, 40, 40]
+    image[h // 2:, w // 2:] = [40, 200, 60]
+    return np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+
+
+def test_a_predictor_refines_what_it_would_predict_without_the_crf(checkpoints):
+    from pixelwise import Predictor
+
+    image = blocks()
+    plain = Predictor.from_checkpoint(checkpoints[0], tta="flip")
+    refined = Predictor.from_checkpoint(checkpoints[0], tta="flip", crf=CRFSettings(iterations=4, bi_xy_std=20))
+    expected = dense_crf(image, plain.predict(image).probs, CRFSettings(iterations=4, bi_xy_std=20))
+    got = refined.predict(image, uncertainty=True)
+    torch.testing.assert_close(got.probs, expected)
+    assert np.array_equal(got.mask, expected.argmax(0).numpy())
+    assert not np.array_equal(got.mask, plain.predict(image).mask)  # it did something
+    # batches, row streams and tiles go through it too
+    assert np.array_equal(refined.predict_batch([image, image])[1].mask, got.mask)
+    assert np.array_equal(np.concatenate([mask for _, mask, _ in refined.predict_rows([image])[0]]), got.mask)
+    tiled = Predictor.from_checkpoint(checkpoints[0], tile=16, crf=True)
+    expected = dense_crf(image, Predictor.from_checkpoint(checkpoints[0], tile=16).predict(image).probs)
+    torch.testing.assert_close(tiled.predict(image).probs, expected)
+    grey = image[..., 0]  # a grey image: one colour feature
+    assert refined.predict(np.dstack([grey] * 3)).mask.shape == grey.shape
+
+
+def test_an_ensemble_refines_its_mean_once(checkpoints):
+    from pixelwise.inference.ensemble import from_checkpoints
+
+    image = blocks(seed=2)
+    ensemble = from_checkpoints(list(checkpoints), crf=True)
+    assert all(m.crf is None for m in ensemble.members) and ensemble.crf == CRFSettings()
+    mean = sum(from_checkpoints([c]).predict(image).probs for c in checkpoints) / 2
+    torch.testing.assert_close(ensemble.predict(image).probs, dense_crf(image, mean), atol=1e-5, rtol=1e-5)
+
+
+def test_crf_options_are_checked_by_the_predictor(checkpoints):
+    from pixelwise import SemanticPredictor, load_checkpoint
+
+    model, meta = load_checkpoint(checkpoints[0])
+    assert SemanticPredictor(model, meta, crf={"bi_w": 2}).crf == CRFSettings(bi_w=2)
+    assert SemanticPredictor(model, meta, crf=False).crf is None
+    with pytest.raises(UserError, match="crf must be None, True"):
+        SemanticPredictor(model, meta, crf={"colour": 2})
+    big = SemanticPredictor(model, meta, crf=True)
+    calls = []
+    big.runner = lambda x: calls.append(x) or torch.zeros(1)
+    with pytest.raises(UserError, match="--crf runs on images of up to 4,000,000 pixels"):
+        big.predict(np.zeros((2001, 2000, 3), np.uint8))
+    assert not calls  # refused before the model ran
+
+
+def test_predict_and_eval_take_crf_on_the_command_line(checkpoints, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from pixelwise import Predictor
+    from pixelwise.cli import main
+    from pixelwise.data.io import read_image
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    image = blocks()
+    Image.fromarray(image).save(inputs / "a.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoints[0]), str(inputs), "--out", str(out), "--crf",
+                 "iterations=3", "--no-progress"]) == 0
+    written = np.asarray(Image.open(out / "a.png"))
+    expected = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=3)).predict(read_image(inputs / "a.png"))
+    assert np.array_equal(written, expected.mask)
+    assert main(["predict", "--checkpoint", str(checkpoints[0]), str(inputs), "--out", str(tmp_path / "x"),
+                 "--crf", "colour=3"]) == 2
+    assert "pixelwise: error: --crf: 'colour=3' is not NAME=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(checkpoints[0]), "--dataset", "shapes", "--split", "val",
+                 "--dataset-kwargs", '{"num_val": 2, "size": 32}', "--crf", "--no-progress", "--json", str(report)]) == 0
+    provenance = json.loads(report.read_text())["provenance"]["prediction"]
+    assert provenance["crf"] == {"iterations": 10, "bi_w": 4.0, "bi_xy_std": 121.0, "bi_rgb_std": 5.0, "pos_w": 3.0,
+                                 "pos_xy_std": 3.0}
+
+
+def test_the_server_refines_with_the_crf_it_was_started_with(checkpoints):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
+    httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")
+    import asyncio
+    import base64
+    import io
+
+    from PIL import Image
+
+    from pixelwise import Predictor
+    from pixelwise.serve.app import create_app
+
+    image = blocks(seed=3)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    predictor = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=2))
+
+    async def post(fields):
+        app = create_app(predictor, samples=[])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as c:
+            return await c.post("/api/predict", files={"image": ("a.png", buf.getvalue(), "image/png")}, data=fields)
+
+    for fields in ({}, {"tta": "flip"}):  # a request's own options keep the server's CRF
+        body = asyncio.run(post(fields)).json()
+        assert body["options"]["crf"] == {**vars(CRFSettings(iterations=2))}
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
+        expected = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=2), tta=fields.get("tta"))
+        assert np.array_equal(mask, expected.predict(image).mask)
+
+
+def test_instance_models_refuse_the_crf(tmp_path):
+    from pixelwise import Predictor, create_model, save_checkpoint
+
+    kw = {"min_size": 64, "max_size": 64}
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3, **kw).eval()
+    save_checkpoint(tmp_path / "m.safetensors", model, {"model": "maskrcnn_resnet18_fpn", "num_classes": 3,
+                                                       "model_kwargs": kw, "task": "instance"})
+    with pytest.raises(UserError, match="--crf does not apply to instance models"):
+        Predictor.from_checkpoint(tmp_path / "m.safetensors", crf=True)
