@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -119,12 +120,13 @@ def crop_top_left(x: Tensor, height: int, width: int) -> Tensor:
     return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]))
 
 
-def init_msra(module: nn.Module) -> None:
+def init_msra(module: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_in") -> None:
     """He (Caffe "msra", fan-in) normal init for every conv and transposed conv of ``module``,
-    zero bias; BatchNorm to weight 1, bias 0 (SegNet's and DeconvNet's initialisation)."""
+    zero bias; BatchNorm to weight 1, bias 0 (SegNet's and DeconvNet's initialisation).
+    ``mode="fan_out"``: torchvision's VGG initialisation instead (FCN's, DeepLab-LargeFOV's)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from pixelwise.backbones.vgg import VGG16_CFG, features_info, load_features, make_features
 from pixelwise.models._checks import dropout_rate
-from pixelwise.models._utils import crop_top_left, holds_whole_model, load_model_weights, local_weights
+from pixelwise.models._utils import crop_top_left, holds_whole_model, init_msra, load_model_weights, local_weights
 from pixelwise.models.registry import register_model
 from pixelwise.weights import load_matching
 
@@ -101,14 +101,7 @@ class DeepLabLargeFOV(nn.Module):
     def _init_weights(self) -> None:
         """He (fan-out) init for the VGG convs, fc6 and fc7 (as FCN's, for training from scratch);
         ``fc8`` Gaussian with std 0.01 and zero bias, the released net's filler."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_msra(self, mode="fan_out")
         nn.init.normal_(self.fc8.weight, 0.0, 0.01)
 
     def scores(self, x: Tensor) -> Tensor:
