@@ -50,7 +50,7 @@ import torch
 
 from pixelwise.errors import UserError
 
-__all__ = ["MAX_CRF_PIXELS", "CRFSettings", "PermutohedralLattice", "as_crf_settings", "dense_crf"]
+__all__ = ["MAX_CRF_PIXELS", "CRFSettings", "PermutohedralLattice", "as_crf_settings", "check_crf_size", "dense_crf"]
 
 MAX_CRF_PIXELS = 4_000_000  # the lattice of a larger image holds several GB (about 1 KB a pixel at its peak)
 CLIP = 1e-5  # probabilities below this become this before the log (pydensecrf's unary_from_softmax)
@@ -240,6 +240,14 @@ def _features(image: np.ndarray, xy_std: float, rgb_std: float | None) -> np.nda
     return np.stack(parts, 1)
 
 
+def check_crf_size(height: int, width: int) -> None:
+    """An image the CRF can refine: at most :data:`MAX_CRF_PIXELS` pixels, else a UserError."""
+    if height * width > MAX_CRF_PIXELS:
+        raise UserError(f"--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels (its lattice holds about 1 KB a "
+                        f"pixel); this one has {height * width:,} ({width}x{height}): leave out --crf for it, or "
+                        "predict it smaller")
+
+
 def dense_crf(image: np.ndarray, probs: torch.Tensor | np.ndarray, settings: CRFSettings | None = None
               ) -> torch.Tensor:
     """Refine class probabilities with the fully connected CRF: ``image`` uint8[H, W, 3] (or a grey
@@ -253,10 +261,7 @@ def dense_crf(image: np.ndarray, probs: torch.Tensor | np.ndarray, settings: CRF
         raise UserError(f"the CRF needs an image [H, W, channels] and probabilities [C, H, W] of the same H, W; got "
                         f"{list(image.shape)} and {list(p.shape)}")
     c, h, w = p.shape
-    if h * w > MAX_CRF_PIXELS:
-        raise UserError(f"the CRF runs on images of up to {MAX_CRF_PIXELS:,} pixels (its lattice holds about 1 KB a "
-                        f"pixel); this one has {h * w:,} ({w}x{h}): predict it without --crf, or resize it first "
-                        "(--resize)")
+    check_crf_size(h, w)
     unary = -np.log(np.clip(p.reshape(c, -1).T, CLIP, 1.0)).astype(np.float32)  # [N, C]
     kernels = []
     if settings.bi_w > 0:

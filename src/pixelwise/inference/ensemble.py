@@ -46,7 +46,7 @@ class EnsemblePredictor(SemanticPredictor):
     the fully connected CRF (the members' own predictions are not refined)."""
 
     def __init__(self, members: Sequence[SemanticPredictor], names: Sequence[str] | None = None,
-                 crf: CRFSettings | bool | None = None) -> None:
+                 crf: CRFSettings | dict | bool | None = None) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
         names = list(names or [f"member {i + 1}" for i in range(len(members))])

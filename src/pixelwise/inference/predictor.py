@@ -27,7 +27,7 @@ from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint, unwrap
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
 from pixelwise.inference import cancel
-from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, as_crf_settings, dense_crf
+from pixelwise.inference.crf import CRFSettings, as_crf_settings, check_crf_size, dense_crf
 from pixelwise.inference.fast import instance_runner, make_runner
 from pixelwise.inference.int8 import calibration_batches
 from pixelwise.inference.mc_dropout import MAX_MC_SAMPLES, has_dropout, mc_dropout, model_lock, predictive_entropy
@@ -492,10 +492,7 @@ class SemanticPredictor(Predictor):
         CRF, as one band (an image too large for it is refused here, before the model runs)."""
         if self.crf is None:
             return bands
-        h, w = image.shape[:2]
-        if h * w > MAX_CRF_PIXELS:
-            raise UserError(f"--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels (its lattice holds about 1 KB a "
-                            f"pixel); this one has {h * w:,} ({w}x{h}): leave out --crf for it")
+        check_crf_size(*image.shape[:2])
         return self._crf_band(image, bands, self.crf)
 
     @staticmethod
