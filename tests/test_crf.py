@@ -209,6 +209,8 @@ def test_predict_and_eval_take_crf_on_the_command_line(checkpoints, tmp_path, ca
     out = tmp_path / "out"
     assert main(["predict", "--checkpoint", str(checkpoints[0]), str(inputs), "--out", str(out), "--crf",
                  "iterations=3", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "refined by the fully connected CRF (iterations=3,bi_w=4,bi_xy_std=121,bi_rgb_std=5,pos_w=3," in said
     written = np.asarray(Image.open(out / "a.png"))
     refined = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=3))
     expected = refined.predict(read_image(inputs / "a.png"))
