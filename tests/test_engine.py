@@ -92,6 +92,8 @@ def test_lr_mult_gives_the_named_modules_their_own_rate():
     assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.01, 0.1, 0.1])
     assert apply_lr(opt, 0.5) == pytest.approx(0.005)  # the logged LR is the model's own
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.005, 0.005, 0.05, 0.05])
+    everything = build_optimizer(TrainConfig(optimizer="sgd", lr=0.01, lr_mult={"fc": 2, "fc8": 3, "fc80": 4}), model)
+    assert apply_lr(everything, 0.5) == pytest.approx(0.005)  # no group at the run's own rate: still said as lr
     set_peak_lr(opt, 0.002)  # a stage's lr: the multipliers stay
     assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.002, 0.002, 0.02, 0.02])
     with pytest.raises(UserError, match=r"named 'fc9'.*such as fc, fc8, fc80 \(its last layer: fc80\)"):

@@ -134,8 +134,9 @@ class Schedule:
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
-    """Set every group's LR to ``initial_lr * factor``; -> the first group's LR (the model's own
-    rate: :func:`param_groups` puts the groups of other rates last)."""
+    """Set every group's LR to ``initial_lr * factor``; -> the run's LR, that of a group without
+    ``lr_mult`` (the first group's divided by its multiplier, should every group have one)."""
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
-    return optimizer.param_groups[0]["lr"]
+    first = optimizer.param_groups[0]
+    return first["lr"] / first.get("lr_mult", 1.0)
