@@ -14,11 +14,11 @@ from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, PermutohedralLa
 REFERENCE = Path(__file__).parent / "fixtures" / "crf" / "densecrf_reference.npz"
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_equals_krahenbuhls_densecrf(case):
     """Outputs of densecrf (pydensecrf, the library DeepLab's CRF used) stored by
     tests/fixtures/crf/make_reference.py: 3 RGB cases of other sizes, classes and parameters, one
-    grey (a 3-d bilateral lattice)."""
+    grey (a 3-d bilateral lattice), one of sure probabilities (most below the unary's 1e-5 clip)."""
     ref = np.load(REFERENCE)
     it, bi_w, bi_xy, bi_rgb, pos_w, pos_xy = ref[f"settings{case}"]
     settings = CRFSettings(int(it), bi_w, bi_xy, bi_rgb, pos_w, pos_xy)
@@ -28,7 +28,8 @@ def test_equals_krahenbuhls_densecrf(case):
     assert q.shape == expected.shape and q.dtype == np.float32
     np.testing.assert_allclose(q, expected, atol=1e-4)
     assert (q.argmax(0) == expected.argmax(0)).all()
-    assert (expected.argmax(0) != probs.argmax(0)).mean() > 0.1  # the CRF changed a good part of the labels
+    if case < 4:  # the CRF changed a good part of the labels (sure ones it leaves)
+        assert (expected.argmax(0) != probs.argmax(0)).mean() > 0.1
 
 
 def naive_gaussian_sum(features: np.ndarray, values: np.ndarray) -> np.ndarray:
