@@ -103,7 +103,7 @@ def test_lr_mult_gives_the_named_modules_their_own_rate():
             TrainConfig(lr_mult=bad)
 
 
-def test_lr_mult_trains_resumes_exactly_and_is_checked_before_anything_is_written(tmp_path):
+def test_lr_mult_trains_resumes_exactly_and_is_checked_before_anything_is_written(tmp_path, monkeypatch):
     kw = {"optimizer": "sgd", "schedule": "step", "milestones": [1], "lr_mult": {"head": 10}}
     fit(tiny(tmp_path / "a", **kw), log=quiet)
     groups = state_header(tmp_path / "a")["param_groups"]
@@ -120,9 +120,11 @@ def test_lr_mult_trains_resumes_exactly_and_is_checked_before_anything_is_writte
     fit(tiny(tmp_path / "a", epochs=3, resume=True, **{**kw, "lr_mult": {"head": 5}}), log=said.append)
     assert any("lr_mult 10.0 -> 5.0" in line for line in said)
     assert [g["lr"] for g in state_header(tmp_path / "a")["param_groups"]][2] == pytest.approx(0.005)
+    read = []
+    monkeypatch.setattr(trainer, "build_dataset", lambda *a, **k: read.append(a))
     with pytest.raises(UserError, match="no trainable parameter named 'fc8'.*such as"):
         fit(tiny(tmp_path / "d", lr_mult={"fc8": 10}), log=quiet)
-    assert not (tmp_path / "d").exists()
+    assert not (tmp_path / "d").exists() and not read  # refused before any data is read
 
 
 def test_schedule_formulas():
