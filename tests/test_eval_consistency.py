@@ -217,6 +217,9 @@ def test_eval_equals_numpy_over_predicted_pngs(tmp_path, capsys):
         assert row["pixels"] == int(alone["cm"].sum())
         for key in ("pixel_acc", "mean_acc", "mIoU", "dice"):
             _assert_close(row[key], alone[key])
+        _assert_close(row["bf"], alone["bf_score"])  # the image's BF and Boundary IoU, the split's rules on it
+        _assert_close(row["boundary_iou"], alone["boundary_iou"])
+    assert np.mean([row["bf"] for row in got["per_image"]]) == pytest.approx(got["bf_score"])  # BF: mean of images
     worst = sorted(got["per_image"], key=lambda row: row["mIoU"])[:3]
     assert "  lowest mIoU: " + ", ".join(f"{row['name']} {row['mIoU']:.4f}" for row in worst) + "\n" in said
     for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", "bf_score", "boundary_iou"):
@@ -284,7 +287,8 @@ def test_isbi_eval_with_watershed_scores_the_map_with_its_boundaries_drawn_in(tm
                      "val", "--json", str(reports[bool(flag)]), "--no-progress", "--no-bf", *flag]) == 0
     plain, got = (json.loads(reports[k].read_text()) for k in (False, True))
     assert got["provenance"]["watershed"] == 0.4 and "watershed" not in plain["provenance"]
-    assert not {"bf_score", "bf", "boundary_iou"} & (set(plain) | set(plain["per_class"][0]))  # --no-bf: neither
+    assert not {"bf_score", "bf", "boundary_iou"} & (set(plain) | set(plain["per_class"][0])
+                                                     | set(plain["per_image"][0]))  # --no-bf: neither
     for key in ("pixel_error", "mIoU", "pixel_acc"):
         assert got[key] == plain[key]
     predictor = Predictor.from_checkpoint(str(ckpt), "cpu")

@@ -215,8 +215,8 @@ def test_bf_meter_means_over_images_then_classes():
         per_image.append(np.mean(list(ref.values())))
         for c, v in ref.items():
             per_class[c].append(v)
-        meter.update(p, t)
-    meter.update(np.zeros((5, 5), np.int64), np.full((5, 5), 255))  # no valid pixels: skipped
+        assert meter.update(p, t) == pytest.approx(per_image[-1])  # the image's own score
+    assert meter.update(np.zeros((5, 5), np.int64), np.full((5, 5), 255)) is None  # no valid pixels: skipped
     out = meter.compute()
     assert out["bf_score"] == pytest.approx(np.mean(per_image))
     assert out["per_class_bf"] == pytest.approx([np.mean(per_class[c]) for c in range(3)])
@@ -486,12 +486,15 @@ def test_boundary_iou_meter_sums_bands_over_images_per_class():
     meter = BoundaryIoUMeter(k)
     inter, union = np.zeros(k), np.zeros(k)
     for pred, target in pairs:
-        meter.update(pred, target)
+        alone = meter.update(pred, target)
         d = max(1, int(round(0.02 * math.hypot(*target.shape))))
+        own = []
         for c in range(k):
             g, q = _erosion_band(target == c, d), _erosion_band((pred == c) & (target != 255), d)
             inter[c] += (g & q).sum()
             union[c] += (g | q).sum()
+            own += [(g & q).sum() / (g | q).sum()] if (g | q).any() else []
+        assert alone == pytest.approx(np.mean(own))  # the image's own Boundary IoU
     got = meter.compute()
     want = [inter[c] / union[c] for c in range(k)]
     assert got["per_class_boundary_iou"] == pytest.approx(want)

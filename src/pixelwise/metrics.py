@@ -224,15 +224,17 @@ class BFMeter:
         self.class_sums = np.zeros(num_classes)
         self.class_counts = np.zeros(num_classes, dtype=np.int64)
 
-    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
-        """pred, target: int[H, W] for one image (checked as :func:`image_bf_scores` checks them)."""
+    def update(self, pred: np.ndarray, target: np.ndarray) -> float | None:
+        """pred, target: int[H, W] for one image (checked as :func:`image_bf_scores` checks them).
+        -> the image's BF score (the mean over the classes of its ground truth), None without valid pixels."""
         scores = image_bf_scores(pred, target, self.num_classes, self.ignore_index, self.tolerance)
         if not scores:
-            return
+            return None
         self.image_scores.append(sum(scores.values()) / len(scores))
         for c, s in scores.items():
             self.class_sums[c] += s
             self.class_counts[c] += 1
+        return self.image_scores[-1]
 
     def compute(self) -> dict:
         """-> ``{"bf_score": float | None, "per_class_bf": [float | None] * C}``."""
@@ -304,11 +306,14 @@ class BoundaryIoUMeter:
         self.intersection = np.zeros(num_classes, dtype=np.int64)
         self.union = np.zeros(num_classes, dtype=np.int64)
 
-    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
-        """pred, target: int[H, W] for one image (checked as :func:`image_boundary_counts` checks them)."""
+    def update(self, pred: np.ndarray, target: np.ndarray) -> float | None:
+        """pred, target: int[H, W] for one image (checked as :func:`image_boundary_counts` checks them).
+        -> the image's own Boundary IoU (its classes' band IoUs averaged, the split's rule on one
+        image), None where no class has a band."""
         inter, union = image_boundary_counts(pred, target, self.num_classes, self.ignore_index, self.dilation)
         self.intersection += inter
         self.union += union
+        return _mean([float(i / u) if u else None for i, u in zip(inter, union)])
 
     def compute(self) -> dict:
         """-> ``{"boundary_iou": float | None, "per_class_boundary_iou": [float | None] * C}``."""

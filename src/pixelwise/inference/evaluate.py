@@ -5,8 +5,9 @@ that ``predict`` uses, so the metrics equal those computed from the masks ``pred
 Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (from the
 ``confusion_matrix``, also given: pixel counts, rows ground truth, columns prediction; see
 :mod:`pixelwise.metrics`), ``per_image`` (each image's ``name pixels pixel_acc mean_acc mIoU dice``
-from its own confusion matrix, to find the worst), ``bf_score`` (SegNet's boundary F1) and
-``boundary_iou`` (Cheng et al.'s Boundary IoU; ``bf=False`` skips both boundary metrics) and,
+from its own confusion matrix, and its ``bf`` and ``boundary_iou``, to find the worst),
+``bf_score`` (SegNet's boundary F1) and ``boundary_iou`` (Cheng et al.'s Boundary IoU;
+``bf=False`` skips both boundary metrics, per image too) and,
 for data whose class ``rand_foreground`` holds the objects (``isbi2012``'s cells), ``pixel_error
 rand_error rand_precision rand_recall`` (ISBI 2012 challenge definitions at the argmax) and
 ``rand_error_best rand_best_threshold pixel_error_best pixel_best_threshold`` (the challenge's
@@ -75,10 +76,9 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
         image = segmentation_metrics(image_cm)
         per_image.append({"name": sample.name or str(i), "pixels": int(image_cm.sum()),
                           **{k: image[k] for k in PER_IMAGE_KEYS}})
-        if bf_meter is not None:
-            bf_meter.update(prediction.mask, sample.mask)
-        if biou_meter is not None:
-            biou_meter.update(prediction.mask, sample.mask)
+        if bf_meter is not None and biou_meter is not None:
+            per_image[-1]["bf"] = bf_meter.update(prediction.mask, sample.mask)
+            per_image[-1]["boundary_iou"] = biou_meter.update(prediction.mask, sample.mask)
         if challenge is not None and fg is not None:
             assert prediction.probs is not None
             pred, prob = prediction.mask, prediction.probs[fg].numpy()
@@ -89,12 +89,11 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     metrics = meter.compute(list(ds.class_names))
     metrics["confusion_matrix"] = meter.cm.tolist()  # pixels: rows ground truth, columns prediction
     metrics["per_image"] = per_image
-    if bf_meter is not None:
+    if bf_meter is not None and biou_meter is not None:
         bf_result = bf_meter.compute()
         metrics["bf_score"] = bf_result["bf_score"]
         for row, value in zip(metrics["per_class"], bf_result["per_class_bf"]):
             row["bf"] = value
-    if biou_meter is not None:
         biou_result = biou_meter.compute()
         metrics["boundary_iou"] = biou_result["boundary_iou"]
         for row, value in zip(metrics["per_class"], biou_result["per_class_boundary_iou"]):
