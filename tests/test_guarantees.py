@@ -590,7 +590,7 @@ def test_eval_json_records_where_its_numbers_came_from(checkpoint, tmp_path):
     assert p["dataset"] == {"kind": "shapes", "root": None, "split": "test", "options": {"num_test": 2, "size": 32},
                             "skipped": []}
     assert p["prediction"] == {"resize": "native", "mode": "eager", "tile": 16, "overlap": 0.25, "tta": "flip",
-                               "mc_samples": 0}
+                               "mc_samples": 0, "crf": None}
     assert p["pixelwise_version"] == __import__("pixelwise").__version__ and p["torch_version"] == torch.__version__
 
 
