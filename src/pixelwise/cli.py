@@ -750,7 +750,7 @@ def _add_prediction_args(p: argparse.ArgumentParser) -> None:
     _add_calibration_args(p, "--mode int8")
     p.add_argument("--crf", nargs="?", const="", metavar="NAME=VALUE,...",
                    help="semantic models: refine each image's probabilities with DeepLab's fully connected CRF "
-                        "(mean field over all pixel pairs; images up to 4 MP; ~1 s for 360x480 on a core); defaults "
+                        "(mean field over all pixel pairs; images up to 4 MP; ~1 s for a 360x480 frame); defaults "
                         "DeepLab-LargeFOV's: iterations=10,bi_w=4,bi_xy_std=121,bi_rgb_std=5,pos_w=3,pos_xy_std=3, "
                         "any of them given override those")
 

@@ -52,7 +52,7 @@ from pixelwise.errors import UserError
 
 __all__ = ["MAX_CRF_PIXELS", "CRFSettings", "PermutohedralLattice", "as_crf_settings", "check_crf_size", "dense_crf"]
 
-MAX_CRF_PIXELS = 4_000_000  # the lattice of a larger image holds several GB (about 1 KB a pixel at its peak)
+MAX_CRF_PIXELS = 4_000_000  # up to ~1.6 KB a pixel at the peak (noise-like colours): 6.4 GB at this size
 CLIP = 1e-5  # probabilities below this become this before the log (pydensecrf's unary_from_softmax)
 
 
@@ -159,52 +159,58 @@ class PermutohedralLattice:
             bary[rows, d - rank[:, i]] += part[:, i]
             bary[rows, d - rank[:, i] + 1] -= part[:, i]
         bary[:, 0] += 1 + bary[:, d + 1]
-        # vertex r of each point: rem0 plus the canonical simplex's vertex r, in the simplex's order
-        keys = np.stack([rem0[:, :d] + np.where(rank[:, :d] <= d - r, r, r - (d + 1)) for r in range(d + 1)], 1)
-        keys = keys.reshape(-1, d).astype(np.int64)
-        # each vertex as one int64 (mixed radix, with room for the neighbours' +-d) where that fits:
-        # sorting integers is ~20x faster than sorting rows
-        self._low = keys.min(0) - (d + 1)
-        self._span = keys.max(0) - self._low + (d + 2)
-        fits = math.prod(int(v) for v in self._span) < self.CODE_LIMIT
-        self._radix = np.array([math.prod(int(v) for v in self._span[k + 1:]) for k in range(d)]) if fits else None
-        lattice, vertex = self._unique(keys)
+        # vertex r of each point: rem0 plus the canonical simplex's vertex r, in the simplex's order;
+        # each vertex one int64 (mixed radix over the coordinates' ranges, widened by the neighbours'
+        # reach) where that fits: sorting integers is ~20x faster than sorting rows, and a
+        # neighbour's code is the vertex's plus a constant
+        offsets = [np.where(rank[:, :d] <= d - r, r, r - (d + 1)) for r in range(d + 1)]
+        low = rem0[:, :d].min(0).astype(np.int64) - 2 * (d + 1)
+        span = rem0[:, :d].max(0).astype(np.int64) + 2 * d + 1 - low + 1
+        self._radix = (np.array([math.prod(int(v) for v in span[k + 1:]) for k in range(d)], np.int64)
+                       if math.prod(int(v) for v in span) < self.CODE_LIMIT else None)
+        if self._radix is not None:
+            base = (rem0[:, :d] - low) @ self._radix
+            codes = np.stack([base + offset @ self._radix for offset in offsets], 1)
+            lattice, vertex = np.unique(codes.ravel(), return_inverse=True)
+            self._neighbours = self._coded_neighbours(lattice, self._radix)
+        else:
+            keys = np.stack([rem0[:, :d] + offset for offset in offsets], 1).reshape(-1, d)
+            lattice, vertex = np.unique(keys, axis=0, return_inverse=True)
+            self._neighbours = self._row_neighbours(lattice)
         self.m = len(lattice)
         self._splat = scipy.sparse.csr_matrix(
             (bary[:, : d + 1].ravel(), (vertex.ravel(), np.repeat(rows, d + 1))), shape=(self.m, n))
-        self._neighbours = self._find_neighbours(lattice)
         self._alpha = np.float32(1.0 / (1.0 + 2.0 ** -d))
 
-    def _unique(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The distinct rows of ``keys`` (as codes where they fit in an int64, else as rows) and the
-        index of each row among them."""
-        if self._radix is None:
-            return np.unique(keys, axis=0, return_inverse=True)
-        return np.unique((keys - self._low) @ self._radix, return_inverse=True)
-
-    def _find_neighbours(self, lattice: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _coded_neighbours(self, lattice: np.ndarray, radix: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per lattice axis ``j``, the indices of each vertex's two neighbours along it (``m``, the
         index of a zero row, where there is none): all coordinates -1 but ``j`` +d, and the opposite.
-        ``lattice``: the vertices as :meth:`_unique` returns them (codes, or rows)."""
+        ``lattice``: the sorted vertex codes; a step is one constant added to every code."""
         m, d = len(lattice), self.d
-        rows = lattice if self._radix is None else (lattice[:, None] // self._radix) % self._span + self._low
+        out = []
+        for j in range(d + 1):
+            step = int(radix.sum()) - ((d + 1) * int(radix[j]) if j < d else 0)  # the last axis: x_d alone
+            pair = []
+            for code in (lattice - step, lattice + step):
+                at = np.searchsorted(lattice, code).clip(max=m - 1)
+                pair.append(np.where(lattice[at] == code, at, m))
+            out.append((pair[0], pair[1]))
+        return out
+
+    def _row_neighbours(self, lattice: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`_coded_neighbours` for vertices kept as rows (coordinates too spread for a code)."""
+        m, d = lattice.shape
         steps = []
         for j in range(d + 1):
-            n1, n2 = rows - 1, rows + 1
+            n1, n2 = lattice - 1, lattice + 1
             if j < d:  # the last axis moves the implied coordinate x_d alone
-                n1[:, j] = rows[:, j] + d
-                n2[:, j] = rows[:, j] - d
+                n1[:, j] = lattice[:, j] + d
+                n2[:, j] = lattice[:, j] - d
             steps += [n1, n2]
-        if self._radix is not None:
-            codes = (np.concatenate(steps) - self._low) @ self._radix
-            at = np.searchsorted(lattice, codes).clip(max=m - 1)
-            hits = np.where(lattice[at] == codes, at, m).reshape(2 * (d + 1), m)
-        else:
-            both = np.concatenate([rows, *steps])
-            unique, index = np.unique(both, axis=0, return_inverse=True)
-            found = np.full(len(unique), m, np.int64)
-            found[index[:m]] = np.arange(m)
-            hits = found[index[m:]].reshape(2 * (d + 1), m)
+        unique, index = np.unique(np.concatenate([lattice, *steps]), axis=0, return_inverse=True)
+        found = np.full(len(unique), m, np.int64)
+        found[index[:m]] = np.arange(m)
+        hits = found[index[m:]].reshape(2 * (d + 1), m)
         return [(hits[2 * j], hits[2 * j + 1]) for j in range(d + 1)]
 
     def filter(self, values: np.ndarray) -> np.ndarray:
@@ -243,7 +249,7 @@ def _features(image: np.ndarray, xy_std: float, rgb_std: float | None) -> np.nda
 def check_crf_size(height: int, width: int) -> None:
     """An image the CRF can refine: at most :data:`MAX_CRF_PIXELS` pixels, else a UserError."""
     if height * width > MAX_CRF_PIXELS:
-        raise UserError(f"--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels (its lattice holds about 1 KB a "
+        raise UserError(f"--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels (its lattice holds up to 1.6 KB a "
                         f"pixel); this one has {height * width:,} ({width}x{height}): leave out --crf for it, or "
                         "predict it smaller")
 
