@@ -112,6 +112,8 @@ def test_settings_parse_and_refuse():
 
 
 def test_sizes_that_do_not_fit_are_named():
+    with pytest.raises(UserError, match="needs the image as uint8.*got float32"):
+        dense_crf(np.zeros((5, 6, 3), np.float32), torch.full((2, 5, 6), 0.5))
     with pytest.raises(UserError, match="same H, W"):
         dense_crf(np.zeros((5, 6, 3), np.uint8), torch.full((2, 5, 7), 0.5))
     side = int(MAX_CRF_PIXELS ** 0.5) + 1

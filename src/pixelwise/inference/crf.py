@@ -251,7 +251,7 @@ def check_crf_size(height: int, width: int) -> None:
     if height * width > MAX_CRF_PIXELS:
         raise UserError(f"--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels (its lattice holds up to 1.6 KB a "
                         f"pixel); this one has {height * width:,} ({width}x{height}): leave out --crf for it, or "
-                        "predict it smaller")
+                        "give a smaller copy of the image (the CRF runs at the image's own size)")
 
 
 def dense_crf(image: np.ndarray, probs: torch.Tensor | np.ndarray, settings: CRFSettings | None = None
@@ -261,6 +261,9 @@ def dense_crf(image: np.ndarray, probs: torch.Tensor | np.ndarray, settings: CRF
     Tensor[C, H, W], the mean-field marginals ``Q`` after ``settings.iterations`` steps (CPU)."""
     settings = settings or CRFSettings()
     p = probs.detach().float().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs, np.float32)
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:  # the colour kernel's units are 0-255
+        raise UserError(f"the CRF needs the image as uint8 (0-255, as read from its file), got "
+                        f"{getattr(image, 'dtype', type(image).__name__)}")
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or p.ndim != 3 or image.shape[:2] != p.shape[1:]:
