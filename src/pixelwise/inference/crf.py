@@ -148,9 +148,9 @@ class PermutohedralLattice:
                 rank[:, i] += less
                 rank[:, j] += ~less
         rank += shift[:, None]
-        low, high = rank < 0, rank >= d + 1  # off the plane by the rounding: wrap around
-        rank += (d + 1) * (low.astype(np.int32) - high.astype(np.int32))
-        rem0 += (d + 1) * (low.astype(np.int32) - high.astype(np.int32))
+        wrap = (d + 1) * ((rank < 0).astype(np.int32) - (rank >= d + 1).astype(np.int32))  # off the plane: wrap around
+        rank += wrap
+        rem0 += wrap
         # barycentric weights of the d + 1 vertices (p. 10)
         bary = np.zeros((n, d + 2), np.float32)
         part = (elevated - rem0) * np.float32(1.0 / (d + 1))
