@@ -102,6 +102,9 @@ def test_the_crf_takes_the_labels_of_the_colour_regions():
 def test_settings_parse_and_refuse():
     assert CRFSettings.parse("") == CRFSettings()
     assert CRFSettings.parse("bi_w=5, iterations=3") == CRFSettings(iterations=3, bi_w=5.0)
+    settings = CRFSettings(iterations=3, bi_w=5.5, pos_xy_std=2.0)
+    assert settings.text() == "iterations=3,bi_w=5.5,bi_xy_std=121,bi_rgb_std=5,pos_w=3,pos_xy_std=2"
+    assert CRFSettings.parse(settings.text()) == settings  # what predict prints, --crf takes back
     refused = [("bi_w", "is not NAME=VALUE"), ("colour=3", "is not NAME=VALUE"), ("bi_w=x", "bi_w must be a number"),
                ("iterations=0", "iterations must be a whole number from 1 to 100"),
                ("bi_xy_std=0", "bi_xy_std must be a number above 0"), ("pos_w=-1", "pos_w must be a number >= 0"),

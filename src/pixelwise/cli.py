@@ -595,11 +595,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def crf_text(settings: typing.Any) -> str:
-    """A CRF's settings as ``--crf`` takes them: ``iterations=10,bi_w=4,...``."""
-    return ",".join(f"{k}={v:g}" for k, v in vars(settings).items())
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
@@ -648,7 +643,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
           + (f"; Monte-Carlo dropout (--uncertainty) ran in eager float32, not --mode {', '.join(sampled)}"
              if sampled else "")
           + (f"; {len(stacks)} multi-frame file(s) predicted frame by frame as <stem>_<frame>" if stacks else "")
-          + (f"; refined by the fully connected CRF ({crf_text(crf)})" if (crf := getattr(predictor, "crf", None))
+          + (f"; refined by the fully connected CRF ({crf.text()})" if (crf := getattr(predictor, "crf", None))
              else "")
           + (f"; {renamed} output name(s) given <stem>_<ext> or a number because input stems collide"
              if renamed else ""))

@@ -41,6 +41,7 @@ values that library computed).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -78,6 +79,10 @@ class CRFSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise UserError(f"crf {name} must be a number above 0, got {value!r}")
+
+    def text(self) -> str:
+        """The settings as ``--crf`` takes them (:meth:`parse`): ``iterations=10,bi_w=4,...``."""
+        return ",".join(f"{k}={v:g}" for k, v in dataclasses.asdict(self).items())
 
     @classmethod
     def parse(cls, text: str, flag: str = "--crf") -> CRFSettings:
