@@ -5,14 +5,19 @@ import pytest
 from pixelwise.cli import main
 
 
-def test_quick_demo_learns_and_an_interrupted_demo_resumes_to_its_report(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_quick_demo_resumes_to_its_report(tmp_path, monkeypatch, capsys):
     import pixelwise.demo
 
+    # a smaller quick demo (2 epochs of 25 steps) keeps the default suite short; that the demo learns
+    # is the slow tests' claim (the quick one as shipped, 4 epochs of 100 steps, scores 0.49 mIoU)
+    monkeypatch.setitem(pixelwise.demo.QUICK, "epochs", 2)
+    monkeypatch.setitem(pixelwise.demo.QUICK, "dataset_kwargs",
+                        {**pixelwise.demo.QUICK["dataset_kwargs"], "num_train": 200, "num_test": 8})
     real = pixelwise.demo.fit
 
     def stop_half_way(ev, state):
-        if ev == "step" and state.step == 150:
-            raise KeyboardInterrupt  # Ctrl-C in the demo's training
+        if ev == "step" and state.step == 30:
+            raise KeyboardInterrupt  # Ctrl-C in the demo's training, in its second epoch
 
     monkeypatch.setattr(pixelwise.demo, "fit", lambda cfg, **kw: real(cfg, callbacks=[stop_half_way], **kw))
     out = tmp_path / "demo"
@@ -24,14 +29,21 @@ def test_quick_demo_learns_and_an_interrupted_demo_resumes_to_its_report(tmp_pat
     assert main(["demo", "--out", str(out), "--quick", "--no-progress", "--resume"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"pixel_acc", "mean_acc", "mIoU", "fwIoU", "per_class"} <= set(metrics)
-    # predicting background everywhere scores mIoU ~0.21 (84% of pixels); the quick run is bounded
-    # by steps (400), not time, so this does not depend on the machine's load (0.49 measured)
-    assert metrics["mIoU"] > 0.4, metrics["mIoU"]
+    assert metrics["num_images"] == 8 and metrics["training"]["epochs_completed"] == 2
     assert (out / "best.safetensors").is_file() and (out / "training_curve.svg").is_file()
     report = (out / "report.html").read_text()
     assert "mIoU" in report and "<svg" in report and "<h2>Confusion matrix</h2>" in report
     preds = sorted((out / "predictions").glob("test_*_overlay.png"))
     assert len(preds) >= 4
+
+
+@pytest.mark.slow
+def test_the_quick_demo_learns(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--no-progress"]) == 0
+    # predicting background everywhere scores mIoU ~0.21 (84% of pixels); the quick run is bounded
+    # by steps (400), not time, so this does not depend on the machine's load (0.49 measured)
+    assert json.loads((out / "metrics.json").read_text())["mIoU"] > 0.4
 
 
 @pytest.mark.slow

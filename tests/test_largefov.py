@@ -92,6 +92,7 @@ def test_decimation_of_vgg16_fully_connected_layers():
     assert not any(k.startswith("classifier.") for k in out)
 
 
+@pytest.mark.slow  # two VGG-16s (138M parameters each) saved and read back: 12.6 s
 def test_imagenet_weights_from_a_local_file(tmp_path):
     torch.manual_seed(1)
     source = vgg16()
