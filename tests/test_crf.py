@@ -264,6 +264,68 @@ def test_the_server_refines_with_the_crf_it_was_started_with(checkpoints):
         assert np.array_equal(mask, expected.predict(image).mask)
 
 
+def test_a_request_turns_the_crf_on_off_or_sets_it(checkpoints, tmp_path, monkeypatch):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
+    httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")
+    import asyncio
+    import base64
+    import io
+
+    from PIL import Image
+
+    import pixelwise.serve.app
+    from pixelwise import Predictor, create_model, save_checkpoint
+    from pixelwise.serve.app import create_app
+
+    image = blocks(seed=4)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+
+    def post(predictor, fields):
+        async def go():
+            app = create_app(predictor, samples=[])
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as c:
+                return await c.post("/api/predict", files={"image": ("a.png", buf.getvalue(), "image/png")},
+                                    data=fields)
+        return asyncio.run(go())
+
+    def mask_of(body):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
+
+    plain = Predictor.from_checkpoint(checkpoints[0])
+    started_with = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=2, bi_w=6))
+    cases = [(plain, "true", CRFSettings()), (plain, "ON", CRFSettings()), (plain, "false", None),
+             (plain, "iterations=3, pos_w=1", CRFSettings(iterations=3, pos_w=1)),
+             (started_with, "yes", CRFSettings(iterations=2, bi_w=6)),  # the server's own settings
+             (started_with, "0", None), (started_with, "bi_w=2", CRFSettings(bi_w=2))]
+    for predictor, field, settings in cases:
+        answer = post(predictor, {"crf": field})
+        assert answer.status_code == 200, (field, answer.text)
+        body = answer.json()
+        assert body["options"]["crf"] == (None if settings is None else vars(settings)), field
+        expected = Predictor.from_checkpoint(checkpoints[0], crf=settings).predict(image).mask
+        assert np.array_equal(mask_of(body), expected), field
+    assert not np.array_equal(mask_of(post(plain, {"crf": "true"}).json()), plain.predict(image).mask)
+
+    answer = post(plain, {"crf": "colour=3"})
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("crf: 'colour=3' is not NAME=VALUE")
+    answer = post(plain, {"crf": "iterations=0"})
+    assert answer.status_code == 422 and "crf: iterations must be a whole number from 1 to 100" in answer.text
+    # an image above the CRF's size is refused before the model runs, as too large (the limit made small)
+    monkeypatch.setattr(pixelwise.serve.app, "MAX_CRF_PIXELS", image.shape[0] * image.shape[1] - 1)
+    ran = []
+    monkeypatch.setattr(plain, "runner", lambda x: ran.append(x))
+    answer = post(plain, {"crf": "true"})
+    assert answer.status_code == 413 and "send it with crf=false, or a smaller copy" in answer.json()["detail"]
+    assert not ran
+    kw = {"min_size": 64, "max_size": 64}
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3, **kw).eval()
+    save_checkpoint(tmp_path / "m.safetensors", model, {"model": "maskrcnn_resnet18_fpn", "num_classes": 3,
+                                                       "model_kwargs": kw, "task": "instance"})
+    answer = post(Predictor.from_checkpoint(tmp_path / "m.safetensors"), {"crf": "true"})
+    assert answer.status_code == 422 and answer.json()["detail"] == "crf does not apply to instance models"
+
+
 def test_instance_models_refuse_the_crf(tmp_path):
     from pixelwise import Predictor, create_model, save_checkpoint
 

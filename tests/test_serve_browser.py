@@ -264,6 +264,13 @@ def test_page_segments_an_upload_and_a_sample_with_keyboard_and_mouse(server, fi
     page.wait_for_selector("main[data-state=done]", timeout=SLOW)
     page.check("#view-uncertainty")
     assert page.is_visible("#unc-img") and page.is_hidden("#layer")
+    # the CRF: off as the server is, then asked for with its box (DeepLab's settings)
+    assert answers[-1].json()["options"]["crf"] is None and not page.is_checked("#crf")
+    page.check("#crf")
+    with page.expect_response(lambda r: r.url.endswith("/api/predict"), timeout=SLOW) as refined:
+        page.click("#run")
+    assert refined.value.json()["options"]["crf"]["iterations"] == 10
+    page.wait_for_selector("main[data-state=done]", timeout=SLOW)
     assert (shots / "serve_page.png").stat().st_size > 10_000
     assert np.asarray(Image.open(shots / "serve_page.png")).std() > 0
 

@@ -94,7 +94,7 @@ class CRFSettings:
             key = key.strip()
             if not sep or key not in names:
                 raise UserError(f"{flag}: {part!r} is not NAME=VALUE with NAME one of {', '.join(names)} "
-                                "(e.g. --crf bi_w=4,bi_xy_std=121)")
+                                "(e.g. bi_w=4,bi_xy_std=121)")
             try:
                 values[key] = int(value) if key == "iterations" else float(value)
             except ValueError:

@@ -133,6 +133,7 @@ async function init() {
     if (semantic) {
       $("tile").value = info.options.tile || 0;
       $("tta").value = info.options.tta || "none";
+      $("crf").checked = Boolean(info.options.crf);  // on where the server refines (--crf)
     } else if (info.options.score_thresh !== undefined) {
       $("score-thresh").value = info.options.score_thresh;
     }
@@ -376,6 +377,7 @@ async function segment() {
     if (task === "semantic") {
       form.append("tile", $("tile").value || "0");
       form.append("tta", $("tta").value);
+      form.append("crf", $("crf").checked ? "true" : "false");
       form.append("uncertainty", $("uncertainty").checked ? "true" : "false");
       form.append("overlay", "false");  // the page draws its overlay from the mask
     } else if ($("score-thresh").value !== "") {
