@@ -21,8 +21,11 @@ from pixelwise.models.maskrcnn import (
     split_kwargs,
 )
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator
+from pixelwise.models.maskrcnn.roi_heads import MaskRCNNHeads, fastrcnn_loss, match_proposals
+from pixelwise.models.maskrcnn.rpn import rpn_loss
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig
 from pixelwise.models.registry import model_info
+from pixelwise.ops import BalancedPositiveNegativeSampler, Matcher
 
 SMALL = {
     "min_size": 64,
@@ -584,3 +587,60 @@ def test_a_hand_downloaded_coco_file_gives_the_model_the_coco_tag_gives(tmp_path
     for path, eps in ((copy, 0.0), (renamed, 1e-5)):  # another name: not taken for the COCO file
         model = create_model("maskrcnn_resnet50_fpn", 91, pretrained=str(path))
         assert {m.eps for m in model.modules() if isinstance(m, FrozenBatchNorm2d)} == {eps}
+
+
+# --- losses, matching and the mask head worked by hand ---------------------------------------------
+def test_rpn_loss_by_hand():
+    """Objectness: mean BCE of the logits against the 1 / 0 labels of the sampled anchors (ignored
+    -1 left out); boxes: smooth-L1 (beta 1/9) of the positives, summed, over the number sampled.
+    The sampler takes every anchor here (2 positives, 3 negatives, batch 100), so it is exact."""
+    g = torch.Generator().manual_seed(0)
+    objectness = torch.randn(1, 6, generator=g)
+    labels = torch.tensor([[1.0, 0, -1, 1, 0, 0]])
+    deltas, targets = torch.randn(1, 6, 4, generator=g), torch.randn(1, 6, 4, generator=g)
+    obj, box = rpn_loss(objectness, deltas, labels, targets, BalancedPositiveNegativeSampler(100, 0.5))
+    x, y = objectness[0], labels[0]
+    bce = [-math.log(torch.sigmoid(x[i]).item()) if y[i] == 1 else -math.log(1 - torch.sigmoid(x[i]).item())
+           for i in (0, 1, 3, 4, 5)]
+    assert obj.item() == pytest.approx(sum(bce) / 5, rel=1e-5)
+    d = (deltas[0] - targets[0]).abs()
+    smooth = torch.where(d < 1 / 9, 0.5 * d**2 * 9, d - 0.5 / 9)
+    assert box.item() == pytest.approx((smooth[0].sum() + smooth[3].sum()).item() / 5, rel=1e-5)
+
+
+def test_match_proposals_labels_by_hand():
+    """A proposal takes its matched box's class; below the low threshold it is background (0), between
+    the thresholds ignored (-1); the index is clamped to >= 0; no ground truth -> all background."""
+    gt = torch.tensor([[0.0, 0, 10, 10], [100, 100, 110, 110]])
+    gt_labels = torch.tensor([2, 3])
+    proposals = torch.tensor(
+        [
+            [100.0, 100, 110, 110],  # IoU 1 with gt 1 -> class 3
+            [50.0, 50, 60, 60],  # IoU 0 -> background
+            [0.0, 0, 10, 20],  # IoU 0.5 with gt 0 -> between 0.3 and 0.7 -> ignored
+            [0.0, 0, 10, 10],  # IoU 1 with gt 0 -> class 2
+        ]
+    )
+    matched, labels = match_proposals(proposals, gt, gt_labels, Matcher(0.7, 0.3))
+    assert labels.tolist() == [3, 0, -1, 2]
+    assert matched.tolist() == [1, 0, 0, 0]
+    no_gt = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    matched, labels = match_proposals(proposals, *no_gt, Matcher(0.5, 0.5))
+    assert labels.tolist() == [0] * 4 and matched.tolist() == [0] * 4
+
+
+def test_mask_head_default_layers_are_four_256_channel_convs():
+    """torchvision's mask head: four 3x3 convs of 256 channels (``mask_head.<i>.0``)."""
+    head = MaskRCNNHeads(8)
+    shapes = [tuple(v.shape) for k, v in head.state_dict().items() if k.endswith("weight")]
+    assert shapes == [(256, 8, 3, 3)] + [(256, 256, 3, 3)] * 3
+
+
+def test_fastrcnn_loss_without_any_roi_is_zero_and_in_the_graph():
+    """S = 0 (no proposal and no ground truth): both losses exactly 0, finite, and backward works."""
+    logits = torch.zeros(0, 3, requires_grad=True)
+    regression = torch.zeros(0, 12, requires_grad=True)
+    cls, box = fastrcnn_loss(logits, regression, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4))
+    assert cls.item() == 0.0 and box.item() == 0.0
+    (cls + box).backward()
+    assert logits.grad is not None and regression.grad is not None

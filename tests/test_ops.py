@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_matches, load_fixture
+from pixelwise import ops
 from pixelwise.ops import (
     BalancedPositiveNegativeSampler,
     BoxCoder,
@@ -23,8 +24,10 @@ from pixelwise.ops import (
     map_roi_levels,
     multiscale_roi_align,
     nms,
+    pool_feature_table,
     remove_small_boxes,
     roi_align,
+    roi_feature_table,
 )
 
 # ----------------------------------------------------------------------------- naive references
@@ -566,3 +569,48 @@ def test_remove_small_boxes_measures_height_as_y2_minus_y1_away_from_the_origin(
     is 5 x 2 -> kept; [10, 20, 11, 30] is 1 wide -> dropped."""
     boxes = torch.tensor([[0.0, 10.0, 5.0, 11.0], [10.0, 10.0, 15.0, 12.0], [10.0, 20.0, 11.0, 30.0]])
     assert remove_small_boxes(boxes, 2.0).tolist() == [1]
+
+
+# --- RoIAlign with one sample a bin, the matcher at equal thresholds, the module's public names -------
+def test_roi_align_sampling_ratio_one_takes_one_sample_per_bin():
+    """sampling_ratio=1 is a fixed grid of one sample per bin, not the adaptive ceil(bin size) grid:
+    on boxes several pixels per bin the two differ, and 1 must match the naive loop with g = 1."""
+    gen = torch.Generator().manual_seed(11)
+    feat = torch.randn(1, 2, 30, 40, generator=gen, dtype=torch.float64)
+    rois = torch.tensor([[0, 0.0, 0.0, 40.0, 30.0], [0, 5.0, 1.0, 35.5, 28.0]], dtype=torch.float64)
+    for aligned in (False, True):
+        expected = naive_roi_align(feat, rois, (3, 4), 1.0, 1, aligned)
+        out = roi_align(feat, rois, (3, 4), 1.0, 1, aligned).numpy()
+        np.testing.assert_allclose(out, expected, atol=1e-12)
+        adaptive = naive_roi_align(feat, rois, (3, 4), 1.0, -1, aligned)
+        assert np.abs(out - adaptive).max() > 1e-3  # the case tells the two grids apart
+
+
+def test_matcher_with_equal_thresholds_keeps_a_match_at_exactly_the_threshold():
+    """torchvision: below is ``quality < low``, between ``low <= quality < high``; with low == high
+    (the RoI heads' 0.5 / 0.5) a quality of exactly 0.5 is a match, not background."""
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    preds = torch.tensor([[0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 21.0], [0.0, 0.0, 10.0, 12.0]])
+    quality = box_iou(gt, preds)
+    assert quality[0, 0].item() == 0.5  # 100 / 200, exact in float32
+    assert Matcher(0.5, 0.5)(quality).tolist() == [0, -1, 0]
+    assert Matcher(0.7, 0.5)(quality).tolist() == [-2, -1, 0]
+
+
+def test_every_name_in_ops_all_exists():
+    assert "Matcher" in ops.__all__ and "nms" in ops.__all__
+    for name in ops.__all__:
+        assert hasattr(ops, name), name
+
+
+def test_pool_feature_table_defaults_equal_multiscale_roi_align():
+    """The public two-step form with its default canonical scale and level (224, 4, the FPN paper's)
+    pools the same as multiscale_roi_align, over boxes that map to every level."""
+    gen = torch.Generator().manual_seed(5)
+    feats = [torch.randn(1, 2, 64 // 2**i, 48 // 2**i, generator=gen) for i in range(3)]
+    sizes = [(256, 192)]
+    boxes = [torch.tensor([[10.0, 10.0, 40.0, 40.0], [20.0, 5.0, 160.0, 125.0], [0.0, 0.0, 230.0, 250.0]])]
+    assert map_roi_levels(boxes, 2, 4).tolist() == [0, 1, 2]
+    expected = multiscale_roi_align(feats, boxes, sizes, (3, 3), 2)
+    out = pool_feature_table(roi_feature_table(feats, sizes), boxes, (3, 3), 2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
