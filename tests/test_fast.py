@@ -15,7 +15,7 @@ from pixelwise import create_model, list_models
 from pixelwise.errors import UserError
 from pixelwise.inference import fast
 from pixelwise.inference.export import sample_batch
-from pixelwise.inference.fast import FastSegmenter, fold_model, make_runner
+from pixelwise.inference.fast import FastSegmenter, TapConv2d, fold_model, make_runner
 from pixelwise.models import forward_logits
 from pixelwise.models.maskrcnn.fast import fold_batchnorm
 
@@ -240,3 +240,26 @@ def test_every_plan_offered_was_measured_within_its_cost():
         assert plan.int8 is not None or eager - int8 <= fast.INT8_MAX_COST, name
         offered += 1
     assert offered >= 3
+
+
+def test_eager_runner_is_the_model_itself_not_a_copy():
+    # eager runs the model as it is (later weight changes seen), unlike the fast path's copy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1)).eval()
+    x = torch.randn(1, 3, 8, 10)
+    runner = make_runner(model, "eager")
+    assert not isinstance(runner, FastSegmenter)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+        torch.testing.assert_close(runner(x), forward_logits(model, x), rtol=0, atol=0)
+
+
+def test_tap_convolution_applies_from_min_dilation_on_either_axis_to_odd_kernels_only():
+    assert TapConv2d.applies(nn.Conv2d(4, 4, 3, padding=8, dilation=8), 8)  # at least min_dilation
+    assert not TapConv2d.applies(nn.Conv2d(4, 4, 3, padding=7, dilation=7), 8)
+    assert not TapConv2d.applies(nn.Conv2d(4, 4, 2, padding=6, dilation=12), 8)  # even: "same" needs uneven padding
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 2, 3, padding=(1, 12), dilation=(1, 12)).double()  # only the width is dilated
+    assert TapConv2d.applies(conv, 8)
+    x = torch.randn(1, 3, 9, 30, dtype=torch.float64)
+    torch.testing.assert_close(TapConv2d(conv)(x), conv(x), rtol=1e-12, atol=1e-12)

@@ -14,8 +14,10 @@ from conftest import narrow
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.errors import UserError
+from pixelwise.inference import fast
 from pixelwise.inference.fast import make_runner
 from pixelwise.inference.int8 import (
+    INT8_MIN_AGREEMENT,
     Int8Segmenter,
     _untraceable,
     calibration_batches,
@@ -172,6 +174,25 @@ def test_runner_offers_int8_only_where_measured_and_on_the_cpu():
         make_runner(model, "int8", "fcn_resnet50", device="cuda", calibration=batches, measuring=True)
     runner = make_runner(model, "int8", "fcn_resnet50", calibration=batches)
     assert isinstance(runner, Int8Segmenter) and runner(smooth(1, 40, 40, 3)).shape == (1, 3, 40, 40)
+
+
+@pytest.mark.parametrize("agreement, offered", [(INT8_MIN_AGREEMENT, True), (INT8_MIN_AGREEMENT - 0.001, False)])
+def test_runner_offers_int8_from_exactly_the_minimum_agreement(monkeypatch, agreement, offered):
+    # the quantisation itself stubbed: only the runner's threshold (agreement >= INT8_MIN_AGREEMENT) is tested
+    class Stub:
+        def __init__(self, model, batches):
+            pass
+
+        def agreement(self, model, x):
+            return agreement
+
+    monkeypatch.setattr(fast, "Int8Segmenter", Stub)
+    model = nn.Conv2d(3, 2, 1)
+    if offered:
+        assert isinstance(make_runner(model, "int8", "fcn_resnet50", calibration=[torch.zeros(1, 3, 4, 4)]), Stub)
+    else:
+        with pytest.raises(UserError, match="agrees with float32 on only"):
+            make_runner(model, "int8", "fcn_resnet50", calibration=[torch.zeros(1, 3, 4, 4)])
 
 
 def test_calibration_batches_are_preprocessed_random_crops():

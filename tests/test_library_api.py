@@ -20,7 +20,7 @@ from pixelwise.data import build_dataset, collate
 from pixelwise.data.palette import colorize
 from pixelwise.errors import UserError
 from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
-from pixelwise.inference.mc_dropout import dropout_layers
+from pixelwise.inference.mc_dropout import dropout_layers, dropout_sampling
 from pixelwise.inference.predictor import InstancePredictor, Prediction, Predictor
 from pixelwise.metrics import BFMeter, RandMeter, confusion_matrix, image_bf_scores, pixel_error, rand_counts
 
@@ -122,6 +122,19 @@ def test_seeded_dropout_drops_what_torchs_own_layer_drops_at_its_rate(kind, shap
     assert torch.equal(torch.get_rng_state(), before)
     assert constant_over(y) == constant_over(own)
     assert torch.isclose(y[y != 0], torch.tensor(1 / (1 - p))).all() and abs((y == 0).float().mean() - p) < 0.1
+
+
+def test_seeded_dropout_refuses_the_ranks_torchs_own_layer_refuses():
+    """A 1-D input to Dropout2d (and a 1-D or 4-D one to Dropout1d): torch's layer raises, and so
+    does the seeded layer, rather than drop elements on its own."""
+    for kind, shape in ((torch.nn.Dropout2d, (5,)), (torch.nn.Dropout1d, (5,)), (torch.nn.Dropout1d, (2, 3, 4, 5))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError):
+                kind(0.4).train()(torch.ones(shape))
+            model = torch.nn.Sequential(kind(0.4)).eval()
+            with dropout_sampling(model, torch.Generator().manual_seed(0)), pytest.raises(RuntimeError):
+                model(torch.ones(shape))
 
 
 def test_seeded_sampling_leaves_no_forward_on_the_layers_even_when_it_fails(monkeypatch):

@@ -13,7 +13,7 @@ from pixelwise.cli import main
 from pixelwise.data.io import read_mask
 from pixelwise.errors import UserError
 from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
-from pixelwise.inference.predictor import Predictor
+from pixelwise.inference.predictor import Predictor, SemanticPredictor
 
 
 def _save(path, seed, num_classes=3, **kwargs):
@@ -186,3 +186,20 @@ def test_eval_records_each_members_contract_and_options(tmp_path):
     members = metrics["provenance"]["ensemble"]
     assert [m["prediction"]["resize"] for m in members] == [[32, 32], "native"]
     assert [m["prediction"]["mc_samples"] for m in members] == [2, 0]
+
+
+def test_one_checkpoint_is_its_own_predictor_not_an_ensemble_of_one(checkpoints):
+    one = from_checkpoints([checkpoints[0]])
+    assert type(one) is SemanticPredictor  # Predictor.from_checkpoint's, not EnsemblePredictor
+    image = np.random.default_rng(3).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    torch.testing.assert_close(one.predict_probs(image),
+                               Predictor.from_checkpoint(checkpoints[0]).predict_probs(image), rtol=0, atol=0)
+
+
+def test_members_built_without_names_are_named_by_their_place(checkpoints):
+    a = Predictor.from_checkpoint(checkpoints[0])
+    b = Predictor.from_checkpoint(checkpoints[1])
+    assert EnsemblePredictor([a, b]).names == ["member 1", "member 2"]
+    b.class_names = ["x", "y", "z"]
+    with pytest.raises(UserError, match="member 1 has 3 classes: .*; member 2 has 3 classes: x, y, z"):
+        EnsemblePredictor([a, b])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pixelwise.backbones.vgg import URLS, VGG16_CFG, make_features, mirror_channels
 from pixelwise.errors import UserError
-from pixelwise.inference.mc_dropout import mc_dropout
+from pixelwise.inference.mc_dropout import dropout_layers, has_dropout, mc_dropout, predictive_entropy
 from pixelwise.layers import UPSAMPLE_MODES, DecoderStage, decoder_stages
 from pixelwise.models.segnet import SegNet, bayesian_segnet, segnet, segnet_basic
 
@@ -287,6 +287,32 @@ def test_mc_predict_restores_modes_on_error_and_rejects_models_without_dropout(b
     assert broken.training and broken.bn.training and broken.drop.training
     with pytest.raises(UserError, match="no dropout"):
         mc_dropout(segnet_basic(3), torch.randn(1, 3, 16, 16))
+
+
+def test_mc_dropout_rejects_an_unknown_measure(bayes):
+    with pytest.raises(ValueError, match=re.escape("measure must be 'variance' or 'entropy', got 'std'")):
+        mc_dropout(bayes, torch.randn(1, 3, 16, 16), samples=1, measure="std")
+
+
+def test_dropout_at_rate_zero_is_no_dropout_to_sample():
+    # nn.Dropout(0.0) never drops: its samples would all be equal, so it does not count
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.Dropout(0.0), nn.Dropout2d(0.0)).eval()
+    assert dropout_layers(model) == [] and not has_dropout(model)
+    with pytest.raises(UserError, match="no dropout"):
+        mc_dropout(model, torch.randn(1, 3, 4, 4))
+    kept = nn.Sequential(nn.Dropout(0.0), nn.Dropout(0.1))
+    assert dropout_layers(kept) == [kept[1]]
+
+
+def test_predictive_entropy_sums_over_the_class_dimension_by_default():
+    # [N=1, K=4, H=2, W=3]: pixel (0, 0) uniform (log 4 nats), (1, 2) two classes at 1/2 (log 2), the rest one-hot (0)
+    probs = torch.zeros(1, 4, 2, 3)
+    probs[0, 0] = 1.0
+    probs[0, :, 0, 0] = 0.25
+    probs[0, :, 1, 2] = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    want = torch.zeros(1, 2, 3)
+    want[0, 0, 0], want[0, 1, 2] = torch.log(torch.tensor(4.0)), torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(predictive_entropy(probs), want)
 
 
 def test_mc_predict_accepts_dict_outputs():
