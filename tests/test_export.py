@@ -18,11 +18,22 @@ from PIL import Image
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+import pixelwise.inference.export as export_module  # noqa: E402
 from conftest import narrow  # noqa: E402
-from pixelwise import create_model, list_models, save_checkpoint  # noqa: E402
+from pixelwise import __version__, create_model, list_models, save_checkpoint  # noqa: E402
 from pixelwise.cli import main  # noqa: E402
 from pixelwise.errors import UserError  # noqa: E402
-from pixelwise.inference.export import MAX_OPSET, MIN_OPSET, export_onnx  # noqa: E402
+from pixelwise.inference.export import (  # noqa: E402
+    MAX_OPSET,
+    MIN_OPSET,
+    check_maskrcnn_outputs,
+    export_onnx,
+    onnx_metadata,
+    sample_batch,
+    sort_graph,
+    verification_sizes,
+    verify,
+)
 from pixelwise.inference.onnx_runner import (  # noqa: E402
     exported_dropout,
     is_onnx,
@@ -752,3 +763,145 @@ def test_reading_onnx_metadata_without_the_onnx_package_says_how_to_install_it(m
     monkeypatch.setitem(sys.modules, "onnx", None)  # its import fails as where it is not installed
     with pytest.raises(UserError, match=r"reading ONNX files needs onnx: pip install -e '.\[export\]'"):
         read_onnx_metadata(tmp_path / "m.onnx")
+
+
+def test_verification_sizes_are_the_contract_and_a_second_odd_one_of_at_least_33_rows():
+    """(1, H, W) of the contract (else 256 x 320), then batch 2 at 3H/4 + 5 (at least 33) x 5W/4 + 3."""
+    def contract(resize):
+        return {"input": {"mean": [0.5] * 3, "std": [0.5] * 3, "resize": resize}}
+
+    assert verification_sizes(None) == verification_sizes(contract(None)) == [(1, 256, 320), (2, 197, 403)]
+    assert verification_sizes(contract([64, 48])) == [(1, 64, 48), (2, 53, 63)]
+    # a small contract: 3 * 24 // 4 + 5 = 23 rows would be below the floor of 33
+    assert verification_sizes(contract([24, 32])) == [(1, 24, 32), (2, 33, 43)]
+
+
+class _FakeSession:
+    """What _check_parts reads of an onnxruntime session: the input names, and run()."""
+
+    def __init__(self, names, outputs):
+        self.names, self.outputs = names, outputs
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": n})() for n in self.names]
+
+    def run(self, _, feed):
+        assert sorted(feed) == sorted(self.names)
+        return [o.numpy() for o in self.outputs]
+
+
+def test_maskrcnn_backbone_agreement_counts_the_objectness_signs_only():
+    """Of the backbone part's 15 outputs (5 FPN levels, 5 objectness maps, 5 box deltas) only the
+    objectness maps count: the levels and deltas all flipped, one objectness map half flipped, 4 of
+    its 8 logits disagree in sign out of 40, 90%."""
+    reference = [torch.ones(1, 2, 2, 2) for _ in range(15)]
+    reference[6] = torch.zeros(1, 2, 2, 2)  # zero on both sides: the same sign (none)
+    got = [-r if k < 5 or k >= 10 else r.clone() for k, r in enumerate(reference)]
+    got[5].view(-1)[:4] = -1.0
+
+    class Outputs(nn.Module):
+        def forward(self, x):
+            return tuple(reference)
+
+    x = torch.zeros(1, 3, 32, 32)
+    check = export_module._check_parts(Outputs(), _FakeSession(["image"], got), [x], sign=True)
+    assert check.agreement == pytest.approx(36 / 40)
+    assert (check.shape, check.max_abs_diff, check.max_abs_logit) == ((1, 3, 32, 32), 2.0, 1.0)
+
+
+def test_maskrcnn_export_bounds_are_inclusive_and_1e_3_at_least(tmp_path, monkeypatch):
+    """A part passes at an agreement equal to min_agreement, and with a difference up to 1e-3 of
+    its largest output but never less than 1e-3: outputs of at most 0.5 may differ by 6e-4."""
+    import dataclasses
+
+    real = export_module._check_parts
+
+    def small(module, session, inputs, sign):
+        return dataclasses.replace(real(module, session, inputs, sign), agreement=0.75, max_abs_logit=0.5,
+                                   max_abs_diff=6e-4)
+
+    monkeypatch.setattr(export_module, "_check_parts", small)
+    torch.manual_seed(0)
+    model = create_model("maskrcnn_resnet18_fpn", num_classes=3).eval()
+    reports = export_module.export_maskrcnn_parts(model, tmp_path / "m.onnx", sizes=[(1, 64, 96)], rois=[2],
+                                                  min_agreement=0.75)
+    assert [(c.agreement, c.max_abs_diff) for r in reports for c in r.checks] == [(0.75, 6e-4), (0.75, 6e-4)]
+
+
+def test_export_onnx_replaces_an_existing_file_by_default(tmp_path):
+    """replace=True is the default: a second export to the same path replaces the first."""
+    torch.manual_seed(0)
+    out = tmp_path / "m.onnx"
+    export_onnx(nn.Conv2d(3, 2, 1), out, sizes=[(1, 8, 8)])
+    export_onnx(nn.Conv2d(3, 4, 1), out, sizes=[(1, 8, 8)])
+    assert read_onnx_metadata(out)["num_classes"] == 4 and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_sort_graph_reads_the_outer_values_of_a_list_of_subgraphs():
+    """A node whose attribute is a list of graphs (type GRAPHS) reads what its subgraphs read from
+    outside: it goes after their producer, and the subgraphs are sorted too."""
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    body = helper.make_graph([helper.make_node("Neg", ["t"], ["u"], name="s1"),
+                              helper.make_node("Abs", ["a"], ["t"], name="s0")],  # reads the outer "a"
+                             "body", [], [value("u", TensorProto.FLOAT, [2])])
+    holder = helper.make_node("Holder", [], ["y"], name="holder", domain="test", bodies=[body])
+    assert holder.attribute[0].type == onnx.AttributeProto.GRAPHS
+    graph = helper.make_graph([holder, helper.make_node("Identity", ["x"], ["a"], name="producer")], "g",
+                              [value("x", TensorProto.FLOAT, [2])], [value("y", TensorProto.FLOAT, [2])])
+    sort_graph(graph)
+    assert [n.name for n in graph.node] == ["producer", "holder"]
+    assert [n.name for n in graph.node[1].attribute[0].graphs[0].node] == ["s0", "s1"]
+
+
+class _EagerSession:
+    """An onnxruntime stand-in that runs ``model`` in PyTorch (what verify reads of a session)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "image"})()]
+
+    def run(self, _, feed):
+        with torch.no_grad():
+            return [self.model(torch.from_numpy(feed["image"])).numpy()]
+
+
+def test_verify_feeds_three_channels_by_default_and_batches_smaller_than_8_pixels():
+    """verify's default is an RGB batch; sample_batch makes one for any size, under 8 pixels too
+    (its coarse noise is at least 1 x 1)."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 2, 1).eval()
+    checks = verify(model, _EagerSession(model), [(1, 5, 7), (2, 9, 3)])
+    assert [c.shape for c in checks] == [(1, 3, 5, 7), (2, 3, 9, 3)]
+    assert all(c.agreement == 1.0 and c.max_abs_diff == 0.0 and c.classes == 2 for c in checks)
+    x = sample_batch(2, 1, 3, 20, seed=4)
+    assert x.shape == (2, 1, 3, 20) and bool(torch.isfinite(x).all())
+    # the docstring's recipe: noise at 1/8 resolution (here 2 x 3), upsampled bilinearly, plus 0.2 fine noise
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.nn.functional.interpolate(torch.randn(1, 3, 2, 3, generator=g), size=(16, 24), mode="bilinear",
+                                             align_corners=False)
+    torch.testing.assert_close(sample_batch(1, 3, 16, 24, seed=3), coarse + 0.2 * torch.randn(1, 3, 16, 24,
+                                                                                                generator=g))
+
+
+def test_onnx_metadata_of_a_bare_model_is_written_out():
+    """Without a checkpoint's metadata: the model name given, task semantic, the default input
+    contract, the model's geometry, the version that wrote it, and the export's own entries."""
+    torch.manual_seed(0)
+    got = onnx_metadata(None, "Conv2d", {"opset": 17}, nn.Conv2d(3, 2, 1))
+    assert got == {"model": "Conv2d", "task": "semantic",
+                   "input": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "normalize": True,
+                             "resize": None, "channels": 3},
+                   "geometry": {"context": 0, "alignment": 1}, "pixelwise_version": __version__,
+                   "onnx": {"opset": 17}}
+
+
+def test_maskrcnn_heads_file_is_not_overwritten_unless_asked(tmp_path):
+    """check_maskrcnn_outputs refuses an existing heads file by default, not with overwrite=True."""
+    (tmp_path / "m_heads.onnx").write_text("notes")
+    with pytest.raises(UserError, match="m_heads.onnx, which exists; pass --overwrite"):
+        check_maskrcnn_outputs(tmp_path / "m.onnx")
+    check_maskrcnn_outputs(tmp_path / "m.onnx", overwrite=True)

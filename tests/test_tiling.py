@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pixelwise.inference.tiling as tiling_module
 from pixelwise import create_model
 from pixelwise.inference.predictor import SemanticPredictor, upsample_probs, upsample_rows
 from pixelwise.inference.tiling import axis_spans, blend_rows, model_geometry, plan_tiles, tile_margin, tile_weight
@@ -334,3 +335,38 @@ def test_margins_are_the_documented_ones():
     # cores at 0, 64, 128 and 136 (the last flush with the end), each widened by 8, clipped to [0, 200)
     assert [(r.start, r.stop, r.window_start, r.window_stop) for r in rows] == [
         (0, 64, 0, 72), (64, 128, 56, 136), (128, 192, 120, 200), (136, 200, 128, 200)]
+
+
+def test_a_step_below_one_pixel_steps_by_one():
+    """tile * (1 - overlap) below 1 (tile 16, overlap 0.99: 0.16) steps by one pixel, not zero:
+    every start from 0 to size - tile, each window its core widened by the margin, clipped."""
+    spans = axis_spans(40, 16, 0.99, 2, 1)
+    assert [s.start for s in spans] == list(range(25))
+    assert all((s.stop, s.window_start, s.window_stop) == (s.start + 16, max(0, s.start - 2), min(40, s.start + 18))
+               for s in spans)
+
+
+def test_the_streamed_accumulator_never_holds_more_than_a_tile_of_rows(monkeypatch):
+    """The module's promise: the accumulator holds at most ``tile`` rows of the full width (each
+    new row of tiles grows it by what its cores reach below it, no more), whatever the overlap."""
+    rows = []
+
+    class Spy:  # torch as tiling sees it, recording the rows of every accumulator it builds
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def zeros(self, *shape):
+            rows.append(shape[1] if len(shape) > 1 else 0)
+            return torch.zeros(*shape)
+
+        def cat(self, tensors, dim):
+            out = torch.cat(tensors, dim)
+            rows.append(out.shape[1])
+            return out
+
+    monkeypatch.setattr(tiling_module, "torch", Spy())
+    for overlap in (0.0, 0.25, 0.5):
+        plan = plan_tiles(400, 9, 48, overlap, context=0, alignment=8)
+        outputs = [torch.rand(2, r.stop - r.start, c.stop - c.start) for r, c in plan.windows()]
+        assert sum(b.shape[1] for _, b in blend_rows(plan, outputs)) == 400
+    assert max(rows) == 48
