@@ -27,6 +27,7 @@ from pixelwise.inference.export import (  # noqa: E402
     MAX_OPSET,
     MIN_OPSET,
     check_maskrcnn_outputs,
+    export_maskrcnn_parts,
     export_onnx,
     onnx_metadata,
     sample_batch,
@@ -763,6 +764,25 @@ def test_reading_onnx_metadata_without_the_onnx_package_says_how_to_install_it(m
     monkeypatch.setitem(sys.modules, "onnx", None)  # its import fails as where it is not installed
     with pytest.raises(UserError, match=r"reading ONNX files needs onnx: pip install -e '.\[export\]'"):
         read_onnx_metadata(tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_export_without_the_export_extra_says_how_to_install_it_before_any_work(monkeypatch, tmp_path, capsys,
+                                                                                missing):
+    from pixelwise.cli import main
+
+    monkeypatch.setitem(sys.modules, missing, None)  # its import fails as where it is not installed
+    model = create_model("unet", num_classes=2, base_channels=4).eval()
+    for export in (lambda: export_onnx(model, tmp_path / "a.onnx"),
+                   lambda: export_maskrcnn_parts(None, tmp_path / "b.onnx")):  # refused before the model is read
+        with pytest.raises(UserError, match=rf"needs onnx.*{missing} is not installed.*pip install -e '.\[export\]'"
+                           if missing == "onnx" else r"needs onnxruntime: pip install -e '.\[export\]'"):
+            export()
+    out = tmp_path / "out" / "m.onnx"
+    assert main(["export", "--model", "unet", "--num-classes", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pixelwise: error: ") and err.count("\n") == 1 and "pip install -e '.[export]'" in err
+    assert "--opset" not in err and not out.parent.exists()
 
 
 def test_verification_sizes_are_the_contract_and_a_second_odd_one_of_at_least_33_rows():

@@ -253,6 +253,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_maskrcnn_parts,
         export_onnx,
     )
+    from pixelwise.inference.onnx_runner import require_export_extra
     from pixelwise.models import create_model, model_info
     from pixelwise.models.maskrcnn import MaskRCNN
 
@@ -275,6 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.int8:
         check_no_calibration(args, "--int8")
     check_opset(args.opset, "int8" if args.int8 else "float16" if args.fp16 else "float32")
+    require_export_extra()  # before the checkpoint is read
     out = _writable_out(args.out, args.overwrite)
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint)
@@ -665,7 +667,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from pixelwise.serve.app import run
     except ModuleNotFoundError as e:
         raise UserError(f"pixelwise serve needs the serve extra ({e.name} is not installed): "
-                        "pip install 'pixelwise[serve]'") from None
+                        "pip install -e '.[serve]'") from None
 
     check_can_listen(args.host, args.port)
     if not 0 < args.max_upload_mb < math.inf:

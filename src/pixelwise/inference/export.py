@@ -58,7 +58,7 @@ from pixelwise._version import __version__
 from pixelwise.checkpoint import atomic_write, input_spec_from_meta
 from pixelwise.errors import UserError
 from pixelwise.inference.mc_dropout import has_dropout
-from pixelwise.inference.onnx_runner import META_KEY, make_session
+from pixelwise.inference.onnx_runner import META_KEY, make_session, require_export_extra
 from pixelwise.inference.tiling import model_geometry
 from pixelwise.models import Logits, forward_logits, kept_as_it_was
 from pixelwise.models.maskrcnn import MaskRCNN
@@ -361,6 +361,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None = No
     UserError. The model is traced on the CPU in eval mode and put back on its own device, in its
     own mode, afterwards.
     """
+    require_export_extra()
     with kept_as_it_was(model):
         return _export_onnx(model, out, meta, model_name=model_name, opset=opset, fp16=fp16,
                             calibration=calibration, sizes=sizes, min_agreement=min_agreement, replace=replace)
@@ -568,6 +569,7 @@ def export_maskrcnn_parts(model: MaskRCNN, out: str | os.PathLike, meta: dict | 
     between and after them (resize and normalisation, anchors, proposal decoding and NMS,
     multi-scale RoI Align, detection post-processing, mask pasting) and why: docs/deploy.md. The
     model is put back on its own device, in its own mode, afterwards."""
+    require_export_extra()
     with kept_as_it_was(model):
         return _export_maskrcnn_parts(model, out, meta, opset=opset, min_agreement=min_agreement, sizes=sizes,
                                       rois=rois, replace=replace)

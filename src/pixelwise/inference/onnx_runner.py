@@ -39,6 +39,17 @@ def require_onnxruntime():
     return onnxruntime
 
 
+def require_export_extra() -> None:
+    """A UserError saying how to install them unless onnx and onnxruntime, which an export writes
+    and verifies with, can be imported (checked before any work)."""
+    try:
+        import onnx  # noqa: F401  optional dependency (the export extra)
+    except ImportError:
+        raise UserError("ONNX export needs onnx and onnxruntime (onnx is not installed): "
+                        "pip install -e '.[export]'") from None
+    require_onnxruntime()
+
+
 def is_onnx(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(".onnx")
 
