@@ -234,6 +234,30 @@ def test_predict_and_eval_take_crf_on_the_command_line(checkpoints, tmp_path, ca
                                  "pos_xy_std": 3.0}
 
 
+def test_predict_checks_every_input_against_the_crfs_size_before_writing(checkpoints, tmp_path, capsys,
+                                                                          monkeypatch):
+    from PIL import Image
+
+    import pixelwise.inference.crf
+    from pixelwise.cli import EXIT_SKIPPED, main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(blocks(20, 20)).save(inputs / "a_small.png")
+    Image.fromarray(blocks(36, 44)).save(inputs / "b_large.png")
+    monkeypatch.setattr(pixelwise.inference.crf, "MAX_CRF_PIXELS", 1000)  # 20x20 within, 44x36 above
+    out = tmp_path / "out"
+    command = ["predict", "--checkpoint", str(checkpoints[0]), str(inputs), "--out", str(out), "--crf", "--no-progress"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"{inputs / 'b_large.png'}: --crf runs on images of up to 1,000 pixels" in err and "(44x36)" in err
+    assert "nothing was written" in err and not out.exists()  # the small one was not predicted first
+    assert main([*command, "--skip-invalid"]) == EXIT_SKIPPED
+    assert sorted(p.name for p in out.iterdir()) == ["a_small.png", "a_small_overlay.png"]
+    assert main(["predict", "--checkpoint", str(checkpoints[0]), str(inputs / "b_large.png"), "--out",
+                 str(tmp_path / "plain"), "--no-progress"]) == 0  # without --crf, no limit of the CRF's
+
+
 def test_the_server_refines_with_the_crf_it_was_started_with(checkpoints):
     pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
     httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")

@@ -626,7 +626,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             member.mc_samples = DEFAULT_MC_SAMPLES
     plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
                          uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress,
-                         cells=args.watershed is not None, overwrite=args.overwrite)
+                         cells=args.watershed is not None, overwrite=args.overwrite,
+                         crf=getattr(predictor, "crf", None) is not None)
     written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress,
                             watershed=args.watershed)
     stacks = {path for path, frame in zip(plan.paths, plan.frames) if frame > 0}

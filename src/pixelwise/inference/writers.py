@@ -59,6 +59,7 @@ from pixelwise.data.io import (
 from pixelwise.data.palette import clear_class, default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
+from pixelwise.inference.crf import check_crf_size
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.runtime import check_can_create
 from pixelwise.runtime import progress as progress_bar
@@ -202,12 +203,12 @@ def _reason(err: UserError) -> str:
 
 def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False, uncertainty: bool = False,
                   skip_invalid: bool = False, progress: bool | None = None, cells: bool = False,
-                  overwrite: bool = False) -> PredictPlan:
-    """Every check of ``predict``, before anything is written: the inputs exist and decode, ``out``
-    is a folder that holds none of them and no output lands on an input (through a link either),
-    nor, unless ``overwrite``, on a file already there (an earlier prediction, or a file of the
-    user's that has an output's name). Unreadable inputs are all named in one UserError, or left
-    out and listed with ``skip_invalid``."""
+                  overwrite: bool = False, crf: bool = False) -> PredictPlan:
+    """Every check of ``predict``, before anything is written: the inputs exist and decode (and
+    with ``crf``, every frame is within the CRF's size), ``out`` is a folder that holds none of
+    them and no output lands on an input (through a link either), nor, unless ``overwrite``, on a
+    file already there (an earlier prediction, or a file of the user's that has an output's name).
+    Unreadable inputs are all named in one UserError, or left out and listed with ``skip_invalid``."""
     paths = expand_inputs(inputs)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -222,7 +223,14 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     for p in progress_bar(paths, "check inputs", show=progress):
         try:
             probe_info(p)  # the header checks every verb makes: a file cut short is refused here as by eval
-            count = sum(1 for _ in read_frames(p))  # decodes every frame, in one pass over the file
+            count = 0
+            for frame in read_frames(p):  # decodes every frame, in one pass over the file
+                count += 1
+                if crf:
+                    try:
+                        check_crf_size(*frame.shape[:2])
+                    except UserError as e:
+                        raise UserError(f"{p}: {e}") from None
         except UserError as e:
             skipped.append(_reason(e))
             continue
@@ -529,7 +537,8 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
         raise TypeError("predict_files: give out, the folder for the predictions")
     else:
         plan = check_predict(inputs, out, instance=isinstance(predictor, InstancePredictor), uncertainty=uncertainty,
-                             progress=progress, cells=watershed is not None, overwrite=overwrite)
+                             progress=progress, cells=watershed is not None, overwrite=overwrite,
+                             crf=getattr(predictor, "crf", None) is not None)
     check_watershed(predictor, watershed)
     out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
