@@ -282,6 +282,22 @@ def test_an_input_named_like_a_flag_gets_the_way_to_pass_it(tmp_path, monkeypatc
     assert "is a file" not in capsys.readouterr().err  # -x names no file: no such hint
 
 
+@pytest.mark.parametrize("flag, said", [("--crf", "arguments are required: INPUT"),
+                                         ("--tta", "invalid choice: 'photo.png'"),
+                                         ("--watershed", "invalid float value: 'photo.png'")])
+def test_an_input_taken_as_the_value_of_a_flag_that_may_go_without_one_is_named(tmp_path, monkeypatch, capsys,
+                                                                                 flag, said):
+    """predict ... --crf photo.png said only 'the following arguments are required: INPUT'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photo.png").write_bytes(b"not read")
+    assert main(["predict", "--checkpoint", "m.safetensors", "--out", "o", flag, "photo.png"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and f"{flag} took photo.png as its value" in err and f"put {flag} after the inputs" in err
+    assert main(["predict", "--checkpoint", "m.safetensors", "--out", "o", flag, "other.png"]) == 2
+    assert "took" not in capsys.readouterr().err  # no such file: no such hint
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_says_when_the_split_holds_images_the_checkpoint_trained_on(tmp_path, capsys):
     """A run trained with ISBI val_count 2 (or CamVid val_sequences + join_val) and evaluated without
     those options scored some of its training images as 'val', without a word."""

@@ -725,8 +725,8 @@ def _add_max_pixels(p: argparse.ArgumentParser) -> None:
 
 def _add_prediction_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by eval and predict: how the model sees each image."""
-    p.add_argument("--resize", help="predict at HxW instead of the size recorded in the checkpoint (its input "
-                   "contract), or 'native' for each image's own size; results come back at the image's size")
+    p.add_argument("--resize", help="predict at HxW (or N: N x N) instead of the size recorded in the checkpoint "
+                   "(its input contract), or 'native' for each image's own size; results come back at the image's size")
     p.add_argument("--tile", type=int, help="predict in tiles that each predict this many pixels square (>= 16), "
                    "seeing their real surroundings from the image (bounded memory for large images)")
     p.add_argument("--overlap", type=float, help="how much tiles overlap and blend, as a fraction of the tile "
@@ -918,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a model of the zoo (`pixelwise models`), random weights")
     p.add_argument("--checkpoint", action=Once, help="the .safetensors checkpoint")
     p.add_argument("--num-classes", type=int, help="with --model only (default 21)")
-    p.add_argument("--size", required=True, help="input HxW")
+    p.add_argument("--size", required=True, help="input HxW (or N: N x N)")
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--onnx", metavar="FILE", action=Once,
                    help="time a file written by `pixelwise export` (onnxruntime)")
@@ -1017,7 +1017,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     try:
         args, extra = parser.parse_known_args(argv)
     except UserError as e:  # e.g. "the following arguments are required: INPUT" for predict -x.png
-        raise UserError(f"{e}{_dash_file_hint(sys.argv[1:] if argv is None else argv)}") from None
+        given = sys.argv[1:] if argv is None else argv
+        raise UserError(f"{e}{_dash_file_hint(given)}{_taken_path_hint(given)}") from None
     if extra:
         verb = _verb_parser(parser, args)
         word = next((a for a in extra if a.startswith("-")), extra[0])
@@ -1034,6 +1035,19 @@ def _dash_file_hint(argv: list[str]) -> str:
     named = next((a for a in argv if a.startswith("-") and a != "--" and os.path.isfile(a)), None)
     return (f"; {named} is a file, read as a flag for its leading '-': write ./{named}, or put the inputs after --"
             if named else "")
+
+
+OPTIONAL_VALUE_FLAGS = ("--tta", "--crf", "--watershed")  # nargs="?": a path right after one is taken as its value
+
+
+def _taken_path_hint(argv: list[str]) -> str:
+    """'; --crf took photo.png as its value ...' where a flag whose value may be left out is
+    followed by an existing path (an input the user meant), which argparse gives the flag."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in OPTIONAL_VALUE_FLAGS and os.path.exists(value):
+            return (f"; {flag} took {value} as its value (a value it may go without): put {flag} after the inputs, "
+                    f"or give its value with = ({flag}=VALUE)")
+    return ""
 
 
 def _one_line(text: str) -> str:
