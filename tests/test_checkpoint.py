@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 
 import pytest
 import torch
@@ -64,6 +65,16 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="weights_only"):
         read_weights(tmp_path / "evil2.pt")
     assert not marker.exists(), "the pickle payload ran"
+
+
+def test_a_plain_pickle_given_as_weights_is_refused_in_one_line_without_torchs_warning(tmp_path):
+    path = tmp_path / "model.pth"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))  # torch warns about the protocol before refusing it
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError, match="is not a plain weights file torch can load safely"):
+            read_weights(path)
+    assert not seen, [str(w.message) for w in seen]
 
 
 def test_truncated_and_missing(tmp_path):

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -115,7 +116,9 @@ def read_weights(source: str | Path, urls: Mapping[str, str] | None = None) -> d
     if path.suffix not in TORCH_SUFFIXES:
         raise UserError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors, .pth, .pt or .bin")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle of protocol 4+ warns before it is refused: one line, not three
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad or unsafe files
         text = str(e)
         first = text.splitlines()[0][:200] if text else ""
