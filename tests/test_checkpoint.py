@@ -5,9 +5,11 @@ import pickle
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 
 from conftest import edit_safetensors
 from pixelwise import create_model, load_checkpoint, save_checkpoint
@@ -356,6 +358,12 @@ def test_a_checkpoint_path_that_is_no_checkpoint_file_is_named_as_what_it_is(tmp
     (tmp_path / "empty.onnx").write_bytes(b"")
     with pytest.raises(UserError, match="not a safetensors checkpoint"):
         load_checkpoint(tmp_path / "empty.onnx")
+    for name, fmt, kind in (("photo.png", "PNG", "PNG"), ("photo.jpg", "JPEG", "JPEG"), ("scan.tif", "TIFF", "TIFF")):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name, format=fmt)
+        with pytest.raises(UserError, match=f"{name} is a {kind} image, not a checkpoint: give the .safetensors"):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(UserError, match=r"checkpoint .*none.safetensors not found; check the path"):
+        load_checkpoint(tmp_path / "none.safetensors")
     loop = tmp_path / "loop.safetensors"
     loop.symlink_to(loop)
     broken = tmp_path / "broken.safetensors"

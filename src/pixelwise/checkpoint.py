@@ -291,6 +291,11 @@ def is_safetensors(head: bytes, size: int) -> bool:
     return len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8
 
 
+# the first bytes of the image files most likely to be given as a checkpoint by mistake
+_IMAGE_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
+                (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+
+
 def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
     """Raise UserError unless ``path`` looks like a safetensors file (never unpickles)."""
     if path.is_dir():
@@ -299,7 +304,8 @@ def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
         raise UserError(f"{what} {path} is a folder: give a checkpoint file in it{hint}")
     problem = not_a_file(path, "a checkpoint file")
     if problem == "file not found":
-        raise UserError(f"{what} {path} not found")
+        raise UserError(f"{what} {path} not found; check the path (a run writes runs/NAME/best.safetensors and "
+                        "last.safetensors)")
     if problem:
         raise UserError(f"{what} {path}: {problem}")
     with open(path, "rb") as f:
@@ -314,7 +320,12 @@ def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
     if path.suffix.lower() == ".onnx" and head[:1] == b"\x08":  # an ONNX protobuf begins with ir_version, field 1
         raise UserError(f"{path} is an ONNX file (pixelwise export writes them), not a {what}: run it with "
                         "Predictor.from_checkpoint, or give it to predict, eval and bench as --onnx")
-    raise UserError(f"{path} is not a safetensors {what} (bad header); was it truncated?")
+    image = next((kind for magic, kind in _IMAGE_MAGIC if head.startswith(magic)), None)
+    if image:
+        raise UserError(f"{path} is a {image} image, not a {what}: give the .safetensors file `pixelwise train` "
+                        "writes (runs/NAME/best.safetensors), and the image as an input")
+    raise UserError(f"{path} is not a safetensors {what} (bad header); was it truncated? (a {what} is the "
+                    ".safetensors file `pixelwise train` writes)")
 
 
 def _read(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:

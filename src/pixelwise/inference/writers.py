@@ -98,7 +98,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise UserError(f"no images match {item}")
             paths += matches
         else:
-            raise UserError(f"input {p} not found")
+            raise UserError(f"input {p} not found; check the path (a glob in quotes, 'photos/*.jpg', is expanded "
+                            "by predict)")
     if not paths:
         nested = [item for item in inputs if Path(item).is_dir()
                   and any(_listed(q) for sub in Path(item).iterdir() if sub.is_dir() for q in sub.iterdir())]
