@@ -363,7 +363,9 @@ def test_requests_that_are_not_an_image_form(predictor):
 def test_ground_truth_that_does_not_fit_is_422(predictor):
     app = create_app(predictor, samples=[])
     image = png_bytes(noise(20, 30))
-    for truth, words in ((np.zeros((10, 30), np.uint8), "30x10"), (np.full((20, 30), 9, np.uint8), "[9]")):
+    # a photo of another size sent as the ground truth is told its size, not its thousands of colours
+    for truth, words in ((np.zeros((10, 30), np.uint8), "30x10"), (np.full((20, 30), 9, np.uint8), "[9]"),
+                         (noise(12, 16, seed=1), "the ground-truth mask is 16x12 but the image is 30x20")):
         r = request(app, "POST", "/api/predict", files={"image": ("a.png", image, "image/png"),
                                                         "ground_truth": ("t.png", png_bytes(truth), "image/png")})
         assert r.status_code == 422 and words in r.json()["detail"], r.text

@@ -336,6 +336,9 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
     lossy = lossy_mask_error(memoryview(data), img.format, img.info.get("compression"))
     if lossy:  # e.g. "JPEG-compressed mask: lossy compression changes labels at edges; save masks as PNG"
         raise UploadError(422, f"the ground-truth mask is a {lossy}")
+    if (img.height, img.width) != tuple(shape):  # before its values: a photo of another size is that first
+        raise UploadError(422, f"the ground-truth mask is {img.width}x{img.height} but the image is "
+                               f"{shape[1]}x{shape[0]}")
     mode = img.mode
     if stored is not None:
         mask = _stored_labels(img, stored, data)
@@ -363,9 +366,6 @@ def decode_mask(data: bytes | bytearray, max_pixels: int, palette: Sequence[Sequ
         if not fits:
             raise UploadError(422, f"a {mode} ground-truth mask cannot hold class ids; save it as an 8-bit index PNG")
         mask = arr.astype(np.uint8)
-    if mask.shape != tuple(shape):
-        raise UploadError(422, f"the ground-truth mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                               f"{shape[1]}x{shape[0]}")
     bad = np.unique(mask[(mask >= num_classes) & (mask != 255)])
     if bad.size:
         raise UploadError(422, f"the ground-truth mask has values {bad[:8].tolist()} that are not class ids "
