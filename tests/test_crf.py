@@ -333,6 +333,8 @@ def test_a_request_turns_the_crf_on_off_or_sets_it(checkpoints, tmp_path, monkey
 
     answer = post(plain, {"crf": "colour=3"})
     assert answer.status_code == 422 and answer.json()["detail"].startswith("crf: 'colour=3' is not NAME=VALUE")
+    answer = post(plain, {"crf": "maybe"})
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("crf must be true, false or settings")
     answer = post(plain, {"crf": "iterations=0"})
     assert answer.status_code == 422 and "crf: iterations must be a whole number from 1 to 100" in answer.text
     # an image above the CRF's size is refused before the model runs, as too large (the limit made small)

@@ -297,6 +297,9 @@ def crf_option(text: str, predictor: Predictor) -> CRFSettings | None:
         return getattr(predictor, "crf", None) or CRFSettings()
     if text.lower() in FALSE:
         return None
+    if "=" not in text:
+        raise UploadError(422, f"crf must be true, false or settings NAME=VALUE,... (e.g. iterations=5,bi_w=5), "
+                               f"got {text!r}")
     try:
         return CRFSettings.parse(text, "crf")
     except UserError as e:
