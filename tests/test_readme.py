@@ -46,7 +46,9 @@ def test_the_readme_python_api_example_runs(tmp_path):
     (tmp_path / "pixelwise-demo").mkdir()
     save_checkpoint(tmp_path / "pixelwise-demo" / "best.safetensors", create_model("unet", num_classes=4, **kw),
                     {"model": "unet", "num_classes": 4, "model_kwargs": kw})
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "scene.png")
+    (tmp_path / "pixelwise-demo" / "predictions").mkdir()  # the demo's first test image, which the README reads
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+        tmp_path / "pixelwise-demo" / "predictions" / "test_00000_image.png")
     check = "\nassert pred.mask.shape == (40, 56) and tuple(x.shape) == (3, 40, 56), (pred.mask.shape, x.shape)\n"
     result = subprocess.run([sys.executable, "-c", block + check], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
