@@ -273,6 +273,25 @@ def test_eval_checks_the_data_like_train_and_skip_invalid_leaves_files_out(tmp_p
     assert result["num_images"] == 5 and len(result["provenance"]["dataset"]["skipped"]) == 1
 
 
+def test_train_names_the_problems_of_both_splits_at_once(tmp_path, capsys):
+    """A bad file in each split was told one split at a time: fix the train split's, run again, and
+    only then hear of the val split's."""
+    from pixelwise.data.folder import val_stems
+
+    stems = [f"s{i}" for i in range(20)]
+    held = val_stems(stems)
+    bad = [next(s for s in stems if s in held), next(s for s in stems if s not in held)]  # one of each split
+    root = folder_dataset(tmp_path / "d", [200 if f"s{i}" in bad else 1 for i in range(20)])
+    args = ["train", "--model", "unet", "--dataset", "folder", "--data", str(root), "--epochs", "1",
+            "--model-kwargs", json.dumps(KW), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    line = one_error_line(capsys)
+    assert "problems in both splits: 1 in the train split of FolderDataset" in line, line
+    assert "1 in the val split of FolderDataset" in line and all(f"{s}.png" in line for s in bad)
+    assert not (tmp_path / "run").exists()
+    assert main([*args, "--out", str(tmp_path / "run2"), "--skip-invalid"]) == 0
+
+
 # --- downloads --------------------------------------------------------------------------------------
 def _zip(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as zf:

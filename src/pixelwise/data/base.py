@@ -92,14 +92,19 @@ class SegmentationDataset(Dataset):
         inspect`` prints them). Default: none."""
         return []
 
-    def check_or_refuse(self, skip_invalid: bool, purpose: str, empty: str | None = None) -> list[Problem]:
-        """Run :meth:`check`: with problems, refuse (a UserError naming the first ones and the way
-        out) unless ``skip_invalid``, which drops the files concerned. ``purpose``: what the
-        caller does with the data ("train", "evaluate"); ``empty``: what the refusal says when
-        nothing is left (default "nothing to <purpose>"). -> the problems (dropped)."""
-        problems = self.check()
+    def where(self) -> str:
+        """``"the val split of CamVid"``: the data named in messages."""
         split = getattr(self, "split", None)
-        where = f"the {split} split of {type(self).__name__}" if split else type(self).__name__
+        return f"the {split} split of {type(self).__name__}" if split else type(self).__name__
+
+    def check_or_refuse(self, skip_invalid: bool, purpose: str, empty: str | None = None,
+                        problems: list[Problem] | None = None) -> list[Problem]:
+        """Run :meth:`check` (or take its ``problems``): with problems, refuse (a UserError naming
+        the first ones and the way out) unless ``skip_invalid``, which drops the files concerned.
+        ``purpose``: what the caller does with the data ("train", "evaluate"); ``empty``: what the
+        refusal says when nothing is left (default "nothing to <purpose>"). -> the problems (dropped)."""
+        problems = self.check() if problems is None else problems
+        where = self.where()
         if problems and not skip_invalid:
             shown = "; ".join(str(p) for p in problems[:2])
             raise UserError(f"{len(problems)} problem(s) in {where}, e.g. {shown}; fix them or pass --skip-invalid "

@@ -324,9 +324,14 @@ def open_datasets(cfg: TrainConfig, log: Callable[[str], None] = print
     if training_only:
         log(f"note: {', '.join(training_only)} applies to the training split; validation scores every image "
             f"of {cfg.val_split}")
-    train.check_or_refuse(cfg.skip_invalid, "train")
+    found = train.check(), val.check()
+    if all(found) and not cfg.skip_invalid and cfg.val_split != cfg.train_split:  # both named at once, not by turns
+        parts = [f"{len(p)} in {ds.where()}, e.g. {p[0]}" for ds, p in zip((train, val), found)]
+        raise UserError(f"problems in both splits: {'; '.join(parts)}; fix them or pass --skip-invalid to train "
+                        "without those files (`pixelwise data inspect --split NAME` lists them all)")
+    train.check_or_refuse(cfg.skip_invalid, "train", problems=found[0])
     val.check_or_refuse(cfg.skip_invalid, "train", empty="nothing to validate on: fix them, or validate on "
-                        "another split (--val-split)")
+                        "another split (--val-split)", problems=found[1])
     check_same_split_classes(cfg, train, val)
     same = cfg.val_split == cfg.train_split  # validating on the training split, as asked: said once
     for split, ds in [(cfg.train_split, train)] + ([] if same else [(cfg.val_split, val)]):
