@@ -237,6 +237,8 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("serve: empty host", ["serve", "--checkpoint", CKPT, "--host", ""], "--host is empty"),
     ("serve: upload limit not a number", ["serve", "--checkpoint", CKPT, "--max-upload-mb", "nan"],
      "--max-upload-mb must be a positive number of MB, got nan"),
+    ("serve: upload limit zero", ["serve", "--checkpoint", CKPT, "--max-upload-mb", "0"],
+     "--max-upload-mb must be a positive number of MB, got 0.0"),
     ("serve: negative time limit", ["serve", "--checkpoint", CKPT, "--timeout", "-1"],
      "--timeout must be a positive number of seconds (0 for no limit), got -1"),
     ("serve: keep-uploads under a file", ["serve", "--checkpoint", CKPT, "--keep-uploads", "{ws}/notes.txt/up"],

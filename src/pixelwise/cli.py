@@ -333,11 +333,16 @@ def check_num_classes(args: argparse.Namespace, files: str) -> None:
         raise UserError(f"--num-classes must be at least 1, got {args.num_classes}")
 
 
+# the tags that may follow ModelProto's ir_version (fields are written in number order): producer_name,
+# producer_version, domain (strings), model_version (a varint), doc_string, graph, opset_import
+ONNX_SECOND_FIELDS = (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42)
+
+
 def looks_like_onnx(path: str) -> bool:
     """Whether ``path`` is an ONNX file rather than a checkpoint (known by its contents, whatever
     its name): its first bytes are no safetensors header (a length that fits the file, then
     ``{``), and its name ends with .onnx or it starts as an ONNX protobuf does (field 1,
-    ``ir_version``, a small number, then another length-delimited field of ModelProto)."""
+    ``ir_version``, a small number, then the tag of another field of ModelProto)."""
     # start-up time: torch is loaded only by the verbs that use it
     from pixelwise.checkpoint import is_safetensors
 
@@ -349,7 +354,7 @@ def looks_like_onnx(path: str) -> bool:
         return False  # loading it gives the reason
     if is_safetensors(head, size):
         return False
-    onnx = len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 64 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A, 0x42)
+    onnx = len(head) >= 3 and head[0] == 0x08 and 0 < head[1] < 64 and head[2] in ONNX_SECOND_FIELDS
     return onnx or path.lower().endswith(".onnx")
 
 
