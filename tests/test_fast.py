@@ -211,6 +211,21 @@ def test_fast_runs_bf16_only_for_models_whose_bf16_accuracy_was_measured(monkeyp
     assert all(p.dtype == torch.float32 for p in runner.model.parameters())
 
 
+def test_fast_runner_of_a_measured_model_runs_bf16_where_the_device_has_fast_kernels(monkeypatch):
+    # the runner itself (not only fast_dtype) takes the plan's bf16 for unet, and a segmenter
+    # built directly names its weights' dtype without the "torch." prefix
+    from pixelwise.models.maskrcnn import fast as maskrcnn_fast
+
+    monkeypatch.setattr(maskrcnn_fast, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    model = create_model("unet", num_classes=3, base_channels=4).eval()
+    runner = make_runner(model, "fast", "unet")
+    assert isinstance(runner, FastSegmenter) and runner.dtype == torch.bfloat16
+    assert runner.precision == "bfloat16 weights (bf16 accuracy measured for unet)"
+    assert {p.dtype for p in runner.model.parameters()} == {torch.bfloat16}
+    assert FastSegmenter(model, torch.float32).precision == "float32 weights"
+    assert FastSegmenter(model, torch.bfloat16).precision == "bfloat16 weights"
+
 def test_fast_runner_runs_the_weights_it_was_built_with():
     # documented (SemanticPredictor, docs/deploy.md): the fast path runs a copy taken when it is
     # built; weights changed afterwards are seen only by a runner built again

@@ -589,3 +589,28 @@ def test_the_meters_take_read_only_arrays_without_a_warning():
     done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_instance_predictor_scales_boxes_and_masks_back_from_a_resize_contract():
+    """With a resize contract the detector sees the image at (16, 24): its boxes come back scaled
+    by each axis's ratio to the image's (32, 72) (x by 3, y by 2) and its masks upsampled to it.
+    The detector is stubbed so that the expected boxes are worked by hand."""
+    torch.manual_seed(0)
+    detector = InstancePredictor(pixelwise.create_model("maskrcnn_resnet18_fpn", num_classes=3),
+                                 {"model": "maskrcnn_resnet18_fpn", "num_classes": 3},
+                                 input_spec=InputSpec(resize=(16, 24)), score_thresh=0.5)
+    seen = []
+    mask = torch.zeros(2, 1, 16, 24)
+    mask[0, 0, 2:6, 1:5] = 1.0  # rows 2-5, columns 1-4 of the model's input
+
+    def runner(xs):
+        seen.append(tuple(xs[0].shape))
+        return [{"boxes": torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 1.0, 1.0]]), "labels": torch.tensor([1, 2]),
+                 "scores": torch.tensor([0.9, 0.1]), "masks": mask}]
+
+    detector.runner = runner
+    out = detector.predict(np.zeros((32, 72, 3), np.uint8))
+    assert seen == [(3, 16, 24)]
+    assert torch.equal(out["boxes"], torch.tensor([[3.0, 4.0, 15.0, 12.0]]))  # the 0.1 detection is dropped
+    assert out["labels"].tolist() == [1] and out["masks"].shape == (1, 32, 72)
+    assert out["masks"][0, 5:11, 4:14].all() and not out["masks"][0, 13:].any() and not out["masks"][0, :, 16:].any()

@@ -122,6 +122,18 @@ def test_tiled_prediction_equals_whole_image_for_pointwise_model():
         assert torch.allclose(whole, averaged, atol=1e-6), mode
 
 
+def test_tiled_probabilities_are_whole_when_the_class_count_equals_the_image_height():
+    """The first tile row's band must not pass for the whole image because it has as many classes
+    as the image has rows: the tiled probabilities of a pointwise model equal the whole image's."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 20, 1)
+    image = np.random.default_rng(4).integers(0, 255, (20, 37, 3), dtype=np.uint8)
+    whole = SemanticPredictor(model, {"num_classes": 20}).predict(image)
+    tiled = SemanticPredictor(model, {"num_classes": 20}, tile=16, overlap=0.0).predict(image)
+    assert tiled.probs.shape == (20, 20, 37)
+    torch.testing.assert_close(tiled.probs, whole.probs, rtol=0, atol=1e-6)
+    assert np.array_equal(tiled.mask, whole.mask)
+
 def test_predictor_uses_checkpoint_normalisation(checkpoint):
     p = Predictor.from_checkpoint(checkpoint)
     assert p.input_spec.mean == (0.5, 0.5, 0.5) and p.input_spec.std == (0.25, 0.25, 0.25)
@@ -459,6 +471,16 @@ def test_python_options_of_the_wrong_type_are_named(checkpoint, options, words):
     with pytest.raises(UserError, match=words):
         Predictor.from_checkpoint(checkpoint, **options)
 
+
+def test_from_checkpoint_resize_and_native_size_set_the_size_the_model_sees(checkpoint):
+    image = np.random.default_rng(5).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    resized = Predictor.from_checkpoint(checkpoint, resize=(8, 12))
+    assert resized.input_spec.resize == (8, 12) and resized.preprocess(image).shape == (1, 3, 8, 12)
+    assert resized.predict(image).mask.shape == (20, 30)  # back at the image's size
+    native = Predictor.from_checkpoint(checkpoint, native_size=True)
+    assert native.input_spec.resize is None and native.preprocess(image).shape == (1, 3, 20, 30)
+    with pytest.raises(UserError, match=r"resize must be \(height, width\), two whole numbers > 0, got \(0, 12\)"):
+        Predictor.from_checkpoint(checkpoint, resize=(0, 12))
 
 def test_the_python_api_names_what_it_takes(checkpoint):
     """The API's bad inputs are errors that say what to pass, not AttributeErrors from deep inside."""
