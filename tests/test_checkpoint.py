@@ -13,7 +13,15 @@ from PIL import Image
 
 from conftest import edit_safetensors
 from pixelwise import create_model, load_checkpoint, save_checkpoint
-from pixelwise.checkpoint import NameTaken, _optimizer_state, atomic_write_json, atomic_write_text, place
+from pixelwise.checkpoint import (
+    NameTaken,
+    _optimizer_state,
+    atomic_write_json,
+    atomic_write_text,
+    load_train_state,
+    place,
+    save_train_state,
+)
 from pixelwise.errors import UserError
 from pixelwise.weights import (
     backbone_file,
@@ -173,7 +181,9 @@ def test_save_checkpoint_unwraps_wrappers_and_refuses_metadata_that_would_not_lo
                        ({"class_names": ["a"]}, "class_names must list the 3"),
                        ({"class_names": ["a", None, 3]}, r"class_names must list the 3 classes by name \(text\)"),
                        ({"palette": [[0, 0, 0]]}, "1 colours for 3 classes"),
-                       ({"input": {"mean": [0, 0], "std": [1, 1]}}, "input is not an input contract")):
+                       ({"input": {"mean": [0, 0], "std": [1, 1]}}, "input is not an input contract"),
+                       ({"input": {"mean": [0.5] * 3, "std": [0.5] * 3, "normalize": False}},
+                        "the model normalises.* would be normalised by neither")):
         with pytest.raises(ValueError, match=words):
             save_checkpoint(tmp_path / "bad.safetensors", model, {**meta, **bad})
     assert not (tmp_path / "bad.safetensors").exists()
@@ -315,6 +325,8 @@ def test_weights_that_are_not_finite_are_refused(tmp_path, value):
     (lambda m: m["input"].update(resize=0), "input resize must be"),
     (lambda m: m["input"].update(resize=[100000, 100000]), "resize of 10,000,000,000 pixels"),
     (lambda m: m["input"].update(channels="3"), "channels must be 1 or 3"),
+    (lambda m: m.update(num_classes=True), "num_classes must be a whole number >= 1, and is True"),
+    (lambda m: m.update(num_classes="3"), "num_classes must be a whole number >= 1, and is '3'"),
     (lambda m: m.update(palette=[[0, 0, 0]]), "palette must hold a colour for each of the 3 classes, and holds 1"),
     (lambda m: m["model_kwargs"].update(pretrained="imagenet"), "model_kwargs must be an object of the model's"),
     (lambda m: m["input"].update(normalize=False), "does not normalise its input itself: it would be normalised by "
@@ -502,6 +514,19 @@ def test_atomic_write_text_and_json_replace_by_default_and_write_nan_as_null(tmp
     assert oct(os.stat(target).st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
+def test_atomic_write_leaves_the_process_umask_as_it_was(tmp_path):
+    """Reading the umask sets it; what the command writes afterwards (logs, images by plain open())
+    must still get the user's, not 0666."""
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        after = os.umask(0o027)
+    finally:
+        os.umask(old)
+    assert oct(after) == oct(0o027)
+    assert oct((tmp_path / "a.txt").stat().st_mode & 0o777) == oct(0o640)
+
+
 def _umask():
     m = os.umask(0)
     os.umask(m)
@@ -527,6 +552,27 @@ def test_optimizer_state_for_no_parameter_is_a_value_error(key):
     assert sorted(good) == [0, 1] and good[1]["step"] == 1 and torch.equal(good[0]["exp_avg"], torch.ones(3))
     with pytest.raises(ValueError, match="for no parameter of the model"):
         _optimizer_state({key: torch.ones(3)}, {}, params)
+
+
+def test_train_state_round_trips_weights_optimizer_an_enabled_grad_scaler_and_the_callers_values(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    path = tmp_path / "last.state.safetensors"
+    save_train_state(path, model, opt, scaler, {"rng.x": torch.arange(4)}, {"epoch": 3})
+    model2 = nn.Linear(3, 2)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    scaler2 = torch.amp.GradScaler("cpu")
+    rest, meta = load_train_state(path, model2, opt2, scaler2)
+    assert meta == {"epoch": 3}  # the caller's values only: optimizer, groups and scaler are taken out
+    assert list(rest) == ["rng.x"] and torch.equal(rest["rng.x"], torch.arange(4))
+    assert scaler2.get_scale() == 512.0 and scaler2.get_growth_interval() == 7
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("prefix", ["module.", "model.", "backbone.", "encoder.", "net."])

@@ -143,6 +143,15 @@ def test_schedule_formulas():
     assert Schedule.from_config(TrainConfig(epochs=3, warmup_epochs=0.5), 8).warmup_steps == 4
 
 
+def test_schedule_defaults_and_a_milestone_reached_by_a_rounded_progress():
+    # the documented defaults: poly power 0.9 (DeepLab's), step gamma 0.1
+    assert Schedule("poly", 100).factor(50) == pytest.approx(0.5**0.9)
+    # step 15 of 22 one-step epochs is epoch 15, though 15 / 22 * 22 rounds to 14.999999999999998
+    assert 15 / 22 * 22 < 15
+    step = Schedule("step", total_steps=22, epochs=22, milestones=(15,))
+    assert [step.factor(s) for s in (14, 15, 21)] == pytest.approx([1, 0.1, 0.1])
+
+
 def test_step_size_is_caffes_repeating_step_policy():
     # Caffe "step": lr = base_lr * gamma ^ floor(iter / stepsize), iter counted from 0
     s = Schedule("step", total_steps=100, gamma=0.5, step_size=7)

@@ -178,6 +178,20 @@ def test_focal_gradients_stay_finite_where_the_model_is_certain(gamma):
     assert torch.isfinite(grad).all() and grad[0, :, 0, 0].abs().sum() > 0  # the wrong pixel still learns
 
 
+def test_focal_by_name_uses_the_default_gamma_2():
+    """segmentation_loss(kind="focal") and LossSpec("focal") without a gamma: the mean over labelled
+    pixels of -(1 - p_t) ** 2 * log p_t (focal_loss's documented default), not the cross-entropy."""
+    logits, target = _case(seed=6)
+    p = logits.softmax(1).numpy()
+    vals = [-(1 - p[n, t, y, x]) ** 2 * np.log(p[n, t, y, x])
+            for (n, y, x) in itertools.product(*map(range, target.shape))
+            if (t := int(target[n, y, x])) != 255]
+    ref = float(np.mean(vals))
+    assert segmentation_loss(logits, target, "focal").item() == pytest.approx(ref, rel=1e-7)
+    assert combined_loss({"out": logits}, target, LossSpec("focal")).item() == pytest.approx(ref, rel=1e-7)
+    assert cross_entropy(logits, target).item() > 1.05 * ref  # gamma 0 would be told apart
+
+
 @pytest.mark.parametrize("kind", ["ce+dice", "ce+lovasz"])
 def test_sum_losses_weight_only_the_cross_entropy(kind):
     """ce+dice / ce+lovasz = the weighted cross-entropy (checked against a naive sum in
