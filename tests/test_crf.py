@@ -258,6 +258,33 @@ def test_predict_checks_every_input_against_the_crfs_size_before_writing(checkpo
                  str(tmp_path / "plain"), "--no-progress"]) == 0  # without --crf, no limit of the CRF's
 
 
+def test_eval_checks_every_image_against_the_crfs_size_before_the_first_is_predicted(checkpoints, tmp_path,
+                                                                                     capsys, monkeypatch):
+    from PIL import Image
+
+    import pixelwise.inference.crf
+    import pixelwise.inference.predictor
+    from pixelwise.cli import main
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for name, (h, w) in (("a", (20, 20)), ("b", (36, 44))):
+        Image.fromarray(blocks(h, w)).save(root / "images" / f"{name}.png")
+        Image.fromarray(np.arange(h * w, dtype=np.uint8).reshape(h, w) % 4).save(root / "masks" / f"{name}.png")
+    command = ["eval", "--checkpoint", str(checkpoints[0]), "--dataset", "folder", "--data", str(root), "--split",
+               "all", "--crf", "--no-progress", "--no-bf"]
+    assert main(command) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(pixelwise.inference.crf, "MAX_CRF_PIXELS", 1000)  # 20x20 within, 44x36 above
+    ran = []
+    monkeypatch.setattr(pixelwise.inference.predictor.SemanticPredictor, "predict",
+                        lambda self, *a, **k: ran.append(1))
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'images' / 'b.png'}: --crf runs on images of up to 1,000 pixels" in err and not ran
+
+
 def test_the_server_refines_with_the_crf_it_was_started_with(checkpoints):
     pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
     httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")

@@ -35,6 +35,7 @@ from pixelwise.data import SegmentationDataset, build_dataset, sample_target, sc
 from pixelwise.data.files import split_fingerprint
 from pixelwise.errors import UserError, listed
 from pixelwise.inference.cells import with_boundaries
+from pixelwise.inference.crf import check_crf_size
 from pixelwise.inference.ensemble import from_checkpoints
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.metrics import (
@@ -182,6 +183,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
         predictor.score_thresh = 0.0  # AP ranks every detection
     skipped = ds.check_or_refuse(skip_invalid, "evaluate")
     skipped = getattr(ds, "dropped", skipped)  # with those the reader's own skip_invalid option dropped
+    if getattr(predictor, "crf", None) is not None:
+        check_crf_sizes(ds)
     if isinstance(predictor, InstancePredictor):
         if not ds.has_instances():
             raise UserError(f"{paths[0]} holds an instance model ({predictor.meta.get('model')}), and {dataset} data "
@@ -215,6 +218,20 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
             {"checkpoint": str(Path(p).resolve()), "checkpoint_sha256": file_sha256(p), "input": spec,
              "prediction": prediction_options(m)} for p, m, spec in zip(paths, members, specs)]
     return metrics
+
+
+def check_crf_sizes(ds: SegmentationDataset) -> None:
+    """Every image of ``ds`` within the CRF's size, read from the headers before the first image is
+    predicted (a UserError naming the first too large; readers without image files pass)."""
+    items = getattr(ds, "items", None)
+    if items is None or not hasattr(ds, "image_size"):
+        return
+    for image_ref, _ in items:
+        w, h = ds.image_size(image_ref)
+        try:
+            check_crf_size(h, w)
+        except UserError as e:
+            raise UserError(f"{image_ref}: {e}") from None
 
 
 def training_images(meta: dict, ds: SegmentationDataset, dataset: str, data: str | None) -> int | None:
