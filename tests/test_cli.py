@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import pixelwise.data.io
+import pixelwise.inference.export
+import pixelwise.inference.onnx_runner
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import looks_like_onnx, main, parse_resize
 from pixelwise.errors import UserError
@@ -685,3 +687,32 @@ def test_serve_passes_the_score_threshold_to_an_instance_model(tmp_path, monkeyp
     assert main(["serve", "--checkpoint", str(ckpt), "--port", "0", "--score-thresh", "0.9"]) == 0
     assert main(["serve", "--checkpoint", str(ckpt), "--port", "0"]) == 0
     assert [p.score_thresh for p in served] == [0.9, 0.5]  # given, then the default
+
+
+@pytest.mark.parametrize("text", ["native", "NATIVE", "none", "None", "off"])
+def test_resize_native_and_its_spellings_keep_each_images_own_size(text):
+    # "native" (or none/off, any case): no resize, each image at its own size; not given: the checkpoint's
+    assert parse_resize(text) == (None, True)
+    assert parse_resize(None) == (None, False)
+
+
+def test_a_three_byte_onnx_start_is_known_whatever_its_name(tmp_path):
+    # the shortest start that is checked: ir_version's tag, a small version, the next field's tag
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes([0x08, 0x07, 0x3A]))
+    assert looks_like_onnx(str(path))
+    path.write_bytes(bytes([0x08, 0x07]))  # too short to tell: by its name only
+    assert not looks_like_onnx(str(path))
+
+
+def test_export_of_a_mask_rcnn_by_name_scores_the_91_coco_classes_unless_told(tmp_path, monkeypatch):
+    exported = []
+    monkeypatch.setattr(pixelwise.inference.onnx_runner, "require_export_extra", lambda: None)
+    monkeypatch.setattr(pixelwise.inference.export, "export_maskrcnn_parts",
+                        lambda model, out, meta, **kw: exported.append((model, meta)) or [])
+    for extra, classes in (([], 91), (["--num-classes", "5"], 5)):
+        assert main(["export", "--model", "maskrcnn_resnet18_fpn", "--out", str(tmp_path / f"m{classes}.onnx"),
+                     *extra]) == 0
+        model, meta = exported[-1]
+        assert meta == {"model": "maskrcnn_resnet18_fpn", "num_classes": classes, "task": "instance"}
+        assert model.roi_heads.box_predictor.cls_score.out_features == classes
