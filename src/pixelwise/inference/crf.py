@@ -251,12 +251,14 @@ def _features(image: np.ndarray, xy_std: float, rgb_std: float | None) -> np.nda
     return np.stack(parts, 1)
 
 
-def check_crf_size(height: int, width: int) -> None:
-    """An image the CRF can refine: at most :data:`MAX_CRF_PIXELS` pixels, else a UserError."""
+def check_crf_size(height: int, width: int, name: str | None = None) -> None:
+    """An image the CRF can refine: at most :data:`MAX_CRF_PIXELS` pixels, else a UserError (that
+    begins with the image's ``name`` where given)."""
     if height * width > MAX_CRF_PIXELS:
-        raise UserError(f"--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels (its lattice holds up to 1.6 KB a "
-                        f"pixel); this one has {height * width:,} ({width}x{height}): leave out --crf for it, or "
-                        "give a smaller copy of the image (the CRF runs at the image's own size)")
+        raise UserError(f"{name + ': ' if name else ''}--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels "
+                        f"(its lattice holds up to 1.6 KB a pixel); this one has {height * width:,} "
+                        f"({width}x{height}): leave out --crf for it, or give a smaller copy of the image (the CRF "
+                        "runs at the image's own size)")
 
 
 def dense_crf(image: np.ndarray, probs: torch.Tensor | np.ndarray, settings: CRFSettings | None = None

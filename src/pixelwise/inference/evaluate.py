@@ -228,10 +228,7 @@ def check_crf_sizes(ds: SegmentationDataset) -> None:
         return
     for image_ref, _ in items:
         w, h = ds.image_size(image_ref)
-        try:
-            check_crf_size(h, w)
-        except UserError as e:
-            raise UserError(f"{image_ref}: {e}") from None
+        check_crf_size(h, w, name=image_ref)
 
 
 def training_images(meta: dict, ds: SegmentationDataset, dataset: str, data: str | None) -> int | None:

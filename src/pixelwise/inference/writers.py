@@ -228,10 +228,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
             for frame in read_frames(p):  # decodes every frame, in one pass over the file
                 count += 1
                 if crf:
-                    try:
-                        check_crf_size(*frame.shape[:2])
-                    except UserError as e:
-                        raise UserError(f"{p}: {e}") from None
+                    check_crf_size(frame.shape[0], frame.shape[1], name=str(p))
         except UserError as e:
             skipped.append(_reason(e))
             continue
