@@ -1023,7 +1023,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
         args, extra = parser.parse_known_args(argv)
     except UserError as e:  # e.g. "the following arguments are required: INPUT" for predict -x.png
         given = sys.argv[1:] if argv is None else argv
-        raise UserError(f"{e}{_dash_file_hint(given)}{_taken_path_hint(given)}") from None
+        raise UserError(f"{e}{_dash_file_hint(given)}{_taken_path_hint(given, _optional_value_flags(parser))}"
+                        ) from None
     if extra:
         verb = _verb_parser(parser, args)
         word = next((a for a in extra if a.startswith("-")), extra[0])
@@ -1042,14 +1043,24 @@ def _dash_file_hint(argv: list[str]) -> str:
             if named else "")
 
 
-OPTIONAL_VALUE_FLAGS = ("--tta", "--crf", "--watershed")  # nargs="?": a path right after one is taken as its value
+def _optional_value_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """The flags of ``parser`` and of its verbs whose value may be left out (``nargs="?"``, such
+    as --tta, --crf, --watershed): argparse gives them a path that follows them."""
+    flags: set[str] = set()
+    for action in parser._actions:
+        if action.nargs == "?" and action.option_strings:
+            flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for verb in action.choices.values():
+                flags |= _optional_value_flags(verb)
+    return flags
 
 
-def _taken_path_hint(argv: list[str]) -> str:
-    """'; --crf took photo.png as its value ...' where a flag whose value may be left out is
-    followed by an existing path (an input the user meant), which argparse gives the flag."""
+def _taken_path_hint(argv: list[str], flags: set[str]) -> str:
+    """'; --crf took photo.png as its value ...' where one of ``flags`` (whose value may be left
+    out) is followed by an existing path (an input the user meant), which argparse gives the flag."""
     for flag, value in zip(argv, argv[1:]):
-        if flag in OPTIONAL_VALUE_FLAGS and os.path.exists(value):
+        if flag in flags and os.path.exists(value):
             return (f"; {flag} took {value} as its value (a value it may go without): put {flag} after the inputs, "
                     f"or give its value with = ({flag}=VALUE)")
     return ""
