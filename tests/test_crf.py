@@ -285,63 +285,56 @@ def test_eval_checks_every_image_against_the_crfs_size_before_the_first_is_predi
     assert f"{root / 'images' / 'b.png'}: --crf runs on images of up to 1,000 pixels" in err and not ran
 
 
-def test_the_server_refines_with_the_crf_it_was_started_with(checkpoints):
+def post_image(predictor, image: np.ndarray, fields: dict):
+    """The server's answer (an httpx response) to ``image`` sent as a PNG with the form ``fields``."""
     pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
     httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")
     import asyncio
-    import base64
     import io
 
     from PIL import Image
 
-    from pixelwise import Predictor
     from pixelwise.serve.app import create_app
 
-    image = blocks(seed=3)
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    predictor = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=2))
 
-    async def post(fields):
+    async def go():
         app = create_app(predictor, samples=[])
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as c:
             return await c.post("/api/predict", files={"image": ("a.png", buf.getvalue(), "image/png")}, data=fields)
-
-    for fields in ({}, {"tta": "flip"}):  # a request's own options keep the server's CRF
-        body = asyncio.run(post(fields)).json()
-        assert body["options"]["crf"] == {**vars(CRFSettings(iterations=2))}
-        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
-        expected = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=2), tta=fields.get("tta"))
-        assert np.array_equal(mask, expected.predict(image).mask)
+    return asyncio.run(go())
 
 
-def test_a_request_turns_the_crf_on_off_or_sets_it(checkpoints, tmp_path, monkeypatch):
-    pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install -e '.[dev]'")
-    httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI app")
-    import asyncio
+def mask_of(body: dict) -> np.ndarray:
     import base64
     import io
 
     from PIL import Image
 
-    import pixelwise.serve.app
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
+
+
+def test_the_server_refines_with_the_crf_it_was_started_with(checkpoints):
+    from pixelwise import Predictor
+
+    image = blocks(seed=3)
+    predictor = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=2))
+    for fields in ({}, {"tta": "flip"}):  # a request's own options keep the server's CRF
+        body = post_image(predictor, image, fields).json()
+        assert body["options"]["crf"] == {**vars(CRFSettings(iterations=2))}
+        expected = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=2), tta=fields.get("tta"))
+        assert np.array_equal(mask_of(body), expected.predict(image).mask)
+
+
+def test_a_request_turns_the_crf_on_off_or_sets_it(checkpoints, tmp_path, monkeypatch):
+    app_module = pytest.importorskip("pixelwise.serve.app", reason="the serve extra is not installed")
     from pixelwise import Predictor, create_model, save_checkpoint
-    from pixelwise.serve.app import create_app
 
     image = blocks(seed=4)
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
 
     def post(predictor, fields):
-        async def go():
-            app = create_app(predictor, samples=[])
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as c:
-                return await c.post("/api/predict", files={"image": ("a.png", buf.getvalue(), "image/png")},
-                                    data=fields)
-        return asyncio.run(go())
-
-    def mask_of(body):
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
+        return post_image(predictor, image, fields)
 
     plain = Predictor.from_checkpoint(checkpoints[0])
     started_with = Predictor.from_checkpoint(checkpoints[0], crf=CRFSettings(iterations=2, bi_w=6))
@@ -365,7 +358,7 @@ def test_a_request_turns_the_crf_on_off_or_sets_it(checkpoints, tmp_path, monkey
     answer = post(plain, {"crf": "iterations=0"})
     assert answer.status_code == 422 and "crf: iterations must be a whole number from 1 to 100" in answer.text
     # an image above the CRF's size is refused before the model runs, as too large (the limit made small)
-    monkeypatch.setattr(pixelwise.serve.app, "MAX_CRF_PIXELS", image.shape[0] * image.shape[1] - 1)
+    monkeypatch.setattr(app_module, "MAX_CRF_PIXELS", image.shape[0] * image.shape[1] - 1)
     ran = []
     monkeypatch.setattr(plain, "runner", lambda x: ran.append(x))
     answer = post(plain, {"crf": "true"})
