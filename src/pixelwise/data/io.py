@@ -901,14 +901,16 @@ def tiff_layout(head: bytes) -> str | None:
     return f"{channels} channel(s) of {bits}-bit {sample}"
 
 
-def write_mask(path: PathLike, mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> None:
+def write_mask(path: PathLike, mask: np.ndarray, palette: Sequence[Sequence[int]] | None = None,
+               text: Mapping[str, str] | None = None) -> None:
     """Write uint8[H, W] class ids as a palette-indexed PNG (indices stay the pixel values), with
-    :func:`encode_png`: every mask pixelwise writes, and the web API's, has the same bytes."""
+    :func:`encode_png`: every mask pixelwise writes, and the web API's, has the same bytes;
+    ``text``: tEXt chunks (:class:`PngRowWriter`)."""
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     if mask.ndim != 2:
         raise ValueError(f"write_mask expects uint8[H, W], got shape {list(mask.shape)}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(encode_png(mask, "P", palette))  # index 255 (ignore) is white
+    Path(path).write_bytes(encode_png(mask, "P", palette, text))  # index 255 (ignore) is white
 
 
 class PngRowWriter:
@@ -920,12 +922,14 @@ class PngRowWriter:
     checks that all ``height`` rows came and ends the PNG (``out`` stays open).
 
     Rows of L and RGB images use PNG's "Sub" filter (each byte minus its left neighbour's), which
-    smooth images compress well with; class masks use none."""
+    smooth images compress well with; class masks use none. ``text`` (keyword -> Latin-1 text)
+    goes into tEXt chunks before the pixels, where :func:`png_text` finds them without decoding any."""
 
     _COLOUR_TYPE = {"L": (0, 1), "RGB": (2, 3), "P": (3, 1)}  # mode -> (PNG colour type, bytes per pixel)
 
     def __init__(self, out: BinaryIO, width: int, height: int, mode: str = "P",
-                 palette: Sequence[Sequence[int]] | None = None, level: int = 6) -> None:
+                 palette: Sequence[Sequence[int]] | None = None, level: int = 6,
+                 text: Mapping[str, str] | None = None) -> None:
         if mode not in self._COLOUR_TYPE:
             raise ValueError(f"mode must be one of {sorted(self._COLOUR_TYPE)}, got {mode!r}")
         colour_type, self.channels = self._COLOUR_TYPE[mode]
@@ -937,6 +941,10 @@ class PngRowWriter:
         self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))
         if mode == "P":
             self._chunk(b"PLTE", bytes(palette_bytes(palette or [])))
+        for keyword, value in (text or {}).items():
+            if not 0 < len(keyword) < 80 or "\0" in keyword or "\0" in value:  # the PNG specification's limits
+                raise ValueError(f"a PNG text keyword has 1-79 characters and neither holds a NUL: {keyword!r}")
+            self._chunk(b"tEXt", keyword.encode("latin-1") + b"\0" + value.encode("latin-1"))
 
     def _chunk(self, kind: bytes, data: bytes) -> None:
         self.file.write(struct.pack(">I", len(data)) + kind + data)
@@ -979,10 +987,36 @@ class PngRowWriter:
             self.finish()
 
 
-def encode_png(pixels: np.ndarray, mode: str = "P", palette: Sequence[Sequence[int]] | None = None) -> bytes:
+def encode_png(pixels: np.ndarray, mode: str = "P", palette: Sequence[Sequence[int]] | None = None,
+               text: Mapping[str, str] | None = None) -> bytes:
     """The PNG :class:`PngRowWriter` makes of ``pixels`` (``uint8[H, W]``, ``[H, W, 3]`` for RGB),
     in memory."""
     buf = BytesIO()
-    with PngRowWriter(buf, pixels.shape[1], pixels.shape[0], mode, palette) as png:
+    with PngRowWriter(buf, pixels.shape[1], pixels.shape[0], mode, palette, text=text) as png:
         png.write(pixels)
     return buf.getvalue()
+
+
+def png_text(path: PathLike, keyword: str) -> str | None:
+    """The text of the first tEXt chunk named ``keyword`` before a PNG's pixels (as
+    :class:`PngRowWriter` writes them), read from the chunk headers without decoding or checking
+    anything else; None where the file is not a PNG, cannot be read or has no such chunk."""
+    want = keyword.encode("latin-1") + b"\0"
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            while len(head := f.read(8)) == 8:
+                length, kind = struct.unpack(">I4s", head)
+                if kind in (b"IDAT", b"IEND"):
+                    return None
+                if kind == b"tEXt" and length <= 1 << 20:
+                    data = f.read(length)
+                    if data.startswith(want):
+                        return data[len(want):].decode("latin-1")
+                    f.seek(4, os.SEEK_CUR)
+                else:
+                    f.seek(length + 4, os.SEEK_CUR)
+    except OSError:
+        return None
+    return None
