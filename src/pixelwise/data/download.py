@@ -58,7 +58,7 @@ class Archive:
         return self.filename or self.url.rsplit("/", 1)[-1]
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

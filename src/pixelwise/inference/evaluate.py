@@ -22,7 +22,6 @@ files the check left out, resize, tile, TTA, and the pixelwise and torch version
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import SegmentationDataset, build_dataset, sample_target, scoring_kwargs
+from pixelwise.data.download import file_sha256
 from pixelwise.data.files import split_fingerprint
 from pixelwise.errors import UserError, listed
 from pixelwise.inference.cells import with_boundaries
@@ -254,14 +254,6 @@ def training_images(meta: dict, ds: SegmentationDataset, dataset: str, data: str
         return None  # other files: a held-out folder's own train split (by the hash rule) is no training image
     trained = {image for image, _ in getattr(train, "items", [])}
     return sum(1 for image, _ in items if image in trained)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prediction_options(predictor: Predictor) -> dict[str, object]:
