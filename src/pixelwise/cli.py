@@ -608,7 +608,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pixelwise.inference.mc_dropout import has_dropout
     from pixelwise.inference.onnx_runner import exported_dropout
     from pixelwise.inference.predictor import InstancePredictor, SemanticPredictor
-    from pixelwise.inference.writers import check_predict, check_watershed, predict_files
+    from pixelwise.inference.writers import check_predict, check_watershed, predict_files, prediction_record
 
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if args.score_thresh is not None:
@@ -632,7 +632,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
                          uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress,
                          cells=args.watershed is not None, overwrite=args.overwrite,
-                         crf=getattr(predictor, "crf", None) is not None)
+                         crf=getattr(predictor, "crf", None) is not None, resume=args.resume,
+                         record=prediction_record(predictor, uncertainty=args.uncertainty, watershed=args.watershed))
     written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress,
                             watershed=args.watershed)
     stacks = {path for path, frame in zip(plan.paths, plan.frames) if frame > 0}
@@ -647,6 +648,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                    if isinstance(m, SemanticPredictor) and m.mode == "fast" and not m.mc_samples
                    and hasattr(m.runner, "precision")})
     print(f"wrote {len(written)} prediction(s) to {args.out} (input: {inputs})"
+          + (f"; kept {plan.kept} an earlier run of this prediction wrote (--resume)" if plan.kept else "")
           + (f"; --mode fast ran {', '.join(fast)}" if fast else "")
           + (f"; Monte-Carlo dropout (--uncertainty) ran in eager float32, not --mode {', '.join(sampled)}"
              if sampled else "")
@@ -845,6 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "an input (inputs whose names differ only in extension get <stem>_<ext>)")
     p.add_argument("--overwrite", action="store_true", help="replace files of the outputs' names already in --out "
                    "(an earlier prediction); without it such a file is refused before any work")
+    p.add_argument("--resume", action="store_true", help="go on with an interrupted predict into --out: keep the "
+                   "predictions there whose masks record this model and these options, predict the rest")
     _add_prediction_args(p)
     _add_watershed(p, "two-class boundary models (isbi2012's membrane / cell): also write DIR/<stem>_cells.png, "
                       "16-bit ids of the watershed cells seeded where the cell probability exceeds T (default 0.5), "

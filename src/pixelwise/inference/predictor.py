@@ -150,6 +150,7 @@ class Predictor:
     """
 
     task = ""
+    source: Path | None = None  # the file it was loaded from (from_checkpoint); None when built from a model
 
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device | None = "cpu",
                  input_spec: InputSpec | dict | None = None) -> None:
@@ -227,7 +228,9 @@ class Predictor:
         if native_size or resize is not None:
             spec = dataclasses.replace(spec, resize=None if native_size else tuple(resize))  # type: ignore[arg-type]
         chosen = {k: v for k, v in options.items() if k in allowed}
-        return cast(P, kind(model, meta, device, input_spec=spec, **chosen))
+        predictor = kind(model, meta, device, input_spec=spec, **chosen)
+        predictor.source = Path(path)
+        return cast(P, predictor)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """uint8[H, W, 3] (gray uint8[H, W] too for a one-channel contract) -> the model input

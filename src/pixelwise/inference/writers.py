@@ -2,7 +2,8 @@
 
 Per input ``<stem>``:
 
-- ``<stem>.png``: palette-indexed class mask (the class id is the pixel value), the input's size;
+- ``<stem>.png``: palette-indexed class mask (the class id is the pixel value), the input's size,
+  holding in a text chunk the record of what made it (:func:`prediction_record`; ``resume``);
 - ``<stem>_overlay.png``: the mask blended over the image;
 - ``<stem>_uncertainty.png`` (semantic, with ``uncertainty``): predictive entropy, 255 = maximal;
 - ``<stem>_cells.png`` (two-class boundary models, with ``watershed``): 16-bit watershed cell ids,
@@ -41,16 +42,20 @@ from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pixelwise._version import __version__
 from pixelwise.checkpoint import NameTaken, place
 from pixelwise.coco_eval import encode_mask
+from pixelwise.data.download import file_sha256
 from pixelwise.data.io import (
     IMAGE_SUFFIXES,
     PngRowWriter,
     format_names,
+    png_text,
     probe_info,
     read_frames,
     read_image,
@@ -60,6 +65,7 @@ from pixelwise.data.palette import clear_class, default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.crf import check_crf_size
+from pixelwise.inference.evaluate import crf_settings, prediction_options
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.runtime import check_can_create
 from pixelwise.runtime import progress as progress_bar
@@ -182,12 +188,74 @@ def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = 
     return stems
 
 
+RECORD_KEY = "pixelwise"  # the tEXt keyword of the record in every <stem>.png predict writes
+
+
+def prediction_record(predictor: Predictor, *, uncertainty: bool = False, watershed: float | None = None) -> dict:
+    """What makes a prediction, written into each ``<stem>.png`` as JSON (the PNG text chunk
+    ``pixelwise``): every model's file (name and SHA-256; None for a predictor built from a model in
+    memory), input contract and options (resize, mode, tile, overlap, TTA, Monte-Carlo samples), the
+    CRF's settings, the instance score threshold, ``uncertainty``, ``watershed`` and the pixelwise
+    version. ``predict --resume`` keeps an earlier run's outputs only where their record is this
+    one (:func:`record_difference`). The device and the batch size are not part of it: they change
+    nothing but float rounding."""
+    members = getattr(predictor, "members", [predictor])
+    record = {"pixelwise_version": __version__,
+              "models": [{"file": m.source.name, "sha256": file_sha256(m.source)} if m.source else None
+                         for m in members],
+              "input": [m.input_spec.to_dict() for m in members],
+              "prediction": [prediction_options(m) for m in members],
+              "crf": crf_settings(predictor), "score_thresh": getattr(predictor, "score_thresh", None),
+              "uncertainty": uncertainty, "watershed": watershed}
+    return json.loads(json.dumps(record))  # as it reads back from a file: lists, not tuples
+
+
+def _sha256s(record: dict) -> list:
+    return [m.get("sha256") if isinstance(m, dict) else None for m in record.get("models") or []]
+
+
+def record_difference(found: str | None, wanted: dict) -> str | None:
+    """None where the record text read from a mask (:func:`png_text`) is the ``wanted``
+    :func:`prediction_record`, the version and the model files' names aside (a renamed checkpoint
+    is the same model, and a new version predicts as the old one did); else what differs, in words."""
+    try:
+        record = json.loads(found) if found is not None else None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        return "it holds no record of a pixelwise prediction (a file of yours, or one written before records)"
+    models, models_now = _sha256s(record), _sha256s(wanted)
+    if models != models_now:
+        return (f"it was predicted by another model (SHA-256 {', '.join(str(h)[:12] for h in models) or 'none'}; "
+                f"now {', '.join(str(h)[:12] for h in models_now)})")
+    for key, what in RECORDED.items():
+        then: Any = record.get(key)
+        now: Any = wanted.get(key)
+        if then == now:
+            continue
+        if isinstance(then, list) and isinstance(now, list) and len(then) == len(now):  # one entry per model
+            pairs = [(a, b) for a, b in zip(then, now) if a != b]
+            then, now = pairs[0]
+            if isinstance(then, dict) and isinstance(now, dict):  # name the settings that differ
+                keys = [k for k in {**then, **now} if then.get(k) != now.get(k)]
+                then, now = ({k: d.get(k) for k in keys} for d in (then, now))
+        return f"{what} {json.dumps(then)[:200]} there, {json.dumps(now)[:200]} now"
+    return None
+
+
+# what the record holds beside the models, and how a difference is named
+RECORDED = {"input": "input contract", "prediction": "prediction options", "crf": "CRF settings",
+            "score_thresh": "score threshold", "uncertainty": "uncertainty", "watershed": "watershed"}
+
+
 @dataclass
 class PredictPlan:
     """What ``predict`` will do, settled before the first write: frame ``frames[i]`` of ``paths[i]``
     -> ``out/stems[i]...`` (a file of several frames is listed once per frame); ``skipped``: one
     reason per unreadable input left out (``skip_invalid``, which also leaves out an input that
-    cannot be read any more when its turn comes)."""
+    cannot be read any more when its turn comes). ``record``: :func:`prediction_record`, written into
+    every mask; ``kept``: the frames an earlier run with that record predicted, left out (``resume``);
+    ``replaceable``: the output names such a run left incomplete (interrupted between its renames)."""
 
     paths: list[Path]
     frames: list[int]
@@ -196,6 +264,9 @@ class PredictPlan:
     skipped: list[str] = field(default_factory=list)
     skip_invalid: bool = False
     overwrite: bool = False  # files at the outputs' names may be replaced
+    record: dict | None = None
+    kept: int = 0
+    replaceable: frozenset[str] = frozenset()
 
 
 def _reason(err: UserError) -> str:
@@ -204,12 +275,24 @@ def _reason(err: UserError) -> str:
 
 def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False, uncertainty: bool = False,
                   skip_invalid: bool = False, progress: bool | None = None, cells: bool = False,
-                  overwrite: bool = False, crf: bool = False) -> PredictPlan:
+                  overwrite: bool = False, crf: bool = False, record: dict | None = None,
+                  resume: bool = False) -> PredictPlan:
     """Every check of ``predict``, before anything is written: the inputs exist and decode (and
     with ``crf``, every frame is within the CRF's size), ``out`` is a folder that holds none of
     them and no output lands on an input (through a link either), nor, unless ``overwrite``, on a
     file already there (an earlier prediction, or a file of the user's that has an output's name).
-    Unreadable inputs are all named in one UserError, or left out and listed with ``skip_invalid``."""
+    Unreadable inputs are all named in one UserError, or left out and listed with ``skip_invalid``.
+
+    ``resume`` (an interrupted run, again): the frames whose outputs are all there, with a mask whose
+    record is ``record`` (:func:`prediction_record`), are left out and counted in ``kept``; a frame whose
+    mask has that record but whose other outputs are not all there is predicted again over them.
+    Any other file at an output's name is refused as without ``resume``."""
+    if resume and overwrite:
+        raise UserError("--resume keeps the outputs an interrupted predict wrote and --overwrite replaces them: "
+                        "give one of the two")
+    if resume and (record is None or None in record["models"]):
+        raise UserError("resume needs the record of models loaded from files (Predictor.from_checkpoint), to "
+                        "tell that the outputs there are theirs")
     paths = expand_inputs(inputs)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
@@ -243,9 +326,15 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     stems = unique_stems([p for p, _, _ in items], instance, uncertainty, [(k, n) for _, k, n in items], cells)
     inodes = {(s.st_dev, s.st_ino) for s in map(os.stat, readable)}
     longest = _name_max(out_dir)
-    taken: list[Path] = []
-    for (path, _, _), stem in zip(items, stems):
-        for name in output_names(stem, instance, uncertainty, cells):
+    taken: list[Path] = []  # files at output names that resume does not take as an earlier run's
+    why: str | None = None  # ... why the first of them is not
+    resumable = 0  # frames there that an earlier run of this record predicted
+    done: set[int] = set()  # frames whose outputs such a run wrote, all of them (resume)
+    replaceable: set[str] = set()  # the outputs present of frames such a run left incomplete (resume)
+    for i, ((path, _, _), stem) in enumerate(zip(items, stems)):
+        names = output_names(stem, instance, uncertainty, cells)
+        present = []
+        for name in names:
             if _name_length(name) > longest:
                 raise UserError(f"{path}: its output {name} would be longer than the {longest} bytes a file name "
                                 "may have; rename the input to a shorter name")
@@ -254,17 +343,41 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
                 raise UserError(f"{target} is a link to one of the inputs and would be written over; remove it "
                                 "or give another --out")
             if target.exists() or target.is_symlink():
-                taken.append(target)
+                present.append(target)
+        if not present:
+            continue
+        # a frame's mask is renamed into place first: where it is there and holds the record, the
+        # frame's other outputs there are that run's too
+        differs = "its mask is not there" if present[0].name != names[0] else (
+            record_difference(png_text(present[0], RECORD_KEY), record) if record is not None else "")
+        resumable += differs is None
+        if resume and differs is None:
+            if len(present) == len(names):
+                done.add(i)
+            else:
+                replaceable.update(names)
+            continue
+        if not taken:
+            why = differs
+        taken += present
     if taken and not overwrite:
         more = f" and {len(taken) - 1} more of this prediction's output names" if len(taken) > 1 else ""
+        if resume:
+            others = f" (and {len(taken) - 1} more output names there)" if len(taken) > 1 else ""
+            raise UserError(f"--resume: {taken[0]}{others} was not predicted with this model and these options "
+                            f"({why}); pass --overwrite instead to replace such files, or give another --out")
+        hint = (f"; {resumable} of these inputs were predicted there with this model and these options (an "
+                "interrupted run?): pass --resume to keep them and predict the rest") if resumable else ""
         raise UserError(f"--out {out_dir} already holds {taken[0].name}{more} (an earlier prediction, or a file of "
-                        "yours); pass --overwrite to replace them, or give another --out")
-    return PredictPlan([p for p, _, _ in items], [k for _, k, _ in items], stems, out_dir, skipped, skip_invalid,
-                       overwrite)
+                        f"yours); pass --overwrite to replace them, or give another --out{hint}")
+    kept = [i for i in range(len(items)) if i not in done]
+    return PredictPlan([items[i][0] for i in kept], [items[i][1] for i in kept], [stems[i] for i in kept], out_dir,
+                       skipped, skip_invalid, overwrite, record, len(done), frozenset(replaceable))
 
 
-# whether staged() may replace files already at its names: predict_files sets it from --overwrite
-_REPLACE: ContextVar[bool] = ContextVar("pixelwise_replace_outputs", default=True)
+# whether staged() may replace files already at its names, or which names it may: predict_files sets
+# it from --overwrite, and --resume's names of frames an interrupted run left incomplete
+_REPLACE: ContextVar[bool | frozenset[str]] = ContextVar("pixelwise_replace_outputs", default=True)
 
 
 @contextmanager
@@ -282,7 +395,7 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
     try:
         yield paths
         for name, path in paths.items():
-            place(path, out_dir / name, replace)
+            place(path, out_dir / name, replace if isinstance(replace, bool) else name in replace)
     except OSError as e:
         if e.filename is None and e.errno is not None:  # a write to an open file (a full disk) names none
             raise OSError(e.errno, e.strerror, str(out_dir / names[0])) from e
@@ -359,21 +472,23 @@ def entropy_to_gray(entropy: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[MaskRow], palette: list,
-                   class_names: Sequence[str], uncertainty: bool = False) -> Path:
+                   class_names: Sequence[str], uncertainty: bool = False, record: dict | None = None) -> Path:
     """The mask, the overlay and (with ``uncertainty``) the uncertainty map of one image, written
     as its row bands come (``(y, mask, entropy)`` top to bottom, as
     :meth:`~pixelwise.inference.predictor.SemanticPredictor.predict_rows` gives them): no file's
-    pixels are held whole, and the overlay's float temporaries cover ``STRIP_ROWS`` rows."""
+    pixels are held whole, and the overlay's float temporaries cover ``STRIP_ROWS`` rows. The mask
+    holds ``record`` (:func:`prediction_record`)."""
     h, w = image.shape[:2]
     num_classes, clear = len(class_names), clear_class(class_names)
     names = output_names(stem, uncertainty=uncertainty)
     with staged(out_dir, names) as paths, ExitStack() as files:  # the files close before the renames
 
-        def png(suffix: str, mode: str) -> PngRowWriter:
+        def png(suffix: str, mode: str, text: dict[str, str] | None = None) -> PngRowWriter:
             path = paths[f"{stem}{suffix}.png"]
-            return files.enter_context(PngRowWriter(files.enter_context(open(path, "wb")), w, h, mode, palette))
+            return files.enter_context(PngRowWriter(files.enter_context(open(path, "wb")), w, h, mode, palette,
+                                                    text=text))
 
-        mask_png, overlay_png = png("", "P"), png("_overlay", "RGB")
+        mask_png, overlay_png = png("", "P", _record_text(record)), png("_overlay", "RGB")
         entropy_png = png("_uncertainty", "L") if uncertainty else None
         for y, mask, entropy in rows:
             mask_png.write(mask)
@@ -383,6 +498,10 @@ def write_semantic(out_dir: Path, stem: str, image: np.ndarray, rows: Iterable[M
                 if entropy_png is not None and entropy is not None:
                     entropy_png.write(entropy_to_gray(entropy[s:e], num_classes))
     return out_dir / f"{stem}.png"
+
+
+def _record_text(record: dict | None) -> dict[str, str] | None:
+    return None if record is None else {RECORD_KEY: json.dumps(record, separators=(",", ":"))}
 
 
 def check_watershed(predictor: Predictor, watershed: float | None) -> None:
@@ -396,7 +515,7 @@ def check_watershed(predictor: Predictor, watershed: float | None) -> None:
 
 
 def write_cells(out_dir: Path, stem: str, image: np.ndarray, predictor: SemanticPredictor, threshold: float,
-                uncertainty: bool = False) -> Path:
+                uncertainty: bool = False, record: dict | None = None) -> Path:
     """A two-class boundary model's prediction with its watershed cells (:mod:`pixelwise.inference.cells`,
     seeded where the class-1 probability exceeds ``threshold``): ``<stem>_cells.png``, 16-bit cell ids
     (0 = no cell, where no seed reached; boundary pixels keep their cell's id), and the usual files,
@@ -412,7 +531,7 @@ def write_cells(out_dir: Path, stem: str, image: np.ndarray, predictor: Semantic
     with staged(out_dir, [f"{stem}_cells.png"]) as paths:  # named only once the other files are written
         Image.fromarray(labels.astype(np.uint16)).save(paths[f"{stem}_cells.png"])
         return write_semantic(out_dir, stem, image, [(0, mask, prediction.uncertainty)], predictor.palette,
-                              predictor.class_names, uncertainty)
+                              predictor.class_names, uncertainty, record)
 
 
 def instance_maps(masks: np.ndarray, labels: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -468,11 +587,11 @@ def instances_json(det: dict, image_shape: tuple[int, ...], class_names: list[st
 
 
 def write_instances(out_dir: Path, stem: str, image: np.ndarray, det: dict, class_names: list[str],
-                    palette: list, category_ids: Sequence[int] | None = None) -> Path:
+                    palette: list, category_ids: Sequence[int] | None = None, record: dict | None = None) -> Path:
     masks, labels = det["masks"].numpy(), det["labels"].numpy()
     classes, ids = instance_maps(masks, labels, image.shape[:2])
     with staged(out_dir, output_names(stem, instance=True)) as paths:
-        write_mask(paths[f"{stem}.png"], classes, palette)
+        write_mask(paths[f"{stem}.png"], classes, palette, _record_text(record))
         Image.fromarray(ids).save(paths[f"{stem}_instances.png"])
         draw_instances(image, masks, det["boxes"].numpy(), labels, det["scores"].numpy(), class_names).save(
             paths[f"{stem}_overlay.png"])
@@ -506,8 +625,7 @@ def plan_images(plan: PredictPlan) -> Iterator[tuple[str, np.ndarray]]:
             if not plan.skip_invalid:
                 raise UserError(f"{_reason(e)} (it changed after the inputs were checked); {i} of the "
                                 f"{len(plan.paths)} predictions were written to {plan.out}, the rest were not made: "
-                                "predict them again (with --overwrite), or pass --skip-invalid to go past such "
-                                "inputs") from None
+                                "predict them with --resume, or pass --skip-invalid to go past such inputs") from None
             lost.add(path)
             plan.skipped.append(f"{_reason(e)} (it changed after the inputs were checked)")
             continue
@@ -519,7 +637,7 @@ def plan_images(plan: PredictPlan) -> Iterator[tuple[str, np.ndarray]]:
 
 def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: str | Path | None = None, *,
                   uncertainty: bool = False, progress: bool | None = None,
-                  watershed: float | None = None, overwrite: bool = False) -> list[Path]:
+                  watershed: float | None = None, overwrite: bool = False, resume: bool = False) -> list[Path]:
     """Predict every image of ``inputs`` (files, folders or glob patterns, checked here, or the plan
     of :func:`check_predict`; every frame of a multi-frame file) into ``out``; -> the mask paths.
     Semantic models run one image at a time, large ones in streamed tiles (with a bar over the
@@ -528,7 +646,12 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     classes nearly tie, and each mask must be the one ``eval`` scores and ``serve`` returns.
     ``watershed``: a two-class boundary model's cells, seeded where the class-1 probability
     exceeds it (:func:`write_cells`). Files of the outputs' names already in ``out`` are refused
-    (a UserError before any work) unless ``overwrite``."""
+    (a UserError before any work) unless ``overwrite``, or, with ``resume``, where an earlier run
+    with this model and these options wrote them (:func:`check_predict`). Each mask holds the
+    :func:`prediction_record`.
+
+    Ctrl-C or SIGTERM: the predictions written stay, whole, and the ``KeyboardInterrupt`` raised
+    says how many (its first argument), and that ``resume`` predicts the rest."""
     if isinstance(inputs, PredictPlan):
         plan = inputs
     elif out is None:
@@ -536,12 +659,14 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     else:
         plan = check_predict(inputs, out, instance=isinstance(predictor, InstancePredictor), uncertainty=uncertainty,
                              progress=progress, cells=watershed is not None, overwrite=overwrite,
-                             crf=getattr(predictor, "crf", None) is not None)
+                             crf=getattr(predictor, "crf", None) is not None, resume=resume,
+                             record=prediction_record(predictor, uncertainty=uncertainty, watershed=watershed))
     check_watershed(predictor, watershed)
     out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_staged(out_dir)
-    replacing = _REPLACE.set(plan.overwrite)  # a file another process wrote since the check is not replaced
+    # a file another process wrote since the check is not replaced
+    replacing = _REPLACE.set(plan.overwrite or plan.replaceable)
     try:
         return _write_predictions(predictor, plan, uncertainty, progress, watershed)
     finally:
@@ -553,6 +678,12 @@ def _write_predictions(predictor: Predictor, plan: PredictPlan, uncertainty: boo
     written: list[Path] = []
     try:
         _write_all(predictor, plan, uncertainty, progress, watershed, written)
+    except KeyboardInterrupt as stop:
+        said = (f"{len(written)} of the {len(plan.paths)} predictions were written to {plan.out}; the same "
+                f"command with --resume{' in place of --overwrite' if plan.overwrite else ''} predicts the rest")
+        print(said, flush=True)  # the CLI repeats it on stderr when stdout is not a terminal
+        stop.args = (said,)
+        raise
     except NameTaken as e:  # the files written so far stay, whole: say which part of the work is done
         raise UserError(f"{e.path} appeared while this command ran (another pixelwise writing in {plan.out}?) and "
                         f"was left as it is; {len(written)} of the {len(plan.paths)} predictions were written, the "
@@ -569,14 +700,14 @@ def _write_all(predictor: Predictor, plan: PredictPlan, uncertainty: bool, progr
     with progress_bar(plan.paths, "predict", show=progress) as bar:
         if isinstance(predictor, SemanticPredictor) and watershed is not None:
             for stem, image in plan_images(plan):
-                written.append(write_cells(out_dir, stem, image, predictor, watershed, uncertainty))
+                written.append(write_cells(out_dir, stem, image, predictor, watershed, uncertainty, plan.record))
                 bar.update()
         elif isinstance(predictor, SemanticPredictor):
             for stem, image in plan_images(plan):  # one image at a time: the masks eval scores, bit for bit
                 rows = predictor.predict_rows([image], uncertainty=uncertainty, progress=progress)[0]
                 try:
                     written.append(write_semantic(out_dir, stem, image, rows, predictor.palette,
-                                                  predictor.class_names, uncertainty))
+                                                  predictor.class_names, uncertainty, plan.record))
                 finally:  # its tile bar, if any, closes with the generator, before an error is said
                     getattr(rows, "close", lambda: None)()
                 bar.update()
@@ -585,5 +716,5 @@ def _write_all(predictor: Predictor, plan: PredictPlan, uncertainty: bool, progr
             for stem, image in plan_images(plan):
                 det = predictor.predict(image)
                 written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette,
-                                               predictor.meta.get("category_ids")))
+                                               predictor.meta.get("category_ids"), plan.record))
                 bar.update()
