@@ -470,3 +470,115 @@ def test_instance_eval_scores_every_detection_whatever_its_score(tmp_path, monke
     assert [len(p["scores"]) for p in scored] == [len(p["scores"]) for p in preds]
     for key in ("mask_AP", "box_AP", "mask_AP50", "boundary_AP"):
         assert got[key] == want[key] or (np.isnan(got[key]) and np.isnan(want[key])), key
+
+
+# ---------------------------------------------------------------------------------------------
+# eval --predictions: the masks predict wrote (or another tool's), scored without the model
+
+
+def _eval_json(tmp_path, name, *args):
+    report = tmp_path / f"{name}.json"
+    assert main(["eval", *map(str, args), "--json", str(report), "--no-progress"]) == 0
+    return json.loads(report.read_text())
+
+
+def test_eval_of_predicts_masks_equals_eval_of_the_model(tmp_path, capsys):
+    """Predicting exactly as eval scores: every number of ``eval --predictions`` over the masks
+    ``predict`` wrote is ``eval --checkpoint``'s, per class and per image; and a mask changed by
+    hand changes them as the numpy reference says."""
+    rng = np.random.default_rng(4)
+    root = tmp_path / "data"
+    _folder_tree(root, rng, [(40, 56), (37, 61), (48, 48)])
+    ckpt = _checkpoint(tmp_path / "m.safetensors", 4, NAMES, PALETTE, seed=2)
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), str(root / "images"), "--out", str(out), "--tta", "flip",
+                 "--no-progress"]) == 0
+    data = ["--dataset", "folder", "--data", root, "--split", "all"]
+    model = _eval_json(tmp_path, "model", "--checkpoint", ckpt, "--tta", "flip", *data)
+    masks = _eval_json(tmp_path, "masks", "--predictions", out, *data)
+    for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice", "bf_score", "boundary_iou", "per_class",
+                "per_image", "confusion_matrix", "num_images"):
+        assert masks[key] == model[key], key
+    record = masks["provenance"]["predictions"]["records"]
+    assert len(record) == 1 and record[0]["prediction"][0]["tta"] == "flip"
+    assert record[0]["models"][0]["sha256"] == model["provenance"]["checkpoint_sha256"]
+    # another tool's masks: gray PNGs of class ids, without a record; one image's mask all class 2
+    other = tmp_path / "other"
+    other.mkdir()
+    stems = sorted(p.stem for p in (root / "images").glob("*.png"))
+    preds = [np.array(Image.open(out / f"{s}.png")) for s in stems]
+    preds[1] = np.full_like(preds[1], 2)
+    for stem, pred in zip(stems, preds):
+        Image.fromarray(pred, mode="L").save(other / f"{stem}.png")
+    got = _eval_json(tmp_path, "other", "--predictions", other, *data, "--no-bf")
+    want = _reference(preds, [np.array(Image.open(root / "masks" / f"{s}.png")) for s in stems], 4)
+    assert got["confusion_matrix"] == want["cm"].tolist()
+    for key in ("pixel_acc", "mean_acc", "mIoU", "fwIoU", "dice"):
+        _assert_close(got[key], want[key])
+    assert "bf_score" not in got and got["provenance"]["predictions"]["records"] == [None]
+
+
+def test_eval_predictions_on_isbi_gives_the_errors_at_the_argmax(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "isbi"
+    write_isbi_tree(root, rng)
+    ckpt = _checkpoint(tmp_path / "isbi.safetensors", 2, ["membrane", "cell"], [[0, 0, 0], [255, 255, 255]], seed=3)
+    out = tmp_path / "pred"
+    images = [str(root / "train" / "image" / f"{i}.png") for i in (2, 3, 4, 5)]  # val split: the last 4 of 6
+    assert main(["predict", "--checkpoint", str(ckpt), *images, "--out", str(out), "--no-progress"]) == 0
+    data = ["--dataset", "isbi2012", "--data", root, "--split", "val", "--no-bf"]
+    model = _eval_json(tmp_path, "model", "--checkpoint", ckpt, *data)
+    masks = _eval_json(tmp_path, "masks", "--predictions", out, *data)
+    for key in ("pixel_error", "rand_error", "rand_precision", "rand_recall", "mIoU"):
+        assert masks[key] == model[key], key
+    assert "rand_error_best" in model and "rand_error_best" not in masks  # needs the cell probability
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    ("missing", "has no mask for 2 of the 3 images"),
+    ("size", "is 20x10 but its image img0 is 56x40"),
+    ("class", "holds class id 7, but folder has 4 classes"),
+    ("overlay", "RGB colour mask"),
+])
+def test_eval_predictions_names_a_bad_mask_folder(tmp_path, capsys, damage, words):
+    rng = np.random.default_rng(6)
+    root = tmp_path / "data"
+    _folder_tree(root, rng, [(40, 56), (37, 61), (48, 48)])
+    out = tmp_path / "pred"
+    out.mkdir()
+    for i, (h, w) in enumerate([(40, 56), (37, 61), (48, 48)]):
+        Image.fromarray(_blocky(rng, h, w, 4, 5).astype(np.uint8), mode="L").save(out / f"img{i}.png")
+    if damage == "missing":
+        (out / "img1.png").unlink()
+        (out / "img2.png").unlink()
+    elif damage == "size":
+        Image.fromarray(np.zeros((10, 20), np.uint8), mode="L").save(out / "img0.png")
+    elif damage == "class":
+        Image.fromarray(np.full((37, 61), 7, np.uint8), mode="L").save(out / "img1.png")
+    else:
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(out / "img2.png")
+    report = tmp_path / "r.json"
+    assert main(["eval", "--predictions", str(out), "--dataset", "folder", "--data", str(root), "--split", "all",
+                 "--json", str(report), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pixelwise: error: ") and words in err[0], err
+    assert not report.exists()
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--tta", "flip"], "--tta (how a model predicts) does not apply"),
+    (["--checkpoint", "m.safetensors"], "--checkpoint (how a model predicts) does not apply"),
+    (["--resize", "32"], "--resize"),
+])
+def test_eval_predictions_refuses_the_flags_of_a_model(tmp_path, capsys, extra, words):
+    (tmp_path / "pred").mkdir()
+    assert main(["eval", "--predictions", str(tmp_path / "pred"), "--dataset", "shapes", *extra]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+
+
+def test_eval_without_a_model_or_predictions_says_what_to_give(tmp_path, capsys):
+    assert main(["eval", "--dataset", "shapes"]) == 2
+    assert "--predictions DIR" in capsys.readouterr().err
+    assert main(["eval", "--predictions", str(tmp_path / "none"), "--dataset", "shapes"]) == 2
+    assert "is not a folder" in capsys.readouterr().err

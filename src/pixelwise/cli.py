@@ -550,11 +550,28 @@ def predictor_options(args: argparse.Namespace) -> dict:
     return options
 
 
+# the flags of eval that say how a model predicts: none applies to --predictions, masks already made
+MODEL_FLAGS = ("checkpoint", "onnx", "resize", "tile", "overlap", "tta", "mc_samples", "batch_size", "mode", "crf",
+               "watershed", "calib_dataset", "calib_data", "calib_images", "calib_crop")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.inference.cells import check_seed_threshold
-    from pixelwise.inference.evaluate import evaluate_checkpoint
+    from pixelwise.inference.evaluate import evaluate_checkpoint, evaluate_predictions
 
+    dataset_kwargs = train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs")
+    if args.predictions is not None:
+        given = [flag for flag in MODEL_FLAGS if getattr(args, flag) is not None]
+        if given:
+            raise UserError(f"--predictions scores masks already made, so --{given[0].replace('_', '-')} (how a "
+                            "model predicts) does not apply; leave it out, or evaluate the --checkpoint instead")
+        check_output_file(args.json, "--json", [args.predictions, args.data], args.overwrite)
+        set_max_pixels(args.max_pixels)
+        metrics = evaluate_predictions(args.predictions, args.dataset, args.data, args.split,
+                                       dataset_kwargs=dataset_kwargs, progress=args.progress, bf=not args.no_bf,
+                                       skip_invalid=args.skip_invalid)
+        return report_eval(args, metrics)
     check_output_file(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data], args.overwrite)
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if options.get("mode") == "int8":
@@ -563,12 +580,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_seed_threshold(args.watershed)
     set_max_pixels(args.max_pixels)
     device = check_device(args.device)
+    if not args.checkpoint and not args.onnx:
+        raise UserError("give the model to evaluate, --checkpoint FILE (repeated: an ensemble) or --onnx FILE, or "
+                        "--predictions DIR to score masks already made")
     files = model_files(args)
     metrics = evaluate_checkpoint(files[0] if len(files) == 1 else files, args.dataset, args.data, args.split,
-                                  device=device,
-                                  dataset_kwargs=train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"),
+                                  device=device, dataset_kwargs=dataset_kwargs,
                                   progress=args.progress, bf=not args.no_bf, skip_invalid=args.skip_invalid,
                                   watershed=args.watershed, **options)
+    return report_eval(args, metrics)
+
+
+def report_eval(args: argparse.Namespace, metrics: dict) -> int:
+    """Print eval's summary, per-class table, notes, and write ``--json``."""
     summary = {k: v for k, v in metrics.items()
                if k not in ("per_class", "confusion_matrix", "per_image", "input", "provenance")}  # those: --json
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
@@ -810,11 +834,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the bundled training recipes (pixelwise train --config NAME)")
     p.set_defaults(func=cmd_recipes)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
+    p = sub.add_parser("eval", help="evaluate a checkpoint (or masks already made) on a dataset split")
     p.add_argument("--checkpoint", action="append",
                    help="the checkpoint; repeat it to evaluate an ensemble (the mean of their probabilities)")
     p.add_argument("--onnx", metavar="FILE", action=Once,
                    help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
+    p.add_argument("--predictions", metavar="DIR", action=Once,
+                   help="score the masks already in DIR instead of a model: DIR/<image stem>.png for each image, "
+                        "class ids as pixel values (the --out of `pixelwise predict`, or another tool's masks)")
     p.add_argument("--dataset", required=True, help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, "
                    "isbi2012, coco, folder")
     p.add_argument("--data", help="the dataset's folder (none for shapes, which is generated)")
@@ -1144,8 +1171,8 @@ def _stopped(e: KeyboardInterrupt) -> str:
 
 # the flags that name a file or folder: an empty value (an unset shell variable, `--json "$OUT"`) is
 # never what was meant, and read as "not given" it wrote nothing, or wrote into the current folder
-PATH_FLAGS = ("out", "json", "data", "config", "checkpoint", "onnx", "calib_data", "pretrained", "class_weights",
-              "inputs", "keep_uploads", "samples")
+PATH_FLAGS = ("out", "json", "data", "config", "checkpoint", "onnx", "predictions", "calib_data", "pretrained",
+              "class_weights", "inputs", "keep_uploads", "samples")
 
 
 def check_no_empty_paths(args: argparse.Namespace) -> None:

@@ -1,6 +1,7 @@
 """``pixelwise eval``: a checkpoint on a dataset split, image by image through the same predictor
 that ``predict`` uses, so the metrics equal those computed from the masks ``predict`` writes
-(``tests/test_eval_consistency.py``).
+(``tests/test_eval_consistency.py``), which :func:`evaluate_predictions` scores (``eval
+--predictions``) with the same code.
 
 Semantic keys: ``pixel_acc mean_acc mIoU fwIoU dice per_class num_images`` (from the
 ``confusion_matrix``, also given: pixel counts, rows ground truth, columns prediction; see
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +32,10 @@ import torch
 
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate
-from pixelwise.data import SegmentationDataset, build_dataset, sample_target, scoring_kwargs
+from pixelwise.data import Sample, SegmentationDataset, build_dataset, sample_target, scoring_kwargs
 from pixelwise.data.download import file_sha256
 from pixelwise.data.files import split_fingerprint
+from pixelwise.data.io import png_text, read_mask
 from pixelwise.errors import UserError, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.crf import check_crf_size
@@ -43,12 +46,17 @@ from pixelwise.metrics import (
     BoundaryIoUMeter,
     ChallengeMeter,
     ConfusionMeter,
+    RandMeter,
     pixel_error,
     segmentation_metrics,
 )
 from pixelwise.runtime import progress as progress_bar
 
 PER_IMAGE_KEYS = ("pixel_acc", "mean_acc", "mIoU", "dice")  # each image's own confusion matrix's
+
+
+# one image's (mask, (map, cell probability) for the ISBI meter or None) from its sample and index
+Predicted = Callable[[Sample, int], tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]]
 
 
 def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,
@@ -60,33 +68,56 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     (:func:`~pixelwise.inference.cells.with_boundaries`); the confusion-matrix metrics stay those
     of the network's masks."""
     check_same_classes(predictor.meta, ds)
-    meter = ConfusionMeter(ds.num_classes)
-    bf_meter = BFMeter(ds.num_classes) if bf else None
-    biou_meter = BoundaryIoUMeter(ds.num_classes) if bf else None
     fg = ds.rand_foreground
     if watershed is not None and fg is None:
         raise UserError("--watershed segments cells from a membrane map: it applies to data with cells to count, "
                         "such as isbi2012; leave it out for this dataset")
-    challenge = ChallengeMeter(foreground=fg) if fg is not None else None
+
+    def predicted(sample: Sample, _: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        # the probabilities only where the ISBI meter reads them: a large image's would be C x H x W floats
+        prediction = predictor.predict(sample.image, probs=fg is not None)
+        if fg is None:
+            return prediction.mask, None
+        assert prediction.probs is not None
+        pred, prob = prediction.mask, prediction.probs[fg].numpy()
+        if watershed is not None:
+            prob = with_boundaries(prob, watershed)
+            pred = np.where((prob == 0) & (pred == fg), -1, pred)  # -1: a boundary, not a cell
+        return prediction.mask, (pred, prob)
+
+    return score_semantic(ds, predicted, progress, bf)
+
+
+def score_semantic(ds: SegmentationDataset, predicted: Predicted, progress: bool | None = None,
+                   bf: bool = True) -> dict:
+    """The semantic metrics (module docstring) of the masks ``predicted(sample, index)`` gives for
+    each image of ``ds``. For data with cells to count (``ds.rand_foreground``), the ISBI errors:
+    all of them from the maps and cell probabilities it gives with each mask, or, where it gives
+    none (masks read from files), those at the argmax (``rand_error rand_precision rand_recall
+    rand_f pixel_error``), from the masks."""
+    meter = ConfusionMeter(ds.num_classes)
+    bf_meter = BFMeter(ds.num_classes) if bf else None
+    biou_meter = BoundaryIoUMeter(ds.num_classes) if bf else None
+    fg = ds.rand_foreground
+    rand = ChallengeMeter(foreground=fg) if fg is not None else None
+    at_argmax = RandMeter(foreground=fg) if fg is not None else None
+    with_probs = False  # whether predicted gave the cell probabilities (else the errors at the argmax)
     per_image = []
     for i in progress_bar(range(len(ds)), "eval", progress):
         sample = ds.load(i)
-        # the probabilities only where the ISBI meter reads them: a large image's would be C x H x W floats
-        prediction = predictor.predict(sample.image, probs=challenge is not None)
-        image_cm = meter.update(prediction.mask, sample.mask)
+        mask, isbi = predicted(sample, i)
+        image_cm = meter.update(mask, sample.mask)
         image = segmentation_metrics(image_cm)
         per_image.append({"name": sample.name or str(i), "pixels": int(image_cm.sum()),
                           **{k: image[k] for k in PER_IMAGE_KEYS}})
         if bf_meter is not None and biou_meter is not None:
-            per_image[-1]["bf"] = bf_meter.update(prediction.mask, sample.mask)
-            per_image[-1]["boundary_iou"] = biou_meter.update(prediction.mask, sample.mask)
-        if challenge is not None and fg is not None:
-            assert prediction.probs is not None
-            pred, prob = prediction.mask, prediction.probs[fg].numpy()
-            if watershed is not None:
-                prob = with_boundaries(prob, watershed)
-                pred = np.where((prob == 0) & (pred == fg), -1, pred)  # -1: a boundary, not a cell
-            challenge.update(pred, prob, sample.mask)
+            per_image[-1]["bf"] = bf_meter.update(mask, sample.mask)
+            per_image[-1]["boundary_iou"] = biou_meter.update(mask, sample.mask)
+        if rand is not None and isbi is not None:
+            rand.update(*isbi, sample.mask)
+            with_probs = True
+        elif at_argmax is not None:
+            at_argmax.update(mask, sample.mask)
     metrics = meter.compute(list(ds.class_names))
     metrics["confusion_matrix"] = meter.cm.tolist()  # pixels: rows ground truth, columns prediction
     metrics["per_image"] = per_image
@@ -99,9 +130,9 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
         metrics["boundary_iou"] = biou_result["boundary_iou"]
         for row, value in zip(metrics["per_class"], biou_result["per_class_boundary_iou"]):
             row["boundary_iou"] = value
-    if challenge is not None:
+    if rand is not None and at_argmax is not None:
         metrics["pixel_error"] = pixel_error(meter.cm)
-        metrics.update(challenge.compute())
+        metrics.update(rand.compute() if with_probs else at_argmax.compute())
     metrics["num_images"] = len(ds)
     return metrics
 
@@ -218,6 +249,80 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
             {"checkpoint": str(Path(p).resolve()), "checkpoint_sha256": file_sha256(p), "input": spec,
              "prediction": prediction_options(m)} for p, m, spec in zip(paths, members, specs)]
     return metrics
+
+
+def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, split: str = "val", *,
+                         dataset_kwargs: dict | None = None, progress: bool | None = None, bf: bool = True,
+                         skip_invalid: bool = False) -> dict:
+    """The semantic metrics of masks already written, ``folder/<name>.png`` for each image of
+    ``dataset``/``split`` (its sample name, else its file's stem: the names ``pixelwise predict``
+    gives), with the class ids as pixel values (``predict``'s masks, or another tool's), scored as
+    :func:`evaluate_checkpoint` scores a model: the same keys, but of the ISBI errors only those at
+    the argmax (the leaderboard forms need the cell probability, which a mask does not hold).
+    ``provenance["predictions"]`` names the folder and the records the masks hold
+    (``pixelwise.inference.writers.prediction_record``; None for a mask without one).
+
+    Every image's mask must be there, of its image's size, with class ids below the data's count: a
+    UserError names the first that is not (the missing ones, all of them, before any is scored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--predictions {folder} is not a folder; give the --out folder of `pixelwise predict`")
+    dataset_kwargs, _ = scoring_kwargs(dataset, dataset_kwargs or {})  # every image is scored
+    ds = build_dataset(dataset, data, split, **dataset_kwargs)
+    skipped = ds.check_or_refuse(skip_invalid, "evaluate")
+    skipped = getattr(ds, "dropped", skipped)
+    items = getattr(ds, "items", None)
+    name_of = getattr(ds, "name_of", None)
+    found: dict[int, Path] = {}
+    if items is not None and name_of is not None:  # every file looked for before the first image is scored
+        missing = []
+        for i, (image_ref, _) in enumerate(items):
+            path = _prediction_file(folder, name_of(image_ref), Path(image_ref).stem)
+            if path is None:
+                missing.append(f"{name_of(image_ref)}.png")
+            else:
+                found[i] = path
+        if missing:
+            raise UserError(f"--predictions {folder} has no mask for {len(missing)} of the {len(items)} images of "
+                            f"{dataset}/{split} ({listed(missing[:3])}{', ...' if len(missing) > 3 else ''}); predict "
+                            "them into it (pixelwise predict ... --out " + str(folder) + ") or score another split")
+    records: list[dict | None] = []
+
+    def predicted(sample: Sample, i: int) -> tuple[np.ndarray, None]:
+        name = sample.name or str(i)
+        path = found.get(i) or _prediction_file(folder, name)
+        if path is None:
+            raise UserError(f"--predictions {folder} has no mask {name}.png for that image of {dataset}/{split}; "
+                            f"predict it into {folder}")
+        mask = read_mask(path)
+        if mask.shape != sample.mask.shape:
+            raise UserError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image {name} is "
+                            f"{sample.mask.shape[1]}x{sample.mask.shape[0]}; predictions are scored at the image's "
+                            "size (as predict writes them)")
+        if mask.size and int(mask.max()) >= ds.num_classes:
+            raise UserError(f"{path} holds class id {int(mask.max())}, but {dataset} has {ds.num_classes} classes "
+                            f"(ids 0-{ds.num_classes - 1}); give masks of class ids (predict's <stem>.png, not its "
+                            "overlay) of a model of this dataset's classes")
+        text = png_text(path, "pixelwise")
+        try:
+            record = json.loads(text) if text is not None else None
+        except ValueError:
+            record = None
+        if record not in records:
+            records.append(record)
+        return mask, None
+
+    metrics = score_semantic(ds, predicted, progress, bf)
+    metrics["provenance"] = {
+        "predictions": {"folder": str(folder.resolve()), "records": records},
+        "dataset": {"kind": dataset, "root": str(Path(data).expanduser().resolve()) if data else None,
+                    "split": split, "options": dataset_kwargs, "skipped": [str(p) for p in skipped]},
+        "pixelwise_version": __version__}
+    return metrics
+
+
+def _prediction_file(folder: Path, *names: str) -> Path | None:
+    return next((folder / f"{name}.png" for name in names if (folder / f"{name}.png").is_file()), None)
 
 
 def check_crf_sizes(ds: SegmentationDataset) -> None:
