@@ -231,7 +231,8 @@ def test_eval_equals_numpy_over_predicted_pngs(tmp_path, capsys):
         assert g_row["pixels"] == w_row["pixels"]
 
 
-def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
+def _isbi_predicted(tmp_path):
+    """An ISBI tree, a two-class checkpoint, and predict's masks of the val split's images (the last 4 of 6)."""
     rng = np.random.default_rng(1)
     root = tmp_path / "isbi"
     write_isbi_tree(root, rng)
@@ -239,6 +240,11 @@ def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
     out = tmp_path / "pred"
     images = [str(root / "train" / "image" / f"{i}.png") for i in (2, 3, 4, 5)]  # val split: the last 4 of 6
     assert main(["predict", "--checkpoint", str(ckpt), *images, "--out", str(out), "--no-progress"]) == 0
+    return root, ckpt, out
+
+
+def test_isbi_eval_equals_numpy_over_predicted_pngs(tmp_path):
+    root, ckpt, out = _isbi_predicted(tmp_path)
     report = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(ckpt), "--dataset", "isbi2012", "--data", str(root),
                  "--split", "val", "--json", str(report), "--no-progress"]) == 0
@@ -519,13 +525,7 @@ def test_eval_of_predicts_masks_equals_eval_of_the_model(tmp_path, capsys):
 
 
 def test_eval_predictions_on_isbi_gives_the_errors_at_the_argmax(tmp_path):
-    rng = np.random.default_rng(1)
-    root = tmp_path / "isbi"
-    write_isbi_tree(root, rng)
-    ckpt = _checkpoint(tmp_path / "isbi.safetensors", 2, ["membrane", "cell"], [[0, 0, 0], [255, 255, 255]], seed=3)
-    out = tmp_path / "pred"
-    images = [str(root / "train" / "image" / f"{i}.png") for i in (2, 3, 4, 5)]  # val split: the last 4 of 6
-    assert main(["predict", "--checkpoint", str(ckpt), *images, "--out", str(out), "--no-progress"]) == 0
+    root, ckpt, out = _isbi_predicted(tmp_path)
     data = ["--dataset", "isbi2012", "--data", root, "--split", "val", "--no-bf"]
     model = _eval_json(tmp_path, "model", "--checkpoint", ckpt, *data)
     masks = _eval_json(tmp_path, "masks", "--predictions", out, *data)
