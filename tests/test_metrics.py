@@ -35,6 +35,20 @@ def test_absent_class_rule():
     assert m["mean_acc"] == pytest.approx((1 / 2 + 1.0) / 2)
 
 
+def test_one_pixel_class_has_an_accuracy_and_rows_carry_names_and_pixels():
+    # class 1 has exactly one ground-truth pixel, predicted as 0: its accuracy is 0/1 = 0 (not null),
+    # so the class average is (2/2 + 0/1) / 2 = 0.5
+    target = torch.tensor([0, 0, 1])
+    pred = torch.tensor([0, 0, 0])
+    m = segmentation_metrics(confusion_matrix(pred, target, 2), ["road", "car"])
+    assert [c["acc"] for c in m["per_class"]] == [1.0, 0.0]
+    assert m["mean_acc"] == pytest.approx(0.5)
+    assert [c["iou"] for c in m["per_class"]] == pytest.approx([2 / 3, 0.0])
+    assert [(c["name"], c["pixels"]) for c in m["per_class"]] == [("road", 2), ("car", 1)]
+    unnamed = segmentation_metrics(confusion_matrix(pred, target, 2))
+    assert [c["name"] for c in unnamed["per_class"]] == ["0", "1"]
+
+
 def test_meter_matches_numpy_reference():
     rng = np.random.default_rng(0)
     t = rng.integers(0, 5, (4, 30, 40))

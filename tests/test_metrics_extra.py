@@ -265,6 +265,20 @@ def test_rand_ignores_membrane_of_ground_truth_and_is_label_free():
     assert rand_scores(*rand_counts(t, np.zeros_like(t)))["rand_error"] is None
 
 
+def test_rand_void_pixels_do_not_join_predicted_cells():
+    # two 2-pixel cells separated by a void (255) pixel, not by membrane; the prediction calls the
+    # void pixel cell too. Void is pruned from both maps (default ignore_index), so the prediction
+    # is two cells, not one merged cell: sum_ab = sum_a = sum_b = 2^2 + 2^2 = 8, error 0 -- the same
+    # as predicting membrane there. (Counted, the void pixel would merge them: sum_b = 4^2 = 16.)
+    target = np.array([[1, 1, 255, 1, 1]])
+    pred = np.ones((1, 5), np.int64)
+    assert rand_counts(pred, target) == (8.0, 8.0, 8.0)
+    assert rand_counts(np.array([[1, 1, 0, 1, 1]]), target) == (8.0, 8.0, 8.0)
+    meter = RandMeter()
+    meter.update(pred, target)
+    assert meter.compute()["rand_error"] == 0.0
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_rand_matches_naive_pair_counting(seed):
     rng = np.random.default_rng(seed)
