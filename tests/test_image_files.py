@@ -20,7 +20,7 @@ from pixelwise.data.io import IMAGE_SUFFIXES, jpeg_complete, probe, read_image, 
 from pixelwise.errors import UserError
 from pixelwise.inference.writers import expand_inputs
 from pixelwise.sample import Sample
-from pixelwise.serve.uploads import FORMATS, UploadError, decode_mask
+from pixelwise.serve.uploads import FORMATS, UploadError, decode_image, decode_mask, image_kind
 
 RNG = np.random.default_rng(0)
 H, W = 24, 40
@@ -153,6 +153,27 @@ def test_folder_dataset_reads_the_formats_predict_reads_and_names_the_others(tmp
     assert {"TGA", "PCX", "PPM", "GIF", "DIB"} <= set(FORMATS)  # serve accepts them too
 
 
+@pytest.mark.parametrize("fmt, kind", [("PNG", "PNG"), ("JPEG", "JPEG"), ("GIF", "GIF"), ("BMP", "BMP"),
+                                       ("TIFF", "TIFF"), ("WEBP", "WebP"), ("PPM", "PPM"), ("PCX", "PCX"),
+                                       ("AVIF", "AVIF")])
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # the cut TIFF's directory
+def test_the_server_knows_each_format_it_opens_by_how_its_files_begin(fmt, kind):
+    """A file of a format the server opens, cut to its first bytes: image_kind names the format from
+    them, and a damaged file so begun is 400 naming it (415 is for files of no such format)."""
+    if fmt in ("WEBP", "AVIF") and not features.check(fmt.lower()):
+        pytest.skip(f"Pillow without {fmt}")
+    buf = io.BytesIO()
+    Image.fromarray(_photo(6, 5)).save(buf, format=fmt)
+    head = buf.getvalue()[:16]
+    assert image_kind(head) == kind
+    assert image_kind(b"not an image at all") is None
+    if fmt in ("GIF", "TIFF", "PCX", "AVIF"):  # PIL cannot identify these cut heads: the server names the kind
+        with pytest.raises(UploadError) as e:
+            decode_image(head + bytes(2), 10_000)
+        article = "an" if kind == "AVIF" else "a"
+        assert e.value.status == 400 and f"begins as {article} {kind} file" in e.value.detail, e.value.detail
+
+
 # -- defect 4: lossy masks ----------------------------------------------------------------------------
 def test_jpeg_coded_mask_is_a_problem_whatever_its_name(tmp_path):
     root = _dataset(tmp_path / "ds", {"a.png": _photo(), "b.png": _photo()})
@@ -274,11 +295,39 @@ def test_float_rgb_tiff_is_called_unsupported_not_damaged(tmp_path):
     (tmp_path / "junk.tif").write_bytes(b"II*\x00" + bytes(4))
     with pytest.raises(UserError, match="junk.tif: starts like a TIFF file but cannot be read"):
         probe(tmp_path / "junk.tif")
-    from pixelwise.serve.uploads import UploadError, decode_image  # the server says the same: 415, not "damaged"
-
-    with pytest.raises(UploadError) as e:
+    with pytest.raises(UploadError) as e:  # the server says the same: 415, not "damaged"
         decode_image(_float_rgb_tiff(), 10_000, "image/tiff")
     assert e.value.status == 415 and "unsupported TIFF: 3 channel(s) of 32-bit float" in e.value.detail
+
+
+def test_a_gray_tiff_with_premultiplied_alpha_is_read_unpremultiplied_by_read_image_and_the_server(tmp_path):
+    """Pillow opens a gray+alpha TIFF whose ExtraSamples says associated alpha as mode "La" (gray
+    premultiplied by alpha), which it cannot convert to RGB directly: both readers give the gray
+    divided by alpha, as an RGBa image's colours are."""
+    buf = io.BytesIO()
+    Image.new("LA", (4, 3), (50, 200)).save(buf, format="TIFF")
+    unassociated = struct.pack("<HHII", 338, 3, 1, 2)  # ExtraSamples = 2 as Pillow writes LA
+    assert buf.getvalue().count(unassociated) == 1
+    data = buf.getvalue().replace(unassociated, struct.pack("<HHII", 338, 3, 1, 1))  # 1: associated alpha
+    assert Image.open(io.BytesIO(data)).mode == "La"
+    (tmp_path / "la.tif").write_bytes(data)
+    want = np.full((3, 4, 3), 50 * 255 // 200, np.uint8)  # the gray over alpha 200/255, rounded down as for RGBa
+    np.testing.assert_array_equal(read_image(tmp_path / "la.tif"), want)
+    np.testing.assert_array_equal(decode_image(data, 10_000, "image/tiff"), want)
+
+
+def test_an_image_the_server_cannot_convert_is_415_naming_its_mode(monkeypatch):
+    import pixelwise.serve.uploads as uploads
+
+    def cannot(img):
+        raise ValueError(f"conversion from {img.mode} to RGB not supported")
+
+    monkeypatch.setattr(uploads, "pil_to_rgb", cannot)
+    buf = io.BytesIO()
+    Image.new("LA", (4, 3)).save(buf, format="PNG")
+    with pytest.raises(UploadError) as e:
+        decode_image(buf.getvalue(), 10_000, "image/png")
+    assert e.value.status == 415 and "cannot convert an image of mode LA to RGB" in e.value.detail
 
 
 def test_size_mismatch_of_an_exif_rotated_image_says_so(tmp_path):

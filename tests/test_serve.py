@@ -37,6 +37,7 @@ from pixelwise.serve import pool as pool_module  # noqa: E402
 from pixelwise.serve.app import create_app, with_options  # noqa: E402 - after the skips
 from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  # noqa: E402
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
+from pixelwise.serve.results import instance_result  # noqa: E402
 from pixelwise.serve.uploads import MAX_PARTS, UploadError, read_multipart  # noqa: E402
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
@@ -203,6 +204,28 @@ def test_api_instances_equal_the_files_predict_writes(instance_checkpoint, tmp_p
 
 
 # ---------------------------------------------------------------- info, health, page, docs
+
+def test_instance_result_draws_the_overlay_by_default_and_only_when_asked():
+    """A library caller's instance_result: the overlay unless with_overlay=False (then null), the
+    class mask the covered pixels' class, without a model."""
+    image = np.zeros((6, 8, 3), np.uint8)
+    masks = torch.zeros((1, 6, 8), dtype=torch.bool)  # as InstancePredictor gives them
+    masks[0, 1:3, 2:5] = True
+    det = {"masks": masks, "labels": torch.tensor([1]), "boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0]]),
+           "scores": torch.tensor([0.9])}
+    expected = np.zeros((6, 8), np.uint8)
+    expected[1:3, 2:5] = 1
+    out, classes = instance_result(image, det, ["bg", "thing"], [(0, 0, 0), (255, 0, 0)])
+    np.testing.assert_array_equal(classes, expected)
+    overlay = Image.open(io.BytesIO(base64.b64decode(out["overlay_png_base64"])))
+    assert overlay.size == (8, 6) and np.asarray(overlay.convert("RGB")).any()  # drawn over a black image
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(out["mask_png_base64"])))),
+                                  expected)
+    bare, classes = instance_result(image, det, ["bg", "thing"], [(0, 0, 0), (255, 0, 0)], with_overlay=False)
+    assert bare["overlay_png_base64"] is None and bare["image_png_base64"] is None
+    assert [i["color"] for i in bare["instances"]] == [i["color"] for i in out["instances"]]
+    np.testing.assert_array_equal(classes, expected)
+
 
 def test_info_health_and_samples(predictor):
     app = create_app(predictor)
@@ -1326,6 +1349,14 @@ def test_a_form_of_more_than_max_parts_fields_is_400():
     with pytest.raises(UploadError) as e:
         _read(17)
     assert e.value.status == 400 and "at most 16" in e.value.detail
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data", "multipart/form-data; boundary="])
+def test_a_form_content_type_without_a_boundary_is_400(content_type):
+    data = _body(1)
+    with pytest.raises(UploadError) as e:
+        asyncio.run(read_multipart(content_type, str(len(data)), _chunks(data), 10**6))
+    assert e.value.status == 400 and "has no boundary" in e.value.detail
 
 
 # ---------------------------------------------------------------- ServeConfig: defaults and refusals

@@ -296,6 +296,8 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     elif mode in ("L", "P", "RGBA", "LA", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "La", "RGBa"):
         if mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
+        elif mode == "La":  # gray premultiplied by its alpha (a TIFF's associated alpha): Pillow goes to RGB via LA
+            img = img.convert("LA")
         arr = np.asarray(img.convert("RGB"))
     else:  # I;16, I;16B, I;16L, I, F and friends: single channel, wider than 8 bits
         arr = _to_uint8(np.asarray(img))
