@@ -1,14 +1,17 @@
 """The Python API's answers to what a Python user passes by mistake: errors that say what to
 pass, rather than a result that is silently wrong or an exception from deep inside."""
+import re
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import pixelwise
 from conftest import write_isbi_tree
 from pixelwise.data import build_dataset
 from pixelwise.errors import UserError
-from pixelwise.preprocess import InputSpec, check_image, preprocess
+from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, check_image, preprocess
 from pixelwise.sample import MAX_INPUT_PIXELS
 
 
@@ -120,3 +123,55 @@ def test_a_float_image_reaching_exactly_one_is_told_to_scale_by_255():
     img = np.linspace(0, 1, 4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)  # max is exactly 1.0
     with pytest.raises(ValueError, match=r"\(img \* 255\)\.round\(\)\.astype\(np\.uint8\) \(floats in \[0, 1\]\)"):
         check_image(img)
+
+
+def test_a_one_channel_contract_is_the_itu_601_luminance_and_takes_gray_images():
+    """InputSpec(channels=1): the luminance 0.299 R + 0.587 G + 0.114 B (PIL's convert("L")), and a
+    gray uint8[H, W] or [H, W, 1] image is the RGB image whose three channels it fills."""
+    spec = InputSpec(channels=1, mean=(0.0,), std=(1.0,), normalize=False)
+    pure = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]]], np.uint8)  # 1x4
+    got = preprocess(pure, spec)
+    assert got.shape == (1, 1, 4)
+    torch.testing.assert_close(got[0, 0], torch.tensor([0.299, 0.587, 0.114, 1.0]))
+    rgb = np.random.default_rng(1).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(rgb).convert("L"), np.float32) / 255  # PIL rounds to whole levels
+    assert np.abs(preprocess(rgb, spec)[0].numpy() - pil).max() <= 0.5 / 255 + 1e-6
+    gray = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every level
+    want = preprocess(np.repeat(gray[..., None], 3, -1), spec)
+    assert torch.equal(preprocess(gray, spec), want) and torch.equal(preprocess(gray[..., None], spec), want)  # exactly
+    torch.testing.assert_close(want[0], torch.from_numpy(gray).float() / 255)  # the weights sum to 1
+
+
+def test_preprocess_with_a_resize_checks_the_image_before_resizing():
+    """With a resize, a wrong image is refused by check_image, not resized first: an empty image got
+    OpenCV's assertion, a uint8 HWC tensor was taken through numpy without a word."""
+    spec = InputSpec(resize=(4, 4))
+    with pytest.raises(ValueError, match="H, W >= 1"):
+        preprocess(np.zeros((0, 5, 3), np.uint8), spec)
+    with pytest.raises(ValueError, match="a tensor"):
+        preprocess(torch.zeros((6, 5, 3), dtype=torch.uint8), spec)
+    assert preprocess(np.zeros((6, 5, 3), np.uint8), spec).shape == (3, 4, 4)
+
+
+def test_from_dict_defaults_are_those_of_input_spec():
+    """A contract dict without normalize, resize or channels: InputSpec's defaults (3 channels,
+    normalised here, native size)."""
+    spec = InputSpec.from_dict({"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    assert spec == InputSpec()
+    assert (spec.channels, spec.normalize, spec.resize) == (3, True, None)
+
+
+def test_from_dict_pixel_cap_counts_height_times_width_of_a_wide_or_tall_resize():
+    """The cap is h * w, not the square of one side (the test above uses squares)."""
+    for resize in ([MAX_INPUT_PIXELS // 2 + 1, 2], [2, MAX_INPUT_PIXELS // 2 + 1]):
+        with pytest.raises(UserError, match="above"):
+            InputSpec.from_dict({**InputSpec().to_dict(), "resize": resize})
+    assert InputSpec.from_dict({**InputSpec().to_dict(), "resize": [MAX_INPUT_PIXELS // 2, 2]}).resize == \
+        (MAX_INPUT_PIXELS // 2, 2)
+
+
+def test_a_one_channel_contracts_refusal_names_the_gray_form_it_also_takes():
+    with pytest.raises(ValueError, match=re.escape("expects uint8[H, W, 3] (or gray uint8[H, W]) with")):
+        check_image(np.zeros((4, 5, 3), np.float32), channels=1)
+    with pytest.raises(ValueError, match=re.escape("expects uint8[H, W, 3] with")):
+        check_image(np.zeros((4, 5, 3), np.float32))

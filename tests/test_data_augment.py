@@ -377,3 +377,30 @@ def test_build_transform_defaults_are_flip_and_jitter_without_quarter_turns():
     assert names(build_transform({"jitter": False}, train=True)) == ["HorizontalFlip"]
     assert names(build_transform({"flip": False}, train=True)) == ["ColorJitter"]
     assert names(build_transform({"rotate90": True, "flip": False, "jitter": False}, train=True)) == ["RandomRotate90"]
+
+
+@pytest.mark.parametrize("low, ok", [(0.05, False), (0.0, False), (-0.5, False), (0.1, True)])
+def test_the_smallest_random_scale_is_a_tenth(low, ok):
+    """augment scale's low end must be >= MIN_SCALE = 0.1 (a smaller factor shrinks an image to less
+    than a pixel); 0.1 itself is allowed."""
+    cfg = {"crop": 8, "scale": [low, 1.0]}
+    if ok:
+        assert "RandomScale" in [type(t).__name__ for t in build_transform(cfg, train=True).transforms]
+    else:
+        with pytest.raises(UserError, match="need 0.1 <= low <= high"):
+            build_transform(cfg, train=True)
+
+
+def test_a_scale_range_starting_at_one_still_enlarges():
+    """Only scale (1.0, 1.0) means no scaling: (1.0, 2.0) enlarges. A crop of the image's own size
+    without flip or jitter is the image itself unless the image was scaled first."""
+    s = _blocky()
+    t = train_preset(crop=(48, 64), scale=(1.0, 2.0), flip=False, jitter=False)
+    same = train_preset(crop=(48, 64), scale=(1.0, 1.0), flip=False, jitter=False)
+    changed = 0
+    for seed in range(6):
+        np.random.seed(seed)
+        changed += not np.array_equal(t(s).image, s.image)
+        np.random.seed(seed)
+        np.testing.assert_array_equal(same(s).image, s.image)
+    assert changed >= 5
