@@ -22,6 +22,7 @@ KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 CKPT = "{ws}/model.safetensors"
 IMG = "{ws}/images/a.png"
 MRCNN = "{ws}/mrcnn.safetensors"
+NO_USER = "~pixelwise_no_such_user"
 SHAPES = ["--dataset", "shapes", "--dataset-kwargs", '{"num_val": 2, "num_test": 2, "size": 32}']
 
 ROWS: list[tuple[str, list[str], str]] = [
@@ -119,7 +120,7 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("eval: data with problems", ["eval", "--checkpoint", "{ws}/two.safetensors", "--dataset", "folder",
                                   "--data", "{ws}/sparse", "--split", "all"], "pass --skip-invalid"),
     ("eval: arguments missing", ["eval"], "the following arguments are required: --dataset"),
-    ("eval: neither checkpoint nor onnx", ["eval", *SHAPES], "give exactly one of --checkpoint FILE or --onnx FILE"),
+    ("eval: neither checkpoint nor onnx", ["eval", *SHAPES], "or --predictions DIR to score masks already made"),
     ("eval: unknown split", ["eval", "--checkpoint", CKPT, "--dataset", "folder", "--data", "{ws}/sparse",
                              "--split", "tset"], "has splits all, train, val"),
     # --- predict -------------------------------------------------------------------------------
@@ -261,6 +262,23 @@ ROWS: list[tuple[str, list[str], str]] = [
      "already holds a run (metrics.json); replace it with --overwrite, or give another --out"),
     ("demo: out is a file", ["demo", "--out", "{ws}/notes.txt", "--quick"], "is a file; give a folder"),
     ("pixelwise: unknown verb", ["trian"], "invalid choice: 'trian'"),
+    # --- a ~user of no such user (or ~ without a home): pathlib's RuntimeError was a traceback ---------
+    ("train: out under an unknown user's home", ["train", "--out", NO_USER + "/run"],
+     f"--out {NO_USER}/run: cannot expand {NO_USER}"),
+    ("train: data under an unknown user's home", ["train", "--dataset", "folder", "--data", NO_USER + "/d",
+                                                  "--out", "{ws}/out"], f"--data {NO_USER}/d: cannot expand"),
+    ("train: config under an unknown user's home", ["train", "--config", NO_USER + "/c.yaml", "--out", "{ws}/out"],
+     f"--config {NO_USER}/c.yaml: cannot expand"),
+    ("train: config whose out is under an unknown user's home", ["train", "--config", "{ws}/home_out.yaml"],
+     f"out: cannot expand {NO_USER}"),
+    ("eval: json under an unknown user's home", ["eval", "--checkpoint", CKPT, *SHAPES, "--json",
+                                                 NO_USER + "/e.json"], f"--json {NO_USER}/e.json: cannot expand"),
+    ("export: out under an unknown user's home", ["export", "--checkpoint", CKPT, "--out", NO_USER + "/m.onnx"],
+     f"--out {NO_USER}/m.onnx: cannot expand"),
+    ("bench: json under an unknown user's home", ["bench", "--model", "unet", "--size", "32", "--json",
+                                                  NO_USER + "/b.json"], f"--json {NO_USER}/b.json: cannot expand"),
+    ("data inspect: data under an unknown user's home", ["data", "inspect", "--dataset", "folder", "--data",
+                                                         NO_USER + "/d"], f"--data {NO_USER}/d: cannot expand"),
 ]
 
 
@@ -283,6 +301,7 @@ def ws(tmp_path_factory) -> Path:
     (ws / "lr.yaml").write_text("model: unet\nlr: fast\n")
     (ws / "momentum.yaml").write_text("optimizer: sgd\nmomentum: high\n")
     (ws / "broken.yaml").write_text("model: [unet\n")
+    (ws / "home_out.yaml").write_text(f"model: unet\nout: {NO_USER}/run\n")
     (ws / "notes.txt").write_text("mine")
     (ws / "images").mkdir()
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(ws / "images" / "a.png")
@@ -368,3 +387,18 @@ def test_the_real_command_prints_one_line(ws):
                            "--dataset", "shapes"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("pixelwise: error: "), proc.stderr
+
+
+def test_a_quoted_tilde_is_the_home_folder_for_every_verb_not_a_folder_named_tilde(ws, tmp_path, monkeypatch, capfd):
+    """``predict --out '~/p'`` (or ``--out=~/p``, which bash leaves as it is) made a folder named ``~`` in the
+    current one, and ``--checkpoint '~/m.safetensors'`` was 'not found', where ``train --out '~/run'`` expanded."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    (home / "m.safetensors").write_bytes((ws / "model.safetensors").read_bytes())
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    assert main(["predict", "--checkpoint", "~/m.safetensors", str(ws / "images" / "a.png"), "--out", "~/p",
+                 "--no-progress"]) == 0, capfd.readouterr().err
+    assert (home / "p" / "a.png").is_file()
+    assert list(cwd.iterdir()) == []

@@ -394,3 +394,50 @@ def test_a_bad_offset_in_a_tag_that_is_not_about_pixels_or_no_last_link_is_not_t
         struct.pack("<HHII", 258, 3, 1, 8), struct.pack("<HHII", 258, 3, 3, 10_000_000)))
     with pytest.raises(UserError, match="bits.tif: "):  # a tag about the pixels, past the end: never read as 1-bit
         probe(tmp_path / "bits.tif")
+
+
+# -- 16-bit PNGs Pillow reduces without a word ----------------------------------------------------------
+def _png16(samples: np.ndarray, colour_type: int) -> bytes:
+    """A 16-bit PNG of ``samples`` (uint16[H, W, channels]) written by hand: Pillow writes none of these."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w = samples.shape[:2]
+    rows = b"".join(b"\0" + samples[i].astype(">u2").tobytes() for i in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_colour_png_mask_is_a_problem_not_all_class_0(tmp_path):
+    """A 16-bit RGB mask of class ids (what cv2.imwrite makes of a uint16 three-channel array) was read
+    as Pillow's high bytes: every pixel class 0, 'problems: none', and a training on one class."""
+    labels = _labels()
+    root = _dataset(tmp_path / "ds", {"a.png": _photo(), "b.png": _photo()})
+    (root / "masks" / "a.png").write_bytes(_png16(np.repeat(labels[:, :, None], 3, axis=2), 2))
+    found = _problems(FolderDataset(root, "all"))
+    assert list(found) == ["a.png"] and found["a.png"].startswith("16-bit colour PNG mask"), found
+    with pytest.raises(UserError, match="a.png: 16-bit colour PNG mask"):
+        read_mask(root / "masks" / "a.png")
+    with pytest.raises(UploadError, match="16-bit colour PNG mask"):
+        decode_mask((root / "masks" / "a.png").read_bytes(), 10**6, [(0, 0, 0)] * 3, 3, (H, W))
+    (root / "masks" / "a.png").write_bytes(_png16(labels[:, :, None], 0))  # 16-bit gray: its values, as read
+    np.testing.assert_array_equal(read_mask(root / "masks" / "a.png"), labels)
+
+
+def test_a_16_bit_gray_and_alpha_png_is_refused_not_read_as_its_low_bytes(tmp_path):
+    """Pillow decodes a 16-bit LA PNG to the low byte of each sample (1000 -> 232, 256 -> 0): an image
+    of noise was predicted, trained on and served without a word."""
+    gray = np.array([[0, 256, 1000, 30000, 65535, 300]] * 4, np.uint16)
+    path = tmp_path / "la16.png"
+    path.write_bytes(_png16(np.stack([gray, np.full_like(gray, 65535)], axis=2), 4))
+    with pytest.raises(UserError, match="la16.png: a 16-bit gray-and-alpha PNG"):
+        probe(path)
+    with pytest.raises(UserError, match="la16.png: a 16-bit gray-and-alpha PNG"):
+        read_image(path)
+    from pixelwise.data.io import damage
+
+    assert "16-bit gray-and-alpha PNG" in (damage(path.read_bytes()) or "")
+    (tmp_path / "l16.png").write_bytes(_png16(gray[:, :, None], 0))  # without alpha: round(v / 257)
+    np.testing.assert_array_equal(read_image(tmp_path / "l16.png")[0, :, 0], [0, 1, 4, 117, 255, 1])

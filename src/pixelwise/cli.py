@@ -1183,6 +1183,30 @@ def check_no_empty_paths(args: argparse.Namespace) -> None:
             raise UserError(f"{what} is empty; give a path (an unset shell variable?)")
 
 
+def expand_home(args: argparse.Namespace) -> None:
+    """A ``~`` the shell left (quoted, or after ``--out=``) is expanded in every path flag, as ``train``
+    expanded its own: ``predict --out '~/p'`` made a folder named ``~`` in the current one, and a
+    ``~user`` of no such user (or ``~`` without a home, as in a container run under a bare user id)
+    was pathlib's RuntimeError, a traceback."""
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        if not any(isinstance(v, str) and v.startswith("~") for v in values):
+            continue
+        what = "an INPUT" if name == "inputs" else f"--{name.replace('_', '-')}"
+        expanded = []
+        for v in values:
+            if isinstance(v, str) and v.startswith("~"):
+                home = os.path.expanduser(v)
+                if home.startswith("~"):
+                    user = v.split("/", 1)[0].split(os.sep, 1)[0]
+                    raise UserError(f"{what} {v}: cannot expand {user} (no such user, or no home folder known "
+                                    "to this process); give the full path")
+                v = home
+            expanded.append(v)
+        setattr(args, name, expanded if isinstance(value, list) else expanded[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; -> the exit status (module docstring). Every foreseeable bad input ends
     here as one line on stderr."""
@@ -1208,6 +1232,7 @@ def _main(argv: list[str] | None) -> int:
         try:
             args = _parse(build_parser(), argv)
             check_no_empty_paths(args)
+            expand_home(args)
             return args.func(args)
         except UserError as e:
             _say(f"pixelwise: error: {_one_line(shown(e))}")

@@ -130,7 +130,24 @@ def _open(path: Path) -> Image.Image:
     if img.size[0] * img.size[1] > _max_pixels:
         img.close()
         raise _too_large(path, img.size[0] * img.size[1], img.size)
+    if img.format == "PNG":
+        with open(path, "rb") as f:
+            why = png_misread(f.read(26))
+        if why:
+            img.close()
+            raise UserError(f"{path}: {why}")
     return img
+
+
+def png_misread(head: bytes | bytearray | memoryview) -> str | None:
+    """Why Pillow would decode the PNG whose first 26 bytes are ``head`` to other pixels than it
+    stores, without an error: a 16-bit gray-and-alpha PNG comes out as the low byte of each sample
+    (1000 -> 232, 256 -> 0), noise where round(v / 257) is meant; None for the others."""
+    head = bytes(head[:26])
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24:26] == b"\x10\x04":
+        return ("a 16-bit gray-and-alpha PNG, which Pillow decodes wrongly (the low byte of each sample); "
+                "save it as 16-bit gray without alpha, or as 8-bit")
+    return None
 
 
 def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
@@ -605,6 +622,9 @@ def damage(data: bytes | bytearray) -> str | None:
     """What :func:`probe_info` finds cut short or damaged in an image file's bytes (an upload, which
     has no path): the same checks, so that serve refuses what predict and the readers refuse; None
     when nothing is found. An image PIL cannot open at all is the caller's to name."""
+    misread = png_misread(data)
+    if misread:
+        return misread
     try:
         with _quiet_pil(), Image.open(io.BytesIO(data)) as img:
             fmt, cut = img.format, truncation(data, img)
@@ -800,7 +820,7 @@ def jpeg_complete(data: bytes | bytearray) -> bool:
 
 def lossy_mask_error(data: bytes | bytearray | memoryview, fmt: str | None = None,
                      compression: str | None = None) -> str | None:
-    """Why a label mask file whose bytes are ``data`` (its first 16 bytes are enough but for WebP,
+    """Why a label mask file whose bytes are ``data`` (its first 26 bytes are enough but for WebP,
     whose image chunk may follow large metadata: then the whole file) cannot hold labels exactly:
     JPEG (MPO), a JPEG-compressed TIFF (``compression``: PIL's ``info["compression"]``),
     AVIF/HEIF, or lossy WebP (its ``VP8 `` image chunk); None for the others. ``fmt``: PIL's
@@ -815,6 +835,9 @@ def lossy_mask_error(data: bytes | bytearray | memoryview, fmt: str | None = Non
         kind = "AVIF/HEIF"  # lossy as cameras and converters write them; a lossless one is not told apart
     elif head[:4] == b"RIFF" and head[8:12] == b"WEBP" and webp_lossy(data):
         kind = "lossy WebP"
+    elif head[:8] == b"\x89PNG\r\n\x1a\n" and bytes(data[24:26]) in (b"\x10\x02", b"\x10\x06"):
+        return ("16-bit colour PNG mask: Pillow keeps only the high byte of each sample, so class ids stored "
+                "as 0..255 would all read as 0; save masks as 8-bit index or gray PNGs")
     else:
         return None
     return f"{kind} mask: lossy compression changes labels at edges; save masks as PNG"
@@ -836,7 +859,7 @@ def webp_lossy(data: bytes | bytearray | memoryview) -> bool:
 def refuse_lossy_mask(path: PathLike, fmt: str | None = None, compression: str | None = None) -> None:
     """UserError naming ``path`` when it is a mask in a lossy format (:func:`lossy_mask_error`)."""
     with open(path, "rb") as f:
-        data = f.read(16)
+        data = f.read(26)  # a PNG's bit depth and colour type are its bytes 24 and 25
         data += f.read() if data[:4] == b"RIFF" and data[8:12] == b"WEBP" else b""  # its chunks, whatever they hold
         why = lossy_mask_error(data, fmt, compression)
     if why:

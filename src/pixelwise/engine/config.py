@@ -339,6 +339,9 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
             raise UserError(f"{where} must be text, got {value!r}")
         if name in PATH_KEYS:
             value = os.path.expanduser(value)
+            if value.startswith("~"):  # pathlib's expanduser would raise RuntimeError on it later
+                raise UserError(f"{where}: cannot expand {value.split('/', 1)[0]} (no such user, or no home "
+                                "folder known to this process); give the full path")
     elif kind is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping, e.g. {{\"key\": 1}}, got {value!r}")
