@@ -28,6 +28,7 @@ from pixelwise.engine.precision import resolve_amp
 from pixelwise.engine.trainer import class_weights_for, fit, read_class_weights
 from pixelwise.engine.validate import eval_collate, to_device, validate_semantic
 from pixelwise.errors import UserError
+from pixelwise.sample import IGNORE_INDEX
 
 TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
 TINY_DATA = {"num_train": 8, "num_val": 4, "num_test": 4, "size": 32}
@@ -1499,6 +1500,21 @@ def test_val_loss_stays_finite_when_a_probability_underflows_to_zero():
                             torch.device("cpu"), show=False)
     assert math.isfinite(got["loss"])
     assert abs(got["loss"] - (-math.log(1e-12)) / 2) < 1e-4
+
+
+def test_val_loss_of_a_split_with_a_single_labelled_pixel_is_that_pixels_cost():
+    """The mean is over labelled pixels even when there is one: -log p of that pixel (p = 3/4 from
+    logits 0, log 3), the ignored pixel and an all-ignored image adding nothing."""
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([torch.zeros_like(x[:, 0]), math.log(3) * torch.ones_like(x[:, 0])], 1)
+
+    items = [{"image": torch.zeros(3, 1, 2), "mask": torch.tensor([[1, IGNORE_INDEX]]), "name": "a"},
+             {"image": torch.zeros(3, 1, 2), "mask": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX]]), "name": "b"}]
+    got = validate_semantic(Fixed(), DataLoader(items, batch_size=1, collate_fn=eval_collate), 2,
+                            torch.device("cpu"), show=False)
+    assert got["num_images"] == 2
+    assert abs(got["loss"] - (-math.log(0.75))) < 1e-6
 
 
 # --- early stopping (--patience) -------------------------------------------------------------------

@@ -3,6 +3,9 @@ probabilities, whole-image and tiled, against averages computed by hand."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ from pixelwise.cli import main
 from pixelwise.data.io import read_mask
 from pixelwise.errors import UserError
 from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
+from pixelwise.inference.evaluate import evaluate_checkpoint
 from pixelwise.inference.predictor import Predictor, SemanticPredictor
 
 
@@ -186,6 +190,21 @@ def test_eval_records_each_members_contract_and_options(tmp_path):
     members = metrics["provenance"]["ensemble"]
     assert [m["prediction"]["resize"] for m in members] == [[32, 32], "native"]
     assert [m["prediction"]["mc_samples"] for m in members] == [2, 0]
+
+
+def test_eval_of_an_ensemble_records_the_first_members_file_and_every_members_file_in_order(tmp_path):
+    """provenance["checkpoint"] of an ensemble is its first member's (path and SHA-256); ``ensemble``
+    lists each member's file and hash in the order given."""
+    first = _save(tmp_path / "first.safetensors", 0)
+    second = _save(tmp_path / "second.safetensors", 1)
+    metrics = evaluate_checkpoint([first, second], "folder", str(_folder(tmp_path / "data", count=1, size=(8, 8))),
+                                  "all", progress=False, bf=False)
+    sha = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (first, second)}
+    assert sha[first] != sha[second]
+    got = metrics["provenance"]
+    assert got["checkpoint"] == str(Path(first).resolve()) and got["checkpoint_sha256"] == sha[first]
+    assert [(m["checkpoint"], m["checkpoint_sha256"]) for m in got["ensemble"]] == [
+        (str(Path(p).resolve()), sha[p]) for p in (first, second)]
 
 
 def test_one_checkpoint_is_its_own_predictor_not_an_ensemble_of_one(checkpoints):
