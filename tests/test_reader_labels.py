@@ -189,9 +189,11 @@ def _rgb_mask(colours: list[tuple[int, int, int]]) -> Image.Image:
 
 BAD_SPECS = [
     ({"names": ["bg", "snow"], "palette": [[0, 0, 0], [255, 255, 255]]},
-     ["class 1 'snow'", "[255, 255, 255]", "set ignore_color to a colour no class uses"]),
+     ["class 1 'snow'", "[255, 255, 255]", "set ignore_color to a colour no class uses",
+      "which is the ignore colour (ignore_color, white [255, 255, 255] unless set), so"]),
     ({"names": ["bg", "red"], "palette": [[0, 0, 0], [255, 0, 0]], "ignore_color": [255, 0, 0]},
-     ["class 1 'red'", "ignore_color", "set ignore_color to a colour no class uses"]),
+     ["class 1 'red'", "which is ignore_color, so its pixels would be ignored",
+      "set ignore_color to a colour no class uses"]),
     ({"names": ["bg", "car", "truck"], "palette": [[0, 0, 0], [255, 0, 0], [255, 0, 0]]},
      ["classes 1 'car' and 2 'truck'", "same colour [255, 0, 0]", "give each class its own colour"]),
     ({"names": ["bg", "grey"], "palette": [[0, 0, 0], [0.5, 0.5, 0.5]]},
@@ -208,6 +210,16 @@ BAD_SPECS = [
     ({"names": ["bg", "red"], "colors": [[0, 0, 0], [255, 0, 0]]}, ["unknown key 'colors' (did you mean 'palette'?)"]),
     ({"names": ["bg", "fg"], "ignore_index": 0, "colour_palette": [[0, 0, 0], [9, 9, 9]]},
      ["unknown keys 'ignore_index'", "255 in index masks", "'colour_palette' (did you mean 'palette'?)"]),
+    # other tools' spellings: each is named with the key pixelwise reads
+    ({**{k: [] for k in ("colors", "colours", "color", "colour", "colour_palette", "color_palette", "colormap",
+                         "colourmap", "cmap")}, "classes": [], "class_names": [], "labels": [], "ignore_colour": []},
+     [f"'{k}' (did you mean 'palette'?)" for k in ("colors", "colours", "color", "colour", "colour_palette",
+                                                    "color_palette", "colormap", "colourmap", "cmap")]
+     + [f"'{k}' (did you mean 'names'?)" for k in ("classes", "class_names", "labels")]
+     + ["'ignore_colour' (did you mean 'ignore_color'?)", "rename or remove them"]),
+    # two numbers in range, not three: the same one line, with no number said to be outside 0..255
+    ({"names": ["bg", "red"], "palette": [[0, 0, 0], [255, 0]]},
+     ["palette[1] is [255, 0]: colours are [r, g, b] with whole numbers 0..255"]),
 ]
 
 
@@ -223,6 +235,27 @@ def test_folder_classes_json_is_refused_in_one_line(tmp_path, spec, wanted):
     assert msg.startswith(f"{root / 'classes.json'}: ") and "\n" not in msg
     for part in wanted:
         assert part in msg
+
+
+@pytest.mark.parametrize("count", [0, 255])
+def test_folder_classes_json_with_no_names_or_more_than_254_is_refused(tmp_path, count):
+    """1..254 classes: 255 is ignore, so a 255th class could not be stored in a mask."""
+    spec = {"names": [f"c{i}" for i in range(count)]}
+    root = _folder(tmp_path / "f", spec, [Image.fromarray(np.zeros((4, 4), np.uint8))] * 2)
+    with pytest.raises(UserError, match=rf"{count} classes; between 1 and 254 are supported"):
+        build_dataset("folder", str(root), "all")
+
+
+def test_folder_unknown_colour_with_254_palette_classes_is_a_problem(tmp_path):
+    """The most classes a palette may give (254, ids 0..253): a colour outside it is still reported,
+    not read as the last class."""
+    palette = [[i, 0, 0] for i in range(254)]
+    spec = {"names": [f"c{i}" for i in range(254)], "palette": palette}
+    root = _folder(tmp_path / "f", spec, [_rgb_mask([(0, 0, 0), (253, 0, 0), (0, 200, 0)])] * 2)
+    ds = build_dataset("folder", str(root), "all")
+    assert ds.load(0).mask[0].tolist() == [0] * 4 + [253] * 4 + [255] * 4
+    problems = ds.check()
+    assert len(problems) == 2 and all("colours that are not in the palette" in p.message for p in problems)
 
 
 def test_folder_white_class_with_another_ignore_color_is_read(tmp_path):
