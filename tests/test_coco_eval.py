@@ -369,3 +369,23 @@ def test_boundary_ap_is_asked_for_perfect_is_one_and_none_is_zero():
              "masks": torch.zeros(0, 1, 64, 64)}
     none = coco_evaluate([empty] * 3, TARGETS, class_ids=[1, 2], boundary=True)
     assert none["boundary_AP"] == none["mask_AP"] == 0.0
+
+
+@pytest.mark.parametrize("side", [0, 32])
+def test_no_detections_count_an_object_on_an_area_ranges_end(side):
+    """COCO keeps an object whose area lies on a range's end (areaRng [0, 32**2], [32**2, 96**2]):
+    an empty mask (area 0) is in "all" and "small", a 32x32 square (area 32**2) in "small" and
+    "medium"; with nothing detected each such range scores 0, as pycocotools scores a lone far
+    false positive, and only the ranges without the object are NaN."""
+    target = rect_target([(8, 8, 8 + side, 8 + side, 1)])
+    assert int(target["masks"].sum()) == side * side
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+             "masks": torch.zeros(0, 1, 64, 64)}
+    lone = as_prediction(rect_target([(60, 0, 63, 3, 1)]), [0.5])
+    none = coco_evaluate([empty], [target], class_ids=[1])
+    reference = coco_evaluate([lone], [target], class_ids=[1])
+    for key, value in reference.items():
+        assert (math.isnan(none[key]) and math.isnan(value)) or none[key] == value, key
+    held = {0: ("AP", "AP50", "AP75", "APs"), 32: ("AP", "AP50", "AP75", "APs", "APm")}[side]
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert (none[f"mask_{name}"] == 0.0) if name in held else math.isnan(none[f"mask_{name}"]), name

@@ -73,6 +73,35 @@ def test_vertices_sorted_as_rows_give_the_same_filter(monkeypatch):
     np.testing.assert_allclose(rows.filter(values), coded.filter(values), rtol=1e-6)
 
 
+def test_vertices_coded_where_the_lattice_coordinates_spread_unequally_stay_distinct(monkeypatch):
+    """The mixed-radix codes must keep vertices apart whatever each coordinate's range: here the
+    first lattice coordinate (the sum of the scaled features) stays within a few units while the
+    second spreads over ~70, so a radix too small for the second coordinate would merge vertices."""
+    rng = np.random.default_rng(0)
+    t = rng.uniform(0, 20, 400)
+    features = np.c_[t, 40 - np.sqrt(3) * t + rng.uniform(0, 1, 400)].astype(np.float32)
+    values = rng.random((400, 2), dtype=np.float32)
+    coded = PermutohedralLattice(features)
+    monkeypatch.setattr(PermutohedralLattice, "CODE_LIMIT", 0)
+    rows = PermutohedralLattice(features)
+    assert coded._radix is not None and rows._radix is None and rows.m == coded.m
+    np.testing.assert_allclose(coded.filter(values), rows.filter(values), rtol=1e-6)
+
+
+@pytest.mark.parametrize("d", [2, 3, 5])
+def test_the_lattice_filter_has_the_scale_of_the_gaussian_sum(d):
+    """Not only proportional: the filtered ones are the Gaussian sum of the weights itself, which the
+    lattice approximates from below (densecrf's constant 1 / (1 + 2^-d) included); a point far from
+    all others gets about its own weight, exp(0) = 1."""
+    rng = np.random.default_rng(d)
+    features = rng.uniform(0, 4, (300, d)).astype(np.float32)
+    ones = np.ones((300, 1), np.float32)
+    ratio = PermutohedralLattice(features).filter(ones) / naive_gaussian_sum(features, ones)
+    assert 0.3 < ratio.mean() < 1.0 and ratio.max() < 1.0, (ratio.mean(), ratio.max())
+    alone = PermutohedralLattice(np.zeros((1, d), np.float32)).filter(np.ones((1, 1), np.float32))
+    assert 0.85 < alone.item() <= 1.0
+
+
 def test_without_pairwise_terms_the_probabilities_come_back():
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(4), (9, 11)).transpose(2, 0, 1).astype(np.float32)
@@ -102,6 +131,7 @@ def test_the_crf_takes_the_labels_of_the_colour_regions():
 def test_settings_parse_and_refuse():
     assert CRFSettings.parse("") == CRFSettings()
     assert CRFSettings.parse("bi_w=5, iterations=3") == CRFSettings(iterations=3, bi_w=5.0)
+    assert CRFSettings.parse(" bi_w = 5 , iterations =3,") == CRFSettings(iterations=3, bi_w=5.0)  # spaces anywhere
     settings = CRFSettings(iterations=3, bi_w=5.5, pos_xy_std=2.0)
     assert settings.text() == "iterations=3,bi_w=5.5,bi_xy_std=121,bi_rgb_std=5,pos_w=3,pos_xy_std=2"
     assert CRFSettings.parse(settings.text()) == settings  # what predict prints, --crf takes back
