@@ -168,6 +168,49 @@ def test_paste_masks_equals_per_box_interpolate():
     assert pasted[3].sum() == 0 and pasted[1].sum() == 0 and pasted[2].min() > 0
 
 
+def test_paste_masks_of_a_one_column_box_and_of_boxes_off_the_top_left():
+    masks = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    # a zero-width box: enlarged by 30/28 it is still one column (x1 = x2 = 10) and rows 9..20; it
+    # alone sets the widest visible box, one column: it is pasted, not dropped
+    line = torch.tensor([[10.0, 10, 10, 20]])
+    pasted = paste_masks_in_image(masks[:1], line, (30, 40))
+    torch.testing.assert_close(pasted, paste_one_by_one(masks[:1], line, 30, 40), rtol=0, atol=2e-6)
+    assert (pasted[0, 0, 9:21, 10] > 0).all() and pasted[0, 0, :, :10].sum() == 0 and pasted[0, 0, :, 11:].sum() == 0
+    # a box wholly above and left of the image (nothing visible) beside a visible one: zero, no error
+    boxes = torch.tensor([[-20.0, -20, -10, -10], [10, 10, 30, 25]])
+    pasted = paste_masks_in_image(masks, boxes, (30, 40))
+    torch.testing.assert_close(pasted, paste_one_by_one(masks, boxes, 30, 40), rtol=0, atol=2e-6)
+    assert pasted[0].sum() == 0 and pasted[1].sum() > 0
+
+
+def test_a_min_size_is_drawn_only_when_training_with_targets():
+    # min_size (32, 48, 64) on a 16 x 20 image: the short side becomes the size used, the long one
+    # 20 / 16 of it; with targets in train mode one is drawn (multi-scale), otherwise the last
+    transform = RCNNTransform(TransformConfig(min_size=(32, 48, 64), max_size=1000))
+    image = torch.rand(3, 16, 20)
+    target = {"boxes": torch.tensor([[2.0, 2, 10, 8]]), "labels": torch.tensor([1]),
+              "masks": torch.ones(1, 16, 20, dtype=torch.uint8)}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        drawn = {transform.train()([image], [target])[0].image_sizes[0] for _ in range(12)}
+        fixed = {transform.train()([image])[0].image_sizes[0] for _ in range(12)}
+        fixed |= {transform.eval()([image], [target])[0].image_sizes[0] for _ in range(12)}
+    assert drawn == {(32, 40), (48, 60), (64, 80)}
+    assert fixed == {(64, 80)}
+
+
+def test_a_tall_strip_keeps_one_pixel_width():
+    # 400 x 1 at min 64 / max 96: scale = min(64 / 1, 96 / 400) = 0.24, the width floor(0.24) = 0
+    # is kept at one pixel: 96 x 1, and its mask likewise
+    transform = RCNNTransform(TransformConfig(min_size=(64,), max_size=96)).eval()
+    target = {"boxes": torch.tensor([[0.0, 100, 1, 300]]), "labels": torch.tensor([1]),
+              "masks": torch.ones(1, 400, 1, dtype=torch.uint8)}
+    batch, (out,) = transform([torch.rand(3, 400, 1)], [target])
+    assert batch.image_sizes == [(96, 1)]
+    assert out["masks"].shape == (1, 96, 1) and out["masks"].all()
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 24, 1, 72]]))
+
+
 # ----------------------------------------------------------------------------- builders and weights
 
 

@@ -155,12 +155,12 @@ def test_resume_never_replaces_a_file_without_the_record(checkpoint, inputs, tmp
         keep = {p.name: p.read_bytes() for p in out.iterdir()}
         assert _predict(checkpoint, inputs, out, "--resume") == 2
         error = _one_error(capsys)
-        assert f"{out / name}" in error and "not predicted with this model" in error
+        assert f"{out / name}" in error and "is not known to be this prediction's" in error
         assert {p.name: p.read_bytes() for p in out.iterdir()} == keep
         if name == "f1.png":
             assert "no record" in error
         if name == "f3_overlay.png":
-            assert "its mask is not there" in error
+            assert "its mask f3.png, which holds the record, is not there" in error
         out.joinpath(name).unlink()
 
 
@@ -177,6 +177,34 @@ def test_resume_predicts_again_an_image_whose_files_were_not_all_renamed(checkpo
     assert _predict(checkpoint, inputs, out, "--uncertainty", "--resume") == 0
     assert "wrote 4 prediction(s)" in capsys.readouterr().out
     assert _files(out) == _files(whole)
+
+
+def test_resume_refuses_the_mask_of_an_input_that_changed_since_it_was_written(checkpoint, inputs, tmp_path,
+                                                                             capsys):
+    """The record names the models and options, not the image: an input edited since (or another
+    folder's image of the same name, predicted into the same --out) must not keep the mask of the
+    image that was there before, nor be counted in the hint as 'predicted there'; its mask is
+    refused as another model's is (it may be another run's output: not replaced without --overwrite)."""
+    out = tmp_path / "out"
+    assert _predict(checkpoint, inputs, out) == 0
+    Image.fromarray(np.random.default_rng(11).integers(0, 255, (24, 28, 3), dtype=np.uint8)).save(inputs / "f1.png")
+    fresh = tmp_path / "fresh"
+    assert _predict(checkpoint, inputs, fresh) == 0
+    assert (out / "f1.png").read_bytes() != (fresh / "f1.png").read_bytes()  # another image, another mask
+    capsys.readouterr()
+    assert _predict(checkpoint, inputs, out) == 2  # the hint counts 3 inputs, not 4, as predicted there
+    assert "3 of these inputs were predicted there" in _one_error(capsys)
+    before = _files(out)
+    assert _predict(checkpoint, inputs, out, "--resume") == 2  # refused, as another model's mask is: nothing lost
+    error = _one_error(capsys)
+    assert f"{out / 'f1.png'}" in error and "predicted from another image" in error and "--overwrite" in error
+    assert _files(out) == before
+    (out / "f1.png").unlink()
+    (out / "f1_overlay.png").unlink()
+    assert _predict(checkpoint, inputs, out, "--resume") == 0
+    said = capsys.readouterr().out
+    assert "wrote 1 prediction(s)" in said and "kept 3" in said
+    assert _files(out) == _files(fresh)
 
 
 def test_resume_and_overwrite_together_are_refused(checkpoint, inputs, tmp_path, capsys):

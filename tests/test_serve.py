@@ -1398,6 +1398,27 @@ def test_keep_uploads_that_is_a_file_is_refused(tmp_path):
     assert ServeConfig(keep_uploads=tmp_path / "new").keep_uploads == tmp_path / "new"  # made at start, later
 
 
+@pytest.mark.parametrize("origin", ["https://example.org/", "example.org", "", "https://example.org/app"])
+def test_a_cors_origin_no_browser_sends_is_refused(origin):
+    """Browsers send Origin as scheme://host[:port]; one with a trailing / (copied from the address bar),
+    a path or no scheme never matches, so CORS would silently never be allowed."""
+    with pytest.raises(UserError, match="--cors .* is not an origin"):
+        ServeConfig(cors_origins=(origin,))
+    assert ServeConfig(cors_origins=("https://example.org", "http://localhost:3000", "*")).cors_origins[0] == \
+        "https://example.org"
+
+
+@pytest.mark.parametrize("keep", [".", "masks"])
+def test_keep_uploads_into_the_samples_folder_is_refused(tmp_path, keep):
+    """An upload kept in the --samples folder (or its masks/) is offered to every visitor of the page as a
+    sample at the next start: one user's image shown to all."""
+    samples = tmp_path / "samples"
+    (samples / "masks").mkdir(parents=True)
+    with pytest.raises(UserError, match="--keep-uploads .* --samples"):
+        ServeConfig(samples_dir=samples, keep_uploads=samples / keep)
+    assert ServeConfig(samples_dir=samples, keep_uploads=tmp_path / "uploads").keep_uploads == tmp_path / "uploads"
+
+
 @pytest.mark.parametrize("port", [-1, 65536])
 def test_a_port_outside_0_to_65535_is_refused(port):
     with pytest.raises(UserError, match=f"--port must be between 0 and 65535, got {port}"):
@@ -1409,3 +1430,14 @@ def test_the_highest_port_is_a_port():
         check_can_listen("127.0.0.1", 65535)
     except UserError as e:  # taken by something else on this machine: still not a range error
         assert "is in use" in str(e), e
+
+
+def test_a_refused_start_makes_no_keep_uploads_folder(tmp_path, capsys):
+    """The folder for kept uploads is made once every other check has passed: a start refused for a
+    missing checkpoint or a bad CORS origin leaves nothing behind."""
+    kept = tmp_path / "kept" / "uploads"
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.safetensors"), "--keep-uploads", str(kept)]) == 2
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "kept").exists()
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.safetensors"), "--keep-uploads", str(kept),
+                 "--cors", "https://example.org/"]) == 2
+    assert "is not an origin" in capsys.readouterr().err and not (tmp_path / "kept").exists()

@@ -705,13 +705,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.max_upload_mb < math.inf:
         raise UserError(f"--max-upload-mb must be a positive number of MB, got {args.max_upload_mb}")
     keep_uploads = Path(args.keep_uploads) if args.keep_uploads else None
-    if keep_uploads is not None:  # made now: a folder that cannot be made would fail every request
+    if keep_uploads is not None:  # a folder that cannot be made would fail every request
         check_can_create(keep_uploads, f"--keep-uploads {keep_uploads}")
-        try:
-            keep_uploads.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--keep-uploads {keep_uploads}: cannot create it ({e.strerror}); give another "
-                            "folder") from None
     config = ServeConfig(max_upload_bytes=int(args.max_upload_mb * MB), max_pixels=args.max_pixels,
                          workers=args.workers, queue=args.queue, predict_timeout=args.timeout or None,
                          api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
@@ -724,6 +719,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.score_thresh is not None:
         options["score_thresh"] = args.score_thresh
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device, **options)
+    if keep_uploads is not None:  # made once every other check has passed: a refused start leaves nothing
+        try:
+            keep_uploads.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--keep-uploads {keep_uploads}: cannot create it ({e.strerror}); give another "
+                            "folder") from None
     return run(predictor, config, host=args.host, port=args.port, log_level=args.log_level)
 
 

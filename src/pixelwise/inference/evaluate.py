@@ -308,6 +308,8 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
             record = json.loads(text) if text is not None else None
         except ValueError:
             record = None
+        if isinstance(record, dict):  # the models and options, once: not each image's own SHA-256
+            record.pop("image", None)
         if record not in records:
             records.append(record)
         return mask, None

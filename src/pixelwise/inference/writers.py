@@ -196,9 +196,10 @@ def prediction_record(predictor: Predictor, *, uncertainty: bool = False, waters
     ``pixelwise``): every model's file (name and SHA-256; None for a predictor built from a model in
     memory), input contract and options (resize, mode, tile, overlap, TTA, Monte-Carlo samples), the
     CRF's settings, the instance score threshold, ``uncertainty``, ``watershed`` and the pixelwise
-    version. ``predict --resume`` keeps an earlier run's outputs only where their record is this
-    one (:func:`record_difference`). The device and the batch size are not part of it: they change
-    nothing but float rounding."""
+    version; :func:`check_predict` adds each frame's ``image`` (its input file's SHA-256 and the frame)
+    to the record its mask holds. ``predict --resume`` keeps an earlier run's outputs only where
+    their record is this one (:func:`record_difference`). The device and the batch size are not part
+    of it: they change nothing but float rounding."""
     members = getattr(predictor, "members", [predictor])
     record = {"pixelwise_version": __version__,
               "models": [{"file": m.source.name, "sha256": file_sha256(m.source)} if m.source else None
@@ -228,6 +229,11 @@ def record_difference(found: str | None, wanted: dict) -> str | None:
     if models != models_now:
         return (f"it was predicted by another model (SHA-256 {', '.join(str(h)[:12] for h in models) or 'none'}; "
                 f"now {', '.join(str(h)[:12] for h in models_now)})")
+    image, image_now = record.get("image"), wanted.get("image")
+    if image != image_now and isinstance(image_now, dict):
+        then_sha = image.get("sha256") if isinstance(image, dict) else None
+        return (f"it was predicted from another image (SHA-256 {str(then_sha)[:12]}, now {image_now['sha256'][:12]}: "
+                "the input changed since, or it is another folder's image of that name)")
     for key, what in RECORDED.items():
         then: Any = record.get(key)
         now: Any = wanted.get(key)
@@ -244,8 +250,9 @@ def record_difference(found: str | None, wanted: dict) -> str | None:
 
 
 # what the record holds beside the models, and how a difference is named
-RECORDED = {"input": "input contract", "prediction": "prediction options", "crf": "CRF settings",
-            "score_thresh": "score threshold", "uncertainty": "uncertainty", "watershed": "watershed"}
+RECORDED = {"image": "input image", "input": "input contract", "prediction": "prediction options",
+            "crf": "CRF settings", "score_thresh": "score threshold", "uncertainty": "uncertainty",
+            "watershed": "watershed"}
 
 
 @dataclass
@@ -267,6 +274,7 @@ class PredictPlan:
     record: dict | None = None
     kept: int = 0
     replaceable: frozenset[str] = frozenset()
+    records: dict[str, dict] = field(default_factory=dict)  # stem -> record with its image (resume)
 
 
 def _reason(err: UserError) -> str:
@@ -303,7 +311,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
         raise UserError(f"--out {out_dir} holds the input {inside[0]}"
                         f"{f' and {len(inside) - 1} more' if len(inside) > 1 else ''}, and predictions never go "
                         f"beside their inputs; give another folder, e.g. --out {out_dir / 'predictions'}")
-    readable, counts, skipped = [], [], []
+    readable, counts, skipped, digests = [], [], [], []
     for p in progress_bar(paths, "check inputs", show=progress):
         try:
             probe_info(p)  # the header checks every verb makes: a file cut short is refused here as by eval
@@ -317,12 +325,17 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
             continue
         readable.append(p)
         counts.append(count)
+        digests.append(file_sha256(p) if record is not None else None)
     if skipped and not skip_invalid:
         raise UserError(f"{len(skipped)} of {len(paths)} input(s) cannot be read, nothing was written: "
                         f"{'; '.join(skipped)}; fix or remove them, or pass --skip-invalid to predict the rest")
     if not readable:
         raise UserError(f"none of the {len(paths)} input(s) can be read: {'; '.join(skipped)}")
     items = [(p, frame, count) for p, count in zip(readable, counts) for frame in range(count)]
+    # each mask's record names its image too: an input changed since (or another folder's image of
+    # the same name) is not taken for the one its mask was predicted from
+    item_records = [None if record is None else {**record, "image": {"sha256": digest, "frame": frame}}
+                    for digest, count in zip(digests, counts) for frame in range(count)]
     stems = unique_stems([p for p, _, _ in items], instance, uncertainty, [(k, n) for _, k, n in items], cells)
     inodes = {(s.st_dev, s.st_ino) for s in map(os.stat, readable)}
     longest = _name_max(out_dir)
@@ -348,8 +361,11 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
             continue
         # a frame's mask is renamed into place first: where it is there and holds the record, the
         # frame's other outputs there are that run's too
-        differs = "its mask is not there" if present[0].name != names[0] else (
-            record_difference(png_text(present[0], RECORD_KEY), record) if record is not None else "")
+        if present[0].name != names[0]:
+            differs: str | None = f"its mask {names[0]}, which holds the record, is not there"
+        else:
+            wanted = item_records[i]
+            differs = "" if wanted is None else record_difference(png_text(present[0], RECORD_KEY), wanted)
         resumable += differs is None
         if resume and differs is None:
             if len(present) == len(names):
@@ -364,15 +380,17 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
         more = f" and {len(taken) - 1} more of this prediction's output names" if len(taken) > 1 else ""
         if resume:
             others = f" (and {len(taken) - 1} more output names there)" if len(taken) > 1 else ""
-            raise UserError(f"--resume: {taken[0]}{others} was not predicted with this model and these options "
-                            f"({why}); pass --overwrite instead to replace such files, or give another --out")
+            raise UserError(f"--resume: {taken[0]}{others} is not known to be this prediction's (its image, model "
+                            f"and options): {why}; pass --overwrite instead to replace such files, or give another "
+                            "--out")
         hint = (f"; {resumable} of these inputs were predicted there with this model and these options (an "
                 "interrupted run?): pass --resume to keep them and predict the rest") if resumable else ""
         raise UserError(f"--out {out_dir} already holds {taken[0].name}{more} (an earlier prediction, or a file of "
                         f"yours); pass --overwrite to replace them, or give another --out{hint}")
     kept = [i for i in range(len(items)) if i not in done]
     return PredictPlan([items[i][0] for i in kept], [items[i][1] for i in kept], [stems[i] for i in kept], out_dir,
-                       skipped, skip_invalid, overwrite, record, len(done), frozenset(replaceable))
+                       skipped, skip_invalid, overwrite, record, len(done), frozenset(replaceable),
+                       {stems[i]: r for i, r in enumerate(item_records) if i not in done and r is not None})
 
 
 # whether staged() may replace files already at its names, or which names it may: predict_files sets
@@ -695,19 +713,23 @@ def _write_predictions(predictor: Predictor, plan: PredictPlan, uncertainty: boo
 def _write_all(predictor: Predictor, plan: PredictPlan, uncertainty: bool, progress: bool | None,
                watershed: float | None, written: list[Path]) -> None:
     out_dir = plan.out
+
+    def record_of(stem: str) -> dict | None:  # the record with the image's SHA-256 (check_predict)
+        return plan.records.get(stem, plan.record)
+
     # closed also on Ctrl-C or an error, before the one line that says so (a bar closed later by the
     # garbage collector was drawn again under it)
     with progress_bar(plan.paths, "predict", show=progress) as bar:
         if isinstance(predictor, SemanticPredictor) and watershed is not None:
             for stem, image in plan_images(plan):
-                written.append(write_cells(out_dir, stem, image, predictor, watershed, uncertainty, plan.record))
+                written.append(write_cells(out_dir, stem, image, predictor, watershed, uncertainty, record_of(stem)))
                 bar.update()
         elif isinstance(predictor, SemanticPredictor):
             for stem, image in plan_images(plan):  # one image at a time: the masks eval scores, bit for bit
                 rows = predictor.predict_rows([image], uncertainty=uncertainty, progress=progress)[0]
                 try:
                     written.append(write_semantic(out_dir, stem, image, rows, predictor.palette,
-                                                  predictor.class_names, uncertainty, plan.record))
+                                                  predictor.class_names, uncertainty, record_of(stem)))
                 finally:  # its tile bar, if any, closes with the generator, before an error is said
                     getattr(rows, "close", lambda: None)()
                 bar.update()
@@ -716,5 +738,5 @@ def _write_all(predictor: Predictor, plan: PredictPlan, uncertainty: bool, progr
             for stem, image in plan_images(plan):
                 det = predictor.predict(image)
                 written.append(write_instances(out_dir, stem, image, det, predictor.class_names, predictor.palette,
-                                               predictor.meta.get("category_ids"), plan.record))
+                                               predictor.meta.get("category_ids"), record_of(stem)))
                 bar.update()

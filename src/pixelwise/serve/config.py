@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import math
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,19 @@ class ServeConfig:
             raise UserError(f"--samples-truth-format must be classes or dataset, got {self.samples_truth_format!r}")
         if self.keep_uploads is not None and Path(self.keep_uploads).exists() and not Path(self.keep_uploads).is_dir():
             raise UserError(f"--keep-uploads {self.keep_uploads} is a file; give a folder to save the uploads in")
+        for origin in self.cors_origins:  # a browser's Origin header is scheme://host[:port], compared as text
+            if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", origin):
+                raise UserError(f"--cors {origin!r} is not an origin, which no browser's page would ever match; give "
+                                "it as the browser sends it: scheme://host[:port], no path nor trailing /, e.g. "
+                                "https://example.org")
+        if self.keep_uploads is not None and self.samples_dir is not None:
+            # the samples are the images in the folder and its masks/: an upload kept there would be
+            # offered to every visitor as a sample at the next start
+            samples = Path(self.samples_dir).expanduser().resolve()
+            if Path(self.keep_uploads).expanduser().resolve() in (samples, samples / "masks"):
+                raise UserError(f"--keep-uploads {self.keep_uploads} is the --samples folder {self.samples_dir} (or "
+                                "its masks/), where a kept upload would be offered to every visitor as a sample; "
+                                "give another folder")
 
 
 def check_can_listen(host: str, port: int) -> None:
