@@ -260,9 +260,10 @@ class PredictPlan:
     """What ``predict`` will do, settled before the first write: frame ``frames[i]`` of ``paths[i]``
     -> ``out/stems[i]...`` (a file of several frames is listed once per frame); ``skipped``: one
     reason per unreadable input left out (``skip_invalid``, which also leaves out an input that
-    cannot be read any more when its turn comes). ``record``: :func:`prediction_record`, written into
-    every mask; ``kept``: the frames an earlier run with that record predicted, left out (``resume``);
-    ``replaceable``: the output names such a run left incomplete (interrupted between its renames)."""
+    cannot be read any more when its turn comes). ``records``: each stem's :func:`prediction_record`
+    with its image, written into its mask; ``kept``: the frames an earlier run with those records
+    predicted, left out (``resume``); ``replaceable``: the output names such a run left incomplete
+    (interrupted between its renames)."""
 
     paths: list[Path]
     frames: list[int]
@@ -271,10 +272,9 @@ class PredictPlan:
     skipped: list[str] = field(default_factory=list)
     skip_invalid: bool = False
     overwrite: bool = False  # files at the outputs' names may be replaced
-    record: dict | None = None
+    records: dict[str, dict] = field(default_factory=dict)
     kept: int = 0
     replaceable: frozenset[str] = frozenset()
-    records: dict[str, dict] = field(default_factory=dict)  # stem -> record with its image (resume)
 
 
 def _reason(err: UserError) -> str:
@@ -387,10 +387,11 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
                 "interrupted run?): pass --resume to keep them and predict the rest") if resumable else ""
         raise UserError(f"--out {out_dir} already holds {taken[0].name}{more} (an earlier prediction, or a file of "
                         f"yours); pass --overwrite to replace them, or give another --out{hint}")
-    kept = [i for i in range(len(items)) if i not in done]
-    return PredictPlan([items[i][0] for i in kept], [items[i][1] for i in kept], [stems[i] for i in kept], out_dir,
-                       skipped, skip_invalid, overwrite, record, len(done), frozenset(replaceable),
-                       {stems[i]: r for i, r in enumerate(item_records) if i not in done and r is not None})
+    todo = [i for i in range(len(items)) if i not in done]
+    return PredictPlan([items[i][0] for i in todo], [items[i][1] for i in todo], [stems[i] for i in todo], out_dir,
+                       skipped, skip_invalid, overwrite,
+                       {stems[i]: r for i in todo if (r := item_records[i]) is not None}, len(done),
+                       frozenset(replaceable))
 
 
 # whether staged() may replace files already at its names, or which names it may: predict_files sets
@@ -713,10 +714,7 @@ def _write_predictions(predictor: Predictor, plan: PredictPlan, uncertainty: boo
 def _write_all(predictor: Predictor, plan: PredictPlan, uncertainty: bool, progress: bool | None,
                watershed: float | None, written: list[Path]) -> None:
     out_dir = plan.out
-
-    def record_of(stem: str) -> dict | None:  # the record with the image's SHA-256 (check_predict)
-        return plan.records.get(stem, plan.record)
-
+    record_of = plan.records.get  # the stem's record, with its image's SHA-256 (check_predict)
     # closed also on Ctrl-C or an error, before the one line that says so (a bar closed later by the
     # garbage collector was drawn again under it)
     with progress_bar(plan.paths, "predict", show=progress) as bar:
