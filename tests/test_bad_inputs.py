@@ -279,6 +279,12 @@ ROWS: list[tuple[str, list[str], str]] = [
                                                   NO_USER + "/b.json"], f"--json {NO_USER}/b.json: cannot expand"),
     ("data inspect: data under an unknown user's home", ["data", "inspect", "--dataset", "folder", "--data",
                                                          NO_USER + "/d"], f"--data {NO_USER}/d: cannot expand"),
+    ("predict: an input under an unknown user's home",
+     ["predict", "--checkpoint", CKPT, NO_USER + "/a.png", "--out", "{ws}/out"],
+     f"an INPUT {NO_USER}/a.png: cannot expand {NO_USER}"),
+    ("eval: predictions' json over a file of the user's",
+     ["eval", "--predictions", "{ws}/run", *SHAPES, "--json", "{ws}/notes.txt"],
+     "--json {ws}/notes.txt exists; pass --overwrite"),
 ]
 
 

@@ -18,7 +18,7 @@ from pixelwise.cli import main
 from pixelwise.coco_eval import coco_evaluate
 from pixelwise.data import build_dataset, sample_target
 from pixelwise.inference import evaluate as evaluate_module
-from pixelwise.inference.evaluate import evaluate_checkpoint
+from pixelwise.inference.evaluate import evaluate_checkpoint, evaluate_predictions
 from pixelwise.inference.predictor import Predictor
 from pixelwise.metrics import rand_error_over_thresholds
 
@@ -582,3 +582,45 @@ def test_eval_without_a_model_or_predictions_says_what_to_give(tmp_path, capsys)
     assert "--predictions DIR" in capsys.readouterr().err
     assert main(["eval", "--predictions", str(tmp_path / "none"), "--dataset", "shapes"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_eval_predictions_finds_a_mask_named_by_its_images_file_stem(tmp_path):
+    """Cityscapes names a sample without ``_leftImg8bit``, but predict names its mask by the file's
+    stem: eval --predictions finds it by either name."""
+    raw = np.array([[7, 8, 26, 7], [7, 8, 8, 26], [0, 7, 7, 8]], dtype=np.uint8)  # road, sidewalk, car, void
+    name = "lindau_000000_000019"
+    image = tmp_path / "data" / "leftImg8bit" / "val" / "lindau" / f"{name}_leftImg8bit.png"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(np.zeros((3, 4, 3), np.uint8)).save(image)
+    labels = tmp_path / "data" / "gtFine" / "val" / "lindau" / f"{name}_gtFine_labelIds.png"
+    labels.parent.mkdir(parents=True)
+    Image.fromarray(raw, mode="L").save(labels)
+    pred = np.array([[0, 1, 13, 1], [0, 1, 1, 0], [5, 0, 0, 1]], dtype=np.uint8)
+    out = tmp_path / "pred"
+    out.mkdir()
+    Image.fromarray(pred, mode="L").save(out / f"{name}_leftImg8bit.png")  # predict's name for it
+    got = evaluate_predictions(out, "cityscapes", str(tmp_path / "data"), "val", bf=False, progress=False)
+    truth = np.array([[0, 1, 13, 0], [0, 1, 1, 13], [255, 0, 0, 1]])
+    want = np.zeros((19, 19), np.int64)
+    for t, p in zip(truth.ravel(), pred.ravel()):
+        if t != 255:
+            want[t, p] += 1
+    assert got["confusion_matrix"] == want.tolist() and got["per_image"][0]["name"] == name
+
+
+def test_eval_predictions_provenance_names_the_data_and_the_images_its_reader_dropped(tmp_path):
+    rng = np.random.default_rng(3)
+    root = tmp_path / "data"
+    _folder_tree(root, rng, [(20, 24), (18, 22), (16, 16)])
+    Image.fromarray(np.zeros((5, 5), np.uint8), mode="L").save(root / "masks" / "img2.png")  # not its image's size
+    out = tmp_path / "pred"
+    out.mkdir()
+    for i, (h, w) in enumerate([(20, 24), (18, 22)]):
+        Image.fromarray(np.zeros((h, w), np.uint8), mode="L").save(out / f"img{i}.png")
+    got = evaluate_predictions(out, "folder", str(root), "all", dataset_kwargs={"skip_invalid": True}, bf=False,
+                               progress=False)
+    data = got["provenance"]["dataset"]
+    assert got["num_images"] == 2 and len(data["skipped"]) == 1 and "img2.png" in data["skipped"][0]
+    assert {k: v for k, v in data.items() if k != "skipped"} == {
+        "kind": "folder", "root": str(root.resolve()), "split": "all", "options": {"skip_invalid": True}}
+    assert got["provenance"]["predictions"] == {"folder": str(out.resolve()), "records": [None]}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelwise.data.io import PngRowWriter, encode_png, read_mask, write_mask
+from pixelwise.data.io import PngRowWriter, encode_png, png_text, read_mask, write_mask
 from pixelwise.data.shapes import PALETTE
 
 
@@ -55,3 +55,14 @@ def test_wrong_rows_are_refused():
         png.finish()
     with pytest.raises(ValueError, match="after 3 of its 4 rows"), PngRowWriter(io.BytesIO(), 10, 4, "L") as short:
         short.write(np.zeros((3, 10), np.uint8))
+
+
+def test_png_text_reads_a_text_chunk_of_up_to_one_mib_and_steps_over_a_longer_one(tmp_path):
+    pixels = np.zeros((2, 3), np.uint8)
+    fits = "x" * ((1 << 20) - len("pixelwise\0"))  # keyword, NUL and text: 1 MiB exactly
+    path = tmp_path / "fits.png"
+    path.write_bytes(encode_png(pixels, "P", PALETTE, {"pixelwise": fits}))
+    assert png_text(path, "pixelwise") == fits
+    path = tmp_path / "long.png"
+    path.write_bytes(encode_png(pixels, "P", PALETTE, {"pixelwise": fits + "x", "after": "y"}))
+    assert png_text(path, "pixelwise") is None and png_text(path, "after") == "y"  # not read, stepped over

@@ -260,3 +260,48 @@ def test_a_stack_interrupted_between_its_frames_resumes_from_the_frame_not_writt
     assert sorted(_files(out)) == ["vol_00.png", "vol_00_overlay.png"]
     assert _predict(checkpoint, folder, out, "--resume") == 0
     assert "wrote 3 prediction(s)" in capsys.readouterr().out and _files(out) == _files(whole)
+
+
+def test_record_difference_names_both_models_hashes_and_ignores_the_version_and_file_name():
+    wanted = {"pixelwise_version": "1", "models": [{"file": "m.safetensors", "sha256": "b" * 64}],
+              "input": [{"resize": None}], "prediction": [{"tta": None}], "crf": None, "score_thresh": None,
+              "uncertainty": False, "watershed": None}
+    other = json.dumps({**wanted, "models": [{"file": "m.safetensors", "sha256": "a" * 64}]})
+    assert writers.record_difference(other, wanted) == (
+        "it was predicted by another model (SHA-256 aaaaaaaaaaaa; now bbbbbbbbbbbb)")
+    assert writers.record_difference(json.dumps({}), wanted) == (
+        "it was predicted by another model (SHA-256 none; now bbbbbbbbbbbb)")
+    same = json.dumps({**wanted, "pixelwise_version": "0", "models": [{"file": "renamed", "sha256": "b" * 64}]})
+    assert writers.record_difference(same, wanted) is None
+
+
+def test_prediction_record_of_a_model_in_memory_defaults_to_no_uncertainty_and_no_watershed():
+    predictor = SemanticPredictor(create_model("unet", num_classes=4, **KW).eval(),
+                                  {"class_names": CLASS_NAMES, "palette": PALETTE})
+    record = writers.prediction_record(predictor)
+    assert record["models"] == [None] and record["uncertainty"] is False and record["watershed"] is None
+    assert writers.prediction_record(predictor, uncertainty=True)["uncertainty"] is True
+
+
+def test_a_refusal_counts_the_other_output_names_taken(inputs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "f1.png").write_text("mine")
+    with pytest.raises(UserError) as one:
+        writers.check_predict([str(inputs)], out)
+    assert "already holds f1.png (an earlier" in str(one.value)  # one file: no "and N more"
+    for name in ("f1_overlay.png", "f2_overlay.png"):
+        (out / name).write_text("mine")
+    with pytest.raises(UserError) as three:
+        writers.check_predict([str(inputs)], out)
+    assert "already holds f1.png and 2 more of this prediction's output names (an earlier" in str(three.value)
+    record = {"models": [{"file": "m.safetensors", "sha256": "b" * 64}]}
+    with pytest.raises(UserError) as resumed:
+        writers.check_predict([str(inputs)], out, resume=True, record=record)
+    assert f"--resume: {out / 'f1.png'} (and 2 more output names there) is not known" in str(resumed.value)
+    (out / "f1.png").unlink()
+    (out / "f1_overlay.png").unlink()
+    with pytest.raises(UserError) as alone:
+        writers.check_predict([str(inputs)], out, resume=True, record=record)
+    assert f"--resume: {out / 'f2_overlay.png'} is not known to be this prediction's (its image, model and " \
+           "options): its mask f2.png, which holds the record, is not there; " in str(alone.value)
