@@ -138,7 +138,8 @@ def test_settings_parse_and_refuse():
     refused = [("bi_w", "is not NAME=VALUE"), ("colour=3", "is not NAME=VALUE"), ("bi_w=x", "bi_w must be a number"),
                ("iterations=0", "iterations must be a whole number from 1 to 100"),
                ("bi_xy_std=0", "bi_xy_std must be a number above 0"), ("pos_w=-1", "pos_w must be a number >= 0"),
-               ("bi_w=nan", "bi_w must be a number >= 0"), ("iterations=2.5", "iterations must be a number")]
+               ("bi_w=nan", "bi_w must be a number >= 0"), ("iterations=2.5", "iterations must be a number"),
+               ("bi_w=4,pos_w=1,bi_w=5", "bi_w is given twice")]
     for text, words in refused:
         with pytest.raises(UserError, match=f"^--crf: .*{words}"):
             CRFSettings.parse(text)

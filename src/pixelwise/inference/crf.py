@@ -95,6 +95,8 @@ class CRFSettings:
             if not sep or key not in names:
                 raise UserError(f"{flag}: {part!r} is not NAME=VALUE with NAME one of {', '.join(names)} "
                                 "(e.g. bi_w=4,bi_xy_std=121)")
+            if key in values:  # which one was meant cannot be told
+                raise UserError(f"{flag}: {key} is given twice; give each setting once")
             try:
                 values[key] = int(value) if key == "iterations" else float(value)
             except ValueError:
