@@ -511,3 +511,21 @@ def test_a_box_exactly_1_px_wide_or_tall_is_trained_and_not_noted(tmp_path):
     s = ds.load(2)
     assert s.instance_labels.tolist() == [1, 2] and s.meta["untrained"]["labels"] == []
     np.testing.assert_allclose(s.boxes, [[3, 2, 4, 12], [10, 2, 20, 3]])
+
+
+def test_eval_predictions_scores_every_image_whatever_the_training_only_options(tmp_path):
+    """``skip_empty`` leaves images without objects out of training, never out of a score: eval
+    --predictions drops it as eval --checkpoint does, and scores image 3 (no objects) too."""
+    from pixelwise.inference.evaluate import evaluate_predictions
+
+    _tree(tmp_path)
+    out = tmp_path / "pred"
+    out.mkdir()
+    for image_id in (1, 2, 3):
+        Image.fromarray(np.zeros((40, 50), np.uint8), mode="L").save(out / f"{image_id}.png")
+    metrics = evaluate_predictions(out, "coco", str(tmp_path), "val", dataset_kwargs={"skip_empty": True},
+                                   bf=False)
+    assert metrics["num_images"] == 3 and [row["name"] for row in metrics["per_image"]] == ["1", "2", "3"]
+    assert metrics["provenance"]["dataset"]["options"] == {}
+    background = metrics["per_class"][0]
+    assert background["pixels"] == 3 * 40 * 50 - (200 + 100 + 64)  # every pixel but the three objects' own
