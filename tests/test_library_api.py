@@ -22,7 +22,16 @@ from pixelwise.errors import UserError
 from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
 from pixelwise.inference.mc_dropout import dropout_layers, dropout_sampling
 from pixelwise.inference.predictor import InstancePredictor, Prediction, Predictor
-from pixelwise.metrics import BFMeter, RandMeter, confusion_matrix, image_bf_scores, pixel_error, rand_counts
+from pixelwise.metrics import (
+    BFMeter,
+    BoundaryIoUMeter,
+    ConfusionMeter,
+    RandMeter,
+    confusion_matrix,
+    image_bf_scores,
+    pixel_error,
+    rand_counts,
+)
 
 
 def unet(classes: int = 3, seed: int = 0, **kwargs) -> nn.Module:
@@ -614,3 +623,89 @@ def test_instance_predictor_scales_boxes_and_masks_back_from_a_resize_contract()
     assert torch.equal(out["boxes"], torch.tensor([[3.0, 4.0, 15.0, 12.0]]))  # the 0.1 detection is dropped
     assert out["labels"].tolist() == [1] and out["masks"].shape == (1, 32, 72)
     assert out["masks"][0, 5:11, 4:14].all() and not out["masks"][0, 13:].any() and not out["masks"][0, :, 16:].any()
+
+
+# --- probe 22c: the Python API with odd arguments ------------------------------------------------
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: BFMeter(2, tolerance=float("nan")), "tolerance must be a finite fraction"),
+    (lambda: BFMeter(2, tolerance=-0.01), "tolerance must be a finite fraction"),
+    (lambda: BoundaryIoUMeter(2, dilation=-0.5), "dilation must be a finite fraction"),
+    (lambda: BoundaryIoUMeter(2, dilation=float("nan")), "dilation must be a finite fraction"),
+    (lambda: RandMeter(foreground=255), "other than ignore_index=255"),
+    (lambda: RandMeter(foreground=-1), "foreground must be the cell class"),
+    (lambda: ConfusionMeter(0), "ConfusionMeter: num_classes must be a whole number >= 1, got 0"),
+    (lambda: ConfusionMeter(-1), "ConfusionMeter: num_classes must be a whole number >= 1, got -1"),
+    (lambda: BFMeter(0), "BFMeter: num_classes must be a whole number >= 1"),
+])
+def test_meters_refuse_settings_that_score_nothing(make, words):
+    """A NaN or negative BF tolerance scored every image 0.0, a negative band width was taken as
+    1 pixel, a Rand foreground of 255 or -1 gave None for every score, all without a word, and
+    ConfusionMeter(-1) failed in torch.zeros."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        make()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ConfusionMeter(2.5), lambda: ConfusionMeter("3"), lambda: ConfusionMeter(True),
+    lambda: confusion_matrix(np.zeros(2, int), np.zeros(2, int), 2.0),
+])
+def test_a_class_count_that_is_not_a_whole_number_is_a_type_error_that_names_it(call):
+    """torch said "zeros() takes 1 positional argument but 2 were given" or "bincount(): argument
+    'minlength' must be int"."""
+    with pytest.raises(TypeError, match="num_classes must be a whole number >= 1"):
+        call()
+
+
+def test_one_path_object_is_one_checkpoint_and_one_string_is_one_input(tmp_path):
+    """evaluate_checkpoint(Path(...)) raised "'PosixPath' object is not iterable"; predict_files of
+    one str read it letter by letter ("input t not found"), of one Path "not iterable"."""
+    from pixelwise.inference.evaluate import evaluate_checkpoint
+    from pixelwise.inference.writers import predict_files
+
+    ck = checkpoint(tmp_path, classes=4)  # the shapes data's classes
+    kw = dict(dataset_kwargs={"num_val": 1, "size": 32}, progress=False, bf=False)
+    by_path = evaluate_checkpoint(ck, "shapes", None, **kw)  # ck: a pathlib.Path
+    assert by_path["mIoU"] == evaluate_checkpoint(str(ck), "shapes", None, **kw)["mIoU"]
+    Image.fromarray(images(1, (20, 24))[0]).save(tmp_path / "a.png")
+    p = Predictor.from_checkpoint(ck)
+    one = predict_files(p, str(tmp_path / "a.png"), tmp_path / "out1", progress=False)
+    folder = predict_files(p, tmp_path / "a.png", tmp_path / "out2", progress=False)
+    assert [q.name for q in one] == [q.name for q in folder] and len(one) == 1
+    assert np.array_equal(np.asarray(Image.open(one[0])), np.asarray(Image.open(folder[0])))
+
+
+def test_a_half_precision_model_is_told_to_become_float32():
+    """A .half() or bfloat16 model failed inside its first convolution: "Input type (float) and
+    bias type (c10::Half) should be the same"."""
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=re.escape("give model.float()")):
+            SemanticPredictor(unet().to(dtype), {"model": "unet", "num_classes": 3})
+    model = unet().half()
+    fixed = SemanticPredictor(model.float(), {"model": "unet", "num_classes": 3})
+    assert fixed.predict(images(1)[0]).mask.shape == (40, 40)
+
+
+def test_arguments_of_the_wrong_kind_name_the_call_that_takes_them(tmp_path):
+    """Each failed deep inside with an AttributeError or a weakref TypeError."""
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import fit
+    from pixelwise.inference.writers import predict_files
+
+    model = unet()
+    meta = {"model": "unet", "num_classes": 3, "model_kwargs": {"base_channels": 4}}
+    with pytest.raises(TypeError, match=re.escape("model.load_state_dict(sd)")):
+        pixelwise.save_checkpoint(tmp_path / "s.safetensors", model.state_dict(), meta)
+    assert not (tmp_path / "s.safetensors").exists()
+    with pytest.raises(TypeError, match=re.escape("SemanticPredictor.from_checkpoint(path)")):
+        SemanticPredictor("runs/unet/best.safetensors")
+    with pytest.raises(TypeError, match="meta must be the checkpoint's metadata dict"):
+        SemanticPredictor(model, ["a", "b", "c"])
+    with pytest.raises(TypeError, match=re.escape("fit(TrainConfig(**cfg))")):
+        fit({"model": "unet", "dataset": "shapes", "out": str(tmp_path / "run")}, log=None)
+    assert not (tmp_path / "run").exists()
+    assert isinstance(TrainConfig(), TrainConfig)
+    ck = checkpoint(tmp_path)
+    with pytest.raises(TypeError, match=re.escape("Predictor.from_checkpoint(path)")):
+        predict_files(str(ck), [str(ck)], tmp_path / "out")

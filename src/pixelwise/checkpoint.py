@@ -177,6 +177,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     scalars and arrays and an :class:`InputSpec` are stored as the JSON they stand for."""
     if not isinstance(meta, dict):
         raise ValueError(f"checkpoint metadata must be a dict, got {type(meta).__name__}")
+    if not isinstance(model, nn.Module):  # a state dict gave "'OrderedDict' object has no attribute 'state_dict'"
+        hint = (" (a state dict: load it into the model it came from, model.load_state_dict(sd), and save the model)"
+                if isinstance(model, dict) else "")
+        raise TypeError(f"save_checkpoint saves a model (torch.nn.Module, such as pixelwise.create_model(...)), "
+                        f"got {type(model).__name__}{hint}")
     try:
         meta = json.loads(json.dumps(meta, default=_plain))
     except (TypeError, ValueError) as e:

@@ -82,6 +82,27 @@ def _one_image(pred: object, target: object, what: str) -> tuple[np.ndarray, np.
     return pred, target
 
 
+def _class_count(num_classes: object, where: str) -> int:
+    """``num_classes`` as an int >= 1: a TypeError for a non-integer (2.5, "3", True), a ValueError
+    for 0 or less (torch's own messages, "zeros(): argument 'size'...", named neither)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise TypeError(f"{where}: num_classes must be a whole number >= 1, got {num_classes!r}")
+    if num_classes < 1:
+        raise ValueError(f"{where}: num_classes must be a whole number >= 1, got {num_classes}")
+    return int(num_classes)
+
+
+def _fraction_of_diagonal(value: object, name: str, where: str) -> float:
+    """A tolerance or band width as a fraction of the image diagonal: a finite number >= 0. NaN
+    or a negative one scored every boundary 0.0 (BF) or fell back to a 1-pixel band (Boundary IoU)
+    without a word."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: {name} must be a finite fraction of the image diagonal >= 0 "
+                         f"(default {BF_TOLERANCE if name == 'tolerance' else BOUNDARY_IOU_DILATION}), got {value!r}")
+    return float(value)
+
+
 def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray, num_classes: int,
                      ignore_index: int = 255) -> torch.Tensor:
     """pred, target: integer label maps (torch, numpy or nested lists) of equal shape -> int64
@@ -89,6 +110,7 @@ def confusion_matrix(pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.
 
     Ground-truth values other than ``0..C-1`` and ``ignore_index``, and predictions outside
     ``0..C-1``, raise ValueError; floating-point or boolean maps raise TypeError."""
+    num_classes = _class_count(num_classes, "confusion_matrix")
     t, p = _valid_labels(pred, target, num_classes, ignore_index)
     return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 
@@ -137,7 +159,7 @@ class ConfusionMeter:
     """Accumulates a confusion matrix over batches."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.num_classes, self.ignore_index = _class_count(num_classes, "ConfusionMeter"), ignore_index
         self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -219,7 +241,8 @@ class BFMeter:
     mean over the images where the class is present."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, tolerance: float = BF_TOLERANCE):
-        self.num_classes, self.ignore_index, self.tolerance = num_classes, ignore_index, tolerance
+        self.num_classes, self.ignore_index = _class_count(num_classes, "BFMeter"), ignore_index
+        self.tolerance = _fraction_of_diagonal(tolerance, "tolerance", "BFMeter")
         self.image_scores: list[float] = []
         self.class_sums = np.zeros(num_classes)
         self.class_counts = np.zeros(num_classes, dtype=np.int64)
@@ -302,7 +325,8 @@ class BoundaryIoUMeter:
     the classes with a band somewhere (a class in neither map of any image is left out, as in mIoU)."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255, dilation: float = BOUNDARY_IOU_DILATION):
-        self.num_classes, self.ignore_index, self.dilation = num_classes, ignore_index, dilation
+        self.num_classes, self.ignore_index = _class_count(num_classes, "BoundaryIoUMeter"), ignore_index
+        self.dilation = _fraction_of_diagonal(dilation, "dilation", "BoundaryIoUMeter")
         self.intersection = np.zeros(num_classes, dtype=np.int64)
         self.union = np.zeros(num_classes, dtype=np.int64)
 
@@ -403,7 +427,12 @@ class RandMeter:
     """Accumulates :func:`rand_counts` over images; :meth:`compute` -> :func:`rand_scores`."""
 
     def __init__(self, foreground: int = 1, ignore_index: int = 255):
-        self.foreground, self.ignore_index = foreground, ignore_index
+        if isinstance(foreground, bool) or not isinstance(foreground, (int, np.integer)) or foreground < 0 \
+                or foreground == ignore_index:
+            # a class that no map holds (-1, the ignore label) gave None for every score without a word
+            raise ValueError(f"RandMeter: foreground must be the cell class, a whole number >= 0 other than "
+                             f"ignore_index={ignore_index}, got {foreground!r}")
+        self.foreground, self.ignore_index = int(foreground), ignore_index
         self.counts = np.zeros(3)
 
     def update(self, pred: np.ndarray, target: np.ndarray) -> None:

@@ -1508,6 +1508,9 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = print, callbacks: 
     ``cb("epoch", state)`` after every epoch's checkpoints (``state.rows[-1]`` is its row), with
     the :class:`TrainState`; raising ``KeyboardInterrupt`` in one behaves like Ctrl-C.
     """
+    if not isinstance(cfg, TrainConfig):  # a dict gave "'dict' object has no attribute 'device'"
+        raise TypeError(f"fit takes a TrainConfig, got {type(cfg).__name__}"
+                        + (": fit(TrainConfig(**cfg))" if isinstance(cfg, dict) else ""))
     log = log or _quiet  # None: quiet, as a notebook user may pass it
     if not callable(log) or not all(callable(cb) for cb in callbacks):  # found before anything is written
         raise TypeError("fit: log must be a function of one str (or None) and callbacks functions of (event, state)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -208,7 +209,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     semantic predictor."""
     dataset_kwargs, _ = scoring_kwargs(dataset, dataset_kwargs or {})  # every image is scored
     ds = build_dataset(dataset, data, split, **dataset_kwargs)
-    paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    # one path (a str or a pathlib.Path, which was iterated as "not iterable"), or a list of them
+    paths = [checkpoint] if isinstance(checkpoint, str | os.PathLike) else list(checkpoint)
     predictor = from_checkpoints(paths, device, resize=resize, native_size=native_size, **options)
     if isinstance(predictor, InstancePredictor):
         predictor.score_thresh = 0.0  # AP ranks every detection

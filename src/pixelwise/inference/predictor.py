@@ -154,6 +154,16 @@ class Predictor:
 
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device | None = "cpu",
                  input_spec: InputSpec | dict | None = None) -> None:
+        if not isinstance(model, nn.Module):  # a str gave "cannot create weak reference to 'str' object"
+            raise TypeError(f"{type(self).__name__} takes a model (torch.nn.Module); for a checkpoint file use "
+                            f"{type(self).__name__}.from_checkpoint(path), got {type(model).__name__} {model!r:.60}")
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"{type(self).__name__}: meta must be the checkpoint's metadata dict (or None), "
+                            f"got {type(meta).__name__}")
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        if dtypes - {torch.float32}:  # a .half() model failed inside a convolution: "Input type (float) and bias type"
+            raise TypeError(f"{type(self).__name__} runs float32 models, got one with {sorted(map(str, dtypes))} "
+                            "parameters; give model.float()")
         self.meta = meta or {}
         if self.task:
             task = model_task(model, self.meta)

@@ -671,6 +671,11 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
 
     Ctrl-C or SIGTERM: the predictions written stay, whole, and the ``KeyboardInterrupt`` raised
     says how many (its first argument), and that ``resume`` predicts the rest."""
+    if not isinstance(predictor, Predictor):  # a path gave "'str' object has no attribute 'source'"
+        raise TypeError(f"predict_files: predictor must be a Predictor (Predictor.from_checkpoint(path)), "
+                        f"got {type(predictor).__name__} {predictor!r:.60}")
+    if isinstance(inputs, str | os.PathLike):  # one file, folder or pattern: a str was read letter by letter
+        inputs = [os.fspath(inputs)]
     if isinstance(inputs, PredictPlan):
         plan = inputs
     elif out is None:
