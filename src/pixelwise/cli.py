@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pixelwise._version import __version__
 from pixelwise.engine import config as train_config  # no torch: --help stays fast
-from pixelwise.errors import UserError, shown
+from pixelwise.errors import UserError, expanded_home, shown
 
 DEFAULT_MC_SAMPLES = 8
 CALIB_IMAGES, CALIB_CROP = 64, 256  # --calib-images, --calib-crop defaults (int8 calibration)
@@ -1195,16 +1195,7 @@ def expand_home(args: argparse.Namespace) -> None:
         if not any(isinstance(v, str) and v.startswith("~") for v in values):
             continue
         what = "an INPUT" if name == "inputs" else f"--{name.replace('_', '-')}"
-        expanded = []
-        for v in values:
-            if isinstance(v, str) and v.startswith("~"):
-                home = os.path.expanduser(v)
-                if home.startswith("~"):
-                    user = v.split("/", 1)[0].split(os.sep, 1)[0]
-                    raise UserError(f"{what} {v}: cannot expand {user} (no such user, or no home folder known "
-                                    "to this process); give the full path")
-                v = home
-            expanded.append(v)
+        expanded = [expanded_home(v, f"{what} {v}") if isinstance(v, str) else v for v in values]
         setattr(args, name, expanded if isinstance(value, list) else expanded[0])
 
 

@@ -49,3 +49,16 @@ def not_a_file(path: Path, wanted: str = "") -> str | None:
     if not path.exists():
         return "file not found"
     return "not a regular file (a folder, pipe or device)" + (f"; give {wanted}" if wanted else "")
+
+
+def expanded_home(path: str, what: str) -> str:
+    """``path`` with a leading ``~`` or ``~user`` expanded (one the shell left: quoted, after ``=``,
+    or in a recipe); a UserError starting with ``what`` where it cannot be (no such user, or no
+    home folder known to this process, where pathlib would raise RuntimeError later). Here, not in
+    :mod:`pixelwise.runtime`, so that the CLI and the config, which import no torch, share it."""
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        user = path.split("/", 1)[0].split(os.sep, 1)[0]
+        raise UserError(f"{what}: cannot expand {user} (no such user, or no home folder known to this process); "
+                        "give the full path")
+    return expanded

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, expanded_home
 from pixelwise.sample import MAX_INPUT_PIXELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -338,10 +338,7 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
         if not isinstance(value, str):
             raise UserError(f"{where} must be text, got {value!r}")
         if name in PATH_KEYS:
-            value = os.path.expanduser(value)
-            if value.startswith("~"):  # pathlib's expanduser would raise RuntimeError on it later
-                raise UserError(f"{where}: cannot expand {value.split('/', 1)[0]} (no such user, or no home "
-                                "folder known to this process); give the full path")
+            value = expanded_home(value, where)
     elif kind is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping, e.g. {{\"key\": 1}}, got {value!r}")
