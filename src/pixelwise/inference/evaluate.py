@@ -305,12 +305,8 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
             raise UserError(f"{path} holds class id {int(mask.max())}, but {dataset} has {ds.num_classes} classes "
                             f"(ids 0-{ds.num_classes - 1}); give masks of class ids (predict's <stem>.png, not its "
                             "overlay) of a model of this dataset's classes")
-        text = png_text(path, "pixelwise")
-        try:
-            record = json.loads(text) if text is not None else None
-        except ValueError:
-            record = None
-        if isinstance(record, dict):  # the models and options, once: not each image's own SHA-256
+        record = parse_record(png_text(path, RECORD_KEY))
+        if record is not None:  # the models and options, once: not each image's own SHA-256
             record.pop("image", None)
         if record not in records:
             records.append(record)
@@ -323,6 +319,19 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
                     "split": split, "options": dataset_kwargs, "skipped": [str(p) for p in skipped]},
         "pixelwise_version": __version__}
     return metrics
+
+
+RECORD_KEY = "pixelwise"  # the PNG text chunk of the record in every <stem>.png predict writes
+
+
+def parse_record(text: str | None) -> dict | None:
+    """The record (``pixelwise.inference.writers.prediction_record``) a mask's text chunk ``text``
+    holds; None for no text, or text that is not a JSON object."""
+    try:
+        record = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _prediction_file(folder: Path, *names: str) -> Path | None:

@@ -65,7 +65,7 @@ from pixelwise.data.palette import clear_class, default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.crf import check_crf_size
-from pixelwise.inference.evaluate import crf_settings, prediction_options
+from pixelwise.inference.evaluate import RECORD_KEY, crf_settings, parse_record, prediction_options
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.runtime import check_can_create
 from pixelwise.runtime import progress as progress_bar
@@ -188,9 +188,6 @@ def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = 
     return stems
 
 
-RECORD_KEY = "pixelwise"  # the tEXt keyword of the record in every <stem>.png predict writes
-
-
 def prediction_record(predictor: Predictor, *, uncertainty: bool = False, watershed: float | None = None) -> dict:
     """What makes a prediction, written into each ``<stem>.png`` as JSON (the PNG text chunk
     ``pixelwise``): every model's file (name and SHA-256; None for a predictor built from a model in
@@ -219,11 +216,8 @@ def record_difference(found: str | None, wanted: dict) -> str | None:
     """None where the record text read from a mask (:func:`png_text`) is the ``wanted``
     :func:`prediction_record`, the version and the model files' names aside (a renamed checkpoint
     is the same model, and a new version predicts as the old one did); else what differs, in words."""
-    try:
-        record = json.loads(found) if found is not None else None
-    except ValueError:
-        record = None
-    if not isinstance(record, dict):
+    record = parse_record(found)
+    if record is None:
         return "it holds no record of a pixelwise prediction (a file of yours, or one written before records)"
     models, models_now = _sha256s(record), _sha256s(wanted)
     if models != models_now:
