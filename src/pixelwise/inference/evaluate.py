@@ -315,8 +315,7 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
     metrics = score_semantic(ds, predicted, progress, bf)
     metrics["provenance"] = {
         "predictions": {"folder": str(folder.resolve()), "records": records},
-        "dataset": {"kind": dataset, "root": str(Path(data).expanduser().resolve()) if data else None,
-                    "split": split, "options": dataset_kwargs, "skipped": [str(p) for p in skipped]},
+        "dataset": dataset_provenance(dataset, data, split, dataset_kwargs, [str(p) for p in skipped]),
         "pixelwise_version": __version__}
     return metrics
 
@@ -391,6 +390,12 @@ def crf_settings(predictor: Predictor) -> dict | None:
     return None if crf is None else dataclasses.asdict(crf)
 
 
+def dataset_provenance(dataset: str, data: str | None, split: str, dataset_kwargs: dict, skipped: list[str]) -> dict:
+    """Which data a result scored: kind, root (resolved), split, options and the files left out."""
+    return {"kind": dataset, "root": str(Path(data).expanduser().resolve()) if data else None, "split": split,
+            "options": dataset_kwargs, "skipped": skipped}
+
+
 def provenance(checkpoint: str | Path, predictor: Predictor, dataset: str, data: str | None, split: str,
                dataset_kwargs: dict, skipped: list[str]) -> dict:
     """Where a result came from: the checkpoint (path and SHA-256), the data (kind, root, split,
@@ -400,7 +405,6 @@ def provenance(checkpoint: str | Path, predictor: Predictor, dataset: str, data:
     # an ensemble's: what its members share, "per member" where they differ (provenance["ensemble"])
     seen = {k: v if all(view.get(k) == v for view in views) else "per member" for k, v in views[0].items()}
     return {"checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
-            "dataset": {"kind": dataset, "root": str(Path(data).expanduser().resolve()) if data else None,
-                        "split": split, "options": dataset_kwargs, "skipped": skipped},
+            "dataset": dataset_provenance(dataset, data, split, dataset_kwargs, skipped),
             "prediction": {**seen, "crf": crf_settings(predictor)}, "pixelwise_version": __version__,
             "torch_version": torch.__version__}
