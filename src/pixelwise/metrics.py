@@ -92,14 +92,14 @@ def _class_count(num_classes: object, where: str) -> int:
     return int(num_classes)
 
 
-def _fraction_of_diagonal(value: object, name: str, where: str) -> float:
+def _fraction_of_diagonal(value: object, name: str, where: str, default: float) -> float:
     """A tolerance or band width as a fraction of the image diagonal: a finite number >= 0. NaN
     or a negative one scored every boundary 0.0 (BF) or fell back to a 1-pixel band (Boundary IoU)
     without a word."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not np.isfinite(value) or value < 0:
         raise ValueError(f"{where}: {name} must be a finite fraction of the image diagonal >= 0 "
-                         f"(default {BF_TOLERANCE if name == 'tolerance' else BOUNDARY_IOU_DILATION}), got {value!r}")
+                         f"(default {default}), got {value!r}")
     return float(value)
 
 
@@ -242,7 +242,7 @@ class BFMeter:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, tolerance: float = BF_TOLERANCE):
         self.num_classes, self.ignore_index = _class_count(num_classes, "BFMeter"), ignore_index
-        self.tolerance = _fraction_of_diagonal(tolerance, "tolerance", "BFMeter")
+        self.tolerance = _fraction_of_diagonal(tolerance, "tolerance", "BFMeter", BF_TOLERANCE)
         self.image_scores: list[float] = []
         self.class_sums = np.zeros(num_classes)
         self.class_counts = np.zeros(num_classes, dtype=np.int64)
@@ -326,7 +326,7 @@ class BoundaryIoUMeter:
 
     def __init__(self, num_classes: int, ignore_index: int = 255, dilation: float = BOUNDARY_IOU_DILATION):
         self.num_classes, self.ignore_index = _class_count(num_classes, "BoundaryIoUMeter"), ignore_index
-        self.dilation = _fraction_of_diagonal(dilation, "dilation", "BoundaryIoUMeter")
+        self.dilation = _fraction_of_diagonal(dilation, "dilation", "BoundaryIoUMeter", BOUNDARY_IOU_DILATION)
         self.intersection = np.zeros(num_classes, dtype=np.int64)
         self.union = np.zeros(num_classes, dtype=np.int64)
 
