@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pixelwise._version import __version__
 from pixelwise.engine import config as train_config  # no torch: --help stays fast
-from pixelwise.errors import UserError, expanded_home, shown
+from pixelwise.errors import UserError, empty_path, expanded_home, shown
 
 DEFAULT_MC_SAMPLES = 8
 CALIB_IMAGES, CALIB_CROP = 64, 256  # --calib-images, --calib-crop defaults (int8 calibration)
@@ -1181,7 +1181,7 @@ def check_no_empty_paths(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
             what = "an INPUT" if name == "inputs" else f"--{name.replace('_', '-')}"
-            raise UserError(f"{what} is empty; give a path (an unset shell variable?)")
+            raise empty_path(what)
 
 
 def expand_home(args: argparse.Namespace) -> None:

@@ -51,6 +51,12 @@ def not_a_file(path: Path, wanted: str = "") -> str | None:
     return "not a regular file (a folder, pipe or device)" + (f"; give {wanted}" if wanted else "")
 
 
+def empty_path(what: str) -> UserError:
+    """The refusal of an empty path (an unset shell variable, ``--out "$OUT"``): read as "not given" it
+    wrote nothing, or into the current or the default folder, which ``--overwrite`` empties."""
+    return UserError(f"{what} is empty; give a path (an unset shell variable?)")
+
+
 def expanded_home(path: str, what: str) -> str:
     """``path`` with a leading ``~`` or ``~user`` expanded (one the shell left: quoted, after ``=``,
     or in a recipe); a UserError starting with ``what`` where it cannot be (no such user, or no

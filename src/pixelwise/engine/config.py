@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from pixelwise.errors import UserError, expanded_home
+from pixelwise.errors import UserError, empty_path, expanded_home
 from pixelwise.sample import MAX_INPUT_PIXELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -284,7 +284,12 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
     where = where or name
     kind, meta = field_kind(name), f.metadata
     optional = type(None) in typing.get_args(_type_hints()[name])
-    if optional and isinstance(value, str) and value.strip().lower() in ("none", ""):
+    if name in PATH_KEYS and isinstance(value, os.PathLike):
+        value = os.fspath(value)  # a pathlib.Path, as a notebook gives it
+    if isinstance(value, str) and not value.strip():  # as a blank flag is: only the word none clears a value
+        raise empty_path(where) if name in PATH_KEYS else UserError(
+            f"{where} is empty; give a value{' (or none)' if optional else ''}")
+    if optional and isinstance(value, str) and value.strip().lower() == "none":
         value = None  # the word --help shows for "not set"
     if value is None:
         if optional:
