@@ -529,3 +529,15 @@ def test_eval_predictions_scores_every_image_whatever_the_training_only_options(
     assert metrics["provenance"]["dataset"]["options"] == {}
     background = metrics["per_class"][0]
     assert background["pixels"] == 3 * 40 * 50 - (200 + 100 + 64)  # every pixel but the three objects' own
+
+
+def test_category_names_given_twice_or_empty_are_told_apart_by_their_ids(tmp_path):
+    """Public annotation files repeat names; two classes of one name could not be told apart in reports
+    and the legend, and a checkpoint of them could not be saved."""
+    data = _tree(tmp_path)
+    data["categories"] = [{"id": 4, "name": "cup"}, {"id": 9, "name": "cup"}, {"id": 12, "name": " "},
+                          {"id": 15, "name": "background"}, {"id": 20, "name": "fork"}]
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert ds.class_names == ["background", "cup (id 4)", "cup (id 9)", "category_12", "background (id 15)", "fork"]
+    assert ds.category_ids == [0, 4, 9, 12, 15, 20]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,11 @@ def test_folder_split_lists_and_classes_json_colour_masks(tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps({"names": "abc"}))  # not three classes a, b, c
     with pytest.raises(UserError, match="names must be a list, got 'abc'"):
         FolderDataset(tmp_path, "train")
+    for names, words in ((["bg", "red", "bg"], "classes 0 and 2 are both named 'bg'"),
+                         (["bg", "", "blue"], "class 1 has an empty name")):  # reports could not tell them apart
+        (tmp_path / "classes.json").write_text(json.dumps({"names": names, "palette": pal}))
+        with pytest.raises(UserError, match=re.escape(f"classes.json: names: {words}")):
+            FolderDataset(tmp_path, "train")
 
 
 def test_folder_split_list_not_utf8_and_with_bom(tmp_path, capsys):

@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -228,10 +229,11 @@ def _check_rebuilds(model: nn.Module, meta: dict) -> None:
     if problem:
         raise ValueError(f"checkpoint metadata: {problem}")
     num_classes, names = meta["num_classes"], meta.get("class_names")
-    if names is not None and (not isinstance(names, list | tuple) or len(names) != num_classes
-                              or not all(isinstance(n, str) for n in names)):
-        raise ValueError(f"checkpoint metadata: class_names must list the {num_classes} classes by name (text), "
-                         f"got {names!r}")
+    problem = class_names_problem(names, num_classes)
+    if problem is None and names is not None:
+        problem = distinct_names_problem(names)
+    if problem:
+        raise ValueError(f"checkpoint metadata: {problem}")
     if meta.get("palette") is not None and len(meta["palette"]) < num_classes:
         raise ValueError(f"checkpoint metadata: the palette has {len(meta['palette'])} colours for {num_classes} "
                          "classes")
@@ -388,10 +390,9 @@ def metadata_problem(meta: dict) -> str | None:
     if not isinstance(options, dict) or {"num_classes", "pretrained"} & set(options):
         return (f"model_kwargs must be an object of the model's options (num_classes and pretrained are not "
                 f"among them), and is {options!r}")
-    names = meta.get("class_names")
-    if names is not None and (not isinstance(names, list) or len(names) != n
-                              or not all(isinstance(name, str) for name in names)):
-        return f"class_names must list a name (text) for each of the {n} classes, and holds {names!r}"
+    names_problem = class_names_problem(meta.get("class_names"), n)
+    if names_problem:
+        return names_problem
     palette = meta.get("palette")
     problem = palette_problem(palette)
     if problem is None and isinstance(palette, list | tuple) and len(palette) < n:
@@ -407,6 +408,28 @@ def metadata_problem(meta: dict) -> str | None:
             InputSpec.from_dict(contract)
         except UserError as e:
             return f"input contract must be an object of mean, std, normalize, resize and channels ({e})"
+    return None
+
+
+def class_names_problem(names: object, n: int) -> str | None:
+    """What is wrong with ``class_names`` (None: not given) for ``n`` classes, or None."""
+    if names is not None and (not isinstance(names, list | tuple) or len(names) != n
+                              or not all(isinstance(name, str) for name in names)):
+        return f"class_names must list a name (text) for each of the {n} classes, and holds {names!r}"
+    return None
+
+
+def distinct_names_problem(names: Sequence[str]) -> str | None:
+    """An empty class name, or one that two classes share, or None. Reports, the legend and the
+    server's answers name the classes, where two of one name could not be told apart. Checked where
+    names are made (a checkpoint saved, a dataset read), not where a checkpoint is read."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not name.strip():
+            return f"class {i} has an empty name; give every class a name"
+        if name in first:
+            return f"classes {first[name]} and {i} are both named {name!r}; give each class its own name"
+        first[name] = i
     return None
 
 

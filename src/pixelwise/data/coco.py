@@ -33,6 +33,7 @@ import io
 import json
 import math
 import numbers
+from collections import Counter
 from pathlib import Path
 from typing import NoReturn, TypeGuard
 
@@ -120,7 +121,7 @@ class COCOInstances(FilePairDataset):
             raise UserError(f"{self.ann_file}: {len(cats)} categories; at most 254 are supported")
         self.category_ids: list[int] = [0] + [int(c["id"]) for c in cats]
         self.cat_to_label = {cid: i for i, cid in enumerate(self.category_ids) if i > 0}
-        self.class_names = ["background"] + [str(c.get("name", f"category_{c['id']}")) for c in cats]
+        self.class_names = _distinct_names(cats)
         self.palette = default_palette(len(self.class_names))
         for image_id in sorted(self.coco.imgs):
             if skip_empty and not any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(image_id, [])):
@@ -333,6 +334,21 @@ def _number(value: object) -> float:
 def _is_box(box: object) -> TypeGuard[list | tuple]:
     return (isinstance(box, list | tuple) and len(box) == 4
             and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+
+
+def _distinct_names(cats: list[dict]) -> list[str]:
+    """"background" and the categories' names, in id order, each its own: a missing or empty name is
+    ``category_<id>``, and a name that another category (or background) has is followed by its id, so
+    that reports and the legend tell them apart (public annotation files do repeat names)."""
+    counts = Counter(c.get("name") for c in cats)
+    names = ["background"]
+    for c in cats:
+        name = c.get("name")
+        name = name if isinstance(name, str) and name.strip() else f"category_{c['id']}"
+        if counts[name] > 1 or name in names:
+            name = f"{name} (id {c['id']})"
+        names.append(name)
+    return names
 
 
 def _whole_number(value: object) -> bool:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pixelwise.checkpoint import distinct_names_problem
 from pixelwise.data.base import IGNORE_INDEX, Problem
 from pixelwise.data.files import FilePairDataset, identity_lut, read_split_list
 from pixelwise.data.io import (
@@ -287,6 +288,9 @@ class FolderDataset(FilePairDataset):
             if not isinstance(info["names"], list):  # a string would give a class per character
                 raise TypeError(f"names must be a list, got {info['names']!r}")
             names = [str(n) for n in info["names"]]
+            named_twice = distinct_names_problem(names)
+            if named_twice:
+                raise UserError(f"{spec}: names: {named_twice}")
             raw = info.get("palette", [])
             if not isinstance(raw, list):
                 raise TypeError(f"palette must be a list of [r, g, b], got {raw!r}")
