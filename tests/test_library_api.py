@@ -1,6 +1,7 @@
 """pixelwise used as a Python library (notebooks, scripts, threads): what probe 6 found. Each test
 fails without its fix; numbers are checked against an independent reference (the sequential run,
 a hand count, numpy)."""
+import json
 import re
 import typing
 import warnings
@@ -709,3 +710,84 @@ def test_arguments_of_the_wrong_kind_name_the_call_that_takes_them(tmp_path):
     ck = checkpoint(tmp_path)
     with pytest.raises(TypeError, match=re.escape("Predictor.from_checkpoint(path)")):
         predict_files(str(ck), [str(ck)], tmp_path / "out")
+    from pixelwise.inference.evaluate import evaluate_checkpoint
+
+    for bad in ([1], "num_val=1", {1: 2}):  # a list was "'list' object has no attribute 'items'"
+        with pytest.raises(TypeError, match="dataset_kwargs must map the reader's option names"):
+            evaluate_checkpoint(ck, "shapes", None, dataset_kwargs=bad, progress=False)
+
+
+def test_a_masked_array_with_masked_pixels_is_refused_and_one_without_predicts_as_its_data():
+    """Its mask was ignored without a word: the masked pixels were predicted like any others."""
+    predictor = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})
+    img = images(1)[0]
+    unmasked = predictor.predict(np.ma.masked_array(img)).mask
+    assert np.array_equal(unmasked, predictor.predict(img).mask)
+    masked = np.ma.masked_array(img)
+    masked[3, 4] = np.ma.masked
+    with pytest.raises(ValueError, match=re.escape("img.filled(0)")):
+        predictor.predict(masked)
+
+
+def test_a_structured_array_is_told_to_stack_its_fields():
+    """A [H, W] array of (r, g, b) records got the gray hint np.repeat(img[..., None], 3, -1), which
+    still failed; the hint given now gives the image itself."""
+    predictor = SemanticPredictor(unet(), {"model": "unet", "num_classes": 3})
+    img = images(1)[0]
+    records = np.zeros(img.shape[:2], dtype=[("r", "u1"), ("g", "u1"), ("b", "u1")])
+    for i, field in enumerate("rgb"):
+        records[field] = img[..., i]
+    with pytest.raises(ValueError) as refused:
+        predictor.predict(records)
+    hint = re.search(r"convert it with (np\.stack\(\[.*\], -1\))", str(refused.value)).group(1)
+    assert "np.repeat" not in str(refused.value)
+    fixed = eval(hint, {"np": np, "img": records})  # the hint, run as the user would
+    assert np.array_equal(fixed, img)
+
+
+def test_train_config_takes_a_path_and_refuses_an_empty_one(tmp_path):
+    """TrainConfig(out=Path(...)) was refused as "must be text"; out="" (an unset variable in a
+    notebook or a recipe) trained into the default runs/<model>, which --overwrite empties."""
+    from pixelwise.engine.config import TrainConfig
+
+    assert TrainConfig(out=tmp_path / "run", data=tmp_path).out == str(tmp_path / "run")
+    assert TrainConfig(data=tmp_path).data == str(tmp_path)
+    for key in ("out", "data", "pretrained", "class_weights"):
+        for empty in ("", "  "):
+            with pytest.raises(UserError, match=f"^{key} is empty; give a path"):
+                TrainConfig(**{key: empty})
+    assert TrainConfig(out=None).out is None  # not given: the default folder
+    with pytest.raises(UserError, match=re.escape("max_minutes is empty; give a value (or none)")):
+        TrainConfig(max_minutes=" ")  # as --max-minutes ' ' is: only the word none clears it
+    assert TrainConfig(max_minutes="none").max_minutes is None
+
+
+def test_shapes_size_is_bounded_by_the_pixel_limit_as_image_files_are():
+    """size=400000 made numpy's MemoryError ("Unable to allocate 596 GiB") at the first sample."""
+    from pixelwise.data.io import max_image_pixels
+    from pixelwise.data.shapes import ShapesDataset
+
+    side = int(max_image_pixels() ** 0.5)
+    assert ShapesDataset(size=side, num_train=1).size == side
+    with pytest.raises(UserError, match=r"shapes size \d+ makes images of [\d,]+ pixels, above the limit"):
+        ShapesDataset(size=side + 1, num_train=1)
+
+
+@pytest.mark.parametrize("names, words", [
+    (["a", "b", "a"], "classes 0 and 2 are both named 'a'"),
+    (["a", " ", "c"], "class 1 has an empty name"),
+])
+def test_class_names_given_twice_or_empty_are_refused_where_they_are_made(tmp_path, names, words):
+    """They were saved and scored: reports, the legend and the server's answers could not tell the
+    two classes apart. A checkpoint that holds them is still read (older files may)."""
+    from pixelwise.checkpoint import atomic_save_tensors, read_checkpoint
+
+    meta = {"model": "unet", "num_classes": 3, "model_kwargs": {"base_channels": 4}, "class_names": names}
+    with pytest.raises(ValueError, match=re.escape(words)):
+        pixelwise.save_checkpoint(tmp_path / "s.safetensors", unet(), meta)
+    assert not (tmp_path / "s.safetensors").exists()
+    good = checkpoint(tmp_path, "g", class_names=["a", "b", "c"])
+    tensors, saved = read_checkpoint(good)
+    old = {"pixelwise": json.dumps({**saved, "class_names": names})}
+    atomic_save_tensors(tensors, tmp_path / "old.safetensors", old)
+    assert pixelwise.load_checkpoint(tmp_path / "old.safetensors")[1]["class_names"] == names

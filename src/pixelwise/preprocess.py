@@ -155,6 +155,11 @@ def upsample_probs(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _format_hints(image: np.ndarray, channels: int) -> list[str]:
     """How to turn a numpy array of the wrong dtype or layout into uint8[H, W, 3] (or the gray
     uint8[H, W] a one-channel contract also takes): the common cases."""
+    fields = image.dtype.names  # a structured array: [('r', 'u1'), ('g', 'u1'), ('b', 'u1')] per pixel
+    if fields:
+        pick = fields[:1] if len(fields) < 3 or channels == 1 else fields[:3]
+        stack = ", ".join(f"img[{f!r}]" for f in pick)
+        return [f"np.stack([{stack}], -1) (fields {', '.join(fields)})" if len(pick) > 1 else f"{stack} (a field)"]
     hints = []
     shape = image.shape
     if image.ndim == 4 and shape[0] == 1:  # a batch of one
@@ -228,6 +233,9 @@ def check_image(image: np.ndarray, channels: int = 3) -> None:
                else "; every value is NaN or infinite" if image.dtype.kind == "f" and not np.isfinite(image).any()
                else "")
         raise ValueError(f"preprocess expects {expected} with H, W >= 1, got {image.dtype}{list(image.shape)}{fix}")
+    if np.ma.is_masked(image):
+        raise ValueError("preprocess got a masked array with masked pixels; every pixel is predicted, so its mask "
+                         "would be ignored: give img.filled(0) (or img.data) and mask the prediction afterwards")
 
 
 def as_spec(spec: object) -> InputSpec:

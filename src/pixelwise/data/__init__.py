@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from inspect import signature
 
@@ -83,9 +83,12 @@ def build_dataset(kind: str, root: str | None, split: str, **kwargs) -> Segmenta
         raise UserError(f"--dataset-kwargs: bad option for {kind!r}: {e}") from None
 
 
-def scoring_kwargs(kind: str, kwargs: dict) -> tuple[dict, list[str]]:
+def scoring_kwargs(kind: str, kwargs: Mapping) -> tuple[dict, list[str]]:
     """``kwargs`` for a split that is scored (validation, eval): without the reader's
     training-only options (:attr:`SegmentationDataset.training_only_options`), which are named."""
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"dataset_kwargs must map the reader's option names to values, e.g. {{'num_train': 200}}, "
+                        f"not {kwargs!r}")
     only = getattr(DATASETS.get(kind), "training_only_options", ())
     return {k: v for k, v in kwargs.items() if k not in only}, [k for k in kwargs if k in only]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from pixelwise.data.base import Sample, SegmentationDataset, boxes_from_masks
+from pixelwise.data.io import max_image_pixels
 from pixelwise.errors import UserError
 
 CLASS_NAMES = ["background", "circle", "rectangle", "triangle"]
@@ -139,6 +140,9 @@ class ShapesDataset(SegmentationDataset):
         self.split = split
         self.count = counts[split]
         self.size = _whole("size", size, 16)
+        if self.size * self.size > max_image_pixels():  # as a file of that size is refused, not a MemoryError
+            raise UserError(f"--dataset-kwargs: shapes size {self.size} makes images of {self.size * self.size:,} "
+                            f"pixels, above the limit of {max_image_pixels():,} (--max-pixels); give a smaller size")
         self.max_objects = _whole("max_objects", max_objects, 1)
         self.noise = _non_negative("noise", noise)
         self.seed = _whole("seed", seed, 0)
