@@ -243,3 +243,10 @@ def test_the_default_split_is_train_and_the_classes_are_segnets_order(tmp_path):
     assert ds.split == "train" and ds.items == build_dataset("camvid", str(root), "train").items
     assert ds.class_names == ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
                               "Pedestrian", "Bicyclist"]
+
+
+def test_the_sequence_of_a_frame_is_its_name_up_to_the_first_underscore_without_extension():
+    assert sequence_of("camvid/train/0016E5_07959.png") == "0016E5"
+    assert sequence_of("Seq05VD_f00000.png") == "Seq05VD"
+    assert sequence_of("0006R0_f_01.png") == "0006R0"  # the first underscore only
+    assert sequence_of("street.png") == "street"  # no underscore: the frame alone, as val_sequences writes it

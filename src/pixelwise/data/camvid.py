@@ -50,8 +50,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 
 def sequence_of(path: str) -> str:
     """The CamVid sequence of a frame: its file name up to the first ``_`` (``0016E5_07959.png``
-    -> ``0016E5``, ``Seq05VD_f00000.png`` -> ``Seq05VD``)."""
-    return Path(path).name.split("_", 1)[0]
+    -> ``0016E5``, ``Seq05VD_f00000.png`` -> ``Seq05VD``); a name without ``_`` (a frame renamed
+    or added by hand) is its own sequence, named without its extension as ``val_sequences`` names it."""
+    return Path(path).stem.split("_", 1)[0]
 
 
 class CamVid(FilePairDataset):
