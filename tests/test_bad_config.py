@@ -386,3 +386,34 @@ def test_an_empty_json_option_of_eval_or_data_inspect_says_it_is_empty(text):
     message = "--dataset-kwargs is empty; give a JSON object such as '{\"num_train\": 200}'"
     with pytest.raises(UserError, match="^" + re.escape(message)):
         parse_json_dict(text, "--dataset-kwargs")
+
+
+# --- numbers beyond a float's range, JSON nested past Python's recursion limit -------------------
+HUGE = str(10**400)  # an int Python holds, but math.isfinite() raises OverflowError on
+
+
+@pytest.mark.parametrize(("write", "args", "message"), [
+    (None, ["--epochs", HUGE], "--epochs must be an integer >= 1"),
+    (None, ["--lr", HUGE], "--lr must be"),
+    ("epochs: " + HUGE + "\n", ["--config", "{file}"], "h.yaml: epochs must be an integer >= 1"),
+    ("milestones: [" + HUGE + "]\n", ["--config", "{file}"], "h.yaml: milestones must be a list of epochs"),
+    (None, ["--dataset-kwargs", '{"mean": [' + HUGE + ', 0, 0]}'], "--dataset-kwargs: shapes mean must be"),
+    (None, ["--model-kwargs", '{"dropout": ' + HUGE + "}"], "--model-kwargs: unet: dropout must be"),
+])
+def test_a_number_beyond_a_floats_range_is_refused_not_an_overflow_traceback(tmp_path, capsys, write, args, message):
+    if write is not None:
+        (tmp_path / "h.yaml").write_text(write)
+        args = [a.replace("{file}", str(tmp_path / "h.yaml")) for a in args]
+    train_refused(tmp_path, capsys, args, message)
+
+
+def test_class_weights_beyond_a_floats_range_are_refused(tmp_path, capsys):
+    (tmp_path / "w.json").write_text(f"[1, {HUGE}, 1, 1]")
+    train_refused(tmp_path, capsys, ["--class-weights", str(tmp_path / "w.json")], "expected 4 non-negative numbers")
+
+
+def test_json_nested_past_the_recursion_limit_is_refused(tmp_path, capsys):
+    nested = "[" * 5000 + "]" * 5000
+    (tmp_path / "w.json").write_text(nested)
+    train_refused(tmp_path, capsys, ["--class-weights", str(tmp_path / "w.json")], "cannot read class weights")
+    train_refused(tmp_path, capsys, ["--dataset-kwargs", nested], "--dataset-kwargs must be a JSON object")

@@ -541,3 +541,38 @@ def test_category_names_given_twice_or_empty_are_told_apart_by_their_ids(tmp_pat
     ds = COCOInstances(tmp_path, "val")
     assert ds.class_names == ["background", "cup (id 4)", "cup (id 9)", "category_12", "background (id 15)", "fork"]
     assert ds.category_ids == [0, 4, 9, 12, 15, 20]
+
+
+HUGE = 10**400  # JSON holds it; math.isfinite() raises OverflowError on it
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda d: d["annotations"][0].__setitem__("bbox", [0, 0, HUGE, 5]), "annotation 11 has bbox"),
+    (lambda d: d["annotations"][0].__setitem__("area", HUGE), "annotation 11 has area"),
+])
+def test_an_annotation_number_beyond_a_floats_range_is_a_problem(tmp_path, change, words):
+    data = _tree(tmp_path)
+    change(data)
+    _write(tmp_path, data)
+    problems = [str(p) for p in COCOInstances(tmp_path, "val").check()]
+    assert len(problems) == 1 and words in problems[0], problems
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda d: d["images"][0].__setitem__("height", HUGE), "image 1 needs a file_name and a width and height"),
+    (lambda d: d["images"][0].__setitem__("id", HUGE), "is not a whole number"),
+    (lambda d: d["categories"][0].__setitem__("id", HUGE), "category id"),
+])
+def test_an_image_or_category_number_beyond_a_floats_range_is_refused(tmp_path, change, words):
+    data = _tree(tmp_path)
+    change(data)
+    _write(tmp_path, data)
+    with pytest.raises(UserError, match=words):
+        COCOInstances(tmp_path, "val")
+
+
+def test_an_annotation_file_nested_past_the_recursion_limit_is_refused(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / "annotations" / "instances_val2017.json").write_text('{"images": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(UserError, match="not a valid COCO annotation file"):
+        COCOInstances(tmp_path, "val")

@@ -122,6 +122,24 @@ def test_an_empty_sbd_mat_file_is_named(tmp_path):
         ds.load([ds.name_of(i) for i, _ in ds.items].index("2008_000009"))
 
 
+def test_a_matlab_v73_sbd_mat_file_is_named(tmp_path):
+    """MATLAB's ``save -v7.3`` writes HDF5, which scipy refuses with NotImplementedError."""
+    voc, sets = _voc(tmp_path)
+    (sets / "train.txt").write_text("2007_000001\n")
+    (sets / "val.txt").write_text("2007_000003\n")
+    sbd = tmp_path / "sbd"
+    (sbd / "cls").mkdir(parents=True)
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + bytes(8) + b"\x00\x02IM"
+    (sbd / "cls" / "2008_000009.mat").write_bytes(header + b"\x89HDF\r\n\x1a\n" + bytes(64))
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(voc / "JPEGImages" / "2008_000009.jpg")
+    (sbd / "train.txt").write_text("2008_000009\n")
+    (sbd / "val.txt").write_text("2007_000001\n")
+    ds = build_dataset("voc", str(tmp_path), "train_aug", sbd_root=str(sbd))
+    with pytest.raises(UserError, match=r"2008_000009.mat: a MATLAB v7.3 \(HDF5\) .mat file"):
+        ds.load([ds.name_of(i) for i, _ in ds.items].index("2008_000009"))
+    assert any("MATLAB v7.3" in p.message for p in ds.check())
+
+
 @pytest.mark.parametrize("kind, options, words", [
     ("camvid", {"val_sequences": ["0006R0"], "join_val": "no"}, "'join_val' must be true or false, got 'no'"),
     ("folder", {"skip_invalid": 1}, "'skip_invalid' must be true or false, got 1"),

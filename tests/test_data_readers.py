@@ -339,6 +339,9 @@ def test_folder_split_lists_and_classes_json_colour_masks(tmp_path):
         (tmp_path / "classes.json").write_text(json.dumps({"names": names, "palette": pal}))
         with pytest.raises(UserError, match=re.escape(f"classes.json: names: {words}")):
             FolderDataset(tmp_path, "train")
+    (tmp_path / "classes.json").write_text('{"names": ' + "[" * 5000 + "]" * 5000 + "}")  # was a RecursionError
+    with pytest.raises(UserError, match="classes.json: not valid JSON"):
+        FolderDataset(tmp_path, "train")
 
 
 def test_folder_split_list_not_utf8_and_with_bom(tmp_path, capsys):

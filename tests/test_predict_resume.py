@@ -305,3 +305,13 @@ def test_a_refusal_counts_the_other_output_names_taken(inputs, tmp_path):
         writers.check_predict([str(inputs)], out, resume=True, record=record)
     assert f"--resume: {out / 'f2_overlay.png'} is not known to be this prediction's (its image, model and " \
            "options): its mask f2.png, which holds the record, is not there; " in str(alone.value)
+
+
+def test_a_record_that_is_not_a_json_object_is_no_record():
+    """A mask's text chunk is anyone's to write: text nested past the recursion limit was a RecursionError
+    through predict --resume and eval --predictions; now it is a mask without a record, as bad JSON is."""
+    from pixelwise.inference.evaluate import parse_record
+
+    assert parse_record('{"version": "1"}') == {"version": "1"}
+    for text in (None, "not json", "[1, 2]", "[" * 5000 + "]" * 5000, '{"a": ' + "[" * 5000 + "]" * 5000 + "}"):
+        assert parse_record(text) is None

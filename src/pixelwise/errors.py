@@ -5,6 +5,7 @@ file), with a message that names the file and says what to do.
 """
 
 import errno
+import math
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,15 @@ def listed(values, k: int = 6) -> str:
     """The first ``k`` of ``values`` for a one-line message: ``a, b, c, ...``."""
     values = list(values)
     return ", ".join(map(str, values[:k])) + (", ..." if len(values) > k else "")
+
+
+def finite(value) -> bool:
+    """``math.isfinite(value)``, False (not OverflowError) for an int beyond a float's range: a
+    400-digit number in a JSON or YAML file or on the command line is not a usable number either."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

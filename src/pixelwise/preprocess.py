@@ -9,7 +9,6 @@ the same :func:`resize_image` / :func:`resize_labels` before its random crops.
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, finite
 from pixelwise.sample import MAX_INPUT_PIXELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,14 +37,14 @@ def _finite_numbers(values: object) -> bool:
     """Whether ``values`` is a sequence of finite real numbers (no bools, no text)."""
     if isinstance(values, str | bytes) or not isinstance(values, Sized) or not isinstance(values, Iterable):
         return False
-    return all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    return all(isinstance(v, numbers.Real) and not isinstance(v, bool) and finite(v) for v in values)
 
 
 def _whole(v: object) -> bool:
     """Whether ``v`` is a whole number >= 1 (an int, or a float such as 8.0; never a bool)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return False
-    return math.isfinite(v) and float(v).is_integer() and float(v) >= 1
+    return finite(v) and float(v).is_integer() and float(v) >= 1
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from pixelwise.data.base import IGNORE_INDEX, Problem, Sample
 from pixelwise.data.files import FilePairDataset, problem_from_error
 from pixelwise.data.io import probe
 from pixelwise.data.palette import default_palette
-from pixelwise.errors import UserError, listed
+from pixelwise.errors import UserError, finite, listed
 
 URL = "https://cocodataset.org/#download"
 
@@ -89,7 +89,7 @@ class COCOInstances(FilePairDataset):
                 self.coco = COCO()
                 self.coco.dataset = dataset
                 self.coco.createIndex()
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:  # [[[[...: nested too deep
             raise UserError(f"{self.ann_file}: not a valid COCO annotation file "
                             f"({type(e).__name__}: {e})") from None
         for kind, key in (("image", "images"), ("category", "categories")):
@@ -327,13 +327,13 @@ def _duplicates(entries: list) -> dict:
 
 def _number(value: object) -> float:
     """``value`` if it is a finite number, else 0 (for sorting by ``area`` before the check names it)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and finite(value)
     return float(value) if ok else 0.0  # type: ignore[arg-type]
 
 
 def _is_box(box: object) -> TypeGuard[list | tuple]:
     return (isinstance(box, list | tuple) and len(box) == 4
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box))
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and finite(v) for v in box))
 
 
 def _distinct_names(cats: list[dict]) -> list[str]:
@@ -353,7 +353,7 @@ def _distinct_names(cats: list[dict]) -> list[str]:
 
 def _whole_number(value: object) -> bool:
     """An id pixelwise can use: an integer, or a float of integer value (1.0), as JSON writers give."""
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and finite(value)
             and float(value).is_integer())
 
 
@@ -376,7 +376,7 @@ def annotation_problem(a: dict, height: int, width: int) -> str | None:
     if not (isinstance(crowd, int | float) and crowd in (0, 1)):  # JSON's true/false are 1/0 here, as for pycocotools
         return f"has iscrowd {crowd!r}, not 0 or 1"
     area = a.get("area", 0.0)
-    if not (isinstance(area, int | float) and not isinstance(area, bool) and math.isfinite(area) and area >= 0):
+    if not (isinstance(area, int | float) and not isinstance(area, bool) and finite(area) and area >= 0):
         return f"has area {area!r}, not a non-negative number (COCO's evaluation ignores such an object)"
     return segmentation_problem(a["segmentation"], height, width)
 

@@ -272,7 +272,7 @@ class FolderDataset(FilePairDataset):
         shape = '{"names": [...], "palette": [[r, g, b], ...], "ignore_color": [r, g, b]}'
         try:
             info = json.loads(spec.read_text(encoding="utf-8-sig"))  # JSON is UTF-8; editors may add a BOM
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise UserError(f"{spec}: not valid JSON ({e}); expected {shape}") from None
         if not isinstance(info, dict):
             raise UserError(f"{spec}: expected an object {shape}, got {type(info).__name__}")

@@ -73,6 +73,9 @@ def read_sbd_mat(path: str | Path) -> np.ndarray:
     try:
         mat = loadmat(str(path), squeeze_me=True, struct_as_record=False)
         seg = np.asarray(mat["GTcls"].Segmentation)
+    except NotImplementedError:  # scipy on MATLAB's v7.3 format (HDF5), what `save -v7.3` writes
+        raise UserError(f"{path}: a MATLAB v7.3 (HDF5) .mat file, which is not read; save it with "
+                        "`save(..., '-v7')` or re-download SBD") from None
     except (OSError, ValueError, KeyError, AttributeError, TypeError, MatReadError) as e:  # MatReadError: empty
         raise UserError(f"{path}: unreadable SBD .mat file ({e}); re-download SBD") from None
     if seg.ndim != 2 or not (np.issubdtype(seg.dtype, np.integer) or np.issubdtype(seg.dtype, np.floating)

@@ -22,7 +22,6 @@ import datetime
 import difflib
 import functools
 import json
-import math
 import os
 import re
 import typing
@@ -33,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from pixelwise.errors import UserError, empty_path, expanded_home
+from pixelwise.errors import UserError, empty_path, expanded_home, finite
 from pixelwise.sample import MAX_INPUT_PIXELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -309,7 +308,7 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
                 number = float(value) if kind is float else int(value)
             except ValueError:
                 raise UserError(f"{where} must be {what}, got {value!r}") from None
-        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        if isinstance(number, bool) or not isinstance(number, int | float) or not finite(number):
             raise UserError(f"{where} must be {what}, got {value!r}")
         if kind is int:
             if number != int(number):
@@ -355,12 +354,12 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
         raise UserError(f"{where} must be a list, got {value!r}")
     if name == "lr_mult":
         bad = next(((k, v) for k, v in value.items() if not k or isinstance(v, bool) or not isinstance(v, int | float)
-                    or not math.isfinite(v) or v <= 0), None)
+                    or not finite(v) or v <= 0), None)
         if bad is not None:
             raise UserError(f"{where}: {bad[0]!r}: {bad[1]!r} must be a module name and a multiplier above 0, e.g. "
                             "{\"fc8\": 10}")
         value = {k: float(v) for k, v in value.items()}
-    if name == "milestones" and not all(isinstance(m, int | float) and not isinstance(m, bool) and math.isfinite(m)
+    if name == "milestones" and not all(isinstance(m, int | float) and not isinstance(m, bool) and finite(m)
                                         and m >= 0 for m in value):
         raise UserError(f"{where} must be a list of epochs (numbers >= 0), got {value!r}")
     choices = meta["choices"]
@@ -611,7 +610,7 @@ def parse_json_dict(text: str | None, flag: str) -> dict:
 
     try:
         value = json.loads(text, object_pairs_hook=once)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[... nested too deep
         example = JSON_EXAMPLES.get(flag.lstrip("-").replace("-", "_"), '{"key": 1}')
         raise UserError(f"{flag} must be a JSON object, e.g. '{example}' ({e})") from None
     if not isinstance(value, dict):

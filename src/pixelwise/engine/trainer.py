@@ -96,7 +96,7 @@ from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, param_groups, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
 from pixelwise.engine.validate import ScoredInstances, eval_collate, to_device, validate_instances, validate_semantic
-from pixelwise.errors import UserError, listed, shown
+from pixelwise.errors import UserError, finite, listed, shown
 from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.models.registry import check_model_kwargs, model_options
@@ -205,7 +205,7 @@ class TrainState:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
         def number(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            return isinstance(v, int | float) and not isinstance(v, bool) and finite(v)
 
         checks = {**dict.fromkeys(("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_epoch_steps",
                                    "batch", "images"), (count, "a whole number >= 0")),
@@ -238,10 +238,10 @@ def read_class_weights(path: str | Path, num_classes: int) -> list[float]:
                 values = values.get("weights")
         else:
             values = [float(v) for v in path.read_text(encoding="utf-8-sig").replace(",", " ").split()]
-    except (ValueError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: [[[[... nested too deep
         raise UserError(f"{path}: cannot read class weights ({e})") from None
     if (not isinstance(values, list) or len(values) != num_classes
-            or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values)):
+            or not all(isinstance(v, int | float) and finite(v) and v >= 0 for v in values)):
         raise UserError(f"{path}: expected {num_classes} non-negative numbers (one per class)")
     if not any(v > 0 for v in values):  # every pixel would weigh 0: a NaN loss, reported as divergence
         raise UserError(f"{path}: the class weights are all 0; at least one must be > 0")

@@ -328,7 +328,7 @@ def parse_record(text: str | None) -> dict | None:
     holds; None for no text, or text that is not a JSON object."""
     try:
         record = json.loads(text) if text is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[... nested too deep
         return None
     return record if isinstance(record, dict) else None
 

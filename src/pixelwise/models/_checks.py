@@ -8,10 +8,11 @@ here, by its name."""
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Iterable
 from typing import Any
+
+from pixelwise.errors import finite
 
 
 def _is_number(value: Any) -> bool:
@@ -21,7 +22,7 @@ def _is_number(value: Any) -> bool:
 def whole_number(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> int:
     """``value`` as an ``int`` when it is a whole number (an integral float such as ``800.0``
     counts; ``True`` and ``1.5`` do not) in ``[minimum, maximum]``, else ``ValueError``."""
-    ok = _is_number(value) and math.isfinite(value) and float(value).is_integer() and value >= minimum \
+    ok = _is_number(value) and finite(value) and float(value).is_integer() and value >= minimum \
         and (maximum is None or value <= maximum)
     if not ok:
         allowed = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
@@ -33,7 +34,7 @@ def number_in(name: str, value: Any, low: float, high: float | None = None, *, h
               low_open: bool = False) -> float:
     """``value`` as a ``float`` when it is a finite number in the interval (``[low, high]``,
     ends open where asked; ``high=None``: no upper end), else ``ValueError``."""
-    ok = _is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = _is_number(value) and finite(value) and (value > low if low_open else value >= low)
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
@@ -59,7 +60,7 @@ def dropout_rate(value: Any, name: str = "dropout") -> float:
 def numbers_of(name: str, value: Any, count: int, positive: bool = False) -> tuple[float, ...]:
     """``count`` finite numbers (each > 0 with ``positive``) as a tuple of floats, else ``ValueError``."""
     items = tuple(value) if isinstance(value, Iterable) and not isinstance(value, str | bytes) else None
-    ok = items is not None and len(items) == count and all(_is_number(v) and math.isfinite(v) for v in items)
+    ok = items is not None and len(items) == count and all(_is_number(v) and finite(v) for v in items)
     if ok and positive:
         ok = all(v > 0 for v in items or ())
     if not ok:
