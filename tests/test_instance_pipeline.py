@@ -1,6 +1,7 @@
 """Mask R-CNN through the same CLI as the semantic models: train -> eval -> predict."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -315,3 +316,75 @@ def test_instance_crop_of_a_sample_with_no_instance_masks_gives_an_empty_stack_o
                instance_labels=np.zeros(0, np.int64), boxes=np.zeros((0, 4), np.float32))
     out = InstanceCrop((8, 12), context=1.5)(s)
     assert out.instance_masks.shape == (0, 8, 12) and len(out.instance_labels) == 0
+
+
+def test_eval_predictions_of_an_instance_model_gives_eval_checkpoints_numbers(run, tmp_path):
+    """predict --score-thresh 0 keeps every detection the model gives, as eval ranks them: the AP of
+    its <stem>.json files is eval --checkpoint's, key for key (scores and boxes are written as the
+    float32 values they are)."""
+    from pixelwise.data.shapes import ShapesDataset
+
+    ds = ShapesDataset(split="test", **json.loads(DATA))
+    (tmp_path / "in").mkdir()
+    for i in range(len(ds)):
+        sample = ds.load(i)
+        Image.fromarray(sample.image).save(tmp_path / "in" / f"{sample.name}.png")
+    ck, out = str(run / "best.safetensors"), tmp_path / "pred"
+    assert main(["predict", "--checkpoint", ck, str(tmp_path / "in"), "--out", str(out), "--score-thresh", "0",
+                 "--no-progress"]) == 0
+    scored = [tmp_path / "ck.json", tmp_path / "pred.json"]
+    common = ["--dataset", "shapes", "--split", "test", "--dataset-kwargs", DATA, "--no-progress"]
+    assert main(["eval", "--checkpoint", ck, *common, "--json", str(scored[0])]) == 0
+    assert main(["eval", "--predictions", str(out), *common, "--json", str(scored[1])]) == 0
+    by_model, by_files = (json.loads(p.read_text()) for p in scored)
+    keys = [k for k in by_model if k.startswith(("mask_", "box_", "boundary_"))]
+    assert len(keys) == 18 and any((by_model[k] or 0) > 0 for k in keys)  # the model finds something to compare
+    assert {k: by_files[k] for k in keys} == {k: by_model[k] for k in keys}  # --json writes NaN as null
+    records = by_files["provenance"]["predictions"]["records"]
+    assert len(records) == 1 and records[0]["score_thresh"] == 0.0
+
+
+def _truth_json(sample, names, **change) -> dict:
+    """The ground truth of ``sample`` written as predict writes detections, each object with score 0.9."""
+    from pixelwise.coco_eval import encode_mask
+
+    instances = []
+    for k, (mask, label, box) in enumerate(zip(sample.instance_masks, sample.instance_labels, sample.boxes)):
+        rle = encode_mask(mask)
+        instances.append({"id": k + 1, "label": int(label), "class_name": names[int(label)], "score": 0.9,
+                          "box": [float(v) for v in box], "area": int(mask.sum()),
+                          "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}})
+    doc = {"width": sample.image.shape[1], "height": sample.image.shape[0], "instances": instances}
+    for key, value in change.items():
+        doc["instances"][0][key] = value
+    return doc
+
+
+def test_eval_predictions_of_the_ground_truth_scores_one_and_names_a_bad_file(tmp_path, capsys):
+    from pixelwise.data.shapes import CLASS_NAMES, ShapesDataset
+    from pixelwise.inference.evaluate import evaluate_predictions
+
+    kwargs = {"num_val": 3, "size": 48, "max_objects": 3}
+    ds = ShapesDataset(split="val", **kwargs)
+    for i in range(len(ds)):
+        sample = ds.load(i)
+        (tmp_path / f"{sample.name}.json").write_text(json.dumps(_truth_json(sample, CLASS_NAMES)))
+    metrics = evaluate_predictions(tmp_path, "shapes", None, "val", dataset_kwargs=kwargs, bf=False, progress=False)
+    assert metrics["mask_AP"] == pytest.approx(1.0) and metrics["box_AP"] == pytest.approx(1.0)
+    assert metrics["provenance"]["predictions"]["records"] == [None]  # no mask PNG beside: no record
+    first = ds.load(0)
+    for change, words in (({"label": 9}, "instance 1 has label 9, not one of the data's classes 1-3"),
+                          ({"class_name": "square"}, "which the data names"),
+                          ({"score": 1.5}, "has score 1.5, not a number in [0, 1]"),
+                          ({"box": [1, 2, 3]}, "not four numbers"),
+                          ({"segmentation": {"size": [48, 40], "counts": "PP"}}, "has an RLE of size [48, 40]"),
+                          ({"segmentation": {"size": [48, 48], "counts": "0"}}, "cover")):
+        (tmp_path / f"{first.name}.json").write_text(json.dumps(_truth_json(first, CLASS_NAMES, **change)))
+        with pytest.raises(UserError, match=re.escape(words)):
+            evaluate_predictions(tmp_path, "shapes", None, "val", dataset_kwargs=kwargs, bf=False, progress=False)
+    (tmp_path / f"{first.name}.json").write_text("{")
+    assert main(["eval", "--predictions", str(tmp_path), "--dataset", "shapes", "--split", "val",
+                 "--dataset-kwargs", json.dumps(kwargs), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pixelwise: error: {tmp_path / first.name}.json: not readable"), err
+    assert len(err.splitlines()) == 1

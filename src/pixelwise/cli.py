@@ -842,7 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate a file written by `pixelwise export` instead (onnxruntime)")
     p.add_argument("--predictions", metavar="DIR", action=Once,
                    help="score the masks already in DIR instead of a model: DIR/<image stem>.png for each image, "
-                        "class ids as pixel values (the --out of `pixelwise predict`, or another tool's masks)")
+                        "class ids as pixel values (the --out of `pixelwise predict`, or another tool's masks); on "
+                        "instance data, an instance model's DIR/<image stem>.json detections")
     p.add_argument("--dataset", required=True, help="dataset kind: shapes, camvid, voc, cityscapes, ade20k, "
                    "isbi2012, coco, folder")
     p.add_argument("--data", help="the dataset's folder (none for shapes, which is generated)")

@@ -46,6 +46,18 @@ def xyxy_to_xywh(boxes: Tensor) -> list[list[float]]:
     return torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], dim=1).tolist()
 
 
+def decode_mask(size: Sequence[int], counts: str | bytes | list[int]) -> np.ndarray:
+    """A COCO RLE of ``size`` (H, W), compressed (a string) or not (a list of run lengths), ->
+    bool [H, W]. The caller checks the RLE first (:func:`pixelwise.data.coco.segmentation_problem`):
+    pycocotools reads a broken one past its end."""
+    h, w = int(size[0]), int(size[1])
+    if isinstance(counts, list):
+        rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    else:
+        rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle).astype(bool)
+
+
 def binary_masks(masks: Tensor, threshold: float = 0.5) -> np.ndarray:
     """Masks ``[K, H, W]`` or ``[K, 1, H, W]`` (bool, uint8 or probabilities) -> bool ``[K, H, W]``;
     float masks are thresholded at ``>= threshold``."""

@@ -27,17 +27,19 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import torch
 
 from pixelwise._version import __version__
-from pixelwise.coco_eval import coco_evaluate
+from pixelwise.coco_eval import coco_evaluate, decode_mask
 from pixelwise.data import Sample, SegmentationDataset, build_dataset, sample_target, scoring_kwargs
+from pixelwise.data.coco import segmentation_problem
 from pixelwise.data.download import file_sha256
 from pixelwise.data.files import split_fingerprint
 from pixelwise.data.io import png_text, read_mask
-from pixelwise.errors import UserError, listed
+from pixelwise.errors import UserError, finite, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.crf import check_crf_size
 from pixelwise.inference.ensemble import from_checkpoints
@@ -256,16 +258,21 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
 def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, split: str = "val", *,
                          dataset_kwargs: dict | None = None, progress: bool | None = None, bf: bool = True,
                          skip_invalid: bool = False) -> dict:
-    """The semantic metrics of masks already written, ``folder/<name>.png`` for each image of
-    ``dataset``/``split`` (its sample name, else its file's stem: the names ``pixelwise predict``
-    gives), with the class ids as pixel values (``predict``'s masks, or another tool's), scored as
-    :func:`evaluate_checkpoint` scores a model: the same keys, but of the ISBI errors only those at
-    the argmax (the leaderboard forms need the cell probability, which a mask does not hold).
-    ``provenance["predictions"]`` names the folder and the records the masks hold
-    (``pixelwise.inference.writers.prediction_record``; None for a mask without one).
+    """The metrics of predictions already written into ``folder``, one per image of
+    ``dataset``/``split``, named by its sample name, else its file's stem (the names ``pixelwise
+    predict`` gives), scored as :func:`evaluate_checkpoint` scores a model, with the same keys:
 
-    Every image's mask must be there, of its image's size, with class ids below the data's count: a
-    UserError names the first that is not (the missing ones, all of them, before any is scored)."""
+    - masks ``<name>.png`` of class ids (``predict``'s, or another tool's): the semantic metrics,
+      but of the ISBI errors only those at the argmax (the leaderboard forms need the cell
+      probability, which a mask does not hold);
+    - on instance data (COCO, shapes), where the first image has a ``<name>.json`` (an instance
+      model's ``predict``), those files' detections: COCO AP of what they hold, so equal to
+      ``eval --checkpoint``'s where ``predict`` kept every detection (``--score-thresh 0``).
+
+    ``provenance["predictions"]`` names the folder and the records the masks hold
+    (``pixelwise.inference.writers.prediction_record``; None for a mask without one). Every image's
+    file must be there, of its image's size, with class ids below the data's count: a UserError
+    names the first that is not (the missing ones, all of them, before any is scored)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--predictions {folder} is not a folder; give the --out folder of `pixelwise predict`")
@@ -275,49 +282,120 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
     skipped = getattr(ds, "dropped", skipped)
     items = getattr(ds, "items", None)
     name_of = getattr(ds, "name_of", None)
+
+    def names(i: int) -> tuple[str, ...]:  # the names predict may have given image i
+        if items is not None and name_of is not None:
+            return name_of(items[i][0]), Path(items[i][0]).stem
+        return (ds.load(i).name or str(i),)
+
+    suffix = ".png"
+    if ds.task == "instance" and len(ds) and _prediction_file(folder, ".json", *names(0)) is not None:
+        suffix = ".json"
+    what = "detections" if suffix == ".json" else "mask"
     found: dict[int, Path] = {}
     if items is not None and name_of is not None:  # every file looked for before the first image is scored
         missing = []
-        for i, (image_ref, _) in enumerate(items):
-            path = _prediction_file(folder, name_of(image_ref), Path(image_ref).stem)
+        for i in range(len(items)):
+            path = _prediction_file(folder, suffix, *names(i))
             if path is None:
-                missing.append(f"{name_of(image_ref)}.png")
+                missing.append(f"{names(i)[0]}{suffix}")
             else:
                 found[i] = path
         if missing:
-            raise UserError(f"--predictions {folder} has no mask for {len(missing)} of the {len(items)} images of "
+            raise UserError(f"--predictions {folder} has no {what} for {len(missing)} of the {len(items)} images of "
                             f"{dataset}/{split} ({listed(missing[:3])}{', ...' if len(missing) > 3 else ''}); predict "
                             "them into it (pixelwise predict ... --out " + str(folder) + ") or score another split")
     records: list[dict | None] = []
 
-    def predicted(sample: Sample, i: int) -> tuple[np.ndarray, None]:
-        name = sample.name or str(i)
-        path = found.get(i) or _prediction_file(folder, name)
+    def prediction_file(sample: Sample, i: int) -> Path:
+        path = found.get(i) or _prediction_file(folder, suffix, sample.name or str(i))
         if path is None:
-            raise UserError(f"--predictions {folder} has no mask {name}.png for that image of {dataset}/{split}; "
-                            f"predict it into {folder}")
+            raise UserError(f"--predictions {folder} has no {what} {sample.name or i}{suffix} for that image of "
+                            f"{dataset}/{split}; predict it into {folder}")
+        record = parse_record(png_text(path.with_name(path.name[:-len(suffix)] + ".png"), RECORD_KEY)
+                              if suffix == ".json" else png_text(path, RECORD_KEY))
+        if record is not None:  # the models and options, once: not each image's own SHA-256
+            record.pop("image", None)
+        if record not in records:
+            records.append(record)
+        return path
+
+    def predicted(sample: Sample, i: int) -> tuple[np.ndarray, None]:
+        path = prediction_file(sample, i)
         mask = read_mask(path)
         if mask.shape != sample.mask.shape:
-            raise UserError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image {name} is "
+            raise UserError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image {sample.name or i} is "
                             f"{sample.mask.shape[1]}x{sample.mask.shape[0]}; predictions are scored at the image's "
                             "size (as predict writes them)")
         if mask.size and int(mask.max()) >= ds.num_classes:
             raise UserError(f"{path} holds class id {int(mask.max())}, but {dataset} has {ds.num_classes} classes "
                             f"(ids 0-{ds.num_classes - 1}); give masks of class ids (predict's <stem>.png, not its "
                             "overlay) of a model of this dataset's classes")
-        record = parse_record(png_text(path, RECORD_KEY))
-        if record is not None:  # the models and options, once: not each image's own SHA-256
-            record.pop("image", None)
-        if record not in records:
-            records.append(record)
         return mask, None
 
-    metrics = score_semantic(ds, predicted, progress, bf)
+    if suffix == ".json":
+        detections, targets = [], []
+        for i in progress_bar(range(len(ds)), "eval", progress):
+            sample = ds.load(i)
+            detections.append(read_detections(prediction_file(sample, i), sample.mask.shape, list(ds.class_names)))
+            targets.append(sample_target(sample))
+        metrics: dict = coco_evaluate(detections, targets, class_ids=range(1, ds.num_classes), boundary=bf)
+    else:
+        metrics = score_semantic(ds, predicted, progress, bf)
     metrics["provenance"] = {
         "predictions": {"folder": str(folder.resolve()), "records": records},
         "dataset": dataset_provenance(dataset, data, split, dataset_kwargs, [str(p) for p in skipped]),
         "pixelwise_version": __version__}
     return metrics
+
+
+def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str]) -> dict[str, torch.Tensor]:
+    """An instance model's ``<stem>.json`` (:func:`pixelwise.inference.writers.instances_json`) for an
+    image of ``shape`` (H, W) of data with ``class_names`` -> detections as
+    :meth:`InstancePredictor.predict` gives them; a UserError naming the file and what is off (not
+    that document, another size, a label outside the classes or of another name, a score outside
+    [0, 1], a box that is not four numbers, a mask that is not an RLE of the image's size)."""
+    h, w = shape[:2]
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not readable as predict's detections ({e}); predict the image again") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
+        raise UserError(f"{path}: not predict's detections, {{\"width\": W, \"height\": H, \"instances\": [...]}}")
+    if (doc.get("width"), doc.get("height")) != (w, h):
+        raise UserError(f"{path} is for a {doc.get('width')}x{doc.get('height')} image but its image is {w}x{h}; "
+                        "predictions are scored at the image's size (as predict writes them)")
+    boxes, labels, scores, masks = [], [], [], []
+    for k, inst in enumerate(doc["instances"]):
+        where = f"{path}: instance {k + 1}"
+        inst = inst if isinstance(inst, dict) else {}
+        label, name, score, box = inst.get("label"), inst.get("class_name"), inst.get("score"), inst.get("box")
+        if not (isinstance(label, int) and not isinstance(label, bool) and 1 <= label < len(class_names)):
+            raise UserError(f"{where} has label {label!r}, not one of the data's classes 1-{len(class_names) - 1} "
+                            "(0 is the background); give the predictions of a model of this dataset's classes")
+        if name is not None and name != class_names[label]:
+            raise UserError(f"{where} is class {label} {name!r}, which the data names {class_names[label]!r}: the "
+                            "model had other classes; give the predictions of a model of this dataset's classes")
+        if not (_real(score) and 0 <= score <= 1):
+            raise UserError(f"{where} has score {score!r}, not a number in [0, 1]")
+        if not (isinstance(box, list) and len(box) == 4 and all(_real(v) for v in box)):
+            raise UserError(f"{where} has box {box!r}, not four numbers x1, y1, x2, y2")
+        seg = inst.get("segmentation")
+        problem = segmentation_problem(seg, h, w) if isinstance(seg, dict) else "has no RLE segmentation"
+        if problem:
+            raise UserError(f"{where} {problem}")
+        assert isinstance(seg, dict)
+        masks.append(decode_mask((h, w), seg["counts"]))
+        boxes.append([float(v) for v in box])
+        labels.append(label)
+        scores.append(float(score))
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.tensor(scores, dtype=torch.float32),
+            "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.bool)}
+
+
+def _real(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and finite(value)
 
 
 RECORD_KEY = "pixelwise"  # the PNG text chunk of the record in every <stem>.png predict writes
@@ -333,8 +411,8 @@ def parse_record(text: str | None) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _prediction_file(folder: Path, *names: str) -> Path | None:
-    return next((folder / f"{name}.png" for name in names if (folder / f"{name}.png").is_file()), None)
+def _prediction_file(folder: Path, suffix: str, *names: str) -> Path | None:
+    return next((folder / f"{name}{suffix}" for name in names if (folder / f"{name}{suffix}").is_file()), None)
 
 
 def check_crf_sizes(ds: SegmentationDataset) -> None:

@@ -579,6 +579,12 @@ def draw_instances(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, labe
     return img
 
 
+def _float32(value: float) -> float:
+    """A float32 in the fewest digits that read back as the same float32 (numpy's shortest form):
+    ``eval --predictions`` ranks the detections of ``<stem>.json`` as eval ranks the model's."""
+    return float(str(np.float32(value)))
+
+
 def instances_json(det: dict, image_shape: tuple[int, ...], class_names: list[str],
                    category_ids: Sequence[int] | None = None) -> dict:
     """Detections (``InstancePredictor.predict``) -> the ``<stem>.json`` document; with the
@@ -593,7 +599,7 @@ def instances_json(det: dict, image_shape: tuple[int, ...], class_names: list[st
         instances.append({"id": k + 1, "label": label,
                           "class_name": class_names[label] if label < len(class_names) else str(label),
                           **({"category_id": int(category_ids[label])} if category_ids else {}),
-                          "score": round(float(scores[k]), 5), "box": [round(float(v), 2) for v in boxes[k]],
+                          "score": _float32(scores[k]), "box": [_float32(v) for v in boxes[k]],
                           "area": int(masks[k].sum()),
                           "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}})
     return {"width": int(image_shape[1]), "height": int(image_shape[0]), "instances": instances}
