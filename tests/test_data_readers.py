@@ -11,16 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from pixelwise.data import DATASETS, build_dataset
 from pixelwise.data.ade20k import ADE20K
+from pixelwise.data.base import Sample, SegmentationDataset, sample_target
 from pixelwise.data.cityscapes import Cityscapes
 from pixelwise.data.coco import COCOInstances
 from pixelwise.data.folder import FolderDataset, inferred_class_count, val_stems
 from pixelwise.data.io import write_mask
+from pixelwise.data.shapes import ShapesDataset
 from pixelwise.data.voc import VOCSegmentation
 from pixelwise.errors import UserError
 
@@ -612,3 +615,56 @@ def test_a_colour_of_the_wrong_length_is_one_user_error(tmp_path, colour):
     (tmp_path / "classes.json").write_text(json.dumps({"names": ["bg", "x"], "palette": [[0, 0, 0], colour]}))
     with pytest.raises(UserError, match=r"colours are \[r, g, b\] with whole numbers 0\.\.255$"):
         build_dataset("folder", str(tmp_path), "train")
+
+
+# ------------------------------------------------------------------ the base contract (data.base)
+class _Empty(SegmentationDataset):
+    def __len__(self):
+        return 0
+
+    def load(self, index):
+        raise AssertionError("an empty dataset loads nothing")
+
+
+def test_indexing_takes_negative_indices_python_style_and_names_the_sample():
+    ds = ShapesDataset(split="val", num_val=3, size=16)
+    for index, expected in ((0, 0), (1, 1), (2, 2), (-1, 2), (-3, 0)):
+        item = ds[index]
+        assert item["name"] == f"val_{expected:05d}"
+        assert torch.equal(item["mask"], torch.from_numpy(ds.load(expected).mask).long())
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match="out of range for 3 item"):
+            ds[bad]
+    with pytest.raises(TypeError, match="one whole number"):
+        ds[True]
+
+
+def test_instance_targets_are_k_by_4_boxes_in_both_conversions():
+    ds = ShapesDataset(split="train", num_train=8, size=32)
+    for i in range(8):
+        s = ds.load(i)
+        k = len(s.instance_labels)
+        for target in (ds[i]["target"], sample_target(s)):
+            assert target["boxes"].shape == (k, 4) and target["masks"].shape == (k, 32, 32)
+            assert target["boxes"].tolist() == np.asarray(s.boxes, dtype=np.float32).reshape(-1, 4).tolist()
+            assert target["labels"].tolist() == s.instance_labels.tolist()
+
+
+def test_an_empty_dataset_has_instances_without_loading():
+    assert _Empty().has_instances() is True
+    assert ShapesDataset(split="val", num_val=1, size=16).has_instances() is True
+
+
+def test_sample_target_appends_crowd_regions_also_without_untrained_objects():
+    inst = np.zeros((1, 4, 4), bool)
+    inst[0, :2, :2] = True
+    crowd_mask = np.zeros((1, 4, 4), bool)
+    crowd_mask[0, 2:, 2:] = True
+    s = Sample(image=np.zeros((4, 4, 3), np.uint8), mask=inst[0].astype(np.uint8), instance_masks=inst,
+               instance_labels=np.array([1]), boxes=np.array([[0, 0, 2, 2]]),
+               meta={"areas": [4.0], "crowd": {"masks": crowd_mask, "labels": [1], "boxes": [[2, 2, 4, 4]],
+                                               "areas": [3.5]}})
+    t = sample_target(s)
+    assert t["boxes"].tolist() == [[0, 0, 2, 2], [2, 2, 4, 4]] and t["labels"].tolist() == [1, 1]
+    assert t["iscrowd"].tolist() == [0, 1] and t["area"].tolist() == [4.0, 3.5]
+    assert t["masks"].shape == (2, 4, 4) and bool(t["masks"][1, 3, 3]) and "bbox_xywh" not in t

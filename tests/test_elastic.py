@@ -198,3 +198,11 @@ def test_elastic_grid_of_two_nodes_is_the_smallest_taken():
     assert ElasticDeform(grid=2).grid == 2  # the corners alone: a valid (bilinear-like) field
     with pytest.raises(UserError, match="integer >= 2"):
         ElasticDeform(grid=1)
+
+
+def test_random_displacement_defaults_are_the_papers_3x3_grid_and_10_px():
+    # the same draws, made by hand: a (2, 3, 3) array of N(0, 10^2) node vectors, interpolated
+    field = random_displacement((9, 13), rng=np.random.default_rng(5))
+    nodes = np.random.default_rng(5).normal(0.0, 10.0, size=(2, 3, 3))
+    np.testing.assert_allclose(field, dense_displacement(nodes, (9, 13)), atol=1e-5)
+    np.testing.assert_allclose(field[:, ::4, ::6], nodes, atol=1e-5)  # nodes at rows 0, 4, 8 and columns 0, 6, 12

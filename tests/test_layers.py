@@ -17,6 +17,7 @@ from pixelwise.layers import (
     max_unpool,
     standardize_image,
     unpool,
+    unpools_by_index,
     upsample_nearest,
     upsample_zeros,
 )
@@ -191,3 +192,34 @@ def test_conv_relu_keeps_the_size_with_bias_and_dilation():
         assert conv.dilation == (d, d) and conv.padding == (d * (k - 1) // 2,) * 2 and conv.bias is not None
         assert block(torch.randn(1, 2, 9, 11)).shape == (1, 4, 9, 11)
     assert conv_relu(2, 4)[0].dilation == (1, 1)  # the default
+
+
+def test_default_kernels_are_3x3_and_keep_the_size():
+    for block in (conv_bn_relu(2, 4), conv_bn(2, 4), conv_relu(2, 4)):
+        assert block[0].kernel_size == (3, 3) and block[0].padding == (1, 1)
+        assert block(torch.randn(1, 2, 6, 7)).shape == (1, 4, 6, 7)
+
+
+def test_bilinear_upsample_reset_parameters_restores_the_bilinear_kernel():
+    up = BilinearUpsample(2, 4)  # kernel 2*4 - 0 = 8
+    assert torch.equal(up.weight, bilinear_kernel(2, 2, 8))
+    with torch.no_grad():
+        up.weight.normal_()
+    up.reset_parameters()  # what a re-initialisation of the whole model calls
+    assert torch.equal(up.weight, bilinear_kernel(2, 2, 8))
+
+
+def test_unpools_by_index_finds_an_index_unpooling_stage_anywhere_in_a_model():
+    blocks = nn.Sequential(nn.Conv2d(2, 2, 1))
+    assert unpools_by_index(nn.Sequential(nn.Conv2d(2, 2, 1), nn.Sequential(DecoderStage(blocks))))
+    assert DecoderStage(blocks).unpools_by_index is True
+    for mode in ("nearest", "zeros", "bilinear"):
+        assert DecoderStage(blocks, mode).unpools_by_index is False
+        assert not unpools_by_index(nn.Sequential(nn.Conv2d(2, 2, 1), DecoderStage(blocks, mode)))
+
+    class Flagged(nn.Module):  # ENet's unpooling marks itself with a class attribute
+        unpools_by_index = True
+
+    assert unpools_by_index(nn.Sequential(nn.ReLU(), Flagged()))
+    assert not unpools_by_index(nn.Conv2d(2, 2, 1))
+

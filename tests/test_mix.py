@@ -110,3 +110,15 @@ def test_each_image_is_mixed_with_probability_p(p):
             assert torch.equal(out["mask"][i], batch["mask"][i]) or torch.equal(out["mask"][i], batch["mask"][1 - i])
             mixed += int(not torch.equal(out["mask"][i], batch["mask"][i]))
     assert abs(mixed - 400 * p) < 50
+
+
+def test_a_source_with_only_ignored_pixels_skips_that_image_alone():
+    # image 1 is all 255: image 0 (its receiver) stays as it is, images 1 and 2 are still mixed
+    mask = torch.stack([torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 255),
+                        torch.ones(4, 4, dtype=torch.long)])
+    b = {"image": torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 4, 4).clone(), "mask": mask}
+    torch.manual_seed(0)
+    m = class_mix(b, 1.0)
+    assert torch.equal(m["mask"][0], mask[0]) and torch.equal(m["image"][0], b["image"][0])
+    assert torch.equal(m["mask"][1], mask[2]) and torch.equal(m["image"][1], b["image"][2])  # class 1: all of image 2
+    assert torch.equal(m["mask"][2], mask[0]) and torch.equal(m["image"][2], b["image"][0])

@@ -321,3 +321,15 @@ def test_numpy_scalars_are_the_numbers_they_hold():
     check_model_kwargs("unet", {"base_channels": np.int32(4)})
     with pytest.raises(ModelOptionError, match="must be an integer"):
         create_model("unet", 3, base_channels=np.float64(4.5))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch_norm": "yes"}, "unet option 'batch_norm' must be true or false (default False), got 'yes'"),
+    ({"batch_norm": 1}, "unet option 'batch_norm' must be true or false (default False), got 1"),
+    ({"base_channels": 2.5}, "unet option 'base_channels' must be an integer (default 64), got 2.5"),
+    ({"base_channels": True}, "unet option 'base_channels' must be an integer (default 64), got True"),
+    ({"dropout": "0.5"}, "unet option 'dropout' must be a number (default 0.5), got '0.5'"),
+    ({"padding": 1}, "unet option 'padding' must be text (default 'same'), got 1"),
+])
+def test_a_wrongly_typed_option_names_the_type_it_takes_and_its_default(kwargs, message):
+    refused("unet", message, **kwargs)

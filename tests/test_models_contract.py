@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pixelwise import create_model, list_models, load_checkpoint, save_checkpoint
-from pixelwise.models.registry import model_info, register_model
+from pixelwise.models.registry import UnknownModelError, model_info, register_model
 
 DESIGN_NAMES = {"fcn32s", "fcn16s", "fcn8s", "fcn_resnet50", "fcn_resnet101", "segnet", "segnet_basic",
                 "bayesian_segnet", "deconvnet", "unet", "deeplabv3_resnet50", "deeplabv3_resnet101",
@@ -27,6 +27,16 @@ def test_duplicate_names_are_rejected():
 def test_unknown_model_message_lists_choices():
     with pytest.raises(KeyError, match="unet"):
         create_model("unet3000", num_classes=2)
+
+
+def test_unknown_model_message_suggests_the_closest_name_only_where_there_is_one():
+    choices = ", ".join(list_models())
+    with pytest.raises(UnknownModelError) as caught:
+        model_info("unett")
+    assert str(caught.value) == f"unknown model 'unett'; did you mean 'unet'? choose one of: {choices}"
+    with pytest.raises(UnknownModelError) as caught:
+        model_info("zzzz")
+    assert str(caught.value) == f"unknown model 'zzzz'; choose one of: {choices}"
 
 
 @pytest.mark.parametrize("name", SEMANTIC)
