@@ -223,3 +223,26 @@ def test_unpools_by_index_finds_an_index_unpooling_stage_anywhere_in_a_model():
     assert unpools_by_index(nn.Sequential(nn.ReLU(), Flagged()))
     assert not unpools_by_index(nn.Conv2d(2, 2, 1))
 
+
+
+@pytest.mark.parametrize("mode, fan", [("fan_in", 64 * 9), ("fan_out", 32 * 9)])
+def test_init_msra_draws_he_normal_weights_and_zeroes_biases(mode, fan):
+    """He et al., "Delving Deep into Rectifiers" (arXiv:1502.01852): std sqrt(2 / fan), for SegNet's
+    and DeconvNet's convolutions (fan in) and torchvision's VGG (fan out); PyTorch's own default would
+    give std 1 / sqrt(3 * fan_in), less than half of either."""
+    from pixelwise.models._utils import init_msra
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 32, 3), nn.BatchNorm2d(32), nn.ConvTranspose2d(32, 64, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.5, 1.5)  # whatever was there before
+    init_msra(model, mode)
+    conv = model[0].weight
+    assert conv.std().item() == pytest.approx((2 / fan) ** 0.5, rel=0.05)
+    assert abs(conv.mean().item()) < 0.01
+    assert not model[0].bias.any() and not model[2].bias.any()
+    assert (model[1].weight == 1).all() and not model[1].bias.any()
+    # a transposed convolution's fans are its own: weight [in, out, k, k], fan in = out * k * k
+    expected = (2 / (64 * 9 if mode == "fan_in" else 32 * 9)) ** 0.5
+    assert model[2].weight.std().item() == pytest.approx(expected, rel=0.05)
