@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
+import tempfile
+import types
 
 import pytest
 import torch
+import torch.nn as nn
 
 from pixelwise.cli import main
 from pixelwise.errors import UserError
@@ -226,3 +231,131 @@ def test_the_peak_memory_of_a_bench_started_from_a_large_process_is_its_own():
                             "print(peak_rss_mb())"], capture_output=True, text=True, check=True)
     del block
     assert float(child.stdout) < 400, child.stdout
+
+
+def test_agreement_is_the_share_of_pixels_whose_argmax_is_float32s(monkeypatch):
+    # a "fast" runner whose classes are swapped on the top half of the image: agreement exactly 0.5
+    model = nn.Conv2d(3, 2, 1)
+
+    def flipped(x):
+        with torch.no_grad():
+            out = model(x)
+        top = out[:, :, : x.shape[2] // 2]
+        return torch.cat([top.flip(1), out[:, :, x.shape[2] // 2:]], 2)
+
+    monkeypatch.setattr(bench, "make_runner", lambda *args, **kwargs: flipped)
+    monkeypatch.setattr(bench, "gemm_peak_gflops", lambda device, dtype=None: 1e6)
+    r = benchmark(model, (32, 48), mode="fast", repeats=1)
+    assert r["agreement"] == 0.5
+
+
+def test_int8_is_calibrated_on_other_images_of_the_timed_size(monkeypatch):
+    seen = {}
+    model = nn.Conv2d(3, 2, 1)
+
+    def runner(model, mode, model_name, dev, calibration=None, measuring=False):
+        seen["calibration"] = calibration
+        return lambda x: seen.setdefault("timed", x) is not None and model(x)
+
+    monkeypatch.setattr(bench, "make_runner", runner)
+    monkeypatch.setattr(bench, "gemm_peak_gflops", lambda device, dtype=None: 1e6)
+    r = benchmark(model, (24, 40), batch=2, mode="int8", repeats=1)
+    calibration, timed = seen["calibration"], seen["timed"]
+    assert r["calibrate_s"] >= 0 and len(calibration) == bench.INT8_CALIBRATION
+    assert all(tuple(c.shape) == (1, 3, 24, 40) for c in calibration)
+    assert not any(torch.equal(c[0], image) for c in calibration for image in timed)
+
+
+def test_the_gemm_peak_of_float32_on_a_tf32_device_is_timed_in_tf32(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "convolutions_in_tf32", lambda device, dtype: True)
+    monkeypatch.setattr(bench, "_best_seconds",
+                        lambda fn, device, repeats: seen.append(torch.backends.cuda.matmul.allow_tf32) or 2.0)
+    before = torch.backends.cuda.matmul.allow_tf32  # torch's own setter: not monkeypatch's to restore
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert bench.gemm_peak_gflops(torch.device("cpu"), n=64) == pytest.approx(2 * 64**3 / 2.0 / 1e9)
+        assert seen == [True] and torch.backends.cuda.matmul.allow_tf32 is False  # and the caller's given back
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_peak_memory_is_in_mib(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    assert bench.peak_memory_mb(torch.device("cuda")) == 3.0
+    # without /proc (other systems): getrusage's ru_maxrss, in bytes on macOS and KiB elsewhere
+    resource = pytest.importorskip("resource")
+    def no_proc(*args, **kwargs):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(bench, "open", no_proc, raising=False)
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=3 * 2**20))
+    monkeypatch.setattr(bench.sys, "platform", "darwin")
+    assert bench.peak_rss_mb() == 3.0
+    monkeypatch.setattr(bench.sys, "platform", "linux")
+    assert bench.peak_rss_mb() == 3 * 1024
+
+
+def test_train_steps_are_timed_at_most_three_times(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "train_step_speed", lambda model, x, task, repeats: seen.append(repeats) or 1.0)
+    monkeypatch.setattr(bench, "gemm_peak_gflops", lambda device, dtype=None: 1e6)
+    for repeats in (1, 2, 7):
+        benchmark(nn.Conv2d(3, 2, 1), (8, 8), repeats=repeats, train=True)
+    assert seen == [1, 2, 3]
+
+
+def test_the_temporary_onnx_file_is_exported_at_the_benchmarks_size_and_left_nowhere_on_failure(monkeypatch,
+                                                                                               tmp_path):
+    seen = []
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(bench, "export_onnx", lambda model, path, sizes=None: seen.append(sizes))
+    path = bench._export_temporary(nn.Conv2d(3, 2, 1), torch.zeros(2, 3, 24, 40))
+    assert seen == [[(2, 24, 40)]] and path.startswith(str(tmp_path))
+
+    def failing(model, path, sizes=None):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(bench, "export_onnx", failing)
+    with pytest.raises(RuntimeError, match="export failed"):
+        bench._export_temporary(nn.Conv2d(3, 2, 1), torch.zeros(1, 3, 8, 8))
+    assert [p.name for p in tmp_path.iterdir()] == [path.rsplit("/", 1)[-1]]  # only the first, successful one
+
+
+def test_count_flops_defaults_to_a_512_square_three_channel_input():
+    # a 1x1 convolution 3 -> 2 channels: 2 FLOPs (multiply, add) per weight per output pixel
+    assert bench.count_flops(lambda: nn.Conv2d(3, 2, 1, bias=False)) == 2 * 3 * 2 * 512 * 512
+
+
+def test_peak_notes_name_the_gemm_kernel():
+    cpu = torch.device("cpu")
+    assert bench.peak_and_note(math.nan, None, torch.float32, cpu) == (
+        None, "no float32 GEMM (matmul) on cpu in this torch: no peak to compare with")
+    peak, note = bench.peak_and_note(1.0, 2.0, torch.int8, cpu)
+    assert peak is None and note.startswith("the measured int8 GEMM rate (torch._int_mm, 1 G/s) is below the "
+                                            "achieved 2 G/s")
+    assert bench.peak_and_note(3.0, 2.0, torch.bfloat16, cpu) == (3.0, None)
+
+
+def test_the_peak_resident_set_can_be_reset_where_linux_allows_it():
+    if os.access("/proc/self/clear_refs", os.W_OK):
+        assert bench.reset_peak_memory(torch.device("cpu")) is True
+
+
+def test_instance_fast_mode_times_the_fast_instance_runner_on_a_list_of_images(monkeypatch):
+    # (a real Mask R-CNN takes seconds a forward at random weights: the runner is stubbed)
+    seen = []
+
+    def instance_runner(model, mode, model_name):
+        def run(images):
+            seen.append((mode, [tuple(image.shape) for image in images]))
+            return [{}] * len(images)
+        run.dtype = torch.bfloat16
+        return run
+
+    monkeypatch.setattr(bench, "instance_runner", instance_runner)
+    monkeypatch.setattr(bench, "gemm_peak_gflops", lambda device, dtype=None: 1e6)
+    r = benchmark(nn.Identity(), (24, 40), batch=2, mode="fast", task="instance", repeats=1, flops=1e9)
+    assert seen and all(s == ("fast", [(3, 24, 40), (3, 24, 40)]) for s in seen)
+    assert r["dtype"] == "bfloat16" and r["agreement"] is None
+    assert r["fast_path"].startswith("optimize_for_inference") and "bfloat16 convolutions" in r["fast_path"]

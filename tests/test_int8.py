@@ -340,3 +340,58 @@ def test_activations_use_the_full_8_bits_only_on_a_cpu_with_vnni(monkeypatch):
     assert qconfig_mapping("x86").global_qconfig.activation().reduce_range is False
     monkeypatch.setattr(int8_module, "cpu_has_vnni", lambda: False)
     assert qconfig_mapping("x86").global_qconfig.activation().reduce_range is True
+
+
+def test_quantized_engine_is_the_first_supported_in_preference_order(monkeypatch):
+    # ENGINES' order (x86, fbgemm, onednn, qnnpack), not the order torch lists its engines in
+    engines = type(torch.backends.quantized)
+    for supported, want in ((["qnnpack", "onednn", "x86", "fbgemm"], "x86"), (["qnnpack", "fbgemm", "none"], "fbgemm"),
+                            (["none", "qnnpack", "onednn"], "onednn"), (["none", "qnnpack"], "qnnpack")):
+        monkeypatch.setattr(engines, "supported_engines", supported)
+        assert quantized_engine() == want, supported
+    monkeypatch.setattr(engines, "supported_engines", ["none"])
+    with pytest.raises(UserError, match="no quantised CPU engine"):
+        quantized_engine()
+
+
+def test_calibration_crops_start_at_every_offset_and_keep_an_image_of_the_crop_size_whole():
+    spec = InputSpec(mean=MEAN, std=STD)
+    rows, cols = np.meshgrid(np.arange(36), np.arange(35), indexing="ij")
+    image = np.stack([rows * 5, cols * 5, np.zeros_like(rows)], -1).astype(np.uint8)  # a pixel says where it is
+    batches = calibration_batches([image] * 60, spec, crop=32, batch=60)
+    assert [tuple(b.shape) for b in batches] == [(60, 3, 32, 32)]
+    corner = torch.round((batches[0][:, :2, 0, 0] * 0.25 + 0.5) * 255 / 5).long()  # (top, left) of each crop
+    assert set(corner[:, 0].tolist()) == {0, 1, 2, 3, 4} and set(corner[:, 1].tolist()) == {0, 1, 2, 3}
+    exact = calibration_batches([image[:32, :32]], spec, crop=32)  # no room to move: the whole image
+    torch.testing.assert_close(torch.round((exact[0][0, 0] * 0.25 + 0.5) * 255 / 5),
+                               torch.arange(32.0)[:, None].expand(32, 32))
+
+
+def test_calibration_crops_default_to_256_pixels():
+    batches = calibration_batches([np.zeros((300, 270, 3), np.uint8)], InputSpec(mean=MEAN, std=STD))
+    assert [tuple(b.shape) for b in batches] == [(1, 3, 256, 256)]
+
+
+def test_clip_message_never_keeps_a_sentence_ending_past_the_limit():
+    # a full stop at index 160 (the 161st character) is past the limit: the word is cut instead
+    assert clip_message("x" * 160 + ". Next.") == "x" * 157 + "..."
+    assert clip_message("x" * 159 + ". Next.") == "x" * 159 + "."  # ends exactly at the limit: kept
+
+
+class _BranchingCore(nn.Module):
+    """Neither forward nor forward_features traces (both branch on a value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.sum() > 0 else self.conv(-x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x) if x.mean() > 0 else -self.forward_features(x)
+
+
+def test_an_untraceable_core_names_the_model_and_the_trace_error():
+    with pytest.raises(UserError, match=r"_BranchingCore cannot be traced by torch.fx .*\(TraceError: symbolically "):
+        quantize(_BranchingCore(), [torch.ones(1, 3, 4, 4)])
