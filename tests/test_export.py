@@ -925,3 +925,48 @@ def test_maskrcnn_heads_file_is_not_overwritten_unless_asked(tmp_path):
     with pytest.raises(UserError, match="m_heads.onnx, which exists; pass --overwrite"):
         check_maskrcnn_outputs(tmp_path / "m.onnx")
     check_maskrcnn_outputs(tmp_path / "m.onnx", overwrite=True)
+
+
+class _Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, CLASSES, 1)
+
+    def forward(self, x, y=None):
+        return self.c(x) if y is None else self.c(x) + self.c(y)
+
+
+class _Scores(_Conv):  # [N, classes]: a classifier's output
+    def forward(self, x):
+        return self.c(x).mean((2, 3))
+
+
+@pytest.mark.parametrize(("module", "inputs", "fixed", "words"), [
+    (_Conv(), 2, False, "the graph takes 2 inputs (x, y), not one image batch"),
+    (_Conv().half(), 1, False, "input x is a tensor(float16)"),
+    (_Scores(), 1, False, "not float [N, classes, H, W] scores"),
+    (_Conv(), 1, True, "onnxruntime cannot run"),  # fixed to 64x64; the contract resizes to 48x64
+])
+def test_a_foreign_graph_with_pixelwise_metadata_is_one_line(checkpoint, tmp_path, capsys, module, inputs, fixed,
+                                                             words):
+    """An ONNX file pixelwise did not write, given an export's metadata: two inputs, a float16 input,
+    an [N, C] output, a fixed size other than the image's were onnxruntime tracebacks
+    (ValueError, InvalidArgument) in predict and bench, or torch's interpolate ValueError."""
+    good = tmp_path / "unet.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(good)]) == 0
+    names = ["x", "y"][:inputs]
+    x = torch.zeros(1, 3, 64, 64, dtype=torch.float16 if words.endswith("float16)") else torch.float32)
+    bad = tmp_path / "foreign.onnx"
+    torch.onnx.export(module, (x,) * inputs, str(bad), input_names=names, output_names=["out"], opset_version=17,
+                      dynamic_axes=None if fixed else {n: {0: "n", 2: "h", 3: "w"} for n in names}, dynamo=False)
+    graph = onnx.load(str(bad))
+    graph.metadata_props.add(key="pixelwise", value={p.key: p.value for p in onnx.load(str(good)).metadata_props}[
+        "pixelwise"])
+    onnx.save(graph, str(bad))
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "a.png")
+    capsys.readouterr()
+    for verb in (["predict", "--onnx", str(bad), str(tmp_path / "a.png"), "--out", str(tmp_path / "p"),
+                  "--no-progress"], ["bench", "--onnx", str(bad), "--size", "32x32"]):
+        assert main(verb) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pixelwise: error: ") and words in err and "\n" not in err, err

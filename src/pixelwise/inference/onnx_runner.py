@@ -88,16 +88,38 @@ class OnnxModel(nn.Module):
     ``alignment``: the exported model's tiling geometry
     (:func:`pixelwise.inference.tiling.model_geometry` reads them)."""
 
-    def __init__(self, session, context: int = 0, alignment: int = 1) -> None:
+    def __init__(self, session, context: int = 0, alignment: int = 1, name: str = "the ONNX file") -> None:
         super().__init__()
         self.session = session
         self.input_name = session.get_inputs()[0].name
         self.context, self.alignment = context, alignment
+        self.name = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = {self.input_name: np.ascontiguousarray(x.detach().float().cpu().numpy())}
-        out = self.session.run(None, feed)[0]
+        try:
+            out = self.session.run(None, feed)[0]
+        except MemoryError:
+            raise  # the CLI's own out-of-memory line
+        except Exception as e:  # onnxruntime's InvalidArgument, Fail, ...: e.g. a graph fixed to another size
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"onnxruntime cannot run {self.name} on a {list(x.shape)} input: {detail}") from None
         return torch.from_numpy(out).float().to(x.device)
+
+
+def graph_problem(session) -> str | None:
+    """What makes an onnxruntime session's graph unlike a pixelwise export (one float32 input
+    [N, C, H, W], a first output [N, classes, H, W]), or None."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        return f"graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}), not one image batch"
+    if len(inputs[0].shape) != 4 or inputs[0].type != "tensor(float)":
+        return (f"graph's input {inputs[0].name} is a {inputs[0].type} of shape {inputs[0].shape}, not a "
+                "float32 [N, C, H, W] batch")
+    if not outputs or len(outputs[0].shape) != 4 or outputs[0].type not in ("tensor(float)", "tensor(float16)"):
+        what = f"a {outputs[0].type} of shape {outputs[0].shape}" if outputs else "nothing"
+        return f"graph gives {what}, not float [N, classes, H, W] scores"
+    return None
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict:
@@ -149,6 +171,9 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[Onnx
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
     session = make_session(path, threads)
+    graph = graph_problem(session)
+    if graph:
+        raise UserError(f"{path}: the {graph}; run only files written by `pixelwise export`")
     if problem is None:  # the stored contract and classes against the graph's own shapes
         channels, classes = session.get_inputs()[0].shape[1], session.get_outputs()[0].shape[1]
         expected = InputSpec.from_dict(meta["input"]).channels if "input" in meta else 3
@@ -158,7 +183,7 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[Onnx
             problem = f"num_classes is {meta['num_classes']}, and the graph gives {classes} class scores"
     if problem:
         raise UserError(f"{path}: the stored {problem}; the file is damaged: export it again with `pixelwise export`")
-    return OnnxModel(session, *stored_geometry(path, meta)), meta
+    return OnnxModel(session, *stored_geometry(path, meta), name=str(path)), meta
 
 
 def exported_dropout(meta: dict) -> bool | None:

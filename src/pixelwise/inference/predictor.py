@@ -37,6 +37,7 @@ from pixelwise.inference.tta import TTA_MODES, tta_probs
 from pixelwise.layers import unpools_by_index
 from pixelwise.models import forward_logits, model_info
 from pixelwise.models.maskrcnn import MaskRCNN
+from pixelwise.models.registry import MAX_SEMANTIC_CLASSES
 from pixelwise.preprocess import InputSpec, as_spec, check_image, preprocess, resize_image, upsample_probs
 from pixelwise.runtime import check_device
 from pixelwise.runtime import progress as progress_bar
@@ -273,7 +274,6 @@ def check_mc_samples(mc_samples: int) -> None:
         raise UserError(f"--mc-samples must be from 0 to {MAX_MC_SAMPLES:,}, got {mc_samples}")
 
 
-MAX_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
 
 
 class SemanticPredictor(Predictor):
@@ -332,9 +332,9 @@ class SemanticPredictor(Predictor):
                  measuring: bool = False, crf: CRFSettings | dict | bool | None = None) -> None:
         super().__init__(model, meta, device, input_spec)
         self.crf = as_crf_settings(crf)
-        if len(self.class_names) > MAX_CLASSES:  # masks are uint8 and 255 is "ignore"
+        if len(self.class_names) > MAX_SEMANTIC_CLASSES:  # masks are uint8 and 255 is "ignore"
             raise UserError(f"{self.meta.get('model', 'the model')} has {len(self.class_names)} classes; pixelwise's "
-                            f"masks hold class ids 0-{MAX_CLASSES - 1} (uint8, 255 = ignore)")
+                            f"masks hold class ids 0-{MAX_SEMANTIC_CLASSES - 1} (uint8, 255 = ignore)")
         self.context, self.alignment = model_geometry(self.model)
         if overlap is None:
             overlap = 0.0 if self.context else DEFAULT_OVERLAP

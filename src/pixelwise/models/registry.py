@@ -166,6 +166,9 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str | None =
         raise ModelOptionError(f"{where}: {name}: {e}") from e
 
 
+MAX_SEMANTIC_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
+
+
 def create_model(name: str, num_classes: int, pretrained: str | None = None, **kwargs) -> nn.Module:
     """Build a registered model. ``pretrained`` is ``None``, ``"imagenet"`` (backbone weights),
     a model-specific tag such as ``"coco"``, or a path to a local weights file. An unknown or
@@ -176,6 +179,12 @@ def create_model(name: str, num_classes: int, pretrained: str | None = None, **k
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ModelOptionError(f"model {name!r}: num_classes must be a whole number >= 1, got {num_classes!r}")
     num_classes = int(num_classes)
+    if info.task == "semantic" and not 2 <= num_classes <= MAX_SEMANTIC_CLASSES:
+        raise ModelOptionError(
+            f"model {name!r}: num_classes must be from 2 to {MAX_SEMANTIC_CLASSES} for a semantic model, got "
+            f"{num_classes}: it scores every class and takes the best, so one class is class 0 everywhere (a binary "
+            f"task is 2 classes, background and foreground), and masks hold class ids 0-{MAX_SEMANTIC_CLASSES - 1} "
+            "(uint8, 255 = ignore)")
     kwargs = _plain(kwargs)
     if pretrained is not None and not str(pretrained).strip():
         raise ModelOptionError(f"model {name!r}: pretrained is empty; give a tag such as imagenet, the path of a "
