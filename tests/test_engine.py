@@ -434,6 +434,28 @@ def test_amp_choices(monkeypatch):
     assert resolve_amp("bf16", cpu) == ("bf16", "as asked")
 
 
+def test_fp16_is_kept_on_cuda_and_every_explicit_mode_is_as_asked_there(monkeypatch):
+    """Only device.type is read, so no GPU is needed: fp16 is refused on the CPU alone, and an
+    explicit mode on a CUDA device is returned unchanged (auto is the only one that asks the GPU)."""
+    monkeypatch.setattr(precision, "cuda_has_native_bf16", lambda device: pytest.fail("asked the GPU"))
+    gpu = torch.device("cuda", 0)
+    for mode in ("fp16", "bf16", "off"):
+        assert resolve_amp(mode, gpu) == (mode, "as asked")
+
+
+def test_autocast_context_per_mode():
+    """off: float32 throughout (no autocast); bf16: CPU autocast to bfloat16, for a matmul inside it."""
+    x = torch.ones(2, 3)
+    w = torch.ones(4, 3)
+    with precision.autocast("off", torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.nn.functional.linear(x, w).dtype == torch.float32
+    with precision.autocast("bf16", torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_tensorboard_without_package_is_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     args = ["train", "--model", "unet", "--dataset", "shapes", "--epochs", "1", "--no-progress",

@@ -109,3 +109,35 @@ def test_resuming_a_plain_run_with_ema_starts_the_average_there(tmp_path):
 def test_decay_outside_0_1_is_refused(bad):
     with pytest.raises(UserError, match="ema"):
         TrainConfig(ema=bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
+def test_weight_average_itself_refuses_a_decay_outside_0_1(bad):
+    """The library class checks its decay too (the config's check does not cover a direct caller)."""
+    with pytest.raises(ValueError, match="EMA decay must be in"):
+        WeightAverage(nn.Linear(2, 2), bad)
+
+
+def test_weight_average_accepts_decays_just_inside_0_1():
+    for decay in (1e-6, 0.5, 1 - 1e-6):
+        assert WeightAverage(nn.Linear(2, 2), decay).decay == decay
+
+
+def test_state_tensors_round_trip_under_their_prefix_and_a_file_without_them_is_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    avg = WeightAverage(model, 0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    avg.update(model, 1000)  # d = 0.5: halfway to the live weights
+    saved = avg.state_tensors()
+    assert sorted(saved) == sorted("ema." + k for k in model.state_dict())
+    fresh = WeightAverage(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), 0.5)
+    assert fresh.load_state_tensors({"model.0.weight": torch.zeros(2, 3), **saved}) is True
+    for k, v in avg.module.state_dict().items():
+        assert torch.equal(fresh.module.state_dict()[k], v)
+    assert fresh.load_state_tensors({"model.0.weight": torch.zeros(2, 3)}) is False
+    other = avg.state_tensors(prefix="avg/")
+    assert sorted(other) == sorted("avg/" + k for k in model.state_dict())
+    assert WeightAverage(model, 0.5).load_state_tensors(other, prefix="avg/") is True

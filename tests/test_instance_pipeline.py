@@ -388,3 +388,15 @@ def test_eval_predictions_of_the_ground_truth_scores_one_and_names_a_bad_file(tm
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"pixelwise: error: {tmp_path / first.name}.json: not readable"), err
     assert len(err.splitlines()) == 1
+
+
+def test_instance_crop_pads_the_weight_map_with_0_outside_the_image():
+    """Module docstring: outside the image the window is padded with weight 0 (no loss there). The
+    only weight-map test compared InstanceCrop with itself, so any fill passed. Hand-computed as
+    above: object [0, 0, 4, 4], size 8, context 2 -> window (-2, -2, 8, 8), already the output size."""
+    mask = np.zeros((20, 20), np.uint8)
+    mask[0:4, 0:4] = 1
+    weight = np.full((20, 20), 3.0, np.float32)
+    out = InstanceCrop((8, 8), context=2.0)(Sample(image=np.zeros((20, 20, 3), np.uint8), mask=mask, weight=weight))
+    assert out.weight.shape == (8, 8)
+    assert (out.weight[:2] == 0).all() and (out.weight[:, :2] == 0).all() and (out.weight[2:, 2:] == 3).all()

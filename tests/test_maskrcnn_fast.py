@@ -98,6 +98,8 @@ def test_fast_path_leaves_the_model_alone_and_is_inference_only(fixture_fast):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # not folded
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    # inference only: every parameter of the copy is frozen, the folded convolutions' new biases included
+    assert not [name for name, p in fast.named_parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="inference only"):
         fast(images, [{}, {}])
     # settings are read at call time, as in the eager model
@@ -136,6 +138,25 @@ def test_detection_agreement_by_hand():
     assert detection_agreement(ref, cand) == (1, 3)
     assert detection_agreement(ref, cand, iou_thresh=0.5) == (2, 3)
     assert detection_agreement(ref, {k: v[:0] for k, v in cand.items()}) == (0, 3)
+
+
+def test_detection_agreement_with_unequal_numbers_of_reference_and_candidate_detections():
+    """The hand case above has 3 reference detections above 0.5 and 3 candidates, so an IoU matrix
+    built the wrong way round (candidates x reference) passed. Hand-worked: two reference boxes,
+    three candidates holding exact copies of both in another order -> both matched (2, 2); with
+    the first candidate only (a copy of reference box 1) -> (1, 2)."""
+    ref = {
+        "boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]]),
+        "labels": torch.tensor([1, 1]),
+        "scores": torch.tensor([0.9, 0.8]),
+    }
+    cand = {
+        "boxes": torch.tensor([[20.0, 20, 40, 40], [100, 100, 110, 110], [0, 0, 10, 10]]),
+        "labels": torch.tensor([1, 1, 1]),
+        "scores": torch.tensor([0.9, 0.9, 0.9]),
+    }
+    assert detection_agreement(ref, cand) == (2, 2)
+    assert detection_agreement(ref, {k: v[:1] for k, v in cand.items()}) == (1, 2)
 
 
 def test_bfloat16_fast_path_keeps_most_detections_on_a_camvid_frame():

@@ -38,6 +38,7 @@ from pixelwise.serve.app import create_app, with_options  # noqa: E402 - after t
 from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  # noqa: E402
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
 from pixelwise.serve.results import instance_result  # noqa: E402
+from pixelwise.serve.samples import MAX_SAMPLES, folder_samples  # noqa: E402
 from pixelwise.serve.uploads import MAX_PARTS, UploadError, read_multipart  # noqa: E402
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
@@ -269,6 +270,45 @@ def test_samples_from_a_folder(predictor, tmp_path):
     direct = post_image(app, (tmp_path / "scan.tif").read_bytes(), "scan.tif", "image/tiff").json()
     via_sample = post_image(app, tif.content, "scan.tif").json()
     assert direct["mask_png_base64"] == via_sample["mask_png_base64"]
+
+
+def test_folder_samples_keep_the_bytes_of_formats_browsers_show_and_convert_the_rest(tmp_path):
+    """Hand-listed: WebP, JPEG, GIF, BMP and PNG files are offered byte for byte; a PPM (no browser
+    shows it) as a PNG of the same pixels; a mask of another size is a problem, not ground truth."""
+    (tmp_path / "masks").mkdir()
+    pixels = noise(12, 16)
+    formats = {"a.bmp": "BMP", "b.gif": "GIF", "c.jpg": "JPEG", "d.png": "PNG", "e.ppm": "PPM"}
+    if features.check("webp"):
+        formats["f.webp"] = "WEBP"
+    for name, fmt in formats.items():
+        Image.fromarray(pixels).save(tmp_path / name, format=fmt)
+    Image.fromarray(np.full((12, 16), 1, np.uint8)).save(tmp_path / "masks" / "d.png")
+    Image.fromarray(np.full((5, 5), 1, np.uint8)).save(tmp_path / "masks" / "a.png")
+    samples, problems = folder_samples(tmp_path, 10_000, PALETTE, len(CLASS_NAMES))
+    assert [s.name for s in samples] == sorted(formats)
+    for s in samples:
+        if s.name == "e.ppm":
+            assert s.image[:8] == b"\x89PNG\r\n\x1a\n"
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(s.image))), pixels)
+        else:
+            assert s.image == (tmp_path / s.name).read_bytes(), s.name
+    truths = {s.name: s.ground_truth for s in samples}
+    assert np.asarray(Image.open(io.BytesIO(truths.pop("d.png")))).tolist() == np.full((12, 16), 1).tolist()
+    assert set(truths.values()) == {None}
+    assert len(problems) == 1 and "a.png" in problems[0] and "ground truth skipped" in problems[0]
+
+
+def test_folder_samples_offer_at_most_max_samples_and_say_when_there_are_none(tmp_path):
+    for i in range(MAX_SAMPLES + 2):
+        Image.fromarray(noise(4, 4, seed=i)).save(tmp_path / f"{i:02d}.png")
+    samples, problems = folder_samples(tmp_path, 10_000, PALETTE, len(CLASS_NAMES))
+    assert [s.name for s in samples] == [f"{i:02d}.png" for i in range(MAX_SAMPLES)]
+    assert problems == [f"{tmp_path}: only the first {MAX_SAMPLES} images are offered"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "bad.png").write_bytes(b"not a png")
+    samples, problems = folder_samples(empty, 10_000, PALETTE, len(CLASS_NAMES))
+    assert samples == [] and len(problems) == 2 and problems[-1] == f"{empty}: no readable images"
 
 
 def test_sample_urls_are_percent_encoded(predictor, tmp_path):
