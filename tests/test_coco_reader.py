@@ -531,6 +531,39 @@ def test_eval_predictions_scores_every_image_whatever_the_training_only_options(
     assert background["pixels"] == 3 * 40 * 50 - (200 + 100 + 64)  # every pixel but the three objects' own
 
 
+
+def test_eval_predictions_refuses_category_ids_given_as_labels(tmp_path):
+    """Another tool's <stem>.json with the COCO category id as ``label`` (and as ``category_id``, no
+    ``class_name``): ids 2 and 3 are within the classes 1-3, so cup was scored as fork and fork as
+    knife without a word, although ``category_id`` tells the data's ids apart from its indices."""
+    from pycocotools import mask as mask_utils
+
+    from pixelwise.inference.evaluate import evaluate_predictions
+
+    data = _tree(tmp_path)
+    for ann in data["annotations"]:
+        ann["category_id"] = {4: 2, 9: 3}[ann["category_id"]]
+    data["categories"] = [{"id": 2, "name": "cup"}, {"id": 3, "name": "fork"}, {"id": 5, "name": "knife"}]
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert ds.category_ids == [0, 2, 3, 5]
+    out = tmp_path / "pred"
+    out.mkdir()
+    for i in range(len(ds)):
+        s = ds.load(i)
+        instances = []
+        for mask, label, box in zip(s.instance_masks, s.instance_labels, s.boxes):
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            category = ds.category_ids[int(label)]
+            instances.append({"label": category, "category_id": category, "score": 0.9,
+                              "box": [float(v) for v in box],
+                              "segmentation": {"size": [40, 50], "counts": rle["counts"].decode("ascii")}})
+        (out / f"{s.name}.json").write_text(json.dumps({"width": 50, "height": 40, "instances": instances}))
+    with pytest.raises(UserError, match=re.escape("has label 2 and category_id 2, but the data's class 2 'fork' "
+                                                  "has category id 3")):
+        evaluate_predictions(out, "coco", str(tmp_path), "val", bf=False, progress=False)
+
+
 def test_category_names_given_twice_or_empty_are_told_apart_by_their_ids(tmp_path):
     """Public annotation files repeat names; two classes of one name could not be told apart in reports
     and the legend, and a checkpoint of them could not be saved."""

@@ -329,7 +329,16 @@ def test_eval_predictions_of_an_instance_model_gives_eval_checkpoints_numbers(ru
     for i in range(len(ds)):
         sample = ds.load(i)
         Image.fromarray(sample.image).save(tmp_path / "in" / f"{sample.name}.png")
-    ck, out = str(run / "best.safetensors"), tmp_path / "pred"
+    from pixelwise import create_model, load_checkpoint, save_checkpoint
+
+    # every detection the model scores (its box_score_thresh at 0): a one-epoch model may give none
+    # above 0.05, and the two evaluations should rank many, not agree on nothing
+    trained, meta = load_checkpoint(run / "best.safetensors")
+    kwargs = {**meta["model_kwargs"], "box_score_thresh": 0.0}
+    model = create_model(meta["model"], meta["num_classes"], **kwargs)
+    model.load_state_dict(trained.state_dict())
+    save_checkpoint(tmp_path / "all.safetensors", model, {**meta, "model_kwargs": kwargs})
+    ck, out = str(tmp_path / "all.safetensors"), tmp_path / "pred"
     assert main(["predict", "--checkpoint", ck, str(tmp_path / "in"), "--out", str(out), "--score-thresh", "0",
                  "--no-progress"]) == 0
     scored = [tmp_path / "ck.json", tmp_path / "pred.json"]
@@ -338,7 +347,8 @@ def test_eval_predictions_of_an_instance_model_gives_eval_checkpoints_numbers(ru
     assert main(["eval", "--predictions", str(out), *common, "--json", str(scored[1])]) == 0
     by_model, by_files = (json.loads(p.read_text()) for p in scored)
     keys = [k for k in by_model if k.startswith(("mask_", "box_", "boundary_"))]
-    assert len(keys) == 18 and any((by_model[k] or 0) > 0 for k in keys)  # the model finds something to compare
+    found = [len(json.loads(p.read_text())["instances"]) for p in out.glob("*.json")]
+    assert len(keys) == 18 and len(found) == len(ds) and min(found) >= 10  # many detections to rank
     assert {k: by_files[k] for k in keys} == {k: by_model[k] for k in keys}  # --json writes NaN as null
     records = by_files["provenance"]["predictions"]["records"]
     assert len(records) == 1 and records[0]["score_thresh"] == 0.0
@@ -388,6 +398,44 @@ def test_eval_predictions_of_the_ground_truth_scores_one_and_names_a_bad_file(tm
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"pixelwise: error: {tmp_path / first.name}.json: not readable"), err
     assert len(err.splitlines()) == 1
+
+
+
+def test_eval_predictions_refuses_a_coco_xywh_box_rather_than_scoring_it_as_corners(tmp_path):
+    """Another tool's <stem>.json with COCO boxes [x, y, width, height]: read as x1, y1, x2, y2 it
+    gave corners with x2 < x1, and box AP fell to about a third without a word."""
+    from pixelwise.data.shapes import CLASS_NAMES, ShapesDataset
+    from pixelwise.inference.evaluate import evaluate_predictions
+
+    kwargs = {"num_val": 2, "size": 48, "max_objects": 3}
+    ds = ShapesDataset(split="val", **kwargs)
+    for i in range(len(ds)):
+        sample = ds.load(i)
+        doc = _truth_json(sample, CLASS_NAMES)
+        for inst in doc["instances"]:
+            x1, y1, x2, y2 = inst["box"]
+            inst["box"] = [x1 + 10, y1 + 10, 2.0, 2.0]  # x, y, width, height of a small object past x = 2
+        (tmp_path / f"{sample.name}.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=re.escape("whose x2 < x1 or y2 < y1: not the corners x1, y1, x2, y2")):
+        evaluate_predictions(tmp_path, "shapes", None, "val", dataset_kwargs=kwargs, bf=False, progress=False)
+
+
+def test_eval_predictions_missing_the_first_images_detections_names_it_rather_than_scoring_the_pngs(tmp_path):
+    """predict writes <stem>.png (the class map) beside <stem>.json: with the first image's .json gone
+    the folder was taken for masks and scored as semantic ones (mIoU, no AP) without a word."""
+    from pixelwise.data.shapes import CLASS_NAMES, ShapesDataset
+    from pixelwise.inference.evaluate import evaluate_predictions
+
+    kwargs = {"num_val": 3, "size": 48, "max_objects": 3}
+    ds = ShapesDataset(split="val", **kwargs)
+    for i in range(len(ds)):
+        sample = ds.load(i)
+        Image.fromarray(sample.mask).save(tmp_path / f"{sample.name}.png")
+        if i:
+            (tmp_path / f"{sample.name}.json").write_text(json.dumps(_truth_json(sample, CLASS_NAMES)))
+    first = ds.load(0).name
+    with pytest.raises(UserError, match=re.escape(f"has no detections {first}.json")):
+        evaluate_predictions(tmp_path, "shapes", None, "val", dataset_kwargs=kwargs, bf=False, progress=False)
 
 
 def test_instance_crop_pads_the_weight_map_with_0_outside_the_image():

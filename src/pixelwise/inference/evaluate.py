@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeGuard
 
@@ -289,7 +289,10 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
         return (ds.load(i).name or str(i),)
 
     suffix = ".png"
-    if ds.task == "instance" and len(ds) and _prediction_file(folder, ".json", *names(0)) is not None:
+    # detections for any image (not only the first): a folder missing the first image's <name>.json is
+    # a folder of detections with one missing, not predict's class maps (<name>.png) to score as masks
+    if ds.task == "instance" and any(folder.glob("*.json")) and any(
+            _prediction_file(folder, ".json", *names(i)) is not None for i in range(len(ds))):
         suffix = ".json"
     what = "detections" if suffix == ".json" else "mask"
     found: dict[int, Path] = {}
@@ -337,7 +340,8 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
         detections, targets = [], []
         for i in progress_bar(range(len(ds)), "eval", progress):
             sample = ds.load(i)
-            detections.append(read_detections(prediction_file(sample, i), sample.mask.shape, list(ds.class_names)))
+            detections.append(read_detections(prediction_file(sample, i), sample.mask.shape, list(ds.class_names),
+                                              getattr(ds, "category_ids", None)))
             targets.append(sample_target(sample))
         metrics: dict = coco_evaluate(detections, targets, class_ids=range(1, ds.num_classes), boundary=bf)
     else:
@@ -349,12 +353,15 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
     return metrics
 
 
-def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str]) -> dict[str, torch.Tensor]:
+def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
+                    category_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """An instance model's ``<stem>.json`` (:func:`pixelwise.inference.writers.instances_json`) for an
     image of ``shape`` (H, W) of data with ``class_names`` -> detections as
     :meth:`InstancePredictor.predict` gives them; a UserError naming the file and what is off (not
-    that document, another size, a label outside the classes or of another name, a score outside
-    [0, 1], a box that is not four numbers, a mask that is not an RLE of the image's size)."""
+    that document, another size, a label outside the classes or of another name, a label without a
+    name whose ``category_id`` is not the data's id of that class (``category_ids``: a COCO
+    category id given as the label), a score outside [0, 1], a box that is not four numbers x1 <=
+    x2, y1 <= y2 (a COCO x, y, width, height box), a mask that is not an RLE of the image's size)."""
     h, w = shape[:2]
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -373,13 +380,24 @@ def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str]) 
         if not (isinstance(label, int) and not isinstance(label, bool) and 1 <= label < len(class_names)):
             raise UserError(f"{where} has label {label!r}, not one of the data's classes 1-{len(class_names) - 1} "
                             "(0 is the background); give the predictions of a model of this dataset's classes")
+        if name is not None and not isinstance(name, str):
+            raise UserError(f"{where} has class_name {name!r}, not text; give the class's name, or leave it out")
         if name is not None and name != class_names[label]:
             raise UserError(f"{where} is class {label} {name!r}, which the data names {class_names[label]!r}: the "
                             "model had other classes; give the predictions of a model of this dataset's classes")
+        category = inst.get("category_id")
+        if name is None and category is not None and category_ids and category != category_ids[label]:
+            raise UserError(f"{where} has label {label} and category_id {category!r}, but the data's class {label} "
+                            f"{class_names[label]!r} has category id {category_ids[label]}: labels are class "
+                            f"indices 1-{len(class_names) - 1} (the category ids {list(category_ids[1:])} in order), "
+                            "not category ids; give the predictions of a model of this dataset's classes")
         if not (_real(score) and 0 <= score <= 1):
             raise UserError(f"{where} has score {score!r}, not a number in [0, 1]")
         if not (isinstance(box, list) and len(box) == 4 and all(_real(v) for v in box)):
             raise UserError(f"{where} has box {box!r}, not four numbers x1, y1, x2, y2")
+        if box[2] < box[0] or box[3] < box[1]:
+            raise UserError(f"{where} has box {box!r}, whose x2 < x1 or y2 < y1: not the corners x1, y1, x2, y2 "
+                            "(a COCO [x, y, width, height] box?); give its corners, x2 = x + width, y2 = y + height")
         seg = inst.get("segmentation")
         problem = segmentation_problem(seg, h, w) if isinstance(seg, dict) else "has no RLE segmentation"
         if problem:
