@@ -417,3 +417,29 @@ def test_json_nested_past_the_recursion_limit_is_refused(tmp_path, capsys):
     (tmp_path / "w.json").write_text(nested)
     train_refused(tmp_path, capsys, ["--class-weights", str(tmp_path / "w.json")], "cannot read class weights")
     train_refused(tmp_path, capsys, ["--dataset-kwargs", nested], "--dataset-kwargs must be a JSON object")
+
+
+def test_a_model_too_wide_for_the_free_memory_is_refused_before_it_is_built(monkeypatch, tmp_path):
+    """base_channels 512 (2.0G parameters, 30 GiB to train with Adam) filled the memory until the
+    kernel killed the process. The need is counted on the meta device: 16 bytes a parameter."""
+    import pixelwise.engine.trainer as trainer
+    from pixelwise.models.registry import check_model_kwargs
+    from pixelwise.runtime import available_memory
+
+    if Path("/proc/meminfo").is_file():
+        assert available_memory() > 0
+    params = check_model_kwargs("unet", {"base_channels": 8})
+    assert params == sum(p.numel() for p in create_model("unet", 2, base_channels=8).parameters())
+    cfg = TrainConfig(model="unet", dataset="shapes", model_kwargs={"base_channels": 8}, out=str(tmp_path / "run"))
+    monkeypatch.setattr(trainer, "available_memory", lambda: 16 * params)  # just enough
+    trainer.check_settings(cfg, torch.device("cpu"))
+    monkeypatch.setattr(trainer, "available_memory", lambda: 16 * params - 1)
+    with pytest.raises(UserError, match=re.escape(f"has {params / 1e6:,.1f}M parameters, which need")):
+        trainer.check_settings(cfg, torch.device("cpu"))
+    trainer.check_settings(cfg, torch.device("meta"))  # on an accelerator the host holds the weights once
+    monkeypatch.setattr(trainer, "available_memory", lambda: None)  # not Linux: nothing to compare with
+    trainer.check_settings(cfg, torch.device("cpu"))
+    monkeypatch.setattr(trainer, "available_memory", lambda: 1)
+    assert main(["train", "--model", "unet", "--dataset", "shapes", "--out", str(tmp_path / "run"),
+                 "--model-kwargs", '{"base_channels": 8}']) == 2
+    assert not (tmp_path / "run").exists()

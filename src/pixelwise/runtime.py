@@ -101,6 +101,19 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the machine can give without swapping (Linux's ``MemAvailable``), or None
+    where it does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (``avx2``, ``amx_bf16``, ...) from ``/proc/cpuinfo``; empty where
     that cannot be read (systems other than Linux), which callers take as "unknown"."""

@@ -101,7 +101,7 @@ from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.models.registry import check_model_kwargs, model_options
 from pixelwise.preprocess import InputSpec
-from pixelwise.runtime import HeldSignals, check_can_create, progress, show_progress, signals_ignored
+from pixelwise.runtime import HeldSignals, available_memory, check_can_create, progress, show_progress, signals_ignored
 from pixelwise.sample import IGNORE_INDEX
 from pixelwise.weights import saved_meta
 
@@ -599,6 +599,23 @@ def check_out(cfg: TrainConfig, can_resume: bool = True, writes: Sequence[str] =
     check_can_create(out, f"--out {out}")
 
 
+def check_fits(cfg: TrainConfig, parameters: int, device: torch.device | None) -> None:
+    """Refuse a model whose float32 weights, gradients and two Adam moments (16 bytes a parameter;
+    on a GPU the host holds the weights once, 4 bytes) are more than the memory the machine has
+    free, before it is built: a width such as ``base_channels: 512`` (2.0G parameters) otherwise
+    fills the memory until the kernel kills the process, without a word. Activations come on top,
+    so a model that passes may still not fit."""
+    per_parameter = 4 if device is not None and device.type != "cpu" else 16
+    available = available_memory()
+    if available is None or parameters * per_parameter <= available:
+        return
+    options = f" with --model-kwargs '{json.dumps(cfg.model_kwargs)}'" if cfg.model_kwargs else ""
+    raise UserError(f"{cfg.model}{options} has {parameters / 1e6:,.1f}M parameters, which need "
+                    f"{parameters * per_parameter / 2**30:.1f} GiB to train (weights, gradients and the optimizer's "
+                    f"state), more than the {available / 2**30:.1f} GiB of memory free; give a smaller width (such as "
+                    "base_channels) or a smaller model")
+
+
 def resumed_weights(cfg: TrainConfig) -> Path | None:
     """On resume of a run that started from ``pretrained`` weights, the run's own last.safetensors,
     which the model is built from instead: its training state replaces the weights anyway, so the
@@ -608,11 +625,12 @@ def resumed_weights(cfg: TrainConfig) -> Path | None:
     return last if cfg.resume and cfg.pretrained and last.is_file() else None
 
 
-def check_settings(cfg: TrainConfig) -> str:
-    """Settings that can be checked without data, before any is read: the model and its options,
-    the weights to start from, the class-weights file, TensorBoard. -> the model's task."""
+def check_settings(cfg: TrainConfig, device: torch.device | None = None) -> str:
+    """Settings that can be checked without data, before any is read: the model and its options
+    (and that it fits in memory), the weights to start from, the class-weights file, TensorBoard.
+    -> the model's task."""
     task = model_info(cfg.model).task
-    check_model_kwargs(cfg.model, cfg.model_kwargs, "--model-kwargs")
+    check_fits(cfg, check_model_kwargs(cfg.model, cfg.model_kwargs, "--model-kwargs"), device)
     if cfg.lr_mult:  # the layers it names, on a model that holds no memory
         with torch.device("meta"):
             param_groups(create_model(cfg.model, 2, **cfg.model_kwargs), 0.0, lr_mult=cfg.lr_mult)
@@ -743,7 +761,7 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
     cfg.out = cfg.out or default_out(cfg.model)
     check_out(cfg)
-    task = check_settings(cfg)
+    task = check_settings(cfg, device)
     select = select_key(cfg.select_by, task)
     seed_everything(cfg.seed)
     train_ds, val_ds = open_datasets(cfg, log)

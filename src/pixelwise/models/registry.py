@@ -152,18 +152,20 @@ def _type_name(hint: Any) -> str:
     return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
 
 
-def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str | None = None) -> None:
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any], where: str | None = None) -> int:
     """Check ``kwargs`` for model ``name`` before anything else is done: known names (with the
     closest one suggested), types where annotated, and whatever the builder itself refuses, by
-    building it on the meta device (no memory, no weights). Raises :class:`ModelOptionError`."""
+    building it on the meta device (no memory, no weights). Raises :class:`ModelOptionError`.
+    -> the model's parameter count (with two classes), which its options alone set."""
     where = where or f"model {name!r}"
     kwargs = _plain(kwargs)
     _check_names_and_types(name, kwargs, where)
     try:
         with torch.device("meta"):
-            model_info(name).builder(num_classes=2, pretrained=None, **kwargs)
+            model = model_info(name).builder(num_classes=2, pretrained=None, **kwargs)
     except (TypeError, ValueError, RuntimeError, UserError) as e:  # RuntimeError: e.g. a negative layer size
         raise ModelOptionError(f"{where}: {name}: {e}") from e
+    return sum(p.numel() for p in model.parameters())
 
 
 MAX_SEMANTIC_CLASSES = 255  # semantic classes a mask can hold: ids 0-254 in uint8, 255 being "ignore"
