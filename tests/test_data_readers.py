@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pixelwise.data import DATASETS, build_dataset
+from pixelwise.data import DATASETS, base, build_dataset
 from pixelwise.data.ade20k import ADE20K
 from pixelwise.data.base import Sample, SegmentationDataset, sample_target
 from pixelwise.data.cityscapes import Cityscapes
@@ -668,3 +668,36 @@ def test_sample_target_appends_crowd_regions_also_without_untrained_objects():
     assert t["boxes"].tolist() == [[0, 0, 2, 2], [2, 2, 4, 4]] and t["labels"].tolist() == [1, 1]
     assert t["iscrowd"].tolist() == [0, 1] and t["area"].tolist() == [4.0, 3.5]
     assert t["masks"].shape == (2, 4, 4) and bool(t["masks"][1, 3, 3]) and "bbox_xywh" not in t
+
+
+def test_sample_target_keeps_the_files_xywh_boxes_of_instances_untrained_objects_and_crowds_in_that_order():
+    inst = np.zeros((1, 4, 4), bool)
+    inst[0, :2, :2] = True
+    crowd_mask = np.zeros((1, 4, 4), bool)
+    crowd_mask[0, 2:, 2:] = True
+    s = Sample(image=np.zeros((4, 4, 3), np.uint8), mask=inst[0].astype(np.uint8), instance_masks=inst,
+               instance_labels=np.array([2]), boxes=np.array([[0, 0, 2, 2]]),
+               meta={"areas": [4.0], "bboxes": [[0.1, 0.2, 1.9, 1.8]],
+                     "untrained": {"masks": np.zeros((1, 4, 4), bool), "labels": [3], "boxes": [[1, 1, 1.5, 1.25]],
+                                   "areas": [0.0], "bboxes": [[1.0, 1.0, 0.5, 0.25]]},
+                     "crowd": {"masks": crowd_mask, "labels": [1], "boxes": [[2, 2, 4, 4]], "areas": [3.5],
+                               "bboxes": [[2.0, 2.0, 2.0, 2.0]]}})
+    t = sample_target(s)
+    # float64, as the file has them (0.1 is not a float32), one row per object: instances, untrained, crowds
+    assert t["bbox_xywh"].dtype == torch.float64
+    assert t["bbox_xywh"].tolist() == [[0.1, 0.2, 1.9, 1.8], [1.0, 1.0, 0.5, 0.25], [2.0, 2.0, 2.0, 2.0]]
+    assert t["labels"].tolist() == [2, 3, 1] and t["iscrowd"].tolist() == [0, 0, 1]
+    assert t["area"].tolist() == [4.0, 0.0, 3.5] and t["masks"].shape == (3, 4, 4)
+
+
+def test_the_base_class_defaults_a_reader_inherits():
+    ds = _Empty()
+    assert ds.task == "semantic" and ds.class_names == [] and ds.num_classes == 0 and ds.palette == []
+    assert ds.rand_foreground is None and ds.training_only_options == ()
+    assert ds.check() == [] and ds.notes() == [] and ds.drop([]) == 0 and ds.where() == "_Empty"
+    assert ds.check_or_refuse(skip_invalid=False, purpose="train") == []
+    assert ShapesDataset(split="val", num_val=1, size=16).task == "instance"
+
+
+def test_every_name_data_base_exports_is_there():
+    assert set(base.__all__) <= set(dir(base))  # else `from pixelwise.data.base import *` raises
