@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pixelwise.coco_eval import boundary_rle, coco_evaluate
+from pixelwise.coco_eval import boundary_rle, coco_evaluate, decode_mask, encode_mask
 
 
 def rect_target(rects: list[tuple[int, int, int, int, int]], h: int = 64, w: int = 64) -> dict:
@@ -389,3 +389,15 @@ def test_no_detections_count_an_object_on_an_area_ranges_end(side):
     held = {0: ("AP", "AP50", "AP75", "APs"), 32: ("AP", "AP50", "AP75", "APs", "APm")}[side]
     for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
         assert (none[f"mask_{name}"] == 0.0) if name in held else math.isnan(none[f"mask_{name}"]), name
+
+
+def test_decode_mask_reads_an_uncompressed_rle_of_run_lengths_column_major():
+    """COCO's uncompressed RLE (counts a list, as iscrowd annotations and other tools write it):
+    runs of 0, 1, 0, ... down the columns. [1, 2, 3] on 2x3: one 0, two 1s ((1, 0) and (0, 1)),
+    three 0s. The compressed form of the same mask decodes to the same array."""
+    want = np.array([[False, True, False], [True, False, False]])
+    got = decode_mask([2, 3], [1, 2, 3])
+    assert got.dtype == bool and np.array_equal(got, want)
+    compressed = encode_mask(want)["counts"]
+    assert np.array_equal(decode_mask((2, 3), compressed.decode("ascii")), want)
+    assert np.array_equal(decode_mask((2, 3), compressed), want)

@@ -36,7 +36,9 @@ from pixelwise.inference.export import (  # noqa: E402
     verify,
 )
 from pixelwise.inference.onnx_runner import (  # noqa: E402
+    OnnxModel,
     exported_dropout,
+    graph_problem,
     is_onnx,
     load_onnx,
     make_session,
@@ -970,3 +972,54 @@ def test_a_foreign_graph_with_pixelwise_metadata_is_one_line(checkpoint, tmp_pat
         assert main(verb) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("pixelwise: error: ") and words in err and "\n" not in err, err
+
+
+class _FailingSession:
+    """An onnxruntime session stand-in whose run raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "input"})()]
+
+    def run(self, outputs, feed):
+        raise self.error
+
+
+def test_onnx_model_forward_makes_onnxruntimes_errors_one_line_but_lets_memory_errors_through():
+    """onnxruntime's InvalidArgument/Fail (any exception) is a UserError naming the file, the input's
+    shape and the first line of onnxruntime's text (its type where it has none); a MemoryError stays
+    one, for the CLI's own out-of-memory line."""
+    x = torch.zeros(1, 3, 4, 5)
+    model = OnnxModel(_FailingSession(RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad dims\nmore")),
+                      name="m.onnx")
+    with pytest.raises(UserError) as refused:
+        model(x)
+    assert str(refused.value) == ("onnxruntime cannot run m.onnx on a [1, 3, 4, 5] input: [ONNXRuntimeError] : 2 : "
+                                  "INVALID_ARGUMENT : bad dims")
+    with pytest.raises(UserError, match=r"input: KeyError$"):
+        OnnxModel(_FailingSession(KeyError()), name="m.onnx")(x)
+    with pytest.raises(MemoryError):
+        OnnxModel(_FailingSession(MemoryError()), name="m.onnx")(x)
+
+
+def _session(inputs: list[tuple[str, list]], outputs: list[tuple[str, list]]):
+    """An onnxruntime session stand-in of inputs and outputs (type, shape)."""
+    def args(pairs):
+        return [type("Arg", (), {"name": f"t{k}", "type": t, "shape": shape})() for k, (t, shape) in enumerate(pairs)]
+    return type("Session", (), {"get_inputs": lambda self: args(inputs), "get_outputs": lambda self: args(outputs)})()
+
+
+def test_graph_problem_takes_float16_scores_of_a_float32_input_and_nothing_else_of_another_type():
+    """The checked contract: one float32 [N, C, H, W] input, a first output [N, classes, H, W] of
+    float32 or float16 scores (forward reads either as float32); a float64 or int output is refused."""
+    image = [("tensor(float)", ["n", 3, "h", "w"])]
+    for scores in ("tensor(float)", "tensor(float16)"):
+        assert graph_problem(_session(image, [(scores, ["n", 4, "h", "w"])])) is None
+    for scores in ("tensor(double)", "tensor(int64)"):
+        assert graph_problem(_session(image, [(scores, ["n", 4, "h", "w"])])) == (
+            f"graph gives a {scores} of shape ['n', 4, 'h', 'w'], not float [N, classes, H, W] scores")
+    assert graph_problem(_session(image, [])) == "graph gives nothing, not float [N, classes, H, W] scores"
+    assert graph_problem(_session([("tensor(float)", ["n", 3])], [("tensor(float)", ["n", 4, "h", "w"])])) == (
+        "graph's input t0 is a tensor(float) of shape ['n', 3], not a float32 [N, C, H, W] batch")

@@ -10,11 +10,13 @@ from PIL import Image
 
 from pixelwise import Predictor
 from pixelwise.cli import main
+from pixelwise.coco_eval import encode_mask
 from pixelwise.data.base import Sample
 from pixelwise.data.instance_crop import InstanceCrop, object_boxes
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError
-from pixelwise.inference.writers import draw_instances, instance_maps, write_instances
+from pixelwise.inference.evaluate import read_detections
+from pixelwise.inference.writers import draw_instances, instance_maps, instances_json, write_instances
 
 DATA = '{"num_train": 8, "num_val": 4, "num_test": 3, "size": 64, "max_objects": 3}'
 MODEL = '{"min_size": 64, "max_size": 64, "rpn_batch_size_per_image": 64, "box_batch_size_per_image": 32}'
@@ -436,6 +438,58 @@ def test_eval_predictions_missing_the_first_images_detections_names_it_rather_th
     first = ds.load(0).name
     with pytest.raises(UserError, match=re.escape(f"has no detections {first}.json")):
         evaluate_predictions(tmp_path, "shapes", None, "val", dataset_kwargs=kwargs, bf=False, progress=False)
+
+
+def _one_detection(tmp_path, **change):
+    """A <stem>.json of one 8x8 image holding one detection (a 2x3 block, class 1 of 3), with ``change``."""
+    mask = np.zeros((8, 8), bool)
+    mask[1:3, 2:5] = True
+    rle = encode_mask(mask)
+    inst = {"label": 1, "class_name": "a", "score": 0.5, "box": [2.0, 1.0, 5.0, 3.0],
+            "segmentation": {"size": [8, 8], "counts": rle["counts"].decode("ascii")}}
+    inst.update(change)
+    for key in [k for k, v in inst.items() if v is None]:
+        del inst[key]
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"width": 8, "height": 8, "instances": [inst]}))
+    return path, mask
+
+
+def test_read_detections_refuses_a_label_one_past_the_classes_and_a_bool_score_or_box(tmp_path):
+    """Labels are 1..len(class_names)-1 (0 is background): label 3 of 3 names is outside even without a
+    class_name to compare; true is not the score 1 nor a coordinate (JSON's booleans are not numbers), and
+    a score written as text is a refusal, not a TypeError from the finiteness check."""
+    names = ["background", "a", "b"]
+    path, mask = _one_detection(tmp_path, label=2, class_name=None)
+    det = read_detections(path, (8, 8), names)
+    assert det["labels"].tolist() == [2] and det["scores"].tolist() == [0.5]
+    assert det["boxes"].tolist() == [[2.0, 1.0, 5.0, 3.0]] and np.array_equal(det["masks"][0].numpy(), mask)
+    for change, words in (({"label": 3, "class_name": None}, "has label 3, not one of the data's classes 1-2"),
+                          ({"score": True}, "has score True, not a number in [0, 1]"),
+                          ({"score": "0.5"}, "has score '0.5', not a number in [0, 1]"),
+                          ({"box": [2, 1, True, 3]}, "not four numbers")):
+        path, _ = _one_detection(tmp_path, **change)
+        with pytest.raises(UserError, match=re.escape(words)):
+            read_detections(path, (8, 8), names)
+
+
+def test_instances_json_writes_float32_scores_and_boxes_that_read_back_unchanged(tmp_path):
+    """predict's <stem>.json holds each score and box coordinate as the shortest decimal of its float32
+    (0.1, not 0.10000000149011612 nor a rounded 0.12346), so read_detections gets the model's float32
+    values back bit for bit (and eval --predictions ranks them as eval --checkpoint does)."""
+    masks = torch.zeros(2, 6, 7, dtype=torch.bool)
+    masks[0, 1:3, 1:4] = True
+    masks[1, 3:6, 2:7] = True
+    det = {"masks": masks, "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.1, 0.123456789]),
+           "boxes": torch.tensor([[1.0, 1.0, 4.0, 3.0], [2.25, 3.0, 6.999999, 5.5]])}
+    doc = instances_json(det, (6, 7), ["background", "a", "b"])
+    assert [(i["label"], i["class_name"], i["area"]) for i in doc["instances"]] == [(1, "a", 6), (2, "b", 15)]
+    text = json.dumps(doc)
+    assert '"score": 0.1,' in text and '"score": 0.12345679,' in text and "6.999999" in text
+    (tmp_path / "x.json").write_text(text)
+    back = read_detections(tmp_path / "x.json", (6, 7), ["background", "a", "b"])
+    assert torch.equal(back["scores"], det["scores"]) and torch.equal(back["boxes"], det["boxes"])
+    assert torch.equal(back["labels"], det["labels"]) and torch.equal(back["masks"], masks)
 
 
 def test_instance_crop_pads_the_weight_map_with_0_outside_the_image():

@@ -745,6 +745,29 @@ def test_a_structured_array_is_told_to_stack_its_fields():
     assert np.array_equal(fixed, img)
 
 
+@pytest.mark.parametrize("fields, channels, hint", [
+    ("rgba", 3, "np.stack([img['r'], img['g'], img['b']], -1) (fields r, g, b, a)"),  # the alpha left out
+    ("rgb", 1, "img['r'] (a field)"),  # a one-channel contract takes one field, gray
+    ("ya", 3, "img['y'] (a field)"),  # under three fields: no colour image to stack
+])
+def test_a_structured_arrays_hint_picks_the_fields_the_contract_takes(fields, channels, hint):
+    """Three of four fields stack to the colour image; a one-channel contract, or fewer than three
+    fields, is given the first field alone, which the check then takes (as a one-channel image)."""
+    from pixelwise.preprocess import check_image
+
+    img = np.arange(2 * 3 * len(fields), dtype=np.uint8).reshape(2, 3, len(fields))
+    records = np.zeros((2, 3), dtype=[(f, "u1") for f in fields])
+    for i, field in enumerate(fields):
+        records[field] = img[..., i]
+    with pytest.raises(ValueError) as refused:
+        check_image(records, channels)
+    assert str(refused.value).endswith(f"; convert it with {hint}")
+    fixed = eval(hint.split(" (")[0], {"np": np, "img": records})  # the hint, run as the user would
+    assert np.array_equal(fixed, img[..., :3] if "stack" in hint else img[..., 0])
+    if channels == 1 or "stack" in hint:
+        check_image(fixed, channels)
+
+
 def test_train_config_takes_a_path_and_refuses_an_empty_one(tmp_path):
     """TrainConfig(out=Path(...)) was refused as "must be text"; out="" (an unset variable in a
     notebook or a recipe) trained into the default runs/<model>, which --overwrite empties."""
@@ -771,6 +794,21 @@ def test_shapes_size_is_bounded_by_the_pixel_limit_as_image_files_are():
     assert ShapesDataset(size=side, num_train=1).size == side
     with pytest.raises(UserError, match=r"shapes size \d+ makes images of [\d,]+ pixels, above the limit"):
         ShapesDataset(size=side + 1, num_train=1)
+
+
+def test_shapes_size_at_exactly_the_pixel_limit_is_taken():
+    """The limit is the most pixels an image may have (as for image files): under --max-pixels 4096
+    a 64x64 shapes image (4,096 pixels) is made, a 65x65 one is refused."""
+    from pixelwise.data.io import set_max_image_pixels
+    from pixelwise.data.shapes import ShapesDataset
+
+    set_max_image_pixels(64 * 64)
+    try:
+        assert ShapesDataset(size=64, num_train=1).load(0).image.shape == (64, 64, 3)
+        with pytest.raises(UserError, match=r"shapes size 65 makes images of 4,225 pixels, above the limit of 4,096"):
+            ShapesDataset(size=65, num_train=1)
+    finally:
+        set_max_image_pixels(None)
 
 
 @pytest.mark.parametrize("names, words", [
