@@ -360,6 +360,13 @@ def test_the_pixel_limit_counts_height_times_width_of_a_tall_or_wide_size(h, w):
     assert build_transform({"crop": [MAX_INPUT_PIXELS // 2, 2]}, train=True).transforms  # at the limit: allowed
 
 
+def test_the_pixel_limit_is_the_documented_268_megapixels():
+    """2**28 = 268,435,456 pixels (a 16384 x 16384 image) is the largest size asked for (sample.py)."""
+    assert build_transform({"crop": [16384, 16384]}, train=True).transforms
+    with pytest.raises(UserError, match="16384x16385 is 268,451,840 pixels per image, above 268,435,456"):
+        build_transform({"resize": [16384, 16385]}, train=True)
+
+
 def test_resize_of_keeps_height_and_width_apart():
     """resize_of is what the trainer stores as the checkpoint's input size: [h, w] -> (h, w),
     one int -> a square, nothing -> None."""

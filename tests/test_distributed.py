@@ -10,12 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as tdist
+import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from conftest import write_isbi_tree
 from pixelwise.checkpoint import load_checkpoint
 from pixelwise.data import build_dataset
+from pixelwise.engine import distributed
 from pixelwise.engine.validate import eval_collate, validate_semantic
+from pixelwise.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"base_channels": 4, "batch_norm": True, "dropout": 0}
@@ -164,3 +168,62 @@ def test_torchrun_a_batch_of_one_per_process_is_refused_up_front_and_each_rank_s
     # rank 1 says the same marked as its own, or, stopped by torchrun once rank 0 has ended, that it was
     assert all(line.startswith("pixelwise: error: ") or line.startswith("[rank 1] pixelwise: ") for line in said), said
     assert not out.exists()
+
+
+# --- the helpers in one process: the CUDA branches checked on any machine ----------------------------
+
+
+def test_in_one_process_the_default_info_is_the_environments(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.env_info() == distributed.DistInfo() == distributed.DistInfo(0, 1, 0)
+    assert distributed.DistInfo().is_main and not distributed.DistInfo().enabled
+
+
+def test_setup_refuses_cuda_without_it_and_picks_the_local_gpu_and_nccl_for_several_processes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        distributed.setup("cuda")
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: seen.append(("set_device", dev)))
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **kw: seen.append((backend, kw["device_id"])))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    gpu1 = torch.device("cuda", 1)
+    assert distributed.setup("cuda") == (distributed.DistInfo(3, 4, 1), gpu1)
+    assert seen == [("set_device", gpu1), ("nccl", gpu1)]
+    seen.clear()
+    assert distributed.setup("cpu") == (distributed.DistInfo(3, 4, 1), torch.device("cpu"))
+    assert seen == [("gloo", None)]
+
+
+def test_wrap_model_converts_to_sync_batchnorm_and_names_the_gpu(monkeypatch):
+    class Recorded(nn.Module):  # stands in for DistributedDataParallel, which needs a process group
+        def __init__(self, module, device_ids, find_unused_parameters):
+            super().__init__()
+            self.module, self.device_ids, self.find_unused = module, device_ids, find_unused_parameters
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", Recorded)
+    info = distributed.DistInfo(1, 2, 1)
+    wrapped = distributed.wrap_model(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)), info,
+                                     torch.device("cuda", 1), sync_bn=True, find_unused_parameters=True)
+    assert [type(m) for m in wrapped.module] == [nn.Conv2d, nn.SyncBatchNorm]
+    assert (wrapped.device_ids, wrapped.find_unused) == ([1], True)
+    plain = distributed.wrap_model(nn.Sequential(nn.BatchNorm2d(2)), info, torch.device("cpu"), sync_bn=False)
+    assert [type(m) for m in plain.module] == [nn.BatchNorm2d]
+    assert (plain.device_ids, plain.find_unused) == (None, False)
+
+
+def test_a_process_group_of_one_is_not_active(monkeypatch):
+    tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(tdist, "all_reduce", lambda *a, **kw: pytest.fail("a collective in a group of one"))
+        assert not distributed.active()
+        t = torch.tensor([2.0])
+        assert distributed.all_reduce_sum(t) is t and t.item() == 2.0
+    finally:
+        distributed.cleanup()
+    assert not tdist.is_initialized()

@@ -104,6 +104,18 @@ def test_lr_mult_gives_the_named_modules_their_own_rate():
             TrainConfig(lr_mult=bad)
 
 
+def test_lr_mult_unknown_name_lists_eight_trainable_top_modules_and_the_last_layer():
+    model = nn.Sequential()
+    for i in range(10):
+        model.add_module(f"m{i}", nn.Linear(1, 1))
+    model.add_module("frozen", nn.Linear(1, 1).requires_grad_(False))  # not trainable: neither listed nor last
+    model.add_module("z", nn.Sequential(nn.Linear(1, 1), nn.Linear(1, 1, bias=False)))  # last parameter: z.1.weight
+    model.add_module("zz", nn.Linear(1, 1).requires_grad_(False))
+    listed = "m0, m1, m2, m3, m4, m5, m6, m7"  # sorted, the first 8 of 11 trainable top-level names
+    with pytest.raises(UserError, match=rf"named 'frozen' or under it; .* such as {listed} \(its last layer: z\.1\)"):
+        param_groups(model, 0.0, lr_mult={"m0": 2, "frozen": 10})
+
+
 def test_lr_mult_trains_resumes_exactly_and_is_checked_before_anything_is_written(tmp_path, monkeypatch):
     kw = {"optimizer": "sgd", "schedule": "step", "milestones": [1], "lr_mult": {"head": 10}}
     fit(tiny(tmp_path / "a", **kw), log=quiet)
