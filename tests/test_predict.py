@@ -838,8 +838,9 @@ def test_an_unknown_tta_mode_is_refused_when_the_predictor_is_built():
 
 
 def test_too_many_classes_names_the_model_in_the_error():
-    """The refusal of > 255 classes names the checkpoint's model (meta['model'])."""
-    model = create_model("unet", 256, base_channels=4)
+    """The refusal of > 255 classes names the checkpoint's model (meta['model']): a model built
+    otherwise than by create_model, which refuses 256 classes itself."""
+    model = torch.nn.Conv2d(3, 256, 1)
     with pytest.raises(UserError, match=r"^unet has 256 classes"):
         SemanticPredictor(model, {"model": "unet", "num_classes": 256})
 
