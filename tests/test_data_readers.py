@@ -180,6 +180,116 @@ def test_ade20k_shift_and_out_of_range(tmp_path):
     assert len(ADE20K(root, "train", skip_invalid=True)) == 1
 
 
+# official cityscapesScripts labels.py: label id -> train id of the 19 evaluated classes; every other id of 0..33 -> 255
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+# and the names and colours labels.py gives those classes, in train-id order
+CITYSCAPES_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                    "bicycle"]
+CITYSCAPES_COLOURS = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+                      (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+                      (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)]
+
+
+def test_cityscapes_every_label_id_and_the_ids_beyond_33(tmp_path):
+    """All 34 label ids (and 255) map as labels.py says; 34 and 254 are not Cityscapes labels."""
+    raw = np.array([list(range(0, 12)), list(range(12, 24)), list(range(24, 34)) + [255, 255]], np.uint8)
+    expected = np.vectorize(lambda v: CITYSCAPES_TRAIN_IDS.get(int(v), 255))(raw).astype(np.uint8)
+    beyond = np.full((3, 12), 7, np.uint8)
+    beyond[0, 0], beyond[2, 5] = 34, 254
+    for split, city, mask in (("test", "berlin", raw), ("val", "lindau", beyond)):
+        name = f"{city}_000000_000019"
+        _img(tmp_path / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", 3, 12)
+        _mask(tmp_path / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", mask)
+    _img(tmp_path / "leftImg8bit" / "val" / "lindau" / "lindau_000001_000019_leftImg8bit.png", 3, 12)
+    _mask(tmp_path / "gtFine" / "val" / "lindau" / "lindau_000001_000019_gtFine_labelIds.png", raw)
+    assert Cityscapes.class_names == CITYSCAPES_NAMES and Cityscapes.palette == CITYSCAPES_COLOURS
+    _img(tmp_path / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000019_leftImg8bit.png", 3, 12)
+    _mask(tmp_path / "gtFine" / "train" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png", raw)
+    assert [Path(i).parts[-3] for i, _ in Cityscapes(tmp_path).items] == ["train"]  # the default split
+    test = Cityscapes(tmp_path, "test")
+    assert len(test) == 1 and test.check() == []
+    np.testing.assert_array_equal(test.load(0).mask, expected)
+    val = Cityscapes(tmp_path, "val")
+    problems = val.check()
+    assert [Path(p.path).name for p in problems] == ["lindau_000000_000019_gtFine_labelIds.png"]
+    assert "label values 34, 254 outside the 19 classes" in problems[0].message
+    with pytest.raises(UserError, match="cityscapes has no split 'bogus'"):
+        Cityscapes(tmp_path, "bogus")
+    with pytest.raises(UserError, match="expected leftImg8bit/ and gtFine/"):
+        Cityscapes(tmp_path / "nothing", "train")
+
+
+def test_cityscapes_missing_mask_names_the_coarse_file_of_its_own_split_first(tmp_path):
+    """gtCoarse holds train_extra as well: of two coarse files of the image, the one of the split read is named."""
+    name = "aachen_000000_000019"
+    _img(tmp_path / "leftImg8bit" / "train" / "aachen" / f"{name}_leftImg8bit.png", 3, 4)
+    for split in ("train_extra", "train", "val"):  # glob order is the file system's
+        _mask(tmp_path / "gtCoarse" / split / "aachen" / f"{name}_gtCoarse_labelIds.png", np.zeros((3, 4), np.uint8))
+    ds = Cityscapes(tmp_path, "train")
+    note = ds.missing_mask_note(ds.items[0][0])
+    assert f"gtCoarse/train/aachen/{name}_gtCoarse_labelIds.png is there" in note.replace("\\", "/")
+
+
+def test_ade20k_validation_split_image_extensions_and_errors(tmp_path):
+    """val and validation read validation/; .jpg, .JPEG and .png images are taken, other files are not."""
+    root = tmp_path / "ADEChallengeData2016"
+    raw = np.array([[0, 1, 150]], np.uint8)
+    for stem, ext in (("ADE_val_00000001", ".jpg"), ("ADE_val_00000002", ".JPEG"), ("ADE_val_00000003", ".png")):
+        _img(root / "images" / "validation" / f"{stem}{ext}", 1, 3, fmt="PNG" if ext == ".png" else "JPEG")
+        _mask(root / "annotations" / "validation" / f"{stem}.png", raw)
+    (root / "images" / "validation" / "notes.txt").write_text("not an image")
+    _img(root / "images" / "training" / "ADE_train_00000001.jpg", 1, 3)
+    _mask(root / "annotations" / "training" / "ADE_train_00000001.png", raw)
+    for split in ("val", "validation"):
+        ds = ADE20K(root, split)
+        assert [Path(i).name for i, _ in ds.items] == ["ADE_val_00000001.jpg", "ADE_val_00000002.JPEG",
+                                                       "ADE_val_00000003.png"]
+        assert ds.check() == []
+        np.testing.assert_array_equal(ds.load(2).mask, [[255, 0, 149]])
+    assert len(ADE20K(root, "training")) == 1
+    # the VOC colour map without its black entry 0: colours 1, 2, 3 and 150 worked out by hand, all distinct
+    ds = ADE20K(root, "val")
+    # objectInfo150's first names, in label order, as mmsegmentation's ADE20KDataset lists them ("bed " stripped)
+    assert hashlib.sha256("\n".join(ds.class_names).encode()).hexdigest() == \
+        "f9dbd8a75a0722c971d8c82db76dc205e06cb422d98153f4e5bbf90408ef5438"
+    assert (ds.class_names[12], ds.class_names[77], ds.class_names[149]) == ("person", "bar", "flag")
+    palette = ds.palette
+    assert len(palette) == 150 and len(set(palette)) == 150 and (0, 0, 0) not in palette
+    assert palette[:3] == [(128, 0, 0), (0, 128, 0), (128, 128, 0)] and palette[149] == (0, 224, 128)
+    with pytest.raises(UserError, match="ade20k has no split 'test'"):
+        ADE20K(root, "test")
+    with pytest.raises(UserError, match="expected ADEChallengeData2016/images/validation"):
+        ADE20K(tmp_path / "nothing", "val")
+
+
+def test_ade20k_download_fetches_the_challenge_zip_once(tmp_path, monkeypatch):
+    import pixelwise.data.ade20k as ade_module
+
+    calls = []
+
+    def fetched(archive, root):  # stands in for the 920 MB download: unpacks a small tree
+        calls.append((archive.url, archive.sha256, archive.size, Path(root)))
+        unpacked = Path(root) / "ADEChallengeData2016"
+        _img(unpacked / "images" / "training" / "ADE_train_00000001.jpg", 2, 3)
+        _mask(unpacked / "annotations" / "training" / "ADE_train_00000001.png", np.ones((2, 3), np.uint8))
+
+    monkeypatch.setattr(ade_module, "download_and_extract", fetched)
+    assert len(ADE20K(tmp_path / "a", "train", download=True)) == 1
+    # the file and its size and SHA-256 as tensorflow/datasets publishes them (url_checksums/ade20k.txt)
+    assert calls == [("https://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
+                      "7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29", 967382037, tmp_path / "a")]
+    assert len(ADE20K(tmp_path / "a", "train", download=True)) == 1 and len(calls) == 1  # present: not again
+    flat = tmp_path / "flat"  # the contents of ADEChallengeData2016 given as the root: not fetched either
+    _img(flat / "images" / "training" / "x.jpg", 2, 3)
+    _mask(flat / "annotations" / "training" / "x.png", np.ones((2, 3), np.uint8))
+    assert len(ADE20K(flat, "train", download=True)) == 1 and len(calls) == 1
+    with pytest.raises(UserError, match="not found"):
+        ADE20K(tmp_path / "b", "train")  # download not asked: nothing fetched
+    assert len(calls) == 1
+
+
 # --------------------------------------------------------------------------------------------- COCO
 def _coco_tree(tmp_path):
     images = tmp_path / "val2017"

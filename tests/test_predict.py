@@ -1,4 +1,6 @@
 import io
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,8 @@ from pixelwise.data.io import read_image, write_mask
 from pixelwise.data.palette import colorize, overlay, palette_bytes
 from pixelwise.data.shapes import CLASS_NAMES, PALETTE
 from pixelwise.errors import UserError
+from pixelwise.inference import cancel, writers
 from pixelwise.inference import predictor as predictor_module
-from pixelwise.inference import writers
 from pixelwise.inference.predictor import UPSAMPLE_ROWS
 from pixelwise.inference.writers import (
     _name_length,
@@ -880,3 +882,53 @@ def test_predict_files_checks_a_list_of_inputs_itself(checkpoint, tmp_path):
     written = predict_files(predictor, [str(tmp_path / "a.png")], tmp_path / "out", progress=False)
     assert written == [tmp_path / "out" / "a.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(written[0])), np.asarray(predictor.predict(image).mask))
+
+
+def test_cancel_check_raises_only_inside_a_cancellable_block_and_restores_the_outer_one():
+    outer, inner = threading.Event(), threading.Event()
+    cancel.check()  # no block: nothing to stop
+    with cancel.cancellable(outer):
+        cancel.check()  # not set, no time limit
+        outer.set()
+        with pytest.raises(cancel.Cancelled) as stopped:
+            cancel.check()
+        assert type(stopped.value) is cancel.Cancelled and str(stopped.value) == "the prediction was cancelled"
+        with cancel.cancellable(inner, seconds=60):
+            cancel.check()  # the inner job's event, not the outer one's
+        with pytest.raises(cancel.Cancelled):
+            cancel.check()  # the outer job is back once the inner block ends
+    cancel.check()  # and nothing once the outer block ends
+    seen = []
+    with cancel.cancellable(outer):  # another thread has no job of this one's
+        worker = threading.Thread(target=lambda: seen.append(cancel.check()))
+        worker.start()
+        worker.join()
+    assert seen == [None]
+
+
+def test_cancel_check_times_out_after_the_seconds_given_from_the_blocks_start():
+    event = threading.Event()
+    with cancel.cancellable(event, seconds=0.05):
+        cancel.check()  # within its time
+        time.sleep(0.1)
+        with pytest.raises(cancel.TimedOut, match=r"^the prediction ran longer than the server's limit of 0.05 s$"):
+            cancel.check()
+        event.set()
+        with pytest.raises(cancel.Cancelled) as stopped:
+            cancel.check()  # a cancelled job says so, even past its time
+        assert type(stopped.value) is cancel.Cancelled
+    with cancel.cancellable(event, seconds=None):
+        event.clear()
+        time.sleep(0.01)
+        cancel.check()  # no limit: never timed out
+
+
+def test_a_semantic_predictor_stops_between_batches_once_its_job_is_cancelled(checkpoint):
+    predictor = Predictor.from_checkpoint(checkpoint)
+    image = np.zeros((16, 16, 3), np.uint8)
+    event = threading.Event()
+    with cancel.cancellable(event):
+        assert predictor.predict(image).mask.shape == (16, 16)
+        event.set()
+        with pytest.raises(cancel.Cancelled):
+            predictor.predict(image)
