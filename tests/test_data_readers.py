@@ -765,11 +765,17 @@ def test_an_empty_dataset_has_instances_without_loading():
     assert ShapesDataset(split="val", num_val=1, size=16).has_instances() is True
 
 
-def test_sample_target_appends_crowd_regions_also_without_untrained_objects():
+def _instance_and_crowd() -> tuple[np.ndarray, np.ndarray]:
+    """Masks [1, 4, 4] of an object in the top-left quarter and a crowd region in the bottom-right."""
     inst = np.zeros((1, 4, 4), bool)
     inst[0, :2, :2] = True
-    crowd_mask = np.zeros((1, 4, 4), bool)
-    crowd_mask[0, 2:, 2:] = True
+    crowd = np.zeros((1, 4, 4), bool)
+    crowd[0, 2:, 2:] = True
+    return inst, crowd
+
+
+def test_sample_target_appends_crowd_regions_also_without_untrained_objects():
+    inst, crowd_mask = _instance_and_crowd()
     s = Sample(image=np.zeros((4, 4, 3), np.uint8), mask=inst[0].astype(np.uint8), instance_masks=inst,
                instance_labels=np.array([1]), boxes=np.array([[0, 0, 2, 2]]),
                meta={"areas": [4.0], "crowd": {"masks": crowd_mask, "labels": [1], "boxes": [[2, 2, 4, 4]],
@@ -781,10 +787,7 @@ def test_sample_target_appends_crowd_regions_also_without_untrained_objects():
 
 
 def test_sample_target_keeps_the_files_xywh_boxes_of_instances_untrained_objects_and_crowds_in_that_order():
-    inst = np.zeros((1, 4, 4), bool)
-    inst[0, :2, :2] = True
-    crowd_mask = np.zeros((1, 4, 4), bool)
-    crowd_mask[0, 2:, 2:] = True
+    inst, crowd_mask = _instance_and_crowd()
     s = Sample(image=np.zeros((4, 4, 3), np.uint8), mask=inst[0].astype(np.uint8), instance_masks=inst,
                instance_labels=np.array([2]), boxes=np.array([[0, 0, 2, 2]]),
                meta={"areas": [4.0], "bboxes": [[0.1, 0.2, 1.9, 1.8]],
