@@ -9,6 +9,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import TypeGuard
 
 
 class UserError(Exception):
@@ -28,6 +29,12 @@ def finite(value) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def finite_number(value: object) -> TypeGuard[int | float]:
+    """``value`` is an int or float (not a bool, which Python counts as one) and finite: what a
+    number read from JSON, YAML or a flag must be."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and finite(value)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -20,7 +20,7 @@ from pixelwise.data.folder import FolderDataset
 from pixelwise.data.isbi import ISBI2012
 from pixelwise.data.shapes import ShapesDataset
 from pixelwise.data.voc import VOCSegmentation
-from pixelwise.errors import UserError, finite
+from pixelwise.errors import UserError, finite_number
 
 DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
     "shapes": ShapesDataset,
@@ -126,7 +126,7 @@ def _check_common(kind: str, kwargs: dict) -> None:
         if value is None:
             continue
         valid = isinstance(value, list | tuple) and len(value) == 3 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and finite(v) for v in value)
+            finite_number(v) for v in value)
         if not valid or (key == "std" and min(value) <= 0):
             example = "[0.229, 0.224, 0.225]" if key == "std" else "[0.485, 0.456, 0.406]"
             raise UserError(f"--dataset-kwargs: {kind} {key} must be three numbers (R, G, B on a 0..1 scale"

@@ -44,7 +44,7 @@ from pixelwise.data.base import IGNORE_INDEX, Problem, Sample
 from pixelwise.data.files import FilePairDataset, problem_from_error
 from pixelwise.data.io import probe
 from pixelwise.data.palette import default_palette
-from pixelwise.errors import UserError, finite, listed
+from pixelwise.errors import UserError, finite, finite_number, listed
 
 URL = "https://cocodataset.org/#download"
 
@@ -327,13 +327,12 @@ def _duplicates(entries: list) -> dict:
 
 def _number(value: object) -> float:
     """``value`` if it is a finite number, else 0 (for sorting by ``area`` before the check names it)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and finite(value)
-    return float(value) if ok else 0.0  # type: ignore[arg-type]
+    return float(value) if finite_number(value) else 0.0
 
 
 def _is_box(box: object) -> TypeGuard[list | tuple]:
     return (isinstance(box, list | tuple) and len(box) == 4
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and finite(v) for v in box))
+            and all(finite_number(v) for v in box))
 
 
 def _distinct_names(cats: list[dict]) -> list[str]:
@@ -376,7 +375,7 @@ def annotation_problem(a: dict, height: int, width: int) -> str | None:
     if not (isinstance(crowd, int | float) and crowd in (0, 1)):  # JSON's true/false are 1/0 here, as for pycocotools
         return f"has iscrowd {crowd!r}, not 0 or 1"
     area = a.get("area", 0.0)
-    if not (isinstance(area, int | float) and not isinstance(area, bool) and finite(area) and area >= 0):
+    if not (finite_number(area) and area >= 0):
         return f"has area {area!r}, not a non-negative number (COCO's evaluation ignores such an object)"
     return segmentation_problem(a["segmentation"], height, width)
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from pixelwise.errors import UserError, empty_path, expanded_home, finite
+from pixelwise.errors import UserError, empty_path, expanded_home, finite_number
 from pixelwise.sample import MAX_INPUT_PIXELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -308,7 +308,7 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
                 number = float(value) if kind is float else int(value)
             except ValueError:
                 raise UserError(f"{where} must be {what}, got {value!r}") from None
-        if isinstance(number, bool) or not isinstance(number, int | float) or not finite(number):
+        if not finite_number(number):
             raise UserError(f"{where} must be {what}, got {value!r}")
         if kind is int:
             if number != int(number):
@@ -353,14 +353,12 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
     elif kind is list and not isinstance(value, list):
         raise UserError(f"{where} must be a list, got {value!r}")
     if name == "lr_mult":
-        bad = next(((k, v) for k, v in value.items() if not k or isinstance(v, bool) or not isinstance(v, int | float)
-                    or not finite(v) or v <= 0), None)
+        bad = next(((k, v) for k, v in value.items() if not k or not finite_number(v) or v <= 0), None)
         if bad is not None:
             raise UserError(f"{where}: {bad[0]!r}: {bad[1]!r} must be a module name and a multiplier above 0, e.g. "
                             "{\"fc8\": 10}")
         value = {k: float(v) for k, v in value.items()}
-    if name == "milestones" and not all(isinstance(m, int | float) and not isinstance(m, bool) and finite(m)
-                                        and m >= 0 for m in value):
+    if name == "milestones" and not all(finite_number(m) and m >= 0 for m in value):
         raise UserError(f"{where} must be a list of epochs (numbers >= 0), got {value!r}")
     choices = meta["choices"]
     if choices and value not in choices:

@@ -96,7 +96,7 @@ from pixelwise.engine.ema import WeightAverage
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, param_groups, set_peak_lr
 from pixelwise.engine.precision import autocast, resolve_amp
 from pixelwise.engine.validate import ScoredInstances, eval_collate, to_device, validate_instances, validate_semantic
-from pixelwise.errors import UserError, finite, listed, shown
+from pixelwise.errors import UserError, finite, finite_number, listed, shown
 from pixelwise.losses import LossSpec, combined_loss
 from pixelwise.models import create_model, model_info, model_outputs
 from pixelwise.models.registry import check_model_kwargs, model_options
@@ -204,16 +204,13 @@ class TrainState:
         def count(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-        def number(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and finite(v)
-
         checks = {**dict.fromkeys(("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_epoch_steps",
                                    "batch", "images"), (count, "a whole number >= 0")),
-                  **dict.fromkeys(("stage_start_s", "loss_sum", "lr", "elapsed_s"), (number, "a number")),
+                  **dict.fromkeys(("stage_start_s", "loss_sum", "lr", "elapsed_s"), (finite_number, "a number")),
                   **dict.fromkeys(("stage_stopped", "time_stopped"), (lambda v: isinstance(v, bool), "true or false")),
                   "selected_by": (lambda v: isinstance(v, str), "a metric's name"),
                   "amp": (lambda v: v in ("off", "bf16", "fp16"), "off, bf16 or fp16"),
-                  "best_score": (lambda v: v == -math.inf or number(v), "a number or null"),
+                  "best_score": (lambda v: v == -math.inf or finite_number(v), "a number or null"),
                   "best_epoch": (lambda v: v is None or (count(v) and v >= 1), "an epoch or null"),
                   "rows": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of rows")}
         for name, (ok, what) in checks.items():

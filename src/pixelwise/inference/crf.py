@@ -49,7 +49,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from pixelwise.errors import UserError, finite
+from pixelwise.errors import UserError, finite_number
 
 __all__ = ["MAX_CRF_PIXELS", "CRFSettings", "PermutohedralLattice", "as_crf_settings", "check_crf_size", "dense_crf"]
 
@@ -73,11 +73,11 @@ class CRFSettings:
             raise UserError(f"crf iterations must be a whole number from 1 to 100, got {self.iterations!r}")
         for name in ("bi_w", "pos_w"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value) or value < 0:
+            if not finite_number(value) or value < 0:
                 raise UserError(f"crf {name} must be a number >= 0, got {value!r}")
         for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not finite(value) or value <= 0:
+            if not finite_number(value) or value <= 0:
                 raise UserError(f"crf {name} must be a number above 0, got {value!r}")
 
     def text(self) -> str:

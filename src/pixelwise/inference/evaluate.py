@@ -27,7 +27,6 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from pixelwise.data.coco import segmentation_problem
 from pixelwise.data.download import file_sha256
 from pixelwise.data.files import split_fingerprint
 from pixelwise.data.io import png_text, read_mask
-from pixelwise.errors import UserError, finite, listed
+from pixelwise.errors import UserError, finite_number, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.crf import check_crf_size
 from pixelwise.inference.ensemble import from_checkpoints
@@ -391,9 +390,9 @@ def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
                             f"{class_names[label]!r} has category id {category_ids[label]}: labels are class "
                             f"indices 1-{len(class_names) - 1} (the category ids {list(category_ids[1:])} in order), "
                             "not category ids; give the predictions of a model of this dataset's classes")
-        if not (_real(score) and 0 <= score <= 1):
+        if not (finite_number(score) and 0 <= score <= 1):
             raise UserError(f"{where} has score {score!r}, not a number in [0, 1]")
-        if not (isinstance(box, list) and len(box) == 4 and all(_real(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(finite_number(v) for v in box)):
             raise UserError(f"{where} has box {box!r}, not four numbers x1, y1, x2, y2")
         if box[2] < box[0] or box[3] < box[1]:
             raise UserError(f"{where} has box {box!r}, whose x2 < x1 or y2 < y1: not the corners x1, y1, x2, y2 "
@@ -410,10 +409,6 @@ def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.tensor(scores, dtype=torch.float32),
             "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.bool)}
-
-
-def _real(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and finite(value)
 
 
 RECORD_KEY = "pixelwise"  # the PNG text chunk of the record in every <stem>.png predict writes
