@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.nn as nn
+from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from conftest import write_isbi_tree
@@ -48,6 +49,8 @@ def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
     assert summary["steps"] == 4  # 16 images / 2 ranks / batch 4 = 2 steps per epoch
     for name in ("best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.csv"):
         assert (out / name).is_file(), name
+    with safe_open(out / "last.state.safetensors", "pt") as f:  # a resume inside an epoch needs as many
+        assert json.loads(f.metadata()["pixelwise_train_state"])["processes"] == 2
 
     model, _ = load_checkpoint(out / "last.safetensors")
     val = build_dataset("shapes", None, "val", **TINY_DATA)

@@ -93,6 +93,38 @@ def test_a_run_stopped_inside_an_epoch_resumes_only_with_its_batch_size(tmp_path
     assert fit(TrainConfig(**{**base, "resume": True}), log=lambda *_: None)["epochs_completed"] == 1
 
 
+def test_a_run_stopped_inside_an_epoch_resumes_only_in_its_number_of_processes(tmp_path):
+    """Each process trains its own share of an epoch's images: a run of 2 processes resumed in one
+    (or the other way round) would skip or repeat images. It was refused by the steps-per-epoch
+    check, whose advice (another --batch-size) the batch-size check then refused in turn."""
+    from safetensors import safe_open
+
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import fit
+
+    def stop_after_two_steps(event, state):
+        if event == "step" and state.step == 2:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    base = {"model": "unet", "dataset": "shapes", "out": str(run), "epochs": 1, "batch_size": 2,
+            "progress": False, "model_kwargs": {"base_channels": 4},
+            "dataset_kwargs": {"num_train": 8, "num_val": 2, "size": 32}}
+    with pytest.raises(KeyboardInterrupt):
+        fit(TrainConfig(**base), log=lambda *_: None, callbacks=[stop_after_two_steps])
+    with safe_open(run / "last.state.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["pixelwise_train_state"])["processes"] == 1
+    state = (run / "last.state.safetensors").read_bytes()
+    _restate(run, lambda m: m.update(processes=2))
+    before = files(run)
+    with pytest.raises(UserError, match=r"inside epoch 1 in 2 processes, and this run has 1 process: .* resume it "
+                                        r"in 2 processes \(torchrun --nproc-per-node 2\)"):
+        fit(TrainConfig(**{**base, "resume": True}), log=lambda *_: None)
+    assert files(run) == before
+    (run / "last.state.safetensors").write_bytes(state)
+    assert fit(TrainConfig(**{**base, "resume": True}), log=lambda *_: None)["epochs_completed"] == 1
+
+
 def _restate(run, meta_edit=None, tensor_edit=None):
     """The run's last.state.safetensors with its counters and/or tensors edited (damage, a hand edit)."""
     path = run / "last.state.safetensors"
@@ -114,6 +146,7 @@ def _shrink_first_optim(tensors):
     (lambda m: m.update(elapsed_s=None), None, "elapsed_s is None, not a number"),
     (lambda m: m.update(amp="x"), None, "amp is 'x', not off, bf16 or fp16"),
     (lambda m: m.update(stage_step=-1), None, "stage_step is -1"),
+    (lambda m: m.update(processes=0), None, "processes is 0, not a whole number >= 1"),
     (lambda m: m.pop("optim_scalars"), None, "the optimizer state in"),
     (lambda m: m.update(param_groups="x"), None, "param_groups is 'x'"),
     (None, _drop_first_optim, "parameters with different entries"),

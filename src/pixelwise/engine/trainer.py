@@ -171,6 +171,7 @@ class TrainState:
     time_stopped: bool = False  # an earlier stage ended on its time budget (the run moved on past it)
     stage_epoch_steps: int = 0  # optimizer steps of one whole epoch of that stage (0: a state of before)
     batch: int = 0  # micro-batches finished in the epoch in progress (0 between epochs)
+    processes: int = 1  # processes that trained it (torchrun's world size): they share out an epoch's images
     loss_sum: float = 0.0  # sum of loss x images over the finished steps of the epoch in progress
     images: int = 0  # images in loss_sum
     lr: float = 0.0  # learning rate of the latest step
@@ -206,6 +207,7 @@ class TrainState:
 
         checks = {**dict.fromkeys(("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_epoch_steps",
                                    "batch", "images"), (count, "a whole number >= 0")),
+                  "processes": (lambda v: count(v) and v >= 1, "a whole number >= 1"),
                   **dict.fromkeys(("stage_start_s", "loss_sum", "lr", "elapsed_s"), (finite_number, "a number")),
                   **dict.fromkeys(("stage_stopped", "time_stopped"), (lambda v: isinstance(v, bool), "true or false")),
                   "selected_by": (lambda v: isinstance(v, str), "a metric's name"),
@@ -876,6 +878,7 @@ def save_state(run: Run, state: TrainState) -> None:
     """``last.state.safetensors``: weights, optimizer, grad scaler, RNG states, the weight average
     (``ema.*``) and the state's counters (:func:`pixelwise.checkpoint.save_train_state`)."""
     rng_tensors, rng_meta = state.rng or rng_snapshot()
+    state.processes = run.info.world_size
     tensors = {**rng_tensors, **(run.ema.state_tensors() if run.ema is not None else {})}
     save_train_state(run.out / "last.state.safetensors", run.module, run.optimizer, run.scaler, tensors,
                      {**state.to_json(), "rng": rng_meta})
@@ -1020,6 +1023,13 @@ def resume(run: Run) -> TrainState:
     if state.selected_by != run.select:  # best_score and best.safetensors belong to the other metric
         raise UserError(f"{run.out} picked best.safetensors by {state.selected_by}; resume with "
                         f"--select-by {state.selected_by}, or train into a new --out")
+    if state.batch and state.processes != run.info.world_size:  # the epoch's images are shared out by process
+        ran, now = (f"{n} process{'es' if n > 1 else ''}" for n in (state.processes, run.info.world_size))
+        raise UserError(f"{run.out} stopped inside epoch {state.epoch + 1} in {ran}, and this run has {now}: each "
+                        "process has its own share of that epoch's images, so others would skip or repeat some; "
+                        f"resume it in {ran}" + (f" (torchrun --nproc-per-node {state.processes})"
+                                                 if state.processes > 1 else " (without torchrun)")
+                        + ", or train into a new --out")
     if state.batch:  # inside an epoch: its remaining batches are counted in the batch size it began with
         size = run.cfg.stage_configs()[state.stage][1].batch_size
         if state.images != state.batch * size:
