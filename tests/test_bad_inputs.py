@@ -408,3 +408,21 @@ def test_a_quoted_tilde_is_the_home_folder_for_every_verb_not_a_folder_named_til
                  "--no-progress"]) == 0, capfd.readouterr().err
     assert (home / "p" / "a.png").is_file()
     assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("verb", [["data", "inspect", "--dataset", "shapes", "--split", "val", "--no-progress",
+                                   "--dataset-kwargs", '{"num_val": 2, "size": 32}']])
+def test_a_broken_link_as_json_is_refused_before_the_work_and_named_as_a_link(verb, tmp_path, capsys):
+    """``--json r.json`` where r.json is a link to a file that does not exist passed the check (the
+    resolved target does not exist), the whole command ran, and the end said ``r.json appeared while
+    this command ran (another pixelwise writing there?)``: nothing appeared, the link was there before.
+    Same for ``export --out`` and ``eval --json``."""
+    link = tmp_path / "r.json"
+    link.symlink_to(tmp_path / "gone" / "r.json")
+    assert main([*verb, "--json", str(link)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pixelwise: error: ")
+    assert "appeared while this command ran" not in err[0] and "link" in err[0], err[0]
+    assert "median" not in captured.out  # refused before the report was made
+    assert link.is_symlink() and not (tmp_path / "gone").exists()

@@ -834,6 +834,24 @@ def test_a_device_that_is_not_cpu_or_cuda_is_one_line(name, message):
         check_device(name)
 
 
+def test_an_out_folder_that_is_a_broken_link_is_named_as_one(tmp_path, capsys):
+    """A link to a folder that is not there, as --out (or a folder above it): check_can_create walked
+    past it to its writable parent, and the mkdir then said "File exists"."""
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "gone")
+    for out in (link, link / "a"):
+        with pytest.raises(UserError, match=f"^--out {re.escape(str(out))}: {re.escape(str(link))} is a link to "
+                                            f".*gone, which does not exist; fix the link"):
+            check_can_create(out, f"--out {out}")
+    from pixelwise.cli import main
+
+    assert main(["train", "--model", "unet", "--dataset", "shapes", "--epochs", "1", "--out", str(link),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a link to" in err, err
+    assert not (tmp_path / "gone").exists() and link.is_symlink()
+
+
 def test_the_write_probe_leaves_nothing_behind(tmp_path):
     check_can_create(tmp_path / "a" / "b", "--out a/b")
     check_can_create(tmp_path, "--out .")

@@ -1,4 +1,6 @@
+import glob
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from pixelwise.inference.writers import (
     _name_max,
     check_predict,
     instance_colors,
+    pattern_reaches,
     plan_images,
     predict_files,
 )
@@ -932,3 +935,44 @@ def test_a_semantic_predictor_stops_between_batches_once_its_job_is_cancelled(ch
         event.set()
         with pytest.raises(cancel.Cancelled):
             predictor.predict(image)
+
+
+def test_an_out_folder_a_recursive_pattern_reaches_is_refused_before_its_outputs_become_inputs(checkpoint, tmp_path,
+                                                                                               capsys):
+    """``predict 'g/**/*.png' --out g/pred`` wrote 4 predictions; the same command again was refused
+    with the hint ``e.g. --out g/pred/predictions``, which the pattern reaches too: following it
+    predicted the earlier masks and overlays as images (12 predictions of 4 images, no word)."""
+    g = tmp_path / "g"
+    (g / "s").mkdir(parents=True)
+    _image(g / "a.png")
+    _image(g / "s" / "b.png")
+    pattern = str(g / "**" / "*.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), pattern, "--out", str(g / "pred"), "--no-progress"]) == 2
+    assert "--out" in _one_error(capsys) and not (g / "pred").exists()
+    # a plain folder input does not read subfolders: an --out inside it stays allowed
+    assert main(["predict", "--checkpoint", str(checkpoint), str(g), "--out", str(g / "pred"), "--no-progress"]) == 0
+    # ... and --out g, which holds the input, is refused with a hint the pattern does not reach
+    assert main(["predict", "--checkpoint", str(checkpoint), pattern, "--out", str(g), "--no-progress"]) == 2
+    err = _one_error(capsys)
+    assert "holds the input" in err and f"e.g. --out {g.parent / 'g-predictions'}" in err, err
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "gone")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(g), "--out", str(link), "--no-progress"]) == 2
+    assert "is a link to" in _one_error(capsys) and not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("pattern", ["g/**/*.png", "g/*/*.png", "g/*.png", "g/**", "g/s*/**/a?.png", "g/[ab]*/*.png",
+                                     "g/.h/*.png", "g/**/.*.png", "*/s/*", "g/s/t/a1.png"])
+def test_pattern_reaches_lists_what_glob_lists(tmp_path, monkeypatch, pattern):
+    """The --out check asks whether a pattern would list an output once it is written; the reference
+    is glob itself, on a tree with hidden folders and files, nested folders and near misses."""
+    monkeypatch.chdir(tmp_path)
+    files = ["g/a.png", "g/b.jpg", "g/s/a1.png", "g/s/t/a1.png", "g/s/t/b.png", "g/.h/a.png", "g/.a.png",
+             "g/s/.b.png", "g/x/ab.png", "g/u/v/w/a2.png", "h/s/a.png"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    listed = {os.path.normpath(p) for p in glob.glob(pattern, recursive=True)}
+    for name in files:
+        assert pattern_reaches(pattern, Path(name)) == (name in listed), name
+        assert pattern_reaches(pattern, tmp_path / name) == (name in listed), name  # absolute and relative alike

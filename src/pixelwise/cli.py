@@ -425,7 +425,13 @@ def check_output_file(path: str | None, flag: str, inputs: list[str | None], ove
     # start-up time: runtime loads torch, which the verbs that call this load anyway
     from pixelwise.runtime import check_can_create
 
-    out = Path(path).expanduser().resolve()
+    given = Path(path).expanduser()
+    if given.is_symlink() and not given.exists() and not overwrite:
+        # the resolved target does not exist, so the check passed and the final rename refused the
+        # link only after all the work, as a file that "appeared while this command ran"
+        raise UserError(f"{flag} {path} is a link to {os.readlink(given)}, which does not exist; remove the link, "
+                        "give another file name, or pass --overwrite to replace the link")
+    out = given.resolve()
     if out.is_dir():
         raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
     check_can_create(out.parent, f"{flag} {path}")  # write_json creates the missing folders
@@ -873,7 +879,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (their image files, not "
                    "subfolders) or quoted glob patterns ('photos/*.jpg', 'photos/**/*.jpg' through subfolders)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the predictions; never one that holds "
-                   "an input (inputs whose names differ only in extension get <stem>_<ext>)")
+                   "an input or that a pattern of the inputs reaches (inputs whose names differ only in extension "
+                   "get <stem>_<ext>)")
     p.add_argument("--overwrite", action="store_true", help="replace files of the outputs' names already in --out "
                    "(an earlier prediction); without it such a file is refused before any work")
     p.add_argument("--resume", action="store_true", help="go on with an interrupted predict into --out: keep the "

@@ -28,6 +28,7 @@ with ``skip_invalid``, left out and listed.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import json
@@ -98,7 +99,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             paths += sorted(q for q in p.iterdir() if _listed(q))
         elif p.is_file() or p.is_symlink() or p.exists():  # a broken link or a FIFO is named when it is read
             paths.append(p)
-        elif any(ch in item for ch in "*?["):
+        elif _magic(item):
             matches = sorted(Path(q) for q in glob.glob(item, recursive=True) if _listed(Path(q)))
             if not matches:
                 raise UserError(f"no images match {item}")
@@ -119,6 +120,34 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
     unique = {key(p): p for p in reversed(paths)}
     return [p for p in paths if unique[key(p)] is p]
+
+
+def _magic(text: str) -> bool:
+    """Whether ``text`` holds a glob wildcard (``*``, ``?`` or ``[``)."""
+    return any(ch in text for ch in "*?[")
+
+
+def pattern_reaches(pattern: str, path: Path) -> bool:
+    """Whether ``glob.glob(pattern, recursive=True)`` would list ``path`` were it there: each
+    component matched as glob matches it (``**`` any number of folders, wildcards not matching a
+    hidden name unless the pattern's component starts with a dot), both made absolute."""
+    want = Path(os.path.abspath(os.path.expanduser(pattern))).parts
+    have = Path(os.path.abspath(path)).parts
+
+    def match(i: int, j: int) -> bool:
+        if i == len(want):
+            return j == len(have)
+        if want[i] == "**":
+            return match(i + 1, j) or (j < len(have) and not have[j].startswith(".") and match(i, j + 1))
+        if j == len(have):
+            return False
+        if not _magic(want[i]):
+            same = os.path.normcase(want[i]) == os.path.normcase(have[j])
+        else:
+            same = fnmatch.fnmatch(have[j], want[i]) and (want[i].startswith(".") or not have[j].startswith("."))
+        return same and match(i + 1, j + 1)
+
+    return match(0, 0)
 
 
 def _resolved(p: Path) -> Path:
@@ -300,11 +329,15 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder for the predictions")
     check_can_create(out_dir, f"--out {out_dir}")  # a read-only folder: said now, not by a temporary file's name
+    patterns = [item for item in inputs if not Path(item).exists() and _magic(item)]
     inside = [p for p in paths if _resolved(p).parent == out_dir.resolve()]
     if inside:
+        here = out_dir.resolve()  # a folder a pattern of the inputs does not reach, to suggest
+        free = next((c for c in (out_dir / "predictions", here.parent / f"{here.name}-predictions")
+                     if not any(pattern_reaches(item, c / "mask.png") for item in patterns)), None)
         raise UserError(f"--out {out_dir} holds the input {inside[0]}"
                         f"{f' and {len(inside) - 1} more' if len(inside) > 1 else ''}, and predictions never go "
-                        f"beside their inputs; give another folder, e.g. --out {out_dir / 'predictions'}")
+                        "beside their inputs; give another folder" + (f", e.g. --out {free}" if free else ""))
     readable, counts, skipped, digests = [], [], [], []
     for p in progress_bar(paths, "check inputs", show=progress):
         try:
@@ -346,6 +379,11 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
                 raise UserError(f"{path}: its output {name} would be longer than the {longest} bytes a file name "
                                 "may have; rename the input to a shorter name")
             target = out_dir / name
+            pattern = next((item for item in patterns if pattern_reaches(item, target)), None)
+            if pattern is not None:
+                raise UserError(f"--out {out_dir} is where the pattern {pattern!r} reads: the output {name} would be "
+                                "read as an input by the next run of this command; give a folder that the pattern "
+                                "does not reach")
             if target.exists() and (os.stat(target).st_dev, os.stat(target).st_ino) in inodes:
                 raise UserError(f"{target} is a link to one of the inputs and would be written over; remove it "
                                 "or give another --out")
