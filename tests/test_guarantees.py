@@ -669,6 +669,32 @@ def test_a_json_report_is_written_beside_the_data_but_never_into_it_nor_over_a_f
     assert json.loads((data / "eval.json").read_text())["num_images"] == 2
 
 
+@pytest.mark.parametrize("verb", [["data", "inspect"], ["eval", "--predictions", "preds"]])
+@pytest.mark.parametrize("where", ["in the data folder", "elsewhere"])
+def test_a_json_report_never_replaces_the_annotation_file_it_read(tmp_path, capsys, monkeypatch, verb, where):
+    """A COCO-format set's annotation file (ann_file=) is an input, so --json naming it is refused even
+    with --overwrite, as the checkpoint is. Directly in --data it passed as the one place a report may
+    go, and one elsewhere was not compared at all: the report replaced the annotations, exit 0."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (tmp_path / "preds").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 100, np.uint8)).save(data / "images" / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[4, 4, 20, 4, 20, 20, 4, 20]],
+                             "area": 256, "bbox": [4, 4, 16, 16], "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "box"}]}
+    ann = data / "val.json" if where == "in the data folder" else tmp_path / "ann" / "val.json"
+    ann.parent.mkdir(exist_ok=True)
+    ann.write_text(json.dumps(coco))
+    option = "{split}.json" if where == "in the data folder" else str(tmp_path / "ann" / "{split}.json")
+    before = tree(tmp_path)
+    assert main([*verb, "--dataset", "coco", "--data", str(data), "--split", "val", "--dataset-kwargs",
+                 json.dumps({"ann_file": option, "image_dir": "images"}), "--json", str(ann), "--overwrite"]) == 2
+    assert "would write over the input" in one_error_line(capsys)
+    assert tree(tmp_path) == before
+
+
 def test_a_folder_that_refuses_a_trial_file_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
     """os.access trusts the mode bits, which root, read-only mounts and sysfs do not honour: a real
     trial file in the folder decides (here its creation fails as a read-only file system does)."""

@@ -401,16 +401,30 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     from pixelwise.data import build_dataset
     from pixelwise.data.inspect import format_report, inspect_dataset
 
-    check_output_file(args.json, "--json", [args.data], args.overwrite)
+    dataset_kwargs = train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs")
+    check_output_file(args.json, "--json", [args.data, *option_files(args.data, args.split, dataset_kwargs)],
+                      args.overwrite)
     set_max_pixels(args.max_pixels)
-    ds = build_dataset(args.dataset, args.data, args.split,
-                       **train_config.parse_json_dict(args.dataset_kwargs, "--dataset-kwargs"))
+    ds = build_dataset(args.dataset, args.data, args.split, **dataset_kwargs)
     report = inspect_dataset(ds, progress=args.progress)
     print(format_report(report))
     if args.json:
         write_json(args.json, report, args.overwrite)
         print(f"wrote {args.json}")
     return 1 if report["problems"] and args.strict else 0
+
+
+def option_files(data: str | None, split: str, dataset_kwargs: dict) -> list[str]:
+    """The files that ``--dataset-kwargs`` names and that exist (a COCO-format set's ``ann_file``,
+    ``{split}`` filled in), each as a reader finds it: under ``data`` or as given. They are inputs
+    too, though not inside an input folder: one directly in ``data`` is where a report may go."""
+    found = []
+    for value in dataset_kwargs.values():
+        if isinstance(value, str) and value:
+            named = Path(value.replace("{split}", split)).expanduser()
+            found += [str(p) for p in ((Path(data).expanduser() / named) if data else None, named)
+                      if p is not None and p.is_file()]
+    return found
 
 
 def check_output_file(path: str | None, flag: str, inputs: list[str | None], overwrite: bool = False) -> None:
@@ -572,13 +586,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if given:
             raise UserError(f"--predictions scores masks already made, so --{given[0].replace('_', '-')} (how a "
                             "model predicts) does not apply; leave it out, or evaluate the --checkpoint instead")
-        check_output_file(args.json, "--json", [args.predictions, args.data], args.overwrite)
+        check_output_file(args.json, "--json", [args.predictions, args.data,
+                                                *option_files(args.data, args.split, dataset_kwargs)], args.overwrite)
         set_max_pixels(args.max_pixels)
         metrics = evaluate_predictions(args.predictions, args.dataset, args.data, args.split,
                                        dataset_kwargs=dataset_kwargs, progress=args.progress, bf=not args.no_bf,
                                        skip_invalid=args.skip_invalid)
         return report_eval(args, metrics)
-    check_output_file(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data], args.overwrite)
+    check_output_file(args.json, "--json", [*(args.checkpoint or []), args.onnx, args.data,
+                                            *option_files(args.data, args.split, dataset_kwargs)], args.overwrite)
     options = {k: v for k, v in predictor_options(args).items() if v is not None}
     if options.get("mode") == "int8":
         options["measuring"] = True  # eval measures what int8 costs, also for models it is not yet offered for
