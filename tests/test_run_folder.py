@@ -2,6 +2,7 @@
 file they did not write, and resume only the run that is there."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -9,6 +10,8 @@ import yaml
 from conftest import edit_safetensors
 from pixelwise.cli import main
 from pixelwise.demo import run_demo
+from pixelwise.engine.config import TrainConfig
+from pixelwise.engine.trainer import fit
 from pixelwise.errors import UserError
 
 TINY = ["--model-kwargs", '{"base_channels": 4}', "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}',
@@ -123,6 +126,27 @@ def test_a_run_stopped_inside_an_epoch_resumes_only_in_its_number_of_processes(t
     assert files(run) == before
     (run / "last.state.safetensors").write_bytes(state)
     assert fit(TrainConfig(**{**base, "resume": True}), log=lambda *_: None)["epochs_completed"] == 1
+
+
+@pytest.mark.parametrize("removed", ["the folder", "config.yaml"])
+def test_a_run_folder_removed_while_training_stops_the_run_and_is_not_made_again(tmp_path, removed):
+    """The first save after it made the folder again, without config.yaml or the lock, and the run
+    ended with exit 0 in a folder that --resume cannot read."""
+    run = tmp_path / "run"
+
+    def remove(event, state):
+        if event == "step" and state.step == 1:
+            if removed == "the folder":
+                shutil.rmtree(run)
+            else:
+                (run / "config.yaml").unlink()
+
+    cfg = TrainConfig(model="unet", dataset="shapes", out=str(run), epochs=1, batch_size=2, progress=False,
+                      model_kwargs={"base_channels": 4}, dataset_kwargs={"num_train": 4, "num_val": 2, "size": 32})
+    with pytest.raises(UserError, match=r"lost its config.yaml while training .* stopped after 2 optimizer steps "
+                                        "without saving"):
+        fit(cfg, log=lambda *_: None, callbacks=[remove])
+    assert not run.exists() if removed == "the folder" else not (run / "last.safetensors").exists()
 
 
 def _restate(run, meta_edit=None, tensor_edit=None):

@@ -1397,6 +1397,17 @@ def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
     }
 
 
+def check_run_folder(run: Run, state: TrainState) -> None:
+    """Before rank 0 saves: the run folder still holds its ``config.yaml``. A folder removed (or
+    emptied) while training was made again by the first save, without it, so the run ended with
+    exit 0 in a folder that ``--resume`` cannot read."""
+    if not (run.out / "config.yaml").is_file():
+        steps = f"{state.step} optimizer step{'s' if state.step != 1 else ''}"
+        raise UserError(f"{run.out} lost its config.yaml while training (the folder was removed or emptied); the "
+                        f"run stopped after {steps} without saving, as a folder without it cannot be resumed: "
+                        "train again")
+
+
 def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
     """After an epoch: ``best`` (if ``metrics[select]`` improved, as :data:`PENDING_BEST`), ``last``,
     the training state, then the pending best renamed to ``best`` and ``metrics.csv``, each atomically
@@ -1410,6 +1421,7 @@ def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
         state.best_score, state.best_epoch = score, state.epoch
     if not run.info.is_main:
         return
+    check_run_folder(run, state)
     meta = checkpoint_meta(run, {"epoch": state.epoch, **({"val": metrics} if metrics else {})})
     if improved:
         save_checkpoint(run.out / PENDING_BEST, run.saved, meta)
@@ -1443,6 +1455,7 @@ def save_interrupted(run: Run, state: TrainState) -> str:
     if not run.info.is_main:
         return ""
     state.elapsed_s = run.elapsed()
+    check_run_folder(run, state)
     summary = {"epoch": state.epoch, "interrupted_after_batches": state.batch}
     save_checkpoint(run.out / "last.safetensors", run.saved, checkpoint_meta(run, summary))
     save_state(run, state)
