@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pixelwise.models.ensemble as ensemble_module
 from pixelwise.models.ensemble import Ensemble, edeconvnet
 
 
@@ -67,6 +68,28 @@ def test_bad_weights_raise(members, weights):
 def test_empty_ensemble_raises():
     with pytest.raises(ValueError, match="at least one"):
         Ensemble([])
+
+
+def test_edeconvnet_averages_deconvnet_then_fcn8s_with_the_given_weights(monkeypatch):
+    # the wiring of edeconvnet without building its 386M parameters: each member a stand-in recording its call
+    calls = []
+
+    def stand_in(name, out):
+        def build(num_classes, pretrained=None):
+            calls.append((name, num_classes, pretrained))
+            return out
+        return build
+
+    torch.manual_seed(0)
+    a, b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+    monkeypatch.setattr(ensemble_module, "deconvnet", stand_in("deconvnet", a))
+    monkeypatch.setattr(ensemble_module, "fcn8s", stand_in("fcn8s", b))
+    model = edeconvnet(4, pretrained="imagenet", weights=[1.0, 3.0])
+    assert calls == [("deconvnet", 4, "imagenet"), ("fcn8s", 4, "imagenet")]
+    assert model.members[0] is a and model.members[1] is b
+    x = torch.randn(1, 3, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).exp(), (a(x).softmax(1) + 3 * b(x).softmax(1)) / 4, atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow

@@ -66,10 +66,35 @@ def test_segnet_basic_any_size(size):
 
 def test_segnet_odd_size():
     model = segnet(12).eval()
+    seen = []
+    model.classifier.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     with torch.no_grad():
         out = model(torch.randn(1, 3, 97, 131))
+        # the classifier is Caffe's conv1_1_D (3x3, pad 1) on the map padded to 128 x 160: each logit is the
+        # filter centred on its own pixel, none shifted or zero-filled by the crop back to 97 x 131
+        want = F.conv2d(seen[0], model.classifier.weight, model.classifier.bias, padding=1)[..., :97, :131]
     assert out.shape == (1, 12, 97, 131)
     assert torch.isfinite(out).all()
+    assert seen[0].shape[-2:] == (128, 160)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_segnet_basic_lrn_is_the_prototxts_local_size_5_alpha_1e4_beta_075():
+    # b_c = a_c / (1 + alpha / n * sum of a^2 over the n = 5 channels centred on c) ** beta, as Caffe's LRN
+    lrn = segnet_basic(3).features[0]
+    x = torch.rand(1, 8, 3, 4) * 30  # large enough that alpha matters
+    sq = F.pad(x**2, (0, 0, 0, 0, 2, 2))
+    want = x / (1.0 + 1e-4 / 5 * sum(sq[:, i : i + 8] for i in range(5))) ** 0.75
+    torch.testing.assert_close(lrn(x), want, rtol=1e-5, atol=1e-6)
+    assert (want - x).abs().max() > 0.1
+
+
+def test_segnet_dropout_without_dropout_stages_adds_no_dropout():
+    # dropout_stages defaults to 0: a rate alone puts no dropout anywhere
+    features = make_features((8, "M", 16, "M"), batch_norm=True)
+    model = SegNet(features, decoder_stages(mirror_channels(features), "indices"), nn.Conv2d(8, 3, 3, padding=1),
+                   dropout=0.5)
+    assert not has_dropout(model)
 
 
 # --------------------------------------------------------------------------- unpooling

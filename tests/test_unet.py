@@ -6,6 +6,7 @@ import torch.nn as nn
 from pixelwise.models.unet import (
     IBN,
     UNet,
+    center_crop,
     mirror_pad,
     unet_weight_map,
     valid_input_size,
@@ -67,6 +68,56 @@ def test_mirror_pad_matches_numpy_symmetric_reflection():
     assert np.array_equal(big.numpy(), _repeated_reflect(x.numpy(), 9, 13, 11, 10))
     one = torch.tensor([[[[5.0]]]])
     assert torch.equal(mirror_pad(one, 2, 1, 0, 3), torch.full((1, 1, 4, 4), 5.0))
+
+
+def test_center_crop_takes_the_middle_of_each_side():
+    x = torch.arange(8.0 * 9).reshape(1, 1, 8, 9)
+    # 8 -> 4 rows drops 2 at each end; 9 -> 3 columns drops 3 at each end
+    assert torch.equal(center_crop(x, 4, 3), x[..., 2:6, 3:6])
+    assert torch.equal(center_crop(x, 8, 9), x)
+
+
+def test_valid_forward_is_the_valid_network_on_the_image_mirror_padded_by_92_pixels():
+    # overlap-tile (Fig. 2 of the paper): the output pixel (0, 0) sees 92 mirrored pixels above and left of it;
+    # any larger valid tile on the same grid gives the same values where the image is
+    torch.manual_seed(0)
+    model = UNet(2, base_channels=2, padding="valid", dropout=0).eval()
+    x = torch.randn(1, 3, 36, 37)
+    assert valid_output_size(252) == 68
+    with torch.no_grad():
+        ref = model.forward_features(mirror_pad(x, 92, 252 - 36 - 92, 92, 252 - 37 - 92))[..., :36, :37]
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [140, 156, 172, 188, 190, 204])
+def test_valid_output_size_is_what_the_valid_network_gives_or_none_where_it_cannot_run(size):
+    """140-172 px leave a bottom map of 1-3 pixels, which vanishes on the way up: the function gave
+    -44, -28, -12 where its docstring promised None and the network raises."""
+    model = UNet(2, base_channels=2, padding="valid", dropout=0).eval()
+    want = valid_output_size(size)
+    with torch.no_grad():
+        if want is None and size % 4 == 0:
+            with pytest.raises(RuntimeError):
+                model.forward_features(torch.zeros(1, 3, size, size))
+        elif want is not None:
+            assert model.forward_features(torch.zeros(1, 3, size, size)).shape[-2:] == (want, want)
+    assert (want is None) == (size in (140, 156, 172, 190))  # 190: a pooling would see an odd side
+
+
+def test_each_expanding_step_takes_the_cropped_skip_first_then_the_upsampled_map():
+    """The paper's Fig. 1 concatenates the cropped feature map of the contracting path with the
+    up-convolution's output (the Caffe net's concat: skip first); with equal channel counts a swap
+    keeps every shape."""
+    torch.manual_seed(0)
+    model = UNet(2, base_channels=2, padding="valid", dropout=0).eval()
+    seen = {}
+    model.down[3].register_forward_hook(lambda m, i, o: seen.update(skip=o))
+    model.upconv[0].register_forward_hook(lambda m, i, o: seen.update(up=o))
+    model.up[0].register_forward_pre_hook(lambda m, i: seen.update(joined=i[0]))
+    with torch.no_grad():
+        model.forward_features(torch.randn(1, 3, 188, 188))
+    up = seen["up"]
+    assert torch.equal(seen["joined"], torch.cat([center_crop(seen["skip"], *up.shape[-2:]), up], 1))
 
 
 def _repeated_reflect(a, top, bottom, left, right):
@@ -152,6 +203,16 @@ def test_ibn_instance_normalises_half_the_channels_and_batch_normalises_the_rest
     y = layer(x)
     per_image, per_batch = standardise(x[:, :3], (2, 3)), standardise(x[:, 3:], (0, 2, 3))
     torch.testing.assert_close(y, torch.cat([per_image, per_batch], 1), atol=1e-5, rtol=1e-5)
+
+
+def test_ibn_takes_two_channels_one_per_half():
+    # the documented minimum: base_channels >= 2, one instance- and one batch-normalised channel
+    layer = IBN(2).train()
+    x = torch.randn(3, 2, 4, 5) * 3 + 1
+    want = torch.cat([standardise(x[:, :1], (2, 3)), standardise(x[:, 1:], (0, 2, 3))], 1)
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    model = UNet(3, base_channels=2, batch_norm=True, ibn_levels=1)
+    assert isinstance(model.down[0][1], IBN)
 
 
 def test_ibn_levels_puts_ibn_in_the_first_norm_of_the_first_levels_only():

@@ -138,7 +138,7 @@ def valid_output_size(size: int) -> int | None:
         return None
     for _ in range(DEPTH):
         s = 2 * s - 4
-    return s
+    return s if s > 0 else None  # a bottom map of 1-3 pixels vanishes on the way up (2s - 4 stays <= 0 from there)
 
 
 def valid_tile(size: int) -> tuple[int, int]:
