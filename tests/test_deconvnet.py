@@ -53,6 +53,16 @@ def test_layout(big):
     assert big.min_size == 224
 
 
+def test_weights_start_from_he_initialisation(big):
+    # init_msra: He normal (fan-in) on every (transposed) conv, zero biases; PyTorch's default would be
+    # uniform with a third of the variance and nonzero biases. deconv_fc6's weight is [4096, 512, 7, 7]:
+    # fan-in 512 * 7 * 7 as torch counts it for a transposed conv
+    std = big.deconv_fc6[0].weight.std().item()
+    assert abs(std - math.sqrt(2 / (512 * 49))) < 0.01 * math.sqrt(2 / (512 * 49))
+    biases = [m.bias for m in big.decoder.modules() if isinstance(m, nn.ConvTranspose2d) and m.bias is not None]
+    assert not any(b.any() for b in biases + [big.classifier.bias])
+
+
 def test_any_input_size(big):
     with torch.no_grad():
         out = big(torch.randn(1, 3, 97, 131))
@@ -72,6 +82,17 @@ def test_input_is_zero_padded_to_the_minimum_and_cropped_back():
     assert out.shape == (2, 3, 20, 13)
     assert torch.allclose(out, ref, atol=1e-6)
     assert wide.shape == (1, 3, 30, 45)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the size checks trace as constants, as said
+def test_traced_model_pads_small_inputs_as_the_eager_one():
+    # under torch.jit.trace (ONNX export) pad_to_min takes its traced-size path
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randn(1, 3, 20, 13)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(x), model(x))
 
 
 def test_gradients_reach_every_parameter():
@@ -123,6 +144,16 @@ def test_crop_boxes_enlarges_about_the_centre():
     # box 1: centre (20, 40), 20x40 -> 24x48: x 8..32, y 16..64 (past the 50-pixel image: kept)
     # box 2: centre (2, 2), 4x4 -> 4.8x4.8: floor(-0.4) = -1, ceil(4.4) = 5
     assert crops.tolist() == [[8, 16, 32, 64], [-1, -1, 5, 5]]
+
+
+def test_crop_boxes_small_and_outside_boxes():
+    boxes = torch.tensor([[10.0, 10.0, 11.0, 11.0],   # 1x1 at scale 1: itself
+                          [5.0, 5.0, 5.0, 5.0],       # empty: counted as 1x1, x 1.2 -> 4.4 .. 5.6
+                          [60.0, 70.0, 80.0, 90.0],   # past the bottom-right: starts on the last pixel
+                          [-30.0, -20.0, -10.0, -5.0]])  # past the top-left: ends after the first
+    assert crop_boxes(boxes[:1], 1.0, 50, 40).tolist() == [[10, 10, 11, 11]]
+    assert crop_boxes(boxes[1:2], 1.2, 50, 40).tolist() == [[4, 4, 6, 6]]
+    assert crop_boxes(boxes[2:], 1.0, 50, 40).tolist() == [[39, 49, 80, 90], [-30, -20, 1, 1]]
 
 
 def _naive_instance_wise(model, image, boxes, scale, size, background):
@@ -189,5 +220,11 @@ def test_instance_wise_predict_rejects_bad_input():
         instance_wise_predict(model, torch.zeros(3, 8, 8), torch.tensor([[0.0, float("nan"), 4, 4]]))
     with pytest.raises(ValueError, match="reversed"):
         instance_wise_predict(model, torch.zeros(3, 8, 8), torch.tensor([[4.0, 0, 0, 4]]))
+    with pytest.raises(ValueError, match="reversed"):  # y1 < y0 only
+        instance_wise_predict(model, torch.zeros(3, 8, 8), torch.tensor([[1.0, 4, 5, 2]]))
     with pytest.raises(ValueError, match="background=5 is not a class"):
         instance_wise_predict(model.eval(), torch.zeros(3, 8, 8), box, input_size=8, background=5)
+    with pytest.raises(ValueError, match="background=2 is not a class"):  # classes are 0 and 1
+        instance_wise_predict(model.eval(), torch.zeros(3, 8, 8), box, input_size=8, background=2)
+    with pytest.raises(ValueError, match="background=-1 is not a class"):
+        instance_wise_predict(model.eval(), torch.zeros(3, 8, 8), box, input_size=8, background=-1)

@@ -157,3 +157,106 @@ def test_bad_block_kinds():
         Bottleneck(16, "dilated")
     with pytest.raises(ValueError, match="downsampling"):
         Bottleneck(16, cout=32)
+
+
+def test_every_spatial_dropout_follows_the_dropout_argument():
+    # stage 1 (bottleneck 1.0 and 1.x) at a tenth of the rate, every later block at the rate itself
+    model = enet(4, dropout=0.3)
+    rates = {name: m.p for name, m in model.named_modules() if isinstance(m, nn.Dropout2d)}
+    assert len(rates) == 1 + 4 + 1 + 8 + 8 + 1 + 2 + 1 + 1  # one per bottleneck of Table 1
+    for name, p in rates.items():
+        assert p == pytest.approx(0.03 if name.startswith(("down1.", "stage1.")) else 0.3), name
+    assert Bottleneck(64).dropout.p == 0.1 and Upsample(64, 16).dropout.p == 0.1  # the paper's rate by default
+
+
+def randomise(module: nn.Module) -> None:
+    """Random BatchNorm statistics and affine parameters and PReLU slopes, so that each shows."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+        elif isinstance(m, nn.PReLU):
+            nn.init.uniform_(m.weight, 0.1, 0.4)
+
+
+def bn_ref(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    def v(t):
+        return t.view(1, -1, 1, 1)
+    return (x - v(bn.running_mean)) / (v(bn.running_var) + bn.eps).sqrt() * v(bn.weight) + v(bn.bias)
+
+
+def prelu_ref(x: torch.Tensor, act: nn.PReLU) -> torch.Tensor:
+    return torch.where(x >= 0, x, act.weight.view(1, -1, 1, 1) * x)
+
+
+def test_bottlenecks_against_a_functional_reference():
+    # the paper's Fig. 2b in eval mode: PReLU(main + BN(1x1(PReLU(BN(conv(PReLU(BN(projection(x)))))))))
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 12)
+
+    def project_conv(block, x, stride, conv):
+        y = prelu_ref(bn_ref(F.conv2d(x, block.project[0].weight, stride=stride), block.project[1]), block.project[2])
+        return conv(y)
+
+    def expand(block, y):
+        return bn_ref(F.conv2d(y, block.expand[0].weight), block.expand[1])
+
+    with torch.no_grad():
+        for kind, dilation in [("regular", 1), ("regular", 2), ("asymmetric", 1)]:
+            block = Bottleneck(16, kind, dilation=dilation).eval()
+            randomise(block)
+            c = block.conv
+            if kind == "asymmetric":  # 5x1 then 1x5, a single BN + PReLU after the pair
+                def conv(y, c=c):
+                    y = F.conv2d(F.conv2d(y, c[0].weight, padding=(2, 0)), c[1].weight, padding=(0, 2))
+                    return prelu_ref(bn_ref(y, c[2]), c[3])
+            else:
+                def conv(y, c=c, d=dilation):
+                    return prelu_ref(bn_ref(F.conv2d(y, c[0].weight, padding=d, dilation=d), c[1]), c[2])
+            ref = prelu_ref(x + expand(block, project_conv(block, x, 1, conv)), block.act)
+            torch.testing.assert_close(block(x), ref, msg=f"{kind} dilation {dilation}")
+
+        down = Bottleneck(16, "downsample", cout=24).eval()
+        randomise(down)
+        c = down.conv
+        branch = expand(down, project_conv(down, x, 2, lambda y: prelu_ref(bn_ref(F.conv2d(y, c[0].weight, padding=1),
+                                                                                 c[1]), c[2])))
+        main = torch.cat([F.max_pool2d(x, 2), torch.zeros(2, 8, 4, 6)], dim=1)
+        out, _ = down.forward_down(x)
+        torch.testing.assert_close(out, prelu_ref(main + branch, down.act))
+
+        up = Upsample(16, 8).eval()
+        randomise(up)
+        small = torch.randn(2, 16, 4, 6)
+        _, indices = F.max_pool2d(torch.randn(2, 8, 8, 12), 2, return_indices=True)
+        m = bn_ref(F.conv2d(small, up.main[0].weight), up.main[1])
+        unpooled = torch.zeros(2, 8, 8 * 12).scatter_(2, indices.flatten(2), m.flatten(2)).view(2, 8, 8, 12)
+        y = prelu_ref(bn_ref(F.conv2d(small, up.project[0].weight), up.project[1]), up.project[2])
+        y = F.conv_transpose2d(y, up.conv[0].weight, stride=2, padding=1, output_padding=1)
+        y = expand(up, prelu_ref(bn_ref(y, up.conv[1]), up.conv[2]))
+        torch.testing.assert_close(up(small, indices, (8, 12)), prelu_ref(unpooled + y, up.act))
+
+
+def test_forward_is_table1s_chain_of_blocks():
+    # initial -> 1.0 -> 1.x -> 2.0 -> 2.x -> 3.x -> 4.0 (unpooling 2.0's indices) -> 4.x -> 5.0 (1.0's) -> 5.1
+    # -> fullconv; stages 2 and 3 have the same layout, so only different weights tell their order
+    torch.manual_seed(0)
+    model = enet(3).eval()
+    randomise(model)
+    x = torch.randn(1, 3, 32, 40)
+    with torch.no_grad():
+        a = model.initial(x)
+        b, i1 = model.down1.forward_down(a)
+        c, i2 = model.down2.forward_down(model.stage1(b))
+        d = model.stage3(model.stage2(c))
+        e = model.stage4(model.up4(d, i2, (8, 10)))
+        f = model.stage5(model.up5(e, i1, (16, 20)))
+        torch.testing.assert_close(model(x), model.fullconv(f))
+
+
+def test_prelu_slopes_start_at_a_quarter():
+    slopes = [m.weight for m in enet(3).modules() if isinstance(m, nn.PReLU)]
+    assert len(slopes) == 1 + 27 * 3  # the initial block's; each bottleneck's projection, middle conv and output
+    assert all(torch.all(s == 0.25) for s in slopes)

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pixelwise import create_model, load_checkpoint, save_checkpoint
 from pixelwise.backbones.vgg import vgg16, vgg16_bn
 from pixelwise.errors import UserError
-from pixelwise.models.largefov import DeepLabLargeFOV, vgg16_to_largefov
+from pixelwise.models.largefov import DeepLabLargeFOV, largefov_features, vgg16_to_largefov
 
 
 def n_params(model: nn.Module) -> int:
@@ -146,3 +147,30 @@ def test_dropout_acts_in_training_only():
     assert torch.equal(model(x), model(x))
     none = create_model("deeplab_largefov", 3, dropout=0.0).train()
     assert torch.equal(none(x), none(x))
+
+
+def test_defaults_and_initialisation():
+    torch.manual_seed(0)
+    model = DeepLabLargeFOV(3)
+    assert model.drop.p == 0.5 and not model.batch_norm and isinstance(model.bn6, nn.Identity)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in largefov_features())  # plain VGG-16 unless asked
+    # fc8: the released net's Gaussian filler (std 0.01), zero bias; fc6 / fc7 He fan-out, zero biases
+    assert 0.009 < model.fc8.weight.std().item() < 0.011 and not model.fc8.bias.any()
+    fc6_std = math.sqrt(2 / (1024 * 3 * 3))  # fan-out: 1024 outputs x 3x3 taps
+    assert abs(model.fc6.weight.std().item() - fc6_std) < 0.01 * fc6_std
+    assert abs(model.fc7.weight.std().item() - math.sqrt(2 / 1024)) < 0.02 * math.sqrt(2 / 1024)
+    assert not model.fc6.bias.any() and not model.fc7.bias.any() and not model.features[0].bias.any()
+
+
+def test_scores_are_fc8_of_relu_fc7_of_relu_fc6_in_eval():
+    torch.manual_seed(0)
+    model = DeepLabLargeFOV(3, batch_norm=True).eval()
+    for bn in (model.bn6, model.bn7):
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 24, 32)
+    with torch.no_grad():
+        f = model.features(x)
+        h = F.relu(model.bn6(F.conv2d(f, model.fc6.weight, model.fc6.bias, padding=12, dilation=12)))
+        h = F.relu(model.bn7(F.conv2d(h, model.fc7.weight, model.fc7.bias)))
+        torch.testing.assert_close(model.scores(x), F.conv2d(h, model.fc8.weight, model.fc8.bias))
