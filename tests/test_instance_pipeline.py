@@ -422,6 +422,52 @@ def test_eval_predictions_refuses_a_coco_xywh_box_rather_than_scoring_it_as_corn
         evaluate_predictions(tmp_path, "shapes", None, "val", dataset_kwargs=kwargs, bf=False, progress=False)
 
 
+def _block(h, w, top, left, bottom, right):
+    mask = np.zeros((h, w), bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+@pytest.mark.parametrize(("boxes", "masks", "want"), [
+    ([[10, 8, 40, 32]], [_block(64, 64, 8, 10, 40, 50)], (1, 1)),  # COCO x, y, w, h of the mask; x2 >= x1 all the same
+    ([[10, 8, 50, 40]], [_block(64, 64, 8, 10, 40, 50)], None),  # its corners
+    ([[2, 3, 20, 20]], [_block(48, 48, 3, 2, 23, 22)], None),  # near the origin: too close to tell (IoU 0.77)
+    ([[1, 1, 10, 10]], [_block(48, 48, 1, 1, 11, 11)], None),  # a mask a pixel past its box (a pasted mask)
+    ([[0, 0, 30, 30]], [_block(48, 48, 5, 5, 20, 20)], None),  # a model's box around a smaller mask
+    ([[0, 0, 20, 20]], [_block(48, 48, 0, 0, 20, 20)], None),  # at the origin both readings are one box
+    ([[2, 3, 20, 20]], [np.zeros((48, 48), bool)], None),  # an empty mask says nothing
+    ([[10, 8, 40, 32], [5, 5, 9, 9], [6, 6, 15, 15]],  # one of three fits as x, y, w, h: not more than half
+     [_block(64, 64, 8, 10, 40, 50), _block(64, 64, 5, 5, 9, 9), _block(64, 64, 6, 6, 15, 15)], None),
+    ([[10, 8, 40, 32], [4, 4, 10, 10], [6, 6, 15, 15]],  # two of three do
+     [_block(64, 64, 8, 10, 40, 50), _block(64, 64, 4, 4, 14, 14), _block(64, 64, 6, 6, 15, 15)], (2, 3)),
+])
+def test_corners_misread_tells_a_width_height_box_from_corners_by_its_mask(boxes, masks, want):
+    from pixelwise.inference.evaluate import corners_misread
+
+    assert corners_misread([[float(v) for v in b] for b in boxes], masks) == want
+
+
+def test_eval_predictions_refuses_width_height_boxes_that_pass_as_corners(tmp_path):
+    """A COCO box [x, y, width, height] with width >= x and height >= y passed the corner check
+    (x2 >= x1, y2 >= y1) and was scored as a smaller box: box AP fell without a word."""
+    from pixelwise.coco_eval import encode_mask
+    from pixelwise.inference.evaluate import read_detections
+
+    def doc(box):
+        rle = encode_mask(_block(64, 64, 8, 10, 40, 50))
+        return {"width": 64, "height": 64, "instances": [
+            {"label": 1, "score": 0.9, "box": box,
+             "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}}]}
+
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(doc([10, 8, 50, 40])))
+    assert read_detections(path, (64, 64), ["background", "a"])["boxes"].tolist() == [[10, 8, 50, 40]]
+    path.write_text(json.dumps(doc([10, 8, 40, 32])))
+    with pytest.raises(UserError, match=re.escape("the boxes of 1 of its 1 instances fit their masks as [x, y, "
+                                                  "width, height] (COCO's bbox)")):
+        read_detections(path, (64, 64), ["background", "a"])
+
+
 def test_eval_predictions_missing_the_first_images_detections_names_it_rather_than_scoring_the_pngs(tmp_path):
     """predict writes <stem>.png (the class map) beside <stem>.json: with the first image's .json gone
     the folder was taken for masks and scored as semantic ones (mIoU, no AP) without a word."""

@@ -352,6 +352,31 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
     return metrics
 
 
+def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def corners_misread(boxes: list[list[float]], masks: list[np.ndarray]) -> tuple[int, int] | None:
+    """``(n, m)`` when the boxes of more than half (``n``) of the ``m`` detections whose two readings
+    differ fit their masks' extent as COCO's ``[x, y, width, height]`` clearly better than as the
+    corners they are read as (IoU with the mask's bounding box at least 0.5 and 0.25 above the corners'
+    reading), else None. A box whose mask lies inside it, as a model's does, never qualifies: the
+    width-height reading only grows the box, so its IoU with that mask is the lower one."""
+    fits, differ = 0, 0
+    for box, mask in zip(boxes, masks):
+        rows, cols = np.any(mask, axis=1).nonzero()[0], np.any(mask, axis=0).nonzero()[0]
+        as_size = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
+        if not len(rows) or as_size == box:
+            continue
+        extent = [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
+        differ += 1
+        sized = _box_iou(as_size, extent)
+        fits += sized >= 0.5 and sized >= _box_iou(box, extent) + 0.25
+    return (fits, differ) if fits * 2 > differ else None
+
+
 def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
                     category_ids: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """An instance model's ``<stem>.json`` (:func:`pixelwise.inference.writers.instances_json`) for an
@@ -360,7 +385,8 @@ def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
     that document, another size, a label outside the classes or of another name, a label without a
     name whose ``category_id`` is not the data's id of that class (``category_ids``: a COCO
     category id given as the label), a score outside [0, 1], a box that is not four numbers x1 <=
-    x2, y1 <= y2 (a COCO x, y, width, height box), a mask that is not an RLE of the image's size)."""
+    x2, y1 <= y2 (a COCO x, y, width, height box), a mask that is not an RLE of the image's size,
+    boxes that fit their masks as x, y, width, height: :func:`corners_misread`)."""
     h, w = shape[:2]
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -406,6 +432,11 @@ def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
         boxes.append([float(v) for v in box])
         labels.append(label)
         scores.append(float(score))
+    fit = corners_misread(boxes, masks)
+    if fit:
+        raise UserError(f"{path}: the boxes of {fit[0]} of its {fit[1]} instances fit their masks as [x, y, width, "
+                        "height] (COCO's bbox), not as the corners x1, y1, x2, y2 they are read as; give the "
+                        "corners, x2 = x + width, y2 = y + height")
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(labels, dtype=torch.int64), "scores": torch.tensor(scores, dtype=torch.float32),
             "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.bool)}
