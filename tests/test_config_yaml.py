@@ -270,6 +270,18 @@ def test_config_name_that_is_both_a_recipe_and_a_local_file(tmp_path, monkeypatc
     assert find_recipe("mine.yml") == Path("mine.yml")
 
 
+def test_config_name_that_is_both_a_recipe_and_a_local_file_without_a_suffix(tmp_path, monkeypatch):
+    """./unet_camvid_cpu.yaml beside the bundled recipe was refused as ambiguous, but a file named
+    unet_camvid_cpu with no suffix (saved from a browser, a copy to edit) was read instead of the bundled
+    recipe without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "unet_camvid_cpu").write_text("model: fcn8s\nepochs: 3\n")
+    with pytest.raises(UserError, match=r"^config 'unet_camvid_cpu' is both the bundled recipe unet_camvid_cpu and "
+                                        r"the file unet_camvid_cpu; give --config ./unet_camvid_cpu for the file"):
+        find_recipe("unet_camvid_cpu")
+    assert find_recipe("./unet_camvid_cpu") == Path("unet_camvid_cpu")  # a path: the file
+
+
 # --- item 14: values inside a stage are named by the stage and file ---------------------------------
 @pytest.mark.parametrize(("stage", "message"), [
     ("{name: b, epochs: 1, augment: {resize: [0, 5]}}",

@@ -145,6 +145,32 @@ def test_settings_parse_and_refuse():
             CRFSettings.parse(text)
 
 
+def test_settings_that_overflow_the_lattice_or_float32_are_refused():
+    """A std far below a pixel or a gray level overflowed the lattice's int32 coordinates (`predict
+    --crf bi_rgb_std=1e-9`: an IndexError traceback, exit 1; the server: 500); a weight beyond float32
+    made every probability NaN (`--crf bi_w=1e39`: an all-class-0 mask, exit 0)."""
+    for text, words in [("bi_xy_std=1e-8", "bi_xy_std must be at least"), ("bi_rgb_std=1e-9", "bi_rgb_std must be at"),
+                        ("pos_xy_std=1e-12", "pos_xy_std must be at least"), ("bi_w=1e39", "bi_w must be at most"),
+                        ("pos_w=1e30", "pos_w must be at most")]:
+        with pytest.raises(UserError, match=f"^--crf: {words}"):
+            CRFSettings.parse(text)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(3, 12, 16)).astype(np.float32)), 0)
+    for settings in (CRFSettings(bi_rgb_std=0.01, bi_xy_std=0.01, pos_xy_std=0.01), CRFSettings(bi_w=1e6, pos_w=1e6)):
+        refined = np.asarray(dense_crf(image, probs, settings))  # the bounds themselves still work
+        assert np.isfinite(refined).all()
+    # a long image at the smallest std: 5000 / 0.01 * 6^2 positions is past float32's exact integers (the
+    # position kernel's 3^2: at 20000 pixels)
+    long = np.zeros((1, 5000, 3), np.uint8)
+    with pytest.raises(UserError, match=r"--crf bi_xy_std=0.01 spreads this 5000x1 image .* at least 0.0107"):
+        dense_crf(long, torch.full((2, 1, 5000), 0.5), CRFSettings(bi_xy_std=0.01))
+    with pytest.raises(UserError, match=r"--crf pos_xy_std=0.01 spreads this 20000x1 image .* at least 0.0107"):
+        dense_crf(np.zeros((1, 20000, 3), np.uint8), torch.full((2, 1, 20000), 0.5), CRFSettings(pos_xy_std=0.01))
+    assert np.isfinite(np.asarray(dense_crf(long, torch.full((2, 1, 5000), 0.5), CRFSettings(bi_w=0, pos_xy_std=0.01,
+                                                                                            bi_xy_std=0.01)))).all()
+
+
 def test_sizes_that_do_not_fit_are_named():
     with pytest.raises(UserError, match="needs the image as uint8.*got float32"):
         dense_crf(np.zeros((5, 6, 3), np.float32), torch.full((2, 5, 6), 0.5))

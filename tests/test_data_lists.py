@@ -67,6 +67,23 @@ def test_a_file_listed_twice_is_used_once_and_a_shared_file_is_named_at_train(tm
     assert "4 train / 2 val images" in said
 
 
+def test_a_val_image_that_is_a_link_to_a_train_image_is_named_as_shared(tmp_path):
+    """The note compared path strings: val's im5.png, a link to train's im0.png (and its mask a link
+    to im0's), was validated on without a word, flattering the checkpoint it selects."""
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import open_datasets
+
+    _folder(tmp_path, n=5)
+    for sub in ("images", "masks"):
+        (tmp_path / sub / "im5.png").symlink_to("im0.png")
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("im0\nim1\nim2\n")
+    (tmp_path / "splits" / "val.txt").write_text("im3\nim5\n")
+    said: list[str] = []
+    open_datasets(TrainConfig(dataset="folder", data=str(tmp_path)), log=said.append)
+    assert "note: 1 of the 2 val images are also in the train split (first: im5.png)" in " ".join(said), said
+
+
 def test_voc_lists_with_a_bom_empty_or_missing(tmp_path):
     voc, sets = _voc(tmp_path)
     (sets / "train.txt").write_bytes("2007_000001\r\n2007_000002\r\n".encode("utf-8-sig"))  # Notepad

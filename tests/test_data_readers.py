@@ -500,6 +500,30 @@ def test_folder_bad_files_named_dropped_and_skipped(tmp_path):
     assert len(skipped) == 2 and len(skipped.dropped) == 4
 
 
+@pytest.mark.parametrize("link", ["image", "mask"])
+def test_an_image_and_its_mask_that_are_one_file_are_a_problem(tmp_path, link):
+    """images/a.png a link to masks/a.png trained on the label file as the photo without a word (the
+    other way round was only refused because a photo is no index mask)."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for stem in ("a", "b"):
+        _img(tmp_path / "images" / f"{stem}.png", 8, 10)
+        _mask(tmp_path / "masks" / f"{stem}.png", np.arange(80, dtype=np.uint8).reshape(8, 10) % 3)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("a\nb\n")
+    image, mask = tmp_path / "images" / "a.png", tmp_path / "masks" / "a.png"
+    if link == "image":
+        image.unlink()
+        image.symlink_to(Path("..") / "masks" / "a.png")
+    else:
+        Image.fromarray(np.arange(80, dtype=np.uint8).reshape(8, 10) % 3).save(image)  # a gray image of values 0..2
+        mask.unlink()
+        mask.symlink_to(Path("..") / "images" / "a.png")
+    ds = FolderDataset(tmp_path, "train", num_classes=3)
+    problems = ds.check()
+    assert [p.path for p in problems] == [str(mask)] and "same file as its image" in problems[0].message
+
+
 def test_registry_and_errors(tmp_path):
     assert {"camvid", "voc", "cityscapes", "ade20k", "isbi2012", "coco", "folder"} <= set(DATASETS)
     with pytest.raises(UserError, match="images/ and masks/"):

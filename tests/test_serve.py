@@ -435,6 +435,19 @@ def test_requests_that_are_not_an_image_form(predictor):
     assert request(app, "GET", "/api/health").json()["pool"]["waiting"] == 0
 
 
+def test_a_boundary_the_form_parser_refuses_is_400_not_500(predictor):
+    """A boundary over python-multipart's 256 bytes (RFC 2046 allows 70) raised in the parser's
+    constructor, outside the malformed-body handling: 500 'the prediction failed on the server'."""
+    app = create_app(predictor, samples=[])
+    boundary = "b" * 300
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n".encode()
+            + png_bytes(noise(16, 16)) + f"\r\n--{boundary}--\r\n".encode())
+    r = request(app, "POST", "/api/predict", content=body,
+                headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 400 and "malformed multipart/form-data" in r.json()["detail"], r.text
+    assert request(app, "GET", "/api/health").json()["pool"]["waiting"] == 0
+
+
 def test_ground_truth_that_does_not_fit_is_422(predictor):
     app = create_app(predictor, samples=[])
     image = png_bytes(noise(20, 30))

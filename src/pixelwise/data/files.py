@@ -91,6 +91,14 @@ def read_split_list(path: Path) -> str:
         raise UserError(f"{path}: split list is not UTF-8 text; save it as UTF-8") from None
 
 
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether paths ``a`` and ``b`` are one file (through links; False where either cannot be read)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def split_ref(ref: str) -> tuple[str, int | None]:
     """An item ref -> (file, number): ``path#k`` (a TIFF stack's slice ``k``, a COCO file's image
     ``k``, as the readers write them) -> (path, k); any other ref -> (ref, None), also a path
@@ -240,6 +248,10 @@ class FilePairDataset(SegmentationDataset):
             # (a broken link is named as one by mask_size below)
             ref = mask_ref if mask_ref is not None else image_ref
             problems.append(Problem(ref, f"missing mask for image {image_ref}{self.missing_mask_note(image_ref)}"))
+            return problems
+        if _same_file(split_ref(image_ref)[0], mask_file):  # a link of one to the other: the labels as the photo
+            problems.append(Problem(mask_ref, f"mask is the same file as its image {image_ref} (a link to it, or "
+                                              "it a link to the mask?); give the image its own file"))
             return problems
         try:
             msize = self.mask_size(mask_ref)

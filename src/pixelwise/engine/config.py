@@ -449,7 +449,9 @@ def find_recipe(name_or_path: str | Path) -> Path:
              if path.suffix not in (".yaml", ".yml") and p.is_file()]
     bundled = RECIPES_DIR / f"{path.name.removesuffix('.yaml').removesuffix('.yml')}.yaml"
     bare = path.parent == Path(".") and "/" not in text and os.sep not in text
-    if path.is_file():
+    if bare and bundled.is_file() and path.is_file() and path.suffix not in (".yaml", ".yml"):
+        local = [path]  # ./NAME with no suffix beside the bundled NAME: which one was meant cannot be told
+    elif path.is_file():
         return path
     if bare and bundled.is_file():
         if local:  # ./NAME.yaml beside the user (a copy of the recipe to edit?) and the bundled NAME

@@ -73,7 +73,7 @@ from pixelwise.checkpoint import (
 from pixelwise.data import SegmentationDataset, build_dataset, collate, scoring_kwargs
 from pixelwise.data.augment import build_transform, resize_of
 from pixelwise.data.base import Compose
-from pixelwise.data.files import split_fingerprint
+from pixelwise.data.files import split_fingerprint, split_ref
 from pixelwise.data.inspect import image_sizes, inspect_dataset, label_presence
 from pixelwise.data.instance_crop import InstanceCrop
 from pixelwise.data.io import set_max_image_pixels
@@ -341,13 +341,24 @@ def open_datasets(cfg: TrainConfig, log: Callable[[str], None] = print
         for note in ds.notes():
             log(f"note: {shown(note)}")
     if not same:
-        images = {image for image, _ in getattr(train, "items", [])}
-        shared = [image for image, _ in getattr(val, "items", []) if image in images]
+        # by the file, not its path: a val image that is a link to a train image (or the train folder
+        # reached through another path) is the same image
+        images = {_file_key(image) for image, _ in getattr(train, "items", [])}
+        shared = [image for image, _ in getattr(val, "items", []) if _file_key(image) in images]
         if shared:
             log(f"note: {len(shared)} of the {len(val)} {cfg.val_split} images are also in the {cfg.train_split} "
                 f"split (first: {Path(shared[0]).name}): validation on them flatters the model and the checkpoint "
                 "it selects")
     return train, val
+
+
+def _file_key(ref: object) -> object:
+    """A dataset item's image as one file: its real path (links followed); the ref itself where it is
+    not a path (a COCO image id, a TIFF page ``path#3`` keeps its page)."""
+    if not isinstance(ref, str):
+        return ref
+    path, number = split_ref(ref)
+    return os.path.realpath(path), number
 
 
 def check_same_split_classes(cfg: TrainConfig, train: SegmentationDataset, val: SegmentationDataset) -> None:

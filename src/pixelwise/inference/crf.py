@@ -55,6 +55,14 @@ __all__ = ["MAX_CRF_PIXELS", "CRFSettings", "PermutohedralLattice", "as_crf_sett
 
 MAX_CRF_PIXELS = 4_000_000  # up to ~1.6 KB a pixel at the peak (noise-like colours): 6.4 GB at this size
 CLIP = 1e-5  # probabilities below this become this before the log (pydensecrf's unary_from_softmax)
+# the lattice scales the features (pixels / xy_std, gray levels / rgb_std) into int32 coordinates, and the
+# messages are float32: a std far below a pixel or a gray level overflowed the int32 cast (an IndexError, or
+# a wrong filter), a weight beyond float32 became inf and every probability NaN (an all-class-0 mask)
+MIN_STD = 0.01
+MAX_WEIGHT = 1e6
+# ... and a large image at a small std still could: its features times (d + 1)^2, which bounds the
+# lattice coordinates they are lifted to, must stay below 2^24, the last integer float32 holds exactly
+LATTICE_EXACT = 2 ** 24
 
 
 @dataclass(frozen=True)
@@ -75,10 +83,16 @@ class CRFSettings:
             value = getattr(self, name)
             if not finite_number(value) or value < 0:
                 raise UserError(f"crf {name} must be a number >= 0, got {value!r}")
+            if value > MAX_WEIGHT:
+                raise UserError(f"crf {name} must be at most {MAX_WEIGHT:g} (larger weights overflow the CRF's "
+                                f"float32 messages), got {value!r}")
         for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std"):
             value = getattr(self, name)
             if not finite_number(value) or value <= 0:
                 raise UserError(f"crf {name} must be a number above 0, got {value!r}")
+            if value < MIN_STD:
+                raise UserError(f"crf {name} must be at least {MIN_STD:g} (pixels or gray levels; smaller ones "
+                                f"overflow the CRF's lattice), got {value!r}")
 
     def text(self) -> str:
         """The settings as ``--crf`` takes them (:meth:`parse`): ``iterations=10,bi_w=4,...``."""
@@ -281,6 +295,15 @@ def dense_crf(image: np.ndarray, probs: torch.Tensor | np.ndarray, settings: CRF
     c, h, w = p.shape
     check_crf_size(h, w)
     unary = -np.log(np.clip(p.reshape(c, -1).T, CLIP, 1.0)).astype(np.float32)  # [N, C]
+    for weight, name, std in ((settings.bi_w, "bi_xy_std", settings.bi_xy_std),
+                              (settings.bi_w, "bi_rgb_std", settings.bi_rgb_std),
+                              (settings.pos_w, "pos_xy_std", settings.pos_xy_std)):
+        d = 2 + image.shape[2] if name.startswith("bi") else 2
+        extent = 255 if name == "bi_rgb_std" else max(h, w)
+        if weight > 0 and extent / std * (d + 1) ** 2 >= LATTICE_EXACT:  # the lattice's float32 coordinates
+            raise UserError(f"--crf {name}={std:g} spreads this {w}x{h} image over more lattice positions than its "
+                            f"float32 coordinates hold exactly; give {name} of at least "
+                            f"{extent * (d + 1) ** 2 / LATTICE_EXACT:.3g}")
     kernels = []
     if settings.bi_w > 0:
         kernels.append((np.float32(settings.bi_w), _Kernel(_features(image, settings.bi_xy_std, settings.bi_rgb_std))))

@@ -24,7 +24,7 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from python_multipart import MultipartParser
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import parse_options_header
 
 from pixelwise.data import StoredLabels
@@ -184,7 +184,10 @@ async def read_multipart(content_type: str, content_length: str | None, chunks: 
         if declared > limit:
             raise too_large(limit)
     reader = _FormReader()
-    parser = MultipartParser(boundary, reader.callbacks())
+    try:
+        parser = MultipartParser(boundary, reader.callbacks())
+    except FormParserError as e:  # e.g. a boundary longer than the parser's 256 bytes (RFC 2046: at most 70)
+        raise UploadError(400, f"malformed multipart/form-data content type ({e})") from None
     received = 0
     try:
         async for chunk in chunks:
