@@ -8,6 +8,7 @@ from conftest import check_segmenter_fixture
 from pixelwise.errors import UserError
 from pixelwise.models import create_model, list_models
 from pixelwise.models.deeplab import (
+    DeepLabHead,
     DeepLabV3PlusHead,
     deeplabv3_resnet50,
     deeplabv3_resnet101,
@@ -87,6 +88,27 @@ def test_deeplabv3plus_head_reads_channels_from_arguments():
     head = DeepLabV3PlusHead(in_channels=64, low_channels=16, num_classes=2).eval()
     with torch.no_grad():
         assert head(torch.randn(1, 64, 4, 5), torch.randn(1, 16, 16, 20)).shape == (1, 2, 16, 20)
+
+
+def test_heads_default_rates_and_the_decoders_upsampling():
+    """DeepLabHead defaults to torchvision's rates (12, 24, 36), the V3+ head to the paper's
+    (6, 12, 18). The decoder upsamples the ASPP output to the low-level size with half-pixel
+    bilinear (align_corners=False, as every other resize here) and puts it first in the
+    concatenation, the 48 reduced low-level channels last."""
+    torch.manual_seed(0)
+    v3 = DeepLabHead(8, 2)
+    assert [branch[0].dilation[0] for branch in v3[0].convs[1:4]] == [12, 24, 36]
+    head = DeepLabV3PlusHead(in_channels=8, low_channels=4, num_classes=2).eval()
+    assert [branch[0].dilation[0] for branch in head.aspp.convs[1:4]] == [6, 12, 18]
+    seen = {}
+    head.fuse.register_forward_hook(lambda m, i, o: seen.update(fused=i[0]))
+    x, low = torch.randn(1, 8, 3, 4), torch.randn(1, 4, 11, 15)
+    with torch.no_grad():
+        head(x, low)
+        deep = F.interpolate(head.aspp(x), size=(11, 15), mode="bilinear", align_corners=False)
+        ref = torch.cat([deep, head.reduce(low)], dim=1)
+    assert seen["fused"].shape == (1, 256 + 48, 11, 15)
+    torch.testing.assert_close(seen["fused"], ref)
 
 
 def test_gradients_reach_every_parameter_with_aux():

@@ -20,7 +20,8 @@ from pixelwise.models.maskrcnn import (
     paste_masks_in_image,
     split_kwargs,
 )
-from pixelwise.models.maskrcnn.anchors import AnchorGenerator
+from pixelwise.models.maskrcnn.anchors import AnchorGenerator, cell_anchors
+from pixelwise.models.maskrcnn.fpn import FeaturePyramidNetwork
 from pixelwise.models.maskrcnn.roi_heads import MaskRCNNHeads, fastrcnn_loss, match_proposals
 from pixelwise.models.maskrcnn.rpn import rpn_loss
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig
@@ -84,6 +85,44 @@ def test_anchor_count_and_positions():
     last = anchors[-3:]
     assert last[:, [0, 2]].mean().item() == 48 and last[:, [1, 3]].mean().item() == 0
     assert (last[1] == torch.tensor([-256.0, -256, 256, 256]) + torch.tensor([48.0, 0, 48, 0])).all()
+
+
+def test_anchors_of_several_sizes_are_ordered_by_ratio_then_size():
+    """Module docstring: anchors of one location by aspect ratio, then size (torchvision's order),
+    width size / sqrt(ratio), height size * sqrt(ratio), rounded; levels checked for count."""
+    base = cell_anchors((32, 64), (0.25, 1.0))
+    # ratio 0.25: w = 2 * size, h = size / 2; ratio 1: square
+    assert base.tolist() == [[-32.0, -8, 32, 8], [-64.0, -16, 64, 16], [-16.0, -16, 16, 16], [-32.0, -32, 32, 32]]
+    gen = AnchorGenerator(((32, 64), (128,)), ((0.25, 1.0), (1.0, 4.0, 9.0)))
+    assert gen.num_anchors_per_location() == [4, 3]
+    anchors = gen((32, 32), [(2, 2), (1, 1)])
+    assert anchors.shape == (2 * 2 * 4 + 3, 4)
+    # level 0, stride 16: location (y=1, x=0) is the third, shifted by (x, y) = (0, 16)
+    assert torch.equal(anchors[8:12], base + torch.tensor([0.0, 16, 0, 16]))
+    assert anchors[-3:].tolist() == [[-64.0, -64, 64, 64], [-32.0, -128, 32, 128], [-21.0, -192, 21, 192]]
+
+
+def test_anchor_generator_refuses_mismatched_levels():
+    with pytest.raises(ValueError, match="2 anchor sizes but 1 aspect-ratio lists"):
+        AnchorGenerator(((32,), (64,)), ((1.0,),))
+    with pytest.raises(ValueError, match="1 feature levels but anchors for 5"):
+        AnchorGenerator()((64, 64), [(16, 16)])
+
+
+def test_fpn_initialisation_and_channel_check():
+    """torchvision's FPN init: kaiming_uniform_(a=1), i.e. U(-sqrt(3 / fan_in), +sqrt(3 / fan_in)),
+    and zero biases (PyTorch's default conv init is 1 / sqrt(fan_in) with random biases)."""
+    torch.manual_seed(0)
+    fpn = FeaturePyramidNetwork([64, 128], out_channels=32)
+    convs = [b[0] for b in (*fpn.inner_blocks, *fpn.layer_blocks)]
+    assert [c.weight.shape[1] * c.weight.shape[2] * c.weight.shape[3] for c in convs] == [64, 128, 288, 288]
+    for conv in convs:
+        bound = math.sqrt(3 / (conv.weight[0].numel()))
+        assert conv.weight.abs().max() <= bound
+        assert conv.weight.abs().max() > 0.95 * bound  # thousands of draws reach the edge
+        assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    with pytest.raises(ValueError, match="positive"):
+        FeaturePyramidNetwork([64, 0])
 
 
 def test_resize_rule_table_from_fixture():
