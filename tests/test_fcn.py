@@ -126,11 +126,23 @@ def test_fcn32s_imagenet_weights_become_fc6_fc7(monkeypatch):
     assert torch.equal(vgg16_to_fcn(state)["fc6.weight"].flatten(1), state["classifier.0.weight"])
 
 
-def test_fcn16s_shape_and_missing_skip_modules():
+def test_fcn16s_shape_missing_skip_modules_and_pool4_alignment():
+    torch.manual_seed(0)
     model = fcn16s(num_classes=2).eval()
     assert not hasattr(model, "score_pool3") and not model.upscore16.weight.requires_grad
     with torch.no_grad():
         assert model(torch.randn(1, 3, 50, 29)).shape == (1, 2, 50, 29)
+    # with score_fr at zero, FCN-16s is bilinear x16 of the pool4 scores (as FCN-8s of pool3's above):
+    # the skip's crop and the upsampler's alignment, which no fixture reaches
+    nn.init.zeros_(model.score_fr.weight)
+    nn.init.zeros_(model.score_fr.bias)
+    nn.init.normal_(model.score_pool4.weight, std=0.1)
+    x = torch.randn(1, 3, 75, 101)
+    with torch.no_grad():
+        y = model(x)
+        pool4 = forward_stages(model.features, pad_to_multiple(x, 32)).stages[3]
+        ref = F.interpolate(model.score_pool4(pool4), scale_factor=16, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(y[..., 16:-16, 16:-16], ref[..., 16:75 - 16, 16:101 - 16], atol=1e-5, rtol=1e-5)
 
 
 def test_fcn_resnet50_matches_torchvision_fixture():
