@@ -1242,6 +1242,8 @@ def test_a_datasets_own_label_file_is_read_with_its_mapping(tmp_path):
     label = np.zeros((8, 10), np.uint8)
     label[:, 4:] = 255  # 48 cell pixels, 32 membrane
     assert _truth_counts(isbi, image, png_bytes(label)) == ({"membrane": 32}, 48)  # class ids: 255 is ignore
+    # empty, as a form's unset select sends it, is the default (it was a 422)
+    assert _truth_counts(isbi, image, png_bytes(label), "") == ({"membrane": 32}, 48)
     assert _truth_counts(isbi, image, png_bytes(label), "dataset") == ({"membrane": 32, "cell": 48}, 0)
     one_bit = io.BytesIO()
     Image.fromarray(label).convert("1").save(one_bit, "PNG")

@@ -277,7 +277,8 @@ def parse_options(form: dict[str, Part], predictor: Predictor) -> tuple[dict[str
             raise UploadError(422, f"{name} must be true or false, got {text!r}")
         return text in TRUE
 
-    truth_format = form["truth_format"].text().lower() if "truth_format" in form else "classes"
+    # empty, as a form's unset select sends it, is the default, as for tile, tta and crf
+    truth_format = (form["truth_format"].text().lower() if "truth_format" in form else "") or "classes"
     if truth_format not in ("classes", "dataset"):
         raise UploadError(422, f"truth_format must be classes or dataset, got {truth_format!r}")
     try:
