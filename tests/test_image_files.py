@@ -142,9 +142,13 @@ def test_folder_dataset_reads_the_formats_predict_reads_and_names_the_others(tmp
     Image.fromarray(_photo()).save(root / "images" / "icon.ico")
     Image.fromarray(_labels()).save(root / "masks" / "icon.png")
     (root / "images" / "notes.txt").write_text("not an image")
+    (root / "images" / "dir.png").mkdir()  # skipped without a word without splits/ (camvid names it)
+    Image.fromarray(_labels()).save(root / "masks" / "dir.png")
     ds = FolderDataset(root, "all")
     assert sorted(Path(i).name for i, _ in ds.items) == ["anim.gif", "g.pgm", "p.png", "q.ppm", "t.tga", "x.pcx"]
-    problems = [str(p) for p in ds.check()]
+    problems = sorted(str(p) for p in ds.check())
+    assert len(problems) == 2 and "images/dir.png: not a file (a folder" in problems[0]
+    problems = problems[1:]
     assert len(problems) == 1 and "images/icon.ico: .ico images are not read by folder datasets" in problems[0]
     assert "PNG" in problems[0] and "mask without an image" not in " ".join(problems)
     assert sorted(p.name for p in expand_inputs([str(root / "images")])) == sorted(

@@ -191,8 +191,8 @@ class FolderDataset(FilePairDataset):
                     raise UserError(f"{images_dir}: {images[p.stem].name} and {p.name} have the same stem, and a "
                                     "mask pairs with its image by stem; rename or remove one")
                 images[p.stem] = p
-            elif suffix in OTHER_IMAGE_SUFFIXES and not p.name.startswith("."):
-                self.unused_images.append(p)
+            elif (suffix in OTHER_IMAGE_SUFFIXES or suffix in IMAGE_EXTS) and not p.name.startswith("."):
+                self.unused_images.append(p)  # another format, or a folder of an image's name (as camvid names it)
         unused_stems = {p.stem for p in self.unused_images}
         self.orphan_masks = [str(masks[s]) for s in sorted(set(masks) - set(images) - unused_stems)]
         stems = self._split_stems(sorted(images), split)
@@ -394,6 +394,9 @@ def _colour_mask(path: str) -> bool:
 
 
 def _unused_reason(name: str) -> str:
-    """The problem of an image file in images/ whose format folder datasets do not read."""
+    """The problem of an entry of images/ that folder datasets do not read: an image of another format,
+    or a folder (a pipe, a device) of an image's name."""
+    if Path(name).suffix.lower() in IMAGE_EXTS:
+        return "not a file (a folder, pipe or device of an image's name); move it out of images/"
     return (f"{Path(name).suffix} images are not read by folder datasets (they read {format_names()}); convert it "
             "to PNG or move it out of images/")
