@@ -183,7 +183,8 @@ def test_save_checkpoint_unwraps_wrappers_and_refuses_metadata_that_would_not_lo
                        ({"palette": [[0, 0, 0]]}, "1 colours for 3 classes"),
                        ({"input": {"mean": [0, 0], "std": [1, 1]}}, "input is not an input contract"),
                        ({"input": {"mean": [0.5] * 3, "std": [0.5] * 3, "normalize": False}},
-                        "the model normalises.* would be normalised by neither")):
+                        "the model normalises.* would be normalised by neither"),
+                       ({"input": {"mean": [0.5], "std": [0.5], "channels": 1}}, r"has 1 channel\(s\).* takes 3")):
         with pytest.raises(ValueError, match=words):
             save_checkpoint(tmp_path / "bad.safetensors", model, {**meta, **bad})
     assert not (tmp_path / "bad.safetensors").exists()
@@ -331,6 +332,7 @@ def test_weights_that_are_not_finite_are_refused(tmp_path, value):
     (lambda m: m["model_kwargs"].update(pretrained="imagenet"), "model_kwargs must be an object of the model's"),
     (lambda m: m["input"].update(normalize=False), "does not normalise its input itself: it would be normalised by "
                                                    "neither"),
+    (lambda m: m["input"].update(channels=1, mean=[0.5], std=[0.25]), "input contract has 1 channel(s), and unet"),
 ])
 def test_metadata_read_as_written_not_by_truth_value(tmp_path, edit, words):
     """normalize null or 0 switched the normalisation off (163 of 1024 pixels changed), "no" left

@@ -254,18 +254,24 @@ def _check_rebuilds(model: nn.Module, meta: dict) -> None:
     if mismatch:
         raise ValueError(f"checkpoint metadata: model {meta['model']!r} with num_classes {num_classes} and "
                          f"model_kwargs {meta.get('model_kwargs', {})} is not the model given ({mismatch})")
-    problem = normalisation_problem(meta, rebuilt)
+    problem = contract_problem(meta, rebuilt)
     if problem:
         raise ValueError(f"checkpoint metadata: {problem}")
 
 
-def normalisation_problem(meta: dict, model: nn.Module) -> str | None:
-    """Where the input contract and ``model`` as built disagree on who normalises the input (the
-    contract's ``normalize`` false means the model does, as Mask R-CNN built with its default
-    ``normalize``): the input would be normalised twice, or by neither (mask AP 0.28 -> 0.001)."""
+def contract_problem(meta: dict, model: nn.Module) -> str | None:
+    """Where the input contract and ``model`` as built disagree: on the input's channels (every
+    prediction failed inside torch), or on who normalises the input (the contract's ``normalize``
+    false means the model does, as Mask R-CNN built with its default ``normalize``): the input would
+    be normalised twice, or by neither (mask AP 0.28 -> 0.001)."""
     if "input" not in meta:  # an older file: the contract is read off the model
         return None
-    here, itself = bool(InputSpec.from_dict(meta["input"]).normalize), bool(getattr(model, "normalizes_input", False))
+    spec = InputSpec.from_dict(meta["input"])
+    takes = int(getattr(model, "in_channels", 3))
+    if spec.channels != takes:  # a 1-channel contract fed to a 3-channel first convolution failed inside torch
+        return (f"input contract has {spec.channels} channel(s), and {meta.get('model')} built with model_kwargs "
+                f"{meta.get('model_kwargs', {})} takes {takes}: every prediction would fail")
+    here, itself = bool(spec.normalize), bool(getattr(model, "normalizes_input", False))
     if here != itself:
         return None
     does = "normalises" if itself else "does not normalise"
@@ -511,7 +517,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu")
                "or retrain")
         raise UserError(f"{path}: weights do not fit model {meta['model']!r} as this pixelwise builds it "
                         f"({mismatch}); {fix}")
-    problem = normalisation_problem(meta, model)
+    problem = contract_problem(meta, model)
     if problem:
         raise UserError(f"{path}: the checkpoint's {problem}; fix its metadata")
     # built in the caller's default dtype (float64 in some scientific code, or float16): float32 before
