@@ -16,8 +16,8 @@ from pixelwise.backbones import (
     vgg16,
     vgg16_bn,
 )
-from pixelwise.backbones.resnet import BasicBlock, ResNet
-from pixelwise.backbones.vgg import features_info, forward_stages, make_features, mirror_channels
+from pixelwise.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from pixelwise.backbones.vgg import VGG, features_info, forward_stages, make_features, mirror_channels
 from pixelwise.errors import UserError
 from pixelwise.layers import max_unpool
 
@@ -198,6 +198,43 @@ def test_dilated_resnet_computes_the_undilated_one_on_a_finer_grid(make, dilate)
         with pytest.raises(ValueError, match="multi_grid .* Bottleneck"):
             ResNet(BasicBlock, (2, 2, 2, 2), multi_grid=(1, 2))
 
+
+def test_blocks_built_alone_default_to_stride_one_and_rate_one():
+    """torchvision's defaults for a block built directly (the classes are public): stride 1, every
+    3x3 conv at rate 1 with padding 1, so a block keeps the size and computes a plain 3x3 conv."""
+    torch.manual_seed(0)
+    bottleneck, basic = Bottleneck(16, 4).eval(), BasicBlock(8, 8).eval()
+    for conv in (bottleneck.conv2, basic.conv1, basic.conv2):
+        assert (conv.stride, conv.dilation, conv.padding) == ((1, 1), (1, 1), (1, 1))
+    x = torch.randn(1, 16, 7, 9)
+    with torch.no_grad():
+        h = bottleneck.relu(bottleneck.bn1(bottleneck.conv1(x)))
+        ref = F.conv2d(h, bottleneck.conv2.weight, padding=1)  # an undilated 3x3 conv, written out
+        torch.testing.assert_close(bottleneck.conv2(h), ref)
+        assert bottleneck(x).shape == x.shape
+
+
+def test_vgg_init_is_torchvisions():
+    """VGG's own initialisation (torchvision's): Linear weights N(0, 0.01), convs Kaiming normal
+    (fan_out, ReLU gain), every bias 0, BatchNorm the identity. Built on the meta device and given
+    small layers, so that no 100M-weight classifier is drawn."""
+    with torch.device("meta"):
+        model = VGG(make_features((32, "M"), batch_norm=True), num_classes=10)
+    model.classifier = nn.Sequential(nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 10))
+    model.to_empty(device="cpu")
+    for t in model.state_dict().values():
+        t.fill_(5.0)  # whatever the init leaves alone stays 5
+    torch.manual_seed(0)
+    model._init_weights()
+    for linear in (model.classifier[0], model.classifier[2]):
+        w = linear.weight
+        assert abs(w.mean().item()) < 2e-3 and 0.0095 < w.std().item() < 0.0105
+        assert not linear.bias.any()
+    conv, bn = model.features[0], model.features[1]
+    fan_out_std = (2.0 / (32 * 3 * 3)) ** 0.5
+    assert abs(conv.weight.mean().item()) < 0.02 and 0.9 < conv.weight.std().item() / fan_out_std < 1.1
+    assert not conv.bias.any()
+    assert torch.equal(bn.weight, torch.ones(32)) and not bn.bias.any()
 
 def test_intermediate_layer_getter_keys_and_order():
     model = resnet18()

@@ -13,6 +13,7 @@ import torch
 from pixelwise import create_model
 from pixelwise.cli import main
 from pixelwise.models import list_models
+from pixelwise.models._checks import dropout_rate, fraction, number_in, numbers_of, whole_number
 from pixelwise.models.maskrcnn import RoIHeadsConfig, RPNConfig, TransformConfig, split_kwargs
 from pixelwise.models.maskrcnn.transform import RCNNTransform, normalize_image
 from pixelwise.models.registry import ModelOptionError, check_model_kwargs, model_options
@@ -218,6 +219,42 @@ def test_every_model_with_a_dropout_option_is_covered():
             create_model(name, 3, dropout=0.0)  # 0: no dropout, accepted by all
             create_model(name, 3, dropout=0.99)
 
+
+def test_the_shared_option_checks_hold_their_ends_and_name_the_range():
+    """_checks by hand: which ends are in, what is returned, and the range each message names."""
+    assert whole_number("n", 800.0) == 800 and type(whole_number("n", 800.0)) is int
+    assert whole_number("n", 0, minimum=0, maximum=5) == 0 and whole_number("n", 5, minimum=0, maximum=5) == 5
+    for value, allowed in [(0, ">= 1"), (1.5, ">= 1"), (True, ">= 1"), (float("inf"), ">= 1"), ("3", ">= 1")]:
+        with pytest.raises(ValueError, match=f"^n must be a whole number {allowed}, got "):
+            whole_number("n", value)
+    with pytest.raises(ValueError, match=r"^n must be a whole number in 0\.\.5, got 6$"):
+        whole_number("n", 6, minimum=0, maximum=5)
+    assert fraction("f", 0) == 0.0 and fraction("f", 1) == 1.0
+    for value in (-0.01, 1.01, float("nan"), False):
+        with pytest.raises(ValueError, match=r"^f must be a number in \[0, 1\], got "):
+            fraction("f", value)
+    assert dropout_rate(0.0) == 0.0 and dropout_rate(0.999) == 0.999
+    with pytest.raises(ValueError, match=r"^dropout must be a number in \[0, 1\), got 1\.0$"):
+        dropout_rate(1.0)
+    assert number_in("p", 0.5, 0.0, 1.0, low_open=True, high_open=True) == 0.5
+    for value, ends in [(0.0, r"\(0, 1\)"), (1.0, r"\(0, 1\)")]:
+        with pytest.raises(ValueError, match=f"^p must be a number in {ends}, got "):
+            number_in("p", value, 0.0, 1.0, low_open=True, high_open=True)
+    assert number_in("s", 7, 2.0) == 7.0
+    with pytest.raises(ValueError, match="^s must be a number > 2, got 2$"):
+        number_in("s", 2, 2.0, low_open=True)
+    with pytest.raises(ValueError, match="^s must be a number >= 2, got 1$"):
+        number_in("s", 1, 2.0)
+    assert numbers_of("m", [1, 2, 3], 3) == (1.0, 2.0, 3.0) and numbers_of("m", (0, -1, 2), 3) == (0.0, -1.0, 2.0)
+    assert numbers_of("m", (0.5, 1, 2), 3, positive=True) == (0.5, 1.0, 2.0)
+    for value, what in [((0, 1, 1), "positive numbers"), ((1, 1), "positive numbers"), ("abc", "positive numbers"),
+                        ((1, float("inf"), 1), "positive numbers")]:
+        with pytest.raises(ValueError, match=f"^m must be 3 {what}, got "):
+            numbers_of("m", value, 3, positive=True)
+    with pytest.raises(ValueError, match="^m must be 3 numbers, got 'abc'$"):
+        numbers_of("m", "abc", 3)
+    # the one open lower end in use: a Bayesian SegNet without dropout has nothing to sample
+    refused("bayesian_segnet", "dropout must be a number in (0, 1), got 0.0", dropout=0.0)
 
 @pytest.mark.parametrize("grid", [[1.5, 2, 4], [True, 2, 4], "abc", 5, [1, 2], [0, 2, 4], [1, 2, float("inf")]])
 def test_multi_grid_is_whole_positive_rates_never_truncated(grid):
