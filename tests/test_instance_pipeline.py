@@ -436,6 +436,9 @@ def _block(h, w, top, left, bottom, right):
     ([[0, 0, 30, 30]], [_block(48, 48, 5, 5, 20, 20)], None),  # a model's box around a smaller mask
     ([[0, 0, 20, 20]], [_block(48, 48, 0, 0, 20, 20)], None),  # at the origin both readings are one box
     ([[2, 3, 20, 20]], [np.zeros((48, 48), bool)], None),  # an empty mask says nothing
+    # a flat mask, rows 1-4: its extent [4, 1, 14, 5] to its last row is the x, y, w, h reading (IoU 1, not 0.45)
+    ([[4, 1, 10, 4]], [_block(32, 32, 1, 4, 5, 14)], (1, 1)),
+    ([[10, 8, 40, 1]], [_block(64, 64, 8, 10, 9, 50)], (1, 1)),  # a mask one row high, a line
     ([[10, 8, 40, 32], [5, 5, 9, 9], [6, 6, 15, 15]],  # one of three fits as x, y, w, h: not more than half
      [_block(64, 64, 8, 10, 40, 50), _block(64, 64, 5, 5, 9, 9), _block(64, 64, 6, 6, 15, 15)], None),
     ([[10, 8, 40, 32], [4, 4, 10, 10], [6, 6, 15, 15]],  # two of three do
@@ -517,6 +520,15 @@ def test_read_detections_refuses_a_label_one_past_the_classes_and_a_bool_score_o
         path, _ = _one_detection(tmp_path, **change)
         with pytest.raises(UserError, match=re.escape(words)):
             read_detections(path, (8, 8), names)
+
+
+def test_read_detections_says_a_class_name_that_is_not_text_is_not_text(tmp_path):
+    """A class_name of 1 (a number, not a name) is refused as not text, rather than as the name of
+    another class than the data's."""
+    for name in (1, ["a"]):
+        path, _ = _one_detection(tmp_path, class_name=name)
+        with pytest.raises(UserError, match=re.escape(f"instance 1 has class_name {name!r}, not text")):
+            read_detections(path, (8, 8), ["background", "a", "b"])
 
 
 def test_instances_json_writes_float32_scores_and_boxes_that_read_back_unchanged(tmp_path):

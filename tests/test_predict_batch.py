@@ -152,3 +152,18 @@ def test_monte_carlo_dropout_does_not_depend_on_batching():
     four = SemanticPredictor(m, {"num_classes": 3}, mc_samples=3, tile=16, batch_size=4).predict(big)
     np.testing.assert_array_equal(one.mask, four.mask)
     torch.testing.assert_close(one.probs, four.probs, rtol=0, atol=1e-5)
+
+
+def test_expand_inputs_says_not_found_and_hints_at_subfolders_only_where_they_hold_images(tmp_path):
+    # a missing file without wildcards is not taken for a pattern that matches nothing
+    with pytest.raises(UserError, match=r"input \S*none\.png not found; check the path"):
+        expand_inputs([str(tmp_path / "none.png")])
+    folder = tmp_path / "run"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "notes.txt").write_text("no image")
+    with pytest.raises(UserError, match="no images found in") as caught:
+        expand_inputs([str(folder)])
+    assert "holds none directly" not in str(caught.value)  # no hint: its subfolder holds no image either
+    (folder / "sub" / "a.png").write_bytes(b"")
+    with pytest.raises(UserError, match="holds none directly but its subfolders do"):
+        expand_inputs([str(folder)])
