@@ -57,22 +57,28 @@ def test_odd_input_size_and_state_dict_round_trip(fcn8):
         torch.testing.assert_close(twin(x), y)
 
 
-def test_skips_are_aligned_without_offsets(fcn8):
-    """With score_fr and score_pool4 at zero, FCN-8s must equal bilinear x8 upsampling of the
-    pool3 scores: a crop offset or misaligned upsampler would shift it."""
-    fcn8.eval()
-    nn.init.zeros_(fcn8.score_fr.weight)
-    nn.init.zeros_(fcn8.score_fr.bias)
-    nn.init.zeros_(fcn8.score_pool4.weight)
-    nn.init.zeros_(fcn8.score_pool4.bias)
-    nn.init.normal_(fcn8.score_pool3.weight, std=0.1)
+def assert_skip_alone_is_upsampled(model, skip: str, stage: int, factor: int) -> None:
+    """With every coarser score layer at zero, the net must equal bilinear x``factor`` upsampling
+    of the ``skip`` scores of VGG stage ``stage``: a crop offset or misaligned upsampler would
+    shift it (the borders, where the upsampler sees the padding, left out)."""
+    model.eval()
+    for name in ("score_fr", "score_pool4"):
+        if name != skip:
+            nn.init.zeros_(getattr(model, name).weight)
+            nn.init.zeros_(getattr(model, name).bias)
+    nn.init.normal_(getattr(model, skip).weight, std=0.1)
     x = torch.randn(1, 3, 75, 101)
     with torch.no_grad():
-        y = fcn8(x)
-        pool3 = forward_stages(fcn8.features, pad_to_multiple(x, 32)).stages[2]
-        ref = F.interpolate(fcn8.score_pool3(pool3), scale_factor=8, mode="bilinear", align_corners=False)
+        y = model(x)
+        pool = forward_stages(model.features, pad_to_multiple(x, 32)).stages[stage]
+        ref = F.interpolate(getattr(model, skip)(pool), scale_factor=factor, mode="bilinear", align_corners=False)
     ref = ref[..., :75, :101]
-    torch.testing.assert_close(y[..., 8:-8, 8:-8], ref[..., 8:-8, 8:-8], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y[..., factor:-factor, factor:-factor], ref[..., factor:-factor, factor:-factor],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_skips_are_aligned_without_offsets(fcn8):
+    assert_skip_alone_is_upsampled(fcn8, "score_pool3", 2, 8)
 
 
 def test_gradients_reach_every_trainable_parameter(fcn8):
@@ -132,17 +138,8 @@ def test_fcn16s_shape_missing_skip_modules_and_pool4_alignment():
     assert not hasattr(model, "score_pool3") and not model.upscore16.weight.requires_grad
     with torch.no_grad():
         assert model(torch.randn(1, 3, 50, 29)).shape == (1, 2, 50, 29)
-    # with score_fr at zero, FCN-16s is bilinear x16 of the pool4 scores (as FCN-8s of pool3's above):
-    # the skip's crop and the upsampler's alignment, which no fixture reaches
-    nn.init.zeros_(model.score_fr.weight)
-    nn.init.zeros_(model.score_fr.bias)
-    nn.init.normal_(model.score_pool4.weight, std=0.1)
-    x = torch.randn(1, 3, 75, 101)
-    with torch.no_grad():
-        y = model(x)
-        pool4 = forward_stages(model.features, pad_to_multiple(x, 32)).stages[3]
-        ref = F.interpolate(model.score_pool4(pool4), scale_factor=16, mode="bilinear", align_corners=False)
-    torch.testing.assert_close(y[..., 16:-16, 16:-16], ref[..., 16:75 - 16, 16:101 - 16], atol=1e-5, rtol=1e-5)
+    # the pool4 skip's crop and upsampler, which no fixture reaches
+    assert_skip_alone_is_upsampled(model, "score_pool4", 3, 16)
 
 
 def test_fcn_resnet50_matches_torchvision_fixture():
