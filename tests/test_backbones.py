@@ -1,5 +1,7 @@
 """Backbones: torchvision equivalence (fixtures), encoder contract, weight loading."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -16,6 +18,7 @@ from pixelwise.backbones import (
     vgg16,
     vgg16_bn,
 )
+from pixelwise.backbones.features import FeatureInfo
 from pixelwise.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from pixelwise.backbones.vgg import VGG, features_info, forward_stages, make_features, mirror_channels
 from pixelwise.errors import UserError
@@ -163,6 +166,16 @@ def test_resnet_dilation_feature_info_matches_outputs():
         for f in model.feature_info:
             assert out[f.name].shape == (1, f.channels, 64 // f.stride, -(-32 // f.stride)), f
         assert body.feature_info["layer4"].channels == 2048
+
+
+def test_feature_info_is_immutable_data():
+    """The encoder contract is shared data: a decoder cannot change a backbone's stride or
+    channels by assigning to it, and equal infos hash alike (usable as keys, in sets)."""
+    info = FeatureInfo("layer4", 512, 32)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.stride = 16
+    assert info == FeatureInfo("layer4", 512, 32) and len({info, FeatureInfo("layer4", 512, 32)}) == 1
+    assert (info.name, info.channels, info.stride) == ("layer4", 512, 32)
 
 
 @pytest.mark.parametrize("make", [resnet18, resnet50])

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
+import pixelwise.models.maskrcnn as maskrcnn_module
 from conftest import FIXTURES, require
+from pixelwise.backbones import resnet18
 from pixelwise.errors import UserError
 from pixelwise.models.maskrcnn import (
     COCO_URL,
     LIGHT_HEADS,
     HeadWidths,
+    freeze_backbone_layers,
     maskrcnn_resnet18_fpn,
     maskrcnn_resnet50_fpn,
     paste_masks_in_image,
@@ -22,10 +26,11 @@ from pixelwise.models.maskrcnn import (
 )
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator, cell_anchors
 from pixelwise.models.maskrcnn.fpn import FeaturePyramidNetwork
+from pixelwise.models.maskrcnn.model import check_targets
 from pixelwise.models.maskrcnn.roi_heads import MaskRCNNHeads, fastrcnn_loss, match_proposals
 from pixelwise.models.maskrcnn.rpn import rpn_loss
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig
-from pixelwise.models.registry import model_info
+from pixelwise.models.registry import create_model, model_info
 from pixelwise.ops import BalancedPositiveNegativeSampler, Matcher
 
 SMALL = {
@@ -644,7 +649,6 @@ def test_a_pixelwise_maskrcnn_checkpoint_as_pretrained_keeps_its_frozen_bn_eps(t
     fine-tune on), it was rebuilt with eps 1e-5."""
     from pixelwise import save_checkpoint
     from pixelwise.backbones import FrozenBatchNorm2d
-    from pixelwise.models import create_model
 
     source = create_model("maskrcnn_resnet18_fpn", num_classes=3, frozen_bn_eps=0.0)
     save_checkpoint(tmp_path / "coco_run.safetensors", source,
@@ -726,3 +730,86 @@ def test_fastrcnn_loss_without_any_roi_is_zero_and_in_the_graph():
     assert cls.item() == 0.0 and box.item() == 0.0
     (cls + box).backward()
     assert logits.grad is not None and regression.grad is not None
+
+
+# ----------------------------------------------------------------------------- target checks, exports
+
+
+def test_check_targets_names_each_malformed_target():
+    """Each malformed target raises ValueError naming it: the count, the boxes', labels' and
+    masks' dtypes and shapes (each was a deep error or a wrong loss)."""
+    _, target = scene()  # 2 objects in a 64 x 80 image; labels 1, 2 of 3 classes
+    sizes = [(64, 80)]
+    check_targets([target], sizes, 3)  # a well-formed target passes
+    with pytest.raises(ValueError, match="got 2 images but 1 targets"):
+        check_targets([target], sizes * 2, 3)
+    for bad, words in (
+        ({"boxes": target["boxes"].long()}, r"\['boxes'\] must be float Tensor\[K, 4\], got torch.int64\[2, 4\]"),
+        ({"boxes": target["boxes"].flatten()}, r"\['boxes'\] must be float Tensor\[K, 4\]"),
+        ({"boxes": torch.zeros(2, 5)}, r"\['boxes'\] must be float Tensor\[K, 4\], got torch.float32\[2, 5\]"),
+        ({"labels": target["labels"].int()}, r"\['labels'\] must be int64 Tensor\[2\], got torch.int32\[2\]"),
+        ({"labels": torch.tensor([1, 2, 1])}, r"\['labels'\] must be int64 Tensor\[2\], got torch.int64\[3\]"),
+        ({"masks": target["masks"][0]}, r"\['masks'\] must be Tensor\[2, H, W\], got \[64, 80\]"),
+        ({"masks": target["masks"][:1]}, r"\['masks'\] must be Tensor\[2, H, W\], got \[1, 64, 80\]"),
+        ({"masks": target["masks"][:, :, :40]}, "are 64x40 \\(H x W\\) but image 0 is 64x80"),
+        # the second box is the bad one: the message names it, not the first
+        ({"boxes": torch.tensor([[8.0, 10, 40, 30], [45, 35, 75, 35]])}, r"\['boxes'\]\[1\] = .* has no area"),
+        ({"boxes": torch.tensor([[8.0, 10, 40, 30], [45, 35, float("inf"), 60]])}, r"\['boxes'\]\[1\] = .* not finite"),
+        ({"labels": torch.tensor([1, 3])}, r"\['labels'\]\[1\] = 3 is not a class"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            check_targets([target | bad], sizes, 3)
+    # the second target of two is named as such
+    with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\] must be int64"):
+        check_targets([target, target | {"labels": target["labels"].int()}], sizes * 2, 3)
+    # an image without objects: its (empty) masks need no size
+    check_targets([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                    "masks": torch.zeros(0, 1, 1, dtype=torch.uint8)}], sizes, 3)
+
+
+def test_every_name_maskrcnn_exports_is_there():
+    assert set(maskrcnn_module.__all__) <= set(dir(maskrcnn_module))  # else `from ... import *` raises
+
+
+def test_freeze_backbone_layers_keeps_the_last_stages():
+    """torchvision's rule, 0..5: the last n of conv1, layer1..layer4 train (5 also bn1); fc and the
+    rest are frozen; outside 0..5 a UserError."""
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"]
+    body = resnet18()
+    for n in range(6):
+        body.requires_grad_(True)
+        freeze_backbone_layers(body, n)
+        trainable = {name.split(".")[0] for name, p in body.named_parameters() if p.requires_grad}
+        assert trainable == set(stages[:n]) | ({"bn1"} if n == 5 else set()), n
+    for n in (-1, 6):
+        with pytest.raises(UserError, match="trainable_backbone_layers must be in 0..5"):
+            freeze_backbone_layers(body, n)
+
+
+def test_trainable_backbone_layers_warns_only_when_ignored_at_the_callers_line():
+    with pytest.warns(UserWarning, match="trainable_backbone_layers=2 has no effect") as record:
+        maskrcnn_resnet18_fpn(num_classes=3, trainable_backbone_layers=2)
+    assert [w.filename for w in record] == [__file__]  # the line that passed it, not the builder's
+    with pytest.warns(UserWarning, match="trainable_backbone_layers=2 has no effect") as record:
+        create_model("maskrcnn_resnet18_fpn", 3, trainable_backbone_layers=2)
+    assert [w.filename for w in record] == [__file__]  # ... nor the registry's (it was)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        maskrcnn_resnet18_fpn(num_classes=3)  # nothing ignored, nothing said
+
+
+def test_the_note_counts_classes_from_a_box_regressor_of_4_values_a_class(tmp_path):
+    """A file whose first layer of another class count is bbox_pred (cls_score missing): 364 rows
+    are 4 box values for each of 91 classes, and the note says 91."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in maskrcnn_resnet18_fpn(num_classes=91).state_dict().items()
+             if not k.startswith("roi_heads.box_predictor.cls_score.")}
+    assert state["roi_heads.box_predictor.bbox_pred.weight"].shape[0] == 364
+    torch.save(state, tmp_path / "detector.pth")
+    model = maskrcnn_resnet18_fpn(num_classes=4, pretrained=str(tmp_path / "detector.pth"))
+    assert model.pretrained_note.startswith(
+        f"maskrcnn: loaded the weights {tmp_path / 'detector.pth'} but roi_heads.box_predictor.bbox_pred, "
+        "roi_heads.mask_predictor.mask_fcn_logits, which score 91 classes in the file and "
+        "roi_heads.box_predictor.cls_score, which the file lacks: initialised for this model's 4 classes"), \
+        model.pretrained_note
+    assert torch.equal(model.roi_heads.box_head.fc6.weight, state["roi_heads.box_head.fc6.weight"])

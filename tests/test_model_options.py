@@ -119,6 +119,10 @@ MASKRCNN_REFUSED = [
     ({"box_bg_iou_thresh": 0.6}, "box_bg_iou_thresh (0.6) must not be above box_fg_iou_thresh (0.5)"),
     ({"trainable_backbone_layers": 7}, "trainable_backbone_layers must be a whole number in 0..5, got 7"),
     ({"trainable_backbone_layers": "abc"}, "trainable_backbone_layers must be a whole number in 0..5, got 'abc'"),
+    ({"frozen_bn_eps": -0.5}, "frozen_bn_eps must be a number >= 0 (the eps of a frozen BatchNorm), got -0.5"),
+    ({"frozen_bn_eps": float("nan")}, "frozen_bn_eps must be a number >= 0 (the eps of a frozen BatchNorm), got nan"),
+    ({"frozen_bn_eps": True}, "frozen_bn_eps must be a number >= 0 (the eps of a frozen BatchNorm), got True"),
+    ({"frozen_bn_eps": "0"}, "frozen_bn_eps must be a number >= 0 (the eps of a frozen BatchNorm), got '0'"),
 ]
 
 

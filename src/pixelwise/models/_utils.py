@@ -3,6 +3,7 @@ logits, pad/crop helpers for any input size, the msra initialisation and whole-m
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,3 +191,16 @@ def load_model_weights(model: nn.Module, path: str, name: str, tags: tuple[str, 
         note = (f"{name}: loaded the weights {path} but {', '.join(fresh)}, which score "
                 f"{file_classes} classes in the file: initialised for this model's classes (fine-tuning)")
         setattr(model, "pretrained_note", note)  # noqa: B010 - what pixelwise train prints (as FCN-VGG's)
+
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])  # the pixelwise package's folder
+
+
+def caller_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` for a warning raised by the function that calls this one,
+    naming the first frame outside pixelwise: the user's line, whether they called a builder
+    directly or through ``create_model`` (a fixed level named the registry's line then)."""
+    frame, level = sys._getframe(1), 1  # the function that warns
+    while frame.f_back is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -23,6 +23,7 @@ from pixelwise import ops
 from pixelwise.backbones import FrozenBatchNorm2d, IntermediateLayerGetter, ResNet, resnet18, resnet50
 from pixelwise.errors import UserError
 from pixelwise.models._checks import whole_number
+from pixelwise.models._utils import caller_stacklevel
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator
 from pixelwise.models.maskrcnn.fast import FastMaskRCNN, optimize_for_inference
 from pixelwise.models.maskrcnn.fpn import BackboneWithFPN, FeaturePyramidNetwork
@@ -223,7 +224,7 @@ def _maskrcnn(make_resnet: Callable[..., ResNet], widths: HeadWidths, num_classe
         warnings.warn(
             f"trainable_backbone_layers={trainable} has no effect without pretrained weights; "
             "all backbone layers are trained",
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
     trainable = 5 if pretrained is None else (3 if trainable is None else trainable)
     freeze_backbone_layers(model.backbone.body, trainable)
