@@ -87,6 +87,7 @@ def test_a_predictor_without_meta_of_a_model_it_cannot_probe_still_predicts():
 
     predictor = pixelwise.SemanticPredictor(OneSize().eval())
     assert predictor.class_names == []
+    assert predictor.palette == [(0, 0, 0)]  # default_palette(1): a colour even without named classes
     assert predictor.predict(np.zeros((20, 24, 3), np.uint8)).mask.shape == (20, 24)
 
 

@@ -10,9 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pixelwise.inference.int8 as int8_module
+import pixelwise.inference.predictor as predictor_module
 from conftest import narrow
-from pixelwise import create_model, save_checkpoint
-from pixelwise.cli import main
+from pixelwise import SemanticPredictor, create_model, save_checkpoint
+from pixelwise.cli import CALIB_CROP, main
 from pixelwise.errors import UserError
 from pixelwise.inference import fast
 from pixelwise.inference.fast import make_runner
@@ -317,6 +318,26 @@ def test_calibration_batches_default_to_four_images_a_batch():
     images = [np.zeros((20, 20, 3), np.uint8)] * 5
     batches = calibration_batches(images, InputSpec(mean=MEAN, std=STD), crop=16)
     assert [b.shape[0] for b in batches] == [4, 1]
+
+
+def test_a_predictors_int8_calibration_defaults_to_the_clis_256_pixel_crops(monkeypatch):
+    """SemanticPredictor(mode="int8", calib_data=...) without calib_crop calibrates on the crops
+    ``--calib-crop`` takes by default (256 pixels): the batches its runner gets are those of
+    calibration_batches(images, spec, crop=256) (a wide image shows the crop's side)."""
+    seen = {}
+
+    def runner(model, mode, name, device, **kwargs):  # records the calibration instead of quantising
+        seen.update(mode=mode, calibration=kwargs["calibration"])
+        return lambda x: model(x)
+
+    monkeypatch.setattr(predictor_module, "make_runner", runner)
+    images = [np.random.default_rng(0).integers(0, 256, (20, 300, 3), dtype=np.uint8)]
+    spec = InputSpec(mean=MEAN, std=STD)
+    SemanticPredictor(nn.Conv2d(3, 2, 1), {"num_classes": 2}, input_spec=spec, mode="int8", calib_data=images)
+    want = calibration_batches(images, spec, crop=CALIB_CROP)
+    assert CALIB_CROP == 256 and seen["mode"] == "int8"
+    assert [b.shape for b in seen["calibration"]] == [b.shape for b in want] == [(1, 3, 20, 256)]
+    assert all(torch.equal(a, b) for a, b in zip(seen["calibration"], want))
 
 
 class _BranchOnData(nn.Module):

@@ -21,8 +21,8 @@ from pixelwise.data import build_dataset, collate
 from pixelwise.data.palette import colorize
 from pixelwise.errors import UserError
 from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
-from pixelwise.inference.mc_dropout import dropout_layers, dropout_sampling
-from pixelwise.inference.predictor import InstancePredictor, Prediction, Predictor
+from pixelwise.inference.mc_dropout import MAX_MC_SAMPLES, dropout_layers, dropout_sampling
+from pixelwise.inference.predictor import InstancePredictor, Prediction, Predictor, check_mc_samples
 from pixelwise.metrics import (
     BFMeter,
     BoundaryIoUMeter,
@@ -829,3 +829,28 @@ def test_class_names_given_twice_or_empty_are_refused_where_they_are_made(tmp_pa
     old = {"pixelwise": json.dumps({**saved, "class_names": names})}
     atomic_save_tensors(tensors, tmp_path / "old.safetensors", old)
     assert pixelwise.load_checkpoint(tmp_path / "old.safetensors")[1]["class_names"] == names
+
+
+def test_prediction_options_are_taken_at_their_bounds_and_refused_one_step_past_them():
+    """The documented ranges, bounds included: batch_size from 1 to 4,096, mc_samples from 0 to
+    1,000, score_thresh in [0, 1]; one step past each bound is a UserError that names the range."""
+    meta = {"model": "unet", "num_classes": 3}
+    model = unet()
+    for size in (1, 4096):
+        assert SemanticPredictor(model, meta, batch_size=size).batch_size == size
+    for size in (0, 4097):
+        with pytest.raises(UserError, match=f"--batch-size must be from 1 to 4,096, got {size}"):
+            SemanticPredictor(model, meta, batch_size=size)
+    assert MAX_MC_SAMPLES == 1000
+    for samples in (0, 1000):
+        check_mc_samples(samples)  # taken: no error
+    for samples in (-1, 1001):
+        with pytest.raises(UserError, match=f"--mc-samples must be from 0 to 1,000, got {samples}"):
+            check_mc_samples(samples)
+    torch.manual_seed(0)
+    mask_rcnn = pixelwise.create_model("maskrcnn_resnet18_fpn", num_classes=3)
+    for thresh in (0.0, 1.0):
+        assert InstancePredictor(mask_rcnn, score_thresh=thresh).score_thresh == thresh
+    for thresh in (-0.01, 1.01):
+        with pytest.raises(UserError, match=re.escape(f"--score-thresh must be in [0, 1], got {thresh}")):
+            InstancePredictor(mask_rcnn, score_thresh=thresh)
