@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pixelwise import ops
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate, decode_mask
 from pixelwise.data import Sample, SegmentationDataset, build_dataset, sample_target, scoring_kwargs
@@ -352,29 +353,24 @@ def evaluate_predictions(folder: str | Path, dataset: str, data: str | None, spl
     return metrics
 
 
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def corners_misread(boxes: list[list[float]], masks: list[np.ndarray]) -> tuple[int, int] | None:
     """``(n, m)`` when the boxes of more than half (``n``) of the ``m`` detections whose two readings
     differ fit their masks' extent as COCO's ``[x, y, width, height]`` clearly better than as the
     corners they are read as (IoU with the mask's bounding box at least 0.5 and 0.25 above the corners'
     reading), else None. A box whose mask lies inside it, as a model's does, never qualifies: the
     width-height reading only grows the box, so its IoU with that mask is the lower one."""
-    fits, differ = 0, 0
+    rows = []  # (the box as read, as x, y, width, height, its mask's extent) of each detection that tells
     for box, mask in zip(boxes, masks):
-        rows, cols = np.any(mask, axis=1).nonzero()[0], np.any(mask, axis=0).nonzero()[0]
+        ys, xs = np.any(mask, axis=1).nonzero()[0], np.any(mask, axis=0).nonzero()[0]
         as_size = [box[0], box[1], box[0] + box[2], box[1] + box[3]]
-        if not len(rows) or as_size == box:
-            continue
-        extent = [float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)]
-        differ += 1
-        sized = _box_iou(as_size, extent)
-        fits += sized >= 0.5 and sized >= _box_iou(box, extent) + 0.25
-    return (fits, differ) if fits * 2 > differ else None
+        if len(ys) and as_size != box:
+            rows.append((box, as_size, [float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)]))
+    if not rows:
+        return None
+    read, sized, extent = (torch.tensor([row[k] for row in rows], dtype=torch.float64) for k in range(3))
+    as_corners, as_size_iou = ops.box_iou(read, extent).diagonal(), ops.box_iou(sized, extent).diagonal()
+    fits = int(((as_size_iou >= 0.5) & (as_size_iou >= as_corners + 0.25)).sum())
+    return (fits, len(rows)) if fits * 2 > len(rows) else None
 
 
 def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
