@@ -426,3 +426,8 @@ def test_a_broken_link_as_json_is_refused_before_the_work_and_named_as_a_link(ve
     assert "appeared while this command ran" not in err[0] and "link" in err[0], err[0]
     assert "median" not in captured.out  # refused before the report was made
     assert link.is_symlink() and not (tmp_path / "gone").exists()
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    assert main([*verb, "--json", str(loop)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "loop.json is a symbolic link loop (it points to" in err and "does not exist" not in err, err

@@ -866,15 +866,20 @@ def test_an_out_folder_that_is_a_broken_link_is_named_as_one(tmp_path, capsys):
     link = tmp_path / "runs"
     link.symlink_to(tmp_path / "gone")
     for out in (link, link / "a"):
-        with pytest.raises(UserError, match=f"^--out {re.escape(str(out))}: {re.escape(str(link))} is a link to "
-                                            f".*gone, which does not exist; fix the link"):
+        with pytest.raises(UserError, match=f"^--out {re.escape(str(out))}: {re.escape(str(link))} is a broken "
+                                            "symbolic link \\(it points to .*gone, which does not exist\\); fix the link"):
             check_can_create(out, f"--out {out}")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # a loop is not "a link to something that does not exist"
+    with pytest.raises(UserError, match=f"{re.escape(str(loop))} is a symbolic link loop \\(it points to "
+                                        f"{re.escape(str(loop))}, which leads back to it\\); fix the link"):
+        check_can_create(loop / "a", "--out")
     from pixelwise.cli import main
 
     assert main(["train", "--model", "unet", "--dataset", "shapes", "--epochs", "1", "--out", str(link),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "is a link to" in err, err
+    assert len(err.splitlines()) == 1 and "is a broken symbolic link" in err, err
     assert not (tmp_path / "gone").exists() and link.is_symlink()
 
 

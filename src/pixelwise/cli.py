@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pixelwise._version import __version__
 from pixelwise.engine import config as train_config  # no torch: --help stays fast
-from pixelwise.errors import UserError, empty_path, expanded_home, shown
+from pixelwise.errors import UserError, dangling_link, empty_path, expanded_home, shown
 
 DEFAULT_MC_SAMPLES = 8
 CALIB_IMAGES, CALIB_CROP = 64, 256  # --calib-images, --calib-crop defaults (int8 calibration)
@@ -440,11 +440,12 @@ def check_output_file(path: str | None, flag: str, inputs: list[str | None], ove
     from pixelwise.runtime import check_can_create
 
     given = Path(path).expanduser()
-    if given.is_symlink() and not given.exists() and not overwrite:
+    link = dangling_link(given)
+    if link and not overwrite:
         # the resolved target does not exist, so the check passed and the final rename refused the
         # link only after all the work, as a file that "appeared while this command ran"
-        raise UserError(f"{flag} {path} is a link to {os.readlink(given)}, which does not exist; remove the link, "
-                        "give another file name, or pass --overwrite to replace the link")
+        raise UserError(f"{flag} {path} is a {link}; remove the link, give another file name, or pass "
+                        "--overwrite to replace the link")
     out = given.resolve()
     if out.is_dir():
         raise UserError(f"{flag} {path} is a folder; give the name of a file to write")

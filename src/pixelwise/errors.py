@@ -54,18 +54,27 @@ def not_a_file(path: Path, wanted: str = "") -> str | None:
     when it is one."""
     if path.is_file():
         return None
-    if path.is_symlink() and not path.exists():
-        try:
-            os.stat(path)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                return f"symbolic link loop (it points to {os.readlink(path)}, which leads back to it); fix the " \
-                       "link or remove it"
-        return f"broken symbolic link (it points to {os.readlink(path)}, which does not exist); fix the link or " \
-               "remove it"
+    link = dangling_link(path)
+    if link:
+        return f"{link}; fix the link or remove it"
     if not path.exists():
         return "file not found"
     return "not a regular file (a folder, pipe or device)" + (f"; give {wanted}" if wanted else "")
+
+
+def dangling_link(path: Path) -> str | None:
+    """For a symbolic link that leads nowhere, what it is: ``symbolic link loop (it points to T, which
+    leads back to it)`` or ``broken symbolic link (it points to T, which does not exist)``; None for
+    anything else. One wording for inputs, ``--json`` files and output folders alike."""
+    if not path.is_symlink() or path.exists():
+        return None
+    target = os.readlink(path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symbolic link loop (it points to {target}, which leads back to it)"
+    return f"broken symbolic link (it points to {target}, which does not exist)"
 
 
 def empty_path(what: str) -> UserError:

@@ -36,7 +36,7 @@ from typing import IO, Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, dangling_link
 
 T = TypeVar("T")
 
@@ -67,9 +67,9 @@ def check_can_create(folder: Path, what: str) -> None:
     the path the user gave)."""
     nearest = folder
     while not nearest.exists() and nearest.parent != nearest:  # a drive or share root is its own parent
-        if nearest.is_symlink():  # mkdir would say "File exists"
-            raise UserError(f"{what}: {nearest} is a link to {os.readlink(nearest)}, which does not exist; fix the "
-                            "link, remove it, or give another path")
+        link = dangling_link(nearest)
+        if link:  # mkdir would say "File exists"
+            raise UserError(f"{what}: {nearest} is a {link}; fix the link, remove it, or give another path")
         nearest = nearest.parent
     if not nearest.exists():
         raise UserError(f"{what}: {nearest} does not exist (a drive or share that is not there); give another path")
