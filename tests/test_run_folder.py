@@ -149,6 +149,32 @@ def test_a_run_folder_removed_while_training_stops_the_run_and_is_not_made_again
     assert not run.exists() if removed == "the folder" else not (run / "last.safetensors").exists()
 
 
+def test_ctrl_c_after_the_run_folder_was_removed_is_an_interruption_that_saves_nothing(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Ctrl-C once the folder was gone ended as `pixelwise: error: ... lost its config.yaml` with exit 2,
+    an error's status for what was an interruption (130); its line must also say nothing was saved."""
+    from pixelwise.engine import trainer
+
+    run = tmp_path / "run"
+
+    def remove_then_stop(event, state):
+        if event == "step" and state.step == 1:
+            shutil.rmtree(run)
+            raise KeyboardInterrupt
+
+    def fit_stopped(cfg, *args, **kwargs):
+        return fit(cfg, callbacks=[remove_then_stop])
+
+    monkeypatch.setattr(trainer, "fit", fit_stopped)
+    assert main(["train", "--model", "unet", "--dataset", "shapes", "--out", str(run), "--epochs", "1",
+                 "--batch-size", "2", "--no-progress", "--model-kwargs", '{"base_channels": 4}',
+                 "--dataset-kwargs", '{"num_train": 4, "num_val": 2, "size": 32}']) == 130
+    out, err = capsys.readouterr()
+    assert "interrupted: " in out and "lost its config.yaml" in out and "without saving" in out, out
+    assert err.startswith("pixelwise: interrupted") and "error" not in err, err
+    assert not run.exists()
+
+
 def _restate(run, meta_edit=None, tensor_edit=None):
     """The run's last.state.safetensors with its counters and/or tensors edited (damage, a hand edit)."""
     path = run / "last.state.safetensors"

@@ -1408,15 +1408,22 @@ def checkpoint_meta(run: Run, summary: dict | None = None) -> dict:
     }
 
 
+def run_folder_lost(run: Run, state: TrainState) -> str | None:
+    """Before rank 0 saves: why it must not, when the run folder no longer holds its ``config.yaml``.
+    A folder removed (or emptied) while training was made again by the first save, without it, so
+    the run ended with exit 0 in a folder that ``--resume`` cannot read."""
+    if (run.out / "config.yaml").is_file():
+        return None
+    steps = f"{state.step} optimizer step{'s' if state.step != 1 else ''}"
+    return (f"{run.out} lost its config.yaml while training (the folder was removed or emptied); the run stopped "
+            f"after {steps} without saving, as a folder without it cannot be resumed: train again")
+
+
 def check_run_folder(run: Run, state: TrainState) -> None:
-    """Before rank 0 saves: the run folder still holds its ``config.yaml``. A folder removed (or
-    emptied) while training was made again by the first save, without it, so the run ended with
-    exit 0 in a folder that ``--resume`` cannot read."""
-    if not (run.out / "config.yaml").is_file():
-        steps = f"{state.step} optimizer step{'s' if state.step != 1 else ''}"
-        raise UserError(f"{run.out} lost its config.yaml while training (the folder was removed or emptied); the "
-                        f"run stopped after {steps} without saving, as a folder without it cannot be resumed: "
-                        "train again")
+    """:func:`run_folder_lost` as a UserError, before a save at an epoch's end."""
+    lost = run_folder_lost(run, state)
+    if lost:
+        raise UserError(lost)
 
 
 def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
@@ -1462,11 +1469,15 @@ def settle_pending_best(run: Run, state: TrainState) -> None:
 
 def save_interrupted(run: Run, state: TrainState) -> str:
     """Ctrl-C: ``last`` and the training state as of the last finished optimizer step; -> what was
-    saved and the command that continues (also logged)."""
+    saved and the command that continues (also logged), or, where the run folder was removed, why
+    nothing was (the exit stays an interruption's, 130 or 143)."""
     if not run.info.is_main:
         return ""
     state.elapsed_s = run.elapsed()
-    check_run_folder(run, state)
+    lost = run_folder_lost(run, state)
+    if lost:  # still an interruption (exit 130/143), which saved nothing
+        run.log(f"interrupted: {lost}")
+        return lost
     summary = {"epoch": state.epoch, "interrupted_after_batches": state.batch}
     save_checkpoint(run.out / "last.safetensors", run.saved, checkpoint_meta(run, summary))
     save_state(run, state)
