@@ -163,9 +163,9 @@ def test_settings_that_overflow_the_lattice_or_float32_are_refused():
     # a long image at the smallest std: 5000 / 0.01 * 6^2 positions is past float32's exact integers (the
     # position kernel's 3^2: at 20000 pixels)
     long = np.zeros((1, 5000, 3), np.uint8)
-    with pytest.raises(UserError, match=r"--crf bi_xy_std=0.01 spreads this 5000x1 image .* at least 0.0107"):
+    with pytest.raises(UserError, match=r"^the CRF setting bi_xy_std=0.01 spreads this 5000x1 image .* least 0.0107"):
         dense_crf(long, torch.full((2, 1, 5000), 0.5), CRFSettings(bi_xy_std=0.01))
-    with pytest.raises(UserError, match=r"--crf pos_xy_std=0.01 spreads this 20000x1 image .* at least 0.0107"):
+    with pytest.raises(UserError, match=r"^the CRF setting pos_xy_std=0.01 spreads this 20000x1 image .* 0.0107"):
         dense_crf(np.zeros((1, 20000, 3), np.uint8), torch.full((2, 1, 20000), 0.5), CRFSettings(pos_xy_std=0.01))
     assert np.isfinite(np.asarray(dense_crf(long, torch.full((2, 1, 5000), 0.5), CRFSettings(bi_w=0, pos_xy_std=0.01,
                                                                                             bi_xy_std=0.01)))).all()
@@ -313,6 +313,16 @@ def test_predict_checks_every_input_against_the_crfs_size_before_writing(checkpo
     assert sorted(p.name for p in out.iterdir()) == ["a_small.png", "a_small_overlay.png"]
     assert main(["predict", "--checkpoint", str(checkpoints[0]), str(inputs / "b_large.png"), "--out",
                  str(tmp_path / "plain"), "--no-progress"]) == 0  # without --crf, no limit of the CRF's
+    # settings that overflow the lattice's coordinates for an image are refused with the size, up front
+    monkeypatch.undo()
+    capsys.readouterr()
+    Image.fromarray(blocks(1, 5000)).save(inputs / "c_long.png")
+    two = [str(inputs / "a_small.png"), str(inputs / "c_long.png")]
+    assert main(["predict", "--checkpoint", str(checkpoints[0]), *two, "--out", str(tmp_path / "out2"), "--crf",
+                 "bi_xy_std=0.01", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{inputs / 'c_long.png'}: the CRF setting bi_xy_std=0.01 spreads this 5000x1 image" in err, err
+    assert "nothing was written" in err and not (tmp_path / "out2").exists()
 
 
 def test_eval_checks_every_image_against_the_crfs_size_before_the_first_is_predicted(checkpoints, tmp_path,
@@ -340,6 +350,14 @@ def test_eval_checks_every_image_against_the_crfs_size_before_the_first_is_predi
     assert main(command) == 2
     err = capsys.readouterr().err
     assert f"{root / 'images' / 'b.png'}: --crf runs on images of up to 1,000 pixels" in err and not ran
+    # and against the lattice for the settings given, from the headers too
+    monkeypatch.setattr(pixelwise.inference.crf, "MAX_CRF_PIXELS", 4_000_000)
+    Image.fromarray(blocks(1, 5000)).save(root / "images" / "c.png")
+    Image.fromarray(np.zeros((1, 5000), np.uint8)).save(root / "masks" / "c.png")
+    assert main([*command[:-2], "bi_xy_std=0.01", "--no-progress", "--no-bf"]) == 2
+    err = capsys.readouterr().err
+    assert f"{root / 'images' / 'c.png'}: the CRF setting bi_xy_std=0.01 spreads this 5000x1 image" in err, err
+    assert not ran
 
 
 def post_image(predictor, image: np.ndarray, fields: dict):
@@ -414,6 +432,10 @@ def test_a_request_turns_the_crf_on_off_or_sets_it(checkpoints, tmp_path, monkey
     assert answer.status_code == 422 and answer.json()["detail"].startswith("crf must be true, false or settings")
     answer = post(plain, {"crf": "iterations=0"})
     assert answer.status_code == 422 and "crf: iterations must be a whole number from 1 to 100" in answer.text
+    # named by the setting, as the field takes it, not as the command line's --crf (the model does not run)
+    answer = post_image(plain, blocks(1, 5000), {"crf": "bi_xy_std=0.01"})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].startswith("the CRF setting bi_xy_std=0.01 spreads this 5000x1 image")
     # an image above the CRF's size is refused before the model runs, as too large (the limit made small)
     monkeypatch.setattr(app_module, "MAX_CRF_PIXELS", image.shape[0] * image.shape[1] - 1)
     ran = []

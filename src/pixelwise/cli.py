@@ -679,7 +679,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     plan = check_predict(args.inputs, args.out, instance=isinstance(predictor, InstancePredictor),
                          uncertainty=args.uncertainty, skip_invalid=args.skip_invalid, progress=args.progress,
                          cells=args.watershed is not None, overwrite=args.overwrite,
-                         crf=getattr(predictor, "crf", None) is not None, resume=args.resume,
+                         crf=getattr(predictor, "crf", None), resume=args.resume,
                          record=prediction_record(predictor, uncertainty=args.uncertainty, watershed=args.watershed))
     written = predict_files(predictor, plan, uncertainty=args.uncertainty, progress=args.progress,
                             watershed=args.watershed)

@@ -267,14 +267,30 @@ def _features(image: np.ndarray, xy_std: float, rgb_std: float | None) -> np.nda
     return np.stack(parts, 1)
 
 
-def check_crf_size(height: int, width: int, name: str | None = None) -> None:
-    """An image the CRF can refine: at most :data:`MAX_CRF_PIXELS` pixels, else a UserError (that
-    begins with the image's ``name`` where given)."""
+def check_crf_size(height: int, width: int, name: str | None = None, settings: CRFSettings | None = None) -> None:
+    """An image the CRF can refine: at most :data:`MAX_CRF_PIXELS` pixels and, with ``settings``, no
+    kernel whose lattice coordinates (extent / std times (d+1)^2) pass float32's exact integers;
+    else a UserError (that begins with the image's ``name`` where given). The colour kernel is
+    checked as an RGB image's (d = 5) also for a grey one (d = 3, a 2.25 times smaller bound), so
+    that a size known from a file's header suffices. Said in the settings' own names, which the
+    CLI's ``--crf``, the server's ``crf`` field and :class:`CRFSettings` share."""
+    where = f"{name}: " if name else ""
     if height * width > MAX_CRF_PIXELS:
-        raise UserError(f"{name + ': ' if name else ''}--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels "
+        raise UserError(f"{where}--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels "
                         f"(its lattice holds up to 1.6 KB a pixel); this one has {height * width:,} "
                         f"({width}x{height}): leave out --crf for it, or give a smaller copy of the image (the CRF "
                         "runs at the image's own size)")
+    if settings is None:
+        return
+    for weight, setting, std in ((settings.bi_w, "bi_xy_std", settings.bi_xy_std),
+                                 (settings.bi_w, "bi_rgb_std", settings.bi_rgb_std),
+                                 (settings.pos_w, "pos_xy_std", settings.pos_xy_std)):
+        d = 5 if setting.startswith("bi") else 2
+        extent = 255 if setting == "bi_rgb_std" else max(height, width)
+        if weight > 0 and extent / std * (d + 1) ** 2 >= LATTICE_EXACT:
+            raise UserError(f"{where}the CRF setting {setting}={std:g} spreads this {width}x{height} image over more "
+                            f"lattice positions than its float32 coordinates hold exactly; give {setting} of at least "
+                            f"{extent * (d + 1) ** 2 / LATTICE_EXACT:.3g}")
 
 
 def dense_crf(image: np.ndarray, probs: torch.Tensor | np.ndarray, settings: CRFSettings | None = None
@@ -293,17 +309,8 @@ def dense_crf(image: np.ndarray, probs: torch.Tensor | np.ndarray, settings: CRF
         raise UserError(f"the CRF needs an image [H, W, channels] and probabilities [C, H, W] of the same H, W; got "
                         f"{list(image.shape)} and {list(p.shape)}")
     c, h, w = p.shape
-    check_crf_size(h, w)
+    check_crf_size(h, w, settings=settings)
     unary = -np.log(np.clip(p.reshape(c, -1).T, CLIP, 1.0)).astype(np.float32)  # [N, C]
-    for weight, name, std in ((settings.bi_w, "bi_xy_std", settings.bi_xy_std),
-                              (settings.bi_w, "bi_rgb_std", settings.bi_rgb_std),
-                              (settings.pos_w, "pos_xy_std", settings.pos_xy_std)):
-        d = 2 + image.shape[2] if name.startswith("bi") else 2
-        extent = 255 if name == "bi_rgb_std" else max(h, w)
-        if weight > 0 and extent / std * (d + 1) ** 2 >= LATTICE_EXACT:  # the lattice's float32 coordinates
-            raise UserError(f"--crf {name}={std:g} spreads this {w}x{h} image over more lattice positions than its "
-                            f"float32 coordinates hold exactly; give {name} of at least "
-                            f"{extent * (d + 1) ** 2 / LATTICE_EXACT:.3g}")
     kernels = []
     if settings.bi_w > 0:
         kernels.append((np.float32(settings.bi_w), _Kernel(_features(image, settings.bi_xy_std, settings.bi_rgb_std))))

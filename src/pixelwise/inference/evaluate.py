@@ -41,7 +41,7 @@ from pixelwise.data.files import split_fingerprint
 from pixelwise.data.io import png_text, read_mask
 from pixelwise.errors import UserError, finite_number, listed
 from pixelwise.inference.cells import with_boundaries
-from pixelwise.inference.crf import check_crf_size
+from pixelwise.inference.crf import CRFSettings, check_crf_size
 from pixelwise.inference.ensemble import from_checkpoints
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.metrics import (
@@ -218,8 +218,9 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
         predictor.score_thresh = 0.0  # AP ranks every detection
     skipped = ds.check_or_refuse(skip_invalid, "evaluate")
     skipped = getattr(ds, "dropped", skipped)  # with those the reader's own skip_invalid option dropped
-    if getattr(predictor, "crf", None) is not None:
-        check_crf_sizes(ds)
+    crf = getattr(predictor, "crf", None)
+    if crf is not None:
+        check_crf_sizes(ds, crf)
     if isinstance(predictor, InstancePredictor):
         if not ds.has_instances():
             raise UserError(f"{paths[0]} holds an instance model ({predictor.meta.get('model')}), and {dataset} data "
@@ -455,15 +456,16 @@ def _prediction_file(folder: Path, suffix: str, *names: str) -> Path | None:
     return next((folder / f"{name}{suffix}" for name in names if (folder / f"{name}{suffix}").is_file()), None)
 
 
-def check_crf_sizes(ds: SegmentationDataset) -> None:
-    """Every image of ``ds`` within the CRF's size, read from the headers before the first image is
-    predicted (a UserError naming the first too large; readers without image files pass)."""
+def check_crf_sizes(ds: SegmentationDataset, settings: CRFSettings) -> None:
+    """Every image of ``ds`` within the CRF's size and lattice (for ``settings``), read from the
+    headers before the first image is predicted (a UserError naming the first that is not; readers
+    without image files pass)."""
     items = getattr(ds, "items", None)
     if items is None or not hasattr(ds, "image_size"):
         return
     for image_ref, _ in items:
         w, h = ds.image_size(image_ref)
-        check_crf_size(h, w, name=image_ref)
+        check_crf_size(h, w, name=image_ref, settings=settings)
 
 
 def training_images(meta: dict, ds: SegmentationDataset, dataset: str, data: str | None) -> int | None:

@@ -507,7 +507,7 @@ class SemanticPredictor(Predictor):
         CRF, as one band (an image too large for it is refused here, before the model runs)."""
         if self.crf is None:
             return bands
-        check_crf_size(*image.shape[:2])
+        check_crf_size(image.shape[0], image.shape[1], settings=self.crf)
         return self._crf_band(image, bands, self.crf)
 
     @staticmethod

@@ -65,7 +65,7 @@ from pixelwise.data.io import (
 from pixelwise.data.palette import clear_class, default_palette, overlay
 from pixelwise.errors import UserError
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
-from pixelwise.inference.crf import check_crf_size
+from pixelwise.inference.crf import CRFSettings, check_crf_size
 from pixelwise.inference.evaluate import RECORD_KEY, crf_settings, parse_record, prediction_options
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.runtime import check_can_create
@@ -306,12 +306,13 @@ def _reason(err: UserError) -> str:
 
 def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False, uncertainty: bool = False,
                   skip_invalid: bool = False, progress: bool | None = None, cells: bool = False,
-                  overwrite: bool = False, crf: bool = False, record: dict | None = None,
+                  overwrite: bool = False, crf: CRFSettings | None = None, record: dict | None = None,
                   resume: bool = False) -> PredictPlan:
     """Every check of ``predict``, before anything is written: the inputs exist and decode (and
-    with ``crf``, every frame is within the CRF's size), ``out`` is a folder that holds none of
-    them and no output lands on an input (through a link either), nor, unless ``overwrite``, on a
-    file already there (an earlier prediction, or a file of the user's that has an output's name).
+    with ``crf``, the predictor's CRF settings, every frame is within the CRF's size and lattice),
+    ``out`` is a folder that holds none of them and no output lands on an input (through a link
+    either), nor, unless ``overwrite``, on a file already there (an earlier prediction, or a file of
+    the user's that has an output's name).
     Unreadable inputs are all named in one UserError, or left out and listed with ``skip_invalid``.
 
     ``resume`` (an interrupted run, again): the frames whose outputs are all there, with a mask whose
@@ -346,7 +347,7 @@ def check_predict(inputs: list[str], out: str | Path, *, instance: bool = False,
             for frame in read_frames(p):  # decodes every frame, in one pass over the file
                 count += 1
                 if crf:
-                    check_crf_size(frame.shape[0], frame.shape[1], name=str(p))
+                    check_crf_size(frame.shape[0], frame.shape[1], str(p), crf)
         except UserError as e:
             skipped.append(_reason(e))
             continue
@@ -721,7 +722,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     else:
         plan = check_predict(inputs, out, instance=isinstance(predictor, InstancePredictor), uncertainty=uncertainty,
                              progress=progress, cells=watershed is not None, overwrite=overwrite,
-                             crf=getattr(predictor, "crf", None) is not None, resume=resume,
+                             crf=getattr(predictor, "crf", None), resume=resume,
                              record=prediction_record(predictor, uncertainty=uncertainty, watershed=watershed))
     check_watershed(predictor, watershed)
     out_dir = plan.out

@@ -57,7 +57,7 @@ from pixelwise.data.palette import clear_class
 from pixelwise.errors import UserError, shown
 from pixelwise.inference import cancel
 from pixelwise.inference.cancel import TimedOut
-from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings
+from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, check_crf_size
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.inference.tta import TTA_MODES
@@ -502,10 +502,16 @@ class Service:
                                        "one coloured with the model's palette (GET /api/info)")
         with self._model_lock:  # a predictor's constructor sets the shared model's modes too
             predictor = self.predictor_for(options, wanted.uncertainty)
-            if getattr(predictor, "crf", None) is not None and image.shape[0] * image.shape[1] > MAX_CRF_PIXELS:
+            crf = getattr(predictor, "crf", None)
+            if crf is not None and image.shape[0] * image.shape[1] > MAX_CRF_PIXELS:
                 raise UploadError(413, f"the CRF refines images of up to {MAX_CRF_PIXELS:,} pixels and this one has "
                                        f"{image.shape[0] * image.shape[1]:,} ({image.shape[1]}x{image.shape[0]}); "
                                        "send it with crf=false, or a smaller copy")
+            if crf is not None:  # settings too fine for this image's extent: the request's to change, not a 500
+                try:
+                    check_crf_size(image.shape[0], image.shape[1], settings=crf)
+                except UserError as e:
+                    raise UploadError(422, str(e)) from None
             if isinstance(predictor, SemanticPredictor):
                 # the mask and entropy are filled band by band; the probabilities, which the answer
                 # does not carry, are not kept (a 12-MP photo's would be 1.1 GB for 12 classes)
