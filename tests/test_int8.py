@@ -3,6 +3,8 @@ models, its calibration, its guards and its one-line errors, in the runner, pred
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -412,3 +414,45 @@ class _BranchingCore(_BranchOnData):
 def test_an_untraceable_core_names_the_model_and_the_trace_error():
     with pytest.raises(UserError, match=r"_BranchingCore cannot be traced by torch.fx .*\(TraceError: symbolically "):
         quantize(_BranchingCore(), [torch.ones(1, 3, 4, 4)])
+
+
+def test_predictions_of_another_calibration_are_not_kept_by_resume(monkeypatch):
+    """int8 masks depend on the calibration (a fitted shapes U-Net: 60 of 2,304 pixels of one
+    image differ between --calib-images 8 --calib-crop 48 and --calib-images 1 --calib-crop 16),
+    yet the mask's record held only ``mode: int8``: ``predict --resume`` with another calibration
+    kept the earlier masks (``kept 3``) as if this prediction had made them, and eval's provenance
+    could not tell the two runs apart. The record must say which calibration quantised the model."""
+    from pixelwise.inference.writers import prediction_record, record_difference
+
+    monkeypatch.setattr(predictor_module, "make_runner", lambda *a, **k: None)  # the record, not the quantising
+    model = create_model("unet", num_classes=4, base_channels=4, batch_norm=True).eval()
+    meta = {"model": "unet", "num_classes": 4, "mean": MEAN, "std": STD}
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    records = [prediction_record(SemanticPredictor(model, meta, mode="int8", calib_data=data, calib_crop=crop,
+                                                   measuring=True))
+               for data, crop in ((images, 32), (images[:1], 16))]
+    assert record_difference(json.dumps(records[0]), records[0]) is None
+    assert record_difference(json.dumps(records[0]), records[1]) is not None
+
+
+def test_every_member_of_an_int8_ensemble_calibrates_on_all_the_images_of_a_generator(tmp_path, monkeypatch):
+    """``from_checkpoints([a, b], mode="int8", calib_data=<generator>)``: the first member read the
+    generator to its end and the second calibrated on nothing (refused as having no images)."""
+    from pixelwise.inference.ensemble import from_checkpoints
+
+    monkeypatch.setattr(predictor_module, "make_runner", lambda *a, **k: None)  # the images, not the quantising
+    paths = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = create_model("unet", num_classes=4, base_channels=4, batch_norm=True).eval()
+        paths.append(tmp_path / f"{seed}.safetensors")
+        save_checkpoint(paths[-1], model, {"model": "unet", "num_classes": 4, "model_kwargs": {"base_channels": 4,
+                                                                                             "batch_norm": True},
+                                           "mean": list(MEAN), "std": list(STD)})
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    ensemble = from_checkpoints(paths, mode="int8", calib_data=(image for image in images), calib_crop=16,
+                                measuring=True)
+    records = [member.calibration for member in ensemble.members]
+    assert records[0] == records[1] and records[0]["images"] == 3, records

@@ -107,6 +107,8 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
     if len(paths) == 1:
         return Predictor.from_checkpoint(paths[0], device, **options)
     crf = options.pop("crf", None)  # the ensemble's mean is refined, not each member's
+    if options.get("calib_data") is not None:  # every member calibrates on all of them: a generator, read once
+        options["calib_data"] = list(options["calib_data"])
     mc_samples = options.pop("mc_samples", 0) or 0
     check_mc_samples(mc_samples)  # the members with dropout take it below
     # Monte-Carlo dropout runs in eager only, refused below for another mode whether or not a member

@@ -501,6 +501,8 @@ def prediction_options(predictor: Predictor) -> dict[str, object]:
     if isinstance(predictor, SemanticPredictor):
         seen.update(tile=predictor.tile, overlap=predictor.overlap if predictor.tile else None, tta=predictor.tta,
                     mc_samples=predictor.mc_samples)
+        if seen["mode"] == "int8" and getattr(predictor, "calibration", None):  # int8 masks depend on it
+            seen["calibration"] = predictor.calibration
     return seen
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
@@ -251,6 +252,25 @@ class Predictor:
         return preprocess(image, self.input_spec).unsqueeze(0).to(self.device)
 
 
+def calibration_record(images: Sequence[np.ndarray], crop: int) -> dict:
+    """The int8 calibration in a record: how many images, the crop, and a SHA-256 of the images."""
+    digest = hashlib.sha256()
+    for image in images:
+        array = np.ascontiguousarray(image)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return {"images": len(images), "crop": crop, "sha256": digest.hexdigest()}
+
+
+def grey_if_grey(image: np.ndarray) -> np.ndarray:
+    """The image the CRF's colour kernel sees: a grey image's one channel, whether it came as
+    uint8[H, W] (or [H, W, 1]) or as the RGB image of three equal channels its file reads as (a
+    grey PNG through read_image), so both are refined alike; a colour image as it is."""
+    if image.ndim == 3 and image.shape[2] == 3 and (image[..., 1:] == image[..., :1]).all():
+        return image[..., 0]
+    return image
+
+
 REAL_OPTIONS = ("overlap", "score_thresh")  # prediction options that take any number; the others whole ones
 
 
@@ -363,6 +383,10 @@ class SemanticPredictor(Predictor):
         self.mode = mode
         # int8: calib_data are training images (uint8[H, W, 3]); random crops of them, preprocessed
         # with this predictor's input contract, calibrate the activation ranges
+        calib_data = None if calib_data is None else list(calib_data)  # read once: hashed, then cropped
+        # which calibration quantised the model: int8 masks depend on it, so predict's record and
+        # eval's provenance say it (predict --resume keeps no masks of another calibration)
+        self.calibration = None if calib_data is None else calibration_record(calib_data, calib_crop)
         calibration = None if calib_data is None else calibration_batches(calib_data, self.input_spec, crop=calib_crop)
         try:
             with own_precision(self.device):  # int8 calibrates, the fast path measures, in their own precision
@@ -508,7 +532,7 @@ class SemanticPredictor(Predictor):
         if self.crf is None:
             return bands
         check_crf_size(image.shape[0], image.shape[1], settings=self.crf)
-        return self._crf_band(image, bands, self.crf)
+        return self._crf_band(grey_if_grey(image), bands, self.crf)
 
     @staticmethod
     def _crf_band(image: np.ndarray, bands: Iterable[tuple[int, torch.Tensor]], settings: CRFSettings
