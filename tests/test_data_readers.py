@@ -838,3 +838,12 @@ def test_the_base_class_defaults_a_reader_inherits():
 
 def test_every_name_data_base_exports_is_there():
     assert set(base.__all__) <= set(dir(base))  # else `from pixelwise.data.base import *` raises
+
+
+def test_ade20k_reads_the_training_split_by_default(tmp_path):
+    raw = np.array([[0, 1, 150]], np.uint8)
+    for sub, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
+        _img(tmp_path / "images" / sub / f"{stem}.jpg", 1, 3)
+        _mask(tmp_path / "annotations" / sub / f"{stem}.png", raw)
+    ds = ADE20K(tmp_path)
+    assert ds.split == "train" and [Path(i).name for i, _ in ds.items] == ["ADE_train_00000001.jpg"]

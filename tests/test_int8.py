@@ -456,3 +456,35 @@ def test_every_member_of_an_int8_ensemble_calibrates_on_all_the_images_of_a_gene
                                 measuring=True)
     records = [member.calibration for member in ensemble.members]
     assert records[0] == records[1] and records[0]["images"] == 3, records
+
+
+def test_clip_message_does_not_take_a_leading_full_stop_for_a_sentence():
+    # ". " at index 0 ends no sentence: the text is cut after its last whole word that fits, not to "."
+    text = ". " + "abcd " * 40
+    assert clip_message(text) == ". " + "abcd " * 30 + "abcd..."  # 2 + 150 + 4 + 3 = 159 characters
+
+
+def test_clip_message_keeps_the_last_word_that_fits_before_the_dots():
+    # the space after the b-word is at index 156: "a"*10 + " " + "b"*145 (156 characters) + "..." fits in 160
+    text = "a" * 10 + " " + "b" * 145 + " " + "c" * 10
+    assert clip_message(text) == "a" * 10 + " " + "b" * 145 + "..."
+
+
+def test_an_int8_segmenter_quantises_for_the_engine_it_is_given():
+    """Int8Segmenter(engine=E) quantises for E and records it (qnnpack's mapping: per-tensor weights,
+    x86's and fbgemm's: per output channel); without one it takes quantized_engine()'s."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
+    x = smooth(1, 16, 16, 0)
+
+    def weight_schemes(int8: Int8Segmenter) -> set:
+        return {m.weight().qscheme() for m in int8.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
+                and hasattr(m, "weight") and callable(m.weight)}
+
+    default = Int8Segmenter(model, [x])
+    assert default.engine == quantized_engine()
+    if "qnnpack" in torch.backends.quantized.supported_engines:
+        int8 = Int8Segmenter(model, [x], engine="qnnpack")
+        assert int8.engine == "qnnpack" and weight_schemes(int8) == {torch.per_tensor_affine}
+        if default.engine in ("x86", "fbgemm"):
+            assert weight_schemes(default) == {torch.per_channel_affine}
