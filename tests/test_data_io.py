@@ -507,6 +507,66 @@ def test_tiff_directory_cut_sizes_an_undefined_typed_pixel_tag():
     assert tiff_directory_cut(whole, len(whole)) is None
 
 
+# TIFF 6.0 field types and their bytes per value (BYTE, ASCII, SHORT, LONG, RATIONAL, SBYTE, UNDEFINED,
+# SSHORT, SLONG, SRATIONAL, FLOAT, DOUBLE, IFD), and BigTIFF's LONG8, SLONG8, IFD8
+_TIFF_SPEC_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4,
+                         16: 8, 17: 8, 18: 8}
+
+
+def _one_entry_tiff(tag: int, kind: int, count: int, offset: int) -> bytes:
+    return (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", tag, kind, count, offset)
+            + struct.pack("<I", 0))
+
+
+@pytest.mark.parametrize("kind", sorted(_TIFF_SPEC_TYPE_BYTES))
+def test_tiff_directory_cut_sizes_a_pixel_tag_of_every_field_type(kind):
+    """5 values of any type are more than the 4 bytes a directory entry holds: stored from byte
+    1000 of a 26-byte file, they are past its end, and their size is 5 x the type's size."""
+    cut = _one_entry_tiff(273, kind, 5, 1000)
+    assert tiff_directory_cut(cut, len(cut)) == (
+        f"page 0's tag 273 holds {5 * _TIFF_SPEC_TYPE_BYTES[kind]} bytes from byte 1,000, "
+        "past the end of the file (26 bytes)")
+
+
+@pytest.mark.parametrize("tag", [256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 317, 320, 322, 323,
+                                 324, 325, 338, 339, 347, 530, 531, 532])
+def test_tiff_directory_cut_checks_each_tag_that_describes_the_pixels(tag):
+    """Size, samples, compression, colour, strips and tiles (TileWidth 322, TileLength 323, ...),
+    colour map, sample format, predictor, JPEG tables, YCbCr layout: two LONGs past the end of the
+    file are a cut; the same of a tag about something else (Software, 305) are not looked at."""
+    cut = _one_entry_tiff(tag, 4, 2, 1000)
+    assert tiff_directory_cut(cut, len(cut)) == (
+        f"page 0's tag {tag} holds 8 bytes from byte 1,000, past the end of the file (26 bytes)")
+    other = _one_entry_tiff(305, 4, 2, 1000)
+    assert tiff_directory_cut(other, len(other)) is None
+
+
+def test_a_mask_in_a_mode_that_holds_no_class_ids_is_refused(tmp_path):
+    """A float ("F") or CMYK mask is not read as labels: read_mask names the file and the mode
+    rather than returning nothing."""
+    for mode in ("F", "CMYK"):
+        path = tmp_path / f"{mode}.tif"
+        Image.new(mode, (3, 2)).save(path)
+        with pytest.raises(UserError, match=rf"{mode}.tif: unsupported mask mode {mode}; save masks as 8-bit"):
+            read_mask(path)
+
+
+def test_a_later_tall_narrow_frame_above_the_pixel_limit_is_refused(tmp_path):
+    """The limit is on width x height: a page 2 pixels wide and 30 high (60 pixels) is above a limit
+    of 50 though its width squared (4) is not."""
+    path = tmp_path / "s.tif"
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(
+        path, save_all=True, append_images=[Image.fromarray(np.full((30, 2), 7, np.uint8))])
+    try:
+        set_max_image_pixels(50)
+        assert read_image(path).shape == (4, 4, 3)
+        with pytest.raises(UserError, match=r"2x30 = 60 pixels is above the limit of 50"):
+            read_image(path, 1)
+    finally:
+        set_max_image_pixels(None)
+    assert read_image(path, 1).shape == (30, 2, 3)
+
+
 def test_pil_to_rgb_turns_a_callers_image_by_its_exif_orientation(tmp_path):
     """An image opened by the caller (not through read_image) is turned as read_image turns its file:
     orientation 6 is a quarter turn clockwise for display."""
@@ -535,6 +595,12 @@ def test_a_float_image_in_0_1_is_scaled_to_0_255_including_1():
     assert pil_to_rgb(beyond)[0, :, 0].tolist() == [0, 2, 255]
 
 
+def test_a_32_bit_image_beyond_16_bits_is_min_max_scaled():
+    """Integer pixels outside 0..65535 are scaled from their own min..max: (v - min) * 255 // (max - min)."""
+    wide = Image.fromarray(np.array([[-1000, 0, 99_000, 49_000]], np.int32))
+    assert pil_to_rgb(wide)[0, :, 0].tolist() == [0, 2, 255, 127]
+
+
 def test_palette_conflict_names_the_first_used_index_whose_colour_is_another_class(tmp_path):
     known = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2}  # the dataset's colours
     for name, pixels, expected in [("uses.png", [[0, 1], [1, 0]], (1, (0, 255, 0), 2)), ("unused.png", [[0, 0]], None)]:
@@ -553,3 +619,11 @@ def test_webp_lossy_looks_inside_an_animations_first_frame(lossless):
     data = buf.getvalue()
     assert data[12:16] == b"VP8X" and b"ANMF" in data
     assert webp_lossy(data) is (not lossless)
+
+
+@pytest.mark.parametrize("chunk, lossy", [(b"VP8 ", True), (b"VP8L", False)])
+def test_webp_lossy_reads_only_the_image_chunks_header(chunk, lossy):
+    """The first image chunk's 8-byte header (its kind and size) decides, even where the file ends
+    right after it."""
+    data = b"RIFF" + struct.pack("<I", 1000) + b"WEBP" + chunk + struct.pack("<I", 980)
+    assert webp_lossy(data) is lossy

@@ -16,7 +16,7 @@ from PIL import Image, features
 from pixelwise.data.augment import build_transform
 from pixelwise.data.folder import FolderDataset
 from pixelwise.data.inspect import inspect_dataset
-from pixelwise.data.io import IMAGE_SUFFIXES, jpeg_complete, probe, read_image, read_mask
+from pixelwise.data.io import IMAGE_SUFFIXES, jpeg_complete, probe, read_image, read_mask, tiff_layout
 from pixelwise.errors import UserError
 from pixelwise.inference.writers import expand_inputs
 from pixelwise.sample import Sample
@@ -304,6 +304,31 @@ def test_float_rgb_tiff_is_called_unsupported_not_damaged(tmp_path):
     assert e.value.status == 415 and "unsupported TIFF: 3 channel(s) of 32-bit float" in e.value.detail
 
 
+def _tiff_head(order: str, entries: list[tuple[int, int, int, int]]) -> bytes:
+    """A TIFF's first bytes in byte order ``order`` ("<" or ">"): one directory of SHORT/LONG
+    ``(tag, type, count, value)`` entries, each value held in the entry itself."""
+    out = (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(order + "I", 8)
+    out += struct.pack(order + "H", len(entries))
+    for tag, kind, count, value in entries:
+        packed = struct.pack(order + "HH", value, 0) if kind == 3 else struct.pack(order + "I", value)
+        out += struct.pack(order + "HHI", tag, kind, count) + packed
+    return out + bytes(4)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_tiff_layout_reads_either_byte_order_and_a_missing_channel_count_as_one(order):
+    """The directory's entry count is its first 2 bytes, in the file's byte order; a page without
+    SamplesPerPixel (277) has one channel, as TIFF 6.0 says, and one without BitsPerSample one bit."""
+    rgb_float = [(256, 3, 1, 5), (258, 3, 1, 32), (277, 3, 1, 3), (339, 3, 1, 3)]
+    assert tiff_layout(_tiff_head(order, rgb_float)) == "3 channel(s) of 32-bit float"
+    gray_float = [(258, 3, 1, 32), (339, 3, 1, 3)]  # the first tag is not ImageWidth (256)
+    assert tiff_layout(_tiff_head(order, gray_float)) == "1 channel(s) of 32-bit float"
+    # no SampleFormat (339): unsigned integer; no BitsPerSample (258): 1 bit
+    assert tiff_layout(_tiff_head(order, [(277, 4, 1, 2)])) == "2 channel(s) of 1-bit integer"
+    assert tiff_layout(_tiff_head(order, [(277, 4, 1, 2), (339, 3, 1, 2)])) == "2 channel(s) of 1-bit signed integer"
+    assert tiff_layout(_tiff_head(order, [(256, 3, 1, 5)])) is None
+
+
 def test_a_gray_tiff_with_premultiplied_alpha_is_read_unpremultiplied_by_read_image_and_the_server(tmp_path):
     """Pillow opens a gray+alpha TIFF whose ExtraSamples says associated alpha as mode "La" (gray
     premultiplied by alpha), which it cannot convert to RGB directly: both readers give the gray
@@ -429,6 +454,25 @@ def test_a_16_bit_colour_png_mask_is_a_problem_not_all_class_0(tmp_path):
         decode_mask((root / "masks" / "a.png").read_bytes(), 10**6, [(0, 0, 0)] * 3, 3, (H, W))
     (root / "masks" / "a.png").write_bytes(_png16(labels[:, :, None], 0))  # 16-bit gray: its values, as read
     np.testing.assert_array_equal(read_mask(root / "masks" / "a.png"), labels)
+
+
+def test_a_png_refused_at_open_leaves_no_file_open(tmp_path, monkeypatch):
+    """A 16-bit gray-and-alpha PNG is refused from its header: the file PIL opened for it is closed
+    before the error, as it is for an image above the pixel limit."""
+    gray = np.zeros((2, 3), np.uint16)
+    path = tmp_path / "la16.png"
+    path.write_bytes(_png16(np.stack([gray, gray], axis=2), 4))
+    opened = []
+    real_open = Image.open
+
+    def spy(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(Image, "open", spy)
+    with pytest.raises(UserError, match="la16.png: a 16-bit gray-and-alpha PNG"):
+        read_image(path)
+    assert opened and all(img.fp is None for img in opened)
 
 
 def test_a_16_bit_gray_and_alpha_png_is_refused_not_read_as_its_low_bytes(tmp_path):

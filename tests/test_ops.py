@@ -272,6 +272,17 @@ def test_roi_align_rejects_bad_input():
         roi_align(feat[0], torch.tensor([[0.0, 0, 0, 2, 2]]), 2)
 
 
+def test_roi_align_rejects_a_boxes_list_whose_elements_are_not_k_by_4_tensors():
+    """A list holds one Tensor[K_i, 4] per image: a [K, 5] tensor (rows that already carry the image
+    index), a plain list of numbers or an empty list is a ValueError naming the rule."""
+    feat = torch.randn(1, 2, 8, 8)
+    for boxes in ([torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]])], [[0.0, 0.0, 2.0, 2.0]], [torch.zeros(4)]):
+        with pytest.raises(ValueError, match=r"each element of a boxes list must be a Tensor\[K_i, 4\]"):
+            roi_align(feat, boxes, 2)
+    with pytest.raises(ValueError, match="boxes list is empty"):
+        roi_align(feat, [], 2)
+
+
 # ----------------------------------------------------------------------------- multi-scale
 
 
@@ -325,6 +336,15 @@ def test_multiscale_equals_per_level_roi_align():
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_multiscale_over_one_map_pools_a_box_inverted_on_one_axis_as_roi_align_does():
+    """With one feature map every box is pooled from it, as torchvision's single-level shortcut does,
+    even a box of negative area (x2 < x1), whose FPN level would be NaN."""
+    feat = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
+    boxes = [torch.tensor([[6.0, 1.0, 2.0, 5.0], [1.0, 1.0, 5.0, 7.0]])]
+    out = multiscale_roi_align([feat], boxes, [(32, 32)], (2, 2), 2)
+    torch.testing.assert_close(out, roi_align(feat, boxes, (2, 2), 0.25, 2, False), rtol=0, atol=0)
+
+
 def test_multiscale_rejects_missing_level():
     pooler = MultiScaleRoIAlign(["0", "1"], 7, 2)
     with pytest.raises(ValueError, match="not in input keys"):
@@ -372,6 +392,20 @@ def test_nms_threshold_compare_follows_box_dtype():
     assert nms(boxes, scores, 0.3).tolist() == [0]
     assert nms(boxes.double(), scores, 0.3).tolist() == [0, 1]
     assert nms(boxes, scores, 0.30000002).tolist() == [0, 1]
+
+
+def test_nms_below_a_negative_threshold_counts_boxes_apart_on_one_axis_as_iou_zero():
+    """Boxes that share their x range but lie apart in y have IoU 0 (their overlap's height is
+    clamped at 0, never below): with a threshold below 0 the higher-scoring one suppresses the
+    other, as in torchvision and the naive loop; boxes apart on both axes likewise."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 20.0, 10.0, 30.0], [20.0, 0.0, 30.0, 10.0],
+                          [40.0, 40.0, 50.0, 50.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    for t in (-0.01, -0.5):
+        assert naive_nms(boxes.numpy(), scores.numpy(), t) == [0]
+        assert nms(boxes, scores, t).tolist() == [0]
+        assert nms(boxes.double(), scores, t).tolist() == [0]
+    assert nms(boxes, scores, 0.0).tolist() == [0, 1, 2, 3]
 
 
 def test_batched_nms_small_and_large_paths_match_per_class_reference():
@@ -448,6 +482,14 @@ def test_box_utilities():
     assert clipped.tolist() == [[[0.0, 0.0, 40.0, 10.0]]]
     small = torch.tensor([[0, 0, 1, 5], [0, 0, 5, 5], [0, 0, 5, 0.5], [1, 1, 3, 3.0]])
     assert remove_small_boxes(small, 2.0).tolist() == [1, 3]
+
+
+def test_clip_boxes_clamps_each_coordinate_to_its_own_axis():
+    """x1, x2 go to [0, width] and y1, y2 to [0, height], each from its own value: a box inside the
+    image is unchanged, one crossing each border is cut there (hand-worked, size (10, 40))."""
+    boxes = torch.tensor([[5.0, 2.0, 30.0, 8.0], [-4.0, 3.0, 45.0, 15.0], [12.0, -2.0, 20.0, 9.5]])
+    assert clip_boxes_to_image(boxes, (10, 40)).tolist() == [
+        [5.0, 2.0, 30.0, 8.0], [0.0, 3.0, 40.0, 10.0], [12.0, 0.0, 20.0, 9.5]]
 
 
 # ----------------------------------------------------------------------------- detection helpers

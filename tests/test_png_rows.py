@@ -57,6 +57,21 @@ def test_wrong_rows_are_refused():
         short.write(np.zeros((3, 10), np.uint8))
 
 
+def test_a_png_ends_in_one_iend_chunk_and_a_second_finish_adds_nothing():
+    """The PNG spec's end chunk (length 0, "IEND", its CRC AE 42 60 82) closes the file, once: an
+    explicit finish() inside the block and the one on leaving it write the same bytes as one."""
+    pixels = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    buf = io.BytesIO()
+    with PngRowWriter(buf, 4, 3, "L") as png:
+        png.write(pixels)
+        png.finish()
+        png.finish()
+    data = buf.getvalue()
+    assert data.endswith(b"\x00\x00\x00\x00IEND\xaeB`\x82") and data.count(b"IEND") == 1
+    assert data == encode_png(pixels, "L")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+
+
 def test_png_text_reads_a_text_chunk_of_up_to_one_mib_and_steps_over_a_longer_one(tmp_path):
     pixels = np.zeros((2, 3), np.uint8)
     fits = "x" * ((1 << 20) - len("pixelwise\0"))  # keyword, NUL and text: 1 MiB exactly
