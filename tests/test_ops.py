@@ -345,6 +345,20 @@ def test_multiscale_over_one_map_pools_a_box_inverted_on_one_axis_as_roi_align_d
     torch.testing.assert_close(out, roi_align(feat, boxes, (2, 2), 0.25, 2, False), rtol=0, atol=0)
 
 
+def test_multiscale_over_several_maps_pools_a_box_of_negative_area_to_zeros_as_torchvision():
+    """Over two or more maps, the FPN level of a box inverted on one axis is the square root of a
+    negative area, NaN: the cast made a huge level and pooling raised IndexError. torchvision's
+    LevelMapper casts it to an integer that matches none of its levels, so its row stays zeros;
+    the other boxes are pooled as without it."""
+    feats = [torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(1, 2, 16, 16) + 1, torch.ones(1, 2, 8, 8)]
+    inverted, upright = torch.tensor([[6.0, 1.0, 2.0, 5.0]]), torch.tensor([[1.0, 1.0, 5.0, 7.0]])
+    assert map_roi_levels([torch.cat([inverted, upright])], 2, 3).tolist() == [-1, 0]
+    out = multiscale_roi_align(feats, [torch.cat([inverted, upright])], [(64, 64)], (2, 2), 2)
+    assert out.shape == (2, 2, 2, 2) and not out[0].any()
+    torch.testing.assert_close(out[1:], multiscale_roi_align(feats, [upright], [(64, 64)], (2, 2), 2), rtol=0, atol=0)
+    assert out[1].abs().sum() > 0
+
+
 def test_multiscale_rejects_missing_level():
     pooler = MultiScaleRoIAlign(["0", "1"], 7, 2)
     with pytest.raises(ValueError, match="not in input keys"):

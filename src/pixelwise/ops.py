@@ -572,11 +572,14 @@ def map_roi_levels(
     Returns:
         ``Tensor[sum K_i]`` int64 in ``[0, k_max - k_min]``:
         ``clamp(floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps), k_min, k_max) - k_min``,
-        computed in the box dtype.
+        computed in the box dtype; -1 for a box of negative area (inverted on one axis), whose square
+        root is NaN: no level (torchvision's LevelMapper casts the NaN to an integer that matches none of
+        its levels, so :func:`multiscale_roi_align` pools such a box to zeros).
     """
     s = torch.sqrt(torch.cat([box_area(b) for b in boxes]))
     levels = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
     levels = torch.clamp(levels, min=k_min, max=k_max)
+    levels = torch.where(torch.isnan(levels), torch.full_like(levels, k_min - 1), levels)  # a cast NaN is undefined
     return levels.to(torch.int64) - k_min
 
 
@@ -646,13 +649,15 @@ def pool_feature_table(
     k_min = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
     k_max = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
     rois = _as_rois(boxes)
-    if len(scales) == 1:
+    if len(scales) == 1:  # torchvision's roi_align itself: a box inverted on one axis is pooled, not zeroed
         levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=device)
     else:
         levels = map_roi_levels(boxes, k_min, k_max, canonical_scale, canonical_level).to(device)
+    unmapped = levels < 0  # a box of negative area: on no level, its row is zeros (torchvision's)
+    levels = levels.clamp(min=0)
     heights, widths = pyramid.heights.index_select(0, levels), pyramid.widths.index_select(0, levels)
     batch = rois[:, 0].detach().to(device).long()
-    return _roi_align_rows(
+    pooled = _roi_align_rows(
         pyramid.table,
         rois[:, 1:],
         pyramid.base.index_select(0, levels) + batch * heights * widths,
@@ -664,6 +669,9 @@ def pool_feature_table(
         False,
         channels_last,
     )
+    if bool(unmapped.any()):
+        pooled = pooled.masked_fill(unmapped[:, None, None, None], 0)
+    return pooled
 
 
 def multiscale_roi_align(
