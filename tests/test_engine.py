@@ -1640,3 +1640,68 @@ def test_patience_must_be_a_whole_number_of_at_least_one():
         with pytest.raises(UserError, match="patience"):
             tiny(None, patience=bad)
     assert tiny(None, patience="none").patience is None
+
+
+def test_sample_seeding_uses_both_words_of_a_seed_beyond_32_bits():
+    """epoch_seed(seed, epoch) passes 2**32 from --seed 42950 on (--seed goes to 2**32 - 1): each
+    sample's numpy seed is the epoch seed's low and high 32-bit words, then its index."""
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return np.random.rand()
+
+    big = trainer.epoch_seed(50000, 1)
+    assert big >= 2**32
+    for s in (7, big, big + 2**32):
+        expected = []
+        for i in range(3):
+            np.random.seed([s % 2**32, s // 2**32 % 2**32, i])
+            expected.append(np.random.rand())
+        assert [trainer.SampleSeeded(Draws(), s)[i] for i in range(3)] == expected
+    # the high word counts: seeds 2**32 apart draw otherwise
+    assert trainer.SampleSeeded(Draws(), big)[0] != trainer.SampleSeeded(Draws(), big + 2**32)[0]
+
+
+def test_channels_last_puts_the_models_weights_in_nhwc(tmp_path):
+    """channels_last converts the model itself, not only its input batches (to_device)."""
+    run = trainer.setup_run(tiny(tmp_path, channels_last=True), trainer.dist.env_info(), torch.device("cpu"), quiet)
+    convs = [m.weight for m in run.module.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)  # NHWC, not NCHW
+
+
+def test_tensorboard_logger_writes_the_running_loss_lr_and_each_numeric_metric_of_the_epoch():
+    class Writer:
+        def __init__(self):
+            self.scalars, self.flushed = [], 0
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+        def flush(self):
+            self.flushed += 1
+
+    logger = trainer.TensorBoardLogger.__new__(trainer.TensorBoardLogger)  # without the optional package
+    logger.writer = Writer()
+    state = trainer.TrainState(step=5, loss_sum=3.0, images=12, lr=0.01)
+    logger("step", state)
+    assert logger.writer.scalars == [("train/loss_running", 0.25, 5), ("train/lr", 0.01, 5)]
+    logger.writer.scalars.clear()
+    state.rows = [{"epoch": 1, "mIoU": 0.1},
+                  {"epoch": 2, "stage": "b", "train_loss": 0.5, "mIoU": 0.3, "img_per_s": None}]
+    logger("epoch", state)
+    assert logger.writer.scalars == [("epoch/train_loss", 0.5, 2), ("epoch/mIoU", 0.3, 2)]
+    assert logger.writer.flushed == 1
+
+
+def test_a_fresh_train_state_has_finished_nothing():
+    """The counters count what is finished: a new run's state holds zeros, no best and no rows (a
+    state of an older version that lacks a counter reads it as this)."""
+    values = trainer.TrainState().to_json()
+    counters = ("epoch", "step", "stage", "stage_epoch", "stage_step", "stage_start_s", "stage_epoch_steps", "batch",
+                "loss_sum", "images", "lr", "elapsed_s")
+    assert {k: values[k] for k in counters} == dict.fromkeys(counters, 0)
+    assert values["processes"] == 1 and values["best_epoch"] is None and values["rows"] == []
+    assert trainer.TrainState.from_json({"epoch": 2}).loss_sum == 0.0

@@ -251,3 +251,30 @@ def test_a_resume_with_the_parameters_grouped_otherwise_says_so_not_damaged(tmp_
     err = capsys.readouterr().err
     assert "groups the parameters" in err and "damaged" not in err and "config.yaml" in err, err
     assert files(run) == before
+
+
+def test_a_state_of_before_stage_epoch_steps_is_checked_by_its_steps_per_finished_epoch(tmp_path, capsys):
+    """A state written before ``stage_epoch_steps`` existed has only stage_step / stage_epoch, which
+    holds between whole epochs: 8 images in batches of 4 took 2 steps an epoch, and --batch-size 8
+    (1 step) would move the schedule, while the run's own batch size resumes."""
+    run = tmp_path / "run"
+    assert train(run, "--epochs", "1") == 0
+    _restate(run, lambda m: m.pop("stage_epoch_steps"))
+    before = files(run)
+    resume = ["train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]
+    assert main([*resume, "--batch-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "took 2 optimizer steps per epoch and these settings take 1" in err, err
+    assert files(run) == before
+    assert main(resume) == 0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 4
+
+
+def test_a_state_of_before_the_amp_field_keeps_the_precision_the_run_gives(tmp_path):
+    """A state file of an older version has no ``amp``: the resumed run takes its own (the run's
+    config.yaml records bf16), rather than switching to float32."""
+    run = tmp_path / "run"
+    assert train(run, "--epochs", "1", "--amp", "bf16") == 0
+    _restate(run, lambda m: m.pop("amp"))
+    assert main(["train", "--resume", "--out", str(run), "--epochs", "1", "--no-progress"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["amp"] == "bf16"
