@@ -679,6 +679,34 @@ def test_damaged_metadata_in_an_onnx_file_is_one_line(checkpoint, tmp_path, caps
     assert err.startswith(f"pixelwise: error: {bad}: ") and words in err and "\n" not in err, err
 
 
+def test_a_graph_fixed_to_another_size_than_the_contracts_resize_is_refused_at_load(checkpoint, tmp_path, capsys):
+    """A graph whose input is fixed to one height and width (an edited or hand-made file: pixelwise
+    exports dynamic ones) and a contract that resizes to another size: every image failed inside
+    onnxruntime, named only at the first image after the load. One of the contract's size runs."""
+    out = tmp_path / "unet.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "a.png")
+    for resize, fits in (([20, 24], False), ([16, 16], True)):
+        model = onnx.load(str(out))
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        dims[2].dim_value, dims[3].dim_value = 16, 16
+        prop = {p.key: p for p in model.metadata_props}["pixelwise"]
+        meta = json.loads(prop.value)
+        prop.value = json.dumps({**meta, "input": {**meta["input"], "resize": resize}})
+        fixed = tmp_path / f"fixed{resize[0]}.onnx"
+        onnx.save(model, str(fixed))
+        capsys.readouterr()
+        code = main(["predict", "--onnx", str(fixed), str(tmp_path / "a.png"), "--out", str(tmp_path / f"p{resize[0]}"),
+                     "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        if fits:
+            assert code == 0, err
+        else:
+            assert code == 2 and err == (f"pixelwise: error: {fixed}: the stored input contract resizes images to "
+                                         "24x20, and the graph takes only 16x16 inputs; the file is damaged: export "
+                                         "it again with `pixelwise export`"), err
+
+
 def test_a_checkpoint_with_a_null_input_contract_is_one_line(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file

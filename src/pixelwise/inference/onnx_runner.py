@@ -175,12 +175,18 @@ def load_onnx(path: str | os.PathLike, threads: int | None = None) -> tuple[Onnx
     if graph:
         raise UserError(f"{path}: the {graph}; run only files written by `pixelwise export`")
     if problem is None:  # the stored contract and classes against the graph's own shapes
-        channels, classes = session.get_inputs()[0].shape[1], session.get_outputs()[0].shape[1]
-        expected = InputSpec.from_dict(meta["input"]).channels if "input" in meta else 3
+        _, channels, height, width = session.get_inputs()[0].shape
+        classes = session.get_outputs()[0].shape[1]
+        spec = InputSpec.from_dict(meta["input"]) if "input" in meta else None
+        expected = spec.channels if spec else 3
+        fixed = (height, width) if isinstance(height, int) and isinstance(width, int) else None
         if isinstance(channels, int) and channels != expected:
             problem = f"input contract gives {expected} channel(s), and the graph takes {channels}"
         elif isinstance(classes, int) and classes != meta["num_classes"]:
             problem = f"num_classes is {meta['num_classes']}, and the graph gives {classes} class scores"
+        elif spec and spec.resize and fixed and tuple(spec.resize) != fixed:  # every image would fail at its run
+            problem = (f"input contract resizes images to {spec.resize[1]}x{spec.resize[0]}, and the graph takes only "
+                       f"{width}x{height} inputs")
     if problem:
         raise UserError(f"{path}: the stored {problem}; the file is damaged: export it again with `pixelwise export`")
     return OnnxModel(session, *stored_geometry(path, meta), name=str(path)), meta
