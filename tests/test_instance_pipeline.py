@@ -531,6 +531,30 @@ def test_read_detections_says_a_class_name_that_is_not_text_is_not_text(tmp_path
             read_detections(path, (8, 8), ["background", "a", "b"])
 
 
+def test_read_detections_refuses_a_category_id_that_is_not_the_datas_id_of_its_named_class(tmp_path):
+    """A predict file of a model trained on data whose "a" had COCO id 3, scored on data whose "a" has
+    id 5: eval --checkpoint refuses that pairing by its category ids, but with a class_name present
+    the file's category_id was never compared, and the detections were scored without a word."""
+    names, ids = ["background", "a", "b"], [0, 5, 9]
+    path, _ = _one_detection(tmp_path, category_id=5)
+    assert read_detections(path, (8, 8), names, ids)["labels"].tolist() == [1]
+    path, _ = _one_detection(tmp_path, category_id=3)
+    with pytest.raises(UserError, match=re.escape("has label 1 and category_id 3, but the data's class 1 'a' "
+                                                  "has category id 5")):
+        read_detections(path, (8, 8), names, ids)
+
+
+def test_read_detections_names_a_missing_width_or_height_as_missing(tmp_path):
+    """A hand-written file without "width" was refused as "for a Nonex8 image"."""
+    path, _ = _one_detection(tmp_path)
+    doc = json.loads(path.read_text())
+    del doc["width"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError) as err:
+        read_detections(path, (8, 8), ["background", "a", "b"])
+    assert "None" not in str(err.value) and "width" in str(err.value), str(err.value)
+
+
 def test_instances_json_writes_float32_scores_and_boxes_that_read_back_unchanged(tmp_path):
     """predict's <stem>.json holds each score and box coordinate as the shortest decimal of its float32
     (0.1, not 0.10000000149011612 nor a rounded 0.12346), so read_detections gets the model's float32

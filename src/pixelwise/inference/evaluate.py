@@ -379,9 +379,9 @@ def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
     """An instance model's ``<stem>.json`` (:func:`pixelwise.inference.writers.instances_json`) for an
     image of ``shape`` (H, W) of data with ``class_names`` -> detections as
     :meth:`InstancePredictor.predict` gives them; a UserError naming the file and what is off (not
-    that document, another size, a label outside the classes or of another name, a label without a
-    name whose ``category_id`` is not the data's id of that class (``category_ids``: a COCO
-    category id given as the label), a score outside [0, 1], a box that is not four numbers x1 <=
+    that document, another size or none, a label outside the classes or of another name, a label
+    whose ``category_id`` is not the data's id of that class (``category_ids``: a COCO category id
+    given as the label, or a model of data of other ids), a score outside [0, 1], a box that is not four numbers x1 <=
     x2, y1 <= y2 (a COCO x, y, width, height box), a mask that is not an RLE of the image's size,
     boxes that fit their masks as x, y, width, height: :func:`corners_misread`)."""
     h, w = shape[:2]
@@ -391,6 +391,10 @@ def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
         raise UserError(f"{path}: not readable as predict's detections ({e}); predict the image again") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
         raise UserError(f"{path}: not predict's detections, {{\"width\": W, \"height\": H, \"instances\": [...]}}")
+    for key in ("width", "height"):
+        if key not in doc:
+            raise UserError(f"{path} has no \"{key}\" (the image's size, which predict writes); predict the "
+                            "image again, or add its width and height")
     if (doc.get("width"), doc.get("height")) != (w, h):
         raise UserError(f"{path} is for a {doc.get('width')}x{doc.get('height')} image but its image is {w}x{h}; "
                         "predictions are scored at the image's size (as predict writes them)")
@@ -408,11 +412,14 @@ def read_detections(path: Path, shape: tuple[int, ...], class_names: list[str],
             raise UserError(f"{where} is class {label} {name!r}, which the data names {class_names[label]!r}: the "
                             "model had other classes; give the predictions of a model of this dataset's classes")
         category = inst.get("category_id")
-        if name is None and category is not None and category_ids and category != category_ids[label]:
+        if category is not None and category_ids and category != category_ids[label]:
             raise UserError(f"{where} has label {label} and category_id {category!r}, but the data's class {label} "
-                            f"{class_names[label]!r} has category id {category_ids[label]}: labels are class "
-                            f"indices 1-{len(class_names) - 1} (the category ids {list(category_ids[1:])} in order), "
-                            "not category ids; give the predictions of a model of this dataset's classes")
+                            f"{class_names[label]!r} has category id {category_ids[label]}: "
+                            + ("the model was trained on data of other category ids"
+                               if name is not None else
+                               f"labels are class indices 1-{len(class_names) - 1} (the category ids "
+                               f"{list(category_ids[1:])} in order), not category ids")
+                            + "; give the predictions of a model of this dataset's classes")
         if not (finite_number(score) and 0 <= score <= 1):
             raise UserError(f"{where} has score {score!r}, not a number in [0, 1]")
         if not (isinstance(box, list) and len(box) == 4 and all(finite_number(v) for v in box)):
