@@ -443,3 +443,16 @@ def test_a_model_too_wide_for_the_free_memory_is_refused_before_it_is_built(monk
     assert main(["train", "--model", "unet", "--dataset", "shapes", "--out", str(tmp_path / "run"),
                  "--model-kwargs", '{"base_channels": 8}']) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_stages_has_no_flag_it_is_a_key_of_the_yaml_only(tmp_path, capsys):
+    assert main(["train", "--stages", "[]", "--out", str(tmp_path / "out")]) == 2
+    assert "unrecognized argument '--stages'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, value", [("model", ["unet"]), ("dataset", {"kind": "shapes"}),
+                                         ("train_split", ("train",))])
+def test_a_text_field_given_a_list_or_mapping_is_refused(name, value):
+    with pytest.raises(UserError, match=f"^{name} must be text, got "):
+        TrainConfig(**{name: value})

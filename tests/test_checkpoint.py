@@ -12,13 +12,15 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import edit_safetensors
-from pixelwise import create_model, load_checkpoint, save_checkpoint
+from pixelwise import __version__, create_model, load_checkpoint, save_checkpoint
 from pixelwise.checkpoint import (
     NameTaken,
     _optimizer_state,
+    atomic_save_tensors,
     atomic_write_json,
     atomic_write_text,
     load_train_state,
+    model_input_spec,
     place,
     save_train_state,
 )
@@ -661,3 +663,61 @@ def test_the_class_layer_is_the_last_layer_even_without_a_bias():
     with pytest.raises(UserError) as info:
         load_matching(model, state, "w")
     assert "head.0.weight has shape (5, 3, 1, 1)" in str(info.value) and "class layer" not in str(info.value)
+
+
+def test_a_model_that_normalises_its_input_states_its_own_mean_and_std_not_the_callers():
+    class Normalising(nn.Module):  # as Mask R-CNN: its transform subtracts its own image_mean
+        normalizes_input = True
+        input_mean_std = ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+    spec = model_input_spec(Normalising(), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert (spec.mean, spec.std, spec.normalize) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), False)
+
+
+def test_a_train_state_without_weights_resumes_with_the_weights_of_last_safetensors(tmp_path):
+    """Older runs kept the weights only in last.safetensors, beside a state of optimizer and RNG."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "last.state.safetensors"
+    save_train_state(path, model, opt, None, {"rng.x": torch.arange(4)}, {"epoch": 3})
+    edit_safetensors(path, path, "pixelwise_train_state",
+                     tensor_edit=lambda t: [t.pop(k) for k in list(t) if k.startswith("model.")])
+    atomic_save_tensors(model.state_dict(), tmp_path / "last.safetensors",
+                        {"pixelwise": json.dumps({"model": "unet", "num_classes": 2})})
+    model2 = nn.Linear(3, 2)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    rest, meta = load_train_state(path, model2, opt2, None)
+    assert meta == {"epoch": 3} and list(rest) == ["rng.x"]
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
+
+
+def test_a_train_state_whose_parameter_groups_name_no_parameters_is_refused(tmp_path):
+    """Damaged param_groups that torch's load_state_dict cannot map ([[0], [1]] for [0, 1]): a
+    resume without the optimizer's momentum would go on without a word."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "last.state.safetensors"
+    save_train_state(path, model, opt, None, {}, {"epoch": 3})
+
+    def listed(meta):
+        meta["param_groups"][0]["params"] = [[i] for i in meta["param_groups"][0]["params"]]
+
+    edit_safetensors(path, path, "pixelwise_train_state", meta_edit=listed)
+    model2 = nn.Linear(3, 2)
+    with pytest.raises(UserError, match="the optimizer state in .* is damaged or does not fit these settings"):
+        load_train_state(path, model2, torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9), None)
+
+
+def test_weights_that_do_not_fit_a_file_of_no_recorded_version_say_so(tmp_path):
+    save_checkpoint(tmp_path / "m.safetensors", _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
+    bad = edit_safetensors(tmp_path / "m.safetensors", tmp_path / "bad.safetensors", "pixelwise",
+                           meta_edit=lambda meta: (meta.update(model_kwargs={}), meta.pop("pixelwise_version")))
+    with pytest.raises(UserError, match=f"\\); written by pixelwise \\?, this is {re.escape(__version__)}: load it"):
+        load_checkpoint(bad)

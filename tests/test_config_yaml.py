@@ -16,6 +16,7 @@ from pixelwise.engine.config import (
     RECIPES_DIR,
     TrainConfig,
     build_config,
+    check_flags_against_stages,
     find_recipe,
     flag_values,
     load_yaml_config,
@@ -334,3 +335,11 @@ def test_flags_take_the_number_spellings_yaml_takes():
     assert isinstance(values["epochs"], int)
     with pytest.raises(UserError, match="--epochs must be an integer >= 1, got 10.5"):
         flag_values({"epochs": "10.5"})
+
+
+def test_crop_flag_against_a_stage_that_sets_crop_itself_is_refused():
+    """A stage's own crop: key (not augment's crop) wins over --crop as much as augment's does."""
+    stages = [{"epochs": 1, "name": "a", "crop": "64x64"}, {"epochs": 1, "name": "b"}]
+    with pytest.raises(UserError, match=r"^--crop: this recipe's stages set the crop \(a: 64x64\)"):
+        check_flags_against_stages(stages, {"crop": "32x32"})
+    check_flags_against_stages([{"epochs": 1, "name": "b"}], {"crop": "32x32"})  # no stage sets it: the run's

@@ -12,7 +12,7 @@ import yaml
 
 import pixelwise
 from pixelwise.data.augment import build_transform
-from pixelwise.engine.config import TrainConfig, build_config, find_recipe, load_yaml_config
+from pixelwise.engine.config import TrainConfig, build_config, find_recipe, load_yaml_config, recipe_summary
 from pixelwise.errors import UserError
 from pixelwise.models import create_model, model_info
 
@@ -151,3 +151,12 @@ def test_fcn_staged_recipes_chain_32s_16s_8s():
     assert all(not c.model_kwargs.get("at_once") for c in cfgs)
     at_once = build_config(load_yaml_config(find_recipe("fcn8s_voc")), {})
     assert at_once.model_kwargs == {"at_once": True} and at_once.pretrained == "imagenet"
+
+
+def test_recipe_summary_names_the_file_its_model_dataset_and_first_comment(tmp_path):
+    path = tmp_path / "my_run.yaml"
+    path.write_text("model: fcn8s\n#  FCN-8s, my own run  \ndataset: voc\n# second comment\n")
+    assert recipe_summary(path) == {"name": "my_run", "model": "fcn8s", "dataset": "voc",
+                                    "description": "FCN-8s, my own run"}
+    (tmp_path / "bare.yaml").write_text("epochs: 2\n")
+    assert recipe_summary(tmp_path / "bare.yaml") == {"name": "bare", "model": "-", "dataset": "-", "description": ""}

@@ -618,9 +618,9 @@ def load_train_state(path: str | Path, model: nn.Module, optimizer: torch.optim.
                         "resume from a copy of the run, or train into a new --out") from None
     try:
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
-    except (ValueError, KeyError, TypeError) as e:  # other parameter groups (other settings of the optimizer or model)
-        raise UserError(f"cannot resume: the optimizer state in {path} does not fit these settings ({e}); "
-                        f"{settings}") from None
+    except (ValueError, KeyError, TypeError) as e:  # groups of these sizes that torch cannot map: a hand edit
+        raise UserError(f"cannot resume: the optimizer state in {path} is damaged or does not fit these settings "
+                        f"({type(e).__name__}: {e}); resume from a copy of the run, or {settings}") from None
     scaler_state = meta.pop("scaler", None)
     if scaler is not None and scaler.is_enabled() and scaler_state:
         scaler.load_state_dict(scaler_state)
