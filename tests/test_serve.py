@@ -33,13 +33,14 @@ httpx = pytest.importorskip("httpx", reason="httpx (dev extra) drives the ASGI a
 from pixelwise.inference import cancel  # noqa: E402
 from pixelwise.inference.predictor import SemanticPredictor  # noqa: E402
 from pixelwise.inference.writers import instance_colors  # noqa: E402
+from pixelwise.serve import app as app_module  # noqa: E402
 from pixelwise.serve import pool as pool_module  # noqa: E402
-from pixelwise.serve.app import create_app, with_options  # noqa: E402 - after the skips
+from pixelwise.serve.app import Wanted, create_app, with_options  # noqa: E402 - after the skips
 from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  # noqa: E402
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
 from pixelwise.serve.results import instance_result  # noqa: E402
 from pixelwise.serve.samples import MAX_SAMPLES, folder_samples  # noqa: E402
-from pixelwise.serve.uploads import MAX_PARTS, UploadError, read_multipart  # noqa: E402
+from pixelwise.serve.uploads import MAX_PARTS, Part, UploadError, read_multipart  # noqa: E402
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 CATEGORY_IDS = [0, 3, 7, 90]  # a COCO-style dataset's own ids of the classes (not 0..3)
@@ -1498,3 +1499,100 @@ def test_a_refused_start_makes_no_keep_uploads_folder(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "missing.safetensors"), "--keep-uploads", str(kept),
                  "--cors", "https://example.org/"]) == 2
     assert "is not an origin" in capsys.readouterr().err and not (tmp_path / "kept").exists()
+
+
+# ---------------------------------------------------------------- timing, headers, schema and docs (round 26)
+
+def test_ms_and_queue_ms_are_milliseconds_rounded_to_two_places(predictor, monkeypatch):
+    """ms: from the worker's start to the answer; queue_ms: from the upload's end (queued) to the
+    worker's start; both in milliseconds, two decimals (a clock that reads 10.0 and then 10.0123456
+    is 12.35 ms; queued at 9.75 is 250 ms in the queue)."""
+    service = create_app(predictor, samples=[]).state.service
+    clock = iter([10.0, 10.0123456])
+    monkeypatch.setattr(app_module, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    image = Part("image", "a.png", "image/png", bytearray(png_bytes(noise(16, 16))))
+    out = service.predict(image, None, {}, Wanted(), 9.75)
+    assert (out["ms"], out["queue_ms"]) == (12.35, 250.0)
+
+
+def test_openapi_gives_the_tile_minimum_and_the_sample_routes_image_answers(predictor):
+    """/api/samples/{name} answers an image of its own type, .../ground_truth a PNG: the schema
+    says so (not FastAPI's default JSON)."""
+    paths = request(create_app(predictor, samples=[]), "GET", "/openapi.json").json()["paths"]
+    form = paths["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["properties"]["tile"]["minimum"] == 0  # 0: whole image; negative tiles are refused
+    assert "image/*" in paths["/api/samples/{name}"]["get"]["responses"]["200"]["content"]
+    assert "image/png" in paths["/api/samples/{name}/ground_truth"]["get"]["responses"]["200"]["content"]
+
+
+def test_keep_uploads_keeps_the_ground_truth_beside_the_image(predictor, tmp_path):
+    """--keep-uploads saves both files of a scored request as received, each named by its role."""
+    kept = tmp_path / "kept"
+    app = create_app(predictor, ServeConfig(keep_uploads=kept), samples=[])
+    image, truth = png_bytes(noise(24, 24)), png_bytes(np.zeros((24, 24), np.uint8))
+    r = request(app, "POST", "/api/predict", files={"image": ("a.png", image, "image/png"),
+                                                    "ground_truth": ("t.png", truth, "image/png")})
+    assert r.status_code == 200, r.text
+    saved = {p.name.rsplit("-", 1)[1]: p.read_bytes() for p in kept.iterdir()}
+    assert saved == {"image.png": image, "ground_truth.png": truth}
+
+
+def test_cors_preflight_allows_the_api_key_headers(predictor):
+    """A page on an allowed origin may send the key as X-API-Key or Authorization: Bearer: the
+    preflight lets both headers through."""
+    app = create_app(predictor, ServeConfig(cors_origins=("http://elsewhere.example",), api_key="k"), samples=[])
+    for header in ("X-API-Key", "Authorization"):
+        pre = request(app, "OPTIONS", "/api/predict", headers={
+            "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": header})
+        assert pre.status_code == 200, (header, pre.text)
+        assert header.lower() in pre.headers["access-control-allow-headers"].lower(), header
+
+
+def test_every_answer_says_nosniff(predictor):
+    """The page, its script, the JSON routes, their errors and a sample image all carry
+    X-Content-Type-Options: nosniff (a sample or an error is never sniffed into HTML)."""
+    app = create_app(predictor)
+    sample = request(app, "GET", "/api/info").json()["samples"][0]["url"]
+    answers = [request(app, "GET", url) for url in ("/", "/static/app.js", "/docs", "/api/health", sample,
+                                                    "/api/samples/nope.png")]
+    answers.append(post_image(app, b"not an image\n" * 10))
+    assert [r.status_code for r in answers] == [200, 200, 200, 200, 200, 404, 415]
+    assert all(r.headers.get("x-content-type-options") == "nosniff" for r in answers), [
+        (r.url.path, dict(r.headers)) for r in answers]
+
+
+def test_docs_page_tables_the_predict_forms_fields(predictor):
+    """/docs renders the form of POST /api/predict as a table: each field, its type (format for
+    files), required for the image, and its description; then the route's responses."""
+    docs = request(create_app(predictor, samples=[]), "GET", "/docs").text
+    predict = docs.split("<h2><code>POST /api/predict</code></h2>")[1].split("</section>")[0]
+    assert "<h3>Body: <code>multipart/form-data</code></h3>" in predict
+    assert "<tr><td><code>image</code></td><td>binary (required)</td><td>PNG, JPEG," in predict
+    assert ("<tr><td><code>tile</code></td><td>integer</td><td>semantic: predict in tiles of this side (&gt;= 16)"
+            in predict)
+    assert ("<tr><td><code>tta</code></td><td>string</td><td>semantic: test-time augmentation (flip: image + mirror"
+            in predict and "One of: none, flip, d4, ms.</td></tr>" in predict)
+    assert "</table>\n<h3>Responses</h3>" in predict
+
+
+def test_openapi_schemas_name_the_fields_the_answer_has(predictor):
+    """PredictResponse, Metrics and ClassScore in /openapi.json list exactly the keys of a real
+    answer with a ground truth (the schema documents; the route answers its own JSON)."""
+    app = create_app(predictor, samples=[])
+    schema = request(app, "GET", "/openapi.json").json()
+    schemas = schema["components"]["schemas"]
+    image = png_bytes(noise(24, 24))
+    truth = png_bytes(np.zeros((24, 24), np.uint8))
+    answer = request(app, "POST", "/api/predict", files={"image": ("a.png", image, "image/png"),
+                                                         "ground_truth": ("t.png", truth, "image/png")}).json()
+    fields = {name: set(schemas[name]["properties"]) for name in ("PredictResponse", "Metrics", "ClassScore",
+                                                                  "ClassShare")}
+    assert set(answer) <= fields["PredictResponse"] and set(answer["metrics"]) == fields["Metrics"]
+    assert set(answer["metrics"]["per_class"][0]) == fields["ClassScore"]
+    assert set(answer["classes"][0]) == fields["ClassShare"]
+    form = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {name: p["type"] for name, p in form["properties"].items()} == {
+        "image": "string", "tile": "integer", "overlap": "number", "tta": "string", "uncertainty": "boolean",
+        "crf": "string", "score_thresh": "number", "overlay": "boolean", "return_image": "boolean",
+        "ground_truth": "string", "truth_format": "string"}
