@@ -609,3 +609,55 @@ def test_an_annotation_file_nested_past_the_recursion_limit_is_refused(tmp_path)
     (tmp_path / "annotations" / "instances_val2017.json").write_text('{"images": ' + "[" * 5000 + "]" * 5000 + "}")
     with pytest.raises(UserError, match="not a valid COCO annotation file"):
         COCOInstances(tmp_path, "val")
+
+
+def test_skip_empty_also_leaves_out_images_whose_objects_are_all_untrained(tmp_path):
+    """skip_empty drops images with no training instance (as torchvision's recipe drops those whose
+    boxes are all 1 px or less): an image whose only object is under 1 px wide is not trained on
+    either, so it stays out like an image with no objects (it was kept, an empty image in training)."""
+    data = _tree(tmp_path)
+    data["annotations"].append({"id": 20, "image_id": 3, "category_id": 9, "iscrowd": 0, "area": 27.0,
+                                "bbox": [40, 2, 0.9, 30], "segmentation": [[40, 2, 40.9, 2, 40.9, 32, 40, 32]]})
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val", skip_empty=True)
+    assert [ds.image_id_of(ref) for _, ref in ds.items] == [1, 2]
+    assert len(COCOInstances(tmp_path, "val")) == 3  # scored splits keep it
+
+
+def test_skip_empty_that_leaves_no_image_says_so_not_that_no_images_were_found(tmp_path):
+    data = _tree(tmp_path)
+    for a in data["annotations"]:
+        a["iscrowd"] = 1
+    _write(tmp_path, data)
+    with pytest.raises(UserError) as e:
+        COCOInstances(tmp_path, "val", skip_empty=True)
+    assert "skip_empty" in str(e.value) and "3 images" in str(e.value) and "no images found" not in str(e.value)
+
+
+@pytest.mark.parametrize("split, change, words", [
+    ("train", "crowd", "the train split has no object to train on"),
+    ("val", "none", "the val split has no object (no annotation that is not a crowd region), so COCO's AP is "
+                    "undefined"),
+])
+def test_training_refuses_a_split_without_objects_before_writing(tmp_path, split, change, words):
+    """A training split whose objects were all crowds trained to exit 0 learning nothing, and a val
+    split without objects trained to 'best epoch None (by mask_AP):' with no best.safetensors, as
+    the semantic runs' all-ignore splits did before they were refused."""
+    from pixelwise.engine.config import TrainConfig
+    from pixelwise.engine.trainer import fit
+
+    data = _tree(tmp_path)
+    (tmp_path / "train2017").symlink_to(tmp_path / "val2017")
+    other = json.loads(json.dumps(data))
+    if change == "crowd":
+        for a in other["annotations"]:
+            a["iscrowd"] = 1
+    else:
+        other["annotations"] = []
+    for name, d in (("train", other if split == "train" else data), ("val", other if split == "val" else data)):
+        (tmp_path / "annotations" / f"instances_{name}2017.json").write_text(json.dumps(d))
+    cfg = TrainConfig(model="maskrcnn_resnet18_fpn", dataset="coco", data=str(tmp_path), out=str(tmp_path / "run"),
+                      epochs=1, batch_size=3, progress=False, model_kwargs={"min_size": 32, "max_size": 32})
+    with pytest.raises(UserError, match=re.escape(words)):
+        fit(cfg, log=lambda _: None)
+    assert not (tmp_path / "run").exists()

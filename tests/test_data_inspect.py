@@ -216,3 +216,21 @@ def test_a_file_that_check_names_and_that_fails_to_load_is_named_once():
 
     report = inspect_dataset(Broken([[[0, 1]], [[1, 1]]]), progress=False)
     assert report["problems"] == ["scan.png: damaged"] and report["num_images"] == 1
+
+
+def test_a_coco_split_of_crowd_regions_only_is_not_called_binary_masks(tmp_path):
+    """The 255 of a COCO split are its crowd regions: the 0/255 binary-mask advice ('store the
+    foreground as 1') does not apply to an annotation file, and was what data inspect said."""
+    from pixelwise.data.coco import COCOInstances
+
+    (tmp_path / "val2017").mkdir()
+    Image.fromarray(np.full((20, 30, 3), 80, np.uint8)).save(tmp_path / "val2017" / "1.png")
+    crowd = {"id": 1, "image_id": 1, "category_id": 4, "iscrowd": 1, "area": 25.0, "bbox": [2, 2, 5, 5],
+             "segmentation": [[2, 2, 7, 2, 7, 7, 2, 7]]}
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "1.png", "width": 30, "height": 20}], "annotations": [crowd],
+         "categories": [{"id": 4, "name": "cup"}]}))
+    report = inspect_dataset(COCOInstances(tmp_path, "val"))
+    assert len(report["problems"]) == 1 and "crowd regions" in report["problems"][0]
+    assert "binary masks" not in report["problems"][0]

@@ -878,6 +878,13 @@ def test_resume_keeps_the_runs_data_and_only_notes_a_moved_folder(tmp_path):
     with pytest.raises(UserError, match="trained on dataset_kwargs .* this resume gives --dataset-kwargs"):
         fit(tiny(run, epochs=2, resume=True, data=str(tmp_path / "here"),
                  **{**folder, "dataset_kwargs": {"num_classes": 4}}), log=quiet)
+    # each for its own reason: other training data moves the schedule, another validation split the best
+    with pytest.raises(UserError, match="trained on train_split 'all', .* other training data than its epochs"):
+        fit(tiny(run, epochs=2, resume=True, data=str(tmp_path / "here"), **{**folder, "train_split": "train"}),
+            log=quiet)
+    with pytest.raises(UserError, match="trained on val_split 'all', .* compare scores of two validation sets"):
+        fit(tiny(run, epochs=2, resume=True, data=str(tmp_path / "here"), **{**folder, "val_split": "val"}),
+            log=quiet)
     (tmp_path / "here").rename(tmp_path / "elsewhere")
     said: list[str] = []
     fit(tiny(run, epochs=2, resume=True, data=str(tmp_path / "elsewhere"), **folder), log=said.append)

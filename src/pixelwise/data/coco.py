@@ -124,11 +124,24 @@ class COCOInstances(FilePairDataset):
         self.class_names = _distinct_names(cats)
         self.palette = default_palette(len(self.class_names))
         for image_id in sorted(self.coco.imgs):
-            if skip_empty and not any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(image_id, [])):
+            if skip_empty and not any(self._trainable(a) for a in self.coco.imgToAnns.get(image_id, [])):
                 continue
             info = self.coco.imgs[image_id]
             self.items.append((str(self.image_dir / info["file_name"]), f"{self.ann_file}#{int(image_id)}"))
+        if skip_empty and not self.items and self.coco.imgs:  # else "no images found ... see the layout"
+            raise UserError(f"{self.ann_file}: none of its {len(self.coco.imgs)} images has an object to train on "
+                            "(not a crowd, a box of 1 px or more); skip_empty=true leaves no image: drop it or "
+                            "add objects")
         self._finish(skip_invalid)
+
+    @staticmethod
+    def _trainable(a: dict) -> bool:
+        """Whether annotation ``a`` may be a training instance, from the JSON alone (what ``skip_empty``
+        asks): not a crowd, and not a bbox under 1 px wide or tall (``load`` trains on neither); an
+        annotation that ``check()`` names (unknown category, no segmentation, a bad bbox) counts, so
+        that its image stays and is named."""
+        box = a.get("bbox")
+        return not a.get("iscrowd", 0) and not (_is_box(box) and min(box[2:]) < 1)
 
     def _under_root(self, path: str) -> Path:
         """A relative ``ann_file``/``image_dir`` is under the root when it is there, else as given

@@ -417,6 +417,19 @@ def mixed_sizes(images: Sequence[torch.Tensor]) -> str:
             "resize, or --batch-size 1; a run that saved epochs continues with --resume --crop HxW")
 
 
+def check_instance_data(cfg: TrainConfig, train: SegmentationDataset, val: SegmentationDataset) -> None:
+    """An instance run's counterpart of :func:`check_training_data`: a training split without an
+    object (none annotated, or only crowd regions) teaches nothing, and a validation split without
+    one gives COCO's AP no ground truth, so no epoch is scored and best.safetensors never chosen."""
+    if not label_presence(train)[1]:
+        raise UserError(f"the {cfg.train_split} split has no object to train on (no annotation that is not a crowd "
+                        "region): the model could learn nothing; check the annotations (`pixelwise data inspect`)")
+    if cfg.val_split != cfg.train_split and not label_presence(val)[1]:
+        raise UserError(f"the {cfg.val_split} split has no object (no annotation that is not a crowd region), so "
+                        "COCO's AP is undefined for every epoch and best.safetensors never chosen; validate on a "
+                        "split with objects (--val-split)")
+
+
 def check_training_data(cfg: TrainConfig, train: SegmentationDataset, val: SegmentationDataset) -> None:
     """What makes a semantic run pointless or stop later, found before anything is written: a training
     split with no labelled pixel, or none of a class other than 0 (binary masks stored as 0/255,
@@ -780,6 +793,8 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
     if task == "instance" and not train_ds.has_instances():
         raise UserError(f"{cfg.model} is an instance model, and {cfg.dataset} data has no instance annotations to "
                         "train it on; train it on shapes or coco, or choose a semantic model")
+    if task == "instance":
+        check_instance_data(cfg, train_ds, val_ds)
     if select in LOWER_IS_BETTER and val_ds.rand_foreground is None:
         raise UserError(f"select_by {select} is an ISBI 2012 error, which {cfg.dataset} validation does not "
                         "compute (it needs a dataset with cells to count, such as isbi2012); choose another")
@@ -977,8 +992,13 @@ def check_same_data(run: Run) -> list[str]:
     for key in DATA_KEYS:
         if key in before and before[key] != now[key]:
             flag = f"--{key.replace('_', '-')}"
+            why = {"train_split": "the run would go on with other training data than its epochs and schedule were "
+                                  "counted on",
+                   "val_split": "its best.safetensors would compare scores of two validation sets"}.get(
+                key, "the run would go on with other data: other training images than its schedule was counted on, "
+                     "and its best.safetensors would compare scores of two validation sets")
             raise UserError(f"{run.out} trained on {key} {before[key]!r}, and this resume gives {flag} {now[key]!r}; "
-                            "its best.safetensors would compare scores of two validation sets. Resume without "
+                            f"{why}. Resume without "
                             f"{flag}, or train into a new --out (--pretrained {run.out / 'last.safetensors'} starts "
                             "from its weights)")
     if before.get("data") not in (None, now["data"]):
