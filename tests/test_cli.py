@@ -1,4 +1,5 @@
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 import pixelwise.data.io
 import pixelwise.inference.export
 import pixelwise.inference.onnx_runner
-from pixelwise import create_model, save_checkpoint
+from pixelwise import cli, create_model, save_checkpoint
 from pixelwise.cli import looks_like_onnx, main, parse_resize
 from pixelwise.errors import UserError
 
@@ -209,6 +210,26 @@ def test_bundled_recipe_by_name_writes_to_runs_recipe(monkeypatch, capsys, tmp_p
     assert "wrote runs/unet_camvid_cpu/best.safetensors, last.safetensors\n" in capsys.readouterr().out
     assert main(["train", "--model", "fcn8s", "--no-progress"]) == 0
     assert seen["cfg"].out == "runs/fcn8s"  # without a recipe: runs/<model>
+
+
+def test_a_resume_by_model_reads_the_runs_own_config_in_runs_model(monkeypatch, tmp_path):
+    """--resume without --out (nor --config) continues runs/<--model>: that run's config.yaml gives
+    the settings not given as flags, not the default model's folder's (which does not exist)."""
+    from pixelwise.engine import trainer
+    from pixelwise.engine.config import dump_config
+
+    seen = {}
+    monkeypatch.chdir(tmp_path)
+
+    def fake_fit(cfg):
+        seen["cfg"] = cfg
+        return {"train_minutes": 0.0, "best_epoch": None, "best": {}, "epochs_trained": 0}
+
+    monkeypatch.setattr(trainer, "fit", fake_fit)
+    (tmp_path / "runs" / "fcn8s").mkdir(parents=True)
+    (tmp_path / "runs" / "fcn8s" / "config.yaml").write_text(dump_config({"model": "fcn8s", "lr": 0.0123}))
+    assert main(["train", "--model", "fcn8s", "--resume", "--no-progress"]) == 0
+    assert (seen["cfg"].out, seen["cfg"].lr, seen["cfg"].resume) == ("runs/fcn8s", 0.0123, True)
 
 
 def test_recipes_verb_lists_every_bundled_recipe(capsys):
@@ -416,6 +437,27 @@ def test_a_closed_or_full_stdout_stops_nothing(tmp_path, redirect):
     assert (out / "last.safetensors").is_file()
     err = done.stderr.decode()
     assert ("standard output cannot be written (No space left on device)" in err) == (redirect == ">/dev/full")
+
+
+@pytest.mark.parametrize("stop, status", [(KeyboardInterrupt, 130), (cli.Terminated, 143)])
+def test_a_stop_that_escapes_the_verb_is_its_exit_status(monkeypatch, stop, status):
+    # a second Ctrl-C (SIGTERM) while the first one's line is printed escapes _main: still 130 (143)
+    def stopped(argv):
+        raise stop()
+
+    monkeypatch.setattr(cli, "_main", stopped)
+    assert main(["models"]) == status
+
+
+def test_sigterm_raises_once_then_is_ignored_until_the_verb_ends():
+    # the first SIGTERM raises Terminated; the save that follows must not be interrupted by another
+    before = signal.getsignal(signal.SIGTERM)
+    with cli._sigterm_raises():
+        assert signal.getsignal(signal.SIGTERM) is cli._on_sigterm
+        with pytest.raises(cli.Terminated):
+            cli._on_sigterm(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch, capsys):
@@ -702,6 +744,18 @@ def test_a_three_byte_onnx_start_is_known_whatever_its_name(tmp_path):
     path.write_bytes(bytes([0x08, 0x07, 0x3A]))
     assert looks_like_onnx(str(path))
     path.write_bytes(bytes([0x08, 0x07]))  # too short to tell: by its name only
+    assert not looks_like_onnx(str(path))
+
+
+@pytest.mark.parametrize("tag", [0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42])
+def test_each_modelproto_field_that_may_follow_ir_version_marks_onnx(tmp_path, tag):
+    # ModelProto fields 2..8 in number order: producer_name, producer_version, domain (strings, wire
+    # type 2), model_version (varint, type 0), doc_string, graph, opset_import (type 2): tag = field
+    # << 3 | type. Field 9 or the wrong wire type of field 5 is no ModelProto start.
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes([0x08, 0x07, tag]))
+    assert looks_like_onnx(str(path))
+    path.write_bytes(bytes([0x08, 0x07, 0x4A]))
     assert not looks_like_onnx(str(path))
 
 

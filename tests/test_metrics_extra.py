@@ -440,6 +440,31 @@ def test_threshold_rand_never_thresholds_above_0_9():
     assert out["rand_error"] == pytest.approx(0.6) and out["threshold"] == 0.0
 
 
+def test_threshold_rand_prunes_void_pixels_by_default():
+    # the thresholded form of test_rand_void_pixels_do_not_join_predicted_cells: two 2-pixel cells
+    # split by a void (255) pixel, probability 1 everywhere. With the default ignore_index the void
+    # pixel joins nothing: error 0 at every threshold. (Counted, it merges the cells: sum_ab = 8,
+    # sum_a = 8, sum_b = 16 -> P = 1/2, R = 1, F = 2/3, error 1/3.)
+    target = np.array([[1, 1, 255, 1, 1]])
+    out = rand_error_over_thresholds([np.ones((1, 5))], [target])
+    assert out["rand_error"] == 0.0 and out["threshold"] == 0.0
+    merged = rand_error_over_thresholds([np.ones((1, 5))], [target], ignore_index=254)
+    assert merged["rand_error"] == pytest.approx(1 / 3)
+
+
+def test_threshold_rand_with_class_0_as_the_cell_class():
+    # foreground=0: the pixels under each threshold must become "not a cell", not class 0. Cells
+    # 0 at columns 0-1 and 3-4, membrane 1 at column 2, whose probability of cell is 0: every
+    # threshold 0.0..0.9 predicts the two cells exactly, error 0. (Were the membrane pixel called
+    # class 0, the prediction would be one merged cell: F = 2/3, error 1/3, as above.)
+    target = np.array([[0, 0, 1, 0, 0]])
+    prob = np.array([[1.0, 1.0, 0.0, 1.0, 1.0]])
+    out = rand_error_over_thresholds([prob], [target], foreground=0)
+    assert out["rand_error"] == 0.0 and out["threshold"] == 0.0
+    merged = rand_error_over_thresholds([np.ones((1, 5))], [target], foreground=0)
+    assert merged["rand_error"] == pytest.approx(1 / 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Boundary IoU (Cheng et al., arXiv:2103.16562)
 
