@@ -679,6 +679,72 @@ def test_eval_lists_the_lowest_scored_images_only_when_there_are_several(trained
     assert ("  lowest mIoU: " in capsys.readouterr().out) == listed
 
 
+def test_eval_notes_files_left_out_and_a_split_without_labels_only_when_so(trained, tmp_path, capsys):
+    """The two notes of eval on stderr: files --skip-invalid left out, and a split whose every pixel
+    is 255 (every metric null); neither on a labelled split with nothing left out."""
+    import numpy as np
+    from PIL import Image
+
+    checkpoint = str(trained / "best.safetensors")
+    classes = 4  # the shapes dataset's, which the model trained on
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, classes, (32, 32), dtype=np.uint8)).save(root / "masks" / f"{i}.png")
+    command = ["eval", "--checkpoint", checkpoint, "--dataset", "folder", "--data", str(root), "--split", "all",
+               "--no-progress", "--no-bf", "--dataset-kwargs", f'{{"num_classes": {classes}}}']
+    assert main(command) == 0
+    assert "pixelwise: note:" not in capsys.readouterr().err
+    (root / "images" / "2.png").write_bytes(b"")  # an image that cannot be read
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "masks" / "2.png")
+    assert main([*command, "--skip-invalid"]) == 0
+    err = capsys.readouterr().err
+    assert "pixelwise: note: left out 1 file(s) with problems (--skip-invalid)" in err and "labelled" not in err, err
+    (root / "images" / "2.png").unlink()
+    (root / "masks" / "2.png").unlink()
+    for i in range(2):
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(root / "masks" / f"{i}.png")
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "split has no labelled pixel (every pixel is 255, ignore), so every metric is null" in err, err
+    assert "left out" not in err
+
+
+def test_calibration_takes_one_image_and_refuses_none(monkeypatch):
+    import argparse
+
+    args = argparse.Namespace(calib_dataset="shapes", calib_data=None, calib_images=1, calib_crop=None)
+    images = cli.calibration_images(args, "--mode int8")
+    assert len(images) == 1 and str(images[0].dtype) == "uint8" and images[0].ndim == 3 and images[0].shape[2] == 3
+    with pytest.raises(UserError, match="--calib-images must be >= 1 and --calib-crop >= 16, got 0 and 256"):
+        cli.calibration_images(argparse.Namespace(**{**vars(args), "calib_images": 0}), "--mode int8")
+
+
+@pytest.mark.parametrize(("message", "said"), [("Insufficient memory to allocate 9 GB", True),
+                                               ("Assertion failed: size > 0", False)])
+def test_an_opencv_out_of_memory_is_one_line_and_other_opencv_errors_are_not_hidden(monkeypatch, capsys, message,
+                                                                                    said):
+    """cv2.error (matched by its module, as cv2 is not imported here): its out of memory is the usual
+    one line and exit 2; any other stays a traceback, not called out of memory."""
+    error = type("error", (Exception,), {"__module__": "cv2"})
+
+    def fail(args):
+        raise error(message)
+
+    monkeypatch.setattr(cli, "check_no_empty_paths", fail)
+    if said:
+        assert main(["predict", "x.png", "--out", "o"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pixelwise: error: out of memory in main memory (Insufficient memory") and \
+            "--batch-size, --tile or image size" in err, err
+    else:
+        with pytest.raises(error, match="Assertion failed"):
+            main(["predict", "x.png", "--out", "o"])
+
+
 def test_the_resize_limit_counts_height_times_width():
     # neither size is a square: the limit is on H*W, not on W*W or H*H
     with pytest.raises(UserError, match="--resize 40x30: 1,200 pixels per model input is above the limit of 1,000"):
