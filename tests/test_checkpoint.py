@@ -558,12 +558,18 @@ def test_optimizer_state_for_no_parameter_is_a_value_error(key):
         _optimizer_state({key: torch.ones(3)}, {}, params)
 
 
-def test_train_state_round_trips_weights_optimizer_an_enabled_grad_scaler_and_the_callers_values(tmp_path):
-    torch.manual_seed(0)
+def _stepped_linear() -> tuple[nn.Linear, torch.optim.SGD]:
+    """A small model and its SGD with momentum after one step: an optimizer state to save."""
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
+    return model, opt
+
+
+def test_train_state_round_trips_weights_optimizer_an_enabled_grad_scaler_and_the_callers_values(tmp_path):
+    torch.manual_seed(0)
+    model, opt = _stepped_linear()
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
     path = tmp_path / "last.state.safetensors"
     save_train_state(path, model, opt, scaler, {"rng.x": torch.arange(4)}, {"epoch": 3})
@@ -677,10 +683,7 @@ def test_a_model_that_normalises_its_input_states_its_own_mean_and_std_not_the_c
 def test_a_train_state_without_weights_resumes_with_the_weights_of_last_safetensors(tmp_path):
     """Older runs kept the weights only in last.safetensors, beside a state of optimizer and RNG."""
     torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
+    model, opt = _stepped_linear()
     path = tmp_path / "last.state.safetensors"
     save_train_state(path, model, opt, None, {"rng.x": torch.arange(4)}, {"epoch": 3})
     edit_safetensors(path, path, "pixelwise_train_state",
@@ -699,10 +702,7 @@ def test_a_train_state_without_weights_resumes_with_the_weights_of_last_safetens
 def test_a_train_state_whose_parameter_groups_name_no_parameters_is_refused(tmp_path):
     """Damaged param_groups that torch's load_state_dict cannot map ([[0], [1]] for [0, 1]): a
     resume without the optimizer's momentum would go on without a word."""
-    model = nn.Linear(3, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(torch.ones(4, 3)).sum().backward()
-    opt.step()
+    model, opt = _stepped_linear()
     path = tmp_path / "last.state.safetensors"
     save_train_state(path, model, opt, None, {}, {"epoch": 3})
 
