@@ -359,3 +359,47 @@ def test_instance_fast_mode_times_the_fast_instance_runner_on_a_list_of_images(m
     assert seen and all(s == ("fast", [(3, 24, 40), (3, 24, 40)]) for s in seen)
     assert r["dtype"] == "bfloat16" and r["agreement"] is None
     assert r["fast_path"].startswith("optimize_for_inference") and "bfloat16 convolutions" in r["fast_path"]
+
+
+def test_a_peak_below_the_achieved_rate_blames_vnni_only_for_int8_on_a_cpu_without_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    plain = ("the measured {} GEMM rate ({}, 1 G/s) is below the achieved 2 G/s, so it is no ceiling{}; "
+             "no utilization reported")
+    vnni = ": without VNNI it is a slow reference kernel, the quantised convolutions are not"
+    monkeypatch.setattr(bench, "cpu_has_vnni", lambda: False)
+    assert bench.peak_and_note(1.0, 2.0, torch.float32, cpu) == (None, plain.format("float32", "matmul", ""))
+    assert bench.peak_and_note(1.0, 2.0, torch.int8, cuda) == (None, plain.format("int8", "torch._int_mm", ""))
+    assert bench.peak_and_note(1.0, 2.0, torch.int8, cpu) == (None, plain.format("int8", "torch._int_mm", vnni))
+    monkeypatch.setattr(bench, "cpu_has_vnni", lambda: True)
+    assert bench.peak_and_note(1.0, 2.0, torch.int8, cpu) == (None, plain.format("int8", "torch._int_mm", ""))
+
+
+def test_train_speed_counts_the_images_of_the_batch_per_second(monkeypatch):
+    """Images per second of a step: the batch (not another dimension of it) over the step's time; a
+    batch of one for a BatchNorm model is run as two (BatchNorm needs two values per channel)."""
+    monkeypatch.setattr(bench, "_best_seconds", lambda fn, device, repeats: fn() or 0.5)
+    x = torch.rand(3, 3, 4, 8)
+    assert bench.train_step_speed(nn.Conv2d(3, 2, 1), x, "semantic") == 6.0
+    with_bn = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+    assert bench.train_step_speed(with_bn, x[:1], "semantic") == 4.0
+    assert bench.train_step_speed(nn.Conv2d(3, 2, 1), x[:1], "semantic") == 2.0
+
+
+def test_the_int8_gemm_peak_counts_two_ops_per_multiply_add_and_is_timed_at_256_without_vnni(monkeypatch):
+    monkeypatch.setattr(bench, "_best_seconds", lambda fn, device, repeats: 2.0)
+    monkeypatch.setattr(bench, "cpu_has_vnni", lambda: True)
+    assert bench.gemm_peak_gflops(torch.device("cpu"), torch.int8, n=64) == pytest.approx(2 * 64**3 / 2.0 / 1e9)
+    monkeypatch.setattr(bench, "cpu_has_vnni", lambda: False)  # the slow reference kernel: a smaller matrix
+    assert bench.gemm_peak_gflops(torch.device("cpu"), torch.int8, n=1024) == pytest.approx(2 * 256**3 / 2.0 / 1e9)
+
+
+def test_the_rates_of_a_bench_are_worked_from_the_best_time_the_batch_and_the_flops(monkeypatch):
+    """Hand-worked: a bias-free 1x1 convolution 3 -> 2 on 8x8 is 2 * 3 * 2 * 64 = 768 FLOPs an image;
+    a batch of 2 in 0.25 s is 8 images/s, 125 ms an image, 2 * 768 / 0.25 FLOP/s achieved."""
+    monkeypatch.setattr(bench, "_best_seconds", lambda fn, device, repeats: (fn(), 0.25)[1])
+    monkeypatch.setattr(bench, "gemm_peak_gflops", lambda device, dtype=None: 1e-3)
+    r = benchmark(nn.Conv2d(3, 2, 1, bias=False), (8, 8), batch=2, repeats=1)
+    assert (r["img_per_s"], r["ms_per_img"]) == (8.0, 125.0)
+    assert r["gflops_per_img"] == pytest.approx(768e-9)
+    assert r["achieved_gflops"] == pytest.approx(2 * 768 / 0.25 / 1e9)
+    assert r["utilization"] == pytest.approx(2 * 768 / 0.25 / 1e9 / 1e-3) and r["gemm_peak_gflops"] == 1e-3

@@ -661,3 +661,69 @@ def test_training_refuses_a_split_without_objects_before_writing(tmp_path, split
     with pytest.raises(UserError, match=re.escape(words)):
         fit(cfg, log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_box_of_zero_height_is_scored_not_trained_on_and_not_a_problem(tmp_path):
+    """Width 0 and height 0 alike are under 1 px, not negative: a note and ``meta["untrained"]``,
+    never a check() problem or a refusal (only a negative size is)."""
+    data = _tree(tmp_path)
+    data["annotations"].append({"id": 20, "image_id": 3, "category_id": 9, "iscrowd": 0, "area": 0.0,
+                                "bbox": [10, 2, 10, 0], "segmentation": [[10, 2, 20, 2, 20, 2, 10, 2]]})
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert ds.check() == []
+    assert len(ds.notes()) == 1 and "1 annotation(s) with a bbox under 1 px wide or tall (ids 20)" in ds.notes()[0]
+    s = ds.load(2)
+    assert s.instance_labels.tolist() == [] and s.meta["untrained"]["labels"] == [2]
+    assert s.meta["untrained"]["bboxes"] == [[10.0, 2.0, 10.0, 0.0]]
+
+
+def test_the_orphan_ids_and_the_thin_annotations_are_listed_five_then_an_ellipsis(tmp_path):
+    data = _tree(tmp_path)
+    base = data["annotations"][2]
+    orphans = [{**base, "id": 70 + i, "image_id": 71 + i} for i in range(5)]  # image ids the file does not list
+    thin = [{**base, "id": 20 + i, "image_id": 3, "bbox": [2, 2, 0.5, 8], "area": 4.0,
+             "segmentation": [[2, 2, 2.5, 2, 2.5, 10, 2, 10]]} for i in range(5)]
+    data["annotations"] += orphans + thin
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    problems = [p.message for p in ds.check()]
+    assert problems == ["annotations of 5 image id(s) the file does not list under images: 71, 72, 73, 74, 75"]
+    assert "5 annotation(s) with a bbox under 1 px wide or tall (ids 20, 21, 22, 23, 24) are" in ds.notes()[0]
+    data["annotations"] += [{**orphans[0], "id": 90, "image_id": 76}, {**thin[0], "id": 25}]  # a sixth of each
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert [p.message for p in ds.check()] == [
+        "annotations of 6 image id(s) the file does not list under images: 71, 72, 73, 74, 75, ..."]
+    assert "6 annotation(s) with a bbox under 1 px wide or tall (ids 20, 21, 22, 23, 24, ...) are" in ds.notes()[0]
+
+
+def test_more_than_254_categories_are_refused(tmp_path):
+    """Labels 1..C and 255 (ignore) share the uint8 semantic mask: 254 categories fit, 255 do not."""
+    data = _tree(tmp_path)
+    data["categories"] += [{"id": 100 + i, "name": f"c{i}"} for i in range(252)]  # 254 in all
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert len(ds.class_names) == 255 and ds.category_ids[-1] == 351
+    data["categories"].append({"id": 400, "name": "one too many"})
+    _write(tmp_path, data)
+    with pytest.raises(UserError, match="255 categories; at most 254 are supported"):
+        COCOInstances(tmp_path, "val")
+
+
+def test_an_object_of_an_unlisted_category_is_neither_painted_nor_ignored_by_load(tmp_path):
+    """``iscrowd`` may be left out (0: an object); an object whose category the file does not list
+    is a check() problem, and load() leaves it out: its pixels stay background, not 255 (ignore)."""
+    data = _tree(tmp_path)
+    for a in data["annotations"]:
+        del a["iscrowd"]
+    data["annotations"].append({"id": 20, "image_id": 3, "category_id": 5, "area": 64.0, "bbox": [2, 2, 8, 8],
+                                "segmentation": [[2, 2, 10, 2, 10, 10, 2, 10]]})
+    _write(tmp_path, data)
+    ds = COCOInstances(tmp_path, "val")
+    assert [p.message for p in ds.check()] == ["annotation 20 has unknown category_id 5"]
+    s = ds.load(2)
+    assert s.instance_labels.tolist() == [] and (s.mask == 0).all()
+    assert s.meta["crowd"]["labels"] == [] and s.meta["untrained"]["labels"] == []
+    s = ds.load(0)  # objects without iscrowd are instances
+    assert s.instance_labels.tolist() == [1, 2] and not (s.mask == 255).any()
