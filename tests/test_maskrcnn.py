@@ -28,7 +28,7 @@ from pixelwise.models.maskrcnn.anchors import AnchorGenerator, cell_anchors
 from pixelwise.models.maskrcnn.fpn import FeaturePyramidNetwork
 from pixelwise.models.maskrcnn.model import check_targets
 from pixelwise.models.maskrcnn.roi_heads import MaskRCNNHeads, fastrcnn_loss, match_proposals
-from pixelwise.models.maskrcnn.rpn import rpn_loss
+from pixelwise.models.maskrcnn.rpn import RPNConfig, filter_image_proposals, rpn_loss
 from pixelwise.models.maskrcnn.transform import RCNNTransform, TransformConfig
 from pixelwise.models.registry import create_model, model_info
 from pixelwise.ops import BalancedPositiveNegativeSampler, Matcher
@@ -576,8 +576,6 @@ def test_anchor_labels_thresholds_and_low_quality_matches():
 
 
 def test_fastrcnn_loss_by_hand():
-    from pixelwise.models.maskrcnn.roi_heads import fastrcnn_loss
-
     g = torch.Generator().manual_seed(0)
     logits, regression = torch.randn(5, 3, generator=g), torch.randn(5, 12, generator=g)
     labels = torch.tensor([0, 2, 1, 0, 2])
@@ -692,6 +690,19 @@ def test_rpn_loss_by_hand():
     d = (deltas[0] - targets[0]).abs()
     smooth = torch.where(d < 1 / 9, 0.5 * d**2 * 9, d - 0.5 / 9)
     assert box.item() == pytest.approx((smooth[0].sum() + smooth[3].sum()).item() / 5, rel=1e-5)
+
+
+def test_rpn_score_thresh_drops_proposals_below_it():
+    """rpn_score_thresh: a proposal whose objectness probability is below it is dropped, one exactly
+    at it is kept (>=); the rest come back best first. Three disjoint boxes, so NMS keeps them all."""
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [0, 40, 10, 50]])
+    scores = torch.tensor([0.9, 0.3, 0.5, 0.7])
+    levels = torch.zeros(4, dtype=torch.int64)
+    kept, kept_scores = filter_image_proposals(boxes, scores, levels, (64, 64), RPNConfig(score_thresh=0.5), 10)
+    assert kept_scores.tolist() == pytest.approx([0.9, 0.7, 0.5])
+    assert kept.tolist() == [[0.0, 0, 10, 10], [0, 40, 10, 50], [40, 40, 50, 50]]
+    everything = filter_image_proposals(boxes, scores, levels, (64, 64), RPNConfig(), 10)[1]
+    assert everything.tolist() == pytest.approx([0.9, 0.7, 0.5, 0.3])  # the default 0.0 keeps every proposal
 
 
 def test_match_proposals_labels_by_hand():

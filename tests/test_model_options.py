@@ -157,6 +157,18 @@ def test_maskrcnn_options_keep_their_meaning_and_types():
     assert TransformConfig() == TransformConfig(min_size=(800,), max_size=1333)
 
 
+def test_rpn_and_box_configs_default_to_torchvisions_values():
+    """The defaults are torchvision's ``MaskRCNN`` keyword defaults (``rpn_*`` and ``box_*``)."""
+    r, h = RPNConfig(), RoIHeadsConfig()
+    assert (r.pre_nms_top_n_train, r.pre_nms_top_n_test, r.post_nms_top_n_train, r.post_nms_top_n_test) == (
+        2000, 1000, 2000, 1000)
+    assert (r.nms_thresh, r.fg_iou_thresh, r.bg_iou_thresh, r.score_thresh) == (0.7, 0.7, 0.3, 0.0)
+    assert (r.batch_size_per_image, r.positive_fraction) == (256, 0.5)
+    assert (h.score_thresh, h.nms_thresh, h.detections_per_img) == (0.05, 0.5, 100)
+    assert (h.fg_iou_thresh, h.bg_iou_thresh, h.batch_size_per_image, h.positive_fraction) == (0.5, 0.5, 512, 0.25)
+    assert h.bbox_reg_weights == (10.0, 10.0, 5.0, 5.0)
+
+
 def test_maskrcnn_settings_changed_after_building_are_checked(tiny_maskrcnn):
     heads = tiny_maskrcnn.roi_heads
     old = heads.score_thresh, heads.detections_per_img
