@@ -411,3 +411,17 @@ def test_a_scale_range_starting_at_one_still_enlarges():
         np.random.seed(seed)
         np.testing.assert_array_equal(same(s).image, s.image)
     assert changed >= 5
+
+
+def test_random_scale_keeps_the_aspect_of_a_non_square_image():
+    """Scale 0.5 (low = high) with a crop of the image's size: the 48x64 sample becomes 24x32 (both
+    sides halved, image, mask and weight together), padded to 48x64 with ignore around it."""
+    s = _blocky()
+    t = train_preset(crop=(48, 64), scale=(0.5, 0.5), flip=False, jitter=False)
+    np.random.seed(0)
+    o = t(s)
+    kept = np.argwhere(o.mask != 255)
+    (top, left), (bottom, right) = kept.min(0), kept.max(0) + 1
+    assert (bottom - top, right - left) == (24, 32) and len(kept) == 24 * 32
+    np.testing.assert_array_equal(o.mask[top:bottom, left:right], s.mask[::2, ::2])  # 8-pixel blocks: exact
+    np.testing.assert_array_equal(o.weight[top:bottom, left:right], s.mask[::2, ::2] + 1.0)

@@ -409,11 +409,12 @@ def test_label_values_outside_the_classes_are_shown_eight_at_most(tmp_path):
     """check() names the first 8 values outside the classes, then ', ...' when there are more."""
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
-    for stem, top in (("eight", 9), ("ten", 11)):  # 2 classes: values 2..top are outside
+    for stem, top in (("eight", 9), ("nine", 10), ("ten", 11)):  # 2 classes: values 2..top are outside
         Image.fromarray(np.zeros((2, 12, 3), np.uint8)).save(tmp_path / "images" / f"{stem}.png")
         write_mask(tmp_path / "masks" / f"{stem}.png", np.tile(np.arange(12, dtype=np.uint8).clip(0, top), (2, 1)))
     ds = build_dataset("folder", str(tmp_path), "all", num_classes=2)
     found = {Path(p.path).stem: p.message for p in ds.check()}
     valid = " outside the 2 classes (valid stored values: 0..1, 255)"
     assert found == {"eight": "label values 2, 3, 4, 5, 6, 7, 8, 9" + valid,
+                     "nine": "label values 2, 3, 4, 5, 6, 7, 8, 9, ..." + valid,
                      "ten": "label values 2, 3, 4, 5, 6, 7, 8, 9, ..." + valid}

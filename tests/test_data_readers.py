@@ -180,6 +180,24 @@ def test_ade20k_shift_and_out_of_range(tmp_path):
     assert len(ADE20K(root, "train", skip_invalid=True)) == 1
 
 
+
+def test_check_item_reads_labels_by_default_and_load_keeps_both_paths(tmp_path):
+    """FilePairDataset.check_item (ADE20K does not override it) decodes the mask unless labels=False;
+    load() puts the item's image and mask paths in meta; an item whose mask ref is None (files.py:
+    "mask_ref may be None when the mask is missing") is a UserError naming the image, not a crash."""
+    root = tmp_path / "ADEChallengeData2016"
+    _img(root / "images" / "training" / "ADE_train_00000001.jpg", 2, 3)
+    _mask(root / "annotations" / "training" / "ADE_train_00000001.png", np.full((2, 3), 151, np.uint8))
+    ds = ADE20K(root, "train")
+    image, mask = ds.items[0]
+    found = ds.check_item(image, mask)
+    assert [p.path for p in found] == [mask] and found[0].message.startswith("label values 151 outside")
+    assert ds.check_item(image, mask, labels=False) == []
+    assert ds.load(0).meta == {"image_path": image, "mask_path": mask}
+    ds.items = [(image, None)]
+    with pytest.raises(UserError, match=f"^{re.escape(image)}: no mask for this image"):
+        ds.load(0)
+
 # official cityscapesScripts labels.py: label id -> train id of the 19 evaluated classes; every other id of 0..33 -> 255
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}

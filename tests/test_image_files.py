@@ -215,6 +215,15 @@ def test_a_lossy_tiff_webp_or_avif_mask_is_refused(tmp_path, name, save, kind):
     np.testing.assert_array_equal(read_mask(tmp_path / "b.webp", palette=colours.tolist()), labels)
 
 
+def test_every_unread_mask_file_of_a_stem_is_named_in_missing_mask(tmp_path):
+    """Two files of one stem in masks/ that are not read (a.jpeg, a.jpg): both named, comma-separated."""
+    root = _dataset(tmp_path / "ds", {"a.png": _photo(), "b.png": _photo()}, masks={"b": _labels()})
+    for name in ("a.jpg", "a.jpeg"):
+        Image.fromarray(_labels()).save(root / "masks" / name)
+    found = _problems(FolderDataset(root, "all"))
+    masks = root / "masks"
+    assert f"({masks / 'a.jpeg'}, {masks / 'a.jpg'} is there, but lossy compression" in found["a.png"]
+
 def test_mask_with_a_suffix_that_is_not_read_is_named_in_missing_mask(tmp_path):
     root = _dataset(tmp_path / "ds", {"a.png": _photo(), "b.png": _photo()}, masks={"b": _labels()})
     Image.fromarray(_labels()).save(root / "masks" / "a.jpg")

@@ -217,6 +217,11 @@ BAD_SPECS = [
                                                     "color_palette", "colormap", "colourmap", "cmap")]
      + [f"'{k}' (did you mean 'names'?)" for k in ("classes", "class_names", "labels")]
      + ["'ignore_colour' (did you mean 'ignore_color'?)", "rename or remove them"]),
+    # a palette that does not give every name its colour (nor a name to every colour)
+    ({"names": ["bg", "red", "blue"], "palette": [[0, 0, 0], [255, 0, 0]]}, ["3 names but 2 palette colours"]),
+    # the number named is the first one outside 0..255, not 255 itself (the largest allowed)
+    ({"names": ["bg", "red"], "palette": [[0, 0, 0], [255, 300, 0]]},
+     ["palette[1] is [255, 300, 0]", "(300 is outside"]),
     # two numbers in range, not three: the same one line, with no number said to be outside 0..255
     ({"names": ["bg", "red"], "palette": [[0, 0, 0], [255, 0]]},
      ["palette[1] is [255, 0]: colours are [r, g, b] with whole numbers 0..255"]),
