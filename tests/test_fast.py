@@ -193,6 +193,25 @@ def test_compiled_fast_segmenter_leaves_the_inductor_config_alone():
     torch.testing.assert_close(out, model(x).detach(), rtol=1e-4, atol=1e-4)
 
 
+def test_no_mode_means_the_default_and_eager_only_work_accepts_it():
+    # mode=None (the Python API's default) and "" are the default mode, not a mode named 'None'
+    assert fast.resolve_mode(None) == "eager" and fast.resolve_mode("") == "eager"
+    assert fast.resolve_mode(None, default="fast") == "fast"
+    assert fast.resolve_mode("int8", default="fast") == "int8"
+    fast.eager_only(fast.MC_DROPOUT, None)  # eager by default: nothing to refuse
+    with pytest.raises(UserError, match=r"^--mode fast \(mode='fast'\) does not apply to an ONNX file"):
+        fast.eager_only("an ONNX file", "fast")
+
+
+def test_instance_runner_refuses_int8_and_a_fast_path_it_does_not_have():
+    model = nn.Conv2d(3, 2, 1)
+    assert fast.instance_runner(model, "eager") is model and fast.instance_runner(model, None) is model
+    with pytest.raises(UserError, match=r"^--mode int8 is not offered for instance models like maskrcnn: Mask R-CNN"):
+        fast.instance_runner(model, "int8", "maskrcnn")
+    with pytest.raises(UserError, match=r"^--mode fast has no fast path for Conv2d$"):
+        fast.instance_runner(model, "fast")
+
+
 def test_fast_runs_bf16_only_for_models_whose_bf16_accuracy_was_measured(monkeypatch):
     # on a CPU with bf16 kernels (the capability check patched): unet (in PLANS, measured) gets
     # bfloat16, a model never measured in bf16 (segnet_basic, an unnamed one) keeps float32

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
+from pixelwise.data import STORED_LABELS
 from pixelwise.data.augment import build_transform
 from pixelwise.data.folder import FolderDataset
 from pixelwise.data.inspect import inspect_dataset
@@ -499,3 +500,61 @@ def test_a_16_bit_gray_and_alpha_png_is_refused_not_read_as_its_low_bytes(tmp_pa
     assert "16-bit gray-and-alpha PNG" in (damage(path.read_bytes()) or "")
     (tmp_path / "l16.png").write_bytes(_png16(gray[:, :, None], 0))  # without alpha: round(v / 257)
     np.testing.assert_array_equal(read_image(tmp_path / "l16.png")[0, :, 0], [0, 1, 4, 117, 255, 1])
+
+
+def test_an_rgb_mask_whose_blue_alone_differs_is_read_as_colours_not_as_gray_values():
+    """Only a mask whose three channels are equal is gray: (1, 1, 200) is no palette colour (422),
+    not class 1 read from its red channel; a truly gray mask of values not in the palette is read by value."""
+    palette = [(0, 0, 0), (128, 0, 0)]
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 0] = (1, 1, 200)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    with pytest.raises(UploadError) as e:
+        decode_mask(buf.getvalue(), 10**6, palette, 2, (2, 3))
+    assert e.value.status == 422 and "1 pixels of 1 colour(s) not in the model's palette" in e.value.detail
+    assert "[1, 1, 200]" in e.value.detail
+    rgb[0, 0] = (1, 1, 1)  # gray, and (1, 1, 1) is no palette colour: read as its value, class 1
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    expected = np.zeros((2, 3), np.uint8)
+    expected[0, 0] = 1
+    np.testing.assert_array_equal(decode_mask(buf.getvalue(), 10**6, palette, 2, (2, 3)), expected)
+
+
+def test_an_upload_with_no_declared_type_names_none_in_its_415():
+    """The 415's "(declared image/png: a file of another kind renamed?)" is only for a declared type."""
+    with pytest.raises(UploadError) as e:
+        decode_image(b"not an image at all", 10_000)
+    assert e.value.status == 415 and "declared" not in e.value.detail
+    assert e.value.detail.startswith("the image is not an image in a supported format; send one of ")
+    with pytest.raises(UploadError) as e:
+        decode_image(b"not an image at all", 10_000, "image/png")
+    assert e.value.status == 415 and "(declared image/png: a file of another kind renamed?)" in e.value.detail
+
+
+def _png(arr: np.ndarray, mode: str | None = None, palette: list[int] | None = None) -> bytes:
+    img = Image.fromarray(arr, mode) if mode else Image.fromarray(arr)
+    if palette is not None:
+        img.putpalette(palette + [0] * (768 - len(palette)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_palette_mask_whose_index_has_the_ignore_colour_is_422_naming_ignore():
+    """Index 0 coloured white (the ignore colour) would read as class 0: refused, naming "ignore (255)"."""
+    data = _png(np.array([[0, 1], [1, 0]], np.uint8), "P", [255, 255, 255, 0, 0, 0])
+    with pytest.raises(UploadError) as e:
+        decode_mask(data, 10**6, [(0, 0, 0), (128, 0, 0)], 2, (2, 2))
+    assert e.value.status == 422
+    assert "index 0 has the colour [255, 255, 255], the colour of ignore (255) in the model's palette" in e.value.detail
+
+
+def test_an_rgb_ground_truth_sent_as_a_dataset_label_file_is_422():
+    """CamVid's label files are 8-bit index PNGs: an RGB one is no such file (422), not read by colour."""
+    data = _png(np.zeros((2, 3, 3), np.uint8))
+    with pytest.raises(UploadError) as e:
+        decode_mask(data, 10**6, [(k, k, k) for k in range(11)], 11, (2, 3), stored=STORED_LABELS["camvid"])
+    assert e.value.status == 422
+    assert e.value.detail.startswith("a RGB ground truth is not a label file of this kind (CamVid label PNGs")

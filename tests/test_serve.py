@@ -40,7 +40,7 @@ from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
 from pixelwise.serve.results import instance_result  # noqa: E402
 from pixelwise.serve.samples import MAX_SAMPLES, folder_samples  # noqa: E402
-from pixelwise.serve.uploads import MAX_PARTS, Part, UploadError, read_multipart  # noqa: E402
+from pixelwise.serve.uploads import MAX_FIELD_BYTES, MAX_PARTS, Part, UploadError, read_multipart  # noqa: E402
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 CATEGORY_IDS = [0, 3, 7, 90]  # a COCO-style dataset's own ids of the classes (not 0..3)
@@ -750,6 +750,12 @@ def test_pool_admits_up_to_workers_plus_queue():
     pool.close()
 
 
+@pytest.mark.parametrize("workers, queue", [(0, 4), (1, -1), (-2, 0)])
+def test_a_pool_of_no_worker_or_a_negative_queue_is_refused_naming_both(workers, queue):
+    with pytest.raises(ValueError, match=rf"^need workers >= 1 and queue >= 0, got {workers} and {queue}$"):
+        InferencePool(workers=workers, queue=queue)
+
+
 def test_retry_after_is_the_work_ahead_at_the_mean_job_time(monkeypatch):
     """Retry-After = ceil(mean job seconds x admitted / workers): the plain mean of the first 20
     jobs, then an average that moves 1/20 of the way to each new job's time."""
@@ -1415,6 +1421,25 @@ def test_a_form_content_type_without_a_boundary_is_400(content_type):
     with pytest.raises(UploadError) as e:
         asyncio.run(read_multipart(content_type, str(len(data)), _chunks(data), 10**6))
     assert e.value.status == 400 and "has no boundary" in e.value.detail
+
+
+@pytest.mark.parametrize("content_length", ["12x", "", "1e3"])
+def test_a_content_length_that_is_not_a_number_is_400(content_length):
+    data = _body(1)
+    with pytest.raises(UploadError) as e:
+        asyncio.run(read_multipart("multipart/form-data; boundary=b", content_length, _chunks(data), 10**6))
+    assert e.value.status == 400 and e.value.detail == f"bad Content-Length {content_length!r}"
+
+
+def test_a_text_field_of_max_field_bytes_is_read_and_one_byte_more_is_400():
+    def form(value):
+        data = b'--b\r\nContent-Disposition: form-data; name="tile"\r\n\r\n' + value + b"\r\n--b--\r\n"
+        return asyncio.run(read_multipart("multipart/form-data; boundary=b", str(len(data)), _chunks(data), 10**6))
+
+    assert bytes(form(b"7" * MAX_FIELD_BYTES)["tile"].data) == b"7" * MAX_FIELD_BYTES
+    with pytest.raises(UploadError) as e:
+        form(b"7" * (MAX_FIELD_BYTES + 1))
+    assert e.value.status == 400 and e.value.detail == f"form field 'tile' is longer than {MAX_FIELD_BYTES} bytes"
 
 
 # ---------------------------------------------------------------- ServeConfig: defaults and refusals
