@@ -127,12 +127,12 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
                      "HxW or an augment resize (or --batch-size 1); Mask R-CNN takes them as they are")
     if num_images and not class_pixels.any():  # e.g. Cityscapes' test split, whose labels are withheld
         notes.append("no labelled pixel in this split (every pixel is 255, ignore): eval can score nothing on it")
-    elif num_images and ignored and c > 1 and not class_pixels[1:].any() and getattr(dataset, "task", "") == "instance":
-        problems.append(f"every labelled pixel is class 0 and {ignored:,} are 255 (ignore): the split's only objects "
-                        "are crowd regions (iscrowd 1), so an instance model has nothing to train on or score")
-    elif num_images and ignored and c > 1 and not class_pixels[1:].any():  # binary masks saved as 0/255
-        problems.append(f"every labelled pixel is class 0 and {ignored:,} are 255 (ignore): if these are binary "
-                        "masks with the foreground stored as 255, store it as 1 (255 means 'ignore' here)")
+    elif num_images and ignored and c > 1 and not class_pixels[1:].any():
+        problems.append(f"every labelled pixel is class 0 and {ignored:,} are 255 (ignore): " + (
+            "the split's only objects are crowd regions (iscrowd 1), so an instance model has nothing to train on "
+            "or score" if getattr(dataset, "task", "") == "instance"  # COCO: its 255 are crowds
+            else "if these are binary masks with the foreground stored as 255, store it as 1 (255 means 'ignore' "
+                 "here)"))
     return {
         "num_images": num_images,
         "class_names": list(dataset.class_names),
