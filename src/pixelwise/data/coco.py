@@ -140,8 +140,7 @@ class COCOInstances(FilePairDataset):
         asks): not a crowd, and not a bbox under 1 px wide or tall (``load`` trains on neither); an
         annotation that ``check()`` names (unknown category, no segmentation, a bad bbox) counts, so
         that its image stays and is named."""
-        box = a.get("bbox")
-        return not a.get("iscrowd", 0) and not (_is_box(box) and min(box[2:]) < 1)
+        return not a.get("iscrowd", 0) and not _thin_box(a)
 
     def _under_root(self, path: str) -> Path:
         """A relative ``ann_file``/``image_dir`` is under the root when it is there, else as given
@@ -185,7 +184,7 @@ class COCOInstances(FilePairDataset):
         whose bbox is under 1 px wide or tall (read from the JSON, no mask decoded; those whose
         mask turns out empty are left out of training as well). Eval scores them."""
         thin = [a for image_id in self.coco.imgs for a in self.coco.imgToAnns.get(image_id, [])
-                if not a.get("iscrowd", 0) and _is_box(a.get("bbox")) and min(a["bbox"][2:]) < 1]
+                if not a.get("iscrowd", 0) and _thin_box(a)]
         if not thin:
             return []
         shown = ", ".join(str(a.get("id")) for a in thin[:5]) + (", ..." if len(thin) > 5 else "")
@@ -341,6 +340,12 @@ def _duplicates(entries: list) -> dict:
 def _number(value: object) -> float:
     """``value`` if it is a finite number, else 0 (for sorting by ``area`` before the check names it)."""
     return float(value) if finite_number(value) else 0.0
+
+
+def _thin_box(a: dict) -> bool:
+    """Whether annotation ``a`` has a bbox under 1 px wide or tall, which ``load`` does not train on."""
+    box = a.get("bbox")
+    return _is_box(box) and min(box[2:]) < 1
 
 
 def _is_box(box: object) -> TypeGuard[list | tuple]:
