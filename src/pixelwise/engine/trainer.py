@@ -1439,13 +1439,6 @@ def run_folder_lost(run: Run, state: TrainState) -> str | None:
             f"after {steps} without saving, as a folder without it cannot be resumed: train again")
 
 
-def check_run_folder(run: Run, state: TrainState) -> None:
-    """:func:`run_folder_lost` as a UserError, before a save at an epoch's end."""
-    lost = run_folder_lost(run, state)
-    if lost:
-        raise UserError(lost)
-
-
 def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
     """After an epoch: ``best`` (if ``metrics[select]`` improved, as :data:`PENDING_BEST`), ``last``,
     the training state, then the pending best renamed to ``best`` and ``metrics.csv``, each atomically
@@ -1459,7 +1452,9 @@ def save_epoch(run: Run, state: TrainState, metrics: dict) -> None:
         state.best_score, state.best_epoch = score, state.epoch
     if not run.info.is_main:
         return
-    check_run_folder(run, state)
+    lost = run_folder_lost(run, state)
+    if lost:
+        raise UserError(lost)
     meta = checkpoint_meta(run, {"epoch": state.epoch, **({"val": metrics} if metrics else {})})
     if improved:
         save_checkpoint(run.out / PENDING_BEST, run.saved, meta)
