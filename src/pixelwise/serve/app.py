@@ -503,11 +503,11 @@ class Service:
         with self._model_lock:  # a predictor's constructor sets the shared model's modes too
             predictor = self.predictor_for(options, wanted.uncertainty)
             crf = getattr(predictor, "crf", None)
-            if crf is not None and image.shape[0] * image.shape[1] > MAX_CRF_PIXELS:
-                raise UploadError(413, f"the CRF refines images of up to {MAX_CRF_PIXELS:,} pixels and this one has "
-                                       f"{image.shape[0] * image.shape[1]:,} ({image.shape[1]}x{image.shape[0]}); "
-                                       "send it with crf=false, or a smaller copy")
-            if crf is not None:  # settings too fine for this image's extent: the request's to change, not a 500
+            if crf is not None:  # before the model runs: too large a request is a 413, too fine settings a 422
+                if image.shape[0] * image.shape[1] > MAX_CRF_PIXELS:
+                    raise UploadError(413, f"the CRF refines images of up to {MAX_CRF_PIXELS:,} pixels and this one "
+                                           f"has {image.shape[0] * image.shape[1]:,} ({image.shape[1]}x"
+                                           f"{image.shape[0]}); send it with crf=false, or a smaller copy")
                 try:
                     check_crf_size(image.shape[0], image.shape[1], settings=crf)
                 except UserError as e:
