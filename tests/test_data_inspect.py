@@ -234,3 +234,54 @@ def test_a_coco_split_of_crowd_regions_only_is_not_called_binary_masks(tmp_path)
     report = inspect_dataset(COCOInstances(tmp_path, "val"))
     assert len(report["problems"]) == 1 and "crowd regions" in report["problems"][0]
     assert "binary masks" not in report["problems"][0]
+
+
+def test_instance_data_counts_objects_crowds_untrained_and_empty_images_per_class(tmp_path):
+    """COCO's report counts per class what an instance model trains on (objects), the crowd regions
+    (scored, never trained on), the degenerate objects left out of training, and the images with
+    nothing to train on; counted by hand from the annotation file below."""
+    from pixelwise.data.coco import COCOInstances
+
+    (tmp_path / "val2017").mkdir()
+    for i in (1, 2, 3):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / "val2017" / f"{i}.png")
+
+    def ann(id_, image_id, cat, box, crowd=0):
+        x, y, w, h = box
+        return {"id": id_, "image_id": image_id, "category_id": cat, "iscrowd": crowd, "area": float(w * h),
+                "bbox": box, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
+
+    anns = [ann(1, 1, 4, [1, 1, 5, 5]), ann(2, 1, 4, [10, 1, 5, 5]), ann(3, 1, 9, [1, 10, 8, 6]),
+            ann(4, 1, 4, [20, 10, 6, 6], crowd=1), ann(5, 2, 9, [3, 3, 0.5, 4])]  # 5: a box under 1 px
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(
+        {"images": [{"id": i, "file_name": f"{i}.png", "width": 30, "height": 20} for i in (1, 2, 3)],
+         "annotations": anns, "categories": [{"id": 9, "name": "plate"}, {"id": 4, "name": "cup"}]}))
+    dataset = COCOInstances(tmp_path, "val")
+    report = inspect_dataset(dataset)
+    cup, plate = dataset.class_names.index("cup"), dataset.class_names.index("plate")
+    expected_objects = [0] * len(dataset.class_names)
+    expected_objects[cup], expected_objects[plate] = 2, 1
+    expected_crowds = [0] * len(dataset.class_names)
+    expected_crowds[cup] = 1
+    assert report["objects"] == expected_objects and report["crowd_regions"] == expected_crowds
+    assert report["untrained_objects"] == 1 and report["images_without_objects"] == 2
+    json.dumps(report)  # the --json file's keys are plain ints and lists
+    text = format_report(report)
+    cup_row = next(line for line in text.splitlines() if line.startswith("cup "))
+    assert cup_row.split()[-2:] == ["2", "1"]
+    assert "objects: 3 trained on, 1 not" in text and "images without an object to train on: 2" in text
+
+
+def test_semantic_data_has_no_instance_keys_nor_columns(tmp_path):
+    class Two(SegmentationDataset):
+        class_names = ("a", "b")
+
+        def __len__(self):
+            return 1
+
+        def load(self, index):
+            return Sample(image=np.zeros((2, 2, 3), np.uint8), mask=np.array([[0, 1], [1, 1]], np.uint8), name="x")
+
+    report = inspect_dataset(Two())
+    assert "objects" not in report and "objects" not in format_report(report)

@@ -10,6 +10,12 @@ items ``check()``
 flags are not decoded or counted: the statistics are those of the data ``train`` and ``eval`` use
 with ``--skip-invalid``.
 
+Instance data (COCO, the generated shapes) adds ``objects`` (per class: the objects an instance
+model trains on), ``crowd_regions`` (per class: ``iscrowd`` regions, scored as COCO scores them,
+neither right nor wrong), ``untrained_objects`` (objects of a box under 1 px or an empty mask: not
+trained on, scored as objects) and ``images_without_objects`` (images with nothing to train on;
+``skip_empty`` leaves them out of training).
+
 Median-frequency balancing (SegNet, Eigen & Fergus): ``freq(c) = pixels of c / total pixels of
 the images that contain c`` (all pixels of those images, ignored ones included, as in SegNet);
 ``weight(c) = median(freq over the classes that occur) / freq(c)``.
@@ -100,6 +106,10 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
     present_pixels = np.zeros(c, dtype=np.int64)
     ignored = 0
     sizes: Counter = Counter()
+    instance = getattr(dataset, "task", "") == "instance"
+    objects = np.zeros(c, dtype=np.int64)
+    crowds = np.zeros(c, dtype=np.int64)
+    untrained = without_objects = 0
     indices = progress_bar(range(len(dataset)), "inspect", progress, unit="img", leave=False)
     num_images = 0
     for i in indices:
@@ -121,6 +131,13 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
             problems.append(f"{sample.name}: class ids {bad.tolist()} outside the {c} classes")
         class_pixels += counts[:c]
         present_pixels += np.where(counts[:c] > 0, h * w, 0)
+        if instance:
+            labels = np.asarray(sample.instance_labels if sample.instance_labels is not None else [], np.int64)
+            objects += np.bincount(labels, minlength=c)[:c]
+            crowds += np.bincount(np.asarray(sample.meta.get("crowd", {}).get("labels", []), np.int64),
+                                  minlength=c)[:c]
+            untrained += len(sample.meta.get("untrained", {}).get("labels", []))
+            without_objects += not len(labels)
     notes = list(dataset.notes())
     if len(sizes) > 1:  # a semantic model's training batch stacks images of one size
         notes.append(f"images of {len(sizes)} sizes: training a semantic model in batches of several needs --crop "
@@ -130,10 +147,10 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
     elif num_images and ignored and c > 1 and not class_pixels[1:].any():
         problems.append(f"every labelled pixel is class 0 and {ignored:,} are 255 (ignore): " + (
             "the split's only objects are crowd regions (iscrowd 1), so an instance model has nothing to train on "
-            "or score" if getattr(dataset, "task", "") == "instance"  # COCO: its 255 are crowds
+            "or score" if instance  # COCO: its 255 are crowds
             else "if these are binary masks with the foreground stored as 255, store it as 1 (255 means 'ignore' "
                  "here)"))
-    return {
+    report = {
         "num_images": num_images,
         "class_names": list(dataset.class_names),
         "class_pixels": class_pixels.tolist(),
@@ -143,6 +160,10 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
         "problems": list(dict.fromkeys(problems)),
         "notes": notes,
     }
+    if instance:
+        report.update(objects=objects.tolist(), crowd_regions=crowds.tolist(), untrained_objects=untrained,
+                      images_without_objects=without_objects)
+    return report
 
 
 def format_report(report: dict, max_problems: int = 20) -> str:
@@ -156,11 +177,18 @@ def format_report(report: dict, max_problems: int = 20) -> str:
     lines.append(f"sizes (width x height): {sizes}" + (f" (+{more} more)" if more > 0 else ""))
     names = [shown(n) for n in report["class_names"]]  # a classes.json's names: no escape sequences run
     width = max([len("class")] + [len(n) for n in names])
-    lines.append(f"{'class':<{width}}  {'pixels':>14}  {'share':>7}  {'mf weight':>9}")
-    for name, n, wgt in zip(names, pixels, report["median_freq_weights"]):
+    instance = "objects" in report  # instance data: objects and crowd regions per class
+    lines.append(f"{'class':<{width}}  {'pixels':>14}  {'share':>7}  {'mf weight':>9}"
+                 + (f"  {'objects':>9}  {'crowds':>7}" if instance else ""))
+    for i, (name, n, wgt) in enumerate(zip(names, pixels, report["median_freq_weights"])):
         share = 100.0 * n / total if total else 0.0
         lines.append(f"{name:<{width}}  {int(n):>14,}  {share:>6.2f}%  "
-                     f"{('-' if wgt is None else f'{wgt:.4f}'):>9}")
+                     f"{('-' if wgt is None else f'{wgt:.4f}'):>9}"
+                     + (f"  {report['objects'][i]:>9,}  {report['crowd_regions'][i]:>7,}" if instance else ""))
+    if instance:
+        lines.append(f"objects: {sum(report['objects']):,} trained on, {report['untrained_objects']:,} not "
+                     f"(a box under 1 px or an empty mask; scored by eval); images without an object to train "
+                     f"on: {report['images_without_objects']:,}")
     probs = report["problems"]
     lines.append(f"problems: {len(probs)}" if probs else "problems: none")
     lines += [f"  {shown(p)}" for p in probs[:max_problems]]
