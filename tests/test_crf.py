@@ -177,7 +177,7 @@ def test_sizes_that_do_not_fit_are_named():
     with pytest.raises(UserError, match="same H, W"):
         dense_crf(np.zeros((5, 6, 3), np.uint8), torch.full((2, 5, 7), 0.5))
     side = int(MAX_CRF_PIXELS ** 0.5) + 1
-    with pytest.raises(UserError, match=f"^--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels"):
+    with pytest.raises(UserError, match=f"^the CRF refines images of up to {MAX_CRF_PIXELS:,} pixels"):
         dense_crf(np.zeros((side, side, 3), np.uint8), torch.full((2, 1, 1), 0.5).expand(2, side, side))
 
 
@@ -251,7 +251,7 @@ def test_crf_options_are_checked_by_the_predictor(checkpoints):
     big = SemanticPredictor(model, meta, crf=True)
     calls = []
     big.runner = lambda x: calls.append(x) or torch.zeros(1)
-    with pytest.raises(UserError, match="--crf runs on images of up to 4,000,000 pixels"):
+    with pytest.raises(UserError, match="the CRF refines images of up to 4,000,000 pixels"):
         big.predict(np.zeros((2001, 2000, 3), np.uint8))
     assert not calls  # refused before the model ran
 
@@ -307,7 +307,7 @@ def test_predict_checks_every_input_against_the_crfs_size_before_writing(checkpo
     command = ["predict", "--checkpoint", str(checkpoints[0]), str(inputs), "--out", str(out), "--crf", "--no-progress"]
     assert main(command) == 2
     err = capsys.readouterr().err
-    assert f"{inputs / 'b_large.png'}: --crf runs on images of up to 1,000 pixels" in err and "(44x36)" in err
+    assert f"{inputs / 'b_large.png'}: the CRF refines images of up to 1,000 pixels" in err and "(44x36)" in err
     assert "nothing was written" in err and not out.exists()  # the small one was not predicted first
     assert main([*command, "--skip-invalid"]) == EXIT_SKIPPED
     assert sorted(p.name for p in out.iterdir()) == ["a_small.png", "a_small_overlay.png"]
@@ -349,7 +349,7 @@ def test_eval_checks_every_image_against_the_crfs_size_before_the_first_is_predi
                         lambda self, *a, **k: ran.append(1))
     assert main(command) == 2
     err = capsys.readouterr().err
-    assert f"{root / 'images' / 'b.png'}: --crf runs on images of up to 1,000 pixels" in err and not ran
+    assert f"{root / 'images' / 'b.png'}: the CRF refines images of up to 1,000 pixels" in err and not ran
     # and against the lattice for the settings given, from the headers too
     monkeypatch.setattr(pixelwise.inference.crf, "MAX_CRF_PIXELS", 4_000_000)
     Image.fromarray(blocks(1, 5000)).save(root / "images" / "c.png")

@@ -276,10 +276,10 @@ def check_crf_size(height: int, width: int, name: str | None = None, settings: C
     CLI's ``--crf``, the server's ``crf`` field and :class:`CRFSettings` share."""
     where = f"{name}: " if name else ""
     if height * width > MAX_CRF_PIXELS:
-        raise UserError(f"{where}--crf runs on images of up to {MAX_CRF_PIXELS:,} pixels "
+        raise UserError(f"{where}the CRF refines images of up to {MAX_CRF_PIXELS:,} pixels "
                         f"(its lattice holds up to 1.6 KB a pixel); this one has {height * width:,} "
-                        f"({width}x{height}): leave out --crf for it, or give a smaller copy of the image (the CRF "
-                        "runs at the image's own size)")
+                        f"({width}x{height}): predict it without the CRF, or give a smaller copy of the image (the "
+                        "CRF runs at the image's own size)")
     if settings is None:
         return
     for weight, setting, std in ((settings.bi_w, "bi_xy_std", settings.bi_xy_std),
