@@ -63,6 +63,7 @@ def test_torchrun_two_cpu_processes_match_single_process_evaluation(tmp_path):
     assert final["val_loss"] == pytest.approx(m["loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # a torchrun of two processes, 8-18 s on 2 cores
 def test_torchrun_validation_sums_the_isbi_errors_over_ranks(tmp_path):
     """On ISBI data every rank scores its shard of the validation slices (2 + 1 here); the pair and
     pixel counts behind the Rand and leaderboard pixel errors are summed over ranks, so the errors
@@ -105,6 +106,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a torchrun of two processes, 8-18 s on 2 cores
 def test_torchrun_ranks_stop_together_when_one_clock_passes_the_time_budget(tmp_path):
     # rank 0 sees the 10-minute budget spent within the first epoch, rank 1 does not: every rank
     # must stop after the same step (a rank that stops alone leaves the other waiting in a
@@ -136,6 +138,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a torchrun of two processes, 8-18 s on 2 cores
 def test_torchrun_resume_settles_a_pending_best_on_rank_0_only(tmp_path):
     """A kill between best.pending and the state leaves the pending file; on resume every rank
     renamed or deleted it, and the slower rank's os.replace found no file (FileNotFoundError)."""
@@ -153,6 +156,7 @@ def test_torchrun_resume_settles_a_pending_best_on_rank_0_only(tmp_path):
     assert not (out / "best.pending.safetensors").exists()
 
 
+@pytest.mark.slow  # a torchrun of two processes, 8-18 s on 2 cores
 def test_torchrun_a_batch_of_one_per_process_is_refused_up_front_and_each_rank_says_it_on_its_own_line(tmp_path):
     """2 images over 2 processes gave each a batch of 1, which the check of the whole set passed: the
     run wrote config.yaml and stopped mid-epoch with a fix that did not help; the two ranks' error

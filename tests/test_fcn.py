@@ -182,6 +182,7 @@ def _forward_with_scores(model, x, layer):
     return y, seen[0]
 
 
+@pytest.mark.slow  # three VGG16 FCNs (134M parameters each), two saved and loaded: ~22 s on 2 cores
 def test_staged_initialisation_starts_from_the_coarser_nets_predictions(tmp_path):
     """CVPR Sec. 4.2: FCN-16s initialised from FCN-32s (new pool4 scorer zero), FCN-8s from FCN-16s.
     Shared layers are copied, new scorers are zero and new upsamplers bilinear, and the finer net's

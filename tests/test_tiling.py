@@ -86,9 +86,10 @@ def test_an_ensemble_states_the_geometry_its_members_need(valid_unet):
     torch.testing.assert_close(tiled.probs, whole.probs, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("size, tile, overlap, tta", [((300, 60), 64, 0.0, None), ((70, 350), 80, 0.0, None),
-                                                     ((301, 250), 100, 0.0, None), ((300, 60), 64, 0.5, None),
-                                                     ((200, 200), 32, 0.0, "flip"), ((150, 230), 48, 0.25, "d4")])
+@pytest.mark.parametrize("size, tile, overlap, tta", [
+    ((300, 60), 64, 0.0, None), ((70, 350), 80, 0.0, None), ((301, 250), 100, 0.0, None),
+    ((300, 60), 64, 0.5, None), ((200, 200), 32, 0.0, "flip"),
+    pytest.param((150, 230), 48, 0.25, "d4", marks=pytest.mark.slow)])  # 8 rotations of every tile: ~9 s
 def test_valid_unet_tiles_equal_the_whole_image(valid_unet, size, tile, overlap, tta):
     """Every tile sees its real surroundings, so the tiled mask is the whole-image mask (sizes that
     are not multiples of the tile, a tile that is not a multiple of the pooling grid; cores that
