@@ -32,14 +32,16 @@ TINY = ["--model-kwargs", '{"base_channels": 4}', "--dataset-kwargs", '{"num_tra
         "--epochs", "1", "--batch-size", "4", "--no-progress"]
 
 
-def train_refused(tmp_path: Path, capsys, args: list[str], message: str) -> None:
-    """``pixelwise train TINY args --out tmp/out`` exits 2 with one line holding ``message``, writing nothing."""
+def train_refused(tmp_path: Path, capsys, args: list[str], message: str) -> str:
+    """``pixelwise train TINY args --out tmp/out`` exits 2 with one line holding ``message``, writing
+    nothing; -> the line."""
     out = tmp_path / "out"
     assert main(["train", *TINY, *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pixelwise: error: ") and "\n" not in err, err
     assert message in err, err
     assert not out.exists()
+    return err
 
 
 # --- config files -------------------------------------------------------------------------------
@@ -393,7 +395,8 @@ HUGE = str(10**400)  # an int Python holds, but math.isfinite() raises OverflowE
 
 
 @pytest.mark.parametrize(("write", "args", "message"), [
-    (None, ["--epochs", HUGE], "--epochs must be an integer >= 1"),
+    (None, ["--epochs", HUGE], "--epochs must be an integer >= 1, got 1000"),
+    (None, ["--batch-size", HUGE], "(401 characters), too large a number"),
     (None, ["--lr", HUGE], "--lr must be"),
     ("epochs: " + HUGE + "\n", ["--config", "{file}"], "h.yaml: epochs must be an integer >= 1"),
     ("milestones: [" + HUGE + "]\n", ["--config", "{file}"], "h.yaml: milestones must be a list of epochs"),
@@ -404,7 +407,16 @@ def test_a_number_beyond_a_floats_range_is_refused_not_an_overflow_traceback(tmp
     if write is not None:
         (tmp_path / "h.yaml").write_text(write)
         args = [a.replace("{file}", str(tmp_path / "h.yaml")) for a in args]
-    train_refused(tmp_path, capsys, args, message)
+    err = train_refused(tmp_path, capsys, args, message)
+    assert len(err) < 300 and "401 characters" in err or HUGE not in err, err  # named, not printed in full
+
+
+def test_brief_leaves_out_the_middle_of_a_long_value_only():
+    from pixelwise.errors import brief
+
+    assert brief("a" * 58) == repr("a" * 58) and brief(1.5) == "1.5"  # 60 characters or fewer: as repr gives it
+    text = brief(10**400)
+    assert text == "1" + "0" * 29 + "..." + "0" * 15 + " (401 characters)"
 
 
 def test_class_weights_beyond_a_floats_range_are_refused(tmp_path, capsys):

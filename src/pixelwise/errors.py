@@ -40,6 +40,15 @@ def finite_number(value: object) -> TypeGuard[int | float]:
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+def brief(value: object, limit: int = 60) -> str:
+    """``repr(value)`` for a one-line message, its middle left out past ``limit`` characters: a
+    400-digit number from a flag or a file is named, not printed over a screen."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text):,} characters)"
+
+
 def shown(text: object) -> str:
     """``text`` for a terminal line, its control characters (C0, DEL, C1) written as visible
     escapes (``\\x1b``, ``\\n``): a file or class name from a dataset or a shared checkpoint then

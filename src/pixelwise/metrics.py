@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from scipy.ndimage import distance_transform_cdt, distance_transform_edt, label
 
+from pixelwise.errors import brief
+
 
 def _labels(x: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
     """An integer label map (torch or numpy, any shape) -> int64 Tensor, flattened. Floating or
@@ -99,7 +101,7 @@ def _fraction_of_diagonal(value: object, name: str, where: str, default: float) 
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not np.isfinite(value) or value < 0:
         raise ValueError(f"{where}: {name} must be a finite fraction of the image diagonal >= 0 "
-                         f"(default {default}), got {value!r}")
+                         f"(default {default}), got {brief(value)}")
     return float(value)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pixelwise.errors import UserError, finite
+from pixelwise.errors import UserError, brief, finite
 from pixelwise.sample import MAX_INPUT_PIXELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -71,7 +71,7 @@ class InputSpec:
         for name in ("mean", "std"):
             values = getattr(self, name)
             if not _finite_numbers(values):
-                raise UserError(f"input {name} must be finite numbers, one per channel, got {values!r}")
+                raise UserError(f"input {name} must be finite numbers, one per channel, got {brief(values)}")
             object.__setattr__(self, name, tuple(float(v) for v in values))
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise UserError(f"input mean and std need {self.channels} value(s) each, got {self.mean} and {self.std}")

@@ -20,7 +20,7 @@ from pixelwise.data.folder import FolderDataset
 from pixelwise.data.isbi import ISBI2012
 from pixelwise.data.shapes import ShapesDataset
 from pixelwise.data.voc import VOCSegmentation
-from pixelwise.errors import UserError, finite_number
+from pixelwise.errors import UserError, brief, finite_number
 
 DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
     "shapes": ShapesDataset,
@@ -113,7 +113,7 @@ def _check_types(kind: str, cls: Callable[..., SegmentationDataset], kwargs: dic
     for key, value in kwargs.items():
         accepts = _ACCEPTS.get(str(params[key].annotation))
         if accepts is not None and not accepts[1](value):
-            raise UserError(f"--dataset-kwargs: {kind} option {key!r} must be {accepts[0]}, got {value!r}")
+            raise UserError(f"--dataset-kwargs: {kind} option {key!r} must be {accepts[0]}, got {brief(value)}")
 
 
 def _check_common(kind: str, kwargs: dict) -> None:
@@ -130,7 +130,7 @@ def _check_common(kind: str, kwargs: dict) -> None:
         if not valid or (key == "std" and min(value) <= 0):
             example = "[0.229, 0.224, 0.225]" if key == "std" else "[0.485, 0.456, 0.406]"
             raise UserError(f"--dataset-kwargs: {kind} {key} must be three numbers (R, G, B on a 0..1 scale"
-                            f"{', each > 0' if key == 'std' else ''}), e.g. {example}, got {value!r}")
+                            f"{', each > 0' if key == 'std' else ''}), e.g. {example}, got {brief(value)}")
 
 
 __all__ = ["DATASETS", "IGNORE_INDEX", "Problem", "Sample", "SegmentationDataset", "build_dataset", "collate",

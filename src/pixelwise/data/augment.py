@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from pixelwise.data.elastic import ElasticDeform
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, brief
 from pixelwise.preprocess import MAX_INPUT_PIXELS, resize_image, resize_labels
 from pixelwise.sample import IGNORE_INDEX, Sample, visible_instances
 
@@ -174,9 +174,9 @@ def _pair(cfg: dict, key: str, kind: type) -> tuple | None:
         v = [int(side) for side in v.lower().split("x")]  # crop: 256x320, the form of train's --crop
     if (not isinstance(v, (list, tuple)) or len(v) != 2
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
-        raise UserError(f"augment key {key!r}: expected two numbers like [h, w], got {v!r}")
+        raise UserError(f"augment key {key!r}: expected two numbers like [h, w], got {brief(v)}")
     if kind is int and not all((isinstance(x, int) or math.isfinite(x) and x.is_integer()) and x > 0 for x in v):
-        raise UserError(f"augment key {key!r}: expected two positive integers, got {v!r}")
+        raise UserError(f"augment key {key!r}: expected two positive integers, got {brief(v)}")
     if kind is int and int(v[0]) * int(v[1]) > MAX_INPUT_PIXELS:  # it would fail inside OpenCV, out of memory
         h, w = int(v[0]), int(v[1])
         raise UserError(f"augment key {key!r}: {h}x{w} is {h * w:,} pixels per image, above {MAX_INPUT_PIXELS:,}; "
@@ -195,7 +195,7 @@ def elastic_of(value: object) -> ElasticDeform | None:
         sigma, grid = value.get("sigma", 10.0), value.get("grid", 3)
         if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
             return ElasticDeform(float(sigma), grid)
-    raise UserError(f"augment key 'elastic': expected true, false or {{sigma: 10, grid: 3}}, got {value!r}")
+    raise UserError(f"augment key 'elastic': expected true, false or {{sigma: 10, grid: 3}}, got {brief(value)}")
 
 
 def resize_of(cfg: dict | None) -> tuple[int, int] | None:

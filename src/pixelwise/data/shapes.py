@@ -16,7 +16,7 @@ import numpy as np
 
 from pixelwise.data.base import Sample, SegmentationDataset, boxes_from_masks
 from pixelwise.data.io import max_image_pixels
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, brief
 
 CLASS_NAMES = ["background", "circle", "rectangle", "triangle"]
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200)]
@@ -28,14 +28,14 @@ def _whole(name: str, value: object, least: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise UserError(f"--dataset-kwargs: shapes {name} must be a whole number >= {least}, got {value!r}")
+        raise UserError(f"--dataset-kwargs: shapes {name} must be a whole number >= {least}, got {brief(value)}")
     return value
 
 
 def _non_negative(name: str, value: object) -> float:
     """Option ``name`` as a finite float >= 0; else a UserError."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
-        raise UserError(f"--dataset-kwargs: shapes {name} must be a number >= 0, got {value!r}")
+        raise UserError(f"--dataset-kwargs: shapes {name} must be a number >= 0, got {brief(value)}")
     return float(value)
 
 

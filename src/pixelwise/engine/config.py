@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from pixelwise.errors import UserError, empty_path, expanded_home, finite_number
+from pixelwise.errors import UserError, brief, empty_path, expanded_home, finite_number
 from pixelwise.sample import MAX_INPUT_PIXELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -298,7 +298,7 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
     bounds = _bounds_text(meta)
     if kind is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{where} must be true or false, got {value!r}")
+            raise UserError(f"{where} must be true or false, got {brief(value)}")
     elif kind in (int, float):
         what = (("an integer" if kind is int else "a number") + (f" {bounds}" if bounds else "")
                 + (" or none" if optional else ""))
@@ -307,19 +307,21 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
             try:
                 number = float(value) if kind is float else int(value)
             except ValueError:
-                raise UserError(f"{where} must be {what}, got {value!r}") from None
+                raise UserError(f"{where} must be {what}, got {brief(value)}") from None
         if not finite_number(number):
-            raise UserError(f"{where} must be {what}, got {value!r}")
+            too_large = isinstance(number, int) and not isinstance(number, bool)  # past a float's 1.8e308
+            raise UserError(f"{where} must be {what}, got {brief(value)}" + (", too large a number" if too_large
+                                                                              else ""))
         if kind is int:
             if number != int(number):
-                raise UserError(f"{where} must be {what}, got {value!r}")
+                raise UserError(f"{where} must be {what}, got {brief(value)}")
             number = int(number)
         else:
             number = float(number)
         ge, gt, lt, le = meta["ge"], meta["gt"], meta["lt"], meta["le"]
         if (ge is not None and not number >= ge) or (gt is not None and not number > gt) or (
                 lt is not None and not number < lt) or (le is not None and not number <= le):
-            raise UserError(f"{where} must be {what}, got {value!r}")
+            raise UserError(f"{where} must be {what}, got {brief(value)}")
         value = number
     elif kind is str:
         if name == "crop" and isinstance(value, int) and not isinstance(value, bool):
@@ -328,7 +330,7 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
                 isinstance(v, int) and not isinstance(v, bool) for v in value):
             value = f"{value[0]}x{value[1]}"  # crop: [256, 320], the form of augment's crop: 256x320
         elif name == "crop" and isinstance(value, list):
-            raise UserError(f"{where} must be HxW, one side N or [h, w] (whole numbers), got {value!r}")
+            raise UserError(f"{where} must be HxW, one side N or [h, w] (whole numbers), got {brief(value)}")
         if isinstance(value, bool):  # YAML 1.1 reads an unquoted off, no, on, yes as false / true
             example = "off" if value is False and "off" in (meta["choices"] or ()) else "..."
             raise UserError(f"{where} must be text, got {str(value).lower()} (YAML reads an unquoted off, no, on or "
@@ -340,18 +342,18 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
             raise UserError(f"{where} must be text, got {value} (YAML reads it as a number); quote it as you wrote "
                             f"it: {name}: \"...\" (unquoted, YAML reads 1.10 as 1.1 and 1e-3 as 0.001)")
         if not isinstance(value, str):
-            raise UserError(f"{where} must be text, got {value!r}")
+            raise UserError(f"{where} must be text, got {brief(value)}")
         if name in PATH_KEYS:
             value = expanded_home(value, where)
     elif kind is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{where} must be a mapping, e.g. {{\"key\": 1}}, got {value!r}")
+            raise UserError(f"{where} must be a mapping, e.g. {{\"key\": 1}}, got {brief(value)}")
         named = [k for k in value if not isinstance(k, str)]  # YAML: 1: 2, on: true, null: 3
         if named:
             raise UserError(f"{where}: key {named[0]!r} is not a name (YAML reads an unquoted on, off, yes, no, "
                             "null or number as a value); quote it or use the option's name")
     elif kind is list and not isinstance(value, list):
-        raise UserError(f"{where} must be a list, got {value!r}")
+        raise UserError(f"{where} must be a list, got {brief(value)}")
     if name == "lr_mult":
         bad = next(((k, v) for k, v in value.items() if not k or not finite_number(v) or v <= 0), None)
         if bad is not None:
@@ -359,10 +361,10 @@ def check_value(name: str, value: Any, where: str | None = None) -> Any:
                             "{\"fc8\": 10}")
         value = {k: float(v) for k, v in value.items()}
     if name == "milestones" and not all(finite_number(m) and m >= 0 for m in value):
-        raise UserError(f"{where} must be a list of epochs (numbers >= 0), got {value!r}")
+        raise UserError(f"{where} must be a list of epochs (numbers >= 0), got {brief(value)}")
     choices = meta["choices"]
     if choices and value not in choices:
-        raise UserError(f"{where} {value!r} is not one of: {', '.join(choices)}{did_you_mean(value, choices)}")
+        raise UserError(f"{where} {brief(value)} is not one of: {', '.join(choices)}{did_you_mean(value, choices)}")
     return value
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from pixelwise.errors import UserError, finite_number
+from pixelwise.errors import UserError, brief, finite_number
 
 __all__ = ["MAX_CRF_PIXELS", "CRFSettings", "PermutohedralLattice", "as_crf_settings", "check_crf_size", "dense_crf"]
 
@@ -82,17 +82,17 @@ class CRFSettings:
         for name in ("bi_w", "pos_w"):
             value = getattr(self, name)
             if not finite_number(value) or value < 0:
-                raise UserError(f"crf {name} must be a number >= 0, got {value!r}")
+                raise UserError(f"crf {name} must be a number >= 0, got {brief(value)}")
             if value > MAX_WEIGHT:
                 raise UserError(f"crf {name} must be at most {MAX_WEIGHT:g} (larger weights overflow the CRF's "
-                                f"float32 messages), got {value!r}")
+                                f"float32 messages), got {brief(value)}")
         for name in ("bi_xy_std", "bi_rgb_std", "pos_xy_std"):
             value = getattr(self, name)
             if not finite_number(value) or value <= 0:
-                raise UserError(f"crf {name} must be a number above 0, got {value!r}")
+                raise UserError(f"crf {name} must be a number above 0, got {brief(value)}")
             if value < MIN_STD:
                 raise UserError(f"crf {name} must be at least {MIN_STD:g} (pixels or gray levels; smaller ones "
-                                f"overflow the CRF's lattice), got {value!r}")
+                                f"overflow the CRF's lattice), got {brief(value)}")
 
     def text(self) -> str:
         """The settings as ``--crf`` takes them (:meth:`parse`): ``iterations=10,bi_w=4,...``."""

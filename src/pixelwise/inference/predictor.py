@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint, unwrap
 from pixelwise.data.palette import default_palette
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, brief
 from pixelwise.inference import cancel
 from pixelwise.inference.crf import CRFSettings, as_crf_settings, check_crf_size, dense_crf
 from pixelwise.inference.fast import instance_runner, make_runner
@@ -282,7 +282,7 @@ def _check_types(**options: object) -> None:
         kind = numbers.Real if real else numbers.Integral
         if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
             what = "a number" if real else "a whole number"
-            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {brief(value)}")
 
 
 def check_mc_samples(mc_samples: int) -> None:

@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-from pixelwise.errors import finite
+from pixelwise.errors import brief, finite
 
 
 def _is_number(value: Any) -> bool:
@@ -26,7 +26,7 @@ def whole_number(name: str, value: Any, minimum: int = 1, maximum: int | None = 
         and (maximum is None or value <= maximum)
     if not ok:
         allowed = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
-        raise ValueError(f"{name} must be a whole number {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be a whole number {allowed}, got {brief(value)}")
     return int(value)
 
 
@@ -42,7 +42,7 @@ def number_in(name: str, value: Any, low: float, high: float | None = None, *, h
             allowed = f"{'>' if low_open else '>='} {low:g}"
         else:
             allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be a number {allowed}, got {brief(value)}")
     return float(value)
 
 
@@ -65,5 +65,5 @@ def numbers_of(name: str, value: Any, count: int, positive: bool = False) -> tup
         ok = all(v > 0 for v in items or ())
     if not ok:
         what = "positive numbers" if positive else "numbers"
-        raise ValueError(f"{name} must be {count} {what}, got {value!r}")
+        raise ValueError(f"{name} must be {count} {what}, got {brief(value)}")
     return tuple(float(v) for v in items or ())

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, brief
 
 
 class UnknownModelError(UserError, KeyError):
@@ -138,7 +138,7 @@ def _check_names_and_types(name: str, kwargs: Mapping[str, Any], where: str) -> 
             default = options[key].default
             example = f" (default {default!r})" if default is not inspect.Parameter.empty else ""
             raise ModelOptionError(f"{where}: {name} option {key!r} must be {_type_name(hints[key])}{example}, "
-                                   f"got {value!r}")
+                                   f"got {brief(value)}")
 
 
 def _returned_class(name: str) -> Any:

@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pixelwise.errors import brief
 from pixelwise.layers import conv_bn_relu, conv_relu, standardize_image
 from pixelwise.models._checks import dropout_rate
 from pixelwise.models.registry import register_model
@@ -180,7 +181,7 @@ class UNet(nn.Module):
         super().__init__()
         for key, value in (("in_channels", in_channels), ("base_channels", base_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a whole number >= 1, got {value!r}")
+                raise ValueError(f"{key} must be a whole number >= 1, got {brief(value)}")
         if isinstance(ibn_levels, bool) or not isinstance(ibn_levels, int) or not 0 <= ibn_levels <= DEPTH + 1:
             raise ValueError(f"ibn_levels must be a whole number in 0..{DEPTH + 1} (levels of the contracting path), "
                              f"got {ibn_levels!r}")

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from pixelwise.errors import brief
 from pixelwise.models._checks import numbers_of, whole_number
 from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -57,7 +58,8 @@ def min_sizes(value: Any) -> tuple[int, ...]:
             raise ValueError
         return tuple(whole_number("min_size", s) for s in sizes)
     except ValueError:
-        raise ValueError(f"min_size must be a whole number >= 1 or a non-empty list of them, got {value!r}") from None
+        raise ValueError("min_size must be a whole number >= 1 or a non-empty list of them, got "
+                         f"{brief(value)}") from None
 
 
 class ImageBatch(NamedTuple):
