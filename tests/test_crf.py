@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pixelwise.errors import UserError
-from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, PermutohedralLattice, dense_crf
+from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, PermutohedralLattice, check_crf_size, dense_crf
 
 REFERENCE = Path(__file__).parent / "fixtures" / "crf" / "densecrf_reference.npz"
 
@@ -179,6 +179,22 @@ def test_sizes_that_do_not_fit_are_named():
     side = int(MAX_CRF_PIXELS ** 0.5) + 1
     with pytest.raises(UserError, match=f"^the CRF refines images of up to {MAX_CRF_PIXELS:,} pixels"):
         dense_crf(np.zeros((side, side, 3), np.uint8), torch.full((2, 1, 1), 0.5).expand(2, side, side))
+
+
+def test_the_size_and_settings_bounds_are_inclusive_where_documented():
+    """At most MAX_CRF_PIXELS pixels (2000 x 2000 = 4,000,000 passes, one more column does not);
+    1 to 100 iterations; lattice coordinates below 2^24: a 2^20-pixel-long image at pos_xy_std
+    0.5625 reaches 2^20 / 0.5625 * 3^2 = 2^24 exactly (refused), a hair above that std does not."""
+    check_crf_size(2000, 2000)
+    with pytest.raises(UserError, match="refines images of up to"):
+        check_crf_size(2000, 2001)
+    assert CRFSettings(iterations=100).iterations == 100 and CRFSettings(iterations=1).iterations == 1
+    for bad in (101, True):
+        with pytest.raises(UserError, match="iterations must be a whole number from 1 to 100"):
+            CRFSettings(iterations=bad)
+    with pytest.raises(UserError, match="pos_xy_std=0.5625 spreads this 1048576x1 image"):
+        check_crf_size(1, 2 ** 20, settings=CRFSettings(bi_w=0, pos_xy_std=0.5625))
+    check_crf_size(1, 2 ** 20, settings=CRFSettings(bi_w=0, pos_xy_std=0.5626))
 
 
 # --- the CRF in prediction, evaluation, the command line and the server ------------------------------
