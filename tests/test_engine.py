@@ -1558,6 +1558,27 @@ def test_val_loss_of_a_split_with_a_single_labelled_pixel_is_that_pixels_cost():
     assert abs(got["loss"] - (-math.log(0.75))) < 1e-6
 
 
+
+def test_validation_with_rand_foreground_scores_the_isbi_errors_of_the_foreground_probability():
+    """One row, target [1, 1, 0, 1], foreground probability [0.9, 0.4, 0.2, 0.8] (logits 0 and
+    log(p / (1 - p))). By hand: the argmax [1, 0, 0, 1] misses one pixel of four (pixel_error 0.25)
+    and cuts the first cell (rand_error > 0); thresholding the probability at 0.3 gives the target
+    exactly (pixel_error_best and rand_error_best 0)."""
+    p = torch.tensor([0.9, 0.4, 0.2, 0.8])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            fg = torch.log(p / (1 - p)).expand(x.shape[0], 1, 4)
+            return torch.stack([torch.zeros_like(fg), fg], 1)
+
+    items = [{"image": torch.zeros(3, 1, 4), "mask": torch.tensor([[1, 1, 0, 1]]), "name": "a"}]
+    got = validate_semantic(Fixed(), DataLoader(items, batch_size=1, collate_fn=eval_collate), 2,
+                            torch.device("cpu"), show=False, rand_foreground=1)
+    assert got["pixel_error"] == pytest.approx(0.25)
+    assert got["pixel_error_best"] == pytest.approx(0.0, abs=1e-12)
+    assert got["rand_error"] > 0.05
+    assert got["rand_error_best"] == pytest.approx(0.0, abs=1e-12)
+
 # --- early stopping (--patience) -------------------------------------------------------------------
 def scripted_validation(monkeypatch, scores):
     """Validation that scores the k-th validated epoch ``scores[k]`` (mIoU), whatever the weights."""

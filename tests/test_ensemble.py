@@ -59,6 +59,27 @@ def test_single_member_is_log_softmax(members):
     assert torch.allclose(Ensemble([members[0]])(x), members[0](x).log_softmax(1), atol=1e-6)
 
 
+def _stating(context, alignment):
+    model = nn.Conv2d(3, 4, 1)
+    model.context, model.alignment = context, alignment
+    return model
+
+
+def test_geometry_is_the_widest_context_on_the_least_common_grid():
+    # by hand: contexts 10 and 30 -> 30; grids 8 and 12 -> lcm 24; a member stating no context
+    # (a plain conv) makes it 0 (the whole image), and stating no grid is the grid of 1
+    plain = nn.Conv2d(3, 4, 1)
+    assert (Ensemble([plain]).context, Ensemble([plain]).alignment) == (0, 1)
+    both = Ensemble([_stating(10, 8), _stating(30, 12)])
+    assert (both.context, both.alignment) == (30, 24)
+    mixed = Ensemble([_stating(10, 8), plain])
+    assert (mixed.context, mixed.alignment) == (0, 8)
+
+
+def test_public_names_resolve():
+    assert all(callable(getattr(ensemble_module, name)) for name in ensemble_module.__all__)
+
+
 @pytest.mark.parametrize("weights", [[1.0], [1.0, 0.0], [1.0, -1.0]])
 def test_bad_weights_raise(members, weights):
     with pytest.raises(ValueError, match="positive weight"):

@@ -222,3 +222,14 @@ def test_members_built_without_names_are_named_by_their_place(checkpoints):
     b.class_names = ["x", "y", "z"]
     with pytest.raises(UserError, match="member 1 has 3 classes: .*; member 2 has 3 classes: x, y, z"):
         EnsemblePredictor([a, b])
+
+
+def test_an_ensemble_of_no_members_is_refused():
+    with pytest.raises(ValueError, match="at least one member"):
+        EnsemblePredictor([])
+
+
+def test_an_ensemble_runs_in_the_mode_its_members_were_built_with(checkpoints):
+    members = [Predictor.from_checkpoint(c, mode="fast") for c in checkpoints[:2]]
+    assert [m.mode for m in members] == ["fast", "fast"]
+    assert EnsemblePredictor(members).mode == "fast"  # not the base class's default, eager
