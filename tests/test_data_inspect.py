@@ -285,3 +285,13 @@ def test_semantic_data_has_no_instance_keys_nor_columns(tmp_path):
 
     report = inspect_dataset(Two())
     assert "objects" not in report and "objects" not in format_report(report)
+
+
+def test_image_sizes_of_a_reader_without_image_headers_is_an_empty_list():
+    """Neither ``items`` nor ``image_size``, or ``items`` (as check() names them) without
+    ``image_size``: no header to read, so no size, and never None."""
+    ds = _InMemory([[[0, 1]]])
+    assert image_sizes(ds) == []
+    ds.items = [("m0.png", None)]
+    assert image_sizes(ds) == []
+

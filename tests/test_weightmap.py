@@ -202,3 +202,17 @@ def test_class_balance_weighs_a_single_pixel_class():
     expected[1, 1] = 8.0
     np.testing.assert_array_equal(class_balance(mask), expected)
     np.testing.assert_array_equal(fast_weight_map(mask), expected.astype(np.float32))
+
+
+def test_the_border_term_keeps_only_cells_within_radius_along_both_axes():
+    """Two 2-px-wide cells at columns 0-1 and 4-5, radius 2: each cell's distances are taken in its
+    box padded by 2 px, so only columns 2 and 3 (1 and 2 px from the two cells) see both cells;
+    column 8 (3 and 7 px away) gets no border term, though sigma = 50 would make it ~9.8."""
+    mask = np.zeros((5, 40), np.uint8)
+    mask[:, 0:2] = 1
+    mask[:, 4:6] = 1
+    expected = np.ones(40)
+    expected[2:4] = 1 + 10.0 * np.exp(-((1 + 2) ** 2) / (2 * 50.0**2))
+    for m, line in ((mask, lambda w: w[0]), (mask.T.copy(), lambda w: w[:, 0])):
+        w = fast_weight_map(m, w0=10.0, sigma=50.0, class_weights=np.array([1.0, 1.0]), radius=2)
+        np.testing.assert_allclose(line(w), expected, rtol=1e-6)
