@@ -12,7 +12,7 @@ import torch
 
 import pixelwise.models.maskrcnn as maskrcnn_module
 from conftest import FIXTURES, require
-from pixelwise.backbones import resnet18
+from pixelwise.backbones import IntermediateLayerGetter, resnet18
 from pixelwise.errors import UserError
 from pixelwise.models.maskrcnn import (
     COCO_URL,
@@ -25,7 +25,7 @@ from pixelwise.models.maskrcnn import (
     split_kwargs,
 )
 from pixelwise.models.maskrcnn.anchors import AnchorGenerator, cell_anchors
-from pixelwise.models.maskrcnn.fpn import FeaturePyramidNetwork
+from pixelwise.models.maskrcnn.fpn import BackboneWithFPN, FeaturePyramidNetwork
 from pixelwise.models.maskrcnn.model import check_targets
 from pixelwise.models.maskrcnn.roi_heads import MaskRCNNHeads, fastrcnn_loss, match_proposals
 from pixelwise.models.maskrcnn.rpn import RPNConfig, filter_image_proposals, rpn_loss
@@ -130,6 +130,29 @@ def test_fpn_initialisation_and_channel_check():
         FeaturePyramidNetwork([64, 0])
 
 
+def test_fpn_top_down_sums_and_pool_level_by_hand():
+    """Output names are the input names plus ``"pool"`` (what the module docstring promises);
+    each level is layer_block(lateral + nearest x2 upsampling of the coarser sum), recomputed
+    here from the same convs; ``"pool"`` is the coarsest output sampled every second pixel.
+    Defaults: 256 output channels, for the FPN and for ``BackboneWithFPN``."""
+    torch.manual_seed(0)
+    fpn = FeaturePyramidNetwork([3, 5], out_channels=4)
+    fine, coarse = torch.randn(1, 3, 8, 6), torch.randn(1, 5, 4, 3)
+    out = fpn({"a": fine, "b": coarse})
+    assert list(out) == ["a", "b", "pool"]
+    inner, layer = [b[0] for b in fpn.inner_blocks], [b[0] for b in fpn.layer_blocks]
+    top = inner[1](coarse)
+    summed = inner[0](fine) + top.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    torch.testing.assert_close(out["b"], layer[1](top))
+    torch.testing.assert_close(out["a"], layer[0](summed))
+    torch.testing.assert_close(out["pool"], layer[1](top)[..., ::2, ::2])
+    assert FeaturePyramidNetwork([3]).layer_blocks[0][0].out_channels == 256
+    body = IntermediateLayerGetter(resnet18(), {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"})
+    backbone = BackboneWithFPN(body)
+    assert backbone.out_channels == 256 and backbone.fpn.layer_blocks[0][0].out_channels == 256
+    assert list(backbone(torch.zeros(1, 3, 64, 64))) == ["0", "1", "2", "3", "pool"]
+
+
 def test_resize_rule_table_from_fixture():
     meta = json.loads((require(FIXTURES, "torchvision fixtures") / "maskrcnn_resnet50_fpn.json").read_text())
     for setting, rows in meta["config"]["transform"]["size_rule_examples"].items():
@@ -225,6 +248,13 @@ def test_paste_masks_of_a_one_column_box_and_of_boxes_off_the_top_left():
     pasted = paste_masks_in_image(masks, boxes, (30, 40))
     torch.testing.assert_close(pasted, paste_one_by_one(masks, boxes, 30, 40), rtol=0, atol=2e-6)
     assert pasted[0].sum() == 0 and pasted[1].sum() > 0
+    # boxes whose enlarged top row is the image's last row (y1 = 29) or left column its last (x1 = 39): one
+    # visible row / column, pasted there
+    edge = torch.tensor([[10.0, 29.5, 20, 35], [39.5, 10, 45, 20]])
+    pasted = paste_masks_in_image(masks, edge, (30, 40))
+    torch.testing.assert_close(pasted, paste_one_by_one(masks, edge, 30, 40), rtol=0, atol=2e-6)
+    assert pasted[0, 0, 29].sum() > 0 and pasted[0, 0, :29].sum() == 0
+    assert pasted[1, 0, :, 39].sum() > 0 and pasted[1, 0, :, :39].sum() == 0
 
 
 def test_a_min_size_is_drawn_only_when_training_with_targets():
@@ -305,6 +335,18 @@ def test_kwargs_reach_their_config():
     )
     with pytest.raises(UserError, match="box_scor_thresh"):
         split_kwargs({"box_scor_thresh": 0.1})
+
+
+def test_unknown_kwarg_lists_torchvisions_bbox_reg_weights_name():
+    # docs/maskrcnn.md names the keyword bbox_reg_weights (torchvision's); the refusal's list of
+    # known names must offer that name, not the doubled box_bbox_reg_weights
+    with pytest.raises(UserError) as err:
+        split_kwargs({"bbox_reg_weight": (10, 10, 5, 5)})
+    known = str(err.value).split("known: ", 1)[1].split(", ")
+    assert "bbox_reg_weights" in known and "box_bbox_reg_weights" not in known
+    with pytest.raises(UserError, match="unknown argument 'box_bbox_reg_weights'"):  # one name, not two aliases
+        split_kwargs({"box_bbox_reg_weights": (10, 10, 5, 5), "bbox_reg_weights": (1, 1, 1, 1)})
+    assert split_kwargs({"bbox_reg_weights": (10, 10, 5, 5)})[2].bbox_reg_weights == (10, 10, 5, 5)
 
 
 def test_rpn_top_n_limits_proposals(tiny):
@@ -765,7 +807,12 @@ def test_check_targets_names_each_malformed_target():
         ({"masks": target["masks"][:, :, :40]}, "are 64x40 \\(H x W\\) but image 0 is 64x80"),
         # the second box is the bad one: the message names it, not the first
         ({"boxes": torch.tensor([[8.0, 10, 40, 30], [45, 35, 75, 35]])}, r"\['boxes'\]\[1\] = .* has no area"),
+        # ... also when its bad side is x (column 0), not a y matching its index
+        ({"boxes": torch.tensor([[8.0, 10, 40, 30], [45, 35, 45, 60]])}, r"\['boxes'\]\[1\] = .* has no area"),
         ({"boxes": torch.tensor([[8.0, 10, 40, 30], [45, 35, float("inf"), 60]])}, r"\['boxes'\]\[1\] = .* not finite"),
+        # of two bad boxes (and two bad labels) the first is named
+        ({"boxes": torch.tensor([[8.0, float("nan"), 40, 30], [45, 35, float("inf"), 60]])},
+         r"\['boxes'\]\[0\] = .* not finite"),
         ({"labels": torch.tensor([1, 3])}, r"\['labels'\]\[1\] = 3 is not a class"),
     ):
         with pytest.raises(ValueError, match=words):
@@ -776,6 +823,26 @@ def test_check_targets_names_each_malformed_target():
     # an image without objects: its (empty) masks need no size
     check_targets([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
                     "masks": torch.zeros(0, 1, 1, dtype=torch.uint8)}], sizes, 3)
+
+
+def test_input_contract_and_a_state_dict_without_num_batches_tracked():
+    """``normalizes_input`` / ``input_mean_std`` state the transform's config (what a checkpoint's
+    input contract is built from), and a model with trainable BatchNorm2d loads its own
+    ``state_dict()`` (PyTorch metadata kept) with every ``num_batches_tracked`` removed, strictly:
+    the missing counters start at 0 (PyTorch alone would report them missing)."""
+    model = maskrcnn_resnet18_fpn(num_classes=3, image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6))
+    assert model.normalizes_input is True and model.input_mean_std == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert model.transform.config.normalize is True
+    model.transform.config.normalize = False
+    assert model.normalizes_input is False
+    state = model.state_dict()
+    counters = [k for k in state if k.endswith("num_batches_tracked")]
+    assert counters and hasattr(state, "_metadata")
+    model.backbone.body.bn1.num_batches_tracked.fill_(7)
+    for key in counters:
+        del state[key]
+    model.load_state_dict(state, strict=True)
+    assert model.backbone.body.bn1.num_batches_tracked.item() == 0
 
 
 def test_every_name_maskrcnn_exports_is_there():

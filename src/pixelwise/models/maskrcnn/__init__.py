@@ -85,12 +85,13 @@ def split_kwargs(kwargs: dict[str, Any]) -> tuple[TransformConfig, RPNConfig, Ro
             transform[key] = value
         elif key.startswith("rpn_") and key[4:] in rpn_fields:
             rpn[key[4:]] = value
-        elif key.startswith("box_") and key[4:] in roi_fields:
+        elif key.startswith("box_") and key[4:] in roi_fields - {"bbox_reg_weights"}:
             roi[key[4:]] = value
-        elif key == "bbox_reg_weights":
+        elif key == "bbox_reg_weights":  # torchvision's name, the one field without box_
             roi[key] = value
         else:
-            known = sorted(transform_fields | {f"rpn_{f}" for f in rpn_fields} | {f"box_{f}" for f in roi_fields})
+            known = sorted(transform_fields | {f"rpn_{f}" for f in rpn_fields} | {"bbox_reg_weights"}
+                           | {f"box_{f}" for f in roi_fields - {"bbox_reg_weights"}})
             raise UserError(f"maskrcnn: unknown argument {key!r}; known: {', '.join(known)}, trainable_backbone_layers")
     # each config checks its fields (ValueError naming the keyword and its range) and brings
     # them to their types: min_size 800 -> (800,), lists -> tuples
