@@ -803,13 +803,16 @@ def test_a_signal_while_best_is_written_waits_so_best_is_the_epoch_the_state_nam
 
     monkeypatch.setattr(trainer, "save_checkpoint", save)
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's Ctrl-C, whatever ran before
+    said: list[str] = []
     try:
         with pytest.raises(KeyboardInterrupt):
-            fit(tiny(tmp_path, epochs=3, select_by="pixel_acc", lr=0.05), log=quiet)
+            fit(tiny(tmp_path, epochs=3, select_by="pixel_acc", lr=0.05), log=said.append)
     finally:
         signal.signal(signal.SIGINT, before)
     state = trainer.TrainState.from_json(state_header(tmp_path))
     assert state.epoch == 1 and state.best_epoch == 1  # (best.safetensors did not exist at all before)
+    # the saved epoch's line is logged before the held Ctrl-C goes through (a resume would never print it)
+    assert any(line.startswith("epoch 1: ") for line in said), said
     assert read_checkpoint(tmp_path / "best.safetensors")[1]["training"]["epoch"] == state.best_epoch
 
 

@@ -1228,13 +1228,15 @@ def run_stage(run: Run, state: TrainState, stage: Stage) -> None:
             state.stage_stopped = stopped
             state.rng = rng_snapshot()
             save_epoch(run, state, metrics)
+            # logged before a held Ctrl-C goes through: a saved epoch (a row of metrics.csv) is never
+            # missing from the log, where no resume would print it
+            shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
+                             if isinstance(v, float) and k not in ("lr", "img_per_s"))
+            speed = "-" if stats.img_per_s is None else f"{stats.img_per_s:.1f}"  # not timed (resumed at its end)
+            run.log(f"epoch {state.epoch}: {shown} lr={row['lr']:.2e} {speed} img/s"
+                    + (" (time budget reached)" if stopped else ""))
         finally:
             held.release()
-        shown = " ".join(f"{k}={v:.4f}" for k, v in row.items()
-                         if isinstance(v, float) and k not in ("lr", "img_per_s"))
-        speed = "-" if stats.img_per_s is None else f"{stats.img_per_s:.1f}"  # not timed (resumed at its end)
-        run.log(f"epoch {state.epoch}: {shown} lr={row['lr']:.2e} {speed} img/s"
-                + (" (time budget reached)" if stopped else ""))
         if not stopped and plateaued(stage, state, run.select):
             run.log(f"early stop: no better {run.select} in the last {stage.cfg.patience} epochs (--patience); "
                     f"best.safetensors is epoch {state.best_epoch}"
