@@ -176,3 +176,17 @@ def test_a_one_channel_contracts_refusal_names_the_gray_form_it_also_takes():
         check_image(np.zeros((4, 5, 3), np.float32), channels=1)
     with pytest.raises(ValueError, match=re.escape("expects uint8[H, W, 3] with")):
         check_image(np.zeros((4, 5, 3), np.float32))
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"normalize": "no"}, "input normalize must be True or False, got 'no'"),
+    ({"normalize": "false"}, "input normalize must be True or False, got 'false'"),
+    ({"normalize": None}, "input normalize must be True or False, got None"),
+    ({"channels": True}, "input channels must be 1 or 3, got True"),
+])
+def test_input_spec_reads_its_fields_as_written_as_from_dict_does(fields, words):
+    """InputSpec(normalize="no") normalised the image (a truthy string), as from_dict refuses for a
+    file; channels=True made a one-channel contract."""
+    with pytest.raises(UserError, match=re.escape(words)):
+        InputSpec(**fields)
+    assert InputSpec(normalize=np.False_).normalize is False  # numpy's booleans are read as bools

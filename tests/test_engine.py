@@ -26,7 +26,7 @@ from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.optim import Schedule, apply_lr, build_optimizer, param_groups, set_peak_lr
 from pixelwise.engine.precision import resolve_amp
 from pixelwise.engine.trainer import class_weights_for, fit, read_class_weights
-from pixelwise.engine.validate import eval_collate, to_device, validate_semantic
+from pixelwise.engine.validate import eval_collate, to_device, validate_instances, validate_semantic
 from pixelwise.errors import UserError
 from pixelwise.sample import IGNORE_INDEX
 
@@ -1736,3 +1736,19 @@ def test_a_fresh_train_state_has_finished_nothing():
     assert {k: values[k] for k in counters} == dict.fromkeys(counters, 0)
     assert values["processes"] == 1 and values["best_epoch"] is None and values["rows"] == []
     assert trainer.TrainState.from_json({"epoch": 2}).loss_sum == 0.0
+
+
+def test_instance_validation_of_an_empty_loader_has_loss_zero_not_a_division_by_zero():
+    """No batches (an empty split or shard): no images, loss 0 (divided by at least one), and
+    every AP undefined."""
+
+    class Unused(torch.nn.Module):
+        def forward(self, *args):
+            raise AssertionError("no batch, no call")
+
+    class Empty:
+        num_classes = 3
+
+    got = validate_instances(Unused(), [], Empty(), torch.device("cpu"), show=False)
+    assert got["loss"] == 0.0 and got["num_images"] == 0
+    assert math.isnan(got["mask_AP"]) and math.isnan(got["box_AP"])

@@ -854,3 +854,92 @@ def test_prediction_options_are_taken_at_their_bounds_and_refused_one_step_past_
     for thresh in (-0.01, 1.01):
         with pytest.raises(UserError, match=re.escape(f"--score-thresh must be in [0, 1], got {thresh}")):
             InstancePredictor(mask_rcnn, score_thresh=thresh)
+
+
+# --- 13th pass: a notebook user's hand-made arguments --------------------------------------------
+
+@pytest.mark.parametrize("meta, words", [
+    ({"palette": "red"}, "palette must be a list of [r, g, b] colours with values 0 to 255, and holds 'red'"),
+    ({"palette": [[0, 0, 0], [1, 1, 1], [300, 0, 0]]}, "and holds [300, 0, 0]"),
+    ({"palette": [[0, 0, 0]]}, "palette must hold a colour for each of the 3 classes, and holds 1"),
+    ({"class_names": "abc"}, "class_names must be a list of names (text), one per class, and is 'abc'"),
+    ({"num_classes": "3"}, "num_classes must be a whole number >= 1, and is '3'"),
+])
+def test_a_hand_made_meta_is_checked_as_save_checkpoint_checks_it(tmp_path, meta, words):
+    """The predictor took them: predict_files then failed with "not enough values to unpack" or
+    "bytes must be in range(0, 256)", a one-colour palette coloured every class black, "abc" named
+    the classes a, b, c, and a num_classes of "3" was "'str' object cannot be interpreted as an integer"."""
+    meta = {"model": "unet", "num_classes": 3, **meta}
+    with pytest.raises(ValueError, match=re.escape(words)):
+        SemanticPredictor(unet(), meta)
+    with pytest.raises(ValueError):  # the same meta is refused by save_checkpoint
+        pixelwise.save_checkpoint(tmp_path / "s.safetensors", unet(), {"model_kwargs": {"base_channels": 4}, **meta})
+
+
+def test_an_input_contract_of_null_is_refused_by_name():
+    """meta["input"] = None was "'NoneType' object has no attribute 'get'" in save_checkpoint and
+    in the predictor."""
+    meta = {"model": "unet", "num_classes": 3, "model_kwargs": {"base_channels": 4}, "input": None}
+    with pytest.raises(UserError, match=re.escape("bad input contract None")):
+        SemanticPredictor(unet(), meta)
+    with pytest.raises(ValueError, match=re.escape("input is not an input contract (bad input contract None")):
+        pixelwise.save_checkpoint("never-written.safetensors", unet(), meta)
+    assert not Path("never-written.safetensors").exists()
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"mc_samples": None}, "--mc-samples must be a whole number, got None"),
+    ({"batch_size": None}, "--batch-size must be a whole number, got None"),
+    ({"tta": ["flip"]}, "--tta ['flip'] is not one of: flip, d4, ms"),
+])
+def test_prediction_options_of_none_or_a_list_name_the_option(options, words):
+    """"'<=' not supported between instances of 'int' and 'NoneType'" and "unhashable type: 'list'"."""
+    with pytest.raises(UserError, match=re.escape(words)):
+        SemanticPredictor(unet(), {"model": "unet", "num_classes": 3}, **options)
+
+
+def test_from_checkpoints_takes_a_generator_of_paths(tmp_path):
+    """"object of type 'generator' has no len()"."""
+    path = checkpoint(tmp_path)
+    assert isinstance(from_checkpoints(p for p in [path, path]), EnsemblePredictor)
+    assert isinstance(from_checkpoints(p for p in [path]), SemanticPredictor)
+    for paths in ([path], [path, path]):  # an ensemble refuses None as one checkpoint does (it read it as 0)
+        with pytest.raises(UserError, match=re.escape("--mc-samples must be a whole number, got None")):
+            from_checkpoints(paths, mc_samples=None)
+
+
+def test_inspect_and_evaluate_name_what_they_take_for_a_path_or_a_list():
+    """Each was an AttributeError: "'list' object has no attribute 'num_classes'", "'str' object
+    has no attribute 'meta'"."""
+    from pixelwise.data.inspect import inspect_dataset
+    from pixelwise.inference.evaluate import evaluate_instances, evaluate_semantic
+
+    ds = build_dataset("shapes", None, "val", num_val=1, size=32)
+    with pytest.raises(TypeError, match=re.escape("inspect_dataset takes a dataset reader, such as "
+                                                  "pixelwise.data.build_dataset(kind, root, split), got str")):
+        inspect_dataset("data/camvid")
+    with pytest.raises(TypeError, match=re.escape("evaluate_semantic takes a dataset reader")):
+        evaluate_semantic(SemanticPredictor(unet(4), {"model": "unet", "num_classes": 4}), [ds[0]], progress=False)
+    with pytest.raises(TypeError, match=re.escape("evaluate_semantic takes a SemanticPredictor, such as "
+                                                  "Predictor.from_checkpoint(path)")):
+        evaluate_semantic("runs/unet/best.safetensors", ds, progress=False)
+    with pytest.raises(TypeError, match=re.escape("evaluate_instances takes an InstancePredictor")):
+        evaluate_instances("runs/mrcnn/best.safetensors", ds, progress=False)
+
+
+def test_fit_callbacks_of_a_generator_are_called_and_one_function_is_told_to_be_listed(tmp_path, monkeypatch):
+    """A generator of callbacks was used up by fit's check of them: the run trained and no
+    callback was ever called, without a word; one function was "'function' object is not iterable"."""
+    from pixelwise.engine import trainer
+    from pixelwise.engine.config import TrainConfig
+
+    def on_event(event, state):
+        pass
+
+    monkeypatch.setattr(trainer, "_train", lambda cfg, info, device, log, callbacks, rc: {"callbacks": list(callbacks)})
+    cfg = TrainConfig(model="unet", dataset="shapes", out=str(tmp_path / "run"), device="cpu")
+    assert trainer.fit(cfg, log=None, callbacks=(cb for cb in [on_event]))["callbacks"] == [on_event]
+    with pytest.raises(TypeError, match=re.escape("fit: callbacks must be a list of functions of (event, state); "
+                                                  "for one, callbacks=[cb]")):
+        trainer.fit(cfg, log=None, callbacks=on_event)
+    assert not (tmp_path / "run").exists()

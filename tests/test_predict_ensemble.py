@@ -233,3 +233,25 @@ def test_an_ensemble_runs_in_the_mode_its_members_were_built_with(checkpoints):
     members = [Predictor.from_checkpoint(c, mode="fast") for c in checkpoints[:2]]
     assert [m.mode for m in members] == ["fast", "fast"]
     assert EnsemblePredictor(members).mode == "fast"  # not the base class's default, eager
+
+
+def test_a_class_mismatch_names_the_first_four_classes_of_each_member(checkpoints):
+    """The refusal shows up to four class names of each member, then '...' for the rest."""
+    a = Predictor.from_checkpoint(checkpoints[0])
+    b = Predictor.from_checkpoint(checkpoints[1])
+    a.class_names = ["sky", "road", "car", "tree"]
+    b.class_names = ["sky", "road", "car", "tree", "bike"]
+    with pytest.raises(UserError) as info:
+        EnsemblePredictor([a, b])
+    assert str(info.value).endswith("member 1 has 4 classes: sky, road, car, tree; "
+                                    "member 2 has 5 classes: sky, road, car, tree, ...")
+
+
+def test_every_member_sees_every_calibration_image_of_a_generator(checkpoints):
+    """calib_data may be a generator, read once: each member's calibration record counts (and
+    hashes) all of its images, not the first member's leftovers."""
+    images = [np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8) for i in range(2)]
+    ensemble = from_checkpoints(checkpoints[:2], calib_data=(im for im in images), calib_crop=16)
+    want = Predictor.from_checkpoint(checkpoints[0], calib_data=images, calib_crop=16).calibration
+    assert want["images"] == 2
+    assert [m.calibration for m in ensemble.members] == [want, want]

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pixelwise._version import __version__
-from pixelwise.errors import UserError, not_a_file
+from pixelwise.errors import UserError, brief, not_a_file
 from pixelwise.models import create_model, model_info
 from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 from pixelwise.runtime import check_device
@@ -399,11 +399,8 @@ def metadata_problem(meta: dict) -> str | None:
     names_problem = class_names_problem(meta.get("class_names"), n)
     if names_problem:
         return names_problem
-    palette = meta.get("palette")
-    problem = palette_problem(palette)
-    if problem is None and isinstance(palette, list | tuple) and len(palette) < n:
-        problem = f"palette must hold a colour for each of the {n} classes, and holds {len(palette)}"
-    problem = problem or category_ids_problem(meta.get("category_ids"), n) or task_problem(meta)
+    problem = (palette_problem(meta.get("palette"), n) or category_ids_problem(meta.get("category_ids"), n)
+               or task_problem(meta))
     if problem:
         return problem
     if "input" in meta:
@@ -471,16 +468,20 @@ def category_ids_problem(ids: object, num_classes: object) -> str | None:
     return None
 
 
-def palette_problem(palette: object) -> str | None:
-    """What is wrong with a checkpoint's ``palette`` (a list of ``[r, g, b]``, each 0..255), or None."""
+def palette_problem(palette: object, n: int | None = None) -> str | None:
+    """What is wrong with a checkpoint's ``palette`` (a list of ``[r, g, b]``, each 0..255, and with
+    ``n``, at least one per class), or None."""
     def colour(c: object) -> bool:
         return (isinstance(c, list | tuple) and len(c) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c))
 
-    if palette is None or (isinstance(palette, list | tuple) and all(colour(c) for c in palette)):
+    if palette is None:
         return None
+    if isinstance(palette, list | tuple) and all(colour(c) for c in palette):
+        return (f"palette must hold a colour for each of the {n} classes, and holds {len(palette)}"
+                if n is not None and len(palette) < n else None)
     bad = next((c for c in palette if not colour(c)), palette) if isinstance(palette, list | tuple) else palette
-    return f"palette must be a list of [r, g, b] colours with values 0 to 255, and holds {bad!r}"
+    return f"palette must be a list of [r, g, b] colours with values 0 to 255, and holds {brief(bad)}"
 
 
 def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:

@@ -66,7 +66,11 @@ class InputSpec:
     channels: int = 3
 
     def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
+        if isinstance(self.normalize, np.bool_):
+            object.__setattr__(self, "normalize", bool(self.normalize))
+        if not isinstance(self.normalize, bool):  # "no" or "false" normalised, as from_dict refuses for a file
+            raise UserError(f"input normalize must be True or False, got {self.normalize!r}")
+        if isinstance(self.channels, bool) or self.channels not in (1, 3):  # True was 1 channel
             raise UserError(f"input channels must be 1 or 3, got {self.channels}")
         for name in ("mean", "std"):
             values = getattr(self, name)
@@ -99,6 +103,8 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
+        if not isinstance(d, dict):  # None: "'NoneType' object has no attribute 'get'"
+            raise UserError(f"bad input contract {d!r} (an object of mean, std, normalize, resize and channels)")
         normalize, resize, channels = d.get("normalize", True), d.get("resize"), d.get("channels", 3)
         # read as written, not by truth value: null or 0 turned the normalisation off, "no" left it on
         if not isinstance(normalize, bool):

@@ -95,6 +95,9 @@ def image_sizes(dataset: SegmentationDataset, limit: int = 2) -> list[tuple[int,
 
 def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) -> dict:
     """Decode every raw sample of ``dataset`` (no augmentation) and summarise it (keys above)."""
+    if not isinstance(dataset, SegmentationDataset):  # a path or a list: "'str' object has no attribute 'num_classes'"
+        raise TypeError(f"inspect_dataset takes a dataset reader, such as pixelwise.data.build_dataset(kind, root, "
+                        f"split), got {type(dataset).__name__} {dataset!r:.60}")
     c = dataset.num_classes
     found = dataset.check()
     # what the reader's own skip_invalid option already left out is a problem all the same

@@ -1589,6 +1589,9 @@ def fit(cfg: TrainConfig, log: Callable[[str], None] | None = print, callbacks: 
         raise TypeError(f"fit takes a TrainConfig, got {type(cfg).__name__}"
                         + (": fit(TrainConfig(**cfg))" if isinstance(cfg, dict) else ""))
     log = log or _quiet  # None: quiet, as a notebook user may pass it
+    if callable(callbacks):  # one function was "'function' object is not iterable"
+        raise TypeError("fit: callbacks must be a list of functions of (event, state); for one, callbacks=[cb]")
+    callbacks = list(callbacks)  # a generator was used up by the check below: no callback was ever called
     if not callable(log) or not all(callable(cb) for cb in callbacks):  # found before anything is written
         raise TypeError("fit: log must be a function of one str (or None) and callbacks functions of (event, state)")
     info, device = dist.setup(cfg.device)

@@ -102,6 +102,7 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
     if isinstance(paths, str | Path):
         raise TypeError(f"from_checkpoints takes a list of checkpoint paths, got one {type(paths).__name__}: "
                         f"[{str(paths)!r}] (or Predictor.from_checkpoint for one)")
+    paths = list(paths)  # a generator had no len()
     if not paths:
         raise ValueError("from_checkpoints needs at least one checkpoint path")
     if len(paths) == 1:
@@ -109,7 +110,7 @@ def from_checkpoints(paths: Sequence[str | Path], device: str | torch.device | N
     crf = options.pop("crf", None)  # the ensemble's mean is refined, not each member's
     if options.get("calib_data") is not None:  # every member calibrates on all of them: a generator, read once
         options["calib_data"] = list(options["calib_data"])
-    mc_samples = options.pop("mc_samples", 0) or 0
+    mc_samples = options.pop("mc_samples", 0)  # None refused, as for one checkpoint
     check_mc_samples(mc_samples)  # the members with dropout take it below
     # Monte-Carlo dropout runs in eager only, refused below for another mode whether or not a member
     # has dropout: the members are then built in eager, only to tell which refusal (not quantised)

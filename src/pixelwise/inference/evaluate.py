@@ -62,6 +62,18 @@ PER_IMAGE_KEYS = ("pixel_acc", "mean_acc", "mIoU", "dice")  # each image's own c
 Predicted = Callable[[Sample, int], tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]]
 
 
+def _check_arguments(call: str, predictor: object, kind: type, ds: object) -> None:
+    """A TypeError naming what ``call`` takes, for a path or a list where a predictor or a dataset
+    reader goes (an AttributeError deep inside: "'str' object has no attribute 'meta'")."""
+    if not isinstance(predictor, kind):
+        article = "an" if kind.__name__[0] in "AEIOU" else "a"
+        raise TypeError(f"{call} takes {article} {kind.__name__}, such as Predictor.from_checkpoint(path) (or "
+                        f"evaluate_checkpoint(path, ...) for a file), got {type(predictor).__name__} {predictor!r:.60}")
+    if not isinstance(ds, SegmentationDataset):
+        raise TypeError(f"{call} takes a dataset reader, such as pixelwise.data.build_dataset(kind, root, split), "
+                        f"got {type(ds).__name__} {ds!r:.60}")
+
+
 def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,
                       bf: bool = True, watershed: float | None = None) -> dict:
     """Confusion-matrix metrics (+ BF score and Boundary IoU unless ``bf`` is False, + ISBI errors
@@ -70,6 +82,7 @@ def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, pro
     boundaries of its watershed cells, seeded at this threshold, drawn in
     (:func:`~pixelwise.inference.cells.with_boundaries`); the confusion-matrix metrics stay those
     of the network's masks."""
+    _check_arguments("evaluate_semantic", predictor, SemanticPredictor, ds)
     check_same_classes(predictor.meta, ds)
     fg = ds.rand_foreground
     if watershed is not None and fg is None:
@@ -145,6 +158,7 @@ def evaluate_instances(predictor: InstancePredictor, ds: SegmentationDataset, pr
     """COCO AP of the predictor's detections (all scores) over a dataset split, with Boundary AP
     unless ``boundary`` is False; refused when the checkpoint's classes (number, names, COCO
     category ids where both record them) are not the data's."""
+    _check_arguments("evaluate_instances", predictor, InstancePredictor, ds)
     check_same_classes(predictor.meta, ds)
     predictions, targets = [], []
     for i in progress_bar(range(len(ds)), "eval", progress):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.checkpoint import input_spec_from_meta, load_checkpoint, unwrap
+from pixelwise.checkpoint import class_names_problem, input_spec_from_meta, load_checkpoint, palette_problem, unwrap
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError, brief
 from pixelwise.inference import cancel
@@ -169,6 +169,10 @@ class Predictor:
             raise TypeError(f"{type(self).__name__} runs float32 (or float64) models, got one with "
                             f"{sorted(map(str, half))} parameters; give model.float()")
         self.meta = meta or {}
+        problem = given_meta_problem(self.meta)
+        if problem:  # a palette of "red" or [300, 0, 0] failed in the writers ("not enough values to unpack"),
+            # one too short coloured every class black, class_names "abc" named the classes a, b, c
+            raise ValueError(f"{type(self).__name__}: meta's {problem} (save_checkpoint refuses it too)")
         if self.task:
             task = model_task(model, self.meta)
             if task != self.task:
@@ -252,6 +256,21 @@ class Predictor:
         return preprocess(image, self.input_spec).unsqueeze(0).to(self.device)
 
 
+def given_meta_problem(meta: dict) -> str | None:
+    """What is wrong with a hand-made ``meta`` given to a predictor, by the checks
+    :func:`~pixelwise.checkpoint.save_checkpoint` makes (a class count other than the model's is
+    told at predict, where the model's is known), or None."""
+    n = meta.get("num_classes")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        return f"num_classes must be a whole number >= 1, and is {brief(n)}"
+    names = meta.get("class_names")
+    if names is not None and (not isinstance(names, list | tuple) or not all(isinstance(x, str) for x in names)):
+        return f"class_names must be a list of names (text), one per class, and is {brief(names)}"
+    count = len(names) if names else None if n is None else int(n)  # np.int64 too
+    return palette_problem(meta.get("palette"), count) or (
+        class_names_problem(names, count) if count is not None else None)
+
+
 def calibration_record(images: Sequence[np.ndarray], crop: int) -> dict:
     """The int8 calibration in a record: how many images, the crop, and a SHA-256 of the images."""
     digest = hashlib.sha256()
@@ -272,6 +291,7 @@ def grey_if_grey(image: np.ndarray) -> np.ndarray:
 
 
 REAL_OPTIONS = ("overlap", "score_thresh")  # prediction options that take any number; the others whole ones
+OPTIONAL_OPTIONS = ("tile", "overlap")  # prediction options for which None means "not given" (no tiles, the default)
 
 
 def _check_types(**options: object) -> None:
@@ -280,7 +300,9 @@ def _check_types(**options: object) -> None:
     for name, value in options.items():
         real = name in REAL_OPTIONS
         kind = numbers.Real if real else numbers.Integral
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+        if value is None and name in OPTIONAL_OPTIONS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):  # None too: "'<=' not supported" in the bound check
             what = "a number" if real else "a whole number"
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {brief(value)}")
 
@@ -364,7 +386,7 @@ class SemanticPredictor(Predictor):
             raise UserError(f"--tile must be at least {MIN_TILE} pixels, got {tile}")
         if not 0 <= overlap < 1:
             raise UserError(f"--overlap must be a fraction in [0, 1), got {overlap}")
-        if tta is not None and tta not in TTA_MODES:
+        if tta is not None and (not isinstance(tta, str) or tta not in TTA_MODES):  # a list: "unhashable type"
             raise UserError(f"--tta {tta!r} is not one of: {', '.join(TTA_MODES)}")
         if mc_samples and isinstance(self.model, OnnxModel):
             raise UserError("--mc-samples needs dropout layers, and an ONNX export has none (it is traced without "
