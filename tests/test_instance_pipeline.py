@@ -584,3 +584,21 @@ def test_instance_crop_pads_the_weight_map_with_0_outside_the_image():
     out = InstanceCrop((8, 8), context=2.0)(Sample(image=np.zeros((20, 20, 3), np.uint8), mask=mask, weight=weight))
     assert out.weight.shape == (8, 8)
     assert (out.weight[:2] == 0).all() and (out.weight[:, :2] == 0).all() and (out.weight[2:, 2:] == 3).all()
+
+
+def test_instance_crop_resizes_the_image_bilinearly_and_the_mask_by_nearest():
+    """The crop is resized with the image interpolated linearly (labels by nearest); no test
+    resampled a crop, so resizing the image by nearest passed. Hand-computed: box [30, 10, 40, 20],
+    size (20, 40), context 1 -> window (10, 25, 10, 20), upscaled 2x; output column x reads window
+    column x / 2 - 1/4 (pixel centres), clamped to [0, 19]; on the ramp 4 * column that is
+    4 * (25 + x / 2 - 1/4) = 99 + 2 x inside, 100 and 176 at the two ends."""
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:20, 30:40] = 2
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[..., 0] = 4 * np.arange(60)[None, :]
+    out = InstanceCrop((20, 40), context=1.0)(Sample(image=img, mask=mask))
+    want = [100] + [99 + 2 * x for x in range(1, 39)] + [176]
+    assert out.image.shape == (20, 40, 3)
+    for row in out.image[..., 0]:
+        assert row.tolist() == want
+    assert set(np.unique(out.mask)) == {0, 2} and (out.mask[:, 10:30] == 2).all()

@@ -23,7 +23,7 @@ from PIL import Image, features
 from conftest import wait_for
 from pixelwise import Predictor, create_model, save_checkpoint
 from pixelwise.cli import main
-from pixelwise.data.shapes import CLASS_NAMES, PALETTE
+from pixelwise.data.shapes import CLASS_NAMES, PALETTE, ShapesDataset
 from pixelwise.errors import UserError
 from pixelwise.metrics import BoundaryIoUMeter
 
@@ -38,8 +38,8 @@ from pixelwise.serve import pool as pool_module  # noqa: E402
 from pixelwise.serve.app import Wanted, create_app, with_options  # noqa: E402 - after the skips
 from pixelwise.serve.config import ServeConfig, check_can_listen, host_warning  # noqa: E402
 from pixelwise.serve.pool import InferencePool, PoolFull  # noqa: E402
-from pixelwise.serve.results import instance_result  # noqa: E402
-from pixelwise.serve.samples import MAX_SAMPLES, folder_samples  # noqa: E402
+from pixelwise.serve.results import class_shares, instance_result  # noqa: E402
+from pixelwise.serve.samples import MAX_SAMPLES, folder_samples, shapes_samples  # noqa: E402
 from pixelwise.serve.uploads import MAX_FIELD_BYTES, MAX_PARTS, Part, UploadError, read_multipart  # noqa: E402
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
@@ -229,6 +229,18 @@ def test_instance_result_draws_the_overlay_by_default_and_only_when_asked():
     np.testing.assert_array_equal(classes, expected)
 
 
+def test_class_shares_count_pixels_and_colour_classes_past_the_palette_white():
+    """Hand-counted 2 x 4 mask: 5 pixels of class 0, 2 of class 1, 1 of class 2 (of 8); the palette
+    colours only classes 0 and 1, so class 2 is white, like the page's legend. Shares to 6 places."""
+    mask = np.array([[0, 0, 1, 2], [0, 0, 0, 1]], np.uint8)
+    got = class_shares(mask, ["bg", "cat", "dog"], [(0, 0, 0), (10, 20, 30)])
+    assert got == [{"id": 0, "name": "bg", "color": [0, 0, 0], "pixels": 5, "share": 0.625},
+                   {"id": 1, "name": "cat", "color": [10, 20, 30], "pixels": 2, "share": 0.25},
+                   {"id": 2, "name": "dog", "color": [255, 255, 255], "pixels": 1, "share": 0.125}]
+    third = class_shares(np.array([[0, 1, 1]], np.uint8), ["bg", "cat"], [(0, 0, 0), (1, 1, 1)])
+    assert [c["share"] for c in third] == [0.333333, 0.666667]
+
+
 def test_info_health_and_samples(predictor):
     app = create_app(predictor)
     info = request(app, "GET", "/api/info").json()
@@ -297,6 +309,31 @@ def test_folder_samples_keep_the_bytes_of_formats_browsers_show_and_convert_the_
     assert np.asarray(Image.open(io.BytesIO(truths.pop("d.png")))).tolist() == np.full((12, 16), 1).tolist()
     assert set(truths.values()) == {None}
     assert len(problems) == 1 and "a.png" in problems[0] and "ground truth skipped" in problems[0]
+
+
+def test_shapes_samples_are_the_held_out_128_px_scenes_with_truth_only_for_the_shapes_classes():
+    """Module docstring: the default samples are held-out ``shapes`` scenes (128 px, the server's
+    choice), with ground truth only when the model has the shapes classes. Only the count and that
+    a truth exists were checked, so another scene size passed. Reference: the test split itself."""
+    scenes = ShapesDataset(split="test", num_test=2, size=128)
+    samples = shapes_samples(CLASS_NAMES, count=2)
+    assert [s.name for s in samples] == ["shapes_0.png", "shapes_1.png"]
+    for i, s in enumerate(samples):
+        want = scenes.load(i)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(s.image)).convert("RGB")), want.image)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(s.ground_truth))), want.mask)
+    assert [s.ground_truth for s in shapes_samples(["background", "cell"], count=2)] == [None, None]
+
+
+def test_folder_samples_pass_over_files_that_are_not_images_without_a_problem(tmp_path):
+    """Docstring: the *images* directly in the folder are offered; a README or a .json beside them
+    is neither offered nor reported (no suffix test passed them on to the decoder before)."""
+    Image.fromarray(noise(4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "README.txt").write_text("scans from the clinic")
+    (tmp_path / "labels.json").write_text("{}")
+    (tmp_path / "masks").mkdir()
+    samples, problems = folder_samples(tmp_path, 10_000, PALETTE, len(CLASS_NAMES))
+    assert [s.name for s in samples] == ["a.png"] and problems == []
 
 
 def test_folder_samples_offer_at_most_max_samples_and_say_when_there_are_none(tmp_path):
