@@ -252,7 +252,7 @@ def as_spec(spec: object) -> InputSpec:
         return InputSpec.from_dict(spec)
     raise TypeError(f"the input contract must be an InputSpec or a checkpoint's meta['input'] dict "
                     f"(InputSpec.from_dict(meta['input']); a predictor's is predictor.input_spec), "
-                    f"got {type(spec).__name__} {spec!r:.60}")
+                    f"got {type(spec).__name__} {brief(spec)}")
 
 
 def to_tensor(image: np.ndarray, spec: InputSpec | dict = InputSpec()) -> torch.Tensor:  # noqa: B008 - frozen

@@ -28,7 +28,7 @@ from collections import Counter
 import numpy as np
 
 from pixelwise.data.base import IGNORE_INDEX, SegmentationDataset
-from pixelwise.errors import UserError, shown
+from pixelwise.errors import UserError, brief, shown
 from pixelwise.runtime import progress as progress_bar
 
 
@@ -97,7 +97,7 @@ def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) 
     """Decode every raw sample of ``dataset`` (no augmentation) and summarise it (keys above)."""
     if not isinstance(dataset, SegmentationDataset):  # a path or a list: "'str' object has no attribute 'num_classes'"
         raise TypeError(f"inspect_dataset takes a dataset reader, such as pixelwise.data.build_dataset(kind, root, "
-                        f"split), got {type(dataset).__name__} {dataset!r:.60}")
+                        f"split), got {type(dataset).__name__} {brief(dataset)}")
     c = dataset.num_classes
     found = dataset.check()
     # what the reader's own skip_invalid option already left out is a problem all the same

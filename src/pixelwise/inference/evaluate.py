@@ -39,7 +39,7 @@ from pixelwise.data.coco import segmentation_problem
 from pixelwise.data.download import file_sha256
 from pixelwise.data.files import split_fingerprint
 from pixelwise.data.io import png_text, read_mask
-from pixelwise.errors import UserError, finite_number, listed
+from pixelwise.errors import UserError, brief, finite_number, listed
 from pixelwise.inference.cells import with_boundaries
 from pixelwise.inference.crf import CRFSettings, check_crf_size
 from pixelwise.inference.ensemble import from_checkpoints
@@ -68,10 +68,11 @@ def _check_arguments(call: str, predictor: object, kind: type, ds: object) -> No
     if not isinstance(predictor, kind):
         article = "an" if kind.__name__[0] in "AEIOU" else "a"
         raise TypeError(f"{call} takes {article} {kind.__name__}, such as Predictor.from_checkpoint(path) (or "
-                        f"evaluate_checkpoint(path, ...) for a file), got {type(predictor).__name__} {predictor!r:.60}")
+                        f"evaluate_checkpoint(path, ...) for a file), got {type(predictor).__name__} "
+                        f"{brief(predictor)}")
     if not isinstance(ds, SegmentationDataset):
         raise TypeError(f"{call} takes a dataset reader, such as pixelwise.data.build_dataset(kind, root, split), "
-                        f"got {type(ds).__name__} {ds!r:.60}")
+                        f"got {type(ds).__name__} {brief(ds)}")
 
 
 def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,

@@ -158,7 +158,7 @@ class Predictor:
                  input_spec: InputSpec | dict | None = None) -> None:
         if not isinstance(model, nn.Module):  # a str gave "cannot create weak reference to 'str' object"
             raise TypeError(f"{type(self).__name__} takes a model (torch.nn.Module); for a checkpoint file use "
-                            f"{type(self).__name__}.from_checkpoint(path), got {type(model).__name__} {model!r:.60}")
+                            f"{type(self).__name__}.from_checkpoint(path), got {type(model).__name__} {brief(model)}")
         if meta is not None and not isinstance(meta, dict):
             raise TypeError(f"{type(self).__name__}: meta must be the checkpoint's metadata dict (or None), "
                             f"got {type(meta).__name__}")

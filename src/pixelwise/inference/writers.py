@@ -63,7 +63,7 @@ from pixelwise.data.io import (
     write_mask,
 )
 from pixelwise.data.palette import clear_class, default_palette, overlay
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, brief
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.crf import CRFSettings, check_crf_size
 from pixelwise.inference.evaluate import RECORD_KEY, crf_settings, parse_record, prediction_options
@@ -712,7 +712,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     says how many (its first argument), and that ``resume`` predicts the rest."""
     if not isinstance(predictor, Predictor):  # a path gave "'str' object has no attribute 'source'"
         raise TypeError(f"predict_files: predictor must be a Predictor (Predictor.from_checkpoint(path)), "
-                        f"got {type(predictor).__name__} {predictor!r:.60}")
+                        f"got {type(predictor).__name__} {brief(predictor)}")
     if isinstance(inputs, str | os.PathLike):  # one file, folder or pattern: a str was read letter by letter
         inputs = [os.fspath(inputs)]
     if isinstance(inputs, PredictPlan):
