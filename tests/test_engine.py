@@ -468,6 +468,17 @@ def test_autocast_context_per_mode():
     assert not torch.is_autocast_enabled("cpu")
 
 
+def test_autocast_fp16_mode_casts_to_float16_not_bfloat16():
+    """fp16 (the pre-Ampere CUDA choice) autocasts to float16; the context is device-generic, so the
+    CPU's autocast, which also knows float16, shows the dtype without a GPU."""
+    x = torch.ones(2, 3)
+    w = torch.ones(4, 3)
+    with precision.autocast("fp16", torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+        assert torch.nn.functional.linear(x, w).dtype == torch.float16
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_tensorboard_without_package_is_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     args = ["train", "--model", "unet", "--dataset", "shapes", "--epochs", "1", "--no-progress",

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pixelwise.layers as layers_module
 from pixelwise.layers import (
     UPSAMPLE_MODES,
     BilinearUpsample,
@@ -171,6 +172,31 @@ def test_decoder_stages_follow_the_layout():
     convs = [[(b[0].in_channels, b[0].out_channels, b[0].kernel_size[0]) for b in s.blocks] for s in stages]
     assert convs == layout
     assert all(isinstance(b[0], nn.ConvTranspose2d) and len(b) == 2 for s in stages for b in s.blocks)
+
+
+def test_decoder_stages_default_to_indices_relu_and_plain_convs():
+    (stage,) = decoder_stages([[(3, 2, 3)]])
+    assert stage.mode == "indices"
+    assert [type(m) for m in stage.blocks[0]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+
+
+def test_upsample_nearest_defaults_to_a_factor_of_2():
+    x = torch.arange(6.0).reshape(1, 1, 2, 3)
+    ref = torch.tensor([[0.0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2], [3, 3, 4, 4, 5, 5], [3, 3, 4, 4, 5, 5]])
+    assert torch.equal(upsample_nearest(x)[0, 0], ref)
+
+
+def test_bilinear_kernel_of_size_1_is_the_identity_and_size_0_is_refused():
+    assert torch.equal(bilinear_kernel(2, 2, 1), torch.eye(2).reshape(2, 2, 1, 1))
+    up = BilinearUpsample(3, 1)  # factor 1: a 1x1 kernel, the identity
+    x = torch.randn(1, 3, 4, 5)
+    assert torch.equal(up(x), x)
+    with pytest.raises(ValueError, match="kernel_size"):
+        bilinear_kernel(2, 2, 0)
+
+
+def test_every_name_in_all_exists():
+    assert set(layers_module.__all__) <= set(dir(layers_module))  # else `from pixelwise.layers import *` raises
 
 
 def test_standardize_image_is_instance_norm_per_image_and_channel():

@@ -60,6 +60,20 @@ def test_focal_gamma0_is_ce_and_matches_formula():
     assert focal_loss(logits, target, 2.0).item() < focal_loss(logits, target, 0.0).item()
 
 
+def test_small_class_weights_are_normalised_not_clamped():
+    """The 0/0 guard only clamps a zero weight sum: a batch whose weights sum to less than 1 (one
+    labelled pixel of weight 0.1) is still the weighted mean, i.e. that pixel's -log p_t."""
+    logits, target = _case(n=1, h=2, w=2, seed=3, ignore_frac=0.0)
+    target[:] = 255
+    target[0, 1, 0] = 1
+    cw = torch.tensor([0.05, 0.1, 0.2, 0.3], dtype=torch.float64)
+    p_t = logits[0, :, 1, 0].softmax(0)[1].item()
+    assert cross_entropy(logits, target, cw).item() == pytest.approx(-np.log(p_t), rel=1e-9)
+    assert cross_entropy(logits, target, cw).item() == pytest.approx(
+        F.cross_entropy(logits, target, weight=cw, ignore_index=255).item(), rel=1e-9)
+    assert focal_loss(logits, target, 2.0, cw).item() == pytest.approx(-(1 - p_t) ** 2 * np.log(p_t), rel=1e-9)
+
+
 def test_dice_vs_numpy():
     logits, target = _case(seed=2)
     p = logits.float().softmax(1).numpy()
