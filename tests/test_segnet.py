@@ -13,6 +13,7 @@ from pixelwise.backbones.vgg import URLS, VGG16_CFG, make_features, mirror_chann
 from pixelwise.errors import UserError
 from pixelwise.inference.mc_dropout import dropout_layers, has_dropout, mc_dropout, predictive_entropy
 from pixelwise.layers import UPSAMPLE_MODES, DecoderStage, decoder_stages
+from pixelwise.models.registry import create_model
 from pixelwise.models.segnet import SegNet, bayesian_segnet, segnet, segnet_basic
 
 
@@ -399,3 +400,14 @@ def test_a_plain_vgg16_file_for_segnet_says_which_file_it_needs(tmp_path):
     torch.save({f"features.{k}": v for k, v in make_features(VGG16_CFG, batch_norm=False).state_dict().items()}, plain)
     with pytest.raises(UserError, match=r"holds VGG-16 without BatchNorm.*give vgg16_bn-6c64b313.pth"):
         segnet(3, pretrained=str(plain))
+
+
+@pytest.mark.parametrize("name, convs", [("segnet", 12), ("deconvnet", 13)])
+def test_every_decoder_convolution_is_followed_by_batchnorm_and_relu(name, convs):
+    """SegNet's decoder convolutions (Badrinarayanan et al., Fig. 2) and DeconvNet's deconvolutions
+    (Noh et al., Table 1) each have batch normalisation and a ReLU: counted on the meta device."""
+    with torch.device("meta"):
+        decoder = create_model(name, num_classes=5).decoder
+    kinds = [type(m) for m in decoder.modules()]
+    layers = sum(k in (nn.Conv2d, nn.ConvTranspose2d) for k in kinds)
+    assert layers == convs and kinds.count(nn.BatchNorm2d) == convs and kinds.count(nn.ReLU) == convs
