@@ -249,6 +249,14 @@ def test_vgg_init_is_torchvisions():
     assert not conv.bias.any()
     assert torch.equal(bn.weight, torch.ones(32)) and not bn.bias.any()
 
+def test_vgg_built_directly_defaults_to_imagenets_1000_classes():
+    """``VGG(features)`` without ``num_classes`` is torchvision's ImageNet classifier (the builders
+    pass the count, so only a direct build reads the default). On the meta device: no weights drawn."""
+    with torch.device("meta"):
+        model = VGG(make_features((8, "M"), batch_norm=False))
+    assert [m.out_features for m in model.classifier if isinstance(m, nn.Linear)] == [4096, 4096, 1000]
+
+
 def test_intermediate_layer_getter_keys_and_order():
     model = resnet18()
     body = IntermediateLayerGetter(model, {"layer3": "aux", "layer1": "low"})

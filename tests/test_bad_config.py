@@ -5,6 +5,7 @@ sections 1-5, 13, 14; probe_pred.md section 7)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pixelwise.engine.config import (
     parse_json_dict,
 )
 from pixelwise.engine.trainer import epoch_seed, seed_everything
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, expanded_home, finite_number, listed, not_a_file
 
 TINY = ["--model-kwargs", '{"base_channels": 4}', "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}',
         "--epochs", "1", "--batch-size", "4", "--no-progress"]
@@ -417,6 +418,36 @@ def test_brief_leaves_out_the_middle_of_a_long_value_only():
     assert brief("a" * 58) == repr("a" * 58) and brief(1.5) == "1.5"  # 60 characters or fewer: as repr gives it
     text = brief(10**400)
     assert text == "1" + "0" * 29 + "..." + "0" * 15 + " (401 characters)"
+
+
+def test_listed_gives_the_first_k_values_then_an_ellipsis_only_when_some_are_left_out():
+    assert listed(range(6)) == "0, 1, 2, 3, 4, 5"  # six, the default k: all of them
+    assert listed(range(7)) == "0, 1, 2, 3, 4, 5, ..."
+    assert listed("abc", k=2) == "a, b, ..." and listed([], k=0) == "" and listed([1], k=0) == ", ..."
+
+
+def test_finite_number_takes_finite_ints_and_floats_but_not_bools_strings_or_huge_ints():
+    assert finite_number(1) and finite_number(-2.5) and finite_number(0)
+    assert not any(finite_number(v) for v in (True, False, "1", None, math.inf, math.nan, 10**400))
+
+
+def test_not_a_file_says_what_the_path_is_and_what_to_give(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    assert not_a_file(tmp_path / "f.txt") is None
+    assert not_a_file(tmp_path / "missing.txt") == "file not found"
+    assert not_a_file(tmp_path) == "not a regular file (a folder, pipe or device)"  # no "; give" without wanted
+    assert not_a_file(tmp_path, "an image") == "not a regular file (a folder, pipe or device); give an image"
+    assert not_a_file(tmp_path / "broken") == (f"broken symbolic link (it points to {tmp_path / 'nowhere'}, which does "
+                                               "not exist); fix the link or remove it")
+
+
+def test_expanded_home_expands_a_tilde_and_names_the_user_it_cannot_expand(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert expanded_home("~/data", "--out") == f"{tmp_path}/data" and expanded_home("a/~b", "--out") == "a/~b"
+    for given in ("~pixelwise-no-such-user-27/data/x", "~pixelwise-no-such-user-27"):
+        with pytest.raises(UserError, match=r"^--out: cannot expand ~pixelwise-no-such-user-27 \(no such user"):
+            expanded_home(given, "--out")
 
 
 def test_class_weights_beyond_a_floats_range_are_refused(tmp_path, capsys):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -431,3 +433,24 @@ def test_a_broken_link_as_json_is_refused_before_the_work_and_named_as_a_link(ve
     assert main([*verb, "--json", str(loop)]) == 2
     err = capsys.readouterr().err.strip()
     assert "loop.json is a symbolic link loop (it points to" in err and "does not exist" not in err, err
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_pipe_or_device_as_json_is_refused_not_replaced_by_a_file(tmp_path, capsys, overwrite):
+    """``--json /dev/stdout`` (a link to the terminal or a pipe) was refused with ``exists; pass
+    --overwrite to replace it``; with --overwrite the atomic rename replaced the link (as root in a
+    container: the system's /dev/stdout) or a named pipe with a regular file, after the whole work.
+    A pipe or device is not a file to replace: one line before the work, and it stays as it was."""
+    pipe = tmp_path / "pipe.json"
+    os.mkfifo(pipe)
+    link = tmp_path / "stdout"
+    link.symlink_to(pipe)  # as /dev/stdout -> /proc/self/fd/1 -> the pipe a shell's `| jq` reads
+    verb = ["data", "inspect", "--dataset", "shapes", "--split", "val", "--no-progress",
+            "--dataset-kwargs", '{"num_val": 2, "size": 32}']
+    for target in (pipe, link):
+        assert main([*verb, "--json", str(target), *overwrite]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("pixelwise: error: ") and "pass --overwrite" not in err[0], err
+        assert "pipe" in err[0] and "median" not in captured.out
+        assert stat.S_ISFIFO(os.stat(pipe).st_mode) and link.is_symlink()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from safetensors.torch import save_file as save_safetensors
 
 from conftest import edit_safetensors
 from pixelwise import __version__, create_model, load_checkpoint, save_checkpoint
@@ -31,6 +32,8 @@ from pixelwise.weights import (
     load_matching,
     non_finite,
     read_weights,
+    saved_meta,
+    saved_model_kwargs,
     url_has_hash,
     weights_not_found,
 )
@@ -621,6 +624,41 @@ def test_weights_not_found_names_the_tags_in_order():
     assert "pass imagenet, or the path" in str(weights_not_found("x.pth", ["imagenet"]))
     assert str(weights_not_found("x.pth", name="unet")).startswith(
         "unet: weights 'x.pth' not found: pass the path of a .safetensors")
+
+
+def test_weights_not_found_without_tags_or_name_offers_the_path_only():
+    assert str(weights_not_found("x.pth")) == "weights 'x.pth' not found: pass the path of a .safetensors/.pth file"
+
+
+def test_saved_meta_and_model_kwargs_read_the_pixelwise_header_entry(tmp_path):
+    meta = {"model_kwargs": {"base_channels": 4}, "num_classes": 3}
+    save_safetensors({"w": torch.ones(1)}, str(tmp_path / "c.safetensors"), {"pixelwise": json.dumps(meta)})
+    save_safetensors({"w": torch.ones(1)}, str(tmp_path / "plain.safetensors"), {"other": "1"})
+    save_safetensors({"w": torch.ones(1)}, str(tmp_path / "list.safetensors"),
+                     {"pixelwise": json.dumps({"model_kwargs": [4]})})
+    assert saved_meta(tmp_path / "c.safetensors") == meta
+    assert saved_model_kwargs(str(tmp_path / "c.safetensors")) == {"base_channels": 4}
+    assert saved_meta(tmp_path / "plain.safetensors") == {}
+    assert saved_model_kwargs(tmp_path / "plain.safetensors") is None
+    assert saved_model_kwargs(tmp_path / "list.safetensors") is None  # not a dict: no options
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    assert saved_meta(tmp_path / "bad.safetensors") is None and saved_meta("imagenet") is None
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".pt", ".bin"])
+def test_every_weights_suffix_is_read_as_a_state_dict(tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    save_safetensors({"w": torch.arange(3.0)}, str(path)) if suffix == ".safetensors" else torch.save(
+        {"w": torch.arange(3.0)}, path)
+    assert list(read_weights(path)) == ["w"] and torch.equal(read_weights(path)["w"], torch.arange(3.0))
+
+
+def test_a_bare_name_without_published_weights_is_a_tag_and_a_missing_file_is_not_found(tmp_path):
+    with pytest.raises(UserError, match=r"^weights 'imagenet': this model has no published weights to download"):
+        read_weights("imagenet")
+    for given in ("foo.pth", str(tmp_path / "foo")):
+        with pytest.raises(UserError, match=r"^weights '.*foo(\.pth)?' not found: pass the path of a "):
+            read_weights(given)
 
 
 @pytest.mark.parametrize("content", [[torch.ones(1)], {"w": torch.ones(1), "epoch": 3}])

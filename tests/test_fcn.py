@@ -1,6 +1,8 @@
 """FCN: the paper's VGG-16 nets (sizes, alignment, parameters, VGG weight surgery) and
 torchvision's fcn_resnet50 (fixture equivalence)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -8,11 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import check_segmenter_fixture
-from pixelwise.backbones.vgg import forward_stages
+from pixelwise.backbones.vgg import forward_stages, make_features
 from pixelwise.errors import UserError
 from pixelwise.models import create_model, list_models
 from pixelwise.models._utils import pad_to_multiple
-from pixelwise.models.fcn import fcn8s, fcn16s, fcn32s, fcn_resnet50, fcn_resnet101, vgg16_to_fcn
+from pixelwise.models.fcn import FCNVGG, fcn8s, fcn16s, fcn32s, fcn_resnet50, fcn_resnet101, vgg16_to_fcn
 
 
 def n_params(model):
@@ -301,3 +303,20 @@ def test_at_once_scales_the_skips_like_the_reference_net():
         unscaled.skip_scale = {"pool4": 1.0, "pool3": 1.0}
         assert (y - unscaled(x)).abs().max() > 1e-3  # the scaling does change the skips' share
     assert at_once.skip_scale == {"pool4": 0.01, "pool3": 0.0001} and not fcn8s(3).at_once
+
+
+def test_fcn_vgg_init_zeroes_conv_biases_and_draws_kaiming_fan_out_weights():
+    """FCNVGG's own init of the VGG convs and fc6/fc7: Kaiming normal (fan_out, ReLU gain), bias 0.
+    Run on small stand-ins for features/fc6/fc7, so that no 134M-weight net is built."""
+    stand_in = SimpleNamespace(features=make_features((8, "M"), batch_norm=False),
+                               fc6=nn.Conv2d(8, 16, 7, padding=3), fc7=nn.Conv2d(16, 24, 1))
+    convs = (stand_in.features[0], stand_in.fc6, stand_in.fc7)
+    with torch.no_grad():
+        for p in (p for conv in convs for p in conv.parameters()):
+            p.fill_(5.0)  # whatever the init leaves alone stays 5
+    torch.manual_seed(0)
+    FCNVGG._init_weights(stand_in)
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert not conv.bias.any(), conv
+        assert abs(conv.weight.mean().item()) < 0.1 and 0.8 < conv.weight.std().item() / (2.0 / fan_out) ** 0.5 < 1.2

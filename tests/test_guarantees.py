@@ -34,7 +34,7 @@ from pixelwise.data import build_dataset
 from pixelwise.data import download as dl
 from pixelwise.data import io as pio
 from pixelwise.errors import UserError
-from pixelwise.runtime import check_can_create, check_device, show_progress
+from pixelwise.runtime import check_can_create, check_device, show_progress, signals_ignored
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
@@ -587,6 +587,30 @@ def test_progress_bars_only_on_a_terminal_or_when_asked(capfd):
             return True
 
     assert show_progress(None, Tty()) and not show_progress(False, Tty()) and not show_progress(None)
+
+
+def test_progress_defaults_to_whether_stderr_is_a_terminal(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert show_progress() and show_progress(None) and not show_progress(False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not show_progress() and show_progress(True)
+
+
+def test_signals_ignored_puts_back_the_handlers_in_place_before():
+    def handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGINT, handler)
+    try:
+        with signals_ignored():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_every_progress_bar_comes_from_the_one_helper():

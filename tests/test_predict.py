@@ -961,6 +961,23 @@ def test_an_out_folder_a_recursive_pattern_reaches_is_refused_before_its_outputs
     assert "is a broken symbolic link" in _one_error(capsys) and not (tmp_path / "gone").exists()
 
 
+def test_an_out_folder_reached_through_a_link_is_refused_as_the_pattern_reaches_it(checkpoint, tmp_path, capsys):
+    """``predict 'g/**/*.png' --out elsewhere/lnk/pred``, ``elsewhere/lnk`` a link to ``g/s``: the
+    masks land in ``g/s/pred``, where the pattern reads; the run was allowed (the check compared
+    the unresolved path), and its rerun refused with the hint ``--out elsewhere/lnk/pred/predictions``,
+    which the pattern reaches too."""
+    g = tmp_path / "g"
+    (g / "s").mkdir(parents=True)
+    _image(g / "a.png")
+    _image(g / "s" / "b.png")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "lnk").symlink_to(g / "s")
+    out = tmp_path / "elsewhere" / "lnk" / "pred"
+    pattern = str(g / "**" / "*.png")
+    assert main(["predict", "--checkpoint", str(checkpoint), pattern, "--out", str(out), "--no-progress"]) == 2
+    assert "--out" in _one_error(capsys) and not (g / "s" / "pred").exists()
+
+
 @pytest.mark.parametrize("pattern", ["g/**/*.png", "g/*/*.png", "g/*.png", "g/**", "g/s*/**/a?.png", "g/[ab]*/*.png",
                                      "g/.h/*.png", "g/**/.*.png", "*/s/*", "g/s/t/a1.png"])
 def test_pattern_reaches_lists_what_glob_lists(tmp_path, monkeypatch, pattern):

@@ -449,6 +449,9 @@ def check_output_file(path: str | None, flag: str, inputs: list[str | None], ove
     out = given.resolve()
     if out.is_dir():
         raise UserError(f"{flag} {path} is a folder; give the name of a file to write")
+    if out.exists() and not out.is_file():  # /dev/stdout, a named pipe: the rename would replace it by a file
+        raise UserError(f"{flag} {path} is not a regular file (a pipe or device, such as /dev/stdout); give the "
+                        "name of a file to write")
     check_can_create(out.parent, f"{flag} {path}")  # write_json creates the missing folders
     for item in inputs:
         if not item:

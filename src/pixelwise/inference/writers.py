@@ -130,9 +130,20 @@ def _magic(text: str) -> bool:
 def pattern_reaches(pattern: str, path: Path) -> bool:
     """Whether ``glob.glob(pattern, recursive=True)`` would list ``path`` were it there: each
     component matched as glob matches it (``**`` any number of folders, wildcards not matching a
-    hidden name unless the pattern's component starts with a dot), both made absolute."""
+    hidden name unless the pattern's component starts with a dot), both made absolute; and, as glob
+    walks the folders the links lead to, again with the links of ``path``'s folder and of the
+    pattern's fixed leading folders followed (``--out lnk/pred``, ``lnk`` a link into the tree the
+    pattern reads)."""
     want = Path(os.path.abspath(os.path.expanduser(pattern))).parts
     have = Path(os.path.abspath(path)).parts
+    fixed = next((i for i, part in enumerate(want) if _magic(part)), len(want))
+    want_real = _resolved(Path(*want[:fixed])).parts + want[fixed:] if fixed else want
+    have_real = (_resolved(Path(*have[:-1])) / have[-1]).parts if len(have) > 1 else have
+    return any(_reaches(w, h) for w, h in {(want, have), (want_real, have_real)})
+
+
+def _reaches(want: tuple[str, ...], have: tuple[str, ...]) -> bool:
+    """:func:`pattern_reaches` for absolute parts, as they are."""
 
     def match(i: int, j: int) -> bool:
         if i == len(want):
