@@ -12,9 +12,19 @@ import torch.nn.functional as F
 from conftest import check_segmenter_fixture
 from pixelwise.backbones.vgg import forward_stages, make_features
 from pixelwise.errors import UserError
+from pixelwise.layers import bilinear_kernel
 from pixelwise.models import create_model, list_models
 from pixelwise.models._utils import pad_to_multiple
-from pixelwise.models.fcn import FCNVGG, fcn8s, fcn16s, fcn32s, fcn_resnet50, fcn_resnet101, vgg16_to_fcn
+from pixelwise.models.fcn import (
+    FCNVGG,
+    fcn8s,
+    fcn16s,
+    fcn32s,
+    fcn_resnet50,
+    fcn_resnet101,
+    load_coarser_fcn,
+    vgg16_to_fcn,
+)
 
 
 def n_params(model):
@@ -191,7 +201,6 @@ def test_staged_initialisation_starts_from_the_coarser_nets_predictions(tmp_path
     prediction is the coarser net's scores upsampled x2 then x16 (x2 then x8) instead of x32 (x16):
     identical on the middle half of every coarse cell, and mostly the same classes elsewhere."""
     from pixelwise import save_checkpoint
-    from pixelwise.layers import bilinear_kernel
     from pixelwise.models.fcn import load_coarser_fcn
 
     def up(t, *factors):
@@ -320,3 +329,42 @@ def test_fcn_vgg_init_zeroes_conv_biases_and_draws_kaiming_fan_out_weights():
         fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
         assert not conv.bias.any(), conv
         assert abs(conv.weight.mean().item()) < 0.1 and 0.8 < conv.weight.std().item() / (2.0 / fan_out) ** 0.5 < 1.2
+
+
+def _small_fcn(stride: int) -> nn.Module:
+    """A stand-in with an FCN-VGG's layer names and initialisation at a few channels (the real ones
+    hold 134M parameters): what load_coarser_fcn reads and writes."""
+    net = nn.Module()
+    net.output_stride = stride
+    net.features, net.fc6, net.fc7 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+    net.score_fr = nn.Conv2d(4, 3, 1)
+    ups = {32: [("upscore", 64, 32)], 16: [("upscore2", 4, 2), ("upscore16", 32, 16)]}[stride]
+    for name, k, s in ups:
+        up = nn.ConvTranspose2d(3, 3, k, s, bias=False)
+        up.weight.data.copy_(bilinear_kernel(3, 3, k))
+        up.weight.requires_grad_(name == "upscore2")  # FCN's last upsampler is fixed, upscore2 learned
+        setattr(net, name, up)
+    if stride == 16:
+        net.score_pool4 = nn.Conv2d(4, 3, 1)
+        nn.init.zeros_(net.score_pool4.weight), nn.init.zeros_(net.score_pool4.bias)
+    return net
+
+
+def test_staged_loading_copies_the_shared_layers_and_keeps_the_new_ones_initialised():
+    """The default suite's check of staged loading (the slow test above runs the real FCN-16s from
+    FCN-32s and compares their predictions): shared tensors copied, new scorer zero, upsamplers
+    bilinear, the coarser net's final upsampler unused, and the note saying each."""
+    torch.manual_seed(0)
+    coarse, fine = _small_fcn(32), _small_fcn(16)
+    state = {k: v.clone() for k, v in coarse.state_dict().items()}
+    before = {k: v.clone() for k, v in fine.state_dict().items()}
+    note = load_coarser_fcn(fine, state, "c.safetensors")
+    assert note == ("fcn16s: loaded 8 tensors of the fcn32s weights c.safetensors; initialised score_pool4 (zero), "
+                    "upscore16 (bilinear, fixed), upscore2 (bilinear); not used: upscore")
+    own = fine.state_dict()
+    for k in ("features.weight", "fc6.bias", "fc7.weight", "score_fr.weight", "score_fr.bias"):
+        assert torch.equal(own[k], state[k]), k
+    for k in ("score_pool4.weight", "score_pool4.bias", "upscore2.weight", "upscore16.weight"):
+        assert torch.equal(own[k], before[k]), k
+    with pytest.raises(UserError, match="the weights are of a finer fcn16s"):
+        load_coarser_fcn(_small_fcn(32), fine.state_dict(), "f.safetensors")
