@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pixelwise.errors import UserError
+from pixelwise.errors import UserError, brief
 from pixelwise.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec, preprocess
 from pixelwise.sample import IGNORE_INDEX, Sample, boxes_from_masks
 
@@ -215,3 +215,10 @@ class Compose:
             sample = step(sample)
         return sample
 
+
+def check_dataset(call: str, ds: object) -> None:
+    """A TypeError naming what ``call`` takes, for a path or a list where a dataset reader goes
+    (else an AttributeError deep inside: "'str' object has no attribute 'num_classes'")."""
+    if not isinstance(ds, SegmentationDataset):
+        raise TypeError(f"{call} takes a dataset reader, such as pixelwise.data.build_dataset(kind, root, split), "
+                        f"got {type(ds).__name__} {brief(ds)}")

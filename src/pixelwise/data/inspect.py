@@ -27,8 +27,8 @@ from collections import Counter
 
 import numpy as np
 
-from pixelwise.data.base import IGNORE_INDEX, SegmentationDataset
-from pixelwise.errors import UserError, brief, shown
+from pixelwise.data.base import IGNORE_INDEX, SegmentationDataset, check_dataset
+from pixelwise.errors import UserError, shown
 from pixelwise.runtime import progress as progress_bar
 
 
@@ -95,9 +95,7 @@ def image_sizes(dataset: SegmentationDataset, limit: int = 2) -> list[tuple[int,
 
 def inspect_dataset(dataset: SegmentationDataset, progress: bool | None = None) -> dict:
     """Decode every raw sample of ``dataset`` (no augmentation) and summarise it (keys above)."""
-    if not isinstance(dataset, SegmentationDataset):  # a path or a list: "'str' object has no attribute 'num_classes'"
-        raise TypeError(f"inspect_dataset takes a dataset reader, such as pixelwise.data.build_dataset(kind, root, "
-                        f"split), got {type(dataset).__name__} {brief(dataset)}")
+    check_dataset("inspect_dataset", dataset)
     c = dataset.num_classes
     found = dataset.check()
     # what the reader's own skip_invalid option already left out is a problem all the same

@@ -35,6 +35,7 @@ from pixelwise import ops
 from pixelwise._version import __version__
 from pixelwise.coco_eval import coco_evaluate, decode_mask
 from pixelwise.data import Sample, SegmentationDataset, build_dataset, sample_target, scoring_kwargs
+from pixelwise.data.base import check_dataset
 from pixelwise.data.coco import segmentation_problem
 from pixelwise.data.download import file_sha256
 from pixelwise.data.files import split_fingerprint
@@ -70,9 +71,7 @@ def _check_arguments(call: str, predictor: object, kind: type, ds: object) -> No
         raise TypeError(f"{call} takes {article} {kind.__name__}, such as Predictor.from_checkpoint(path) (or "
                         f"evaluate_checkpoint(path, ...) for a file), got {type(predictor).__name__} "
                         f"{brief(predictor)}")
-    if not isinstance(ds, SegmentationDataset):
-        raise TypeError(f"{call} takes a dataset reader, such as pixelwise.data.build_dataset(kind, root, split), "
-                        f"got {type(ds).__name__} {brief(ds)}")
+    check_dataset(call, ds)
 
 
 def evaluate_semantic(predictor: SemanticPredictor, ds: SegmentationDataset, progress: bool | None = None,
