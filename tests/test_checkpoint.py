@@ -4,6 +4,7 @@ import os
 import pickle
 import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from safetensors.torch import save_file as save_safetensors
 from conftest import edit_safetensors
 from pixelwise import __version__, create_model, load_checkpoint, save_checkpoint
 from pixelwise.checkpoint import (
+    HERE,
+    STALE_SECONDS,
     NameTaken,
     _optimizer_state,
     atomic_save_tensors,
@@ -532,6 +535,69 @@ def test_atomic_write_leaves_the_process_umask_as_it_was(tmp_path):
         os.umask(old)
     assert oct(after) == oct(0o027)
     assert oct((tmp_path / "a.txt").stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_what_a_killed_atomic_write_left_is_removed_by_the_next_write_into_its_folder(tmp_path):
+    """A SIGKILL in the middle of atomic_write (a checkpoint, --json, an export) left a hidden
+    temporary file that no later run removed, one per kill, as large as the output. Its name now
+    says which process wrote it, and the next write into the folder removes it once that process is
+    gone; one whose process still runs is kept (it is being written)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time\n"
+            "from pixelwise.checkpoint import atomic_write\n"
+            "def write(tmp):\n"
+            "    open(tmp, 'w').write('half')\n"
+            "    print(tmp, flush=True)\n"
+            "    time.sleep(60)\n"
+            "atomic_write(sys.argv[1], write)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "m.json")], stdout=subprocess.PIPE, text=True)
+    try:
+        left = Path(proc.stdout.readline().strip())
+        running = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert running == [left.name] and left.name.startswith(f".pixelwise-{HERE}-{proc.pid}-"), running
+    assert left.read_text() == "half" and not (tmp_path / "m.json").exists()
+    live = tmp_path / f".pixelwise-{HERE}-{os.getppid()}-0123456789ab-0.tmp"  # a process that still runs
+    live.write_text("being written")
+    atomic_write_json(tmp_path / "other.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "other.json"])
+
+
+def test_atomic_write_removes_an_older_versions_temporaries_of_its_file_once_a_day_old(tmp_path):
+    """Before 2026-12-07 the temporaries were ``.NAME.<8 random>.tmp``, with no process id: those of
+    the file being written are removed once unwritten for a day; fresh ones (a running older
+    version may be writing them) and a like-named file of another name are kept."""
+    import time
+
+    old = tmp_path / ".m.json.k1ll3d_x.tmp"
+    fresh = tmp_path / ".m.json.abcdefgh.tmp"
+    other = tmp_path / ".n.json.k1ll3d_x.tmp"
+    mine = tmp_path / ".m.json.notes.tmp"  # not 8 characters: not a temporary of ours
+    for path in (old, fresh, other, mine):
+        path.write_text("x")
+    long_ago = time.time() - STALE_SECONDS - 60
+    for path in (old, other, mine):
+        os.utime(path, (long_ago, long_ago))
+    atomic_write_text(tmp_path / "m.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([fresh.name, other.name, mine.name, "m.json"])
+
+
+def test_a_folder_that_cannot_be_tidied_does_not_fail_the_write(tmp_path, monkeypatch):
+    import pixelwise.checkpoint as checkpoint
+
+    def refuse(folder):
+        raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+
+    (tmp_path / "m.json").write_text("old")
+    monkeypatch.setattr(checkpoint, "remove_stale_temporaries", refuse)
+    atomic_write_text(tmp_path / "m.json", "new")
+    assert (tmp_path / "m.json").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["m.json"]
 
 
 def _umask():

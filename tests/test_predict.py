@@ -603,7 +603,7 @@ def test_predict_removes_what_a_killed_predict_left(checkpoint, tmp_path):
     import subprocess
     import time
 
-    from pixelwise.inference.writers import _HERE, STALE_SECONDS, remove_stale_staged
+    from pixelwise.checkpoint import HERE, STALE_SECONDS, remove_stale_temporaries
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
@@ -611,12 +611,12 @@ def test_predict_removes_what_a_killed_predict_left(checkpoint, tmp_path):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(inputs / "a.png")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    elsewhere = f"h{int(_HERE[1:], 16) ^ 1:08x}"
+    elsewhere = f"h{int(HERE[1:], 16) ^ 1:08x}"
     long_ago = time.time() - STALE_SECONDS - 60
-    stale = [out / f".pixelwise-{_HERE}-{dead.pid}-0123456789ab-0.png",
+    stale = [out / f".pixelwise-{HERE}-{dead.pid}-0123456789ab-0.png",
              out / f".pixelwise-{elsewhere}-{dead.pid}-0123456789ab-0.png",  # unwritten for a day
              out / ".pixelwise-0123456789ab-1.png"]  # an older version's, unwritten for a day
-    kept = [out / f".pixelwise-{_HERE}-{os.getppid()}-0123456789ab-0.png",  # a process that runs
+    kept = [out / f".pixelwise-{HERE}-{os.getppid()}-0123456789ab-0.png",  # a process that runs
             out / f".pixelwise-{elsewhere}-{dead.pid}-0123456789ab-1.png",  # may run, there
             out / f".pixelwise-{dead.pid}-0123456789ab-2.png",  # an older version's, written just now
             out / ".pixelwise-probe-x"]  # not a staged name
@@ -626,7 +626,7 @@ def test_predict_removes_what_a_killed_predict_left(checkpoint, tmp_path):
         os.utime(path, (long_ago, long_ago))
     assert main(["predict", "--checkpoint", str(checkpoint), str(inputs), "--out", str(out), "--no-progress"]) == 0
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
-    assert (out / "a.png").is_file() and remove_stale_staged(out) == []
+    assert (out / "a.png").is_file() and remove_stale_temporaries(out) == []
 
 
 def test_a_full_disk_names_the_file_being_written(tmp_path):

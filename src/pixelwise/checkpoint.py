@@ -16,11 +16,16 @@ unpickles: foreign weights are read by :mod:`pixelwise.weights`.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
+import re
+import socket
 import struct
-import tempfile
+import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,27 +51,102 @@ def _umask() -> int:
     return mask
 
 
+def _here() -> str:
+    """``h`` and 8 hex digits naming this host and process-id namespace: a process id means
+    something only where it was taken (another node on shared storage, another container)."""
+    try:
+        space = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        space = 0
+    return "h" + hashlib.sha256(f"{socket.gethostname()}/{space}".encode()).hexdigest()[:8]
+
+
+HERE = _here()
+# temporary_paths()' names: where and by which process, a random tag, the file's index (predict's
+# of older versions wrote no place, or no place and no process id)
+_TEMPORARY = re.compile(r"\.pixelwise-(?:(h[0-9a-f]{8})-)?(?:(\d+)-)?[0-9a-f]{12}-\d+\.\w+")
+# a temporary file that no process here can be asked about is left until it has not been written
+# for this long: a running writer keeps its file fresh (predict writes rows as they come)
+STALE_SECONDS = 24 * 3600
+
+
+def temporary_paths(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    """Names in ``folder`` for temporary files, one per suffix (each keeps its suffix, so PIL knows
+    the format), which say the host and the process that writes them, so that
+    :func:`remove_stale_temporaries` can tell those a killed process left."""
+    tag = uuid.uuid4().hex[:12]  # a short name, whatever the length of the output's own
+    return [folder / f".pixelwise-{HERE}-{os.getpid()}-{tag}-{k}{suffix}" for k, suffix in enumerate(suffixes)]
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of :func:`temporary_paths` that a killed writer (SIGKILL, power
+    loss: nothing of its own cleanup ran) left in ``folder``: those written here (this host, this
+    process-id namespace) by processes no longer running, and the others (another host or
+    container on the same storage, an older version's, and every one on Windows, where a process
+    cannot be asked without a signal) once unwritten for :data:`STALE_SECONDS`. -> the files
+    deleted."""
+    gone = []
+    now = time.time()
+    for path in folder.glob(".pixelwise-*"):
+        found = _TEMPORARY.fullmatch(path.name)
+        if found is None:
+            continue
+        here, pid = found.group(1), found.group(2)
+        if here == HERE and pid is not None and os.name != "nt":  # Windows' os.kill(pid, 0) sends Ctrl+C
+            if _running(int(pid)):
+                continue
+        elif not _unwritten_for_a_day(path, now):
+            continue
+        path.unlink(missing_ok=True)
+        gone.append(path)
+    return gone
+
+
+def _unwritten_for_a_day(path: Path, now: float) -> bool:
+    try:
+        return now - path.stat().st_mtime >= STALE_SECONDS
+    except OSError:  # gone meanwhile, or not ours to ask
+        return False
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process, or a platform that cannot tell: keep its files
+        return True
+    return True
+
+
 def atomic_write(path: str | Path, write, replace: bool = True) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, fsync, give it the permissions a
-    plain ``open()`` would (0666 minus the umask), then rename it over ``path``. The folders of
-    ``path`` that do not exist are made first; when the write fails, those it made (only those,
-    and only while empty) are removed again, so a refused write leaves no new folder behind.
-    ``replace=False``: a ``path`` that exists by then (another process wrote it since the caller
-    checked) is left as it is, a UserError (:func:`place`)."""
+    """``write(tmp_path)`` into a temporary file beside ``path`` (:func:`temporary_paths`), fsync,
+    give it the permissions a plain ``open()`` would (0666 minus the umask), then rename it over
+    ``path``. The folders of ``path`` that do not exist are made first; when the write fails,
+    those it made (only those, and only while empty) are removed again, so a refused write leaves
+    no new folder behind. What a killed writer left in the folder goes first
+    (:func:`remove_stale_temporaries`, and the ``.NAME.<random>.tmp`` of ``path`` that versions
+    before 2026-12-07 named their temporaries, once a day old). ``replace=False``: a ``path``
+    that exists by then (another process wrote it since the caller checked) is left as it is, a
+    UserError (:func:`place`)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the name of a file to write")
     made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]  # deepest first
+    (tmp,) = temporary_paths(path.parent, [".tmp"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except BaseException:
         _remove_empty(made)
         raise
-    os.close(fd)
     done = False
     try:
-        write(tmp)
+        if not made:
+            _remove_left_temporaries(path)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -77,10 +157,23 @@ def atomic_write(path: str | Path, write, replace: bool = True) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         if not done:
             _remove_empty(made)
+
+
+def _remove_left_temporaries(path: Path) -> None:
+    """What killed writers left beside ``path`` (:func:`atomic_write`); never raises: a folder that
+    cannot be listed or a file that cannot be removed is not this write's failure."""
+    try:
+        remove_stale_temporaries(path.parent)
+        old = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+        now = time.time()
+        for left in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            if old.fullmatch(left.name) and _unwritten_for_a_day(left, now):
+                left.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class NameTaken(UserError):

@@ -30,14 +30,9 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import hashlib
 import json
 import os
-import re
-import socket
-import time
 import unicodedata
-import uuid
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -49,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pixelwise._version import __version__
-from pixelwise.checkpoint import NameTaken, place
+from pixelwise.checkpoint import NameTaken, place, remove_stale_temporaries, temporary_paths
 from pixelwise.coco_eval import encode_mask
 from pixelwise.data.download import file_sha256
 from pixelwise.data.io import (
@@ -67,7 +62,7 @@ from pixelwise.errors import UserError, brief
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.crf import CRFSettings, check_crf_size
 from pixelwise.inference.evaluate import RECORD_KEY, crf_settings, parse_record, prediction_options
-from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
+from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor, check_flags
 from pixelwise.runtime import check_can_create
 from pixelwise.runtime import progress as progress_bar
 
@@ -452,9 +447,7 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
     never a truncated PNG. Inside :func:`predict_files` without ``overwrite`` a name that another
     process wrote since the check is left as it is (:func:`pixelwise.checkpoint.place`)."""
     replace = _REPLACE.get()
-    tag = uuid.uuid4().hex[:12]  # a short name, whatever the length of the output's own
-    paths = {name: out_dir / f".pixelwise-{_HERE}-{os.getpid()}-{tag}-{k}{Path(name).suffix}"
-             for k, name in enumerate(names)}
+    paths = dict(zip(names, temporary_paths(out_dir, [Path(name).suffix for name in names])))
     try:
         yield paths
         for name, path in paths.items():
@@ -466,65 +459,6 @@ def staged(out_dir: Path, names: list[str]) -> Iterator[dict[str, Path]]:
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
-
-
-def _here() -> str:
-    """``h`` and 8 hex digits naming this host and process-id namespace: a process id means
-    something only where it was taken (another node on shared storage, another container)."""
-    try:
-        space = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        space = 0
-    return "h" + hashlib.sha256(f"{socket.gethostname()}/{space}".encode()).hexdigest()[:8]
-
-
-_HERE = _here()
-# staged()'s temporary names: where and by which process, a random tag, the file's index (older
-# versions wrote no place, or no place and no process id)
-_STAGED = re.compile(r"\.pixelwise-(?:(h[0-9a-f]{8})-)?(?:(\d+)-)?[0-9a-f]{12}-\d+\.\w+")
-# a temporary file that no process here can be asked about is left until it has not been written
-# for this long: staged files grow as their rows are written, so a running predict keeps it fresh
-STALE_SECONDS = 24 * 3600
-
-
-def remove_stale_staged(out_dir: Path) -> list[Path]:
-    """Delete the temporary files of :func:`staged` that a killed ``predict`` (SIGKILL, power loss:
-    nothing of its own cleanup ran) left in ``out_dir``: those written here (this host, this
-    process-id namespace) by processes no longer running, and the others (another host or
-    container on the same storage, an older version's, and every one on Windows, where a process
-    cannot be asked without a signal) once unwritten for :data:`STALE_SECONDS`. -> the files
-    deleted."""
-    gone = []
-    now = time.time()
-    for path in out_dir.glob(".pixelwise-*"):
-        found = _STAGED.fullmatch(path.name)
-        if found is None:
-            continue
-        here, pid = found.group(1), found.group(2)
-        if here == _HERE and pid is not None and os.name != "nt":  # Windows' os.kill(pid, 0) sends Ctrl+C
-            if _running(int(pid)):
-                continue
-        else:
-            try:
-                if now - path.stat().st_mtime < STALE_SECONDS:
-                    continue
-            except OSError:
-                continue
-        path.unlink(missing_ok=True)
-        gone.append(path)
-    return gone
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # someone else's process, or a platform that cannot tell: keep its files
-        return True
-    return True
 
 
 def entropy_to_gray(entropy: np.ndarray, num_classes: int) -> np.ndarray:
@@ -724,6 +658,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     if not isinstance(predictor, Predictor):  # a path gave "'str' object has no attribute 'source'"
         raise TypeError(f"predict_files: predictor must be a Predictor (Predictor.from_checkpoint(path)), "
                         f"got {type(predictor).__name__} {brief(predictor)}")
+    check_flags(uncertainty=uncertainty, overwrite=overwrite, resume=resume)
     if isinstance(inputs, str | os.PathLike):  # one file, folder or pattern: a str was read letter by letter
         inputs = [os.fspath(inputs)]
     if isinstance(inputs, PredictPlan):
@@ -738,7 +673,7 @@ def predict_files(predictor: Predictor, inputs: list[str] | PredictPlan, out: st
     check_watershed(predictor, watershed)
     out_dir = plan.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_staged(out_dir)
+    remove_stale_temporaries(out_dir)
     # a file another process wrote since the check is not replaced
     replacing = _REPLACE.set(plan.overwrite or plan.replaceable)
     try:
