@@ -23,6 +23,7 @@ from pixelwise.errors import UserError
 from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
 from pixelwise.inference.mc_dropout import MAX_MC_SAMPLES, dropout_layers, dropout_sampling
 from pixelwise.inference.predictor import InstancePredictor, Prediction, Predictor, check_mc_samples
+from pixelwise.inference.writers import predict_files
 from pixelwise.metrics import (
     BFMeter,
     BoundaryIoUMeter,
@@ -418,6 +419,35 @@ def test_predictors_refuse_a_model_of_the_other_task():
     assert detector.class_names == ["class_0", "class_1", "class_2"] and len(detector.palette) == 3
     with pytest.raises(UserError, match=r"uncertainty \(--uncertainty\) .* does not apply to instance models"):
         detector.predict(images(1, (32, 32))[0], uncertainty=True)
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, None, [False]])
+def test_on_off_options_of_the_python_api_take_only_true_or_false(value, tmp_path):
+    """``predict(image, uncertainty="no")`` counted as true and computed the entropy map it was
+    asked not to; every on/off option of the predictors and predict_files takes a bool only."""
+    predictor, image = SemanticPredictor(unet()), images(1, (16, 16))[0]
+    calls = {"uncertainty": [lambda v: predictor.predict(image, uncertainty=v),
+                             lambda v: predictor.predict_batch([image], uncertainty=v),
+                             lambda v: predictor.predict_rows([image], uncertainty=v),
+                             lambda v: predict_files(predictor, [str(tmp_path)], tmp_path / "o", uncertainty=v)],
+             "probs": [lambda v: predictor.predict(image, probs=v),
+                       lambda v: predictor.predict_batch([image], probs=v)],
+             "overwrite": [lambda v: predict_files(predictor, [str(tmp_path)], tmp_path / "o", overwrite=v)],
+             "resume": [lambda v: predict_files(predictor, [str(tmp_path)], tmp_path / "o", resume=v)]}
+    for name, each in calls.items():
+        for call in each:
+            with pytest.raises(UserError, match=f"^{name} must be True or False, got "):
+                call(value)
+    assert not (tmp_path / "o").exists()
+    # numpy's bool (a comparison's result) is a bool
+    assert predictor.predict(image, uncertainty=np.bool_(True)).uncertainty.shape == (16, 16)
+
+
+def test_an_instance_predictor_takes_only_true_or_false_for_uncertainty():
+    torch.manual_seed(0)
+    detector = InstancePredictor(pixelwise.create_model("maskrcnn_resnet18_fpn", num_classes=3))
+    with pytest.raises(UserError, match="^uncertainty must be True or False, got 'no'"):
+        detector.predict(images(1, (32, 32))[0], uncertainty="no")
 
 
 # --- 8: the documented DataLoader recipe ---------------------------------------------------------

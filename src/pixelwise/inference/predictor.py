@@ -307,6 +307,14 @@ def _check_types(**options: object) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {brief(value)}")
 
 
+def check_flags(**flags: object) -> None:
+    """A UserError for an on/off option of the Python API (``uncertainty``, ``probs``) that is not
+    True or False: ``uncertainty="no"`` would count as true (the CLI's are switches)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool | np.bool_):
+            raise UserError(f"{name} must be True or False, got {brief(value)}")
+
+
 def check_mc_samples(mc_samples: int) -> None:
     """The checks of ``mc_samples`` that need no model (a whole number from 0 to
     :data:`MAX_MC_SAMPLES`): a semantic predictor's and an ensemble's, which samples its members
@@ -543,6 +551,7 @@ class SemanticPredictor(Predictor):
         ``probs=False`` keeps no probabilities (``Prediction.probs`` is None): a tiled image then
         never holds its C x H x W floats. ``progress``: a bar over tiles (None: on a terminal).
         A one-channel contract takes a gray uint8[H, W] image too."""
+        check_flags(uncertainty=uncertainty, probs=probs)
         check_image(image, self.input_spec.channels)
         return collect(self._named(self._refined(image, self._bands(image, progress))), image.shape[:2],
                        uncertainty, probs)
@@ -600,6 +609,7 @@ class SemanticPredictor(Predictor):
         a time), for throughput: equal to :meth:`predict` up to float32 rounding (a near-tie pixel
         can flip). ``pixelwise predict`` runs images one at a time, so that its masks are the ones
         ``eval`` scores."""
+        check_flags(uncertainty=uncertainty, probs=probs)
         images, bands = self._batch_bands(images, progress)
         return [collect(b, image.shape[:2], uncertainty, probs) for image, b in zip(images, bands)]
 
@@ -609,6 +619,7 @@ class SemanticPredictor(Predictor):
         ``uncertainty`` its entropy) in row bands top to bottom, for writers that stream: a tiled
         image's rows come as its tiles finish, and no full-size mask or probabilities are ever
         held. Batched as :meth:`predict_batch`; the iterators run the model as they are read."""
+        check_flags(uncertainty=uncertainty)
         return [mask_rows(bands, uncertainty) for bands in self._batch_bands(images, progress)[1]]
 
 
@@ -642,6 +653,7 @@ class InstancePredictor(Predictor):
         "masks" Bool[D, H, W]}`` on the CPU at the image's size, by decreasing score (masks
         thresholded at 0.5, as in COCO evaluation). ``uncertainty`` (a semantic model's entropy
         map) does not apply: True is a UserError."""
+        check_flags(uncertainty=uncertainty)
         if uncertainty:
             raise UserError("uncertainty (--uncertainty) is the entropy of a semantic model's class probabilities; "
                             f"it does not apply to instance models like {self.meta.get('model', 'Mask R-CNN')}")
