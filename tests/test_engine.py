@@ -429,10 +429,13 @@ def test_amp_choices(monkeypatch):
     cpu = torch.device("cpu")
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         resolve_amp("fp16", cpu)
-    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    # bf16 instructions, AVX512-BF16 (x1.47-1.48 on two AMD EPYCs without AMX) or AMX: bf16
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert resolve_amp("auto", cpu) == ("bf16", "auto: CPU with AVX512-BF16")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_vnni"})  # AVX-512, no bf16
     assert resolve_amp("auto", cpu)[0] == "off"
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
-    assert resolve_amp("auto", cpu)[0] == "bf16"
+    assert resolve_amp("auto", cpu) == ("bf16", "auto: CPU with AMX bf16")
     assert resolve_amp("off", cpu)[0] == "off"
     assert resolve_amp("bf16", cpu) == ("bf16", "as asked")
     # an AVX2-only CPU (no bf16 instructions): bf16 is honoured, with a warning of the emulation's cost

@@ -12,10 +12,10 @@ from pixelwise.runtime import BF16_CPU_FLAGS, cpu_flags, cuda_has_native_bf16
 
 def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
     """``--amp`` -> (off | bf16 | fp16, why). ``auto``: CUDA -> bf16 where the GPU supports it,
-    else fp16 (with a gradient scaler); CPU -> bf16 only with AMX tiles (``amx_bf16``), where
-    oneDNN's bf16 convolutions are clearly faster, else off (on AVX-512-BF16 CPUs without AMX
-    the gain was unreliable in our measurements, see docs/training.md). ``bf16`` on a CPU whose
-    flags show no bf16 instructions is kept, with a why that says it will be slow."""
+    else fp16 (with a gradient scaler); CPU -> bf16 where it has bf16 instructions (AMX or
+    AVX512-BF16, :data:`~pixelwise.runtime.BF16_CPU_FLAGS`), where oneDNN's bf16 convolutions are
+    faster (docs/training.md measures both), else off. ``bf16`` on a CPU whose flags show no bf16
+    instructions is kept, with a why that says it will be slow."""
     if mode == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on the CPU use --amp bf16 or --amp off")
     if mode == "bf16" and device.type == "cpu" and (flags := cpu_flags()) and not flags & BF16_CPU_FLAGS:
@@ -27,9 +27,12 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[str, str]:
         if cuda_has_native_bf16(device):
             return "bf16", "auto: CUDA with bf16 in hardware"
         return "fp16", "auto: CUDA without bf16 in hardware (before Ampere), fp16 with gradient scaling"
-    if "amx_bf16" in cpu_flags():
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
         return "bf16", "auto: CPU with AMX bf16"
-    return "off", "auto: CPU without AMX, float32 is faster"
+    if flags & BF16_CPU_FLAGS:
+        return "bf16", "auto: CPU with AVX512-BF16"
+    return "off", "auto: CPU without bf16 instructions (AVX512-BF16 or AMX), float32 is faster"
 
 
 def autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
