@@ -26,6 +26,7 @@ from pixelwise.checkpoint import (
     load_train_state,
     model_input_spec,
     place,
+    remove_stale_temporaries,
     save_train_state,
 )
 from pixelwise.errors import UserError
@@ -201,7 +202,9 @@ def test_save_checkpoint_unwraps_wrappers_and_refuses_metadata_that_would_not_lo
 def test_saving_onto_a_folder_is_named(tmp_path):
     with pytest.raises(UserError, match="is a folder; give the name of a file"):
         save_checkpoint(tmp_path, _model(), {"model": "unet", "num_classes": 3, "model_kwargs": KW})
-    assert [p.name for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")] == []
+    # no temporary beside the folder: today's names (.pixelwise-*), and older versions' (.NAME.*.tmp)
+    assert [p.name for p in tmp_path.parent.iterdir()
+            if p.name.startswith((".pixelwise-", f".{tmp_path.name}."))] == []
 
 
 def test_metadata_a_python_user_naturally_passes_is_stored_as_json(tmp_path):
@@ -569,6 +572,38 @@ def test_what_a_killed_atomic_write_left_is_removed_by_the_next_write_into_its_f
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "other.json"])
 
 
+def test_a_leftover_that_cannot_be_removed_is_skipped_and_the_rest_removed(tmp_path):
+    """predict calls remove_stale_temporaries on its --out: a leftover it may not remove (another
+    user's, in a shared sticky folder; here a folder of such a name) stopped the whole predict with a
+    message naming a file the user never gave."""
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stuck = tmp_path / f".pixelwise-{HERE}-{dead.pid}-000000000000-0.png"
+    stuck.mkdir()
+    (stuck / "x").write_text("")
+    left = tmp_path / f".pixelwise-{HERE}-{dead.pid}-ffffffffffff-0.png"
+    left.write_bytes(b"half")
+    assert remove_stale_temporaries(tmp_path) == [left]
+    assert stuck.is_dir() and not left.exists()
+
+
+def test_the_place_of_a_temporary_names_the_boot_too(monkeypatch):
+    """Two machines of one hostname (each in its first process-id namespace, whose inode number is
+    the same on every Linux) were one place: a write on one deleted the temporaries of the other's
+    running writers, whose process ids it cannot see. The boot's id tells them apart."""
+    import pixelwise.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint.socket, "gethostname", lambda: "localhost")
+    monkeypatch.setattr(checkpoint, "_boot_id", lambda: "machine-a")
+    a = checkpoint._here()
+    monkeypatch.setattr(checkpoint, "_boot_id", lambda: "machine-b")
+    assert checkpoint._here() != a
+    monkeypatch.setattr(checkpoint, "_boot_id", lambda: "machine-a")
+    assert checkpoint._here() == a
+
+
 def test_atomic_write_removes_an_older_versions_temporaries_of_its_file_once_a_day_old(tmp_path):
     """Before 2026-12-07 the temporaries were ``.NAME.<8 random>.tmp``, with no process id: those of
     the file being written are removed once unwritten for a day; fresh ones (a running older
@@ -825,3 +860,22 @@ def test_weights_that_do_not_fit_a_file_of_no_recorded_version_say_so(tmp_path):
                            meta_edit=lambda meta: (meta.update(model_kwargs={}), meta.pop("pixelwise_version")))
     with pytest.raises(UserError, match=f"\\); written by pixelwise \\?, this is {re.escape(__version__)}: load it"):
         load_checkpoint(bad)
+
+
+def test_the_place_of_temporaries_is_named_where_the_pid_namespace_cannot_be_read(monkeypatch):
+    """``_here`` reads /proc/self/ns/pid, which macOS, Windows and some sandboxes lack: it must
+    still name the place (host alone), in the form remove_stale_temporaries matches, not raise
+    (an import of pixelwise.checkpoint would fail there)."""
+    from pixelwise.checkpoint import _TEMPORARY, _here
+
+    real_stat = os.stat
+
+    def no_proc(path, *args, **kwargs):
+        if os.fspath(path).startswith("/proc/"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", no_proc)
+    name = _here()
+    assert re.fullmatch(r"h[0-9a-f]{8}", name) and _here() == name  # one name per host, every time
+    assert _TEMPORARY.fullmatch(f".pixelwise-{name}-123-0123456789ab-0.tmp").group(1) == name

@@ -719,6 +719,21 @@ def test_a_json_report_never_replaces_the_annotation_file_it_read(tmp_path, caps
     assert tree(tmp_path) == before
 
 
+def test_json_naming_the_checkpoint_by_another_name_of_the_same_file_is_refused(checkpoint, tmp_path, capsys):
+    """--json was compared with the inputs by path only: another name of the same file (another
+    case on a case-insensitive file system, a bind mount, here a hard link) passed, and with
+    --overwrite the report replaced the checkpoint's bytes where the name was the same file."""
+    import os
+
+    alias = tmp_path / "alias.safetensors"
+    os.link(checkpoint, alias)
+    before = checkpoint.read_bytes()
+    assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "shapes", "--data", "none",
+                 "--json", str(alias), "--overwrite"]) == 2
+    assert "would write over the input" in one_error_line(capsys)
+    assert checkpoint.read_bytes() == before and alias.read_bytes() == before
+
+
 def test_a_folder_that_refuses_a_trial_file_is_refused_before_any_work(checkpoint, tmp_path, capsys, monkeypatch):
     """os.access trusts the mode bits, which root, read-only mounts and sysfs do not honour: a real
     trial file in the folder decides (here its creation fails as a read-only file system does)."""

@@ -76,6 +76,46 @@ def _interrupt_at(monkeypatch, call):
     monkeypatch.setattr(writers, "write_semantic", write)
 
 
+def test_a_checkpoint_replaced_after_loading_is_not_recorded_as_the_masks_model(tmp_path):
+    """prediction_record hashed whatever was at the checkpoint's path when the masks were written: a
+    train --overwrite (or a cp) landing after the predictor loaded the file recorded the new file's
+    SHA-256 with the old weights' masks, and --resume with the new file kept them."""
+    import os
+
+    from pixelwise import Predictor
+
+    path = _checkpoint(tmp_path / "m.safetensors", 0)
+    predictor = Predictor.from_checkpoint(path)
+    record = writers.prediction_record(predictor)
+    assert record["models"][0]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    os.replace(_checkpoint(tmp_path / "new.safetensors", 1), path)  # a train --overwrite lands
+    with pytest.raises(UserError, match="m.safetensors was replaced after it was loaded"):
+        writers.prediction_record(predictor)
+    again = Predictor.from_checkpoint(path)
+    path.write_bytes(path.read_bytes())  # cp onto it: the same bytes, written again
+    with pytest.raises(UserError, match="was replaced after it was loaded"):
+        writers.prediction_record(again)
+
+
+def test_a_checkpoint_replaced_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    import os
+
+    import pixelwise.inference.predictor as predictor_module
+    from pixelwise import Predictor
+
+    path = _checkpoint(tmp_path / "m.safetensors", 0)
+    real = predictor_module.load_checkpoint
+
+    def load_then_replaced(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        os.replace(_checkpoint(tmp_path / "new.safetensors", 1), path)
+        return loaded
+
+    monkeypatch.setattr(predictor_module, "load_checkpoint", load_then_replaced)
+    with pytest.raises(UserError, match="m.safetensors was replaced while it was read .*; try again once it is"):
+        Predictor.from_checkpoint(path)
+
+
 def test_an_interrupted_predict_resumes_to_the_files_of_an_uninterrupted_one(checkpoint, inputs, tmp_path,
                                                                               monkeypatch, capsys):
     whole = tmp_path / "whole"

@@ -52,13 +52,23 @@ def _umask() -> int:
 
 
 def _here() -> str:
-    """``h`` and 8 hex digits naming this host and process-id namespace: a process id means
-    something only where it was taken (another node on shared storage, another container)."""
+    """``h`` and 8 hex digits naming this host, boot and process-id namespace: a process id means
+    something only where it was taken (another node on shared storage, another container) and
+    until the machine restarts. The boot's id tells apart machines of one hostname (cloned VMs,
+    ``localhost``), whose first process-id namespaces all have one inode number."""
     try:
         space = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         space = 0
-    return "h" + hashlib.sha256(f"{socket.gethostname()}/{space}".encode()).hexdigest()[:8]
+    return "h" + hashlib.sha256(f"{socket.gethostname()}/{space}/{_boot_id()}".encode()).hexdigest()[:8]
+
+
+def _boot_id() -> str:
+    """Linux's random id of this boot of this machine; "" where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
 
 
 HERE = _here()
@@ -97,7 +107,10 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
                 continue
         elif not _unwritten_for_a_day(path, now):
             continue
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # another user's in a shared (sticky) folder, a folder of that name: not this write's failure
+            continue
         gone.append(path)
     return gone
 

@@ -457,7 +457,9 @@ def check_output_file(path: str | None, flag: str, inputs: list[str | None], ove
         if not item:
             continue
         source = Path(item).expanduser().resolve()
-        if out == source:
+        # the same file by another name too: another case of its name on a case-insensitive file system
+        # (macOS, Windows), a bind mount
+        if out == source or (out.is_file() and source.is_file() and os.path.samefile(out, source)):
             raise UserError(f"{flag} {path} would write over the input {item}; give another file name")
         # a dataset's readers read its subfolders, files of image suffixes and classes.json, never
         # another .json beside them: that is the one place inside the data a report may go

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import inspect
 import numbers
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,9 @@ class Predictor:
 
     task = ""
     source: Path | None = None  # the file it was loaded from (from_checkpoint); None when built from a model
+    # file_version(source) when it was read: the record's SHA-256 must be of that file, not of one
+    # written over it since (a training run's best.safetensors)
+    source_version: tuple[int, ...] | None = None
 
     def __init__(self, model: nn.Module, meta: dict | None = None, device: str | torch.device | None = "cpu",
                  input_spec: InputSpec | dict | None = None) -> None:
@@ -223,7 +227,11 @@ class Predictor:
         if native_size and resize is not None:
             raise UserError(f"give resize={tuple(resize)!r} (predict at that size) or native_size=True (at each "
                             "image's own size), not both")
+        version = file_version(path)
         model, meta = load_onnx(path) if is_onnx(path) else load_checkpoint(path, device)
+        if file_version(path) != version:
+            raise UserError(f"{path} was replaced while it was read (a training run or a copy writing it?); try "
+                            "again once it is written")
         task = meta.get("task", "semantic")
         kind: type[Predictor] = SemanticPredictor if task == "semantic" else InstancePredictor
         if cls is not Predictor and cls is not kind:
@@ -247,13 +255,23 @@ class Predictor:
             spec = dataclasses.replace(spec, resize=None if native_size else tuple(resize))  # type: ignore[arg-type]
         chosen = {k: v for k, v in options.items() if k in allowed}
         predictor = kind(model, meta, device, input_spec=spec, **chosen)
-        predictor.source = Path(path)
+        predictor.source, predictor.source_version = Path(path), version
         return cast(P, predictor)
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """uint8[H, W, 3] (gray uint8[H, W] too for a one-channel contract) -> the model input
         Tensor[1, C, h, w] on the predictor's device."""
         return preprocess(image, self.input_spec).unsqueeze(0).to(self.device)
+
+
+def file_version(path: str | Path) -> tuple[int, ...] | None:
+    """(device, inode, size, modification time in ns) of ``path``, which a write or a replacement
+    changes; None where it cannot be read (the loader says why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def given_meta_problem(meta: dict) -> str | None:

@@ -62,7 +62,13 @@ from pixelwise.errors import UserError, brief
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.crf import CRFSettings, check_crf_size
 from pixelwise.inference.evaluate import RECORD_KEY, crf_settings, parse_record, prediction_options
-from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor, check_flags
+from pixelwise.inference.predictor import (
+    InstancePredictor,
+    Predictor,
+    SemanticPredictor,
+    check_flags,
+    file_version,
+)
 from pixelwise.runtime import check_can_create
 from pixelwise.runtime import progress as progress_bar
 
@@ -223,6 +229,18 @@ def unique_stems(paths: list[Path], instance: bool = False, uncertainty: bool = 
     return stems
 
 
+def source_sha256(predictor: Predictor) -> str:
+    """SHA-256 of the file ``predictor`` was loaded from, a UserError when that file was written over
+    since (its weights are not the new file's: ``--resume`` would keep their masks as the new model's)."""
+    assert predictor.source is not None
+    digest = file_sha256(predictor.source)
+    if predictor.source_version is not None and file_version(predictor.source) != predictor.source_version:
+        raise UserError(f"{predictor.source} was replaced after it was loaded (a training run or a copy writing it?), "
+                        "so the predictions would be recorded as the new file's; run the command again (in Python: "
+                        "load it again, Predictor.from_checkpoint)")
+    return digest
+
+
 def prediction_record(predictor: Predictor, *, uncertainty: bool = False, watershed: float | None = None) -> dict:
     """What makes a prediction, written into each ``<stem>.png`` as JSON (the PNG text chunk
     ``pixelwise``): every model's file (name and SHA-256; None for a predictor built from a model in
@@ -234,7 +252,7 @@ def prediction_record(predictor: Predictor, *, uncertainty: bool = False, waters
     of it: they change nothing but float rounding."""
     members = getattr(predictor, "members", [predictor])
     record = {"pixelwise_version": __version__,
-              "models": [{"file": m.source.name, "sha256": file_sha256(m.source)} if m.source else None
+              "models": [{"file": m.source.name, "sha256": source_sha256(m)} if m.source else None
                          for m in members],
               "input": [m.input_spec.to_dict() for m in members],
               "prediction": [prediction_options(m) for m in members],
