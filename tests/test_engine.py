@@ -3,6 +3,7 @@ class weights, accumulation, stages, precision."""
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -1133,6 +1134,23 @@ def test_a_run_killed_before_its_first_state_says_start_again(tmp_path, monkeypa
         fit(tiny(tmp_path, epochs=1, resume=True), log=quiet)
     fit(tiny(tmp_path, epochs=1, overwrite=True), log=quiet)
     assert not (tmp_path / trainer.PENDING_BEST).exists() and _best_epoch(tmp_path) == 1
+
+
+def test_a_demo_killed_before_training_wrote_anything_is_told_to_start_again(tmp_path):
+    """A demo killed after its class weights but before training wrote config.yaml: --resume said
+    'drop --resume to start a new run', and without it the folder was refused as holding a run."""
+    from pixelwise.demo import DEMO_FILES
+
+    (tmp_path / "demo_class_weights.json").write_text("[1, 1]")
+    cfg = tiny(tmp_path, epochs=1)
+    with pytest.raises(UserError, match="already holds a run .*replace it with --overwrite"):
+        trainer.check_out(cfg, can_resume=False, writes=DEMO_FILES)
+    with pytest.raises(UserError, match=r"cannot resume: .* holds a run's files \(demo_class_weights.json\) but "
+                                        "nothing to resume from .*start it again with --overwrite"):
+        trainer.check_out(dataclasses.replace(cfg, resume=True), can_resume=False, writes=DEMO_FILES)
+    trainer.check_out(dataclasses.replace(cfg, overwrite=True), can_resume=False, writes=DEMO_FILES)
+    with pytest.raises(UserError, match="drop --resume to start a new run"):  # an empty folder
+        trainer.check_out(dataclasses.replace(cfg, out=str(tmp_path / "empty"), resume=True))
 
 
 def test_overwrite_deletes_the_state_first(tmp_path, monkeypatch):

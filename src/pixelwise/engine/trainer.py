@@ -602,6 +602,10 @@ def check_out(cfg: TrainConfig, can_resume: bool = True, writes: Sequence[str] =
             raise UserError(f"cannot resume: the run in {out} has no last.state.safetensors (deleted, or an "
                             "--overwrite was stopped while it deleted the run); start it again with --overwrite, or "
                             "train into another --out")
+        if not saved and (found := existing_run(out, writes)):  # a demo killed before training wrote its config
+            raise UserError(f"cannot resume: {out} holds a run's files ({found[0].name}) but nothing to resume from "
+                            "(it stopped before the end of its first epoch); start it again with --overwrite, or give "
+                            "another --out")
         if not saved:
             raise UserError(f"cannot resume: {out / 'last.state.safetensors'} not found (is {out} the --out of the "
                             "run?); drop --resume to start a new run")
