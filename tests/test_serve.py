@@ -260,6 +260,24 @@ def test_info_health_and_samples(predictor):
     assert health == {"status": "ok", "model": "unet", "pool": {"workers": 1, "queue": 64, "running": 0, "waiting": 0}}
 
 
+def test_info_names_the_files_it_serves_as_read_when_it_started(checkpoint, tmp_path):
+    """Nothing said which model a running server predicts with: a checkpoint written over since
+    (a training run's best.safetensors) is not it. /api/info gives each file's name and SHA-256 as
+    read at start, as the masks predict writes record them; a model in memory has no file."""
+    import hashlib
+    import shutil
+
+    served = shutil.copy(checkpoint, tmp_path / "best.safetensors")
+    sha = hashlib.sha256(served.read_bytes()).hexdigest()
+    app = create_app(Predictor.from_checkpoint(served), samples=[])
+    _unet_checkpoint(tmp_path / "new.safetensors", dropout=0.5).replace(served)  # a training run lands a new best
+    info = request(app, "GET", "/api/info").json()
+    assert info["model_files"] == [{"file": "best.safetensors", "sha256": sha}]
+    assert sha != hashlib.sha256(served.read_bytes()).hexdigest()
+    in_memory = SemanticPredictor(create_model("unet", 4, base_channels=4).eval())
+    assert request(create_app(in_memory, samples=[]), "GET", "/api/info").json()["model_files"] == [None]
+
+
 def test_info_gives_white_to_classes_the_palette_does_not_colour(predictor):
     short = copy.copy(predictor)
     short.palette = list(predictor.palette[:2])  # a checkpoint whose palette lists fewer colours than classes

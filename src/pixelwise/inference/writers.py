@@ -241,6 +241,14 @@ def source_sha256(predictor: Predictor) -> str:
     return digest
 
 
+def model_files(predictor: Predictor) -> list[dict | None]:
+    """The file of each model of ``predictor`` (an ensemble's members in order): ``{"file": name,
+    "sha256": ...}`` of the file it was loaded from, None for one built from a model in memory; a
+    UserError for a file written over since it was loaded (:func:`source_sha256`)."""
+    return [{"file": m.source.name, "sha256": source_sha256(m)} if m.source else None
+            for m in getattr(predictor, "members", [predictor])]
+
+
 def prediction_record(predictor: Predictor, *, uncertainty: bool = False, watershed: float | None = None) -> dict:
     """What makes a prediction, written into each ``<stem>.png`` as JSON (the PNG text chunk
     ``pixelwise``): every model's file (name and SHA-256; None for a predictor built from a model in
@@ -251,9 +259,7 @@ def prediction_record(predictor: Predictor, *, uncertainty: bool = False, waters
     their record is this one (:func:`record_difference`). The device and the batch size are not part
     of it: they change nothing but float rounding."""
     members = getattr(predictor, "members", [predictor])
-    record = {"pixelwise_version": __version__,
-              "models": [{"file": m.source.name, "sha256": source_sha256(m)} if m.source else None
-                         for m in members],
+    record = {"pixelwise_version": __version__, "models": model_files(predictor),
               "input": [m.input_spec.to_dict() for m in members],
               "prediction": [prediction_options(m) for m in members],
               "crf": crf_settings(predictor), "score_thresh": getattr(predictor, "score_thresh", None),

@@ -61,7 +61,7 @@ from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, check_crf_size
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.inference.tta import TTA_MODES
-from pixelwise.inference.writers import IMAGE_SUFFIXES
+from pixelwise.inference.writers import IMAGE_SUFFIXES, model_files
 from pixelwise.serve.config import ServeConfig, host_warning
 from pixelwise.serve.pool import InferencePool, PoolFull
 from pixelwise.serve.results import compare, instance_result, semantic_result
@@ -430,6 +430,9 @@ class Service:
         self._model_lock: contextlib.AbstractContextManager = (threading.Lock() if self.mc_samples
                                                                else contextlib.nullcontext())
         self.name = str(predictor.meta.get("model", type(predictor.model).__name__))
+        # which files it serves (name and SHA-256, as each mask predict writes records them), read now: a
+        # file written over later (a training run's best.safetensors) is not what this server predicts with
+        self.model_files = model_files(predictor)
 
     def info(self) -> dict:
         p = self.predictor
@@ -440,7 +443,8 @@ class Service:
         if isinstance(p, SemanticPredictor):
             uncertainty = "mc_dropout" if self.mc_samples else "entropy"
         return {
-            "model": self.name, "task": p.task, "version": __version__, "classes": classes,
+            "model": self.name, "model_files": self.model_files, "task": p.task, "version": __version__,
+            "classes": classes,
             "input": {**p.input_spec.to_dict(), "description": p.input_spec.describe()},
             "options": options_of(p), "tta_modes": list(TTA_MODES), "uncertainty": uncertainty,
             "uncertainty_samples": self.mc_samples,
