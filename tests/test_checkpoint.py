@@ -879,3 +879,17 @@ def test_the_place_of_temporaries_is_named_where_the_pid_namespace_cannot_be_rea
     name = _here()
     assert re.fullmatch(r"h[0-9a-f]{8}", name) and _here() == name  # one name per host, every time
     assert _TEMPORARY.fullmatch(f".pixelwise-{name}-123-0123456789ab-0.tmp").group(1) == name
+
+
+def test_load_matching_names_the_optional_layers_it_left_fresh_and_only_those():
+    """A classifier of another class count (optional prefix '1.') is skipped and named; the body is
+    loaded. A file whose classifier fits loads it all and names nothing."""
+    torch.manual_seed(0)
+    file = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 5)).state_dict()
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 4))
+    fresh = model[1].weight.detach().clone()
+    assert load_matching(model, file, "f", optional=("1.",)) == ["1"]
+    assert torch.equal(model[0].weight, file["0.weight"]) and torch.equal(model[1].weight, fresh)
+    same = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 4))
+    assert load_matching(same, model.state_dict(), "f", optional=("1.",)) == []
+    assert torch.equal(same[1].weight, model[1].weight)

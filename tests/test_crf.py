@@ -500,3 +500,11 @@ def test_a_grey_image_is_refined_alike_as_a_grey_array_and_as_the_rgb_image_its_
     a, b = refined.predict(grey), refined.predict(rgb)
     assert np.array_equal(a.mask, b.mask), f"{(a.mask != b.mask).sum()} of {a.mask.size} pixels differ"
     torch.testing.assert_close(a.probs, b.probs)
+
+
+@pytest.mark.parametrize("name", ["bi_w", "pos_w"])
+def test_a_weight_just_above_the_maximum_is_refused(name):
+    """1e6 is the largest weight taken (float32 messages); the next representable amount above it is not."""
+    CRFSettings(**{name: 1e6})
+    with pytest.raises(UserError, match=f"crf {name} must be at most 1e\\+06"):
+        CRFSettings(**{name: 1e6 + 0.5})

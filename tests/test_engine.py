@@ -1784,3 +1784,23 @@ def test_instance_validation_of_an_empty_loader_has_loss_zero_not_a_division_by_
     got = validate_instances(Unused(), [], Empty(), torch.device("cpu"), show=False)
     assert got["loss"] == 0.0 and got["num_images"] == 0
     assert math.isnan(got["mask_AP"]) and math.isnan(got["box_AP"])
+
+
+def test_semantic_validation_feeds_the_model_channels_last_when_asked():
+    """--channels-last reaches validation too: the model sees a channels-last image (to_device), and the
+    scores are those of the plain layout."""
+    class Record(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return torch.stack([torch.zeros_like(x[:, 0]), x[:, 0]], 1)
+
+    items = [{"image": torch.rand(3, 2, 3), "mask": torch.ones(2, 3, dtype=torch.long), "name": "a"}]
+    loader = DataLoader(items, batch_size=1, collate_fn=eval_collate)
+    model, plain_model = Record(), Record()
+    got = validate_semantic(model, loader, 2, torch.device("cpu"), show=False, channels_last=True)
+    plain = validate_semantic(plain_model, loader, 2, torch.device("cpu"), show=False)
+    assert model.seen == [True] and plain_model.seen == [False] and got["loss"] == pytest.approx(plain["loss"])

@@ -15,7 +15,7 @@ from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.data.io import read_mask
 from pixelwise.errors import UserError
-from pixelwise.inference.ensemble import EnsemblePredictor, from_checkpoints
+from pixelwise.inference.ensemble import EnsemblePredictor, _take_rows, from_checkpoints
 from pixelwise.inference.evaluate import evaluate_checkpoint
 from pixelwise.inference.predictor import Predictor, SemanticPredictor
 
@@ -255,3 +255,15 @@ def test_every_member_sees_every_calibration_image_of_a_generator(checkpoints):
     want = Predictor.from_checkpoint(checkpoints[0], calib_data=images, calib_crop=16).calibration
     assert want["images"] == 2
     assert [m.calibration for m in ensemble.members] == [want, want]
+
+
+def test_take_rows_joins_queued_bands_and_keeps_the_rest_in_order():
+    """A member whose bands are shorter than what the others delivered queues several: the rows
+    taken span them, in order, and the rows left over stay queued as one band."""
+    rows = torch.arange(2 * 7 * 3, dtype=torch.float32).reshape(2, 7, 3)
+    queue = [rows[:, :2], rows[:, 2:5], rows[:, 5:]]
+    torch.testing.assert_close(_take_rows(queue, 4), rows[:, :4], rtol=0, atol=0)
+    assert len(queue) == 1
+    torch.testing.assert_close(queue[0], rows[:, 4:], rtol=0, atol=0)
+    torch.testing.assert_close(_take_rows(queue, 3), rows[:, 4:], rtol=0, atol=0)
+    assert queue == []
