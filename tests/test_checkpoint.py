@@ -893,3 +893,65 @@ def test_load_matching_names_the_optional_layers_it_left_fresh_and_only_those():
     same = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 4))
     assert load_matching(same, model.state_dict(), "f", optional=("1.",)) == []
     assert torch.equal(same[1].weight, model[1].weight)
+
+
+def test_metadata_nested_deeper_than_python_recurses_is_one_user_error(tmp_path):
+    """json.loads raised RecursionError (a traceback from predict, eval, export and serve) on a
+    checkpoint or an exported file whose pixelwise metadata nests 100,000 brackets."""
+    deep = "[" * 100_000 + "]" * 100_000
+    save_safetensors({"w": torch.zeros(1)}, tmp_path / "deep.safetensors", metadata={"pixelwise": deep})
+    with pytest.raises(UserError, match=r"deep\.safetensors: its checkpoint metadata is nested too deeply"):
+        load_checkpoint(tmp_path / "deep.safetensors")
+    onnx = pytest.importorskip("onnx")
+    from pixelwise.inference.onnx_runner import read_onnx_metadata
+
+    graph = onnx.helper.make_graph([], "g", [], [])
+    model = onnx.helper.make_model(graph)
+    onnx.helper.set_model_props(model, {"pixelwise": deep})
+    onnx.save(model, tmp_path / "deep.onnx")
+    with pytest.raises(UserError, match=r"deep\.onnx: its pixelwise metadata is not a JSON object \(nested too deeply"):
+        read_onnx_metadata(tmp_path / "deep.onnx")
+
+
+@pytest.mark.parametrize("major", ["9" * 5000, "\u0661"])
+def test_a_format_of_thousands_of_digits_or_non_ascii_digits_is_not_pixelwises(tmp_path, major):
+    """int() refuses strings of over 4300 digits (ValueError, a traceback); str.isdigit() takes the
+    Arabic-Indic digit one, which int() read as format 1 and loaded."""
+    path = _edited(tmp_path, "fmt.safetensors", meta_edit=lambda m: m.update(format=f"pixelwise-checkpoint/{major}"))
+    with pytest.raises(UserError, match=r"fmt\.safetensors: checkpoint format .* is not pixelwise's") as caught:
+        load_checkpoint(path)
+    assert len(str(caught.value)) < 300  # a long format is named by its ends
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64, torch.uint8])
+def test_weights_of_another_kind_than_the_models_are_refused(tmp_path, dtype):
+    """int32, bool, uint8 and complex weights where the model has float ones loaded cast (fractions
+    cut to 0, the imaginary part dropped) and predicted garbage with exit 0."""
+    def cast(tensors):
+        key = sorted(k for k, v in tensors.items() if v.dim() == 4)[0]
+        tensors[key] = tensors[key].to(dtype)
+
+    path = _edited(tmp_path, "odd.safetensors", tensor_edit=cast)
+    kind = str(dtype).removeprefix("torch.")
+    with pytest.raises(UserError, match=rf"odd\.safetensors: weights do not fit .*1 of other types, e\.g\. \S+ "
+                                        rf"{kind} where the model has float32"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
+def test_float_weights_of_any_width_load_as_float32(tmp_path, dtype):
+    """A checkpoint saved in half, bfloat16, double or float8 precision loads (its values rounded to
+    that precision); float8 was a traceback in the NaN check (no sum for it)."""
+    def cast(tensors):
+        for key in [k for k, v in tensors.items() if v.is_floating_point()]:
+            tensors[key] = tensors[key].to(dtype)
+
+    path = _edited(tmp_path, "half.safetensors", tensor_edit=cast)
+    model, _ = load_checkpoint(path)
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
+
+
+def test_non_finite_looks_at_float8_tensors_too():
+    nan = torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn)
+    assert non_finite(nan) and not non_finite(torch.ones(3).to(torch.float8_e4m3fn))
+    assert not non_finite(torch.ones(3, dtype=torch.int32)) and not non_finite(torch.ones(2, dtype=torch.complex64))

@@ -13,6 +13,7 @@ import re
 import struct
 import threading
 import types
+import warnings
 import zlib
 
 import numpy as np
@@ -1676,3 +1677,25 @@ def test_openapi_schemas_name_the_fields_the_answer_has(predictor):
         "image": "string", "tile": "integer", "overlap": "number", "tta": "string", "uncertainty": "boolean",
         "crf": "string", "score_thresh": "number", "overlay": "boolean", "return_image": "boolean",
         "ground_truth": "string", "truth_format": "string"}
+
+
+def test_uploads_that_pil_warns_about_are_refused_without_a_python_warning_in_the_log(predictor):
+    """A PNG declaring 96 MP (between PIL's limit and twice it) and a TIFF whose page directory lies
+    past its end were refused (413, 400), but each wrote PIL's DecompressionBombWarning or 'Corrupt
+    EXIF data' warnings, with Pillow's source path, to the server's stderr: lines any client could
+    add to the log; predict's reader does not show them."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 8000, 1, 0, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+    tiff = bytearray(png_bytes(noise(8, 8), fmt="TIFF"))
+    tiff[4:8] = struct.pack("<I", 2**31)  # the first page directory past the end
+    app = create_app(predictor, samples=[])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        big = post_image(app, bomb)
+        cut = post_image(app, bytes(tiff), name="a.tif", ctype="image/tiff")
+    assert big.status_code == 413 and "12000x8000" in big.json()["detail"]
+    assert cut.status_code == 400 and "TIFF" in cut.json()["detail"]
+    assert [str(w.message) for w in caught] == []

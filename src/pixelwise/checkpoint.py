@@ -462,6 +462,9 @@ def _read(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dic
         meta = json.loads(header[key])
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: its {what} metadata is not valid JSON ({e}); the file is damaged") from None
+    except RecursionError:  # nested deeper than Python's recursion limit: no pixelwise file is
+        raise UserError(f"{path}: its {what} metadata is nested too deeply to be pixelwise's; the file is "
+                        "damaged") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path}: its {what} metadata is not a JSON object; the file is damaged")
     return tensors, meta
@@ -476,8 +479,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             raise UserError(f"{path}: checkpoint metadata lacks {key!r}; the file is damaged")
     form = meta.get("format", FORMAT)  # absent in files older than the format field
     major = form.rpartition("/")[2] if isinstance(form, str) and form.startswith("pixelwise-checkpoint/") else None
-    if major is None or not major.isdigit():
-        raise UserError(f"{path}: checkpoint format {form!r} is not pixelwise's; the file is damaged")
+    # ASCII digits only (str.isdigit takes '\u0661' too), and few of them: int() refuses over 4300
+    if major is None or not (major.isascii() and major.isdigit()) or len(major) > 9:
+        raise UserError(f"{path}: checkpoint format {brief(form)} is not pixelwise's; the file is damaged")
     if int(major) > int(FORMAT.rpartition("/")[2]):
         raise UserError(f"{path}: checkpoint format {form} was written by a newer pixelwise than this one "
                         f"({__version__}, which reads {FORMAT}); upgrade pixelwise")
@@ -590,16 +594,27 @@ def palette_problem(palette: object, n: int | None = None) -> str | None:
     return f"palette must be a list of [r, g, b] colours with values 0 to 255, and holds {brief(bad)}"
 
 
+def _kind(t: torch.Tensor) -> str:
+    return ("complex" if t.is_complex() else "float" if t.is_floating_point() else "bool" if t.dtype == torch.bool
+            else "integer")
+
+
 def weights_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     """Why ``state`` cannot load into ``model``, in a few words (load_state_dict's RuntimeError lists
     every key), or None when it fits."""
     own = model.state_dict()
     misshapen = [f"{k} {tuple(v.shape)} where the model has {tuple(own[k].shape)}"
                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    # a float weight of any width loads as the model's float32; an int, bool or complex one was cast
+    # silently (fractions cut to 0, the imaginary part dropped)
+    mistyped = [f"{k} {str(v.dtype).removeprefix('torch.')} where the model has "
+                f"{str(own[k].dtype).removeprefix('torch.')}"
+                for k, v in state.items() if k in own and _kind(v) != _kind(own[k])]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     parts = [f"{len(keys)} {what}, e.g. {'; '.join(keys[:2])}"
-             for keys, what in ((misshapen, "of other shapes"), (missing, "missing"), (unexpected, "unexpected"))
+             for keys, what in ((misshapen, "of other shapes"), (mistyped, "of other types"), (missing, "missing"),
+                                (unexpected, "unexpected"))
              if keys]
     return "; ".join(parts) or None
 

@@ -140,7 +140,11 @@ def non_finite(t: Tensor) -> bool:
     """Whether the floating tensor ``t`` holds a NaN or infinite value. Its sum is looked at first
     (NaN and inf carry into it; ten times faster than a look at each value), its values only where
     the sum is not finite (a float16 sum may overflow)."""
-    return t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())
+    if not t.is_floating_point():
+        return False
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # float8: no sum, no isfinite
+        t = t.float()
+    return not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all())
 
 
 def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:

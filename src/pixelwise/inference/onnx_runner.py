@@ -144,6 +144,8 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
         meta = json.loads(props[META_KEY])
     except ValueError as e:
         meta = e
+    except RecursionError:  # nested deeper than Python's recursion limit
+        meta = ValueError("nested too deeply")
     if not isinstance(meta, dict):
         raise UserError(f"{path}: its pixelwise metadata is not a JSON object ({meta}); the file is damaged: export "
                         "it again with `pixelwise export`")

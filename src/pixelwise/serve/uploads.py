@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -232,7 +233,16 @@ def image_kind(head: bytes) -> str | None:
 
 def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = "", what: str = "image") -> Image.Image:
     """Identify, check the size in the header, then decode the first frame with EXIF orientation
-    applied (as :func:`pixelwise.data.io.read_image` opens a file)."""
+    applied (as :func:`pixelwise.data.io.read_image` opens a file). PIL's warnings (a damaged EXIF
+    block, its DecompressionBombWarning below the server's own limit) are not shown: the upload
+    either decodes or becomes one UploadError, not lines of a Python warning in the server's log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _open_image(data, max_pixels, declared_type, what)
+
+
+def _open_image(data: bytes | bytearray, max_pixels: int, declared_type: str, what: str) -> Image.Image:
     if not data:
         raise UploadError(400, f"the {what} is empty")
     try:
@@ -280,7 +290,9 @@ def decode_image(data: bytes | bytearray, max_pixels: int, declared_type: str = 
     """Upload bytes -> uint8[H, W, 3] RGB, the pixels :func:`pixelwise.data.io.read_image` gives."""
     img = open_image(data, max_pixels, declared_type)
     try:
-        return pil_to_rgb(img)
+        with warnings.catch_warnings():  # a damaged EXIF block read again for the orientation
+            warnings.simplefilter("ignore", UserWarning)
+            return pil_to_rgb(img)
     except _PIL_ERRORS as e:
         raise UploadError(415, f"cannot convert an image of mode {img.mode} to RGB ({e})") from None
 
