@@ -593,6 +593,10 @@ def test_a_float_image_in_0_1_is_scaled_to_0_255_including_1():
     assert pil_to_rgb(in_unit)[0, :, 0].tolist() == [0, 51, 255]
     beyond = Image.fromarray(np.array([[0.0, 1.5, 300.0]], np.float32))
     assert pil_to_rgb(beyond)[0, :, 0].tolist() == [0, 2, 255]
+    # the range is judged by the finite pixels: one infinite pixel turned a [0, 1] image black
+    odd = Image.fromarray(np.array([[0.2, np.inf, -np.inf, np.nan, 1.0]], np.float32))
+    assert pil_to_rgb(odd)[0, :, 0].tolist() == [51, 255, 0, 0, 255]
+    assert pil_to_rgb(Image.fromarray(np.array([[1.5, np.inf, np.nan]], np.float32)))[0, :, 0].tolist() == [2, 255, 0]
 
 
 def test_a_32_bit_image_beyond_16_bits_is_min_max_scaled():

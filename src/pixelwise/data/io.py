@@ -282,16 +282,20 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     """Scale a single-channel integer/float array to uint8.
 
     16-bit data maps its full range 0..65535 onto 0..255 (``round(v / 257)``); float data in
-    [0, 1] is scaled by 255, other floats are clipped to 0..255; wider integers whose values
-    fit in 16 bits are treated as 16-bit, larger ones are min-max scaled.
+    [0, 1] is scaled by 255, other floats are clipped to 0..255 (the range judged by the finite
+    pixels; NaN reads as 0, an infinity as the range's end); wider integers whose values fit in 16
+    bits are treated as 16-bit, larger ones are min-max scaled.
     """
     if a.dtype == np.uint8:
         return a
     if a.dtype == bool:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.floating):
-        a = np.nan_to_num(a.astype(np.float64))
-        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+        a = a.astype(np.float64)
+        finite = a[np.isfinite(a)]  # the range is the finite pixels': one infinite pixel darkened the whole image
+        unit = bool(finite.size) and finite.min() >= 0.0 and finite.max() <= 1.0
+        a = np.nan_to_num(a, nan=0.0, posinf=1.0 if unit else 255.0, neginf=0.0)
+        if unit:
             a = a * 255.0
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
     a = a.astype(np.int64)
