@@ -109,11 +109,13 @@ def _too_large(path: Path, pixels: int | None, size: tuple[int, int] | None = No
 
 
 @contextmanager
-def _quiet_pil() -> Iterator[None]:
-    """PIL's UserWarnings about a damaged file ("Corrupt EXIF data", ...) are not shown: the file
-    either decodes or becomes one UserError naming it."""
+def quiet_pil() -> Iterator[None]:
+    """PIL's UserWarnings about a damaged file ("Corrupt EXIF data", ...) and its
+    DecompressionBombWarning (pixelwise's own pixel limit applies) are not shown: the file either
+    decodes or becomes one error naming it (a UserError here, serve's UploadError)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
 
 
@@ -156,7 +158,7 @@ def _open_loaded(path: PathLike, frame: int = 0) -> Image.Image:
     path = _existing(path)
     opened: Image.Image | None = None
     try:
-        with _quiet_pil():
+        with quiet_pil():
             opened = _open(path)
             img = _load_frame(path, opened, frame)
     except BaseException as e:
@@ -271,7 +273,7 @@ def frame_count(path: PathLike) -> int:
     a still image. Reads the header only (and, for GIF, PIL's scan of the frame markers)."""
     path = Path(path)
     try:
-        with _quiet_pil(), _open(path) as img:
+        with quiet_pil(), _open(path) as img:
             return _frames(img)
     except BaseException as e:
         _raise_named(path, 0, e)
@@ -370,7 +372,7 @@ def read_frames(path: PathLike) -> Generator[np.ndarray, None, None]:
     in the frame count. A damaged frame raises the UserError naming it when it is reached."""
     path = _existing(path)
     try:
-        with _quiet_pil():
+        with quiet_pil():
             opened = _open(path)
     except BaseException as e:
         _raise_named(path, 0, e)
@@ -379,7 +381,7 @@ def read_frames(path: PathLike) -> Generator[np.ndarray, None, None]:
         frame, count = 0, 1
         while frame < count:
             try:
-                with _quiet_pil():  # not across the yield: the caller's own warnings stay on
+                with quiet_pil():  # not across the yield: the caller's own warnings stay on
                     count = _frames(opened) if frame == 0 else count
                     rgb = _to_rgb(path, _load_frame(path, opened, frame))
             except BaseException as e:
@@ -459,7 +461,7 @@ def _gray_storage(source: PathLike | bytes | bytearray | memoryview) -> tuple[in
     if head[:4] in _TIFF_MAGIC:
         try:
             target = BytesIO(bytes(data)) if data is not None else Path(str(source))
-            with _quiet_pil(), Image.open(target) as img:
+            with quiet_pil(), Image.open(target) as img:
                 tags = getattr(img, "tag_v2", {})
                 bits, photometric = tags.get(258), tags.get(262)
         except _PIL_FRAME_ERRORS:
@@ -495,7 +497,7 @@ def palette_conflict(path: PathLike, known: Mapping[tuple[int, int, int], int]
     first; the pixels are decoded only when some index's colour belongs to another class."""
     path = _existing(path)
     try:
-        with _quiet_pil(), _open(path) as img:
+        with quiet_pil(), _open(path) as img:
             mode = img.mode
             flat = (img.getpalette() or []) if mode in ("P", "PA") else []
     except BaseException as e:
@@ -599,7 +601,7 @@ def probe_info(path: PathLike) -> ImageInfo:
     """
     path = _existing(path)
     try:
-        with _quiet_pil(), _open(path) as img:
+        with quiet_pil(), _open(path) as img:
             size, mode, fmt = img.size, img.mode, str(img.format)
             compression = img.info.get("compression")
             orientation = _orientation(path, img)
@@ -630,12 +632,12 @@ def damage(data: bytes | bytearray) -> str | None:
     if misread:
         return misread
     try:
-        with _quiet_pil(), Image.open(io.BytesIO(data)) as img:
+        with quiet_pil(), Image.open(io.BytesIO(data)) as img:
             fmt, cut = img.format, truncation(data, img)
         if cut:
             return f"truncated {fmt} ({cut})"
         if fmt == "PNG":
-            with _quiet_pil(), Image.open(io.BytesIO(data)) as img:
+            with quiet_pil(), Image.open(io.BytesIO(data)) as img:
                 img.verify()
     except _PIL_FRAME_ERRORS as e:
         return f"unreadable or truncated ({e})"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -41,6 +40,7 @@ from pixelwise.data.io import (
     palette_known,
     palette_suspects,
     pil_to_rgb,
+    quiet_pil,
     stored_bits,
     stored_gray,
     tiff_layout,
@@ -236,9 +236,7 @@ def open_image(data: bytes | bytearray, max_pixels: int, declared_type: str = ""
     applied (as :func:`pixelwise.data.io.read_image` opens a file). PIL's warnings (a damaged EXIF
     block, its DecompressionBombWarning below the server's own limit) are not shown: the upload
     either decodes or becomes one UploadError, not lines of a Python warning in the server's log."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with quiet_pil():
         return _open_image(data, max_pixels, declared_type, what)
 
 
@@ -290,8 +288,7 @@ def decode_image(data: bytes | bytearray, max_pixels: int, declared_type: str = 
     """Upload bytes -> uint8[H, W, 3] RGB, the pixels :func:`pixelwise.data.io.read_image` gives."""
     img = open_image(data, max_pixels, declared_type)
     try:
-        with warnings.catch_warnings():  # a damaged EXIF block read again for the orientation
-            warnings.simplefilter("ignore", UserWarning)
+        with quiet_pil():  # a damaged EXIF block read again for the orientation
             return pil_to_rgb(img)
     except _PIL_ERRORS as e:
         raise UploadError(415, f"cannot convert an image of mode {img.mode} to RGB ({e})") from None
