@@ -836,3 +836,39 @@ def test_export_of_a_mask_rcnn_by_name_scores_the_91_coco_classes_unless_told(tm
         model, meta = exported[-1]
         assert meta == {"model": "maskrcnn_resnet18_fpn", "num_classes": classes, "task": "instance"}
         assert model.roi_heads.box_predictor.cls_score.out_features == classes
+
+
+def test_a_bare_watershed_flag_is_the_documented_threshold_half():
+    """`--watershed` without T seeds the cells above 0.5 (docs/inference.md), for predict and eval alike."""
+    parser = cli.build_parser()
+    for argv in (["predict", "--checkpoint", "m.safetensors", "a.png", "--out", "o", "--watershed"],
+                 ["eval", "--checkpoint", "m.safetensors", "--dataset", "isbi2012", "--watershed"]):
+        assert parser.parse_args(argv).watershed == 0.5
+    plain = ["eval", "--checkpoint", "m.safetensors", "--dataset", "isbi2012"]
+    assert parser.parse_args([*plain, "--watershed", "0.4"]).watershed == 0.4
+    assert parser.parse_args(plain).watershed is None
+
+
+def test_a_memory_error_is_one_line_and_exit_2(monkeypatch, capsys):
+    """Python's MemoryError (a numpy allocation, say) is the usual one line, not a silent exit 2."""
+    def fail(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(cli, "check_no_empty_paths", fail)
+    assert main(["predict", "x.png", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err == "pixelwise: error: out of memory; use a smaller --batch-size, --tile or image size\n", err
+
+
+def test_running_out_of_device_memory_is_one_line(monkeypatch, capsys):
+    """torch's OutOfMemoryError (the GPU's) is one line naming the device, and exit 2."""
+    import torch
+
+    def fail(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore text")
+
+    monkeypatch.setattr(cli, "check_no_empty_paths", fail)
+    assert main(["predict", "x.png", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("pixelwise: error: out of memory on the device (CUDA out of memory. Tried to allocate 2.00 GiB "
+                   "more text); use a smaller --batch-size, --tile or image size\n"), err

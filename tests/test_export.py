@@ -292,6 +292,10 @@ def test_maskrcnn_exports_backbone_rpn_and_heads(tmp_path, capsys, monkeypatch):
     for report in reports:
         assert all(c.agreement >= 0.999 for c in report.checks)
     assert read_onnx_metadata(reports[1].path)["onnx"]["outputs"] == ["class_logits", "box_deltas", "mask_logits"]
+    # the backbone file's outputs, as docs/deploy.md lists them
+    rpn = [f"{name}_{k}" for name in ("fpn", "objectness", "rpn_deltas") for k in range(5)]
+    assert read_onnx_metadata(reports[0].path)["onnx"]["outputs"] == rpn
+    assert [o.name for o in onnx.load(reports[0].path).graph.output] == rpn
     for report in reports:  # the parts' own input: normalised (no model.transform in them), resized, padded to 32
         assert read_onnx_metadata(report.path)["input"] == {
             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "normalize": True, "resize": None,
@@ -1095,3 +1099,16 @@ def test_sample_batch_of_fewer_than_16_rows_is_one_coarse_value_per_channel_plus
     coarse = torch.randn(2, 3, 1, 1, generator=g)
     expected = coarse.expand(2, 3, 12, 9) + 0.2 * torch.randn(2, 3, 12, 9, generator=g)
     torch.testing.assert_close(sample_batch(2, 3, 12, 9, seed=5), expected)
+
+
+def test_a_fresh_export_report_has_its_own_empty_checks():
+    """ExportReport's checks default to a new empty list: a field (asdict has it), shared by no two reports."""
+    from dataclasses import asdict
+
+    from pixelwise.inference.export import ExportReport
+
+    a, b = ExportReport("a.onnx", 17, "float32", 0.0, 0), ExportReport("b.onnx", 17, "float32", 0.0, 0)
+    assert asdict(a) == {"path": "a.onnx", "opset": 17, "precision": "float32", "seconds": 0.0, "bytes": 0,
+                         "checks": [], "agreement_of": "argmax"}
+    a.checks.append(None)
+    assert b.checks == [] and b.summary().startswith("wrote b.onnx (0.0 MiB, opset 17, float32, 0.0 s)")

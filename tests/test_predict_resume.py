@@ -227,7 +227,9 @@ def test_resume_refuses_the_mask_of_an_input_that_changed_since_it_was_written(c
     refused as another model's is (it may be another run's output: not replaced without --overwrite)."""
     out = tmp_path / "out"
     assert _predict(checkpoint, inputs, out) == 0
+    then = hashlib.sha256((inputs / "f1.png").read_bytes()).hexdigest()
     Image.fromarray(np.random.default_rng(11).integers(0, 255, (24, 28, 3), dtype=np.uint8)).save(inputs / "f1.png")
+    now = hashlib.sha256((inputs / "f1.png").read_bytes()).hexdigest()
     fresh = tmp_path / "fresh"
     assert _predict(checkpoint, inputs, fresh) == 0
     assert (out / "f1.png").read_bytes() != (fresh / "f1.png").read_bytes()  # another image, another mask
@@ -238,6 +240,7 @@ def test_resume_refuses_the_mask_of_an_input_that_changed_since_it_was_written(c
     assert _predict(checkpoint, inputs, out, "--resume") == 2  # refused, as another model's mask is: nothing lost
     error = _one_error(capsys)
     assert f"{out / 'f1.png'}" in error and "predicted from another image" in error and "--overwrite" in error
+    assert f"(SHA-256 {then[:12]}, now {now[:12]}: the input changed since" in error, error  # 12 digits each
     assert _files(out) == before
     (out / "f1.png").unlink()
     (out / "f1_overlay.png").unlink()

@@ -1487,6 +1487,15 @@ def test_a_content_length_that_is_not_a_number_is_400(content_length):
     assert e.value.status == 400 and e.value.detail == f"bad Content-Length {content_length!r}"
 
 
+@pytest.mark.parametrize("data", [b"xx--b\r\n", b"--b\r\nbad header\r\n\r\nv\r\n--b--\r\n"])
+def test_a_body_the_form_parser_cannot_read_is_400_naming_it(data):
+    """Bytes before the first boundary, a header line without a colon: 400 'malformed ... body', not a
+    form read as if the part were not there."""
+    with pytest.raises(UploadError) as e:
+        asyncio.run(read_multipart("multipart/form-data; boundary=b", str(len(data)), _chunks(data), 10**6))
+    assert e.value.status == 400 and e.value.detail.startswith("malformed multipart/form-data body ("), e.value.detail
+
+
 def test_a_text_field_of_max_field_bytes_is_read_and_one_byte_more_is_400():
     def form(value):
         data = b'--b\r\nContent-Disposition: form-data; name="tile"\r\n\r\n' + value + b"\r\n--b--\r\n"
