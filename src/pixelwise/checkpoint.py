@@ -134,6 +134,17 @@ def _running(pid: int) -> bool:
     return True
 
 
+def file_version(path: str | Path) -> tuple[int, ...] | None:
+    """(device, inode, size, modification time in ns) of ``path``, which a write or a replacement
+    changes (a file a training run or a copy writes over while it is read); None where it cannot be
+    read (the reader says why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def atomic_write(path: str | Path, write, replace: bool = True) -> None:
     """``write(tmp_path)`` into a temporary file beside ``path`` (:func:`temporary_paths`), fsync,
     give it the permissions a plain ``open()`` would (0666 minus the umask), then rename it over

@@ -64,6 +64,7 @@ from pixelwise.checkpoint import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    file_version,
     load_train_state,
     model_input_spec,
     read_checkpoint,
@@ -517,7 +518,7 @@ class Run:
     lock: IO[str] | None = None  # held on OUT while the run writes there (rank 0)
     resume_command: str = "pixelwise train --resume"  # what continues it (the demo has its own)
     said_on_writing: list[str] = field(default_factory=list)  # a resume's lines, said once OUT is locked
-    resumed_state: tuple[int, int, int] | None = None  # (inode, size, mtime) of the state file a resume read
+    resumed_state: tuple[int, ...] | None = None  # file_version() of the state file a resume read
     train_fingerprint: str | None = None  # the training split's files (data.files.split_fingerprint)
 
     @property
@@ -842,15 +843,6 @@ def setup_run(cfg: TrainConfig, info: dist.DistInfo, device: torch.device, log: 
                train_fingerprint=split_fingerprint(train_ds) if info.is_main else None)
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, modification time) of ``path``: another file written in its place differs."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def start_writing(run: Run, state: TrainState) -> None:
     """After every check (and a resume) has passed, on every process: the first writes. Rank 0
     deletes the earlier run's files with ``overwrite``, creates ``out`` and writes
@@ -869,7 +861,7 @@ def start_writing(run: Run, state: TrainState) -> None:
         raise UserError(f"--out {out}: another pixelwise train wrote a run there ({found[0].name}) while this one was "
                         "starting, and nothing was written over it; give another --out, or pass --overwrite to "
                         "replace that run")
-    if run.cfg.resume and _identity(out / "last.state.safetensors") != run.resumed_state:
+    if run.cfg.resume and file_version(out / "last.state.safetensors") != run.resumed_state:
         raise UserError(f"cannot resume: {out / 'last.state.safetensors'} was replaced while this command read it "
                         "(another pixelwise train writing there?), and nothing was written; run the command again")
     for line in run.said_on_writing:  # the resume is accepted: no other process holds the run
@@ -1038,7 +1030,7 @@ def resume(run: Run) -> TrainState:
     """The state of the run in ``run.out``, its weights, optimizer and scaler restored. It must
     pick ``best`` by the same metric, and keeps the precision it started with."""
     path = run.out / "last.state.safetensors"
-    run.resumed_state = _identity(path)  # before it is read: start_writing finds it unchanged, or refuses
+    run.resumed_state = file_version(path)  # before it is read: start_writing finds it unchanged, or refuses
     changed = check_same_data(run)
     state = load_state(run)
     if state.epoch > run.cfg.epochs:  # it would train nothing, and config.yaml record fewer epochs than it has

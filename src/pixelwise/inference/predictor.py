@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import inspect
 import numbers
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.checkpoint import class_names_problem, input_spec_from_meta, load_checkpoint, palette_problem, unwrap
+from pixelwise.checkpoint import (
+    class_names_problem,
+    file_version,
+    input_spec_from_meta,
+    load_checkpoint,
+    palette_problem,
+    unwrap,
+)
 from pixelwise.data.palette import default_palette
 from pixelwise.errors import UserError, brief
 from pixelwise.inference import cancel
@@ -262,16 +268,6 @@ class Predictor:
         """uint8[H, W, 3] (gray uint8[H, W] too for a one-channel contract) -> the model input
         Tensor[1, C, h, w] on the predictor's device."""
         return preprocess(image, self.input_spec).unsqueeze(0).to(self.device)
-
-
-def file_version(path: str | Path) -> tuple[int, ...] | None:
-    """(device, inode, size, modification time in ns) of ``path``, which a write or a replacement
-    changes; None where it cannot be read (the loader says why)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def given_meta_problem(meta: dict) -> str | None:

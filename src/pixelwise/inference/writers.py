@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pixelwise._version import __version__
-from pixelwise.checkpoint import NameTaken, place, remove_stale_temporaries, temporary_paths
+from pixelwise.checkpoint import NameTaken, file_version, place, remove_stale_temporaries, temporary_paths
 from pixelwise.coco_eval import encode_mask
 from pixelwise.data.download import file_sha256
 from pixelwise.data.io import (
@@ -62,13 +62,7 @@ from pixelwise.errors import UserError, brief
 from pixelwise.inference.cells import cell_map, check_seed_threshold, watershed_cells
 from pixelwise.inference.crf import CRFSettings, check_crf_size
 from pixelwise.inference.evaluate import RECORD_KEY, crf_settings, parse_record, prediction_options
-from pixelwise.inference.predictor import (
-    InstancePredictor,
-    Predictor,
-    SemanticPredictor,
-    check_flags,
-    file_version,
-)
+from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor, check_flags
 from pixelwise.runtime import check_can_create
 from pixelwise.runtime import progress as progress_bar
 
