@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelwise import create_model, save_checkpoint
+from pixelwise import Predictor, create_model, save_checkpoint
 from pixelwise.cli import main
+from pixelwise.errors import UserError
 
 KW = {"base_channels": 4, "batch_norm": True, "dropout": 0.0}
 CKPT = "{ws}/model.safetensors"
@@ -454,3 +455,38 @@ def test_a_pipe_or_device_as_json_is_refused_not_replaced_by_a_file(tmp_path, ca
         assert len(err) == 1 and err[0].startswith("pixelwise: error: ") and "pass --overwrite" not in err[0], err
         assert "pipe" in err[0] and "median" not in captured.out
         assert stat.S_ISFIFO(os.stat(pipe).st_mode) and link.is_symlink()
+
+
+def _tiny_unet_checkpoint(path, meta_extra=None):
+    model = create_model("unet", num_classes=2, base_channels=4)
+    meta = {"model": "unet", "model_kwargs": {"base_channels": 4}, "num_classes": 2, "class_names": ["a", "b"],
+            **(meta_extra or {})}
+    save_checkpoint(path, model, meta)
+    return path
+
+
+def test_flag_of_the_other_task_names_file_and_fix(tmp_path):
+    ck = _tiny_unet_checkpoint(tmp_path / "m.safetensors")
+    with pytest.raises(UserError) as err:
+        Predictor.from_checkpoint(ck, score_thresh=0.3)
+    assert str(err.value) == (f"--score-thresh does not apply to semantic models like unet ({ck}); "
+                              "leave --score-thresh out")
+
+
+def test_training_images_note_names_the_held_out_split(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / f"s{i}.png")
+        Image.fromarray((rng.random((16, 16)) > 0.5).astype(np.uint8)).save(root / "masks" / f"s{i}.png")
+    (root / "classes.json").write_text(json.dumps({"names": ["a", "b"]}))
+    ck = _tiny_unet_checkpoint(tmp_path / "m.safetensors", {"dataset": "folder", "data": {
+        "dataset_kwargs": {}, "train_split": "train", "val_split": "val"}})
+    assert main(["eval", "--checkpoint", str(ck), "--dataset", "folder", "--data", str(root),
+                 "--split", "all", "--no-bf", "--json", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err
+    assert "9 of the 10 images of the all split" in err
+    assert err.rstrip().endswith("score its held-out split with --split val --dataset-kwargs '{}'")
+    assert json.loads((tmp_path / "r.json").read_text())["provenance"]["dataset"]["held_out_split"] == "val"

@@ -636,10 +636,11 @@ def report_eval(args: argparse.Namespace, metrics: dict) -> int:
     trained = metrics["provenance"]["dataset"].get("training_images")
     if trained:  # e.g. CamVid's official val under a run that held out other sequences and joined val to train
         kwargs = metrics["provenance"]["dataset"].get("trained_with") or {}
+        held_out = metrics["provenance"]["dataset"].get("held_out_split") or "val"
         print(f"pixelwise: note: {trained} of the {metrics.get('num_images', '?')} images of the {args.split} split "
               f"are images the checkpoint trained on (it was trained with --dataset-kwargs '{json.dumps(kwargs)}'), "
-              "so these numbers flatter it; evaluate with the run's own --dataset-kwargs to score its held-out split",
-              file=sys.stderr)
+              f"so these numbers flatter it; score its held-out split with --split {held_out} "
+              f"--dataset-kwargs '{json.dumps(kwargs)}'", file=sys.stderr)
     skipped = metrics["provenance"]["dataset"].get("skipped") or []
     if skipped:
         print(f"pixelwise: note: left out {len(skipped)} file(s) with problems (--skip-invalid), e.g. "

@@ -260,7 +260,8 @@ def evaluate_checkpoint(checkpoint: str | list[str], dataset: str, data: str | N
     if counted:
         trained, meta = max(counted, key=lambda c: c[0])
         metrics["provenance"]["dataset"].update(training_images=trained,
-                                                trained_with=meta["data"].get("dataset_kwargs") or {})
+                                                trained_with=meta["data"].get("dataset_kwargs") or {},
+                                                held_out_split=meta["data"].get("val_split", "val"))
     if watershed is not None:
         metrics["provenance"]["watershed"] = watershed
     if len(paths) > 1:  # an ensemble: every member's file, contract and options

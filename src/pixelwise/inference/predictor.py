@@ -248,7 +248,8 @@ class Predictor:
             raise UserError("uncertainty is an argument of predict(image, uncertainty=True), not of the predictor")
         if bad:
             flags = ", ".join("--" + k.replace("_", "-") for k in bad)
-            raise UserError(f"{flags} does not apply to {task} models like {meta['model']}")
+            raise UserError(f"{flags} does not apply to {task} models like {meta['model']} ({path}); "
+                            f"leave {flags} out")
         # refused as the CLI refuses it: it would be recorded among the options as if it had acted
         if options.get("overlap") is not None and options.get("tile") is None:
             raise UserError(f"overlap={options['overlap']!r} goes with tile=N (how much tiles overlap); "
