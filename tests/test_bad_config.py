@@ -26,7 +26,7 @@ from pixelwise.engine.config import (
     load_yaml_config,
     parse_json_dict,
 )
-from pixelwise.engine.trainer import epoch_seed, seed_everything
+from pixelwise.engine.trainer import check_used, epoch_seed, seed_everything
 from pixelwise.errors import UserError, expanded_home, finite_number, listed, not_a_file
 
 TINY = ["--model-kwargs", '{"base_channels": 4}', "--dataset-kwargs", '{"num_train": 8, "num_val": 4, "size": 32}',
@@ -499,3 +499,26 @@ def test_stages_has_no_flag_it_is_a_key_of_the_yaml_only(tmp_path, capsys):
 def test_a_text_field_given_a_list_or_mapping_is_refused(name, value):
     with pytest.raises(UserError, match=f"^{name} must be text, got "):
         TrainConfig(**{name: value})
+
+
+# --- mutation-testing gaps (engine/config.py): a choice and a JSON value that is no object -------
+def test_a_schedule_outside_its_choices_is_refused_naming_them():
+    """TrainConfig.validate checks schedule's choices (without them 'bogus' was accepted)."""
+    with pytest.raises(UserError, match="^schedule 'bogus' is not one of: poly, cosine, step, constant$"):
+        TrainConfig(schedule="bogus").validate()
+
+
+@pytest.mark.parametrize("text, kind", [("[1, 2]", "list"), ("3", "int"), ('"a"', "str"), ("null", "NoneType")])
+def test_a_json_option_that_is_valid_json_but_no_object_is_refused(text, kind):
+    """parse_json_dict refuses JSON that parses but is not an object (it was returned as it was)."""
+    with pytest.raises(UserError, match=f"^--model-kwargs must be a JSON object, got {kind}$"):
+        parse_json_dict(text, "--model-kwargs")
+
+
+@pytest.mark.parametrize("warmup", [{"warmup_iters": 5}, {"warmup_epochs": 1.0}])
+def test_warmup_factor_is_used_with_either_warmup_epochs_or_warmup_iters(warmup):
+    """check_used accepts warmup_factor with one of the two warm-up lengths (not only with both),
+    and refuses it with neither."""
+    check_used(TrainConfig(warmup_factor=0.1, **warmup))
+    with pytest.raises(UserError, match="^warmup_factor 0.1 acts only with warmup_epochs or warmup_iters"):
+        check_used(TrainConfig(warmup_factor=0.1))

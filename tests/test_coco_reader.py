@@ -678,6 +678,17 @@ def test_a_box_of_zero_height_is_scored_not_trained_on_and_not_a_problem(tmp_pat
     assert s.meta["untrained"]["bboxes"] == [[10.0, 2.0, 10.0, 0.0]]
 
 
+def test_a_box_under_one_pixel_tall_whose_mask_has_pixels_is_not_trained_on(tmp_path):
+    """Height 0.9 (width 10) with a non-empty mask: untrained by its box alone, as a 0.9-wide one is."""
+    data = _tree(tmp_path)
+    data["annotations"].append({"id": 20, "image_id": 3, "category_id": 9, "iscrowd": 0, "area": 9.0,
+                                "bbox": [10, 2, 10, 0.9], "segmentation": [[10, 2, 20, 2, 20, 2.9, 10, 2.9]]})
+    _write(tmp_path, data)
+    s = COCOInstances(tmp_path, "val").load(2)
+    assert s.instance_labels.tolist() == [] and s.meta["untrained"]["labels"] == [2]
+    assert s.meta["untrained"]["masks"][0].sum() > 0 and (s.mask[s.meta["untrained"]["masks"][0]] == 0).all()
+
+
 def test_the_orphan_ids_and_the_thin_annotations_are_listed_five_then_an_ellipsis(tmp_path):
     data = _tree(tmp_path)
     base = data["annotations"][2]

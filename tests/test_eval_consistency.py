@@ -565,6 +565,21 @@ def test_eval_predictions_names_a_bad_mask_folder(tmp_path, capsys, damage, word
     assert not report.exists()
 
 
+@pytest.mark.parametrize("missing", [3, 4])
+def test_eval_predictions_lists_up_to_three_missing_masks_and_marks_more(tmp_path, capsys, missing):
+    """Three missing masks are all named; a fourth is ", ..." (not the other way round at three)."""
+    root = tmp_path / "data"
+    _folder_tree(root, np.random.default_rng(7), [(8, 8)] * 5)
+    out = tmp_path / "pred"
+    out.mkdir()
+    for i in range(missing, 5):
+        Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(out / f"img{i}.png")
+    assert main(["eval", "--predictions", str(out), "--dataset", "folder", "--data", str(root), "--split", "all",
+                 "--no-progress"]) == 2
+    named = ", ".join(f"img{i}.png" for i in range(3)) + (", ..." if missing > 3 else "")
+    assert f"has no mask for {missing} of the 5 images of folder/all ({named}); predict" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("extra", "words"), [
     (["--tta", "flip"], "--tta (how a model predicts) does not apply"),
     (["--checkpoint", "m.safetensors"], "--checkpoint (how a model predicts) does not apply"),

@@ -450,6 +450,20 @@ def test_an_instance_predictor_takes_only_true_or_false_for_uncertainty():
         detector.predict(images(1, (32, 32))[0], uncertainty="no")
 
 
+def test_an_instance_predictor_predicts_without_an_uncertainty_argument():
+    """predict(image) alone returns the detections (uncertainty defaults to False; True is refused).
+    The runner is a stand-in, so that only the predictor's own steps run: threshold and order by score."""
+    detector = InstancePredictor(pixelwise.create_model("maskrcnn_resnet18_fpn", num_classes=3), score_thresh=0.5)
+    masks = torch.zeros(3, 1, 32, 32)
+    masks[1, 0, 4:9, 2:7] = 1.0
+    found = {"boxes": torch.tensor([[0.0, 0, 4, 4], [2, 4, 7, 9], [1, 1, 3, 3]]), "labels": torch.tensor([1, 2, 1]),
+             "scores": torch.tensor([0.6, 0.9, 0.2]), "masks": masks}
+    detector.runner = lambda xs: [found]
+    det = detector.predict(images(1, (32, 32))[0])
+    assert det["scores"].tolist() == pytest.approx([0.9, 0.6]) and det["labels"].tolist() == [2, 1]
+    assert torch.equal(det["masks"][0], masks[1, 0] >= 0.5) and not det["masks"][1].any()
+
+
 # --- 8: the documented DataLoader recipe ---------------------------------------------------------
 
 def test_docs_data_shows_the_collate_a_dataloader_needs():

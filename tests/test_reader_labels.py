@@ -210,6 +210,9 @@ BAD_SPECS = [
     ({"names": ["bg", "red"], "colors": [[0, 0, 0], [255, 0, 0]]}, ["unknown key 'colors' (did you mean 'palette'?)"]),
     ({"names": ["bg", "fg"], "ignore_index": 0, "colour_palette": [[0, 0, 0], [9, 9, 9]]},
      ["unknown keys 'ignore_index'", "255 in index masks", "'colour_palette' (did you mean 'palette'?)"]),
+    # a misspelling no alias lists: the closest key pixelwise reads (difflib)
+    ({"names": ["bg", "red"], "palete": [[0, 0, 0], [255, 0, 0]]},
+     ["unknown key 'palete' (did you mean 'palette'?)", "rename or remove it"]),
     # other tools' spellings: each is named with the key pixelwise reads
     ({**{k: [] for k in ("colors", "colours", "color", "colour", "colour_palette", "color_palette", "colormap",
                          "colourmap", "cmap")}, "classes": [], "class_names": [], "labels": [], "ignore_colour": []},
