@@ -1112,3 +1112,15 @@ def test_a_fresh_export_report_has_its_own_empty_checks():
                          "checks": [], "agreement_of": "argmax"}
     a.checks.append(None)
     assert b.checks == [] and b.summary().startswith("wrote b.onnx (0.0 MiB, opset 17, float32, 0.0 s)")
+
+
+def test_a_file_refused_at_a_newer_opset_than_the_default_suggests_an_older_opset_or_newer_readers():
+    """onnxruntime 1.23 cannot run int8 at opset 23 (no QuantizeLinear(23)), onnx 1.15 cannot read
+    opset 23: the refusal said what but offered nothing at the newest opset."""
+    from pixelwise.inference.export import DEFAULT_OPSET, MAX_OPSET, _newer_opset_hint
+
+    newest = _newer_opset_hint(MAX_OPSET)
+    assert "a newer --opset" not in newest
+    assert f"the installed onnx and onnxruntime may not read opset {MAX_OPSET} yet: give an older --opset (the " \
+           f"default is {DEFAULT_OPSET}) or upgrade them (pip install -U onnx onnxruntime)" in newest
+    assert _newer_opset_hint(DEFAULT_OPSET) == f"; a newer --opset (up to {MAX_OPSET}) may express it"

@@ -639,11 +639,21 @@ def test_eval_json_records_where_its_numbers_came_from(checkpoint, tmp_path):
 
 # --- dependency floors ------------------------------------------------------------------------------------------
 def _floors(block: str = "dependencies") -> dict[str, str]:
-    """name -> floor of every requirement in pyproject.toml's ``<block> = [...]`` (``dependencies``,
-    or an extra such as ``dev``)."""
-    text = (ROOT / "pyproject.toml").read_text()
-    listed = text[text.index(f"\n{block} = [") :].split("]\n", 1)[0]  # not at "pixelwise[serve]"
-    return {name.lower(): floor for name, floor in re.findall(r'"([\w.-]+)>=([\w.]+)', listed)}
+    """name -> floor of every requirement in pyproject.toml's ``dependencies`` or an extra such as
+    ``dev``, as pip reads it on this Python (a requirement whose marker names another Python, such
+    as the export extra's onnxruntime for 3.10, is left out)."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = project["dependencies"] if block == "dependencies" else project["optional-dependencies"][block]
+    floors = {}
+    for text in listed:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        floors |= {req.name.lower(): s.version for s in req.specifier if s.operator == ">="}
+    return floors
 
 
 def test_constraints_min_pins_every_floor_of_pyproject():
@@ -653,7 +663,8 @@ def test_constraints_min_pins_every_floor_of_pyproject():
         if line:
             name, version = line.split("==")
             pins[name.strip().lower()] = version.strip()
-    floors = _floors() | _floors("serve") | _floors("dev")  # CI installs ".[dev]" (serve included) with these
+    # CI installs ".[dev]" (serve and export included) with these
+    floors = _floors() | _floors("serve") | _floors("export") | _floors("dev")
     assert {k: v for k, v in pins.items() if k != "torch"} == {k: v for k, v in floors.items() if k != "torch"}
     assert pins["torch"] == "2.13.0"  # the only torch that installs here without a CUDA download (README)
 

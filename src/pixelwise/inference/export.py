@@ -323,7 +323,14 @@ def check_onnx_file(path: str, opset: int, what: str = "the export") -> None:
 
 
 def _newer_opset_hint(opset: int) -> str:
-    return f"; a newer --opset (up to {MAX_OPSET}) may express it" if opset < MAX_OPSET else ""
+    """What may get a file that onnx or onnxruntime refuse at ``opset`` written: a newer opset
+    (an operator the old one cannot express), or, above the default, an older one or a newer onnx
+    and onnxruntime (a file of a newer opset or IR version than the installed ones read)."""
+    hint = f"; a newer --opset (up to {MAX_OPSET}) may express it" if opset < MAX_OPSET else ""
+    if opset > DEFAULT_OPSET:
+        hint += (f"; or the installed onnx and onnxruntime may not read opset {opset} yet: give an older --opset "
+                 f"(the default is {DEFAULT_OPSET}) or upgrade them (pip install -U onnx onnxruntime)")
+    return hint
 
 
 def load_for_verification(path: str, opset: int, what: str = "the export"):
