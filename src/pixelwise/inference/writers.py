@@ -235,7 +235,7 @@ def source_sha256(predictor: Predictor) -> str:
     return digest
 
 
-def model_files(predictor: Predictor) -> list[dict | None]:
+def source_files(predictor: Predictor) -> list[dict | None]:
     """The file of each model of ``predictor`` (an ensemble's members in order): ``{"file": name,
     "sha256": ...}`` of the file it was loaded from, None for one built from a model in memory; a
     UserError for a file written over since it was loaded (:func:`source_sha256`)."""
@@ -253,7 +253,7 @@ def prediction_record(predictor: Predictor, *, uncertainty: bool = False, waters
     their record is this one (:func:`record_difference`). The device and the batch size are not part
     of it: they change nothing but float rounding."""
     members = getattr(predictor, "members", [predictor])
-    record = {"pixelwise_version": __version__, "models": model_files(predictor),
+    record = {"pixelwise_version": __version__, "models": source_files(predictor),
               "input": [m.input_spec.to_dict() for m in members],
               "prediction": [prediction_options(m) for m in members],
               "crf": crf_settings(predictor), "score_thresh": getattr(predictor, "score_thresh", None),

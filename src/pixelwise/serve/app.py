@@ -61,7 +61,7 @@ from pixelwise.inference.crf import MAX_CRF_PIXELS, CRFSettings, check_crf_size
 from pixelwise.inference.mc_dropout import has_dropout
 from pixelwise.inference.predictor import InstancePredictor, Predictor, SemanticPredictor
 from pixelwise.inference.tta import TTA_MODES
-from pixelwise.inference.writers import IMAGE_SUFFIXES, model_files
+from pixelwise.inference.writers import IMAGE_SUFFIXES, source_files
 from pixelwise.serve.config import ServeConfig, host_warning
 from pixelwise.serve.pool import InferencePool, PoolFull
 from pixelwise.serve.results import compare, instance_result, semantic_result
@@ -432,7 +432,7 @@ class Service:
         self.name = str(predictor.meta.get("model", type(predictor.model).__name__))
         # which files it serves (name and SHA-256, as each mask predict writes records them), read now: a
         # file written over later (a training run's best.safetensors) is not what this server predicts with
-        self.model_files = model_files(predictor)
+        self.model_files = source_files(predictor)
 
     def info(self) -> dict:
         p = self.predictor
