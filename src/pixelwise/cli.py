@@ -636,7 +636,7 @@ def report_eval(args: argparse.Namespace, metrics: dict) -> int:
     trained = metrics["provenance"]["dataset"].get("training_images")
     if trained:  # e.g. CamVid's official val under a run that held out other sequences and joined val to train
         kwargs = metrics["provenance"]["dataset"].get("trained_with") or {}
-        held_out = metrics["provenance"]["dataset"].get("held_out_split") or "val"
+        held_out = metrics["provenance"]["dataset"]["held_out_split"]  # set with training_images
         print(f"pixelwise: note: {trained} of the {metrics.get('num_images', '?')} images of the {args.split} split "
               f"are images the checkpoint trained on (it was trained with --dataset-kwargs '{json.dumps(kwargs)}'), "
               f"so these numbers flatter it; score its held-out split with --split {held_out} "
