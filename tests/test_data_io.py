@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pixelwise.data.io import (
+    damage,
     frame_count,
     palette_conflict,
     palette_known,
@@ -631,3 +632,46 @@ def test_webp_lossy_reads_only_the_image_chunks_header(chunk, lossy):
     right after it."""
     data = b"RIFF" + struct.pack("<I", 1000) + b"WEBP" + chunk + struct.pack("<I", 980)
     assert webp_lossy(data) is lossy
+
+
+def _tga(image_type, depth, width, height, pixels, descriptor=0):
+    """An uncompressed TGA: 18-byte header (no id, no colour map), then ``pixels``, no footer."""
+    return struct.pack("<BBBHHBHHHHBB", 0, 0, image_type, 0, 0, 0, 0, 0, width, height, depth, descriptor) + pixels
+
+
+@pytest.mark.parametrize("descriptor", [0x00, 0x20])  # rows bottom-up (TGA's default) and top-down
+def test_a_gray_and_alpha_tga_reads_its_gray_and_is_checked_for_its_16_bits_a_pixel(tmp_path, descriptor):
+    """PIL's raw LA decoder (a 16-bit gray TGA: gray, then alpha, for each pixel) reads the gray values
+    written, the alpha dropped; the header check sizes its pixel data at 2 bytes a pixel, so a file one
+    byte short of that is truncated and one of exactly that size is not."""
+    h, w = 5, 9  # 9 wide: 15 or 17 bits a pixel would give another row size than 16
+    gray = RNG.integers(0, 256, (h, w), dtype=np.uint8)
+    alpha = 255 - gray  # never equal to the gray: a channel mix-up shows
+    rows = gray if descriptor & 0x20 else gray[::-1]
+    pixels = np.dstack([rows, alpha if descriptor & 0x20 else alpha[::-1]]).tobytes()
+    path = tmp_path / "la.tga"
+    path.write_bytes(_tga(3, 16, w, h, pixels, descriptor))
+    with Image.open(path) as img:
+        assert img.mode == "LA" and img.tile[0][0] == "raw"
+    assert probe_info(path)[:3] == ((w, h), "LA", "TGA")
+    assert np.array_equal(read_image(path), np.repeat(gray[:, :, None], 3, axis=2))
+    assert np.array_equal(read_mask(path), gray)
+    assert damage(path.read_bytes()) is None
+    path.write_bytes(_tga(3, 16, w, h, pixels[:-1], descriptor))
+    with pytest.raises(UserError, match=f"la.tga: truncated TGA .*declares {18 + 2 * w * h:,} bytes"):
+        probe_info(path)
+    assert "truncated TGA" in damage(path.read_bytes())
+
+
+def test_a_cut_16_bit_colour_tga_is_found_from_its_header(tmp_path):
+    """A 16-bit (5 bits a channel) colour TGA, which PIL decodes with its BGR;5 / BGRA;15(Z) raw
+    modes: the header check sizes its pixel data too, as for the other raw formats."""
+    h, w = 4, 9
+    pixels = RNG.integers(0, 256, 2 * w * h, dtype=np.uint8).tobytes()
+    path = tmp_path / "c16.tga"
+    path.write_bytes(_tga(2, 16, w, h, pixels))
+    assert probe_info(path)[0] == (w, h) and damage(path.read_bytes()) is None
+    path.write_bytes(_tga(2, 16, w, h, pixels[:-1]))
+    with pytest.raises(UserError, match=f"c16.tga: truncated TGA .*declares {18 + 2 * w * h:,} bytes"):
+        probe_info(path)
+    assert "truncated TGA" in damage(path.read_bytes())

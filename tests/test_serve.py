@@ -438,6 +438,28 @@ def test_docs_page_lists_the_answers_fields_and_closes_what_it_opens(predictor):
     assert "<td><code>queue_ms</code></td>" in docs and docs.endswith("</main></body></html>")
 
 
+def test_an_icon_is_read_as_predict_reads_it_given_by_name(checkpoint, predictor, tmp_path):
+    """serve opens data.io.UPLOAD_FORMATS: an ICO, which a folder passes over but predict reads by
+    name, gets predict's mask; a format outside that list (SGI) is a 415 here, while predict reads the
+    user's own file by name in any format PIL reads."""
+    icon = tmp_path / "icon.ico"
+    Image.fromarray(noise(48, 48)).save(icon, sizes=[(48, 48), (16, 16)])
+    sgi = tmp_path / "photo.sgi"
+    Image.fromarray(noise(24, 24)).save(sgi)
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(checkpoint), str(icon), "--out", str(out), "--no-progress"]) == 0
+    app = create_app(predictor, samples=[])
+    r = post_image(app, icon.read_bytes(), icon.name, "image/x-icon")
+    assert r.status_code == 200, r.text
+    assert (r.json()["width"], r.json()["height"]) == (48, 48)  # the largest size, as predict reads it
+    assert base64.b64decode(r.json()["mask_png_base64"]) == without_record(out / "icon.png")
+    refused = post_image(app, sgi.read_bytes(), sgi.name, "image/sgi")
+    assert refused.status_code == 415 and "SGI" in refused.json()["detail"], refused.text
+    assert main(["predict", "--checkpoint", str(checkpoint), str(sgi), "--out", str(out / "sgi"),
+                 "--no-progress"]) == 0
+    assert Image.open(out / "sgi" / "photo.png").size == (24, 24)
+
+
 # ---------------------------------------------------------------- bad input
 
 def _truncated(fmt):
@@ -452,7 +474,7 @@ def _truncated(fmt):
     (lambda: b"", "image/png", {}, 400, "empty"),
     (lambda: b"hello, this is text\n" * 50, "text/plain", {}, 415, "supported format"),
     (lambda: b"%PDF-1.4\n" + bytes(500), "application/pdf", {}, 415, "supported format"),
-    (lambda: png_bytes(noise(32, 32), "ICO"), "image/x-icon", {}, 415, "ICO"),
+    (lambda: png_bytes(noise(32, 32), "SGI"), "image/sgi", {}, 415, "SGI images are not accepted"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"tile": "abc"}, 422, "tile"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"tile": "8"}, 422, "tile"),
     (lambda: png_bytes(noise(32, 32)), "image/png", {"overlap": "1.5", "tile": "32"}, 422, "overlap must be"),

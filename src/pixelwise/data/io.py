@@ -70,6 +70,11 @@ def _pil_reads(module: str) -> bool:
 if _pil_reads("avif"):  # Pillow 11.3+ built with libavif
     IMAGE_FORMATS[".avif"] = "AVIF"
 IMAGE_SUFFIXES = frozenset(IMAGE_FORMATS)
+# The formats `serve` opens from an upload: those of the folder list, a camera JPEG with a multi-picture
+# segment (MPO: its first picture) and icons (ICO: the largest size), which a folder passes over. An upload
+# from the network reaches none of PIL's other decoders (EPS through Ghostscript, PSD, ...); a file given by
+# name (`predict FILE`) is the user's own, and is read in any format PIL reads (JPEG 2000, SGI, QOI too).
+UPLOAD_FORMATS = frozenset({*IMAGE_FORMATS.values(), "MPO", "ICO"})
 # Suffixes of image files that are not in that list (PIL cannot read them, or they are not pictures of a
 # scene: icons, documents): a folder dataset names such a file in images/ instead of passing over it.
 OTHER_IMAGE_SUFFIXES = frozenset({
@@ -80,9 +85,10 @@ OTHER_IMAGE_SUFFIXES = frozenset({
 
 
 def format_names(suffixes: frozenset[str] | set[str] = IMAGE_SUFFIXES) -> str:
-    """'BMP, GIF, JPEG, ...': the formats of ``suffixes``, as messages name them."""
+    """'BMP, GIF, JPEG, ...': the formats of ``suffixes`` (or of PIL format names, such as
+    :data:`UPLOAD_FORMATS`), as messages name them."""
     names = {IMAGE_FORMATS.get(s, s.lstrip(".").upper()) for s in suffixes}
-    return ", ".join(sorted(names - {"DIB"}))  # a DIB is a BMP without its file header
+    return ", ".join(sorted(names - {"DIB", "MPO"}))  # a DIB is a BMP without its file header, an MPO a JPEG
 
 
 def max_image_pixels() -> int:
@@ -669,7 +675,9 @@ def _orientation(path: Path, img: Image.Image) -> int:
 # -- truncation found from the header -----------------------------------------------------------------
 # Bits per pixel of the raw modes PIL's "raw" decoder gets for BMP, DIB, PPM and TGA files (others: not checked)
 _RAW_BITS = {"1": 1, "1;I": 1, "1;R": 1, "P;1": 1, "P;2": 2, "P;4": 4, "L": 8, "P": 8, "L;I": 8, "LA": 16,
-             "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "BGR;15": 16, "BGR;16": 16, "RGB": 24, "BGR": 24,
+             "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "BGR;15": 16, "BGR;16": 16,
+             "BGR;5": 16, "BGRA;15": 16, "BGRA;15Z": 16,  # a 16-bit colour TGA (Pillow 10.1's name, then later ones)
+             "RGB": 24, "BGR": 24,
              "RGBA": 32, "BGRA": 32, "RGBX": 32, "BGRX": 32, "I;32": 32, "I;32B": 32, "F;32F": 32,
              "F;32BF": 32, "I": 32, "F": 32, "RGB;16B": 48, "RGBA;16B": 64}
 _RAW_FORMATS = ("BMP", "DIB", "PPM", "TGA")

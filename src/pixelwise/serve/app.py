@@ -166,8 +166,8 @@ class HealthResponse(BaseModel):
 PREDICT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "format": "binary",
-                  "description": "PNG, JPEG, BMP, GIF, TIFF, WebP, PPM, AVIF, TGA or PCX; any mode; "
-                                 "EXIF orientation applied"},
+                  "description": "PNG, JPEG, BMP, GIF, TIFF, WebP, PPM, AVIF, TGA, PCX or ICO "
+                                 "(data.io.UPLOAD_FORMATS); any mode; EXIF orientation applied"},
         "tile": {"type": "integer", "minimum": 0,
                  "description": "semantic: predict in tiles of this side (>= 16) that see their real surroundings; "
                                 "0: whole image"},

@@ -30,7 +30,7 @@ from python_multipart.multipart import parse_options_header
 from pixelwise.data import StoredLabels
 from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.io import (
-    IMAGE_FORMATS,
+    UPLOAD_FORMATS,
     colors_to_index,
     colour_codes,
     damage,
@@ -51,14 +51,13 @@ from pixelwise.errors import UserError
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-# PIL's own decoders accept dozens of formats; the server opens only those of the one list that folder
-# datasets and `predict DIR` read (pixelwise.data.io.IMAGE_FORMATS); others: 415 naming these.
-# MPO: a camera JPEG with a multi-picture segment (its first picture is read, as by predict)
-_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "BMP": "image/bmp", "DIB": "image/bmp", "GIF": "image/gif",
-         "TIFF": "image/tiff", "WEBP": "image/webp", "PPM": "image/x-portable-anymap", "TGA": "image/x-tga",
-         "PCX": "image/x-pcx", "AVIF": "image/avif"}
-FORMATS = {name: _MIME.get(name, "application/octet-stream") for name in IMAGE_FORMATS.values()} | {"MPO": "image/jpeg"}
-ACCEPTED = format_names()  # as the messages name them (an MPO is a JPEG, a DIB a BMP)
+# PIL's own decoders accept dozens of formats; the server opens only those of pixelwise.data.io.UPLOAD_FORMATS
+# (the folder formats, MPO, ICO); others: 415 naming these.
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "MPO": "image/jpeg", "BMP": "image/bmp", "DIB": "image/bmp",
+         "GIF": "image/gif", "TIFF": "image/tiff", "WEBP": "image/webp", "PPM": "image/x-portable-anymap",
+         "TGA": "image/x-tga", "PCX": "image/x-pcx", "AVIF": "image/avif", "ICO": "image/x-icon"}
+FORMATS = {name: _MIME.get(name, "application/octet-stream") for name in UPLOAD_FORMATS}
+ACCEPTED = format_names(UPLOAD_FORMATS)  # as the messages name them (an MPO is a JPEG, a DIB a BMP)
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)  # as data.io
 _ORIENTATION_TAG = 0x0112  # EXIF orientation, applied as data.io.read_image applies it
 MAX_PARTS = 16
@@ -228,6 +227,8 @@ def image_kind(head: bytes) -> str | None:
         return "PPM"
     if _PCX.match(head):
         return "PCX"
+    if head[:4] == b"\x00\x00\x01\x00":  # an icon directory (reserved 0, type 1)
+        return "ICO"
     return None
 
 
