@@ -923,26 +923,13 @@ def test_sort_graph_reads_the_outer_values_of_a_list_of_subgraphs():
     assert [n.name for n in graph.node[1].attribute[0].graphs[0].node] == ["s0", "s1"]
 
 
-class _EagerSession:
-    """An onnxruntime stand-in that runs ``model`` in PyTorch (what verify reads of a session)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def get_inputs(self):
-        return [type("Input", (), {"name": "image"})()]
-
-    def run(self, _, feed):
-        with torch.no_grad():
-            return [self.model(torch.from_numpy(feed["image"])).numpy()]
-
-
 def test_verify_feeds_three_channels_by_default_and_batches_smaller_than_8_pixels():
     """verify's default is an RGB batch; sample_batch makes one for any size, under 8 pixels too
     (its coarse noise is at least 1 x 1)."""
     torch.manual_seed(0)
     model = nn.Conv2d(3, 2, 1).eval()
-    checks = verify(model, _EagerSession(model), [(1, 5, 7), (2, 9, 3)])
+    with torch.no_grad():
+        checks = verify(model, model, [(1, 5, 7), (2, 9, 3)])  # the exported model: here the model itself
     assert [c.shape for c in checks] == [(1, 3, 5, 7), (2, 3, 9, 3)]
     assert all(c.agreement == 1.0 and c.max_abs_diff == 0.0 and c.classes == 2 for c in checks)
     x = sample_batch(2, 1, 3, 20, seed=4)
@@ -1109,9 +1096,12 @@ def test_a_fresh_export_report_has_its_own_empty_checks():
 
     a, b = ExportReport("a.onnx", 17, "float32", 0.0, 0), ExportReport("b.onnx", 17, "float32", 0.0, 0)
     assert asdict(a) == {"path": "a.onnx", "opset": 17, "precision": "float32", "seconds": 0.0, "bytes": 0,
-                         "checks": [], "agreement_of": "argmax"}
+                         "checks": [], "agreement_of": "argmax", "runtime": "onnxruntime"}
     a.checks.append(None)
     assert b.checks == [] and b.summary().startswith("wrote b.onnx (0.0 MiB, opset 17, float32, 0.0 s)")
+    # a .pt2's report: no opset, what ran it named
+    pt2 = ExportReport("c.pt2", 0, "float32", 0.0, 0, runtime="torch.export")
+    assert pt2.summary() == "wrote c.pt2 (0.0 MiB, float32, 0.0 s); torch.export vs PyTorch eager: "
 
 
 def test_a_file_refused_at_a_newer_opset_than_the_default_suggests_an_older_opset_or_newer_readers():

@@ -442,6 +442,10 @@ def _check_safetensors_file(path: Path, what: str = "checkpoint") -> None:
         head = f.read(9)
     if is_safetensors(head, path.stat().st_size):
         return
+    if path.suffix.lower() == ".pt2" and head[:2] == b"PK":  # a zip, as torch.export.save writes them
+        raise UserError(f"{path} is a torch.export archive (`pixelwise export --format pt2` writes them), not a "
+                        f"{what}; pixelwise never loads one (torch.export.load can unpickle what it holds): give the "
+                        ".safetensors checkpoint it was exported from, or load it in PyTorch as docs/deploy.md shows")
     if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head[:2] == b"PK":
         raise UserError(
             f"{path} is a pickle/PyTorch file, which pixelwise never loads as a checkpoint (it can run "

@@ -235,11 +235,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _writable_out(path: str, overwrite: bool) -> Path:
+def _writable_out(path: str, overwrite: bool, checkpoint: str | None) -> Path:
     """``--out FILE`` checked before any work as :func:`check_output_file` checks ``--json``, and
     an existing file replaced only with ``--overwrite``. Its folder is made when the file is
     written (``checkpoint.atomic_write``), so a refused export leaves none behind."""
-    check_output_file(path, "--out", [], overwrite)
+    check_output_file(path, "--out", [checkpoint], overwrite)
     return Path(path)
 
 
@@ -247,6 +247,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.checkpoint import load_checkpoint
     from pixelwise.inference.export import (
+        DEFAULT_OPSET,
         MIN_AGREEMENT,
         check_maskrcnn_outputs,
         check_opset,
@@ -257,12 +258,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pixelwise.models import create_model, model_info
     from pixelwise.models.maskrcnn import MaskRCNN
 
-    if args.format != "onnx":
-        raise UserError(f"--format {args.format!r} is not supported; the one format is onnx")
+    fmt = export_format(args.format, args.out)
     if bool(args.model) == bool(args.checkpoint):
         raise UserError("give exactly one of --checkpoint FILE or --model NAME")
-    if not args.out.lower().endswith(".onnx"):
-        raise UserError(f"--out {args.out}: an ONNX file name ends with .onnx")
     if args.checkpoint and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise UserError("--out would write over the --checkpoint")
     if args.checkpoint and looks_like_onnx(args.checkpoint):
@@ -271,13 +269,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_num_classes(args, "a --checkpoint")
     if args.min_agreement is not None and not 0 < args.min_agreement <= 1:  # nan too
         raise UserError(f"--min-agreement must be a fraction in (0, 1], got {args.min_agreement}")
+    if fmt == "pt2":
+        return _export_pt2(args)
     if args.fp16 and args.int8:
         raise UserError("choose one of --fp16 and --int8")
     if not args.int8:
         check_no_calibration(args, "--int8")
+    args.opset = DEFAULT_OPSET if args.opset is None else args.opset
     check_opset(args.opset, "int8" if args.int8 else "float16" if args.fp16 else "float32")
     require_export_extra()  # before the checkpoint is read
-    out = _writable_out(args.out, args.overwrite)
+    out = _writable_out(args.out, args.overwrite, args.checkpoint)
     if args.checkpoint:
         model, meta = load_checkpoint(args.checkpoint)
         task = meta.get("task", "semantic")
@@ -318,6 +319,55 @@ def cmd_export(args: argparse.Namespace) -> int:
         min_agreement = INT8_MIN_AGREEMENT if args.int8 else MIN_AGREEMENT
     report = export_onnx(model, out, meta, model_name=meta.get("model", ""), opset=args.opset, fp16=args.fp16,
                          calibration=calibration, min_agreement=min_agreement, replace=args.overwrite)
+    print(report.summary())
+    return 0
+
+
+EXPORT_FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+
+
+def export_format(given: str | None, out: str) -> str:
+    """``--format`` (onnx, pt2), or without it the format ``--out``'s suffix names; the two must agree."""
+    suffix = Path(out).suffix.lower()
+    if given is not None and given not in EXPORT_FORMATS.values():
+        raise UserError(f"--format {given!r} is not supported: give onnx or pt2 (a torch.export archive)")
+    named = EXPORT_FORMATS.get(suffix)
+    if given is None and named is None:
+        raise UserError(f"--out {out}: name an .onnx or a .pt2 file (or give --format onnx|pt2 and that suffix)")
+    if named != (given or named):
+        raise UserError(f"--out {out}: a --format {given} file's name ends with .{given}")
+    return given or str(named)
+
+
+def _export_pt2(args: argparse.Namespace) -> int:
+    """``export --format pt2``: a torch.export archive (:func:`pixelwise.inference.export_pt2.export_pt2`)."""
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    from pixelwise.checkpoint import load_checkpoint
+    from pixelwise.inference.export import MIN_AGREEMENT
+    from pixelwise.inference.export_pt2 import export_pt2
+    from pixelwise.models import create_model, model_info
+
+    onnx_only = [flag for flag, given in (("--opset", args.opset is not None), ("--fp16", args.fp16),
+                                          ("--int8", args.int8)) if given] + calibration_flags(args)
+    if onnx_only:
+        raise UserError(f"{'/'.join(onnx_only)} appl{'ies' if len(onnx_only) == 1 else 'y'} to --format onnx; a .pt2 "
+                        "is float32 (drop it, or export to .onnx)")
+    task = model_info(args.model).task if args.model else None
+    if task not in (None, "semantic"):  # before any work; a checkpoint's task is known once it is read
+        raise UserError(f"no .pt2 export for the {task} model {args.model}: its detections have data-dependent "
+                        "sizes; --format onnx exports its two network parts")
+    out = _writable_out(args.out, args.overwrite, args.checkpoint)
+    if args.checkpoint:
+        model, meta = load_checkpoint(args.checkpoint)
+    else:
+        num_classes = args.num_classes or 21
+        model = create_model(args.model, num_classes=num_classes)
+        meta = {"model": args.model, "num_classes": num_classes, "task": "semantic"}
+        print(f"pixelwise: note: --model {args.model} exports randomly initialised weights (give --checkpoint "
+              "for a trained model)", file=sys.stderr)
+    min_agreement = MIN_AGREEMENT if args.min_agreement is None else args.min_agreement
+    report = export_pt2(model, out, meta, model_name=meta.get("model", ""), min_agreement=min_agreement,
+                        replace=args.overwrite)
     print(report.summary())
     return 0
 
@@ -386,12 +436,17 @@ def calibration_sizes(args: argparse.Namespace) -> tuple[int, int]:
             CALIB_CROP if args.calib_crop is None else args.calib_crop)
 
 
+def calibration_flags(args: argparse.Namespace) -> list[str]:
+    """The --calib-* flags given."""
+    return [flag for flag, value in (("--calib-dataset", args.calib_dataset), ("--calib-data", args.calib_data),
+                                     ("--calib-images", args.calib_images), ("--calib-crop", args.calib_crop))
+            if value is not None]
+
+
 def check_no_calibration(args: argparse.Namespace, what: str) -> None:
     """The --calib-* flags calibrate ``what`` (``--int8``, ``--mode int8``); without it they are an error,
     not ignored."""
-    given = [flag for flag, value in (("--calib-dataset", args.calib_dataset), ("--calib-data", args.calib_data),
-                                      ("--calib-images", args.calib_images), ("--calib-crop", args.calib_crop))
-             if value is not None]
+    given = calibration_flags(args)
     if given:
         raise UserError(f"{'/'.join(given)} calibrate{'s' if len(given) == 1 else ''} {what}; add {what}")
 
@@ -925,14 +980,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a model to ONNX, verified against PyTorch")
+    p = sub.add_parser("export", help="export a model to ONNX or torch.export (.pt2), verified against PyTorch")
     p.add_argument("--checkpoint", action=Once, help="the .safetensors checkpoint")
     p.add_argument("--model", help="export this model with random weights instead of a checkpoint")
     p.add_argument("--num-classes", type=int, help="with --model, at least 1 (default 21, or 91 for instance "
                    "models)")
-    p.add_argument("--format", default="onnx", help="onnx (the only format)")
-    p.add_argument("--out", required=True, help="the .onnx file to write (Mask R-CNN: FILE and <stem>_heads.onnx)")
-    p.add_argument("--opset", type=int, default=17,
+    p.add_argument("--format", help="onnx (onnxruntime; the export extra) or pt2 (a torch.export archive); default: "
+                   "what --out's suffix names")
+    p.add_argument("--out", required=True, help="the .onnx or .pt2 file to write (Mask R-CNN, ONNX only: FILE and "
+                   "<stem>_heads.onnx)")
+    p.add_argument("--opset", type=int,
                    help="ONNX opset: 11 (12 with --fp16, 13 with --int8) up to the newest the installed torch "
                    "writes (23 for torch 2.13); default 17")
     p.add_argument("--fp16", action="store_true", help="float16 weights and activations (inputs and outputs stay "

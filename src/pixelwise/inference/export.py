@@ -45,7 +45,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,13 +97,15 @@ class ExportReport:
     bytes: int
     checks: list[SizeCheck] = field(default_factory=list)
     agreement_of: str = "argmax"  # Mask R-CNN's parts: "objectness sign" and "class argmax"
+    runtime: str = "onnxruntime"  # what ran the written file: "torch.export" for a .pt2 (opset 0)
 
     def summary(self) -> str:
         parts = [f"{'x'.join(map(str, c.shape[2:]))} (batch {c.shape[0]}): max |logit diff| "
                  f"{c.max_abs_diff:.3g} (of |logits| up to {c.max_abs_logit:.3g}), {self.agreement_of} agreement "
                  f"{100 * c.agreement:.3f}%" for c in self.checks]
-        return (f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB, opset {self.opset}, {self.precision}, "
-                f"{self.seconds:.1f} s); onnxruntime vs PyTorch eager: " + "; ".join(parts))
+        opset = f"opset {self.opset}, " if self.opset else ""
+        return (f"wrote {self.path} ({self.bytes / 2**20:.1f} MiB, {opset}{self.precision}, "
+                f"{self.seconds:.1f} s); {self.runtime} vs PyTorch eager: " + "; ".join(parts))
 
 
 # --------------------------------------------------------------------------- max unpooling
@@ -161,7 +163,8 @@ def run_onnx(session, x: torch.Tensor) -> torch.Tensor:
 def compare(reference: torch.Tensor, got: torch.Tensor) -> tuple[float, float, float]:
     """``(max |difference|, max |reference|, argmax agreement)`` of two logit batches."""
     if got.shape != reference.shape:
-        raise UserError(f"the ONNX model returned {tuple(got.shape)} for logits of shape {tuple(reference.shape)}")
+        raise UserError(f"the exported model returned {tuple(got.shape)} for logits of shape "
+                        f"{tuple(reference.shape)}")
     diff = (got - reference).abs().max().item()
     agree = (got.argmax(1) == reference.argmax(1)).float().mean().item()
     return diff, reference.abs().max().item(), agree
@@ -176,9 +179,10 @@ def refuse_non_finite(model: nn.Module) -> None:
                         "written")
 
 
-def verify(model: nn.Module, session, sizes: Sequence[tuple[int, int, int]], channels: int = 3
-           ) -> list[SizeCheck]:
-    """Run ``session`` and PyTorch eager on a random batch of every ``(batch, H, W)``."""
+def verify(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], sizes: Sequence[tuple[int, int, int]],
+           channels: int = 3) -> list[SizeCheck]:
+    """Run the exported model (``run``: a batch to its logits) and PyTorch eager on a random batch of
+    every ``(batch, H, W)``."""
     checks = []
     for i, (n, h, w) in enumerate(sizes):
         x = sample_batch(n, channels, h, w, seed=i)
@@ -187,14 +191,16 @@ def verify(model: nn.Module, session, sizes: Sequence[tuple[int, int, int]], cha
         if not bool(torch.isfinite(reference).all()):  # NaN logits argmax alike on both sides: "100%"
             raise UserError(f"export verification failed: the model's own logits hold NaN or infinite values at "
                             f"{h}x{w} (its weights?); nothing written")
-        diff, scale, agree = compare(reference, run_onnx(session, x))
+        diff, scale, agree = compare(reference, run(x))
         checks.append(SizeCheck((n, channels, h, w), diff, scale, agree, int(reference.shape[1])))
     return checks
 
 
-def onnx_metadata(meta: dict | None, model_name: str, extra: dict, model: nn.Module | None = None) -> dict:
-    """The JSON stored under ``metadata_props["pixelwise"]``: the checkpoint's metadata keys that
-    describe how to run the model, plus ``onnx`` (``extra``) and, given the ``model``,
+def onnx_metadata(meta: dict | None, model_name: str, extra: dict, model: nn.Module | None = None,
+                  key: str = "onnx") -> dict:
+    """The JSON stored under ``metadata_props["pixelwise"]`` (and a ``.pt2``'s ``pixelwise.json``):
+    the checkpoint's metadata keys that describe how to run the model, plus ``extra`` under ``key``
+    (``onnx``, or ``pt2``) and, given the ``model``,
     ``geometry``: ``{"context": ..., "alignment": ...}`` (:func:`model_geometry`), which
     :func:`pixelwise.inference.onnx_runner.load_onnx` gives the ONNX model so that it tiles as
     the model does."""
@@ -207,7 +213,7 @@ def onnx_metadata(meta: dict | None, model_name: str, extra: dict, model: nn.Mod
         context, alignment = model_geometry(model)
         out["geometry"] = {"context": context, "alignment": alignment}
     out["pixelwise_version"] = __version__
-    out["onnx"] = extra
+    out[key] = extra
     return out
 
 
@@ -404,7 +410,7 @@ def _export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None, *,
             quantize_int8(tmp, tmp, calibration)
         check_onnx_file(tmp, opset, f"the {precision} export")
         session = load_for_verification(tmp, opset, f"the {precision} export")
-        report.checks = verify(model, session, sizes, spec.channels)
+        report.checks = verify(model, lambda x: run_onnx(session, x), sizes, spec.channels)
         worst = min(c.agreement for c in report.checks)
         if worst < min_agreement:
             bad = min(report.checks, key=lambda c: c.agreement)

@@ -101,9 +101,21 @@ def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) ->
     return _reflect_axis(_reflect_axis(x, top, bottom, -2), left, right, -1)
 
 
+def _is_exporting() -> bool:
+    """Whether ``torch.export`` is tracing (``torch.compiler.is_exporting``; False on a torch without it)."""
+    return bool(getattr(torch.compiler, "is_exporting", lambda: False)())
+
+
+def _size(n) -> torch.Tensor:
+    """A size as an int64 0-d tensor that both exporters keep symbolic: the ONNX tracer records
+    the arithmetic behind it, and ``torch.export`` keeps it a symbol (``torch.as_tensor`` would fix
+    it to the example's value there)."""
+    return torch.scalar_tensor(n, dtype=torch.int64)
+
+
 def _reflect_axis(x: torch.Tensor, before, after, dim: int) -> torch.Tensor:
     n = x.shape[dim]
-    period = torch.clamp(torch.as_tensor(2 * (n - 1)), min=1)
+    period = torch.clamp(_size(2 * (n - 1)), min=1)
     i = torch.remainder(torch.arange(-before, n + after, device=x.device), period)
     return x.index_select(dim, torch.where(i >= n, period - i, i))
 
@@ -115,8 +127,7 @@ def pad_same(x: torch.Tensor, bottom: int, right: int) -> torch.Tensor:
     One gather per axis, the choice made by tensor arithmetic on the sizes, so that an exported
     program (``pixelwise export``) pads like eager at every input size."""
     h, w = x.shape[-2], x.shape[-1]
-    reflect = torch.minimum(torch.as_tensor(h), torch.as_tensor(w)) > torch.maximum(
-        torch.as_tensor(bottom), torch.as_tensor(right))
+    reflect = torch.minimum(_size(h), _size(w)) > torch.maximum(_size(bottom), _size(right))
     for dim, n, pad in ((-2, h, bottom), (-1, w, right)):
         i = torch.arange(n + pad, device=x.device)
         # the last index where i >= n: torch.where, not clamp, which on int64 exports to a Clip opset 11 lacks
@@ -248,7 +259,15 @@ class UNet(nn.Module):
         if self.input_norm:  # each image's channels to mean 0, variance 1 over its own pixels
             x = standardize_image(x)
         if self.padding == "same":
-            return self.forward_features(pad_same(x, -h % 2**DEPTH, -w % 2**DEPTH))[..., :h, :w]
+            step = 2**DEPTH  # padded up to a multiple of step, written so that torch.export sees it is one
+            padded = (h + step - 1) // step * step, (w + step - 1) // step * step
+            out = self.forward_features(pad_same(x, padded[0] - h, padded[1] - w))
+            if not _is_exporting():
+                return out[..., :h, :w]
+            # torch.export: cropped by a gather, as a sliced output makes it assume the padding of its example
+            # (a gather in eager costs 2% of a training step)
+            rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+            return out.index_select(-2, rows).index_select(-1, cols)
         (ih, oh), (iw, ow) = valid_tile(h), valid_tile(w)
         top, left = (ih - oh) // 2, (iw - ow) // 2  # context the valid convolutions consume
         x = mirror_pad(x, top, ih - h - top, left, iw - w - left)
