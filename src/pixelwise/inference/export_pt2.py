@@ -22,8 +22,8 @@ elsewhere can run code (a payload marked as pickled), so ``predict``, ``eval`` a
 checkpoints and ONNX files only.
 
 Not exported: Mask R-CNN (its detections have data-dependent sizes; ``--format onnx`` exports its
-two network parts) and models that ``torch.export`` cannot trace with dynamic height and width
-(ENet, DeconvNet: one line with torch's reason, ``--format onnx`` exports them).
+two network parts) and models that ``torch.export`` cannot give one program for every size
+(DeconvNet: one line with torch's reason; ``--format onnx`` exports it).
 """
 
 from __future__ import annotations

@@ -110,7 +110,10 @@ class Logits(nn.Module):
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     """Zero-pad bottom and right: ``Tensor[N, C, H, W] -> Tensor[N, C, ceil(H/m)*m, ceil(W/m)*m]``."""
     h, w = x.shape[-2:]
-    return F.pad(x, (0, -w % multiple, 0, -h % multiple))
+    # the padded sizes written as multiples (not h + (-h % m)), which torch.export's solver can reason about:
+    # with -h % m, ENet's pooling sizes were an inequality it could not solve
+    padded_h, padded_w = (h + multiple - 1) // multiple * multiple, (w + multiple - 1) // multiple * multiple
+    return F.pad(x, (0, padded_w - w, 0, padded_h - h))
 
 
 def crop_top_left(x: Tensor, height: int, width: int) -> Tensor:
