@@ -1730,3 +1730,71 @@ def test_uploads_that_pil_warns_about_are_refused_without_a_python_warning_in_th
     assert big.status_code == 413 and "12000x8000" in big.json()["detail"]
     assert cut.status_code == 400 and "TIFF" in cut.json()["detail"]
     assert [str(w.message) for w in caught] == []
+
+
+def test_reload_serves_a_checkpoint_written_over_and_keeps_the_old_model_for_one_it_cannot_serve(
+        tmp_path, monkeypatch, caplog):
+    """serve --reload: a checkpoint written over (a training run's new best) answers from the next
+    request on, with the options given at start, and /api/info names its SHA-256; a file that cannot
+    be loaded, or a model the running pool cannot serve (dropout where there was none), is logged
+    once and reported, and the model before it goes on answering. Without --reload the model loaded
+    at start answers throughout."""
+    import hashlib
+
+    import pixelwise.serve.config
+    import uvicorn
+
+    path = _unet_checkpoint(tmp_path / "best.safetensors")
+    image = noise(40, 56, seed=5)
+    monkeypatch.setattr(pixelwise.serve.config, "check_can_listen", lambda host, port: None)
+    started = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: started.update(app=server.config.app))
+
+    def mask(app):
+        body = post_image(app, png_bytes(image)).json()
+        return np.asarray(decode_png(body["mask_png_base64"])), body["options"]
+
+    def expected(**options):
+        return Predictor.from_checkpoint(path, **options).predict(image).mask
+
+    def write_other(seed, dropout=0.0):
+        torch.manual_seed(seed)
+        kw = {**KW, "dropout": dropout}
+        save_checkpoint(path, create_model("unet", num_classes=4, **kw).eval(), {
+            "model": "unet", "num_classes": 4, "model_kwargs": kw, "task": "semantic", "class_names": CLASS_NAMES,
+            "palette": PALETTE, "mean": [0.5] * 3, "std": [0.25] * 3})
+
+    assert main(["serve", "--checkpoint", str(path), "--log-level", "warning", "--tile", "32"]) == 0
+    plain = started["app"]
+    assert main(["serve", "--checkpoint", str(path), "--log-level", "warning", "--tile", "32", "--reload"]) == 0
+    app = started["app"]
+    first = expected(tile=32)
+    assert np.array_equal(mask(app)[0], first)
+    info = request(app, "GET", "/api/info").json()
+    assert info["reload"] == {"enabled": True, "error": None}
+    assert request(plain, "GET", "/api/info").json()["reload"] == {"enabled": False, "error": None}
+
+    write_other(1)
+    second = expected(tile=32)
+    assert not np.array_equal(first, second)  # other weights, another mask
+    got, options = mask(app)
+    assert np.array_equal(got, second) and options["tile"] == 32  # the options given at start, kept
+    assert np.array_equal(mask(plain)[0], first)  # without --reload: the model loaded at start
+    info = request(app, "GET", "/api/info").json()
+    assert info["model_files"] == [{"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
+
+    for bad, reason in ((lambda: path.write_bytes(png_bytes(noise(8, 8))), "is a PNG image"),
+                        (lambda: write_other(2, dropout=0.5), "has dropout")):
+        bad()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pixelwise.serve"):
+            assert np.array_equal(mask(app)[0], second)  # the model before it goes on answering
+            assert np.array_equal(mask(app)[0], second)
+        warnings_logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings_logged) == 1 and "was written over and not loaded" in warnings_logged[0]
+        error = request(app, "GET", "/api/info").json()["reload"]["error"]
+        assert reason in error and str(path) in error and "\n" not in error
+
+    write_other(3)  # a file it can serve again: loaded, and the error is gone
+    assert np.array_equal(mask(app)[0], expected(tile=32))
+    assert request(app, "GET", "/api/info").json()["reload"] == {"enabled": True, "error": None}

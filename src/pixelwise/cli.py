@@ -809,7 +809,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as e:
             raise UserError(f"--keep-uploads {keep_uploads}: cannot create it ({e.strerror}); give another "
                             "folder") from None
-    return run(predictor, config, host=args.host, port=args.port, log_level=args.log_level)
+
+    def reload() -> Predictor:  # the same checkpoint path, device and options as at start
+        return Predictor.from_checkpoint(args.checkpoint, args.device, **options)
+
+    return run(predictor, config, host=args.host, port=args.port, log_level=args.log_level,
+               reload=reload if args.reload else None)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -1013,6 +1018,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prediction_args(p)
     p.add_argument("--score-thresh", type=float, help=SCORE_THRESH_HELP)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
+    p.add_argument("--reload", action="store_true", help="when the checkpoint is written over (a training run's new "
+                   "best), load it and answer with it from the next request on (/api/info names the file's SHA-256; "
+                   "one that cannot be loaded is logged and the old model goes on answering)")
     p.add_argument("--workers", type=int, default=1, help="predictions running at once (default 1; torch uses "
                    "every core for each)")
     p.add_argument("--queue", type=int, default=64, help="requests that may wait for a worker; beyond that the "

@@ -50,6 +50,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import ClientDisconnect
 
 from pixelwise._version import __version__
+from pixelwise.checkpoint import file_version
 from pixelwise.data import STORED_LABELS, StoredLabels
 from pixelwise.data.folder import IGNORE_COLOUR
 from pixelwise.data.io import set_max_image_pixels
@@ -412,8 +413,13 @@ class _SecurityHeaders:
 class Service:
     """What the routes share: the predictor, the pool, the samples and the limits."""
 
-    def __init__(self, predictor: Predictor, config: ServeConfig, samples: list[Sample]) -> None:
+    def __init__(self, predictor: Predictor, config: ServeConfig, samples: list[Sample],
+                 reload: Callable[[], Predictor] | None = None) -> None:
         self.predictor, self.config = predictor, config
+        # --reload: how to load the checkpoint again once it is written over (a training run's new best)
+        self._reload, self._reload_lock = reload, threading.Lock()
+        self.reload_error: str | None = None  # why the last file seen could not be served, until another is
+        self._refused: tuple[int, ...] | None = None  # that file's version: not tried again
         self.samples = {s.name: s for s in samples}
         # Monte-Carlo dropout samples behind a dropout model's uncertainty map: the predictor's own, else
         # the config's; 0 (a model without dropout, or --mc-samples 0) is the entropy of its probabilities
@@ -431,11 +437,49 @@ class Service:
                                                                else contextlib.nullcontext())
         self.name = str(predictor.meta.get("model", type(predictor.model).__name__))
         # which files it serves (name and SHA-256, as each mask predict writes records them), read now: a
-        # file written over later (a training run's best.safetensors) is not what this server predicts with
+        # file written over later (a training run's best.safetensors) is not what this server predicts with,
+        # unless --reload loads it (refresh)
         self.model_files = source_files(predictor)
 
-    def info(self) -> dict:
+    def refresh(self) -> Predictor:
+        """The predictor to answer with: with ``--reload``, a checkpoint written over since it was
+        loaded is loaded now and served from here on (``/api/info`` names the new file's SHA-256). One
+        that cannot be loaded, or holds a model this server cannot serve as it stands (another task, or
+        dropout where the old had none or the other way round: the pool's size depends on it), is
+        logged and reported as ``reload_error``; the old model goes on answering, and the file is
+        tried again only once it changes again. Runs in a worker thread (loading takes seconds)."""
         p = self.predictor
+        source = getattr(p, "source", None)
+        if self._reload is None or source is None:
+            return p
+        now = file_version(source)
+        if now is None or now in (p.source_version, self._refused):
+            return p
+        with self._reload_lock:
+            if self.predictor is not p:  # another request loaded it meanwhile
+                return self.predictor
+            try:
+                new = self._reload()
+                if new.task != p.task:
+                    raise UserError(f"it now holds {'an' if new.task == 'instance' else 'a'} {new.task} model; "
+                                    f"this server serves {p.task} models: restart it")
+                if has_dropout(new.model) != has_dropout(p.model):
+                    raise UserError("its model " + ("has" if has_dropout(new.model) else "has no") + " dropout and "
+                                    "the one served " + ("has" if has_dropout(p.model) else "has no") + " dropout "
+                                    "(it predicts one request at a time with dropout): restart the server")
+                files = source_files(new)
+            except UserError as e:
+                self._refused, self.reload_error = now, f"{source} was written over and not loaded: {e}"
+                log.warning(shown(self.reload_error))
+                return p
+            self.predictor, self.model_files, self._refused, self.reload_error = new, files, None, None
+            self.name = str(new.meta.get("model", type(new.model).__name__))
+            sha = files[0]["sha256"][:12] if files and files[0] else "?"
+            log.info(f"reloaded {source} ({self.name}, sha256 {sha}...): it answers from now on")
+            return new
+
+    def info(self) -> dict:
+        p = self.refresh()
         clear = clear_class(p.class_names) if isinstance(p, SemanticPredictor) else None
         classes = [{"id": i, "name": n, "color": list(p.palette[i]) if i < len(p.palette) else [255, 255, 255],
                     "clear": i == clear} for i, n in enumerate(p.class_names)]
@@ -444,6 +488,7 @@ class Service:
             uncertainty = "mc_dropout" if self.mc_samples else "entropy"
         return {
             "model": self.name, "model_files": self.model_files, "task": p.task, "version": __version__,
+            "reload": {"enabled": self._reload is not None, "error": self.reload_error},
             "classes": classes,
             "input": {**p.input_spec.to_dict(), "description": p.input_spec.describe()},
             "options": options_of(p), "tta_modes": list(TTA_MODES), "uncertainty": uncertainty,
@@ -470,11 +515,11 @@ class Service:
         with open(folder / f"{stamp}-{uuid.uuid4().hex[:12]}-{role}{suffix}", "xb") as f:
             f.write(part.data)
 
-    def predictor_for(self, options: dict[str, Any], uncertainty: bool) -> Predictor:
-        """The server's predictor with a request's options (a 422 when they do not fit); a model with
+    def predictor_for(self, served: Predictor, options: dict[str, Any], uncertainty: bool) -> Predictor:
+        """The ``served`` predictor with a request's options (a 422 when they do not fit); a model with
         dropout asked for uncertainty samples it, as ``pixelwise predict --uncertainty`` does."""
         try:
-            predictor = with_options(self.predictor, options)
+            predictor = with_options(served, options)
             if (uncertainty and self.mc_samples and isinstance(predictor, SemanticPredictor)
                     and not predictor.mc_samples):
                 # Monte-Carlo dropout samples the model itself, in eager mode (as predict --uncertainty does
@@ -493,7 +538,7 @@ class Service:
             self.keep(image_part, "image")
             if truth_part is not None:
                 self.keep(truth_part, "ground_truth")
-        p = self.predictor
+        p = self.refresh()
         image = decode_image(image_part.data, self.config.max_pixels, image_part.content_type)
         truth = None
         if truth_part is not None:
@@ -505,7 +550,7 @@ class Service:
                                        "or a colour outside the model's palette; send a mask of class ids, or "
                                        "one coloured with the model's palette (GET /api/info)")
         with self._model_lock:  # a predictor's constructor sets the shared model's modes too
-            predictor = self.predictor_for(options, wanted.uncertainty)
+            predictor = self.predictor_for(p, options, wanted.uncertainty)
             crf = getattr(predictor, "crf", None)
             if crf is not None:  # before the model runs: too large a request is a 413, too fine settings a 422
                 if image.shape[0] * image.shape[1] > MAX_CRF_PIXELS:
@@ -541,9 +586,12 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-def create_app(predictor: Predictor, config: ServeConfig | None = None, samples: list[Sample] | None = None) -> FastAPI:
+def create_app(predictor: Predictor, config: ServeConfig | None = None, samples: list[Sample] | None = None,
+               reload: Callable[[], Predictor] | None = None) -> FastAPI:
     """The page and the API around ``predictor``. ``samples``: the page's sample images (default:
-    ``config.samples_dir``'s, else held-out synthetic scenes)."""
+    ``config.samples_dir``'s, else held-out synthetic scenes). ``reload``: how to load the
+    predictor's checkpoint again (``serve --reload``: :meth:`Service.refresh`); None serves the
+    model loaded at start for as long as the server runs."""
     config = config or ServeConfig()
     if Image.MAX_IMAGE_PIXELS is not None and config.max_pixels > Image.MAX_IMAGE_PIXELS:
         set_max_image_pixels(config.max_pixels)  # else PIL's own guard refuses images the server accepts
@@ -556,7 +604,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
                 log.warning(shown(problem))
         else:
             samples = shapes_samples(predictor.class_names)
-    service = Service(predictor, config, samples)
+    service = Service(predictor, config, samples, reload)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -611,7 +659,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
 
     @app.get("/api/info", dependencies=api, responses={401: ERRORS[401]},
              summary="The model: task, classes and palette, input contract, options, limits, samples")
-    async def info() -> dict:
+    def info() -> dict:  # run in a thread: with --reload it may load the checkpoint again
         return service.info()
 
     @app.get("/api/samples/{name}", dependencies=api, summary="A sample image the page offers",
@@ -658,7 +706,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None, samples:
                 if truth.filename:  # a file was chosen and it is empty (the page's empty input has no name)
                     raise UploadError(400, "the ground-truth mask is empty")
                 truth = None
-            options, wanted = parse_options(form, predictor)
+            options, wanted = parse_options(form, service.predictor)
             queued = time.perf_counter()  # the upload is in: from here on it waits for a worker (queue_ms)
             job = asyncio.ensure_future(service.pool.run(ticket, service.predict, image, truth, options,
                                                          wanted, queued))
@@ -804,11 +852,12 @@ def exit_status(stopped_by: int | None) -> int:
 
 
 def run(predictor: Predictor, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
-        log_level: str = "info") -> int:
+        log_level: str = "info", reload: Callable[[], Predictor] | None = None) -> int:
     """Serve ``predictor`` on ``host:port`` until Ctrl-C or SIGTERM; -> the exit status
-    (:func:`exit_status`). ``port`` 0: a free port, which the banner names."""
+    (:func:`exit_status`). ``port`` 0: a free port, which the banner names. ``reload``: as in
+    :func:`create_app`."""
     with _stderr_logging():
-        app = create_app(predictor, config)
+        app = create_app(predictor, config, reload=reload)
         warning = host_warning(host, config.api_key)
         if warning:
             print(f"pixelwise serve: {warning}", file=sys.stderr)
