@@ -1741,8 +1741,9 @@ def test_reload_serves_a_checkpoint_written_over_and_keeps_the_old_model_for_one
     at start answers throughout."""
     import hashlib
 
-    import pixelwise.serve.config
     import uvicorn
+
+    import pixelwise.serve.config
 
     path = _unet_checkpoint(tmp_path / "best.safetensors")
     image = noise(40, 56, seed=5)
