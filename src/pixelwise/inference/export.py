@@ -196,6 +196,16 @@ def verify(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], sizes:
     return checks
 
 
+def require_agreement(checks: Sequence[SizeCheck], min_agreement: float, whose: str) -> None:
+    """A UserError (nothing is written) where the argmax of ``whose`` (``"onnxruntime's"``) agrees
+    with PyTorch's on less than ``min_agreement`` of the pixels at some verification size."""
+    worst = min(checks, key=lambda c: c.agreement)
+    if worst.agreement < min_agreement:
+        raise UserError(f"export verification failed: {whose} argmax agrees with PyTorch on "
+                        f"{100 * worst.agreement:.3f}% of pixels at {worst.shape[2]}x{worst.shape[3]} (needs "
+                        f"{100 * min_agreement:.15g}%; max |logit diff| {worst.max_abs_diff:.3g}); nothing written")
+
+
 def onnx_metadata(meta: dict | None, model_name: str, extra: dict, model: nn.Module | None = None,
                   key: str = "onnx") -> dict:
     """The JSON stored under ``metadata_props["pixelwise"]`` (and a ``.pt2``'s ``pixelwise.json``):
@@ -411,12 +421,7 @@ def _export_onnx(model: nn.Module, out: str | os.PathLike, meta: dict | None, *,
         check_onnx_file(tmp, opset, f"the {precision} export")
         session = load_for_verification(tmp, opset, f"the {precision} export")
         report.checks = verify(model, lambda x: run_onnx(session, x), sizes, spec.channels)
-        worst = min(c.agreement for c in report.checks)
-        if worst < min_agreement:
-            bad = min(report.checks, key=lambda c: c.agreement)
-            raise UserError(f"export verification failed: onnxruntime's argmax agrees with PyTorch on "
-                            f"{100 * worst:.3f}% of pixels at {bad.shape[2]}x{bad.shape[3]} (needs "
-                            f"{100 * min_agreement:.15g}%; max |logit diff| {bad.max_abs_diff:.3g}); nothing written")
+        require_agreement(report.checks, min_agreement, "onnxruntime's")
         info = {"opset": opset, "precision": precision, "dynamic_axes": ["batch", "height", "width"],
                 "input_name": "image", "output_name": "logits", "min_agreement": min_agreement,
                 # the model had dropout layers; the file has none (traced in eval): no Monte-Carlo dropout

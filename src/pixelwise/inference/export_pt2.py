@@ -48,6 +48,7 @@ from pixelwise.inference.export import (
     ExportReport,
     onnx_metadata,
     refuse_non_finite,
+    require_agreement,
     verification_sizes,
     verify,
 )
@@ -68,7 +69,7 @@ def pt2_sizes(meta: dict | None) -> list[tuple[int, int, int]]:
     return [*sizes, SMALL_SIZE, (1, max(3 * h // 2 + 7, 263), max(3 * w // 2 + 9, 265))]
 
 
-def pickled_payloads(path: str | os.PathLike) -> list[str]:
+def pickled_payloads(path: str | os.PathLike | io.BytesIO) -> list[str]:
     """The names of the payloads of a ``.pt2`` archive that ``torch.export.load`` would unpickle
     (``use_pickle`` in its weights and constants configs)."""
     found = []
@@ -171,11 +172,7 @@ def _export_pt2(model: nn.Module, out: Path, meta: dict | None, name: str, sizes
                                 f"{_first_line(e)}); --format onnx exports it; nothing written") from None
 
         report.checks = verify(model, run, sizes, channels)
-        worst = min(report.checks, key=lambda c: c.agreement)
-        if worst.agreement < min_agreement:
-            raise UserError(f"export verification failed: the exported program's argmax agrees with PyTorch on "
-                            f"{100 * worst.agreement:.3f}% of pixels at {worst.shape[2]}x{worst.shape[3]} (needs "
-                            f"{100 * min_agreement:.15g}%; max |logit diff| {worst.max_abs_diff:.3g}); nothing written")
+        require_agreement(report.checks, min_agreement, "the exported program's")
         info = {"torch": torch.__version__, "dynamic_axes": ["batch", "height", "width"],
                 "min_agreement": min_agreement, "dropout": has_dropout(model),
                 "verified": [asdict(c) for c in report.checks]}
@@ -186,11 +183,11 @@ def _export_pt2(model: nn.Module, out: Path, meta: dict | None, name: str, sizes
         if _program_members(final) != _program_members(verified):
             raise UserError("torch.export wrote other program bytes the second time than those verified; nothing "
                             "written")
-        Path(tmp).write_bytes(final.getvalue())
-        pickled = pickled_payloads(tmp)
+        pickled = pickled_payloads(final)
         if pickled:
             raise UserError(f"torch.export stored {', '.join(pickled[:3])} pickled, which loading would unpickle; "
                             "nothing written")
+        Path(tmp).write_bytes(final.getvalue())
 
     atomic_write(out, write, replace=replace)
     report.seconds = time.perf_counter() - start
