@@ -255,7 +255,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         export_onnx,
     )
     from pixelwise.inference.onnx_runner import require_export_extra
-    from pixelwise.models import create_model, model_info
+    from pixelwise.models import model_info
     from pixelwise.models.maskrcnn import MaskRCNN
 
     fmt = export_format(args.format, args.out)
@@ -290,11 +290,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise UserError(f"{flag} applies to semantic models only")
         check_maskrcnn_outputs(out, args.overwrite, [args.checkpoint])
     if model is None:
-        num_classes = args.num_classes or (21 if task == "semantic" else 91)
-        model = create_model(args.model, num_classes=num_classes)
-        meta = {"model": args.model, "num_classes": num_classes, "task": task}
-        print(f"pixelwise: note: --model {args.model} exports randomly initialised weights (give --checkpoint "
-              "for a trained model)", file=sys.stderr)
+        model, meta = _random_weights(args, task)
     if task != "semantic":
         if not isinstance(model, MaskRCNN):
             raise UserError(f"no ONNX export for the {task} model {meta.get('model')}")
@@ -344,32 +340,35 @@ def _export_pt2(args: argparse.Namespace) -> int:
     # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
     from pixelwise.checkpoint import load_checkpoint
     from pixelwise.inference.export import MIN_AGREEMENT
-    from pixelwise.inference.export_pt2 import export_pt2
-    from pixelwise.models import create_model, model_info
+    from pixelwise.inference.export_pt2 import export_pt2, no_instance_export
+    from pixelwise.models import model_info
 
     onnx_only = [flag for flag, given in (("--opset", args.opset is not None), ("--fp16", args.fp16),
                                           ("--int8", args.int8)) if given] + calibration_flags(args)
     if onnx_only:
         raise UserError(f"{'/'.join(onnx_only)} appl{'ies' if len(onnx_only) == 1 else 'y'} to --format onnx; a .pt2 "
                         "is float32 (drop it, or export to .onnx)")
-    task = model_info(args.model).task if args.model else None
-    if task not in (None, "semantic"):  # before any work; a checkpoint's task is known once it is read
-        raise UserError(f"no .pt2 export for the {task} model {args.model}: its detections have data-dependent "
-                        "sizes; --format onnx exports its two network parts")
+    if args.model and model_info(args.model).task != "semantic":  # before any work; a checkpoint's: once read
+        raise no_instance_export(args.model)
     out = _writable_out(args.out, args.overwrite, args.checkpoint)
-    if args.checkpoint:
-        model, meta = load_checkpoint(args.checkpoint)
-    else:
-        num_classes = args.num_classes or 21
-        model = create_model(args.model, num_classes=num_classes)
-        meta = {"model": args.model, "num_classes": num_classes, "task": "semantic"}
-        print(f"pixelwise: note: --model {args.model} exports randomly initialised weights (give --checkpoint "
-              "for a trained model)", file=sys.stderr)
+    model, meta = load_checkpoint(args.checkpoint) if args.checkpoint else _random_weights(args, "semantic")
     min_agreement = MIN_AGREEMENT if args.min_agreement is None else args.min_agreement
     report = export_pt2(model, out, meta, model_name=meta.get("model", ""), min_agreement=min_agreement,
                         replace=args.overwrite)
     print(report.summary())
     return 0
+
+
+def _random_weights(args: argparse.Namespace, task: str) -> tuple[typing.Any, dict]:
+    """``export --model M``: the model with random weights, and the metadata an export records of it."""
+    # start-up time: each verb loads only what it uses (`pixelwise --help` needs no torch)
+    from pixelwise.models import create_model
+
+    num_classes = args.num_classes or (21 if task == "semantic" else 91)
+    print(f"pixelwise: note: --model {args.model} exports randomly initialised weights (give --checkpoint "
+          "for a trained model)", file=sys.stderr)
+    return create_model(args.model, num_classes=num_classes), {"model": args.model, "num_classes": num_classes,
+                                                                "task": task}
 
 
 def check_num_classes(args: argparse.Namespace, files: str) -> None:

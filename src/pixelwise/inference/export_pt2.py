@@ -60,6 +60,12 @@ META_FILE = "pixelwise.json"  # the archive's extra file with the metadata
 SMALL_SIZE = (1, 37, 53)  # a verification size: small and odd
 
 
+def no_instance_export(name: str) -> UserError:
+    """The refusal of an instance model (``name``), which the CLI gives before loading anything."""
+    return UserError(f"no .pt2 export for the instance model {name}: its detections have data-dependent sizes; "
+                     "--format onnx exports its two network parts")
+
+
 def pt2_sizes(meta: dict | None) -> list[tuple[int, int, int]]:
     """``(batch, H, W)`` of the verification runs: :func:`verification_sizes`, :data:`SMALL_SIZE`
     and one about 3/2 of the first, at least 263 x 265: a program that holds only below or above
@@ -130,8 +136,7 @@ def export_pt2(model: nn.Module, out: str | os.PathLike, meta: dict | None = Non
         raise UserError(f"--format pt2 needs a newer torch: this one ({torch.__version__}) has no "
                         "torch.export.Dim.AUTO, which the export's dynamic sizes use; --format onnx works with it")
     if isinstance(model, MaskRCNN) or (meta or {}).get("task", "semantic") != "semantic":
-        raise UserError(f"no .pt2 export for the instance model {name}: its detections have data-dependent sizes; "
-                        "--format onnx exports its two network parts")
+        raise no_instance_export(name)
     if not 0 < min_agreement <= 1:  # nan too
         raise UserError(f"min_agreement must be a fraction in (0, 1], got {min_agreement}")
     out = Path(out)
