@@ -208,3 +208,78 @@ def test_a_torch_without_dim_auto_is_told_to_upgrade(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"needs a newer torch: this one \(.*\) has no torch.export.Dim.AUTO"):
         export_pt2(create_model("unet", num_classes=2, base_channels=4), tmp_path / "m.pt2")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_verification_sizes_add_a_small_odd_one_and_one_about_three_halves_of_the_first():
+    from pixelwise.inference.export_pt2 import pt2_sizes
+
+    # without a resize: the ONNX sizes 256x320 and 197x403, then 37x53 and 3/2 of 256x320 plus 7 and 9
+    assert pt2_sizes(None) == [(1, 256, 320), (2, 197, 403), (1, 37, 53), (1, 391, 489)]
+    # a small resize: the large size is at least 263x265 (DeconvNet's program changes at 224)
+    contract = {"mean": [0.5] * 3, "std": [0.25] * 3, "normalize": True, "resize": [48, 64], "channels": 3}
+    assert pt2_sizes({"input": contract})[2:] == [(1, 37, 53), (1, 263, 265)]
+
+
+def test_pickled_payloads_are_the_weights_and_constants_marked_so(tmp_path):
+    def config(**payloads):
+        return json.dumps({"config": {k: {"use_pickle": v} for k, v in payloads.items()}})
+
+    path = tmp_path / "p.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data/weights/model_weights_config.json", config(w0=True, w1=False))
+        z.writestr("archive/data/constants/model_constants_config.json", config(c0=True))
+        z.writestr("archive/models/model.json", config(other=True))  # no payload config: not read as one
+    assert pickled_payloads(path) == ["w0", "c0"]
+
+
+class _RaisesWhenExported(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        if torch.compiler.is_exporting():
+            raise RuntimeError("the first line\nthe second line")
+        return self.conv(x)
+
+
+def test_an_export_that_torch_refuses_names_the_model_and_the_first_line_of_torchs_reason(tmp_path):
+    with pytest.raises(UserError) as error:
+        export_pt2(_RaisesWhenExported(), tmp_path / "m.pt2", sizes=[(1, 32, 32)])
+    assert str(error.value) == ("torch.export cannot export _RaisesWhenExported with dynamic batch, height and width "
+                                "(RuntimeError: the first line); --format onnx exports it")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_program_bytes_written_than_those_verified_are_not_written(tmp_path, monkeypatch):
+    save, calls = torch.export.save, []
+
+    def second_save_differs(program, f, extra_files=None, **kwargs):
+        calls.append(f)
+        extra = {**(extra_files or {}), **({"other.txt": "x"} if len(calls) == 2 else {})}
+        save(program, f, extra_files=extra, **kwargs)
+
+    monkeypatch.setattr(torch.export, "save", second_save_differs)
+    with pytest.raises(UserError, match="other program bytes the second time than those verified; nothing written"):
+        export_pt2(nn.Conv2d(3, 2, 1), tmp_path / "m.pt2", sizes=[(1, 32, 32)])
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_an_archive_with_a_pickled_payload_is_not_written(tmp_path, monkeypatch):
+    import pixelwise.inference.export_pt2 as export_pt2_module
+
+    monkeypatch.setattr(export_pt2_module, "pickled_payloads", lambda archive: ["w0", "w1", "w2", "w3"])
+    with pytest.raises(UserError, match=r"torch.export stored w0, w1, w2 pickled, which loading would unpickle; "
+                                        "nothing written"):
+        export_pt2(nn.Conv2d(3, 2, 1), tmp_path / "m.pt2", sizes=[(1, 32, 32)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_that_is_the_checkpoint_by_a_link_is_refused_and_the_checkpoint_kept(checkpoint, tmp_path, capsys):
+    before = checkpoint.read_bytes()
+    (tmp_path / "link.pt2").symlink_to(checkpoint)
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "link.pt2"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pixelwise: error: --out") and "\n" not in err and "--checkpoint" in err
+    assert checkpoint.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["link.pt2"]

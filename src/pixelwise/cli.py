@@ -262,7 +262,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.checkpoint):
         raise UserError("give exactly one of --checkpoint FILE or --model NAME")
     if args.checkpoint and Path(args.out).resolve() == Path(args.checkpoint).resolve():
-        raise UserError("--out would write over the --checkpoint")
+        raise UserError(f"--out {args.out} is the --checkpoint {args.checkpoint} (the same file, by a link or another "
+                        "name); give another file name")
     if args.checkpoint and looks_like_onnx(args.checkpoint):
         raise UserError(f"{args.checkpoint} is an ONNX file (already exported); export takes a .safetensors "
                         "checkpoint")
