@@ -158,3 +158,37 @@ def edit_safetensors(src: Path, dst: Path, key: str, meta_edit=None, tensor_edit
         tensor_edit(tensors)
     atomic_save_tensors(tensors, dst, {key: json.dumps(meta)})
     return dst
+
+
+def docs_mask(spec: dict, image: np.ndarray, run) -> np.ndarray:
+    """predict's mask by docs/deploy.md's pre- and post-processing steps alone (OpenCV resizes,
+    numpy), around ``run``: the exported model, float32[1, C, h, w] -> logits [classes, h, w]."""
+    import cv2
+
+    h, w = image.shape[:2]
+    if spec["resize"]:
+        image = cv2.resize(image, (spec["resize"][1], spec["resize"][0]), interpolation=cv2.INTER_LINEAR)
+    x = image.astype(np.float32) / 255.0
+    if spec["channels"] == 1:
+        x = x @ np.array([[0.299], [0.587], [0.114]], np.float32)
+    if spec["normalize"]:
+        x = (x - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    logits = run(np.ascontiguousarray(x.transpose(2, 0, 1)[None], np.float32))
+    probs = np.exp(logits - logits.max(0))
+    probs /= probs.sum(0)
+    probs = np.stack([cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) for p in probs])
+    return probs.argmax(0).astype(np.uint8)
+
+
+def docs_images(folder: Path) -> list[str]:
+    """Four smooth noisy images (smaller, larger, mixed and the docs tests' contract size 37x53)
+    saved as ``folder/i<k>.png``; their stems."""
+    rng = np.random.default_rng(3)
+    names = []
+    for k, (h, w) in enumerate([(50, 71), (23, 31), (97, 133), (37, 53)]):
+        coarse = rng.integers(0, 256, (max(h // 6, 2), max(w // 6, 2), 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
+        image = np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f"i{k}.png")
+        names.append(f"i{k}")
+    return names

@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 import pixelwise.inference.export as export_module  # noqa: E402
-from conftest import narrow  # noqa: E402
+from conftest import docs_images, docs_mask, narrow  # noqa: E402
 from pixelwise import __version__, create_model, list_models, save_checkpoint  # noqa: E402
 from pixelwise.cli import main  # noqa: E402
 from pixelwise.errors import UserError  # noqa: E402
@@ -570,26 +570,12 @@ def test_predict_onnx_uncertainty_of_a_model_without_dropout_is_its_entropy(tmp_
 def docs_predictor(path, image: np.ndarray) -> np.ndarray:
     """predict's mask written from docs/deploy.md and the file's metadata alone: numpy, OpenCV and
     onnxruntime, no pixelwise."""
-    import cv2
     import onnx
     import onnxruntime as ort
 
     meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["pixelwise"])
-    spec = meta["input"]
-    h, w = image.shape[:2]
-    if spec["resize"]:
-        image = cv2.resize(image, (spec["resize"][1], spec["resize"][0]), interpolation=cv2.INTER_LINEAR)
-    x = image.astype(np.float32) / 255.0
-    if spec["channels"] == 1:
-        x = x @ np.array([[0.299], [0.587], [0.114]], np.float32)
-    if spec["normalize"]:
-        x = (x - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {"image": np.ascontiguousarray(x.transpose(2, 0, 1)[None], np.float32)})[0][0]
-    probs = np.exp(logits - logits.max(0))
-    probs /= probs.sum(0)
-    probs = np.stack([cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) for p in probs])
-    return probs.argmax(0).astype(np.uint8)
+    return docs_mask(meta["input"], image, lambda x: session.run(None, {"image": x})[0][0])
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -606,14 +592,7 @@ def test_a_predictor_written_from_the_docs_equals_predict_onnx(tmp_path, capsys,
     save_checkpoint(checkpoint, model, {"model": "unet", "num_classes": 4, "model_kwargs": kwargs,
                                         "input": {"mean": mean, "std": std, "resize": [37, 53], "channels": channels}})
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
-    rng = np.random.default_rng(3)
-    names = []
-    for k, (h, w) in enumerate([(50, 71), (23, 31), (97, 133), (37, 53)]):  # down, up, mixed and the contract's size
-        coarse = rng.integers(0, 256, (max(h // 6, 2), max(w // 6, 2), 3), dtype=np.uint8)
-        image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
-        image = np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(tmp_path / f"i{k}.png")
-        names.append(f"i{k}")
+    names = docs_images(tmp_path)  # down, up, mixed and the contract's size
     assert main(["predict", *[str(tmp_path / f"{n}.png") for n in names], "--out", str(tmp_path / "pred"),
                  "--no-progress", "--onnx", str(out)]) == 0
     for name in names:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import docs_images, docs_mask
 from pixelwise import create_model, save_checkpoint
 from pixelwise.cli import main
 from pixelwise.inference.export_pt2 import META_FILE
@@ -17,27 +18,15 @@ from pixelwise.inference.export_pt2 import META_FILE
 
 def docs_program_predictor(path, image):
     """predict's mask from a .pt2 as docs/deploy.md runs one: torch.export.load, the metadata in
-    pixelwise.json, and the ONNX section's pre- and post-processing (OpenCV resizes, numpy), no
-    pixelwise."""
-    import cv2
-
+    pixelwise.json, and the ONNX section's pre- and post-processing, no pixelwise."""
     extra = {META_FILE: ""}
     program = torch.export.load(str(path), extra_files=extra).module()
-    spec = json.loads(extra[META_FILE])["input"]
-    h, w = image.shape[:2]
-    if spec["resize"]:
-        image = cv2.resize(image, (spec["resize"][1], spec["resize"][0]), interpolation=cv2.INTER_LINEAR)
-    x = image.astype(np.float32) / 255.0
-    if spec["channels"] == 1:
-        x = x @ np.array([[0.299], [0.587], [0.114]], np.float32)
-    if spec["normalize"]:
-        x = (x - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
-    with torch.no_grad():
-        logits = program(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None])))[0].numpy()
-    probs = np.exp(logits - logits.max(0))
-    probs /= probs.sum(0)
-    probs = np.stack([cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) for p in probs])
-    return probs.argmax(0).astype(np.uint8)
+
+    def run(x):
+        with torch.no_grad():
+            return program(torch.from_numpy(x))[0].numpy()
+
+    return docs_mask(json.loads(extra[META_FILE])["input"], image, run)
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -56,14 +45,7 @@ def test_a_predictor_written_from_the_docs_equals_predict(tmp_path, channels):
     save_checkpoint(checkpoint, model, {"model": "unet", "num_classes": 4, "model_kwargs": kwargs, "input": {
         "mean": mean, "std": std, "normalize": True, "resize": [37, 53], "channels": channels}})
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
-    rng = np.random.default_rng(3)
-    names = []
-    for k, (h, w) in enumerate([(50, 71), (23, 31), (97, 133), (37, 53)]):
-        coarse = rng.integers(0, 256, (max(h // 6, 2), max(w // 6, 2), 3), dtype=np.uint8)
-        image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR))
-        image = np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(tmp_path / f"i{k}.png")
-        names.append(f"i{k}")
+    names = docs_images(tmp_path)
     assert main(["predict", *[str(tmp_path / f"{n}.png") for n in names], "--out", str(tmp_path / "pred"),
                  "--no-progress", "--checkpoint", str(checkpoint)]) == 0
     for name in names:
